@@ -1,0 +1,123 @@
+"""``camrelay``: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import Config, ConfigError, StreamConfig, load
+from .capture import SourceSpec
+
+log = logging.getLogger("relay")
+
+DEFAULT_TEST_STREAM = "cam0"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="camrelay", description="Low-latency camera relay: WebRTC (WHEP) for many viewers, encode once.")
+    p.add_argument("--version", action="version", version=f"camrelay {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the relay")
+    s.add_argument("--config", type=Path, help="TOML config file (default: $CAMRELAY_CONFIG)")
+    s.add_argument("--source", action="append", metavar="NAME=SPEC", help="a stream: test:, test:1280x720@30, v4l2:/dev/video0, rtsp://..., file:PATH (repeatable)")
+    s.add_argument("--http-host", dest="http.host", help="address to listen on (default 0.0.0.0)")
+    s.add_argument("--http-port", dest="http.port", help="port to listen on (default 8080)")
+    s.add_argument("--size", dest="video.size", metavar="WxH", help="capture size (default 1280x720)")
+    s.add_argument("--fps", dest="video.fps", help="frame rate (default 30)")
+    s.add_argument("--bitrate", dest="video.bitrate", help="H.264 bit rate, e.g. 2M (default 2M)")
+    s.add_argument("--keyframe-interval", dest="video.keyframe_interval", help="seconds between keyframes (default 1s)")
+    s.add_argument("--encoder", dest="video.encoder", help="auto, libx264 or h264_v4l2m2m (default auto)")
+    s.add_argument("--ice-address", dest="webrtc.ice_addresses", action="append", help="offer ICE host candidates only on this address (repeatable)")
+    s.add_argument("--log-level", dest="log_level", help="debug, info, warning or error")
+
+    sub.add_parser("devices", help="list V4L2 capture devices and their MJPEG modes")
+    return p
+
+
+def load_config(args: argparse.Namespace, env: dict[str, str]) -> Config:
+    path = args.config or (Path(env["CAMRELAY_CONFIG"]) if env.get("CAMRELAY_CONFIG") else None)
+    text = None
+    if path is not None:
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    flags = {k: v for k, v in vars(args).items() if k.startswith(("http.", "video.", "webrtc.")) or k == "log_level"}
+    return load(text, env, flags, args.source)
+
+
+def with_default_streams(config: Config) -> Config:
+    """Cameras found now, else the test pattern, when no stream is configured."""
+    if config.streams:
+        return config
+    from .devices import find_mjpeg_devices
+
+    found = find_mjpeg_devices()
+    if found:
+        streams = tuple(StreamConfig(f"cam{i}", SourceSpec("v4l2", d.path)) for i, d in enumerate(found))
+        for s in streams:
+            log.info("stream=%s found camera %s", s.name, s.source.target)
+    else:
+        streams = (StreamConfig(DEFAULT_TEST_STREAM, SourceSpec("test", "")),)
+        log.info("stream=%s no camera found; streaming the test pattern", DEFAULT_TEST_STREAM)
+    return Config(streams, config.video, config.http, config.webrtc, config.log_level)
+
+
+async def serve(config: Config) -> None:
+    from aiohttp import web
+
+    from relay.service import Relay
+    from signalling.app import make_app
+
+    app = make_app(Relay(config))
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.http.host, config.http.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(f"http.port: cannot listen on {config.http.host}:{config.http.port}: {exc.strerror}") from None
+    shown = "127.0.0.1" if config.http.host in ("0.0.0.0", "::", "") else config.http.host
+    log.info("listening on http://%s:%d/", shown, config.http.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "devices":
+        from .devices import print_devices
+
+        return print_devices()
+    env = dict(os.environ)
+    try:
+        config = load_config(args, env)
+    except ConfigError as exc:
+        print(f"camrelay: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aioice").setLevel(logging.WARNING)
+    logging.getLogger("aiortc").setLevel(logging.WARNING)
+    try:
+        asyncio.run(serve(with_default_streams(config)))
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0

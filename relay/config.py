@@ -1,0 +1,273 @@
+"""Configuration: one TOML file, overridden by ``CAMRELAY_*`` variables, overridden by flags.
+
+Sans-io: ``load()`` takes the file's text, the environment and the flags as
+plain values and returns a validated ``Config`` or raises ``ConfigError``
+naming the key. ``camrelay.example.toml`` documents every key.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .capture import SourceSpec, parse_fps, parse_size, parse_source_spec
+from .encode import ENCODERS
+
+ENV_PREFIX = "CAMRELAY_"
+STREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # safe in URLs and file names
+MIN_BITRATE = 100_000  # below this H.264 at any useful size is mush
+MAX_BITRATE = 50_000_000  # above this no Pi uplink or browser jitter buffer keeps up
+MAX_VIEWERS_LIMIT = 10_000
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; ``str()`` names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamConfig:
+    name: str
+    source: SourceSpec
+
+
+@dataclass(frozen=True, slots=True)
+class VideoConfig:
+    width: int = 1280
+    height: int = 720
+    fps: float = 30.0
+    bitrate: int = 2_000_000  # bits per second
+    keyframe_interval: float = 1.0  # seconds
+    encoder: str = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    host: str = "0.0.0.0"
+    port: int = 8080
+
+
+@dataclass(frozen=True, slots=True)
+class WebRTCConfig:
+    ice_servers: tuple[str, ...] = ()  # stun:/turn: URLs; none means host candidates only
+    ice_username: str = ""
+    ice_credential: str = field(default="", repr=False)
+    ice_addresses: tuple[str, ...] = ()  # empty: every interface but loopback
+    connect_timeout: float = 15.0
+    max_viewers: int = 100  # per stream
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    streams: tuple[StreamConfig, ...] = ()  # empty: cameras found at start, else the test pattern
+    video: VideoConfig = VideoConfig()
+    http: HttpConfig = HttpConfig()
+    webrtc: WebRTCConfig = WebRTCConfig()
+    log_level: str = "info"
+
+
+# -- value parsers: each takes the raw value and returns the typed one or raises ValueError
+
+
+def _int(lo: int, hi: int):
+    def parse(v: Any) -> int:
+        if isinstance(v, bool):
+            raise ValueError(f"expected a whole number, got {v!r}")
+        try:
+            n = int(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a whole number, got {v!r}") from None
+        if not lo <= n <= hi:
+            raise ValueError(f"must be in {lo}..{hi}, got {n}")
+        return n
+
+    return parse
+
+
+def parse_duration(v: Any) -> float:
+    """``1.5``, ``"1.5s"``, ``"500ms"``, ``"2m"`` -> seconds."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        seconds = float(v)
+    elif isinstance(v, str) and (m := re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*", v)):
+        seconds = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+    else:
+        raise ValueError(f"expected a duration like 1.5s or 500ms, got {v!r}")
+    if seconds <= 0:
+        raise ValueError(f"must be positive, got {v!r}")
+    return seconds
+
+
+def parse_bitrate(v: Any) -> int:
+    """``2000000``, ``"2M"``, ``"2.5Mbps"``, ``"800k"`` -> bits per second."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        bps = v
+    elif isinstance(v, str) and (m := re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmM]?)(?:bps|bit/s)?\s*", v)):
+        bps = int(float(m.group(1)) * {"": 1, "k": 1e3, "K": 1e3, "m": 1e6, "M": 1e6}[m.group(2)])
+    else:
+        raise ValueError(f"expected a bit rate like 2M or 800k, got {v!r}")
+    if not MIN_BITRATE <= bps <= MAX_BITRATE:
+        raise ValueError(f"must be in {MIN_BITRATE}..{MAX_BITRATE} bit/s, got {bps}")
+    return bps
+
+
+def _choice(*options: str):
+    def parse(v: Any) -> str:
+        if v not in options:
+            raise ValueError(f"must be one of {', '.join(options)}, got {v!r}")
+        return v
+
+    return parse
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"expected a string, got {v!r}")
+    return v
+
+
+def _str_list(v: Any) -> tuple[str, ...]:
+    if isinstance(v, str):
+        return tuple(x for x in re.split(r"[\s,]+", v) if x)
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return tuple(v)
+    raise ValueError(f"expected a list of strings, got {v!r}")
+
+
+def _fps(v: Any) -> float:
+    return parse_fps(str(v))
+
+
+def _ice_url(v: Any) -> tuple[str, ...]:
+    urls = _str_list(v)
+    for url in urls:
+        if not url.startswith(("stun:", "stuns:", "turn:", "turns:")):
+            raise ValueError(f"ICE server {url!r} is not a stun:, stuns:, turn: or turns: URL")
+    return urls
+
+
+# section -> key -> parser. The one list of what the config file may say.
+SCHEMA: dict[str, dict[str, Any]] = {
+    "": {"log_level": _choice("debug", "info", "warning", "error")},
+    "http": {"host": _str, "port": _int(1, 65535)},
+    "video": {
+        "size": lambda v: parse_size(_str(v)),
+        "fps": _fps,
+        "bitrate": parse_bitrate,
+        "keyframe_interval": parse_duration,
+        "encoder": _choice(*ENCODERS),
+    },
+    "webrtc": {
+        "ice_servers": _ice_url,
+        "ice_username": _str,
+        "ice_credential": _str,
+        "ice_addresses": _str_list,
+        "connect_timeout": parse_duration,
+        "max_viewers": _int(1, MAX_VIEWERS_LIMIT),
+    },
+}
+
+
+def parse_stream_arg(text: str) -> tuple[str, str]:
+    """``NAME=SPEC`` from ``--source``; a bare SPEC gets the next free camN name."""
+    name, eq, spec = text.partition("=")
+    if not eq or "://" in name or name.startswith(("test:", "v4l2:", "file:")):
+        return "", text
+    return name, spec
+
+
+def load(
+    toml_text: str | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+    sources: list[str] | None = None,
+) -> Config:
+    """Build the configuration from its three layers; later layers win."""
+    raw: dict[str, dict[str, Any]] = {section: {} for section in SCHEMA}
+    streams: dict[str, str] = {}
+    if toml_text:
+        try:
+            doc = tomllib.loads(toml_text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file: {exc}") from None
+        for key, value in doc.items():
+            if key == "streams":
+                if not isinstance(value, dict):
+                    raise ConfigError("streams: expected a table of name = \"source spec\"")
+                for name, spec in value.items():
+                    if not isinstance(spec, str):
+                        raise ConfigError(f"streams.{name}: expected a source spec string, got {spec!r}")
+                    streams[name] = spec
+            elif isinstance(value, dict) and key in SCHEMA and key:
+                for sub, v in value.items():
+                    if sub not in SCHEMA[key]:
+                        raise ConfigError(f"{key}.{sub}: unknown key")
+                    raw[key][sub] = v
+            elif key in SCHEMA[""]:
+                raw[""][key] = value
+            else:
+                raise ConfigError(f"{key}: unknown key")
+    for var, value in (env or {}).items():
+        if not var.startswith(ENV_PREFIX):
+            continue
+        name = var[len(ENV_PREFIX) :].lower()
+        if name == "streams":
+            streams = {}
+            for i, item in enumerate(x for x in re.split(r"[\s;]+", value) if x):
+                n, spec = parse_stream_arg(item)
+                streams[n or f"cam{i}"] = spec
+            continue
+        if name == "config":
+            continue  # the file's path, read by the CLI
+        section, _, key = name.partition("_")
+        if section in SCHEMA and section and key in SCHEMA[section]:
+            raw[section][key] = value
+        elif name in SCHEMA[""]:
+            raw[""][name] = value
+        else:
+            raise ConfigError(f"{var}: unknown setting")
+    for dotted, value in (flags or {}).items():
+        if value is None:
+            continue
+        section, _, key = dotted.rpartition(".")
+        raw[section][key] = value
+    if sources:
+        streams = {}
+        for i, item in enumerate(sources):
+            n, spec = parse_stream_arg(item)
+            streams[n or f"cam{i}"] = spec
+
+    values: dict[str, dict[str, Any]] = {}
+    for section, keys in raw.items():
+        values[section] = {}
+        for key, value in keys.items():
+            dotted = f"{section}.{key}" if section else key
+            try:
+                values[section][key] = SCHEMA[section][key](value)
+            except ValueError as exc:
+                raise ConfigError(f"{dotted}: {exc}") from None
+
+    video_kw = dict(values["video"])
+    if "size" in video_kw:
+        video_kw["width"], video_kw["height"] = video_kw.pop("size")
+    video = VideoConfig(**video_kw)
+    if video.width < 320:
+        raise ConfigError(f"video.size: width {video.width} is below 320, the smallest the relay serves")
+
+    parsed_streams = []
+    for name, spec in streams.items():
+        if not STREAM_NAME.match(name):
+            raise ConfigError(f"streams.{name}: name must be letters, digits, - or _ (at most 64)")
+        try:
+            parsed_streams.append(StreamConfig(name, parse_source_spec(spec)))
+        except ValueError as exc:
+            raise ConfigError(f"streams.{name}: {exc}") from None
+
+    return Config(
+        streams=tuple(parsed_streams),
+        video=video,
+        http=HttpConfig(**values["http"]),
+        webrtc=WebRTCConfig(**values["webrtc"]),
+        **values[""],
+    )

@@ -1,0 +1,181 @@
+"""V4L2 capture devices: find them, and list the MJPEG modes each offers.
+
+Discovery reads sysfs (``/sys/class/video4linux``) and the stable links under
+``/dev/v4l/by-id`` and ``/dev/v4l/by-path``; modes come from the V4L2 ioctls
+``VIDIOC_QUERYCAP``, ``VIDIOC_ENUM_FMT``, ``VIDIOC_ENUM_FRAMESIZES`` and
+``VIDIOC_ENUM_FRAMEINTERVALS``. The roots and the ioctl are parameters, so
+tests feed a fake sysfs tree and real packed structs.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _ioc(direction: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (ord("V") << 8) | nr
+
+
+_READ, _READWRITE = 2, 3
+CAPABILITY = struct.Struct("=16s32s32sIII3I")  # struct v4l2_capability, 104 bytes
+FMTDESC = struct.Struct("=III32sII3I")  # struct v4l2_fmtdesc, 64 bytes
+FRMSIZE = struct.Struct("=III6I2I")  # struct v4l2_frmsizeenum, 44 bytes
+FRMIVAL = struct.Struct("=IIIII6I2I")  # struct v4l2_frmivalenum, 52 bytes
+VIDIOC_QUERYCAP = _ioc(_READ, 0, CAPABILITY.size)
+VIDIOC_ENUM_FMT = _ioc(_READWRITE, 2, FMTDESC.size)
+VIDIOC_ENUM_FRAMESIZES = _ioc(_READWRITE, 74, FRMSIZE.size)
+VIDIOC_ENUM_FRAMEINTERVALS = _ioc(_READWRITE, 75, FRMIVAL.size)
+CAP_VIDEO_CAPTURE = 0x00000001
+CAP_DEVICE_CAPS = 0x80000000
+BUF_TYPE_VIDEO_CAPTURE = 1
+FRMSIZE_TYPE_DISCRETE = 1
+FRMIVAL_TYPE_DISCRETE = 1
+MJPEG_FOURCCS = (int.from_bytes(b"MJPG", "little"), int.from_bytes(b"JPEG", "little"))
+MAX_ENUM = 256  # drivers end enumeration with EINVAL; a buggy one must not loop forever
+
+Ioctl = Callable[[int, int, bytearray], object]
+
+
+@dataclass(frozen=True, slots=True)
+class Mode:
+    width: int
+    height: int
+    fps: tuple[float, ...]
+
+
+@dataclass(slots=True)
+class Device:
+    node: str  # /dev/videoN
+    name: str  # what the driver calls it
+    by_id: str | None = None
+    by_path: str | None = None
+    modes: list[Mode] = field(default_factory=list)
+
+    @property
+    def path(self) -> str:
+        """The most stable path: by-id survives re-plugging into another port."""
+        return self.by_id or self.by_path or self.node
+
+
+def _enum(fd: int, ioctl: Ioctl, request: int, layout: struct.Struct, fill: Callable[[int], tuple]) -> list[tuple]:
+    out = []
+    for index in range(MAX_ENUM):
+        buf = bytearray(layout.pack(*fill(index)))
+        try:
+            ioctl(fd, request, buf)
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.ENOTTY):
+                break
+            raise
+        out.append(layout.unpack(bytes(buf)))
+    return out
+
+
+def capture_caps(fd: int, ioctl: Ioctl) -> int:
+    buf = bytearray(CAPABILITY.size)
+    ioctl(fd, VIDIOC_QUERYCAP, buf)
+    fields = CAPABILITY.unpack(bytes(buf))
+    caps, device_caps = fields[4], fields[5]
+    return device_caps if caps & CAP_DEVICE_CAPS else caps
+
+
+def mjpeg_modes(fd: int, ioctl: Ioctl) -> list[Mode]:
+    """The MJPEG sizes and frame rates a capture node offers (discrete sizes only)."""
+    formats = _enum(fd, ioctl, VIDIOC_ENUM_FMT, FMTDESC, lambda i: (i, BUF_TYPE_VIDEO_CAPTURE, 0, b"", 0, 0, 0, 0, 0))
+    modes = []
+    for fmt in formats:
+        fourcc = fmt[4]
+        if fourcc not in MJPEG_FOURCCS:
+            continue
+        sizes = _enum(fd, ioctl, VIDIOC_ENUM_FRAMESIZES, FRMSIZE, lambda i: (i, fourcc, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+        for size in sizes:
+            if size[2] != FRMSIZE_TYPE_DISCRETE:
+                continue
+            width, height = size[3], size[4]
+            ivals = _enum(
+                fd, ioctl, VIDIOC_ENUM_FRAMEINTERVALS, FRMIVAL, lambda i: (i, fourcc, width, height, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+            )
+            rates = sorted(
+                {round(iv[6] / iv[5], 2) for iv in ivals if iv[4] == FRMIVAL_TYPE_DISCRETE and iv[5]}, reverse=True
+            )
+            modes.append(Mode(width, height, tuple(rates)))
+    return modes
+
+
+def _links(directory: Path) -> dict[str, str]:
+    """Real node -> link path, for the symlinks in /dev/v4l/by-id or by-path."""
+    out: dict[str, str] = {}
+    if directory.is_dir():
+        for link in sorted(directory.iterdir()):
+            try:
+                out.setdefault(os.path.realpath(link), str(link))
+            except OSError:
+                continue
+    return out
+
+
+def list_devices(
+    sysfs: Path = Path("/sys/class/video4linux"),
+    dev: Path = Path("/dev"),
+    ioctl: Ioctl = fcntl.ioctl,
+    open_node: Callable[[str], int] = lambda p: os.open(p, os.O_RDWR | os.O_NONBLOCK),
+) -> list[Device]:
+    """Every V4L2 capture node that offers MJPEG; metadata and output nodes are skipped."""
+    if not sysfs.is_dir():
+        return []
+    by_id = _links(dev / "v4l" / "by-id")
+    by_path = _links(dev / "v4l" / "by-path")
+    devices = []
+    for entry in sorted(sysfs.iterdir(), key=lambda p: (len(p.name), p.name)):
+        if not entry.name.startswith("video"):
+            continue
+        node = str(dev / entry.name)
+        try:
+            name = (entry / "name").read_text().strip()
+        except OSError:
+            name = entry.name
+        try:
+            fd = open_node(node)
+        except OSError as exc:
+            log.info("device=%s cannot open: %s", node, exc.strerror)
+            continue
+        try:
+            if not capture_caps(fd, ioctl) & CAP_VIDEO_CAPTURE:
+                continue  # a metadata or output node
+            modes = mjpeg_modes(fd, ioctl)
+        except OSError as exc:
+            log.info("device=%s cannot query: %s", node, exc.strerror)
+            continue
+        finally:
+            os.close(fd)
+        if modes:
+            real = os.path.realpath(node)
+            devices.append(Device(node, name, by_id.get(real), by_path.get(real), modes))
+    return devices
+
+
+def find_mjpeg_devices() -> list[Device]:
+    return list_devices()
+
+
+def print_devices() -> int:
+    devices = list_devices()
+    if not devices:
+        print("no V4L2 capture device with MJPEG found (the relay will stream the test pattern)")
+        return 0
+    for d in devices:
+        print(f"{d.path}  ({d.name}, {d.node})")
+        for m in d.modes:
+            rates = ", ".join(f"{r:g}" for r in m.fps) or "?"
+            print(f"    {m.width}x{m.height} @ {rates} fps")
+        print(f"    use: camrelay serve --source cam0=v4l2:{d.path}")
+    return 0

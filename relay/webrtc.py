@@ -1,0 +1,271 @@
+"""WebRTC viewers: aiortc peers that only packetize and encrypt.
+
+Each viewer's track yields the hub's already-encoded frames, so aiortc never
+encodes for a viewer. Two aiortc internals are touched, both per sender
+instance and both pinned by tests (``tests/test_aiortc_hooks.py``):
+
+- the sender's packer is replaced by ``SharedPacker``, which splits each access
+  unit into RTP payloads once per frame for all viewers instead of once per
+  viewer;
+- the sender's ``_send_keyframe`` (called on PLI and FIR) is routed to the
+  shared encoder, because aiortc ignores PLI for tracks that yield packets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aioice.ice
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc.codecs.h264 import H264Encoder as AiortcH264
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtcrtpparameters import RTCRtpCodecCapability
+from aiortc.sdp import candidate_from_sdp
+
+from .hub import EncodedFrame, HubClosed, PacketHub, Subscription
+
+log = logging.getLogger(__name__)
+
+# The profile every browser decodes in hardware or software: constrained baseline, level 3.1.
+PREFERRED_PROFILES = ("42e01f", "42001f")
+# A session whose ICE/DTLS never completes is freed by us, not by aiortc's
+# minute-long consent timeout.
+CONNECT_TIMEOUT = 15.0
+_SENDER_ENCODER_ATTR = "_RTCRtpSender__encoder"
+
+
+class SharedPacker:
+    """Stands in for aiortc's per-sender H.264 encoder: packs, never encodes."""
+
+    def pack(self, frame: EncodedFrame) -> tuple[list[bytes], int]:
+        return payloads_for(frame), frame.pts
+
+
+def payloads_for(frame: EncodedFrame) -> list[bytes]:
+    """RTP payloads (single NAL, STAP-A, FU-A) for one frame, computed once."""
+    if frame.payloads is None:
+        frame.payloads = AiortcH264._packetize(AiortcH264._split_bitstream(frame.data))
+    return frame.payloads
+
+
+class HubTrack(MediaStreamTrack):
+    """A video track whose frames are the hub's encoded access units."""
+
+    kind = "video"
+
+    def __init__(self, subscription: Subscription) -> None:
+        super().__init__()
+        self.subscription = subscription
+
+    async def recv(self) -> EncodedFrame:  # type: ignore[override]
+        if self.readyState != "live":
+            raise MediaStreamError
+        try:
+            return await self.subscription.get()
+        except HubClosed:
+            self.stop()
+            raise MediaStreamError from None
+
+    def stop(self) -> None:
+        super().stop()
+        self.subscription.close()
+
+
+def attach_to_sender(sender: RTCRtpSender, hub: PacketHub) -> None:
+    """Make ``sender`` pack shared frames and route its PLI/FIR to the shared encoder."""
+    if not hasattr(sender, _SENDER_ENCODER_ATTR) or not hasattr(sender, "_send_keyframe"):
+        raise RuntimeError("aiortc's RTCRtpSender internals changed; camrelay's hooks need updating")
+    setattr(sender, _SENDER_ENCODER_ATTR, SharedPacker())
+    sender._send_keyframe = hub.request_keyframe  # type: ignore[method-assign]
+
+
+def h264_preferences() -> list[RTCRtpCodecCapability]:
+    """H.264 packetization-mode 1 (best profile first) and its RTX, nothing else."""
+    codecs = RTCRtpSender.getCapabilities("video").codecs
+    h264 = [
+        c
+        for c in codecs
+        if c.mimeType.lower() == "video/h264" and str(c.parameters.get("packetization-mode")) == "1"
+    ]
+    h264.sort(key=lambda c: PREFERRED_PROFILES.index(c.parameters.get("profile-level-id", PREFERRED_PROFILES[-1])) if c.parameters.get("profile-level-id") in PREFERRED_PROFILES else len(PREFERRED_PROFILES))
+    rtx = [c for c in codecs if c.mimeType.lower() == "video/rtx"]
+    return h264 + rtx
+
+
+def restrict_host_addresses(addresses: list[str] | None) -> None:
+    """Gather ICE host candidates only on ``addresses`` (None: every interface).
+
+    aioice offers every interface but loopback; a relay bound to one LAN, or a
+    test on loopback, wants exactly the addresses it names. Process-wide,
+    because aioice looks the function up at gather time.
+    """
+    if addresses is None:
+        aioice.ice.get_host_addresses = _ORIGINAL_GET_HOST_ADDRESSES
+        return
+    fixed = list(addresses)
+
+    def host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        return [a for a in fixed if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
+
+    aioice.ice.get_host_addresses = host_addresses
+
+
+_ORIGINAL_GET_HOST_ADDRESSES = aioice.ice.get_host_addresses
+
+
+class OfferRejected(Exception):
+    """The offer was well-formed SDP that aiortc could not apply; ``str()`` is the reason."""
+
+
+@dataclass(eq=False)
+class ViewerSession:
+    id: str
+    stream: str
+    remote: str
+    pc: RTCPeerConnection
+    track: HubTrack
+    created: float = field(default_factory=time.monotonic)
+    connected_at: float | None = None
+    closed: bool = False
+    _deadline: asyncio.TimerHandle | None = None
+
+    @property
+    def state(self) -> str:
+        return self.pc.connectionState
+
+
+class ViewerSessions:
+    """Every WebRTC viewer of every stream: create from an offer, free on every exit path."""
+
+    def __init__(
+        self,
+        hub_for: Callable[[str], PacketHub],
+        ice_servers: list[RTCIceServer] | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
+        self._hub_for = hub_for
+        self._ice_servers = list(ice_servers or [])  # none: host candidates only, nothing waits on STUN
+        self._connect_timeout = connect_timeout
+        self._sessions: dict[str, ViewerSession] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def get(self, session_id: str) -> ViewerSession | None:
+        return self._sessions.get(session_id)
+
+    def count(self, stream: str | None = None) -> int:
+        return sum(1 for s in self._sessions.values() if stream is None or s.stream == stream)
+
+    def connected(self, stream: str | None = None) -> int:
+        return sum(
+            1 for s in self._sessions.values() if s.state == "connected" and (stream is None or s.stream == stream)
+        )
+
+    async def create(self, stream: str, offer_sdp: str, remote: str) -> tuple[ViewerSession, str]:
+        """Answer an offer; returns the session and the SDP answer. Raises ``OfferRejected``."""
+        hub = self._hub_for(stream)
+        session_id = secrets.token_urlsafe(16)
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=self._ice_servers))
+        subscription = hub.subscribe(f"webrtc-{session_id[:8]}")
+        track = HubTrack(subscription)
+        session = ViewerSession(session_id, stream, remote, pc, track)
+        try:
+            transceiver = pc.addTransceiver(track, direction="sendonly")
+            # Browsers list VP8 first; without this the H.264 bytes would go
+            # out labelled as whatever the offer preferred.
+            transceiver.setCodecPreferences(h264_preferences())
+            attach_to_sender(transceiver.sender, hub)
+            try:
+                await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+            except Exception as exc:  # aiortc's parser raises ValueError, AssertionError, KeyError, ...
+                raise OfferRejected(f"offer could not be applied: {_reason(exc)}") from exc
+            if not any(t.sender is transceiver.sender and t.mid is not None for t in pc.getTransceivers()):
+                raise OfferRejected("offer has no video section this relay can send to")
+            answer = await pc.createAnswer()
+            await pc.setLocalDescription(answer)
+        except BaseException:
+            track.stop()
+            await pc.close()
+            raise
+        self._sessions[session_id] = session
+        pc.on("connectionstatechange", lambda: self._on_state(session))
+        session._deadline = asyncio.get_running_loop().call_later(
+            self._connect_timeout, self._on_deadline, session
+        )
+        log.info("stream=%s session=%s remote=%s created viewers=%d", stream, session_id[:8], remote, self.count(stream))
+        return session, pc.localDescription.sdp
+
+    async def add_candidates(self, session: ViewerSession, sdpfrag: str) -> None:
+        """Trickled remote candidates (``a=candidate:`` lines of an SDP fragment)."""
+        mid = None
+        for raw in sdpfrag.splitlines():
+            line = raw.strip()
+            if line.startswith("a=mid:"):
+                mid = line[6:]
+            elif line.startswith("a=candidate:"):
+                try:
+                    candidate = candidate_from_sdp(line[2:].split(":", 1)[1])
+                except (ValueError, IndexError) as exc:
+                    raise OfferRejected(f"bad candidate line {line[:80]!r}: {_reason(exc)}") from exc
+                candidate.sdpMid = mid or _first_mid(session.pc)
+                await session.pc.addIceCandidate(candidate)
+            elif line == "a=end-of-candidates":
+                await session.pc.addIceCandidate(None)
+
+    async def close(self, session_id: str, why: str) -> bool:
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            return False
+        session.closed = True
+        if session._deadline is not None:
+            session._deadline.cancel()
+        session.track.stop()
+        await session.pc.close()
+        log.info(
+            "stream=%s session=%s closed (%s) viewers=%d", session.stream, session_id[:8], why, self.count(session.stream)
+        )
+        return True
+
+    async def close_all(self) -> None:
+        await asyncio.gather(*(self.close(sid, "shutdown") for sid in list(self._sessions)))
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    def _on_state(self, session: ViewerSession) -> None:
+        state = session.pc.connectionState
+        if state == "connected" and session.connected_at is None:
+            session.connected_at = time.monotonic()
+            if session._deadline is not None:
+                session._deadline.cancel()
+            log.info("stream=%s session=%s connected in %.0fms", session.stream, session.id[:8], (session.connected_at - session.created) * 1000)
+        elif state in ("failed", "closed") and not session.closed:
+            self._close_soon(session.id, f"connection {state}")
+
+    def _on_deadline(self, session: ViewerSession) -> None:
+        if session.connected_at is None and not session.closed:
+            log.warning("stream=%s session=%s did not connect within %.0fs", session.stream, session.id[:8], self._connect_timeout)
+            self._close_soon(session.id, "connect timeout")
+
+    def _close_soon(self, session_id: str, why: str) -> None:
+        task = asyncio.get_running_loop().create_task(self.close(session_id, why))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+
+def _first_mid(pc: RTCPeerConnection) -> str | None:
+    for t in pc.getTransceivers():
+        if t.mid is not None:
+            return t.mid
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:200] if text else type(exc).__name__

@@ -1,0 +1,119 @@
+"""A WHEP viewer built on aiortc: used by the tests, the benchmarks and ``camrelay probe``.
+
+It connects like a browser would (recvonly video, non-trickle offer), reads
+frames, and can read the pixel clock from each one to measure glass-to-glass
+latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urljoin
+
+import aiohttp
+import av
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from . import pixelclock
+
+
+class WhepError(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+
+
+@dataclass
+class FrameSample:
+    received: float  # wall clock when the decoded frame came out
+    latency_ms: float | None  # from the pixel clock, when it reads
+
+
+@dataclass
+class ViewerStats:
+    frames: int = 0
+    first_frame_at: float | None = None
+    connected_at: float | None = None
+    samples: list[FrameSample] = field(default_factory=list)
+
+
+class WhepViewer:
+    def __init__(self, url: str, session: aiohttp.ClientSession) -> None:
+        self.url = url
+        self.http = session
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.location: str | None = None
+        self.track: MediaStreamTrack | None = None
+        self.stats = ViewerStats()
+        self.started = time.monotonic()
+        self._track_ready = asyncio.Event()
+
+    async def connect(self) -> None:
+        self.pc.addTransceiver("video", direction="recvonly")
+
+        @self.pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            self.track = track
+            self._track_ready.set()
+
+        @self.pc.on("connectionstatechange")
+        def on_state() -> None:
+            if self.pc.connectionState == "connected" and self.stats.connected_at is None:
+                self.stats.connected_at = time.monotonic()
+
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        async with self.http.post(
+            self.url, data=self.pc.localDescription.sdp, headers={"Content-Type": "application/sdp"}
+        ) as resp:
+            body = await resp.text()
+            if resp.status != 201:
+                raise WhepError(resp.status, body.strip())
+            self.location = urljoin(self.url, resp.headers["Location"])
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
+
+    async def recv(self, timeout: float = 10.0) -> av.VideoFrame:
+        await asyncio.wait_for(self._track_ready.wait(), timeout)
+        assert self.track is not None
+        frame = await asyncio.wait_for(self.track.recv(), timeout)
+        now = time.monotonic()
+        self.stats.frames += 1
+        if self.stats.first_frame_at is None:
+            self.stats.first_frame_at = now
+        return frame
+
+    async def read_frames(self, count: int, timeout: float = 10.0, clock: bool = True) -> list[FrameSample]:
+        out = []
+        for _ in range(count):
+            frame = await self.recv(timeout)
+            out.append(sample(frame) if clock else FrameSample(time.time(), None))
+        self.stats.samples.extend(out)
+        return out
+
+    async def close(self, delete: bool = True) -> None:
+        if delete and self.location:
+            try:
+                async with self.http.delete(self.location) as resp:
+                    await resp.read()
+            except aiohttp.ClientError:
+                pass
+        await self.pc.close()
+
+
+def luma(frame: av.VideoFrame):
+    """The Y plane of a decoded frame as a (H, W) uint8 array."""
+    if frame.format.name not in ("yuv420p", "yuvj420p"):
+        frame = frame.reformat(format="yuv420p")
+    return frame.to_ndarray()[: frame.height]
+
+
+def sample(frame: av.VideoFrame) -> FrameSample:
+    now = time.time()
+    t = pixelclock.read(luma(frame))
+    return FrameSample(now, None if t is None else now * 1000 - t)
+
+
+__all__ = ["WhepViewer", "WhepError", "FrameSample", "MediaStreamError", "luma", "sample"]

@@ -1,0 +1,162 @@
+"""The HTTP face of the relay: WHEP, the JSON API, the viewer pages.
+
+WHEP (draft-ietf-wish-whep): ``POST /whep/<stream>`` with an SDP offer gets
+``201`` and the answer; the ``Location`` is the session, which takes ``PATCH``
+(trickled candidates) and ``DELETE``. Every bad input gets its own status and
+a one-line reason in the body, never a 500.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import aiohttp_jinja2
+import jinja2
+from aiohttp import web
+
+from relay.service import Relay, UnknownStream
+from relay.webrtc import OfferRejected
+
+from .sdp import SdpError, check_offer
+
+log = logging.getLogger(__name__)
+
+RELAY = web.AppKey("relay", Relay)
+MAX_OFFER_BYTES = 64 * 1024  # a browser offer is ~5 KiB; more is not an offer
+SDP_TYPE = "application/sdp"
+SDPFRAG_TYPE = "application/trickle-ice-sdpfrag"
+RETRY_AFTER_FULL = "10"  # seconds a client should wait when a stream is full
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+
+
+def _error(status: type[web.HTTPException], reason: str, **kw) -> web.HTTPException:
+    return status(text=reason + "\n", content_type="text/plain", **kw)
+
+
+def _stream_or_404(request: web.Request) -> str:
+    name = request.match_info["stream"]
+    if name not in request.app[RELAY].streams:
+        raise _error(web.HTTPNotFound, f"no stream named {name!r}")
+    return name
+
+
+async def whep_offer(request: web.Request) -> web.Response:
+    relay = request.app[RELAY]
+    name = _stream_or_404(request)
+    if request.content_type != SDP_TYPE:
+        raise _error(web.HTTPUnsupportedMediaType, f"Content-Type must be {SDP_TYPE}, got {request.content_type or 'none'!r}")
+    if request.content_length is not None and request.content_length > MAX_OFFER_BYTES:
+        raise _error(web.HTTPRequestEntityTooLarge, f"offer larger than {MAX_OFFER_BYTES} bytes", max_size=MAX_OFFER_BYTES, actual_size=request.content_length)
+    body = await request.content.read(MAX_OFFER_BYTES + 1)
+    if len(body) > MAX_OFFER_BYTES:
+        raise _error(web.HTTPRequestEntityTooLarge, f"offer larger than {MAX_OFFER_BYTES} bytes", max_size=MAX_OFFER_BYTES, actual_size=len(body))
+    try:
+        offer = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _error(web.HTTPBadRequest, "offer is not UTF-8 text") from None
+    try:
+        check_offer(offer)
+    except SdpError as exc:
+        raise _error(web.HTTPBadRequest, f"malformed offer: {exc}") from None
+    limit = relay.config.webrtc.max_viewers
+    if relay.sessions.count(name) >= limit:
+        log.warning("stream=%s viewer limit %d reached; refusing %s", name, limit, request.remote)
+        raise _error(web.HTTPServiceUnavailable, f"stream {name!r} has its maximum of {limit} viewers", headers={"Retry-After": RETRY_AFTER_FULL})
+    try:
+        session, answer = await relay.sessions.create(name, offer, request.remote or "?")
+    except OfferRejected as exc:
+        raise _error(web.HTTPBadRequest, str(exc)) from None
+    except UnknownStream:
+        raise _error(web.HTTPNotFound, f"no stream named {name!r}") from None
+    location = f"/whep/{name}/{session.id}"
+    return web.Response(status=201, body=answer.encode(), headers={"Location": location, "Content-Type": SDP_TYPE})
+
+
+def _session_or_404(request: web.Request):
+    relay = request.app[RELAY]
+    name = _stream_or_404(request)
+    session = relay.sessions.get(request.match_info["session"])
+    if session is None or session.stream != name:
+        raise _error(web.HTTPNotFound, "no such session")
+    return session
+
+
+async def whep_patch(request: web.Request) -> web.Response:
+    session = _session_or_404(request)
+    if request.content_type != SDPFRAG_TYPE:
+        raise _error(web.HTTPUnsupportedMediaType, f"Content-Type must be {SDPFRAG_TYPE}")
+    body = await request.content.read(MAX_OFFER_BYTES + 1)
+    if len(body) > MAX_OFFER_BYTES:
+        raise _error(web.HTTPRequestEntityTooLarge, f"fragment larger than {MAX_OFFER_BYTES} bytes", max_size=MAX_OFFER_BYTES, actual_size=len(body))
+    try:
+        await request.app[RELAY].sessions.add_candidates(session, body.decode("utf-8", "replace"))
+    except OfferRejected as exc:
+        raise _error(web.HTTPBadRequest, str(exc)) from None
+    return web.Response(status=204)
+
+
+async def whep_delete(request: web.Request) -> web.Response:
+    session = _session_or_404(request)
+    await request.app[RELAY].sessions.close(session.id, "DELETE")
+    return web.Response(status=200)
+
+
+async def whep_options(request: web.Request) -> web.Response:
+    _stream_or_404(request)
+    return web.Response(
+        status=204,
+        headers={
+            "Allow": "OPTIONS, POST, PATCH, DELETE",
+            "Accept-Post": SDP_TYPE,
+            "Accept-Patch": SDPFRAG_TYPE,
+        },
+    )
+
+
+async def api_streams(request: web.Request) -> web.Response:
+    relay = request.app[RELAY]
+    return web.json_response({"streams": [relay.describe(s) for s in relay.streams.values()]})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    relay = request.app[RELAY]
+    bad = [s.name for s in relay.streams.values() if s.state not in ("live", "starting")]
+    return web.json_response({"ok": True, "streams_not_live": bad})
+
+
+@aiohttp_jinja2.template("index.html")
+async def index(request: web.Request) -> dict:
+    return {"streams": list(request.app[RELAY].streams.values())}
+
+
+@aiohttp_jinja2.template("view.html")
+async def view(request: web.Request) -> dict:
+    name = _stream_or_404(request)
+    return {"stream": request.app[RELAY].streams[name]}
+
+
+def make_app(relay: Relay) -> web.Application:
+    """The aiohttp application; starts and closes ``relay`` with itself."""
+    app = web.Application(client_max_size=MAX_OFFER_BYTES)
+    app[RELAY] = relay
+    aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(TEMPLATES_DIR), autoescape=True)
+
+    async def relay_lifecycle(app: web.Application):
+        await relay.start()
+        yield
+        await relay.close()
+
+    app.cleanup_ctx.append(relay_lifecycle)
+    app.router.add_get("/", index)
+    app.router.add_get("/view/{stream}", view)
+    app.router.add_post("/whep/{stream}", whep_offer)
+    app.router.add_route("OPTIONS", "/whep/{stream}", whep_options)
+    app.router.add_route("OPTIONS", "/whep/{stream}/{session}", whep_options)
+    app.router.add_patch("/whep/{stream}/{session}", whep_patch)
+    app.router.add_delete("/whep/{stream}/{session}", whep_delete)
+    app.router.add_get("/api/v1/streams", api_streams)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_static("/static/", STATIC_DIR, name="static")
+    return app

@@ -1,0 +1,96 @@
+"""Checks on a WHEP offer before any peer connection is made.
+
+Sans-io: text in, an ``OfferSummary`` or an ``SdpError`` with a one-line
+reason out. aiortc's own parser raises assorted exception types on bad input
+(AssertionError, KeyError, ...); these checks turn the common mistakes into
+clear 400s and keep garbage away from it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MAX_LINES = 2000  # a browser offer is ~100 lines; far more is abuse
+_RTPMAP = re.compile(r"^a=rtpmap:(\d+) ([A-Za-z0-9_.-]+)/(\d+)")
+_FMTP = re.compile(r"^a=fmtp:(\d+) (.*)$")
+_MLINE = re.compile(r"^m=(\w+) (\d+)(?:/\d+)? ([A-Za-z/]+)((?: [0-9A-Za-z]+)*)$")
+_DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
+
+
+class SdpError(ValueError):
+    """The offer is not one this relay can answer; ``str()`` is the reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class OfferSummary:
+    video_sections: int
+    h264_payload_types: tuple[int, ...]
+    direction: str
+
+
+def check_offer(text: str) -> OfferSummary:
+    """Validate a WHEP offer; raises ``SdpError`` with the reason."""
+    if "\x00" in text:
+        raise SdpError("offer contains a NUL byte")
+    lines = [line.rstrip("\r") for line in text.split("\n")]
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        raise SdpError("offer is empty")
+    if len(lines) > MAX_LINES:
+        raise SdpError(f"offer has {len(lines)} lines, more than {MAX_LINES}")
+    if lines[0] != "v=0":
+        raise SdpError("offer does not start with v=0")
+    for number, line in enumerate(lines, 1):
+        if len(line) < 2 or line[1] != "=" or not line[0].isalpha():
+            raise SdpError(f"line {number} is not of the form x=value")
+
+    session: list[str] = []
+    sections: list[list[str]] = []
+    for line in lines:
+        if line.startswith("m="):
+            sections.append([line])
+        elif sections:
+            sections[-1].append(line)
+        else:
+            session.append(line)
+    if not sections:
+        raise SdpError("offer has no media section")
+
+    video = []
+    for section in sections:
+        m = _MLINE.match(section[0])
+        if m is None:
+            raise SdpError(f"malformed media line {section[0][:80]!r}")
+        if m.group(1) == "video" and m.group(2) != "0":
+            video.append(section)
+    if not video:
+        raise SdpError("offer has no video section")
+
+    section = video[0]
+    attrs = session + section
+    for key, what in (("a=ice-ufrag:", "ICE username fragment"), ("a=ice-pwd:", "ICE password"), ("a=fingerprint:", "DTLS fingerprint")):
+        if not any(a.startswith(key) for a in attrs):
+            raise SdpError(f"offer has no {what} ({key[:-1]})")
+
+    direction = "sendrecv"
+    for a in section:
+        if a[2:] in _DIRECTIONS:
+            direction = a[2:]
+    if direction not in ("recvonly", "sendrecv"):
+        raise SdpError(f"video section is {direction}; a viewer must offer recvonly or sendrecv")
+
+    h264: list[int] = []
+    fmtp: dict[int, str] = {}
+    for a in section:
+        if (r := _RTPMAP.match(a)) and r.group(2).upper() == "H264":
+            h264.append(int(r.group(1)))
+        elif f := _FMTP.match(a):
+            fmtp[int(f.group(1))] = f.group(2)
+    if not h264:
+        raise SdpError("offer cannot receive H.264 video (no H264 rtpmap in the video section)")
+    usable = tuple(pt for pt in h264 if "packetization-mode=1" in fmtp.get(pt, "").replace(" ", ""))
+    if not usable:
+        raise SdpError("offer's H.264 lacks packetization-mode=1")
+    return OfferSummary(len(video), usable, direction)

@@ -1,0 +1,233 @@
+// camrelay's WHEP player: one RTCPeerConnection per <video>, no build step.
+//
+// - Non-trickle: the offer goes out with its candidates gathered (Firefox may
+//   offer only mDNS candidates; the relay learns the real address from the
+//   first ICE check, as a peer-reflexive candidate).
+// - Reconnects with backoff when the connection fails, frames stop, or the
+//   relay restarts.
+// - Reads the test pattern's pixel clock (shared/spec/test-pattern.md) from
+//   each video frame and reports glass-to-glass latency in ms.
+"use strict";
+
+const PIXEL_CLOCK_CELLS = 48;
+const PIXEL_CLOCK_TIME_BITS = 44;
+const RECONNECT_MIN_MS = 1000;
+const RECONNECT_MAX_MS = 15000;
+const GATHER_TIMEOUT_MS = 2000;  // send what we have by then; host candidates come in ms
+const STALL_MS = 5000;           // connected but no new frame for this long: reconnect
+const LATENCY_WINDOW = 30;       // readings in the displayed median
+
+// Decode the band from RGBA pixels of the band's rows (width w, s rows).
+function readPixelClock(rgba, w) {
+  const s = Math.floor(w / PIXEL_CLOCK_CELLS);
+  if (w < 320 || s < 1) return null;
+  const side = Math.max(2, Math.floor(s / 2));
+  const start = Math.floor((s - side) / 2);
+  const bits = [];
+  for (let i = 0; i < PIXEL_CLOCK_CELLS; i++) {
+    let sum = 0;
+    for (let y = start; y < start + side; y++) {
+      for (let x = i * s + start; x < i * s + start + side; x++) {
+        const o = (y * w + x) * 4;
+        sum += 0.299 * rgba[o] + 0.587 * rgba[o + 1] + 0.114 * rgba[o + 2];
+      }
+    }
+    bits.push(sum / (side * side) > 128 ? 1 : 0);
+  }
+  if (bits[0] !== 1 || bits[1] !== 0 || bits[47] !== 0) return null;
+  let t = 0, ones = 0;
+  for (let i = 2; i < 2 + PIXEL_CLOCK_TIME_BITS; i++) {
+    t = t * 2 + bits[i];  // not <<: T has 44 bits, JS shifts are 32-bit
+    ones += bits[i];
+  }
+  if ((ones & 1) !== bits[46]) return null;
+  return t;
+}
+
+class WhepPlayer {
+  constructor(video, url, handlers = {}) {
+    this.video = video;
+    this.url = url;
+    this.handlers = handlers;
+    this.pc = null;
+    this.session = null;
+    this.state = "idle";
+    this.attempt = 0;
+    this.stopped = true;
+    this.stats = { framesDecoded: 0, fps: null, bitrateKbps: null, rttMs: null, jitterBufferMs: null };
+    this.latencies = [];
+    this.latencyMs = null;
+    this.connects = 0;
+    this._lastFrames = 0;
+    this._lastFrameChange = 0;
+    this._lastBytes = null;
+    this._canvas = document.createElement("canvas");
+    this._ctx = this._canvas.getContext("2d", { willReadFrequently: true });
+    this._statsTimer = null;
+    this._retryTimer = null;
+    window.addEventListener("pagehide", () => this._deleteSession(true));
+  }
+
+  start() {
+    this.stopped = false;
+    this._connect();
+    this._statsTimer = setInterval(() => this._pollStats(), 1000);
+    this._watchFrames();
+  }
+
+  stop() {
+    this.stopped = true;
+    clearInterval(this._statsTimer);
+    clearTimeout(this._retryTimer);
+    this._teardown();
+  }
+
+  _setState(s) {
+    this.state = s;
+    if (this.handlers.onState) this.handlers.onState(s);
+  }
+
+  async _connect() {
+    this._teardown();
+    this._setState("connecting");
+    const pc = new RTCPeerConnection({ iceServers: [] });
+    this.pc = pc;
+    pc.addTransceiver("video", { direction: "recvonly" });
+    pc.ontrack = (ev) => {
+      this.video.srcObject = new MediaStream([ev.track]);
+      this.video.play().catch(() => {});
+    };
+    pc.onconnectionstatechange = () => {
+      if (pc !== this.pc) return;
+      const s = pc.connectionState;
+      if (s === "connected") {
+        this.attempt = 0;
+        this.connects += 1;
+        this._lastFrameChange = performance.now();
+        this._setState("live");
+      } else if (s === "failed" || s === "closed") {
+        this._retry(`connection ${s}`);
+      } else if (s === "disconnected") {
+        this._setState("reconnecting");
+      }
+    };
+    try {
+      await pc.setLocalDescription(await pc.createOffer());
+      await this._gathered(pc);
+      const resp = await fetch(this.url, {
+        method: "POST",
+        headers: { "Content-Type": "application/sdp" },
+        body: pc.localDescription.sdp,
+      });
+      if (resp.status !== 201) {
+        const reason = (await resp.text()).trim();
+        throw new Error(`${resp.status} ${reason}`);
+      }
+      this.session = new URL(resp.headers.get("Location"), this.url.startsWith("http") ? this.url : location.href).href;
+      const answer = await resp.text();
+      if (pc !== this.pc) return;
+      await pc.setRemoteDescription({ type: "answer", sdp: answer });
+    } catch (err) {
+      if (pc === this.pc) this._retry(String(err.message || err));
+    }
+  }
+
+  _gathered(pc) {
+    if (pc.iceGatheringState === "complete") return Promise.resolve();
+    return new Promise((resolve) => {
+      const done = () => { pc.removeEventListener("icegatheringstatechange", check); resolve(); };
+      const check = () => { if (pc.iceGatheringState === "complete") done(); };
+      pc.addEventListener("icegatheringstatechange", check);
+      setTimeout(done, GATHER_TIMEOUT_MS);
+    });
+  }
+
+  _retry(why) {
+    if (this.stopped) return;
+    this._teardown();
+    const delay = Math.min(RECONNECT_MAX_MS, RECONNECT_MIN_MS * 2 ** this.attempt) * (0.8 + 0.4 * Math.random());
+    this.attempt += 1;
+    this._setState(`retrying in ${Math.round(delay / 1000)}s (${why})`);
+    clearTimeout(this._retryTimer);
+    this._retryTimer = setTimeout(() => this._connect(), delay);
+  }
+
+  _deleteSession(keepalive = false) {
+    if (this.session) {
+      fetch(this.session, { method: "DELETE", keepalive }).catch(() => {});
+      this.session = null;
+    }
+  }
+
+  _teardown() {
+    this._deleteSession();
+    if (this.pc) {
+      const pc = this.pc;
+      this.pc = null;
+      pc.close();
+    }
+  }
+
+  _watchFrames() {
+    const onFrame = () => {
+      this._readLatency();
+      if (this.video.requestVideoFrameCallback) this.video.requestVideoFrameCallback(onFrame);
+    };
+    if (this.video.requestVideoFrameCallback) {
+      this.video.requestVideoFrameCallback(onFrame);
+    } else {
+      setInterval(() => this._readLatency(), 100);  // older Firefox: sample instead
+    }
+  }
+
+  _readLatency() {
+    const v = this.video;
+    const w = v.videoWidth;
+    if (!w || w < 320) return;
+    const s = Math.floor(w / PIXEL_CLOCK_CELLS);
+    if (this._canvas.width !== w || this._canvas.height !== s) {
+      this._canvas.width = w;
+      this._canvas.height = s;
+    }
+    this._ctx.drawImage(v, 0, 0, w, s, 0, 0, w, s);
+    const t = readPixelClock(this._ctx.getImageData(0, 0, w, s).data, w);
+    if (t == null) return;
+    this.latencies.push(Date.now() - t);
+    if (this.latencies.length > LATENCY_WINDOW) this.latencies.shift();
+    const sorted = [...this.latencies].sort((a, b) => a - b);
+    this.latencyMs = sorted[Math.floor(sorted.length / 2)];
+    if (this.handlers.onLatency) this.handlers.onLatency(this.latencyMs);
+  }
+
+  async _pollStats() {
+    const pc = this.pc;
+    if (!pc) return;
+    let report;
+    try { report = await pc.getStats(); } catch { return; }
+    const now = performance.now();
+    report.forEach((r) => {
+      if (r.type === "inbound-rtp" && r.kind === "video") {
+        const st = this.stats;
+        st.fps = r.framesPerSecond ?? null;
+        if (r.framesDecoded !== this._lastFrames) {
+          this._lastFrames = r.framesDecoded;
+          this._lastFrameChange = now;
+        }
+        st.framesDecoded = r.framesDecoded || 0;
+        if (this._lastBytes) {
+          const dt = (r.timestamp - this._lastBytes.t) / 1000;
+          if (dt > 0) st.bitrateKbps = ((r.bytesReceived - this._lastBytes.b) * 8) / 1000 / dt;
+        }
+        this._lastBytes = { t: r.timestamp, b: r.bytesReceived };
+        if (r.jitterBufferEmittedCount) st.jitterBufferMs = (1000 * r.jitterBufferDelay) / r.jitterBufferEmittedCount;
+      } else if (r.type === "candidate-pair" && r.nominated && r.state === "succeeded") {
+        if (r.currentRoundTripTime != null) this.stats.rttMs = r.currentRoundTripTime * 1000;
+      }
+    });
+    if (this.handlers.onStats) this.handlers.onStats(this.stats);
+    if (this.state === "live" && now - this._lastFrameChange > STALL_MS) this._retry("no frames");
+  }
+}
+
+window.WhepPlayer = WhepPlayer;
+window.readPixelClock = readPixelClock;
