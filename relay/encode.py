@@ -28,6 +28,10 @@ V4L2M2M_DEVICES = ("/dev/video11",)
 ENCODERS = ("auto", "libx264", "h264_v4l2m2m")
 
 
+# Bytes after the JPEG end marker that some UVC cameras pad their frames with.
+JPEG_TAIL_SLACK = 1024
+
+
 class DecodeError(Exception):
     """A corrupt or truncated JPEG."""
 
@@ -37,6 +41,12 @@ class JpegDecoder:
         self._ctx = av.CodecContext.create("mjpeg", "r")
 
     def decode(self, jpeg: bytes) -> av.VideoFrame:
+        if not jpeg.startswith(b"\xff\xd8"):
+            raise DecodeError(f"not a JPEG ({len(jpeg)} bytes, no start marker)")
+        # FFmpeg conceals a cut-off JPEG as a grey-bottomed picture; the end
+        # marker (some cameras pad after it) is what tells a whole frame.
+        if jpeg.rfind(b"\xff\xd9", max(0, len(jpeg) - JPEG_TAIL_SLACK)) == -1:
+            raise DecodeError(f"truncated JPEG ({len(jpeg)} bytes, no end marker)")
         try:
             frames = self._ctx.decode(av.Packet(jpeg))
         except (av.FFmpegError, ValueError) as exc:

@@ -100,13 +100,13 @@ class Subscription:
         self._hub._remove(self)
 
     def _offer(self, frame: EncodedFrame) -> None:
+        if not self.waiting_keyframe and len(self._queue) >= self.max_frames:
+            self._drop_backlog()
         if self.waiting_keyframe:
             if not frame.keyframe:
-                return
-            self.waiting_keyframe = False
-        elif len(self._queue) >= self.max_frames:
-            self._drop_backlog()
-            if not frame.keyframe:
+                if self.resyncs:  # skipped on the way back to a keyframe: lost to this viewer
+                    self.dropped += 1
+                    self._hub.dropped += 1
                 return
             self.waiting_keyframe = False
         self._queue.append(frame)

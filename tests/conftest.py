@@ -1,0 +1,149 @@
+"""Shared fixtures: a real relay on loopback, and guards against leaks.
+
+Every test fails if it leaves a thread, a child process, an asyncio task or a
+file descriptor behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import psutil
+import pytest
+from aiohttp import web
+
+from relay.config import Config, HttpConfig, StreamConfig, VideoConfig, WebRTCConfig
+from relay.capture import SourceSpec
+from relay.service import Relay
+from signalling.app import make_app
+
+# Small frames keep a 2-core machine responsive while many peers run; the
+# pixel clock needs at least 320 px.
+TEST_WIDTH, TEST_HEIGHT, TEST_FPS = 640, 360, 30
+LEAK_SETTLE = 5.0  # seconds a closed peer may take to release its threads and sockets
+
+
+def _fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+def _describe_fd(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "?"
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    threads = {t.ident for t in threading.enumerate()}
+    fds = _fds()
+    me = psutil.Process()
+    children = {p.pid for p in me.children(recursive=True)}
+    yield
+    deadline = time.monotonic() + LEAK_SETTLE
+    while True:
+        new_threads = [t for t in threading.enumerate() if t.ident not in threads and t.is_alive()]
+        new_fds = _fds() - fds
+        new_children = [p for p in me.children(recursive=True) if p.pid not in children and p.status() != psutil.STATUS_ZOMBIE]
+        zombies = [p for p in me.children(recursive=True) if p.status() == psutil.STATUS_ZOMBIE]
+        if not (new_threads or new_fds or new_children or zombies) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    problems = []
+    if new_threads:
+        problems.append(f"threads left running: {[t.name for t in new_threads]}")
+    if new_fds:
+        problems.append(f"file descriptors left open: {[(fd, _describe_fd(fd)) for fd in sorted(new_fds)]}")
+    if new_children:
+        problems.append(f"child processes left running: {[(p.pid, p.name()) for p in new_children]}")
+    if zombies:
+        problems.append(f"zombie children: {[p.pid for p in zombies]}")
+    assert not problems, "; ".join(problems)
+
+
+@pytest.fixture(autouse=True)
+async def no_task_leaks():
+    before = set(asyncio.all_tasks())
+    yield
+    deadline = time.monotonic() + LEAK_SETTLE
+    while True:
+        left = [t for t in asyncio.all_tasks() if t not in before and t is not asyncio.current_task() and not t.done()]
+        if not left or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert not left, f"asyncio tasks left running: {left}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_config(
+    streams: tuple[StreamConfig, ...] | None = None,
+    *,
+    keyframe_interval: float = 1.0,
+    max_viewers: int = 100,
+    connect_timeout: float = 15.0,
+    width: int = TEST_WIDTH,
+    height: int = TEST_HEIGHT,
+    fps: float = TEST_FPS,
+) -> Config:
+    return Config(
+        streams=streams or (StreamConfig("cam0", SourceSpec("test", "")),),
+        video=VideoConfig(width=width, height=height, fps=fps, bitrate=1_000_000, keyframe_interval=keyframe_interval, encoder="libx264"),
+        http=HttpConfig(host="127.0.0.1", port=free_port()),
+        webrtc=WebRTCConfig(ice_addresses=("127.0.0.1",), connect_timeout=connect_timeout, max_viewers=max_viewers),
+    )
+
+
+class RunningRelay:
+    def __init__(self, relay: Relay, base: str) -> None:
+        self.relay = relay
+        self.base = base
+
+    def whep(self, stream: str = "cam0") -> str:
+        return f"{self.base}/whep/{stream}"
+
+    async def wait_live(self, stream: str = "cam0", timeout: float = 10.0) -> None:
+        s = self.relay.streams[stream]
+        deadline = time.monotonic() + timeout
+        while s.stats.frames_encoded == 0:
+            assert time.monotonic() < deadline, f"stream {stream} produced no frame within {timeout}s"
+            await asyncio.sleep(0.02)
+
+
+async def start_relay(config: Config) -> tuple[web.AppRunner, RunningRelay]:
+    relay = Relay(config)
+    runner = web.AppRunner(make_app(relay), handle_signals=False)
+    await runner.setup()
+    await web.TCPSite(runner, config.http.host, config.http.port).start()
+    running = RunningRelay(relay, f"http://{config.http.host}:{config.http.port}")
+    await running.wait_live(next(iter(relay.streams)))
+    return runner, running
+
+
+@pytest.fixture
+async def relay_server(request) -> AsyncIterator[RunningRelay]:
+    """A real relay on loopback; ``@pytest.mark.relay_config(...)`` passes ``make_config`` options."""
+    marker = request.node.get_closest_marker("relay_config")
+    config = make_config(**(marker.kwargs if marker else {}))
+    runner, running = await start_relay(config)
+    try:
+        yield running
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session

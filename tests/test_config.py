@@ -1,0 +1,112 @@
+import pytest
+
+from relay.capture import SourceSpec, parse_source_spec
+from relay.config import ConfigError, load
+
+FULL = """
+log_level = "debug"
+[http]
+host = "127.0.0.1"
+port = 9000
+[video]
+size = "1920x1080"
+fps = 25
+bitrate = "4M"
+keyframe_interval = "2s"
+encoder = "libx264"
+[webrtc]
+ice_servers = ["stun:stun.example.org:3478"]
+ice_addresses = ["192.168.1.10"]
+connect_timeout = "10s"
+max_viewers = 30
+[streams]
+front = "v4l2:/dev/v4l/by-id/usb-cam-video-index0"
+pattern = "test:640x360@15"
+"""
+
+
+def test_file_values_are_typed():
+    c = load(FULL)
+    assert (c.http.host, c.http.port) == ("127.0.0.1", 9000)
+    assert (c.video.width, c.video.height, c.video.fps) == (1920, 1080, 25.0)
+    assert c.video.bitrate == 4_000_000 and c.video.keyframe_interval == 2.0
+    assert c.webrtc.ice_servers == ("stun:stun.example.org:3478",)
+    assert c.webrtc.connect_timeout == 10.0 and c.webrtc.max_viewers == 30
+    assert [s.name for s in c.streams] == ["front", "pattern"]
+    assert c.streams[1].source == SourceSpec("test", "", 640, 360, 15.0)
+    assert c.log_level == "debug"
+
+
+def test_defaults():
+    c = load()
+    assert (c.http.port, c.video.width, c.video.height, c.video.fps, c.video.bitrate) == (8080, 1280, 720, 30.0, 2_000_000)
+    assert c.streams == () and c.webrtc.ice_servers == ()
+
+
+def test_environment_overrides_file_and_flags_override_environment():
+    env = {"CAMRELAY_HTTP_PORT": "9100", "CAMRELAY_VIDEO_FPS": "15", "PATH": "/bin"}
+    c = load(FULL, env, {"video.fps": "10"})
+    assert c.http.port == 9100
+    assert c.video.fps == 10.0
+
+
+def test_streams_from_environment_and_flags():
+    c = load(None, {"CAMRELAY_STREAMS": "a=test: b=v4l2:/dev/video2"})
+    assert [(s.name, str(s.source)) for s in c.streams] == [("a", "test:"), ("b", "v4l2:/dev/video2")]
+    c = load(FULL, {}, {}, ["cam9=test:320x240@5", "rtsp://u:p@cam.local/s"])
+    assert [s.name for s in c.streams] == ["cam9", "cam1"]
+    assert c.streams[1].source.kind == "rtsp"
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "flags", "message"),
+    [
+        ("[http]\nport = 70000", {}, {}, "http.port: must be in 1..65535, got 70000"),
+        ("[http]\nport = \"x\"", {}, {}, "http.port: expected a whole number, got 'x'"),
+        ("[http]\nprot = 1", {}, {}, "http.prot: unknown key"),
+        ("colour = 1", {}, {}, "colour: unknown key"),
+        ("[video]\nsize = \"1280*720\"", {}, {}, "video.size: size '1280*720' is not WIDTHxHEIGHT, e.g. 1280x720"),
+        ("[video]\nsize = \"1281x720\"", {}, {}, "video.size: size '1281x720' must have even width and height"),
+        ("[video]\nsize = \"160x120\"", {}, {}, "video.size: width 160 is below 320, the smallest the relay serves"),
+        ("[video]\nfps = 500", {}, {}, "video.fps: frame rate '500' is outside 1..120"),
+        ("[video]\nbitrate = \"2Q\"", {}, {}, "video.bitrate: expected a bit rate like 2M or 800k, got '2Q'"),
+        ("[video]\nbitrate = 50", {}, {}, "video.bitrate: must be in 100000..50000000 bit/s, got 50"),
+        ("[video]\nkeyframe_interval = \"soon\"", {}, {}, "video.keyframe_interval: expected a duration like 1.5s or 500ms, got 'soon'"),
+        ("[video]\nencoder = \"nvenc\"", {}, {}, "video.encoder: must be one of auto, libx264, h264_v4l2m2m, got 'nvenc'"),
+        ("[webrtc]\nice_servers = [\"http://x\"]", {}, {}, "webrtc.ice_servers: ICE server 'http://x' is not a stun:, stuns:, turn: or turns: URL"),
+        ("[webrtc]\nmax_viewers = 0", {}, {}, "webrtc.max_viewers: must be in 1..10000, got 0"),
+        ("[streams]\n\"bad name\" = \"test:\"", {}, {}, "streams.bad name: name must be letters, digits, - or _ (at most 64)"),
+        ("[streams]\ncam0 = \"usb:0\"", {}, {}, "streams.cam0: source 'usb:0' has unknown kind 'usb'; expected test, v4l2, rtsp or file"),
+        ("[streams]\ncam0 = 5", {}, {}, "streams.cam0: expected a source spec string, got 5"),
+        ("[http\n", {}, {}, "config file: "),
+        (None, {"CAMRELAY_HTTP_PROT": "1"}, {}, "CAMRELAY_HTTP_PROT: unknown setting"),
+        (None, {"CAMRELAY_VIDEO_FPS": "fast"}, {}, "video.fps: frame rate 'fast' is not a number"),
+        (None, {}, {"http.port": "0"}, "http.port: must be in 1..65535, got 0"),
+    ],
+)
+def test_bad_values_name_the_key(toml, env, flags, message):
+    with pytest.raises(ConfigError) as info:
+        load(toml, env, flags)
+    assert str(info.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("webcam", "source 'webcam' has no kind; expected test:, v4l2:/dev/videoN, rtsp://... or file:PATH"),
+        ("v4l2:", "source 'v4l2:' needs a path after v4l2:"),
+        ("test:640x360@0", "frame rate '0' is outside 1..120"),
+    ],
+)
+def test_bad_source_specs(spec, message):
+    with pytest.raises(ValueError) as info:
+        parse_source_spec(spec)
+    assert str(info.value) == message
+
+
+def test_example_config_is_valid():
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "camrelay.example.toml").read_text()
+    c = load(text)
+    assert c.http.port == 8080
