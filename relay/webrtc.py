@@ -212,10 +212,10 @@ class ViewerSessions:
             elif line.startswith("a=candidate:"):
                 try:
                     candidate = candidate_from_sdp(line[2:].split(":", 1)[1])
-                except (ValueError, IndexError) as exc:
+                    candidate.sdpMid = mid or _first_mid(session.pc)
+                    await session.pc.addIceCandidate(candidate)
+                except Exception as exc:  # aiortc asserts on malformed candidates
                     raise OfferRejected(f"bad candidate line {line[:80]!r}: {_reason(exc)}") from exc
-                candidate.sdpMid = mid or _first_mid(session.pc)
-                await session.pc.addIceCandidate(candidate)
             elif line == "a=end-of-candidates":
                 await session.pc.addIceCandidate(None)
 
