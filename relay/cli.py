@@ -7,12 +7,13 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
 from . import __version__
-from .config import Config, ConfigError, StreamConfig, load
 from .capture import SourceSpec
+from .config import Config, ConfigError, StreamConfig, load
 
 log = logging.getLogger("relay")
 
@@ -20,13 +21,20 @@ DEFAULT_TEST_STREAM = "cam0"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="camrelay", description="Low-latency camera relay: WebRTC (WHEP) for many viewers, encode once.")
+    p = argparse.ArgumentParser(
+        prog="camrelay", description="Low-latency camera relay: WebRTC (WHEP) for many viewers, encode once."
+    )
     p.add_argument("--version", action="version", version=f"camrelay {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the relay")
     s.add_argument("--config", type=Path, help="TOML config file (default: $CAMRELAY_CONFIG)")
-    s.add_argument("--source", action="append", metavar="NAME=SPEC", help="a stream: test:, test:1280x720@30, v4l2:/dev/video0, rtsp://..., file:PATH (repeatable)")
+    s.add_argument(
+        "--source",
+        action="append",
+        metavar="NAME=SPEC",
+        help="a stream: test:, test:1280x720@30, v4l2:/dev/video0, rtsp://..., file:PATH (repeatable)",
+    )
     s.add_argument("--http-host", dest="http.host", help="address to listen on (default 0.0.0.0)")
     s.add_argument("--http-port", dest="http.port", help="port to listen on (default 8080)")
     s.add_argument("--size", dest="video.size", metavar="WxH", help="capture size (default 1280x720)")
@@ -34,7 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bitrate", dest="video.bitrate", help="H.264 bit rate, e.g. 2M (default 2M)")
     s.add_argument("--keyframe-interval", dest="video.keyframe_interval", help="seconds between keyframes (default 1s)")
     s.add_argument("--encoder", dest="video.encoder", help="auto, libx264 or h264_v4l2m2m (default auto)")
-    s.add_argument("--ice-address", dest="webrtc.ice_addresses", action="append", help="offer ICE host candidates only on this address (repeatable)")
+    s.add_argument(
+        "--ice-address",
+        dest="webrtc.ice_addresses",
+        action="append",
+        help="offer ICE host candidates only on this address (repeatable)",
+    )
     s.add_argument("--log-level", dest="log_level", help="debug, info, warning or error")
 
     sub.add_parser("devices", help="list V4L2 capture devices and their MJPEG modes")
@@ -76,15 +89,18 @@ async def serve(config: Config) -> None:
     from relay.service import Relay
     from signalling.app import make_app
 
+    # Bind first: a taken port is one clear error before any camera is opened.
+    try:
+        sock = socket.create_server((config.http.host, config.http.port))
+    except OSError as exc:
+        raise ConfigError(
+            f"http.port: cannot listen on {config.http.host}:{config.http.port}: {os.strerror(exc.errno or 0)}"
+            " (is another camrelay running? pick another port with --http-port)"
+        ) from None
     app = make_app(Relay(config))
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, config.http.host, config.http.port)
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise ConfigError(f"http.port: cannot listen on {config.http.host}:{config.http.port}: {exc.strerror}") from None
+    await web.SockSite(runner, sock).start()
     shown = "127.0.0.1" if config.http.host in ("0.0.0.0", "::", "") else config.http.host
     log.info("listening on http://%s:%d/", shown, config.http.port)
     stop = asyncio.Event()

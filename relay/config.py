@@ -194,7 +194,7 @@ def load(
         for key, value in doc.items():
             if key == "streams":
                 if not isinstance(value, dict):
-                    raise ConfigError("streams: expected a table of name = \"source spec\"")
+                    raise ConfigError('streams: expected a table of name = "source spec"')
                 for name, spec in value.items():
                     if not isinstance(spec, str):
                         raise ConfigError(f"streams.{name}: expected a source spec string, got {spec!r}")

@@ -66,10 +66,12 @@ class Device:
         return self.by_id or self.by_path or self.node
 
 
-def _enum(fd: int, ioctl: Ioctl, request: int, layout: struct.Struct, fill: Callable[[int], tuple]) -> list[tuple]:
+def _enum(fd: int, ioctl: Ioctl, request: int, layout: struct.Struct, *fields: object) -> list[tuple]:
+    """Every answer to an enumerating ioctl: ``layout`` is packed from (index, *fields, 0, ...)."""
+    pad = (0,) * (len(layout.unpack(bytes(layout.size))) - 1 - len(fields))
     out = []
     for index in range(MAX_ENUM):
-        buf = bytearray(layout.pack(*fill(index)))
+        buf = bytearray(layout.pack(index, *fields, *pad))
         try:
             ioctl(fd, request, buf)
         except OSError as exc:
@@ -90,20 +92,18 @@ def capture_caps(fd: int, ioctl: Ioctl) -> int:
 
 def mjpeg_modes(fd: int, ioctl: Ioctl) -> list[Mode]:
     """The MJPEG sizes and frame rates a capture node offers (discrete sizes only)."""
-    formats = _enum(fd, ioctl, VIDIOC_ENUM_FMT, FMTDESC, lambda i: (i, BUF_TYPE_VIDEO_CAPTURE, 0, b"", 0, 0, 0, 0, 0))
+    formats = _enum(fd, ioctl, VIDIOC_ENUM_FMT, FMTDESC, BUF_TYPE_VIDEO_CAPTURE, 0, b"")
     modes = []
     for fmt in formats:
         fourcc = fmt[4]
         if fourcc not in MJPEG_FOURCCS:
             continue
-        sizes = _enum(fd, ioctl, VIDIOC_ENUM_FRAMESIZES, FRMSIZE, lambda i: (i, fourcc, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+        sizes = _enum(fd, ioctl, VIDIOC_ENUM_FRAMESIZES, FRMSIZE, fourcc)
         for size in sizes:
             if size[2] != FRMSIZE_TYPE_DISCRETE:
                 continue
             width, height = size[3], size[4]
-            ivals = _enum(
-                fd, ioctl, VIDIOC_ENUM_FRAMEINTERVALS, FRMIVAL, lambda i: (i, fourcc, width, height, 0, 0, 0, 0, 0, 0, 0, 0, 0)
-            )
+            ivals = _enum(fd, ioctl, VIDIOC_ENUM_FRAMEINTERVALS, FRMIVAL, fourcc, width, height)
             rates = sorted(
                 {round(iv[6] / iv[5], 2) for iv in ivals if iv[4] == FRMIVAL_TYPE_DISCRETE and iv[5]}, reverse=True
             )

@@ -27,7 +27,10 @@ class Relay:
         v = config.video
         self._encoder = EncoderSettings(v.bitrate, v.fps, v.keyframe_interval, v.encoder)
         w = config.webrtc
-        ice = [RTCIceServer(urls=url, username=w.ice_username or None, credential=w.ice_credential or None) for url in w.ice_servers]
+        ice = [
+            RTCIceServer(urls=url, username=w.ice_username or None, credential=w.ice_credential or None)
+            for url in w.ice_servers
+        ]
         self.sessions = ViewerSessions(self.hub_for, ice, w.connect_timeout)
         for sc in config.streams:
             self.streams[sc.name] = self._make_stream(sc)

@@ -181,7 +181,9 @@ class Stream:
             self._retry.ran(time.monotonic() - opened_at)
             delay = self._retry.next_delay()
             self.state = "retrying"
-            log.warning("stream=%s source=%s retry in %.1fs (attempt %d)", self.name, self.spec, delay, self._retry.attempt)
+            log.warning(
+                "stream=%s source=%s retry in %.1fs (attempt %d)", self.name, self.spec, delay, self._retry.attempt
+            )
             self._stop.wait(delay)
 
     def _record_error(self, message: str) -> None:

@@ -48,8 +48,8 @@ class PatternRenderer:
         waves = 70 * np.sin(xs * 24) * np.cos(ys / 31.0) + 40 * np.sin(xs * 7 + ys / 50.0)
         noise = rng.normal(0, 3, (height, width)).astype(np.float32)
         texture = np.clip(128 + waves + np.tile(noise, 2), 16, 235).astype(np.uint8)
-        texture[:, :: GRID_STEP_PX] = 235  # thin sharp lines: detail an encoder must keep
-        texture[:: GRID_STEP_PX, :] = 16
+        texture[:, ::GRID_STEP_PX] = 235  # thin sharp lines: detail an encoder must keep
+        texture[::GRID_STEP_PX, :] = 16
         self._texture = texture
         cw, ch = width // 2, height // 2
         cx = np.linspace(64, 192, cw, dtype=np.float32)[None, :]

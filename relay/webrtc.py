@@ -88,11 +88,15 @@ def h264_preferences() -> list[RTCRtpCodecCapability]:
     """H.264 packetization-mode 1 (best profile first) and its RTX, nothing else."""
     codecs = RTCRtpSender.getCapabilities("video").codecs
     h264 = [
-        c
-        for c in codecs
-        if c.mimeType.lower() == "video/h264" and str(c.parameters.get("packetization-mode")) == "1"
+        c for c in codecs if c.mimeType.lower() == "video/h264" and str(c.parameters.get("packetization-mode")) == "1"
     ]
-    h264.sort(key=lambda c: PREFERRED_PROFILES.index(c.parameters.get("profile-level-id", PREFERRED_PROFILES[-1])) if c.parameters.get("profile-level-id") in PREFERRED_PROFILES else len(PREFERRED_PROFILES))
+    h264.sort(
+        key=lambda c: (
+            PREFERRED_PROFILES.index(c.parameters.get("profile-level-id", PREFERRED_PROFILES[-1]))
+            if c.parameters.get("profile-level-id") in PREFERRED_PROFILES
+            else len(PREFERRED_PROFILES)
+        )
+    )
     rtx = [c for c in codecs if c.mimeType.lower() == "video/rtx"]
     return h264 + rtx
 
@@ -196,10 +200,10 @@ class ViewerSessions:
             raise
         self._sessions[session_id] = session
         pc.on("connectionstatechange", lambda: self._on_state(session))
-        session._deadline = asyncio.get_running_loop().call_later(
-            self._connect_timeout, self._on_deadline, session
+        session._deadline = asyncio.get_running_loop().call_later(self._connect_timeout, self._on_deadline, session)
+        log.info(
+            "stream=%s session=%s remote=%s created viewers=%d", stream, session_id[:8], remote, self.count(stream)
         )
-        log.info("stream=%s session=%s remote=%s created viewers=%d", stream, session_id[:8], remote, self.count(stream))
         return session, pc.localDescription.sdp
 
     async def add_candidates(self, session: ViewerSession, sdpfrag: str) -> None:
@@ -229,7 +233,11 @@ class ViewerSessions:
         session.track.stop()
         await session.pc.close()
         log.info(
-            "stream=%s session=%s closed (%s) viewers=%d", session.stream, session_id[:8], why, self.count(session.stream)
+            "stream=%s session=%s closed (%s) viewers=%d",
+            session.stream,
+            session_id[:8],
+            why,
+            self.count(session.stream),
         )
         return True
 
@@ -244,13 +252,23 @@ class ViewerSessions:
             session.connected_at = time.monotonic()
             if session._deadline is not None:
                 session._deadline.cancel()
-            log.info("stream=%s session=%s connected in %.0fms", session.stream, session.id[:8], (session.connected_at - session.created) * 1000)
+            log.info(
+                "stream=%s session=%s connected in %.0fms",
+                session.stream,
+                session.id[:8],
+                (session.connected_at - session.created) * 1000,
+            )
         elif state in ("failed", "closed") and not session.closed:
             self._close_soon(session.id, f"connection {state}")
 
     def _on_deadline(self, session: ViewerSession) -> None:
         if session.connected_at is None and not session.closed:
-            log.warning("stream=%s session=%s did not connect within %.0fs", session.stream, session.id[:8], self._connect_timeout)
+            log.warning(
+                "stream=%s session=%s did not connect within %.0fs",
+                session.stream,
+                session.id[:8],
+                self._connect_timeout,
+            )
             self._close_soon(session.id, "connect timeout")
 
     def _close_soon(self, session_id: str, why: str) -> None:

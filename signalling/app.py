@@ -46,12 +46,24 @@ async def whep_offer(request: web.Request) -> web.Response:
     relay = request.app[RELAY]
     name = _stream_or_404(request)
     if request.content_type != SDP_TYPE:
-        raise _error(web.HTTPUnsupportedMediaType, f"Content-Type must be {SDP_TYPE}, got {request.content_type or 'none'!r}")
+        raise _error(
+            web.HTTPUnsupportedMediaType, f"Content-Type must be {SDP_TYPE}, got {request.content_type or 'none'!r}"
+        )
     if request.content_length is not None and request.content_length > MAX_OFFER_BYTES:
-        raise _error(web.HTTPRequestEntityTooLarge, f"offer larger than {MAX_OFFER_BYTES} bytes", max_size=MAX_OFFER_BYTES, actual_size=request.content_length)
+        raise _error(
+            web.HTTPRequestEntityTooLarge,
+            f"offer larger than {MAX_OFFER_BYTES} bytes",
+            max_size=MAX_OFFER_BYTES,
+            actual_size=request.content_length,
+        )
     body = await request.content.read(MAX_OFFER_BYTES + 1)
     if len(body) > MAX_OFFER_BYTES:
-        raise _error(web.HTTPRequestEntityTooLarge, f"offer larger than {MAX_OFFER_BYTES} bytes", max_size=MAX_OFFER_BYTES, actual_size=len(body))
+        raise _error(
+            web.HTTPRequestEntityTooLarge,
+            f"offer larger than {MAX_OFFER_BYTES} bytes",
+            max_size=MAX_OFFER_BYTES,
+            actual_size=len(body),
+        )
     try:
         offer = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -63,7 +75,11 @@ async def whep_offer(request: web.Request) -> web.Response:
     limit = relay.config.webrtc.max_viewers
     if relay.sessions.count(name) >= limit:
         log.warning("stream=%s viewer limit %d reached; refusing %s", name, limit, request.remote)
-        raise _error(web.HTTPServiceUnavailable, f"stream {name!r} has its maximum of {limit} viewers", headers={"Retry-After": RETRY_AFTER_FULL})
+        raise _error(
+            web.HTTPServiceUnavailable,
+            f"stream {name!r} has its maximum of {limit} viewers",
+            headers={"Retry-After": RETRY_AFTER_FULL},
+        )
     try:
         session, answer = await relay.sessions.create(name, offer, request.remote or "?")
     except OfferRejected as exc:
@@ -89,7 +105,12 @@ async def whep_patch(request: web.Request) -> web.Response:
         raise _error(web.HTTPUnsupportedMediaType, f"Content-Type must be {SDPFRAG_TYPE}")
     body = await request.content.read(MAX_OFFER_BYTES + 1)
     if len(body) > MAX_OFFER_BYTES:
-        raise _error(web.HTTPRequestEntityTooLarge, f"fragment larger than {MAX_OFFER_BYTES} bytes", max_size=MAX_OFFER_BYTES, actual_size=len(body))
+        raise _error(
+            web.HTTPRequestEntityTooLarge,
+            f"fragment larger than {MAX_OFFER_BYTES} bytes",
+            max_size=MAX_OFFER_BYTES,
+            actual_size=len(body),
+        )
     try:
         await request.app[RELAY].sessions.add_candidates(session, body.decode("utf-8", "replace"))
     except OfferRejected as exc:

@@ -70,7 +70,11 @@ def check_offer(text: str) -> OfferSummary:
 
     section = video[0]
     attrs = session + section
-    for key, what in (("a=ice-ufrag:", "ICE username fragment"), ("a=ice-pwd:", "ICE password"), ("a=fingerprint:", "DTLS fingerprint")):
+    for key, what in (
+        ("a=ice-ufrag:", "ICE username fragment"),
+        ("a=ice-pwd:", "ICE password"),
+        ("a=fingerprint:", "DTLS fingerprint"),
+    ):
         if not any(a.startswith(key) for a in attrs):
             raise SdpError(f"offer has no {what} ({key[:-1]})")
 

@@ -18,8 +18,8 @@ import psutil
 import pytest
 from aiohttp import web
 
-from relay.config import Config, HttpConfig, StreamConfig, VideoConfig, WebRTCConfig
 from relay.capture import SourceSpec
+from relay.config import Config, HttpConfig, StreamConfig, VideoConfig, WebRTCConfig
 from relay.service import Relay
 from signalling.app import make_app
 
@@ -51,7 +51,9 @@ def no_leaks():
     while True:
         new_threads = [t for t in threading.enumerate() if t.ident not in threads and t.is_alive()]
         new_fds = _fds() - fds
-        new_children = [p for p in me.children(recursive=True) if p.pid not in children and p.status() != psutil.STATUS_ZOMBIE]
+        new_children = [
+            p for p in me.children(recursive=True) if p.pid not in children and p.status() != psutil.STATUS_ZOMBIE
+        ]
         zombies = [p for p in me.children(recursive=True) if p.status() == psutil.STATUS_ZOMBIE]
         if not (new_threads or new_fds or new_children or zombies) or time.monotonic() > deadline:
             break
@@ -99,7 +101,14 @@ def make_config(
 ) -> Config:
     return Config(
         streams=streams or (StreamConfig("cam0", SourceSpec("test", "")),),
-        video=VideoConfig(width=width, height=height, fps=fps, bitrate=1_000_000, keyframe_interval=keyframe_interval, encoder="libx264"),
+        video=VideoConfig(
+            width=width,
+            height=height,
+            fps=fps,
+            bitrate=1_000_000,
+            keyframe_interval=keyframe_interval,
+            encoder="libx264",
+        ),
         http=HttpConfig(host="127.0.0.1", port=free_port()),
         webrtc=WebRTCConfig(ice_addresses=("127.0.0.1",), connect_timeout=connect_timeout, max_viewers=max_viewers),
     )

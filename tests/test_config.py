@@ -39,7 +39,13 @@ def test_file_values_are_typed():
 
 def test_defaults():
     c = load()
-    assert (c.http.port, c.video.width, c.video.height, c.video.fps, c.video.bitrate) == (8080, 1280, 720, 30.0, 2_000_000)
+    assert (c.http.port, c.video.width, c.video.height, c.video.fps, c.video.bitrate) == (
+        8080,
+        1280,
+        720,
+        30.0,
+        2_000_000,
+    )
     assert c.streams == () and c.webrtc.ice_servers == ()
 
 
@@ -62,21 +68,46 @@ def test_streams_from_environment_and_flags():
     ("toml", "env", "flags", "message"),
     [
         ("[http]\nport = 70000", {}, {}, "http.port: must be in 1..65535, got 70000"),
-        ("[http]\nport = \"x\"", {}, {}, "http.port: expected a whole number, got 'x'"),
+        ('[http]\nport = "x"', {}, {}, "http.port: expected a whole number, got 'x'"),
         ("[http]\nprot = 1", {}, {}, "http.prot: unknown key"),
         ("colour = 1", {}, {}, "colour: unknown key"),
-        ("[video]\nsize = \"1280*720\"", {}, {}, "video.size: size '1280*720' is not WIDTHxHEIGHT, e.g. 1280x720"),
-        ("[video]\nsize = \"1281x720\"", {}, {}, "video.size: size '1281x720' must have even width and height"),
-        ("[video]\nsize = \"160x120\"", {}, {}, "video.size: width 160 is below 320, the smallest the relay serves"),
+        ('[video]\nsize = "1280*720"', {}, {}, "video.size: size '1280*720' is not WIDTHxHEIGHT, e.g. 1280x720"),
+        ('[video]\nsize = "1281x720"', {}, {}, "video.size: size '1281x720' must have even width and height"),
+        ('[video]\nsize = "160x120"', {}, {}, "video.size: width 160 is below 320, the smallest the relay serves"),
         ("[video]\nfps = 500", {}, {}, "video.fps: frame rate '500' is outside 1..120"),
-        ("[video]\nbitrate = \"2Q\"", {}, {}, "video.bitrate: expected a bit rate like 2M or 800k, got '2Q'"),
+        ('[video]\nbitrate = "2Q"', {}, {}, "video.bitrate: expected a bit rate like 2M or 800k, got '2Q'"),
         ("[video]\nbitrate = 50", {}, {}, "video.bitrate: must be in 100000..50000000 bit/s, got 50"),
-        ("[video]\nkeyframe_interval = \"soon\"", {}, {}, "video.keyframe_interval: expected a duration like 1.5s or 500ms, got 'soon'"),
-        ("[video]\nencoder = \"nvenc\"", {}, {}, "video.encoder: must be one of auto, libx264, h264_v4l2m2m, got 'nvenc'"),
-        ("[webrtc]\nice_servers = [\"http://x\"]", {}, {}, "webrtc.ice_servers: ICE server 'http://x' is not a stun:, stuns:, turn: or turns: URL"),
+        (
+            '[video]\nkeyframe_interval = "soon"',
+            {},
+            {},
+            "video.keyframe_interval: expected a duration like 1.5s or 500ms, got 'soon'",
+        ),
+        (
+            '[video]\nencoder = "nvenc"',
+            {},
+            {},
+            "video.encoder: must be one of auto, libx264, h264_v4l2m2m, got 'nvenc'",
+        ),
+        (
+            '[webrtc]\nice_servers = ["http://x"]',
+            {},
+            {},
+            "webrtc.ice_servers: ICE server 'http://x' is not a stun:, stuns:, turn: or turns: URL",
+        ),
         ("[webrtc]\nmax_viewers = 0", {}, {}, "webrtc.max_viewers: must be in 1..10000, got 0"),
-        ("[streams]\n\"bad name\" = \"test:\"", {}, {}, "streams.bad name: name must be letters, digits, - or _ (at most 64)"),
-        ("[streams]\ncam0 = \"usb:0\"", {}, {}, "streams.cam0: source 'usb:0' has unknown kind 'usb'; expected test, v4l2, rtsp or file"),
+        (
+            '[streams]\n"bad name" = "test:"',
+            {},
+            {},
+            "streams.bad name: name must be letters, digits, - or _ (at most 64)",
+        ),
+        (
+            '[streams]\ncam0 = "usb:0"',
+            {},
+            {},
+            "streams.cam0: source 'usb:0' has unknown kind 'usb'; expected test, v4l2, rtsp or file",
+        ),
         ("[streams]\ncam0 = 5", {}, {}, "streams.cam0: expected a source spec string, got 5"),
         ("[http\n", {}, {}, "config file: "),
         (None, {"CAMRELAY_HTTP_PROT": "1"}, {}, "CAMRELAY_HTTP_PROT: unknown setting"),

@@ -1,8 +1,8 @@
 """The encoder with real JPEGs from the test pattern: what browsers need from the bitstream."""
 
+import pytest
 from av.video.frame import PictureType
 
-import pytest
 from relay.encode import DecodeError, EncoderSettings, H264Encoder, JpegDecoder, h264_level
 from relay.testpattern import PatternRenderer
 

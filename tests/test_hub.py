@@ -33,7 +33,7 @@ async def test_new_subscriber_starts_at_a_keyframe_and_asks_for_one():
         hub.publish(f)
     first = await sub.get()
     assert first.keyframe and first.pts == 3 * 3000
-    assert [ (await sub.get()).pts for _ in range(4)] == [4 * 3000, 5 * 3000, 6 * 3000, 7 * 3000]
+    assert [(await sub.get()).pts for _ in range(4)] == [4 * 3000, 5 * 3000, 6 * 3000, 7 * 3000]
 
 
 async def test_lagging_subscriber_drops_backlog_and_resumes_at_next_keyframe():

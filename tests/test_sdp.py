@@ -52,8 +52,14 @@ def test_lf_only_line_endings_pass():
         (without(r"^a=ice-ufrag"), "offer has no ICE username fragment (a=ice-ufrag)"),
         (without(r"^a=ice-pwd"), "offer has no ICE password (a=ice-pwd)"),
         (without(r"^a=fingerprint"), "offer has no DTLS fingerprint (a=fingerprint)"),
-        (CHROMIUM.replace("a=recvonly", "a=sendonly"), "video section is sendonly; a viewer must offer recvonly or sendrecv"),
-        (CHROMIUM.replace("a=recvonly", "a=inactive"), "video section is inactive; a viewer must offer recvonly or sendrecv"),
+        (
+            CHROMIUM.replace("a=recvonly", "a=sendonly"),
+            "video section is sendonly; a viewer must offer recvonly or sendrecv",
+        ),
+        (
+            CHROMIUM.replace("a=recvonly", "a=inactive"),
+            "video section is inactive; a viewer must offer recvonly or sendrecv",
+        ),
         (vp8_only(CHROMIUM), "offer cannot receive H.264 video (no H264 rtpmap in the video section)"),
         (CHROMIUM.replace("packetization-mode=1", "packetization-mode=0"), "offer's H.264 lacks packetization-mode=1"),
     ],

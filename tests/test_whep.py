@@ -161,12 +161,24 @@ async def post(http, url, body, content_type="application/sdp"):
     ("path", "body", "ctype", "status", "reason"),
     [
         ("/whep/nope", CHROMIUM_OFFER, "application/sdp", 404, "no stream named 'nope'"),
-        ("/whep/cam0", CHROMIUM_OFFER, "application/x-www-form-urlencoded", 415, "Content-Type must be application/sdp, got 'application/x-www-form-urlencoded'"),
+        (
+            "/whep/cam0",
+            CHROMIUM_OFFER,
+            "application/x-www-form-urlencoded",
+            415,
+            "Content-Type must be application/sdp, got 'application/x-www-form-urlencoded'",
+        ),
         ("/whep/cam0", CHROMIUM_OFFER, "text/plain", 415, "Content-Type must be application/sdp, got 'text/plain'"),
         ("/whep/cam0", "v=0\r\n" + "a=x\r\n" * 20000, "application/sdp", 413, "offer larger than 65536 bytes"),
         ("/whep/cam0", "hello", "application/sdp", 400, "malformed offer: offer does not start with v=0"),
         ("/whep/cam0", b"v=0\r\n\xff\xfe", "application/sdp", 400, "offer is not UTF-8 text"),
-        ("/whep/cam0", CHROMIUM_OFFER.replace("H264/90000", "H263/90000"), "application/sdp", 400, "malformed offer: offer cannot receive H.264 video (no H264 rtpmap in the video section)"),
+        (
+            "/whep/cam0",
+            CHROMIUM_OFFER.replace("H264/90000", "H263/90000"),
+            "application/sdp",
+            400,
+            "malformed offer: offer cannot receive H.264 video (no H264 rtpmap in the video section)",
+        ),
     ],
 )
 async def test_bad_requests_get_a_status_and_a_reason(relay_server, http, path, body, ctype, status, reason):
@@ -207,7 +219,9 @@ async def test_session_urls_404_for_unknown_sessions(relay_server, http):
     async with http.delete(relay_server.whep() + "/nosuchsession") as resp:
         assert resp.status == 404
     async with http.patch(
-        relay_server.whep() + "/nosuchsession", data="a=end-of-candidates\r\n", headers={"Content-Type": "application/trickle-ice-sdpfrag"}
+        relay_server.whep() + "/nosuchsession",
+        data="a=end-of-candidates\r\n",
+        headers={"Content-Type": "application/trickle-ice-sdpfrag"},
     ) as resp:
         assert resp.status == 404
     async with http.options(relay_server.whep()) as resp:
@@ -219,9 +233,13 @@ async def test_trickled_candidates_are_accepted(relay_server, http):
     try:
         await viewer.connect()
         frag = "a=mid:0\r\na=end-of-candidates\r\n"
-        async with http.patch(viewer.location, data=frag, headers={"Content-Type": "application/trickle-ice-sdpfrag"}) as resp:
+        async with http.patch(
+            viewer.location, data=frag, headers={"Content-Type": "application/trickle-ice-sdpfrag"}
+        ) as resp:
             assert resp.status == 204
-        async with http.patch(viewer.location, data="a=candidate:garbage\r\n", headers={"Content-Type": "application/trickle-ice-sdpfrag"}) as resp:
+        async with http.patch(
+            viewer.location, data="a=candidate:garbage\r\n", headers={"Content-Type": "application/trickle-ice-sdpfrag"}
+        ) as resp:
             assert resp.status == 400
         async with http.patch(viewer.location, data=frag, headers={"Content-Type": "application/sdp"}) as resp:
             assert resp.status == 415

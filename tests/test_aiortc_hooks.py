@@ -1,0 +1,77 @@
+"""Pins the two aiortc internals camrelay relies on, so an aiortc upgrade that
+moves them fails here by name instead of silently encoding per viewer or
+ignoring PLI."""
+
+import pytest
+from aiortc import RTCPeerConnection, RTCRtpSender
+from aiortc.rtcrtpsender import RTCRtpSender as SenderClass
+
+from relay.hub import EncodedFrame, PacketHub
+from relay.webrtc import HubTrack, SharedPacker, attach_to_sender, h264_preferences, payloads_for
+
+
+class Counter:
+    def __init__(self):
+        self.n = 0
+
+    def __call__(self):
+        self.n += 1
+
+
+async def test_sender_has_the_private_encoder_slot_and_keyframe_hook():
+    pc = RTCPeerConnection()
+    try:
+        hub = PacketHub("cam0", Counter())
+        transceiver = pc.addTransceiver(HubTrack(hub.subscribe("t")), direction="sendonly")
+        sender = transceiver.sender
+        assert hasattr(sender, "_RTCRtpSender__encoder"), "aiortc renamed RTCRtpSender.__encoder"
+        assert callable(getattr(SenderClass, "_send_keyframe", None)), "aiortc renamed RTCRtpSender._send_keyframe"
+        attach_to_sender(sender, hub)
+        assert isinstance(sender._RTCRtpSender__encoder, SharedPacker)
+        before = hub._request_keyframe.n
+        sender._send_keyframe()  # what aiortc calls on PLI and FIR
+        assert hub._request_keyframe.n == before + 1
+        hub.close()
+    finally:
+        await pc.close()
+
+
+def test_rtcp_handler_still_routes_pli_and_fir_to_send_keyframe():
+    import inspect
+
+    source = inspect.getsource(SenderClass._handle_rtcp_packet)
+    assert "RTCP_PSFB_PLI" in source and "RTCP_PSFB_FIR" in source and "_send_keyframe()" in source
+
+
+def test_sender_packs_non_frames_with_its_encoder():
+    import inspect
+
+    source = inspect.getsource(SenderClass._next_encoded_frame)
+    assert "self.__encoder.pack(data)" in source and "if self.__encoder is None" in source
+
+
+def test_attach_refuses_a_sender_without_the_hooks():
+    class Bare:
+        pass
+
+    with pytest.raises(RuntimeError, match="internals changed"):
+        attach_to_sender(Bare(), PacketHub("cam0", Counter()))  # type: ignore[arg-type]
+
+
+def test_payloads_are_computed_once_per_frame():
+    nal = b"\x00\x00\x00\x01\x65" + bytes(5000)  # an IDR slice larger than one packet
+    frame = EncodedFrame(nal, 9000, True, 0.0)
+    first = payloads_for(frame)
+    assert len(first) > 1  # FU-A fragments
+    assert payloads_for(frame) is first
+    payloads, ts = SharedPacker().pack(frame)
+    assert payloads is first and ts == 9000
+
+
+def test_preferences_are_h264_mode_1_then_rtx():
+    prefs = h264_preferences()
+    mimes = [c.mimeType.lower() for c in prefs]
+    assert mimes[0] == "video/h264" and set(mimes) <= {"video/h264", "video/rtx"}
+    assert prefs[0].parameters["profile-level-id"] == "42e01f"
+    assert all(c.parameters.get("packetization-mode") in ("1", 1) for c in prefs if c.mimeType.lower() == "video/h264")
+    assert RTCRtpSender.getCapabilities("video")  # still a public API

@@ -1,0 +1,124 @@
+"""``camrelay`` as a user runs it: a real process, real signals."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from .conftest import free_port
+
+STARTUP_TIMEOUT = 20.0
+
+
+def run(*args, env=None, timeout=30):
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def test_serve_with_no_camera_streams_the_test_pattern_and_stops_on_sigterm(tmp_path):
+    port = free_port()
+    env = dict(os.environ, CAMRELAY_VIDEO_SIZE="640x360")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "relay",
+            "serve",
+            "--http-host",
+            "127.0.0.1",
+            "--http-port",
+            str(port),
+            "--ice-address",
+            "127.0.0.1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/streams", timeout=2) as resp:
+                    body = resp.read().decode()
+                if '"frames_encoded": 0' not in body:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "relay did not come up"
+            time.sleep(0.2)
+        assert '"name": "cam0"' in body and '"source": "test:"' in body and '"width": 640' in body
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=15)
+        assert proc.returncode == 0
+        assert "stream=cam0 no camera found; streaming the test pattern" in out
+        assert "relay stopped" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "line"),
+    [
+        (
+            ["serve", "--http-port", "99999"],
+            {},
+            "camrelay: configuration error: http.port: must be in 1..65535, got 99999",
+        ),
+        (
+            ["serve", "--source", "cam0=usb:0"],
+            {},
+            "camrelay: configuration error: streams.cam0: source 'usb:0' has unknown kind 'usb';"
+            " expected test, v4l2, rtsp or file",
+        ),
+        (
+            ["serve"],
+            {"CAMRELAY_VIDEO_BITRATE": "lots"},
+            "camrelay: configuration error: video.bitrate: expected a bit rate like 2M or 800k, got 'lots'",
+        ),
+        (
+            ["serve", "--config", "/nonexistent.toml"],
+            {},
+            "camrelay: configuration error: config file /nonexistent.toml: No such file or directory",
+        ),
+    ],
+)
+def test_bad_configuration_exits_2_with_one_line(args, env, line):
+    result = run(*args, env=dict(os.environ, **env))
+    assert result.returncode == 2
+    assert result.stderr.strip() == line
+
+
+def test_port_in_use_is_one_clear_error():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        result = run("serve", "--http-host", "127.0.0.1", "--http-port", str(port), "--size", "640x360", timeout=60)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            f"configuration error: http.port: cannot listen on 127.0.0.1:{port}: Address already in use"
+            " (is another camrelay running? pick another port with --http-port)"
+        )
+    )
+    assert "opened" not in result.stderr  # no camera was opened before the port was checked
+
+
+def test_devices_without_cameras_says_so():
+    result = run("devices")
+    assert result.returncode == 0
+    assert "no V4L2 capture device with MJPEG found" in result.stdout
