@@ -14,6 +14,7 @@ from urllib.parse import urljoin
 
 import aiohttp
 import av
+import numpy as np
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
@@ -103,16 +104,20 @@ class WhepViewer:
         await self.pc.close()
 
 
-def luma(frame: av.VideoFrame):
-    """The Y plane of a decoded frame as a (H, W) uint8 array."""
-    if frame.format.name not in ("yuv420p", "yuvj420p"):
+def luma(frame: av.VideoFrame, rows: int | None = None) -> np.ndarray:
+    """The Y plane of a decoded frame (or its top ``rows``) as an (H, W) uint8 array, without copying."""
+    if frame.format.name not in ("yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "gray"):
         frame = frame.reformat(format="yuv420p")
-    return frame.to_ndarray()[: frame.height]
+    plane = frame.planes[0]
+    rows = frame.height if rows is None else min(rows, frame.height)
+    data = np.frombuffer(plane, dtype=np.uint8, count=plane.line_size * rows)
+    return data.reshape(rows, plane.line_size)[:, : frame.width]
 
 
 def sample(frame: av.VideoFrame) -> FrameSample:
     now = time.time()
-    t = pixelclock.read(luma(frame))
+    band = frame.width // pixelclock.CELLS if frame.width >= pixelclock.MIN_WIDTH else frame.height
+    t = pixelclock.read(luma(frame, band))
     return FrameSample(now, None if t is None else now * 1000 - t)
 
 
