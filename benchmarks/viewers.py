@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
-import os
 import platform
 import socket
 import statistics
@@ -219,17 +218,24 @@ def markdown(points: list[dict]) -> str:
     def f(v, d=0):
         return "—" if v is None else f"{v:.{d}f}"
 
-    rows = [
-        "| viewers | latency p50 / p95 / p99 (ms) | fps min / median | first frame p50 / max (ms) | relay CPU (% core) | relay RSS (MiB) | generator CPU (% core) |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    head = [
+        "viewers", "latency p50 / p95 / p99 (ms)", "fps min / median", "first frame p50 / max (ms)",
+        "relay CPU (% core)", "relay RSS (MiB)", "generator CPU (% core)",
     ]  # fmt: skip
+    rows = ["| " + " | ".join(head) + " |", "|" + " ---: |" * len(head)]
     for p in points:
         lat, fps, ff = p["latency_ms"], p["fps"], p["first_frame_ms"]
         sat = " (saturated)" if p["generator_saturated"] else ""
-        rows.append(
-            f"| {p['peers']} | {f(lat['p50'])} / {f(lat['p95'])} / {f(lat['p99'])} | {f(fps['min'], 1)} / {f(fps['median'], 1)}"
-            f" | {f(ff['p50'])} / {f(ff['max'])} | {f(p['relay_cpu_pct'])} | {f(p['relay_rss_mb'])} | {f(p['generator_cpu_pct'])}{sat} |"
-        )
+        cells = [
+            str(p["peers"]),
+            f"{f(lat['p50'])} / {f(lat['p95'])} / {f(lat['p99'])}",
+            f"{f(fps['min'], 1)} / {f(fps['median'], 1)}",
+            f"{f(ff['p50'])} / {f(ff['max'])}",
+            f(p["relay_cpu_pct"]),
+            f(p["relay_rss_mb"]),
+            f(p["generator_cpu_pct"]) + sat,
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -268,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             relay_proc.wait(15)
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()}, {psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.platform()}",
+        "machine": f"{platform.machine()}, {psutil.cpu_count()} cores,"
+        f" {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.platform()}",
         "command": "python -m benchmarks.viewers " + " ".join(argv if argv is not None else sys.argv[1:]),
         "size": args.size, "fps": args.fps, "bitrate": args.bitrate,
     }  # fmt: skip
