@@ -47,6 +47,7 @@ class VideoConfig:
 class HttpConfig:
     host: str = "0.0.0.0"
     port: int = 8080
+    cors_origins: tuple[str, ...] = ()  # other sites allowed to use WHEP from a browser; empty: same origin only
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,10 +148,17 @@ def _ice_url(v: Any) -> tuple[str, ...]:
     return urls
 
 
+def _origins(origins: tuple[str, ...]) -> tuple[str, ...]:
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ValueError(f"origin {origin!r} is not scheme://host[:port] (no path) or *")
+    return origins
+
+
 # section -> key -> parser. The one list of what the config file may say.
 SCHEMA: dict[str, dict[str, Any]] = {
     "": {"log_level": _choice("debug", "info", "warning", "error")},
-    "http": {"host": _str, "port": _int(1, 65535)},
+    "http": {"host": _str, "port": _int(1, 65535), "cors_origins": lambda v: _origins(_str_list(v))},
     "video": {
         "size": lambda v: parse_size(_str(v)),
         "fps": _fps,

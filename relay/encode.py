@@ -140,7 +140,16 @@ class H264Encoder:
         shape = (picture.width, picture.height, picture.format.name)
         if shape != self._shape:
             self.close()
-            self._open(*shape)
+            try:
+                self._open(*shape)
+            except av.FFmpegError as exc:
+                if self.settings.encoder != "auto" or self.name == "libx264":
+                    raise
+                # A hardware encoder that is listed but does not work (busy,
+                # wrong firmware): software is always there.
+                log.warning("encoder=%s does not open (%s); using libx264", self.name, exc)
+                self.name = "libx264"
+                self._open(*shape)
         assert self._ctx is not None
         # Decoded JPEGs say pict_type=I; left alone, libx264 would make every
         # frame an IDR. Only a forced keyframe keeps I.

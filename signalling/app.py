@@ -26,7 +26,8 @@ RELAY = web.AppKey("relay", Relay)
 MAX_OFFER_BYTES = 64 * 1024  # a browser offer is ~5 KiB; more is not an offer
 SDP_TYPE = "application/sdp"
 SDPFRAG_TYPE = "application/trickle-ice-sdpfrag"
-RETRY_AFTER_FULL = "10"  # seconds a client should wait when a stream is full
+RETRY_AFTER_FULL = "10"
+CORS_MAX_AGE = "600"  # seconds a browser may cache a preflight  # seconds a client should wait when a stream is full
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 
@@ -126,14 +127,41 @@ async def whep_delete(request: web.Request) -> web.Response:
 
 async def whep_options(request: web.Request) -> web.Response:
     _stream_or_404(request)
-    return web.Response(
-        status=204,
-        headers={
-            "Allow": "OPTIONS, POST, PATCH, DELETE",
-            "Accept-Post": SDP_TYPE,
-            "Accept-Patch": SDPFRAG_TYPE,
-        },
-    )
+    headers = {"Allow": "OPTIONS, POST, PATCH, DELETE", "Accept-Post": SDP_TYPE, "Accept-Patch": SDPFRAG_TYPE}
+    if _allowed_origin(request):
+        headers.update(
+            {
+                "Access-Control-Allow-Methods": "OPTIONS, POST, PATCH, DELETE",
+                "Access-Control-Allow-Headers": "Content-Type, Authorization, If-Match",
+                "Access-Control-Max-Age": CORS_MAX_AGE,
+            }
+        )
+    return web.Response(status=204, headers=headers)
+
+
+def _allowed_origin(request: web.Request) -> str | None:
+    """The request's Origin when the config allows it to use WHEP cross-site."""
+    origin = request.headers.get("Origin")
+    allowed = request.app[RELAY].config.http.cors_origins
+    if origin and (origin in allowed or "*" in allowed):
+        return origin
+    return None
+
+
+@web.middleware
+async def cors(request: web.Request, handler):
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        response = exc
+    origin = _allowed_origin(request) if request.path.startswith("/whep/") else None
+    if origin:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = "Location, Accept-Patch, Link"
+        response.headers["Vary"] = "Origin"
+    if isinstance(response, web.HTTPException):
+        raise response
+    return response
 
 
 async def api_streams(request: web.Request) -> web.Response:
@@ -160,7 +188,7 @@ async def view(request: web.Request) -> dict:
 
 def make_app(relay: Relay) -> web.Application:
     """The aiohttp application; starts and closes ``relay`` with itself."""
-    app = web.Application(client_max_size=MAX_OFFER_BYTES)
+    app = web.Application(client_max_size=MAX_OFFER_BYTES, middlewares=[cors])
     app[RELAY] = relay
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(TEMPLATES_DIR), autoescape=True)
 

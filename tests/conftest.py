@@ -98,6 +98,7 @@ def make_config(
     width: int = TEST_WIDTH,
     height: int = TEST_HEIGHT,
     fps: float = TEST_FPS,
+    cors_origins: tuple[str, ...] = (),
 ) -> Config:
     return Config(
         streams=streams or (StreamConfig("cam0", SourceSpec("test", "")),),
@@ -109,7 +110,7 @@ def make_config(
             keyframe_interval=keyframe_interval,
             encoder="libx264",
         ),
-        http=HttpConfig(host="127.0.0.1", port=free_port()),
+        http=HttpConfig(host="127.0.0.1", port=free_port(), cors_origins=cors_origins),
         webrtc=WebRTCConfig(ice_addresses=("127.0.0.1",), connect_timeout=connect_timeout, max_viewers=max_viewers),
     )
 

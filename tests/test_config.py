@@ -95,6 +95,12 @@ def test_streams_from_environment_and_flags():
             {},
             "webrtc.ice_servers: ICE server 'http://x' is not a stun:, stuns:, turn: or turns: URL",
         ),
+        (
+            '[http]\ncors_origins = ["example.org"]',
+            {},
+            {},
+            "http.cors_origins: origin 'example.org' is not scheme://host[:port] (no path) or *",
+        ),
         ("[webrtc]\nmax_viewers = 0", {}, {}, "webrtc.max_viewers: must be in 1..10000, got 0"),
         (
             '[streams]\n"bad name" = "test:"',

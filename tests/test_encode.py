@@ -74,3 +74,15 @@ def test_levels_fit_the_stream():
     assert h264_level(1280, 720, 30) == "3.1"
     assert h264_level(1920, 1080, 30) == "4"
     assert h264_level(1920, 1080, 60) == "4.2"
+
+
+def test_auto_falls_back_to_libx264_when_the_hardware_encoder_fails(monkeypatch, caplog):
+    import relay.encode as enc
+
+    monkeypatch.setattr(enc, "pick_encoder", lambda requested: "h264_v4l2m2m")  # as on a Pi 4
+    encoder = enc.H264Encoder(enc.EncoderSettings(1_000_000, 30, 1.0, "auto"))
+    assert encoder.name == "h264_v4l2m2m"
+    picture = JpegDecoder().decode(PatternRenderer(640, 360).jpeg(0))
+    units = encoder.encode(picture, 0, False)  # no /dev/video11 here: opening fails
+    assert encoder.name == "libx264" and units and units[0][1]
+    assert "encoder=h264_v4l2m2m does not open" in caplog.text

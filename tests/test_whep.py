@@ -263,3 +263,23 @@ async def test_api_and_health(relay_server, http):
         assert resp.status == 404
     async with http.get(relay_server.base + "/static/whep.js") as resp:
         assert resp.status == 200 and "readPixelClock" in await resp.text()
+
+
+@pytest.mark.relay_config(cors_origins=("https://dash.example.org",))
+async def test_cors_preflight_and_headers_only_for_configured_origins(relay_server, http):
+    allowed = {"Origin": "https://dash.example.org", "Access-Control-Request-Method": "POST"}
+    async with http.options(relay_server.whep(), headers=allowed) as resp:
+        assert resp.status == 204
+        assert resp.headers["Access-Control-Allow-Origin"] == "https://dash.example.org"
+        assert "POST" in resp.headers["Access-Control-Allow-Methods"]
+        assert "Content-Type" in resp.headers["Access-Control-Allow-Headers"]
+    other = {"Origin": "https://evil.example.com", "Access-Control-Request-Method": "POST"}
+    async with http.options(relay_server.whep(), headers=other) as resp:
+        assert "Access-Control-Allow-Origin" not in resp.headers
+    code, _, headers = await post(http, relay_server.base + "/whep/nope", CHROMIUM_OFFER)
+    assert code == 404 and "Access-Control-Allow-Origin" not in headers
+    async with http.post(
+        relay_server.base + "/whep/nope", data="x", headers={"Content-Type": "application/sdp", **allowed}
+    ) as resp:
+        assert resp.status == 404
+        assert resp.headers["Access-Control-Allow-Origin"] == "https://dash.example.org"
