@@ -59,7 +59,7 @@ class SourceSpec:
                 return f"test:{self.width}x{self.height}@{self.fps:g}"
             return "test:"
         if self.kind == "rtsp":
-            return self.target
+            return redact_url(self.target)  # shown in logs and the API: never the password
         return f"{self.kind}:{self.target}"
 
 

@@ -6,7 +6,6 @@ import logging
 
 from aiortc import RTCIceServer
 
-from .capture import SourceSpec, open_source
 from .config import Config, StreamConfig
 from .encode import EncoderSettings
 from .hub import PacketHub
@@ -24,8 +23,6 @@ class Relay:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.streams: dict[str, Stream] = {}
-        v = config.video
-        self._encoder = EncoderSettings(v.bitrate, v.fps, v.keyframe_interval, v.encoder)
         w = config.webrtc
         ice = [
             RTCIceServer(urls=url, username=w.ice_username or None, credential=w.ice_credential or None)
@@ -37,10 +34,9 @@ class Relay:
 
     def _make_stream(self, sc: StreamConfig) -> Stream:
         v = self.config.video
-        spec: SourceSpec = sc.source
-        fps = spec.fps or v.fps
+        fps = sc.source.fps or v.fps
         settings = EncoderSettings(v.bitrate, fps, v.keyframe_interval, v.encoder)
-        return Stream(sc.name, spec, lambda: open_source(spec, v.width, v.height, v.fps, sc.name), settings)
+        return Stream(sc.name, sc.source, settings, v.width, v.height, self.config.log_level)
 
     def hub_for(self, name: str) -> PacketHub:
         stream = self.streams.get(name)
@@ -85,6 +81,7 @@ class Relay:
             "keyframes": st.keyframes,
             "keyframes_forced": st.keyframes_forced,
             "encode_ms": round(st.encode_ms, 2),
+            "worker_restarts": st.worker_restarts,
             "source_errors": st.source_errors,
             "last_error": st.last_error,
         }

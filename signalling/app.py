@@ -18,7 +18,7 @@ from aiohttp import web
 from relay.service import Relay, UnknownStream
 from relay.webrtc import OfferRejected
 
-from .sdp import SdpError, check_offer
+from .sdp import SdpError, check_offer, drop_mdns_candidates, is_mdns_candidate
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ async def whep_offer(request: web.Request) -> web.Response:
             headers={"Retry-After": RETRY_AFTER_FULL},
         )
     try:
-        session, answer = await relay.sessions.create(name, offer, request.remote or "?")
+        session, answer = await relay.sessions.create(name, drop_mdns_candidates(offer), request.remote or "?")
     except OfferRejected as exc:
         raise _error(web.HTTPBadRequest, str(exc)) from None
     except UnknownStream:
@@ -112,8 +112,11 @@ async def whep_patch(request: web.Request) -> web.Response:
             max_size=MAX_OFFER_BYTES,
             actual_size=len(body),
         )
+    fragment = "".join(
+        line for line in body.decode("utf-8", "replace").splitlines(keepends=True) if not is_mdns_candidate(line)
+    )
     try:
-        await request.app[RELAY].sessions.add_candidates(session, body.decode("utf-8", "replace"))
+        await request.app[RELAY].sessions.add_candidates(session, fragment)
     except OfferRejected as exc:
         raise _error(web.HTTPBadRequest, str(exc)) from None
     return web.Response(status=204)

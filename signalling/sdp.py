@@ -98,3 +98,20 @@ def check_offer(text: str) -> OfferSummary:
     if not usable:
         raise SdpError("offer's H.264 lacks packetization-mode=1")
     return OfferSummary(len(video), usable, direction)
+
+
+def is_mdns_candidate(line: str) -> bool:
+    """An ``a=candidate`` line whose address is an mDNS name (``<uuid>.local``)."""
+    parts = line.split()
+    return line.startswith("a=candidate:") and len(parts) > 4 and parts[4].lower().endswith(".local")
+
+
+def drop_mdns_candidates(offer: str) -> str:
+    """The offer without mDNS candidates.
+
+    Browsers hide their addresses behind ``.local`` names. Resolving them would
+    send multicast queries on the LAN for nothing: the viewer's own ICE checks
+    reach the relay's host candidates, which then learns the viewer's real
+    address as a peer-reflexive candidate.
+    """
+    return "".join(line for line in offer.splitlines(keepends=True) if not is_mdns_candidate(line))

@@ -16,6 +16,7 @@ const RECONNECT_MAX_MS = 15000;
 const GATHER_TIMEOUT_MS = 2000;  // send what we have by then; host candidates come in ms
 const STALL_MS = 5000;           // connected but no new frame for this long: reconnect
 const LATENCY_WINDOW = 30;       // readings in the displayed median
+const LATENCY_MAX_MS = 60000;    // a reading further from now is a chance decode of a real camera's picture
 
 // Decode the band from RGBA pixels of the band's rows (width w, s rows).
 function readPixelClock(rgba, w) {
@@ -65,7 +66,12 @@ class WhepPlayer {
     this._ctx = this._canvas.getContext("2d", { willReadFrequently: true });
     this._statsTimer = null;
     this._retryTimer = null;
-    window.addEventListener("pagehide", () => this._deleteSession(true));
+    // Leaving the page ends the session at once (keepalive: the DELETE outlives the page). Should the
+    // page come back from the back/forward cache, it needs a new one.
+    window.addEventListener("pagehide", () => this._teardown(true));
+    window.addEventListener("pageshow", (ev) => {
+      if (ev.persisted && !this.stopped) this._connect();
+    });
   }
 
   start() {
@@ -89,7 +95,16 @@ class WhepPlayer {
 
   async _connect() {
     this._teardown();
+    clearTimeout(this._retryTimer);
     this._setState("connecting");
+    // Counters restart with each peer connection; so does the latency window.
+    this._lastFrames = 0;
+    this._lastBytes = null;
+    this.latencies = [];
+    if (this.latencyMs != null) {
+      this.latencyMs = null;
+      if (this.handlers.onLatency) this.handlers.onLatency(null);
+    }
     const pc = new RTCPeerConnection({ iceServers: [] });
     this.pc = pc;
     pc.addTransceiver("video", { direction: "recvonly" });
@@ -101,7 +116,8 @@ class WhepPlayer {
       if (pc !== this.pc) return;
       const s = pc.connectionState;
       if (s === "connected") {
-        this.attempt = 0;
+        // attempt (the backoff) resets only once frames flow: a relay that connects but sends
+        // nothing must not be retried every few seconds forever.
         this.connects += 1;
         this._lastFrameChange = performance.now();
         this._setState("live");
@@ -123,9 +139,14 @@ class WhepPlayer {
         const reason = (await resp.text()).trim();
         throw new Error(`${resp.status} ${reason}`);
       }
-      this.session = new URL(resp.headers.get("Location"), this.url.startsWith("http") ? this.url : location.href).href;
+      const session = new URL(resp.headers.get("Location"), this.url.startsWith("http") ? this.url : location.href).href;
       const answer = await resp.text();
-      if (pc !== this.pc) return;
+      if (pc !== this.pc) {
+        // Replaced (retry, stop, pagehide) while the offer was out: this session has no viewer.
+        fetch(session, { method: "DELETE" }).catch(() => {});
+        return;
+      }
+      this.session = session;
       await pc.setRemoteDescription({ type: "answer", sdp: answer });
     } catch (err) {
       if (pc === this.pc) this._retry(String(err.message || err));
@@ -159,8 +180,8 @@ class WhepPlayer {
     }
   }
 
-  _teardown() {
-    this._deleteSession();
+  _teardown(keepalive = false) {
+    this._deleteSession(keepalive);
     if (this.pc) {
       const pc = this.pc;
       this.pc = null;
@@ -192,7 +213,9 @@ class WhepPlayer {
     this._ctx.drawImage(v, 0, 0, w, s, 0, 0, w, s);
     const t = readPixelClock(this._ctx.getImageData(0, 0, w, s).data, w);
     if (t == null) return;
-    this.latencies.push(Date.now() - t);
+    const ms = Date.now() - t;
+    if (Math.abs(ms) > LATENCY_MAX_MS) return;
+    this.latencies.push(ms);
     if (this.latencies.length > LATENCY_WINDOW) this.latencies.shift();
     const sorted = [...this.latencies].sort((a, b) => a - b);
     this.latencyMs = sorted[Math.floor(sorted.length / 2)];
@@ -209,9 +232,10 @@ class WhepPlayer {
       if (r.type === "inbound-rtp" && r.kind === "video") {
         const st = this.stats;
         st.fps = r.framesPerSecond ?? null;
-        if (r.framesDecoded !== this._lastFrames) {
+        if (r.framesDecoded && r.framesDecoded !== this._lastFrames) {
           this._lastFrames = r.framesDecoded;
           this._lastFrameChange = now;
+          if (this.state === "live") this.attempt = 0;
         }
         st.framesDecoded = r.framesDecoded || 0;
         if (this._lastBytes) {
@@ -225,7 +249,9 @@ class WhepPlayer {
       }
     });
     if (this.handlers.onStats) this.handlers.onStats(this.stats);
-    if (this.state === "live" && now - this._lastFrameChange > STALL_MS) this._retry("no frames");
+    // Also while ICE is "disconnected": Chromium declares it failed only ~10 s later.
+    const waiting = this.state === "live" || this.state === "reconnecting";
+    if (waiting && now - this._lastFrameChange > STALL_MS) this._retry("no frames");
   }
 }
 

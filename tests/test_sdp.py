@@ -68,3 +68,15 @@ def test_bad_offers_have_exact_reasons(offer, reason):
     with pytest.raises(SdpError) as info:
         check_offer(offer)
     assert str(info.value) == reason
+
+
+def test_mdns_candidates_are_dropped_and_nothing_else():
+    from signalling.sdp import drop_mdns_candidates
+
+    assert CHROMIUM.count(".local ") == 2
+    stripped = drop_mdns_candidates(CHROMIUM)
+    assert ".local" not in stripped
+    assert len(stripped.splitlines()) == len(CHROMIUM.splitlines()) - 2
+    assert check_offer(stripped).video_sections == 1
+    real = "a=candidate:1 1 udp 2113937151 192.168.1.20 51355 typ host generation 0\r\n"
+    assert drop_mdns_candidates(real) == real

@@ -1,0 +1,335 @@
+"""A camera's worker process: capture, decode once, encode once.
+
+    python -m relay.worker '{"name": "cam0", "source": "test:", ...}'
+
+Runs the source on a capture thread and the codecs on an encode thread, and
+writes encoded access units (and, when asked, the camera's JPEGs) to stdout
+in the ``relay.ipc`` framing. Reads one-byte commands on stdin (keyframe,
+JPEG on/off); stdin closing means stop. A source that fails is retried with
+backoff here; the relay restarts the whole process only if it dies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import ipc
+from .backoff import Retry
+from .capture import CapturedFrame, Source, SourceError, open_source, parse_source_spec
+from .encode import PTS_CLOCK, DecodeError, EncoderSettings, H264Encoder, JpegDecoder
+
+log = logging.getLogger("relay.worker")  # not __name__: this module runs as __main__
+
+# At most one forced IDR per this many seconds: a storm of PLIs from many
+# viewers must not turn the stream into all keyframes.
+KEYFRAME_MIN_INTERVAL = 0.5
+THREAD_JOIN_TIMEOUT = 5.0  # a device read is bounded by its frame time
+EWMA_ALPHA = 0.1  # smoothing for the per-frame encode time
+STATUS_INTERVAL = 1.0  # seconds between status messages to the relay
+
+
+class Mailbox:
+    """A one-slot, newest-wins handover between two threads."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._item: CapturedFrame | None = None
+        self._closed = False
+        self.replaced = 0  # frames overwritten before the consumer took them
+
+    def put(self, item: CapturedFrame) -> None:
+        with self._cond:
+            if self._item is not None:
+                self.replaced += 1
+            self._item = item
+            self._cond.notify()
+
+    def get(self, timeout: float) -> CapturedFrame | None:
+        with self._cond:
+            if self._item is None and not self._closed:
+                self._cond.wait(timeout)
+            item, self._item = self._item, None
+            return item
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+@dataclass
+class PipelineStats:
+    frames_captured: int = 0
+    frames_encoded: int = 0
+    frames_dropped_encoder_busy: int = 0
+    frames_dropped_corrupt: int = 0
+    keyframes: int = 0
+    keyframes_forced: int = 0
+    bytes_encoded: int = 0
+    encode_ms: float = 0.0
+    source_errors: int = 0
+    source_opens: int = 0
+    last_error: str = ""
+    state: str = "starting"
+    width: int = 0
+    height: int = 0
+    fps: float = 0.0
+    encoder: str = ""
+    started: float = field(default_factory=time.time)
+
+
+Emit = Callable[[bytes], None]
+
+
+class Pipeline:
+    """Capture and encode threads for one source; output goes to ``emit`` as ipc messages."""
+
+    def __init__(
+        self, name: str, source: str, source_factory: Callable[[], Source], settings: EncoderSettings, emit: Emit
+    ) -> None:
+        self.name = name
+        self.source = source  # for log lines, credentials already redacted
+        self.stats = PipelineStats(fps=settings.fps)
+        self.send_jpeg = False
+        self._source_factory = source_factory
+        self._encoder = H264Encoder(settings)
+        self.stats.encoder = self._encoder.name
+        self._emit = emit
+        self._retry = Retry()
+        self._mailbox = Mailbox()
+        self._stop = threading.Event()
+        self._keyframe_wanted = threading.Event()
+        self._last_forced = 0.0
+        self._source: Source | None = None
+        self._threads: list[threading.Thread] = []
+        self._t0: float | None = None
+        self._last_pts = -1
+
+    def start(self) -> None:
+        for target, role in ((self._capture_loop, "capture"), (self._encode_loop, "encode")):
+            t = threading.Thread(target=target, name=f"{role}-{self.name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._mailbox.close()
+        source = self._source
+        if source is not None:
+            source.close()  # unblocks a pending read
+        for t in self._threads:
+            t.join(THREAD_JOIN_TIMEOUT)
+        self._encoder.close()
+
+    def request_keyframe(self) -> None:
+        self._keyframe_wanted.set()
+
+    def status(self) -> dict:
+        self.stats.frames_dropped_encoder_busy = self._mailbox.replaced
+        self.stats.encoder = self._encoder.name
+        d = dict(self.stats.__dict__)
+        d["encoders_running"] = self._encoder.running
+        return d
+
+    def push_status(self) -> None:
+        self._emit(ipc.pack_json(ipc.STATUS, self.status()))
+
+    # -- capture thread ------------------------------------------------
+
+    def _capture_loop(self) -> None:
+        st = self.stats
+        while not self._stop.is_set():
+            opened_at = time.monotonic()
+            try:
+                source = self._source_factory()
+                self._source = source
+                source.open()
+                st.source_opens += 1
+                st.width, st.height, st.fps = source.width, source.height, source.fps
+                log.info("stream=%s source=%s opened %dx%d@%g", self.name, self.source, st.width, st.height, st.fps)
+                st.state = "live"
+                self.push_status()
+                while not self._stop.is_set():
+                    frame = source.read()
+                    st.frames_captured += 1
+                    if frame.jpeg is not None and self.send_jpeg:
+                        self._emit(ipc.pack(ipc.JPEG, frame.jpeg, capture_time=frame.capture_time))
+                    self._mailbox.put(frame)
+            except SourceError as exc:
+                if self._stop.is_set():
+                    break
+                self._record_error(str(exc))
+            except Exception as exc:  # a driver or library bug must not end the stream
+                if self._stop.is_set():
+                    break
+                log.exception("stream=%s source crashed", self.name)
+                self._record_error(f"{type(exc).__name__}: {exc}")
+            finally:
+                if self._source is not None:
+                    self._source.close()
+                    self._source = None
+            self._retry.ran(time.monotonic() - opened_at)
+            delay = self._retry.next_delay()
+            st.state = "retrying"
+            self.push_status()
+            log.warning(
+                "stream=%s source=%s retry in %.1fs (attempt %d)", self.name, self.source, delay, self._retry.attempt
+            )
+            self._stop.wait(delay)
+
+    def _record_error(self, message: str) -> None:
+        self.stats.source_errors += 1
+        self.stats.last_error = message
+        log.warning("stream=%s source error: %s", self.name, message)
+
+    # -- encode thread -------------------------------------------------
+
+    def _encode_loop(self) -> None:
+        decoder = JpegDecoder()
+        st = self.stats
+        while not self._stop.is_set():
+            frame = self._mailbox.get(timeout=0.5)
+            if frame is None:
+                continue
+            started = time.perf_counter()
+            try:
+                picture = frame.picture if frame.picture is not None else decoder.decode(frame.jpeg or b"")
+            except DecodeError as exc:
+                st.frames_dropped_corrupt += 1
+                log.debug("stream=%s %s", self.name, exc)
+                continue
+            force = self._take_keyframe_request()
+            try:
+                units = self._encoder.encode(picture, self._pts(frame.capture_time), force)
+            except Exception:
+                log.exception("stream=%s encoder failed; reopening", self.name)
+                self._encoder.close()
+                continue
+            if st.frames_encoded == 0 or force:
+                self.push_status()  # the encoder just opened, or reopened: say so at once
+            st.encode_ms += EWMA_ALPHA * ((time.perf_counter() - started) * 1000 - st.encode_ms)
+            for data, keyframe, pts in units:
+                st.frames_encoded += 1
+                st.bytes_encoded += len(data)
+                flags = 0
+                if keyframe:
+                    st.keyframes += 1
+                    flags |= ipc.FLAG_KEYFRAME
+                    if force:
+                        st.keyframes_forced += 1
+                        flags |= ipc.FLAG_FORCED
+                    else:
+                        self._keyframe_wanted.clear()  # a regular IDR answers any pending request
+                self._emit(ipc.pack(ipc.UNIT, data, flags=flags, pts=pts, capture_time=frame.capture_time))
+
+    def _pts(self, capture_time: float) -> int:
+        if self._t0 is None:
+            self._t0 = capture_time
+        pts = max(round((capture_time - self._t0) * PTS_CLOCK), self._last_pts + 1)
+        self._last_pts = pts
+        return pts
+
+    def _take_keyframe_request(self) -> bool:
+        if not self._keyframe_wanted.is_set():
+            return False
+        now = time.monotonic()
+        if now - self._last_forced < KEYFRAME_MIN_INTERVAL:
+            return False  # stays pending; honoured on a later frame
+        self._keyframe_wanted.clear()
+        self._last_forced = now
+        return True
+
+
+class PipeWriter:
+    """Thread-safe writes of whole messages to a pipe; a closed pipe stops the worker."""
+
+    def __init__(self, fd: int, on_broken: Callable[[], None]) -> None:
+        self._fd = fd
+        self._lock = threading.Lock()
+        self._on_broken = on_broken
+
+    def __call__(self, data: bytes) -> None:
+        with self._lock:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._fd, view) :]
+            except (BrokenPipeError, OSError):
+                self._on_broken()
+
+
+class PipeLogHandler(logging.Handler):
+    """Sends log records to the relay, which logs them under the same logger name."""
+
+    def __init__(self, emit: Emit) -> None:
+        super().__init__()
+        self._emit = emit
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = record.getMessage()
+            if record.exc_info:
+                msg += "\n" + logging.Formatter().formatException(record.exc_info)
+            self._emit(ipc.pack_json(ipc.LOG, {"level": record.levelno, "logger": record.name, "message": msg}))
+        except Exception:
+            self.handleError(record)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = json.loads((argv if argv is not None else sys.argv[1:])[0])
+    out_fd = os.dup(1)
+    os.dup2(2, 1)  # anything that prints goes to stderr, never into the frame pipe
+    stop = threading.Event()
+    emit = PipeWriter(out_fd, stop.set)
+    root = logging.getLogger()
+    root.handlers[:] = [PipeLogHandler(emit)]
+    root.setLevel(cfg.get("log_level", "INFO").upper())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the relay decides when we stop
+
+    spec = parse_source_spec(cfg["source"])
+    settings = EncoderSettings(cfg["bitrate"], spec.fps or cfg["fps"], cfg["keyframe_interval"], cfg["encoder"])
+    pipeline = Pipeline(
+        cfg["name"],
+        str(spec),
+        lambda: open_source(spec, cfg["width"], cfg["height"], cfg["fps"], cfg["name"]),
+        settings,
+        emit,
+    )
+
+    def commands() -> None:
+        while not stop.is_set():
+            try:
+                data = os.read(0, 64)
+            except OSError:
+                data = b""
+            if not data:
+                stop.set()
+                return
+            for byte in data:
+                cmd = bytes([byte])
+                if cmd == ipc.CMD_KEYFRAME:
+                    pipeline.request_keyframe()
+                elif cmd == ipc.CMD_JPEG_ON:
+                    pipeline.send_jpeg = True
+                elif cmd == ipc.CMD_JPEG_OFF:
+                    pipeline.send_jpeg = False
+
+    threading.Thread(target=commands, name="commands", daemon=True).start()
+    pipeline.start()
+    while not stop.wait(STATUS_INTERVAL):
+        pipeline.push_status()
+    pipeline.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

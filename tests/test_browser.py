@@ -1,0 +1,237 @@
+"""The viewer pages in a real browser: Debian's headless Chromium, driven by Playwright, against a real relay.
+
+Playwright never downloads a browser here: it launches ``/usr/bin/chromium`` (``scripts/setup`` installs it), and
+the tests fail, never skip, when it is missing.
+
+Everything stays on loopback. Chromium's flags are chosen so that nothing it or the relay sends goes anywhere but
+127.0.0.1 (checked with strace and a packet capture on eth0 when they were chosen):
+
+- ``--webrtc-ip-handling-policy=default_public_interface_only``: Chromium enumerates no interfaces and offers no
+  host candidate; its ICE socket is bound to the any-address, so its checks to the relay's only candidate
+  (127.0.0.1) leave from 127.0.0.1 and the relay learns just that, as a peer-reflexive candidate. Without it
+  Chromium offers its LAN addresses and the relay sends checks to them. ``--allow-loopback-in-peer-connection``
+  is not needed.
+- ``--disable-features=WebRtcHideLocalIpsWithMdns``: otherwise Chromium starts its mDNS responder (multicast
+  group joins, announcements on 224.0.0.251). Chromium honours only the last ``--disable-features``, so the
+  list repeats Playwright's own defaults.
+- ``--host-resolver-rules``: no DNS at all. Debian's launcher turns on remote extensions, and Chromium looked up
+  update.googleapis.com, clients2.google.com and accounts.google.com despite ``--disable-background-networking``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import re
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Browser, Page, async_playwright
+
+from .conftest import TEST_HEIGHT, TEST_WIDTH, RunningRelay
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Playwright's default --disable-features (playwright-core chromiumSwitches.ts); ours replaces it, so repeat them.
+PLAYWRIGHT_DISABLED_FEATURES = (
+    "AvoidUnnecessaryBeforeUnloadCheckSync",
+    "DestroyProfileOnBrowserClose",
+    "HttpsUpgrades",
+    "HttpsFirstBalancedModeAutoEnable",
+    "LensOverlay",
+    "MediaRouter",
+    "PaintHolding",
+    "ThirdPartyStoragePartitioning",
+    "AvoidCorsURLLoaderRestartOnRedirect",
+    "OptimizationHints",
+    "NetworkTimeServiceQuerying",
+    "AimEnabled",
+    "PreconnectToSearch",
+)
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--webrtc-ip-handling-policy=default_public_interface_only",
+    "--disable-features=" + ",".join(("WebRtcHideLocalIpsWithMdns", *PLAYWRIGHT_DISABLED_FEATURES)),
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+]
+LAUNCH_TIMEOUT_MS = 30_000
+PLAY_TIMEOUT_MS = 30_000
+FREED_WITHIN = 5.0  # seconds for the relay to drop a viewer whose page closed
+MS_TEXT = re.compile(r"^(\d+) ms$")
+# Where to save screenshots for a human to look at; unset: none are written.
+SCREENSHOT_DIR = os.environ.get("CAMRELAY_SCREENSHOT_DIR")
+
+PLAYING = """() => {
+  const p = window.camrelayPlayer;
+  return p && p.state === "live" && p.stats.framesDecoded > 30 && Number.isFinite(p.latencyMs);
+}"""
+
+# Every candidate pair Chromium tried, as [local address, local type, remote address, state, nominated].
+CANDIDATE_PAIRS = """async () => {
+  const report = await window.camrelayPlayer.pc.getStats();
+  const candidates = {};
+  report.forEach((r) => { if (r.type.endsWith("candidate")) candidates[r.id] = r; });
+  const pairs = [];
+  report.forEach((r) => {
+    if (r.type !== "candidate-pair") return;
+    const local = candidates[r.localCandidateId] || {};
+    const remote = candidates[r.remoteCandidateId] || {};
+    pairs.push([local.address, local.candidateType, remote.address, r.state, !!r.nominated]);
+  });
+  return pairs;
+}"""
+
+
+@asynccontextmanager
+async def chromium() -> AsyncIterator[Browser]:
+    """Debian's Chromium, headless; closed (with Playwright's driver) on exit."""
+    assert CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK), (
+        f"{CHROMIUM} is missing: the browser tests need Debian's Chromium (apt-get install chromium, or "
+        "scripts/setup); they never download a browser"
+    )
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True, timeout=LAUNCH_TIMEOUT_MS
+        )
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+class PageWatch:
+    """A page's uncaught errors and the WHEP offers it sent, for assertions."""
+
+    def __init__(self, page: Page) -> None:
+        self.errors: list[str] = []
+        self.offers: list[str] = []
+        page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+        page.on("request", self._on_request)
+
+    def _on_request(self, request) -> None:
+        if request.method == "POST" and "/whep/" in request.url:
+            self.offers.append(request.post_data or "")
+
+    def check_offers_stay_on_loopback(self) -> None:
+        assert self.offers, "the page sent no WHEP offer"
+        for offer in self.offers:
+            for line in offer.splitlines():
+                if line.startswith("a=candidate:"):
+                    address = line.split()[4]
+                    assert address in ("127.0.0.1", "::1"), f"the browser offered a non-loopback candidate: {line}"
+
+
+async def stream_info(http, relay: RunningRelay, name: str = "cam0") -> dict:
+    async with http.get(relay.base + "/api/v1/streams") as resp:
+        assert resp.status == 200
+        return {s["name"]: s for s in (await resp.json())["streams"]}[name]
+
+
+async def wait_viewers_gone(http, relay: RunningRelay) -> float:
+    """Seconds until the relay reports no viewer of cam0; fails after ``FREED_WITHIN``."""
+    start = time.monotonic()
+    while True:
+        info = await stream_info(http, relay)
+        if info["viewers"] == 0:
+            return time.monotonic() - start
+        assert time.monotonic() - start < FREED_WITHIN, (
+            f"relay still has {info['viewers']} viewer(s) {FREED_WITHIN}s after the page closed"
+        )
+        await asyncio.sleep(0.05)
+
+
+async def screenshot(page: Page, name: str) -> None:
+    if SCREENSHOT_DIR:
+        await page.screenshot(path=str(Path(SCREENSHOT_DIR) / name))
+
+
+async def test_view_page_plays_and_shows_latency(relay_server, http):
+    async with chromium() as browser:
+        page = await browser.new_page()
+        watch = PageWatch(page)
+        await page.goto(f"{relay_server.base}/view/cam0")
+        await page.wait_for_function(PLAYING, timeout=PLAY_TIMEOUT_MS)
+
+        player = await page.evaluate(
+            """() => ({
+              latencyMs: window.camrelayPlayer.latencyMs,
+              connects: window.camrelayPlayer.connects,
+              width: document.getElementById("video").videoWidth,
+              height: document.getElementById("video").videoHeight,
+            })"""
+        )
+        assert (player["width"], player["height"]) == (TEST_WIDTH, TEST_HEIGHT)
+        assert player["connects"] == 1, "the player reconnected while the relay was healthy"
+        latency = player["latencyMs"]
+        assert math.isfinite(latency) and 0 <= latency < 2000, f"implausible same-host latency {latency} ms"
+
+        # The overlay shows the same figure the player computed, as "<n> ms".
+        text = (await page.text_content("#latency")).strip()
+        shown = MS_TEXT.match(text)
+        assert shown, f"#latency shows {text!r}, not a number of ms"
+        assert 0 <= int(shown.group(1)) < 2000
+        assert (await page.text_content("#state")).strip() == "live"
+        assert re.fullmatch(r"\d+", (await page.text_content("#fps")).strip())
+
+        # Chromium's media took a loopback path, and it offered no other address to the relay.
+        pairs = await page.evaluate(CANDIDATE_PAIRS)
+        selected = [p for p in pairs if p[3] == "succeeded" and p[4]]
+        assert selected and all(p[0] == "127.0.0.1" and p[2] == "127.0.0.1" for p in selected), pairs
+        watch.check_offers_stay_on_loopback()
+
+        info = await stream_info(http, relay_server)
+        assert info["viewers"] == 1 and info["viewers_connected"] == 1, info
+        assert info["encoders_running"] == 1, info
+        await screenshot(page, "view.png")
+        assert not watch.errors, f"uncaught errors in the page: {watch.errors}"
+
+        # Closing the tab fires pagehide; the page's DELETE ends the session at once.
+        await page.close()
+        await wait_viewers_gone(http, relay_server)
+    assert (await stream_info(http, relay_server))["encoders_running"] == 1
+
+
+async def test_index_tile_goes_live(relay_server, http):
+    async with chromium() as browser:
+        page = await browser.new_page()
+        watch = PageWatch(page)
+        await page.goto(f"{relay_server.base}/")
+        tile = page.locator("figure.tile[data-stream=cam0]")
+        assert await tile.count() == 1
+        assert await tile.locator("figcaption a").text_content() == "cam0"
+        assert await tile.locator("a").first.get_attribute("href") == "/view/cam0"
+
+        await page.wait_for_function(
+            """() => {
+              const tile = document.querySelector("figure.tile[data-stream=cam0]");
+              const video = tile.querySelector("video");
+              return tile.querySelector("[data-role=state]").textContent === "live"
+                && /^\\d+ ms$/.test(tile.querySelector("[data-role=latency]").textContent)
+                && video.getVideoPlaybackQuality().totalVideoFrames > 30;
+            }""",
+            timeout=PLAY_TIMEOUT_MS,
+        )
+        size = await tile.locator("video").evaluate("(v) => [v.videoWidth, v.videoHeight]")
+        assert size == [TEST_WIDTH, TEST_HEIGHT]
+        watch.check_offers_stay_on_loopback()
+
+        info = await stream_info(http, relay_server)
+        assert info["viewers"] == 1 and info["viewers_connected"] == 1, info
+        assert info["encoders_running"] == 1, info
+        await screenshot(page, "index.png")
+        assert not watch.errors, f"uncaught errors in the page: {watch.errors}"
+
+        await page.close()
+        await wait_viewers_gone(http, relay_server)
