@@ -54,18 +54,27 @@ def payloads_for(frame: EncodedFrame) -> list[bytes]:
 
 
 class HubTrack(MediaStreamTrack):
-    """A video track whose frames are the hub's encoded access units."""
+    """A video track whose frames are the hub's encoded access units.
+
+    It subscribes on the first ``recv()``, which aiortc makes only once DTLS
+    is up: the join keyframe is asked for when the viewer can take it, and no
+    queue fills (and overflows) while ICE is still connecting.
+    """
 
     kind = "video"
 
-    def __init__(self, subscription: Subscription) -> None:
+    def __init__(self, hub: PacketHub, name: str) -> None:
         super().__init__()
-        self.subscription = subscription
+        self.hub = hub
+        self.name = name
+        self.subscription: Subscription | None = None
 
     async def recv(self) -> EncodedFrame:  # type: ignore[override]
         if self.readyState != "live":
             raise MediaStreamError
         try:
+            if self.subscription is None:
+                self.subscription = self.hub.subscribe(self.name)
             return await self.subscription.get()
         except HubClosed:
             self.stop()
@@ -73,7 +82,8 @@ class HubTrack(MediaStreamTrack):
 
     def stop(self) -> None:
         super().stop()
-        self.subscription.close()
+        if self.subscription is not None:
+            self.subscription.close()
 
 
 def attach_to_sender(sender: RTCRtpSender, hub: PacketHub) -> None:
@@ -177,8 +187,7 @@ class ViewerSessions:
         hub = self._hub_for(stream)
         session_id = secrets.token_urlsafe(16)
         pc = RTCPeerConnection(RTCConfiguration(iceServers=self._ice_servers))
-        subscription = hub.subscribe(f"webrtc-{session_id[:8]}")
-        track = HubTrack(subscription)
+        track = HubTrack(hub, f"webrtc-{session_id[:8]}")
         session = ViewerSession(session_id, stream, remote, pc, track)
         try:
             transceiver = pc.addTransceiver(track, direction="sendonly")

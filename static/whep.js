@@ -57,6 +57,7 @@ class WhepPlayer {
     this.stopped = true;
     this.stats = { framesDecoded: 0, fps: null, bitrateKbps: null, rttMs: null, jitterBufferMs: null };
     this.latencies = [];
+    this.latencyReadings = 0;
     this.latencyMs = null;
     this.connects = 0;
     this._lastFrames = 0;
@@ -217,6 +218,8 @@ class WhepPlayer {
     if (Math.abs(ms) > LATENCY_MAX_MS) return;
     this.latencies.push(ms);
     if (this.latencies.length > LATENCY_WINDOW) this.latencies.shift();
+    this.latencyReadings += 1;
+    if (this.handlers.onLatencySample) this.handlers.onLatencySample(ms);
     const sorted = [...this.latencies].sort((a, b) => a - b);
     this.latencyMs = sorted[Math.floor(sorted.length / 2)];
     if (this.handlers.onLatency) this.handlers.onLatency(this.latencyMs);

@@ -22,7 +22,7 @@ async def test_sender_has_the_private_encoder_slot_and_keyframe_hook():
     pc = RTCPeerConnection()
     try:
         hub = PacketHub("cam0", Counter())
-        transceiver = pc.addTransceiver(HubTrack(hub.subscribe("t")), direction="sendonly")
+        transceiver = pc.addTransceiver(HubTrack(hub, "t"), direction="sendonly")
         sender = transceiver.sender
         assert hasattr(sender, "_RTCRtpSender__encoder"), "aiortc renamed RTCRtpSender.__encoder"
         assert callable(getattr(SenderClass, "_send_keyframe", None)), "aiortc renamed RTCRtpSender._send_keyframe"

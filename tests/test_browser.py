@@ -1,21 +1,7 @@
 """The viewer pages in a real browser: Debian's headless Chromium, driven by Playwright, against a real relay.
 
 Playwright never downloads a browser here: it launches ``/usr/bin/chromium`` (``scripts/setup`` installs it), and
-the tests fail, never skip, when it is missing.
-
-Everything stays on loopback. Chromium's flags are chosen so that nothing it or the relay sends goes anywhere but
-127.0.0.1 (checked with strace and a packet capture on eth0 when they were chosen):
-
-- ``--webrtc-ip-handling-policy=default_public_interface_only``: Chromium enumerates no interfaces and offers no
-  host candidate; its ICE socket is bound to the any-address, so its checks to the relay's only candidate
-  (127.0.0.1) leave from 127.0.0.1 and the relay learns just that, as a peer-reflexive candidate. Without it
-  Chromium offers its LAN addresses and the relay sends checks to them. ``--allow-loopback-in-peer-connection``
-  is not needed.
-- ``--disable-features=WebRtcHideLocalIpsWithMdns``: otherwise Chromium starts its mDNS responder (multicast
-  group joins, announcements on 224.0.0.251). Chromium honours only the last ``--disable-features``, so the
-  list repeats Playwright's own defaults.
-- ``--host-resolver-rules``: no DNS at all. Debian's launcher turns on remote extensions, and Chromium looked up
-  update.googleapis.com, clients2.google.com and accounts.google.com despite ``--disable-background-networking``.
+the tests fail, never skip, when it is missing. Why each Chromium flag is there: ``benchmarks/chromium.py``.
 """
 
 from __future__ import annotations
@@ -25,48 +11,17 @@ import math
 import os
 import re
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from playwright.async_api import Browser, Page, async_playwright
+from playwright.async_api import Page
+
+from benchmarks.chromium import chromium
 
 from .conftest import TEST_HEIGHT, TEST_WIDTH, RunningRelay
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-# Playwright's default --disable-features (playwright-core chromiumSwitches.ts); ours replaces it, so repeat them.
-PLAYWRIGHT_DISABLED_FEATURES = (
-    "AvoidUnnecessaryBeforeUnloadCheckSync",
-    "DestroyProfileOnBrowserClose",
-    "HttpsUpgrades",
-    "HttpsFirstBalancedModeAutoEnable",
-    "LensOverlay",
-    "MediaRouter",
-    "PaintHolding",
-    "ThirdPartyStoragePartitioning",
-    "AvoidCorsURLLoaderRestartOnRedirect",
-    "OptimizationHints",
-    "NetworkTimeServiceQuerying",
-    "AimEnabled",
-    "PreconnectToSearch",
-)
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--webrtc-ip-handling-policy=default_public_interface_only",
-    "--disable-features=" + ",".join(("WebRtcHideLocalIpsWithMdns", *PLAYWRIGHT_DISABLED_FEATURES)),
-    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-]
-LAUNCH_TIMEOUT_MS = 30_000
 PLAY_TIMEOUT_MS = 30_000
 FREED_WITHIN = 5.0  # seconds for the relay to drop a viewer whose page closed
 MS_TEXT = re.compile(r"^(\d+) ms$")
@@ -92,23 +47,6 @@ CANDIDATE_PAIRS = """async () => {
   });
   return pairs;
 }"""
-
-
-@asynccontextmanager
-async def chromium() -> AsyncIterator[Browser]:
-    """Debian's Chromium, headless; closed (with Playwright's driver) on exit."""
-    assert CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK), (
-        f"{CHROMIUM} is missing: the browser tests need Debian's Chromium (apt-get install chromium, or "
-        "scripts/setup); they never download a browser"
-    )
-    async with async_playwright() as pw:
-        browser = await pw.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True, timeout=LAUNCH_TIMEOUT_MS
-        )
-        try:
-            yield browser
-        finally:
-            await browser.close()
 
 
 class PageWatch:
