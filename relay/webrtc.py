@@ -100,13 +100,8 @@ def h264_preferences() -> list[RTCRtpCodecCapability]:
     h264 = [
         c for c in codecs if c.mimeType.lower() == "video/h264" and str(c.parameters.get("packetization-mode")) == "1"
     ]
-    h264.sort(
-        key=lambda c: (
-            PREFERRED_PROFILES.index(c.parameters.get("profile-level-id", PREFERRED_PROFILES[-1]))
-            if c.parameters.get("profile-level-id") in PREFERRED_PROFILES
-            else len(PREFERRED_PROFILES)
-        )
-    )
+    rank = {profile: i for i, profile in enumerate(PREFERRED_PROFILES)}
+    h264.sort(key=lambda c: rank.get(c.parameters.get("profile-level-id"), len(rank)))
     rtx = [c for c in codecs if c.mimeType.lower() == "video/rtx"]
     return h264 + rtx
 
