@@ -146,7 +146,7 @@ def start_relay(size: str, fps: float, bitrate: str, port: int) -> subprocess.Po
     cmd = [
         sys.executable, "-m", "relay", "serve", "--source", f"cam0=test:{size}@{fps:g}", "--bitrate", bitrate,
         "--http-host", "127.0.0.1", "--http-port", str(port), "--ice-address", "127.0.0.1",
-        "--encoder", "libx264", "--log-level", "warning",
+        "--encoder", "libx264", "--log-level", "warning", "--no-rtsp",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd)
     deadline = time.monotonic() + 30

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 from . import __version__
 from .capture import SourceSpec
 from .config import Config, ConfigError, StreamConfig, load
+from .rtsp import RtspError
 
 log = logging.getLogger("relay")
 
@@ -48,6 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="offer ICE host candidates only on this address (repeatable)",
     )
+    s.add_argument("--rtsp-port", dest="rtsp.port", help="RTSP port for NVR software (default 8554)")
+    s.add_argument(
+        "--rtsp-publish-url",
+        dest="rtsp.publish_url",
+        metavar="URL",
+        help="publish to this RTSP server (rtsp://host:port) instead of running mediamtx",
+    )
+    s.add_argument("--no-rtsp", dest="rtsp.enabled", action="store_const", const=False, help="no RTSP at all")
+    s.add_argument("--state-dir", dest="state_dir", help="where camrelay keeps generated files")
     s.add_argument("--log-level", dest="log_level", help="debug, info, warning or error")
 
     sub.add_parser("devices", help="list V4L2 capture devices and their MJPEG modes")
@@ -62,7 +73,11 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> Config:
             text = path.read_text()
         except OSError as exc:
             raise ConfigError(f"config file {path}: {exc.strerror}") from None
-    flags = {k: v for k, v in vars(args).items() if k.startswith(("http.", "video.", "webrtc.")) or k == "log_level"}
+    flags = {
+        k: v
+        for k, v in vars(args).items()
+        if k.startswith(("http.", "video.", "webrtc.", "rtsp.")) or k in ("log_level", "state_dir")
+    }
     return load(text, env, flags, args.source)
 
 
@@ -80,7 +95,7 @@ def with_default_streams(config: Config) -> Config:
     else:
         streams = (StreamConfig(DEFAULT_TEST_STREAM, SourceSpec("test", "")),)
         log.info("stream=%s no camera found; streaming the test pattern", DEFAULT_TEST_STREAM)
-    return Config(streams, config.video, config.http, config.webrtc, config.log_level)
+    return dataclasses.replace(config, streams=streams)
 
 
 async def serve(config: Config) -> None:
@@ -99,7 +114,12 @@ async def serve(config: Config) -> None:
         ) from None
     app = make_app(Relay(config))
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
+    try:
+        await runner.setup()  # starts the relay: cameras, mediamtx
+    except RtspError:
+        sock.close()
+        await runner.cleanup()
+        raise
     await web.SockSite(runner, sock).start()
     shown = "127.0.0.1" if config.http.host in ("0.0.0.0", "::", "") else config.http.host
     log.info("listening on http://%s:%d/", shown, config.http.port)
@@ -133,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve(with_default_streams(config)))
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
+        return 2
+    except RtspError as exc:
+        log.error("cannot start: %s", exc)
         return 2
     except KeyboardInterrupt:
         pass

@@ -61,12 +61,28 @@ class WebRTCConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RtspConfig:
+    enabled: bool = True
+    host: str = ""  # "" or "0.0.0.0": every interface
+    port: int = 8554
+    rtp_port: int = 8000  # RTP over UDP to readers that ask for it
+    rtcp_port: int = 8001
+    api_port: int = 9997  # mediamtx's control API, on 127.0.0.1 only
+    user: str = ""  # read credentials; empty: anyone on the network may read
+    password: str = field(default="", repr=False)
+    publish_url: str = ""  # an RTSP server of the user's own (rtsp://host:port): publish there, run no mediamtx
+    mediamtx: str = ""  # the binary; empty: bin/mediamtx, else PATH
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     streams: tuple[StreamConfig, ...] = ()  # empty: cameras found at start, else the test pattern
     video: VideoConfig = VideoConfig()
     http: HttpConfig = HttpConfig()
     webrtc: WebRTCConfig = WebRTCConfig()
+    rtsp: RtspConfig = RtspConfig()
     log_level: str = "info"
+    state_dir: str = ""  # where camrelay keeps generated files; empty: $XDG_STATE_HOME/camrelay
 
 
 # -- value parsers: each takes the raw value and returns the typed one or raises ValueError
@@ -136,6 +152,32 @@ def _str_list(v: Any) -> tuple[str, ...]:
     raise ValueError(f"expected a list of strings, got {v!r}")
 
 
+def _bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+        return v.lower() in ("true", "yes", "on", "1")
+    raise ValueError(f"expected true or false, got {v!r}")
+
+
+def _rtsp_user(v: Any) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._-]*", _str(v)):
+        raise ValueError("may hold only letters, digits, '.', '_' and '-'")
+    return v
+
+
+def _rtsp_password(v: Any) -> str:
+    if not re.fullmatch(r"[\x21-\x7e]*", _str(v)):
+        raise ValueError("may hold only printable ASCII without spaces")
+    return v
+
+
+def _rtsp_url(v: Any) -> str:
+    if _str(v) and not re.fullmatch(r"rtsps?://[^/\s]+/?", v):
+        raise ValueError(f"expected rtsp://host:port (no path), got {v!r}")
+    return v.rstrip("/")
+
+
 def _fps(v: Any) -> float:
     return parse_fps(str(v))
 
@@ -157,7 +199,7 @@ def _origins(origins: tuple[str, ...]) -> tuple[str, ...]:
 
 # section -> key -> parser. The one list of what the config file may say.
 SCHEMA: dict[str, dict[str, Any]] = {
-    "": {"log_level": _choice("debug", "info", "warning", "error")},
+    "": {"log_level": _choice("debug", "info", "warning", "error"), "state_dir": _str},
     "http": {"host": _str, "port": _int(1, 65535), "cors_origins": lambda v: _origins(_str_list(v))},
     "video": {
         "size": lambda v: parse_size(_str(v)),
@@ -173,6 +215,18 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "ice_addresses": _str_list,
         "connect_timeout": parse_duration,
         "max_viewers": _int(1, MAX_VIEWERS_LIMIT),
+    },
+    "rtsp": {
+        "enabled": _bool,
+        "host": _str,
+        "port": _int(1, 65535),
+        "rtp_port": _int(1, 65535),
+        "rtcp_port": _int(1, 65535),
+        "api_port": _int(1, 65535),
+        "user": _rtsp_user,
+        "password": _rtsp_password,
+        "publish_url": _rtsp_url,
+        "mediamtx": _str,
     },
 }
 
@@ -272,10 +326,18 @@ def load(
         except ValueError as exc:
             raise ConfigError(f"streams.{name}: {exc}") from None
 
+    rtsp = RtspConfig(**values["rtsp"])
+    if bool(rtsp.user) != bool(rtsp.password):
+        missing = "rtsp.password" if rtsp.user else "rtsp.user"
+        raise ConfigError(f"{missing}: set both rtsp.user and rtsp.password, or neither")
+    if rtsp.rtp_port % 2 or rtsp.rtcp_port != rtsp.rtp_port + 1:
+        raise ConfigError("rtsp.rtp_port: must be even, with rtsp.rtcp_port the next port (RTP/RTCP pairs)")
+
     return Config(
         streams=tuple(parsed_streams),
         video=video,
         http=HttpConfig(**values["http"]),
         webrtc=WebRTCConfig(**values["webrtc"]),
+        rtsp=rtsp,
         **values[""],
     )

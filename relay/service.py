@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 from aiortc import RTCIceServer
 
 from .config import Config, StreamConfig
 from .encode import EncoderSettings
 from .hub import PacketHub
+from .rtsp import Mediamtx, MediamtxSettings, RtspPublisher, check_ports_free, find_mediamtx
 from .stream import Stream
 from .webrtc import ViewerSessions, restrict_host_addresses
 
@@ -17,6 +20,11 @@ log = logging.getLogger(__name__)
 
 class UnknownStream(KeyError):
     pass
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "camrelay"
 
 
 class Relay:
@@ -29,6 +37,9 @@ class Relay:
             for url in w.ice_servers
         ]
         self.sessions = ViewerSessions(self.hub_for, ice, w.connect_timeout)
+        self.state_dir = Path(config.state_dir) if config.state_dir else default_state_dir()
+        self.mediamtx: Mediamtx | None = None
+        self.publishers: dict[str, RtspPublisher] = {}
         for sc in config.streams:
             self.streams[sc.name] = self._make_stream(sc)
 
@@ -46,14 +57,51 @@ class Relay:
 
     async def start(self) -> None:
         restrict_host_addresses(list(self.config.webrtc.ice_addresses) or None)
+        await self._start_rtsp()  # first: a taken port stops us before any camera is opened
         for stream in self.streams.values():
             stream.start()
-            log.info("stream=%s source=%s started encoder=%s", stream.name, stream.spec, stream.encoder_name)
+            log.info("stream=%s source=%s started", stream.name, stream.spec)
+        for publisher in self.publishers.values():
+            publisher.start()
+
+    async def _start_rtsp(self) -> None:
+        r = self.config.rtsp
+        if not r.enabled or not self.streams:
+            return
+        ready = None
+        base = r.publish_url
+        if not base:
+            binary = find_mediamtx(r.mediamtx)
+            settings = MediamtxSettings(
+                r.host, r.port, r.rtp_port, r.rtcp_port, r.api_port, r.user, r.password, self.config.log_level
+            )
+            check_ports_free(settings)
+            self.mediamtx = Mediamtx(binary, settings, list(self.streams), self.state_dir)
+            await self.mediamtx.start()
+            ready = self.mediamtx.ready
+            base = f"rtsp://127.0.0.1:{r.port}"
+        for name, stream in self.streams.items():
+            self.publishers[name] = RtspPublisher(
+                stream.hub, f"{base}/{name}", stream.width, stream.height, stream.fps, ready
+            )
+
+    def rtsp_url(self, name: str, host: str) -> str | None:
+        """Where NVR software reads ``name``; ``host`` is how the client reached us."""
+        r = self.config.rtsp
+        if not r.enabled or name not in self.streams:
+            return None
+        if r.publish_url:
+            return f"{r.publish_url}/{name}"
+        return f"rtsp://{host}:{r.port}/{name}"
 
     async def close(self) -> None:
+        for publisher in self.publishers.values():
+            await publisher.close()
         await self.sessions.close_all()
         for stream in self.streams.values():
             await stream.close()
+        if self.mediamtx is not None:
+            await self.mediamtx.close()
         restrict_host_addresses(None)
         log.info("relay stopped")
 
@@ -82,6 +130,9 @@ class Relay:
             "keyframes_forced": st.keyframes_forced,
             "encode_ms": round(st.encode_ms, 2),
             "worker_restarts": st.worker_restarts,
+            "rtsp_path": f"/{stream.name}" if self.config.rtsp.enabled else None,
+            "rtsp_live_alias": stream.name == next(iter(self.streams)) and self.config.rtsp.enabled,
+            "rtsp_published": self.publishers[stream.name].published if stream.name in self.publishers else 0,
             "source_errors": st.source_errors,
             "last_error": st.last_error,
         }

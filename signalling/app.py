@@ -9,10 +9,12 @@ a one-line reason in the body, never a 500.
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 
 import aiohttp_jinja2
 import jinja2
+import psutil
 from aiohttp import web
 
 from relay.service import Relay, UnknownStream
@@ -167,9 +169,56 @@ async def cors(request: web.Request, handler):
     return response
 
 
+def display_host(request: web.Request) -> str:
+    """The host name a client should use for our other services (RTSP).
+
+    The name it reached this page by, unless that is loopback: then this
+    machine's first LAN address, which is what another machine needs.
+    """
+    host = request.url.host or "127.0.0.1"
+    if host in ("localhost", "::1") or host.startswith("127."):
+        for addrs in psutil.net_if_addrs().values():
+            for a in addrs:
+                if a.family == socket.AF_INET and not a.address.startswith("127."):
+                    return a.address
+    return f"[{host}]" if ":" in host else host
+
+
+def _describe(request: web.Request, stream) -> dict:
+    relay = request.app[RELAY]
+    info = relay.describe(stream)
+    info["rtsp_url"] = relay.rtsp_url(stream.name, display_host(request))
+    return info
+
+
 async def api_streams(request: web.Request) -> web.Response:
     relay = request.app[RELAY]
-    return web.json_response({"streams": [relay.describe(s) for s in relay.streams.values()]})
+    return web.json_response({"streams": [_describe(request, s) for s in relay.streams.values()]})
+
+
+async def api_rtsp(request: web.Request) -> web.Response:
+    relay = request.app[RELAY]
+    r = relay.config.rtsp
+    m = relay.mediamtx
+    return web.json_response(
+        {
+            "enabled": r.enabled,
+            "port": r.port if not r.publish_url else None,
+            "publish_url": r.publish_url or None,
+            "credentials_required": bool(r.user),
+            "mediamtx_pid": m.pid if m else None,
+            "mediamtx_restarts": m.restarts if m else 0,
+            "mediamtx_ready": m.ready.is_set() if m else None,
+            "streams": {
+                name: {
+                    "url": relay.rtsp_url(name, display_host(request)),
+                    "published": p.published,
+                    "sessions": p.sessions,
+                }
+                for name, p in relay.publishers.items()
+            },
+        }
+    )
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -185,8 +234,13 @@ async def index(request: web.Request) -> dict:
 
 @aiohttp_jinja2.template("view.html")
 async def view(request: web.Request) -> dict:
+    relay = request.app[RELAY]
     name = _stream_or_404(request)
-    return {"stream": request.app[RELAY].streams[name]}
+    return {
+        "stream": relay.streams[name],
+        "rtsp_url": relay.rtsp_url(name, display_host(request)),
+        "rtsp_needs_login": bool(relay.config.rtsp.user),
+    }
 
 
 def make_app(relay: Relay) -> web.Application:
@@ -209,6 +263,7 @@ def make_app(relay: Relay) -> web.Application:
     app.router.add_patch("/whep/{stream}/{session}", whep_patch)
     app.router.add_delete("/whep/{stream}/{session}", whep_delete)
     app.router.add_get("/api/v1/streams", api_streams)
+    app.router.add_get("/api/v1/rtsp", api_rtsp)
     app.router.add_get("/healthz", healthz)
     app.router.add_static("/static/", STATIC_DIR, name="static")
     return app

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ import pytest
 from aiohttp import web
 
 from relay.capture import SourceSpec
-from relay.config import Config, HttpConfig, StreamConfig, VideoConfig, WebRTCConfig
+from relay.config import Config, HttpConfig, RtspConfig, StreamConfig, VideoConfig, WebRTCConfig
 from relay.service import Relay
 from signalling.app import make_app
 
@@ -99,6 +100,10 @@ def make_config(
     height: int = TEST_HEIGHT,
     fps: float = TEST_FPS,
     cors_origins: tuple[str, ...] = (),
+    rtsp: bool = False,
+    rtsp_user: str = "",
+    rtsp_password: str = "",
+    state_dir: str = "",
 ) -> Config:
     return Config(
         streams=streams or (StreamConfig("cam0", SourceSpec("test", "")),),
@@ -112,7 +117,38 @@ def make_config(
         ),
         http=HttpConfig(host="127.0.0.1", port=free_port(), cors_origins=cors_origins),
         webrtc=WebRTCConfig(ice_addresses=("127.0.0.1",), connect_timeout=connect_timeout, max_viewers=max_viewers),
+        rtsp=rtsp_config(rtsp, rtsp_user, rtsp_password),
+        state_dir=state_dir or (tempfile.mkdtemp(prefix="camrelay-state-") if rtsp else ""),
     )
+
+
+def free_rtp_pair() -> int:
+    """An even UDP port whose successor is free too."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1] & ~1
+        try:
+            with (
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a,
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b,
+            ):
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+                return port
+        except OSError:
+            continue
+    raise RuntimeError("no free RTP port pair")
+
+
+def rtsp_config(enabled: bool, user: str = "", password: str = "") -> RtspConfig:
+    if not enabled:
+        return RtspConfig(enabled=False)
+    rtp = free_rtp_pair()
+    return RtspConfig(
+        enabled=True, host="127.0.0.1", port=free_port(), rtp_port=rtp, rtcp_port=rtp + 1, api_port=free_port(),
+        user=user, password=password,
+    )  # fmt: skip
 
 
 class RunningRelay:

@@ -1,5 +1,6 @@
 """``camrelay`` as a user runs it: a real process, real signals."""
 
+import json
 import os
 import signal
 import subprocess
@@ -7,9 +8,10 @@ import sys
 import time
 import urllib.request
 
+import psutil
 import pytest
 
-from .conftest import free_port
+from .conftest import free_port, free_rtp_pair
 
 STARTUP_TIMEOUT = 20.0
 
@@ -22,7 +24,17 @@ def run(*args, env=None, timeout=30):
 
 def test_serve_with_no_camera_streams_the_test_pattern_and_stops_on_sigterm(tmp_path):
     port = free_port()
-    env = dict(os.environ, CAMRELAY_VIDEO_SIZE="640x360")
+    rtp = free_rtp_pair()
+    env = dict(
+        os.environ,
+        CAMRELAY_VIDEO_SIZE="640x360",
+        CAMRELAY_STATE_DIR=str(tmp_path),
+        CAMRELAY_RTSP_HOST="127.0.0.1",
+        CAMRELAY_RTSP_PORT=str(free_port()),
+        CAMRELAY_RTSP_RTP_PORT=str(rtp),
+        CAMRELAY_RTSP_RTCP_PORT=str(rtp + 1),
+        CAMRELAY_RTSP_API_PORT=str(free_port()),
+    )
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -55,11 +67,15 @@ def test_serve_with_no_camera_streams_the_test_pattern_and_stops_on_sigterm(tmp_
             assert time.monotonic() < deadline, "relay did not come up"
             time.sleep(0.2)
         assert '"name": "cam0"' in body and '"source": "test:"' in body and '"width": 640' in body
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/rtsp", timeout=2) as resp:
+            mediamtx_pid = json.load(resp)["mediamtx_pid"]
+        assert psutil.pid_exists(mediamtx_pid)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=15)
         assert proc.returncode == 0
         assert "stream=cam0 no camera found; streaming the test pattern" in out
         assert "relay stopped" in out
+        assert not psutil.pid_exists(mediamtx_pid), "mediamtx outlived the relay"
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -1,0 +1,380 @@
+"""RTSP for NVR software: a supervised mediamtx, fed with the hub's H.264.
+
+camrelay writes the mediamtx configuration itself (``render_config``, pure),
+runs mediamtx in its own session and process group, restarts it with backoff
+if it dies, and publishes every stream to it over RTSP/TCP from PyAV. Each
+publisher is one more hub subscriber: when it lags it skips to the next
+keyframe like any viewer, and it never delays the viewers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fractions
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import av
+
+from .backoff import Retry
+from .hub import EncodedFrame, HubClosed, PacketHub
+
+log = logging.getLogger(__name__)
+mtx_log = logging.getLogger("mediamtx")
+
+LIVE_PATH = "live"  # the first stream is also at rtsp://host:port/live
+API_READY_TIMEOUT = 10.0  # seconds mediamtx gets to answer its API after starting
+STOP_TIMEOUT = 5.0  # seconds after SIGTERM before SIGKILL
+PUBLISH_TIME_BASE = fractions.Fraction(1, 90_000)
+# Reconnect pacing for a publisher whose mediamtx went away (it is restarted meanwhile).
+PUBLISH_RETRY_DELAY = 0.5
+REPO_BIN = Path(__file__).resolve().parent.parent / "bin" / "mediamtx"
+LOOPBACK = ["127.0.0.1", "::1"]
+
+
+class RtspError(Exception):
+    """mediamtx cannot run as configured; ``str()`` says what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class MediamtxSettings:
+    host: str  # "" or "0.0.0.0": every interface
+    port: int
+    rtp_port: int
+    rtcp_port: int
+    api_port: int
+    user: str = ""
+    password: str = ""
+    log_level: str = "info"
+
+
+def render_config(settings: MediamtxSettings, streams: list[str]) -> str:
+    """mediamtx's configuration for these streams. JSON, which is YAML, so no YAML writer is needed."""
+    host = "" if settings.host in ("", "0.0.0.0") else settings.host
+    if settings.user:
+        users = [
+            {"user": "any", "pass": "", "ips": LOOPBACK, "permissions": [{"action": "publish"}, {"action": "api"}]},
+            {
+                "user": settings.user,
+                "pass": settings.password,
+                "ips": [],
+                "permissions": [{"action": "read"}],
+            },
+        ]
+    else:
+        users = [
+            {"user": "any", "pass": "", "ips": LOOPBACK, "permissions": [{"action": "publish"}, {"action": "api"}]},
+            {"user": "any", "pass": "", "ips": [], "permissions": [{"action": "read"}]},
+        ]
+    paths = {name: {"source": "publisher"} for name in streams}
+    if streams:
+        paths[LIVE_PATH] = {"source": f"rtsp://127.0.0.1:{settings.port}/{streams[0]}", "sourceOnDemand": True}
+        if settings.user:
+            u, p = (urllib.parse.quote(x, safe="") for x in (settings.user, settings.password))
+            paths[LIVE_PATH]["source"] = f"rtsp://{u}:{p}@127.0.0.1:{settings.port}/{streams[0]}"
+    config = {
+        "logLevel": {"debug": "debug", "info": "info", "warning": "warn", "error": "error"}[settings.log_level],
+        "logDestinations": ["stdout"],
+        "readTimeout": "10s",
+        "writeTimeout": "10s",
+        "authMethod": "internal",
+        "authInternalUsers": users,
+        "api": True,
+        "apiAddress": f"127.0.0.1:{settings.api_port}",  # the control API never leaves this machine
+        "metrics": False,
+        "pprof": False,
+        "playback": False,
+        "rtsp": True,
+        "rtspTransports": ["udp", "tcp"],
+        "rtspEncryption": "no",
+        "rtspAddress": f"{host}:{settings.port}",
+        "rtpAddress": f"{host}:{settings.rtp_port}",
+        "rtcpAddress": f"{host}:{settings.rtcp_port}",
+        "rtspAuthMethods": ["basic"],
+        "rtmp": False,
+        "hls": False,
+        "webrtc": False,
+        "srt": False,
+        "moq": False,
+        "pathDefaults": {"source": "publisher", "overridePublisher": True},
+        "paths": paths,
+    }
+    return json.dumps(config, indent=2) + "\n"
+
+
+def find_mediamtx(configured: str) -> str:
+    """The mediamtx binary: the configured path, else bin/mediamtx, else PATH."""
+    if configured:
+        if os.access(configured, os.X_OK):
+            return configured
+        raise RtspError(f"rtsp.mediamtx: {configured} is not an executable file")
+    if os.access(REPO_BIN, os.X_OK):
+        return str(REPO_BIN)
+    found = shutil.which("mediamtx")
+    if found:
+        return found
+    raise RtspError(
+        "rtsp.mediamtx: mediamtx not found in bin/ or on PATH; run scripts/install-mediamtx,"
+        " or set rtsp.enabled = false"
+    )
+
+
+def check_ports_free(settings: MediamtxSettings) -> None:
+    """One clear error for a taken port, before mediamtx says it less clearly."""
+    host = "" if settings.host in ("", "0.0.0.0") else settings.host
+    for key, port, kind in (
+        ("rtsp.port", settings.port, socket.SOCK_STREAM),
+        ("rtsp.rtp_port", settings.rtp_port, socket.SOCK_DGRAM),
+        ("rtsp.rtcp_port", settings.rtcp_port, socket.SOCK_DGRAM),
+        ("rtsp.api_port", settings.api_port, socket.SOCK_STREAM),
+    ):
+        bind_host = "127.0.0.1" if key == "rtsp.api_port" else host
+        with socket.socket(socket.AF_INET, kind) as s:
+            if kind == socket.SOCK_STREAM:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((bind_host, port))
+            except OSError as exc:
+                raise RtspError(
+                    f"{key}: port {port} is taken ({os.strerror(exc.errno or 0)}); is another mediamtx or"
+                    f" camrelay running? Stop it, or choose another {key}"
+                ) from None
+
+
+class Mediamtx:
+    """Runs and supervises one mediamtx process."""
+
+    def __init__(self, binary: str, settings: MediamtxSettings, streams: list[str], state_dir: Path) -> None:
+        self.binary = binary
+        self.settings = settings
+        self.streams = streams
+        self.config_path = state_dir / "mediamtx.yml"
+        self.restarts = 0
+        self.ready = asyncio.Event()  # set while mediamtx is up and answering
+        self._state_dir = state_dir
+        self._proc: asyncio.subprocess.Process | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._retry = Retry()
+        self._last_lines: list[str] = []
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    async def start(self) -> None:
+        """Write the config, start mediamtx, and wait until its API answers; raises ``RtspError``."""
+        self._state_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(render_config(self.settings, self.streams))
+        tmp.chmod(0o600)  # it may hold the read password
+        tmp.replace(self.config_path)
+        await self._spawn()
+        if not await self._wait_api():
+            code = self._proc.returncode if self._proc else None
+            last = self._last_lines[-1] if self._last_lines else "no output"
+            await self._stop_proc()
+            raise RtspError(f"rtsp: mediamtx did not start (exit {code}): {last}")
+        self.ready.set()
+        log.info("mediamtx pid=%d serving rtsp on port %d", self.pid, self.settings.port)
+        self._task = asyncio.get_running_loop().create_task(self._supervise(), name="mediamtx")
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._stop_proc()
+        self.ready.clear()
+
+    async def _spawn(self) -> None:
+        self._proc = await asyncio.create_subprocess_exec(
+            self.binary, str(self.config_path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
+            start_new_session=True, cwd=self._state_dir,
+        )  # fmt: skip
+        self._reader = asyncio.get_running_loop().create_task(self._pump_log(self._proc.stdout))
+
+    async def _pump_log(self, stream: asyncio.StreamReader | None) -> None:
+        assert stream is not None
+        while line := await stream.readline():
+            text = line.decode(errors="replace").rstrip()
+            self._last_lines = (self._last_lines + [text])[-20:]
+            level = logging.INFO
+            if " ERR " in text:
+                level = logging.ERROR
+            elif " WAR " in text:
+                level = logging.WARNING
+            elif " DEB " in text:
+                level = logging.DEBUG
+            mtx_log.log(level, "%s", text.split(" ", 2)[-1] if text[:4].isdigit() else text)
+
+    async def _wait_api(self) -> bool:
+        url = f"http://127.0.0.1:{self.settings.api_port}/v3/paths/list"
+        deadline = time.monotonic() + API_READY_TIMEOUT
+        async with aiohttp.ClientSession() as http:
+            while time.monotonic() < deadline:
+                if self._proc is None or self._proc.returncode is not None:
+                    return False
+                try:
+                    async with http.get(url, timeout=aiohttp.ClientTimeout(total=1)) as resp:
+                        if resp.status == 200:
+                            return True
+                except (aiohttp.ClientError, TimeoutError):
+                    pass
+                await asyncio.sleep(0.05)
+        return False
+
+    async def _supervise(self) -> None:
+        while not self._closing:
+            started = time.monotonic()
+            assert self._proc is not None
+            code = await self._proc.wait()
+            await self._reader
+            self.ready.clear()
+            if self._closing:
+                return
+            self.restarts += 1
+            self._retry.ran(time.monotonic() - started)
+            delay = self._retry.next_delay()
+            log.warning("mediamtx exited (code %s); restart %d in %.1fs", code, self.restarts, delay)
+            await asyncio.sleep(delay)
+            try:
+                await self._spawn()
+                if await self._wait_api():
+                    self.ready.set()
+                    log.info("mediamtx pid=%d back up after restart %d", self.pid, self.restarts)
+            except OSError as exc:
+                log.error("mediamtx could not be restarted: %s", exc)
+
+    async def _stop_proc(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.returncode is None:
+            for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, STOP_TIMEOUT)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, sig)
+                try:
+                    await asyncio.wait_for(proc.wait(), wait)
+                    break
+                except TimeoutError:
+                    log.warning("mediamtx did not stop after %s", signal.Signals(sig).name)
+        await self._reader
+
+
+def parameter_sets(data: bytes) -> bytes | None:
+    """SPS and PPS NAL units (Annex B) from an access unit, for the muxer's extradata."""
+    out = b""
+    for nal in data.split(b"\x00\x00\x01")[1:]:
+        nal = nal.rstrip(b"\x00")
+        if nal and nal[0] & 0x1F in (7, 8):
+            out += b"\x00\x00\x00\x01" + nal
+    return out or None
+
+
+class RtspPublisher:
+    """Publishes one stream's hub to an RTSP server (mediamtx) over TCP."""
+
+    def __init__(
+        self, hub: PacketHub, url: str, width: int, height: int, fps: float, ready: asyncio.Event | None = None
+    ):
+        self.hub = hub
+        self.url = url
+        self.size = (width, height)
+        self.fps = fps
+        self.published = 0
+        self.sessions = 0  # how many times a publish session was opened
+        self.errors = 0
+        self._ready = ready
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"rtsp-publish-{self.hub.stream}")
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while not self._closing:
+            if self._ready is not None:
+                await self._ready.wait()
+            sub = self.hub.subscribe(f"rtsp-{self.hub.stream}")
+            try:
+                await self._publish(sub)
+            except HubClosed:
+                return
+            except (av.FFmpegError, OSError) as exc:
+                self.errors += 1
+                log.warning(
+                    "stream=%s rtsp publish to %s failed: %s; republishing", self.hub.stream, _redact(self.url), exc
+                )
+            finally:
+                sub.close()
+            await asyncio.sleep(PUBLISH_RETRY_DELAY)
+
+    async def _publish(self, sub) -> None:
+        first = await sub.get()  # a new subscriber starts at a keyframe
+        container = await asyncio.to_thread(self._open, first)
+        try:
+            self.sessions += 1
+            log.info("stream=%s publishing rtsp to %s", self.hub.stream, _redact(self.url))
+            base = first.pts
+            frame = first
+            while True:
+                await asyncio.to_thread(self._mux, container, frame, base)
+                self.published += 1
+                frame = await sub.get()
+        finally:
+            await asyncio.to_thread(_close_quietly, container)
+
+    def _open(self, first: EncodedFrame):
+        container = av.open(self.url, "w", format="rtsp", options={"rtsp_transport": "tcp"}, timeout=5)
+        try:
+            stream = container.add_stream("h264", rate=fractions.Fraction(self.fps).limit_denominator(1001))
+            stream.width, stream.height = self.size
+            stream.time_base = PUBLISH_TIME_BASE
+            extradata = parameter_sets(first.data)
+            if extradata:
+                stream.codec_context.extradata = extradata
+            container.start_encoding()
+        except BaseException:
+            _close_quietly(container)
+            raise
+        return container
+
+    @staticmethod
+    def _mux(container, frame: EncodedFrame, base: int) -> None:
+        packet = av.Packet(frame.data)
+        packet.stream = container.streams.video[0]
+        packet.time_base = PUBLISH_TIME_BASE
+        packet.pts = packet.dts = frame.pts - base
+        packet.is_keyframe = frame.keyframe
+        container.mux(packet)
+
+
+def _close_quietly(container) -> None:
+    with contextlib.suppress(Exception):
+        container.close()
+
+
+def _redact(url: str) -> str:
+    from .capture import redact_url
+
+    return redact_url(url)

@@ -1,0 +1,203 @@
+"""RTSP for NVR software: the generated mediamtx config, and real readers against a real mediamtx."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import time
+
+import av
+import psutil
+import pytest
+
+from relay import pixelclock
+from relay.rtsp import MediamtxSettings, RtspError, check_ports_free, find_mediamtx, parameter_sets, render_config
+from relay.whepclient import WhepViewer, luma
+
+from .conftest import free_port, free_rtp_pair
+
+SETTINGS = MediamtxSettings("", 8554, 8000, 8001, 9997)
+
+
+# -- the generated configuration (pure) -----------------------------------
+
+
+def test_config_serves_rtsp_on_udp_and_tcp_with_everything_else_off():
+    c = json.loads(render_config(SETTINGS, ["cam0", "door"]))
+    assert (c["rtsp"], c["rtspAddress"], c["rtspTransports"]) == (True, ":8554", ["udp", "tcp"])
+    assert (c["rtpAddress"], c["rtcpAddress"]) == (":8000", ":8001")
+    for protocol in ("rtmp", "hls", "webrtc", "srt", "moq", "playback", "metrics", "pprof"):
+        assert c[protocol] is False, protocol
+    assert c["api"] is True and c["apiAddress"] == "127.0.0.1:9997"  # control API on loopback only
+    assert c["paths"]["cam0"] == {"source": "publisher"} and c["paths"]["door"] == {"source": "publisher"}
+    assert c["paths"]["live"]["source"] == "rtsp://127.0.0.1:8554/cam0"  # the first stream, also at /live
+
+
+def test_without_credentials_anyone_reads_and_only_localhost_publishes():
+    users = json.loads(render_config(SETTINGS, ["cam0"]))["authInternalUsers"]
+    publishers = [u for u in users if any(p["action"] == "publish" for p in u["permissions"])]
+    assert publishers == [u for u in users if u["ips"] == ["127.0.0.1", "::1"]]
+    readers = [u for u in users if any(p["action"] == "read" for p in u["permissions"])]
+    assert readers == [{"user": "any", "pass": "", "ips": [], "permissions": [{"action": "read"}]}]
+
+
+def test_with_credentials_no_anonymous_reader():
+    s = MediamtxSettings("127.0.0.1", 8554, 8000, 8001, 9997, user="nvr", password="s3cret/pw")
+    c = json.loads(render_config(s, ["cam0"]))
+    readers = [u for u in c["authInternalUsers"] if any(p["action"] == "read" for p in u["permissions"])]
+    assert readers == [{"user": "nvr", "pass": "s3cret/pw", "ips": [], "permissions": [{"action": "read"}]}]
+    anonymous = [u for u in c["authInternalUsers"] if u["user"] == "any"]
+    assert all(u["ips"] == ["127.0.0.1", "::1"] for u in anonymous)
+    assert not any(p["action"] == "read" for u in anonymous for p in u["permissions"])
+    assert c["paths"]["live"]["source"] == "rtsp://nvr:s3cret%2Fpw@127.0.0.1:8554/cam0"
+    assert c["rtspAddress"] == "127.0.0.1:8554"
+
+
+def test_parameter_sets_are_taken_from_a_keyframe():
+    au = b"\x00\x00\x00\x01\x67AB\x00\x00\x00\x01\x68CD\x00\x00\x01\x65slice"
+    assert parameter_sets(au) == b"\x00\x00\x00\x01\x67AB\x00\x00\x00\x01\x68CD"
+    assert parameter_sets(b"\x00\x00\x01\x41slice") is None
+
+
+def test_missing_binary_is_one_clear_error(tmp_path):
+    with pytest.raises(RtspError) as info:
+        find_mediamtx(str(tmp_path / "nope"))
+    assert str(info.value) == f"rtsp.mediamtx: {tmp_path / 'nope'} is not an executable file"
+
+
+def test_taken_port_is_one_clear_error():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        rtp = free_rtp_pair()
+        with pytest.raises(RtspError) as info:
+            check_ports_free(MediamtxSettings("127.0.0.1", port, rtp, rtp + 1, free_port()))
+    assert str(info.value) == (
+        f"rtsp.port: port {port} is taken (Address already in use); is another mediamtx or camrelay running?"
+        " Stop it, or choose another rtsp.port"
+    )
+
+
+# -- real mediamtx, real readers ------------------------------------------
+
+
+def read_rtsp(url: str, frames: int, transport: str = "tcp") -> list[float | None]:
+    """Decode ``frames`` frames from an RTSP URL; the pixel-clock latency of each (ms), None where it does not read."""
+    out: list[float | None] = []
+    with av.open(url, options={"rtsp_transport": transport, "fflags": "nobuffer"}, timeout=10) as container:
+        for frame in container.decode(video=0):
+            t = pixelclock.read(luma(frame, frame.width // pixelclock.CELLS))
+            out.append(None if t is None else time.time() * 1000 - t)
+            if len(out) >= frames:
+                break
+    return out
+
+
+def rtsp_url(relay, path: str, auth: str = "") -> str:
+    return f"rtsp://{auth}127.0.0.1:{relay.relay.config.rtsp.port}/{path}"
+
+
+async def wait_published(relay, stream: str = "cam0", timeout: float = 10) -> None:
+    publisher = relay.relay.publishers[stream]
+    start = publisher.published
+    deadline = time.monotonic() + timeout
+    while publisher.published < start + 5:
+        assert time.monotonic() < deadline, "nothing published to mediamtx"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.relay_config(rtsp=True)
+@pytest.mark.parametrize(("path", "transport"), [("cam0", "tcp"), ("cam0", "udp"), ("live", "tcp")])
+async def test_reader_decodes_frames_with_a_valid_pixel_clock(relay_server, path, transport):
+    await wait_published(relay_server)
+    latencies = await asyncio.to_thread(read_rtsp, rtsp_url(relay_server, path), 20, transport)
+    assert len(latencies) == 20
+    assert all(lat is not None for lat in latencies), "every frame's pixel clock reads valid"
+    assert all(0 <= lat < 3000 for lat in latencies)
+
+
+@pytest.mark.relay_config(rtsp=True)
+async def test_five_rtsp_readers_and_five_webrtc_viewers_share_one_encoder(relay_server, http):
+    await wait_published(relay_server)
+    viewers = [WhepViewer(relay_server.whep(), http) for _ in range(5)]
+    try:
+        await asyncio.gather(*(v.connect() for v in viewers))
+        readers = [
+            asyncio.to_thread(read_rtsp, rtsp_url(relay_server, "cam0"), 15, t) for t in ("tcp", "udp") * 2 + ("tcp",)
+        ]
+        results = await asyncio.gather(*readers, *(v.read_frames(15) for v in viewers))
+        for latencies in results[:5]:
+            assert len(latencies) == 15 and all(x is not None for x in latencies)
+        for samples in results[5:]:
+            assert all(s.latency_ms is not None for s in samples)
+        async with http.get(relay_server.base + "/api/v1/streams") as resp:
+            cam = (await resp.json())["streams"][0]
+        assert cam["encoders_running"] == 1 and cam["viewers_connected"] == 5
+    finally:
+        await asyncio.gather(*(v.close() for v in viewers))
+
+
+@pytest.mark.relay_config(rtsp=True)
+async def test_mediamtx_killed_is_restarted_and_webrtc_viewers_never_notice(relay_server, http):
+    relay = relay_server.relay
+    await wait_published(relay_server)
+    viewer = WhepViewer(relay_server.whep(), http)
+    try:
+        await viewer.connect()
+        await viewer.read_frames(10)
+        stats = relay.streams["cam0"].stats
+        old_pid = relay.mediamtx.pid
+        encoded_before = stats.frames_encoded
+        got = 0
+        os.killpg(old_pid, signal.SIGKILL)  # what the OOM killer or a crash does
+        # Keep reading the WebRTC viewer right through the outage and restart.
+        deadline = time.monotonic() + 20
+        while not (relay.mediamtx.ready.is_set() and relay.mediamtx.pid != old_pid):
+            assert time.monotonic() < deadline, "mediamtx was not restarted"
+            await viewer.read_frames(1, clock=False)
+            got += 1
+        encoded = stats.frames_encoded - encoded_before
+        assert got >= encoded - 3, f"viewer got {got} of {encoded} frames while mediamtx restarted"
+        assert relay.mediamtx.restarts == 1
+        assert not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE
+        # A reader that reconnects gets video again once the publisher is back.
+        await wait_published(relay_server)
+        assert relay.publishers["cam0"].sessions >= 2
+        latencies = await asyncio.to_thread(read_rtsp, rtsp_url(relay_server, "cam0"), 10)
+        assert all(x is not None for x in latencies)
+    finally:
+        await viewer.close()
+
+
+@pytest.mark.relay_config(rtsp=True, rtsp_user="nvr", rtsp_password="pa55-word")
+async def test_credentials_are_required_when_set(relay_server):
+    await wait_published(relay_server)
+    with pytest.raises(av.error.FFmpegError) as info:
+        await asyncio.to_thread(read_rtsp, rtsp_url(relay_server, "cam0"), 1)
+    assert "401" in str(info.value)
+    with pytest.raises(av.error.FFmpegError):
+        await asyncio.to_thread(read_rtsp, rtsp_url(relay_server, "cam0", "nvr:wrong@"), 1)
+    latencies = await asyncio.to_thread(read_rtsp, rtsp_url(relay_server, "cam0", "nvr:pa55-word@"), 5)
+    assert all(x is not None for x in latencies)
+    latencies = await asyncio.to_thread(read_rtsp, rtsp_url(relay_server, "live", "nvr:pa55-word@"), 5)
+    assert all(x is not None for x in latencies)
+
+
+@pytest.mark.relay_config(rtsp=True)
+async def test_shutdown_leaves_no_mediamtx_and_the_api_shows_the_url(relay_server, http):
+    async with http.get(relay_server.base + "/api/v1/rtsp") as resp:
+        info = await resp.json()
+    pid = info["mediamtx_pid"]
+    assert info["enabled"] and info["mediamtx_ready"] and psutil.pid_exists(pid)
+    port = relay_server.relay.config.rtsp.port
+    async with http.get(relay_server.base + "/api/v1/streams") as resp:
+        cam = (await resp.json())["streams"][0]
+    assert cam["rtsp_url"].startswith("rtsp://") and cam["rtsp_url"].endswith(f":{port}/cam0")
+    async with http.get(relay_server.base + "/view/cam0") as resp:
+        assert f":{port}/cam0</code>" in await resp.text()
+    await relay_server.relay.mediamtx.close()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
