@@ -26,6 +26,7 @@ from pathlib import Path
 import aiohttp
 import av
 
+from .aio import cancel_and_wait
 from .backoff import Retry
 from .hub import EncodedFrame, HubClosed, PacketHub
 
@@ -191,10 +192,7 @@ class Mediamtx:
 
     async def close(self) -> None:
         self._closing = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         await self._stop_proc()
         self.ready.clear()
 
@@ -306,10 +304,7 @@ class RtspPublisher:
 
     async def close(self) -> None:
         self._closing = True
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     async def _run(self) -> None:
         while not self._closing:

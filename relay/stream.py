@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 
 from . import ipc
+from .aio import cancel_and_wait
 from .backoff import Retry
 from .capture import SourceSpec
 from .encode import EncoderSettings
@@ -95,10 +96,7 @@ class Stream:
         proc = self._proc
         if proc is not None:
             await _stop_process(proc, self.name)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         self.hub.close()
         self.encoders_running = 0
         self.state = "closed"
