@@ -11,7 +11,15 @@ from aiortc import RTCIceServer
 from .config import Config, StreamConfig
 from .encode import EncoderSettings
 from .hub import PacketHub
-from .rtsp import Mediamtx, MediamtxSettings, RtspPublisher, check_ports_free, find_mediamtx
+from .rtsp import (
+    LOOPBACK_PUBLISH_TRANSPORT,
+    REMOTE_PUBLISH_TRANSPORT,
+    Mediamtx,
+    MediamtxSettings,
+    RtspPublisher,
+    check_ports_free,
+    find_mediamtx,
+)
 from .stream import Stream
 from .webrtc import ViewerSessions, restrict_host_addresses
 
@@ -57,12 +65,16 @@ class Relay:
 
     async def start(self) -> None:
         restrict_host_addresses(list(self.config.webrtc.ice_addresses) or None)
-        await self._start_rtsp()  # first: a taken port stops us before any camera is opened
-        for stream in self.streams.values():
-            stream.start()
-            log.info("stream=%s source=%s started", stream.name, stream.spec)
-        for publisher in self.publishers.values():
-            publisher.start()
+        try:
+            await self._start_rtsp()  # first: a taken port stops us before any camera is opened
+            for stream in self.streams.values():
+                stream.start()
+                log.info("stream=%s source=%s started", stream.name, stream.spec)
+            for publisher in self.publishers.values():
+                publisher.start()
+        except BaseException:
+            await self.close()  # aiohttp runs no cleanup for a start that failed
+            raise
 
     async def _start_rtsp(self) -> None:
         r = self.config.rtsp
@@ -70,6 +82,7 @@ class Relay:
             return
         ready = None
         base = r.publish_url
+        transport = REMOTE_PUBLISH_TRANSPORT
         if not base:
             binary = find_mediamtx(r.mediamtx)
             settings = MediamtxSettings(
@@ -80,9 +93,10 @@ class Relay:
             await self.mediamtx.start()
             ready = self.mediamtx.ready
             base = f"rtsp://127.0.0.1:{r.port}"
+            transport = LOOPBACK_PUBLISH_TRANSPORT
         for name, stream in self.streams.items():
             self.publishers[name] = RtspPublisher(
-                stream.hub, f"{base}/{name}", stream.width, stream.height, stream.fps, ready
+                stream.hub, f"{base}/{name}", stream.width, stream.height, stream.fps, ready, transport
             )
 
     def rtsp_url(self, name: str, host: str) -> str | None:

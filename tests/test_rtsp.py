@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -201,3 +202,31 @@ async def test_shutdown_leaves_no_mediamtx_and_the_api_shows_the_url(relay_serve
         assert f":{port}/cam0</code>" in await resp.text()
     await relay_server.relay.mediamtx.close()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+async def test_publish_url_publishes_to_a_users_own_server_and_runs_no_mediamtx(tmp_path):
+    from relay.config import RtspConfig
+    from relay.rtsp import Mediamtx
+
+    from .conftest import make_config, start_relay
+
+    rtp = free_rtp_pair()
+    theirs = Mediamtx(
+        find_mediamtx(""), MediamtxSettings("127.0.0.1", free_port(), rtp, rtp + 1, free_port()), ["cam0"], tmp_path
+    )
+    await theirs.start()
+    try:
+        base = f"rtsp://127.0.0.1:{theirs.settings.port}"
+        config = dataclasses.replace(make_config(), rtsp=RtspConfig(publish_url=base))
+        runner, relay = await start_relay(config)
+        try:
+            assert relay.relay.mediamtx is None
+            assert relay.relay.publishers["cam0"].transport == "tcp"
+            await wait_published(relay)
+            latencies = await asyncio.to_thread(read_rtsp, f"{base}/cam0", 10)
+            assert all(x is not None for x in latencies)
+            assert relay.relay.rtsp_url("cam0", "ignored") == f"{base}/cam0"
+        finally:
+            await runner.cleanup()
+    finally:
+        await theirs.close()
