@@ -138,3 +138,26 @@ def test_devices_without_cameras_says_so():
     result = run("devices")
     assert result.returncode == 0
     assert "no V4L2 capture device with MJPEG found" in result.stdout
+
+
+def test_rtsp_port_in_use_is_one_clear_error(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        env = dict(
+            os.environ, CAMRELAY_RTSP_HOST="127.0.0.1", CAMRELAY_RTSP_PORT=str(taken), CAMRELAY_STATE_DIR=str(tmp_path)
+        )
+        result = run("serve", "--http-host", "127.0.0.1", "--http-port", str(free_port()), "--size", "640x360", env=env)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            f"cannot start: rtsp.port: port {taken} is taken (Address already in use); is another mediamtx or"
+            " camrelay running? Stop it, or choose another rtsp.port"
+        )
+    )
+    assert "opened" not in result.stderr  # no camera was started
