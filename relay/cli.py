@@ -102,7 +102,7 @@ async def serve(config: Config) -> None:
     from aiohttp import web
 
     from relay.service import Relay
-    from signalling.app import make_app
+    from signalling.app import RELAY, make_app
 
     # Bind first: a taken port is one clear error before any camera is opened.
     try:
@@ -121,8 +121,12 @@ async def serve(config: Config) -> None:
         await runner.cleanup()
         raise
     await web.SockSite(runner, sock).start()
-    shown = "127.0.0.1" if config.http.host in ("0.0.0.0", "::", "") else config.http.host
-    log.info("listening on http://%s:%d/", shown, config.http.port)
+    relay = app[RELAY]
+    for host in public_hosts(config.http.host):
+        log.info("viewer page: http://%s:%d/", host, config.http.port)
+        for name in relay.streams:
+            if url := relay.rtsp_url(name, host):
+                log.info("stream=%s rtsp: %s", name, url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -132,6 +136,21 @@ async def serve(config: Config) -> None:
         log.info("shutting down")
     finally:
         await runner.cleanup()
+
+
+def public_hosts(bind: str) -> list[str]:
+    """Addresses a person can open the page at: the bound one, or every IPv4 address for 0.0.0.0."""
+    if bind not in ("0.0.0.0", "::", ""):
+        return [bind]
+    import psutil
+
+    hosts = [
+        a.address
+        for addrs in psutil.net_if_addrs().values()
+        for a in addrs
+        if a.family == socket.AF_INET and not a.address.startswith("127.")
+    ]
+    return hosts + ["127.0.0.1"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,9 @@ PUBLISH_RETRY_DELAY = 0.5
 # (benchmarks/rtsp_latency.py). Loopback UDP loses nothing. An external server
 # (rtsp.publish_url) gets TCP, which crosses firewalls and lossy links.
 LOOPBACK_PUBLISH_TRANSPORT = "udp"
+# RTP packets mediamtx can forward as they are (it re-packs anything over 1440
+# bytes; FFmpeg's default is 1460), with room for a tunnel's headers.
+PUBLISH_PACKET_SIZE = 1400
 REMOTE_PUBLISH_TRANSPORT = "tcp"
 REPO_BIN = Path(__file__).resolve().parent.parent / "bin" / "mediamtx"
 LOOPBACK = ["127.0.0.1", "::1"]
@@ -356,7 +359,8 @@ class RtspPublisher:
             await asyncio.to_thread(_close_quietly, container)
 
     def _open(self, first: EncodedFrame):
-        container = av.open(self.url, "w", format="rtsp", options={"rtsp_transport": self.transport}, timeout=5)
+        options = {"rtsp_transport": self.transport, "pkt_size": str(PUBLISH_PACKET_SIZE)}
+        container = av.open(self.url, "w", format="rtsp", options=options, timeout=5)
         try:
             stream = container.add_stream("h264", rate=fractions.Fraction(self.fps).limit_denominator(1001))
             stream.width, stream.height = self.size
