@@ -55,9 +55,12 @@ class SourceSpec:
 
     def __str__(self) -> str:
         if self.kind == "test":
+            text = "test:"
             if self.width:
-                return f"test:{self.width}x{self.height}@{self.fps:g}"
-            return "test:"
+                text += f"{self.width}x{self.height}"
+            if self.fps:
+                text += f"@{self.fps:g}"
+            return text + (f"?{self.target}" if self.target else "")
         if self.kind == "rtsp":
             return redact_url(self.target)  # shown in logs and the API: never the password
         return f"{self.kind}:{self.target}"
@@ -72,12 +75,13 @@ def parse_source_spec(text: str) -> SourceSpec:
     if not sep:
         raise ValueError(f"source {text!r} has no kind; expected test:, v4l2:/dev/videoN, rtsp://... or file:PATH")
     if kind == "test":
-        if not rest:
-            return SourceSpec("test", "")
+        rest, _, query = rest.partition("?")
+        if query:
+            parse_faults(query)  # validate now, not in the worker
         size, at, rate = rest.partition("@")
-        width, height = parse_size(size)
+        width, height = parse_size(size) if size else (None, None)
         fps = parse_fps(rate) if at else None
-        return SourceSpec("test", "", width, height, fps)
+        return SourceSpec("test", query, width, height, fps)
     if kind in ("v4l2", "file"):
         if not rest:
             raise ValueError(f"source {text!r} needs a path after {kind}:")
@@ -121,23 +125,68 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
+FAULTS = ("die", "hang", "corrupt")
+
+
+def parse_faults(query: str) -> dict[str, str | float]:
+    """``fault=die&after=60&down=2``: a test pattern that misbehaves like a real camera.
+
+    - ``die``: after ``after`` frames the camera is unplugged; it cannot be
+      opened for ``down`` seconds, then comes back (and dies again later).
+    - ``hang``: after ``after`` frames reads block (no frames, no error) until
+      the source is closed or ``down`` seconds pass.
+    - ``corrupt``: every ``every``-th JPEG is cut short.
+
+    ``times=N`` stops after N faults (default 0: forever).
+    """
+    out: dict[str, str | float] = {"fault": "", "after": 60.0, "down": 2.0, "every": 10.0, "times": 0.0}
+    for part in query.split("&"):
+        key, eq, value = part.partition("=")
+        if key not in out or not eq:
+            raise ValueError(f"test source option {part!r} is not one of fault=, after=, down=, every=, times=")
+        if key == "fault":
+            if value not in FAULTS:
+                raise ValueError(f"fault {value!r} is not one of {', '.join(FAULTS)}")
+            out[key] = value
+        else:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                raise ValueError(f"test source option {key}={value!r} is not a number") from None
+    return out
+
+
+# When each simulated camera may be opened again, and how many faults it has
+# had (keyed by its spec); per process, because the worker opens a new source
+# object for every retry.
+_DOWN_UNTIL: dict[str, float] = {}
+_FAULTS_DONE: dict[str, int] = {}
+
+
 class TestPatternSource:
     """The synthetic MJPEG camera, paced to its frame rate by the wall clock."""
 
-    def __init__(self, width: int, height: int, fps: float, label: str = "test") -> None:
+    def __init__(self, width: int, height: int, fps: float, label: str = "test", faults: str = "") -> None:
         self.width, self.height, self.fps = width, height, fps
         self._label = label
         self._renderer: PatternRenderer | None = None
         self._next = 0.0
         self._stop = threading.Event()
+        self._faults = parse_faults(faults) if faults else None
+        self._fault_key = f"{label}?{faults}"
+        self._frames = 0
 
     def open(self) -> None:
+        if self._faults and time.monotonic() < _DOWN_UNTIL.get(self._fault_key, 0.0):
+            raise SourceError("simulated camera is unplugged")
         self._renderer = PatternRenderer(self.width, self.height, self._label)
         self._next = time.monotonic()
 
     def read(self) -> CapturedFrame:
         if self._renderer is None:
             raise SourceError("test pattern is not open")
+        if self._faults:
+            self._misbehave()
         delay = self._next - time.monotonic()
         if delay > 0:
             if self._stop.wait(delay):
@@ -147,7 +196,29 @@ class TestPatternSource:
             self._next = time.monotonic() + delay % (1.0 / self.fps)
         self._next += 1.0 / self.fps
         now = time.time()
-        return CapturedFrame(now, jpeg=self._renderer.jpeg(int(now * 1000)))
+        jpeg = self._renderer.jpeg(int(now * 1000))
+        self._frames += 1
+        if self._faults and self._faults["fault"] == "corrupt" and self._frames % int(self._faults["every"]) == 0:
+            jpeg = jpeg[: len(jpeg) // 2]
+        return CapturedFrame(now, jpeg=jpeg)
+
+    def _misbehave(self) -> None:
+        f = self._faults
+        assert f is not None
+        if self._frames < f["after"]:
+            return
+        done = _FAULTS_DONE.get(self._fault_key, 0)
+        if f["times"] and done >= f["times"]:
+            return
+        _FAULTS_DONE[self._fault_key] = done + 1
+        if f["fault"] == "die":
+            _DOWN_UNTIL[self._fault_key] = time.monotonic() + float(f["down"])
+            raise SourceError("simulated camera unplugged")
+        if f["fault"] == "hang":
+            self._frames = 0  # after the hang, misbehave again later
+            if self._stop.wait(float(f["down"])):
+                raise SourceError("test pattern closed")
+            self._next = time.monotonic()
 
     def close(self) -> None:
         self._stop.set()
@@ -260,7 +331,7 @@ def open_source(spec: SourceSpec, width: int, height: int, fps: float, label: st
     width, height = spec.width or width, spec.height or height
     fps = spec.fps or fps
     if spec.kind == "test":
-        return TestPatternSource(width, height, fps, label)
+        return TestPatternSource(width, height, fps, label, spec.target)
     if spec.kind == "v4l2":
         return V4L2Source(spec.target, width, height, fps)
     if spec.kind == "rtsp":

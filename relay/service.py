@@ -147,6 +147,8 @@ class Relay:
             "rtsp_path": f"/{stream.name}" if self.config.rtsp.enabled else None,
             "rtsp_live_alias": stream.name == next(iter(self.streams)) and self.config.rtsp.enabled,
             "rtsp_published": self.publishers[stream.name].published if stream.name in self.publishers else 0,
+            "frames_slate": st.frames_slate,
             "source_errors": st.source_errors,
+            "worker_stalls": st.worker_stalls,
             "last_error": st.last_error,
         }

@@ -33,7 +33,16 @@ from .hub import EncodedFrame, PacketHub
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 5.0  # seconds a worker gets to stop after its stdin closes, and again after SIGTERM
+# A worker sends a frame (the slate, if its camera is gone) at the stream's
+# rate; this long without one means the process itself is stuck: kill it.
+WORKER_STALL = 3.0
+WORKER_STARTUP_GRACE = 15.0  # a fresh worker imports PyAV and opens its source first
+WATCHDOG_PERIOD = 0.5
 PIPE_LIMIT = 1 << 20  # reader buffer; one 4K JPEG fits
+
+
+# Counters the worker reports; the relay adds up those of every worker it has run.
+COUNTERS = ("frames_captured", "frames_dropped_encoder_busy", "frames_dropped_corrupt", "frames_slate", "source_errors")
 
 
 @dataclass
@@ -46,9 +55,11 @@ class StreamStats:
     keyframes_forced: int = 0
     bytes_encoded: int = 0
     encode_ms: float = 0.0
+    frames_slate: int = 0
     source_errors: int = 0
     last_error: str = ""
     worker_restarts: int = 0
+    worker_stalls: int = 0
 
 
 class Stream:
@@ -86,6 +97,7 @@ class Stream:
         self._closing = False
         self._want_jpeg = False
         self._base_counts = StreamStats()  # counters of workers that have exited
+        self._last_unit = 0.0
 
     def start(self) -> None:
         self.state = "starting"
@@ -128,9 +140,12 @@ class Stream:
                 if self._want_jpeg:
                     self._command(ipc.CMD_JPEG_ON)
                 self.request_keyframe()  # viewers kept across a restart need a fresh IDR
+                self._last_unit = time.monotonic() + WORKER_STARTUP_GRACE - WORKER_STALL
+                watchdog = asyncio.get_running_loop().create_task(self._watchdog(proc))
                 try:
                     await self._read(proc.stdout)
                 finally:
+                    await cancel_and_wait(watchdog)
                     returncode = await proc.wait()
                     self._proc = None
                     self._fold_counts()
@@ -167,7 +182,19 @@ class Stream:
                 record = json.loads(payload)
                 logging.getLogger(record["logger"]).log(record["level"], record["message"])
 
+    async def _watchdog(self, proc: asyncio.subprocess.Process) -> None:
+        while proc.returncode is None:
+            await asyncio.sleep(WATCHDOG_PERIOD)
+            silent = time.monotonic() - self._last_unit
+            if silent > WORKER_STALL and proc.returncode is None:
+                self.stats.worker_stalls += 1
+                log.error("stream=%s worker sent nothing for %.1fs; killing it", self.name, silent)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                return
+
     def _on_unit(self, msg: ipc.Message) -> None:
+        self._last_unit = time.monotonic()
         st = self.stats
         st.frames_encoded += 1
         st.bytes_encoded += len(msg.payload)
@@ -178,7 +205,7 @@ class Stream:
 
     def _on_status(self, s: dict) -> None:
         base, st = self._base_counts, self.stats
-        for key in ("frames_captured", "frames_dropped_encoder_busy", "frames_dropped_corrupt", "source_errors"):
+        for key in COUNTERS:
             setattr(st, key, getattr(base, key) + s[key])
         st.encode_ms = s["encode_ms"]
         st.last_error = s["last_error"]
@@ -189,7 +216,7 @@ class Stream:
 
     def _fold_counts(self) -> None:
         """A worker ended: keep its counters as the base for the next one."""
-        for key in ("frames_captured", "frames_dropped_encoder_busy", "frames_dropped_corrupt", "source_errors"):
+        for key in COUNTERS:
             setattr(self._base_counts, key, getattr(self.stats, key))
 
 

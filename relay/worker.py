@@ -21,7 +21,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import ipc
+import av
+
+from . import ipc, slate
 from .backoff import Retry
 from .capture import CapturedFrame, Source, SourceError, open_source, parse_source_spec
 from .encode import PTS_CLOCK, DecodeError, EncoderSettings, H264Encoder, JpegDecoder
@@ -34,6 +36,10 @@ KEYFRAME_MIN_INTERVAL = 0.5
 THREAD_JOIN_TIMEOUT = 5.0  # a device read is bounded by its frame time
 EWMA_ALPHA = 0.1  # smoothing for the per-frame encode time
 STATUS_INTERVAL = 1.0  # seconds between status messages to the relay
+SLATE_AFTER = 1.0  # seconds without a frame before viewers see the no-signal slate
+CAPTURE_STALL = 2.0  # seconds without a frame (and without an error) before the source is reopened
+STUCK_EXIT = 8.0  # seconds a closed source may keep its read blocked before the worker exits
+EXIT_STUCK = 3  # the worker's exit status when the capture thread is stuck
 
 
 class Mailbox:
@@ -71,6 +77,8 @@ class PipelineStats:
     frames_encoded: int = 0
     frames_dropped_encoder_busy: int = 0
     frames_dropped_corrupt: int = 0
+    frames_slate: int = 0
+    slate: bool = False  # showing the no-signal slate now
     keyframes: int = 0
     keyframes_forced: int = 0
     bytes_encoded: int = 0
@@ -93,9 +101,17 @@ class Pipeline:
     """Capture and encode threads for one source; output goes to ``emit`` as ipc messages."""
 
     def __init__(
-        self, name: str, source: str, source_factory: Callable[[], Source], settings: EncoderSettings, emit: Emit
+        self,
+        name: str,
+        source: str,
+        source_factory: Callable[[], Source],
+        settings: EncoderSettings,
+        emit: Emit,
+        size: tuple[int, int] = (1280, 720),
     ) -> None:
         self.name = name
+        self.size = size  # for the slate until the source reports its own
+        self.settings_fps = settings.fps
         self.source = source  # for log lines, credentials already redacted
         self.stats = PipelineStats(fps=settings.fps)
         self.send_jpeg = False
@@ -110,8 +126,9 @@ class Pipeline:
         self._last_forced = 0.0
         self._source: Source | None = None
         self._threads: list[threading.Thread] = []
-        self._t0: float | None = None
         self._last_pts = -1
+        self._last_frame = time.monotonic()  # when the source last delivered a frame
+        self._stall_closed_at: float | None = None
 
     def start(self) -> None:
         for target, role in ((self._capture_loop, "capture"), (self._encode_loop, "encode")):
@@ -137,6 +154,8 @@ class Pipeline:
         self.stats.encoder = self._encoder.name
         d = dict(self.stats.__dict__)
         d["encoders_running"] = self._encoder.running
+        if self.stats.slate:
+            d["state"] = "no_signal"
         return d
 
     def push_status(self) -> None:
@@ -196,9 +215,19 @@ class Pipeline:
         decoder = JpegDecoder()
         st = self.stats
         while not self._stop.is_set():
-            frame = self._mailbox.get(timeout=0.5)
+            frame = self._mailbox.get(timeout=1.0 / max(1.0, st.fps or self.settings_fps))
+            now = time.monotonic()
             if frame is None:
-                continue
+                self._check_stall(now)
+                if now - self._last_frame < SLATE_AFTER:
+                    continue
+                frame = self._slate_frame()  # the camera is gone: keep the stream alive
+            else:
+                self._last_frame = now
+                self._stall_closed_at = None
+                if st.slate:
+                    st.slate = False
+                    log.info("stream=%s signal is back", self.name)
             started = time.perf_counter()
             try:
                 picture = frame.picture if frame.picture is not None else decoder.decode(frame.jpeg or b"")
@@ -231,11 +260,41 @@ class Pipeline:
                 self._emit(ipc.pack(ipc.UNIT, data, flags=flags, pts=pts, capture_time=frame.capture_time))
 
     def _pts(self, capture_time: float) -> int:
-        if self._t0 is None:
-            self._t0 = capture_time
-        pts = max(round((capture_time - self._t0) * PTS_CLOCK), self._last_pts + 1)
+        """The 90 kHz wall clock: continuous across source and worker restarts, so
+        viewers' RTP timestamps never jump back when a camera comes back."""
+        pts = max(round(capture_time * PTS_CLOCK), self._last_pts + 1)
         self._last_pts = pts
         return pts
+
+    def _slate_frame(self) -> CapturedFrame:
+        st = self.stats
+        if not st.slate:
+            st.slate = True
+            log.warning("stream=%s no signal; showing the slate", self.name)
+            self.push_status()
+        st.frames_slate += 1
+        now = time.time()
+        width, height = st.width or self.size[0], st.height or self.size[1]
+        planes = slate.render(width, height, self.name, int(now * 1000))
+        return CapturedFrame(now, picture=av.VideoFrame.from_ndarray(planes, format="yuv420p"))
+
+    def _check_stall(self, now: float) -> None:
+        """A source that stops delivering without an error: close it (which unblocks
+        a stuck read) so the capture loop reopens it; if even that does not free
+        the capture thread, end the process and let the relay start a fresh one."""
+        if self.stats.state != "live":
+            return
+        silent = now - self._last_frame
+        if silent >= CAPTURE_STALL and self._stall_closed_at is None:
+            self._stall_closed_at = now
+            self._record_error(f"no frame for {silent:.1f}s; reopening the source")
+            source = self._source
+            if source is not None:
+                source.close()
+        elif self._stall_closed_at is not None and now - self._stall_closed_at >= STUCK_EXIT:
+            log.error("stream=%s capture is stuck in the driver; restarting the worker", self.name)
+            self._emit(ipc.pack_json(ipc.STATUS, self.status()))
+            os._exit(EXIT_STUCK)
 
     def _take_keyframe_request(self) -> bool:
         if not self._keyframe_wanted.is_set():
@@ -303,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         lambda: open_source(spec, cfg["width"], cfg["height"], cfg["fps"], cfg["name"]),
         settings,
         emit,
+        size=(spec.width or cfg["width"], spec.height or cfg["height"]),
     )
 
     def commands() -> None:

@@ -1,0 +1,147 @@
+"""A camera that dies, hangs or sends corrupt JPEGs: viewers stay connected and
+keep receiving frames (the slate during the outage, video after), no reconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from relay import slate
+from relay.capture import parse_source_spec
+from relay.config import StreamConfig
+from relay.whepclient import WhepViewer, luma
+
+from .conftest import make_config, start_relay
+
+FPS = 15
+
+
+def is_slate(frame) -> bool:
+    """The slate is flat dark grey below the band and its text; the pattern never is."""
+    y = luma(frame)
+    corner = y[y.shape[0] - y.shape[0] // 8 :, : y.shape[1] // 8]
+    return bool(np.abs(corner.astype(int) - slate.BACKGROUND).mean() < 6)
+
+
+async def watch(viewer: WhepViewer, stream, until, timeout: float = 30.0) -> list[bool]:
+    """Read frames until ``until(stream)``; one bool per frame: was it the slate."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while not until(stream):
+        assert time.monotonic() < deadline, f"timed out; stream state {stream.state}, {stream.stats}"
+        frame = await viewer.recv(timeout=3.0)  # never a 3 s gap: the stream keeps running
+        seen.append(is_slate(frame))
+    return seen
+
+
+def video_back_for(seconds: float):
+    """A condition for ``watch``: the stream is live and has sent no slate frame for ``seconds``."""
+    last = {"slate": -1, "since": 0.0}
+
+    def check(stream) -> bool:
+        if stream.state != "live" or stream.stats.frames_slate != last["slate"]:
+            last.update(slate=stream.stats.frames_slate, since=time.monotonic())
+            return False
+        return time.monotonic() - last["since"] >= seconds
+
+    return check
+
+
+def faulty(query: str) -> tuple[StreamConfig, ...]:
+    return (StreamConfig("cam0", parse_source_spec(f"test:640x360@{FPS}?{query}")),)
+
+
+@pytest.mark.parametrize(
+    ("query", "what"),
+    [
+        ("fault=die&after=30&down=3&times=1", "camera unplugged for 3 s"),
+        ("fault=hang&after=30&down=20&times=1", "camera stops sending without an error"),
+    ],
+)
+async def test_viewer_rides_through_a_camera_outage(http, query, what):
+    runner, relay = await start_relay(make_config(faulty(query), fps=FPS))
+    stream = relay.relay.streams["cam0"]
+    viewer = WhepViewer(relay.whep(), http)
+    try:
+        await viewer.connect()
+        before = await watch(viewer, stream, lambda s: s.stats.frames_slate > 0)
+        during = await watch(viewer, stream, video_back_for(1.0))
+        after = [is_slate(await viewer.recv(timeout=3.0)) for _ in range(FPS)]
+        assert not any(before[:FPS]), "real video before the fault"
+        assert any(during), f"{what}: the slate was shown"
+        assert not any(after), f"{what}: video came back by itself"
+        assert viewer.pc.connectionState == "connected"
+        assert stream.stats.source_errors >= 1
+        assert stream.stats.worker_restarts == 0  # handled inside the worker
+    finally:
+        await viewer.close()
+        await runner.cleanup()
+
+
+async def test_corrupt_jpegs_are_dropped_and_counted(http):
+    runner, relay = await start_relay(make_config(faulty("fault=corrupt&every=5"), fps=FPS))
+    stream = relay.relay.streams["cam0"]
+    viewer = WhepViewer(relay.whep(), http)
+    try:
+        await viewer.connect()
+        samples = await viewer.read_frames(3 * FPS)
+        assert all(s.latency_ms is not None for s in samples)  # only whole pictures reach viewers
+        deadline = time.monotonic() + 5
+        while stream.stats.frames_dropped_corrupt < 3:  # counted in the worker, reported each second
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        assert stream.stats.frames_slate == 0
+    finally:
+        await viewer.close()
+        await runner.cleanup()
+
+
+async def test_a_killed_worker_is_restarted_and_viewers_keep_their_session(http):
+    import os
+    import signal
+
+    runner, relay = await start_relay(make_config(fps=FPS))
+    stream = relay.relay.streams["cam0"]
+    viewer = WhepViewer(relay.whep(), http)
+    try:
+        await viewer.connect()
+        await viewer.read_frames(FPS)
+        os.killpg(stream._proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while stream.stats.worker_restarts < 1 or stream.state != "live":
+            assert time.monotonic() < deadline, "worker was not restarted"
+            await asyncio.sleep(0.05)
+        samples = await viewer.read_frames(FPS, timeout=10)  # the same session, frames again
+        assert all(s.latency_ms is not None for s in samples)
+        assert viewer.pc.connectionState == "connected"
+    finally:
+        await viewer.close()
+        await runner.cleanup()
+
+
+async def test_a_frozen_worker_is_killed_by_the_watchdog_and_replaced(http):
+    import os
+    import signal
+
+    runner, relay = await start_relay(make_config(fps=FPS))
+    stream = relay.relay.streams["cam0"]
+    try:
+        frozen = stream._proc.pid
+        os.killpg(frozen, signal.SIGSTOP)  # alive, but sends nothing: a hung process
+        deadline = time.monotonic() + 30
+        while stream.stats.worker_restarts < 1 or stream.state != "live":
+            assert time.monotonic() < deadline, "frozen worker was not replaced"
+            await asyncio.sleep(0.1)
+        assert stream.stats.worker_stalls == 1
+        assert stream._proc.pid != frozen
+        viewer = WhepViewer(relay.whep(), http)
+        try:
+            await viewer.connect()
+            assert all(s.latency_ms is not None for s in await viewer.read_frames(5))
+        finally:
+            await viewer.close()
+    finally:
+        await runner.cleanup()
