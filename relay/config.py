@@ -75,12 +75,18 @@ class RtspConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TelemetryConfig:
+    log_interval: float = 30.0  # seconds between status lines in the log
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     streams: tuple[StreamConfig, ...] = ()  # empty: cameras found at start, else the test pattern
     video: VideoConfig = VideoConfig()
     http: HttpConfig = HttpConfig()
     webrtc: WebRTCConfig = WebRTCConfig()
     rtsp: RtspConfig = RtspConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
     log_level: str = "info"
     state_dir: str = ""  # where camrelay keeps generated files; empty: $XDG_STATE_HOME/camrelay
 
@@ -216,6 +222,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "connect_timeout": parse_duration,
         "max_viewers": _int(1, MAX_VIEWERS_LIMIT),
     },
+    "telemetry": {"log_interval": parse_duration},
     "rtsp": {
         "enabled": _bool,
         "host": _str,
@@ -339,5 +346,6 @@ def load(
         http=HttpConfig(**values["http"]),
         webrtc=WebRTCConfig(**values["webrtc"]),
         rtsp=rtsp,
+        telemetry=TelemetryConfig(**values["telemetry"]),
         **values[""],
     )

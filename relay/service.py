@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 from aiortc import RTCIceServer
@@ -21,6 +22,7 @@ from .rtsp import (
     find_mediamtx,
 )
 from .stream import Stream
+from .telemetry import StreamSample, Telemetry
 from .webrtc import ViewerSessions, restrict_host_addresses
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,8 @@ class Relay:
         self.state_dir = Path(config.state_dir) if config.state_dir else default_state_dir()
         self.mediamtx: Mediamtx | None = None
         self.publishers: dict[str, RtspPublisher] = {}
+        self.telemetry = Telemetry(self._stream_samples, self._process_ids, config.telemetry.log_interval)
+        self._last_counts: dict[str, tuple[float, int, int, int]] = {}
         for sc in config.streams:
             self.streams[sc.name] = self._make_stream(sc)
 
@@ -72,6 +76,7 @@ class Relay:
                 log.info("stream=%s source=%s started", stream.name, stream.spec)
             for publisher in self.publishers.values():
                 publisher.start()
+            self.telemetry.start()
         except BaseException:
             await self.close()  # aiohttp runs no cleanup for a start that failed
             raise
@@ -108,7 +113,47 @@ class Relay:
             return f"{r.publish_url}/{name}"
         return f"rtsp://{host}:{r.port}/{name}"
 
+    def _process_ids(self) -> dict[str, int | None]:
+        pids: dict[str, int | None] = {"relay": os.getpid()}
+        for name, stream in self.streams.items():
+            pids[f"worker-{name}"] = stream.pid
+        pids["mediamtx"] = self.mediamtx.pid if self.mediamtx else None
+        return pids
+
+    def _stream_samples(self) -> list[StreamSample]:
+        """Per-stream rates since the previous sample."""
+        now = time.monotonic()
+        out = []
+        for name, stream in self.streams.items():
+            st = stream.stats
+            t0, captured0, encoded0, bytes0 = self._last_counts.get(
+                name, (now, st.frames_captured, st.frames_encoded, st.bytes_encoded)
+            )
+            dt = now - t0
+            self._last_counts[name] = (now, st.frames_captured, st.frames_encoded, st.bytes_encoded)
+            out.append(
+                StreamSample(
+                    name=name,
+                    state=stream.state,
+                    viewers=self.sessions.connected(name),
+                    capture_fps=(st.frames_captured - captured0) / dt if dt > 0 else 0.0,
+                    encoded_fps=(st.frames_encoded - encoded0) / dt if dt > 0 else 0.0,
+                    bitrate_bps=(st.bytes_encoded - bytes0) * 8 / dt if dt > 0 else 0.0,
+                    encode_ms=st.encode_ms,
+                    keyframes_forced=st.keyframes_forced,
+                    frames_dropped={
+                        "encoder_busy": st.frames_dropped_encoder_busy,
+                        "corrupt": st.frames_dropped_corrupt,
+                        "viewer_lag": stream.hub.dropped,
+                    },
+                    restarts=st.worker_restarts,
+                    source_errors=st.source_errors,
+                )
+            )
+        return out
+
     async def close(self) -> None:
+        await self.telemetry.close()
         for publisher in self.publishers.values():
             await publisher.close()
         await self.sessions.close_all()

@@ -99,6 +99,11 @@ class Stream:
         self._base_counts = StreamStats()  # counters of workers that have exited
         self._last_unit = 0.0
 
+    @property
+    def pid(self) -> int | None:
+        """The worker process's pid while one runs."""
+        return self._proc.pid if self._proc is not None else None
+
     def start(self) -> None:
         self.state = "starting"
         self._task = asyncio.get_running_loop().create_task(self._supervise(), name=f"stream-{self.name}")

@@ -18,6 +18,7 @@ import psutil
 from aiohttp import web
 
 from relay.service import Relay, UnknownStream
+from relay.telemetry import prometheus
 from relay.webrtc import OfferRejected
 
 from .sdp import SdpError, check_offer, drop_mdns_candidates, is_mdns_candidate
@@ -221,6 +222,35 @@ async def api_rtsp(request: web.Request) -> web.Response:
     )
 
 
+async def api_status(request: web.Request) -> web.Response:
+    relay = request.app[RELAY]
+    snapshot = relay.telemetry.latest.as_dict()
+    snapshot["streams"] = [
+        {**sample, **_describe(request, relay.streams[sample["name"]])}
+        for sample in snapshot["streams"]
+        if sample["name"] in relay.streams
+    ]
+    snapshot["viewers"] = relay.sessions.connected()
+    snapshot["rtsp"] = {
+        "enabled": relay.config.rtsp.enabled,
+        "mediamtx_up": relay.mediamtx.ready.is_set() if relay.mediamtx else None,
+        "mediamtx_restarts": relay.mediamtx.restarts if relay.mediamtx else 0,
+    }
+    return web.json_response(snapshot)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    relay = request.app[RELAY]
+    extra = [("camrelay_viewers", "gauge", "WebRTC viewers connected, all streams.", {}, relay.sessions.connected())]
+    if relay.mediamtx is not None:
+        extra.append(
+            ("camrelay_mediamtx_up", "gauge", "1 while mediamtx answers.", {}, int(relay.mediamtx.ready.is_set()))
+        )
+        extra.append(("camrelay_mediamtx_restarts_total", "counter", "mediamtx restarts.", {}, relay.mediamtx.restarts))
+    text = prometheus(relay.telemetry.latest, extra)
+    return web.Response(text=text, content_type="text/plain", charset="utf-8", headers={"X-Prometheus-Format": "0.0.4"})
+
+
 async def healthz(request: web.Request) -> web.Response:
     relay = request.app[RELAY]
     bad = [s.name for s in relay.streams.values() if s.state not in ("live", "starting")]
@@ -264,6 +294,8 @@ def make_app(relay: Relay) -> web.Application:
     app.router.add_delete("/whep/{stream}/{session}", whep_delete)
     app.router.add_get("/api/v1/streams", api_streams)
     app.router.add_get("/api/v1/rtsp", api_rtsp)
+    app.router.add_get("/api/v1/status", api_status)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_static("/static/", STATIC_DIR, name="static")
     return app

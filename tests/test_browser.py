@@ -173,3 +173,22 @@ async def test_index_tile_goes_live(relay_server, http):
 
         await page.close()
         await wait_viewers_gone(http, relay_server)
+
+
+async def test_status_panel_shows_cpu_and_viewers(relay_server: RunningRelay) -> None:
+    async with chromium() as browser:
+        page = await browser.new_page()
+        try:
+            await page.goto(relay_server.base + "/view/cam0")
+            await page.wait_for_function(PLAYING, timeout=PLAY_TIMEOUT_MS)
+            await page.wait_for_function(
+                "() => /^\\d+ %$/.test(document.querySelector('[data-role=cpu]').textContent)", timeout=PLAY_TIMEOUT_MS
+            )
+            # The panel polls every 5 s; wait for one poll after the viewer connected.
+            await page.wait_for_function(
+                "() => document.querySelector('[data-role=viewers]').textContent === '1'", timeout=PLAY_TIMEOUT_MS
+            )
+            assert await page.locator("[data-role=temp]").text_content() == "—"  # this VM has no thermal zone
+            assert await page.locator("[data-role=throttled]").is_hidden()
+        finally:
+            await page.close()

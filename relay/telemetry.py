@@ -1,0 +1,302 @@
+"""How the box and every stream are doing: CPU, memory, temperature, throttling, frame rates.
+
+The readers of ``/sys`` take their root as a parameter (tests build a fake
+tree with real files); the throttling decoder and the Prometheus writer are
+pure. ``Telemetry`` samples on the event loop without blocking it: psutil's
+CPU percent is non-blocking between calls, and sysfs reads are a few bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from .aio import cancel_and_wait
+
+log = logging.getLogger(__name__)
+
+SAMPLE_INTERVAL = 5.0  # seconds between samples; rates are averaged over it
+# The Pi firmware's throttling word (vcgencmd get_throttled): bit -> name.
+THROTTLE_BITS = {
+    0: "under_voltage",
+    1: "arm_frequency_capped",
+    2: "throttled",
+    3: "soft_temperature_limit",
+    16: "under_voltage_occurred",
+    17: "arm_frequency_capped_occurred",
+    18: "throttled_occurred",
+    19: "soft_temperature_limit_occurred",
+}
+PI_THROTTLED_SYSFS = "devices/platform/soc/soc:firmware/get_throttled"
+
+
+@dataclass(frozen=True, slots=True)
+class ThermalZone:
+    name: str  # thermal_zone0
+    type: str  # cpu-thermal, x86_pkg_temp, ...
+    celsius: float
+
+
+def read_thermal(sys_root: Path = Path("/sys")) -> list[ThermalZone]:
+    """Every thermal zone that reads; the rest are skipped."""
+    zones = []
+    base = sys_root / "class" / "thermal"
+    if not base.is_dir():
+        return zones
+    for zone in sorted(base.glob("thermal_zone*"), key=lambda p: int(p.name[12:] or 0)):
+        try:
+            millis = int((zone / "temp").read_text().strip())
+            kind = (zone / "type").read_text().strip() if (zone / "type").exists() else zone.name
+        except (OSError, ValueError):
+            continue  # some zones refuse reads while their sensor sleeps
+        zones.append(ThermalZone(zone.name, kind, millis / 1000))
+    return zones
+
+
+def decode_throttled(value: int) -> dict[str, bool]:
+    """The Pi's throttling word as named flags."""
+    return {name: bool(value >> bit & 1) for bit, name in THROTTLE_BITS.items()}
+
+
+def read_throttled(sys_root: Path = Path("/sys"), vcgencmd: str | None = None) -> int | None:
+    """The throttling word from sysfs (Pi kernels), else ``vcgencmd``; None where neither exists."""
+    path = sys_root / PI_THROTTLED_SYSFS
+    try:
+        return int(path.read_text().strip(), 16)
+    except (OSError, ValueError):
+        pass
+    vcgencmd = vcgencmd if vcgencmd is not None else shutil.which("vcgencmd")
+    if not vcgencmd:
+        return None
+    try:
+        out = subprocess.run([vcgencmd, "get_throttled"], capture_output=True, text=True, timeout=2).stdout
+        return int(out.strip().split("=", 1)[1], 16)  # throttled=0x50005
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
+        return None
+
+
+@dataclass
+class StreamSample:
+    name: str
+    state: str
+    viewers: int
+    capture_fps: float
+    encoded_fps: float
+    bitrate_bps: float
+    encode_ms: float
+    keyframes_forced: int
+    frames_dropped: dict[str, int]
+    restarts: int
+    source_errors: int
+
+
+@dataclass
+class Snapshot:
+    time: float = field(default_factory=time.time)
+    cpu_percent: float = 0.0  # whole machine, 0..100
+    cpu_count: int = 1
+    load: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    memory_total: int = 0
+    memory_available: int = 0
+    rss: dict[str, int] = field(default_factory=dict)  # relay, workers, mediamtx
+    thermal: list[ThermalZone] = field(default_factory=list)
+    throttled: dict[str, bool] | None = None
+    streams: list[StreamSample] = field(default_factory=list)
+
+    @property
+    def temperature(self) -> float | None:
+        """The SoC's temperature: the CPU zone where named, else the hottest."""
+        for zone in self.thermal:
+            if "cpu" in zone.type or "soc" in zone.type:
+                return zone.celsius
+        return max((z.celsius for z in self.thermal), default=None)
+
+    def as_dict(self) -> dict:
+        return {
+            "time": self.time,
+            "system": {
+                "cpu_percent": self.cpu_percent,
+                "cpu_count": self.cpu_count,
+                "load": list(self.load),
+                "memory_total_bytes": self.memory_total,
+                "memory_available_bytes": self.memory_available,
+                "temperature_celsius": self.temperature,
+                "thermal_zones": [{"zone": z.name, "type": z.type, "celsius": z.celsius} for z in self.thermal],
+                "throttled": self.throttled,
+            },
+            "processes": {name: {"rss_bytes": rss} for name, rss in self.rss.items()},
+            "streams": [s.__dict__ for s in self.streams],
+        }
+
+    def log_line(self) -> str:
+        """One line a person reads at a glance."""
+        temp = f"{self.temperature:.1f}C" if self.temperature is not None else "n/a"
+        parts = [
+            f"cpu={self.cpu_percent:.0f}%",
+            f"load={self.load[0]:.2f}",
+            f"mem_free={self.memory_available / 2**20:.0f}MiB",
+            f"temp={temp}",
+            f"rss={sum(self.rss.values()) / 2**20:.0f}MiB",
+        ]
+        if self.throttled and any(v for k, v in self.throttled.items() if not k.endswith("_occurred")):
+            parts.append(
+                "THROTTLED=" + ",".join(k for k, v in self.throttled.items() if v and not k.endswith("_occurred"))
+            )
+        for s in self.streams:
+            parts.append(
+                f"| stream={s.name} {s.state} fps={s.encoded_fps:.1f} kbps={s.bitrate_bps / 1000:.0f}"
+                f" viewers={s.viewers} encode_ms={s.encode_ms:.1f} dropped={sum(s.frames_dropped.values())}"
+            )
+        return "status " + " ".join(parts)
+
+
+def prometheus(snapshot: Snapshot, extra: Iterable[tuple[str, str, str, dict[str, str], float]] = ()) -> str:
+    """The snapshot in Prometheus' text format (conventional names, base units)."""
+    metrics: dict[str, tuple[str, str, list[tuple[dict[str, str], float]]]] = {}
+
+    def add(name: str, kind: str, help_: str, value: float | None, **labels: str) -> None:
+        if value is None:
+            return
+        metrics.setdefault(name, (kind, help_, []))[2].append((labels, float(value)))
+
+    s = snapshot
+    add("camrelay_cpu_usage_ratio", "gauge", "Whole-machine CPU use, 0 to 1.", s.cpu_percent / 100)
+    add("camrelay_cpu_cores", "gauge", "CPU cores.", s.cpu_count)
+    for i, minutes in enumerate(("1", "5", "15")):
+        add("camrelay_load_average", "gauge", "System load average.", s.load[i], period=f"{minutes}m")
+    add("camrelay_memory_total_bytes", "gauge", "Memory in all.", s.memory_total)
+    add("camrelay_memory_available_bytes", "gauge", "Memory available.", s.memory_available)
+    for proc, rss in s.rss.items():
+        add("camrelay_process_resident_memory_bytes", "gauge", "Resident memory per process.", rss, process=proc)
+    for zone in s.thermal:
+        add(
+            "camrelay_temperature_celsius",
+            "gauge",
+            "Thermal zone temperature.",
+            zone.celsius,
+            zone=zone.name,
+            type=zone.type,
+        )
+    if s.throttled is not None:
+        for flag, on in s.throttled.items():
+            add("camrelay_throttled", "gauge", "Raspberry Pi throttling flags (1 = set).", int(on), flag=flag)
+    for st in s.streams:
+        labels = {"stream": st.name}
+        add("camrelay_stream_up", "gauge", "1 while the stream shows live video.", int(st.state == "live"), **labels)
+        add("camrelay_stream_viewers", "gauge", "WebRTC viewers.", st.viewers, **labels)
+        add("camrelay_stream_capture_fps", "gauge", "Frames per second from the source.", st.capture_fps, **labels)
+        add("camrelay_stream_encoded_fps", "gauge", "Frames per second encoded.", st.encoded_fps, **labels)
+        add("camrelay_stream_bitrate_bits_per_second", "gauge", "Encoded bit rate.", st.bitrate_bps, **labels)
+        add(
+            "camrelay_stream_encode_seconds",
+            "gauge",
+            "Decode and encode time per frame.",
+            st.encode_ms / 1000,
+            **labels,
+        )
+        add(
+            "camrelay_stream_keyframes_forced_total",
+            "counter",
+            "IDRs forced by joins, PLI and FIR.",
+            st.keyframes_forced,
+            **labels,
+        )
+        add("camrelay_stream_restarts_total", "counter", "Worker restarts.", st.restarts, **labels)
+        add("camrelay_stream_source_errors_total", "counter", "Source failures.", st.source_errors, **labels)
+        for reason, n in st.frames_dropped.items():
+            add(
+                "camrelay_stream_frames_dropped_total",
+                "counter",
+                "Frames dropped, by reason.",
+                n,
+                stream=st.name,
+                reason=reason,
+            )
+    for name, kind, help_, labels, value in extra:
+        add(name, kind, help_, value, **labels)
+    lines = []
+    for name, (kind, help_, samples) in metrics.items():
+        lines.append(f"# HELP {name} {help_}")
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+            number = str(int(value)) if value.is_integer() else repr(value)  # exact: no %g rounding
+            lines.append(f"{name}{{{label_text}}} {number}" if label_text else f"{name} {number}")
+    return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class Telemetry:
+    """Samples every ``SAMPLE_INTERVAL``; logs a status line every ``log_interval``."""
+
+    def __init__(
+        self,
+        streams: Callable[[], list[StreamSample]],
+        processes: Callable[[], dict[str, int | None]],
+        log_interval: float = 30.0,
+        sys_root: Path = Path("/sys"),
+    ) -> None:
+        self._streams = streams
+        self._processes = processes
+        self.log_interval = log_interval
+        self.sys_root = sys_root
+        self.latest = Snapshot()
+        self._task: asyncio.Task[None] | None = None
+        self._procs: dict[int, psutil.Process] = {}
+        psutil.cpu_percent(None)  # prime: the next call measures from here
+
+    def start(self) -> None:
+        self.latest = self.sample()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="telemetry")
+
+    async def close(self) -> None:
+        await cancel_and_wait(self._task)
+
+    def sample(self) -> Snapshot:
+        vm = psutil.virtual_memory()
+        rss = {}
+        for name, pid in self._processes().items():
+            if pid is None:
+                continue
+            try:
+                proc = self._procs.get(pid) or self._procs.setdefault(pid, psutil.Process(pid))
+                rss[name] = proc.memory_info().rss
+            except psutil.Error:
+                self._procs.pop(pid, None)
+        throttled = read_throttled(self.sys_root, vcgencmd="")  # vcgencmd is a subprocess: see _run
+        return Snapshot(
+            cpu_percent=psutil.cpu_percent(None),
+            cpu_count=psutil.cpu_count() or 1,
+            load=os.getloadavg(),
+            memory_total=vm.total,
+            memory_available=vm.available,
+            rss=rss,
+            thermal=read_thermal(self.sys_root),
+            throttled=decode_throttled(throttled) if throttled is not None else None,
+            streams=self._streams(),
+        )
+
+    async def _run(self) -> None:
+        last_log = time.monotonic()
+        while True:
+            await asyncio.sleep(SAMPLE_INTERVAL)
+            snapshot = self.sample()
+            if snapshot.throttled is None and shutil.which("vcgencmd"):
+                value = await asyncio.to_thread(read_throttled, self.sys_root)
+                snapshot.throttled = decode_throttled(value) if value is not None else None
+            self.latest = snapshot
+            if time.monotonic() - last_log >= self.log_interval:
+                last_log = time.monotonic()
+                log.info("%s", snapshot.log_line())
