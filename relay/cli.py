@@ -62,6 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", dest="log_level", help="debug, info, warning or error")
 
     sub.add_parser("devices", help="list V4L2 capture devices and their MJPEG modes")
+
+    i = sub.add_parser("install-service", help="write a systemd unit that runs camrelay from boot")
+    i.add_argument(
+        "--config",
+        type=Path,
+        default=Path("/etc/camrelay/camrelay.toml"),
+        help="config file the service reads (written from the example if missing)",
+    )
+    i.add_argument("--user", default="camrelay", help="system user the service runs as (default camrelay)")
+    i.add_argument("--unit-dir", type=Path, default=Path("/etc/systemd/system"), help="where to write camrelay.service")
+    i.add_argument("--print", action="store_true", help="print the unit instead of writing it")
     return p
 
 
@@ -159,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         from .devices import print_devices
 
         return print_devices()
+    if args.command == "install-service":
+        from .service_unit import install
+
+        return install(args.unit_dir, args.config, args.user, args.print)
     env = dict(os.environ)
     try:
         config = load_config(args, env)
