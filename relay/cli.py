@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import os
 import signal
@@ -13,13 +12,11 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .capture import SourceSpec
-from .config import Config, ConfigError, StreamConfig, load
+from .config import Config, ConfigError, load
 from .rtsp import RtspError
 
 log = logging.getLogger("relay")
 
-DEFAULT_TEST_STREAM = "cam0"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,23 +87,6 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> Config:
         if k.startswith(("http.", "video.", "webrtc.", "rtsp.")) or k in ("log_level", "state_dir")
     }
     return load(text, env, flags, args.source)
-
-
-def with_default_streams(config: Config) -> Config:
-    """Cameras found now, else the test pattern, when no stream is configured."""
-    if config.streams:
-        return config
-    from .devices import find_mjpeg_devices
-
-    found = find_mjpeg_devices()
-    if found:
-        streams = tuple(StreamConfig(f"cam{i}", SourceSpec("v4l2", d.path)) for i, d in enumerate(found))
-        for s in streams:
-            log.info("stream=%s found camera %s", s.name, s.source.target)
-    else:
-        streams = (StreamConfig(DEFAULT_TEST_STREAM, SourceSpec("test", "")),)
-        log.info("stream=%s no camera found; streaming the test pattern", DEFAULT_TEST_STREAM)
-    return dataclasses.replace(config, streams=streams)
 
 
 async def serve(config: Config) -> None:
@@ -184,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("aioice").setLevel(logging.WARNING)
     logging.getLogger("aiortc").setLevel(logging.WARNING)
     try:
-        asyncio.run(serve(with_default_streams(config)))
+        asyncio.run(serve(config))
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         return 2

@@ -75,6 +75,12 @@ class RtspConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DevicesConfig:
+    discover: bool = True  # with no [streams]: cameras plugged in later become streams
+    discover_interval: float = 2.0  # seconds between looks for new cameras
+
+
+@dataclass(frozen=True, slots=True)
 class TelemetryConfig:
     log_interval: float = 30.0  # seconds between status lines in the log
 
@@ -87,6 +93,7 @@ class Config:
     webrtc: WebRTCConfig = WebRTCConfig()
     rtsp: RtspConfig = RtspConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
+    devices: DevicesConfig = DevicesConfig()
     log_level: str = "info"
     state_dir: str = ""  # where camrelay keeps generated files; empty: $XDG_STATE_HOME/camrelay
 
@@ -223,6 +230,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "max_viewers": _int(1, MAX_VIEWERS_LIMIT),
     },
     "telemetry": {"log_interval": parse_duration},
+    "devices": {"discover": _bool, "discover_interval": parse_duration},
     "rtsp": {
         "enabled": _bool,
         "host": _str,
@@ -347,5 +355,6 @@ def load(
         webrtc=WebRTCConfig(**values["webrtc"]),
         rtsp=rtsp,
         telemetry=TelemetryConfig(**values["telemetry"]),
+        devices=DevicesConfig(**values["devices"]),
         **values[""],
     )

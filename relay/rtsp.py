@@ -88,7 +88,8 @@ def render_config(settings: MediamtxSettings, streams: list[str]) -> str:
             {"user": "any", "pass": "", "ips": LOOPBACK, "permissions": [{"action": "publish"}, {"action": "api"}]},
             {"user": "any", "pass": "", "ips": [], "permissions": [{"action": "read"}]},
         ]
-    paths = {name: {"source": "publisher"} for name in streams}
+    paths: dict[str, dict] = {name: {"source": "publisher"} for name in streams}
+    paths["all_others"] = {"source": "publisher"}  # streams added later (a camera plugged in)
     if streams:
         paths[LIVE_PATH] = {"source": f"rtsp://127.0.0.1:{settings.port}/{streams[0]}", "sourceOnDemand": True}
         if settings.user:

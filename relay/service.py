@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from aiortc import RTCIceServer
 
+from . import devices
+from .capture import SourceSpec
 from .config import Config, StreamConfig
+from .devices import Device
+from .discovery import Discovery, StreamNames, device_key
 from .encode import EncoderSettings
 from .hub import PacketHub
 from .rtsp import (
@@ -37,8 +43,15 @@ def default_state_dir() -> Path:
     return Path(base) / "camrelay"
 
 
+DEFAULT_TEST_STREAM = "cam0"
+
+
 class Relay:
-    def __init__(self, config: Config) -> None:
+    """Every stream and every viewer. Streams come from the config; without any
+    configured, from the cameras found (and found later: hot-plug), else the
+    test pattern on cam0."""
+
+    def __init__(self, config: Config, list_devices: Callable[[], list[Device]] = devices.list_devices) -> None:
         self.config = config
         self.streams: dict[str, Stream] = {}
         w = config.webrtc
@@ -52,8 +65,12 @@ class Relay:
         self.publishers: dict[str, RtspPublisher] = {}
         self.telemetry = Telemetry(self._stream_samples, self._process_ids, config.telemetry.log_interval)
         self._last_counts: dict[str, tuple[float, int, int, int]] = {}
-        for sc in config.streams:
-            self.streams[sc.name] = self._make_stream(sc)
+        self._publish: tuple[str, asyncio.Event | None, str] | None = None  # base URL, ready, transport
+        self.automatic = not config.streams
+        self.discovery: Discovery | None = None
+        if self.automatic:
+            self.names = StreamNames(self.state_dir / "stream-names.json")
+            self.discovery = Discovery(list_devices, self._camera_found, config.devices.discover_interval)
 
     def _make_stream(self, sc: StreamConfig) -> Stream:
         v = self.config.video
@@ -70,39 +87,67 @@ class Relay:
     async def start(self) -> None:
         restrict_host_addresses(list(self.config.webrtc.ice_addresses) or None)
         try:
-            await self._start_rtsp()  # first: a taken port stops us before any camera is opened
-            for stream in self.streams.values():
-                stream.start()
-                log.info("stream=%s source=%s started", stream.name, stream.spec)
-            for publisher in self.publishers.values():
-                publisher.start()
+            initial = list(self.config.streams)
+            if self.automatic:
+                assert self.discovery is not None
+                found = await asyncio.to_thread(self.discovery._list)
+                for device in found:
+                    self.discovery.seen.add(device_key(device))
+                    initial.append(self._camera_stream(device, {s.name for s in initial}))
+                if not initial:
+                    initial.append(StreamConfig(DEFAULT_TEST_STREAM, SourceSpec("test", "")))
+                    log.info("stream=%s no camera found; streaming the test pattern", DEFAULT_TEST_STREAM)
+            # RTSP first: a taken port stops us before any camera is opened.
+            await self._start_rtsp([s.name for s in initial])
+            for sc in initial:
+                await self.add_stream(sc)
+            if self.discovery is not None and self.config.devices.discover:
+                self.discovery.start()
             self.telemetry.start()
         except BaseException:
             await self.close()  # aiohttp runs no cleanup for a start that failed
             raise
 
-    async def _start_rtsp(self) -> None:
+    def _camera_stream(self, device: Device, taken: set[str]) -> StreamConfig:
+        name = self.names.name_for(device_key(device), taken | set(self.streams))
+        log.info("stream=%s found camera %s (%s)", name, device.path, device.name)
+        return StreamConfig(name, SourceSpec("v4l2", device.path))
+
+    async def _camera_found(self, device: Device) -> None:
+        """Hot-plug: a camera that was not there at start becomes a new stream."""
+        await self.add_stream(self._camera_stream(device, set()))
+
+    async def add_stream(self, sc: StreamConfig) -> Stream:
+        if sc.name in self.streams:
+            raise ValueError(f"stream {sc.name} exists")
+        stream = self._make_stream(sc)
+        self.streams[sc.name] = stream
+        stream.start()
+        log.info("stream=%s source=%s started", stream.name, stream.spec)
+        if self._publish is not None:
+            base, ready, transport = self._publish
+            publisher = RtspPublisher(
+                stream.hub, f"{base}/{sc.name}", stream.width, stream.height, stream.fps, ready, transport
+            )
+            self.publishers[sc.name] = publisher
+            publisher.start()
+        return stream
+
+    async def _start_rtsp(self, names: list[str]) -> None:
         r = self.config.rtsp
-        if not r.enabled or not self.streams:
+        if not r.enabled:
             return
-        ready = None
-        base = r.publish_url
-        transport = REMOTE_PUBLISH_TRANSPORT
-        if not base:
-            binary = find_mediamtx(r.mediamtx)
-            settings = MediamtxSettings(
-                r.host, r.port, r.rtp_port, r.rtcp_port, r.api_port, r.user, r.password, self.config.log_level
-            )
-            check_ports_free(settings)
-            self.mediamtx = Mediamtx(binary, settings, list(self.streams), self.state_dir)
-            await self.mediamtx.start()
-            ready = self.mediamtx.ready
-            base = f"rtsp://127.0.0.1:{r.port}"
-            transport = LOOPBACK_PUBLISH_TRANSPORT
-        for name, stream in self.streams.items():
-            self.publishers[name] = RtspPublisher(
-                stream.hub, f"{base}/{name}", stream.width, stream.height, stream.fps, ready, transport
-            )
+        if r.publish_url:
+            self._publish = (r.publish_url, None, REMOTE_PUBLISH_TRANSPORT)
+            return
+        binary = find_mediamtx(r.mediamtx)
+        settings = MediamtxSettings(
+            r.host, r.port, r.rtp_port, r.rtcp_port, r.api_port, r.user, r.password, self.config.log_level
+        )
+        check_ports_free(settings)
+        self.mediamtx = Mediamtx(binary, settings, names, self.state_dir)
+        await self.mediamtx.start()
+        self._publish = (f"rtsp://127.0.0.1:{r.port}", self.mediamtx.ready, LOOPBACK_PUBLISH_TRANSPORT)
 
     def rtsp_url(self, name: str, host: str) -> str | None:
         """Where NVR software reads ``name``; ``host`` is how the client reached us."""
@@ -153,6 +198,8 @@ class Relay:
         return out
 
     async def close(self) -> None:
+        if self.discovery is not None:
+            await self.discovery.close()
         await self.telemetry.close()
         for publisher in self.publishers.values():
             await publisher.close()

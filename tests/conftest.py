@@ -167,13 +167,14 @@ class RunningRelay:
             await asyncio.sleep(0.02)
 
 
-async def start_relay(config: Config) -> tuple[web.AppRunner, RunningRelay]:
-    relay = Relay(config)
+async def start_relay(config: Config, wait: bool = True, **relay_kw) -> tuple[web.AppRunner, RunningRelay]:
+    relay = Relay(config, **relay_kw)
     runner = web.AppRunner(make_app(relay), handle_signals=False)
     await runner.setup()
     await web.TCPSite(runner, config.http.host, config.http.port).start()
     running = RunningRelay(relay, f"http://{config.http.host}:{config.http.port}")
-    await running.wait_live(next(iter(relay.streams)))
+    if wait:
+        await running.wait_live(next(iter(relay.streams)))
     return runner, running
 
 
