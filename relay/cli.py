@@ -18,7 +18,6 @@ from .rtsp import RtspError
 log = logging.getLogger("relay")
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="camrelay", description="Low-latency camera relay: WebRTC (WHEP) for many viewers, encode once."
