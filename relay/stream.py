@@ -66,7 +66,14 @@ class Stream:
     """One camera's pipeline. ``start()`` on the event loop, ``await close()`` to stop."""
 
     def __init__(
-        self, name: str, spec: SourceSpec, settings: EncoderSettings, width: int, height: int, log_level: str = "info"
+        self,
+        name: str,
+        spec: SourceSpec,
+        settings: EncoderSettings,
+        width: int,
+        height: int,
+        log_level: str = "info",
+        retry: Retry | None = None,
     ) -> None:
         self.name = name
         self.spec = spec
@@ -91,7 +98,7 @@ class Stream:
             "encoder": settings.encoder,
             "log_level": log_level,
         }
-        self._retry = Retry()
+        self._retry = retry or Retry()
         self._proc: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
