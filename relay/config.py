@@ -83,6 +83,7 @@ class DevicesConfig:
 @dataclass(frozen=True, slots=True)
 class TelemetryConfig:
     log_interval: float = 30.0  # seconds between status lines in the log
+    thermal_limit: float = 0.0  # degrees C above which frame rates step down; 0: off
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +166,16 @@ def _str_list(v: Any) -> tuple[str, ...]:
     raise ValueError(f"expected a list of strings, got {v!r}")
 
 
+def _celsius(v: Any) -> float:
+    try:
+        c = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected degrees Celsius, got {v!r}") from None
+    if c != 0 and not 40 <= c <= 100:
+        raise ValueError(f"must be 0 (off) or in 40..100, got {v!r}")
+    return c
+
+
 def _bool(v: Any) -> bool:
     if isinstance(v, bool):
         return v
@@ -229,7 +240,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "connect_timeout": parse_duration,
         "max_viewers": _int(1, MAX_VIEWERS_LIMIT),
     },
-    "telemetry": {"log_interval": parse_duration},
+    "telemetry": {"log_interval": parse_duration, "thermal_limit": _celsius},
     "devices": {"discover": _bool, "discover_interval": parse_duration},
     "rtsp": {
         "enabled": _bool,

@@ -28,6 +28,7 @@ FLAG_FORCED = 2
 CMD_KEYFRAME = b"K"
 CMD_JPEG_ON = b"J"
 CMD_JPEG_OFF = b"j"
+CMD_MAX_FPS = b"R"  # followed by one byte: the highest frame rate to encode (0: no limit)
 
 
 class ProtocolError(Exception):
@@ -83,3 +84,22 @@ def parse(data: bytes) -> tuple[list[Message], bytes]:
         out.append(Message(kind, flags, pts, capture_time, data[offset + HEADER.size : end]))
         offset = end
     return out, data[offset:]
+
+
+def parse_commands(data: bytes) -> tuple[list[tuple[bytes, int | None]], bytes]:
+    """Relay -> worker commands in ``data``: (command, argument or None) each, and an
+    incomplete tail to prepend to the next read. Unknown bytes are skipped."""
+    out: list[tuple[bytes, int | None]] = []
+    i = 0
+    while i < len(data):
+        cmd = data[i : i + 1]
+        if cmd == CMD_MAX_FPS:
+            if i + 1 >= len(data):
+                return out, data[i:]
+            out.append((cmd, data[i + 1]))
+            i += 2
+            continue
+        if cmd in (CMD_KEYFRAME, CMD_JPEG_ON, CMD_JPEG_OFF):
+            out.append((cmd, None))
+        i += 1
+    return out, b""

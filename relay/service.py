@@ -28,7 +28,7 @@ from .rtsp import (
     find_mediamtx,
 )
 from .stream import Stream
-from .telemetry import StreamSample, Telemetry
+from .telemetry import Snapshot, StreamSample, Telemetry, ThermalGuard
 from .webrtc import ViewerSessions, restrict_host_addresses
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,9 @@ class Relay:
         self.mediamtx: Mediamtx | None = None
         self.publishers: dict[str, RtspPublisher] = {}
         self.telemetry = Telemetry(self._stream_samples, self._process_ids, config.telemetry.log_interval)
+        self.thermal_guards: dict[str, ThermalGuard] = {}
+        if config.telemetry.thermal_limit:
+            self.telemetry.on_sample.append(self._thermal_check)
         self._last_counts: dict[str, tuple[float, int, int, int]] = {}
         self._publish: tuple[str, asyncio.Event | None, str] | None = None  # base URL, ready, transport
         self.automatic = not config.streams
@@ -158,6 +161,21 @@ class Relay:
             return f"{r.publish_url}/{name}"
         return f"rtsp://{host}:{r.port}/{name}"
 
+    def _thermal_check(self, snapshot: Snapshot) -> None:
+        limit = self.config.telemetry.thermal_limit
+        for name, stream in self.streams.items():
+            guard = self.thermal_guards.setdefault(name, ThermalGuard(limit, stream.fps))
+            fps = guard.update(snapshot.temperature)
+            if fps is not None:
+                log.warning(
+                    "stream=%s thermal: soc=%.1fC limit=%.0fC; encoding at most %g fps",
+                    name,
+                    snapshot.temperature,
+                    limit,
+                    fps,
+                )
+                stream.set_max_fps(0 if fps >= guard.full_fps else fps)
+
     def _process_ids(self) -> dict[str, int | None]:
         pids: dict[str, int | None] = {"relay": os.getpid()}
         for name, stream in self.streams.items():
@@ -190,6 +208,7 @@ class Relay:
                         "encoder_busy": st.frames_dropped_encoder_busy,
                         "corrupt": st.frames_dropped_corrupt,
                         "viewer_lag": stream.hub.dropped,
+                        "thermal": st.frames_dropped_thermal,
                     },
                     restarts=st.worker_restarts,
                     source_errors=st.source_errors,

@@ -42,7 +42,14 @@ PIPE_LIMIT = 1 << 20  # reader buffer; one 4K JPEG fits
 
 
 # Counters the worker reports; the relay adds up those of every worker it has run.
-COUNTERS = ("frames_captured", "frames_dropped_encoder_busy", "frames_dropped_corrupt", "frames_slate", "source_errors")
+COUNTERS = (
+    "frames_captured",
+    "frames_dropped_encoder_busy",
+    "frames_dropped_corrupt",
+    "frames_dropped_thermal",
+    "frames_slate",
+    "source_errors",
+)
 
 
 @dataclass
@@ -56,6 +63,7 @@ class StreamStats:
     bytes_encoded: int = 0
     encode_ms: float = 0.0
     frames_slate: int = 0
+    frames_dropped_thermal: int = 0
     source_errors: int = 0
     last_error: str = ""
     worker_restarts: int = 0
@@ -103,6 +111,7 @@ class Stream:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._want_jpeg = False
+        self._max_fps = 0
         self._base_counts = StreamStats()  # counters of workers that have exited
         self._last_unit = 0.0
 
@@ -129,6 +138,11 @@ class Stream:
         """From the event loop; the worker rate-limits forced IDRs."""
         self._command(ipc.CMD_KEYFRAME)
 
+    def set_max_fps(self, fps: float) -> None:
+        """Encode at most ``fps`` frames a second (0: all); kept across worker restarts."""
+        self._max_fps = int(min(255, max(0, fps)))
+        self._command(ipc.CMD_MAX_FPS + bytes([self._max_fps]))
+
     def set_jpeg(self, on: bool) -> None:
         self._want_jpeg = on
         self._command(ipc.CMD_JPEG_ON if on else ipc.CMD_JPEG_OFF)
@@ -151,6 +165,8 @@ class Stream:
                 self._proc = proc
                 if self._want_jpeg:
                     self._command(ipc.CMD_JPEG_ON)
+                if self._max_fps:
+                    self._command(ipc.CMD_MAX_FPS + bytes([self._max_fps]))
                 self.request_keyframe()  # viewers kept across a restart need a fresh IDR
                 self._last_unit = time.monotonic() + WORKER_STARTUP_GRACE - WORKER_STALL
                 watchdog = asyncio.get_running_loop().create_task(self._watchdog(proc))

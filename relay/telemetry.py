@@ -238,6 +238,33 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+@dataclass
+class ThermalGuard:
+    """Steps a stream's frame rate down while the SoC is above ``limit`` and back up once it has cooled."""
+
+    limit: float  # degrees Celsius
+    full_fps: float
+    min_fps: float = 5.0  # below this a camera stream is a slide show
+    factor: float = 0.75  # each step: a quarter fewer frames
+    hysteresis: float = 5.0  # cool this far below the limit before stepping back up
+    current: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.current = self.current or self.full_fps
+
+    def update(self, celsius: float | None) -> float | None:
+        """The new frame rate when it should change, else None."""
+        if celsius is None:
+            return None
+        if celsius > self.limit and self.current > self.min_fps:
+            self.current = max(self.min_fps, round(self.current * self.factor))
+            return self.current
+        if celsius < self.limit - self.hysteresis and self.current < self.full_fps:
+            self.current = min(self.full_fps, round(self.current / self.factor))
+            return self.current
+        return None
+
+
 class Telemetry:
     """Samples every ``SAMPLE_INTERVAL``; logs a status line every ``log_interval``."""
 
@@ -253,6 +280,7 @@ class Telemetry:
         self.log_interval = log_interval
         self.sys_root = sys_root
         self.latest = Snapshot()
+        self.on_sample: list[Callable[[Snapshot], None]] = []
         self._task: asyncio.Task[None] | None = None
         self._procs: dict[int, psutil.Process] = {}
         psutil.cpu_percent(None)  # prime: the next call measures from here
@@ -297,6 +325,8 @@ class Telemetry:
                 value = await asyncio.to_thread(read_throttled, self.sys_root)
                 snapshot.throttled = decode_throttled(value) if value is not None else None
             self.latest = snapshot
+            for callback in self.on_sample:
+                callback(snapshot)
             if time.monotonic() - last_log >= self.log_interval:
                 last_log = time.monotonic()
                 log.info("%s", snapshot.log_line())

@@ -39,6 +39,7 @@ STATUS_INTERVAL = 1.0  # seconds between status messages to the relay
 SLATE_AFTER = 1.0  # seconds without a frame before viewers see the no-signal slate
 CAPTURE_STALL = 2.0  # seconds without a frame (and without an error) before the source is reopened
 STUCK_EXIT = 8.0  # seconds a closed source may keep its read blocked before the worker exits
+THERMAL_SLACK = 0.9  # keep a frame a little early rather than skip two at jittery rates
 EXIT_STUCK = 3  # the worker's exit status when the capture thread is stuck
 
 
@@ -78,6 +79,7 @@ class PipelineStats:
     frames_dropped_encoder_busy: int = 0
     frames_dropped_corrupt: int = 0
     frames_slate: int = 0
+    frames_dropped_thermal: int = 0
     slate: bool = False  # showing the no-signal slate now
     keyframes: int = 0
     keyframes_forced: int = 0
@@ -115,6 +117,7 @@ class Pipeline:
         self.source = source  # for log lines, credentials already redacted
         self.stats = PipelineStats(fps=settings.fps)
         self.send_jpeg = False
+        self.max_fps = 0.0  # 0: encode every frame; lowered by the relay's thermal guard
         self._source_factory = source_factory
         self._encoder = H264Encoder(settings)
         self.stats.encoder = self._encoder.name
@@ -127,6 +130,7 @@ class Pipeline:
         self._source: Source | None = None
         self._threads: list[threading.Thread] = []
         self._last_pts = -1
+        self._last_encoded = 0.0  # capture time of the last frame encoded
         self._last_frame = time.monotonic()  # when the source last delivered a frame
         self._stall_closed_at: float | None = None
 
@@ -228,6 +232,10 @@ class Pipeline:
                 if st.slate:
                     st.slate = False
                     log.info("stream=%s signal is back", self.name)
+                if self.max_fps and frame.capture_time - self._last_encoded < THERMAL_SLACK / self.max_fps:
+                    st.frames_dropped_thermal += 1
+                    continue
+                self._last_encoded = frame.capture_time
             started = time.perf_counter()
             try:
                 picture = frame.picture if frame.picture is not None else decoder.decode(frame.jpeg or b"")
@@ -366,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     def commands() -> None:
+        pending = b""
         while not stop.is_set():
             try:
                 data = os.read(0, 64)
@@ -374,9 +383,12 @@ def main(argv: list[str] | None = None) -> int:
             if not data:
                 stop.set()
                 return
-            for byte in data:
-                cmd = bytes([byte])
-                if cmd == ipc.CMD_KEYFRAME:
+            commands_in, pending = ipc.parse_commands(pending + data)
+            for cmd, arg in commands_in:
+                if cmd == ipc.CMD_MAX_FPS:
+                    pipeline.max_fps = float(arg or 0)
+                    log.info("stream=%s encoding at most %s fps", pipeline.name, arg or "all")
+                elif cmd == ipc.CMD_KEYFRAME:
                     pipeline.request_keyframe()
                 elif cmd == ipc.CMD_JPEG_ON:
                     pipeline.send_jpeg = True

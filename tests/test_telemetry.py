@@ -4,6 +4,7 @@ Prometheus output parsed by Prometheus' own parser, and the live endpoints."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,44 @@ async def test_status_and_metrics_endpoints(relay_server, http, tmp_path):
     assert families["camrelay_temperature_celsius"].samples[0].value == 47.0
     assert families["camrelay_mediamtx_up"].samples[0].value == 1
     assert families["camrelay_stream_up"].samples[0].labels == {"stream": "cam0"}
+
+
+def test_thermal_guard_steps_down_then_back_up_with_hysteresis():
+    from relay.telemetry import ThermalGuard
+
+    guard = ThermalGuard(limit=70.0, full_fps=30.0)
+    assert guard.update(None) is None and guard.update(65.0) is None
+    assert [guard.update(75.0) for _ in range(7)] == [22, 16, 12, 9, 7, 5, None]  # never below 5 fps
+    assert guard.update(68.0) is None  # cooler, but inside the 5 degree hysteresis
+    assert [guard.update(60.0) for _ in range(8)] == [7, 9, 12, 16, 21, 28, 30, None]
+
+
+async def wait_for_stat(stream, field, target, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while getattr(stream.stats, field) < target:
+        assert time.monotonic() < deadline, f"{field} did not reach {target}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.relay_config(fps=15)
+async def test_thermal_guard_drops_frames_while_hot_and_none_once_cool(relay_server, tmp_path):
+    from relay.telemetry import ThermalGuard
+
+    relay = relay_server.relay
+    stream = relay.streams["cam0"]
+    guard = ThermalGuard(limit=70.0, full_fps=15.0)
+    relay.thermal_guards["cam0"] = guard
+    relay.telemetry.sys_root = fake_sys(tmp_path, {"thermal_zone0": ("cpu-thermal", "80000")})
+    for _ in range(2):
+        relay._thermal_check(relay.telemetry.sample())  # hot: 15 -> 11 -> 8 fps
+    assert guard.current == 8
+    await wait_for_stat(stream, "frames_dropped_thermal", 10)  # about every other frame is skipped
+    relay.telemetry.sys_root = fake_sys(tmp_path / "cool", {"thermal_zone0": ("cpu-thermal", "50000")})
+    for _ in range(3):
+        relay._thermal_check(relay.telemetry.sample())
+    assert guard.current == 15
+    await asyncio.sleep(1.5)  # the command reached the worker, and a status report came back
+    dropped = stream.stats.frames_dropped_thermal
+    await wait_for_stat(stream, "frames_encoded", stream.stats.frames_encoded + 30)
+    await asyncio.sleep(1.2)  # one more status report
+    assert stream.stats.frames_dropped_thermal == dropped  # full rate again: nothing skipped
