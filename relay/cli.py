@@ -120,7 +120,10 @@ async def serve(config: Config) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except NotImplementedError:  # Windows: Ctrl+C arrives as KeyboardInterrupt instead
+            pass
     try:
         await stop.wait()
         log.info("shutting down")

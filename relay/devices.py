@@ -10,7 +10,6 @@ tests feed a fake sysfs tree and real packed structs.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import struct
@@ -126,12 +125,16 @@ def _links(directory: Path) -> dict[str, str]:
 def list_devices(
     sysfs: Path = Path("/sys/class/video4linux"),
     dev: Path = Path("/dev"),
-    ioctl: Ioctl = fcntl.ioctl,
+    ioctl: Ioctl | None = None,
     open_node: Callable[[str], int] = lambda p: os.open(p, os.O_RDWR | os.O_NONBLOCK),
 ) -> list[Device]:
     """Every V4L2 capture node that offers MJPEG; metadata and output nodes are skipped."""
     if not sysfs.is_dir():
-        return []
+        return []  # not Linux, or no V4L2 at all
+    if ioctl is None:
+        import fcntl  # Linux only; imported here so the rest of camrelay runs elsewhere too
+
+        ioctl = fcntl.ioctl
     by_id = _links(dev / "v4l" / "by-id")
     by_path = _links(dev / "v4l" / "by-path")
     devices = []

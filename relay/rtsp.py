@@ -26,7 +26,7 @@ from pathlib import Path
 import aiohttp
 import av
 
-from .aio import cancel_and_wait
+from .aio import cancel_and_wait, signal_group
 from .backoff import Retry
 from .hub import EncodedFrame, HubClosed, PacketHub
 
@@ -274,8 +274,7 @@ class Mediamtx:
             return
         if proc.returncode is None:
             for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, STOP_TIMEOUT)):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, sig)
+                signal_group(proc, sig)
                 try:
                     await asyncio.wait_for(proc.wait(), wait)
                     break

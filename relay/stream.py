@@ -14,17 +14,15 @@ are kept.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import os
 import signal
 import sys
 import time
 from dataclasses import dataclass
 
 from . import ipc
-from .aio import cancel_and_wait
+from .aio import cancel_and_wait, signal_group
 from .backoff import Retry
 from .capture import SourceSpec
 from .encode import EncoderSettings
@@ -217,8 +215,7 @@ class Stream:
             if silent > WORKER_STALL and proc.returncode is None:
                 self.stats.worker_stalls += 1
                 log.error("stream=%s worker sent nothing for %.1fs; killing it", self.name, silent)
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+                signal_group(proc, signal.SIGKILL)
                 return
 
     def _on_unit(self, msg: ipc.Message) -> None:
@@ -254,8 +251,7 @@ async def _stop_process(proc: asyncio.subprocess.Process, name: str) -> None:
         proc.stdin.close()
     for sig in (None, signal.SIGTERM, signal.SIGKILL):
         if sig is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
+            signal_group(proc, sig)
             log.warning("stream=%s worker did not stop; sent %s", name, signal.Signals(sig).name)
         try:
             await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shutil
 import subprocess
 import time
@@ -307,7 +306,7 @@ class Telemetry:
         return Snapshot(
             cpu_percent=psutil.cpu_percent(None),
             cpu_count=psutil.cpu_count() or 1,
-            load=os.getloadavg(),
+            load=psutil.getloadavg(),  # emulated where the OS has none
             memory_total=vm.total,
             memory_available=vm.available,
             rss=rss,
