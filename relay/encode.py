@@ -56,6 +56,38 @@ class JpegDecoder:
         return frames[-1]
 
 
+class JpegEncoder:
+    """JPEG for sources that do not deliver it (RTSP, files, the slate), only on demand."""
+
+    QSCALE = 5  # ffmpeg's -q:v (2 best .. 31 worst): about what a good USB camera delivers
+    FF_QP2LAMBDA = 118
+    FLAG_QSCALE = 2
+
+    def __init__(self) -> None:
+        self._ctx: av.VideoCodecContext | None = None
+        self._shape: tuple[int, int] | None = None
+        self._pts = 0
+
+    def encode(self, picture: av.VideoFrame) -> bytes:
+        if picture.format.name != "yuvj420p":
+            picture = picture.reformat(format="yuvj420p")
+        if (picture.width, picture.height) != self._shape:
+            ctx = av.CodecContext.create("mjpeg", "w")
+            ctx.width, ctx.height = picture.width, picture.height
+            ctx.pix_fmt = "yuvj420p"
+            ctx.color_range = 2
+            ctx.time_base = fractions.Fraction(1, 1000)
+            ctx.flags |= self.FLAG_QSCALE
+            ctx.global_quality = self.QSCALE * self.FF_QP2LAMBDA
+            ctx.open()
+            self._ctx, self._shape = ctx, (picture.width, picture.height)
+        assert self._ctx is not None
+        self._pts += 1
+        picture.pts = self._pts
+        picture.time_base = fractions.Fraction(1, 1000)
+        return b"".join(bytes(p) for p in self._ctx.encode(picture))
+
+
 @dataclass(frozen=True, slots=True)
 class EncoderSettings:
     bitrate: int  # bits per second

@@ -27,6 +27,7 @@ from .backoff import Retry
 from .capture import SourceSpec
 from .encode import EncoderSettings
 from .hub import EncodedFrame, PacketHub
+from .mjpeg import JpegFeed
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class Stream:
         self.fps = spec.fps or settings.fps
         self.encoder_name = ""
         self.encoders_running = 0
-        self.latest_jpeg: bytes | None = None  # newest frame as the camera sent it (when JPEGs are on)
+        self.jpegs = JpegFeed(self.set_jpeg)  # the camera's JPEGs, while anyone wants them
         self.hub = PacketHub(name, self.request_keyframe)
         self._worker_config = {
             "name": name,
@@ -129,6 +130,7 @@ class Stream:
             await _stop_process(proc, self.name)
         await cancel_and_wait(self._task)
         self.hub.close()
+        self.jpegs.close()
         self.encoders_running = 0
         self.state = "closed"
 
@@ -201,7 +203,7 @@ class Stream:
             if kind == ipc.UNIT:
                 self._on_unit(ipc.Message(kind, flags, pts, capture_time, payload))
             elif kind == ipc.JPEG:
-                self.latest_jpeg = payload
+                self.jpegs.publish(payload, capture_time)
             elif kind == ipc.STATUS:
                 self._on_status(json.loads(payload))
             elif kind == ipc.LOG:

@@ -9,22 +9,17 @@ what a real scene costs.
 
 from __future__ import annotations
 
-import fractions
 import time
 
 import av
 import numpy as np
 
 from . import pixelclock
+from .encode import JpegEncoder
 
-# JPEG quality scale (ffmpeg's -q:v, 2 best .. 31 worst). 5 is what cheap
-# USB cameras deliver: visible detail, a few tens of KiB per 720p frame.
-JPEG_QSCALE = 5
-FF_QP2LAMBDA = 118  # ffmpeg's lambda per qscale unit
-CODEC_FLAG_QSCALE = 2  # AV_CODEC_FLAG_QSCALE
 SCROLL_PX_PER_FRAME = 4  # horizontal motion, like a slow pan
-BOX_SIDE_FRACTION = 6
-GRID_STEP_PX = 40  # divides every common width (320, 640, 1280, 1920)  # the moving box is 1/6 of the frame height
+BOX_SIDE_FRACTION = 6  # the moving box is 1/6 of the frame height
+GRID_STEP_PX = 40  # divides every common width (320, 640, 1280, 1920)
 
 
 class PatternRenderer:
@@ -56,15 +51,7 @@ class PatternRenderer:
         cy = np.linspace(192, 64, ch, dtype=np.float32)[:, None]
         self._u = np.broadcast_to(cx, (ch, cw)).astype(np.uint8)
         self._v = np.broadcast_to(cy, (ch, cw)).astype(np.uint8)
-        self._encoder = av.CodecContext.create("mjpeg", "w")
-        self._encoder.width = width
-        self._encoder.height = height
-        self._encoder.pix_fmt = "yuvj420p"
-        self._encoder.color_range = 2  # full range, as JPEG is
-        self._encoder.time_base = fractions.Fraction(1, 1000)
-        self._encoder.flags |= CODEC_FLAG_QSCALE
-        self._encoder.global_quality = JPEG_QSCALE * FF_QP2LAMBDA
-        self._encoder.open()
+        self._encoder = JpegEncoder()
 
     def planes(self, t_ms: int) -> np.ndarray:
         """The frame for capture time ``t_ms`` as one (H*3/2, W) yuv420p array."""
@@ -96,10 +83,8 @@ class PatternRenderer:
     def jpeg(self, t_ms: int) -> bytes:
         """A real JPEG of the frame for capture time ``t_ms``."""
         frame = av.VideoFrame.from_ndarray(self.planes(t_ms), format="yuvj420p")
-        frame.color_range = 2
-        frame.pts = self._index
-        packets = self._encoder.encode(frame)
-        return b"".join(bytes(p) for p in packets)
+        frame.color_range = 2  # full range, as JPEG is
+        return self._encoder.encode(frame)
 
 
 def now_ms() -> int:

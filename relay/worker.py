@@ -26,7 +26,7 @@ import av
 from . import ipc, slate
 from .backoff import Retry
 from .capture import CapturedFrame, Source, SourceError, open_source, parse_source_spec
-from .encode import PTS_CLOCK, DecodeError, EncoderSettings, H264Encoder, JpegDecoder
+from .encode import PTS_CLOCK, DecodeError, EncoderSettings, H264Encoder, JpegDecoder, JpegEncoder
 
 log = logging.getLogger("relay.worker")  # not __name__: this module runs as __main__
 
@@ -217,6 +217,7 @@ class Pipeline:
 
     def _encode_loop(self) -> None:
         decoder = JpegDecoder()
+        jpeg_encoder = JpegEncoder()
         st = self.stats
         while not self._stop.is_set():
             frame = self._mailbox.get(timeout=1.0 / max(1.0, st.fps or self.settings_fps))
@@ -243,6 +244,9 @@ class Pipeline:
                 st.frames_dropped_corrupt += 1
                 log.debug("stream=%s %s", self.name, exc)
                 continue
+            if frame.jpeg is None and self.send_jpeg:
+                # Not an MJPEG source (RTSP, file, the slate): encode a JPEG only because someone wants one.
+                self._emit(ipc.pack(ipc.JPEG, jpeg_encoder.encode(picture), capture_time=frame.capture_time))
             force = self._take_keyframe_request()
             try:
                 units = self._encoder.encode(picture, self._pts(frame.capture_time), force)

@@ -10,6 +10,13 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
+
+try:  # Linux and the BSDs; elsewhere only asyncio's own buffer is checked
+    import fcntl
+    import termios
+except ImportError:  # pragma: no cover
+    fcntl = termios = None  # type: ignore[assignment]
 from pathlib import Path
 
 import aiohttp_jinja2
@@ -29,8 +36,12 @@ RELAY = web.AppKey("relay", Relay)
 MAX_OFFER_BYTES = 64 * 1024  # a browser offer is ~5 KiB; more is not an offer
 SDP_TYPE = "application/sdp"
 SDPFRAG_TYPE = "application/trickle-ice-sdpfrag"
-RETRY_AFTER_FULL = "10"
-CORS_MAX_AGE = "600"  # seconds a browser may cache a preflight  # seconds a client should wait when a stream is full
+RETRY_AFTER_FULL = "10"  # seconds a client should wait when a stream is full
+CORS_MAX_AGE = "600"  # seconds a browser may cache a preflight
+SNAPSHOT_TIMEOUT = 3.0  # seconds to wait for a frame; the slate arrives within ~1 s of a camera going away
+MJPEG_BOUNDARY = "camrelayframe"
+SIOCOUTQ = getattr(termios, "TIOCOUTQ", None) if termios is not None else None  # bytes a socket has not sent yet
+MJPEG_IDLE = 5.0  # seconds an MJPEG client waits for a frame before looking again
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 
@@ -197,6 +208,90 @@ async def api_streams(request: web.Request) -> web.Response:
     return web.json_response({"streams": [_describe(request, s) for s in relay.streams.values()]})
 
 
+async def snapshot(request: web.Request) -> web.Response:
+    """The newest frame as the camera sent it: at most one frame old."""
+    relay = request.app[RELAY]
+    name = request.match_info["stream"]
+    if name not in relay.streams:
+        raise _error(web.HTTPNotFound, f"no stream named {name!r}")
+    feed = relay.streams[name].jpegs
+    feed.acquire()
+    try:
+        current = feed.latest.version if feed.latest else 0
+        jpeg = await feed.newer_than(current, SNAPSHOT_TIMEOUT)
+    finally:
+        feed.release()
+    if jpeg is None:
+        raise _error(
+            web.HTTPServiceUnavailable,
+            f"stream {name!r} delivered no frame within {SNAPSHOT_TIMEOUT:g}s",
+            headers={"Retry-After": "5"},
+        )
+    return web.Response(
+        body=jpeg.data,
+        content_type="image/jpeg",
+        headers={"Cache-Control": "no-store", "X-Capture-Time": f"{jpeg.capture_time:.3f}"},
+    )
+
+
+async def mjpeg(request: web.Request) -> web.StreamResponse:
+    """multipart/x-mixed-replace: every client always gets the newest frame; a slow one skips frames."""
+    relay = request.app[RELAY]
+    name = _stream_or_404(request)
+    feed = relay.streams[name].jpegs
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": f"multipart/x-mixed-replace; boundary={MJPEG_BOUNDARY}",
+            "Cache-Control": "no-store",
+            "X-Accel-Buffering": "no",  # a reverse proxy must not collect frames
+        }
+    )
+    await response.prepare(request)
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    feed.acquire()
+    sent = skipped = 0
+    try:
+        version = 0
+        while True:
+            jpeg = await feed.newer_than(version, MJPEG_IDLE)
+            if jpeg is None:
+                continue  # the camera is between frames for long; the slate keeps them coming
+            version = jpeg.version
+            if unsent_bytes(transport, sock) > 0:
+                skipped += 1  # the last frame is still on its way: send the newest one later, never a backlog
+                continue
+            head = (
+                f"--{MJPEG_BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg.data)}\r\n"
+                f"X-Capture-Time: {jpeg.capture_time:.3f}\r\n\r\n"
+            ).encode()
+            await response.write(head + jpeg.data + b"\r\n")  # waits while this client's socket is full
+            sent += 1
+    except (ConnectionResetError, ConnectionError):
+        pass
+    finally:
+        feed.release()
+        log.info("stream=%s mjpeg client %s left: sent=%d skipped=%d", name, request.remote, sent, skipped)
+    return response
+
+
+def unsent_bytes(transport, sock) -> int:
+    """What is still waiting to reach a client: asyncio's buffer plus the kernel's send queue.
+
+    A client that reads slowly shows up here long before the socket is full, so
+    it gets the newest frame once it has taken the last one, instead of the
+    kernel's buffers filling with seconds of old frames.
+    """
+    pending = transport.get_write_buffer_size() if transport is not None else 0
+    if sock is not None and SIOCOUTQ is not None:
+        try:
+            buf = fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0")
+            pending += int.from_bytes(buf, sys.byteorder)
+        except (OSError, ValueError):  # the client is gone: the next write says so
+            pass
+    return pending
+
+
 async def api_rtsp(request: web.Request) -> web.Response:
     relay = request.app[RELAY]
     r = relay.config.rtsp
@@ -294,6 +389,8 @@ def make_app(relay: Relay) -> web.Application:
     app.router.add_delete("/whep/{stream}/{session}", whep_delete)
     app.router.add_get("/api/v1/streams", api_streams)
     app.router.add_get("/api/v1/rtsp", api_rtsp)
+    app.router.add_get("/snapshot/{stream}.jpg", snapshot)
+    app.router.add_get("/mjpeg/{stream}", mjpeg)
     app.router.add_get("/api/v1/status", api_status)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)

@@ -1,0 +1,89 @@
+"""The camera's own JPEGs, newest first: snapshots and MJPEG over HTTP, no re-encode.
+
+``JpegFeed`` holds only the newest frame and a way to wait for the next one.
+Every MJPEG client is sent the newest frame whenever it is ready for one; a
+slow client simply skips the frames it was too slow for. Nothing queues, so
+latency does not grow with the number of clients (the seed system's problem
+at five viewers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Jpeg:
+    data: bytes
+    capture_time: float  # wall clock when the camera took it
+    version: int  # increases by one per frame
+
+
+# JPEGs stay on this long after the last user leaves: a client polling
+# snapshots every few seconds (Home Assistant, OctoPrint) gets fresh frames
+# at once instead of switching the camera's JPEG stream on and off each time.
+LINGER = 15.0
+
+
+class JpegFeed:
+    """Newest-frame-only JPEG fan-out; ``on_demand(True)`` while anyone wants frames."""
+
+    def __init__(self, on_demand: Callable[[bool], None], linger: float = LINGER) -> None:
+        self.latest: Jpeg | None = None
+        self._version = 0
+        self._next: asyncio.Future[None] | None = None
+        self._users = 0
+        self._on_demand = on_demand
+        self._linger = linger
+        self._off: asyncio.TimerHandle | None = None
+        self.on = False
+
+    @property
+    def users(self) -> int:
+        return self._users
+
+    def acquire(self) -> None:
+        self._users += 1
+        if self._off is not None:
+            self._off.cancel()
+            self._off = None
+        if not self.on:
+            self.on = True
+            self._on_demand(True)
+
+    def release(self) -> None:
+        self._users -= 1
+        if self._users == 0 and self.on:
+            self._off = asyncio.get_running_loop().call_later(self._linger, self._switch_off)
+
+    def _switch_off(self) -> None:
+        self._off = None
+        if self._users == 0 and self.on:
+            self.on = False
+            self._on_demand(False)
+
+    def close(self) -> None:
+        if self._off is not None:
+            self._off.cancel()
+            self._off = None
+
+    def publish(self, data: bytes, capture_time: float) -> None:
+        self._version += 1
+        self.latest = Jpeg(data, capture_time, self._version)
+        if self._next is not None and not self._next.done():
+            self._next.set_result(None)
+        self._next = None
+
+    async def newer_than(self, version: int, timeout: float) -> Jpeg | None:
+        """The newest frame once it is newer than ``version``; None after ``timeout`` seconds."""
+        if self.latest is not None and self.latest.version > version:
+            return self.latest
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._next), timeout)
+        except TimeoutError:
+            return None
+        return self.latest

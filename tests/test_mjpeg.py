@@ -1,0 +1,131 @@
+"""Snapshots and MJPEG over HTTP: the camera's own JPEGs, newest first, no backlog."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import aiohttp
+import av
+import pytest
+
+from relay import pixelclock
+from relay.capture import parse_source_spec
+from relay.config import StreamConfig
+
+from .conftest import make_config, start_relay
+
+
+def clock_of(jpeg: bytes) -> int | None:
+    frame = av.CodecContext.create("mjpeg", "r").decode(av.Packet(jpeg))[0]
+    return pixelclock.read(frame.to_ndarray(format="gray"))
+
+
+async def test_snapshot_is_the_newest_frame_as_the_camera_sent_it(relay_server, http):
+    async with http.get(relay_server.base + "/snapshot/cam0.jpg") as resp:
+        assert resp.status == 200
+        assert resp.content_type == "image/jpeg" and resp.headers["Cache-Control"] == "no-store"
+        body = await resp.read()
+    t = clock_of(body)
+    assert t is not None and 0 <= time.time() * 1000 - t < 1000  # fresh: well under a second old
+    assert body[:2] == b"\xff\xd8"
+    async with http.get(relay_server.base + "/snapshot/nope.jpg") as resp:
+        assert resp.status == 404
+
+
+async def read_parts(resp: aiohttp.ClientResponse, count: int, pause: float = 0.0) -> list[tuple[float, bytes]]:
+    """(arrival time, JPEG) for ``count`` parts of a multipart/x-mixed-replace body."""
+    reader = aiohttp.MultipartReader.from_response(resp)
+    out = []
+    while len(out) < count:
+        part = await reader.next()
+        assert part is not None
+        data = await part.read()
+        out.append((time.time(), bytes(data)))
+        if pause:
+            await asyncio.sleep(pause)
+    return out
+
+
+async def test_mjpeg_stream_parts_are_jpegs_with_a_valid_clock(relay_server, http):
+    async with http.get(relay_server.base + "/mjpeg/cam0") as resp:
+        assert resp.status == 200 and resp.content_type == "multipart/x-mixed-replace"
+        parts = await read_parts(resp, 20)
+    for arrived, jpeg in parts:
+        t = clock_of(jpeg)
+        assert t is not None and arrived * 1000 - t < 1000
+
+
+async def slow_client(base: str, frames: int, pause: float) -> list[tuple[float, bytes]]:
+    """An MJPEG client behind a slow link: a small receive buffer, and a pause after each frame.
+
+    (A reader that merely pauses would have the kernel buffer megabytes for it;
+    a slow link keeps the bytes on the relay's side, which is what the relay must handle.)
+    """
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SLOW_LINK_BUFFER)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=SLOW_LINK_BUFFER)
+    try:
+        writer.write(f"GET /mjpeg/cam0 HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())  # 1.0: no chunking
+        await reader.readuntil(b"\r\n\r\n")  # response headers
+        out = []
+        while len(out) < frames:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")).split(b":")[1])
+            jpeg = await reader.readexactly(length)
+            out.append((time.time(), jpeg))
+            await asyncio.sleep(pause)
+        return out
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+SLOW_LINK_BUFFER = 4096  # far less than a frame: the bytes wait on the relay's side, as behind a slow link
+
+
+async def test_a_slow_mjpeg_client_skips_frames_and_the_others_keep_up(relay_server):
+    stream = relay_server.relay.streams["cam0"]
+    fast_n, frames = 5, 45
+    async with aiohttp.ClientSession() as session:
+
+        async def fast():
+            async with session.get(relay_server.base + "/mjpeg/cam0") as resp:
+                first = await read_parts(resp, 1)
+                start = stream.jpegs.latest.version
+                rest = await read_parts(resp, frames - 1)
+                return first + rest, stream.jpegs.latest.version - start
+
+        async with asyncio.TaskGroup() as group:  # one failing cancels the rest
+            tasks = [group.create_task(fast()) for _ in range(fast_n)]
+            tasks.append(group.create_task(slow_client(relay_server.base, 6, 0.5)))
+        results = [t.result() for t in tasks]
+    slow = results[-1]
+    ages = [arrived * 1000 - clock_of(jpeg) for arrived, jpeg in slow]
+    # One frame per 0.5 s: each is at most about a pause old, and the age does not
+    # grow (a backlog would add ~0.5 s per frame read).
+    assert max(ages) < 900, ages
+    assert ages[-1] < ages[1] + 250, ages
+    # Each fast client saw every frame published while it read, beside the slow one.
+    for parts, published in results[:-1]:
+        assert len(parts) - 1 >= published - 2, (len(parts), published)
+
+
+@pytest.mark.relay_config()
+async def test_non_mjpeg_sources_get_jpegs_encoded_on_demand(http, tmp_path):
+    from .test_sources import write_pattern_file
+
+    video = tmp_path / "clip.mp4"
+    write_pattern_file(video)
+    config = make_config((StreamConfig("clip", parse_source_spec(f"file:{video}")),), fps=15)
+    runner, relay = await start_relay(config)
+    try:
+        async with http.get(relay.base + "/snapshot/clip.jpg") as resp:
+            assert resp.status == 200
+            assert clock_of(await resp.read()) is not None
+    finally:
+        await runner.cleanup()
