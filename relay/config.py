@@ -75,6 +75,16 @@ class RtspConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RecordConfig:
+    enabled: bool = False
+    root: str = ""  # empty: <state_dir>/recordings
+    segment: float = 5.0  # seconds per MP4 segment (each starts on a keyframe)
+    snapshot_interval: float = 1.0  # seconds between JPEG snapshots; 0: none
+    max_size: int = 0  # bytes per stream; oldest deleted first; 0: no limit
+    max_age: float = 0.0  # seconds; older files deleted; 0: no limit
+
+
+@dataclass(frozen=True, slots=True)
 class DevicesConfig:
     discover: bool = True  # with no [streams]: cameras plugged in later become streams
     discover_interval: float = 2.0  # seconds between looks for new cameras
@@ -95,6 +105,7 @@ class Config:
     rtsp: RtspConfig = RtspConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     devices: DevicesConfig = DevicesConfig()
+    record: RecordConfig = RecordConfig()
     log_level: str = "info"
     state_dir: str = ""  # where camrelay keeps generated files; empty: $XDG_STATE_HOME/camrelay
 
@@ -121,13 +132,22 @@ def parse_duration(v: Any) -> float:
     """``1.5``, ``"1.5s"``, ``"500ms"``, ``"2m"`` -> seconds."""
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         seconds = float(v)
-    elif isinstance(v, str) and (m := re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*", v)):
-        seconds = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+    elif isinstance(v, str) and (m := re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)?\s*", v)):
+        seconds = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}[m.group(2)]
     else:
         raise ValueError(f"expected a duration like 1.5s or 500ms, got {v!r}")
     if seconds <= 0:
         raise ValueError(f"must be positive, got {v!r}")
     return seconds
+
+
+def parse_bytes(v: Any) -> int:
+    """``0``, ``1048576``, ``"500M"``, ``"20G"`` -> bytes (powers of 1024)."""
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+        return v
+    if isinstance(v, str) and (m := re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)i?B?\s*", v)):
+        return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+    raise ValueError(f"expected a size like 500M or 20G, got {v!r}")
 
 
 def parse_bitrate(v: Any) -> int:
@@ -242,6 +262,14 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
     "telemetry": {"log_interval": parse_duration, "thermal_limit": _celsius},
     "devices": {"discover": _bool, "discover_interval": parse_duration},
+    "record": {
+        "enabled": _bool,
+        "root": _str,
+        "segment": parse_duration,
+        "snapshot_interval": lambda v: 0.0 if v in (0, "0") else parse_duration(v),
+        "max_size": lambda v: parse_bytes(v),
+        "max_age": lambda v: 0.0 if v in (0, "0") else parse_duration(v),
+    },
     "rtsp": {
         "enabled": _bool,
         "host": _str,
@@ -367,5 +395,6 @@ def load(
         rtsp=rtsp,
         telemetry=TelemetryConfig(**values["telemetry"]),
         devices=DevicesConfig(**values["devices"]),
+        record=RecordConfig(**values["record"]),
         **values[""],
     )

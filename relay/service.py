@@ -18,6 +18,7 @@ from .devices import Device
 from .discovery import Discovery, StreamNames, device_key
 from .encode import EncoderSettings
 from .hub import PacketHub
+from .record import Recorder, Retention
 from .rtsp import (
     LOOPBACK_PUBLISH_TRANSPORT,
     REMOTE_PUBLISH_TRANSPORT,
@@ -63,6 +64,9 @@ class Relay:
         self.state_dir = Path(config.state_dir) if config.state_dir else default_state_dir()
         self.mediamtx: Mediamtx | None = None
         self.publishers: dict[str, RtspPublisher] = {}
+        self.recorders: dict[str, Recorder] = {}
+        rc = config.record
+        self.recordings_root = Path(rc.root) if rc.root else self.state_dir / "recordings"
         self.telemetry = Telemetry(self._stream_samples, self._process_ids, config.telemetry.log_interval)
         self.thermal_guards: dict[str, ThermalGuard] = {}
         if config.telemetry.thermal_limit:
@@ -134,6 +138,14 @@ class Relay:
             )
             self.publishers[sc.name] = publisher
             publisher.start()
+        rc = self.config.record
+        if rc.enabled:
+            recorder = Recorder(
+                sc.name, stream.hub, stream.jpegs, self.recordings_root, lambda: (stream.width, stream.height),
+                stream.fps, rc.segment, rc.snapshot_interval, Retention(rc.max_size, rc.max_age),
+            )  # fmt: skip
+            self.recorders[sc.name] = recorder
+            recorder.start()
         return stream
 
     async def _start_rtsp(self, names: list[str]) -> None:
@@ -220,6 +232,8 @@ class Relay:
         if self.discovery is not None:
             await self.discovery.close()
         await self.telemetry.close()
+        for recorder in self.recorders.values():
+            await recorder.close()
         for publisher in self.publishers.values():
             await publisher.close()
         await self.sessions.close_all()

@@ -8,9 +8,11 @@ a one-line reason in the body, never a 500.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import sys
+import time
 
 try:  # Linux and the BSDs; elsewhere only asyncio's own buffer is checked
     import fcntl
@@ -40,6 +42,7 @@ RETRY_AFTER_FULL = "10"  # seconds a client should wait when a stream is full
 CORS_MAX_AGE = "600"  # seconds a browser may cache a preflight
 SNAPSHOT_TIMEOUT = 3.0  # seconds to wait for a frame; the slate arrives within ~1 s of a camera going away
 MJPEG_BOUNDARY = "camrelayframe"
+LISTING_LIMIT = 1000  # newest segments and snapshots listed per request
 SIOCOUTQ = getattr(termios, "TIOCOUTQ", None) if termios is not None else None  # bytes a socket has not sent yet
 MJPEG_IDLE = 5.0  # seconds an MJPEG client waits for a frame before looking again
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
@@ -275,6 +278,57 @@ async def mjpeg(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def api_recordings(request: web.Request) -> web.Response:
+    """The segments and snapshots of a stream on disk, newest first, with download URLs."""
+    relay = request.app[RELAY]
+    name = _stream_or_404(request)
+    recorder = relay.recorders.get(name)
+    if recorder is None:
+        raise _error(web.HTTPNotFound, f"stream {name!r} is not recorded (set [record] enabled = true)")
+    segments, snapshots = await asyncio.to_thread(recorder.listing)
+
+    def entries(files, limit):
+        out = []
+        for path, t, size in reversed(files[-limit:]):
+            rel = path.relative_to(recorder.dir).as_posix()
+            out.append(
+                {
+                    "time": t,
+                    "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)),
+                    "bytes": size,
+                    "url": f"/recordings/{name}/{rel}",
+                }
+            )
+        return out
+
+    return web.json_response(
+        {
+            "stream": name,
+            "recording": not recorder.paused,
+            "paused_disk_full": recorder.paused,
+            "segments": entries(segments, LISTING_LIMIT),
+            "snapshots": entries(snapshots, LISTING_LIMIT),
+            "latest_video": f"/recordings/{name}/latest_video.mp4",
+            "latest_image": f"/recordings/{name}/latest_image.jpg",
+        }
+    )
+
+
+async def recording_file(request: web.Request) -> web.StreamResponse:
+    relay = request.app[RELAY]
+    name = _stream_or_404(request)
+    recorder = relay.recorders.get(name)
+    if recorder is None:
+        raise _error(web.HTTPNotFound, f"stream {name!r} is not recorded")
+    base = recorder.dir.resolve()
+    path = (recorder.dir / request.match_info["path"]).resolve()  # follows latest_* links
+    if not path.is_relative_to(base) or not path.is_file() or path.suffix not in (".mp4", ".jpg"):
+        raise _error(web.HTTPNotFound, "no such recording")
+    return web.FileResponse(
+        path, headers={"Cache-Control": "no-store" if "latest_" in request.match_info["path"] else "max-age=3600"}
+    )
+
+
 def unsent_bytes(transport, sock) -> int:
     """What is still waiting to reach a client: asyncio's buffer plus the kernel's send queue.
 
@@ -391,6 +445,8 @@ def make_app(relay: Relay) -> web.Application:
     app.router.add_get("/api/v1/rtsp", api_rtsp)
     app.router.add_get("/snapshot/{stream}.jpg", snapshot)
     app.router.add_get("/mjpeg/{stream}", mjpeg)
+    app.router.add_get("/api/v1/recordings/{stream}", api_recordings)
+    app.router.add_get("/recordings/{stream}/{path:.+}", recording_file)
     app.router.add_get("/api/v1/status", api_status)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)

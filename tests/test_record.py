@@ -1,0 +1,167 @@
+"""Recording: fragmented MP4 segments and snapshots, crash safety, retention, a full disk."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import shutil
+import time
+from pathlib import Path
+
+import av
+import pytest
+
+from relay import pixelclock
+from relay.record import LATEST_IMAGE, LATEST_VIDEO, Retention, Segment, files_to_delete, parse_utc_name, utc_name
+from relay.whepclient import WhepViewer, luma
+
+from .conftest import make_config, start_relay
+
+SEGMENT = 2.0
+FPS = 15
+
+
+def recording_config(tmp_path: Path, **record):
+    config = make_config(fps=FPS)
+    rc = dataclasses.replace(config.record, enabled=True, root=str(tmp_path / "rec"), segment=SEGMENT, **record)
+    return dataclasses.replace(config, record=rc)
+
+
+async def wait_for(predicate, timeout=20.0, what=""):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out: {what}"
+        await asyncio.sleep(0.05)
+
+
+def decode_all(path: Path, torn: bool = False) -> list[tuple[float, int | None]]:
+    """(pts in seconds, pixel clock) for every frame; ``torn``: stop quietly where a cut-off file ends."""
+    out = []
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        try:
+            for frame in container.decode(stream):
+                out.append((float(frame.pts * stream.time_base), pixelclock.read(luma(frame, frame.width // 48))))
+        except av.error.InvalidDataError:
+            if not torn:
+                raise
+    return out
+
+
+def test_names_carry_utc_time_to_the_millisecond():
+    t = 1795312692.345
+    assert utc_name(t) == "20261122T015812.345Z"
+    assert parse_utc_name(utc_name(t) + ".mp4") == pytest.approx(t, abs=0.001)
+    assert parse_utc_name("notes.txt") is None
+
+
+def test_retention_deletes_oldest_first_until_the_rest_fit():
+    files = [(Path(f"f{i}"), 1000.0 + i, 100) for i in range(10)]
+    assert files_to_delete(files, Retention(max_bytes=750, max_age=0), now=2000) == [Path("f0"), Path("f1"), Path("f2")]
+    assert files_to_delete(files, Retention(max_bytes=0, max_age=995.5), now=2000) == [Path(f"f{i}") for i in range(5)]
+    assert files_to_delete(files, Retention(0, 0), now=2000) == []
+
+
+async def test_segments_and_snapshots_are_recorded(tmp_path, http):
+    runner, relay = await start_relay(recording_config(tmp_path))
+    recorder = relay.relay.recorders["cam0"]
+    try:
+        await wait_for(lambda: recorder.segments_written >= 3 and recorder.snapshots_written >= 3, what="3 segments")
+        async with http.get(relay.base + "/api/v1/recordings/cam0") as resp:
+            listing = await resp.json()
+        async with http.get(relay.base + listing["segments"][0]["url"]) as resp:
+            assert resp.status == 200 and len(await resp.read()) == listing["segments"][0]["bytes"]
+        async with http.get(relay.base + listing["latest_image"]) as resp:
+            assert resp.status == 200 and (await resp.read())[:2] == b"\xff\xd8"
+        async with http.get(relay.base + "/recordings/cam0/../../etc/passwd") as resp:
+            assert resp.status == 404
+    finally:
+        await runner.cleanup()
+    segments, snapshots = recorder.listing()
+    assert len(segments) >= 3 and len(snapshots) >= 3
+    last_end = None
+    for path, start, _ in segments:
+        assert path.parent.name == time.strftime("%Y-%m-%d", time.gmtime(start))  # a folder per day
+        frames = decode_all(path)
+        assert frames, path
+        first_clock = frames[0][1]
+        assert first_clock is not None and abs(first_clock / 1000 - start) < 1.0  # the name's time is the picture's
+        duration = frames[-1][0] - frames[0][0]
+        if path != segments[-1][0]:  # the last was cut short by the shutdown
+            assert SEGMENT - 0.2 <= duration <= SEGMENT + 1.2, (path, duration)  # cut at the keyframe after 2 s
+        clocks = [c for _, c in frames]
+        assert all(c is not None for c in clocks) and clocks == sorted(clocks)
+        if last_end is not None:
+            assert clocks[0] > last_end  # time goes on across segments
+        last_end = clocks[-1]
+    assert (recorder.dir / LATEST_VIDEO).resolve() in [p.resolve() for p, _, _ in segments]
+    assert (recorder.dir / LATEST_IMAGE).resolve() == snapshots[-1][0].resolve()
+    assert not list(recorder.dir.glob("*/*.part"))  # a clean shutdown leaves only complete files
+
+
+async def test_a_segment_cut_off_mid_write_plays_up_to_its_last_fragment(tmp_path):
+    runner, relay = await start_relay(recording_config(tmp_path, snapshot_interval=0.0))
+    recorder = relay.relay.recorders["cam0"]
+    try:
+        await wait_for(lambda: list(recorder.dir.glob("*/*.mp4.part")), what="a segment being written")
+        await asyncio.sleep(1.5)  # a fragment or more into it
+        part = next(recorder.dir.glob("*/*.mp4.part"))
+        cut = tmp_path / "cut.mp4"
+        shutil.copyfile(part, cut)  # the file exactly as a power cut would leave it
+    finally:
+        await runner.cleanup()
+    data = cut.read_bytes()
+    cut.write_bytes(data[: len(data) - 1000])  # and torn inside its last write, too
+    frames = decode_all(cut, torn=True)
+    assert len(frames) >= FPS // 2, "plays up to its last complete fragment"
+    assert all(c is not None for _, c in frames)
+    # A .part left by a crash is renamed complete when recording starts again.
+    leftover = recorder.dir / "2026-01-01" / "20260101T000000.000Z.mp4.part"
+    leftover.parent.mkdir(parents=True)
+    shutil.copyfile(cut, leftover)
+    recorder.recover()
+    assert (leftover.parent / "20260101T000000.000Z.mp4").exists() and not leftover.exists()
+
+
+class FullDisk(Segment):
+    """A segment whose writes fail with ENOSPC while ``FullDisk.full`` is set."""
+
+    full = False
+
+    def write(self, frame):
+        if FullDisk.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        super().write(frame)
+
+
+async def test_a_full_disk_pauses_recording_and_viewers_keep_their_frame_rate(tmp_path, http, monkeypatch):
+    import relay.record as record
+
+    monkeypatch.setattr(record, "DISK_RETRY_INTERVAL", 0.2)
+    runner, relay = await start_relay(recording_config(tmp_path, snapshot_interval=0.0))
+    recorder = relay.relay.recorders["cam0"]
+    recorder.open_segment = FullDisk
+    stream = relay.relay.streams["cam0"]
+    viewer = WhepViewer(relay.whep(), http)
+    space = {"free": 10**9}
+    monkeypatch.setattr(recorder, "_space_left", lambda: space["free"])
+    try:
+        await viewer.connect()
+        await wait_for(lambda: recorder.segments_written >= 1, what="recording")
+        FullDisk.full, space["free"] = True, 0
+        await wait_for(lambda: recorder.paused, what="recording paused")
+        encoded0 = stream.stats.frames_encoded
+        got = len(await viewer.read_frames(2 * FPS, clock=False))
+        assert got >= stream.stats.frames_encoded - encoded0 - 3  # live video unaffected
+        assert recorder.paused
+        FullDisk.full, space["free"] = False, 10**9
+        written = recorder.segments_written
+        await wait_for(lambda: not recorder.paused and recorder.segments_written > written, what="recording resumed")
+    finally:
+        FullDisk.full = False
+        await viewer.close()
+        await runner.cleanup()
+    segments, _ = recorder.listing()
+    for path, _, _ in segments:
+        assert decode_all(path), f"{path.name} is corrupt"  # nothing already recorded was damaged
