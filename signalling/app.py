@@ -419,6 +419,7 @@ async def view(request: web.Request) -> dict:
         "stream": relay.streams[name],
         "rtsp_url": relay.rtsp_url(name, display_host(request)),
         "rtsp_needs_login": bool(relay.config.rtsp.user),
+        "recorded": name in relay.recorders,
     }
 
 

@@ -15,7 +15,8 @@ const RECONNECT_MIN_MS = 1000;
 const RECONNECT_MAX_MS = 15000;
 const GATHER_TIMEOUT_MS = 2000;  // send what we have by then; host candidates come in ms
 const STALL_MS = 5000;           // connected but no new frame for this long: reconnect
-const LATENCY_WINDOW = 30;       // readings in the displayed median
+const LATENCY_WINDOW = 30;
+const FALLBACK_AFTER_ATTEMPTS = 3;  // failed WebRTC connects before the page shows MJPEG       // readings in the displayed median
 const LATENCY_MAX_MS = 60000;    // a reading further from now is a chance decode of a real camera's picture
 
 // Decode the band from RGBA pixels of the band's rows (width w, s rows).
@@ -170,6 +171,8 @@ class WhepPlayer {
     const delay = Math.min(RECONNECT_MAX_MS, RECONNECT_MIN_MS * 2 ** this.attempt) * (0.8 + 0.4 * Math.random());
     this.attempt += 1;
     this._setState(`retrying in ${Math.round(delay / 1000)}s (${why})`);
+    // WebRTC blocked (a strict firewall, an old browser): show MJPEG meanwhile, keep trying WebRTC.
+    if (this.attempt === FALLBACK_AFTER_ATTEMPTS && this.handlers.onFallback) this.handlers.onFallback(true);
     clearTimeout(this._retryTimer);
     this._retryTimer = setTimeout(() => this._connect(), delay);
   }
@@ -238,7 +241,10 @@ class WhepPlayer {
         if (r.framesDecoded && r.framesDecoded !== this._lastFrames) {
           this._lastFrames = r.framesDecoded;
           this._lastFrameChange = now;
-          if (this.state === "live") this.attempt = 0;
+          if (this.state === "live") {
+            if (this.attempt >= FALLBACK_AFTER_ATTEMPTS && this.handlers.onFallback) this.handlers.onFallback(false);
+            this.attempt = 0;
+          }
         }
         st.framesDecoded = r.framesDecoded || 0;
         if (this._lastBytes) {

@@ -192,3 +192,27 @@ async def test_status_panel_shows_cpu_and_viewers(relay_server: RunningRelay) ->
             assert await page.locator("[data-role=throttled]").is_hidden()
         finally:
             await page.close()
+
+
+async def test_page_falls_back_to_mjpeg_when_webrtc_cannot_connect(relay_server: RunningRelay) -> None:
+    async with chromium() as browser:
+        page = await browser.new_page()
+        try:
+            await page.route("**/whep/**", lambda route: route.abort())  # as if WebRTC signalling were blocked
+            await page.goto(relay_server.base + "/view/cam0")
+            await page.wait_for_function(
+                "() => { const i = document.getElementById('mjpeg'); return !i.hidden && i.naturalWidth > 0; }",
+                timeout=PLAY_TIMEOUT_MS,
+            )
+            assert await page.evaluate("() => document.getElementById('mjpeg').naturalWidth") == TEST_WIDTH
+            assert relay_server.relay.streams["cam0"].jpegs.users == 1  # the page's MJPEG connection
+            await page.unroute("**/whep/**")
+            await page.wait_for_function(PLAYING, timeout=PLAY_TIMEOUT_MS)  # WebRTC got through: back to video
+            await page.wait_for_function("() => document.getElementById('mjpeg').hidden", timeout=PLAY_TIMEOUT_MS)
+            snapshot = await page.evaluate(
+                "async () => { const r = await fetch(document.getElementById('snapshot').href);"
+                " return [r.status, r.headers.get('content-type')]; }"
+            )
+            assert snapshot == [200, "image/jpeg"]
+        finally:
+            await page.close()
