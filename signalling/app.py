@@ -396,6 +396,21 @@ async def metrics(request: web.Request) -> web.Response:
             ("camrelay_mediamtx_up", "gauge", "1 while mediamtx answers.", {}, int(relay.mediamtx.ready.is_set()))
         )
         extra.append(("camrelay_mediamtx_restarts_total", "counter", "mediamtx restarts.", {}, relay.mediamtx.restarts))
+    for name, rec in relay.recorders.items():
+        labels = {"stream": name}
+        extra += [
+            (
+                "camrelay_recording_paused",
+                "gauge",
+                "1 while recording is paused for a full disk.",
+                labels,
+                int(rec.paused),
+            ),
+            ("camrelay_recording_segments_total", "counter", "MP4 segments completed.", labels, rec.segments_written),
+            ("camrelay_recording_snapshots_total", "counter", "JPEG snapshots written.", labels, rec.snapshots_written),
+            ("camrelay_recording_deleted_total", "counter", "Files deleted by retention.", labels, rec.deleted),
+            ("camrelay_recording_disk_full_total", "counter", "Times the disk filled up.", labels, rec.pauses),
+        ]
     text = prometheus(relay.telemetry.latest, extra)
     return web.Response(text=text, content_type="text/plain", charset="utf-8", headers={"X-Prometheus-Format": "0.0.4"})
 

@@ -24,7 +24,8 @@ FPS = 15
 
 def recording_config(tmp_path: Path, **record):
     config = make_config(fps=FPS)
-    rc = dataclasses.replace(config.record, enabled=True, root=str(tmp_path / "rec"), segment=SEGMENT, **record)
+    record = {"segment": SEGMENT, **record}
+    rc = dataclasses.replace(config.record, enabled=True, root=str(tmp_path / "rec"), **record)
     return dataclasses.replace(config, record=rc)
 
 
@@ -165,3 +166,22 @@ async def test_a_full_disk_pauses_recording_and_viewers_keep_their_frame_rate(tm
     segments, _ = recorder.listing()
     for path, _, _ in segments:
         assert decode_all(path), f"{path.name} is corrupt"  # nothing already recorded was damaged
+
+
+async def test_retention_keeps_a_stream_under_its_size_limit(tmp_path, http):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    limit = 400_000
+    runner, relay = await start_relay(recording_config(tmp_path, snapshot_interval=0.0, max_size=limit, segment=0.5))
+    recorder = relay.relay.recorders["cam0"]
+    try:
+        await wait_for(lambda: recorder.deleted >= 3, what="retention deleting old segments")
+        segments, _ = recorder.listing()
+        assert sum(size for _, _, size in segments) <= limit
+        assert segments[-1][1] > segments[0][1]  # the newest are kept
+        async with http.get(relay.base + "/metrics") as resp:
+            families = {f.name: f for f in text_string_to_metric_families(await resp.text())}
+        assert families["camrelay_recording_deleted"].samples[0].value >= 3
+        assert families["camrelay_recording_paused"].samples[0].value == 0
+    finally:
+        await runner.cleanup()
