@@ -17,7 +17,8 @@ import json
 import sys
 
 from benchmarks.chromium import chromium
-from benchmarks.viewers import free_port, percentile, start_relay
+from benchmarks.ports import free_port
+from benchmarks.viewers import percentile, start_relay
 
 COLLECT = """() => {
   const p = window.camrelayPlayer;

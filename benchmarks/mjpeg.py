@@ -21,7 +21,8 @@ import time
 import av
 import psutil
 
-from benchmarks.viewers import free_port, percentile, start_relay
+from benchmarks.ports import free_port
+from benchmarks.viewers import percentile, start_relay
 from relay import pixelclock
 
 SLOW_BUFFER = 4096  # bytes: far less than a frame, so the bytes wait on the relay's side

@@ -25,7 +25,8 @@ import urllib.request
 import aiohttp
 import av
 
-from benchmarks.viewers import free_port, percentile
+from benchmarks.ports import free_port, free_rtp_pair
+from benchmarks.viewers import percentile
 from relay import pixelclock
 from relay.webrtc import restrict_host_addresses
 from relay.whepclient import WhepViewer, luma
@@ -33,25 +34,6 @@ from relay.whepclient import WhepViewer, luma
 SETTLE = 1.0  # seconds of each reader's output that are not counted
 # Lowest-latency options for FFmpeg's RTSP client: no probing delay, no reorder queue.
 READER_OPTIONS = {"fflags": "nobuffer", "flags": "low_delay", "max_delay": "0", "reorder_queue_size": "0"}
-
-
-def free_rtp_pair() -> int:
-    import socket
-
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1] & ~1
-        try:
-            with (
-                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a,
-                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b,
-            ):
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
-                return port
-        except OSError:
-            continue
 
 
 def start_relay(size: str, fps: float, bitrate: str, port: int, rtsp_port: int, state_dir: str) -> subprocess.Popen:

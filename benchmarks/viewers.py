@@ -24,7 +24,6 @@ import asyncio
 import json
 import multiprocessing as mp
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,8 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 
 import psutil
+
+from benchmarks.ports import free_port
 
 PEERS_PER_WORKER = 10  # aiortc peers per worker process: keeps each event loop responsive
 WARMUP = 3.0  # seconds after every peer has a frame before measuring
@@ -134,12 +135,6 @@ async def _peers(url, count, probe, ready, start, duration):
 
 
 # -- controller ---------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_relay(size: str, fps: float, bitrate: str, port: int) -> subprocess.Popen:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import tempfile
 import threading
 import time
@@ -19,6 +18,7 @@ import psutil
 import pytest
 from aiohttp import web
 
+from benchmarks.ports import free_port, free_rtp_pair
 from relay.capture import SourceSpec
 from relay.config import Config, HttpConfig, RtspConfig, StreamConfig, VideoConfig, WebRTCConfig
 from relay.service import Relay
@@ -84,12 +84,6 @@ async def no_task_leaks():
     assert not left, f"asyncio tasks left running: {left}"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def make_config(
     streams: tuple[StreamConfig, ...] | None = None,
     *,
@@ -120,25 +114,6 @@ def make_config(
         rtsp=rtsp_config(rtsp, rtsp_user, rtsp_password),
         state_dir=state_dir or (tempfile.mkdtemp(prefix="camrelay-state-") if rtsp else ""),
     )
-
-
-def free_rtp_pair() -> int:
-    """An even UDP port whose successor is free too."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1] & ~1
-        try:
-            with (
-                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a,
-                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b,
-            ):
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
-                return port
-        except OSError:
-            continue
-    raise RuntimeError("no free RTP port pair")
 
 
 def rtsp_config(enabled: bool, user: str = "", password: str = "") -> RtspConfig:

@@ -11,7 +11,7 @@ import urllib.request
 import psutil
 import pytest
 
-from .conftest import free_port, free_rtp_pair
+from benchmarks.ports import free_port, free_rtp_pair
 
 STARTUP_TIMEOUT = 20.0
 

@@ -14,11 +14,10 @@ import av
 import psutil
 import pytest
 
+from benchmarks.ports import free_port, free_rtp_pair
 from relay import pixelclock
 from relay.rtsp import MediamtxSettings, RtspError, check_ports_free, find_mediamtx, parameter_sets, render_config
 from relay.whepclient import WhepViewer, luma
-
-from .conftest import free_port, free_rtp_pair
 
 SETTINGS = MediamtxSettings("", 8554, 8000, 8001, 9997)
 
