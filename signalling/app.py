@@ -278,7 +278,7 @@ async def mjpeg(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def api_recordings(request: web.Request) -> web.Response:
+async def _recordings(request: web.Request) -> dict:
     """The segments and snapshots of a stream on disk, newest first, with download URLs."""
     relay = request.app[RELAY]
     name = _stream_or_404(request)
@@ -291,27 +291,27 @@ async def api_recordings(request: web.Request) -> web.Response:
         out = []
         for path, t, size in reversed(files[-limit:]):
             rel = path.relative_to(recorder.dir).as_posix()
-            out.append(
-                {
-                    "time": t,
-                    "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)),
-                    "bytes": size,
-                    "url": f"/recordings/{name}/{rel}",
-                }
-            )
+            utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+            out.append({"time": t, "utc": utc, "bytes": size, "url": f"/recordings/{name}/{rel}"})
         return out
 
-    return web.json_response(
-        {
-            "stream": name,
-            "recording": not recorder.paused,
-            "paused_disk_full": recorder.paused,
-            "segments": entries(segments, LISTING_LIMIT),
-            "snapshots": entries(snapshots, LISTING_LIMIT),
-            "latest_video": f"/recordings/{name}/latest_video.mp4",
-            "latest_image": f"/recordings/{name}/latest_image.jpg",
-        }
-    )
+    return {
+        "stream": name,
+        "recording": not recorder.paused,
+        "paused": recorder.paused,
+        "segments": entries(segments, LISTING_LIMIT),
+        "snapshots": entries(snapshots, LISTING_LIMIT),
+        "latest_video": f"/recordings/{name}/latest_video.mp4",
+        "latest_image": f"/recordings/{name}/latest_image.jpg",
+    }
+
+
+async def api_recordings(request: web.Request) -> web.Response:
+    return web.json_response(await _recordings(request))
+
+
+async def recordings_page(request: web.Request) -> web.Response:
+    return aiohttp_jinja2.render_template("recordings.html", request, await _recordings(request))
 
 
 async def recording_file(request: web.Request) -> web.StreamResponse:
@@ -462,6 +462,7 @@ def make_app(relay: Relay) -> web.Application:
     app.router.add_get("/snapshot/{stream}.jpg", snapshot)
     app.router.add_get("/mjpeg/{stream}", mjpeg)
     app.router.add_get("/api/v1/recordings/{stream}", api_recordings)
+    app.router.add_get("/recordings/{stream}", recordings_page)
     app.router.add_get("/recordings/{stream}/{path:.+}", recording_file)
     app.router.add_get("/api/v1/status", api_status)
     app.router.add_get("/metrics", metrics)

@@ -77,6 +77,9 @@ async def test_segments_and_snapshots_are_recorded(tmp_path, http):
             assert resp.status == 200 and (await resp.read())[:2] == b"\xff\xd8"
         async with http.get(relay.base + "/recordings/cam0/../../etc/passwd") as resp:
             assert resp.status == 404
+        async with http.get(relay.base + "/recordings/cam0") as resp:
+            page = await resp.text()
+        assert resp.status == 200 and listing["segments"][0]["url"] in page and listing["snapshots"][0]["url"] in page
     finally:
         await runner.cleanup()
     segments, snapshots = recorder.listing()
