@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 
+log = logging.getLogger(__name__)
+
 
 async def cancel_and_wait(task: asyncio.Task | None) -> None:
-    """Cancel ``task`` (if any) and wait until it has really finished."""
+    """Cancel ``task`` (if any) and wait until it has really finished.
+
+    A task that had already died of an error is logged, not re-raised: one
+    broken part must not stop the shutdown of the rest.
+    """
     if task is None:
         return
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
+    try:
         await task
+    except asyncio.CancelledError:
+        if asyncio.current_task() is not None and asyncio.current_task().cancelling():
+            raise  # we are being cancelled ourselves
+    except Exception:
+        log.exception("task %s had failed", task.get_name())
 
 
 def signal_group(proc: asyncio.subprocess.Process, sig: int) -> None:

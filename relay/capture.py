@@ -277,7 +277,7 @@ class DecodedSource:
         try:
             self._container = av.open(self.url, options=self._options, timeout=10)
         except (av.FFmpegError, OSError) as exc:
-            raise SourceError(f"cannot open {redact_url(self.url)}: {exc}") from exc
+            raise SourceError(f"cannot open {redact_url(self.url)}: {redact_text(str(exc), self.url)}") from exc
         if not self._container.streams.video:
             raise SourceError(f"{redact_url(self.url)} has no video stream")
         ctx = self._container.streams.video[0].codec_context
@@ -297,7 +297,9 @@ class DecodedSource:
             self._frames = self._container.decode(video=0)
             return self.read()
         except (av.FFmpegError, OSError) as exc:
-            raise SourceError(f"{redact_url(self.url)} stopped delivering frames: {exc}") from exc
+            raise SourceError(
+                f"{redact_url(self.url)} stopped delivering frames: {redact_text(str(exc), self.url)}"
+            ) from exc
         if self._loop:  # a file plays at its configured rate, not as fast as it decodes
             delay = self._next - time.monotonic()
             if delay > 0 and self._stop.wait(delay):
@@ -324,6 +326,11 @@ def redact_url(url: str) -> str:
         return url
     user = auth.split(":", 1)[0]
     return f"{scheme}://{user}:***@{host}"
+
+
+def redact_text(text: str, url: str) -> str:
+    """``text`` (an FFmpeg error names the URL it failed on) with ``url``'s password hidden."""
+    return text.replace(url, redact_url(url))
 
 
 def open_source(spec: SourceSpec, width: int, height: int, fps: float, label: str) -> Source:

@@ -334,8 +334,8 @@ def load(
                 n, spec = parse_stream_arg(item)
                 streams[n or f"cam{i}"] = spec
             continue
-        if name == "config":
-            continue  # the file's path, read by the CLI
+        if name in ("config", "worker_config"):
+            continue  # the file's path, read by the CLI; a camera worker's own settings
         section, _, key = name.partition("_")
         if section in SCHEMA and section and key in SCHEMA[section]:
             raw[section][key] = value

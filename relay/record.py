@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import concurrent.futures
 import contextlib
 import errno
 import fractions
@@ -43,6 +44,7 @@ FRAGMENT_MICROSECONDS = "1000000"
 # Three seconds of frames may wait for a slow SD card before the recorder skips to the next keyframe.
 RECORD_QUEUE_FRAMES = 90
 DISK_RETRY_INTERVAL = 5.0  # seconds between checks for free space after ENOSPC
+RESUME_FREE_BYTES = 64 * 2**20  # resume recording with this much free: a few segments, not one packet
 PART = ".part"
 LATEST_VIDEO = "latest_video.mp4"
 LATEST_IMAGE = "latest_image.jpg"
@@ -180,6 +182,12 @@ class Recorder:
         self.pauses = 0
         self.open_segment = Segment  # replaced in tests to inject disk errors
         self._tasks: list[asyncio.Task[None]] = []
+        # One thread for all of this recorder's file work, so a close can never
+        # overlap a write still running after its task was cancelled.
+        self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"record-{name}")
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
 
     @property
     def dir(self) -> Path:
@@ -195,6 +203,7 @@ class Recorder:
     async def close(self) -> None:
         for task in self._tasks:
             await cancel_and_wait(task)
+        await asyncio.to_thread(self._io.shutdown)
 
     def recover(self) -> None:
         """Segments cut off by a crash or power loss: rename them complete (they play to their last fragment)."""
@@ -220,13 +229,14 @@ class Recorder:
                         if not frame.keyframe:
                             continue
                         path = day_dir(self.root, self.name, frame.capture_time) / f"{utc_name(frame.capture_time)}.mp4"
-                        segment = await asyncio.to_thread(self.open_segment, path, frame, self.size(), self.fps)
-                    await asyncio.to_thread(segment.write, frame)
+                        segment = await self._run(self.open_segment, path, frame, self.size(), self.fps)
+                    await self._run(segment.write, frame)
             except HubClosed:
                 return
             except (OSError, av.FFmpegError) as exc:
+                sub.close()  # no queue filling up (and forcing keyframes) while we wait
                 if segment is not None:
-                    await asyncio.to_thread(segment.abort)  # its .part plays up to the last fragment
+                    await self._run(segment.abort)  # its .part plays up to the last fragment
                     segment = None
                 if _is_disk_full(exc):
                     await self._wait_for_space(exc)
@@ -237,15 +247,15 @@ class Recorder:
                 sub.close()
                 if segment is not None:  # shutting down: the segment so far is a complete file
                     with contextlib.suppress(Exception):
-                        await asyncio.to_thread(segment.finish)
+                        await self._run(segment.finish)
 
     async def _finish(self, segment: Segment) -> None:
-        path = await asyncio.to_thread(segment.finish)
+        path = await self._run(segment.finish)
         if path is None:
             return
         self.segments_written += 1
-        await asyncio.to_thread(point_link, self.dir / LATEST_VIDEO, path)
-        await asyncio.to_thread(self._enforce_retention)
+        await self._run(point_link, self.dir / LATEST_VIDEO, path)
+        await self._run(self._enforce_retention)
 
     async def _wait_for_space(self, exc: BaseException) -> None:
         self.paused = True
@@ -253,8 +263,11 @@ class Recorder:
         log.error("stream=%s disk full (%s): recording paused; live streaming carries on", self.name, exc)
         while True:
             await asyncio.sleep(DISK_RETRY_INTERVAL)
-            await asyncio.to_thread(self._enforce_retention)
-            if await asyncio.to_thread(self._space_left) > 0:
+            try:
+                await self._run(self._enforce_retention)
+            except OSError as exc:
+                log.warning("stream=%s retention could not delete: %s", self.name, exc)
+            if await self._run(self._space_left) >= RESUME_FREE_BYTES:
                 break
         self.paused = False
         log.warning("stream=%s disk has space again: recording resumes", self.name)
@@ -277,7 +290,7 @@ class Recorder:
                     continue
                 version = jpeg.version
                 try:
-                    await asyncio.to_thread(self._write_snapshot, jpeg.data, jpeg.capture_time)
+                    await self._run(self._write_snapshot, jpeg.data, jpeg.capture_time)
                 except OSError as exc:
                     if _is_disk_full(exc):
                         await self._wait_for_space(exc)
@@ -313,7 +326,13 @@ class Recorder:
 
     def _enforce_retention(self) -> None:
         segments, snapshots = self.listing()
-        for path in files_to_delete(segments + snapshots, self.retention, time.time()):
+        parts = []  # segments cut off by a full disk count too
+        for path in self.dir.glob(f"*/*.mp4{PART}"):
+            t = parse_utc_name(path.name)
+            with contextlib.suppress(OSError):
+                if t is not None:
+                    parts.append((path, t, path.stat().st_size))
+        for path in files_to_delete(segments + snapshots + parts, self.retention, time.time()):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 self.deleted += 1

@@ -10,6 +10,7 @@ keyframe like any viewer, and it never delays the viewers.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import fractions
 import json
@@ -27,7 +28,8 @@ import aiohttp
 import av
 
 from .aio import cancel_and_wait, signal_group
-from .backoff import Retry
+from .backoff import Backoff, Retry
+from .capture import redact_text, redact_url
 from .hub import EncodedFrame, HubClosed, PacketHub
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ STOP_TIMEOUT = 5.0  # seconds after SIGTERM before SIGKILL
 PUBLISH_TIME_BASE = fractions.Fraction(1, 90_000)
 # Reconnect pacing for a publisher whose mediamtx went away (it is restarted meanwhile).
 PUBLISH_RETRY_DELAY = 0.5
+PUBLISH_RETRY_CAP = 10.0  # a server that refuses us is asked again at most this far apart
 # RTP transport when publishing to our own mediamtx on loopback: UDP. Over TCP,
 # FFmpeg's RTSP muxer leaves Nagle on (and offers no way to turn it off), so a
 # small P-frame waits for the delayed ACK of the one before and reaches readers
@@ -91,10 +94,11 @@ def render_config(settings: MediamtxSettings, streams: list[str]) -> str:
     paths: dict[str, dict] = {name: {"source": "publisher"} for name in streams}
     paths["all_others"] = {"source": "publisher"}  # streams added later (a camera plugged in)
     if streams:
-        paths[LIVE_PATH] = {"source": f"rtsp://127.0.0.1:{settings.port}/{streams[0]}", "sourceOnDemand": True}
+        local = local_host(settings.host)
+        paths[LIVE_PATH] = {"source": f"rtsp://{local}:{settings.port}/{streams[0]}", "sourceOnDemand": True}
         if settings.user:
             u, p = (urllib.parse.quote(x, safe="") for x in (settings.user, settings.password))
-            paths[LIVE_PATH]["source"] = f"rtsp://{u}:{p}@127.0.0.1:{settings.port}/{streams[0]}"
+            paths[LIVE_PATH]["source"] = f"rtsp://{u}:{p}@{local}:{settings.port}/{streams[0]}"
     config = {
         "logLevel": {"debug": "debug", "info": "info", "warning": "warn", "error": "error"}[settings.log_level],
         "logDestinations": ["stdout"],
@@ -123,6 +127,13 @@ def render_config(settings: MediamtxSettings, streams: list[str]) -> str:
         "paths": paths,
     }
     return json.dumps(config, indent=2) + "\n"
+
+
+def local_host(host: str) -> str:
+    """Where this machine reaches its own mediamtx: loopback, unless RTSP listens on one address only."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
 
 
 def find_mediamtx(configured: str) -> str:
@@ -189,8 +200,10 @@ class Mediamtx:
         """Write the config, start mediamtx, and wait until its API answers; raises ``RtspError``."""
         self._state_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.config_path.with_suffix(".tmp")
-        tmp.write_text(render_config(self.settings, self.streams))
-        tmp.chmod(0o600)  # it may hold the read password
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # it may hold the read password
+        with os.fdopen(fd, "w") as fh:
+            fh.write(render_config(self.settings, self.streams))
         tmp.replace(self.config_path)
         await self._spawn()
         if not await self._wait_api():
@@ -265,6 +278,9 @@ class Mediamtx:
                 if await self._wait_api():
                     self.ready.set()
                     log.info("mediamtx pid=%d back up after restart %d", self.pid, self.restarts)
+                else:
+                    log.error("mediamtx did not answer after restart %d; stopping it to try again", self.restarts)
+                    await self._stop_proc()  # the loop then restarts it
             except OSError as exc:
                 log.error("mediamtx could not be restarted: %s", exc)
 
@@ -315,8 +331,11 @@ class RtspPublisher:
         self.sessions = 0  # how many times a publish session was opened
         self.errors = 0
         self._ready = ready
+        self._retry = Retry(Backoff(initial=PUBLISH_RETRY_DELAY, cap=PUBLISH_RETRY_CAP))
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        # One thread for the muxer: a close never overlaps a write still running after a cancel.
+        self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"rtsp-{hub.stream}")
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"rtsp-publish-{self.hub.stream}")
@@ -324,6 +343,10 @@ class RtspPublisher:
     async def close(self) -> None:
         self._closing = True
         await cancel_and_wait(self._task)
+        await asyncio.to_thread(self._io.shutdown)
+
+    async def _call(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
 
     async def _run(self) -> None:
         while not self._closing:
@@ -337,26 +360,30 @@ class RtspPublisher:
             except (av.FFmpegError, OSError) as exc:
                 self.errors += 1
                 log.warning(
-                    "stream=%s rtsp publish to %s failed: %s; republishing", self.hub.stream, _redact(self.url), exc
+                    "stream=%s rtsp publish to %s failed: %s; republishing",
+                    self.hub.stream,
+                    redact_url(self.url),
+                    redact_text(str(exc), self.url),
                 )
             finally:
                 sub.close()
-            await asyncio.sleep(PUBLISH_RETRY_DELAY)
+            await asyncio.sleep(self._retry.next_delay())
 
     async def _publish(self, sub) -> None:
         first = await sub.get()  # a new subscriber starts at a keyframe
-        container = await asyncio.to_thread(self._open, first)
+        container = await self._call(self._open, first)
         try:
             self.sessions += 1
-            log.info("stream=%s publishing rtsp to %s", self.hub.stream, _redact(self.url))
+            log.info("stream=%s publishing rtsp to %s", self.hub.stream, redact_url(self.url))
+            self._retry.attempt = 0
             base = first.pts
             frame = first
             while True:
-                await asyncio.to_thread(self._mux, container, frame, base)
+                await self._call(self._mux, container, frame, base)
                 self.published += 1
                 frame = await sub.get()
         finally:
-            await asyncio.to_thread(_close_quietly, container)
+            await self._call(_close_quietly, container)
 
     def _open(self, first: EncodedFrame):
         options = {"rtsp_transport": self.transport, "pkt_size": str(PUBLISH_PACKET_SIZE)}
@@ -387,9 +414,3 @@ class RtspPublisher:
 def _close_quietly(container) -> None:
     with contextlib.suppress(Exception):
         container.close()
-
-
-def _redact(url: str) -> str:
-    from .capture import redact_url
-
-    return redact_url(url)

@@ -12,7 +12,7 @@ from pathlib import Path
 from aiortc import RTCIceServer
 
 from . import devices
-from .capture import SourceSpec
+from .capture import SourceSpec, redact_url
 from .config import Config, StreamConfig
 from .devices import Device
 from .discovery import Discovery, StreamNames, device_key
@@ -27,6 +27,7 @@ from .rtsp import (
     RtspPublisher,
     check_ports_free,
     find_mediamtx,
+    local_host,
 )
 from .stream import Stream
 from .telemetry import Snapshot, StreamSample, Telemetry, ThermalGuard
@@ -162,7 +163,7 @@ class Relay:
         check_ports_free(settings)
         self.mediamtx = Mediamtx(binary, settings, names, self.state_dir)
         await self.mediamtx.start()
-        self._publish = (f"rtsp://127.0.0.1:{r.port}", self.mediamtx.ready, LOOPBACK_PUBLISH_TRANSPORT)
+        self._publish = (f"rtsp://{local_host(r.host)}:{r.port}", self.mediamtx.ready, LOOPBACK_PUBLISH_TRANSPORT)
 
     def rtsp_url(self, name: str, host: str) -> str | None:
         """Where NVR software reads ``name``; ``host`` is how the client reached us."""
@@ -170,7 +171,7 @@ class Relay:
         if not r.enabled or name not in self.streams:
             return None
         if r.publish_url:
-            return f"{r.publish_url}/{name}"
+            return redact_url(f"{r.publish_url}/{name}")  # shown to people: never the password
         return f"rtsp://{host}:{r.port}/{name}"
 
     def _thermal_check(self, snapshot: Snapshot) -> None:
@@ -229,18 +230,26 @@ class Relay:
         return out
 
     async def close(self) -> None:
+        """Stop everything; a part that fails to stop is logged and the rest still stop."""
+
+        async def step(what: str, coro) -> None:
+            try:
+                await coro
+            except Exception:
+                log.exception("error while stopping %s", what)
+
         if self.discovery is not None:
-            await self.discovery.close()
-        await self.telemetry.close()
-        for recorder in self.recorders.values():
-            await recorder.close()
-        for publisher in self.publishers.values():
-            await publisher.close()
-        await self.sessions.close_all()
-        for stream in self.streams.values():
-            await stream.close()
+            await step("discovery", self.discovery.close())
+        await step("telemetry", self.telemetry.close())
+        for name, recorder in self.recorders.items():
+            await step(f"recorder {name}", recorder.close())
+        for name, publisher in self.publishers.items():
+            await step(f"rtsp publisher {name}", publisher.close())
+        await step("viewers", self.sessions.close_all())
+        # All at once: each may take its stop timeout, and systemd's TimeoutStopSec is for all of them.
+        await asyncio.gather(*(step(f"stream {n}", s.close()) for n, s in self.streams.items()))
         if self.mediamtx is not None:
-            await self.mediamtx.close()
+            await step("mediamtx", self.mediamtx.close())
         restrict_host_addresses(None)
         log.info("relay stopped")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -37,6 +38,7 @@ STOP_TIMEOUT = 5.0  # seconds a worker gets to stop after its stdin closes, and 
 WORKER_STALL = 3.0
 WORKER_STARTUP_GRACE = 15.0  # a fresh worker imports PyAV and opens its source first
 WATCHDOG_PERIOD = 0.5
+WORKER_CONFIG_ENV = "CAMRELAY_WORKER_CONFIG"
 PIPE_LIMIT = 1 << 20  # reader buffer; one 4K JPEG fits
 
 
@@ -158,7 +160,10 @@ class Stream:
             returncode = None
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "relay.worker", json.dumps(self._worker_config),
+                    sys.executable, "-m", "relay.worker",
+                    # In the environment, not argv: any local user can read argv (ps), and an RTSP
+                    # camera's URL holds its password. /proc/<pid>/environ is readable by us only.
+                    env={**os.environ, WORKER_CONFIG_ENV: json.dumps(self._worker_config)},
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                     start_new_session=True, limit=PIPE_LIMIT,
                 )  # fmt: skip
@@ -174,6 +179,8 @@ class Stream:
                     await self._read(proc.stdout)
                 finally:
                     await cancel_and_wait(watchdog)
+                    if proc.returncode is None:  # we stopped reading (a corrupt pipe): nobody drains it now
+                        signal_group(proc, signal.SIGKILL)
                     returncode = await proc.wait()
                     self._proc = None
                     self._fold_counts()
@@ -200,15 +207,24 @@ class Stream:
                 payload = await reader.readexactly(length) if length else b""
             except asyncio.IncompleteReadError:
                 return
+            except ipc.ProtocolError as exc:
+                log.error("stream=%s worker pipe is corrupt (%s); restarting the worker", self.name, exc)
+                return
             if kind == ipc.UNIT:
                 self._on_unit(ipc.Message(kind, flags, pts, capture_time, payload))
             elif kind == ipc.JPEG:
                 self.jpegs.publish(payload, capture_time)
             elif kind == ipc.STATUS:
-                self._on_status(json.loads(payload))
+                try:
+                    self._on_status(json.loads(payload))
+                except (ValueError, KeyError, TypeError) as exc:
+                    log.error("stream=%s bad status from worker: %r", self.name, exc)
             elif kind == ipc.LOG:
-                record = json.loads(payload)
-                logging.getLogger(record["logger"]).log(record["level"], record["message"])
+                try:
+                    record = json.loads(payload)
+                    logging.getLogger(record["logger"]).log(record["level"], "%s", record["message"])
+                except (ValueError, KeyError, TypeError):
+                    log.error("stream=%s bad log record from worker", self.name)
 
     async def _watchdog(self, proc: asyncio.subprocess.Process) -> None:
         while proc.returncode is None:

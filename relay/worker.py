@@ -1,6 +1,6 @@
 """A camera's worker process: capture, decode once, encode once.
 
-    python -m relay.worker '{"name": "cam0", "source": "test:", ...}'
+    CAMRELAY_WORKER_CONFIG='{"name": "cam0", "source": "test:", ...}' python -m relay.worker
 
 Runs the source on a capture thread and the codecs on an encode thread, and
 writes encoded access units (and, when asked, the camera's JPEGs) to stdout
@@ -355,7 +355,7 @@ class PipeLogHandler(logging.Handler):
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = json.loads((argv if argv is not None else sys.argv[1:])[0])
+    cfg = json.loads(argv[0] if argv else os.environ.pop("CAMRELAY_WORKER_CONFIG"))
     out_fd = os.dup(1)
     os.dup2(2, 1)  # anything that prints goes to stderr, never into the frame pipe
     stop = threading.Event()

@@ -26,6 +26,7 @@ import jinja2
 import psutil
 from aiohttp import web
 
+from relay.capture import redact_url
 from relay.service import Relay, UnknownStream
 from relay.telemetry import prometheus
 from relay.webrtc import OfferRejected
@@ -35,6 +36,9 @@ from .sdp import SdpError, check_offer, drop_mdns_candidates, is_mdns_candidate
 log = logging.getLogger(__name__)
 
 RELAY = web.AppKey("relay", Relay)
+MJPEG_CLIENTS = web.AppKey(
+    "mjpeg_clients", set
+)  # their handler tasks, ended at shutdown (they never end by themselves)
 MAX_OFFER_BYTES = 64 * 1024  # a browser offer is ~5 KiB; more is not an offer
 SDP_TYPE = "application/sdp"
 SDPFRAG_TYPE = "application/trickle-ice-sdpfrag"
@@ -104,6 +108,20 @@ async def whep_offer(request: web.Request) -> web.Response:
         raise _error(web.HTTPBadRequest, str(exc)) from None
     except UnknownStream:
         raise _error(web.HTTPNotFound, f"no stream named {name!r}") from None
+    except Exception as exc:  # ICE could not bind, DTLS setup failed: ours, not the client's
+        log.exception("stream=%s could not set up a viewer session", name)
+        raise _error(
+            web.HTTPServiceUnavailable,
+            f"could not set up the session: {type(exc).__name__}",
+            headers={"Retry-After": "5"},
+        ) from None
+    if relay.sessions.count(name) > limit:  # others were admitted while this one was being set up
+        await relay.sessions.close(session.id, "over the viewer limit")
+        raise _error(
+            web.HTTPServiceUnavailable,
+            f"stream {name!r} has its maximum of {limit} viewers",
+            headers={"Retry-After": RETRY_AFTER_FULL},
+        )
     location = f"/whep/{name}/{session.id}"
     return web.Response(status=201, body=answer.encode(), headers={"Location": location, "Content-Type": SDP_TYPE})
 
@@ -190,7 +208,10 @@ def display_host(request: web.Request) -> str:
     The name it reached this page by, unless that is loopback: then this
     machine's first LAN address, which is what another machine needs.
     """
-    host = request.url.host or "127.0.0.1"
+    try:
+        host = request.url.host or "127.0.0.1"
+    except ValueError:  # a malformed Host header
+        host = "127.0.0.1"
     if host in ("localhost", "::1") or host.startswith("127."):
         for addrs in psutil.net_if_addrs().values():
             for a in addrs:
@@ -250,6 +271,7 @@ async def mjpeg(request: web.Request) -> web.StreamResponse:
         }
     )
     await response.prepare(request)
+    request.app[MJPEG_CLIENTS].add(asyncio.current_task())
     transport = request.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
     feed.acquire()
@@ -272,7 +294,10 @@ async def mjpeg(request: web.Request) -> web.StreamResponse:
             sent += 1
     except (ConnectionResetError, ConnectionError):
         pass
+    except asyncio.CancelledError:
+        pass  # shutting down: the connection closes with the server
     finally:
+        request.app[MJPEG_CLIENTS].discard(asyncio.current_task())
         feed.release()
         log.info("stream=%s mjpeg client %s left: sent=%d skipped=%d", name, request.remote, sent, skipped)
     return response
@@ -320,9 +345,13 @@ async def recording_file(request: web.Request) -> web.StreamResponse:
     recorder = relay.recorders.get(name)
     if recorder is None:
         raise _error(web.HTTPNotFound, f"stream {name!r} is not recorded")
-    base = recorder.dir.resolve()
-    path = (recorder.dir / request.match_info["path"]).resolve()  # follows latest_* links
-    if not path.is_relative_to(base) or not path.is_file() or path.suffix not in (".mp4", ".jpg"):
+    try:
+        base = recorder.dir.resolve()
+        path = (recorder.dir / request.match_info["path"]).resolve()  # follows latest_* links
+        found = path.is_relative_to(base) and path.is_file() and path.suffix in (".mp4", ".jpg")
+    except (ValueError, OSError):  # a NUL byte, a name too long
+        found = False
+    if not found:
         raise _error(web.HTTPNotFound, "no such recording")
     return web.FileResponse(
         path, headers={"Cache-Control": "no-store" if "latest_" in request.match_info["path"] else "max-age=3600"}
@@ -354,7 +383,7 @@ async def api_rtsp(request: web.Request) -> web.Response:
         {
             "enabled": r.enabled,
             "port": r.port if not r.publish_url else None,
-            "publish_url": r.publish_url or None,
+            "publish_url": redact_url(r.publish_url) if r.publish_url else None,
             "credentials_required": bool(r.user),
             "mediamtx_pid": m.pid if m else None,
             "mediamtx_restarts": m.restarts if m else 0,
@@ -450,6 +479,13 @@ def make_app(relay: Relay) -> web.Application:
         await relay.close()
 
     app.cleanup_ctx.append(relay_lifecycle)
+    app[MJPEG_CLIENTS] = set()
+
+    async def end_streaming_clients(app: web.Application) -> None:
+        for task in list(app[MJPEG_CLIENTS]):
+            task.cancel()
+
+    app.on_shutdown.append(end_streaming_clients)
     app.router.add_get("/", index)
     app.router.add_get("/view/{stream}", view)
     app.router.add_post("/whep/{stream}", whep_offer)

@@ -1,0 +1,61 @@
+"""Odd requests and secrets: no 500s, no passwords where people can see them."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import psutil
+import pytest
+
+from relay.capture import parse_source_spec
+from relay.config import StreamConfig
+
+from .conftest import make_config, start_relay
+
+SECRET = "s3cr3t-pw"
+
+
+async def test_malformed_host_header_is_not_a_500(relay_server, http):
+    for path in ("/api/v1/streams", "/api/v1/status", "/view/cam0"):
+        async with http.get(relay_server.base + path, headers={"Host": "a:b:c"}) as resp:
+            assert resp.status == 200, path
+
+
+async def test_nul_byte_in_a_recording_path_is_a_404(tmp_path, http):
+    config = make_config()
+    config = dataclasses.replace(config, record=dataclasses.replace(config.record, enabled=True, root=str(tmp_path)))
+    runner, relay = await start_relay(config)
+    try:
+        async with http.get(relay.base + "/recordings/cam0/a%00b.mp4") as resp:
+            assert resp.status == 404
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("where", ["api", "argv", "log"])
+async def test_an_rtsp_cameras_password_never_shows(http, caplog, where):
+    url = f"rtsp://admin:{SECRET}@127.0.0.1:9/stream"  # nothing listens there: the worker keeps failing
+    config = make_config(
+        (StreamConfig("cam0", parse_source_spec("test:")), StreamConfig("ipcam", parse_source_spec(url)))
+    )
+    runner, relay = await start_relay(config)
+    try:
+        ipcam = relay.relay.streams["ipcam"]
+        deadline = time.monotonic() + 15
+        while ipcam.stats.source_errors < 1:
+            assert time.monotonic() < deadline, "the camera was never tried"
+            await asyncio.sleep(0.1)
+        if where == "api":
+            for path in ("/api/v1/streams", "/api/v1/status"):
+                async with http.get(relay.base + path) as resp:
+                    text = await resp.text()
+                assert SECRET not in text and "admin:***@127.0.0.1" in text
+        elif where == "argv":
+            cmdline = " ".join(psutil.Process(ipcam.pid).cmdline())
+            assert "relay.worker" in cmdline and SECRET not in cmdline
+        else:
+            assert "ipcam" in caplog.text and SECRET not in caplog.text
+    finally:
+        await runner.cleanup()
