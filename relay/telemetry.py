@@ -294,7 +294,10 @@ class Telemetry:
     def sample(self) -> Snapshot:
         vm = psutil.virtual_memory()
         rss = {}
-        for name, pid in self._processes().items():
+        pids = self._processes()
+        for gone in set(self._procs) - set(pids.values()):  # restarted workers: forget the old pids
+            del self._procs[gone]
+        for name, pid in pids.items():
             if pid is None:
                 continue
             try:

@@ -41,6 +41,7 @@ CAPTURE_STALL = 2.0  # seconds without a frame (and without an error) before the
 STUCK_EXIT = 8.0  # seconds a closed source may keep its read blocked before the worker exits
 THERMAL_SLACK = 0.9  # keep a frame a little early rather than skip two at jittery rates
 EXIT_STUCK = 3  # the worker's exit status when the capture thread is stuck
+SIGTERM_GRACE = 2.0  # seconds between SIGTERM and leaving without cleaning up
 
 
 class Mailbox:
@@ -363,7 +364,13 @@ def main(argv: list[str] | None = None) -> int:
     root = logging.getLogger()
     root.handlers[:] = [PipeLogHandler(emit)]
     root.setLevel(cfg.get("log_level", "INFO").upper())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def on_sigterm(*_: object) -> None:
+        stop.set()
+        # The polite stop (stdin closed) already failed if this came: do not linger in a stuck driver.
+        threading.Timer(SIGTERM_GRACE, os._exit, args=(0,)).start()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the relay decides when we stop
 
     spec = parse_source_spec(cfg["source"])
