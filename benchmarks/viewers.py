@@ -137,13 +137,29 @@ async def _peers(url, count, probe, ready, start, duration):
 # -- controller ---------------------------------------------------------------
 
 
-def start_relay(size: str, fps: float, bitrate: str, port: int) -> subprocess.Popen:
+def start_relay(size: str, fps: float, bitrate: str, port: int, system: str = "camrelay") -> subprocess.Popen:
+    if system == "mediarelay":
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.baselines.mediarelay",
+            "--port",
+            str(port),
+            "--size",
+            size,
+            "--fps",
+            f"{fps:g}",
+        ]
+        return _wait_up(subprocess.Popen(cmd), port)
     cmd = [
         sys.executable, "-m", "relay", "serve", "--source", f"cam0=test:{size}@{fps:g}", "--bitrate", bitrate,
         "--http-host", "127.0.0.1", "--http-port", str(port), "--ice-address", "127.0.0.1",
         "--encoder", "libx264", "--log-level", "warning", "--no-rtsp",
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd)
+    return _wait_up(subprocess.Popen(cmd), port)
+
+
+def _wait_up(proc: subprocess.Popen, port: int) -> subprocess.Popen:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -246,6 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fps", type=float, default=30.0)
     ap.add_argument("--bitrate", default="2M")
     ap.add_argument("--target", help="WHEP URL of a running relay (default: start one on loopback)")
+    ap.add_argument(
+        "--system", choices=("camrelay", "mediarelay"), default="camrelay",
+        help="what to start: camrelay, or the aiortc MediaRelay tutorial approach (benchmarks/baselines)",
+    )  # fmt: skip
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
 
@@ -255,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         relay = None
     else:
         port = free_port()
-        relay_proc = start_relay(args.size, args.fps, args.bitrate, port)
+        relay_proc = start_relay(args.size, args.fps, args.bitrate, port, args.system)
         url = f"http://127.0.0.1:{port}/whep/cam0"
         relay = psutil.Process(relay_proc.pid)
     try:
@@ -275,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {psutil.cpu_count()} cores,"
         f" {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.platform()}",
         "command": "python -m benchmarks.viewers " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "size": args.size, "fps": args.fps, "bitrate": args.bitrate,
+        "size": args.size, "fps": args.fps, "bitrate": args.bitrate, "system": args.system,
     }  # fmt: skip
     if args.json:
         with open(args.json, "w") as fh:

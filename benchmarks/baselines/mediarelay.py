@@ -1,0 +1,121 @@
+"""Baseline: the common aiortc tutorial approach, for comparison with camrelay.
+
+One source track shared through aiortc's ``MediaRelay``; every viewer's
+sender encodes the decoded frames itself (one libx264 encoder per viewer).
+Same source work as camrelay's worker (render the test pattern, encode it to
+JPEG, decode it: what a USB MJPEG camera costs), done on a thread as aiortc's
+MediaPlayer does; same WHEP endpoint, so the same benchmark peers connect.
+
+    python -m benchmarks.baselines.mediarelay --port 8090 --size 1280x720 --fps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fractions
+import threading
+import time
+
+from aiohttp import web
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc.contrib.media import MediaRelay
+from aiortc.mediastreams import MediaStreamTrack
+
+from relay.capture import parse_size
+from relay.encode import JpegDecoder
+from relay.testpattern import PatternRenderer
+from relay.webrtc import restrict_host_addresses
+
+TIME_BASE = fractions.Fraction(1, 90_000)
+
+
+class CameraTrack(MediaStreamTrack):
+    """Decoded frames of the test pattern, produced on a thread at the camera's rate."""
+
+    kind = "video"
+
+    def __init__(self, width: int, height: int, fps: float, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._queue: asyncio.Queue = asyncio.Queue(maxsize=2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(width, height, fps, loop), daemon=True)
+        self._thread.start()
+
+    def _run(self, width, height, fps, loop) -> None:
+        renderer, decoder = PatternRenderer(width, height), JpegDecoder()
+        t0, n = time.monotonic(), 0
+        while not self._stop.is_set():
+            n += 1
+            delay = t0 + n / fps - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            now = time.time()
+            frame = decoder.decode(renderer.jpeg(int(now * 1000)))
+            frame.pts, frame.time_base = int(now * 90_000), TIME_BASE
+            loop.call_soon_threadsafe(self._offer, frame)
+
+    def _offer(self, frame) -> None:
+        if self._queue.full():
+            self._queue.get_nowait()  # keep the newest, like a camera
+        self._queue.put_nowait(frame)
+
+    async def recv(self):
+        return await self._queue.get()
+
+    def stop(self) -> None:
+        super().stop()
+        self._stop.set()
+
+
+async def main(port: int, width: int, height: int, fps: float) -> None:
+    restrict_host_addresses(["127.0.0.1"])
+    loop = asyncio.get_running_loop()
+    camera = CameraTrack(width, height, fps, loop)
+    relay = MediaRelay()
+    pcs: dict[str, RTCPeerConnection] = {}
+
+    async def whep(request: web.Request) -> web.Response:
+        offer = await request.text()
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        sid = str(id(pc))
+        pcs[sid] = pc
+        transceiver = pc.addTransceiver(relay.subscribe(camera), direction="sendonly")
+        h264 = [c for c in RTCRtpSender.getCapabilities("video").codecs if c.mimeType == "video/H264"]
+        transceiver.setCodecPreferences(h264)
+        await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
+        await pc.setLocalDescription(await pc.createAnswer())
+        return web.Response(
+            status=201,
+            text=pc.localDescription.sdp,
+            content_type="application/sdp",
+            headers={"Location": f"/whep/cam0/{sid}"},
+        )
+
+    async def delete(request: web.Request) -> web.Response:
+        pc = pcs.pop(request.match_info["sid"], None)
+        if pc is not None:
+            await pc.close()
+        return web.Response(status=200)
+
+    async def streams(request: web.Request) -> web.Response:
+        return web.json_response({"streams": [{"name": "cam0", "frames_encoded": 1}]})
+
+    app = web.Application()
+    app.router.add_post("/whep/cam0", whep)
+    app.router.add_delete("/whep/cam0/{sid}", delete)
+    app.router.add_get("/api/v1/streams", streams)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--size", default="1280x720")
+    ap.add_argument("--fps", type=float, default=30.0)
+    args = ap.parse_args()
+    w, h = parse_size(args.size)
+    asyncio.run(main(args.port, w, h, args.fps))
