@@ -196,8 +196,12 @@ class ViewerSessions:
                 raise OfferRejected(f"offer could not be applied: {_reason(exc)}") from exc
             if not any(t.sender is transceiver.sender and t.mid is not None for t in pc.getTransceivers()):
                 raise OfferRejected("offer has no video section this relay can send to")
-            answer = await pc.createAnswer()
-            await pc.setLocalDescription(answer)
+            try:
+                await pc.setLocalDescription(await pc.createAnswer())
+            except OSError:
+                raise  # ICE could not bind: our problem, not the offer's
+            except Exception as exc:  # offers aiortc accepted but cannot answer (found by tests/test_fuzz_whep.py)
+                raise OfferRejected(f"offer could not be answered: {_reason(exc)}") from exc
         except BaseException:
             track.stop()
             await pc.close()
