@@ -58,6 +58,9 @@ class WebRTCConfig:
     ice_addresses: tuple[str, ...] = ()  # empty: every interface but loopback
     connect_timeout: float = 15.0
     max_viewers: int = 100  # per stream
+    max_pending: int = 32  # sessions still connecting, all streams: what half-open offers may hold
+    session_rate: float = 1.0  # new sessions per second per client address, after the burst
+    session_burst: int = 20  # new sessions one address may open at once (a page with many tiles)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +189,16 @@ def _str_list(v: Any) -> tuple[str, ...]:
     raise ValueError(f"expected a list of strings, got {v!r}")
 
 
+def _positive(v: Any) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a number, got {v!r}") from None
+    if f <= 0:
+        raise ValueError(f"must be above 0, got {v!r}")
+    return f
+
+
 def _celsius(v: Any) -> float:
     try:
         c = float(v)
@@ -259,6 +272,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "ice_addresses": _str_list,
         "connect_timeout": parse_duration,
         "max_viewers": _int(1, MAX_VIEWERS_LIMIT),
+        "max_pending": _int(1, MAX_VIEWERS_LIMIT),
+        "session_rate": lambda v: _positive(v),
+        "session_burst": _int(1, MAX_VIEWERS_LIMIT),
     },
     "telemetry": {"log_interval": parse_duration, "thermal_limit": _celsius},
     "devices": {"discover": _bool, "discover_interval": parse_duration},

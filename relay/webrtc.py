@@ -172,6 +172,10 @@ class ViewerSessions:
     def count(self, stream: str | None = None) -> int:
         return sum(1 for s in self._sessions.values() if stream is None or s.stream == stream)
 
+    def pending(self) -> int:
+        """Sessions answered but not connected yet."""
+        return sum(1 for s in self._sessions.values() if s.connected_at is None)
+
     def connected(self, stream: str | None = None) -> int:
         return sum(
             1 for s in self._sessions.values() if s.state == "connected" and (stream is None or s.stream == stream)

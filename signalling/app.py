@@ -31,11 +31,13 @@ from relay.service import Relay, UnknownStream
 from relay.telemetry import prometheus
 from relay.webrtc import OfferRejected
 
+from .limits import RateLimiter
 from .sdp import SdpError, check_offer, drop_mdns_candidates, is_mdns_candidate
 
 log = logging.getLogger(__name__)
 
 RELAY = web.AppKey("relay", Relay)
+LIMITER = web.AppKey("limiter", RateLimiter)  # new viewer sessions per client address
 MJPEG_CLIENTS = web.AppKey(
     "mjpeg_clients", set
 )  # their handler tasks, ended at shutdown (they never end by themselves)
@@ -67,6 +69,15 @@ def _stream_or_404(request: web.Request) -> str:
 async def whep_offer(request: web.Request) -> web.Response:
     relay = request.app[RELAY]
     name = _stream_or_404(request)
+    address = request.remote or "?"
+    wait = request.app[LIMITER].check(address, time.monotonic())
+    if wait:
+        log.warning("stream=%s new-session rate limit hit by %s", name, address)
+        raise _error(
+            web.HTTPTooManyRequests,
+            f"too many new sessions from {address}; retry later",
+            headers={"Retry-After": str(max(1, round(wait)))},
+        )
     if request.content_type != SDP_TYPE:
         raise _error(
             web.HTTPUnsupportedMediaType, f"Content-Type must be {SDP_TYPE}, got {request.content_type or 'none'!r}"
@@ -94,6 +105,14 @@ async def whep_offer(request: web.Request) -> web.Response:
         check_offer(offer)
     except SdpError as exc:
         raise _error(web.HTTPBadRequest, f"malformed offer: {exc}") from None
+    pending = relay.sessions.pending()
+    if pending >= relay.config.webrtc.max_pending:
+        log.warning("stream=%s %d sessions still connecting; refusing %s", name, pending, address)
+        raise _error(
+            web.HTTPServiceUnavailable,
+            f"too many sessions still connecting ({pending}); retry later",
+            headers={"Retry-After": "5"},
+        )
     limit = relay.config.webrtc.max_viewers
     if relay.sessions.count(name) >= limit:
         log.warning("stream=%s viewer limit %d reached; refusing %s", name, limit, request.remote)
@@ -480,6 +499,7 @@ def make_app(relay: Relay) -> web.Application:
 
     app.cleanup_ctx.append(relay_lifecycle)
     app[MJPEG_CLIENTS] = set()
+    app[LIMITER] = RateLimiter(relay.config.webrtc.session_rate, relay.config.webrtc.session_burst)
 
     async def end_streaming_clients(app: web.Application) -> None:
         for task in list(app[MJPEG_CLIENTS]):

@@ -98,6 +98,9 @@ def make_config(
     rtsp_user: str = "",
     rtsp_password: str = "",
     state_dir: str = "",
+    max_pending: int = 32,
+    session_rate: float = 100.0,
+    session_burst: int = 1000,
 ) -> Config:
     return Config(
         streams=streams or (StreamConfig("cam0", SourceSpec("test", "")),),
@@ -110,7 +113,14 @@ def make_config(
             encoder="libx264",
         ),
         http=HttpConfig(host="127.0.0.1", port=free_port(), cors_origins=cors_origins),
-        webrtc=WebRTCConfig(ice_addresses=("127.0.0.1",), connect_timeout=connect_timeout, max_viewers=max_viewers),
+        webrtc=WebRTCConfig(
+            ice_addresses=("127.0.0.1",),
+            connect_timeout=connect_timeout,
+            max_viewers=max_viewers,
+            max_pending=max_pending,
+            session_rate=session_rate,
+            session_burst=session_burst,
+        ),
         rtsp=rtsp_config(rtsp, rtsp_user, rtsp_password),
         state_dir=state_dir or (tempfile.mkdtemp(prefix="camrelay-state-") if rtsp else ""),
     )
