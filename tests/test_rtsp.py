@@ -199,6 +199,8 @@ async def test_shutdown_leaves_no_mediamtx_and_the_api_shows_the_url(relay_serve
     assert cam["rtsp_url"].startswith("rtsp://") and cam["rtsp_url"].endswith(f":{port}/cam0")
     async with http.get(relay_server.base + "/view/cam0") as resp:
         assert f":{port}/cam0</code>" in await resp.text()
+    for publisher in relay_server.relay.publishers.values():
+        await publisher.close()  # else one may be mid-reconnect to the stopped server when the test ends
     await relay_server.relay.mediamtx.close()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
