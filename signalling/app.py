@@ -27,6 +27,7 @@ import psutil
 from aiohttp import web
 
 from relay.capture import redact_url
+from relay.logsafe import Throttled
 from relay.service import Relay, UnknownStream
 from relay.telemetry import prometheus
 from relay.webrtc import OfferRejected
@@ -35,6 +36,7 @@ from .limits import RateLimiter
 from .sdp import SdpError, check_offer, drop_mdns_candidates, is_mdns_candidate
 
 log = logging.getLogger(__name__)
+refusals = Throttled(log)  # refused sessions: one line a second at most, however many are refused
 
 RELAY = web.AppKey("relay", Relay)
 LIMITER = web.AppKey("limiter", RateLimiter)  # new viewer sessions per client address
@@ -72,7 +74,7 @@ async def whep_offer(request: web.Request) -> web.Response:
     address = request.remote or "?"
     wait = request.app[LIMITER].check(address, time.monotonic())
     if wait:
-        log.warning("stream=%s new-session rate limit hit by %s", name, address)
+        refusals.warn("stream=%s new-session rate limit hit by %s", name, address)
         raise _error(
             web.HTTPTooManyRequests,
             f"too many new sessions from {address}; retry later",
@@ -107,7 +109,7 @@ async def whep_offer(request: web.Request) -> web.Response:
         raise _error(web.HTTPBadRequest, f"malformed offer: {exc}") from None
     pending = relay.sessions.pending()
     if pending >= relay.config.webrtc.max_pending:
-        log.warning("stream=%s %d sessions still connecting; refusing %s", name, pending, address)
+        refusals.warn("stream=%s %d sessions still connecting; refusing %s", name, pending, address)
         raise _error(
             web.HTTPServiceUnavailable,
             f"too many sessions still connecting ({pending}); retry later",
@@ -115,7 +117,7 @@ async def whep_offer(request: web.Request) -> web.Response:
         )
     limit = relay.config.webrtc.max_viewers
     if relay.sessions.count(name) >= limit:
-        log.warning("stream=%s viewer limit %d reached; refusing %s", name, limit, request.remote)
+        refusals.warn("stream=%s viewer limit %d reached; refusing %s", name, limit, request.remote)
         raise _error(
             web.HTTPServiceUnavailable,
             f"stream {name!r} has its maximum of {limit} viewers",

@@ -56,3 +56,17 @@ async def test_sessions_that_never_connect_are_capped(relay_server, http):
     while relay_server.relay.sessions.count():
         assert time.monotonic() < deadline
         await __import__("asyncio").sleep(0.1)
+
+
+def test_throttled_warnings_are_counted_not_lost(caplog):
+    import logging
+
+    from relay.logsafe import Throttled
+
+    t = Throttled(logging.getLogger("test.throttle"), interval=1.0)
+    with caplog.at_level(logging.WARNING):
+        assert t.warn("refused %s", "a", now=0.0)
+        assert not t.warn("refused %s", "b", now=0.5)
+        assert not t.warn("refused %s", "c", now=0.9)
+        assert t.warn("refused %s", "d", now=1.2)
+    assert [r.getMessage() for r in caplog.records] == ["refused a", "refused d (and 2 more like it)"]
