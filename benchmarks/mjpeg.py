@@ -114,9 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fps", type=float, default=30.0)
     ap.add_argument("--sample", type=int, default=3, help="read the pixel clock of every Nth frame per fast client")
     ap.add_argument("--no-slow", dest="slow", action="store_false", help="no slow client")
+    ap.add_argument(
+        "--system", choices=("camrelay", "seed_mjpeg"), default="camrelay",
+        help="camrelay, or the seed system's threaded MJPEG server (benchmarks/baselines)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     port = free_port()
-    relay = start_relay(args.size, args.fps, "2M", port)
+    relay = start_relay(args.size, args.fps, "2M", port, args.system)
     proc = psutil.Process(relay.pid)
     try:
         for n in (int(x) for x in args.clients.split(",")):
@@ -125,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                 p.cpu_percent(None)
             result, _ = point(port, n, args.duration, args.sample, args.slow and n > 1)
             result["relay_cpu_pct"] = sum(p.cpu_percent(None) for p in procs)
+            result["system"] = args.system
             print(json.dumps(result), flush=True)
     finally:
         relay.terminate()
