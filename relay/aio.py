@@ -39,3 +39,20 @@ def signal_group(proc: asyncio.subprocess.Process, sig: int) -> None:
             proc.kill()
         else:
             proc.terminate()
+
+
+async def run_owned(executor, fn, *args, on_orphan):
+    """``fn(*args)`` on ``executor``; if we are cancelled while it runs, its result
+    (a file, a connection) is handed to ``on_orphan`` on the same executor instead of leaking."""
+    future = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+
+        def adopt(f: asyncio.Future) -> None:
+            if not f.cancelled() and f.exception() is None:
+                with contextlib.suppress(RuntimeError):  # the executor already shut down
+                    executor.submit(on_orphan, f.result())
+
+        future.add_done_callback(adopt)
+        raise

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import av
 
-from .aio import cancel_and_wait
+from .aio import cancel_and_wait, run_owned
 from .hub import EncodedFrame, HubClosed, PacketHub
 from .mjpeg import JpegFeed
 from .rtsp import parameter_sets
@@ -229,7 +229,9 @@ class Recorder:
                         if not frame.keyframe:
                             continue
                         path = day_dir(self.root, self.name, frame.capture_time) / f"{utc_name(frame.capture_time)}.mp4"
-                        segment = await self._run(self.open_segment, path, frame, self.size(), self.fps)
+                        segment = await run_owned(
+                            self._io, self.open_segment, path, frame, self.size(), self.fps, on_orphan=Segment.finish
+                        )
                     await self._run(segment.write, frame)
             except HubClosed:
                 return

@@ -27,7 +27,7 @@ from pathlib import Path
 import aiohttp
 import av
 
-from .aio import cancel_and_wait, signal_group
+from .aio import cancel_and_wait, run_owned, signal_group
 from .backoff import Backoff, Retry
 from .capture import redact_text, redact_url
 from .hub import EncodedFrame, HubClosed, PacketHub
@@ -371,7 +371,7 @@ class RtspPublisher:
 
     async def _publish(self, sub) -> None:
         first = await sub.get()  # a new subscriber starts at a keyframe
-        container = await self._call(self._open, first)
+        container = await run_owned(self._io, self._open, first, on_orphan=_close_quietly)
         try:
             self.sessions += 1
             log.info("stream=%s publishing rtsp to %s", self.hub.stream, redact_url(self.url))

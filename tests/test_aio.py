@@ -1,0 +1,34 @@
+"""The small asyncio helpers: cancellation that neither leaks nor hides errors."""
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+
+from relay.aio import cancel_and_wait, run_owned
+
+
+async def test_a_result_finished_after_cancellation_goes_to_its_orphan_handler():
+    release, orphans = threading.Event(), []
+    with concurrent.futures.ThreadPoolExecutor(1) as io:
+        task = asyncio.ensure_future(run_owned(io, lambda: release.wait(5) and "opened file", on_orphan=orphans.append))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        release.set()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        await asyncio.sleep(0.1)
+    assert orphans == ["opened file"]
+
+
+async def test_cancel_and_wait_logs_a_task_that_had_failed(caplog):
+    async def broken():
+        raise OSError("disk gone")
+
+    task = asyncio.ensure_future(broken())
+    await asyncio.sleep(0)
+    with caplog.at_level(logging.ERROR):
+        await cancel_and_wait(task)  # does not raise: the rest of a shutdown must go on
+    assert "had failed" in caplog.text and "disk gone" in caplog.text
