@@ -135,15 +135,9 @@ def public_hosts(bind: str) -> list[str]:
     """Addresses a person can open the page at: the bound one, or every IPv4 address for 0.0.0.0."""
     if bind not in ("0.0.0.0", "::", ""):
         return [bind]
-    import psutil
+    from .service import lan_addresses
 
-    hosts = [
-        a.address
-        for addrs in psutil.net_if_addrs().values()
-        for a in addrs
-        if a.family == socket.AF_INET and not a.address.startswith("127.")
-    ]
-    return hosts + ["127.0.0.1"]
+    return [*lan_addresses(), "127.0.0.1"]
 
 
 def main(argv: list[str] | None = None) -> int:

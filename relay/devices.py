@@ -166,10 +166,6 @@ def list_devices(
     return devices
 
 
-def find_mjpeg_devices() -> list[Device]:
-    return list_devices()
-
-
 def print_devices() -> int:
     devices = list_devices()
     if not devices:

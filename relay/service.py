@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 from aiortc import RTCIceServer
 
 from . import devices
@@ -38,6 +40,16 @@ log = logging.getLogger(__name__)
 
 class UnknownStream(KeyError):
     pass
+
+
+def lan_addresses() -> list[str]:
+    """This machine's IPv4 addresses other than loopback: what another machine can reach it at."""
+    return [
+        a.address
+        for addrs in psutil.net_if_addrs().values()
+        for a in addrs
+        if a.family == socket.AF_INET and not a.address.startswith("127.")
+    ]
 
 
 def default_state_dir() -> Path:

@@ -86,7 +86,6 @@ class Stream:
     ) -> None:
         self.name = name
         self.spec = spec
-        self.settings = settings
         self.stats = StreamStats()
         self.state = "new"
         self.width = spec.width or width

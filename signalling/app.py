@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import sys
 import time
 
@@ -23,12 +22,11 @@ from pathlib import Path
 
 import aiohttp_jinja2
 import jinja2
-import psutil
 from aiohttp import web
 
 from relay.capture import redact_url
 from relay.logsafe import Throttled
-from relay.service import Relay, UnknownStream
+from relay.service import Relay, UnknownStream, lan_addresses
 from relay.telemetry import prometheus
 from relay.webrtc import OfferRejected
 
@@ -234,10 +232,9 @@ def display_host(request: web.Request) -> str:
     except ValueError:  # a malformed Host header
         host = "127.0.0.1"
     if host in ("localhost", "::1") or host.startswith("127."):
-        for addrs in psutil.net_if_addrs().values():
-            for a in addrs:
-                if a.family == socket.AF_INET and not a.address.startswith("127."):
-                    return a.address
+        lan = lan_addresses()
+        if lan:
+            return lan[0]
     return f"[{host}]" if ":" in host else host
 
 
