@@ -10,10 +10,17 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .config import Config, ConfigError, load
+from .config import AUTH_MODES, Config, ConfigError, load, secrets_in_file
+from .logsafe import SECRET_FILTER, SHOWS_SECRET
 from .rtsp import RtspError
+
+if TYPE_CHECKING:
+    from signalling.access import Access
+
+    from .service import Relay
 
 log = logging.getLogger("relay")
 
@@ -54,10 +61,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="publish to this RTSP server (rtsp://host:port) instead of running mediamtx",
     )
     s.add_argument("--no-rtsp", dest="rtsp.enabled", action="store_const", const=False, help="no RTSP at all")
-    s.add_argument("--state-dir", dest="state_dir", help="where camrelay keeps generated files")
+    s.add_argument(
+        "--auth",
+        dest="auth.mode",
+        choices=AUTH_MODES,
+        help="token (default: a viewer token, printed with the URL at start), password (HTTP Basic), none (open)",
+    )
+    s.add_argument(
+        "--allowed-host",
+        dest="http.allowed_hosts",
+        action="append",
+        metavar="NAME",
+        help="a host name the relay is reached by, besides its own names and addresses (repeatable; * for any)",
+    )
+    s.add_argument("--state-dir", dest="state_dir", help="where camrelay keeps generated files (and the viewer token)")
     s.add_argument("--log-level", dest="log_level", help="debug, info, warning or error")
 
     sub.add_parser("devices", help="list V4L2 capture devices and their MJPEG modes")
+    sub.add_parser(
+        "hash-password",
+        help="read a password (from the terminal, or stdin's first line) and print its hash for auth.password_hash",
+    )
 
     i = sub.add_parser("install-service", help="write a systemd unit that runs camrelay from boot")
     i.add_argument(
@@ -83,15 +107,57 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> Config:
     flags = {
         k: v
         for k, v in vars(args).items()
-        if k.startswith(("http.", "video.", "webrtc.", "rtsp.")) or k in ("log_level", "state_dir")
+        if k.startswith(("http.", "video.", "webrtc.", "rtsp.", "auth.")) or k in ("log_level", "state_dir")
     }
-    return load(text, env, flags, args.source)
+    config = load(text, env, flags, args.source)
+    args.config_file = (path, text)
+    return config
+
+
+def warn_if_exposed(path: Path | None, text: str | None) -> None:
+    """One warning line when the config file holds secrets and users other than its owner can read it."""
+    if path is None or not text:
+        return
+    keys = secrets_in_file(text)
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if keys and mode & 0o077:
+        log.warning(
+            "config file %s holds secrets (%s) and other users can read it; chmod 600 %s",
+            path,
+            ", ".join(keys),
+            path,
+        )
+
+
+def hash_password_command(stdin=None) -> int:
+    """``camrelay hash-password``: the password from the terminal (asked twice) or stdin's first line."""
+    import getpass
+
+    from .auth import hash_password
+
+    stdin = stdin or sys.stdin
+    if stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("camrelay: the passwords differ", file=sys.stderr)
+            return 2
+    else:
+        password = stdin.readline().rstrip("\r\n")
+    if not password:
+        print("camrelay: empty password", file=sys.stderr)
+        return 2
+    print(hash_password(password))
+    return 0
 
 
 async def serve(config: Config) -> None:
     from aiohttp import web
 
     from relay.service import Relay
+    from signalling.access import ACCESS
     from signalling.app import RELAY, make_app
 
     # Bind first: a taken port is one clear error before any camera is opened.
@@ -102,7 +168,11 @@ async def serve(config: Config) -> None:
             f"http.port: cannot listen on {config.http.host}:{config.http.port}: {os.strerror(exc.errno or 0)}"
             " (is another camrelay running? pick another port with --http-port)"
         ) from None
-    app = make_app(Relay(config))
+    try:
+        app = make_app(Relay(config))
+    except ConfigError:
+        sock.close()
+        raise
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     try:
         await runner.setup()  # starts the relay: cameras, mediamtx
@@ -111,12 +181,7 @@ async def serve(config: Config) -> None:
         await runner.cleanup()
         raise
     await web.SockSite(runner, sock).start()
-    relay = app[RELAY]
-    for host in public_hosts(config.http.host):
-        log.info("viewer page: http://%s:%d/", host, config.http.port)
-        for name in relay.streams:
-            if url := relay.rtsp_url(name, host):
-                log.info("stream=%s rtsp: %s", name, url)
+    announce(app[RELAY], app[ACCESS])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -129,6 +194,30 @@ async def serve(config: Config) -> None:
         log.info("shutting down")
     finally:
         await runner.cleanup()
+
+
+def announce(relay: Relay, access: Access) -> None:
+    """The start-up lines: where to watch. With a token, the viewer URL carries it: the one log line that may."""
+    config = relay.config
+    for host in public_hosts(config.http.host):
+        url = f"http://{host}:{config.http.port}/"
+        if access.token:
+            log.info("viewer page: %s?token=%s", url, access.token, extra=SHOWS_SECRET)
+        else:
+            log.info("viewer page: %s", url)
+        for name in relay.streams:
+            if rtsp := relay.rtsp_url(name, host):
+                log.info("stream=%s rtsp: %s", name, rtsp)
+    if access.mode == "none":
+        log.warning(
+            "auth.mode = none: the relay is open; anyone who can reach port %d can watch every stream",
+            config.http.port,
+        )
+    elif config.rtsp.enabled and not config.rtsp.publish_url and not config.rtsp.user:
+        log.warning(
+            "rtsp: no [rtsp] user and password set; anyone who can reach port %d can read the streams over RTSP",
+            config.rtsp.port,
+        )
 
 
 def public_hosts(bind: str) -> list[str]:
@@ -146,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         from .devices import print_devices
 
         return print_devices()
+    if args.command == "hash-password":
+        return hash_password_command()
     if args.command == "install-service":
         from .service_unit import install
 
@@ -157,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"camrelay: configuration error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(SECRET_FILTER)
+    SECRET_FILTER.secrets.update(s for s in (config.rtsp.password, config.webrtc.ice_credential) if s)
+    warn_if_exposed(*args.config_file)
     logging.getLogger("aioice").setLevel(logging.WARNING)
     logging.getLogger("aiortc").setLevel(logging.WARNING)
     try:

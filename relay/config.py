@@ -13,14 +13,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .capture import SourceSpec, parse_fps, parse_size, parse_source_spec
+from .auth import HASH_HELP, TOKEN_PATTERN, parse_hash
+from .capture import SourceSpec, parse_fps, parse_size, parse_source_spec, redact_url
 from .encode import ENCODERS
+from .logsafe import redact
 
 ENV_PREFIX = "CAMRELAY_"
 STREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # safe in URLs and file names
 MIN_BITRATE = 100_000  # below this H.264 at any useful size is mush
 MAX_BITRATE = 50_000_000  # above this no Pi uplink or browser jitter buffer keeps up
 MAX_VIEWERS_LIMIT = 10_000
+AUTH_MODES = ("token", "password", "none")
+# Keys whose values are secrets: never quoted in an error, and worth a warning in a file others can read.
+SECRET_KEYS = ("auth.token", "auth.password_hash", "rtsp.password", "webrtc.ice_credential")
 
 
 class ConfigError(ValueError):
@@ -48,6 +53,18 @@ class HttpConfig:
     host: str = "0.0.0.0"
     port: int = 8080
     cors_origins: tuple[str, ...] = ()  # other sites allowed to use WHEP from a browser; empty: same origin only
+    # Host names (besides this machine's own names and addresses) requests may be addressed to; "*": any
+    allowed_hosts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    mode: str = "token"  # token, password or none
+    token: str = field(default="", repr=False)  # empty: generated on first start, kept in <state_dir>/viewer-token
+    user: str = ""  # password mode: the user name for HTTP Basic
+    password_hash: str = field(default="", repr=False)  # password mode: from `camrelay hash-password`
+    protect_metrics: bool = True
+    protect_healthz: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +126,7 @@ class Config:
     telemetry: TelemetryConfig = TelemetryConfig()
     devices: DevicesConfig = DevicesConfig()
     record: RecordConfig = RecordConfig()
+    auth: AuthConfig = AuthConfig()
     log_level: str = "info"
     state_dir: str = ""  # where camrelay keeps generated files; empty: $XDG_STATE_HOME/camrelay
 
@@ -217,7 +235,7 @@ def _bool(v: Any) -> bool:
     raise ValueError(f"expected true or false, got {v!r}")
 
 
-def _rtsp_user(v: Any) -> str:
+def _user(v: Any) -> str:
     if not re.fullmatch(r"[A-Za-z0-9._-]*", _str(v)):
         raise ValueError("may hold only letters, digits, '.', '_' and '-'")
     return v
@@ -233,6 +251,26 @@ def _rtsp_url(v: Any) -> str:
     if _str(v) and not re.fullmatch(r"rtsps?://[^/\s]+/?", v):
         raise ValueError(f"expected rtsp://host:port (no path), got {v!r}")
     return v.rstrip("/")
+
+
+def _token(v: Any) -> str:
+    if _str(v) and not TOKEN_PATTERN.fullmatch(v):
+        raise ValueError("must be at least 16 letters, digits, '-' or '_' (or empty: generated)")
+    return v
+
+
+def _password_hash(v: Any) -> str:
+    if _str(v):
+        parse_hash(v)
+    return v
+
+
+def _hosts(v: Any) -> tuple[str, ...]:
+    hosts = _str_list(v)
+    for host in hosts:
+        if host != "*" and not re.fullmatch(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*", host):
+            raise ValueError(f"host {host!r} is not a host name or address (no scheme, no port) or *")
+    return tuple(h.lower().rstrip(".") for h in hosts)
 
 
 def _fps(v: Any) -> float:
@@ -257,7 +295,20 @@ def _origins(origins: tuple[str, ...]) -> tuple[str, ...]:
 # section -> key -> parser. The one list of what the config file may say.
 SCHEMA: dict[str, dict[str, Any]] = {
     "": {"log_level": _choice("debug", "info", "warning", "error"), "state_dir": _str},
-    "http": {"host": _str, "port": _int(1, 65535), "cors_origins": lambda v: _origins(_str_list(v))},
+    "http": {
+        "host": _str,
+        "port": _int(1, 65535),
+        "cors_origins": lambda v: _origins(_str_list(v)),
+        "allowed_hosts": _hosts,
+    },
+    "auth": {
+        "mode": _choice(*AUTH_MODES),
+        "token": _token,
+        "user": _user,
+        "password_hash": _password_hash,
+        "protect_metrics": _bool,
+        "protect_healthz": _bool,
+    },
     "video": {
         "size": lambda v: parse_size(_str(v)),
         "fps": _fps,
@@ -293,12 +344,30 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "rtp_port": _int(1, 65535),
         "rtcp_port": _int(1, 65535),
         "api_port": _int(1, 65535),
-        "user": _rtsp_user,
+        "user": _user,
         "password": _rtsp_password,
         "publish_url": _rtsp_url,
         "mediamtx": _str,
     },
 }
+
+
+def secrets_in_file(toml_text: str) -> list[str]:
+    """The secrets a config file holds, by key (``auth.password_hash``, ``streams.cam1``), to warn about."""
+    try:
+        doc = tomllib.loads(toml_text)
+    except tomllib.TOMLDecodeError:
+        return []
+    found = []
+    for dotted in SECRET_KEYS:
+        section, _, key = dotted.partition(".")
+        table = doc.get(section)
+        if isinstance(table, dict) and table.get(key):
+            found.append(dotted)
+    streams = doc.get("streams")
+    if isinstance(streams, dict):
+        found += [f"streams.{n}" for n, spec in streams.items() if isinstance(spec, str) and redact_url(spec) != spec]
+    return found
 
 
 def parse_stream_arg(text: str) -> tuple[str, str]:
@@ -378,7 +447,10 @@ def load(
             try:
                 values[section][key] = SCHEMA[section][key](value)
             except ValueError as exc:
-                raise ConfigError(f"{dotted}: {exc}") from None
+                message = f"{dotted}: {exc}"
+                if dotted in SECRET_KEYS:
+                    message = redact(message, [str(value), repr(value)])
+                raise ConfigError(message) from None
 
     video_kw = dict(values["video"])
     if "size" in video_kw:
@@ -403,6 +475,11 @@ def load(
     if rtsp.rtp_port % 2 or rtsp.rtcp_port != rtsp.rtp_port + 1:
         raise ConfigError("rtsp.rtp_port: must be even, with rtsp.rtcp_port the next port (RTP/RTCP pairs)")
 
+    auth = AuthConfig(**values["auth"])
+    if auth.mode == "password" and not (auth.user and auth.password_hash):
+        missing = "auth.user" if not auth.user else "auth.password_hash"
+        raise ConfigError(f'{missing}: mode = "password" needs auth.user and auth.password_hash ({HASH_HELP})')
+
     return Config(
         streams=tuple(parsed_streams),
         video=video,
@@ -412,5 +489,6 @@ def load(
         telemetry=TelemetryConfig(**values["telemetry"]),
         devices=DevicesConfig(**values["devices"]),
         record=RecordConfig(**values["record"]),
+        auth=auth,
         **values[""],
     )

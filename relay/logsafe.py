@@ -1,9 +1,10 @@
-"""Log lines that an attacker or a broken client could repeat many times a second."""
+"""Log lines that are safe to write: throttled when a client could repeat them, free of secrets."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 
 # The same warning at most this often; the lines between are counted, not lost.
 DEFAULT_INTERVAL = 1.0
@@ -29,3 +30,36 @@ class Throttled:
         self.logger.warning(msg, *args)
         self._last, self.suppressed = now, 0
         return True
+
+
+REDACTED = "***"
+SHOWS_SECRET = {"shows_secret": True}  # ``extra=`` of the one line allowed to: the start-up viewer URL
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every (non-empty) secret replaced by ``***``; the longest first, so none is half hidden."""
+    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+class SecretFilter(logging.Filter):
+    """On a handler: hides the known secrets in every record but those logged with ``extra=SHOWS_SECRET``.
+
+    A second line of defence; the code logs no secret in the first place (tests/test_auth.py).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets and not getattr(record, "shows_secret", False):
+            message = record.getMessage()
+            clean = redact(message, self.secrets)
+            if clean != message:
+                record.msg, record.args = clean, None
+        return True
+
+
+SECRET_FILTER = SecretFilter()  # the one the CLI puts on its log handler; secrets are added as they become known

@@ -28,6 +28,7 @@ import aiohttp
 import av
 
 from .aio import cancel_and_wait, run_owned, signal_group
+from .auth import write_private
 from .backoff import Backoff, Retry
 from .capture import redact_text, redact_url
 from .hub import EncodedFrame, HubClosed, PacketHub
@@ -198,13 +199,7 @@ class Mediamtx:
 
     async def start(self) -> None:
         """Write the config, start mediamtx, and wait until its API answers; raises ``RtspError``."""
-        self._state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.config_path.with_suffix(".tmp")
-        tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # it may hold the read password
-        with os.fdopen(fd, "w") as fh:
-            fh.write(render_config(self.settings, self.streams))
-        tmp.replace(self.config_path)
+        write_private(self.config_path, render_config(self.settings, self.streams))  # it may hold the read password
         await self._spawn()
         if not await self._wait_api():
             code = self._proc.returncode if self._proc else None

@@ -42,14 +42,23 @@ class UnknownStream(KeyError):
     pass
 
 
-def lan_addresses() -> list[str]:
-    """This machine's IPv4 addresses other than loopback: what another machine can reach it at."""
+def _interface_addresses() -> list[tuple[int, str]]:
     return [
-        a.address
+        (a.family, a.address.split("%", 1)[0])  # an IPv6 link-local address without its %interface
         for addrs in psutil.net_if_addrs().values()
         for a in addrs
-        if a.family == socket.AF_INET and not a.address.startswith("127.")
+        if a.family in (socket.AF_INET, socket.AF_INET6)
     ]
+
+
+def lan_addresses() -> list[str]:
+    """This machine's IPv4 addresses other than loopback: what another machine can reach it at."""
+    return [a for family, a in _interface_addresses() if family == socket.AF_INET and not a.startswith("127.")]
+
+
+def host_addresses() -> list[str]:
+    """Every IPv4 and IPv6 address of this machine, loopback included: what a request's Host may name."""
+    return [a for _, a in _interface_addresses()]
 
 
 def default_state_dir() -> Path:

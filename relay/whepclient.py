@@ -43,9 +43,10 @@ class ViewerStats:
 
 
 class WhepViewer:
-    def __init__(self, url: str, session: aiohttp.ClientSession) -> None:
+    def __init__(self, url: str, session: aiohttp.ClientSession, headers: dict[str, str] | None = None) -> None:
         self.url = url
         self.http = session
+        self.headers = dict(headers or {})  # on every request: e.g. Authorization for a relay with auth on
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.location: str | None = None
         self.track: MediaStreamTrack | None = None
@@ -68,7 +69,7 @@ class WhepViewer:
 
         await self.pc.setLocalDescription(await self.pc.createOffer())
         async with self.http.post(
-            self.url, data=self.pc.localDescription.sdp, headers={"Content-Type": "application/sdp"}
+            self.url, data=self.pc.localDescription.sdp, headers={**self.headers, "Content-Type": "application/sdp"}
         ) as resp:
             body = await resp.text()
             if resp.status != 201:
@@ -97,7 +98,7 @@ class WhepViewer:
     async def close(self, delete: bool = True) -> None:
         if delete and self.location:
             try:
-                async with self.http.delete(self.location) as resp:
+                async with self.http.delete(self.location, headers=self.headers) as resp:
                     await resp.read()
             except aiohttp.ClientError:
                 pass

@@ -30,6 +30,7 @@ from relay.service import Relay, UnknownStream, lan_addresses
 from relay.telemetry import prometheus
 from relay.webrtc import OfferRejected
 
+from .access import ACCESS, Access, guard
 from .limits import RateLimiter
 from .sdp import SdpError, check_offer, drop_mdns_candidates, is_mdns_candidate
 
@@ -487,8 +488,9 @@ async def view(request: web.Request) -> dict:
 
 def make_app(relay: Relay) -> web.Application:
     """The aiohttp application; starts and closes ``relay`` with itself."""
-    app = web.Application(client_max_size=MAX_OFFER_BYTES, middlewares=[cors])
+    app = web.Application(client_max_size=MAX_OFFER_BYTES, middlewares=[cors, guard])
     app[RELAY] = relay
+    app[ACCESS] = Access(relay.config, relay.state_dir)
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(TEMPLATES_DIR), autoescape=True)
 
     async def relay_lifecycle(app: web.Application):

@@ -20,13 +20,14 @@ from aiohttp import web
 
 from benchmarks.ports import free_port, free_rtp_pair
 from relay.capture import SourceSpec
-from relay.config import Config, HttpConfig, RtspConfig, StreamConfig, VideoConfig, WebRTCConfig
+from relay.config import AuthConfig, Config, HttpConfig, RtspConfig, StreamConfig, VideoConfig, WebRTCConfig
 from relay.service import Relay
 from signalling.app import make_app
 
 # Small frames keep a 2-core machine responsive while many peers run; the
 # pixel clock needs at least 320 px.
 TEST_WIDTH, TEST_HEIGHT, TEST_FPS = 640, 360, 30
+OPEN = AuthConfig(mode="none")  # the suite's relays are open unless a test is about access
 LEAK_SETTLE = 5.0  # seconds a closed peer may take to release its threads and sockets
 
 
@@ -101,6 +102,8 @@ def make_config(
     max_pending: int = 32,
     session_rate: float = 100.0,
     session_burst: int = 1000,
+    auth: AuthConfig = OPEN,
+    allowed_hosts: tuple[str, ...] = (),
 ) -> Config:
     return Config(
         streams=streams or (StreamConfig("cam0", SourceSpec("test", "")),),
@@ -112,7 +115,7 @@ def make_config(
             keyframe_interval=keyframe_interval,
             encoder="libx264",
         ),
-        http=HttpConfig(host="127.0.0.1", port=free_port(), cors_origins=cors_origins),
+        http=HttpConfig(host="127.0.0.1", port=free_port(), cors_origins=cors_origins, allowed_hosts=allowed_hosts),
         webrtc=WebRTCConfig(
             ice_addresses=("127.0.0.1",),
             connect_timeout=connect_timeout,
@@ -122,7 +125,8 @@ def make_config(
             session_burst=session_burst,
         ),
         rtsp=rtsp_config(rtsp, rtsp_user, rtsp_password),
-        state_dir=state_dir or (tempfile.mkdtemp(prefix="camrelay-state-") if rtsp else ""),
+        auth=auth,
+        state_dir=state_dir or (tempfile.mkdtemp(prefix="camrelay-state-") if rtsp or auth.mode == "token" else ""),
     )
 
 
@@ -154,7 +158,7 @@ class RunningRelay:
 
 async def start_relay(config: Config, wait: bool = True, **relay_kw) -> tuple[web.AppRunner, RunningRelay]:
     relay = Relay(config, **relay_kw)
-    runner = web.AppRunner(make_app(relay), handle_signals=False)
+    runner = web.AppRunner(make_app(relay), handle_signals=False, access_log=None)  # as `camrelay serve` runs it
     await runner.setup()
     await web.TCPSite(runner, config.http.host, config.http.port).start()
     running = RunningRelay(relay, f"http://{config.http.host}:{config.http.port}")

@@ -16,9 +16,9 @@ from benchmarks.ports import free_port, free_rtp_pair
 STARTUP_TIMEOUT = 20.0
 
 
-def run(*args, env=None, timeout=30):
+def run(*args, env=None, timeout=30, input=None):
     return subprocess.run(
-        [sys.executable, "-m", "relay", *args], capture_output=True, text=True, timeout=timeout, env=env
+        [sys.executable, "-m", "relay", *args], capture_output=True, text=True, timeout=timeout, env=env, input=input
     )
 
 
@@ -53,11 +53,18 @@ def test_serve_with_no_camera_streams_the_test_pattern_and_stops_on_sigterm(tmp_
         text=True,
         env=env,
     )
+    token_file = tmp_path / "viewer-token"
+
+    def get(path: str):  # with the viewer token camrelay made on its first start (auth is on by default)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+        request.add_header("Authorization", f"Bearer {token_file.read_text().strip()}")
+        return urllib.request.urlopen(request, timeout=2)
+
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while True:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/streams", timeout=2) as resp:
+                with get("/api/v1/streams") as resp:
                     body = resp.read().decode()
                 if '"frames_encoded": 0' not in body:
                     break
@@ -67,7 +74,7 @@ def test_serve_with_no_camera_streams_the_test_pattern_and_stops_on_sigterm(tmp_
             assert time.monotonic() < deadline, "relay did not come up"
             time.sleep(0.2)
         assert '"name": "cam0"' in body and '"source": "test:"' in body and '"width": 640' in body
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/rtsp", timeout=2) as resp:
+        with get("/api/v1/rtsp") as resp:
             mediamtx_pid = json.load(resp)["mediamtx_pid"]
         assert psutil.pid_exists(mediamtx_pid)
         proc.send_signal(signal.SIGTERM)
@@ -75,6 +82,10 @@ def test_serve_with_no_camera_streams_the_test_pattern_and_stops_on_sigterm(tmp_
         assert proc.returncode == 0
         assert "stream=cam0 no camera found; streaming the test pattern" in out
         assert "relay stopped" in out
+        token = token_file.read_text().strip()
+        assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+        url_lines = [line for line in out.splitlines() if token in line]
+        assert len(url_lines) == 1 and url_lines[0].endswith(f"viewer page: http://127.0.0.1:{port}/?token={token}")
         assert not psutil.pid_exists(mediamtx_pid), "mediamtx outlived the relay"
     finally:
         if proc.poll() is None:
@@ -132,6 +143,21 @@ def test_port_in_use_is_one_clear_error():
         )
     )
     assert "opened" not in result.stderr  # no camera was opened before the port was checked
+
+
+def test_hash_password_reads_stdin_and_prints_a_hash_that_verifies():
+    from relay.auth import verify_password
+
+    result = run("hash-password", input="correct horse\n")
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stdout.splitlines()
+    assert line.startswith("scrypt$16384$8$1$") and "correct horse" not in line
+    assert verify_password("correct horse", line) and not verify_password("correct horse ", line)
+
+
+def test_hash_password_refuses_an_empty_password():
+    result = run("hash-password", input="\n")
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", "camrelay: empty password\n")
 
 
 def test_devices_without_cameras_says_so():

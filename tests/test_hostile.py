@@ -17,10 +17,17 @@ from .conftest import make_config, start_relay
 SECRET = "s3cr3t-pw"
 
 
+@pytest.mark.relay_config(allowed_hosts=("*",))  # past the Host check, to the pages that show the host name
 async def test_malformed_host_header_is_not_a_500(relay_server, http):
     for path in ("/api/v1/streams", "/api/v1/status", "/view/cam0"):
         async with http.get(relay_server.base + path, headers={"Host": "a:b:c"}) as resp:
             assert resp.status == 200, path
+
+
+async def test_malformed_host_header_is_refused_by_default(relay_server, http):
+    async with http.get(relay_server.base + "/api/v1/streams", headers={"Host": "a:b:c"}) as resp:
+        assert resp.status == 403
+        assert await resp.text() == "403: Host header 'a:b:c' is not a host name or address\n"
 
 
 async def test_nul_byte_in_a_recording_path_is_a_404(tmp_path, http):
