@@ -17,8 +17,8 @@ import json
 import sys
 
 from benchmarks.chromium import chromium
-from benchmarks.ports import free_port
-from benchmarks.viewers import percentile, start_relay
+from benchmarks.load import start_system
+from benchmarks.peers import percentile
 
 COLLECT = """() => {
   const p = window.camrelayPlayer;
@@ -56,13 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fps", type=float, default=30.0)
     ap.add_argument("--bitrate", default="2M")
     args = ap.parse_args(argv)
-    port = free_port()
-    relay = start_relay(args.size, args.fps, args.bitrate, port)
+    system = start_system("camrelay", args.size, args.fps, args.bitrate)
     try:
-        result = asyncio.run(measure(port, args.duration))
+        result = asyncio.run(measure(system.port, args.duration))
     finally:
-        relay.terminate()
-        relay.wait(15)
+        system.close()
     print(json.dumps(result, indent=2))
     return 0
 

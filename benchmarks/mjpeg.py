@@ -21,8 +21,8 @@ import time
 import av
 import psutil
 
-from benchmarks.ports import free_port
-from benchmarks.viewers import percentile, start_relay
+from benchmarks.load import start_system
+from benchmarks.peers import percentile
 from relay import pixelclock
 
 SLOW_BUFFER = 4096  # bytes: far less than a frame, so the bytes wait on the relay's side
@@ -119,21 +119,18 @@ def main(argv: list[str] | None = None) -> int:
         help="camrelay, or the seed system's threaded MJPEG server (benchmarks/baselines)",
     )  # fmt: skip
     args = ap.parse_args(argv)
-    port = free_port()
-    relay = start_relay(args.size, args.fps, "2M", port, args.system)
-    proc = psutil.Process(relay.pid)
+    system = start_system(args.system, args.size, args.fps, "2M")
     try:
         for n in (int(x) for x in args.clients.split(",")):
-            procs = [proc, *proc.children(recursive=True)]
+            procs = system.serving() + system.source()
             for p in procs:
                 p.cpu_percent(None)
-            result, _ = point(port, n, args.duration, args.sample, args.slow and n > 1)
+            result, _ = point(system.port, n, args.duration, args.sample, args.slow and n > 1)
             result["relay_cpu_pct"] = sum(p.cpu_percent(None) for p in procs)
             result["system"] = args.system
             print(json.dumps(result), flush=True)
     finally:
-        relay.terminate()
-        relay.wait(15)
+        system.close()
     return 0
 
 

@@ -14,6 +14,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_udp_port() -> int:
+    """A UDP port on 127.0.0.1 that is free now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def free_rtp_pair() -> int:
     """An even UDP port on 127.0.0.1 whose successor is free too (RTP and RTCP)."""
     for _ in range(PAIR_ATTEMPTS):

@@ -25,8 +25,8 @@ import urllib.request
 import aiohttp
 import av
 
+from benchmarks.peers import percentile
 from benchmarks.ports import free_port, free_rtp_pair
-from benchmarks.viewers import percentile
 from relay import pixelclock
 from relay.webrtc import restrict_host_addresses
 from relay.whepclient import WhepViewer, luma
@@ -50,7 +50,7 @@ def start_relay(size: str, fps: float, bitrate: str, port: int, rtsp_port: int, 
     cmd = [
         sys.executable, "-m", "relay", "serve", "--source", f"cam0=test:{size}@{fps:g}", "--bitrate", bitrate,
         "--http-host", "127.0.0.1", "--http-port", str(port), "--ice-address", "127.0.0.1",
-        "--encoder", "libx264", "--log-level", "warning",
+        "--encoder", "libx264", "--log-level", "warning", "--auth", "none",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env)
     deadline = time.monotonic() + 30

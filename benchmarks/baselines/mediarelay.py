@@ -2,16 +2,19 @@
 
 One source track shared through aiortc's ``MediaRelay``; every viewer's
 sender encodes the decoded frames itself (one libx264 encoder per viewer).
+To keep the comparison about the architecture, not the encoder settings,
+each viewer's encoder is camrelay's (ultrafast, zerolatency, constrained
+baseline, same bitrate and keyframe interval) instead of aiortc's default
+(libx264 "medium" preset, 1 Mbit/s, which would cost even more per viewer).
 Same source work as camrelay's worker (render the test pattern, encode it to
 JPEG, decode it: what a USB MJPEG camera costs), done on a thread as aiortc's
 MediaPlayer does; same WHEP endpoint, so the same benchmark peers connect.
 
-    python -m benchmarks.baselines.mediarelay --port 8090 --size 1280x720 --fps 30
+    python -m benchmarks.baselines.mediarelay --port 8090 --size 1280x720 --fps 30 --bitrate 2M
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import fractions
 import threading
@@ -19,15 +22,39 @@ import time
 
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc.codecs import h264
 from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamTrack
 
+from benchmarks.baselines import arguments
 from relay.capture import parse_size
-from relay.encode import JpegDecoder
+from relay.config import parse_bitrate
+from relay.encode import EncoderSettings, H264Encoder, JpegDecoder
 from relay.testpattern import PatternRenderer
 from relay.webrtc import restrict_host_addresses
 
 TIME_BASE = fractions.Fraction(1, 90_000)
+KEYFRAME_INTERVAL = 1.0  # seconds: camrelay's default
+
+
+def use_camrelay_encoder(bitrate: int, fps: float) -> None:
+    """Every aiortc H.264 sender encodes with camrelay's encoder settings (one encoder per viewer)."""
+
+    class ViewerEncoder(h264.H264Encoder):
+        def __init__(self) -> None:
+            super().__init__()
+            self._x264 = H264Encoder(EncoderSettings(bitrate, fps, KEYFRAME_INTERVAL, "libx264"))
+
+        def _encode_frame(self, frame, force_keyframe):
+            for data, _, _ in self._x264.encode(frame, frame.pts, force_keyframe):
+                yield from self._split_bitstream(data)
+
+    import aiortc.rtcrtpsender
+
+    real = aiortc.rtcrtpsender.get_encoder
+    aiortc.rtcrtpsender.get_encoder = lambda codec: (
+        ViewerEncoder() if codec.mimeType.lower() == "video/h264" else real(codec)
+    )
 
 
 class CameraTrack(MediaStreamTrack):
@@ -68,8 +95,9 @@ class CameraTrack(MediaStreamTrack):
         self._stop.set()
 
 
-async def main(port: int, width: int, height: int, fps: float) -> None:
+async def main(port: int, width: int, height: int, fps: float, bitrate: int) -> None:
     restrict_host_addresses(["127.0.0.1"])
+    use_camrelay_encoder(bitrate, fps)
     loop = asyncio.get_running_loop()
     camera = CameraTrack(width, height, fps, loop)
     relay = MediaRelay()
@@ -112,10 +140,7 @@ async def main(port: int, width: int, height: int, fps: float) -> None:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--size", default="1280x720")
-    ap.add_argument("--fps", type=float, default=30.0)
+    ap = arguments(__doc__)
     args = ap.parse_args()
     w, h = parse_size(args.size)
-    asyncio.run(main(args.port, w, h, args.fps))
+    asyncio.run(main(args.port, w, h, args.fps, parse_bitrate(args.bitrate)))

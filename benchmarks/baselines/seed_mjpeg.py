@@ -9,12 +9,12 @@ for. Same source as camrelay's test pattern (real JPEGs with the pixel clock).
 
 from __future__ import annotations
 
-import argparse
 import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from benchmarks.baselines import arguments
 from relay.capture import parse_size
 from relay.testpattern import PatternRenderer
 
@@ -79,10 +79,7 @@ def make_handler(camera: Camera):
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--size", default="1280x720")
-    ap.add_argument("--fps", type=float, default=30.0)
+    ap = arguments(__doc__)
     args = ap.parse_args()
     w, h = parse_size(args.size)
     server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(Camera(w, h, args.fps)))

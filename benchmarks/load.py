@@ -1,0 +1,457 @@
+"""The load benchmark: N synthetic viewers, camrelay side by side with the approaches people use today.
+
+    python -m benchmarks.load --peers 1,5,10,20,30,50,100 --duration 15 --size 1280x720 --fps 30 --bitrate 2M \\
+        --systems camrelay,mediamtx,mediarelay,seed_mjpeg --out docs/results/load
+
+Systems, each started in turn on loopback with the same test pattern, size,
+rate and bitrate (``--spawn``, the default), or an already running relay
+(``--target URL``, e.g. on a Pi, with ``--target-pid`` when it runs here):
+
+- ``camrelay``: this project, encode once (``relay serve --no-rtsp``).
+- ``mediamtx``: mediamtx's own WebRTC (WHEP) server fed by camrelay's RTSP
+  publish, the best-in-class reference (benchmarks/baselines/mediamtx_whep.py).
+- ``mediarelay``: the aiortc tutorial approach, one decoded track shared with
+  ``MediaRelay`` and one encoder per viewer (benchmarks/baselines/mediarelay.py).
+- ``seed_mjpeg``: MJPEG over a threaded ``http.server`` with one condition
+  variable, like the seed system (benchmarks/baselines/seed_mjpeg.py).
+
+For every sweep point, viewers connect from worker processes (see
+benchmarks/peers.py): light peers that receive and reassemble every frame
+without decoding, then ``--probes`` peers (last, so at the end of the
+relay's fan-out) that decode and read the pixel clock for latency. A system
+whose viewers stop getting the picture (median fps under half the source's)
+is not pushed to larger points. A point where the load generator and the
+system together use more than 85 % of all cores is flagged: its numbers
+describe the machine, not the relay.
+
+Writes ``<out>.json``, ``<out>.md`` and ``<out>-latency.png`` / ``<out>-cpu.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import psutil
+
+from benchmarks.peers import PEERS_PER_WORKER, PeerPlan, percentile, run_worker
+from benchmarks.ports import free_port
+
+SYSTEMS = ("camrelay", "mediamtx", "mediarelay", "seed_mjpeg")
+LABELS = {
+    "camrelay": "camrelay (encode once)",
+    "mediamtx": "mediamtx WebRTC (reference)",
+    "mediarelay": "aiortc MediaRelay (encode per viewer)",
+    "seed_mjpeg": "MJPEG, threaded http.server (seed)",
+    "target": "target relay",
+}
+WARMUP = 3.0  # seconds after every peer has a frame before measuring
+GENERATOR_SATURATED = 0.85  # generator + system CPU above this share of all cores: the machine is the limit
+FPS_GAVE_OUT = 0.5  # median fps under this share of the source's: the system is past its limit
+START_TIMEOUT = 30.0  # seconds for a system to come up with frames flowing
+READY_TIMEOUT = 120.0  # seconds for one worker's peers to connect
+
+
+@dataclass
+class System:
+    """A running system under test: where viewers connect and which processes to measure."""
+
+    name: str
+    url: str
+    port: int  # where url listens
+    kind: str  # "webrtc" or "mjpeg"
+    serving: Callable[[], list[psutil.Process]]  # the process(es) doing the per-viewer work
+    source: Callable[[], list[psutil.Process]]  # capture and encode, when separate
+    close: Callable[[], None]
+
+
+def _tree(proc: psutil.Process | None) -> list[psutil.Process]:
+    if proc is None:
+        return []
+    try:
+        return [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _wait_frames(proc: subprocess.Popen, port: int) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{proc.args[2]} exited with {proc.returncode} during start-up")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/streams", timeout=2) as r:
+                if json.load(r)["streams"][0]["frames_encoded"] > 0:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"{proc.args[2]} did not start")
+
+
+def _stopper(*procs: subprocess.Popen) -> Callable[[], None]:
+    def close() -> None:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    return close
+
+
+def camrelay_command(size: str, fps: float, bitrate: str, port: int) -> list[str]:
+    return [
+        sys.executable, "-m", "relay", "serve", "--source", f"cam0=test:{size}@{fps:g}", "--bitrate", bitrate,
+        "--http-host", "127.0.0.1", "--http-port", str(port), "--ice-address", "127.0.0.1",
+        "--encoder", "libx264", "--log-level", "warning", "--no-rtsp", "--auth", "none",
+    ]  # fmt: skip
+
+
+# One process each: the command (after the interpreter) and the path viewers read.
+SINGLE_PROCESS = {
+    "mediarelay": (["-m", "benchmarks.baselines.mediarelay"], "/whep/cam0", "webrtc"),
+    "seed_mjpeg": (["-m", "benchmarks.baselines.seed_mjpeg"], "/mjpeg/cam0", "mjpeg"),
+}
+
+
+def start_system(name: str, size: str, fps: float, bitrate: str) -> System:
+    port = free_port()
+    if name == "camrelay":
+        proc = subprocess.Popen(camrelay_command(size, fps, bitrate, port))
+        _wait_frames(proc, port)
+        main = psutil.Process(proc.pid)
+        return System(
+            name, f"http://127.0.0.1:{port}/whep/cam0", port, "webrtc",
+            serving=lambda: [main], source=lambda: _tree(main)[1:], close=_stopper(proc),
+        )  # fmt: skip
+    if name in SINGLE_PROCESS:
+        module, path, kind = SINGLE_PROCESS[name]
+        args = ["--port", str(port), "--size", size, "--fps", f"{fps:g}", "--bitrate", bitrate]
+        proc = subprocess.Popen([sys.executable, *module, *args])
+        _wait_frames(proc, port)
+        main = psutil.Process(proc.pid)
+        return System(
+            name, f"http://127.0.0.1:{port}{path}", port, kind,
+            serving=lambda: [main], source=lambda: [], close=_stopper(proc),
+        )  # fmt: skip
+    if name == "mediamtx":
+        from benchmarks.baselines import mediamtx_whep
+
+        ref = mediamtx_whep.start(size, fps, bitrate)
+        mtx, relay = psutil.Process(ref.mediamtx.pid), psutil.Process(ref.camrelay.pid)
+        port = int(ref.whep_url.split(":")[2].split("/")[0])
+        return System(
+            name, ref.whep_url, port, "webrtc", serving=lambda: [mtx], source=lambda: _tree(relay), close=ref.close
+        )
+    raise ValueError(f"unknown system {name!r}")
+
+
+def target_system(url: str, pid: int | None) -> System:
+    proc = psutil.Process(pid) if pid else None
+    kind = "mjpeg" if "/mjpeg/" in url else "webrtc"
+    return System(
+        "target", url, urlsplit(url).port or 80, kind, serving=lambda: [proc] if proc else [],
+        source=lambda: _tree(proc)[1:], close=lambda: None,
+    )  # fmt: skip
+
+
+def _cpu(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for p in procs:
+        try:
+            total += p.cpu_percent(None)
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _rss(procs: list[psutil.Process]) -> int:
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def run_point(system: System, peers: int, probes: int, duration: float, fps: float) -> dict:
+    ctx = mp.get_context("spawn")
+    ready, results, start = ctx.Queue(), ctx.Queue(), ctx.Event()
+    probes = min(probes, peers)
+    light = peers - probes
+    per_worker = PEERS_PER_WORKER if system.kind == "webrtc" else 2 * PEERS_PER_WORKER
+    plans = [
+        PeerPlan(system.kind, system.url, min(per_worker, light - i), False, duration, fps)
+        for i in range(0, light, per_worker)
+    ]
+    if probes:
+        plans.append(PeerPlan(system.kind, system.url, probes, True, duration, fps))  # last in the fan-out
+    procs, errors = [], []
+    for plan in plans:
+        p = ctx.Process(target=run_worker, args=(plan, ready, start, results), daemon=True)
+        p.start()
+        procs.append(p)
+        try:
+            msg = ready.get(timeout=READY_TIMEOUT)  # one worker at a time: probes really do join last
+        except Exception:
+            msg = ("error", f"peers not connected after {READY_TIMEOUT:g} s")
+        if msg[0] == "error":
+            errors.append(msg[1])
+            break
+    if errors:
+        start.set()
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+        return {"peers": peers, "errors": errors, "gave_out": True}
+    time.sleep(WARMUP)
+    workers = [psutil.Process(p.pid) for p in procs]
+    serving, source = system.serving(), system.source()
+    everything = serving + source
+    for proc in [*everything, *workers]:
+        proc.cpu_percent(None)
+    t0 = time.monotonic()
+    start.set()
+    rss = []
+    while time.monotonic() - t0 < duration:
+        rss.append(_rss(everything))
+        time.sleep(0.5)
+    serving_cpu, source_cpu = _cpu(serving), _cpu(source)
+    gen_cpu = _cpu(workers)
+    peer_results = [r for _ in procs for r in results.get(timeout=60)]
+    for p in procs:
+        p.join(30)
+    return summarise(peers, probes, peer_results, serving_cpu, source_cpu, gen_cpu, rss, duration, fps)
+
+
+def summarise(
+    peers: int,
+    probes: int,
+    peer_results: list[dict],
+    serving_cpu: float,
+    source_cpu: float,
+    gen_cpu: float,
+    rss: list[int],
+    duration: float,
+    fps: float,
+) -> dict:
+    got = [r["fps"] for r in peer_results]
+    lat = [x for r in peer_results if r["probe"] for x in r["latencies_ms"]]
+    ttff = [r["first_frame_ms"] for r in peer_results if r["first_frame_ms"] is not None]
+    frames = sum(r["frames"] for r in peer_results)
+    lost = sum(r["lost"] for r in peer_results)
+    relay_cpu = serving_cpu + source_cpu
+    cores = psutil.cpu_count()
+    fps_median = statistics.median(got) if got else 0.0
+    return {
+        "peers": peers,
+        "probes": probes,
+        "latency_ms": {
+            "p50": percentile(lat, 50),
+            "p95": percentile(lat, 95),
+            "p99": percentile(lat, 99),
+            "samples": len(lat),
+        },
+        "fps": {"min": min(got) if got else 0.0, "median": fps_median},
+        "frames": frames,
+        "frames_lost": lost,
+        "lost_pct": 100 * lost / (frames + lost) if frames + lost else 0.0,
+        "first_frame_ms": {"p50": percentile(ttff, 50), "max": max(ttff) if ttff else None},
+        "relay_cpu_pct": relay_cpu,  # every process of the system, % of one core
+        "serving_cpu_pct": serving_cpu,  # the process doing per-viewer work
+        "relay_rss_mb": max(rss) / 2**20 if rss else None,
+        "egress_mbps": sum(r["bytes"] for r in peer_results) * 8 / duration / 1e6,
+        "generator_cpu_pct": gen_cpu,
+        "generator_saturated": gen_cpu + relay_cpu > GENERATOR_SATURATED * 100 * cores,
+        "gave_out": fps_median < FPS_GAVE_OUT * fps,
+        "errors": sorted({r["error"] for r in peer_results if r["error"]}),
+    }
+
+
+# -- reports ----------------------------------------------------------------
+
+
+def _f(v, d=0) -> str:
+    return "—" if v is None else f"{v:.{d}f}"
+
+
+def markdown(runs: dict[str, list[dict]]) -> str:
+    head = [
+        "system", "viewers", "latency p50 / p95 / p99 (ms)", "fps min / median", "lost (%)",
+        "first frame p50 / max (ms)", "relay CPU, all / serving (% core)", "RSS (MiB)", "egress (Mbit/s)",
+        "generator CPU (% core)",
+    ]  # fmt: skip
+    rows = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
+    for name, points in runs.items():
+        for p in points:
+            if p.get("errors") and "fps" not in p:
+                rows.append(f"| {name} | {p['peers']} | not connected: {p['errors'][0]} |" + " |" * (len(head) - 3))
+                continue
+            lat, fps, ff = p["latency_ms"], p["fps"], p["first_frame_ms"]
+            flags = (" (saturated)" if p["generator_saturated"] else "") + (" (gave out)" if p["gave_out"] else "")
+            cells = [
+                name,
+                str(p["peers"]),
+                f"{_f(lat['p50'])} / {_f(lat['p95'])} / {_f(lat['p99'])}",
+                f"{_f(fps['min'], 1)} / {_f(fps['median'], 1)}",
+                _f(p["lost_pct"], 2),
+                f"{_f(ff['p50'])} / {_f(ff['max'])}",
+                f"{_f(p['relay_cpu_pct'])} / {_f(p['serving_cpu_pct'])}",
+                _f(p["relay_rss_mb"]),
+                _f(p["egress_mbps"], 1),
+                _f(p["generator_cpu_pct"]) + flags,
+            ]
+            rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def per_viewer_cpu(points: list[dict]) -> float | None:
+    """Least-squares slope of relay CPU against viewers (% of a core per added viewer)."""
+    pts = [(p["peers"], p["relay_cpu_pct"]) for p in points if "relay_cpu_pct" in p and not p["gave_out"]]
+    if len(pts) < 2:
+        return None
+    mx = statistics.fmean(x for x, _ in pts)
+    my = statistics.fmean(y for _, y in pts)
+    den = sum((x - mx) ** 2 for x, _ in pts)
+    return sum((x - mx) * (y - my) for x, y in pts) / den if den else None
+
+
+def plot(runs: dict[str, list[dict]], out: Path, title: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    for what, key, ylabel in (
+        ("latency", "latency", "glass-to-glass latency (ms), p95 solid, p50 dashed"),
+        ("cpu", "relay_cpu_pct", "relay CPU (% of one core), all its processes"),
+    ):
+        fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
+        for i, (name, points) in enumerate(runs.items()):
+            ok = [p for p in points if "fps" in p]
+            color = f"C{i}"
+            xs = [p["peers"] for p in ok]
+            if key == "latency":
+                ax.plot(xs, [p["latency_ms"]["p95"] for p in ok], "o-", color=color, label=LABELS.get(name, name))
+                ax.plot(xs, [p["latency_ms"]["p50"] for p in ok], "o--", color=color, alpha=0.5)
+            else:
+                ax.plot(xs, [p[key] for p in ok], "o-", color=color, label=LABELS.get(name, name))
+            for p in ok:
+                if p["gave_out"]:
+                    y = p["latency_ms"]["p95"] if key == "latency" else p[key]
+                    if y is not None:
+                        ax.annotate("gave out", (p["peers"], y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("viewers")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.set_ylim(bottom=0)
+        ax.legend()
+        fig.tight_layout()
+        path = out.with_name(f"{out.name}-{what}.png")
+        fig.savefig(path)
+        plt.close(fig)
+        made.append(path)
+    return made
+
+
+# -- main ---------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.load", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2],
+    )  # fmt: skip
+    ap.add_argument("--peers", default="1,5,10,20,30,50,100", help="comma-separated sweep of viewer counts")
+    ap.add_argument("--probes", type=int, default=2, help="decoding peers that read the pixel clock, per point")
+    ap.add_argument("--duration", type=float, default=15.0, help="seconds measured per point")
+    ap.add_argument("--size", default="1280x720")
+    ap.add_argument("--fps", type=float, default=30.0)
+    ap.add_argument("--bitrate", default="2M")
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"which of {', '.join(SYSTEMS)}, in order")
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--spawn", action="store_true", default=True, help="start each system on loopback (default)")
+    where.add_argument("--target", help="WHEP or MJPEG URL of a relay already running")
+    ap.add_argument("--target-pid", type=int, help="the target's process id, when it runs here: its CPU is measured")
+    ap.add_argument("--out", default="load", help="path prefix for the .json, .md and .png outputs")
+    ap.add_argument("--no-plots", dest="plots", action="store_false")
+    args = ap.parse_args(argv)
+
+    sweep = [int(x) for x in args.peers.split(",")]
+    names = ["target"] if args.target else [s.strip() for s in args.systems.split(",") if s.strip()]
+    for n in names:
+        if n not in (*SYSTEMS, "target"):
+            ap.error(f"--systems: unknown system {n!r}; choose from {', '.join(SYSTEMS)}")
+    runs: dict[str, list[dict]] = {}
+    for name in names:
+        system = target_system(args.target, args.target_pid) if args.target else None
+        system = system or start_system(name, args.size, args.fps, args.bitrate)
+        runs[name] = []
+        try:
+            for n in sweep:
+                point = run_point(system, n, args.probes, args.duration, args.fps)
+                point["system"] = name
+                print(json.dumps(point), flush=True)
+                runs[name].append(point)
+                if point["gave_out"]:
+                    print(f"{name}: gave out at {n} viewers; larger points skipped", flush=True)
+                    break
+        finally:
+            system.close()
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": f"{platform.machine()}, {psutil.cpu_count()} cores,"
+        f" {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.platform()}",
+        "command": "python -m benchmarks.load " + " ".join(argv),
+        "size": args.size, "fps": args.fps, "bitrate": args.bitrate, "probes": args.probes,
+        "duration": args.duration, "cpu_count": os.cpu_count(),
+    }  # fmt: skip
+    slopes = {name: per_viewer_cpu(points) for name, points in runs.items()}
+    _write(out.with_suffix(".json"), json.dumps({"meta": meta, "per_viewer_cpu_pct": slopes, "runs": runs}, indent=2))
+    table = markdown(runs)
+    slope_lines = "\n".join(f"- {n}: {_f(s, 2)} % of a core per added viewer" for n, s in slopes.items())
+    head = f"{meta['command']}\n\n{meta['date']}, {meta['machine']}"
+    _write(out.with_suffix(".md"), f"{head}\n\n{table}\n\n{slope_lines}\n")
+    if args.plots:
+        title = f"{args.size} {args.fps:g} fps {args.bitrate}bit/s, {psutil.cpu_count()} cores, {meta['date']}"
+        for path in plot(runs, out, title):
+            print(f"plot: {path}")
+    print()
+    print(table)
+    print(slope_lines)
+    return 0
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Synthetic viewers for the load benchmark, run in worker processes.
+
+Two kinds, both reporting the same ``PeerResult``:
+
+- WebRTC (WHEP) peers built on aiortc. Light peers complete ICE, DTLS and
+  SRTP and reassemble every frame, but a stand-in decoder only counts it, so a
+  small machine can host many. Probe peers decode every frame and read the
+  pixel clock (shared/spec/test-pattern.md) for glass-to-glass latency.
+- MJPEG-over-HTTP peers. Light ones read every JPEG; probes also decode each
+  one and read its pixel clock.
+
+Every peer counts frames, bytes, frames lost (gaps in the RTP timestamps for
+WebRTC; frames the source made that never arrived for MJPEG) and the time from
+connected to its first complete frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import time
+from dataclasses import asdict, dataclass, field
+
+PEERS_PER_WORKER = 10  # aiortc peers per worker process: keeps each event loop responsive
+CONNECT_TIMEOUT = 20.0  # seconds for a peer to connect and get its first frame
+FRAME_TIMEOUT = 5.0  # seconds without a frame before a peer gives up
+RTP_CLOCK = 90_000  # H.264's RTP clock rate
+
+
+@dataclass
+class PeerResult:
+    probe: bool
+    frames: int = 0
+    bytes: int = 0
+    lost: int = 0
+    fps: float = 0.0
+    first_frame_ms: float | None = None  # from connected to the first complete frame
+    latencies_ms: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class PeerPlan:
+    """One worker process's share of a sweep point."""
+
+    kind: str  # "webrtc" or "mjpeg"
+    url: str
+    count: int
+    probe: bool
+    duration: float
+    fps: float  # the source's rate, to count MJPEG frames that never arrived
+
+
+def lost_between(first_ts: int, last_ts: int, frames: int, fps: float) -> int:
+    """Frames missing between two RTP timestamps (90 kHz), given how many arrived."""
+    expected = round((last_ts - first_ts) * fps / RTP_CLOCK) + 1
+    return max(0, expected - frames)
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    k = (len(s) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def run_worker(plan: PeerPlan, ready: mp.Queue, start: mp.Event, results: mp.Queue) -> None:
+    """Entry point of a worker process: connect, report ready, measure once ``start`` is set."""
+    try:
+        if plan.kind == "webrtc":
+            out = asyncio.run(_webrtc_peers(plan, ready, start))
+        else:
+            out = asyncio.run(_mjpeg_peers(plan, ready, start))
+    except Exception as exc:  # report, never hang the parent
+        ready.put(("error", f"{type(exc).__name__}: {exc}"))
+        out = [asdict(PeerResult(plan.probe, error=f"{type(exc).__name__}: {exc}"))]
+    results.put(out)
+
+
+# -- WebRTC -------------------------------------------------------------------
+
+
+class _Mark:
+    """What a light peer's stand-in decoder hands the track instead of a picture."""
+
+    __slots__ = ("pts", "size")
+
+    def __init__(self, size: int, pts: int) -> None:
+        self.size = size
+        self.pts = pts
+
+
+class _CountingDecoder:
+    """Counts each reassembled frame's bytes; decodes it too when ``inner`` is a real decoder."""
+
+    def __init__(self, inner=None) -> None:
+        self.inner = inner
+        self.bytes = 0
+
+    def decode(self, encoded_frame):
+        self.bytes += len(encoded_frame.data)
+        if self.inner is None:
+            return [_Mark(len(encoded_frame.data), encoded_frame.timestamp)]
+        return self.inner.decode(encoded_frame)
+
+
+def _install_decoders(probe: bool) -> list[_CountingDecoder]:
+    import aiortc.rtcrtpreceiver
+
+    real = aiortc.rtcrtpreceiver.get_decoder
+    made: list[_CountingDecoder] = []
+
+    def get_decoder(codec):
+        d = _CountingDecoder(real(codec) if probe else None)
+        made.append(d)
+        return d
+
+    aiortc.rtcrtpreceiver.get_decoder = get_decoder
+    return made
+
+
+async def _webrtc_peers(plan: PeerPlan, ready: mp.Queue, start: mp.Event) -> list[dict]:
+    import aiohttp
+
+    from relay.webrtc import restrict_host_addresses
+    from relay.whepclient import WhepViewer, sample
+
+    restrict_host_addresses(["127.0.0.1"])  # loopback only
+    decoders = _install_decoders(plan.probe)
+    async with aiohttp.ClientSession() as http:
+        viewers = [WhepViewer(plan.url, http) for _ in range(plan.count)]
+        await asyncio.gather(*(v.connect() for v in viewers))
+        results = [PeerResult(plan.probe) for _ in viewers]
+        await asyncio.gather(*(v.recv(timeout=CONNECT_TIMEOUT) for v in viewers))
+        for v, r in zip(viewers, results, strict=True):
+            if v.stats.connected_at is not None and v.stats.first_frame_at is not None:
+                r.first_frame_ms = (v.stats.first_frame_at - v.stats.connected_at) * 1000
+        ready.put(("ready", plan.count))
+
+        async def consume(v: WhepViewer, r: PeerResult) -> None:
+            # Read continuously from the first frame on: frames a peer does not
+            # take pile up in aiortc's track queue and would read as latency.
+            t0 = end = first_ts = last_ts = None
+            while end is None or time.monotonic() < end:
+                try:
+                    frame = await v.recv(timeout=FRAME_TIMEOUT)
+                except TimeoutError:
+                    r.error = f"no frame for {FRAME_TIMEOUT:g} s"
+                    break
+                if end is None:
+                    if not start.is_set():
+                        continue
+                    t0, end = time.monotonic(), time.monotonic() + plan.duration
+                r.frames += 1
+                first_ts = frame.pts if first_ts is None else first_ts
+                last_ts = frame.pts
+                if plan.probe:
+                    s = sample(frame)
+                    if s.latency_ms is not None:
+                        r.latencies_ms.append(s.latency_ms)
+            if t0 is not None:
+                r.fps = r.frames / (time.monotonic() - t0)
+                r.lost = lost_between(first_ts, last_ts, r.frames, plan.fps)
+
+        bytes_before = [0] * len(decoders)
+
+        async def mark_start() -> None:
+            while not start.is_set():
+                await asyncio.sleep(0.01)
+            bytes_before[:] = [d.bytes for d in decoders]
+
+        marker = asyncio.create_task(mark_start())
+        await asyncio.gather(*(consume(v, r) for v, r in zip(viewers, results, strict=True)))
+        await marker
+        # One decoder per viewer, made in connection order.
+        for r, d, b in zip(results, decoders, bytes_before, strict=False):
+            r.bytes = d.bytes - b
+        await asyncio.gather(*(v.close() for v in viewers))
+        return [asdict(r) for r in results]
+
+
+# -- MJPEG over HTTP ----------------------------------------------------------
+
+
+async def _mjpeg_peers(plan: PeerPlan, ready: mp.Queue, start: mp.Event) -> list[dict]:
+    conns = await asyncio.gather(*(_mjpeg_connect(plan.url) for _ in range(plan.count)))
+    results = [PeerResult(plan.probe) for _ in conns]
+    for (_, _, first_ms), r in zip(conns, results, strict=True):
+        r.first_frame_ms = first_ms
+    ready.put(("ready", plan.count))
+    try:
+        await asyncio.gather(*(_mjpeg_read(c, r, plan, start) for c, r in zip(conns, results, strict=True)))
+    finally:
+        for _, writer, _ in conns:
+            writer.close()
+    return [asdict(r) for r in results]
+
+
+async def _mjpeg_connect(url: str):
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    t0 = time.monotonic()
+    reader, writer = await asyncio.open_connection(u.hostname, u.port, limit=1 << 22)
+    writer.write(f"GET {u.path} HTTP/1.0\r\nHost: {u.netloc}\r\n\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), CONNECT_TIMEOUT)
+    if not head.startswith((b"HTTP/1.0 200", b"HTTP/1.1 200")):
+        raise ConnectionError(head.split(b"\r\n")[0].decode(errors="replace"))
+    await asyncio.wait_for(_mjpeg_frame(reader), CONNECT_TIMEOUT)
+    return reader, writer, (time.monotonic() - t0) * 1000
+
+
+async def _mjpeg_frame(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    while not head.lstrip().startswith(b"--"):  # the blank line after the previous part
+        head = await reader.readuntil(b"\r\n\r\n")
+    length = next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))
+    return await reader.readexactly(int(length.split(b":")[1]))
+
+
+async def _mjpeg_read(conn, r: PeerResult, plan: PeerPlan, start: mp.Event) -> None:
+    import av
+
+    from relay.whepclient import sample
+
+    reader, _, _ = conn
+    decoder = av.CodecContext.create("mjpeg", "r") if plan.probe else None
+    t0 = end = None
+    try:
+        while end is None or time.monotonic() < end:
+            jpeg = await asyncio.wait_for(_mjpeg_frame(reader), FRAME_TIMEOUT)
+            if end is None:
+                if not start.is_set():
+                    continue
+                t0, end = time.monotonic(), time.monotonic() + plan.duration
+            r.frames += 1
+            r.bytes += len(jpeg)
+            if decoder is not None:
+                # Read after decoding, as the WebRTC probes do: glass to decoded picture.
+                s = sample(decoder.decode(av.Packet(jpeg))[0])
+                if s.latency_ms is not None:
+                    r.latencies_ms.append(s.latency_ms)
+    except (TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
+        r.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    if t0 is not None:
+        elapsed = time.monotonic() - t0
+        r.fps = r.frames / elapsed
+        r.lost = max(0, round(elapsed * plan.fps) - r.frames)
