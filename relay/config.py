@@ -7,6 +7,7 @@ naming the key. ``camrelay.example.toml`` documents every key.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from collections.abc import Mapping
@@ -268,9 +269,16 @@ def _password_hash(v: Any) -> str:
 def _hosts(v: Any) -> tuple[str, ...]:
     hosts = _str_list(v)
     for host in hosts:
-        if host != "*" and not re.fullmatch(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*", host):
+        if host != "*" and not re.fullmatch(r"[A-Za-z0-9._-]+", host) and not _is_ipv6(host):
             raise ValueError(f"host {host!r} is not a host name or address (no scheme, no port) or *")
     return tuple(h.lower().rstrip(".") for h in hosts)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(text), ipaddress.IPv6Address)
+    except ValueError:
+        return False
 
 
 def _fps(v: Any) -> float:

@@ -17,6 +17,7 @@ import pytest
 from playwright.async_api import Page
 
 from benchmarks.chromium import chromium
+from relay.config import AuthConfig
 
 from .conftest import TEST_HEIGHT, TEST_WIDTH, RunningRelay
 
@@ -214,5 +215,28 @@ async def test_page_falls_back_to_mjpeg_when_webrtc_cannot_connect(relay_server:
                 " return [r.status, r.headers.get('content-type')]; }"
             )
             assert snapshot == [200, "image/jpeg"]
+        finally:
+            await page.close()
+
+
+VIEWER_TOKEN = "browser-test-token-0123456789abcdef"
+
+
+@pytest.mark.relay_config(auth=AuthConfig(mode="token", token=VIEWER_TOKEN))
+async def test_the_url_with_the_token_plays_and_its_cookie_lets_the_page_in_later(relay_server: RunningRelay) -> None:
+    async with chromium() as browser:
+        page = await browser.new_page()
+        watch = PageWatch(page)
+        try:
+            response = await page.goto(relay_server.base + "/")  # no token yet: the 401 page says where it is
+            assert response.status == 401 and "viewer-token" in await page.content()
+            await page.goto(f"{relay_server.base}/view/cam0?token={VIEWER_TOKEN}")  # the URL printed at start
+            await page.wait_for_function(PLAYING, timeout=PLAY_TIMEOUT_MS)
+            # The page's own requests (fetch, the WHEP POST) went by the cookie ?token= set.
+            assert await page.evaluate("async () => (await fetch('/api/v1/status')).status") == 200
+            assert await page.evaluate("() => document.cookie") == ""  # HttpOnly: no script can read it
+            response = await page.goto(relay_server.base + "/")
+            assert response.status == 200
+            assert not watch.errors, f"uncaught errors in the page: {watch.errors}"
         finally:
             await page.close()

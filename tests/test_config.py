@@ -133,6 +133,38 @@ def test_streams_from_environment_and_flags():
             {},
             "rtsp.publish_url: expected rtsp://host:port (no path), got 'http://x'",
         ),
+        ('[auth]\nmode = "open"', {}, {}, "auth.mode: must be one of token, password, none, got 'open'"),
+        ("[auth]\nsecret = 1", {}, {}, "auth.secret: unknown key"),
+        (
+            '[auth]\nmode = "password"',
+            {},
+            {},
+            'auth.user: mode = "password" needs auth.user and auth.password_hash'
+            " (make one with `camrelay hash-password`)",
+        ),
+        (
+            '[auth]\nmode = "password"\nuser = "viewer"',
+            {},
+            {},
+            'auth.password_hash: mode = "password" needs auth.user and auth.password_hash'
+            " (make one with `camrelay hash-password`)",
+        ),
+        ('[auth]\nuser = "a:b"', {}, {}, "auth.user: may hold only letters, digits, '.', '_' and '-'"),
+        ('[auth]\nprotect_metrics = "maybe"', {}, {}, "auth.protect_metrics: expected true or false, got 'maybe'"),
+        (
+            '[http]\nallowed_hosts = ["http://cam.local"]',
+            {},
+            {},
+            "http.allowed_hosts: host 'http://cam.local' is not a host name or address (no scheme, no port) or *",
+        ),
+        (
+            '[http]\nallowed_hosts = ["cafe.ad:8080"]',
+            {},
+            {},
+            "http.allowed_hosts: host 'cafe.ad:8080' is not a host name or address (no scheme, no port) or *",
+        ),
+        (None, {"CAMRELAY_AUTH_MODE": "basic"}, {}, "auth.mode: must be one of token, password, none, got 'basic'"),
+        (None, {}, {"auth.mode": "off"}, "auth.mode: must be one of token, password, none, got 'off'"),
         (None, {"CAMRELAY_HTTP_PROT": "1"}, {}, "CAMRELAY_HTTP_PROT: unknown setting"),
         (None, {"CAMRELAY_VIDEO_FPS": "fast"}, {}, "video.fps: frame rate 'fast' is not a number"),
         (None, {}, {"http.port": "0"}, "http.port: must be in 1..65535, got 0"),
