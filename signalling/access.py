@@ -36,7 +36,7 @@ from relay.service import host_addresses
 log = logging.getLogger(__name__)
 
 FAILURE_DELAY = (0.05, 0.15)  # seconds, random in this range, before answering wrong credentials
-COOKIE_MAX_AGE = 30 * 86400  # seconds a browser keeps the token cookie
+COOKIE_MAX_AGE = 400 * 86400  # seconds a browser keeps the token cookie: the longest Chromium allows
 HOSTS_REFRESH = 5.0  # seconds: this machine's addresses are looked up again at most this often (DHCP changes them)
 VERIFIED_CACHE = 32  # Basic credentials remembered as good, so a page's requests cost one scrypt, not one each
 MAX_CONCURRENT_VERIFY = 2  # scrypt runs at once (16 MiB each); more wait

@@ -232,6 +232,7 @@ async def test_the_url_with_the_token_plays_and_its_cookie_lets_the_page_in_late
             assert response.status == 401 and "viewer-token" in await page.content()
             await page.goto(f"{relay_server.base}/view/cam0?token={VIEWER_TOKEN}")  # the URL printed at start
             await page.wait_for_function(PLAYING, timeout=PLAY_TIMEOUT_MS)
+            assert page.url == relay_server.base + "/view/cam0"  # the token is off the address bar
             # The page's own requests (fetch, the WHEP POST) went by the cookie ?token= set.
             assert await page.evaluate("async () => (await fetch('/api/v1/status')).status") == 200
             assert await page.evaluate("() => document.cookie") == ""  # HttpOnly: no script can read it
