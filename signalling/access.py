@@ -146,7 +146,7 @@ class Access:
             if value is None:
                 continue
             tried = True
-            if hmac.compare_digest(value.encode(), expected):
+            if hmac.compare_digest(value.encode("utf-8", "surrogateescape"), expected):  # headers may hold any byte
                 return None, from_query
         return (WRONG_TOKEN if tried else NO_TOKEN), False
 

@@ -402,6 +402,36 @@ async def test_password_mode_wants_basic_and_metrics_healthz_are_configurable(tm
         await runner.cleanup()
 
 
+async def raw_get(base: str, head: bytes) -> bytes:
+    """The status line of a GET sent as bytes: headers no HTTP client would send."""
+    host, port = base.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"GET /api/v1/streams HTTP/1.1\r\n" + head + b"Connection: close\r\n\r\n")
+        return await reader.readline()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"Host: 127.0.0.1\r\nAuthorization: Bearer \xff\xfe\r\n", b"401"),
+        (b"Host: 127.0.0.1\r\nCookie: camrelay_token_1=\xff\r\n", b"401"),
+        (b"Host: 127.0.0.1\r\nAuthorization: Basic \xff\r\n", b"401"),
+        (b"Host: \xff.example\r\n", b"403"),
+        (b"Host: 127.0.0.1\r\nOrigin: \xff\r\n", b"401"),
+    ],
+)
+async def test_undecodable_credentials_and_hosts_are_refused_not_a_500(head, status):
+    runner, relay = await start_relay(make_config(auth=AuthConfig(mode="token", token=TOKEN)), wait=False)
+    try:
+        assert (await raw_get(relay.base, head)).split()[1] == status
+    finally:
+        await runner.cleanup()
+
+
 async def test_the_token_survives_a_restart_and_a_configured_one_is_used_as_is(tmp_path, http):
     config = make_config(auth=AuthConfig(mode="token"), state_dir=str(tmp_path))
     tokens = []
