@@ -131,10 +131,20 @@ SINGLE_PROCESS = {
 }
 
 
+# The load generator is one address opening many sessions at once: lift the
+# per-address limits that protect a real relay from that.
+CAMRELAY_LOAD_ENV = {
+    "CAMRELAY_WEBRTC_SESSION_BURST": "1000",
+    "CAMRELAY_WEBRTC_SESSION_RATE": "1000",
+    "CAMRELAY_WEBRTC_MAX_PENDING": "1000",
+    "CAMRELAY_WEBRTC_MAX_VIEWERS": "1000",
+}
+
+
 def start_system(name: str, size: str, fps: float, bitrate: str) -> System:
     port = free_port()
     if name == "camrelay":
-        proc = subprocess.Popen(camrelay_command(size, fps, bitrate, port))
+        proc = subprocess.Popen(camrelay_command(size, fps, bitrate, port), env={**os.environ, **CAMRELAY_LOAD_ENV})
         _wait_frames(proc, port)
         main = psutil.Process(proc.pid)
         return System(
@@ -192,7 +202,9 @@ def _rss(procs: list[psutil.Process]) -> int:
     return total
 
 
-def run_point(system: System, peers: int, probes: int, duration: float, fps: float) -> dict:
+def run_point(
+    system: System, peers: int, probes: int, duration: float, fps: float, pinned: tuple[int, int] | None = None
+) -> dict:
     ctx = mp.get_context("spawn")
     ready, results, start = ctx.Queue(), ctx.Queue(), ctx.Event()
     probes = min(probes, peers)
@@ -240,7 +252,7 @@ def run_point(system: System, peers: int, probes: int, duration: float, fps: flo
     peer_results = [r for _ in procs for r in results.get(timeout=60)]
     for p in procs:
         p.join(30)
-    return summarise(peers, probes, peer_results, serving_cpu, source_cpu, gen_cpu, rss, duration, fps)
+    return summarise(peers, probes, peer_results, serving_cpu, source_cpu, gen_cpu, rss, duration, fps, pinned)
 
 
 def summarise(
@@ -253,7 +265,9 @@ def summarise(
     rss: list[int],
     duration: float,
     fps: float,
+    pinned: tuple[int, int] | None = None,
 ) -> dict:
+    """One sweep point from every peer's result. ``pinned``: (system cores, generator cores) when pinned."""
     got = [r["fps"] for r in peer_results]
     lat = [x for r in peer_results if r["probe"] for x in r["latencies_ms"]]
     ttff = [r["first_frame_ms"] for r in peer_results if r["first_frame_ms"] is not None]
@@ -281,7 +295,11 @@ def summarise(
         "relay_rss_mb": max(rss) / 2**20 if rss else None,
         "egress_mbps": sum(r["bytes"] for r in peer_results) * 8 / duration / 1e6,
         "generator_cpu_pct": gen_cpu,
-        "generator_saturated": gen_cpu + relay_cpu > GENERATOR_SATURATED * 100 * cores,
+        "generator_saturated": (
+            gen_cpu + relay_cpu > GENERATOR_SATURATED * 100 * cores
+            if pinned is None
+            else gen_cpu > GENERATOR_SATURATED * 100 * pinned[1] or relay_cpu > GENERATOR_SATURATED * 100 * pinned[0]
+        ),
         "gave_out": fps_median < FPS_GAVE_OUT * fps,
         "errors": sorted({r["error"] for r in peer_results if r["error"]}),
     }
@@ -395,6 +413,11 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--spawn", action="store_true", default=True, help="start each system on loopback (default)")
     where.add_argument("--target", help="WHEP or MJPEG URL of a relay already running")
     ap.add_argument("--target-pid", type=int, help="the target's process id, when it runs here: its CPU is measured")
+    ap.add_argument(
+        "--pin", metavar="CPUS",
+        help="run the system on these cores (e.g. 0) and the load generator on the others, so neither"
+        " steals the other's CPU; default: the scheduler decides",
+    )  # fmt: skip
     ap.add_argument("--out", default="load", help="path prefix for the .json, .md and .png outputs")
     ap.add_argument("--no-plots", dest="plots", action="store_false")
     args = ap.parse_args(argv)
@@ -404,14 +427,25 @@ def main(argv: list[str] | None = None) -> int:
     for n in names:
         if n not in (*SYSTEMS, "target"):
             ap.error(f"--systems: unknown system {n!r}; choose from {', '.join(SYSTEMS)}")
+    system_cpus = generator_cpus = None
+    if args.pin:
+        system_cpus = sorted({int(c) for c in args.pin.split(",")})
+        generator_cpus = [c for c in range(psutil.cpu_count()) if c not in system_cpus]
+        if not generator_cpus or not set(system_cpus) <= set(range(psutil.cpu_count())):
+            ap.error(f"--pin {args.pin}: name some, not all, of cores 0..{psutil.cpu_count() - 1}")
     runs: dict[str, list[dict]] = {}
     for name in names:
         system = target_system(args.target, args.target_pid) if args.target else None
         system = system or start_system(name, args.size, args.fps, args.bitrate)
+        if system_cpus is not None:
+            for proc in system.serving() + system.source():  # children started later inherit it
+                proc.cpu_affinity(system_cpus)
+            psutil.Process().cpu_affinity(generator_cpus)  # peers' worker processes inherit it
         runs[name] = []
         try:
             for n in sweep:
-                point = run_point(system, n, args.probes, args.duration, args.fps)
+                pinned = (len(system_cpus), len(generator_cpus)) if system_cpus else None
+                point = run_point(system, n, args.probes, args.duration, args.fps, pinned)
                 point["system"] = name
                 print(json.dumps(point), flush=True)
                 runs[name].append(point)
@@ -429,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         f" {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.platform()}",
         "command": "python -m benchmarks.load " + " ".join(argv),
         "size": args.size, "fps": args.fps, "bitrate": args.bitrate, "probes": args.probes,
-        "duration": args.duration, "cpu_count": os.cpu_count(),
+        "duration": args.duration, "cpu_count": os.cpu_count(), "pin": args.pin,
     }  # fmt: skip
     slopes = {name: per_viewer_cpu(points) for name, points in runs.items()}
     _write(out.with_suffix(".json"), json.dumps({"meta": meta, "per_viewer_cpu_pct": slopes, "runs": runs}, indent=2))

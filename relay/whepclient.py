@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urljoin
 
@@ -43,8 +44,16 @@ class ViewerStats:
 
 
 class WhepViewer:
-    def __init__(self, url: str, session: aiohttp.ClientSession, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        session: aiohttp.ClientSession,
+        headers: dict[str, str] | None = None,
+        rewrite_sdp: Callable[[str, str], str] | None = None,
+    ) -> None:
         self.url = url
+        # ("offer" | "answer", sdp) -> sdp: lets a test route the media through a proxy.
+        self.rewrite_sdp = rewrite_sdp or (lambda kind, sdp: sdp)
         self.http = session
         self.headers = dict(headers or {})  # on every request: e.g. Authorization for a relay with auth on
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
@@ -68,14 +77,15 @@ class WhepViewer:
                 self.stats.connected_at = time.monotonic()
 
         await self.pc.setLocalDescription(await self.pc.createOffer())
+        offer = self.rewrite_sdp("offer", self.pc.localDescription.sdp)
         async with self.http.post(
-            self.url, data=self.pc.localDescription.sdp, headers={**self.headers, "Content-Type": "application/sdp"}
+            self.url, data=offer, headers={**self.headers, "Content-Type": "application/sdp"}
         ) as resp:
             body = await resp.text()
             if resp.status != 201:
                 raise WhepError(resp.status, body.strip())
             self.location = urljoin(self.url, resp.headers["Location"])
-        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=self.rewrite_sdp("answer", body), type="answer"))
 
     async def recv(self, timeout: float = 10.0) -> av.VideoFrame:
         await asyncio.wait_for(self._track_ready.wait(), timeout)
