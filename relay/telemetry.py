@@ -12,6 +12,7 @@ import asyncio
 import logging
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -107,6 +108,10 @@ class Snapshot:
     memory_total: int = 0
     memory_available: int = 0
     rss: dict[str, int] = field(default_factory=dict)  # relay, workers, mediamtx
+    # The relay process's own resources: flat over weeks, or something leaks.
+    open_fds: int | None = None
+    threads: int = 0
+    tasks: int = 0
     thermal: list[ThermalZone] = field(default_factory=list)
     throttled: dict[str, bool] | None = None
     streams: list[StreamSample] = field(default_factory=list)
@@ -133,6 +138,7 @@ class Snapshot:
                 "throttled": self.throttled,
             },
             "processes": {name: {"rss_bytes": rss} for name, rss in self.rss.items()},
+            "relay": {"open_fds": self.open_fds, "threads": self.threads, "asyncio_tasks": self.tasks},
             "streams": [s.__dict__ for s in self.streams],
         }
 
@@ -176,6 +182,9 @@ def prometheus(snapshot: Snapshot, extra: Iterable[tuple[str, str, str, dict[str
     add("camrelay_memory_available_bytes", "gauge", "Memory available.", s.memory_available)
     for proc, rss in s.rss.items():
         add("camrelay_process_resident_memory_bytes", "gauge", "Resident memory per process.", rss, process=proc)
+    add("camrelay_open_fds", "gauge", "File descriptors the relay process holds.", s.open_fds)
+    add("camrelay_threads", "gauge", "Threads in the relay process.", s.threads)
+    add("camrelay_asyncio_tasks", "gauge", "asyncio tasks in the relay process.", s.tasks)
     for zone in s.thermal:
         add(
             "camrelay_temperature_celsius",
@@ -313,6 +322,9 @@ class Telemetry:
             memory_total=vm.total,
             memory_available=vm.available,
             rss=rss,
+            open_fds=_open_fds(),
+            threads=threading.active_count(),
+            tasks=_task_count(),
             thermal=read_thermal(self.sys_root),
             throttled=decode_throttled(throttled) if throttled is not None else None,
             streams=self._streams(),
@@ -332,3 +344,17 @@ class Telemetry:
             if time.monotonic() - last_log >= self.log_interval:
                 last_log = time.monotonic()
                 log.info("%s", snapshot.log_line())
+
+
+def _open_fds() -> int | None:
+    try:
+        return psutil.Process().num_fds()
+    except (AttributeError, psutil.Error):  # num_fds is POSIX only
+        return None
+
+
+def _task_count() -> int:
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:  # sampled outside a running loop (tests, start-up)
+        return 0

@@ -7,6 +7,7 @@ import asyncio
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -145,6 +146,9 @@ async def test_status_and_metrics_endpoints(relay_server, http, tmp_path):
     assert system["temperature_celsius"] == 47.0 and system["throttled"]["under_voltage"] is False
     assert set(status["processes"]) == {"relay", "worker-cam0", "mediamtx"}
     assert all(p["rss_bytes"] > 1 << 20 for p in status["processes"].values())
+    own = status["relay"]  # what a leak would grow: the status shows it
+    assert 3 < own["open_fds"] <= psutil.Process().num_fds()  # sampled just now, in this very process
+    assert own["threads"] >= 1 and own["asyncio_tasks"] >= 2
     (cam,) = status["streams"]
     for key in ("capture_fps", "encoded_fps", "bitrate_bps", "encode_ms", "keyframes_forced", "frames_dropped",
                 "viewers", "restarts", "state", "encoders_running", "rtsp_url"):  # fmt: skip
@@ -156,6 +160,8 @@ async def test_status_and_metrics_endpoints(relay_server, http, tmp_path):
     assert families["camrelay_temperature_celsius"].samples[0].value == 47.0
     assert families["camrelay_mediamtx_up"].samples[0].value == 1
     assert families["camrelay_stream_up"].samples[0].labels == {"stream": "cam0"}
+    assert families["camrelay_open_fds"].samples[0].value > 0
+    assert families["camrelay_asyncio_tasks"].samples[0].value >= 2
 
 
 def test_thermal_guard_steps_down_then_back_up_with_hysteresis():
