@@ -33,7 +33,7 @@ from .rtsp import (
 )
 from .stream import Stream
 from .telemetry import Snapshot, StreamSample, Telemetry, ThermalGuard
-from .webrtc import ViewerSessions, restrict_host_addresses
+from .webrtc import ViewerSessions, quick_consent, restrict_host_addresses
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,7 @@ class Relay:
 
     async def start(self) -> None:
         restrict_host_addresses(list(self.config.webrtc.ice_addresses) or None)
+        quick_consent(True)
         try:
             initial = list(self.config.streams)
             if self.automatic:
@@ -272,6 +273,7 @@ class Relay:
         if self.mediamtx is not None:
             await step("mediamtx", self.mediamtx.close())
         restrict_host_addresses(None)
+        quick_consent(False)
         log.info("relay stopped")
 
     def describe(self, stream: Stream) -> dict:
