@@ -59,6 +59,8 @@ LABELS = {
 }
 WARMUP = 3.0  # seconds after every peer has a frame before measuring
 GENERATOR_SATURATED = 0.85  # generator + system CPU above this share of all cores: the machine is the limit
+LIGHT_BEHIND = 0.9  # light peers' median fps under this share of the source's, while ...
+PROBES_KEEP_UP = 0.95  # ... the probes get at least this share: the generator, not the system, fell behind
 FPS_GAVE_OUT = 0.5  # median fps under this share of the source's: the system is past its limit
 START_TIMEOUT = 30.0  # seconds for a system to come up with frames flowing
 READY_TIMEOUT = 120.0  # seconds for one worker's peers to connect
@@ -203,7 +205,12 @@ def _rss(procs: list[psutil.Process]) -> int:
 
 
 def run_point(
-    system: System, peers: int, probes: int, duration: float, fps: float, pinned: tuple[int, int] | None = None
+    system: System,
+    peers: int,
+    probes: int,
+    duration: float,
+    fps: float,
+    light_nice: int = 0,
 ) -> dict:
     ctx = mp.get_context("spawn")
     ready, results, start = ctx.Queue(), ctx.Queue(), ctx.Event()
@@ -211,7 +218,7 @@ def run_point(
     light = peers - probes
     per_worker = PEERS_PER_WORKER if system.kind == "webrtc" else 2 * PEERS_PER_WORKER
     plans = [
-        PeerPlan(system.kind, system.url, min(per_worker, light - i), False, duration, fps)
+        PeerPlan(system.kind, system.url, min(per_worker, light - i), False, duration, fps, light_nice)
         for i in range(0, light, per_worker)
     ]
     if probes:
@@ -249,10 +256,27 @@ def run_point(
         time.sleep(0.5)
     serving_cpu, source_cpu = _cpu(serving), _cpu(source)
     gen_cpu = _cpu(workers)
+    inside = relay_send_delay(system.url)
     peer_results = [r for _ in procs for r in results.get(timeout=60)]
     for p in procs:
         p.join(30)
-    return summarise(peers, probes, peer_results, serving_cpu, source_cpu, gen_cpu, rss, duration, fps, pinned)
+    point = summarise(peers, probes, peer_results, serving_cpu, source_cpu, gen_cpu, rss, duration, fps)
+    point["relay_send_delay_ms"] = inside
+    return point
+
+
+def relay_send_delay(url: str) -> dict | None:
+    """camrelay's own delay percentiles, capture to hub and hub to sender (None for other systems)."""
+    u = urlsplit(url)
+    if not u.path.startswith("/whep/"):
+        return None
+    try:
+        with urllib.request.urlopen(f"{u.scheme}://{u.netloc}/api/v1/streams", timeout=5) as r:
+            streams = {s["name"]: s for s in json.load(r)["streams"]}
+        s = streams[u.path.rsplit("/", 1)[1]]
+        return {"pipeline": s["pipeline_delay_ms"], "fanout": s["fanout_delay_ms"]}
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def summarise(
@@ -265,10 +289,11 @@ def summarise(
     rss: list[int],
     duration: float,
     fps: float,
-    pinned: tuple[int, int] | None = None,
 ) -> dict:
-    """One sweep point from every peer's result. ``pinned``: (system cores, generator cores) when pinned."""
+    """One sweep point from every peer's result."""
     got = [r["fps"] for r in peer_results]
+    light_fps = [r["fps"] for r in peer_results if not r["probe"]]
+    probe_fps = [r["fps"] for r in peer_results if r["probe"]]
     lat = [x for r in peer_results if r["probe"] for x in r["latencies_ms"]]
     ttff = [r["first_frame_ms"] for r in peer_results if r["first_frame_ms"] is not None]
     frames = sum(r["frames"] for r in peer_results)
@@ -295,10 +320,14 @@ def summarise(
         "relay_rss_mb": max(rss) / 2**20 if rss else None,
         "egress_mbps": sum(r["bytes"] for r in peer_results) * 8 / duration / 1e6,
         "generator_cpu_pct": gen_cpu,
-        "generator_saturated": (
-            gen_cpu + relay_cpu > GENERATOR_SATURATED * 100 * cores
-            if pinned is None
-            else gen_cpu > GENERATOR_SATURATED * 100 * pinned[1] or relay_cpu > GENERATOR_SATURATED * 100 * pinned[0]
+        # The machine is the limit: busy cores, or light peers (lower priority) falling
+        # behind while the probes (the measurement) still get every frame.
+        "generator_saturated": gen_cpu + relay_cpu > GENERATOR_SATURATED * 100 * cores
+        or (
+            bool(light_fps)
+            and statistics.median(light_fps) < LIGHT_BEHIND * fps
+            and bool(probe_fps)
+            and min(probe_fps) >= PROBES_KEEP_UP * fps
         ),
         "gave_out": fps_median < FPS_GAVE_OUT * fps,
         "errors": sorted({r["error"] for r in peer_results if r["error"]}),
@@ -315,7 +344,8 @@ def _f(v, d=0) -> str:
 def markdown(runs: dict[str, list[dict]]) -> str:
     head = [
         "system", "viewers", "latency p50 / p95 / p99 (ms)", "fps min / median", "lost (%)",
-        "first frame p50 / max (ms)", "relay CPU, all / serving (% core)", "RSS (MiB)", "egress (Mbit/s)",
+        "first frame p50 / max (ms)", "in relay: pipeline / fan-out p95 (ms)",
+        "relay CPU, all / serving (% core)", "RSS (MiB)", "egress (Mbit/s)",
         "generator CPU (% core)",
     ]  # fmt: skip
     rows = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
@@ -333,6 +363,7 @@ def markdown(runs: dict[str, list[dict]]) -> str:
                 f"{_f(fps['min'], 1)} / {_f(fps['median'], 1)}",
                 _f(p["lost_pct"], 2),
                 f"{_f(ff['p50'])} / {_f(ff['max'])}",
+                _inside(p.get("relay_send_delay_ms")),
                 f"{_f(p['relay_cpu_pct'])} / {_f(p['serving_cpu_pct'])}",
                 _f(p["relay_rss_mb"]),
                 _f(p["egress_mbps"], 1),
@@ -340,6 +371,10 @@ def markdown(runs: dict[str, list[dict]]) -> str:
             ]
             rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def _inside(d: dict | None) -> str:
+    return "—" if not d else f"{_f(d['pipeline']['p95'])} / {_f(d['fanout']['p95'], 1)}"
 
 
 def per_viewer_cpu(points: list[dict]) -> float | None:
@@ -414,9 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--target", help="WHEP or MJPEG URL of a relay already running")
     ap.add_argument("--target-pid", type=int, help="the target's process id, when it runs here: its CPU is measured")
     ap.add_argument(
-        "--pin", metavar="CPUS",
-        help="run the system on these cores (e.g. 0) and the load generator on the others, so neither"
-        " steals the other's CPU; default: the scheduler decides",
+        "--light-nice", type=int, default=10, metavar="N",
+        help="niceness of the light peers' processes (default 10): probes, which measure, get the CPU first",
     )  # fmt: skip
     ap.add_argument("--out", default="load", help="path prefix for the .json, .md and .png outputs")
     ap.add_argument("--no-plots", dest="plots", action="store_false")
@@ -427,25 +461,14 @@ def main(argv: list[str] | None = None) -> int:
     for n in names:
         if n not in (*SYSTEMS, "target"):
             ap.error(f"--systems: unknown system {n!r}; choose from {', '.join(SYSTEMS)}")
-    system_cpus = generator_cpus = None
-    if args.pin:
-        system_cpus = sorted({int(c) for c in args.pin.split(",")})
-        generator_cpus = [c for c in range(psutil.cpu_count()) if c not in system_cpus]
-        if not generator_cpus or not set(system_cpus) <= set(range(psutil.cpu_count())):
-            ap.error(f"--pin {args.pin}: name some, not all, of cores 0..{psutil.cpu_count() - 1}")
     runs: dict[str, list[dict]] = {}
     for name in names:
         system = target_system(args.target, args.target_pid) if args.target else None
         system = system or start_system(name, args.size, args.fps, args.bitrate)
-        if system_cpus is not None:
-            for proc in system.serving() + system.source():  # children started later inherit it
-                proc.cpu_affinity(system_cpus)
-            psutil.Process().cpu_affinity(generator_cpus)  # peers' worker processes inherit it
         runs[name] = []
         try:
             for n in sweep:
-                pinned = (len(system_cpus), len(generator_cpus)) if system_cpus else None
-                point = run_point(system, n, args.probes, args.duration, args.fps, pinned)
+                point = run_point(system, n, args.probes, args.duration, args.fps, args.light_nice)
                 point["system"] = name
                 print(json.dumps(point), flush=True)
                 runs[name].append(point)
@@ -463,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         f" {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.platform()}",
         "command": "python -m benchmarks.load " + " ".join(argv),
         "size": args.size, "fps": args.fps, "bitrate": args.bitrate, "probes": args.probes,
-        "duration": args.duration, "cpu_count": os.cpu_count(), "pin": args.pin,
+        "duration": args.duration, "cpu_count": os.cpu_count(),
+        "light_nice": args.light_nice,
     }  # fmt: skip
     slopes = {name: per_viewer_cpu(points) for name, points in runs.items()}
     _write(out.with_suffix(".json"), json.dumps({"meta": meta, "per_viewer_cpu_pct": slopes, "runs": runs}, indent=2))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -49,6 +50,7 @@ class PeerPlan:
     probe: bool
     duration: float
     fps: float  # the source's rate, to count MJPEG frames that never arrived
+    light_nice: int = 0  # niceness of light peers' processes (0: same priority as probes)
 
 
 def lost_between(first_ts: int, last_ts: int, frames: int, fps: float) -> int:
@@ -68,6 +70,11 @@ def percentile(values: list[float], p: float) -> float | None:
 
 def run_worker(plan: PeerPlan, ready: mp.Queue, start: mp.Event, results: mp.Queue) -> None:
     """Entry point of a worker process: connect, report ready, measure once ``start`` is set."""
+    if not plan.probe and plan.light_nice:
+        # Light peers are the load; probes are the measurement. Every peer wakes at
+        # the same instant (a frame arrives for all), and a probe queued behind 30
+        # light peers' work would measure the generator's own CPU, not the relay.
+        os.nice(plan.light_nice)
     try:
         if plan.kind == "webrtc":
             out = asyncio.run(_webrtc_peers(plan, ready, start))

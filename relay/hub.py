@@ -38,8 +38,30 @@ class EncodedFrame:
     pts: int  # 90 kHz clock, from the capture time
     keyframe: bool
     capture_time: float  # wall clock (time.time()) when the source captured it
+    published_at: float = 0.0  # wall clock when the hub got it
     # RTP payloads, packetized once per frame and shared by every viewer.
     payloads: list[bytes] | None = field(default=None, repr=False)
+
+
+# Delays kept for the send-delay percentiles: ~10 s of frames for 30 viewers.
+DELAY_WINDOW = 10_000
+
+
+class DelayWindow:
+    """The last ``DELAY_WINDOW`` capture-to-send delays (seconds), for percentiles."""
+
+    def __init__(self, size: int = DELAY_WINDOW) -> None:
+        self._values: collections.deque[float] = collections.deque(maxlen=size)
+
+    def add(self, seconds: float) -> None:
+        self._values.append(seconds)
+
+    def percentiles_ms(self) -> dict[str, float | None]:
+        values = sorted(self._values)
+        if not values:
+            return {"p50": None, "p95": None, "p99": None}
+        pick = lambda p: round(values[min(len(values) - 1, int(len(values) * p / 100))] * 1000, 1)  # noqa: E731
+        return {"p50": pick(50), "p95": pick(95), "p99": pick(99)}
 
 
 class HubClosed(Exception):
@@ -151,6 +173,11 @@ class PacketHub:
         self.max_frames = max_frames
         self.published = 0
         self.dropped = 0  # frames dropped for lagging subscribers, all time
+        # Where a frame's time goes before it leaves: capture to the hub (camera,
+        # decode, encode, pipe; once per frame) and the hub to each viewer's
+        # sender (the wait for its turn in the fan-out; once per viewer).
+        self.pipeline_delay = DelayWindow()
+        self.fanout_delay = DelayWindow()
         self._request_keyframe = request_keyframe
         self._subscribers: list[Subscription] = []
         self._closed = False
@@ -174,6 +201,8 @@ class PacketHub:
         if self._closed:
             return
         self.published += 1
+        frame.published_at = time.time()
+        self.pipeline_delay.add(frame.published_at - frame.capture_time)
         for sub in self._subscribers:
             sub._offer(frame)
 

@@ -33,6 +33,7 @@ from .rtsp import (
 )
 from .stream import Stream
 from .telemetry import Snapshot, StreamSample, Telemetry, ThermalGuard
+from .udpbatch import batch_sends
 from .webrtc import ViewerSessions, quick_consent, restrict_host_addresses
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ class Relay:
     async def start(self) -> None:
         restrict_host_addresses(list(self.config.webrtc.ice_addresses) or None)
         quick_consent(True)
+        batch_sends(True)
         try:
             initial = list(self.config.streams)
             if self.automatic:
@@ -274,6 +276,7 @@ class Relay:
             await step("mediamtx", self.mediamtx.close())
         restrict_host_addresses(None)
         quick_consent(False)
+        batch_sends(False)
         log.info("relay stopped")
 
     def describe(self, stream: Stream) -> dict:
@@ -290,6 +293,9 @@ class Relay:
             "state": stream.state,
             "viewers": self.sessions.count(stream.name),
             "viewers_connected": self.sessions.connected(stream.name),
+            # Over the last ~10 s: capture to the hub (per frame), the hub to each viewer's sender.
+            "pipeline_delay_ms": stream.hub.pipeline_delay.percentiles_ms(),
+            "fanout_delay_ms": stream.hub.fanout_delay.percentiles_ms(),
             "frames_captured": st.frames_captured,
             "frames_encoded": st.frames_encoded,
             "frames_dropped": {

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import aioice.ice
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
+from aiortc.codecs import h264
 from aiortc.codecs.h264 import H264Encoder as AiortcH264
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcrtpparameters import RTCRtpCodecCapability
@@ -46,10 +47,32 @@ class SharedPacker:
         return payloads_for(frame), frame.pts
 
 
+class _EqualFragments(AiortcH264):
+    """aiortc's H.264 packetizer with FU-A fragments all full-size but the last.
+
+    aiortc spreads a NAL unit evenly (sizes differ by one byte); full-size
+    fragments make a frame's datagrams equal-size but the last, so the whole
+    run leaves in one segmented write (relay.udpbatch).
+    """
+
+    @staticmethod
+    def _packetize_fu_a(data: bytes) -> list[bytes]:
+        room = h264.PACKET_MAX - h264.FU_A_HEADER_SIZE
+        indicator = (data[0] & 0xE0) | h264.NAL_TYPE_FU_A  # F and NRI of the NAL unit, type FU-A
+        nal_type = data[0] & 0x1F
+        body = memoryview(data)[h264.NAL_HEADER_SIZE :]
+        starts = range(0, len(body), room)
+        last = starts[-1]
+        return [
+            bytes((indicator, nal_type | (0x80 if i == 0 else 0) | (0x40 if i == last else 0))) + body[i : i + room]
+            for i in starts
+        ]
+
+
 def payloads_for(frame: EncodedFrame) -> list[bytes]:
     """RTP payloads (single NAL, STAP-A, FU-A) for one frame, computed once."""
     if frame.payloads is None:
-        frame.payloads = AiortcH264._packetize(AiortcH264._split_bitstream(frame.data))
+        frame.payloads = _EqualFragments._packetize(AiortcH264._split_bitstream(frame.data))
     return frame.payloads
 
 
@@ -75,10 +98,12 @@ class HubTrack(MediaStreamTrack):
         try:
             if self.subscription is None:
                 self.subscription = self.hub.subscribe(self.name)
-            return await self.subscription.get()
+            frame = await self.subscription.get()
         except HubClosed:
             self.stop()
             raise MediaStreamError from None
+        self.hub.fanout_delay.add(time.time() - frame.published_at)
+        return frame
 
     def stop(self) -> None:
         super().stop()

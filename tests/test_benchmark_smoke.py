@@ -52,3 +52,10 @@ def test_per_viewer_cpu_is_the_slope_and_ignores_points_past_the_limit():
     pts.append({"peers": 30, "relay_cpu_pct": 200.0, "gave_out": True})
     assert per_viewer_cpu(pts) == 0.5
     assert per_viewer_cpu(pts[:1]) is None
+
+
+def test_light_peers_behind_while_probes_keep_up_is_the_generators_limit():
+    peers = [_peer(fps=20.0), _peer(fps=21.0), _peer(probe=True, lat=[50], fps=30.0)]
+    p = summarise(3, 1, peers, serving_cpu=5.0, source_cpu=40.0, gen_cpu=30.0, rss=[2**20], duration=10, fps=30)
+    assert p["generator_saturated"] and not p["gave_out"]
+    assert "(saturated)" in markdown({"x": [p]})
