@@ -118,9 +118,10 @@ def _stopper(*procs: subprocess.Popen) -> Callable[[], None]:
     return close
 
 
-def camrelay_command(size: str, fps: float, bitrate: str, port: int) -> list[str]:
+def camrelay_command(size: str, fps: float, bitrate: str, port: int, source: str = "") -> list[str]:
+    source = source or f"test:{size}@{fps:g}"
     return [
-        sys.executable, "-m", "relay", "serve", "--source", f"cam0=test:{size}@{fps:g}", "--bitrate", bitrate,
+        sys.executable, "-m", "relay", "serve", "--source", f"cam0={source}", "--bitrate", bitrate,
         "--http-host", "127.0.0.1", "--http-port", str(port), "--ice-address", "127.0.0.1",
         "--encoder", "libx264", "--log-level", "warning", "--no-rtsp", "--auth", "none",
     ]  # fmt: skip
@@ -143,10 +144,12 @@ CAMRELAY_LOAD_ENV = {
 }
 
 
-def start_system(name: str, size: str, fps: float, bitrate: str) -> System:
+def start_system(name: str, size: str, fps: float, bitrate: str, source: str = "") -> System:
+    """Start one system on loopback; ``source`` (camrelay only) replaces the plain test pattern."""
     port = free_port()
     if name == "camrelay":
-        proc = subprocess.Popen(camrelay_command(size, fps, bitrate, port), env={**os.environ, **CAMRELAY_LOAD_ENV})
+        cmd = camrelay_command(size, fps, bitrate, port, source)
+        proc = subprocess.Popen(cmd, env={**os.environ, **CAMRELAY_LOAD_ENV})
         _wait_frames(proc, port)
         main = psutil.Process(proc.pid)
         return System(

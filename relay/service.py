@@ -34,7 +34,7 @@ from .rtsp import (
 from .stream import Stream
 from .telemetry import Snapshot, StreamSample, Telemetry, ThermalGuard
 from .udpbatch import batch_sends
-from .webrtc import ViewerSessions, quick_consent, restrict_host_addresses
+from .webrtc import ViewerSessions, restrict_host_addresses, watch_ice
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class Relay:
 
     async def start(self) -> None:
         restrict_host_addresses(list(self.config.webrtc.ice_addresses) or None)
-        quick_consent(True)
+        watch_ice(True)
         batch_sends(True)
         try:
             initial = list(self.config.streams)
@@ -275,7 +275,7 @@ class Relay:
         if self.mediamtx is not None:
             await step("mediamtx", self.mediamtx.close())
         restrict_host_addresses(None)
-        quick_consent(False)
+        watch_ice(False)
         batch_sends(False)
         log.info("relay stopped")
 

@@ -152,20 +152,46 @@ def restrict_host_addresses(addresses: list[str] | None) -> None:
 _ORIGINAL_GET_HOST_ADDRESSES = aioice.ice.get_host_addresses
 
 # A viewer that vanishes without a DELETE or a DTLS close (a laptop lid shut,
-# a phone leaving Wi-Fi) is noticed by ICE consent checks (RFC 7675). aioice
-# checks every 5 s and gives up after 6 misses: 30 s of a dead session holding
-# a viewer slot and a socket. Checking every 2 s keeps the same 6 misses (so a
-# lossy link is not dropped by bad luck: 20 % loss makes 6 in a row 1 in
-# 15,600) and frees a vanished viewer in about 12 s.
-CONSENT_INTERVAL = 2.0  # seconds between consent checks
-CONSENT_FAILURES = 6  # misses in a row before the session ends
-_ORIGINAL_CONSENT = (aioice.ice.CONSENT_INTERVAL, aioice.ice.CONSENT_FAILURES)
+# a phone leaving Wi-Fi) would hold its slot and socket until aioice's consent
+# checks give up: 6 unanswered checks 5 s apart, 30 s. A live viewer is never
+# silent that long: it sends RTCP receiver reports about once a second and
+# STUN consent checks every few seconds. So the relay ends a session that has
+# sent nothing for VIEWER_SILENCE. Silence, not unanswered checks, because an
+# overloaded but alive viewer answers late (each consent check waits 0.5 s)
+# while still sending its reports.
+VIEWER_SILENCE = 10.0  # seconds without a datagram from a connected viewer
+LIVENESS_CHECK = 2.0  # seconds between looks
+_ORIGINAL_DATAGRAM_RECEIVED = aioice.ice.StunProtocol.datagram_received
 
 
-def quick_consent(on: bool) -> None:
-    """Check viewers' consent every ``CONSENT_INTERVAL`` (process-wide, like ``restrict_host_addresses``)."""
-    interval, failures = (CONSENT_INTERVAL, CONSENT_FAILURES) if on else _ORIGINAL_CONSENT
-    aioice.ice.CONSENT_INTERVAL, aioice.ice.CONSENT_FAILURES = interval, failures
+def _datagram_received(self: aioice.ice.StunProtocol, data: bytes | str, addr: tuple) -> None:
+    if not data:
+        return  # aiortc's DTLS transport dies on an empty datagram (IndexError): never pass one on
+    conn = self.receiver
+    pair = conn._nominated.get(1) if conn._nominated else None
+    if pair is None or (addr[0], addr[1]) == pair.remote_addr:
+        conn.camrelay_last_received = time.monotonic()
+    elif data[0] > 3:
+        # Not STUN (RFC 7983: 0-3), and not from the viewer's address: once ICE
+        # has chosen a pair, DTLS and SRTP come from its remote address only.
+        # Garbage sprayed at the port must neither reach DTLS nor keep a session alive.
+        return
+    _ORIGINAL_DATAGRAM_RECEIVED(self, data, addr)
+
+
+def watch_ice(on: bool) -> None:
+    """Process-wide (like ``restrict_host_addresses``): note when each ICE connection last heard
+    from its peer, and drop empty datagrams and non-STUN ones from strangers."""
+    aioice.ice.StunProtocol.datagram_received = _datagram_received if on else _ORIGINAL_DATAGRAM_RECEIVED
+
+
+def last_heard(pc: RTCPeerConnection) -> float | None:
+    """When the viewer behind ``pc`` last sent anything (monotonic), if known."""
+    for t in pc.getTransceivers():
+        ice = t.sender.transport.transport if t.sender.transport else None
+        conn = getattr(ice, "_connection", None)
+        return getattr(conn, "camrelay_last_received", None)
+    return None
 
 
 class OfferRejected(Exception):
@@ -197,8 +223,10 @@ class ViewerSessions:
         hub_for: Callable[[str], PacketHub],
         ice_servers: list[RTCIceServer] | None = None,
         connect_timeout: float = CONNECT_TIMEOUT,
+        silence: float = VIEWER_SILENCE,
     ) -> None:
         self._hub_for = hub_for
+        self._silence = silence
         self._ice_servers = list(ice_servers or [])  # none: host candidates only, nothing waits on STUN
         self._connect_timeout = connect_timeout
         self._sessions: dict[str, ViewerSession] = {}
@@ -305,6 +333,7 @@ class ViewerSessions:
             session.connected_at = time.monotonic()
             if session._deadline is not None:
                 session._deadline.cancel()
+            session._deadline = asyncio.get_running_loop().call_later(LIVENESS_CHECK, self._check_alive, session)
             log.info(
                 "stream=%s session=%s connected in %.0fms",
                 session.stream,
@@ -323,6 +352,18 @@ class ViewerSessions:
                 self._connect_timeout,
             )
             self._close_soon(session.id, "connect timeout")
+
+    def _check_alive(self, session: ViewerSession) -> None:
+        if session.closed:
+            return
+        heard = last_heard(session.pc)
+        if heard is not None and time.monotonic() - heard > self._silence:
+            log.warning(
+                "stream=%s session=%s silent for %.0fs; viewer gone", session.stream, session.id[:8], self._silence
+            )
+            self._close_soon(session.id, "viewer silent")
+            return
+        session._deadline = asyncio.get_running_loop().call_later(LIVENESS_CHECK, self._check_alive, session)
 
     def _close_soon(self, session_id: str, why: str) -> None:
         task = asyncio.get_running_loop().create_task(self.close(session_id, why))

@@ -75,3 +75,15 @@ def test_preferences_are_h264_mode_1_then_rtx():
     assert prefs[0].parameters["profile-level-id"] == "42e01f"
     assert all(c.parameters.get("packetization-mode") in ("1", 1) for c in prefs if c.mimeType.lower() == "video/h264")
     assert RTCRtpSender.getCapabilities("video")  # still a public API
+
+
+def test_aioice_internals_the_relay_reads_are_still_there():
+    """relay.udpbatch and the liveness watch lean on these; an aioice upgrade that moves them fails here."""
+    import inspect
+
+    import aioice.ice
+
+    assert "self.transport.sendto(data, addr)" in inspect.getsource(aioice.ice.StunProtocol.send_data)
+    assert "self.receiver" in inspect.getsource(aioice.ice.StunProtocol.datagram_received)
+    assert "self._nominated" in inspect.getsource(aioice.ice.Connection.sendto)
+    assert "remote_addr" in inspect.getsource(aioice.ice.CandidatePair)
