@@ -76,6 +76,9 @@ class WebRTCConfig:
     ice_addresses: tuple[str, ...] = ()  # empty: every interface but loopback
     connect_timeout: float = 15.0
     max_viewers: int = 100  # per stream
+    # All streams together. At 2 Mbit/s each, 200 viewers are 400 Mbit/s: well
+    # inside a gigabit port, and about what one event loop can packetize.
+    max_viewers_total: int = 200
     max_pending: int = 32  # sessions still connecting, all streams: what half-open offers may hold
     session_rate: float = 1.0  # new sessions per second per client address, after the burst
     session_burst: int = 20  # new sessions one address may open at once (a page with many tiles)
@@ -331,6 +334,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "ice_addresses": _str_list,
         "connect_timeout": parse_duration,
         "max_viewers": _int(1, MAX_VIEWERS_LIMIT),
+        "max_viewers_total": _int(1, MAX_VIEWERS_LIMIT),
         "max_pending": _int(1, MAX_VIEWERS_LIMIT),
         "session_rate": lambda v: _positive(v),
         "session_burst": _int(1, MAX_VIEWERS_LIMIT),

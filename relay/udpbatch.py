@@ -121,12 +121,17 @@ class Batcher:
         return True
 
 
-async def _send_data(self: aioice.ice.StunProtocol, data: bytes, addr: tuple) -> None:
-    batcher = self.__dict__.get(_ATTR)
-    if batcher is None or batcher.transport is not self.transport:
-        batcher = Batcher(self.transport)
-        setattr(self, _ATTR, batcher)
+def send_now(protocol: aioice.ice.StunProtocol, data: bytes, addr: tuple) -> None:
+    """Queue a datagram on ``protocol``'s socket for the end of this event-loop pass."""
+    batcher = protocol.__dict__.get(_ATTR)
+    if batcher is None or batcher.transport is not protocol.transport:
+        batcher = Batcher(protocol.transport)
+        setattr(protocol, _ATTR, batcher)
     batcher.send(data, addr)
+
+
+async def _send_data(self: aioice.ice.StunProtocol, data: bytes, addr: tuple) -> None:
+    send_now(self, data, addr)
 
 
 def batch_sends(on: bool) -> None:

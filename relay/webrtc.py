@@ -28,6 +28,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcrtpparameters import RTCRtpCodecCapability
 from aiortc.sdp import candidate_from_sdp
 
+from . import rtpsend
 from .hub import EncodedFrame, HubClosed, PacketHub, Subscription
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,7 @@ def attach_to_sender(sender: RTCRtpSender, hub: PacketHub) -> None:
         raise RuntimeError("aiortc's RTCRtpSender internals changed; camrelay's hooks need updating")
     setattr(sender, _SENDER_ENCODER_ATTR, SharedPacker())
     sender._send_keyframe = hub.request_keyframe  # type: ignore[method-assign]
+    rtpsend.install(sender)
 
 
 def h264_preferences() -> list[RTCRtpCodecCapability]:

@@ -114,14 +114,7 @@ async def whep_offer(request: web.Request) -> web.Response:
             f"too many sessions still connecting ({pending}); retry later",
             headers={"Retry-After": "5"},
         )
-    limit = relay.config.webrtc.max_viewers
-    if relay.sessions.count(name) >= limit:
-        refusals.warn("stream=%s viewer limit %d reached; refusing %s", name, limit, request.remote)
-        raise _error(
-            web.HTTPServiceUnavailable,
-            f"stream {name!r} has its maximum of {limit} viewers",
-            headers={"Retry-After": RETRY_AFTER_FULL},
-        )
+    _check_viewer_limits(relay, name, request.remote)
     try:
         session, answer = await relay.sessions.create(name, drop_mdns_candidates(offer), request.remote or "?")
     except OfferRejected as exc:
@@ -135,15 +128,30 @@ async def whep_offer(request: web.Request) -> web.Response:
             f"could not set up the session: {type(exc).__name__}",
             headers={"Retry-After": "5"},
         ) from None
-    if relay.sessions.count(name) > limit:  # others were admitted while this one was being set up
+    try:
+        _check_viewer_limits(relay, name, request.remote, this_one=1)  # others may have come in meanwhile
+    except web.HTTPServiceUnavailable:
         await relay.sessions.close(session.id, "over the viewer limit")
-        raise _error(
-            web.HTTPServiceUnavailable,
-            f"stream {name!r} has its maximum of {limit} viewers",
-            headers={"Retry-After": RETRY_AFTER_FULL},
-        )
+        raise
     location = f"/whep/{name}/{session.id}"
     return web.Response(status=201, body=answer.encode(), headers={"Location": location, "Content-Type": SDP_TYPE})
+
+
+def _check_viewer_limits(relay, name: str, remote: str | None, this_one: int = 0) -> None:
+    """503 with Retry-After when the stream, or the relay, has all the viewers it may carry."""
+    w = relay.config.webrtc
+    for count, limit, what in (
+        (relay.sessions.count(name), w.max_viewers, f"stream {name!r}"),
+        (relay.sessions.count(), w.max_viewers_total, "this relay"),
+    ):
+        if count - this_one >= limit:
+            if not this_one:
+                refusals.warn("stream=%s %s viewer limit %d reached; refusing %s", name, what, limit, remote)
+            raise _error(
+                web.HTTPServiceUnavailable,
+                f"{what} has its maximum of {limit} viewers",
+                headers={"Retry-After": RETRY_AFTER_FULL},
+            )
 
 
 def _session_or_404(request: web.Request):

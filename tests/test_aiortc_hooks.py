@@ -87,3 +87,18 @@ def test_aioice_internals_the_relay_reads_are_still_there():
     assert "self.receiver" in inspect.getsource(aioice.ice.StunProtocol.datagram_received)
     assert "self._nominated" in inspect.getsource(aioice.ice.Connection.sendto)
     assert "remote_addr" in inspect.getsource(aioice.ice.CandidatePair)
+
+
+async def test_sender_fields_the_fast_send_path_uses_are_still_there():
+    from relay import rtpsend
+
+    pc = RTCPeerConnection()
+    try:
+        hub = PacketHub("cam0", Counter())
+        sender = pc.addTransceiver(HubTrack(hub, "t"), direction="sendonly").sender
+        rtpsend.install(sender)  # raises if aiortc renamed one of rtpsend.FIELDS
+        assert sender._run_rtp.__func__ is rtpsend._run_rtp and sender._retransmit.__func__ is rtpsend._retransmit
+        assert "self._run_rtp(" in __import__("inspect").getsource(SenderClass.send)  # started through the instance
+        hub.close()
+    finally:
+        await pc.close()

@@ -8,6 +8,7 @@ import asyncio
 import time
 
 from benchmarks.lossy import LossyLink, rewrite_candidates
+from relay.rtpsend import RETRANSMITS
 from relay.whepclient import WhepViewer
 
 PHASE = 6.0  # seconds per loss setting
@@ -73,6 +74,12 @@ async def test_a_lossy_viewer_recovers_and_the_others_do_not_notice(relay_server
     try:
         await asyncio.gather(lossy.connect(), *(v.connect() for v in others))
         await asyncio.gather(*(v.read_frames(5) for v in [lossy, *others]))
+        # The relay's sender for the lossy viewer: the one whose retransmissions we expect.
+        lossy_sender = next(
+            s.pc.getTransceivers()[0].sender
+            for s in relay_server.relay.sessions._sessions.values()
+            if s.pc.remoteDescription and f" {link.relay_side} typ host" in s.pc.remoteDescription.sdp
+        )
         assert link.counters.to_viewer > 0 and link.counters.to_relay > 0  # the media really goes through the link
         watches = [Watch(v) for v in [lossy, *others]]
         tasks = [asyncio.create_task(w.run(stop)) for w in watches]
@@ -104,6 +111,7 @@ async def test_a_lossy_viewer_recovers_and_the_others_do_not_notice(relay_server
         assert lossy_w.frames_between(t0, t1) > 0.3 * 30 * PHASE
     # Recovering took retransmissions the viewer asked for (NACK), not just luck.
     assert link.counters.nacks > 0
+    assert lossy_sender.__dict__.get(RETRANSMITS, 0) > 0  # and the relay answered them
     print(f"link: {link.counters}; keyframes forced during loss: {stream.stats.keyframes_forced - forced_before}")
     # The others saw nothing: every frame, at the source's rate, no later than on the clean link.
     for w in other_ws:

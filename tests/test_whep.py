@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+from relay.capture import SourceSpec
+from relay.config import StreamConfig
 from relay.whepclient import WhepError, WhepViewer
 
 from .conftest import RunningRelay
@@ -212,6 +214,22 @@ async def test_viewer_limit_is_a_503_with_retry_after(relay_server, http):
         assert info.value.reason == "stream 'cam0' has its maximum of 2 viewers"
         code, _, headers = await post(http, relay_server.whep(), CHROMIUM_OFFER)
         assert code == 503 and headers["Retry-After"] == "10"
+    finally:
+        await asyncio.gather(*(v.close() for v in viewers))
+
+
+@pytest.mark.relay_config(
+    streams=(StreamConfig("cam0", SourceSpec("test", "")), StreamConfig("cam1", SourceSpec("test", ""))),
+    max_viewers_total=2,
+)
+async def test_the_relay_wide_viewer_limit_counts_every_stream(relay_server, http):
+    viewers = [WhepViewer(relay_server.whep("cam0"), http), WhepViewer(relay_server.whep("cam1"), http)]
+    try:
+        await asyncio.gather(*(v.connect() for v in viewers))
+        await asyncio.gather(*(v.read_frames(1) for v in viewers))
+        code, reason, headers = await post(http, relay_server.whep("cam1"), CHROMIUM_OFFER)
+        assert (code, reason) == (503, "this relay has its maximum of 2 viewers")
+        assert headers["Retry-After"] == "10"
     finally:
         await asyncio.gather(*(v.close() for v in viewers))
 
