@@ -66,7 +66,7 @@ def settle(series: ResourceSeries) -> float:
         if time.monotonic() - start > SETTLE_TIMEOUT:
             raise SystemExit(f"sessions still held {SETTLE_TIMEOUT:g} s after the last round")
         time.sleep(SAMPLE_EVERY)
-    time.sleep(3.0)  # let closing tasks finish
+    time.sleep(5.0)  # let closing tasks finish
     series.sample()
     return time.monotonic() - start
 
@@ -96,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.churn", description=__doc__.split("\n\n")[0])
     ap.add_argument("--sessions", type=int, default=2000)
     ap.add_argument("--round", type=int, default=30, help="sessions per client process")
-    ap.add_argument("--warmup", type=int, default=60, help="sessions before the starting measurement")
+    ap.add_argument(
+        "--warmup", type=int, default=500,
+        help="sessions before the starting measurement: enough to reach the same peak (caches, allocator)",
+    )  # fmt: skip
     ap.add_argument("--size", default="640x360")
     ap.add_argument("--fps", type=float, default=15.0)
     ap.add_argument("--out", default="churn")

@@ -141,6 +141,7 @@ CAMRELAY_LOAD_ENV = {
     "CAMRELAY_WEBRTC_SESSION_RATE": "1000",
     "CAMRELAY_WEBRTC_MAX_PENDING": "1000",
     "CAMRELAY_WEBRTC_MAX_VIEWERS": "1000",
+    "CAMRELAY_WEBRTC_MAX_VIEWERS_TOTAL": "1000",
 }
 
 
@@ -380,9 +381,12 @@ def _inside(d: dict | None) -> str:
     return "—" if not d else f"{_f(d['pipeline']['p95'])} / {_f(d['fanout']['p95'], 1)}"
 
 
-def per_viewer_cpu(points: list[dict]) -> float | None:
-    """Least-squares slope of relay CPU against viewers (% of a core per added viewer)."""
-    pts = [(p["peers"], p["relay_cpu_pct"]) for p in points if "relay_cpu_pct" in p and not p["gave_out"]]
+def per_viewer_cpu(points: list[dict], key: str = "relay_cpu_pct") -> float | None:
+    """Least-squares slope of CPU (``key``) against viewers, in % of a core per added viewer.
+
+    Points where the system gave out or the machine was saturated are left out: their CPU is capped.
+    """
+    pts = [(p["peers"], p[key]) for p in points if key in p and not p["gave_out"] and not p.get("generator_saturated")]
     if len(pts) < 2:
         return None
     mx = statistics.fmean(x for x, _ in pts)
@@ -396,6 +400,7 @@ def plot(runs: dict[str, list[dict]], out: Path, title: str) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     made = []
     for what, key, ylabel in (
@@ -413,16 +418,22 @@ def plot(runs: dict[str, list[dict]], out: Path, title: str) -> list[Path]:
             else:
                 ax.plot(xs, [p[key] for p in ok], "o-", color=color, label=LABELS.get(name, name))
             for p in ok:
-                if p["gave_out"]:
-                    y = p["latency_ms"]["p95"] if key == "latency" else p[key]
-                    if y is not None:
-                        ax.annotate("gave out", (p["peers"], y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+                note = "gave out" if p["gave_out"] else "machine saturated" if p["generator_saturated"] else ""
+                y = p["latency_ms"]["p95"] if key == "latency" else p[key]
+                if note and y is not None:
+                    ax.annotate(note, (p["peers"], y), textcoords="offset points", xytext=(4, 4), fontsize=7, c=color)
         ax.set_xlabel("viewers")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-        ax.set_ylim(bottom=0)
-        ax.legend()
+        ax.grid(True, which="both", alpha=0.3)
+        if key == "latency":
+            # A system past its limit reaches seconds; a log scale keeps the working range readable.
+            ax.set_yscale("log")
+            ax.set_yticks([10, 20, 50, 100, 200, 500, 1000, 2000, 5000])
+            ax.get_yaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        else:
+            ax.set_ylim(bottom=0)
+        ax.legend(loc="upper right")
         fig.tight_layout()
         path = out.with_name(f"{out.name}-{what}.png")
         fig.savefig(path)
@@ -457,7 +468,12 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     ap.add_argument("--out", default="load", help="path prefix for the .json, .md and .png outputs")
     ap.add_argument("--no-plots", dest="plots", action="store_false")
+    ap.add_argument("--from-json", metavar="PATH", help="measure nothing: redo the table and plots of an earlier run")
     args = ap.parse_args(argv)
+    if args.from_json:
+        earlier = json.loads(Path(args.from_json).read_text())
+        report(earlier["runs"], earlier["meta"], Path(args.out), args.plots)
+        return 0
 
     sweep = [int(x) for x in args.peers.split(",")]
     names = ["target"] if args.target else [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -481,8 +497,6 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             system.close()
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {psutil.cpu_count()} cores,"
@@ -492,20 +506,33 @@ def main(argv: list[str] | None = None) -> int:
         "duration": args.duration, "cpu_count": os.cpu_count(),
         "light_nice": args.light_nice,
     }  # fmt: skip
-    slopes = {name: per_viewer_cpu(points) for name, points in runs.items()}
+    report(runs, meta, Path(args.out), args.plots)
+    return 0
+
+
+def report(runs: dict[str, list[dict]], meta: dict, out: Path, plots: bool = True) -> None:
+    """Write ``<out>.json``, ``<out>.md`` and the plots, and print the table."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    slopes = {
+        name: {"all": per_viewer_cpu(points), "serving": per_viewer_cpu(points, "serving_cpu_pct")}
+        for name, points in runs.items()
+    }
     _write(out.with_suffix(".json"), json.dumps({"meta": meta, "per_viewer_cpu_pct": slopes, "runs": runs}, indent=2))
     table = markdown(runs)
-    slope_lines = "\n".join(f"- {n}: {_f(s, 2)} % of a core per added viewer" for n, s in slopes.items())
+    slope_lines = "\n".join(
+        f"- {n}: {_f(s['serving'], 2)} % of a core per added viewer in the serving process,"
+        f" {_f(s['all'], 2)} % in all its processes (points before saturation)"
+        for n, s in slopes.items()
+    )
     head = f"{meta['command']}\n\n{meta['date']}, {meta['machine']}"
     _write(out.with_suffix(".md"), f"{head}\n\n{table}\n\n{slope_lines}\n")
-    if args.plots:
-        title = f"{args.size} {args.fps:g} fps {args.bitrate}bit/s, {psutil.cpu_count()} cores, {meta['date']}"
+    if plots:
+        title = f"{meta['size']} {meta['fps']:g} fps {meta['bitrate']}bit/s, {meta['cpu_count']} cores, {meta['date']}"
         for path in plot(runs, out, title):
             print(f"plot: {path}")
     print()
     print(table)
     print(slope_lines)
-    return 0
 
 
 def _write(path: Path, text: str) -> None:

@@ -58,8 +58,10 @@ def kill_worker(relay: psutil.Process) -> bool:
     return False
 
 
-def window_mean(series: ResourceSeries, start_min: float, end_min: float) -> float:
-    values = [s.relay_rss_mb + s.workers_rss_mb for s in series.samples if start_min * 60 <= s.t < end_min * 60]
+def window_mean(series: ResourceSeries, start_min: float, end_min: float, what=None) -> float:
+    """Mean of ``what`` (default: the relay's and its workers' memory, MiB) over samples in the window."""
+    what = what or (lambda s: s.relay_rss_mb + s.workers_rss_mb)
+    values = [what(s) for s in series.samples if start_min * 60 <= s.t < end_min * 60]
     return statistics.fmean(values) if values else 0.0
 
 
@@ -134,11 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     early = window_mean(series, WARMUP_MINUTES, WARMUP_MINUTES + SETTLED_MINUTES)
     late = window_mean(series, minutes - SETTLED_MINUTES, minutes + 1)
     lat = [x for r in peer_results if r["probe"] for x in r["latencies_ms"]]
-    first, last = series.samples[0], series.samples[-1]
+    last = series.samples[-1]
+    fds_early, fds_late = (
+        window_mean(series, a, b, lambda s: s.open_fds)
+        for a, b in ((WARMUP_MINUTES, WARMUP_MINUTES + SETTLED_MINUTES), (minutes - SETTLED_MINUTES, minutes + 1))
+    )
     checks = {
         "memory_flat": within(early, late, ALLOWED_GROWTH),
         "viewers_kept": all(not r["error"] for r in peer_results) and last.viewers == args.viewers,
-        "fds_flat": within(first.open_fds, last.open_fds, ALLOWED_GROWTH),
+        "fds_flat": within(fds_early, fds_late, ALLOWED_GROWTH),
     }
     fps = [r["fps"] for r in peer_results]
     frames = sum(r["frames"] + r["lost"] for r in peer_results)
@@ -148,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{psutil.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
         "minutes": minutes,
         "memory_mb": {"early_mean": early, "late_mean": late},
+        "open_fds": {"early_mean": fds_early, "late_mean": fds_late},
         "viewer_fps": {"min": min(fps), "median": statistics.median(fps)},
         "frames_lost_pct": 100 * sum(r["lost"] for r in peer_results) / max(1, frames),
         "latency_ms": {"p50": percentile(lat, 50), "p95": percentile(lat, 95), "p99": percentile(lat, 99)},
