@@ -467,6 +467,15 @@ async def metrics(request: web.Request) -> web.Response:
             ("camrelay_recording_deleted_total", "counter", "Files deleted by retention.", labels, rec.deleted),
             ("camrelay_recording_disk_full_total", "counter", "Times the disk filled up.", labels, rec.pauses),
         ]
+    for name, stream in relay.streams.items():
+        for metric, window, help_ in (
+            ("camrelay_stream_pipeline_delay_seconds", stream.hub.pipeline_delay, "Capture to hub, recent frames."),
+            ("camrelay_stream_fanout_delay_seconds", stream.hub.fanout_delay, "Hub to each viewer's sender."),
+        ):
+            for q, ms in window.percentiles_ms().items():
+                if ms is not None:
+                    quantile = {"p50": "0.5", "p95": "0.95", "p99": "0.99"}[q]
+                    extra.append((metric, "gauge", help_, {"stream": name, "quantile": quantile}, ms / 1000))
     text = prometheus(relay.telemetry.latest, extra)
     return web.Response(text=text, content_type="text/plain", charset="utf-8", headers={"X-Prometheus-Format": "0.0.4"})
 

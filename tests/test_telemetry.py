@@ -161,6 +161,8 @@ async def test_status_and_metrics_endpoints(relay_server, http, tmp_path):
     assert families["camrelay_mediamtx_up"].samples[0].value == 1
     assert families["camrelay_stream_up"].samples[0].labels == {"stream": "cam0"}
     assert families["camrelay_open_fds"].samples[0].value > 0
+    pipeline = {s.labels["quantile"]: s.value for s in families["camrelay_stream_pipeline_delay_seconds"].samples}
+    assert set(pipeline) == {"0.5", "0.95", "0.99"} and 0 < pipeline["0.5"] <= pipeline["0.99"] < 5
     assert families["camrelay_asyncio_tasks"].samples[0].value >= 2
 
 
