@@ -110,8 +110,9 @@ async def _run_rtp(self: RTCRtpSender, codec) -> None:
             d[_S + "rtp_timestamp"] = timestamp
             d[_S + "octet_count"] += octets
             d[_S + "packet_count"] += len(payloads)
-            dtls.__dict__[_D + "tx_bytes"] += sent
-            dtls.__dict__[_D + "tx_packets"] += len(payloads)
+            dd = dtls.__dict__
+            dd[_D + "tx_bytes"] = dd.get(_D + "tx_bytes", 0) + sent  # stats only: never fail the send on them
+            dd[_D + "tx_packets"] = dd.get(_D + "tx_packets", 0) + len(payloads)
     except (asyncio.CancelledError, ConnectionError, MediaStreamError):
         pass
     except Exception:

@@ -36,8 +36,11 @@ UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)  # from linux/udp.h; older Pyt
 SOL_UDP = getattr(socket, "SOL_UDP", 17)
 MAX_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS
 MAX_GSO_BYTES = 60_000  # stays under the 64 KiB an IP datagram may carry, headers included
-# errnos that mean "this kernel or device does not do UDP GSO": fall back for good.
-GSO_REFUSED = {errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP, errno.EMSGSIZE}
+# errnos that mean "this kernel does not do UDP GSO at all": fall back for good, process-wide.
+GSO_UNSUPPORTED = {errno.ENOPROTOOPT, errno.EOPNOTSUPP}
+# ... and "not on this route" (MTU below the segment size, IPsec, a device without
+# checksum offload): that socket falls back, the others keep GSO.
+GSO_REFUSED_HERE = {errno.EINVAL, errno.EIO, errno.EMSGSIZE}
 
 _ATTR = "_camrelay_batcher"
 _ORIGINAL_SEND_DATA = aioice.ice.StunProtocol.send_data
@@ -79,6 +82,8 @@ class Batcher:
         self.pending: list[tuple[bytes, tuple]] = []
         self.syscalls = 0
         self.datagrams = 0
+        self.dropped = 0  # refused by the kernel (no route, not permitted): UDP, so gone
+        self.gso = _state["gso"]  # this socket's route may refuse GSO where others take it
 
     def send(self, data: bytes, addr: tuple) -> None:
         if not self.pending:
@@ -88,43 +93,73 @@ class Batcher:
     def flush(self) -> None:
         batch, self.pending = self.pending, []
         t = self.transport
+        raw = t.get_extra_info("socket")
         if t.is_closing():
+            # asyncio would still send what it was handed before close(); so do we
+            # (a DTLS close_notify, an RTCP BYE), straight to the socket if it is open.
+            if raw is not None and raw.fileno() >= 0:
+                for data, addr in batch:
+                    self._raw_send(raw, lambda sock, d=data, a=addr: sock.sendto(d, a))
             return
         self.datagrams += len(batch)
         for group, addr in runs(batch):
             # Straight to the socket only while asyncio holds nothing queued for it: never reorder.
-            if len(group) == 1 or not _state["gso"] or t.get_write_buffer_size():
-                for data in group:
-                    t.sendto(data, addr)
-                self.syscalls += len(group)
-                continue
-            if not self._send_segmented(group, addr):
-                for data in group:
-                    t.sendto(data, addr)
-                self.syscalls += len(group)
+            if len(group) > 1 and self.gso and _state["gso"] and not t.get_write_buffer_size():
+                done = self._raw_send(raw, lambda sock, g=group, a=addr: _sendmsg_gso(sock, g, a))
+                if done is not None:
+                    self.syscalls += 1
+                    if not done:
+                        self.dropped += len(group)
+                    continue
+            for data in group:
+                t.sendto(data, addr)  # asyncio queues on EAGAIN and reports errors to the protocol
+            self.syscalls += len(group)
 
-    def _send_segmented(self, group: list[bytes], addr: tuple) -> bool:
-        raw = self.transport.get_extra_info("socket")
+    def _raw_send(self, raw, send) -> bool | None:
+        """True: sent. False: the kernel refused it for good (dropped). None: use asyncio's path instead."""
         sock = socket.socket(raw.family, raw.type, raw.proto, fileno=raw.fileno())
         try:
-            sock.sendmsg([b"".join(group)], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", len(group[0])))], 0, addr)
+            sock.settimeout(0.0)  # never block the loop, whatever the process's default timeout
+            send(sock)
+            return True
         except (BlockingIOError, InterruptedError):
-            return False  # asyncio's own path queues them and waits for the socket
+            return None  # asyncio's path queues them and waits for the socket
         except OSError as exc:
-            if exc.errno in GSO_REFUSED:
+            if exc.errno in GSO_UNSUPPORTED:
                 _state["gso"] = False
-                log.info("udp segmentation offload refused (%s); sending datagram by datagram", exc)
+                log.info("udp segmentation offload unsupported (%s); sending datagram by datagram", exc)
+                return None
+            if exc.errno in GSO_REFUSED_HERE:
+                self.gso = False  # this route (MTU, IPsec, device) will not take it; others may
+                return None
             return False
         finally:
             sock.detach()  # the fd stays asyncio's
-        self.syscalls += 1
-        return True
+
+
+def _sendmsg_gso(sock: socket.socket, group: list[bytes], addr: tuple) -> None:
+    sock.sendmsg([b"".join(group)], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", len(group[0])))], 0, addr)
+
+
+def _batchable(transport) -> bool:
+    """An asyncio datagram transport over a real socket (not, say, aioice's TURN relay transport).
+
+    Duck-typed: asyncio's selector datagram transport does not subclass DatagramTransport on every Python.
+    """
+    return (
+        hasattr(transport, "get_write_buffer_size")
+        and hasattr(transport, "is_closing")
+        and transport.get_extra_info("socket") is not None
+    )
 
 
 def send_now(protocol: aioice.ice.StunProtocol, data: bytes, addr: tuple) -> None:
     """Queue a datagram on ``protocol``'s socket for the end of this event-loop pass."""
     batcher = protocol.__dict__.get(_ATTR)
     if batcher is None or batcher.transport is not protocol.transport:
+        if not _batchable(protocol.transport):
+            protocol.transport.sendto(data, addr)  # e.g. a TURN allocation: it has its own framing
+            return
         batcher = Batcher(protocol.transport)
         setattr(protocol, _ATTR, batcher)
     batcher.send(data, addr)

@@ -61,3 +61,83 @@ async def test_a_relay_sends_each_viewers_frame_in_a_few_system_calls(relay_serv
     for b in batchers:
         # Keyframes at 640x360 are several datagrams; each run leaves in one call.
         assert b.syscalls < 0.8 * b.datagrams, (b.syscalls, b.datagrams)
+
+
+class _Sink(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.got: list[bytes] = []
+
+    def datagram_received(self, data, addr) -> None:
+        self.got.append(data)
+
+
+async def _pair():
+    loop = asyncio.get_running_loop()
+    rx, sink = await loop.create_datagram_endpoint(_Sink, local_addr=("127.0.0.1", 0))
+    tx, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, local_addr=("127.0.0.1", 0))
+    return tx, rx, sink, rx.get_extra_info("sockname")
+
+
+async def _until(predicate, timeout=2.0):
+    for _ in range(int(timeout / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+async def test_what_was_sent_before_close_still_leaves():
+    from relay.udpbatch import Batcher
+
+    tx, rx, sink, addr = await _pair()
+    try:
+        b = Batcher(tx)
+        b.send(b"close-notify", addr)  # queued for the end of this pass ...
+        tx.close()  # ... and the transport closed before that
+        await _until(lambda: sink.got == [b"close-notify"])
+    finally:
+        rx.close()
+
+
+async def test_a_route_that_refuses_segmentation_falls_back_alone(monkeypatch):
+    import errno
+
+    from relay import udpbatch
+
+    def refuse(sock, group, addr):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(udpbatch, "_sendmsg_gso", refuse)
+    tx, rx, sink, addr = await _pair()
+    try:
+        b = udpbatch.Batcher(tx)
+        for i in range(5):
+            b.send(bytes([i]) * 100, addr)
+        await _until(lambda: len(sink.got) == 5)
+        assert sink.got == [bytes([i]) * 100 for i in range(5)]  # all of them, in order
+        assert b.gso is False and udpbatch._state["gso"] is True  # only this socket gave up GSO
+    finally:
+        tx.close()
+        rx.close()
+
+
+def test_a_transport_without_a_socket_is_sent_to_directly():
+    from relay.udpbatch import send_now
+
+    class TurnLike:  # aioice's TURN transport: sendto, no socket, no write buffer
+        def __init__(self) -> None:
+            self.sent: list[tuple[bytes, tuple]] = []
+
+        def sendto(self, data, addr) -> None:
+            self.sent.append((data, addr))
+
+        def get_extra_info(self, name, default=None):
+            return default
+
+    class Proto:
+        pass
+
+    proto = Proto()
+    proto.transport = TurnLike()
+    send_now(proto, b"dtls", A)  # no running loop needed: nothing is deferred
+    assert proto.transport.sent == [(b"dtls", A)] and batcher_of(proto) is None
