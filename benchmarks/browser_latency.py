@@ -18,6 +18,7 @@ import sys
 
 from benchmarks.chromium import chromium
 from benchmarks.load import start_system
+from benchmarks.options import add_stream_options
 from benchmarks.peers import percentile
 
 COLLECT = """() => {
@@ -52,9 +53,7 @@ async def measure(port: int, duration: float) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=30.0)
-    ap.add_argument("--size", default="1280x720")
-    ap.add_argument("--fps", type=float, default=30.0)
-    ap.add_argument("--bitrate", default="2M")
+    add_stream_options(ap)
     args = ap.parse_args(argv)
     system = start_system("camrelay", args.size, args.fps, args.bitrate)
     try:

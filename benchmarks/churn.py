@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from benchmarks.load import start_system
+from benchmarks.options import add_stream_options
 from benchmarks.resources import ResourceSeries, within
 
 SETTLE_TIMEOUT = 60.0  # seconds for vanished sessions to be freed (the consent deadline is ~12 s)
@@ -100,8 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         "--warmup", type=int, default=500,
         help="sessions before the starting measurement: enough to reach the same peak (caches, allocator)",
     )  # fmt: skip
-    ap.add_argument("--size", default="640x360")
-    ap.add_argument("--fps", type=float, default=15.0)
+    add_stream_options(ap, size="640x360", fps=15.0, bitrate=False)
     ap.add_argument("--out", default="churn")
     args = ap.parse_args(argv)
 

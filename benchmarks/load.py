@@ -46,6 +46,7 @@ from urllib.parse import urlsplit
 
 import psutil
 
+from benchmarks.options import add_stream_options
 from benchmarks.peers import PEERS_PER_WORKER, PeerPlan, percentile, run_worker
 from benchmarks.ports import free_port
 
@@ -454,9 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peers", default="1,5,10,20,30,50,100", help="comma-separated sweep of viewer counts")
     ap.add_argument("--probes", type=int, default=2, help="decoding peers that read the pixel clock, per point")
     ap.add_argument("--duration", type=float, default=15.0, help="seconds measured per point")
-    ap.add_argument("--size", default="1280x720")
-    ap.add_argument("--fps", type=float, default=30.0)
-    ap.add_argument("--bitrate", default="2M")
+    add_stream_options(ap)
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"which of {', '.join(SYSTEMS)}, in order")
     where = ap.add_mutually_exclusive_group()
     where.add_argument("--spawn", action="store_true", default=True, help="start each system on loopback (default)")

@@ -22,6 +22,7 @@ import av
 import psutil
 
 from benchmarks.load import start_system
+from benchmarks.options import add_stream_options
 from benchmarks.peers import percentile
 from relay import pixelclock
 
@@ -110,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clients", default="1,20")
     ap.add_argument("--duration", type=float, default=15.0)
-    ap.add_argument("--size", default="1280x720")
-    ap.add_argument("--fps", type=float, default=30.0)
+    add_stream_options(ap, bitrate=False)
     ap.add_argument("--sample", type=int, default=3, help="read the pixel clock of every Nth frame per fast client")
     ap.add_argument("--no-slow", dest="slow", action="store_false", help="no slow client")
     ap.add_argument(

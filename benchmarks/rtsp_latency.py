@@ -25,6 +25,7 @@ import urllib.request
 import aiohttp
 import av
 
+from benchmarks.options import add_stream_options
 from benchmarks.peers import percentile
 from benchmarks.ports import free_port, free_rtp_pair
 from relay import pixelclock
@@ -101,9 +102,7 @@ def summary(samples: list[float]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=30.0)
-    ap.add_argument("--size", default="1280x720")
-    ap.add_argument("--fps", type=float, default=30.0)
-    ap.add_argument("--bitrate", default="2M")
+    add_stream_options(ap)
     args = ap.parse_args(argv)
     import tempfile
 

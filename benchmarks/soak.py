@@ -31,6 +31,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks.load import start_system
+from benchmarks.options import add_stream_options
 from benchmarks.peers import PEERS_PER_WORKER, PeerPlan, percentile, run_worker
 from benchmarks.resources import ResourceSeries, within
 
@@ -74,9 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--down", type=float, default=5.0, help="seconds each unplug lasts")
     ap.add_argument("--kill-every", type=float, default=420.0, help="seconds between SIGKILLs of the camera worker")
     ap.add_argument("--sample", type=float, default=10.0, help="seconds between resource samples")
-    ap.add_argument("--size", default="1280x720")
-    ap.add_argument("--fps", type=float, default=30.0)
-    ap.add_argument("--bitrate", default="2M")
+    add_stream_options(ap)
     ap.add_argument("--out", default="soak")
     args = ap.parse_args(argv)
 
