@@ -49,6 +49,7 @@ import psutil
 from benchmarks.options import add_stream_options
 from benchmarks.peers import PEERS_PER_WORKER, PeerPlan, percentile, run_worker
 from benchmarks.ports import free_port
+from benchmarks.resources import rss_of
 
 SYSTEMS = ("camrelay", "mediamtx", "mediarelay", "seed_mjpeg")
 LABELS = {
@@ -200,13 +201,7 @@ def _cpu(procs: list[psutil.Process]) -> float:
 
 
 def _rss(procs: list[psutil.Process]) -> int:
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total
+    return sum(rss_of(p) for p in procs)
 
 
 def run_point(

@@ -46,7 +46,7 @@ class ResourceSeries:
         own = status["relay"]
         viewers = sum(s.get("viewers", 0) for s in status["streams"])
         procs = [self.proc, *self.proc.children(recursive=True)]
-        rss = {p.pid: _rss(p) for p in procs}
+        rss = {p.pid: rss_of(p) for p in procs}
         cpu = 0.0
         for p in procs:
             known = self._cpu.setdefault(p.pid, p)
@@ -103,7 +103,8 @@ class ResourceSeries:
         return path
 
 
-def _rss(p: psutil.Process) -> int:
+def rss_of(p: psutil.Process) -> int:
+    """Resident bytes of ``p``; 0 once it is gone."""
     try:
         return p.memory_info().rss
     except psutil.Error:

@@ -44,7 +44,7 @@ GSO_REFUSED_HERE = {errno.EINVAL, errno.EIO, errno.EMSGSIZE}
 
 _ATTR = "_camrelay_batcher"
 _ORIGINAL_SEND_DATA = aioice.ice.StunProtocol.send_data
-_state = {"gso": sys.platform == "linux", "installed": False}
+_state = {"gso": sys.platform == "linux"}
 
 
 def runs(datagrams: list[tuple[bytes, tuple]]) -> list[tuple[list[bytes], tuple]]:
@@ -83,7 +83,7 @@ class Batcher:
         self.syscalls = 0
         self.datagrams = 0
         self.dropped = 0  # refused by the kernel (no route, not permitted): UDP, so gone
-        self.gso = _state["gso"]  # this socket's route may refuse GSO where others take it
+        self.gso = True  # False once this socket's route refused GSO (others may still take it)
 
     def send(self, data: bytes, addr: tuple) -> None:
         if not self.pending:
@@ -172,7 +172,6 @@ async def _send_data(self: aioice.ice.StunProtocol, data: bytes, addr: tuple) ->
 def batch_sends(on: bool) -> None:
     """Batch aioice's data sends in this process (on), or restore datagram-by-datagram sends (off)."""
     aioice.ice.StunProtocol.send_data = _send_data if on else _ORIGINAL_SEND_DATA
-    _state["installed"] = on
 
 
 def batcher_of(protocol: aioice.ice.StunProtocol) -> Batcher | None:

@@ -189,11 +189,10 @@ def watch_ice(on: bool) -> None:
 
 def last_heard(pc: RTCPeerConnection) -> float | None:
     """When the viewer behind ``pc`` last sent anything (monotonic), if known."""
-    for t in pc.getTransceivers():
-        ice = t.sender.transport.transport if t.sender.transport else None
-        conn = getattr(ice, "_connection", None)
-        return getattr(conn, "camrelay_last_received", None)
-    return None
+    transceivers = pc.getTransceivers()  # a viewer session has exactly one
+    dtls = transceivers[0].sender.transport if transceivers else None
+    conn = getattr(dtls.transport, "_connection", None) if dtls else None
+    return getattr(conn, "camrelay_last_received", None)
 
 
 class OfferRejected(Exception):
