@@ -106,18 +106,20 @@ def _wait_frames(proc: subprocess.Popen, port: int) -> None:
     raise SystemExit(f"{proc.args[2]} did not start")
 
 
-def _stopper(*procs: subprocess.Popen) -> Callable[[], None]:
-    def close() -> None:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+def stop_processes(*procs: subprocess.Popen) -> None:
+    """SIGTERM to all, then wait for each; SIGKILL any still there after 15 s."""
+    for p in procs:
+        p.terminate()  # a no-op for one that already exited
+    for p in procs:
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
-    return close
+
+def _stopper(*procs: subprocess.Popen) -> Callable[[], None]:
+    return lambda: stop_processes(*procs)
 
 
 def camrelay_command(size: str, fps: float, bitrate: str, port: int, source: str = "") -> list[str]:

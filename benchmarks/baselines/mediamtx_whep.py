@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.baselines import arguments
+from benchmarks.load import stop_processes
 from benchmarks.ports import free_port, free_udp_port
 from benchmarks.rtsp_latency import start_relay as start_camrelay
 from relay.rtsp import find_mediamtx
@@ -78,15 +79,7 @@ class Reference:
     workdir: tempfile.TemporaryDirectory
 
     def close(self) -> None:
-        for proc in (self.mediamtx, self.camrelay):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in (self.mediamtx, self.camrelay):
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.mediamtx, self.camrelay)
         self.workdir.cleanup()
 
 
