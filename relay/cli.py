@@ -98,12 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_config(args: argparse.Namespace, env: dict[str, str]) -> Config:
     path = args.config or (Path(env["CAMRELAY_CONFIG"]) if env.get("CAMRELAY_CONFIG") else None)
-    text = None
-    if path is not None:
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    text = read_config_file(path) if path is not None else None
     flags = {
         k: v
         for k, v in vars(args).items()
@@ -112,6 +107,25 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> Config:
     config = load(text, env, flags, args.source)
     args.config_file = (path, text)
     return config
+
+
+# A config file is a few KiB; reading more is reading the wrong file (or /dev/zero).
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def read_config_file(path: Path) -> str:
+    """The config file's text; ``ConfigError`` for one that cannot be read, is too large or is not UTF-8."""
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path}: larger than {MAX_CONFIG_BYTES} bytes; is it the right file?")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte {exc.start})") from None
 
 
 def warn_if_exposed(path: Path | None, text: str | None) -> None:

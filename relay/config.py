@@ -8,6 +8,7 @@ naming the key. ``camrelay.example.toml`` documents every key.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import tomllib
 from collections.abc import Mapping
@@ -24,6 +25,17 @@ STREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # safe in URLs an
 MIN_BITRATE = 100_000  # below this H.264 at any useful size is mush
 MAX_BITRATE = 50_000_000  # above this no Pi uplink or browser jitter buffer keeps up
 MAX_VIEWERS_LIMIT = 10_000
+# Bounds of durations, in seconds, with why: past these a value is a typo or an
+# attack on the relay itself (a session held for ever, an encoder that cannot open).
+DAY = 86_400.0
+MAX_KEYFRAME_INTERVAL = 60.0  # x264's GOP is fps x this; a minute is already useless to a joining viewer
+MIN_KEYFRAME_INTERVAL = 0.1
+MAX_CONNECT_TIMEOUT = 300.0  # ICE and DTLS finish in seconds; five minutes covers the worst TURN path
+MAX_SEGMENT = 3600.0  # one file an hour at most: a crash loses at most its last fragment anyway
+MAX_AGE = 100 * 365 * DAY  # recordings kept longer than a century: surely a typo
+MAX_SESSION_RATE = 1000.0  # new sessions per second per address
+MIN_SESSION_RATE = 0.001  # one in a quarter of an hour: lower is a rate limit that never refills
+MAX_BYTES = 2**60  # an exabyte: more is a typo
 AUTH_MODES = ("token", "password", "none")
 # Keys whose values are secrets: never quoted in an error, and worth a warning in a file others can read.
 SECRET_KEYS = ("auth.token", "auth.password_hash", "rtsp.password", "webrtc.ice_credential")
@@ -140,11 +152,11 @@ class Config:
 
 def _int(lo: int, hi: int):
     def parse(v: Any) -> int:
-        if isinstance(v, bool):
+        if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
             raise ValueError(f"expected a whole number, got {v!r}")
         try:
             n = int(v)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: inf
             raise ValueError(f"expected a whole number, got {v!r}") from None
         if not lo <= n <= hi:
             raise ValueError(f"must be in {lo}..{hi}, got {n}")
@@ -153,26 +165,48 @@ def _int(lo: int, hi: int):
     return parse
 
 
-def parse_duration(v: Any) -> float:
-    """``1.5``, ``"1.5s"``, ``"500ms"``, ``"2m"`` -> seconds."""
+def parse_duration(v: Any, lo: float = 0.001, hi: float = DAY) -> float:
+    """``1.5``, ``"1.5s"``, ``"500ms"``, ``"2m"`` -> seconds, within ``lo``..``hi``."""
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         seconds = float(v)
     elif isinstance(v, str) and (m := re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)?\s*", v)):
         seconds = float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}[m.group(2)]
     else:
         raise ValueError(f"expected a duration like 1.5s or 500ms, got {v!r}")
+    if not math.isfinite(seconds):
+        raise ValueError(f"must be a finite duration, got {v!r}")
     if seconds <= 0:
         raise ValueError(f"must be positive, got {v!r}")
+    if not lo <= seconds <= hi:
+        raise ValueError(f"must be in {_seconds(lo)}..{_seconds(hi)}, got {v!r}")
     return seconds
+
+
+def _seconds(s: float) -> str:
+    return f"{s / DAY:g}d" if s >= DAY else f"{s:g}s"
+
+
+def _duration(lo: float, hi: float, zero_is_off: bool = False):
+    def parse(v: Any) -> float:
+        if zero_is_off and v in (0, "0"):
+            return 0.0
+        return parse_duration(v, lo, hi)
+
+    return parse
 
 
 def parse_bytes(v: Any) -> int:
     """``0``, ``1048576``, ``"500M"``, ``"20G"`` -> bytes (powers of 1024)."""
+    n: float | None = None
     if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
-        return v
-    if isinstance(v, str) and (m := re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)i?B?\s*", v)):
-        return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
-    raise ValueError(f"expected a size like 500M or 20G, got {v!r}")
+        n = v
+    elif isinstance(v, str) and (m := re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)i?B?\s*", v)):
+        n = float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " ")
+    if n is None:
+        raise ValueError(f"expected a size like 500M or 20G, got {v!r}")
+    if not n <= MAX_BYTES:  # also inf, from a string of many digits
+        raise ValueError(f"must be at most {MAX_BYTES} bytes, got {v!r}")
+    return int(n)
 
 
 def parse_bitrate(v: Any) -> int:
@@ -211,14 +245,23 @@ def _str_list(v: Any) -> tuple[str, ...]:
     raise ValueError(f"expected a list of strings, got {v!r}")
 
 
-def _positive(v: Any) -> float:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise ValueError(f"expected a number, got {v!r}") from None
-    if f <= 0:
-        raise ValueError(f"must be above 0, got {v!r}")
-    return f
+def _number(lo: float, hi: float):
+    """A finite number in ``lo``..``hi``; nan and inf are refused (TOML has both)."""
+
+    def parse(v: Any) -> float:
+        if isinstance(v, bool):
+            raise ValueError(f"expected a number, got {v!r}")
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {v!r}") from None
+        if not math.isfinite(f):
+            raise ValueError(f"must be a finite number, got {v!r}")
+        if not lo <= f <= hi:
+            raise ValueError(f"must be in {lo:g}..{hi:g}, got {v!r}")
+        return f
+
+    return parse
 
 
 def _celsius(v: Any) -> float:
@@ -324,7 +367,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "size": lambda v: parse_size(_str(v)),
         "fps": _fps,
         "bitrate": parse_bitrate,
-        "keyframe_interval": parse_duration,
+        "keyframe_interval": _duration(MIN_KEYFRAME_INTERVAL, MAX_KEYFRAME_INTERVAL),
         "encoder": _choice(*ENCODERS),
     },
     "webrtc": {
@@ -332,22 +375,22 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "ice_username": _str,
         "ice_credential": _str,
         "ice_addresses": _str_list,
-        "connect_timeout": parse_duration,
+        "connect_timeout": _duration(1.0, MAX_CONNECT_TIMEOUT),
         "max_viewers": _int(1, MAX_VIEWERS_LIMIT),
         "max_viewers_total": _int(1, MAX_VIEWERS_LIMIT),
         "max_pending": _int(1, MAX_VIEWERS_LIMIT),
-        "session_rate": lambda v: _positive(v),
+        "session_rate": _number(MIN_SESSION_RATE, MAX_SESSION_RATE),
         "session_burst": _int(1, MAX_VIEWERS_LIMIT),
     },
-    "telemetry": {"log_interval": parse_duration, "thermal_limit": _celsius},
-    "devices": {"discover": _bool, "discover_interval": parse_duration},
+    "telemetry": {"log_interval": _duration(1.0, DAY), "thermal_limit": _celsius},
+    "devices": {"discover": _bool, "discover_interval": _duration(0.1, 3600.0)},
     "record": {
         "enabled": _bool,
         "root": _str,
-        "segment": parse_duration,
-        "snapshot_interval": lambda v: 0.0 if v in (0, "0") else parse_duration(v),
-        "max_size": lambda v: parse_bytes(v),
-        "max_age": lambda v: 0.0 if v in (0, "0") else parse_duration(v),
+        "segment": _duration(1.0, MAX_SEGMENT),
+        "snapshot_interval": _duration(0.1, DAY, zero_is_off=True),
+        "max_size": parse_bytes,
+        "max_age": _duration(60.0, MAX_AGE, zero_is_off=True),
     },
     "rtsp": {
         "enabled": _bool,

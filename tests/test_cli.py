@@ -125,6 +125,23 @@ def test_bad_configuration_exits_2_with_one_line(args, env, line):
     assert result.stderr.strip() == line
 
 
+def test_a_config_file_that_is_not_text_is_one_clear_error(tmp_path):
+    latin1 = tmp_path / "camrelay.toml"
+    latin1.write_bytes('[http]\nhost = "caf\xe9"\n'.encode("latin-1"))
+    cases = [
+        (["serve", "--config", str(latin1)], {}, f"config file {latin1}: not UTF-8 text (byte 18)"),
+        (
+            ["serve"],
+            {"CAMRELAY_CONFIG": "/dev/zero"},  # read without a limit, this never ended
+            "config file /dev/zero: larger than 1048576 bytes; is it the right file?",
+        ),
+    ]
+    for args, env, message in cases:
+        result = run(*args, env=dict(os.environ, **env))
+        assert result.returncode == 2
+        assert result.stderr.strip() == f"camrelay: configuration error: {message}"
+
+
 def test_port_in_use_is_one_clear_error():
     import socket
 
