@@ -22,6 +22,9 @@ JPEG = 2  # one JPEG frame as the camera sent it
 STATUS = 3  # JSON: state, size, fps, encoder, counters
 LOG = 4  # JSON: level, logger, message
 
+# A stream's state as a STATUS message reports it while its encoder cannot encode.
+ENCODER_ERROR = "encoder_error"
+
 FLAG_KEYFRAME = 1
 FLAG_FORCED = 2
 

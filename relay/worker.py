@@ -134,6 +134,11 @@ class Pipeline:
         self._last_encoded = 0.0  # capture time of the last frame encoded
         self._last_frame = time.monotonic()  # when the source last delivered a frame
         self._stall_closed_at: float | None = None
+        # An encoder that fails is reopened with backoff, not at every frame: opening
+        # x264 costs tens of ms, and a failure per frame was a traceback per frame.
+        self._encoder_retry = Retry()
+        self._encoder_retry_at = 0.0  # monotonic time before which frames are not encoded
+        self.encoder_failing = False
 
     def start(self) -> None:
         for target, role in ((self._capture_loop, "capture"), (self._encode_loop, "encode")):
@@ -161,6 +166,8 @@ class Pipeline:
         d["encoders_running"] = self._encoder.running
         if self.stats.slate:
             d["state"] = "no_signal"
+        if self.encoder_failing:
+            d["state"] = ipc.ENCODER_ERROR  # nothing reaches viewers, whatever the camera does
         return d
 
     def push_status(self) -> None:
@@ -238,6 +245,8 @@ class Pipeline:
                     st.frames_dropped_thermal += 1
                     continue
                 self._last_encoded = frame.capture_time
+            if now < self._encoder_retry_at:
+                continue  # the encoder failed; it is tried again when its backoff ends
             started = time.perf_counter()
             try:
                 picture = frame.picture if frame.picture is not None else decoder.decode(frame.jpeg or b"")
@@ -251,10 +260,14 @@ class Pipeline:
             force = self._take_keyframe_request()
             try:
                 units = self._encoder.encode(picture, self._pts(frame.capture_time), force)
-            except Exception:
-                log.exception("stream=%s encoder failed; reopening", self.name)
+            except Exception as exc:
                 self._encoder.close()
+                self._encoder_failed(exc)
                 continue
+            if self.encoder_failing:
+                self.encoder_failing = False
+                self._encoder_retry.attempt = 0
+                log.warning("stream=%s encoder works again", self.name)
             if st.frames_encoded == 0 or force:
                 self.push_status()  # the encoder just opened, or reopened: say so at once
             st.encode_ms += EWMA_ALPHA * ((time.perf_counter() - started) * 1000 - st.encode_ms)
@@ -271,6 +284,27 @@ class Pipeline:
                     else:
                         self._keyframe_wanted.clear()  # a regular IDR answers any pending request
                 self._emit(ipc.pack(ipc.UNIT, data, flags=flags, pts=pts, capture_time=frame.capture_time))
+
+    def _encoder_failed(self, exc: Exception) -> None:
+        """The stream shows ``encoder_error``; the encoder is reopened after a backoff.
+
+        One line per retry (0.5 s, 1 s, 2 s ... 30 s apart), the traceback only with the first.
+        """
+        delay = self._encoder_retry.next_delay()
+        self._encoder_retry_at = time.monotonic() + delay
+        self.stats.last_error = f"encoder failed: {type(exc).__name__}: {exc}"
+        first = not self.encoder_failing
+        self.encoder_failing = True
+        log.error(
+            "stream=%s %s; retry %d in %.1fs",
+            self.name,
+            self.stats.last_error,
+            self._encoder_retry.attempt,
+            delay,
+            exc_info=exc if first else None,
+        )
+        if first:
+            self.push_status()
 
     def _pts(self, capture_time: float) -> int:
         """The 90 kHz wall clock: continuous across source and worker restarts, so

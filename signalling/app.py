@@ -28,6 +28,7 @@ from relay.capture import redact_url
 from relay.logsafe import Throttled
 from relay.service import Relay, UnknownStream, lan_addresses
 from relay.telemetry import prometheus
+from relay.ipc import ENCODER_ERROR
 from relay.webrtc import OfferRejected
 
 from .access import ACCESS, Access, guard
@@ -52,6 +53,7 @@ MJPEG_BOUNDARY = "camrelayframe"
 LISTING_LIMIT = 1000  # newest segments and snapshots listed per request
 SIOCOUTQ = getattr(termios, "TIOCOUTQ", None) if termios is not None else None  # bytes a socket has not sent yet
 MJPEG_IDLE = 5.0  # seconds an MJPEG client waits for a frame before looking again
+FAILED_STATES = (ENCODER_ERROR,)  # stream states that make /healthz answer 503
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 
@@ -481,9 +483,17 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """200 while every stream can reach its viewers; 503 when one is broken in the relay itself.
+
+    A camera that is unplugged or restarting is not live, but nothing is wrong
+    with the relay; an encoder that keeps failing is, and a monitor should say so.
+    """
     relay = request.app[RELAY]
-    bad = [s.name for s in relay.streams.values() if s.state not in ("live", "starting")]
-    return web.json_response({"ok": True, "streams_not_live": bad})
+    streams = relay.streams.values()
+    not_live = [s.name for s in streams if s.state not in ("live", "starting")]
+    failing = [s.name for s in streams if s.state in FAILED_STATES]
+    body = {"ok": not failing, "streams_not_live": not_live, "streams_failing": failing}
+    return web.json_response(body, status=503 if failing else 200)
 
 
 @aiohttp_jinja2.template("index.html")

@@ -145,3 +145,30 @@ async def test_a_frozen_worker_is_killed_by_the_watchdog_and_replaced(http):
             await viewer.close()
     finally:
         await runner.cleanup()
+
+
+async def test_an_encoder_that_keeps_failing_is_not_live_and_shows_in_healthz(http, caplog):
+    # A GOP of 3e13 frames (keyframe_interval far past what config.load allows) makes x264 refuse
+    # to open: the real failure, reached by building the Config directly as a careless caller could.
+    config = make_config(keyframe_interval=1e12)
+    runner, relay = await start_relay(config, wait=False)
+    stream = relay.relay.streams["cam0"]
+    try:
+        deadline = time.monotonic() + 30
+        while stream.state != "encoder_error" or stream.stats.frames_captured < 120:
+            assert time.monotonic() < deadline, f"state {stream.state}, {stream.stats}"
+            await asyncio.sleep(0.1)
+        async with http.get(relay.base + "/healthz") as resp:
+            assert resp.status == 503
+            assert await resp.json() == {"ok": False, "streams_not_live": ["cam0"], "streams_failing": ["cam0"]}
+        async with http.get(relay.base + "/api/v1/streams") as resp:
+            (cam,) = (await resp.json())["streams"]
+        assert cam["state"] == "encoder_error" and cam["last_error"].startswith("encoder failed: ")
+        assert stream.stats.frames_encoded == 0
+        failures = [r for r in caplog.records if "encoder failed" in r.getMessage()]
+        tracebacks = [r for r in caplog.records if "Traceback" in r.getMessage()]
+        # 120 frames came in; the encoder was retried with backoff (0.5, 1, 2 s ...), not once per frame.
+        assert 1 <= len(failures) and len(failures) * 10 <= stream.stats.frames_captured
+        assert len(tracebacks) == 1
+    finally:
+        await runner.cleanup()
