@@ -25,10 +25,10 @@ import jinja2
 from aiohttp import web
 
 from relay.capture import redact_url
+from relay.ipc import ENCODER_ERROR
 from relay.logsafe import Throttled
 from relay.service import Relay, UnknownStream, lan_addresses
 from relay.telemetry import prometheus
-from relay.ipc import ENCODER_ERROR
 from relay.webrtc import OfferRejected
 
 from .access import ACCESS, Access, guard
