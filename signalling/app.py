@@ -33,7 +33,7 @@ from relay.webrtc import OfferRejected
 
 from .access import ACCESS, Access, guard
 from .limits import RateLimiter
-from .sdp import SdpError, check_offer, drop_mdns_candidates, is_mdns_candidate
+from .sdp import SdpError, check_candidate, check_offer, drop_mdns_candidates, is_mdns_candidate
 
 log = logging.getLogger(__name__)
 refusals = Throttled(log)  # refused sessions: one line a second at most, however many are refused
@@ -181,6 +181,12 @@ async def whep_patch(request: web.Request) -> web.Response:
         line for line in body.decode("utf-8", "replace").splitlines(keepends=True) if not is_mdns_candidate(line)
     )
     try:
+        for line in fragment.splitlines():
+            if line.startswith("a=candidate:"):
+                check_candidate(line.strip()[len("a=candidate:") :])
+    except SdpError as exc:
+        raise _error(web.HTTPBadRequest, f"bad candidate: {exc}") from None
+    try:
         await request.app[RELAY].sessions.add_candidates(session, fragment)
     except OfferRejected as exc:
         raise _error(web.HTTPBadRequest, str(exc)) from None
@@ -194,7 +200,7 @@ async def whep_delete(request: web.Request) -> web.Response:
 
 
 async def whep_options(request: web.Request) -> web.Response:
-    _stream_or_404(request)
+    # The same answer for every path: OPTIONS needs no credentials, so it must not tell which streams exist.
     headers = {"Allow": "OPTIONS, POST, PATCH, DELETE", "Accept-Post": SDP_TYPE, "Accept-Patch": SDPFRAG_TYPE}
     if _allowed_origin(request):
         headers.update(

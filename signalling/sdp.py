@@ -18,8 +18,96 @@ _MLINE = re.compile(r"^m=(\w+) (\d+)(?:/\d+)? ([A-Za-z/]+)((?: [0-9A-Za-z]+)*)$"
 _DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
 
 
+# Ranges of the numbers an offer carries, by what they are. Out of range, aiortc
+# accepts some of them and fails later, in the viewer's send loop (an extmap id
+# of 256 was an AssertionError per packet): they are refused up front instead.
+PAYLOAD_TYPE = (0, 127)  # RTP's payload type has 7 bits
+EXTMAP_ID = (1, 255)  # RFC 8285: 1-14 one-byte, up to 255 two-byte headers
+PORT = (0, 65535)
+UINT32 = (0, 2**32 - 1)  # SSRCs, candidate priorities, clock rates
+COMPONENT = (1, 256)  # RFC 8445 candidate component ID
+CHANNELS = (1, 255)
+
+
 class SdpError(ValueError):
     """The offer is not one this relay can answer; ``str()`` is the reason."""
+
+
+def _number(text: str, bounds: tuple[int, int], what: str) -> int:
+    """``text`` as a whole number within ``bounds``; ``SdpError`` naming ``what`` otherwise."""
+    lo, hi = bounds
+    if not text.isascii() or not text.isdigit() or len(text) > 12:
+        raise SdpError(f"{what} {text[:20]!r} is not a number in {lo}..{hi}")
+    n = int(text)
+    if not lo <= n <= hi:
+        raise SdpError(f"{what} {n} is outside {lo}..{hi}")
+    return n
+
+
+def _payload_type(text: str, what: str) -> None:
+    if text != "*":  # rtcp-fb:* applies to every payload type
+        _number(text, PAYLOAD_TYPE, what)
+
+
+def check_candidate(value: str) -> None:
+    """The numbers of a candidate (the text after ``a=candidate:``): component, priority, ports."""
+    bits = value.split()
+    if len(bits) < 8 or bits[6] != "typ":
+        raise SdpError(
+            f"candidate {value[:80]!r} is not 'foundation component transport priority address port typ type'"
+        )
+    _number(bits[1], COMPONENT, "candidate component")
+    _number(bits[3], UINT32, "candidate priority")
+    _number(bits[5], PORT, "candidate port")
+    for key, value_ in zip(bits[8::2], bits[9::2], strict=False):
+        if key == "rport":
+            _number(value_, PORT, "candidate rport")
+        elif key == "generation":
+            _number(value_, UINT32, "candidate generation")
+
+
+def _check_numbers(line: str) -> None:
+    """Range-check the numbers of one offer line; other lines pass."""
+    attr, _, value = line[2:].partition(":") if line.startswith("a=") else ("", "", "")
+    if line.startswith("m="):
+        bits = line[2:].split()
+        if len(bits) >= 2:
+            _number(bits[1].split("/")[0], PORT, "media port")
+        if bits and bits[0] in ("audio", "video"):
+            for pt in bits[3:]:
+                _number(pt, PAYLOAD_TYPE, "media payload type")
+    elif attr == "rtpmap":
+        pt, _, desc = value.partition(" ")
+        _number(pt, PAYLOAD_TYPE, "a=rtpmap payload type")
+        parts = desc.split("/")
+        if len(parts) > 1:
+            _number(parts[1], UINT32, "a=rtpmap clock rate")
+        if len(parts) > 2:
+            _number(parts[2], CHANNELS, "a=rtpmap channels")
+    elif attr == "fmtp":
+        pt, _, params = value.partition(" ")
+        _number(pt, PAYLOAD_TYPE, "a=fmtp payload type")
+        for param in params.split(";"):
+            key, eq, n = param.strip().partition("=")
+            if eq and key == "apt":
+                _number(n, PAYLOAD_TYPE, "a=fmtp apt")
+    elif attr == "rtcp-fb":
+        _payload_type(value.split(" ", 1)[0], "a=rtcp-fb payload type")
+    elif attr == "extmap":
+        _number(value.split(" ", 1)[0].split("/")[0], EXTMAP_ID, "a=extmap id")
+    elif attr == "ssrc":
+        _number(value.split(" ", 1)[0], UINT32, "a=ssrc")
+    elif attr == "ssrc-group":
+        for ssrc in value.split()[1:]:
+            _number(ssrc, UINT32, "a=ssrc-group ssrc")
+    elif attr == "rtcp":
+        _number(value.split(" ", 1)[0], PORT, "a=rtcp port")
+    elif attr in ("sctp-port", "sctpmap"):
+        _number(value.split(" ", 1)[0], PORT, f"a={attr} port")
+    elif attr == "max-message-size":
+        _number(value, UINT32, "a=max-message-size")
+    elif attr == "candidate":
+        check_candidate(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +133,10 @@ def check_offer(text: str) -> OfferSummary:
     for number, line in enumerate(lines, 1):
         if len(line) < 2 or line[1] != "=" or not line[0].isalpha():
             raise SdpError(f"line {number} is not of the form x=value")
+        try:
+            _check_numbers(line)
+        except SdpError as exc:
+            raise SdpError(f"line {number}: {exc}") from None
 
     session: list[str] = []
     sections: list[list[str]] = []

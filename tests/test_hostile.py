@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
+import re
 import time
 
 import psutil
 import pytest
 
 from relay.capture import parse_source_spec
-from relay.config import StreamConfig
+from relay.config import AuthConfig, StreamConfig
+from relay.whepclient import WhepError, WhepViewer
 
 from .conftest import make_config, start_relay
 
@@ -66,3 +69,46 @@ async def test_an_rtsp_cameras_password_never_shows(http, caplog, where):
             assert "ipcam" in caplog.text and SECRET not in caplog.text
     finally:
         await runner.cleanup()
+
+
+def extmap_id(new_id: int):
+    """A ``rewrite_sdp`` for WhepViewer: the offer's first header extension gets ``new_id``."""
+
+    def rewrite(kind: str, sdp: str) -> str:
+        if kind != "offer":
+            return sdp
+        return re.sub(r"a=extmap:\d+", f"a=extmap:{new_id}", sdp, count=1)
+
+    return rewrite
+
+
+async def test_an_offer_number_out_of_range_is_a_400_not_a_dead_viewer(relay_server, http, caplog):
+    # aiortc took extmap id 256, answered 201, then asserted on every packet it tried to send.
+    viewer = WhepViewer(relay_server.whep(), http, rewrite_sdp=extmap_id(256))
+    try:
+        with pytest.raises(WhepError) as info:
+            await viewer.connect()
+        assert info.value.status == 400
+        assert re.fullmatch(r"malformed offer: line \d+: a=extmap id 256 is outside 1\.\.255", info.value.reason)
+    finally:
+        await viewer.close()
+    assert relay_server.relay.sessions.count() == 0
+    # The largest id the two-byte header form carries works end to end.
+    viewer = WhepViewer(relay_server.whep(), http, rewrite_sdp=extmap_id(255))
+    try:
+        await viewer.connect()
+        await viewer.read_frames(3)
+    finally:
+        await viewer.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.relay_config(auth=AuthConfig(mode="token", token="t0ken-for-the-tests-0123456789abcdef"))
+async def test_options_tells_nothing_about_which_streams_exist(relay_server, http):
+    answers = []
+    for path in ("/whep/cam0", "/whep/nope", "/whep/cam0/nosuchsession", "/whep/nope/x"):
+        async with http.options(relay_server.base + path) as resp:
+            headers = {k: v for k, v in resp.headers.items() if k not in ("Date", "Server")}
+            answers.append((resp.status, headers, await resp.read()))
+    assert answers[0][0] == 204
+    assert all(answer == answers[0] for answer in answers)

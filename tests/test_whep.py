@@ -256,10 +256,17 @@ async def test_trickled_candidates_are_accepted(relay_server, http):
             viewer.location, data=frag, headers={"Content-Type": "application/trickle-ice-sdpfrag"}
         ) as resp:
             assert resp.status == 204
-        async with http.patch(
-            viewer.location, data="a=candidate:garbage\r\n", headers={"Content-Type": "application/trickle-ice-sdpfrag"}
-        ) as resp:
-            assert resp.status == 400
+        for bad, reason in (
+            ("a=candidate:garbage", "bad candidate: candidate 'garbage' is not 'foundation component transport"),
+            (
+                "a=candidate:1 1 udp 2113937151 127.0.0.1 70000 typ host",  # aiortc took it, then sendto failed
+                "bad candidate: candidate port 70000 is outside 0..65535",
+            ),
+        ):
+            async with http.patch(
+                viewer.location, data=bad + "\r\n", headers={"Content-Type": "application/trickle-ice-sdpfrag"}
+            ) as resp:
+                assert resp.status == 400 and (await resp.text()).startswith(reason)
         async with http.patch(viewer.location, data=frag, headers={"Content-Type": "application/sdp"}) as resp:
             assert resp.status == 415
         await viewer.read_frames(3)
