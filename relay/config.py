@@ -91,7 +91,12 @@ class WebRTCConfig:
     # All streams together. At 2 Mbit/s each, 200 viewers are 400 Mbit/s: well
     # inside a gigabit port, and about what one event loop can packetize.
     max_viewers_total: int = 200
-    max_pending: int = 32  # sessions still connecting, all streams: what half-open offers may hold
+    # Sessions still connecting (answered, ICE and DTLS not done), all streams:
+    # what offers that never connect may hold (each a few sockets), freed after
+    # connect_timeout. Per client address too, so one viewer with a few
+    # addresses cannot take them all: a page of 8 tiles fits in one address's share.
+    max_pending: int = 64
+    max_pending_per_address: int = 8
     session_rate: float = 1.0  # new sessions per second per client address, after the burst
     session_burst: int = 20  # new sessions one address may open at once (a page with many tiles)
 
@@ -379,6 +384,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "max_viewers": _int(1, MAX_VIEWERS_LIMIT),
         "max_viewers_total": _int(1, MAX_VIEWERS_LIMIT),
         "max_pending": _int(1, MAX_VIEWERS_LIMIT),
+        "max_pending_per_address": _int(1, MAX_VIEWERS_LIMIT),
         "session_rate": _number(MIN_SESSION_RATE, MAX_SESSION_RATE),
         "session_burst": _int(1, MAX_VIEWERS_LIMIT),
     },

@@ -242,9 +242,11 @@ class ViewerSessions:
     def count(self, stream: str | None = None) -> int:
         return sum(1 for s in self._sessions.values() if stream is None or s.stream == stream)
 
-    def pending(self) -> int:
-        """Sessions answered but not connected yet."""
-        return sum(1 for s in self._sessions.values() if s.connected_at is None)
+    def pending(self, remote: str | None = None) -> int:
+        """Sessions answered but not connected yet (from client address ``remote``, or all)."""
+        return sum(
+            1 for s in self._sessions.values() if s.connected_at is None and (remote is None or s.remote == remote)
+        )
 
     def connected(self, stream: str | None = None) -> int:
         return sum(

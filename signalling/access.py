@@ -30,8 +30,10 @@ from aiohttp import web
 
 from relay.auth import LOOPBACK_NAMES, check_host, check_origin, load_or_create_token, verify_password
 from relay.config import Config, ConfigError
-from relay.logsafe import SECRET_FILTER
+from relay.logsafe import SECRET_FILTER, Throttled
 from relay.service import host_addresses
+
+from .limits import RateLimiter
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +41,20 @@ FAILURE_DELAY = (0.05, 0.15)  # seconds, random in this range, before answering 
 COOKIE_MAX_AGE = 400 * 86400  # seconds a browser keeps the token cookie: the longest Chromium allows
 HOSTS_REFRESH = 5.0  # seconds: this machine's addresses are looked up again at most this often (DHCP changes them)
 VERIFIED_CACHE = 32  # Basic credentials remembered as good, so a page's requests cost one scrypt, not one each
-MAX_CONCURRENT_VERIFY = 2  # scrypt runs at once (16 MiB each); more wait
+# One scrypt at a time, relay-wide: a flood of logins from any number of
+# addresses costs at most one core, and the event loop keeps the other(s).
+MAX_CONCURRENT_VERIFY = 1
+# Password guesses per client address: a burst (typos, a page's retries), then
+# one every few seconds; past that 429 without any scrypt. A guess reserves
+# its token before the scrypt and a right password gives it back, so a burst
+# of parallel requests cannot run more scrypts than the burst allows.
+AUTH_FAILURE_BURST = 20
+AUTH_FAILURE_RATE = 1 / 3  # guesses a second per address, after the burst
 REALM = "camrelay"
 STATE_CHANGING = ("POST", "PATCH", "DELETE")
 NO_TOKEN = "no viewer token"
 WRONG_TOKEN = "wrong viewer token"
+THROTTLED = "too many wrong passwords from {address}; retry later"
 NO_PASSWORD = "user name and password required"
 WRONG_PASSWORD = "wrong user name or password"
 MALFORMED_BASIC = "malformed Basic credentials"
@@ -107,8 +118,12 @@ class Access:
             self.token = a.token
         SECRET_FILTER.secrets.update(s for s in (self.token, self.password_hash) if s)
         self._cache_key = secrets.token_bytes(32)
+        self.throttled = Throttled(log)
         self._verified: OrderedDict[bytes, None] = OrderedDict()
         self._verifying = asyncio.Semaphore(MAX_CONCURRENT_VERIFY)
+        self._guesses = RateLimiter(AUTH_FAILURE_RATE, AUTH_FAILURE_BURST)  # per client address
+        self._checking: dict[bytes, asyncio.Future[bool]] = {}  # Basic headers being verified now
+        self._checking_from: set[str] = set()  # addresses with a verification running
 
     def is_open(self, request: web.Request) -> bool:
         if self.mode == "none" or request.method == "OPTIONS":
@@ -127,7 +142,8 @@ class Access:
         if self.mode == "token":
             reason, set_cookie = self._check_token(request)
         else:
-            reason, set_cookie = await self._check_basic(request.headers.get("Authorization", "")), False
+            header = request.headers.get("Authorization", "")
+            reason, set_cookie = await self._check_basic(header, request.remote or "?"), False
         if reason in BAD_CREDENTIALS:
             await asyncio.sleep(random.uniform(*FAILURE_DELAY))  # blurs what the failure's timing could tell
         return reason, set_cookie
@@ -150,7 +166,8 @@ class Access:
                 return None, from_query
         return (WRONG_TOKEN if tried else NO_TOKEN), False
 
-    async def _check_basic(self, header: str) -> str | None:
+    async def _check_basic(self, header: str, address: str) -> str | None:
+        """Why Basic credentials are refused, or None; raises 429 for an address guessing too fast."""
         scheme, _, encoded = header.partition(" ")
         if scheme.lower() != "basic":
             return NO_PASSWORD
@@ -164,10 +181,33 @@ class Access:
             return MALFORMED_BASIC
         if not colon:
             return MALFORMED_BASIC
-        async with self._verifying:  # scrypt on a thread: the event loop keeps serving video meanwhile
-            good_password = await asyncio.to_thread(verify_password, password, self.password_hash)
-        if not (hmac.compare_digest(user.encode(), self.user.encode()) and good_password):
+        if cache_key in self._checking:  # a page's parallel requests with one new header: one scrypt for all
+            return None if await asyncio.shield(self._checking[cache_key]) else WRONG_PASSWORD
+        wait = 0.0 if address not in self._checking_from else 1.0  # one guess at a time per address
+        wait = wait or self._guesses.check(address, time.monotonic())
+        if wait:
+            self.throttled.warn("auth: too many password guesses from %s; answering 429", address)
+            raise web.HTTPTooManyRequests(
+                text=f"429: {THROTTLED.format(address=address)}\n",
+                content_type="text/plain",
+                headers={"Retry-After": str(max(1, round(wait)))},
+            )
+        result: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._checking[cache_key] = result
+        self._checking_from.add(address)
+        try:
+            async with self._verifying:  # scrypt on a thread: the event loop keeps serving video meanwhile
+                good_password = await asyncio.to_thread(verify_password, password, self.password_hash)
+            good = hmac.compare_digest(user.encode(), self.user.encode()) and good_password
+            result.set_result(good)
+        finally:
+            if not result.done():
+                result.set_result(False)
+            del self._checking[cache_key]
+            self._checking_from.discard(address)
+        if not good:
             return WRONG_PASSWORD
+        self._guesses.refund(address)  # a right password is not a guess
         self._verified[cache_key] = None
         if len(self._verified) > VERIFIED_CACHE:
             self._verified.popitem(last=False)

@@ -47,6 +47,7 @@ MAX_OFFER_BYTES = 64 * 1024  # a browser offer is ~5 KiB; more is not an offer
 SDP_TYPE = "application/sdp"
 SDPFRAG_TYPE = "application/trickle-ice-sdpfrag"
 RETRY_AFTER_FULL = "10"  # seconds a client should wait when a stream is full
+RETRY_AFTER_PENDING = "5"  # seconds to wait when too many sessions are still connecting (most take < 1 s)
 CORS_MAX_AGE = "600"  # seconds a browser may cache a preflight
 SNAPSHOT_TIMEOUT = 3.0  # seconds to wait for a frame; the slate arrives within ~1 s of a camera going away
 MJPEG_BOUNDARY = "camrelayframe"
@@ -108,14 +109,7 @@ async def whep_offer(request: web.Request) -> web.Response:
         check_offer(offer)
     except SdpError as exc:
         raise _error(web.HTTPBadRequest, f"malformed offer: {exc}") from None
-    pending = relay.sessions.pending()
-    if pending >= relay.config.webrtc.max_pending:
-        refusals.warn("stream=%s %d sessions still connecting; refusing %s", name, pending, address)
-        raise _error(
-            web.HTTPServiceUnavailable,
-            f"too many sessions still connecting ({pending}); retry later",
-            headers={"Retry-After": "5"},
-        )
+    _check_pending(relay, name, address)
     _check_viewer_limits(relay, name, request.remote)
     try:
         session, answer = await relay.sessions.create(name, drop_mdns_candidates(offer), request.remote or "?")
@@ -137,6 +131,22 @@ async def whep_offer(request: web.Request) -> web.Response:
         raise
     location = f"/whep/{name}/{session.id}"
     return web.Response(status=201, body=answer.encode(), headers={"Location": location, "Content-Type": SDP_TYPE})
+
+
+def _check_pending(relay, name: str, address: str) -> None:
+    """503 when too many sessions are still connecting, 429 when too many of them are this address's."""
+    w = relay.config.webrtc
+    for count, limit, status, whose in (
+        (relay.sessions.pending(), w.max_pending, web.HTTPServiceUnavailable, ""),
+        (relay.sessions.pending(address), w.max_pending_per_address, web.HTTPTooManyRequests, f" from {address}"),
+    ):
+        if count >= limit:
+            refusals.warn("stream=%s %d sessions%s still connecting; refusing %s", name, count, whose, address)
+            raise _error(
+                status,
+                f"too many sessions{whose} still connecting ({count}); retry later",
+                headers={"Retry-After": RETRY_AFTER_PENDING},
+            )
 
 
 def _check_viewer_limits(relay, name: str, remote: str | None, this_one: int = 0) -> None:

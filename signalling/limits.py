@@ -46,3 +46,9 @@ class RateLimiter:
         while len(self.buckets) > MAX_TRACKED_ADDRESSES:
             del self.buckets[next(iter(self.buckets))]
         return bucket.take(now)
+
+    def refund(self, address: str) -> None:
+        """Give back the token ``check`` took: what it was taken for turned out not to count."""
+        bucket = self.buckets.get(address)
+        if bucket is not None:
+            bucket.tokens = min(bucket.burst, bucket.tokens + 1)

@@ -6,8 +6,10 @@ import asyncio
 import base64
 import dataclasses
 import logging
+import math
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from relay.cli import announce, warn_if_exposed
 from relay.config import AuthConfig, ConfigError, load, secrets_in_file
 from relay.logsafe import SHOWS_SECRET, SecretFilter, redact
 from relay.whepclient import WhepError, WhepViewer
-from signalling.access import ACCESS, FAILURE_DELAY
+from signalling.access import ACCESS, AUTH_FAILURE_BURST, AUTH_FAILURE_RATE, FAILURE_DELAY
 from signalling.app import RELAY
 
 from .conftest import make_config, start_relay
@@ -586,3 +588,72 @@ async def test_open_mode_and_open_rtsp_are_said_at_start(tmp_path, caplog):
     assert [w for w in warnings if w.startswith(("rtsp:", "auth."))] == [
         f"rtsp: no [rtsp] user and password set; anyone who can reach port {rtsp_port} can read the streams over RTSP"
     ]
+
+
+class CountingVerify:
+    """Wraps ``verify_password`` (one scrypt each) to count runs and the most running at once."""
+
+    def __init__(self, real) -> None:
+        self.real = real
+        self.runs = self.running = self.most_at_once = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, password: str, encoded: str) -> bool:
+        with self.lock:
+            self.runs += 1
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            return self.real(password, encoded)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+async def test_a_password_flood_is_throttled_and_never_locks_the_right_password_out(monkeypatch, http):
+    import signalling.access as access_module
+
+    counting = CountingVerify(access_module.verify_password)
+    monkeypatch.setattr(access_module, "verify_password", counting)
+    config = make_config(auth=AuthConfig(mode="password", user="viewer", password_hash=hash_password(PASSWORD)))
+    runner, relay = await start_relay(config)
+    attackers = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
+    sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(a, 0))) for a in attackers]
+    statuses: list[int] = []
+
+    async def guess(session: aiohttp.ClientSession, n: int) -> None:
+        async with session.get(relay.base + "/api/v1/streams", headers=basic("viewer", f"guess-{n}")) as resp:
+            statuses.append(resp.status)
+            if resp.status == 429:
+                assert resp.headers["Retry-After"].isdigit()
+                assert (await resp.text()).startswith("429: too many wrong passwords from 127.0.0.")
+
+    try:
+        started = time.monotonic()
+        rounds = [
+            asyncio.gather(*(guess(s, i) for s in sessions for i in range(r * 50, r * 50 + 50))) for r in range(4)
+        ]
+        flood = asyncio.ensure_future(asyncio.gather(*rounds))
+        await asyncio.sleep(0)  # the flood is under way
+        # The right password from another address gets in while the flood runs.
+        assert (await status_of(http, relay.base + "/api/v1/streams", headers=basic("viewer", PASSWORD)))[0] == 200
+        await flood
+        # One address guessing one at a time gets its burst of answers, then 429 without a scrypt.
+        before = counting.runs
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.6", 0))) as patient:
+            for n in range(AUTH_FAILURE_BURST + 10):
+                await guess(patient, n)
+        one_by_one = statuses[-(AUTH_FAILURE_BURST + 10) :]
+        elapsed = time.monotonic() - started
+        refilled = math.ceil(elapsed * AUTH_FAILURE_RATE)
+        assert AUTH_FAILURE_BURST <= one_by_one.count(401) == counting.runs - before <= AUTH_FAILURE_BURST + refilled
+        assert one_by_one[-1] == 429
+    finally:
+        await asyncio.gather(*(s.close() for s in sessions))
+        await runner.cleanup()
+    assert len(statuses) == 800 + AUTH_FAILURE_BURST + 10 and set(statuses) <= {401, 429}
+    assert counting.most_at_once == 1  # at most one scrypt at a time: at most one core, however many guess
+    # Each address got its burst, then one guess per 1/AUTH_FAILURE_RATE seconds; the rest cost no scrypt.
+    allowed = len(attackers) * (AUTH_FAILURE_BURST + refilled + 1) + 1
+    assert before <= allowed
+    assert statuses[:800].count(429) >= 800 - allowed

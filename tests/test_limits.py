@@ -1,7 +1,9 @@
 """Admission limits with plain values, and as a client meets them."""
 
+import asyncio
 import time
 
+import aiohttp
 import pytest
 
 from relay.whepclient import WhepViewer
@@ -56,6 +58,34 @@ async def test_sessions_that_never_connect_are_capped(relay_server, http):
     while relay_server.relay.sessions.count():
         assert time.monotonic() < deadline
         await __import__("asyncio").sleep(0.1)
+
+
+@pytest.mark.relay_config(max_pending=32, max_pending_per_address=4)
+async def test_one_viewer_with_several_addresses_cannot_hold_every_pending_session(relay_server, http):
+    from .test_whep import CHROMIUM_OFFER  # mDNS-only candidates: these never connect here
+
+    addresses = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
+    clients = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(a, 0))) for a in addresses]
+    try:
+        answers = []
+        for client in clients:
+            for _ in range(6):
+                async with client.post(
+                    relay_server.whep(), data=CHROMIUM_OFFER, headers={"Content-Type": "application/sdp"}
+                ) as resp:
+                    answers.append((resp.status, (await resp.text()).strip()))
+        assert [status for status, _ in answers] == ([201] * 4 + [429] * 2) * len(addresses)
+        assert answers[4][1] == "too many sessions from 127.0.0.2 still connecting (4); retry later"
+        assert relay_server.relay.sessions.pending() == 16
+        # Everyone else still gets in.
+        viewer = WhepViewer(relay_server.whep(), http)
+        try:
+            await viewer.connect()
+            await viewer.read_frames(3)
+        finally:
+            await viewer.close()
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
 
 
 def test_throttled_warnings_are_counted_not_lost(caplog):
