@@ -48,6 +48,10 @@ RESUME_FREE_BYTES = 64 * 2**20  # resume recording with this much free: a few se
 PART = ".part"
 LATEST_VIDEO = "latest_video.mp4"
 LATEST_IMAGE = "latest_image.jpg"
+# Recordings are as private as the token file: the service's group may read
+# them (a backup job, a Samba share), other local accounts may not.
+DIR_MODE = 0o750
+FILE_MODE = 0o640
 
 
 def utc_name(t: float) -> str:
@@ -66,6 +70,89 @@ def parse_utc_name(name: str) -> float | None:
 
 def day_dir(root: Path, stream: str, t: float) -> Path:
     return root / stream / time.strftime("%Y-%m-%d", time.gmtime(t))
+
+
+def make_private_dirs(path: Path) -> None:
+    """``path`` and every missing parent, each created ``DIR_MODE`` (``mkdir(parents=True)`` ignores the mode)."""
+    if path.is_dir():
+        return
+    make_private_dirs(path.parent)
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=DIR_MODE)
+        path.chmod(DIR_MODE)  # mkdir's mode is filtered by the umask; this is the mode meant
+
+
+def create_private(path: Path) -> None:
+    """An empty file of ``FILE_MODE``; a writer that opens it later (FFmpeg, with O_TRUNC) keeps the mode."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    os.fchmod(fd, FILE_MODE)
+    os.close(fd)
+
+
+def has_fragment(path: Path) -> bool:
+    """Whether a fragmented MP4 holds a movie fragment (a ``moof`` box) at its top level: at least one frame.
+
+    A segment cut off before its first fragment is only ``ftyp`` and an empty
+    ``moov``: it plays nothing and is not worth keeping.
+    """
+    try:
+        with path.open("rb") as fh:
+            while header := fh.read(8):
+                if len(header) < 8:
+                    return False
+                size, kind = int.from_bytes(header[:4], "big"), header[4:]
+                if kind == b"moof":
+                    return True
+                if size == 1:  # a 64-bit size follows
+                    size = int.from_bytes(fh.read(8), "big") - 8
+                elif size == 0:  # the box runs to the end of the file
+                    return False
+                if size < 8:
+                    return False  # not an MP4 box: a torn or foreign file
+                fh.seek(size - 8, os.SEEK_CUR)
+    except OSError:
+        return False
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class Files:
+    """What one stream's recording directory holds, each as (path, start time, size), oldest first."""
+
+    segments: list[tuple[Path, float, int]]
+    snapshots: list[tuple[Path, float, int]]
+    parts: list[tuple[Path, float, int]]  # segments being written, or cut off by a crash
+
+
+def scan(stream_dir: Path) -> Files:
+    """The recording files under ``stream_dir``, never following a symlink out of it.
+
+    Only real day directories and regular files with recording names count: a
+    symlinked day directory (or file) pointing elsewhere is neither listed,
+    nor recovered, nor deleted by retention.
+    """
+    found: dict[str, list[tuple[Path, float, int]]] = {"segments": [], "snapshots": [], "parts": []}
+
+    def take(folder: Path, suffix: str, into: str) -> None:
+        with contextlib.suppress(OSError), os.scandir(folder) as entries:
+            for entry in entries:
+                if not (entry.name.endswith(suffix) and entry.is_file(follow_symlinks=False)):
+                    continue
+                t = parse_utc_name(entry.name)
+                with contextlib.suppress(OSError):
+                    if t is not None:
+                        found[into].append((Path(entry.path), t, entry.stat(follow_symlinks=False).st_size))
+
+    with contextlib.suppress(OSError), os.scandir(stream_dir) as days:
+        for day in days:
+            if not day.is_dir(follow_symlinks=False):
+                continue
+            take(Path(day.path), ".mp4", "segments")
+            take(Path(day.path), ".mp4" + PART, "parts")
+            snaps = Path(day.path) / "snapshots"
+            if snaps.is_dir() and not snaps.is_symlink():
+                take(snaps, ".jpg", "snapshots")
+    return Files(*(sorted(found[k], key=lambda f: f[1]) for k in ("segments", "snapshots", "parts")))
 
 
 def point_link(link: Path, target: Path) -> None:
@@ -107,7 +194,8 @@ class Segment:
         self.start = first.capture_time
         self.base = first.pts
         self.frames = 0
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(path.parent)
+        create_private(self.part)
         self._container = av.open(
             str(self.part),
             "w",
@@ -194,6 +282,10 @@ class Recorder:
         return self.root / self.name
 
     def start(self) -> None:
+        make_private_dirs(self.dir)
+        if self.dir.stat().st_mode & 0o027:  # made by an older camrelay, or by hand: keep others out
+            self.dir.chmod(DIR_MODE)
+            log.warning("stream=%s %s was open to other users; made it %o", self.name, self.dir, DIR_MODE)
         self.recover()
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._record(), name=f"record-{self.name}"))
@@ -206,10 +298,15 @@ class Recorder:
         await asyncio.to_thread(self._io.shutdown)
 
     def recover(self) -> None:
-        """Segments cut off by a crash or power loss: rename them complete (they play to their last fragment)."""
-        for part in self.dir.glob(f"*/*.mp4{PART}"):
-            part.replace(part.with_name(part.name[: -len(PART)]))
-            log.warning("stream=%s recovered %s cut off by a crash", self.name, part.name)
+        """Segments cut off by a crash or power loss: renamed complete (they play to their last
+        fragment), or removed when the cut came before their first fragment (nothing to play)."""
+        for part, _, _ in scan(self.dir).parts:
+            if has_fragment(part):
+                part.replace(part.with_name(part.name[: -len(PART)]))
+                log.warning("stream=%s recovered %s cut off by a crash", self.name, part.name)
+            else:
+                part.unlink(missing_ok=True)
+                log.warning("stream=%s removed %s: cut off by a crash before its first frame", self.name, part.name)
 
     async def _record(self) -> None:
         while True:
@@ -303,9 +400,10 @@ class Recorder:
 
     def _write_snapshot(self, data: bytes, t: float) -> None:
         folder = day_dir(self.root, self.name, t) / "snapshots"
-        folder.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(folder)
         path = folder / f"{utc_name(t)}.jpg"
         tmp = path.with_name(path.name + ".tmp")
+        create_private(tmp)
         tmp.write_bytes(data)
         tmp.replace(path)
         self.snapshots_written += 1
@@ -313,28 +411,12 @@ class Recorder:
 
     def listing(self) -> tuple[list[tuple[Path, float, int]], list[tuple[Path, float, int]]]:
         """(segments, snapshots) on disk as (path, start time, size), oldest first."""
-        segments, snapshots = [], []
-        for path in self.dir.glob("*/*.mp4"):
-            t = parse_utc_name(path.name)
-            with contextlib.suppress(OSError):
-                if t is not None:
-                    segments.append((path, t, path.stat().st_size))
-        for path in self.dir.glob("*/snapshots/*.jpg"):
-            t = parse_utc_name(path.name)
-            with contextlib.suppress(OSError):
-                if t is not None:
-                    snapshots.append((path, t, path.stat().st_size))
-        return sorted(segments, key=lambda f: f[1]), sorted(snapshots, key=lambda f: f[1])
+        files = scan(self.dir)
+        return files.segments, files.snapshots
 
     def _enforce_retention(self) -> None:
-        segments, snapshots = self.listing()
-        parts = []  # segments cut off by a full disk count too
-        for path in self.dir.glob(f"*/*.mp4{PART}"):
-            t = parse_utc_name(path.name)
-            with contextlib.suppress(OSError):
-                if t is not None:
-                    parts.append((path, t, path.stat().st_size))
-        for path in files_to_delete(segments + snapshots + parts, self.retention, time.time()):
+        files = scan(self.dir)  # segments cut off by a full disk (parts) count too
+        for path in files_to_delete(files.segments + files.snapshots + files.parts, self.retention, time.time()):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 self.deleted += 1

@@ -102,6 +102,11 @@ async def test_segments_and_snapshots_are_recorded(tmp_path, http):
     assert (recorder.dir / LATEST_VIDEO).resolve() in [p.resolve() for p, _, _ in segments]
     assert (recorder.dir / LATEST_IMAGE).resolve() == snapshots[-1][0].resolve()
     assert not list(recorder.dir.glob("*/*.part"))  # a clean shutdown leaves only complete files
+    # As private as the token file: the group may read, other local accounts may not.
+    root = tmp_path / "rec"
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            assert path.stat().st_mode & 0o777 == (0o750 if path.is_dir() else 0o640), path
 
 
 async def test_a_segment_cut_off_mid_write_plays_up_to_its_last_fragment(tmp_path):
@@ -126,6 +131,63 @@ async def test_a_segment_cut_off_mid_write_plays_up_to_its_last_fragment(tmp_pat
     shutil.copyfile(cut, leftover)
     recorder.recover()
     assert (leftover.parent / "20260101T000000.000Z.mp4").exists() and not leftover.exists()
+
+
+def make_segment_part(tmp_path: Path, frames: int) -> bytes:
+    """The bytes of a ``.part`` as a crash leaves it: ``frames`` frames written (0: cut before any),
+    a keyframe every 10 (each starts a fragment, so the first 10 are in a complete one from the 11th on)."""
+    from relay.encode import EncoderSettings, H264Encoder
+    from relay.hub import EncodedFrame
+
+    encoder = H264Encoder(EncoderSettings(1_000_000, FPS, 1.0, "libx264"))
+    picture = av.VideoFrame(320, 240, "yuv420p")
+    units = [encoder.encode(picture, i * 6000, i % 10 == 0)[0] for i in range(max(1, frames))]
+    first = EncodedFrame(units[0][0], units[0][2], True, 1.0)
+    segment = Segment(tmp_path / "made" / "x.mp4", first, (320, 240), FPS)
+    for data, keyframe, pts in units[:frames]:
+        segment.write(EncodedFrame(data, pts, keyframe, 1.0))
+    data = segment.part.read_bytes()  # before close: exactly what a power cut leaves
+    segment.abort()
+    return data
+
+
+def test_a_segment_cut_before_its_first_frame_is_removed_not_recovered(tmp_path):
+    from relay.record import Recorder, has_fragment
+
+    recorder = Recorder("cam0", None, None, tmp_path / "rec", lambda: (320, 240), FPS, 5.0, 0.0, Retention(0, 0))
+    day = recorder.dir / "2026-01-01"
+    day.mkdir(parents=True)
+    empty, played = day / "20260101T000000.000Z.mp4.part", day / "20260101T000005.000Z.mp4.part"
+    empty.write_bytes(make_segment_part(tmp_path, 0))
+    played.write_bytes(make_segment_part(tmp_path, 12))
+    assert not has_fragment(empty) and has_fragment(played)
+    recorder.recover()
+    assert sorted(p.name for p in day.iterdir()) == ["20260101T000005.000Z.mp4"]
+    assert len(decode_all(day / "20260101T000005.000Z.mp4", torn=True)) == 10
+
+
+def test_retention_and_recovery_never_follow_a_symlink_out_of_the_recordings(tmp_path):
+    from relay.record import Recorder
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    victims = [outside / "20200101T000000.000Z.mp4", outside / "20200101T000001.000Z.mp4.part"]
+    (outside / "snapshots").mkdir()
+    victims.append(outside / "snapshots" / "20200101T000000.000Z.jpg")
+    for victim in victims:
+        victim.write_bytes(b"not yours")
+    recorder = Recorder("cam0", None, None, tmp_path / "rec", lambda: (320, 240), FPS, 5.0, 0.0, Retention(1, 60.0))
+    recorder.dir.mkdir(parents=True)
+    (recorder.dir / "2020-01-01").symlink_to(outside, target_is_directory=True)  # another local user's doing
+    real_day = recorder.dir / "2020-01-02"
+    real_day.mkdir()
+    (real_day / "20200102T000000.000Z.mp4").write_bytes(b"old")
+    (real_day / "20200102T000001.000Z.mp4").symlink_to(victims[0])
+    recorder.recover()
+    assert recorder.listing() == ([(real_day / "20200102T000000.000Z.mp4", 1577923200.0, 3)], [])
+    recorder._enforce_retention()
+    assert all(v.read_bytes() == b"not yours" for v in victims)
+    assert not (real_day / "20200102T000000.000Z.mp4").exists()  # what is really ours still goes
 
 
 class FullDisk(Segment):
