@@ -68,6 +68,8 @@ class HttpConfig:
     cors_origins: tuple[str, ...] = ()  # other sites allowed to use WHEP from a browser; empty: same origin only
     # Host names (besides this machine's own names and addresses) requests may be addressed to; "*": any
     allowed_hosts: tuple[str, ...] = ()
+    # Reverse proxies (addresses or networks) whose X-Forwarded-For and X-Forwarded-Proto are believed
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,6 +327,23 @@ def _hosts(v: Any) -> tuple[str, ...]:
     return tuple(h.lower().rstrip(".") for h in hosts)
 
 
+def parse_networks(values: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """``("127.0.0.1", "10.0.0.0/8")`` -> networks; ``ValueError`` names the one that is not an address."""
+    networks = []
+    for value in values:
+        try:
+            networks.append(ipaddress.ip_network(value, strict=False))
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address or network (like 127.0.0.1 or 10.0.0.0/8)") from None
+    return tuple(networks)
+
+
+def _networks(v: Any) -> tuple[str, ...]:
+    networks = _str_list(v)
+    parse_networks(networks)
+    return networks
+
+
 def _is_ipv6(text: str) -> bool:
     try:
         return isinstance(ipaddress.ip_address(text), ipaddress.IPv6Address)
@@ -359,6 +378,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "port": _int(1, 65535),
         "cors_origins": lambda v: _origins(_str_list(v)),
         "allowed_hosts": _hosts,
+        "trusted_proxies": _networks,
     },
     "auth": {
         "mode": _choice(*AUTH_MODES),

@@ -32,6 +32,7 @@ from relay.telemetry import prometheus
 from relay.webrtc import OfferRejected
 
 from .access import ACCESS, Access, guard
+from .forwarded import PROXIES, forwarded, parse_networks
 from .limits import RateLimiter
 from .sdp import SdpError, check_candidate, check_offer, drop_mdns_candidates, is_mdns_candidate
 
@@ -531,7 +532,9 @@ async def view(request: web.Request) -> dict:
 
 def make_app(relay: Relay) -> web.Application:
     """The aiohttp application; starts and closes ``relay`` with itself."""
-    app = web.Application(client_max_size=MAX_OFFER_BYTES, middlewares=[cors, guard])
+    # forwarded first: the checks after it see the client behind a trusted reverse proxy, not the proxy.
+    app = web.Application(client_max_size=MAX_OFFER_BYTES, middlewares=[forwarded, cors, guard])
+    app[PROXIES] = parse_networks(relay.config.http.trusted_proxies)
     app[RELAY] = relay
     app[ACCESS] = Access(relay.config, relay.state_dir)
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(TEMPLATES_DIR), autoescape=True)
