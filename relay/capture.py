@@ -24,6 +24,7 @@ from typing import Protocol
 
 import av
 
+from .logsafe import redact, url_passwords
 from .testpattern import PatternRenderer
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def parse_source_spec(text: str) -> SourceSpec:
         if not rest:
             raise ValueError(f"source {text!r} needs a path after {kind}:")
         return SourceSpec(kind, rest)
-    raise ValueError(f"source {text!r} has unknown kind {kind!r}; expected test, v4l2, rtsp or file")
+    raise ValueError(f"source {redact_url(text)!r} has unknown kind {kind!r}; expected test, v4l2, rtsp or file")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -317,20 +318,14 @@ class DecodedSource:
 
 
 def redact_url(url: str) -> str:
-    """``rtsp://user:secret@host/`` -> ``rtsp://user:***@host/``, for logs."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    auth, at, host = rest.rpartition("@")
-    if not at:
-        return url
-    user = auth.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
+    """``rtsp://user:secret@host/`` -> ``rtsp://user:***@host/``, for logs and the API."""
+    return redact(url, url_passwords(url))
 
 
 def redact_text(text: str, url: str) -> str:
-    """``text`` (an FFmpeg error names the URL it failed on) with ``url``'s password hidden."""
-    return text.replace(url, redact_url(url))
+    """``text`` (an FFmpeg error names the URL it failed on, escaped as Python quotes it) with ``url``'s
+    password hidden in every form."""
+    return redact(text, url_passwords(url))
 
 
 def open_source(spec: SourceSpec, width: int, height: int, fps: float, label: str) -> Source:

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .config import AUTH_MODES, Config, ConfigError, load, secrets_in_file
-from .logsafe import SECRET_FILTER, SHOWS_SECRET
+from .config import AUTH_MODES, Config, ConfigError, load, secret_values, secrets_in_file
+from .logsafe import SECRET_FILTER, SHOWS_SECRET, url_passwords
 from .rtsp import RtspError
 
 if TYPE_CHECKING:
@@ -264,8 +264,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(SECRET_FILTER)
-    SECRET_FILTER.secrets.update(s for s in (config.rtsp.password, config.webrtc.ice_credential) if s)
+    SECRET_FILTER.secrets.update(secret_values(config))
     warn_if_exposed(*args.config_file)
+    for stream in config.streams:
+        if args.source and url_passwords(stream.source.target):  # --source replaces every other stream
+            log.warning(
+                "stream=%s: a password given with --source is visible to every local user (ps); give the source"
+                " in the config file's [streams] table (chmod 600) or in CAMRELAY_STREAMS instead",
+                stream.name,
+            )
     logging.getLogger("aioice").setLevel(logging.WARNING)
     logging.getLogger("aiortc").setLevel(logging.WARNING)
     try:

@@ -18,7 +18,7 @@ from typing import Any
 from .auth import HASH_HELP, TOKEN_PATTERN, parse_hash
 from .capture import SourceSpec, parse_fps, parse_size, parse_source_spec, redact_url
 from .encode import ENCODERS
-from .logsafe import redact
+from .logsafe import redact, url_passwords
 
 ENV_PREFIX = "CAMRELAY_"
 STREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # safe in URLs and file names
@@ -42,7 +42,10 @@ SECRET_KEYS = ("auth.token", "auth.password_hash", "rtsp.password", "webrtc.ice_
 
 
 class ConfigError(ValueError):
-    """A configuration value is wrong; ``str()`` names the key."""
+    """A configuration value is wrong; ``str()`` names the key, and no URL's password (it is printed, unfiltered)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,6 +452,14 @@ def secrets_in_file(toml_text: str) -> list[str]:
     if isinstance(streams, dict):
         found += [f"streams.{n}" for n, spec in streams.items() if isinstance(spec, str) and redact_url(spec) != spec]
     return found
+
+
+def secret_values(config: Config) -> set[str]:
+    """The secrets ``config`` holds (the values of ``SECRET_KEYS``, the passwords in its URLs), for logs to hide."""
+    values = {getattr(getattr(config, section), key) for section, _, key in (k.partition(".") for k in SECRET_KEYS)}
+    for url in (config.rtsp.publish_url, *(s.source.target for s in config.streams)):
+        values.update(url_passwords(url))
+    return values - {""}
 
 
 def parse_stream_arg(text: str) -> tuple[str, str]:

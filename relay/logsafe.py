@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
+import re
 import time
 from collections.abc import Iterable
+from urllib.parse import quote, unquote
 
 # The same warning at most this often; the lines between are counted, not lost.
 DEFAULT_INTERVAL = 1.0
@@ -36,15 +40,49 @@ REDACTED = "***"
 SHOWS_SECRET = {"shows_secret": True}  # ``extra=`` of the one line allowed to: the start-up viewer URL
 
 
-def redact(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with every (non-empty) secret replaced by ``***``; the longest first, so none is half hidden."""
-    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
-        text = text.replace(secret, REDACTED)
-    return text
+# The password of scheme://user:password@ (or a mistyped scheme:/user:password@) anywhere in a text, known or
+# not: a config error quoting a source with a wrong scheme, an error that escaped the URL. It runs to the last
+# @ before a space, so a password holding an unencoded @ is hidden whole.
+URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*:/{0,2}[^\s/:@]*:)(?P<password>\S*)@")
+FORMS_CACHED = 16  # sets of secrets whose forms are kept: the process's one, growing, and a few of config errors
+
+
+def url_passwords(url: str) -> list[str]:
+    """The password in ``scheme://user:password@host/...`` (up to its last @, spaces and all), if it has one."""
+    userinfo, at, _ = url.partition("://")[2].rpartition("@")
+    return [password] if at and (password := userinfo.partition(":")[2]) else []
+
+
+def variants(secret: str) -> set[str]:
+    """The forms ``secret`` takes in a text: as given and percent-decoded (a URL holds the encoded form, an
+    error may show either), each percent-encoded, or escaped as repr (in either kind of quotes), ascii,
+    JSON and unicode_escape show it."""
+    forms = set()
+    for s in (secret, unquote(secret)):
+        forms |= {s, quote(s), quote(s, safe=""), json.dumps(s)[1:-1], json.dumps(s, ensure_ascii=False)[1:-1]}
+        for escaped in (repr(s)[1:-1], ascii(s)[1:-1], s.encode("unicode_escape").decode("ascii")):
+            bare = escaped.replace("\\'", "'")  # as inside "...": ' not escaped
+            forms |= {bare, bare.replace("'", "\\'")}
+    forms.discard("")
+    return forms
+
+
+@functools.lru_cache(maxsize=FORMS_CACHED)
+def _forms(secrets: frozenset[str]) -> tuple[str, ...]:
+    return tuple(sorted({f for s in secrets if s for f in variants(s)}, key=len, reverse=True))
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with every form of every secret (``variants``), the longest first so none is half hidden,
+    and the password of any URL in it replaced by ``***``."""
+    for form in _forms(frozenset(secrets)):
+        text = text.replace(form, REDACTED)
+    return URL_PASSWORD.sub(rf"\g<head>{REDACTED}@", text)
 
 
 class SecretFilter(logging.Filter):
-    """On a handler: hides the known secrets in every record but those logged with ``extra=SHOWS_SECRET``.
+    """On a handler: hides the known secrets (and URL passwords) in every record but those logged with
+    ``extra=SHOWS_SECRET``.
 
     A second line of defence; the code logs no secret in the first place (tests/test_auth.py).
     """
@@ -54,7 +92,7 @@ class SecretFilter(logging.Filter):
         self.secrets: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets and not getattr(record, "shows_secret", False):
+        if not getattr(record, "shows_secret", False):
             message = record.getMessage()
             clean = redact(message, self.secrets)
             if clean != message:

@@ -26,8 +26,10 @@ from . import ipc
 from .aio import cancel_and_wait, signal_group
 from .backoff import Retry
 from .capture import SourceSpec
+from .childenv import child_env
 from .encode import EncoderSettings
 from .hub import EncodedFrame, PacketHub
+from .logsafe import SECRET_FILTER, redact, url_passwords
 from .mjpeg import JpegFeed
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,7 @@ class Stream:
         self.encoders_running = 0
         self.jpegs = JpegFeed(self.set_jpeg)  # the camera's JPEGs, while anyone wants them
         self.hub = PacketHub(name, self.request_keyframe)
+        SECRET_FILTER.secrets.update(url_passwords(spec.target))  # the camera's: hidden in every log line and status
         self._worker_config = {
             "name": name,
             "source": str(spec) if spec.kind != "rtsp" else spec.target,
@@ -162,7 +165,8 @@ class Stream:
                     sys.executable, "-m", "relay.worker",
                     # In the environment, not argv: any local user can read argv (ps), and an RTSP
                     # camera's URL holds its password. /proc/<pid>/environ is readable by us only.
-                    env={**os.environ, WORKER_CONFIG_ENV: json.dumps(self._worker_config)},
+                    # Nothing else of ours: not the token or other cameras' URLs in CAMRELAY_*.
+                    env=child_env(os.environ, **{WORKER_CONFIG_ENV: json.dumps(self._worker_config)}),
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                     start_new_session=True, limit=PIPE_LIMIT,
                 )  # fmt: skip
@@ -221,7 +225,8 @@ class Stream:
             elif kind == ipc.LOG:
                 try:
                     record = json.loads(payload)
-                    logging.getLogger(record["logger"]).log(record["level"], "%s", record["message"])
+                    message = redact(record["message"], SECRET_FILTER.secrets)  # the worker's own, checked
+                    logging.getLogger(record["logger"]).log(record["level"], "%s", message)
                 except (ValueError, KeyError, TypeError):
                     log.error("stream=%s bad log record from worker", self.name)
 
@@ -250,7 +255,7 @@ class Stream:
         for key in COUNTERS:
             setattr(st, key, getattr(base, key) + s[key])
         st.encode_ms = s["encode_ms"]
-        st.last_error = s["last_error"]
+        st.last_error = redact(s["last_error"], SECRET_FILTER.secrets)  # shown to every viewer in the API
         self.state = s["state"]
         self.width, self.height, self.fps = s["width"] or self.width, s["height"] or self.height, s["fps"] or self.fps
         self.encoder_name = s["encoder"]

@@ -27,6 +27,7 @@ from . import ipc, slate
 from .backoff import Retry
 from .capture import CapturedFrame, Source, SourceError, open_source, parse_source_spec
 from .encode import PTS_CLOCK, DecodeError, EncoderSettings, H264Encoder, JpegDecoder, JpegEncoder
+from .logsafe import SECRET_FILTER, redact, url_passwords
 
 log = logging.getLogger("relay.worker")  # not __name__: this module runs as __main__
 
@@ -217,6 +218,7 @@ class Pipeline:
             self._stop.wait(delay)
 
     def _record_error(self, message: str) -> None:
+        message = redact(message, SECRET_FILTER.secrets)  # an error may quote the camera's URL, escaped
         self.stats.source_errors += 1
         self.stats.last_error = message
         log.warning("stream=%s source error: %s", self.name, message)
@@ -384,6 +386,7 @@ class PipeLogHandler(logging.Handler):
             msg = record.getMessage()
             if record.exc_info:
                 msg += "\n" + logging.Formatter().formatException(record.exc_info)
+            msg = redact(msg, SECRET_FILTER.secrets)  # message and traceback: what leaves this process
             self._emit(ipc.pack_json(ipc.LOG, {"level": record.levelno, "logger": record.name, "message": msg}))
         except Exception:
             self.handleError(record)
@@ -407,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the relay decides when we stop
 
+    SECRET_FILTER.secrets.update(url_passwords(cfg["source"]))
     spec = parse_source_spec(cfg["source"])
     settings = EncoderSettings(cfg["bitrate"], spec.fps or cfg["fps"], cfg["keyframe_interval"], cfg["encoder"])
     pipeline = Pipeline(
