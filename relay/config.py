@@ -24,6 +24,8 @@ STREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # safe in URLs an
 MIN_BITRATE = 100_000  # below this H.264 at any useful size is mush
 MAX_BITRATE = 50_000_000  # above this no Pi uplink or browser jitter buffer keeps up
 MAX_VIEWERS_LIMIT = 10_000
+MAX_CONNECTIONS_LIMIT = 100_000  # http.max_connections: far beyond what a Pi's fds and memory hold
+MAX_HEADER_TIMEOUT = 3600.0  # http.header_timeout: seconds; longer lets idle connections pile up for hours
 AUTH_MODES = ("token", "password", "none")
 # Keys whose values are secrets: never quoted in an error, and worth a warning in a file others can read.
 SECRET_KEYS = ("auth.token", "auth.password_hash", "rtsp.password", "webrtc.ice_credential")
@@ -56,6 +58,15 @@ class HttpConfig:
     cors_origins: tuple[str, ...] = ()  # other sites allowed to use WHEP from a browser; empty: same origin only
     # Host names (besides this machine's own names and addresses) requests may be addressed to; "*": any
     allowed_hosts: tuple[str, ...] = ()
+    # Connections at once, all clients (and at most half the fd limit). A browser holds up to 6, mostly idle
+    # (idle ones make room for new ones); an MJPEG client or a download 1 while it lasts.
+    max_connections: int = 512
+    # One address's share: a browser's 6 and a page of MJPEG tiles. Behind a reverse proxy every client is
+    # the proxy's address: raise it there.
+    max_connections_per_address: int = 32
+    # Seconds a connection has to send a request's headers, from connecting or from its previous response;
+    # idle keep-alive connections are closed then too. A LAN client needs milliseconds.
+    header_timeout: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +232,12 @@ def _positive(v: Any) -> float:
     return f
 
 
+def _at_most(seconds: float, limit: float) -> float:
+    if not seconds <= limit:  # also nan
+        raise ValueError(f"must be at most {limit:g} seconds, got {seconds:g}")
+    return seconds
+
+
 def _celsius(v: Any) -> float:
     try:
         c = float(v)
@@ -311,6 +328,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "port": _int(1, 65535),
         "cors_origins": lambda v: _origins(_str_list(v)),
         "allowed_hosts": _hosts,
+        "max_connections": _int(1, MAX_CONNECTIONS_LIMIT),
+        "max_connections_per_address": _int(1, MAX_CONNECTIONS_LIMIT),
+        "header_timeout": lambda v: _at_most(parse_duration(v), MAX_HEADER_TIMEOUT),
     },
     "auth": {
         "mode": _choice(*AUTH_MODES),
