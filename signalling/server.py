@@ -229,14 +229,16 @@ REQUEST_ERRORS = RequestErrors()
 
 def make_runner(app: web.Application, http: HttpConfig) -> web.AppRunner:
     """``app``'s runner with the bounds above; start it with ``start_site``."""
-    limit = min(http.max_connections, fd_limit() // FD_SHARE)
+    fds = fd_limit()
+    limit = min(http.max_connections, fds // FD_SHARE)
     app[GUARD] = guard = ConnectionGuard(limit, http.max_connections_per_address)
     app.middlewares.insert(0, guard.middleware)  # outermost: busy from the first middleware on
     logging.getLogger("aiohttp.server").addFilter(REQUEST_ERRORS)
     log.info(
-        "http: at most %d connections (%d per address), request headers due within %gs",
+        "http: at most %d connections (%d per address; fd limit %d), request headers due within %gs",
         limit,
         http.max_connections_per_address,
+        fds,
         http.header_timeout,
     )
     return web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=http.header_timeout)
