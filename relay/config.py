@@ -61,8 +61,8 @@ class HttpConfig:
     # Connections at once, all clients (and at most half the fd limit). A browser holds up to 6, mostly idle
     # (idle ones make room for new ones); an MJPEG client or a download 1 while it lasts.
     max_connections: int = 512
-    # One address's share: a browser's 6 and a page of MJPEG tiles. Behind a reverse proxy every client is
-    # the proxy's address: raise it there.
+    # One address's share: a browser's 6, a dashboard's MJPEG streams. Behind a reverse proxy every client
+    # is the proxy's address: raise it there.
     max_connections_per_address: int = 32
     # Seconds a connection has to send a request's headers, from connecting or from its previous response;
     # idle keep-alive connections are closed then too. A LAN client needs milliseconds.
