@@ -168,12 +168,13 @@ def hash_password_command(stdin=None) -> int:
 
 
 async def serve(config: Config) -> None:
-    from aiohttp import web
-
     from relay.service import Relay
     from signalling.access import ACCESS
     from signalling.app import RELAY, make_app
+    from signalling.server import make_runner, raise_fd_limit, start_site, throttle_loop_errors
 
+    raise_fd_limit()
+    throttle_loop_errors(asyncio.get_running_loop())
     # Bind first: a taken port is one clear error before any camera is opened.
     try:
         sock = socket.create_server((config.http.host, config.http.port))
@@ -187,14 +188,14 @@ async def serve(config: Config) -> None:
     except ConfigError:
         sock.close()
         raise
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    runner = make_runner(app, config.http)
     try:
         await runner.setup()  # starts the relay: cameras, mediamtx
     except RtspError:
         sock.close()
         await runner.cleanup()
         raise
-    await web.SockSite(runner, sock).start()
+    await start_site(runner, sock)
     announce(app[RELAY], app[ACCESS])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -36,6 +36,8 @@ MAX_AGE = 100 * 365 * DAY  # recordings kept longer than a century: surely a typ
 MAX_SESSION_RATE = 1000.0  # new sessions per second per address
 MIN_SESSION_RATE = 0.001  # one in a quarter of an hour: lower is a rate limit that never refills
 MAX_BYTES = 2**60  # an exabyte: more is a typo
+MAX_CONNECTIONS_LIMIT = 100_000  # http.max_connections: far beyond what a Pi's fds and memory hold
+MAX_HEADER_TIMEOUT = 3600.0  # http.header_timeout: seconds; longer lets idle connections pile up for hours
 AUTH_MODES = ("token", "password", "none")
 # Keys whose values are secrets: never quoted in an error, and worth a warning in a file others can read.
 SECRET_KEYS = ("auth.token", "auth.password_hash", "rtsp.password", "webrtc.ice_credential")
@@ -73,6 +75,14 @@ class HttpConfig:
     allowed_hosts: tuple[str, ...] = ()
     # Reverse proxies (addresses or networks) whose X-Forwarded-For and X-Forwarded-Proto are believed
     trusted_proxies: tuple[str, ...] = ()
+    # Connections at once, all clients (and at most half the fd limit). A browser holds up to 6, mostly idle
+    # (idle ones make room for new ones); an MJPEG client or a download 1 while it lasts.
+    max_connections: int = 512
+    # One address's share: a browser's 6, a dashboard's MJPEG streams (trusted_proxies are exempt).
+    max_connections_per_address: int = 32
+    # Seconds a connection has to send a request's headers, from connecting or from its previous response;
+    # idle keep-alive connections are closed then too. A LAN client needs milliseconds.
+    header_timeout: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,6 +392,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "cors_origins": lambda v: _origins(_str_list(v)),
         "allowed_hosts": _hosts,
         "trusted_proxies": _networks,
+        "max_connections": _int(1, MAX_CONNECTIONS_LIMIT),
+        "max_connections_per_address": _int(1, MAX_CONNECTIONS_LIMIT),
+        "header_timeout": _duration(0.01, MAX_HEADER_TIMEOUT),
     },
     "auth": {
         "mode": _choice(*AUTH_MODES),

@@ -23,7 +23,7 @@ class Throttled:
         self._last = float("-inf")
         self.suppressed = 0
 
-    def warn(self, msg: str, *args: object, now: float | None = None) -> bool:
+    def warn(self, msg: str, *args: object, now: float | None = None, exc_info: BaseException | None = None) -> bool:
         now = time.monotonic() if now is None else now
         if now - self._last < self.interval:
             self.suppressed += 1
@@ -31,7 +31,7 @@ class Throttled:
         if self.suppressed:
             msg += " (and %d more like it)"
             args = (*args, self.suppressed)
-        self.logger.warning(msg, *args)
+        self.logger.warning(msg, *args, exc_info=exc_info)
         self._last, self.suppressed = now, 0
         return True
 
@@ -97,6 +97,13 @@ class SecretFilter(logging.Filter):
             clean = redact(message, self.secrets)
             if clean != message:
                 record.msg, record.args = clean, None
+            if record.exc_info:  # a traceback quotes what it likes: formatted here, redacted below
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+                record.exc_info = None
+            if record.exc_text:
+                record.exc_text = redact(record.exc_text, self.secrets)
+            if record.stack_info:
+                record.stack_info = redact(record.stack_info, self.secrets)
         return True
 
 

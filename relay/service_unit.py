@@ -16,6 +16,10 @@ EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "camrelay.example.toml
 README = Path(__file__).resolve().parent.parent / "README.md"
 MEMORY_MAX = "768M"  # a runaway leak restarts the service instead of starving the Pi
 RESTART_SEC = 2  # with Restart=always: a crash costs viewers a couple of seconds
+# Open files: the 512 HTTP connections (http.max_connections), each WebRTC viewer's UDP sockets, the
+# workers' pipes and mediamtx's many times over; a leak still hits it long before the system's limit.
+# (systemd's default soft limit, 1024, is what an idle-socket flood exhausted.)
+LIMIT_NOFILE = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +55,7 @@ RestartSec={RESTART_SEC}
 KillMode=control-group
 TimeoutStopSec=20
 MemoryMax={MEMORY_MAX}
+LimitNOFILE={LIMIT_NOFILE}
 NoNewPrivileges=yes
 ProtectSystem=strict
 ProtectHome=read-only

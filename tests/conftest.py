@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import tempfile
 import threading
 import time
@@ -23,6 +24,7 @@ from relay.capture import SourceSpec
 from relay.config import AuthConfig, Config, HttpConfig, RtspConfig, StreamConfig, VideoConfig, WebRTCConfig
 from relay.service import Relay
 from signalling.app import make_app
+from signalling.server import make_runner, start_site
 
 # Small frames keep a 2-core machine responsive while many peers run; the
 # pixel clock needs at least 320 px.
@@ -162,9 +164,9 @@ class RunningRelay:
 
 async def start_relay(config: Config, wait: bool = True, **relay_kw) -> tuple[web.AppRunner, RunningRelay]:
     relay = Relay(config, **relay_kw)
-    runner = web.AppRunner(make_app(relay), handle_signals=False, access_log=None)  # as `camrelay serve` runs it
+    runner = make_runner(make_app(relay), config.http)  # as `camrelay serve` runs it: timeouts, connection caps
     await runner.setup()
-    await web.TCPSite(runner, config.http.host, config.http.port).start()
+    await start_site(runner, socket.create_server((config.http.host, config.http.port)))
     running = RunningRelay(relay, f"http://{config.http.host}:{config.http.port}")
     if wait:
         await running.wait_live(next(iter(relay.streams)))

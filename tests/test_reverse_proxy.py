@@ -182,3 +182,26 @@ async def test_per_address_limits_see_the_client_behind_the_proxy(tmp_path, trus
     else:  # every client looks like nginx: the second client is refused for the first one's session
         assert [status for status, _ in answers] == [201, 429, 429]
         assert answers[2][1] == "too many new sessions from 127.0.0.1; retry later"
+
+
+async def test_the_per_address_connection_cap_does_not_hold_every_viewer_behind_the_proxy(tmp_path):
+    config = proxied_config(tmp_path)
+    config = dataclasses.replace(config, http=dataclasses.replace(config.http, max_connections_per_address=2))
+    runner, relay = await start_relay(config)
+    try:
+        async with nginx(tmp_path, relay.relay.config.http.port) as port:
+            sessions = [https_session(f"127.0.0.{i}") for i in range(2, 6)]
+            try:
+                streams = [
+                    await s.get(f"https://localhost:{port}/mjpeg/cam0", headers={"Authorization": f"Bearer {TOKEN}"})
+                    for s in sessions
+                ]
+                # Four MJPEG viewers at once, each one upstream connection from nginx's one address.
+                for resp in streams:
+                    assert resp.status == 200
+                    assert b"Content-Type: image/jpeg" in await resp.content.readuntil(b"\r\n\r\n")
+                    resp.close()
+            finally:
+                await asyncio.gather(*(s.close() for s in sessions))
+    finally:
+        await runner.cleanup()

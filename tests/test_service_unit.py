@@ -40,6 +40,7 @@ def test_install_service_writes_a_unit_that_verifies_cleanly(tmp_path):
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
         "MemoryMax=768M",
+        "LimitNOFILE=8192",
         "KillMode=control-group",
     ):
         assert line in text.splitlines(), line

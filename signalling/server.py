@@ -1,0 +1,285 @@
+"""The HTTP server, bounded: what ``camrelay serve`` and the tests both run.
+
+- **Header timeout.** A connection that has not sent a whole request head
+  within ``http.header_timeout`` of connecting, or of its previous response,
+  is closed: idle keep-alive connections and slowloris clients alike. This is
+  aiohttp's own ``keepalive_timeout``, whose clock starts at connect and which
+  only closes a connection waiting for its next request, so a response in
+  progress (MJPEG, a download) is never cut.
+- **Connection caps** (``ConnectionGuard``): one client address may hold
+  ``http.max_connections_per_address`` (a trusted reverse proxy, which carries
+  every client behind it, is not capped alone); a newcomer over that is closed at once.
+  All clients together may hold ``http.max_connections`` (and never more than
+  half the fd limit); at the cap the connection idle the longest makes room,
+  so sockets that never send a request cannot lock a real viewer out. Only
+  when every connection is busy is a newcomer refused.
+- **Quiet logs.** Malformed requests (a header line over 8190 bytes, a bad
+  request line) and the event loop's own errors (``socket.accept()`` out of
+  file descriptors) are one line a second with a count, never a traceback
+  flood, and never the request's bytes (a token may be in them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import resource
+import socket
+from collections import Counter, OrderedDict
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from relay.config import HttpConfig, parse_networks
+from relay.logsafe import Throttled
+
+log = logging.getLogger(__name__)
+
+# Half the fd limit at most for HTTP connections: the other half is for each
+# WebRTC viewer's UDP socket(s), the camera workers' pipes, mediamtx's,
+# recordings, and the up to ACCEPT_BACKLOG sockets one accept burst can hold
+# before the ones it evicts are closed.
+FD_SHARE = 2
+ACCEPT_BACKLOG = 128  # aiohttp's default: connections the kernel queues before we accept them
+AIOHTTP_REQUEST_ERROR = "Error handling request from %s"  # aiohttp.server's message for a request it cannot parse
+REASON = re.compile(r"[A-Za-z][A-Za-z0-9 ]{0,79}")  # a parse error's words, up to the quoted bytes of the request
+
+
+def fd_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def raise_fd_limit() -> None:
+    """The soft fd limit up to the hard one (systemd's soft default is 1024), logged once."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("fd limit stays at %d: cannot raise it to %d: %s", soft, hard, exc)
+        return
+    log.info("fd limit raised from %d to %d", soft, hard)
+
+
+class ConnectionGuard:
+    """Caps connections per client address and in all, making room from the idle ones.
+
+    ``protocol()`` wraps each accepted connection's aiohttp protocol; ``middleware``
+    marks a connection busy from the start of a request until its response is
+    written (the request's task ends).
+    """
+
+    def __init__(self, limit: int, per_address: int, proxies: tuple = ()) -> None:
+        self.limit = limit
+        self.per_address = per_address
+        self.proxies = proxies  # trusted reverse proxies: every client behind one shares its address
+        self.open: dict[asyncio.BaseTransport, str] = {}  # transport -> client address
+        self.per_client: Counter[str] = Counter()
+        self.busy: Counter[asyncio.BaseTransport] = Counter()  # requests in progress (pipelined ones overlap)
+        self.idle: OrderedDict[asyncio.BaseTransport, None] = OrderedDict()  # idle the longest first
+        self.over_address = Throttled(log)
+        self.full = Throttled(log)
+        self.evicted = Throttled(log)
+
+    def protocol(self, factory) -> asyncio.Protocol:
+        return _Guarded(self, factory)
+
+    def admit(self, transport: asyncio.BaseTransport) -> bool:
+        peer = transport.get_extra_info("peername")
+        address = peer[0] if isinstance(peer, tuple) else "?"
+        if self.per_client[address] >= self.per_address and not self._is_proxy(address):
+            self.over_address.warn("http refused connection from %s: per-address cap %d", address, self.per_address)
+            return False
+        if len(self.open) >= self.limit:
+            if not self.idle:
+                self.full.warn("http refused connection from %s: all %d connections busy", address, self.limit)
+                return False
+            # The longest idle, and among those one that has sent all of its last response, if any has.
+            oldest = next((t for t in self.idle if not t.get_write_buffer_size()), None) or next(iter(self.idle))
+            self.evicted.warn(
+                "http closed idle connection from %s for one from %s: %d connections open",
+                self.open[oldest],
+                address,
+                self.limit,
+            )
+            self.forget(oldest)
+            oldest.abort()  # at once: a client that reads nothing must not keep the fd in a lingering close
+        self.open[transport] = address
+        self.per_client[address] += 1
+        self.idle[transport] = None
+        return True
+
+    def _is_proxy(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.proxies)
+
+    def forget(self, transport: asyncio.BaseTransport) -> None:
+        address = self.open.pop(transport, None)
+        if address is None:
+            return
+        self.idle.pop(transport, None)
+        self.busy.pop(transport, None)
+        self.per_client[address] -= 1
+        if not self.per_client[address]:
+            del self.per_client[address]
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler):
+        transport = request.transport
+        if transport in self.open:
+            self.idle.pop(transport, None)
+            self.busy[transport] += 1
+            # aiohttp runs each request in a task of its own that ends once the response is written.
+            asyncio.current_task().add_done_callback(lambda _: self._done(transport))
+        return await handler(request)
+
+    def _done(self, transport: asyncio.BaseTransport) -> None:
+        if transport not in self.busy:
+            return  # closed meanwhile
+        self.busy[transport] -= 1
+        if not self.busy[transport]:
+            del self.busy[transport]
+            self.idle[transport] = None  # the most recently idle: the last to make room
+
+
+class _Guarded(asyncio.Protocol):
+    """An accepted connection: admitted by the guard, then aiohttp's protocol; refused ones never reach aiohttp."""
+
+    def __init__(self, guard: ConnectionGuard, factory) -> None:
+        self.guard = guard
+        self.factory = factory
+        self.inner: asyncio.Protocol | None = None
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self.guard.admit(transport):
+            transport.abort()
+            return
+        self.transport = transport
+        self.inner = self.factory()
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.inner is not None:
+            self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received() if self.inner is not None else None
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.inner is not None:
+            self.guard.forget(self.transport)
+            self.inner.connection_lost(exc)
+
+
+GUARD = web.AppKey("connection_guard", ConnectionGuard)
+
+
+class GuardedSite(web.BaseSite):
+    """aiohttp's SockSite, with every accepted connection passed through the app's ``ConnectionGuard``."""
+
+    __slots__ = ("_sock",)
+
+    def __init__(self, runner: web.AppRunner, sock: socket.socket) -> None:
+        super().__init__(runner, backlog=ACCEPT_BACKLOG)
+        self._sock = sock
+
+    @property
+    def name(self) -> str:
+        host, port = self._sock.getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    async def start(self) -> None:
+        await super().start()
+        guard, server = self._runner.app[GUARD], self._runner.server
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: guard.protocol(server), sock=self._sock, backlog=self._backlog
+        )
+
+
+class RequestErrors(logging.Filter):
+    """On aiohttp.server: a request it cannot parse becomes one throttled line, without traceback or bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.throttled = Throttled(log)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.msg != AIOHTTP_REQUEST_ERROR or not isinstance(exc, HttpProcessingError):
+            return True  # a handler's bug (500): its traceback is needed, and SecretFilter redacts it
+        if record.levelno < logging.WARNING:
+            return True  # aiohttp's debug line for non-HTTP bytes (TLS to this port): seen only when asked for
+        reason = REASON.match(exc.message or "")
+        self.throttled.warn(
+            "http bad request from %s: %s%s",
+            record.args[0] if record.args else "?",
+            type(exc).__name__,
+            f": {reason.group(0).strip()}" if reason else "",
+        )
+        return False
+
+
+REQUEST_ERRORS = RequestErrors()
+
+
+def make_runner(app: web.Application, http: HttpConfig) -> web.AppRunner:
+    """``app``'s runner with the bounds above; start it with ``start_site``."""
+    fds = fd_limit()
+    limit = min(http.max_connections, fds // FD_SHARE)
+    app[GUARD] = guard = ConnectionGuard(limit, http.max_connections_per_address, parse_networks(http.trusted_proxies))
+    app.middlewares.insert(0, guard.middleware)  # outermost: busy from the first middleware on
+    logging.getLogger("aiohttp.server").addFilter(REQUEST_ERRORS)
+    log.info(
+        "http: at most %d connections (%d per address; fd limit %d), request headers due within %gs",
+        limit,
+        http.max_connections_per_address,
+        fds,
+        http.header_timeout,
+    )
+    return web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=http.header_timeout)
+
+
+async def start_site(runner: web.AppRunner, sock: socket.socket) -> None:
+    """Serve ``runner``'s app on the listening ``sock`` (which it then owns)."""
+    await GuardedSite(runner, sock).start()
+
+
+class LoopErrors:
+    """The event loop's exception handler: one line a second at most, with a count, no traceback flood.
+
+    ``socket.accept() out of system resource`` (out of fds) comes in thousands
+    a second, each with a traceback that says nothing new. Other loop errors
+    (a task's unretrieved exception) keep their traceback, once a second.
+    """
+
+    def __init__(self) -> None:
+        self.accept = Throttled(log)
+        self.other = Throttled(log)
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        message = context.get("message", "event loop error")
+        exc = context.get("exception")
+        if message.startswith("socket.accept()"):
+            self.accept.warn("http %s: %s", message, exc)
+        else:
+            what = exc if exc is not None else context.get("task", context.get("future", context.get("handle")))
+            self.other.warn("event loop: %s: %r", message, what, exc_info=exc)
+
+
+def throttle_loop_errors(loop: asyncio.AbstractEventLoop) -> None:
+    loop.set_exception_handler(LoopErrors())
