@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("relay")
 
+# Everything the relay and its children create (state, recordings, mediamtx's files) is for its own user
+# and group only; the token and mediamtx's config are 0600 whatever the umask.
+PROCESS_UMASK = 0o027
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -262,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"camrelay: configuration error: {exc}", file=sys.stderr)
         return 2
+    os.umask(PROCESS_UMASK)
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:
         handler.addFilter(SECRET_FILTER)

@@ -56,6 +56,9 @@ KillMode=control-group
 TimeoutStopSec=20
 MemoryMax={MEMORY_MAX}
 LimitNOFILE={LIMIT_NOFILE}
+# Recordings, snapshots and state are for the service and its group only (camrelay sets the same umask).
+UMask=0027
+StateDirectoryMode=0750
 NoNewPrivileges=yes
 ProtectSystem=strict
 ProtectHome=read-only

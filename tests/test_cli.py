@@ -28,7 +28,7 @@ def test_serve_with_no_camera_streams_the_test_pattern_and_stops_on_sigterm(tmp_
     env = dict(
         os.environ,
         CAMRELAY_VIDEO_SIZE="640x360",
-        CAMRELAY_STATE_DIR=str(tmp_path),
+        CAMRELAY_STATE_DIR=str(tmp_path / "state"),  # made by camrelay, under its umask
         CAMRELAY_RTSP_HOST="127.0.0.1",
         CAMRELAY_RTSP_PORT=str(free_port()),
         CAMRELAY_RTSP_RTP_PORT=str(rtp),
@@ -53,7 +53,7 @@ def test_serve_with_no_camera_streams_the_test_pattern_and_stops_on_sigterm(tmp_
         text=True,
         env=env,
     )
-    token_file = tmp_path / "viewer-token"
+    token_file = tmp_path / "state" / "viewer-token"
 
     def get(path: str):  # with the viewer token camrelay made on its first start (auth is on by default)
         request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
@@ -84,6 +84,7 @@ def test_serve_with_no_camera_streams_the_test_pattern_and_stops_on_sigterm(tmp_
         assert "relay stopped" in out
         token = token_file.read_text().strip()
         assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+        assert oct(token_file.parent.stat().st_mode & 0o777) == "0o750"  # umask 027: nothing for other users
         url_lines = [line for line in out.splitlines() if token in line]
         assert len(url_lines) == 1 and url_lines[0].endswith(f"viewer page: http://127.0.0.1:{port}/?token={token}")
         assert not psutil.pid_exists(mediamtx_pid), "mediamtx outlived the relay"

@@ -42,6 +42,8 @@ def test_install_service_writes_a_unit_that_verifies_cleanly(tmp_path):
         "MemoryMax=768M",
         "LimitNOFILE=8192",
         "KillMode=control-group",
+        "UMask=0027",
+        "StateDirectoryMode=0750",
     ):
         assert line in text.splitlines(), line
     assert f"--config {config}" in text
