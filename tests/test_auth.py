@@ -618,7 +618,8 @@ async def test_a_password_flood_is_throttled_and_never_locks_the_right_password_
     config = make_config(auth=AuthConfig(mode="password", user="viewer", password_hash=hash_password(PASSWORD)))
     runner, relay = await start_relay(config)
     attackers = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
-    sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(a, 0))) for a in attackers]
+    # 16 connections an address: under the per-address connection cap, so every guess reaches the password check.
+    sessions = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(a, 0), limit=16)) for a in attackers]
     statuses: list[int] = []
 
     async def guess(session: aiohttp.ClientSession, n: int) -> None:
