@@ -72,6 +72,7 @@ PUBLISH_PACKET_SIZE = 1400
 REMOTE_PUBLISH_TRANSPORT = "tcp"
 EVERY_INTERFACE = ("", "0.0.0.0")  # rtsp.host values that mean "listen on every interface"
 REPO_BIN = Path(__file__).resolve().parent.parent / "bin" / "mediamtx"
+# An RTSP response's status line: "RTSP/1.0 200 OK".
 RTSP_STATUS = re.compile(rb"RTSP/1\.0 (\d{3})(?: [^\r\n]*)?\r?\n?")
 
 
@@ -165,7 +166,7 @@ async def rtsp_answers(host: str, port: int) -> bool:
     try:
         writer.write(f"OPTIONS rtsp://{host}:{port}/ RTSP/1.0\r\nCSeq: 1\r\n\r\n".encode())
         line = await asyncio.wait_for(reader.readline(), PROBE_TIMEOUT)
-    except (OSError, TimeoutError):
+    except (OSError, TimeoutError, ValueError):  # ValueError: a "line" longer than the reader's limit
         return False
     finally:
         writer.close()
