@@ -51,8 +51,10 @@ async def run_owned(executor, fn, *args, on_orphan):
 
         def adopt(f: asyncio.Future) -> None:
             if not f.cancelled() and f.exception() is None:
-                with contextlib.suppress(RuntimeError):  # the executor already shut down
+                try:
                     executor.submit(on_orphan, f.result())
+                except RuntimeError:  # the executor already shut down (its owner closed meanwhile): nothing runs there
+                    on_orphan(f.result())
 
         future.add_done_callback(adopt)
         raise

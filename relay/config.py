@@ -123,7 +123,7 @@ class RtspConfig:
     port: int = 8554
     rtp_port: int = 8000  # RTP over UDP to readers that ask for it
     rtcp_port: int = 8001
-    api_port: int = 9997  # mediamtx's control API, on 127.0.0.1 only
+    api_port: int = 9997  # no longer used (mediamtx runs without its control API); accepted so old files start
     user: str = ""  # read credentials; empty: anyone on the network may read
     password: str = field(default="", repr=False)
     publish_url: str = ""  # an RTSP server of the user's own (rtsp://host:port): publish there, run no mediamtx

@@ -5,39 +5,55 @@ runs mediamtx in its own session and process group, restarts it with backoff
 if it dies, and publishes every stream to it over RTSP/TCP from PyAV. Each
 publisher is one more hub subscriber: when it lags it skips to the next
 keyframe like any viewer, and it never delays the viewers.
+
+mediamtx is camrelay's private part: its control API is off, and only camrelay
+can publish, with a credential made anew at every start that lives in the
+relay process and the 0600 config file alone. Other accounts on the machine
+get what any RTSP reader gets: the streams, with the read credentials when
+they are set.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import contextlib
 import fractions
+import hashlib
 import json
 import logging
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
 import time
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
 import av
+import psutil
 
 from .aio import cancel_and_wait, run_owned, signal_group
 from .auth import write_private
 from .backoff import Backoff, Retry
 from .capture import redact_text, redact_url
+from .childenv import child_env
 from .hub import EncodedFrame, HubClosed, PacketHub
+from .logsafe import SECRET_FILTER
 
 log = logging.getLogger(__name__)
 mtx_log = logging.getLogger("mediamtx")
 
 LIVE_PATH = "live"  # the first stream is also at rtsp://host:port/live
-API_READY_TIMEOUT = 10.0  # seconds mediamtx gets to answer its API after starting
+READY_TIMEOUT = 10.0  # seconds mediamtx gets to answer on its RTSP port after starting
+READY_POLL = 0.05  # seconds between looks while it starts
+PROBE_TIMEOUT = 1.0  # seconds for one OPTIONS request to be answered
+# camrelay's own mediamtx user: publishes every stream, and reads the first for /live.
+PUBLISHER_USER = "camrelay"
+PUBLISHER_SECRET_BYTES = 32  # 256 random bits; token_urlsafe's alphabet is one mediamtx takes as a plain password
 STOP_TIMEOUT = 5.0  # seconds after SIGTERM before SIGKILL
 PUBLISH_TIME_BASE = fractions.Fraction(1, 90_000)
 # Reconnect pacing for a publisher whose mediamtx went away (it is restarted meanwhile).
@@ -54,8 +70,10 @@ LOOPBACK_PUBLISH_TRANSPORT = "udp"
 # bytes; FFmpeg's default is 1460), with room for a tunnel's headers.
 PUBLISH_PACKET_SIZE = 1400
 REMOTE_PUBLISH_TRANSPORT = "tcp"
+EVERY_INTERFACE = ("", "0.0.0.0")  # rtsp.host values that mean "listen on every interface"
 REPO_BIN = Path(__file__).resolve().parent.parent / "bin" / "mediamtx"
-LOOPBACK = ["127.0.0.1", "::1"]
+# An RTSP response's status line: "RTSP/1.0 200 OK".
+RTSP_STATUS = re.compile(rb"RTSP/1\.0 (\d{3})(?: [^\r\n]*)?\r?\n?")
 
 
 class RtspError(Exception):
@@ -68,38 +86,32 @@ class MediamtxSettings:
     port: int
     rtp_port: int
     rtcp_port: int
-    api_port: int
     user: str = ""
     password: str = ""
     log_level: str = "info"
 
 
-def render_config(settings: MediamtxSettings, streams: list[str]) -> str:
-    """mediamtx's configuration for these streams. JSON, which is YAML, so no YAML writer is needed."""
-    host = "" if settings.host in ("", "0.0.0.0") else settings.host
+def render_config(settings: MediamtxSettings, streams: list[str], publisher_secret: str) -> str:
+    """mediamtx's configuration for these streams. JSON, which is YAML, so no YAML writer is needed.
+
+    Two users, and no other permission: camrelay (``PUBLISHER_USER`` with ``publisher_secret``) publishes and
+    reads; readers read, with ``settings.user`` and the password's hash when set, else anyone.
+    """
+    host = "" if settings.host in EVERY_INTERFACE else settings.host
+    reader = {"user": "any", "pass": ""}
     if settings.user:
-        users = [
-            {"user": "any", "pass": "", "ips": LOOPBACK, "permissions": [{"action": "publish"}, {"action": "api"}]},
-            {
-                "user": settings.user,
-                "pass": settings.password,
-                "ips": [],
-                "permissions": [{"action": "read"}],
-            },
-        ]
-    else:
-        users = [
-            {"user": "any", "pass": "", "ips": LOOPBACK, "permissions": [{"action": "publish"}, {"action": "api"}]},
-            {"user": "any", "pass": "", "ips": [], "permissions": [{"action": "read"}]},
-        ]
+        reader = {"user": settings.user, "pass": password_hash(settings.password)}
+    users = [
+        {"user": PUBLISHER_USER, "pass": publisher_secret, "ips": [],
+         "permissions": [{"action": "publish"}, {"action": "read"}]},
+        {**reader, "ips": [], "permissions": [{"action": "read"}]},
+    ]  # fmt: skip
     paths: dict[str, dict] = {name: {"source": "publisher"} for name in streams}
     paths["all_others"] = {"source": "publisher"}  # streams added later (a camera plugged in)
     if streams:
-        local = local_host(settings.host)
-        paths[LIVE_PATH] = {"source": f"rtsp://{local}:{settings.port}/{streams[0]}", "sourceOnDemand": True}
-        if settings.user:
-            u, p = (urllib.parse.quote(x, safe="") for x in (settings.user, settings.password))
-            paths[LIVE_PATH]["source"] = f"rtsp://{u}:{p}@{local}:{settings.port}/{streams[0]}"
+        # mediamtx pulls the first stream as camrelay: the readers' password is in no path.
+        source = f"{publisher_base(settings, publisher_secret)}/{streams[0]}"
+        paths[LIVE_PATH] = {"source": source, "sourceOnDemand": True}
     config = {
         "logLevel": {"debug": "debug", "info": "info", "warning": "warn", "error": "error"}[settings.log_level],
         "logDestinations": ["stdout"],
@@ -107,8 +119,7 @@ def render_config(settings: MediamtxSettings, streams: list[str]) -> str:
         "writeTimeout": "10s",
         "authMethod": "internal",
         "authInternalUsers": users,
-        "api": True,
-        "apiAddress": f"127.0.0.1:{settings.api_port}",  # the control API never leaves this machine
+        "api": False,  # it could run commands; camrelay takes readiness from the RTSP port instead
         "metrics": False,
         "pprof": False,
         "playback": False,
@@ -130,9 +141,43 @@ def render_config(settings: MediamtxSettings, streams: list[str]) -> str:
     return json.dumps(config, indent=2) + "\n"
 
 
+def password_hash(password: str) -> str:
+    """``password`` as mediamtx checks it without keeping it (``sha256:`` and base64), whatever characters it has."""
+    return "sha256:" + base64.b64encode(hashlib.sha256(password.encode()).digest()).decode()
+
+
+def publisher_base(settings: MediamtxSettings, secret: str) -> str:
+    """``rtsp://camrelay:<secret>@host:port``, where camrelay publishes (add ``/<stream>``); never to be logged."""
+    return f"rtsp://{PUBLISHER_USER}:{secret}@{local_host(settings.host)}:{settings.port}"
+
+
+def rtsp_status(line: bytes) -> int | None:
+    """The status code of an RTSP response's first line (``RTSP/1.0 200 OK`` -> 200); None when it is not one."""
+    match = RTSP_STATUS.fullmatch(line)
+    return int(match[1]) if match else None
+
+
+async def rtsp_answers(host: str, port: int) -> bool:
+    """Whether an RTSP server at ``host`` (as in a URL) and ``port`` answers ``OPTIONS`` with 200."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), port), PROBE_TIMEOUT)
+    except (OSError, TimeoutError):
+        return False
+    try:
+        writer.write(f"OPTIONS rtsp://{host}:{port}/ RTSP/1.0\r\nCSeq: 1\r\n\r\n".encode())
+        line = await asyncio.wait_for(reader.readline(), PROBE_TIMEOUT)
+    except (OSError, TimeoutError, ValueError):  # ValueError: a "line" longer than the reader's limit
+        return False
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    return rtsp_status(line) == 200
+
+
 def local_host(host: str) -> str:
     """Where this machine reaches its own mediamtx: loopback, unless RTSP listens on one address only."""
-    if host in ("", "0.0.0.0"):
+    if host in EVERY_INTERFACE:
         return "127.0.0.1"
     return f"[{host}]" if ":" in host else host
 
@@ -156,19 +201,17 @@ def find_mediamtx(configured: str) -> str:
 
 def check_ports_free(settings: MediamtxSettings) -> None:
     """One clear error for a taken port, before mediamtx says it less clearly."""
-    host = "" if settings.host in ("", "0.0.0.0") else settings.host
+    host = "" if settings.host in EVERY_INTERFACE else settings.host
     for key, port, kind in (
         ("rtsp.port", settings.port, socket.SOCK_STREAM),
         ("rtsp.rtp_port", settings.rtp_port, socket.SOCK_DGRAM),
         ("rtsp.rtcp_port", settings.rtcp_port, socket.SOCK_DGRAM),
-        ("rtsp.api_port", settings.api_port, socket.SOCK_STREAM),
     ):
-        bind_host = "127.0.0.1" if key == "rtsp.api_port" else host
         with socket.socket(socket.AF_INET, kind) as s:
             if kind == socket.SOCK_STREAM:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                s.bind((bind_host, port))
+                s.bind((host, port))
             except OSError as exc:
                 raise RtspError(
                     f"{key}: port {port} is taken ({os.strerror(exc.errno or 0)}); is another mediamtx or"
@@ -184,6 +227,8 @@ class Mediamtx:
         self.settings = settings
         self.streams = streams
         self.config_path = state_dir / "mediamtx.yml"
+        self._secret = secrets.token_urlsafe(PUBLISHER_SECRET_BYTES)  # only camrelay publishes; new every start
+        SECRET_FILTER.secrets.add(self._secret)
         self.restarts = 0
         self.ready = asyncio.Event()  # set while mediamtx is up and answering
         self._state_dir = state_dir
@@ -197,11 +242,17 @@ class Mediamtx:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
+    @property
+    def publisher_base(self) -> str:
+        """Where camrelay publishes, with its credential: ``rtsp://camrelay:<secret>@host:port``."""
+        return publisher_base(self.settings, self._secret)
+
     async def start(self) -> None:
-        """Write the config, start mediamtx, and wait until its API answers; raises ``RtspError``."""
-        write_private(self.config_path, render_config(self.settings, self.streams))  # it may hold the read password
+        """Write the config, start mediamtx, and wait until it answers on its RTSP port; raises ``RtspError``."""
+        # 0600: it holds camrelay's publish credential and the read password's hash.
+        write_private(self.config_path, render_config(self.settings, self.streams, self._secret))
         await self._spawn()
-        if not await self._wait_api():
+        if not await self._wait_ready():
             code = self._proc.returncode if self._proc else None
             last = self._last_lines[-1] if self._last_lines else "no output"
             await self._stop_proc()
@@ -215,12 +266,13 @@ class Mediamtx:
         await cancel_and_wait(self._task)
         await self._stop_proc()
         self.ready.clear()
+        SECRET_FILTER.secrets.discard(self._secret)
 
     async def _spawn(self) -> None:
         self._proc = await asyncio.create_subprocess_exec(
             self.binary, str(self.config_path),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
-            start_new_session=True, cwd=self._state_dir,
+            start_new_session=True, cwd=self._state_dir, env=child_env(os.environ),
         )  # fmt: skip
         self._reader = asyncio.get_running_loop().create_task(self._pump_log(self._proc.stdout))
 
@@ -238,21 +290,25 @@ class Mediamtx:
                 level = logging.DEBUG
             mtx_log.log(level, "%s", text.split(" ", 2)[-1] if text[:4].isdigit() else text)
 
-    async def _wait_api(self) -> bool:
-        url = f"http://127.0.0.1:{self.settings.api_port}/v3/paths/list"
-        deadline = time.monotonic() + API_READY_TIMEOUT
-        async with aiohttp.ClientSession() as http:
-            while time.monotonic() < deadline:
-                if self._proc is None or self._proc.returncode is not None:
-                    return False
-                try:
-                    async with http.get(url, timeout=aiohttp.ClientTimeout(total=1)) as resp:
-                        if resp.status == 200:
-                            return True
-                except (aiohttp.ClientError, TimeoutError):
-                    pass
-                await asyncio.sleep(0.05)
+    async def _wait_ready(self) -> bool:
+        """True once this mediamtx listens on the RTSP port and answers there; False if it exits or takes too long."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._proc is None or self._proc.returncode is not None:
+                return False
+            if self._listens() and await rtsp_answers(local_host(self.settings.host), self.settings.port):
+                return True
+            await asyncio.sleep(READY_POLL)
         return False
+
+    def _listens(self) -> bool:
+        """Whether the RTSP port is this mediamtx's. A program another user put on it while mediamtx was
+        down would answer OPTIONS too, and must never be sent the publish credential."""
+        try:
+            sockets = psutil.Process(self.pid).net_connections("tcp")
+        except psutil.Error:
+            return False
+        return any(s.status == psutil.CONN_LISTEN and s.laddr.port == self.settings.port for s in sockets)
 
     async def _supervise(self) -> None:
         while not self._closing:
@@ -270,7 +326,7 @@ class Mediamtx:
             await asyncio.sleep(delay)
             try:
                 await self._spawn()
-                if await self._wait_api():
+                if await self._wait_ready():
                     self.ready.set()
                     log.info("mediamtx pid=%d back up after restart %d", self.pid, self.restarts)
                 else:

@@ -22,6 +22,7 @@ from .encode import EncoderSettings
 from .hub import PacketHub
 from .record import Recorder, Retention
 from .rtsp import (
+    EVERY_INTERFACE,
     LOOPBACK_PUBLISH_TRANSPORT,
     REMOTE_PUBLISH_TRANSPORT,
     Mediamtx,
@@ -181,21 +182,22 @@ class Relay:
             self._publish = (r.publish_url, None, REMOTE_PUBLISH_TRANSPORT)
             return
         binary = find_mediamtx(r.mediamtx)
-        settings = MediamtxSettings(
-            r.host, r.port, r.rtp_port, r.rtcp_port, r.api_port, r.user, r.password, self.config.log_level
-        )
+        settings = MediamtxSettings(r.host, r.port, r.rtp_port, r.rtcp_port, r.user, r.password, self.config.log_level)
         check_ports_free(settings)
         self.mediamtx = Mediamtx(binary, settings, names, self.state_dir)
         await self.mediamtx.start()
-        self._publish = (f"rtsp://{local_host(r.host)}:{r.port}", self.mediamtx.ready, LOOPBACK_PUBLISH_TRANSPORT)
+        self._publish = (self.mediamtx.publisher_base, self.mediamtx.ready, LOOPBACK_PUBLISH_TRANSPORT)
 
     def rtsp_url(self, name: str, host: str) -> str | None:
-        """Where NVR software reads ``name``; ``host`` is how the client reached us."""
+        """Where NVR software reads ``name``; ``host`` is how the client reached us, used when RTSP listens on
+        every interface (else the one address it listens on)."""
         r = self.config.rtsp
         if not r.enabled or name not in self.streams:
             return None
         if r.publish_url:
             return redact_url(f"{r.publish_url}/{name}")  # shown to people: never the password
+        if r.host not in EVERY_INTERFACE:
+            host = local_host(r.host)
         return f"rtsp://{host}:{r.port}/{name}"
 
     def _thermal_check(self, snapshot: Snapshot) -> None:

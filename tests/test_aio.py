@@ -2,8 +2,10 @@
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
+import time
 
 from relay.aio import cancel_and_wait, run_owned
 
@@ -21,6 +23,31 @@ async def test_a_result_finished_after_cancellation_goes_to_its_orphan_handler()
             pass
         await asyncio.sleep(0.1)
     assert orphans == ["opened file"]
+
+
+async def test_a_result_finished_after_its_executor_shut_down_still_goes_to_its_orphan_handler():
+    # As a publisher's close does: cancel the open, then shut its executor down while the open still runs.
+    started, release, orphans = threading.Event(), threading.Event(), []
+
+    def slow_open() -> str:
+        started.set()
+        release.wait(5)
+        return "opened connection"
+
+    io = concurrent.futures.ThreadPoolExecutor(1)
+    task = asyncio.ensure_future(run_owned(io, slow_open, on_orphan=orphans.append))
+    while not started.is_set():
+        await asyncio.sleep(0.01)
+    task.cancel()
+    io.shutdown(wait=False)
+    release.set()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    deadline = time.monotonic() + 5
+    while not orphans and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    await asyncio.to_thread(io.shutdown)
+    assert orphans == ["opened connection"]
 
 
 async def test_cancel_and_wait_logs_a_task_that_had_failed(caplog):

@@ -16,44 +16,84 @@ import pytest
 
 from benchmarks.ports import free_port, free_rtp_pair
 from relay import pixelclock
-from relay.rtsp import MediamtxSettings, RtspError, check_ports_free, find_mediamtx, parameter_sets, render_config
+from relay.config import load
+from relay.rtsp import (
+    Mediamtx,
+    MediamtxSettings,
+    RtspError,
+    check_ports_free,
+    find_mediamtx,
+    parameter_sets,
+    password_hash,
+    render_config,
+    rtsp_status,
+)
 from relay.whepclient import WhepViewer, luma
 
-SETTINGS = MediamtxSettings("", 8554, 8000, 8001, 9997)
+SETTINGS = MediamtxSettings("", 8554, 8000, 8001)
+# rtsp.password takes any printable ASCII; mediamtx refuses these characters in a plain password (not in a hash).
+ODD_PASSWORD = "pa55~w|rd,\\"
+SECRET = "pub-Secret_0123456789"
 
 
 # -- the generated configuration (pure) -----------------------------------
 
 
+PUBLISHER = {"user": "camrelay", "pass": SECRET, "ips": [], "permissions": [{"action": "publish"}, {"action": "read"}]}
+
+
 def test_config_serves_rtsp_on_udp_and_tcp_with_everything_else_off():
-    c = json.loads(render_config(SETTINGS, ["cam0", "door"]))
+    c = json.loads(render_config(SETTINGS, ["cam0", "door"], SECRET))
     assert (c["rtsp"], c["rtspAddress"], c["rtspTransports"]) == (True, ":8554", ["udp", "tcp"])
     assert (c["rtpAddress"], c["rtcpAddress"]) == (":8000", ":8001")
-    for protocol in ("rtmp", "hls", "webrtc", "srt", "moq", "playback", "metrics", "pprof"):
+    for protocol in ("api", "rtmp", "hls", "webrtc", "srt", "moq", "playback", "metrics", "pprof"):
         assert c[protocol] is False, protocol
-    assert c["api"] is True and c["apiAddress"] == "127.0.0.1:9997"  # control API on loopback only
+    assert "apiAddress" not in c
     assert c["paths"]["cam0"] == {"source": "publisher"} and c["paths"]["door"] == {"source": "publisher"}
-    assert c["paths"]["live"]["source"] == "rtsp://127.0.0.1:8554/cam0"  # the first stream, also at /live
+    # The first stream, also at /live: mediamtx pulls it as camrelay.
+    assert c["paths"]["live"]["source"] == f"rtsp://camrelay:{SECRET}@127.0.0.1:8554/cam0"
 
 
-def test_without_credentials_anyone_reads_and_only_localhost_publishes():
-    users = json.loads(render_config(SETTINGS, ["cam0"]))["authInternalUsers"]
-    publishers = [u for u in users if any(p["action"] == "publish" for p in u["permissions"])]
-    assert publishers == [u for u in users if u["ips"] == ["127.0.0.1", "::1"]]
-    readers = [u for u in users if any(p["action"] == "read" for p in u["permissions"])]
-    assert readers == [{"user": "any", "pass": "", "ips": [], "permissions": [{"action": "read"}]}]
+def test_without_credentials_anyone_reads_and_only_camrelay_publishes():
+    users = json.loads(render_config(SETTINGS, ["cam0"], SECRET))["authInternalUsers"]
+    assert users == [PUBLISHER, {"user": "any", "pass": "", "ips": [], "permissions": [{"action": "read"}]}]
 
 
-def test_with_credentials_no_anonymous_reader():
-    s = MediamtxSettings("127.0.0.1", 8554, 8000, 8001, 9997, user="nvr", password="s3cret/pw")
-    c = json.loads(render_config(s, ["cam0"]))
-    readers = [u for u in c["authInternalUsers"] if any(p["action"] == "read" for p in u["permissions"])]
-    assert readers == [{"user": "nvr", "pass": "s3cret/pw", "ips": [], "permissions": [{"action": "read"}]}]
-    anonymous = [u for u in c["authInternalUsers"] if u["user"] == "any"]
-    assert all(u["ips"] == ["127.0.0.1", "::1"] for u in anonymous)
-    assert not any(p["action"] == "read" for u in anonymous for p in u["permissions"])
-    assert c["paths"]["live"]["source"] == "rtsp://nvr:s3cret%2Fpw@127.0.0.1:8554/cam0"
+def test_with_credentials_no_anonymous_reader_and_the_password_only_as_its_hash():
+    s = MediamtxSettings("127.0.0.1", 8554, 8000, 8001, user="nvr", password="s3cret/pw")
+    text = render_config(s, ["cam0"], SECRET)
+    c = json.loads(text)
+    reader = {"user": "nvr", "pass": password_hash("s3cret/pw"), "ips": [], "permissions": [{"action": "read"}]}
+    assert c["authInternalUsers"] == [PUBLISHER, reader]
+    assert "s3cret" not in text
+    assert c["paths"]["live"]["source"] == f"rtsp://camrelay:{SECRET}@127.0.0.1:8554/cam0"
     assert c["rtspAddress"] == "127.0.0.1:8554"
+
+
+def test_password_hash_is_the_one_mediamtx_checks():
+    # echo -n 's3cret/pw' | openssl dgst -binary -sha256 | base64
+    assert password_hash("s3cret/pw") == "sha256:vkPWSd6xh64kOs/VX026DIu7Ybai2kf7EGEMblvaEPE="
+
+
+@pytest.mark.parametrize(
+    ("line", "status"),
+    [
+        (b"RTSP/1.0 200 OK\r\n", 200),
+        (b"RTSP/1.0 401 Unauthorized\r\n", 401),
+        (b"RTSP/1.0 200\r\n", 200),
+        (b"HTTP/1.1 200 OK\r\n", None),
+        (b"RTSP/1.0 20 OK\r\n", None),
+        (b"RTSP/1.0 200 OK\r\nCSeq: 1\r\n", None),
+        (b"", None),
+        (b"\xff\xfe garbage", None),
+    ],
+)
+def test_rtsp_status_line(line, status):
+    assert rtsp_status(line) == status
+
+
+def test_an_old_config_with_api_port_still_loads():
+    assert load("[rtsp]\napi_port = 9997\n").rtsp.port == 8554
 
 
 def test_parameter_sets_are_taken_from_a_keyframe():
@@ -75,7 +115,7 @@ def test_taken_port_is_one_clear_error():
         port = s.getsockname()[1]
         rtp = free_rtp_pair()
         with pytest.raises(RtspError) as info:
-            check_ports_free(MediamtxSettings("127.0.0.1", port, rtp, rtp + 1, free_port()))
+            check_ports_free(MediamtxSettings("127.0.0.1", port, rtp, rtp + 1))
     assert str(info.value) == (
         f"rtsp.port: port {port} is taken (Address already in use); is another mediamtx or camrelay running?"
         " Stop it, or choose another rtsp.port"
@@ -173,18 +213,19 @@ async def test_mediamtx_killed_is_restarted_and_webrtc_viewers_never_notice(rela
         await viewer.close()
 
 
-@pytest.mark.relay_config(rtsp=True, rtsp_user="nvr", rtsp_password="pa55-word")
+@pytest.mark.relay_config(rtsp=True, rtsp_user="nvr", rtsp_password=ODD_PASSWORD)
 async def test_credentials_are_required_when_set(relay_server):
     await wait_published(relay_server)
-    with pytest.raises(av.error.FFmpegError) as info:
-        await asyncio.to_thread(read_rtsp, rtsp_url(relay_server, "cam0"), 1)
-    assert "401" in str(info.value)
+    for path in ("cam0", "live"):
+        with pytest.raises(av.error.FFmpegError) as info:
+            await asyncio.to_thread(read_rtsp, rtsp_url(relay_server, path), 1)
+        assert "401" in str(info.value)
     with pytest.raises(av.error.FFmpegError):
         await asyncio.to_thread(read_rtsp, rtsp_url(relay_server, "cam0", "nvr:wrong@"), 1)
-    latencies = await asyncio.to_thread(read_rtsp, rtsp_url(relay_server, "cam0", "nvr:pa55-word@"), 5)
-    assert all(x is not None for x in latencies)
-    latencies = await asyncio.to_thread(read_rtsp, rtsp_url(relay_server, "live", "nvr:pa55-word@"), 5)
-    assert all(x is not None for x in latencies)
+    login = f"nvr:{ODD_PASSWORD}@"
+    for path in ("cam0", "live"):
+        latencies = await asyncio.to_thread(read_rtsp, rtsp_url(relay_server, path, login), 5)
+        assert all(x is not None for x in latencies)
 
 
 @pytest.mark.relay_config(rtsp=True)
@@ -205,20 +246,59 @@ async def test_shutdown_leaves_no_mediamtx_and_the_api_shows_the_url(relay_serve
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
+@pytest.mark.relay_config(rtsp=True, allowed_hosts=("camrelay.example",))
+async def test_rtsp_urls_name_the_one_address_rtsp_listens_on(relay_server, http):
+    # RTSP listens on 127.0.0.1 only (conftest); the page was reached by another name, which would not work.
+    port = relay_server.relay.config.rtsp.port
+    expected = f"rtsp://127.0.0.1:{port}/cam0"
+    headers = {"Host": f"camrelay.example:{relay_server.relay.config.http.port}"}
+    async with http.get(relay_server.base + "/api/v1/streams", headers=headers) as resp:
+        assert (await resp.json())["streams"][0]["rtsp_url"] == expected
+    async with http.get(relay_server.base + "/api/v1/rtsp", headers=headers) as resp:
+        assert (await resp.json())["streams"]["cam0"]["url"] == expected
+    async with http.get(relay_server.base + "/view/cam0", headers=headers) as resp:
+        assert f'<code id="rtsp-url">{expected}</code>' in await resp.text()
+
+
+async def test_readiness_is_taken_only_from_mediamtxs_own_port(tmp_path, monkeypatch):
+    """A program another user put on the RTSP port while mediamtx was not listening answers OPTIONS like mediamtx;
+    camrelay must not take it for mediamtx (it would send it the publish credential)."""
+    monkeypatch.setattr("relay.rtsp.READY_TIMEOUT", 2.0)  # a deadline: the stand-in never listens
+    heard: list[bytes] = []
+
+    async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heard.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"RTSP/1.0 200 OK\r\nCSeq: 1\r\n\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(impostor, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    stand_in = tmp_path / "mediamtx"  # a mediamtx that has not bound its port yet
+    stand_in.write_text("#!/bin/sh\nexec sleep 60\n")
+    stand_in.chmod(0o755)
+    rtp = free_rtp_pair()
+    mtx = Mediamtx(str(stand_in), MediamtxSettings("127.0.0.1", port, rtp, rtp + 1), ["cam0"], tmp_path)
+    try:
+        with pytest.raises(RtspError, match="mediamtx did not start"):
+            await mtx.start()
+    finally:
+        await mtx.close()
+        server.close()
+        await server.wait_closed()
+    assert heard == []
+
+
 async def test_publish_url_publishes_to_a_users_own_server_and_runs_no_mediamtx(tmp_path):
     from relay.config import RtspConfig
-    from relay.rtsp import Mediamtx
 
     from .conftest import make_config, start_relay
 
     rtp = free_rtp_pair()
-    theirs = Mediamtx(
-        find_mediamtx(""), MediamtxSettings("127.0.0.1", free_port(), rtp, rtp + 1, free_port()), ["cam0"], tmp_path
-    )
+    theirs = Mediamtx(find_mediamtx(""), MediamtxSettings("127.0.0.1", free_port(), rtp, rtp + 1), ["cam0"], tmp_path)
     await theirs.start()
     try:
         base = f"rtsp://127.0.0.1:{theirs.settings.port}"
-        config = dataclasses.replace(make_config(), rtsp=RtspConfig(publish_url=base))
+        config = dataclasses.replace(make_config(), rtsp=RtspConfig(publish_url=theirs.publisher_base))
         runner, relay = await start_relay(config)
         try:
             assert relay.relay.mediamtx is None
@@ -226,7 +306,10 @@ async def test_publish_url_publishes_to_a_users_own_server_and_runs_no_mediamtx(
             await wait_published(relay)
             latencies = await asyncio.to_thread(read_rtsp, f"{base}/cam0", 10)
             assert all(x is not None for x in latencies)
-            assert relay.relay.rtsp_url("cam0", "ignored") == f"{base}/cam0"
+            # Shown to people without its password.
+            assert (
+                relay.relay.rtsp_url("cam0", "ignored") == f"rtsp://camrelay:***@127.0.0.1:{theirs.settings.port}/cam0"
+            )
         finally:
             await runner.cleanup()
     finally:
