@@ -45,6 +45,7 @@ MJPEG_CLIENTS = web.AppKey(
     "mjpeg_clients", set
 )  # their handler tasks, ended at shutdown (they never end by themselves)
 MAX_OFFER_BYTES = 64 * 1024  # a browser offer is ~5 KiB; more is not an offer
+BODY_TIMEOUT = 10.0  # seconds for a request body (an offer) to arrive once its head has: a LAN needs milliseconds
 SDP_TYPE = "application/sdp"
 SDPFRAG_TYPE = "application/trickle-ice-sdpfrag"
 RETRY_AFTER_FULL = "10"  # seconds a client should wait when a stream is full
@@ -87,21 +88,7 @@ async def whep_offer(request: web.Request) -> web.Response:
         raise _error(
             web.HTTPUnsupportedMediaType, f"Content-Type must be {SDP_TYPE}, got {request.content_type or 'none'!r}"
         )
-    if request.content_length is not None and request.content_length > MAX_OFFER_BYTES:
-        raise _error(
-            web.HTTPRequestEntityTooLarge,
-            f"offer larger than {MAX_OFFER_BYTES} bytes",
-            max_size=MAX_OFFER_BYTES,
-            actual_size=request.content_length,
-        )
-    body = await request.content.read(MAX_OFFER_BYTES + 1)
-    if len(body) > MAX_OFFER_BYTES:
-        raise _error(
-            web.HTTPRequestEntityTooLarge,
-            f"offer larger than {MAX_OFFER_BYTES} bytes",
-            max_size=MAX_OFFER_BYTES,
-            actual_size=len(body),
-        )
+    body = await _read_body(request, "offer")
     try:
         offer = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -132,6 +119,36 @@ async def whep_offer(request: web.Request) -> web.Response:
         raise
     location = f"/whep/{name}/{session.id}"
     return web.Response(status=201, body=answer.encode(), headers={"Location": location, "Content-Type": SDP_TYPE})
+
+
+async def _read_body(request: web.Request, what: str) -> bytes:
+    """The whole body: 413 past ``MAX_OFFER_BYTES``, 408 when it does not arrive within ``BODY_TIMEOUT``.
+
+    The header timeout ends once a request's head is in; a client that then
+    trickles its body (a slowloris past the door) is cut off here.
+    """
+
+    def too_large(size: int) -> web.HTTPException:
+        return _error(
+            web.HTTPRequestEntityTooLarge,
+            f"{what} larger than {MAX_OFFER_BYTES} bytes",
+            max_size=MAX_OFFER_BYTES,
+            actual_size=size,
+        )
+
+    if request.content_length is not None and request.content_length > MAX_OFFER_BYTES:
+        raise too_large(request.content_length)
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT):
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > MAX_OFFER_BYTES:
+                    raise too_large(size)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise _error(web.HTTPRequestTimeout, f"{what} not received within {BODY_TIMEOUT:g}s") from None
+    return b"".join(chunks)
 
 
 def _check_pending(relay, name: str, address: str) -> None:
@@ -180,14 +197,7 @@ async def whep_patch(request: web.Request) -> web.Response:
     session = _session_or_404(request)
     if request.content_type != SDPFRAG_TYPE:
         raise _error(web.HTTPUnsupportedMediaType, f"Content-Type must be {SDPFRAG_TYPE}")
-    body = await request.content.read(MAX_OFFER_BYTES + 1)
-    if len(body) > MAX_OFFER_BYTES:
-        raise _error(
-            web.HTTPRequestEntityTooLarge,
-            f"fragment larger than {MAX_OFFER_BYTES} bytes",
-            max_size=MAX_OFFER_BYTES,
-            actual_size=len(body),
-        )
+    body = await _read_body(request, "fragment")
     fragment = "".join(
         line for line in body.decode("utf-8", "replace").splitlines(keepends=True) if not is_mdns_candidate(line)
     )

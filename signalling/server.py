@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 # before the ones it evicts are closed.
 FD_SHARE = 2
 ACCEPT_BACKLOG = 128  # aiohttp's default: connections the kernel queues before we accept them
+# Seconds aiohttp goes on reading (and dropping) the rest of a body it answered without reading
+# (413, 408, 401), so the client gets the answer rather than a reset; its default, 10 s, let a
+# client trickling a refused body hold its connection that much longer.
+LINGERING_TIME = 2.0
 AIOHTTP_REQUEST_ERROR = "Error handling request from %s"  # aiohttp.server's message for a request it cannot parse
 REASON = re.compile(r"[A-Za-z][A-Za-z0-9 ]{0,79}")  # a parse error's words, up to the quoted bytes of the request
 
@@ -251,7 +255,13 @@ def make_runner(app: web.Application, http: HttpConfig) -> web.AppRunner:
         fds,
         http.header_timeout,
     )
-    return web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=http.header_timeout)
+    return web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        keepalive_timeout=http.header_timeout,
+        lingering_time=LINGERING_TIME,
+    )
 
 
 async def start_site(runner: web.AppRunner, sock: socket.socket) -> None:

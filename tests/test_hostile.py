@@ -112,3 +112,23 @@ async def test_options_tells_nothing_about_which_streams_exist(relay_server, htt
             answers.append((resp.status, headers, await resp.read()))
     assert answers[0][0] == 204
     assert all(answer == answers[0] for answer in answers)
+
+
+async def test_a_body_that_trickles_in_is_cut_off_with_a_408(relay_server, monkeypatch):
+    import signalling.app
+
+    monkeypatch.setattr(signalling.app, "BODY_TIMEOUT", 0.5)
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay_server.relay.config.http.port)
+    try:
+        writer.write(
+            b"POST /whep/cam0 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/sdp\r\n"
+            b"Content-Length: 5000\r\n\r\nv=0\r\n"  # the head in full, then 5 bytes of 5000, then nothing
+        )
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(4096), 30)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert answer.endswith(b"\r\n\r\noffer not received within 0.5s\n")
+    assert relay_server.relay.sessions.count() == 0
