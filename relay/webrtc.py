@@ -231,6 +231,9 @@ class ViewerSessions:
         self._ice_servers = list(ice_servers or [])  # none: host candidates only, nothing waits on STUN
         self._connect_timeout = connect_timeout
         self._sessions: dict[str, ViewerSession] = {}
+        # Sessions between an offer and its answer. Counted from create()'s first line, before any
+        # await: the limits checked just before it then hold for offers that arrive all at once.
+        self._creating: set[ViewerSession] = set()
         self._closing: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
@@ -240,13 +243,16 @@ class ViewerSessions:
         return self._sessions.get(session_id)
 
     def count(self, stream: str | None = None) -> int:
-        return sum(1 for s in self._sessions.values() if stream is None or s.stream == stream)
+        """Sessions of ``stream`` (or all), those still being set up included."""
+        return sum(1 for s in self._all() if stream is None or s.stream == stream)
 
     def pending(self, remote: str | None = None) -> int:
-        """Sessions answered but not connected yet (from client address ``remote``, or all)."""
-        return sum(
-            1 for s in self._sessions.values() if s.connected_at is None and (remote is None or s.remote == remote)
-        )
+        """Sessions being set up or answered but not connected yet (from client address ``remote``, or all)."""
+        return sum(1 for s in self._all() if s.connected_at is None and (remote is None or s.remote == remote))
+
+    def _all(self):
+        yield from self._sessions.values()
+        yield from self._creating
 
     def connected(self, stream: str | None = None) -> int:
         return sum(
@@ -260,6 +266,22 @@ class ViewerSessions:
         pc = RTCPeerConnection(RTCConfiguration(iceServers=self._ice_servers))
         track = HubTrack(hub, f"webrtc-{session_id[:8]}")
         session = ViewerSession(session_id, stream, remote, pc, track)
+        self._creating.add(session)
+        try:
+            await self._set_up(session, offer_sdp, hub)
+        finally:
+            self._creating.discard(session)
+        self._sessions[session_id] = session
+        pc.on("connectionstatechange", lambda: self._on_state(session))
+        session._deadline = asyncio.get_running_loop().call_later(self._connect_timeout, self._on_deadline, session)
+        log.info(
+            "stream=%s session=%s remote=%s created viewers=%d", stream, session_id[:8], remote, self.count(stream)
+        )
+        return session, pc.localDescription.sdp
+
+    async def _set_up(self, session: ViewerSession, offer_sdp: str, hub: PacketHub) -> None:
+        """Apply the offer and make the answer; on any failure the peer connection is closed."""
+        pc, track = session.pc, session.track
         try:
             transceiver = pc.addTransceiver(track, direction="sendonly")
             # Browsers list VP8 first; without this the H.264 bytes would go
@@ -282,13 +304,6 @@ class ViewerSessions:
             track.stop()
             await pc.close()
             raise
-        self._sessions[session_id] = session
-        pc.on("connectionstatechange", lambda: self._on_state(session))
-        session._deadline = asyncio.get_running_loop().call_later(self._connect_timeout, self._on_deadline, session)
-        log.info(
-            "stream=%s session=%s remote=%s created viewers=%d", stream, session_id[:8], remote, self.count(stream)
-        )
-        return session, pc.localDescription.sdp
 
     async def add_candidates(self, session: ViewerSession, sdpfrag: str) -> None:
         """Trickled remote candidates (``a=candidate:`` lines of an SDP fragment)."""

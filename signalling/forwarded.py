@@ -28,6 +28,18 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 PROXIES = web.AppKey("trusted_proxies", tuple)  # the parsed http.trusted_proxies
 
 
+def is_in(address: str, networks: Sequence[Network]) -> bool:
+    """Whether ``address`` is in one of ``networks``; an IPv4 client of a dual-stack socket
+    (``::ffff:127.0.0.1``) counts as its IPv4 address."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
+
+
 def _address(text: str) -> str | None:
     text = text.strip()
     if text.startswith("[") and "]" in text:  # [v6]:port
@@ -50,11 +62,7 @@ def forwarded_client(
     """
     if not trusted or peer is None:
         return None, None
-    try:
-        peer_ip = ipaddress.ip_address(peer)
-    except ValueError:
-        return None, None
-    if not any(peer_ip in net for net in trusted):
+    if not is_in(peer, trusted):
         return None, None
     client = _address(forwarded_for.split(",")[-1]) if forwarded_for else None
     scheme = proto.split(",")[-1].strip().lower() if proto else None
@@ -64,10 +72,12 @@ def forwarded_client(
 @web.middleware
 async def forwarded(request: web.Request, handler):
     """Every handler and check after this one sees the client's own address and scheme."""
+    # A header sent on several lines is one list (RFC 9110 5.3): a proxy that adds its own line
+    # rather than appending to the client's must not leave the client's line the one read.
     client, scheme = forwarded_client(
         request.remote,
-        request.headers.get("X-Forwarded-For"),
-        request.headers.get("X-Forwarded-Proto"),
+        ",".join(request.headers.getall("X-Forwarded-For", ())) or None,
+        ",".join(request.headers.getall("X-Forwarded-Proto", ())) or None,
         request.app[PROXIES],
     )
     if client or scheme:

@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import re
 import resource
@@ -34,6 +33,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from relay.config import HttpConfig, parse_networks
 from relay.logsafe import Throttled
+
+from .forwarded import is_in
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class ConnectionGuard:
     def admit(self, transport: asyncio.BaseTransport) -> bool:
         peer = transport.get_extra_info("peername")
         address = peer[0] if isinstance(peer, tuple) else "?"
-        if self.per_client[address] >= self.per_address and not self._is_proxy(address):
+        if self.per_client[address] >= self.per_address and not is_in(address, self.proxies):
             self.over_address.warn("http refused connection from %s: per-address cap %d", address, self.per_address)
             return False
         if len(self.open) >= self.limit:
@@ -115,13 +116,6 @@ class ConnectionGuard:
         self.per_client[address] += 1
         self.idle[transport] = None
         return True
-
-    def _is_proxy(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in net for net in self.proxies)
 
     def forget(self, transport: asyncio.BaseTransport) -> None:
         address = self.open.pop(transport, None)

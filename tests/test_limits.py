@@ -67,15 +67,21 @@ async def test_one_viewer_with_several_addresses_cannot_hold_every_pending_sessi
     addresses = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
     clients = [aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(a, 0))) for a in addresses]
     try:
-        answers = []
-        for client in clients:
-            for _ in range(6):
-                async with client.post(
-                    relay_server.whep(), data=CHROMIUM_OFFER, headers={"Content-Type": "application/sdp"}
-                ) as resp:
-                    answers.append((resp.status, (await resp.text()).strip()))
-        assert [status for status, _ in answers] == ([201] * 4 + [429] * 2) * len(addresses)
-        assert answers[4][1] == "too many sessions from 127.0.0.2 still connecting (4); retry later"
+
+        async def offer(client: aiohttp.ClientSession) -> tuple[int, str]:
+            async with client.post(
+                relay_server.whep(), data=CHROMIUM_OFFER, headers={"Content-Type": "application/sdp"}
+            ) as resp:
+                return resp.status, (await resp.text()).strip()
+
+        # All at once: the caps hold while earlier offers are still being answered, not only after.
+        answers = await asyncio.gather(*(offer(client) for client in clients for _ in range(6)))
+        for i, address in enumerate(addresses):
+            mine = answers[i * 6 : i * 6 + 6]
+            assert sorted(status for status, _ in mine) == [201] * 4 + [429] * 2, address
+            assert {text for status, text in mine if status == 429} == {
+                f"too many sessions from {address} still connecting (4); retry later"
+            }
         assert relay_server.relay.sessions.pending() == 16
         # Everyone else still gets in.
         viewer = WhepViewer(relay_server.whep(), http)
