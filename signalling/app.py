@@ -10,14 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
-
-try:  # Linux and the BSDs; elsewhere only asyncio's own buffer is checked
-    import fcntl
-    import termios
-except ImportError:  # pragma: no cover
-    fcntl = termios = None  # type: ignore[assignment]
 from pathlib import Path
 
 import aiohttp_jinja2
@@ -35,6 +28,7 @@ from .access import ACCESS, Access, guard
 from .forwarded import PROXIES, forwarded, parse_networks
 from .limits import RateLimiter
 from .sdp import SdpError, check_candidate, check_offer, drop_mdns_candidates, is_mdns_candidate
+from .server import unsent_bytes
 
 log = logging.getLogger(__name__)
 refusals = Throttled(log)  # refused sessions: one line a second at most, however many are refused
@@ -54,7 +48,6 @@ CORS_MAX_AGE = "600"  # seconds a browser may cache a preflight
 SNAPSHOT_TIMEOUT = 3.0  # seconds to wait for a frame; the slate arrives within ~1 s of a camera going away
 MJPEG_BOUNDARY = "camrelayframe"
 LISTING_LIMIT = 1000  # newest segments and snapshots listed per request
-SIOCOUTQ = getattr(termios, "TIOCOUTQ", None) if termios is not None else None  # bytes a socket has not sent yet
 MJPEG_IDLE = 5.0  # seconds an MJPEG client waits for a frame before looking again
 FAILED_STATES = (ENCODER_ERROR,)  # stream states that make /healthz answer 503
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
@@ -412,23 +405,6 @@ async def recording_file(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(
         path, headers={"Cache-Control": "no-store" if "latest_" in request.match_info["path"] else "max-age=3600"}
     )
-
-
-def unsent_bytes(transport, sock) -> int:
-    """What is still waiting to reach a client: asyncio's buffer plus the kernel's send queue.
-
-    A client that reads slowly shows up here long before the socket is full, so
-    it gets the newest frame once it has taken the last one, instead of the
-    kernel's buffers filling with seconds of old frames.
-    """
-    pending = transport.get_write_buffer_size() if transport is not None else 0
-    if sock is not None and SIOCOUTQ is not None:
-        try:
-            buf = fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0")
-            pending += int.from_bytes(buf, sys.byteorder)
-        except (OSError, ValueError):  # the client is gone: the next write says so
-            pass
-    return pending
 
 
 async def api_rtsp(request: web.Request) -> web.Response:

@@ -13,6 +13,9 @@
   half the fd limit); at the cap the connection idle the longest makes room,
   so sockets that never send a request cannot lock a real viewer out. Only
   when every connection is busy is a newcomer refused.
+- **Stalled responses.** A response in progress is never cut for taking long,
+  but one whose unsent bytes have not moved for ``WRITE_STALL`` goes to a
+  client that stopped reading: that connection is closed.
 - **Quiet logs.** Malformed requests (a header line over 8190 bytes, a bad
   request line) and the event loop's own errors (``socket.accept()`` out of
   file descriptors) are one line a second with a count, never a traceback
@@ -26,7 +29,14 @@ import logging
 import re
 import resource
 import socket
+import sys
 from collections import Counter, OrderedDict
+
+try:  # Linux and the BSDs; elsewhere only asyncio's own buffer is checked
+    import fcntl
+    import termios
+except ImportError:  # pragma: no cover
+    fcntl = termios = None  # type: ignore[assignment]
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -44,6 +54,12 @@ log = logging.getLogger(__name__)
 # before the ones it evicts are closed.
 FD_SHARE = 2
 ACCEPT_BACKLOG = 128  # aiohttp's default: connections the kernel queues before we accept them
+SIOCOUTQ = getattr(termios, "TIOCOUTQ", None) if termios is not None else None  # bytes a socket has not sent yet
+# A response in progress is never cut for taking long (MJPEG runs for hours), but one whose unsent
+# bytes have not moved for this long goes to a client that stopped reading (or that pipelines
+# requests and never reads the answers): it is closed, or it would hold its slot for ever.
+WRITE_STALL = 30.0
+SWEEP_INTERVAL = 5.0  # seconds between looks at the connections with a request in progress
 # Seconds aiohttp goes on reading (and dropping) the rest of a body it answered without reading
 # (413, 408, 401), so the client gets the answer rather than a reset; its default, 10 s, let a
 # client trickling a refused body hold its connection that much longer.
@@ -83,11 +99,15 @@ class ConnectionGuard:
         self.proxies = proxies  # trusted reverse proxies: every client behind one shares its address
         self.open: dict[asyncio.BaseTransport, str] = {}  # transport -> client address
         self.per_client: Counter[str] = Counter()
-        self.busy: Counter[asyncio.BaseTransport] = Counter()  # requests in progress (pipelined ones overlap)
+        # The tasks of the requests in progress on a connection (pipelined ones overlap).
+        self.busy: dict[asyncio.BaseTransport, set[asyncio.Task]] = {}
         self.idle: OrderedDict[asyncio.BaseTransport, None] = OrderedDict()  # idle the longest first
         self.over_address = Throttled(log)
         self.full = Throttled(log)
         self.evicted = Throttled(log)
+        self.stalled = Throttled(log)
+        self._unsent: dict[asyncio.BaseTransport, tuple[int, float]] = {}  # busy: (unsent bytes, since when)
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def protocol(self, factory) -> asyncio.Protocol:
         return _Guarded(self, factory)
@@ -117,12 +137,60 @@ class ConnectionGuard:
         self.idle[transport] = None
         return True
 
+    def start_sweeping(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep, loop)
+
+    def stop_sweeping(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.close_stalled(loop.time())
+        self._sweeper = loop.call_later(SWEEP_INTERVAL, self._sweep, loop)
+
+    def close_stalled(self, now: float) -> None:
+        """Close each busy connection whose unsent bytes have not moved for ``WRITE_STALL``."""
+        for transport in list(self.busy):
+            unsent = unsent_bytes(transport, transport.get_extra_info("socket"))
+            seen = self._unsent.get(transport)
+            if unsent == 0 or seen is None or seen[0] != unsent:
+                self._unsent[transport] = (unsent, now)  # moving (or nothing to send): the clock starts again
+            elif now - seen[1] >= WRITE_STALL:
+                self.stalled.warn(
+                    "http closed connection from %s: %d bytes unread for %.0fs",
+                    self.open[transport],
+                    unsent,
+                    WRITE_STALL,
+                )
+                self._end(transport, self.busy[transport])
+
+    def _end(self, transport: asyncio.BaseTransport, tasks: set[asyncio.Task]) -> None:
+        """Cancel a connection's requests, then close it.
+
+        Not the other way round: a transport aborted in the middle of a
+        sendfile (aiohttp serves files so) leaves asyncio a stale selector
+        entry, and the next connection given that fd number never reads.
+        """
+        self.forget(transport)
+        left = set(tasks)
+
+        def one_done(task: asyncio.Task) -> None:
+            left.discard(task)
+            if not left:
+                transport.abort()
+
+        for task in tasks:
+            task.add_done_callback(one_done)
+            task.cancel()
+
     def forget(self, transport: asyncio.BaseTransport) -> None:
         address = self.open.pop(transport, None)
         if address is None:
             return
         self.idle.pop(transport, None)
         self.busy.pop(transport, None)
+        self._unsent.pop(transport, None)
         self.per_client[address] -= 1
         if not self.per_client[address]:
             del self.per_client[address]
@@ -132,17 +200,19 @@ class ConnectionGuard:
         transport = request.transport
         if transport in self.open:
             self.idle.pop(transport, None)
-            self.busy[transport] += 1
             # aiohttp runs each request in a task of its own that ends once the response is written.
-            asyncio.current_task().add_done_callback(lambda _: self._done(transport))
+            task = asyncio.current_task()
+            self.busy.setdefault(transport, set()).add(task)
+            task.add_done_callback(lambda _: self._done(transport, task))
         return await handler(request)
 
-    def _done(self, transport: asyncio.BaseTransport) -> None:
+    def _done(self, transport: asyncio.BaseTransport, task: asyncio.Task) -> None:
         if transport not in self.busy:
             return  # closed meanwhile
-        self.busy[transport] -= 1
+        self.busy[transport].discard(task)
         if not self.busy[transport]:
             del self.busy[transport]
+            self._unsent.pop(transport, None)
             self.idle[transport] = None  # the most recently idle: the last to make room
 
 
@@ -204,9 +274,13 @@ class GuardedSite(web.BaseSite):
     async def start(self) -> None:
         await super().start()
         guard, server = self._runner.app[GUARD], self._runner.server
-        self._server = await asyncio.get_running_loop().create_server(
-            lambda: guard.protocol(server), sock=self._sock, backlog=self._backlog
-        )
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: guard.protocol(server), sock=self._sock, backlog=self._backlog)
+        guard.start_sweeping(loop)
+
+    async def stop(self) -> None:
+        self._runner.app[GUARD].stop_sweeping()
+        await super().stop()
 
 
 class RequestErrors(logging.Filter):
@@ -287,3 +361,20 @@ class LoopErrors:
 
 def throttle_loop_errors(loop: asyncio.AbstractEventLoop) -> None:
     loop.set_exception_handler(LoopErrors())
+
+
+def unsent_bytes(transport, sock) -> int:
+    """What is still waiting to reach a client: asyncio's buffer plus the kernel's send queue.
+
+    A client that reads slowly shows up here long before the socket is full, so
+    it gets the newest frame once it has taken the last one, instead of the
+    kernel's buffers filling with seconds of old frames.
+    """
+    pending = transport.get_write_buffer_size() if transport is not None else 0
+    if sock is not None and SIOCOUTQ is not None:
+        try:
+            buf = fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0")
+            pending += int.from_bytes(buf, sys.byteorder)
+        except (OSError, ValueError):  # the client is gone: the next write says so
+            pass
+    return pending

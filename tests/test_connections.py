@@ -15,6 +15,7 @@ import os
 import re
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -131,6 +132,57 @@ async def test_idle_and_slowloris_connections_are_closed_while_an_mjpeg_stream_g
             await next_jpeg(stream[0][0])
     finally:
         close_all(*idle, *slow, *kept, *stream)
+        await runner.cleanup()
+
+
+async def test_a_client_that_stops_reading_is_closed_and_its_slot_freed(monkeypatch, caplog):
+    import signalling.server as server
+
+    monkeypatch.setattr(server, "WRITE_STALL", 1.0)
+    monkeypatch.setattr(server, "SWEEP_INTERVAL", 0.2)
+    runner, relay = await start_relay(bounded(max_connections=6, max_connections_per_address=6, header_timeout=SHORT))
+    guard = runner.app[server.GUARD]
+    stalled, stream, frames = [], [], [0]
+
+    async def watch() -> None:  # a viewer that keeps reading, however long its response runs: never cut
+        while True:
+            await next_jpeg(stream[0][0])
+            frames[0] += 1
+
+    host, port = relay.base.removeprefix("http://").split(":")
+    try:
+        stream.append(await mjpeg(relay.base))
+        watching = asyncio.ensure_future(watch())
+        for _ in range(5):  # the other slots: pipelined requests (files, sent by sendfile) never read
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+            sock.bind(("127.0.0.3", 0))
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+            reader, writer = await asyncio.open_connection(sock=sock)
+            writer.write(b"GET /static/whep.js HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 400)
+            stalled.append((reader, writer))
+        # Each is closed once its unsent bytes have not moved for WRITE_STALL ...
+        async with asyncio.timeout(DEADLINE):
+            while "127.0.0.3" in guard.per_client:
+                await asyncio.sleep(0.1)
+        # ... a newcomer gets a slot, and the viewer that kept reading goes on.
+        stalled.append(await connect(relay.base, "127.0.0.2"))
+        assert await answer(*stalled[-1]) == b"HTTP/1.1 200 OK"
+        seen = frames[0]
+        async with asyncio.timeout(DEADLINE):
+            while frames[0] < seen + 5:
+                await asyncio.sleep(0.05)
+        assert not watching.done()
+        watching.cancel()
+        closed = logged(caplog, "bytes unread for")
+        assert closed and all(
+            re.fullmatch(r"http closed connection from 127\.0\.0\.3: \d+ bytes unread for 1s.*", line)
+            for line in closed
+        )
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no asyncio callback errors
+    finally:
+        close_all(*stalled, *stream)
         await runner.cleanup()
 
 
