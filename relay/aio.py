@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,9 @@ async def run_owned(executor, fn, *args, on_orphan):
                 try:
                     executor.submit(on_orphan, f.result())
                 except RuntimeError:  # the executor already shut down (its owner closed meanwhile): nothing runs there
-                    on_orphan(f.result())
+                    # A thread of its own, never the event loop's: closing may block (an RTSP TEARDOWN to a
+                    # server that does not answer waits for its timeout).
+                    threading.Thread(target=on_orphan, args=(f.result(),), name="close-orphan").start()
 
         future.add_done_callback(adopt)
         raise

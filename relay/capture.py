@@ -24,7 +24,7 @@ from typing import Protocol
 
 import av
 
-from .logsafe import redact, url_passwords
+from .logsafe import REDACTED, redact, url_passwords
 from .testpattern import PatternRenderer
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,18 @@ def parse_source_spec(text: str) -> SourceSpec:
         if not rest:
             raise ValueError(f"source {text!r} needs a path after {kind}:")
         return SourceSpec(kind, rest)
-    raise ValueError(f"source {redact_url(text)!r} has unknown kind {kind!r}; expected test, v4l2, rtsp or file")
+    raise ValueError(f"source {_userinfo_hidden(text)!r} has unknown kind {kind!r}; expected test, v4l2, rtsp or file")
+
+
+def _userinfo_hidden(spec: str) -> str:
+    """A mistyped spec for an error: whatever lies between its first : and its last @ may be a password
+    (``rtsp//admin:pw@cam``, ``admin:pw@cam/x``), so it is hidden, URL or not."""
+    shown = redact_url(spec)
+    if REDACTED in shown:
+        return shown  # a URL after all: its user name stays readable
+    head, at, tail = shown.rpartition("@")
+    kind, colon, _ = head.partition(":")
+    return f"{kind}{colon}{REDACTED}@{tail}" if at and colon else shown
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -43,13 +43,21 @@ SHOWS_SECRET = {"shows_secret": True}  # ``extra=`` of the one line allowed to: 
 # The password of scheme://user:password@ (or a mistyped scheme:/user:password@) anywhere in a text, known or
 # not: a config error quoting a source with a wrong scheme, an error that escaped the URL. It runs to the last
 # @ before a space, so a password holding an unencoded @ is hidden whole.
-URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*:/{0,2}[^\s/:@]*:)(?P<password>\S*)@")
+URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*:/{0,2}[^\s/:@]*:)(?P<password>[^\s/]*)@")
+WORD = re.compile(r"\S+")  # the pattern never spans a space, so it is tried one word at a time
+MAX_SCANNED_WORD = 1024  # characters: a URL is far shorter; a longer word with : and @ is hidden whole
 FORMS_CACHED = 16  # sets of secrets whose forms are kept: the process's one, growing, and a few of config errors
 
 
 def url_passwords(url: str) -> list[str]:
-    """The password in ``scheme://user:password@host/...`` (up to its last @, spaces and all), if it has one."""
-    userinfo, at, _ = url.partition("://")[2].rpartition("@")
+    """The password in ``scheme://user:password@host/...``, if it has one.
+
+    The user information ends at the last @ before the path (``rtsp://u:pw@cam/x@1080p``: ``pw``); a
+    password with an unencoded / (which FFmpeg would not take either) ends at the URL's last @ instead.
+    """
+    rest = url.partition("://")[2]
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    userinfo, at, _ = (authority if "@" in authority else rest).rpartition("@")
     return [password] if at and (password := userinfo.partition(":")[2]) else []
 
 
@@ -77,6 +85,15 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     and the password of any URL in it replaced by ``***``."""
     for form in _forms(frozenset(secrets)):
         text = text.replace(form, REDACTED)
+    return WORD.sub(_hide_url_password, text) if "@" in text else text
+
+
+def _hide_url_password(word: re.Match[str]) -> str:
+    text = word.group()
+    if "@" not in text or ":" not in text:
+        return text
+    if len(text) > MAX_SCANNED_WORD:
+        return REDACTED  # the pattern's cost grows with the square of a word's length
     return URL_PASSWORD.sub(rf"\g<head>{REDACTED}@", text)
 
 

@@ -141,6 +141,8 @@ async def _read_body(request: web.Request, what: str) -> bytes:
                 chunks.append(chunk)
     except TimeoutError:
         raise _error(web.HTTPRequestTimeout, f"{what} not received within {BODY_TIMEOUT:g}s") from None
+    except ConnectionError:  # the client went away mid-body: nobody to answer, nothing worth a traceback
+        raise _error(web.HTTPBadRequest, f"{what} cut off: the connection was lost") from None
     return b"".join(chunks)
 
 

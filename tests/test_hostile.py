@@ -132,3 +132,19 @@ async def test_a_body_that_trickles_in_is_cut_off_with_a_408(relay_server, monke
     assert answer.startswith(b"HTTP/1.1 408 ")
     assert answer.endswith(b"\r\n\r\noffer not received within 0.5s\n")
     assert relay_server.relay.sessions.count() == 0
+
+
+async def test_a_client_that_vanishes_mid_body_leaves_no_traceback(relay_server, http, caplog):
+    for _ in range(3):
+        reader, writer = await asyncio.open_connection("127.0.0.1", relay_server.relay.config.http.port)
+        writer.write(
+            b"POST /whep/cam0 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/sdp\r\n"
+            b"Content-Length: 5000\r\n\r\nv=0\r\n"
+        )
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the handler is reading the body now
+        writer.transport.abort()  # a reset, mid-body
+    async with http.get(relay_server.base + "/healthz") as resp:  # after the resets, in the relay's own order
+        assert resp.status == 200
+    assert relay_server.relay.sessions.count() == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]

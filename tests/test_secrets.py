@@ -102,6 +102,26 @@ def test_a_urls_password_is_hidden_though_nobody_said_it_was_one(text, shown):
     assert redact(text, []) == shown
 
 
+def test_an_at_in_the_path_is_not_taken_for_the_end_of_the_password():
+    from relay.capture import redact_url
+    from relay.logsafe import url_passwords
+
+    url = "rtsp://admin:s3cret@cam/x@1080p"
+    assert url_passwords(url) == ["s3cret"]
+    assert redact_url(url) == "rtsp://admin:***@cam/x@1080p"
+    assert (
+        redact("error: 's3cret' and " + repr(url), url_passwords(url))
+        == "error: '***' and 'rtsp://admin:***@cam/x@1080p'"
+    )
+
+
+def test_a_huge_word_costs_no_quadratic_scan():
+    # The URL pattern backtracks over a word; thousands of "a:" without an @ after them took half a second.
+    word = "a:" * 8000 + "@"
+    assert redact(word) == "***"
+    assert redact("a:" * 8000 + " @") == "a:" * 8000 + " @"  # no @ in that word: left as it is
+
+
 KINDS = "; expected test, v4l2, rtsp or file"
 
 
@@ -123,6 +143,14 @@ KINDS = "; expected test, v4l2, rtsp or file"
         (
             None, {}, ["cam1=rtspx://admin:my secret@host/s"],
             f"streams.cam1: source 'rtspx://admin:***@host/s' has unknown kind 'rtspx'{KINDS}",
+        ),
+        (  # no "://" at all: not a URL, but what lies between the first : and the last @ may be a password
+            '[streams]\ncam1 = "rtsp//admin:secret@cam"', {}, None,
+            f"streams.cam1: source 'rtsp//admin:***@cam' has unknown kind 'rtsp//admin'{KINDS}",
+        ),
+        (
+            '[streams]\ncam1 = "admin:secret@cam:554/x"', {}, None,
+            f"streams.cam1: source 'admin:***@cam:554/x' has unknown kind 'admin'{KINDS}",
         ),
         (
             '[streams]\ncam1 = ["rtsp://admin:secret@host/s"]', {}, None,
