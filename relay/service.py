@@ -11,9 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
-from aiortc import RTCIceServer
 
-from . import devices
+from . import devices, ice
 from .capture import SourceSpec, redact_url
 from .config import Config, StreamConfig
 from .devices import Device
@@ -80,11 +79,7 @@ class Relay:
         self.config = config
         self.streams: dict[str, Stream] = {}
         w = config.webrtc
-        ice = [
-            RTCIceServer(urls=url, username=w.ice_username or None, credential=w.ice_credential or None)
-            for url in w.ice_servers
-        ]
-        self.sessions = ViewerSessions(self.hub_for, ice, w.connect_timeout)
+        self.sessions = ViewerSessions(self.hub_for, ice.for_relay(w), w.connect_timeout)
         self.state_dir = Path(config.state_dir) if config.state_dir else default_state_dir()
         self.mediamtx: Mediamtx | None = None
         self.publishers: dict[str, RtspPublisher] = {}
