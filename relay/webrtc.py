@@ -306,16 +306,21 @@ class ViewerSessions:
             raise
 
     async def add_candidates(self, session: ViewerSession, sdpfrag: str) -> None:
-        """Trickled remote candidates (``a=candidate:`` lines of an SDP fragment)."""
+        """Trickled remote candidates (``a=candidate:`` lines of an SDP fragment).
+
+        Those under the ``a=mid`` of an m-section the answer rejected are dropped:
+        their transport is gone (the browser gathered for it before the answer).
+        """
+        ours = _first_mid(session.pc)
         mid = None
         for raw in sdpfrag.splitlines():
             line = raw.strip()
             if line.startswith("a=mid:"):
                 mid = line[6:]
-            elif line.startswith("a=candidate:"):
+            elif line.startswith("a=candidate:") and mid in (None, ours):
                 try:
                     candidate = candidate_from_sdp(line[2:].split(":", 1)[1])
-                    candidate.sdpMid = mid or _first_mid(session.pc)
+                    candidate.sdpMid = ours
                     await session.pc.addIceCandidate(candidate)
                 except Exception as exc:  # aiortc asserts on malformed candidates
                     raise OfferRejected(f"bad candidate line {line[:80]!r}: {_reason(exc)}") from exc

@@ -5,10 +5,14 @@
 1. ``Host`` must be one of this relay's names (DNS rebinding), else 403.
 2. WHEP POST/PATCH/DELETE from a browser page (``Origin`` present) must come
    from camrelay's own pages or ``http.cors_origins``, else 403.
-3. Unless the path is open (``/static/``, preflights, ``/healthz`` and
-   ``/metrics`` as configured) or ``auth.mode = "none"``: the viewer token
-   (``?token=``, ``Authorization: Bearer``, or the cookie ``?token=`` sets) or
-   HTTP Basic, else 401.
+3. ``OPTIONS`` is answered without credentials (a CORS preflight never carries
+   any); credentials it does carry are checked (401 when wrong) and make it a
+   viewer's (``VIEWER``), which is told the ICE servers.
+4. Unless the request is open (``/static/``, ``/healthz`` and ``/metrics`` as
+   configured, ``PATCH`` and ``DELETE`` of a WHEP session, whose URL with its
+   unguessable id is the capability, as in mediamtx) or ``auth.mode = "none"``:
+   the viewer token (``?token=``, ``Authorization: Bearer``, or the cookie
+   ``?token=`` sets) or HTTP Basic, else 401.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ AUTH_FAILURE_BURST = 20
 AUTH_FAILURE_RATE = 1 / 3  # guesses a second per address, after the burst
 REALM = "camrelay"
 STATE_CHANGING = ("POST", "PATCH", "DELETE")
+SESSION_METHODS = ("PATCH", "DELETE")  # what a WHEP session URL takes without credentials
 NO_TOKEN = "no viewer token"
 WRONG_TOKEN = "wrong viewer token"
 THROTTLED = "too many wrong passwords from {address}; retry later"
@@ -126,9 +131,11 @@ class Access:
         self._checking_from: set[str] = set()  # addresses with a verification running
 
     def is_open(self, request: web.Request) -> bool:
-        if self.mode == "none" or request.method == "OPTIONS":
+        if self.mode == "none":
             return True
         path = request.path
+        if request.method in SESSION_METHODS and path.startswith("/whep/") and "session" in request.match_info:
+            return True  # the session URL is the capability: a player may send its token with the POST only
         if path.startswith("/static/"):
             return True
         if path == "/healthz":
@@ -136,6 +143,17 @@ class Access:
         if path == "/metrics":
             return not self.protect_metrics
         return False
+
+    async def is_viewer(self, request: web.Request) -> bool:
+        """Whether an ``OPTIONS`` request is a viewer's: False without credentials, 401 when they are wrong."""
+        if self.mode == "none":
+            return True
+        reason, _ = await self.authenticate(request)
+        if reason in (NO_TOKEN, NO_PASSWORD):
+            return False
+        if reason:
+            raise self.unauthorized(request, reason)
+        return True
 
     async def authenticate(self, request: web.Request) -> tuple[str | None, bool]:
         """(why the request is refused or None, whether to set the token cookie)."""
@@ -238,6 +256,7 @@ class Access:
 
 
 ACCESS = web.AppKey("access", Access)
+VIEWER = web.RequestKey("viewer", bool)  # an OPTIONS request that carried a viewer's credentials
 
 
 def _forbidden(reason: str) -> web.HTTPForbidden:
@@ -254,6 +273,9 @@ async def guard(request: web.Request, handler):
         reason = check_origin(request.headers.get("Origin"), request.headers.get("Host"), access.cors_origins)
         if reason:
             raise _forbidden(reason)
+    if request.method == "OPTIONS":
+        request[VIEWER] = await access.is_viewer(request)
+        return await handler(request)
     if access.is_open(request):
         return await handler(request)
     reason, set_cookie = await access.authenticate(request)

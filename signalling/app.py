@@ -2,8 +2,10 @@
 
 WHEP (draft-ietf-wish-whep): ``POST /whep/<stream>`` with an SDP offer gets
 ``201`` and the answer; the ``Location`` is the session, which takes ``PATCH``
-(trickled candidates) and ``DELETE``. Every bad input gets its own status and
-a one-line reason in the body, never a 500.
+(trickled candidates) and ``DELETE``. The ``201``, and an ``OPTIONS`` that
+carries a viewer's credentials, list the viewer's ICE servers in ``Link``
+headers. Every bad input gets its own status and a one-line reason in the
+body, never a 500.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
+from relay import ice
 from relay.capture import redact_url
 from relay.ipc import ENCODER_ERROR
 from relay.logsafe import Throttled
@@ -24,10 +27,19 @@ from relay.service import Relay, UnknownStream, lan_addresses
 from relay.telemetry import prometheus
 from relay.webrtc import OfferRejected
 
-from .access import ACCESS, Access, guard
+from .access import ACCESS, VIEWER, Access, guard
 from .forwarded import PROXIES, forwarded, parse_networks
 from .limits import RateLimiter
-from .sdp import SdpError, check_candidate, check_offer, drop_mdns_candidates, is_mdns_candidate
+from .sdp import (
+    SdpError,
+    answer_all,
+    check_candidate,
+    check_offer,
+    drop_mdns_candidates,
+    is_ice_restart,
+    is_mdns_candidate,
+    served_only,
+)
 from .server import unsent_bytes
 
 log = logging.getLogger(__name__)
@@ -87,13 +99,15 @@ async def whep_offer(request: web.Request) -> web.Response:
     except UnicodeDecodeError:
         raise _error(web.HTTPBadRequest, "offer is not UTF-8 text") from None
     try:
-        check_offer(offer)
+        summary = check_offer(offer)
     except SdpError as exc:
         raise _error(web.HTTPBadRequest, f"malformed offer: {exc}") from None
     _check_pending(relay, name, address)
     _check_viewer_limits(relay, name, request.remote)
     try:
-        session, answer = await relay.sessions.create(name, drop_mdns_candidates(offer), request.remote or "?")
+        session, answer = await relay.sessions.create(
+            name, served_only(drop_mdns_candidates(offer), summary.served), request.remote or "?"
+        )
     except OfferRejected as exc:
         raise _error(web.HTTPBadRequest, str(exc)) from None
     except UnknownStream:
@@ -111,7 +125,19 @@ async def whep_offer(request: web.Request) -> web.Response:
         await relay.sessions.close(session.id, "over the viewer limit")
         raise
     location = f"/whep/{name}/{session.id}"
-    return web.Response(status=201, body=answer.encode(), headers={"Location": location, "Content-Type": SDP_TYPE})
+    response = web.Response(
+        status=201,
+        body=answer_all(offer, summary.served, answer).encode(),
+        headers={"Location": location, "Content-Type": SDP_TYPE},
+    )
+    _add_ice_links(request, response)  # no ETag: a session cannot restart ICE (see whep_patch)
+    return response
+
+
+def _add_ice_links(request: web.Request, response: web.StreamResponse) -> None:
+    """The viewer's ICE servers, one ``Link: <url>; rel="ice-server"`` header each (RFC 9725 §4.6)."""
+    for value in ice.link_headers(ice.for_viewer(request.app[RELAY].config.webrtc)):
+        response.headers.add("Link", value)
 
 
 async def _read_body(request: web.Request, what: str) -> bytes:
@@ -180,10 +206,10 @@ def _check_viewer_limits(relay, name: str, remote: str | None, this_one: int = 0
 
 
 def _session_or_404(request: web.Request):
-    relay = request.app[RELAY]
-    name = _stream_or_404(request)
-    session = relay.sessions.get(request.match_info["session"])
-    if session is None or session.stream != name:
+    # One answer for a wrong stream and a wrong session: a session URL needs no credentials (it is
+    # the capability), so its 404 must not tell which streams exist.
+    session = request.app[RELAY].sessions.get(request.match_info["session"])
+    if session is None or session.stream != request.match_info["stream"]:
         raise _error(web.HTTPNotFound, "no such session")
     return session
 
@@ -192,10 +218,23 @@ async def whep_patch(request: web.Request) -> web.Response:
     session = _session_or_404(request)
     if request.content_type != SDPFRAG_TYPE:
         raise _error(web.HTTPUnsupportedMediaType, f"Content-Type must be {SDPFRAG_TYPE}")
+    # A session has no entity-tag (it cannot restart ICE): "If-Match: *" matches it, a tag does not (RFC 9110 §13.1.1).
+    if request.headers.get("If-Match", "*").strip() != "*":
+        raise _error(
+            web.HTTPPreconditionFailed,
+            "If-Match names an entity-tag this relay never gave (its sessions have none); send If-Match: * or none",
+        )
     body = await _read_body(request, "fragment")
     fragment = "".join(
         line for line in body.decode("utf-8", "replace").splitlines(keepends=True) if not is_mdns_candidate(line)
     )
+    if is_ice_restart(fragment, session.pc.remoteDescription.sdp):
+        # aiortc cannot restart ICE. draft-ietf-wish-whep §4.3.1: a session that trickles but cannot
+        # restart answers 422, and keeps its ICE session.
+        raise _error(
+            web.HTTPUnprocessableEntity,
+            "ICE restart is not supported: this session keeps its ICE credentials; for new ones DELETE it and POST",
+        )
     try:
         for line in fragment.splitlines():
             if line.startswith("a=candidate:"):
@@ -217,6 +256,7 @@ async def whep_delete(request: web.Request) -> web.Response:
 
 async def whep_options(request: web.Request) -> web.Response:
     # The same answer for every path: OPTIONS needs no credentials, so it must not tell which streams exist.
+    # A viewer's (with credentials, as a WHEP player sends it) also lists the ICE servers.
     headers = {"Allow": "OPTIONS, POST, PATCH, DELETE", "Accept-Post": SDP_TYPE, "Accept-Patch": SDPFRAG_TYPE}
     if _allowed_origin(request):
         headers.update(
@@ -226,7 +266,10 @@ async def whep_options(request: web.Request) -> web.Response:
                 "Access-Control-Max-Age": CORS_MAX_AGE,
             }
         )
-    return web.Response(status=204, headers=headers)
+    response = web.Response(status=204, headers=headers)
+    if request.get(VIEWER):
+        _add_ice_links(request, response)
+    return response
 
 
 def _allowed_origin(request: web.Request) -> str | None:
@@ -247,7 +290,7 @@ async def cors(request: web.Request, handler):
     origin = _allowed_origin(request) if request.path.startswith("/whep/") else None
     if origin:
         response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Expose-Headers"] = "Location, Accept-Patch, Link"
+        response.headers["Access-Control-Expose-Headers"] = "Location, Link, ETag, Accept-Patch"
         response.headers["Vary"] = "Origin"
     if isinstance(response, web.HTTPException):
         raise response

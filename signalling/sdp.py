@@ -14,7 +14,8 @@ from dataclasses import dataclass
 MAX_LINES = 2000  # a browser offer is ~100 lines; far more is abuse
 _RTPMAP = re.compile(r"^a=rtpmap:(\d+) ([A-Za-z0-9_.-]+)/(\d+)")
 _FMTP = re.compile(r"^a=fmtp:(\d+) (.*)$")
-_MLINE = re.compile(r"^m=(\w+) (\d+)(?:/\d+)? ([A-Za-z/]+)((?: [0-9A-Za-z]+)*)$")
+# <fmt> is a token: payload types for RTP, "webrtc-datachannel" for a data channel (RFC 8841).
+_MLINE = re.compile(r"^m=(\w+) (\d+)(?:/\d+)? ([A-Za-z/]+)((?: [0-9A-Za-z._-]+)*)$")
 _DIRECTIONS = ("sendrecv", "sendonly", "recvonly", "inactive")
 
 
@@ -115,15 +116,45 @@ class OfferSummary:
     video_sections: int
     h264_payload_types: tuple[int, ...]
     direction: str
+    served: int  # index of the m-section the relay answers; every other one is rejected
 
 
-def check_offer(text: str) -> OfferSummary:
-    """Validate a WHEP offer; raises ``SdpError`` with the reason."""
-    if "\x00" in text:
-        raise SdpError("offer contains a NUL byte")
+def _lines(text: str) -> list[str]:
     lines = [line.rstrip("\r") for line in text.split("\n")]
     while lines and not lines[-1]:
         lines.pop()
+    return lines
+
+
+def _split(lines: list[str]) -> tuple[list[str], list[list[str]]]:
+    """(session-level lines, the lines of each m-section, its m= line first)."""
+    session: list[str] = []
+    sections: list[list[str]] = []
+    for line in lines:
+        if line.startswith("m="):
+            sections.append([line])
+        elif sections:
+            sections[-1].append(line)
+        else:
+            session.append(line)
+    return session, sections
+
+
+def _mid(section: list[str]) -> str | None:
+    return next((line[len("a=mid:") :] for line in section if line.startswith("a=mid:")), None)
+
+
+def check_offer(text: str) -> OfferSummary:
+    """Validate a WHEP offer; raises ``SdpError`` with the reason.
+
+    The relay serves the first video m-section that can receive H.264; the
+    offer may hold anything else besides (audio, a data channel, more video),
+    which the answer rejects. With no such section the reason is the first
+    video section's.
+    """
+    if "\x00" in text:
+        raise SdpError("offer contains a NUL byte")
+    lines = _lines(text)
     if not lines:
         raise SdpError("offer is empty")
     if len(lines) > MAX_LINES:
@@ -138,29 +169,31 @@ def check_offer(text: str) -> OfferSummary:
         except SdpError as exc:
             raise SdpError(f"line {number}: {exc}") from None
 
-    session: list[str] = []
-    sections: list[list[str]] = []
-    for line in lines:
-        if line.startswith("m="):
-            sections.append([line])
-        elif sections:
-            sections[-1].append(line)
-        else:
-            session.append(line)
+    session, sections = _split(lines)
     if not sections:
         raise SdpError("offer has no media section")
-
     video = []
-    for section in sections:
+    for index, section in enumerate(sections):
         m = _MLINE.match(section[0])
         if m is None:
             raise SdpError(f"malformed media line {section[0][:80]!r}")
         if m.group(1) == "video" and m.group(2) != "0":
-            video.append(section)
+            video.append(index)
     if not video:
         raise SdpError("offer has no video section")
+    reasons = []
+    for index in video:
+        try:
+            h264, direction = _check_video(session, sections[index])
+        except SdpError as exc:
+            reasons.append(exc)
+        else:
+            return OfferSummary(len(video), h264, direction, index)
+    raise reasons[0]
 
-    section = video[0]
+
+def _check_video(session: list[str], section: list[str]) -> tuple[tuple[int, ...], str]:
+    """(usable H.264 payload types, direction) of a video m-section."""
     attrs = session + section
     for key, what in (
         ("a=ice-ufrag:", "ICE username fragment"),
@@ -189,7 +222,74 @@ def check_offer(text: str) -> OfferSummary:
     usable = tuple(pt for pt in h264 if "packetization-mode=1" in fmtp.get(pt, "").replace(" ", ""))
     if not usable:
         raise SdpError("offer's H.264 lacks packetization-mode=1")
-    return OfferSummary(len(video), usable, direction)
+    return usable, direction
+
+
+def served_only(offer: str, served: int) -> str:
+    """The offer as the relay's peer connection sees it: its m-section ``served`` alone.
+
+    aiortc answers every m-section it is given: it accepts a data channel (an
+    SCTP association per viewer), answers audio "inactive" yet holds a receiver
+    for it, and fails on an m-section whose codecs it lacks. So it is shown only
+    the section it sends to, in a BUNDLE group of its own if the offer bundled it;
+    ``answer_all`` answers the rest.
+    """
+    session, sections = _split(_lines(offer))
+    mid = _mid(sections[served])
+    head = []
+    for line in session:
+        if line.startswith("a=group:"):
+            if line.startswith("a=group:BUNDLE ") and mid in line.split()[1:]:
+                head.append(f"a=group:BUNDLE {mid}")
+        else:
+            head.append(line)
+    return "\r\n".join(head + sections[served]) + "\r\n"
+
+
+def answer_all(offer: str, served: int, answer: str) -> str:
+    """The answer to the whole ``offer``, from aiortc's answer to ``served_only(offer, served)``.
+
+    RFC 3264 §6: one m-section per offered one, in the offer's order. Each one
+    but ``served`` is rejected: port 0, ``a=inactive`` for RTP media (nothing is
+    sent nor received), its mid kept and left out of the BUNDLE group (RFC 9143
+    §7.3.3). The served section is the only one in the group, so it is the
+    tagged one even where the offer tagged a section rejected here (§7.3.1). No
+    group at all when the offer did not bundle it (§7.3).
+    """
+    offer_session, offered = _split(_lines(offer))
+    session, sections = _split(_lines(answer))
+    mid = _mid(offered[served])
+    bundled = any(
+        line.startswith("a=group:BUNDLE ") and mid in line.split()[1:] for line in offer_session if mid is not None
+    )
+    lines = [line for line in session if bundled or not line.startswith("a=group:")]
+    for index, section in enumerate(offered):
+        lines += sections[0] if index == served else _rejected(section)
+    return "\r\n".join(lines) + "\r\n"
+
+
+def _rejected(section: list[str]) -> list[str]:
+    """The answer's m-section that rejects an offered one (RFC 3264 §6, RFC 8829 §5.3.1)."""
+    m = _MLINE.match(section[0])
+    assert m is not None  # check_offer matched every m= line
+    media, _, proto, formats = m.groups()
+    # The formats of a rejected m-section are ignored, but SDP wants one: the offer's first.
+    lines = [f"m={media} 0 {proto}{' ' + formats.split()[0] if formats else ''}", "c=IN IP4 0.0.0.0"]
+    mid = _mid(section)
+    if mid is not None:
+        lines.append(f"a=mid:{mid}")
+    if "RTP" in proto:
+        lines.append("a=inactive")
+    return lines
+
+
+def is_ice_restart(fragment: str, offer: str) -> bool:
+    """Whether a trickle fragment (RFC 8840) asks for an ICE restart: it names an ICE ufrag the offer did not."""
+    return bool(_ice_ufrags(fragment) - _ice_ufrags(offer))
+
+
+def _ice_ufrags(text: str) -> set[str]:
+    return {line[len("a=ice-ufrag:") :].strip() for line in text.splitlines() if line.startswith("a=ice-ufrag:")}
 
 
 def is_mdns_candidate(line: str) -> bool:

@@ -7,19 +7,27 @@ the tests fail, never skip, when it is missing. Why each Chromium flag is there:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import os
 import re
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from playwright.async_api import Page
+from playwright.async_api import TimeoutError as PlaywrightTimeout
+from yarl import URL
 
 from benchmarks.chromium import chromium
+from benchmarks.ports import free_port
 from relay.config import AuthConfig
 
-from .conftest import TEST_HEIGHT, TEST_WIDTH, RunningRelay
+from .conftest import TEST_HEIGHT, TEST_WIDTH, RunningRelay, make_config, start_relay
+from .stun import stun_server
 
 pytestmark = pytest.mark.browser
 
@@ -241,3 +249,142 @@ async def test_the_url_with_the_token_plays_and_its_cookie_lets_the_page_in_late
             assert not watch.errors, f"uncaught errors in the page: {watch.errors}"
         finally:
             await page.close()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+READER_JS = Path("internal/servers/webrtc/reader.js")  # mediamtx's WHEP player, in its module source
+
+
+def mediamtx_reader_js() -> Path:
+    """mediamtx's own ``reader.js``, of the version ``scripts/install-mediamtx`` pins.
+
+    From the Go module cache (where a build from source downloads the module),
+    else the copy install-mediamtx keeps beside the binary it built. Missing: a
+    failure, never a skip.
+    """
+    version = re.search(r'MEDIAMTX_VERSION="([^"]+)"', (ROOT / "scripts" / "install-mediamtx").read_text())
+    assert version, "scripts/install-mediamtx pins no MEDIAMTX_VERSION"
+    places = []
+    go = shutil.which("go") or "/usr/local/go/bin/go"  # where install-mediamtx looks for Go too
+    if os.access(go, os.X_OK):
+        env = {**os.environ, "GOTOOLCHAIN": "local"}
+        modcache = subprocess.run([go, "env", "GOMODCACHE"], capture_output=True, text=True, env=env, check=True)
+        places.append(Path(modcache.stdout.strip()) / f"github.com/bluenviron/mediamtx@{version[1]}" / READER_JS)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "camrelay"
+    places += sorted(cache.glob(f"mediamtx-{version[1]}-*/reader.js"))
+    for place in places:
+        if place.is_file():
+            return place
+    raise AssertionError(f"mediamtx {version[1]}'s reader.js is in none of {places}; run scripts/install-mediamtx")
+
+
+# The other origin's page: mediamtx's reader.js, used as mediamtx's own read page uses it (the track's
+# stream in a <video>), with a token; the pixel clock read from each frame through a canvas (readPixelClock
+# of the relay's whep.js). Every RTCPeerConnection the player makes is noted, with its configuration.
+READER_PAGE = """<!doctype html>
+<meta charset="utf-8">
+<video id="video" muted autoplay playsinline></video>
+<script>
+window.configs = [];
+window.RTCPeerConnection = class extends RTCPeerConnection {
+  constructor(config) { super(config); window.configs.push(config); window.pc = this; }
+};
+</script>
+<script src="/reader.js"></script>
+<script src="RELAY/static/whep.js"></script>
+<script>
+window.errors = [];
+window.clock = [];
+const video = document.getElementById("video");
+const canvas = document.createElement("canvas");
+const ctx = canvas.getContext("2d", { willReadFrequently: true });
+const onFrame = () => {
+  const w = video.videoWidth, s = Math.floor(w / 48);
+  canvas.width = w; canvas.height = s;
+  ctx.drawImage(video, 0, 0, w, s, 0, 0, w, s);
+  const t = readPixelClock(ctx.getImageData(0, 0, w, s).data, w);
+  if (t !== null) window.clock.push(Date.now() - t);
+  video.requestVideoFrameCallback(onFrame);
+};
+video.requestVideoFrameCallback(onFrame);
+window.reader = new MediaMTXWebRTCReader({
+  url: "RELAY/whep/cam0",
+  token: "TOKEN",
+  onError: (err) => window.errors.push(err),
+  onTrack: (evt) => { video.srcObject = evt.streams[0]; },
+});
+</script>
+"""
+CLOCK_READINGS = 30
+
+
+async def test_mediamtx_reader_js_from_another_origin_plays_with_its_token_on_post_only(http):
+    reader_js = mediamtx_reader_js().read_text()
+    page_port = free_port()
+    page_origin = f"http://127.0.0.1:{page_port}"
+    async with stun_server() as (stun, stun_url):
+        config = make_config(auth=AuthConfig(mode="token", token=VIEWER_TOKEN), cors_origins=(page_origin,))
+        config = dataclasses.replace(config, webrtc=dataclasses.replace(config.webrtc, ice_servers=(stun_url,)))
+        runner, relay = await start_relay(config)
+        html = READER_PAGE.replace("RELAY", relay.base).replace("TOKEN", VIEWER_TOKEN)
+
+        async def page_html(_: web.Request) -> web.Response:
+            return web.Response(text=html, content_type="text/html")
+
+        async def page_js(_: web.Request) -> web.Response:
+            return web.Response(text=reader_js, content_type="text/javascript")
+
+        site = web.Application()
+        site.router.add_get("/", page_html)
+        site.router.add_get("/reader.js", page_js)
+        site_runner = web.AppRunner(site)
+        try:
+            await site_runner.setup()
+            await web.TCPSite(site_runner, "127.0.0.1", page_port).start()
+            async with chromium() as browser:
+                page = await browser.new_page()
+                watch = PageWatch(page)
+                answers: list[tuple[str, int, str | None]] = []  # (method, status, Location) of each WHEP request
+                page.on(
+                    "response",
+                    lambda r: (
+                        answers.append((r.request.method, r.status, r.headers.get("location")))
+                        if "/whep/" in r.url
+                        else None
+                    ),
+                )
+                await page.goto(page_origin + "/")
+                try:
+                    await page.wait_for_function(
+                        f"() => window.clock.length >= {CLOCK_READINGS}", timeout=PLAY_TIMEOUT_MS
+                    )
+                except PlaywrightTimeout:
+                    pytest.fail(f"reader.js played nothing; it said: {await page.evaluate('() => window.errors')}")
+
+                clock = await page.evaluate("() => window.clock")
+                assert all(0 <= ms < 2000 for ms in clock), f"implausible same-host latencies {clock}"
+                assert await page.evaluate("() => window.errors") == []  # never "retrying in some seconds"
+                # Its ICE servers came from the Link header of its OPTIONS (sent with the token).
+                configs = await page.evaluate("() => window.configs.map((c) => c.iceServers)")
+                assert configs[-1] == [{"urls": [stun_url]}], configs
+                # One offer, answered 201; the trickled candidates went by PATCH, without the token, all 204.
+                [(_, created, location)] = [a for a in answers if a[0] == "POST"]
+                assert created == 201, answers
+                patches = [status for method, status, _ in answers if method == "PATCH"]
+                assert patches and set(patches) == {204}, answers
+                assert len(stun.clients) >= 2, "Chromium and the relay did not both ask the STUN server"
+                sessions = relay.relay.sessions
+                assert sessions.count("cam0") == sessions.connected("cam0") == 1
+                assert not watch.errors, f"uncaught errors in the page: {watch.errors}"
+
+                # The session URL alone ends the session, from the other origin and without the token.
+                status = await page.evaluate(
+                    "async (url) => { const r = await fetch(url, { method: 'DELETE' }); window.reader.close();"
+                    " return r.status; }",
+                    str(URL(relay.whep()).join(URL(location))),
+                )
+                assert status == 200 and sessions.count() == 0
+                await page.close()
+        finally:
+            await site_runner.cleanup()
+            await runner.cleanup()

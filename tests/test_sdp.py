@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from signalling.sdp import SdpError, check_offer
+from signalling.sdp import SdpError, answer_all, check_offer, is_ice_restart, served_only
 
 CHROMIUM = (Path(__file__).parent / "data" / "chromium_offer.sdp").read_text()
 
@@ -153,3 +153,79 @@ def test_mdns_candidates_are_dropped_and_nothing_else():
     assert check_offer(stripped).video_sections == 1
     real = "a=candidate:1 1 udp 2113937151 192.168.1.20 51355 typ host generation 0\r\n"
     assert drop_mdns_candidates(real) == real
+
+
+def recorded(name: str) -> str:
+    """An offer of tests/data as the browser wrote it (CRLF line ends)."""
+    return (Path(__file__).parent / "data" / f"offer_{name}.sdp").read_bytes().decode()
+
+
+# (file, index of its video m-section, number of m-sections): see tests/data/README.md
+BROWSER_OFFERS = [("chromium_156", 0, 3), ("firefox_153", 0, 3), ("firefox_99_audio_first", 1, 2), ("safari_16", 0, 3)]
+
+
+@pytest.mark.parametrize(("name", "video", "count"), BROWSER_OFFERS)
+def test_offers_as_browsers_write_them_pass_and_their_video_section_is_served(name, video, count):
+    offer = recorded(name)
+    summary = check_offer(offer)
+    assert (summary.video_sections, summary.served) == (1, video)
+    assert offer.count("\r\nm=") == count
+    # Every number is still range-checked, in the sections the relay rejects too.
+    for old, new, reason in (
+        ("a=sctp-port:5000", "a=sctp-port:70000", "a=sctp-port port 70000 is outside 0..65535"),
+        ("m=audio 9 ", "m=audio 99999 ", "media port 99999 is outside 0..65535"),
+        ("a=rtpmap:0 PCMU/8000", "a=rtpmap:0 PCMU/99999999999", "a=rtpmap clock rate 99999999999 is outside"),
+    ):
+        if old in offer:
+            number = offer[: offer.index(old)].count("\n") + 1
+            with pytest.raises(SdpError) as info:
+                check_offer(offer.replace(old, new, 1))
+            assert str(info.value).startswith(f"line {number}: {reason}")
+
+
+def test_the_first_video_section_that_can_receive_h264_is_served():
+    vp8 = vp8_only(CHROMIUM).replace("a=mid:0", "a=mid:9")
+    first = vp8[vp8.index("m=video") :]
+    assert check_offer(CHROMIUM.replace("m=video", first + "m=video", 1)).served == 1
+    # None can: the first one's reason.
+    with pytest.raises(SdpError) as info:
+        check_offer(vp8 + first.replace("a=mid:9", "a=mid:8"))
+    assert str(info.value) == "offer cannot receive H.264 video (no H264 rtpmap in the video section)"
+
+
+# What aiortc answers to served_only(): the served section alone (shortened here).
+AIORTC_ANSWER = (
+    "v=0\r\no=- 3 3 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\na=group:BUNDLE {mid}\r\na=msid-semantic:WMS *\r\n"
+    "m=video 40000 UDP/TLS/RTP/SAVPF 102 103\r\nc=IN IP4 127.0.0.1\r\na=sendonly\r\na=mid:{mid}\r\n"
+)
+
+
+def test_the_answer_has_every_offered_m_section_and_rejects_all_but_the_video():
+    offer = recorded("chromium_156")
+    aiortc_sees = served_only(offer, 0)
+    assert aiortc_sees.count("m=") == 1 and "m=video 9 " in aiortc_sees and "\r\na=group:BUNDLE 0\r\n" in aiortc_sees
+    assert answer_all(offer, 0, AIORTC_ANSWER.format(mid="0")) == (
+        "v=0\r\no=- 3 3 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0\r\na=msid-semantic:WMS *\r\n"
+        "m=video 40000 UDP/TLS/RTP/SAVPF 102 103\r\nc=IN IP4 127.0.0.1\r\na=sendonly\r\na=mid:0\r\n"
+        "m=audio 0 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=mid:1\r\na=inactive\r\n"
+        "m=application 0 UDP/DTLS/SCTP webrtc-datachannel\r\nc=IN IP4 0.0.0.0\r\na=mid:2\r\n"
+    )
+    # The offer's BUNDLE tag (audio, first) is rejected: the video section is the only one, and the tag, in the group.
+    offer = recorded("firefox_99_audio_first")
+    assert "a=group:BUNDLE 0 1" in offer
+    assert answer_all(offer, 1, AIORTC_ANSWER.format(mid="1")).split("m=")[1:] == [
+        "audio 0 UDP/TLS/RTP/SAVPF 109\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=inactive\r\n",
+        "video 40000 UDP/TLS/RTP/SAVPF 102 103\r\nc=IN IP4 127.0.0.1\r\na=sendonly\r\na=mid:1\r\n",
+    ]
+    assert "a=group:BUNDLE 1\r\n" in answer_all(offer, 1, AIORTC_ANSWER.format(mid="1"))
+    # An offer that bundles nothing gets no group back (RFC 9143 §7.3).
+    unbundled = offer.replace("a=group:BUNDLE 0 1\r\n", "")
+    assert "a=group:" not in served_only(unbundled, 1)
+    assert "a=group:" not in answer_all(unbundled, 1, AIORTC_ANSWER.format(mid="1"))
+
+
+def test_a_new_ice_ufrag_in_a_trickle_fragment_is_an_ice_restart():
+    offer = recorded("chromium_156")  # a=ice-ufrag:bvp1
+    assert not is_ice_restart("a=ice-ufrag:bvp1\r\na=ice-pwd:x\r\na=mid:0\r\na=end-of-candidates\r\n", offer)
+    assert not is_ice_restart("a=mid:0\r\na=candidate:1 1 udp 1 127.0.0.1 9 typ host\r\n", offer)
+    assert is_ice_restart("a=ice-ufrag:n3wU\r\na=ice-pwd:n3wpasswordn3wpassword\r\n", offer)
