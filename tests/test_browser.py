@@ -281,19 +281,8 @@ def mediamtx_reader_js() -> Path:
 # The other origin's page: mediamtx's reader.js, used as mediamtx's own read page uses it (the track's
 # stream in a <video>), with a token; the pixel clock read from each frame through a canvas (readPixelClock
 # of the relay's whep.js). Every RTCPeerConnection the player makes is noted, with its configuration.
-READER_PAGE = """<!doctype html>
-<meta charset="utf-8">
-<video id="video" muted autoplay playsinline></video>
-<script>
-window.configs = [];
-window.RTCPeerConnection = class extends RTCPeerConnection {
-  constructor(config) { super(config); window.configs.push(config); window.pc = this; }
-};
-</script>
-<script src="/reader.js"></script>
-<script src="RELAY/static/whep.js"></script>
-<script>
-window.errors = [];
+# Latency (ms) by the pixel clock of each frame of the <video id="video">, in window.clock; needs whep.js.
+CLOCK_SCRIPT = """
 window.clock = [];
 const video = document.getElementById("video");
 const canvas = document.createElement("canvas");
@@ -307,6 +296,21 @@ const onFrame = () => {
   video.requestVideoFrameCallback(onFrame);
 };
 video.requestVideoFrameCallback(onFrame);
+"""
+READER_PAGE = """<!doctype html>
+<meta charset="utf-8">
+<video id="video" muted autoplay playsinline></video>
+<script>
+window.configs = [];
+window.RTCPeerConnection = class extends RTCPeerConnection {
+  constructor(config) { super(config); window.configs.push(config); window.pc = this; }
+};
+</script>
+<script src="/reader.js"></script>
+<script src="RELAY/static/whep.js"></script>
+<script>
+window.errors = [];
+CLOCK
 window.reader = new MediaMTXWebRTCReader({
   url: "RELAY/whep/cam0",
   token: "TOKEN",
@@ -326,7 +330,7 @@ async def test_mediamtx_reader_js_from_another_origin_plays_with_its_token_on_po
         config = make_config(auth=AuthConfig(mode="token", token=VIEWER_TOKEN), cors_origins=(page_origin,))
         config = dataclasses.replace(config, webrtc=dataclasses.replace(config.webrtc, ice_servers=(stun_url,)))
         runner, relay = await start_relay(config)
-        html = READER_PAGE.replace("RELAY", relay.base).replace("TOKEN", VIEWER_TOKEN)
+        html = READER_PAGE.replace("CLOCK", CLOCK_SCRIPT).replace("RELAY", relay.base).replace("TOKEN", VIEWER_TOKEN)
 
         async def page_html(_: web.Request) -> web.Response:
             return web.Response(text=html, content_type="text/html")
@@ -388,3 +392,41 @@ async def test_mediamtx_reader_js_from_another_origin_plays_with_its_token_on_po
         finally:
             await site_runner.cleanup()
             await runner.cleanup()
+
+
+# What players that add audio first send: the offer's BUNDLE tag is the audio section, which the answer rejects.
+AUDIO_FIRST = """async (url) => {
+  const pc = new RTCPeerConnection({ iceServers: [] });
+  pc.addTransceiver("audio", { direction: "recvonly" });
+  pc.addTransceiver("video", { direction: "recvonly" });
+  pc.createDataChannel("");
+  pc.ontrack = (evt) => { document.getElementById("video").srcObject = new MediaStream([evt.track]); };
+  await pc.setLocalDescription(await pc.createOffer());
+  const offer = pc.localDescription.sdp;
+  const resp = await fetch(url, { method: "POST", headers: { "Content-Type": "application/sdp" }, body: offer });
+  const answer = await resp.text();
+  if (resp.status === 201) await pc.setRemoteDescription({ type: "answer", sdp: answer });
+  window.pc = pc;
+  return [resp.status, offer, answer];
+}"""
+
+
+async def test_chromium_takes_the_answer_that_rejects_the_bundle_tag_of_its_offer(relay_server):
+    async with chromium() as browser:
+        page = await browser.new_page()
+        watch = PageWatch(page)
+        try:
+            await page.goto(relay_server.base + "/healthz")  # the relay's origin, for the page's fetch
+            await page.evaluate("() => { document.body.innerHTML = '<video id=video muted autoplay></video>'; }")
+            await page.add_script_tag(url=relay_server.base + "/static/whep.js")
+            await page.add_script_tag(content=CLOCK_SCRIPT)
+            status, offer, answer = await page.evaluate(AUDIO_FIRST, relay_server.whep())
+            assert status == 201, answer
+            assert "a=group:BUNDLE 0 1 2" in offer and offer.index("m=audio") < offer.index("m=video")
+            assert "a=group:BUNDLE 1\r\n" in answer and "m=audio 0 " in answer and "m=application 0 " in answer
+            await page.wait_for_function(f"() => window.clock.length >= {CLOCK_READINGS}", timeout=PLAY_TIMEOUT_MS)
+            assert all(0 <= ms < 2000 for ms in await page.evaluate("() => window.clock"))
+            assert await page.evaluate("() => window.pc.connectionState") == "connected"
+            assert not watch.errors, f"uncaught errors in the page: {watch.errors}"
+        finally:
+            await page.close()
