@@ -229,7 +229,7 @@ async def whep_patch(request: web.Request) -> web.Response:
         line for line in body.decode("utf-8", "replace").splitlines(keepends=True) if not is_mdns_candidate(line)
     )
     if is_ice_restart(fragment, session.pc.remoteDescription.sdp):
-        # aiortc cannot restart ICE. draft-ietf-wish-whep §4.3.1: a session that trickles but cannot
+        # aiortc cannot restart ICE. draft-ietf-wish-whep-03 §4.5.1: a session that trickles but cannot
         # restart answers 422, and keeps its ICE session.
         raise _error(
             web.HTTPUnprocessableEntity,

@@ -229,10 +229,11 @@ def served_only(offer: str, served: int) -> str:
     """The offer as the relay's peer connection sees it: its m-section ``served`` alone.
 
     aiortc answers every m-section it is given: it accepts a data channel (an
-    SCTP association per viewer), answers audio "inactive" yet holds a receiver
-    for it, and fails on an m-section whose codecs it lacks. So it is shown only
-    the section it sends to, in a BUNDLE group of its own if the offer bundled it;
-    ``answer_all`` answers the rest.
+    SCTP association per viewer), takes audio with a receiver of its own
+    (answered inactive, or recvonly when the browser offers to send), and fails
+    the whole offer on an m-section whose codecs it lacks. So it is shown only
+    the section it sends to, in a BUNDLE group of its own if the offer bundled
+    it; ``answer_all`` answers the rest.
     """
     session, sections = _split(_lines(offer))
     mid = _mid(sections[served])

@@ -157,7 +157,7 @@ async def test_the_201_and_a_viewers_options_name_the_ice_servers_in_link_header
             ) as resp:
                 assert resp.status == 201, await resp.text()
                 assert resp.headers.getall("Link") == links
-                assert "ETag" not in resp.headers  # no ICE restarts: no entity-tag (draft-ietf-wish-whep §4.3.1)
+                assert "ETag" not in resp.headers  # no ICE restarts: no entity-tag (draft-ietf-wish-whep-03 §4.5.1)
                 location = resp.headers["Location"]
             assert stun.clients, "the relay did not gather with the STUN server it hands its viewers"
             async with http.delete(relay.base + location) as resp:  # the session URL alone ends it
