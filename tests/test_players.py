@@ -90,7 +90,7 @@ def shaped_like(recorded: str, answers: list[str]) -> Callable[[str, str], str]:
             return "\r\n".join(out) + "\r\n"
         answers.append(sdp)
         mid = video_mid(sdp)
-        head = [line for line in lines[: lines.index(next(x for x in lines if x.startswith("m=")))]]
+        head = lines[: next(i for i, x in enumerate(lines) if x.startswith("m="))]
         head = [f"a=group:BUNDLE {ours['a=mid:'][6:]}" if x.startswith("a=group:") else x for x in head]
         video = next(s for s in sections(sdp) if mid_of(s) == mid)
         video = [ours["a=mid:"] if x.startswith("a=mid:") else x for x in video]
@@ -201,7 +201,11 @@ async def test_the_session_url_is_the_capability_for_patch_and_delete(http):
         await viewer.read_frames(3)  # the session and its ICE went on
 
         # Unknown sessions: the same 404 for a stream that exists and one that does not.
-        for path in ("/whep/cam0/nosuchsession", "/whep/nope/nosuchsession", "/whep/nope/" + viewer.location[-22:]):
+        for path in (
+            "/whep/cam0/nosuchsession",
+            "/whep/nope/nosuchsession",
+            "/whep/nope/" + viewer.location.rsplit("/", 1)[1],
+        ):
             async with http.delete(relay.base + path) as resp:
                 assert (resp.status, (await resp.text()).strip()) == (404, NO_SUCH_SESSION), path
             async with http.patch(relay.base + path, data=trickle, headers=SDPFRAG) as resp:
