@@ -16,7 +16,9 @@ from pathlib import Path
 import aiohttp_jinja2
 import jinja2
 from aiohttp import web
+from multidict import CIMultiDict
 
+from relay import ice
 from relay.capture import redact_url
 from relay.ipc import ENCODER_ERROR
 from relay.logsafe import Throttled
@@ -217,7 +219,15 @@ async def whep_delete(request: web.Request) -> web.Response:
 
 async def whep_options(request: web.Request) -> web.Response:
     # The same answer for every path: OPTIONS needs no credentials, so it must not tell which streams exist.
-    headers = {"Allow": "OPTIONS, POST, PATCH, DELETE", "Accept-Post": SDP_TYPE, "Accept-Patch": SDPFRAG_TYPE}
+    headers = CIMultiDict(
+        {"Allow": "OPTIONS, POST, PATCH, DELETE", "Accept-Post": SDP_TYPE, "Accept-Patch": SDPFRAG_TYPE}
+    )
+    # The ICE servers (with TURN credentials) for a viewer that sent its credentials: WHEP's Link headers, which
+    # players (our page too) read before making their offer.
+    access = request.app[ACCESS]
+    if access.mode == "none" or (await access.authenticate(request))[0] is None:
+        for value in ice.link_headers(ice.for_viewer(request.app[RELAY].config.webrtc)):
+            headers.add("Link", value)
     if _allowed_origin(request):
         headers.update(
             {
