@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -166,8 +167,14 @@ def inside(netns: str) -> Iterator[None]:
         os.close(home)
 
 
+@dataclass
+class RelayProcess:
+    proc: subprocess.Popen
+    log: Path  # its output
+
+
 @contextmanager
-def relay(net: Internet, tmp: Path, webrtc: str) -> Iterator[Path]:
+def relay(net: Internet, tmp: Path, webrtc: str) -> Iterator[RelayProcess]:
     """``camrelay serve`` in the home namespace, with the test pattern and ``webrtc`` in its [webrtc] table."""
     config = tmp / "camrelay.toml"
     config.write_text(f"""
@@ -199,7 +206,7 @@ cam0 = "test:"
             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:
-        yield log
+        yield RelayProcess(proc, log)
     finally:
         stop(proc)
 
@@ -209,7 +216,7 @@ async def source_frames(http: aiohttp.ClientSession) -> int:
         return (await resp.json())["streams"][0]["frames_encoded"]
 
 
-async def wait_streaming(http: aiohttp.ClientSession, log: Path) -> None:
+async def wait_streaming(http: aiohttp.ClientSession, relay: RelayProcess) -> None:
     deadline = time.monotonic() + READY_TIMEOUT
     while True:
         try:
@@ -217,7 +224,8 @@ async def wait_streaming(http: aiohttp.ClientSession, log: Path) -> None:
                 return
         except aiohttp.ClientError:
             pass
-        assert time.monotonic() < deadline, f"the relay did not stream: {log.read_text()[-3000:]}"
+        assert relay.proc.poll() is None, f"the relay exited: {relay.log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"the relay did not stream: {relay.log.read_text()[-3000:]}"
         await asyncio.sleep(0.2)
 
 
@@ -291,12 +299,12 @@ async def test_viewers_whose_udp_is_blocked_play_through_turn_over_tcp_with_mint
         webrtc = f'ice_servers = ["{turn_url}"]\nturn_secret = "{secret}"'
         with (
             Coturn(ROUTER_WAN, TURN_PORT, secret, tmp_path, netns=net.router) as coturn,
-            relay(net, tmp_path, webrtc) as log,
+            relay(net, tmp_path, webrtc) as camrelay,
             inside(net.phone),
         ):
             async with aiohttp.ClientSession() as http:
                 await coturn.wait_ready()
-                await wait_streaming(http, log)
+                await wait_streaming(http, camrelay)
 
                 # Only a viewer with the token gets the TURN server, with a credential minted for now, never the secret.
                 async with http.options(WHEP) as resp:
@@ -336,7 +344,8 @@ async def test_viewers_whose_udp_is_blocked_play_through_turn_over_tcp_with_mint
                     for path in ("/api/v1/streams", "/api/v1/status"):
                         async with http.get(f"http://{ROUTER_WAN}:{HTTP_PORT}{path}", headers=AUTH) as resp:
                             assert secret not in await resp.text(), path
-    assert secret not in log.read_text()
+    logged = camrelay.log.read_text()
+    assert secret not in logged and server.credential not in logged
 
 
 class Echo(asyncio.DatagramProtocol):
@@ -404,9 +413,9 @@ async def test_coturn_refuses_an_expired_rest_credential_and_an_allocation_outli
 async def test_a_viewer_outside_reaches_the_relay_through_a_port_forward_and_its_additional_host(tmp_path):
     with Internet() as net:
         net.router_rules(forward_ice=True)
-        with relay(net, tmp_path, f'additional_hosts = ["{ROUTER_WAN}"]') as log, inside(net.phone):
+        with relay(net, tmp_path, f'additional_hosts = ["{ROUTER_WAN}"]') as camrelay, inside(net.phone):
             async with aiohttp.ClientSession() as http:
-                await wait_streaming(http, log)
+                await wait_streaming(http, camrelay)
                 answers: list[str] = []
 
                 def keep_answer(kind: str, sdp: str) -> str:
