@@ -3,11 +3,15 @@
 The TURN server itself (coturn taking minted credentials, refusing expired ones) is in tests/test_remote.py.
 """
 
+from pathlib import Path
+
 import pytest
 
+from benchmarks.chromium import chromium
 from relay.config import ConfigError, load, secret_values, secrets_in_file
 from relay.ice import IceServer, add_host_candidates, for_relay, for_viewer, link_headers, parse_links, resolve
 
+ROOT = Path(__file__).resolve().parent.parent
 NOW = 1_700_000_000.7  # the clock the minted credentials are made with; they expire at int(NOW + lifetime)
 SECRET = "north-gate-7"
 # base64(HMAC-SHA1(SECRET, username)), computed apart from camrelay:
@@ -203,3 +207,18 @@ def test_additional_hosts_are_host_candidates_at_the_relays_own_ports():
 async def test_additional_hosts_names_are_looked_up_and_addresses_kept_as_they_are():
     addresses = await resolve(["203.0.113.7", "localhost", "2001:db8::7"])  # localhost: /etc/hosts, no DNS
     assert addresses[0] == "203.0.113.7" and "127.0.0.1" in addresses and addresses[-1] == "2001:db8::7"
+
+
+@pytest.mark.browser
+async def test_the_page_reads_the_link_headers_as_the_relay_writes_them():
+    links = link_headers(for_viewer(load(TABLES).webrtc, NOW))
+    async with chromium() as browser:
+        page = await browser.new_page()
+        await page.add_script_tag(path=str(ROOT / "static" / "whep.js"))
+        read = await page.evaluate("(header) => iceServersFromLinks(header)", ", ".join(links))  # as fetch joins them
+    assert read == [
+        {"urls": "stun:stun.example.org"},
+        {"urls": "turn:a.example:3478?transport=udp", "username": "cam", "credential": "pw-a"},
+        {"urls": "turns:a.example:5349", "username": "cam", "credential": "pw-a"},
+        {"urls": "turn:b.example", "username": "other", "credential": 'pw, "b"'},
+    ]
