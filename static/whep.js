@@ -83,6 +83,7 @@ class WhepPlayer {
     this._ctx = this._canvas.getContext("2d", { willReadFrequently: true });
     this._statsTimer = null;
     this._retryTimer = null;
+    this._asking = null;  // the connect attempt now asking for the ICE servers
     // Leaving the page ends the session at once (keepalive: the DELETE outlives the page). Should the
     // page come back from the back/forward cache, it needs a new one.
     window.addEventListener("pagehide", () => this._teardown(true));
@@ -131,7 +132,13 @@ class WhepPlayer {
       iceServers = iceServersFromLinks((await fetch(this.url, { method: "OPTIONS" })).headers.get("Link"));
     } catch {}  // the relay is away: the offer below fails and is retried
     if (this.stopped || this._asking !== asking) return;  // stopped, or another connect began meanwhile
-    const pc = new RTCPeerConnection({ iceServers });
+    let pc;
+    try {
+      pc = new RTCPeerConnection({ iceServers });
+    } catch (err) {  // e.g. a TURN server without credentials
+      this._retry(`ICE servers refused: ${err.message || err}`);
+      return;
+    }
     this.pc = pc;
     pc.addTransceiver("video", { direction: "recvonly" });
     pc.ontrack = (ev) => {
