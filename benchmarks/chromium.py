@@ -44,6 +44,13 @@ PLAYWRIGHT_DISABLED_FEATURES = (
     "AimEnabled",
     "PreconnectToSearch",
 )
+
+
+def host_resolver_rules(reach: tuple[str, ...] = ()) -> str:
+    """No name resolves; loopback and the addresses in ``reach`` are reached as they are."""
+    return "--host-resolver-rules=" + ", ".join(["MAP * ~NOTFOUND", *(f"EXCLUDE {a}" for a in ("127.0.0.1", *reach))])
+
+
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -55,21 +62,26 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--webrtc-ip-handling-policy=default_public_interface_only",
     "--disable-features=" + ",".join(("WebRtcHideLocalIpsWithMdns", *PLAYWRIGHT_DISABLED_FEATURES)),
-    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+    host_resolver_rules(),
 ]
 LAUNCH_TIMEOUT_MS = 30_000
 
 
 @asynccontextmanager
-async def chromium() -> AsyncIterator[Browser]:
-    """Debian's Chromium, headless; closed (with Playwright's driver) on exit."""
+async def chromium(reach: tuple[str, ...] = ()) -> AsyncIterator[Browser]:
+    """Debian's Chromium, headless; closed (with Playwright's driver) on exit.
+
+    ``reach``: addresses besides loopback that pages may open, for a browser that runs in a network namespace of
+    a test's own (``--host-resolver-rules`` would map them to nothing too).
+    """
     assert CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK), (
         f"{CHROMIUM} is missing: the browser tests need Debian's Chromium (apt-get install chromium, or "
         "scripts/setup); they never download a browser"
     )
     async with async_playwright() as pw:
+        args = [*CHROMIUM_ARGS[:-1], host_resolver_rules(reach)]  # the rules are the last flag
         browser = await pw.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True, timeout=LAUNCH_TIMEOUT_MS
+            executable_path=str(CHROMIUM), args=args, headless=True, timeout=LAUNCH_TIMEOUT_MS
         )
         try:
             yield browser

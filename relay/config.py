@@ -18,6 +18,7 @@ from typing import Any
 from .auth import HASH_HELP, TOKEN_PATTERN, parse_hash
 from .capture import SourceSpec, parse_fps, parse_size, parse_source_spec, redact_url
 from .encode import ENCODERS
+from .ice import TURN_SCHEMES, IceServer
 from .logsafe import redact, url_passwords
 
 ENV_PREFIX = "CAMRELAY_"
@@ -38,9 +39,13 @@ MIN_SESSION_RATE = 0.001  # one in a quarter of an hour: lower is a rate limit t
 MAX_BYTES = 2**60  # an exabyte: more is a typo
 MAX_CONNECTIONS_LIMIT = 100_000  # http.max_connections: far beyond what a Pi's fds and memory hold
 MAX_HEADER_TIMEOUT = 3600.0  # http.header_timeout: seconds; longer lets idle connections pile up for hours
+# webrtc.turn_credential_lifetime: a minted TURN credential only has to last from the offer to the allocation
+# (seconds), but the relay's and the TURN server's clocks may disagree by some; past a day it is no longer short.
+MIN_TURN_LIFETIME = 60.0
 AUTH_MODES = ("token", "password", "none")
 # Keys whose values are secrets: never quoted in an error, and worth a warning in a file others can read.
-SECRET_KEYS = ("auth.token", "auth.password_hash", "rtsp.password", "webrtc.ice_credential")
+SECRET_KEYS = ("auth.token", "auth.password_hash", "rtsp.password", "webrtc.ice_credential", "webrtc.turn_secret")
+ICE_SERVER_KEYS = ("urls", "username", "credential")  # a webrtc.ice_servers table: a browser's RTCIceServer
 
 
 class ConfigError(ValueError):
@@ -97,10 +102,13 @@ class AuthConfig:
 
 @dataclass(frozen=True, slots=True)
 class WebRTCConfig:
-    ice_servers: tuple[str, ...] = ()  # stun:/turn: URLs; none means host candidates only
-    ice_username: str = ""
+    ice_servers: tuple[IceServer, ...] = ()  # STUN and TURN servers; none means host candidates only
+    ice_username: str = ""  # for TURN servers given as URLs, with no credential of their own
     ice_credential: str = field(default="", repr=False)
+    turn_secret: str = field(default="", repr=False)  # coturn's static-auth-secret: per-session TURN credentials
+    turn_credential_lifetime: float = 600.0  # seconds a minted TURN credential can start an allocation
     ice_addresses: tuple[str, ...] = ()  # empty: every interface but loopback
+    additional_hosts: tuple[str, ...] = ()  # more host candidates: public addresses or names behind a port forward
     connect_timeout: float = 15.0
     max_viewers: int = 100  # per stream
     # All streams together. At 2 Mbit/s each, 200 viewers are 400 Mbit/s: well
@@ -368,12 +376,63 @@ def _fps(v: Any) -> float:
     return parse_fps(str(v))
 
 
-def _ice_url(v: Any) -> tuple[str, ...]:
-    urls = _str_list(v)
-    for url in urls:
-        if not url.startswith(("stun:", "stuns:", "turn:", "turns:")):
-            raise ValueError(f"ICE server {url!r} is not a stun:, stuns:, turn: or turns: URL")
-    return urls
+# RFC 7064 and 7065 as aiortc parses them: a host name or IPv4 address (aiortc takes no [IPv6] literal), a port,
+# and for TURN the transport to reach it over.
+ICE_URL = re.compile(
+    r"(?P<scheme>stuns?|turns?):[A-Za-z0-9.-]+(?::(?P<port>\d{1,5}))?(?P<query>\?transport=(?:udp|tcp))?"
+)
+
+
+def _ice_url(url: str) -> str:
+    if not url.startswith(("stun:", "stuns:", *TURN_SCHEMES)):
+        raise ValueError(f"ICE server {url!r} is not a stun:, stuns:, turn: or turns: URL")
+    m = ICE_URL.fullmatch(url)
+    if not m or (m["query"] and m["scheme"].startswith("stun")) or not 0 < int(m["port"] or 1) < 65536:
+        raise ValueError(
+            f"ICE server {url!r} is not scheme:host[:port] (turn: and turns: may add ?transport=udp or tcp)"
+        )
+    return url
+
+
+def _ice_servers(v: Any) -> tuple[IceServer, ...]:
+    """URLs (``"stun:host"``) or tables shaped like a browser's RTCIceServer (``{urls, username, credential}``).
+
+    An error names the entry (``[1].credential``) and never quotes a credential.
+    """
+    if isinstance(v, str):  # from the environment: URLs only
+        v = list(_str_list(v))
+    if not isinstance(v, list):
+        raise ValueError("expected a list of URLs or {urls, username, credential} tables")
+    servers = []
+    for i, entry in enumerate(v):
+        if isinstance(entry, str):
+            servers.append(IceServer((_ice_url(entry),)))
+            continue
+        if not isinstance(entry, dict):
+            raise ValueError(f"[{i}]: expected a URL or a table with urls, username and credential")
+        for key in entry:
+            if key not in ICE_SERVER_KEYS:
+                raise ValueError(f"[{i}].{key}: unknown key (a table takes {', '.join(ICE_SERVER_KEYS)})")
+        urls = entry.get("urls")
+        urls = [urls] if isinstance(urls, str) else urls
+        if not (isinstance(urls, list) and urls and all(isinstance(u, str) for u in urls)):
+            raise ValueError(f"[{i}].urls: expected a URL or a list of URLs")
+        for key in ("username", "credential"):
+            if not isinstance(entry.get(key, ""), str):
+                raise ValueError(f"[{i}].{key}: expected a string")
+        server = IceServer(tuple(_ice_url(u) for u in urls), entry.get("username", ""), entry.get("credential", ""))
+        if server.credential and not server.username:
+            raise ValueError(f"[{i}].username: a credential needs its username")
+        servers.append(server)
+    return tuple(servers)
+
+
+def _additional_hosts(v: Any) -> tuple[str, ...]:
+    hosts = _str_list(v)
+    for host in hosts:
+        if not re.fullmatch(r"[A-Za-z0-9.-]+", host) and not _is_ipv6(host):
+            raise ValueError(f"{host!r} is not an IP address or a host name (no scheme, no port)")
+    return hosts
 
 
 def _origins(origins: tuple[str, ...]) -> tuple[str, ...]:
@@ -412,10 +471,13 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "encoder": _choice(*ENCODERS),
     },
     "webrtc": {
-        "ice_servers": _ice_url,
+        "ice_servers": _ice_servers,
         "ice_username": _str,
         "ice_credential": _str,
+        "turn_secret": _str,
+        "turn_credential_lifetime": _duration(MIN_TURN_LIFETIME, DAY),
         "ice_addresses": _str_list,
+        "additional_hosts": _additional_hosts,
         "connect_timeout": _duration(1.0, MAX_CONNECT_TIMEOUT),
         "max_viewers": _int(1, MAX_VIEWERS_LIMIT),
         "max_viewers_total": _int(1, MAX_VIEWERS_LIMIT),
@@ -461,6 +523,10 @@ def secrets_in_file(toml_text: str) -> list[str]:
         table = doc.get(section)
         if isinstance(table, dict) and table.get(key):
             found.append(dotted)
+    webrtc = doc.get("webrtc")
+    servers = webrtc.get("ice_servers") if isinstance(webrtc, dict) else None
+    if isinstance(servers, list) and any(isinstance(s, dict) and s.get("credential") for s in servers):
+        found.append("webrtc.ice_servers")
     streams = doc.get("streams")
     if isinstance(streams, dict):
         found += [f"streams.{n}" for n, spec in streams.items() if isinstance(spec, str) and redact_url(spec) != spec]
@@ -470,9 +536,26 @@ def secrets_in_file(toml_text: str) -> list[str]:
 def secret_values(config: Config) -> set[str]:
     """The secrets ``config`` holds (the values of ``SECRET_KEYS``, the passwords in its URLs), for logs to hide."""
     values = {getattr(getattr(config, section), key) for section, _, key in (k.partition(".") for k in SECRET_KEYS)}
+    values.update(server.credential for server in config.webrtc.ice_servers)  # a table's own TURN password
     for url in (config.rtsp.publish_url, *(s.source.target for s in config.streams)):
         values.update(url_passwords(url))
     return values - {""}
+
+
+def _check_turn_credentials(w: WebRTCConfig) -> None:
+    """Every TURN server has a credential: its own, minted from turn_secret, or the shared ice_credential (a
+    browser refuses a TURN server without one, and so the whole configuration)."""
+    if w.turn_secret and w.ice_credential:
+        raise ConfigError(
+            "webrtc.turn_secret: set it or webrtc.ice_credential, not both (a table in webrtc.ice_servers may give"
+            " a server credentials of its own)"
+        )
+    for i, server in enumerate(w.ice_servers):
+        if server.is_turn and not (server.credential or w.turn_secret or (w.ice_credential and not server.username)):
+            raise ConfigError(
+                f"webrtc.ice_servers[{i}]: TURN server {server.urls[0]} has no credential: give it username and"
+                " credential, or set webrtc.turn_secret (coturn's use-auth-secret)"
+            )
 
 
 def parse_stream_arg(text: str) -> tuple[str, str]:
@@ -552,7 +635,7 @@ def load(
             try:
                 values[section][key] = SCHEMA[section][key](value)
             except ValueError as exc:
-                message = f"{dotted}: {exc}"
+                message = f"{dotted}{exc}" if str(exc).startswith("[") else f"{dotted}: {exc}"  # [1].credential: ...
                 if dotted in SECRET_KEYS:
                     message = redact(message, [str(value), repr(value)])
                 raise ConfigError(message) from None
@@ -585,11 +668,14 @@ def load(
         missing = "auth.user" if not auth.user else "auth.password_hash"
         raise ConfigError(f'{missing}: mode = "password" needs auth.user and auth.password_hash ({HASH_HELP})')
 
+    webrtc = WebRTCConfig(**values["webrtc"])
+    _check_turn_credentials(webrtc)
+
     return Config(
         streams=tuple(parsed_streams),
         video=video,
         http=HttpConfig(**values["http"]),
-        webrtc=WebRTCConfig(**values["webrtc"]),
+        webrtc=webrtc,
         rtsp=rtsp,
         telemetry=TelemetryConfig(**values["telemetry"]),
         devices=DevicesConfig(**values["devices"]),

@@ -1,18 +1,56 @@
 """ICE servers (STUN, TURN): the relay's own, and what each viewer is handed.
 
-Pure: the configuration in, ``IceServer`` values and WHEP ``Link`` header
-values out. The relay's peer connections use ``for_relay``; every viewer
-(camrelay's page and any WHEP player) gets ``for_viewer`` in ``Link``
-headers (draft-ietf-wish-whep, RFC 8288 with the ``ice-server`` relation).
+Pure but for ``resolve``: the configuration and the time in, ``IceServer``
+values, WHEP ``Link`` header values and answers out. The relay's peer connections use ``for_relay``;
+every viewer (camrelay's page and any WHEP player) gets ``for_viewer`` in
+``Link`` headers (draft-ietf-wish-whep, RFC 8288 with the ``ice-server``
+relation), fetched before each offer.
+
+A TURN server's credentials are its own (``{urls, username, credential}``),
+or minted for each session from ``turn_secret`` in coturn's
+``use-auth-secret`` scheme (draft-uberti-behave-turn-rest): username
+``<expiry unix time>:<name>``, credential base64(HMAC-SHA1(secret, username)).
+coturn checks the expiry when a client allocates, so a minted credential is
+worth nothing once its ``turn_credential_lifetime`` is over, and the secret
+itself never leaves the relay. Else the shared ``ice_username`` and
+``ice_credential`` (the older form, for ``ice_servers`` given as URLs).
+
+Extra host candidates (``additional_hosts``: a public address behind a port
+forward) are added to each answer by ``with_additional_hosts``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import hashlib
+import hmac
+import ipaddress
+import logging
+import re
+import socket
+import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from aiortc import RTCIceServer
+from aioice.candidate import candidate_foundation, candidate_priority
 
-from .config import WebRTCConfig
+from .logsafe import Throttled
+
+if TYPE_CHECKING:
+    from aiortc import RTCIceServer
+
+    from .config import WebRTCConfig
+
+log = logging.getLogger(__name__)
+lookup_failures = Throttled(log)  # one line a second at most, however many answers a dead DNS server holds up
+
+TURN_SCHEMES = ("turn:", "turns:")
+REST_NAME = "camrelay"  # the <name> of a minted username, for a TURN server that names none
+# A name in additional_hosts is looked up for each answer (a dynamic DNS name follows its address); one that
+# has not resolved by then is left out of that answer: a dead DNS server must not hold up the video.
+RESOLVE_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,27 +61,60 @@ class IceServer:
     username: str = ""
     credential: str = field(default="", repr=False)
 
+    @property
+    def is_turn(self) -> bool:
+        return any(url.startswith(TURN_SCHEMES) for url in self.urls)
+
     def to_aiortc(self) -> RTCIceServer:
+        from aiortc import RTCIceServer
+
         return RTCIceServer(urls=list(self.urls), username=self.username or None, credential=self.credential or None)
 
 
-def configured(w: WebRTCConfig) -> list[IceServer]:
-    """The servers ``[webrtc]`` names; the shared ``ice_username``/``ice_credential`` go with the TURN ones."""
+def log_settings(w: WebRTCConfig) -> None:
+    """One line at start naming the servers (never a credential), if any."""
+    if w.ice_servers or w.additional_hosts:
+        log.info(
+            "ice servers=%s turn_credentials=%s additional_hosts=%s",
+            ",".join(url for server in w.ice_servers for url in server.urls) or "none",
+            "minted" if w.turn_secret else "static",
+            ",".join(w.additional_hosts) or "none",
+        )
+
+
+def rest_credential(secret: str, name: str, expires: int) -> tuple[str, str]:
+    """coturn's ``use-auth-secret`` credential valid until ``expires`` (unix time): (username, credential)."""
+    username = f"{expires}:{name}"
+    digest = hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
+    return username, base64.b64encode(digest).decode("ascii")
+
+
+def configured(w: WebRTCConfig, now: float) -> list[IceServer]:
+    """The servers ``[webrtc]`` names, each TURN one with its credential as of ``now`` (unix time)."""
+    expires = int(now + w.turn_credential_lifetime)
     servers = []
-    for url in w.ice_servers:
-        turn = url.startswith(("turn:", "turns:"))
-        servers.append(IceServer((url,), w.ice_username if turn else "", w.ice_credential if turn else ""))
+    for server in w.ice_servers:
+        if not server.is_turn or server.credential:
+            servers.append(server)
+        elif w.turn_secret:
+            servers.append(
+                IceServer(server.urls, *rest_credential(w.turn_secret, server.username or REST_NAME, expires))
+            )
+        else:
+            servers.append(IceServer(server.urls, w.ice_username, w.ice_credential))
     return servers
 
 
-def for_relay(w: WebRTCConfig) -> list[RTCIceServer]:
-    """What the relay's own peer connections gather with; none: host candidates only, nothing waits on STUN."""
-    return [s.to_aiortc() for s in configured(w)]
+def for_relay(w: WebRTCConfig, now: float | None = None) -> list[RTCIceServer]:
+    """What the relay's own peer connections gather with (call it for each session: minted credentials
+    expire); none: host candidates only, nothing waits on STUN. aiortc uses the first STUN and the first
+    TURN URL it can."""
+    return [s.to_aiortc() for s in configured(w, time.time() if now is None else now)]
 
 
-def for_viewer(w: WebRTCConfig) -> list[IceServer]:
-    """What a viewer is handed, with credentials where they apply."""
-    return configured(w)
+def for_viewer(w: WebRTCConfig, now: float | None = None) -> list[IceServer]:
+    """What a viewer is handed, with credentials where they apply, minted as of ``now`` (default: the time)."""
+    return configured(w, time.time() if now is None else now)
 
 
 def _quoted(text: str) -> str:
@@ -51,13 +122,85 @@ def _quoted(text: str) -> str:
 
 
 def link_headers(servers: list[IceServer]) -> list[str]:
-    """``Link`` header values, one per URL: ``<turn:host>; rel="ice-server"; username="..."; credential="..."``."""
+    """``Link`` header values, one per URL: ``<turn:host>; rel="ice-server"; username="..."; credential="..."``.
+
+    Credentials go with TURN URLs only, in the order mediamtx's and other WHEP players parse them.
+    """
     values = []
     for server in servers:
         for url in server.urls:
             value = f'<{url}>; rel="ice-server"'
-            if server.username or server.credential:
+            if url.startswith(TURN_SCHEMES) and (server.username or server.credential):
                 value += f"; username={_quoted(server.username)}; credential={_quoted(server.credential)}"
                 value += '; credential-type="password"'
             values.append(value)
     return values
+
+
+_LINK = re.compile(r'<([^>]*)>((?:\s*;\s*[\w-]+\s*=\s*(?:"(?:[^"\\]|\\.)*"|[^",;]*))*)')
+_PARAM = re.compile(r'\s*;\s*([\w-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^",;]*))')
+
+
+def parse_links(values: Iterable[str]) -> list[IceServer]:
+    """The ICE servers in ``Link`` header values (each may hold several, comma-separated): ``link_headers``'
+    inverse, as a WHEP player reads them."""
+    servers = []
+    for value in values:
+        for url, params in _LINK.findall(value):
+            p = {
+                k.lower(): re.sub(r"\\(.)", r"\1", quoted) if quoted else bare
+                for k, quoted, bare in _PARAM.findall(params)
+            }
+            if p.get("rel") == "ice-server":
+                servers.append(IceServer((url,), p.get("username", ""), p.get("credential", "")))
+    return servers
+
+
+_HOST_CANDIDATE = re.compile(r"^a=candidate:\S+ (\d+) udp \d+ (\S+) (\d+) typ host\b.*$", re.I)
+
+
+def add_host_candidates(sdp: str, addresses: Sequence[str]) -> str:
+    """``sdp`` with, after each UDP host candidate, one more for each of ``addresses`` of its address family,
+    at the same port: how a viewer outside reaches the relay through a port forward that keeps port numbers.
+
+    Each ranks just below the real ones, so viewers on the LAN keep their direct path.
+    """
+    lines = []
+    for line in sdp.splitlines():
+        lines.append(line)
+        m = _HOST_CANDIDATE.match(line)
+        if m is None:
+            continue
+        component, host, port = int(m.group(1)), m.group(2), m.group(3)
+        for i, address in enumerate(a for a in addresses if (":" in a) == (":" in host) and a != host):
+            foundation = candidate_foundation("host", "udp", address)
+            priority = candidate_priority(component, "host", local_pref=65534 - i)
+            lines.append(f"a=candidate:{foundation} {component} udp {priority} {address} {port} typ host")
+    return "\r\n".join(lines) + "\r\n"
+
+
+async def resolve(hosts: Sequence[str]) -> list[str]:
+    """``hosts`` as addresses: IP addresses as they are, names looked up (all their addresses, all at once),
+    each within ``RESOLVE_TIMEOUT``; a name that fails is left out, with a warning."""
+    found = await asyncio.gather(*(_lookup(host) for host in hosts))
+    return list(dict.fromkeys(address for addresses in found for address in addresses))
+
+
+async def _lookup(host: str) -> list[str]:
+    try:
+        return [str(ipaddress.ip_address(host))]
+    except ValueError:
+        pass
+    try:
+        infos = await asyncio.wait_for(
+            asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_DGRAM), RESOLVE_TIMEOUT
+        )
+    except (TimeoutError, OSError) as exc:
+        lookup_failures.warn("ice additional host %s not resolved (%s); answering without it", host, exc or "timeout")
+        return []
+    return [str(info[4][0]) for info in infos]
+
+
+async def with_additional_hosts(sdp: str, hosts: Sequence[str]) -> str:
+    """An answer with host candidates for ``hosts`` (``[webrtc] additional_hosts``) too."""
+    return add_host_candidates(sdp, await resolve(hosts)) if hosts else sdp

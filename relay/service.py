@@ -79,7 +79,9 @@ class Relay:
         self.config = config
         self.streams: dict[str, Stream] = {}
         w = config.webrtc
-        self.sessions = ViewerSessions(self.hub_for, ice.for_relay(w), w.connect_timeout)
+        self.sessions = ViewerSessions(
+            self.hub_for, lambda: ice.for_relay(w), w.connect_timeout, additional_hosts=w.additional_hosts
+        )
         self.state_dir = Path(config.state_dir) if config.state_dir else default_state_dir()
         self.mediamtx: Mediamtx | None = None
         self.publishers: dict[str, RtspPublisher] = {}
@@ -112,6 +114,7 @@ class Relay:
 
     async def start(self) -> None:
         restrict_host_addresses(list(self.config.webrtc.ice_addresses) or None)
+        ice.log_settings(self.config.webrtc)
         watch_ice(True)
         batch_sends(True)
         try:

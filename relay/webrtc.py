@@ -28,7 +28,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcrtpparameters import RTCRtpCodecCapability
 from aiortc.sdp import candidate_from_sdp
 
-from . import rtpsend
+from . import ice, rtpsend
 from .hub import EncodedFrame, HubClosed, PacketHub, Subscription
 
 log = logging.getLogger(__name__)
@@ -222,13 +222,17 @@ class ViewerSessions:
     def __init__(
         self,
         hub_for: Callable[[str], PacketHub],
-        ice_servers: list[RTCIceServer] | None = None,
+        ice_servers: Callable[[], list[RTCIceServer]] = list,
         connect_timeout: float = CONNECT_TIMEOUT,
         silence: float = VIEWER_SILENCE,
+        additional_hosts: tuple[str, ...] = (),
     ) -> None:
         self._hub_for = hub_for
         self._silence = silence
-        self._ice_servers = list(ice_servers or [])  # none: host candidates only, nothing waits on STUN
+        # Asked for each session (its TURN credentials are minted for it); none: host candidates only,
+        # nothing waits on STUN.
+        self._ice_servers = ice_servers
+        self._additional_hosts = additional_hosts  # more host candidates in every answer (relay.ice)
         self._connect_timeout = connect_timeout
         self._sessions: dict[str, ViewerSession] = {}
         # Sessions between an offer and its answer. Counted from create()'s first line, before any
@@ -263,12 +267,12 @@ class ViewerSessions:
         """Answer an offer; returns the session and the SDP answer. Raises ``OfferRejected``."""
         hub = self._hub_for(stream)
         session_id = secrets.token_urlsafe(16)
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=self._ice_servers))
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=self._ice_servers()))
         track = HubTrack(hub, f"webrtc-{session_id[:8]}")
         session = ViewerSession(session_id, stream, remote, pc, track)
         self._creating.add(session)
         try:
-            await self._set_up(session, offer_sdp, hub)
+            answer = await self._set_up(session, offer_sdp, hub)
         finally:
             self._creating.discard(session)
         self._sessions[session_id] = session
@@ -277,10 +281,10 @@ class ViewerSessions:
         log.info(
             "stream=%s session=%s remote=%s created viewers=%d", stream, session_id[:8], remote, self.count(stream)
         )
-        return session, pc.localDescription.sdp
+        return session, answer
 
-    async def _set_up(self, session: ViewerSession, offer_sdp: str, hub: PacketHub) -> None:
-        """Apply the offer and make the answer; on any failure the peer connection is closed."""
+    async def _set_up(self, session: ViewerSession, offer_sdp: str, hub: PacketHub) -> str:
+        """Apply the offer and return the answer; on any failure the peer connection is closed."""
         pc, track = session.pc, session.track
         try:
             transceiver = pc.addTransceiver(track, direction="sendonly")
@@ -300,6 +304,7 @@ class ViewerSessions:
                 raise  # ICE could not bind: our problem, not the offer's
             except Exception as exc:  # offers aiortc accepted but cannot answer (found by tests/test_fuzz_whep.py)
                 raise OfferRejected(f"offer could not be answered: {_reason(exc)}") from exc
+            return await ice.with_additional_hosts(pc.localDescription.sdp, self._additional_hosts)
         except BaseException:
             track.stop()
             await pc.close()

@@ -16,7 +16,7 @@ from urllib.parse import urljoin
 import aiohttp
 import av
 import numpy as np
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCIceServer, RTCIceTransportPolicy, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from . import pixelclock
@@ -50,13 +50,18 @@ class WhepViewer:
         session: aiohttp.ClientSession,
         headers: dict[str, str] | None = None,
         rewrite_sdp: Callable[[str, str], str] | None = None,
+        ice_servers: list[RTCIceServer] | None = None,
+        relay_only: bool = False,
     ) -> None:
         self.url = url
         # ("offer" | "answer", sdp) -> sdp: lets a test route the media through a proxy.
         self.rewrite_sdp = rewrite_sdp or (lambda kind, sdp: sdp)
         self.http = session
         self.headers = dict(headers or {})  # on every request: e.g. Authorization for a relay with auth on
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        # ice_servers: e.g. from the relay's Link headers (relay.ice.parse_links); relay_only: TURN or nothing,
+        # as a browser's iceTransportPolicy "relay".
+        policy = RTCIceTransportPolicy.RELAY if relay_only else RTCIceTransportPolicy.ALL
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=list(ice_servers or []), iceTransportPolicy=policy))
         self.location: str | None = None
         self.track: MediaStreamTrack | None = None
         self.stats = ViewerStats()

@@ -19,6 +19,21 @@ const LATENCY_WINDOW = 30;
 const FALLBACK_AFTER_ATTEMPTS = 3;  // failed WebRTC connects before the page shows MJPEG       // readings in the displayed median
 const LATENCY_MAX_MS = 60000;    // a reading further from now is a chance decode of a real camera's picture
 
+// The ICE servers in a WHEP answer's Link headers (fetch joins several with ", "):
+// <turn:host:3478?transport=tcp>; rel="ice-server"; username="..."; credential="..."; credential-type="password"
+function iceServersFromLinks(header) {
+  const servers = [];
+  for (const [, url, params] of (header || "").matchAll(/<([^>]*)>((?:\s*;\s*[\w-]+\s*=\s*(?:"(?:[^"\\]|\\.)*"|[^",;]*))*)/g)) {
+    const p = {};
+    for (const [, key, quoted, bare] of params.matchAll(/;\s*([\w-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^",;]*))/g)) {
+      p[key.toLowerCase()] = quoted !== undefined ? quoted.replace(/\\(.)/g, "$1") : bare;
+    }
+    if (p.rel !== "ice-server") continue;
+    servers.push(p.username !== undefined ? { urls: url, username: p.username, credential: p.credential } : { urls: url });
+  }
+  return servers;
+}
+
 // Decode the band from RGBA pixels of the band's rows (width w, s rows).
 function readPixelClock(rgba, w) {
   const s = Math.floor(w / PIXEL_CLOCK_CELLS);
@@ -68,6 +83,7 @@ class WhepPlayer {
     this._ctx = this._canvas.getContext("2d", { willReadFrequently: true });
     this._statsTimer = null;
     this._retryTimer = null;
+    this._asking = null;  // the connect attempt now asking for the ICE servers
     // Leaving the page ends the session at once (keepalive: the DELETE outlives the page). Should the
     // page come back from the back/forward cache, it needs a new one.
     window.addEventListener("pagehide", () => this._teardown(true));
@@ -107,7 +123,22 @@ class WhepPlayer {
       this.latencyMs = null;
       if (this.handlers.onLatency) this.handlers.onLatency(null);
     }
-    const pc = new RTCPeerConnection({ iceServers: [] });
+    // The relay's ICE servers (STUN, TURN with credentials minted for this connection), asked for before every
+    // offer as any WHEP player does; none (a LAN): host candidates only.
+    const asking = {};
+    this._asking = asking;
+    let iceServers = [];
+    try {
+      iceServers = iceServersFromLinks((await fetch(this.url, { method: "OPTIONS" })).headers.get("Link"));
+    } catch {}  // the relay is away: the offer below fails and is retried
+    if (this.stopped || this._asking !== asking) return;  // stopped, or another connect began meanwhile
+    let pc;
+    try {
+      pc = new RTCPeerConnection({ iceServers });
+    } catch (err) {  // e.g. a TURN server without credentials
+      this._retry(`ICE servers refused: ${err.message || err}`);
+      return;
+    }
     this.pc = pc;
     pc.addTransceiver("video", { direction: "recvonly" });
     pc.ontrack = (ev) => {
@@ -266,3 +297,4 @@ class WhepPlayer {
 
 window.WhepPlayer = WhepPlayer;
 window.readPixelClock = readPixelClock;
+window.iceServersFromLinks = iceServersFromLinks;

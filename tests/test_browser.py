@@ -25,6 +25,7 @@ from yarl import URL
 from benchmarks.chromium import chromium
 from benchmarks.ports import free_port
 from relay.config import AuthConfig
+from relay.ice import IceServer
 
 from .conftest import TEST_HEIGHT, TEST_WIDTH, RunningRelay, make_config, start_relay
 from .stun import stun_server
@@ -328,7 +329,9 @@ async def test_mediamtx_reader_js_from_another_origin_plays_with_its_token_on_po
     page_origin = f"http://127.0.0.1:{page_port}"
     async with stun_server() as (stun, stun_url):
         config = make_config(auth=AuthConfig(mode="token", token=VIEWER_TOKEN), cors_origins=(page_origin,))
-        config = dataclasses.replace(config, webrtc=dataclasses.replace(config.webrtc, ice_servers=(stun_url,)))
+        config = dataclasses.replace(
+            config, webrtc=dataclasses.replace(config.webrtc, ice_servers=(IceServer((stun_url,)),))
+        )
         runner, relay = await start_relay(config)
         html = READER_PAGE.replace("CLOCK", CLOCK_SCRIPT).replace("RELAY", relay.base).replace("TOKEN", VIEWER_TOKEN)
 

@@ -2,6 +2,7 @@ import pytest
 
 from relay.capture import SourceSpec, parse_source_spec
 from relay.config import ConfigError, load
+from relay.ice import IceServer
 
 FULL = """
 log_level = "debug"
@@ -30,7 +31,7 @@ def test_file_values_are_typed():
     assert (c.http.host, c.http.port) == ("127.0.0.1", 9000)
     assert (c.video.width, c.video.height, c.video.fps) == (1920, 1080, 25.0)
     assert c.video.bitrate == 4_000_000 and c.video.keyframe_interval == 2.0
-    assert c.webrtc.ice_servers == ("stun:stun.example.org:3478",)
+    assert c.webrtc.ice_servers == (IceServer(("stun:stun.example.org:3478",)),)
     assert c.webrtc.connect_timeout == 10.0 and c.webrtc.max_viewers == 30
     assert [s.name for s in c.streams] == ["front", "pattern"]
     assert c.streams[1].source == SourceSpec("test", "", 640, 360, 15.0)

@@ -138,7 +138,9 @@ async def test_offers_as_browsers_write_them_get_201_and_video_with_a_valid_pixe
 async def test_the_201_and_a_viewers_options_name_the_ice_servers_in_link_headers(http):
     async with stun_server() as (stun, url):
         config = make_config(auth=AuthConfig(mode="token", token=TOKEN))
-        config = dataclasses.replace(config, webrtc=dataclasses.replace(config.webrtc, ice_servers=(url,)))
+        config = dataclasses.replace(
+            config, webrtc=dataclasses.replace(config.webrtc, ice_servers=(ice.IceServer((url,)),))
+        )
         links = ice.link_headers(ice.for_viewer(config.webrtc))
         assert links == [f'<{url}>; rel="ice-server"']
         runner, relay = await start_relay(config)
