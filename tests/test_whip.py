@@ -26,9 +26,10 @@ from benchmarks.ports import free_port, free_udp_port
 from benchmarks.scale_out import Engine
 from relay.cli import build_parser, load_config
 from relay.config import ConfigError, WhipConfig, load, secret_values, secrets_in_file
+from relay.hub import PacketHub
 from relay.ice import IceServer
 from relay.whepclient import WhepError, WhepViewer
-from relay.whip import ice_servers_from_links, shown_url
+from relay.whip import WhipPublisher, ice_servers_from_links, shown_url
 
 from .conftest import TEST_FPS, make_config, start_relay
 from .test_rtsp import read_rtsp, wait_published
@@ -388,6 +389,57 @@ async def test_ice_servers_from_the_201s_link_headers_are_gathered_with_and_sess
         transport.close()
         await asyncio.to_thread(engine.close)
     assert seen == ["POST", "DELETE", "POST", "DELETE"], "the session is ended on stop"
+
+
+async def test_a_redirect_to_another_origin_never_carries_the_token():
+    """RFC 9725 lets an endpoint redirect; the token is for the endpoint's origin alone (another port is
+    another origin)."""
+    heard: dict[str, str | None] = {}
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        heard["elsewhere"] = request.headers.get("Authorization")
+        return web.Response(status=401, text="who are you")
+
+    async def endpoint(request: web.Request) -> web.Response:
+        heard["endpoint"] = request.headers.get("Authorization")
+        raise web.HTTPTemporaryRedirect(f"http://127.0.0.1:{ports[1]}/whip")
+
+    ports = free_port(), free_port()
+    runners = []
+    for port, handler in zip(ports, (endpoint, elsewhere), strict=True):
+        app = web.Application()
+        app.router.add_post("/whip", handler)
+        runners.append(web.AppRunner(app))
+        await runners[-1].setup()
+        await web.TCPSite(runners[-1], "127.0.0.1", port).start()
+    hub = PacketHub("cam0", lambda: None)
+    publisher = WhipPublisher(hub, f"http://127.0.0.1:{ports[0]}/whip", TOKEN)
+    publisher.start()
+    try:
+        await until(lambda: publisher.errors >= 1, "the redirected offer refused")
+    finally:
+        await publisher.close()
+        for runner in runners:
+            await runner.cleanup()
+    assert heard == {"endpoint": f"Bearer {TOKEN}", "elsewhere": None}
+    assert publisher.last_error == "refused: 401 who are you"
+
+
+@pytest.mark.parametrize(
+    ("url", "token", "warned"),
+    [
+        ("http://192.0.2.1:8889/cam0/whip", TOKEN, True),  # another host, in clear
+        ("https://192.0.2.1:8889/cam0/whip", TOKEN, False),
+        ("http://127.0.0.1:8889/cam0/whip", TOKEN, False),  # loopback never leaves the machine
+        ("http://192.0.2.1:8889/cam0/whip", "", False),
+    ],
+)
+async def test_a_token_sent_in_clear_to_another_host_is_warned_of(caplog, url, token, warned):
+    caplog.set_level(logging.WARNING, logger="relay.whip")
+    publisher = WhipPublisher(PacketHub("cam0", lambda: None), url, token)
+    publisher.start()
+    await publisher.close()
+    assert any("sends its bearer token over plain http" in r.getMessage() for r in caplog.records) == warned
 
 
 # -- the read replica: no new code, a documented mediamtx.yml ---------------
