@@ -241,7 +241,9 @@ class WhipPublisher:
             headers=self._headers(**{"Content-Type": SDP_TYPE}),
             timeout=aiohttp.ClientTimeout(total=POST_TIMEOUT),
         ) as resp:
-            body = await resp.content.read(MAX_ANSWER_BYTES + 1)
+            body = b""  # the whole answer, or a little more than one can be
+            while len(body) <= MAX_ANSWER_BYTES and (chunk := await resp.content.read(MAX_ANSWER_BYTES + 1)):
+                body += chunk
             if resp.status != 201:
                 reason = body.decode(errors="replace").strip().splitlines()[0] if body.strip() else resp.reason
                 raise WhipError(f"refused: {resp.status} {reason}")

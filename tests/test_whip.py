@@ -179,10 +179,38 @@ def test_urls_are_shown_without_credentials_path_or_query(url, shown):
 # -- a real mediamtx ------------------------------------------------------
 
 
-async def started_engine(tmp_path: Path, publisher: tuple[str, str] | None = None) -> Engine:
-    engine = Engine(tmp_path, publisher)
-    await asyncio.to_thread(engine.start)
-    return engine
+@pytest.fixture
+async def engines(tmp_path):
+    """Starts mediamtx engines, ``await engines(publisher=..., config=...)``; each is stopped at the end, whatever
+    happened. ``config(engine)`` replaces the engine's configuration (on the engine's own ports)."""
+    made: list[Engine] = []
+
+    async def start(publisher: tuple[str, str] | None = None, config: Callable[[Engine], str] | None = None):
+        engine = Engine(tmp_path, publisher)
+        made.append(engine)
+        if config is not None:
+            engine.config.write_text(config(engine))
+        await asyncio.to_thread(engine.start)
+        return engine
+
+    yield start
+    for engine in made:
+        await asyncio.to_thread(engine.close)
+
+
+@pytest.fixture
+async def relays():
+    """Starts relays, ``await relays(config)``; each is stopped at the end (before the engines it publishes to)."""
+    runners = []
+
+    async def start(config):
+        runner, relay = await start_relay(config)
+        runners.append(runner)
+        return relay
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
 
 
 @pytest.fixture(scope="module")
@@ -193,12 +221,12 @@ def spawn():
     return mp.get_context("spawn")
 
 
-async def test_fifty_viewers_on_mediamtx_cost_camrelay_one_publish(tmp_path, http, spawn):
+async def test_fifty_viewers_on_mediamtx_cost_camrelay_one_publish(engines, relays, http, spawn):
     """50 WHEP viewers read camrelay's stream from mediamtx: camrelay has no WebRTC session, its hub one
     subscriber, and it sends mediamtx each encoded byte once. With a 60 s GOP, viewers that join after the
     publish starts see a picture only because mediamtx's PLI gets camrelay's encoder to make a keyframe."""
-    engine = await started_engine(tmp_path)
-    runner, relay = await start_relay(whip_config(WhipConfig("cam0", engine.url("cam0")), keyframe_interval=60.0))
+    engine = await engines()
+    relay = await relays(whip_config(WhipConfig("cam0", engine.url("cam0")), keyframe_interval=60.0))
     ready, results, go = spawn.Queue(), spawn.Queue(), spawn.Event()
     procs = []
     probe = WhepViewer(engine.url("cam0", "whep"), http)
@@ -249,16 +277,14 @@ async def test_fifty_viewers_on_mediamtx_cost_camrelay_one_publish(tmp_path, htt
             q.close()
             q.join_thread()
         await probe.close()
-        await runner.cleanup()
-        await asyncio.to_thread(engine.close)
 
 
 async def test_a_frozen_then_restarted_mediamtx_is_published_to_again_and_camrelays_viewers_never_notice(
-    tmp_path, http, caplog
+    engines, relays, http, caplog
 ):
     caplog.set_level(logging.INFO, logger="relay.whip")
-    engine = await started_engine(tmp_path)
-    runner, relay = await start_relay(whip_config(WhipConfig("cam0", engine.url("cam0"))))
+    engine = await engines()
+    relay = await relays(whip_config(WhipConfig("cam0", engine.url("cam0"))))
     viewer = WhepViewer(relay.whep(), http)
     try:
         publisher = relay.relay.whip_publishers[0]
@@ -282,8 +308,6 @@ async def test_a_frozen_then_restarted_mediamtx_is_published_to_again_and_camrel
         assert await clock_reads_through(engine.url("cam0", "whep"), http)
     finally:
         await viewer.close()
-        await runner.cleanup()
-        await asyncio.to_thread(engine.close)
     lines = [r for r in caplog.records if r.name == "relay.whip"]
     assert not any(r.exc_info for r in lines), "no traceback"
     failures = [r.getMessage() for r in lines if r.levelno == logging.WARNING]
@@ -293,42 +317,38 @@ async def test_a_frozen_then_restarted_mediamtx_is_published_to_again_and_camrel
     assert f"{shown}server silent for 10s; retrying in" in failures[0]
 
 
-async def test_mediamtx_refuses_a_wrong_bearer_token_and_takes_the_right_one(tmp_path, http, caplog):
+async def test_mediamtx_refuses_a_wrong_bearer_token_and_takes_the_right_one(engines, relays, http, caplog):
     """mediamtx's internal auth reads ``Authorization: Bearer user:password`` (internal/protocols/httpp)."""
     caplog.set_level(logging.DEBUG)
     user, password = TOKEN.split(":")
-    engine = await started_engine(tmp_path, publisher=(user, password))
+    engine = await engines(publisher=(user, password))
     wrong = WhipConfig("cam0", engine.url("wrong"), f"{user}:Not-the-password")
     right = WhipConfig("cam0", engine.url("right"), TOKEN)
-    runner, relay = await start_relay(whip_config(wrong, right))
+    relay = await relays(whip_config(wrong, right))
+    refused, accepted = relay.relay.whip_publishers
+    await until(lambda: accepted.state == "publishing", "publishing with the right token")
+    await until(lambda: refused.errors >= 2, "the refused publisher trying again")
+    assert refused.sessions == 0 and refused.state == "retrying"
+    assert refused.last_error.startswith("refused: 401")
+    assert await clock_reads_through(engine.url("right", "whep"), http)
+    nothing = WhepViewer(engine.url("wrong", "whep"), http)
     try:
-        refused, accepted = relay.relay.whip_publishers
-        await until(lambda: accepted.state == "publishing", "publishing with the right token")
-        await until(lambda: refused.errors >= 2, "the refused publisher trying again")
-        assert refused.sessions == 0 and refused.state == "retrying"
-        assert refused.last_error.startswith("refused: 401")
-        assert await clock_reads_through(engine.url("right", "whep"), http)
-        nothing = WhepViewer(engine.url("wrong", "whep"), http)
-        try:
-            with pytest.raises(WhepError) as info:
-                await nothing.connect()
-            assert info.value.status == 404  # nothing was published where the token was wrong
-        finally:
-            await nothing.close()
-        texts = []
-        for path in ("/api/v1/streams", "/api/v1/status", "/metrics"):
-            async with http.get(relay.base + path) as resp:
-                texts.append(await resp.text())
+        with pytest.raises(WhepError) as info:
+            await nothing.connect()
+        assert info.value.status == 404  # nothing was published where the token was wrong
     finally:
-        await runner.cleanup()
-        await asyncio.to_thread(engine.close)
+        await nothing.close()
+    texts = []
+    for path in ("/api/v1/streams", "/api/v1/status", "/metrics"):
+        async with http.get(relay.base + path) as resp:
+            texts.append(await resp.text())
     logged = "\n".join(r.getMessage() for r in caplog.records)
     for secret in (password, "Not-the-password"):
         assert all(secret not in text for text in texts), "a token in the API or /metrics"
         assert secret not in logged, "a token in the log"
 
 
-async def test_ice_servers_from_the_201s_link_headers_are_gathered_with_and_sessions_are_deleted(tmp_path, http):
+async def test_ice_servers_from_the_201s_link_headers_are_gathered_with_and_sessions_are_deleted(engines, relays, http):
     """A WHIP endpoint that hands out ICE servers (as LiveKit and Cloudflare do; this mediamtx would also use
     them itself): a small aiohttp front in front of mediamtx adds a ``Link`` naming a STUN server run here and
     answers with an absolute ``Location`` of its own."""
@@ -345,11 +365,7 @@ async def test_ice_servers_from_the_201s_link_headers_are_gathered_with_and_sess
             response.attributes["XOR-MAPPED-ADDRESS"] = addr
             self.transport.sendto(bytes(response), addr)
 
-    stun_port = free_udp_port()
-    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
-        StunServer, local_addr=("127.0.0.1", stun_port)
-    )
-    engine = await started_engine(tmp_path)
+    engine = await engines()
     seen: list[str] = []
 
     async def post(request: web.Request) -> web.Response:
@@ -372,10 +388,14 @@ async def test_ice_servers_from_the_201s_link_headers_are_gathered_with_and_sess
     app.router.add_delete("/session/{id}", delete)
     front = web.AppRunner(app)
     await front.setup()
-    port = free_port()
-    await web.TCPSite(front, "127.0.0.1", port).start()
-    runner, relay = await start_relay(whip_config(WhipConfig("cam0", f"http://127.0.0.1:{port}/cam0/whip")))
+    stun_port = free_udp_port()
+    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+        StunServer, local_addr=("127.0.0.1", stun_port)
+    )
     try:
+        port = free_port()
+        await web.TCPSite(front, "127.0.0.1", port).start()
+        relay = await relays(whip_config(WhipConfig("cam0", f"http://127.0.0.1:{port}/cam0/whip")))
         publisher = relay.relay.whip_publishers[0]
         await until(lambda: publisher.state == "publishing", "publishing through the front")
         # The first offer was gathered without the server's STUN; that session was ended and the offer made again.
@@ -383,12 +403,11 @@ async def test_ice_servers_from_the_201s_link_headers_are_gathered_with_and_sess
         assert stun_requests, "the second offer was gathered with the Link's STUN server"
         assert publisher.describe()["ice_servers"] == [f"stun:127.0.0.1:{stun_port}"]
         assert await clock_reads_through(engine.url("cam0", "whep"), http)
+        await publisher.close()
+        assert seen == ["POST", "DELETE", "POST", "DELETE"], "the session is ended on stop"
     finally:
-        await runner.cleanup()
         await front.cleanup()
         transport.close()
-        await asyncio.to_thread(engine.close)
-    assert seen == ["POST", "DELETE", "POST", "DELETE"], "the session is ended on stop"
 
 
 async def test_a_redirect_to_another_origin_never_carries_the_token():
@@ -412,13 +431,14 @@ async def test_a_redirect_to_another_origin_never_carries_the_token():
         runners.append(web.AppRunner(app))
         await runners[-1].setup()
         await web.TCPSite(runners[-1], "127.0.0.1", port).start()
-    hub = PacketHub("cam0", lambda: None)
-    publisher = WhipPublisher(hub, f"http://127.0.0.1:{ports[0]}/whip", TOKEN)
-    publisher.start()
     try:
-        await until(lambda: publisher.errors >= 1, "the redirected offer refused")
+        publisher = WhipPublisher(PacketHub("cam0", lambda: None), f"http://127.0.0.1:{ports[0]}/whip", TOKEN)
+        publisher.start()
+        try:
+            await until(lambda: publisher.errors >= 1, "the redirected offer refused")
+        finally:
+            await publisher.close()
     finally:
-        await publisher.close()
         for runner in runners:
             await runner.cleanup()
     assert heard == {"endpoint": f"Bearer {TOKEN}", "elsewhere": None}
@@ -474,25 +494,19 @@ async def replica_viewer(url: str, http: aiohttp.ClientSession) -> WhepViewer:
         await asyncio.sleep(0.2)
 
 
-async def test_a_read_replica_mediamtx_pulls_camrelays_rtsp_and_serves_its_own_viewers(tmp_path, http):
+async def test_a_read_replica_mediamtx_pulls_camrelays_rtsp_and_serves_its_own_viewers(engines, relays, http):
     password = "Nvr-pa55word"
-    runner, relay = await start_relay(make_config(rtsp=True, rtsp_user="nvr", rtsp_password=password))
-    replica = Engine(tmp_path)
+    relay = await relays(make_config(rtsp=True, rtsp_user="nvr", rtsp_password=password))
+    await wait_published(relay)
     rtsp_port = free_port()
     source = f"rtsp://nvr:{password}@127.0.0.1:{relay.relay.config.rtsp.port}/cam0"
     doc = (ROOT / "docs" / "scale-out.md").read_text()
-    replica.config.write_text(replica_config(doc, source, rtsp_port, replica.http_port, replica.udp_port))
+    replica = await engines(config=lambda e: replica_config(doc, source, rtsp_port, e.http_port, e.udp_port))
+    viewer = await replica_viewer(replica.url("cam0", "whep"), http)
     try:
-        await wait_published(relay)
-        await asyncio.to_thread(replica.start)
-        viewer = await replica_viewer(replica.url("cam0", "whep"), http)
-        try:
-            assert all(s.latency_ms is not None for s in await viewer.read_frames(10))
-        finally:
-            await viewer.close()
-        latencies = await asyncio.to_thread(read_rtsp, f"rtsp://127.0.0.1:{rtsp_port}/cam0", 10)
-        assert all(x is not None for x in latencies)
-        assert relay.relay.sessions.count() == 0  # camrelay served neither
+        assert all(s.latency_ms is not None for s in await viewer.read_frames(10))
     finally:
-        await asyncio.to_thread(replica.close)
-        await runner.cleanup()
+        await viewer.close()
+    latencies = await asyncio.to_thread(read_rtsp, f"rtsp://127.0.0.1:{rtsp_port}/cam0", 10)
+    assert all(x is not None for x in latencies)
+    assert relay.relay.sessions.count() == 0  # camrelay served neither
