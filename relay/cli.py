@@ -287,11 +287,6 @@ def main(argv: list[str] | None = None) -> int:
                 " in the config file's [streams] table (chmod 600) or in CAMRELAY_STREAMS instead",
                 stream.name,
             )
-    if args.whip and any(url_passwords(w.url) for w in config.whip):
-        log.warning(
-            "whip: a password in a --whip URL is visible to every local user (ps); put the entry in the config"
-            " file's [[whip]] (chmod 600) instead"
-        )
     logging.getLogger("aioice").setLevel(logging.WARNING)
     logging.getLogger("aiortc").setLevel(logging.WARNING)
     try:

@@ -166,7 +166,8 @@ class Relay:
             publisher.start()
         for entry in self.config.whip:
             if entry.stream == sc.name:
-                whip = WhipPublisher(stream.hub, entry.url, entry.bearer_token, ice.for_relay(self.config.webrtc))
+                w = self.config.webrtc
+                whip = WhipPublisher(stream.hub, entry.url, entry.bearer_token, ice.for_relay(w), w.connect_timeout)
                 self.whip_publishers.append(whip)
                 whip.start()
         rc = self.config.record
@@ -332,21 +333,9 @@ class Relay:
         for i, w in enumerate(self.whip_publishers):
             labels = {"stream": w.stream, "whip": str(i), "url": w.shown_url}
             out += [
-                (
-                    "camrelay_whip_up",
-                    "gauge",
-                    "1 while publishing to the WHIP endpoint.",
-                    labels,
-                    w.state == "publishing",
-                ),
+                ("camrelay_whip_up", "gauge", "1 while publishing over WHIP.", labels, int(w.state == "publishing")),
                 ("camrelay_whip_sessions_total", "counter", "WHIP sessions that connected.", labels, w.sessions),
                 ("camrelay_whip_errors_total", "counter", "WHIP sessions refused, failed or lost.", labels, w.errors),
-                (
-                    "camrelay_whip_sent_bytes_total",
-                    "counter",
-                    "RTP payload bytes sent over WHIP.",
-                    labels,
-                    w.bytes_sent,
-                ),
+                ("camrelay_whip_sent_bytes_total", "counter", "RTP payload bytes sent.", labels, w.bytes_sent),
             ]
         return out

@@ -278,9 +278,9 @@ class WhipPublisher:
             sent = rtpsend.sent(self._sender)
             self._sent = (self._sent[0] + sent[0], self._sent[1] + sent[1])
             self._sender = None
+        await self._delete(location)  # first: RFC 9725's way to end a session; closing DTLS is the fallback
         track.stop()
         await pc.close()
-        await self._delete(location)
 
     async def _delete(self, location: str | None) -> None:
         """End the session on the server; one that is gone or refuses is not waited for."""
