@@ -66,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--no-rtsp", dest="rtsp.enabled", action="store_const", const=False, help="no RTSP at all")
     s.add_argument(
+        "--whip",
+        action="append",
+        metavar="NAME=URL",
+        help="push stream NAME to this WHIP endpoint (repeatable; replaces the config's [[whip]] entries). Its"
+        " bearer token: the config's [[whip]] bearer_token for the same URL, else $CAMRELAY_WHIP_BEARER_TOKEN;"
+        " never give it here",
+    )
+    s.add_argument(
         "--auth",
         dest="auth.mode",
         choices=AUTH_MODES,
@@ -108,7 +116,7 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> Config:
         for k, v in vars(args).items()
         if k.startswith(("http.", "video.", "webrtc.", "rtsp.", "auth.")) or k in ("log_level", "state_dir")
     }
-    config = load(text, env, flags, args.source)
+    config = load(text, env, flags, args.source, args.whip)
     args.config_file = (path, text)
     return config
 

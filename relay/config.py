@@ -14,6 +14,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from .auth import HASH_HELP, TOKEN_PATTERN, parse_hash
 from .capture import SourceSpec, parse_fps, parse_size, parse_source_spec, redact_url
@@ -161,6 +162,15 @@ class TelemetryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WhipConfig:
+    """One ``[[whip]]`` entry: push ``stream`` to the WHIP endpoint ``url``."""
+
+    stream: str
+    url: str
+    bearer_token: str = field(default="", repr=False)  # sent as Authorization: Bearer
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     streams: tuple[StreamConfig, ...] = ()  # empty: cameras found at start, else the test pattern
     video: VideoConfig = VideoConfig()
@@ -171,6 +181,7 @@ class Config:
     devices: DevicesConfig = DevicesConfig()
     record: RecordConfig = RecordConfig()
     auth: AuthConfig = AuthConfig()
+    whip: tuple[WhipConfig, ...] = ()  # WHIP endpoints to publish streams to
     log_level: str = "info"
     state_dir: str = ""  # where camrelay keeps generated files; empty: $XDG_STATE_HOME/camrelay
 
@@ -530,6 +541,11 @@ def secrets_in_file(toml_text: str) -> list[str]:
     streams = doc.get("streams")
     if isinstance(streams, dict):
         found += [f"streams.{n}" for n, spec in streams.items() if isinstance(spec, str) and redact_url(spec) != spec]
+    whips = doc.get("whip")
+    if isinstance(whips, list):
+        found += [
+            f"whip[{i}].bearer_token" for i, w in enumerate(whips) if isinstance(w, dict) and w.get("bearer_token")
+        ]
     return found
 
 
@@ -537,8 +553,9 @@ def secret_values(config: Config) -> set[str]:
     """The secrets ``config`` holds (the values of ``SECRET_KEYS``, the passwords in its URLs), for logs to hide."""
     values = {getattr(getattr(config, section), key) for section, _, key in (k.partition(".") for k in SECRET_KEYS)}
     values.update(server.credential for server in config.webrtc.ice_servers)  # a table's own TURN password
-    for url in (config.rtsp.publish_url, *(s.source.target for s in config.streams)):
+    for url in (config.rtsp.publish_url, *(s.source.target for s in config.streams), *(w.url for w in config.whip)):
         values.update(url_passwords(url))
+    values.update(w.bearer_token for w in config.whip)
     return values - {""}
 
 
@@ -558,6 +575,70 @@ def _check_turn_credentials(w: WebRTCConfig) -> None:
             )
 
 
+WHIP_KEYS = ("stream", "url", "bearer_token")
+WHIP_TOKEN_ENV = ENV_PREFIX + "WHIP_BEARER_TOKEN"  # the token of WHIP entries that name none (--whip's)
+
+
+def _whip_url(v: Any) -> str:
+    """An http:// or https:// URL with a host. Errors never quote it: a path or query may hold a stream key."""
+    problem = not isinstance(v, str) or re.search(r"\s", v)
+    if not problem:
+        try:
+            parts = urlsplit(v)
+            problem = parts.scheme not in ("http", "https") or not parts.hostname or parts.port == 0
+        except ValueError:  # a port that is not a number
+            problem = True
+    if problem:
+        raise ValueError("expected an http:// or https:// URL with a host (and no spaces)")
+    return v
+
+
+def parse_whip_arg(text: str) -> tuple[str, str]:
+    """``NAME=URL`` from ``--whip``."""
+    name, eq, url = text.partition("=")
+    if not eq or not STREAM_NAME.match(name):
+        raise ConfigError("--whip: expected NAME=URL (a stream name, then the WHIP endpoint's URL)")
+    return name, url
+
+
+def _whip_entries(doc: Any, args: list[str] | None, default_token: str) -> tuple[WhipConfig, ...]:
+    """``[[whip]]`` tables, replaced by ``--whip`` entries when given (which take their token from the
+    file's entry for the same URL); an entry without a token gets ``default_token``."""
+    if not isinstance(doc, list) or not all(isinstance(t, dict) for t in doc):
+        raise ConfigError('whip: expected [[whip]] tables with stream = "...", url = "..."')
+    entries = []
+    for i, table in enumerate(doc):
+        for key in table:
+            if key not in WHIP_KEYS:
+                raise ConfigError(f"whip[{i}].{key}: unknown key (one of {', '.join(WHIP_KEYS)})")
+        for key in ("stream", "url"):
+            if key not in table:
+                raise ConfigError(f"whip[{i}].{key}: required")
+        for key, check in (("stream", _str), ("url", _whip_url), ("bearer_token", _rtsp_password)):
+            try:
+                check(table.get(key, ""))
+            except ValueError as exc:
+                raise ConfigError(f"whip[{i}].{key}: {exc}") from None
+        if not STREAM_NAME.match(table["stream"]):
+            raise ConfigError(f"whip[{i}].stream: {table['stream']!r} is not a stream name")
+        entries.append(WhipConfig(table["stream"], table["url"], table.get("bearer_token", "")))
+    if args is not None:
+        tokens = {e.url: e.bearer_token for e in entries}
+        entries = []
+        for arg in args:
+            name, url = parse_whip_arg(arg)
+            try:
+                _whip_url(url)
+            except ValueError as exc:
+                raise ConfigError(f"--whip {name}: {exc}") from None
+            entries.append(WhipConfig(name, url, tokens.get(url, "")))
+    try:
+        _rtsp_password(default_token)  # printable ASCII without spaces: what an HTTP header can carry
+    except ValueError as exc:
+        raise ConfigError(f"{WHIP_TOKEN_ENV}: {exc}") from None
+    return tuple(WhipConfig(e.stream, e.url, e.bearer_token or default_token) for e in entries)
+
+
 def parse_stream_arg(text: str) -> tuple[str, str]:
     """``NAME=SPEC`` from ``--source``; a bare SPEC gets the next free camN name."""
     name, eq, spec = text.partition("=")
@@ -571,10 +652,12 @@ def load(
     env: Mapping[str, str] | None = None,
     flags: Mapping[str, Any] | None = None,
     sources: list[str] | None = None,
+    whips: list[str] | None = None,
 ) -> Config:
     """Build the configuration from its three layers; later layers win."""
     raw: dict[str, dict[str, Any]] = {section: {} for section in SCHEMA}
     streams: dict[str, str] = {}
+    whip_doc: Any = []
     if toml_text:
         try:
             doc = tomllib.loads(toml_text)
@@ -588,6 +671,8 @@ def load(
                     if not isinstance(spec, str):
                         raise ConfigError(f"streams.{name}: expected a source spec string, got {spec!r}")
                     streams[name] = spec
+            elif key == "whip":
+                whip_doc = value
             elif isinstance(value, dict) and key in SCHEMA and key:
                 for sub, v in value.items():
                     if sub not in SCHEMA[key]:
@@ -607,8 +692,8 @@ def load(
                 n, spec = parse_stream_arg(item)
                 streams[n or f"cam{i}"] = spec
             continue
-        if name in ("config", "worker_config"):
-            continue  # the file's path, read by the CLI; a camera worker's own settings
+        if name in ("config", "worker_config", "whip_bearer_token"):
+            continue  # the file's path, read by the CLI; a camera worker's own settings; read below
         section, _, key = name.partition("_")
         if section in SCHEMA and section and key in SCHEMA[section]:
             raw[section][key] = value
@@ -656,6 +741,13 @@ def load(
         except ValueError as exc:
             raise ConfigError(f"streams.{name}: {exc}") from None
 
+    whip = _whip_entries(whip_doc, whips, (env or {}).get(WHIP_TOKEN_ENV, ""))
+    names = [s.name for s in parsed_streams]
+    for i, w in enumerate(whip):
+        if names and w.stream not in names:
+            where = f"whip[{i}].stream" if whips is None else f"--whip {w.stream}"
+            raise ConfigError(f"{where}: no stream named {w.stream!r} (streams: {', '.join(names)})")
+
     rtsp = RtspConfig(**values["rtsp"])
     if bool(rtsp.user) != bool(rtsp.password):
         missing = "rtsp.password" if rtsp.user else "rtsp.user"
@@ -681,5 +773,6 @@ def load(
         devices=DevicesConfig(**values["devices"]),
         record=RecordConfig(**values["record"]),
         auth=auth,
+        whip=whip,
         **values[""],
     )

@@ -137,22 +137,26 @@ def link_headers(servers: list[IceServer]) -> list[str]:
     return values
 
 
-_LINK = re.compile(r'<([^>]*)>((?:\s*;\s*[\w-]+\s*=\s*(?:"(?:[^"\\]|\\.)*"|[^",;]*))*)')
-_PARAM = re.compile(r'\s*;\s*([\w-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^",;]*))')
+# RFC 8288 link-values: <target> then ;-separated parameters, each with or without a value, quoted or not.
+_LINK = re.compile(r'<([^>]*)>((?:\s*;\s*[^\s;,=]+(?:\s*=\s*(?:"(?:[^"\\]|\\.)*"|[^;,\s]*))?)*)')
+_PARAM = re.compile(r';\s*([^\s;,=]+)(?:\s*=\s*("(?:[^"\\]|\\.)*"|[^;,\s]*))?')
+ICE_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
 
 
 def parse_links(values: Iterable[str]) -> list[IceServer]:
-    """The ICE servers in ``Link`` header values (each may hold several, comma-separated): ``link_headers``'
-    inverse, as a WHEP player reads them."""
+    """The STUN and TURN servers in ``Link`` header values (each may hold several, comma-separated), with
+    their credentials: ``link_headers``' inverse, as a WHEP player (or camrelay's WHIP publisher) reads them.
+    ``rel`` may list several relations; links to anything but an ICE server are skipped."""
     servers = []
     for value in values:
-        for url, params in _LINK.findall(value):
-            p = {
-                k.lower(): re.sub(r"\\(.)", r"\1", quoted) if quoted else bare
-                for k, quoted, bare in _PARAM.findall(params)
+        for match in _LINK.finditer(value):
+            params = {
+                m[1].lower(): re.sub(r"\\(.)", r"\1", m[2][1:-1]) if m[2].startswith('"') else m[2]
+                for m in _PARAM.finditer(match[2])
             }
-            if p.get("rel") == "ice-server":
-                servers.append(IceServer((url,), p.get("username", ""), p.get("credential", "")))
+            url = match[1].strip()
+            if "ice-server" in params.get("rel", "").split() and url.startswith(ICE_SCHEMES):
+                servers.append(IceServer((url,), params.get("username", ""), params.get("credential", "")))
     return servers
 
 

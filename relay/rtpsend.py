@@ -143,3 +143,9 @@ async def _retransmit(self: RTCRtpSender, sequence_number: int) -> None:
         packet = wrap_rtx(packet, payload_type=rtx, sequence_number=d[_S + "rtx_sequence_number"], ssrc=self._rtx_ssrc)
         d[_S + "rtx_sequence_number"] = uint16_add(d[_S + "rtx_sequence_number"], 1)
     await self.transport._send_rtp(packet.serialize(d[_S + "rtp_header_extensions_map"]))
+
+
+def sent(sender: RTCRtpSender) -> tuple[int, int]:
+    """RTP payload bytes and packets ``sender`` has sent, as its RTCP sender reports count them."""
+    d = sender.__dict__
+    return d.get(_S + "octet_count", 0), d.get(_S + "packet_count", 0)

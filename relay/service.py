@@ -35,6 +35,7 @@ from .stream import Stream
 from .telemetry import Snapshot, StreamSample, Telemetry, ThermalGuard
 from .udpbatch import batch_sends
 from .webrtc import ViewerSessions, restrict_host_addresses, watch_ice
+from .whip import WhipPublisher
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class Relay:
         self.state_dir = Path(config.state_dir) if config.state_dir else default_state_dir()
         self.mediamtx: Mediamtx | None = None
         self.publishers: dict[str, RtspPublisher] = {}
+        self.whip_publishers: list[WhipPublisher] = []  # one per [[whip]] entry whose stream exists
         self.recorders: dict[str, Recorder] = {}
         rc = config.record
         self.recordings_root = Path(rc.root) if rc.root else self.state_dir / "recordings"
@@ -132,6 +134,9 @@ class Relay:
             await self._start_rtsp([s.name for s in initial])
             for sc in initial:
                 await self.add_stream(sc)
+            for entry in self.config.whip:
+                if entry.stream not in self.streams:
+                    log.warning("stream=%s does not exist (yet); WHIP publishing starts when it does", entry.stream)
             if self.discovery is not None and self.config.devices.discover:
                 self.discovery.start()
             self.telemetry.start()
@@ -162,6 +167,14 @@ class Relay:
             )
             self.publishers[sc.name] = publisher
             publisher.start()
+        w = self.config.webrtc
+        for entry in self.config.whip:
+            if entry.stream == sc.name:
+                whip = WhipPublisher(
+                    stream.hub, entry.url, entry.bearer_token, lambda: ice.for_relay(w), w.connect_timeout
+                )
+                self.whip_publishers.append(whip)
+                whip.start()
         rc = self.config.record
         if rc.enabled:
             recorder = Recorder(
@@ -269,6 +282,8 @@ class Relay:
             await step(f"recorder {name}", recorder.close())
         for name, publisher in self.publishers.items():
             await step(f"rtsp publisher {name}", publisher.close())
+        # At once: each may wait DELETE_TIMEOUT for a server that is gone.
+        await asyncio.gather(*(step(f"whip publisher {w.stream}", w.close()) for w in self.whip_publishers))
         await step("viewers", self.sessions.close_all())
         # All at once: each may take its stop timeout, and systemd's TimeoutStopSec is for all of them.
         await asyncio.gather(*(step(f"stream {n}", s.close()) for n, s in self.streams.items()))
@@ -310,8 +325,22 @@ class Relay:
             "rtsp_path": f"/{stream.name}" if self.config.rtsp.enabled else None,
             "rtsp_live_alias": stream.name == next(iter(self.streams)) and self.config.rtsp.enabled,
             "rtsp_published": self.publishers[stream.name].published if stream.name in self.publishers else 0,
+            "whip": [w.describe() for w in self.whip_publishers if w.stream == stream.name],
             "frames_slate": st.frames_slate,
             "source_errors": st.source_errors,
             "worker_stalls": st.worker_stalls,
             "last_error": st.last_error,
         }
+
+    def whip_metrics(self) -> list[tuple[str, str, str, dict[str, str], float]]:
+        """WHIP publishers for /metrics, one label set each (the URL without its path)."""
+        out = []
+        for i, w in enumerate(self.whip_publishers):
+            labels = {"stream": w.stream, "whip": str(i), "url": w.shown_url}
+            out += [
+                ("camrelay_whip_up", "gauge", "1 while publishing over WHIP.", labels, int(w.state == "publishing")),
+                ("camrelay_whip_sessions_total", "counter", "WHIP sessions that connected.", labels, w.sessions),
+                ("camrelay_whip_errors_total", "counter", "WHIP sessions refused, failed or lost.", labels, w.errors),
+                ("camrelay_whip_sent_bytes_total", "counter", "RTP payload bytes sent.", labels, w.bytes_sent),
+            ]
+        return out

@@ -497,6 +497,7 @@ async def api_status(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     relay = request.app[RELAY]
     extra = [("camrelay_viewers", "gauge", "WebRTC viewers connected, all streams.", {}, relay.sessions.connected())]
+    extra += relay.whip_metrics()
     if relay.mediamtx is not None:
         extra.append(
             ("camrelay_mediamtx_up", "gauge", "1 while mediamtx answers.", {}, int(relay.mediamtx.ready.is_set()))

@@ -55,6 +55,15 @@ def render_config(http_port: int, udp_port: int, api_port: int, rtsp_port: int, 
         "hls": False,
         "srt": False,
         "moq": False,
+        **webrtc_on_loopback(http_port, udp_port),
+        "paths": {"cam0": {"source": source, "rtspTransport": "udp", "sourceOnDemand": False}},
+    }
+    return json.dumps(config, indent=2) + "\n"
+
+
+def webrtc_on_loopback(http_port: int, udp_port: int) -> dict:
+    """mediamtx's WebRTC (WHIP/WHEP) server on loopback: one UDP port, host candidates on 127.0.0.1, no STUN."""
+    return {
         "webrtc": True,
         "webrtcAddress": f"127.0.0.1:{http_port}",
         "webrtcEncryption": False,
@@ -64,9 +73,7 @@ def render_config(http_port: int, udp_port: int, api_port: int, rtsp_port: int, 
         "webrtcIPsFromInterfaces": False,
         "webrtcAdditionalHosts": ["127.0.0.1"],
         "webrtcICEServers2": [],
-        "paths": {"cam0": {"source": source, "rtspTransport": "udp", "sourceOnDemand": False}},
     }
-    return json.dumps(config, indent=2) + "\n"
 
 
 @dataclass

@@ -1,0 +1,277 @@
+"""WHIP egress (RFC 9725): push a stream's one encoding to a media server that fans it out.
+
+A ``WhipPublisher`` is one more hub subscriber, exactly like a WebRTC viewer:
+its aiortc sender gets the shared packer and the per-frame send loop
+(``relay.webrtc.attach_to_sender``), so no second encoder runs, the server's
+PLI asks the shared encoder for a keyframe, and a slow or dead server costs
+only its own bounded queue (it skips to the next keyframe like any viewer),
+never the viewers' frames.
+
+A session: the full offer (aiortc gathers every candidate first; it does not
+trickle) is POSTed with ``Authorization: Bearer <token>``; the ``201``'s
+``Location``, relative or absolute, is the session, DELETEd on stop and
+before the next one. ICE servers that the ``201`` names in ``Link`` headers
+are gathered with: aiortc cannot add servers to an offer it has made, so when
+they are new the session is ended and offered once more with them (and they
+are kept for later sessions). A server that refuses, vanishes (silent, or
+its connection fails) or cannot be reached gets one log line and a retry with
+backoff.
+
+The URL is shown as ``scheme://host:port/...`` only: some services put the
+stream's secret in the path (Cloudflare) or in the query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+from aiortc import RTCBundlePolicy, RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+
+from . import rtpsend
+from .aio import cancel_and_wait
+from .backoff import Backoff, Retry
+from .hub import PacketHub
+from .ice import IceServer, parse_links
+from .logsafe import redact
+from .webrtc import CONNECT_TIMEOUT, LIVENESS_CHECK, HubTrack, attach_to_sender, h264_preferences, last_heard
+
+log = logging.getLogger(__name__)
+
+SDP_TYPE = "application/sdp"
+# An offer is answered in well under a second; a server that takes longer is hung, and the POST is tried again.
+POST_TIMEOUT = 10.0
+# The DELETE on stop: a server that is gone must not hold the relay's shutdown for long.
+DELETE_TIMEOUT = 2.0
+MAX_ANSWER_BYTES = 64 * 1024  # an answer is ~2 KiB; more is not an answer
+# A live server sends STUN consent checks every few seconds and RTCP (mediamtx also a PLI every 2 s);
+# this long without a datagram, it is gone (killed, rebooted, unplugged). As for viewers
+# (relay.webrtc.VIEWER_SILENCE), silence and not unanswered checks: a busy server answers late.
+SERVER_SILENCE = 10.0
+# Reconnect pacing: the first retry at once (a restart), then slower; a server that keeps refusing
+# (a wrong token) is asked again at most twice a minute.
+RETRY = Backoff(initial=0.5, cap=30.0)
+ERROR_CHARS = 200  # of a refusal's body, in the log and the API
+
+
+class WhipError(Exception):
+    """One session ended or could not start; ``str()`` is the reason, fit for one log line."""
+
+
+def shown_url(url: str) -> str:
+    """``https://user:pw@host:8443/secret/whip?token=x`` -> ``https://host:8443/...``: for logs and the API."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    host = f"[{host}]" if ":" in host else host
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}/..."
+
+
+class WhipPublisher:
+    """Publishes one stream's hub to one WHIP endpoint until closed."""
+
+    def __init__(
+        self,
+        hub: PacketHub,
+        url: str,
+        bearer_token: str = "",
+        ice_servers: Callable[[], list[RTCIceServer]] = list,
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
+        self.hub = hub
+        self.stream = hub.stream
+        self.url = url
+        self.shown_url = shown_url(url)
+        self.state = "starting"  # connecting, publishing, retrying, stopped
+        self.sessions = 0  # sessions that connected
+        self.errors = 0
+        self.last_error = ""
+        self.link_servers: list[IceServer] = []  # from the last 201's Link headers
+        self._token = bearer_token
+        # The relay's own ([webrtc] ice_servers), asked for each session: minted TURN credentials expire.
+        self._ice_servers = ice_servers
+        self._connect_timeout = connect_timeout
+        self._sent = (0, 0)  # payload bytes and packets of the sessions that ended
+        self._sender = None  # the current session's RTP sender
+        self._retry = Retry(RETRY)
+        self._http: aiohttp.ClientSession | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def bytes_sent(self) -> int:
+        """RTP payload bytes sent to the server, all sessions."""
+        return self._sent[0] + (rtpsend.sent(self._sender)[0] if self._sender else 0)
+
+    @property
+    def packets_sent(self) -> int:
+        return self._sent[1] + (rtpsend.sent(self._sender)[1] if self._sender else 0)
+
+    def describe(self) -> dict:
+        """For the API: never the token, and the URL without its path."""
+        return {
+            "url": self.shown_url,
+            "state": self.state,
+            "sessions": self.sessions,
+            "errors": self.errors,
+            "last_error": self.last_error,
+            "bytes_sent": self.bytes_sent,
+            "packets_sent": self.packets_sent,
+            "ice_servers": [url for s in self.link_servers for url in s.urls],
+        }
+
+    def start(self) -> None:
+        parts = urlsplit(self.url)
+        if self._token and parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "::1", "localhost"):
+            log.warning("stream=%s whip=%s sends its bearer token over plain http; use https", *self._ids())
+        # A new connection per request: no kept-alive socket to a server that has since restarted.
+        self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"whip-{self.stream}")
+
+    async def close(self) -> None:
+        await cancel_and_wait(self._task)
+        if self._http is not None:
+            await self._http.close()
+        self.state = "stopped"
+        log.info("stream=%s whip=%s stopped", *self._ids())
+
+    def _ids(self) -> tuple[str, str]:
+        return self.stream, self.shown_url
+
+    async def _run(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                await self._session()
+            except (WhipError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+                self._failed(exc)
+            except Exception as exc:  # a bug: its traceback once a retry, never faster
+                self._failed(exc, traceback=True)
+            self._retry.ran(time.monotonic() - started)
+            delay = self._retry.next_delay()
+            self.state = "retrying"
+            log.warning("stream=%s whip=%s %s; retrying in %.1fs", *self._ids(), self.last_error, delay)
+            await asyncio.sleep(delay)
+
+    def _failed(self, exc: BaseException, traceback: bool = False) -> None:
+        self.errors += 1
+        text = str(exc).strip() or type(exc).__name__
+        if not isinstance(exc, WhipError):
+            text = f"{type(exc).__name__}: {text}"
+        # An exception may quote the URL (and so a secret in its path) or the token.
+        self.last_error = redact(text.replace(self.url, self.shown_url), [self._token])[:ERROR_CHARS]
+        if traceback:
+            log.error("stream=%s whip=%s failed unexpectedly", *self._ids(), exc_info=exc)
+
+    async def _session(self) -> None:
+        self.state = "connecting"
+        offered = await self._offer(again=True)
+        if offered is None:  # the 201 named new ICE servers: offer again, gathering with them
+            log.info("stream=%s whip=%s server names ICE servers; offering again with them", *self._ids())
+            offered = await self._offer(again=False)
+        assert offered is not None
+        pc, track, location = offered
+        try:
+            await self._wait_connected(pc)
+            self.sessions += 1
+            self.state = "publishing"
+            log.info("stream=%s whip=%s publishing session=%d", *self._ids(), self.sessions)
+            await self._watch(pc)
+        finally:
+            await self._close_session(pc, track, location)
+
+    async def _offer(self, again: bool) -> tuple[RTCPeerConnection, HubTrack, str] | None:
+        """A peer connection with the answer applied, its track and the session's URL. None (the session
+        ended) when ``again`` and the 201 named ICE servers other than those the offer was gathered with."""
+        servers = self._ice_servers() + [s.to_aiortc() for s in self.link_servers]
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=servers, bundlePolicy=RTCBundlePolicy.MAX_BUNDLE))
+        track = HubTrack(self.hub, f"whip-{self.stream}")
+        location = None
+        try:
+            transceiver = pc.addTransceiver(track, direction="sendonly")
+            transceiver.setCodecPreferences(h264_preferences())
+            attach_to_sender(transceiver.sender, self.hub)
+            self._sender = transceiver.sender
+            await pc.setLocalDescription(await pc.createOffer())
+            answer, location, links = await self._post(pc.localDescription.sdp)
+            if again and links and links != self.link_servers:
+                self.link_servers = links
+                await self._close_session(pc, track, location)
+                return None
+            self.link_servers = links or self.link_servers
+            try:
+                await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+            except Exception as exc:  # aiortc's parser raises ValueError, AssertionError, KeyError, ...
+                raise WhipError(f"answer could not be applied: {type(exc).__name__}: {exc}") from exc
+        except BaseException:
+            await self._close_session(pc, track, location)
+            raise
+        return pc, track, location
+
+    def _headers(self, **extra: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._token}", **extra} if self._token else extra
+
+    async def _post(self, offer: str) -> tuple[str, str, list[IceServer]]:
+        """POST the offer; the answer, the session's absolute URL and the ICE servers of the ``Link`` headers."""
+        assert self._http is not None
+        async with self._http.post(
+            self.url,
+            data=offer.encode(),
+            headers=self._headers(**{"Content-Type": SDP_TYPE}),
+            timeout=aiohttp.ClientTimeout(total=POST_TIMEOUT),
+        ) as resp:
+            body = b""  # the whole answer, or a little more than one can be
+            while len(body) <= MAX_ANSWER_BYTES and (chunk := await resp.content.read(MAX_ANSWER_BYTES + 1)):
+                body += chunk
+            if resp.status != 201:
+                reason = body.decode(errors="replace").strip().splitlines()[0] if body.strip() else resp.reason
+                raise WhipError(f"refused: {resp.status} {reason}")
+            if resp.content_type != SDP_TYPE or len(body) > MAX_ANSWER_BYTES:
+                raise WhipError(f"201 without an SDP answer ({resp.content_type or 'no Content-Type'})")
+            if "Location" not in resp.headers:
+                raise WhipError("201 without a Location")
+            location = urljoin(str(resp.url), resp.headers["Location"])  # the URL after any redirect
+            return body.decode(errors="replace"), location, parse_links(resp.headers.getall("Link", []))
+
+    async def _wait_connected(self, pc: RTCPeerConnection) -> None:
+        deadline = time.monotonic() + self._connect_timeout
+        while pc.connectionState != "connected":
+            if pc.connectionState in ("failed", "closed"):
+                raise WhipError(f"connection {pc.connectionState} before it was up")
+            if time.monotonic() > deadline:
+                raise WhipError(f"no connection within {self._connect_timeout:g}s (ICE or DTLS)")
+            await asyncio.sleep(LIVENESS_CHECK / 10)
+
+    async def _watch(self, pc: RTCPeerConnection) -> None:
+        """Until the connection fails or the server falls silent."""
+        while True:
+            await asyncio.sleep(LIVENESS_CHECK)
+            if pc.connectionState != "connected":
+                raise WhipError(f"connection {pc.connectionState}")
+            heard = last_heard(pc)
+            if heard is not None and time.monotonic() - heard > SERVER_SILENCE:
+                raise WhipError(f"server silent for {SERVER_SILENCE:g}s")
+
+    async def _close_session(self, pc: RTCPeerConnection, track: HubTrack, location: str | None) -> None:
+        if self._sender is not None:
+            sent = rtpsend.sent(self._sender)
+            self._sent = (self._sent[0] + sent[0], self._sent[1] + sent[1])
+            self._sender = None
+        await self._delete(location)  # first: RFC 9725's way to end a session; closing DTLS is the fallback
+        track.stop()
+        await pc.close()
+
+    async def _delete(self, location: str | None) -> None:
+        """End the session on the server; one that is gone or refuses is not waited for."""
+        if location is None or self._http is None:
+            return
+        try:
+            async with self._http.delete(
+                location, headers=self._headers(), timeout=aiohttp.ClientTimeout(total=DELETE_TIMEOUT)
+            ) as resp:
+                await resp.read()
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.debug("stream=%s whip=%s DELETE failed: %s", *self._ids(), type(exc).__name__)

@@ -1,0 +1,512 @@
+"""WHIP egress: camrelay publishes its one encoding to a real mediamtx, whose viewers never cost camrelay more.
+
+Every engine here is the mediamtx the project builds, run by the test on loopback ports of its own with only
+its WebRTC (WHIP/WHEP) server on (benchmarks/scale_out.py's ``Engine``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import multiprocessing as mp
+import re
+import time
+from collections.abc import Callable
+from multiprocessing import resource_tracker
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aioice import stun
+
+from benchmarks.peers import PeerPlan, run_worker
+from benchmarks.ports import free_port, free_udp_port
+from benchmarks.scale_out import Engine
+from relay.cli import build_parser, load_config
+from relay.config import ConfigError, WhipConfig, load, secret_values, secrets_in_file
+from relay.hub import PacketHub
+from relay.ice import IceServer, parse_links
+from relay.whepclient import WhepError, WhepViewer
+from relay.whip import WhipPublisher, shown_url
+
+from .conftest import TEST_FPS, make_config, start_relay
+from .test_rtsp import read_rtsp, wait_published
+
+ROOT = Path(__file__).parent.parent
+TOKEN = "pub:Whip-s3cret_token"  # mediamtx takes "Bearer user:password"
+DEADLINE = 60.0  # seconds: a generous bound on waiting for an event, never a measure
+VIEWERS_ON_ENGINE = 50  # light viewers in worker processes, and one decoding viewer here
+PEER_PROCESSES = (10, 10, 10, 10, 9)
+PEER_READ = 3.0  # seconds each light viewer goes on reading once told to start (they count frames, not time)
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:g}s"
+        await asyncio.sleep(0.05)
+
+
+async def clock_reads_through(url: str, http: aiohttp.ClientSession, frames: int = 10) -> bool:
+    """Whether a new WHEP viewer of ``url`` decodes ``frames`` frames whose pixel clock reads valid."""
+    viewer = WhepViewer(url, http)
+    try:
+        await viewer.connect()
+        return all(s.latency_ms is not None for s in await viewer.read_frames(frames))
+    finally:
+        await viewer.close()
+
+
+def whip_config(*entries: WhipConfig, **kw):
+    return dataclasses.replace(make_config(**kw), whip=entries)
+
+
+# -- configuration (pure) -------------------------------------------------
+
+
+FILE = """
+[streams]
+cam0 = "test:"
+[[whip]]
+stream = "cam0"
+url = "https://live.example.org/whip/Stream-Key-123"
+bearer_token = "Whip-s3cret_token"
+[[whip]]
+stream = "cam0"
+url = "http://10.0.0.5:8889/cam0/whip"
+"""
+
+
+def test_whip_entries_come_from_the_file_and_the_token_is_a_secret():
+    c = load(FILE)
+    assert [(w.stream, w.url, w.bearer_token) for w in c.whip] == [
+        ("cam0", "https://live.example.org/whip/Stream-Key-123", "Whip-s3cret_token"),
+        ("cam0", "http://10.0.0.5:8889/cam0/whip", ""),
+    ]
+    assert "Whip-s3cret_token" not in repr(c)
+    assert "Whip-s3cret_token" in secret_values(c)  # what the CLI hands relay.logsafe.SECRET_FILTER
+    assert secrets_in_file(FILE) == ["whip[0].bearer_token"]  # a file others can read is warned about
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('[[whip]]\nstream = "cam0"', "whip[0].url: required"),
+        ('[[whip]]\nurl = "https://h/w"', "whip[0].stream: required"),
+        (
+            '[[whip]]\nstream = "cam0"\nurl = "rtsp://h/Stream-Key"',
+            "whip[0].url: expected an http:// or https:// URL with a host (and no spaces)",
+        ),
+        (
+            '[[whip]]\nstream = "cam0"\nurl = "https:///Stream-Key"',
+            "whip[0].url: expected an http:// or https:// URL with a host (and no spaces)",
+        ),
+        (
+            '[[whip]]\nstream = "cam0"\nurl = "https://h/w"\nbearer_token = "Whip s3cret"',
+            "whip[0].bearer_token: may hold only printable ASCII without spaces",
+        ),
+        ('[[whip]]\nstream = "cam0"\nurl = "https://h/w"\ntoken = "x"', "whip[0].token: unknown key"),
+        ('[[whip]]\nstream = "../x"\nurl = "https://h/w"', "whip[0].stream: '../x' is not a stream name"),
+        ('whip = "https://h/w"', "whip: expected [[whip]] tables"),
+        (
+            '[streams]\ncam0 = "test:"\n[[whip]]\nstream = "door"\nurl = "https://h/w"',
+            "whip[0].stream: no stream named 'door' (streams: cam0)",
+        ),
+    ],
+)
+def test_bad_whip_entries_name_the_key_and_never_quote_the_url_or_token(toml, message):
+    with pytest.raises(ConfigError) as info:
+        load(toml)
+    assert str(info.value).startswith(message)
+    assert "Stream-Key" not in str(info.value) and "s3cret" not in str(info.value)
+
+
+def test_whip_on_the_command_line_takes_its_token_from_the_file_or_the_environment_never_argv(tmp_path):
+    path = tmp_path / "camrelay.toml"
+    path.write_text(FILE)
+    file_url = "https://live.example.org/whip/Stream-Key-123"
+
+    def entries(*argv: str, env: dict[str, str] | None = None) -> list[tuple[str, str, str]]:
+        args = build_parser().parse_args(["serve", "--config", str(path), *argv])
+        return [(w.stream, w.url, w.bearer_token) for w in load_config(args, env or {}).whip]
+
+    # --whip replaces the file's entries; the one for the file's URL keeps the file's token.
+    assert entries("--whip", f"cam0={file_url}") == [("cam0", file_url, "Whip-s3cret_token")]
+    assert entries("--whip", "cam0=https://other.example/whip") == [("cam0", "https://other.example/whip", "")]
+    env = {"CAMRELAY_WHIP_BEARER_TOKEN": "From-the-env_0"}
+    assert entries("--whip", "cam0=https://other.example/whip", env=env) == [
+        ("cam0", "https://other.example/whip", "From-the-env_0")
+    ]
+    assert "From-the-env_0" in secret_values(load(FILE, env, {}, None, ["cam0=https://other.example/whip"]))
+    with pytest.raises(ConfigError, match=r"^--whip: expected NAME=URL"):
+        entries("--whip", "https://other.example/whip")
+    with pytest.raises(ConfigError, match=r"^--whip door: no stream named 'door'"):
+        entries("--whip", "door=https://other.example/whip")
+
+
+def test_ice_servers_are_read_from_link_headers():
+    values = [
+        '<stun:stun.example.net:3478>; rel="ice-server"',  # mediamtx's form
+        '<turn:turn.example.net:3478?transport=udp>; rel="ice-server"; username="u\\"1"; credential="p\\\\w";'
+        ' credential-type="password", <turns:turn.example.net:5349?transport=tcp>; rel="ice-server"; username=u2;'
+        " credential=pw2",  # two in one line, bare values
+        '<https://example.net/doc>; rel="help", <http://not-ice>; rel="ice-server"',  # not ICE servers
+    ]
+    assert parse_links(values) == [
+        IceServer(("stun:stun.example.net:3478",)),
+        IceServer(("turn:turn.example.net:3478?transport=udp",), 'u"1', "p\\w"),
+        IceServer(("turns:turn.example.net:5349?transport=tcp",), "u2", "pw2"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://user:pw@live.example.org:8443/Stream-Key/whip?token=abc", "https://live.example.org:8443/..."),
+        ("http://[::1]:8889/cam0/whip", "http://[::1]:8889/..."),
+        (
+            "https://customer-x.cloudflarestream.com/Stream-Key/webRTC/publish",
+            "https://customer-x.cloudflarestream.com/...",
+        ),
+    ],
+)
+def test_urls_are_shown_without_credentials_path_or_query(url, shown):
+    assert shown_url(url) == shown
+
+
+# -- a real mediamtx ------------------------------------------------------
+
+
+@pytest.fixture
+async def engines(tmp_path):
+    """Starts mediamtx engines, ``await engines(publisher=..., config=...)``; each is stopped at the end, whatever
+    happened. ``config(engine)`` replaces the engine's configuration (on the engine's own ports)."""
+    made: list[Engine] = []
+
+    async def start(publisher: tuple[str, str] | None = None, config: Callable[[Engine], str] | None = None):
+        engine = Engine(tmp_path, publisher)
+        made.append(engine)
+        if config is not None:
+            engine.config.write_text(config(engine))
+        await asyncio.to_thread(engine.start)
+        return engine
+
+    yield start
+    for engine in made:
+        await asyncio.to_thread(engine.close)
+
+
+@pytest.fixture
+async def relays():
+    """Starts relays, ``await relays(config)``; each is stopped at the end (before the engines it publishes to)."""
+    runners = []
+
+    async def start(config):
+        runner, relay = await start_relay(config)
+        runners.append(runner)
+        return relay
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture(scope="module")
+def spawn():
+    """multiprocessing's spawn context. Its resource tracker (one helper process for the rest of the run, by
+    design) is started here, before the per-test leak guards take their snapshot."""
+    resource_tracker.ensure_running()
+    return mp.get_context("spawn")
+
+
+async def test_fifty_viewers_on_mediamtx_cost_camrelay_one_publish(engines, relays, http, spawn):
+    """50 WHEP viewers read camrelay's stream from mediamtx: camrelay has no WebRTC session, its hub one
+    subscriber, and it sends mediamtx each encoded byte once. With a 60 s GOP, viewers that join after the
+    publish starts see a picture only because mediamtx's PLI gets camrelay's encoder to make a keyframe."""
+    engine = await engines()
+    relay = await relays(whip_config(WhipConfig("cam0", engine.url("cam0")), keyframe_interval=60.0))
+    ready, results, go = spawn.Queue(), spawn.Queue(), spawn.Event()
+    procs = []
+    probe = WhepViewer(engine.url("cam0", "whep"), http)
+    try:
+        publisher = relay.relay.whip_publishers[0]
+        await until(lambda: publisher.state == "publishing", "publishing to mediamtx")
+        stream = relay.relay.streams["cam0"]
+        for count in PEER_PROCESSES:
+            plan = PeerPlan("webrtc", engine.url("cam0", "whep"), count, False, PEER_READ, TEST_FPS)
+            procs.append(spawn.Process(target=run_worker, args=(plan, ready, go, results), daemon=True))
+            procs[-1].start()
+        for _ in procs:  # each process's viewers connected and got a frame
+            assert (await asyncio.to_thread(ready.get, True, DEADLINE))[0] == "ready"
+        forced = stream.stats.keyframes_forced
+        await probe.connect()
+        sent, encoded = publisher.bytes_sent, stream.stats.bytes_encoded
+        go.set()
+        samples = await probe.read_frames(3 * int(TEST_FPS))
+        sent, encoded = publisher.bytes_sent - sent, stream.stats.bytes_encoded - encoded
+        peers = [r for _ in procs for r in await asyncio.to_thread(results.get, True, DEADLINE)]
+
+        assert all(s.latency_ms is not None for s in samples), "the pixel clock reads valid through mediamtx"
+        assert len(peers) == VIEWERS_ON_ENGINE - 1 and all(p["frames"] > 0 and not p["error"] for p in peers)
+        assert stream.stats.keyframes_forced > forced  # the probe's picture started at a keyframe PLI asked for
+        # camrelay's side: no WebRTC session, one hub subscriber, every byte sent once.
+        assert relay.relay.sessions.count() == 0
+        assert [s.name for s in stream.hub.subscribers] == ["whip-cam0"]
+        assert 0.5 * encoded < sent < 1.5 * encoded, (sent, encoded)
+        assert publisher.sessions == 1 and publisher.errors == 0
+        async with http.get(relay.base + "/api/v1/streams") as resp:
+            cam = (await resp.json())["streams"][0]
+        assert cam["viewers"] == 0 and cam["encoders_running"] == 1
+        (whip,) = cam["whip"]
+        assert whip["url"] == f"http://127.0.0.1:{engine.http_port}/..."
+        assert (whip["state"], whip["sessions"], whip["errors"]) == ("publishing", 1, 0)
+        async with http.get(relay.base + "/metrics") as resp:
+            metrics = await resp.text()
+        assert re.search(r'^camrelay_whip_up\{stream="cam0",whip="0",url="[^"]+"\} 1', metrics, re.M)
+        assert re.search(r"^camrelay_whip_sent_bytes_total\{[^}]*\} [1-9]", metrics, re.M)
+    finally:
+        go.set()
+        for p in procs:
+            await asyncio.to_thread(p.join, DEADLINE)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for q in (ready, results):
+            q.close()
+            q.join_thread()
+        await probe.close()
+
+
+async def test_a_frozen_then_restarted_mediamtx_is_published_to_again_and_camrelays_viewers_never_notice(
+    engines, relays, http, caplog
+):
+    caplog.set_level(logging.INFO, logger="relay.whip")
+    engine = await engines()
+    relay = await relays(whip_config(WhipConfig("cam0", engine.url("cam0"))))
+    viewer = WhepViewer(relay.whep(), http)
+    try:
+        publisher = relay.relay.whip_publishers[0]
+        await until(lambda: publisher.state == "publishing", "publishing to mediamtx")
+        await viewer.connect()
+        await viewer.read_frames(10)
+        stats = relay.relay.streams["cam0"].stats
+        encoded = stats.frames_encoded
+        got = 0
+        engine.freeze()  # a server that hangs, or a link that dies without a word
+        deadline = time.monotonic() + DEADLINE
+        while publisher.state == "publishing":
+            assert time.monotonic() < deadline, "a silent server was not noticed"
+            await viewer.read_frames(1, clock=False)
+            got += 1
+        encoded = stats.frames_encoded - encoded
+        assert got >= encoded - 3, f"camrelay's viewer got {got} of {encoded} frames while the WHIP server hung"
+        await asyncio.to_thread(engine.kill)
+        await asyncio.to_thread(engine.start)  # the same ports
+        await until(lambda: publisher.sessions == 2 and publisher.state == "publishing", "publishing again")
+        assert await clock_reads_through(engine.url("cam0", "whep"), http)
+    finally:
+        await viewer.close()
+    lines = [r for r in caplog.records if r.name == "relay.whip"]
+    assert not any(r.exc_info for r in lines), "no traceback"
+    failures = [r.getMessage() for r in lines if r.levelno == logging.WARNING]
+    assert failures and len(failures) == publisher.errors  # one line per failure, each followed by a retry
+    shown = f"stream=cam0 whip=http://127.0.0.1:{engine.http_port}/... "
+    assert all(line.startswith(shown) and "; retrying in " in line for line in failures)
+    assert f"{shown}server silent for 10s; retrying in" in failures[0]
+
+
+async def test_mediamtx_refuses_a_wrong_bearer_token_and_takes_the_right_one(engines, relays, http, caplog):
+    """mediamtx's internal auth reads ``Authorization: Bearer user:password`` (internal/protocols/httpp)."""
+    caplog.set_level(logging.DEBUG)
+    user, password = TOKEN.split(":")
+    engine = await engines(publisher=(user, password))
+    wrong = WhipConfig("cam0", engine.url("wrong"), f"{user}:Not-the-password")
+    right = WhipConfig("cam0", engine.url("right"), TOKEN)
+    relay = await relays(whip_config(wrong, right))
+    refused, accepted = relay.relay.whip_publishers
+    await until(lambda: accepted.state == "publishing", "publishing with the right token")
+    await until(lambda: refused.errors >= 2, "the refused publisher trying again")
+    assert refused.sessions == 0 and refused.state == "retrying"
+    assert refused.last_error.startswith("refused: 401")
+    assert await clock_reads_through(engine.url("right", "whep"), http)
+    nothing = WhepViewer(engine.url("wrong", "whep"), http)
+    try:
+        with pytest.raises(WhepError) as info:
+            await nothing.connect()
+        assert info.value.status == 404  # nothing was published where the token was wrong
+    finally:
+        await nothing.close()
+    texts = []
+    for path in ("/api/v1/streams", "/api/v1/status", "/metrics"):
+        async with http.get(relay.base + path) as resp:
+            texts.append(await resp.text())
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    for secret in (password, "Not-the-password"):
+        assert all(secret not in text for text in texts), "a token in the API or /metrics"
+        assert secret not in logged, "a token in the log"
+
+
+async def test_ice_servers_from_the_201s_link_headers_are_gathered_with_and_sessions_are_deleted(engines, relays, http):
+    """A WHIP endpoint that hands out ICE servers (as LiveKit and Cloudflare do; this mediamtx would also use
+    them itself): a small aiohttp front in front of mediamtx adds a ``Link`` naming a STUN server run here and
+    answers with an absolute ``Location`` of its own."""
+    stun_requests = []
+
+    class StunServer(asyncio.DatagramProtocol):
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def datagram_received(self, data, addr):
+            request = stun.parse_message(data)
+            stun_requests.append(addr)
+            response = stun.Message(stun.Method.BINDING, stun.Class.RESPONSE, transaction_id=request.transaction_id)
+            response.attributes["XOR-MAPPED-ADDRESS"] = addr
+            self.transport.sendto(bytes(response), addr)
+
+    engine = await engines()
+    seen: list[str] = []
+
+    async def post(request: web.Request) -> web.Response:
+        seen.append("POST")
+        async with http.post(
+            engine.url("cam0"), data=await request.read(), headers={"Content-Type": "application/sdp"}
+        ) as resp:
+            answer, location = await resp.read(), resp.headers["Location"]
+        front = f"http://127.0.0.1:{request.url.port}/session/{location.rsplit('/', 1)[1]}"
+        headers = {"Location": front, "Link": f'<stun:127.0.0.1:{stun_port}>; rel="ice-server"'}
+        return web.Response(status=resp.status, body=answer, content_type="application/sdp", headers=headers)
+
+    async def delete(request: web.Request) -> web.Response:
+        seen.append("DELETE")
+        async with http.delete(f"{engine.url('cam0')}/{request.match_info['id']}") as resp:
+            return web.Response(status=resp.status)
+
+    app = web.Application()
+    app.router.add_post("/cam0/whip", post)
+    app.router.add_delete("/session/{id}", delete)
+    front = web.AppRunner(app)
+    await front.setup()
+    stun_port = free_udp_port()
+    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+        StunServer, local_addr=("127.0.0.1", stun_port)
+    )
+    try:
+        port = free_port()
+        await web.TCPSite(front, "127.0.0.1", port).start()
+        relay = await relays(whip_config(WhipConfig("cam0", f"http://127.0.0.1:{port}/cam0/whip")))
+        publisher = relay.relay.whip_publishers[0]
+        await until(lambda: publisher.state == "publishing", "publishing through the front")
+        # The first offer was gathered without the server's STUN; that session was ended and the offer made again.
+        assert seen == ["POST", "DELETE", "POST"]
+        assert stun_requests, "the second offer was gathered with the Link's STUN server"
+        assert publisher.describe()["ice_servers"] == [f"stun:127.0.0.1:{stun_port}"]
+        assert await clock_reads_through(engine.url("cam0", "whep"), http)
+        await publisher.close()
+        assert seen == ["POST", "DELETE", "POST", "DELETE"], "the session is ended on stop"
+    finally:
+        await front.cleanup()
+        transport.close()
+
+
+async def test_a_redirect_to_another_origin_never_carries_the_token():
+    """RFC 9725 lets an endpoint redirect; the token is for the endpoint's origin alone (another port is
+    another origin)."""
+    heard: dict[str, str | None] = {}
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        heard["elsewhere"] = request.headers.get("Authorization")
+        return web.Response(status=401, text="who are you")
+
+    async def endpoint(request: web.Request) -> web.Response:
+        heard["endpoint"] = request.headers.get("Authorization")
+        raise web.HTTPTemporaryRedirect(f"http://127.0.0.1:{ports[1]}/whip")
+
+    ports = free_port(), free_port()
+    runners = []
+    for port, handler in zip(ports, (endpoint, elsewhere), strict=True):
+        app = web.Application()
+        app.router.add_post("/whip", handler)
+        runners.append(web.AppRunner(app))
+        await runners[-1].setup()
+        await web.TCPSite(runners[-1], "127.0.0.1", port).start()
+    try:
+        publisher = WhipPublisher(PacketHub("cam0", lambda: None), f"http://127.0.0.1:{ports[0]}/whip", TOKEN)
+        publisher.start()
+        try:
+            await until(lambda: publisher.errors >= 1, "the redirected offer refused")
+        finally:
+            await publisher.close()
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+    assert heard == {"endpoint": f"Bearer {TOKEN}", "elsewhere": None}
+    assert publisher.last_error == "refused: 401 who are you"
+
+
+@pytest.mark.parametrize(
+    ("url", "token", "warned"),
+    [
+        ("http://192.0.2.1:8889/cam0/whip", TOKEN, True),  # another host, in clear
+        ("https://192.0.2.1:8889/cam0/whip", TOKEN, False),
+        ("http://127.0.0.1:8889/cam0/whip", TOKEN, False),  # loopback never leaves the machine
+        ("http://192.0.2.1:8889/cam0/whip", "", False),
+    ],
+)
+async def test_a_token_sent_in_clear_to_another_host_is_warned_of(caplog, url, token, warned):
+    caplog.set_level(logging.WARNING, logger="relay.whip")
+    publisher = WhipPublisher(PacketHub("cam0", lambda: None), url, token)
+    publisher.start()
+    await publisher.close()
+    assert any("sends its bearer token over plain http" in r.getMessage() for r in caplog.records) == warned
+
+
+# -- the read replica: no new code, a documented mediamtx.yml ---------------
+
+
+def replica_config(doc: str, rtsp_source: str, rtsp_port: int, http_port: int, udp_port: int) -> str:
+    """docs/scale-out.md's replica mediamtx.yml, pointed at this test's camrelay and on this test's ports."""
+    text = re.search(r"```yaml\n(# replica.*?)```", doc, re.S)[1]
+    for key, value in {
+        "rtspAddress": f"127.0.0.1:{rtsp_port}",
+        "rtspTransports": "[tcp]",  # its UDP ports would be 8000/8001, which other tests may hold
+        "webrtcAddress": f"127.0.0.1:{http_port}",
+        "webrtcLocalUDPAddress": f"127.0.0.1:{udp_port}",
+        "source": rtsp_source,
+    }.items():
+        text, n = re.subn(rf"^(\s*{key}:).*$", rf"\g<1> {value}", text, flags=re.M)
+        assert n == 1, f"the documented replica config has no {key}"
+    return text + "webrtcIPsFromInterfaces: false\nwebrtcAdditionalHosts: [127.0.0.1]\n"
+
+
+async def replica_viewer(url: str, http: aiohttp.ClientSession) -> WhepViewer:
+    """A connected viewer; the replica pulls its source when it starts, and until then WHEP answers 404."""
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        viewer = WhepViewer(url, http)
+        try:
+            await viewer.connect()
+            return viewer
+        except WhepError as exc:
+            await viewer.close()
+            assert exc.status == 404 and time.monotonic() < deadline, exc
+        await asyncio.sleep(0.2)
+
+
+async def test_a_read_replica_mediamtx_pulls_camrelays_rtsp_and_serves_its_own_viewers(engines, relays, http):
+    password = "Nvr-pa55word"
+    relay = await relays(make_config(rtsp=True, rtsp_user="nvr", rtsp_password=password))
+    await wait_published(relay)
+    rtsp_port = free_port()
+    source = f"rtsp://nvr:{password}@127.0.0.1:{relay.relay.config.rtsp.port}/cam0"
+    doc = (ROOT / "docs" / "scale-out.md").read_text()
+    replica = await engines(config=lambda e: replica_config(doc, source, rtsp_port, e.http_port, e.udp_port))
+    viewer = await replica_viewer(replica.url("cam0", "whep"), http)
+    try:
+        assert all(s.latency_ms is not None for s in await viewer.read_frames(10))
+    finally:
+        await viewer.close()
+    latencies = await asyncio.to_thread(read_rtsp, f"rtsp://127.0.0.1:{rtsp_port}/cam0", 10)
+    assert all(x is not None for x in latencies)
+    assert relay.relay.sessions.count() == 0  # camrelay served neither
