@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from .auth import HASH_HELP, TOKEN_PATTERN, parse_hash
 from .capture import SourceSpec, parse_fps, parse_size, parse_source_spec, redact_url
 from .encode import ENCODERS
-from .ice import TURN_SCHEMES, IceServer
+from .ice import TURN_SCHEMES, IceServer, well_formed
 from .logsafe import redact, url_passwords
 
 ENV_PREFIX = "CAMRELAY_"
@@ -387,18 +387,10 @@ def _fps(v: Any) -> float:
     return parse_fps(str(v))
 
 
-# RFC 7064 and 7065 as aiortc parses them: a host name or IPv4 address (aiortc takes no [IPv6] literal), a port,
-# and for TURN the transport to reach it over.
-ICE_URL = re.compile(
-    r"(?P<scheme>stuns?|turns?):[A-Za-z0-9.-]+(?::(?P<port>\d{1,5}))?(?P<query>\?transport=(?:udp|tcp))?"
-)
-
-
 def _ice_url(url: str) -> str:
     if not url.startswith(("stun:", "stuns:", *TURN_SCHEMES)):
         raise ValueError(f"ICE server {url!r} is not a stun:, stuns:, turn: or turns: URL")
-    m = ICE_URL.fullmatch(url)
-    if not m or (m["query"] and m["scheme"].startswith("stun")) or not 0 < int(m["port"] or 1) < 65536:
+    if not well_formed(url):
         raise ValueError(
             f"ICE server {url!r} is not scheme:host[:port] (turn: and turns: may add ?transport=udp or tcp)"
         )

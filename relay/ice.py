@@ -140,13 +140,32 @@ def link_headers(servers: list[IceServer]) -> list[str]:
 # RFC 8288 link-values: <target> then ;-separated parameters, each with or without a value, quoted or not.
 _LINK = re.compile(r'<([^>]*)>((?:\s*;\s*[^\s;,=]+(?:\s*=\s*(?:"(?:[^"\\]|\\.)*"|[^;,\s]*))?)*)')
 _PARAM = re.compile(r';\s*([^\s;,=]+)(?:\s*=\s*("(?:[^"\\]|\\.)*"|[^;,\s]*))?')
-ICE_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
+# RFC 7064 and 7065 as aiortc parses them: a host name or IPv4 address (aiortc takes no [IPv6] literal), a port,
+# and for TURN the transport to reach it over.
+ICE_URL = re.compile(
+    r"(?P<scheme>stuns?|turns?):[A-Za-z0-9.-]+(?::(?P<port>\d{1,5}))?(?P<query>\?transport=(?:udp|tcp))?"
+)
+
+
+def well_formed(url: str) -> bool:
+    """Whether aiortc can gather with ``url``: one it cannot parse fails the peer connection it is given to."""
+    m = ICE_URL.fullmatch(url)
+    return bool(m) and not (m["query"] and m["scheme"].startswith("stun")) and 0 < int(m["port"] or 1) < 65536
+
+
+def gathered_with(servers: list[RTCIceServer]) -> dict[str, object]:
+    """The servers aiortc gathers with, of ``servers``: the first STUN URL and the first TURN URL it supports
+    (host, port, transport), credentials aside. Each must be ``well_formed``."""
+    from aiortc.rtcicetransport import connection_kwargs
+
+    return {k: v for k, v in connection_kwargs(servers).items() if k not in ("turn_username", "turn_password")}
 
 
 def parse_links(values: Iterable[str]) -> list[IceServer]:
     """The STUN and TURN servers in ``Link`` header values (each may hold several, comma-separated), with
     their credentials: ``link_headers``' inverse, as a WHEP player (or camrelay's WHIP publisher) reads them.
-    ``rel`` may list several relations; links to anything but an ICE server are skipped."""
+    ``rel`` may list several relations; links to anything but an ICE server, and ICE server URLs that aiortc
+    cannot parse (not ``well_formed``: an [IPv6] literal, a query on a stun: URL), are skipped."""
     servers = []
     for value in values:
         for match in _LINK.finditer(value):
@@ -155,7 +174,7 @@ def parse_links(values: Iterable[str]) -> list[IceServer]:
                 for m in _PARAM.finditer(match[2])
             }
             url = match[1].strip()
-            if "ice-server" in params.get("rel", "").split() and url.startswith(ICE_SCHEMES):
+            if "ice-server" in params.get("rel", "").split() and well_formed(url):
                 servers.append(IceServer((url,), params.get("username", ""), params.get("credential", "")))
     return servers
 

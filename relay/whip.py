@@ -10,12 +10,20 @@ never the viewers' frames.
 A session: the full offer (aiortc gathers every candidate first; it does not
 trickle) is POSTed with ``Authorization: Bearer <token>``; the ``201``'s
 ``Location``, relative or absolute, is the session, DELETEd on stop and
-before the next one. ICE servers that the ``201`` names in ``Link`` headers
-are gathered with: aiortc cannot add servers to an offer it has made, so when
-they are new the session is ended and offered once more with them (and they
-are kept for later sessions). A server that refuses, vanishes (silent, or
-its connection fails) or cannot be reached gets one log line and a retry with
-backoff.
+before the next one. The token goes only to the configured URL's own origin
+(scheme, host, port): a redirect or a ``Location`` elsewhere never gets it.
+
+ICE servers that the ``201`` names in ``Link`` headers (those aiortc can
+parse) come first, before the relay's own: aiortc gathers with the first STUN
+and the first TURN URL only, and the engine's are its own. aiortc cannot add
+servers to an offer it has made, so when they would change the servers it
+gathers with (new credentials alone do not), the session is ended and offered
+once more with them. They are kept for later sessions once a session gathered
+with them connects, and dropped when one fails before it connects.
+
+A server that refuses, vanishes (silent, or its connection fails) or cannot
+be reached gets one log line and a retry with backoff; only time spent
+publishing resets the backoff.
 
 The URL is shown as ``scheme://host:port/...`` only: some services put the
 stream's secret in the path (Cloudflare) or in the query.
@@ -31,12 +39,13 @@ from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 from aiortc import RTCBundlePolicy, RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
+from yarl import URL
 
 from . import rtpsend
 from .aio import cancel_and_wait
 from .backoff import Backoff, Retry
 from .hub import PacketHub
-from .ice import IceServer, parse_links
+from .ice import IceServer, gathered_with, parse_links
 from .logsafe import redact
 from .webrtc import CONNECT_TIMEOUT, LIVENESS_CHECK, HubTrack, attach_to_sender, h264_preferences, last_heard
 
@@ -53,13 +62,27 @@ MAX_ANSWER_BYTES = 64 * 1024  # an answer is ~2 KiB; more is not an answer
 # (relay.webrtc.VIEWER_SILENCE), silence and not unanswered checks: a busy server answers late.
 SERVER_SILENCE = 10.0
 # Reconnect pacing: the first retry at once (a restart), then slower; a server that keeps refusing
-# (a wrong token) is asked again at most twice a minute.
+# (a wrong token) is asked again at most twice a minute. stable_after counts publishing only: a connect
+# timeout (15 s) or a POST timeout (10 s) as long is a failure like any other.
 RETRY = Backoff(initial=0.5, cap=30.0)
 ERROR_CHARS = 200  # of a refusal's body, in the log and the API
 
 
 class WhipError(Exception):
     """One session ended or could not start; ``str()`` is the reason, fit for one log line."""
+
+
+class _OfferAgain(Exception):
+    """The 201 named ICE servers that would change those aiortc gathers with; that session is ended."""
+
+    def __init__(self, servers: list[IceServer]) -> None:
+        self.servers = servers
+
+
+def origin(url: str) -> tuple[str, str | None, int | None]:
+    """(scheme, host, port), the scheme's default port filled in: whom a request to ``url`` goes to."""
+    u = URL(url)
+    return u.scheme, u.host, u.port
 
 
 def shown_url(url: str) -> str:
@@ -81,6 +104,7 @@ class WhipPublisher:
         bearer_token: str = "",
         ice_servers: Callable[[], list[RTCIceServer]] = list,
         connect_timeout: float = CONNECT_TIMEOUT,
+        retry: Backoff = RETRY,
     ) -> None:
         self.hub = hub
         self.stream = hub.stream
@@ -90,14 +114,15 @@ class WhipPublisher:
         self.sessions = 0  # sessions that connected
         self.errors = 0
         self.last_error = ""
-        self.link_servers: list[IceServer] = []  # from the last 201's Link headers
+        self.link_servers: list[IceServer] = []  # the engine's (Link headers) of the last session that connected
         self._token = bearer_token
+        self._origin = origin(url)  # the token's only destination
         # The relay's own ([webrtc] ice_servers), asked for each session: minted TURN credentials expire.
         self._ice_servers = ice_servers
         self._connect_timeout = connect_timeout
         self._sent = (0, 0)  # payload bytes and packets of the sessions that ended
         self._sender = None  # the current session's RTP sender
-        self._retry = Retry(RETRY)
+        self._retry = Retry(retry)
         self._http: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -143,14 +168,12 @@ class WhipPublisher:
 
     async def _run(self) -> None:
         while True:
-            started = time.monotonic()
             try:
                 await self._session()
             except (WhipError, aiohttp.ClientError, OSError, TimeoutError) as exc:
                 self._failed(exc)
             except Exception as exc:  # a bug: its traceback once a retry, never faster
                 self._failed(exc, traceback=True)
-            self._retry.ran(time.monotonic() - started)
             delay = self._retry.next_delay()
             self.state = "retrying"
             log.warning("stream=%s whip=%s %s; retrying in %.1fs", *self._ids(), self.last_error, delay)
@@ -168,14 +191,18 @@ class WhipPublisher:
 
     async def _session(self) -> None:
         self.state = "connecting"
-        offered = await self._offer(again=True)
-        if offered is None:  # the 201 named new ICE servers: offer again, gathering with them
-            log.info("stream=%s whip=%s server names ICE servers; offering again with them", *self._ids())
-            offered = await self._offer(again=False)
-        assert offered is not None
-        pc, track, location = offered
+        own = self._ice_servers()  # once a session: both offers gather with the same minted credentials
+        links, self.link_servers = self.link_servers, []  # kept again once a session gathered with them connects
+        try:
+            offered = await self._offer(links, own, again=True)
+        except _OfferAgain as exc:
+            log.info("stream=%s whip=%s server names other ICE servers; offering again with them", *self._ids())
+            links = exc.servers
+            offered = await self._offer(links, own, again=False)
+        pc, track, location, named = offered
         try:
             await self._wait_connected(pc)
+            self.link_servers = named or links
             self.sessions += 1
             self.state = "publishing"
             log.info("stream=%s whip=%s publishing session=%d", *self._ids(), self.sessions)
@@ -183,11 +210,14 @@ class WhipPublisher:
         finally:
             await self._close_session(pc, track, location)
 
-    async def _offer(self, again: bool) -> tuple[RTCPeerConnection, HubTrack, str] | None:
-        """A peer connection with the answer applied, its track and the session's URL. None (the session
-        ended) when ``again`` and the 201 named ICE servers other than those the offer was gathered with."""
-        servers = self._ice_servers() + [s.to_aiortc() for s in self.link_servers]
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=servers, bundlePolicy=RTCBundlePolicy.MAX_BUNDLE))
+    async def _offer(
+        self, links: list[IceServer], own: list[RTCIceServer], again: bool
+    ) -> tuple[RTCPeerConnection, HubTrack, str, list[IceServer]]:
+        """A peer connection gathered with the engine's ``links`` and the relay's ``own`` servers, with the answer
+        applied; its track, the session's URL and the ICE servers the 201 named. ``_OfferAgain`` (the session
+        ended) when ``again`` and those would change the servers aiortc gathers with."""
+        config = RTCConfiguration(iceServers=_servers(links, own), bundlePolicy=RTCBundlePolicy.MAX_BUNDLE)
+        pc = RTCPeerConnection(config)
         track = HubTrack(self.hub, f"whip-{self.stream}")
         location = None
         try:
@@ -196,12 +226,9 @@ class WhipPublisher:
             attach_to_sender(transceiver.sender, self.hub)
             self._sender = transceiver.sender
             await pc.setLocalDescription(await pc.createOffer())
-            answer, location, links = await self._post(pc.localDescription.sdp)
-            if again and links and links != self.link_servers:
-                self.link_servers = links
-                await self._close_session(pc, track, location)
-                return None
-            self.link_servers = links or self.link_servers
+            answer, location, named = await self._post(pc.localDescription.sdp)
+            if again and named and gathered_with(_servers(named, own)) != gathered_with(_servers(links, own)):
+                raise _OfferAgain(named)
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
             except Exception as exc:  # aiortc's parser raises ValueError, AssertionError, KeyError, ...
@@ -209,10 +236,13 @@ class WhipPublisher:
         except BaseException:
             await self._close_session(pc, track, location)
             raise
-        return pc, track, location
+        return pc, track, location, named
 
-    def _headers(self, **extra: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._token}", **extra} if self._token else extra
+    def _headers(self, url: str, **extra: str) -> dict[str, str]:
+        """With the token only for the configured URL's origin (aiohttp drops it from a redirect elsewhere)."""
+        if self._token and origin(url) == self._origin:
+            extra["Authorization"] = f"Bearer {self._token}"
+        return extra
 
     async def _post(self, offer: str) -> tuple[str, str, list[IceServer]]:
         """POST the offer; the answer, the session's absolute URL and the ICE servers of the ``Link`` headers."""
@@ -220,7 +250,7 @@ class WhipPublisher:
         async with self._http.post(
             self.url,
             data=offer.encode(),
-            headers=self._headers(**{"Content-Type": SDP_TYPE}),
+            headers=self._headers(self.url, **{"Content-Type": SDP_TYPE}),
             timeout=aiohttp.ClientTimeout(total=POST_TIMEOUT),
         ) as resp:
             body = b""  # the whole answer, or a little more than one can be
@@ -246,14 +276,18 @@ class WhipPublisher:
             await asyncio.sleep(LIVENESS_CHECK / 10)
 
     async def _watch(self, pc: RTCPeerConnection) -> None:
-        """Until the connection fails or the server falls silent."""
-        while True:
-            await asyncio.sleep(LIVENESS_CHECK)
-            if pc.connectionState != "connected":
-                raise WhipError(f"connection {pc.connectionState}")
-            heard = last_heard(pc)
-            if heard is not None and time.monotonic() - heard > SERVER_SILENCE:
-                raise WhipError(f"server silent for {SERVER_SILENCE:g}s")
+        """Until the connection fails or the server falls silent; a long enough run resets the backoff."""
+        since = time.monotonic()
+        try:
+            while True:
+                await asyncio.sleep(LIVENESS_CHECK)
+                if pc.connectionState != "connected":
+                    raise WhipError(f"connection {pc.connectionState}")
+                heard = last_heard(pc)
+                if heard is not None and time.monotonic() - heard > SERVER_SILENCE:
+                    raise WhipError(f"server silent for {SERVER_SILENCE:g}s")
+        finally:
+            self._retry.ran(time.monotonic() - since)
 
     async def _close_session(self, pc: RTCPeerConnection, track: HubTrack, location: str | None) -> None:
         if self._sender is not None:
@@ -270,8 +304,13 @@ class WhipPublisher:
             return
         try:
             async with self._http.delete(
-                location, headers=self._headers(), timeout=aiohttp.ClientTimeout(total=DELETE_TIMEOUT)
+                location, headers=self._headers(location), timeout=aiohttp.ClientTimeout(total=DELETE_TIMEOUT)
             ) as resp:
                 await resp.read()
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:  # ValueError: no URL
             log.debug("stream=%s whip=%s DELETE failed: %s", *self._ids(), type(exc).__name__)
+
+
+def _servers(links: list[IceServer], own: list[RTCIceServer]) -> list[RTCIceServer]:
+    """The engine's servers first: aiortc gathers with the first STUN and the first TURN URL only."""
+    return [s.to_aiortc() for s in links] + own

@@ -19,19 +19,22 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from aioice import stun
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from multidict import CIMultiDict
 
 from benchmarks.peers import PeerPlan, run_worker
-from benchmarks.ports import free_port, free_udp_port
+from benchmarks.ports import free_port
 from benchmarks.scale_out import Engine
+from relay.backoff import Backoff
 from relay.cli import build_parser, load_config
 from relay.config import ConfigError, WhipConfig, load, secret_values, secrets_in_file
 from relay.hub import PacketHub
-from relay.ice import IceServer, parse_links
+from relay.ice import IceServer, gathered_with, parse_links
 from relay.whepclient import WhepError, WhepViewer
-from relay.whip import WhipPublisher, shown_url
+from relay.whip import SDP_TYPE, WhipPublisher, shown_url
 
 from .conftest import TEST_FPS, make_config, start_relay
+from .stun import stun_server
 from .test_rtsp import read_rtsp, wait_published
 
 ROOT = Path(__file__).parent.parent
@@ -153,12 +156,28 @@ def test_ice_servers_are_read_from_link_headers():
         ' credential-type="password", <turns:turn.example.net:5349?transport=tcp>; rel="ice-server"; username=u2;'
         " credential=pw2",  # two in one line, bare values
         '<https://example.net/doc>; rel="help", <http://not-ice>; rel="ice-server"',  # not ICE servers
+        # ICE servers aiortc cannot gather with: an [IPv6] literal, a query on a stun: URL, TURN over TLS
+        '<stun:[::1]:3478>; rel="ice-server", <stun:stun.example.net?transport=udp>; rel="ice-server"',
+        '<turn:turn.example.net?transport=tls>; rel="ice-server"; username=u3; credential=pw3',
     ]
     assert parse_links(values) == [
         IceServer(("stun:stun.example.net:3478",)),
         IceServer(("turn:turn.example.net:3478?transport=udp",), 'u"1', "p\\w"),
         IceServer(("turns:turn.example.net:5349?transport=tcp",), "u2", "pw2"),
     ]
+
+
+def test_the_servers_aiortc_gathers_with_are_its_first_stun_and_first_turn_url_whatever_their_credentials():
+    """What decides whether the engine's Link servers are worth a second offer."""
+    stun_a, stun_b = IceServer(("stun:a.example:3478",)), IceServer(("stun:b.example:3478",))
+    turn = IceServer(("turn:t.example:3478?transport=tcp",), "1767225600:camrelay", "minted-for-this-201")
+
+    def gathers(*servers: IceServer) -> dict[str, object]:
+        return gathered_with([s.to_aiortc() for s in servers])
+
+    assert gathers(stun_a, turn) == gathers(stun_a, stun_b, dataclasses.replace(turn, credential="for-the-next"))
+    assert gathers(stun_a) != gathers(stun_b, stun_a)
+    assert gathers(turn) != gathers(IceServer(("turn:t.example:3478?transport=udp",), "u", "p"))
 
 
 @pytest.mark.parametrize(
@@ -224,7 +243,7 @@ def spawn():
 async def test_fifty_viewers_on_mediamtx_cost_camrelay_one_publish(engines, relays, http, spawn):
     """50 WHEP viewers read camrelay's stream from mediamtx: camrelay has no WebRTC session, its hub one
     subscriber, and it sends mediamtx each encoded byte once. With a 60 s GOP, viewers that join after the
-    publish starts see a picture only because mediamtx's PLI gets camrelay's encoder to make a keyframe."""
+    publish starts see a picture at all only because mediamtx's PLI gets camrelay's encoder to make a keyframe."""
     engine = await engines()
     relay = await relays(whip_config(WhipConfig("cam0", engine.url("cam0")), keyframe_interval=60.0))
     ready, results, go = spawn.Queue(), spawn.Queue(), spawn.Event()
@@ -240,7 +259,6 @@ async def test_fifty_viewers_on_mediamtx_cost_camrelay_one_publish(engines, rela
             procs[-1].start()
         for _ in procs:  # each process's viewers connected and got a frame
             assert (await asyncio.to_thread(ready.get, True, DEADLINE))[0] == "ready"
-        forced = stream.stats.keyframes_forced
         await probe.connect()
         sent, encoded = publisher.bytes_sent, stream.stats.bytes_encoded
         go.set()
@@ -250,7 +268,6 @@ async def test_fifty_viewers_on_mediamtx_cost_camrelay_one_publish(engines, rela
 
         assert all(s.latency_ms is not None for s in samples), "the pixel clock reads valid through mediamtx"
         assert len(peers) == VIEWERS_ON_ENGINE - 1 and all(p["frames"] > 0 and not p["error"] for p in peers)
-        assert stream.stats.keyframes_forced > forced  # the probe's picture started at a keyframe PLI asked for
         # camrelay's side: no WebRTC session, one hub subscriber, every byte sent once.
         assert relay.relay.sessions.count() == 0
         assert [s.name for s in stream.hub.subscribers] == ["whip-cam0"]
@@ -291,17 +308,23 @@ async def test_a_frozen_then_restarted_mediamtx_is_published_to_again_and_camrel
         await until(lambda: publisher.state == "publishing", "publishing to mediamtx")
         await viewer.connect()
         await viewer.read_frames(10)
-        stats = relay.relay.streams["cam0"].stats
-        encoded = stats.frames_encoded
-        got = 0
+        # Every frame encoded from here on, by its capture time (its pixel clock); the tap is one more subscriber.
+        tap = relay.relay.streams["cam0"].hub.subscribe("test-tap", max_frames=int(DEADLINE * TEST_FPS))
+        received = []
         engine.freeze()  # a server that hangs, or a link that dies without a word
         deadline = time.monotonic() + DEADLINE
         while publisher.state == "publishing":
             assert time.monotonic() < deadline, "a silent server was not noticed"
-            await viewer.read_frames(1, clock=False)
-            got += 1
-        encoded = stats.frames_encoded - encoded
-        assert got >= encoded - 3, f"camrelay's viewer got {got} of {encoded} frames while the WHIP server hung"
+            (frame,) = await viewer.read_frames(1)
+            assert frame.latency_ms is not None, "a frame with a valid pixel clock"
+            received.append(round(frame.received * 1000 - frame.latency_ms))
+        encoded = []
+        while (unit := tap.get_nowait()) is not None:
+            encoded.append(int(unit.capture_time * 1000))
+        tap.close()
+        # Frames still on their way to the viewer when the publisher gave up are not counted; all the others are.
+        missed = [t for t in encoded if t <= received[-1] and t not in received]
+        assert encoded[0] <= received[-1] and not missed, f"camrelay's viewer missed {len(missed)} frames"
         await asyncio.to_thread(engine.kill)
         await asyncio.to_thread(engine.start)  # the same ports
         await until(lambda: publisher.sessions == 2 and publisher.state == "publishing", "publishing again")
@@ -348,86 +371,186 @@ async def test_mediamtx_refuses_a_wrong_bearer_token_and_takes_the_right_one(eng
         assert secret not in logged, "a token in the log"
 
 
-async def test_ice_servers_from_the_201s_link_headers_are_gathered_with_and_sessions_are_deleted(engines, relays, http):
-    """A WHIP endpoint that hands out ICE servers (as LiveKit and Cloudflare do; this mediamtx would also use
-    them itself): a small aiohttp front in front of mediamtx adds a ``Link`` naming a STUN server run here and
-    answers with an absolute ``Location`` of its own."""
-    stun_requests = []
+class Front:
+    """A throwaway WHIP endpoint in front of one mediamtx path, as an engine that hands out ICE servers (LiveKit,
+    Cloudflare) is: it forwards each offer and DELETE, and answers with a ``Location`` of its own and the ``Link``
+    header values ``links``. ``seen`` lists the methods it served. The next ``unconnectable`` offers are answered
+    by an aiortc peer that is gone at once, with no candidate: the answer applies, and ICE never connects."""
 
-    class StunServer(asyncio.DatagramProtocol):
-        def connection_made(self, transport):
-            self.transport = transport
+    def __init__(self, target: str, http: aiohttp.ClientSession, links: tuple[str, ...] = ()) -> None:
+        self.target, self.http, self.links = target, http, links
+        self.seen: list[str] = []
+        self.unconnectable = 0
+        app = web.Application()
+        app.router.add_post("/whip", self.post)
+        app.router.add_delete("/session/{id}", self.delete)
+        self.runner = web.AppRunner(app)
+        self.url = ""
 
-        def datagram_received(self, data, addr):
-            request = stun.parse_message(data)
-            stun_requests.append(addr)
-            response = stun.Message(stun.Method.BINDING, stun.Class.RESPONSE, transaction_id=request.transaction_id)
-            response.attributes["XOR-MAPPED-ADDRESS"] = addr
-            self.transport.sendto(bytes(response), addr)
+    async def start(self) -> None:
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}/whip"
 
-    engine = await engines()
-    seen: list[str] = []
+    async def post(self, request: web.Request) -> web.Response:
+        self.seen.append("POST")
+        offer = await request.text()
+        if self.unconnectable:
+            self.unconnectable -= 1
+            answer = await unconnectable_answer(offer)
+            return web.Response(status=201, text=answer, content_type=SDP_TYPE, headers={"Location": "/session/x"})
+        try:
+            async with self.http.post(self.target, data=offer, headers={"Content-Type": SDP_TYPE}) as resp:
+                answer = await resp.read()
+                if resp.status != 201:
+                    return web.Response(status=resp.status, body=answer)
+                session = resp.headers["Location"].rsplit("/", 1)[1]
+        except aiohttp.ClientError:
+            return web.Response(status=502, text="engine gone")
+        headers = CIMultiDict([("Location", f"{self.url.removesuffix('/whip')}/session/{session}")])
+        headers.extend(("Link", link) for link in self.links)
+        return web.Response(status=201, body=answer, content_type=SDP_TYPE, headers=headers)
 
-    async def post(request: web.Request) -> web.Response:
-        seen.append("POST")
-        async with http.post(
-            engine.url("cam0"), data=await request.read(), headers={"Content-Type": "application/sdp"}
-        ) as resp:
-            answer, location = await resp.read(), resp.headers["Location"]
-        front = f"http://127.0.0.1:{request.url.port}/session/{location.rsplit('/', 1)[1]}"
-        headers = {"Location": front, "Link": f'<stun:127.0.0.1:{stun_port}>; rel="ice-server"'}
-        return web.Response(status=resp.status, body=answer, content_type="application/sdp", headers=headers)
+    async def delete(self, request: web.Request) -> web.Response:
+        self.seen.append("DELETE")
+        try:
+            async with self.http.delete(f"{self.target}/{request.match_info['id']}") as resp:
+                return web.Response(status=resp.status)
+        except aiohttp.ClientError:
+            return web.Response(status=502, text="engine gone")
 
-    async def delete(request: web.Request) -> web.Response:
-        seen.append("DELETE")
-        async with http.delete(f"{engine.url('cam0')}/{request.match_info['id']}") as resp:
-            return web.Response(status=resp.status)
 
-    app = web.Application()
-    app.router.add_post("/cam0/whip", post)
-    app.router.add_delete("/session/{id}", delete)
-    front = web.AppRunner(app)
-    await front.setup()
-    stun_port = free_udp_port()
-    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(
-        StunServer, local_addr=("127.0.0.1", stun_port)
-    )
+async def unconnectable_answer(offer: str) -> str:
+    pc = RTCPeerConnection()
     try:
-        port = free_port()
-        await web.TCPSite(front, "127.0.0.1", port).start()
-        relay = await relays(whip_config(WhipConfig("cam0", f"http://127.0.0.1:{port}/cam0/whip")))
-        publisher = relay.relay.whip_publishers[0]
-        await until(lambda: publisher.state == "publishing", "publishing through the front")
-        # The first offer was gathered without the server's STUN; that session was ended and the offer made again.
-        assert seen == ["POST", "DELETE", "POST"]
-        assert stun_requests, "the second offer was gathered with the Link's STUN server"
-        assert publisher.describe()["ice_servers"] == [f"stun:127.0.0.1:{stun_port}"]
-        assert await clock_reads_through(engine.url("cam0", "whep"), http)
-        await publisher.close()
-        assert seen == ["POST", "DELETE", "POST", "DELETE"], "the session is ended on stop"
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
+        await pc.setLocalDescription(await pc.createAnswer())
+        answer = pc.localDescription.sdp
     finally:
-        await front.cleanup()
-        transport.close()
+        await pc.close()
+    candidates = ("a=candidate:", "a=end-of-candidates")
+    return "".join(line for line in answer.splitlines(keepends=True) if not line.startswith(candidates))
+
+
+@pytest.fixture
+async def fronts(http):
+    """Starts ``Front``s, ``await fronts(engine.url(path), links)``; each is stopped at the end."""
+    made: list[Front] = []
+
+    async def start(target: str, links: tuple[str, ...] = ()) -> Front:
+        made.append(Front(target, http, links))
+        await made[-1].start()
+        return made[-1]
+
+    yield start
+    for front in made:
+        await front.runner.cleanup()
+
+
+def link(url: str) -> str:
+    return f'<{url}>; rel="ice-server"'
+
+
+async def test_the_engines_link_servers_come_first_and_are_offered_again_only_when_aiortc_would_gather_anew(
+    engines, fronts, relays, http
+):
+    """Engines that hand out ICE servers (LiveKit, Cloudflare; this mediamtx would also use them itself): the
+    relay has a STUN server of its own, one engine names another, one names the relay's. aiortc gathers with
+    the first STUN URL only, so the engine's comes first: the first engine's session is ended and offered once
+    more with its server; the second's offer already gathered with the server its 201 names."""
+    engine = await engines()
+    async with stun_server() as (own, own_url), stun_server() as (theirs, their_url):
+        other = await fronts(engine.url("other"), (link(their_url),))
+        same = await fronts(engine.url("same"), (link(own_url),))
+        config = whip_config(WhipConfig("cam0", other.url), WhipConfig("cam0", same.url))
+        config = dataclasses.replace(
+            config, webrtc=dataclasses.replace(config.webrtc, ice_servers=(IceServer((own_url,)),))
+        )
+        relay = await relays(config)
+        publishers = relay.relay.whip_publishers
+        await until(lambda: all(p.state == "publishing" for p in publishers), "publishing through both fronts")
+        assert other.seen == ["POST", "DELETE", "POST"]
+        assert theirs.clients, "the second offer was gathered with the engine's STUN server"
+        assert same.seen == ["POST"], "no second offer when aiortc would gather with the same servers"
+        assert [p.describe()["ice_servers"] for p in publishers] == [[their_url], [own_url]]
+        assert await clock_reads_through(engine.url("other", "whep"), http)
+        for publisher in publishers:
+            await publisher.close()
+        assert (other.seen[3:], same.seen[1:]) == (["DELETE"], ["DELETE"]), "the session is ended on stop"
+
+
+async def test_a_link_server_aiortc_cannot_parse_is_left_out_and_the_publisher_publishes(
+    engines, fronts, relays, http, caplog
+):
+    """aiortc takes no [IPv6] literal and no query on a stun: URL; such a server in the 201 is left out, not
+    handed to aiortc (which would fail every offer before it is POSTed)."""
+    caplog.set_level(logging.INFO, logger="relay.whip")
+    engine = await engines()
+    front = await fronts(engine.url("cam0"), (link("stun:[::1]:3478"), link("stun:127.0.0.1:3478?transport=udp")))
+    relay = await relays(whip_config(WhipConfig("cam0", front.url)))
+    publisher = relay.relay.whip_publishers[0]
+    await until(lambda: publisher.state == "publishing", "publishing through the front")
+    assert (publisher.sessions, publisher.errors, front.seen) == (1, 0, ["POST"])
+    assert publisher.describe()["ice_servers"] == []
+    assert await clock_reads_through(engine.url("cam0", "whep"), http)
+    assert not any(r.exc_info for r in caplog.records), "no traceback"
+
+
+async def test_only_publishing_resets_the_backoff(engines, fronts, relays, caplog):
+    """A session that fails before it is up is a failure however long it took (camrelay's connect timeout, 15 s,
+    is longer than the 10 s of publishing that start the schedule over): the delays grow. A session that
+    published that long starts it over. Scaled down in proportion: a 1 s connect timeout, 0.5 s of publishing."""
+    caplog.set_level(logging.INFO, logger="relay.whip")
+    engine = await engines()
+    front = await fronts(engine.url("cam0"))
+    front.unconnectable = 3  # ICE never connects for the first three offers: three connect timeouts
+    relay = await relays(make_config())
+    schedule = Backoff(initial=0.1, jitter=0.0, stable_after=0.5)
+    publisher = WhipPublisher(relay.relay.streams["cam0"].hub, front.url, connect_timeout=1.0, retry=schedule)
+    publisher.start()
+    try:
+        await until(lambda: publisher.sessions == 1, "publishing once ICE can connect")
+        failed = publisher.errors
+        await asyncio.to_thread(engine.kill)  # noticed after SERVER_SILENCE (10 s) of publishing
+        await until(lambda: publisher.errors > failed, "the vanished server noticed")
+    finally:
+        await publisher.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "relay.whip"]
+    published = next(i for i, line in enumerate(lines) if "publishing session=1" in line)
+    delays = [
+        [float(m[1]) for line in part if (m := re.search(r"; retrying in ([\d.]+)s$", line))]
+        for part in (lines[:published], lines[published:])
+    ]
+    assert len(delays[0]) >= 3 and delays[0] == pytest.approx([0.1 * 2**i for i in range(len(delays[0]))])
+    assert delays[1][0] == pytest.approx(0.1)
 
 
 async def test_a_redirect_to_another_origin_never_carries_the_token():
-    """RFC 9725 lets an endpoint redirect; the token is for the endpoint's origin alone (another port is
-    another origin)."""
-    heard: dict[str, str | None] = {}
+    """RFC 9725 lets an endpoint redirect, and a session's Location may be anywhere; the token is for the
+    configured URL's origin alone (another port is another origin), on every request: the POST, the DELETE, and
+    the POST of the next session. Each answer here is no answer, so each session ends (DELETE) and another
+    starts: the endpoint redirects the first offer elsewhere, whose session is there; puts the second's
+    session elsewhere; keeps the third's."""
+    heard: list[tuple[str, str, str, str | None]] = []  # (origin, method, path, Authorization)
 
-    async def elsewhere(request: web.Request) -> web.Response:
-        heard["elsewhere"] = request.headers.get("Authorization")
-        return web.Response(status=401, text="who are you")
-
-    async def endpoint(request: web.Request) -> web.Response:
-        heard["endpoint"] = request.headers.get("Authorization")
-        raise web.HTTPTemporaryRedirect(f"http://127.0.0.1:{ports[1]}/whip")
+    async def handle(request: web.Request) -> web.Response:
+        where = "endpoint" if request.url.port == ports[0] else "elsewhere"
+        heard.append((where, request.method, request.path, request.headers.get("Authorization")))
+        offers = sum(1 for h in heard if h[:2] == ("endpoint", "POST"))
+        if request.method == "DELETE":
+            return web.Response()
+        if where == "endpoint" and offers == 1:
+            raise web.HTTPTemporaryRedirect(f"http://127.0.0.1:{ports[1]}/whip")
+        if where == "endpoint" and offers > 3:
+            return web.Response(status=401, text="who are you")
+        location = f"http://127.0.0.1:{ports[1]}/session/2" if offers == 2 else f"/session/{offers}"
+        return web.Response(status=201, text="no answer", content_type=SDP_TYPE, headers={"Location": location})
 
     ports = free_port(), free_port()
     runners = []
-    for port, handler in zip(ports, (endpoint, elsewhere), strict=True):
+    for port in ports:
         app = web.Application()
-        app.router.add_post("/whip", handler)
+        app.router.add_route("*", "/{path:.*}", handle)
         runners.append(web.AppRunner(app))
         await runners[-1].setup()
         await web.TCPSite(runners[-1], "127.0.0.1", port).start()
@@ -435,13 +558,23 @@ async def test_a_redirect_to_another_origin_never_carries_the_token():
         publisher = WhipPublisher(PacketHub("cam0", lambda: None), f"http://127.0.0.1:{ports[0]}/whip", TOKEN)
         publisher.start()
         try:
-            await until(lambda: publisher.errors >= 1, "the redirected offer refused")
+            await until(lambda: publisher.errors >= 4, "four sessions that could not start")
         finally:
             await publisher.close()
     finally:
         for runner in runners:
             await runner.cleanup()
-    assert heard == {"endpoint": f"Bearer {TOKEN}", "elsewhere": None}
+    bearer = f"Bearer {TOKEN}"
+    assert heard[:8] == [
+        ("endpoint", "POST", "/whip", bearer),
+        ("elsewhere", "POST", "/whip", None),  # aiohttp drops it from a redirect
+        ("elsewhere", "DELETE", "/session/1", None),  # a relative Location, after the redirect
+        ("endpoint", "POST", "/whip", bearer),
+        ("elsewhere", "DELETE", "/session/2", None),
+        ("endpoint", "POST", "/whip", bearer),
+        ("endpoint", "DELETE", "/session/3", bearer),
+        ("endpoint", "POST", "/whip", bearer),
+    ]
     assert publisher.last_error == "refused: 401 who are you"
 
 
