@@ -7,7 +7,9 @@
    from camrelay's own pages or ``http.cors_origins``, else 403.
 3. ``OPTIONS`` is answered without credentials (a CORS preflight never carries
    any); credentials it does carry are checked (401 when wrong) and make it a
-   viewer's (``VIEWER``), which is told the ICE servers.
+   viewer's (``VIEWER``), which is told the ICE servers. One that asks for them
+   (``ICE_SERVERS_HEADER``, camrelay's page) gets 401 without credentials: a
+   browser sends its password only to a path that has challenged it.
 4. Unless the request is open (``/static/``, ``/healthz`` and ``/metrics`` as
    configured, ``PATCH`` and ``DELETE`` of a WHEP session, whose URL with its
    unguessable id is the capability, as in mediamtx) or ``auth.mode = "none"``:
@@ -57,6 +59,10 @@ AUTH_FAILURE_RATE = 1 / 3  # guesses a second per address, after the burst
 REALM = "camrelay"
 STATE_CHANGING = ("POST", "PATCH", "DELETE")
 SESSION_METHODS = ("PATCH", "DELETE")  # what a WHEP session URL takes without credentials
+# camrelay's page marks its OPTIONS with this header (static/whep.js): it wants the ICE servers, so without
+# credentials it is not a CORS preflight but a viewer whose browser has not sent the password (Chromium sends
+# cached Basic credentials to a path only after a 401 there), and gets the challenge.
+ICE_SERVERS_HEADER = "X-Camrelay-Ice-Servers"
 NO_TOKEN = "no viewer token"
 WRONG_TOKEN = "wrong viewer token"
 THROTTLED = "too many wrong passwords from {address}; retry later"
@@ -145,11 +151,12 @@ class Access:
         return False
 
     async def is_viewer(self, request: web.Request) -> bool:
-        """Whether an ``OPTIONS`` request is a viewer's: False without credentials, 401 when they are wrong."""
+        """Whether an ``OPTIONS`` request is a viewer's: False without credentials, 401 when they are wrong or
+        when one that asks for the ICE servers has none."""
         if self.mode == "none":
             return True
         reason, _ = await self.authenticate(request)
-        if reason in (NO_TOKEN, NO_PASSWORD):
+        if reason in (NO_TOKEN, NO_PASSWORD) and ICE_SERVERS_HEADER not in request.headers:
             return False
         if reason:
             raise self.unauthorized(request, reason)
