@@ -54,9 +54,9 @@ REST_NAME = "camrelay"  # the <name> of a minted username, for a TURN server tha
 # has not resolved by then is left out of that answer: a dead DNS server must not hold up the video.
 RESOLVE_TIMEOUT = 2.0
 # The lookups run on threads of their own (``resolver``): a getaddrinfo that a dead DNS server holds cannot be
-# cancelled, and on the event loop's default executor it would hold up what else runs there (the password scrypt).
-# Two: a name whose lookup hangs leaves the other one for the next answer's; later ones wait, and are dropped
-# unstarted when their answer goes without them.
+# cancelled, and on the event loop's default executor it would hold up what else runs there (aioice's lookups of
+# the STUN and TURN servers, recordings listings). Two: lookups that wait for a free one are dropped unstarted
+# when their answer goes without them, so a dead DNS server holds two threads, however many viewers come.
 RESOLVER_THREADS = 2
 
 

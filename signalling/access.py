@@ -30,6 +30,7 @@ import secrets
 import socket
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from aiohttp import web
@@ -49,6 +50,9 @@ HOSTS_REFRESH = 5.0  # seconds: this machine's addresses are looked up again at 
 VERIFIED_CACHE = 32  # Basic credentials remembered as good, so a page's requests cost one scrypt, not one each
 # One scrypt at a time, relay-wide: a flood of logins from any number of
 # addresses costs at most one core, and the event loop keeps the other(s).
+# On a thread of its own: the event loop's default executor may be full of
+# DNS lookups that a dead DNS server holds (aioice looks the STUN and TURN
+# servers' names up there, for each viewer), and no login must wait for them.
 MAX_CONCURRENT_VERIFY = 1
 # Password guesses per client address: a burst (typos, a page's retries), then
 # one every few seconds; past that 429 without any scrypt. A guess reserves
@@ -132,9 +136,13 @@ class Access:
         self.throttled = Throttled(log)
         self._verified: OrderedDict[bytes, None] = OrderedDict()
         self._verifying = asyncio.Semaphore(MAX_CONCURRENT_VERIFY)
+        self._scrypt = ThreadPoolExecutor(MAX_CONCURRENT_VERIFY, thread_name_prefix="camrelay-scrypt")
         self._guesses = RateLimiter(AUTH_FAILURE_RATE, AUTH_FAILURE_BURST)  # per client address
         self._checking: dict[bytes, asyncio.Future[bool]] = {}  # Basic headers being verified now
         self._checking_from: set[str] = set()  # addresses with a verification running
+
+    def close(self) -> None:
+        self._scrypt.shutdown(wait=False, cancel_futures=True)
 
     def is_open(self, request: web.Request) -> bool:
         if self.mode == "none":
@@ -222,7 +230,9 @@ class Access:
         self._checking_from.add(address)
         try:
             async with self._verifying:  # scrypt on a thread: the event loop keeps serving video meanwhile
-                good_password = await asyncio.to_thread(verify_password, password, self.password_hash)
+                good_password = await asyncio.get_running_loop().run_in_executor(
+                    self._scrypt, verify_password, password, self.password_hash
+                )
             good = hmac.compare_digest(user.encode(), self.user.encode()) and good_password
             result.set_result(good)
         finally:

@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from aioice import stun, turn
 from benchmarks.chromium import chromium
 from benchmarks.turn import Coturn, stop
 from relay.auth import hash_password
-from relay.ice import parse_links, rest_credential
+from relay.ice import RESOLVER_THREADS, parse_links, rest_credential
 from relay.whepclient import WhepViewer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -612,12 +613,13 @@ async def test_a_viewer_outside_reaches_the_relay_through_a_port_forward_and_its
 class HeldDns(RouterServer):
     """A DNS server on TCP (for a resolver with ``options use-vc``: glibc then waits for an answer without a
     timeout) that holds every query until ``release``, a DNS outage as long as the test wants, then answers that
-    any name is ``address``. ``queries`` counts the queries it got, ``answered`` those it answered."""
+    any name is ``address``. ``queries`` counts the queries it got by name, ``answered`` those it answered."""
 
     def __init__(self, netns: str, listen: tuple[str, int], address: str) -> None:
         super().__init__(netns, listen)
         self.address = address
-        self.queries = self.answered = 0
+        self.queries: Counter[str] = Counter()
+        self.answered = 0
         self._released = asyncio.Event()
 
     def release(self) -> None:
@@ -633,18 +635,27 @@ class HeldDns(RouterServer):
         try:
             while True:
                 query = await reader.readexactly(int.from_bytes(await reader.readexactly(2), "big"))
-                self.queries += 1
+                name, end = self._question(query)
+                self.queries[name] += 1
                 await self._released.wait()
-                reply = self._reply(query)
+                reply = self._reply(query, end)
                 writer.write(len(reply).to_bytes(2, "big") + reply)
                 await writer.drain()
                 self.answered += 1
         except (asyncio.IncompleteReadError, OSError):
             pass  # the resolver has its answers, or gave up
 
-    def _reply(self, query: bytes) -> bytes:
-        """The answer to a query (RFC 1035 4.1): for type A, ``address``; for any other type, none."""
-        end = query.index(b"\0", 12) + 5  # the question: the name's labels, its end, type, class
+    @staticmethod
+    def _question(query: bytes) -> tuple[str, int]:
+        """The name a query (RFC 1035 4.1) asks about, and where its question ends (after the type and class)."""
+        labels, at = [], 12
+        while query[at]:
+            labels.append(query[at + 1 : at + 1 + query[at]].decode())
+            at += 1 + query[at]
+        return ".".join(labels), at + 5
+
+    def _reply(self, query: bytes, end: int) -> bytes:
+        """The answer to ``query``: for type A, ``address``; for any other type, none."""
         is_a = query[end - 4 : end - 2] == b"\0\1"
         header = query[:2] + b"\x81\x80\0\1" + (b"\0\1" if is_a else b"\0\0") + b"\0\0\0\0"
         record = b"\xc0\x0c\0\1\0\1\0\0\0\0\0\4" + socket.inet_aton(self.address)  # the name, A, IN, TTL 0
@@ -666,16 +677,17 @@ def candidate_addresses(answer: str) -> set[str]:
 @pytest.mark.timeout(180)
 async def test_a_dns_outage_holds_up_no_password_login(tmp_path):
     # More answers at once than the event loop's default executor has threads (Python's default), each looking up
-    # the additional host's name: before, they held every one of them, and a login's scrypt waited behind.
+    # the additional host's name and the STUN server's (aioice does that on the default executor): before, they
+    # held every one of its threads, and a login's scrypt waited behind them.
     lookups = min(32, (os.cpu_count() or 1) + 4) + 2
-    name = "camera.example.org"
+    name, stun_name = "camera.example.org", "stun.example.org"
     basic = {"Authorization": aiohttp.encode_basic_auth("viewer", PASSWORD)}
     with Internet() as net:
         net.router_rules(forward_ice=False)
         net.resolv_conf(net.home, f"nameserver {ROUTER_LAN}\noptions use-vc\n")
         auth = f'mode = "password"\nuser = "viewer"\npassword_hash = "{hash_password(PASSWORD)}"'
         webrtc = (
-            f'additional_hosts = ["{name}"]\n'
+            f'additional_hosts = ["{name}"]\nice_servers = ["stun:{stun_name}:{TURN_PORT}"]\n'
             f"max_pending_per_address = {2 * lookups}\nsession_burst = {2 * lookups}"  # none is refused
         )
         with relay(net, tmp_path, webrtc, auth) as camrelay:
@@ -686,7 +698,9 @@ async def test_a_dns_outage_holds_up_no_password_login(tmp_path):
                         # The DNS server holds every lookup: each answer goes without the name, after its wait.
                         answers = await asyncio.gather(*(post_offer(http, basic) for _ in range(lookups)))
                         assert all(candidate_addresses(a) == {RELAY_LAN} for a in answers)
-                        assert dns.queries >= 1 and dns.answered == 0
+                        # The name's lookups wait on two threads of their own, however many viewers came.
+                        assert dns.queries[name] == RESOLVER_THREADS and dns.queries[stun_name] >= 1, dns.queries
+                        assert dns.answered == 0
 
                         # A password the relay has not verified yet (its cache is by header: this one is spelt
                         # otherwise) costs a scrypt: it is answered while the lookups are still held.
