@@ -49,12 +49,20 @@ class Coturn:
     given; its log in ``workdir``/turnserver.log. A context manager: stopped (SIGTERM, then SIGKILL) on exit."""
 
     def __init__(
-        self, address: str, port: int, secret: str, workdir: Path, netns: str = "", loopback_peers: bool = False
+        self,
+        address: str,
+        port: int,
+        secret: str,
+        workdir: Path,
+        netns: str = "",
+        loopback_peers: bool = False,
+        denied_peers: tuple[str, ...] = (),
     ) -> None:
         self.address, self.port, self.secret = address, port, secret
         self.workdir = workdir
         self.netns = netns
         self.loopback_peers = loopback_peers  # a relay on loopback is a loopback peer, which coturn refuses by default
+        self.denied_peers = denied_peers  # denied-peer-ip ranges ("192.168.0.0-192.168.255.255"), as docs/remote.md
         self.log = workdir / "turnserver.log"
         self.proc: subprocess.Popen | None = None
 
@@ -81,6 +89,7 @@ class Coturn:
         ]
         if self.loopback_peers:
             lines.append("allow-loopback-peers")
+        lines += [f"denied-peer-ip={peers}" for peers in self.denied_peers]
         return "\n".join(lines) + "\n"
 
     def __enter__(self) -> Coturn:

@@ -387,6 +387,13 @@ def _fps(v: Any) -> float:
     return parse_fps(str(v))
 
 
+# A TURN username or credential reaches viewers in a Link header (relay.ice.link_headers), as it is: printable
+# ASCII without spaces, as rtsp.password. A control character fails every response that lists the ICE servers;
+# browsers read header bytes as Latin-1, so anything past ASCII would reach them mangled; and mediamtx's reader.js
+# splits Link headers on ", " and finds the credential by '"; credential="', so with no space any value parses.
+_link_text = _rtsp_password
+
+
 def _ice_url(url: str) -> str:
     if not url.startswith(("stun:", "stuns:", *TURN_SCHEMES)):
         raise ValueError(f"ICE server {url!r} is not a stun:, stuns:, turn: or turns: URL")
@@ -423,6 +430,10 @@ def _ice_servers(v: Any) -> tuple[IceServer, ...]:
         for key in ("username", "credential"):
             if not isinstance(entry.get(key, ""), str):
                 raise ValueError(f"[{i}].{key}: expected a string")
+            try:
+                _link_text(entry.get(key, ""))
+            except ValueError as exc:
+                raise ValueError(f"[{i}].{key}: {exc}") from None
         server = IceServer(tuple(_ice_url(u) for u in urls), entry.get("username", ""), entry.get("credential", ""))
         if server.credential and not server.username:
             raise ValueError(f"[{i}].username: a credential needs its username")
@@ -430,11 +441,25 @@ def _ice_servers(v: Any) -> tuple[IceServer, ...]:
     return tuple(servers)
 
 
+DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")  # RFC 1123
+MAX_DNS_NAME = 253  # characters of a DNS name, without its final dot (RFC 1035's 255 bytes on the wire)
+
+
+def _is_dns_name(text: str) -> bool:
+    """RFC 1123 labels, the last not all digits (RFC 3696 section 2): else "999.1.1.1" would be a name."""
+    name = text.removesuffix(".")
+    labels = name.split(".")
+    return len(name) <= MAX_DNS_NAME and all(DNS_LABEL.fullmatch(x) for x in labels) and not labels[-1].isdigit()
+
+
 def _additional_hosts(v: Any) -> tuple[str, ...]:
     hosts = _str_list(v)
     for host in hosts:
-        if not re.fullmatch(r"[A-Za-z0-9.-]+", host) and not _is_ipv6(host):
-            raise ValueError(f"{host!r} is not an IP address or a host name (no scheme, no port)")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if not _is_dns_name(host):
+                raise ValueError(f"{host!r} is not an IP address or a host name (no scheme, no port)") from None
     return hosts
 
 
@@ -475,8 +500,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
     "webrtc": {
         "ice_servers": _ice_servers,
-        "ice_username": _str,
-        "ice_credential": _str,
+        "ice_username": _link_text,
+        "ice_credential": _link_text,
         "turn_secret": _str,
         "turn_credential_lifetime": _duration(MIN_TURN_LIFETIME, DAY),
         "ice_addresses": _str_list,

@@ -31,7 +31,9 @@ import re
 import socket
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 from aioice.candidate import candidate_foundation, candidate_priority
@@ -51,6 +53,11 @@ REST_NAME = "camrelay"  # the <name> of a minted username, for a TURN server tha
 # A name in additional_hosts is looked up for each answer (a dynamic DNS name follows its address); one that
 # has not resolved by then is left out of that answer: a dead DNS server must not hold up the video.
 RESOLVE_TIMEOUT = 2.0
+# The lookups run on threads of their own (``resolver``): a getaddrinfo that a dead DNS server holds cannot be
+# cancelled, and on the event loop's default executor it would hold up what else runs there (aioice's lookups of
+# the STUN and TURN servers, recordings listings). Two: lookups that wait for a free one are dropped unstarted
+# when their answer goes without them, so a dead DNS server holds two threads, however many viewers come.
+RESOLVER_THREADS = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,28 +209,34 @@ def add_host_candidates(sdp: str, addresses: Sequence[str]) -> str:
     return "\r\n".join(lines) + "\r\n"
 
 
-async def resolve(hosts: Sequence[str]) -> list[str]:
-    """``hosts`` as addresses: IP addresses as they are, names looked up (all their addresses, all at once),
-    each within ``RESOLVE_TIMEOUT``; a name that fails is left out, with a warning."""
-    found = await asyncio.gather(*(_lookup(host) for host in hosts))
+def resolver() -> ThreadPoolExecutor:
+    """Threads for ``resolve``, made as they are needed; their owner shuts them down."""
+    return ThreadPoolExecutor(RESOLVER_THREADS, thread_name_prefix="camrelay-resolve")
+
+
+async def resolve(hosts: Sequence[str], threads: Executor) -> list[str]:
+    """``hosts`` as addresses: IP addresses as they are, names looked up on ``threads`` (all their addresses, all
+    at once), each within ``RESOLVE_TIMEOUT``; a name that fails is left out, with a warning."""
+    found = await asyncio.gather(*(_lookup(host, threads) for host in hosts))
     return list(dict.fromkeys(address for addresses in found for address in addresses))
 
 
-async def _lookup(host: str) -> list[str]:
+async def _lookup(host: str, threads: Executor) -> list[str]:
     try:
         return [str(ipaddress.ip_address(host))]
     except ValueError:
         pass
+    lookup = partial(socket.getaddrinfo, host, None, type=socket.SOCK_DGRAM)
     try:
-        infos = await asyncio.wait_for(
-            asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_DGRAM), RESOLVE_TIMEOUT
-        )
+        infos = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(threads, lookup), RESOLVE_TIMEOUT)
     except (TimeoutError, OSError) as exc:
-        lookup_failures.warn("ice additional host %s not resolved (%s); answering without it", host, exc or "timeout")
+        lookup_failures.warn(
+            "ice additional host %s not resolved (%s); answering without it", host, str(exc) or "timeout"
+        )
         return []
     return [str(info[4][0]) for info in infos]
 
 
-async def with_additional_hosts(sdp: str, hosts: Sequence[str]) -> str:
+async def with_additional_hosts(sdp: str, hosts: Sequence[str], threads: Executor) -> str:
     """An answer with host candidates for ``hosts`` (``[webrtc] additional_hosts``) too."""
-    return add_host_candidates(sdp, await resolve(hosts)) if hosts else sdp
+    return add_host_candidates(sdp, await resolve(hosts, threads)) if hosts else sdp

@@ -233,6 +233,7 @@ class ViewerSessions:
         # nothing waits on STUN.
         self._ice_servers = ice_servers
         self._additional_hosts = additional_hosts  # more host candidates in every answer (relay.ice)
+        self._resolver = ice.resolver()  # where their names are looked up
         self._connect_timeout = connect_timeout
         self._sessions: dict[str, ViewerSession] = {}
         # Sessions between an offer and its answer. Counted from create()'s first line, before any
@@ -304,7 +305,7 @@ class ViewerSessions:
                 raise  # ICE could not bind: our problem, not the offer's
             except Exception as exc:  # offers aiortc accepted but cannot answer (found by tests/test_fuzz_whep.py)
                 raise OfferRejected(f"offer could not be answered: {_reason(exc)}") from exc
-            return await ice.with_additional_hosts(pc.localDescription.sdp, self._additional_hosts)
+            return await ice.with_additional_hosts(pc.localDescription.sdp, self._additional_hosts, self._resolver)
         except BaseException:
             track.stop()
             await pc.close()
@@ -351,6 +352,7 @@ class ViewerSessions:
         return True
 
     async def close_all(self) -> None:
+        self._resolver.shutdown(wait=False, cancel_futures=True)  # a lookup a dead DNS server holds ends by itself
         await asyncio.gather(*(self.close(sid, "shutdown") for sid in list(self._sessions)))
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)

@@ -7,7 +7,9 @@
    from camrelay's own pages or ``http.cors_origins``, else 403.
 3. ``OPTIONS`` is answered without credentials (a CORS preflight never carries
    any); credentials it does carry are checked (401 when wrong) and make it a
-   viewer's (``VIEWER``), which is told the ICE servers.
+   viewer's (``VIEWER``), which is told the ICE servers. One that asks for them
+   (``ICE_SERVERS_HEADER``, camrelay's page) gets 401 without credentials: a
+   browser sends its password only to a path that has challenged it.
 4. Unless the request is open (``/static/``, ``/healthz`` and ``/metrics`` as
    configured, ``PATCH`` and ``DELETE`` of a WHEP session, whose URL with its
    unguessable id is the capability, as in mediamtx) or ``auth.mode = "none"``:
@@ -28,6 +30,7 @@ import secrets
 import socket
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from aiohttp import web
@@ -47,6 +50,9 @@ HOSTS_REFRESH = 5.0  # seconds: this machine's addresses are looked up again at 
 VERIFIED_CACHE = 32  # Basic credentials remembered as good, so a page's requests cost one scrypt, not one each
 # One scrypt at a time, relay-wide: a flood of logins from any number of
 # addresses costs at most one core, and the event loop keeps the other(s).
+# On a thread of its own: the event loop's default executor may be full of
+# DNS lookups that a dead DNS server holds (aioice looks the STUN and TURN
+# servers' names up there, for each viewer), and no login must wait for them.
 MAX_CONCURRENT_VERIFY = 1
 # Password guesses per client address: a burst (typos, a page's retries), then
 # one every few seconds; past that 429 without any scrypt. A guess reserves
@@ -57,6 +63,10 @@ AUTH_FAILURE_RATE = 1 / 3  # guesses a second per address, after the burst
 REALM = "camrelay"
 STATE_CHANGING = ("POST", "PATCH", "DELETE")
 SESSION_METHODS = ("PATCH", "DELETE")  # what a WHEP session URL takes without credentials
+# camrelay's page marks its OPTIONS with this header (static/whep.js): it wants the ICE servers, so without
+# credentials it is not a CORS preflight but a viewer whose browser has not sent the password (Chromium sends
+# cached Basic credentials to a path only after a 401 there), and gets the challenge.
+ICE_SERVERS_HEADER = "X-Camrelay-Ice-Servers"
 NO_TOKEN = "no viewer token"
 WRONG_TOKEN = "wrong viewer token"
 THROTTLED = "too many wrong passwords from {address}; retry later"
@@ -126,9 +136,13 @@ class Access:
         self.throttled = Throttled(log)
         self._verified: OrderedDict[bytes, None] = OrderedDict()
         self._verifying = asyncio.Semaphore(MAX_CONCURRENT_VERIFY)
+        self._scrypt = ThreadPoolExecutor(MAX_CONCURRENT_VERIFY, thread_name_prefix="camrelay-scrypt")
         self._guesses = RateLimiter(AUTH_FAILURE_RATE, AUTH_FAILURE_BURST)  # per client address
         self._checking: dict[bytes, asyncio.Future[bool]] = {}  # Basic headers being verified now
         self._checking_from: set[str] = set()  # addresses with a verification running
+
+    def close(self) -> None:
+        self._scrypt.shutdown(wait=False, cancel_futures=True)
 
     def is_open(self, request: web.Request) -> bool:
         if self.mode == "none":
@@ -145,11 +159,12 @@ class Access:
         return False
 
     async def is_viewer(self, request: web.Request) -> bool:
-        """Whether an ``OPTIONS`` request is a viewer's: False without credentials, 401 when they are wrong."""
+        """Whether an ``OPTIONS`` request is a viewer's: False without credentials, 401 when they are wrong or
+        when one that asks for the ICE servers has none."""
         if self.mode == "none":
             return True
         reason, _ = await self.authenticate(request)
-        if reason in (NO_TOKEN, NO_PASSWORD):
+        if reason in (NO_TOKEN, NO_PASSWORD) and ICE_SERVERS_HEADER not in request.headers:
             return False
         if reason:
             raise self.unauthorized(request, reason)
@@ -215,7 +230,9 @@ class Access:
         self._checking_from.add(address)
         try:
             async with self._verifying:  # scrypt on a thread: the event loop keeps serving video meanwhile
-                good_password = await asyncio.to_thread(verify_password, password, self.password_hash)
+                good_password = await asyncio.get_running_loop().run_in_executor(
+                    self._scrypt, verify_password, password, self.password_hash
+                )
             good = hmac.compare_digest(user.encode(), self.user.encode()) and good_password
             result.set_result(good)
         finally:

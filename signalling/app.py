@@ -575,6 +575,7 @@ def make_app(relay: Relay) -> web.Application:
         await relay.start()
         yield
         await relay.close()
+        app[ACCESS].close()
 
     app.cleanup_ctx.append(relay_lifecycle)
     app[MJPEG_CLIENTS] = set()

@@ -1,8 +1,11 @@
 // camrelay's WHEP player: one RTCPeerConnection per <video>, no build step.
 //
-// - Non-trickle: the offer goes out with its candidates gathered (Firefox may
-//   offer only mDNS candidates; the relay learns the real address from the
-//   first ICE check, as a peer-reflexive candidate).
+// - The offer goes out with the candidates gathered within GATHER_TIMEOUT_MS
+//   (host candidates come in ms: a LAN connects at once); those gathered later
+//   (a TURN allocation over a slow mobile or satellite link) follow by PATCH to
+//   the session (trickle ICE, RFC 8840). Firefox may offer only mDNS
+//   candidates; the relay learns the real address from the first ICE check, as
+//   a peer-reflexive candidate.
 // - Reconnects with backoff when the connection fails, frames stop, or the
 //   relay restarts.
 // - Reads the test pattern's pixel clock (shared/spec/test-pattern.md) from
@@ -13,7 +16,9 @@ const PIXEL_CLOCK_CELLS = 48;
 const PIXEL_CLOCK_TIME_BITS = 44;
 const RECONNECT_MIN_MS = 1000;
 const RECONNECT_MAX_MS = 15000;
-const GATHER_TIMEOUT_MS = 2000;  // send what we have by then; host candidates come in ms
+const GATHER_TIMEOUT_MS = 2000;  // offer what we have by then (host candidates come in ms); later ones trickle
+const TRICKLE_TYPE = "application/trickle-ice-sdpfrag";
+const ICE_SERVERS_HEADER = "X-Camrelay-Ice-Servers";  // signalling/access.py: an OPTIONS that wants them
 const STALL_MS = 5000;           // connected but no new frame for this long: reconnect
 const LATENCY_WINDOW = 30;
 const FALLBACK_AFTER_ATTEMPTS = 3;  // failed WebRTC connects before the page shows MJPEG       // readings in the displayed median
@@ -124,12 +129,15 @@ class WhepPlayer {
       if (this.handlers.onLatency) this.handlers.onLatency(null);
     }
     // The relay's ICE servers (STUN, TURN with credentials minted for this connection), asked for before every
-    // offer as any WHEP player does; none (a LAN): host candidates only.
+    // offer as any WHEP player does; none (a LAN): host candidates only. The header marks the request as a
+    // viewer's, not a CORS preflight: without credentials it gets a 401 challenge, which the browser answers with
+    // the password it has for the relay (it sends none unasked to a path that has not challenged it).
     const asking = {};
     this._asking = asking;
     let iceServers = [];
     try {
-      iceServers = iceServersFromLinks((await fetch(this.url, { method: "OPTIONS" })).headers.get("Link"));
+      const resp = await fetch(this.url, { method: "OPTIONS", headers: { [ICE_SERVERS_HEADER]: "1" } });
+      iceServers = iceServersFromLinks(resp.headers.get("Link"));
     } catch {}  // the relay is away: the offer below fails and is retried
     if (this.stopped || this._asking !== asking) return;  // stopped, or another connect began meanwhile
     let pc;
@@ -163,10 +171,12 @@ class WhepPlayer {
     try {
       await pc.setLocalDescription(await pc.createOffer());
       await this._gathered(pc);
+      const offer = pc.localDescription.sdp;
+      const trickle = this._trickle(pc, offer);
       const resp = await fetch(this.url, {
         method: "POST",
         headers: { "Content-Type": "application/sdp" },
-        body: pc.localDescription.sdp,
+        body: offer,
       });
       if (resp.status !== 201) {
         const reason = (await resp.text()).trim();
@@ -180,6 +190,7 @@ class WhepPlayer {
         return;
       }
       this.session = session;
+      trickle(session);
       await pc.setRemoteDescription({ type: "answer", sdp: answer });
     } catch (err) {
       if (pc === this.pc) this._retry(String(err.message || err));
@@ -194,6 +205,32 @@ class WhepPlayer {
       pc.addEventListener("icegatheringstatechange", check);
       setTimeout(done, GATHER_TIMEOUT_MS);
     });
+  }
+
+  // The candidates gathered after `offer` was taken, PATCHed to the session once its URL is known (the returned
+  // function takes it), in order: without them the relay could never reach the viewer through them. Nothing
+  // when gathering was over by then (a LAN): the offer has them all.
+  _trickle(pc, offer) {
+    if (pc.iceGatheringState === "complete") return () => {};
+    const line = (start) => (offer.match(new RegExp(`^${start}.*$`, "m")) || [""])[0];
+    const mline = line("m=video").replace(/^(m=video) \d+/, "$1 9");
+    const head = [line("a=ice-ufrag:"), line("a=ice-pwd:"), mline, line("a=mid:")];
+    let session = null;
+    let late = [];
+    let sent = Promise.resolve();
+    const flush = () => {
+      if (!session || !late.length || pc !== this.pc) return;
+      const body = [...head, ...late].join("\r\n") + "\r\n";
+      late = [];
+      const patch = { method: "PATCH", headers: { "Content-Type": TRICKLE_TYPE, "If-Match": "*" }, body };
+      sent = sent.then(() => fetch(session, patch)).catch(() => {});  // failed: the connection's state tells
+    };
+    pc.addEventListener("icecandidate", (ev) => {
+      if (ev.candidate && !ev.candidate.candidate) return;  // one generation's end; the null event ends them all
+      late.push(ev.candidate ? `a=${ev.candidate.candidate}` : "a=end-of-candidates");
+      flush();
+    });
+    return (url) => { session = url; flush(); };
   }
 
   _retry(why) {

@@ -24,6 +24,7 @@ from yarl import URL
 
 from benchmarks.chromium import chromium
 from benchmarks.ports import free_port
+from relay.auth import hash_password
 from relay.config import AuthConfig
 from relay.ice import IceServer
 
@@ -250,6 +251,45 @@ async def test_the_url_with_the_token_plays_and_its_cookie_lets_the_page_in_late
             assert not watch.errors, f"uncaught errors in the page: {watch.errors}"
         finally:
             await page.close()
+
+
+# Every RTCPeerConnection the page makes, with the configuration it was given, in window.configs.
+RECORD_CONFIGS = """
+window.configs = [];
+window.RTCPeerConnection = class extends RTCPeerConnection {
+  constructor(config) { super(config); window.configs.push(config); }
+};
+"""
+VIEWER_USER, VIEWER_PASSWORD = "viewer", "correct-horse-battery"
+
+
+async def test_in_password_mode_the_pages_first_peer_connection_has_the_ice_servers() -> None:
+    async with stun_server() as (stun, stun_url):
+        config = make_config(
+            auth=AuthConfig(mode="password", user=VIEWER_USER, password_hash=hash_password(VIEWER_PASSWORD))
+        )
+        config = dataclasses.replace(
+            config, webrtc=dataclasses.replace(config.webrtc, ice_servers=(IceServer((stun_url,)),))
+        )
+        runner, relay = await start_relay(config)
+        try:
+            async with chromium() as browser:
+                # Playwright answers each 401 challenge with the password, as Chromium does with the one typed at
+                # its prompt; neither sends it unasked to a path that has not challenged (/whep/ is not below /view/).
+                context = await browser.new_context(
+                    http_credentials={"username": VIEWER_USER, "password": VIEWER_PASSWORD}
+                )
+                page = await context.new_page()
+                await page.add_init_script(RECORD_CONFIGS)
+                watch = PageWatch(page)
+                await page.goto(f"{relay.base}/view/cam0")
+                await page.wait_for_function(PLAYING, timeout=PLAY_TIMEOUT_MS)
+                configs = await page.evaluate("() => window.configs.map((c) => c.iceServers)")
+                assert configs == [[{"urls": stun_url}]], configs  # the first peer connection, and the only one
+                assert len(stun.clients) >= 2, "Chromium and the relay did not both ask the STUN server"
+                assert not watch.errors, f"uncaught errors in the page: {watch.errors}"
+        finally:
+            await runner.cleanup()
 
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -3,13 +3,26 @@
 The TURN server itself (coturn taking minted credentials, refusing expired ones) is in tests/test_remote.py.
 """
 
+import json
+import string
 from pathlib import Path
 
 import pytest
 
 from benchmarks.chromium import chromium
 from relay.config import ConfigError, load, secret_values, secrets_in_file
-from relay.ice import IceServer, add_host_candidates, for_relay, for_viewer, link_headers, parse_links, resolve
+from relay.ice import (
+    IceServer,
+    add_host_candidates,
+    for_relay,
+    for_viewer,
+    link_headers,
+    parse_links,
+    resolve,
+    resolver,
+)
+
+from .test_browser import mediamtx_reader_js
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = 1_700_000_000.7  # the clock the minted credentials are made with; they expire at int(NOW + lifetime)
@@ -49,7 +62,7 @@ TABLES = """
 ice_servers = [
   "stun:stun.example.org",
   { urls = ["turn:a.example:3478?transport=udp", "turns:a.example:5349"], username = "cam", credential = "pw-a" },
-  { urls = "turn:b.example", username = "other", credential = "pw, \\"b\\"" },
+  { urls = "turn:b.example", username = "other", credential = "pw,\\"b\\"" },
 ]
 """
 
@@ -59,12 +72,12 @@ def test_tables_shaped_like_rtciceserver_give_each_server_its_own_credentials():
     assert for_viewer(w, NOW) == [
         IceServer(("stun:stun.example.org",)),
         IceServer(("turn:a.example:3478?transport=udp", "turns:a.example:5349"), "cam", "pw-a"),
-        IceServer(("turn:b.example",), "other", 'pw, "b"'),
+        IceServer(("turn:b.example",), "other", 'pw,"b"'),
     ]
     assert [(s.urls, s.username, s.credential) for s in for_relay(w, NOW)] == [
         (["stun:stun.example.org"], None, None),
         (["turn:a.example:3478?transport=udp", "turns:a.example:5349"], "cam", "pw-a"),
-        (["turn:b.example"], "other", 'pw, "b"'),
+        (["turn:b.example"], "other", 'pw,"b"'),
     ]
     links = link_headers(for_viewer(w, NOW))
     assert links == [
@@ -72,7 +85,7 @@ def test_tables_shaped_like_rtciceserver_give_each_server_its_own_credentials():
         '<turn:a.example:3478?transport=udp>; rel="ice-server"; username="cam"; credential="pw-a";'
         ' credential-type="password"',
         '<turns:a.example:5349>; rel="ice-server"; username="cam"; credential="pw-a"; credential-type="password"',
-        '<turn:b.example>; rel="ice-server"; username="other"; credential="pw, \\"b\\""; credential-type="password"',
+        '<turn:b.example>; rel="ice-server"; username="other"; credential="pw,\\"b\\""; credential-type="password"',
     ]
     # What a WHEP player reads back, each URL a server, from separate headers or one joined with commas.
     one_per_url = [IceServer((url,), s.username, s.credential) for s in for_viewer(w, NOW) for url in s.urls]
@@ -99,6 +112,9 @@ def test_turn_credentials_are_minted_per_session_from_the_secret_and_expire():
     later = for_viewer(w, NOW + 60)[1]
     assert later.username == "1700000660:camrelay" and later.credential != MINTED["1700000600:camrelay"]
     assert SECRET not in "".join(link_headers(for_viewer(w, NOW)))
+
+
+PRINTABLE = "may hold only printable ASCII without spaces"
 
 
 @pytest.mark.parametrize(
@@ -157,12 +173,38 @@ def test_turn_credentials_are_minted_per_session_from_the_secret_and_expire():
             '[webrtc]\nadditional_hosts = ["cam.example.org:8189"]',
             "webrtc.additional_hosts: 'cam.example.org:8189' is not an IP address or a host name (no scheme, no port)",
         ),
-    ],
+        *(
+            (
+                f'[webrtc]\nadditional_hosts = ["203.0.113.7", "{host}"]',
+                f"webrtc.additional_hosts: '{host}' is not an IP address or a host name (no scheme, no port)",
+            )
+            for host in ("-", "...", "999.1.1.1", "1.2.3", "cam..example.org", "-cam.example.org", "cam-.example.org",
+                         "x" * 64 + ".example.org", ".".join(["a" * 63] * 4))
+        ),  # fmt: skip
+        # A TURN username or credential goes to viewers in a Link header: a control character would fail the
+        # response, a space would split it for mediamtx's reader.js. Named by key, never quoted.
+        *(
+            (f'[webrtc]\nice_servers = [{{ urls = "turn:t", {key} }}]', f"webrtc.ice_servers[0].{where}: {PRINTABLE}")
+            for key, where in (
+                ('username = "u\\r\\nX-Evil: 1", credential = "pw"', "username"),
+                ('username = "u", credential = "s3cr\\u0007t"', "credential"),
+                ('username = "u", credential = "s3cr, \\"t\\""', "credential"),
+                ('username = "u", credential = "s3cr\u00e9t"', "credential"),
+            )
+        ),
+        ('[webrtc]\nice_servers = ["turn:t"]\nice_username = "cam\\n"\nice_credential = "pw"',
+         f"webrtc.ice_username: {PRINTABLE}"),
+        ('[webrtc]\nice_servers = ["turn:t"]\nice_username = "cam"\nice_credential = "s3cr\\tt"',
+         f"webrtc.ice_credential: {PRINTABLE}"),
+        ('[webrtc]\nice_servers = [{ urls = "turn:t", username = "front door" }]\nturn_secret = "x"',
+         f"webrtc.ice_servers[0].username: {PRINTABLE}"),  # minted into "<expiry>:<username>"
+    ],  # fmt: skip
 )  # fmt: skip
 def test_bad_ice_settings_name_the_key_and_quote_no_credential(toml, message):
     with pytest.raises(ConfigError) as info:
         load(toml)
     assert str(info.value) == message
+    assert "s3cr" not in str(info.value)
 
 
 def test_strings_and_tables_come_from_the_file_urls_from_the_environment_too():
@@ -177,7 +219,7 @@ def test_strings_and_tables_come_from_the_file_urls_from_the_environment_too():
 
 def test_turn_passwords_and_the_secret_are_known_secrets():
     text = TABLES + 'turn_credential_lifetime = 600\n[auth]\ntoken = "t0ken-t0ken-t0ken-t0ken"\n'
-    assert secret_values(load(text)) == {"pw-a", 'pw, "b"', "t0ken-t0ken-t0ken-t0ken"}
+    assert secret_values(load(text)) == {"pw-a", 'pw,"b"', "t0ken-t0ken-t0ken-t0ken"}
     assert secrets_in_file(text) == ["auth.token", "webrtc.ice_servers"]
     minted = f'[webrtc]\nice_servers = ["turn:t"]\nturn_secret = "{SECRET}"'
     assert secret_values(load(minted)) == {SECRET} and secrets_in_file(minted) == ["webrtc.turn_secret"]
@@ -205,7 +247,11 @@ def test_additional_hosts_are_host_candidates_at_the_relays_own_ports():
 
 
 async def test_additional_hosts_names_are_looked_up_and_addresses_kept_as_they_are():
-    addresses = await resolve(["203.0.113.7", "localhost", "2001:db8::7"])  # localhost: /etc/hosts, no DNS
+    threads = resolver()
+    try:
+        addresses = await resolve(["203.0.113.7", "localhost", "2001:db8::7"], threads)  # localhost: /etc/hosts
+    finally:
+        threads.shutdown()
     assert addresses[0] == "203.0.113.7" and "127.0.0.1" in addresses and addresses[-1] == "2001:db8::7"
 
 
@@ -220,5 +266,40 @@ async def test_the_page_reads_the_link_headers_as_the_relay_writes_them():
         {"urls": "stun:stun.example.org"},
         {"urls": "turn:a.example:3478?transport=udp", "username": "cam", "credential": "pw-a"},
         {"urls": "turns:a.example:5349", "username": "cam", "credential": "pw-a"},
-        {"urls": "turn:b.example", "username": "other", "credential": 'pw, "b"'},
+        {"urls": "turn:b.example", "username": "other", "credential": 'pw,"b"'},
     ]
+
+
+# mediamtx's WHEP player, run on the Link header of an OPTIONS as camrelay answers it (its fetch stands in for the
+# relay); the ICE servers it gives its peer connection come back (that constructor stops it there).
+READER = """async ([header, url]) => {
+  window.fetch = async () => new Response(null, { status: 204, headers: { Link: header } });
+  let iceServers;
+  window.RTCPeerConnection = class extends RTCPeerConnection {
+    constructor(config) {
+      if (config.iceServers.length) { iceServers = config.iceServers; throw new Error("read"); }
+      super(config);  // reader.js asks which audio codecs the browser has first
+    }
+  };
+  return await new Promise((resolve) => {
+    const reader = new MediaMTXWebRTCReader({ url, onError: () => { reader.close(); resolve(iceServers); } });
+  });
+}"""
+
+
+@pytest.mark.browser
+async def test_any_credential_the_config_takes_reaches_the_page_and_mediamtx_reader_js_intact():
+    # Every character but letters and digits a TURN username or credential may hold: , ; = " \\ and the rest.
+    table = f"{{ urls = 'turn:c.example', username = {json.dumps(string.punctuation)}, credential = 'x,y;z=\\\\' }}"
+    servers = for_viewer(load(TABLES.replace("\n]", f"\n  {table},\n]")).webrtc, NOW)
+    assert servers[-1] == IceServer(("turn:c.example",), string.punctuation, "x,y;z=\\\\")
+    header = ", ".join(link_headers(servers))  # as fetch joins them
+    async with chromium() as browser:
+        page = await browser.new_page()
+        await page.add_script_tag(path=str(ROOT / "static" / "whep.js"))
+        await page.add_script_tag(path=str(mediamtx_reader_js()))
+        ours = await page.evaluate("(header) => iceServersFromLinks(header)", header)
+        theirs = await page.evaluate(READER, [header, "http://relay.invalid/whep/cam0"])
+    per_url = [(url, s.username, s.credential) for s in servers for url in s.urls]
+    assert [(s["urls"], s.get("username", ""), s.get("credential", "")) for s in ours] == per_url
+    assert [(s["urls"][0], s.get("username", ""), s.get("credential", "")) for s in theirs] == per_url

@@ -18,6 +18,7 @@ import pytest
 from relay import ice
 from relay.config import AuthConfig
 from relay.whepclient import WhepError, WhepViewer
+from signalling.access import ICE_SERVERS_HEADER
 
 from .conftest import make_config, start_relay
 from .stun import stun_server
@@ -153,6 +154,11 @@ async def test_the_201_and_a_viewers_options_name_the_ice_servers_in_link_header
                     assert resp.status == 204 and resp.headers.getall("Link") == links, credentials
             async with http.options(relay.whep(), headers={"Authorization": "Bearer wrong"}) as resp:
                 assert (resp.status, await resp.text()) == (401, "401: wrong viewer token\n")
+            # camrelay's page marks its own: without credentials that is a challenge, alike for every path.
+            for path in ("/whep/cam0", "/whep/nope", "/whep/cam0/nosuchsession"):
+                async with http.options(relay.base + path, headers={ICE_SERVERS_HEADER: "1"}) as resp:
+                    challenge = (resp.status, resp.headers.get("WWW-Authenticate"), await resp.text())
+                    assert challenge == (401, 'Bearer realm="camrelay"', "401: no viewer token\n"), path
 
             async with http.post(
                 relay.whep(), data=OFFERS["chromium_156"], headers={**BEARER, "Content-Type": "application/sdp"}

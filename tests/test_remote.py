@@ -5,9 +5,12 @@
 
 The router masquerades the home LAN and forwards to it only what a test opens: the relay's HTTP port always
 (signalling, as a port forward or a reverse proxy would), its ICE ports for the port-forward test. coturn listens
-on the router's public address. The relay runs as ``camrelay serve`` in its namespace; the test's own viewers
-(aiortc, and Chromium driven by Playwright) in the phone's: the test's thread enters it (``setns``) while it makes
-their sockets, and Chromium and Playwright's driver start there.
+on the router's public address and, as docs/remote.md sets it up, relays to no private address: though the router
+routes to the home LAN, a viewer's allocation cannot reach the relay's own address, only the relay's allocation.
+The relay runs as ``camrelay serve`` in its namespace; the test's own viewers (aiortc, and Chromium driven by
+Playwright) in the phone's: the test's thread enters it (``setns``) while it makes their sockets, and Chromium and
+Playwright's driver start there. A test may add a slow link to coturn (``SlowLink``) or a DNS server that holds its
+answers (``HeldDns``) in the router's namespace.
 """
 
 from __future__ import annotations
@@ -17,13 +20,17 @@ import ctypes
 import json
 import os
 import secrets
+import shutil
+import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import aiohttp
 import pytest
@@ -31,15 +38,19 @@ from aioice import stun, turn
 
 from benchmarks.chromium import chromium
 from benchmarks.turn import Coturn, stop
-from relay.ice import parse_links, rest_credential
+from relay.auth import hash_password
+from relay.ice import RESOLVER_THREADS, parse_links, rest_credential
 from relay.whepclient import WhepViewer
 
 ROOT = Path(__file__).resolve().parent.parent
 RELAY_LAN, ROUTER_LAN, ROUTER_WAN, PHONE_WAN = "192.168.77.2", "192.168.77.1", "203.0.113.1", "203.0.113.2"
 HTTP_PORT = 8080  # forwarded by the router to the relay
 TURN_PORT = 3478
+# docs/remote.md's coturn relays to no private network: a deployment's TURN server cannot reach a relay's LAN address.
+DENIED_PEERS = ("10.0.0.0-10.255.255.255", "172.16.0.0-172.31.255.255", "192.168.0.0-192.168.255.255")
 ICE_PORTS = (40000, 40099)  # the relay's ephemeral ports (its namespace's ip_local_port_range): what is forwarded
 TOKEN = "t0ken-of-the-remote-viewer-0123456789"
+PASSWORD = "pa55word-of-the-remote-viewer"  # in the test that runs the relay in password mode
 WHEP = f"http://{ROUTER_WAN}:{HTTP_PORT}/whep/cam0"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 FPS = 30
@@ -73,6 +84,13 @@ class Internet:
     def __exit__(self, *exc) -> None:
         for ns in (self.home, self.router, self.phone):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
+
+    @staticmethod
+    def resolv_conf(ns: str, text: str) -> None:
+        """``ns``'s /etc/resolv.conf for the processes ``ip netns exec`` starts there (it bind-mounts this one)."""
+        os.makedirs(f"/etc/netns/{ns}", exist_ok=True)
+        Path(f"/etc/netns/{ns}/resolv.conf").write_text(text)
 
     def _build(self) -> None:
         for ns in (self.home, self.router, self.phone):
@@ -174,8 +192,9 @@ class RelayProcess:
 
 
 @contextmanager
-def relay(net: Internet, tmp: Path, webrtc: str) -> Iterator[RelayProcess]:
-    """``camrelay serve`` in the home namespace, with the test pattern and ``webrtc`` in its [webrtc] table."""
+def relay(net: Internet, tmp: Path, webrtc: str, auth: str = f'token = "{TOKEN}"') -> Iterator[RelayProcess]:
+    """``camrelay serve`` in the home namespace, with the test pattern, ``webrtc`` in its [webrtc] table and
+    ``auth`` in its [auth] one."""
     config = tmp / "camrelay.toml"
     config.write_text(f"""
 state_dir = "{tmp / "state"}"
@@ -184,7 +203,7 @@ host = "{RELAY_LAN}"
 port = {HTTP_PORT}
 allowed_hosts = ["{ROUTER_WAN}"]
 [auth]
-token = "{TOKEN}"
+{auth}
 [rtsp]
 enabled = false
 [video]
@@ -211,16 +230,16 @@ cam0 = "test:"
         stop(proc)
 
 
-async def source_frames(http: aiohttp.ClientSession) -> int:
-    async with http.get(f"http://{ROUTER_WAN}:{HTTP_PORT}/api/v1/streams", headers=AUTH) as resp:
+async def source_frames(http: aiohttp.ClientSession, headers: dict[str, str] = AUTH) -> int:
+    async with http.get(f"http://{ROUTER_WAN}:{HTTP_PORT}/api/v1/streams", headers=headers) as resp:
         return (await resp.json())["streams"][0]["frames_encoded"]
 
 
-async def wait_streaming(http: aiohttp.ClientSession, relay: RelayProcess) -> None:
+async def wait_streaming(http: aiohttp.ClientSession, relay: RelayProcess, headers: dict[str, str] = AUTH) -> None:
     deadline = time.monotonic() + READY_TIMEOUT
     while True:
         try:
-            if await source_frames(http) > 0:
+            if await source_frames(http, headers) > 0:
                 return
         except aiohttp.ClientError:
             pass
@@ -298,7 +317,7 @@ async def test_viewers_whose_udp_is_blocked_play_through_turn_over_tcp_with_mint
         net.block_udp(net.phone)
         webrtc = f'ice_servers = ["{turn_url}"]\nturn_secret = "{secret}"'
         with (
-            Coturn(ROUTER_WAN, TURN_PORT, secret, tmp_path, netns=net.router) as coturn,
+            Coturn(ROUTER_WAN, TURN_PORT, secret, tmp_path, netns=net.router, denied_peers=DENIED_PEERS) as coturn,
             relay(net, tmp_path, webrtc) as camrelay,
             inside(net.phone),
         ):
@@ -324,7 +343,10 @@ async def test_viewers_whose_udp_is_blocked_play_through_turn_over_tcp_with_mint
                 try:
                     await viewer.connect()
                     await viewer.read_frames(5, timeout=READY_TIMEOUT, clock=False)
-                    assert selected_pair(viewer).local_candidate.type == "relay"
+                    # Through both ends' allocations: coturn relays to no private address, so the viewer's cannot
+                    # reach the relay's LAN address, and the relay (behind NAT) answers through its own.
+                    pair = selected_pair(viewer)
+                    assert (pair.local_candidate.type, pair.remote_candidate.type) == ("relay", "relay")
                     await aiortc_at_source_rate(http, viewer, "aiortc through TURN over TCP")
                 finally:
                     await viewer.close()
@@ -335,7 +357,7 @@ async def test_viewers_whose_udp_is_blocked_play_through_turn_over_tcp_with_mint
                     await page.goto(f"http://{ROUTER_WAN}:{HTTP_PORT}/view/cam0?token={TOKEN}")
                     await page.wait_for_function(PLAYING, timeout=READY_TIMEOUT * 1000)
                     pair = await page.evaluate(SELECTED_PAIR)
-                    assert pair["local"] == "relay" and pair["relayProtocol"] == "tcp", pair
+                    assert pair == {"local": "relay", "relayProtocol": "tcp", "remote": "relay"}, pair
 
                     async def decoded() -> int:
                         return await page.evaluate(FRAMES_DECODED)
@@ -346,6 +368,156 @@ async def test_viewers_whose_udp_is_blocked_play_through_turn_over_tcp_with_mint
                             assert secret not in await resp.text(), path
     logged = camrelay.log.read_text()
     assert secret not in logged and server.credential not in logged
+
+
+# The phone's TCP to coturn goes through SlowLink (the router redirects it): a TURN allocation then takes seconds,
+# its candidate comes after camrelay's page has sent its offer, and only a trickle PATCH tells the relay of it.
+SLOW_PORT = 3479  # the router's port SlowLink listens on
+LINK_DELAY = 0.6  # seconds each way: a satellite or congested mobile link (an allocation takes two round trips)
+
+
+class RouterServer:
+    """A TCP server on ``listen`` in network namespace ``netns`` (a router's); ``serve`` handles each connection,
+    which is closed after it, and cancelled on exit."""
+
+    def __init__(self, netns: str, listen: tuple[str, int]) -> None:
+        self.netns, self.listen = netns, listen
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    async def __aenter__(self) -> Self:
+        with inside(self.netns):
+            sock = socket.create_server(self.listen)
+        self._server = await asyncio.start_server(self._handle, sock=sock)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self.serve(reader, writer)
+        finally:
+            writer.close()
+            self._tasks.discard(task)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class SlowLink(RouterServer):
+    """A TCP proxy to ``upstream`` that delivers everything ``LINK_DELAY`` late, each way, in order (``tc`` here
+    has tbf only, no netem); ``connections`` counts what it carried."""
+
+    def __init__(self, netns: str, listen: tuple[str, int], upstream: tuple[str, int]) -> None:
+        super().__init__(netns, listen)
+        self.upstream = upstream
+        self.connections = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        with inside(self.netns):  # made where coturn's port is not redirected
+            upstream = socket.socket()
+        upstream.setblocking(False)
+        up_writer = None
+        try:
+            await asyncio.get_running_loop().sock_connect(upstream, self.upstream)
+            up_reader, up_writer = await asyncio.open_connection(sock=upstream)
+            async with asyncio.TaskGroup() as group:
+                for source, sink in ((reader, up_writer), (up_reader, writer)):
+                    late: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+                    group.create_task(self._read(source, late))
+                    group.create_task(self._deliver(late, sink))
+        except* OSError:
+            pass  # an end went away: so does the other
+        finally:
+            if up_writer is None:
+                upstream.close()
+            else:
+                up_writer.close()
+
+    @staticmethod
+    async def _read(source: asyncio.StreamReader, late: asyncio.Queue[tuple[float, bytes]]) -> None:
+        loop = asyncio.get_running_loop()
+        while data := await source.read(65536):
+            late.put_nowait((loop.time() + LINK_DELAY, data))
+        late.put_nowait((loop.time() + LINK_DELAY, b""))
+
+    @staticmethod
+    async def _deliver(late: asyncio.Queue[tuple[float, bytes]], sink: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due, data = await late.get()
+            await asyncio.sleep(due - loop.time())
+            if not data:
+                sink.close()
+                return
+            sink.write(data)
+            await sink.drain()
+
+
+@pytest.mark.browser
+@pytest.mark.timeout(300)
+async def test_a_page_whose_turn_candidate_comes_after_its_offer_trickles_it_and_plays_through_turn(tmp_path):
+    turn_url = f"turn:{ROUTER_WAN}:{TURN_PORT}?transport=tcp"
+    with Internet() as net:
+        net.router_rules(forward_ice=False)
+        net.block_udp(net.phone)
+        net.nft(
+            net.router,
+            f"""
+            table ip slowlink {{
+                chain prerouting {{
+                    type nat hook prerouting priority dstnat;
+                    iifname "wan" tcp dport {TURN_PORT} redirect to :{SLOW_PORT}
+                }}
+            }}
+        """,
+        )
+        secret = secrets.token_urlsafe(24)
+        webrtc = f'ice_servers = ["{turn_url}"]\nturn_secret = "{secret}"'
+        with (
+            Coturn(ROUTER_WAN, TURN_PORT, secret, tmp_path, netns=net.router, denied_peers=DENIED_PEERS) as coturn,
+            relay(net, tmp_path, webrtc) as camrelay,
+        ):
+            async with SlowLink(net.router, (ROUTER_WAN, SLOW_PORT), (ROUTER_WAN, TURN_PORT)) as link:
+                with inside(net.phone):
+                    async with aiohttp.ClientSession() as http, chromium(reach=(ROUTER_WAN,)) as browser:
+                        await coturn.wait_ready()
+                        await wait_streaming(http, camrelay)
+                        page = await browser.new_page()
+                        sent: list[tuple[str, str]] = []  # (method, body) of the page's WHEP requests
+                        patched: list[int] = []  # the answers to its PATCHes
+                        page.on(
+                            "request",
+                            lambda r: sent.append((r.method, r.post_data or "")) if "/whep/" in r.url else None,
+                        )
+                        page.on("response", lambda r: patched.append(r.status) if r.request.method == "PATCH" else None)
+                        await page.goto(f"http://{ROUTER_WAN}:{HTTP_PORT}/view/cam0?token={TOKEN}")
+                        await page.wait_for_function(PLAYING, timeout=READY_TIMEOUT * 1000)
+
+                        # Its TURN candidate missed the offer and went by PATCH; the first offer played.
+                        offers = [body for method, body in sent if method == "POST"]
+                        trickled = "".join(body for method, body in sent if method == "PATCH")
+                        assert len(offers) == 1 and " typ relay" not in offers[0], offers
+                        assert " typ relay" in trickled and "a=end-of-candidates" in trickled, trickled
+                        assert patched and set(patched) == {204}, patched
+                        assert link.connections >= 1
+                        pair = await page.evaluate(SELECTED_PAIR)
+                        assert pair == {"local": "relay", "relayProtocol": "tcp", "remote": "relay"}, pair
+
+                        async def decoded() -> int:
+                            return await page.evaluate(FRAMES_DECODED)
+
+                        await at_source_rate(http, decoded, "Chromium through TURN over a slow link")
 
 
 class Echo(asyncio.DatagramProtocol):
@@ -436,3 +608,109 @@ async def test_a_viewer_outside_reaches_the_relay_through_a_port_forward_and_its
                     await aiortc_at_source_rate(http, viewer, "aiortc through the port forward")
                 finally:
                     await viewer.close()
+
+
+class HeldDns(RouterServer):
+    """A DNS server on TCP (for a resolver with ``options use-vc``: glibc then waits for an answer without a
+    timeout) that holds every query until ``release``, a DNS outage as long as the test wants, then answers that
+    any name is ``address``. ``queries`` counts the queries it got by name, ``answered`` those it answered."""
+
+    def __init__(self, netns: str, listen: tuple[str, int], address: str) -> None:
+        super().__init__(netns, listen)
+        self.address = address
+        self.queries: Counter[str] = Counter()
+        self.answered = 0
+        self._released = asyncio.Event()
+
+    def release(self) -> None:
+        self._released.set()
+
+    async def __aexit__(self, *exc) -> None:
+        self.release()  # the lookups held end: a relay process waits for its threads before it exits
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=READY_TIMEOUT)  # glibc closes each connection once answered
+        await super().__aexit__(*exc)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                query = await reader.readexactly(int.from_bytes(await reader.readexactly(2), "big"))
+                name, end = self._question(query)
+                self.queries[name] += 1
+                await self._released.wait()
+                reply = self._reply(query, end)
+                writer.write(len(reply).to_bytes(2, "big") + reply)
+                await writer.drain()
+                self.answered += 1
+        except (asyncio.IncompleteReadError, OSError):
+            pass  # the resolver has its answers, or gave up
+
+    @staticmethod
+    def _question(query: bytes) -> tuple[str, int]:
+        """The name a query (RFC 1035 4.1) asks about, and where its question ends (after the type and class)."""
+        labels, at = [], 12
+        while query[at]:
+            labels.append(query[at + 1 : at + 1 + query[at]].decode())
+            at += 1 + query[at]
+        return ".".join(labels), at + 5
+
+    def _reply(self, query: bytes, end: int) -> bytes:
+        """The answer to ``query``: for type A, ``address``; for any other type, none."""
+        is_a = query[end - 4 : end - 2] == b"\0\1"
+        header = query[:2] + b"\x81\x80\0\1" + (b"\0\1" if is_a else b"\0\0") + b"\0\0\0\0"
+        record = b"\xc0\x0c\0\1\0\1\0\0\0\0\0\4" + socket.inet_aton(self.address)  # the name, A, IN, TTL 0
+        return header + query[12:end] + (record if is_a else b"")
+
+
+async def post_offer(http: aiohttp.ClientSession, headers: dict[str, str]) -> str:
+    """The relay's answer to a browser's offer (one the relay only answers: nothing connects)."""
+    offer = (ROOT / "tests" / "data" / "offer_chromium_156.sdp").read_bytes()
+    async with http.post(WHEP, data=offer, headers={**headers, "Content-Type": "application/sdp"}) as resp:
+        assert resp.status == 201, await resp.text()
+        return await resp.text()
+
+
+def candidate_addresses(answer: str) -> set[str]:
+    return {line.split()[4] for line in answer.splitlines() if line.startswith("a=candidate:")}
+
+
+@pytest.mark.timeout(180)
+async def test_a_dns_outage_holds_up_no_password_login(tmp_path):
+    # More answers at once than the event loop's default executor has threads (Python's default), each looking up
+    # the additional host's name and the STUN server's (aioice does that on the default executor): before, they
+    # held every one of its threads, and a login's scrypt waited behind them.
+    lookups = min(32, (os.cpu_count() or 1) + 4) + 2
+    name, stun_name = "camera.example.org", "stun.example.org"
+    basic = {"Authorization": aiohttp.encode_basic_auth("viewer", PASSWORD)}
+    with Internet() as net:
+        net.router_rules(forward_ice=False)
+        net.resolv_conf(net.home, f"nameserver {ROUTER_LAN}\noptions use-vc\n")
+        auth = f'mode = "password"\nuser = "viewer"\npassword_hash = "{hash_password(PASSWORD)}"'
+        webrtc = (
+            f'additional_hosts = ["{name}"]\nice_servers = ["stun:{stun_name}:{TURN_PORT}"]\n'
+            f"max_pending_per_address = {2 * lookups}\nsession_burst = {2 * lookups}"  # none is refused
+        )
+        with relay(net, tmp_path, webrtc, auth) as camrelay:
+            async with HeldDns(net.router, (ROUTER_LAN, 53), ROUTER_WAN) as dns:
+                with inside(net.phone):
+                    async with aiohttp.ClientSession() as http:
+                        await wait_streaming(http, camrelay, basic)
+                        # The DNS server holds every lookup: each answer goes without the name, after its wait.
+                        answers = await asyncio.gather(*(post_offer(http, basic) for _ in range(lookups)))
+                        assert all(candidate_addresses(a) == {RELAY_LAN} for a in answers)
+                        # The name's lookups wait on two threads of their own, however many viewers came.
+                        assert dns.queries[name] == RESOLVER_THREADS and dns.queries[stun_name] >= 1, dns.queries
+                        assert dns.answered == 0
+
+                        # A password the relay has not verified yet (its cache is by header: this one is spelt
+                        # otherwise) costs a scrypt: it is answered while the lookups are still held.
+                        login = {"Authorization": basic["Authorization"].replace("Basic ", "basic ")}
+                        async with asyncio.timeout(READY_TIMEOUT):
+                            async with http.get(f"http://{ROUTER_WAN}:{HTTP_PORT}/api/v1/streams", headers=login) as r:
+                                assert r.status == 200
+                        assert dns.answered == 0
+
+                        # DNS back: the name is in the next answer.
+                        dns.release()
+                        assert candidate_addresses(await post_offer(http, basic)) == {RELAY_LAN, ROUTER_WAN}
+    assert f"ice additional host {name} not resolved (timeout); answering without it" in camrelay.log.read_text()
