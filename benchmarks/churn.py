@@ -40,7 +40,7 @@ def _client_round(url: str, n: int) -> None:
     import aiohttp
 
     from benchmarks.peers import _install_decoders
-    from relay.webrtc import restrict_host_addresses
+    from relay.borrowed import restrict_host_addresses
     from relay.whepclient import WhepViewer
 
     restrict_host_addresses(["127.0.0.1"])

@@ -131,7 +131,7 @@ def _install_decoders(probe: bool) -> list[_CountingDecoder]:
 async def _webrtc_peers(plan: PeerPlan, ready: mp.Queue, start: mp.Event) -> list[dict]:
     import aiohttp
 
-    from relay.webrtc import restrict_host_addresses
+    from relay.borrowed import restrict_host_addresses
     from relay.whepclient import WhepViewer, sample
 
     restrict_host_addresses(["127.0.0.1"])  # loopback only

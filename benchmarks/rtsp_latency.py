@@ -29,7 +29,7 @@ from benchmarks.options import add_stream_options
 from benchmarks.peers import percentile
 from benchmarks.ports import free_port, free_rtp_pair
 from relay import pixelclock
-from relay.webrtc import restrict_host_addresses
+from relay.borrowed import restrict_host_addresses
 from relay.whepclient import WhepViewer, luma
 
 SETTLE = 1.0  # seconds of each reader's output that are not counted

@@ -32,8 +32,8 @@ import aiohttp
 from benchmarks.options import add_stream_options
 from benchmarks.peers import percentile
 from benchmarks.ports import free_port
+from relay.borrowed import restrict_host_addresses
 from relay.ice import rest_credential
-from relay.webrtc import restrict_host_addresses
 from relay.whepclient import WhepViewer
 
 TURNSERVER = "/usr/bin/turnserver"  # Debian's coturn (scripts/setup installs it with the test tools)

@@ -123,6 +123,9 @@ class WebRTCConfig:
     max_pending_per_address: int = 8
     session_rate: float = 1.0  # new sessions per second per client address, after the burst
     session_burst: int = 20  # new sessions one address may open at once (a page with many tiles)
+    # A viewer's datagrams of one event-loop pass leave in one segmented write (relay.udpbatch); off: one
+    # system call per datagram, as aiortc sends (the batcher's A/B, docs/benchmarks.md).
+    batch_sends: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -513,6 +516,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "max_pending_per_address": _int(1, MAX_VIEWERS_LIMIT),
         "session_rate": _number(MIN_SESSION_RATE, MAX_SESSION_RATE),
         "session_burst": _int(1, MAX_VIEWERS_LIMIT),
+        "batch_sends": _bool,
     },
     "telemetry": {"log_interval": _duration(1.0, DAY), "thermal_limit": _celsius},
     "devices": {"discover": _bool, "discover_interval": _duration(0.1, 3600.0)},

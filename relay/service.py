@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -33,8 +34,7 @@ from .rtsp import (
 )
 from .stream import Stream
 from .telemetry import Snapshot, StreamSample, Telemetry, ThermalGuard
-from .udpbatch import batch_sends
-from .webrtc import ViewerSessions, restrict_host_addresses, watch_ice
+from .webrtc import ViewerSessions, process_patches
 from .whip import WhipPublisher
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,11 @@ class Relay:
         self.streams: dict[str, Stream] = {}
         w = config.webrtc
         self.sessions = ViewerSessions(
-            self.hub_for, lambda: ice.for_relay(w), w.connect_timeout, additional_hosts=w.additional_hosts
+            self.hub_for,
+            lambda: ice.for_relay(w),
+            w.connect_timeout,
+            additional_hosts=w.additional_hosts,
+            batch=w.batch_sends,
         )
         self.state_dir = Path(config.state_dir) if config.state_dir else default_state_dir()
         self.mediamtx: Mediamtx | None = None
@@ -98,6 +102,7 @@ class Relay:
         self._publish: tuple[str, asyncio.Event | None, str] | None = None  # base URL, ready, transport
         self.automatic = not config.streams
         self.discovery: Discovery | None = None
+        self._patches = contextlib.ExitStack()  # aioice's process-wide patches, held while this relay runs
         if self.automatic:
             self.names = StreamNames(self.state_dir / "stream-names.json")
             self.discovery = Discovery(list_devices, self._camera_found, config.devices.discover_interval)
@@ -115,10 +120,9 @@ class Relay:
         return stream.hub
 
     async def start(self) -> None:
-        restrict_host_addresses(list(self.config.webrtc.ice_addresses) or None)
-        ice.log_settings(self.config.webrtc)
-        watch_ice(True)
-        batch_sends(True)
+        w = self.config.webrtc
+        self._patches.enter_context(process_patches(w.ice_addresses, w.batch_sends))
+        ice.log_settings(w)
         try:
             initial = list(self.config.streams)
             if self.automatic:
@@ -171,8 +175,9 @@ class Relay:
         for entry in self.config.whip:
             if entry.stream == sc.name:
                 whip = WhipPublisher(
-                    stream.hub, entry.url, entry.bearer_token, lambda: ice.for_relay(w), w.connect_timeout
-                )
+                    stream.hub, entry.url, entry.bearer_token, lambda: ice.for_relay(w), w.connect_timeout,
+                    batch=w.batch_sends,
+                )  # fmt: skip
                 self.whip_publishers.append(whip)
                 whip.start()
         rc = self.config.record
@@ -289,9 +294,7 @@ class Relay:
         await asyncio.gather(*(step(f"stream {n}", s.close()) for n, s in self.streams.items()))
         if self.mediamtx is not None:
             await step("mediamtx", self.mediamtx.close())
-        restrict_host_addresses(None)
-        watch_ice(False)
-        batch_sends(False)
+        self._patches.close()
         log.info("relay stopped")
 
     def describe(self, stream: Stream) -> dict:

@@ -14,9 +14,10 @@ same size but the last (``relay.webrtc.payloads_for``), a frame is one or two
 system calls per viewer. Where GSO is missing or refused, it sends datagram
 by datagram as before, and says so once.
 
-Installed process-wide on aioice's socket protocol (``batch_sends(True)``),
-like ``restrict_host_addresses``: the relay is the only aioice user in its
-process.
+RTP leaves through ``send_now`` (``relay.rtpsend``); aioice's own data sends
+(DTLS, RTCP) through ``PATCH``, process-wide on aioice's socket protocol
+(``relay.borrowed``), held while a relay with ``[webrtc] batch_sends`` on
+runs. With it off, datagrams leave one system call each (``send_direct``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import socket
 import struct
 import sys
 
-import aioice.ice
+from . import borrowed
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ GSO_UNSUPPORTED = {errno.ENOPROTOOPT, errno.EOPNOTSUPP}
 GSO_REFUSED_HERE = {errno.EINVAL, errno.EIO, errno.EMSGSIZE}
 
 _ATTR = "_camrelay_batcher"
-_ORIGINAL_SEND_DATA = aioice.ice.StunProtocol.send_data
 _state = {"gso": sys.platform == "linux"}
 
 
@@ -153,7 +153,7 @@ def _batchable(transport) -> bool:
     )
 
 
-def send_now(protocol: aioice.ice.StunProtocol, data: bytes, addr: tuple) -> None:
+def send_now(protocol: asyncio.DatagramProtocol, data: bytes, addr: tuple) -> None:
     """Queue a datagram on ``protocol``'s socket for the end of this event-loop pass."""
     batcher = protocol.__dict__.get(_ATTR)
     if batcher is None or batcher.transport is not protocol.transport:
@@ -165,14 +165,13 @@ def send_now(protocol: aioice.ice.StunProtocol, data: bytes, addr: tuple) -> Non
     batcher.send(data, addr)
 
 
-async def _send_data(self: aioice.ice.StunProtocol, data: bytes, addr: tuple) -> None:
-    send_now(self, data, addr)
+def send_direct(protocol: asyncio.DatagramProtocol, data: bytes, addr: tuple) -> None:
+    """One datagram, one system call: as aioice sends, for the batcher's A/B (``[webrtc] batch_sends = false``)."""
+    protocol.transport.sendto(data, addr)
 
 
-def batch_sends(on: bool) -> None:
-    """Batch aioice's data sends in this process (on), or restore datagram-by-datagram sends (off)."""
-    aioice.ice.StunProtocol.send_data = _send_data if on else _ORIGINAL_SEND_DATA
+PATCH = borrowed.send_data_patch(send_now)  # aioice's own data sends, batched while held
 
 
-def batcher_of(protocol: aioice.ice.StunProtocol) -> Batcher | None:
+def batcher_of(protocol: asyncio.DatagramProtocol) -> Batcher | None:
     return protocol.__dict__.get(_ATTR)

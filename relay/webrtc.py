@@ -1,34 +1,36 @@
 """WebRTC viewers: aiortc peers that only packetize and encrypt.
 
 Each viewer's track yields the hub's already-encoded frames, so aiortc never
-encodes for a viewer. Two aiortc internals are touched, both per sender
-instance and both pinned by tests (``tests/test_aiortc_hooks.py``):
-
-- the sender's packer is replaced by ``SharedPacker``, which splits each access
-  unit into RTP payloads once per frame for all viewers instead of once per
-  viewer;
-- the sender's ``_send_keyframe`` (called on PLI and FIR) is routed to the
-  shared encoder, because aiortc ignores PLI for tracks that yield packets.
+encodes for a viewer: its sender packs with ``SharedPacker``, which splits
+each access unit into RTP payloads once per frame for all viewers; its PLI
+and FIR go to the shared encoder; and it sends per frame (relay.rtpsend).
+The aiortc internals this takes are in ``relay.borrowed``, pinned by
+``tests/test_aiortc_hooks.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import aioice.ice
-from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCRtpSender, RTCSessionDescription
-from aiortc.codecs import h264
-from aiortc.codecs.h264 import H264Encoder as AiortcH264
-from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from aiortc.rtcrtpparameters import RTCRtpCodecCapability
+from aiortc import (
+    MediaStreamError,
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCRtpCodecCapability,
+    RTCRtpSender,
+    RTCSessionDescription,
+)
 from aiortc.sdp import candidate_from_sdp
 
-from . import ice, rtpsend
+from . import borrowed, ice, rtpsend, udpbatch
 from .hub import EncodedFrame, HubClosed, PacketHub, Subscription
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,6 @@ PREFERRED_PROFILES = ("42e01f", "42001f")
 # A session whose ICE/DTLS never completes is freed by us, not by aiortc's
 # minute-long consent timeout.
 CONNECT_TIMEOUT = 15.0
-_SENDER_ENCODER_ATTR = "_RTCRtpSender__encoder"
 
 
 class SharedPacker:
@@ -48,32 +49,10 @@ class SharedPacker:
         return payloads_for(frame), frame.pts
 
 
-class _EqualFragments(AiortcH264):
-    """aiortc's H.264 packetizer with FU-A fragments all full-size but the last.
-
-    aiortc spreads a NAL unit evenly (sizes differ by one byte); full-size
-    fragments make a frame's datagrams equal-size but the last, so the whole
-    run leaves in one segmented write (relay.udpbatch).
-    """
-
-    @staticmethod
-    def _packetize_fu_a(data: bytes) -> list[bytes]:
-        room = h264.PACKET_MAX - h264.FU_A_HEADER_SIZE
-        indicator = (data[0] & 0xE0) | h264.NAL_TYPE_FU_A  # F and NRI of the NAL unit, type FU-A
-        nal_type = data[0] & 0x1F
-        body = memoryview(data)[h264.NAL_HEADER_SIZE :]
-        starts = range(0, len(body), room)
-        last = starts[-1]
-        return [
-            bytes((indicator, nal_type | (0x80 if i == 0 else 0) | (0x40 if i == last else 0))) + body[i : i + room]
-            for i in starts
-        ]
-
-
 def payloads_for(frame: EncodedFrame) -> list[bytes]:
     """RTP payloads (single NAL, STAP-A, FU-A) for one frame, computed once."""
     if frame.payloads is None:
-        frame.payloads = _EqualFragments._packetize(AiortcH264._split_bitstream(frame.data))
+        frame.payloads = borrowed.packetize(frame.data)
     return frame.payloads
 
 
@@ -112,13 +91,11 @@ class HubTrack(MediaStreamTrack):
             self.subscription.close()
 
 
-def attach_to_sender(sender: RTCRtpSender, hub: PacketHub) -> None:
-    """Make ``sender`` pack shared frames and route its PLI/FIR to the shared encoder."""
-    if not hasattr(sender, _SENDER_ENCODER_ATTR) or not hasattr(sender, "_send_keyframe"):
-        raise RuntimeError("aiortc's RTCRtpSender internals changed; camrelay's hooks need updating")
-    setattr(sender, _SENDER_ENCODER_ATTR, SharedPacker())
-    sender._send_keyframe = hub.request_keyframe  # type: ignore[method-assign]
-    rtpsend.install(sender)
+def attach_to_sender(sender: RTCRtpSender, hub: PacketHub, batch: bool = True) -> None:
+    """Make ``sender`` pack shared frames, route its PLI/FIR to the shared encoder and send per frame
+    (``batch``: through the socket batcher, relay.udpbatch)."""
+    borrowed.attach(sender, SharedPacker(), hub.request_keyframe)
+    rtpsend.install(sender, batch)
 
 
 def h264_preferences() -> list[RTCRtpCodecCapability]:
@@ -133,26 +110,6 @@ def h264_preferences() -> list[RTCRtpCodecCapability]:
     return h264 + rtx
 
 
-def restrict_host_addresses(addresses: list[str] | None) -> None:
-    """Gather ICE host candidates only on ``addresses`` (None: every interface).
-
-    aioice offers every interface but loopback; a relay bound to one LAN, or a
-    test on loopback, wants exactly the addresses it names. Process-wide,
-    because aioice looks the function up at gather time.
-    """
-    if addresses is None:
-        aioice.ice.get_host_addresses = _ORIGINAL_GET_HOST_ADDRESSES
-        return
-    fixed = list(addresses)
-
-    def host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
-        return [a for a in fixed if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
-
-    aioice.ice.get_host_addresses = host_addresses
-
-
-_ORIGINAL_GET_HOST_ADDRESSES = aioice.ice.get_host_addresses
-
 # A viewer that vanishes without a DELETE or a DTLS close (a laptop lid shut,
 # a phone leaving Wi-Fi) would hold its slot and socket until aioice's consent
 # checks give up: 6 unanswered checks 5 s apart, 30 s. A live viewer is never
@@ -163,36 +120,20 @@ _ORIGINAL_GET_HOST_ADDRESSES = aioice.ice.get_host_addresses
 # while still sending its reports.
 VIEWER_SILENCE = 10.0  # seconds without a datagram from a connected viewer
 LIVENESS_CHECK = 2.0  # seconds between looks
-_ORIGINAL_DATAGRAM_RECEIVED = aioice.ice.StunProtocol.datagram_received
 
 
-def _datagram_received(self: aioice.ice.StunProtocol, data: bytes | str, addr: tuple) -> None:
-    if not data:
-        return  # aiortc's DTLS transport dies on an empty datagram (IndexError): never pass one on
-    conn = self.receiver
-    pair = conn._nominated.get(1) if conn._nominated else None
-    if pair is None or (addr[0], addr[1]) == pair.remote_addr:
-        conn.camrelay_last_received = time.monotonic()
-    elif data[0] > 3:
-        # Not STUN (RFC 7983: 0-3), and not from the viewer's address: once ICE
-        # has chosen a pair, DTLS and SRTP come from its remote address only.
-        # Garbage sprayed at the port must neither reach DTLS nor keep a session alive.
-        return
-    _ORIGINAL_DATAGRAM_RECEIVED(self, data, addr)
-
-
-def watch_ice(on: bool) -> None:
-    """Process-wide (like ``restrict_host_addresses``): note when each ICE connection last heard
-    from its peer, and drop empty datagrams and non-STUN ones from strangers."""
-    aioice.ice.StunProtocol.datagram_received = _datagram_received if on else _ORIGINAL_DATAGRAM_RECEIVED
-
-
-def last_heard(pc: RTCPeerConnection) -> float | None:
-    """When the viewer behind ``pc`` last sent anything (monotonic), if known."""
-    transceivers = pc.getTransceivers()  # a viewer session has exactly one
-    dtls = transceivers[0].sender.transport if transceivers else None
-    conn = getattr(dtls.transport, "_connection", None) if dtls else None
-    return getattr(conn, "camrelay_last_received", None)
+@contextlib.contextmanager
+def process_patches(ice_addresses: tuple[str, ...] = (), batch: bool = True):
+    """aioice's process-wide patches a relay needs, held while it runs (``relay.borrowed.Patch``): host
+    candidates only on ``ice_addresses`` (none: every interface), the watch on what each connection hears,
+    and (``batch``) aioice's own sends through the socket batcher."""
+    with contextlib.ExitStack() as held:
+        if ice_addresses:
+            held.callback(borrowed.restrict_host_addresses(ice_addresses))
+        held.callback(borrowed.WATCH_ICE.hold())
+        if batch:
+            held.callback(udpbatch.PATCH.hold())
+        yield
 
 
 class OfferRejected(Exception):
@@ -226,8 +167,10 @@ class ViewerSessions:
         connect_timeout: float = CONNECT_TIMEOUT,
         silence: float = VIEWER_SILENCE,
         additional_hosts: tuple[str, ...] = (),
+        batch: bool = True,
     ) -> None:
         self._hub_for = hub_for
+        self._batch = batch  # RTP through the socket batcher (relay.udpbatch)
         self._silence = silence
         # Asked for each session (its TURN credentials are minted for it); none: host candidates only,
         # nothing waits on STUN.
@@ -292,7 +235,7 @@ class ViewerSessions:
             # Browsers list VP8 first; without this the H.264 bytes would go
             # out labelled as whatever the offer preferred.
             transceiver.setCodecPreferences(h264_preferences())
-            attach_to_sender(transceiver.sender, hub)
+            attach_to_sender(transceiver.sender, hub, self._batch)
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
             except Exception as exc:  # aiortc's parser raises ValueError, AssertionError, KeyError, ...
@@ -386,7 +329,7 @@ class ViewerSessions:
     def _check_alive(self, session: ViewerSession) -> None:
         if session.closed:
             return
-        heard = last_heard(session.pc)
+        heard = borrowed.last_heard(session.pc)
         if heard is not None and time.monotonic() - heard > self._silence:
             log.warning(
                 "stream=%s session=%s silent for %.0fs; viewer gone", session.stream, session.id[:8], self._silence

@@ -41,13 +41,13 @@ import aiohttp
 from aiortc import RTCBundlePolicy, RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from yarl import URL
 
-from . import rtpsend
+from . import borrowed
 from .aio import cancel_and_wait
 from .backoff import Backoff, Retry
 from .hub import PacketHub
 from .ice import IceServer, gathered_with, parse_links
 from .logsafe import redact
-from .webrtc import CONNECT_TIMEOUT, LIVENESS_CHECK, HubTrack, attach_to_sender, h264_preferences, last_heard
+from .webrtc import CONNECT_TIMEOUT, LIVENESS_CHECK, HubTrack, attach_to_sender, h264_preferences
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ class WhipPublisher:
         ice_servers: Callable[[], list[RTCIceServer]] = list,
         connect_timeout: float = CONNECT_TIMEOUT,
         retry: Backoff = RETRY,
+        batch: bool = True,
     ) -> None:
         self.hub = hub
         self.stream = hub.stream
@@ -120,6 +121,7 @@ class WhipPublisher:
         # The relay's own ([webrtc] ice_servers), asked for each session: minted TURN credentials expire.
         self._ice_servers = ice_servers
         self._connect_timeout = connect_timeout
+        self._batch = batch  # RTP through the socket batcher (relay.udpbatch)
         self._sent = (0, 0)  # payload bytes and packets of the sessions that ended
         self._sender = None  # the current session's RTP sender
         self._retry = Retry(retry)
@@ -129,11 +131,11 @@ class WhipPublisher:
     @property
     def bytes_sent(self) -> int:
         """RTP payload bytes sent to the server, all sessions."""
-        return self._sent[0] + (rtpsend.sent(self._sender)[0] if self._sender else 0)
+        return self._sent[0] + (borrowed.sent(self._sender)[0] if self._sender else 0)
 
     @property
     def packets_sent(self) -> int:
-        return self._sent[1] + (rtpsend.sent(self._sender)[1] if self._sender else 0)
+        return self._sent[1] + (borrowed.sent(self._sender)[1] if self._sender else 0)
 
     def describe(self) -> dict:
         """For the API: never the token, and the URL without its path."""
@@ -223,7 +225,7 @@ class WhipPublisher:
         try:
             transceiver = pc.addTransceiver(track, direction="sendonly")
             transceiver.setCodecPreferences(h264_preferences())
-            attach_to_sender(transceiver.sender, self.hub)
+            attach_to_sender(transceiver.sender, self.hub, self._batch)
             self._sender = transceiver.sender
             await pc.setLocalDescription(await pc.createOffer())
             answer, location, named = await self._post(pc.localDescription.sdp)
@@ -283,7 +285,7 @@ class WhipPublisher:
                 await asyncio.sleep(LIVENESS_CHECK)
                 if pc.connectionState != "connected":
                     raise WhipError(f"connection {pc.connectionState}")
-                heard = last_heard(pc)
+                heard = borrowed.last_heard(pc)
                 if heard is not None and time.monotonic() - heard > SERVER_SILENCE:
                     raise WhipError(f"server silent for {SERVER_SILENCE:g}s")
         finally:
@@ -291,7 +293,7 @@ class WhipPublisher:
 
     async def _close_session(self, pc: RTCPeerConnection, track: HubTrack, location: str | None) -> None:
         if self._sender is not None:
-            sent = rtpsend.sent(self._sender)
+            sent = borrowed.sent(self._sender)
             self._sent = (self._sent[0] + sent[0], self._sent[1] + sent[1])
             self._sender = None
         await self._delete(location)  # first: RFC 9725's way to end a session; closing DTLS is the fallback

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from relay.borrowed import _EqualFragments
 from relay.udpbatch import MAX_SEGMENTS, batcher_of, runs
-from relay.webrtc import _EqualFragments
 from relay.whepclient import WhepViewer
 
 A, B = ("127.0.0.1", 1000), ("127.0.0.1", 2000)

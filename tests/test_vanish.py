@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 VIEWER = """
 import asyncio, sys
 import aiohttp
-from relay.webrtc import restrict_host_addresses
+from relay.borrowed import restrict_host_addresses
 from relay.whepclient import WhepViewer
 
 async def main():

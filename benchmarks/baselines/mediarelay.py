@@ -27,11 +27,11 @@ from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamTrack
 
 from benchmarks.baselines import arguments
+from relay.borrowed import restrict_host_addresses
 from relay.capture import parse_size
 from relay.config import parse_bitrate
 from relay.encode import EncoderSettings, H264Encoder, JpegDecoder
 from relay.testpattern import PatternRenderer
-from relay.webrtc import restrict_host_addresses
 
 TIME_BASE = fractions.Fraction(1, 90_000)
 KEYFRAME_INTERVAL = 1.0  # seconds: camrelay's default

@@ -1,0 +1,330 @@
+"""Every private aiortc and aioice name camrelay uses, and nothing else.
+
+aiortc encodes per viewer and sends per packet; camrelay encodes once and
+sends per frame. That needs a few of aiortc's and aioice's internals, all of
+them here, so an upgrade that moves one breaks this module alone (and
+``tests/test_aiortc_hooks.py`` names what moved):
+
+- on each sender (``RTCRtpSender``): its encoder slot (``__encoder``) holds a
+  packer that packs shared frames; ``_send_keyframe`` (PLI, FIR) goes to the
+  shared encoder; ``_run_rtp`` and ``_retransmit`` are camrelay's per-frame
+  send loop (``relay.rtpsend``), which reads and writes the sender's private
+  fields through ``SenderFields``;
+- aiortc's H.264 packetizer, with FU-A fragments all full-size but the last
+  (``packetize``);
+- process-wide, on aioice's module and its socket protocol, each a ``Patch``
+  held by whoever needs it and removed when the last holder lets go: the
+  host addresses ICE gathers on (``restrict_host_addresses``), a watch on what
+  each connection hears (``WATCH_ICE``, read by ``last_heard``), and aioice's
+  own data sends (``send_data_patch``, for ``relay.udpbatch``).
+
+Imported, it checks the versions of aiortc and aioice against those it was
+written for (``WRITTEN_FOR``, the bounds in ``pyproject.toml``) and refuses
+others with a message naming both.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import time
+import types
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import aioice
+import aioice.ice
+import aiortc
+from aiortc.codecs import h264
+from aiortc.codecs.h264 import H264Encoder as AiortcH264
+from aiortc.rtcdtlstransport import State as DtlsState
+
+# [lowest, first unsupported) of each, as pyproject.toml declares them: the upper bound is the next minor
+# release after the one tests/test_aiortc_hooks.py last passed with (TESTED_WITH).
+WRITTEN_FOR = {"aiortc": ("1.14", "1.17"), "aioice": ("0.12", "0.14")}
+TESTED_WITH = {"aiortc": "1.16", "aioice": "0.13"}
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in re.findall(r"\d+", text)[:3])
+
+
+def check_versions(found: dict[str, str]) -> None:
+    """``ImportError`` naming the versions these hooks were written for when one in ``found`` is outside them."""
+    wrong = [
+        f"{name} {version}"
+        for name, version in found.items()
+        if not _version(WRITTEN_FOR[name][0]) <= _version(version) < _version(WRITTEN_FOR[name][1])
+    ]
+    if wrong:
+        wanted = " and ".join(f"{name}>={lo},<{hi}" for name, (lo, hi) in WRITTEN_FOR.items())
+        tested = " and ".join(f"{name} {v}" for name, v in TESTED_WITH.items())
+        raise ImportError(
+            f"camrelay's aiortc and aioice hooks (relay/borrowed.py) were written for {wanted} (tested with"
+            f" {tested}); found {', '.join(wrong)}. Install those versions (pip install -e . does), or update the"
+            " hooks: tests/test_aiortc_hooks.py names what moved"
+        )
+
+
+check_versions({"aiortc": aiortc.__version__, "aioice": aioice.__version__})
+
+
+# -- process-wide patches
+
+
+class Patch:
+    """One replacement of an attribute of aioice's, in place while anyone holds it (``hold()``, then the
+    release it returns): two relays in one process share it, and the last to close removes it."""
+
+    def __init__(self, owner: object, name: str, replacement: Callable) -> None:
+        self.owner = owner
+        self.name = name
+        self.replacement = replacement
+        self.original = getattr(owner, name)
+        self.holders = 0
+
+    @property
+    def installed(self) -> bool:
+        return getattr(self.owner, self.name) is self.replacement
+
+    def hold(self) -> Callable[[], None]:
+        if not self.holders:
+            setattr(self.owner, self.name, self.replacement)
+        self.holders += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            self.holders -= 1
+            if not self.holders:
+                setattr(self.owner, self.name, self.original)
+
+        return release
+
+
+_host_addresses: collections.Counter[str] = collections.Counter()  # every holder's, in the order first held
+
+
+def _restricted_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+    return [a for a in _host_addresses if (":" in a and use_ipv6) or (":" not in a and use_ipv4)]
+
+
+HOST_ADDRESSES = Patch(aioice.ice, "get_host_addresses", _restricted_host_addresses)
+
+
+def restrict_host_addresses(addresses: Iterable[str]) -> Callable[[], None]:
+    """Gather ICE host candidates only on ``addresses`` (and those of other holders) until the returned release.
+
+    aioice offers every interface but loopback; a relay bound to one LAN, or a
+    test on loopback, wants exactly the addresses it names. Process-wide,
+    because aioice looks the function up at gather time.
+    """
+    held = list(addresses)
+    _host_addresses.update(held)
+    release_patch = HOST_ADDRESSES.hold()
+
+    def release() -> None:
+        if HOST_ADDRESSES.holders and held:
+            _host_addresses.subtract(held)
+            for address in [a for a, n in _host_addresses.items() if n <= 0]:
+                del _host_addresses[address]
+            held.clear()
+        release_patch()
+
+    return release
+
+
+def _datagram_received(self: aioice.ice.StunProtocol, data: bytes | str, addr: tuple) -> None:
+    if not data:
+        return  # aiortc's DTLS transport dies on an empty datagram (IndexError): never pass one on
+    conn = self.receiver
+    pair = conn._nominated.get(1) if conn._nominated else None
+    if pair is None or (addr[0], addr[1]) == pair.remote_addr:
+        conn.camrelay_last_received = time.monotonic()
+    elif data[0] > 3:
+        # Not STUN (RFC 7983: 0-3), and not from the viewer's address: once ICE
+        # has chosen a pair, DTLS and SRTP come from its remote address only.
+        # Garbage sprayed at the port must neither reach DTLS nor keep a session alive.
+        return
+    WATCH_ICE.original(self, data, addr)
+
+
+# Note when each ICE connection last heard from its peer (``last_heard``), and drop empty datagrams and
+# non-STUN ones from strangers.
+WATCH_ICE = Patch(aioice.ice.StunProtocol, "datagram_received", _datagram_received)
+
+
+def send_data_patch(send: Callable[[Any, bytes, tuple], None]) -> Patch:
+    """aioice's data sends (DTLS, RTCP: ``StunProtocol.send_data``) made by ``send(protocol, data, addr)``."""
+
+    async def send_data(self: aioice.ice.StunProtocol, data: bytes, addr: tuple) -> None:
+        send(self, data, addr)
+
+    return Patch(aioice.ice.StunProtocol, "send_data", send_data)
+
+
+def last_heard(pc: aiortc.RTCPeerConnection) -> float | None:
+    """When the peer behind ``pc`` last sent anything (monotonic), if known (``WATCH_ICE`` held)."""
+    transceivers = pc.getTransceivers()  # a viewer session has exactly one
+    dtls = transceivers[0].sender.transport if transceivers else None
+    conn = getattr(dtls.transport, "_connection", None) if dtls else None
+    return getattr(conn, "camrelay_last_received", None)
+
+
+def nominated_pair(dtls: aiortc.RTCDtlsTransport) -> Any:
+    """The ICE candidate pair a DTLS transport's connection chose (its ``protocol`` and ``remote_addr``), or None."""
+    return dtls.transport._connection._nominated.get(1)
+
+
+# -- one sender
+
+
+_SENDER = "_RTCRtpSender__"  # aiortc's private sender fields
+_DTLS = "_RTCDtlsTransport__"
+_ENCODER = _SENDER + "encoder"
+SENDER_FIELDS = (
+    "track", "mid", "rtp_started", "rtp_exited", "rtp_header_extensions_map", "rtx_payload_type",
+    "rtx_sequence_number", "ntp_timestamp", "rtp_timestamp", "octet_count", "packet_count", "encoder",
+)  # fmt: skip
+
+
+def attach(sender: aiortc.RTCRtpSender, packer: object, request_keyframe: Callable[[], None]) -> None:
+    """``sender`` packs with ``packer`` (``pack(frame) -> (payloads, timestamp)``) instead of encoding, and its
+    PLI and FIR call ``request_keyframe`` (aiortc ignores them for tracks that yield packets)."""
+    if not hasattr(sender, _ENCODER) or not hasattr(sender, "_send_keyframe"):
+        raise RuntimeError("aiortc's RTCRtpSender internals changed; camrelay's hooks need updating")
+    setattr(sender, _ENCODER, packer)
+    sender._send_keyframe = request_keyframe  # type: ignore[method-assign]
+
+
+def replace_send_loop(sender: aiortc.RTCRtpSender, run_rtp: Callable, retransmit: Callable) -> None:
+    """``sender`` runs ``run_rtp(sender, codec)`` as its RTP loop and ``retransmit(sender, sequence)`` on NACK."""
+    missing = [f for f in SENDER_FIELDS if not hasattr(sender, _SENDER + f)]
+    if missing:
+        raise RuntimeError(f"aiortc's RTCRtpSender lacks {missing}; camrelay's fast send path needs updating")
+    sender._run_rtp = types.MethodType(run_rtp, sender)  # type: ignore[method-assign]
+    sender._retransmit = types.MethodType(retransmit, sender)  # type: ignore[method-assign]
+
+
+class SenderFields:
+    """The private fields of one ``RTCRtpSender`` that a send loop reads and writes, by name."""
+
+    __slots__ = ("sender", "_fields")
+
+    def __init__(self, sender: aiortc.RTCRtpSender) -> None:
+        self.sender = sender
+        self._fields = sender.__dict__
+
+    @property
+    def track(self):
+        return self._fields[_SENDER + "track"]
+
+    @property
+    def mid(self) -> str | None:
+        return self._fields[_SENDER + "mid"]
+
+    @property
+    def extensions_map(self):
+        return self._fields[_SENDER + "rtp_header_extensions_map"]
+
+    @property
+    def ssrc(self) -> int:
+        return self.sender._ssrc
+
+    @property
+    def rtx_payload_type(self) -> int | None:
+        return self._fields[_SENDER + "rtx_payload_type"]
+
+    @property
+    def rtx_ssrc(self) -> int:
+        return self.sender._rtx_ssrc
+
+    def next_rtx_sequence(self) -> int:
+        number = self._fields[_SENDER + "rtx_sequence_number"]
+        self._fields[_SENDER + "rtx_sequence_number"] = (number + 1) & 0xFFFF
+        return number
+
+    def started(self) -> None:
+        self._fields[_SENDER + "rtp_started"].set()
+
+    async def next_frame(self, codec):
+        """aiortc's next encoded frame (our packer's payloads and timestamp), or None."""
+        return await self.sender._next_encoded_frame(codec)
+
+    def count(self, ntp: int, timestamp: int, octets: int, packets: int) -> None:
+        """What aiortc keeps per packet, once per frame: RTCP sender reports and stats read these."""
+        f = self._fields
+        f[_SENDER + "ntp_timestamp"] = ntp
+        f[_SENDER + "rtp_timestamp"] = timestamp
+        f[_SENDER + "octet_count"] += octets
+        f[_SENDER + "packet_count"] += packets
+
+    def exited(self) -> None:
+        """As aiortc's loop ends: the track stopped and let go, the encoder gone, ``rtp_exited`` set."""
+        f = self._fields
+        track = f[_SENDER + "track"]
+        if track:
+            track.stop()
+            f[_SENDER + "track"] = None
+        f[_ENCODER] = None
+        f[_SENDER + "rtp_exited"].set()
+
+    async def send_rtp(self, data: bytes) -> None:
+        await self.sender.transport._send_rtp(data)
+
+
+def sent(sender: aiortc.RTCRtpSender) -> tuple[int, int]:
+    """RTP payload bytes and packets ``sender`` has sent, as its RTCP sender reports count them."""
+    f = sender.__dict__
+    return f.get(_SENDER + "octet_count", 0), f.get(_SENDER + "packet_count", 0)
+
+
+def dtls_socket(dtls: aiortc.RTCDtlsTransport) -> tuple[Any, tuple, Callable[[bytes], bytes]]:
+    """The ICE pair's socket protocol, the peer's address and the SRTP protect function; ConnectionError
+    while DTLS is not connected or ICE has no pair."""
+    if dtls._state != DtlsState.CONNECTED:
+        raise ConnectionError("DTLS not connected")
+    pair = nominated_pair(dtls)
+    if pair is None:
+        raise ConnectionError("no ICE pair")
+    return pair.protocol, pair.remote_addr, dtls._tx_srtp.protect
+
+
+def count_dtls_sent(dtls: aiortc.RTCDtlsTransport, octets: int, packets: int) -> None:
+    """The transport's own counters (its stats), as aiortc keeps them per packet; never fails the send."""
+    f = dtls.__dict__
+    f[_DTLS + "tx_bytes"] = f.get(_DTLS + "tx_bytes", 0) + octets
+    f[_DTLS + "tx_packets"] = f.get(_DTLS + "tx_packets", 0) + packets
+
+
+# -- H.264 packetization
+
+
+class _EqualFragments(AiortcH264):
+    """aiortc's H.264 packetizer with FU-A fragments all full-size but the last.
+
+    aiortc spreads a NAL unit evenly (sizes differ by one byte); full-size
+    fragments make a frame's datagrams equal-size but the last, so the whole
+    run leaves in one segmented write (relay.udpbatch).
+    """
+
+    @staticmethod
+    def _packetize_fu_a(data: bytes) -> list[bytes]:
+        room = h264.PACKET_MAX - h264.FU_A_HEADER_SIZE
+        indicator = (data[0] & 0xE0) | h264.NAL_TYPE_FU_A  # F and NRI of the NAL unit, type FU-A
+        nal_type = data[0] & 0x1F
+        body = memoryview(data)[h264.NAL_HEADER_SIZE :]
+        starts = range(0, len(body), room)
+        last = starts[-1]
+        return [
+            bytes((indicator, nal_type | (0x80 if i == 0 else 0) | (0x40 if i == last else 0))) + body[i : i + room]
+            for i in starts
+        ]
+
+
+def packetize(access_unit: bytes) -> list[bytes]:
+    """RTP payloads (single NAL, STAP-A, FU-A) for one H.264 access unit (Annex B)."""
+    return _EqualFragments._packetize(AiortcH264._split_bitstream(access_unit))
