@@ -27,7 +27,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -36,13 +35,13 @@ from pathlib import Path
 import av
 import psutil
 
-from .aio import cancel_and_wait, run_owned, signal_group
+from .aio import cancel_and_wait, run_owned
 from .auth import write_private
 from .backoff import Backoff, Retry
 from .capture import redact_text, redact_url
-from .childenv import child_env
 from .hub import EncodedFrame, HubClosed, PacketHub
 from .logsafe import SECRET_FILTER
+from .supervise import Child, Process
 
 log = logging.getLogger(__name__)
 mtx_log = logging.getLogger("mediamtx")
@@ -54,7 +53,6 @@ PROBE_TIMEOUT = 1.0  # seconds for one OPTIONS request to be answered
 # camrelay's own mediamtx user: publishes every stream, and reads the first for /live.
 PUBLISHER_USER = "camrelay"
 PUBLISHER_SECRET_BYTES = 32  # 256 random bits; token_urlsafe's alphabet is one mediamtx takes as a plain password
-STOP_TIMEOUT = 5.0  # seconds after SIGTERM before SIGKILL
 PUBLISH_TIME_BASE = fractions.Fraction(1, 90_000)
 # Reconnect pacing for a publisher whose mediamtx went away (it is restarted meanwhile).
 PUBLISH_RETRY_DELAY = 0.5
@@ -229,18 +227,28 @@ class Mediamtx:
         self.config_path = state_dir / "mediamtx.yml"
         self._secret = secrets.token_urlsafe(PUBLISHER_SECRET_BYTES)  # only camrelay publishes; new every start
         SECRET_FILTER.secrets.add(self._secret)
-        self.restarts = 0
         self.ready = asyncio.Event()  # set while mediamtx is up and answering
-        self._state_dir = state_dir
-        self._proc: asyncio.subprocess.Process | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._closing = False
-        self._retry = Retry()
+        self._child = Child(
+            "mediamtx",
+            [binary, str(self.config_path)],
+            started=self._started,
+            run=self._run,
+            ended=self._ended,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            stdin=asyncio.subprocess.DEVNULL,
+            cwd=state_dir,
+        )
+        self._reader: asyncio.Task[None] | None = None
         self._last_lines: list[str] = []
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self._child.pid
+
+    @property
+    def restarts(self) -> int:
+        return self._child.restarts
 
     @property
     def publisher_base(self) -> str:
@@ -251,30 +259,38 @@ class Mediamtx:
         """Write the config, start mediamtx, and wait until it answers on its RTSP port; raises ``RtspError``."""
         # 0600: it holds camrelay's publish credential and the read password's hash.
         write_private(self.config_path, render_config(self.settings, self.streams, self._secret))
-        await self._spawn()
+        proc = await self._child.spawn()
         if not await self._wait_ready():
-            code = self._proc.returncode if self._proc else None
+            code = proc.returncode
             last = self._last_lines[-1] if self._last_lines else "no output"
-            await self._stop_proc()
+            await self._child.stop()
             raise RtspError(f"rtsp: mediamtx did not start (exit {code}): {last}")
         self.ready.set()
         log.info("mediamtx pid=%d serving rtsp on port %d", self.pid, self.settings.port)
-        self._task = asyncio.get_running_loop().create_task(self._supervise(), name="mediamtx")
+        self._child.supervise()
 
     async def close(self) -> None:
-        self._closing = True
-        await cancel_and_wait(self._task)
-        await self._stop_proc()
+        await self._child.stop()
         self.ready.clear()
         SECRET_FILTER.secrets.discard(self._secret)
 
-    async def _spawn(self) -> None:
-        self._proc = await asyncio.create_subprocess_exec(
-            self.binary, str(self.config_path),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
-            start_new_session=True, cwd=self._state_dir, env=child_env(os.environ),
-        )  # fmt: skip
-        self._reader = asyncio.get_running_loop().create_task(self._pump_log(self._proc.stdout))
+    def _started(self, proc: Process) -> None:
+        self._reader = asyncio.get_running_loop().create_task(self._pump_log(proc.stdout))
+
+    async def _run(self, proc: Process) -> None:
+        """Until it exits; one started again must answer first, else it is stopped (and started once more)."""
+        if not self.ready.is_set():
+            if not await self._wait_ready():
+                log.error("mediamtx did not answer after restart %d; stopping it to try again", self.restarts)
+                await self._child.stop_process(proc)
+                return
+            self.ready.set()
+            log.info("mediamtx pid=%d back up after restart %d", self.pid, self.restarts)
+        await proc.wait()
+
+    async def _ended(self, code: int | None) -> None:
+        self.ready.clear()
+        await self._reader
 
     async def _pump_log(self, stream: asyncio.StreamReader | None) -> None:
         assert stream is not None
@@ -294,7 +310,8 @@ class Mediamtx:
         """True once this mediamtx listens on the RTSP port and answers there; False if it exits or takes too long."""
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
-            if self._proc is None or self._proc.returncode is not None:
+            proc = self._child.proc
+            if proc is None or proc.returncode is not None:
                 return False
             if self._listens() and await rtsp_answers(local_host(self.settings.host), self.settings.port):
                 return True
@@ -309,45 +326,6 @@ class Mediamtx:
         except psutil.Error:
             return False
         return any(s.status == psutil.CONN_LISTEN and s.laddr.port == self.settings.port for s in sockets)
-
-    async def _supervise(self) -> None:
-        while not self._closing:
-            started = time.monotonic()
-            assert self._proc is not None
-            code = await self._proc.wait()
-            await self._reader
-            self.ready.clear()
-            if self._closing:
-                return
-            self.restarts += 1
-            self._retry.ran(time.monotonic() - started)
-            delay = self._retry.next_delay()
-            log.warning("mediamtx exited (code %s); restart %d in %.1fs", code, self.restarts, delay)
-            await asyncio.sleep(delay)
-            try:
-                await self._spawn()
-                if await self._wait_ready():
-                    self.ready.set()
-                    log.info("mediamtx pid=%d back up after restart %d", self.pid, self.restarts)
-                else:
-                    log.error("mediamtx did not answer after restart %d; stopping it to try again", self.restarts)
-                    await self._stop_proc()  # the loop then restarts it
-            except OSError as exc:
-                log.error("mediamtx could not be restarted: %s", exc)
-
-    async def _stop_proc(self) -> None:
-        proc = self._proc
-        if proc is None:
-            return
-        if proc.returncode is None:
-            for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, STOP_TIMEOUT)):
-                signal_group(proc, sig)
-                try:
-                    await asyncio.wait_for(proc.wait(), wait)
-                    break
-                except TimeoutError:
-                    log.warning("mediamtx did not stop after %s", signal.Signals(sig).name)
-        await self._reader
 
 
 def parameter_sets(data: bytes) -> bytes | None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -26,15 +25,14 @@ from . import ipc
 from .aio import cancel_and_wait, signal_group
 from .backoff import Retry
 from .capture import SourceSpec
-from .childenv import child_env
 from .encode import EncoderSettings
 from .hub import EncodedFrame, PacketHub
 from .logsafe import SECRET_FILTER, redact, url_passwords
 from .mjpeg import JpegFeed
+from .supervise import Child, Process
 
 log = logging.getLogger(__name__)
 
-STOP_TIMEOUT = 5.0  # seconds a worker gets to stop after its stdin closes, and again after SIGTERM
 # A worker sends a frame (the slate, if its camera is gone) at the stream's
 # rate; this long without one means the process itself is stuck: kill it.
 WORKER_STALL = 3.0
@@ -109,9 +107,20 @@ class Stream:
             "encoder": settings.encoder,
             "log_level": log_level,
         }
-        self._retry = retry or Retry()
-        self._proc: asyncio.subprocess.Process | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._worker = Child(
+            f"stream={name} worker",
+            [sys.executable, "-m", "relay.worker"],
+            # In the environment, not argv: any local user can read argv (ps), and an RTSP camera's URL
+            # holds its password. /proc/<pid>/environ is readable by us only.
+            env={WORKER_CONFIG_ENV: json.dumps(self._worker_config)},
+            started=self._worker_started,
+            run=self._run_worker,
+            ended=self._worker_ended,
+            retry=retry,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=PIPE_LIMIT,
+        )
         self._closing = False
         self._want_jpeg = False
         self._max_fps = 0
@@ -121,18 +130,15 @@ class Stream:
     @property
     def pid(self) -> int | None:
         """The worker process's pid while one runs."""
-        return self._proc.pid if self._proc is not None else None
+        return self._worker.pid
 
     def start(self) -> None:
         self.state = "starting"
-        self._task = asyncio.get_running_loop().create_task(self._supervise(), name=f"stream-{self.name}")
+        self._worker.supervise()
 
     async def close(self) -> None:
         self._closing = True
-        proc = self._proc
-        if proc is not None:
-            await _stop_process(proc, self.name)
-        await cancel_and_wait(self._task)
+        await self._worker.stop()
         self.hub.close()
         self.jpegs.close()
         self.encoders_running = 0
@@ -152,54 +158,31 @@ class Stream:
         self._command(ipc.CMD_JPEG_ON if on else ipc.CMD_JPEG_OFF)
 
     def _command(self, cmd: bytes) -> None:
-        proc = self._proc
+        proc = self._worker.proc
         if proc is not None and proc.stdin is not None and not proc.stdin.is_closing():
             proc.stdin.write(cmd)
 
-    async def _supervise(self) -> None:
-        while not self._closing:
-            started = time.monotonic()
-            returncode = None
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "relay.worker",
-                    # In the environment, not argv: any local user can read argv (ps), and an RTSP
-                    # camera's URL holds its password. /proc/<pid>/environ is readable by us only.
-                    # Nothing else of ours: not the token or other cameras' URLs in CAMRELAY_*.
-                    env=child_env(os.environ, **{WORKER_CONFIG_ENV: json.dumps(self._worker_config)}),
-                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                    start_new_session=True, limit=PIPE_LIMIT,
-                )  # fmt: skip
-                self._proc = proc
-                if self._want_jpeg:
-                    self._command(ipc.CMD_JPEG_ON)
-                if self._max_fps:
-                    self._command(ipc.CMD_MAX_FPS + bytes([self._max_fps]))
-                self.request_keyframe()  # viewers kept across a restart need a fresh IDR
-                self._last_unit = time.monotonic() + WORKER_STARTUP_GRACE - WORKER_STALL
-                watchdog = asyncio.get_running_loop().create_task(self._watchdog(proc))
-                try:
-                    await self._read(proc.stdout)
-                finally:
-                    await cancel_and_wait(watchdog)
-                    if proc.returncode is None:  # we stopped reading (a corrupt pipe): nobody drains it now
-                        signal_group(proc, signal.SIGKILL)
-                    returncode = await proc.wait()
-                    self._proc = None
-                    self._fold_counts()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("stream=%s worker failed", self.name)
-            if self._closing:
-                return
+    def _worker_started(self, proc: Process) -> None:
+        if self._want_jpeg:
+            self._command(ipc.CMD_JPEG_ON)
+        if self._max_fps:
+            self._command(ipc.CMD_MAX_FPS + bytes([self._max_fps]))
+        self.request_keyframe()  # viewers kept across a restart need a fresh IDR
+        self._last_unit = time.monotonic() + WORKER_STARTUP_GRACE - WORKER_STALL
+
+    async def _run_worker(self, proc: Process) -> None:
+        watchdog = asyncio.get_running_loop().create_task(self._watchdog(proc))
+        try:
+            await self._read(proc.stdout)
+        finally:
+            await cancel_and_wait(watchdog)
+
+    async def _worker_ended(self, code: int | None) -> None:
+        self._fold_counts()
+        if not self._closing:
             self.stats.worker_restarts += 1
             self.encoders_running = 0
             self.state = "restarting"
-            self._retry.ran(time.monotonic() - started)
-            delay = self._retry.next_delay()
-            log.warning("stream=%s worker exited (code %s); restart in %.1fs", self.name, returncode, delay)
-            await asyncio.sleep(delay)
 
     async def _read(self, reader: asyncio.StreamReader | None) -> None:
         assert reader is not None
@@ -230,7 +213,7 @@ class Stream:
                 except (ValueError, KeyError, TypeError):
                     log.error("stream=%s bad log record from worker", self.name)
 
-    async def _watchdog(self, proc: asyncio.subprocess.Process) -> None:
+    async def _watchdog(self, proc: Process) -> None:
         while proc.returncode is None:
             await asyncio.sleep(WATCHDOG_PERIOD)
             silent = time.monotonic() - self._last_unit
@@ -265,18 +248,3 @@ class Stream:
         """A worker ended: keep its counters as the base for the next one."""
         for key in COUNTERS:
             setattr(self._base_counts, key, getattr(self.stats, key))
-
-
-async def _stop_process(proc: asyncio.subprocess.Process, name: str) -> None:
-    """Close its stdin (the polite stop), then SIGTERM, then SIGKILL its process group."""
-    if proc.stdin is not None:
-        proc.stdin.close()
-    for sig in (None, signal.SIGTERM, signal.SIGKILL):
-        if sig is not None:
-            signal_group(proc, sig)
-            log.warning("stream=%s worker did not stop; sent %s", name, signal.Signals(sig).name)
-        try:
-            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
-            return
-        except TimeoutError:
-            continue

@@ -109,7 +109,7 @@ async def test_a_killed_worker_is_restarted_and_viewers_keep_their_session(http)
     try:
         await viewer.connect()
         await viewer.read_frames(FPS)
-        os.killpg(stream._proc.pid, signal.SIGKILL)
+        os.killpg(stream.pid, signal.SIGKILL)
         deadline = time.monotonic() + 20
         while stream.stats.worker_restarts < 1 or stream.state != "live":
             assert time.monotonic() < deadline, "worker was not restarted"
@@ -129,14 +129,14 @@ async def test_a_frozen_worker_is_killed_by_the_watchdog_and_replaced(http):
     runner, relay = await start_relay(make_config(fps=FPS))
     stream = relay.relay.streams["cam0"]
     try:
-        frozen = stream._proc.pid
+        frozen = stream.pid
         os.killpg(frozen, signal.SIGSTOP)  # alive, but sends nothing: a hung process
         deadline = time.monotonic() + 30
         while stream.stats.worker_restarts < 1 or stream.state != "live":
             assert time.monotonic() < deadline, "frozen worker was not replaced"
             await asyncio.sleep(0.1)
         assert stream.stats.worker_stalls == 1
-        assert stream._proc.pid != frozen
+        assert stream.pid != frozen
         viewer = WhepViewer(relay.whep(), http)
         try:
             await viewer.connect()

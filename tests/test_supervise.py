@@ -1,0 +1,117 @@
+"""The supervised-child helper with real processes: restarted when they end, stopped politely then by force
+with everything they started, always reaped, given only the environment a child may have."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+
+import psutil
+
+from relay import supervise
+from relay.backoff import Backoff, Retry
+from relay.supervise import Child
+
+QUICK = Retry(Backoff(initial=0.01, cap=0.01, jitter=0.0))  # restarts at once: the test counts them
+# Starts a grandchild in its own group (a shell pipeline, an FFmpeg helper), prints it and then ignores
+# SIGTERM and its stdin closing: what only SIGKILL of the whole group stops.
+STUBBORN = """
+import signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+print(grandchild.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _descendants() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+
+
+async def test_a_child_that_exits_is_started_again_until_stopped(caplog):
+    runs = []
+
+    async def run(proc):
+        runs.append(proc.pid)
+        await proc.wait()
+
+    child = Child("test child", [sys.executable, "-c", "pass"], run=run, retry=QUICK)
+    child.supervise()
+    try:
+        while len(runs) < 3:
+            await asyncio.sleep(0.01)
+    finally:
+        await child.stop()
+    assert len(set(runs)) == len(runs) and child.restarts >= 2 and child.proc is None
+    assert "test child exited (code 0); restart 1 in" in caplog.text
+
+
+async def test_stop_escalates_to_sigkill_of_the_whole_group(monkeypatch, caplog):
+    monkeypatch.setattr(supervise, "STOP_TIMEOUT", 0.3)
+    ended = []
+
+    async def run(proc):
+        await proc.wait()
+
+    async def on_end(code):
+        ended.append(code)
+
+    child = Child(
+        "stubborn",
+        [sys.executable, "-c", STUBBORN],
+        run=run,
+        ended=on_end,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    proc = await child.spawn()
+    grandchild = int(await proc.stdout.readline())
+    assert grandchild in {p.pid for p in _descendants()}
+    child.supervise()
+    with caplog.at_level(logging.WARNING, logger="relay.supervise"):
+        await child.stop()
+    assert [r.getMessage() for r in caplog.records if r.name == "relay.supervise"] == [
+        "stubborn did not stop; sent SIGTERM",
+        "stubborn did not stop; sent SIGKILL",
+    ]
+    assert ended == [-9] and child.restarts == 0
+    try:
+        left = psutil.Process(grandchild).status()
+    except psutil.NoSuchProcess:
+        left = None
+    assert left in (None, psutil.STATUS_ZOMBIE), "the grandchild outlived its group's SIGKILL"
+
+
+async def test_a_first_start_that_is_given_up_on_is_reaped_without_supervision():
+    child = Child("once", [sys.executable, "-c", "import time; time.sleep(600)"])
+    proc = await child.spawn()
+    await child.stop()  # as mediamtx's start does when it never answers
+    assert proc.returncode is not None and child.proc is None and not _descendants()
+
+
+async def test_a_child_gets_only_the_environment_a_child_may_have(monkeypatch):
+    monkeypatch.setenv("CAMRELAY_AUTH_TOKEN", "not-for-children")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    seen = []
+
+    async def run(proc):
+        seen.append(json.loads(await proc.stdout.read()))
+
+    child = Child(
+        "env",
+        [sys.executable, "-c", "import json, os; print(json.dumps(dict(os.environ)))"],
+        env={"CAMRELAY_WORKER_CONFIG": "{}"},
+        run=run,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    child.supervise()
+    try:
+        while not seen:
+            await asyncio.sleep(0.01)
+    finally:
+        await child.stop()
+    env = seen[0]
+    assert env["CAMRELAY_WORKER_CONFIG"] == "{}" and env["PATH"] == "/usr/bin:/bin"
+    assert "CAMRELAY_AUTH_TOKEN" not in env
