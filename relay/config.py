@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 
 from .auth import HASH_HELP, TOKEN_PATTERN, parse_hash
 from .capture import SourceSpec, parse_fps, parse_size, parse_source_spec, redact_url
-from .encode import ENCODERS
 from .ice import TURN_SCHEMES, IceServer, well_formed
+from .ipc import ENCODERS
 from .logsafe import redact, url_passwords
 
 ENV_PREFIX = "CAMRELAY_"

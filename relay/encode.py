@@ -25,7 +25,6 @@ TIME_BASE = fractions.Fraction(1, PTS_CLOCK)
 DIRECT_FORMATS = ("yuv420p", "yuvj420p")
 # The Pi 4's hardware encoder; the Pi 5 has none.
 V4L2M2M_DEVICES = ("/dev/video11",)
-ENCODERS = ("auto", "libx264", "h264_v4l2m2m")
 
 
 # Bytes after the JPEG end marker that some UVC cameras pad their frames with.

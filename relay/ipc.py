@@ -1,7 +1,11 @@
-"""The pipe between the relay and a camera's worker process.
+"""The boundary between the relay and a camera's worker process.
 
 Sans-io: bytes in, messages out. Worker -> relay messages are a fixed header
-and a payload; relay -> worker commands are single bytes.
+and a payload; relay -> worker commands are single bytes. What crosses is
+typed: the worker's settings (``WorkerConfig``, JSON in its environment) and
+its status (``WorkerStatus``, a JSON ``STATUS`` message), each with its own
+``to_json`` and ``from_json``; the relay reads the pipe with ``Reader``, over
+the same ``parse`` the tests cut at every boundary.
 
 Why a process: PyAV and numpy hold the GIL through a whole JPEG decode or a
 pattern render, stalling the event loop (and every viewer's packets) for tens
@@ -10,9 +14,12 @@ of milliseconds. In its own process the camera work never touches the loop.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
-from dataclasses import dataclass
+import time
+import typing
+from dataclasses import dataclass, field
 
 HEADER = struct.Struct("!BBqdI")  # type, flags, pts, capture time, payload length
 MAX_PAYLOAD = 64 * 1024 * 1024  # no frame is this big; a larger length means a corrupt stream
@@ -24,6 +31,8 @@ LOG = 4  # JSON: level, logger, message
 
 # A stream's state as a STATUS message reports it while its encoder cannot encode.
 ENCODER_ERROR = "encoder_error"
+ENCODERS = ("auto", "libx264", "h264_v4l2m2m")  # what WorkerConfig.encoder may name
+WORKER_CONFIG_ENV = "CAMRELAY_WORKER_CONFIG"  # the worker's WorkerConfig, as JSON
 
 FLAG_KEYFRAME = 1
 FLAG_FORCED = 2
@@ -75,8 +84,8 @@ def parse_header(header: bytes) -> tuple[int, int, int, float, int]:
     return kind, flags, pts, capture_time, length
 
 
-def parse(data: bytes) -> tuple[list[Message], bytes]:
-    """Whole messages from ``data``, and the bytes left over for the next read."""
+def _split(data: bytes | bytearray) -> tuple[list[Message], int]:
+    """Whole messages from the start of ``data``, and how many bytes they took."""
     out = []
     offset = 0
     while len(data) - offset >= HEADER.size:
@@ -84,9 +93,29 @@ def parse(data: bytes) -> tuple[list[Message], bytes]:
         end = offset + HEADER.size + length
         if len(data) < end:
             break
-        out.append(Message(kind, flags, pts, capture_time, data[offset + HEADER.size : end]))
+        out.append(Message(kind, flags, pts, capture_time, bytes(data[offset + HEADER.size : end])))
         offset = end
-    return out, data[offset:]
+    return out, offset
+
+
+def parse(data: bytes) -> tuple[list[Message], bytes]:
+    """Whole messages from ``data``, and the bytes left over for the next read."""
+    messages, used = _split(data)
+    return messages, data[used:]
+
+
+class Reader:
+    """Whole messages out of a byte stream however it is cut (``parse``, keeping what is left between reads)."""
+
+    def __init__(self) -> None:
+        self._pending = bytearray()
+
+    def feed(self, data: bytes) -> list[Message]:
+        """The messages ``data`` completes; ``ProtocolError`` for a corrupt stream."""
+        self._pending += data
+        messages, used = _split(self._pending)
+        del self._pending[:used]
+        return messages
 
 
 def parse_commands(data: bytes) -> tuple[list[tuple[bytes, int | None]], bytes]:
@@ -106,3 +135,99 @@ def parse_commands(data: bytes) -> tuple[list[tuple[bytes, int | None]], bytes]:
             out.append((cmd, None))
         i += 1
     return out, b""
+
+
+# -- what crosses, typed
+
+
+def _from_json(cls, data: bytes | str):
+    """An instance of the dataclass ``cls`` from a JSON object holding every one of its fields, each of its type;
+    ``ValueError`` (or ``KeyError``, ``TypeError``) otherwise."""
+    raw = json.loads(data)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{cls.__name__}: expected a JSON object")
+    types = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        value, kind = raw[f.name], types[f.name]
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, (int, float) if kind is float else kind):
+            raise TypeError(f"{cls.__name__}.{f.name}: expected {kind.__name__}, got {value!r}")
+        values[f.name] = value
+    return cls(**values)
+
+
+def _to_json(obj) -> bytes:
+    return json.dumps(dataclasses.asdict(obj), separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    """What a camera's worker runs: its source and how to encode it."""
+
+    name: str
+    source: str  # the source spec as given (an RTSP camera's URL with its password: never in argv)
+    width: int
+    height: int
+    fps: float
+    bitrate: int
+    keyframe_interval: float
+    encoder: str
+    log_level: str = "info"
+
+    def to_json(self) -> str:
+        return _to_json(self).decode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> WorkerConfig:
+        return _from_json(cls, data)
+
+
+@dataclass(slots=True)
+class Counters:
+    """What a stream's worker counts, and the relay adds up across the workers it has run."""
+
+    frames_captured: int = 0
+    frames_encoded: int = 0
+    frames_dropped_encoder_busy: int = 0
+    frames_dropped_corrupt: int = 0
+    frames_slate: int = 0
+    frames_dropped_thermal: int = 0
+    keyframes: int = 0
+    keyframes_forced: int = 0
+    bytes_encoded: int = 0
+    encode_ms: float = 0.0
+    source_errors: int = 0
+    last_error: str = ""
+
+
+# Counters the worker's STATUS reports for the relay to add up; the relay counts the encoded frames itself.
+WORKER_COUNTERS = (
+    "frames_captured",
+    "frames_dropped_encoder_busy",
+    "frames_dropped_corrupt",
+    "frames_dropped_thermal",
+    "frames_slate",
+    "source_errors",
+)
+
+
+@dataclass(slots=True)
+class WorkerStatus(Counters):
+    """A worker's STATUS message: its counters so far, its source's state and size, its encoder."""
+
+    slate: bool = False  # showing the no-signal slate now
+    source_opens: int = 0
+    state: str = "starting"  # starting, live, retrying, no_signal, ENCODER_ERROR
+    width: int = 0
+    height: int = 0
+    fps: float = 0.0
+    encoder: str = ""
+    encoders_running: int = 0
+    started: float = field(default_factory=time.time)
+
+    def to_json(self) -> bytes:
+        return _to_json(self)
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> WorkerStatus:
+        return _from_json(cls, data)

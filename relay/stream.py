@@ -14,7 +14,6 @@ are kept.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import signal
 import sys
@@ -38,35 +37,13 @@ log = logging.getLogger(__name__)
 WORKER_STALL = 3.0
 WORKER_STARTUP_GRACE = 15.0  # a fresh worker imports PyAV and opens its source first
 WATCHDOG_PERIOD = 0.5
-WORKER_CONFIG_ENV = "CAMRELAY_WORKER_CONFIG"
-PIPE_LIMIT = 1 << 20  # reader buffer; one 4K JPEG fits
+PIPE_LIMIT = 1 << 20  # reader buffer and the most one read takes; one 4K JPEG fits
 
 
-# Counters the worker reports; the relay adds up those of every worker it has run.
-COUNTERS = (
-    "frames_captured",
-    "frames_dropped_encoder_busy",
-    "frames_dropped_corrupt",
-    "frames_dropped_thermal",
-    "frames_slate",
-    "source_errors",
-)
+@dataclass(slots=True)
+class StreamStats(ipc.Counters):
+    """A stream's counters over every worker it has run (the encoded frames as the relay received them)."""
 
-
-@dataclass
-class StreamStats:
-    frames_captured: int = 0
-    frames_encoded: int = 0
-    frames_dropped_encoder_busy: int = 0
-    frames_dropped_corrupt: int = 0
-    keyframes: int = 0
-    keyframes_forced: int = 0
-    bytes_encoded: int = 0
-    encode_ms: float = 0.0
-    frames_slate: int = 0
-    frames_dropped_thermal: int = 0
-    source_errors: int = 0
-    last_error: str = ""
     worker_restarts: int = 0
     worker_stalls: int = 0
 
@@ -96,23 +73,23 @@ class Stream:
         self.jpegs = JpegFeed(self.set_jpeg)  # the camera's JPEGs, while anyone wants them
         self.hub = PacketHub(name, self.request_keyframe)
         SECRET_FILTER.secrets.update(url_passwords(spec.target))  # the camera's: hidden in every log line and status
-        self._worker_config = {
-            "name": name,
-            "source": str(spec) if spec.kind != "rtsp" else spec.target,
-            "width": width,
-            "height": height,
-            "fps": settings.fps,
-            "bitrate": settings.bitrate,
-            "keyframe_interval": settings.keyframe_interval,
-            "encoder": settings.encoder,
-            "log_level": log_level,
-        }
+        worker_config = ipc.WorkerConfig(
+            name,
+            str(spec) if spec.kind != "rtsp" else spec.target,
+            width,
+            height,
+            settings.fps,
+            settings.bitrate,
+            settings.keyframe_interval,
+            settings.encoder,
+            log_level,
+        )
         self._worker = Child(
             f"stream={name} worker",
             [sys.executable, "-m", "relay.worker"],
             # In the environment, not argv: any local user can read argv (ps), and an RTSP camera's URL
             # holds its password. /proc/<pid>/environ is readable by us only.
-            env={WORKER_CONFIG_ENV: json.dumps(self._worker_config)},
+            env={ipc.WORKER_CONFIG_ENV: worker_config.to_json()},
             started=self._worker_started,
             run=self._run_worker,
             ended=self._worker_ended,
@@ -173,7 +150,8 @@ class Stream:
     async def _run_worker(self, proc: Process) -> None:
         watchdog = asyncio.get_running_loop().create_task(self._watchdog(proc))
         try:
-            await self._read(proc.stdout)
+            assert proc.stdout is not None
+            await self.read_worker(proc.stdout)
         finally:
             await cancel_and_wait(watchdog)
 
@@ -184,34 +162,35 @@ class Stream:
             self.encoders_running = 0
             self.state = "restarting"
 
-    async def _read(self, reader: asyncio.StreamReader | None) -> None:
-        assert reader is not None
-        while True:
+    async def read_worker(self, pipe: asyncio.StreamReader) -> None:
+        """The worker's messages (``relay.ipc``) from its stdout, until it ends or turns out corrupt."""
+        reader = ipc.Reader()
+        while data := await pipe.read(PIPE_LIMIT):
             try:
-                header = await reader.readexactly(ipc.HEADER.size)
-                kind, flags, pts, capture_time, length = ipc.parse_header(header)
-                payload = await reader.readexactly(length) if length else b""
-            except asyncio.IncompleteReadError:
-                return
+                messages = reader.feed(data)
             except ipc.ProtocolError as exc:
                 log.error("stream=%s worker pipe is corrupt (%s); restarting the worker", self.name, exc)
                 return
-            if kind == ipc.UNIT:
-                self._on_unit(ipc.Message(kind, flags, pts, capture_time, payload))
-            elif kind == ipc.JPEG:
-                self.jpegs.publish(payload, capture_time)
-            elif kind == ipc.STATUS:
-                try:
-                    self._on_status(json.loads(payload))
-                except (ValueError, KeyError, TypeError) as exc:
-                    log.error("stream=%s bad status from worker: %r", self.name, exc)
-            elif kind == ipc.LOG:
-                try:
-                    record = json.loads(payload)
-                    message = redact(record["message"], SECRET_FILTER.secrets)  # the worker's own, checked
-                    logging.getLogger(record["logger"]).log(record["level"], "%s", message)
-                except (ValueError, KeyError, TypeError):
-                    log.error("stream=%s bad log record from worker", self.name)
+            for msg in messages:
+                self._on_message(msg)
+
+    def _on_message(self, msg: ipc.Message) -> None:
+        if msg.kind == ipc.UNIT:
+            self._on_unit(msg)
+        elif msg.kind == ipc.JPEG:
+            self.jpegs.publish(msg.payload, msg.capture_time)
+        elif msg.kind == ipc.STATUS:
+            try:
+                self._on_status(ipc.WorkerStatus.from_json(msg.payload))
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("stream=%s bad status from worker: %r", self.name, exc)
+        elif msg.kind == ipc.LOG:
+            try:
+                record = msg.json()
+                message = redact(record["message"], SECRET_FILTER.secrets)  # the worker's own, checked
+                logging.getLogger(record["logger"]).log(record["level"], "%s", message)
+            except (ValueError, KeyError, TypeError):
+                log.error("stream=%s bad log record from worker", self.name)
 
     async def _watchdog(self, proc: Process) -> None:
         while proc.returncode is None:
@@ -233,18 +212,18 @@ class Stream:
             st.keyframes_forced += msg.forced
         self.hub.publish(EncodedFrame(msg.payload, msg.pts, msg.keyframe, msg.capture_time))
 
-    def _on_status(self, s: dict) -> None:
+    def _on_status(self, s: ipc.WorkerStatus) -> None:
         base, st = self._base_counts, self.stats
-        for key in COUNTERS:
-            setattr(st, key, getattr(base, key) + s[key])
-        st.encode_ms = s["encode_ms"]
-        st.last_error = redact(s["last_error"], SECRET_FILTER.secrets)  # shown to every viewer in the API
-        self.state = s["state"]
-        self.width, self.height, self.fps = s["width"] or self.width, s["height"] or self.height, s["fps"] or self.fps
-        self.encoder_name = s["encoder"]
-        self.encoders_running = s["encoders_running"]
+        for key in ipc.WORKER_COUNTERS:
+            setattr(st, key, getattr(base, key) + getattr(s, key))
+        st.encode_ms = s.encode_ms
+        st.last_error = redact(s.last_error, SECRET_FILTER.secrets)  # shown to every viewer in the API
+        self.state = s.state
+        self.width, self.height, self.fps = s.width or self.width, s.height or self.height, s.fps or self.fps
+        self.encoder_name = s.encoder
+        self.encoders_running = s.encoders_running
 
     def _fold_counts(self) -> None:
         """A worker ended: keep its counters as the base for the next one."""
-        for key in COUNTERS:
+        for key in ipc.WORKER_COUNTERS:
             setattr(self._base_counts, key, getattr(self.stats, key))

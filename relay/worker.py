@@ -2,6 +2,7 @@
 
     CAMRELAY_WORKER_CONFIG='{"name": "cam0", "source": "test:", ...}' python -m relay.worker
 
+(``relay.ipc.WorkerConfig``, as JSON.)
 Runs the source on a capture thread and the codecs on an encode thread, and
 writes encoded access units (and, when asked, the camera's JPEGs) to stdout
 in the ``relay.ipc`` framing. Reads one-byte commands on stdin (keyframe,
@@ -11,7 +12,7 @@ backoff here; the relay restarts the whole process only if it dies.
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import os
 import signal
@@ -19,7 +20,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import av
 
@@ -74,30 +74,6 @@ class Mailbox:
             self._cond.notify_all()
 
 
-@dataclass
-class PipelineStats:
-    frames_captured: int = 0
-    frames_encoded: int = 0
-    frames_dropped_encoder_busy: int = 0
-    frames_dropped_corrupt: int = 0
-    frames_slate: int = 0
-    frames_dropped_thermal: int = 0
-    slate: bool = False  # showing the no-signal slate now
-    keyframes: int = 0
-    keyframes_forced: int = 0
-    bytes_encoded: int = 0
-    encode_ms: float = 0.0
-    source_errors: int = 0
-    source_opens: int = 0
-    last_error: str = ""
-    state: str = "starting"
-    width: int = 0
-    height: int = 0
-    fps: float = 0.0
-    encoder: str = ""
-    started: float = field(default_factory=time.time)
-
-
 Emit = Callable[[bytes], None]
 
 
@@ -117,7 +93,7 @@ class Pipeline:
         self.size = size  # for the slate until the source reports its own
         self.settings_fps = settings.fps
         self.source = source  # for log lines, credentials already redacted
-        self.stats = PipelineStats(fps=settings.fps)
+        self.stats = ipc.WorkerStatus(fps=settings.fps)
         self.send_jpeg = False
         self.max_fps = 0.0  # 0: encode every frame; lowered by the relay's thermal guard
         self._source_factory = source_factory
@@ -160,19 +136,19 @@ class Pipeline:
     def request_keyframe(self) -> None:
         self._keyframe_wanted.set()
 
-    def status(self) -> dict:
-        self.stats.frames_dropped_encoder_busy = self._mailbox.replaced
-        self.stats.encoder = self._encoder.name
-        d = dict(self.stats.__dict__)
-        d["encoders_running"] = self._encoder.running
-        if self.stats.slate:
-            d["state"] = "no_signal"
+    def status(self) -> ipc.WorkerStatus:
+        st = self.stats
+        st.frames_dropped_encoder_busy = self._mailbox.replaced
+        st.encoder = self._encoder.name
+        state = st.state
+        if st.slate:
+            state = "no_signal"
         if self.encoder_failing:
-            d["state"] = ipc.ENCODER_ERROR  # nothing reaches viewers, whatever the camera does
-        return d
+            state = ipc.ENCODER_ERROR  # nothing reaches viewers, whatever the camera does
+        return dataclasses.replace(st, state=state, encoders_running=self._encoder.running)
 
     def push_status(self) -> None:
-        self._emit(ipc.pack_json(ipc.STATUS, self.status()))
+        self._emit(ipc.pack(ipc.STATUS, self.status().to_json()))
 
     # -- capture thread ------------------------------------------------
 
@@ -342,7 +318,7 @@ class Pipeline:
                 source.close()
         elif self._stall_closed_at is not None and now - self._stall_closed_at >= STUCK_EXIT:
             log.error("stream=%s capture is stuck in the driver; restarting the worker", self.name)
-            self._emit(ipc.pack_json(ipc.STATUS, self.status()))
+            self.push_status()
             os._exit(EXIT_STUCK)
 
     def _take_keyframe_request(self) -> bool:
@@ -393,14 +369,14 @@ class PipeLogHandler(logging.Handler):
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = json.loads(argv[0] if argv else os.environ.pop("CAMRELAY_WORKER_CONFIG"))
+    cfg = ipc.WorkerConfig.from_json(argv[0] if argv else os.environ.pop(ipc.WORKER_CONFIG_ENV))
     out_fd = os.dup(1)
     os.dup2(2, 1)  # anything that prints goes to stderr, never into the frame pipe
     stop = threading.Event()
     emit = PipeWriter(out_fd, stop.set)
     root = logging.getLogger()
     root.handlers[:] = [PipeLogHandler(emit)]
-    root.setLevel(cfg.get("log_level", "INFO").upper())
+    root.setLevel(cfg.log_level.upper())
 
     def on_sigterm(*_: object) -> None:
         stop.set()
@@ -410,16 +386,16 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the relay decides when we stop
 
-    SECRET_FILTER.secrets.update(url_passwords(cfg["source"]))
-    spec = parse_source_spec(cfg["source"])
-    settings = EncoderSettings(cfg["bitrate"], spec.fps or cfg["fps"], cfg["keyframe_interval"], cfg["encoder"])
+    SECRET_FILTER.secrets.update(url_passwords(cfg.source))
+    spec = parse_source_spec(cfg.source)
+    settings = EncoderSettings(cfg.bitrate, spec.fps or cfg.fps, cfg.keyframe_interval, cfg.encoder)
     pipeline = Pipeline(
-        cfg["name"],
+        cfg.name,
         str(spec),
-        lambda: open_source(spec, cfg["width"], cfg["height"], cfg["fps"], cfg["name"]),
+        lambda: open_source(spec, cfg.width, cfg.height, cfg.fps, cfg.name),
         settings,
         emit,
-        size=(spec.width or cfg["width"], spec.height or cfg["height"]),
+        size=(spec.width or cfg.width, spec.height or cfg.height),
     )
 
     def commands() -> None:

@@ -1,8 +1,14 @@
 """The relay <-> worker pipe, with plain bytes."""
 
+import asyncio
+import json
+
 import pytest
 
 from relay import ipc
+from relay.capture import SourceSpec
+from relay.encode import EncoderSettings
+from relay.stream import Stream
 
 
 def test_messages_round_trip_across_arbitrary_read_boundaries():
@@ -42,3 +48,54 @@ def test_commands_with_arguments_split_across_reads():
     assert cmds == [(b"K", None), (b"J", None)] and rest == ipc.CMD_MAX_FPS
     cmds, rest = ipc.parse_commands(rest + bytes([22]) + b"jx")
     assert cmds == [(ipc.CMD_MAX_FPS, 22), (b"j", None)] and rest == b""  # unknown "x" skipped
+
+
+def test_the_reader_takes_messages_however_the_pipe_cuts_them():
+    status = ipc.WorkerStatus(frames_captured=7, state="live", width=640, height=360, fps=30.0, encoder="libx264")
+    stream = ipc.pack(ipc.UNIT, b"\x00\x00\x00\x01\x65" * 300, flags=ipc.FLAG_KEYFRAME, pts=9000) + ipc.pack(
+        ipc.STATUS, status.to_json()
+    )
+    for cut in (1, 7, ipc.HEADER.size, 1000, len(stream)):
+        reader = ipc.Reader()
+        messages = [m for i in range(0, len(stream), cut) for m in reader.feed(stream[i : i + cut])]
+        assert [m.kind for m in messages] == [ipc.UNIT, ipc.STATUS]
+        assert ipc.WorkerStatus.from_json(messages[1].payload) == status
+    with pytest.raises(ipc.ProtocolError, match="unknown message type 9"):
+        ipc.Reader().feed(ipc.HEADER.pack(9, 0, 0, 0.0, 0))
+
+
+def test_config_and_status_cross_as_typed_json_and_anything_else_is_refused():
+    config = ipc.WorkerConfig("cam0", "rtsp://u:pw@cam/x", 1280, 720, 30.0, 2_000_000, 1.0, "auto", "debug")
+    assert ipc.WorkerConfig.from_json(config.to_json()) == config
+    status = ipc.WorkerStatus(slate=True, last_error="gone", encode_ms=8.5, encoders_running=1)
+    assert ipc.WorkerStatus.from_json(status.to_json()) == status
+    good = json.loads(status.to_json())
+    for bad, error in (
+        ({**good, "frames_captured": "7"}, TypeError),
+        ({**good, "slate": 1}, TypeError),
+        ({**good, "frames_slate": True}, TypeError),
+        ({k: v for k, v in good.items() if k != "state"}, KeyError),
+        ([good], ValueError),
+    ):
+        with pytest.raises(error):
+            ipc.WorkerStatus.from_json(json.dumps(bad))
+
+
+async def test_a_stream_reads_its_worker_through_the_reader():
+    stream = Stream("cam0", SourceSpec("test", ""), EncoderSettings(1_000_000, 30.0, 1.0, "libx264"), 640, 360)
+    status = ipc.WorkerStatus(frames_captured=5, state="live", width=320, height=240, fps=15.0, encoder="libx264")
+    data = (
+        ipc.pack(ipc.UNIT, b"\x00\x00\x00\x01\x65abc", flags=ipc.FLAG_KEYFRAME, pts=90, capture_time=1.0)
+        + ipc.pack(ipc.JPEG, b"\xff\xd8\xff\xd9", capture_time=2.0)
+        + ipc.pack(ipc.STATUS, status.to_json())
+        + ipc.pack(ipc.STATUS, b'{"state": "live"}')  # missing fields: logged, not taken
+    )
+    pipe = asyncio.StreamReader()
+    for i in range(0, len(data), 5):
+        pipe.feed_data(data[i : i + 5])
+    pipe.feed_eof()
+    await stream.read_worker(pipe)
+    assert (stream.stats.frames_encoded, stream.stats.keyframes, stream.stats.frames_captured) == (1, 1, 5)
+    assert stream.jpegs.latest.data == b"\xff\xd8\xff\xd9" and stream.jpegs.latest.capture_time == 2.0
+    assert (stream.state, stream.width, stream.height, stream.fps) == ("live", 320, 240, 15.0)
+    stream.hub.close()
