@@ -24,7 +24,7 @@ import psutil
 from benchmarks.load import start_system
 from benchmarks.options import add_stream_options
 from benchmarks.peers import percentile
-from relay import pixelclock
+from relay.camera import pixelclock
 
 SLOW_BUFFER = 4096  # bytes: far less than a frame, so the bytes wait on the relay's side
 SLOW_PAUSE = 0.2  # seconds after each frame

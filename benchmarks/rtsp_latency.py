@@ -28,8 +28,8 @@ import av
 from benchmarks.options import add_stream_options
 from benchmarks.peers import percentile
 from benchmarks.ports import free_port, free_rtp_pair
-from relay import pixelclock
 from relay.borrowed import restrict_host_addresses
+from relay.camera import pixelclock
 from relay.whepclient import WhepViewer, luma
 
 SETTLE = 1.0  # seconds of each reader's output that are not counted

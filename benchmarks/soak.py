@@ -51,7 +51,7 @@ def stream_state(base: str) -> str:
 def kill_worker(relay: psutil.Process) -> bool:
     for child in relay.children():
         try:
-            if "relay.worker" in " ".join(child.cmdline()):
+            if "relay.camera.worker" in " ".join(child.cmdline()):
                 child.send_signal(signal.SIGKILL)
                 return True
         except psutil.Error:

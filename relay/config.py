@@ -17,10 +17,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .auth import HASH_HELP, TOKEN_PATTERN, parse_hash
-from .capture import SourceSpec, parse_fps, parse_size, parse_source_spec, redact_url
 from .ice import TURN_SCHEMES, IceServer, well_formed
 from .ipc import ENCODERS
-from .logsafe import redact, url_passwords
+from .logsafe import redact, redact_url, url_passwords
+from .source import SourceSpec, parse_fps, parse_size, parse_source_spec
 
 ENV_PREFIX = "CAMRELAY_"
 STREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # safe in URLs and file names

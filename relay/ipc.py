@@ -161,6 +161,14 @@ def _to_json(obj) -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
+class EncoderSettings:
+    bitrate: int  # bits per second
+    fps: float
+    keyframe_interval: float  # seconds between regular IDRs
+    encoder: str = "auto"  # one of ENCODERS
+
+
+@dataclass(frozen=True, slots=True)
 class WorkerConfig:
     """What a camera's worker runs: its source and how to encode it."""
 

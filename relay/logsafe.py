@@ -125,3 +125,14 @@ class SecretFilter(logging.Filter):
 
 
 SECRET_FILTER = SecretFilter()  # the one the CLI puts on its log handler; secrets are added as they become known
+
+
+def redact_url(url: str) -> str:
+    """``rtsp://user:secret@host/`` -> ``rtsp://user:***@host/``, for logs and the API."""
+    return redact(url, url_passwords(url))
+
+
+def redact_text(text: str, url: str) -> str:
+    """``text`` (an FFmpeg error names the URL it failed on, escaped as Python quotes it) with ``url``'s
+    password hidden in every form."""
+    return redact(text, url_passwords(url))

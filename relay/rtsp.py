@@ -38,9 +38,8 @@ import psutil
 from .aio import cancel_and_wait, run_owned
 from .auth import write_private
 from .backoff import Backoff, Retry
-from .capture import redact_text, redact_url
 from .hub import EncodedFrame, HubClosed, PacketHub
-from .logsafe import SECRET_FILTER
+from .logsafe import SECRET_FILTER, redact_text, redact_url
 from .supervise import Child, Process
 
 log = logging.getLogger(__name__)

@@ -14,12 +14,12 @@ from pathlib import Path
 import psutil
 
 from . import devices, ice
-from .capture import SourceSpec, redact_url
 from .config import Config, StreamConfig
 from .devices import Device
 from .discovery import Discovery, StreamNames, device_key
-from .encode import EncoderSettings
 from .hub import PacketHub
+from .ipc import EncoderSettings
+from .logsafe import redact_url
 from .record import Recorder, Retention
 from .rtsp import (
     EVERY_INTERFACE,
@@ -32,6 +32,7 @@ from .rtsp import (
     find_mediamtx,
     local_host,
 )
+from .source import SourceSpec
 from .stream import Stream
 from .telemetry import Snapshot, StreamSample, Telemetry, ThermalGuard
 from .webrtc import ViewerSessions, process_patches

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from . import ipc
 from .aio import cancel_and_wait, signal_group
 from .backoff import Retry
-from .capture import SourceSpec
-from .encode import EncoderSettings
 from .hub import EncodedFrame, PacketHub
+from .ipc import EncoderSettings
 from .logsafe import SECRET_FILTER, redact, url_passwords
 from .mjpeg import JpegFeed
+from .source import SourceSpec
 from .supervise import Child, Process
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class Stream:
         )
         self._worker = Child(
             f"stream={name} worker",
-            [sys.executable, "-m", "relay.worker"],
+            [sys.executable, "-m", "relay.camera.worker"],
             # In the environment, not argv: any local user can read argv (ps), and an RTSP camera's URL
             # holds its password. /proc/<pid>/environ is readable by us only.
             env={ipc.WORKER_CONFIG_ENV: worker_config.to_json()},

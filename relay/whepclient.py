@@ -19,7 +19,7 @@ import numpy as np
 from aiortc import RTCConfiguration, RTCIceServer, RTCIceTransportPolicy, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from . import pixelclock
+from .camera import pixelclock
 
 
 class WhepError(Exception):

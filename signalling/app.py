@@ -20,9 +20,8 @@ import jinja2
 from aiohttp import web
 
 from relay import ice
-from relay.capture import redact_url
 from relay.ipc import ENCODER_ERROR
-from relay.logsafe import Throttled
+from relay.logsafe import Throttled, redact_url
 from relay.service import Relay, UnknownStream, lan_addresses
 from relay.telemetry import prometheus
 from relay.webrtc import OfferRejected

@@ -20,9 +20,9 @@ import pytest
 from aiohttp import web
 
 from benchmarks.ports import free_port, free_rtp_pair
-from relay.capture import SourceSpec
 from relay.config import AuthConfig, Config, HttpConfig, RtspConfig, StreamConfig, VideoConfig, WebRTCConfig
 from relay.service import Relay
+from relay.source import SourceSpec
 from signalling.app import make_app
 from signalling.server import make_runner, start_site
 

@@ -1,8 +1,8 @@
 import pytest
 
-from relay.capture import SourceSpec, parse_source_spec
 from relay.config import ConfigError, load
 from relay.ice import IceServer
+from relay.source import SourceSpec, parse_source_spec
 
 FULL = """
 log_level = "debug"

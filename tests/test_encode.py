@@ -3,8 +3,8 @@
 import pytest
 from av.video.frame import PictureType
 
-from relay.encode import DecodeError, EncoderSettings, H264Encoder, JpegDecoder, h264_level
-from relay.testpattern import PatternRenderer
+from relay.camera.encode import DecodeError, EncoderSettings, H264Encoder, JpegDecoder, h264_level
+from relay.camera.testpattern import PatternRenderer
 
 
 def nal_units(data: bytes) -> list[bytes]:
@@ -77,7 +77,7 @@ def test_levels_fit_the_stream():
 
 
 def test_auto_falls_back_to_libx264_when_the_hardware_encoder_fails(monkeypatch, caplog):
-    import relay.encode as enc
+    import relay.camera.encode as enc
 
     monkeypatch.setattr(enc, "pick_encoder", lambda requested: "h264_v4l2m2m")  # as on a Pi 4
     encoder = enc.H264Encoder(enc.EncoderSettings(1_000_000, 30, 1.0, "auto"))

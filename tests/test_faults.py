@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from relay import slate
-from relay.capture import parse_source_spec
+from relay.camera import slate
 from relay.config import StreamConfig
+from relay.source import parse_source_spec
 from relay.whepclient import WhepViewer, luma
 
 from .conftest import make_config, start_relay

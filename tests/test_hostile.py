@@ -11,8 +11,8 @@ import time
 import psutil
 import pytest
 
-from relay.capture import parse_source_spec
 from relay.config import AuthConfig, StreamConfig
+from relay.source import parse_source_spec
 from relay.whepclient import WhepError, WhepViewer
 
 from .conftest import make_config, start_relay
@@ -64,7 +64,7 @@ async def test_an_rtsp_cameras_password_never_shows(http, caplog, where):
                 assert SECRET not in text and "admin:***@127.0.0.1" in text
         elif where == "argv":
             cmdline = " ".join(psutil.Process(ipcam.pid).cmdline())
-            assert "relay.worker" in cmdline and SECRET not in cmdline
+            assert "relay.camera.worker" in cmdline and SECRET not in cmdline
         else:
             assert "ipcam" in caplog.text and SECRET not in caplog.text
     finally:

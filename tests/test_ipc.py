@@ -2,13 +2,18 @@
 
 import asyncio
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from relay import ipc
-from relay.capture import SourceSpec
-from relay.encode import EncoderSettings
+from relay.ipc import EncoderSettings
+from relay.source import SourceSpec
 from relay.stream import Stream
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_messages_round_trip_across_arbitrary_read_boundaries():
@@ -99,3 +104,17 @@ async def test_a_stream_reads_its_worker_through_the_reader():
     assert stream.jpegs.latest.data == b"\xff\xd8\xff\xd9" and stream.jpegs.latest.capture_time == 2.0
     assert (stream.state, stream.width, stream.height, stream.fps) == ("live", 320, 240, 15.0)
     stream.hub.close()
+
+
+def _modules_after(*imports: str) -> set[str]:
+    code = f"import sys, {', '.join(imports)}; print(' '.join(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+def test_the_relay_and_the_camera_worker_meet_only_in_ipc():
+    relay_side = _modules_after("relay.cli", "relay.service", "signalling.app")
+    assert not {m for m in relay_side if m.startswith("relay.camera")}, "the relay process imports camera code"
+    worker_side = _modules_after("relay.camera.worker")
+    assert "relay.ipc" in worker_side
+    assert not {m for m in worker_side if m.startswith(("relay.service", "relay.stream", "signalling", "aiortc"))}

@@ -10,9 +10,9 @@ import aiohttp
 import av
 import pytest
 
-from relay import pixelclock
-from relay.capture import parse_source_spec
+from relay.camera import pixelclock
 from relay.config import StreamConfig
+from relay.source import parse_source_spec
 
 from .conftest import make_config, start_relay
 

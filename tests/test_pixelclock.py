@@ -2,8 +2,8 @@ import av
 import numpy as np
 import pytest
 
-from relay import pixelclock
-from relay.testpattern import PatternRenderer
+from relay.camera import pixelclock
+from relay.camera.testpattern import PatternRenderer
 
 T = 1_795_310_649_314  # a real capture time, ms since the epoch
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import av
 import pytest
 
-from relay import pixelclock
+from relay.camera import pixelclock
 from relay.record import LATEST_IMAGE, LATEST_VIDEO, Retention, Segment, files_to_delete, parse_utc_name, utc_name
 from relay.whepclient import WhepViewer, luma
 
@@ -136,7 +136,7 @@ async def test_a_segment_cut_off_mid_write_plays_up_to_its_last_fragment(tmp_pat
 def make_segment_part(tmp_path: Path, frames: int) -> bytes:
     """The bytes of a ``.part`` as a crash leaves it: ``frames`` frames written (0: cut before any),
     a keyframe every 10 (each starts a fragment, so the first 10 are in a complete one from the 11th on)."""
-    from relay.encode import EncoderSettings, H264Encoder
+    from relay.camera.encode import EncoderSettings, H264Encoder
     from relay.hub import EncodedFrame
 
     encoder = H264Encoder(EncoderSettings(1_000_000, FPS, 1.0, "libx264"))

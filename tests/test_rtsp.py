@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from benchmarks.ports import free_port, free_rtp_pair
-from relay import pixelclock
+from relay.camera import pixelclock
 from relay.config import load
 from relay.rtsp import (
     Mediamtx,

@@ -19,9 +19,9 @@ import psutil
 import pytest
 
 from benchmarks.ports import free_port
-from relay.capture import parse_source_spec, redact_text
 from relay.config import ConfigError, StreamConfig, load, secret_values
-from relay.logsafe import redact
+from relay.logsafe import redact, redact_text
+from relay.source import parse_source_spec
 
 from .conftest import make_config, start_relay
 
@@ -103,8 +103,7 @@ def test_a_urls_password_is_hidden_though_nobody_said_it_was_one(text, shown):
 
 
 def test_an_at_in_the_path_is_not_taken_for_the_end_of_the_password():
-    from relay.capture import redact_url
-    from relay.logsafe import url_passwords
+    from relay.logsafe import redact_url, url_passwords
 
     url = "rtsp://admin:s3cret@cam/x@1080p"
     assert url_passwords(url) == ["s3cret"]
@@ -246,7 +245,7 @@ def test_a_password_on_the_command_line_is_warned_of_and_workers_get_no_secret_v
 
     try:
         before = wait_for(lambda s: s["cam0"]["frames_encoded"] > 0 and s["ipcam"]["source_errors"] > 0)
-        workers = [p for p in psutil.Process(proc.pid).children() if "relay.worker" in p.cmdline()]
+        workers = [p for p in psutil.Process(proc.pid).children() if "relay.camera.worker" in p.cmdline()]
         assert len(workers) == 2
         for worker in workers:
             environ = worker.environ()  # /proc/<pid>/environ

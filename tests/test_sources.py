@@ -7,9 +7,9 @@ import time
 
 import av
 
-from relay import pixelclock
-from relay.capture import SourceSpec
+from relay.camera import pixelclock
 from relay.config import StreamConfig
+from relay.source import SourceSpec
 from relay.whepclient import WhepViewer, luma
 
 from .conftest import make_config, start_relay
@@ -18,7 +18,7 @@ RECORDED_AT = 1_700_000_000_000  # the pixel clock the file carries in its first
 
 
 def write_pattern_file(path, frames=45, fps=15):
-    from relay.testpattern import PatternRenderer
+    from relay.camera.testpattern import PatternRenderer
 
     renderer = PatternRenderer(640, 360)
     with av.open(str(path), "w") as out:

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from relay.capture import SourceSpec
 from relay.config import StreamConfig
+from relay.source import SourceSpec
 from relay.whepclient import WhepError, WhepViewer
 
 from .conftest import RunningRelay

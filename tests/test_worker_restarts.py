@@ -12,8 +12,8 @@ import time
 import psutil
 
 from relay.backoff import Backoff, Retry
-from relay.capture import SourceSpec
-from relay.encode import EncoderSettings
+from relay.ipc import EncoderSettings
+from relay.source import SourceSpec
 from relay.stream import Stream
 
 RESTARTS = 100
@@ -64,7 +64,7 @@ def workers(me: psutil.Process) -> list[psutil.Process]:
     found = []
     for child in me.children(recursive=True):
         try:
-            if "relay.worker" in child.cmdline():
+            if "relay.camera.worker" in child.cmdline():
                 found.append(child)
         except psutil.Error:  # gone meanwhile
             pass

@@ -28,10 +28,10 @@ from aiortc.mediastreams import MediaStreamTrack
 
 from benchmarks.baselines import arguments
 from relay.borrowed import restrict_host_addresses
-from relay.capture import parse_size
+from relay.camera.encode import EncoderSettings, H264Encoder, JpegDecoder
+from relay.camera.testpattern import PatternRenderer
 from relay.config import parse_bitrate
-from relay.encode import EncoderSettings, H264Encoder, JpegDecoder
-from relay.testpattern import PatternRenderer
+from relay.source import parse_size
 
 TIME_BASE = fractions.Fraction(1, 90_000)
 KEYFRAME_INTERVAL = 1.0  # seconds: camrelay's default

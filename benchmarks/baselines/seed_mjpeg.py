@@ -15,8 +15,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from benchmarks.baselines import arguments
-from relay.capture import parse_size
-from relay.testpattern import PatternRenderer
+from relay.camera.testpattern import PatternRenderer
+from relay.source import parse_size
 
 
 class Camera:

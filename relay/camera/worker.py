@@ -1,6 +1,6 @@
 """A camera's worker process: capture, decode once, encode once.
 
-    CAMRELAY_WORKER_CONFIG='{"name": "cam0", "source": "test:", ...}' python -m relay.worker
+    CAMRELAY_WORKER_CONFIG='{"name": "cam0", "source": "test:", ...}' python -m relay.camera.worker
 
 (``relay.ipc.WorkerConfig``, as JSON.)
 Runs the source on a capture thread and the codecs on an encode thread, and
@@ -23,13 +23,16 @@ from collections.abc import Callable
 
 import av
 
-from . import ipc, slate
-from .backoff import Retry
-from .capture import CapturedFrame, Source, SourceError, open_source, parse_source_spec
-from .encode import PTS_CLOCK, DecodeError, EncoderSettings, H264Encoder, JpegDecoder, JpegEncoder
-from .logsafe import SECRET_FILTER, redact, url_passwords
+from .. import ipc
+from ..backoff import Retry
+from ..ipc import EncoderSettings
+from ..logsafe import SECRET_FILTER, redact, url_passwords
+from ..source import parse_source_spec
+from . import slate
+from .capture import CapturedFrame, Source, SourceError, open_source
+from .encode import PTS_CLOCK, DecodeError, H264Encoder, JpegDecoder, JpegEncoder
 
-log = logging.getLogger("relay.worker")  # not __name__: this module runs as __main__
+log = logging.getLogger("relay.camera.worker")  # not __name__: this module runs as __main__
 
 # At most one forced IDR per this many seconds: a storm of PLIs from many
 # viewers must not turn the stream into all keyframes.

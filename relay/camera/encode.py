@@ -12,10 +12,11 @@ from __future__ import annotations
 import fractions
 import logging
 import os
-from dataclasses import dataclass
 
 import av
 from av.video.frame import PictureType
+
+from ..ipc import EncoderSettings
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +86,6 @@ class JpegEncoder:
         picture.pts = self._pts
         picture.time_base = fractions.Fraction(1, 1000)
         return b"".join(bytes(p) for p in self._ctx.encode(picture))
-
-
-@dataclass(frozen=True, slots=True)
-class EncoderSettings:
-    bitrate: int  # bits per second
-    fps: float
-    keyframe_interval: float  # seconds between regular IDRs
-    encoder: str = "auto"
 
 
 def h264_level(width: int, height: int, fps: float) -> str:
