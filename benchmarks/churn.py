@@ -40,8 +40,8 @@ def _client_round(url: str, n: int) -> None:
     import aiohttp
 
     from benchmarks.peers import _install_decoders
-    from relay.borrowed import restrict_host_addresses
-    from relay.whepclient import WhepViewer
+    from relay.webrtc.borrowed import restrict_host_addresses
+    from relay.webrtc.whepclient import WhepViewer
 
     restrict_host_addresses(["127.0.0.1"])
     _install_decoders(probe=False)  # reassemble, do not decode: cheap clients

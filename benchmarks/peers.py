@@ -131,8 +131,8 @@ def _install_decoders(probe: bool) -> list[_CountingDecoder]:
 async def _webrtc_peers(plan: PeerPlan, ready: mp.Queue, start: mp.Event) -> list[dict]:
     import aiohttp
 
-    from relay.borrowed import restrict_host_addresses
-    from relay.whepclient import WhepViewer, sample
+    from relay.webrtc.borrowed import restrict_host_addresses
+    from relay.webrtc.whepclient import WhepViewer, sample
 
     restrict_host_addresses(["127.0.0.1"])  # loopback only
     decoders = _install_decoders(plan.probe)
@@ -230,7 +230,7 @@ async def _mjpeg_frame(reader: asyncio.StreamReader) -> bytes:
 async def _mjpeg_read(conn, r: PeerResult, plan: PeerPlan, start: mp.Event) -> None:
     import av
 
-    from relay.whepclient import sample
+    from relay.webrtc.whepclient import sample
 
     reader, _, _ = conn
     decoder = av.CodecContext.create("mjpeg", "r") if plan.probe else None

@@ -28,9 +28,9 @@ import av
 from benchmarks.options import add_stream_options
 from benchmarks.peers import percentile
 from benchmarks.ports import free_port, free_rtp_pair
-from relay.borrowed import restrict_host_addresses
 from relay.camera import pixelclock
-from relay.whepclient import WhepViewer, luma
+from relay.webrtc.borrowed import restrict_host_addresses
+from relay.webrtc.whepclient import WhepViewer, luma
 
 SETTLE = 1.0  # seconds of each reader's output that are not counted
 # Lowest-latency options for FFmpeg's RTSP client: no probing delay, no reorder queue.

@@ -32,9 +32,9 @@ import aiohttp
 from benchmarks.options import add_stream_options
 from benchmarks.peers import percentile
 from benchmarks.ports import free_port
-from relay.borrowed import restrict_host_addresses
-from relay.ice import rest_credential
-from relay.whepclient import WhepViewer
+from relay.webrtc.borrowed import restrict_host_addresses
+from relay.webrtc.ice import rest_credential
+from relay.webrtc.whepclient import WhepViewer
 
 TURNSERVER = "/usr/bin/turnserver"  # Debian's coturn (scripts/setup installs it with the test tools)
 REALM = "camrelay.test"

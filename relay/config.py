@@ -13,14 +13,16 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .auth import HASH_HELP, TOKEN_PATTERN, parse_hash
-from .ice import TURN_SCHEMES, IceServer, well_formed
 from .ipc import ENCODERS
 from .logsafe import redact, redact_url, url_passwords
 from .source import SourceSpec, parse_fps, parse_size, parse_source_spec
+
+if TYPE_CHECKING:
+    from aiortc import RTCIceServer
 
 ENV_PREFIX = "CAMRELAY_"
 STREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # safe in URLs and file names
@@ -47,6 +49,18 @@ AUTH_MODES = ("token", "password", "none")
 # Keys whose values are secrets: never quoted in an error, and worth a warning in a file others can read.
 SECRET_KEYS = ("auth.token", "auth.password_hash", "rtsp.password", "webrtc.ice_credential", "webrtc.turn_secret")
 ICE_SERVER_KEYS = ("urls", "username", "credential")  # a webrtc.ice_servers table: a browser's RTCIceServer
+TURN_SCHEMES = ("turn:", "turns:")
+# RFC 7064 and 7065 as aiortc parses them: a host name or IPv4 address (aiortc takes no [IPv6] literal), a port,
+# and for TURN the transport to reach it over.
+ICE_URL = re.compile(
+    r"(?P<scheme>stuns?|turns?):[A-Za-z0-9.-]+(?::(?P<port>\d{1,5}))?(?P<query>\?transport=(?:udp|tcp))?"
+)
+
+
+def well_formed(url: str) -> bool:
+    """Whether aiortc can gather with ``url``: one it cannot parse fails the peer connection it is given to."""
+    m = ICE_URL.fullmatch(url)
+    return bool(m) and not (m["query"] and m["scheme"].startswith("stun")) and 0 < int(m["port"] or 1) < 65536
 
 
 class ConfigError(ValueError):
@@ -102,6 +116,24 @@ class AuthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class IceServer:
+    """One server as a browser's ``RTCIceServer`` describes it."""
+
+    urls: tuple[str, ...]
+    username: str = ""
+    credential: str = field(default="", repr=False)
+
+    @property
+    def is_turn(self) -> bool:
+        return any(url.startswith(TURN_SCHEMES) for url in self.urls)
+
+    def to_aiortc(self) -> RTCIceServer:
+        from aiortc import RTCIceServer
+
+        return RTCIceServer(urls=list(self.urls), username=self.username or None, credential=self.credential or None)
+
+
+@dataclass(frozen=True, slots=True)
 class WebRTCConfig:
     ice_servers: tuple[IceServer, ...] = ()  # STUN and TURN servers; none means host candidates only
     ice_username: str = ""  # for TURN servers given as URLs, with no credential of their own
@@ -123,7 +155,7 @@ class WebRTCConfig:
     max_pending_per_address: int = 8
     session_rate: float = 1.0  # new sessions per second per client address, after the burst
     session_burst: int = 20  # new sessions one address may open at once (a page with many tiles)
-    # A viewer's datagrams of one event-loop pass leave in one segmented write (relay.udpbatch); off: one
+    # A viewer's datagrams of one event-loop pass leave in one segmented write (relay.webrtc.udpbatch); off: one
     # system call per datagram, as aiortc sends (the batcher's A/B, docs/benchmarks.md).
     batch_sends: bool = True
 
@@ -390,7 +422,7 @@ def _fps(v: Any) -> float:
     return parse_fps(str(v))
 
 
-# A TURN username or credential reaches viewers in a Link header (relay.ice.link_headers), as it is: printable
+# A TURN username or credential reaches viewers in a Link header (relay.webrtc.ice.link_headers), as it is: printable
 # ASCII without spaces, as rtsp.password. A control character fails every response that lists the ICE servers;
 # browsers read header bytes as Latin-1, so anything past ASCII would reach them mangled; and mediamtx's reader.js
 # splits Link headers on ", " and finds the credential by '"; credential="', so with no space any value parses.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from . import devices, ice
+from . import devices
 from .config import Config, StreamConfig
 from .devices import Device
 from .discovery import Discovery, StreamNames, device_key
@@ -35,8 +35,9 @@ from .rtsp import (
 from .source import SourceSpec
 from .stream import Stream
 from .telemetry import Snapshot, StreamSample, Telemetry, ThermalGuard
-from .webrtc import ViewerSessions, process_patches
-from .whip import WhipPublisher
+from .webrtc import ice
+from .webrtc.sessions import ViewerSessions, process_patches
+from .webrtc.whip import WhipPublisher
 
 log = logging.getLogger(__name__)
 

@@ -19,12 +19,12 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from relay import ice
 from relay.ipc import ENCODER_ERROR
 from relay.logsafe import Throttled, redact_url
 from relay.service import Relay, UnknownStream, lan_addresses
 from relay.telemetry import prometheus
-from relay.webrtc import OfferRejected
+from relay.webrtc import ice
+from relay.webrtc.sessions import OfferRejected
 
 from .access import ACCESS, VIEWER, Access, guard
 from .forwarded import PROXIES, forwarded, parse_networks

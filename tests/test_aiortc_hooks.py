@@ -7,7 +7,7 @@ from aiortc import RTCPeerConnection, RTCRtpSender
 from aiortc.rtcrtpsender import RTCRtpSender as SenderClass
 
 from relay.hub import EncodedFrame, PacketHub
-from relay.webrtc import HubTrack, SharedPacker, attach_to_sender, h264_preferences, payloads_for
+from relay.webrtc.rtpsend import HubTrack, SharedPacker, attach_to_sender, h264_preferences, payloads_for
 
 
 class Counter:
@@ -78,7 +78,7 @@ def test_preferences_are_h264_mode_1_then_rtx():
 
 
 def test_aioice_internals_the_relay_reads_are_still_there():
-    """relay.udpbatch and the liveness watch lean on these; an aioice upgrade that moves them fails here."""
+    """relay.webrtc.udpbatch and the liveness watch lean on these; an aioice upgrade that moves them fails here."""
     import inspect
 
     import aioice.ice
@@ -90,7 +90,7 @@ def test_aioice_internals_the_relay_reads_are_still_there():
 
 
 async def test_sender_fields_the_fast_send_path_uses_are_still_there():
-    from relay import rtpsend
+    from relay.webrtc import rtpsend
 
     pc = RTCPeerConnection()
     try:

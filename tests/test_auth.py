@@ -29,7 +29,7 @@ from relay.auth import (
 from relay.cli import announce, warn_if_exposed
 from relay.config import AuthConfig, ConfigError, load, secrets_in_file
 from relay.logsafe import SHOWS_SECRET, SecretFilter, redact
-from relay.whepclient import WhepError, WhepViewer
+from relay.webrtc.whepclient import WhepError, WhepViewer
 from signalling.access import ACCESS, AUTH_FAILURE_BURST, AUTH_FAILURE_RATE, FAILURE_DELAY
 from signalling.app import RELAY
 

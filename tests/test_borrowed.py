@@ -1,4 +1,4 @@
-"""aiortc's and aioice's internals are borrowed in one module (relay.borrowed): the versions it was written
+"""aiortc's and aioice's internals are borrowed in one module (relay.webrtc.borrowed): the versions it was written
 for are the declared bounds, other versions are refused by name, no other module touches a private name,
 and its process-wide patches stay while any relay in the process runs."""
 
@@ -16,13 +16,13 @@ import aioice.ice
 import aiortc
 import pytest
 
-from relay import borrowed, udpbatch
 from relay.config import Config, ConfigError, load
+from relay.webrtc import borrowed, udpbatch
 
 from .conftest import make_config, start_relay
 
 ROOT = Path(__file__).resolve().parent.parent
-BORROWER = ROOT / "relay" / "borrowed.py"
+BORROWER = ROOT / "relay" / "webrtc" / "borrowed.py"
 MANGLED = re.compile(r"_[A-Z]\w*__")  # a class-private field as Python mangles it: _RTCRtpSender__encoder
 
 
@@ -75,7 +75,7 @@ def _methods_self(tree: ast.Module) -> set[ast.AST]:
     return own
 
 
-def test_private_aiortc_and_aioice_names_appear_in_relay_borrowed_only():
+def test_private_aiortc_and_aioice_names_appear_in_borrowed_only():
     private = _private_names_of(aiortc) | _private_names_of(aioice)
     found = []
     for path in sorted([*(ROOT / "relay").rglob("*.py"), *(ROOT / "signalling").rglob("*.py")]):
@@ -103,7 +103,7 @@ def test_private_aiortc_and_aioice_names_appear_in_relay_borrowed_only():
             elif isinstance(node, ast.Constant) and isinstance(node.value, str):
                 if MANGLED.search(node.value) or node.value in private:
                     found.append(f"{where}:{line} names {node.value!r}")
-    assert not found, "private aiortc/aioice names outside relay/borrowed.py:\n" + "\n".join(found)
+    assert not found, "private aiortc/aioice names outside relay/webrtc/borrowed.py:\n" + "\n".join(found)
 
 
 def test_the_batcher_switch_is_a_validated_setting():
@@ -123,7 +123,7 @@ def _patched() -> dict[str, bool]:
 
 
 async def _plays(base: str) -> None:
-    from relay.whepclient import WhepViewer
+    from relay.webrtc.whepclient import WhepViewer
 
     async with aiohttp.ClientSession() as http:
         viewer = WhepViewer(f"{base}/whep/cam0", http)

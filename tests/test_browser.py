@@ -25,8 +25,7 @@ from yarl import URL
 from benchmarks.chromium import chromium
 from benchmarks.ports import free_port
 from relay.auth import hash_password
-from relay.config import AuthConfig
-from relay.ice import IceServer
+from relay.config import AuthConfig, IceServer
 
 from .conftest import TEST_HEIGHT, TEST_WIDTH, RunningRelay, make_config, start_relay
 from .stun import stun_server

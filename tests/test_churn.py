@@ -13,7 +13,7 @@ import time
 
 import psutil
 
-from relay.whepclient import WhepViewer
+from relay.webrtc.whepclient import WhepViewer
 
 WARMUP, SESSIONS, BATCH = 30, 150, 10
 

@@ -1,7 +1,6 @@
 import pytest
 
-from relay.config import ConfigError, load
-from relay.ice import IceServer
+from relay.config import ConfigError, IceServer, load
 from relay.source import SourceSpec, parse_source_spec
 
 FULL = """

@@ -28,7 +28,7 @@ import pytest
 from benchmarks.ports import free_port
 from relay.config import ConfigError, load
 from relay.logsafe import SecretFilter
-from relay.whepclient import WhepViewer
+from relay.webrtc.whepclient import WhepViewer
 from signalling.server import LoopErrors
 
 from .conftest import make_config, start_relay

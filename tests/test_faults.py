@@ -12,7 +12,7 @@ import pytest
 from relay.camera import slate
 from relay.config import StreamConfig
 from relay.source import parse_source_spec
-from relay.whepclient import WhepViewer, luma
+from relay.webrtc.whepclient import WhepViewer, luma
 
 from .conftest import make_config, start_relay
 

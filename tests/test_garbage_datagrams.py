@@ -12,7 +12,7 @@ import re
 import socket
 import struct
 
-from relay.whepclient import WhepViewer
+from relay.webrtc.whepclient import WhepViewer
 
 ROUNDS = 300  # of each kind below
 

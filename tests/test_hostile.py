@@ -13,7 +13,7 @@ import pytest
 
 from relay.config import AuthConfig, StreamConfig
 from relay.source import parse_source_spec
-from relay.whepclient import WhepError, WhepViewer
+from relay.webrtc.whepclient import WhepError, WhepViewer
 
 from .conftest import make_config, start_relay
 

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.chromium import chromium
-from relay.config import ConfigError, load, secret_values, secrets_in_file
-from relay.ice import (
-    IceServer,
+from relay.config import ConfigError, IceServer, load, secret_values, secrets_in_file
+from relay.webrtc.ice import (
     add_host_candidates,
     for_relay,
     for_viewer,

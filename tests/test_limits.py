@@ -6,7 +6,7 @@ import time
 import aiohttp
 import pytest
 
-from relay.whepclient import WhepViewer
+from relay.webrtc.whepclient import WhepViewer
 from signalling.limits import MAX_TRACKED_ADDRESSES, RateLimiter, TokenBucket
 
 

@@ -8,8 +8,8 @@ import asyncio
 import time
 
 from benchmarks.lossy import LossyLink, rewrite_candidates
-from relay.rtpsend import RETRANSMITS
-from relay.whepclient import WhepViewer
+from relay.webrtc.rtpsend import RETRANSMITS
+from relay.webrtc.whepclient import WhepViewer
 
 PHASE = 6.0  # seconds per loss setting
 WINDOW = 2.0  # the lossy viewer must show a new picture in every window this long
@@ -39,7 +39,7 @@ class Watch:
         self.error: BaseException | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
-        from relay.whepclient import sample
+        from relay.webrtc.whepclient import sample
 
         try:
             while not stop.is_set():

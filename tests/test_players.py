@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from relay import ice
 from relay.config import AuthConfig
-from relay.whepclient import WhepError, WhepViewer
+from relay.webrtc import ice
+from relay.webrtc.whepclient import WhepError, WhepViewer
 from signalling.access import ICE_SERVERS_HEADER
 
 from .conftest import make_config, start_relay

@@ -14,7 +14,7 @@ import pytest
 
 from relay.camera import pixelclock
 from relay.record import LATEST_IMAGE, LATEST_VIDEO, Retention, Segment, files_to_delete, parse_utc_name, utc_name
-from relay.whepclient import WhepViewer, luma
+from relay.webrtc.whepclient import WhepViewer, luma
 
 from .conftest import make_config, start_relay
 

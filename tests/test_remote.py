@@ -39,8 +39,8 @@ from aioice import stun, turn
 from benchmarks.chromium import chromium
 from benchmarks.turn import Coturn, stop
 from relay.auth import hash_password
-from relay.ice import RESOLVER_THREADS, parse_links, rest_credential
-from relay.whepclient import WhepViewer
+from relay.webrtc.ice import RESOLVER_THREADS, parse_links, rest_credential
+from relay.webrtc.whepclient import WhepViewer
 
 ROOT = Path(__file__).resolve().parent.parent
 RELAY_LAN, ROUTER_LAN, ROUTER_WAN, PHONE_WAN = "192.168.77.2", "192.168.77.1", "203.0.113.1", "203.0.113.2"
@@ -555,7 +555,7 @@ async def test_coturn_refuses_an_expired_rest_credential_and_an_allocation_outli
     with Internet() as net, Coturn(ROUTER_WAN, TURN_PORT, secret, tmp_path, netns=net.router) as coturn:
         with inside(net.phone):
             await coturn.wait_ready()
-            # Minted as the relay mints them (relay.ice.for_viewer), for a time a minute ago: expired.
+            # Minted as the relay mints them (relay.webrtc.ice.for_viewer), for a time a minute ago: expired.
             expired = rest_credential(secret, "camrelay", int(time.time()) - 60)
             with pytest.raises(stun.TransactionFailed) as refused:
                 await turn.create_turn_endpoint(asyncio.DatagramProtocol, server, *expired, transport="tcp")

@@ -25,7 +25,7 @@ import pytest
 from benchmarks.chromium import chromium
 from benchmarks.ports import free_port
 from relay.config import AuthConfig
-from relay.whepclient import WhepViewer
+from relay.webrtc.whepclient import WhepViewer
 
 from .conftest import make_config, start_relay
 

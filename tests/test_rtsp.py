@@ -28,7 +28,7 @@ from relay.rtsp import (
     render_config,
     rtsp_status,
 )
-from relay.whepclient import WhepViewer, luma
+from relay.webrtc.whepclient import WhepViewer, luma
 
 SETTINGS = MediamtxSettings("", 8554, 8000, 8001)
 # rtsp.password takes any printable ASCII; mediamtx refuses these characters in a plain password (not in a hash).

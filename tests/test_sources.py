@@ -10,7 +10,7 @@ import av
 from relay.camera import pixelclock
 from relay.config import StreamConfig
 from relay.source import SourceSpec
-from relay.whepclient import WhepViewer, luma
+from relay.webrtc.whepclient import WhepViewer, luma
 
 from .conftest import make_config, start_relay
 

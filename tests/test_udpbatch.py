@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from relay.borrowed import _EqualFragments
-from relay.udpbatch import MAX_SEGMENTS, batcher_of, runs
-from relay.whepclient import WhepViewer
+from relay.webrtc.borrowed import _EqualFragments
+from relay.webrtc.udpbatch import MAX_SEGMENTS, batcher_of, runs
+from relay.webrtc.whepclient import WhepViewer
 
 A, B = ("127.0.0.1", 1000), ("127.0.0.1", 2000)
 
@@ -87,7 +87,7 @@ async def _until(predicate, timeout=2.0):
 
 
 async def test_what_was_sent_before_close_still_leaves():
-    from relay.udpbatch import Batcher
+    from relay.webrtc.udpbatch import Batcher
 
     tx, rx, sink, addr = await _pair()
     try:
@@ -102,7 +102,7 @@ async def test_what_was_sent_before_close_still_leaves():
 async def test_a_route_that_refuses_segmentation_falls_back_alone(monkeypatch):
     import errno
 
-    from relay import udpbatch
+    from relay.webrtc import udpbatch
 
     def refuse(sock, group, addr):
         raise OSError(errno.EINVAL, "Invalid argument")
@@ -122,7 +122,7 @@ async def test_a_route_that_refuses_segmentation_falls_back_alone(monkeypatch):
 
 
 def test_a_transport_without_a_socket_is_sent_to_directly():
-    from relay.udpbatch import send_now
+    from relay.webrtc.udpbatch import send_now
 
     class TurnLike:  # aioice's TURN transport: sendto, no socket, no write buffer
         def __init__(self) -> None:

@@ -9,15 +9,15 @@ import sys
 import time
 from pathlib import Path
 
-from relay.webrtc import LIVENESS_CHECK, VIEWER_SILENCE
+from relay.webrtc.sessions import LIVENESS_CHECK, VIEWER_SILENCE
 
 ROOT = Path(__file__).resolve().parent.parent
 
 VIEWER = """
 import asyncio, sys
 import aiohttp
-from relay.borrowed import restrict_host_addresses
-from relay.whepclient import WhepViewer
+from relay.webrtc.borrowed import restrict_host_addresses
+from relay.webrtc.whepclient import WhepViewer
 
 async def main():
     restrict_host_addresses(["127.0.0.1"])

@@ -9,7 +9,7 @@ import pytest
 
 from relay.config import StreamConfig
 from relay.source import SourceSpec
-from relay.whepclient import WhepError, WhepViewer
+from relay.webrtc.whepclient import WhepError, WhepViewer
 
 from .conftest import RunningRelay
 

@@ -27,11 +27,11 @@ from benchmarks.ports import free_port
 from benchmarks.scale_out import Engine
 from relay.backoff import Backoff
 from relay.cli import build_parser, load_config
-from relay.config import ConfigError, WhipConfig, load, secret_values, secrets_in_file
+from relay.config import ConfigError, IceServer, WhipConfig, load, secret_values, secrets_in_file
 from relay.hub import PacketHub
-from relay.ice import IceServer, gathered_with, parse_links
-from relay.whepclient import WhepError, WhepViewer
-from relay.whip import SDP_TYPE, WhipPublisher, shown_url
+from relay.webrtc.ice import gathered_with, parse_links
+from relay.webrtc.whepclient import WhepError, WhepViewer
+from relay.webrtc.whip import SDP_TYPE, WhipPublisher, shown_url
 
 from .conftest import TEST_FPS, make_config, start_relay
 from .stun import stun_server
@@ -299,7 +299,7 @@ async def test_fifty_viewers_on_mediamtx_cost_camrelay_one_publish(engines, rela
 async def test_a_frozen_then_restarted_mediamtx_is_published_to_again_and_camrelays_viewers_never_notice(
     engines, relays, http, caplog
 ):
-    caplog.set_level(logging.INFO, logger="relay.whip")
+    caplog.set_level(logging.INFO, logger="relay.webrtc.whip")
     engine = await engines()
     relay = await relays(whip_config(WhipConfig("cam0", engine.url("cam0"))))
     viewer = WhepViewer(relay.whep(), http)
@@ -331,7 +331,7 @@ async def test_a_frozen_then_restarted_mediamtx_is_published_to_again_and_camrel
         assert await clock_reads_through(engine.url("cam0", "whep"), http)
     finally:
         await viewer.close()
-    lines = [r for r in caplog.records if r.name == "relay.whip"]
+    lines = [r for r in caplog.records if r.name == "relay.webrtc.whip"]
     assert not any(r.exc_info for r in lines), "no traceback"
     failures = [r.getMessage() for r in lines if r.levelno == logging.WARNING]
     assert failures and len(failures) == publisher.errors  # one line per failure, each followed by a retry
@@ -484,7 +484,7 @@ async def test_a_link_server_aiortc_cannot_parse_is_left_out_and_the_publisher_p
 ):
     """aiortc takes no [IPv6] literal and no query on a stun: URL; such a server in the 201 is left out, not
     handed to aiortc (which would fail every offer before it is POSTed)."""
-    caplog.set_level(logging.INFO, logger="relay.whip")
+    caplog.set_level(logging.INFO, logger="relay.webrtc.whip")
     engine = await engines()
     front = await fronts(engine.url("cam0"), (link("stun:[::1]:3478"), link("stun:127.0.0.1:3478?transport=udp")))
     relay = await relays(whip_config(WhipConfig("cam0", front.url)))
@@ -500,7 +500,7 @@ async def test_only_publishing_resets_the_backoff(engines, fronts, relays, caplo
     """A session that fails before it is up is a failure however long it took (camrelay's connect timeout, 15 s,
     is longer than the 10 s of publishing that start the schedule over): the delays grow. A session that
     published that long starts it over. Scaled down in proportion: a 1 s connect timeout, 0.5 s of publishing."""
-    caplog.set_level(logging.INFO, logger="relay.whip")
+    caplog.set_level(logging.INFO, logger="relay.webrtc.whip")
     engine = await engines()
     front = await fronts(engine.url("cam0"))
     front.unconnectable = 3  # ICE never connects for the first three offers: three connect timeouts
@@ -515,7 +515,7 @@ async def test_only_publishing_resets_the_backoff(engines, fronts, relays, caplo
         await until(lambda: publisher.errors > failed, "the vanished server noticed")
     finally:
         await publisher.close()
-    lines = [r.getMessage() for r in caplog.records if r.name == "relay.whip"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "relay.webrtc.whip"]
     published = next(i for i, line in enumerate(lines) if "publishing session=1" in line)
     delays = [
         [float(m[1]) for line in part if (m := re.search(r"; retrying in ([\d.]+)s$", line))]
@@ -588,7 +588,7 @@ async def test_a_redirect_to_another_origin_never_carries_the_token():
     ],
 )
 async def test_a_token_sent_in_clear_to_another_host_is_warned_of(caplog, url, token, warned):
-    caplog.set_level(logging.WARNING, logger="relay.whip")
+    caplog.set_level(logging.WARNING, logger="relay.webrtc.whip")
     publisher = WhipPublisher(PacketHub("cam0", lambda: None), url, token)
     publisher.start()
     await publisher.close()

@@ -27,11 +27,11 @@ from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamTrack
 
 from benchmarks.baselines import arguments
-from relay.borrowed import restrict_host_addresses
 from relay.camera.encode import EncoderSettings, H264Encoder, JpegDecoder
 from relay.camera.testpattern import PatternRenderer
 from relay.config import parse_bitrate
 from relay.source import parse_size
+from relay.webrtc.borrowed import restrict_host_addresses
 
 TIME_BASE = fractions.Fraction(1, 90_000)
 KEYFRAME_INTERVAL = 1.0  # seconds: camrelay's default

@@ -1,4 +1,10 @@
-"""aiortc's RTP send loop, done per frame instead of per packet.
+"""The send path: a hub's frames onto an aiortc sender, sent per frame.
+
+A viewer's (or a WHIP publisher's) track yields the hub's already-encoded
+frames (``HubTrack``), so aiortc never encodes for it: its sender packs with
+``SharedPacker``, which splits each access unit into RTP payloads once per
+frame for everyone; its PLI and FIR go to the shared encoder; and it runs
+the per-frame send loop below instead of aiortc's per-packet one.
 
 aiortc's ``RTCRtpSender._run_rtp`` builds an ``RtpPacket`` object for every
 packet, reads the NTP clock twice for it, serializes its header extensions,
@@ -10,13 +16,13 @@ the 95th percentile of latency.
 
 Here each viewer's sender serializes one header per frame with aiortc's own
 serializer, then for each payload patches the sequence number and marker
-bit, SRTP-protects it and hands it to the socket batcher (relay.udpbatch),
+bit, SRTP-protects it and hands it to the socket batcher (relay.webrtc.udpbatch),
 or straight to the socket with batching off: no per-packet objects, clock
 reads or awaits. RTCP sender reports keep their counts (updated once per
 frame) and NACKed packets are rebuilt from a history of (sequence,
 timestamp, marker, payload) on demand.
 
-The sender's private fields are reached through ``relay.borrowed``;
+The sender's private fields are reached through ``relay.webrtc.borrowed``;
 tests/test_aiortc_hooks.py fails if an aiortc upgrade moves them.
 """
 
@@ -24,26 +30,99 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import traceback
 
-from aiortc import MediaStreamError, RTCRtpSender, clock
+from aiortc import MediaStreamError, MediaStreamTrack, RTCRtpCodecCapability, RTCRtpSender, clock
 from aiortc.rtcrtpsender import random_sequence_number
 from aiortc.rtp import RTP_HISTORY_SIZE, RtpPacket, wrap_rtx
 from aiortc.utils import random32, uint16_add, uint32_add
 
+from ..hub import EncodedFrame, HubClosed, PacketHub, Subscription
 from . import borrowed
 from .udpbatch import send_direct, send_now
 
 log = logging.getLogger(__name__)
+
+# The profile every browser decodes in hardware or software: constrained baseline, level 3.1.
+PREFERRED_PROFILES = ("42e01f", "42001f")
 
 _HISTORY = "camrelay_history"
 RETRANSMITS = "camrelay_retransmits"  # NACKed packets sent again, per sender
 _SEND = "camrelay_send"  # how a sender's datagrams leave: batched (udpbatch.send_now) or one by one
 
 
+class SharedPacker:
+    """Stands in for aiortc's per-sender H.264 encoder: packs, never encodes."""
+
+    def pack(self, frame: EncodedFrame) -> tuple[list[bytes], int]:
+        return payloads_for(frame), frame.pts
+
+
+def payloads_for(frame: EncodedFrame) -> list[bytes]:
+    """RTP payloads (single NAL, STAP-A, FU-A) for one frame, computed once."""
+    if frame.payloads is None:
+        frame.payloads = borrowed.packetize(frame.data)
+    return frame.payloads
+
+
+class HubTrack(MediaStreamTrack):
+    """A video track whose frames are the hub's encoded access units.
+
+    It subscribes on the first ``recv()``, which aiortc makes only once DTLS
+    is up: the join keyframe is asked for when the viewer can take it, and no
+    queue fills (and overflows) while ICE is still connecting.
+    """
+
+    kind = "video"
+
+    def __init__(self, hub: PacketHub, name: str) -> None:
+        super().__init__()
+        self.hub = hub
+        self.name = name
+        self.subscription: Subscription | None = None
+
+    async def recv(self) -> EncodedFrame:  # type: ignore[override]
+        if self.readyState != "live":
+            raise MediaStreamError
+        try:
+            if self.subscription is None:
+                self.subscription = self.hub.subscribe(self.name)
+            frame = await self.subscription.get()
+        except HubClosed:
+            self.stop()
+            raise MediaStreamError from None
+        self.hub.fanout_delay.add(time.time() - frame.published_at)
+        return frame
+
+    def stop(self) -> None:
+        super().stop()
+        if self.subscription is not None:
+            self.subscription.close()
+
+
+def attach_to_sender(sender: RTCRtpSender, hub: PacketHub, batch: bool = True) -> None:
+    """Make ``sender`` pack shared frames, route its PLI/FIR to the shared encoder and send per frame
+    (``batch``: through the socket batcher, relay.webrtc.udpbatch)."""
+    borrowed.attach(sender, SharedPacker(), hub.request_keyframe)
+    install(sender, batch)
+
+
+def h264_preferences() -> list[RTCRtpCodecCapability]:
+    """H.264 packetization-mode 1 (best profile first) and its RTX, nothing else."""
+    codecs = RTCRtpSender.getCapabilities("video").codecs
+    h264 = [
+        c for c in codecs if c.mimeType.lower() == "video/h264" and str(c.parameters.get("packetization-mode")) == "1"
+    ]
+    rank = {profile: i for i, profile in enumerate(PREFERRED_PROFILES)}
+    h264.sort(key=lambda c: rank.get(c.parameters.get("profile-level-id"), len(rank)))
+    rtx = [c for c in codecs if c.mimeType.lower() == "video/rtx"]
+    return h264 + rtx
+
+
 def install(sender: RTCRtpSender, batch: bool = True) -> None:
     """Give ``sender`` the per-frame send loop and the matching retransmission; ``batch``: through the
-    socket batcher (relay.udpbatch), else a system call per datagram."""
+    socket batcher (relay.webrtc.udpbatch), else a system call per datagram."""
     borrowed.replace_send_loop(sender, _run_rtp, _retransmit)
     sender.__dict__[_SEND] = send_now if batch else send_direct
 

@@ -2,7 +2,7 @@
 
 A ``WhipPublisher`` is one more hub subscriber, exactly like a WebRTC viewer:
 its aiortc sender gets the shared packer and the per-frame send loop
-(``relay.webrtc.attach_to_sender``), so no second encoder runs, the server's
+(``relay.webrtc.rtpsend.attach_to_sender``), so no second encoder runs, the server's
 PLI asks the shared encoder for a keyframe, and a slow or dead server costs
 only its own bounded queue (it skips to the next keyframe like any viewer),
 never the viewers' frames.
@@ -41,13 +41,15 @@ import aiohttp
 from aiortc import RTCBundlePolicy, RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from yarl import URL
 
+from ..aio import cancel_and_wait
+from ..backoff import Backoff, Retry
+from ..config import IceServer
+from ..hub import PacketHub
+from ..logsafe import redact
 from . import borrowed
-from .aio import cancel_and_wait
-from .backoff import Backoff, Retry
-from .hub import PacketHub
-from .ice import IceServer, gathered_with, parse_links
-from .logsafe import redact
-from .webrtc import CONNECT_TIMEOUT, LIVENESS_CHECK, HubTrack, attach_to_sender, h264_preferences
+from .ice import gathered_with, parse_links
+from .rtpsend import HubTrack, attach_to_sender, h264_preferences
+from .sessions import CONNECT_TIMEOUT, LIVENESS_CHECK
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ DELETE_TIMEOUT = 2.0
 MAX_ANSWER_BYTES = 64 * 1024  # an answer is ~2 KiB; more is not an answer
 # A live server sends STUN consent checks every few seconds and RTCP (mediamtx also a PLI every 2 s);
 # this long without a datagram, it is gone (killed, rebooted, unplugged). As for viewers
-# (relay.webrtc.VIEWER_SILENCE), silence and not unanswered checks: a busy server answers late.
+# (relay.webrtc.sessions.VIEWER_SILENCE), silence and not unanswered checks: a busy server answers late.
 SERVER_SILENCE = 10.0
 # Reconnect pacing: the first retry at once (a restart), then slower; a server that keeps refusing
 # (a wrong token) is asked again at most twice a minute. stable_after counts publishing only: a connect
@@ -121,7 +123,7 @@ class WhipPublisher:
         # The relay's own ([webrtc] ice_servers), asked for each session: minted TURN credentials expire.
         self._ice_servers = ice_servers
         self._connect_timeout = connect_timeout
-        self._batch = batch  # RTP through the socket batcher (relay.udpbatch)
+        self._batch = batch  # RTP through the socket batcher (relay.webrtc.udpbatch)
         self._sent = (0, 0)  # payload bytes and packets of the sessions that ended
         self._sender = None  # the current session's RTP sender
         self._retry = Retry(retry)

@@ -19,7 +19,7 @@ import numpy as np
 from aiortc import RTCConfiguration, RTCIceServer, RTCIceTransportPolicy, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from .camera import pixelclock
+from ..camera import pixelclock
 
 
 class WhepError(Exception):
@@ -58,7 +58,7 @@ class WhepViewer:
         self.rewrite_sdp = rewrite_sdp or (lambda kind, sdp: sdp)
         self.http = session
         self.headers = dict(headers or {})  # on every request: e.g. Authorization for a relay with auth on
-        # ice_servers: e.g. from the relay's Link headers (relay.ice.parse_links); relay_only: TURN or nothing,
+        # ice_servers: e.g. from the relay's Link headers (relay.webrtc.ice.parse_links); relay_only: TURN or nothing,
         # as a browser's iceTransportPolicy "relay".
         policy = RTCIceTransportPolicy.RELAY if relay_only else RTCIceTransportPolicy.ALL
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=list(ice_servers or []), iceTransportPolicy=policy))

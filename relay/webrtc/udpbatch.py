@@ -10,13 +10,13 @@ and, at the end of that pass, writes runs of equal-size datagrams to the same
 address with a single ``sendmsg`` using UDP generic segmentation offload
 (``UDP_SEGMENT``, Linux 4.18+): the kernel cuts the buffer back into the same
 datagrams. Paired with a packetizer that makes every fragment of a frame the
-same size but the last (``relay.webrtc.payloads_for``), a frame is one or two
+same size but the last (``relay.webrtc.rtpsend.payloads_for``), a frame is one or two
 system calls per viewer. Where GSO is missing or refused, it sends datagram
 by datagram as before, and says so once.
 
-RTP leaves through ``send_now`` (``relay.rtpsend``); aioice's own data sends
+RTP leaves through ``send_now`` (``relay.webrtc.rtpsend``); aioice's own data sends
 (DTLS, RTCP) through ``PATCH``, process-wide on aioice's socket protocol
-(``relay.borrowed``), held while a relay with ``[webrtc] batch_sends`` on
+(``relay.webrtc.borrowed``), held while a relay with ``[webrtc] batch_sends`` on
 runs. With it off, datagrams leave one system call each (``send_direct``).
 """
 

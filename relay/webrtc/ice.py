@@ -32,23 +32,20 @@ import socket
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
 
 from aioice.candidate import candidate_foundation, candidate_priority
 
-from .logsafe import Throttled
+from ..config import TURN_SCHEMES, IceServer, WebRTCConfig, well_formed
+from ..logsafe import Throttled
 
 if TYPE_CHECKING:
     from aiortc import RTCIceServer
 
-    from .config import WebRTCConfig
-
 log = logging.getLogger(__name__)
 lookup_failures = Throttled(log)  # one line a second at most, however many answers a dead DNS server holds up
 
-TURN_SCHEMES = ("turn:", "turns:")
 REST_NAME = "camrelay"  # the <name> of a minted username, for a TURN server that names none
 # A name in additional_hosts is looked up for each answer (a dynamic DNS name follows its address); one that
 # has not resolved by then is left out of that answer: a dead DNS server must not hold up the video.
@@ -58,24 +55,6 @@ RESOLVE_TIMEOUT = 2.0
 # the STUN and TURN servers, recordings listings). Two: lookups that wait for a free one are dropped unstarted
 # when their answer goes without them, so a dead DNS server holds two threads, however many viewers come.
 RESOLVER_THREADS = 2
-
-
-@dataclass(frozen=True, slots=True)
-class IceServer:
-    """One server as a browser's ``RTCIceServer`` describes it."""
-
-    urls: tuple[str, ...]
-    username: str = ""
-    credential: str = field(default="", repr=False)
-
-    @property
-    def is_turn(self) -> bool:
-        return any(url.startswith(TURN_SCHEMES) for url in self.urls)
-
-    def to_aiortc(self) -> RTCIceServer:
-        from aiortc import RTCIceServer
-
-        return RTCIceServer(urls=list(self.urls), username=self.username or None, credential=self.credential or None)
 
 
 def log_settings(w: WebRTCConfig) -> None:
@@ -147,17 +126,6 @@ def link_headers(servers: list[IceServer]) -> list[str]:
 # RFC 8288 link-values: <target> then ;-separated parameters, each with or without a value, quoted or not.
 _LINK = re.compile(r'<([^>]*)>((?:\s*;\s*[^\s;,=]+(?:\s*=\s*(?:"(?:[^"\\]|\\.)*"|[^;,\s]*))?)*)')
 _PARAM = re.compile(r';\s*([^\s;,=]+)(?:\s*=\s*("(?:[^"\\]|\\.)*"|[^;,\s]*))?')
-# RFC 7064 and 7065 as aiortc parses them: a host name or IPv4 address (aiortc takes no [IPv6] literal), a port,
-# and for TURN the transport to reach it over.
-ICE_URL = re.compile(
-    r"(?P<scheme>stuns?|turns?):[A-Za-z0-9.-]+(?::(?P<port>\d{1,5}))?(?P<query>\?transport=(?:udp|tcp))?"
-)
-
-
-def well_formed(url: str) -> bool:
-    """Whether aiortc can gather with ``url``: one it cannot parse fails the peer connection it is given to."""
-    m = ICE_URL.fullmatch(url)
-    return bool(m) and not (m["query"] and m["scheme"].startswith("stun")) and 0 < int(m["port"] or 1) < 65536
 
 
 def gathered_with(servers: list[RTCIceServer]) -> dict[str, object]:

@@ -8,7 +8,7 @@ them here, so an upgrade that moves one breaks this module alone (and
 - on each sender (``RTCRtpSender``): its encoder slot (``__encoder``) holds a
   packer that packs shared frames; ``_send_keyframe`` (PLI, FIR) goes to the
   shared encoder; ``_run_rtp`` and ``_retransmit`` are camrelay's per-frame
-  send loop (``relay.rtpsend``), which reads and writes the sender's private
+  send loop (``relay.webrtc.rtpsend``), which reads and writes the sender's private
   fields through ``SenderFields``;
 - aiortc's H.264 packetizer, with FU-A fragments all full-size but the last
   (``packetize``);
@@ -16,7 +16,7 @@ them here, so an upgrade that moves one breaks this module alone (and
   held by whoever needs it and removed when the last holder lets go: the
   host addresses ICE gathers on (``restrict_host_addresses``), a watch on what
   each connection hears (``WATCH_ICE``, read by ``last_heard``), and aioice's
-  own data sends (``send_data_patch``, for ``relay.udpbatch``).
+  own data sends (``send_data_patch``, for ``relay.webrtc.udpbatch``).
 
 Imported, it checks the versions of aiortc and aioice against those it was
 written for (``WRITTEN_FOR``, the bounds in ``pyproject.toml``) and refuses
@@ -60,7 +60,7 @@ def check_versions(found: dict[str, str]) -> None:
         wanted = " and ".join(f"{name}>={lo},<{hi}" for name, (lo, hi) in WRITTEN_FOR.items())
         tested = " and ".join(f"{name} {v}" for name, v in TESTED_WITH.items())
         raise ImportError(
-            f"camrelay's aiortc and aioice hooks (relay/borrowed.py) were written for {wanted} (tested with"
+            f"camrelay's aiortc and aioice hooks (relay/webrtc/borrowed.py) were written for {wanted} (tested with"
             f" {tested}); found {', '.join(wrong)}. Install those versions (pip install -e . does), or update the"
             " hooks: tests/test_aiortc_hooks.py names what moved"
         )
@@ -308,7 +308,7 @@ class _EqualFragments(AiortcH264):
 
     aiortc spreads a NAL unit evenly (sizes differ by one byte); full-size
     fragments make a frame's datagrams equal-size but the last, so the whole
-    run leaves in one segmented write (relay.udpbatch).
+    run leaves in one segmented write (relay.webrtc.udpbatch).
     """
 
     @staticmethod

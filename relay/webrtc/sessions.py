@@ -1,11 +1,10 @@
-"""WebRTC viewers: aiortc peers that only packetize and encrypt.
+"""WebRTC viewers (WHEP): a session per viewer, created from its offer and freed on every way out.
 
-Each viewer's track yields the hub's already-encoded frames, so aiortc never
-encodes for a viewer: its sender packs with ``SharedPacker``, which splits
-each access unit into RTP payloads once per frame for all viewers; its PLI
-and FIR go to the shared encoder; and it sends per frame (relay.rtpsend).
-The aiortc internals this takes are in ``relay.borrowed``, pinned by
-``tests/test_aiortc_hooks.py``.
+Each session is an aiortc peer that only packetizes and encrypts: its track
+yields the hub's already-encoded frames and its sender sends them per frame
+(``relay.webrtc.rtpsend``). A session that never connects, or whose viewer
+falls silent, is freed by the relay (``CONNECT_TIMEOUT``, ``VIEWER_SILENCE``).
+The sessions of one stream are one of its consumers (``StreamViewers``).
 """
 
 from __future__ import annotations
@@ -18,96 +17,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from aiortc import (
-    MediaStreamError,
-    MediaStreamTrack,
-    RTCConfiguration,
-    RTCIceServer,
-    RTCPeerConnection,
-    RTCRtpCodecCapability,
-    RTCRtpSender,
-    RTCSessionDescription,
-)
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.sdp import candidate_from_sdp
 
-from . import borrowed, ice, rtpsend, udpbatch
-from .hub import EncodedFrame, HubClosed, PacketHub, Subscription
+from ..hub import PacketHub
+from . import borrowed, ice, udpbatch
+from .rtpsend import HubTrack, attach_to_sender, h264_preferences
 
 log = logging.getLogger(__name__)
 
-# The profile every browser decodes in hardware or software: constrained baseline, level 3.1.
-PREFERRED_PROFILES = ("42e01f", "42001f")
 # A session whose ICE/DTLS never completes is freed by us, not by aiortc's
 # minute-long consent timeout.
 CONNECT_TIMEOUT = 15.0
-
-
-class SharedPacker:
-    """Stands in for aiortc's per-sender H.264 encoder: packs, never encodes."""
-
-    def pack(self, frame: EncodedFrame) -> tuple[list[bytes], int]:
-        return payloads_for(frame), frame.pts
-
-
-def payloads_for(frame: EncodedFrame) -> list[bytes]:
-    """RTP payloads (single NAL, STAP-A, FU-A) for one frame, computed once."""
-    if frame.payloads is None:
-        frame.payloads = borrowed.packetize(frame.data)
-    return frame.payloads
-
-
-class HubTrack(MediaStreamTrack):
-    """A video track whose frames are the hub's encoded access units.
-
-    It subscribes on the first ``recv()``, which aiortc makes only once DTLS
-    is up: the join keyframe is asked for when the viewer can take it, and no
-    queue fills (and overflows) while ICE is still connecting.
-    """
-
-    kind = "video"
-
-    def __init__(self, hub: PacketHub, name: str) -> None:
-        super().__init__()
-        self.hub = hub
-        self.name = name
-        self.subscription: Subscription | None = None
-
-    async def recv(self) -> EncodedFrame:  # type: ignore[override]
-        if self.readyState != "live":
-            raise MediaStreamError
-        try:
-            if self.subscription is None:
-                self.subscription = self.hub.subscribe(self.name)
-            frame = await self.subscription.get()
-        except HubClosed:
-            self.stop()
-            raise MediaStreamError from None
-        self.hub.fanout_delay.add(time.time() - frame.published_at)
-        return frame
-
-    def stop(self) -> None:
-        super().stop()
-        if self.subscription is not None:
-            self.subscription.close()
-
-
-def attach_to_sender(sender: RTCRtpSender, hub: PacketHub, batch: bool = True) -> None:
-    """Make ``sender`` pack shared frames, route its PLI/FIR to the shared encoder and send per frame
-    (``batch``: through the socket batcher, relay.udpbatch)."""
-    borrowed.attach(sender, SharedPacker(), hub.request_keyframe)
-    rtpsend.install(sender, batch)
-
-
-def h264_preferences() -> list[RTCRtpCodecCapability]:
-    """H.264 packetization-mode 1 (best profile first) and its RTX, nothing else."""
-    codecs = RTCRtpSender.getCapabilities("video").codecs
-    h264 = [
-        c for c in codecs if c.mimeType.lower() == "video/h264" and str(c.parameters.get("packetization-mode")) == "1"
-    ]
-    rank = {profile: i for i, profile in enumerate(PREFERRED_PROFILES)}
-    h264.sort(key=lambda c: rank.get(c.parameters.get("profile-level-id"), len(rank)))
-    rtx = [c for c in codecs if c.mimeType.lower() == "video/rtx"]
-    return h264 + rtx
 
 
 # A viewer that vanishes without a DELETE or a DTLS close (a laptop lid shut,
@@ -124,7 +45,7 @@ LIVENESS_CHECK = 2.0  # seconds between looks
 
 @contextlib.contextmanager
 def process_patches(ice_addresses: tuple[str, ...] = (), batch: bool = True):
-    """aioice's process-wide patches a relay needs, held while it runs (``relay.borrowed.Patch``): host
+    """aioice's process-wide patches a relay needs, held while it runs (``relay.webrtc.borrowed.Patch``): host
     candidates only on ``ice_addresses`` (none: every interface), the watch on what each connection hears,
     and (``batch``) aioice's own sends through the socket batcher."""
     with contextlib.ExitStack() as held:
@@ -170,12 +91,12 @@ class ViewerSessions:
         batch: bool = True,
     ) -> None:
         self._hub_for = hub_for
-        self._batch = batch  # RTP through the socket batcher (relay.udpbatch)
+        self._batch = batch  # RTP through the socket batcher (relay.webrtc.udpbatch)
         self._silence = silence
         # Asked for each session (its TURN credentials are minted for it); none: host candidates only,
         # nothing waits on STUN.
         self._ice_servers = ice_servers
-        self._additional_hosts = additional_hosts  # more host candidates in every answer (relay.ice)
+        self._additional_hosts = additional_hosts  # more host candidates in every answer (relay.webrtc.ice)
         self._resolver = ice.resolver()  # where their names are looked up
         self._connect_timeout = connect_timeout
         self._sessions: dict[str, ViewerSession] = {}
