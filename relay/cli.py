@@ -182,7 +182,8 @@ def hash_password_command(stdin=None) -> int:
 async def serve(config: Config) -> None:
     from relay.service import Relay
     from signalling.access import ACCESS
-    from signalling.app import RELAY, make_app
+    from signalling.app import make_app
+    from signalling.common import RELAY
     from signalling.server import make_runner, raise_fd_limit, start_site, throttle_loop_errors
 
     raise_fd_limit()

@@ -31,7 +31,7 @@ from relay.config import AuthConfig, ConfigError, load, secrets_in_file
 from relay.logsafe import SHOWS_SECRET, SecretFilter, redact
 from relay.webrtc.whepclient import WhepError, WhepViewer
 from signalling.access import ACCESS, AUTH_FAILURE_BURST, AUTH_FAILURE_RATE, FAILURE_DELAY
-from signalling.app import RELAY
+from signalling.common import RELAY
 
 from .conftest import make_config, start_relay
 

@@ -115,9 +115,9 @@ async def test_options_tells_nothing_about_which_streams_exist(relay_server, htt
 
 
 async def test_a_body_that_trickles_in_is_cut_off_with_a_408(relay_server, monkeypatch):
-    import signalling.app
+    import signalling.whep
 
-    monkeypatch.setattr(signalling.app, "BODY_TIMEOUT", 0.5)
+    monkeypatch.setattr(signalling.whep, "BODY_TIMEOUT", 0.5)
     reader, writer = await asyncio.open_connection("127.0.0.1", relay_server.relay.config.http.port)
     try:
         writer.write(

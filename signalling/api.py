@@ -1,0 +1,69 @@
+"""The JSON API: streams, RTSP, the relay's status."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from relay.logsafe import redact_url
+
+from .common import RELAY, display_host
+
+
+def _describe(request: web.Request, stream) -> dict:
+    relay = request.app[RELAY]
+    info = relay.describe(stream)
+    info["rtsp_url"] = relay.rtsp_url(stream.name, display_host(request))
+    return info
+
+
+async def api_streams(request: web.Request) -> web.Response:
+    relay = request.app[RELAY]
+    return web.json_response({"streams": [_describe(request, s) for s in relay.streams.values()]})
+
+
+async def api_rtsp(request: web.Request) -> web.Response:
+    relay = request.app[RELAY]
+    r = relay.config.rtsp
+    m = relay.mediamtx
+    return web.json_response(
+        {
+            "enabled": r.enabled,
+            "port": r.port if not r.publish_url else None,
+            "publish_url": redact_url(r.publish_url) if r.publish_url else None,
+            "credentials_required": bool(r.user),
+            "mediamtx_pid": m.pid if m else None,
+            "mediamtx_restarts": m.restarts if m else 0,
+            "mediamtx_ready": m.ready.is_set() if m else None,
+            "streams": {
+                name: {
+                    "url": relay.rtsp_url(name, display_host(request)),
+                    "published": p.published,
+                    "sessions": p.sessions,
+                }
+                for name, p in relay.publishers.items()
+            },
+        }
+    )
+
+
+async def api_status(request: web.Request) -> web.Response:
+    relay = request.app[RELAY]
+    snapshot = relay.telemetry.latest.as_dict()
+    snapshot["streams"] = [
+        {**sample, **_describe(request, relay.streams[sample["name"]])}
+        for sample in snapshot["streams"]
+        if sample["name"] in relay.streams
+    ]
+    snapshot["viewers"] = relay.sessions.connected()
+    snapshot["rtsp"] = {
+        "enabled": relay.config.rtsp.enabled,
+        "mediamtx_up": relay.mediamtx.ready.is_set() if relay.mediamtx else None,
+        "mediamtx_restarts": relay.mediamtx.restarts if relay.mediamtx else 0,
+    }
+    return web.json_response(snapshot)
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/api/v1/streams", api_streams)
+    app.router.add_get("/api/v1/rtsp", api_rtsp)
+    app.router.add_get("/api/v1/status", api_status)
