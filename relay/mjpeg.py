@@ -13,6 +13,8 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .status import ConsumerStats
+
 
 @dataclass(frozen=True, slots=True)
 class Jpeg:
@@ -38,6 +40,7 @@ class JpegFeed:
         self._on_demand = on_demand
         self._linger = linger
         self._off: asyncio.TimerHandle | None = None
+        self._closed = False
         self.on = False
 
     @property
@@ -55,7 +58,7 @@ class JpegFeed:
 
     def release(self) -> None:
         self._users -= 1
-        if self._users == 0 and self.on:
+        if self._users == 0 and self.on and not self._closed:
             self._off = asyncio.get_running_loop().call_later(self._linger, self._switch_off)
 
     def _switch_off(self) -> None:
@@ -64,10 +67,18 @@ class JpegFeed:
             self.on = False
             self._on_demand(False)
 
-    def close(self) -> None:
+    # One of its stream's consumers: fed by the stream itself, it starts with nothing to do.
+    def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        self._closed = True
         if self._off is not None:
             self._off.cancel()
             self._off = None
+
+    def stats(self) -> ConsumerStats:
+        return ConsumerStats()
 
     def publish(self, data: bytes, capture_time: float) -> None:
         self._version += 1

@@ -34,6 +34,7 @@ from .aio import cancel_and_wait, run_owned
 from .hub import EncodedFrame, HubClosed, PacketHub
 from .mjpeg import JpegFeed
 from .rtsp import parameter_sets
+from .status import ConsumerStats, Metric
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +297,49 @@ class Recorder:
         for task in self._tasks:
             await cancel_and_wait(task)
         await asyncio.to_thread(self._io.shutdown)
+
+    def stats(self) -> ConsumerStats:
+        labels = {"stream": self.name}
+        return ConsumerStats(
+            {
+                "recording": {
+                    "paused": self.paused,
+                    "segments": self.segments_written,
+                    "snapshots": self.snapshots_written,
+                    "deleted": self.deleted,
+                    "disk_full": self.pauses,
+                }
+            },
+            (
+                Metric(
+                    "camrelay_recording_paused",
+                    "gauge",
+                    "1 while recording is paused for a full disk.",
+                    int(self.paused),
+                    labels,
+                ),
+                Metric(
+                    "camrelay_recording_segments_total",
+                    "counter",
+                    "MP4 segments completed.",
+                    self.segments_written,
+                    labels,
+                ),
+                Metric(
+                    "camrelay_recording_snapshots_total",
+                    "counter",
+                    "JPEG snapshots written.",
+                    self.snapshots_written,
+                    labels,
+                ),
+                Metric(
+                    "camrelay_recording_deleted_total", "counter", "Files deleted by retention.", self.deleted, labels
+                ),
+                Metric(
+                    "camrelay_recording_disk_full_total", "counter", "Times the disk filled up.", self.pauses, labels
+                ),
+            ),
+        )
 
     def recover(self) -> None:
         """Segments cut off by a crash or power loss: renamed complete (they play to their last

@@ -40,6 +40,7 @@ from .auth import write_private
 from .backoff import Backoff, Retry
 from .hub import EncodedFrame, HubClosed, PacketHub
 from .logsafe import SECRET_FILTER, redact_text, redact_url
+from .status import ConsumerStats
 from .supervise import Child, Process
 
 log = logging.getLogger(__name__)
@@ -349,8 +350,10 @@ class RtspPublisher:
         fps: float,
         ready: asyncio.Event | None = None,
         transport: str = REMOTE_PUBLISH_TRANSPORT,
+        live_alias: bool = False,
     ):
         self.hub = hub
+        self.live_alias = live_alias  # the stream mediamtx also serves at /live
         self.url = url
         self.transport = transport
         self.size = (width, height)
@@ -372,6 +375,11 @@ class RtspPublisher:
         self._closing = True
         await cancel_and_wait(self._task)
         await asyncio.to_thread(self._io.shutdown)
+
+    def stats(self) -> ConsumerStats:
+        return ConsumerStats(
+            {"rtsp_path": f"/{self.hub.stream}", "rtsp_live_alias": self.live_alias, "rtsp_published": self.published}
+        )
 
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import psutil
@@ -33,8 +34,9 @@ from .rtsp import (
     local_host,
 )
 from .source import SourceSpec
-from .stream import Stream
-from .telemetry import Snapshot, StreamSample, Telemetry, ThermalGuard
+from .status import StreamStatus
+from .stream import Consumer, Stream
+from .telemetry import Snapshot, Telemetry, ThermalGuard
 from .webrtc import ice
 from .webrtc.sessions import ViewerSessions, process_patches
 from .webrtc.whip import WhipPublisher
@@ -76,7 +78,8 @@ DEFAULT_TEST_STREAM = "cam0"
 class Relay:
     """Every stream and every viewer. Streams come from the config; without any
     configured, from the cameras found (and found later: hot-plug), else the
-    test pattern on cam0."""
+    test pattern on cam0. Each stream owns its consumers (``_consumers``: the
+    one place that says which edges a stream feeds)."""
 
     def __init__(self, config: Config, list_devices: Callable[[], list[Device]] = devices.list_devices) -> None:
         self.config = config
@@ -91,29 +94,71 @@ class Relay:
         )
         self.state_dir = Path(config.state_dir) if config.state_dir else default_state_dir()
         self.mediamtx: Mediamtx | None = None
-        self.publishers: dict[str, RtspPublisher] = {}
-        self.whip_publishers: list[WhipPublisher] = []  # one per [[whip]] entry whose stream exists
-        self.recorders: dict[str, Recorder] = {}
         rc = config.record
         self.recordings_root = Path(rc.root) if rc.root else self.state_dir / "recordings"
-        self.telemetry = Telemetry(self._stream_samples, self._process_ids, config.telemetry.log_interval)
+        self.telemetry = Telemetry(self._sample_streams, self._process_ids, config.telemetry.log_interval)
         self.thermal_guards: dict[str, ThermalGuard] = {}
         if config.telemetry.thermal_limit:
             self.telemetry.on_sample.append(self._thermal_check)
-        self._last_counts: dict[str, tuple[float, int, int, int]] = {}
         self._publish: tuple[str, asyncio.Event | None, str] | None = None  # base URL, ready, transport
         self.automatic = not config.streams
         self.discovery: Discovery | None = None
-        self._patches = contextlib.ExitStack()  # aioice's process-wide patches, held while this relay runs
+        # What start() started, closed by close() in reverse: a failed start unwinds exactly what it began.
+        self._running = contextlib.AsyncExitStack()
         if self.automatic:
             self.names = StreamNames(self.state_dir / "stream-names.json")
             self.discovery = Discovery(list_devices, self._camera_found, config.devices.discover_interval)
+
+    # Views of the streams' consumers, by edge.
+    @property
+    def publishers(self) -> dict[str, RtspPublisher]:
+        return {name: p for name, s in self.streams.items() for p in s.consumers_of(RtspPublisher)}
+
+    @property
+    def whip_publishers(self) -> list[WhipPublisher]:
+        return [w for s in self.streams.values() for w in s.consumers_of(WhipPublisher)]
+
+    @property
+    def recorders(self) -> dict[str, Recorder]:
+        return {name: r for name, s in self.streams.items() for r in s.consumers_of(Recorder)}
 
     def _make_stream(self, sc: StreamConfig) -> Stream:
         v = self.config.video
         fps = sc.source.fps or v.fps
         settings = EncoderSettings(v.bitrate, fps, v.keyframe_interval, v.encoder)
         return Stream(sc.name, sc.source, settings, v.width, v.height, self.config.log_level)
+
+    def _consumers(self, stream: Stream) -> list[Consumer]:
+        """The edges ``stream`` feeds, besides its JPEG feed: add a new edge here."""
+        out: list[Consumer] = [self.sessions.for_stream(stream.name)]
+        if self._publish is not None:
+            base, ready, transport = self._publish
+            live_alias = not any(s.consumers_of(RtspPublisher) for s in self.streams.values())  # the first: /live
+            out.append(
+                RtspPublisher(
+                    stream.hub, f"{base}/{stream.name}", stream.width, stream.height, stream.fps, ready, transport,
+                    live_alias=live_alias,
+                )
+            )  # fmt: skip
+        w = self.config.webrtc
+        out += [
+            WhipPublisher(
+                stream.hub, entry.url, entry.bearer_token, lambda: ice.for_relay(w), w.connect_timeout,
+                batch=w.batch_sends, index=i,
+            )
+            for i, entry in enumerate(self.config.whip)
+            if entry.stream == stream.name
+        ]  # fmt: skip
+        rc = self.config.record
+        if rc.enabled:
+            out.append(
+                Recorder(
+                    stream.name, stream.hub, stream.jpegs, self.recordings_root,
+                    lambda: (stream.width, stream.height), stream.fps, rc.segment, rc.snapshot_interval,
+                    Retention(rc.max_size, rc.max_age),
+                )
+            )  # fmt: skip
+        return out
 
     def hub_for(self, name: str) -> PacketHub:
         stream = self.streams.get(name)
@@ -123,9 +168,11 @@ class Relay:
 
     async def start(self) -> None:
         w = self.config.webrtc
-        self._patches.enter_context(process_patches(w.ice_addresses, w.batch_sends))
-        ice.log_settings(w)
+        running = self._running
         try:
+            running.enter_context(process_patches(w.ice_addresses, w.batch_sends))
+            ice.log_settings(w)
+            running.push_async_callback(_stop, "viewers", self.sessions.close_all)
             initial = list(self.config.streams)
             if self.automatic:
                 assert self.discovery is not None
@@ -138,6 +185,8 @@ class Relay:
                     log.info("stream=%s no camera found; streaming the test pattern", DEFAULT_TEST_STREAM)
             # RTSP first: a taken port stops us before any camera is opened.
             await self._start_rtsp([s.name for s in initial])
+            # All at once: each may take its stop timeout, and systemd's TimeoutStopSec is for all of them.
+            running.push_async_callback(self._close_streams)
             for sc in initial:
                 await self.add_stream(sc)
             for entry in self.config.whip:
@@ -145,7 +194,9 @@ class Relay:
                     log.warning("stream=%s does not exist (yet); WHIP publishing starts when it does", entry.stream)
             if self.discovery is not None and self.config.devices.discover:
                 self.discovery.start()
+                running.push_async_callback(_stop, "discovery", self.discovery.close)
             self.telemetry.start()
+            running.push_async_callback(_stop, "telemetry", self.telemetry.close)
         except BaseException:
             await self.close()  # aiohttp runs no cleanup for a start that failed
             raise
@@ -163,34 +214,15 @@ class Relay:
         if sc.name in self.streams:
             raise ValueError(f"stream {sc.name} exists")
         stream = self._make_stream(sc)
-        self.streams[sc.name] = stream
+        for consumer in self._consumers(stream):
+            stream.add(consumer)
+        self.streams[sc.name] = stream  # before it starts: close() stops what of it started
         stream.start()
         log.info("stream=%s source=%s started", stream.name, stream.spec)
-        if self._publish is not None:
-            base, ready, transport = self._publish
-            publisher = RtspPublisher(
-                stream.hub, f"{base}/{sc.name}", stream.width, stream.height, stream.fps, ready, transport
-            )
-            self.publishers[sc.name] = publisher
-            publisher.start()
-        w = self.config.webrtc
-        for entry in self.config.whip:
-            if entry.stream == sc.name:
-                whip = WhipPublisher(
-                    stream.hub, entry.url, entry.bearer_token, lambda: ice.for_relay(w), w.connect_timeout,
-                    batch=w.batch_sends,
-                )  # fmt: skip
-                self.whip_publishers.append(whip)
-                whip.start()
-        rc = self.config.record
-        if rc.enabled:
-            recorder = Recorder(
-                sc.name, stream.hub, stream.jpegs, self.recordings_root, lambda: (stream.width, stream.height),
-                stream.fps, rc.segment, rc.snapshot_interval, Retention(rc.max_size, rc.max_age),
-            )  # fmt: skip
-            self.recorders[sc.name] = recorder
-            recorder.start()
         return stream
+
+    async def _close_streams(self) -> None:
+        await asyncio.gather(*(_stop(f"stream {n}", s.close) for n, s in self.streams.items()))
 
     async def _start_rtsp(self, names: list[str]) -> None:
         r = self.config.rtsp
@@ -203,6 +235,7 @@ class Relay:
         settings = MediamtxSettings(r.host, r.port, r.rtp_port, r.rtcp_port, r.user, r.password, self.config.log_level)
         check_ports_free(settings)
         self.mediamtx = Mediamtx(binary, settings, names, self.state_dir)
+        self._running.push_async_callback(_stop, "mediamtx", self.mediamtx.close)
         await self.mediamtx.start()
         self._publish = (self.mediamtx.publisher_base, self.mediamtx.ready, LOOPBACK_PUBLISH_TRANSPORT)
 
@@ -240,112 +273,28 @@ class Relay:
         pids["mediamtx"] = self.mediamtx.pid if self.mediamtx else None
         return pids
 
-    def _stream_samples(self) -> list[StreamSample]:
-        """Per-stream rates since the previous sample."""
+    def stream_statuses(self) -> list[StreamStatus]:
+        return [stream.status() for stream in self.streams.values()]
+
+    def snapshot(self) -> Snapshot:
+        """The relay as of now: the machine as last sampled, every stream as it is (rates as last sampled)."""
+        return dataclasses.replace(self.telemetry.latest, streams=self.stream_statuses())
+
+    def _sample_streams(self) -> list[StreamStatus]:
+        """For the telemetry: each stream's rates since its previous sample, and its status."""
         now = time.monotonic()
-        out = []
-        for name, stream in self.streams.items():
-            st = stream.stats
-            t0, captured0, encoded0, bytes0 = self._last_counts.get(
-                name, (now, st.frames_captured, st.frames_encoded, st.bytes_encoded)
-            )
-            dt = now - t0
-            self._last_counts[name] = (now, st.frames_captured, st.frames_encoded, st.bytes_encoded)
-            out.append(
-                StreamSample(
-                    name=name,
-                    state=stream.state,
-                    viewers=self.sessions.connected(name),
-                    capture_fps=(st.frames_captured - captured0) / dt if dt > 0 else 0.0,
-                    encoded_fps=(st.frames_encoded - encoded0) / dt if dt > 0 else 0.0,
-                    bitrate_bps=(st.bytes_encoded - bytes0) * 8 / dt if dt > 0 else 0.0,
-                    encode_ms=st.encode_ms,
-                    keyframes_forced=st.keyframes_forced,
-                    frames_dropped={
-                        "encoder_busy": st.frames_dropped_encoder_busy,
-                        "corrupt": st.frames_dropped_corrupt,
-                        "viewer_lag": stream.hub.dropped,
-                        "thermal": st.frames_dropped_thermal,
-                    },
-                    restarts=st.worker_restarts,
-                    source_errors=st.source_errors,
-                )
-            )
-        return out
+        for stream in self.streams.values():
+            stream.sample_rates(now)
+        return self.stream_statuses()
 
     async def close(self) -> None:
-        """Stop everything; a part that fails to stop is logged and the rest still stop."""
-
-        async def step(what: str, coro) -> None:
-            try:
-                await coro
-            except Exception:
-                log.exception("error while stopping %s", what)
-
-        if self.discovery is not None:
-            await step("discovery", self.discovery.close())
-        await step("telemetry", self.telemetry.close())
-        for name, recorder in self.recorders.items():
-            await step(f"recorder {name}", recorder.close())
-        for name, publisher in self.publishers.items():
-            await step(f"rtsp publisher {name}", publisher.close())
-        # At once: each may wait DELETE_TIMEOUT for a server that is gone.
-        await asyncio.gather(*(step(f"whip publisher {w.stream}", w.close()) for w in self.whip_publishers))
-        await step("viewers", self.sessions.close_all())
-        # All at once: each may take its stop timeout, and systemd's TimeoutStopSec is for all of them.
-        await asyncio.gather(*(step(f"stream {n}", s.close()) for n, s in self.streams.items()))
-        if self.mediamtx is not None:
-            await step("mediamtx", self.mediamtx.close())
-        self._patches.close()
+        """Stop what start() started, in reverse; a part that fails to stop is logged and the rest still stop."""
+        await self._running.aclose()
         log.info("relay stopped")
 
-    def describe(self, stream: Stream) -> dict:
-        st = stream.stats
-        return {
-            "name": stream.name,
-            "source": str(stream.spec),
-            "width": stream.width,
-            "height": stream.height,
-            "fps": stream.fps,
-            "codec": "H264",
-            "encoder": stream.encoder_name,
-            "encoders_running": stream.encoders_running,
-            "state": stream.state,
-            "viewers": self.sessions.count(stream.name),
-            "viewers_connected": self.sessions.connected(stream.name),
-            # Over the last ~10 s: capture to the hub (per frame), the hub to each viewer's sender.
-            "pipeline_delay_ms": stream.hub.pipeline_delay.percentiles_ms(),
-            "fanout_delay_ms": stream.hub.fanout_delay.percentiles_ms(),
-            "frames_captured": st.frames_captured,
-            "frames_encoded": st.frames_encoded,
-            "frames_dropped": {
-                "encoder_busy": st.frames_dropped_encoder_busy,
-                "corrupt": st.frames_dropped_corrupt,
-                "viewer_lag": stream.hub.dropped,
-            },
-            "keyframes": st.keyframes,
-            "keyframes_forced": st.keyframes_forced,
-            "encode_ms": round(st.encode_ms, 2),
-            "worker_restarts": st.worker_restarts,
-            "rtsp_path": f"/{stream.name}" if self.config.rtsp.enabled else None,
-            "rtsp_live_alias": stream.name == next(iter(self.streams)) and self.config.rtsp.enabled,
-            "rtsp_published": self.publishers[stream.name].published if stream.name in self.publishers else 0,
-            "whip": [w.describe() for w in self.whip_publishers if w.stream == stream.name],
-            "frames_slate": st.frames_slate,
-            "source_errors": st.source_errors,
-            "worker_stalls": st.worker_stalls,
-            "last_error": st.last_error,
-        }
 
-    def whip_metrics(self) -> list[tuple[str, str, str, dict[str, str], float]]:
-        """WHIP publishers for /metrics, one label set each (the URL without its path)."""
-        out = []
-        for i, w in enumerate(self.whip_publishers):
-            labels = {"stream": w.stream, "whip": str(i), "url": w.shown_url}
-            out += [
-                ("camrelay_whip_up", "gauge", "1 while publishing over WHIP.", labels, int(w.state == "publishing")),
-                ("camrelay_whip_sessions_total", "counter", "WHIP sessions that connected.", labels, w.sessions),
-                ("camrelay_whip_errors_total", "counter", "WHIP sessions refused, failed or lost.", labels, w.errors),
-                ("camrelay_whip_sent_bytes_total", "counter", "RTP payload bytes sent.", labels, w.bytes_sent),
-            ]
-        return out
+async def _stop(what: str, close: Callable[[], Awaitable[None]]) -> None:
+    try:
+        await close()
+    except Exception:
+        log.exception("error while stopping %s", what)

@@ -1,14 +1,16 @@
-"""One stream: a camera's worker process feeding a packet hub.
+"""One stream: a camera's worker process feeding a packet hub, and the consumers it feeds.
 
     worker process (capture -> decode once -> encode once)
         --pipe--> Stream (event loop) --> PacketHub --> viewers, publishers, recorders
+                                      --> JpegFeed  --> snapshots, MJPEG, the recorder's snapshots
 
 The codecs run in their own process because PyAV and numpy hold the GIL for a
 whole decode or render, which would stall the event loop and every viewer's
 packets (measured: 40-60 ms stalls with them on a thread). The Stream
 supervises the process: if it dies it is restarted with backoff, and the hub,
 with every subscriber on it, stays — the producer is swapped, the consumers
-are kept.
+are kept. Each consumer (an edge's use of the stream: ``Consumer``) starts
+and closes with it, and its stats are part of the stream's status.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from . import ipc
 from .aio import cancel_and_wait, signal_group
@@ -28,6 +31,7 @@ from .ipc import EncoderSettings
 from .logsafe import SECRET_FILTER, redact, url_passwords
 from .mjpeg import JpegFeed
 from .source import SourceSpec
+from .status import ConsumerStats, StreamStatus
 from .supervise import Child, Process
 
 log = logging.getLogger(__name__)
@@ -38,6 +42,20 @@ WORKER_STALL = 3.0
 WORKER_STARTUP_GRACE = 15.0  # a fresh worker imports PyAV and opens its source first
 WATCHDOG_PERIOD = 0.5
 PIPE_LIMIT = 1 << 20  # reader buffer and the most one read takes; one 4K JPEG fits
+
+
+class Consumer(Protocol):
+    """What a stream feeds: one edge's use of it (its WebRTC viewers, the RTSP publisher, a WHIP publisher, the
+    recorder, the JPEG feed). Started with the stream, closed with it; its stats are in the stream's status."""
+
+    def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def stats(self) -> ConsumerStats: ...
+
+
+C = TypeVar("C")
 
 
 @dataclass(slots=True)
@@ -72,6 +90,8 @@ class Stream:
         self.encoders_running = 0
         self.jpegs = JpegFeed(self.set_jpeg)  # the camera's JPEGs, while anyone wants them
         self.hub = PacketHub(name, self.request_keyframe)
+        self.consumers: list[Consumer] = [self.jpegs]
+        self._started: list[Consumer] = []
         SECRET_FILTER.secrets.update(url_passwords(spec.target))  # the camera's: hidden in every log line and status
         worker_config = ipc.WorkerConfig(
             name,
@@ -103,23 +123,91 @@ class Stream:
         self._max_fps = 0
         self._base_counts = StreamStats()  # counters of workers that have exited
         self._last_unit = 0.0
+        self._rates = (0.0, 0.0, 0.0)  # captured and encoded frames a second, bits a second
+        self._rates_from: tuple[float, int, int, int] | None = None  # when, frames captured, encoded, bytes
 
     @property
     def pid(self) -> int | None:
         """The worker process's pid while one runs."""
         return self._worker.pid
 
+    def add(self, consumer: Consumer) -> None:
+        """Before ``start()``: ``consumer`` starts with the stream and closes with it."""
+        self.consumers.append(consumer)
+
+    def consumers_of(self, kind: type[C]) -> list[C]:
+        return [c for c in self.consumers if isinstance(c, kind)]
+
     def start(self) -> None:
+        """The worker, then each consumer in turn; one that fails to start raises (``close()`` stops the rest)."""
         self.state = "starting"
         self._worker.supervise()
+        for consumer in self.consumers:
+            consumer.start()
+            self._started.append(consumer)
 
     async def close(self) -> None:
+        """Its consumers (those that started, all at once), then its worker."""
         self._closing = True
+        await asyncio.gather(*(self._close(c) for c in self._started))
         await self._worker.stop()
         self.hub.close()
-        self.jpegs.close()
         self.encoders_running = 0
         self.state = "closed"
+
+    async def _close(self, consumer: Consumer) -> None:
+        try:
+            await consumer.close()
+        except Exception:
+            log.exception("stream=%s error while stopping %s", self.name, type(consumer).__name__)
+
+    def sample_rates(self, now: float) -> None:
+        """Frame and bit rates since the previous call (``now``, monotonic): the telemetry's interval."""
+        st = self.stats
+        counts = (st.frames_captured, st.frames_encoded, st.bytes_encoded)
+        if self._rates_from is not None and now > self._rates_from[0]:
+            t0, *before = self._rates_from
+            captured, encoded, sent = ((n - n0) / (now - t0) for n, n0 in zip(counts, before, strict=True))
+            self._rates = (captured, encoded, sent * 8)
+        self._rates_from = (now, *counts)
+
+    def status(self) -> StreamStatus:
+        st = self.stats
+        consumers = [c.stats() for c in self.consumers]
+        capture_fps, encoded_fps, bitrate_bps = self._rates
+        return StreamStatus(
+            name=self.name,
+            state=self.state,
+            viewers=sum(c.viewers for c in consumers),
+            capture_fps=capture_fps,
+            encoded_fps=encoded_fps,
+            bitrate_bps=bitrate_bps,
+            encode_ms=st.encode_ms,
+            keyframes_forced=st.keyframes_forced,
+            frames_dropped={
+                "encoder_busy": st.frames_dropped_encoder_busy,
+                "corrupt": st.frames_dropped_corrupt,
+                "viewer_lag": self.hub.dropped,
+                "thermal": st.frames_dropped_thermal,
+            },
+            restarts=st.worker_restarts,
+            source_errors=st.source_errors,
+            source=str(self.spec),
+            width=self.width,
+            height=self.height,
+            fps=self.fps,
+            encoder=self.encoder_name,
+            encoders_running=self.encoders_running,
+            frames_captured=st.frames_captured,
+            frames_encoded=st.frames_encoded,
+            keyframes=st.keyframes,
+            frames_slate=st.frames_slate,
+            worker_stalls=st.worker_stalls,
+            last_error=st.last_error,
+            pipeline_delay_ms=self.hub.pipeline_delay.percentiles_ms(),
+            fanout_delay_ms=self.hub.fanout_delay.percentiles_ms(),
+            consumers=consumers,
+        )
 
     def request_keyframe(self) -> None:
         """From the event loop; the worker rate-limits forced IDRs."""

@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 
 from .aio import cancel_and_wait
+from .status import Metric, StreamStatus
 
 log = logging.getLogger(__name__)
 
@@ -85,21 +86,6 @@ def read_throttled(sys_root: Path = Path("/sys"), vcgencmd: str | None = None) -
 
 
 @dataclass
-class StreamSample:
-    name: str
-    state: str
-    viewers: int
-    capture_fps: float
-    encoded_fps: float
-    bitrate_bps: float
-    encode_ms: float
-    keyframes_forced: int
-    frames_dropped: dict[str, int]
-    restarts: int
-    source_errors: int
-
-
-@dataclass
 class Snapshot:
     time: float = field(default_factory=time.time)
     cpu_percent: float = 0.0  # whole machine, 0..100
@@ -114,7 +100,7 @@ class Snapshot:
     tasks: int = 0
     thermal: list[ThermalZone] = field(default_factory=list)
     throttled: dict[str, bool] | None = None
-    streams: list[StreamSample] = field(default_factory=list)
+    streams: list[StreamStatus] = field(default_factory=list)
 
     @property
     def temperature(self) -> float | None:
@@ -139,7 +125,7 @@ class Snapshot:
             },
             "processes": {name: {"rss_bytes": rss} for name, rss in self.rss.items()},
             "relay": {"open_fds": self.open_fds, "threads": self.threads, "asyncio_tasks": self.tasks},
-            "streams": [s.__dict__ for s in self.streams],
+            "streams": [s.api() for s in self.streams],
         }
 
     def log_line(self) -> str:
@@ -156,16 +142,12 @@ class Snapshot:
             parts.append(
                 "THROTTLED=" + ",".join(k for k, v in self.throttled.items() if v and not k.endswith("_occurred"))
             )
-        for s in self.streams:
-            parts.append(
-                f"| stream={s.name} {s.state} fps={s.encoded_fps:.1f} kbps={s.bitrate_bps / 1000:.0f}"
-                f" viewers={s.viewers} encode_ms={s.encode_ms:.1f} dropped={sum(s.frames_dropped.values())}"
-            )
+        parts += [s.log_part() for s in self.streams]
         return "status " + " ".join(parts)
 
 
-def prometheus(snapshot: Snapshot, extra: Iterable[tuple[str, str, str, dict[str, str], float]] = ()) -> str:
-    """The snapshot in Prometheus' text format (conventional names, base units)."""
+def prometheus(snapshot: Snapshot, extra: Iterable[Metric] = ()) -> str:
+    """The snapshot, its streams' metrics (``StreamStatus.metrics``) and ``extra`` in Prometheus' text format."""
     metrics: dict[str, tuple[str, str, list[tuple[dict[str, str], float]]]] = {}
 
     def add(name: str, kind: str, help_: str, value: float | None, **labels: str) -> None:
@@ -197,40 +179,8 @@ def prometheus(snapshot: Snapshot, extra: Iterable[tuple[str, str, str, dict[str
     if s.throttled is not None:
         for flag, on in s.throttled.items():
             add("camrelay_throttled", "gauge", "Raspberry Pi throttling flags (1 = set).", int(on), flag=flag)
-    for st in s.streams:
-        labels = {"stream": st.name}
-        add("camrelay_stream_up", "gauge", "1 while the stream shows live video.", int(st.state == "live"), **labels)
-        add("camrelay_stream_viewers", "gauge", "WebRTC viewers.", st.viewers, **labels)
-        add("camrelay_stream_capture_fps", "gauge", "Frames per second from the source.", st.capture_fps, **labels)
-        add("camrelay_stream_encoded_fps", "gauge", "Frames per second encoded.", st.encoded_fps, **labels)
-        add("camrelay_stream_bitrate_bits_per_second", "gauge", "Encoded bit rate.", st.bitrate_bps, **labels)
-        add(
-            "camrelay_stream_encode_seconds",
-            "gauge",
-            "Decode and encode time per frame.",
-            st.encode_ms / 1000,
-            **labels,
-        )
-        add(
-            "camrelay_stream_keyframes_forced_total",
-            "counter",
-            "IDRs forced by joins, PLI and FIR.",
-            st.keyframes_forced,
-            **labels,
-        )
-        add("camrelay_stream_restarts_total", "counter", "Worker restarts.", st.restarts, **labels)
-        add("camrelay_stream_source_errors_total", "counter", "Source failures.", st.source_errors, **labels)
-        for reason, n in st.frames_dropped.items():
-            add(
-                "camrelay_stream_frames_dropped_total",
-                "counter",
-                "Frames dropped, by reason.",
-                n,
-                stream=st.name,
-                reason=reason,
-            )
-    for name, kind, help_, labels, value in extra:
-        add(name, kind, help_, value, **labels)
+    for m in [*(m for st in s.streams for m in st.metrics()), *extra]:
+        add(m.name, m.kind, m.help, m.value, **m.labels)
     lines = []
     for name, (kind, help_, samples) in metrics.items():
         lines.append(f"# HELP {name} {help_}")
@@ -278,7 +228,7 @@ class Telemetry:
 
     def __init__(
         self,
-        streams: Callable[[], list[StreamSample]],
+        streams: Callable[[], list[StreamStatus]],
         processes: Callable[[], dict[str, int | None]],
         log_interval: float = 30.0,
         sys_root: Path = Path("/sys"),

@@ -5,20 +5,19 @@ from __future__ import annotations
 from aiohttp import web
 
 from relay.logsafe import redact_url
+from relay.status import StreamStatus
 
 from .common import RELAY, display_host
 
 
-def _describe(request: web.Request, stream) -> dict:
-    relay = request.app[RELAY]
-    info = relay.describe(stream)
-    info["rtsp_url"] = relay.rtsp_url(stream.name, display_host(request))
-    return info
+def _streams(request: web.Request, statuses: list[StreamStatus]) -> list[dict]:
+    """Each stream's API entry, with the RTSP URL for the host this client reached us by."""
+    relay, host = request.app[RELAY], display_host(request)
+    return [{**s.api(), "rtsp_url": relay.rtsp_url(s.name, host)} for s in statuses]
 
 
 async def api_streams(request: web.Request) -> web.Response:
-    relay = request.app[RELAY]
-    return web.json_response({"streams": [_describe(request, s) for s in relay.streams.values()]})
+    return web.json_response({"streams": _streams(request, request.app[RELAY].stream_statuses())})
 
 
 async def api_rtsp(request: web.Request) -> web.Response:
@@ -48,12 +47,9 @@ async def api_rtsp(request: web.Request) -> web.Response:
 
 async def api_status(request: web.Request) -> web.Response:
     relay = request.app[RELAY]
-    snapshot = relay.telemetry.latest.as_dict()
-    snapshot["streams"] = [
-        {**sample, **_describe(request, relay.streams[sample["name"]])}
-        for sample in snapshot["streams"]
-        if sample["name"] in relay.streams
-    ]
+    now = relay.snapshot()
+    snapshot = now.as_dict()
+    snapshot["streams"] = _streams(request, now.streams)
     snapshot["viewers"] = relay.sessions.connected()
     snapshot["rtsp"] = {
         "enabled": relay.config.rtsp.enabled,

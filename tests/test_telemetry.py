@@ -11,9 +11,9 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from relay.status import StreamStatus as StreamSample
 from relay.telemetry import (
     Snapshot,
-    StreamSample,
     ThermalZone,
     decode_throttled,
     prometheus,

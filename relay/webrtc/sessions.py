@@ -21,6 +21,7 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSession
 from aiortc.sdp import candidate_from_sdp
 
 from ..hub import PacketHub
+from ..status import ConsumerStats
 from . import borrowed, ice, udpbatch
 from .rtpsend import HubTrack, attach_to_sender, h264_preferences
 
@@ -215,6 +216,12 @@ class ViewerSessions:
         )
         return True
 
+    def for_stream(self, stream: str) -> StreamViewers:
+        return StreamViewers(self, stream)
+
+    async def close_stream(self, stream: str, why: str) -> None:
+        await asyncio.gather(*(self.close(s.id, why) for s in list(self._sessions.values()) if s.stream == stream))
+
     async def close_all(self) -> None:
         self._resolver.shutdown(wait=False, cancel_futures=True)  # a lookup a dead DNS server holds ends by itself
         await asyncio.gather(*(self.close(sid, "shutdown") for sid in list(self._sessions)))
@@ -263,6 +270,26 @@ class ViewerSessions:
         task = asyncio.get_running_loop().create_task(self.close(session_id, why))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+
+
+class StreamViewers:
+    """The WebRTC viewers of one stream, as one of its consumers: they end with it."""
+
+    def __init__(self, sessions: ViewerSessions, stream: str) -> None:
+        self.sessions = sessions
+        self.stream = stream
+
+    def start(self) -> None:
+        pass  # sessions come from offers (signalling.whep)
+
+    async def close(self) -> None:
+        await self.sessions.close_stream(self.stream, "shutdown")
+
+    def stats(self) -> ConsumerStats:
+        connected = self.sessions.connected(self.stream)
+        return ConsumerStats(
+            {"viewers": self.sessions.count(self.stream), "viewers_connected": connected}, (), connected
+        )
 
 
 def _first_mid(pc: RTCPeerConnection) -> str | None:

@@ -46,6 +46,7 @@ from ..backoff import Backoff, Retry
 from ..config import IceServer
 from ..hub import PacketHub
 from ..logsafe import redact
+from ..status import ConsumerStats, Metric
 from . import borrowed
 from .ice import gathered_with, parse_links
 from .rtpsend import HubTrack, attach_to_sender, h264_preferences
@@ -108,8 +109,10 @@ class WhipPublisher:
         connect_timeout: float = CONNECT_TIMEOUT,
         retry: Backoff = RETRY,
         batch: bool = True,
+        index: int = 0,
     ) -> None:
         self.hub = hub
+        self.index = index  # of its [[whip]] entry: its metrics' label
         self.stream = hub.stream
         self.url = url
         self.shown_url = shown_url(url)
@@ -151,6 +154,27 @@ class WhipPublisher:
             "packets_sent": self.packets_sent,
             "ice_servers": [url for s in self.link_servers for url in s.urls],
         }
+
+    def stats(self) -> ConsumerStats:
+        labels = {"stream": self.stream, "whip": str(self.index), "url": self.shown_url}
+        up = int(self.state == "publishing")
+        return ConsumerStats(
+            {"whip": [self.describe()]},
+            (
+                Metric("camrelay_whip_up", "gauge", "1 while publishing over WHIP.", up, labels),
+                Metric(
+                    "camrelay_whip_sessions_total", "counter", "WHIP sessions that connected.", self.sessions, labels
+                ),
+                Metric(
+                    "camrelay_whip_errors_total",
+                    "counter",
+                    "WHIP sessions refused, failed or lost.",
+                    self.errors,
+                    labels,
+                ),
+                Metric("camrelay_whip_sent_bytes_total", "counter", "RTP payload bytes sent.", self.bytes_sent, labels),
+            ),
+        )
 
     def start(self) -> None:
         parts = urlsplit(self.url)
