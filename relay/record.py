@@ -31,9 +31,8 @@ from pathlib import Path
 import av
 
 from .aio import cancel_and_wait, run_owned
-from .hub import EncodedFrame, HubClosed, PacketHub
+from .hub import EncodedFrame, HubClosed, PacketHub, parameter_sets
 from .mjpeg import JpegFeed
-from .rtsp import parameter_sets
 from .status import ConsumerStats, Metric
 
 log = logging.getLogger(__name__)

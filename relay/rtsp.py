@@ -38,7 +38,7 @@ import psutil
 from .aio import cancel_and_wait, run_owned
 from .auth import write_private
 from .backoff import Backoff, Retry
-from .hub import EncodedFrame, HubClosed, PacketHub
+from .hub import EncodedFrame, HubClosed, PacketHub, parameter_sets
 from .logsafe import SECRET_FILTER, redact_text, redact_url
 from .status import ConsumerStats
 from .supervise import Child, Process
@@ -326,16 +326,6 @@ class Mediamtx:
         except psutil.Error:
             return False
         return any(s.status == psutil.CONN_LISTEN and s.laddr.port == self.settings.port for s in sockets)
-
-
-def parameter_sets(data: bytes) -> bytes | None:
-    """SPS and PPS NAL units (Annex B) from an access unit, for the muxer's extradata."""
-    out = b""
-    for nal in data.split(b"\x00\x00\x01")[1:]:
-        nal = nal.rstrip(b"\x00")
-        if nal and nal[0] & 0x1F in (7, 8):
-            out += b"\x00\x00\x00\x01" + nal
-    return out or None
 
 
 class RtspPublisher:

@@ -17,13 +17,13 @@ import pytest
 from benchmarks.ports import free_port, free_rtp_pair
 from relay.camera import pixelclock
 from relay.config import load
+from relay.hub import parameter_sets
 from relay.rtsp import (
     Mediamtx,
     MediamtxSettings,
     RtspError,
     check_ports_free,
     find_mediamtx,
-    parameter_sets,
     password_hash,
     render_config,
     rtsp_status,
