@@ -127,7 +127,7 @@ def restrict_host_addresses(addresses: Iterable[str]) -> Callable[[], None]:
     release_patch = HOST_ADDRESSES.hold()
 
     def release() -> None:
-        if HOST_ADDRESSES.holders and held:
+        if held:
             _host_addresses.subtract(held)
             for address in [a for a, n in _host_addresses.items() if n <= 0]:
                 del _host_addresses[address]

@@ -30,8 +30,6 @@ log = logging.getLogger(__name__)
 # A session whose ICE/DTLS never completes is freed by us, not by aiortc's
 # minute-long consent timeout.
 CONNECT_TIMEOUT = 15.0
-
-
 # A viewer that vanishes without a DELETE or a DTLS close (a laptop lid shut,
 # a phone leaving Wi-Fi) would hold its slot and socket until aioice's consent
 # checks give up: 6 unanswered checks 5 s apart, 30 s. A live viewer is never
@@ -48,7 +46,8 @@ LIVENESS_CHECK = 2.0  # seconds between looks
 def process_patches(ice_addresses: tuple[str, ...] = (), batch: bool = True):
     """aioice's process-wide patches a relay needs, held while it runs (``relay.webrtc.borrowed.Patch``): host
     candidates only on ``ice_addresses`` (none: every interface), the watch on what each connection hears,
-    and (``batch``) aioice's own sends through the socket batcher."""
+    and (``batch``) aioice's own sends through the socket batcher. Relays in one process share them: the
+    addresses of all that name some, batching while any wants it."""
     with contextlib.ExitStack() as held:
         if ice_addresses:
             held.callback(borrowed.restrict_host_addresses(ice_addresses))
