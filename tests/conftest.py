@@ -201,6 +201,9 @@ class EncodedFrames:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
         self._subscription.close()
 
     def _take(self) -> None:

@@ -640,6 +640,5 @@ async def test_a_read_replica_mediamtx_pulls_camrelays_rtsp_and_serves_its_own_v
         assert all(s.latency_ms is not None for s in await viewer.read_frames(10))
     finally:
         await viewer.close()
-    latencies = await asyncio.to_thread(read_rtsp, f"rtsp://127.0.0.1:{rtsp_port}/cam0", 10)
-    assert all(x is not None for x in latencies)
+    assert None not in await asyncio.to_thread(read_rtsp, f"rtsp://127.0.0.1:{rtsp_port}/cam0", 10)
     assert relay.relay.sessions.count() == 0  # camrelay served neither
