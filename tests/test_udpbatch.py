@@ -8,6 +8,8 @@ from relay.udpbatch import MAX_SEGMENTS, batcher_of, runs
 from relay.webrtc import _EqualFragments
 from relay.whepclient import WhepViewer
 
+from .conftest import session_of
+
 A, B = ("127.0.0.1", 1000), ("127.0.0.1", 2000)
 
 
@@ -51,10 +53,9 @@ async def test_a_relay_sends_each_viewers_frame_in_a_few_system_calls(relay_serv
     await asyncio.gather(*(v.connect() for v in viewers))
     frames = await asyncio.gather(*(v.read_frames(30) for v in viewers))
     assert all(s.latency_ms is not None for f in frames for s in f)  # every frame decoded, pixel clock read
-    relay = relay_server.relay
     batchers = []
-    for session in list(relay.sessions._sessions.values()):
-        ice = session.pc.getTransceivers()[0].sender.transport.transport._connection
+    for viewer in viewers:
+        ice = session_of(relay_server, viewer).pc.getTransceivers()[0].sender.transport.transport._connection
         batchers.append(batcher_of(ice._nominated[1].protocol))
     await asyncio.gather(*(v.close() for v in viewers))
     assert len(batchers) == 2 and all(b is not None for b in batchers)
