@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+from relay.hub import EncodedFrame
 from relay.udpbatch import MAX_SEGMENTS, batcher_of, runs
-from relay.webrtc import _EqualFragments
+from relay.webrtc import payloads_for
 from relay.whepclient import WhepViewer
 
 from .conftest import session_of
@@ -41,7 +42,7 @@ def test_runs_respect_the_kernels_segment_and_size_limits():
 
 def test_fragments_are_full_size_but_the_last_and_reassemble_to_the_nal_unit():
     nal = bytes([0x65]) + bytes(range(256)) * 40  # an IDR slice of 10,241 bytes
-    frags = _EqualFragments._packetize_fu_a(nal)
+    frags = payloads_for(EncodedFrame(b"\x00\x00\x00\x01" + nal, 0, True, 0.0))  # one NAL unit, Annex B
     assert len({len(f) for f in frags[:-1]}) == 1 and len(frags[-1]) <= len(frags[0])
     assert frags[0][1] & 0x80 and frags[-1][1] & 0x40 and not any(f[1] & 0xC0 for f in frags[1:-1])
     assert all(f[0] == (0x65 & 0xE0) | 28 and f[1] & 0x1F == 5 for f in frags)
