@@ -1,4 +1,6 @@
-"""A lossy link on loopback, in user space (this machine has no netem).
+"""A lossy link on loopback, in user space (this machine has no netem); and what it costs, measured.
+
+    python -m benchmarks.lossy --phase 10 --viewers 3 --out docs/results/lossy
 
 ``LossyLink`` sits between one WebRTC viewer and the relay. It owns two UDP
 sockets on 127.0.0.1: ``viewer_side`` (the viewer is told the relay lives
@@ -10,14 +12,28 @@ Wi-Fi link. The viewer's offer and the relay's answer are rewritten with
 
 Loss and jitter can change while it runs (``set_loss``); counters tell how
 many datagrams went each way and how many were dropped.
+
+Run as a module, it is the benchmark behind ``tests/test_lossy_viewer.py``
+(which judges by frames, never by the clock): camrelay on loopback, one
+viewer behind the link and ``--viewers`` clean ones, ``--phase`` seconds
+each of a clean link, 5 % loss with 20 ms of jitter, and 20 % with 30 ms.
+For each phase it reports, for the lossy viewer and for the clean ones, the
+frames shown per second, the longest gap between two shown frames and the
+pixel-clock latency (p50, p95): how often the lossy viewer's picture comes
+back, and whether the others notice.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import random
 import re
-from dataclasses import dataclass
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -72,6 +88,17 @@ class LossyLink:
     def relay_side(self) -> int:
         assert self._relay and self._relay.transport
         return self._relay.transport.get_extra_info("sockname")[1]
+
+    def rewrite(self, kind: str, sdp: str) -> str:
+        """A ``WhepViewer``'s ``rewrite_sdp``: the offer and the answer name the link, so media goes through it."""
+        if kind == "offer":  # the relay must send to the link, not to the viewer
+            out, _ = rewrite_candidates(sdp, self.relay_side)
+            return out
+        out, relay_port = rewrite_candidates(sdp, self.viewer_side)  # the viewer must send to the link
+        if relay_port is None:
+            raise ValueError("the relay's answer has no loopback host candidate")
+        self.relay_addr = ("127.0.0.1", relay_port)
+        return out
 
     def set_loss(self, loss: float, jitter_ms: float | None = None) -> None:
         self.loss = loss
@@ -138,3 +165,132 @@ def rewrite_candidates(sdp: str, port: int) -> tuple[str, int | None]:
             line = f"{m.group(1)} 127.0.0.1 {port} {m.group(3)}"
         out.append(line)
     return "\r\n".join(out) + "\r\n", original
+
+
+# -- the benchmark ------------------------------------------------------------
+
+PHASES = (("clean", 0.0, 0.0), ("5 % loss, 20 ms jitter", 0.05, 20.0), ("20 % loss, 30 ms jitter", 0.20, 30.0))
+
+
+class Watch:
+    """Reads a viewer's frames: when each came out of the decoder, and its pixel-clock latency."""
+
+    def __init__(self, viewer) -> None:
+        self.viewer = viewer
+        self.arrivals: list[float] = []
+        self.latency: list[tuple[float, float]] = []
+
+    async def run(self, stop: asyncio.Event) -> None:
+        from relay.webrtc.whepclient import sample
+
+        while not stop.is_set():
+            frame = await self.viewer.recv(timeout=10)
+            now = time.monotonic()
+            self.arrivals.append(now)
+            s = sample(frame)
+            if s.latency_ms is not None:
+                self.latency.append((now, s.latency_ms))
+
+    def phase(self, t0: float, t1: float) -> dict:
+        from benchmarks.peers import percentile
+
+        times = [t0, *(t for t in self.arrivals if t0 <= t < t1), t1]
+        latency = [v for t, v in self.latency if t0 <= t < t1]
+        return {
+            "fps": (len(times) - 2) / (t1 - t0),
+            "longest_gap_s": max(b - a for a, b in zip(times, times[1:], strict=False)),
+            "latency_ms": {"p50": percentile(latency, 50), "p95": percentile(latency, 95)},
+        }
+
+
+async def measure(url: str, viewers: int, seconds: float) -> dict:
+    import aiohttp
+
+    from relay.webrtc.borrowed import restrict_host_addresses
+    from relay.webrtc.whepclient import WhepViewer
+
+    restrict_host_addresses(["127.0.0.1"])
+    link = LossyLink()
+    await link.start()
+    stop = asyncio.Event()
+    async with aiohttp.ClientSession() as http:
+        lossy = WhepViewer(url, http, rewrite_sdp=link.rewrite)
+        clean = [WhepViewer(url, http) for _ in range(viewers)]
+        try:
+            await asyncio.gather(*(v.connect() for v in [lossy, *clean]))
+            await asyncio.gather(*(v.read_frames(5) for v in [lossy, *clean]))
+            watches = [Watch(v) for v in [lossy, *clean]]
+            tasks = [asyncio.create_task(w.run(stop)) for w in watches]
+            await asyncio.sleep(1.0)  # what the warm-up left queued is read before the first phase starts
+            spans = []
+            for name, loss, jitter in PHASES:
+                link.set_loss(loss, jitter_ms=jitter)
+                t0 = time.monotonic()
+                await asyncio.sleep(seconds)
+                spans.append((name, t0, time.monotonic()))
+            stop.set()
+            await asyncio.gather(*tasks)
+        finally:
+            stop.set()
+            await asyncio.gather(*(v.close() for v in [lossy, *clean]))
+            link.close()
+    out: dict = {"viewers": viewers, "phase_s": seconds, "link": asdict(link.counters), "phases": []}
+    for name, t0, t1 in spans:
+        others = [w.phase(t0, t1) for w in watches[1:]]
+        out["phases"].append(
+            {
+                "phase": name,
+                "lossy": watches[0].phase(t0, t1),
+                "clean": {
+                    "fps_min": min(o["fps"] for o in others),
+                    "longest_gap_s": max(o["longest_gap_s"] for o in others),
+                    "latency_ms": {"p50": max(o["latency_ms"]["p50"] or 0 for o in others)},
+                },
+            }
+        )
+    return out
+
+
+def markdown(result: dict) -> str:
+    ms = lambda v: "—" if v is None else f"{v:.0f}"  # noqa: E731
+    rows = [
+        "| link | lossy viewer: fps / longest gap / latency p50, p95 (ms) | clean viewers (worst): fps / longest gap"
+        " / latency p50 (ms) |",
+        "| --- | ---: | ---: |",
+    ]
+    for p in result["phases"]:
+        lossy, clean = p["lossy"], p["clean"]
+        rows.append(
+            f"| {p['phase']} | {lossy['fps']:.1f} / {ms(lossy['longest_gap_s'] * 1000)} / "
+            f"{ms(lossy['latency_ms']['p50'])}, {ms(lossy['latency_ms']['p95'])} | "
+            f"{clean['fps_min']:.1f} / {ms(clean['longest_gap_s'] * 1000)} / {ms(clean['latency_ms']['p50'])} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.load import start_system
+    from benchmarks.options import add_stream_options
+
+    ap = argparse.ArgumentParser(description="One viewer on a lossy link beside clean ones: gaps and latency.")
+    ap.add_argument("--phase", type=float, default=10.0, help="seconds per link setting (default 10)")
+    ap.add_argument("--viewers", type=int, default=3, help="clean viewers beside the lossy one (default 3)")
+    ap.add_argument("--out", type=Path, help="write <out>.json and <out>.md")
+    add_stream_options(ap, size="640x360", fps=30.0)
+    args = ap.parse_args(argv)
+    system = start_system("camrelay", args.size, args.fps, args.bitrate)
+    try:
+        result = asyncio.run(measure(system.url, args.viewers, args.phase))
+    finally:
+        system.close()
+    result.update(size=args.size, fps=args.fps, bitrate=args.bitrate)
+    print(json.dumps(result), flush=True)
+    print(markdown(result))
+    if args.out:
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,9 +20,12 @@ import pytest
 from aiohttp import web
 
 from benchmarks.ports import free_port, free_rtp_pair
+from relay.camera import pixelclock
 from relay.config import AuthConfig, Config, HttpConfig, RtspConfig, StreamConfig, VideoConfig, WebRTCConfig
 from relay.service import Relay
 from relay.source import SourceSpec
+from relay.stream import Stream
+from relay.webrtc.whepclient import FrameSample, WhepViewer, luma
 from signalling.app import make_app
 from signalling.server import make_runner, start_site
 
@@ -160,6 +163,74 @@ class RunningRelay:
         while s.stats.frames_encoded == 0:
             assert time.monotonic() < deadline, f"stream {stream} produced no frame within {timeout}s"
             await asyncio.sleep(0.02)
+
+
+def session_of(relay: RunningRelay, viewer: WhepViewer):
+    """The relay's session for ``viewer``: the last part of its session URL is the id."""
+    assert viewer.location
+    return relay.relay.sessions.get(viewer.location.rsplit("/", 1)[1])
+
+
+# -- which frames: a frame's pixel clock is its capture time, so it names the encoded frame it was made from
+
+
+def frame_clock(frame) -> int | None:
+    """The capture time (ms since the epoch) a decoded frame's pixel clock shows, or None where it does not read."""
+    return pixelclock.read(luma(frame, frame.width // pixelclock.CELLS))
+
+
+def capture_ms(sample: FrameSample) -> int | None:
+    """The same for a ``WhepViewer.read_frames`` sample, which keeps the clock as a latency."""
+    return None if sample.latency_ms is None else round(sample.received * 1000 - sample.latency_ms)
+
+
+class EncodedFrames:
+    """Every frame a stream encodes from now on, known by its capture time (ms): what its pixel clock shows.
+
+    One more subscriber of the stream's hub, with room for minutes of video, so it never lags and never
+    misses one. Like every new subscriber it starts at a keyframe (the one its subscribing asks for). Use it
+    as a context manager: it leaves the hub when done.
+    """
+
+    def __init__(self, stream: Stream, room: int = 10_000) -> None:
+        self._subscription = stream.hub.subscribe("test-tap", max_frames=room)
+        self._clocks: list[int] = []
+        self._keyframes: set[int] = set()
+
+    def __enter__(self) -> EncodedFrames:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._subscription.close()
+
+    def _take(self) -> None:
+        while (frame := self._subscription.get_nowait()) is not None:
+            clock = int(frame.capture_time * 1000)  # as the source drew it
+            self._clocks.append(clock)
+            if frame.keyframe:
+                self._keyframes.add(clock)
+
+    @property
+    def clocks(self) -> list[int]:
+        """The capture times of the frames encoded so far, in order."""
+        self._take()
+        return list(self._clocks)
+
+    @property
+    def keyframes(self) -> set[int]:
+        self._take()
+        return set(self._keyframes)
+
+    async def wait(self, count: int, timeout: float = 30.0) -> list[int]:
+        """The capture times once at least ``count`` frames have been encoded."""
+        deadline = time.monotonic() + timeout
+        while len(clocks := self.clocks) < count:
+            assert time.monotonic() < deadline, f"{len(clocks)} of {count} frames encoded within {timeout:g}s"
+            await asyncio.sleep(0.02)
+        return clocks
 
 
 async def start_relay(config: Config, wait: bool = True, **relay_kw) -> tuple[web.AppRunner, RunningRelay]:

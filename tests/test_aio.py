@@ -10,18 +10,29 @@ import time
 from relay.aio import cancel_and_wait, run_owned
 
 
+async def until(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
 async def test_a_result_finished_after_cancellation_goes_to_its_orphan_handler():
-    release, orphans = threading.Event(), []
+    started, release, orphans = threading.Event(), threading.Event(), []
+
+    def slow_open() -> str:
+        started.set()
+        release.wait(5)
+        return "opened file"
+
     with concurrent.futures.ThreadPoolExecutor(1) as io:
-        task = asyncio.ensure_future(run_owned(io, lambda: release.wait(5) and "opened file", on_orphan=orphans.append))
-        await asyncio.sleep(0.05)
+        task = asyncio.ensure_future(run_owned(io, slow_open, on_orphan=orphans.append))
+        await until(started.is_set)
         task.cancel()
         release.set()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await task
-        except asyncio.CancelledError:
-            pass
-        await asyncio.sleep(0.1)
+        await until(lambda: orphans)  # handed over on the executor, before it shuts down
     assert orphans == ["opened file"]
 
 
@@ -36,16 +47,13 @@ async def test_a_result_finished_after_its_executor_shut_down_still_goes_to_its_
 
     io = concurrent.futures.ThreadPoolExecutor(1)
     task = asyncio.ensure_future(run_owned(io, slow_open, on_orphan=orphans.append))
-    while not started.is_set():
-        await asyncio.sleep(0.01)
+    await until(started.is_set)
     task.cancel()
     io.shutdown(wait=False)
     release.set()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-    deadline = time.monotonic() + 5
-    while not orphans and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
+    await until(lambda: orphans)
     await asyncio.to_thread(io.shutdown)
     assert orphans == ["opened connection"]
 

@@ -21,16 +21,17 @@ class Counter:
 async def test_sender_has_the_private_encoder_slot_and_keyframe_hook():
     pc = RTCPeerConnection()
     try:
-        hub = PacketHub("cam0", Counter())
+        keyframes = Counter()
+        hub = PacketHub("cam0", keyframes)
         transceiver = pc.addTransceiver(HubTrack(hub, "t"), direction="sendonly")
         sender = transceiver.sender
         assert hasattr(sender, "_RTCRtpSender__encoder"), "aiortc renamed RTCRtpSender.__encoder"
         assert callable(getattr(SenderClass, "_send_keyframe", None)), "aiortc renamed RTCRtpSender._send_keyframe"
         attach_to_sender(sender, hub)
         assert isinstance(sender._RTCRtpSender__encoder, SharedPacker)
-        before = hub._request_keyframe.n
+        before = keyframes.n
         sender._send_keyframe()  # what aiortc calls on PLI and FIR
-        assert hub._request_keyframe.n == before + 1
+        assert keyframes.n == before + 1
         hub.close()
     finally:
         await pc.close()

@@ -6,11 +6,11 @@ import asyncio
 import base64
 import dataclasses
 import logging
-import math
 import os
 import socket
 import threading
 import time
+import types
 from pathlib import Path
 
 import aiohttp
@@ -30,7 +30,7 @@ from relay.cli import announce, warn_if_exposed
 from relay.config import AuthConfig, ConfigError, load, secrets_in_file
 from relay.logsafe import SHOWS_SECRET, SecretFilter, redact
 from relay.webrtc.whepclient import WhepError, WhepViewer
-from signalling.access import ACCESS, AUTH_FAILURE_BURST, AUTH_FAILURE_RATE, FAILURE_DELAY
+from signalling.access import ACCESS, AUTH_FAILURE_BURST, FAILURE_DELAY
 from signalling.common import RELAY
 
 from .conftest import make_config, start_relay
@@ -305,6 +305,39 @@ async def wait_for_file(path: Path, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.05)
 
 
+class AccessClock:
+    """The access guard's clock and waits, injected: its clock stands still (no guess is refunded by time passing),
+    and each wait before an answer to wrong credentials is noted (and waited: the answer still comes after it)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.waits: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        await REAL_SLEEP(seconds)
+
+    def waited_once(self, since: int) -> bool:
+        """Whether exactly one wait, of a length in ``FAILURE_DELAY``, was noted after the first ``since``."""
+        return len(self.waits) == since + 1 and FAILURE_DELAY[0] <= self.waits[-1] <= FAILURE_DELAY[1]
+
+
+REAL_SLEEP = asyncio.sleep
+
+
+@pytest.fixture
+def access_clock(monkeypatch) -> AccessClock:
+    import signalling.access as access_module
+
+    clock = AccessClock()
+    monkeypatch.setattr(access_module, "time", types.SimpleNamespace(monotonic=clock.monotonic))
+    monkeypatch.setattr(access_module, "asyncio", types.SimpleNamespace(**{**vars(asyncio), "sleep": clock.sleep}))
+    return clock
+
+
 async def status_of(http: aiohttp.ClientSession, url: str, **kw) -> tuple[int, str, str]:
     """(status, WWW-Authenticate, body) of a GET; an MJPEG stream is left after its headers."""
     async with http.get(url, **kw) as resp:
@@ -312,7 +345,7 @@ async def status_of(http: aiohttp.ClientSession, url: str, **kw) -> tuple[int, s
         return resp.status, resp.headers.get("WWW-Authenticate", ""), body
 
 
-async def test_every_protected_url_wants_the_token_in_any_of_its_three_forms(tmp_path, http):
+async def test_every_protected_url_wants_the_token_in_any_of_its_three_forms(tmp_path, http, access_clock):
     runner, relay = await start_relay(token_config(tmp_path))
     try:
         access = runner.app[ACCESS]
@@ -322,14 +355,15 @@ async def test_every_protected_url_wants_the_token_in_any_of_its_three_forms(tmp
         for path in PROTECTED:
             url = relay.base + path
             assert await status_of(http, url) == (401, 'Bearer realm="camrelay"', "401: no viewer token\n"), path
-            started = time.monotonic()
+            waits = len(access_clock.waits)
             assert await status_of(http, url, headers={"Authorization": "Bearer wrong-token"}) == (
                 401, 'Bearer realm="camrelay"', "401: wrong viewer token\n",
             ), path  # fmt: skip
-            assert time.monotonic() - started >= FAILURE_DELAY[0]
+            assert access_clock.waited_once(waits), access_clock.waits  # answered after a random delay
             assert (await status_of(http, url, params={"token": token}))[0] == 200, path
             assert (await status_of(http, url, headers={"Authorization": f"Bearer {token}"}))[0] == 200, path
             assert (await status_of(http, url, headers={"Cookie": f"{access.cookie}={token}"}))[0] == 200, path
+            assert len(access_clock.waits) == waits + 1  # the right token waits for nothing
         # Open by default: liveness, the page's JS and CSS, CORS preflights.
         for path in ("/healthz", "/static/whep.js"):
             assert (await status_of(http, relay.base + path))[0] == 200, path
@@ -363,7 +397,7 @@ async def test_every_protected_url_wants_the_token_in_any_of_its_three_forms(tmp
         await runner.cleanup()
 
 
-async def test_password_mode_wants_basic_and_metrics_healthz_are_configurable(tmp_path, http):
+async def test_password_mode_wants_basic_and_metrics_healthz_are_configurable(tmp_path, http, access_clock):
     auth = AuthConfig(
         mode="password", user="viewer", password_hash=hash_password(PASSWORD), protect_metrics=False,
         protect_healthz=True,
@@ -377,12 +411,14 @@ async def test_password_mode_wants_basic_and_metrics_healthz_are_configurable(tm
             url = relay.base + path
             assert await status_of(http, url) == (401, challenge, "401: user name and password required\n"), path
             for wrong in (basic("viewer", PASSWORD + "!"), basic("other", PASSWORD)):
-                started = time.monotonic()
+                waits = len(access_clock.waits)
                 assert await status_of(http, url, headers=wrong) == (
                     401, challenge, "401: wrong user name or password\n",
                 ), path  # fmt: skip
-                assert time.monotonic() - started >= FAILURE_DELAY[0]
+                assert access_clock.waited_once(waits), access_clock.waits  # answered after a random delay
+            waits = len(access_clock.waits)
             assert (await status_of(http, url, headers=good))[0] == 200, path
+            assert len(access_clock.waits) == waits  # the right password waits for nothing
         assert (await status_of(http, relay.base + "/metrics"))[0] == 200  # protect_metrics = false
         for header in ("Basic !!!", "Basic " + base64.b64encode(b"no-colon").decode()):
             assert (await status_of(http, relay.base + "/", headers={"Authorization": header}))[2] == (
@@ -606,7 +642,7 @@ class CountingVerify:
                 self.running -= 1
 
 
-async def test_a_password_flood_is_throttled_and_never_locks_the_right_password_out(monkeypatch, http):
+async def test_a_password_flood_is_throttled_and_never_locks_the_right_password_out(monkeypatch, http, access_clock):
     import signalling.access as access_module
 
     counting = CountingVerify(access_module.verify_password)
@@ -626,7 +662,6 @@ async def test_a_password_flood_is_throttled_and_never_locks_the_right_password_
                 assert (await resp.text()).startswith("429: too many wrong passwords from 127.0.0.")
 
     try:
-        started = time.monotonic()
         rounds = [
             asyncio.gather(*(guess(s, i) for s in sessions for i in range(r * 50, r * 50 + 50))) for r in range(4)
         ]
@@ -640,17 +675,16 @@ async def test_a_password_flood_is_throttled_and_never_locks_the_right_password_
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.6", 0))) as patient:
             for n in range(AUTH_FAILURE_BURST + 10):
                 await guess(patient, n)
-        one_by_one = statuses[-(AUTH_FAILURE_BURST + 10) :]
-        elapsed = time.monotonic() - started
-        refilled = math.ceil(elapsed * AUTH_FAILURE_RATE)
-        assert AUTH_FAILURE_BURST <= one_by_one.count(401) == counting.runs - before <= AUTH_FAILURE_BURST + refilled
-        assert one_by_one[-1] == 429
+        # The guard's clock stands still (access_clock): no guess comes back with time, so the counts are exact.
+        assert statuses[-(AUTH_FAILURE_BURST + 10) :] == [401] * AUTH_FAILURE_BURST + [429] * 10
+        assert counting.runs - before == AUTH_FAILURE_BURST
     finally:
         await asyncio.gather(*(s.close() for s in sessions))
         await runner.cleanup()
     assert len(statuses) == 800 + AUTH_FAILURE_BURST + 10 and set(statuses) <= {401, 429}
     assert counting.most_at_once == 1  # at most one scrypt at a time: at most one core, however many guess
-    # Each address got its burst, then one guess per 1/AUTH_FAILURE_RATE seconds; the rest cost no scrypt.
-    allowed = len(attackers) * (AUTH_FAILURE_BURST + refilled + 1) + 1
-    assert before <= allowed
-    assert statuses[:800].count(429) >= 800 - allowed
+    # Each address got its burst and no more (one guess per 1/AUTH_FAILURE_RATE seconds after it, but the clock
+    # stood still); the rest cost no scrypt. The right password's scrypt is the one more.
+    print(f"flood: {before} scrypts, {statuses[:800].count(401)} answered 401")
+    assert before <= len(attackers) * AUTH_FAILURE_BURST + 1
+    assert statuses[:800].count(429) >= 800 - (len(attackers) * AUTH_FAILURE_BURST + 1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import math
 import os
 import re
@@ -27,13 +28,14 @@ from benchmarks.ports import free_port
 from relay.auth import hash_password
 from relay.config import AuthConfig, IceServer
 
-from .conftest import TEST_HEIGHT, TEST_WIDTH, RunningRelay, make_config, start_relay
+from .conftest import TEST_HEIGHT, TEST_WIDTH, EncodedFrames, RunningRelay, make_config, start_relay
 from .stun import stun_server
 
 pytestmark = pytest.mark.browser
 
 PLAY_TIMEOUT_MS = 30_000
-FREED_WITHIN = 5.0  # seconds for the relay to drop a viewer whose page closed
+GONE_TIMEOUT = 60.0  # seconds to wait for the relay to drop a closed page's viewer (its silence rule takes ~12)
+CLOSED = re.compile(r"session=\S+ closed \((.*)\) viewers=")  # the relay's line for an ended session, and why
 MS_TEXT = re.compile(r"^(\d+) ms$")
 # Where to save screenshots for a human to look at; unset: none are written.
 SCREENSHOT_DIR = os.environ.get("CAMRELAY_SCREENSHOT_DIR")
@@ -87,17 +89,15 @@ async def stream_info(http, relay: RunningRelay, name: str = "cam0") -> dict:
         return {s["name"]: s for s in (await resp.json())["streams"]}[name]
 
 
-async def wait_viewers_gone(http, relay: RunningRelay) -> float:
-    """Seconds until the relay reports no viewer of cam0; fails after ``FREED_WITHIN``."""
-    start = time.monotonic()
-    while True:
-        info = await stream_info(http, relay)
-        if info["viewers"] == 0:
-            return time.monotonic() - start
-        assert time.monotonic() - start < FREED_WITHIN, (
-            f"relay still has {info['viewers']} viewer(s) {FREED_WITHIN}s after the page closed"
-        )
+async def wait_viewers_gone(http, relay: RunningRelay, caplog) -> None:
+    """Until the relay reports no viewer of cam0. The page said goodbye (its DELETE, or its peer connection's
+    close), so that is why the relay ended each session: not its silence rule, which frees vanished viewers."""
+    deadline = time.monotonic() + GONE_TIMEOUT
+    while (info := await stream_info(http, relay))["viewers"]:
+        assert time.monotonic() < deadline, f"relay still has {info['viewers']} viewer(s) after the page closed"
         await asyncio.sleep(0.05)
+    why = [m[1] for r in caplog.records if (m := CLOSED.search(r.getMessage()))]
+    assert why and set(why) <= {"DELETE", "connection closed"}, why
 
 
 async def screenshot(page: Page, name: str) -> None:
@@ -105,12 +105,19 @@ async def screenshot(page: Page, name: str) -> None:
         await page.screenshot(path=str(Path(SCREENSHOT_DIR) / name))
 
 
-async def test_view_page_plays_and_shows_latency(relay_server, http):
+async def test_view_page_plays_and_shows_latency(relay_server, http, caplog):
+    caplog.set_level(logging.INFO, logger="relay")
     async with chromium() as browser:
         page = await browser.new_page()
         watch = PageWatch(page)
-        await page.goto(f"{relay_server.base}/view/cam0")
-        await page.wait_for_function(PLAYING, timeout=PLAY_TIMEOUT_MS)
+        with EncodedFrames(relay_server.relay.streams["cam0"]) as encoded:
+            await page.goto(f"{relay_server.base}/view/cam0")
+            await page.add_script_tag(content=CLOCK_SCRIPT)
+            await page.wait_for_function(PLAYING, timeout=PLAY_TIMEOUT_MS)
+            await page.wait_for_function(f"() => window.clock.length >= {CLOCK_READINGS}", timeout=PLAY_TIMEOUT_MS)
+            clock = await page.evaluate("() => window.clock")
+            # The picture is the relay's: each frame shown carries the capture time of a frame it encoded.
+            assert set(clock) <= set(encoded.clocks), clock
 
         player = await page.evaluate(
             """() => ({
@@ -122,14 +129,11 @@ async def test_view_page_plays_and_shows_latency(relay_server, http):
         )
         assert (player["width"], player["height"]) == (TEST_WIDTH, TEST_HEIGHT)
         assert player["connects"] == 1, "the player reconnected while the relay was healthy"
-        latency = player["latencyMs"]
-        assert math.isfinite(latency) and 0 <= latency < 2000, f"implausible same-host latency {latency} ms"
-
-        # The overlay shows the same figure the player computed, as "<n> ms".
+        # The player turned the pixel clock into a latency (how long is for benchmarks/browser_latency.py to say),
+        # and the overlay shows it as "<n> ms".
+        assert math.isfinite(player["latencyMs"]), player
         text = (await page.text_content("#latency")).strip()
-        shown = MS_TEXT.match(text)
-        assert shown, f"#latency shows {text!r}, not a number of ms"
-        assert 0 <= int(shown.group(1)) < 2000
+        assert MS_TEXT.match(text), f"#latency shows {text!r}, not a number of ms"
         assert (await page.text_content("#state")).strip() == "live"
         assert re.fullmatch(r"\d+", (await page.text_content("#fps")).strip())
 
@@ -147,11 +151,12 @@ async def test_view_page_plays_and_shows_latency(relay_server, http):
 
         # Closing the tab fires pagehide; the page's DELETE ends the session at once.
         await page.close()
-        await wait_viewers_gone(http, relay_server)
+        await wait_viewers_gone(http, relay_server, caplog)
     assert (await stream_info(http, relay_server))["encoders_running"] == 1
 
 
-async def test_index_tile_goes_live(relay_server, http):
+async def test_index_tile_goes_live(relay_server, http, caplog):
+    caplog.set_level(logging.INFO, logger="relay")
     async with chromium() as browser:
         page = await browser.new_page()
         watch = PageWatch(page)
@@ -182,7 +187,7 @@ async def test_index_tile_goes_live(relay_server, http):
         assert not watch.errors, f"uncaught errors in the page: {watch.errors}"
 
         await page.close()
-        await wait_viewers_gone(http, relay_server)
+        await wait_viewers_gone(http, relay_server, caplog)
 
 
 async def test_status_panel_shows_cpu_and_viewers(relay_server: RunningRelay) -> None:
@@ -321,21 +326,24 @@ def mediamtx_reader_js() -> Path:
 # The other origin's page: mediamtx's reader.js, used as mediamtx's own read page uses it (the track's
 # stream in a <video>), with a token; the pixel clock read from each frame through a canvas (readPixelClock
 # of the relay's whep.js). Every RTCPeerConnection the player makes is noted, with its configuration.
-# Latency (ms) by the pixel clock of each frame of the <video id="video">, in window.clock; needs whep.js.
+# The capture time (ms) the pixel clock of each frame of the <video id="video"> shows, in window.clock; needs
+# whep.js. In a block of its own: the view page has a global `video` too.
 CLOCK_SCRIPT = """
 window.clock = [];
-const video = document.getElementById("video");
-const canvas = document.createElement("canvas");
-const ctx = canvas.getContext("2d", { willReadFrequently: true });
-const onFrame = () => {
-  const w = video.videoWidth, s = Math.floor(w / 48);
-  canvas.width = w; canvas.height = s;
-  ctx.drawImage(video, 0, 0, w, s, 0, 0, w, s);
-  const t = readPixelClock(ctx.getImageData(0, 0, w, s).data, w);
-  if (t !== null) window.clock.push(Date.now() - t);
+{
+  const video = document.getElementById("video");
+  const canvas = document.createElement("canvas");
+  const ctx = canvas.getContext("2d", { willReadFrequently: true });
+  const onFrame = () => {
+    const w = video.videoWidth, s = Math.floor(w / 48);
+    canvas.width = w; canvas.height = s;
+    ctx.drawImage(video, 0, 0, w, s, 0, 0, w, s);
+    const t = readPixelClock(ctx.getImageData(0, 0, w, s).data, w);
+    if (t !== null) window.clock.push(t);
+    video.requestVideoFrameCallback(onFrame);
+  };
   video.requestVideoFrameCallback(onFrame);
-};
-video.requestVideoFrameCallback(onFrame);
+}
 """
 READER_PAGE = """<!doctype html>
 <meta charset="utf-8">
@@ -372,6 +380,7 @@ async def test_mediamtx_reader_js_from_another_origin_plays_with_its_token_on_po
             config, webrtc=dataclasses.replace(config.webrtc, ice_servers=(IceServer((stun_url,)),))
         )
         runner, relay = await start_relay(config)
+        encoded = EncodedFrames(relay.relay.streams["cam0"])
         html = READER_PAGE.replace("CLOCK", CLOCK_SCRIPT).replace("RELAY", relay.base).replace("TOKEN", VIEWER_TOKEN)
 
         async def page_html(_: web.Request) -> web.Response:
@@ -408,7 +417,7 @@ async def test_mediamtx_reader_js_from_another_origin_plays_with_its_token_on_po
                     pytest.fail(f"reader.js played nothing; it said: {await page.evaluate('() => window.errors')}")
 
                 clock = await page.evaluate("() => window.clock")
-                assert all(0 <= ms < 2000 for ms in clock), f"implausible same-host latencies {clock}"
+                assert set(clock) <= set(encoded.clocks), clock  # each frame it showed, one the relay encoded
                 assert await page.evaluate("() => window.errors") == []  # never "retrying in some seconds"
                 # Its ICE servers came from the Link header of its OPTIONS (sent with the token).
                 configs = await page.evaluate("() => window.configs.map((c) => c.iceServers)")
@@ -433,6 +442,7 @@ async def test_mediamtx_reader_js_from_another_origin_plays_with_its_token_on_po
                 await page.close()
         finally:
             await site_runner.cleanup()
+            encoded.close()
             await runner.cleanup()
 
 
@@ -457,6 +467,7 @@ async def test_chromium_takes_the_answer_that_rejects_the_bundle_tag_of_its_offe
     async with chromium() as browser:
         page = await browser.new_page()
         watch = PageWatch(page)
+        encoded = EncodedFrames(relay_server.relay.streams["cam0"])
         try:
             await page.goto(relay_server.base + "/healthz")  # the relay's origin, for the page's fetch
             await page.evaluate("() => { document.body.innerHTML = '<video id=video muted autoplay></video>'; }")
@@ -467,8 +478,9 @@ async def test_chromium_takes_the_answer_that_rejects_the_bundle_tag_of_its_offe
             assert "a=group:BUNDLE 0 1 2" in offer and offer.index("m=audio") < offer.index("m=video")
             assert "a=group:BUNDLE 1\r\n" in answer and "m=audio 0 " in answer and "m=application 0 " in answer
             await page.wait_for_function(f"() => window.clock.length >= {CLOCK_READINGS}", timeout=PLAY_TIMEOUT_MS)
-            assert all(0 <= ms < 2000 for ms in await page.evaluate("() => window.clock"))
+            assert set(await page.evaluate("() => window.clock")) <= set(encoded.clocks)  # the relay's frames
             assert await page.evaluate("() => window.pc.connectionState") == "connected"
             assert not watch.errors, f"uncaught errors in the page: {watch.errors}"
         finally:
+            encoded.close()
             await page.close()

@@ -15,6 +15,8 @@ import psutil
 
 from relay.webrtc.whepclient import WhepViewer
 
+from .conftest import LEAK_SETTLE
+
 WARMUP, SESSIONS, BATCH = 30, 150, 10
 
 
@@ -31,7 +33,7 @@ async def settle(relay, timeout: float = 20.0) -> None:
     while relay.relay.sessions.count():
         assert time.monotonic() < deadline, f"{relay.relay.sessions.count()} sessions never freed"
         await asyncio.sleep(0.1)
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # closed peers let go of their threads and sockets
     gc.collect()
 
 
@@ -45,16 +47,27 @@ def measure() -> dict[str, int]:
     }
 
 
+def back(before: dict[str, int], after: dict[str, int]) -> bool:
+    """Whether the process is back where it was: the same file descriptors, threads and tasks, give or take
+    one or two, and within 10 % of its memory."""
+    return (
+        after["fds"] <= before["fds"] + 2
+        and after["threads"] <= before["threads"] + 1
+        and after["tasks"] <= before["tasks"] + 2
+        and after["rss"] <= before["rss"] * 1.10
+    )
+
+
 async def test_churned_sessions_leave_nothing_behind(relay_server, http):
     await churn(relay_server, http, WARMUP)  # first use allocates caches, certificates, pools
     await settle(relay_server)
     before = measure()
     await churn(relay_server, http, SESSIONS)
     await settle(relay_server)
-    after = measure()
+    deadline = time.monotonic() + LEAK_SETTLE  # the last closed peers may still be letting go
+    while not back(before, after := measure()):
+        assert time.monotonic() < deadline, (before, after)
+        await asyncio.sleep(0.1)
+        gc.collect()
     assert relay_server.relay.sessions.count() == 0
     assert relay_server.relay.streams["cam0"].hub.subscribers == []
-    assert after["fds"] <= before["fds"] + 2, (before, after)
-    assert after["threads"] <= before["threads"] + 1, (before, after)
-    assert after["tasks"] <= before["tasks"] + 2, (before, after)
-    assert after["rss"] <= before["rss"] * 1.10, (before, after)  # within 10 %

@@ -54,9 +54,20 @@ async def wait_for(predicate, timeout=10.0, what=""):
 
 async def test_no_camera_then_hot_plug_then_unplug_and_back(http, tmp_path):
     plugged: list[Device] = []
+    looks = [0]  # how often the relay has looked for cameras
+
+    def list_devices() -> list[Device]:
+        looks[0] += 1
+        return list(plugged)
+
+    async def two_more_looks() -> None:
+        """Until the relay has looked twice more: it has seen the cameras as they are now, and acted on them."""
+        target = looks[0] + 2
+        await wait_for(lambda: looks[0] >= target, what="discovery looking again")
+
     config = dataclasses.replace(make_config(), streams=(), state_dir=str(tmp_path))
     config = dataclasses.replace(config, devices=dataclasses.replace(config.devices, discover_interval=0.2))
-    runner, relay = await start_relay(config, list_devices=lambda: list(plugged))
+    runner, relay = await start_relay(config, list_devices=list_devices)
     try:
         r = relay.relay
         assert list(r.streams) == ["cam0"] and str(r.streams["cam0"].spec) == "test:"  # nothing plugged: the pattern
@@ -68,9 +79,10 @@ async def test_no_camera_then_hot_plug_then_unplug_and_back(http, tmp_path):
         async with http.get(relay.base + "/api/v1/streams") as resp:
             assert [s["name"] for s in (await resp.json())["streams"]] == ["cam0", "cam1"]
         plugged.clear()  # unplugged: the stream stays (showing the slate)
-        await asyncio.sleep(0.5)
+        await two_more_looks()
+        assert list(r.streams) == ["cam0", "cam1"]
         plugged.append(camera("/dev/video2", PORT1))  # back in the same port, another node number
-        await asyncio.sleep(0.6)
+        await two_more_looks()
         assert list(r.streams) == ["cam0", "cam1"]  # same stream, same name, same URLs
     finally:
         await runner.cleanup()

@@ -14,7 +14,7 @@ from relay.config import StreamConfig
 from relay.source import parse_source_spec
 from relay.webrtc.whepclient import WhepViewer, luma
 
-from .conftest import make_config, start_relay
+from .conftest import EncodedFrames, frame_clock, make_config, start_relay
 
 FPS = 15
 
@@ -26,28 +26,24 @@ def is_slate(frame) -> bool:
     return bool(np.abs(corner.astype(int) - slate.BACKGROUND).mean() < 6)
 
 
-async def watch(viewer: WhepViewer, stream, until, timeout: float = 30.0) -> list[bool]:
-    """Read frames until ``until(stream)``; one bool per frame: was it the slate."""
-    seen = []
+async def watch(viewer: WhepViewer, stream, until, timeout: float = 30.0) -> list[tuple[bool, int | None]]:
+    """Read frames until ``until(seen)``; per frame seen: was it the slate, and its pixel clock."""
+    seen: list[tuple[bool, int | None]] = []
     deadline = time.monotonic() + timeout
-    while not until(stream):
+    while not until(seen):
         assert time.monotonic() < deadline, f"timed out; stream state {stream.state}, {stream.stats}"
-        frame = await viewer.recv(timeout=3.0)  # never a 3 s gap: the stream keeps running
-        seen.append(is_slate(frame))
+        frame = await viewer.recv()
+        seen.append((is_slate(frame), frame_clock(frame)))
     return seen
 
 
-def video_back_for(seconds: float):
-    """A condition for ``watch``: the stream is live and has sent no slate frame for ``seconds``."""
-    last = {"slate": -1, "since": 0.0}
+def slate_shown(seen) -> bool:
+    return any(slate for slate, _ in seen)
 
-    def check(stream) -> bool:
-        if stream.state != "live" or stream.stats.frames_slate != last["slate"]:
-            last.update(slate=stream.stats.frames_slate, since=time.monotonic())
-            return False
-        return time.monotonic() - last["since"] >= seconds
 
-    return check
+def video_back(seen) -> bool:
+    """A second of video in a row, the slate before it."""
+    return len(seen) >= FPS and not slate_shown(seen[-FPS:])
 
 
 def faulty(query: str) -> tuple[StreamConfig, ...]:
@@ -66,13 +62,19 @@ async def test_viewer_rides_through_a_camera_outage(http, query, what):
     stream = relay.relay.streams["cam0"]
     viewer = WhepViewer(relay.whep(), http)
     try:
-        await viewer.connect()
-        before = await watch(viewer, stream, lambda s: s.stats.frames_slate > 0)
-        during = await watch(viewer, stream, video_back_for(1.0))
-        after = [is_slate(await viewer.recv(timeout=3.0)) for _ in range(FPS)]
-        assert not any(before[:FPS]), "real video before the fault"
-        assert any(during), f"{what}: the slate was shown"
-        assert not any(after), f"{what}: video came back by itself"
+        with EncodedFrames(stream) as encoded:
+            await viewer.connect()
+            before = await watch(viewer, stream, slate_shown)
+            during = await watch(viewer, stream, video_back)
+            after = [is_slate(await viewer.recv()) for _ in range(FPS)]
+            assert not slate_shown(before[:FPS]), "real video before the fault"
+            assert stream.stats.frames_slate > 0, f"{what}: the slate was shown"
+            assert not any(after), f"{what}: video came back by itself"
+            # The stream kept running: every frame the relay encoded, the slate's too, reached the viewer.
+            clocks = [clock for _, clock in before + during]
+            assert None not in clocks
+            missed = [c for c in encoded.clocks if clocks[0] <= c <= clocks[-1] and c not in set(clocks)]
+            assert not missed, f"{what}: the viewer missed {len(missed)} frames"
         assert viewer.pc.connectionState == "connected"
         assert stream.stats.source_errors >= 1
         assert stream.stats.worker_restarts == 0  # handled inside the worker

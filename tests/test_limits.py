@@ -28,7 +28,8 @@ def test_limiter_is_per_address_and_bounded():
     assert len(rl.buckets) == MAX_TRACKED_ADDRESSES
 
 
-@pytest.mark.relay_config(session_rate=1.0, session_burst=2)
+# A burst of 2, then one more every 100 s: however slow this machine, none comes back while the test runs.
+@pytest.mark.relay_config(session_rate=0.01, session_burst=2)
 async def test_too_many_new_sessions_from_one_address_get_429(relay_server, http):
     viewers = [WhepViewer(relay_server.whep(), http) for _ in range(3)]
     try:
@@ -38,7 +39,7 @@ async def test_too_many_new_sessions_from_one_address_get_429(relay_server, http
         await viewers[1].read_frames(1)
         async with http.post(relay_server.whep(), data="v=0\r\n", headers={"Content-Type": "application/sdp"}) as resp:
             assert resp.status == 429
-            assert 0 < int(resp.headers["Retry-After"]) <= 2
+            assert 0 < int(resp.headers["Retry-After"]) <= 100
             assert (await resp.text()).strip() == "too many new sessions from 127.0.0.1; retry later"
     finally:
         for v in viewers:

@@ -169,8 +169,7 @@ async def test_local_user_cannot_publish_or_take_over_a_stream(relay_server, htt
     )  # fmt: skip
     assert published.returncode != 0 and "401 Unauthorized" in published.stderr, published.stderr
     # NVRs still get camrelay's own video (every frame carries its pixel clock), from the same publish session.
-    latencies = await asyncio.to_thread(read_rtsp, rtsp_url(relay_server, "cam0", f"nvr:{READ_PASSWORD}@"), 10)
-    assert all(x is not None for x in latencies)
+    assert None not in await asyncio.to_thread(read_rtsp, rtsp_url(relay_server, "cam0", f"nvr:{READ_PASSWORD}@"), 10)
     assert await rtsp_sessions(http, relay_server) == sessions, "camrelay's publisher was displaced"
 
 

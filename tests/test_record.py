@@ -36,17 +36,43 @@ async def wait_for(predicate, timeout=20.0, what=""):
         await asyncio.sleep(0.05)
 
 
-def decode_all(path: Path, torn: bool = False) -> list[tuple[float, int | None]]:
-    """(pts in seconds, pixel clock) for every frame; ``torn``: stop quietly where a cut-off file ends."""
+def decode_all(path: Path, torn: bool = False, keyframes: bool = False) -> list[tuple]:
+    """(pts in seconds, pixel clock) for every frame, and with ``keyframes`` whether it is one; ``torn``: stop
+    quietly where a cut-off file ends."""
     out = []
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         try:
             for frame in container.decode(stream):
-                out.append((float(frame.pts * stream.time_base), pixelclock.read(luma(frame, frame.width // 48))))
+                clock = pixelclock.read(luma(frame, frame.width // 48))
+                pts = float(frame.pts * stream.time_base)
+                out.append((pts, clock, frame.key_frame) if keyframes else (pts, clock))
         except av.error.InvalidDataError:
             if not torn:
                 raise
+    return out
+
+
+def fragment_frames(data: bytes) -> list[int]:
+    """The frames of each complete movie fragment (a ``moof`` and its ``mdat``, both whole) in the bytes of a
+    fragmented MP4, however it was cut off: what a player can play of it for sure."""
+
+    def boxes(start: int, end: int):
+        while start + 8 <= end:
+            size, kind = int.from_bytes(data[start : start + 4], "big"), data[start + 4 : start + 8]
+            if size < 8 or start + size > end:
+                return  # torn here
+            yield kind, start + 8, start + size
+            start += size
+
+    out, frames = [], None
+    for kind, body, end in boxes(0, len(data)):
+        if kind == b"moof":
+            runs = [b for k, b, _ in boxes(body, end) if k == b"traf" for k2, b, _ in boxes(b, end) if k2 == b"trun"]
+            frames = sum(int.from_bytes(data[run + 4 : run + 8], "big") for run in runs)  # trun's sample count
+        elif kind == b"mdat" and frames is not None:
+            out.append(frames)
+            frames = None
     return out
 
 
@@ -84,21 +110,23 @@ async def test_segments_and_snapshots_are_recorded(tmp_path, http):
         await runner.cleanup()
     segments, snapshots = recorder.listing()
     assert len(segments) >= 3 and len(snapshots) >= 3
-    last_end = None
-    for path, start, _ in segments:
+    decoded = [decode_all(path, keyframes=True) for path, _, _ in segments]
+    for (path, start, _), frames in zip(segments, decoded, strict=True):
         assert path.parent.name == time.strftime("%Y-%m-%d", time.gmtime(start))  # a folder per day
-        frames = decode_all(path)
         assert frames, path
-        first_clock = frames[0][1]
-        assert first_clock is not None and abs(first_clock / 1000 - start) < 1.0  # the name's time is the picture's
-        duration = frames[-1][0] - frames[0][0]
-        if path != segments[-1][0]:  # the last was cut short by the shutdown
-            assert SEGMENT - 0.2 <= duration <= SEGMENT + 1.2, (path, duration)  # cut at the keyframe after 2 s
-        clocks = [c for _, c in frames]
-        assert all(c is not None for c in clocks) and clocks == sorted(clocks)
-        if last_end is not None:
-            assert clocks[0] > last_end  # time goes on across segments
-        last_end = clocks[-1]
+        clocks = [c for _, c, _ in frames]
+        assert None not in clocks and clocks == sorted(clocks)
+        assert clocks[0] == round(start * 1000), (path, clocks[0])  # the name's time is the first picture's
+        assert frames[0][2], f"{path.name} starts with a keyframe"
+    # Each segment but the last (cut short by the shutdown) ends at the first keyframe captured SEGMENT or more
+    # after its start (by the capture times the pictures carry), where the next begins: time goes on across them.
+    # (The clocks are whole milliseconds: a keyframe 2000 ms on may be 1.9995 s on, so the bounds allow 1 ms.)
+    segment_ms = SEGMENT * 1000
+    for frames, following in zip(decoded, decoded[1:], strict=False):
+        start = frames[0][1]
+        late = [c - start for _, c, key in frames[1:] if key and c - start > segment_ms]
+        assert not late, f"kept keyframes {late} ms after the segment's start"
+        assert following[0][1] - start >= segment_ms - 1 and following[0][1] > frames[-1][1]
     assert (recorder.dir / LATEST_VIDEO).resolve() in [p.resolve() for p, _, _ in segments]
     assert (recorder.dir / LATEST_IMAGE).resolve() == snapshots[-1][0].resolve()
     assert not list(recorder.dir.glob("*/*.part"))  # a clean shutdown leaves only complete files
@@ -110,12 +138,13 @@ async def test_segments_and_snapshots_are_recorded(tmp_path, http):
 
 
 async def test_a_segment_cut_off_mid_write_plays_up_to_its_last_fragment(tmp_path):
-    runner, relay = await start_relay(recording_config(tmp_path, snapshot_interval=0.0))
+    # Segments long enough that a .part holds two fragments (one a second) before it is finished.
+    runner, relay = await start_relay(recording_config(tmp_path, snapshot_interval=0.0, segment=10 * SEGMENT))
     recorder = relay.relay.recorders["cam0"]
     try:
         await wait_for(lambda: list(recorder.dir.glob("*/*.mp4.part")), what="a segment being written")
-        await asyncio.sleep(1.5)  # a fragment or more into it
         part = next(recorder.dir.glob("*/*.mp4.part"))
+        await wait_for(lambda: len(fragment_frames(part.read_bytes())) >= 2, what="two fragments written")
         cut = tmp_path / "cut.mp4"
         shutil.copyfile(part, cut)  # the file exactly as a power cut would leave it
     finally:
@@ -123,7 +152,8 @@ async def test_a_segment_cut_off_mid_write_plays_up_to_its_last_fragment(tmp_pat
     data = cut.read_bytes()
     cut.write_bytes(data[: len(data) - 1000])  # and torn inside its last write, too
     frames = decode_all(cut, torn=True)
-    assert len(frames) >= FPS // 2, "plays up to its last complete fragment"
+    complete = fragment_frames(cut.read_bytes())
+    assert complete and len(frames) >= sum(complete), "plays up to its last complete fragment"
     assert all(c is not None for _, c in frames)
     # A .part left by a crash is renamed complete when recording starts again.
     leftover = recorder.dir / "2026-01-01" / "20260101T000000.000Z.mp4.part"

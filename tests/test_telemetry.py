@@ -4,6 +4,7 @@ Prometheus output parsed by Prometheus' own parser, and the live endpoints."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from relay.config import TelemetryConfig
 from relay.status import StreamStatus as StreamSample
 from relay.telemetry import (
     Snapshot,
@@ -20,6 +22,8 @@ from relay.telemetry import (
     read_thermal,
     read_throttled,
 )
+
+from .conftest import make_config, start_relay
 
 
 def fake_sys(tmp_path: Path, zones: dict[str, tuple[str, str]], throttled: str | None = None) -> Path:
@@ -128,8 +132,7 @@ def test_status_line_reads_at_a_glance():
 async def test_status_and_metrics_endpoints(relay_server, http, tmp_path):
     relay = relay_server.relay
     relay.telemetry.sys_root = fake_sys(tmp_path, {"thermal_zone0": ("cpu-thermal", "47000")}, throttled="0")
-    await asyncio.sleep(0.2)
-    relay.telemetry.latest = relay.telemetry.sample()
+    relay.telemetry.latest = relay.telemetry.sample()  # a sample now, from the fake tree
     async with http.get(relay_server.base + "/api/v1/status") as resp:
         assert resp.status == 200
         status = await resp.json()
@@ -162,7 +165,8 @@ async def test_status_and_metrics_endpoints(relay_server, http, tmp_path):
     assert families["camrelay_stream_up"].samples[0].labels == {"stream": "cam0"}
     assert families["camrelay_open_fds"].samples[0].value > 0
     pipeline = {s.labels["quantile"]: s.value for s in families["camrelay_stream_pipeline_delay_seconds"].samples}
-    assert set(pipeline) == {"0.5", "0.95", "0.99"} and 0 < pipeline["0.5"] <= pipeline["0.99"] < 5
+    # Over the frames so far, capture to the hub: how long is for the benchmarks to say (docs/benchmarks.md).
+    assert set(pipeline) == {"0.5", "0.95", "0.99"} and 0 < pipeline["0.5"] <= pipeline["0.95"] <= pipeline["0.99"]
     assert families["camrelay_asyncio_tasks"].samples[0].value >= 2
 
 
@@ -183,25 +187,50 @@ async def wait_for_stat(stream, field, target, timeout=10.0):
         await asyncio.sleep(0.05)
 
 
-@pytest.mark.relay_config(fps=15)
-async def test_thermal_guard_drops_frames_while_hot_and_none_once_cool(relay_server, tmp_path):
-    from relay.telemetry import ThermalGuard
+async def next_report(stream, timeout: float = 10.0) -> int:
+    """Until the worker's next status report (its counters, such as ``frames_captured``, come only with those);
+    the thermal drops it reports."""
+    captured = stream.stats.frames_captured
+    deadline = time.monotonic() + timeout
+    while stream.stats.frames_captured == captured:
+        assert time.monotonic() < deadline, "no status report from the worker"
+        await asyncio.sleep(0.02)
+    return stream.stats.frames_dropped_thermal
 
-    relay = relay_server.relay
+
+async def test_thermal_guard_drops_frames_while_hot_and_none_once_cool(tmp_path):
+    config = make_config(fps=15)
+    runner, running = await start_relay(dataclasses.replace(config, telemetry=TelemetryConfig(thermal_limit=70.0)))
+    relay = running.relay
     stream = relay.streams["cam0"]
-    guard = ThermalGuard(limit=70.0, full_fps=15.0)
-    relay.thermal_guards["cam0"] = guard
-    relay.telemetry.sys_root = fake_sys(tmp_path, {"thermal_zone0": ("cpu-thermal", "80000")})
-    for _ in range(2):
-        relay._thermal_check(relay.telemetry.sample())  # hot: 15 -> 11 -> 8 fps
-    assert guard.current == 8
-    await wait_for_stat(stream, "frames_dropped_thermal", 10)  # about every other frame is skipped
-    relay.telemetry.sys_root = fake_sys(tmp_path / "cool", {"thermal_zone0": ("cpu-thermal", "50000")})
-    for _ in range(3):
-        relay._thermal_check(relay.telemetry.sample())
-    assert guard.current == 15
-    await asyncio.sleep(1.5)  # the command reached the worker, and a status report came back
-    dropped = stream.stats.frames_dropped_thermal
-    await wait_for_stat(stream, "frames_encoded", stream.stats.frames_encoded + 30)
-    await asyncio.sleep(1.2)  # one more status report
-    assert stream.stats.frames_dropped_thermal == dropped  # full rate again: nothing skipped
+    try:
+        # The test takes the samples (through the telemetry's own hook), one at a time: its timer is stopped.
+        await relay.telemetry.close()
+
+        hot = fake_sys(tmp_path / "hot", {"thermal_zone0": ("cpu-thermal", "80000")})
+        cool = fake_sys(tmp_path / "cool", {"thermal_zone0": ("cpu-thermal", "50000")})
+
+        def sample(sys_root: Path) -> None:
+            relay.telemetry.sys_root = sys_root
+            for callback in relay.telemetry.on_sample:
+                callback(relay.telemetry.sample())
+
+        for _ in range(2):
+            sample(hot)  # 15 -> 11 -> 8 fps
+        guard = relay.thermal_guards["cam0"]
+        assert guard.current == 8
+        await wait_for_stat(stream, "frames_dropped_thermal", 10)  # about every other frame is skipped
+        for _ in range(3):
+            sample(cool)
+        assert guard.current == 15
+        # Full rate again: once the worker has the command, its reports show no new skipped frame, report after
+        # report, while the stream goes on.
+        dropped, deadline = await next_report(stream), time.monotonic() + 10
+        while (now := await next_report(stream)) != dropped:
+            assert time.monotonic() < deadline, "the worker still skips frames"
+            dropped = now
+        encoded = stream.stats.frames_encoded
+        await wait_for_stat(stream, "frames_encoded", encoded + 30)
+        assert await next_report(stream) == dropped and await next_report(stream) == dropped
+    finally:
+        await runner.cleanup()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-from relay.webrtc.borrowed import _EqualFragments
+from relay.hub import EncodedFrame
+from relay.webrtc.rtpsend import payloads_for
 from relay.webrtc.udpbatch import MAX_SEGMENTS, batcher_of, runs
 from relay.webrtc.whepclient import WhepViewer
+
+from .conftest import session_of
 
 A, B = ("127.0.0.1", 1000), ("127.0.0.1", 2000)
 
@@ -39,7 +42,7 @@ def test_runs_respect_the_kernels_segment_and_size_limits():
 
 def test_fragments_are_full_size_but_the_last_and_reassemble_to_the_nal_unit():
     nal = bytes([0x65]) + bytes(range(256)) * 40  # an IDR slice of 10,241 bytes
-    frags = _EqualFragments._packetize_fu_a(nal)
+    frags = payloads_for(EncodedFrame(b"\x00\x00\x00\x01" + nal, 0, True, 0.0))  # one NAL unit, Annex B
     assert len({len(f) for f in frags[:-1]}) == 1 and len(frags[-1]) <= len(frags[0])
     assert frags[0][1] & 0x80 and frags[-1][1] & 0x40 and not any(f[1] & 0xC0 for f in frags[1:-1])
     assert all(f[0] == (0x65 & 0xE0) | 28 and f[1] & 0x1F == 5 for f in frags)
@@ -51,10 +54,9 @@ async def test_a_relay_sends_each_viewers_frame_in_a_few_system_calls(relay_serv
     await asyncio.gather(*(v.connect() for v in viewers))
     frames = await asyncio.gather(*(v.read_frames(30) for v in viewers))
     assert all(s.latency_ms is not None for f in frames for s in f)  # every frame decoded, pixel clock read
-    relay = relay_server.relay
     batchers = []
-    for session in list(relay.sessions._sessions.values()):
-        ice = session.pc.getTransceivers()[0].sender.transport.transport._connection
+    for viewer in viewers:
+        ice = session_of(relay_server, viewer).pc.getTransceivers()[0].sender.transport.transport._connection
         batchers.append(batcher_of(ice._nominated[1].protocol))
     await asyncio.gather(*(v.close() for v in viewers))
     assert len(batchers) == 2 and all(b is not None for b in batchers)
