@@ -397,7 +397,7 @@ class Recorder:
             return
         self.segments_written += 1
         await self._run(point_link, self.dir / LATEST_VIDEO, path)
-        await self._run(self._enforce_retention)
+        await self._run(self.enforce_retention)
 
     async def _wait_for_space(self, exc: BaseException) -> None:
         self.paused = True
@@ -406,15 +406,15 @@ class Recorder:
         while True:
             await asyncio.sleep(DISK_RETRY_INTERVAL)
             try:
-                await self._run(self._enforce_retention)
+                await self._run(self.enforce_retention)
             except OSError as exc:
                 log.warning("stream=%s retention could not delete: %s", self.name, exc)
-            if await self._run(self._space_left) >= RESUME_FREE_BYTES:
+            if await self._run(self.space_left) >= RESUME_FREE_BYTES:
                 break
         self.paused = False
         log.warning("stream=%s disk has space again: recording resumes", self.name)
 
-    def _space_left(self) -> int:
+    def space_left(self) -> int:
         try:
             st = os.statvfs(self.root)
         except OSError:
@@ -457,7 +457,7 @@ class Recorder:
         files = scan(self.dir)
         return files.segments, files.snapshots
 
-    def _enforce_retention(self) -> None:
+    def enforce_retention(self) -> None:
         files = scan(self.dir)  # segments cut off by a full disk (parts) count too
         for path in files_to_delete(files.segments + files.snapshots + files.parts, self.retention, time.time()):
             with contextlib.suppress(FileNotFoundError):

@@ -215,7 +215,7 @@ def test_retention_and_recovery_never_follow_a_symlink_out_of_the_recordings(tmp
     (real_day / "20200102T000001.000Z.mp4").symlink_to(victims[0])
     recorder.recover()
     assert recorder.listing() == ([(real_day / "20200102T000000.000Z.mp4", 1577923200.0, 3)], [])
-    recorder._enforce_retention()
+    recorder.enforce_retention()
     assert all(v.read_bytes() == b"not yours" for v in victims)
     assert not (real_day / "20200102T000000.000Z.mp4").exists()  # what is really ours still goes
 
@@ -241,7 +241,7 @@ async def test_a_full_disk_pauses_recording_and_viewers_keep_their_frame_rate(tm
     stream = relay.relay.streams["cam0"]
     viewer = WhepViewer(relay.whep(), http)
     space = {"free": 10**9}
-    monkeypatch.setattr(recorder, "_space_left", lambda: space["free"])
+    monkeypatch.setattr(recorder, "space_left", lambda: space["free"])
     try:
         await viewer.connect()
         await wait_for(lambda: recorder.segments_written >= 1, what="recording")

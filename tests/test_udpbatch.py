@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from relay.hub import EncodedFrame
+from relay.webrtc import borrowed
 from relay.webrtc.rtpsend import payloads_for
 from relay.webrtc.udpbatch import MAX_SEGMENTS, batcher_of, runs
 from relay.webrtc.whepclient import WhepViewer
@@ -56,8 +57,8 @@ async def test_a_relay_sends_each_viewers_frame_in_a_few_system_calls(relay_serv
     assert all(s.latency_ms is not None for f in frames for s in f)  # every frame decoded, pixel clock read
     batchers = []
     for viewer in viewers:
-        ice = session_of(relay_server, viewer).pc.getTransceivers()[0].sender.transport.transport._connection
-        batchers.append(batcher_of(ice._nominated[1].protocol))
+        dtls = session_of(relay_server, viewer).pc.getTransceivers()[0].sender.transport
+        batchers.append(batcher_of(borrowed.nominated_pair(dtls).protocol))
     await asyncio.gather(*(v.close() for v in viewers))
     assert len(batchers) == 2 and all(b is not None for b in batchers)
     for b in batchers:
@@ -117,7 +118,7 @@ async def test_a_route_that_refuses_segmentation_falls_back_alone(monkeypatch):
             b.send(bytes([i]) * 100, addr)
         await _until(lambda: len(sink.got) == 5)
         assert sink.got == [bytes([i]) * 100 for i in range(5)]  # all of them, in order
-        assert b.gso is False and udpbatch._state["gso"] is True  # only this socket gave up GSO
+        assert b.gso is False and udpbatch.gso_everywhere()  # only this socket gave up GSO
     finally:
         tx.close()
         rx.close()

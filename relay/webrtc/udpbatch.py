@@ -47,6 +47,11 @@ _ATTR = "_camrelay_batcher"
 _state = {"gso": sys.platform == "linux"}
 
 
+def gso_everywhere() -> bool:
+    """Whether this process still tries GSO on every socket (False once the kernel said it has none)."""
+    return _state["gso"]
+
+
 def runs(datagrams: list[tuple[bytes, tuple]]) -> list[tuple[list[bytes], tuple]]:
     """Split datagrams, in order, into GSO runs: same address, equal sizes, the last may be smaller."""
     out: list[tuple[list[bytes], tuple]] = []
