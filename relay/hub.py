@@ -45,7 +45,6 @@ GOP_CACHE_MAX_BYTES = 8 * 1024 * 1024
 # The stream's bit rate (what a joiner's catch-up is paced against) is measured over this much of its latest
 # video: long enough to hold a whole GOP of the cameras above, so a keyframe's weight is averaged in.
 BITRATE_WINDOW = 10.0  # seconds, by the frames' pts
-BITRATE_MIN_SPAN = 1.0  # seconds: the first frames of a stream do not make a bit rate of their own
 PTS_CLOCK = 90_000  # EncodedFrame.pts ticks per second
 
 
@@ -136,11 +135,14 @@ class GopCache:
 
 
 class Bitrate:
-    """The bit rate of the latest ``window`` seconds of video, by the frames' pts (sans-io)."""
+    """The bit rate of the latest ``window`` seconds of video, by the frames' pts (sans-io).
 
-    def __init__(self, window: float = BITRATE_WINDOW, min_span: float = BITRATE_MIN_SPAN) -> None:
+    Each frame counts for the time to the next, so the first frames of a stream (a keyframe and a few) make a
+    high bit rate, never a low one: a catch-up paced against it always gets ahead of the live frames.
+    """
+
+    def __init__(self, window: float = BITRATE_WINDOW) -> None:
         self.window = round(window * PTS_CLOCK)
-        self.min_span = min_span
         self._frames: collections.deque[tuple[int, int]] = collections.deque()  # (pts, bytes)
         self._bytes = 0
 
@@ -151,10 +153,12 @@ class Bitrate:
             self._bytes -= self._frames.popleft()[1]
 
     def bps(self) -> float:
-        if not self._frames:
+        """Bits a second; 0 until two frames tell how long a frame lasts."""
+        n = len(self._frames)
+        span = self._frames[-1][0] - self._frames[0][0] if n else 0
+        if span <= 0:
             return 0.0
-        span = (self._frames[-1][0] - self._frames[0][0]) / PTS_CLOCK
-        return self._bytes * 8 / max(span, self.min_span)
+        return self._bytes * 8 * PTS_CLOCK * (n - 1) / (span * n)
 
 
 class HubClosed(Exception):

@@ -137,16 +137,17 @@ def test_over_a_cap_the_cache_empties_until_the_next_keyframe():
 
 
 def test_bitrate_over_the_latest_window_of_video():
-    rate = Bitrate(window=2.0, min_span=1.0)
-    assert rate.bps() == 0.0
+    rate = Bitrate(window=2.0)
     rate.add(0, 1000)
-    assert rate.bps() == 8000.0  # one frame: over the minimum span of 1 s
-    for n in range(1, 61):  # 2 s more at 30 fps, 1000 bytes each, a 31000-byte keyframe at 1 s
+    assert rate.bps() == 0.0  # one frame: how long it lasts is not known yet
+    rate.add(3000, 1000)
+    assert rate.bps() == 2000 * 8 / (2 / 30)  # each frame lasts till the next: 1/30 s
+    for n in range(2, 61):  # 2 s at 30 fps, 1000 bytes each, a 31000-byte keyframe at 1 s
         rate.add(n * 3000, 31_000 if n == 30 else 1000)
-    # The window keeps the frames of the latest 2 s (pts 0..180000): all 61, 91000 bytes.
-    assert rate.bps() == 91_000 * 8 / 2.0
+    # The window keeps the frames of the latest 2 s (pts 0..180000): 61 frames, 91000 bytes, 61/30 s of video.
+    assert rate.bps() == 91_000 * 8 * 90_000 * 60 / (180_000 * 61)
     rate.add(61 * 3000, 1000)  # frame 0 falls out of the window
-    assert rate.bps() == 91_000 * 8 / 2.0
+    assert rate.bps() == 91_000 * 8 * 90_000 * 60 / (180_000 * 61)
 
 
 async def test_a_joiner_starts_at_once_from_the_cached_gop_then_goes_on_live():

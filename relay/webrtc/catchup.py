@@ -33,9 +33,10 @@ reports, which pair the last timestamp sent with the time it was sent,
 agree with them.
 
 The cached frames leave at most ``CATCHUP_RATE`` times the stream's bit rate
-(``CatchUpPacer``): a whole 10 s GOP is caught up in about 10 / (4 - 1) =
-3.3 s (live frames keep joining the cache meanwhile), and the joiner's first
-second carries at most 4 times the stream's bit rate plus its first frame.
+as the hub measures it (``CatchUpPacer``): a whole 10 s GOP is caught up in
+about 10 / (4 - 1) = 3.3 s (live frames keep joining the cache meanwhile),
+and the joiner's first second carries at most 4 times the stream's bit rate
+plus its first frame.
 """
 
 from __future__ import annotations
@@ -46,41 +47,47 @@ CATCHUP_RATE = 4.0
 # A catch-up that fell behind its schedule (its send loop woke late) may send this much early to make up, and
 # no more: a busy event loop never turns into a burst above the rate.
 CATCHUP_MAX_CREDIT = 0.05  # seconds
-# The pacing rate when the stream's bit rate is not known yet (its first frames): a Pi's Wi-Fi takes it.
-CATCHUP_MIN_BITRATE = 1_000_000  # bits per second
+# The bit rate paced against when the stream's is not known yet, so a catch-up always moves: the lowest the
+# config allows (relay.config.MIN_BITRATE). From its second frame on the hub measures the stream's own.
+CATCHUP_MIN_BITRATE = 100_000  # bits per second
 PTS_CLOCK = 90_000  # RTP ticks per second of H.264 video, and the hub's pts
 
 
 class CatchUpPacer:
     """When each frame of a catch-up may leave: at most ``rate`` bytes a second from ``start`` (seconds, any clock).
 
-    The first frame leaves at once; each frame of n bytes holds the next for n / rate seconds after its own
-    due time, or after ``max_credit`` before the time it was sent, whichever is later.
+    The first frame leaves at once; each frame of n bytes holds the next for n / rate seconds after its own due
+    time, or after ``max_credit`` before the time it was sent, whichever is later. The rate is the one given
+    when asked: the stream's bit rate as measured then.
     """
 
-    def __init__(self, rate: float, start: float, max_credit: float = CATCHUP_MAX_CREDIT) -> None:
-        if rate <= 0:
-            raise ValueError(f"rate must be positive, got {rate}")
-        self.rate = rate
-        self.due = start
+    def __init__(self, start: float, max_credit: float = CATCHUP_MAX_CREDIT) -> None:
         self.max_credit = max_credit
         self.frames = 0
         self.bytes = 0
+        self._since = start  # the due time of the last frame sent (at first: the start)
+        self._owed = 0  # its bytes: what holds the next
 
-    def wait(self, now: float) -> float:
+    def due(self, rate: float) -> float:
+        if rate <= 0:
+            raise ValueError(f"rate must be positive, got {rate}")
+        return self._since + self._owed / rate
+
+    def wait(self, now: float, rate: float) -> float:
         """Seconds until the next frame may leave (0: now)."""
-        return max(0.0, self.due - now)
+        return max(0.0, self.due(rate) - now)
 
-    def sent(self, size: int, now: float) -> None:
+    def sent(self, size: int, now: float, rate: float) -> None:
         """A frame of ``size`` bytes left at ``now``."""
-        self.due = max(self.due, now - self.max_credit) + size / self.rate
+        self._since = max(self.due(rate), now - self.max_credit)
+        self._owed = size
         self.frames += 1
         self.bytes += size
 
-    @staticmethod
-    def for_bitrate(bps: float, start: float) -> CatchUpPacer:
-        """The pacer for a stream of ``bps`` bits a second (0: unknown yet)."""
-        return CatchUpPacer(CATCHUP_RATE * max(bps, CATCHUP_MIN_BITRATE) / 8, start)
+
+def catchup_rate(bitrate_bps: float) -> float:
+    """Bytes a second a catch-up may send, for a stream of ``bitrate_bps`` (0: not known yet)."""
+    return CATCHUP_RATE * max(bitrate_bps, CATCHUP_MIN_BITRATE) / 8
 
 
 class RtpTimeline:
@@ -134,19 +141,22 @@ class ViewerTiming:
         return self.pacer is not None
 
     def wait(self, replaying: bool, bitrate_bps: float, now: float) -> float:
-        """Seconds to wait before taking the next frame; ``replaying``: the subscription reads the GOP cache."""
+        """Seconds to wait before taking the next frame; ``replaying``: the subscription reads the GOP cache;
+        ``bitrate_bps``: the stream's, as measured now."""
         if self.pacer is None and replaying:
-            self.pacer = CatchUpPacer.for_bitrate(bitrate_bps, now)
+            self.pacer = CatchUpPacer(now)
             self.started = now
-        return 0.0 if self.pacer is None else self.pacer.wait(now)
+        return 0.0 if self.pacer is None else self.pacer.wait(now, catchup_rate(bitrate_bps))
 
-    def stamp(self, pts: int, size: int, newest_pts: int, since_newest: float, behind: int, now: float) -> int:
+    def stamp(
+        self, pts: int, size: int, newest_pts: int, since_newest: float, behind: int, now: float, bitrate_bps: float
+    ) -> int:
         """The RTP timestamp of a frame (``pts``, ``size`` bytes) taken at ``now`` with ``behind`` frames still to
         take; the newest frame published has ``newest_pts`` and came ``since_newest`` seconds ago."""
         if self.pacer is None:
             return self.timeline.live(pts)
         timestamp = self.timeline.catch_up(newest_pts, since_newest)
-        self.pacer.sent(size, now)
+        self.pacer.sent(size, now, catchup_rate(bitrate_bps))
         if not behind:
             self.pacer = None
             self.catchups += 1

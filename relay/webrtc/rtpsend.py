@@ -120,8 +120,9 @@ class HubTrack(MediaStreamTrack):
             self.hub.fanout_delay.add(now - frame.published_at)
         newest = self.hub.newest or frame
         timestamp = timing.stamp(
-            frame.pts, len(frame.data), newest.pts, now - newest.published_at, sub.behind, time.monotonic()
-        )
+            frame.pts, len(frame.data), newest.pts, now - newest.published_at, sub.behind, time.monotonic(),
+            self.hub.bitrate.bps(),
+        )  # fmt: skip
         if pacer is not None and not timing.catching_up:
             log.info(
                 "stream=%s subscriber=%s caught up from the GOP cache: frames=%d bytes=%d in %.0fms",
