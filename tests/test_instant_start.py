@@ -13,7 +13,11 @@ import time
 
 import pytest
 
+from relay.config import ConfigError, load
 from relay.hub import EncodedFrame, PacketHub
+from relay.ipc import EncoderSettings
+from relay.source import SourceSpec
+from relay.stream import Stream
 from relay.webrtc.catchup import (
     CATCHUP_MIN_BITRATE,
     CATCHUP_RATE,
@@ -25,6 +29,37 @@ from relay.webrtc.catchup import (
 from relay.webrtc.whepclient import WhepViewer
 
 from .conftest import EncodedFrames, RunningRelay, Watch, make_config, session_of, start_relay
+
+# -- the policy: [video] join
+
+
+def test_join_is_a_checked_config_key():
+    assert load().video.join == "auto"
+    assert load('[video]\njoin = "cached_gop"').video.join == "cached_gop"
+    assert load(None, {"CAMRELAY_VIDEO_JOIN": "keyframe"}).video.join == "keyframe"
+    with pytest.raises(ConfigError, match=r"^video\.join: must be one of auto, cached_gop, keyframe, got 'always'"):
+        load('[video]\njoin = "always"')
+
+
+class PassthroughStream(Stream):
+    passthrough = True  # what the passthrough work's property says for a camera's own H.264
+
+
+@pytest.mark.parametrize(
+    ("kind", "join", "mode"),
+    [
+        (Stream, "auto", "keyframe"),  # transcoded: an IDR is forced for the joiner, as before
+        (PassthroughStream, "auto", "cached_gop"),  # nothing to force: the cached GOP
+        (Stream, "cached_gop", "cached_gop"),
+        (PassthroughStream, "keyframe", "keyframe"),
+    ],
+)
+def test_auto_starts_from_the_cache_when_the_stream_cannot_force_a_keyframe(kind, join, mode):
+    stream = kind("cam0", SourceSpec("test", ""), EncoderSettings(1_000_000, 30.0, 1.0), 640, 360, join=join)
+    assert stream.join_mode == mode
+    assert stream.hub.caching == (mode == "cached_gop")
+    assert stream.status().api()["join"] == mode
+
 
 # -- a viewer's RTP timestamps
 
