@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from benchmarks.chromium import chromium
 from relay.config import ConfigError, load
 from relay.hub import EncodedFrame, PacketHub
 from relay.ipc import EncoderSettings
@@ -313,3 +314,72 @@ async def test_a_viewer_that_falls_behind_resyncs_from_the_cache_and_misses_noth
     assert shown == run_of(shown, clocks), "no frame lost or repeated across the resync"
     assert after["frames_dropped"]["viewer_lag"] == 0 and after["keyframes_forced"] == entry["keyframes_forced"]
     assert after["gop_cache"]["starts"] > entry["gop_cache"]["starts"]
+
+
+# Every frame the page presents, with the capture time its pixel clock shows, from the first one on.
+PRESENTED = """
+window.presented = [];
+document.addEventListener("DOMContentLoaded", () => {
+  const video = document.getElementById("video");
+  const canvas = document.createElement("canvas");
+  const ctx = canvas.getContext("2d", { willReadFrequently: true });
+  const onFrame = () => {
+    const w = video.videoWidth, s = Math.floor(w / 48);
+    canvas.width = w; canvas.height = s;
+    ctx.drawImage(video, 0, 0, w, s, 0, 0, w, s);
+    window.presented.push(readPixelClock(ctx.getImageData(0, 0, w, s).data, w));
+    video.requestVideoFrameCallback(onFrame);
+  };
+  video.requestVideoFrameCallback(onFrame);
+});
+"""
+INBOUND = """async () => {
+  let out = null;
+  (await window.camrelayPlayer.pc.getStats()).forEach((r) => {
+    if (r.type === "inbound-rtp" && r.kind === "video") out = r;
+  });
+  return out;
+}"""
+
+
+@pytest.mark.browser
+async def test_chromium_joining_mid_gop_starts_from_the_cache_and_plays_on_into_live(long_gop_relay, http):
+    relay = long_gop_relay
+    stream = relay.relay.streams["cam0"]
+    with EncodedFrames(stream) as encoded:
+        await encoded.wait(len(encoded.clocks) + 45)  # a second and a half into the GOP
+        entry = await stream_entry(http, relay)
+        before = encoded.clocks
+        async with chromium() as browser:
+            page = await browser.new_page()
+            locations: list[str] = []
+            page.on("response", lambda r: locations.append(r.headers.get("location", "")) if r.status == 201 else None)
+            await page.add_init_script(PRESENTED)
+            await page.goto(f"{relay.base}/view/cam0")
+            await until(lambda: bool(locations), "the page's WHEP session")
+            session = relay.relay.sessions.get(locations[0].rsplit("/", 1)[1])
+            assert session is not None
+            await until(lambda: session.track.timing.catchups >= 1, "the page to catch up")
+            live_from = encoded.clocks[-1]  # encoded when the relay said the page was live
+            await until(lambda: len([c for c in encoded.clocks if c > live_from]) >= LIVE_FRAMES, "live frames")
+            last = [c for c in encoded.clocks if c > live_from][LIVE_FRAMES - 1]
+            await page.wait_for_function(
+                f"() => window.presented.some((t) => t !== null && t >= {last})", timeout=DEADLINE * 1000
+            )
+            presented = [t for t in await page.evaluate("() => window.presented") if t is not None]
+            inbound = await page.evaluate(INBOUND)
+            connects = await page.evaluate("() => window.camrelayPlayer.connects")
+            after = await stream_entry(http, relay)
+            clocks, keyframes = encoded.clocks, encoded.keyframes
+    gop_start = max(k for k in keyframes if k <= before[-1])
+    # Its first picture came from the cached GOP: a frame encoded before it joined, not a keyframe made for it.
+    assert gop_start <= presented[0] <= before[-1], (gop_start, presented[0], before[-1])
+    assert not [k for k in keyframes if gop_start < k <= last], "a keyframe came during the test: GOP too short"
+    assert after["keyframes_forced"] == entry["keyframes_forced"] and connects == 1
+    assert after["gop_cache"]["starts"] == entry["gop_cache"]["starts"] + 1
+    # Chromium decoded the cached keyframe and every frame after it, asking for no other (no PLI), and showed
+    # only frames the relay encoded, in order, on into those encoded after the catch-up.
+    assert inbound["keyFramesDecoded"] == 1 and inbound["pliCount"] == 0, inbound
+    assert inbound["framesDropped"] == 0, inbound
+    assert set(presented) <= set(clocks) and presented == sorted(presented)  # (a frame may be read twice)
+    assert presented[-1] >= last
