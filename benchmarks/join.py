@@ -56,6 +56,7 @@ class Join:
     first_second_bytes: int = 0
     first_second_x_bitrate: float | None = None
     first_clock_age_ms: float | None = None  # how old its first picture was: its first latency
+    last_delta_ms: float | None = None  # behind the watcher at the end: the median of its last --run frames
 
 
 @dataclass
@@ -89,15 +90,14 @@ class Case:
         }
 
 
-def back_to_live(joiner: list[tuple[int, float]], watcher: dict[int, float], within_ms: float, run: int):
-    """When the joiner was back to live: the first of its frames (``(clock, received)`` in order) that reached it
-    within ``within_ms`` of the watcher (``clock -> received``), as did most (the median) of the ``run`` frames
-    from it; None if no such run is complete yet."""
-    deltas = [((received - watcher[clock]) * 1000, received) for clock, received in joiner if clock in watcher]
-    for i in range(len(deltas) - run + 1):
+def back_to_live(deltas: list[tuple[float, float]], within_ms: float, run: int, start: int = 0):
+    """When a joiner was back to live: of its frames as ``(ms behind the watcher, when it got it)``, in order, the
+    first that was within ``within_ms``, as the median of the ``run`` frames from it was too. Windows are looked at
+    from ``start`` on; returns the time (None: no such run yet) and where to start next time."""
+    for i in range(start, len(deltas) - run + 1):
         if deltas[i][0] <= within_ms and statistics.median(d for d, _ in deltas[i : i + run]) <= within_ms:
-            return deltas[i][1]
-    return None
+            return deltas[i][1], i
+    return None, max(start, len(deltas) - run + 1)
 
 
 class ByteMeter:
@@ -194,8 +194,17 @@ class Arm:
         self.case.bitrates.append(bitrate)
         print(f"  {self.viewer} {self.case.policy} gop={gop:g}s: {asdict(join)}", flush=True)
 
-    def live_at(self, frames: list[tuple[int, float]], posted_wall: float) -> float | None:
-        live = back_to_live(frames, self.received, self.args.within, self.args.run)
+    def live_at(self, frames: list[tuple[int, float]], posted_wall: float, join: Join, state: dict) -> float | None:
+        """Whether the joiner's ``frames`` (``(clock, when it got it)``, in order, more each call) show it back to
+        live; ``state`` carries what earlier calls worked out."""
+        deltas = state.setdefault("deltas", [])
+        for clock, received in frames[state.get("seen", 0) :]:
+            if clock in self.received:
+                deltas.append(((received - self.received[clock]) * 1000, received))
+        state["seen"] = len(frames)
+        if deltas:
+            join.last_delta_ms = round(statistics.median(d for d, _ in deltas[-self.args.run :]), 1)
+        live, state["start"] = back_to_live(deltas, self.args.within, self.args.run, state.get("start", 0))
         return None if live is None else round((live - posted_wall) * 1000, 1)
 
     async def measure(self, join: Join) -> tuple[Join, list[tuple[float, int]]]:
@@ -235,6 +244,7 @@ class AiortcArm(Arm):
     async def measure(self, join: Join) -> tuple[Join, list[tuple[float, int]]]:
         joiner = WhepViewer(self.relay.whep, self.http)
         frames: list[tuple[int, float]] = []
+        state: dict = {}
         meter = ByteMeter(lambda: transport_bytes(joiner))
         counter = asyncio.create_task(meter.run())
         try:
@@ -251,7 +261,7 @@ class AiortcArm(Arm):
                 if join.first_clock_age_ms is None:
                     join.first_clock_age_ms = now * 1000 - clock
                 frames.append((clock, now))
-                if (live := self.live_at(frames, posted_wall)) is not None:
+                if (live := self.live_at(frames, posted_wall, join, state)) is not None:
                     join.live_ms = live
                     break
         finally:
@@ -318,6 +328,7 @@ class ChromiumArm(Arm):
     async def measure(self, join: Join) -> tuple[Join, list[tuple[float, int]]]:
         page = await self.browser.new_page()
         meter = ByteMeter(lambda: page.evaluate(INBOUND, "bytesReceived"))
+        state: dict = {}
         counter: asyncio.Task | None = None
         try:
             posted_wall, posted = time.time(), time.monotonic()
@@ -330,7 +341,7 @@ class ChromiumArm(Arm):
                 if presented and join.first_frame_ms is None:
                     join.first_frame_ms = round((presented[0][1] - posted_wall) * 1000, 1)
                     join.first_clock_age_ms = presented[0][1] * 1000 - presented[0][0]
-                if (live := self.live_at(presented, posted_wall)) is not None:
+                if (live := self.live_at(presented, posted_wall, join, state)) is not None:
                     join.live_ms = live
                     break
         finally:

@@ -196,7 +196,7 @@ class Subscription:
 
     @property
     def replaying(self) -> bool:
-        """Reading the GOP cache: the next frame is already published, and so is at least one after it."""
+        """Reading the GOP cache: its next frame is already published (it catches up, or will be live after it)."""
         return self._cursor is not None
 
     @property
