@@ -236,26 +236,6 @@ class EncodedFrames:
         return clocks
 
 
-class Watch:
-    """Reads a viewer's frames until stopped: the pixel clock of each, that is which frame it was."""
-
-    def __init__(self, viewer: WhepViewer) -> None:
-        self.viewer = viewer
-        self.clocks: list[int | None] = []
-        self.error: BaseException | None = None
-
-    async def run(self, stop: asyncio.Event) -> None:
-        try:
-            while not stop.is_set():
-                self.clocks.append(frame_clock(await self.viewer.recv(timeout=10)))
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
-            self.error = exc
-
-    def shown(self, last: int) -> bool:
-        """Whether it has shown the frame captured at ``last`` or a later one."""
-        return any(c is not None and c >= last for c in self.clocks)
-
-
 async def start_relay(config: Config, wait: bool = True, **relay_kw) -> tuple[web.AppRunner, RunningRelay]:
     relay = Relay(config, **relay_kw)
     runner = make_runner(make_app(relay), config.http)  # as `camrelay serve` runs it: timeouts, connection caps

@@ -29,7 +29,8 @@ from relay.webrtc.catchup import (
 )
 from relay.webrtc.whepclient import WhepViewer
 
-from .conftest import EncodedFrames, RunningRelay, Watch, make_config, session_of, start_relay
+from .conftest import EncodedFrames, RunningRelay, make_config, session_of, start_relay
+from .test_lossy_viewer import Watch
 
 # -- the policy: [video] join
 

@@ -15,12 +15,32 @@ from benchmarks.lossy import LossyLink
 from relay.webrtc.rtpsend import RETRANSMITS
 from relay.webrtc.whepclient import WhepViewer
 
-from .conftest import EncodedFrames, Watch, session_of
+from .conftest import EncodedFrames, frame_clock, session_of
 
 PHASE = 180  # frames the relay encodes at each loss setting (6 s at 30 fps)
 WINDOW = 60  # of every this many frames in a row (2 s of video), the lossy viewer shows at least one
 LOSSY_SHARE = 0.3  # and at least this share of each phase's frames
 CATCH_UP = 30.0  # seconds the viewers get, once the link is clean again, to show the last frame of the loss
+
+
+class Watch:
+    """Reads a viewer's frames until stopped: the pixel clock of each, that is which frame it was."""
+
+    def __init__(self, viewer: WhepViewer) -> None:
+        self.viewer = viewer
+        self.clocks: list[int | None] = []
+        self.error: BaseException | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            while not stop.is_set():
+                self.clocks.append(frame_clock(await self.viewer.recv(timeout=10)))
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+
+    def shown(self, last: int) -> bool:
+        """Whether it has shown the frame captured at ``last`` or a later one."""
+        return any(c is not None and c >= last for c in self.clocks)
 
 
 def longest_miss(frames: list[int], shown: set[int]) -> int:
