@@ -151,12 +151,21 @@ CAMRELAY_LOAD_ENV = {
 }
 
 
-def start_system(name: str, size: str, fps: float, bitrate: str, source: str = "") -> System:
-    """Start one system on loopback; ``source`` (camrelay only) replaces the plain test pattern."""
+def start_system(
+    name: str,
+    size: str,
+    fps: float,
+    bitrate: str,
+    source: str = "",
+    extra: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+) -> System:
+    """Start one system on loopback; ``source`` (camrelay only) replaces the plain test pattern, ``extra`` flags
+    and ``env`` variables (camrelay only) are added to its command and environment."""
     port = free_port()
     if name == "camrelay":
-        cmd = camrelay_command(size, fps, bitrate, port, source)
-        proc = subprocess.Popen(cmd, env={**os.environ, **CAMRELAY_LOAD_ENV})
+        cmd = [*camrelay_command(size, fps, bitrate, port, source), *extra]
+        proc = subprocess.Popen(cmd, env={**os.environ, **CAMRELAY_LOAD_ENV, **(env or {})})
         _wait_frames(proc, port)
         main = psutil.Process(proc.pid)
         return System(

@@ -46,6 +46,10 @@ MAX_HEADER_TIMEOUT = 3600.0  # http.header_timeout: seconds; longer lets idle co
 # (seconds), but the relay's and the TURN server's clocks may disagree by some; past a day it is no longer short.
 MIN_TURN_LIFETIME = 60.0
 AUTH_MODES = ("token", "password", "none")
+# How a viewer joining a stream (or one that fell behind) gets its first picture: "keyframe" forces an IDR for it,
+# "cached_gop" starts it at once from the hub's cache of the current GOP, "auto" does the latter for streams that
+# cannot force a keyframe (passthrough) and the former for the rest.
+JOIN_POLICIES = ("auto", "cached_gop", "keyframe")
 # Keys whose values are secrets: never quoted in an error, and worth a warning in a file others can read.
 SECRET_KEYS = ("auth.token", "auth.password_hash", "rtsp.password", "webrtc.ice_credential", "webrtc.turn_secret")
 ICE_SERVER_KEYS = ("urls", "username", "credential")  # a webrtc.ice_servers table: a browser's RTCIceServer
@@ -84,6 +88,7 @@ class VideoConfig:
     bitrate: int = 2_000_000  # bits per second
     keyframe_interval: float = 1.0  # seconds
     encoder: str = "auto"
+    join: str = "auto"  # JOIN_POLICIES
 
 
 @dataclass(frozen=True, slots=True)
@@ -532,6 +537,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "bitrate": parse_bitrate,
         "keyframe_interval": _duration(MIN_KEYFRAME_INTERVAL, MAX_KEYFRAME_INTERVAL),
         "encoder": _choice(*ENCODERS),
+        "join": _choice(*JOIN_POLICIES),
     },
     "webrtc": {
         "ice_servers": _ice_servers,

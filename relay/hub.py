@@ -6,6 +6,15 @@ others or the encoder: its backlog is dropped, it waits for the next keyframe
 (and asks for one), so it never decodes a broken picture. Modelled on
 mediamtx's ``internal/stream`` reader queues.
 
+Instant start (``cached_start``, for streams that cannot force a keyframe:
+docs/architecture.md): the hub keeps the current GOP (``GopCache``), and a
+subscriber that joins, or falls behind, reads it from the cache instead of
+waiting for the next keyframe. While it reads the cache it has no queue of
+its own: the cache is its backlog, and the frames published meanwhile join
+the cache, so when it reaches the cache's end it goes on live with the next
+frame, with no gap and no frame twice. A WebRTC viewer paces that catch-up
+(``relay.webrtc.catchup``).
+
 All methods run on the event loop; the encoder thread hands frames over with
 ``loop.call_soon_threadsafe(hub.publish, frame)``.
 """
@@ -28,6 +37,15 @@ DEFAULT_QUEUE_FRAMES = 8
 
 # A stuck subscriber could log on every frame; once a second is enough to see it.
 DROP_WARNING_INTERVAL = 1.0
+
+# The GOP cache's caps. IP cameras send a keyframe every 2-10 s; 600 frames is 10 s at 60 fps (20 s at 30).
+GOP_CACHE_MAX_FRAMES = 600
+# 10 s of a 6.7 Mbit/s camera (1080p at a high bit rate); 16 cameras on a Pi hold at most 128 MiB.
+GOP_CACHE_MAX_BYTES = 8 * 1024 * 1024
+# The stream's bit rate (what a joiner's catch-up is paced against) is measured over this much of its latest
+# video: long enough to hold a whole GOP of the cameras above, so a keyframe's weight is averaged in.
+BITRATE_WINDOW = 10.0  # seconds, by the frames' pts
+PTS_CLOCK = 90_000  # EncodedFrame.pts ticks per second
 
 
 @dataclass(slots=True, eq=False)
@@ -74,22 +92,99 @@ class DelayWindow:
         return {"p50": pick(50), "p95": pick(95), "p99": pick(99)}
 
 
+class GopCache:
+    """The current GOP: every frame from its keyframe on, within a cap in frames and in bytes (sans-io).
+
+    Give it every published frame, in order (``add``). A keyframe starts a new
+    GOP (a new ``frames`` list: readers of the old one keep it). A frame that
+    would take the GOP over a cap empties the cache, which stays unusable
+    until the next keyframe: joiners then wait for that keyframe as they
+    would without a cache.
+    """
+
+    RESET = "reset"  # a keyframe started a new GOP
+    ADDED = "added"
+    OVERFLOW = "overflow"  # over a cap: emptied until the next keyframe
+    SKIPPED = "skipped"  # not cached: no keyframe since the cache was emptied
+
+    def __init__(self, max_frames: int = GOP_CACHE_MAX_FRAMES, max_bytes: int = GOP_CACHE_MAX_BYTES) -> None:
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self.frames: list[EncodedFrame] = []
+        self.bytes = 0
+        self.usable = False  # holds the current GOP from its keyframe
+        self.overflows = 0
+
+    def add(self, frame: EncodedFrame) -> str:
+        event = self.ADDED
+        if frame.keyframe:
+            self.frames, self.bytes, self.usable = [], 0, True
+            event = self.RESET
+        elif not self.usable:
+            return self.SKIPPED
+        if len(self.frames) >= self.max_frames or self.bytes + len(frame.data) > self.max_bytes:
+            self.clear()
+            self.overflows += 1
+            return self.OVERFLOW
+        self.frames.append(frame)
+        self.bytes += len(frame.data)
+        return event
+
+    def clear(self) -> None:
+        self.frames, self.bytes, self.usable = [], 0, False
+
+
+class Bitrate:
+    """The bit rate of the latest ``window`` seconds of video, by the frames' pts (sans-io).
+
+    Each frame counts for the time to the next, so the first frames of a stream (a keyframe and a few) make a
+    high bit rate, never a low one: a catch-up paced against it always gets ahead of the live frames.
+    """
+
+    def __init__(self, window: float = BITRATE_WINDOW) -> None:
+        self.window = round(window * PTS_CLOCK)
+        self._frames: collections.deque[tuple[int, int]] = collections.deque()  # (pts, bytes)
+        self._bytes = 0
+
+    def add(self, pts: int, size: int) -> None:
+        self._frames.append((pts, size))
+        self._bytes += size
+        while self._frames[0][0] < pts - self.window:
+            self._bytes -= self._frames.popleft()[1]
+
+    def bps(self) -> float:
+        """Bits a second; 0 until two frames tell how long a frame lasts."""
+        n = len(self._frames)
+        span = self._frames[-1][0] - self._frames[0][0] if n else 0
+        if span <= 0:
+            return 0.0
+        return self._bytes * 8 * PTS_CLOCK * (n - 1) / (span * n)
+
+
 class HubClosed(Exception):
     """The hub or the subscription was closed; no more frames will come."""
 
 
 class Subscription:
-    """One subscriber's bounded queue of frames. Created by ``PacketHub.subscribe``."""
+    """One subscriber's bounded queue of frames. Created by ``PacketHub.subscribe``.
+
+    It is in one of three states: live (frames arrive in its queue), waiting
+    for a keyframe (after joining, or after losing its backlog), or reading
+    the hub's GOP cache (``replaying``: joined from the cache, or resynced).
+    """
 
     def __init__(self, hub: PacketHub, name: str, max_frames: int) -> None:
         self.name = name
         self.max_frames = max_frames
         self.delivered = 0
         self.dropped = 0  # frames thrown away because this subscriber lagged
-        self.resyncs = 0  # times it was sent back to wait for a keyframe
+        self.resyncs = 0  # times it fell behind: sent back to wait for a keyframe, or to the GOP cache
         self.waiting_keyframe = True  # a new subscriber starts at a keyframe
+        self.cache_starts = 0  # times it started reading the GOP cache (its join, its resyncs)
         self._hub = hub
         self._queue: collections.deque[EncodedFrame] = collections.deque()
+        # Replaying: the index in the hub's GOP cache of the next frame to read; never its end (caught up: live).
+        self._cursor: int | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
         self._last_warning = 0.0
@@ -99,12 +194,24 @@ class Subscription:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def replaying(self) -> bool:
+        """Reading the GOP cache: its next frame is already published (it catches up, or will be live after it)."""
+        return self._cursor is not None
+
+    @property
+    def behind(self) -> int:
+        """Frames already published that this subscriber has yet to read."""
+        if self._cursor is not None:
+            return len(self._hub.gop.frames) - self._cursor
+        return len(self._queue)
+
     def __len__(self) -> int:
         return len(self._queue)
 
     async def get(self) -> EncodedFrame:
         """The next frame; raises ``HubClosed`` once closed."""
-        while not self._queue:
+        while not self._queue and self._cursor is None:
             if self._closed:
                 raise HubClosed(self.name)
             self._waiter = asyncio.get_running_loop().create_future()
@@ -112,55 +219,117 @@ class Subscription:
                 await self._waiter
             finally:
                 self._waiter = None
-        self.delivered += 1
-        return self._queue.popleft()
+        return self._take()
 
     def get_nowait(self) -> EncodedFrame | None:
-        if not self._queue:
+        if not self._queue and self._cursor is None:
             if self._closed:
                 raise HubClosed(self.name)
             return None
+        return self._take()
+
+    def _take(self) -> EncodedFrame:
         self.delivered += 1
-        return self._queue.popleft()
+        if self._cursor is None:
+            return self._queue.popleft()
+        frames = self._hub.gop.frames
+        frame = frames[self._cursor]
+        self._cursor += 1
+        if self._cursor == len(frames):
+            self._cursor = None  # caught up: the next frame published comes to the queue
+        return frame
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._queue.clear()
+        self._cursor = None
         self._wake()
         self._hub._remove(self)
 
+    def _replay_from(self, index: int) -> None:
+        self._cursor = index
+        self.waiting_keyframe = False
+        self.cache_starts += 1
+        self._hub.cache_starts += 1
+
     def _offer(self, frame: EncodedFrame) -> None:
+        if self._cursor is not None:  # the cache holds this frame too: it reads it there
+            self._wake()
+            return
         if not self.waiting_keyframe and len(self._queue) >= self.max_frames:
+            if self._resync_from_cache(frame):
+                return  # it reads this frame from the cache too
             self._drop_backlog()
         if self.waiting_keyframe:
             if not frame.keyframe:
                 if self.resyncs:  # skipped on the way back to a keyframe: lost to this viewer
-                    self.dropped += 1
-                    self._hub.dropped += 1
+                    self._count_drops(1)
                 return
             self.waiting_keyframe = False
         self._queue.append(frame)
         self._wake()
 
-    def _drop_backlog(self) -> None:
-        dropped = len(self._queue)
+    def _resync_from_cache(self, frame: EncodedFrame) -> bool:
+        """Its queue is full as ``frame`` comes: read on from the GOP cache (the frames queued, then ``frame``)
+        instead of dropping them, if the cache holds them. The queued frames of an earlier GOP are lost."""
+        gop = self._hub.gop
+        if not (self._hub.caching and gop.frames and gop.frames[-1] is frame):
+            return False
+        start = len(gop.frames) - 1 - len(self._queue)
         self._queue.clear()
-        self.dropped += dropped
-        self._hub.dropped += dropped
+        self.resyncs += 1
+        self._replay_from(max(0, start))
+        if start < 0:
+            self._count_drops(-start)
+        self._warn_lag(f"resuming from the cached GOP at frame {max(0, start)}")
+        self._wake()
+        return True
+
+    def _gop_released(self, old: list[EncodedFrame], event: str) -> None:
+        """The hub's cache let go of ``old`` (a keyframe began a new GOP, or it went over a cap): a subscriber
+        still reading it keeps the rest in its queue if that fits; else a new GOP is read from its keyframe,
+        and an over-cap one is waited out (its next keyframe)."""
+        if self._cursor is None:
+            return
+        rest = old[self._cursor :]
+        self._cursor = None
+        if len(rest) < self.max_frames:  # room for the frame coming too: no gap
+            self._queue.extend(rest)
+            return
+        self._count_drops(len(rest))
+        if event == GopCache.RESET:
+            self._cursor = 0  # on to the new GOP: its keyframe, being published
+        else:
+            self.resyncs += 1
+            self.waiting_keyframe = True
+            self._hub.request_keyframe()
+            self._warn_lag("the GOP cache went over its cap; resuming at next keyframe")
+
+    def _count_drops(self, n: int) -> None:
+        self.dropped += n
+        self._hub.dropped += n
+        self._unwarned_drops += n
+
+    def _drop_backlog(self) -> None:
+        self._count_drops(len(self._queue))
+        self._queue.clear()
         self.resyncs += 1
         self.waiting_keyframe = True
         self._hub.request_keyframe()
-        self._unwarned_drops += dropped
+        self._warn_lag("resuming at next keyframe")
+
+    def _warn_lag(self, what: str) -> None:
         now = time.monotonic()
         if now - self._last_warning >= DROP_WARNING_INTERVAL:
             log.warning(
-                "stream=%s subscriber=%s lagging: dropped=%d total_dropped=%d, resuming at next keyframe",
+                "stream=%s subscriber=%s lagging: dropped=%d total_dropped=%d, %s",
                 self._hub.stream,
                 self.name,
                 self._unwarned_drops,
                 self.dropped,
+                what,
             )
             self._last_warning = now
             self._unwarned_drops = 0
@@ -171,50 +340,99 @@ class Subscription:
 
 
 class PacketHub:
-    """Fans encoded frames out to subscribers; never blocks on any of them."""
+    """Fans encoded frames out to subscribers; never blocks on any of them.
+
+    ``cached_start`` says, at each frame and each join, whether the stream
+    starts subscribers from its GOP cache (it cannot force a keyframe, or its
+    config says so); otherwise the hub keeps no cache and a joiner asks for a
+    keyframe.
+    """
 
     def __init__(
         self,
         stream: str,
         request_keyframe: Callable[[], None],
         max_frames: int = DEFAULT_QUEUE_FRAMES,
+        cached_start: Callable[[], bool] = lambda: False,
+        gop: GopCache | None = None,
     ) -> None:
         self.stream = stream
         self.max_frames = max_frames
         self.published = 0
         self.dropped = 0  # frames dropped for lagging subscribers, all time
-        # Where a frame's time goes before it leaves: capture to the hub (camera,
-        # decode, encode, pipe; once per frame) and the hub to each viewer's
-        # sender (the wait for its turn in the fan-out; once per viewer).
+        self.cache_starts = 0  # subscribers started from the GOP cache (joins and resyncs), all time
+        self.gop = gop or GopCache()
+        self.bitrate = Bitrate()
+        self.newest: EncodedFrame | None = None  # the frame published last
+        # Where a frame's time goes before it leaves: capture to the hub (camera, decode, encode, pipe; once per
+        # frame) and the hub to each viewer's sender (the wait for its turn in the fan-out; once per viewer).
         self.pipeline_delay = DelayWindow()
         self.fanout_delay = DelayWindow()
         self._request_keyframe = request_keyframe
+        self._cached_start = cached_start
         self._subscribers: list[Subscription] = []
         self._closed = False
+        self._last_overflow_log = float("-inf")
 
     @property
     def subscribers(self) -> list[Subscription]:
         return list(self._subscribers)
+
+    @property
+    def caching(self) -> bool:
+        """Starting subscribers from the GOP cache (the stream's join policy)."""
+        return self._cached_start()
 
     def subscribe(self, name: str, max_frames: int | None = None) -> Subscription:
         if self._closed:
             raise HubClosed(self.stream)
         sub = Subscription(self, name, max_frames or self.max_frames)
         self._subscribers.append(sub)
-        self.request_keyframe()  # so the newcomer does not wait out a whole GOP
+        if self.caching and self.gop.frames:
+            sub._replay_from(0)  # at once, from the GOP's keyframe
+            log.info(
+                "stream=%s subscriber=%s starts from the cached GOP: frames=%d bytes=%d",
+                self.stream, name, len(self.gop.frames), self.gop.bytes,
+            )  # fmt: skip
+        else:
+            self.request_keyframe()  # so the newcomer does not wait out a whole GOP
         return sub
 
     def request_keyframe(self) -> None:
         self._request_keyframe()
 
-    def publish(self, frame: EncodedFrame) -> None:
+    def publish(self, frame: EncodedFrame, now: float | None = None) -> None:
+        """``frame`` to every subscriber; ``now``: the wall clock (``time.time()`` unless given)."""
         if self._closed:
             return
         self.published += 1
-        frame.published_at = time.time()
+        frame.published_at = time.time() if now is None else now
         self.pipeline_delay.add(frame.published_at - frame.capture_time)
+        self.bitrate.add(frame.pts, len(frame.data))
+        self.newest = frame
+        self._cache(frame)
         for sub in self._subscribers:
             sub._offer(frame)
+
+    def _cache(self, frame: EncodedFrame) -> None:
+        old = self.gop.frames
+        if self.caching:
+            event = self.gop.add(frame)
+        elif old:
+            self.gop.clear()
+            event = GopCache.OVERFLOW
+        else:
+            return
+        if event == GopCache.OVERFLOW and time.monotonic() - self._last_overflow_log >= DROP_WARNING_INTERVAL:
+            self._last_overflow_log = time.monotonic()
+            log.info(
+                "stream=%s GOP cache over its cap (max_frames=%d max_bytes=%d) or off; joiners wait for the next"
+                " keyframe",
+                self.stream, self.gop.max_frames, self.gop.max_bytes,
+            )  # fmt: skip
+        if event in (GopCache.RESET, GopCache.OVERFLOW) and old:
+            for sub in self._subscribers:
+                sub._gop_released(old, event)
 
     def close(self) -> None:
         self._closed = True

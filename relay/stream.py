@@ -31,7 +31,7 @@ from .ipc import EncoderSettings
 from .logsafe import SECRET_FILTER, redact, url_passwords
 from .mjpeg import JpegFeed
 from .source import SourceSpec
-from .status import ConsumerStats, StreamStatus
+from .status import ConsumerStats, Metric, StreamStatus
 from .supervise import Child, Process
 
 log = logging.getLogger(__name__)
@@ -78,9 +78,11 @@ class Stream:
         height: int,
         log_level: str = "info",
         retry: Retry | None = None,
+        join: str = "auto",
     ) -> None:
         self.name = name
         self.spec = spec
+        self.join = join  # config video.join: "auto", "cached_gop" or "keyframe" (join_mode resolves "auto")
         self.stats = StreamStats()
         self.state = "new"
         self.width = spec.width or width
@@ -89,7 +91,7 @@ class Stream:
         self.encoder_name = ""
         self.encoders_running = 0
         self.jpegs = JpegFeed(self.set_jpeg)  # the camera's JPEGs, while anyone wants them
-        self.hub = PacketHub(name, self.request_keyframe)
+        self.hub = PacketHub(name, self.request_keyframe, cached_start=self.starts_from_cache)
         self.consumers: list[Consumer] = [self.jpegs]
         self._started: list[Consumer] = []
         SECRET_FILTER.secrets.update(url_passwords(spec.target))  # the camera's: hidden in every log line and status
@@ -125,6 +127,23 @@ class Stream:
         self._last_unit = 0.0
         self._rates = (0.0, 0.0, 0.0)  # captured and encoded frames a second, bits a second
         self._rates_from: tuple[float, int, int, int] | None = None  # when, frames captured, encoded, bytes
+
+    @property
+    def passthrough(self) -> bool:
+        """The camera's own H.264 goes out untouched: no encoder here can force a keyframe. Every stream is
+        transcoded for now; the passthrough work sets this."""
+        return False
+
+    @property
+    def join_mode(self) -> str:
+        """How a subscriber that joins (or falls behind) gets its first picture: "cached_gop" (at once, from the
+        hub's GOP cache) or "keyframe" (a forced IDR): ``join``, with "auto" decided by ``passthrough``."""
+        if self.join == "auto":
+            return "cached_gop" if self.passthrough else "keyframe"
+        return self.join
+
+    def starts_from_cache(self) -> bool:
+        return self.join_mode == "cached_gop"
 
     @property
     def pid(self) -> int | None:
@@ -173,7 +192,7 @@ class Stream:
 
     def status(self) -> StreamStatus:
         st = self.stats
-        consumers = [c.stats() for c in self.consumers]
+        consumers = [c.stats() for c in self.consumers] + [self._join_stats()]
         capture_fps, encoded_fps, bitrate_bps = self._rates
         return StreamStatus(
             name=self.name,
@@ -208,6 +227,24 @@ class Stream:
             fanout_delay_ms=self.hub.fanout_delay.percentiles_ms(),
             consumers=consumers,
         )
+
+    def _join_stats(self) -> ConsumerStats:
+        """How joiners start, and the GOP cache they start from."""
+        gop, labels = self.hub.gop, {"stream": self.name}
+        cache = {
+            "frames": len(gop.frames), "bytes": gop.bytes, "starts": self.hub.cache_starts, "overflows": gop.overflows,
+        }  # fmt: skip
+        return ConsumerStats(
+            {"join": self.join_mode, "gop_cache": cache},
+            (
+                Metric("camrelay_stream_gop_cache_bytes", "gauge", "Bytes of the current GOP held for joiners.",
+                       gop.bytes, labels),
+                Metric("camrelay_stream_gop_cache_starts_total", "counter",
+                       "Subscribers started from the GOP cache (joins and resyncs).", self.hub.cache_starts, labels),
+                Metric("camrelay_stream_gop_cache_overflows_total", "counter",
+                       "GOPs that outgrew the cache (joiners waited for a keyframe).", gop.overflows, labels),
+            ),
+        )  # fmt: skip
 
     def request_keyframe(self) -> None:
         """From the event loop; the worker rate-limits forced IDRs."""

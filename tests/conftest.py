@@ -94,6 +94,7 @@ def make_config(
     streams: tuple[StreamConfig, ...] | None = None,
     *,
     keyframe_interval: float = 1.0,
+    join: str = "auto",
     max_viewers: int = 100,
     max_viewers_total: int = 200,
     connect_timeout: float = 15.0,
@@ -121,6 +122,7 @@ def make_config(
             bitrate=1_000_000,
             keyframe_interval=keyframe_interval,
             encoder="libx264",
+            join=join,
         ),
         http=HttpConfig(host="127.0.0.1", port=free_port(), cors_origins=cors_origins, allowed_hosts=allowed_hosts),
         webrtc=WebRTCConfig(
@@ -188,8 +190,9 @@ class EncodedFrames:
     """Every frame a stream encodes from now on, known by its capture time (ms): what its pixel clock shows.
 
     One more subscriber of the stream's hub, with room for minutes of video, so it never lags and never
-    misses one. Like every new subscriber it starts at a keyframe (the one its subscribing asks for). Use it
-    as a context manager: it leaves the hub when done.
+    misses one. Like every new subscriber it starts at a keyframe: the one its subscribing asks for, or with
+    ``join = "cached_gop"`` the cached GOP's (frames encoded before it subscribed). Use it as a context
+    manager: it leaves the hub when done.
     """
 
     def __init__(self, stream: Stream, room: int = 10_000) -> None:

@@ -7,7 +7,14 @@ from aiortc import RTCPeerConnection, RTCRtpSender
 from aiortc.rtcrtpsender import RTCRtpSender as SenderClass
 
 from relay.hub import EncodedFrame, PacketHub
-from relay.webrtc.rtpsend import HubTrack, SharedPacker, attach_to_sender, h264_preferences, payloads_for
+from relay.webrtc.rtpsend import (
+    HubTrack,
+    OutgoingFrame,
+    SharedPacker,
+    attach_to_sender,
+    h264_preferences,
+    payloads_for,
+)
 
 
 class Counter:
@@ -65,8 +72,8 @@ def test_payloads_are_computed_once_per_frame():
     first = payloads_for(frame)
     assert len(first) > 1  # FU-A fragments
     assert payloads_for(frame) is first
-    payloads, ts = SharedPacker().pack(frame)
-    assert payloads is first and ts == 9000
+    payloads, ts = SharedPacker().pack(OutgoingFrame(frame, 12345))  # the timestamp is the viewer's
+    assert payloads is first and ts == 12345
 
 
 def test_preferences_are_h264_mode_1_then_rtx():

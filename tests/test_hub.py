@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from relay.hub import DEFAULT_QUEUE_FRAMES, EncodedFrame, HubClosed, PacketHub
+from relay.hub import DEFAULT_QUEUE_FRAMES, Bitrate, EncodedFrame, GopCache, HubClosed, PacketHub
 
 
 class Requests:
@@ -97,3 +97,163 @@ async def test_unsubscribe_removes_only_that_subscriber():
     hub.publish(frame(0, key=True))
     assert hub.subscribers == [b]
     assert (await b.get()).keyframe
+
+
+# -- the GOP cache: instant start for streams that cannot force a keyframe
+
+
+def sized(n: int, size: int, key: bool = False) -> EncodedFrame:
+    return EncodedFrame(data=bytes(size), pts=n * 3000, keyframe=key, capture_time=float(n))
+
+
+def test_the_cache_holds_the_current_gop_from_its_keyframe():
+    cache = GopCache(max_frames=10, max_bytes=1000)
+    assert cache.add(sized(0, 10)) == GopCache.SKIPPED  # no keyframe yet: nothing a joiner could decode
+    assert (cache.frames, cache.usable) == ([], False)
+    first = [sized(1, 100, key=True), sized(2, 10), sized(3, 20)]
+    assert [cache.add(f) for f in first] == [GopCache.RESET, GopCache.ADDED, GopCache.ADDED]
+    assert cache.frames == first and cache.bytes == 130 and cache.usable
+    held = cache.frames
+    second = sized(4, 90, key=True)
+    assert cache.add(second) == GopCache.RESET
+    assert cache.frames == [second] and cache.bytes == 90
+    assert held == first, "a reader of the old GOP keeps it: a new keyframe starts a new list"
+
+
+def test_over_a_cap_the_cache_empties_until_the_next_keyframe():
+    by_frames = GopCache(max_frames=3, max_bytes=1000)
+    events = [by_frames.add(f) for f in (sized(0, 10, key=True), sized(1, 10), sized(2, 10), sized(3, 10))]
+    assert events == [GopCache.RESET, GopCache.ADDED, GopCache.ADDED, GopCache.OVERFLOW]
+    assert (by_frames.frames, by_frames.bytes, by_frames.usable, by_frames.overflows) == ([], 0, False, 1)
+    assert by_frames.add(sized(4, 10)) == GopCache.SKIPPED
+    assert by_frames.add(sized(5, 10, key=True)) == GopCache.RESET and len(by_frames.frames) == 1
+
+    by_bytes = GopCache(max_frames=100, max_bytes=100)
+    assert [by_bytes.add(f) for f in (sized(0, 60, key=True), sized(1, 40))] == [GopCache.RESET, GopCache.ADDED]
+    assert by_bytes.bytes == 100  # exactly the cap fits
+    assert by_bytes.add(sized(2, 1)) == GopCache.OVERFLOW and by_bytes.frames == []
+    assert by_bytes.add(sized(3, 101, key=True)) == GopCache.OVERFLOW  # a keyframe alone over the cap
+    assert (by_bytes.usable, by_bytes.overflows) == (False, 2)
+
+
+def test_bitrate_over_the_latest_window_of_video():
+    rate = Bitrate(window=2.0)
+    rate.add(0, 1000)
+    assert rate.bps() == 0.0  # one frame: how long it lasts is not known yet
+    rate.add(3000, 1000)
+    assert rate.bps() == 2000 * 8 / (2 / 30)  # each frame lasts till the next: 1/30 s
+    for n in range(2, 61):  # 2 s at 30 fps, 1000 bytes each, a 31000-byte keyframe at 1 s
+        rate.add(n * 3000, 31_000 if n == 30 else 1000)
+    # The window keeps the frames of the latest 2 s (pts 0..180000): 61 frames, 91000 bytes, 61/30 s of video.
+    assert rate.bps() == 91_000 * 8 * 90_000 * 60 / (180_000 * 61)
+    rate.add(61 * 3000, 1000)  # frame 0 falls out of the window
+    assert rate.bps() == 91_000 * 8 * 90_000 * 60 / (180_000 * 61)
+
+
+async def test_a_joiner_starts_at_once_from_the_cached_gop_then_goes_on_live():
+    req = Requests()
+    hub = PacketHub("cam0", req, cached_start=lambda: True)
+    frames = [frame(0), *gop(1, 5)]  # a frame from before any keyframe, then a GOP
+    for f in frames:
+        hub.publish(f)
+    sub = hub.subscribe("viewer")
+    assert req.count == 0, "nothing forced: the cache has the GOP"
+    assert (sub.replaying, sub.behind, sub.cache_starts, hub.cache_starts) == (True, 5, 1, 1)
+    got = [(await sub.get()).pts for _ in range(3)]
+    more = [frame(6), frame(7)]  # published while it reads the cache: they join the cache
+    for f in more:
+        hub.publish(f)
+    got += [(await sub.get()).pts for _ in range(4)]
+    assert not sub.replaying and len(sub) == 0, "caught up: the next frame comes live"
+    hub.publish(frame(8))
+    assert len(sub) == 1
+    got.append((await sub.get()).pts)
+    # From the GOP's keyframe to the live frame: each frame once, none missing.
+    assert got == [n * 3000 for n in range(1, 9)]
+    assert (sub.dropped, sub.resyncs, hub.dropped) == (0, 0, 0)
+
+
+async def test_with_no_usable_cache_a_joiner_waits_for_a_keyframe_and_asks_for_one():
+    req = Requests()
+    hub = PacketHub("cam0", req, cached_start=lambda: True, gop=GopCache(max_frames=3))
+    for f in gop(0, 4):  # over the cap: emptied
+        hub.publish(f)
+    sub = hub.subscribe("viewer")
+    assert req.count == 1 and not sub.replaying and sub.waiting_keyframe
+    hub.publish(frame(4))
+    hub.publish(frame(5, key=True))
+    assert [sub.get_nowait().pts] == [5 * 3000] and sub.get_nowait() is None
+
+
+async def test_without_cached_start_the_hub_keeps_no_cache():
+    hub = PacketHub("cam0", Requests())
+    for f in gop(0, 5):
+        hub.publish(f)
+    assert hub.gop.frames == [] and not hub.caching
+
+
+async def test_a_lagging_subscriber_reads_on_from_the_cache_and_loses_nothing():
+    req = Requests()
+    hub = PacketHub("cam0", req, max_frames=4, cached_start=lambda: True)
+    slow = hub.subscribe("slow")  # before any frame: waits for the first keyframe, as usual
+    frames = gop(0, 10)
+    for f in frames:
+        hub.publish(f)
+    # Its queue filled at frame 4; instead of dropping frames 0..3 it reads them, and what came after, from the
+    # cache: no keyframe asked for, nothing lost.
+    assert (slow.resyncs, slow.dropped, slow.replaying, slow.behind) == (1, 0, True, 10)
+    assert req.count == 1  # its join only
+    assert [slow.get_nowait().pts for _ in range(10)] == [f.pts for f in frames]
+    assert slow.get_nowait() is None and not slow.replaying
+
+
+async def test_a_lagging_subscriber_loses_only_the_frames_of_an_earlier_gop():
+    hub = PacketHub("cam0", Requests(), max_frames=4, cached_start=lambda: True)
+    slow = hub.subscribe("slow")
+    read = []
+    for f in gop(0, 7):
+        hub.publish(f)
+        if f.pts < 4 * 3000:  # it reads frames 0..3, then stops
+            read.append(slow.get_nowait().pts)
+    assert read == [0, 3000, 6000, 9000]
+    for f in gop(7, 3):  # frames 4, 5, 6 of the old GOP queued, with the new GOP's keyframe 7; 8 overflows
+        hub.publish(f)
+    assert (slow.resyncs, slow.dropped, hub.dropped) == (1, 3, 3)  # 4, 5, 6: before the cache's keyframe
+    assert [slow.get_nowait().pts for _ in range(3)] == [7 * 3000, 8 * 3000, 9 * 3000]
+
+
+async def test_a_new_keyframe_while_replaying_keeps_the_rest_if_it_fits_else_moves_on():
+    hub = PacketHub("cam0", Requests(), max_frames=4, cached_start=lambda: True)
+    for f in gop(0, 3):
+        hub.publish(f)
+    fits = hub.subscribe("fits")  # 3 frames to read: they fit its queue with the keyframe coming
+    hub.publish(frame(3))
+    assert fits.get_nowait().pts == 0
+    big = hub.subscribe("big", max_frames=2)  # 4 frames to read: they do not
+    hub.publish(frame(4, key=True))
+    assert not fits.replaying and [fits.get_nowait().pts for _ in range(4)] == [3000, 6000, 9000, 12000]
+    assert big.replaying and (big.dropped, big.resyncs) == (4, 0)  # the old GOP, skipped for the new one
+    assert big.get_nowait().pts == 12000 and big.get_nowait() is None
+
+
+async def test_a_replaying_subscriber_falls_back_to_a_keyframe_when_the_cache_goes_over_its_cap():
+    req = Requests()
+    hub = PacketHub("cam0", req, max_frames=2, cached_start=lambda: True, gop=GopCache(max_frames=5))
+    for f in gop(0, 3):
+        hub.publish(f)
+    sub = hub.subscribe("viewer")
+    hub.publish(frame(3))
+    hub.publish(frame(4))
+    hub.publish(frame(5))  # the sixth frame of the GOP: over the cap
+    assert hub.gop.frames == [] and not sub.replaying and sub.waiting_keyframe
+    assert (sub.dropped, sub.resyncs, req.count) == (6, 1, 1)  # the 5 it had yet to read, and the sixth
+    hub.publish(frame(6, key=True))
+    assert sub.get_nowait().pts == 6 * 3000
+
+
+async def test_a_stuck_subscriber_holds_no_more_than_the_cache():
+    hub = PacketHub("cam0", Requests(), cached_start=lambda: True, gop=GopCache(max_frames=50))
+    sub = hub.subscribe("stuck")
+    for i in range(300):
+        hub.publish(frame(i, key=(i % 60 == 0)))
+        assert len(sub) <= DEFAULT_QUEUE_FRAMES and len(hub.gop.frames) <= 50

@@ -32,6 +32,7 @@ import asyncio
 import logging
 import time
 import traceback
+from dataclasses import dataclass
 
 from aiortc import MediaStreamError, MediaStreamTrack, RTCRtpCodecCapability, RTCRtpSender, clock
 from aiortc.rtcrtpsender import random_sequence_number
@@ -40,6 +41,7 @@ from aiortc.utils import random32, uint16_add, uint32_add
 
 from ..hub import EncodedFrame, HubClosed, PacketHub, Subscription
 from . import borrowed
+from .catchup import ViewerTiming
 from .udpbatch import send_direct, send_now
 
 log = logging.getLogger(__name__)
@@ -52,11 +54,19 @@ RETRANSMITS = "camrelay_retransmits"  # NACKed packets sent again, per sender
 _SEND = "camrelay_send"  # how a sender's datagrams leave: batched (udpbatch.send_now) or one by one
 
 
+@dataclass(slots=True)
+class OutgoingFrame:
+    """A hub frame as one viewer sends it: with that viewer's RTP timestamp (``HubTrack``)."""
+
+    frame: EncodedFrame
+    timestamp: int  # 90 kHz, before the sender's random origin
+
+
 class SharedPacker:
     """Stands in for aiortc's per-sender H.264 encoder: packs, never encodes."""
 
-    def pack(self, frame: EncodedFrame) -> tuple[list[bytes], int]:
-        return payloads_for(frame), frame.pts
+    def pack(self, item: OutgoingFrame) -> tuple[list[bytes], int]:
+        return payloads_for(item.frame), item.timestamp
 
 
 def payloads_for(frame: EncodedFrame) -> list[bytes]:
@@ -67,11 +77,18 @@ def payloads_for(frame: EncodedFrame) -> list[bytes]:
 
 
 class HubTrack(MediaStreamTrack):
-    """A video track whose frames are the hub's encoded access units.
+    """A video track whose frames are the hub's encoded access units, each with this viewer's RTP timestamp.
 
     It subscribes on the first ``recv()``, which aiortc makes only once DTLS
     is up: the join keyframe is asked for when the viewer can take it, and no
     queue fills (and overflows) while ICE is still connecting.
+
+    A viewer that starts from the hub's GOP cache (it joined, or fell behind,
+    a stream with ``join = "cached_gop"``) catches up (``ViewerTiming``): its
+    frames leave paced, stamped with the live clock, until it has nothing
+    left behind; then it is live, and each frame carries its own pts. The
+    pacing is this viewer's own wait in its own send loop: the hub and every
+    other viewer go on meanwhile.
     """
 
     kind = "video"
@@ -81,19 +98,37 @@ class HubTrack(MediaStreamTrack):
         self.hub = hub
         self.name = name
         self.subscription: Subscription | None = None
+        self.timing = ViewerTiming()
 
-    async def recv(self) -> EncodedFrame:  # type: ignore[override]
+    async def recv(self) -> OutgoingFrame:  # type: ignore[override]
         if self.readyState != "live":
             raise MediaStreamError
+        timing = self.timing
         try:
             if self.subscription is None:
                 self.subscription = self.hub.subscribe(self.name)
-            frame = await self.subscription.get()
+            sub = self.subscription
+            if timing.catching_up or sub.replaying:
+                delay = timing.wait(sub.replaying, self.hub.bitrate.bps(), time.monotonic())
+                await asyncio.sleep(delay)  # 0 too: the other viewers' frames go first
+            frame = await sub.get()
         except HubClosed:
             self.stop()
             raise MediaStreamError from None
-        self.hub.fanout_delay.add(time.time() - frame.published_at)
-        return frame
+        now, pacer = time.time(), timing.pacer
+        if pacer is None:  # live: how long the fan-out took (a catch-up's frames are old on purpose)
+            self.hub.fanout_delay.add(now - frame.published_at)
+        newest = self.hub.newest or frame
+        timestamp = timing.stamp(
+            frame.pts, len(frame.data), newest.pts, now - newest.published_at, sub.behind, time.monotonic(),
+            self.hub.bitrate.bps(),
+        )  # fmt: skip
+        if pacer is not None and not timing.catching_up:
+            log.info(
+                "stream=%s subscriber=%s caught up from the GOP cache: frames=%d bytes=%d in %.0fms",
+                self.hub.stream, self.name, pacer.frames, pacer.bytes, (time.monotonic() - timing.started) * 1000,
+            )  # fmt: skip
+        return OutgoingFrame(frame, timestamp)
 
     def stop(self) -> None:
         super().stop()
