@@ -31,6 +31,7 @@ RTP_CLOCK = 90_000  # H.264's RTP clock rate
 @dataclass
 class PeerResult:
     probe: bool
+    url: str = ""  # what it watched
     frames: int = 0
     bytes: int = 0
     lost: int = 0
@@ -51,6 +52,12 @@ class PeerPlan:
     duration: float
     fps: float  # the source's rate, to count MJPEG frames that never arrived
     light_nice: int = 0  # niceness of light peers' processes (0: same priority as probes)
+    urls: tuple[str, ...] = ()  # WebRTC: one peer for each (streams of a relay with many); else count on url
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """What each of this worker's peers watches."""
+        return self.urls or (self.url,) * self.count
 
 
 def lost_between(first_ts: int, last_ts: int, frames: int, fps: float) -> int:
@@ -137,14 +144,14 @@ async def _webrtc_peers(plan: PeerPlan, ready: mp.Queue, start: mp.Event) -> lis
     restrict_host_addresses(["127.0.0.1"])  # loopback only
     decoders = _install_decoders(plan.probe)
     async with aiohttp.ClientSession() as http:
-        viewers = [WhepViewer(plan.url, http) for _ in range(plan.count)]
+        viewers = [WhepViewer(url, http) for url in plan.targets]
         await asyncio.gather(*(v.connect() for v in viewers))
-        results = [PeerResult(plan.probe) for _ in viewers]
+        results = [PeerResult(plan.probe, url) for url in plan.targets]
         await asyncio.gather(*(v.recv(timeout=CONNECT_TIMEOUT) for v in viewers))
         for v, r in zip(viewers, results, strict=True):
             if v.stats.connected_at is not None and v.stats.first_frame_at is not None:
                 r.first_frame_ms = (v.stats.first_frame_at - v.stats.connected_at) * 1000
-        ready.put(("ready", plan.count))
+        ready.put(("ready", len(viewers)))
 
         async def consume(v: WhepViewer, r: PeerResult) -> None:
             # Read continuously from the first frame on: frames a peer does not

@@ -137,21 +137,11 @@ class CameraServer:
         self.stop()
 
     def _api(self, what: str) -> dict | None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.api_port}{what}", timeout=2) as r:
-                return json.load(r)
-        except urllib.error.HTTPError:
-            return {}  # it answered: the path is not there
-        except OSError:
-            return None
+        return mediamtx_api(self.api_port, what)
 
     def ready(self, path: str) -> bool:
         """Whether a camera is publishing on ``path`` now."""
-        return bool((self._api(f"/v3/paths/get/{path}") or {}).get("ready"))
-
-    def readers(self, path: str) -> int:
-        """How many readers ``path`` has now."""
-        return len((self._api(f"/v3/paths/get/{path}") or {}).get("readers") or [])
+        return path_ready(self.api_port, path)
 
     def wait(self, path: str, ready: bool = True, timeout: float = READY_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
@@ -159,6 +149,22 @@ class CameraServer:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{path} still {'not ' if ready else ''}publishing after {timeout:g} s")
             time.sleep(POLL)
+
+
+def mediamtx_api(api_port: int, what: str) -> dict | None:
+    """GET ``what`` from a mediamtx API on loopback: its JSON, {} for an HTTP error, None when nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{api_port}{what}", timeout=2) as r:
+            return json.load(r)
+    except urllib.error.HTTPError:
+        return {}  # it answered: e.g. the path is not there
+    except OSError:
+        return None
+
+
+def path_ready(api_port: int, path: str) -> bool:
+    """Whether the mediamtx whose API is at ``api_port`` has a stream on ``path`` now."""
+    return bool((mediamtx_api(api_port, f"/v3/paths/get/{path}") or {}).get("ready"))
 
 
 def spawn(cmd: list[str], log: Path, **kw) -> subprocess.Popen:
@@ -416,6 +422,12 @@ class Picture:
     height: int
     kind: str  # "I", "P" or "B"
     clock: int | None  # the pixel clock: capture time in ms since the epoch, None when it does not read
+    received: float  # wall clock (time.time()) when it came out of the decoder
+
+    @property
+    def latency_ms(self) -> float | None:
+        """Capture to decoded picture, on this host's clock."""
+        return None if self.clock is None else self.received * 1000 - self.clock
 
 
 @dataclass
@@ -480,10 +492,10 @@ def watch(
                     continue
                 seen.units.append(Unit(packet.pts, packet.is_keyframe, nal_types(bytes(packet), codec)))
                 for frame in packet.decode() if decode else ():
-                    band = frame.width // pixelclock.CELLS
+                    now = time.time()
                     kind = PictureType(frame.pict_type).name
-                    clock = pixelclock.read(luma(frame, band))
-                    seen.pictures.append(Picture(len(seen.units) - 1, frame.width, frame.height, kind, clock))
+                    clock = pixelclock.read(luma(frame, frame.width // pixelclock.CELLS))
+                    seen.pictures.append(Picture(len(seen.units) - 1, frame.width, frame.height, kind, clock, now))
                 if (
                     (units and len(seen.units) >= units)
                     or (keyframes and sum(u.keyframe for u in seen.units) >= keyframes)
