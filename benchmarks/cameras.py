@@ -54,7 +54,7 @@ import psutil
 from benchmarks.baselines.mediamtx_whep import render_config as mediamtx_config
 from benchmarks.load import CAMRELAY_LOAD_ENV, FPS_GAVE_OUT, GENERATOR_SATURATED, camrelay_command, stop_processes
 from benchmarks.options import add_stream_options, benchmark_parser, run_facts
-from benchmarks.peers import PEERS_PER_WORKER, PeerPlan, percentile, run_worker
+from benchmarks.peers import PeerPlan, percentile, run_worker
 from benchmarks.ports import free_port, free_udp_port
 from benchmarks.resources import cpu_of, process_tree, rss_sum
 from benchmarks.rtsp_latency import rtsp_env
@@ -80,6 +80,10 @@ SYSTEMS = ("camrelay-transcode", "camrelay-passthrough", "mediamtx")
 MODES = {"camrelay-transcode": "transcode", "camrelay-passthrough": "passthrough"}
 LIVE = "clock"  # the live camera's path (camrelay keeps "live" for its first stream); the looped: cam0, ...
 VIEWERS_PER_CAMERA = 2
+# Light viewers per worker process. They count frames at SRTP (peers.py, "webrtc-rtp"): aiortc's own receive
+# path (parse, jitter buffer, bitrate estimate, reassembly) kept ten 4 Mbit/s 1080p viewers of one process at
+# 5-9 fps at 16 cameras, and even four per process fell behind there.
+VIEWERS_PER_WORKER = 8
 GOP = 1.0  # seconds: every camera's keyframe interval, as IP cameras are often set
 TRANSCODE_MAX = 4  # default cap on cameras for camrelay-transcode: a 1080p30 transcode is ~half a core here
 WARMUP = 3.0  # seconds after every viewer and reader has a frame before measuring
@@ -304,9 +308,9 @@ def run_point(served: Served, cams: CameraSet, duration: float, fps: float, ligh
     light = [served.whep[c.path] for c in cams.cameras if c.path != LIVE for _ in range(VIEWERS_PER_CAMERA)]
     light += [served.whep[LIVE]] * (VIEWERS_PER_CAMERA - 1)  # the live camera's other viewer decodes
     jobs: list[tuple[str, Callable, tuple, mp.Queue]] = []
-    for i in range(0, len(light), PEERS_PER_WORKER):
-        urls = tuple(light[i : i + PEERS_PER_WORKER])
-        plan = PeerPlan("webrtc", "", len(urls), False, duration, fps, light_nice, urls=urls)
+    for i in range(0, len(light), VIEWERS_PER_WORKER):
+        urls = tuple(light[i : i + VIEWERS_PER_WORKER])
+        plan = PeerPlan("webrtc-rtp", "", len(urls), False, duration, fps, light_nice, urls=urls)
         jobs.append(("viewers", run_worker, (plan,), ctx.Queue()))
     probe = PeerPlan("webrtc", served.whep[LIVE], 1, True, duration, fps)
     jobs.append(("probe", run_worker, (probe,), ctx.Queue()))  # last: at the end of each fan-out

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.cameras import SYSTEMS, markdown, median_of_repeats, not_run
+from benchmarks.peers import frames_missing
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,3 +53,11 @@ def test_repeats_give_medians_and_a_system_not_run_says_why():
     table = markdown([row, skipped])
     assert "| mediamtx | 4 | 12 / 2.4 |" in table and "(saturated)" in table
     assert "| camrelay-passthrough | 4 | not run: no --mode |" in table
+
+
+def test_frames_missing_counts_gaps_in_rtp_time_not_jumps_to_a_new_timeline():
+    step = 90_000 // 30  # one frame at 30 fps
+    assert frames_missing(0, step, 30) == 0 and frames_missing(0, 3 * step, 30) == 2
+    assert frames_missing(2**32 - step, step, 30) == 1  # across the 32-bit wrap: one frame missing
+    assert frames_missing(10 * step, step, 30) == 0  # back in time: a restarted source
+    assert frames_missing(0, 2**31, 30) == 0  # far ahead: a new timeline, not hours of loss
