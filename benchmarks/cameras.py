@@ -184,15 +184,26 @@ def start_camrelay(name: str, cams: CameraSet, args: argparse.Namespace, workdir
     deadline = time.monotonic() + START_TIMEOUT
     while True:
         if proc.poll() is not None:
-            return f"camrelay exited with {proc.returncode}: {tail(log)[-300:]}"
+            return f"camrelay exited with {proc.returncode}: {last_line(log)}"
         streams = _streams(port)
-        if streams and all(s.get("state") == "live" and s.get("rtsp_published", 0) > 0 for s in streams):
+        live = [s for s in streams if s.get("state") == "live" and s.get("rtsp_published", 0) > 0]
+        if streams and len(live) == len(streams):
             served.notes += [f"{s['name']}: mode {s['mode']}" for s in streams if s.get("mode", mode) != mode]
             return served
         if time.monotonic() > deadline:
             served.close()
-            return f"not serving every camera after {START_TIMEOUT:g} s: {tail(log)[-300:]}"
+            restarts = sum(s.get("worker_restarts", 0) for s in streams)
+            stalls = sum(s.get("worker_stalls", 0) for s in streams)
+            return (
+                f"after {START_TIMEOUT:g} s {len(live)} of {len(sources)} streams live; camera workers restarted"
+                f" {restarts} times, {stalls} of them killed for sending nothing for 3 s"
+            )
         time.sleep(POLL)
+
+
+def last_line(log: Path) -> str:
+    lines = tail(log).strip().splitlines()
+    return lines[-1] if lines else ""
 
 
 def _streams(port: int) -> list[dict]:
@@ -223,7 +234,7 @@ def start_mediamtx(cams: CameraSet, workdir: Path) -> Served | str:
     while not all(path_ready(api, p) for p in sources):
         if proc.poll() is not None or time.monotonic() > deadline:
             served.close()
-            return f"mediamtx did not pull every camera: {tail(log)[-300:]}"
+            return f"mediamtx did not pull every camera: {last_line(log)}"
         time.sleep(POLL)
     return served
 
@@ -453,7 +464,7 @@ def markdown(rows: list[dict]) -> str:
     out = ["| " + " | ".join(HEAD) + " |", "| --- |" + " ---: |" * (len(HEAD) - 1)]
     for r in rows:
         if "not_run" in r or "cpu_pct" not in r:
-            why = r.get("not_run") or "; ".join(r.get("errors", [])) or "no result"
+            why = (r.get("not_run") or "; ".join(r.get("errors", [])) or "no result").replace("\n", " ")
             out.append(f"| {r['system']} | {r['cameras']} | not run: {why} |" + " |" * (len(HEAD) - 3))
             continue
         flags = (" (saturated)" if r["saturated"] else "") + (" (gave out)" if r["gave_out"] else "")
