@@ -27,8 +27,10 @@ camera's own server by a decoding reader in the same window, so that the
 latency the system adds is "through the system" minus "direct". Reported: the
 system's CPU and RSS (all its processes, children included; per camera is over
 the N + 1 it relays), latency p50/p95, frames lost per viewer, RTSP readers'
-frames, and the load generator's CPU (cameras, viewers, readers). Repeats of a
-point are interleaved across systems; the tables show their medians.
+frames, the load generator's CPU (cameras, viewers, readers) and the CPU of
+other work on the machine. A point is flagged "saturated" when the machine's
+cores were more than 85 % busy, whoever used them. Repeats of a point are
+interleaved across systems; the tables show their medians.
 """
 
 from __future__ import annotations
@@ -301,11 +303,11 @@ def read_direct(url: str, duration: float, ready: mp.Queue, start: mp.Event, res
     except (av.FFmpegError, OSError) as exc:
         if "ready" not in marks:
             ready.put(("error", f"direct reader: {exc}"))
-        results.put({"latencies_ms": [], "error": f"{type(exc).__name__}: {exc}"})
+        results.put({"latencies_ms": [], "frames": 0, "error": f"{type(exc).__name__}: {exc}"})
         return
-    t0 = marks["t0"]
-    lat = [p.latency_ms for p in seen.pictures if p.received >= t0 and p.latency_ms is not None]
-    results.put({"latencies_ms": lat, "error": ""})
+    measured = [p for p in seen.pictures if p.received >= marks["t0"]]
+    lat = [p.latency_ms for p in measured if p.latency_ms is not None]
+    results.put({"latencies_ms": lat, "frames": len(measured), "error": ""})
 
 
 # -- one point ------------------------------------------------------------------------------------------------
@@ -346,6 +348,7 @@ def run_point(served: Served, cams: CameraSet, duration: float, fps: float, ligh
         mine, generator = served.procs(), cams.procs() + [psutil.Process(p.pid) for p in procs]
         for proc in mine + generator:
             proc.cpu_percent(None)
+        psutil.cpu_percent(None)
         t0 = time.monotonic()
         start.set()
         rss = []
@@ -353,6 +356,7 @@ def run_point(served: Served, cams: CameraSet, duration: float, fps: float, ligh
             rss.append(rss_sum(mine))
             time.sleep(RSS_EVERY)
         cpu, gen_cpu = cpu_of(mine), cpu_of(generator)
+        machine = psutil.cpu_percent(None) * psutil.cpu_count()  # every process on the machine, % of one core
         out = {kind: results.get(timeout=RESULT_TIMEOUT) for kind, _, _, results in jobs if kind != "viewers"}
         viewers = [v for kind, _, _, results in jobs if kind == "viewers" for v in results.get(timeout=RESULT_TIMEOUT)]
     finally:
@@ -365,7 +369,8 @@ def run_point(served: Served, cams: CameraSet, duration: float, fps: float, ligh
     point = summarise(served.name, n, viewers + out["probe"], out["rtsp"], out["direct"], duration, fps)
     point.update(cpu_pct=cpu, cpu_per_camera_pct=cpu / (n + 1), rss_mb=max(rss) / 2**20, generator_cpu_pct=gen_cpu)
     point["rss_per_camera_mb"] = point["rss_mb"] / (n + 1)
-    point["saturated"] = cpu + gen_cpu > GENERATOR_SATURATED * 100 * psutil.cpu_count()
+    point["other_cpu_pct"] = max(0.0, machine - cpu - gen_cpu)  # other work on a shared machine
+    point["saturated"] = max(machine, cpu + gen_cpu) > GENERATOR_SATURATED * 100 * psutil.cpu_count()
     point["notes"] = served.notes
     return point
 
@@ -382,6 +387,7 @@ def summarise(
     own = _pcts(direct["latencies_ms"])
     added = {p: through[p] - own[p] if through[p] is not None and own[p] is not None else None for p in ("p50", "p95")}
     fps_median = statistics.median(v["fps"] for v in viewers) if viewers else 0.0
+    looped = [r["frames"] for r in rtsp if not r["url"].endswith(f"/{LIVE}")]
     errors = sorted({v["error"] for v in viewers if v["error"]} | {r["error"] for r in rtsp if r["error"]})
     return {
         "system": name,
@@ -393,8 +399,11 @@ def summarise(
         "frames_lost": sum(v["lost"] for v in viewers),
         "lost_worst_viewer": max((v["lost"] for v in viewers), default=0),
         "fps_median": fps_median,
-        "rtsp_frames": [r["frames"] for r in rtsp],
+        "rtsp_frames": {r["url"].rsplit("/", 1)[1]: r["frames"] for r in rtsp},
+        "rtsp_looped_min": min(looped, default=None),  # what the clip cameras sent: duration * fps
         "rtsp_expected": round(duration * fps),
+        "rtsp_live": next((r["frames"] for r in rtsp if r["url"].endswith(f"/{LIVE}")), None),
+        "direct_frames": direct["frames"],  # what the live camera sent, read at its own server
         "gave_out": fps_median < FPS_GAVE_OUT * fps,
         "errors": errors + ([f"direct reader: {direct['error']}"] if direct["error"] else []),
     }
@@ -421,7 +430,11 @@ FIGURES = {
     "frames_lost": ("frames_lost",),
     "lost_worst_viewer": ("lost_worst_viewer",),
     "fps_median": ("fps_median",),
+    "rtsp_looped_min": ("rtsp_looped_min",),
+    "rtsp_live": ("rtsp_live",),
+    "direct_frames": ("direct_frames",),
     "generator_cpu_pct": ("generator_cpu_pct",),
+    "other_cpu_pct": ("other_cpu_pct",),
 }
 
 
@@ -440,12 +453,14 @@ def median_of_repeats(repeats: list[dict]) -> dict:
     for name, path in FIGURES.items():
         values = [v for p in ran if (v := _get(p, path)) is not None]
         row[name] = statistics.median(values) if values else None
-    row["rtsp_frames_min"] = statistics.median(min(p["rtsp_frames"], default=0) for p in ran)
     row["rtsp_expected"] = ran[0]["rtsp_expected"]
-    row["saturated"] = any(p["saturated"] for p in ran)
-    row["gave_out"] = any(p["gave_out"] for p in ran)
+    row["saturated"] = sum(p["saturated"] for p in ran)  # in how many repeats
+    row["gave_out"] = sum(p["gave_out"] for p in ran)
     row["errors"] = sorted({e for p in ran for e in p["errors"]})
     return row
+
+
+FLAGS = {"saturated": "saturated", "gave_out": "gave out"}  # a point's flags: in how many of its repeats
 
 
 def _f(v, d=0) -> str:
@@ -455,8 +470,9 @@ def _f(v, d=0) -> str:
 HEAD = [
     "system", "cameras", "CPU total / per camera (% core)", "RSS total / per camera (MiB)",
     "live camera p50 / p95 (ms)", "camera direct p50 / p95 (ms)", "added p50 / p95 (ms)",
-    "frames lost: all viewers / worst viewer", "viewers' fps (median)", "RTSP reader frames: fewest / expected",
-    "generator CPU (% core)",
+    "frames lost: all viewers / worst viewer", "viewers' fps (median)",
+    "RTSP readers' frames: looped cameras fewest / sent; live camera / direct",
+    "generator / other work CPU (% core)",
 ]  # fmt: skip
 
 
@@ -467,7 +483,7 @@ def markdown(rows: list[dict]) -> str:
             why = (r.get("not_run") or "; ".join(r.get("errors", [])) or "no result").replace("\n", " ")
             out.append(f"| {r['system']} | {r['cameras']} | not run: {why} |" + " |" * (len(HEAD) - 3))
             continue
-        flags = (" (saturated)" if r["saturated"] else "") + (" (gave out)" if r["gave_out"] else "")
+        flags = "".join(f" ({what} in {r[key]} of {r['repeats']})" for key, what in FLAGS.items() if r[key])
         cells = [
             r["system"],
             str(r["cameras"]),
@@ -478,8 +494,8 @@ def markdown(rows: list[dict]) -> str:
             f"{_f(r['added_p50'])} / {_f(r['added_p95'])}",
             f"{_f(r['frames_lost'])} / {_f(r['lost_worst_viewer'])}",
             _f(r["fps_median"], 1),
-            f"{_f(r['rtsp_frames_min'])} / {r['rtsp_expected']}",
-            _f(r["generator_cpu_pct"]) + flags,
+            f"{_f(r['rtsp_looped_min'])} / {r['rtsp_expected']}; {_f(r['rtsp_live'])} / {_f(r['direct_frames'])}",
+            f"{_f(r['generator_cpu_pct'])} / {_f(r['other_cpu_pct'])}" + flags,
         ]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
@@ -493,7 +509,9 @@ def report(points: list[dict], meta: dict, out: Path) -> str:
     table = markdown(rows)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "medians": rows, "points": points}, indent=2))
-    head = f"{meta['command']}\n\n{meta['date']}, {meta['machine']}\n\n{meta['setup']}"
+    load = meta["load_average"]
+    head = f"{meta['command']}\n\n{meta['date']}, {meta['machine']}, load average (1 min) {load['before'][0]:.1f}"
+    head += f" before, {load['after'][0]:.1f} after\n\n{meta['setup']}"
     out.with_suffix(".md").write_text(f"{head}\n\n{table}\n")
     return table
 
@@ -527,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep = [int(x) for x in args.cameras.split(",")]
     points: list[dict] = []
     gave_out: set[str] = set()
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="camrelay-bench-cameras-") as tmp:
         for n in sweep:
             cams = CameraSet(n, args.size, args.live_size or args.size, args.fps, args.bitrate, Path(args.clip_dir))
@@ -538,10 +557,12 @@ def main(argv: list[str] | None = None) -> int:
                         point["repeat"] = repeat
                         print(json.dumps({k: v for k, v in point.items() if k != "viewers"}), flush=True)
                         points.append(point)
-                        if point.get("gave_out"):
-                            gave_out.add(name)
             finally:
                 cams.stop()
+            for name in names:  # past its limit over the repeats' median: no larger point for it
+                ran = [p for p in points if p["system"] == name and p["cameras"] == n and "not_run" not in p]
+                if ran and statistics.median(p.get("fps_median", 0.0) for p in ran) < FPS_GAVE_OUT * args.fps:
+                    gave_out.add(name)
     meta = {
         **run_facts("python -m benchmarks.cameras " + " ".join(argv)),
         "setup": (
@@ -552,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "systems": names,
         "relay_has_modes": relay_modes(),
+        "load_average": {"before": load_before, "after": os.getloadavg()},  # other work on the machine
         "args": vars(args),
     }
     print()

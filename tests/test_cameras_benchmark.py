@@ -29,7 +29,8 @@ def test_cameras_benchmark_smoke_every_system(tmp_path):
         assert p["latency_ms"]["samples"] > 0 and p["direct_latency_ms"]["samples"] > 0, (name, p)
         assert p["added_latency_ms"]["p95"] is not None, (name, p)
         assert len(p["viewers"]) == 2 * 2 and all(v["frames"] > 0 for v in p["viewers"]), (name, p)  # 2 per camera
-        assert len(p["rtsp_frames"]) == 2 and min(p["rtsp_frames"]) > 0, (name, p)  # one reader per camera
+        assert set(p["rtsp_frames"]) == {"cam0", "clock"} and p["rtsp_looped_min"] > 0, (name, p)  # one per camera
+        assert p["rtsp_live"] > 0 and p["direct_frames"] > 0, (name, p)
     table = out.with_suffix(".md").read_text()
     for name in SYSTEMS:
         assert f"| {name} | 1 |" in table
@@ -40,18 +41,20 @@ def _point(system="mediamtx", cpu=10.0, p95=50.0, lost=0, saturated=False):
         "system": system, "cameras": 4, "cpu_pct": cpu, "cpu_per_camera_pct": cpu / 5, "rss_mb": 100.0,
         "rss_per_camera_mb": 20.0, "latency_ms": {"p50": 40.0, "p95": p95}, "direct_latency_ms": {"p50": 38.0,
         "p95": 45.0}, "added_latency_ms": {"p50": 2.0, "p95": p95 - 45.0}, "frames_lost": lost,
-        "lost_worst_viewer": lost, "fps_median": 30.0, "generator_cpu_pct": 80.0, "rtsp_frames": [450, 449],
-        "rtsp_expected": 450, "saturated": saturated, "gave_out": False, "errors": [],
+        "lost_worst_viewer": lost, "fps_median": 30.0, "generator_cpu_pct": 80.0, "other_cpu_pct": 5.0,
+        "rtsp_looped_min": 449,
+        "rtsp_expected": 450, "rtsp_live": 440, "direct_frames": 441, "saturated": saturated, "gave_out": False,
+        "errors": [],
     }  # fmt: skip
 
 
 def test_repeats_give_medians_and_a_system_not_run_says_why():
     row = median_of_repeats([_point(cpu=10), _point(cpu=30, p95=70, lost=3, saturated=True), _point(cpu=12)])
     assert row["repeats"] == 3 and row["cpu_pct"] == 12 and row["latency_p95"] == 50 and row["added_p95"] == 5
-    assert row["frames_lost"] == 0 and row["rtsp_frames_min"] == 449 and row["saturated"]
+    assert row["frames_lost"] == 0 and row["rtsp_looped_min"] == 449 and row["saturated"] == 1
     skipped = median_of_repeats([not_run("camrelay-passthrough", 4, "no --mode")])
     table = markdown([row, skipped])
-    assert "| mediamtx | 4 | 12 / 2.4 |" in table and "(saturated)" in table
+    assert "| mediamtx | 4 | 12 / 2.4 |" in table and "(saturated in 1 of 3)" in table
     assert "| camrelay-passthrough | 4 | not run: no --mode |" in table
 
 
