@@ -184,21 +184,25 @@ def start_camrelay(name: str, cams: CameraSet, args: argparse.Namespace, workdir
         close=lambda: stop_processes(proc),
     )
     deadline = time.monotonic() + START_TIMEOUT
+    streams: list[dict] = []  # the API's last answer
     while True:
         if proc.poll() is not None:
             return f"camrelay exited with {proc.returncode}: {last_line(log)}"
-        streams = _streams(port)
+        streams = _streams(port) or streams
         live = [s for s in streams if s.get("state") == "live" and s.get("rtsp_published", 0) > 0]
         if streams and len(live) == len(streams):
             served.notes += [f"{s['name']}: mode {s['mode']}" for s in streams if s.get("mode", mode) != mode]
             return served
         if time.monotonic() > deadline:
             served.close()
+            if not streams:
+                return f"its API never answered within {START_TIMEOUT:g} s (load average {os.getloadavg()[0]:.0f})"
             restarts = sum(s.get("worker_restarts", 0) for s in streams)
             stalls = sum(s.get("worker_stalls", 0) for s in streams)
             return (
                 f"after {START_TIMEOUT:g} s {len(live)} of {len(sources)} streams live; camera workers restarted"
-                f" {restarts} times, {stalls} of them killed for sending nothing for 3 s"
+                f" {restarts} times, {stalls} of them killed for sending nothing for 3 s (load average"
+                f" {os.getloadavg()[0]:.0f})"
             )
         time.sleep(POLL)
 
