@@ -588,7 +588,9 @@ def _serve_main(args: argparse.Namespace) -> None:
             for cam in cams:
                 cam.start()
                 print(cam.url, flush=True)
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+            stop = {signal.SIGINT, signal.SIGTERM}
+            signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # after the cameras started: theirs stay as they were
+            signal.sigwait(stop)
         finally:
             for cam in cams:
                 cam.stop()
