@@ -146,7 +146,7 @@ async def test_todays_relay_serves_a_whep_viewer_from_a_test_camera(start_camera
         sent = {p.clock for p in (await direct).pictures}
     clocks = [capture_ms(s) for s in samples]
     assert None not in clocks, clocks  # the pixel clock reads in every picture
-    first = next((i for i, c in enumerate(clocks) if c in sent), len(clocks))  # slate frames may come first
-    from_camera = clocks[first:]
-    assert len(from_camera) >= 2 * FPS and set(from_camera) <= sent  # the camera's pictures, through transcoding
-    assert from_camera == sorted(from_camera)  # in order
+    # The camera's pictures, through transcoding, in order. The relay's NO SIGNAL slate (its own clock) may show
+    # while its worker opens the camera, or restarts it on a machine too busy to let it report in time.
+    from_camera = [c for c in clocks if c in sent]
+    assert len(from_camera) >= 2 * FPS and from_camera == sorted(from_camera)
