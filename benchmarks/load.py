@@ -29,11 +29,9 @@ Writes ``<out>.json``, ``<out>.md`` and ``<out>-latency.png`` / ``<out>-cpu.png`
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -46,10 +44,10 @@ from urllib.parse import urlsplit
 
 import psutil
 
-from benchmarks.options import add_stream_options
+from benchmarks.options import add_stream_options, benchmark_parser, run_facts
 from benchmarks.peers import PEERS_PER_WORKER, PeerPlan, percentile, run_worker
 from benchmarks.ports import free_port
-from benchmarks.resources import rss_of
+from benchmarks.resources import cpu_of, process_tree, rss_sum
 
 SYSTEMS = ("camrelay", "mediamtx", "mediarelay", "seed_mjpeg")
 LABELS = {
@@ -79,15 +77,6 @@ class System:
     serving: Callable[[], list[psutil.Process]]  # the process(es) doing the per-viewer work
     source: Callable[[], list[psutil.Process]]  # capture and encode, when separate
     close: Callable[[], None]
-
-
-def _tree(proc: psutil.Process | None) -> list[psutil.Process]:
-    if proc is None:
-        return []
-    try:
-        return [proc, *proc.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
 
 
 def _wait_frames(proc: subprocess.Popen, port: int) -> None:
@@ -122,12 +111,23 @@ def _stopper(*procs: subprocess.Popen) -> Callable[[], None]:
     return lambda: stop_processes(*procs)
 
 
-def camrelay_command(size: str, fps: float, bitrate: str, port: int, source: str = "") -> list[str]:
-    source = source or f"test:{size}@{fps:g}"
+def camrelay_command(
+    size: str,
+    fps: float,
+    bitrate: str,
+    port: int,
+    source: str = "",
+    sources: dict[str, str] | None = None,
+    rtsp: bool = False,
+) -> list[str]:
+    """``relay serve`` on loopback, open, RTSP off unless ``rtsp``: ``cam0`` from ``source`` (the test pattern
+    if ""), or ``sources`` (name: spec)."""
+    sources = sources or {"cam0": source or f"test:{size}@{fps:g}"}
+    specs = [arg for name, spec in sources.items() for arg in ("--source", f"{name}={spec}")]
     return [
-        sys.executable, "-m", "relay", "serve", "--source", f"cam0={source}", "--bitrate", bitrate,
+        sys.executable, "-m", "relay", "serve", *specs, "--bitrate", bitrate,
         "--http-host", "127.0.0.1", "--http-port", str(port), "--ice-address", "127.0.0.1",
-        "--encoder", "libx264", "--log-level", "warning", "--no-rtsp", "--auth", "none",
+        "--encoder", "libx264", "--log-level", "warning", "--auth", "none", *([] if rtsp else ["--no-rtsp"]),
     ]  # fmt: skip
 
 
@@ -170,7 +170,7 @@ def start_system(
         main = psutil.Process(proc.pid)
         return System(
             name, f"http://127.0.0.1:{port}/whep/cam0", port, "webrtc",
-            serving=lambda: [main], source=lambda: _tree(main)[1:], close=_stopper(proc),
+            serving=lambda: [main], source=lambda: process_tree(main)[1:], close=_stopper(proc),
         )  # fmt: skip
     if name in SINGLE_PROCESS:
         module, path, kind = SINGLE_PROCESS[name]
@@ -189,8 +189,9 @@ def start_system(
         mtx, relay = psutil.Process(ref.mediamtx.pid), psutil.Process(ref.camrelay.pid)
         port = int(ref.whep_url.split(":")[2].split("/")[0])
         return System(
-            name, ref.whep_url, port, "webrtc", serving=lambda: [mtx], source=lambda: _tree(relay), close=ref.close
-        )
+            name, ref.whep_url, port, "webrtc",
+            serving=lambda: [mtx], source=lambda: process_tree(relay), close=ref.close,
+        )  # fmt: skip
     raise ValueError(f"unknown system {name!r}")
 
 
@@ -199,22 +200,8 @@ def target_system(url: str, pid: int | None) -> System:
     kind = "mjpeg" if "/mjpeg/" in url else "webrtc"
     return System(
         "target", url, urlsplit(url).port or 80, kind, serving=lambda: [proc] if proc else [],
-        source=lambda: _tree(proc)[1:], close=lambda: None,
+        source=lambda: process_tree(proc)[1:], close=lambda: None,
     )  # fmt: skip
-
-
-def _cpu(procs: list[psutil.Process]) -> float:
-    total = 0.0
-    for p in procs:
-        try:
-            total += p.cpu_percent(None)
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
-def _rss(procs: list[psutil.Process]) -> int:
-    return sum(rss_of(p) for p in procs)
 
 
 def run_point(
@@ -265,10 +252,10 @@ def run_point(
     start.set()
     rss = []
     while time.monotonic() - t0 < duration:
-        rss.append(_rss(everything))
+        rss.append(rss_sum(everything))
         time.sleep(0.5)
-    serving_cpu, source_cpu = _cpu(serving), _cpu(source)
-    gen_cpu = _cpu(workers)
+    serving_cpu, source_cpu = cpu_of(serving), cpu_of(source)
+    gen_cpu = cpu_of(workers)
     inside = relay_send_delay(system.url)
     peer_results = [r for _ in procs for r in results.get(timeout=60)]
     for p in procs:
@@ -456,10 +443,7 @@ def plot(runs: dict[str, list[dict]], out: Path, title: str) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    ap = argparse.ArgumentParser(
-        prog="python -m benchmarks.load", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2],
-    )  # fmt: skip
+    ap = benchmark_parser("python -m benchmarks.load", __doc__)
     ap.add_argument("--peers", default="1,5,10,20,30,50,100", help="comma-separated sweep of viewer counts")
     ap.add_argument("--probes", type=int, default=2, help="decoding peers that read the pixel clock, per point")
     ap.add_argument("--duration", type=float, default=15.0, help="seconds measured per point")
@@ -505,10 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             system.close()
 
     meta = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.machine()}, {psutil.cpu_count()} cores,"
-        f" {psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.platform()}",
-        "command": "python -m benchmarks.load " + " ".join(argv),
+        **run_facts("python -m benchmarks.load " + " ".join(argv)),
         "size": args.size, "fps": args.fps, "bitrate": args.bitrate, "probes": args.probes,
         "duration": args.duration, "cpu_count": os.cpu_count(),
         "light_nice": args.light_nice,

@@ -26,11 +26,14 @@ PEERS_PER_WORKER = 10  # aiortc peers per worker process: keeps each event loop 
 CONNECT_TIMEOUT = 20.0  # seconds for a peer to connect and get its first frame
 FRAME_TIMEOUT = 5.0  # seconds without a frame before a peer gives up
 RTP_CLOCK = 90_000  # H.264's RTP clock rate
+RTP_TIMESTAMPS = 2**32  # RTP timestamps wrap around here
+DISCONTINUITY = 10.0  # seconds: a larger jump between two frames' timestamps is a new timeline, not loss
 
 
 @dataclass
 class PeerResult:
     probe: bool
+    url: str = ""  # what it watched
     frames: int = 0
     bytes: int = 0
     lost: int = 0
@@ -44,19 +47,29 @@ class PeerResult:
 class PeerPlan:
     """One worker process's share of a sweep point."""
 
-    kind: str  # "webrtc" or "mjpeg"
+    kind: str  # "webrtc", "webrtc-rtp" (light peers counting at SRTP, no reassembly) or "mjpeg"
     url: str
     count: int
     probe: bool
     duration: float
     fps: float  # the source's rate, to count MJPEG frames that never arrived
     light_nice: int = 0  # niceness of light peers' processes (0: same priority as probes)
+    urls: tuple[str, ...] = ()  # WebRTC: one peer for each (streams of a relay with many); else count on url
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """What each of this worker's peers watches."""
+        return self.urls or (self.url,) * self.count
 
 
-def lost_between(first_ts: int, last_ts: int, frames: int, fps: float) -> int:
-    """Frames missing between two RTP timestamps (90 kHz), given how many arrived."""
-    expected = round((last_ts - first_ts) * fps / RTP_CLOCK) + 1
-    return max(0, expected - frames)
+def frames_missing(previous_ts: int, ts: int, fps: float) -> int:
+    """Frames missing between two frames received one after the other, from their RTP timestamps (90 kHz,
+    32 bits, wrapping). A jump back, or forward by more than ``DISCONTINUITY`` seconds, is a new timeline (a
+    restarted source), not loss."""
+    delta = (ts - previous_ts) % RTP_TIMESTAMPS
+    if delta > DISCONTINUITY * RTP_CLOCK:
+        return 0
+    return max(0, round(delta * fps / RTP_CLOCK) - 1)
 
 
 def percentile(values: list[float], p: float) -> float | None:
@@ -78,6 +91,8 @@ def run_worker(plan: PeerPlan, ready: mp.Queue, start: mp.Event, results: mp.Que
     try:
         if plan.kind == "webrtc":
             out = asyncio.run(_webrtc_peers(plan, ready, start))
+        elif plan.kind == "webrtc-rtp":
+            out = asyncio.run(_rtp_counting_peers(plan, ready, start))
         else:
             out = asyncio.run(_mjpeg_peers(plan, ready, start))
     except Exception as exc:  # report, never hang the parent
@@ -137,19 +152,19 @@ async def _webrtc_peers(plan: PeerPlan, ready: mp.Queue, start: mp.Event) -> lis
     restrict_host_addresses(["127.0.0.1"])  # loopback only
     decoders = _install_decoders(plan.probe)
     async with aiohttp.ClientSession() as http:
-        viewers = [WhepViewer(plan.url, http) for _ in range(plan.count)]
+        viewers = [WhepViewer(url, http) for url in plan.targets]
         await asyncio.gather(*(v.connect() for v in viewers))
-        results = [PeerResult(plan.probe) for _ in viewers]
+        results = [PeerResult(plan.probe, url) for url in plan.targets]
         await asyncio.gather(*(v.recv(timeout=CONNECT_TIMEOUT) for v in viewers))
         for v, r in zip(viewers, results, strict=True):
             if v.stats.connected_at is not None and v.stats.first_frame_at is not None:
                 r.first_frame_ms = (v.stats.first_frame_at - v.stats.connected_at) * 1000
-        ready.put(("ready", plan.count))
+        ready.put(("ready", len(viewers)))
 
         async def consume(v: WhepViewer, r: PeerResult) -> None:
             # Read continuously from the first frame on: frames a peer does not
             # take pile up in aiortc's track queue and would read as latency.
-            t0 = end = first_ts = last_ts = None
+            t0 = end = last_ts = None
             while end is None or time.monotonic() < end:
                 try:
                     frame = await v.recv(timeout=FRAME_TIMEOUT)
@@ -161,7 +176,8 @@ async def _webrtc_peers(plan: PeerPlan, ready: mp.Queue, start: mp.Event) -> lis
                         continue
                     t0, end = time.monotonic(), time.monotonic() + plan.duration
                 r.frames += 1
-                first_ts = frame.pts if first_ts is None else first_ts
+                if last_ts is not None:
+                    r.lost += frames_missing(last_ts, frame.pts, plan.fps)
                 last_ts = frame.pts
                 if plan.probe:
                     s = sample(frame)
@@ -169,7 +185,6 @@ async def _webrtc_peers(plan: PeerPlan, ready: mp.Queue, start: mp.Event) -> lis
                         r.latencies_ms.append(s.latency_ms)
             if t0 is not None:
                 r.fps = r.frames / (time.monotonic() - t0)
-                r.lost = lost_between(first_ts, last_ts, r.frames, plan.fps)
 
         bytes_before = [0] * len(decoders)
 
@@ -184,6 +199,85 @@ async def _webrtc_peers(plan: PeerPlan, ready: mp.Queue, start: mp.Event) -> lis
         # One decoder per viewer, made in connection order.
         for r, d, b in zip(results, decoders, bytes_before, strict=False):
             r.bytes = d.bytes - b
+        await asyncio.gather(*(v.close() for v in viewers))
+        return [asdict(r) for r in results]
+
+
+# -- WebRTC, counted at SRTP ---------------------------------------------------
+
+RTP_HEADER = 12  # bytes: the fixed RTP header
+RTP_MARKER = 0x80  # in the header's second byte
+
+
+@dataclass
+class _RtpCount:
+    """One peer's frames, counted from the RTP headers its transport decrypted."""
+
+    result: PeerResult
+    fps: float
+    frames_before: int = 0  # frames before the measurement: the peer is receiving
+    last_ts: int | None = None
+
+    def packet(self, data: bytes, measuring: bool) -> None:
+        if measuring:
+            self.result.bytes += len(data)
+        if len(data) < RTP_HEADER or not data[1] & RTP_MARKER:  # a frame's last packet carries the marker
+            return
+        ts = int.from_bytes(data[4:8], "big")
+        if not measuring:
+            self.frames_before += 1
+        else:
+            self.result.frames += 1
+            if self.last_ts is not None:
+                self.result.lost += frames_missing(self.last_ts, ts, self.fps)
+        self.last_ts = ts
+
+
+async def _rtp_counting_peers(plan: PeerPlan, ready: mp.Queue, start: mp.Event) -> list[dict]:
+    """The lightest real WebRTC peers: ICE, DTLS and SRTP as any viewer, then each counts frames (RTP marker
+    bits) and frames missing (gaps in RTP time) from the decrypted headers, before aiortc parses a packet.
+    Nothing is reassembled, no NACK or PLI is sent: a relay that needs them to deliver is not tested here."""
+    import aiohttp
+    from aiortc.rtcdtlstransport import RTCDtlsTransport
+
+    from relay.webrtc.borrowed import restrict_host_addresses
+    from relay.webrtc.whepclient import WhepViewer
+
+    # The hook: every decrypted RTP packet goes here instead of aiortc's parser and receiver (aiortc 1.14-1.16).
+    if not hasattr(RTCDtlsTransport, "_handle_rtp_data"):
+        raise RuntimeError("this aiortc has no RTCDtlsTransport._handle_rtp_data to count RTP at")
+    counts: dict[int, _RtpCount] = {}
+    window = {"measuring": False}
+
+    async def count(transport, data: bytes, arrival_time_ms: int) -> None:
+        counted = counts.get(id(transport))
+        if counted is not None:
+            counted.packet(data, window["measuring"])
+
+    RTCDtlsTransport._handle_rtp_data = count
+    restrict_host_addresses(["127.0.0.1"])
+    async with aiohttp.ClientSession() as http:
+        viewers = [WhepViewer(url, http) for url in plan.targets]
+        await asyncio.gather(*(v.connect() for v in viewers))
+        results = [PeerResult(plan.probe, url) for url in plan.targets]
+        for v, r in zip(viewers, results, strict=True):
+            counts[id(v.pc.getTransceivers()[0].receiver.transport)] = _RtpCount(r, plan.fps)
+        t0 = time.monotonic()
+        while not all(c.frames_before for c in counts.values()):
+            if time.monotonic() - t0 > CONNECT_TIMEOUT:
+                raise TimeoutError(f"not every peer had a frame within {CONNECT_TIMEOUT:g} s")
+            await asyncio.sleep(0.05)
+        ready.put(("ready", len(viewers)))
+        while not start.is_set():
+            await asyncio.sleep(0.01)
+        window["measuring"], t0 = True, time.monotonic()
+        await asyncio.sleep(plan.duration)
+        window["measuring"] = False
+        elapsed = time.monotonic() - t0
+        for v, r in zip(viewers, results, strict=True):
+            r.fps = r.frames / elapsed
+            if v.pc.connectionState != "connected":
+                r.error = f"connection {v.pc.connectionState}"
         await asyncio.gather(*(v.close() for v in viewers))
         return [asdict(r) for r in results]
 

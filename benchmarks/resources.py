@@ -103,6 +103,32 @@ class ResourceSeries:
         return path
 
 
+def process_tree(proc: psutil.Process | None) -> list[psutil.Process]:
+    """``proc`` and every process below it; [] once it is gone."""
+    if proc is None:
+        return []
+    try:
+        return [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def cpu_of(procs: list[psutil.Process]) -> float:
+    """The CPU ``procs`` used since the last call for each (``cpu_percent``), in % of one core, summed."""
+    total = 0.0
+    for p in procs:
+        try:
+            total += p.cpu_percent(None)
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def rss_sum(procs: list[psutil.Process]) -> int:
+    """Resident bytes of ``procs`` together."""
+    return sum(rss_of(p) for p in procs)
+
+
 def rss_of(p: psutil.Process) -> int:
     """Resident bytes of ``p``; 0 once it is gone."""
     try:

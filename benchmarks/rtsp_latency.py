@@ -37,17 +37,21 @@ SETTLE = 1.0  # seconds of each reader's output that are not counted
 READER_OPTIONS = {"fflags": "nobuffer", "flags": "low_delay", "max_delay": "0", "reorder_queue_size": "0"}
 
 
-def start_relay(size: str, fps: float, bitrate: str, port: int, rtsp_port: int, state_dir: str) -> subprocess.Popen:
+def rtsp_env(rtsp_port: int, state_dir: str) -> dict[str, str]:
+    """A relay's settings for its mediamtx on loopback at ``rtsp_port`` (RTP, RTCP and API on free ports)."""
     rtp = free_rtp_pair()
-    env = dict(
-        os.environ,
-        CAMRELAY_RTSP_HOST="127.0.0.1",
-        CAMRELAY_RTSP_PORT=str(rtsp_port),
-        CAMRELAY_RTSP_RTP_PORT=str(rtp),
-        CAMRELAY_RTSP_RTCP_PORT=str(rtp + 1),
-        CAMRELAY_RTSP_API_PORT=str(free_port()),
-        CAMRELAY_STATE_DIR=state_dir,
-    )
+    return {
+        "CAMRELAY_RTSP_HOST": "127.0.0.1",
+        "CAMRELAY_RTSP_PORT": str(rtsp_port),
+        "CAMRELAY_RTSP_RTP_PORT": str(rtp),
+        "CAMRELAY_RTSP_RTCP_PORT": str(rtp + 1),
+        "CAMRELAY_RTSP_API_PORT": str(free_port()),
+        "CAMRELAY_STATE_DIR": state_dir,
+    }
+
+
+def start_relay(size: str, fps: float, bitrate: str, port: int, rtsp_port: int, state_dir: str) -> subprocess.Popen:
+    env = {**os.environ, **rtsp_env(rtsp_port, state_dir)}
     cmd = [
         sys.executable, "-m", "relay", "serve", "--source", f"cam0=test:{size}@{fps:g}", "--bitrate", bitrate,
         "--http-host", "127.0.0.1", "--http-port", str(port), "--ice-address", "127.0.0.1",

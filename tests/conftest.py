@@ -29,6 +29,8 @@ from relay.webrtc.whepclient import FrameSample, WhepViewer, luma
 from signalling.app import make_app
 from signalling.server import make_runner, start_site
 
+pytest_plugins = ("tests.cameras",)  # test RTSP cameras: camera_server, start_camera, small_clip
+
 # Small frames keep a 2-core machine responsive while many peers run; the
 # pixel clock needs at least 320 px.
 TEST_WIDTH, TEST_HEIGHT, TEST_FPS = 640, 360, 30

@@ -33,8 +33,11 @@ from relay.rtsp import find_mediamtx
 START_TIMEOUT = 30.0  # seconds for camrelay and mediamtx to come up and the stream to be ready
 
 
-def render_config(http_port: int, udp_port: int, api_port: int, rtsp_port: int, source: str) -> str:
-    """mediamtx with only WebRTC on, one path pulling ``source`` over RTSP/UDP. JSON is YAML."""
+def render_config(
+    http_port: int, udp_port: int, api_port: int, rtsp_port: int, sources: dict[str, str], transport: str = "udp"
+) -> str:
+    """mediamtx with WebRTC on, each path of ``sources`` (path: URL) pulling its URL over RTSP/``transport``, and
+    RTSP (TCP) to read them. JSON is YAML."""
     config = {
         "logLevel": "warn",
         "logDestinations": ["stdout"],
@@ -56,7 +59,9 @@ def render_config(http_port: int, udp_port: int, api_port: int, rtsp_port: int, 
         "srt": False,
         "moq": False,
         **webrtc_on_loopback(http_port, udp_port),
-        "paths": {"cam0": {"source": source, "rtspTransport": "udp", "sourceOnDemand": False}},
+        "paths": {
+            path: {"source": url, "rtspTransport": transport, "sourceOnDemand": False} for path, url in sources.items()
+        },
     }
     return json.dumps(config, indent=2) + "\n"
 
@@ -101,7 +106,9 @@ def start(size: str, fps: float, bitrate: str, http_port: int | None = None) -> 
     http_port = http_port or free_port()
     config = Path(workdir.name) / "mediamtx-whep.yml"
     config.write_text(
-        render_config(http_port, free_udp_port(), free_port(), free_port(), f"rtsp://127.0.0.1:{rtsp_port}/cam0")
+        render_config(
+            http_port, free_udp_port(), free_port(), free_port(), {"cam0": f"rtsp://127.0.0.1:{rtsp_port}/cam0"}
+        )
     )
     mediamtx = subprocess.Popen([find_mediamtx(""), str(config)], stdin=subprocess.DEVNULL)
     ref = Reference(camrelay, mediamtx, f"http://127.0.0.1:{http_port}/cam0/whep", workdir)
