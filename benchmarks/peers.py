@@ -238,23 +238,19 @@ async def _rtp_counting_peers(plan: PeerPlan, ready: mp.Queue, start: mp.Event) 
     bits) and frames missing (gaps in RTP time) from the decrypted headers, before aiortc parses a packet.
     Nothing is reassembled, no NACK or PLI is sent: a relay that needs them to deliver is not tested here."""
     import aiohttp
-    from aiortc.rtcdtlstransport import RTCDtlsTransport
 
-    from relay.webrtc.borrowed import restrict_host_addresses
+    from relay.webrtc.borrowed import divert_decrypted_rtp, restrict_host_addresses
     from relay.webrtc.whepclient import WhepViewer
 
-    # The hook: every decrypted RTP packet goes here instead of aiortc's parser and receiver (aiortc 1.14-1.16).
-    if not hasattr(RTCDtlsTransport, "_handle_rtp_data"):
-        raise RuntimeError("this aiortc has no RTCDtlsTransport._handle_rtp_data to count RTP at")
     counts: dict[int, _RtpCount] = {}
     window = {"measuring": False}
 
-    async def count(transport, data: bytes, arrival_time_ms: int) -> None:
+    def count(transport, data: bytes) -> None:
         counted = counts.get(id(transport))
         if counted is not None:
             counted.packet(data, window["measuring"])
 
-    RTCDtlsTransport._handle_rtp_data = count
+    divert_decrypted_rtp(count)  # this process only holds light viewers
     restrict_host_addresses(["127.0.0.1"])
     async with aiohttp.ClientSession() as http:
         viewers = [WhepViewer(url, http) for url in plan.targets]

@@ -32,6 +32,7 @@ import aiohttp
 from benchmarks.options import add_stream_options
 from benchmarks.peers import percentile
 from benchmarks.ports import free_port
+from relay.webrtc import borrowed
 from relay.webrtc.borrowed import restrict_host_addresses
 from relay.webrtc.ice import rest_credential
 from relay.webrtc.whepclient import WhepViewer
@@ -167,7 +168,7 @@ async def watch(viewer: WhepViewer, duration: float) -> dict:
             frames += 1
             if s.latency_ms is not None:
                 latencies.append(s.latency_ms)
-    pair = viewer.pc.getTransceivers()[0].receiver.transport.transport._connection._nominated[1]
+    pair = borrowed.nominated_pair(viewer.pc.getTransceivers()[0].receiver.transport)
     return {
         "pair": f"{pair.local_candidate.type} -> {pair.remote_candidate.type}",
         "fps": round(frames / duration, 1),

@@ -179,6 +179,17 @@ def nominated_pair(dtls: aiortc.RTCDtlsTransport) -> Any:
     return dtls.transport._connection._nominated.get(1)
 
 
+def divert_decrypted_rtp(handler: Callable[[Any, bytes], None]) -> Callable[[], None]:
+    """Every decrypted RTP packet any DTLS transport of this process receives goes to ``handler(transport,
+    data)`` instead of aiortc's parser and receivers, until the returned release (for benchmarks' light viewers,
+    which count frames from RTP headers and decode nothing). Process-wide: never in a relay."""
+
+    async def handle_rtp_data(self: aiortc.RTCDtlsTransport, data: bytes, arrival_time_ms: int) -> None:
+        handler(self, data)
+
+    return Patch(aiortc.RTCDtlsTransport, "_handle_rtp_data", handle_rtp_data).hold()
+
+
 # -- one sender
 
 
