@@ -182,9 +182,15 @@ class Arm:
         self.tasks: list[asyncio.Task] = []
         self.forced = 0
 
+    def _last_keyframe(self) -> float:
+        for task in self.tasks:
+            if task.done():  # the watcher is gone: say why
+                raise RuntimeError(f"{self.viewer} watcher of {self.case.policy} ended") from task.exception()
+        return self.last_keyframe
+
     async def join(self) -> None:
         gop = self.case.gop_s
-        phase = await wait_phase(lambda: self.last_keyframe, gop * (len(self.case.joins) + 0.5) / self.args.repeats)
+        phase = await wait_phase(self._last_keyframe, gop * (len(self.case.joins) + 0.5) / self.args.repeats)
         assert self.meter is not None
         bitrate = self.meter.bps(rate_window(gop))
         join, samples = await self.measure(Join(phase_s=round(phase, 2)))

@@ -97,13 +97,15 @@ def test_live_frames_without_a_catch_up_carry_their_pts():
 def test_the_pacer_lets_the_first_frame_go_at_once_then_holds_each_for_its_bytes():
     p = CatchUpPacer(start=10.0, max_credit=0.25)
     assert p.wait(10.0, rate=1000.0) == 0.0
+    p.sent(2000, 10.0, rate=1000.0)  # the keyframe: the next frame goes with it, so a receiver can end it
+    assert p.wait(10.0, rate=1000.0) == 0.0
     p.sent(500, 10.0, rate=1000.0)  # 500 bytes at 1000 bytes a second: the next at 10.5
     assert (p.wait(10.25, 1000.0), p.wait(10.5, 1000.0), p.wait(11.0, 1000.0)) == (0.25, 0.0, 0.0)
     assert p.wait(10.0, rate=500.0) == 1.0  # the stream's bit rate, as measured when asked
     p.sent(250, 10.5, rate=1000.0)
     assert p.due(1000.0) == 10.75
     p.sent(250, 11.5, rate=1000.0)  # sent late: a quarter of a second is made up, no more
-    assert p.due(1000.0) == 11.5 and (p.frames, p.bytes) == (3, 1000)
+    assert p.due(1000.0) == 11.5 and (p.frames, p.bytes) == (4, 3000)
     with pytest.raises(ValueError):
         p.due(0.0)
 
@@ -126,14 +128,15 @@ def encoded(n: int) -> EncodedFrame:
     return EncodedFrame(bytes(KEYFRAME_BYTES if key else FRAME_BYTES), n * STEP, key, n / FPS)
 
 
-def simulate_join(join_at_frame: int, live_frames: int) -> tuple[PacketHub, list[tuple[int, int, float]], float]:
+def simulate_join(join_at_frame: int, live_frames: int) -> tuple[float, list[tuple[int, int, float]], float]:
     """Publish frames 0..join_at_frame-1, join 10 ms after the last, and run the joiner's send loop (``HubTrack``'s
-    rules, by the injected clock) until it has sent ``live_frames`` frames live. Returns the hub, what it sent as
-    (frame number, timestamp, when) and when it joined."""
+    rules, by the injected clock) until it has sent ``live_frames`` frames live. Returns the stream's bit rate as
+    the hub measured it at the join, what the joiner sent as (frame number, timestamp, when) and when it joined."""
     hub = PacketHub("cam0", lambda: None, cached_start=lambda: True)
     for n in range(join_at_frame):
         hub.publish(encoded(n), now=n / FPS)
     now = (join_at_frame - 1) / FPS + 0.010
+    bitrate = hub.bitrate.bps()
     sub, timing = hub.subscribe("joiner"), ViewerTiming()
     sent: list[tuple[int, int, float]] = []
     live = 0
@@ -155,28 +158,33 @@ def simulate_join(join_at_frame: int, live_frames: int) -> tuple[PacketHub, list
             now = publish_at
             hub.publish(encoded(n_next), now=now)
             n_next += 1
-    return hub, sent, (join_at_frame - 1) / FPS + 0.010
+    assert hub.cache_starts == 1 and hub.dropped == 0
+    return bitrate, sent, (join_at_frame - 1) / FPS + 0.010
 
 
 def test_a_simulated_joiner_catches_up_within_the_burst_cap_then_goes_on_live():
-    hub, sent, joined = simulate_join(join_at_frame=150, live_frames=30)  # 5 s into a 10 s GOP
+    bitrate, sent, joined = simulate_join(join_at_frame=150, live_frames=30)  # 5 s into a 10 s GOP
     numbers = [n for n, _, _ in sent]
     assert numbers == list(range(numbers[0], numbers[-1] + 1)) and numbers[0] == 0, "from the keyframe, none missed"
     stamps = [ts for _, ts, _ in sent]
     assert all(a < b for a, b in zip(stamps, stamps[1:], strict=False)), "timestamps only grow"
     catch_up, live = sent[:-30], sent[-30:]
-    # Each cached frame carries the live clock as it leaves (here pts are 90 kHz wall time): the GOP's 5 s of
-    # timestamps are compressed into the catch-up's span, and the first frame goes at once.
-    assert [ts for _, ts, _ in catch_up] == [round(at * 90_000) for _, _, at in catch_up]
+    # Each cached frame carries the live clock as it leaves (here pts are 90 kHz wall time), or a tick more than
+    # the frame before when it leaves at the same instant: the GOP's 5 s of timestamps are compressed into the
+    # catch-up's span, and the first frame goes at once.
+    expected: list[int] = []
+    for _, _, at in catch_up:
+        expected.append(max(round(at * 90_000), expected[-1] + 1) if expected else round(at * 90_000))
+    assert [ts for _, ts, _ in catch_up] == expected
     assert catch_up[0][2] == joined
     # Then the live frames carry their own pts: the catch-up ended at the live frame's timestamp.
     assert [ts for _, ts, _ in live] == [n * STEP for n, _, _ in live]
     span = catch_up[-1][2] - joined
     assert span < 5.0 / (CATCHUP_RATE - 1) + 0.1, f"5 s of GOP caught up in {span:.2f}s"
-    # The joiner's first second carried at most CATCHUP_RATE times the stream's bit rate, plus its first frame.
+    # The joiner's first second carried at most CATCHUP_RATE times the stream's bit rate, plus its first frame and
+    # one more.
     first_second = sum(len(encoded(n).data) for n, _, at in sent if at < joined + 1.0)
-    assert first_second <= CATCHUP_RATE * hub.bitrate.bps() / 8 + KEYFRAME_BYTES
-    assert hub.cache_starts == 1 and hub.dropped == 0
+    assert first_second <= CATCHUP_RATE * bitrate / 8 + KEYFRAME_BYTES + FRAME_BYTES
 
 
 def test_a_simulated_joiner_at_the_keyframe_is_live_at_once():

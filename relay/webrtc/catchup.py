@@ -36,7 +36,7 @@ The cached frames leave at most ``CATCHUP_RATE`` times the stream's bit rate
 as the hub measures it (``CatchUpPacer``): a whole 10 s GOP is caught up in
 about 10 / (4 - 1) = 3.3 s (live frames keep joining the cache meanwhile),
 and the joiner's first second carries at most 4 times the stream's bit rate
-plus its first frame.
+plus its first frame (and one frame more).
 """
 
 from __future__ import annotations
@@ -56,9 +56,10 @@ PTS_CLOCK = 90_000  # RTP ticks per second of H.264 video, and the hub's pts
 class CatchUpPacer:
     """When each frame of a catch-up may leave: at most ``rate`` bytes a second from ``start`` (seconds, any clock).
 
-    The first frame leaves at once; each frame of n bytes holds the next for n / rate seconds after its own due
-    time, or after ``max_credit`` before the time it was sent, whichever is later. The rate is the one given
-    when asked: the stream's bit rate as measured then.
+    The first frame (the keyframe) leaves at once and does not hold the next: a receiver may wait for the next
+    frame's first packet to know the keyframe complete (aiortc does). Each later frame of n bytes holds the next
+    for n / rate seconds after its own due time, or after ``max_credit`` before the time it was sent, whichever
+    is later. The rate is the one given when asked: the stream's bit rate as measured then.
     """
 
     def __init__(self, start: float, max_credit: float = CATCHUP_MAX_CREDIT) -> None:
@@ -80,7 +81,7 @@ class CatchUpPacer:
     def sent(self, size: int, now: float, rate: float) -> None:
         """A frame of ``size`` bytes left at ``now``."""
         self._since = max(self.due(rate), now - self.max_credit)
-        self._owed = size
+        self._owed = size if self.frames else 0
         self.frames += 1
         self.bytes += size
 
