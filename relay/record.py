@@ -31,7 +31,8 @@ from pathlib import Path
 import av
 
 from .aio import cancel_and_wait, run_owned
-from .hub import EncodedFrame, HubClosed, PacketHub, parameter_sets
+from .h264 import parameter_sets
+from .hub import EncodedFrame, HubClosed, PacketHub
 from .mjpeg import JpegFeed
 from .status import ConsumerStats, Metric
 

@@ -38,7 +38,8 @@ import psutil
 from .aio import cancel_and_wait, run_owned
 from .auth import write_private
 from .backoff import Backoff, Retry
-from .hub import EncodedFrame, HubClosed, PacketHub, parameter_sets
+from .h264 import parameter_sets
+from .hub import EncodedFrame, HubClosed, PacketHub
 from .logsafe import SECRET_FILTER, redact_text, redact_url
 from .status import ConsumerStats
 from .supervise import Child, Process
