@@ -471,3 +471,9 @@ def sps_of(data: bytes) -> Sps | None:
         if nal_type(nal) == NAL_SPS:
             return parse_sps(nal)
     return None
+
+
+def out_of_order(pts: list[int | None]) -> bool:
+    """Whether presentation timestamps in decode order ever go back: pictures are reordered (B-frames)."""
+    known = [p for p in pts if p is not None]
+    return any(b < a for a, b in zip(known, known[1:], strict=False))
