@@ -76,6 +76,16 @@ def split_annexb(data: bytes) -> list[bytes]:
     return out
 
 
+def nal_types(data: bytes) -> list[int]:
+    """The type of each NAL unit of an Annex B access unit, in order (no copy of the units)."""
+    kinds = []
+    pos = data.find(b"\x00\x00\x01")
+    while pos >= 0 and pos + 3 < len(data):
+        kinds.append(data[pos + 3] & 0x1F)
+        pos = data.find(b"\x00\x00\x01", pos + 4)
+    return kinds
+
+
 def join_annexb(nals: list[bytes]) -> bytes:
     return b"".join(START_CODE + nal for nal in nals)
 
@@ -198,11 +208,17 @@ class ParameterSets:
             self.pps = nal
 
     def access_unit(self, data: bytes) -> tuple[bytes, bool]:
-        """(the unit as Annex B with SPS and PPS in front of its IDR, whether it is an IDR)."""
+        """(the unit as Annex B with SPS and PPS in front of its IDR, whether it is an IDR). Most units (no
+        parameter set, no IDR) come back as they are, not copied."""
+        kinds = nal_types(data)
+        if not kinds and data:
+            raise H264Error(f"no Annex B start code in {len(data)} bytes")
+        for kind in kinds:
+            if kind in NAL_UNSPECIFIED:
+                raise H264Error(f"NAL unit type {kind} cannot be in an H.264 stream (RTP-only or reserved)")
+        if NAL_IDR not in kinds and NAL_SPS not in kinds and NAL_PPS not in kinds:
+            return data, False
         nals = split_annexb(data)
-        for nal in nals:
-            if nal_type(nal) in NAL_UNSPECIFIED:
-                raise H264Error(f"NAL unit type {nal_type(nal)} cannot be in an H.264 stream (RTP-only or reserved)")
         kinds = [nal_type(nal) for nal in nals]
         before = (self.sps, self.pps)
         for nal in nals:
@@ -211,7 +227,7 @@ class ParameterSets:
             self.changes += 1
         idr = NAL_IDR in kinds
         if not idr or (NAL_SPS in kinds and NAL_PPS in kinds) or self.sps is None or self.pps is None:
-            return join_annexb(nals), idr
+            return data, idr
         first_slice = next(i for i, k in enumerate(kinds) if k in (NAL_SLICE, NAL_IDR))
         head = [n for n in nals[:first_slice] if nal_type(n) not in (NAL_SPS, NAL_PPS)]
         # An access unit delimiter stays first (7.4.1.2.3); the parameter sets go right after it.

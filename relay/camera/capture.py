@@ -46,7 +46,10 @@ RTSP_OPTIONS = {
 # Over UDP (a spec's #transport=udp) packets may arrive out of order: FFmpeg's default reorder queue stays.
 RTSP_UDP_OPTIONS = {"rtsp_transport": "udp", "fflags": "nobuffer", "flags": "low_delay", "timeout": "5000000"}
 OPEN_TIMEOUT = 10.0  # seconds to connect, DESCRIBE and probe the stream
-READ_TIMEOUT = 5.0  # seconds one read may block before FFmpeg gives up on the camera
+# A read from a camera that hangs mid-stream ends with RTSP's socket timeout ("timeout" above, 5 s), not
+# PyAV's read timeout: that one calls back into Python at every I/O, +0.1 % of a core for one 1080p camera
+# (benchmarks/passthrough.py). A device or file that hangs is the stall watch's (relay/camera/worker.py).
+READ_TIMEOUT = None
 
 
 class SourceError(Exception):
@@ -255,8 +258,8 @@ class PacketSource:
 
     def close(self) -> None:
         """From the thread that reads it: closed now. From any other (a stalled camera, the worker stopping):
-        its read ends within ``READ_TIMEOUT`` and its own thread closes it (FFmpeg's demuxer closed under a
-        read that is still running deadlocks)."""
+        its read ends (the next packet, or RTSP's socket timeout) and its own thread closes it (FFmpeg's
+        demuxer closed under a read that is still running deadlocks)."""
         self._stop.set()
         if self._owner not in (None, threading.get_ident()):
             return

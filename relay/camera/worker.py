@@ -19,7 +19,9 @@ restarts the whole process only if it dies.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -264,6 +266,7 @@ class Pipeline:
                 return False
             self._encode = None
             self._encoder.close()
+        _give_back_memory()
         log.info("stream=%s slate encoder stopped; passing the camera through", self.name)
         self.push_status()
         return True
@@ -635,6 +638,16 @@ class Pipeline:
         self._keyframe_wanted.clear()
         self._last_forced = now
         return True
+
+
+def _give_back_memory() -> None:
+    """Return the heap a closed encoder freed to the system: glibc keeps freed memory for reuse, so a
+    passed-through camera's worker would hold a slate encoder's tens of MiB for good."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _avcc_length(extradata: bytes) -> int:
