@@ -248,9 +248,10 @@ async def test_passthrough_forced_on_a_b_frame_camera_is_a_clear_error_not_a_cra
     async with relay_for(f"{camera.url}#mode=passthrough") as relay:
         stream = relay.relay.streams["cam"]
         await until(lambda: stream.stats.source_errors >= 2, "the camera refused, and retried")
+        await until(lambda: stream.stats.frames_slate > 0, "the slate meanwhile")
         cam = await api(http, relay)
     assert cam["last_error"].startswith("mode=passthrough is impossible: source sends B-frames")
-    assert cam["state"] == "no_signal" and cam["frames_passed_through"] == 0  # the slate meanwhile
+    assert cam["state"] in ("retrying", "no_signal") and cam["frames_passed_through"] == 0
     assert cam["worker_restarts"] == 0 and cam["source"].endswith("#mode=passthrough")
 
 
@@ -281,8 +282,9 @@ async def test_a_new_resolution_mid_stream_reaches_the_viewer_and_starts_a_new_r
     assert cam["profile"].endswith("512x288") and cam["worker_restarts"] == 0
     # The recorder cut its segment where the parameter sets changed (its segments are a minute long): each
     # file plays at one size, with the camera's pixel clocks.
-    assert recorder.segments_written >= 2
+    assert recorder.segments_written >= 1  # the one cut; the last is finished as the relay stops
     segments = sorted((tmp_path / "rec" / "cam").glob("*/*.mp4"))
+    assert len(segments) >= 2
     played = [decode(path) for path in segments]
     assert {size for frames in played for _, size in frames} == {(640, 360), (512, 288)}
     assert all(len({size for _, size in frames}) == 1 for frames in played)
