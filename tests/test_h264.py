@@ -246,3 +246,9 @@ def test_is_idr_and_sps_of():
 )  # fmt: skip
 def test_profile_names(idc, constraints, name):
     assert h264.profile_name(idc, constraints) == name
+
+
+def test_timestamps_that_go_back_in_decode_order_are_reordered_pictures():
+    assert h264.out_of_order([0, 3000, 9000, 6000])  # I P B: B-frames
+    assert not h264.out_of_order([0, 3000, None, 6000, 9000])  # unknown timestamps say nothing
+    assert not h264.out_of_order([])

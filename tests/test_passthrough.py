@@ -28,7 +28,7 @@ from benchmarks.ports import free_port, free_rtp_pair
 from relay import h264
 from relay.config import RecordConfig, StreamConfig
 from relay.rtsp import Mediamtx, MediamtxSettings, find_mediamtx
-from relay.source import parse_source_spec
+from relay.source import PassthroughRefused, decide_mode, parse_source_spec
 from relay.webrtc.whepclient import WhepViewer
 
 from .conftest import frame_clock, make_config, start_relay
@@ -38,6 +38,61 @@ ROOT = Path(__file__).resolve().parent.parent
 FPS = 30
 GOP = 3 * FPS  # a keyframe every 3 s, as many IP cameras send
 DEADLINE = 30.0  # seconds for what a test waits for: a deadline, not a measurement
+
+
+# -- the decision, pure: what a source sends, and the mode asked for
+
+
+HIGH = h264.parse_sps(bytes.fromhex("6764001eacb405017fcb08000003000800000301e078b175"))  # libx264 High, no B
+
+
+@pytest.mark.parametrize(
+    ("mode", "codec", "sps", "reorders", "passthrough", "reason"),
+    [
+        ("auto", "h264", HIGH, False, True, "source sends H.264 High 3.0 640x360 without B-frames"),
+        ("passthrough", "h264", HIGH, False, True, "source sends H.264 High 3.0 640x360 without B-frames"),
+        ("transcode", "h264", HIGH, False, False, "mode=transcode configured"),
+        ("auto", "h264", HIGH, True, False, "source sends B-frames (pictures out of decode order): browsers'"),
+        ("auto", "hevc", None, None, False, "source sends H.265: aiortc has no H.265 packetizer"),
+        ("auto", "mjpeg", None, None, False, "source sends MJPEG"),
+        ("auto", "test pattern", None, None, False, "the test pattern is drawn here"),
+        ("auto", "mpeg4", None, None, False, "source sends mpeg4, not H.264"),
+        ("auto", "h264", None, None, False, "source sends H.264 without a parameter set (SPS) to read"),
+        ("auto", "h264", dataclasses.replace(HIGH, profile_idc=110), False, False, "source sends H.264 High 10:"),
+        ("auto", "h264", dataclasses.replace(HIGH, frame_mbs_only=False), False, False, "source sends interlaced"),
+    ],
+)
+def test_auto_passes_through_what_browsers_take_and_says_why_not(mode, codec, sps, reorders, passthrough, reason):
+    decision = decide_mode(mode, codec, sps, reorders)
+    assert decision.passthrough is passthrough and decision.reason.startswith(reason)
+    assert decision.mode == ("passthrough" if passthrough else "transcode")
+
+
+@pytest.mark.parametrize(
+    ("codec", "sps", "reorders", "reason"),
+    [
+        ("h264", HIGH, True, "source sends B-frames"),
+        ("hevc", None, None, "source sends H.265"),
+        ("mjpeg", None, None, "source sends MJPEG"),
+    ],
+)
+def test_passthrough_forced_on_what_browsers_cannot_take_is_refused_with_the_reason(codec, sps, reorders, reason):
+    with pytest.raises(PassthroughRefused, match=f"^mode=passthrough is impossible: {reason}"):
+        decide_mode("passthrough", codec, sps, reorders)
+
+
+def test_a_cameras_timestamps_keep_their_spacing_on_the_wall_clock_and_jumps_start_afresh():
+    from relay.camera.capture import SourceClock
+
+    clock = SourceClock(resync=1.0)
+    assert clock.wall_time(10.0, 1000.0) == 1000.0  # anchored at the first frame
+    assert clock.wall_time(10.04, 1000.1) == pytest.approx(1000.04)  # the camera's spacing, not the network's
+    assert clock.wall_time(10.08, 1000.11) == pytest.approx(1000.08)
+    assert clock.wall_time(0.0, 1000.2) == 1000.2  # the file looped: anchored again
+    assert clock.wall_time(None, 1000.3) == 1000.3  # no timestamp: when it came
+
+
+# -- real cameras
 
 
 @pytest.fixture
