@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--source",
         action="append",
         metavar="NAME=SPEC",
-        help="a stream: test:, test:1280x720@30, v4l2:/dev/video0, rtsp://..., file:PATH (repeatable)",
+        help="a stream: test:, test:1280x720@30, v4l2:/dev/video0, rtsp://..., file:PATH, each may end in"
+        " #mode=passthrough (repeatable)",
     )
     s.add_argument("--http-host", dest="http.host", help="address to listen on (default 0.0.0.0)")
     s.add_argument("--http-port", dest="http.port", help="port to listen on (default 8080)")
@@ -51,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bitrate", dest="video.bitrate", help="H.264 bit rate, e.g. 2M (default 2M)")
     s.add_argument("--keyframe-interval", dest="video.keyframe_interval", help="seconds between keyframes (default 1s)")
     s.add_argument("--encoder", dest="video.encoder", help="auto, libx264 or h264_v4l2m2m (default auto)")
+    s.add_argument(
+        "--mode",
+        dest="video.mode",
+        help="auto (pass H.264 through when browsers take it), passthrough or transcode (default auto)",
+    )
     s.add_argument(
         "--ice-address",
         dest="webrtc.ice_addresses",

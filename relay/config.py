@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from .auth import HASH_HELP, TOKEN_PATTERN, parse_hash
 from .ipc import ENCODERS
 from .logsafe import redact, redact_url, url_passwords
-from .source import SourceSpec, parse_fps, parse_size, parse_source_spec
+from .source import MODES, SourceSpec, parse_fps, parse_size, parse_source_spec
 
 if TYPE_CHECKING:
     from aiortc import RTCIceServer
@@ -89,6 +89,7 @@ class VideoConfig:
     keyframe_interval: float = 1.0  # seconds
     encoder: str = "auto"
     join: str = "auto"  # JOIN_POLICIES
+    mode: str = "auto"  # one of source.MODES; a stream's #mode= overrides it
 
 
 @dataclass(frozen=True, slots=True)
@@ -538,6 +539,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "keyframe_interval": _duration(MIN_KEYFRAME_INTERVAL, MAX_KEYFRAME_INTERVAL),
         "encoder": _choice(*ENCODERS),
         "join": _choice(*JOIN_POLICIES),
+        "mode": _choice(*MODES),
     },
     "webrtc": {
         "ice_servers": _ice_servers,
@@ -796,9 +798,12 @@ def load(
         if not STREAM_NAME.match(name):
             raise ConfigError(f"streams.{name}: name must be letters, digits, - or _ (at most 64)")
         try:
-            parsed_streams.append(StreamConfig(name, parse_source_spec(spec)))
+            source = parse_source_spec(spec)
         except ValueError as exc:
             raise ConfigError(f"streams.{name}: {exc}") from None
+        if source.kind == "test" and source.mode == "passthrough":
+            raise ConfigError(f"streams.{name}: #mode=passthrough: the test pattern is drawn here, it has no H.264")
+        parsed_streams.append(StreamConfig(name, source))
 
     whip = _whip_entries(whip_doc, whips, (env or {}).get(WHIP_TOKEN_ENV, ""))
     names = [s.name for s in parsed_streams]

@@ -39,6 +39,7 @@ BUF_TYPE_VIDEO_CAPTURE = 1
 FRMSIZE_TYPE_DISCRETE = 1
 FRMIVAL_TYPE_DISCRETE = 1
 MJPEG_FOURCCS = (int.from_bytes(b"MJPG", "little"), int.from_bytes(b"JPEG", "little"))
+H264_FOURCC = int.from_bytes(b"H264", "little")  # a UVC camera's own H.264 (Logitech C920, C930e, ...)
 MAX_ENUM = 256  # drivers end enumeration with EINVAL; a buggy one must not loop forever
 
 Ioctl = Callable[[int, int, bytearray], object]
@@ -87,6 +88,33 @@ def capture_caps(fd: int, ioctl: Ioctl) -> int:
     fields = CAPABILITY.unpack(bytes(buf))
     caps, device_caps = fields[4], fields[5]
     return device_caps if caps & CAP_DEVICE_CAPS else caps
+
+
+def fourccs(fd: int, ioctl: Ioctl) -> set[int]:
+    """The pixel formats a capture node offers, as fourcc numbers."""
+    return {fmt[4] for fmt in _enum(fd, ioctl, VIDIOC_ENUM_FMT, FMTDESC, BUF_TYPE_VIDEO_CAPTURE, 0, b"")}
+
+
+def offers_h264(
+    node: str,
+    ioctl: Ioctl | None = None,
+    open_node: Callable[[str], int] = lambda p: os.open(p, os.O_RDWR | os.O_NONBLOCK),
+) -> bool:
+    """Whether the camera at ``node`` can send H.264 itself (to pass through); False when it cannot be asked."""
+    if ioctl is None:
+        import fcntl
+
+        ioctl = fcntl.ioctl
+    try:
+        fd = open_node(node)
+    except OSError:
+        return False
+    try:
+        return H264_FOURCC in fourccs(fd, ioctl)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def mjpeg_modes(fd: int, ioctl: Ioctl) -> list[Mode]:

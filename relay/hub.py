@@ -61,16 +61,6 @@ class EncodedFrame:
     payloads: list[bytes] | None = field(default=None, repr=False)
 
 
-def parameter_sets(data: bytes) -> bytes | None:
-    """SPS and PPS NAL units (Annex B) from an access unit, for the muxer's extradata."""
-    out = b""
-    for nal in data.split(b"\x00\x00\x01")[1:]:
-        nal = nal.rstrip(b"\x00")
-        if nal and nal[0] & 0x1F in (7, 8):
-            out += b"\x00\x00\x00\x01" + nal
-    return out or None
-
-
 # Delays kept for the send-delay percentiles: ~10 s of frames for 30 viewers.
 DELAY_WINDOW = 10_000
 

@@ -36,6 +36,7 @@ WORKER_CONFIG_ENV = "CAMRELAY_WORKER_CONFIG"  # the worker's WorkerConfig, as JS
 
 FLAG_KEYFRAME = 1
 FLAG_FORCED = 2
+FLAG_PASSTHROUGH = 4  # the camera's own access unit, neither decoded nor encoded here
 
 CMD_KEYFRAME = b"K"
 CMD_JPEG_ON = b"J"
@@ -62,6 +63,10 @@ class Message:
     @property
     def forced(self) -> bool:
         return bool(self.flags & FLAG_FORCED)
+
+    @property
+    def passthrough(self) -> bool:
+        return bool(self.flags & FLAG_PASSTHROUGH)
 
     def json(self) -> dict:
         return json.loads(self.payload)
@@ -181,6 +186,7 @@ class WorkerConfig:
     keyframe_interval: float
     encoder: str
     log_level: str = "info"
+    mode: str = "auto"  # relay.source.MODES: the stream's #mode=, else [video] mode
 
     def to_json(self) -> str:
         return _to_json(self).decode()
@@ -200,6 +206,7 @@ class Counters:
     frames_dropped_corrupt: int = 0
     frames_slate: int = 0
     frames_dropped_thermal: int = 0
+    frames_decoded: int = 0  # pictures decoded: every frame when transcoding, only for JPEGs when passing through
     keyframes: int = 0
     keyframes_forced: int = 0
     bytes_encoded: int = 0
@@ -215,6 +222,7 @@ WORKER_COUNTERS = (
     "frames_dropped_corrupt",
     "frames_dropped_thermal",
     "frames_slate",
+    "frames_decoded",
     "source_errors",
 )
 
@@ -229,8 +237,12 @@ class WorkerStatus(Counters):
     width: int = 0
     height: int = 0
     fps: float = 0.0
-    encoder: str = ""
+    encoder: str = ""  # "none" while the source is passed through and no slate shows
     encoders_running: int = 0
+    mode: str = ""  # "passthrough" or "transcode" once the source is open; "" before
+    mode_reason: str = ""  # why (relay.source.decide_mode)
+    codec: str = ""  # what the source delivers, FFmpeg's name: h264, hevc, mjpeg; "test pattern"
+    profile: str = ""  # the source's H.264 profile, level and size ("High 4.0 1920x1080"), when it sends H.264
     started: float = field(default_factory=time.time)
 
     def to_json(self) -> bytes:

@@ -20,24 +20,23 @@ import calendar
 import concurrent.futures
 import contextlib
 import errno
-import fractions
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import av
 
+from . import mux
 from .aio import cancel_and_wait, run_owned
-from .hub import EncodedFrame, HubClosed, PacketHub, parameter_sets
+from .h264 import parameter_sets
+from .hub import EncodedFrame, HubClosed, PacketHub
 from .mjpeg import JpegFeed
 from .status import ConsumerStats, Metric
 
 log = logging.getLogger(__name__)
 
-TIME_BASE = fractions.Fraction(1, 90_000)
 # Fragment at every keyframe and at least every second: a cut-off file plays to within a second of the cut.
 MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof"
 FRAGMENT_MICROSECONDS = "1000000"
@@ -188,11 +187,12 @@ def files_to_delete(files: list[tuple[Path, float, int]], retention: Retention, 
 class Segment:
     """One fragmented MP4 being written; blocking, used from a worker thread."""
 
-    def __init__(self, path: Path, first: EncodedFrame, size: tuple[int, int], fps: float) -> None:
+    def __init__(self, path: Path, first: EncodedFrame, fps: float) -> None:
         self.path = path
         self.part = path.with_name(path.name + PART)
         self.start = first.capture_time
         self.base = first.pts
+        self.parameter_sets = parameter_sets(first.data)  # a keyframe with others starts the next segment
         self.frames = 0
         make_private_dirs(path.parent)
         create_private(self.part)
@@ -204,24 +204,14 @@ class Segment:
             options={"movflags": MOVFLAGS, "frag_duration": FRAGMENT_MICROSECONDS, "flush_packets": "1"},
         )
         try:
-            stream = self._container.add_stream("h264", rate=fractions.Fraction(fps).limit_denominator(1001))
-            stream.width, stream.height = size
-            stream.time_base = TIME_BASE
-            extradata = parameter_sets(first.data)
-            if extradata:
-                stream.codec_context.extradata = extradata
+            mux.add_h264_stream(self._container, first, fps)  # the avcC: the stream's own SPS and PPS
             self._container.start_encoding()
         except BaseException:
             self.abort()
             raise
 
     def write(self, frame: EncodedFrame) -> None:
-        packet = av.Packet(frame.data)
-        packet.stream = self._container.streams.video[0]
-        packet.time_base = TIME_BASE
-        packet.pts = packet.dts = frame.pts - self.base
-        packet.is_keyframe = frame.keyframe
-        self._container.mux(packet)
+        mux.write(self._container, frame, self.base)
         self.frames += 1
 
     def finish(self) -> Path | None:
@@ -248,7 +238,6 @@ class Recorder:
         hub: PacketHub,
         jpegs: JpegFeed,
         root: Path,
-        size: Callable[[], tuple[int, int]],
         fps: float,
         segment_seconds: float,
         snapshot_interval: float,
@@ -258,7 +247,6 @@ class Recorder:
         self.hub = hub
         self.jpegs = jpegs
         self.root = root
-        self.size = size
         self.fps = fps
         self.segment_seconds = segment_seconds
         self.snapshot_interval = snapshot_interval
@@ -358,11 +346,7 @@ class Recorder:
             try:
                 while True:
                     frame = await sub.get()
-                    if (
-                        segment is not None
-                        and frame.keyframe
-                        and frame.capture_time - segment.start >= self.segment_seconds
-                    ):
+                    if segment is not None and frame.keyframe and self._cut_before(segment, frame):
                         done, segment = segment, None
                         await self._finish(done)
                     if segment is None:
@@ -370,12 +354,12 @@ class Recorder:
                             continue
                         path = day_dir(self.root, self.name, frame.capture_time) / f"{utc_name(frame.capture_time)}.mp4"
                         segment = await run_owned(
-                            self._io, self.open_segment, path, frame, self.size(), self.fps, on_orphan=Segment.finish
+                            self._io, self.open_segment, path, frame, self.fps, on_orphan=Segment.finish
                         )
                     await self._run(segment.write, frame)
             except HubClosed:
                 return
-            except (OSError, av.FFmpegError) as exc:
+            except (OSError, av.FFmpegError, mux.NoParameterSets) as exc:
                 sub.close()  # no queue filling up (and forcing keyframes) while we wait
                 if segment is not None:
                     await self._run(segment.abort)  # its .part plays up to the last fragment
@@ -390,6 +374,17 @@ class Recorder:
                 if segment is not None:  # shutting down: the segment so far is a complete file
                     with contextlib.suppress(Exception):
                         await self._run(segment.finish)
+
+    def _cut_before(self, segment: Segment, keyframe: EncodedFrame) -> bool:
+        """Whether ``keyframe`` starts a new segment: the segment is long enough, or the stream's parameter sets
+        changed (a camera's new size or profile: an MP4's avcC describes one)."""
+        if keyframe.capture_time - segment.start >= self.segment_seconds:
+            return True
+        sets = parameter_sets(keyframe.data)
+        if sets is not None and sets != segment.parameter_sets:
+            log.info("stream=%s new parameter sets: starting a new segment", self.name)
+            return True
+        return False
 
     async def _finish(self, segment: Segment) -> None:
         path = await self._run(segment.finish)

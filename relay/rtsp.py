@@ -19,7 +19,6 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
-import fractions
 import hashlib
 import json
 import logging
@@ -35,10 +34,11 @@ from pathlib import Path
 import av
 import psutil
 
+from . import mux
 from .aio import cancel_and_wait, run_owned
 from .auth import write_private
 from .backoff import Backoff, Retry
-from .hub import EncodedFrame, HubClosed, PacketHub, parameter_sets
+from .hub import EncodedFrame, HubClosed, PacketHub
 from .logsafe import SECRET_FILTER, redact_text, redact_url
 from .status import ConsumerStats
 from .supervise import Child, Process
@@ -53,7 +53,6 @@ PROBE_TIMEOUT = 1.0  # seconds for one OPTIONS request to be answered
 # camrelay's own mediamtx user: publishes every stream, and reads the first for /live.
 PUBLISHER_USER = "camrelay"
 PUBLISHER_SECRET_BYTES = 32  # 256 random bits; token_urlsafe's alphabet is one mediamtx takes as a plain password
-PUBLISH_TIME_BASE = fractions.Fraction(1, 90_000)
 # Reconnect pacing for a publisher whose mediamtx went away (it is restarted meanwhile).
 PUBLISH_RETRY_DELAY = 0.5
 PUBLISH_RETRY_CAP = 10.0  # a server that refuses us is asked again at most this far apart
@@ -335,8 +334,6 @@ class RtspPublisher:
         self,
         hub: PacketHub,
         url: str,
-        width: int,
-        height: int,
         fps: float,
         ready: asyncio.Event | None = None,
         transport: str = REMOTE_PUBLISH_TRANSPORT,
@@ -346,7 +343,6 @@ class RtspPublisher:
         self.live_alias = live_alias  # the stream mediamtx also serves at /live
         self.url = url
         self.transport = transport
-        self.size = (width, height)
         self.fps = fps
         self.published = 0
         self.sessions = 0  # how many times a publish session was opened
@@ -383,7 +379,7 @@ class RtspPublisher:
                 await self._publish(sub)
             except HubClosed:
                 return
-            except (av.FFmpegError, OSError) as exc:
+            except (av.FFmpegError, OSError, mux.NoParameterSets) as exc:
                 self.errors += 1
                 log.warning(
                     "stream=%s rtsp publish to %s failed: %s; republishing",
@@ -405,7 +401,7 @@ class RtspPublisher:
             base = first.pts
             frame = first
             while True:
-                await self._call(self._mux, container, frame, base)
+                await self._call(mux.write, container, frame, base)
                 self.published += 1
                 frame = await sub.get()
         finally:
@@ -415,26 +411,12 @@ class RtspPublisher:
         options = {"rtsp_transport": self.transport, "pkt_size": str(PUBLISH_PACKET_SIZE)}
         container = av.open(self.url, "w", format="rtsp", options=options, timeout=5)
         try:
-            stream = container.add_stream("h264", rate=fractions.Fraction(self.fps).limit_denominator(1001))
-            stream.width, stream.height = self.size
-            stream.time_base = PUBLISH_TIME_BASE
-            extradata = parameter_sets(first.data)
-            if extradata:
-                stream.codec_context.extradata = extradata
+            mux.add_h264_stream(container, first, self.fps)  # the SDP's sprop-parameter-sets: the stream's own
             container.start_encoding()
         except BaseException:
             _close_quietly(container)
             raise
         return container
-
-    @staticmethod
-    def _mux(container, frame: EncodedFrame, base: int) -> None:
-        packet = av.Packet(frame.data)
-        packet.stream = container.streams.video[0]
-        packet.time_base = PUBLISH_TIME_BASE
-        packet.pts = packet.dts = frame.pts - base
-        packet.is_keyframe = frame.keyframe
-        container.mux(packet)
 
 
 def _close_quietly(container) -> None:

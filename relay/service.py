@@ -126,7 +126,7 @@ class Relay:
         v = self.config.video
         fps = sc.source.fps or v.fps
         settings = EncoderSettings(v.bitrate, fps, v.keyframe_interval, v.encoder)
-        return Stream(sc.name, sc.source, settings, v.width, v.height, self.config.log_level, join=v.join)
+        return Stream(sc.name, sc.source, settings, v.width, v.height, self.config.log_level, join=v.join, mode=v.mode)
 
     def _consumers(self, stream: Stream) -> list[Consumer]:
         """The edges ``stream`` feeds, besides its JPEG feed: add a new edge here."""
@@ -136,7 +136,7 @@ class Relay:
             live_alias = not any(s.consumers_of(RtspPublisher) for s in self.streams.values())  # the first: /live
             out.append(
                 RtspPublisher(
-                    stream.hub, f"{base}/{stream.name}", stream.width, stream.height, stream.fps, ready, transport,
+                    stream.hub, f"{base}/{stream.name}", stream.fps, ready, transport,
                     live_alias=live_alias,
                 )
             )  # fmt: skip
@@ -154,7 +154,7 @@ class Relay:
             out.append(
                 Recorder(
                     stream.name, stream.hub, stream.jpegs, self.recordings_root,
-                    lambda: (stream.width, stream.height), stream.fps, rc.segment, rc.snapshot_interval,
+                    stream.fps, rc.segment, rc.snapshot_interval,
                     Retention(rc.max_size, rc.max_age),
                 )
             )  # fmt: skip

@@ -7,15 +7,30 @@ the source it names (``relay.camera.capture.open_source``).
 - ``test:`` or ``test:1280x720@30``: the synthetic camera with the pixel clock
   (``?fault=die&after=60&down=5``: misbehaving like a flaky camera).
 - ``v4l2:/dev/video0`` (or a ``/dev/v4l/by-id/...`` path): a USB camera in MJPEG.
-- ``rtsp://...``: an IP camera, decoded.
-- ``file:PATH``: a video file, looped, decoded.
+- ``rtsp://...``: an IP camera.
+- ``file:PATH``: a video file, looped.
+
+Any of them may end in ``#mode=auto|passthrough|transcode``: how this stream
+treats H.264 from its source (``decide_mode``), over ``[video] mode``; an RTSP
+camera also in ``#transport=udp`` (TCP by default). A URL's fragment is never
+sent to a camera, so it fits RTSP URLs, paths and devices alike.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+from .h264 import PROFILE_BASELINE, PROFILE_HIGH, PROFILE_MAIN, Sps
 from .logsafe import REDACTED, redact_url
+
+# auto: pass H.264 through when browsers can take it as it is, else transcode; passthrough: never decode nor
+# encode (a source that cannot be passed through is an error); transcode: decode and encode, as always.
+MODES = ("auto", "passthrough", "transcode")
+SPEC_OPTIONS = ("mode", "transport")  # what a spec's #fragment may set
+RTSP_TRANSPORTS = ("tcp", "udp")
+# Profiles browsers' WebRTC decoders take (8-bit 4:2:0): Constrained Baseline, Baseline, Main, High.
+BROWSER_PROFILES = (PROFILE_BASELINE, PROFILE_MAIN, PROFILE_HIGH)
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,8 +40,22 @@ class SourceSpec:
     width: int | None = None
     height: int | None = None
     fps: float | None = None
+    mode: str = ""  # from the spec's #mode=; empty: [video] mode
+    transport: str = ""  # an RTSP camera's, from #transport=; empty: TCP
 
     def __str__(self) -> str:
+        """The spec for logs and the API: an RTSP camera's password hidden."""
+        return self._text() + self._options()
+
+    def unredacted(self) -> str:
+        """The spec as given, password and all: for the camera's worker alone (never in argv, logs or the API)."""
+        return (self.target if self.kind == "rtsp" else self._text()) + self._options()
+
+    def _options(self) -> str:
+        options = "&".join(f"{key}={value}" for key in SPEC_OPTIONS if (value := getattr(self, key)))
+        return f"#{options}" if options else ""
+
+    def _text(self) -> str:
         if self.kind == "test":
             text = "test:"
             if self.width:
@@ -41,7 +70,34 @@ class SourceSpec:
 
 def parse_source_spec(text: str) -> SourceSpec:
     """Parse a source spec; raises ``ValueError`` naming what is wrong."""
-    text = text.strip()
+    text, options = _fragment(text.strip())
+    spec = _parse(text)
+    if options.get("transport") and spec.kind != "rtsp":
+        raise ValueError(f"source option #transport= is for rtsp:// cameras, not {spec.kind}:")
+    if options:
+        return dataclasses.replace(spec, **options)
+    return spec
+
+
+def _fragment(text: str) -> tuple[str, dict[str, str]]:
+    """(the spec without its ``#key=value&...`` fragment, the fragment's options); a ``#`` followed by no ``=``
+    is part of a path, not a fragment."""
+    head, hash_, fragment = text.rpartition("#")
+    if not hash_ or "=" not in fragment:
+        return text, {}
+    options = {}
+    for part in fragment.split("&"):
+        key, eq, value = part.partition("=")
+        if key not in SPEC_OPTIONS or not eq:
+            raise ValueError(f"source option #{part} is not one of {', '.join(f'#{k}=' for k in SPEC_OPTIONS)}")
+        allowed = MODES if key == "mode" else RTSP_TRANSPORTS
+        if value not in allowed:
+            raise ValueError(f"source option #{key}={value} is not one of {', '.join(allowed)}")
+        options[key] = value
+    return head, options
+
+
+def _parse(text: str) -> SourceSpec:
     if text.startswith(("rtsp://", "rtsps://")):
         return SourceSpec("rtsp", text)
     kind, sep, rest = text.partition(":")
@@ -124,3 +180,59 @@ def parse_faults(query: str) -> dict[str, str | float]:
             except ValueError:
                 raise ValueError(f"test source option {key}={value!r} is not a number") from None
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class ModeDecision:
+    """Whether a stream passes its source's H.264 through, and why (its log line and the API's ``mode_reason``)."""
+
+    passthrough: bool
+    reason: str
+
+    @property
+    def mode(self) -> str:
+        return "passthrough" if self.passthrough else "transcode"
+
+
+class PassthroughRefused(ValueError):
+    """``mode = "passthrough"`` for a source browsers cannot take as it is; ``str()`` says why."""
+
+
+def decide_mode(mode: str, codec: str, sps: Sps | None = None, reorders: bool | None = None) -> ModeDecision:
+    """Pass through or transcode what a source delivers (``codec``: FFmpeg's name, ``"test pattern"`` or
+    ``"mjpeg"``; for H.264 its ``sps`` and whether its pictures come out of decode order, ``reorders``).
+
+    Raises ``PassthroughRefused`` when ``mode`` is ``"passthrough"`` and the source cannot be passed through.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    if mode == "transcode":
+        return ModeDecision(False, "mode=transcode configured")
+    unsuitable = _why_not(codec, sps, reorders)
+    if unsuitable is None:
+        assert sps is not None
+        return ModeDecision(True, f"source sends H.264 {sps.describe()} without B-frames")
+    if mode == "passthrough":
+        raise PassthroughRefused(f"mode=passthrough is impossible: {unsuitable}")
+    return ModeDecision(False, unsuitable)
+
+
+def _why_not(codec: str, sps: Sps | None, reorders: bool | None) -> str | None:
+    """Why browsers cannot take this source's video as it is; None when they can."""
+    if codec == "test pattern":
+        return "the test pattern is drawn here, there is no H.264 to pass through"
+    if codec == "mjpeg":
+        return "source sends MJPEG"
+    if codec == "hevc":
+        return "source sends H.265: aiortc has no H.265 packetizer and most browsers' WebRTC cannot decode it"
+    if codec != "h264":
+        return f"source sends {codec or 'an unknown codec'}, not H.264"
+    if sps is None:
+        return "source sends H.264 without a parameter set (SPS) to read"
+    if sps.profile_idc not in BROWSER_PROFILES or sps.chroma_format_idc != 1:
+        return f"source sends H.264 {sps.profile}: browsers decode 8-bit 4:2:0 Baseline, Main and High only"
+    if not sps.frame_mbs_only:
+        return "source sends interlaced H.264 (field coding), which browsers do not decode"
+    if reorders:
+        return "source sends B-frames (pictures out of decode order): browsers' WebRTC H.264 and mediamtx refuse them"
+    return None

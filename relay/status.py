@@ -57,6 +57,14 @@ class StreamStatus:
     fps: float = 0.0
     encoder: str = ""
     encoders_running: int = 0
+    mode: str = ""  # passthrough or transcode (the source's, as its worker decided); "" before it opened
+    mode_reason: str = ""
+    codec: str = ""  # what the source sends
+    profile: str = ""  # the source's H.264 profile, level and size
+    profile_level_id: str = ""  # of the H.264 the stream carries now (the slate's, while it shows)
+    frames_passed_through: int = 0
+    frames_decoded: int = 0
+    keyframe_requests_ignored: int = 0
     frames_captured: int = 0
     frames_encoded: int = 0
     keyframes: int = 0
@@ -77,6 +85,11 @@ class StreamStatus:
             "height": self.height,
             "fps": self.fps,
             "codec": "H264",
+            "mode": self.mode,
+            "mode_reason": self.mode_reason,
+            "source_codec": self.codec,
+            "profile": self.profile,
+            "profile_level_id": self.profile_level_id,
             "encoder": self.encoder,
             "encoders_running": self.encoders_running,
             "state": self.state,
@@ -89,6 +102,9 @@ class StreamStatus:
             "fanout_delay_ms": self.fanout_delay_ms,
             "frames_captured": self.frames_captured,
             "frames_encoded": self.frames_encoded,
+            "frames_passed_through": self.frames_passed_through,
+            "frames_decoded": self.frames_decoded,
+            "keyframe_requests_ignored": self.keyframe_requests_ignored,
             "frames_dropped": self.frames_dropped,
             "keyframes": self.keyframes,
             "keyframes_forced": self.keyframes_forced,
@@ -112,7 +128,8 @@ class StreamStatus:
     def log_part(self) -> str:
         """The stream's part of the status line."""
         return (
-            f"| stream={self.name} {self.state} fps={self.encoded_fps:.1f} kbps={self.bitrate_bps / 1000:.0f}"
+            f"| stream={self.name} {self.state} mode={self.mode or '-'} fps={self.encoded_fps:.1f}"
+            f" kbps={self.bitrate_bps / 1000:.0f}"
             f" viewers={self.viewers} encode_ms={self.encode_ms:.1f} dropped={sum(self.frames_dropped.values())}"
         )
 
@@ -135,6 +152,26 @@ class StreamStatus:
             Metric(
                 "camrelay_stream_keyframes_forced_total", "counter", "IDRs forced by joins, PLI and FIR.",
                 self.keyframes_forced, labels,
+            ),
+            Metric(
+                "camrelay_stream_passthrough", "gauge", "1 while the camera's H.264 is passed through.",
+                int(self.mode == "passthrough"), labels,
+            ),
+            Metric(
+                "camrelay_stream_encoders_running", "gauge", "H.264 encoders running for the stream.",
+                self.encoders_running, labels,
+            ),
+            Metric(
+                "camrelay_stream_frames_passed_through_total", "counter", "The camera's access units sent as they are.",
+                self.frames_passed_through, labels,
+            ),
+            Metric(
+                "camrelay_stream_frames_decoded_total", "counter",
+                "Pictures decoded (passed-through cameras: for JPEGs only).", self.frames_decoded, labels,
+            ),
+            Metric(
+                "camrelay_stream_keyframe_requests_ignored_total", "counter",
+                "Keyframe requests a passed-through camera cannot answer.", self.keyframe_requests_ignored, labels,
             ),
             Metric("camrelay_stream_restarts_total", "counter", "Worker restarts.", self.restarts, labels),
             Metric("camrelay_stream_source_errors_total", "counter", "Source failures.", self.source_errors, labels),

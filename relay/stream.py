@@ -1,6 +1,6 @@
 """One stream: a camera's worker process feeding a packet hub, and the consumers it feeds.
 
-    worker process (capture -> decode once -> encode once)
+    worker process (capture -> the camera's H.264 passed through, or decode once -> encode once)
         --pipe--> Stream (event loop) --> PacketHub --> viewers, publishers, recorders
                                       --> JpegFeed  --> snapshots, MJPEG, the recorder's snapshots
 
@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from . import ipc
+from . import h264, ipc
 from .aio import cancel_and_wait, signal_group
 from .backoff import Retry
 from .hub import EncodedFrame, PacketHub
@@ -64,6 +64,9 @@ class StreamStats(ipc.Counters):
 
     worker_restarts: int = 0
     worker_stalls: int = 0
+    frames_passed_through: int = 0  # the camera's own access units, neither decoded nor encoded
+    # Keyframe requests (joins, PLI, FIR) while the source is passed through: a camera cannot be asked for one.
+    keyframe_requests_ignored: int = 0
 
 
 class Stream:
@@ -79,6 +82,7 @@ class Stream:
         log_level: str = "info",
         retry: Retry | None = None,
         join: str = "auto",
+        mode: str = "auto",
     ) -> None:
         self.name = name
         self.spec = spec
@@ -90,6 +94,13 @@ class Stream:
         self.fps = spec.fps or settings.fps
         self.encoder_name = ""
         self.encoders_running = 0
+        self.mode = ""  # passthrough or transcode, as the worker decided for its source; "" before
+        self.mode_reason = ""
+        self.codec = ""  # what the source sends (h264, hevc, mjpeg, test pattern)
+        self.profile = ""  # the source's H.264 profile, level and size, when it sends H.264
+        self.sps: h264.Sps | None = None  # of the H.264 the hub carries now: what SDP answers describe
+        self._sps_bytes = b""
+        self._slate = False
         self.jpegs = JpegFeed(self.set_jpeg)  # the camera's JPEGs, while anyone wants them
         self.hub = PacketHub(name, self.request_keyframe, cached_start=self.starts_from_cache)
         self.consumers: list[Consumer] = [self.jpegs]
@@ -97,7 +108,7 @@ class Stream:
         SECRET_FILTER.secrets.update(url_passwords(spec.target))  # the camera's: hidden in every log line and status
         worker_config = ipc.WorkerConfig(
             name,
-            str(spec) if spec.kind != "rtsp" else spec.target,
+            spec.unredacted(),
             width,
             height,
             settings.fps,
@@ -105,6 +116,7 @@ class Stream:
             settings.keyframe_interval,
             settings.encoder,
             log_level,
+            spec.mode or mode,
         )
         self._worker = Child(
             f"stream={name} worker",
@@ -130,9 +142,8 @@ class Stream:
 
     @property
     def passthrough(self) -> bool:
-        """The camera's own H.264 goes out untouched: no encoder here can force a keyframe. Every stream is
-        transcoded for now; the passthrough work sets this."""
-        return False
+        """True while the hub carries the camera's own H.264 (no slate showing): no keyframe can be forced."""
+        return self.mode == "passthrough" and not self._slate
 
     @property
     def join_mode(self) -> str:
@@ -217,6 +228,14 @@ class Stream:
             fps=self.fps,
             encoder=self.encoder_name,
             encoders_running=self.encoders_running,
+            mode=self.mode,
+            mode_reason=self.mode_reason,
+            codec=self.codec,
+            profile=self.profile,
+            profile_level_id=self.sps.profile_level_id if self.sps else "",
+            frames_passed_through=st.frames_passed_through,
+            frames_decoded=st.frames_decoded,
+            keyframe_requests_ignored=st.keyframe_requests_ignored,
             frames_captured=st.frames_captured,
             frames_encoded=st.frames_encoded,
             keyframes=st.keyframes,
@@ -247,7 +266,11 @@ class Stream:
         )  # fmt: skip
 
     def request_keyframe(self) -> None:
-        """From the event loop; the worker rate-limits forced IDRs."""
+        """From the event loop; the worker rate-limits forced IDRs. A passed-through camera cannot be asked for
+        one: the request is counted, and the subscriber waits for the camera's next keyframe."""
+        if self.passthrough:
+            self.stats.keyframe_requests_ignored += 1
+            return
         self._command(ipc.CMD_KEYFRAME)
 
     def set_max_fps(self, fps: float) -> None:
@@ -332,10 +355,23 @@ class Stream:
         st = self.stats
         st.frames_encoded += 1
         st.bytes_encoded += len(msg.payload)
+        st.frames_passed_through += msg.passthrough
         if msg.keyframe:
             st.keyframes += 1
             st.keyframes_forced += msg.forced
+            self._read_sps(msg.payload)
         self.hub.publish(EncodedFrame(msg.payload, msg.pts, msg.keyframe, msg.capture_time))
+
+    def _read_sps(self, unit: bytes) -> None:
+        """The SPS in front of a keyframe, parsed when it differs from the last one."""
+        try:
+            found = next((n for n in h264.split_annexb(unit) if h264.nal_type(n) == h264.NAL_SPS), b"")
+            if found and found != self._sps_bytes:
+                self._sps_bytes = found
+                self.sps = h264.parse_sps(found)
+                log.info("stream=%s sends H.264 %s (%s)", self.name, self.sps.describe(), self.sps.profile_level_id)
+        except h264.H264Error as exc:
+            log.warning("stream=%s keyframe with an unreadable SPS: %s", self.name, exc)
 
     def _on_status(self, s: ipc.WorkerStatus) -> None:
         base, st = self._base_counts, self.stats
@@ -347,6 +383,8 @@ class Stream:
         self.width, self.height, self.fps = s.width or self.width, s.height or self.height, s.fps or self.fps
         self.encoder_name = s.encoder
         self.encoders_running = s.encoders_running
+        self.mode, self.mode_reason, self.codec, self.profile = s.mode, s.mode_reason, s.codec, s.profile
+        self._slate = s.slate
 
     def _fold_counts(self) -> None:
         """A worker ended: keep its counters as the base for the next one."""

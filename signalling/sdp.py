@@ -308,3 +308,141 @@ def drop_mdns_candidates(offer: str) -> str:
     address as a peer-reflexive candidate.
     """
     return "".join(line for line in offer.splitlines(keepends=True) if not is_mdns_candidate(line))
+
+
+# -- H.264 profiles: the answer says what is sent (RFC 6184 8.1, 8.2.2)
+
+# profile_idc, a mask of the constraint byte and the bits it must have there, and the profile that makes:
+# RFC 6184 Table 5, as browsers classify an offer's profile-level-id.
+H264_PROFILE_PATTERNS = (
+    (0x42, 0x4F, 0x40, "Constrained Baseline"),  # constraint_set1: Main-decodable Baseline
+    (0x4D, 0x8F, 0x80, "Constrained Baseline"),
+    (0x58, 0xCF, 0xC0, "Constrained Baseline"),
+    (0x42, 0x4F, 0x00, "Baseline"),
+    (0x58, 0xCF, 0x80, "Baseline"),
+    (0x4D, 0xAF, 0x00, "Main"),
+    (0x64, 0xFF, 0x00, "High"),
+    (0x64, 0xFF, 0x0C, "Constrained High"),
+    (0x64, 0xFF, 0x08, "High"),  # Progressive High: a High decoder takes it
+    (0xF4, 0xFF, 0x00, "High 4:4:4 Predictive"),  # what Chromium on Linux offers instead of High
+)
+# Which offered profiles decode which stream (H.264 A.2: a High decoder decodes Main and Constrained Baseline,
+# a High 4:4:4 Predictive one High too). Baseline proper (FMO, ASO) needs Baseline. A stream without B-frames and
+# progressive (every stream a relay passes through or encodes) is Constrained High as much as it is High or Main.
+DECODES = {
+    "Constrained Baseline": (
+        "Constrained Baseline", "Baseline", "Main", "Constrained High", "High", "High 4:4:4 Predictive",
+    ),
+    "Baseline": ("Baseline",),
+    "Main": ("Main", "High", "Constrained High", "High 4:4:4 Predictive"),
+    "High": ("High", "Constrained High", "High 4:4:4 Predictive"),
+    "Constrained High": ("Constrained High", "High", "High 4:4:4 Predictive"),
+}  # fmt: skip
+AIORTC_PROFILE = "42e01f"  # what aiortc itself offers and answers: it matches an offer's payload type on it
+
+
+def h264_profile(profile_level_id: str) -> tuple[str, int]:
+    """(profile, level_idc) of a ``profile-level-id``; ``SdpError`` for one that is not 6 hex digits of a known
+    profile."""
+    if not re.fullmatch(r"[0-9A-Fa-f]{6}", profile_level_id):
+        raise SdpError(f"profile-level-id {profile_level_id[:20]!r} is not 6 hex digits")
+    idc, constraints, level = (int(profile_level_id[i : i + 2], 16) for i in (0, 2, 4))
+    for p_idc, mask, bits, name in H264_PROFILE_PATTERNS:
+        if idc == p_idc and constraints & mask == bits:
+            return name, level
+    raise SdpError(f"profile-level-id {profile_level_id} is no profile a browser decodes")
+
+
+def _fmtp_params(text: str) -> dict[str, str]:
+    params = {}
+    for part in text.split(";"):
+        key, _, value = part.strip().partition("=")
+        if key:
+            params[key.lower()] = value.strip()
+    return params
+
+
+@dataclass(frozen=True, slots=True)
+class H264Fit:
+    """The offer's H.264 payload type that can take the stream, and what the answer says about it."""
+
+    payload_type: int
+    profile_level_id: str  # for the answer: the offered profile at the stream's level
+
+    def offer_for_aiortc(self, offer: str) -> str:
+        """``offer`` with this payload type as its only H.264 (and its RTX), labelled with the one profile aiortc
+        knows: aiortc matches codecs by profile, and answers with its own ``profile-level-id``."""
+        session, sections = _split(_lines(offer))
+        out = list(session)
+        for section in sections:
+            out += self._narrow(section)
+        return "\r\n".join(out) + "\r\n"
+
+    def _narrow(self, section: list[str]) -> list[str]:
+        h264 = {int(r.group(1)) for a in section if (r := _RTPMAP.match(a)) and r.group(2).upper() == "H264"}
+        if self.payload_type not in h264:
+            return section
+        drop = h264 - {self.payload_type}
+        for a in section:  # RTX of a dropped payload type goes too
+            f = _FMTP.match(a)
+            if f and _fmtp_params(f.group(2)).get("apt") in {str(pt) for pt in drop}:
+                drop.add(int(f.group(1)))
+        out = []
+        for a in section:
+            if a.startswith("m="):
+                head, formats = a.split(" ")[:3], a.split(" ")[3:]
+                a = " ".join(head + [pt for pt in formats if not pt.isdigit() or int(pt) not in drop])
+            elif (m := re.match(r"^a=(?:rtpmap|fmtp|rtcp-fb):(\d+) ", a)) and int(m.group(1)) in drop:
+                continue
+            elif (f := _FMTP.match(a)) and int(f.group(1)) == self.payload_type:
+                a = re.sub(r"profile-level-id=[0-9A-Fa-f]*", f"profile-level-id={AIORTC_PROFILE}", a)
+            out.append(a)
+        return out
+
+    def answer(self, answer: str) -> str:
+        """aiortc's answer with this payload type's ``profile-level-id`` the one the stream's SPS makes."""
+        return re.sub(
+            rf"^(a=fmtp:{self.payload_type} .*?profile-level-id=)[0-9A-Fa-f]{{6}}",
+            rf"\g<1>{self.profile_level_id}",
+            answer,
+            flags=re.M,
+        )
+
+
+def fit_h264(offer: str, stream_profile_level_id: str) -> H264Fit:
+    """The first H.264 payload type (packetization-mode 1) of ``offer``'s video that decodes a stream whose SPS
+    makes ``stream_profile_level_id``; ``SdpError`` naming what the offer lacks."""
+    stream_profile, level = h264_profile(stream_profile_level_id)
+    offered = []
+    for section in _split(_lines(offer))[1]:
+        if not section[0].startswith("m=video"):
+            continue
+        fmtp = {int(f.group(1)): _fmtp_params(f.group(2)) for a in section if (f := _FMTP.match(a))}
+        for a in section:
+            if (r := _RTPMAP.match(a)) and r.group(2).upper() == "H264":
+                params = fmtp.get(int(r.group(1)), {})
+                if params.get("packetization-mode") == "1":
+                    offered.append((int(r.group(1)), params))
+    refused, fits = [], []
+    for pt, params in offered:
+        pli = params.get("profile-level-id", AIORTC_PROFILE)  # absent: Constrained Baseline 3.1 (RFC 6184 8.1)
+        try:
+            profile, offered_level = h264_profile(pli)
+        except SdpError:
+            continue
+        if profile not in DECODES[stream_profile]:
+            refused.append(f"{pli} ({profile})")
+        elif offered_level < level and params.get("level-asymmetry-allowed") != "1":
+            refused.append(f"{pli} (level {_level(offered_level)} below the stream's {_level(level)})")
+        else:
+            fits.append((profile != stream_profile, H264Fit(pt, f"{pli[:4].lower()}{level:02x}")))
+    if fits:
+        return min(fits, key=lambda f: f[0])[1]  # the stream's own profile first, else the first that decodes it
+    raise SdpError(
+        f"offer cannot take the stream's H.264 {stream_profile} {_level(level)} ({stream_profile_level_id});"
+        f" it offers {', '.join(refused) or 'no H.264 with a profile-level-id'}"
+    )
+
+
+def _level(level_idc: int) -> str:
+    return f"{level_idc // 10}.{level_idc % 10}"

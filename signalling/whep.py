@@ -29,6 +29,7 @@ from .sdp import (
     check_candidate,
     check_offer,
     drop_mdns_candidates,
+    fit_h264,
     is_ice_restart,
     is_mdns_candidate,
     served_only,
@@ -72,12 +73,22 @@ async def whep_offer(request: web.Request) -> web.Response:
         summary = check_offer(offer)
     except SdpError as exc:
         raise error(web.HTTPBadRequest, f"malformed offer: {exc}") from None
+    served = served_only(drop_mdns_candidates(offer), summary.served)
+    sps = relay.streams[name].sps  # of the H.264 the stream sends now; None before its first keyframe
+    fit = None
+    if sps is not None:
+        try:
+            fit = fit_h264(served, sps.profile_level_id)
+        except SdpError as exc:
+            refusals.warn("stream=%s offer refused: %s", name, exc)
+            raise error(web.HTTPBadRequest, str(exc)) from None
+        served = fit.offer_for_aiortc(served)
     _check_pending(relay, name, address)
     _check_viewer_limits(relay, name, request.remote)
     try:
-        session, answer = await relay.sessions.create(
-            name, served_only(drop_mdns_candidates(offer), summary.served), request.remote or "?"
-        )
+        session, answer = await relay.sessions.create(name, served, request.remote or "?")
+        if fit is not None:
+            answer = fit.answer(answer)  # its profile-level-id: the SPS's (Safari shows black otherwise)
     except OfferRejected as exc:
         raise error(web.HTTPBadRequest, str(exc)) from None
     except UnknownStream:

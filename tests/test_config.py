@@ -198,6 +198,27 @@ def test_streams_from_environment_and_flags():
         ),
         ('[telemetry]\nlog_interval = "0.01s"', {}, {}, "telemetry.log_interval: must be in 1s..1d, got '0.01s'"),
         ("[devices]\ndiscover_interval = -1", {}, {}, "devices.discover_interval: must be positive, got -1"),
+        ('[video]\nmode = "copy"', {}, {}, "video.mode: must be one of auto, passthrough, transcode, got 'copy'"),
+        ("", {"CAMRELAY_VIDEO_MODE": "fast"}, {}, "video.mode: must be one of auto, passthrough, transcode"),
+        (
+            '[streams]\ndoor = "rtsp://u:secret@cam/s#mode=fast"',
+            {},
+            {},
+            "streams.door: source option #mode=fast is not one of auto, passthrough, transcode",
+        ),
+        ('[streams]\ndoor = "rtsp://cam/s#quality=best"', {}, {}, "streams.door: source option #quality=best is not"),
+        (
+            '[streams]\ndoor = "file:/v.mp4#transport=udp"',
+            {},
+            {},
+            "streams.door: source option #transport= is for rtsp",
+        ),
+        (
+            '[streams]\npattern = "test:#mode=passthrough"',
+            {},
+            {},
+            "streams.pattern: #mode=passthrough: the test pattern is drawn here, it has no H.264",
+        ),
     ],
 )
 def test_bad_values_name_the_key(toml, env, flags, message):
@@ -226,3 +247,16 @@ def test_example_config_is_valid():
     text = (Path(__file__).parent.parent / "camrelay.example.toml").read_text()
     c = load(text)
     assert c.http.port == 8080
+
+
+def test_the_mode_comes_from_the_file_the_environment_a_flag_and_a_streams_own_spec():
+    assert load().video.mode == "auto"
+    assert load('[video]\nmode = "transcode"').video.mode == "transcode"
+    assert load('[video]\nmode = "transcode"', {"CAMRELAY_VIDEO_MODE": "passthrough"}).video.mode == "passthrough"
+    assert load("", {"CAMRELAY_VIDEO_MODE": "passthrough"}, {"video.mode": "auto"}).video.mode == "auto"
+    (door,) = load('[streams]\ndoor = "rtsp://u:pw@cam/s#mode=passthrough&transport=udp"').streams
+    assert (door.source.target, door.source.mode, door.source.transport) == ("rtsp://u:pw@cam/s", "passthrough", "udp")
+    assert str(door.source) == "rtsp://u:***@cam/s#mode=passthrough&transport=udp"  # for logs and the API
+    assert door.source.unredacted() == "rtsp://u:pw@cam/s#mode=passthrough&transport=udp"  # for its worker only
+    assert parse_source_spec(door.source.unredacted()) == door.source
+    assert parse_source_spec("file:/clips/a#1.mp4").target == "/clips/a#1.mp4"  # a # without = is the path's

@@ -124,3 +124,16 @@ def test_ioctl_numbers_match_the_kernel_headers():
     assert d.VIDIOC_ENUM_FMT == 0xC0405602
     assert d.VIDIOC_ENUM_FRAMESIZES == 0xC02C564A
     assert d.VIDIOC_ENUM_FRAMEINTERVALS == 0xC034564B
+
+
+@pytest.mark.parametrize(("formats", "offers"), [([MJPG, d.H264_FOURCC], True), ([MJPG, YUYV], False)])
+def test_a_uvc_camera_that_sends_h264_itself_is_asked_for_it(tmp_path, formats, offers):
+    """A C920 lists H264 beside MJPG: its worker reads it as H.264 (to pass through) unless the stream transcodes."""
+    camera = FakeCamera(d.CAP_VIDEO_CAPTURE, formats, {}, {})
+    node = tmp_path / "video0"
+    node.write_bytes(b"")
+    assert d.offers_h264(str(node), ioctl=camera.ioctl, open_node=lambda p: os.open(p, os.O_RDONLY)) is offers
+
+
+def test_a_camera_that_cannot_be_asked_is_read_as_mjpeg(tmp_path):
+    assert d.offers_h264(str(tmp_path / "gone")) is False  # no such device: the MJPEG path says why

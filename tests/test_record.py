@@ -173,7 +173,7 @@ def make_segment_part(tmp_path: Path, frames: int) -> bytes:
     picture = av.VideoFrame(320, 240, "yuv420p")
     units = [encoder.encode(picture, i * 6000, i % 10 == 0)[0] for i in range(max(1, frames))]
     first = EncodedFrame(units[0][0], units[0][2], True, 1.0)
-    segment = Segment(tmp_path / "made" / "x.mp4", first, (320, 240), FPS)
+    segment = Segment(tmp_path / "made" / "x.mp4", first, FPS)
     for data, keyframe, pts in units[:frames]:
         segment.write(EncodedFrame(data, pts, keyframe, 1.0))
     data = segment.part.read_bytes()  # before close: exactly what a power cut leaves
@@ -184,7 +184,7 @@ def make_segment_part(tmp_path: Path, frames: int) -> bytes:
 def test_a_segment_cut_before_its_first_frame_is_removed_not_recovered(tmp_path):
     from relay.record import Recorder, has_fragment
 
-    recorder = Recorder("cam0", None, None, tmp_path / "rec", lambda: (320, 240), FPS, 5.0, 0.0, Retention(0, 0))
+    recorder = Recorder("cam0", None, None, tmp_path / "rec", FPS, 5.0, 0.0, Retention(0, 0))
     day = recorder.dir / "2026-01-01"
     day.mkdir(parents=True)
     empty, played = day / "20260101T000000.000Z.mp4.part", day / "20260101T000005.000Z.mp4.part"
@@ -206,7 +206,7 @@ def test_retention_and_recovery_never_follow_a_symlink_out_of_the_recordings(tmp
     victims.append(outside / "snapshots" / "20200101T000000.000Z.jpg")
     for victim in victims:
         victim.write_bytes(b"not yours")
-    recorder = Recorder("cam0", None, None, tmp_path / "rec", lambda: (320, 240), FPS, 5.0, 0.0, Retention(1, 60.0))
+    recorder = Recorder("cam0", None, None, tmp_path / "rec", FPS, 5.0, 0.0, Retention(1, 60.0))
     recorder.dir.mkdir(parents=True)
     (recorder.dir / "2020-01-01").symlink_to(outside, target_is_directory=True)  # another local user's doing
     real_day = recorder.dir / "2020-01-02"

@@ -16,7 +16,6 @@ import pytest
 
 from benchmarks.ports import free_port, free_rtp_pair
 from relay.config import load
-from relay.hub import parameter_sets
 from relay.rtsp import (
     Mediamtx,
     MediamtxSettings,
@@ -95,12 +94,6 @@ def test_rtsp_status_line(line, status):
 
 def test_an_old_config_with_api_port_still_loads():
     assert load("[rtsp]\napi_port = 9997\n").rtsp.port == 8554
-
-
-def test_parameter_sets_are_taken_from_a_keyframe():
-    au = b"\x00\x00\x00\x01\x67AB\x00\x00\x00\x01\x68CD\x00\x00\x01\x65slice"
-    assert parameter_sets(au) == b"\x00\x00\x00\x01\x67AB\x00\x00\x00\x01\x68CD"
-    assert parameter_sets(b"\x00\x00\x01\x41slice") is None
 
 
 def test_missing_binary_is_one_clear_error(tmp_path):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from signalling.sdp import SdpError, answer_all, check_offer, is_ice_restart, served_only
+from signalling.sdp import SdpError, answer_all, check_offer, fit_h264, is_ice_restart, served_only
 
 CHROMIUM = (Path(__file__).parent / "data" / "chromium_offer.sdp").read_text()
 
@@ -229,3 +229,73 @@ def test_a_new_ice_ufrag_in_a_trickle_fragment_is_an_ice_restart():
     assert not is_ice_restart("a=ice-ufrag:bvp1\r\na=ice-pwd:x\r\na=mid:0\r\na=end-of-candidates\r\n", offer)
     assert not is_ice_restart("a=mid:0\r\na=candidate:1 1 udp 1 127.0.0.1 9 typ host\r\n", offer)
     assert is_ice_restart("a=ice-ufrag:n3wU\r\na=ice-pwd:n3wpasswordn3wpassword\r\n", offer)
+
+
+# -- the answer's H.264 profile: what the stream sends, or a 400 naming what the offer lacks
+
+DATA = Path(__file__).parent / "data"
+SAFARI = (DATA / "offer_safari_16.sdp").read_text()
+FIREFOX = (DATA / "offer_firefox_153.sdp").read_text()
+
+
+def fmtp_of(sdp: str, pt: int) -> str:
+    return next(line for line in sdp.splitlines() if line.startswith(f"a=fmtp:{pt} "))
+
+
+CHROMIUM_156 = (DATA / "offer_chromium_156.sdp").read_text()
+
+
+@pytest.mark.parametrize(
+    ("offer", "stream", "pt", "answered"),
+    [
+        # Chromium on Linux offers no High: its High 4:4:4 Predictive decoder decodes High, at the stream's level.
+        ("chromium", "640028", "f4001f", "f40028"),
+        ("chromium", "4d401f", "4d001f", "4d001f"),
+        ("chromium", "42c01e", "42e01f", "42e01e"),  # Constrained Baseline: the offer's CB, not its Baseline
+        ("safari", "640028", "640c1f", "640c28"),  # Safari offers Constrained High: a High stream without B-frames
+        ("safari", "4d401f", "640c1f", "640c1f"),
+        ("safari", "42c01f", "42e01f", "42e01f"),
+        ("firefox", "42c01f", "42e01f", "42e01f"),
+    ],
+)
+def test_the_answer_takes_the_offered_h264_that_decodes_the_stream_at_its_level(offer, stream, pt, answered):
+    text = {"chromium": CHROMIUM_156, "safari": SAFARI, "firefox": FIREFOX}[offer]
+    fit = fit_h264(text, stream)
+    assert f"profile-level-id={pt}" in fmtp_of(text, fit.payload_type)
+    assert "packetization-mode=1" in fmtp_of(text, fit.payload_type)
+    assert fit.profile_level_id == answered
+
+
+def test_aiortc_sees_only_the_chosen_h264_and_the_answer_names_the_streams_profile():
+    fit = fit_h264(CHROMIUM, "4d401f")
+    offer = fit.offer_for_aiortc(CHROMIUM)
+    assert h264_payload_types(offer) == {str(fit.payload_type)}
+    assert "profile-level-id=42e01f" in fmtp_of(offer, fit.payload_type)  # what aiortc matches on
+    assert check_offer(offer).h264_payload_types == (fit.payload_type,)
+    dropped = h264_payload_types(CHROMIUM) - {str(fit.payload_type)}
+    kept_rtx = {(p, a) for p, a in re.findall(r"a=fmtp:(\d+) apt=(\d+)", CHROMIUM) if a not in dropped}
+    assert set(re.findall(r"a=fmtp:(\d+) apt=(\d+)", offer)) == kept_rtx
+    mline = next(line for line in offer.splitlines() if line.startswith("m=video"))
+    assert all(f"a=rtpmap:{pt} " in offer for pt in mline.split()[3:])  # nothing listed without its rtpmap
+    answer = f"a=fmtp:{fit.payload_type} level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f\r\n"
+    assert fit.answer(answer) == answer.replace("42e01f", "4d001f")
+
+
+@pytest.mark.parametrize(
+    ("offer", "stream", "reason"),
+    [
+        (FIREFOX, "640028", "stream's H.264 High 4.0 (640028); it offers 42e01f (Constrained Baseline)"),
+        (SAFARI, "42001f", "Baseline 3.1 (42001f); it offers 640c1f (Constrained High), 42e01f (Constrained Base"),
+        (
+            CHROMIUM_156.replace("level-asymmetry-allowed=1;", ""),
+            "640033",
+            "High 5.1 (640033); it offers 42001f (Baseline), 42e01f (Constrained Baseline), 4d001f (Main),"
+            " f4001f (level 3.1 below the stream's 5.1)",
+        ),
+        (vp8_only(CHROMIUM), "42c01f", "it offers no H.264 with a profile-level-id"),
+    ],
+    ids=["firefox-high", "safari-baseline-proper", "level", "no-h264"],
+)
+def test_an_offer_that_cannot_take_the_streams_profile_is_refused_with_the_reason(offer, stream, reason):
+    with pytest.raises(SdpError, match=re.escape(reason)):
+        fit_h264(offer, stream)

@@ -4,7 +4,10 @@ A source is opened, read in a loop on a capture thread, and closed. Every read
 returns a ``CapturedFrame`` stamped with its capture time. MJPEG sources (USB
 cameras, capture cards, the test pattern) hand over the JPEG bytes exactly as
 the device delivered them, for snapshots and MJPEG over HTTP; other sources
-(RTSP cameras, files) hand over decoded pictures.
+(RTSP cameras, files) hand over decoded pictures. Sources that demux a
+container (``PacketSource``: RTSP cameras, files, UVC cameras in H.264) also
+hand over their packets undecoded, for passthrough; ``codec`` says what they
+carry, before anything is decoded.
 
 ``open_source`` opens what a spec names (``relay.source``): a new kind of
 source is a class here and a kind there.
@@ -12,24 +15,48 @@ source is a class here and a kind there.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import av
 
 from ..logsafe import redact_text, redact_url
 from ..source import SourceSpec, parse_faults
-from .testpattern import PatternRenderer
+
+if TYPE_CHECKING:
+    from .testpattern import PatternRenderer
 
 log = logging.getLogger(__name__)
 
 # V4L2 keeps its own ring of buffers; anything queued in front of it only
 # adds latency, so ask FFmpeg's demuxer for no probing and no extra buffering.
 V4L2_OPTIONS = {"input_format": "mjpeg", "fflags": "nobuffer", "probesize": "32", "analyzeduration": "0"}
-RTSP_OPTIONS = {"rtsp_transport": "tcp", "fflags": "nobuffer", "flags": "low_delay", "timeout": "5000000"}
+# A UVC camera's own H.264 (a Logitech C920's, say): the same, in FFmpeg's name for it.
+V4L2_H264_OPTIONS = {**V4L2_OPTIONS, "input_format": "h264"}
+# RTSP in with the least delay: no input buffering, and over TCP (which never reorders) no reorder queue;
+# "timeout" is the socket I/O timeout in microseconds, so a camera that hangs mid-stream errors out. No
+# probing: the codec and its parameter sets come with the SDP, the worker reads the SPS itself
+# (relay/h264.py), and FFmpeg's probe held the stream 1 to 3 s at every open (measured with a 1080p camera:
+# 0.06 s to open without it).
+RTSP_INPUT = {
+    "fflags": "nobuffer",
+    "flags": "low_delay",
+    "timeout": "5000000",
+    "analyzeduration": "0",
+    "probesize": "32",
+}
+RTSP_OPTIONS = {**RTSP_INPUT, "rtsp_transport": "tcp", "reorder_queue_size": "0"}
+# Over UDP (a spec's #transport=udp) packets may arrive out of order: FFmpeg's default reorder queue stays.
+RTSP_UDP_OPTIONS = {**RTSP_INPUT, "rtsp_transport": "udp"}
+OPEN_TIMEOUT = 10.0  # seconds to connect, DESCRIBE and probe the stream
+# A read from a camera that hangs mid-stream ends with RTSP's socket timeout ("timeout" above, 5 s), not
+# PyAV's read timeout: that one calls back into Python at every I/O, +0.1 % of a core for one 1080p camera
+# (benchmarks/passthrough.py). A device or file that hangs is the stall watch's (relay/camera/worker.py).
+READ_TIMEOUT = None
 
 
 class SourceError(Exception):
@@ -49,6 +76,7 @@ class Source(Protocol):
     width: int
     height: int
     fps: float
+    codec: str  # what it delivers: "test pattern", "mjpeg"
 
     def open(self) -> None: ...
 
@@ -67,6 +95,8 @@ _FAULTS_DONE: dict[str, int] = {}
 class TestPatternSource:
     """The synthetic MJPEG camera, paced to its frame rate by the wall clock."""
 
+    codec = "test pattern"
+
     def __init__(self, width: int, height: int, fps: float, label: str = "test", faults: str = "") -> None:
         self.width, self.height, self.fps = width, height, fps
         self._label = label
@@ -80,6 +110,8 @@ class TestPatternSource:
     def open(self) -> None:
         if self._faults and time.monotonic() < _DOWN_UNTIL.get(self._fault_key, 0.0):
             raise SourceError("simulated camera is unplugged")
+        from .testpattern import PatternRenderer  # numpy: imported by the workers that draw only
+
         self._renderer = PatternRenderer(self.width, self.height, self._label)
         self._next = time.monotonic()
 
@@ -126,8 +158,130 @@ class TestPatternSource:
         self._renderer = None
 
 
+class PacketSource:
+    """A container FFmpeg demuxes: an RTSP camera, a video file (looped), a UVC camera in H.264.
+
+    ``read_packet()`` hands over the camera's packets undecoded (passthrough);
+    ``read()`` decodes them (transcoding). Blocking, from the capture thread.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        width: int,
+        height: int,
+        fps: float,
+        *,
+        loop: bool = False,
+        options: dict[str, str] | None = None,
+        format: str | None = None,
+    ) -> None:
+        self.url = url
+        self.width, self.height, self.fps = width, height, fps
+        self.codec = ""  # FFmpeg's name for what the source carries (h264, hevc, mjpeg), once open
+        self.extradata = b""  # the decoder's setup: avcC from MP4 and MKV, Annex B SPS/PPS (sprop) from RTSP
+        self.time_base = 0.0  # seconds per tick of packet.pts
+        self._loop = loop
+        self._options = options or {}
+        self._format = format
+        self._container: av.container.InputContainer | None = None
+        self._stream: av.VideoStream | None = None
+        self._packets = None
+        self._pending: collections.deque[av.Packet] = collections.deque()  # read ahead while probing
+        self._frames: collections.deque[av.VideoFrame] = collections.deque()
+        self._next = 0.0
+        self._stop = threading.Event()
+        self._owner: int | None = None  # the thread that opened it, and alone may close it
+
+    @property
+    def name(self) -> str:
+        return redact_url(self.url)  # for errors and logs: never a camera's password
+
+    def open(self) -> None:
+        self._owner = threading.get_ident()
+        try:
+            self._container = av.open(
+                self.url, format=self._format, options=self._options, timeout=(OPEN_TIMEOUT, READ_TIMEOUT)
+            )
+        except (av.FFmpegError, OSError) as exc:
+            raise SourceError(f"cannot open {self.name}: {redact_text(str(exc), self.url)}") from exc
+        if not self._container.streams.video:
+            raise SourceError(f"{self.name} has no video stream")
+        self._stream = self._container.streams.video[0]
+        ctx = self._stream.codec_context
+        self.width, self.height = ctx.width or self.width, ctx.height or self.height
+        self.codec = ctx.name
+        self.extradata = bytes(ctx.extradata or b"")
+        self.time_base = float(self._stream.time_base or 0)
+        rate = self._stream.average_rate or self._stream.guessed_rate
+        if rate and 1 <= float(rate) <= 120 and self._loop:
+            self.fps = float(rate)  # a file plays at its own rate
+        self._packets = self._container.demux(self._stream)
+        self._next = time.monotonic()
+
+    def read_packet(self) -> av.Packet:
+        """The next packet of the video stream, as the source sent it."""
+        if self._stop.is_set():
+            raise SourceError(f"{self.name} closed")
+        if self._pending:
+            return self._pending.popleft()
+        if self._container is None or self._packets is None:
+            raise SourceError(f"{self.name} is not open")
+        try:
+            packet = next(self._packets)
+            while packet.size == 0:  # the demuxer's end-of-stream marker
+                packet = next(self._packets)
+        except StopIteration:
+            if not self._loop:
+                raise SourceError(f"{self.name} ended") from None
+            self._container.seek(0)
+            self._packets = self._container.demux(self._stream)
+            return self.read_packet()
+        except (av.FFmpegError, OSError) as exc:
+            raise SourceError(f"{self.name} stopped delivering frames: {redact_text(str(exc), self.url)}") from exc
+        if self._loop:  # a file plays at its rate, not as fast as it is read
+            delay = self._next - time.monotonic()
+            if delay > 0 and self._stop.wait(delay):
+                raise SourceError("file source closed")
+            self._next = max(self._next + 1.0 / self.fps, time.monotonic() - 1.0)
+        return packet
+
+    def unread(self, packets: list[av.Packet]) -> None:
+        """Packets read ahead (to decide passthrough or not) that the next reads give back first."""
+        self._pending.extendleft(reversed(packets))
+
+    def read(self) -> CapturedFrame:
+        """The next decoded picture."""
+        assert self._stream is not None
+        while not self._frames:
+            packet = self.read_packet()
+            try:
+                self._frames.extend(self._stream.codec_context.decode(packet))
+            except av.FFmpegError as exc:
+                log.debug("%s: undecodable packet: %s", self.name, exc)
+        picture = self._frames.popleft()
+        picture.pts = None
+        return CapturedFrame(time.time(), picture=picture)
+
+    def close(self) -> None:
+        """From the thread that reads it: closed now. From any other (a stalled camera, the worker stopping):
+        its read ends (the next packet, or RTSP's socket timeout) and its own thread closes it (FFmpeg's
+        demuxer closed under a read that is still running deadlocks)."""
+        self._stop.set()
+        if self._owner not in (None, threading.get_ident()):
+            return
+        if self._container is not None:
+            self._container.close()
+            self._container = None
+            self._packets = None
+            self._pending.clear()
+            self._frames.clear()
+
+
 class V4L2Source:
     """A USB camera or HDMI capture card, read as MJPEG with PyAV's v4l2 input."""
+
+    codec = "mjpeg"
 
     def __init__(self, device: str, width: int, height: int, fps: float) -> None:
         self.device = device
@@ -161,72 +315,48 @@ class V4L2Source:
             self._container = None
 
 
-class DecodedSource:
-    """An RTSP camera or a video file (looped), decoded on the capture thread."""
-
-    def __init__(self, url: str, width: int, height: int, fps: float, *, loop: bool, options: dict[str, str]) -> None:
-        self.url = url
-        self.width, self.height, self.fps = width, height, fps
-        self._loop = loop
-        self._options = options
-        self._container: av.container.InputContainer | None = None
-        self._frames = None
-        self._next = 0.0
-        self._stop = threading.Event()
-
-    def open(self) -> None:
-        try:
-            self._container = av.open(self.url, options=self._options, timeout=10)
-        except (av.FFmpegError, OSError) as exc:
-            raise SourceError(f"cannot open {redact_url(self.url)}: {redact_text(str(exc), self.url)}") from exc
-        if not self._container.streams.video:
-            raise SourceError(f"{redact_url(self.url)} has no video stream")
-        ctx = self._container.streams.video[0].codec_context
-        self.width, self.height = ctx.width or self.width, ctx.height or self.height
-        self._frames = self._container.decode(video=0)
-        self._next = time.monotonic()
-
-    def read(self) -> CapturedFrame:
-        if self._container is None or self._frames is None:
-            raise SourceError(f"{redact_url(self.url)} is not open")
-        try:
-            picture = next(self._frames)
-        except StopIteration:
-            if not self._loop:
-                raise SourceError(f"{redact_url(self.url)} ended") from None
-            self._container.seek(0)
-            self._frames = self._container.decode(video=0)
-            return self.read()
-        except (av.FFmpegError, OSError) as exc:
-            raise SourceError(
-                f"{redact_url(self.url)} stopped delivering frames: {redact_text(str(exc), self.url)}"
-            ) from exc
-        if self._loop:  # a file plays at its configured rate, not as fast as it decodes
-            delay = self._next - time.monotonic()
-            if delay > 0 and self._stop.wait(delay):
-                raise SourceError("file source closed")
-            self._next = max(self._next + 1.0 / self.fps, time.monotonic() - 1.0)
-        picture.pts = None
-        return CapturedFrame(time.time(), picture=picture)
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._container is not None:
-            self._container.close()
-            self._container = None
-            self._frames = None
+# A source's timestamps that stray this far (seconds) from the wall clock are taken as a jump (a file
+# looping, a camera's clock reset) and the mapping starts again from now.
+CLOCK_RESYNC = 1.0
 
 
-def open_source(spec: SourceSpec, width: int, height: int, fps: float, label: str) -> Source:
-    """A source for ``spec``; sizes in the spec win over the defaults given."""
+class SourceClock:
+    """A source's own timestamps on the wall clock: frames keep the spacing the camera gave them (not the
+    jitter of the network that brought them), anchored at the wall clock and re-anchored when they stray."""
+
+    def __init__(self, resync: float = CLOCK_RESYNC) -> None:
+        self._resync = resync
+        self._anchor: tuple[float, float] | None = None  # (source seconds, wall clock) of the anchor frame
+
+    def wall_time(self, source_seconds: float | None, now: float) -> float:
+        """When a frame with timestamp ``source_seconds`` (None: the source gave none) was taken, received ``now``."""
+        if source_seconds is None:
+            return now
+        if self._anchor is not None:
+            t = self._anchor[1] + source_seconds - self._anchor[0]
+            if abs(t - now) <= self._resync:
+                return t
+        self._anchor = (source_seconds, now)
+        return now
+
+
+def open_source(
+    spec: SourceSpec, width: int, height: int, fps: float, label: str, h264_device: bool = False
+) -> Source | PacketSource:
+    """A source for ``spec``; sizes in the spec win over the defaults given. ``h264_device``: a V4L2 camera
+    is read in its own H.264 (for passthrough), not MJPEG."""
     width, height = spec.width or width, spec.height or height
     fps = spec.fps or fps
     if spec.kind == "test":
         return TestPatternSource(width, height, fps, label, spec.target)
     if spec.kind == "v4l2":
+        if h264_device:
+            options = dict(V4L2_H264_OPTIONS, video_size=f"{width}x{height}", framerate=f"{fps:g}")
+            return PacketSource(spec.target, width, height, fps, options=options, format="video4linux2")
         return V4L2Source(spec.target, width, height, fps)
     if spec.kind == "rtsp":
-        return DecodedSource(spec.target, width, height, fps, loop=False, options=RTSP_OPTIONS)
+        options = RTSP_UDP_OPTIONS if spec.transport == "udp" else RTSP_OPTIONS
+        return PacketSource(spec.target, width, height, fps, options=options)
     if spec.kind == "file":
-        return DecodedSource(spec.target, width, height, fps, loop=True, options={})
+        return PacketSource(spec.target, width, height, fps, loop=True)
     raise ValueError(f"unknown source kind {spec.kind!r}")

@@ -1,18 +1,27 @@
-"""A camera's worker process: capture, decode once, encode once.
+"""A camera's worker process: pass the camera's H.264 through, or decode once and encode once.
 
     CAMRELAY_WORKER_CONFIG='{"name": "cam0", "source": "test:", ...}' python -m relay.camera.worker
 
 (``relay.ipc.WorkerConfig``, as JSON.)
-Runs the source on a capture thread and the codecs on an encode thread, and
-writes encoded access units (and, when asked, the camera's JPEGs) to stdout
-in the ``relay.ipc`` framing. Reads one-byte commands on stdin (keyframe,
-JPEG on/off); stdin closing means stop. A source that fails is retried with
-backoff here; the relay restarts the whole process only if it dies.
+Runs the source on a capture thread. A source that sends H.264 browsers can
+take (``relay.source.decide_mode``) is passed through: the capture thread
+writes the camera's access units, parameter sets in front of each IDR, and no
+codec runs. Anything else is decoded and encoded on an encode thread. Either
+way access units (and, when asked, JPEGs) go to stdout in the ``relay.ipc``
+framing. The encode thread also draws the NO SIGNAL slate while a camera is
+gone (for a passed-through camera it runs only then), and a passed-through
+camera's JPEGs are decoded on a thread of their own only while someone wants
+them. Reads one-byte commands on stdin (keyframe, JPEG on/off); stdin closing
+means stop. A source that fails is retried with backoff here; the relay
+restarts the whole process only if it dies.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -23,13 +32,14 @@ from collections.abc import Callable
 
 import av
 
-from .. import ipc
+from .. import h264, ipc
 from ..backoff import Retry
+from ..devices import offers_h264
+from ..h264 import H264Error, ParameterSets
 from ..ipc import EncoderSettings
 from ..logsafe import SECRET_FILTER, redact, url_passwords
-from ..source import parse_source_spec
-from . import slate
-from .capture import CapturedFrame, Source, SourceError, open_source
+from ..source import ModeDecision, PassthroughRefused, decide_mode, parse_source_spec
+from .capture import CapturedFrame, PacketSource, Source, SourceClock, SourceError, open_source
 from .encode import PTS_CLOCK, DecodeError, H264Encoder, JpegDecoder, JpegEncoder
 
 log = logging.getLogger("relay.camera.worker")  # not __name__: this module runs as __main__
@@ -46,6 +56,17 @@ STUCK_EXIT = 8.0  # seconds a closed source may keep its read blocked before the
 THERMAL_SLACK = 0.9  # keep a frame a little early rather than skip two at jittery rates
 EXIT_STUCK = 3  # the worker's exit status when the capture thread is stuck
 SIGTERM_GRACE = 2.0  # seconds between SIGTERM and leaving without cleaning up
+WATCH_INTERVAL = 0.25  # seconds between the main thread's looks for a stalled or silent camera
+# Packets read before a stream's SPS shows up in-band (a camera that sends it only before IDRs, none in the
+# SDP): 20 s at 30 fps, longer than any camera's GOP. Past it the stream is taken as unreadable H.264.
+SPS_PROBE_PACKETS = 600
+# Packets whose timestamps are looked at, when the SPS does not say whether pictures are reordered
+# (B-frames): a B-frame shows within two or three pictures of an I or P.
+REORDER_PROBE_PACKETS = 12
+# A passed-through camera's access units since its last IDR are kept (for JPEGs on demand, which decode from
+# there) up to this many bytes: a 16 s GOP at 4 Mbit/s. Past it, JPEGs wait for the next IDR.
+GOP_KEEP_BYTES = 8 * 2**20
+JPEG_WAIT = 0.5  # seconds the JPEG thread waits for a new unit before it looks at whether it is still wanted
 
 
 class Mailbox:
@@ -77,25 +98,71 @@ class Mailbox:
             self._cond.notify_all()
 
 
+class Gop:
+    """A passed-through camera's access units since its last IDR, for a decoder that starts late (JPEGs on
+    demand); at most ``limit`` bytes, past which the rest of the GOP is not kept."""
+
+    def __init__(self, limit: int = GOP_KEEP_BYTES) -> None:
+        self._cond = threading.Condition()
+        self._limit = limit
+        self._units: list[tuple[bytes, float]] = []  # (access unit, capture time)
+        self._bytes = 0
+        self._full = False
+        self.generation = 0  # one more at every IDR
+
+    def add(self, unit: bytes, idr: bool, capture_time: float) -> None:
+        with self._cond:
+            if idr:
+                self._units, self._bytes, self._full = [], 0, False
+                self.generation += 1
+            elif self._full or not self._units:
+                return  # nothing to decode it against
+            if self._bytes + len(unit) > self._limit and self._units:
+                self._full = True
+                return
+            self._units.append((unit, capture_time))
+            self._bytes += len(unit)
+            self._cond.notify_all()
+
+    def clear(self) -> None:
+        with self._cond:
+            self._units, self._bytes, self._full = [], 0, False
+            self.generation += 1
+
+    def newer(self, generation: int, index: int, timeout: float) -> tuple[int, list[tuple[bytes, float]]]:
+        """(the current generation, the units a reader at ``index`` of ``generation`` has not seen yet);
+        a new generation's units from its IDR on. Waits up to ``timeout`` for one."""
+        with self._cond:
+            if generation == self.generation and index >= len(self._units):
+                self._cond.wait(timeout)
+            if generation != self.generation:
+                index = 0
+            return self.generation, self._units[index:]
+
+
 Emit = Callable[[bytes], None]
 
 
 class Pipeline:
-    """Capture and encode threads for one source; output goes to ``emit`` as ipc messages."""
+    """The capture thread, and the encode and JPEG threads while they are needed; output goes to ``emit``
+    as ipc messages."""
 
     def __init__(
         self,
         name: str,
         source: str,
-        source_factory: Callable[[], Source],
+        source_factory: Callable[[], Source | PacketSource],
         settings: EncoderSettings,
         emit: Emit,
         size: tuple[int, int] = (1280, 720),
+        mode: str = "auto",
     ) -> None:
         self.name = name
         self.size = size  # for the slate until the source reports its own
         self.settings_fps = settings.fps
         self.source = source  # for log lines, credentials already redacted
+        self.mode = mode  # as configured: auto, passthrough, transcode
+        self.decision: ModeDecision | None = None  # for the source open now (or last)
         self.stats = ipc.WorkerStatus(fps=settings.fps)
         self.send_jpeg = False
         self.max_fps = 0.0  # 0: encode every frame; lowered by the relay's thermal guard
@@ -108,23 +175,38 @@ class Pipeline:
         self._stop = threading.Event()
         self._keyframe_wanted = threading.Event()
         self._last_forced = 0.0
-        self._source: Source | None = None
-        self._threads: list[threading.Thread] = []
+        self._source: Source | PacketSource | None = None
+        self._capture: threading.Thread | None = None
+        self._encode: threading.Thread | None = None  # while transcoding, or while the slate shows
+        self._jpegs: threading.Thread | None = None  # a passed-through camera's JPEGs, while wanted
+        self._threads_lock = threading.Lock()
+        # Held while a unit is written: a passed-through camera's first unit and the slate's last never cross.
+        self._emit_lock = threading.Lock()
+        self._pts_lock = threading.Lock()
         self._last_pts = -1
         self._last_encoded = 0.0  # capture time of the last frame encoded
-        self._last_frame = time.monotonic()  # when the source last delivered a frame
+        self._last_frame = time.monotonic()  # when the source last delivered a frame to the output
+        self._last_read = time.monotonic()  # when the source last delivered anything (frames skipped included)
         self._stall_closed_at: float | None = None
+        self._last_status = 0.0
+        # Passthrough: camera units wait for an IDR after the source opens and after slate frames went out;
+        # slate frames start with an IDR after camera units went out.
+        self._need_idr = True
+        self._slate_idr = False
+        self._gop = Gop()
         # An encoder that fails is reopened with backoff, not at every frame: opening
         # x264 costs tens of ms, and a failure per frame was a traceback per frame.
         self._encoder_retry = Retry()
         self._encoder_retry_at = 0.0  # monotonic time before which frames are not encoded
         self.encoder_failing = False
 
+    @property
+    def passing_through(self) -> bool:
+        return self.decision is not None and self.decision.passthrough
+
     def start(self) -> None:
-        for target, role in ((self._capture_loop, "capture"), (self._encode_loop, "encode")):
-            t = threading.Thread(target=target, name=f"{role}-{self.name}", daemon=True)
-            t.start()
-            self._threads.append(t)
+        self._capture = threading.Thread(target=self._capture_loop, name=f"capture-{self.name}", daemon=True)
+        self._capture.start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -132,26 +214,75 @@ class Pipeline:
         source = self._source
         if source is not None:
             source.close()  # unblocks a pending read
-        for t in self._threads:
-            t.join(THREAD_JOIN_TIMEOUT)
+        for t in (self._capture, self._encode, self._jpegs):
+            if t is not None:
+                t.join(THREAD_JOIN_TIMEOUT)
         self._encoder.close()
 
     def request_keyframe(self) -> None:
         self._keyframe_wanted.set()
 
+    def set_jpeg(self, on: bool) -> None:
+        self.send_jpeg = on
+        self._start_jpegs()
+
     def status(self) -> ipc.WorkerStatus:
         st = self.stats
         st.frames_dropped_encoder_busy = self._mailbox.replaced
-        st.encoder = self._encoder.name
+        running = self._encoder.running
+        st.encoder = "none" if self.passing_through and not running else self._encoder.name
         state = st.state
         if st.slate:
             state = "no_signal"
         if self.encoder_failing:
             state = ipc.ENCODER_ERROR  # nothing reaches viewers, whatever the camera does
-        return dataclasses.replace(st, state=state, encoders_running=self._encoder.running)
+        return dataclasses.replace(st, state=state, encoders_running=running)
 
     def push_status(self) -> None:
+        self._last_status = time.monotonic()
         self._emit(ipc.pack(ipc.STATUS, self.status().to_json()))
+
+    def tick(self) -> None:
+        """From the main thread, every ``WATCH_INTERVAL``: a stalled camera, a silent one, the status."""
+        now = time.monotonic()
+        self._check_stall(now)
+        if now - self._last_frame >= SLATE_AFTER:
+            self._start_encoding()  # the slate, for a passed-through camera (a transcoding one has it running)
+        if now - self._last_status >= STATUS_INTERVAL:
+            self.push_status()
+
+    # -- threads that run while they are needed
+
+    def _start_encoding(self) -> None:
+        with self._threads_lock:
+            if self._encode is None and not self._stop.is_set():
+                self._encode = threading.Thread(target=self._encode_loop, name=f"encode-{self.name}", daemon=True)
+                self._encode.start()
+
+    def _leave_encoding(self) -> bool:
+        """Whether the encode thread may end: a passed-through camera delivers again, nothing to encode."""
+        with self._threads_lock:
+            if not self.passing_through or time.monotonic() - self._last_frame >= SLATE_AFTER:
+                return False
+            self._encode = None
+            self._encoder.close()
+        _give_back_memory()
+        log.info("stream=%s slate encoder stopped; passing the camera through", self.name)
+        self.push_status()
+        return True
+
+    def _start_jpegs(self) -> None:
+        with self._threads_lock:
+            if self.send_jpeg and self.passing_through and self._jpegs is None and not self._stop.is_set():
+                self._jpegs = threading.Thread(target=self._jpeg_loop, name=f"jpeg-{self.name}", daemon=True)
+                self._jpegs.start()
+
+    def _leave_jpegs(self) -> bool:
+        with self._threads_lock:
+            if self.send_jpeg and self.passing_through and not self._stop.is_set():
+                return False
+            self._jpegs = None
+            return True
 
     # -- capture thread ------------------------------------------------
 
@@ -165,15 +296,15 @@ class Pipeline:
                 source.open()
                 st.source_opens += 1
                 st.width, st.height, st.fps = source.width, source.height, source.fps
-                log.info("stream=%s source=%s opened %dx%d@%g", self.name, self.source, st.width, st.height, st.fps)
+                decision, sets = self._choose_mode(source)
+                self._last_read = time.monotonic()  # the stall watch starts now, not when the worker did
+                if not st.slate:  # a source that opens in time has a second for its first frame, as any
+                    self._last_frame = self._last_read
                 st.state = "live"
-                self.push_status()
-                while not self._stop.is_set():
-                    frame = source.read()
-                    st.frames_captured += 1
-                    if frame.jpeg is not None and self.send_jpeg:
-                        self._emit(ipc.pack(ipc.JPEG, frame.jpeg, capture_time=frame.capture_time))
-                    self._mailbox.put(frame)
+                if sets is not None:
+                    self._pass_through(source, sets)  # type: ignore[arg-type]
+                else:
+                    self._transcode(source)
             except SourceError as exc:
                 if self._stop.is_set():
                     break
@@ -187,6 +318,9 @@ class Pipeline:
                 if self._source is not None:
                     self._source.close()
                     self._source = None
+                self._gop.clear()
+            if self._stop.is_set():
+                break
             self._retry.ran(time.monotonic() - opened_at)
             delay = self._retry.next_delay()
             st.state = "retrying"
@@ -196,75 +330,243 @@ class Pipeline:
             )
             self._stop.wait(delay)
 
+    def _choose_mode(self, source: Source | PacketSource) -> tuple[ModeDecision, ParameterSets | None]:
+        """Pass through or transcode this source (logged, and in the status); for passthrough, the stream's
+        parameter sets as known so far. Reads ahead, when it must, for the SPS and the order of pictures;
+        what it read is read again after. ``SourceError`` when passthrough is required and impossible."""
+        st = self.stats
+        st.codec, st.profile = source.codec, ""
+        sps, reorders, out_of_band = None, None, []
+        if source.codec == "h264" and self.mode != "transcode" and isinstance(source, PacketSource):
+            sps, reorders, out_of_band = self._probe(source)
+            if sps is not None:
+                st.profile = sps.describe()
+        try:
+            decision = decide_mode(self.mode, source.codec, sps, reorders)
+        except PassthroughRefused as exc:
+            st.mode, st.mode_reason = "", str(exc)
+            raise SourceError(str(exc)) from None
+        if decision != self.decision:
+            log.info("stream=%s mode=%s reason=%s", self.name, decision.mode, decision.reason)
+        self.decision = decision
+        st.mode, st.mode_reason = decision.mode, decision.reason
+        if not decision.passthrough:
+            return decision, None
+        assert sps is not None
+        st.width, st.height = sps.width, sps.height
+        st.fps = sps.fps if sps.fps and 1 <= sps.fps <= 120 else source.fps
+        return decision, ParameterSets(out_of_band)
+
+    def _probe(self, source: PacketSource) -> tuple[h264.Sps | None, bool | None, list[bytes]]:
+        """(the SPS, whether pictures are reordered, the parameter sets from out of band) of an H.264 source."""
+        try:
+            out_of_band = h264.extradata_parameter_sets(source.extradata)
+            sets = ParameterSets(out_of_band)
+            length = _avcc_length(source.extradata)
+            read: list = []
+            while sets.sps is None and len(read) < SPS_PROBE_PACKETS and not self._stop.is_set():
+                read.append(source.read_packet())
+                with contextlib.suppress(H264Error):  # a corrupt packet: the next may do
+                    sets.access_unit(_annexb(bytes(read[-1]), length))
+            sps = h264.parse_sps(sets.sps) if sets.sps is not None else None
+        except H264Error as exc:
+            raise SourceError(f"{self.source} sends H.264 that cannot be read: {exc}") from None
+        reorders = sps.reorders if sps is not None else None
+        if sps is not None and reorders is None:
+            while len(read) < REORDER_PROBE_PACKETS and not self._stop.is_set():
+                read.append(source.read_packet())
+            reorders = h264.out_of_order([p.pts for p in read])
+        source.unread(read)
+        return sps, reorders, out_of_band
+
+    def _transcode(self, source: Source | PacketSource) -> None:
+        """Frames to the encode thread (newest wins); an MJPEG camera's own JPEGs to the relay when wanted."""
+        st = self.stats
+        self._start_encoding()
+        self.push_status()
+        while not self._stop.is_set():
+            frame = source.read()
+            self._last_read = time.monotonic()
+            st.frames_captured += 1
+            if frame.jpeg is not None and self.send_jpeg:
+                self._emit(ipc.pack(ipc.JPEG, frame.jpeg, capture_time=frame.capture_time))
+            self._mailbox.put(frame)
+
+    def _pass_through(self, source: PacketSource, sets: ParameterSets) -> None:
+        """The camera's access units to the relay as they are, each IDR with the parameter sets in front."""
+        st = self.stats
+        clock = SourceClock()
+        length = _avcc_length(source.extradata)
+        changes = 0
+        self._need_idr = True
+        self.push_status()
+        self._start_jpegs()
+        while not self._stop.is_set():
+            packet = source.read_packet()
+            self._last_read = time.monotonic()
+            st.frames_captured += 1
+            try:
+                unit, idr = sets.access_unit(_annexb(bytes(packet), length))
+            except H264Error as exc:
+                st.frames_dropped_corrupt += 1
+                log.debug("stream=%s %s", self.name, exc)
+                continue
+            if sets.changes != changes:
+                changes = sets.changes
+                self._new_parameter_sets(sets)
+            if self._need_idr and not idr:
+                continue  # a viewer's decoder cannot use it: it starts at an IDR
+            now = time.time()
+            when = clock.wall_time(None if packet.pts is None else packet.pts * source.time_base, now)
+            self._gop.add(unit, idr, now)
+            flags = ipc.FLAG_PASSTHROUGH | (ipc.FLAG_KEYFRAME if idr else 0)
+            with self._emit_lock:
+                self._need_idr = False
+                self._slate_idr = True
+                self._last_frame = time.monotonic()
+                self._stall_closed_at = None
+                if st.slate:
+                    st.slate = False
+                    log.info("stream=%s signal is back", self.name)
+                    self.push_status()
+                self._emit(ipc.pack(ipc.UNIT, unit, flags=flags, pts=self._pts(when), capture_time=now))
+
+    def _new_parameter_sets(self, sets: ParameterSets) -> None:
+        """The camera changed its SPS or PPS (a new size or profile): still passable, or reopened in auto."""
+        assert sets.sps is not None
+        try:
+            sps = h264.parse_sps(sets.sps)
+        except H264Error as exc:
+            raise SourceError(f"{self.source} sent an SPS that cannot be read: {exc}") from None
+        st = self.stats
+        log.info("stream=%s new parameter sets: %s (was %s)", self.name, sps.describe(), st.profile)
+        st.profile, st.width, st.height = sps.describe(), sps.width, sps.height
+        try:
+            decision = decide_mode(self.mode, "h264", sps, sps.reorders)
+        except PassthroughRefused as exc:
+            raise SourceError(str(exc)) from None
+        if not decision.passthrough:
+            raise SourceError(f"{self.source} changed to {sps.describe()}: {decision.reason}; reopening")
+        self.push_status()
+
     def _record_error(self, message: str) -> None:
         message = redact(message, SECRET_FILTER.secrets)  # an error may quote the camera's URL, escaped
         self.stats.source_errors += 1
         self.stats.last_error = message
         log.warning("stream=%s source error: %s", self.name, message)
 
-    # -- encode thread -------------------------------------------------
+    # -- JPEG thread: a passed-through camera's pictures, decoded only while someone wants them
+
+    def _jpeg_loop(self) -> None:
+        st = self.stats
+        log.info("stream=%s decoding for JPEGs", self.name)
+        decoder = av.CodecContext.create("h264", "r")
+        decoder.flags |= av.codec.context.Flags.low_delay
+        encoder = JpegEncoder()
+        generation, index = -1, 0
+        while not self._stop.is_set() and not self._leave_jpegs():
+            current, units = self._gop.newer(generation, index, JPEG_WAIT)
+            if current != generation:
+                generation, index = current, 0
+            index += len(units)
+            picture, taken = None, 0.0
+            for unit, capture_time in units:
+                try:
+                    frames = decoder.decode(av.Packet(unit))
+                except av.FFmpegError as exc:
+                    log.debug("stream=%s undecodable unit: %s", self.name, exc)
+                    continue
+                st.frames_decoded += len(frames)
+                if frames:
+                    picture, taken = frames[-1], capture_time
+            if picture is not None and self.send_jpeg:  # only the newest of a batch: a late decoder catches up
+                self._emit(ipc.pack(ipc.JPEG, encoder.encode(picture), capture_time=taken))
+        log.info("stream=%s JPEG decoding stopped", self.name)
+
+    # -- encode thread: transcoding, and the slate
 
     def _encode_loop(self) -> None:
-        decoder = JpegDecoder()
+        decoder: JpegDecoder | None = None
         jpeg_encoder = JpegEncoder()
         st = self.stats
         while not self._stop.is_set():
             frame = self._mailbox.get(timeout=1.0 / max(1.0, st.fps or self.settings_fps))
             now = time.monotonic()
             if frame is None:
-                self._check_stall(now)
                 if now - self._last_frame < SLATE_AFTER:
+                    if self._leave_encoding():
+                        return
                     continue
-                frame = self._slate_frame()  # the camera is gone: keep the stream alive
-            else:
-                self._last_frame = now
-                self._stall_closed_at = None
-                if st.slate:
-                    st.slate = False
-                    log.info("stream=%s signal is back", self.name)
-                if self.max_fps and frame.capture_time - self._last_encoded < THERMAL_SLACK / self.max_fps:
-                    st.frames_dropped_thermal += 1
-                    continue
-                self._last_encoded = frame.capture_time
-            if now < self._encoder_retry_at:
-                continue  # the encoder failed; it is tried again when its backoff ends
-            started = time.perf_counter()
-            try:
-                picture = frame.picture if frame.picture is not None else decoder.decode(frame.jpeg or b"")
-            except DecodeError as exc:
-                st.frames_dropped_corrupt += 1
-                log.debug("stream=%s %s", self.name, exc)
+                with self._emit_lock:  # the camera's own units are not written meanwhile
+                    if time.monotonic() - self._last_frame >= SLATE_AFTER:
+                        self._encode_frame(self._slate_frame(), jpeg_encoder, None, slate=True)
                 continue
-            if frame.jpeg is None and self.send_jpeg:
-                # Not an MJPEG source (RTSP, file, the slate): encode a JPEG only because someone wants one.
-                self._emit(ipc.pack(ipc.JPEG, jpeg_encoder.encode(picture), capture_time=frame.capture_time))
-            force = self._take_keyframe_request()
-            try:
-                units = self._encoder.encode(picture, self._pts(frame.capture_time), force)
-            except Exception as exc:
-                self._encoder.close()
-                self._encoder_failed(exc)
+            self._last_frame = now
+            self._stall_closed_at = None
+            if st.slate:
+                st.slate = False
+                log.info("stream=%s signal is back", self.name)
+            if self.max_fps and frame.capture_time - self._last_encoded < THERMAL_SLACK / self.max_fps:
+                st.frames_dropped_thermal += 1
                 continue
-            if self.encoder_failing:
-                self.encoder_failing = False
-                self._encoder_retry.attempt = 0
-                log.warning("stream=%s encoder works again", self.name)
-            if st.frames_encoded == 0 or force:
-                self.push_status()  # the encoder just opened, or reopened: say so at once
-            st.encode_ms += EWMA_ALPHA * ((time.perf_counter() - started) * 1000 - st.encode_ms)
-            for data, keyframe, pts in units:
-                st.frames_encoded += 1
-                st.bytes_encoded += len(data)
-                flags = 0
-                if keyframe:
-                    st.keyframes += 1
-                    flags |= ipc.FLAG_KEYFRAME
-                    if force:
-                        st.keyframes_forced += 1
-                        flags |= ipc.FLAG_FORCED
-                    else:
-                        self._keyframe_wanted.clear()  # a regular IDR answers any pending request
-                self._emit(ipc.pack(ipc.UNIT, data, flags=flags, pts=pts, capture_time=frame.capture_time))
+            self._last_encoded = frame.capture_time
+            if decoder is None and frame.jpeg is not None:
+                decoder = JpegDecoder()  # made once an MJPEG camera sends: a passed-through one never needs it
+            self._encode_frame(frame, jpeg_encoder, decoder)
+
+    def _encode_frame(
+        self, frame: CapturedFrame, jpeg_encoder: JpegEncoder, decoder: JpegDecoder | None, slate: bool = False
+    ) -> None:
+        st = self.stats
+        if time.monotonic() < self._encoder_retry_at:
+            return  # the encoder failed; it is tried again when its backoff ends
+        started = time.perf_counter()
+        try:
+            picture = frame.picture
+            if picture is None:
+                assert decoder is not None
+                picture = decoder.decode(frame.jpeg or b"")
+        except DecodeError as exc:
+            st.frames_dropped_corrupt += 1
+            log.debug("stream=%s %s", self.name, exc)
+            return
+        if not slate:
+            st.frames_decoded += 1  # the camera's picture, decoded here or by the source
+        if frame.jpeg is None and self.send_jpeg:
+            # Not an MJPEG source (RTSP, file, the slate): encode a JPEG only because someone wants one.
+            self._emit(ipc.pack(ipc.JPEG, jpeg_encoder.encode(picture), capture_time=frame.capture_time))
+        force = self._take_keyframe_request()
+        if slate and self._slate_idr:  # camera units went out since: the slate must start afresh
+            self._slate_idr = False
+            force = True
+        try:
+            units = self._encoder.encode(picture, self._pts(frame.capture_time), force)
+        except Exception as exc:
+            self._encoder.close()
+            self._encoder_failed(exc)
+            return
+        if self.encoder_failing:
+            self.encoder_failing = False
+            self._encoder_retry.attempt = 0
+            log.warning("stream=%s encoder works again", self.name)
+        if st.frames_encoded == 0 or force:
+            self.push_status()  # the encoder just opened, or reopened: say so at once
+        st.encode_ms += EWMA_ALPHA * ((time.perf_counter() - started) * 1000 - st.encode_ms)
+        for data, keyframe, pts in units:
+            st.frames_encoded += 1
+            st.bytes_encoded += len(data)
+            flags = 0
+            if keyframe:
+                st.keyframes += 1
+                flags |= ipc.FLAG_KEYFRAME
+                if force:
+                    st.keyframes_forced += 1
+                    flags |= ipc.FLAG_FORCED
+                else:
+                    self._keyframe_wanted.clear()  # a regular IDR answers any pending request
+            self._emit(ipc.pack(ipc.UNIT, data, flags=flags, pts=pts, capture_time=frame.capture_time))
+        if slate:
+            self._need_idr = True  # a passed-through camera resumes at an IDR, not on the slate's pictures
 
     def _encoder_failed(self, exc: Exception) -> None:
         """The stream shows ``encoder_error``; the encoder is reopened after a backoff.
@@ -290,11 +592,14 @@ class Pipeline:
     def _pts(self, capture_time: float) -> int:
         """The 90 kHz wall clock: continuous across source and worker restarts, so
         viewers' RTP timestamps never jump back when a camera comes back."""
-        pts = max(round(capture_time * PTS_CLOCK), self._last_pts + 1)
-        self._last_pts = pts
-        return pts
+        with self._pts_lock:
+            pts = max(round(capture_time * PTS_CLOCK), self._last_pts + 1)
+            self._last_pts = pts
+            return pts
 
     def _slate_frame(self) -> CapturedFrame:
+        from . import slate  # numpy: imported by the workers that draw it only
+
         st = self.stats
         if not st.slate:
             st.slate = True
@@ -312,7 +617,7 @@ class Pipeline:
         the capture thread, end the process and let the relay start a fresh one."""
         if self.stats.state != "live":
             return
-        silent = now - self._last_frame
+        silent = now - self._last_read
         if silent >= CAPTURE_STALL and self._stall_closed_at is None:
             self._stall_closed_at = now
             self._record_error(f"no frame for {silent:.1f}s; reopening the source")
@@ -333,6 +638,25 @@ class Pipeline:
         self._keyframe_wanted.clear()
         self._last_forced = now
         return True
+
+
+def _give_back_memory() -> None:
+    """Return the heap a closed encoder freed to the system: glibc keeps freed memory for reuse, so a
+    passed-through camera's worker would hold a slate encoder's tens of MiB for good."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _avcc_length(extradata: bytes) -> int:
+    """The NAL length size of a source whose packets are AVCC (MP4, MKV: extradata is avcC); 0 for Annex B."""
+    return h264.parse_avcc(extradata).length_size if extradata[:1] == b"\x01" else 0
+
+
+def _annexb(data: bytes, avcc_length: int) -> bytes:
+    return h264.avcc_to_annexb(data, avcc_length) if avcc_length else data
 
 
 class PipeWriter:
@@ -392,13 +716,16 @@ def main(argv: list[str] | None = None) -> int:
     SECRET_FILTER.secrets.update(url_passwords(cfg.source))
     spec = parse_source_spec(cfg.source)
     settings = EncoderSettings(cfg.bitrate, spec.fps or cfg.fps, cfg.keyframe_interval, cfg.encoder)
+    # A UVC camera that can send H.264 itself is asked for it, unless the stream must transcode.
+    h264_device = spec.kind == "v4l2" and cfg.mode != "transcode" and offers_h264(spec.target)
     pipeline = Pipeline(
         cfg.name,
         str(spec),
-        lambda: open_source(spec, cfg.width, cfg.height, cfg.fps, cfg.name),
+        lambda: open_source(spec, cfg.width, cfg.height, cfg.fps, cfg.name, h264_device),
         settings,
         emit,
         size=(spec.width or cfg.width, spec.height or cfg.height),
+        mode=cfg.mode,
     )
 
     def commands() -> None:
@@ -419,14 +746,14 @@ def main(argv: list[str] | None = None) -> int:
                 elif cmd == ipc.CMD_KEYFRAME:
                     pipeline.request_keyframe()
                 elif cmd == ipc.CMD_JPEG_ON:
-                    pipeline.send_jpeg = True
+                    pipeline.set_jpeg(True)
                 elif cmd == ipc.CMD_JPEG_OFF:
-                    pipeline.send_jpeg = False
+                    pipeline.set_jpeg(False)
 
     threading.Thread(target=commands, name="commands", daemon=True).start()
     pipeline.start()
-    while not stop.wait(STATUS_INTERVAL):
-        pipeline.push_status()
+    while not stop.wait(WATCH_INTERVAL):
+        pipeline.tick()
     pipeline.stop()
     return 0
 

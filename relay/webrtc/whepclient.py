@@ -1,13 +1,14 @@
 """A WHEP viewer built on aiortc: used by the tests, the benchmarks and ``camrelay probe``.
 
-It connects like a browser would (recvonly video, non-trickle offer), reads
-frames, and can read the pixel clock from each one to measure glass-to-glass
-latency.
+It connects like a browser would (recvonly video, non-trickle offer, H.264
+Constrained Baseline and High offered, as Chrome and Safari do), reads frames,
+and can read the pixel clock from each one to measure glass-to-glass latency.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,28 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCIceTransportPolicy, RTCPee
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from ..camera import pixelclock
+
+# aiortc offers H.264 as Baseline (42001f) and Constrained Baseline (42e01f) only, and matches an answer's
+# codec on the profile; its decoder (FFmpeg's) decodes every profile. Offered as High in the first's place,
+# as a browser offers it, and named back for aiortc in the answer, a camera's High H.264 passed through reaches
+# it as it reaches a browser.
+AIORTC_BASELINE = "42001f"
+OFFERED_HIGH = "64001f"
+
+
+def offer_high_profile(offer: str) -> str:
+    """aiortc's offer with its Baseline H.264 payload type offered as High 3.1 (level asymmetry allowed)."""
+    return offer.replace(f"profile-level-id={AIORTC_BASELINE}", f"profile-level-id={OFFERED_HIGH}")
+
+
+def high_answer_for_aiortc(offer: str, answer: str) -> str:
+    """The answer with the payload type offered as High named back as aiortc's Baseline."""
+    high = re.findall(rf"^a=fmtp:(\d+) .*profile-level-id={OFFERED_HIGH}", offer, re.M)
+    for pt in high:
+        answer = re.sub(
+            rf"^(a=fmtp:{pt} .*?profile-level-id=)[0-9A-Fa-f]{{6}}", rf"\g<1>{AIORTC_BASELINE}", answer, flags=re.M
+        )
+    return answer
 
 
 class WhepError(Exception):
@@ -63,6 +86,7 @@ class WhepViewer:
         policy = RTCIceTransportPolicy.RELAY if relay_only else RTCIceTransportPolicy.ALL
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=list(ice_servers or []), iceTransportPolicy=policy))
         self.location: str | None = None
+        self.answer: str | None = None  # the relay's answer as it came
         self.track: MediaStreamTrack | None = None
         self.stats = ViewerStats()
         self.started = time.monotonic()
@@ -82,7 +106,7 @@ class WhepViewer:
                 self.stats.connected_at = time.monotonic()
 
         await self.pc.setLocalDescription(await self.pc.createOffer())
-        offer = self.rewrite_sdp("offer", self.pc.localDescription.sdp)
+        offer = self.rewrite_sdp("offer", offer_high_profile(self.pc.localDescription.sdp))
         async with self.http.post(
             self.url, data=offer, headers={**self.headers, "Content-Type": "application/sdp"}
         ) as resp:
@@ -90,7 +114,9 @@ class WhepViewer:
             if resp.status != 201:
                 raise WhepError(resp.status, body.strip())
             self.location = urljoin(self.url, resp.headers["Location"])
-        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=self.rewrite_sdp("answer", body), type="answer"))
+        self.answer = body
+        answer = high_answer_for_aiortc(offer, self.rewrite_sdp("answer", body))
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
 
     async def recv(self, timeout: float = 10.0) -> av.VideoFrame:
         await asyncio.wait_for(self._track_ready.wait(), timeout)
