@@ -401,7 +401,11 @@ def parse_sps(nal: bytes) -> Sps:
     b.flag("direct_8x8_inference_flag")
     crop = (0, 0, 0, 0)
     if b.flag("frame_cropping_flag"):
-        crop = tuple(b.ue(f"frame_crop_{side}_offset") for side in ("left", "right", "top", "bottom"))
+        crop = tuple(
+            b.ue(name)
+            for name in ("frame_crop_left_offset", "frame_crop_right_offset", "frame_crop_top_offset",
+                         "frame_crop_bottom_offset")
+        )  # fmt: skip
     # 7.4.2.1.1: the cropping unit follows the chroma subsampling (none without chroma, or with separate planes).
     sub_w, sub_h = {1: (2, 2), 2: (2, 1), 3: (1, 1)}.get(chroma_format_idc, (1, 1))
     if chroma_format_idc == 0 or separate_planes:
