@@ -244,7 +244,7 @@ async def test_an_rtsp_camera_is_passed_through_to_a_webrtc_viewer(cameras, http
     assert (answered[:2], answered[4:]) == (answered_idc, cam["profile_level_id"][4:])
     # Since, every frame the hub carried was the camera's own: none decoded, none encoded, no keyframe forced.
     since = {key: cam[key] - before[key] for key in ("frames_passed_through", "frames_encoded", "keyframes_forced")}
-    assert since["frames_passed_through"] == since["frames_encoded"] >= 2 * FPS
+    assert since["frames_passed_through"] == since["frames_encoded"] > 0  # (the first came from the cache)
     assert (since["keyframes_forced"], cam["frames_slate"] - before["frames_slate"]) == (0, 0)
     assert cam["frames_decoded"] == 0
     # The join asked a camera that cannot be asked for nothing: it started from the cached GOP.

@@ -83,7 +83,8 @@ def test_throttled_from_sysfs_then_vcgencmd_then_nothing(tmp_path):
 
 
 SAMPLE = StreamSample(
-    name="cam0", state="live", viewers=3, capture_fps=30.0, encoded_fps=29.9, bitrate_bps=2_000_000, encode_ms=8.5,
+    name="cam0", state="live", mode="transcode", viewers=3,
+    capture_fps=30.0, encoded_fps=29.9, bitrate_bps=2_000_000, encode_ms=8.5,
     keyframes_forced=4, frames_dropped={"encoder_busy": 1, "corrupt": 2, "viewer_lag": 0}, restarts=1, source_errors=2,
 )  # fmt: skip
 
@@ -125,7 +126,7 @@ def test_status_line_reads_at_a_glance():
     )
     line = snap.log_line()
     assert line.startswith("status cpu=23% load=0.51 mem_free=512MiB temp=61.2C rss=90MiB THROTTLED=under_voltage")
-    assert "| stream=cam0 live fps=29.9 kbps=2000 viewers=3 encode_ms=8.5 dropped=3" in line
+    assert "| stream=cam0 live mode=transcode fps=29.9 kbps=2000 viewers=3 encode_ms=8.5 dropped=3" in line
 
 
 @pytest.mark.relay_config(rtsp=True)
