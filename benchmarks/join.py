@@ -46,6 +46,7 @@ from relay.webrtc.whepclient import WhepViewer, luma
 POLICIES = ("keyframe", "cached_gop")
 GIVE_UP = 30.0  # seconds a joiner gets to be back to live before the repeat counts as never
 SETTLE = 1.0  # seconds after a joiner leaves before the next repeat
+STOP_WAIT = 5.0  # seconds to wait for a viewer's tasks, or its close, to end
 
 
 @dataclass
@@ -106,9 +107,10 @@ class ByteMeter:
     def __init__(self, read) -> None:
         self.read = read  # async () -> bytes received so far
         self.samples: list[tuple[float, int]] = []
+        self.stopped = False
 
     async def run(self) -> None:
-        while True:
+        while not self.stopped:  # a flag too: aiortc's getStats can swallow a cancellation (gather, wait_for)
             self.samples.append((time.monotonic(), await self.read()))
             await asyncio.sleep(0.25)
 
@@ -119,6 +121,16 @@ class ByteMeter:
         t1, b1 = self.samples[-1]
         t0, b0 = next(((t, b) for t, b in self.samples if t >= t1 - window), self.samples[0])
         return (b1 - b0) * 8 / (t1 - t0) if t1 > t0 else 0.0
+
+
+async def stop(tasks: list[asyncio.Task], *meters: ByteMeter) -> None:
+    """Stop ``tasks`` (and the loops of ``meters``); wait at most STOP_WAIT for them, never for ever."""
+    for meter in meters:
+        meter.stopped = True
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=STOP_WAIT)
 
 
 def first_second(samples: list[tuple[float, int]]) -> int:
@@ -181,6 +193,7 @@ class Arm:
         self.meter: ByteMeter | None = None  # the watcher's received bytes
         self.tasks: list[asyncio.Task] = []
         self.forced = 0
+        self.stopping = False
 
     def _last_keyframe(self) -> float:
         for task in self.tasks:
@@ -217,9 +230,8 @@ class Arm:
         raise NotImplementedError
 
     async def close(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.stopping = True
+        await stop(self.tasks, *([self.meter] if self.meter else []))
         self.relay.close()
 
 
@@ -238,7 +250,7 @@ class AiortcArm(Arm):
         self.tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self.meter.run())]
 
     async def _watch(self) -> None:
-        while True:
+        while not self.stopping:
             frame = await self.watcher.recv(timeout=10)
             now = time.time()
             if frame.key_frame:
@@ -271,14 +283,15 @@ class AiortcArm(Arm):
                     join.live_ms = live
                     break
         finally:
-            counter.cancel()
-            await asyncio.gather(counter, return_exceptions=True)
-            await joiner.close()
+            await stop([counter], meter)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(joiner.close(), STOP_WAIT)
         return join, meter.samples
 
     async def close(self) -> None:
         await super().close()
-        await self.watcher.close()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.watcher.close(), STOP_WAIT)
 
 
 # -- Chromium: camrelay's own player page, timed by the frames it presents
@@ -323,7 +336,7 @@ class ChromiumArm(Arm):
 
     async def _watch(self) -> None:  # the watcher's decoded keyframes and presented frames, polled
         keyframes = 0
-        while True:
+        while not self.stopping:
             n = await self.watcher.evaluate(INBOUND, "keyFramesDecoded")
             if n != keyframes:
                 keyframes, self.last_keyframe = n, time.monotonic()
@@ -352,8 +365,7 @@ class ChromiumArm(Arm):
                     break
         finally:
             if counter is not None:
-                counter.cancel()
-                await asyncio.gather(counter, return_exceptions=True)
+                await stop([counter], meter)
             await page.close()
         return join, meter.samples
 

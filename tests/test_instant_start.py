@@ -9,10 +9,15 @@ is missed between the cache and live, and the viewers already watching lose noth
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from benchmarks import join as join_benchmark
 from benchmarks.chromium import chromium
 from relay.config import ConfigError, load
 from relay.hub import EncodedFrame, PacketHub
@@ -31,6 +36,8 @@ from relay.webrtc.whepclient import WhepViewer
 
 from .conftest import EncodedFrames, RunningRelay, make_config, session_of, start_relay
 from .test_lossy_viewer import Watch
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # -- the policy: [video] join
 
@@ -392,3 +399,34 @@ async def test_chromium_joining_mid_gop_starts_from_the_cache_and_plays_on_into_
     assert inbound["framesDropped"] == 0, inbound
     assert set(presented) <= set(clocks) and presented == sorted(presented)  # (a frame may be read twice)
     assert presented[-1] >= last
+
+
+# -- the join benchmark (benchmarks/join.py): its rules with plain values, and a short run so it cannot rot
+
+
+def test_back_to_live_is_the_first_frame_of_a_run_within_reach_of_the_watcher():
+    # (ms behind the watcher, when the joiner got the frame): a catch-up, a frame in reach, a late one, then live.
+    deltas = [(900.0, 1.0), (400.0, 1.1), (3.0, 1.2), (40.0, 1.3), (2.0, 1.4), (4.0, 1.5), (1.0, 1.6), (9.0, 1.7)]
+    assert join_benchmark.back_to_live(deltas, within_ms=5.0, run=4) == (1.2, 2)  # median of 3, 40, 2, 4 is 3.5
+    assert join_benchmark.back_to_live(deltas[:5], within_ms=5.0, run=4) == (None, 2)  # no whole run yet
+    assert join_benchmark.back_to_live(deltas, within_ms=5.0, run=4, start=3) == (1.4, 4)
+
+
+def test_first_second_counts_from_the_first_bytes():
+    samples = [(10.0, 0), (10.25, 1000), (10.5, 5000), (11.25, 9000), (11.5, 12000)]
+    assert join_benchmark.first_second(samples) == 9000
+    assert join_benchmark.first_second([(1.0, 0)]) == 0
+
+
+def test_join_benchmark_smoke(tmp_path):
+    out = tmp_path / "join"
+    cmd = [sys.executable, "-m", "benchmarks.join", "--repeats", "1", "--gops", "1", "--size", "640x360",
+           "--fps", "15", "--bitrate", "500k", "--out", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    cases = {c["policy"]: c for c in json.loads(out.with_suffix(".json").read_text())["cases"]}
+    assert set(cases) == {"keyframe", "cached_gop"}
+    for case in cases.values():  # every figure is there; what they are is for a full run to say
+        (join,) = case["joins"]
+        assert join["first_frame_ms"] is not None and join["first_second_bytes"] > 0, case
+    assert cases["cached_gop"]["keyframes_forced"] == 0 and cases["keyframe"]["keyframes_forced"] >= 1
