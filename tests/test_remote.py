@@ -39,6 +39,7 @@ from aioice import stun, turn
 from benchmarks.chromium import chromium
 from benchmarks.turn import Coturn, stop
 from relay.auth import hash_password
+from relay.webrtc import borrowed
 from relay.webrtc.ice import RESOLVER_THREADS, parse_links, rest_credential
 from relay.webrtc.whepclient import WhepViewer
 
@@ -285,7 +286,7 @@ async def aiortc_at_source_rate(http: aiohttp.ClientSession, viewer: WhepViewer,
 
 def selected_pair(viewer: WhepViewer):
     """The candidate pair aioice chose for ``viewer`` (its ICE transport's nominated pair)."""
-    return viewer.pc.getTransceivers()[0].receiver.transport.transport._connection._nominated[1]
+    return borrowed.nominated_pair(viewer.pc.getTransceivers()[0].receiver.transport)
 
 
 # Chromium's choice: the selected pair's local and remote candidates, and frames decoded so far.
