@@ -243,6 +243,7 @@ class WorkerStatus(Counters):
     mode_reason: str = ""  # why (relay.source.decide_mode)
     codec: str = ""  # what the source delivers, FFmpeg's name: h264, hevc, mjpeg; "test pattern"
     profile: str = ""  # the source's H.264 profile, level and size ("High 4.0 1920x1080"), when it sends H.264
+    reader: str = ""  # what reads the source: "rtspin" (camrelay's RTSP client), "ffmpeg", "test pattern"
     started: float = field(default_factory=time.time)
 
     def to_json(self) -> bytes:

@@ -61,6 +61,7 @@ class StreamStatus:
     mode_reason: str = ""
     codec: str = ""  # what the source sends
     profile: str = ""  # the source's H.264 profile, level and size
+    reader: str = ""  # what reads the source: rtspin (camrelay's RTSP client), ffmpeg, test pattern
     profile_level_id: str = ""  # of the H.264 the stream carries now (the slate's, while it shows)
     frames_passed_through: int = 0
     frames_decoded: int = 0
@@ -88,6 +89,7 @@ class StreamStatus:
             "mode": self.mode,
             "mode_reason": self.mode_reason,
             "source_codec": self.codec,
+            "source_reader": self.reader,
             "profile": self.profile,
             "profile_level_id": self.profile_level_id,
             "encoder": self.encoder,

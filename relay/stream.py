@@ -98,6 +98,7 @@ class Stream:
         self.mode_reason = ""
         self.codec = ""  # what the source sends (h264, hevc, mjpeg, test pattern)
         self.profile = ""  # the source's H.264 profile, level and size, when it sends H.264
+        self.reader = ""  # what reads the source in the worker: rtspin, ffmpeg, test pattern
         self.sps: h264.Sps | None = None  # of the H.264 the hub carries now: what SDP answers describe
         self._sps_bytes = b""
         self._slate = False
@@ -232,6 +233,7 @@ class Stream:
             mode_reason=self.mode_reason,
             codec=self.codec,
             profile=self.profile,
+            reader=self.reader,
             profile_level_id=self.sps.profile_level_id if self.sps else "",
             frames_passed_through=st.frames_passed_through,
             frames_decoded=st.frames_decoded,
@@ -384,6 +386,7 @@ class Stream:
         self.encoder_name = s.encoder
         self.encoders_running = s.encoders_running
         self.mode, self.mode_reason, self.codec, self.profile = s.mode, s.mode_reason, s.codec, s.profile
+        self.reader = s.reader
         self._slate = s.slate
 
     def _fold_counts(self) -> None:

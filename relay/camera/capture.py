@@ -16,18 +16,20 @@ source is a class here and a kind there.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
-
-import av
 
 from ..logsafe import redact_text, redact_url
 from ..source import SourceSpec, parse_faults
 
 if TYPE_CHECKING:
+    import av  # imported where a source decodes or demuxes: a passed-through RTSP camera's worker never loads it
+
     from .testpattern import PatternRenderer
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,16 @@ class SourceError(Exception):
     """A source could not be opened or stopped delivering frames."""
 
 
+class UseDemuxer(SourceError):
+    """Raised by ``open()`` of a source that cannot read what the camera sends (camrelay's RTSP client and a
+    camera that sends H.265, say): ``fallback`` makes the source that can (FFmpeg's demuxer), not yet open."""
+
+    def __init__(self, reason: str, fallback: Callable[[], PacketSource]) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.fallback = fallback
+
+
 @dataclass(slots=True)
 class CapturedFrame:
     capture_time: float  # wall clock, time.time(), when the picture was taken
@@ -77,6 +89,7 @@ class Source(Protocol):
     height: int
     fps: float
     codec: str  # what it delivers: "test pattern", "mjpeg"
+    reader: str  # what reads it, for the status: "test pattern", "ffmpeg", "rtspin" (relay.camera.rtspsource)
 
     def open(self) -> None: ...
 
@@ -96,6 +109,7 @@ class TestPatternSource:
     """The synthetic MJPEG camera, paced to its frame rate by the wall clock."""
 
     codec = "test pattern"
+    reader = "test pattern"
 
     def __init__(self, width: int, height: int, fps: float, label: str = "test", faults: str = "") -> None:
         self.width, self.height, self.fps = width, height, fps
@@ -165,6 +179,8 @@ class PacketSource:
     ``read()`` decodes them (transcoding). Blocking, from the capture thread.
     """
 
+    reader = "ffmpeg"
+
     def __init__(
         self,
         url: str,
@@ -198,6 +214,8 @@ class PacketSource:
         return redact_url(self.url)  # for errors and logs: never a camera's password
 
     def open(self) -> None:
+        import av
+
         self._owner = threading.get_ident()
         try:
             self._container = av.open(
@@ -221,6 +239,8 @@ class PacketSource:
 
     def read_packet(self) -> av.Packet:
         """The next packet of the video stream, as the source sent it."""
+        import av
+
         if self._stop.is_set():
             raise SourceError(f"{self.name} closed")
         if self._pending:
@@ -252,6 +272,8 @@ class PacketSource:
 
     def read(self) -> CapturedFrame:
         """The next decoded picture."""
+        import av
+
         assert self._stream is not None
         while not self._frames:
             packet = self.read_packet()
@@ -282,6 +304,7 @@ class V4L2Source:
     """A USB camera or HDMI capture card, read as MJPEG with PyAV's v4l2 input."""
 
     codec = "mjpeg"
+    reader = "ffmpeg"
 
     def __init__(self, device: str, width: int, height: int, fps: float) -> None:
         self.device = device
@@ -289,6 +312,8 @@ class V4L2Source:
         self._container: av.container.InputContainer | None = None
 
     def open(self) -> None:
+        import av
+
         options = dict(V4L2_OPTIONS, video_size=f"{self.width}x{self.height}", framerate=f"{self.fps:g}")
         try:
             self._container = av.open(self.device, format="video4linux2", options=options)
@@ -299,6 +324,8 @@ class V4L2Source:
         self.height = stream.codec_context.height or self.height
 
     def read(self) -> CapturedFrame:
+        import av
+
         if self._container is None:
             raise SourceError(f"{self.device} is not open")
         try:
@@ -344,7 +371,9 @@ def open_source(
     spec: SourceSpec, width: int, height: int, fps: float, label: str, h264_device: bool = False
 ) -> Source | PacketSource:
     """A source for ``spec``; sizes in the spec win over the defaults given. ``h264_device``: a V4L2 camera
-    is read in its own H.264 (for passthrough), not MJPEG."""
+    is read in its own H.264 (for passthrough), not MJPEG. An RTSP camera over TCP is read by camrelay's
+    own client (``RtspSource``), whose ``open()`` raises ``UseDemuxer`` when the camera sends anything but
+    H.264 (or a DESCRIBE it cannot read): FFmpeg's demuxer then reads it as before."""
     width, height = spec.width or width, spec.height or height
     fps = spec.fps or fps
     if spec.kind == "test":
@@ -356,7 +385,12 @@ def open_source(
         return V4L2Source(spec.target, width, height, fps)
     if spec.kind == "rtsp":
         options = RTSP_UDP_OPTIONS if spec.transport == "udp" else RTSP_OPTIONS
-        return PacketSource(spec.target, width, height, fps, options=options)
+        demuxed = functools.partial(PacketSource, spec.target, width, height, fps, options=options)
+        if spec.transport == "udp" or not spec.target.startswith("rtsp://"):
+            return demuxed()  # RTP over UDP, RTSP over TLS: FFmpeg's
+        from .rtspsource import RtspSource  # it imports this module
+
+        return RtspSource(spec.target, width, height, fps, fallback=demuxed)
     if spec.kind == "file":
         return PacketSource(spec.target, width, height, fps, loop=True)
     raise ValueError(f"unknown source kind {spec.kind!r}")

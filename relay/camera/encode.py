@@ -12,11 +12,14 @@ from __future__ import annotations
 import fractions
 import logging
 import os
-
-import av
-from av.video.frame import PictureType
+from typing import TYPE_CHECKING
 
 from ..ipc import EncoderSettings
+
+if TYPE_CHECKING:
+    # Imported where a codec opens: a passed-through camera's worker imports this module and never loads
+    # PyAV (tens of MiB of FFmpeg's libraries) unless it must decode or encode.
+    import av
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,8 @@ class DecodeError(Exception):
 
 class JpegDecoder:
     def __init__(self) -> None:
+        import av
+
         self._ctx = av.CodecContext.create("mjpeg", "r")
 
     def decode(self, jpeg: bytes) -> av.VideoFrame:
@@ -47,6 +52,8 @@ class JpegDecoder:
         # marker (some cameras pad after it) is what tells a whole frame.
         if jpeg.rfind(b"\xff\xd9", max(0, len(jpeg) - JPEG_TAIL_SLACK)) == -1:
             raise DecodeError(f"truncated JPEG ({len(jpeg)} bytes, no end marker)")
+        import av
+
         try:
             frames = self._ctx.decode(av.Packet(jpeg))
         except (av.FFmpegError, ValueError) as exc:
@@ -69,6 +76,8 @@ class JpegEncoder:
         self._pts = 0
 
     def encode(self, picture: av.VideoFrame) -> bytes:
+        import av
+
         if picture.format.name != "yuvj420p":
             picture = picture.reformat(format="yuvj420p")
         if (picture.width, picture.height) != self._shape:
@@ -127,6 +136,8 @@ class H264Encoder:
     def _open(self, width: int, height: int, pix_fmt: str) -> None:
         s = self.settings
         gop = max(1, round(s.fps * s.keyframe_interval))
+        import av
+
         ctx = av.CodecContext.create(self.name, "w")
         ctx.width, ctx.height = width, height
         ctx.pix_fmt = pix_fmt
@@ -159,6 +170,9 @@ class H264Encoder:
 
     def encode(self, picture: av.VideoFrame, pts: int, force_keyframe: bool) -> list[tuple[bytes, bool, int]]:
         """Encode one picture; returns (Annex B bytes, is keyframe, pts) per access unit."""
+        import av
+        from av.video.frame import PictureType
+
         if picture.format.name not in DIRECT_FORMATS:
             picture = picture.reformat(format="yuv420p")
         shape = (picture.width, picture.height, picture.format.name)

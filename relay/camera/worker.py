@@ -30,8 +30,6 @@ import threading
 import time
 from collections.abc import Callable
 
-import av
-
 from .. import h264, ipc
 from ..backoff import Retry
 from ..devices import offers_h264
@@ -39,8 +37,9 @@ from ..h264 import H264Error, ParameterSets
 from ..ipc import EncoderSettings
 from ..logsafe import SECRET_FILTER, redact, url_passwords
 from ..source import ModeDecision, PassthroughRefused, decide_mode, parse_source_spec
-from .capture import CapturedFrame, PacketSource, Source, SourceClock, SourceError, open_source
+from .capture import CapturedFrame, PacketSource, Source, SourceClock, SourceError, UseDemuxer, open_source
 from .encode import PTS_CLOCK, DecodeError, H264Encoder, JpegDecoder, JpegEncoder
+from .rtspsource import RtspSource
 
 log = logging.getLogger("relay.camera.worker")  # not __name__: this module runs as __main__
 
@@ -291,9 +290,7 @@ class Pipeline:
         while not self._stop.is_set():
             opened_at = time.monotonic()
             try:
-                source = self._source_factory()
-                self._source = source
-                source.open()
+                source = self._open_source()
                 st.source_opens += 1
                 st.width, st.height, st.fps = source.width, source.height, source.fps
                 decision, sets = self._choose_mode(source)
@@ -330,6 +327,23 @@ class Pipeline:
             )
             self._stop.wait(delay)
 
+    def _open_source(self) -> Source | PacketSource | RtspSource:
+        """The source, open; one that cannot read what the camera sends hands over to one that can (an RTSP
+        camera's H.265 to FFmpeg's demuxer). Which reader it is goes in the log when it changes, and the status."""
+        source = self._source = self._source_factory()
+        reason = ""
+        try:
+            source.open()
+        except UseDemuxer as exc:
+            source.close()
+            reason = exc.reason
+            source = self._source = exc.fallback()
+            source.open()
+        if source.reader != self.stats.reader:
+            self.stats.reader = source.reader
+            log.info("stream=%s reader=%s%s", self.name, source.reader, f" reason={reason}" if reason else "")
+        return source
+
     def _choose_mode(self, source: Source | PacketSource) -> tuple[ModeDecision, ParameterSets | None]:
         """Pass through or transcode this source (logged, and in the status); for passthrough, the stream's
         parameter sets as known so far. Reads ahead, when it must, for the SPS and the order of pictures;
@@ -337,7 +351,7 @@ class Pipeline:
         st = self.stats
         st.codec, st.profile = source.codec, ""
         sps, reorders, out_of_band = None, None, []
-        if source.codec == "h264" and self.mode != "transcode" and isinstance(source, PacketSource):
+        if source.codec == "h264" and self.mode != "transcode" and isinstance(source, PacketSource | RtspSource):
             sps, reorders, out_of_band = self._probe(source)
             if sps is not None:
                 st.profile = sps.describe()
@@ -357,7 +371,7 @@ class Pipeline:
         st.fps = sps.fps if sps.fps and 1 <= sps.fps <= 120 else source.fps
         return decision, ParameterSets(out_of_band)
 
-    def _probe(self, source: PacketSource) -> tuple[h264.Sps | None, bool | None, list[bytes]]:
+    def _probe(self, source: PacketSource | RtspSource) -> tuple[h264.Sps | None, bool | None, list[bytes]]:
         """(the SPS, whether pictures are reordered, the parameter sets from out of band) of an H.264 source."""
         try:
             out_of_band = h264.extradata_parameter_sets(source.extradata)
@@ -392,7 +406,7 @@ class Pipeline:
                 self._emit(ipc.pack(ipc.JPEG, frame.jpeg, capture_time=frame.capture_time))
             self._mailbox.put(frame)
 
-    def _pass_through(self, source: PacketSource, sets: ParameterSets) -> None:
+    def _pass_through(self, source: PacketSource | RtspSource, sets: ParameterSets) -> None:
         """The camera's access units to the relay as they are, each IDR with the parameter sets in front."""
         st = self.stats
         clock = SourceClock()
@@ -458,6 +472,8 @@ class Pipeline:
     # -- JPEG thread: a passed-through camera's pictures, decoded only while someone wants them
 
     def _jpeg_loop(self) -> None:
+        import av  # a passed-through camera's worker loads PyAV only once someone wants JPEGs
+
         st = self.stats
         log.info("stream=%s decoding for JPEGs", self.name)
         decoder = av.CodecContext.create("h264", "r")
@@ -598,6 +614,8 @@ class Pipeline:
             return pts
 
     def _slate_frame(self) -> CapturedFrame:
+        import av
+
         from . import slate  # numpy: imported by the workers that draw it only
 
         st = self.stats

@@ -1,0 +1,329 @@
+"""An RTSP camera read by camrelay's own client: RTP over the RTSP connection (TCP), H.264 only.
+
+FFmpeg's RTSP demuxer runs its H.264 parser, which hands an access unit on
+only when the next one starts: a frame time (33 ms at 30 fps) added to every
+frame. RTP marks a unit's last packet (the marker bit); ``RtspSource`` hands
+the unit on there (``relay.rtspin``, sans-io, does the protocol; this is the
+blocking socket around it, used from the capture thread). It loads no codec:
+a passed-through camera's worker never imports PyAV, unless someone wants
+JPEGs, the slate shows, or the stream transcodes (``read`` decodes, lazily).
+
+``open()`` sends OPTIONS and DESCRIBE (one redirect followed, one 401 answered
+with the URL's credentials: Basic or Digest), and raises ``UseDemuxer`` when
+the camera sends anything but H.264 or a DESCRIBE answer it cannot read; then
+SETUP (the video track, interleaved) and PLAY. While playing it sends
+GET_PARAMETER (or OPTIONS) before the session's timeout. Nothing from the
+camera for ``IO_TIMEOUT`` is a ``SourceError``, as with FFmpeg's demuxer.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from .. import h264, rtspin
+from ..h264 import H264Error, ParameterSets
+from ..logsafe import Throttled, redact_text, redact_url
+from ..rtspin import AccessUnit, Challenge, Response, RtspError
+from .capture import CapturedFrame, PacketSource, SourceError, UseDemuxer
+
+if TYPE_CHECKING:
+    import av
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 554
+CONNECT_TIMEOUT = 5.0  # seconds to connect, and for each answer while opening
+# Seconds with nothing from a playing camera before it counts as gone: the same as FFmpeg's "timeout" option
+# of RTSP_INPUT (relay/camera/capture.py), so a camera that hangs mid-stream is a SourceError within 5 s.
+IO_TIMEOUT = 5.0
+RECV_BYTES = 256 * 1024  # one read takes what the socket holds: a 1080p I-frame is 100-300 KiB
+KEEPALIVE_FRACTION = 0.5  # of the session's timeout: a keep-alive long before the camera drops the session
+USER_AGENT = "camrelay"
+MAX_REDIRECTS = 1
+TEARDOWN_TIMEOUT = 0.5  # seconds a best-effort TEARDOWN may take to leave; its answer is not awaited
+
+
+class _Redirect(Exception):
+    def __init__(self, location: str) -> None:
+        super().__init__(location)
+        self.location = location
+
+
+class RtspSource:
+    """An RTSP camera over TCP, H.264: ``read_packet()`` gives each access unit (Annex B, RTP clock ticks)
+    at its last packet. Same contract as ``PacketSource``; blocking, from the capture thread."""
+
+    reader = "rtspin"
+
+    def __init__(self, url: str, width: int, height: int, fps: float, *, fallback: Callable[[], PacketSource]) -> None:
+        self.url = url
+        self.width, self.height, self.fps = width, height, fps
+        self.codec = ""  # FFmpeg's name for what the camera sends, from its SDP
+        self.extradata = b""  # sprop-parameter-sets as Annex B
+        self.time_base = 0.0  # seconds per RTP clock tick
+        self._fallback = fallback
+        parts = urlsplit(url)
+        self._user = unquote(parts.username or "")
+        self._password = unquote(parts.password or "")
+        self._target = self._without_userinfo(url)
+        self._sock: socket.socket | None = None
+        self._reader = rtspin.Reader()
+        self._cseq = 0
+        self._challenge: Challenge | None = None
+        self._nonce_count = 0
+        self._session = ""
+        self._keepalive_every = float(rtspin.DEFAULT_SESSION_TIMEOUT) * KEEPALIVE_FRACTION
+        self._keepalive_at = 0.0
+        self._keepalive_method = "OPTIONS"
+        self._rtp_channel = 0
+        self._depacketizer: rtspin.H264Depacketizer | None = None
+        self._items: collections.deque[rtspin.Response | rtspin.Interleaved] = collections.deque()
+        self._units: collections.deque[AccessUnit] = collections.deque()
+        self._pending: collections.deque[AccessUnit] = collections.deque()  # read ahead while probing
+        self._decoder = None  # an H.264 decoder, made by the first read() (transcoding)
+        self._sets: ParameterSets | None = None
+        self._frames: collections.deque[av.VideoFrame] = collections.deque()
+        self._stop = threading.Event()
+        self._owner: int | None = None
+        self._bad_packets = Throttled(log, interval=10.0)
+
+    @property
+    def name(self) -> str:
+        return redact_url(self.url)  # for errors and logs: never a camera's password
+
+    @staticmethod
+    def _without_userinfo(url: str) -> str:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        return urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
+
+    # -- opening
+
+    def open(self) -> None:
+        self._owner = threading.get_ident()
+        for redirects in range(MAX_REDIRECTS + 1):
+            self._connect()
+            try:
+                self._request("OPTIONS", self._target)
+                describe = self._request("DESCRIBE", self._target, {"Accept": "application/sdp"})
+                break
+            except _Redirect as redirect:
+                if redirects == MAX_REDIRECTS:
+                    raise SourceError(f"{self.name} redirected more than {MAX_REDIRECTS} time(s)") from None
+                self._redirect(redirect.location)
+        base = describe.header("content-base") or describe.header("content-location") or self._target
+        try:
+            video = rtspin.parse_sdp(describe.body.decode("utf-8", errors="replace"), base)
+        except RtspError as exc:
+            self._close_socket()
+            raise UseDemuxer(f"its DESCRIBE answer cannot be read here: {exc}", self._fallback) from None
+        self.codec = video.codec
+        if video.codec != "h264":
+            self._close_socket()
+            raise UseDemuxer(f"it sends {video.codec}, and camrelay's RTSP client reads H.264 only", self._fallback)
+        self.extradata = video.extradata
+        self.time_base = 1.0 / video.clock_rate
+        sps = next((n for n in video.parameter_sets if h264.nal_type(n) == h264.NAL_SPS), None)
+        if sps is not None:
+            with contextlib.suppress(H264Error):  # the worker reads it again, and says what is wrong
+                parsed = h264.parse_sps(sps)
+                self.width, self.height = parsed.width, parsed.height
+        setup = self._request("SETUP", video.control, {"Transport": "RTP/AVP/TCP;unicast;interleaved=0-1"})
+        try:
+            self._session, timeout = rtspin.parse_session(setup.header("session") or "")
+            self._rtp_channel, _ = rtspin.parse_interleaved(setup.header("transport") or "")
+        except RtspError as exc:
+            raise SourceError(f"{self.name}: SETUP answer: {exc}") from None
+        self._keepalive_every = timeout * KEEPALIVE_FRACTION
+        self._depacketizer = rtspin.H264Depacketizer(video.payload_type)
+        self._request("PLAY", base if base.startswith("rtsp://") else self._target, {"Range": "npt=0.000-"})
+        self._keepalive_at = time.monotonic() + self._keepalive_every
+
+    def _connect(self) -> None:
+        self._close_socket()
+        parts = urlsplit(self._target)
+        try:
+            self._sock = socket.create_connection((parts.hostname, parts.port or DEFAULT_PORT), CONNECT_TIMEOUT)
+        except OSError as exc:
+            raise SourceError(f"cannot connect to {self.name}: {exc.strerror or exc}") from None
+        self._sock.settimeout(CONNECT_TIMEOUT)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._reader = rtspin.Reader()
+
+    def _request(self, method: str, url: str, headers: dict[str, str] | None = None) -> Response:
+        """Send ``method`` and wait for its answer; a 401 is answered once with the URL's credentials. A 3xx
+        to OPTIONS or DESCRIBE raises ``_Redirect`` (the caller starts again there); any other answer but
+        200 is a ``SourceError``."""
+        for attempt in range(2):
+            self._send(method, url, headers)
+            response = self._answer()
+            if response.status == 401 and attempt == 0:
+                if not self._user:
+                    raise SourceError(f"{self.name} wants credentials (401 to {method}) and the URL has none")
+                try:
+                    self._challenge = rtspin.parse_challenges(response.all("www-authenticate"))
+                except RtspError as exc:
+                    raise SourceError(f"{self.name}: {exc}") from None
+                self._nonce_count = 0
+                continue
+            break
+        if response.status == 401:
+            raise SourceError(f"{self.name} refused the credentials (401 to {method})")
+        location = response.header("location")
+        if method in ("OPTIONS", "DESCRIBE") and 300 <= response.status < 400 and location:
+            raise _Redirect(location)
+        if response.status != 200:
+            raise SourceError(f"{self.name} answered {method} with {response.status} {response.reason}".rstrip())
+        if method == "OPTIONS" and "GET_PARAMETER" in (response.header("public") or "").upper():
+            self._keepalive_method = "GET_PARAMETER"
+        return response
+
+    def _redirect(self, location: str) -> None:
+        target = urlsplit(location)
+        if target.scheme != "rtsp" or not target.hostname:
+            raise SourceError(f"{self.name} redirects to a URL that is not rtsp://: {redact_url(location)}")
+        if target.username:  # the new URL's own credentials
+            self._user, self._password = unquote(target.username), unquote(target.password or "")
+        self._target = self._without_userinfo(location)
+        self._challenge = None
+        log.info("%s redirects to %s", self.name, redact_url(location))
+
+    def _send(self, method: str, url: str, headers: dict[str, str] | None = None) -> None:
+        self._cseq += 1
+        all_headers = {"User-Agent": USER_AGENT, **(headers or {})}
+        if self._session:
+            all_headers["Session"] = self._session
+        if self._challenge is not None:
+            self._nonce_count += 1
+            all_headers["Authorization"] = rtspin.authorization(
+                self._challenge, method, url, self._user, self._password, secrets.token_hex(8), self._nonce_count
+            )
+        if self._sock is None:
+            raise SourceError(f"{self.name} is not open")
+        try:
+            self._sock.sendall(rtspin.request(method, url, self._cseq, all_headers))
+        except OSError as exc:
+            raise SourceError(f"{self.name}: cannot send {method}: {exc.strerror or exc}") from None
+
+    def _answer(self) -> Response:
+        """The answer to the request just sent (interleaved frames before it are kept for reading)."""
+        while True:
+            item = self._next_item()
+            if isinstance(item, Response):
+                if item.cseq in (None, self._cseq):
+                    return item
+            else:
+                self._items.append(item)
+
+    # -- reading
+
+    def _next_item(self) -> rtspin.Response | rtspin.Interleaved:
+        while not self._items:
+            if self._stop.is_set() or self._sock is None:
+                raise SourceError(f"{self.name} closed")
+            try:
+                data = self._sock.recv(RECV_BYTES)
+            except TimeoutError:
+                timeout = self._sock.gettimeout()
+                raise SourceError(f"{self.name} sent nothing for {timeout:g} s") from None
+            except OSError as exc:
+                if self._stop.is_set():
+                    raise SourceError(f"{self.name} closed") from None
+                raise SourceError(f"{self.name} stopped delivering frames: {exc.strerror or exc}") from None
+            try:
+                if not data:
+                    if self._stop.is_set():
+                        raise SourceError(f"{self.name} closed")
+                    self._reader.eof()
+                    raise SourceError(f"{self.name} closed the connection")
+                self._items.extend(self._reader.feed(data))
+            except RtspError as exc:
+                raise SourceError(f"{self.name}: {redact_text(str(exc), self.url)}") from None
+        return self._items.popleft()
+
+    def read_packet(self) -> AccessUnit:
+        """The next access unit, handed on at its last RTP packet."""
+        if self._stop.is_set():
+            raise SourceError(f"{self.name} closed")
+        if self._pending:
+            return self._pending.popleft()
+        depacketizer = self._depacketizer
+        if depacketizer is None or self._sock is None:
+            raise SourceError(f"{self.name} is not open")
+        self._sock.settimeout(IO_TIMEOUT)
+        while not self._units:
+            if time.monotonic() >= self._keepalive_at:
+                self._keepalive_at = time.monotonic() + self._keepalive_every
+                self._send(self._keepalive_method, self._target)  # its answer is read, and dropped, below
+            item = self._next_item()
+            if not isinstance(item, rtspin.Interleaved) or item.channel != self._rtp_channel:
+                continue  # RTCP, a keep-alive's answer
+            try:
+                self._units.extend(depacketizer.push(rtspin.parse_rtp(item.payload)))
+            except RtspError as exc:
+                self._bad_packets.warn("%s: RTP packet dropped: %s", self.name, exc)
+        return self._units.popleft()
+
+    def unread(self, units: list[AccessUnit]) -> None:
+        """Units read ahead (to decide passthrough or not) that the next reads give back first."""
+        self._pending.extendleft(reversed(units))
+
+    def read(self) -> CapturedFrame:
+        """The next decoded picture (transcoding): the decoder is made, and PyAV imported, at the first."""
+        import av
+
+        if self._decoder is None:
+            self._decoder = av.CodecContext.create("h264", "r")
+            self._decoder.flags |= av.codec.context.Flags.low_delay
+            self._sets = ParameterSets(h264.extradata_parameter_sets(self.extradata) if self.extradata else [])
+        assert self._sets is not None
+        while not self._frames:
+            unit = self.read_packet()
+            try:
+                data, _ = self._sets.access_unit(unit.data)  # the SDP's parameter sets before each IDR
+                self._frames.extend(self._decoder.decode(av.Packet(data)))
+            except (H264Error, av.FFmpegError) as exc:
+                log.debug("%s: undecodable unit: %s", self.name, exc)
+        picture = self._frames.popleft()
+        picture.pts = None
+        return CapturedFrame(time.time(), picture=picture)
+
+    # -- closing
+
+    def close(self) -> None:
+        """From the thread that reads it: TEARDOWN (best effort) and closed. From any other (a stalled camera,
+        the worker stopping): the socket is shut down, which ends a read at once; its own thread closes it."""
+        self._stop.set()
+        sock = self._sock
+        if sock is None:
+            return
+        if self._owner not in (None, threading.get_ident()):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            return
+        if self._session:
+            with contextlib.suppress(OSError, SourceError):
+                sock.settimeout(TEARDOWN_TIMEOUT)
+                self._send("TEARDOWN", self._target)
+            self._session = ""
+        self._close_socket()
+        self._decoder = None
+        self._frames.clear()
+
+    def _close_socket(self) -> None:
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+            self._sock = None

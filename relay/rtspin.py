@@ -1,0 +1,551 @@
+"""RTSP in: what a client reading an IP camera over TCP says and hears, sans-io.
+
+Plain values in, plain values out, and an ``RtspError`` that says exactly what
+was wrong; no sockets and no clocks (the capture thread's driver,
+``relay.camera.rtspsource``, does the I/O):
+
+- ``request`` builds a request; ``Reader`` cuts what the camera sends on its
+  one TCP connection into ``Response``s and ``Interleaved`` frames (``$``,
+  RFC 2326 10.12).
+- ``parse_challenges`` and ``authorization``: Basic, and Digest with MD5, with
+  and without ``qop=auth`` (RFC 2617, as cameras speak it).
+- ``parse_sdp``: the video of a DESCRIBE answer (codec, payload type, clock
+  rate, control URL, ``sprop-parameter-sets``); ``parse_session`` and
+  ``parse_interleaved`` read SETUP's answer.
+- ``parse_rtp`` and ``H264Depacketizer``: RTP packets into access units
+  (RFC 6184: single NAL unit, STAP-A, FU-A), each handed on at the packet that
+  carries the marker bit, its last, not when the next one starts.
+
+``relay/rtsp.py`` is the other direction: camrelay publishing to mediamtx.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import struct
+from dataclasses import dataclass, field
+from urllib.parse import urljoin
+
+from .h264 import H264Error, join_annexb, parse_sprop_parameter_sets
+
+# A response's status line and headers: a camera's are a few hundred bytes; more is not RTSP.
+MAX_HEADER_BYTES = 64 * 1024
+# A response's body (an SDP): a few kilobytes from any camera.
+MAX_BODY_BYTES = 1024 * 1024
+# One access unit as the depacketizer gathers it: a 4K I-frame at a high bit rate is a few MiB; more is a
+# camera that never ends a unit (no marker, one timestamp), which must not take the worker's memory.
+MAX_UNIT_BYTES = 16 * 1024 * 1024
+RTP_HEADER = struct.Struct("!BBHII")
+RTP_VERSION = 2
+INTERLEAVED_HEADER = struct.Struct("!cBH")  # "$", channel, length
+SEQUENCE_MOD = 1 << 16
+TIMESTAMP_MOD = 1 << 32
+DEFAULT_SESSION_TIMEOUT = 60  # seconds, RFC 2326 12.37, when SETUP's Session header names none
+
+NAL_IDR = 5
+NAL_STAP_A = 24
+NAL_FU_A = 28
+# RTP-only NAL unit types of RFC 6184 that only packetization-mode 2 (interleaved) uses: no camera sends
+# them in mode 0 or 1, which is what an SDP without packetization-mode=2 says.
+NAL_INTERLEAVED_ONLY = {25: "STAP-B", 26: "MTAP16", 27: "MTAP24", 29: "FU-B"}
+# Codecs by their SDP encoding name, in FFmpeg's names (what the worker's decide_mode speaks).
+CODECS = {"h264": "h264", "h265": "hevc", "jpeg": "mjpeg", "mp4v-es": "mpeg4"}
+STATIC_PAYLOAD_TYPES = {26: ("jpeg", 90000)}  # RFC 3551: the one static video type cameras use
+
+
+class RtspError(ValueError):
+    """What the camera sent cannot be read, or asks for what this client does not do."""
+
+
+# -- requests and responses
+
+
+def request(method: str, url: str, cseq: int, headers: dict[str, str] | None = None) -> bytes:
+    """An RTSP/1.0 request with no body; ``url`` must hold no user information (it goes on the wire)."""
+    lines = [f"{method} {url} RTSP/1.0", f"CSeq: {cseq}"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    reason: str
+    headers: tuple[tuple[str, str], ...]  # (name in lower case, value), in the order sent
+    body: bytes = b""
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (any case), or None."""
+        name = name.lower()
+        return next((v for n, v in self.headers if n == name), None)
+
+    def all(self, name: str) -> list[str]:
+        name = name.lower()
+        return [v for n, v in self.headers if n == name]
+
+    @property
+    def cseq(self) -> int | None:
+        value = self.header("cseq")
+        return int(value) if value and value.strip().isdigit() else None
+
+
+@dataclass(frozen=True, slots=True)
+class Interleaved:
+    channel: int
+    payload: bytes
+
+
+STATUS_LINE = re.compile(r"RTSP/1\.\d (\d{3})(?: (.*))?")
+
+
+def parse_response_head(head: bytes) -> tuple[int, str, tuple[tuple[str, str], ...]]:
+    """(status, reason, headers) of a response's head, the blank line excluded."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = head.decode("latin-1")
+    status_line, *lines = text.split("\r\n")
+    match = STATUS_LINE.fullmatch(status_line.strip())
+    if match is None:
+        raise RtspError(f"bad status line {status_line[:80]!r}")
+    headers = []
+    for line in lines:
+        if line[:1] in (" ", "\t") and headers:  # a folded header continues the one before
+            name, value = headers[-1]
+            headers[-1] = (name, f"{value} {line.strip()}")
+            continue
+        name, colon, value = line.partition(":")
+        if not colon or not name.strip():
+            raise RtspError(f"bad header line {line[:80]!r}")
+        headers.append((name.strip().lower(), value.strip()))
+    return int(match.group(1)), match.group(2) or "", tuple(headers)
+
+
+class Reader:
+    """Responses and interleaved frames out of the bytes of one RTSP connection, however they are cut."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[Response | Interleaved]:
+        self._buf += data
+        out: list[Response | Interleaved] = []
+        while self._buf:
+            item = self._next()
+            if item is None:
+                break
+            out.append(item)
+        return out
+
+    def eof(self) -> None:
+        """The connection ended: ``RtspError`` if it ended inside a message."""
+        if self._buf:
+            what = "an interleaved frame" if self._buf[:1] == b"$" else "a response"
+            raise RtspError(f"connection closed inside {what} ({len(self._buf)} bytes of it)")
+
+    def _next(self) -> Response | Interleaved | None:
+        buf = self._buf
+        if buf[:1] == b"$":
+            if len(buf) < INTERLEAVED_HEADER.size:
+                return None
+            _, channel, length = INTERLEAVED_HEADER.unpack_from(buf)
+            end = INTERLEAVED_HEADER.size + length
+            if len(buf) < end:
+                return None
+            frame = Interleaved(channel, bytes(buf[INTERLEAVED_HEADER.size : end]))
+            del buf[:end]
+            return frame
+        if not b"RTSP/"[: len(buf)] == bytes(buf[:5]):
+            raise RtspError(f"expected a response or an interleaved frame, got {bytes(buf[:16])!r}")
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > MAX_HEADER_BYTES:
+                raise RtspError(f"response head over {MAX_HEADER_BYTES} bytes")
+            return None
+        status, reason, headers = parse_response_head(bytes(buf[:end]))
+        length_text = next((v for n, v in headers if n == "content-length"), "0")
+        if not length_text.isdigit():
+            raise RtspError(f"bad Content-Length {length_text[:20]!r}")
+        length = int(length_text)
+        if length > MAX_BODY_BYTES:
+            raise RtspError(f"response body of {length} bytes is over the {MAX_BODY_BYTES} limit")
+        total = end + 4 + length
+        if len(buf) < total:
+            return None
+        response = Response(status, reason, headers, bytes(buf[end + 4 : total]))
+        del buf[:total]
+        return response
+
+
+# -- authentication
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    scheme: str  # "basic" or "digest"
+    realm: str = ""
+    nonce: str = ""
+    qop: tuple[str, ...] = ()
+    opaque: str | None = None
+    algorithm: str = ""  # as the challenge named it (MD5 is the only one); "" when it named none
+
+
+AUTH_PARAM = re.compile(r'\s*([A-Za-z0-9_-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))\s*(?:,|$)')
+
+
+def parse_auth_params(text: str) -> dict[str, str]:
+    """``realm="x", nonce="y", qop="auth"`` -> {"realm": "x", ...} (names in lower case)."""
+    params = {}
+    pos = 0
+    text = text.strip()
+    while pos < len(text):
+        match = AUTH_PARAM.match(text, pos)
+        if match is None or match.end() == pos:
+            raise RtspError(f"bad authentication parameters {text[pos : pos + 40]!r}")
+        quoted, bare = match.group(2), match.group(3)
+        params[match.group(1).lower()] = re.sub(r"\\(.)", r"\1", quoted) if quoted is not None else bare
+        pos = match.end()
+    return params
+
+
+def parse_challenges(values: list[str]) -> Challenge:
+    """The challenge to answer from a 401's ``WWW-Authenticate`` headers: Digest (MD5) over Basic."""
+    if not values:
+        raise RtspError("401 without a WWW-Authenticate header: no way to authenticate")
+    found = {}
+    for value in values:
+        scheme, _, rest = value.strip().partition(" ")
+        scheme = scheme.lower()
+        if scheme == "basic":
+            found["basic"] = Challenge("basic", realm=parse_auth_params(rest).get("realm", ""))
+        elif scheme == "digest":
+            p = parse_auth_params(rest)
+            if "nonce" not in p:
+                raise RtspError("Digest challenge without a nonce")
+            qop = tuple(q.strip().lower() for q in p.get("qop", "").split(",") if q.strip())
+            if qop and "auth" not in qop:
+                raise RtspError(f"Digest qop {p['qop']!r}: only auth is supported")
+            algorithm = p.get("algorithm", "")
+            if algorithm and algorithm.upper() != "MD5":
+                raise RtspError(f"Digest algorithm {algorithm!r}: only MD5 is supported")
+            found["digest"] = Challenge("digest", p.get("realm", ""), p["nonce"], qop, p.get("opaque"), algorithm)
+    if "digest" in found:
+        return found["digest"]
+    if "basic" in found:
+        return found["basic"]
+    schemes = ", ".join(v.split(" ", 1)[0] for v in values)
+    raise RtspError(f"camera asks for {schemes} authentication: only Basic and Digest are supported")
+
+
+def _md5(text: str) -> str:
+    return hashlib.md5(text.encode()).hexdigest()
+
+
+def authorization(
+    challenge: Challenge, method: str, uri: str, user: str, password: str, cnonce: str = "", nc: int = 1
+) -> str:
+    """The ``Authorization`` header's value answering ``challenge`` for ``method uri``. Digest with qop=auth
+    needs a client nonce (``cnonce``) and the count of requests made with this nonce (``nc``)."""
+    if challenge.scheme == "basic":
+        return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    ha1 = _md5(f"{user}:{challenge.realm}:{password}")
+    ha2 = _md5(f"{method}:{uri}")
+    fields = [f'username="{user}"', f'realm="{challenge.realm}"', f'nonce="{challenge.nonce}"', f'uri="{uri}"']
+    if "auth" in challenge.qop:
+        if not cnonce:
+            raise RtspError("Digest qop=auth needs a client nonce")
+        response = _md5(f"{ha1}:{challenge.nonce}:{nc:08x}:{cnonce}:auth:{ha2}")
+        fields += [f'response="{response}"', "qop=auth", f"nc={nc:08x}", f'cnonce="{cnonce}"']
+    else:
+        fields.append(f'response="{_md5(f"{ha1}:{challenge.nonce}:{ha2}")}"')
+    if challenge.opaque is not None:
+        fields.append(f'opaque="{challenge.opaque}"')
+    if challenge.algorithm:
+        fields.append(f"algorithm={challenge.algorithm}")
+    return "Digest " + ", ".join(fields)
+
+
+# -- the SDP
+
+
+@dataclass(frozen=True, slots=True)
+class SdpVideo:
+    codec: str  # FFmpeg's name: h264, hevc, mjpeg; else the SDP's encoding name in lower case
+    payload_type: int
+    clock_rate: int
+    control: str  # the URL to SETUP
+    parameter_sets: tuple[bytes, ...] = ()  # SPS and PPS NAL units from sprop-parameter-sets
+    fmtp: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def extradata(self) -> bytes:
+        """The parameter sets as Annex B, as FFmpeg's RTSP demuxer gives them."""
+        return join_annexb(list(self.parameter_sets))
+
+
+def _control_url(control: str | None, base: str) -> str:
+    if control is None or control == "*":
+        return base
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", control):
+        return control
+    return urljoin(base if base.endswith("/") else base + "/", control)
+
+
+def parse_sdp(text: str, base: str) -> SdpVideo:
+    """The first video media of a DESCRIBE answer; ``base`` is Content-Base (else the URL described)."""
+    session_control: str | None = None
+    media: list[list[str]] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if len(line) < 2 or line[1] != "=":
+            raise RtspError(f"bad SDP line {line[:60]!r}")
+        if line.startswith("m="):
+            media.append([line])
+        elif media:
+            media[-1].append(line)
+        elif line.startswith("a=control:"):
+            session_control = line[len("a=control:") :]
+    video = next((m for m in media if m[0].startswith("m=video ")), None)
+    if video is None:
+        raise RtspError("SDP has no video media")
+    parts = video[0].split()
+    if len(parts) < 4 or not parts[3].isdigit():
+        raise RtspError(f"bad SDP media line {video[0][:60]!r}")
+    pt = int(parts[3])  # the first format is the one a camera sends
+    rtpmap, fmtp, control = None, {}, None
+    for line in video[1:]:
+        if line.startswith(f"a=rtpmap:{pt} "):
+            rtpmap = line.split(" ", 1)[1]
+        elif line.startswith(f"a=fmtp:{pt} "):
+            for item in line.split(" ", 1)[1].split(";"):
+                name, eq, value = item.strip().partition("=")
+                if eq:
+                    fmtp[name.strip().lower()] = value.strip()
+        elif line.startswith("a=control:"):
+            control = line[len("a=control:") :]
+    if rtpmap is not None:
+        name, _, rest = rtpmap.partition("/")
+        rate = rest.split("/")[0]
+        if not rate.isdigit() or int(rate) == 0:
+            raise RtspError(f"bad rtpmap clock rate {rtpmap[:40]!r}")
+        encoding, clock_rate = name.strip().lower(), int(rate)
+    elif pt in STATIC_PAYLOAD_TYPES:
+        encoding, clock_rate = STATIC_PAYLOAD_TYPES[pt]
+    else:
+        raise RtspError(f"video payload type {pt} has no rtpmap")
+    codec = CODECS.get(encoding, encoding)
+    sets: tuple[bytes, ...] = ()
+    if codec == "h264":
+        if fmtp.get("packetization-mode", "0") not in ("0", "1"):
+            raise RtspError(f"H.264 packetization-mode {fmtp['packetization-mode']} is not supported")
+        if fmtp.get("sprop-parameter-sets"):
+            try:
+                sets = tuple(parse_sprop_parameter_sets(fmtp["sprop-parameter-sets"]))
+            except H264Error as exc:
+                raise RtspError(str(exc)) from None
+    base = _control_url(session_control, base) if session_control not in (None, "*") else base
+    return SdpVideo(codec, pt, clock_rate, _control_url(control, base), sets, fmtp)
+
+
+def parse_session(value: str) -> tuple[str, int]:
+    """(the session id, its timeout in seconds) of a ``Session`` header: ``12345678;timeout=60``."""
+    ident, *params = value.split(";")
+    if not ident.strip():
+        raise RtspError(f"bad Session header {value[:60]!r}")
+    timeout = DEFAULT_SESSION_TIMEOUT
+    for param in params:
+        name, _, v = param.strip().partition("=")
+        if name.lower() == "timeout":
+            if not v.strip().isdigit() or int(v) == 0:
+                raise RtspError(f"bad Session timeout {v[:20]!r}")
+            timeout = int(v)
+    return ident.strip(), timeout
+
+
+def parse_interleaved(transport: str) -> tuple[int, int]:
+    """The (RTP, RTCP) channels a SETUP answer's ``Transport`` header gives the track."""
+    match = re.search(r"interleaved=(\d+)(?:-(\d+))?", transport)
+    if match is None:
+        raise RtspError(f"camera did not agree to RTP over the RTSP connection: Transport {transport[:80]!r}")
+    rtp = int(match.group(1))
+    return rtp, int(match.group(2)) if match.group(2) else rtp + 1
+
+
+# -- RTP and H.264
+
+
+@dataclass(frozen=True, slots=True)
+class RtpPacket:
+    payload_type: int
+    marker: bool
+    sequence: int
+    timestamp: int
+    ssrc: int
+    payload: bytes
+
+
+def parse_rtp(data: bytes) -> RtpPacket:
+    if len(data) < RTP_HEADER.size:
+        raise RtspError(f"RTP packet of {len(data)} bytes is shorter than its header")
+    b0, b1, seq, ts, ssrc = RTP_HEADER.unpack_from(data)
+    if b0 >> 6 != RTP_VERSION:
+        raise RtspError(f"RTP version {b0 >> 6}, not 2")
+    offset = RTP_HEADER.size + 4 * (b0 & 0x0F)
+    if b0 & 0x10:  # a header extension: 4 bytes, then its length in 32-bit words
+        if len(data) < offset + 4:
+            raise RtspError("RTP header extension overruns its packet")
+        offset += 4 + 4 * int.from_bytes(data[offset + 2 : offset + 4], "big")
+    end = len(data)
+    if b0 & 0x20:
+        end -= data[-1] if data else 0
+    if offset > end:
+        raise RtspError(f"RTP header of {offset} bytes overruns its packet of {len(data)}")
+    return RtpPacket(b1 & 0x7F, bool(b1 & 0x80), seq, ts, ssrc, bytes(data[offset:end]))
+
+
+@dataclass(frozen=True, slots=True)
+class AccessUnit:
+    """One H.264 access unit as Annex B, stamped in RTP clock ticks (unwrapped: it never goes back to 0)."""
+
+    data: bytes
+    pts: int
+    keyframe: bool  # holds an IDR slice
+
+    def __bytes__(self) -> bytes:
+        return self.data
+
+
+class H264Depacketizer:
+    """RTP packets of one H.264 stream (RFC 6184, packetization-mode 0 or 1) into access units.
+
+    A unit is handed on at the packet that carries the marker bit (its last), or, for a camera that never
+    sets it, when a packet with a new timestamp starts the next one. A sequence gap (packets the camera
+    lost) breaks the unit it falls in; that unit and every one after it up to the next IDR is dropped and
+    counted: the pictures after a loss refer to the one lost, and a decoder shows them smeared.
+    ``push`` raises ``RtspError`` for a packet it cannot read; the unit it was part of is dropped too.
+    """
+
+    def __init__(self, payload_type: int) -> None:
+        self.payload_type = payload_type
+        self.packets = 0
+        self.units = 0  # handed on
+        self.packets_lost = 0  # by sequence gaps
+        self.units_dropped = 0  # broken, or after a loss and before the next IDR
+        self._nals: list[bytes] = []
+        self._size = 0
+        self._fu: bytearray | None = None
+        self._timestamp: int | None = None  # of the unit being gathered, unwrapped
+        self._last_seq: int | None = None
+        self._last_ts: int | None = None  # the last packet's, unwrapped
+        self._broken = False  # the unit being gathered lost a part
+        self._wait_idr = False
+        self._synced = False  # a unit's first packet seen: the stream may be joined in the middle of one
+
+    def push(self, packet: RtpPacket) -> list[AccessUnit]:
+        if packet.payload_type != self.payload_type:
+            raise RtspError(f"RTP payload type {packet.payload_type}, not the video's {self.payload_type}")
+        self.packets += 1
+        out: list[AccessUnit] = []
+        if self._last_seq is not None:
+            gap = (packet.sequence - self._last_seq - 1) % SEQUENCE_MOD
+            if gap >= SEQUENCE_MOD // 2:
+                return out  # a duplicate or a late packet: its unit has gone
+            if gap:
+                self.packets_lost += gap
+                self._broken = True
+        self._last_seq = packet.sequence
+        if not self._synced:
+            payload = packet.payload
+            if payload[:1] and payload[0] & 0x1F == NAL_FU_A and len(payload) > 1 and not payload[1] & 0x80:
+                self._synced = packet.marker  # the rest of a unit sent before this reader joined
+                return out
+            self._synced = True
+        ts = self._unwrap(packet.timestamp)
+        if self._timestamp is not None and ts != self._timestamp and (self._nals or self._fu is not None):
+            out += self._finish()  # a camera that does not set the marker: the last unit ended
+        self._timestamp = ts
+        try:
+            self._add(packet.payload)
+        except RtspError:
+            self._broken = True
+            if packet.marker:
+                out += self._finish()
+            raise
+        if packet.marker:
+            out += self._finish()
+        return out
+
+    def _unwrap(self, ts: int) -> int:
+        if self._last_ts is None:
+            self._last_ts = ts
+            return ts
+        delta = (ts - self._last_ts) % TIMESTAMP_MOD
+        if delta >= TIMESTAMP_MOD // 2:
+            delta -= TIMESTAMP_MOD
+        self._last_ts += delta
+        return self._last_ts
+
+    def _keep(self, nal: bytes) -> None:
+        self._size += len(nal)
+        if self._size > MAX_UNIT_BYTES:
+            raise RtspError(f"access unit over {MAX_UNIT_BYTES} bytes (no marker bit, no new timestamp)")
+        self._nals.append(nal)
+
+    def _add(self, payload: bytes) -> None:
+        if not payload:
+            raise RtspError("empty RTP payload")
+        kind = payload[0] & 0x1F
+        if 1 <= kind <= 23:
+            self._keep(payload)
+        elif kind == NAL_STAP_A:
+            pos = 1
+            while pos < len(payload):
+                if pos + 2 > len(payload):
+                    raise RtspError(f"STAP-A size field cut off at byte {pos} of {len(payload)}")
+                size = int.from_bytes(payload[pos : pos + 2], "big")
+                pos += 2
+                if size == 0 or pos + size > len(payload):
+                    raise RtspError(f"STAP-A NAL unit of {size} bytes overruns its packet ({len(payload) - pos} left)")
+                self._keep(payload[pos : pos + size])
+                pos += size
+        elif kind == NAL_FU_A:
+            if len(payload) < 3:
+                raise RtspError(f"FU-A of {len(payload)} bytes has no fragment")
+            start, end, nal_kind = payload[1] & 0x80, payload[1] & 0x40, payload[1] & 0x1F
+            if start:
+                if self._fu is not None:
+                    self._fu = None
+                    raise RtspError(f"FU-A start (NAL type {nal_kind}) before the last fragment ended")
+                self._fu = bytearray([(payload[0] & 0xE0) | nal_kind])
+            elif self._fu is None:
+                raise RtspError(f"FU-A fragment without its start (NAL type {nal_kind})")
+            self._fu += payload[2:]
+            if len(self._fu) + self._size > MAX_UNIT_BYTES:
+                self._fu = None
+                raise RtspError(f"access unit over {MAX_UNIT_BYTES} bytes (an FU-A that never ends)")
+            if end:
+                nal, self._fu = bytes(self._fu), None
+                self._keep(nal)
+        elif kind in NAL_INTERLEAVED_ONLY:
+            raise RtspError(f"RTP H.264 {NAL_INTERLEAVED_ONLY[kind]} (type {kind}) is interleaved mode only")
+        else:
+            raise RtspError(f"RTP H.264 NAL unit type {kind} is undefined")
+
+    def _finish(self) -> list[AccessUnit]:
+        nals, broken = self._nals, self._broken or self._fu is not None
+        self._nals, self._size, self._fu, self._broken = [], 0, None, False
+        if not nals and not broken:
+            return []
+        keyframe = any(nal[0] & 0x1F == NAL_IDR for nal in nals)
+        if broken or (self._wait_idr and not keyframe):
+            self._wait_idr = True
+            self.units_dropped += 1
+            return []
+        self._wait_idr = False
+        self.units += 1
+        assert self._timestamp is not None
+        return [AccessUnit(join_annexb(nals), self._timestamp, keyframe)]
