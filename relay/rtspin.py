@@ -203,7 +203,7 @@ def parse_auth_params(text: str) -> dict[str, str]:
     while pos < len(text):
         match = AUTH_PARAM.match(text, pos)
         if match is None or match.end() == pos:
-            raise RtspError(f"bad authentication parameters {text[pos : pos + 40]!r}")
+            raise RtspError(f"bad authentication parameters {text[pos : pos + 40].strip()!r}")
         quoted, bare = match.group(2), match.group(3)
         params[match.group(1).lower()] = re.sub(r"\\(.)", r"\1", quoted) if quoted is not None else bare
         pos = match.end()
@@ -211,10 +211,12 @@ def parse_auth_params(text: str) -> dict[str, str]:
 
 
 def parse_challenges(values: list[str]) -> Challenge:
-    """The challenge to answer from a 401's ``WWW-Authenticate`` headers: Digest (MD5) over Basic."""
+    """The challenge to answer from a 401's ``WWW-Authenticate`` headers: Digest with MD5 over Basic (a
+    camera may offer Digest with SHA-256 too, which is passed over)."""
     if not values:
         raise RtspError("401 without a WWW-Authenticate header: no way to authenticate")
-    found = {}
+    found: dict[str, Challenge] = {}
+    unusable = []
     for value in values:
         scheme, _, rest = value.strip().partition(" ")
         scheme = scheme.lower()
@@ -222,21 +224,23 @@ def parse_challenges(values: list[str]) -> Challenge:
             found["basic"] = Challenge("basic", realm=parse_auth_params(rest).get("realm", ""))
         elif scheme == "digest":
             p = parse_auth_params(rest)
-            if "nonce" not in p:
-                raise RtspError("Digest challenge without a nonce")
             qop = tuple(q.strip().lower() for q in p.get("qop", "").split(",") if q.strip())
-            if qop and "auth" not in qop:
-                raise RtspError(f"Digest qop {p['qop']!r}: only auth is supported")
             algorithm = p.get("algorithm", "")
-            if algorithm and algorithm.upper() != "MD5":
-                raise RtspError(f"Digest algorithm {algorithm!r}: only MD5 is supported")
-            found["digest"] = Challenge("digest", p.get("realm", ""), p["nonce"], qop, p.get("opaque"), algorithm)
+            if "nonce" not in p:
+                unusable.append("Digest without a nonce")
+            elif qop and "auth" not in qop:
+                unusable.append(f"Digest with qop {p['qop']!r} (only auth is supported)")
+            elif algorithm and algorithm.upper() != "MD5":
+                unusable.append(f"Digest with algorithm {algorithm!r} (only MD5 is supported)")
+            else:
+                found["digest"] = Challenge("digest", p.get("realm", ""), p["nonce"], qop, p.get("opaque"), algorithm)
+        else:
+            unusable.append(f"{scheme or value[:20]!r} (only Basic and Digest are supported)")
     if "digest" in found:
         return found["digest"]
     if "basic" in found:
         return found["basic"]
-    schemes = ", ".join(v.split(" ", 1)[0] for v in values)
-    raise RtspError(f"camera asks for {schemes} authentication: only Basic and Digest are supported")
+    raise RtspError("camera asks for authentication this client cannot answer: " + "; ".join(unusable))
 
 
 def _md5(text: str) -> str:
@@ -419,6 +423,29 @@ class AccessUnit:
         return self.data
 
 
+# NAL unit types that come before an access unit's first slice (SEI, SPS, PPS, access unit delimiter).
+NAL_UNIT_HEADS = frozenset({6, 7, 8, 9})
+NAL_SLICES = frozenset({1, 5})
+
+
+def starts_unit(payload: bytes) -> bool:
+    """Whether an RTP payload begins an access unit: a NAL unit that heads one, or a picture's first slice
+    (its first_mb_in_slice, the slice header's first field, ue(v), is 0: a single 1 bit). For a reader that
+    joins a stream inside a unit, whose rest it must not hand on as one."""
+    if len(payload) < 2:
+        return False
+    kind, first = payload[0] & 0x1F, payload[1:]
+    if kind == NAL_STAP_A:
+        kind, first = (payload[3] & 0x1F, payload[4:]) if len(payload) > 3 else (0, b"")
+    elif kind == NAL_FU_A:
+        if not payload[1] & 0x80:
+            return False
+        kind, first = payload[1] & 0x1F, payload[2:]
+    if kind in NAL_UNIT_HEADS:
+        return True
+    return kind in NAL_SLICES and bool(first) and bool(first[0] & 0x80)
+
+
 class H264Depacketizer:
     """RTP packets of one H.264 stream (RFC 6184, packetization-mode 0 or 1) into access units.
 
@@ -443,7 +470,7 @@ class H264Depacketizer:
         self._last_ts: int | None = None  # the last packet's, unwrapped
         self._broken = False  # the unit being gathered lost a part
         self._wait_idr = False
-        self._synced = False  # a unit's first packet seen: the stream may be joined in the middle of one
+        self._synced = False  # an access unit's first packet seen: a reader may join in the middle of one
 
     def push(self, packet: RtpPacket) -> list[AccessUnit]:
         if packet.payload_type != self.payload_type:
@@ -459,10 +486,8 @@ class H264Depacketizer:
                 self._broken = True
         self._last_seq = packet.sequence
         if not self._synced:
-            payload = packet.payload
-            if payload[:1] and payload[0] & 0x1F == NAL_FU_A and len(payload) > 1 and not payload[1] & 0x80:
-                self._synced = packet.marker  # the rest of a unit sent before this reader joined
-                return out
+            if not starts_unit(packet.payload):
+                return out  # the rest of a unit sent before this reader joined
             self._synced = True
         ts = self._unwrap(packet.timestamp)
         if self._timestamp is not None and ts != self._timestamp and (self._nals or self._fu is not None):

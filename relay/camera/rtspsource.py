@@ -304,14 +304,14 @@ class RtspSource:
 
     def close(self) -> None:
         """From the thread that reads it: TEARDOWN (best effort) and closed. From any other (a stalled camera,
-        the worker stopping): the socket is shut down, which ends a read at once; its own thread closes it."""
+        the worker stopping): its socket is shut for reading, which ends a read at once; its own thread closes it."""
         self._stop.set()
         sock = self._sock
         if sock is None:
             return
         if self._owner not in (None, threading.get_ident()):
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RD)  # the read ends at once; TEARDOWN can still go out
             return
         if self._session:
             with contextlib.suppress(OSError, SourceError):

@@ -1,0 +1,605 @@
+"""camrelay's own RTSP client: the sans-io core (relay/rtspin.py), one fixture per bad case, the depacketizer
+against real libx264 units packetized as aiortc does, and the client (relay/camera/rtspsource.py) against a
+real mediamtx with Digest credentials and against a small RTSP camera of this test's that sends exactly
+what it is told, when it is told (so hand-over order is judged by counts, never by a clock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import fractions
+import hashlib
+import json
+import threading
+
+import av
+import pytest
+
+from benchmarks import rtspcams
+from benchmarks.rtspcams import CameraServer, LiveCamera, server_config
+from relay import h264, rtspin
+from relay.camera.capture import SourceError, UseDemuxer, open_source
+from relay.camera.rtspsource import RtspSource
+from relay.camera.testpattern import PatternRenderer
+from relay.config import StreamConfig
+from relay.rtspin import RtspError
+from relay.source import parse_source_spec
+from relay.webrtc import borrowed
+
+from .conftest import EncodedFrames, make_config, start_relay
+
+DEADLINE = 30.0  # seconds a test waits for what must happen: a deadline, not a measurement
+PT = 96
+CLOCK = 90_000
+
+
+# -- real H.264: libx264 High, no B-frames, its parameter sets out of band as a camera's SDP has them
+
+
+def encode_units(count: int = 12, gop: int = 6, size: tuple[int, int] = (320, 180)) -> tuple[list[bytes], list[bytes]]:
+    """(``count`` access units as Annex B, the SPS and PPS given out of band)."""
+    renderer = PatternRenderer(*size)
+    cc = av.CodecContext.create("libx264", "w")
+    cc.width, cc.height, cc.pix_fmt = *size, "yuv420p"
+    cc.time_base = fractions.Fraction(1, 30)
+    cc.flags |= av.codec.context.Flags.global_header
+    cc.options = {"preset": "ultrafast", "profile": "baseline", "x264-params": f"keyint={gop}:bframes=0"}
+    units = []
+    for i in range(count):
+        frame = av.VideoFrame.from_ndarray(renderer.planes(i), format="yuv420p")
+        frame.pts = i
+        units += [bytes(p) for p in cc.encode(frame)]
+    units += [bytes(p) for p in cc.encode()]
+    return units[:count], h264.extradata_parameter_sets(bytes(cc.extradata))
+
+
+UNITS, SETS = encode_units()
+
+
+def rtp(payload: bytes, seq: int, ts: int, marker: bool, pt: int = PT) -> bytes:
+    return (
+        bytes([0x80, (0x80 if marker else 0) | pt])
+        + (seq % 65536).to_bytes(2, "big")
+        + ts.to_bytes(4, "big")
+        + (b"\x12\x34\x56\x78" + payload)
+    )
+
+
+def packets_of(units: list[bytes], first_seq: int = 65530, first_ts: int = 2**32 - 6000, markers: bool = True):
+    """RTP packets of ``units`` (3000 ticks apart: 30 fps), sequence and timestamp wrapping on the way."""
+    out, seq = [], first_seq
+    for i, unit in enumerate(units):
+        payloads = borrowed.packetize(unit)
+        for j, payload in enumerate(payloads):
+            out.append(rtp(payload, seq, (first_ts + 3000 * i) % 2**32, markers and j == len(payloads) - 1))
+            seq += 1
+    return out
+
+
+def nals(data: bytes) -> list[bytes]:
+    return h264.split_annexb(data)
+
+
+# -- the depacketizer, with real units
+
+
+def test_each_unit_is_handed_on_at_its_marker_packet_and_comes_out_whole():
+    depacketizer = rtspin.H264Depacketizer(PT)
+    packets = packets_of(UNITS)
+    assert len(packets) > len(UNITS)  # the IDRs are fragmented (FU-A), the rest single NAL or STAP-A
+    out, handed = [], []
+    for i, packet in enumerate(packets):
+        units = depacketizer.push(rtspin.parse_rtp(packet))
+        if units:
+            handed.append(i)
+        out += units
+    assert [nals(u.data) for u in out] == [nals(u) for u in UNITS]
+    markers = [i for i, p in enumerate(packets) if p[1] & 0x80]
+    assert handed == markers  # each at its last packet, not when the next one starts
+    assert [u.pts - out[0].pts for u in out] == [3000 * i for i in range(len(UNITS))]  # unwrapped past 2**32
+    assert [u.keyframe for u in out] == [h264.is_idr(u) for u in UNITS]
+    assert (depacketizer.units, depacketizer.packets_lost, depacketizer.units_dropped) == (len(UNITS), 0, 0)
+
+
+def test_a_camera_that_never_sets_the_marker_has_its_units_end_at_the_next_timestamp():
+    depacketizer = rtspin.H264Depacketizer(PT)
+    out = []
+    for packet in packets_of(UNITS, markers=False):
+        out += depacketizer.push(rtspin.parse_rtp(packet))
+    assert [nals(u.data) for u in out] == [nals(u) for u in UNITS[:-1]]  # the last waits for a next
+
+
+def test_a_lost_packet_drops_its_unit_and_those_after_it_up_to_the_next_idr():
+    packets = packets_of(UNITS)
+    second_idr = [i for i, u in enumerate(UNITS) if h264.is_idr(u)][1]
+    lost = len(packets_of(UNITS[:2]))  # the first packet of the third unit (a P-frame)
+    depacketizer = rtspin.H264Depacketizer(PT)
+    out = []
+    for i, packet in enumerate(packets):
+        if i != lost:
+            out += depacketizer.push(rtspin.parse_rtp(packet))
+    assert [nals(u.data) for u in out] == [nals(u) for u in UNITS[:2] + UNITS[second_idr:]]
+    assert depacketizer.packets_lost == 1
+    lost_whole = len(borrowed.packetize(UNITS[2])) == 1  # then it was never seen, so not counted as dropped
+    assert depacketizer.units_dropped == second_idr - 2 - lost_whole
+
+
+def test_a_reader_that_joins_inside_a_fragmented_unit_skips_its_rest_quietly():
+    packets = packets_of(UNITS)
+    fu_a_start = next(i for i, p in enumerate(packets) if p[12] & 0x1F == 28 and p[13] & 0x80)
+    packets = packets[fu_a_start + 1 :]  # the IDR's FU-A start went before this reader joined
+    depacketizer = rtspin.H264Depacketizer(PT)
+    out = []
+    for packet in packets:
+        out += depacketizer.push(rtspin.parse_rtp(packet))
+    assert [nals(u.data) for u in out] == [nals(u) for u in UNITS[1:]]
+
+
+# -- one fixture per bad case: plain values in, the exact error out
+
+FU_A_MIDDLE = bytes([0x7C, 0x05]) + b"\x00" * 10  # FU-A, neither start nor end, of an IDR
+STAP_A_OVERRUN = bytes([0x78, 0x00, 0x10]) + b"\x67\x42"  # says 16 bytes, holds 2
+
+
+@pytest.mark.parametrize(
+    ("packets", "error"),
+    [
+        ([rtp(b"\x67\x42", 1, 0, True, pt=97)], "RTP payload type 97, not the video's 96"),
+        ([rtp(b"\x5c\x05" + b"\x00" * 4, 1, 0, True)], "FU-A fragment without its start (NAL type 5)"),
+        ([rtp(bytes([0x7C, 0x85, 1]), 1, 0, False), rtp(bytes([0x7C, 0x85, 2]), 2, 0, False)], "FU-A start"),
+        ([rtp(STAP_A_OVERRUN, 1, 0, True)], "STAP-A NAL unit of 16 bytes overruns its packet (2 left)"),
+        ([rtp(b"\x78\x00", 1, 0, True)], "STAP-A size field cut off at byte 1 of 2"),
+        ([rtp(b"\x7d\x00\x00", 1, 0, True)], "RTP H.264 FU-B (type 29) is interleaved mode only"),
+        ([rtp(b"\x60", 1, 0, True)], "RTP H.264 NAL unit type 0 is undefined"),
+        ([rtp(b"", 1, 0, True)], "empty RTP payload"),
+    ],
+)
+def test_an_rtp_packet_that_cannot_be_depacketized_is_refused_exactly(packets, error):
+    depacketizer = rtspin.H264Depacketizer(PT)
+    depacketizer.push(rtspin.parse_rtp(rtp(b"\x41\x9a", 0, 0, True)))  # in sync with the stream
+    with pytest.raises(RtspError) as caught:
+        for packet in packets:
+            depacketizer.push(rtspin.parse_rtp(packet))
+    assert str(caught.value).startswith(error)
+
+
+def test_the_unit_a_bad_packet_was_part_of_is_dropped():
+    depacketizer = rtspin.H264Depacketizer(PT)
+    depacketizer.push(rtspin.parse_rtp(rtp(b"\x41\x9a", 0, 0, True)))
+    depacketizer.push(rtspin.parse_rtp(rtp(b"\x41\x9b", 1, 3000, False)))
+    with pytest.raises(RtspError):
+        depacketizer.push(rtspin.parse_rtp(rtp(STAP_A_OVERRUN, 2, 3000, True)))
+    assert depacketizer.units_dropped == 1
+    assert depacketizer.push(rtspin.parse_rtp(rtp(b"\x41\x9c", 3, 6000, True))) == []  # a P-frame: waits
+    (unit,) = depacketizer.push(rtspin.parse_rtp(rtp(b"\x65\x88", 4, 9000, True)))
+    assert unit.keyframe
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"\x40" + b"\x00" * 11, "RTP version 1, not 2"),
+        (b"\x80\x60\x00", "RTP packet of 3 bytes is shorter than its header"),
+        (b"\x8f\x60" + b"\x00" * 10 + b"\x00" * 8, "RTP header of 72 bytes overruns its packet of 20"),
+        (b"\x90\x60" + b"\x00" * 10 + b"\x00\x00", "RTP header extension overruns its packet"),
+    ],
+)
+def test_an_rtp_header_that_cannot_be_read_is_refused_exactly(data, error):
+    with pytest.raises(RtspError, match="^" + error):
+        rtspin.parse_rtp(data)
+
+
+def test_responses_and_interleaved_frames_come_out_however_the_bytes_are_cut():
+    sdp = b"v=0\r\nm=video 0 RTP/AVP 96\r\n"
+    stream = (
+        b'RTSP/1.0 200 OK\r\nCSeq: 2\r\nContent-Length: %d\r\nWWW-Authenticate: Basic realm="a"\r\n'
+        b" folded\r\n\r\n%s$\x00\x00\x03abc$\x01\x00\x00RTSP/1.0 401 Unauthorized\r\nCSeq: 3\r\n\r\n"
+    ) % (len(sdp), sdp)
+    whole = rtspin.Reader().feed(stream)
+    reader, cut = rtspin.Reader(), []
+    for i in range(len(stream)):
+        cut += reader.feed(stream[i : i + 1])
+    reader.eof()
+    assert cut == whole
+    assert [type(x).__name__ for x in whole] == ["Response", "Interleaved", "Interleaved", "Response"]
+    assert (whole[0].status, whole[0].cseq, whole[0].body) == (200, 2, sdp)
+    assert whole[0].header("www-authenticate") == 'Basic realm="a" folded'
+    assert whole[1] == rtspin.Interleaved(0, b"abc") and whole[2] == rtspin.Interleaved(1, b"")
+    assert (whole[3].status, whole[3].reason) == (401, "Unauthorized")
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"RTSP/1.0 OK\r\n\r\n", "bad status line 'RTSP/1.0 OK'"),
+        (b"HTTP/1.1 200 OK\r\n\r\n", "expected a response or an interleaved frame, got b'HTTP/1.1 200 OK\\r'"),
+        (b"RTSP/1.0 200 OK\r\nno colon\r\n\r\n", "bad header line 'no colon'"),
+        (b"RTSP/1.0 200 OK\r\nContent-Length: -1\r\n\r\n", "bad Content-Length '-1'"),
+        (b"RTSP/1.0 200 OK\r\nContent-Length: 99999999\r\n\r\n", "response body of 99999999 bytes is over"),
+        (b"RTSP/1.0 200 OK\r\n" + b"X: y\r\n" * 20000, "response head over 65536 bytes"),
+    ],
+)
+def test_what_is_not_an_rtsp_answer_is_refused_exactly(data, error):
+    with pytest.raises(RtspError) as caught:
+        rtspin.Reader().feed(data)
+    assert str(caught.value).startswith(error)
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"$\x00\x00\x10abc", "connection closed inside an interleaved frame (7 bytes of it)"),
+        (b"RTSP/1.0 200 OK\r\nCSeq: 1\r\n", "connection closed inside a response (26 bytes of it)"),
+        (b"RTSP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nab", "connection closed inside a response"),
+    ],
+)
+def test_a_connection_that_ends_inside_a_message_is_an_error(data, error):
+    reader = rtspin.Reader()
+    assert reader.feed(data) == []
+    with pytest.raises(RtspError, match="^" + error.replace("(", r"\(").replace(")", r"\)")):
+        reader.eof()
+
+
+# -- authentication
+
+
+def test_digest_with_qop_auth_answers_as_rfc_2617_says():
+    challenge = rtspin.parse_challenges(
+        [
+            'Digest realm="testrealm@host.com", qop="auth,auth-int", nonce="dcd98b7102dd2f0e8b11d0f600bfb0c093", '
+            'opaque="5ccc069c403ebaf9f0171e9517f40e41"'
+        ]
+    )
+    value = rtspin.authorization(challenge, "GET", "/dir/index.html", "Mufasa", "Circle Of Life", "0a4f113b", 1)
+    assert 'response="6629fae49393a05397450978507c4ef1"' in value  # RFC 2617 3.5's example
+    assert 'qop=auth, nc=00000001, cnonce="0a4f113b"' in value and 'opaque="5ccc069c403ebaf9f0171e9517f40e41"' in value
+
+
+def test_digest_without_qop_and_basic_answer_as_cameras_expect():
+    digest = rtspin.parse_challenges(['Basic realm="cam"', 'Digest realm="cam", nonce="abc"'])
+    value = rtspin.authorization(digest, "DESCRIBE", "rtsp://cam/x", "admin", "pw")
+    ha1, ha2 = (hashlib.md5(s.encode()).hexdigest() for s in ("admin:cam:pw", "DESCRIBE:rtsp://cam/x"))
+    assert f'response="{hashlib.md5(f"{ha1}:abc:{ha2}".encode()).hexdigest()}"' in value and "qop" not in value
+    basic = rtspin.parse_challenges(['Basic realm="cam"'])
+    assert (
+        rtspin.authorization(basic, "DESCRIBE", "rtsp://cam/x", "admin", "pw")
+        == "Basic " + base64.b64encode(b"admin:pw").decode()
+    )
+
+
+@pytest.mark.parametrize(
+    ("values", "error"),
+    [
+        ([], "401 without a WWW-Authenticate header: no way to authenticate"),
+        (['Digest realm="a", nonce="n", algorithm=SHA-256'], "camera asks for authentication this client cannot"),
+        (['Digest realm="a", nonce="n", qop="auth-int"'], "camera asks for authentication this client cannot"),
+        (['Digest realm="a"'], "camera asks for authentication this client cannot answer: Digest without a nonce"),
+        (["Bearer"], "camera asks for authentication this client cannot answer: 'bearer'"),
+        (['Digest realm="a", nonce="n", qop'], "bad authentication parameters 'qop'"),
+    ],
+)
+def test_a_challenge_that_cannot_be_answered_is_refused_exactly(values, error):
+    with pytest.raises(RtspError) as caught:
+        rtspin.parse_challenges(values)
+    assert str(caught.value).startswith(error)
+
+
+def test_digest_with_md5_is_chosen_over_sha256_and_basic():
+    challenge = rtspin.parse_challenges(
+        ['Digest realm="a", nonce="n", algorithm="SHA-256"', 'Digest realm="a", nonce="m", algorithm="MD5"', "Basic"]
+    )
+    assert (challenge.scheme, challenge.nonce) == ("digest", "m")
+
+
+# -- the SDP
+
+
+def sdp(*media: str, session: str = "") -> str:
+    return "v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=cam\r\nt=0 0\r\n" + session + "".join(media)
+
+
+H264_MEDIA = (
+    "m=video 0 RTP/AVP 96\r\na=control:trackID=0\r\na=rtpmap:96 H264/90000\r\n"
+    "a=fmtp:96 packetization-mode=1; sprop-parameter-sets=Z0LAHtkDxWhAAAADAEAAAAwDxYuS,aMuMsg==\r\n"
+)
+
+
+def test_the_sdp_gives_codec_parameter_sets_and_control_url():
+    video = rtspin.parse_sdp(sdp("m=audio 0 RTP/AVP 0\r\na=control:trackID=1\r\n", H264_MEDIA), "rtsp://cam/live")
+    assert (video.codec, video.payload_type, video.clock_rate) == ("h264", 96, 90_000)
+    assert video.control == "rtsp://cam/live/trackID=0"
+    assert [h264.nal_type(n) for n in video.parameter_sets] == [7, 8]
+    assert video.extradata.startswith(b"\x00\x00\x00\x01\x67")
+    absolute = H264_MEDIA.replace("trackID=0", "rtsp://other/x/track1")
+    assert rtspin.parse_sdp(sdp(absolute), "rtsp://cam/live/").control == "rtsp://other/x/track1"
+    star = H264_MEDIA.replace("trackID=0", "*")
+    assert rtspin.parse_sdp(sdp(star), "rtsp://cam/live/").control == "rtsp://cam/live/"
+
+
+@pytest.mark.parametrize(
+    ("media", "codec"),
+    [
+        ("m=video 0 RTP/AVP 96\r\na=rtpmap:96 H265/90000\r\n", "hevc"),
+        ("m=video 0 RTP/AVP 26\r\n", "mjpeg"),
+        ("m=video 0 RTP/AVP 97\r\na=rtpmap:97 MP4V-ES/90000\r\n", "mpeg4"),
+    ],
+)
+def test_the_sdp_names_what_else_a_camera_sends(media, codec):
+    assert rtspin.parse_sdp(sdp(media), "rtsp://cam/").codec == codec
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        (sdp("m=audio 0 RTP/AVP 0\r\n"), "SDP has no video media"),
+        (sdp("m=video 0 RTP/AVP 96\r\n"), "video payload type 96 has no rtpmap"),
+        (sdp("m=video 0 RTP/AVP\r\n"), "bad SDP media line 'm=video 0 RTP/AVP'"),
+        (sdp("m=video 0 RTP/AVP 96\r\na=rtpmap:96 H264/0\r\n"), "bad rtpmap clock rate 'H264/0'"),
+        (sdp(H264_MEDIA.replace("packetization-mode=1", "packetization-mode=2")), "H.264 packetization-mode 2"),
+        (sdp(H264_MEDIA.replace("aMuMsg==", "aMu*")), "sprop-parameter-sets value 1 is not base64"),
+        ("v=0\r\ngarbage\r\n", "bad SDP line 'garbage'"),
+    ],
+)
+def test_an_sdp_that_cannot_be_read_is_refused_exactly(text, error):
+    with pytest.raises(RtspError) as caught:
+        rtspin.parse_sdp(text, "rtsp://cam/")
+    assert str(caught.value).startswith(error)
+
+
+@pytest.mark.parametrize(
+    ("value", "parsed"), [("12345678;timeout=60", ("12345678", 60)), ("abc", ("abc", 60)), ("x; timeout=5", ("x", 5))]
+)
+def test_the_session_header_gives_id_and_timeout(value, parsed):
+    assert rtspin.parse_session(value) == parsed
+
+
+@pytest.mark.parametrize(
+    ("call", "value", "error"),
+    [
+        (rtspin.parse_session, "", "bad Session header ''"),
+        (rtspin.parse_session, "x;timeout=soon", "bad Session timeout 'soon'"),
+        (rtspin.parse_interleaved, "RTP/AVP;unicast;client_port=5000-5001", "camera did not agree to RTP over"),
+    ],
+)
+def test_a_setup_answer_that_cannot_be_read_is_refused_exactly(call, value, error):
+    with pytest.raises(RtspError) as caught:
+        call(value)
+    assert str(caught.value).startswith(error)
+
+
+# -- a camera of this test's: it sends the units it is given, when it is given them
+
+
+class TinyCamera:
+    """An RTSP server on loopback for one H.264 track over TCP: answers OPTIONS, DESCRIBE (its ``sdp``),
+    SETUP, PLAY, GET_PARAMETER and TEARDOWN; ``send(unit)`` sends one access unit as RTP (aiortc's
+    packetizer), marker on its last packet. It counts connections and DESCRIBEs."""
+
+    def __init__(self, sets: list[bytes] = SETS, sdp_text: str | None = None, redirect: str = "") -> None:
+        sprop = ",".join(base64.b64encode(n).decode() for n in sets)
+        self.sdp = sdp_text or sdp(H264_MEDIA.replace(H264_MEDIA.split("sprop-parameter-sets=")[1], sprop + "\r\n"))
+        self.redirect = redirect
+        self.connections = 0
+        self.describes = 0
+        self.methods: list[str] = []
+        self.playing = asyncio.Event()
+        self._writer: asyncio.StreamWriter | None = None
+        self._seq = 0
+        self._ts = 0
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> TinyCamera:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return f"rtsp://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/cam"
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            if self._writer is not None:
+                self._writer.close()
+            await self._server.wait_closed()
+
+    async def send(self, unit: bytes) -> None:
+        assert self._writer is not None
+        payloads = borrowed.packetize(unit)
+        for i, payload in enumerate(payloads):
+            packet = rtp(payload, self._seq, self._ts, i == len(payloads) - 1)
+            self._writer.write(b"$\x00" + len(packet).to_bytes(2, "big") + packet)
+            self._seq += 1
+        self._ts += CLOCK // 30
+        await self._writer.drain()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.playing.clear()
+        self._writer = writer
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                method, url, _ = head.split(b" ", 2)
+                cseq = next(line.split(b":")[1].strip() for line in head.split(b"\r\n") if line.startswith(b"CSeq"))
+                self.methods.append(method.decode())
+                headers, body = b"", b""
+                if self.redirect and method == b"DESCRIBE":
+                    status, headers = b"302 Found", b"Location: " + self.redirect.encode() + b"\r\n"
+                    self.redirect = ""
+                else:
+                    status = b"200 OK"
+                if method == b"OPTIONS":
+                    headers += b"Public: OPTIONS, DESCRIBE, SETUP, PLAY, GET_PARAMETER, TEARDOWN\r\n"
+                elif method == b"DESCRIBE" and status == b"200 OK":
+                    self.describes += 1
+                    body = self.sdp.encode()
+                    headers += b"Content-Type: application/sdp\r\nContent-Base: " + url + b"/\r\n"
+                elif method == b"SETUP":
+                    headers += b"Session: 8a7b;timeout=60\r\nTransport: RTP/AVP/TCP;unicast;interleaved=0-1\r\n"
+                headers += b"Content-Length: %d\r\n" % len(body)
+                writer.write(b"RTSP/1.0 " + status + b"\r\nCSeq: " + cseq + b"\r\n" + headers + b"\r\n" + body)
+                await writer.drain()
+                if method == b"PLAY":
+                    self.playing.set()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def relay_config(url: str):
+    return make_config((StreamConfig("cam0", parse_source_spec(url + "#mode=passthrough")),), fps=30)
+
+
+async def until(predicate, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + DEADLINE
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, f"{what} within {DEADLINE:g} s"
+        await asyncio.sleep(0.01)
+
+
+async def test_each_unit_reaches_the_relay_before_the_camera_sends_the_next():
+    """In lockstep: the camera sends unit i only once the relay's hub has unit i - 1. FFmpeg's demuxer holds
+    each unit until the next one starts, so this never got past the first."""
+    camera = await TinyCamera().start()
+    runner, running = await start_relay(relay_config(camera.url), wait=False)
+    try:
+        await until(camera.playing.is_set, "the relay plays the camera")
+        with EncodedFrames(running.relay.streams["cam0"]) as frames:
+            for i, unit in enumerate(UNITS):
+                await camera.send(unit)
+                await until(lambda i=i: len(frames.clocks) > i, f"unit {i} in the hub before unit {i + 1} is sent")
+        st = running.relay.streams["cam0"].status().api()
+        assert (st["mode"], st["source_reader"], st["encoders_running"]) == ("passthrough", "rtspin", 0)
+    finally:
+        await runner.cleanup()
+        await camera.close()
+
+
+async def test_a_camera_that_stops_sending_mid_stream_is_a_source_error_and_is_opened_again():
+    camera = await TinyCamera().start()
+    runner, running = await start_relay(relay_config(camera.url), wait=False)
+    try:
+        await until(camera.playing.is_set, "the relay plays the camera")
+        for unit in UNITS[:3]:
+            await camera.send(unit)
+        stream = running.relay.streams["cam0"]
+        await until(lambda: stream.stats.frames_passed_through >= 3, "three units passed through")
+        # The camera now sends nothing and keeps its connection open.
+        await until(lambda: stream.status().api()["source_errors"] >= 1, "a source error")
+        await until(lambda: camera.describes >= 2, "the camera described again (a retry)")
+    finally:
+        await runner.cleanup()
+        await camera.close()
+
+
+async def test_close_from_another_thread_ends_a_blocked_read_and_a_silent_camera_times_out():
+    camera = await TinyCamera().start()
+    results: list[BaseException | None] = []
+
+    def read(source: RtspSource) -> None:
+        try:
+            source.open()
+            source.read_packet()
+            results.append(None)
+        except SourceError as exc:
+            results.append(exc)
+        finally:
+            source.close()
+
+    source = open_source(parse_source_spec(camera.url), 640, 360, 30, "cam0")
+    assert isinstance(source, RtspSource)
+    thread = threading.Thread(target=read, args=(source,))
+    thread.start()
+    await until(camera.playing.is_set, "the client plays the camera")
+    source.close()  # as the worker's stall watch does, from its main thread
+    await asyncio.to_thread(thread.join, DEADLINE)
+    assert not thread.is_alive() and "closed" in str(results[0])
+    await until(lambda: camera.methods[-1] == "TEARDOWN", "its own thread tore the session down")
+
+    silent = open_source(parse_source_spec(camera.url), 640, 360, 30, "cam0")
+    thread = threading.Thread(target=read, args=(silent,))
+    thread.start()
+    await asyncio.to_thread(thread.join, DEADLINE)
+    assert "sent nothing for 5 s" in str(results[1])
+    await camera.close()
+
+
+async def test_a_redirect_is_followed_once():
+    camera = await TinyCamera().start()
+    first = await TinyCamera(redirect=camera.url).start()
+    source = open_source(parse_source_spec(first.url), 640, 360, 30, "cam0")
+
+    def open_and_close() -> None:  # on one thread, as the capture thread does
+        try:
+            source.open()
+        finally:
+            source.close()
+
+    try:
+        await asyncio.to_thread(open_and_close)
+        assert (first.describes, camera.describes, source.codec) == (0, 1, "h264")
+        assert (source.width, source.height) == (320, 180)  # from the SDP's SPS
+    finally:
+        await camera.close()
+        await first.close()
+
+
+async def test_a_camera_that_sends_h265_or_an_unreadable_sdp_goes_to_ffmpegs_demuxer():
+    for text, reason in [
+        (sdp("m=video 0 RTP/AVP 96\r\na=rtpmap:96 H265/90000\r\n"), "it sends hevc"),
+        (sdp("m=video 0 RTP/AVP 96\r\n"), "its DESCRIBE answer cannot be read here: video payload type 96"),
+    ]:
+        camera = await TinyCamera(sdp_text=text).start()
+        source = open_source(parse_source_spec(camera.url), 640, 360, 30, "cam0")
+        try:
+            with pytest.raises(UseDemuxer) as caught:
+                await asyncio.to_thread(source.open)
+            assert caught.value.reason.startswith(reason)
+            assert caught.value.fallback().reader == "ffmpeg"
+        finally:
+            source.close()
+            await camera.close()
+
+
+# -- a real camera server: mediamtx with a read user and Digest
+
+
+@pytest.fixture
+def digest_server(tmp_path, monkeypatch):
+    """A ``CameraServer`` whose readers must give viewer / s3cr$t, by Digest only."""
+
+    def config(rtsp_port: int, api_port: int) -> str:
+        c = json.loads(server_config(rtsp_port, api_port))
+        c["rtspAuthMethods"] = ["digest"]
+        c["authInternalUsers"][0]["permissions"] = [{"action": "publish"}, {"action": "api"}]
+        c["authInternalUsers"].append({"user": "viewer", "pass": "s3cr$t", "permissions": [{"action": "read"}]})
+        return json.dumps(c)
+
+    monkeypatch.setattr(rtspcams, "server_config", config)
+    with CameraServer(tmp_path) as server:
+        yield server
+
+
+def test_a_camera_behind_digest_is_read_and_a_wrong_password_is_refused_without_showing_it(digest_server):
+    camera = LiveCamera(digest_server, "cam")
+    camera.start()
+    try:
+        host = digest_server.url("cam").removeprefix("rtsp://")
+        good = open_source(parse_source_spec(f"rtsp://viewer:s3cr%24t@{host}"), 640, 360, 30, "cam0")
+        try:
+            good.open()
+            units = [good.read_packet() for _ in range(3)]
+            assert good.codec == "h264" and all(u.data.startswith(b"\x00\x00\x00\x01") for u in units)
+        finally:
+            good.close()
+        bad = open_source(parse_source_spec(f"rtsp://viewer:wr0ng-pw@{host}"), 640, 360, 30, "cam0")
+        with pytest.raises(SourceError, match="refused the credentials") as caught:
+            bad.open()
+        bad.close()
+        assert "wr0ng-pw" not in str(caught.value) and "viewer:***@" in str(caught.value)
+    finally:
+        camera.stop()
