@@ -12,6 +12,7 @@ import fractions
 import hashlib
 import json
 import threading
+from pathlib import Path
 
 import av
 import pytest
@@ -603,3 +604,33 @@ def test_a_camera_behind_digest_is_read_and_a_wrong_password_is_refused_without_
         assert "wr0ng-pw" not in str(caught.value) and "viewer:***@" in str(caught.value)
     finally:
         camera.stop()
+
+
+# -- a real camera through the relay: read by this client, and no codec library in the worker
+
+
+def codec_libraries(pid: int) -> set[str]:
+    """The FFmpeg libraries mapped into process ``pid`` (what ``import av`` loads)."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return {lib for lib in ("libavcodec", "libavformat", "libswscale") if lib in maps}
+
+
+async def test_a_passed_through_camera_is_read_by_camrelays_client_and_its_worker_loads_no_codec(start_camera, http):
+    camera = start_camera("cam0")
+    runner, running = await start_relay(relay_config(camera.url))
+    try:
+        stream = running.relay.streams["cam0"]
+        await until(lambda: stream.stats.frames_passed_through >= 30, "a second of the camera passed through")
+        st = stream.status().api()
+        assert (st["mode"], st["source_reader"], st["encoders_running"], st["frames_decoded"]) == (
+            "passthrough",
+            "rtspin",
+            0,
+            0,
+        )
+        assert stream.pid is not None and codec_libraries(stream.pid) == set()  # no PyAV: no slate, no JPEG
+        async with http.get(running.base + "/snapshot/cam0.jpg") as resp:  # JPEGs on demand: decoding starts
+            assert resp.status == 200 and (await resp.read()).startswith(b"\xff\xd8")
+        assert "libavcodec" in codec_libraries(stream.pid)
+    finally:
+        await runner.cleanup()
