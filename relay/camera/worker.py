@@ -429,6 +429,8 @@ class Pipeline:
                 changes = sets.changes
                 self._new_parameter_sets(sets)
             if self._need_idr and not idr:
+                if not st.slate:  # a camera that sends, up to its first IDR: no slate (nor PyAV to draw it)
+                    self._last_frame = self._last_read
                 continue  # a viewer's decoder cannot use it: it starts at an IDR
             now = time.time()
             when = clock.wall_time(None if packet.pts is None else packet.pts * source.time_base, now)
