@@ -150,6 +150,8 @@ class RtspSource:
         self._depacketizer = rtspin.H264Depacketizer(video.payload_type)
         self._request("PLAY", base if base.startswith("rtsp://") else self._target, {"Range": "npt=0.000-"})
         self._keepalive_at = time.monotonic() + self._keepalive_every
+        if self._sock is not None:
+            self._sock.settimeout(IO_TIMEOUT)  # playing: a camera silent this long is gone
 
     def _connect(self) -> None:
         self._close_socket()
@@ -262,7 +264,6 @@ class RtspSource:
         depacketizer = self._depacketizer
         if depacketizer is None or self._sock is None:
             raise SourceError(f"{self.name} is not open")
-        self._sock.settimeout(IO_TIMEOUT)
         while not self._units:
             if time.monotonic() >= self._keepalive_at:
                 self._keepalive_at = time.monotonic() + self._keepalive_every
