@@ -159,7 +159,7 @@ class RtspSource:
         try:
             self._sock = socket.create_connection((parts.hostname, parts.port or DEFAULT_PORT), CONNECT_TIMEOUT)
         except OSError as exc:
-            raise SourceError(f"cannot connect to {self.name}: {exc.strerror or exc}") from None
+            raise SourceError(f"cannot open {self.name}: {exc.strerror or exc}") from None
         self._sock.settimeout(CONNECT_TIMEOUT)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._reader = rtspin.Reader()
