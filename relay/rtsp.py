@@ -2,7 +2,9 @@
 
 camrelay writes the mediamtx configuration itself (``render_config``, pure),
 runs mediamtx in its own session and process group, restarts it with backoff
-if it dies, and publishes every stream to it over RTSP/TCP from PyAV. Each
+if it dies, and publishes every stream to it over RTSP/TCP (``RtspPublisher``:
+ANNOUNCE, SETUP, RECORD and RTP interleaved on the connection, with the RTP
+payloads the WebRTC viewers get; no muxer, no thread). Each
 publisher is one more hub subscriber: when it lags it skips to the next
 keyframe like any viewer, and it never delays the viewers.
 
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -27,21 +28,23 @@ import re
 import secrets
 import shutil
 import socket
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
-import av
 import psutil
 
-from . import mux
-from .aio import cancel_and_wait, run_owned
+from . import h264, mux, rtspin
+from .aio import cancel_and_wait
 from .auth import write_private
 from .backoff import Backoff, Retry
-from .hub import EncodedFrame, HubClosed, PacketHub
+from .hub import HubClosed, PacketHub
 from .logsafe import SECRET_FILTER, redact_text, redact_url
 from .status import ConsumerStats
 from .supervise import Child, Process
+from .webrtc.rtpsend import payloads_for
 
 log = logging.getLogger(__name__)
 mtx_log = logging.getLogger("mediamtx")
@@ -56,17 +59,27 @@ PUBLISHER_SECRET_BYTES = 32  # 256 random bits; token_urlsafe's alphabet is one 
 # Reconnect pacing for a publisher whose mediamtx went away (it is restarted meanwhile).
 PUBLISH_RETRY_DELAY = 0.5
 PUBLISH_RETRY_CAP = 10.0  # a server that refuses us is asked again at most this far apart
-# RTP transport when publishing to our own mediamtx on loopback: UDP. Over TCP,
-# FFmpeg's RTSP muxer leaves Nagle on (and offers no way to turn it off), so a
-# small P-frame waits for the delayed ACK of the one before and reaches readers
-# 40 ms late; measured p95 90 ms over TCP against 50 ms over UDP
-# (benchmarks/rtsp_latency.py). Loopback UDP loses nothing. An external server
-# (rtsp.publish_url) gets TCP, which crosses firewalls and lossy links.
-LOOPBACK_PUBLISH_TRANSPORT = "udp"
-# RTP packets mediamtx can forward as they are (it re-packs anything over 1440
-# bytes; FFmpeg's default is 1460), with room for a tunnel's headers.
+# Publishing is RTP over the RTSP connection (TCP, interleaved), to our own mediamtx and to any other server
+# alike, with Nagle off so each frame leaves at once. (FFmpeg's RTSP muxer, used before, leaves Nagle on over
+# TCP, so camrelay published over UDP on loopback, where mediamtx logged "RTP packets lost" whenever the
+# machine was busy: docs/benchmarks.md, "Many cameras".)
+PUBLISH_PAYLOAD_TYPE = 96
+# RTP packets mediamtx can forward as they are (it re-packs anything over 1440 bytes; FFmpeg's default is
+# 1460), with room for a tunnel's headers: what a camera publishing through FFmpeg is told (the test cameras).
+# camrelay's own packets are the WebRTC viewers' (about 1200 bytes), well within it.
 PUBLISH_PACKET_SIZE = 1400
-REMOTE_PUBLISH_TRANSPORT = "tcp"
+PUBLISH_TRACK = "trackID=0"  # the one track's control URL, relative to the stream's
+RTSP_DEFAULT_PORT = 554
+PUBLISH_USER_AGENT = "camrelay"
+PUBLISH_REQUEST_TIMEOUT = 5.0  # seconds to connect, and for each answer to ANNOUNCE, SETUP and RECORD
+PUBLISH_CLOSE_TIMEOUT = 1.0  # seconds a closing connection may take; TEARDOWN's answer is not awaited
+# Bytes queued for the server before the publisher waits: a few 1080p keyframes (100-300 KiB each), so a
+# keyframe never waits on its own, and a server that stops reading is noticed within PUBLISH_STALL.
+PUBLISH_WRITE_BUFFER = 2 * 2**20
+PUBLISH_STALL = 5.0  # seconds a server may take nothing before the session ends and is opened again
+PUBLISH_READ_BYTES = 64 * 1024  # what the server sends back: answers and RTCP receiver reports
+INTERLEAVED = struct.Struct("!cBH")  # "$", channel, length (RFC 2326 10.12)
+RTP = struct.Struct("!BBHII")  # version and flags, marker and payload type, sequence, timestamp, SSRC
 EVERY_INTERFACE = ("", "0.0.0.0")  # rtsp.host values that mean "listen on every interface"
 REPO_BIN = Path(__file__).resolve().parent.parent / "bin" / "mediamtx"
 # An RTSP response's status line: "RTSP/1.0 200 OK".
@@ -327,22 +340,68 @@ class Mediamtx:
         return any(s.status == psutil.CONN_LISTEN and s.laddr.port == self.settings.port for s in sockets)
 
 
+class PublishError(Exception):
+    """The RTSP server refused or dropped a publish session, or never answered."""
+
+
+def announce_sdp(sets: bytes, fps: float) -> bytes:
+    """ANNOUNCE's SDP for a stream whose parameter sets (Annex B SPS and PPS) are ``sets``: one H.264 track,
+    ``sprop-parameter-sets`` and ``profile-level-id`` from the stream's own SPS, so readers are told what
+    they will get. ``NoParameterSets`` when there is no SPS and PPS to describe it with."""
+    nals = h264.split_annexb(sets)
+    sps = next((n for n in nals if h264.nal_type(n) == 7), None)
+    pps = next((n for n in nals if h264.nal_type(n) == 8), None)
+    if sps is None or pps is None or len(sps) < 4:
+        raise mux.NoParameterSets("the stream's first keyframe has no SPS and PPS")
+    sprop = ",".join(base64.b64encode(n).decode() for n in (sps, pps))
+    lines = [
+        "v=0",
+        "o=- 0 0 IN IP4 127.0.0.1",
+        "s=camrelay",
+        "c=IN IP4 0.0.0.0",
+        "t=0 0",
+        f"m=video 0 RTP/AVP {PUBLISH_PAYLOAD_TYPE}",
+        f"a=rtpmap:{PUBLISH_PAYLOAD_TYPE} H264/90000",
+        f"a=fmtp:{PUBLISH_PAYLOAD_TYPE} packetization-mode=1; profile-level-id={sps[1:4].hex()};"
+        f" sprop-parameter-sets={sprop}",
+        f"a=framerate:{fps:g}",
+        f"a=control:{PUBLISH_TRACK}",
+    ]
+    return ("\r\n".join(lines) + "\r\n").encode()
+
+
+class RtpFramer:
+    """A publish session's RTP over the RTSP connection (RFC 2326 10.12): each access unit's RTP payloads
+    as one run of interleaved frames, with this session's SSRC, sequence numbers and 90 kHz timestamps."""
+
+    def __init__(self, channel: int, ssrc: int, sequence: int) -> None:
+        self.channel, self.ssrc, self.sequence = channel, ssrc, sequence
+
+    def frame(self, payloads: list[bytes], timestamp: int) -> bytes:
+        out = []
+        last = len(payloads) - 1
+        for i, payload in enumerate(payloads):
+            marker = 0x80 if i == last else 0
+            out.append(INTERLEAVED.pack(b"$", self.channel, RTP.size + len(payload)))
+            out.append(RTP.pack(0x80, marker | PUBLISH_PAYLOAD_TYPE, self.sequence, timestamp & 0xFFFFFFFF, self.ssrc))
+            out.append(payload)
+            self.sequence = (self.sequence + 1) & 0xFFFF
+        return b"".join(out)
+
+
 class RtspPublisher:
-    """Publishes one stream's hub to an RTSP server (mediamtx)."""
+    """Publishes one stream's hub to an RTSP server (mediamtx): ANNOUNCE, SETUP and RECORD, then RTP over the
+    same TCP connection (no Nagle: each frame leaves at once), packetized once for viewers and publisher alike.
+
+    A session lasts while the stream's parameter sets do: a keyframe with new ones (a camera's new size or
+    profile) ends it and the next ANNOUNCE carries them, so the SDP readers get never lies."""
 
     def __init__(
-        self,
-        hub: PacketHub,
-        url: str,
-        fps: float,
-        ready: asyncio.Event | None = None,
-        transport: str = REMOTE_PUBLISH_TRANSPORT,
-        live_alias: bool = False,
+        self, hub: PacketHub, url: str, fps: float, ready: asyncio.Event | None = None, live_alias: bool = False
     ):
         self.hub = hub
         self.live_alias = live_alias  # the stream mediamtx also serves at /live
         self.url = url
-        self.transport = transport
         self.fps = fps
         self.published = 0
         self.sessions = 0  # how many times a publish session was opened
@@ -351,8 +410,6 @@ class RtspPublisher:
         self._retry = Retry(Backoff(initial=PUBLISH_RETRY_DELAY, cap=PUBLISH_RETRY_CAP))
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        # One thread for the muxer: a close never overlaps a write still running after a cancel.
-        self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"rtsp-{hub.stream}")
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"rtsp-publish-{self.hub.stream}")
@@ -360,15 +417,11 @@ class RtspPublisher:
     async def close(self) -> None:
         self._closing = True
         await cancel_and_wait(self._task)
-        await asyncio.to_thread(self._io.shutdown)
 
     def stats(self) -> ConsumerStats:
         return ConsumerStats(
             {"rtsp_path": f"/{self.hub.stream}", "rtsp_live_alias": self.live_alias, "rtsp_published": self.published}
         )
-
-    async def _call(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
 
     async def _run(self) -> None:
         while not self._closing:
@@ -376,10 +429,11 @@ class RtspPublisher:
                 await self._ready.wait()
             sub = self.hub.subscribe(f"rtsp-{self.hub.stream}")
             try:
-                await self._publish(sub)
+                if await self._publish(sub):
+                    continue  # new parameter sets: announced again at once
             except HubClosed:
                 return
-            except (av.FFmpegError, OSError, mux.NoParameterSets) as exc:
+            except (OSError, PublishError, rtspin.RtspError, mux.NoParameterSets, TimeoutError) as exc:
                 self.errors += 1
                 log.warning(
                     "stream=%s rtsp publish to %s failed: %s; republishing",
@@ -391,34 +445,151 @@ class RtspPublisher:
                 sub.close()
             await asyncio.sleep(self._retry.next_delay())
 
-    async def _publish(self, sub) -> None:
-        first = await sub.get()  # a new subscriber starts at a keyframe
-        container = await run_owned(self._io, self._open, first, on_orphan=_close_quietly)
-        try:
+    async def _publish(self, sub) -> bool:
+        """One session, from the subscription's first frame (a keyframe) on. True when it ended because the
+        stream's parameter sets changed."""
+        first = await sub.get()
+        sets = h264.parameter_sets(first.data) or b""
+        sdp = announce_sdp(sets, self.fps)
+        async with _Connection(self.url) as conn:
+            await conn.request("ANNOUNCE", conn.target, {"Content-Type": "application/sdp"}, sdp)
+            setup = await conn.request(
+                "SETUP",
+                f"{conn.target}/{PUBLISH_TRACK}",
+                {"Transport": "RTP/AVP/TCP;unicast;interleaved=0-1;mode=record"},
+            )
+            channel, _ = rtspin.parse_interleaved(setup.header("transport") or "")
+            await conn.request("RECORD", conn.target)
             self.sessions += 1
-            log.info("stream=%s publishing rtsp to %s", self.hub.stream, redact_url(self.url))
             self._retry.attempt = 0
-            base = first.pts
-            frame = first
+            log.info("stream=%s publishing rtsp to %s", self.hub.stream, redact_url(self.url))
+            framer = RtpFramer(channel, secrets.randbits(32), secrets.randbits(16))
+            base, frame = first.pts, first
             while True:
-                await self._call(mux.write, container, frame, base)
+                conn.write(framer.frame(payloads_for(frame), frame.pts - base))
                 self.published += 1
+                await conn.drain()
                 frame = await sub.get()
-        finally:
-            await self._call(_close_quietly, container)
+                if frame.keyframe:
+                    new = h264.parameter_sets(frame.data)
+                    if new is not None and new != sets:
+                        log.info("stream=%s new parameter sets: announcing the rtsp stream again", self.hub.stream)
+                        return True
 
-    def _open(self, first: EncodedFrame):
-        options = {"rtsp_transport": self.transport, "pkt_size": str(PUBLISH_PACKET_SIZE)}
-        container = av.open(self.url, "w", format="rtsp", options=options, timeout=5)
+
+class _Connection:
+    """One RTSP client connection to the server published to: requests answered in order (a 401 answered once
+    with the URL's credentials, Basic or Digest), and the server's own frames read and dropped meanwhile (its
+    RTCP receiver reports), so its writes never back up."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "rtsp" or not parts.hostname:
+            raise PublishError(f"not an rtsp:// URL: {redact_url(url)}")
+        self._host, self._port = parts.hostname, parts.port or RTSP_DEFAULT_PORT
+        self._user, self._password = unquote(parts.username or ""), unquote(parts.password or "")
+        netloc = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+        netloc += f":{parts.port}" if parts.port else ""
+        self.target = urlunsplit(("rtsp", netloc, parts.path, parts.query, ""))  # no credentials on the wire
+        self._reader = rtspin.Reader()
+        self._writer: asyncio.StreamWriter | None = None
+        self._read_task: asyncio.Task[None] | None = None
+        self._answers: asyncio.Queue[rtspin.Response] = asyncio.Queue()
+        self._failed: BaseException | None = None
+        self._cseq = 0
+        self._challenge: rtspin.Challenge | None = None
+        self._nonce_count = 0
+        self._session = ""
+
+    async def __aenter__(self) -> _Connection:
+        stream, self._writer = await asyncio.wait_for(
+            asyncio.open_connection(self._host, self._port), PUBLISH_REQUEST_TIMEOUT
+        )
+        sock = self._writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._writer.transport.set_write_buffer_limits(high=PUBLISH_WRITE_BUFFER)
+        self._read_task = asyncio.get_running_loop().create_task(self._read(stream), name="rtsp-publish-read")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        writer = self._writer
         try:
-            mux.add_h264_stream(container, first, self.fps)  # the SDP's sprop-parameter-sets: the stream's own
-            container.start_encoding()
-        except BaseException:
-            _close_quietly(container)
-            raise
-        return container
+            await cancel_and_wait(self._read_task)
+        finally:  # also when we are cancelled: the socket never outlives its session
+            if writer is not None:
+                if self._session and not writer.is_closing():
+                    with contextlib.suppress(Exception):  # best effort: the server ends the session on close anyway
+                        self._send("TEARDOWN", self.target)
+                writer.close()
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), PUBLISH_CLOSE_TIMEOUT)
 
+    async def request(
+        self, method: str, url: str, headers: dict[str, str] | None = None, body: bytes = b""
+    ) -> rtspin.Response:
+        for attempt in range(2):
+            self._send(method, url, headers, body)
+            answer = await self._answer()
+            if answer.status == 401 and attempt == 0 and self._user:
+                self._challenge = rtspin.parse_challenges(answer.all("www-authenticate"))
+                self._nonce_count = 0
+                continue
+            break
+        if answer.status != 200:
+            raise PublishError(f"{method} answered {answer.status} {answer.reason}".rstrip())
+        session = answer.header("session")
+        if session and not self._session:
+            self._session, _ = rtspin.parse_session(session)
+        return answer
 
-def _close_quietly(container) -> None:
-    with contextlib.suppress(Exception):
-        container.close()
+    def write(self, data: bytes) -> None:
+        if self._failed is not None:
+            raise PublishError(f"connection lost: {self._failed}")
+        assert self._writer is not None
+        self._writer.write(data)
+
+    async def drain(self) -> None:
+        """Waits only when the server is ``PUBLISH_WRITE_BUFFER`` bytes behind; a server that takes nothing
+        for ``PUBLISH_STALL`` seconds ends the session (the hub drops for this publisher meanwhile)."""
+        assert self._writer is not None
+        await asyncio.wait_for(self._writer.drain(), PUBLISH_STALL)
+
+    def _send(self, method: str, url: str, headers: dict[str, str] | None = None, body: bytes = b"") -> None:
+        self._cseq += 1
+        all_headers = {"User-Agent": PUBLISH_USER_AGENT, **(headers or {})}
+        if self._session:
+            all_headers["Session"] = self._session
+        if self._challenge is not None:
+            self._nonce_count += 1
+            all_headers["Authorization"] = rtspin.authorization(
+                self._challenge, method, url, self._user, self._password, secrets.token_hex(8), self._nonce_count
+            )
+        self.write(rtspin.request(method, url, self._cseq, all_headers, body))
+
+    async def _answer(self) -> rtspin.Response:
+        while True:
+            get = asyncio.ensure_future(self._answers.get())
+            done, _ = await asyncio.wait(
+                {get, self._read_task}, timeout=PUBLISH_REQUEST_TIMEOUT, return_when="FIRST_COMPLETED"
+            )
+            if get not in done:
+                get.cancel()
+                if self._failed is not None:
+                    raise PublishError(f"connection lost: {self._failed}")
+                raise PublishError(f"no answer in {PUBLISH_REQUEST_TIMEOUT:g} s")
+            answer = get.result()
+            if answer.cseq in (None, self._cseq):
+                return answer
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        try:
+            while data := await stream.read(PUBLISH_READ_BYTES):
+                for item in self._reader.feed(data):
+                    if isinstance(item, rtspin.Response):
+                        self._answers.put_nowait(item)
+            self._reader.eof()
+            self._failed = PublishError("the server closed the connection")
+        except (OSError, rtspin.RtspError) as exc:
+            self._failed = exc

@@ -62,11 +62,14 @@ class RtspError(ValueError):
 # -- requests and responses
 
 
-def request(method: str, url: str, cseq: int, headers: dict[str, str] | None = None) -> bytes:
-    """An RTSP/1.0 request with no body; ``url`` must hold no user information (it goes on the wire)."""
+def request(method: str, url: str, cseq: int, headers: dict[str, str] | None = None, body: bytes = b"") -> bytes:
+    """An RTSP/1.0 request (``body``: ANNOUNCE's SDP); ``url`` must hold no user information (it goes on the
+    wire)."""
     lines = [f"{method} {url} RTSP/1.0", f"CSeq: {cseq}"]
     lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
 @dataclass(frozen=True, slots=True)

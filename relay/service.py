@@ -24,8 +24,6 @@ from .logsafe import redact_url
 from .record import Recorder, Retention
 from .rtsp import (
     EVERY_INTERFACE,
-    LOOPBACK_PUBLISH_TRANSPORT,
-    REMOTE_PUBLISH_TRANSPORT,
     Mediamtx,
     MediamtxSettings,
     RtspPublisher,
@@ -100,7 +98,7 @@ class Relay:
         self.thermal_guards: dict[str, ThermalGuard] = {}
         if config.telemetry.thermal_limit:
             self.telemetry.on_sample.append(self._thermal_check)
-        self._publish: tuple[str, asyncio.Event | None, str] | None = None  # base URL, ready, transport
+        self._publish: tuple[str, asyncio.Event | None] | None = None  # base URL, ready
         self.automatic = not config.streams
         self.discovery: Discovery | None = None
         # What start() started, closed by close() in reverse: a failed start unwinds exactly what it began.
@@ -132,11 +130,11 @@ class Relay:
         """The edges ``stream`` feeds, besides its JPEG feed: add a new edge here."""
         out: list[Consumer] = [self.sessions.for_stream(stream.name)]
         if self._publish is not None:
-            base, ready, transport = self._publish
+            base, ready = self._publish
             live_alias = not any(s.consumers_of(RtspPublisher) for s in self.streams.values())  # the first: /live
             out.append(
                 RtspPublisher(
-                    stream.hub, f"{base}/{stream.name}", stream.fps, ready, transport,
+                    stream.hub, f"{base}/{stream.name}", stream.fps, ready,
                     live_alias=live_alias,
                 )
             )  # fmt: skip
@@ -229,7 +227,7 @@ class Relay:
         if not r.enabled:
             return
         if r.publish_url:
-            self._publish = (r.publish_url, None, REMOTE_PUBLISH_TRANSPORT)
+            self._publish = (r.publish_url, None)
             return
         binary = find_mediamtx(r.mediamtx)
         settings = MediamtxSettings(r.host, r.port, r.rtp_port, r.rtcp_port, r.user, r.password, self.config.log_level)
@@ -237,7 +235,7 @@ class Relay:
         self.mediamtx = Mediamtx(binary, settings, names, self.state_dir)
         self._running.push_async_callback(_stop, "mediamtx", self.mediamtx.close)
         await self.mediamtx.start()
-        self._publish = (self.mediamtx.publisher_base, self.mediamtx.ready, LOOPBACK_PUBLISH_TRANSPORT)
+        self._publish = (self.mediamtx.publisher_base, self.mediamtx.ready)
 
     def rtsp_url(self, name: str, host: str) -> str | None:
         """Where NVR software reads ``name``; ``host`` is how the client reached us, used when RTSP listens on

@@ -296,7 +296,6 @@ async def test_publish_url_publishes_to_a_users_own_server_and_runs_no_mediamtx(
         runner, relay = await start_relay(config)
         try:
             assert relay.relay.mediamtx is None
-            assert relay.relay.publishers["cam0"].transport == "tcp"
             await wait_published(relay)
             assert None not in await asyncio.to_thread(read_rtsp, f"{base}/cam0", 10)
             # Shown to people without its password.
@@ -307,3 +306,59 @@ async def test_publish_url_publishes_to_a_users_own_server_and_runs_no_mediamtx(
             await runner.cleanup()
     finally:
         await theirs.close()
+
+
+# -- camrelay's publisher: what it says and sends, sans-io, read back by camrelay's own RTSP client core
+
+
+def test_announce_describes_the_stream_with_its_own_parameter_sets():
+    from relay import h264, rtspin
+    from relay.rtsp import PUBLISH_TRACK, announce_sdp
+
+    from .test_rtspin import SETS
+
+    sdp = announce_sdp(h264.join_annexb(SETS), 30.0).decode()
+    video = rtspin.parse_sdp(sdp, "rtsp://127.0.0.1:8554/cam0")
+    assert (video.codec, video.payload_type, video.clock_rate) == ("h264", 96, 90000)
+    assert list(video.parameter_sets) == SETS
+    assert video.fmtp["profile-level-id"] == SETS[0][1:4].hex()
+    assert video.fmtp["packetization-mode"] == "1"
+    assert video.control == f"rtsp://127.0.0.1:8554/cam0/{PUBLISH_TRACK}"
+
+
+@pytest.mark.parametrize("which", ["none", "sps only", "pps only"])
+def test_announce_without_an_sps_and_a_pps_is_refused_exactly(which):
+    from relay import h264, mux
+    from relay.rtsp import announce_sdp
+
+    from .test_rtspin import SETS
+
+    sets = {"none": [], "sps only": SETS[:1], "pps only": SETS[1:]}[which]
+    with pytest.raises(mux.NoParameterSets, match="no SPS and PPS"):
+        announce_sdp(h264.join_annexb(sets), 30.0)
+
+
+def test_published_rtp_comes_back_as_the_same_access_units_however_the_bytes_are_cut():
+    from relay import h264, rtspin
+    from relay.hub import EncodedFrame
+    from relay.rtsp import PUBLISH_PAYLOAD_TYPE, RtpFramer
+    from relay.webrtc.rtpsend import payloads_for
+
+    from .test_rtspin import UNITS
+
+    framer = RtpFramer(channel=0, ssrc=0x1234, sequence=65533)  # wraps on the way
+    frames = [EncodedFrame(unit, 3000 * i, i % 6 == 0, 0.0) for i, unit in enumerate(UNITS)]
+    wire = b"".join(framer.frame(payloads_for(f), f.pts + 2**32 - 4000) for f in frames)  # the timestamp wraps
+    reader, depacketizer, units, handed = rtspin.Reader(), rtspin.H264Depacketizer(PUBLISH_PAYLOAD_TYPE), [], []
+    for start in range(0, len(wire), 977):  # cut anywhere, as TCP may
+        for item in reader.feed(wire[start : start + 977]):
+            assert isinstance(item, rtspin.Interleaved) and item.channel == 0
+            packet = rtspin.parse_rtp(item.payload)
+            assert packet.ssrc == 0x1234
+            units += depacketizer.push(packet)
+            handed.append(packet.marker)
+    assert [h264.split_annexb(u.data) for u in units] == [h264.split_annexb(u) for u in UNITS]
+    assert handed.count(True) == len(UNITS) and handed[-1]  # each unit's last packet, and only it, marked
+    assert [u.pts - units[0].pts for u in units] == [f.pts for f in frames]
+    assert depacketizer.packets == sum(len(f.payloads or []) for f in frames)
+    assert depacketizer.packets_lost == 0  # the sequence numbers run on through the wrap
