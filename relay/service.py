@@ -144,7 +144,7 @@ class Relay:
         out += [
             WhipPublisher(
                 stream.hub, entry.url, entry.bearer_token, lambda: ice.for_relay(w), w.connect_timeout,
-                batch=w.batch_sends, index=i,
+                batch=w.batch_sends, index=i, sps=lambda: stream.sps,
             )
             for i, entry in enumerate(self.config.whip)
             if entry.stream == stream.name
