@@ -192,6 +192,22 @@ def parameter_sets(data: bytes) -> bytes | None:
     return join_annexb(found) if found else None
 
 
+def with_profile_of(data: bytes, sps: Sps) -> bytes:
+    """An Annex B access unit whose SPS has ``sps``'s profile_idc, with ``sps``'s constraint flags and level_idc:
+    an encoder's picture (a slate) that says the same ``profile-level-id`` as the camera it stands in for. A unit
+    without an SPS, or of another profile, comes back as it is. The two bytes replaced never make a start code:
+    profile_idc before them and level_idc are never 0."""
+    nals = split_annexb(data)
+    if not any(nal_type(n) == NAL_SPS and len(n) > 3 and n[1] == sps.profile_idc for n in nals):
+        return data
+    stamped = [
+        n[:2] + bytes((sps.constraints, sps.level_idc)) + n[4:] if nal_type(n) == NAL_SPS and n[1] == sps.profile_idc
+        else n
+        for n in nals
+    ]  # fmt: skip
+    return join_annexb(stamped)
+
+
 def is_idr(data: bytes) -> bool:
     """Whether an Annex B access unit holds an IDR picture (a decoder can start there)."""
     return any(nal_type(nal) == NAL_IDR for nal in split_annexb(data))

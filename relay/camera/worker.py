@@ -353,6 +353,7 @@ class Pipeline:
         if not decision.passthrough:
             return decision, None
         assert sps is not None
+        self._encoder.match(sps)  # the slate, when it shows, in the camera's profile and level
         st.width, st.height = sps.width, sps.height
         st.fps = sps.fps if sps.fps and 1 <= sps.fps <= 120 else source.fps
         return decision, ParameterSets(out_of_band)
@@ -447,6 +448,7 @@ class Pipeline:
             raise SourceError(str(exc)) from None
         if not decision.passthrough:
             raise SourceError(f"{self.source} changed to {sps.describe()}: {decision.reason}; reopening")
+        self._encoder.match(sps)
         self.push_status()
 
     def _record_error(self, message: str) -> None:

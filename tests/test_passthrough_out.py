@@ -1,0 +1,116 @@
+"""A passed-through camera on the output side: what viewers are told, the slate, snapshots, RTSP out, heat.
+
+Test cameras are ``benchmarks/rtspcams.py``'s (``start_camera``: the pixel-clock pattern encoded by ffmpeg as an
+IP camera would, published into a test mediamtx), read by a real relay in passthrough.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections.abc import Callable
+
+from benchmarks.rtspcams import Encoding
+from relay import h264
+from relay.config import StreamConfig
+from relay.source import parse_source_spec
+from relay.webrtc.borrowed import watch_received_h264
+from relay.webrtc.whepclient import WhepViewer
+
+from .conftest import make_config, start_relay
+from .test_faults import is_slate
+
+FPS = 30
+DEADLINE = 30.0  # seconds for what a test waits for: a deadline, not a measurement
+
+
+@contextlib.asynccontextmanager
+async def relay_for(url: str, **config):
+    """A relay passing the camera at ``url`` through as stream ``cam``."""
+    spec = parse_source_spec(url + "#mode=passthrough")
+    runner, relay = await start_relay(make_config((StreamConfig("cam", spec),), fps=FPS, **config), wait=False)
+    try:
+        yield relay
+    finally:
+        await runner.cleanup()
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:g}s"
+        await asyncio.sleep(0.05)
+
+
+async def api(http, relay) -> dict:
+    async with http.get(relay.base + "/api/v1/streams") as resp:
+        return (await resp.json())["streams"][0]
+
+
+def answered_profile(answer: str) -> str:
+    return re.search(r"^a=fmtp:\d+ .*profile-level-id=([0-9a-fA-F]{6})", answer, re.M)[1].lower()
+
+
+class ReceivedSps:
+    """Every SPS the aiortc viewers of this process receive (the decoder's input, as sent), by the phase the test
+    says it is in (``phase``) when it arrives."""
+
+    def __init__(self) -> None:
+        self.phase = ""
+        self.seen: dict[str, list[h264.Sps]] = {}
+        self._release = watch_received_h264(self._take)
+
+    def _take(self, data: bytes) -> None:
+        for nal in h264.split_annexb(data):
+            if h264.nal_type(nal) == h264.NAL_SPS:
+                self.seen.setdefault(self.phase, []).append(h264.parse_sps(nal))
+
+    def close(self) -> None:
+        self._release()
+
+
+async def read(viewer: WhepViewer, slate: bool, count: int) -> None:
+    """Read until ``count`` frames of the slate (or of the camera) have been decoded."""
+    got = 0
+    while got < count:
+        got += is_slate(await viewer.recv(timeout=DEADLINE)) == slate
+
+
+# -- 2. the slate says what the camera says
+
+
+async def test_a_viewer_that_joins_while_the_slate_shows_is_told_the_cameras_profile_in_every_phase(start_camera, http):
+    """The slate of a passed-through High camera is encoded in the camera's profile and level: a viewer that joins
+    while the camera is away is answered High, and every SPS it then receives (the slate's, then the camera's when
+    it returns) says what its answer said; so does the API throughout."""
+    camera = start_camera("cam", encoding=Encoding(profile="high", gop=1.0))
+    async with relay_for(camera.url) as relay:
+        stream = relay.relay.streams["cam"]
+        await until(lambda: stream.passthrough and stream.stats.frames_passed_through > 0, "passed through")
+        live = await api(http, relay)
+        await asyncio.to_thread(camera.stop)
+        await until(lambda: stream.stats.frames_slate > 0 and not stream.passthrough, "the slate")
+        received = ReceivedSps()
+        viewer = WhepViewer(relay.whep("cam"), http)
+        try:
+            received.phase = "slate"
+            await viewer.connect()
+            await read(viewer, slate=True, count=FPS)
+            away = await api(http, relay)
+            await asyncio.to_thread(camera.start)
+            await read(viewer, slate=True, count=1)  # the slate until the camera's first keyframe
+            received.phase = "camera"
+            await read(viewer, slate=False, count=FPS)
+            back = await api(http, relay)
+        finally:
+            await viewer.close()
+            received.close()
+    answered = answered_profile(viewer.answer)
+    assert live["profile"].startswith("High") and live["profile_level_id"][:2] == "64"
+    assert answered == live["profile_level_id"], "answered as the camera's SPS says, though the slate showed"
+    assert [away["profile_level_id"], back["profile_level_id"]] == [answered] * 2, "the API, in each phase"
+    assert set(received.seen) == {"slate", "camera"}, "an SPS in each phase (in front of each keyframe)"
+    for phase, seen in received.seen.items():
+        assert {sps.profile_level_id for sps in seen} == {answered}, phase
