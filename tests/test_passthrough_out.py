@@ -9,17 +9,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import subprocess
 import time
 from collections.abc import Callable
 
-from benchmarks.rtspcams import Encoding
+import av
+
+from benchmarks.rtspcams import Encoding, ResolutionChangeCamera
 from relay import h264
 from relay.config import StreamConfig
 from relay.source import parse_source_spec
 from relay.webrtc.borrowed import watch_received_h264
 from relay.webrtc.whepclient import WhepViewer
 
-from .conftest import make_config, start_relay
+from .conftest import frame_clock, make_config, start_relay
 from .test_faults import is_slate
 
 FPS = 30
@@ -114,3 +117,49 @@ async def test_a_viewer_that_joins_while_the_slate_shows_is_told_the_cameras_pro
     assert set(received.seen) == {"slate", "camera"}, "an SPS in each phase (in front of each keyframe)"
     for phase, seen in received.seen.items():
         assert {sps.profile_level_id for sps in seen} == {answered}, phase
+
+
+# -- 4. RTSP out follows a new size
+
+
+def rtsp_sizes(url: str, frames: int) -> list[tuple[tuple[int, int], int | None]]:
+    """(size, pixel clock) of the first ``frames`` pictures PyAV decodes from an RTSP URL."""
+    out = []
+    with av.open(url, options={"rtsp_transport": "tcp"}, timeout=10) as container:
+        for frame in container.decode(video=0):
+            out.append(((frame.width, frame.height), frame_clock(frame)))
+            if len(out) >= frames:
+                break
+    return out
+
+
+def ffprobe_sizes(url: str, seconds: float) -> list[tuple[int, int]]:
+    """The size of each picture ffprobe decodes from an RTSP URL in its first ``seconds``."""
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-rtsp_transport", "tcp", "-select_streams", "v:0", "-read_intervals",
+         f"%+{seconds:g}", "-show_entries", "frame=width,height", "-of", "csv=p=0", url],
+        capture_output=True, text=True, timeout=DEADLINE, check=True,
+    )  # fmt: skip
+    return [(int(w), int(h)) for w, h in (line.split(",")[:2] for line in out.stdout.split())]
+
+
+async def test_rtsp_readers_follow_a_passed_through_camera_to_its_new_size(start_camera):
+    """A camera that changes its picture size mid-stream: PyAV and ffprobe reading camrelay's RTSP URL (one
+    session each, opened at the first size) decode the pictures at the new size too, the camera's pixel clocks
+    in order."""
+    from .test_rtsp import rtsp_url, wait_published
+
+    sizes = ((640, 360), (960, 540))
+    camera = start_camera("cam", ResolutionChangeCamera, sizes=sizes, every=3.0)
+    async with relay_for(camera.url, rtsp=True) as relay:
+        stream = relay.relay.streams["cam"]
+        await until(lambda: stream.passthrough and stream.stats.frames_passed_through > 0, "passed through")
+        await wait_published(relay, "cam")
+        url = rtsp_url(relay, "cam")
+        read, probed = await asyncio.gather(
+            asyncio.to_thread(rtsp_sizes, url, int(9 * FPS)), asyncio.to_thread(ffprobe_sizes, url, 9.0)
+        )
+    assert set(sizes) <= {size for size, _ in read}, "PyAV decoded both sizes"
+    clocks = [clock for _, clock in read]
+    assert None not in clocks and clocks == sorted(clocks), "the camera's pictures, in order"
+    assert set(sizes) <= set(probed), f"ffprobe decoded both sizes: {sorted(set(probed))}"
