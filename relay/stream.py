@@ -42,6 +42,10 @@ WORKER_STALL = 3.0
 WORKER_STARTUP_GRACE = 15.0  # a fresh worker imports PyAV and opens its source first
 WATCHDOG_PERIOD = 0.5
 PIPE_LIMIT = 1 << 20  # reader buffer and the most one read takes; one 4K JPEG fits
+# A camera passed through has no encoder to slow, and skipping its frames is not sound: with no B-frames every
+# picture is a reference (x264, IP cameras), so a skipped one breaks each viewer's picture until the next IDR,
+# seconds away; and relaying it costs ~1 % of a core (docs/benchmarks.md). The guard's limit waits for the slate.
+NOTHING_TO_SHED = "nothing: passed through (no encoder to slow; every frame is a reference)"
 
 
 class Consumer(Protocol):
@@ -203,7 +207,7 @@ class Stream:
 
     def status(self) -> StreamStatus:
         st = self.stats
-        consumers = [c.stats() for c in self.consumers] + [self._join_stats()]
+        consumers = [c.stats() for c in self.consumers] + [self._join_stats(), self._thermal_stats()]
         capture_fps, encoded_fps, bitrate_bps = self._rates
         return StreamStatus(
             name=self.name,
@@ -264,6 +268,16 @@ class Stream:
                        "GOPs that outgrew the cache (joiners waited for a keyframe).", gop.overflows, labels),
             ),
         )  # fmt: skip
+
+    @property
+    def thermal_sheds(self) -> str:
+        """What the thermal guard's limit (``set_max_fps``) takes off this stream now: "" while there is none."""
+        if not self._max_fps:
+            return ""
+        return NOTHING_TO_SHED if self.passthrough else "frames"
+
+    def _thermal_stats(self) -> ConsumerStats:
+        return ConsumerStats({"thermal": {"max_fps": self._max_fps, "sheds": self.thermal_sheds}})
 
     def request_keyframe(self) -> None:
         """From the event loop; the worker rate-limits forced IDRs. A passed-through camera cannot be asked for

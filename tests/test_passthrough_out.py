@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import logging
 import re
 import subprocess
 import time
@@ -17,8 +19,9 @@ import av
 
 from benchmarks.rtspcams import Encoding, ResolutionChangeCamera
 from relay import h264
-from relay.config import StreamConfig
+from relay.config import StreamConfig, TelemetryConfig
 from relay.source import parse_source_spec
+from relay.stream import NOTHING_TO_SHED
 from relay.webrtc.borrowed import watch_received_h264
 from relay.webrtc.whepclient import WhepViewer
 
@@ -33,7 +36,11 @@ DEADLINE = 30.0  # seconds for what a test waits for: a deadline, not a measurem
 async def relay_for(url: str, **config):
     """A relay passing the camera at ``url`` through as stream ``cam``."""
     spec = parse_source_spec(url + "#mode=passthrough")
-    runner, relay = await start_relay(make_config((StreamConfig("cam", spec),), fps=FPS, **config), wait=False)
+    telemetry = config.pop("telemetry", None)
+    made = make_config((StreamConfig("cam", spec),), fps=FPS, **config)
+    if telemetry is not None:
+        made = dataclasses.replace(made, telemetry=telemetry)
+    runner, relay = await start_relay(made, wait=False)
     try:
         yield relay
     finally:
@@ -163,3 +170,34 @@ async def test_rtsp_readers_follow_a_passed_through_camera_to_its_new_size(start
     clocks = [clock for _, clock in read]
     assert None not in clocks and clocks == sorted(clocks), "the camera's pictures, in order"
     assert set(sizes) <= set(probed), f"ffprobe decoded both sizes: {sorted(set(probed))}"
+
+
+# -- 5. the thermal guard and a camera passed through
+
+
+async def test_the_thermal_guard_says_it_has_nothing_to_shed_on_a_passed_through_camera(
+    start_camera, http, tmp_path, caplog
+):
+    """Hot (an injected sysfs): the guard steps the stream's limit down as for any stream, and the API and the log
+    say a passed-through camera has nothing to shed; every frame the camera sends still reaches the hub."""
+    from .test_telemetry import fake_sys
+
+    caplog.set_level(logging.WARNING, logger="relay.service")
+    camera = start_camera("cam", encoding=Encoding(profile="high", gop=1.0))
+    async with relay_for(camera.url, telemetry=TelemetryConfig(thermal_limit=70.0)) as relay:
+        stream = relay.relay.streams["cam"]
+        await relay.relay.telemetry.close()  # the test takes the samples, through the telemetry's own hook
+        await until(lambda: stream.passthrough and stream.stats.frames_passed_through > 0, "passed through")
+        relay.relay.telemetry.sys_root = fake_sys(tmp_path, {"thermal_zone0": ("cpu-thermal", "80000")})
+        for _ in range(2):
+            for callback in relay.relay.telemetry.on_sample:
+                callback(relay.relay.telemetry.sample())
+        before = stream.stats.frames_passed_through
+        await until(lambda: stream.stats.frames_passed_through >= before + 2 * FPS, "two more seconds of camera")
+        await until(lambda: stream.stats.frames_captured >= stream.stats.frames_passed_through, "a worker report")
+        cam = await api(http, relay)
+    assert relay.relay.thermal_guards["cam"].current < FPS
+    assert cam["thermal"] == {"max_fps": relay.relay.thermal_guards["cam"].current, "sheds": NOTHING_TO_SHED}
+    assert cam["frames_dropped"]["thermal"] == 0 and cam["mode"] == "passthrough"
+    lines = [r.getMessage() for r in caplog.records if "thermal:" in r.getMessage()]
+    assert len(lines) == 2 and all(line.endswith(f"; sheds {NOTHING_TO_SHED}") for line in lines), lines
