@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 import sys
 import time
@@ -137,7 +138,7 @@ class Stream:
             limit=PIPE_LIMIT,
         )
         self._closing = False
-        self._want_jpeg = False
+        self._want_jpeg: float | None = None
         self._max_fps = 0
         self._base_counts = StreamStats()  # counters of workers that have exited
         self._last_unit = 0.0
@@ -292,9 +293,10 @@ class Stream:
         self._max_fps = int(min(255, max(0, fps)))
         self._command(ipc.CMD_MAX_FPS + bytes([self._max_fps]))
 
-    def set_jpeg(self, on: bool) -> None:
-        self._want_jpeg = on
-        self._command(ipc.CMD_JPEG_ON if on else ipc.CMD_JPEG_OFF)
+    def set_jpeg(self, demand: float | None) -> None:
+        """JPEGs of every frame (0), of keyframes at most every ``demand`` seconds, or none (None)."""
+        self._want_jpeg = demand
+        self._command(jpeg_command(demand))
 
     def _command(self, cmd: bytes) -> None:
         proc = self._worker.proc
@@ -302,8 +304,8 @@ class Stream:
             proc.stdin.write(cmd)
 
     def _worker_started(self, proc: Process) -> None:
-        if self._want_jpeg:
-            self._command(ipc.CMD_JPEG_ON)
+        if self._want_jpeg is not None:
+            self._command(jpeg_command(self._want_jpeg))
         if self._max_fps:
             self._command(ipc.CMD_MAX_FPS + bytes([self._max_fps]))
         self.request_keyframe()  # viewers kept across a restart need a fresh IDR
@@ -404,3 +406,12 @@ class Stream:
         """A worker ended: keep its counters as the base for the next one."""
         for key in ipc.WORKER_COUNTERS:
             setattr(self._base_counts, key, getattr(self.stats, key))
+
+
+def jpeg_command(demand: float | None) -> bytes:
+    """The worker's command for a JPEG demand (``JpegFeed``): off, every frame, or keyframes every so often."""
+    if demand is None:
+        return ipc.CMD_JPEG_OFF
+    if not demand:
+        return ipc.CMD_JPEG_ON
+    return ipc.CMD_JPEG_KEYFRAMES + bytes([min(255, max(1, math.ceil(demand)))])

@@ -19,7 +19,7 @@ import av
 
 from benchmarks.rtspcams import Encoding, ResolutionChangeCamera
 from relay import h264
-from relay.config import StreamConfig, TelemetryConfig
+from relay.config import RecordConfig, StreamConfig, TelemetryConfig
 from relay.source import parse_source_spec
 from relay.stream import NOTHING_TO_SHED
 from relay.webrtc.borrowed import watch_received_h264
@@ -36,10 +36,8 @@ DEADLINE = 30.0  # seconds for what a test waits for: a deadline, not a measurem
 async def relay_for(url: str, **config):
     """A relay passing the camera at ``url`` through as stream ``cam``."""
     spec = parse_source_spec(url + "#mode=passthrough")
-    telemetry = config.pop("telemetry", None)
-    made = make_config((StreamConfig("cam", spec),), fps=FPS, **config)
-    if telemetry is not None:
-        made = dataclasses.replace(made, telemetry=telemetry)
+    extra = {key: config.pop(key) for key in ("telemetry", "record") if key in config}  # not make_config's
+    made = dataclasses.replace(make_config((StreamConfig("cam", spec),), fps=FPS, **config), **extra)
     runner, relay = await start_relay(made, wait=False)
     try:
         yield relay
@@ -201,3 +199,38 @@ async def test_the_thermal_guard_says_it_has_nothing_to_shed_on_a_passed_through
     assert cam["frames_dropped"]["thermal"] == 0 and cam["mode"] == "passthrough"
     lines = [r.getMessage() for r in caplog.records if "thermal:" in r.getMessage()]
     assert len(lines) == 2 and all(line.endswith(f"; sheds {NOTHING_TO_SHED}") for line in lines), lines
+
+
+# -- 3. a recorder's snapshots decode keyframes only
+
+
+async def test_a_recorders_snapshots_decode_only_keyframes_and_mjpeg_every_frame_while_it_asks(
+    start_camera, http, tmp_path
+):
+    """Recording on (a snapshot a second) with a camera that sends a keyframe every half second: the worker decodes
+    one keyframe per snapshot interval (the rarer), none of the frames between; the snapshots show the camera's
+    pixel clocks. An MJPEG client meanwhile gets every frame decoded, from the keyframe on."""
+    from .test_mjpeg import clock_of, read_parts
+
+    camera = start_camera("cam", encoding=Encoding(profile="high", gop=0.5))
+    record = RecordConfig(enabled=True, root=str(tmp_path / "rec"), segment=60.0, snapshot_interval=1.0)
+    async with relay_for(camera.url, record=record) as relay:
+        stream = relay.relay.streams["cam"]
+        recorder = relay.relay.recorders["cam"]
+        await until(lambda: stream.passthrough and stream.stats.frames_passed_through > 0, "passed through")
+        await until(lambda: recorder.snapshots_written >= 4, "snapshots")
+        idle = await api(http, relay)
+        async with http.get(relay.base + "/mjpeg/cam") as resp:
+            parts = await read_parts(resp, 2 * FPS)
+            watched = await api(http, relay)
+    snapshots = sorted((tmp_path / "rec" / "cam").glob("*/snapshots/*.jpg"))
+    # Idle: at most one picture decoded a second of snapshots; the camera sent two keyframes a second. (The
+    # worker reports frames_decoded and frames_captured together, once a second.)
+    assert 0 < idle["frames_decoded"] <= idle["keyframes"] // 2 + 1
+    assert idle["frames_decoded"] * 10 < idle["frames_captured"], "not every frame"
+    assert all(clock_of(path.read_bytes()) is not None for path in snapshots[:4])
+    # Watched: every frame decoded while the MJPEG client reads.
+    decoded = watched["frames_decoded"] - idle["frames_decoded"]
+    captured = watched["frames_captured"] - idle["frames_captured"]
+    assert decoded >= captured - FPS // 2 and len(parts) == 2 * FPS, (decoded, captured)
+    assert all(clock_of(part) is not None for part in parts)
