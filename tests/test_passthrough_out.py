@@ -221,7 +221,11 @@ async def test_a_recorders_snapshots_decode_only_keyframes_and_mjpeg_every_frame
         await until(lambda: recorder.snapshots_written >= 4, "snapshots")
         idle = await api(http, relay)
         async with http.get(relay.base + "/mjpeg/cam") as resp:
-            parts = await read_parts(resp, 2 * FPS)
+            # The worker reports its counts once a second: the window starts once a report was made while
+            # the client read, so that no frame in it was from before the client asked.
+            parts = await read_parts(resp, FPS + FPS // 2)
+            asking = await api(http, relay)
+            parts += await read_parts(resp, 2 * FPS)
             watched = await api(http, relay)
     snapshots = sorted((tmp_path / "rec" / "cam").glob("*/snapshots/*.jpg"))
     # Idle: at most one picture decoded a second of snapshots; the camera sent two keyframes a second. (The
@@ -230,7 +234,7 @@ async def test_a_recorders_snapshots_decode_only_keyframes_and_mjpeg_every_frame
     assert idle["frames_decoded"] * 10 < idle["frames_captured"], "not every frame"
     assert all(clock_of(path.read_bytes()) is not None for path in snapshots[:4])
     # Watched: every frame decoded while the MJPEG client reads.
-    decoded = watched["frames_decoded"] - idle["frames_decoded"]
-    captured = watched["frames_captured"] - idle["frames_captured"]
-    assert decoded >= captured - FPS // 2 and len(parts) == 2 * FPS, (decoded, captured)
+    decoded = watched["frames_decoded"] - asking["frames_decoded"]
+    captured = watched["frames_captured"] - asking["frames_captured"]
+    assert captured > FPS and decoded >= captured - FPS // 10, (decoded, captured)
     assert all(clock_of(part) is not None for part in parts)
