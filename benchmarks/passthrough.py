@@ -9,7 +9,9 @@ with no viewer, first with ``--mode passthrough`` then ``--mode transcode``;
 for each, over ``--duration`` seconds after it settles: CPU of the camera's
 worker and of the relay process (% of one core), and the worker's memory
 (RSS, and PSS: its share of pages shared with other processes, such as the
-FFmpeg libraries every worker maps).
+FFmpeg libraries every worker maps). ``--record`` turns recording on (segments
+and a snapshot a second, as ``[record] enabled = true`` does), and the worker's
+count of pictures it decoded for JPEGs is reported beside the frames relayed.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def api(port: int) -> dict:
         return json.load(r)["streams"][0]
 
 
-def measure(url: str, mode: str, duration: float, state_dir: str) -> dict:
+def measure(url: str, mode: str, duration: float, state_dir: str, record: bool = False) -> dict:
     port = free_port()
     cmd = [
         sys.executable, "-m", "relay", "serve", "--no-rtsp", "--auth", "none", "--mode", mode,
@@ -79,6 +81,8 @@ def measure(url: str, mode: str, duration: float, state_dir: str) -> dict:
         "--encoder", "libx264", "--log-level", "warning",
     ]  # fmt: skip
     env = dict(os.environ, CAMRELAY_STREAMS=f"cam0={url}", CAMRELAY_STATE_DIR=state_dir)
+    if record:
+        env.update(CAMRELAY_RECORD_ENABLED="true", CAMRELAY_RECORD_ROOT=tempfile.mkdtemp(dir=state_dir))
     proc = subprocess.Popen(cmd, env=env)
     try:
         relay = psutil.Process(proc.pid)
@@ -104,6 +108,7 @@ def measure(url: str, mode: str, duration: float, state_dir: str) -> dict:
         memory = worker.memory_full_info()
         return {
             "mode": after["mode"],
+            "record": record,
             "mode_reason": after["mode_reason"],
             "worker_cpu_pct": round(100 * (w1.user + w1.system - w0.user - w0.system) / elapsed, 2),
             "relay_cpu_pct": round(100 * (r1.user + r1.system - r0.user - r0.system) / elapsed, 2),
@@ -113,6 +118,7 @@ def measure(url: str, mode: str, duration: float, state_dir: str) -> dict:
             "worker_threads": worker.num_threads(),
             "encoders_running": after["encoders_running"],
             "fps": round((after["frames_encoded"] - before["frames_encoded"]) / elapsed, 1),
+            "decoded_fps": round((after["frames_decoded"] - before["frames_decoded"]) / elapsed, 2),
             "mbps": round(after["bitrate_bps"] / 1e6, 2),
         }
     finally:
@@ -143,7 +149,7 @@ async def serve(args) -> list[dict]:
             await asyncio.sleep(2)
             results = []
             for mode in args.modes.split(","):
-                results.append(await asyncio.to_thread(measure, url, mode, args.duration, tmp))
+                results.append(await asyncio.to_thread(measure, url, mode, args.duration, tmp, args.record))
                 print(json.dumps(results[-1]), flush=True)
             return results
         finally:
@@ -158,6 +164,7 @@ def main() -> None:
     ap.set_defaults(bitrate="4M")
     ap.add_argument("--duration", type=float, default=30.0, help="seconds measured per mode (default 30)")
     ap.add_argument("--modes", default="passthrough,transcode", help="modes to measure, in order")
+    ap.add_argument("--record", action="store_true", help="with recording on (segments, a snapshot a second)")
     ap.add_argument("--out", type=Path, help="write the results here as JSON")
     args = ap.parse_args()
     results = asyncio.run(serve(args))

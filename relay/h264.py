@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass
 
 START_CODE = b"\x00\x00\x00\x01"
@@ -39,6 +40,12 @@ PROFILE_EXTENDED = 88
 PROFILE_HIGH = 100
 MAX_EXP_GOLOMB_ZEROS = 31  # a 32-bit ue(v); more leading zeros means a corrupt SPS
 MAX_PICTURE_SIDE = 16_384  # larger than any level allows (8192 at level 6.2): a corrupt SPS
+# The first two bytes of the profile-level-id browsers and media servers use for each profile (RFC 6184
+# Table 5): what an offer names a stream's profile by (pion, in mediamtx, matches offers on exactly these).
+SDP_PROFILES = {
+    "Constrained Baseline": "42e0", "Baseline": "4200", "Main": "4d00", "High": "6400", "Progressive High": "6400",
+    "Constrained High": "640c",
+}  # fmt: skip
 AVCC_LENGTH_SIZES = (1, 2, 4)  # lengthSizeMinusOne is 0, 1 or 3 (3 is what every muxer writes)
 
 
@@ -171,12 +178,34 @@ def parse_sprop_parameter_sets(value: str) -> list[bytes]:
     return out
 
 
+def with_profile_level_id(sdp: str, payload_type: int, value: str) -> str:
+    """``sdp`` with the ``profile-level-id`` of its ``a=fmtp`` for ``payload_type`` set to ``value`` (RFC 6184 8.1):
+    what an offer or answer says is sent, where aiortc, which knows Constrained Baseline only, wrote its own."""
+    return re.sub(rf"^(a=fmtp:{payload_type} .*?profile-level-id=)[0-9A-Fa-f]{{6}}", rf"\g<1>{value}", sdp, flags=re.M)
+
+
 def parameter_sets(data: bytes) -> bytes | None:
     """SPS and PPS NAL units (Annex B) from an access unit, for a muxer's extradata; None when it has none."""
     if b"\x00\x00\x01" not in data:
         return None
     found = [nal for nal in split_annexb(data) if nal_type(nal) in (NAL_SPS, NAL_PPS)]
     return join_annexb(found) if found else None
+
+
+def with_profile_of(data: bytes, sps: Sps) -> bytes:
+    """An Annex B access unit whose SPS has ``sps``'s profile_idc, with ``sps``'s constraint flags and level_idc:
+    an encoder's picture (a slate) that says the same ``profile-level-id`` as the camera it stands in for. A unit
+    without an SPS, or of another profile, comes back as it is. The two bytes replaced never make a start code:
+    profile_idc before them and level_idc are never 0."""
+    nals = split_annexb(data)
+    if not any(nal_type(n) == NAL_SPS and len(n) > 3 and n[1] == sps.profile_idc for n in nals):
+        return data
+    stamped = [
+        n[:2] + bytes((sps.constraints, sps.level_idc)) + n[4:] if nal_type(n) == NAL_SPS and n[1] == sps.profile_idc
+        else n
+        for n in nals
+    ]  # fmt: skip
+    return join_annexb(stamped)
 
 
 def is_idr(data: bytes) -> bool:
@@ -303,6 +332,12 @@ class Sps:
     def profile_level_id(self) -> str:
         """RFC 6184's ``profile-level-id``: profile_idc, the constraint byte and level_idc, in hex."""
         return f"{self.profile_idc:02x}{self.constraints:02x}{self.level_idc:02x}"
+
+    @property
+    def sdp_profile_level_id(self) -> str:
+        """The ``profile-level-id`` an SDP offer names this stream by: its profile as browsers write it (42e0 for
+        any Constrained Baseline), at its level."""
+        return SDP_PROFILES.get(self.profile, self.profile_level_id[:4]) + f"{self.level_idc:02x}"
 
     @property
     def profile(self) -> str:

@@ -42,6 +42,9 @@ CMD_KEYFRAME = b"K"
 CMD_JPEG_ON = b"J"
 CMD_JPEG_OFF = b"j"
 CMD_MAX_FPS = b"R"  # followed by one byte: the highest frame rate to encode (0: no limit)
+# JPEGs of keyframes only, followed by one byte: the fewest seconds between two (a recorder's snapshots). A camera
+# passed through then decodes one picture a GOP or an interval, whichever is rarer, not every one.
+CMD_JPEG_KEYFRAMES = b"k"
 
 
 class ProtocolError(Exception):
@@ -130,7 +133,7 @@ def parse_commands(data: bytes) -> tuple[list[tuple[bytes, int | None]], bytes]:
     i = 0
     while i < len(data):
         cmd = data[i : i + 1]
-        if cmd == CMD_MAX_FPS:
+        if cmd in (CMD_MAX_FPS, CMD_JPEG_KEYFRAMES):
             if i + 1 >= len(data):
                 return out, data[i:]
             out.append((cmd, data[i + 1]))

@@ -30,42 +30,62 @@ LINGER = 15.0
 
 
 class JpegFeed:
-    """Newest-frame-only JPEG fan-out; ``on_demand(True)`` while anyone wants frames."""
+    """Newest-frame-only JPEG fan-out; ``on_demand(demand)`` when what its users want changes.
 
-    def __init__(self, on_demand: Callable[[bool], None], linger: float = LINGER) -> None:
+    A user wants every frame (``every=0``: MJPEG, the snapshot API) or a picture at most every ``every`` seconds
+    (a recorder's snapshots), which a camera passed through makes from its keyframes alone. The demand is
+    ``None`` (nobody), ``0.0`` (every frame) or the shortest interval asked for; it rises at once and falls
+    ``linger`` seconds after the last user that wanted more left.
+    """
+
+    def __init__(self, on_demand: Callable[[float | None], None], linger: float = LINGER) -> None:
         self.latest: Jpeg | None = None
         self._version = 0
         self._next: asyncio.Future[None] | None = None
-        self._users = 0
+        self._wants: list[float] = []  # each user's interval (0: every frame)
         self._on_demand = on_demand
         self._linger = linger
         self._off: asyncio.TimerHandle | None = None
         self._closed = False
-        self.on = False
+        self.demand: float | None = None
 
     @property
     def users(self) -> int:
-        return self._users
+        return len(self._wants)
 
-    def acquire(self) -> None:
-        self._users += 1
-        if self._off is not None:
-            self._off.cancel()
-            self._off = None
-        if not self.on:
-            self.on = True
-            self._on_demand(True)
+    @property
+    def on(self) -> bool:
+        return self.demand is not None
 
-    def release(self) -> None:
-        self._users -= 1
-        if self._users == 0 and self.on and not self._closed:
-            self._off = asyncio.get_running_loop().call_later(self._linger, self._switch_off)
+    def acquire(self, every: float = 0.0) -> None:
+        self._wants.append(every)
+        self._settle()
 
-    def _switch_off(self) -> None:
+    def release(self, every: float = 0.0) -> None:
+        self._wants.remove(every)
+        self._settle()
+
+    def _wanted(self) -> float | None:
+        return min(self._wants) if self._wants else None
+
+    def _settle(self) -> None:
+        wanted = self._wanted()
+        if _rank(wanted) < _rank(self.demand):  # more than now: at once
+            if self._off is not None:
+                self._off.cancel()
+                self._off = None
+            self._set(wanted)
+        elif wanted != self.demand and self._off is None and not self._closed:
+            self._off = asyncio.get_running_loop().call_later(self._linger, self._switch_down)
+
+    def _switch_down(self) -> None:
         self._off = None
-        if self._users == 0 and self.on:
-            self.on = False
-            self._on_demand(False)
+        if self._wanted() != self.demand:
+            self._set(self._wanted())
+
+    def _set(self, demand: float | None) -> None:
+        self.demand = demand
+        self._on_demand(demand)
 
     # One of its stream's consumers: fed by the stream itself, it starts with nothing to do.
     def start(self) -> None:
@@ -98,3 +118,8 @@ class JpegFeed:
         except TimeoutError:
             return None
         return self.latest
+
+
+def _rank(demand: float | None) -> float:
+    """How much a demand asks for, the most first: every frame (0), then shorter intervals, then none."""
+    return float("inf") if demand is None else demand

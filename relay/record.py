@@ -417,7 +417,7 @@ class Recorder:
         return st.f_bavail * st.f_frsize
 
     async def _snapshots(self) -> None:
-        self.jpegs.acquire()
+        self.jpegs.acquire(self.snapshot_interval)  # keyframes will do: a camera passed through decodes only them
         try:
             version = 0
             while True:
@@ -434,7 +434,7 @@ class Recorder:
                     else:
                         log.error("stream=%s snapshot failed: %s", self.name, exc)
         finally:
-            self.jpegs.release()
+            self.jpegs.release(self.snapshot_interval)
 
     def _write_snapshot(self, data: bytes, t: float) -> None:
         folder = day_dir(self.root, self.name, t) / "snapshots"

@@ -391,10 +391,7 @@ class RtpFramer:
 
 class RtspPublisher:
     """Publishes one stream's hub to an RTSP server (mediamtx): ANNOUNCE, SETUP and RECORD, then RTP over the
-    same TCP connection (no Nagle: each frame leaves at once), packetized once for viewers and publisher alike.
-
-    A session lasts while the stream's parameter sets do: a keyframe with new ones (a camera's new size or
-    profile) ends it and the next ANNOUNCE carries them, so the SDP readers get never lies."""
+    same TCP connection (no Nagle: each frame leaves at once), packetized once for viewers and publisher alike."""
 
     def __init__(
         self, hub: PacketHub, url: str, fps: float, ready: asyncio.Event | None = None, live_alias: bool = False
@@ -429,8 +426,7 @@ class RtspPublisher:
                 await self._ready.wait()
             sub = self.hub.subscribe(f"rtsp-{self.hub.stream}")
             try:
-                if await self._publish(sub):
-                    continue  # new parameter sets: announced again at once
+                await self._publish(sub)
             except HubClosed:
                 return
             except (OSError, PublishError, rtspin.RtspError, mux.NoParameterSets, TimeoutError) as exc:
@@ -445,9 +441,10 @@ class RtspPublisher:
                 sub.close()
             await asyncio.sleep(self._retry.next_delay())
 
-    async def _publish(self, sub) -> bool:
-        """One session, from the subscription's first frame (a keyframe) on. True when it ended because the
-        stream's parameter sets changed."""
+    async def _publish(self, sub) -> None:
+        """One session, from the subscription's first frame (a keyframe) on. New parameter sets (a camera's
+        new size) go in-band in front of their IDR, as the stream has them: mediamtx passes them on and its
+        readers follow without a new session (tests/test_passthrough_out.py)."""
         first = await sub.get()
         sets = h264.parameter_sets(first.data) or b""
         sdp = announce_sdp(sets, self.fps)
@@ -470,11 +467,6 @@ class RtspPublisher:
                 self.published += 1
                 await conn.drain()
                 frame = await sub.get()
-                if frame.keyframe:
-                    new = h264.parameter_sets(frame.data)
-                    if new is not None and new != sets:
-                        log.info("stream=%s new parameter sets: announcing the rtsp stream again", self.hub.stream)
-                        return True
 
 
 class _Connection:

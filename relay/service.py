@@ -142,7 +142,7 @@ class Relay:
         out += [
             WhipPublisher(
                 stream.hub, entry.url, entry.bearer_token, lambda: ice.for_relay(w), w.connect_timeout,
-                batch=w.batch_sends, index=i,
+                batch=w.batch_sends, index=i, sps=lambda: stream.sps,
             )
             for i, entry in enumerate(self.config.whip)
             if entry.stream == stream.name
@@ -255,14 +255,10 @@ class Relay:
             guard = self.thermal_guards.setdefault(name, ThermalGuard(limit, stream.fps))
             fps = guard.update(snapshot.temperature)
             if fps is not None:
-                log.warning(
-                    "stream=%s thermal: soc=%.1fC limit=%.0fC; encoding at most %g fps",
-                    name,
-                    snapshot.temperature,
-                    limit,
-                    fps,
-                )
                 stream.set_max_fps(0 if fps >= guard.full_fps else fps)
+                sheds = stream.thermal_sheds
+                what = f"sheds {sheds}" if sheds and sheds != "frames" else f"encoding at most {fps:g} fps"
+                log.warning("stream=%s thermal: soc=%.1fC limit=%.0fC; %s", name, snapshot.temperature, limit, what)
 
     def _process_ids(self) -> dict[str, int | None]:
         pids: dict[str, int | None] = {"relay": os.getpid()}

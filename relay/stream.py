@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 import sys
 import time
@@ -42,6 +43,10 @@ WORKER_STALL = 3.0
 WORKER_STARTUP_GRACE = 15.0  # a fresh worker imports PyAV and opens its source first
 WATCHDOG_PERIOD = 0.5
 PIPE_LIMIT = 1 << 20  # reader buffer and the most one read takes; one 4K JPEG fits
+# A camera passed through has no encoder to slow, and skipping its frames is not sound: with no B-frames every
+# picture is a reference (x264, IP cameras), so a skipped one breaks each viewer's picture until the next IDR,
+# seconds away; and relaying it costs ~1 % of a core (docs/benchmarks.md). The guard's limit waits for the slate.
+NOTHING_TO_SHED = "nothing: passed through (no encoder to slow; every frame is a reference)"
 
 
 class Consumer(Protocol):
@@ -134,7 +139,7 @@ class Stream:
             limit=PIPE_LIMIT,
         )
         self._closing = False
-        self._want_jpeg = False
+        self._want_jpeg: float | None = None
         self._max_fps = 0
         self._base_counts = StreamStats()  # counters of workers that have exited
         self._last_unit = 0.0
@@ -204,7 +209,7 @@ class Stream:
 
     def status(self) -> StreamStatus:
         st = self.stats
-        consumers = [c.stats() for c in self.consumers] + [self._join_stats()]
+        consumers = [c.stats() for c in self.consumers] + [self._join_stats(), self._thermal_stats()]
         capture_fps, encoded_fps, bitrate_bps = self._rates
         return StreamStatus(
             name=self.name,
@@ -267,6 +272,16 @@ class Stream:
             ),
         )  # fmt: skip
 
+    @property
+    def thermal_sheds(self) -> str:
+        """What the thermal guard's limit (``set_max_fps``) takes off this stream now: "" while there is none."""
+        if not self._max_fps:
+            return ""
+        return NOTHING_TO_SHED if self.passthrough else "frames"
+
+    def _thermal_stats(self) -> ConsumerStats:
+        return ConsumerStats({"thermal": {"max_fps": self._max_fps, "sheds": self.thermal_sheds}})
+
     def request_keyframe(self) -> None:
         """From the event loop; the worker rate-limits forced IDRs. A passed-through camera cannot be asked for
         one: the request is counted, and the subscriber waits for the camera's next keyframe."""
@@ -280,9 +295,10 @@ class Stream:
         self._max_fps = int(min(255, max(0, fps)))
         self._command(ipc.CMD_MAX_FPS + bytes([self._max_fps]))
 
-    def set_jpeg(self, on: bool) -> None:
-        self._want_jpeg = on
-        self._command(ipc.CMD_JPEG_ON if on else ipc.CMD_JPEG_OFF)
+    def set_jpeg(self, demand: float | None) -> None:
+        """JPEGs of every frame (0), of keyframes at most every ``demand`` seconds, or none (None)."""
+        self._want_jpeg = demand
+        self._command(jpeg_command(demand))
 
     def _command(self, cmd: bytes) -> None:
         proc = self._worker.proc
@@ -290,8 +306,8 @@ class Stream:
             proc.stdin.write(cmd)
 
     def _worker_started(self, proc: Process) -> None:
-        if self._want_jpeg:
-            self._command(ipc.CMD_JPEG_ON)
+        if self._want_jpeg is not None:
+            self._command(jpeg_command(self._want_jpeg))
         if self._max_fps:
             self._command(ipc.CMD_MAX_FPS + bytes([self._max_fps]))
         self.request_keyframe()  # viewers kept across a restart need a fresh IDR
@@ -393,3 +409,12 @@ class Stream:
         """A worker ended: keep its counters as the base for the next one."""
         for key in ipc.WORKER_COUNTERS:
             setattr(self._base_counts, key, getattr(self.stats, key))
+
+
+def jpeg_command(demand: float | None) -> bytes:
+    """The worker's command for a JPEG demand (``JpegFeed``): off, every frame, or keyframes every so often."""
+    if demand is None:
+        return ipc.CMD_JPEG_OFF
+    if not demand:
+        return ipc.CMD_JPEG_ON
+    return ipc.CMD_JPEG_KEYFRAMES + bytes([min(255, max(1, math.ceil(demand)))])

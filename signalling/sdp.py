@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from relay import h264
+
 MAX_LINES = 2000  # a browser offer is ~100 lines; far more is abuse
 _RTPMAP = re.compile(r"^a=rtpmap:(\d+) ([A-Za-z0-9_.-]+)/(\d+)")
 _FMTP = re.compile(r"^a=fmtp:(\d+) (.*)$")
@@ -401,12 +403,7 @@ class H264Fit:
 
     def answer(self, answer: str) -> str:
         """aiortc's answer with this payload type's ``profile-level-id`` the one the stream's SPS makes."""
-        return re.sub(
-            rf"^(a=fmtp:{self.payload_type} .*?profile-level-id=)[0-9A-Fa-f]{{6}}",
-            rf"\g<1>{self.profile_level_id}",
-            answer,
-            flags=re.M,
-        )
+        return h264.with_profile_level_id(answer, self.payload_type, self.profile_level_id)
 
 
 def fit_h264(offer: str, stream_profile_level_id: str) -> H264Fit:

@@ -252,3 +252,25 @@ def test_timestamps_that_go_back_in_decode_order_are_reordered_pictures():
     assert h264.out_of_order([0, 3000, 9000, 6000])  # I P B: B-frames
     assert not h264.out_of_order([0, 3000, None, 6000, 9000])  # unknown timestamps say nothing
     assert not h264.out_of_order([])
+
+
+def test_an_encoders_sps_is_stamped_with_the_constraint_flags_and_level_of_the_camera_it_stands_in_for():
+    camera = dataclasses.replace(parse_sps(HIGH_360), constraints=0x0C, level_idc=0x28)  # Constrained High 4.0
+    idr = b"\x65\x88\x84"
+    unit = h264.join_annexb([HIGH_360, b"\x68\xeb\xe3\xcb", idr])
+    stamped = h264.with_profile_of(unit, camera)
+    sps = h264.sps_of(stamped)
+    assert sps.profile_level_id == "640c28" and (sps.width, sps.height) == (640, 360)
+    assert h264.split_annexb(stamped)[1:] == h264.split_annexb(unit)[1:]  # the rest as it was
+    main = dataclasses.replace(camera, profile_idc=77)
+    assert h264.with_profile_of(unit, main) is unit, "another profile: left as it is"
+    assert h264.with_profile_of(slice_only := h264.join_annexb([idr]), camera) is slice_only, "no SPS: as it is"
+
+
+@pytest.mark.parametrize(
+    ("profile_idc", "constraints", "offered"),
+    [(66, 0xC0, "42e01e"), (66, 0x00, "42001e"), (77, 0x40, "4d001e"), (100, 0x00, "64001e"), (100, 0x0C, "640c1e")],
+)
+def test_an_offer_names_a_profile_as_browsers_write_it(profile_idc, constraints, offered):
+    sps = dataclasses.replace(parse_sps(HIGH_360), profile_idc=profile_idc, constraints=constraints)
+    assert sps.sdp_profile_level_id == offered

@@ -118,3 +118,10 @@ def test_the_relay_and_the_camera_worker_meet_only_in_ipc():
     worker_side = _modules_after("relay.camera.worker")
     assert "relay.ipc" in worker_side
     assert not {m for m in worker_side if m.startswith(("relay.service", "relay.stream", "signalling", "aiortc"))}
+
+
+def test_jpegs_of_keyframes_carry_the_interval():
+    cmds, rest = ipc.parse_commands(ipc.CMD_JPEG_KEYFRAMES)
+    assert (cmds, rest) == ([], ipc.CMD_JPEG_KEYFRAMES)  # its interval byte is still to come
+    cmds, rest = ipc.parse_commands(rest + bytes([2]) + ipc.CMD_JPEG_ON)
+    assert (cmds, rest) == ([(ipc.CMD_JPEG_KEYFRAMES, 2), (ipc.CMD_JPEG_ON, None)], b"")

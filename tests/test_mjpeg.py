@@ -16,6 +16,7 @@ import pytest
 
 from relay.camera import pixelclock
 from relay.config import StreamConfig
+from relay.mjpeg import JpegFeed
 from relay.source import parse_source_spec
 
 from .conftest import make_config, start_relay
@@ -138,3 +139,19 @@ async def test_non_mjpeg_sources_get_jpegs_encoded_on_demand(http, tmp_path):
             assert clock_of(await resp.read()) is not None
     finally:
         await runner.cleanup()
+
+
+async def test_the_jpeg_demand_rises_at_once_and_falls_after_the_linger():
+    """A recorder wants a picture a second (keyframes do), an MJPEG client every frame: the feed asks the stream
+    for the most anyone wants at once, and for less only ``linger`` after the last who wanted more left."""
+    asked: list[float | None] = []
+    feed = JpegFeed(asked.append, linger=0.05)
+    feed.acquire(1.0)
+    feed.acquire(0.0)
+    feed.release(0.0)
+    assert asked == [1.0, 0.0] and feed.demand == 0.0, "still every frame, for the linger"
+    await asyncio.sleep(0.2)
+    feed.release(1.0)
+    await asyncio.sleep(0.2)
+    assert asked == [1.0, 0.0, 1.0, None] and not feed.on
+    await feed.close()

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import multiprocessing as mp
 import re
+import subprocess
 import time
 from collections.abc import Callable
 from multiprocessing import resource_tracker
@@ -24,11 +26,13 @@ from multidict import CIMultiDict
 
 from benchmarks.peers import PeerPlan, run_worker
 from benchmarks.ports import free_port
+from benchmarks.rtspcams import Encoding
 from benchmarks.scale_out import Engine
 from relay.backoff import Backoff
 from relay.cli import build_parser, load_config
-from relay.config import ConfigError, IceServer, WhipConfig, load, secret_values, secrets_in_file
+from relay.config import ConfigError, IceServer, StreamConfig, WhipConfig, load, secret_values, secrets_in_file
 from relay.hub import PacketHub
+from relay.source import parse_source_spec
 from relay.webrtc.ice import gathered_with, parse_links
 from relay.webrtc.whepclient import WhepError, WhepViewer
 from relay.webrtc.whip import SDP_TYPE, WhipPublisher, shown_url
@@ -377,7 +381,9 @@ class Front:
     def __init__(self, target: str, http: aiohttp.ClientSession, links: tuple[str, ...] = ()) -> None:
         self.target, self.http, self.links = target, http, links
         self.seen: list[str] = []
+        self.offers: list[str] = []  # as POSTed
         self.unconnectable = 0
+        self.refuse_video = False  # answer every offer with its video refused (m=video port 0)
         app = web.Application()
         app.router.add_post("/whip", self.post)
         app.router.add_delete("/session/{id}", self.delete)
@@ -392,6 +398,7 @@ class Front:
     async def post(self, request: web.Request) -> web.Response:
         self.seen.append("POST")
         offer = await request.text()
+        self.offers.append(offer)
         if self.unconnectable:
             self.unconnectable -= 1
             answer = await unconnectable_answer(offer)
@@ -399,6 +406,8 @@ class Front:
         try:
             async with self.http.post(self.target, data=offer, headers={"Content-Type": SDP_TYPE}) as resp:
                 answer = await resp.read()
+                if self.refuse_video:
+                    answer = re.sub(rb"(?m)^m=video \d+", b"m=video 0", answer)
                 if resp.status != 201:
                     return web.Response(status=resp.status, body=answer)
                 session = resp.headers["Location"].rsplit("/", 1)[1]
@@ -639,3 +648,80 @@ async def test_a_read_replica_mediamtx_pulls_camrelays_rtsp_and_serves_its_own_v
         await viewer.close()
     assert None not in await asyncio.to_thread(read_rtsp, f"rtsp://127.0.0.1:{rtsp_port}/cam0", 10)
     assert relay.relay.sessions.count() == 0  # camrelay served neither
+
+
+# -- a camera passed through: the offer names the profile it sends ----------
+
+
+def with_rtsp(engine: Engine, rtsp_port: int) -> str:
+    """The engine's configuration with its RTSP server on (TCP, on ``rtsp_port``): to read back what it got."""
+    config = json.loads(engine.config.read_text())
+    config.update(rtsp=True, rtspTransports=["tcp"], rtspAddress=f"127.0.0.1:{rtsp_port}")
+    return json.dumps(config)
+
+
+def probed_profile(url: str) -> str:
+    """The H.264 profile ffprobe reads from an RTSP URL."""
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-rtsp_transport", "tcp", "-select_streams", "v:0", "-show_entries",
+         "stream=profile", "-of", "csv=p=0", url],
+        capture_output=True, text=True, timeout=DEADLINE, check=True,
+    )  # fmt: skip
+    return out.stdout.strip()
+
+
+async def test_a_passed_through_high_camera_is_offered_to_the_whip_server_as_high(
+    engines, fronts, relays, start_camera, http
+):
+    """The WHIP offer names the profile the camera sends (not aiortc's Constrained Baseline) and its level:
+    mediamtx takes it, announces High to its own RTSP readers, and its viewers decode the camera's pixel clocks."""
+    camera = start_camera("cam", encoding=Encoding(profile="high", gop=1.0))
+    rtsp_port = free_port()
+    engine = await engines(config=lambda e: with_rtsp(e, rtsp_port))
+    front = await fronts(engine.url("cam0"))  # to see the offer as the server got it
+    stream = StreamConfig("cam0", parse_source_spec(camera.url + "#mode=passthrough"))
+    relay = await relays(whip_config(WhipConfig("cam0", front.url), streams=(stream,)))
+    publisher = relay.relay.whip_publishers[0]
+    await until(lambda: publisher.state == "publishing", "publishing to mediamtx")
+    sps = relay.relay.streams["cam0"].sps
+    profile = await asyncio.to_thread(probed_profile, f"rtsp://127.0.0.1:{rtsp_port}/cam0")
+    viewer = WhepViewer(engine.url("cam0", "whep"), http)
+    try:
+        await viewer.connect()
+        samples = await viewer.read_frames(10)
+    finally:
+        await viewer.close()
+    assert all(s.latency_ms is not None for s in samples), "the camera's pixel clocks, through mediamtx"
+    whip = publisher.describe()
+    assert sps is not None and sps.profile == "High"
+    assert profile == "High", "mediamtx announces what it was offered and sent"
+    (offer,) = front.offers
+    offered = re.findall(r"^a=fmtp:\d+ .*profile-level-id=([0-9a-fA-F]{6})", offer, re.M)
+    assert offered == [sps.sdp_profile_level_id] == [sps.profile_level_id], "one H.264 payload type, the SPS's"
+    assert whip["profile_level_id"] == sps.sdp_profile_level_id
+    assert whip["answered_profile_level_id"][:2] == "64", "mediamtx answered High"
+    assert (publisher.sessions, publisher.errors) == (1, 0)
+
+
+async def test_a_server_whose_answer_takes_no_h264_of_that_profile_gets_one_line_and_a_retry(
+    engines, fronts, relays, start_camera, caplog
+):
+    """A server that cannot take the camera's profile answers with its video refused (port 0): the publisher
+    says so in one line per attempt, without a traceback, and retries with backoff."""
+    caplog.set_level(logging.INFO, logger="relay.webrtc.whip")
+    camera = start_camera("cam", encoding=Encoding(profile="high", gop=1.0))
+    engine = await engines()
+    front = await fronts(engine.url("cam0"))
+    front.refuse_video = True
+    stream = StreamConfig("cam0", parse_source_spec(camera.url + "#mode=passthrough"))
+    relay = await relays(whip_config(WhipConfig("cam0", front.url), streams=(stream,)))
+    publisher = relay.relay.whip_publishers[0]
+    await until(lambda: publisher.errors >= 2, "refused twice")
+    sps = relay.relay.streams["cam0"].sps
+    assert publisher.sessions == 0 and publisher.state in ("retrying", "connecting")
+    assert publisher.last_error == (
+        f"refused H.264 profile-level-id {sps.sdp_profile_level_id}: the answer takes no H.264"
+    )
+    lines = [r for r in caplog.records if r.name == "relay.webrtc.whip" and "refused H.264" in r.getMessage()]
+    assert len(lines) == publisher.errors  # one a failure
+    assert all(r.exc_info is None for r in lines) and all("retrying in" in r.getMessage() for r in lines)

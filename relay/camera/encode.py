@@ -14,6 +14,7 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
+from .. import h264
 from ..ipc import EncoderSettings
 
 if TYPE_CHECKING:
@@ -27,6 +28,13 @@ PTS_CLOCK = 90_000  # RTP's video clock; pts in this base map 1:1 onto RTP times
 TIME_BASE = fractions.Fraction(1, PTS_CLOCK)
 # Pictures libx264 takes as they are; anything else is converted once.
 DIRECT_FORMATS = ("yuv420p", "yuvj420p")
+# libx264's profile for a camera's profile_idc, to draw a passed-through camera's slate in the camera's profile.
+# x264's "profile" is only a ceiling: it writes the lowest profile the tools it uses need, and ultrafast uses
+# Baseline's. CABAC makes it Main, the 8x8 transform High.
+X264_PROFILES = {
+    h264.PROFILE_BASELINE: ("baseline", ""), h264.PROFILE_MAIN: ("main", ":cabac=1"),
+    h264.PROFILE_HIGH: ("high", ":cabac=1:8x8dct=1"),
+}  # fmt: skip
 # The Pi 4's hardware encoder; the Pi 5 has none.
 V4L2M2M_DEVICES = ("/dev/video11",)
 
@@ -120,13 +128,26 @@ def pick_encoder(requested: str) -> str:
 
 
 class H264Encoder:
-    """One H.264 encoder; reopens itself when the picture size or format changes."""
+    """One H.264 encoder; reopens itself when the picture size or format changes.
+
+    Constrained Baseline, unless told to ``match`` a camera's SPS: a passed-through camera's slate is then
+    encoded in the camera's profile and level, its SPS stamped with the camera's constraint flags, so the
+    stream's ``profile-level-id`` (what viewers' answers said) stays the camera's while the slate shows.
+    """
 
     def __init__(self, settings: EncoderSettings) -> None:
         self.settings = settings
         self.name = pick_encoder(settings.encoder)
         self._ctx: av.VideoCodecContext | None = None
         self._shape: tuple[int, int, str] | None = None
+        self._match: h264.Sps | None = None  # the camera's SPS the encoder's SPS is to say the same as
+        self._matched: h264.Sps | None = None  # what the open encoder was opened for
+
+    def match(self, sps: h264.Sps | None) -> None:
+        """Encode from now on in ``sps``'s profile and level (None: Constrained Baseline); any thread."""
+        if sps is not None and sps.profile_idc not in X264_PROFILES:
+            sps = None  # not one libx264 makes (a camera passed through never sends one: decide_mode)
+        self._match = sps
 
     @property
     def running(self) -> int:
@@ -146,19 +167,21 @@ class H264Encoder:
         ctx.bit_rate = s.bitrate
         ctx.gop_size = gop
         ctx.max_b_frames = 0
+        match = self._matched = self._match
+        profile, tools = X264_PROFILES[match.profile_idc] if match else ("baseline", "")
         if self.name == "libx264":
             kbps = s.bitrate // 1000
             ctx.options = {
                 "preset": "ultrafast",
                 "tune": "zerolatency",
-                "profile": "baseline",
-                "level": h264_level(width, height, s.fps),
+                "profile": profile,
+                "level": match.level if match and match.level != "1b" else h264_level(width, height, s.fps),
                 "forced-idr": "1",
                 # Constant-ish rate with a half-second buffer: bounded frame
                 # sizes keep every viewer's jitter buffer small.
                 "x264-params": (
                     f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes=0:repeat-headers=1"
-                    f":vbv-maxrate={kbps}:vbv-bufsize={max(1, kbps // 2)}"
+                    f":vbv-maxrate={kbps}:vbv-bufsize={max(1, kbps // 2)}{tools}"
                 ),
             }
         # No GLOBAL_HEADER flag: SPS and PPS travel in-band before every IDR,
@@ -176,7 +199,7 @@ class H264Encoder:
         if picture.format.name not in DIRECT_FORMATS:
             picture = picture.reformat(format="yuv420p")
         shape = (picture.width, picture.height, picture.format.name)
-        if shape != self._shape:
+        if shape != self._shape or self._match is not self._matched:
             self.close()
             try:
                 self._open(*shape)
@@ -194,7 +217,12 @@ class H264Encoder:
         picture.pict_type = PictureType.I if force_keyframe else PictureType.NONE
         picture.pts = pts
         picture.time_base = TIME_BASE
-        return [(bytes(p), p.is_keyframe, p.pts if p.pts is not None else pts) for p in self._ctx.encode(picture)]
+        match = self._matched if self.name == "libx264" else None
+        return [
+            (h264.with_profile_of(bytes(p), match) if match and p.is_keyframe else bytes(p), p.is_keyframe,
+             p.pts if p.pts is not None else pts)
+            for p in self._ctx.encode(picture)
+        ]  # fmt: skip
 
     def close(self) -> None:
         self._ctx = None

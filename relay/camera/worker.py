@@ -66,6 +66,7 @@ REORDER_PROBE_PACKETS = 12
 # there) up to this many bytes: a 16 s GOP at 4 Mbit/s. Past it, JPEGs wait for the next IDR.
 GOP_KEEP_BYTES = 8 * 2**20
 JPEG_WAIT = 0.5  # seconds the JPEG thread waits for a new unit before it looks at whether it is still wanted
+JPEG_SLACK = 0.9  # a keyframe a little early for a snapshot interval is taken, not skipped for the next GOP
 
 
 class Mailbox:
@@ -164,6 +165,7 @@ class Pipeline:
         self.decision: ModeDecision | None = None  # for the source open now (or last)
         self.stats = ipc.WorkerStatus(fps=settings.fps)
         self.send_jpeg = False
+        self.jpeg_every = 0.0  # >0: JPEGs of keyframes only, at most one per this many seconds (passed through)
         self.max_fps = 0.0  # 0: encode every frame; lowered by the relay's thermal guard
         self._source_factory = source_factory
         self._encoder = H264Encoder(settings)
@@ -221,7 +223,8 @@ class Pipeline:
     def request_keyframe(self) -> None:
         self._keyframe_wanted.set()
 
-    def set_jpeg(self, on: bool) -> None:
+    def set_jpeg(self, on: bool, every: float = 0.0) -> None:
+        self.jpeg_every = every
         self.send_jpeg = on
         self._start_jpegs()
 
@@ -367,6 +370,7 @@ class Pipeline:
         if not decision.passthrough:
             return decision, None
         assert sps is not None
+        self._encoder.match(sps)  # the slate, when it shows, in the camera's profile and level
         st.width, st.height = sps.width, sps.height
         st.fps = sps.fps if sps.fps and 1 <= sps.fps <= 120 else source.fps
         return decision, ParameterSets(out_of_band)
@@ -463,6 +467,7 @@ class Pipeline:
             raise SourceError(str(exc)) from None
         if not decision.passthrough:
             raise SourceError(f"{self.source} changed to {sps.describe()}: {decision.reason}; reopening")
+        self._encoder.match(sps)
         self.push_status()
 
     def _record_error(self, message: str) -> None:
@@ -481,12 +486,21 @@ class Pipeline:
         decoder = av.CodecContext.create("h264", "r")
         decoder.flags |= av.codec.context.Flags.low_delay
         encoder = JpegEncoder()
-        generation, index = -1, 0
+        # Units of the current GOP: seen (waited for), and fed to the decoder. Every frame wanted: each is fed,
+        # from the IDR on. A picture every so often (a recorder): only IDRs are, each alone, one per ``every``.
+        generation, seen, fed, last = -1, 0, 0, None
         while not self._stop.is_set() and not self._leave_jpegs():
-            current, units = self._gop.newer(generation, index, JPEG_WAIT)
+            every = self.jpeg_every
+            start = seen if every else fed
+            current, units = self._gop.newer(generation, start, JPEG_WAIT)
             if current != generation:
-                generation, index = current, 0
-            index += len(units)
+                generation, seen, fed, start = current, 0, 0, 0
+            seen = max(seen, start + len(units))
+            if every:
+                if start or fed or not units or (last is not None and units[0][1] - last < every * JPEG_SLACK):
+                    continue
+                units = units[:1]
+            fed = start + len(units)
             picture, taken = None, 0.0
             for unit, capture_time in units:
                 try:
@@ -498,6 +512,7 @@ class Pipeline:
                 if frames:
                     picture, taken = frames[-1], capture_time
             if picture is not None and self.send_jpeg:  # only the newest of a batch: a late decoder catches up
+                last = taken
                 self._emit(ipc.pack(ipc.JPEG, encoder.encode(picture), capture_time=taken))
         log.info("stream=%s JPEG decoding stopped", self.name)
 
@@ -767,6 +782,8 @@ def main(argv: list[str] | None = None) -> int:
                     pipeline.request_keyframe()
                 elif cmd == ipc.CMD_JPEG_ON:
                     pipeline.set_jpeg(True)
+                elif cmd == ipc.CMD_JPEG_KEYFRAMES:
+                    pipeline.set_jpeg(True, float(arg or 1))
                 elif cmd == ipc.CMD_JPEG_OFF:
                     pipeline.set_jpeg(False)
 

@@ -16,7 +16,9 @@ them here, so an upgrade that moves one breaks this module alone (and
   held by whoever needs it and removed when the last holder lets go: the
   host addresses ICE gathers on (``restrict_host_addresses``), a watch on what
   each connection hears (``WATCH_ICE``, read by ``last_heard``), and aioice's
-  own data sends (``send_data_patch``, for ``relay.webrtc.udpbatch``).
+  own data sends (``send_data_patch``, for ``relay.webrtc.udpbatch``);
+- for tests and benchmarks only, what aiortc's receivers get (``divert_decrypted_rtp``,
+  ``watch_received_h264``).
 
 Imported, it checks the versions of aiortc and aioice against those it was
 written for (``WRITTEN_FOR``, the bounds in ``pyproject.toml``) and refuses
@@ -36,6 +38,7 @@ import aioice
 import aioice.ice
 import aiortc
 from aiortc.codecs import h264
+from aiortc.codecs.h264 import H264Decoder as AiortcH264Decoder
 from aiortc.codecs.h264 import H264Encoder as AiortcH264
 from aiortc.rtcdtlstransport import State as DtlsState
 
@@ -188,6 +191,19 @@ def divert_decrypted_rtp(handler: Callable[[Any, bytes], None]) -> Callable[[], 
         handler(self, data)
 
     return Patch(aiortc.RTCDtlsTransport, "_handle_rtp_data", handle_rtp_data).hold()
+
+
+def watch_received_h264(handler: Callable[[bytes], None]) -> Callable[[], None]:
+    """Every H.264 access unit an aiortc receiver of this process hands its decoder (Annex B, as depacketized) goes
+    to ``handler(data)`` too, on the decoder's thread, until the returned release: for tests that read the SPS a
+    viewer actually received. Process-wide: never in a relay."""
+    decode = AiortcH264Decoder.decode
+
+    def watched(self: AiortcH264Decoder, encoded_frame: Any) -> Any:
+        handler(encoded_frame.data)
+        return decode(self, encoded_frame)
+
+    return Patch(AiortcH264Decoder, "decode", watched).hold()
 
 
 # -- one sender

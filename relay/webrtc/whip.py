@@ -21,6 +21,12 @@ gathers with (new credentials alone do not), the session is ended and offered
 once more with them. They are kept for later sessions once a session gathered
 with them connects, and dropped when one fails before it connects.
 
+The offer names the stream's H.264 as its SPS says (``profile-level-id``: High for a
+camera passed through that sends High), not aiortc's Constrained Baseline; the
+answer is named back for aiortc, which matches codecs on it. A stream whose
+SPS has not been seen yet (no keyframe) is not offered until it has; one whose
+profile changes (another camera, a new SPS) is offered again.
+
 A server that refuses, vanishes (silent, or its connection fails) or cannot
 be reached gets one log line and a retry with backoff; only time spent
 publishing resets the backoff.
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from urllib.parse import urljoin, urlsplit
@@ -41,6 +48,7 @@ import aiohttp
 from aiortc import RTCBundlePolicy, RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from yarl import URL
 
+from .. import h264
 from ..aio import cancel_and_wait
 from ..backoff import Backoff, Retry
 from ..config import IceServer
@@ -69,6 +77,8 @@ SERVER_SILENCE = 10.0
 # timeout (15 s) or a POST timeout (10 s) as long is a failure like any other.
 RETRY = Backoff(initial=0.5, cap=30.0)
 ERROR_CHARS = 200  # of a refusal's body, in the log and the API
+SPS_POLL = 0.1  # seconds between looks for the stream's first SPS (its first keyframe) before a first offer
+_RTPMAP_H264 = re.compile(r"^a=rtpmap:(\d+) H264/", re.I | re.M)
 
 
 class WhipError(Exception):
@@ -110,6 +120,7 @@ class WhipPublisher:
         retry: Backoff = RETRY,
         batch: bool = True,
         index: int = 0,
+        sps: Callable[[], h264.Sps | None] | None = None,
     ) -> None:
         self.hub = hub
         self.index = index  # of its [[whip]] entry: its metrics' label
@@ -121,6 +132,10 @@ class WhipPublisher:
         self.errors = 0
         self.last_error = ""
         self.link_servers: list[IceServer] = []  # the engine's (Link headers) of the last session that connected
+        self.profile_level_id = ""  # offered in the last offer: the stream's SPS ("" for aiortc's own)
+        self.answered_profile_level_id = ""  # what the server's answer named for it
+        # The SPS of what the hub carries (the stream's), to offer its profile; None: aiortc's Constrained Baseline.
+        self._sps = sps
         self._token = bearer_token
         self._origin = origin(url)  # the token's only destination
         # The relay's own ([webrtc] ice_servers), asked for each session: minted TURN credentials expire.
@@ -153,6 +168,8 @@ class WhipPublisher:
             "bytes_sent": self.bytes_sent,
             "packets_sent": self.packets_sent,
             "ice_servers": [url for s in self.link_servers for url in s.urls],
+            "profile_level_id": self.profile_level_id,
+            "answered_profile_level_id": self.answered_profile_level_id,
         }
 
     def stats(self) -> ConsumerStats:
@@ -249,14 +266,22 @@ class WhipPublisher:
         track = HubTrack(self.hub, f"whip-{self.stream}")
         location = None
         try:
+            # Subscribed first: the keyframe that makes the SPS known is the track's first frame, not missed.
+            while self._sps is not None and self._sps() is None:
+                await asyncio.sleep(SPS_POLL)  # nothing to describe yet: the stream has not sent a keyframe
             transceiver = pc.addTransceiver(track, direction="sendonly")
-            transceiver.setCodecPreferences(h264_preferences())
+            codecs = h264_preferences()
+            if self._sps is not None:  # one H.264 payload type (and its RTX), named as the stream's SPS says
+                codecs = [c for i, c in enumerate(codecs) if i == 0 or c.mimeType.lower() == "video/rtx"]
+            transceiver.setCodecPreferences(codecs)
             attach_to_sender(transceiver.sender, self.hub, self._batch)
             self._sender = transceiver.sender
             await pc.setLocalDescription(await pc.createOffer())
-            answer, location, named = await self._post(pc.localDescription.sdp)
+            offer, aiortcs = self._name_profile(pc.localDescription.sdp)
+            answer, location, named = await self._post(offer)
             if again and named and gathered_with(_servers(named, own)) != gathered_with(_servers(links, own)):
                 raise _OfferAgain(named)
+            answer = self._check_answer(answer, aiortcs)
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
             except Exception as exc:  # aiortc's parser raises ValueError, AssertionError, KeyError, ...
@@ -265,6 +290,36 @@ class WhipPublisher:
             await self._close_session(pc, track, location)
             raise
         return pc, track, location, named
+
+    def _name_profile(self, offer: str) -> tuple[str, dict[int, str]]:
+        """The offer with each H.264 payload type named as the stream's SPS says; and what aiortc had named them."""
+        sps = self._sps() if self._sps is not None else None
+        aiortcs = h264_payload_types(offer)
+        self.profile_level_id = sps.sdp_profile_level_id if sps is not None else ""
+        if not self.profile_level_id:
+            return offer, {}
+        for pt in aiortcs:
+            offer = h264.with_profile_level_id(offer, pt, self.profile_level_id)
+        return offer, aiortcs
+
+    def _check_answer(self, answer: str, aiortcs: dict[int, str]) -> str:
+        """The answer named back for aiortc; ``WhipError`` when it takes no H.264 payload type of the offer."""
+        taken = {pt: pli for pt, pli in h264_payload_types(answer).items() if pt in aiortcs}
+        if aiortcs and not taken:
+            raise WhipError(f"refused H.264 profile-level-id {self.profile_level_id}: the answer takes no H.264")
+        self.answered_profile_level_id = next(iter(taken.values()), "")
+        for pt in taken:
+            answer = h264.with_profile_level_id(answer, pt, aiortcs[pt])
+        return answer
+
+    def _check_profile(self) -> None:
+        """A stream whose SPS now names another profile than the one offered: ``WhipError``, to offer again."""
+        sps = self._sps() if self._sps is not None and self.profile_level_id else None
+        if sps is not None and sps.sdp_profile_level_id != self.profile_level_id:
+            raise WhipError(
+                f"the stream now sends profile-level-id {sps.sdp_profile_level_id} ({sps.describe()}), "
+                f"offered {self.profile_level_id}; offering again"
+            )
 
     def _headers(self, url: str, **extra: str) -> dict[str, str]:
         """With the token only for the configured URL's origin (aiohttp drops it from a redirect elsewhere)."""
@@ -295,12 +350,15 @@ class WhipPublisher:
             return body.decode(errors="replace"), location, parse_links(resp.headers.getall("Link", []))
 
     async def _wait_connected(self, pc: RTCPeerConnection) -> None:
+        """Until the connection is up and its first packet sent: a server has a stream for its readers only once
+        media came (the stream's first keyframe may be a forced one, half a second away)."""
         deadline = time.monotonic() + self._connect_timeout
-        while pc.connectionState != "connected":
+        while pc.connectionState != "connected" or not (self._sender and borrowed.sent(self._sender)[1]):
             if pc.connectionState in ("failed", "closed"):
                 raise WhipError(f"connection {pc.connectionState} before it was up")
             if time.monotonic() > deadline:
-                raise WhipError(f"no connection within {self._connect_timeout:g}s (ICE or DTLS)")
+                up = "connected, nothing sent" if pc.connectionState == "connected" else "no connection"
+                raise WhipError(f"{up} within {self._connect_timeout:g}s (ICE or DTLS)")
             await asyncio.sleep(LIVENESS_CHECK / 10)
 
     async def _watch(self, pc: RTCPeerConnection) -> None:
@@ -314,6 +372,7 @@ class WhipPublisher:
                 heard = borrowed.last_heard(pc)
                 if heard is not None and time.monotonic() - heard > SERVER_SILENCE:
                     raise WhipError(f"server silent for {SERVER_SILENCE:g}s")
+                self._check_profile()
         finally:
             self._retry.ran(time.monotonic() - since)
 
@@ -342,3 +401,16 @@ class WhipPublisher:
 def _servers(links: list[IceServer], own: list[RTCIceServer]) -> list[RTCIceServer]:
     """The engine's servers first: aiortc gathers with the first STUN and the first TURN URL only."""
     return [s.to_aiortc() for s in links] + own
+
+
+def h264_payload_types(sdp: str) -> dict[int, str]:
+    """The H.264 payload types of ``sdp``'s video sections that are not refused (port 0), each with its
+    ``profile-level-id`` ("" where its fmtp names none)."""
+    out: dict[int, str] = {}
+    for section in re.split(r"^(?=m=)", sdp, flags=re.M)[1:]:
+        if not section.startswith("m=video ") or section.split(" ", 2)[1] == "0":
+            continue
+        for pt in (int(p) for p in _RTPMAP_H264.findall(section)):
+            fmtp = re.search(rf"^a=fmtp:{pt} .*?profile-level-id=([0-9A-Fa-f]{{6}})", section, re.M)
+            out[pt] = fmtp[1].lower() if fmtp else ""
+    return out
