@@ -16,17 +16,20 @@ import dataclasses
 import fractions
 import logging
 import re
+import threading
 import time
 from pathlib import Path
 
 import av
 import pytest
 
-from benchmarks.rtspcams import CameraServer, Encoding, ResolutionChangeCamera
+from benchmarks.chromium import PRESENTED, as_script, chromium, presented_clocks, wait_presented
+from benchmarks.rtspcams import CameraServer, Encoding, ResolutionChangeCamera, Watched, watch
 from relay import h264
 from relay.config import RecordConfig, StreamConfig
 from relay.source import PassthroughRefused, decide_mode, parse_source_spec
 from relay.webrtc.whepclient import WhepViewer
+from signalling.sdp import DECODES, h264_profile
 
 from .conftest import frame_clock, make_config, start_relay
 from .test_faults import is_slate
@@ -220,6 +223,69 @@ async def test_a_viewer_joining_mid_gop_sees_the_camera_before_its_next_keyframe
     assert after["frames"] >= cached["frames"], (cached, after)  # no camera keyframe yet when the first frame came
     assert after["starts"] == cached["starts"] + 1
     assert advancing([c for c, _ in seen]), seen
+
+
+@contextlib.asynccontextmanager
+async def watched_directly(url: str):
+    """The camera read straight from its server all along (in a thread), from before the relay reads it: yields
+    the ``Watched`` that fills as it goes, once its first picture came; stopped on exit."""
+    done = threading.Event()
+    seen: list[Watched] = []
+    direct = asyncio.create_task(asyncio.to_thread(watch, url, until=lambda w: seen.append(w) or done.is_set()))
+    try:
+        await until(lambda: (seen and seen[0].pictures) or direct.done(), "a picture read from the camera directly")
+        if direct.done():
+            direct.result()  # its error, if it ended
+        yield seen[0]
+    finally:
+        done.set()
+        await direct
+
+
+# A defect this test found: the only payload type of Chromium's offer that decodes High is its High 4:4:4 one,
+# numbered 41; aiortc keeps an offer's number only in 96-127 (aiortc.rtp.DYNAMIC_PAYLOAD_TYPES), so it answers
+# and sends on its own 101, which Chromium's offer gives to VP9's RTX: Chromium receives packets, assembles no
+# frame. The fix belongs in signalling/sdp.py or relay/webrtc/borrowed.py; strict: it fails once fixed, to be
+# made a plain test then.
+@pytest.mark.xfail(strict=True, reason="aiortc renumbers Chromium's payload type 41 (High 4:4:4) as its own 101")
+@pytest.mark.browser
+async def test_chromium_decodes_a_passed_through_high_profile_camera(start_camera, http):
+    """Debian's headless Chromium opens the viewer page of a passed-through High camera: the answer names High,
+    and the page presents the camera's own pictures (their pixel clocks are among those the camera drew), in
+    order, with nothing decoded or encoded in the relay."""
+    camera = live_camera(start_camera, profile="high")
+    async with watched_directly(camera.url) as sent, relay_for(camera.url) as relay:
+        await passing_through(relay)
+        before = await api(http, relay)
+        async with chromium() as browser:
+            page = await browser.new_page()
+            answers = []
+            page.on(
+                "response", lambda r: answers.append(r) if r.request.method == "POST" and "/whep/" in r.url else None
+            )
+            await page.add_init_script(as_script(PRESENTED))  # every frame it presents, from the first one on
+            await page.goto(f"{relay.base}/view/cam")
+            while not answers:  # the page posts its offer as it loads
+                await asyncio.sleep(0.05)
+            [response] = answers
+            offer, answer = response.request.post_data, await response.text()
+            assert response.status == 201, answer
+            # The answer takes one of the offer's H.264 payload types, named as what decodes the camera's High.
+            [(pt, answered)] = re.findall(r"a=fmtp:(\d+) .*profile-level-id=([0-9a-f]{6})", answer)
+            assert re.search(rf"^a=rtpmap:{pt} H264/90000", offer, re.M), f"payload type {pt} is no H.264 of the offer"
+            await wait_presented(page, 2 * FPS, DEADLINE * 1000)
+            presented = await presented_clocks(page)
+            await page.close()
+        cam = await api(http, relay)
+    drawn = {p.clock for p in sent.pictures}
+    assert None not in drawn
+    assert presented and set(presented) <= drawn, sorted(set(presented) - drawn)[:5]  # the camera's pictures
+    assert presented == sorted(presented) and len(set(presented)) >= FPS  # in order, on and on (a frame may repeat)
+    assert cam["profile_level_id"].startswith("64")  # the camera's SPS: High
+    # Chromium on Linux offers no High: its High 4:4:4 Predictive decoder decodes High (tests/test_sdp.py).
+    assert h264_profile(answered)[0] in DECODES["High"] and answered[4:] == cam["profile_level_id"][4:], answered
+    assert (cam["mode"], cam["encoders_running"], cam["frames_decoded"]) == ("passthrough", 0, 0)
+    assert cam["frames_slate"] == before["frames_slate"]
 
 
 async def test_a_viewer_whose_offer_cannot_take_the_cameras_profile_gets_400_with_the_reason(start_camera, http):
