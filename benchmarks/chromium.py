@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from playwright.async_api import Browser, async_playwright
+from playwright.async_api import Browser, Page, async_playwright
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Playwright's default --disable-features (playwright-core chromiumSwitches.ts); ours replaces it, so repeat them.
@@ -87,3 +87,49 @@ async def chromium(reach: tuple[str, ...] = ()) -> AsyncIterator[Browser]:
             yield browser
         finally:
             await browser.close()
+
+
+# -- what a page presents: the pixel clock of each frame of its <video id="video">
+
+# A function for page.evaluate (or, through ``as_script``, an init script, a script tag or a line of an HTML
+# page): from then on, window.presented gets [Date.now(), the capture time (ms) its pixel clock shows, or null
+# where it does not read] for every frame the <video id="video"> presents. Needs whep.js's readPixelClock by the
+# first frame; run before the page's DOM is there, it waits for it. Its names stay inside the function: the view
+# page has a global `video` too.
+PRESENTED = """() => {
+  window.presented = [];
+  const start = () => {
+    const video = document.getElementById("video");
+    const canvas = document.createElement("canvas");
+    const ctx = canvas.getContext("2d", { willReadFrequently: true });
+    const onFrame = () => {
+      const w = video.videoWidth;
+      if (w) {
+        const s = Math.floor(w / 48);
+        canvas.width = w; canvas.height = s;
+        ctx.drawImage(video, 0, 0, w, s, 0, 0, w, s);
+        window.presented.push([Date.now(), readPixelClock(ctx.getImageData(0, 0, w, s).data, w)]);
+      }
+      video.requestVideoFrameCallback(onFrame);
+    };
+    video.requestVideoFrameCallback(onFrame);
+  };
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
+  else start();
+}"""
+READABLE = "window.presented.filter((p) => p[1] !== null)"  # a JS expression: the [at, clock] whose clock reads
+
+
+def as_script(function: str) -> str:
+    """A JS function's source as a script that calls it."""
+    return f"({function})();"
+
+
+async def presented_clocks(page: Page) -> list[int]:
+    """The capture times the frames ``page`` presented showed, in order; frames whose clock did not read left out."""
+    return [clock for _, clock in await page.evaluate(f"() => {READABLE}")]
+
+
+async def wait_presented(page: Page, count: int, timeout_ms: float) -> None:
+    """Until ``page`` has presented ``count`` frames whose pixel clock reads (PRESENTED must run in it)."""
+    await page.wait_for_function(f"() => {READABLE}.length >= {count}", timeout=timeout_ms)

@@ -296,24 +296,6 @@ class AiortcArm(Arm):
 
 # -- Chromium: camrelay's own player page, timed by the frames it presents
 
-RECORD = """() => {
-  window.presented = [];
-  const v = document.getElementById("video");
-  const canvas = document.createElement("canvas");
-  const ctx = canvas.getContext("2d", { willReadFrequently: true });
-  const onFrame = () => {
-    const w = v.videoWidth;
-    if (w) {
-      const s = Math.floor(w / 48);
-      canvas.width = w; canvas.height = s;
-      ctx.drawImage(v, 0, 0, w, s, 0, 0, w, s);
-      const t = readPixelClock(ctx.getImageData(0, 0, w, s).data, w);
-      if (t !== null) window.presented.push([Date.now(), t]);
-    }
-    v.requestVideoFrameCallback(onFrame);
-  };
-  v.requestVideoFrameCallback(onFrame);
-}"""
 INBOUND = """async (key) => {
   const pc = window.camrelayPlayer && window.camrelayPlayer.pc;
   if (!pc) return 0;
@@ -327,10 +309,12 @@ class ChromiumArm(Arm):
     viewer = "chromium"
 
     async def start(self, browser) -> None:
+        from benchmarks.chromium import PRESENTED  # (Playwright only for this arm)
+
         self.browser = browser
         self.watcher = await browser.new_page()
         await self.watcher.goto(self.relay.page)
-        await self.watcher.evaluate(RECORD)
+        await self.watcher.evaluate(PRESENTED)
         self.meter = ByteMeter(lambda: self.watcher.evaluate(INBOUND, "bytesReceived"))
         self.tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self.meter.run())]
 
@@ -340,11 +324,15 @@ class ChromiumArm(Arm):
             n = await self.watcher.evaluate(INBOUND, "keyFramesDecoded")
             if n != keyframes:
                 keyframes, self.last_keyframe = n, time.monotonic()
-            for at, clock in await self.watcher.evaluate("() => window.presented.splice(0)"):
+            for at, clock in await self.watcher.evaluate(
+                "() => window.presented.splice(0).filter((p) => p[1] !== null)"
+            ):
                 self.received[clock] = at / 1000
             await asyncio.sleep(0.02)
 
     async def measure(self, join: Join) -> tuple[Join, list[tuple[float, int]]]:
+        from benchmarks.chromium import PRESENTED, READABLE
+
         page = await self.browser.new_page()
         meter = ByteMeter(lambda: page.evaluate(INBOUND, "bytesReceived"))
         state: dict = {}
@@ -352,11 +340,11 @@ class ChromiumArm(Arm):
         try:
             posted_wall, posted = time.time(), time.monotonic()
             await page.goto(self.relay.page)  # the page sends its offer at once: loading it is part of the wait
-            await page.evaluate(RECORD)
+            await page.evaluate(PRESENTED)
             counter = asyncio.create_task(meter.run())
             while time.monotonic() < posted + GIVE_UP:
                 await asyncio.sleep(0.25)
-                presented = [(clock, at / 1000) for at, clock in await page.evaluate("() => window.presented")]
+                presented = [(clock, at / 1000) for at, clock in await page.evaluate(f"() => {READABLE}")]
                 if presented and join.first_frame_ms is None:
                     join.first_frame_ms = round((presented[0][1] - posted_wall) * 1000, 1)
                     join.first_clock_age_ms = presented[0][1] * 1000 - presented[0][0]

@@ -5,8 +5,9 @@ For the tests (fixtures in ``tests/cameras.py``) and the benchmarks
 ports, with its configuration and logs in a temporary directory.
 
 - ``CameraServer``: a mediamtx where cameras publish (RTSP over TCP) and
-  anything reads ``rtsp://127.0.0.1:<port>/<path>``. No credentials: it is a
-  camera simulator on loopback, not camrelay's own mediamtx.
+  anything reads ``rtsp://127.0.0.1:<port>/<path>``. No credentials unless
+  given ``credentials=(user, password)``: then publishing and reading take
+  them, as an IP camera with a password does, and ``url`` carries them.
 - ``LiveCamera``: the project's test pattern (``relay.camera.testpattern``)
   rendered live in a small Python process, each frame stamped with the wall
   clock when it is drawn (the pixel clock, ``shared/spec/test-pattern.md``),
@@ -14,7 +15,8 @@ ports, with its configuration and logs in a temporary directory.
   H.264 with libx264 or H.265 with libx265; profile, GOP, B-frames, parameter
   sets out of band only or repeated) and publishes them.
 - ``ResolutionChangeCamera``: one RTSP session whose size changes: every
-  ``every`` seconds the camera's encoder restarts at the next size and sends
+  ``every`` seconds (or at each ``change()`` with ``every=0``) the camera's
+  encoder restarts at the next size and sends
   the new SPS and PPS in band before its IDR, as cameras whose RTSP server
   outlives an encoder restart do (a reader's SDP keeps the size it joined at).
   Cameras that drop their sessions on a settings change instead are a
@@ -64,26 +66,32 @@ PRESETS = {"h264": "superfast", "h265": "ultrafast"}
 CLIP_PRESET = "veryfast"  # a clip is encoded once: better quality for the same bit rate
 CLIP_SECONDS = 10  # long enough that the loop point is rare, short enough to encode in seconds
 PROFILES = ("baseline", "main", "high")
+CHANGE_SIGNAL = signal.SIGUSR1  # to a ResolutionChangeCamera's pattern process: the next size now
 PROBE_BYTES = 4096  # what ffmpeg reads of piped H.264 before it starts: the SPS, PPS and x264's SEI, with room
 
 
 # -- the server -----------------------------------------------------------------------------------------------
 
 
-def server_config(rtsp_port: int, api_port: int) -> str:
+def server_config(rtsp_port: int, api_port: int, credentials: tuple[str, str] | None = None) -> str:
     """mediamtx with RTSP (TCP) on loopback and its API there (for readiness); any path takes a publisher.
-    JSON is YAML."""
+    With ``credentials`` (user, password), publishing and reading take them; the API never does. JSON is YAML."""
+    media = ("publish", "read")
+    users = [{"user": "any", "pass": "", "actions": ("api",) if credentials else (*media, "api")}]
+    if credentials:
+        users.append({"user": credentials[0], "pass": credentials[1], "actions": media})
     config = {
         "logLevel": "warn",
         "logDestinations": ["stdout"],
         "authMethod": "internal",
         "authInternalUsers": [
             {
-                "user": "any",
-                "pass": "",
+                "user": u["user"],
+                "pass": u["pass"],
                 "ips": ["127.0.0.1/32"],
-                "permissions": [{"action": a} for a in ("publish", "read", "api")],
+                "permissions": [{"action": a} for a in u["actions"]],
             }
+            for u in users
         ],
         "api": True,
         "apiAddress": f"127.0.0.1:{api_port}",
@@ -98,21 +106,26 @@ def server_config(rtsp_port: int, api_port: int) -> str:
 
 
 class CameraServer:
-    """A private mediamtx on 127.0.0.1 that cameras publish into; a context manager (``start`` / ``stop``)."""
+    """A private mediamtx on 127.0.0.1 that cameras publish into; a context manager (``start`` / ``stop``).
 
-    def __init__(self, workdir: Path | None = None) -> None:
+    With ``credentials`` (user, password) its cameras take a password, and their ``url`` has it."""
+
+    def __init__(self, workdir: Path | None = None, credentials: tuple[str, str] | None = None) -> None:
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="camrelay-cams-")
         self.workdir = Path(workdir or self._tmp.name)
+        self.credentials = credentials
         self.rtsp_port = free_port()
         self.api_port = free_port()
         self.proc: subprocess.Popen | None = None
 
     def url(self, path: str) -> str:
-        return f"rtsp://127.0.0.1:{self.rtsp_port}/{path}"
+        login = f"{self.credentials[0]}:{self.credentials[1]}@" if self.credentials else ""
+        return f"rtsp://{login}127.0.0.1:{self.rtsp_port}/{path}"
 
     def start(self) -> CameraServer:
         config = self.workdir / "cameras-mediamtx.yml"
-        config.write_text(server_config(self.rtsp_port, self.api_port))
+        config.write_text(server_config(self.rtsp_port, self.api_port, self.credentials))
+        config.chmod(0o600)  # it may hold a password
         self.proc = spawn([find_mediamtx(""), str(config)], self.workdir / "cameras-mediamtx.log")
         deadline = time.monotonic() + READY_TIMEOUT
         while self._api("/v3/paths/list") is None:
@@ -318,7 +331,8 @@ class LiveCamera(Camera):
 
 @dataclass
 class ResolutionChangeCamera(Camera):
-    """One RTSP session whose picture size changes every ``every`` seconds, cycling through ``sizes``.
+    """One RTSP session whose picture size changes every ``every`` seconds, cycling through ``sizes``; with
+    ``every=0``, at each ``change()`` only (a camera whose settings someone changes while it streams).
 
     The pattern process encodes (PyAV, libx264, High, no B-frames, SPS and PPS in band before every IDR) and
     restarts its encoder at each change, so the first IDR at the new size comes with the new SPS and PPS; ffmpeg
@@ -343,6 +357,12 @@ class ResolutionChangeCamera(Camera):
         copy = [FFMPEG, *FFMPEG_QUIET, "-fflags", "+nobuffer+genpts", *probe]
         copy += ["-f", "h264", "-framerate", f"{self.fps:g}", "-i", "pipe:0", "-c", "copy", *self.publish()]
         return [pattern, copy]
+
+    def change(self) -> None:
+        """The next size, from the next frame on (the pattern process takes SIGUSR1 as the order)."""
+        if not self.running:
+            raise RuntimeError(f"camera {self.path} is not running")
+        self.procs[0].send_signal(CHANGE_SIGNAL)
 
 
 @dataclass
@@ -549,11 +569,17 @@ def _h264_main(args: argparse.Namespace) -> None:
 
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     out = sys.stdout.buffer
-    per_size = max(1, round(args.every * args.fps))
+    per_size = max(1, round(args.every * args.fps)) if args.every > 0 else 0  # 0: on CHANGE_SIGNAL only
+    ordered: list[int] = []  # CHANGE_SIGNALs not acted on yet
+    signal.signal(CHANGE_SIGNAL, lambda *_: ordered.append(1))  # before the first frame: before anyone can send it
     encoder = renderer = None
+    at = -1  # the index in sizes of the size now
     for i, t_ms in _paced(args.fps, True, 0):
-        if i % per_size == 0:  # a new size: a new encoder, whose first IDR carries the new SPS and PPS
-            width, height = sizes[(i // per_size) % len(sizes)]
+        if i == 0 or (per_size and i % per_size == 0) or ordered:
+            # a new size: a new encoder, whose first IDR carries the new SPS and PPS
+            ordered.clear()
+            at = (at + 1) % len(sizes)
+            width, height = sizes[at]
             renderer = PatternRenderer(width, height)
             encoder = av.CodecContext.create("libx264", "w")
             encoder.width, encoder.height, encoder.pix_fmt = width, height, "yuv420p"
@@ -610,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     frames.add_argument("--unpaced", action="store_true", help="as fast as they are taken, clocks a frame apart")
     h264 = sub.add_parser("h264", help="H.264 on stdout whose picture size changes (in-band SPS/PPS)")
     h264.add_argument("--sizes", default="640x360,960x540")
-    h264.add_argument("--every", type=float, default=3.0, help="seconds at each size")
+    h264.add_argument("--every", type=float, default=3.0, help="seconds at each size; 0: the next at each SIGUSR1")
     h264.add_argument("--fps", type=float, default=30.0)
     h264.add_argument("--gop", type=float, default=1.0, help="seconds between keyframes")
     h264.add_argument("--bitrate", default="1M")

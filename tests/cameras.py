@@ -9,7 +9,9 @@
     start_camera("cam1", start=False)                                              # made, not started
 
 ``camera_server`` is the mediamtx they publish into (``.ready(path)``, ``.url(path)``); each camera has
-``url``, ``start()``, ``stop()`` and ``kill()``.
+``url``, ``start()``, ``stop()`` and ``kill()`` (a ``ResolutionChangeCamera`` with ``every=0`` also ``change()``).
+A test module whose cameras need a password overrides ``camera_server`` with
+``CameraServer(tmp_path, credentials=(user, password))`` (``tests/test_passthrough.py``).
 """
 
 from __future__ import annotations

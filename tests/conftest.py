@@ -1,12 +1,15 @@
 """Shared fixtures: a real relay on loopback, and guards against leaks.
 
 Every test fails if it leaves a thread, a child process, an asyncio task or a
-file descriptor behind.
+file descriptor behind. An async test that runs out of time is cancelled
+before pytest-timeout fires (``pytest_runtest_call`` below), so it cleans up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import os
 import socket
 import tempfile
@@ -36,6 +39,37 @@ pytest_plugins = ("tests.cameras",)  # test RTSP cameras: camera_server, start_c
 TEST_WIDTH, TEST_HEIGHT, TEST_FPS = 640, 360, 30
 OPEN = AuthConfig(mode="none")  # the suite's relays are open unless a test is about access
 LEAK_SETTLE = 5.0  # seconds a closed peer may take to release its threads and sockets
+# Of an async test's pytest-timeout, the share its coroutine gets before it is cancelled; the rest is for its
+# finally blocks and fixtures to clean up (close peers, stop processes, delete namespaces) while the loop still
+# runs. When pytest-timeout fires instead, it aborts the event loop itself: the test's cleanup then only runs
+# when pytest-asyncio cancels every task at once at the loop's close, aiortc's internal tasks among them, and
+# RTCPeerConnection.close() can wait there for ever (tests/test_remote.py hung so, its relay and namespaces left).
+OWN_TIME_SHARE = 0.8
+
+
+def _timeout_of(item: pytest.Item) -> float:
+    """The pytest-timeout of ``item`` in seconds (its ``timeout`` mark, else the ini's); 0 for none."""
+    marker = item.get_closest_marker("timeout")
+    if marker is not None and (marker.args or "timeout" in marker.kwargs):
+        return float(marker.args[0] if marker.args else marker.kwargs["timeout"] or 0)
+    return float(item.config.getini("timeout") or 0)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    """An async test runs under ``asyncio.timeout`` at ``OWN_TIME_SHARE`` of its pytest-timeout: out of time, it
+    is cancelled like any task and fails with a TimeoutError where it waited, after its own cleanup."""
+    test = getattr(item, "obj", None)
+    limit = _timeout_of(item)
+    if not (inspect.iscoroutinefunction(test) and limit > 0):
+        return
+
+    @functools.wraps(test)
+    async def bounded(*args, **kwargs):
+        async with asyncio.timeout(limit * OWN_TIME_SHARE):
+            return await test(*args, **kwargs)
+
+    item.obj = bounded
 
 
 def _fds() -> set[int]:

@@ -23,7 +23,7 @@ from playwright.async_api import Page
 from playwright.async_api import TimeoutError as PlaywrightTimeout
 from yarl import URL
 
-from benchmarks.chromium import chromium
+from benchmarks.chromium import PRESENTED, as_script, chromium, presented_clocks, wait_presented
 from benchmarks.ports import free_port
 from relay.auth import hash_password
 from relay.config import AuthConfig, IceServer
@@ -105,6 +105,18 @@ async def screenshot(page: Page, name: str) -> None:
         await page.screenshot(path=str(Path(SCREENSHOT_DIR) / name))
 
 
+async def one_viewer_then_closed(page: Page, watch: PageWatch, http, relay: RunningRelay, caplog, shot: str) -> None:
+    """The page is cam0's one viewer, connected, on its one encoder, with no uncaught error; then closing the tab
+    (it fires pagehide: the page's DELETE) ends its session at once."""
+    info = await stream_info(http, relay)
+    assert info["viewers"] == 1 and info["viewers_connected"] == 1, info
+    assert info["encoders_running"] == 1, info
+    await screenshot(page, shot)
+    assert not watch.errors, f"uncaught errors in the page: {watch.errors}"
+    await page.close()
+    await wait_viewers_gone(http, relay, caplog)
+
+
 async def test_view_page_plays_and_shows_latency(relay_server, http, caplog):
     caplog.set_level(logging.INFO, logger="relay")
     async with chromium() as browser:
@@ -112,10 +124,10 @@ async def test_view_page_plays_and_shows_latency(relay_server, http, caplog):
         watch = PageWatch(page)
         with EncodedFrames(relay_server.relay.streams["cam0"]) as encoded:
             await page.goto(f"{relay_server.base}/view/cam0")
-            await page.add_script_tag(content=CLOCK_SCRIPT)
+            await page.evaluate(PRESENTED)
             await page.wait_for_function(PLAYING, timeout=PLAY_TIMEOUT_MS)
-            await page.wait_for_function(f"() => window.clock.length >= {CLOCK_READINGS}", timeout=PLAY_TIMEOUT_MS)
-            clock = await page.evaluate("() => window.clock")
+            await wait_presented(page, CLOCK_READINGS, PLAY_TIMEOUT_MS)
+            clock = await presented_clocks(page)
             # The picture is the relay's: each frame shown carries the capture time of a frame it encoded.
             assert set(clock) <= set(encoded.clocks), clock
 
@@ -143,15 +155,7 @@ async def test_view_page_plays_and_shows_latency(relay_server, http, caplog):
         assert selected and all(p[0] == "127.0.0.1" and p[2] == "127.0.0.1" for p in selected), pairs
         watch.check_offers_stay_on_loopback()
 
-        info = await stream_info(http, relay_server)
-        assert info["viewers"] == 1 and info["viewers_connected"] == 1, info
-        assert info["encoders_running"] == 1, info
-        await screenshot(page, "view.png")
-        assert not watch.errors, f"uncaught errors in the page: {watch.errors}"
-
-        # Closing the tab fires pagehide; the page's DELETE ends the session at once.
-        await page.close()
-        await wait_viewers_gone(http, relay_server, caplog)
+        await one_viewer_then_closed(page, watch, http, relay_server, caplog, "view.png")
     assert (await stream_info(http, relay_server))["encoders_running"] == 1
 
 
@@ -180,14 +184,7 @@ async def test_index_tile_goes_live(relay_server, http, caplog):
         assert size == [TEST_WIDTH, TEST_HEIGHT]
         watch.check_offers_stay_on_loopback()
 
-        info = await stream_info(http, relay_server)
-        assert info["viewers"] == 1 and info["viewers_connected"] == 1, info
-        assert info["encoders_running"] == 1, info
-        await screenshot(page, "index.png")
-        assert not watch.errors, f"uncaught errors in the page: {watch.errors}"
-
-        await page.close()
-        await wait_viewers_gone(http, relay_server, caplog)
+        await one_viewer_then_closed(page, watch, http, relay_server, caplog, "index.png")
 
 
 async def test_status_panel_shows_cpu_and_viewers(relay_server: RunningRelay) -> None:
@@ -324,27 +321,9 @@ def mediamtx_reader_js() -> Path:
 
 
 # The other origin's page: mediamtx's reader.js, used as mediamtx's own read page uses it (the track's
-# stream in a <video>), with a token; the pixel clock read from each frame through a canvas (readPixelClock
-# of the relay's whep.js). Every RTCPeerConnection the player makes is noted, with its configuration.
-# The capture time (ms) the pixel clock of each frame of the <video id="video"> shows, in window.clock; needs
-# whep.js. In a block of its own: the view page has a global `video` too.
-CLOCK_SCRIPT = """
-window.clock = [];
-{
-  const video = document.getElementById("video");
-  const canvas = document.createElement("canvas");
-  const ctx = canvas.getContext("2d", { willReadFrequently: true });
-  const onFrame = () => {
-    const w = video.videoWidth, s = Math.floor(w / 48);
-    canvas.width = w; canvas.height = s;
-    ctx.drawImage(video, 0, 0, w, s, 0, 0, w, s);
-    const t = readPixelClock(ctx.getImageData(0, 0, w, s).data, w);
-    if (t !== null) window.clock.push(t);
-    video.requestVideoFrameCallback(onFrame);
-  };
-  video.requestVideoFrameCallback(onFrame);
-}
-"""
+# stream in a <video>), with a token; the pixel clock read from each frame it presents (benchmarks/chromium.py
+# PRESENTED, with readPixelClock of the relay's whep.js). Every RTCPeerConnection the player makes is noted,
+# with its configuration.
 READER_PAGE = """<!doctype html>
 <meta charset="utf-8">
 <video id="video" muted autoplay playsinline></video>
@@ -381,7 +360,11 @@ async def test_mediamtx_reader_js_from_another_origin_plays_with_its_token_on_po
         )
         runner, relay = await start_relay(config)
         encoded = EncodedFrames(relay.relay.streams["cam0"])
-        html = READER_PAGE.replace("CLOCK", CLOCK_SCRIPT).replace("RELAY", relay.base).replace("TOKEN", VIEWER_TOKEN)
+        html = (
+            READER_PAGE.replace("CLOCK", as_script(PRESENTED))
+            .replace("RELAY", relay.base)
+            .replace("TOKEN", VIEWER_TOKEN)
+        )
 
         async def page_html(_: web.Request) -> web.Response:
             return web.Response(text=html, content_type="text/html")
@@ -410,13 +393,11 @@ async def test_mediamtx_reader_js_from_another_origin_plays_with_its_token_on_po
                 )
                 await page.goto(page_origin + "/")
                 try:
-                    await page.wait_for_function(
-                        f"() => window.clock.length >= {CLOCK_READINGS}", timeout=PLAY_TIMEOUT_MS
-                    )
+                    await wait_presented(page, CLOCK_READINGS, PLAY_TIMEOUT_MS)
                 except PlaywrightTimeout:
                     pytest.fail(f"reader.js played nothing; it said: {await page.evaluate('() => window.errors')}")
 
-                clock = await page.evaluate("() => window.clock")
+                clock = await presented_clocks(page)
                 assert set(clock) <= set(encoded.clocks), clock  # each frame it showed, one the relay encoded
                 assert await page.evaluate("() => window.errors") == []  # never "retrying in some seconds"
                 # Its ICE servers came from the Link header of its OPTIONS (sent with the token).
@@ -472,13 +453,13 @@ async def test_chromium_takes_the_answer_that_rejects_the_bundle_tag_of_its_offe
             await page.goto(relay_server.base + "/healthz")  # the relay's origin, for the page's fetch
             await page.evaluate("() => { document.body.innerHTML = '<video id=video muted autoplay></video>'; }")
             await page.add_script_tag(url=relay_server.base + "/static/whep.js")
-            await page.add_script_tag(content=CLOCK_SCRIPT)
+            await page.evaluate(PRESENTED)
             status, offer, answer = await page.evaluate(AUDIO_FIRST, relay_server.whep())
             assert status == 201, answer
             assert "a=group:BUNDLE 0 1 2" in offer and offer.index("m=audio") < offer.index("m=video")
             assert "a=group:BUNDLE 1\r\n" in answer and "m=audio 0 " in answer and "m=application 0 " in answer
-            await page.wait_for_function(f"() => window.clock.length >= {CLOCK_READINGS}", timeout=PLAY_TIMEOUT_MS)
-            assert set(await page.evaluate("() => window.clock")) <= set(encoded.clocks)  # the relay's frames
+            await wait_presented(page, CLOCK_READINGS, PLAY_TIMEOUT_MS)
+            assert set(await presented_clocks(page)) <= set(encoded.clocks)  # the relay's frames
             assert await page.evaluate("() => window.pc.connectionState") == "connected"
             assert not watch.errors, f"uncaught errors in the page: {watch.errors}"
         finally:

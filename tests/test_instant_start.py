@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import join as join_benchmark
-from benchmarks.chromium import chromium
+from benchmarks.chromium import PRESENTED, READABLE, as_script, chromium, presented_clocks
 from relay.config import ConfigError, load
 from relay.hub import EncodedFrame, PacketHub
 from relay.ipc import EncoderSettings
@@ -332,23 +332,6 @@ async def test_a_viewer_that_falls_behind_resyncs_from_the_cache_and_misses_noth
     assert after["gop_cache"]["starts"] > entry["gop_cache"]["starts"]
 
 
-# Every frame the page presents, with the capture time its pixel clock shows, from the first one on.
-PRESENTED = """
-window.presented = [];
-document.addEventListener("DOMContentLoaded", () => {
-  const video = document.getElementById("video");
-  const canvas = document.createElement("canvas");
-  const ctx = canvas.getContext("2d", { willReadFrequently: true });
-  const onFrame = () => {
-    const w = video.videoWidth, s = Math.floor(w / 48);
-    canvas.width = w; canvas.height = s;
-    ctx.drawImage(video, 0, 0, w, s, 0, 0, w, s);
-    window.presented.push(readPixelClock(ctx.getImageData(0, 0, w, s).data, w));
-    video.requestVideoFrameCallback(onFrame);
-  };
-  video.requestVideoFrameCallback(onFrame);
-});
-"""
 INBOUND = """async () => {
   let out = null;
   (await window.camrelayPlayer.pc.getStats()).forEach((r) => {
@@ -370,7 +353,7 @@ async def test_chromium_joining_mid_gop_starts_from_the_cache_and_plays_on_into_
             page = await browser.new_page()
             locations: list[str] = []
             page.on("response", lambda r: locations.append(r.headers.get("location", "")) if r.status == 201 else None)
-            await page.add_init_script(PRESENTED)
+            await page.add_init_script(as_script(PRESENTED))  # every frame it presents, from the first one on
             await page.goto(f"{relay.base}/view/cam0")
             await until(lambda: bool(locations), "the page's WHEP session")
             session = relay.relay.sessions.get(locations[0].rsplit("/", 1)[1])
@@ -379,10 +362,8 @@ async def test_chromium_joining_mid_gop_starts_from_the_cache_and_plays_on_into_
             live_from = encoded.clocks[-1]  # encoded when the relay said the page was live
             await until(lambda: len([c for c in encoded.clocks if c > live_from]) >= LIVE_FRAMES, "live frames")
             last = [c for c in encoded.clocks if c > live_from][LIVE_FRAMES - 1]
-            await page.wait_for_function(
-                f"() => window.presented.some((t) => t !== null && t >= {last})", timeout=DEADLINE * 1000
-            )
-            presented = [t for t in await page.evaluate("() => window.presented") if t is not None]
+            await page.wait_for_function(f"() => {READABLE}.some((p) => p[1] >= {last})", timeout=DEADLINE * 1000)
+            presented = await presented_clocks(page)
             inbound = await page.evaluate(INBOUND)
             connects = await page.evaluate("() => window.camrelayPlayer.connects")
             after = await stream_entry(http, relay)

@@ -1,11 +1,11 @@
 """H.264 passthrough: RTSP cameras and files whose H.264 reaches viewers, NVRs and recordings untouched.
 
-Each camera is ``tests/rtspcam.py`` (the pixel-clock pattern encoded by libx264 as an IP camera would, its
-parameter sets in the SDP only) publishing into a test mediamtx; the relay reads it with the publisher's
-credentials, as it reads an IP camera with a password. What a user would check: viewers decode frames
-whose pixel clocks read (the camera drew them; the relay never re-drew them), the API says passthrough and
-no encoder, the worker counted no decode and no encode, and sources browsers cannot take are transcoded
-with the reason given.
+Each camera is a test camera of ``benchmarks/rtspcams.py`` (the pixel-clock pattern encoded by libx264 or
+libx265 as an IP camera would, its parameter sets in the SDP only) publishing into a camera server that asks
+for a password (``camera_server`` below); the relay reads it with that password, as it reads an IP camera.
+What a user would check: viewers decode frames whose pixel clocks read (the camera drew them; the relay never
+re-drew them), the API says passthrough and no encoder, the worker counted no decode and no encode, and
+sources browsers cannot take are transcoded with the reason given.
 """
 
 from __future__ import annotations
@@ -16,28 +16,30 @@ import dataclasses
 import fractions
 import logging
 import re
-import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
 
 import av
 import pytest
 
-from benchmarks.ports import free_port, free_rtp_pair
+from benchmarks.chromium import PRESENTED, as_script, chromium, presented_clocks, wait_presented
+from benchmarks.rtspcams import CameraServer, Encoding, ResolutionChangeCamera, Watched, watch
 from relay import h264
 from relay.config import RecordConfig, StreamConfig
-from relay.rtsp import Mediamtx, MediamtxSettings, find_mediamtx
 from relay.source import PassthroughRefused, decide_mode, parse_source_spec
 from relay.webrtc.whepclient import WhepViewer
+from signalling.sdp import DECODES, h264_profile
 
 from .conftest import frame_clock, make_config, start_relay
 from .test_faults import is_slate
 
 ROOT = Path(__file__).resolve().parent.parent
-FPS = 30
-GOP = 3 * FPS  # a keyframe every 3 s, as many IP cameras send
-LONG_GOP = 10 * FPS  # a keyframe every 10 s, the long end of what IP cameras send
+FPS = 30  # every test camera's, and the relay's
+GOP_SECONDS = 3.0  # a keyframe every 3 s, as many IP cameras send
+LONG_GOP_SECONDS = 10.0  # a keyframe every 10 s, the long end of what IP cameras send
+LONG_GOP = round(LONG_GOP_SECONDS * FPS)  # in frames
+CAMERA_LOGIN = ("admin", "cam-pa55word-9f3e")  # the cameras' user and password (the relay must never show it)
 DEADLINE = 30.0  # seconds for what a test waits for: a deadline, not a measurement
 
 
@@ -97,72 +99,16 @@ def test_a_cameras_timestamps_keep_their_spacing_on_the_wall_clock_and_jumps_sta
 
 
 @pytest.fixture
-async def mediamtx(tmp_path) -> Mediamtx:
-    rtp = free_rtp_pair()
-    server = Mediamtx(
-        find_mediamtx(""), MediamtxSettings("127.0.0.1", free_port(), rtp, rtp + 1, log_level="warning"), [], tmp_path
-    )
-    await server.start()
-    try:
+def camera_server(tmp_path):
+    """``tests/cameras.py``'s camera server, with a password: ``start_camera`` makes its cameras here."""
+    with CameraServer(tmp_path, credentials=CAMERA_LOGIN) as server:
         yield server
-    finally:
-        await server.close()
 
 
-class Camera:
-    """A test camera publishing to ``path`` of a mediamtx; ``url`` is where a relay reads it (with credentials)."""
-
-    def __init__(self, server: Mediamtx, path: str, *args: str) -> None:
-        self.url = f"{server.publisher_base}/{path}"
-        self.args = args
-        self.proc: subprocess.Popen | None = None
-
-    async def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.rtspcam", self.url, *self.args], stdin=subprocess.PIPE, cwd=ROOT
-        )
-        deadline = time.monotonic() + DEADLINE
-        while not await asyncio.to_thread(_readable, self.url):
-            assert self.proc.poll() is None, f"the test camera exited ({self.proc.returncode})"
-            assert time.monotonic() < deadline, "the test camera never published"
-            await asyncio.sleep(0.2)
-
-    def command(self, line: str) -> None:
-        assert self.proc is not None and self.proc.stdin is not None
-        self.proc.stdin.write(line.encode() + b"\n")
-        self.proc.stdin.flush()
-
-    async def stop(self) -> None:
-        """Gone, as an unplugged camera is: the server drops its path."""
-        if self.proc is not None:
-            self.proc.kill()
-            await asyncio.to_thread(self.proc.wait)
-            self.proc.stdin.close()
-            self.proc = None
-
-
-def _readable(url: str) -> bool:
-    try:
-        with av.open(url, options={"rtsp_transport": "tcp"}, timeout=2):
-            return True
-    except (av.FFmpegError, OSError):
-        return False
-
-
-@pytest.fixture
-async def cameras(mediamtx):
-    """``await cameras(path, *rtspcam args)``: a started camera, stopped when the test ends."""
-    started: list[Camera] = []
-
-    async def start(path: str, *args: str) -> Camera:
-        camera = Camera(mediamtx, path, *args)
-        started.append(camera)
-        await camera.start()
-        return camera
-
-    yield start
-    for camera in started:
-        await camera.stop()
+def live_camera(start_camera, gop: float = GOP_SECONDS, **encoding):
+    """A live pixel-clock camera at 640x360, ``FPS``, a keyframe every ``gop`` seconds, encoded as ``encoding``
+    says (``Encoding``'s fields: profile, bframes, codec), publishing."""
+    return start_camera("cam", width=640, height=360, fps=FPS, encoding=Encoding(gop=gop, **encoding))
 
 
 @contextlib.asynccontextmanager
@@ -219,8 +165,10 @@ def answered_profile(answer: str) -> str:
 @pytest.mark.parametrize(
     ("profile", "profile_idc", "answered_idc"), [("baseline", "42", "42"), ("main", "4d", "64"), ("high", "64", "64")]
 )
-async def test_an_rtsp_camera_is_passed_through_to_a_webrtc_viewer(cameras, http, profile, profile_idc, answered_idc):
-    camera = await cameras("cam", "--profile", profile, "--gop", str(GOP))
+async def test_an_rtsp_camera_is_passed_through_to_a_webrtc_viewer(
+    start_camera, http, profile, profile_idc, answered_idc
+):
+    camera = live_camera(start_camera, profile=profile)
     async with relay_for(camera.url) as relay:
         stream = relay.relay.streams["cam"]
         await passing_through(relay)
@@ -253,11 +201,11 @@ async def test_an_rtsp_camera_is_passed_through_to_a_webrtc_viewer(cameras, http
     assert "***" in cam["source"] and camera.url.split("@")[0].split(":")[-1] not in cam["source"]
 
 
-async def test_a_viewer_joining_mid_gop_sees_the_camera_before_its_next_keyframe(cameras, http):
+async def test_a_viewer_joining_mid_gop_sees_the_camera_before_its_next_keyframe(start_camera, http):
     """A camera with a 10 s GOP, joined 1 s into a GOP: the viewer's first picture comes from the relay's copy of
     the GOP, while the GOP it joined in is still the camera's current one (the cache has not been reset by a new
     keyframe), and from there every frame comes in order."""
-    camera = await cameras("cam", "--profile", "high", "--gop", str(LONG_GOP))
+    camera = live_camera(start_camera, LONG_GOP_SECONDS, profile="high")
     async with relay_for(camera.url) as relay:
         await passing_through(relay)
         deadline = time.monotonic() + DEADLINE
@@ -277,8 +225,71 @@ async def test_a_viewer_joining_mid_gop_sees_the_camera_before_its_next_keyframe
     assert advancing([c for c, _ in seen]), seen
 
 
-async def test_a_viewer_whose_offer_cannot_take_the_cameras_profile_gets_400_with_the_reason(cameras, http):
-    camera = await cameras("cam", "--profile", "high", "--gop", str(GOP))
+@contextlib.asynccontextmanager
+async def watched_directly(url: str):
+    """The camera read straight from its server all along (in a thread), from before the relay reads it: yields
+    the ``Watched`` that fills as it goes, once its first picture came; stopped on exit."""
+    done = threading.Event()
+    seen: list[Watched] = []
+    direct = asyncio.create_task(asyncio.to_thread(watch, url, until=lambda w: seen.append(w) or done.is_set()))
+    try:
+        await until(lambda: (seen and seen[0].pictures) or direct.done(), "a picture read from the camera directly")
+        if direct.done():
+            direct.result()  # its error, if it ended
+        yield seen[0]
+    finally:
+        done.set()
+        await direct
+
+
+# A defect this test found: the only payload type of Chromium's offer that decodes High is its High 4:4:4 one,
+# numbered 41; aiortc keeps an offer's number only in 96-127 (aiortc.rtp.DYNAMIC_PAYLOAD_TYPES), so it answers
+# and sends on its own 101, which Chromium's offer gives to VP9's RTX: Chromium receives packets, assembles no
+# frame. The fix belongs in signalling/sdp.py or relay/webrtc/borrowed.py; strict: it fails once fixed, to be
+# made a plain test then.
+@pytest.mark.xfail(strict=True, reason="aiortc renumbers Chromium's payload type 41 (High 4:4:4) as its own 101")
+@pytest.mark.browser
+async def test_chromium_decodes_a_passed_through_high_profile_camera(start_camera, http):
+    """Debian's headless Chromium opens the viewer page of a passed-through High camera: the answer names High,
+    and the page presents the camera's own pictures (their pixel clocks are among those the camera drew), in
+    order, with nothing decoded or encoded in the relay."""
+    camera = live_camera(start_camera, profile="high")
+    async with watched_directly(camera.url) as sent, relay_for(camera.url) as relay:
+        await passing_through(relay)
+        before = await api(http, relay)
+        async with chromium() as browser:
+            page = await browser.new_page()
+            answers = []
+            page.on(
+                "response", lambda r: answers.append(r) if r.request.method == "POST" and "/whep/" in r.url else None
+            )
+            await page.add_init_script(as_script(PRESENTED))  # every frame it presents, from the first one on
+            await page.goto(f"{relay.base}/view/cam")
+            while not answers:  # the page posts its offer as it loads
+                await asyncio.sleep(0.05)
+            [response] = answers
+            offer, answer = response.request.post_data, await response.text()
+            assert response.status == 201, answer
+            # The answer takes one of the offer's H.264 payload types, named as what decodes the camera's High.
+            [(pt, answered)] = re.findall(r"a=fmtp:(\d+) .*profile-level-id=([0-9a-f]{6})", answer)
+            assert re.search(rf"^a=rtpmap:{pt} H264/90000", offer, re.M), f"payload type {pt} is no H.264 of the offer"
+            await wait_presented(page, 2 * FPS, DEADLINE * 1000)
+            presented = await presented_clocks(page)
+            await page.close()
+        cam = await api(http, relay)
+    drawn = {p.clock for p in sent.pictures}
+    assert None not in drawn
+    assert presented and set(presented) <= drawn, sorted(set(presented) - drawn)[:5]  # the camera's pictures
+    assert presented == sorted(presented) and len(set(presented)) >= FPS  # in order, on and on (a frame may repeat)
+    assert cam["profile_level_id"].startswith("64")  # the camera's SPS: High
+    # Chromium on Linux offers no High: its High 4:4:4 Predictive decoder decodes High (tests/test_sdp.py).
+    assert h264_profile(answered)[0] in DECODES["High"] and answered[4:] == cam["profile_level_id"][4:], answered
+    assert (cam["mode"], cam["encoders_running"], cam["frames_decoded"]) == ("passthrough", 0, 0)
+    assert cam["frames_slate"] == before["frames_slate"]
+
+
+async def test_a_viewer_whose_offer_cannot_take_the_cameras_profile_gets_400_with_the_reason(start_camera, http):
+    camera = live_camera(start_camera, profile="high")
     firefox = (ROOT / "tests" / "data" / "offer_firefox_153.sdp").read_text()  # Constrained Baseline only
     async with relay_for(camera.url) as relay:
         await passing_through(relay)
@@ -297,15 +308,15 @@ async def until(predicate, what: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "reason"),
+    ("encoding", "reason"),
     [
-        (("--bframes", "2"), "source sends B-frames (pictures out of decode order)"),
-        (("--codec", "libx265"), "source sends H.265: aiortc has no H.265 packetizer"),
+        ({"bframes": 2}, "source sends B-frames (pictures out of decode order)"),
+        ({"codec": "h265"}, "source sends H.265: aiortc has no H.265 packetizer"),
     ],
     ids=["b-frames", "h265"],
 )
-async def test_b_frames_and_h265_are_transcoded_and_the_api_says_why(cameras, http, args, reason, caplog):
-    camera = await cameras("cam", "--gop", str(GOP), *args)
+async def test_b_frames_and_h265_are_transcoded_and_the_api_says_why(start_camera, http, encoding, reason, caplog):
+    camera = live_camera(start_camera, **encoding)
     caplog.set_level(logging.INFO)
     async with relay_for(camera.url) as relay:
         stream = relay.relay.streams["cam"]
@@ -324,8 +335,8 @@ async def test_b_frames_and_h265_are_transcoded_and_the_api_says_why(cameras, ht
     assert f"stream=cam mode=transcode reason={reason}" in caplog.text
 
 
-async def test_passthrough_forced_on_a_b_frame_camera_is_a_clear_error_not_a_crash(cameras, http):
-    camera = await cameras("cam", "--gop", str(GOP), "--bframes", "2")
+async def test_passthrough_forced_on_a_b_frame_camera_is_a_clear_error_not_a_crash(start_camera, http):
+    camera = live_camera(start_camera, bframes=2)
     async with relay_for(f"{camera.url}#mode=passthrough") as relay:
         stream = relay.relay.streams["cam"]
         await until(lambda: stream.stats.source_errors >= 2, "the camera refused, and retried")
@@ -336,8 +347,10 @@ async def test_passthrough_forced_on_a_b_frame_camera_is_a_clear_error_not_a_cra
     assert cam["worker_restarts"] == 0 and cam["source"].endswith("#mode=passthrough")
 
 
-async def test_a_new_resolution_mid_stream_reaches_the_viewer_and_starts_a_new_recording(cameras, http, tmp_path):
-    camera = await cameras("cam", "--gop", str(GOP))
+async def test_a_new_resolution_mid_stream_reaches_the_viewer_and_starts_a_new_recording(start_camera, http, tmp_path):
+    # One session whose size changes when the test says (every=0): new SPS and PPS in band with the next IDR.
+    sizes = ((640, 360), (512, 288))
+    camera = start_camera("cam", ResolutionChangeCamera, sizes=sizes, every=0, fps=FPS, gop=GOP_SECONDS)
     record = RecordConfig(enabled=True, root=str(tmp_path / "rec"), segment=60.0, snapshot_interval=0.0)
     async with relay_for(camera.url, record=record) as relay:
         await passing_through(relay)
@@ -345,7 +358,7 @@ async def test_a_new_resolution_mid_stream_reaches_the_viewer_and_starts_a_new_r
         try:
             await viewer.connect()
             before = await clocks(viewer, FPS)
-            camera.command("size 512x288")
+            await asyncio.to_thread(camera.change)  # to 512x288
             after = []
             deadline = time.monotonic() + DEADLINE
             while len([s for _, s in after if s == (512, 288)]) < FPS:
@@ -377,10 +390,10 @@ def decode(path: Path) -> list[tuple[int | None, tuple[int, int]]]:
         return [(frame_clock(f), (f.width, f.height)) for f in container.decode(video=0)]
 
 
-async def test_rtsp_out_and_recordings_of_a_passthrough_stream_play_and_name_its_profile(cameras, http, tmp_path):
+async def test_rtsp_out_and_recordings_of_a_passthrough_stream_play_and_name_its_profile(start_camera, http, tmp_path):
     from .test_rtsp import read_rtsp, rtsp_url, wait_published
 
-    camera = await cameras("cam", "--profile", "high", "--gop", str(GOP))
+    camera = live_camera(start_camera, profile="high")
     record = RecordConfig(enabled=True, root=str(tmp_path / "rec"), segment=2.0, snapshot_interval=0.0)
     async with relay_for(camera.url, rtsp=True, record=record) as relay:
         await passing_through(relay)
@@ -411,8 +424,8 @@ def announced_sps(url: str) -> h264.Sps | None:
         return h264.sps_of(bytes(reader.streams.video[0].codec_context.extradata))
 
 
-async def test_a_camera_that_vanishes_shows_the_slate_and_viewers_continue_when_it_returns(cameras, http):
-    camera = await cameras("cam", "--gop", str(FPS))
+async def test_a_camera_that_vanishes_shows_the_slate_and_viewers_continue_when_it_returns(start_camera, http):
+    camera = live_camera(start_camera, gop=1.0)
     async with relay_for(camera.url) as relay:
         stream = relay.relay.streams["cam"]
         await passing_through(relay)
@@ -420,11 +433,11 @@ async def test_a_camera_that_vanishes_shows_the_slate_and_viewers_continue_when_
         try:
             await viewer.connect()
             before = await clocks(viewer, FPS)
-            await camera.stop()  # unplugged: mediamtx drops the path, the relay's reads fail
+            await asyncio.to_thread(camera.kill)  # unplugged: mediamtx drops the path, the relay's reads fail
             slate = 0
             while slate < FPS:  # a second of the slate, in the same session
                 slate += is_slate(await viewer.recv(timeout=DEADLINE))
-            await camera.start()
+            await asyncio.to_thread(camera.start)  # back: publishing again
             after = await clocks(viewer, FPS)  # skips the slate until the camera's first keyframe
             connected = viewer.pc.connectionState
         finally:
@@ -437,10 +450,10 @@ async def test_a_camera_that_vanishes_shows_the_slate_and_viewers_continue_when_
     assert (cam["mode"], cam["state"], cam["encoder"]) == ("passthrough", "live", "none")
 
 
-async def test_snapshots_of_a_passthrough_stream_decode_only_while_someone_asks(cameras, http):
+async def test_snapshots_of_a_passthrough_stream_decode_only_while_someone_asks(start_camera, http):
     from .test_mjpeg import clock_of
 
-    camera = await cameras("cam", "--gop", str(GOP))
+    camera = live_camera(start_camera)
     async with relay_for(camera.url) as relay:
         stream = relay.relay.streams["cam"]
         await passing_through(relay)

@@ -280,8 +280,8 @@ async def aiortc_at_source_rate(http: aiohttp.ClientSession, viewer: WhepViewer,
     try:
         await at_source_rate(http, received, what)
     finally:
-        reader.cancel()
-        await asyncio.gather(reader, return_exceptions=True)
+        reader.cancel()  # (WhepViewer.recv honours it: tests/test_whepclient.py)
+        await asyncio.wait([reader], timeout=READY_TIMEOUT)  # never for ever: the test's cleanup comes after
 
 
 def selected_pair(viewer: WhepViewer):

@@ -1,9 +1,9 @@
 """The test RTSP cameras send what they claim, read back over RTSP with PyAV as a relay reads them.
 
 Tests of the simulator itself (``benchmarks/rtspcams.py``), so that tests of the relay can trust it: codec,
-profile, GOP, B-frames, where the parameter sets travel, a size change within one session, a camera that
-vanishes and returns, a looped clip. The last test has today's relay (which transcodes RTSP sources) serve a
-WHEP viewer from one of them.
+profile, GOP, B-frames, where the parameter sets travel, a size change within one session (on a timer or when
+told), a camera that vanishes and returns, a looped clip, a camera server that asks for a password. The last
+test has today's relay (which transcodes RTSP sources) serve a WHEP viewer from one of them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,16 @@ import time
 import av
 import pytest
 
-from benchmarks.rtspcams import PARAMETER_SETS, Encoding, LoopedCamera, ResolutionChangeCamera, Watched, watch
+from benchmarks.rtspcams import (
+    PARAMETER_SETS,
+    CameraServer,
+    Encoding,
+    LiveCamera,
+    LoopedCamera,
+    ResolutionChangeCamera,
+    Watched,
+    watch,
+)
 from relay.config import StreamConfig
 from relay.source import parse_source_spec
 from relay.webrtc.whepclient import WhepViewer
@@ -92,6 +101,39 @@ def test_resolution_changes_within_one_session(start_camera):
     for i in changes:  # each change is a keyframe whose new SPS and PPS come with it, in band
         assert seen.units[i].keyframe and set(seen.units[i].nals) >= PARAMETER_SETS["h264"], seen.units[i]
     assert_pictures_carry_the_pixel_clock(seen, since)
+
+
+def test_a_resolution_change_comes_when_told_and_only_then(start_camera):
+    sizes = ((640, 360), (512, 288))
+    cam = start_camera("cam0", ResolutionChangeCamera, sizes=sizes, every=0)
+    told: list[int] = []  # the access unit after which the camera was told to change
+
+    def change_once(seen: Watched) -> bool:
+        if not told and len(seen.units) == 2 * FPS:
+            cam.change()
+            told.append(len(seen.units))
+        return len([p for p in seen.pictures if (p.width, p.height) == sizes[1]]) >= 2 * FPS
+
+    seen = watch(cam.url, until=change_once)
+    shown = [(p.width, p.height) for p in seen.pictures]
+    first_new = shown.index(sizes[1])
+    assert set(shown[:first_new]) == {sizes[0]} and set(shown[first_new:]) == {sizes[1]}  # once, and no way back
+    unit = seen.units[seen.pictures[first_new].unit]
+    assert seen.pictures[first_new].unit >= told[0] and unit.keyframe
+    assert set(unit.nals) >= PARAMETER_SETS["h264"], unit  # the new SPS and PPS, in band
+
+
+def test_a_camera_server_with_credentials_serves_only_who_has_them(tmp_path):
+    with CameraServer(tmp_path, credentials=("admin", "s3cret")) as server:
+        cam = LiveCamera(server, "cam0", encoding=Encoding(gop=SHORT_GOP))
+        cam.start()  # publishes with them (its url has them), else the server would not have its stream
+        try:
+            assert cam.url.startswith(f"rtsp://admin:s3cret@127.0.0.1:{server.rtsp_port}/")
+            with pytest.raises((av.FFmpegError, OSError)):  # 401 without them
+                watch(cam.url.replace("admin:s3cret@", ""), units=1)
+            assert len(watch(cam.url, units=FPS).units) == FPS
+        finally:
+            cam.stop()
 
 
 def test_a_camera_that_vanishes_and_returns(start_camera, camera_server):

@@ -119,9 +119,14 @@ class WhepViewer:
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
 
     async def recv(self, timeout: float = 10.0) -> av.VideoFrame:
-        await asyncio.wait_for(self._track_ready.wait(), timeout)
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that comes as the frame
+        # does (it returns the frame), so a task reading frames in a loop could ignore its cancel and run on,
+        # hanging whoever waits for it (a test's teardown did).
+        async with asyncio.timeout(timeout):
+            await self._track_ready.wait()
         assert self.track is not None
-        frame = await asyncio.wait_for(self.track.recv(), timeout)
+        async with asyncio.timeout(timeout):
+            frame = await self.track.recv()
         now = time.monotonic()
         self.stats.frames += 1
         if self.stats.first_frame_at is None:
