@@ -7,6 +7,7 @@ from aiortc import RTCPeerConnection, RTCRtpSender
 from aiortc.rtcrtpsender import RTCRtpSender as SenderClass
 
 from relay.hub import EncodedFrame, PacketHub
+from relay.webrtc import borrowed
 from relay.webrtc.rtpsend import (
     HubTrack,
     OutgoingFrame,
@@ -95,6 +96,27 @@ def test_aioice_internals_the_relay_reads_are_still_there():
     assert "self.receiver" in inspect.getsource(aioice.ice.StunProtocol.datagram_received)
     assert "self._nominated" in inspect.getsource(aioice.ice.Connection.sendto)
     assert "remote_addr" in inspect.getsource(aioice.ice.CandidatePair)
+
+
+def test_the_payload_types_an_answer_keeps_are_aiortcs_one_list_and_the_patch_widens_it():
+    """An answer to an offer whose H.264 is on 41 (Chromium's lower dynamic range) keeps 41 while a relay holds
+    OFFERED_PAYLOAD_TYPES, and aiortc's own 96-127 rule is back after; an aiortc that stops reading
+    ``rtp.DYNAMIC_PAYLOAD_TYPES`` in find_common_codecs fails here."""
+    import aiortc.rtcpeerconnection as pc
+    from aiortc import RTCRtpCodecParameters
+
+    def offered(pt: int) -> RTCRtpCodecParameters:
+        params = {"packetization-mode": "1", "profile-level-id": "f4001f", "level-asymmetry-allowed": "1"}
+        return RTCRtpCodecParameters(mimeType="video/H264", clockRate=90000, payloadType=pt, parameters=params)
+
+    local = [offered(101)]  # the relay's own numbering of the same codec
+    release = borrowed.OFFERED_PAYLOAD_TYPES.hold()
+    try:
+        assert [c.payloadType for c in pc.find_common_codecs(local, [offered(41)])] == [41]
+        assert [c.payloadType for c in pc.find_common_codecs(local, [offered(70)])] == [101]  # 64-95: never
+    finally:
+        release()
+    assert [c.payloadType for c in pc.find_common_codecs(local, [offered(41)])] == [101]
 
 
 async def test_sender_fields_the_fast_send_path_uses_are_still_there():

@@ -242,12 +242,8 @@ async def watched_directly(url: str):
         await direct
 
 
-# A defect this test found: the only payload type of Chromium's offer that decodes High is its High 4:4:4 one,
-# numbered 41; aiortc keeps an offer's number only in 96-127 (aiortc.rtp.DYNAMIC_PAYLOAD_TYPES), so it answers
-# and sends on its own 101, which Chromium's offer gives to VP9's RTX: Chromium receives packets, assembles no
-# frame. The fix belongs in signalling/sdp.py or relay/webrtc/borrowed.py; strict: it fails once fixed, to be
-# made a plain test then.
-@pytest.mark.xfail(strict=True, reason="aiortc renumbers Chromium's payload type 41 (High 4:4:4) as its own 101")
+# The only payload type of Debian's Chromium's offer that decodes High is its High 4:4:4 one, numbered 41, in
+# the lower dynamic range aiortc did not keep (relay.webrtc.borrowed.OFFERED_PAYLOAD_TYPES): this test found it.
 @pytest.mark.browser
 async def test_chromium_decodes_a_passed_through_high_profile_camera(start_camera, http):
     """Debian's headless Chromium opens the viewer page of a passed-through High camera: the answer names High,

@@ -16,7 +16,8 @@ them here, so an upgrade that moves one breaks this module alone (and
   held by whoever needs it and removed when the last holder lets go: the
   host addresses ICE gathers on (``restrict_host_addresses``), a watch on what
   each connection hears (``WATCH_ICE``, read by ``last_heard``), and aioice's
-  own data sends (``send_data_patch``, for ``relay.webrtc.udpbatch``);
+  own data sends (``send_data_patch``, for ``relay.webrtc.udpbatch``); on aiortc's, the payload types its
+  answers keep from an offer (``OFFERED_PAYLOAD_TYPES``: Chromium's lower dynamic range too);
 - for tests and benchmarks only, what aiortc's receivers get (``divert_decrypted_rtp``,
   ``watch_received_h264``).
 
@@ -37,6 +38,7 @@ from typing import Any
 import aioice
 import aioice.ice
 import aiortc
+import aiortc.rtp
 from aiortc.codecs import h264
 from aiortc.codecs.h264 import H264Decoder as AiortcH264Decoder
 from aiortc.codecs.h264 import H264Encoder as AiortcH264
@@ -76,10 +78,10 @@ check_versions({"aiortc": aiortc.__version__, "aioice": aioice.__version__})
 
 
 class Patch:
-    """One replacement of an attribute of aioice's, in place while anyone holds it (``hold()``, then the
+    """One replacement of an attribute of aioice's or aiortc's, in place while anyone holds it (``hold()``, then the
     release it returns): two relays in one process share it, and the last to close removes it."""
 
-    def __init__(self, owner: object, name: str, replacement: Callable) -> None:
+    def __init__(self, owner: object, name: str, replacement: Any) -> None:
         self.owner = owner
         self.name = name
         self.replacement = replacement
@@ -106,6 +108,15 @@ class Patch:
                 setattr(self.owner, self.name, self.original)
 
         return release
+
+
+# The payload types whose numbers aiortc's answer keeps from the offer (``aiortc.rtp.DYNAMIC_PAYLOAD_TYPES``,
+# 96-127 alone in aiortc): also 35-63, the lower dynamic range Chromium numbers codecs from once 96-127 are
+# full (RFC 3551 leaves 35-71 unassigned; 64-95 stay out, where RTCP's types would collide, RFC 5761). Without
+# it aiortc answers Chromium's only High-capable H.264 (High 4:4:4 on 41, Debian's Chromium 156) with its own
+# 101, which that offer gives to VP9's RTX: Chromium gets packets and assembles no frame
+# (tests/test_passthrough.py::test_chromium_decodes_a_passed_through_high_profile_camera).
+OFFERED_PAYLOAD_TYPES = Patch(aiortc.rtp, "DYNAMIC_PAYLOAD_TYPES", frozenset(range(35, 64)) | frozenset(range(96, 128)))
 
 
 _host_addresses: collections.Counter[str] = collections.Counter()  # every holder's, in the order first held
