@@ -16,7 +16,8 @@ was wrong; no sockets and no clocks (the capture thread's driver,
   (RFC 6184: single NAL unit, STAP-A, FU-A), each handed on at the packet that
   carries the marker bit, its last, not when the next one starts.
 
-``relay/rtsp.py`` is the other direction: camrelay publishing to mediamtx.
+``relay/rtsp.py`` is the other direction, camrelay publishing to mediamtx; it
+speaks through ``request``, ``Reader`` and the authentication here too.
 """
 
 from __future__ import annotations
