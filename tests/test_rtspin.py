@@ -573,8 +573,8 @@ async def test_a_camera_that_sends_h265_or_an_unreadable_sdp_goes_to_ffmpegs_dem
 def digest_server(tmp_path, monkeypatch):
     """A ``CameraServer`` whose readers must give viewer / s3cr$t, by Digest only."""
 
-    def config(rtsp_port: int, api_port: int) -> str:
-        c = json.loads(server_config(rtsp_port, api_port))
+    def config(rtsp_port: int, api_port: int, credentials: tuple[str, str] | None = None) -> str:
+        c = json.loads(server_config(rtsp_port, api_port, credentials))
         c["rtspAuthMethods"] = ["digest"]
         c["authInternalUsers"][0]["permissions"] = [{"action": "publish"}, {"action": "api"}]
         c["authInternalUsers"].append({"user": "viewer", "pass": "s3cr$t", "permissions": [{"action": "read"}]})
