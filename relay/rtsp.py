@@ -77,6 +77,7 @@ PUBLISH_CLOSE_TIMEOUT = 1.0  # seconds a closing connection may take; TEARDOWN's
 # keyframe never waits on its own, and a server that stops reading is noticed within PUBLISH_STALL.
 PUBLISH_WRITE_BUFFER = 2 * 2**20
 PUBLISH_STALL = 5.0  # seconds a server may take nothing before the session ends and is opened again
+PUBLISH_KEEPALIVE_FRACTION = 0.5  # of the session's timeout: an OPTIONS long before a server would drop us
 PUBLISH_READ_BYTES = 64 * 1024  # what the server sends back: answers and RTCP receiver reports
 INTERLEAVED = struct.Struct("!cBH")  # "$", channel, length (RFC 2326 10.12)
 RTP = struct.Struct("!BBHII")  # version and flags, marker and payload type, sequence, timestamp, SSRC
@@ -425,20 +426,25 @@ class RtspPublisher:
             if self._ready is not None:
                 await self._ready.wait()
             sub = self.hub.subscribe(f"rtsp-{self.hub.stream}")
+            started = time.monotonic()
             try:
                 await self._publish(sub)
             except HubClosed:
                 return
-            except (OSError, PublishError, rtspin.RtspError, mux.NoParameterSets, TimeoutError) as exc:
+            except Exception as exc:  # whatever a server sends or does, the next session is tried: never given up
                 self.errors += 1
+                reason = redact_text(str(exc) or type(exc).__name__, self.url)
+                expected = isinstance(exc, (OSError, PublishError, rtspin.RtspError, mux.NoParameterSets))
                 log.warning(
-                    "stream=%s rtsp publish to %s failed: %s; republishing",
+                    "stream=%s rtsp publish to %s failed: %s%s; republishing",
                     self.hub.stream,
                     redact_url(self.url),
-                    redact_text(str(exc), self.url),
+                    "" if expected else f"{type(exc).__name__}: ",
+                    reason,
                 )
             finally:
                 sub.close()
+            self._retry.ran(time.monotonic() - started)  # a session that lasted resets the backoff; one cut short not
             await asyncio.sleep(self._retry.next_delay())
 
     async def _publish(self, sub) -> None:
@@ -458,7 +464,6 @@ class RtspPublisher:
             channel, _ = rtspin.parse_interleaved(setup.header("transport") or "")
             await conn.request("RECORD", conn.target)
             self.sessions += 1
-            self._retry.attempt = 0
             log.info("stream=%s publishing rtsp to %s", self.hub.stream, redact_url(self.url))
             framer = RtpFramer(channel, secrets.randbits(32), secrets.randbits(16))
             base, frame = first.pts, first
@@ -466,6 +471,7 @@ class RtspPublisher:
                 conn.write(framer.frame(payloads_for(frame), frame.pts - base))
                 self.published += 1
                 await conn.drain()
+                conn.keep_alive()
                 frame = await sub.get()
 
 
@@ -492,6 +498,9 @@ class _Connection:
         self._challenge: rtspin.Challenge | None = None
         self._nonce_count = 0
         self._session = ""
+        self._waiting = False  # a request waits for its answer
+        self._keepalive_every = rtspin.DEFAULT_SESSION_TIMEOUT * PUBLISH_KEEPALIVE_FRACTION
+        self._keepalive_at = 0.0
 
     async def __aenter__(self) -> _Connection:
         stream, self._writer = await asyncio.wait_for(
@@ -504,19 +513,26 @@ class _Connection:
         self._read_task = asyncio.get_running_loop().create_task(self._read(stream), name="rtsp-publish-read")
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         writer = self._writer
         try:
             await cancel_and_wait(self._read_task)
         finally:  # also when we are cancelled: the socket never outlives its session
             if writer is not None:
-                if self._session and not writer.is_closing():
+                # A server that stopped reading leaves our buffer full: a close would wait to send it, forever.
+                clean = exc_type in (None, asyncio.CancelledError) and not writer.transport.get_write_buffer_size()
+                if clean and self._session and not writer.is_closing():
                     with contextlib.suppress(Exception):  # best effort: the server ends the session on close anyway
                         self._send("TEARDOWN", self.target)
-                writer.close()
+                if clean:
+                    writer.close()
+                else:
+                    writer.transport.abort()
         if writer is not None:
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(writer.wait_closed(), PUBLISH_CLOSE_TIMEOUT)
+            except Exception:  # closing is best effort; what matters is that the socket goes
+                writer.transport.abort()
 
     async def request(
         self, method: str, url: str, headers: dict[str, str] | None = None, body: bytes = b""
@@ -533,7 +549,9 @@ class _Connection:
             raise PublishError(f"{method} answered {answer.status} {answer.reason}".rstrip())
         session = answer.header("session")
         if session and not self._session:
-            self._session, _ = rtspin.parse_session(session)
+            self._session, timeout = rtspin.parse_session(session)
+            self._keepalive_every = timeout * PUBLISH_KEEPALIVE_FRACTION
+            self._keepalive_at = time.monotonic() + self._keepalive_every
         return answer
 
     def write(self, data: bytes) -> None:
@@ -546,7 +564,18 @@ class _Connection:
         """Waits only when the server is ``PUBLISH_WRITE_BUFFER`` bytes behind; a server that takes nothing
         for ``PUBLISH_STALL`` seconds ends the session (the hub drops for this publisher meanwhile)."""
         assert self._writer is not None
-        await asyncio.wait_for(self._writer.drain(), PUBLISH_STALL)
+        try:
+            await asyncio.wait_for(self._writer.drain(), PUBLISH_STALL)
+        except TimeoutError:
+            raise PublishError(f"the server took nothing for {PUBLISH_STALL:g} s") from None
+
+    def keep_alive(self) -> None:
+        """An OPTIONS before the session's timeout runs out (servers other than mediamtx may want one); its
+        answer is read and dropped."""
+        now = time.monotonic()
+        if now >= self._keepalive_at:
+            self._keepalive_at = now + self._keepalive_every
+            self._send("OPTIONS", self.target)
 
     def _send(self, method: str, url: str, headers: dict[str, str] | None = None, body: bytes = b"") -> None:
         self._cseq += 1
@@ -561,25 +590,31 @@ class _Connection:
         self.write(rtspin.request(method, url, self._cseq, all_headers, body))
 
     async def _answer(self) -> rtspin.Response:
-        while True:
-            get = asyncio.ensure_future(self._answers.get())
-            done, _ = await asyncio.wait(
-                {get, self._read_task}, timeout=PUBLISH_REQUEST_TIMEOUT, return_when="FIRST_COMPLETED"
-            )
-            if get not in done:
-                get.cancel()
-                if self._failed is not None:
-                    raise PublishError(f"connection lost: {self._failed}")
-                raise PublishError(f"no answer in {PUBLISH_REQUEST_TIMEOUT:g} s")
-            answer = get.result()
-            if answer.cseq in (None, self._cseq):
-                return answer
+        self._waiting = True
+        try:
+            while True:
+                get = asyncio.ensure_future(self._answers.get())
+                try:
+                    done, _ = await asyncio.wait(
+                        {get, self._read_task}, timeout=PUBLISH_REQUEST_TIMEOUT, return_when="FIRST_COMPLETED"
+                    )
+                finally:
+                    get.cancel()
+                if get not in done:
+                    if self._failed is not None:
+                        raise PublishError(f"connection lost: {self._failed}")
+                    raise PublishError(f"no answer in {PUBLISH_REQUEST_TIMEOUT:g} s")
+                answer = get.result()
+                if answer.cseq in (None, self._cseq):
+                    return answer
+        finally:
+            self._waiting = False
 
     async def _read(self, stream: asyncio.StreamReader) -> None:
         try:
             while data := await stream.read(PUBLISH_READ_BYTES):
                 for item in self._reader.feed(data):
-                    if isinstance(item, rtspin.Response):
+                    if isinstance(item, rtspin.Response) and self._waiting:  # a keep-alive's answer: dropped
                         self._answers.put_nowait(item)
             self._reader.eof()
             self._failed = PublishError("the server closed the connection")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
+import threading
 import time
 
 import av
@@ -362,3 +365,174 @@ def test_published_rtp_comes_back_as_the_same_access_units_however_the_bytes_are
     assert [u.pts - units[0].pts for u in units] == [f.pts for f in frames]
     assert depacketizer.packets == sum(len(f.payloads or []) for f in frames)
     assert depacketizer.packets_lost == 0  # the sequence numbers run on through the wrap
+
+
+# -- camrelay's publisher against servers that misbehave: it never gives up, never leaks a socket
+
+
+class FakeRtspServer:
+    """A threaded RTSP server on loopback that takes publishers: answers ANNOUNCE, SETUP and RECORD (with
+    ``transport`` and ``session`` as given, and the CSeq as ``cseq(n)`` makes it), then, per ``after_record``:
+    "read" (reads and records every request, dropping RTP), or "stall" (never reads again)."""
+
+    def __init__(self, after_record="read", transport="interleaved=0-1", session="77", cseq=str) -> None:
+        self.after_record, self.transport, self.session, self.cseq = after_record, transport, session, cseq
+        self.methods: list[str] = []
+        self.records = 0
+        self._stalled = threading.Event()  # set at close
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.port = self._sock.getsockname()[1]
+        self._conns: list[socket.socket] = []
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def close(self) -> None:
+        self._stalled.set()
+        for s in [self._sock, *self._conns]:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked on it
+            s.close()
+        for thread in self._threads:
+            thread.join()
+
+    def established(self) -> int:
+        """Connections to this server still open at the publisher's end (the relay runs in this process)."""
+        mine = psutil.Process().net_connections("tcp")
+        return sum(1 for c in mine if c.raddr and c.raddr.port == self.port and c.status == psutil.CONN_ESTABLISHED)
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self._sock.accept()
+                self._conns.append(conn)
+                self._threads.append(threading.Thread(target=self._serve, args=(conn,), daemon=True))
+                self._threads[-1].start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        buf = b""
+        with contextlib.suppress(OSError):
+            while True:
+                while b"$" == buf[:1]:  # RTP: dropped
+                    if len(buf) < 4 or len(buf) < 4 + int.from_bytes(buf[2:4], "big"):
+                        break
+                    buf = buf[4 + int.from_bytes(buf[2:4], "big") :]
+                if buf[:1] != b"$" and b"\r\n\r\n" in buf:
+                    head, _, buf = buf.partition(b"\r\n\r\n")
+                    text = head.decode(errors="replace")
+                    length = int(re.search(r"(?im)^content-length: *(\d+)", text).group(1)) if "ength:" in text else 0
+                    while len(buf) < length:
+                        buf += conn.recv(65536)
+                    buf = buf[length:]
+                    method = text.split(" ", 1)[0]
+                    number = int(re.search(r"(?im)^cseq: *(\d+)", text).group(1))
+                    self.methods.append(method)
+                    headers = [f"CSeq: {self.cseq(number)}", f"Session: {self.session}"]
+                    if method == "SETUP":
+                        headers.append(f"Transport: RTP/AVP/TCP;unicast;{self.transport};mode=record")
+                    conn.sendall(("RTSP/1.0 200 OK\r\n" + "\r\n".join(headers) + "\r\n\r\n").encode())
+                    if method == "RECORD":
+                        self.records += 1
+                        if self.after_record == "stall":
+                            self._stalled.wait()  # never reads again: the connection stays open
+                            return
+                    continue
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buf += data
+
+
+async def feed_hub(hub, stop: asyncio.Event, extra: int = 0) -> None:
+    """Real H.264 into ``hub`` at 100 frames a second (``extra`` bytes of padding after each, as a big
+    camera's would be), keyframes with their parameter sets every sixth."""
+    from relay import h264
+    from relay.hub import EncodedFrame
+
+    from .test_rtspin import SETS, UNITS
+
+    i = 0
+    while not stop.is_set():
+        unit = UNITS[i % 6] if i % 6 else h264.join_annexb(SETS) + UNITS[0]
+        hub.publish(EncodedFrame(unit + b"\x00" * extra, 3000 * i, i % 6 == 0, time.time()))
+        i += 1
+        await asyncio.sleep(0.01)
+
+
+async def publishing_to(server: FakeRtspServer, until, extra: int = 0):
+    from relay.hub import PacketHub
+    from relay.rtsp import RtspPublisher
+
+    hub = PacketHub("cam0", lambda: None)
+    publisher = RtspPublisher(hub, f"rtsp://camrelay:pw@127.0.0.1:{server.port}/cam0", 30.0)
+    stop = asyncio.Event()
+    feeding = asyncio.create_task(feed_hub(hub, stop, extra))
+    publisher.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not until(publisher):
+            assert time.monotonic() < deadline, f"errors={publisher.errors} sessions={publisher.sessions}"
+            assert not publisher._task.done(), publisher._task  # never given up
+            await asyncio.sleep(0.05)
+        return publisher
+    finally:
+        stop.set()
+        await feeding
+        await publisher.close()
+
+
+async def test_a_server_that_stops_reading_is_left_and_its_socket_closed_every_time(monkeypatch):
+    import relay.rtsp
+
+    monkeypatch.setattr(relay.rtsp, "PUBLISH_STALL", 0.3)
+    monkeypatch.setattr(relay.rtsp, "PUBLISH_RETRY_DELAY", 0.05)
+    server = FakeRtspServer(after_record="stall")
+    try:
+        seen = []
+
+        def three_stalls(p) -> bool:
+            seen.append(server.established())
+            return p.errors >= 3
+
+        publisher = await publishing_to(server, three_stalls, extra=200_000)
+        assert publisher.sessions >= 3 and server.records >= 3
+        assert max(seen) <= 1  # one connection at a time: each stalled one was dropped, its buffer with it
+        await asyncio.sleep(0)  # the last one closed with the publisher
+        assert server.established() == 0
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "server",
+    [
+        dict(session=";timeout=\u00b2"),  # no session id, and a timeout that is "digits" to str.isdigit only
+        dict(transport="interleaved=256-257"),  # a channel no interleaved frame can carry
+    ],
+    ids=["session", "channel-256"],
+)
+async def test_a_server_that_answers_nonsense_is_retried_not_given_up(server, caplog):
+    server = FakeRtspServer(**server)
+    try:
+        publisher = await publishing_to(server, lambda p: p.errors >= 2)
+    finally:
+        server.close()
+    assert publisher.published == 0
+    lines = [r for r in caplog.records if "rtsp publish to" in r.getMessage()]
+    assert len(lines) >= 2 and all("republishing" in r.getMessage() and r.exc_info is None for r in lines)
+    assert "pw" not in caplog.text  # the credential never shown
+
+
+async def test_the_publisher_keeps_its_session_alive_before_the_servers_timeout(monkeypatch):
+    import relay.rtsp
+
+    monkeypatch.setattr(relay.rtsp, "PUBLISH_KEEPALIVE_FRACTION", 0.01)  # of the session's 60 s: 0.6 s
+    server = FakeRtspServer(session="77;timeout=60")
+    try:
+        await publishing_to(server, lambda p: server.methods.count("OPTIONS") >= 2)
+    finally:
+        server.close()
+    assert server.methods[:3] == ["ANNOUNCE", "SETUP", "RECORD"]
+    assert server.records == 1  # one session, kept
