@@ -564,6 +564,8 @@ class _Connection:
         """Waits only when the server is ``PUBLISH_WRITE_BUFFER`` bytes behind; a server that takes nothing
         for ``PUBLISH_STALL`` seconds ends the session (the hub drops for this publisher meanwhile)."""
         assert self._writer is not None
+        if self._writer.transport.get_write_buffer_size() <= PUBLISH_WRITE_BUFFER:
+            return  # below the high-water mark: nothing to wait for (and no timer task made each frame)
         try:
             await asyncio.wait_for(self._writer.drain(), PUBLISH_STALL)
         except TimeoutError:
