@@ -33,7 +33,9 @@ which cancelled at p50 and not at p95; those readers are no longer run, as two
 more decoders would load the machine the figures are read on). The probe is a
 real WebRTC viewer (ICE, DTLS, SRTP) whose decrypted RTP camrelay's own
 depacketizer reassembles; the direct reader is camrelay's own RTSP client.
-Like with like: added = probe through the system - direct. Their counts (units,
+Like with like: added = probe through the system - direct, at p50 and p95; and
+frame by frame, the probe's latency minus the direct reader's for the same
+picture (the same pixel clock), its p50 and p95. Their counts (units,
 units held by the decoder, units dropped or missing) are reported so that a
 lost or held frame shows. Reported: the
 system's CPU and RSS (all its processes, children included; per camera is over
@@ -374,6 +376,13 @@ MARKER_COUNTS = (
 )  # fmt: skip
 
 
+def paired_added(probe: dict, direct: dict) -> list[float]:
+    """Frame by frame, what the system added: the probe's latency minus the direct reader's for each picture both
+    decoded (the same pixel clock). What the camera's own encoding and server add to a frame cancels out."""
+    own = dict(zip(direct["clocks"], direct["latencies_ms"], strict=True))
+    return [ms - own[c] for c, ms in zip(probe["clocks"], probe["latencies_ms"], strict=True) if c in own]
+
+
 def summarise(
     name: str, n: int, viewers: list[dict], probe: dict, rtsp: list[dict], direct: dict, duration: float, fps: float
 ) -> dict:
@@ -391,6 +400,7 @@ def summarise(
         "latency_ms": through,
         "direct_latency_ms": own,
         "added_latency_ms": added,
+        "paired_added_ms": _pcts(paired_added(probe, direct)),
         "probe": {k: probe[k] for k in MARKER_COUNTS},
         "direct": {k: direct[k] for k in MARKER_COUNTS},
         "viewers": [{k: v[k] for k in ("url", "probe", "frames", "lost", "fps", "error")} for v in viewers],
@@ -425,6 +435,9 @@ FIGURES = {
     "direct_p95": ("direct_latency_ms", "p95"),
     "added_p50": ("added_latency_ms", "p50"),
     "added_p95": ("added_latency_ms", "p95"),
+    "paired_p50": ("paired_added_ms", "p50"),
+    "paired_p95": ("paired_added_ms", "p95"),
+    "paired_samples": ("paired_added_ms", "samples"),
     "frames_lost": ("frames_lost",),
     "lost_worst_viewer": ("lost_worst_viewer",),
     "fps_median": ("fps_median",),
@@ -469,6 +482,7 @@ def _f(v, d=0) -> str:
 HEAD = [
     "system", "cameras", "CPU total / per camera (% core)", "RSS total / per camera (MiB)",
     "live camera p50 / p95 (ms)", "camera direct p50 / p95 (ms)", "added p50 / p95 (ms)",
+    "added frame by frame p50 / p95 (ms; frames)",
     "frames lost: all viewers / worst viewer", "viewers' fps (median)",
     "RTSP readers' frames: looped cameras fewest / sent; live camera / direct",
     "latency readers' units / held / missing: probe; direct",
@@ -492,6 +506,7 @@ def markdown(rows: list[dict]) -> str:
             f"{_f(r['latency_p50'])} / {_f(r['latency_p95'])}",
             f"{_f(r['direct_p50'])} / {_f(r['direct_p95'])}",
             f"{_f(r['added_p50'])} / {_f(r['added_p95'])}",
+            f"{_f(r['paired_p50'], 1)} / {_f(r['paired_p95'], 1)}; {_f(r['paired_samples'])}",
             f"{_f(r['frames_lost'])} / {_f(r['lost_worst_viewer'])}",
             _f(r["fps_median"], 1),
             f"{_f(r['rtsp_looped_min'])} / {r['rtsp_expected']}; {_f(r['rtsp_live'])} / {_f(r['direct_frames'])}",

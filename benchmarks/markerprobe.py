@@ -60,6 +60,7 @@ class MarkerReading:
     other_packets: int = 0  # RTP packets of another payload type (RTX): not video
     fps: float = 0.0  # pictures a second
     latencies_ms: list[float] = field(default_factory=list)
+    clocks: list[int] = field(default_factory=list)  # each latency's picture's pixel clock (ms): pairs readers
     error: str = ""
 
 
@@ -117,6 +118,7 @@ class MarkerDecoder:
                 r.unread += 1
             else:
                 r.latencies_ms.append(s.latency_ms)
+                r.clocks.append(round(s.received * 1000 - s.latency_ms))
 
 
 def answer_payload_type(answer: str) -> int:

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.cameras import SYSTEMS, markdown, median_of_repeats, not_run
+from benchmarks.cameras import SYSTEMS, markdown, median_of_repeats, not_run, paired_added
 from benchmarks.markerprobe import read_marked, run_marker_probe
 from benchmarks.peers import frames_missing
 from benchmarks.rtspcams import Encoding
@@ -43,6 +43,7 @@ def test_cameras_benchmark_smoke_every_system(tmp_path):
         assert len(p["viewers"]) == 2 * 2 and all(v["frames"] > 0 for v in p["viewers"]), (name, p)  # 2 per camera
         assert set(p["rtsp_frames"]) == {"cam0", "clock"} and p["rtsp_looped_min"] > 0, (name, p)  # one per camera
         assert p["rtsp_live"] > 0 and p["direct_frames"] > 0, (name, p)
+        assert p["paired_added_ms"]["samples"] > 0, (name, p)  # pictures both latency readers decoded
         for reader in ("probe", "direct"):  # the latency readers decoded every unit at its marker bit
             counts = p[reader]
             assert counts["units"] == counts["frames"] > 0 and counts["held"] == counts["unread"] == 0, (name, p)
@@ -71,6 +72,12 @@ def test_repeats_give_medians_and_a_system_not_run_says_why():
     table = markdown([row, skipped])
     assert "| mediamtx | 4 | 12 / 2.4 |" in table and "(saturated in 1 of 3)" in table
     assert "| camrelay-passthrough | 4 | not run: no --mode |" in table
+
+
+def test_added_frame_by_frame_pairs_the_readers_pictures_by_their_pixel_clock():
+    probe = {"clocks": [1000, 1033, 1066], "latencies_ms": [40.0, 50.0, 45.0]}
+    direct = {"clocks": [1033, 1066, 1100], "latencies_ms": [30.0, 44.0, 31.0]}  # 1000 came before it read
+    assert paired_added(probe, direct) == [20.0, 1.0]
 
 
 def test_frames_missing_counts_gaps_in_rtp_time_not_jumps_to_a_new_timeline():
@@ -127,3 +134,5 @@ async def test_marker_bit_readers_decode_each_unit_at_its_marker_through_a_passt
     # Through WebRTC: each unit was whole at the packet with the marker bit, one unit per marker.
     assert probe["kind"] == "webrtc" and probe["marked"] == probe["units"], probe
     assert direct["kind"] == "rtsp", direct
+    # The clocks are the camera's: pictures both decoded in their windows read the same clock in each.
+    assert len(probe["clocks"]) == probe["frames"] and paired_added(probe, direct), (probe["clocks"], direct["clocks"])
