@@ -74,7 +74,9 @@ class MarkerDecoder:
     def __init__(self, reading: MarkerReading, fps: float, out_of_band: list[bytes] | tuple[bytes, ...] = ()) -> None:
         import av
 
-        self._av = av
+        from relay.webrtc.whepclient import sample
+
+        self._av, self._sample = av, sample
         self._decoder = av.CodecContext.create("h264", "r")
         self._decoder.flags |= av.codec.context.Flags.low_delay
         self._decoder.thread_type = "SLICE"  # frame threads hold frames; slices do not
@@ -87,8 +89,6 @@ class MarkerDecoder:
         self.pictures = 0  # decoded since the start, window or not: the reader is receiving
 
     def unit(self, unit: AccessUnit) -> None:
-        from relay.webrtc.whepclient import sample
-
         if not self._keyed and not unit.keyframe:
             return
         self._keyed = True
@@ -112,7 +112,7 @@ class MarkerDecoder:
         r.held += not pictures
         r.late += sum(picture.pts != unit.pts for picture in pictures)
         for picture in pictures:
-            s = sample(picture)  # the wall clock right after the decode, the capture time drawn in the picture
+            s = self._sample(picture)  # the wall clock right after the decode, the capture time drawn in the picture
             r.frames += 1
             if s.latency_ms is None:
                 r.unread += 1
