@@ -20,11 +20,24 @@ N + 1 of them, in turn, for each point:
   and serve WebRTC (WHEP) and RTSP, its own RTSP-to-WebRTC path.
 
 Each point: 2 WebRTC viewers per camera (light peers that count frames and
-losses, benchmarks/peers.py; one of the live camera's two decodes every frame
-and reads the pixel clock), one RTSP reader per camera on the system's RTSP
-side (PyAV, counting access units), and the live camera read directly from the
-camera's own server by a decoding reader in the same window, so that the
-latency the system adds is "through the system" minus "direct". Reported: the
+losses, benchmarks/peers.py; one of the live camera's two is the latency
+probe), one RTSP reader per camera on the system's RTSP side (PyAV, counting
+access units), and the live camera read directly from the camera's own server
+in the same window, so that the latency the system adds is "through the
+system" minus "direct". Both latency readers are benchmarks/markerprobe.py's:
+they decode each access unit at its last RTP packet (the marker bit) and read
+its pixel clock, so neither holds a frame of its own (aiortc's jitter buffer
+and FFmpeg's H.264 parser, which the probe and the direct reader used before,
+hand a frame on only when the next one starts: up to a frame interval each,
+which cancelled at p50 and not at p95; those readers are no longer run, as two
+more decoders would load the machine the figures are read on). The probe is a
+real WebRTC viewer (ICE, DTLS, SRTP) whose decrypted RTP camrelay's own
+depacketizer reassembles; the direct reader is camrelay's own RTSP client.
+Like with like: added = probe through the system - direct, at p50 and p95; and
+frame by frame, the probe's latency minus the direct reader's for the same
+picture (the same pixel clock), its p50 and p95. Their counts (units,
+units held by the decoder, units dropped or missing) are reported so that a
+lost or held frame shows. Reported: the
 system's CPU and RSS (all its processes, children included; per camera is over
 the N + 1 it relays), latency p50/p95, frames lost per viewer, RTSP readers'
 frames, the load generator's CPU (cameras, viewers, readers) and the CPU of
@@ -55,6 +68,7 @@ import psutil
 
 from benchmarks.baselines.mediamtx_whep import render_config as mediamtx_config
 from benchmarks.load import CAMRELAY_LOAD_ENV, FPS_GAVE_OUT, GENERATOR_SATURATED, camrelay_command, stop_processes
+from benchmarks.markerprobe import read_marked, run_marker_probe
 from benchmarks.options import add_stream_options, benchmark_parser, run_facts
 from benchmarks.peers import PeerPlan, percentile, run_worker
 from benchmarks.ports import free_port, free_udp_port
@@ -73,7 +87,6 @@ from benchmarks.rtspcams import (
     path_ready,
     spawn,
     tail,
-    watch,
 )
 from relay.rtsp import find_mediamtx
 from relay.source import parse_size
@@ -288,32 +301,6 @@ def count_rtsp(urls: list[str], duration: float, ready: mp.Queue, start: mp.Even
     results.put(list(counts.values()))
 
 
-def read_direct(url: str, duration: float, ready: mp.Queue, start: mp.Event, results: mp.Queue) -> None:
-    """The live camera read from its own server, decoded, its pixel clock read: the camera's own latency."""
-    import av
-
-    marks: dict[str, float] = {}
-
-    def until(seen) -> bool:
-        if seen.pictures and "ready" not in marks:
-            marks["ready"] = time.time()
-            ready.put(("ready", 1))
-        if start.is_set() and "t0" not in marks:
-            marks["t0"] = time.time()
-        return "t0" in marks and time.time() - marks["t0"] > duration
-
-    try:
-        seen = watch(url, until=until)
-    except (av.FFmpegError, OSError) as exc:
-        if "ready" not in marks:
-            ready.put(("error", f"direct reader: {exc}"))
-        results.put({"latencies_ms": [], "frames": 0, "error": f"{type(exc).__name__}: {exc}"})
-        return
-    measured = [p for p in seen.pictures if p.received >= marks["t0"]]
-    lat = [p.latency_ms for p in measured if p.latency_ms is not None]
-    results.put({"latencies_ms": lat, "frames": len(measured), "error": ""})
-
-
 # -- one point ------------------------------------------------------------------------------------------------
 
 
@@ -329,10 +316,9 @@ def run_point(served: Served, cams: CameraSet, duration: float, fps: float, ligh
         urls = tuple(light[i : i + VIEWERS_PER_WORKER])
         plan = PeerPlan("webrtc-rtp", "", len(urls), False, duration, fps, light_nice, urls=urls)
         jobs.append(("viewers", run_worker, (plan,), ctx.Queue()))
-    probe = PeerPlan("webrtc", served.whep[LIVE], 1, True, duration, fps)
-    jobs.append(("probe", run_worker, (probe,), ctx.Queue()))  # last: at the end of each fan-out
+    jobs.append(("probe", run_marker_probe, (served.whep[LIVE], duration, fps), ctx.Queue()))  # last of the viewers
     jobs.append(("rtsp", count_rtsp, (list(served.rtsp.values()), duration), ctx.Queue()))
-    jobs.append(("direct", read_direct, (cams.live_url, duration), ctx.Queue()))
+    jobs.append(("direct", read_marked, (cams.live_url, duration, fps), ctx.Queue()))
     procs, errors = [], []
     try:
         for _, target, head, results in jobs:
@@ -370,7 +356,7 @@ def run_point(served: Served, cams: CameraSet, duration: float, fps: float, ligh
             if p.is_alive():
                 p.kill()
                 p.join()
-    point = summarise(served.name, n, viewers + out["probe"], out["rtsp"], out["direct"], duration, fps)
+    point = summarise(served.name, n, viewers, out["probe"], out["rtsp"], out["direct"], duration, fps)
     point.update(cpu_pct=cpu, cpu_per_camera_pct=cpu / (n + 1), rss_mb=max(rss) / 2**20, generator_cpu_pct=gen_cpu)
     point["rss_per_camera_mb"] = point["rss_mb"] / (n + 1)
     point["other_cpu_pct"] = max(0.0, machine - cpu - gen_cpu)  # other work on a shared machine
@@ -383,14 +369,29 @@ def _pcts(values: list[float]) -> dict:
     return {"p50": percentile(values, 50), "p95": percentile(values, 95), "samples": len(values)}
 
 
+# What the marker-bit readers counted (benchmarks/markerprobe.py, MarkerReading), kept in each point.
+MARKER_COUNTS = (
+    "units", "marked", "frames", "held", "late", "undecodable", "unread", "lost", "packets_lost", "units_dropped",
+    "other_packets",
+)  # fmt: skip
+
+
+def paired_added(probe: dict, direct: dict) -> list[float]:
+    """Frame by frame, what the system added: the probe's latency minus the direct reader's for each picture both
+    decoded (the same pixel clock). What the camera's own encoding and server add to a frame cancels out."""
+    own = dict(zip(direct["clocks"], direct["latencies_ms"], strict=True))
+    return [ms - own[c] for c, ms in zip(probe["clocks"], probe["latencies_ms"], strict=True) if c in own]
+
+
 def summarise(
-    name: str, n: int, viewers: list[dict], rtsp: list[dict], direct: dict, duration: float, fps: float
+    name: str, n: int, viewers: list[dict], probe: dict, rtsp: list[dict], direct: dict, duration: float, fps: float
 ) -> dict:
-    """One point from what every viewer and reader handed in."""
-    through = _pcts([x for v in viewers if v["probe"] for x in v["latencies_ms"]])
+    """One point from what every viewer and reader handed in (``probe``, ``direct``: the marker-bit readers)."""
+    through = _pcts(probe["latencies_ms"])
     own = _pcts(direct["latencies_ms"])
     added = {p: through[p] - own[p] if through[p] is not None and own[p] is not None else None for p in ("p50", "p95")}
-    fps_median = statistics.median(v["fps"] for v in viewers) if viewers else 0.0
+    viewers = [*viewers, probe]  # the probe is the live camera's second viewer
+    fps_median = statistics.median(v["fps"] for v in viewers)
     looped = [r["frames"] for r in rtsp if not r["url"].endswith(f"/{LIVE}")]
     errors = sorted({v["error"] for v in viewers if v["error"]} | {r["error"] for r in rtsp if r["error"]})
     return {
@@ -399,6 +400,9 @@ def summarise(
         "latency_ms": through,
         "direct_latency_ms": own,
         "added_latency_ms": added,
+        "paired_added_ms": _pcts(paired_added(probe, direct)),
+        "probe": {k: probe[k] for k in MARKER_COUNTS},
+        "direct": {k: direct[k] for k in MARKER_COUNTS},
         "viewers": [{k: v[k] for k in ("url", "probe", "frames", "lost", "fps", "error")} for v in viewers],
         "frames_lost": sum(v["lost"] for v in viewers),
         "lost_worst_viewer": max((v["lost"] for v in viewers), default=0),
@@ -431,12 +435,16 @@ FIGURES = {
     "direct_p95": ("direct_latency_ms", "p95"),
     "added_p50": ("added_latency_ms", "p50"),
     "added_p95": ("added_latency_ms", "p95"),
+    "paired_p50": ("paired_added_ms", "p50"),
+    "paired_p95": ("paired_added_ms", "p95"),
+    "paired_samples": ("paired_added_ms", "samples"),
     "frames_lost": ("frames_lost",),
     "lost_worst_viewer": ("lost_worst_viewer",),
     "fps_median": ("fps_median",),
     "rtsp_looped_min": ("rtsp_looped_min",),
     "rtsp_live": ("rtsp_live",),
     "direct_frames": ("direct_frames",),
+    **{f"{who}_{what}": (who, what) for who in ("probe", "direct") for what in ("units", "held", "lost")},
     "generator_cpu_pct": ("generator_cpu_pct",),
     "other_cpu_pct": ("other_cpu_pct",),
 }
@@ -474,8 +482,10 @@ def _f(v, d=0) -> str:
 HEAD = [
     "system", "cameras", "CPU total / per camera (% core)", "RSS total / per camera (MiB)",
     "live camera p50 / p95 (ms)", "camera direct p50 / p95 (ms)", "added p50 / p95 (ms)",
+    "added frame by frame p50 / p95 (ms; frames)",
     "frames lost: all viewers / worst viewer", "viewers' fps (median)",
     "RTSP readers' frames: looped cameras fewest / sent; live camera / direct",
+    "latency readers' units / held / missing: probe; direct",
     "generator / other work CPU (% core)",
 ]  # fmt: skip
 
@@ -496,9 +506,13 @@ def markdown(rows: list[dict]) -> str:
             f"{_f(r['latency_p50'])} / {_f(r['latency_p95'])}",
             f"{_f(r['direct_p50'])} / {_f(r['direct_p95'])}",
             f"{_f(r['added_p50'])} / {_f(r['added_p95'])}",
+            f"{_f(r['paired_p50'], 1)} / {_f(r['paired_p95'], 1)}; {_f(r['paired_samples'])}",
             f"{_f(r['frames_lost'])} / {_f(r['lost_worst_viewer'])}",
             _f(r["fps_median"], 1),
             f"{_f(r['rtsp_looped_min'])} / {r['rtsp_expected']}; {_f(r['rtsp_live'])} / {_f(r['direct_frames'])}",
+            "; ".join(
+                " / ".join(_f(r[f"{who}_{what}"]) for what in ("units", "held", "lost")) for who in ("probe", "direct")
+            ),
             f"{_f(r['generator_cpu_pct'])} / {_f(r['other_cpu_pct'])}" + flags,
         ]
         out.append("| " + " | ".join(cells) + " |")

@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import multiprocessing as mp
 import os
 import socket
 import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator
+from multiprocessing import resource_tracker
 
 import aiohttp
 import psutil
@@ -293,6 +295,24 @@ async def relay_server(request) -> AsyncIterator[RunningRelay]:
         yield running
     finally:
         await runner.cleanup()
+
+
+@pytest.fixture(scope="session")
+def spawn():
+    """multiprocessing's spawn context, for tests that run benchmark workers. Its resource tracker (one helper
+    process for the rest of the run, by design) is started here, before the per-test leak guards take their
+    snapshot."""
+    resource_tracker.ensure_running()
+    return mp.get_context("spawn")
+
+
+async def end_workers(procs: list, timeout: float) -> None:
+    """Worker processes (``spawn``'s) joined, ``timeout`` s each, off the event loop; killed if still running."""
+    for proc in procs:
+        await asyncio.to_thread(proc.join, timeout)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
 
 
 @pytest.fixture

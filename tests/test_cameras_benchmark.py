@@ -1,14 +1,26 @@
-"""The many-cameras benchmark runs end to end (one camera, a few seconds), so it cannot silently rot."""
+"""The many-cameras benchmark runs end to end (one camera, a few seconds), so it cannot silently rot; its
+latency readers decode every access unit at its marker bit, holding none."""
 
+import asyncio
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from benchmarks.cameras import SYSTEMS, markdown, median_of_repeats, not_run
+from benchmarks.cameras import SYSTEMS, markdown, median_of_repeats, not_run, paired_added
+from benchmarks.markerprobe import read_marked, run_marker_probe
 from benchmarks.peers import frames_missing
+from benchmarks.rtspcams import Encoding
+from relay.config import StreamConfig
+from relay.source import parse_source_spec
+
+from .conftest import end_workers, make_config, start_relay
 
 ROOT = Path(__file__).resolve().parent.parent
+FPS = 15  # the test camera's, and the relay's: a light load
+MEASURED = 3.0  # seconds each marker-bit reader counts
+DEADLINE = 60.0  # seconds for what the test waits for (two worker processes start): a deadline, not a measurement
 
 
 def test_cameras_benchmark_smoke_every_system(tmp_path):
@@ -31,6 +43,10 @@ def test_cameras_benchmark_smoke_every_system(tmp_path):
         assert len(p["viewers"]) == 2 * 2 and all(v["frames"] > 0 for v in p["viewers"]), (name, p)  # 2 per camera
         assert set(p["rtsp_frames"]) == {"cam0", "clock"} and p["rtsp_looped_min"] > 0, (name, p)  # one per camera
         assert p["rtsp_live"] > 0 and p["direct_frames"] > 0, (name, p)
+        assert p["paired_added_ms"]["samples"] > 0, (name, p)  # pictures both latency readers decoded
+        for reader in ("probe", "direct"):  # the latency readers decoded every unit at its marker bit
+            counts = p[reader]
+            assert counts["units"] == counts["frames"] > 0 and counts["held"] == counts["unread"] == 0, (name, p)
     table = out.with_suffix(".md").read_text()
     for name in SYSTEMS:
         assert f"| {name} | 1 |" in table
@@ -58,9 +74,65 @@ def test_repeats_give_medians_and_a_system_not_run_says_why():
     assert "| camrelay-passthrough | 4 | not run: no --mode |" in table
 
 
+def test_added_frame_by_frame_pairs_the_readers_pictures_by_their_pixel_clock():
+    probe = {"clocks": [1000, 1033, 1066], "latencies_ms": [40.0, 50.0, 45.0]}
+    direct = {"clocks": [1033, 1066, 1100], "latencies_ms": [30.0, 44.0, 31.0]}  # 1000 came before it read
+    assert paired_added(probe, direct) == [20.0, 1.0]
+
+
 def test_frames_missing_counts_gaps_in_rtp_time_not_jumps_to_a_new_timeline():
     step = 90_000 // 30  # one frame at 30 fps
     assert frames_missing(0, step, 30) == 0 and frames_missing(0, 3 * step, 30) == 2
     assert frames_missing(2**32 - step, step, 30) == 1  # across the 32-bit wrap: one frame missing
     assert frames_missing(10 * step, step, 30) == 0  # back in time: a restarted source
     assert frames_missing(0, 2**31, 30) == 0  # far ahead: a new timeline, not hours of loss
+
+
+async def _passing_through(relay, name: str) -> None:
+    stream = relay.relay.streams[name]
+    deadline = time.monotonic() + DEADLINE
+    while not (stream.passthrough and stream.stats.frames_passed_through):
+        assert time.monotonic() < deadline, f"not passed through: {stream.state} {stream.mode_reason}"
+        await asyncio.sleep(0.05)
+
+
+async def test_marker_bit_readers_decode_each_unit_at_its_marker_through_a_passthrough_relay(start_camera, spawn):
+    """The marker-bit WebRTC probe through a passthrough camrelay and the marker-bit reader of the camera's own
+    RTSP, as benchmarks.cameras runs them (worker processes, ready, start, results): every access unit is decoded
+    when its marker bit arrives and gives its picture there and then, none held for the next, each picture's pixel
+    clock reads, and nothing is lost or dropped (on loopback nothing should be; were it, the counts say so)."""
+    camera = start_camera("cam", width=640, height=360, fps=FPS, encoding=Encoding(profile="high", gop=1.0))
+    config = make_config((StreamConfig("cam", parse_source_spec(f"{camera.url}#mode=passthrough")),), fps=FPS)
+    runner, relay = await start_relay(config, wait=False)
+    ready, start = spawn.Queue(), spawn.Event()
+    jobs = [(run_marker_probe, relay.whep("cam")), (read_marked, camera.url)]
+    procs, results = [], []
+    try:
+        await _passing_through(relay, "cam")
+        for target, url in jobs:
+            out = spawn.Queue()
+            proc = spawn.Process(target=target, args=(url, MEASURED, FPS, ready, start, out), daemon=True)
+            proc.start()
+            procs.append(proc)
+            results.append(out)
+            assert await asyncio.to_thread(ready.get, timeout=DEADLINE) == ("ready", 1)
+        start.set()
+        probe, direct = [await asyncio.to_thread(out.get, timeout=DEADLINE) for out in results]
+    finally:
+        start.set()
+        await end_workers(procs, DEADLINE)
+        await runner.cleanup()
+    for reading in (probe, direct):
+        assert reading["error"] == "", reading
+        # One picture out of each unit's own decode: none held for the next unit, none handed on late.
+        assert reading["units"] == reading["frames"] > 0, reading
+        assert (reading["held"], reading["late"], reading["undecodable"]) == (0, 0, 0), reading
+        # Every picture's pixel clock read, and none is later than the moment it was decoded.
+        assert reading["unread"] == 0 and len(reading["latencies_ms"]) == reading["frames"], reading
+        assert min(reading["latencies_ms"]) > 0, reading
+        assert (reading["lost"], reading["packets_lost"], reading["units_dropped"]) == (0, 0, 0), reading
+    # Through WebRTC: each unit was whole at the packet with the marker bit, one unit per marker.
+    assert probe["kind"] == "webrtc" and probe["marked"] == probe["units"], probe
+    assert direct["kind"] == "rtsp", direct
+    # The clocks are the camera's: pictures both decoded in their windows read the same clock in each.
+    assert len(probe["clocks"]) == probe["frames"] and paired_added(probe, direct), (probe["clocks"], direct["clocks"])

@@ -10,12 +10,10 @@ import asyncio
 import dataclasses
 import json
 import logging
-import multiprocessing as mp
 import re
 import subprocess
 import time
 from collections.abc import Callable
-from multiprocessing import resource_tracker
 from pathlib import Path
 
 import aiohttp
@@ -37,7 +35,7 @@ from relay.webrtc.ice import gathered_with, parse_links
 from relay.webrtc.whepclient import WhepError, WhepViewer
 from relay.webrtc.whip import SDP_TYPE, WhipPublisher, shown_url
 
-from .conftest import TEST_FPS, EncodedFrames, capture_ms, make_config, start_relay
+from .conftest import TEST_FPS, EncodedFrames, capture_ms, end_workers, make_config, start_relay
 from .stun import stun_server
 from .test_rtsp import read_rtsp, wait_published
 
@@ -236,14 +234,6 @@ async def relays():
         await runner.cleanup()
 
 
-@pytest.fixture(scope="module")
-def spawn():
-    """multiprocessing's spawn context. Its resource tracker (one helper process for the rest of the run, by
-    design) is started here, before the per-test leak guards take their snapshot."""
-    resource_tracker.ensure_running()
-    return mp.get_context("spawn")
-
-
 async def test_fifty_viewers_on_mediamtx_cost_camrelay_one_publish(engines, relays, http, spawn):
     """50 WHEP viewers read camrelay's stream from mediamtx: camrelay has no WebRTC session, its hub one
     subscriber, and it sends mediamtx each encoded byte once. With a 60 s GOP, viewers that join after the
@@ -289,11 +279,7 @@ async def test_fifty_viewers_on_mediamtx_cost_camrelay_one_publish(engines, rela
         assert re.search(r"^camrelay_whip_sent_bytes_total\{[^}]*\} [1-9]", metrics, re.M)
     finally:
         go.set()
-        for p in procs:
-            await asyncio.to_thread(p.join, DEADLINE)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        await end_workers(procs, DEADLINE)
         for q in (ready, results):
             q.close()
             q.join_thread()
