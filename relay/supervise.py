@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -26,6 +28,11 @@ from .childenv import child_env
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 5.0  # seconds a child gets to stop after each way of asking: stdin closed, SIGTERM, SIGKILL
+# A child dies with the relay, even when the relay dies by SIGKILL or the OOM killer and stops nothing: the
+# kernel sends it this signal when its parent goes (Linux's parent-death signal, set by util-linux's
+# setpriv, which every Debian has, before it execs the program). Without it an orphaned mediamtx kept the
+# RTSP port, and the relay started again could never have its own mediamtx answer there.
+DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "KILL", "--")
 
 Process = asyncio.subprocess.Process
 
@@ -74,8 +81,9 @@ class Child:
     async def spawn(self) -> Process:
         """Start the program now (its own session, its own process group)."""
         self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, env=child_env(os.environ, **self.env), start_new_session=True, **self._popen
-        )
+            *_dies_with_parent(self.argv), env=child_env(os.environ, **self.env), start_new_session=True,
+            **self._popen,
+        )  # fmt: skip
         self._started(self.proc)
         return self.proc
 
@@ -147,3 +155,11 @@ async def _exited(proc: Process) -> bool:
         return True
     except TimeoutError:
         return False
+
+
+def _dies_with_parent(argv: list[str]) -> list[str]:
+    """``argv`` run so that it dies with this process (``DIE_WITH_PARENT``), where the system can."""
+    setpriv = shutil.which(DIE_WITH_PARENT[0])
+    if setpriv is None or not sys.platform.startswith("linux"):
+        return argv
+    return [setpriv, *DIE_WITH_PARENT[1:], *argv]

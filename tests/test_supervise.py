@@ -115,3 +115,37 @@ async def test_a_child_gets_only_the_environment_a_child_may_have(monkeypatch):
     env = seen[0]
     assert env["CAMRELAY_WORKER_CONFIG"] == "{}" and env["PATH"] == "/usr/bin:/bin"
     assert "CAMRELAY_AUTH_TOKEN" not in env
+
+
+# A relay stand-in: supervises a sleeping child, prints its pid, and waits to be killed without cleaning up.
+PARENT = """
+import asyncio, sys
+from relay.supervise import Child
+
+async def main():
+    child = Child("orphan-to-be", [sys.executable, "-c", "import time; time.sleep(600)"], run=lambda p: p.wait())
+    child.supervise()
+    while child.pid is None:
+        await asyncio.sleep(0.01)
+    print(child.pid, flush=True)
+    await asyncio.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_child_dies_with_its_relay_even_when_the_relay_is_killed_and_cleans_nothing_up():
+    """SIGKILL (or the OOM killer) gives the relay no chance to stop its children; the kernel's parent-death
+    signal does it for them, so no orphaned mediamtx keeps the RTSP port from the relay started again."""
+    parent = await asyncio.create_subprocess_exec(sys.executable, "-c", PARENT, stdout=asyncio.subprocess.PIPE)
+    try:
+        child = psutil.Process(int(await asyncio.wait_for(parent.stdout.readline(), 30)))
+        assert child.is_running() and child.status() != psutil.STATUS_ZOMBIE
+        parent.kill()
+        await parent.wait()
+        gone, alive = await asyncio.to_thread(psutil.wait_procs, [child], 10)
+    finally:
+        if parent.returncode is None:
+            parent.kill()
+            await parent.wait()
+    assert gone and not alive, "the child outlived its killed parent"
