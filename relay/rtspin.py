@@ -44,6 +44,11 @@ INTERLEAVED_HEADER = struct.Struct("!cBH")  # "$", channel, length
 SEQUENCE_MOD = 1 << 16
 TIMESTAMP_MOD = 1 << 32
 DEFAULT_SESSION_TIMEOUT = 60  # seconds, RFC 2326 12.37, when SETUP's Session header names none
+# An interleaved channel is one byte on the wire (RFC 2326 10.12): a Transport header naming more is wrong.
+MAX_CHANNEL = 255
+# A number on the wire: ASCII digits only. str.isdigit() also takes "²", which int() then refuses with a
+# ValueError that is no RtspError (a traceback at every retry).
+DECIMAL = re.compile(r"[0-9]+")
 
 NAL_IDR = 5
 NAL_STAP_A = 24
@@ -58,6 +63,12 @@ STATIC_PAYLOAD_TYPES = {26: ("jpeg", 90000)}  # RFC 3551: the one static video t
 
 class RtspError(ValueError):
     """What the camera sent cannot be read, or asks for what this client does not do."""
+
+
+def decimal(text: str) -> int | None:
+    """``text`` (spaces around it aside) as a number when it is ASCII digits, else None."""
+    text = text.strip()
+    return int(text) if DECIMAL.fullmatch(text) else None
 
 
 # -- requests and responses
@@ -92,7 +103,7 @@ class Response:
     @property
     def cseq(self) -> int | None:
         value = self.header("cseq")
-        return int(value) if value and value.strip().isdigit() else None
+        return decimal(value) if value else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +112,7 @@ class Interleaved:
     payload: bytes
 
 
-STATUS_LINE = re.compile(r"RTSP/1\.\d (\d{3})(?: (.*))?")
+STATUS_LINE = re.compile(r"RTSP/1\.[0-9] ([0-9]{3})(?: (.*))?")
 
 
 def parse_response_head(head: bytes) -> tuple[int, str, tuple[tuple[str, str], ...]]:
@@ -170,9 +181,9 @@ class Reader:
             return None
         status, reason, headers = parse_response_head(bytes(buf[:end]))
         length_text = next((v for n, v in headers if n == "content-length"), "0")
-        if not length_text.isdigit():
+        length = decimal(length_text)
+        if length is None:
             raise RtspError(f"bad Content-Length {length_text[:20]!r}")
-        length = int(length_text)
         if length > MAX_BODY_BYTES:
             raise RtspError(f"response body of {length} bytes is over the {MAX_BODY_BYTES} limit")
         total = end + 4 + length
@@ -321,9 +332,9 @@ def parse_sdp(text: str, base: str) -> SdpVideo:
     if video is None:
         raise RtspError("SDP has no video media")
     parts = video[0].split()
-    if len(parts) < 4 or not parts[3].isdigit():
+    pt = decimal(parts[3]) if len(parts) >= 4 else None  # the first format is the one a camera sends
+    if pt is None:
         raise RtspError(f"bad SDP media line {video[0][:60]!r}")
-    pt = int(parts[3])  # the first format is the one a camera sends
     rtpmap, fmtp, control = None, {}, None
     for line in video[1:]:
         if line.startswith(f"a=rtpmap:{pt} "):
@@ -337,10 +348,10 @@ def parse_sdp(text: str, base: str) -> SdpVideo:
             control = line[len("a=control:") :]
     if rtpmap is not None:
         name, _, rest = rtpmap.partition("/")
-        rate = rest.split("/")[0]
-        if not rate.isdigit() or int(rate) == 0:
+        rate = decimal(rest.split("/")[0])
+        if not rate:
             raise RtspError(f"bad rtpmap clock rate {rtpmap[:40]!r}")
-        encoding, clock_rate = name.strip().lower(), int(rate)
+        encoding, clock_rate = name.strip().lower(), rate
     elif pt in STATIC_PAYLOAD_TYPES:
         encoding, clock_rate = STATIC_PAYLOAD_TYPES[pt]
     else:
@@ -368,19 +379,23 @@ def parse_session(value: str) -> tuple[str, int]:
     for param in params:
         name, _, v = param.strip().partition("=")
         if name.lower() == "timeout":
-            if not v.strip().isdigit() or int(v) == 0:
+            seconds = decimal(v)
+            if not seconds:
                 raise RtspError(f"bad Session timeout {v[:20]!r}")
-            timeout = int(v)
+            timeout = seconds
     return ident.strip(), timeout
 
 
 def parse_interleaved(transport: str) -> tuple[int, int]:
     """The (RTP, RTCP) channels a SETUP answer's ``Transport`` header gives the track."""
-    match = re.search(r"interleaved=(\d+)(?:-(\d+))?", transport)
+    match = re.search(r"interleaved=([0-9]+)(?:-([0-9]+))?", transport)
     if match is None:
         raise RtspError(f"camera did not agree to RTP over the RTSP connection: Transport {transport[:80]!r}")
     rtp = int(match.group(1))
-    return rtp, int(match.group(2)) if match.group(2) else rtp + 1
+    rtcp = int(match.group(2)) if match.group(2) else rtp + 1
+    if max(rtp, rtcp) > MAX_CHANNEL:
+        raise RtspError(f"interleaved channel {max(rtp, rtcp)} is over {MAX_CHANNEL}: Transport {transport[:80]!r}")
+    return rtp, rtcp
 
 
 # -- RTP and H.264

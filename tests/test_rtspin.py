@@ -217,6 +217,7 @@ def test_responses_and_interleaved_frames_come_out_however_the_bytes_are_cut():
         (b"HTTP/1.1 200 OK\r\n\r\n", "expected a response or an interleaved frame, got b'HTTP/1.1 200 OK\\r'"),
         (b"RTSP/1.0 200 OK\r\nno colon\r\n\r\n", "bad header line 'no colon'"),
         (b"RTSP/1.0 200 OK\r\nContent-Length: -1\r\n\r\n", "bad Content-Length '-1'"),
+        ("RTSP/1.0 200 OK\r\nContent-Length: \u00b2\r\n\r\n".encode(), "bad Content-Length '\u00b2'"),
         (b"RTSP/1.0 200 OK\r\nContent-Length: 99999999\r\n\r\n", "response body of 99999999 bytes is over"),
         (b"RTSP/1.0 200 OK\r\n" + b"X: y\r\n" * 20000, "response head over 65536 bytes"),
     ],
@@ -225,6 +226,12 @@ def test_what_is_not_an_rtsp_answer_is_refused_exactly(data, error):
     with pytest.raises(RtspError) as caught:
         rtspin.Reader().feed(data)
     assert str(caught.value).startswith(error)
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "-1", "1.0", ""])
+def test_a_cseq_that_is_not_ascii_digits_is_no_cseq(value):
+    (response,) = rtspin.Reader().feed(f"RTSP/1.0 200 OK\r\nCSeq: {value}\r\n\r\n".encode())
+    assert response.cseq is None
 
 
 @pytest.mark.parametrize(
@@ -337,6 +344,8 @@ def test_the_sdp_names_what_else_a_camera_sends(media, codec):
         (sdp("m=video 0 RTP/AVP 96\r\n"), "video payload type 96 has no rtpmap"),
         (sdp("m=video 0 RTP/AVP\r\n"), "bad SDP media line 'm=video 0 RTP/AVP'"),
         (sdp("m=video 0 RTP/AVP 96\r\na=rtpmap:96 H264/0\r\n"), "bad rtpmap clock rate 'H264/0'"),
+        (sdp("m=video 0 RTP/AVP 96\r\na=rtpmap:96 H264/\u00b2\r\n"), "bad rtpmap clock rate 'H264/\u00b2'"),
+        (sdp("m=video 0 RTP/AVP \u00b2\r\n"), "bad SDP media line 'm=video 0 RTP/AVP \u00b2'"),
         (sdp(H264_MEDIA.replace("packetization-mode=1", "packetization-mode=2")), "H.264 packetization-mode 2"),
         (sdp(H264_MEDIA.replace("aMuMsg==", "aMu*")), "sprop-parameter-sets value 1 is not base64"),
         ("v=0\r\ngarbage\r\n", "bad SDP line 'garbage'"),
@@ -360,7 +369,12 @@ def test_the_session_header_gives_id_and_timeout(value, parsed):
     [
         (rtspin.parse_session, "", "bad Session header ''"),
         (rtspin.parse_session, "x;timeout=soon", "bad Session timeout 'soon'"),
+        (rtspin.parse_session, "x;timeout=\u00b2", "bad Session timeout '\u00b2'"),
+        (rtspin.parse_session, "x;timeout=0", "bad Session timeout '0'"),
         (rtspin.parse_interleaved, "RTP/AVP;unicast;client_port=5000-5001", "camera did not agree to RTP over"),
+        (rtspin.parse_interleaved, "RTP/AVP/TCP;interleaved=\u00b2", "camera did not agree to RTP over"),
+        (rtspin.parse_interleaved, "RTP/AVP/TCP;interleaved=256-257", "interleaved channel 257 is over 255"),
+        (rtspin.parse_interleaved, "RTP/AVP/TCP;interleaved=255", "interleaved channel 256 is over 255"),
     ],
 )
 def test_a_setup_answer_that_cannot_be_read_is_refused_exactly(call, value, error):
