@@ -138,11 +138,24 @@ def parse_response_head(head: bytes) -> tuple[int, str, tuple[tuple[str, str], .
     return int(match.group(1)), match.group(2) or "", tuple(headers)
 
 
+@dataclass(frozen=True, slots=True)
+class _Head:
+    end: int  # where the blank line after the head starts
+    status: int
+    reason: str
+    headers: tuple[tuple[str, str], ...]
+    length: int  # of the body
+
+
 class Reader:
     """Responses and interleaved frames out of the bytes of one RTSP connection, however they are cut."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        # The head of the response at the front of the buffer, parsed, while its body is still arriving: a
+        # body's reads do not parse its head again each (that was quadratic in a large head and a slow body).
+        self._head: _Head | None = None
+        self._searched = 0  # bytes of an incomplete head already searched for its end
 
     def feed(self, data: bytes) -> list[Response | Interleaved]:
         self._buf += data
@@ -172,13 +185,29 @@ class Reader:
             frame = Interleaved(channel, bytes(buf[INTERLEAVED_HEADER.size : end]))
             del buf[:end]
             return frame
+        head = self._head = self._head or self._parse_head()
+        if head is None:
+            return None
+        total = head.end + 4 + head.length
+        if len(buf) < total:
+            return None
+        self._head = None
+        response = Response(head.status, head.reason, head.headers, bytes(buf[head.end + 4 : total]))
+        del buf[:total]
+        return response
+
+    def _parse_head(self) -> _Head | None:
+        """The head of the response at the front of the buffer, or None while it is incomplete."""
+        buf = self._buf
         if not b"RTSP/"[: len(buf)] == bytes(buf[:5]):
             raise RtspError(f"expected a response or an interleaved frame, got {bytes(buf[:16])!r}")
-        end = buf.find(b"\r\n\r\n")
+        end = buf.find(b"\r\n\r\n", max(0, self._searched - 3))
         if end < 0:
             if len(buf) > MAX_HEADER_BYTES:
                 raise RtspError(f"response head over {MAX_HEADER_BYTES} bytes")
+            self._searched = len(buf)
             return None
+        self._searched = 0
         status, reason, headers = parse_response_head(bytes(buf[:end]))
         length_text = next((v for n, v in headers if n == "content-length"), "0")
         length = decimal(length_text)
@@ -186,12 +215,7 @@ class Reader:
             raise RtspError(f"bad Content-Length {length_text[:20]!r}")
         if length > MAX_BODY_BYTES:
             raise RtspError(f"response body of {length} bytes is over the {MAX_BODY_BYTES} limit")
-        total = end + 4 + length
-        if len(buf) < total:
-            return None
-        response = Response(status, reason, headers, bytes(buf[end + 4 : total]))
-        del buf[:total]
-        return response
+        return _Head(end, status, reason, headers, length)
 
 
 # -- authentication

@@ -228,6 +228,24 @@ def test_what_is_not_an_rtsp_answer_is_refused_exactly(data, error):
     assert str(caught.value).startswith(error)
 
 
+def test_a_response_whose_body_comes_in_many_reads_has_its_head_parsed_once(monkeypatch):
+    parsed = []
+
+    def counted(head: bytes):
+        parsed.append(head)
+        return parse_response_head(head)
+
+    parse_response_head = rtspin.parse_response_head
+    monkeypatch.setattr(rtspin, "parse_response_head", counted)
+    body = bytes(range(256)) * 40
+    data = b"RTSP/1.0 200 OK\r\nCSeq: 2\r\nContent-Length: %d\r\n\r\n%s$\x00\x00\x01x" % (len(body), body)
+    reader, out = rtspin.Reader(), []
+    for i in range(0, len(data), 7):
+        out += reader.feed(data[i : i + 7])
+    assert [type(x).__name__ for x in out] == ["Response", "Interleaved"] and out[0].body == body
+    assert len(parsed) == 1  # not once per read of its body
+
+
 @pytest.mark.parametrize("value", ["\u00b2", "-1", "1.0", ""])
 def test_a_cseq_that_is_not_ascii_digits_is_no_cseq(value):
     (response,) = rtspin.Reader().feed(f"RTSP/1.0 200 OK\r\nCSeq: {value}\r\n\r\n".encode())
