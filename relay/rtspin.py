@@ -38,6 +38,10 @@ MAX_BODY_BYTES = 1024 * 1024
 # One access unit as the depacketizer gathers it: a 4K I-frame at a high bit rate is a few MiB; more is a
 # camera that never ends a unit (no marker, one timestamp), which must not take the worker's memory.
 MAX_UNIT_BYTES = 16 * 1024 * 1024
+# What one NAL unit held for a unit costs beyond its bytes (a bytes object's header, 33, its list slot, 8, the
+# allocator's rounding), counted against MAX_UNIT_BYTES: a STAP-A of 2-byte NAL units held ~450 MiB when only
+# their payload counted.
+NAL_OVERHEAD = 64
 RTP_HEADER = struct.Struct("!BBHII")
 RTP_VERSION = 2
 INTERLEAVED_HEADER = struct.Struct("!cBH")  # "$", channel, length
@@ -558,7 +562,7 @@ class H264Depacketizer:
         return self._last_ts
 
     def _keep(self, nal: bytes) -> None:
-        self._size += len(nal)
+        self._size += len(nal) + NAL_OVERHEAD
         if self._size > MAX_UNIT_BYTES:
             raise RtspError(f"access unit over {MAX_UNIT_BYTES} bytes (no marker bit, no new timestamp)")
         self._nals.append(nal)

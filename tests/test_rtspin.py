@@ -12,6 +12,7 @@ import fractions
 import hashlib
 import json
 import threading
+import tracemalloc
 from pathlib import Path
 
 import av
@@ -135,6 +136,23 @@ def test_a_reader_that_joins_inside_a_fragmented_unit_skips_its_rest_quietly():
     for packet in packets:
         out += depacketizer.push(rtspin.parse_rtp(packet))
     assert [nals(u.data) for u in out] == [nals(u) for u in UNITS[1:]]
+
+
+def test_a_unit_of_many_tiny_nal_units_is_refused_before_it_holds_more_memory_than_the_unit_cap(monkeypatch):
+    monkeypatch.setattr(rtspin, "MAX_UNIT_BYTES", 1 << 20)
+    stap_a = bytes([0x78]) + b"\x00\x02\x09\x10" * 1000  # 1000 two-byte NAL units (access unit delimiters)
+    depacketizer = rtspin.H264Depacketizer(PT)
+    depacketizer.push(rtspin.parse_rtp(rtp(b"\x41\x9a", 0, 0, True)))  # in sync with the stream
+    packets = [rtspin.parse_rtp(rtp(stap_a, seq, 3000, False)) for seq in range(1, 200)]  # one unit, no marker
+    tracemalloc.start()
+    try:
+        with pytest.raises(RtspError, match="^access unit over 1048576 bytes"):
+            for packet in packets:
+                depacketizer.push(packet)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * rtspin.MAX_UNIT_BYTES  # 2 bytes counted per NAL unit held 100 times the cap
 
 
 # -- one fixture per bad case: plain values in, the exact error out
