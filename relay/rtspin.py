@@ -46,6 +46,11 @@ RTP_HEADER = struct.Struct("!BBHII")
 RTP_VERSION = 2
 INTERLEAVED_HEADER = struct.Struct("!cBH")  # "$", channel, length
 SEQUENCE_MOD = 1 << 16
+# RFC 3550 A.1: a packet at most this many sequence numbers ahead follows a loss; farther ahead, or farther
+# behind than MAX_MISORDER, it is a stray or a camera that restarted its stream, taken as a restart once two
+# packets in a row follow on from it (a camera's encoder reset; a backward jump was "late" for ever before).
+MAX_DROPOUT = 3000
+MAX_MISORDER = 100  # sequence numbers behind the last that a packet is only late (or a duplicate)
 TIMESTAMP_MOD = 1 << 32
 DEFAULT_SESSION_TIMEOUT = 60  # seconds, RFC 2326 12.37, when SETUP's Session header names none
 # An interleaved channel is one byte on the wire (RFC 2326 10.12): a Transport header naming more is wrong.
@@ -501,6 +506,9 @@ class H264Depacketizer:
     lost) breaks the unit it falls in; that unit and every one after it up to the next IDR is dropped and
     counted: the pictures after a loss refer to the one lost, and a decoder shows them smeared.
     ``push`` raises ``RtspError`` for a packet it cannot read; the unit it was part of is dropped too.
+    A new SSRC, or two packets in a row far from the last sequence number (RFC 3550 A.1), is a camera that
+    restarted its stream: the depacketizer starts again there, at an IDR (``resyncs``); the packets it
+    would not take meanwhile, late, duplicate or stray, are counted (``packets_dropped``).
     """
 
     def __init__(self, payload_type: int) -> None:
@@ -509,6 +517,10 @@ class H264Depacketizer:
         self.units = 0  # handed on
         self.packets_lost = 0  # by sequence gaps
         self.units_dropped = 0  # broken, or after a loss and before the next IDR
+        self.packets_dropped = 0  # late, duplicate, or far from the sequence before a restart was certain
+        self.resyncs = 0  # the camera restarted its stream (a new SSRC, or its sequence numbers jumped)
+        self._ssrc: int | None = None
+        self._stray: RtpPacket | None = None  # far from the sequence: a restart's first packet if the next follows
         self._nals: list[bytes] = []
         self._size = 0
         self._fu: bytearray | None = None
@@ -523,15 +535,41 @@ class H264Depacketizer:
         if packet.payload_type != self.payload_type:
             raise RtspError(f"RTP payload type {packet.payload_type}, not the video's {self.payload_type}")
         self.packets += 1
-        out: list[AccessUnit] = []
+        if self._ssrc is not None and packet.ssrc != self._ssrc:
+            self._restart()
+        self._ssrc = packet.ssrc
         if self._last_seq is not None:
-            gap = (packet.sequence - self._last_seq - 1) % SEQUENCE_MOD
-            if gap >= SEQUENCE_MOD // 2:
-                return out  # a duplicate or a late packet: its unit has gone
-            if gap:
-                self.packets_lost += gap
-                self._broken = True
+            delta = (packet.sequence - self._last_seq) % SEQUENCE_MOD
+            if 0 < delta <= MAX_DROPOUT:
+                if delta > 1:
+                    self.packets_lost += delta - 1
+                    self._broken = True
+            elif delta == 0 or delta >= SEQUENCE_MOD - MAX_MISORDER:
+                self.packets_dropped += 1
+                return []  # a duplicate or a late packet: its unit has gone
+            elif self._stray is None or packet.sequence != (self._stray.sequence + 1) % SEQUENCE_MOD:
+                self._drop_stray()
+                self._stray = packet
+                return []  # a stray, or the first packet of a restarted stream: the next one says which
+            else:
+                stray, self._stray = self._stray, None
+                self._restart()
+                self._last_seq = stray.sequence  # if it cannot be read, the packet after counts this one lost
+                out = self._take(stray)
+                self._last_seq = packet.sequence
+                return out + self._take(packet)
+        self._drop_stray()
         self._last_seq = packet.sequence
+        return self._take(packet)
+
+    def _drop_stray(self) -> None:
+        if self._stray is not None:
+            self._stray = None
+            self.packets_dropped += 1
+
+    def _take(self, packet: RtpPacket) -> list[AccessUnit]:
+        """``packet``, in sequence, into the unit being gathered; the units it completes."""
+        out: list[AccessUnit] = []
         if not self._synced:
             if not starts_unit(packet.payload):
                 return out  # the rest of a unit sent before this reader joined
@@ -550,6 +588,16 @@ class H264Depacketizer:
         if packet.marker:
             out += self._finish()
         return out
+
+    def _restart(self) -> None:
+        """The camera restarted its stream: what was gathered of the old one goes, the new one starts at an
+        IDR."""
+        self.resyncs += 1
+        if self._nals or self._fu is not None:
+            self.units_dropped += 1
+        self._nals, self._size, self._fu, self._broken = [], 0, None, False
+        self._timestamp, self._last_seq = None, None
+        self._wait_idr, self._synced = True, False
 
     def _unwrap(self, ts: int) -> int:
         if self._last_ts is None:

@@ -127,6 +127,31 @@ def test_a_lost_packet_drops_its_unit_and_those_after_it_up_to_the_next_idr():
     assert depacketizer.units_dropped == second_idr - 2 - lost_whole
 
 
+@pytest.mark.parametrize(
+    ("first_seq", "ssrc"),
+    [(100, b"\x12\x34\x56\x78"), (40_000, b"\x12\x34\x56\x78"), (10_005, b"\x0b\xad\xca\xfe")],
+    ids=["sequence-back", "sequence-ahead", "new-ssrc"],
+)
+def test_a_camera_that_restarts_its_stream_is_followed_from_its_first_idr(first_seq, ssrc):
+    """RFC 3550 A.1: two packets in a row far from the last sequence number (or a new SSRC) are a camera that
+    restarted its stream; before, a backward jump had every packet after it dropped as late, for ever."""
+    depacketizer = rtspin.H264Depacketizer(PT)
+    out = []
+    for packet in packets_of(UNITS, first_seq=10_000):
+        out += depacketizer.push(rtspin.parse_rtp(packet))
+    assert len(out) == len(UNITS)
+    stray = rtp(b"\x41\x9a", 30_000, 0, True)  # one packet far off, then the stream goes on: no restart
+    last = 10_000 + len(packets_of(UNITS)) - 1
+    for packet in [stray, *packets_of(UNITS[:1], first_seq=last + 1, first_ts=2**31)]:
+        out += depacketizer.push(rtspin.parse_rtp(packet))
+    assert (len(out), depacketizer.packets_dropped, depacketizer.resyncs) == (len(UNITS) + 1, 1, 0)
+    restarted = [p[:8] + ssrc + p[12:] for p in packets_of(UNITS, first_seq=first_seq, first_ts=0)]
+    for packet in restarted:
+        out += depacketizer.push(rtspin.parse_rtp(packet))
+    assert [nals(u.data) for u in out[len(UNITS) + 1 :]] == [nals(u) for u in UNITS]  # from its IDR, every one
+    assert (depacketizer.resyncs, depacketizer.packets_dropped, depacketizer.packets_lost) == (1, 1, 0)
+
+
 def test_a_reader_that_joins_inside_a_fragmented_unit_skips_its_rest_quietly():
     packets = packets_of(UNITS)
     fu_a_start = next(i for i, p in enumerate(packets) if p[12] & 0x1F == 28 and p[13] & 0x80)

@@ -50,6 +50,7 @@ KEEPALIVE_FRACTION = 0.5  # of the session's timeout: a keep-alive long before t
 USER_AGENT = "camrelay"
 MAX_REDIRECTS = 1
 TEARDOWN_TIMEOUT = 0.5  # seconds a best-effort TEARDOWN may take to leave; its answer is not awaited
+LOG_EVERY = 10.0  # seconds between lines about a camera's bad packets or restarted streams (more are counted)
 
 
 class _Redirect(Exception):
@@ -94,7 +95,9 @@ class RtspSource:
         self._frames: collections.deque[av.VideoFrame] = collections.deque()
         self._stop = threading.Event()
         self._owner: int | None = None
-        self._bad_packets = Throttled(log, interval=10.0)
+        self._bad_packets = Throttled(log, interval=LOG_EVERY)
+        self._restarts = Throttled(log, interval=LOG_EVERY)
+        self._resyncs = 0  # the depacketizer's, as last logged
 
     @property
     def name(self) -> str:
@@ -275,6 +278,9 @@ class RtspSource:
                 self._units.extend(depacketizer.push(rtspin.parse_rtp(item.payload)))
             except RtspError as exc:
                 self._bad_packets.warn("%s: RTP packet dropped: %s", self.name, exc)
+            if depacketizer.resyncs != self._resyncs:
+                self._resyncs = depacketizer.resyncs
+                self._restarts.warn("%s restarted its RTP stream (new SSRC or sequence); from its next IDR", self.name)
         return self._units.popleft()
 
     def unread(self, units: list[AccessUnit]) -> None:
