@@ -538,12 +538,12 @@ class H264Depacketizer:
         if self._ssrc is not None and packet.ssrc != self._ssrc:
             self._restart()
         self._ssrc = packet.ssrc
+        lost = 0
         if self._last_seq is not None:
             delta = (packet.sequence - self._last_seq) % SEQUENCE_MOD
             if 0 < delta <= MAX_DROPOUT:
-                if delta > 1:
-                    self.packets_lost += delta - 1
-                    self._broken = True
+                lost = delta - 1
+                self.packets_lost += lost
             elif delta == 0 or delta >= SEQUENCE_MOD - MAX_MISORDER:
                 self.packets_dropped += 1
                 return []  # a duplicate or a late packet: its unit has gone
@@ -560,15 +560,16 @@ class H264Depacketizer:
                 return out + self._take(packet)
         self._drop_stray()
         self._last_seq = packet.sequence
-        return self._take(packet)
+        return self._take(packet, lost)
 
     def _drop_stray(self) -> None:
         if self._stray is not None:
             self._stray = None
             self.packets_dropped += 1
 
-    def _take(self, packet: RtpPacket) -> list[AccessUnit]:
-        """``packet``, in sequence, into the unit being gathered; the units it completes."""
+    def _take(self, packet: RtpPacket, lost: int = 0) -> list[AccessUnit]:
+        """``packet``, in sequence, ``lost`` packets after the last, into the unit being gathered; the units it
+        completes."""
         out: list[AccessUnit] = []
         if not self._synced:
             if not starts_unit(packet.payload):
@@ -576,7 +577,13 @@ class H264Depacketizer:
             self._synced = True
         ts = self._unwrap(packet.timestamp)
         if self._timestamp is not None and ts != self._timestamp and (self._nals or self._fu is not None):
-            out += self._finish()  # a camera that does not set the marker: the last unit ended
+            # A camera that does not set the marker (or whose marker packet was lost): the last unit ended. A
+            # loss here may have been its last packets or the next unit's first: neither can be trusted, and
+            # the one flag must not be spent on the first alone (the next, an IDR missing its first slice,
+            # went out as a keyframe).
+            self._broken = self._broken or bool(lost)
+            out += self._finish()
+        self._broken = self._broken or bool(lost)
         self._timestamp = ts
         try:
             self._add(packet.payload)

@@ -112,6 +112,23 @@ def test_a_camera_that_never_sets_the_marker_has_its_units_end_at_the_next_times
     assert [nals(u.data) for u in out] == [nals(u) for u in UNITS[:-1]]  # the last waits for a next
 
 
+def test_a_camera_that_never_sets_the_marker_has_no_unit_after_a_loss_go_out_until_a_whole_idr():
+    """The loss falls at a timestamp change, where a unit with no marker ends: it breaks the unit that starts
+    there as well as the one that ends (which of them lost it cannot be told); the IDR missing its first
+    slice went out as a keyframe."""
+    p_slice, idr_first, idr_second = b"\x41\x80\x01\x02", b"\x65\x80\x03\x04", b"\x65\x40\x05\x06"
+    sent = [(idr_first, 0), (idr_second, 0), (p_slice, 3000), (idr_first, 6000), (idr_second, 6000)]
+    sent += [(p_slice, 9000), (idr_first, 12000), (idr_second, 12000), (p_slice, 15000)]
+    lost = 3  # the first slice of the IDR at 6000
+    depacketizer = rtspin.H264Depacketizer(PT)
+    out = []
+    for seq, (payload, ts) in enumerate(sent):
+        if seq != lost:
+            out += depacketizer.push(rtspin.parse_rtp(rtp(payload, seq, ts, False)))
+    assert [(u.pts, u.keyframe, len(nals(u.data))) for u in out] == [(0, True, 2), (12000, True, 2)]
+    assert (depacketizer.packets_lost, depacketizer.units_dropped) == (1, 3)
+
+
 def test_a_lost_packet_drops_its_unit_and_those_after_it_up_to_the_next_idr():
     packets = packets_of(UNITS)
     second_idr = [i for i, u in enumerate(UNITS) if h264.is_idr(u)][1]
