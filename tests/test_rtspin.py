@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import fractions
 import hashlib
 import json
+import queue
 import threading
 import tracemalloc
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import av
@@ -21,6 +24,7 @@ import pytest
 from benchmarks import rtspcams
 from benchmarks.rtspcams import CameraServer, LiveCamera, server_config
 from relay import h264, rtspin
+from relay.camera import rtspsource
 from relay.camera.capture import SourceError, UseDemuxer, open_source
 from relay.camera.rtspsource import RtspSource
 from relay.camera.testpattern import PatternRenderer
@@ -467,7 +471,8 @@ def test_a_setup_answer_that_cannot_be_read_is_refused_exactly(call, value, erro
 class TinyCamera:
     """An RTSP server on loopback for one H.264 track over TCP: answers OPTIONS, DESCRIBE (its ``sdp``),
     SETUP, PLAY, GET_PARAMETER and TEARDOWN; ``send(unit)`` sends one access unit as RTP (aiortc's
-    packetizer), marker on its last packet. It counts connections and DESCRIBEs."""
+    packetizer), marker on its last packet. It counts connections and DESCRIBEs. ``before_answer[method]``
+    runs before that method's answer goes out (one that never returns: a camera that never answers)."""
 
     def __init__(self, sets: list[bytes] = SETS, sdp_text: str | None = None, redirect: str = "") -> None:
         sprop = ",".join(base64.b64encode(n).decode() for n in sets)
@@ -477,6 +482,7 @@ class TinyCamera:
         self.describes = 0
         self.methods: list[str] = []
         self.playing = asyncio.Event()
+        self.before_answer: dict[str, Callable[[], Awaitable[None]]] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._seq = 0
         self._ts = 0
@@ -533,6 +539,8 @@ class TinyCamera:
                 elif method == b"SETUP":
                     headers += b"Session: 8a7b;timeout=60\r\nTransport: RTP/AVP/TCP;unicast;interleaved=0-1\r\n"
                 headers += b"Content-Length: %d\r\n" % len(body)
+                if method.decode() in self.before_answer:
+                    await self.before_answer[method.decode()]()
                 writer.write(b"RTSP/1.0 " + status + b"\r\nCSeq: " + cseq + b"\r\n" + headers + b"\r\n" + body)
                 await writer.drain()
                 if method == b"PLAY":
@@ -619,6 +627,112 @@ async def test_close_from_another_thread_ends_a_blocked_read_and_a_silent_camera
     await asyncio.to_thread(thread.join, DEADLINE)
     assert "sent nothing for 5 s" in str(results[1])
     await camera.close()
+
+
+def rtcp_frame() -> bytes:
+    """An RTCP sender report on the interleaved channel after the video's, as a camera sends every second."""
+    report = bytes([0x80, 200, 0, 6]) + bytes(24)
+    return b"$\x01" + len(report).to_bytes(2, "big") + report
+
+
+class CaptureThread:
+    """Calls made on one thread of its own, as the worker's capture thread makes them (a source is closed by
+    the thread that opened it). A daemon: the client before these fixes could block in open() for ever."""
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self) -> None:
+        while (call := self._calls.get()) is not None:
+            fn, future = call
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # handed to the awaiting test, whatever it is
+                    future.set_exception(exc)
+
+    async def run(self, fn: Callable[[], object]) -> object:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._calls.put((fn, future))
+        return await asyncio.wait_for(asyncio.wrap_future(future), DEADLINE)
+
+    async def opened(self, source: RtspSource) -> BaseException | None:
+        """The error ``source.open()`` raised (the source then closed), or None."""
+        try:
+            await self.run(source.open)
+        except SourceError as exc:
+            await self.run(source.close)
+            return exc
+        return None
+
+    async def close(self, source: RtspSource) -> None:
+        await self.run(source.close)
+        self._calls.put(None)
+
+
+async def test_frames_a_camera_sends_before_an_answer_are_held_aside_and_read_after_it_in_order():
+    """The camera starts its stream before its PLAY answer leaves: the client took the first frame for the
+    answer's, put it back, and took it again for ever (a core at 100 %, and close() could not stop it)."""
+    camera = await TinyCamera().start()
+
+    async def early_units() -> None:
+        await camera.send(UNITS[0])
+        await camera.send(UNITS[1])
+        camera._writer.write(rtcp_frame())
+
+    camera.before_answer["PLAY"] = early_units
+    source, capture = open_source(parse_source_spec(camera.url), 640, 360, 30, "cam0"), CaptureThread()
+    try:
+        assert await capture.opened(source) is None
+        first = await capture.run(source.read_packet)
+        second = await capture.run(source.read_packet)
+        await camera.send(UNITS[2])
+        third = await capture.run(source.read_packet)
+        assert [nals(u.data) for u in (first, second, third)] == [nals(u) for u in UNITS[:3]]
+    finally:
+        await capture.close(source)
+        await camera.close()
+
+
+async def test_a_camera_that_sends_rtp_instead_of_an_answer_is_refused_past_a_cap(monkeypatch):
+    monkeypatch.setattr(rtspsource, "MAX_HELD_BYTES", 256 * 1024)
+    camera = await TinyCamera().start()
+
+    async def flood() -> None:  # interleaved frames, and never DESCRIBE's answer
+        while True:
+            camera._writer.write(b"$\x00\xfd\xe8" + bytes(65000))
+            await camera._writer.drain()
+
+    camera.before_answer["DESCRIBE"] = flood
+    source, capture = open_source(parse_source_spec(camera.url), 640, 360, 30, "cam0"), CaptureThread()
+    try:
+        error = await capture.opened(source)
+        assert str(error).endswith("sent over 262144 bytes of RTP and no answer to DESCRIBE")
+    finally:
+        await capture.close(source)
+        await camera.close()
+
+
+async def test_an_answer_that_trickles_in_is_given_up_at_the_requests_deadline(monkeypatch):
+    """A byte every so often, never a whole answer: each read's timeout started again at each byte."""
+    monkeypatch.setattr(rtspsource, "CONNECT_TIMEOUT", 0.5)
+    camera = await TinyCamera().start()
+
+    async def trickle() -> None:
+        camera._writer.write(b"RTSP/1.0 200 OK\r\nCSeq: 2\r\nX-Slow: ")
+        while True:
+            camera._writer.write(b"y")
+            await camera._writer.drain()
+            await asyncio.sleep(0.05)  # well inside the shortened timeout: only a total deadline ends it
+
+    camera.before_answer["DESCRIBE"] = trickle
+    source, capture = open_source(parse_source_spec(camera.url), 640, 360, 30, "cam0"), CaptureThread()
+    try:
+        assert str(await capture.opened(source)).endswith("did not answer DESCRIBE within 0.5 s")
+    finally:
+        await capture.close(source)
+        await camera.close()
 
 
 async def test_a_redirect_is_followed_once():

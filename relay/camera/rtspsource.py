@@ -41,7 +41,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 554
-CONNECT_TIMEOUT = 5.0  # seconds to connect, and for each answer while opening
+CONNECT_TIMEOUT = 5.0  # seconds to connect, and for each request's answer, in all (a trickle does not extend it)
+# Interleaved bytes a camera may send ahead of a request's answer (its stream starting before PLAY's answer
+# leaves: a keyframe or two), each frame counted with HELD_FRAME_OVERHEAD; more is a camera that does not answer.
+MAX_HELD_BYTES = 8 * 2**20
+HELD_FRAME_OVERHEAD = 64  # bytes an Interleaved frame held costs beyond its payload (its objects' headers)
 # Seconds with nothing from a playing camera before it counts as gone: the same as FFmpeg's "timeout" option
 # of RTSP_INPUT (relay/camera/capture.py), so a camera that hangs mid-stream is a SourceError within 5 s.
 IO_TIMEOUT = 5.0
@@ -153,8 +157,6 @@ class RtspSource:
         self._depacketizer = rtspin.H264Depacketizer(video.payload_type)
         self._request("PLAY", base if base.startswith("rtsp://") else self._target, {"Range": "npt=0.000-"})
         self._keepalive_at = time.monotonic() + self._keepalive_every
-        if self._sock is not None:
-            self._sock.settimeout(IO_TIMEOUT)  # playing: a camera silent this long is gone
 
     def _connect(self) -> None:
         self._close_socket()
@@ -173,7 +175,7 @@ class RtspSource:
         200 is a ``SourceError``."""
         for attempt in range(2):
             self._send(method, url, headers)
-            response = self._answer()
+            response = self._answer(method)
             if response.status == 401 and attempt == 0:
                 if not self._user:
                     raise SourceError(f"{self.name} wants credentials (401 to {method}) and the URL has none")
@@ -218,31 +220,48 @@ class RtspSource:
         if self._sock is None:
             raise SourceError(f"{self.name} is not open")
         try:
+            self._sock.settimeout(CONNECT_TIMEOUT)  # a read's deadline may have left it at a moment
             self._sock.sendall(rtspin.request(method, url, self._cseq, all_headers))
         except OSError as exc:
             raise SourceError(f"{self.name}: cannot send {method}: {exc.strerror or exc}") from None
 
-    def _answer(self) -> Response:
-        """The answer to the request just sent (interleaved frames before it are kept for reading)."""
-        while True:
-            item = self._next_item()
-            if isinstance(item, Response):
-                if item.cseq in (None, self._cseq):
-                    return item
-            else:
-                self._items.append(item)
+    def _answer(self, method: str) -> Response:
+        """The answer to the request just sent, within ``CONNECT_TIMEOUT``. Interleaved frames that come
+        before it (up to ``MAX_HELD_BYTES``) are held aside and given back, in order, ahead of what follows."""
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        silence = f"did not answer {method} within {CONNECT_TIMEOUT:g} s"
+        held: list[rtspin.Interleaved] = []
+        held_bytes = 0
+        try:
+            while True:
+                item = self._next_item(deadline, silence)
+                if isinstance(item, Response):
+                    if item.cseq in (None, self._cseq):
+                        return item
+                    continue  # the answer to an earlier request (a keep-alive's)
+                held.append(item)
+                held_bytes += len(item.payload) + HELD_FRAME_OVERHEAD
+                if held_bytes > MAX_HELD_BYTES:
+                    raise SourceError(f"{self.name} sent over {MAX_HELD_BYTES} bytes of RTP and no answer to {method}")
+        finally:
+            self._items.extendleft(reversed(held))
 
     # -- reading
 
-    def _next_item(self) -> rtspin.Response | rtspin.Interleaved:
+    def _next_item(self, deadline: float, silence: str) -> rtspin.Response | rtspin.Interleaved:
+        """The next response or interleaved frame; ``SourceError`` saying the camera ``silence`` when there is
+        none by ``deadline`` (monotonic)."""
         while not self._items:
             if self._stop.is_set() or self._sock is None:
                 raise SourceError(f"{self.name} closed")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SourceError(f"{self.name} {silence}")
             try:
+                self._sock.settimeout(left)
                 data = self._sock.recv(RECV_BYTES)
             except TimeoutError:
-                timeout = self._sock.gettimeout()
-                raise SourceError(f"{self.name} sent nothing for {timeout:g} s") from None
+                raise SourceError(f"{self.name} {silence}") from None
             except OSError as exc:
                 if self._stop.is_set():
                     raise SourceError(f"{self.name} closed") from None
@@ -271,7 +290,7 @@ class RtspSource:
             if time.monotonic() >= self._keepalive_at:
                 self._keepalive_at = time.monotonic() + self._keepalive_every
                 self._send(self._keepalive_method, self._target)  # its answer is read, and dropped, below
-            item = self._next_item()
+            item = self._next_item(time.monotonic() + IO_TIMEOUT, f"sent nothing for {IO_TIMEOUT:g} s")
             if not isinstance(item, rtspin.Interleaved) or item.channel != self._rtp_channel:
                 continue  # RTCP, a keep-alive's answer
             try:
