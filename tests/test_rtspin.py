@@ -625,7 +625,7 @@ async def test_close_from_another_thread_ends_a_blocked_read_and_a_silent_camera
     thread = threading.Thread(target=read, args=(silent,))
     thread.start()
     await asyncio.to_thread(thread.join, DEADLINE)
-    assert "sent nothing for 5 s" in str(results[1])
+    assert "sent no video for 5 s" in str(results[1])
     await camera.close()
 
 
@@ -730,6 +730,44 @@ async def test_an_answer_that_trickles_in_is_given_up_at_the_requests_deadline(m
     source, capture = open_source(parse_source_spec(camera.url), 640, 360, 30, "cam0"), CaptureThread()
     try:
         assert str(await capture.opened(source)).endswith("did not answer DESCRIBE within 0.5 s")
+    finally:
+        await capture.close(source)
+        await camera.close()
+
+
+async def test_a_camera_that_sends_only_rtcp_is_a_source_error_after_the_io_timeout(monkeypatch):
+    """Its encoder hung, its RTSP server still sends a sender report every so often: no video is no camera
+    (each report started the read's timeout again, and read_packet() waited for ever)."""
+    monkeypatch.setattr(rtspsource, "IO_TIMEOUT", 0.5)
+    camera = await TinyCamera().start()
+
+    async def reports() -> None:
+        while True:
+            camera._writer.write(rtcp_frame())
+            await asyncio.sleep(0.05)  # well inside the shortened timeout: only video may extend it
+
+    source, capture = open_source(parse_source_spec(camera.url), 640, 360, 30, "cam0"), CaptureThread()
+    try:
+        assert await capture.opened(source) is None
+        await camera.send(UNITS[0])
+        assert h264.is_idr((await capture.run(source.read_packet)).data)
+        sending = asyncio.create_task(reports())
+        with pytest.raises(SourceError, match="sent no video for 0.5 s$"):
+            await capture.run(source.read_packet)
+        sending.cancel()
+    finally:
+        await capture.close(source)
+        await camera.close()
+
+
+async def test_open_gives_up_at_its_total_deadline_whatever_each_request_has(monkeypatch):
+    monkeypatch.setattr(rtspsource, "CONNECT_TIMEOUT", 1000.0)  # each request would wait longer than the test
+    monkeypatch.setattr(rtspsource, "OPEN_TIMEOUT", 0.5)
+    camera = await TinyCamera().start()
+    camera.before_answer["DESCRIBE"] = lambda: camera._writer.wait_closed()  # not answered while connected
+    source, capture = open_source(parse_source_spec(camera.url), 640, 360, 30, "cam0"), CaptureThread()
+    try:
+        assert str(await capture.opened(source)).endswith("did not finish opening within 0.5 s (DESCRIBE)")
     finally:
         await capture.close(source)
         await camera.close()

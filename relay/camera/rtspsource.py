@@ -12,8 +12,10 @@ JPEGs, the slate shows, or the stream transcodes (``read`` decodes, lazily).
 with the URL's credentials: Basic or Digest), and raises ``UseDemuxer`` when
 the camera sends anything but H.264 or a DESCRIBE answer it cannot read; then
 SETUP (the video track, interleaved) and PLAY. While playing it sends
-GET_PARAMETER (or OPTIONS) before the session's timeout. Nothing from the
-camera for ``IO_TIMEOUT`` is a ``SourceError``, as with FFmpeg's demuxer.
+GET_PARAMETER (or OPTIONS) before the session's timeout. Each answer has
+``CONNECT_TIMEOUT`` in all, ``open()`` ``OPEN_TIMEOUT``; no RTP packet of the
+video for ``IO_TIMEOUT`` is a ``SourceError`` (RTCP alone does not keep a
+camera alive), as FFmpeg's demuxer's I/O timeout is.
 """
 
 from __future__ import annotations
@@ -46,8 +48,12 @@ CONNECT_TIMEOUT = 5.0  # seconds to connect, and for each request's answer, in a
 # leaves: a keyframe or two), each frame counted with HELD_FRAME_OVERHEAD; more is a camera that does not answer.
 MAX_HELD_BYTES = 8 * 2**20
 HELD_FRAME_OVERHEAD = 64  # bytes an Interleaved frame held costs beyond its payload (its objects' headers)
-# Seconds with nothing from a playing camera before it counts as gone: the same as FFmpeg's "timeout" option
-# of RTSP_INPUT (relay/camera/capture.py), so a camera that hangs mid-stream is a SourceError within 5 s.
+# Seconds open() may take in all (connect, OPTIONS, DESCRIBE, a redirect, a 401, SETUP, PLAY): each step had
+# CONNECT_TIMEOUT, and a camera slow at each held it a minute. FFmpeg's demuxer has 10 s (capture.OPEN_TIMEOUT).
+OPEN_TIMEOUT = 10.0
+# Seconds without an RTP packet of the video from a playing camera before it counts as gone: the same as
+# FFmpeg's "timeout" option of RTSP_INPUT (relay/camera/capture.py), so a camera that hangs mid-stream is a
+# SourceError within 5 s. Video, not any byte: a camera whose encoder hung may send RTCP reports for ever.
 IO_TIMEOUT = 5.0
 RECV_BYTES = 256 * 1024  # one read takes what the socket holds: a 1080p I-frame is 100-300 KiB
 KEEPALIVE_FRACTION = 0.5  # of the session's timeout: a keep-alive long before the camera drops the session
@@ -90,6 +96,8 @@ class RtspSource:
         self._keepalive_at = 0.0
         self._keepalive_method = "OPTIONS"
         self._rtp_channel = 0
+        self._open_deadline = float("inf")  # monotonic, while open() runs
+        self._video_deadline = float("inf")  # monotonic: a SourceError when no video has come by then
         self._depacketizer: rtspin.H264Depacketizer | None = None
         self._items: collections.deque[rtspin.Response | rtspin.Interleaved] = collections.deque()
         self._units: collections.deque[AccessUnit] = collections.deque()
@@ -120,6 +128,14 @@ class RtspSource:
 
     def open(self) -> None:
         self._owner = threading.get_ident()
+        self._open_deadline = time.monotonic() + OPEN_TIMEOUT
+        try:
+            self._open()
+        finally:
+            self._open_deadline = float("inf")
+        self._video_deadline = time.monotonic() + IO_TIMEOUT
+
+    def _open(self) -> None:
         for redirects in range(MAX_REDIRECTS + 1):
             self._connect()
             try:
@@ -161,8 +177,11 @@ class RtspSource:
     def _connect(self) -> None:
         self._close_socket()
         parts = urlsplit(self._target)
+        timeout = min(CONNECT_TIMEOUT, self._open_deadline - time.monotonic())
+        if timeout <= 0:
+            raise SourceError(f"{self.name} did not finish opening within {OPEN_TIMEOUT:g} s")
         try:
-            self._sock = socket.create_connection((parts.hostname, parts.port or DEFAULT_PORT), CONNECT_TIMEOUT)
+            self._sock = socket.create_connection((parts.hostname, parts.port or DEFAULT_PORT), timeout)
         except OSError as exc:
             raise SourceError(f"cannot open {self.name}: {exc.strerror or exc}") from None
         self._sock.settimeout(CONNECT_TIMEOUT)
@@ -230,6 +249,8 @@ class RtspSource:
         before it (up to ``MAX_HELD_BYTES``) are held aside and given back, in order, ahead of what follows."""
         deadline = time.monotonic() + CONNECT_TIMEOUT
         silence = f"did not answer {method} within {CONNECT_TIMEOUT:g} s"
+        if self._open_deadline < deadline:
+            deadline, silence = self._open_deadline, f"did not finish opening within {OPEN_TIMEOUT:g} s ({method})"
         held: list[rtspin.Interleaved] = []
         held_bytes = 0
         try:
@@ -290,11 +311,14 @@ class RtspSource:
             if time.monotonic() >= self._keepalive_at:
                 self._keepalive_at = time.monotonic() + self._keepalive_every
                 self._send(self._keepalive_method, self._target)  # its answer is read, and dropped, below
-            item = self._next_item(time.monotonic() + IO_TIMEOUT, f"sent nothing for {IO_TIMEOUT:g} s")
+            item = self._next_item(self._video_deadline, f"sent no video for {IO_TIMEOUT:g} s")
             if not isinstance(item, rtspin.Interleaved) or item.channel != self._rtp_channel:
                 continue  # RTCP, a keep-alive's answer
             try:
-                self._units.extend(depacketizer.push(rtspin.parse_rtp(item.payload)))
+                packet = rtspin.parse_rtp(item.payload)
+                if packet.payload_type == depacketizer.payload_type:
+                    self._video_deadline = time.monotonic() + IO_TIMEOUT
+                self._units.extend(depacketizer.push(packet))
             except RtspError as exc:
                 self._bad_packets.warn("%s: RTP packet dropped: %s", self.name, exc)
             if depacketizer.resyncs != self._resyncs:
