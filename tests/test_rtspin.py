@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import contextlib
 import fractions
 import hashlib
 import json
 import queue
 import threading
 import tracemalloc
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import av
@@ -671,6 +672,23 @@ class CaptureThread:
         self._calls.put(None)
 
 
+@contextlib.asynccontextmanager
+async def reading(camera: TinyCamera) -> AsyncIterator[tuple[RtspSource, CaptureThread]]:
+    """A client of ``camera`` and the thread it runs on; both, and the camera, closed after."""
+    source, capture = open_source(parse_source_spec(camera.url), 640, 360, 30, "cam0"), CaptureThread()
+    try:
+        yield source, capture
+    finally:
+        await capture.close(source)
+        await camera.close()
+
+
+async def open_error(camera: TinyCamera) -> str:
+    """What the client's ``open()`` of ``camera`` raised."""
+    async with reading(camera) as (source, capture):
+        return str(await capture.opened(source))
+
+
 async def test_frames_a_camera_sends_before_an_answer_are_held_aside_and_read_after_it_in_order():
     """The camera starts its stream before its PLAY answer leaves: the client took the first frame for the
     answer's, put it back, and took it again for ever (a core at 100 %, and close() could not stop it)."""
@@ -682,17 +700,13 @@ async def test_frames_a_camera_sends_before_an_answer_are_held_aside_and_read_af
         camera._writer.write(rtcp_frame())
 
     camera.before_answer["PLAY"] = early_units
-    source, capture = open_source(parse_source_spec(camera.url), 640, 360, 30, "cam0"), CaptureThread()
-    try:
+    async with reading(camera) as (source, capture):
         assert await capture.opened(source) is None
         first = await capture.run(source.read_packet)
         second = await capture.run(source.read_packet)
         await camera.send(UNITS[2])
         third = await capture.run(source.read_packet)
         assert [nals(u.data) for u in (first, second, third)] == [nals(u) for u in UNITS[:3]]
-    finally:
-        await capture.close(source)
-        await camera.close()
 
 
 async def test_a_camera_that_sends_rtp_instead_of_an_answer_is_refused_past_a_cap(monkeypatch):
@@ -705,13 +719,7 @@ async def test_a_camera_that_sends_rtp_instead_of_an_answer_is_refused_past_a_ca
             await camera._writer.drain()
 
     camera.before_answer["DESCRIBE"] = flood
-    source, capture = open_source(parse_source_spec(camera.url), 640, 360, 30, "cam0"), CaptureThread()
-    try:
-        error = await capture.opened(source)
-        assert str(error).endswith("sent over 262144 bytes of RTP and no answer to DESCRIBE")
-    finally:
-        await capture.close(source)
-        await camera.close()
+    assert (await open_error(camera)).endswith("sent over 262144 bytes of RTP and no answer to DESCRIBE")
 
 
 async def test_an_answer_that_trickles_in_is_given_up_at_the_requests_deadline(monkeypatch):
@@ -727,12 +735,7 @@ async def test_an_answer_that_trickles_in_is_given_up_at_the_requests_deadline(m
             await asyncio.sleep(0.05)  # well inside the shortened timeout: only a total deadline ends it
 
     camera.before_answer["DESCRIBE"] = trickle
-    source, capture = open_source(parse_source_spec(camera.url), 640, 360, 30, "cam0"), CaptureThread()
-    try:
-        assert str(await capture.opened(source)).endswith("did not answer DESCRIBE within 0.5 s")
-    finally:
-        await capture.close(source)
-        await camera.close()
+    assert (await open_error(camera)).endswith("did not answer DESCRIBE within 0.5 s")
 
 
 async def test_a_camera_that_sends_only_rtcp_is_a_source_error_after_the_io_timeout(monkeypatch):
@@ -746,8 +749,7 @@ async def test_a_camera_that_sends_only_rtcp_is_a_source_error_after_the_io_time
             camera._writer.write(rtcp_frame())
             await asyncio.sleep(0.05)  # well inside the shortened timeout: only video may extend it
 
-    source, capture = open_source(parse_source_spec(camera.url), 640, 360, 30, "cam0"), CaptureThread()
-    try:
+    async with reading(camera) as (source, capture):
         assert await capture.opened(source) is None
         await camera.send(UNITS[0])
         assert h264.is_idr((await capture.run(source.read_packet)).data)
@@ -755,9 +757,6 @@ async def test_a_camera_that_sends_only_rtcp_is_a_source_error_after_the_io_time
         with pytest.raises(SourceError, match="sent no video for 0.5 s$"):
             await capture.run(source.read_packet)
         sending.cancel()
-    finally:
-        await capture.close(source)
-        await camera.close()
 
 
 async def test_open_gives_up_at_its_total_deadline_whatever_each_request_has(monkeypatch):
@@ -765,12 +764,7 @@ async def test_open_gives_up_at_its_total_deadline_whatever_each_request_has(mon
     monkeypatch.setattr(rtspsource, "OPEN_TIMEOUT", 0.5)
     camera = await TinyCamera().start()
     camera.before_answer["DESCRIBE"] = lambda: camera._writer.wait_closed()  # not answered while connected
-    source, capture = open_source(parse_source_spec(camera.url), 640, 360, 30, "cam0"), CaptureThread()
-    try:
-        assert str(await capture.opened(source)).endswith("did not finish opening within 0.5 s (DESCRIBE)")
-    finally:
-        await capture.close(source)
-        await camera.close()
+    assert (await open_error(camera)).endswith("did not finish opening within 0.5 s (DESCRIBE)")
 
 
 async def test_a_redirect_is_followed_once():
