@@ -474,6 +474,10 @@ class AccessUnit:
     def __bytes__(self) -> bytes:
         return self.data
 
+    @property
+    def size(self) -> int:  # as av.Packet's: a reader of either takes both
+        return len(self.data)
+
 
 # NAL unit types that come before an access unit's first slice (SEI, SPS, PPS, access unit delimiter).
 NAL_UNIT_HEADS = frozenset({6, 7, 8, 9})

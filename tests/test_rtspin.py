@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import fractions
 import hashlib
+import itertools
 import json
 import queue
 import threading
@@ -25,11 +26,12 @@ import pytest
 from benchmarks import rtspcams
 from benchmarks.rtspcams import CameraServer, LiveCamera, server_config
 from relay import h264, rtspin
-from relay.camera import rtspsource
+from relay.camera import rtspsource, worker
 from relay.camera.capture import SourceError, UseDemuxer, open_source
 from relay.camera.rtspsource import RtspSource
 from relay.camera.testpattern import PatternRenderer
 from relay.config import StreamConfig
+from relay.ipc import EncoderSettings
 from relay.rtspin import RtspError
 from relay.source import parse_source_spec
 from relay.webrtc import borrowed
@@ -483,6 +485,8 @@ class TinyCamera:
         self.describes = 0
         self.methods: list[str] = []
         self.playing = asyncio.Event()
+        self.closed = asyncio.Event()  # for a before_answer that waits until then: a camera that never answers
+        self._writers: list[asyncio.StreamWriter] = []
         self.before_answer: dict[str, Callable[[], Awaitable[None]]] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._seq = 0
@@ -499,10 +503,11 @@ class TinyCamera:
         return f"rtsp://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/cam"
 
     async def close(self) -> None:
+        self.closed.set()
         if self._server is not None:
             self._server.close()
-            if self._writer is not None:
-                self._writer.close()
+            for writer in self._writers:
+                writer.close()
             await self._server.wait_closed()
 
     async def send(self, unit: bytes) -> None:
@@ -519,6 +524,7 @@ class TinyCamera:
         self.connections += 1
         self.playing.clear()
         self._writer = writer
+        self._writers.append(writer)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -763,7 +769,7 @@ async def test_open_gives_up_at_its_total_deadline_whatever_each_request_has(mon
     monkeypatch.setattr(rtspsource, "CONNECT_TIMEOUT", 1000.0)  # each request would wait longer than the test
     monkeypatch.setattr(rtspsource, "OPEN_TIMEOUT", 0.5)
     camera = await TinyCamera().start()
-    camera.before_answer["DESCRIBE"] = lambda: camera._writer.wait_closed()  # not answered while connected
+    camera.before_answer["DESCRIBE"] = camera.closed.wait  # never answered
     assert (await open_error(camera)).endswith("did not finish opening within 0.5 s (DESCRIBE)")
 
 
@@ -802,6 +808,76 @@ async def test_a_camera_that_sends_h265_or_an_unreadable_sdp_goes_to_ffmpegs_dem
         finally:
             source.close()
             await camera.close()
+
+
+# -- the worker's pipeline in this process, reading a camera of this test's (its constants can be shortened)
+
+
+@contextlib.asynccontextmanager
+async def pipeline_of(camera: TinyCamera, emit: Callable[[bytes], None] = lambda _: None):
+    """The worker's ``Pipeline`` passing ``camera`` through, started; stopped (and the camera closed) after."""
+    spec = parse_source_spec(camera.url)
+    pipeline = worker.Pipeline(
+        "cam0",
+        camera.url,
+        lambda: open_source(spec, 640, 360, 30, "cam0"),
+        EncoderSettings(1_000_000, 30, 2),
+        emit,
+        mode="passthrough",
+    )
+    pipeline.start()
+    try:
+        yield pipeline
+    finally:
+        await asyncio.to_thread(pipeline.stop)
+        await camera.close()
+
+
+async def run_until(pipeline: worker.Pipeline, predicate, what: str, camera: TinyCamera | None = None, units=()):
+    """The worker's main thread's watch (``tick``), and ``camera`` sending ``units`` over and over while it
+    plays, until ``predicate()``."""
+    deadline = asyncio.get_running_loop().time() + DEADLINE
+    cycle = itertools.cycle(units)
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, f"{what} within {DEADLINE:g} s"
+        pipeline.tick()
+        if camera is not None and units and camera.playing.is_set():
+            for _ in range(6):
+                with contextlib.suppress(ConnectionError):
+                    await camera.send(next(cycle))
+        await asyncio.sleep(worker.WATCH_INTERVAL)
+
+
+@pytest.fixture
+def no_slate(monkeypatch):
+    """The worker's slate stays away (no encoder in this process), and it never exits for a stuck thread."""
+    monkeypatch.setattr(worker, "SLATE_AFTER", 1000.0)
+    monkeypatch.setattr(worker, "STUCK_EXIT", 1000.0)
+
+
+async def test_a_source_stuck_opening_is_closed_by_the_workers_watch_and_opened_again(monkeypatch, no_slate, caplog):
+    """The stall watch looked at live sources only: one stuck in open() or in the probe (a reader with no
+    deadline of its own, as FFmpeg's demuxer is on a read) held the stream "starting" for ever."""
+    monkeypatch.setattr(rtspsource, "OPEN_TIMEOUT", 1000.0)  # the client's own deadlines out of the way
+    monkeypatch.setattr(rtspsource, "CONNECT_TIMEOUT", 1000.0)
+    monkeypatch.setattr(worker, "OPEN_STALL", 0.5)
+    camera = await TinyCamera().start()
+    camera.before_answer["DESCRIBE"] = camera.closed.wait  # never answered
+    async with pipeline_of(camera) as pipeline:
+        await run_until(pipeline, lambda: camera.connections >= 2, "the source closed and opened again")
+        st = pipeline.status()
+        assert st.source_opens == 0 and st.source_errors >= 2  # the watch's, then the source's own "closed"
+        assert "stream=cam0 source error: not open, or no packet while probing it, for" in caplog.text
+
+
+async def test_a_probe_that_finds_no_sps_gives_up_past_its_byte_cap(monkeypatch, no_slate):
+    """Up to 600 units of up to 16 MiB each were held while looking for an SPS."""
+    monkeypatch.setattr(worker, "PROBE_MAX_BYTES", 20_000)
+    camera = await TinyCamera(sets=[]).start()  # no SPS in the SDP, and none in band
+    async with pipeline_of(camera) as pipeline:
+        error = "sent over 20000 bytes before its SPS: it cannot be passed through"
+        await run_until(pipeline, lambda: error in pipeline.status().last_error, "the probe's error", camera, UNITS)
+        assert pipeline.status().source_opens >= 1
 
 
 # -- a real camera server: mediamtx with a read user and Digest

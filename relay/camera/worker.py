@@ -51,6 +51,11 @@ EWMA_ALPHA = 0.1  # smoothing for the per-frame encode time
 STATUS_INTERVAL = 1.0  # seconds between status messages to the relay
 SLATE_AFTER = 1.0  # seconds without a frame before viewers see the no-signal slate
 CAPTURE_STALL = 2.0  # seconds without a frame (and without an error) before the source is reopened
+# Seconds a source may take to open, or between two packets of its probe, before it is closed and opened again:
+# longer than any source's own deadline (RtspSource.OPEN_TIMEOUT, FFmpeg's capture.OPEN_TIMEOUT: 10 s) and a
+# probe's wait for its next packet; a last resort for a reader without one (FFmpeg's demuxer has no deadline
+# on a read, and a camera sending only RTCP held a probe for ever, the stall watch looking only at live ones).
+OPEN_STALL = 30.0
 STUCK_EXIT = 8.0  # seconds a closed source may keep its read blocked before the worker exits
 THERMAL_SLACK = 0.9  # keep a frame a little early rather than skip two at jittery rates
 EXIT_STUCK = 3  # the worker's exit status when the capture thread is stuck
@@ -59,6 +64,9 @@ WATCH_INTERVAL = 0.25  # seconds between the main thread's looks for a stalled o
 # Packets read before a stream's SPS shows up in-band (a camera that sends it only before IDRs, none in the
 # SDP): 20 s at 30 fps, longer than any camera's GOP. Past it the stream is taken as unreadable H.264.
 SPS_PROBE_PACKETS = 600
+# Bytes the probe may hold read ahead: SPS_PROBE_PACKETS units of up to rtspin.MAX_UNIT_BYTES each were 9 GiB.
+# 32 MiB is many GOPs of any camera camrelay can pass through.
+PROBE_MAX_BYTES = 32 * 2**20
 # Packets whose timestamps are looked at, when the SPS does not say whether pictures are reordered
 # (B-frames): a B-frame shows within two or three pictures of an I or P.
 REORDER_PROBE_PACKETS = 12
@@ -189,6 +197,8 @@ class Pipeline:
         self._last_frame = time.monotonic()  # when the source last delivered a frame to the output
         self._last_read = time.monotonic()  # when the source last delivered anything (frames skipped included)
         self._stall_closed_at: float | None = None
+        self._opening = False  # the capture thread opens or probes a source (its state: starting, retrying)
+        self._probe_bytes = 0  # of the packets the probe holds read ahead
         self._last_status = 0.0
         # Passthrough: camera units wait for an IDR after the source opens and after slate frames went out;
         # slate frames start with an IDR after camera units went out.
@@ -291,12 +301,15 @@ class Pipeline:
     def _capture_loop(self) -> None:
         st = self.stats
         while not self._stop.is_set():
-            opened_at = time.monotonic()
+            opened_at = self._last_read = time.monotonic()  # the open's watch starts now
+            self._stall_closed_at = None  # this thread is not stuck: it opens again
+            self._opening = True
             try:
                 source = self._open_source()
                 st.source_opens += 1
                 st.width, st.height, st.fps = source.width, source.height, source.fps
                 decision, sets = self._choose_mode(source)
+                self._opening = False
                 self._last_read = time.monotonic()  # the stall watch starts now, not when the worker did
                 if not st.slate:  # a source that opens in time has a second for its first frame, as any
                     self._last_frame = self._last_read
@@ -315,6 +328,7 @@ class Pipeline:
                 log.exception("stream=%s source crashed", self.name)
                 self._record_error(f"{type(exc).__name__}: {exc}")
             finally:
+                self._opening = False
                 if self._source is not None:
                     self._source.close()
                     self._source = None
@@ -382,8 +396,9 @@ class Pipeline:
             sets = ParameterSets(out_of_band)
             length = _avcc_length(source.extradata)
             read: list = []
+            self._probe_bytes = 0
             while sets.sps is None and len(read) < SPS_PROBE_PACKETS and not self._stop.is_set():
-                read.append(source.read_packet())
+                self._probe_read(source, read, "before its SPS")
                 with contextlib.suppress(H264Error):  # a corrupt packet: the next may do
                     sets.access_unit(_annexb(bytes(read[-1]), length))
             sps = h264.parse_sps(sets.sps) if sets.sps is not None else None
@@ -392,10 +407,18 @@ class Pipeline:
         reorders = sps.reorders if sps is not None else None
         if sps is not None and reorders is None:
             while len(read) < REORDER_PROBE_PACKETS and not self._stop.is_set():
-                read.append(source.read_packet())
+                self._probe_read(source, read, "to see the order of its pictures")
             reorders = h264.out_of_order([p.pts for p in read])
         source.unread(read)
         return sps, reorders, out_of_band
+
+    def _probe_read(self, source: PacketSource | RtspSource, read: list, why: str) -> None:
+        """One more packet read ahead into ``read``; ``SourceError`` past ``PROBE_MAX_BYTES`` of them."""
+        read.append(source.read_packet())
+        self._last_read = time.monotonic()  # the open's watch: the probe goes on
+        self._probe_bytes += read[-1].size
+        if self._probe_bytes > PROBE_MAX_BYTES:
+            raise SourceError(f"{self.source} sent over {PROBE_MAX_BYTES} bytes {why}: it cannot be passed through")
 
     def _transcode(self, source: Source | PacketSource) -> None:
         """Frames to the encode thread (newest wins); an MJPEG camera's own JPEGs to the relay when wanted."""
@@ -647,15 +670,19 @@ class Pipeline:
         return CapturedFrame(now, picture=av.VideoFrame.from_ndarray(planes, format="yuv420p"))
 
     def _check_stall(self, now: float) -> None:
-        """A source that stops delivering without an error: close it (which unblocks
-        a stuck read) so the capture loop reopens it; if even that does not free
-        the capture thread, end the process and let the relay start a fresh one."""
-        if self.stats.state != "live":
-            return
+        """A source that stops delivering without an error, or takes too long to open and probe: close it
+        (which unblocks a stuck read) so the capture loop reopens it; if even that does not free the capture
+        thread, end the process and let the relay start a fresh one."""
+        if self._opening:
+            limit, what = OPEN_STALL, "not open, or no packet while probing it,"
+        elif self.stats.state == "live":
+            limit, what = CAPTURE_STALL, "no frame"
+        else:
+            return  # waiting to retry
         silent = now - self._last_read
-        if silent >= CAPTURE_STALL and self._stall_closed_at is None:
+        if silent >= limit and self._stall_closed_at is None:
             self._stall_closed_at = now
-            self._record_error(f"no frame for {silent:.1f}s; reopening the source")
+            self._record_error(f"{what} for {silent:.1f}s; reopening the source")
             source = self._source
             if source is not None:
                 source.close()
