@@ -16,7 +16,9 @@ import itertools
 import json
 import queue
 import threading
+import time
 import tracemalloc
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -25,7 +27,7 @@ import pytest
 
 from benchmarks import rtspcams
 from benchmarks.rtspcams import CameraServer, LiveCamera, server_config
-from relay import h264, rtspin
+from relay import h264, ipc, rtspin
 from relay.camera import rtspsource, worker
 from relay.camera.capture import SourceError, UseDemuxer, open_source
 from relay.camera.rtspsource import RtspSource
@@ -878,6 +880,25 @@ async def test_a_probe_that_finds_no_sps_gives_up_past_its_byte_cap(monkeypatch,
         error = "sent over 20000 bytes before its SPS: it cannot be passed through"
         await run_until(pipeline, lambda: error in pipeline.status().last_error, "the probe's error", camera, UNITS)
         assert pipeline.status().source_opens >= 1
+
+
+async def test_jpegs_of_keyframes_keep_their_interval_when_the_wall_clock_steps_back(monkeypatch, no_slate):
+    """A recorder's snapshots (a JPEG of a keyframe at most every so often) were timed on the wall clock: one
+    stepped back an hour (NTP) stopped them for an hour. The worker's wall clock is injected here."""
+    jpegs: list[bytes] = []
+    wall = types.SimpleNamespace(
+        monotonic=time.monotonic, perf_counter=time.perf_counter, time=lambda: time.time() - 3600 * bool(jpegs)
+    )
+    monkeypatch.setattr(worker, "time", wall)
+
+    def emit(data: bytes) -> None:
+        if ipc.parse_header(data[: ipc.HEADER.size])[0] == ipc.JPEG:
+            jpegs.append(data)
+
+    camera = await TinyCamera().start()
+    async with pipeline_of(camera, emit) as pipeline:
+        pipeline.set_jpeg(True, every=0.05)
+        await run_until(pipeline, lambda: len(jpegs) >= 3, "two JPEGs after the wall clock stepped back", camera, UNITS)
 
 
 # -- a real camera server: mediamtx with a read user and Digest

@@ -113,12 +113,13 @@ class Gop:
     def __init__(self, limit: int = GOP_KEEP_BYTES) -> None:
         self._cond = threading.Condition()
         self._limit = limit
-        self._units: list[tuple[bytes, float]] = []  # (access unit, capture time)
+        # (access unit, capture time on the wall clock, for its JPEG; when it came, monotonic, for intervals)
+        self._units: list[tuple[bytes, float, float]] = []
         self._bytes = 0
         self._full = False
         self.generation = 0  # one more at every IDR
 
-    def add(self, unit: bytes, idr: bool, capture_time: float) -> None:
+    def add(self, unit: bytes, idr: bool, capture_time: float, arrived: float) -> None:
         with self._cond:
             if idr:
                 self._units, self._bytes, self._full = [], 0, False
@@ -128,7 +129,7 @@ class Gop:
             if self._bytes + len(unit) > self._limit and self._units:
                 self._full = True
                 return
-            self._units.append((unit, capture_time))
+            self._units.append((unit, capture_time, arrived))
             self._bytes += len(unit)
             self._cond.notify_all()
 
@@ -137,7 +138,7 @@ class Gop:
             self._units, self._bytes, self._full = [], 0, False
             self.generation += 1
 
-    def newer(self, generation: int, index: int, timeout: float) -> tuple[int, list[tuple[bytes, float]]]:
+    def newer(self, generation: int, index: int, timeout: float) -> tuple[int, list[tuple[bytes, float, float]]]:
         """(the current generation, the units a reader at ``index`` of ``generation`` has not seen yet);
         a new generation's units from its IDR on. Waits up to ``timeout`` for one."""
         with self._cond:
@@ -461,7 +462,7 @@ class Pipeline:
                 continue  # a viewer's decoder cannot use it: it starts at an IDR
             now = time.time()
             when = clock.wall_time(None if packet.pts is None else packet.pts * source.time_base, now)
-            self._gop.add(unit, idr, now)
+            self._gop.add(unit, idr, now, self._last_read)
             flags = ipc.FLAG_PASSTHROUGH | (ipc.FLAG_KEYFRAME if idr else 0)
             with self._emit_lock:
                 self._need_idr = False
@@ -520,12 +521,13 @@ class Pipeline:
                 generation, seen, fed, start = current, 0, 0, 0
             seen = max(seen, start + len(units))
             if every:
-                if start or fed or not units or (last is not None and units[0][1] - last < every * JPEG_SLACK):
+                # Intervals on the monotonic clock: a wall clock stepped back (NTP) stopped them for as long.
+                if start or fed or not units or (last is not None and units[0][2] - last < every * JPEG_SLACK):
                     continue
                 units = units[:1]
             fed = start + len(units)
-            picture, taken = None, 0.0
-            for unit, capture_time in units:
+            picture, taken, arrived = None, 0.0, 0.0
+            for unit, capture_time, when in units:
                 try:
                     frames = decoder.decode(av.Packet(unit))
                 except av.FFmpegError as exc:
@@ -533,9 +535,9 @@ class Pipeline:
                     continue
                 st.frames_decoded += len(frames)
                 if frames:
-                    picture, taken = frames[-1], capture_time
+                    picture, taken, arrived = frames[-1], capture_time, when
             if picture is not None and self.send_jpeg:  # only the newest of a batch: a late decoder catches up
-                last = taken
+                last = arrived
                 self._emit(ipc.pack(ipc.JPEG, encoder.encode(picture), capture_time=taken))
         log.info("stream=%s JPEG decoding stopped", self.name)
 
