@@ -901,6 +901,28 @@ async def test_jpegs_of_keyframes_keep_their_interval_when_the_wall_clock_steps_
         await run_until(pipeline, lambda: len(jpegs) >= 3, "two JPEGs after the wall clock stepped back", camera, UNITS)
 
 
+async def test_a_camera_that_never_sends_an_idr_gets_the_slate_and_says_why_until_it_does(monkeypatch):
+    """Its units kept the slate away while no viewer could decode one: "live", no picture, no error."""
+    monkeypatch.setattr(worker, "FIRST_IDR_WAIT", 0.5)
+    monkeypatch.setattr(worker, "STUCK_EXIT", 1000.0)
+    passed: list[bytes] = []  # the camera's own units, to the relay
+
+    def emit(data: bytes) -> None:
+        kind, flags, *_ = ipc.parse_header(data[: ipc.HEADER.size])
+        if kind == ipc.UNIT and flags & ipc.FLAG_PASSTHROUGH:
+            passed.append(data)
+
+    camera = await TinyCamera().start()
+    p_frames = [u for u in UNITS if not h264.is_idr(u)]
+    async with pipeline_of(camera, emit) as pipeline:
+        await run_until(pipeline, lambda: pipeline.status().state == "no_signal", "the slate", camera, p_frames)
+        st = pipeline.status()
+        assert st.last_error.endswith("sent no IDR for 0.5 s; the slate shows until one")
+        assert (len(passed), st.source_errors) == (0, 1)
+        await run_until(pipeline, lambda: pipeline.status().state == "live", "the camera's picture", camera, UNITS)
+        assert passed
+
+
 # -- a real camera server: mediamtx with a read user and Digest
 
 

@@ -50,6 +50,10 @@ THREAD_JOIN_TIMEOUT = 5.0  # a device read is bounded by its frame time
 EWMA_ALPHA = 0.1  # smoothing for the per-frame encode time
 STATUS_INTERVAL = 1.0  # seconds between status messages to the relay
 SLATE_AFTER = 1.0  # seconds without a frame before viewers see the no-signal slate
+# Seconds a passed-through camera's units may come with no IDR (viewers' decoders start at one) while they keep
+# the slate away: a GOP, 1-4 s on cameras, up to 8 with "smart" codecs. Past it the slate shows and the status
+# says why; a camera that never sent an IDR stayed "live" with no picture and no error.
+FIRST_IDR_WAIT = 10.0
 CAPTURE_STALL = 2.0  # seconds without a frame (and without an error) before the source is reopened
 # Seconds a source may take to open, or between two packets of its probe, before it is closed and opened again:
 # longer than any source's own deadline (RtspSource.OPEN_TIMEOUT, FFmpeg's capture.OPEN_TIMEOUT: 10 s) and a
@@ -441,6 +445,8 @@ class Pipeline:
         length = _avcc_length(source.extradata)
         changes = 0
         self._need_idr = True
+        waiting: float | None = None  # since when units come and none is an IDR
+        told = False  # the status says so
         self.push_status()
         self._start_jpegs()
         while not self._stop.is_set():
@@ -457,9 +463,15 @@ class Pipeline:
                 changes = sets.changes
                 self._new_parameter_sets(sets)
             if self._need_idr and not idr:
-                if not st.slate:  # a camera that sends, up to its first IDR: no slate (nor PyAV to draw it)
-                    self._last_frame = self._last_read
+                waiting = self._last_read if waiting is None else waiting
+                if self._last_read - waiting < FIRST_IDR_WAIT:
+                    if not st.slate:  # a camera that sends, up to its first IDR: no slate (nor PyAV to draw it)
+                        self._last_frame = self._last_read
+                elif not told:
+                    told = True
+                    self._record_error(f"{self.source} sent no IDR for {FIRST_IDR_WAIT:g} s; the slate shows until one")
                 continue  # a viewer's decoder cannot use it: it starts at an IDR
+            waiting, told = None, False
             now = time.time()
             when = clock.wall_time(None if packet.pts is None else packet.pts * source.time_base, now)
             self._gop.add(unit, idr, now, self._last_read)
