@@ -479,10 +479,14 @@ class TinyCamera:
     packetizer), marker on its last packet. It counts connections and DESCRIBEs. ``before_answer[method]``
     runs before that method's answer goes out (one that never returns: a camera that never answers)."""
 
-    def __init__(self, sets: list[bytes] = SETS, sdp_text: str | None = None, redirect: str = "") -> None:
+    def __init__(
+        self, sets: list[bytes] = SETS, sdp_text: str | None = None, redirect: str = "", basic: bool = False
+    ) -> None:
         sprop = ",".join(base64.b64encode(n).decode() for n in sets)
         self.sdp = sdp_text or sdp(H264_MEDIA.replace(H264_MEDIA.split("sprop-parameter-sets=")[1], sprop + "\r\n"))
         self.redirect = redirect
+        self.basic = basic  # a DESCRIBE without Basic credentials gets 401
+        self.credentials: list[str] = []  # user:password of every Basic Authorization header it was sent
         self.connections = 0
         self.describes = 0
         self.methods: list[str] = []
@@ -534,9 +538,15 @@ class TinyCamera:
                 cseq = next(line.split(b":")[1].strip() for line in head.split(b"\r\n") if line.startswith(b"CSeq"))
                 self.methods.append(method.decode())
                 headers, body = b"", b""
+                auth = [
+                    line.split(b" ")[-1] for line in head.split(b"\r\n") if line.startswith(b"Authorization: Basic")
+                ]
+                self.credentials += [base64.b64decode(a).decode() for a in auth]
                 if self.redirect and method == b"DESCRIBE":
                     status, headers = b"302 Found", b"Location: " + self.redirect.encode() + b"\r\n"
                     self.redirect = ""
+                elif self.basic and method == b"DESCRIBE" and not auth:
+                    status, headers = b"401 Unauthorized", b'WWW-Authenticate: Basic realm="cam"\r\n'
                 else:
                     status = b"200 OK"
                 if method == b"OPTIONS":
@@ -681,20 +691,25 @@ class CaptureThread:
 
 
 @contextlib.asynccontextmanager
-async def reading(camera: TinyCamera) -> AsyncIterator[tuple[RtspSource, CaptureThread]]:
-    """A client of ``camera`` and the thread it runs on; both, and the camera, closed after."""
-    source, capture = open_source(parse_source_spec(camera.url), 640, 360, 30, "cam0"), CaptureThread()
+async def reading(
+    camera: TinyCamera, url: str = "", *others: TinyCamera
+) -> AsyncIterator[tuple[RtspSource, CaptureThread]]:
+    """A client of ``camera`` (at ``url``: its own by default) and the thread it runs on; both, the camera and
+    ``others``, closed after."""
+    source, capture = open_source(parse_source_spec(url or camera.url), 640, 360, 30, "cam0"), CaptureThread()
     try:
         yield source, capture
     finally:
         await capture.close(source)
-        await camera.close()
+        for each in (camera, *others):
+            await each.close()
 
 
-async def open_error(camera: TinyCamera) -> str:
-    """What the client's ``open()`` of ``camera`` raised."""
-    async with reading(camera) as (source, capture):
-        return str(await capture.opened(source))
+async def open_error(camera: TinyCamera, url: str = "", *others: TinyCamera) -> str | None:
+    """What the client's ``open()`` of ``camera`` (``url``, ``others``: as ``reading``) raised, if anything."""
+    async with reading(camera, url, *others) as (source, capture):
+        error = await capture.opened(source)
+        return None if error is None else str(error)
 
 
 async def test_frames_a_camera_sends_before_an_answer_are_held_aside_and_read_after_it_in_order():
@@ -727,7 +742,7 @@ async def test_a_camera_that_sends_rtp_instead_of_an_answer_is_refused_past_a_ca
             await camera._writer.drain()
 
     camera.before_answer["DESCRIBE"] = flood
-    assert (await open_error(camera)).endswith("sent over 262144 bytes of RTP and no answer to DESCRIBE")
+    assert str(await open_error(camera)).endswith("sent over 262144 bytes of RTP and no answer to DESCRIBE")
 
 
 async def test_an_answer_that_trickles_in_is_given_up_at_the_requests_deadline(monkeypatch):
@@ -743,7 +758,7 @@ async def test_an_answer_that_trickles_in_is_given_up_at_the_requests_deadline(m
             await asyncio.sleep(0.05)  # well inside the shortened timeout: only a total deadline ends it
 
     camera.before_answer["DESCRIBE"] = trickle
-    assert (await open_error(camera)).endswith("did not answer DESCRIBE within 0.5 s")
+    assert str(await open_error(camera)).endswith("did not answer DESCRIBE within 0.5 s")
 
 
 async def test_a_camera_that_sends_only_rtcp_is_a_source_error_after_the_io_timeout(monkeypatch):
@@ -772,7 +787,7 @@ async def test_open_gives_up_at_its_total_deadline_whatever_each_request_has(mon
     monkeypatch.setattr(rtspsource, "OPEN_TIMEOUT", 0.5)
     camera = await TinyCamera().start()
     camera.before_answer["DESCRIBE"] = camera.closed.wait  # never answered
-    assert (await open_error(camera)).endswith("did not finish opening within 0.5 s (DESCRIBE)")
+    assert str(await open_error(camera)).endswith("did not finish opening within 0.5 s (DESCRIBE)")
 
 
 async def test_a_redirect_is_followed_once():
@@ -793,6 +808,25 @@ async def test_a_redirect_is_followed_once():
     finally:
         await camera.close()
         await first.close()
+
+
+async def test_a_redirect_to_another_host_carries_the_cameras_password_only_if_its_url_has_its_own():
+    for own in ("", "other:pw2@"):
+        camera = await TinyCamera(basic=True).start()
+        first = await TinyCamera(redirect=camera.url.replace("rtsp://", "rtsp://" + own)).start()
+        error = await open_error(camera, first.url.replace("rtsp://", "rtsp://admin:s3cret@"), first)
+        if own:
+            assert error is None and set(camera.credentials) == {"other:pw2"}
+        else:
+            assert "wants credentials (401 to DESCRIBE) and the URL has none" in str(error)
+            assert camera.credentials == []  # the password for the first camera never went to this one
+
+
+async def test_a_redirect_on_the_same_host_keeps_the_cameras_credentials():
+    camera = await TinyCamera(basic=True).start()
+    camera.redirect = camera.url + "/elsewhere"
+    assert await open_error(camera, camera.url.replace("rtsp://", "rtsp://admin:s3cret@")) is None
+    assert set(camera.credentials) == {"admin:s3cret"}
 
 
 async def test_a_camera_that_sends_h265_or_an_unreadable_sdp_goes_to_ffmpegs_demuxer():

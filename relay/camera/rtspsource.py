@@ -9,7 +9,8 @@ a passed-through camera's worker never imports PyAV, unless someone wants
 JPEGs, the slate shows, or the stream transcodes (``read`` decodes, lazily).
 
 ``open()`` sends OPTIONS and DESCRIBE (one redirect followed, one 401 answered
-with the URL's credentials: Basic or Digest), and raises ``UseDemuxer`` when
+with the URL's credentials: Basic or Digest; after a redirect to another host
+or port, only with the new URL's own), and raises ``UseDemuxer`` when
 the camera sends anything but H.264 or a DESCRIBE answer it cannot read; then
 SETUP (the video track, interleaved) and PLAY. While playing it sends
 GET_PARAMETER (or OPTIONS) before the session's timeout. Each answer has
@@ -61,6 +62,12 @@ USER_AGENT = "camrelay"
 MAX_REDIRECTS = 1
 TEARDOWN_TIMEOUT = 0.5  # seconds a best-effort TEARDOWN may take to leave; its answer is not awaited
 LOG_EVERY = 10.0  # seconds between lines about a camera's bad packets or restarted streams (more are counted)
+
+
+def _origin(url: str) -> tuple[str, int]:
+    """(host, port) of an rtsp:// URL: where its credentials may go."""
+    parts = urlsplit(url)
+    return (parts.hostname or "").lower(), parts.port or DEFAULT_PORT
 
 
 class _Redirect(Exception):
@@ -222,6 +229,8 @@ class RtspSource:
             raise SourceError(f"{self.name} redirects to a URL that is not rtsp://: {redact_url(location)}")
         if target.username:  # the new URL's own credentials
             self._user, self._password = unquote(target.username), unquote(target.password or "")
+        elif _origin(location) != _origin(self._target):  # the camera's password is for the camera alone
+            self._user, self._password = "", ""
         self._target = self._without_userinfo(location)
         self._challenge = None
         log.info("%s redirects to %s", self.name, redact_url(location))
