@@ -382,6 +382,7 @@ class RtspSource:
         self._frames.clear()
 
     def _close_socket(self) -> None:
+        self._items.clear()  # what the connection held, frames held aside included
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.close()
