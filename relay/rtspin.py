@@ -38,12 +38,26 @@ MAX_BODY_BYTES = 1024 * 1024
 # One access unit as the depacketizer gathers it: a 4K I-frame at a high bit rate is a few MiB; more is a
 # camera that never ends a unit (no marker, one timestamp), which must not take the worker's memory.
 MAX_UNIT_BYTES = 16 * 1024 * 1024
+# What one NAL unit held for a unit costs beyond its bytes (a bytes object's header, 33, its list slot, 8, the
+# allocator's rounding), counted against MAX_UNIT_BYTES: a STAP-A of 2-byte NAL units held ~450 MiB when only
+# their payload counted.
+NAL_OVERHEAD = 64
 RTP_HEADER = struct.Struct("!BBHII")
 RTP_VERSION = 2
 INTERLEAVED_HEADER = struct.Struct("!cBH")  # "$", channel, length
 SEQUENCE_MOD = 1 << 16
+# RFC 3550 A.1: a packet at most this many sequence numbers ahead follows a loss; farther ahead, or farther
+# behind than MAX_MISORDER, it is a stray or a camera that restarted its stream, taken as a restart once two
+# packets in a row follow on from it (a camera's encoder reset; a backward jump was "late" for ever before).
+MAX_DROPOUT = 3000
+MAX_MISORDER = 100  # sequence numbers behind the last that a packet is only late (or a duplicate)
 TIMESTAMP_MOD = 1 << 32
 DEFAULT_SESSION_TIMEOUT = 60  # seconds, RFC 2326 12.37, when SETUP's Session header names none
+# An interleaved channel is one byte on the wire (RFC 2326 10.12): a Transport header naming more is wrong.
+MAX_CHANNEL = 255
+# A number on the wire: ASCII digits only. str.isdigit() also takes "²", which int() then refuses with a
+# ValueError that is no RtspError (a traceback at every retry).
+DECIMAL = re.compile(r"[0-9]+")
 
 NAL_IDR = 5
 NAL_STAP_A = 24
@@ -58,6 +72,12 @@ STATIC_PAYLOAD_TYPES = {26: ("jpeg", 90000)}  # RFC 3551: the one static video t
 
 class RtspError(ValueError):
     """What the camera sent cannot be read, or asks for what this client does not do."""
+
+
+def decimal(text: str) -> int | None:
+    """``text`` (spaces around it aside) as a number when it is ASCII digits, else None."""
+    text = text.strip()
+    return int(text) if DECIMAL.fullmatch(text) else None
 
 
 # -- requests and responses
@@ -92,7 +112,7 @@ class Response:
     @property
     def cseq(self) -> int | None:
         value = self.header("cseq")
-        return int(value) if value and value.strip().isdigit() else None
+        return decimal(value) if value else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +121,7 @@ class Interleaved:
     payload: bytes
 
 
-STATUS_LINE = re.compile(r"RTSP/1\.\d (\d{3})(?: (.*))?")
+STATUS_LINE = re.compile(r"RTSP/1\.[0-9] ([0-9]{3})(?: (.*))?")
 
 
 def parse_response_head(head: bytes) -> tuple[int, str, tuple[tuple[str, str], ...]]:
@@ -127,11 +147,24 @@ def parse_response_head(head: bytes) -> tuple[int, str, tuple[tuple[str, str], .
     return int(match.group(1)), match.group(2) or "", tuple(headers)
 
 
+@dataclass(frozen=True, slots=True)
+class _Head:
+    end: int  # where the blank line after the head starts
+    status: int
+    reason: str
+    headers: tuple[tuple[str, str], ...]
+    length: int  # of the body
+
+
 class Reader:
     """Responses and interleaved frames out of the bytes of one RTSP connection, however they are cut."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        # The head of the response at the front of the buffer, parsed, while its body is still arriving: a
+        # body's reads do not parse its head again each (that was quadratic in a large head and a slow body).
+        self._head: _Head | None = None
+        self._searched = 0  # bytes of an incomplete head already searched for its end
 
     def feed(self, data: bytes) -> list[Response | Interleaved]:
         self._buf += data
@@ -161,26 +194,37 @@ class Reader:
             frame = Interleaved(channel, bytes(buf[INTERLEAVED_HEADER.size : end]))
             del buf[:end]
             return frame
+        head = self._head = self._head or self._parse_head()
+        if head is None:
+            return None
+        total = head.end + 4 + head.length
+        if len(buf) < total:
+            return None
+        self._head = None
+        response = Response(head.status, head.reason, head.headers, bytes(buf[head.end + 4 : total]))
+        del buf[:total]
+        return response
+
+    def _parse_head(self) -> _Head | None:
+        """The head of the response at the front of the buffer, or None while it is incomplete."""
+        buf = self._buf
         if not b"RTSP/"[: len(buf)] == bytes(buf[:5]):
             raise RtspError(f"expected a response or an interleaved frame, got {bytes(buf[:16])!r}")
-        end = buf.find(b"\r\n\r\n")
+        end = buf.find(b"\r\n\r\n", max(0, self._searched - 3))
         if end < 0:
             if len(buf) > MAX_HEADER_BYTES:
                 raise RtspError(f"response head over {MAX_HEADER_BYTES} bytes")
+            self._searched = len(buf)
             return None
+        self._searched = 0
         status, reason, headers = parse_response_head(bytes(buf[:end]))
         length_text = next((v for n, v in headers if n == "content-length"), "0")
-        if not length_text.isdigit():
+        length = decimal(length_text)
+        if length is None:
             raise RtspError(f"bad Content-Length {length_text[:20]!r}")
-        length = int(length_text)
         if length > MAX_BODY_BYTES:
             raise RtspError(f"response body of {length} bytes is over the {MAX_BODY_BYTES} limit")
-        total = end + 4 + length
-        if len(buf) < total:
-            return None
-        response = Response(status, reason, headers, bytes(buf[end + 4 : total]))
-        del buf[:total]
-        return response
+        return _Head(end, status, reason, headers, length)
 
 
 # -- authentication
@@ -321,9 +365,9 @@ def parse_sdp(text: str, base: str) -> SdpVideo:
     if video is None:
         raise RtspError("SDP has no video media")
     parts = video[0].split()
-    if len(parts) < 4 or not parts[3].isdigit():
+    pt = decimal(parts[3]) if len(parts) >= 4 else None  # the first format is the one a camera sends
+    if pt is None:
         raise RtspError(f"bad SDP media line {video[0][:60]!r}")
-    pt = int(parts[3])  # the first format is the one a camera sends
     rtpmap, fmtp, control = None, {}, None
     for line in video[1:]:
         if line.startswith(f"a=rtpmap:{pt} "):
@@ -337,10 +381,10 @@ def parse_sdp(text: str, base: str) -> SdpVideo:
             control = line[len("a=control:") :]
     if rtpmap is not None:
         name, _, rest = rtpmap.partition("/")
-        rate = rest.split("/")[0]
-        if not rate.isdigit() or int(rate) == 0:
+        rate = decimal(rest.split("/")[0])
+        if not rate:
             raise RtspError(f"bad rtpmap clock rate {rtpmap[:40]!r}")
-        encoding, clock_rate = name.strip().lower(), int(rate)
+        encoding, clock_rate = name.strip().lower(), rate
     elif pt in STATIC_PAYLOAD_TYPES:
         encoding, clock_rate = STATIC_PAYLOAD_TYPES[pt]
     else:
@@ -368,19 +412,23 @@ def parse_session(value: str) -> tuple[str, int]:
     for param in params:
         name, _, v = param.strip().partition("=")
         if name.lower() == "timeout":
-            if not v.strip().isdigit() or int(v) == 0:
+            seconds = decimal(v)
+            if not seconds:
                 raise RtspError(f"bad Session timeout {v[:20]!r}")
-            timeout = int(v)
+            timeout = seconds
     return ident.strip(), timeout
 
 
 def parse_interleaved(transport: str) -> tuple[int, int]:
     """The (RTP, RTCP) channels a SETUP answer's ``Transport`` header gives the track."""
-    match = re.search(r"interleaved=(\d+)(?:-(\d+))?", transport)
+    match = re.search(r"interleaved=([0-9]+)(?:-([0-9]+))?", transport)
     if match is None:
         raise RtspError(f"camera did not agree to RTP over the RTSP connection: Transport {transport[:80]!r}")
     rtp = int(match.group(1))
-    return rtp, int(match.group(2)) if match.group(2) else rtp + 1
+    rtcp = int(match.group(2)) if match.group(2) else rtp + 1
+    if max(rtp, rtcp) > MAX_CHANNEL:
+        raise RtspError(f"interleaved channel {max(rtp, rtcp)} is over {MAX_CHANNEL}: Transport {transport[:80]!r}")
+    return rtp, rtcp
 
 
 # -- RTP and H.264
@@ -426,6 +474,10 @@ class AccessUnit:
     def __bytes__(self) -> bytes:
         return self.data
 
+    @property
+    def size(self) -> int:  # as av.Packet's: a reader of either takes both
+        return len(self.data)
+
 
 # NAL unit types that come before an access unit's first slice (SEI, SPS, PPS, access unit delimiter).
 NAL_UNIT_HEADS = frozenset({6, 7, 8, 9})
@@ -458,6 +510,9 @@ class H264Depacketizer:
     lost) breaks the unit it falls in; that unit and every one after it up to the next IDR is dropped and
     counted: the pictures after a loss refer to the one lost, and a decoder shows them smeared.
     ``push`` raises ``RtspError`` for a packet it cannot read; the unit it was part of is dropped too.
+    A new SSRC, or two packets in a row far from the last sequence number (RFC 3550 A.1), is a camera that
+    restarted its stream: the depacketizer starts again there, at an IDR (``resyncs``); the packets it
+    would not take meanwhile, late, duplicate or stray, are counted (``packets_dropped``).
     """
 
     def __init__(self, payload_type: int) -> None:
@@ -466,6 +521,10 @@ class H264Depacketizer:
         self.units = 0  # handed on
         self.packets_lost = 0  # by sequence gaps
         self.units_dropped = 0  # broken, or after a loss and before the next IDR
+        self.packets_dropped = 0  # late, duplicate, or far from the sequence before a restart was certain
+        self.resyncs = 0  # the camera restarted its stream (a new SSRC, or its sequence numbers jumped)
+        self._ssrc: int | None = None
+        self._stray: RtpPacket | None = None  # far from the sequence: a restart's first packet if the next follows
         self._nals: list[bytes] = []
         self._size = 0
         self._fu: bytearray | None = None
@@ -480,22 +539,55 @@ class H264Depacketizer:
         if packet.payload_type != self.payload_type:
             raise RtspError(f"RTP payload type {packet.payload_type}, not the video's {self.payload_type}")
         self.packets += 1
-        out: list[AccessUnit] = []
+        if self._ssrc is not None and packet.ssrc != self._ssrc:
+            self._restart()
+        self._ssrc = packet.ssrc
+        lost = 0
         if self._last_seq is not None:
-            gap = (packet.sequence - self._last_seq - 1) % SEQUENCE_MOD
-            if gap >= SEQUENCE_MOD // 2:
-                return out  # a duplicate or a late packet: its unit has gone
-            if gap:
-                self.packets_lost += gap
-                self._broken = True
+            delta = (packet.sequence - self._last_seq) % SEQUENCE_MOD
+            if 0 < delta <= MAX_DROPOUT:
+                lost = delta - 1
+                self.packets_lost += lost
+            elif delta == 0 or delta >= SEQUENCE_MOD - MAX_MISORDER:
+                self.packets_dropped += 1
+                return []  # a duplicate or a late packet: its unit has gone
+            elif self._stray is None or packet.sequence != (self._stray.sequence + 1) % SEQUENCE_MOD:
+                self._drop_stray()
+                self._stray = packet
+                return []  # a stray, or the first packet of a restarted stream: the next one says which
+            else:
+                stray, self._stray = self._stray, None
+                self._restart()
+                self._last_seq = stray.sequence  # if it cannot be read, the packet after counts this one lost
+                out = self._take(stray)
+                self._last_seq = packet.sequence
+                return out + self._take(packet)
+        self._drop_stray()
         self._last_seq = packet.sequence
+        return self._take(packet, lost)
+
+    def _drop_stray(self) -> None:
+        if self._stray is not None:
+            self._stray = None
+            self.packets_dropped += 1
+
+    def _take(self, packet: RtpPacket, lost: int = 0) -> list[AccessUnit]:
+        """``packet``, in sequence, ``lost`` packets after the last, into the unit being gathered; the units it
+        completes."""
+        out: list[AccessUnit] = []
         if not self._synced:
             if not starts_unit(packet.payload):
                 return out  # the rest of a unit sent before this reader joined
             self._synced = True
         ts = self._unwrap(packet.timestamp)
         if self._timestamp is not None and ts != self._timestamp and (self._nals or self._fu is not None):
-            out += self._finish()  # a camera that does not set the marker: the last unit ended
+            # A camera that does not set the marker (or whose marker packet was lost): the last unit ended. A
+            # loss here may have been its last packets or the next unit's first: neither can be trusted, and
+            # the one flag must not be spent on the first alone (the next, an IDR missing its first slice,
+            # went out as a keyframe).
+            self._broken = self._broken or bool(lost)
+            out += self._finish()
+        self._broken = self._broken or bool(lost)
         self._timestamp = ts
         try:
             self._add(packet.payload)
@@ -508,6 +600,16 @@ class H264Depacketizer:
             out += self._finish()
         return out
 
+    def _restart(self) -> None:
+        """The camera restarted its stream: what was gathered of the old one goes, the new one starts at an
+        IDR."""
+        self.resyncs += 1
+        if self._nals or self._fu is not None:
+            self.units_dropped += 1
+        self._nals, self._size, self._fu, self._broken = [], 0, None, False
+        self._timestamp, self._last_seq = None, None
+        self._wait_idr, self._synced = True, False
+
     def _unwrap(self, ts: int) -> int:
         if self._last_ts is None:
             self._last_ts = ts
@@ -519,7 +621,7 @@ class H264Depacketizer:
         return self._last_ts
 
     def _keep(self, nal: bytes) -> None:
-        self._size += len(nal)
+        self._size += len(nal) + NAL_OVERHEAD
         if self._size > MAX_UNIT_BYTES:
             raise RtspError(f"access unit over {MAX_UNIT_BYTES} bytes (no marker bit, no new timestamp)")
         self._nals.append(nal)

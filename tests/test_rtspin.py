@@ -8,10 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
+import contextlib
 import fractions
 import hashlib
+import itertools
 import json
+import queue
 import threading
+import time
+import tracemalloc
+import types
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import av
@@ -19,11 +27,13 @@ import pytest
 
 from benchmarks import rtspcams
 from benchmarks.rtspcams import CameraServer, LiveCamera, server_config
-from relay import h264, rtspin
+from relay import h264, ipc, rtspin
+from relay.camera import rtspsource, worker
 from relay.camera.capture import SourceError, UseDemuxer, open_source
 from relay.camera.rtspsource import RtspSource
 from relay.camera.testpattern import PatternRenderer
 from relay.config import StreamConfig
+from relay.ipc import EncoderSettings
 from relay.rtspin import RtspError
 from relay.source import parse_source_spec
 from relay.webrtc import borrowed
@@ -111,6 +121,23 @@ def test_a_camera_that_never_sets_the_marker_has_its_units_end_at_the_next_times
     assert [nals(u.data) for u in out] == [nals(u) for u in UNITS[:-1]]  # the last waits for a next
 
 
+def test_a_camera_that_never_sets_the_marker_has_no_unit_after_a_loss_go_out_until_a_whole_idr():
+    """The loss falls at a timestamp change, where a unit with no marker ends: it breaks the unit that starts
+    there as well as the one that ends (which of them lost it cannot be told); the IDR missing its first
+    slice went out as a keyframe."""
+    p_slice, idr_first, idr_second = b"\x41\x80\x01\x02", b"\x65\x80\x03\x04", b"\x65\x40\x05\x06"
+    sent = [(idr_first, 0), (idr_second, 0), (p_slice, 3000), (idr_first, 6000), (idr_second, 6000)]
+    sent += [(p_slice, 9000), (idr_first, 12000), (idr_second, 12000), (p_slice, 15000)]
+    lost = 3  # the first slice of the IDR at 6000
+    depacketizer = rtspin.H264Depacketizer(PT)
+    out = []
+    for seq, (payload, ts) in enumerate(sent):
+        if seq != lost:
+            out += depacketizer.push(rtspin.parse_rtp(rtp(payload, seq, ts, False)))
+    assert [(u.pts, u.keyframe, len(nals(u.data))) for u in out] == [(0, True, 2), (12000, True, 2)]
+    assert (depacketizer.packets_lost, depacketizer.units_dropped) == (1, 3)
+
+
 def test_a_lost_packet_drops_its_unit_and_those_after_it_up_to_the_next_idr():
     packets = packets_of(UNITS)
     second_idr = [i for i, u in enumerate(UNITS) if h264.is_idr(u)][1]
@@ -126,6 +153,31 @@ def test_a_lost_packet_drops_its_unit_and_those_after_it_up_to_the_next_idr():
     assert depacketizer.units_dropped == second_idr - 2 - lost_whole
 
 
+@pytest.mark.parametrize(
+    ("first_seq", "ssrc"),
+    [(100, b"\x12\x34\x56\x78"), (40_000, b"\x12\x34\x56\x78"), (10_005, b"\x0b\xad\xca\xfe")],
+    ids=["sequence-back", "sequence-ahead", "new-ssrc"],
+)
+def test_a_camera_that_restarts_its_stream_is_followed_from_its_first_idr(first_seq, ssrc):
+    """RFC 3550 A.1: two packets in a row far from the last sequence number (or a new SSRC) are a camera that
+    restarted its stream; before, a backward jump had every packet after it dropped as late, for ever."""
+    depacketizer = rtspin.H264Depacketizer(PT)
+    out = []
+    for packet in packets_of(UNITS, first_seq=10_000):
+        out += depacketizer.push(rtspin.parse_rtp(packet))
+    assert len(out) == len(UNITS)
+    stray = rtp(b"\x41\x9a", 30_000, 0, True)  # one packet far off, then the stream goes on: no restart
+    last = 10_000 + len(packets_of(UNITS)) - 1
+    for packet in [stray, *packets_of(UNITS[:1], first_seq=last + 1, first_ts=2**31)]:
+        out += depacketizer.push(rtspin.parse_rtp(packet))
+    assert (len(out), depacketizer.packets_dropped, depacketizer.resyncs) == (len(UNITS) + 1, 1, 0)
+    restarted = [p[:8] + ssrc + p[12:] for p in packets_of(UNITS, first_seq=first_seq, first_ts=0)]
+    for packet in restarted:
+        out += depacketizer.push(rtspin.parse_rtp(packet))
+    assert [nals(u.data) for u in out[len(UNITS) + 1 :]] == [nals(u) for u in UNITS]  # from its IDR, every one
+    assert (depacketizer.resyncs, depacketizer.packets_dropped, depacketizer.packets_lost) == (1, 1, 0)
+
+
 def test_a_reader_that_joins_inside_a_fragmented_unit_skips_its_rest_quietly():
     packets = packets_of(UNITS)
     fu_a_start = next(i for i, p in enumerate(packets) if p[12] & 0x1F == 28 and p[13] & 0x80)
@@ -135,6 +187,23 @@ def test_a_reader_that_joins_inside_a_fragmented_unit_skips_its_rest_quietly():
     for packet in packets:
         out += depacketizer.push(rtspin.parse_rtp(packet))
     assert [nals(u.data) for u in out] == [nals(u) for u in UNITS[1:]]
+
+
+def test_a_unit_of_many_tiny_nal_units_is_refused_before_it_holds_more_memory_than_the_unit_cap(monkeypatch):
+    monkeypatch.setattr(rtspin, "MAX_UNIT_BYTES", 1 << 20)
+    stap_a = bytes([0x78]) + b"\x00\x02\x09\x10" * 1000  # 1000 two-byte NAL units (access unit delimiters)
+    depacketizer = rtspin.H264Depacketizer(PT)
+    depacketizer.push(rtspin.parse_rtp(rtp(b"\x41\x9a", 0, 0, True)))  # in sync with the stream
+    packets = [rtspin.parse_rtp(rtp(stap_a, seq, 3000, False)) for seq in range(1, 200)]  # one unit, no marker
+    tracemalloc.start()
+    try:
+        with pytest.raises(RtspError, match="^access unit over 1048576 bytes"):
+            for packet in packets:
+                depacketizer.push(packet)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * rtspin.MAX_UNIT_BYTES  # 2 bytes counted per NAL unit held 100 times the cap
 
 
 # -- one fixture per bad case: plain values in, the exact error out
@@ -217,6 +286,7 @@ def test_responses_and_interleaved_frames_come_out_however_the_bytes_are_cut():
         (b"HTTP/1.1 200 OK\r\n\r\n", "expected a response or an interleaved frame, got b'HTTP/1.1 200 OK\\r'"),
         (b"RTSP/1.0 200 OK\r\nno colon\r\n\r\n", "bad header line 'no colon'"),
         (b"RTSP/1.0 200 OK\r\nContent-Length: -1\r\n\r\n", "bad Content-Length '-1'"),
+        ("RTSP/1.0 200 OK\r\nContent-Length: \u00b2\r\n\r\n".encode(), "bad Content-Length '\u00b2'"),
         (b"RTSP/1.0 200 OK\r\nContent-Length: 99999999\r\n\r\n", "response body of 99999999 bytes is over"),
         (b"RTSP/1.0 200 OK\r\n" + b"X: y\r\n" * 20000, "response head over 65536 bytes"),
     ],
@@ -225,6 +295,30 @@ def test_what_is_not_an_rtsp_answer_is_refused_exactly(data, error):
     with pytest.raises(RtspError) as caught:
         rtspin.Reader().feed(data)
     assert str(caught.value).startswith(error)
+
+
+def test_a_response_whose_body_comes_in_many_reads_has_its_head_parsed_once(monkeypatch):
+    parsed = []
+
+    def counted(head: bytes):
+        parsed.append(head)
+        return parse_response_head(head)
+
+    parse_response_head = rtspin.parse_response_head
+    monkeypatch.setattr(rtspin, "parse_response_head", counted)
+    body = bytes(range(256)) * 40
+    data = b"RTSP/1.0 200 OK\r\nCSeq: 2\r\nContent-Length: %d\r\n\r\n%s$\x00\x00\x01x" % (len(body), body)
+    reader, out = rtspin.Reader(), []
+    for i in range(0, len(data), 7):
+        out += reader.feed(data[i : i + 7])
+    assert [type(x).__name__ for x in out] == ["Response", "Interleaved"] and out[0].body == body
+    assert len(parsed) == 1  # not once per read of its body
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "-1", "1.0", ""])
+def test_a_cseq_that_is_not_ascii_digits_is_no_cseq(value):
+    (response,) = rtspin.Reader().feed(f"RTSP/1.0 200 OK\r\nCSeq: {value}\r\n\r\n".encode())
+    assert response.cseq is None
 
 
 @pytest.mark.parametrize(
@@ -337,6 +431,8 @@ def test_the_sdp_names_what_else_a_camera_sends(media, codec):
         (sdp("m=video 0 RTP/AVP 96\r\n"), "video payload type 96 has no rtpmap"),
         (sdp("m=video 0 RTP/AVP\r\n"), "bad SDP media line 'm=video 0 RTP/AVP'"),
         (sdp("m=video 0 RTP/AVP 96\r\na=rtpmap:96 H264/0\r\n"), "bad rtpmap clock rate 'H264/0'"),
+        (sdp("m=video 0 RTP/AVP 96\r\na=rtpmap:96 H264/\u00b2\r\n"), "bad rtpmap clock rate 'H264/\u00b2'"),
+        (sdp("m=video 0 RTP/AVP \u00b2\r\n"), "bad SDP media line 'm=video 0 RTP/AVP \u00b2'"),
         (sdp(H264_MEDIA.replace("packetization-mode=1", "packetization-mode=2")), "H.264 packetization-mode 2"),
         (sdp(H264_MEDIA.replace("aMuMsg==", "aMu*")), "sprop-parameter-sets value 1 is not base64"),
         ("v=0\r\ngarbage\r\n", "bad SDP line 'garbage'"),
@@ -360,7 +456,12 @@ def test_the_session_header_gives_id_and_timeout(value, parsed):
     [
         (rtspin.parse_session, "", "bad Session header ''"),
         (rtspin.parse_session, "x;timeout=soon", "bad Session timeout 'soon'"),
+        (rtspin.parse_session, "x;timeout=\u00b2", "bad Session timeout '\u00b2'"),
+        (rtspin.parse_session, "x;timeout=0", "bad Session timeout '0'"),
         (rtspin.parse_interleaved, "RTP/AVP;unicast;client_port=5000-5001", "camera did not agree to RTP over"),
+        (rtspin.parse_interleaved, "RTP/AVP/TCP;interleaved=\u00b2", "camera did not agree to RTP over"),
+        (rtspin.parse_interleaved, "RTP/AVP/TCP;interleaved=256-257", "interleaved channel 257 is over 255"),
+        (rtspin.parse_interleaved, "RTP/AVP/TCP;interleaved=255", "interleaved channel 256 is over 255"),
     ],
 )
 def test_a_setup_answer_that_cannot_be_read_is_refused_exactly(call, value, error):
@@ -375,16 +476,24 @@ def test_a_setup_answer_that_cannot_be_read_is_refused_exactly(call, value, erro
 class TinyCamera:
     """An RTSP server on loopback for one H.264 track over TCP: answers OPTIONS, DESCRIBE (its ``sdp``),
     SETUP, PLAY, GET_PARAMETER and TEARDOWN; ``send(unit)`` sends one access unit as RTP (aiortc's
-    packetizer), marker on its last packet. It counts connections and DESCRIBEs."""
+    packetizer), marker on its last packet. It counts connections and DESCRIBEs. ``before_answer[method]``
+    runs before that method's answer goes out (one that never returns: a camera that never answers)."""
 
-    def __init__(self, sets: list[bytes] = SETS, sdp_text: str | None = None, redirect: str = "") -> None:
+    def __init__(
+        self, sets: list[bytes] = SETS, sdp_text: str | None = None, redirect: str = "", basic: bool = False
+    ) -> None:
         sprop = ",".join(base64.b64encode(n).decode() for n in sets)
         self.sdp = sdp_text or sdp(H264_MEDIA.replace(H264_MEDIA.split("sprop-parameter-sets=")[1], sprop + "\r\n"))
         self.redirect = redirect
+        self.basic = basic  # a DESCRIBE without Basic credentials gets 401
+        self.credentials: list[str] = []  # user:password of every Basic Authorization header it was sent
         self.connections = 0
         self.describes = 0
         self.methods: list[str] = []
         self.playing = asyncio.Event()
+        self.closed = asyncio.Event()  # for a before_answer that waits until then: a camera that never answers
+        self._writers: list[asyncio.StreamWriter] = []
+        self.before_answer: dict[str, Callable[[], Awaitable[None]]] = {}
         self._writer: asyncio.StreamWriter | None = None
         self._seq = 0
         self._ts = 0
@@ -400,10 +509,11 @@ class TinyCamera:
         return f"rtsp://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/cam"
 
     async def close(self) -> None:
+        self.closed.set()
         if self._server is not None:
             self._server.close()
-            if self._writer is not None:
-                self._writer.close()
+            for writer in self._writers:
+                writer.close()
             await self._server.wait_closed()
 
     async def send(self, unit: bytes) -> None:
@@ -420,6 +530,7 @@ class TinyCamera:
         self.connections += 1
         self.playing.clear()
         self._writer = writer
+        self._writers.append(writer)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -427,9 +538,15 @@ class TinyCamera:
                 cseq = next(line.split(b":")[1].strip() for line in head.split(b"\r\n") if line.startswith(b"CSeq"))
                 self.methods.append(method.decode())
                 headers, body = b"", b""
+                auth = [
+                    line.split(b" ")[-1] for line in head.split(b"\r\n") if line.startswith(b"Authorization: Basic")
+                ]
+                self.credentials += [base64.b64decode(a).decode() for a in auth]
                 if self.redirect and method == b"DESCRIBE":
                     status, headers = b"302 Found", b"Location: " + self.redirect.encode() + b"\r\n"
                     self.redirect = ""
+                elif self.basic and method == b"DESCRIBE" and not auth:
+                    status, headers = b"401 Unauthorized", b'WWW-Authenticate: Basic realm="cam"\r\n'
                 else:
                     status = b"200 OK"
                 if method == b"OPTIONS":
@@ -441,6 +558,8 @@ class TinyCamera:
                 elif method == b"SETUP":
                     headers += b"Session: 8a7b;timeout=60\r\nTransport: RTP/AVP/TCP;unicast;interleaved=0-1\r\n"
                 headers += b"Content-Length: %d\r\n" % len(body)
+                if method.decode() in self.before_answer:
+                    await self.before_answer[method.decode()]()
                 writer.write(b"RTSP/1.0 " + status + b"\r\nCSeq: " + cseq + b"\r\n" + headers + b"\r\n" + body)
                 await writer.drain()
                 if method == b"PLAY":
@@ -525,8 +644,150 @@ async def test_close_from_another_thread_ends_a_blocked_read_and_a_silent_camera
     thread = threading.Thread(target=read, args=(silent,))
     thread.start()
     await asyncio.to_thread(thread.join, DEADLINE)
-    assert "sent nothing for 5 s" in str(results[1])
+    assert "sent no video for 5 s" in str(results[1])
     await camera.close()
+
+
+def rtcp_frame() -> bytes:
+    """An RTCP sender report on the interleaved channel after the video's, as a camera sends every second."""
+    report = bytes([0x80, 200, 0, 6]) + bytes(24)
+    return b"$\x01" + len(report).to_bytes(2, "big") + report
+
+
+class CaptureThread:
+    """Calls made on one thread of its own, as the worker's capture thread makes them (a source is closed by
+    the thread that opened it). A daemon: the client before these fixes could block in open() for ever."""
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self) -> None:
+        while (call := self._calls.get()) is not None:
+            fn, future = call
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # handed to the awaiting test, whatever it is
+                    future.set_exception(exc)
+
+    async def run(self, fn: Callable[[], object]) -> object:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._calls.put((fn, future))
+        return await asyncio.wait_for(asyncio.wrap_future(future), DEADLINE)
+
+    async def opened(self, source: RtspSource) -> BaseException | None:
+        """The error ``source.open()`` raised (the source then closed), or None."""
+        try:
+            await self.run(source.open)
+        except SourceError as exc:
+            await self.run(source.close)
+            return exc
+        return None
+
+    async def close(self, source: RtspSource) -> None:
+        await self.run(source.close)
+        self._calls.put(None)
+
+
+@contextlib.asynccontextmanager
+async def reading(
+    camera: TinyCamera, url: str = "", *others: TinyCamera
+) -> AsyncIterator[tuple[RtspSource, CaptureThread]]:
+    """A client of ``camera`` (at ``url``: its own by default) and the thread it runs on; both, the camera and
+    ``others``, closed after."""
+    source, capture = open_source(parse_source_spec(url or camera.url), 640, 360, 30, "cam0"), CaptureThread()
+    try:
+        yield source, capture
+    finally:
+        await capture.close(source)
+        for each in (camera, *others):
+            await each.close()
+
+
+async def open_error(camera: TinyCamera, url: str = "", *others: TinyCamera) -> str | None:
+    """What the client's ``open()`` of ``camera`` (``url``, ``others``: as ``reading``) raised, if anything."""
+    async with reading(camera, url, *others) as (source, capture):
+        error = await capture.opened(source)
+        return None if error is None else str(error)
+
+
+async def test_frames_a_camera_sends_before_an_answer_are_held_aside_and_read_after_it_in_order():
+    """The camera starts its stream before its PLAY answer leaves: the client took the first frame for the
+    answer's, put it back, and took it again for ever (a core at 100 %, and close() could not stop it)."""
+    camera = await TinyCamera().start()
+
+    async def early_units() -> None:
+        await camera.send(UNITS[0])
+        await camera.send(UNITS[1])
+        camera._writer.write(rtcp_frame())
+
+    camera.before_answer["PLAY"] = early_units
+    async with reading(camera) as (source, capture):
+        assert await capture.opened(source) is None
+        first = await capture.run(source.read_packet)
+        second = await capture.run(source.read_packet)
+        await camera.send(UNITS[2])
+        third = await capture.run(source.read_packet)
+        assert [nals(u.data) for u in (first, second, third)] == [nals(u) for u in UNITS[:3]]
+
+
+async def test_a_camera_that_sends_rtp_instead_of_an_answer_is_refused_past_a_cap(monkeypatch):
+    monkeypatch.setattr(rtspsource, "MAX_HELD_BYTES", 256 * 1024)
+    camera = await TinyCamera().start()
+
+    async def flood() -> None:  # interleaved frames, and never DESCRIBE's answer
+        while True:
+            camera._writer.write(b"$\x00\xfd\xe8" + bytes(65000))
+            await camera._writer.drain()
+
+    camera.before_answer["DESCRIBE"] = flood
+    assert str(await open_error(camera)).endswith("sent over 262144 bytes of RTP and no answer to DESCRIBE")
+
+
+async def test_an_answer_that_trickles_in_is_given_up_at_the_requests_deadline(monkeypatch):
+    """A byte every so often, never a whole answer: each read's timeout started again at each byte."""
+    monkeypatch.setattr(rtspsource, "CONNECT_TIMEOUT", 0.5)
+    camera = await TinyCamera().start()
+
+    async def trickle() -> None:
+        camera._writer.write(b"RTSP/1.0 200 OK\r\nCSeq: 2\r\nX-Slow: ")
+        while True:
+            camera._writer.write(b"y")
+            await camera._writer.drain()
+            await asyncio.sleep(0.05)  # well inside the shortened timeout: only a total deadline ends it
+
+    camera.before_answer["DESCRIBE"] = trickle
+    assert str(await open_error(camera)).endswith("did not answer DESCRIBE within 0.5 s")
+
+
+async def test_a_camera_that_sends_only_rtcp_is_a_source_error_after_the_io_timeout(monkeypatch):
+    """Its encoder hung, its RTSP server still sends a sender report every so often: no video is no camera
+    (each report started the read's timeout again, and read_packet() waited for ever)."""
+    monkeypatch.setattr(rtspsource, "IO_TIMEOUT", 0.5)
+    camera = await TinyCamera().start()
+
+    async def reports() -> None:
+        while True:
+            camera._writer.write(rtcp_frame())
+            await asyncio.sleep(0.05)  # well inside the shortened timeout: only video may extend it
+
+    async with reading(camera) as (source, capture):
+        assert await capture.opened(source) is None
+        await camera.send(UNITS[0])
+        assert h264.is_idr((await capture.run(source.read_packet)).data)
+        sending = asyncio.create_task(reports())
+        with pytest.raises(SourceError, match="sent no video for 0.5 s$"):
+            await capture.run(source.read_packet)
+        sending.cancel()
+
+
+async def test_open_gives_up_at_its_total_deadline_whatever_each_request_has(monkeypatch):
+    monkeypatch.setattr(rtspsource, "CONNECT_TIMEOUT", 1000.0)  # each request would wait longer than the test
+    monkeypatch.setattr(rtspsource, "OPEN_TIMEOUT", 0.5)
+    camera = await TinyCamera().start()
+    camera.before_answer["DESCRIBE"] = camera.closed.wait  # never answered
+    assert str(await open_error(camera)).endswith("did not finish opening within 0.5 s (DESCRIBE)")
 
 
 async def test_a_redirect_is_followed_once():
@@ -549,6 +810,25 @@ async def test_a_redirect_is_followed_once():
         await first.close()
 
 
+async def test_a_redirect_to_another_host_carries_the_cameras_password_only_if_its_url_has_its_own():
+    for own in ("", "other:pw2@"):
+        camera = await TinyCamera(basic=True).start()
+        first = await TinyCamera(redirect=camera.url.replace("rtsp://", "rtsp://" + own)).start()
+        error = await open_error(camera, first.url.replace("rtsp://", "rtsp://admin:s3cret@"), first)
+        if own:
+            assert error is None and set(camera.credentials) == {"other:pw2"}
+        else:
+            assert "wants credentials (401 to DESCRIBE) and the URL has none" in str(error)
+            assert camera.credentials == []  # the password for the first camera never went to this one
+
+
+async def test_a_redirect_on_the_same_host_keeps_the_cameras_credentials():
+    camera = await TinyCamera(basic=True).start()
+    camera.redirect = camera.url + "/elsewhere"
+    assert await open_error(camera, camera.url.replace("rtsp://", "rtsp://admin:s3cret@")) is None
+    assert set(camera.credentials) == {"admin:s3cret"}
+
+
 async def test_a_camera_that_sends_h265_or_an_unreadable_sdp_goes_to_ffmpegs_demuxer():
     for text, reason in [
         (sdp("m=video 0 RTP/AVP 96\r\na=rtpmap:96 H265/90000\r\n"), "it sends hevc"),
@@ -564,6 +844,117 @@ async def test_a_camera_that_sends_h265_or_an_unreadable_sdp_goes_to_ffmpegs_dem
         finally:
             source.close()
             await camera.close()
+
+
+# -- the worker's pipeline in this process, reading a camera of this test's (its constants can be shortened)
+
+
+@contextlib.asynccontextmanager
+async def pipeline_of(camera: TinyCamera, emit: Callable[[bytes], None] = lambda _: None):
+    """The worker's ``Pipeline`` passing ``camera`` through, started; stopped (and the camera closed) after."""
+    spec = parse_source_spec(camera.url)
+    pipeline = worker.Pipeline(
+        "cam0",
+        camera.url,
+        lambda: open_source(spec, 640, 360, 30, "cam0"),
+        EncoderSettings(1_000_000, 30, 2),
+        emit,
+        mode="passthrough",
+    )
+    pipeline.start()
+    try:
+        yield pipeline
+    finally:
+        await asyncio.to_thread(pipeline.stop)
+        await camera.close()
+
+
+async def run_until(pipeline: worker.Pipeline, predicate, what: str, camera: TinyCamera | None = None, units=()):
+    """The worker's main thread's watch (``tick``), and ``camera`` sending ``units`` over and over while it
+    plays, until ``predicate()``."""
+    deadline = asyncio.get_running_loop().time() + DEADLINE
+    cycle = itertools.cycle(units)
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, f"{what} within {DEADLINE:g} s"
+        pipeline.tick()
+        if camera is not None and units and camera.playing.is_set():
+            for _ in range(6):
+                with contextlib.suppress(ConnectionError):
+                    await camera.send(next(cycle))
+        await asyncio.sleep(worker.WATCH_INTERVAL)
+
+
+@pytest.fixture
+def no_slate(monkeypatch):
+    """The worker's slate stays away (no encoder in this process), and it never exits for a stuck thread."""
+    monkeypatch.setattr(worker, "SLATE_AFTER", 1000.0)
+    monkeypatch.setattr(worker, "STUCK_EXIT", 1000.0)
+
+
+async def test_a_source_stuck_opening_is_closed_by_the_workers_watch_and_opened_again(monkeypatch, no_slate, caplog):
+    """The stall watch looked at live sources only: one stuck in open() or in the probe (a reader with no
+    deadline of its own, as FFmpeg's demuxer is on a read) held the stream "starting" for ever."""
+    monkeypatch.setattr(rtspsource, "OPEN_TIMEOUT", 1000.0)  # the client's own deadlines out of the way
+    monkeypatch.setattr(rtspsource, "CONNECT_TIMEOUT", 1000.0)
+    monkeypatch.setattr(worker, "OPEN_STALL", 0.5)
+    camera = await TinyCamera().start()
+    camera.before_answer["DESCRIBE"] = camera.closed.wait  # never answered
+    async with pipeline_of(camera) as pipeline:
+        await run_until(pipeline, lambda: camera.connections >= 2, "the source closed and opened again")
+        st = pipeline.status()
+        assert st.source_opens == 0 and st.source_errors >= 2  # the watch's, then the source's own "closed"
+        assert "stream=cam0 source error: not open, or no packet while probing it, for" in caplog.text
+
+
+async def test_a_probe_that_finds_no_sps_gives_up_past_its_byte_cap(monkeypatch, no_slate):
+    """Up to 600 units of up to 16 MiB each were held while looking for an SPS."""
+    monkeypatch.setattr(worker, "PROBE_MAX_BYTES", 20_000)
+    camera = await TinyCamera(sets=[]).start()  # no SPS in the SDP, and none in band
+    async with pipeline_of(camera) as pipeline:
+        error = "sent over 20000 bytes before its SPS: it cannot be passed through"
+        await run_until(pipeline, lambda: error in pipeline.status().last_error, "the probe's error", camera, UNITS)
+        assert pipeline.status().source_opens >= 1
+
+
+async def test_jpegs_of_keyframes_keep_their_interval_when_the_wall_clock_steps_back(monkeypatch, no_slate):
+    """A recorder's snapshots (a JPEG of a keyframe at most every so often) were timed on the wall clock: one
+    stepped back an hour (NTP) stopped them for an hour. The worker's wall clock is injected here."""
+    jpegs: list[bytes] = []
+    wall = types.SimpleNamespace(
+        monotonic=time.monotonic, perf_counter=time.perf_counter, time=lambda: time.time() - 3600 * bool(jpegs)
+    )
+    monkeypatch.setattr(worker, "time", wall)
+
+    def emit(data: bytes) -> None:
+        if ipc.parse_header(data[: ipc.HEADER.size])[0] == ipc.JPEG:
+            jpegs.append(data)
+
+    camera = await TinyCamera().start()
+    async with pipeline_of(camera, emit) as pipeline:
+        pipeline.set_jpeg(True, every=0.05)
+        await run_until(pipeline, lambda: len(jpegs) >= 3, "two JPEGs after the wall clock stepped back", camera, UNITS)
+
+
+async def test_a_camera_that_never_sends_an_idr_gets_the_slate_and_says_why_until_it_does(monkeypatch):
+    """Its units kept the slate away while no viewer could decode one: "live", no picture, no error."""
+    monkeypatch.setattr(worker, "FIRST_IDR_WAIT", 0.5)
+    monkeypatch.setattr(worker, "STUCK_EXIT", 1000.0)
+    passed: list[bytes] = []  # the camera's own units, to the relay
+
+    def emit(data: bytes) -> None:
+        kind, flags, *_ = ipc.parse_header(data[: ipc.HEADER.size])
+        if kind == ipc.UNIT and flags & ipc.FLAG_PASSTHROUGH:
+            passed.append(data)
+
+    camera = await TinyCamera().start()
+    p_frames = [u for u in UNITS if not h264.is_idr(u)]
+    async with pipeline_of(camera, emit) as pipeline:
+        await run_until(pipeline, lambda: pipeline.status().state == "no_signal", "the slate", camera, p_frames)
+        st = pipeline.status()
+        assert st.last_error.endswith("sent no IDR for 0.5 s; the slate shows until one")
+        assert (len(passed), st.source_errors) == (0, 1)
+        await run_until(pipeline, lambda: pipeline.status().state == "live", "the camera's picture", camera, UNITS)
+        assert passed
 
 
 # -- a real camera server: mediamtx with a read user and Digest

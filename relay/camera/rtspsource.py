@@ -9,11 +9,14 @@ a passed-through camera's worker never imports PyAV, unless someone wants
 JPEGs, the slate shows, or the stream transcodes (``read`` decodes, lazily).
 
 ``open()`` sends OPTIONS and DESCRIBE (one redirect followed, one 401 answered
-with the URL's credentials: Basic or Digest), and raises ``UseDemuxer`` when
+with the URL's credentials: Basic or Digest; after a redirect to another host
+or port, only with the new URL's own), and raises ``UseDemuxer`` when
 the camera sends anything but H.264 or a DESCRIBE answer it cannot read; then
 SETUP (the video track, interleaved) and PLAY. While playing it sends
-GET_PARAMETER (or OPTIONS) before the session's timeout. Nothing from the
-camera for ``IO_TIMEOUT`` is a ``SourceError``, as with FFmpeg's demuxer.
+GET_PARAMETER (or OPTIONS) before the session's timeout. Each answer has
+``CONNECT_TIMEOUT`` in all, ``open()`` ``OPEN_TIMEOUT``; no RTP packet of the
+video for ``IO_TIMEOUT`` is a ``SourceError`` (RTCP alone does not keep a
+camera alive), as FFmpeg's demuxer's I/O timeout is.
 """
 
 from __future__ import annotations
@@ -41,15 +44,30 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 554
-CONNECT_TIMEOUT = 5.0  # seconds to connect, and for each answer while opening
-# Seconds with nothing from a playing camera before it counts as gone: the same as FFmpeg's "timeout" option
-# of RTSP_INPUT (relay/camera/capture.py), so a camera that hangs mid-stream is a SourceError within 5 s.
+CONNECT_TIMEOUT = 5.0  # seconds to connect, and for each request's answer, in all (a trickle does not extend it)
+# Interleaved bytes a camera may send ahead of a request's answer (its stream starting before PLAY's answer
+# leaves: a keyframe or two), each frame counted with HELD_FRAME_OVERHEAD; more is a camera that does not answer.
+MAX_HELD_BYTES = 8 * 2**20
+HELD_FRAME_OVERHEAD = 64  # bytes an Interleaved frame held costs beyond its payload (its objects' headers)
+# Seconds open() may take in all (connect, OPTIONS, DESCRIBE, a redirect, a 401, SETUP, PLAY): each step had
+# CONNECT_TIMEOUT, and a camera slow at each held it a minute. FFmpeg's demuxer has 10 s (capture.OPEN_TIMEOUT).
+OPEN_TIMEOUT = 10.0
+# Seconds without an RTP packet of the video from a playing camera before it counts as gone: the same as
+# FFmpeg's "timeout" option of RTSP_INPUT (relay/camera/capture.py), so a camera that hangs mid-stream is a
+# SourceError within 5 s. Video, not any byte: a camera whose encoder hung may send RTCP reports for ever.
 IO_TIMEOUT = 5.0
 RECV_BYTES = 256 * 1024  # one read takes what the socket holds: a 1080p I-frame is 100-300 KiB
 KEEPALIVE_FRACTION = 0.5  # of the session's timeout: a keep-alive long before the camera drops the session
 USER_AGENT = "camrelay"
 MAX_REDIRECTS = 1
 TEARDOWN_TIMEOUT = 0.5  # seconds a best-effort TEARDOWN may take to leave; its answer is not awaited
+LOG_EVERY = 10.0  # seconds between lines about a camera's bad packets or restarted streams (more are counted)
+
+
+def _origin(url: str) -> tuple[str, int]:
+    """(host, port) of an rtsp:// URL: where its credentials may go."""
+    parts = urlsplit(url)
+    return (parts.hostname or "").lower(), parts.port or DEFAULT_PORT
 
 
 class _Redirect(Exception):
@@ -85,6 +103,8 @@ class RtspSource:
         self._keepalive_at = 0.0
         self._keepalive_method = "OPTIONS"
         self._rtp_channel = 0
+        self._open_deadline = float("inf")  # monotonic, while open() runs
+        self._video_deadline = float("inf")  # monotonic: a SourceError when no video has come by then
         self._depacketizer: rtspin.H264Depacketizer | None = None
         self._items: collections.deque[rtspin.Response | rtspin.Interleaved] = collections.deque()
         self._units: collections.deque[AccessUnit] = collections.deque()
@@ -94,7 +114,9 @@ class RtspSource:
         self._frames: collections.deque[av.VideoFrame] = collections.deque()
         self._stop = threading.Event()
         self._owner: int | None = None
-        self._bad_packets = Throttled(log, interval=10.0)
+        self._bad_packets = Throttled(log, interval=LOG_EVERY)
+        self._restarts = Throttled(log, interval=LOG_EVERY)
+        self._resyncs = 0  # the depacketizer's, as last logged
 
     @property
     def name(self) -> str:
@@ -113,6 +135,14 @@ class RtspSource:
 
     def open(self) -> None:
         self._owner = threading.get_ident()
+        self._open_deadline = time.monotonic() + OPEN_TIMEOUT
+        try:
+            self._open()
+        finally:
+            self._open_deadline = float("inf")
+        self._video_deadline = time.monotonic() + IO_TIMEOUT
+
+    def _open(self) -> None:
         for redirects in range(MAX_REDIRECTS + 1):
             self._connect()
             try:
@@ -150,14 +180,15 @@ class RtspSource:
         self._depacketizer = rtspin.H264Depacketizer(video.payload_type)
         self._request("PLAY", base if base.startswith("rtsp://") else self._target, {"Range": "npt=0.000-"})
         self._keepalive_at = time.monotonic() + self._keepalive_every
-        if self._sock is not None:
-            self._sock.settimeout(IO_TIMEOUT)  # playing: a camera silent this long is gone
 
     def _connect(self) -> None:
         self._close_socket()
         parts = urlsplit(self._target)
+        timeout = min(CONNECT_TIMEOUT, self._open_deadline - time.monotonic())
+        if timeout <= 0:
+            raise SourceError(f"{self.name} did not finish opening within {OPEN_TIMEOUT:g} s")
         try:
-            self._sock = socket.create_connection((parts.hostname, parts.port or DEFAULT_PORT), CONNECT_TIMEOUT)
+            self._sock = socket.create_connection((parts.hostname, parts.port or DEFAULT_PORT), timeout)
         except OSError as exc:
             raise SourceError(f"cannot open {self.name}: {exc.strerror or exc}") from None
         self._sock.settimeout(CONNECT_TIMEOUT)
@@ -170,7 +201,7 @@ class RtspSource:
         200 is a ``SourceError``."""
         for attempt in range(2):
             self._send(method, url, headers)
-            response = self._answer()
+            response = self._answer(method)
             if response.status == 401 and attempt == 0:
                 if not self._user:
                     raise SourceError(f"{self.name} wants credentials (401 to {method}) and the URL has none")
@@ -198,6 +229,8 @@ class RtspSource:
             raise SourceError(f"{self.name} redirects to a URL that is not rtsp://: {redact_url(location)}")
         if target.username:  # the new URL's own credentials
             self._user, self._password = unquote(target.username), unquote(target.password or "")
+        elif _origin(location) != _origin(self._target):  # the camera's password is for the camera alone
+            self._user, self._password = "", ""
         self._target = self._without_userinfo(location)
         self._challenge = None
         log.info("%s redirects to %s", self.name, redact_url(location))
@@ -215,31 +248,50 @@ class RtspSource:
         if self._sock is None:
             raise SourceError(f"{self.name} is not open")
         try:
+            self._sock.settimeout(CONNECT_TIMEOUT)  # a read's deadline may have left it at a moment
             self._sock.sendall(rtspin.request(method, url, self._cseq, all_headers))
         except OSError as exc:
             raise SourceError(f"{self.name}: cannot send {method}: {exc.strerror or exc}") from None
 
-    def _answer(self) -> Response:
-        """The answer to the request just sent (interleaved frames before it are kept for reading)."""
-        while True:
-            item = self._next_item()
-            if isinstance(item, Response):
-                if item.cseq in (None, self._cseq):
-                    return item
-            else:
-                self._items.append(item)
+    def _answer(self, method: str) -> Response:
+        """The answer to the request just sent, within ``CONNECT_TIMEOUT``. Interleaved frames that come
+        before it (up to ``MAX_HELD_BYTES``) are held aside and given back, in order, ahead of what follows."""
+        deadline = time.monotonic() + CONNECT_TIMEOUT
+        silence = f"did not answer {method} within {CONNECT_TIMEOUT:g} s"
+        if self._open_deadline < deadline:
+            deadline, silence = self._open_deadline, f"did not finish opening within {OPEN_TIMEOUT:g} s ({method})"
+        held: list[rtspin.Interleaved] = []
+        held_bytes = 0
+        try:
+            while True:
+                item = self._next_item(deadline, silence)
+                if isinstance(item, Response):
+                    if item.cseq in (None, self._cseq):
+                        return item
+                    continue  # the answer to an earlier request (a keep-alive's)
+                held.append(item)
+                held_bytes += len(item.payload) + HELD_FRAME_OVERHEAD
+                if held_bytes > MAX_HELD_BYTES:
+                    raise SourceError(f"{self.name} sent over {MAX_HELD_BYTES} bytes of RTP and no answer to {method}")
+        finally:
+            self._items.extendleft(reversed(held))
 
     # -- reading
 
-    def _next_item(self) -> rtspin.Response | rtspin.Interleaved:
+    def _next_item(self, deadline: float, silence: str) -> rtspin.Response | rtspin.Interleaved:
+        """The next response or interleaved frame; ``SourceError`` saying the camera ``silence`` when there is
+        none by ``deadline`` (monotonic)."""
         while not self._items:
             if self._stop.is_set() or self._sock is None:
                 raise SourceError(f"{self.name} closed")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SourceError(f"{self.name} {silence}")
             try:
+                self._sock.settimeout(left)
                 data = self._sock.recv(RECV_BYTES)
             except TimeoutError:
-                timeout = self._sock.gettimeout()
-                raise SourceError(f"{self.name} sent nothing for {timeout:g} s") from None
+                raise SourceError(f"{self.name} {silence}") from None
             except OSError as exc:
                 if self._stop.is_set():
                     raise SourceError(f"{self.name} closed") from None
@@ -268,13 +320,19 @@ class RtspSource:
             if time.monotonic() >= self._keepalive_at:
                 self._keepalive_at = time.monotonic() + self._keepalive_every
                 self._send(self._keepalive_method, self._target)  # its answer is read, and dropped, below
-            item = self._next_item()
+            item = self._next_item(self._video_deadline, f"sent no video for {IO_TIMEOUT:g} s")
             if not isinstance(item, rtspin.Interleaved) or item.channel != self._rtp_channel:
                 continue  # RTCP, a keep-alive's answer
             try:
-                self._units.extend(depacketizer.push(rtspin.parse_rtp(item.payload)))
+                packet = rtspin.parse_rtp(item.payload)
+                if packet.payload_type == depacketizer.payload_type:
+                    self._video_deadline = time.monotonic() + IO_TIMEOUT
+                self._units.extend(depacketizer.push(packet))
             except RtspError as exc:
                 self._bad_packets.warn("%s: RTP packet dropped: %s", self.name, exc)
+            if depacketizer.resyncs != self._resyncs:
+                self._resyncs = depacketizer.resyncs
+                self._restarts.warn("%s restarted its RTP stream (new SSRC or sequence); from its next IDR", self.name)
         return self._units.popleft()
 
     def unread(self, units: list[AccessUnit]) -> None:
@@ -324,6 +382,7 @@ class RtspSource:
         self._frames.clear()
 
     def _close_socket(self) -> None:
+        self._items.clear()  # what the connection held, frames held aside included
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 self._sock.close()

@@ -50,7 +50,16 @@ THREAD_JOIN_TIMEOUT = 5.0  # a device read is bounded by its frame time
 EWMA_ALPHA = 0.1  # smoothing for the per-frame encode time
 STATUS_INTERVAL = 1.0  # seconds between status messages to the relay
 SLATE_AFTER = 1.0  # seconds without a frame before viewers see the no-signal slate
+# Seconds a passed-through camera's units may come with no IDR (viewers' decoders start at one) while they keep
+# the slate away: a GOP, 1-4 s on cameras, up to 8 with "smart" codecs. Past it the slate shows and the status
+# says why; a camera that never sent an IDR stayed "live" with no picture and no error.
+FIRST_IDR_WAIT = 10.0
 CAPTURE_STALL = 2.0  # seconds without a frame (and without an error) before the source is reopened
+# Seconds a source may take to open, or between two packets of its probe, before it is closed and opened again:
+# longer than any source's own deadline (RtspSource.OPEN_TIMEOUT, FFmpeg's capture.OPEN_TIMEOUT: 10 s) and a
+# probe's wait for its next packet; a last resort for a reader without one (FFmpeg's demuxer has no deadline
+# on a read, and a camera sending only RTCP held a probe for ever, the stall watch looking only at live ones).
+OPEN_STALL = 30.0
 STUCK_EXIT = 8.0  # seconds a closed source may keep its read blocked before the worker exits
 THERMAL_SLACK = 0.9  # keep a frame a little early rather than skip two at jittery rates
 EXIT_STUCK = 3  # the worker's exit status when the capture thread is stuck
@@ -59,6 +68,9 @@ WATCH_INTERVAL = 0.25  # seconds between the main thread's looks for a stalled o
 # Packets read before a stream's SPS shows up in-band (a camera that sends it only before IDRs, none in the
 # SDP): 20 s at 30 fps, longer than any camera's GOP. Past it the stream is taken as unreadable H.264.
 SPS_PROBE_PACKETS = 600
+# Bytes the probe may hold read ahead: SPS_PROBE_PACKETS units of up to rtspin.MAX_UNIT_BYTES each were 9 GiB.
+# 32 MiB is many GOPs of any camera camrelay can pass through.
+PROBE_MAX_BYTES = 32 * 2**20
 # Packets whose timestamps are looked at, when the SPS does not say whether pictures are reordered
 # (B-frames): a B-frame shows within two or three pictures of an I or P.
 REORDER_PROBE_PACKETS = 12
@@ -105,12 +117,13 @@ class Gop:
     def __init__(self, limit: int = GOP_KEEP_BYTES) -> None:
         self._cond = threading.Condition()
         self._limit = limit
-        self._units: list[tuple[bytes, float]] = []  # (access unit, capture time)
+        # (access unit, capture time on the wall clock, for its JPEG; when it came, monotonic, for intervals)
+        self._units: list[tuple[bytes, float, float]] = []
         self._bytes = 0
         self._full = False
         self.generation = 0  # one more at every IDR
 
-    def add(self, unit: bytes, idr: bool, capture_time: float) -> None:
+    def add(self, unit: bytes, idr: bool, capture_time: float, arrived: float) -> None:
         with self._cond:
             if idr:
                 self._units, self._bytes, self._full = [], 0, False
@@ -120,7 +133,7 @@ class Gop:
             if self._bytes + len(unit) > self._limit and self._units:
                 self._full = True
                 return
-            self._units.append((unit, capture_time))
+            self._units.append((unit, capture_time, arrived))
             self._bytes += len(unit)
             self._cond.notify_all()
 
@@ -129,7 +142,7 @@ class Gop:
             self._units, self._bytes, self._full = [], 0, False
             self.generation += 1
 
-    def newer(self, generation: int, index: int, timeout: float) -> tuple[int, list[tuple[bytes, float]]]:
+    def newer(self, generation: int, index: int, timeout: float) -> tuple[int, list[tuple[bytes, float, float]]]:
         """(the current generation, the units a reader at ``index`` of ``generation`` has not seen yet);
         a new generation's units from its IDR on. Waits up to ``timeout`` for one."""
         with self._cond:
@@ -189,6 +202,8 @@ class Pipeline:
         self._last_frame = time.monotonic()  # when the source last delivered a frame to the output
         self._last_read = time.monotonic()  # when the source last delivered anything (frames skipped included)
         self._stall_closed_at: float | None = None
+        self._opening = False  # the capture thread opens or probes a source (its state: starting, retrying)
+        self._probe_bytes = 0  # of the packets the probe holds read ahead
         self._last_status = 0.0
         # Passthrough: camera units wait for an IDR after the source opens and after slate frames went out;
         # slate frames start with an IDR after camera units went out.
@@ -291,12 +306,15 @@ class Pipeline:
     def _capture_loop(self) -> None:
         st = self.stats
         while not self._stop.is_set():
-            opened_at = time.monotonic()
+            opened_at = self._last_read = time.monotonic()  # the open's watch starts now
+            self._stall_closed_at = None  # this thread is not stuck: it opens again
+            self._opening = True
             try:
                 source = self._open_source()
                 st.source_opens += 1
                 st.width, st.height, st.fps = source.width, source.height, source.fps
                 decision, sets = self._choose_mode(source)
+                self._opening = False
                 self._last_read = time.monotonic()  # the stall watch starts now, not when the worker did
                 if not st.slate:  # a source that opens in time has a second for its first frame, as any
                     self._last_frame = self._last_read
@@ -315,6 +333,7 @@ class Pipeline:
                 log.exception("stream=%s source crashed", self.name)
                 self._record_error(f"{type(exc).__name__}: {exc}")
             finally:
+                self._opening = False
                 if self._source is not None:
                     self._source.close()
                     self._source = None
@@ -382,8 +401,9 @@ class Pipeline:
             sets = ParameterSets(out_of_band)
             length = _avcc_length(source.extradata)
             read: list = []
+            self._probe_bytes = 0
             while sets.sps is None and len(read) < SPS_PROBE_PACKETS and not self._stop.is_set():
-                read.append(source.read_packet())
+                self._probe_read(source, read, "before its SPS")
                 with contextlib.suppress(H264Error):  # a corrupt packet: the next may do
                     sets.access_unit(_annexb(bytes(read[-1]), length))
             sps = h264.parse_sps(sets.sps) if sets.sps is not None else None
@@ -392,10 +412,18 @@ class Pipeline:
         reorders = sps.reorders if sps is not None else None
         if sps is not None and reorders is None:
             while len(read) < REORDER_PROBE_PACKETS and not self._stop.is_set():
-                read.append(source.read_packet())
+                self._probe_read(source, read, "to see the order of its pictures")
             reorders = h264.out_of_order([p.pts for p in read])
         source.unread(read)
         return sps, reorders, out_of_band
+
+    def _probe_read(self, source: PacketSource | RtspSource, read: list, why: str) -> None:
+        """One more packet read ahead into ``read``; ``SourceError`` past ``PROBE_MAX_BYTES`` of them."""
+        read.append(source.read_packet())
+        self._last_read = time.monotonic()  # the open's watch: the probe goes on
+        self._probe_bytes += read[-1].size
+        if self._probe_bytes > PROBE_MAX_BYTES:
+            raise SourceError(f"{self.source} sent over {PROBE_MAX_BYTES} bytes {why}: it cannot be passed through")
 
     def _transcode(self, source: Source | PacketSource) -> None:
         """Frames to the encode thread (newest wins); an MJPEG camera's own JPEGs to the relay when wanted."""
@@ -417,6 +445,8 @@ class Pipeline:
         length = _avcc_length(source.extradata)
         changes = 0
         self._need_idr = True
+        waiting: float | None = None  # since when units come and none is an IDR
+        told = False  # the status says so
         self.push_status()
         self._start_jpegs()
         while not self._stop.is_set():
@@ -433,12 +463,18 @@ class Pipeline:
                 changes = sets.changes
                 self._new_parameter_sets(sets)
             if self._need_idr and not idr:
-                if not st.slate:  # a camera that sends, up to its first IDR: no slate (nor PyAV to draw it)
-                    self._last_frame = self._last_read
+                waiting = self._last_read if waiting is None else waiting
+                if self._last_read - waiting < FIRST_IDR_WAIT:
+                    if not st.slate:  # a camera that sends, up to its first IDR: no slate (nor PyAV to draw it)
+                        self._last_frame = self._last_read
+                elif not told:
+                    told = True
+                    self._record_error(f"{self.source} sent no IDR for {FIRST_IDR_WAIT:g} s; the slate shows until one")
                 continue  # a viewer's decoder cannot use it: it starts at an IDR
+            waiting, told = None, False
             now = time.time()
             when = clock.wall_time(None if packet.pts is None else packet.pts * source.time_base, now)
-            self._gop.add(unit, idr, now)
+            self._gop.add(unit, idr, now, self._last_read)
             flags = ipc.FLAG_PASSTHROUGH | (ipc.FLAG_KEYFRAME if idr else 0)
             with self._emit_lock:
                 self._need_idr = False
@@ -497,12 +533,13 @@ class Pipeline:
                 generation, seen, fed, start = current, 0, 0, 0
             seen = max(seen, start + len(units))
             if every:
-                if start or fed or not units or (last is not None and units[0][1] - last < every * JPEG_SLACK):
+                # Intervals on the monotonic clock: a wall clock stepped back (NTP) stopped them for as long.
+                if start or fed or not units or (last is not None and units[0][2] - last < every * JPEG_SLACK):
                     continue
                 units = units[:1]
             fed = start + len(units)
-            picture, taken = None, 0.0
-            for unit, capture_time in units:
+            picture, taken, arrived = None, 0.0, 0.0
+            for unit, capture_time, when in units:
                 try:
                     frames = decoder.decode(av.Packet(unit))
                 except av.FFmpegError as exc:
@@ -510,9 +547,9 @@ class Pipeline:
                     continue
                 st.frames_decoded += len(frames)
                 if frames:
-                    picture, taken = frames[-1], capture_time
+                    picture, taken, arrived = frames[-1], capture_time, when
             if picture is not None and self.send_jpeg:  # only the newest of a batch: a late decoder catches up
-                last = taken
+                last = arrived
                 self._emit(ipc.pack(ipc.JPEG, encoder.encode(picture), capture_time=taken))
         log.info("stream=%s JPEG decoding stopped", self.name)
 
@@ -647,15 +684,19 @@ class Pipeline:
         return CapturedFrame(now, picture=av.VideoFrame.from_ndarray(planes, format="yuv420p"))
 
     def _check_stall(self, now: float) -> None:
-        """A source that stops delivering without an error: close it (which unblocks
-        a stuck read) so the capture loop reopens it; if even that does not free
-        the capture thread, end the process and let the relay start a fresh one."""
-        if self.stats.state != "live":
-            return
+        """A source that stops delivering without an error, or takes too long to open and probe: close it
+        (which unblocks a stuck read) so the capture loop reopens it; if even that does not free the capture
+        thread, end the process and let the relay start a fresh one."""
+        if self._opening:
+            limit, what = OPEN_STALL, "not open, or no packet while probing it,"
+        elif self.stats.state == "live":
+            limit, what = CAPTURE_STALL, "no frame"
+        else:
+            return  # waiting to retry
         silent = now - self._last_read
-        if silent >= CAPTURE_STALL and self._stall_closed_at is None:
+        if silent >= limit and self._stall_closed_at is None:
             self._stall_closed_at = now
-            self._record_error(f"no frame for {silent:.1f}s; reopening the source")
+            self._record_error(f"{what} for {silent:.1f}s; reopening the source")
             source = self._source
             if source is not None:
                 source.close()
