@@ -209,6 +209,7 @@ class Counters:
     frames_dropped_corrupt: int = 0
     frames_slate: int = 0
     frames_dropped_thermal: int = 0
+    frames_dropped_source_loss: int = 0  # a camera's units lost on the network (camrelay's RTSP client's count)
     frames_decoded: int = 0  # pictures decoded: every frame when transcoding, only for JPEGs when passing through
     keyframes: int = 0
     keyframes_forced: int = 0
@@ -224,6 +225,7 @@ WORKER_COUNTERS = (
     "frames_dropped_encoder_busy",
     "frames_dropped_corrupt",
     "frames_dropped_thermal",
+    "frames_dropped_source_loss",
     "frames_slate",
     "frames_decoded",
     "source_errors",

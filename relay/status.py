@@ -48,7 +48,9 @@ class StreamStatus:
     bitrate_bps: float = 0.0
     encode_ms: float = 0.0  # decode and encode of one frame, smoothed
     keyframes_forced: int = 0
-    frames_dropped: dict[str, int] = field(default_factory=dict)  # encoder_busy, corrupt, viewer_lag, thermal
+    frames_dropped: dict[str, int] = field(
+        default_factory=dict
+    )  # encoder_busy, corrupt, viewer_lag, thermal, source_loss
     restarts: int = 0  # of the worker
     source_errors: int = 0
     source: str = ""

@@ -225,6 +225,7 @@ class Stream:
                 "corrupt": st.frames_dropped_corrupt,
                 "viewer_lag": self.hub.dropped,
                 "thermal": st.frames_dropped_thermal,
+                "source_loss": st.frames_dropped_source_loss,
             },
             restarts=st.worker_restarts,
             source_errors=st.source_errors,

@@ -516,12 +516,14 @@ class TinyCamera:
                 writer.close()
             await self._server.wait_closed()
 
-    async def send(self, unit: bytes) -> None:
+    async def send(self, unit: bytes, lose: bool = False) -> None:
+        """``lose``: its first packet is "lost on the way" (its sequence number is used, nothing is sent)."""
         assert self._writer is not None
         payloads = borrowed.packetize(unit)
         for i, payload in enumerate(payloads):
             packet = rtp(payload, self._seq, self._ts, i == len(payloads) - 1)
-            self._writer.write(b"$\x00" + len(packet).to_bytes(2, "big") + packet)
+            if not (lose and i == 0):
+                self._writer.write(b"$\x00" + len(packet).to_bytes(2, "big") + packet)
             self._seq += 1
         self._ts += CLOCK // 30
         await self._writer.drain()
@@ -597,6 +599,33 @@ async def test_each_unit_reaches_the_relay_before_the_camera_sends_the_next():
     finally:
         await runner.cleanup()
         await camera.close()
+
+
+async def test_frames_a_camera_lost_on_the_network_are_counted_in_the_api_and_metrics(http):
+    """A packet of the third unit lost: it and the rest of its GOP cannot be decoded and are dropped, up to the
+    next IDR; the API and /metrics say how many, as frames dropped for source_loss."""
+    camera = await TinyCamera().start()
+    runner, running = await start_relay(relay_config(camera.url), wait=False)
+    try:
+        await until(camera.playing.is_set, "the relay plays the camera")
+        stream = running.relay.streams["cam0"]
+        for i, unit in enumerate(UNITS):  # a GOP of 6: IDRs at 0 and 6
+            await camera.send(unit, lose=i == 2)
+        await until(lambda: stream.stats.frames_passed_through >= len(UNITS) - 4, "the units after the loss's GOP")
+        await until(lambda: stream.status().api()["frames_dropped"]["source_loss"] > 0, "the loss in the status")
+        api = stream.status().api()
+        async with http.get(f"{running.base}/metrics") as r:
+            metrics = await r.text()
+    finally:
+        await runner.cleanup()
+        await camera.close()
+    lost = api["frames_dropped"]["source_loss"]
+    assert api["frames_passed_through"] == len(UNITS) - 4  # units 2 to 5 never reached a viewer
+    assert lost in (3, 4)  # 3 to 5 dropped; 2 itself, lost, never came (what it was cannot be told)
+    line = next(
+        m for m in metrics.splitlines() if m.startswith("camrelay_stream_frames_dropped_total{") and "source_loss" in m
+    )
+    assert 'stream="cam0"' in line and line.endswith(f" {lost}"), line
 
 
 async def test_a_camera_that_stops_sending_mid_stream_is_a_source_error_and_is_opened_again():

@@ -109,5 +109,5 @@ async def test_api_status_and_metrics_agree_on_every_counter(http, tmp_path: Pat
         assert low <= sample.value <= high, (sample.name, sample.labels, low, sample.value, high)
     (cam,) = after["streams"]
     reasons = {s.labels["reason"] for s in counters if s.name == "camrelay_stream_frames_dropped_total"}
-    assert reasons == set(cam["frames_dropped"]) == {"encoder_busy", "corrupt", "viewer_lag", "thermal"}
+    assert reasons == set(cam["frames_dropped"]) == {"encoder_busy", "corrupt", "viewer_lag", "thermal", "source_loss"}
     assert cam["rtsp_published"] > 0 and cam["whip"][0]["errors"] >= 1 and cam["recording"]["snapshots"] >= 1

@@ -122,6 +122,12 @@ class RtspSource:
     def name(self) -> str:
         return redact_url(self.url)  # for errors and logs: never a camera's password
 
+    @property
+    def units_lost(self) -> int:
+        """Access units dropped because the network lost some of their packets (or of those they need): the
+        broken unit and the rest of its GOP, up to the next IDR."""
+        return self._depacketizer.units_dropped if self._depacketizer is not None else 0
+
     @staticmethod
     def _without_userinfo(url: str) -> str:
         parts = urlsplit(url)

@@ -190,6 +190,7 @@ class Pipeline:
         self._keyframe_wanted = threading.Event()
         self._last_forced = 0.0
         self._source: Source | PacketSource | None = None
+        self._units_lost_before = 0  # by the sources this worker opened before the current one
         self._capture: threading.Thread | None = None
         self._encode: threading.Thread | None = None  # while transcoding, or while the slate shows
         self._jpegs: threading.Thread | None = None  # a passed-through camera's JPEGs, while wanted
@@ -246,6 +247,7 @@ class Pipeline:
     def status(self) -> ipc.WorkerStatus:
         st = self.stats
         st.frames_dropped_encoder_busy = self._mailbox.replaced
+        st.frames_dropped_source_loss = self._units_lost_before + getattr(self._source, "units_lost", 0)
         running = self._encoder.running
         st.encoder = "none" if self.passing_through and not running else self._encoder.name
         state = st.state
@@ -335,8 +337,9 @@ class Pipeline:
             finally:
                 self._opening = False
                 if self._source is not None:
-                    self._source.close()
-                    self._source = None
+                    source, self._source = self._source, None  # the status never counts its losses twice
+                    self._units_lost_before += getattr(source, "units_lost", 0)
+                    source.close()
                 self._gop.clear()
             if self._stop.is_set():
                 break
