@@ -319,3 +319,17 @@ async def end_workers(procs: list, timeout: float) -> None:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+def children_running() -> list[psutil.Process]:
+    """This process's descendants still running, but for Python's own multiprocessing resource tracker: the
+    first test that makes a spawn-context queue (the benchmark smoke tests) starts it, and it lives as long
+    as the interpreter, by design."""
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and "multiprocessing.resource_tracker" not in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.NoSuchProcess:
+            continue
+    return out

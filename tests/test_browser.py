@@ -117,6 +117,13 @@ async def one_viewer_then_closed(page: Page, watch: PageWatch, http, relay: Runn
     await wait_viewers_gone(http, relay, caplog)
 
 
+# Whether the element with this id is drawn: laid out with a size, not display:none.
+SHOWN = (
+    "(id) => { const e = document.getElementById(id); const r = e.getBoundingClientRect();"
+    " return getComputedStyle(e).display !== 'none' && r.width > 0 && r.height > 0; }"
+)
+
+
 async def test_view_page_plays_and_shows_latency(relay_server, http, caplog):
     caplog.set_level(logging.INFO, logger="relay")
     async with chromium() as browser:
@@ -148,6 +155,8 @@ async def test_view_page_plays_and_shows_latency(relay_server, http, caplog):
         assert MS_TEXT.match(text), f"#latency shows {text!r}, not a number of ms"
         assert (await page.text_content("#state")).strip() == "live"
         assert re.fullmatch(r"\d+", (await page.text_content("#fps")).strip())
+        # Nothing shows that the page hid: the MJPEG fallback is not drawn under the live video.
+        assert await page.evaluate(SHOWN, "mjpeg") is False and await page.evaluate(SHOWN, "video") is True
 
         # Chromium's media took a loopback path, and it offered no other address to the relay.
         pairs = await page.evaluate(CANDIDATE_PAIRS)
@@ -217,6 +226,7 @@ async def test_page_falls_back_to_mjpeg_when_webrtc_cannot_connect(relay_server:
                 timeout=PLAY_TIMEOUT_MS,
             )
             assert await page.evaluate("() => document.getElementById('mjpeg').naturalWidth") == TEST_WIDTH
+            assert await page.evaluate(SHOWN, "video") is False and await page.evaluate(SHOWN, "mjpeg") is True
             assert relay_server.relay.streams["cam0"].jpegs.users == 1  # the page's MJPEG connection
             await page.unroute("**/whep/**")
             await page.wait_for_function(PLAYING, timeout=PLAY_TIMEOUT_MS)  # WebRTC got through: back to video

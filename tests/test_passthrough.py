@@ -321,6 +321,8 @@ async def test_b_frames_and_h265_are_transcoded_and_the_api_says_why(start_camer
         try:
             await viewer.connect()
             seen = await clocks(viewer, FPS)
+            # The worker's counters come with its status, once a second: wait for the one after these frames.
+            await until(lambda: stream.stats.frames_decoded > 0, "the decoded frames in the worker's status")
             cam = await api(http, relay)
         finally:
             await viewer.close()

@@ -8,7 +8,6 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-import psutil
 import pytest
 
 from relay.config import StreamConfig
@@ -17,11 +16,11 @@ from relay.service import Relay
 from relay.source import SourceSpec
 from relay.webrtc import borrowed, udpbatch
 
-from .conftest import make_config
+from .conftest import children_running, make_config
 
 
 def _nothing_left_running(config) -> None:
-    left = [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+    left = children_running()
     assert not left, f"children left running: {[(p.pid, p.cmdline()) for p in left]}"
     tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
     assert not tasks, f"tasks left running: {tasks}"

@@ -14,6 +14,8 @@ from relay import supervise
 from relay.backoff import Backoff, Retry
 from relay.supervise import Child
 
+from .conftest import children_running
+
 QUICK = Retry(Backoff(initial=0.01, cap=0.01, jitter=0.0))  # restarts at once: the test counts them
 # Starts a grandchild in its own group (a shell pipeline, an FFmpeg helper), prints it and then ignores
 # SIGTERM and its stdin closing: what only SIGKILL of the whole group stops.
@@ -27,7 +29,7 @@ time.sleep(600)
 
 
 def _descendants() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+    return children_running()
 
 
 async def test_a_child_that_exits_is_started_again_until_stopped(caplog):
