@@ -32,7 +32,7 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import psutil
 
@@ -485,19 +485,15 @@ class _Connection:
         if parts.scheme != "rtsp" or not parts.hostname:
             raise PublishError(f"not an rtsp:// URL: {redact_url(url)}")
         self._host, self._port = parts.hostname, parts.port or RTSP_DEFAULT_PORT
-        self._user, self._password = unquote(parts.username or ""), unquote(parts.password or "")
-        netloc = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
-        netloc += f":{parts.port}" if parts.port else ""
-        self.target = urlunsplit(("rtsp", netloc, parts.path, parts.query, ""))  # no credentials on the wire
+        self._requests = rtspin.Requests(
+            PUBLISH_USER_AGENT, unquote(parts.username or ""), unquote(parts.password or "")
+        )
+        self.target = rtspin.without_userinfo(url)  # no credentials on the wire
         self._reader = rtspin.Reader()
         self._writer: asyncio.StreamWriter | None = None
         self._read_task: asyncio.Task[None] | None = None
         self._answers: asyncio.Queue[rtspin.Response] = asyncio.Queue()
         self._failed: BaseException | None = None
-        self._cseq = 0
-        self._challenge: rtspin.Challenge | None = None
-        self._nonce_count = 0
-        self._session = ""
         self._waiting = False  # a request waits for its answer
         self._keepalive_every = rtspin.DEFAULT_SESSION_TIMEOUT * PUBLISH_KEEPALIVE_FRACTION
         self._keepalive_at = 0.0
@@ -521,7 +517,7 @@ class _Connection:
             if writer is not None:
                 # A server that stopped reading leaves our buffer full: a close would wait to send it, forever.
                 clean = exc_type in (None, asyncio.CancelledError) and not writer.transport.get_write_buffer_size()
-                if clean and self._session and not writer.is_closing():
+                if clean and self._requests.session and not writer.is_closing():
                     with contextlib.suppress(Exception):  # best effort: the server ends the session on close anyway
                         self._send("TEARDOWN", self.target)
                 if clean:
@@ -540,16 +536,15 @@ class _Connection:
         for attempt in range(2):
             self._send(method, url, headers, body)
             answer = await self._answer()
-            if answer.status == 401 and attempt == 0 and self._user:
-                self._challenge = rtspin.parse_challenges(answer.all("www-authenticate"))
-                self._nonce_count = 0
+            if answer.status == 401 and attempt == 0 and self._requests.user:
+                self._requests.challenged(answer)
                 continue
             break
         if answer.status != 200:
             raise PublishError(f"{method} answered {answer.status} {answer.reason}".rstrip())
         session = answer.header("session")
-        if session and not self._session:
-            self._session, timeout = rtspin.parse_session(session)
+        if session and not self._requests.session:
+            self._requests.session, timeout = rtspin.parse_session(session)
             self._keepalive_every = timeout * PUBLISH_KEEPALIVE_FRACTION
             self._keepalive_at = time.monotonic() + self._keepalive_every
         return answer
@@ -580,16 +575,7 @@ class _Connection:
             self._send("OPTIONS", self.target)
 
     def _send(self, method: str, url: str, headers: dict[str, str] | None = None, body: bytes = b"") -> None:
-        self._cseq += 1
-        all_headers = {"User-Agent": PUBLISH_USER_AGENT, **(headers or {})}
-        if self._session:
-            all_headers["Session"] = self._session
-        if self._challenge is not None:
-            self._nonce_count += 1
-            all_headers["Authorization"] = rtspin.authorization(
-                self._challenge, method, url, self._user, self._password, secrets.token_hex(8), self._nonce_count
-            )
-        self.write(rtspin.request(method, url, self._cseq, all_headers, body))
+        self.write(self._requests.make(method, url, headers, body))
 
     async def _answer(self) -> rtspin.Response:
         self._waiting = True
@@ -607,7 +593,7 @@ class _Connection:
                         raise PublishError(f"connection lost: {self._failed}")
                     raise PublishError(f"no answer in {PUBLISH_REQUEST_TIMEOUT:g} s")
                 answer = get.result()
-                if answer.cseq in (None, self._cseq):
+                if answer.cseq in (None, self._requests.cseq):
                     return answer
         finally:
             self._waiting = False

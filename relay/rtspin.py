@@ -8,7 +8,9 @@ was wrong; no sockets and no clocks (the capture thread's driver,
   one TCP connection into ``Response``s and ``Interleaved`` frames (``$``,
   RFC 2326 10.12).
 - ``parse_challenges`` and ``authorization``: Basic, and Digest with MD5, with
-  and without ``qop=auth`` (RFC 2617, as cameras speak it).
+  and without ``qop=auth`` (RFC 2617, as cameras speak it); ``Requests`` numbers
+  a connection's requests and adds its session and credentials to each, and
+  ``without_userinfo`` is a URL as it goes on the wire.
 - ``parse_sdp``: the video of a DESCRIBE answer (codec, payload type, clock
   rate, control URL, ``sprop-parameter-sets``); ``parse_session`` and
   ``parse_interleaved`` read SETUP's answer.
@@ -25,9 +27,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import secrets
 import struct
 from dataclasses import dataclass, field
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from .h264 import H264Error, join_annexb, parse_sprop_parameter_sets
 
@@ -317,6 +320,48 @@ def authorization(
     if challenge.algorithm:
         fields.append(f"algorithm={challenge.algorithm}")
     return "Digest " + ", ".join(fields)
+
+
+class Requests:
+    """The requests of one client connection, camrelay's camera reader's or its publisher's: numbered (CSeq),
+    naming the session once SETUP gave one, and, once a 401 was answered (``challenged``), each answering
+    its challenge with ``user`` and ``password`` (Digest's nonce count counted, a client nonce each)."""
+
+    def __init__(self, user_agent: str, user: str = "", password: str = "") -> None:
+        self.user_agent = user_agent
+        self.user, self.password = user, password
+        self.cseq = 0  # the last request's
+        self.session = ""  # SETUP's, once given
+        self.challenge: Challenge | None = None
+        self._nonce_count = 0
+
+    def challenged(self, response: Response) -> None:
+        """A 401: the requests after answer its ``WWW-Authenticate`` (``RtspError`` when none can be)."""
+        self.challenge = parse_challenges(response.all("www-authenticate"))
+        self._nonce_count = 0
+
+    def make(self, method: str, url: str, headers: dict[str, str] | None = None, body: bytes = b"") -> bytes:
+        """The next request's bytes (``url`` without user information: it goes on the wire)."""
+        self.cseq += 1
+        all_headers = {"User-Agent": self.user_agent, **(headers or {})}
+        if self.session:
+            all_headers["Session"] = self.session
+        if self.challenge is not None:
+            self._nonce_count += 1
+            all_headers["Authorization"] = authorization(
+                self.challenge, method, url, self.user, self.password, secrets.token_hex(8), self._nonce_count
+            )
+        return request(method, url, self.cseq, all_headers, body)
+
+
+def without_userinfo(url: str) -> str:
+    """``url`` as it goes on the wire: no user or password (an empty path is ``/``)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
 
 
 # -- the SDP

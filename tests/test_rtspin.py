@@ -351,6 +351,35 @@ def test_digest_with_qop_auth_answers_as_rfc_2617_says():
     assert 'qop=auth, nc=00000001, cnonce="0a4f113b"' in value and 'opaque="5ccc069c403ebaf9f0171e9517f40e41"' in value
 
 
+def test_a_connections_requests_are_numbered_and_carry_its_session_and_credentials_once_challenged():
+    requests = rtspin.Requests("camrelay", "admin", "pw")
+    first = requests.make("DESCRIBE", "rtsp://cam/s", {"Accept": "application/sdp"}).decode()
+    assert first.startswith("DESCRIBE rtsp://cam/s RTSP/1.0\r\nCSeq: 1\r\nUser-Agent: camrelay\r\n")
+    assert "Authorization" not in first and "Session" not in first
+    challenge = rtspin.Response(401, "Unauthorized", (("www-authenticate", 'Digest realm="r", nonce="n", qop="auth"'),))
+    requests.challenged(challenge)
+    requests.session = "8a7b"
+    second, third = (requests.make("SETUP", "rtsp://cam/s/track1").decode() for _ in range(2))
+    assert "CSeq: 2\r\n" in second and "CSeq: 3\r\n" in third and requests.cseq == 3
+    assert "Session: 8a7b\r\n" in second
+    assert 'username="admin"' in second and "nc=00000001" in second and "nc=00000002" in third
+    assert "pw" not in second  # a digest, never the password
+    body = requests.make("ANNOUNCE", "rtsp://cam/s", body=b"v=0\r\n")
+    assert body.endswith(b"Content-Length: 5\r\n\r\nv=0\r\n")
+
+
+@pytest.mark.parametrize(
+    ("url", "wire"),
+    [
+        ("rtsp://admin:pw@cam:8554/s?x=1", "rtsp://cam:8554/s?x=1"),
+        ("rtsp://admin@[fe80::1]/s", "rtsp://[fe80::1]/s"),
+        ("rtsp://cam", "rtsp://cam/"),
+    ],
+)
+def test_a_url_goes_on_the_wire_without_its_user_information(url, wire):
+    assert rtspin.without_userinfo(url) == wire
+
+
 def test_digest_without_qop_and_basic_answer_as_cameras_expect():
     digest = rtspin.parse_challenges(['Basic realm="cam"', 'Digest realm="cam", nonce="abc"'])
     value = rtspin.authorization(digest, "DESCRIBE", "rtsp://cam/x", "admin", "pw")

@@ -24,18 +24,17 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import secrets
 import socket
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 from .. import h264, rtspin
 from ..h264 import H264Error, ParameterSets
 from ..logsafe import Throttled, redact_text, redact_url
-from ..rtspin import AccessUnit, Challenge, Response, RtspError
+from ..rtspin import AccessUnit, Response, RtspError
 from .capture import CapturedFrame, PacketSource, SourceError, UseDemuxer
 
 if TYPE_CHECKING:
@@ -90,15 +89,10 @@ class RtspSource:
         self.time_base = 0.0  # seconds per RTP clock tick
         self._fallback = fallback
         parts = urlsplit(url)
-        self._user = unquote(parts.username or "")
-        self._password = unquote(parts.password or "")
-        self._target = self._without_userinfo(url)
+        self._requests = rtspin.Requests(USER_AGENT, unquote(parts.username or ""), unquote(parts.password or ""))
+        self._target = rtspin.without_userinfo(url)
         self._sock: socket.socket | None = None
         self._reader = rtspin.Reader()
-        self._cseq = 0
-        self._challenge: Challenge | None = None
-        self._nonce_count = 0
-        self._session = ""
         self._keepalive_every = float(rtspin.DEFAULT_SESSION_TIMEOUT) * KEEPALIVE_FRACTION
         self._keepalive_at = 0.0
         self._keepalive_method = "OPTIONS"
@@ -127,15 +121,6 @@ class RtspSource:
         """Access units dropped because the network lost some of their packets (or of those they need): the
         broken unit and the rest of its GOP, up to the next IDR."""
         return self._depacketizer.units_dropped if self._depacketizer is not None else 0
-
-    @staticmethod
-    def _without_userinfo(url: str) -> str:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        netloc = f"{host}:{parts.port}" if parts.port else host
-        return urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
 
     # -- opening
 
@@ -178,7 +163,7 @@ class RtspSource:
                 self.width, self.height = parsed.width, parsed.height
         setup = self._request("SETUP", video.control, {"Transport": "RTP/AVP/TCP;unicast;interleaved=0-1"})
         try:
-            self._session, timeout = rtspin.parse_session(setup.header("session") or "")
+            self._requests.session, timeout = rtspin.parse_session(setup.header("session") or "")
             self._rtp_channel, _ = rtspin.parse_interleaved(setup.header("transport") or "")
         except RtspError as exc:
             raise SourceError(f"{self.name}: SETUP answer: {exc}") from None
@@ -209,13 +194,12 @@ class RtspSource:
             self._send(method, url, headers)
             response = self._answer(method)
             if response.status == 401 and attempt == 0:
-                if not self._user:
+                if not self._requests.user:
                     raise SourceError(f"{self.name} wants credentials (401 to {method}) and the URL has none")
                 try:
-                    self._challenge = rtspin.parse_challenges(response.all("www-authenticate"))
+                    self._requests.challenged(response)
                 except RtspError as exc:
                     raise SourceError(f"{self.name}: {exc}") from None
-                self._nonce_count = 0
                 continue
             break
         if response.status == 401:
@@ -233,29 +217,22 @@ class RtspSource:
         target = urlsplit(location)
         if target.scheme != "rtsp" or not target.hostname:
             raise SourceError(f"{self.name} redirects to a URL that is not rtsp://: {redact_url(location)}")
+        r = self._requests
         if target.username:  # the new URL's own credentials
-            self._user, self._password = unquote(target.username), unquote(target.password or "")
+            r.user, r.password = unquote(target.username), unquote(target.password or "")
         elif _origin(location) != _origin(self._target):  # the camera's password is for the camera alone
-            self._user, self._password = "", ""
-        self._target = self._without_userinfo(location)
-        self._challenge = None
+            r.user, r.password = "", ""
+        self._target = rtspin.without_userinfo(location)
+        r.challenge = None
         log.info("%s redirects to %s", self.name, redact_url(location))
 
     def _send(self, method: str, url: str, headers: dict[str, str] | None = None) -> None:
-        self._cseq += 1
-        all_headers = {"User-Agent": USER_AGENT, **(headers or {})}
-        if self._session:
-            all_headers["Session"] = self._session
-        if self._challenge is not None:
-            self._nonce_count += 1
-            all_headers["Authorization"] = rtspin.authorization(
-                self._challenge, method, url, self._user, self._password, secrets.token_hex(8), self._nonce_count
-            )
         if self._sock is None:
             raise SourceError(f"{self.name} is not open")
+        data = self._requests.make(method, url, headers)
         try:
             self._sock.settimeout(CONNECT_TIMEOUT)  # a read's deadline may have left it at a moment
-            self._sock.sendall(rtspin.request(method, url, self._cseq, all_headers))
+            self._sock.sendall(data)
         except OSError as exc:
             raise SourceError(f"{self.name}: cannot send {method}: {exc.strerror or exc}") from None
 
@@ -272,7 +249,7 @@ class RtspSource:
             while True:
                 item = self._next_item(deadline, silence)
                 if isinstance(item, Response):
-                    if item.cseq in (None, self._cseq):
+                    if item.cseq in (None, self._requests.cseq):
                         return item
                     continue  # the answer to an earlier request (a keep-alive's)
                 held.append(item)
@@ -378,11 +355,11 @@ class RtspSource:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RD)  # the read ends at once; TEARDOWN can still go out
             return
-        if self._session:
+        if self._requests.session:
             with contextlib.suppress(OSError, SourceError):
                 sock.settimeout(TEARDOWN_TIMEOUT)
                 self._send("TEARDOWN", self._target)
-            self._session = ""
+            self._requests.session = ""
         self._close_socket()
         self._decoder = None
         self._frames.clear()
