@@ -323,8 +323,7 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
 
 def children_running() -> list[psutil.Process]:
     """This process's descendants still running, but for Python's own multiprocessing resource tracker: the
-    first test that makes a spawn-context queue (the benchmark smoke tests) starts it, and it lives as long
-    as the interpreter, by design."""
+    ``spawn`` fixture starts it for the rest of the run, by design."""
     out = []
     for p in psutil.Process().children(recursive=True):
         try:
