@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import fractions
+import itertools
 import logging
 import re
 import threading
@@ -93,6 +94,64 @@ def test_a_cameras_timestamps_keep_their_spacing_on_the_wall_clock_and_jumps_sta
     assert clock.wall_time(10.08, 1000.11) == pytest.approx(1000.08)
     assert clock.wall_time(0.0, 1000.2) == 1000.2  # the file looped: anchored again
     assert clock.wall_time(None, 1000.3) == 1000.3  # no timestamp: when it came
+
+
+def test_a_camera_slower_than_real_time_keeps_its_own_spacing_instead_of_jumping():
+    """A camera (or link) delivering at 3/4 of real time: its frames fall behind the wall clock, but keep the
+    spacing it gave them, so a receiver sees every frame one interval after the other and counts none lost;
+    only a lag past ``max_lag`` starts the mapping again."""
+    from relay.camera.capture import SourceClock
+
+    clock = SourceClock(resync=1.0, max_lag=30.0)
+    interval = 1 / 30
+    stamps = [clock.wall_time(10.0 + i * interval, 1000.0 + i * interval / 0.75) for i in range(2000)]
+    steps = [b - a for a, b in itertools.pairwise(stamps)]
+    lag = 1000.0 + 1999 * interval / 0.75 - stamps[-1]
+    assert 16 < lag < 30  # far behind the wall clock by now, within the cap
+    assert min(steps) == pytest.approx(interval) and max(steps) == pytest.approx(interval)
+    assert clock.anchors == 1
+    for i in range(2000, 3000):  # on past the cap: anchored again, once, then the camera's spacing again
+        clock.wall_time(10.0 + i * interval, 1000.0 + i * interval / 0.75)
+    assert clock.anchors == 2
+
+
+def test_a_stall_and_its_backlog_keep_the_cameras_spacing():
+    from relay.camera.capture import SourceClock
+
+    clock = SourceClock(resync=1.0)
+    assert clock.wall_time(5.0, 100.0) == 100.0
+    assert clock.wall_time(5.04, 101.5) == pytest.approx(100.04)  # 1.5 s late (a network stall)
+    backlog = [clock.wall_time(5.04 + i * 0.04, 101.5 + i * 0.001) for i in range(1, 40)]  # then all at once
+    assert backlog == pytest.approx([100.04 + i * 0.04 for i in range(1, 40)])
+    assert clock.anchors == 1
+
+
+@pytest.mark.parametrize(
+    "source, now, why",
+    [
+        (9.0, 1000.2, "a step back: a file looped, a camera restarted"),
+        (12.5, 1000.2, "a step forward of more than resync in the source's own time"),
+    ],
+)
+def test_a_jump_in_the_sources_timeline_starts_the_mapping_again(source, now, why):
+    from relay.camera.capture import SourceClock
+
+    clock = SourceClock(resync=1.0)
+    clock.wall_time(10.0, 1000.0)
+    clock.wall_time(10.1, 1000.1)
+    assert clock.wall_time(source, now) == now, why
+    assert clock.anchors == 2
+
+
+def test_timestamps_running_ahead_of_the_wall_clock_start_the_mapping_again():
+    from relay.camera.capture import SourceClock
+
+    clock = SourceClock(resync=1.0)
+    clock.wall_time(10.0, 1000.0)
+    t = [clock.wall_time(10.0 + i * 0.5, 1000.0 + i * 0.1) for i in range(1, 5)]  # a fast clock, 5x
+    assert t[:2] == pytest.approx([1000.5, 1001.0])  # 0.4 and 0.8 s ahead: kept
+    assert t[2] == pytest.approx(1000.3)  # 1.2 s ahead: anchored again at now
+    assert clock.anchors == 2
 
 
 # -- real cameras

@@ -342,28 +342,40 @@ class V4L2Source:
             self._container = None
 
 
-# A source's timestamps that stray this far (seconds) from the wall clock are taken as a jump (a file
-# looping, a camera's clock reset) and the mapping starts again from now.
+# A source's own timestamps that step this far (seconds) from one frame to the next, or back at all, are a new
+# timeline (a file looping, a camera's clock reset), as are timestamps this far ahead of the wall clock: the
+# mapping starts again from now.
 CLOCK_RESYNC = 1.0
+# A source that falls behind the wall clock keeps its own spacing up to this lag (seconds): a network stall
+# and its backlog, a camera or a link slower than real time. Re-anchoring there made a jump in the viewers' RTP
+# time that a receiver counts as lost frames (a second's worth each time) although none was; mediamtx passes
+# a camera's timestamps through untouched. Past this, the mapping starts again so it never drifts for good.
+CLOCK_MAX_LAG = 30.0
 
 
 class SourceClock:
     """A source's own timestamps on the wall clock: frames keep the spacing the camera gave them (not the
-    jitter of the network that brought them), anchored at the wall clock and re-anchored when they stray."""
+    jitter of the network that brought them, nor its delays), anchored at the wall clock and anchored again
+    when the source's timeline jumps, runs ahead of the wall clock, or falls more than ``max_lag`` behind."""
 
-    def __init__(self, resync: float = CLOCK_RESYNC) -> None:
+    def __init__(self, resync: float = CLOCK_RESYNC, max_lag: float = CLOCK_MAX_LAG) -> None:
         self._resync = resync
+        self._max_lag = max_lag
         self._anchor: tuple[float, float] | None = None  # (source seconds, wall clock) of the anchor frame
+        self._last = 0.0  # the source seconds of the frame before
+        self.anchors = 0  # times the mapping started (again): the first frame, then every jump
 
     def wall_time(self, source_seconds: float | None, now: float) -> float:
         """When a frame with timestamp ``source_seconds`` (None: the source gave none) was taken, received ``now``."""
         if source_seconds is None:
             return now
-        if self._anchor is not None:
+        step, self._last = source_seconds - self._last, source_seconds
+        if self._anchor is not None and 0 <= step <= self._resync:
             t = self._anchor[1] + source_seconds - self._anchor[0]
-            if abs(t - now) <= self._resync:
+            if -self._max_lag <= t - now <= self._resync:
                 return t
         self._anchor = (source_seconds, now)
+        self.anchors += 1
         return now
 
 
