@@ -332,21 +332,16 @@ class RtspSource:
         depacketizer = self._depacketizer
         if depacketizer is None or self._sock is None:
             raise SourceError(f"{self.name} is not open")
+        silence = f"sent no video for {IO_TIMEOUT:g} s"
         while not self._units:
             if time.monotonic() >= self._keepalive_at:
                 self._keepalive_at = time.monotonic() + self._keepalive_every
                 self._send(self._keepalive_method, self._target)  # its answer is read, and dropped, below
             packets = depacketizer.packets
-            played = rtspin.Played([], [], [])
             if self._items:  # frames that came before an answer while opening, held aside: in order, first
-                item = self._items.popleft()
-                if isinstance(item, rtspin.Interleaved) and item.channel == self._rtp_channel:
-                    try:
-                        depacketizer.push_view(memoryview(item.payload), 0, len(item.payload), played.units)
-                    except RtspError as exc:
-                        played.errors.append(str(exc))
+                played = self._held(self._items.popleft(), depacketizer)
             else:
-                data = self._receive(self._video_deadline, f"sent no video for {IO_TIMEOUT:g} s")
+                data = self._receive(self._video_deadline, silence)
                 try:
                     played = self._reader.feed_video(data, self._rtp_channel, depacketizer)
                 except RtspError as exc:
@@ -360,6 +355,16 @@ class RtspSource:
                 self._resyncs = depacketizer.resyncs
                 self._restarts.warn("%s restarted its RTP stream (new SSRC or sequence); from its next IDR", self.name)
         return self._units.popleft()
+
+    def _held(self, item: Response | rtspin.Interleaved, depacketizer: rtspin.H264Depacketizer) -> rtspin.Played:
+        """A frame held aside while opening, as ``feed_video`` would have taken it."""
+        played = rtspin.Played([], [], [])
+        if isinstance(item, rtspin.Interleaved) and item.channel == self._rtp_channel:
+            try:
+                played.units += depacketizer.push(rtspin.parse_rtp(item.payload))
+            except RtspError as exc:
+                played.errors.append(str(exc))
+        return played
 
     def unread(self, units: list[AccessUnit]) -> None:
         """Units read ahead (to decide passthrough or not) that the next reads give back first."""
