@@ -33,9 +33,7 @@ import hashlib
 import re
 import secrets
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from .h264 import START_CODE, H264Error, join_annexb, parse_sprop_parameter_sets
@@ -672,8 +670,8 @@ class H264Depacketizer:
             while True:
                 if size - pos >= FRAME_HEAD.size:
                     dollar, ch, length, b0, b1, seq, ts, ssrc, indicator, fu_header = FRAME_HEAD.unpack_from(view, pos)
-                elif size - pos >= INTERLEAVED_HEADER.size:
-                    dollar, ch, length, b0 = view[pos], view[pos + 1], view[pos + 2] << 8 | view[pos + 3], -1
+                elif size - pos >= INTERLEAVED_HEADER.size:  # a frame too short for the fast way's fields
+                    dollar, ch, length = view[pos], view[pos + 1], view[pos + 2] << 8 | view[pos + 3]
                 else:
                     break
                 end = pos + INTERLEAVED_HEADER.size + length
@@ -682,7 +680,8 @@ class H264Depacketizer:
                 start, pos = pos + INTERLEAVED_HEADER.size, end
                 if ch != channel:
                     continue
-                # Version 2 with no padding, extension or CSRC; the video; the next packet of the unit gathered.
+                # Long enough for the fields read; version 2 with no padding, extension or CSRC; the video; the next
+                # packet of the unit being gathered.
                 if (
                     length > RTP_HEADER.size + 2
                     and seq == next_seq
@@ -762,19 +761,16 @@ class H264Depacketizer:
             out += self._finish()
         self._broken = self._broken or bool(lost)
         self._timestamp = ts
-        return out + self._gather(self._add, packet.payload, packet.marker)
-
-    def _gather(self, add: Callable[[Any], None], payload: bytes | memoryview, marker: bool) -> list[AccessUnit]:
-        """``add(payload)`` to the unit being gathered: the unit if ``marker`` ends it. A payload that cannot be
-        read (``RtspError``, raised) breaks its unit, which goes then, or at its end."""
         try:
-            add(payload)
+            self._add(packet.payload)
         except RtspError:
             self._broken = True
-            if marker:
-                self._finish()
+            if packet.marker:
+                out += self._finish()
             raise
-        return self._finish() if marker else []
+        if packet.marker:
+            out += self._finish()
+        return out
 
     def _restart(self) -> None:
         """The camera restarted its stream: what was gathered of the old one goes, the new one starts at an

@@ -905,6 +905,24 @@ async def test_a_camera_that_sends_only_rtcp_is_a_source_error_after_the_io_time
         sending.cancel()
 
 
+async def test_a_playing_cameras_reads_set_no_timeout_each(monkeypatch):
+    """The socket's receive timeout was set before every read (a poll and an ioctl beside each recv): it is
+    set for the connection and changed only near a deadline, which a read here never comes near."""
+    monkeypatch.setattr(rtspsource, "IO_TIMEOUT", 1000.0)
+    camera = await TinyCamera().start()
+    set_timeouts: list[float] = []
+    set_timeout = rtspsource._set_timeout
+    monkeypatch.setattr(rtspsource, "_set_timeout", lambda s, o, t: (set_timeouts.append(t), set_timeout(s, o, t)))
+    async with reading(camera) as (source, capture):
+        assert await capture.opened(source) is None
+        opening = len(set_timeouts)
+        for unit in UNITS:
+            reading_one = asyncio.ensure_future(capture.run(source.read_packet))
+            await camera.send(unit)
+            assert nals((await reading_one).data) == nals(unit)
+        assert len(set_timeouts) == opening  # none for the units' reads
+
+
 async def test_open_gives_up_at_its_total_deadline_whatever_each_request_has(monkeypatch):
     monkeypatch.setattr(rtspsource, "CONNECT_TIMEOUT", 1000.0)  # each request would wait longer than the test
     monkeypatch.setattr(rtspsource, "OPEN_TIMEOUT", 0.5)

@@ -302,10 +302,10 @@ class RtspSource:
             if left <= 0:
                 raise SourceError(f"{self.name} {silence}")
             wait = max(MIN_WAIT, min(left, WAKE_EVERY))
-            if self._recv_timeout > left or self._recv_timeout < wait / 2:
-                self._recv_timeout = wait
-                _set_timeout(sock, socket.SO_RCVTIMEO, wait)
             try:
+                if self._recv_timeout > left or self._recv_timeout < wait / 2:
+                    self._recv_timeout = wait
+                    _set_timeout(sock, socket.SO_RCVTIMEO, wait)
                 size = sock.recv_into(self._buffer)
             except BlockingIOError:  # the receive timeout: the deadline is looked at again
                 continue
