@@ -15,6 +15,7 @@ of milliseconds. In its own process the camera work never touches the loop.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import struct
 import time
@@ -83,26 +84,31 @@ def pack_json(kind: int, obj: dict) -> bytes:
     return pack(kind, json.dumps(obj, separators=(",", ":")).encode())
 
 
-def parse_header(header: bytes) -> tuple[int, int, int, float, int]:
-    kind, flags, pts, capture_time, length = HEADER.unpack(header)
-    if kind not in (UNIT, JPEG, STATUS, LOG):
+KINDS = frozenset((UNIT, JPEG, STATUS, LOG))
+
+
+def parse_header(header: bytes | memoryview, offset: int = 0) -> tuple[int, int, int, float, int]:
+    """(type, flags, pts, capture time, payload length) of the header at ``offset``; ``ProtocolError`` if corrupt."""
+    kind, flags, pts, capture_time, length = fields = HEADER.unpack_from(header, offset)
+    if kind not in KINDS:
         raise ProtocolError(f"unknown message type {kind}")
     if length > MAX_PAYLOAD:
         raise ProtocolError(f"message of {length} bytes is over the {MAX_PAYLOAD} limit")
-    return kind, flags, pts, capture_time, length
+    return fields
 
 
-def _split(data: bytes | bytearray) -> tuple[list[Message], int]:
-    """Whole messages from the start of ``data``, and how many bytes they took."""
+def _split(data: bytes | bytearray | memoryview) -> tuple[list[Message], int]:
+    """Whole messages from the start of ``data``, and how many bytes they took (each payload copied once)."""
     out = []
-    offset = 0
-    while len(data) - offset >= HEADER.size:
-        kind, flags, pts, capture_time, length = parse_header(data[offset : offset + HEADER.size])
-        end = offset + HEADER.size + length
-        if len(data) < end:
-            break
-        out.append(Message(kind, flags, pts, capture_time, bytes(data[offset + HEADER.size : end])))
-        offset = end
+    offset, size = 0, len(data)
+    with memoryview(data) as view:
+        while size - offset >= HEADER.size:
+            kind, flags, pts, capture_time, length = parse_header(view, offset)
+            end = offset + HEADER.size + length
+            if size < end:
+                break
+            out.append(Message(kind, flags, pts, capture_time, bytes(view[offset + HEADER.size : end])))
+            offset = end
     return out, offset
 
 
@@ -119,10 +125,16 @@ class Reader:
         self._pending = bytearray()
 
     def feed(self, data: bytes) -> list[Message]:
-        """The messages ``data`` completes; ``ProtocolError`` for a corrupt stream."""
-        self._pending += data
-        messages, used = _split(self._pending)
-        del self._pending[:used]
+        """The messages ``data`` completes; ``ProtocolError`` for a corrupt stream. A read that starts with a
+        message (most: the worker writes each whole) is parsed where it lies; only what a message still lacks
+        is kept."""
+        if self._pending:
+            self._pending += data
+            messages, used = _split(self._pending)
+            del self._pending[:used]
+            return messages
+        messages, used = _split(data)
+        self._pending += memoryview(data)[used:]
         return messages
 
 
@@ -148,24 +160,32 @@ def parse_commands(data: bytes) -> tuple[list[tuple[bytes, int | None]], bytes]:
 # -- what crosses, typed
 
 
+@functools.cache
+def _fields(cls) -> tuple[tuple[str, type], ...]:
+    """(name, type) of each field of the dataclass ``cls``, its annotations resolved once (``get_type_hints``
+    took 0.3 ms, and the relay read a status a second per camera)."""
+    types = typing.get_type_hints(cls)
+    return tuple((f.name, types[f.name]) for f in dataclasses.fields(cls))
+
+
 def _from_json(cls, data: bytes | str):
     """An instance of the dataclass ``cls`` from a JSON object holding every one of its fields, each of its type;
     ``ValueError`` (or ``KeyError``, ``TypeError``) otherwise."""
     raw = json.loads(data)
     if not isinstance(raw, dict):
         raise ValueError(f"{cls.__name__}: expected a JSON object")
-    types = typing.get_type_hints(cls)
     values = {}
-    for f in dataclasses.fields(cls):
-        value, kind = raw[f.name], types[f.name]
+    for name, kind in _fields(cls):
+        value = raw[name]
         if isinstance(value, bool) != (kind is bool) or not isinstance(value, (int, float) if kind is float else kind):
-            raise TypeError(f"{cls.__name__}.{f.name}: expected {kind.__name__}, got {value!r}")
-        values[f.name] = value
+            raise TypeError(f"{cls.__name__}.{name}: expected {kind.__name__}, got {value!r}")
+        values[name] = value
     return cls(**values)
 
 
 def _to_json(obj) -> bytes:
-    return json.dumps(dataclasses.asdict(obj), separators=(",", ":")).encode()
+    """The dataclass ``obj`` (plain values only: what crosses is flat) as a JSON object."""
+    return json.dumps({name: getattr(obj, name) for name, _ in _fields(type(obj))}, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True, slots=True)

@@ -212,6 +212,71 @@ FU_A_MIDDLE = bytes([0x7C, 0x05]) + b"\x00" * 10  # FU-A, neither start nor end,
 STAP_A_OVERRUN = bytes([0x78, 0x00, 0x10]) + b"\x67\x42"  # says 16 bytes, holds 2
 
 
+def interleaved(packets: list[bytes], channel: int = 0) -> bytes:
+    return b"".join(b"$" + bytes([channel]) + len(p).to_bytes(2, "big") + p for p in packets)
+
+
+def scenario_packets() -> dict[str, list[bytes]]:
+    """Streams the depacketizer's tests above send, each as RTP packets in the order they arrive."""
+    packets = packets_of(UNITS)
+    lost = len(packets_of(UNITS[:2]))
+    fu_a_start = next(i for i, p in enumerate(packets) if p[12] & 0x1F == 28 and p[13] & 0x80)
+    last = 10_000 + len(packets) - 1
+    restarted = [p[:8] + b"\x0b\xad\xca\xfe" + p[12:] for p in packets_of(UNITS, first_seq=100, first_ts=0)]
+    return {
+        "whole": packets,
+        "no-marker": packets_of(UNITS, markers=False),
+        "loss": packets[:lost] + packets[lost + 1 :],
+        "joined-inside-fu-a": packets[fu_a_start + 1 :],
+        "duplicate-and-late": packets[:5] + [packets[4], packets[2]] + packets[5:],
+        "restart": packets_of(UNITS, first_seq=10_000)
+        + [rtp(b"\x41\x9a", 30_000, 0, True), *packets_of(UNITS[:1], first_seq=last + 1, first_ts=2**31)]
+        + restarted,
+        "bad-packets": packets[:3] + [rtp(STAP_A_OVERRUN, 99, 0, True), rtp(b"\x41", 3, 0, False, pt=97)] + packets[3:],
+        "fu-a-errors": packets[:2] + [rtp(FU_A_MIDDLE, 2, 3000, False)] + packets[3:],
+    }
+
+
+@pytest.mark.parametrize("cut", [1, 7, 1500, 6000, 1 << 20], ids=lambda n: f"reads-of-{n}")
+@pytest.mark.parametrize("name", list(scenario_packets()))
+def test_a_playing_connections_bytes_give_the_units_and_counts_packet_by_packet_reading_gives(name, cut):
+    """``Reader.feed_video`` (the RTP packets where they lie in what was read, most with no object each) against
+    ``Reader.feed``, ``parse_rtp`` and ``push`` one packet at a time: the same units, the same errors, the same
+    counts of packets lost and dropped, units dropped and restarts, however the reads cut the bytes; RTCP and
+    a keep-alive's answer in between are passed over."""
+    packets = scenario_packets()[name]
+    answer = b"RTSP/1.0 200 OK\r\nCSeq: 7\r\nContent-Length: 2\r\n\r\nok"
+    wire = interleaved(packets[:3]) + rtcp_frame() + answer + interleaved(packets[3:]) + rtcp_frame()
+
+    def counts(d: rtspin.H264Depacketizer) -> tuple[int, ...]:
+        return (d.packets, d.units, d.packets_lost, d.units_dropped, d.packets_dropped, d.resyncs)
+
+    one, one_units, one_errors, responses = rtspin.H264Depacketizer(PT), [], [], []
+    for item in rtspin.Reader().feed(wire):
+        if isinstance(item, rtspin.Response):
+            responses.append(item)
+        elif item.channel == 0:
+            try:
+                one_units += one.push(rtspin.parse_rtp(item.payload))
+            except RtspError as exc:
+                one_errors.append(str(exc))
+    reader, many = rtspin.Reader(), rtspin.H264Depacketizer(PT)
+    played = rtspin.Played([], [], [])
+    buffer = memoryview(bytearray(cut))  # read into again and again, as the client's socket reads are
+    for start in range(0, len(wire), cut):
+        chunk = wire[start : start + cut]
+        buffer[: len(chunk)] = chunk
+        got = reader.feed_video(buffer[: len(chunk)], 0, many)
+        played.units += got.units
+        played.responses += got.responses
+        played.errors += got.errors
+    reader.eof()
+    assert [(u.data, u.pts, u.keyframe) for u in played.units] == [(u.data, u.pts, u.keyframe) for u in one_units]
+    assert (played.errors, played.responses) == (one_errors, responses) and len(responses) == 1
+    assert counts(many) == counts(one)
+    assert one_units or name == "no-marker"
+
+
 @pytest.mark.parametrize(
     ("packets", "error"),
     [
@@ -838,6 +903,24 @@ async def test_a_camera_that_sends_only_rtcp_is_a_source_error_after_the_io_time
         with pytest.raises(SourceError, match="sent no video for 0.5 s$"):
             await capture.run(source.read_packet)
         sending.cancel()
+
+
+async def test_a_playing_cameras_reads_set_no_timeout_each(monkeypatch):
+    """The socket's receive timeout was set before every read (a poll and an ioctl beside each recv): it is
+    set for the connection and changed only near a deadline, which a read here never comes near."""
+    monkeypatch.setattr(rtspsource, "IO_TIMEOUT", 1000.0)
+    camera = await TinyCamera().start()
+    set_timeouts: list[float] = []
+    set_timeout = rtspsource._set_timeout
+    monkeypatch.setattr(rtspsource, "_set_timeout", lambda s, o, t: (set_timeouts.append(t), set_timeout(s, o, t)))
+    async with reading(camera) as (source, capture):
+        assert await capture.opened(source) is None
+        opening = len(set_timeouts)
+        for unit in UNITS:
+            reading_one = asyncio.ensure_future(capture.run(source.read_packet))
+            await camera.send(unit)
+            assert nals((await reading_one).data) == nals(unit)
+        assert len(set_timeouts) == opening  # none for the units' reads
 
 
 async def test_open_gives_up_at_its_total_deadline_whatever_each_request_has(monkeypatch):

@@ -25,6 +25,7 @@ import collections
 import contextlib
 import logging
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -56,10 +57,15 @@ OPEN_TIMEOUT = 10.0
 # SourceError within 5 s. Video, not any byte: a camera whose encoder hung may send RTCP reports for ever.
 IO_TIMEOUT = 5.0
 RECV_BYTES = 256 * 1024  # one read takes what the socket holds: a 1080p I-frame is 100-300 KiB
+# Seconds a blocked read waits at most before it looks at its deadline again (the kernel's receive timeout, set
+# once for a connection, not before every read): any deadline is kept, lowered to it near its end.
+WAKE_EVERY = 1.0
+MIN_WAIT = 0.001  # the shortest receive timeout set: the kernel takes 0 for no timeout at all
 KEEPALIVE_FRACTION = 0.5  # of the session's timeout: a keep-alive long before the camera drops the session
 USER_AGENT = "camrelay"
 MAX_REDIRECTS = 1
 TEARDOWN_TIMEOUT = 0.5  # seconds a best-effort TEARDOWN may take to leave; its answer is not awaited
+TIMEVAL = struct.Struct("@ll")  # struct timeval: seconds, microseconds
 LOG_EVERY = 10.0  # seconds between lines about a camera's bad packets or restarted streams (more are counted)
 
 
@@ -67,6 +73,13 @@ def _origin(url: str) -> tuple[str, int]:
     """(host, port) of an rtsp:// URL: where its credentials may go."""
     parts = urlsplit(url)
     return (parts.hostname or "").lower(), parts.port or DEFAULT_PORT
+
+
+def _set_timeout(sock: socket.socket, option: int, seconds: float) -> None:
+    """The kernel's receive or send timeout (``SO_RCVTIMEO``, ``SO_SNDTIMEO``) of a blocking socket: a read or
+    send that waits longer fails with ``BlockingIOError``."""
+    whole = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, option, TIMEVAL.pack(whole, int((seconds - whole) * 1e6)))
 
 
 class _Redirect(Exception):
@@ -92,6 +105,8 @@ class RtspSource:
         self._requests = rtspin.Requests(USER_AGENT, unquote(parts.username or ""), unquote(parts.password or ""))
         self._target = rtspin.without_userinfo(url)
         self._sock: socket.socket | None = None
+        self._buffer = memoryview(bytearray(RECV_BYTES))  # each read's, kept for the source's life
+        self._recv_timeout = 0.0  # seconds, the socket's receive timeout (SO_RCVTIMEO) now; 0: none set
         self._reader = rtspin.Reader()
         self._keepalive_every = float(rtspin.DEFAULT_SESSION_TIMEOUT) * KEEPALIVE_FRACTION
         self._keepalive_at = 0.0
@@ -182,7 +197,9 @@ class RtspSource:
             self._sock = socket.create_connection((parts.hostname, parts.port or DEFAULT_PORT), timeout)
         except OSError as exc:
             raise SourceError(f"cannot open {self.name}: {exc.strerror or exc}") from None
-        self._sock.settimeout(CONNECT_TIMEOUT)
+        self._sock.settimeout(None)  # blocking: the kernel's timeouts bound each read and send (_receive)
+        _set_timeout(self._sock, socket.SO_SNDTIMEO, CONNECT_TIMEOUT)
+        self._recv_timeout = 0.0  # none set yet
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._reader = rtspin.Reader()
 
@@ -231,8 +248,7 @@ class RtspSource:
             raise SourceError(f"{self.name} is not open")
         data = self._requests.make(method, url, headers)
         try:
-            self._sock.settimeout(CONNECT_TIMEOUT)  # a read's deadline may have left it at a moment
-            self._sock.sendall(data)
+            self._sock.sendall(data)  # within the socket's send timeout (CONNECT_TIMEOUT, TEARDOWN_TIMEOUT)
         except OSError as exc:
             raise SourceError(f"{self.name}: cannot send {method}: {exc.strerror or exc}") from None
 
@@ -265,30 +281,47 @@ class RtspSource:
         """The next response or interleaved frame; ``SourceError`` saying the camera ``silence`` when there is
         none by ``deadline`` (monotonic)."""
         while not self._items:
-            if self._stop.is_set() or self._sock is None:
-                raise SourceError(f"{self.name} closed")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise SourceError(f"{self.name} {silence}")
+            data = self._receive(deadline, silence)
             try:
-                self._sock.settimeout(left)
-                data = self._sock.recv(RECV_BYTES)
-            except TimeoutError:
-                raise SourceError(f"{self.name} {silence}") from None
-            except OSError as exc:
-                if self._stop.is_set():
-                    raise SourceError(f"{self.name} closed") from None
-                raise SourceError(f"{self.name} stopped delivering frames: {exc.strerror or exc}") from None
-            try:
-                if not data:
-                    if self._stop.is_set():
-                        raise SourceError(f"{self.name} closed")
-                    self._reader.eof()
-                    raise SourceError(f"{self.name} closed the connection")
                 self._items.extend(self._reader.feed(data))
             except RtspError as exc:
                 raise SourceError(f"{self.name}: {redact_text(str(exc), self.url)}") from None
         return self._items.popleft()
+
+    def _receive(self, deadline: float, silence: str) -> memoryview:
+        """What the camera sent next, read into the connection's buffer (good until the next read); ``SourceError``
+        saying the camera ``silence`` when nothing came by ``deadline`` (monotonic), or when it closed.
+
+        The socket blocks, with the kernel's receive timeout (``SO_RCVTIMEO``) set once and lowered only to end
+        a wait at its deadline: a timeout set before every read cost a ``poll`` and an ``ioctl`` beside each."""
+        while True:
+            sock = self._sock
+            if self._stop.is_set() or sock is None:
+                raise SourceError(f"{self.name} closed")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SourceError(f"{self.name} {silence}")
+            wait = max(MIN_WAIT, min(left, WAKE_EVERY))
+            try:
+                if self._recv_timeout > left or self._recv_timeout < wait / 2:
+                    self._recv_timeout = wait
+                    _set_timeout(sock, socket.SO_RCVTIMEO, wait)
+                size = sock.recv_into(self._buffer)
+            except BlockingIOError:  # the receive timeout: the deadline is looked at again
+                continue
+            except OSError as exc:
+                if self._stop.is_set():
+                    raise SourceError(f"{self.name} closed") from None
+                raise SourceError(f"{self.name} stopped delivering frames: {exc.strerror or exc}") from None
+            if size:
+                return self._buffer[:size]
+            if self._stop.is_set():
+                raise SourceError(f"{self.name} closed")
+            try:
+                self._reader.eof()
+            except RtspError as exc:
+                raise SourceError(f"{self.name}: {redact_text(str(exc), self.url)}") from None
+            raise SourceError(f"{self.name} closed the connection")
 
     def read_packet(self) -> AccessUnit:
         """The next access unit, handed on at its last RTP packet."""
@@ -299,24 +332,39 @@ class RtspSource:
         depacketizer = self._depacketizer
         if depacketizer is None or self._sock is None:
             raise SourceError(f"{self.name} is not open")
+        silence = f"sent no video for {IO_TIMEOUT:g} s"
         while not self._units:
             if time.monotonic() >= self._keepalive_at:
                 self._keepalive_at = time.monotonic() + self._keepalive_every
                 self._send(self._keepalive_method, self._target)  # its answer is read, and dropped, below
-            item = self._next_item(self._video_deadline, f"sent no video for {IO_TIMEOUT:g} s")
-            if not isinstance(item, rtspin.Interleaved) or item.channel != self._rtp_channel:
-                continue  # RTCP, a keep-alive's answer
-            try:
-                packet = rtspin.parse_rtp(item.payload)
-                if packet.payload_type == depacketizer.payload_type:
-                    self._video_deadline = time.monotonic() + IO_TIMEOUT
-                self._units.extend(depacketizer.push(packet))
-            except RtspError as exc:
-                self._bad_packets.warn("%s: RTP packet dropped: %s", self.name, exc)
+            packets = depacketizer.packets
+            if self._items:  # frames that came before an answer while opening, held aside: in order, first
+                played = self._held(self._items.popleft(), depacketizer)
+            else:
+                data = self._receive(self._video_deadline, silence)
+                try:
+                    played = self._reader.feed_video(data, self._rtp_channel, depacketizer)
+                except RtspError as exc:
+                    raise SourceError(f"{self.name}: {redact_text(str(exc), self.url)}") from None
+            if depacketizer.packets != packets:  # the video's (RTCP alone, a keep-alive's answer: not a camera)
+                self._video_deadline = time.monotonic() + IO_TIMEOUT
+            self._units.extend(played.units)
+            for error in played.errors:
+                self._bad_packets.warn("%s: RTP packet dropped: %s", self.name, error)
             if depacketizer.resyncs != self._resyncs:
                 self._resyncs = depacketizer.resyncs
                 self._restarts.warn("%s restarted its RTP stream (new SSRC or sequence); from its next IDR", self.name)
         return self._units.popleft()
+
+    def _held(self, item: Response | rtspin.Interleaved, depacketizer: rtspin.H264Depacketizer) -> rtspin.Played:
+        """A frame held aside while opening, as ``feed_video`` would have taken it."""
+        played = rtspin.Played([], [], [])
+        if isinstance(item, rtspin.Interleaved) and item.channel == self._rtp_channel:
+            try:
+                played.units += depacketizer.push(rtspin.parse_rtp(item.payload))
+            except RtspError as exc:
+                played.errors.append(str(exc))
+        return played
 
     def unread(self, units: list[AccessUnit]) -> None:
         """Units read ahead (to decide passthrough or not) that the next reads give back first."""
@@ -357,7 +405,7 @@ class RtspSource:
             return
         if self._requests.session:
             with contextlib.suppress(OSError, SourceError):
-                sock.settimeout(TEARDOWN_TIMEOUT)
+                _set_timeout(sock, socket.SO_SNDTIMEO, TEARDOWN_TIMEOUT)
                 self._send("TEARDOWN", self._target)
             self._requests.session = ""
         self._close_socket()
