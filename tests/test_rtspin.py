@@ -884,10 +884,13 @@ async def test_an_answer_that_trickles_in_is_given_up_at_the_requests_deadline(m
     assert str(await open_error(camera)).endswith("did not answer DESCRIBE within 0.5 s")
 
 
-async def test_a_camera_that_sends_only_rtcp_is_a_source_error_after_the_io_timeout(monkeypatch):
+@pytest.mark.parametrize("kernel_timeouts", [True, False], ids=["SO_RCVTIMEO", "python-timeout"])
+async def test_a_camera_that_sends_only_rtcp_is_a_source_error_after_the_io_timeout(monkeypatch, kernel_timeouts):
     """Its encoder hung, its RTSP server still sends a sender report every so often: no video is no camera
-    (each report started the read's timeout again, and read_packet() waited for ever)."""
+    (each report started the read's timeout again, and read_packet() waited for ever). The same with Python's
+    own socket timeout, as a 32-bit build reads (``KERNEL_TIMEOUTS`` off)."""
     monkeypatch.setattr(rtspsource, "IO_TIMEOUT", 0.5)
+    monkeypatch.setattr(rtspsource, "KERNEL_TIMEOUTS", kernel_timeouts)
     camera = await TinyCamera().start()
 
     async def reports() -> None:

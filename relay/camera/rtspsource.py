@@ -65,7 +65,11 @@ KEEPALIVE_FRACTION = 0.5  # of the session's timeout: a keep-alive long before t
 USER_AGENT = "camrelay"
 MAX_REDIRECTS = 1
 TEARDOWN_TIMEOUT = 0.5  # seconds a best-effort TEARDOWN may take to leave; its answer is not awaited
-TIMEVAL = struct.Struct("@ll")  # struct timeval: seconds, microseconds
+TIMEVAL = struct.Struct("@ll")  # struct timeval: seconds, microseconds, each a long where long is 64 bits
+# The kernel's socket timeouts are set where that struct is sure (LP64: arm64 Pi OS, x86_64). A 32-bit build
+# (whose time_t may be 64 bits: glibc's _TIME_BITS=64) uses Python's own timeout instead, a poll beside each
+# read, never a wrongly sized struct.
+KERNEL_TIMEOUTS = struct.calcsize("@l") == 8
 LOG_EVERY = 10.0  # seconds between lines about a camera's bad packets or restarted streams (more are counted)
 
 
@@ -77,7 +81,10 @@ def _origin(url: str) -> tuple[str, int]:
 
 def _set_timeout(sock: socket.socket, option: int, seconds: float) -> None:
     """The kernel's receive or send timeout (``SO_RCVTIMEO``, ``SO_SNDTIMEO``) of a blocking socket: a read or
-    send that waits longer fails with ``BlockingIOError``."""
+    send that waits longer fails with ``BlockingIOError`` (``TimeoutError`` where ``KERNEL_TIMEOUTS`` is off)."""
+    if not KERNEL_TIMEOUTS:
+        sock.settimeout(seconds)  # both ways, and TimeoutError rather than BlockingIOError: _receive takes both
+        return
     whole = int(seconds)
     sock.setsockopt(socket.SOL_SOCKET, option, TIMEVAL.pack(whole, int((seconds - whole) * 1e6)))
 
@@ -307,7 +314,7 @@ class RtspSource:
                     self._recv_timeout = wait
                     _set_timeout(sock, socket.SO_RCVTIMEO, wait)
                 size = sock.recv_into(self._buffer)
-            except BlockingIOError:  # the receive timeout: the deadline is looked at again
+            except (BlockingIOError, TimeoutError):  # the receive timeout: the deadline is looked at again
                 continue
             except OSError as exc:
                 if self._stop.is_set():
