@@ -107,7 +107,7 @@ async def test_a_route_that_refuses_segmentation_falls_back_alone(monkeypatch):
 
     from relay.webrtc import udpbatch
 
-    def refuse(sock, group, addr):
+    def refuse(sock, data, segment, addr):
         raise OSError(errno.EINVAL, "Invalid argument")
 
     monkeypatch.setattr(udpbatch, "_sendmsg_gso", refuse)
@@ -144,3 +144,13 @@ def test_a_transport_without_a_socket_is_sent_to_directly():
     proto.transport = TurnLike()
     send_now(proto, b"dtls", A)  # no running loop needed: nothing is deferred
     assert proto.transport.sent == [(b"dtls", A)] and batcher_of(proto) is None
+
+
+def test_runs_of_sizes_are_the_same_runs_as_of_datagrams():
+    from relay.webrtc.udpbatch import gso_runs
+
+    assert gso_runs([1200] * 5 + [300]) == [6]
+    assert gso_runs([100, 1200, 1200, 50, 1200]) == [1, 3, 1]
+    assert gso_runs([1200] * 70) == [50, 20]  # 60,000 bytes a write at most
+    assert gso_runs([100] * (MAX_SEGMENTS + 1)) == [MAX_SEGMENTS, 1]
+    assert gso_runs([]) == []

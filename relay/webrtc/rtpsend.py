@@ -15,12 +15,15 @@ jitter buffer hands a frame on when the next one starts), so keyframes set
 the 95th percentile of latency.
 
 Here each viewer's sender serializes one header per frame with aiortc's own
-serializer, then for each payload patches the sequence number and marker
-bit, SRTP-protects it and hands it to the socket batcher (relay.webrtc.udpbatch),
-or straight to the socket with batching off: no per-packet objects, clock
-reads or awaits. RTCP sender reports keep their counts (updated once per
-frame) and NACKed packets are rebuilt from a history of (sequence,
-timestamp, marker, payload) on demand.
+serializer, then copies each payload beside it into one buffer kept per
+sender, patches the sequence number and marker bit there and SRTP-protects
+it in place (``borrowed.SrtpFrameWriter``); each run of equal-size packets
+(``udpbatch.gso_runs``) leaves that buffer as one bytes for one segmented
+write at the end of the event-loop pass (relay.webrtc.udpbatch), or one
+system call a datagram with batching off: no per-packet objects, clock reads
+or awaits. RTCP sender reports keep their counts (updated once per frame) and
+NACKed packets are rebuilt on demand from the frames sent (``SentFrames``:
+one entry a frame).
 
 The sender's private fields are reached through ``relay.webrtc.borrowed``;
 tests/test_aiortc_hooks.py fails if an aiortc upgrade moves them.
@@ -29,20 +32,21 @@ tests/test_aiortc_hooks.py fails if an aiortc upgrade moves them.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 import traceback
 from dataclasses import dataclass
 
-from aiortc import MediaStreamError, MediaStreamTrack, RTCRtpCodecCapability, RTCRtpSender, clock
+from aiortc import MediaStreamError, MediaStreamTrack, RTCRtpCodecCapability, RTCRtpSender
 from aiortc.rtcrtpsender import random_sequence_number
 from aiortc.rtp import RTP_HISTORY_SIZE, RtpPacket, wrap_rtx
-from aiortc.utils import random32, uint16_add, uint32_add
+from aiortc.utils import random32, uint32_add
 
 from ..hub import EncodedFrame, HubClosed, PacketHub, Subscription
 from . import borrowed
 from .catchup import ViewerTiming
-from .udpbatch import send_direct, send_now
+from .udpbatch import gso_runs, send_run_direct, send_run_now
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +55,50 @@ PREFERRED_PROFILES = ("42e01f", "42001f")
 
 _HISTORY = "camrelay_history"
 RETRANSMITS = "camrelay_retransmits"  # NACKed packets sent again, per sender
-_SEND = "camrelay_send"  # how a sender's datagrams leave: batched (udpbatch.send_now) or one by one
+_SEND = "camrelay_send"  # how a sender's datagrams leave: batched (udpbatch.send_run_now) or one by one
+
+NTP_UNIX_OFFSET = 2_208_988_800  # seconds from the NTP epoch (1900) to the Unix epoch (1970)
+
+
+def ntp_now() -> int:
+    """The wall clock as 64-bit NTP time, as aiortc's ``clock.current_ntp_time`` gives it (to the microsecond),
+    without its datetime arithmetic: read once per frame per viewer."""
+    return ntp_at(time.time_ns())
+
+
+def ntp_at(unix_ns: int) -> int:
+    """64-bit NTP time of ``unix_ns`` (nanoseconds since the Unix epoch), to the microsecond, as aiortc's."""
+    seconds, micros = divmod(unix_ns // 1000 + NTP_UNIX_OFFSET * 1_000_000, 1_000_000)
+    return (seconds << 32) | ((micros << 32) // 1_000_000)
+
+
+class SentFrames:
+    """The frames a sender sent lately, for retransmitting what a NACK names (sans-io).
+
+    One entry a frame, holding its shared payloads (no per-packet work while
+    sending), and at least the last ``packets`` packets, as aiortc's own
+    history of ``RTP_HISTORY_SIZE`` packets.
+    """
+
+    def __init__(self, packets: int = RTP_HISTORY_SIZE) -> None:
+        self.packets = packets
+        # (first sequence number, RTP timestamp, payloads, payload type)
+        self._frames: collections.deque[tuple[int, int, list[bytes], int]] = collections.deque()
+        self._held = 0  # packets in _frames
+
+    def add(self, sequence: int, timestamp: int, payloads: list[bytes], payload_type: int) -> None:
+        self._frames.append((sequence, timestamp, payloads, payload_type))
+        self._held += len(payloads)
+        while self._held - len(self._frames[0][2]) >= self.packets:
+            self._held -= len(self._frames.popleft()[2])
+
+    def find(self, sequence: int) -> tuple[int, bool, bytes, int] | None:
+        """(timestamp, marker, payload, payload type) of the packet numbered ``sequence``, if still held."""
+        for first, timestamp, payloads, payload_type in reversed(self._frames):
+            index = (sequence - first) & 0xFFFF
+            if index < len(payloads):
+                return timestamp, index == len(payloads) - 1, payloads[index], payload_type
+        return None
 
 
 @dataclass(slots=True)
@@ -159,15 +206,16 @@ def install(sender: RTCRtpSender, batch: bool = True) -> None:
     """Give ``sender`` the per-frame send loop and the matching retransmission; ``batch``: through the
     socket batcher (relay.webrtc.udpbatch), else a system call per datagram."""
     borrowed.replace_send_loop(sender, _run_rtp, _retransmit)
-    sender.__dict__[_SEND] = send_now if batch else send_direct
+    sender.__dict__[_SEND] = send_run_now if batch else send_run_direct
 
 
 async def _run_rtp(self: RTCRtpSender, codec) -> None:
     fields = borrowed.SenderFields(self)
     fields.started()
-    history: dict[int, tuple[int, int, bool, bytes, int]] = {}
+    history = SentFrames()
     self.__dict__[_HISTORY] = history
-    send = self.__dict__.get(_SEND, send_now)
+    send_run = self.__dict__.get(_SEND, send_run_now)
+    writer = borrowed.SrtpFrameWriter()
     sequence = random_sequence_number()
     origin = random32()
     try:
@@ -180,28 +228,18 @@ async def _run_rtp(self: RTCRtpSender, codec) -> None:
                 continue
             timestamp = uint32_add(origin, frame.timestamp)
             payloads = frame.payloads
-            ntp = clock.current_ntp_time()
+            ntp = ntp_now()
             template = RtpPacket(payload_type=codec.payloadType, sequence_number=sequence, timestamp=timestamp)
             template.ssrc = fields.ssrc
             template.extensions.abs_send_time = (ntp >> 14) & 0x00FFFFFF
             template.extensions.mid = fields.mid
-            header = bytearray(template.serialize(fields.extensions_map))  # no payload: the header
+            header = template.serialize(fields.extensions_map)  # no payload: the header
             dtls = self.transport
-            protocol, addr, protect = borrowed.dtls_socket(dtls)
-            last = len(payloads) - 1
-            sent = octets = 0
-            pt = header[1] & 0x7F
-            for i, payload in enumerate(payloads):
-                header[1] = pt | 0x80 if i == last else pt
-                header[2] = sequence >> 8
-                header[3] = sequence & 0xFF
-                data = protect(bytes(header) + payload)
-                send(protocol, data, addr)
-                history[sequence % RTP_HISTORY_SIZE] = (sequence, timestamp, i == last, payload, codec.payloadType)
-                sent += len(data)
-                octets += len(payload)
-                sequence = uint16_add(sequence, 1)
-            fields.count(ntp, timestamp, octets, len(payloads))
+            protocol, addr, session = borrowed.dtls_socket(dtls)
+            sent = send_frame(writer, session, header, payloads, sequence, send_run, protocol, addr)
+            history.add(sequence, timestamp, payloads, codec.payloadType)
+            sequence = (sequence + len(payloads)) & 0xFFFF
+            fields.count(ntp, timestamp, sum(map(len, payloads)), len(payloads))
             borrowed.count_dtls_sent(dtls, sent, len(payloads))
     except (asyncio.CancelledError, ConnectionError, MediaStreamError):
         pass
@@ -211,17 +249,58 @@ async def _run_rtp(self: RTCRtpSender, codec) -> None:
     fields.exited()
 
 
+def send_frame(
+    writer: borrowed.SrtpFrameWriter,
+    session,
+    header: bytes,
+    payloads: list[bytes],
+    sequence: int,
+    send_run,
+    protocol,
+    addr: tuple,
+) -> int:
+    """Protect a frame's packets (``header`` with each payload, numbered from ``sequence``, the marker on the last)
+    with ``session`` into ``writer`` and hand each GSO run to ``send_run(protocol, data, segment, addr)``; the
+    bytes sent."""
+    writer.start(session)
+    pt = header[1] & 0x7F
+    last = len(payloads) - 1
+    sizes: list[int] = []
+    sent = 0
+    for i, payload in enumerate(payloads):
+        if not writer.fits(len(header) + len(payload)):
+            sent += _send_runs(writer, sizes, send_run, protocol, addr)
+            sizes = []
+        sizes.append(writer.add(header, payload, pt | 0x80 if i == last else pt, (sequence + i) & 0xFFFF))
+    return sent + _send_runs(writer, sizes, send_run, protocol, addr)
+
+
+def _send_runs(writer: borrowed.SrtpFrameWriter, sizes: list[int], send_run, protocol, addr: tuple) -> int:
+    """What ``writer`` holds (packets of ``sizes``), a GSO run at a time; then empties it."""
+    offset = first = 0
+    for count in gso_runs(sizes):
+        length = sum(sizes[first : first + count])
+        send_run(protocol, writer.take(offset, offset + length), sizes[first], addr)
+        offset += length
+        first += count
+    writer.reset()
+    return offset
+
+
 async def _retransmit(self: RTCRtpSender, sequence_number: int) -> None:
-    entry = self.__dict__.get(_HISTORY, {}).get(sequence_number % RTP_HISTORY_SIZE)
-    if entry is None or entry[0] != sequence_number:
+    history = self.__dict__.get(_HISTORY)
+    found = history.find(sequence_number) if history is not None else None
+    if found is None:
         return
     fields = borrowed.SenderFields(self)
-    sequence, timestamp, marker, payload, payload_type = entry
+    timestamp, marker, payload, payload_type = found
     self.__dict__[RETRANSMITS] = self.__dict__.get(RETRANSMITS, 0) + 1
-    packet = RtpPacket(payload_type=payload_type, marker=int(marker), sequence_number=sequence, timestamp=timestamp)
+    packet = RtpPacket(
+        payload_type=payload_type, marker=int(marker), sequence_number=sequence_number, timestamp=timestamp
+    )
     packet.ssrc = fields.ssrc
     packet.payload = payload
-    packet.extensions.abs_send_time = (clock.current_ntp_time() >> 14) & 0x00FFFFFF
+    packet.extensions.abs_send_time = (ntp_now() >> 14) & 0x00FFFFFF
     packet.extensions.mid = fields.mid
     rtx = fields.rtx_payload_type
     if rtx is not None:
