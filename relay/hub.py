@@ -171,6 +171,10 @@ class Subscription:
         self.resyncs = 0  # times it fell behind: sent back to wait for a keyframe, or to the GOP cache
         self.waiting_keyframe = True  # a new subscriber starts at a keyframe
         self.cache_starts = 0  # times it started reading the GOP cache (its join, its resyncs)
+        # A live subscriber's synchronous delivery (a WebRTC viewer's sender): while its reader waits in ``get``
+        # with nothing queued, a frame is handed to ``push`` as it is published instead of waking the reader's
+        # task; False from it, and the frame is queued as without it.
+        self.push: Callable[[EncodedFrame], bool] | None = None
         self._hub = hub
         self._queue: collections.deque[EncodedFrame] = collections.deque()
         # Replaying: the index in the hub's GOP cache of the next frame to read; never its end (caught up: live).
@@ -233,6 +237,7 @@ class Subscription:
         if self._closed:
             return
         self._closed = True
+        self.push = None
         self._queue.clear()
         self._cursor = None
         self._wake()
@@ -258,8 +263,15 @@ class Subscription:
                     self._count_drops(1)
                 return
             self.waiting_keyframe = False
+        if self.push is not None and not self._queue and self._waiting() and self.push(frame):
+            self.delivered += 1
+            return
         self._queue.append(frame)
         self._wake()
+
+    def _waiting(self) -> bool:
+        """Its reader waits in ``get`` for a frame (and has not been woken for one)."""
+        return self._waiter is not None and not self._waiter.done()
 
     def _resync_from_cache(self, frame: EncodedFrame) -> bool:
         """Its queue is full as ``frame`` comes: read on from the GOP cache (the frames queued, then ``frame``)
@@ -325,7 +337,7 @@ class Subscription:
             self._unwarned_drops = 0
 
     def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
+        if self._waiting():
             self._waiter.set_result(None)
 
 

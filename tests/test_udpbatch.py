@@ -57,7 +57,9 @@ async def test_a_relay_sends_each_viewers_frame_in_a_few_system_calls(relay_serv
     assert all(s.latency_ms is not None for f in frames for s in f)  # every frame decoded, pixel clock read
     batchers = []
     for viewer in viewers:
-        dtls = session_of(relay_server, viewer).pc.getTransceivers()[0].sender.transport
+        session = session_of(relay_server, viewer)
+        assert session.track.pushed > 0  # live frames went out from the hub's publish, no task woken for them
+        dtls = session.pc.getTransceivers()[0].sender.transport
         batchers.append(batcher_of(borrowed.nominated_pair(dtls).protocol))
     await asyncio.gather(*(v.close() for v in viewers))
     assert len(batchers) == 2 and all(b is not None for b in batchers)

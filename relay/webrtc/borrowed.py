@@ -278,6 +278,10 @@ class SenderFields:
         return self.sender._ssrc
 
     @property
+    def enabled(self) -> bool:
+        return self.sender._enabled
+
+    @property
     def rtx_payload_type(self) -> int | None:
         return self._fields[_SENDER + "rtx_payload_type"]
 

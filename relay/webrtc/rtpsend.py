@@ -25,6 +25,16 @@ or awaits. RTCP sender reports keep their counts (updated once per frame) and
 NACKed packets are rebuilt on demand from the frames sent (``SentFrames``:
 one entry a frame).
 
+A live viewer's frames do not wait for its send loop at all: while the loop
+waits for the next frame with nothing queued, the hub's ``publish`` hands
+each frame to the viewer's ``HubTrack`` (``Subscription.push``), which sends
+it there and then through the same ``FrameSender``: no task woken per viewer
+per frame. It declines (and the frame is queued, and the loop woken, as
+before) while the viewer catches up from the GOP cache, while its socket
+holds datagrams it could not send yet, and once a send fails; so pacing,
+the keyframe wait and the bounded queue with its counted drops work as
+without it, and a viewer whose socket backs up never holds up the publish.
+
 The sender's private fields are reached through ``relay.webrtc.borrowed``;
 tests/test_aiortc_hooks.py fails if an aiortc upgrade moves them.
 """
@@ -146,6 +156,37 @@ class HubTrack(MediaStreamTrack):
         self.name = name
         self.subscription: Subscription | None = None
         self.timing = ViewerTiming()
+        self.pushed = 0  # frames sent by the hub's push (the others went through the send loop)
+        self._sender: FrameSender | None = None  # the send loop's, while it runs: live frames are pushed to it
+
+    def push_to(self, sender: FrameSender | None) -> None:
+        """Live frames go straight to ``sender`` as the hub publishes them (None: through ``recv`` only)."""
+        self._sender = sender
+        if self.subscription is not None:
+            self.subscription.push = self._push if sender is not None else None
+
+    def _push(self, frame: EncodedFrame) -> bool:
+        """The hub's synchronous delivery of a live frame, while the send loop waits for one: sent now, with no
+        task woken. False: not taken (catching up, or the send failed), so it goes to the queue as before."""
+        sender = self._sender
+        if sender is None or self.timing.catching_up:
+            return False
+        if not sender.enabled:
+            return True  # as aiortc does for a disabled sender: read and dropped
+        try:
+            # A socket that backs up gets its frames through the send loop, whose queue is bounded and counts
+            # its drops, never through the hub's publish.
+            if not sender.send(payloads_for(frame), self.timing.timeline.peek(frame.pts), unless_backed_up=True):
+                return False
+        except Exception as exc:  # never into the hub's publish: the send loop meets it with the next frame
+            self.push_to(None)
+            if not isinstance(exc, ConnectionError):
+                log.warning("stream=%s subscriber=%s push failed: %r", self.hub.stream, self.name, exc)
+            return False
+        self.timing.timeline.live(frame.pts)
+        self.hub.fanout_delay.add(time.time() - frame.published_at)
+        self.pushed += 1
+        return True
 
     async def recv(self) -> OutgoingFrame:  # type: ignore[override]
         if self.readyState != "live":
@@ -154,6 +195,7 @@ class HubTrack(MediaStreamTrack):
         try:
             if self.subscription is None:
                 self.subscription = self.hub.subscribe(self.name)
+                self.push_to(self._sender)
             sub = self.subscription
             if timing.catching_up or sub.replaying:
                 delay = timing.wait(sub.replaying, self.hub.bitrate.bps(), time.monotonic())
@@ -209,43 +251,84 @@ def install(sender: RTCRtpSender, batch: bool = True) -> None:
     sender.__dict__[_SEND] = send_run_now if batch else send_run_direct
 
 
+class FrameSender:
+    """One aiortc sender's RTP, a frame at a time: its sequence numbers, timestamp origin, SRTP buffer and the
+    frames it sent (for NACKs). Its send loop (``_run_rtp``) and a live viewer's push (``HubTrack``) both
+    send through ``send``, on the event loop, one frame after the other."""
+
+    def __init__(self, sender: RTCRtpSender, codec) -> None:
+        self.sender = sender
+        self.fields = borrowed.SenderFields(sender)
+        self.payload_type = codec.payloadType
+        self.history = SentFrames()
+        self.writer = borrowed.SrtpFrameWriter()
+        self.send_run = sender.__dict__.get(_SEND, send_run_now)
+        self.sequence = random_sequence_number()
+        self.origin = random32()
+        sender.__dict__[_HISTORY] = self.history
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the sender sends (aiortc drops the frames of a disabled one)."""
+        return self.fields.enabled
+
+    def send(self, payloads: list[bytes], timestamp: int, unless_backed_up: bool = False) -> bool:
+        """One frame's payloads, ``timestamp`` before the origin; ``ConnectionError`` while DTLS or ICE is down.
+        ``unless_backed_up``: not sent (False) while the socket holds datagrams it could not send yet."""
+        fields = self.fields
+        dtls = self.sender.transport
+        protocol, addr, session = borrowed.dtls_socket(dtls)
+        if unless_backed_up and _backlog(protocol):
+            return False
+        timestamp = uint32_add(self.origin, timestamp)
+        ntp = ntp_now()
+        template = RtpPacket(payload_type=self.payload_type, sequence_number=self.sequence, timestamp=timestamp)
+        template.ssrc = fields.ssrc
+        template.extensions.abs_send_time = (ntp >> 14) & 0x00FFFFFF
+        template.extensions.mid = fields.mid
+        header = template.serialize(fields.extensions_map)  # no payload: the header
+        sent = send_frame(self.writer, session, header, payloads, self.sequence, self.send_run, protocol, addr)
+        self.history.add(self.sequence, timestamp, payloads, self.payload_type)
+        self.sequence = (self.sequence + len(payloads)) & 0xFFFF
+        fields.count(ntp, timestamp, sum(map(len, payloads)), len(payloads))
+        borrowed.count_dtls_sent(dtls, sent, len(payloads))
+        return True
+
+
+def _backlog(protocol) -> int:
+    """Bytes asyncio holds for ``protocol``'s socket, unsent (the kernel's buffer was full); 0 without a socket."""
+    size = getattr(protocol.transport, "get_write_buffer_size", None)
+    return size() if size is not None else 0
+
+
 async def _run_rtp(self: RTCRtpSender, codec) -> None:
     fields = borrowed.SenderFields(self)
     fields.started()
-    history = SentFrames()
-    self.__dict__[_HISTORY] = history
-    send_run = self.__dict__.get(_SEND, send_run_now)
-    writer = borrowed.SrtpFrameWriter()
-    sequence = random_sequence_number()
-    origin = random32()
+    sender = FrameSender(self, codec)
+    pushing: HubTrack | None = None
     try:
         while True:
-            if not fields.track:
+            track = fields.track
+            if not track:
                 await asyncio.sleep(0.02)
                 continue
+            if track is not pushing:
+                if pushing is not None:
+                    pushing.push_to(None)
+                pushing = track if isinstance(track, HubTrack) else None
+                if pushing is not None:
+                    pushing.push_to(sender)
             frame = await fields.next_frame(codec)
             if frame is None:
                 continue
-            timestamp = uint32_add(origin, frame.timestamp)
-            payloads = frame.payloads
-            ntp = ntp_now()
-            template = RtpPacket(payload_type=codec.payloadType, sequence_number=sequence, timestamp=timestamp)
-            template.ssrc = fields.ssrc
-            template.extensions.abs_send_time = (ntp >> 14) & 0x00FFFFFF
-            template.extensions.mid = fields.mid
-            header = template.serialize(fields.extensions_map)  # no payload: the header
-            dtls = self.transport
-            protocol, addr, session = borrowed.dtls_socket(dtls)
-            sent = send_frame(writer, session, header, payloads, sequence, send_run, protocol, addr)
-            history.add(sequence, timestamp, payloads, codec.payloadType)
-            sequence = (sequence + len(payloads)) & 0xFFFF
-            fields.count(ntp, timestamp, sum(map(len, payloads)), len(payloads))
-            borrowed.count_dtls_sent(dtls, sent, len(payloads))
+            sender.send(frame.payloads, frame.timestamp)
     except (asyncio.CancelledError, ConnectionError, MediaStreamError):
         pass
     except Exception:
         # As aiortc does: the loop must end with rtp_exited set, or stop() hangs.
         log.warning("rtp send loop failed: %s", traceback.format_exc())
+    if pushing is not None:
+        pushing.push_to(None)
     fields.exited()
 
 

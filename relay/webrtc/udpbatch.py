@@ -14,7 +14,8 @@ same size but the last (``relay.webrtc.rtpsend.payloads_for``), a frame is one o
 system calls per viewer. Where GSO is missing or refused, it sends datagram
 by datagram as before, and says so once.
 
-RTP leaves through ``send_now`` (``relay.webrtc.rtpsend``); aioice's own data sends
+RTP leaves a GSO run at a time through ``send_run_now`` (``relay.webrtc.rtpsend``, which
+protects a frame's packets side by side in one buffer); aioice's own data sends
 (DTLS, RTCP) through ``PATCH``, process-wide on aioice's socket protocol
 (``relay.webrtc.borrowed``), held while a relay with ``[webrtc] batch_sends`` on
 runs. With it off, datagrams leave one system call each (``send_direct``).
