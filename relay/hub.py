@@ -15,6 +15,11 @@ the cache, so when it reaches the cache's end it goes on live with the next
 frame, with no gap and no frame twice. A WebRTC viewer paces that catch-up
 (``relay.webrtc.catchup``).
 
+A live subscriber may take frames by a synchronous call instead of its queue
+(``Subscription.push``: a WebRTC viewer's sender sends them there and then,
+and no task is woken per subscriber per frame); it declines what it cannot
+take at once, which is queued as above.
+
 All methods run on the event loop; the encoder thread hands frames over with
 ``loop.call_soon_threadsafe(hub.publish, frame)``.
 """

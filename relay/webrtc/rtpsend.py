@@ -171,12 +171,13 @@ class HubTrack(MediaStreamTrack):
         sender = self._sender
         if sender is None or self.timing.catching_up:
             return False
-        if not sender.enabled:
-            return True  # as aiortc does for a disabled sender: read and dropped
+        payloads = payloads_for(frame)
+        if not sender.enabled or not payloads:
+            return True  # as aiortc does for a disabled sender, and a frame with nothing to send: dropped
         try:
             # A socket that backs up gets its frames through the send loop, whose queue is bounded and counts
             # its drops, never through the hub's publish.
-            if not sender.send(payloads_for(frame), self.timing.timeline.peek(frame.pts), unless_backed_up=True):
+            if not sender.send(payloads, self.timing.timeline.peek(frame.pts), unless_backed_up=True):
                 return False
         except Exception as exc:  # never into the hub's publish: the send loop meets it with the next frame
             self.push_to(None)
