@@ -146,6 +146,10 @@ class HubTrack(MediaStreamTrack):
     left behind; then it is live, and each frame carries its own pts. The
     pacing is this viewer's own wait in its own send loop: the hub and every
     other viewer go on meanwhile.
+
+    Live, its frames are pushed: while its send loop waits with nothing
+    queued, the hub hands it each frame as it publishes it (``_push``), and it
+    sends it through the loop's ``FrameSender`` at once.
     """
 
     kind = "video"
@@ -167,7 +171,8 @@ class HubTrack(MediaStreamTrack):
 
     def _push(self, frame: EncodedFrame) -> bool:
         """The hub's synchronous delivery of a live frame, while the send loop waits for one: sent now, with no
-        task woken. False: not taken (catching up, or the send failed), so it goes to the queue as before."""
+        task woken. False: not taken (catching up, the socket backed up, or the send failed), so it goes to the
+        queue as before."""
         sender = self._sender
         if sender is None or self.timing.catching_up:
             return False
