@@ -15,6 +15,12 @@ the cache, so when it reaches the cache's end it goes on live with the next
 frame, with no gap and no frame twice. A WebRTC viewer paces that catch-up
 (``relay.webrtc.catchup``).
 
+A live subscriber may take frames by a synchronous call instead of its queue
+(``Subscription.push``: a WebRTC viewer's sender sends them there and then,
+and no task is woken per subscriber per frame) while its reader waits with
+nothing queued, for the first frame published in an event-loop pass; the
+rest, and what it declines, are queued as above.
+
 All methods run on the event loop; the encoder thread hands frames over with
 ``loop.call_soon_threadsafe(hub.publish, frame)``.
 """
@@ -171,6 +177,10 @@ class Subscription:
         self.resyncs = 0  # times it fell behind: sent back to wait for a keyframe, or to the GOP cache
         self.waiting_keyframe = True  # a new subscriber starts at a keyframe
         self.cache_starts = 0  # times it started reading the GOP cache (its join, its resyncs)
+        # A live subscriber's synchronous delivery (a WebRTC viewer's sender): while its reader waits in ``get``
+        # with nothing queued, a frame is handed to ``push`` as it is published instead of waking the reader's
+        # task; False from it, and the frame is queued as without it.
+        self.push: Callable[[EncodedFrame], bool] | None = None
         self._hub = hub
         self._queue: collections.deque[EncodedFrame] = collections.deque()
         # Replaying: the index in the hub's GOP cache of the next frame to read; never its end (caught up: live).
@@ -233,6 +243,7 @@ class Subscription:
         if self._closed:
             return
         self._closed = True
+        self.push = None
         self._queue.clear()
         self._cursor = None
         self._wake()
@@ -258,8 +269,21 @@ class Subscription:
                     self._count_drops(1)
                 return
             self.waiting_keyframe = False
+        if (
+            self.push is not None
+            and self._hub.first_in_pass
+            and not self._queue
+            and self._waiting()
+            and self.push(frame)
+        ):
+            self.delivered += 1
+            return
         self._queue.append(frame)
         self._wake()
+
+    def _waiting(self) -> bool:
+        """Its reader waits in ``get`` for a frame (and has not been woken for one)."""
+        return self._waiter is not None and not self._waiter.done()
 
     def _resync_from_cache(self, frame: EncodedFrame) -> bool:
         """Its queue is full as ``frame`` comes: read on from the GOP cache (the frames queued, then ``frame``)
@@ -325,7 +349,7 @@ class Subscription:
             self._unwarned_drops = 0
 
     def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
+        if self._waiting():
             self._waiter.set_result(None)
 
 
@@ -363,6 +387,7 @@ class PacketHub:
         self._subscribers: list[Subscription] = []
         self._closed = False
         self._last_overflow_log = float("-inf")
+        self._in_pass = 0  # frames published in this pass of the event loop (``first_in_pass``)
 
     @property
     def subscribers(self) -> list[Subscription]:
@@ -391,11 +416,27 @@ class PacketHub:
     def request_keyframe(self) -> None:
         self._request_keyframe()
 
+    @property
+    def first_in_pass(self) -> bool:
+        """The frame being published is the first of this event-loop pass. Only such a frame is pushed: frames
+        that reach the hub together (after a stall) queue, as they would for a reader whose task had no turn
+        in between, so a burst longer than a queue resyncs (paced from the cache, or at a keyframe) as before."""
+        return self._in_pass <= 1
+
+    def _pass_over(self) -> None:
+        self._in_pass = 0
+
     def publish(self, frame: EncodedFrame, now: float | None = None) -> None:
         """``frame`` to every subscriber; ``now``: the wall clock (``time.time()`` unless given)."""
         if self._closed:
             return
         self.published += 1
+        self._in_pass += 1
+        if self._in_pass == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self._pass_over)
+            except RuntimeError:  # no event loop (sans-io use): every frame is a pass of its own
+                self._in_pass = 0
         frame.published_at = time.time() if now is None else now
         self.pipeline_delay.add(frame.published_at - frame.capture_time)
         self.bitrate.add(frame.pts, len(frame.data))

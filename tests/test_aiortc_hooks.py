@@ -132,3 +132,91 @@ async def test_sender_fields_the_fast_send_path_uses_are_still_there():
         hub.close()
     finally:
         await pc.close()
+
+
+def _srtp_pair():
+    """An outgoing and an incoming pylibsrtp session sharing one key, as two ends of a DTLS-SRTP transport."""
+    from pylibsrtp import Policy, Session
+
+    key = bytes(range(30))
+    tx = Session(
+        Policy(key=key, ssrc_type=Policy.SSRC_ANY_OUTBOUND, srtp_profile=Policy.SRTP_PROFILE_AES128_CM_SHA1_80)
+    )
+    rx = Session(Policy(key=key, ssrc_type=Policy.SSRC_ANY_INBOUND, srtp_profile=Policy.SRTP_PROFILE_AES128_CM_SHA1_80))
+    return tx, rx
+
+
+def test_a_frame_protected_in_place_is_what_pylibsrtp_protects_packet_by_packet():
+    """borrowed.SrtpFrameWriter calls pylibsrtp's C binding directly: the same bytes as Session.protect, runs of
+    equal-size packets joined, and the receiver's session takes each one."""
+    from aiortc.rtp import RtpPacket
+
+    from relay.webrtc.rtpsend import send_frame
+
+    frame = EncodedFrame(
+        b"\x00\x00\x00\x01\x67" + bytes(20) + b"\x00\x00\x00\x01\x65" + bytes(range(256)) * 20, 0, True, 0.0
+    )
+    payloads = payloads_for(frame)
+    header = RtpPacket(payload_type=96, sequence_number=0, timestamp=1234).serialize()
+    expected_tx, _ = _srtp_pair()
+    expected = []
+    for i, payload in enumerate(payloads):
+        packet = RtpPacket(
+            payload_type=96, marker=int(i == len(payloads) - 1), sequence_number=65530 + i, timestamp=1234
+        )
+        packet.payload = payload
+        expected.append(expected_tx.protect(packet.serialize()))
+
+    tx, rx = _srtp_pair()
+    runs = []
+    sent = send_frame(
+        borrowed.SrtpFrameWriter(), tx, header, payloads, 65530, lambda p, d, s, a: runs.append((d, s, a)), None, "to"
+    )
+    datagrams = [d[i : i + s] for d, s, _ in runs for i in range(0, len(d), s)]
+    assert datagrams == expected and sent == sum(map(len, expected))
+    assert len(runs) < len(payloads) and all(a == "to" for *_, a in runs)  # runs, not a write per packet
+    assert [rx.unprotect(d) for d in datagrams][-1][1] & 0x80  # the marker on the last
+
+
+def test_a_frame_larger_than_the_writers_buffer_goes_through_it_in_parts():
+    from aiortc.rtp import RtpPacket
+
+    from relay.webrtc.rtpsend import send_frame
+
+    payloads = [bytes([i]) * 1200 for i in range(100)]  # 120 kB: more than FRAME_BUFFER_BYTES
+    header = RtpPacket(payload_type=96, sequence_number=0, timestamp=1).serialize()
+    tx, rx = _srtp_pair()
+    runs = []
+    send_frame(borrowed.SrtpFrameWriter(), tx, header, payloads, 7, lambda p, d, s, a: runs.append((d, s)), None, ())
+    got = [rx.unprotect(d[i : i + s]) for d, s in runs for i in range(0, len(d), s)]
+    assert [RtpPacket.parse(g).payload for g in got] == payloads
+    assert [RtpPacket.parse(g).sequence_number for g in got] == list(range(7, 107))
+
+
+def test_the_ntp_clock_is_aiortcs_to_the_microsecond():
+    import datetime
+
+    from aiortc.clock import datetime_to_ntp
+
+    from relay.webrtc.rtpsend import ntp_at
+
+    for unix_ns in (0, 1_700_000_000_123_456_789, 1_800_000_000_999_999_000):
+        when = datetime.datetime.fromtimestamp(unix_ns // 1000 / 1e6, datetime.UTC)
+        assert ntp_at(unix_ns) == datetime_to_ntp(when)
+
+
+def test_a_nacked_packet_is_found_in_the_frames_sent_across_the_sequence_wrap():
+    from relay.webrtc.rtpsend import SentFrames
+
+    sent = SentFrames(packets=10)
+    sent.add(65530, 100, [b"a", b"b", b"c"], 96)
+    sent.add(65533, 200, [b"d", b"e", b"f", b"g", b"h"], 96)  # 65533 .. 1
+    assert sent.find(65531) == (100, False, b"b", 96)
+    assert sent.find(0) == (200, False, b"g", 96) and sent.find(1) == (200, True, b"h", 96)
+    assert sent.find(2) is None and sent.find(65529) is None
+    sent.add(2, 300, [b"i"] * 8, 96)  # the first frame is no longer within the last 10 packets
+    assert (
+        sent.find(65530) is None
+        and sent.find(65534) == (200, False, b"e", 96)
+        and sent.find(9) == (300, True, b"i", 96)
+    )

@@ -257,3 +257,74 @@ async def test_a_stuck_subscriber_holds_no_more_than_the_cache():
     for i in range(300):
         hub.publish(frame(i, key=(i % 60 == 0)))
         assert len(sub) <= DEFAULT_QUEUE_FRAMES and len(hub.gop.frames) <= 50
+
+
+async def _publish_apart(hub, frames):
+    """Each frame published in an event-loop pass of its own, as a camera's frames come."""
+    for f in frames:
+        hub.publish(f)
+        await asyncio.sleep(0)
+
+
+async def _waiting_reader(sub):
+    """A reader parked in ``get`` (as a viewer's send loop is between frames): its task, not yet done."""
+    task = asyncio.ensure_future(sub.get())
+    await asyncio.sleep(0)
+    return task
+
+
+async def test_a_reader_waiting_live_is_pushed_each_frame_and_not_woken():
+    hub = PacketHub("cam0", Requests())
+    sub = hub.subscribe("viewer")
+    pushed = []
+    sub.push = lambda f: pushed.append(f.pts) or True
+    reader = await _waiting_reader(sub)
+    # not a keyframe: the new subscriber waits for one, nothing is pushed; then a GOP, a frame an event-loop pass
+    await _publish_apart(hub, [frame(1), *gop(2)])
+    assert pushed == [f.pts for f in gop(2)] and not reader.done() and len(sub) == 0
+    assert sub.delivered == 5
+    sub.push = lambda f: False  # declined (a backed-up socket): queued and the reader woken, as without push
+    await _publish_apart(hub, [frame(7)])
+    hub.publish(frame(8))
+    assert (await reader).pts == 7 * 3000 and len(sub) == 1
+    sub.close()
+
+
+async def test_nothing_is_pushed_while_frames_are_queued_or_the_cache_is_read():
+    hub = PacketHub("cam0", Requests(), cached_start=lambda: True)
+    for f in gop(0):
+        hub.publish(f)
+    sub = hub.subscribe("joiner")  # reads the cached GOP first
+    pushed = []
+    sub.push = lambda f: pushed.append(f.pts) or True
+    reader = await _waiting_reader(sub)
+    hub.publish(frame(5))  # joins the cache: read from there
+    assert [(await reader).pts] + [(await sub.get()).pts for _ in range(5)] == [n * 3000 for n in range(6)]
+    assert not pushed and not sub.replaying
+    hub.publish(frame(6))  # nobody waits in get: queued
+    assert not pushed and len(sub) == 1
+    assert (await sub.get()).pts == 6 * 3000
+    reader = await _waiting_reader(sub)
+    hub.publish(frame(7))  # live and waiting: pushed
+    assert pushed == [7 * 3000] and not reader.done()
+    sub.close()
+    with pytest.raises(HubClosed):
+        await reader
+
+
+async def test_frames_published_in_one_pass_are_pushed_the_first_only_and_a_long_burst_resyncs():
+    hub = PacketHub("cam0", Requests(), cached_start=lambda: True)
+    sub = hub.subscribe("viewer")
+    pushed = []
+    sub.push = lambda f: pushed.append(f.pts) or True
+    reader = await _waiting_reader(sub)
+    burst = gop(0, DEFAULT_QUEUE_FRAMES + 2)  # in one pass, as after an event-loop stall
+    for f in burst:
+        hub.publish(f)
+    assert pushed == [0] and sub.resyncs == 1 and sub.replaying  # the rest overflowed the queue: from the cache
+    got = [(await reader).pts] + [(await sub.get()).pts for _ in range(len(burst) - 2)]
+    assert [0, *got] == [f.pts for f in burst]  # nothing lost, nothing twice
+    reader = await _waiting_reader(sub)
+    hub.publish(frame(20))  # a new pass, live and waiting: pushed
+    assert pushed == [0, 20 * 3000] and not reader.done()
+    sub.close()

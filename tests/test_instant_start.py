@@ -297,7 +297,11 @@ async def test_a_viewer_joining_mid_gop_starts_at_once_from_the_cache_and_misses
     assert after["frames_dropped"]["viewer_lag"] == 0
 
 
-async def test_a_viewer_that_falls_behind_resyncs_from_the_cache_and_misses_nothing(long_gop_relay, http):
+@pytest.mark.parametrize("pushed", [False, True], ids=["send_loop", "pushed"])
+async def test_a_viewer_that_falls_behind_resyncs_from_the_cache_and_misses_nothing(long_gop_relay, http, pushed):
+    """A stall's frames reach the hub together; whether the viewer was sent its live frames from the hub's publish
+    (pushed) or through its send loop, the burst fills its queue, and it reads on from the cache, missing nothing;
+    a pushed viewer is pushed again once it has caught up."""
     relay = long_gop_relay
     stream = relay.relay.streams["cam0"]
     stop = asyncio.Event()
@@ -307,6 +311,8 @@ async def test_a_viewer_that_falls_behind_resyncs_from_the_cache_and_misses_noth
         with EncodedFrames(stream) as encoded:
             watch, task, track = await watch_until_caught_up(relay, viewer, stop)
             tasks.append(task)
+            if not pushed:
+                track.push_to(None)
             entry = await stream_entry(http, relay)
             resyncs, deadline = track.subscription.resyncs, time.monotonic() + DEADLINE
             while track.subscription.resyncs == resyncs:
@@ -316,6 +322,7 @@ async def test_a_viewer_that_falls_behind_resyncs_from_the_cache_and_misses_noth
                 time.sleep(STALL)
                 await encoded.wait(len(encoded.clocks) + 15)
             await until(lambda: track.timing.catchups >= 2, "the viewer to catch up again")
+            pushes = track.pushed
             last = (await encoded.wait(len(encoded.clocks) + LIVE_FRAMES))[-1]
             await until(lambda: watch.error is not None or watch.shown(last), "the viewer to show live frames")
             after = await stream_entry(http, relay)
@@ -330,6 +337,7 @@ async def test_a_viewer_that_falls_behind_resyncs_from_the_cache_and_misses_noth
     assert shown == run_of(shown, clocks), "no frame lost or repeated across the resync"
     assert after["frames_dropped"]["viewer_lag"] == 0 and after["keyframes_forced"] == entry["keyframes_forced"]
     assert after["gop_cache"]["starts"] > entry["gop_cache"]["starts"]
+    assert (track.pushed > pushes) == pushed  # live again: pushed, unless push was turned off
 
 
 INBOUND = """async () => {

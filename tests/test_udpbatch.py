@@ -57,7 +57,9 @@ async def test_a_relay_sends_each_viewers_frame_in_a_few_system_calls(relay_serv
     assert all(s.latency_ms is not None for f in frames for s in f)  # every frame decoded, pixel clock read
     batchers = []
     for viewer in viewers:
-        dtls = session_of(relay_server, viewer).pc.getTransceivers()[0].sender.transport
+        session = session_of(relay_server, viewer)
+        assert session.track.pushed > 0  # live frames went out from the hub's publish, no task woken for them
+        dtls = session.pc.getTransceivers()[0].sender.transport
         batchers.append(batcher_of(borrowed.nominated_pair(dtls).protocol))
     await asyncio.gather(*(v.close() for v in viewers))
     assert len(batchers) == 2 and all(b is not None for b in batchers)
@@ -107,7 +109,7 @@ async def test_a_route_that_refuses_segmentation_falls_back_alone(monkeypatch):
 
     from relay.webrtc import udpbatch
 
-    def refuse(sock, group, addr):
+    def refuse(sock, data, segment, addr):
         raise OSError(errno.EINVAL, "Invalid argument")
 
     monkeypatch.setattr(udpbatch, "_sendmsg_gso", refuse)
@@ -144,3 +146,13 @@ def test_a_transport_without_a_socket_is_sent_to_directly():
     proto.transport = TurnLike()
     send_now(proto, b"dtls", A)  # no running loop needed: nothing is deferred
     assert proto.transport.sent == [(b"dtls", A)] and batcher_of(proto) is None
+
+
+def test_runs_of_sizes_are_the_same_runs_as_of_datagrams():
+    from relay.webrtc.udpbatch import gso_runs
+
+    assert gso_runs([1200] * 5 + [300]) == [6]
+    assert gso_runs([100, 1200, 1200, 50, 1200]) == [1, 3, 1]
+    assert gso_runs([1200] * 70) == [50, 20]  # 60,000 bytes a write at most
+    assert gso_runs([100] * (MAX_SEGMENTS + 1)) == [MAX_SEGMENTS, 1]
+    assert gso_runs([]) == []

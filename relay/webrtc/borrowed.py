@@ -18,10 +18,12 @@ them here, so an upgrade that moves one breaks this module alone (and
   each connection hears (``WATCH_ICE``, read by ``last_heard``), and aioice's
   own data sends (``send_data_patch``, for ``relay.webrtc.udpbatch``); on aiortc's, the payload types its
   answers keep from an offer (``OFFERED_PAYLOAD_TYPES``: Chromium's lower dynamic range too);
+- pylibsrtp's C binding (``SrtpFrameWriter``): a frame's RTP packets protected in place in one buffer kept per
+  sender, where ``Session.protect`` checks, copies and slices out each packet anew;
 - for tests and benchmarks only, what aiortc's receivers get (``divert_decrypted_rtp``,
   ``watch_received_h264``).
 
-Imported, it checks the versions of aiortc and aioice against those it was
+Imported, it checks the versions of aiortc, aioice and pylibsrtp against those it was
 written for (``WRITTEN_FOR``, the bounds in ``pyproject.toml``) and refuses
 others with a message naming both.
 """
@@ -39,15 +41,18 @@ import aioice
 import aioice.ice
 import aiortc
 import aiortc.rtp
+import pylibsrtp
 from aiortc.codecs import h264
 from aiortc.codecs.h264 import H264Decoder as AiortcH264Decoder
 from aiortc.codecs.h264 import H264Encoder as AiortcH264
 from aiortc.rtcdtlstransport import State as DtlsState
+from pylibsrtp._binding import ffi as srtp_ffi
+from pylibsrtp._binding import lib as srtp_lib
 
 # [lowest, first unsupported) of each, as pyproject.toml declares them: the upper bound is the next minor
 # release after the one tests/test_aiortc_hooks.py last passed with (TESTED_WITH).
-WRITTEN_FOR = {"aiortc": ("1.14", "1.17"), "aioice": ("0.12", "0.14")}
-TESTED_WITH = {"aiortc": "1.16", "aioice": "0.13"}
+WRITTEN_FOR = {"aiortc": ("1.14", "1.17"), "aioice": ("0.12", "0.14"), "pylibsrtp": ("1.0", "1.1")}
+TESTED_WITH = {"aiortc": "1.16", "aioice": "0.13", "pylibsrtp": "1.0"}
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -71,7 +76,7 @@ def check_versions(found: dict[str, str]) -> None:
         )
 
 
-check_versions({"aiortc": aiortc.__version__, "aioice": aioice.__version__})
+check_versions({"aiortc": aiortc.__version__, "aioice": aioice.__version__, "pylibsrtp": pylibsrtp.__version__})
 
 
 # -- process-wide patches
@@ -273,6 +278,10 @@ class SenderFields:
         return self.sender._ssrc
 
     @property
+    def enabled(self) -> bool:
+        return self.sender._enabled
+
+    @property
     def rtx_payload_type(self) -> int | None:
         return self._fields[_SENDER + "rtx_payload_type"]
 
@@ -320,15 +329,15 @@ def sent(sender: aiortc.RTCRtpSender) -> tuple[int, int]:
     return f.get(_SENDER + "octet_count", 0), f.get(_SENDER + "packet_count", 0)
 
 
-def dtls_socket(dtls: aiortc.RTCDtlsTransport) -> tuple[Any, tuple, Callable[[bytes], bytes]]:
-    """The ICE pair's socket protocol, the peer's address and the SRTP protect function; ConnectionError
+def dtls_socket(dtls: aiortc.RTCDtlsTransport) -> tuple[Any, tuple, pylibsrtp.Session]:
+    """The ICE pair's socket protocol, the peer's address and the outgoing SRTP session; ConnectionError
     while DTLS is not connected or ICE has no pair."""
     if dtls._state != DtlsState.CONNECTED:
         raise ConnectionError("DTLS not connected")
     pair = nominated_pair(dtls)
     if pair is None:
         raise ConnectionError("no ICE pair")
-    return pair.protocol, pair.remote_addr, dtls._tx_srtp.protect
+    return pair.protocol, pair.remote_addr, dtls._tx_srtp
 
 
 def count_dtls_sent(dtls: aiortc.RTCDtlsTransport, octets: int, packets: int) -> None:
@@ -336,6 +345,75 @@ def count_dtls_sent(dtls: aiortc.RTCDtlsTransport, octets: int, packets: int) ->
     f = dtls.__dict__
     f[_DTLS + "tx_bytes"] = f.get(_DTLS + "tx_bytes", 0) + octets
     f[_DTLS + "tx_packets"] = f.get(_DTLS + "tx_packets", 0) + packets
+
+
+# -- SRTP, a frame at a time
+
+# What libsrtp may add after a packet it protects: SRTP_MAX_TAG_LEN + SRTP_MAX_MKI_LEN (pylibsrtp's own margin).
+SRTP_TRAILER_ROOM = 16 + 128
+# A sender's buffer: a 720p keyframe (~40 packets of ~1.2 kB) whole; bigger frames go through it in parts.
+FRAME_BUFFER_BYTES = 64 * 1024
+
+
+class SrtpFrameWriter:
+    """A frame's RTP packets, SRTP-protected one after another in one buffer kept per sender.
+
+    pylibsrtp's ``Session.protect`` takes one whole packet as bytes, checks it,
+    copies it into its buffer, protects it and slices out a new bytes: with the
+    header and payload joined first, three copies and three objects a packet.
+    Here the header and the payload are copied once, side by side, into this
+    buffer and protected where they lie (``srtp_protect`` through pylibsrtp's C
+    binding, on the same libsrtp session, so the sequence state is the one
+    aiortc's retransmissions and RTCP use), and a run of packets leaves as one
+    bytes (``take``), ready for a segmented write. Packets lie unaligned; libsrtp
+    reads them byte-wise or unaligned-safe on x86-64 and AArch64.
+    """
+
+    __slots__ = ("_cdata", "_buffer", "_length", "_session", "used")
+
+    def __init__(self, size: int = FRAME_BUFFER_BYTES) -> None:
+        self._cdata = srtp_ffi.new("unsigned char[]", size)
+        self._buffer = srtp_ffi.buffer(self._cdata)
+        self._length = srtp_ffi.new("int *")
+        self._session: Any = None
+        self.used = 0  # bytes of protected packets in the buffer
+
+    def start(self, session: pylibsrtp.Session) -> None:
+        """A new frame, protected with ``session`` (a DTLS transport's outgoing one: ``dtls_socket``)."""
+        self._session = session._srtp[0]
+        self.used = 0
+
+    def fits(self, size: int) -> bool:
+        """Whether a packet of ``size`` bytes (header and payload) can be added before the buffer is emptied."""
+        return self.used + size + SRTP_TRAILER_ROOM <= len(self._buffer)
+
+    def add(self, header: bytes, payload: bytes, second_byte: int, sequence: int) -> int:
+        """``header`` (its marker and payload type byte and its sequence number set to these) and ``payload``,
+        protected after the packets already here; the protected packet's length."""
+        start = self.used
+        middle = start + len(header)
+        end = middle + len(payload)
+        buffer, cdata = self._buffer, self._cdata
+        buffer[start:middle] = header
+        buffer[middle:end] = payload
+        cdata[start + 1] = second_byte
+        cdata[start + 2] = sequence >> 8
+        cdata[start + 3] = sequence & 0xFF
+        length = self._length
+        length[0] = end - start
+        status = srtp_lib.srtp_protect(self._session, cdata + start, length)
+        if status != srtp_lib.srtp_err_status_ok:
+            raise pylibsrtp.Error(pylibsrtp.ERRORS[status] if status < len(pylibsrtp.ERRORS) else f"error {status}")
+        self.used = start + length[0]
+        return length[0]
+
+    def take(self, start: int, end: int) -> bytes:
+        """Protected bytes ``start:end`` of the buffer (whole packets), as a copy."""
+        return self._buffer[start:end]
+
+    def reset(self) -> None:
+        """Empty the buffer (what was taken is copied out)."""
+        self.used = 0
 
 
 # -- H.264 packetization

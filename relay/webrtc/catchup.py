@@ -109,9 +109,15 @@ class RtpTimeline:
         published less than a frame's time after the one before), this viewer's live frames are shifted by
         the difference from then on, so its timestamps still grow at the stream's pace.
         """
+        timestamp = self.peek(pts)
+        self.offset = timestamp - pts
+        return self._stamp(timestamp)
+
+    def peek(self, pts: int) -> int:
+        """The timestamp ``live(pts)`` would give, taking nothing (a send that may yet be declined)."""
         if self.last is not None and pts + self.offset <= self.last:
-            self.offset = self.last + 1 - pts
-        return self._stamp(pts + self.offset)
+            return self.last + 1
+        return pts + self.offset
 
     def catch_up(self, newest_pts: int, since_newest: float) -> int:
         """The timestamp of a cached frame leaving ``since_newest`` seconds after the newest frame (pts

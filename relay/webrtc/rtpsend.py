@@ -15,12 +15,25 @@ jitter buffer hands a frame on when the next one starts), so keyframes set
 the 95th percentile of latency.
 
 Here each viewer's sender serializes one header per frame with aiortc's own
-serializer, then for each payload patches the sequence number and marker
-bit, SRTP-protects it and hands it to the socket batcher (relay.webrtc.udpbatch),
-or straight to the socket with batching off: no per-packet objects, clock
-reads or awaits. RTCP sender reports keep their counts (updated once per
-frame) and NACKed packets are rebuilt from a history of (sequence,
-timestamp, marker, payload) on demand.
+serializer, then copies each payload beside it into one buffer kept per
+sender, patches the sequence number and marker bit there and SRTP-protects
+it in place (``borrowed.SrtpFrameWriter``); each run of equal-size packets
+(``udpbatch.gso_runs``) leaves that buffer as one bytes for one segmented
+write at the end of the event-loop pass (relay.webrtc.udpbatch), or one
+system call a datagram with batching off: no per-packet objects, clock reads
+or awaits. RTCP sender reports keep their counts (updated once per frame) and
+NACKed packets are rebuilt on demand from the frames sent (``SentFrames``:
+one entry a frame).
+
+A live viewer's frames do not wait for its send loop at all: while the loop
+waits for the next frame with nothing queued, the hub's ``publish`` hands
+each frame to the viewer's ``HubTrack`` (``Subscription.push``), which sends
+it there and then through the same ``FrameSender``: no task woken per viewer
+per frame. It declines (and the frame is queued, and the loop woken, as
+before) while the viewer catches up from the GOP cache, while its socket
+holds datagrams it could not send yet, and once a send fails; so pacing,
+the keyframe wait and the bounded queue with its counted drops work as
+without it, and a viewer whose socket backs up never holds up the publish.
 
 The sender's private fields are reached through ``relay.webrtc.borrowed``;
 tests/test_aiortc_hooks.py fails if an aiortc upgrade moves them.
@@ -29,20 +42,21 @@ tests/test_aiortc_hooks.py fails if an aiortc upgrade moves them.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 import traceback
 from dataclasses import dataclass
 
-from aiortc import MediaStreamError, MediaStreamTrack, RTCRtpCodecCapability, RTCRtpSender, clock
+from aiortc import MediaStreamError, MediaStreamTrack, RTCRtpCodecCapability, RTCRtpSender
 from aiortc.rtcrtpsender import random_sequence_number
 from aiortc.rtp import RTP_HISTORY_SIZE, RtpPacket, wrap_rtx
-from aiortc.utils import random32, uint16_add, uint32_add
+from aiortc.utils import random32, uint32_add
 
 from ..hub import EncodedFrame, HubClosed, PacketHub, Subscription
 from . import borrowed
 from .catchup import ViewerTiming
-from .udpbatch import send_direct, send_now
+from .udpbatch import gso_runs, send_run_direct, send_run_now
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +65,50 @@ PREFERRED_PROFILES = ("42e01f", "42001f")
 
 _HISTORY = "camrelay_history"
 RETRANSMITS = "camrelay_retransmits"  # NACKed packets sent again, per sender
-_SEND = "camrelay_send"  # how a sender's datagrams leave: batched (udpbatch.send_now) or one by one
+_SEND = "camrelay_send"  # how a sender's datagrams leave: batched (udpbatch.send_run_now) or one by one
+
+NTP_UNIX_OFFSET = 2_208_988_800  # seconds from the NTP epoch (1900) to the Unix epoch (1970)
+
+
+def ntp_now() -> int:
+    """The wall clock as 64-bit NTP time, as aiortc's ``clock.current_ntp_time`` gives it (to the microsecond),
+    without its datetime arithmetic: read once per frame per viewer."""
+    return ntp_at(time.time_ns())
+
+
+def ntp_at(unix_ns: int) -> int:
+    """64-bit NTP time of ``unix_ns`` (nanoseconds since the Unix epoch), to the microsecond, as aiortc's."""
+    seconds, micros = divmod(unix_ns // 1000 + NTP_UNIX_OFFSET * 1_000_000, 1_000_000)
+    return (seconds << 32) | ((micros << 32) // 1_000_000)
+
+
+class SentFrames:
+    """The frames a sender sent lately, for retransmitting what a NACK names (sans-io).
+
+    One entry a frame, holding its shared payloads (no per-packet work while
+    sending), and at least the last ``packets`` packets, as aiortc's own
+    history of ``RTP_HISTORY_SIZE`` packets.
+    """
+
+    def __init__(self, packets: int = RTP_HISTORY_SIZE) -> None:
+        self.packets = packets
+        # (first sequence number, RTP timestamp, payloads, payload type)
+        self._frames: collections.deque[tuple[int, int, list[bytes], int]] = collections.deque()
+        self._held = 0  # packets in _frames
+
+    def add(self, sequence: int, timestamp: int, payloads: list[bytes], payload_type: int) -> None:
+        self._frames.append((sequence, timestamp, payloads, payload_type))
+        self._held += len(payloads)
+        while self._held - len(self._frames[0][2]) >= self.packets:
+            self._held -= len(self._frames.popleft()[2])
+
+    def find(self, sequence: int) -> tuple[int, bool, bytes, int] | None:
+        """(timestamp, marker, payload, payload type) of the packet numbered ``sequence``, if still held."""
+        for first, timestamp, payloads, payload_type in reversed(self._frames):
+            index = (sequence - first) & 0xFFFF
+            if index < len(payloads):
+                return timestamp, index == len(payloads) - 1, payloads[index], payload_type
+        return None
 
 
 @dataclass(slots=True)
@@ -89,6 +146,10 @@ class HubTrack(MediaStreamTrack):
     left behind; then it is live, and each frame carries its own pts. The
     pacing is this viewer's own wait in its own send loop: the hub and every
     other viewer go on meanwhile.
+
+    Live, its frames are pushed: while its send loop waits with nothing
+    queued, the hub hands it each frame as it publishes it (``_push``), and it
+    sends it through the loop's ``FrameSender`` at once.
     """
 
     kind = "video"
@@ -99,6 +160,39 @@ class HubTrack(MediaStreamTrack):
         self.name = name
         self.subscription: Subscription | None = None
         self.timing = ViewerTiming()
+        self.pushed = 0  # frames sent by the hub's push (the others went through the send loop)
+        self._sender: FrameSender | None = None  # the send loop's, while it runs: live frames are pushed to it
+
+    def push_to(self, sender: FrameSender | None) -> None:
+        """Live frames go straight to ``sender`` as the hub publishes them (None: through ``recv`` only)."""
+        self._sender = sender
+        if self.subscription is not None:
+            self.subscription.push = self._push if sender is not None else None
+
+    def _push(self, frame: EncodedFrame) -> bool:
+        """The hub's synchronous delivery of a live frame, while the send loop waits for one: sent now, with no
+        task woken. False: not taken (catching up, the socket backed up, or the send failed), so it goes to the
+        queue as before."""
+        sender = self._sender
+        if sender is None or self.timing.catching_up:
+            return False
+        payloads = payloads_for(frame)
+        if not sender.enabled or not payloads:
+            return True  # as aiortc does for a disabled sender, and a frame with nothing to send: dropped
+        try:
+            # A socket that backs up gets its frames through the send loop, whose queue is bounded and counts
+            # its drops, never through the hub's publish.
+            if not sender.send(payloads, self.timing.timeline.peek(frame.pts), unless_backed_up=True):
+                return False
+        except Exception as exc:  # never into the hub's publish: the send loop meets it with the next frame
+            self.push_to(None)
+            if not isinstance(exc, ConnectionError):
+                log.warning("stream=%s subscriber=%s push failed: %r", self.hub.stream, self.name, exc)
+            return False
+        self.timing.timeline.live(frame.pts)
+        self.hub.fanout_delay.add(time.time() - frame.published_at)
+        self.pushed += 1
+        return True
 
     async def recv(self) -> OutgoingFrame:  # type: ignore[override]
         if self.readyState != "live":
@@ -107,6 +201,7 @@ class HubTrack(MediaStreamTrack):
         try:
             if self.subscription is None:
                 self.subscription = self.hub.subscribe(self.name)
+                self.push_to(self._sender)
             sub = self.subscription
             if timing.catching_up or sub.replaying:
                 delay = timing.wait(sub.replaying, self.hub.bitrate.bps(), time.monotonic())
@@ -159,69 +254,142 @@ def install(sender: RTCRtpSender, batch: bool = True) -> None:
     """Give ``sender`` the per-frame send loop and the matching retransmission; ``batch``: through the
     socket batcher (relay.webrtc.udpbatch), else a system call per datagram."""
     borrowed.replace_send_loop(sender, _run_rtp, _retransmit)
-    sender.__dict__[_SEND] = send_now if batch else send_direct
+    sender.__dict__[_SEND] = send_run_now if batch else send_run_direct
+
+
+class FrameSender:
+    """One aiortc sender's RTP, a frame at a time: its sequence numbers, timestamp origin, SRTP buffer and the
+    frames it sent (for NACKs). Its send loop (``_run_rtp``) and a live viewer's push (``HubTrack``) both
+    send through ``send``, on the event loop, one frame after the other."""
+
+    def __init__(self, sender: RTCRtpSender, codec) -> None:
+        self.sender = sender
+        self.fields = borrowed.SenderFields(sender)
+        self.payload_type = codec.payloadType
+        self.history = SentFrames()
+        self.writer = borrowed.SrtpFrameWriter()
+        self.send_run = sender.__dict__.get(_SEND, send_run_now)
+        self.sequence = random_sequence_number()
+        self.origin = random32()
+        sender.__dict__[_HISTORY] = self.history
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the sender sends (aiortc drops the frames of a disabled one)."""
+        return self.fields.enabled
+
+    def send(self, payloads: list[bytes], timestamp: int, unless_backed_up: bool = False) -> bool:
+        """One frame's payloads, ``timestamp`` before the origin; ``ConnectionError`` while DTLS or ICE is down.
+        ``unless_backed_up``: not sent (False) while the socket holds datagrams it could not send yet."""
+        fields = self.fields
+        dtls = self.sender.transport
+        protocol, addr, session = borrowed.dtls_socket(dtls)
+        if unless_backed_up and _backlog(protocol):
+            return False
+        timestamp = uint32_add(self.origin, timestamp)
+        ntp = ntp_now()
+        template = RtpPacket(payload_type=self.payload_type, sequence_number=self.sequence, timestamp=timestamp)
+        template.ssrc = fields.ssrc
+        template.extensions.abs_send_time = (ntp >> 14) & 0x00FFFFFF
+        template.extensions.mid = fields.mid
+        header = template.serialize(fields.extensions_map)  # no payload: the header
+        sent = send_frame(self.writer, session, header, payloads, self.sequence, self.send_run, protocol, addr)
+        self.history.add(self.sequence, timestamp, payloads, self.payload_type)
+        self.sequence = (self.sequence + len(payloads)) & 0xFFFF
+        fields.count(ntp, timestamp, sum(map(len, payloads)), len(payloads))
+        borrowed.count_dtls_sent(dtls, sent, len(payloads))
+        return True
+
+
+def _backlog(protocol) -> int:
+    """Bytes asyncio holds for ``protocol``'s socket, unsent (the kernel's buffer was full); 0 without a socket."""
+    size = getattr(protocol.transport, "get_write_buffer_size", None)
+    return size() if size is not None else 0
 
 
 async def _run_rtp(self: RTCRtpSender, codec) -> None:
     fields = borrowed.SenderFields(self)
     fields.started()
-    history: dict[int, tuple[int, int, bool, bytes, int]] = {}
-    self.__dict__[_HISTORY] = history
-    send = self.__dict__.get(_SEND, send_now)
-    sequence = random_sequence_number()
-    origin = random32()
+    sender = FrameSender(self, codec)
+    pushing: HubTrack | None = None
     try:
         while True:
-            if not fields.track:
+            track = fields.track
+            if not track:
                 await asyncio.sleep(0.02)
                 continue
+            if track is not pushing:
+                if pushing is not None:
+                    pushing.push_to(None)
+                pushing = track if isinstance(track, HubTrack) else None
+                if pushing is not None:
+                    pushing.push_to(sender)
             frame = await fields.next_frame(codec)
             if frame is None:
                 continue
-            timestamp = uint32_add(origin, frame.timestamp)
-            payloads = frame.payloads
-            ntp = clock.current_ntp_time()
-            template = RtpPacket(payload_type=codec.payloadType, sequence_number=sequence, timestamp=timestamp)
-            template.ssrc = fields.ssrc
-            template.extensions.abs_send_time = (ntp >> 14) & 0x00FFFFFF
-            template.extensions.mid = fields.mid
-            header = bytearray(template.serialize(fields.extensions_map))  # no payload: the header
-            dtls = self.transport
-            protocol, addr, protect = borrowed.dtls_socket(dtls)
-            last = len(payloads) - 1
-            sent = octets = 0
-            pt = header[1] & 0x7F
-            for i, payload in enumerate(payloads):
-                header[1] = pt | 0x80 if i == last else pt
-                header[2] = sequence >> 8
-                header[3] = sequence & 0xFF
-                data = protect(bytes(header) + payload)
-                send(protocol, data, addr)
-                history[sequence % RTP_HISTORY_SIZE] = (sequence, timestamp, i == last, payload, codec.payloadType)
-                sent += len(data)
-                octets += len(payload)
-                sequence = uint16_add(sequence, 1)
-            fields.count(ntp, timestamp, octets, len(payloads))
-            borrowed.count_dtls_sent(dtls, sent, len(payloads))
+            sender.send(frame.payloads, frame.timestamp)
     except (asyncio.CancelledError, ConnectionError, MediaStreamError):
         pass
     except Exception:
         # As aiortc does: the loop must end with rtp_exited set, or stop() hangs.
         log.warning("rtp send loop failed: %s", traceback.format_exc())
+    if pushing is not None:
+        pushing.push_to(None)
     fields.exited()
 
 
+def send_frame(
+    writer: borrowed.SrtpFrameWriter,
+    session,
+    header: bytes,
+    payloads: list[bytes],
+    sequence: int,
+    send_run,
+    protocol,
+    addr: tuple,
+) -> int:
+    """Protect a frame's packets (``header`` with each payload, numbered from ``sequence``, the marker on the last)
+    with ``session`` into ``writer`` and hand each GSO run to ``send_run(protocol, data, segment, addr)``; the
+    bytes sent."""
+    writer.start(session)
+    pt = header[1] & 0x7F
+    last = len(payloads) - 1
+    sizes: list[int] = []
+    sent = 0
+    for i, payload in enumerate(payloads):
+        if not writer.fits(len(header) + len(payload)):
+            sent += _send_runs(writer, sizes, send_run, protocol, addr)
+            sizes = []
+        sizes.append(writer.add(header, payload, pt | 0x80 if i == last else pt, (sequence + i) & 0xFFFF))
+    return sent + _send_runs(writer, sizes, send_run, protocol, addr)
+
+
+def _send_runs(writer: borrowed.SrtpFrameWriter, sizes: list[int], send_run, protocol, addr: tuple) -> int:
+    """What ``writer`` holds (packets of ``sizes``), a GSO run at a time; then empties it."""
+    offset = first = 0
+    for count in gso_runs(sizes):
+        length = sum(sizes[first : first + count])
+        send_run(protocol, writer.take(offset, offset + length), sizes[first], addr)
+        offset += length
+        first += count
+    writer.reset()
+    return offset
+
+
 async def _retransmit(self: RTCRtpSender, sequence_number: int) -> None:
-    entry = self.__dict__.get(_HISTORY, {}).get(sequence_number % RTP_HISTORY_SIZE)
-    if entry is None or entry[0] != sequence_number:
+    history = self.__dict__.get(_HISTORY)
+    found = history.find(sequence_number) if history is not None else None
+    if found is None:
         return
     fields = borrowed.SenderFields(self)
-    sequence, timestamp, marker, payload, payload_type = entry
+    timestamp, marker, payload, payload_type = found
     self.__dict__[RETRANSMITS] = self.__dict__.get(RETRANSMITS, 0) + 1
-    packet = RtpPacket(payload_type=payload_type, marker=int(marker), sequence_number=sequence, timestamp=timestamp)
+    packet = RtpPacket(
+        payload_type=payload_type, marker=int(marker), sequence_number=sequence_number, timestamp=timestamp
+    )
     packet.ssrc = fields.ssrc
     packet.payload = payload
-    packet.extensions.abs_send_time = (clock.current_ntp_time() >> 14) & 0x00FFFFFF
+    packet.extensions.abs_send_time = (ntp_now() >> 14) & 0x00FFFFFF
     packet.extensions.mid = fields.mid
     rtx = fields.rtx_payload_type
     if rtx is not None:

@@ -14,7 +14,8 @@ same size but the last (``relay.webrtc.rtpsend.payloads_for``), a frame is one o
 system calls per viewer. Where GSO is missing or refused, it sends datagram
 by datagram as before, and says so once.
 
-RTP leaves through ``send_now`` (``relay.webrtc.rtpsend``); aioice's own data sends
+RTP leaves a GSO run at a time through ``send_run_now`` (``relay.webrtc.rtpsend``, which
+protects a frame's packets side by side in one buffer); aioice's own data sends
 (DTLS, RTCP) through ``PATCH``, process-wide on aioice's socket protocol
 (``relay.webrtc.borrowed``), held while a relay with ``[webrtc] batch_sends`` on
 runs. With it off, datagrams leave one system call each (``send_direct``).
@@ -53,30 +54,40 @@ def gso_everywhere() -> bool:
     return _state["gso"]
 
 
+def gso_runs(sizes: list[int]) -> list[int]:
+    """How many of ``sizes`` (datagrams in order, to one address) each GSO run takes: equal sizes, the last may
+    be smaller, within the kernel's segment and byte limits."""
+    counts: list[int] = []
+    count = size = total = last = 0
+    for n in sizes:
+        if count and n <= size and last == size and count < MAX_SEGMENTS and total + n <= MAX_GSO_BYTES:
+            count += 1
+            total += n
+            last = n
+            continue
+        if count:
+            counts.append(count)
+        count, size, total, last = 1, n, n, n
+    if count:
+        counts.append(count)
+    return counts
+
+
 def runs(datagrams: list[tuple[bytes, tuple]]) -> list[tuple[list[bytes], tuple]]:
     """Split datagrams, in order, into GSO runs: same address, equal sizes, the last may be smaller."""
     out: list[tuple[list[bytes], tuple]] = []
-    current: list[bytes] = []
-    addr: tuple | None = None
-    size = total = 0
-    for data, to in datagrams:
-        fits = (
-            current
-            and to == addr
-            and len(data) <= size
-            and len(current) < MAX_SEGMENTS
-            and total + len(data) <= MAX_GSO_BYTES
-            and len(current[-1]) == size  # nothing may follow a short one
-        )
-        if fits:
-            current.append(data)
-            total += len(data)
-            continue
-        if current:
-            out.append((current, addr))
-        current, addr, size, total = [data], to, len(data), len(data)
-    if current:
-        out.append((current, addr))
+    i = 0
+    while i < len(datagrams):
+        addr = datagrams[i][1]
+        j = i + 1
+        while j < len(datagrams) and datagrams[j][1] == addr:
+            j += 1
+        same = [data for data, _ in datagrams[i:j]]
+        k = 0
+        for count in gso_runs([len(d) for d in same]):
+            out.append((same[k : k + count], addr))
+            k += count
+        i = j
     return out
 
 
@@ -85,7 +96,9 @@ class Batcher:
 
     def __init__(self, transport: asyncio.DatagramTransport) -> None:
         self.transport = transport
-        self.pending: list[tuple[bytes, tuple]] = []
+        # (data, addr, segment): one datagram (segment 0), or a run of datagrams of ``segment`` bytes (the last
+        # may be shorter) joined already (``send_run``)
+        self.pending: list[tuple[bytes, tuple, int]] = []
         self.syscalls = 0
         self.datagrams = 0
         self.dropped = 0  # refused by the kernel (no route, not permitted): UDP, so gone
@@ -97,7 +110,14 @@ class Batcher:
     def send(self, data: bytes, addr: tuple) -> None:
         if not self.pending:
             asyncio.get_running_loop().call_soon(self.flush)
-        self.pending.append((data, addr))
+        self.pending.append((data, addr, 0))
+
+    def send_run(self, data: bytes, segment: int, addr: tuple) -> None:
+        """Datagrams of ``segment`` bytes (the last may be shorter), already joined in ``data``: one GSO run
+        (``gso_runs``), sent whole."""
+        if not self.pending:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.pending.append((data, addr, segment))
 
     def flush(self) -> None:
         batch, self.pending = self.pending, []
@@ -107,22 +127,22 @@ class Batcher:
             # asyncio would still send what it was handed before close(); so do we
             # (a DTLS close_notify, an RTCP BYE), straight to the socket if it is open.
             if raw is not None and raw.fileno() >= 0:
-                for data, addr in batch:
+                for data, addr in _datagrams(batch):
                     self._raw_send(raw, lambda sock, d=data, a=addr: sock.sendto(d, a))
             return
-        self.datagrams += len(batch)
-        for group, addr in runs(batch):
+        for data, segment, count, addr in _groups(batch):
+            self.datagrams += count
             # Straight to the socket only while asyncio holds nothing queued for it: never reorder.
-            if len(group) > 1 and self.gso and _state["gso"] and not t.get_write_buffer_size():
-                done = self._raw_send(raw, lambda sock, g=group, a=addr: _sendmsg_gso(sock, g, a))
+            if count > 1 and self.gso and _state["gso"] and not t.get_write_buffer_size():
+                done = self._raw_send(raw, lambda sock, d=data, s=segment, a=addr: _sendmsg_gso(sock, d, s, a))
                 if done is not None:
                     self.syscalls += 1
                     if not done:
-                        self.dropped += len(group)
+                        self.dropped += count
                     continue
-            for data in group:
-                t.sendto(data, addr)  # asyncio queues on EAGAIN and reports errors to the protocol
-            self.syscalls += len(group)
+            for i in range(0, len(data), segment):
+                t.sendto(data[i : i + segment], addr)  # asyncio queues on EAGAIN and reports errors to the protocol
+            self.syscalls += count
 
     def _raw_send(self, raw, send) -> bool | None:
         """True: sent. False: the kernel refused it for good (dropped). None: use asyncio's path instead."""
@@ -149,8 +169,35 @@ class Batcher:
             return False
 
 
-def _sendmsg_gso(sock: socket.socket, group: list[bytes], addr: tuple) -> None:
-    sock.sendmsg([b"".join(group)], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", len(group[0])))], 0, addr)
+def _groups(batch: list[tuple[bytes, tuple, int]]) -> list[tuple[bytes, int, int, tuple]]:
+    """A batcher's pending sends as GSO runs, in order: (joined datagrams, segment size, datagrams, address).
+    Single datagrams are grouped here (``runs``); runs made by the sender (``send_run``) stay as they are."""
+    out: list[tuple[bytes, int, int, tuple]] = []
+    singles: list[tuple[bytes, tuple]] = []
+    for data, addr, segment in batch:
+        if not segment:
+            singles.append((data, addr))
+            continue
+        if singles:
+            out += [(b"".join(g), len(g[0]), len(g), a) for g, a in runs(singles)]
+            singles = []
+        out.append((data, segment, -(-len(data) // segment), addr))
+    if singles:
+        out += [(b"".join(g), len(g[0]), len(g), a) for g, a in runs(singles)]
+    return out
+
+
+def _datagrams(batch: list[tuple[bytes, tuple, int]]) -> list[tuple[bytes, tuple]]:
+    """A batcher's pending sends one datagram at a time."""
+    return [
+        (data[i : i + segment], addr) if segment else (data, addr)
+        for data, addr, segment in batch
+        for i in (range(0, len(data), segment) if segment else (0,))
+    ]
+
+
+def _sendmsg_gso(sock: socket.socket, data: bytes, segment: int, addr: tuple) -> None:
+    sock.sendmsg([data], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", segment))], 0, addr)
 
 
 def _batchable(transport) -> bool:
@@ -167,19 +214,44 @@ def _batchable(transport) -> bool:
 
 def send_now(protocol: asyncio.DatagramProtocol, data: bytes, addr: tuple) -> None:
     """Queue a datagram on ``protocol``'s socket for the end of this event-loop pass."""
+    batcher = _batcher(protocol)
+    if batcher is None:
+        protocol.transport.sendto(data, addr)
+    else:
+        batcher.send(data, addr)
+
+
+def _batcher(protocol: asyncio.DatagramProtocol) -> Batcher | None:
+    """``protocol``'s batcher, made on its first send; None for a transport without a socket of its own (a TURN
+    allocation: it has its own framing), sent to directly."""
     batcher = protocol.__dict__.get(_ATTR)
     if batcher is None or batcher.transport is not protocol.transport:
         if not _batchable(protocol.transport):
-            protocol.transport.sendto(data, addr)  # e.g. a TURN allocation: it has its own framing
-            return
+            return None
         batcher = Batcher(protocol.transport)
         setattr(protocol, _ATTR, batcher)
-    batcher.send(data, addr)
+    return batcher
+
+
+def send_run_now(protocol: asyncio.DatagramProtocol, data: bytes, segment: int, addr: tuple) -> None:
+    """Queue a run of datagrams of ``segment`` bytes (the last may be shorter), joined in ``data``, on
+    ``protocol``'s socket for the end of this event-loop pass (``gso_runs`` says what a run may hold)."""
+    batcher = _batcher(protocol)
+    if batcher is None:
+        send_run_direct(protocol, data, segment, addr)
+    else:
+        batcher.send_run(data, segment, addr)
 
 
 def send_direct(protocol: asyncio.DatagramProtocol, data: bytes, addr: tuple) -> None:
     """One datagram, one system call: as aioice sends, for the batcher's A/B (``[webrtc] batch_sends = false``)."""
     protocol.transport.sendto(data, addr)
+
+
+def send_run_direct(protocol: asyncio.DatagramProtocol, data: bytes, segment: int, addr: tuple) -> None:
+    """A joined run of datagrams, one system call each (``send_direct``)."""
+    for i in range(0, len(data), segment):
+        protocol.transport.sendto(data[i : i + segment], addr)
 
 
 PATCH = borrowed.send_data_patch(send_now)  # aioice's own data sends, batched while held
