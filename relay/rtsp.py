@@ -40,7 +40,7 @@ from . import h264, mux, rtspin
 from .aio import cancel_and_wait
 from .auth import write_private
 from .backoff import Backoff, Retry
-from .hub import HubClosed, PacketHub
+from .hub import EncodedFrame, HubClosed, PacketHub
 from .logsafe import SECRET_FILTER, redact_text, redact_url
 from .status import ConsumerStats
 from .supervise import Child, Process
@@ -402,6 +402,7 @@ class RtspPublisher:
         self.url = url
         self.fps = fps
         self.published = 0
+        self.pushed = 0  # of them, written as the hub published them (``Subscription.push``), no task woken
         self.sessions = 0  # how many times a publish session was opened
         self.errors = 0
         self._ready = ready
@@ -467,6 +468,24 @@ class RtspPublisher:
             log.info("stream=%s publishing rtsp to %s", self.hub.stream, redact_url(self.url))
             framer = RtpFramer(channel, secrets.randbits(32), secrets.randbits(16))
             base, frame = first.pts, first
+
+            def push(frame: EncodedFrame) -> bool:
+                """The hub's synchronous delivery while this loop waits for a frame (``Subscription.push``):
+                written there and then, no task woken. False while anything is unsent (the loop's drain and its
+                stall deadline deal with a slow server) or once the connection failed (the loop meets it)."""
+                if conn.backed_up():
+                    return False
+                try:
+                    conn.write(framer.frame(payloads_for(frame), frame.pts - base))
+                except PublishError:
+                    return False
+                self.published += 1
+                self.pushed += 1
+                with contextlib.suppress(PublishError):  # a failed connection: the loop meets it next frame
+                    conn.keep_alive()
+                return True
+
+            sub.push = push
             while True:
                 conn.write(framer.frame(payloads_for(frame), frame.pts - base))
                 self.published += 1
@@ -554,6 +573,10 @@ class _Connection:
             raise PublishError(f"connection lost: {self._failed}")
         assert self._writer is not None
         self._writer.write(data)
+
+    def backed_up(self) -> bool:
+        """Anything written is still unsent, or the connection failed."""
+        return self._failed is not None or self._writer is None or self._writer.transport.get_write_buffer_size() > 0
 
     async def drain(self) -> None:
         """Waits only when the server is ``PUBLISH_WRITE_BUFFER`` bytes behind; a server that takes nothing

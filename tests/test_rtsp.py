@@ -483,6 +483,18 @@ async def publishing_to(server: FakeRtspServer, until, extra: int = 0):
         await publisher.close()
 
 
+async def test_live_frames_are_written_as_the_hub_publishes_them():
+    """The publisher waits for frames like a viewer's send loop: the hub hands each live one to it (no task
+    woken per frame), and every frame published reaches the server's socket either way."""
+    server = FakeRtspServer()
+    try:
+        publisher = await publishing_to(server, lambda p: p.published >= 60)
+    finally:
+        server.close()
+    assert publisher.errors == 0 and publisher.sessions == 1
+    assert 0 < publisher.pushed < publisher.published  # the session's first frame goes through the loop
+
+
 async def test_a_server_that_stops_reading_is_left_and_its_socket_closed_every_time(monkeypatch):
     import relay.rtsp
 
