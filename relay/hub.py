@@ -269,15 +269,18 @@ class Subscription:
                     self._count_drops(1)
                 return
             self.waiting_keyframe = False
-        if (
-            self.push is not None
-            and self._hub.first_in_pass
-            and not self._queue
-            and self._waiting()
-            and self.push(frame)
-        ):
-            self.delivered += 1
-            return
+        if self.push is not None and self._hub.first_in_pass and not self._queue and self._waiting():
+            try:
+                taken = self.push(frame)
+            except Exception as exc:  # never into the publish: the other subscribers and the camera go on
+                self.push = None  # this subscriber reads through its queue from now on
+                taken = False
+                log.warning(
+                    "stream=%s subscriber=%s push failed, queueing instead: %r", self._hub.stream, self.name, exc
+                )
+            if taken:
+                self.delivered += 1
+                return
         self._queue.append(frame)
         self._wake()
 

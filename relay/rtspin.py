@@ -831,6 +831,11 @@ class H264Depacketizer:
         if not payload:
             raise RtspError("empty RTP payload")
         kind = payload[0] & 0x1F
+        if self._fu is not None and kind != NAL_FU_A:
+            # The unit is one buffer: this NAL unit would land inside the FU-A's bytes. RFC 6184 5.8 wants an
+            # FU-A's fragments consecutive, so the unit is broken (dropped, and the stream waits for an IDR).
+            self._drop_fu()
+            raise RtspError(f"NAL unit (type {kind}) inside an FU-A, before its last fragment")
         if 1 <= kind <= 23:
             self._keep(payload)
         elif kind == NAL_STAP_A:

@@ -220,3 +220,17 @@ def test_a_nacked_packet_is_found_in_the_frames_sent_across_the_sequence_wrap():
         and sent.find(65534) == (200, False, b"e", 96)
         and sent.find(9) == (300, True, b"i", 96)
     )
+
+
+@pytest.mark.parametrize(
+    "unit",
+    [
+        b"\x00\x00\x00\x01\x65\x88\x00\x00\x01",  # a start code at the very end (a camera's stray bytes)
+        b"\x00\x00\x01\x00\x00\x01\x65\x88",  # two start codes in a row
+    ],
+    ids=["trailing-start-code", "empty-nal-between"],
+)
+def test_packetize_leaves_empty_nal_units_out(unit):
+    """aiortc's STAP-A packer raised IndexError on an empty NAL unit, out of the hub's publish (a pushed
+    viewer) or a viewer's send loop; what is in the unit is sent, the empty piece left out."""
+    assert borrowed.packetize(unit) == [b"\x65\x88"]

@@ -328,3 +328,25 @@ async def test_frames_published_in_one_pass_are_pushed_the_first_only_and_a_long
     hub.publish(frame(20))  # a new pass, live and waiting: pushed
     assert pushed == [0, 20 * 3000] and not reader.done()
     sub.close()
+
+
+async def test_a_push_that_raises_never_reaches_the_publish_nor_the_other_subscribers(caplog):
+    """A subscriber's push failing (a packetizer meeting a malformed unit) is logged once and that subscriber
+    reads through its queue from then on: the publish goes on to the others, and the camera's pipe reader with
+    it, instead of the exception killing the worker."""
+    hub = PacketHub("cam0", Requests())
+    failing, other = hub.subscribe("viewer"), hub.subscribe("recorder")
+
+    def boom(f):
+        raise IndexError("index out of range")
+
+    failing.push = boom
+    reader = await _waiting_reader(failing)
+    await _publish_apart(hub, [frame(0, key=True)])  # raises nothing
+    assert (await reader).pts == 0 and failing.push is None  # queued for it instead, and its reader woken
+    assert len(other) == 1  # the subscriber after it got the frame too
+    assert [r.getMessage() for r in caplog.records if "push failed" in r.getMessage()] == [
+        "stream=cam0 subscriber=viewer push failed, queueing instead: IndexError('index out of range')"
+    ]
+    await _publish_apart(hub, [frame(1)])
+    assert len(failing) == 1 and len(other) == 2

@@ -287,6 +287,7 @@ def test_a_playing_connections_bytes_give_the_units_and_counts_packet_by_packet_
         ([rtp(b"\x78\x00", 1, 0, True)], "STAP-A size field cut off at byte 1 of 2"),
         ([rtp(b"\x7d\x00\x00", 1, 0, True)], "RTP H.264 FU-B (type 29) is interleaved mode only"),
         ([rtp(b"\x60", 1, 0, True)], "RTP H.264 NAL unit type 0 is undefined"),
+        ([rtp(bytes([0x7C, 0x85, 1]), 1, 0, False), rtp(b"\x06\x05\x01\xaa", 2, 0, False)], "NAL unit (type 6) inside"),
         ([rtp(b"", 1, 0, True)], "empty RTP payload"),
     ],
 )
@@ -297,6 +298,34 @@ def test_an_rtp_packet_that_cannot_be_depacketized_is_refused_exactly(packets, e
         for packet in packets:
             depacketizer.push(rtspin.parse_rtp(packet))
     assert str(caught.value).startswith(error)
+
+
+def test_a_nal_unit_inside_an_fu_a_breaks_the_unit_and_the_next_idr_comes_whole():
+    """A camera that breaks RFC 6184 5.8 (an SEI between an IDR's fragments): that unit is dropped, not sent
+    with the IDR cut in two and the SEI inside it; the next unit, an IDR, is whole. Expected units written out."""
+    depacketizer = rtspin.H264Depacketizer(PT)
+    depacketizer.push(rtspin.parse_rtp(rtp(b"\x41\x9a", 0, 0, True)))  # in sync with the stream
+    packets = [
+        rtp(bytes([0x7C, 0x85]) + b"A" * 10, 1, 3000, False),  # IDR's FU-A start
+        rtp(b"\x06\x05\x01\xaa", 2, 3000, False),  # an SEI inside it
+        rtp(bytes([0x7C, 0x45]) + b"B" * 10, 3, 3000, True),  # the FU-A's end, the marker
+        rtp(bytes([0x7C, 0x85]) + b"C" * 10, 4, 6000, False),
+        rtp(bytes([0x7C, 0x45]) + b"D" * 10, 5, 6000, True),
+    ]
+    units, errors = [], []
+    for packet in packets:
+        try:
+            units += depacketizer.push(rtspin.parse_rtp(packet))
+        except RtspError as exc:
+            errors.append(str(exc))
+    assert [(u.pts, u.keyframe, u.data) for u in units] == [
+        (6000, True, b"\x00\x00\x00\x01\x65" + b"C" * 10 + b"D" * 10)
+    ]
+    assert errors == [
+        "NAL unit (type 6) inside an FU-A, before its last fragment",
+        "FU-A fragment without its start (NAL type 5)",
+    ]
+    assert depacketizer.units_dropped == 1
 
 
 def test_the_unit_a_bad_packet_was_part_of_is_dropped():

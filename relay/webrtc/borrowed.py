@@ -442,5 +442,6 @@ class _EqualFragments(AiortcH264):
 
 
 def packetize(access_unit: bytes) -> list[bytes]:
-    """RTP payloads (single NAL, STAP-A, FU-A) for one H.264 access unit (Annex B)."""
-    return _EqualFragments._packetize(AiortcH264._split_bitstream(access_unit))
+    """RTP payloads (single NAL, STAP-A, FU-A) for one H.264 access unit (Annex B). Empty NAL units (a start
+    code at the very end, two in a row) are left out: aiortc's STAP-A packer fails on one."""
+    return _EqualFragments._packetize([nal for nal in AiortcH264._split_bitstream(access_unit) if nal])

@@ -176,10 +176,10 @@ class HubTrack(MediaStreamTrack):
         sender = self._sender
         if sender is None or self.timing.catching_up:
             return False
-        payloads = payloads_for(frame)
-        if not sender.enabled or not payloads:
-            return True  # as aiortc does for a disabled sender, and a frame with nothing to send: dropped
         try:
+            payloads = payloads_for(frame)
+            if not sender.enabled or not payloads:
+                return True  # as aiortc does for a disabled sender, and a frame with nothing to send: dropped
             # A socket that backs up gets its frames through the send loop, whose queue is bounded and counts
             # its drops, never through the hub's publish.
             if not sender.send(payloads, self.timing.timeline.peek(frame.pts), unless_backed_up=True):
