@@ -351,18 +351,27 @@ CLOCK_RESYNC = 1.0
 # time that a receiver counts as lost frames (a second's worth each time) although none was; mediamtx passes
 # a camera's timestamps through untouched. Past this, the mapping starts again so it never drifts for good.
 CLOCK_MAX_LAG = 30.0
+# A lag that lasts (the least lag over a window of the source's own time: a backlog drains within it, a slow
+# clock does not) is taken back gently instead: each frame's step is stretched by this fraction until the lag
+# is under CLOCK_LAG_KEPT. A camera clock a few hundred ppm slow (weeks to reach CLOCK_MAX_LAG) never jumps.
+CLOCK_SLEW = 0.05
+CLOCK_LAG_WINDOW = 10.0  # seconds of the source's time
+CLOCK_LAG_KEPT = 0.5  # seconds of lasting lag left alone
 
 
 class SourceClock:
     """A source's own timestamps on the wall clock: frames keep the spacing the camera gave them (not the
     jitter of the network that brought them, nor its delays), anchored at the wall clock and anchored again
-    when the source's timeline jumps, runs ahead of the wall clock, or falls more than ``max_lag`` behind."""
+    when the source's timeline jumps, runs ahead of the wall clock, or falls more than ``max_lag`` behind; a
+    lag that lasts is taken back a little each frame (``CLOCK_SLEW``)."""
 
     def __init__(self, resync: float = CLOCK_RESYNC, max_lag: float = CLOCK_MAX_LAG) -> None:
         self._resync = resync
         self._max_lag = max_lag
         self._anchor: tuple[float, float] | None = None  # (source seconds, wall clock) of the anchor frame
         self._last = 0.0  # the source seconds of the frame before
+        self._window = (0.0, 0.0)  # (source seconds it began, least lag in it so far)
+        self._lasting = 0.0  # lag still to take back: the least of the last whole window, less what was
         self.anchors = 0  # times the mapping started (again): the first frame, then every jump
 
     def wall_time(self, source_seconds: float | None, now: float) -> float:
@@ -373,10 +382,25 @@ class SourceClock:
         if self._anchor is not None and 0 <= step <= self._resync:
             t = self._anchor[1] + source_seconds - self._anchor[0]
             if -self._max_lag <= t - now <= self._resync:
-                return t
+                return self._slew(t, now, source_seconds, step)
         self._anchor = (source_seconds, now)
+        self._window, self._lasting = (source_seconds, 0.0), 0.0
         self.anchors += 1
         return now
+
+    def _slew(self, t: float, now: float, source_seconds: float, step: float) -> float:
+        began, least = self._window
+        least = min(least, now - t)
+        if source_seconds - began >= CLOCK_LAG_WINDOW:
+            self._lasting, (began, least) = least, (source_seconds, now - t)
+        self._window = (began, least)
+        if self._lasting > CLOCK_LAG_KEPT:
+            shift = min(step * CLOCK_SLEW, self._lasting - CLOCK_LAG_KEPT)
+            self._lasting -= shift
+            assert self._anchor is not None
+            self._anchor = (self._anchor[0], self._anchor[1] + shift)
+            t += shift
+        return t
 
 
 def open_source(

@@ -206,8 +206,8 @@ class ViewerSessions:
         session.closed = True
         if session._deadline is not None:
             session._deadline.cancel()
-        session.track.stop()
-        await session.pc.close()
+        # Logged as it leaves the count (the API's viewers), not after the peer connection's close: a reader of
+        # both never sees one without the other.
         log.info(
             "stream=%s session=%s closed (%s) viewers=%d",
             session.stream,
@@ -215,6 +215,8 @@ class ViewerSessions:
             why,
             self.count(session.stream),
         )
+        session.track.stop()
+        await session.pc.close()
         return True
 
     def for_stream(self, stream: str) -> StreamViewers:
