@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import json
 import queue
+import socket
 import threading
 import time
 import tracemalloc
@@ -939,20 +940,37 @@ async def test_a_camera_that_sends_only_rtcp_is_a_source_error_after_the_io_time
 
 async def test_a_playing_cameras_reads_set_no_timeout_each(monkeypatch):
     """The socket's receive timeout was set before every read (a poll and an ioctl beside each recv): it is
-    set for the connection and changed only near a deadline, which a read here never comes near."""
+    set for the connection and changed only near a deadline, which a read here never comes near. Counted on
+    the socket itself, whichever way a timeout would be set."""
     monkeypatch.setattr(rtspsource, "IO_TIMEOUT", 1000.0)
+    calls: list[str] = []
+
+    class CountingSocket(socket.socket):
+        def settimeout(self, value):
+            calls.append("settimeout")
+            super().settimeout(value)
+
+        def setsockopt(self, *args):
+            calls.append("setsockopt")
+            super().setsockopt(*args)
+
+    def create_connection(address, timeout):
+        sock = CountingSocket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect(address)
+        return sock
+
+    monkeypatch.setattr(rtspsource.socket, "create_connection", create_connection)
     camera = await TinyCamera().start()
-    set_timeouts: list[float] = []
-    set_timeout = rtspsource._set_timeout
-    monkeypatch.setattr(rtspsource, "_set_timeout", lambda s, o, t: (set_timeouts.append(t), set_timeout(s, o, t)))
     async with reading(camera) as (source, capture):
         assert await capture.opened(source) is None
-        opening = len(set_timeouts)
+        opening = len(calls)
+        assert opening > 0  # the counting socket is the one read
         for unit in UNITS:
             reading_one = asyncio.ensure_future(capture.run(source.read_packet))
             await camera.send(unit)
             assert nals((await reading_one).data) == nals(unit)
-        assert len(set_timeouts) == opening  # none for the units' reads
+        assert len(calls) == opening  # none for the units' reads
 
 
 async def test_open_gives_up_at_its_total_deadline_whatever_each_request_has(monkeypatch):
