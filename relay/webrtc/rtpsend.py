@@ -181,7 +181,8 @@ class HubTrack(MediaStreamTrack):
             if not sender.enabled or not payloads:
                 return True  # as aiortc does for a disabled sender, and a frame with nothing to send: dropped
             # A socket that backs up gets its frames through the send loop, whose queue is bounded and counts
-            # its drops, never through the hub's publish.
+            # its drops, never through the hub's publish. (A TURN relay's backlog is not seen here, nor by the
+            # send loop: aioice's TURN transport has no write buffer to ask. Known, not yet bounded.)
             if not sender.send(payloads, self.timing.timeline.peek(frame.pts), unless_backed_up=True):
                 return False
         except Exception as exc:  # never into the hub's publish: the send loop meets it with the next frame
