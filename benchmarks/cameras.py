@@ -119,6 +119,9 @@ class Served:
     procs: Callable[[], list[psutil.Process]]
     close: Callable[[], None]
     notes: list[str] = field(default_factory=list)
+    # The system's own count of frames it dropped, by reason (camrelay's API: viewer_lag, source_loss, ...);
+    # None for a system that does not say. Read before and after the window: who lost what viewers lost.
+    dropped: Callable[[], dict[str, int]] | None = None
 
 
 # -- the cameras ----------------------------------------------------------------------------------------------
@@ -195,6 +198,7 @@ def start_camrelay(name: str, cams: CameraSet, args: argparse.Namespace, workdir
         rtsp={p: f"rtsp://127.0.0.1:{rtsp_port}/{p}" for p in sources},
         procs=lambda: process_tree(main),
         close=lambda: stop_processes(proc),
+        dropped=lambda: relay_dropped(_streams(port)),
     )
     deadline = time.monotonic() + START_TIMEOUT
     streams: list[dict] = []  # the API's last answer
@@ -223,6 +227,15 @@ def start_camrelay(name: str, cams: CameraSet, args: argparse.Namespace, workdir
 def last_line(log: Path) -> str:
     lines = tail(log).strip().splitlines()
     return lines[-1] if lines else ""
+
+
+def relay_dropped(streams: list[dict]) -> dict[str, int]:
+    """Frames dropped, by reason, summed over every stream of camrelay's ``/api/v1/streams`` answer."""
+    total: dict[str, int] = {}
+    for stream in streams:
+        for reason, n in (stream.get("frames_dropped") or {}).items():
+            total[reason] = total.get(reason, 0) + n
+    return total
 
 
 def _streams(port: int) -> list[dict]:
@@ -339,6 +352,7 @@ def run_point(served: Served, cams: CameraSet, duration: float, fps: float, ligh
         for proc in mine + generator:
             proc.cpu_percent(None)
         psutil.cpu_percent(None)
+        dropped_before = served.dropped() if served.dropped else None
         t0 = time.monotonic()
         start.set()
         rss = []
@@ -346,6 +360,7 @@ def run_point(served: Served, cams: CameraSet, duration: float, fps: float, ligh
             rss.append(rss_sum(mine))
             time.sleep(RSS_EVERY)
         cpu, gen_cpu = cpu_of(mine), cpu_of(generator)
+        dropped_after = served.dropped() if served.dropped else None
         machine = psutil.cpu_percent(None) * psutil.cpu_count()  # every process on the machine, % of one core
         out = {kind: results.get(timeout=RESULT_TIMEOUT) for kind, _, _, results in jobs if kind != "viewers"}
         viewers = [v for kind, _, _, results in jobs if kind == "viewers" for v in results.get(timeout=RESULT_TIMEOUT)]
@@ -362,6 +377,11 @@ def run_point(served: Served, cams: CameraSet, duration: float, fps: float, ligh
     point["other_cpu_pct"] = max(0.0, machine - cpu - gen_cpu)  # other work on a shared machine
     point["saturated"] = max(machine, cpu + gen_cpu) > GENERATOR_SATURATED * 100 * psutil.cpu_count()
     point["notes"] = served.notes
+    if dropped_before is not None and dropped_after is not None:
+        # what the system itself dropped over the window (the readers' own counts stop a little later)
+        point["system_dropped"] = {
+            reason: n - dropped_before.get(reason, 0) for reason, n in dropped_after.items()
+        }  # fmt: skip
     return point
 
 
