@@ -3,7 +3,7 @@
 The light peer is an aiortc viewer that lets aiortc do ICE, DTLS and RTCP,
 but takes each RTP datagram off its socket before SRTP: RTP headers are in
 the clear in SRTP, so frames and losses can be counted without decrypting,
-parsing or reassembling anything. That needs two internals, both per peer
+parsing or reassembling anything. That needs three private names, all per peer
 connection (no process-wide patch, so a relay or a decoding probe in the same
 process is untouched):
 

@@ -80,7 +80,7 @@ def next_viewers(
 class Result:
     viewers: int  # the most carried (0: not even the smallest point tried)
     per_core: float
-    at_least: bool  # the search stopped at its ceiling or its point budget, or the generator bound it
+    at_least: bool  # no point failed (the ceiling or the point budget came first), or the generator bound it
     first_failure: int | None  # the fewest viewers not carried
     why: tuple[str, ...]  # that point's reasons
 
@@ -92,5 +92,6 @@ def result(tried: dict[int, Verdict], system_cores: int) -> Result:
     carried = [n for n, v in tried.items() if v.carried and (first is None or n < first)]
     best = max(carried, default=0)
     bounded = first is not None and tried[first].generator_bound
-    at_least = bounded or first is None or (first - best > max(1, int(best * RESOLUTION)))
-    return Result(best, best / system_cores, at_least, first, tried[first].reasons if first is not None else ())
+    return Result(
+        best, best / system_cores, bounded or first is None, first, tried[first].reasons if first is not None else ()
+    )

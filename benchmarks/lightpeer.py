@@ -74,8 +74,9 @@ class ReportFigures:
 class RtpCounter:
     """Frames and losses of one RTP stream from its packets' headers (plain bytes in, counts out)."""
 
-    def __init__(self, fps: float) -> None:
+    def __init__(self, fps: float, timestamps: list[int] | None = None) -> None:
         self.fps = fps
+        self.timestamps = timestamps  # when a list: each complete frame's RTP timestamp is added to it
         self.ssrc: int | None = None  # the first RTP packet's; others are foreign
         self.next_sequence = 0  # extended: the sequence number expected next, cycles included
         self.timestamp: int | None = None  # the current frame's
@@ -109,15 +110,17 @@ class RtpCounter:
         self.packets_lost += gap
         self.bytes += len(data)
         if timestamp != self.timestamp:
-            missing = 0
+            head_lost = gap > 0
             if self.timestamp is not None:
-                if not self.closed:  # its marker never came: its tail, with the marker, may be what the gap lost
+                if not self.closed:  # its marker never came: the gap is put down to its tail, marker included
                     self.damaged = self.damaged or gap > 0
                     self._close()
+                    head_lost = False
                 missing = frames_missing(self.timestamp, timestamp, self.fps)
                 self.frames_lost += missing
+                head_lost = head_lost and not missing  # else the gap is put down to the frames missing
             self.timestamp, self.closed = timestamp, False
-            self.damaged = gap > 0 and missing == 0  # the very next frame: what was lost was its head
+            self.damaged = head_lost  # right after a complete frame, what was lost was this one's head
         elif gap:
             self.damaged = True
         if data[1] & RTP_MARKER and not self.closed:
@@ -129,6 +132,8 @@ class RtpCounter:
             self.frames_lost += 1
         else:
             self.frames += 1
+            if self.timestamps is not None:
+                self.timestamps.append(self.timestamp)
         self.closed = True
 
     def counts(self) -> RtpCounts:
@@ -154,11 +159,11 @@ class LightPeer:
     """One WHEP viewer counting its stream with an ``RtpCounter``. ``connect()``, then read ``counter``;
     ``close()`` ends the session."""
 
-    def __init__(self, url: str, http, fps: float) -> None:
+    def __init__(self, url: str, http, fps: float, timestamps: list[int] | None = None) -> None:
         from relay.webrtc.whepclient import WhepViewer
 
         self.viewer = WhepViewer(url, http)
-        self.counter = RtpCounter(fps)
+        self.counter = RtpCounter(fps, timestamps)
         self.first_frame_at: float | None = None  # monotonic, when its first complete frame ended
         self.reports = 0  # receiver reports sent
         self._ssrc = random.getrandbits(LIGHT_SSRC_BITS)

@@ -596,9 +596,11 @@ def search_capacity(name: str, measure: Callable[[int], dict], args, split: Spli
         )
         if n is None:
             break
-        point = points[n] = measure(n)
+        point = points[n] = base if n == 1 else measure(n)  # the baseline is the 1-viewer point
         v = tried[n] = capacity.verdict(point, base_p95, args.fps)
-        point["search"] = "carried" if v.carried else "not carried: " + "; ".join(v.reasons)
+        point["search"] = ("1-viewer baseline, " if n == 1 else "") + (
+            "carried" if v.carried else "not carried: " + "; ".join(v.reasons)
+        )
         print(f"{name}: {n} viewers {point['search']}", flush=True)
     r = capacity.result(tried, len(split.system))
     best = points.get(r.viewers)
