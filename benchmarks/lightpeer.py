@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import random
+import struct
 import time
 from dataclasses import asdict, dataclass
 
@@ -42,6 +43,7 @@ RTCP_SECOND_BYTE = range(192, 224)  # RFC 5761: RTCP packet types 192-223, never
 SEQUENCE_HALF = 0x8000  # a sequence number this far or more behind the next expected is late, not ahead
 REPORT_INTERVAL = 1.0  # seconds between receiver reports, randomised over 0.5-1.5 times it as aiortc does
 LIGHT_SSRC_BITS = 32
+_HEADER = struct.Struct("!BBHII")  # the fixed header's first and second bytes, sequence, timestamp, SSRC
 
 
 @dataclass(frozen=True)
@@ -88,14 +90,14 @@ class RtpCounter:
 
     def take(self, data: bytes) -> bool:
         """Count ``data`` if it is an RTP packet (True); anything else (STUN, DTLS, RTCP) is not ours (False)."""
-        if not data or data[0] not in RTP_FIRST_BYTE or (len(data) > 1 and data[1] in RTCP_SECOND_BYTE):
-            return False
         if len(data) < RTP_HEADER:
+            if not data or data[0] not in RTP_FIRST_BYTE or (len(data) > 1 and data[1] in RTCP_SECOND_BYTE):
+                return False
             self.malformed += 1
             return True
-        ssrc = int.from_bytes(data[8:12], "big")
-        sequence = data[2] << 8 | data[3]
-        timestamp = int.from_bytes(data[4:8], "big")
+        first, second, sequence, timestamp, ssrc = _HEADER.unpack_from(data)
+        if not 128 <= first < 192 or 192 <= second < 224:  # RTP_FIRST_BYTE, RTCP_SECOND_BYTE
+            return False
         if self.ssrc is None:
             self.ssrc, self.next_sequence = ssrc, sequence
         elif ssrc != self.ssrc:
@@ -123,7 +125,7 @@ class RtpCounter:
             self.damaged = head_lost  # right after a complete frame, what was lost was this one's head
         elif gap:
             self.damaged = True
-        if data[1] & RTP_MARKER and not self.closed:
+        if second & RTP_MARKER and not self.closed:
             self._close()
         return True
 

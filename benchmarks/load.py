@@ -371,6 +371,8 @@ def summarise(
             and min(probe_fps) >= PROBES_KEEP_UP * fps
         ),
         "gave_out": fps_median < FPS_GAVE_OUT * fps,
+        # Pinned: the system's own cores full (it, not the generator, is the limit there).
+        **({} if split is None else {"system_saturated": relay_cpu > GENERATOR_SATURATED * 100 * len(split.system)}),
         "errors": sorted({r["error"] for r in peer_results if r["error"]}),
     }
 
@@ -531,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
         for what, n in (("--search-start", args.search_start), ("--search-max", args.search_max)):
             if n < 1:
                 ap.error(f"{what}: {n} viewers; at least 1")
+        if args.target and not args.target_pid:
+            ap.error("--pin with --target needs --target-pid: the target's processes are pinned by it")
         os.sched_setaffinity(0, split.generator)  # this process (no thread yet) and the peers' workers it spawns
         print(
             f"pinned: the system under test (all its processes) on CPUs {_cpus(split.system)},"
@@ -612,6 +616,7 @@ def search_capacity(name: str, measure: Callable[[int], dict], args, split: Spli
         "why": list(r.why),
         "base_p95_ms": base_p95,
         "at_best": None if best is None else _headline(best),
+        "at_first_failure": None if r.first_failure is None else _headline(points[r.first_failure]),
         "system_cores": list(split.system),
         "generator_cores": list(split.generator),
         "criteria": {
@@ -628,6 +633,8 @@ def search_capacity(name: str, measure: Callable[[int], dict], args, split: Spli
 
 def _headline(p: dict) -> dict:
     """A point's figures the viewers-per-core summary quotes."""
+    if "fps" not in p:
+        return {"peers": p["peers"], "errors": p.get("errors", [])}
     return {
         "peers": p["peers"], "fps_median": p["fps"]["median"], "lost_pct": p["lost_pct"],
         "p95_ms": p["latency_ms"]["p95"], "relay_cpu_pct": p["relay_cpu_pct"],
@@ -652,6 +659,11 @@ def capacity_markdown(found: dict[str, dict]) -> str:
         )
         first = "none up to the search's end" if c["first_not_carried"] is None else str(c["first_not_carried"])
         why = f"{first}: {'; '.join(c['why'])}" if c["why"] else first
+        failed = c.get("at_first_failure") or {}
+        if "relay_cpu_pct" in failed:
+            why += (
+                f" (CPU % of a core: system {_f(failed['relay_cpu_pct'])}, generator {_f(failed['generator_cpu_pct'])})"
+            )
         rows.append(
             f"| {name} | {'≥ ' if c['at_least'] else ''}{c['viewers_per_core']:g} |"
             f" {_cpus(c['system_cores'])} ({_cpus(c['generator_cores'])}) | {_f(c['base_p95_ms'])} | {at} | {why} |"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import itertools
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from aioice import Connection
 
 from benchmarks import borrowed as bench_borrowed
 from benchmarks.lightpeer import LightPeer, ReportFigures, RtpCounter, RtpCounts
+from benchmarks.peers import frames_missing
 from relay.webrtc import borrowed
 
 from .conftest import TEST_FPS
@@ -180,20 +182,20 @@ async def _until(condition, what: str, timeout: float = 20.0) -> None:
         await asyncio.sleep(0.02)
 
 
-def _contiguous_run(encoded: list[int], received: list[int]) -> bool:
-    """``received`` (RTP timestamps, a random origin added) are, in order, a run of ``encoded`` frames (pts)
-    with none left out: the same steps from one frame to the next."""
+def _run_of(encoded: list[int], received: list[int]) -> int | None:
+    """Where ``received`` (RTP timestamps, a random origin added) are, in order, a run of the ``encoded`` frames
+    (their pts) with none left out: the index of the first, or None."""
     steps = [(t - received[0]) % 2**32 for t in received]
-    return any(
-        [(p - encoded[k]) % 2**32 for p in encoded[k : k + len(received)]] == steps
-        for k in range(len(encoded) - len(received) + 1)
-    )
+    for k in range(len(encoded) - len(received) + 1):
+        if [(p - encoded[k]) % 2**32 for p in encoded[k : k + len(received)]] == steps:
+            return k
+    return None
 
 
 async def test_light_peers_count_every_frame_the_relay_encodes_from_the_headers_alone(relay_server, http):
     """Three light peers on a real relay: each counts, from RTP headers it never decrypts, exactly the run of
-    frames the relay encoded while it watched (matched by their timestamps), loses none on loopback, sends
-    receiver reports, and stays a connected viewer in the relay's API."""
+    frames the relay encoded while it watched (matched by their timestamps), loses none on loopback (what it
+    counts lost are the source's own gaps), sends receiver reports, and stays a connected viewer in the API."""
     stream = relay_server.relay.streams["cam0"]
     tap = stream.hub.subscribe("test-tap", max_frames=10_000)  # every frame encoded from now on
     stamps: list[list[int]] = [[], [], []]
@@ -213,6 +215,11 @@ async def test_light_peers_count_every_frame_the_relay_encodes_from_the_headers_
         tap.close()
     assert cam["viewers_connected"] == 3
     for c, s in zip(counted, stamps, strict=True):
-        assert (c.frames_lost, c.packets_lost, c.late, c.foreign, c.malformed) == (0, 0, 0, 0, 0), c
+        assert (c.packets_lost, c.late, c.foreign, c.malformed) == (0, 0, 0, 0), c
         assert c.frames <= cam["frames_encoded"]
-        assert _contiguous_run(encoded, s[: c.frames]), "the frames counted are not the frames encoded"
+        k = _run_of(encoded, s[: c.frames])
+        assert k is not None, "the frames counted are not a run of the frames encoded"
+        # Frames lost: none on the way; only gaps in the source's own time (a test pattern that fell behind on a
+        # busy machine skips frames), which the relay never had to send.
+        run = encoded[k : k + c.frames]
+        assert c.frames_lost == sum(frames_missing(a, b, TEST_FPS) for a, b in itertools.pairwise(run)), c
