@@ -68,7 +68,7 @@ async def test_the_system_and_the_peers_workers_run_where_the_pin_says(spawn):
             assert _threads_cores(proc) == {split.system}, proc
         placed = pin_tree(tree, split.system)
         assert [p["cores"] for p in placed] == [list(split.system)] * len(tree)
-        plan = PeerPlan("webrtc-rtp", system.url, 2, False, 0.5, 15, cores=split.generator)
+        plan = PeerPlan("webrtc-rtp", system.url, 2, False, 2.0, 15, cores=split.generator)
         procs.append(spawn.Process(target=run_worker, args=(plan, ready, go, results), daemon=True))
         procs[0].start()
         assert (await asyncio.to_thread(ready.get, True, 60))[0] == "ready"
