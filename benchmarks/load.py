@@ -530,9 +530,12 @@ def main(argv: list[str] | None = None) -> int:
             split = split_cores(args.system_cores, args.generator_cores)
         except ValueError as exc:
             ap.error(str(exc))
-        for what, n in (("--search-start", args.search_start), ("--search-max", args.search_max)):
+        for what, n in (
+            ("--search-start", args.search_start), ("--search-max", args.search_max),
+            ("--search-points", args.search_points),
+        ):  # fmt: skip
             if n < 1:
-                ap.error(f"{what}: {n} viewers; at least 1")
+                ap.error(f"{what}: {n}; at least 1")
         if args.target and not args.target_pid:
             ap.error("--pin with --target needs --target-pid: the target's processes are pinned by it")
         os.sched_setaffinity(0, split.generator)  # this process (no thread yet) and the peers' workers it spawns
@@ -688,7 +691,11 @@ def report(
     """Write ``<out>.json``, ``<out>.md`` and the plots, and print the table (``found``: viewers per core)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     slopes = {
-        name: {"all": per_viewer_cpu(points), "serving": per_viewer_cpu(points, "serving_cpu_pct")}
+        name: {
+            "all": per_viewer_cpu(points),
+            "serving": per_viewer_cpu(points, "serving_cpu_pct"),
+            "generator": per_viewer_cpu(points, "generator_cpu_pct"),
+        }
         for name, points in runs.items()
     }
     data = {"meta": meta, "per_viewer_cpu_pct": slopes, "runs": runs, **({"capacity": found} if found else {})}
@@ -696,7 +703,8 @@ def report(
     table = markdown(runs)
     slope_lines = "\n".join(
         f"- {n}: {_f(s['serving'], 2)} % of a core per added viewer in the serving process,"
-        f" {_f(s['all'], 2)} % in all its processes (points before saturation)"
+        f" {_f(s['all'], 2)} % in all its processes (points before saturation); the load generator"
+        f" {_f(s['generator'], 2)} % per viewer it added"
         for n, s in slopes.items()
     )
     head = f"{meta['command']}\n\n{meta['date']}, {meta['machine']}\n\n{mode_line(meta)}"
