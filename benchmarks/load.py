@@ -24,11 +24,26 @@ is not pushed to larger points. A point where the load generator and the
 system together use more than 85 % of all cores is flagged: its numbers
 describe the machine, not the relay.
 
+``--pin`` runs each system on its own cores and the load generator on the
+others (``os.sched_setaffinity``; by default the first half of the CPUs for
+the system, on 2 cores CPU 0, and the rest for the generator): the system's
+every process and thread (camrelay's relay, camera worker and mediamtx;
+mediamtx's own process and the camrelay feeding it) and the peers' worker
+processes. Its light peers count RTP headers without decrypting
+(benchmarks/lightpeer.py), so one core of generator holds hundreds; the
+probes still decode. Without ``--peers`` it searches for each system's
+viewers per core (benchmarks/capacity.py): the most viewers with the median
+viewer at 29 of 30 fps, under 0.5 % of frames lost and p95 latency at most
+1.15 times the system's 1-viewer p95, doubling from ``--search-start`` then
+bisecting. With ``--peers`` it sweeps those points pinned. The report says
+which mode every figure came from.
+
 Writes ``<out>.json``, ``<out>.md`` and ``<out>-latency.png`` / ``<out>-cpu.png``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -44,8 +59,10 @@ from urllib.parse import urlsplit
 
 import psutil
 
+from benchmarks import capacity
 from benchmarks.options import add_stream_options, benchmark_parser, run_facts
 from benchmarks.peers import PEERS_PER_WORKER, PeerPlan, percentile, run_worker
+from benchmarks.pinning import Split, pin_tree, split_cores, thread_on
 from benchmarks.ports import free_port
 from benchmarks.resources import cpu_of, process_tree, rss_sum
 
@@ -64,6 +81,10 @@ PROBES_KEEP_UP = 0.95  # ... the probes get at least this share: the generator, 
 FPS_GAVE_OUT = 0.5  # median fps under this share of the source's: the system is past its limit
 START_TIMEOUT = 30.0  # seconds for a system to come up with frames flowing
 READY_TIMEOUT = 120.0  # seconds for one worker's peers to connect
+# Header-counting light peers per worker process (--pin): a few thousand datagrams a second each on one event
+# loop; fewer processes keep the generator's cores for the peers rather than for interpreters.
+LIGHT_PEERS_PER_WORKER = 50
+UNPINNED, PINNED = "unpinned", "pinned"  # each point's and run's mode
 
 
 @dataclass
@@ -211,18 +232,26 @@ def run_point(
     duration: float,
     fps: float,
     light_nice: int = 0,
+    split: Split | None = None,
 ) -> dict:
+    """One sweep point; with ``split``, the system re-pinned to its cores (and read back) and the peers' workers
+    on the generator's, its light peers counting RTP headers."""
     ctx = mp.get_context("spawn")
     ready, results, start = ctx.Queue(), ctx.Queue(), ctx.Event()
     probes = min(probes, peers)
     light = peers - probes
-    per_worker = PEERS_PER_WORKER if system.kind == "webrtc" else 2 * PEERS_PER_WORKER
+    kind, per_worker = system.kind, PEERS_PER_WORKER if system.kind == "webrtc" else 2 * PEERS_PER_WORKER
+    cores: tuple[int, ...] = ()
+    if split is not None:
+        cores = split.generator
+        if system.kind == "webrtc":
+            kind, per_worker = "webrtc-rtp", LIGHT_PEERS_PER_WORKER
     plans = [
-        PeerPlan(system.kind, system.url, min(per_worker, light - i), False, duration, fps, light_nice)
+        PeerPlan(kind, system.url, min(per_worker, light - i), False, duration, fps, light_nice, cores=cores)
         for i in range(0, light, per_worker)
     ]
-    if probes:
-        plans.append(PeerPlan(system.kind, system.url, probes, True, duration, fps))  # last in the fan-out
+    if probes:  # last in the fan-out
+        plans.append(PeerPlan(system.kind, system.url, probes, True, duration, fps, cores=cores))
     procs, errors = [], []
     for plan in plans:
         p = ctx.Process(target=run_worker, args=(plan, ready, start, results), daemon=True)
@@ -246,6 +275,7 @@ def run_point(
     workers = [psutil.Process(p.pid) for p in procs]
     serving, source = system.serving(), system.source()
     everything = serving + source
+    placed = pin_tree(everything, split.system) if split is not None else None
     for proc in [*everything, *workers]:
         proc.cpu_percent(None)
     t0 = time.monotonic()
@@ -260,8 +290,11 @@ def run_point(
     peer_results = [r for _ in procs for r in results.get(timeout=60)]
     for p in procs:
         p.join(30)
-    point = summarise(peers, probes, peer_results, serving_cpu, source_cpu, gen_cpu, rss, duration, fps)
+    point = summarise(peers, probes, peer_results, serving_cpu, source_cpu, gen_cpu, rss, duration, fps, split)
     point["relay_send_delay_ms"] = inside
+    if placed is not None:
+        point["system_processes"] = placed  # each with its CPUs as read back
+        point["generator_workers_cores"] = sorted({c for r in peer_results for c in r.get("cores", [])})
     return point
 
 
@@ -289,8 +322,9 @@ def summarise(
     rss: list[int],
     duration: float,
     fps: float,
+    split: Split | None = None,
 ) -> dict:
-    """One sweep point from every peer's result."""
+    """One sweep point from every peer's result; ``split``: pinned, each side judged against its own cores."""
     got = [r["fps"] for r in peer_results]
     light_fps = [r["fps"] for r in peer_results if not r["probe"]]
     probe_fps = [r["fps"] for r in peer_results if r["probe"]]
@@ -301,9 +335,15 @@ def summarise(
     relay_cpu = serving_cpu + source_cpu
     cores = psutil.cpu_count()
     fps_median = statistics.median(got) if got else 0.0
+    if split is None:
+        machine_full = gen_cpu + relay_cpu > GENERATOR_SATURATED * 100 * cores
+    else:
+        machine_full = gen_cpu > GENERATOR_SATURATED * 100 * len(split.generator)
     return {
         "peers": peers,
         "probes": probes,
+        "mode": UNPINNED if split is None else PINNED,
+        **({} if split is None else {"system_cores": list(split.system), "generator_cores": list(split.generator)}),
         "latency_ms": {
             "p50": percentile(lat, 50),
             "p95": percentile(lat, 95),
@@ -313,6 +353,7 @@ def summarise(
         "fps": {"min": min(got) if got else 0.0, "median": fps_median},
         "frames": frames,
         "frames_lost": lost,
+        "packets_lost": sum(r.get("packets_lost", 0) for r in peer_results),
         "lost_pct": 100 * lost / (frames + lost) if frames + lost else 0.0,
         "first_frame_ms": {"p50": percentile(ttff, 50), "max": max(ttff) if ttff else None},
         "relay_cpu_pct": relay_cpu,  # every process of the system, % of one core
@@ -320,9 +361,9 @@ def summarise(
         "relay_rss_mb": max(rss) / 2**20 if rss else None,
         "egress_mbps": sum(r["bytes"] for r in peer_results) * 8 / duration / 1e6,
         "generator_cpu_pct": gen_cpu,
-        # The machine is the limit: busy cores, or light peers (lower priority) falling
-        # behind while the probes (the measurement) still get every frame.
-        "generator_saturated": gen_cpu + relay_cpu > GENERATOR_SATURATED * 100 * cores
+        # The machine is the limit: busy cores (pinned: the generator's), or light peers (lower
+        # priority) falling behind while the probes (the measurement) still get every frame.
+        "generator_saturated": machine_full
         or (
             bool(light_fps)
             and statistics.median(light_fps) < LIGHT_BEHIND * fps
@@ -330,6 +371,8 @@ def summarise(
             and min(probe_fps) >= PROBES_KEEP_UP * fps
         ),
         "gave_out": fps_median < FPS_GAVE_OUT * fps,
+        # Pinned: the system's own cores full (it, not the generator, is the limit there).
+        **({} if split is None else {"system_saturated": relay_cpu > GENERATOR_SATURATED * 100 * len(split.system)}),
         "errors": sorted({r["error"] for r in peer_results if r["error"]}),
     }
 
@@ -444,7 +487,9 @@ def plot(runs: dict[str, list[dict]], out: Path, title: str) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = benchmark_parser("python -m benchmarks.load", __doc__)
-    ap.add_argument("--peers", default="1,5,10,20,30,50,100", help="comma-separated sweep of viewer counts")
+    ap.add_argument(
+        "--peers", help="comma-separated sweep of viewer counts (default 1,5,10,20,30,50,100; with --pin: search)"
+    )
     ap.add_argument("--probes", type=int, default=2, help="decoding peers that read the pixel clock, per point")
     ap.add_argument("--duration", type=float, default=15.0, help="seconds measured per point")
     add_stream_options(ap)
@@ -457,32 +502,73 @@ def main(argv: list[str] | None = None) -> int:
         "--light-nice", type=int, default=10, metavar="N",
         help="niceness of the light peers' processes (default 10): probes, which measure, get the CPU first",
     )  # fmt: skip
+    pin = ap.add_argument_group("pinned (--pin)")
+    pin.add_argument("--pin", action="store_true", help="the system on its cores, the load generator on the others")
+    pin.add_argument("--system-cores", default="", metavar="CPUS", help="e.g. 0 or 0-1 (default: the first half)")
+    pin.add_argument("--generator-cores", default="", metavar="CPUS", help="e.g. 1 or 2-3 (default: the rest)")
+    pin.add_argument("--search-start", type=int, default=capacity.START, metavar="N", help="first point after 1 viewer")
+    pin.add_argument("--search-max", type=int, default=capacity.CEILING, metavar="N", help="the search goes no higher")
+    pin.add_argument(
+        "--search-points", type=int, default=capacity.MAX_POINTS, metavar="N", help="points after 1 viewer"
+    )
     ap.add_argument("--out", default="load", help="path prefix for the .json, .md and .png outputs")
     ap.add_argument("--no-plots", dest="plots", action="store_false")
     ap.add_argument("--from-json", metavar="PATH", help="measure nothing: redo the table and plots of an earlier run")
     args = ap.parse_args(argv)
     if args.from_json:
         earlier = json.loads(Path(args.from_json).read_text())
-        report(earlier["runs"], earlier["meta"], Path(args.out), args.plots)
+        report(earlier["runs"], earlier["meta"], Path(args.out), args.plots, earlier.get("capacity"))
         return 0
 
-    sweep = [int(x) for x in args.peers.split(",")]
     names = ["target"] if args.target else [s.strip() for s in args.systems.split(",") if s.strip()]
     for n in names:
         if n not in (*SYSTEMS, "target"):
             ap.error(f"--systems: unknown system {n!r}; choose from {', '.join(SYSTEMS)}")
+    split = None
+    if args.pin:
+        try:
+            split = split_cores(args.system_cores, args.generator_cores)
+        except ValueError as exc:
+            ap.error(str(exc))
+        for what, n in (
+            ("--search-start", args.search_start), ("--search-max", args.search_max),
+            ("--search-points", args.search_points),
+        ):  # fmt: skip
+            if n < 1:
+                ap.error(f"{what}: {n}; at least 1")
+        if args.target and not args.target_pid:
+            ap.error("--pin with --target needs --target-pid: the target's processes are pinned by it")
+        os.sched_setaffinity(0, split.generator)  # this process (no thread yet) and the peers' workers it spawns
+        print(
+            f"pinned: the system under test (all its processes) on CPUs {_cpus(split.system)},"
+            f" the load generator (peer workers) on CPUs {_cpus(split.generator)}",
+            flush=True,
+        )
+    search = args.pin and args.peers is None
+    sweep = [int(x) for x in (args.peers or "1,5,10,20,30,50,100").split(",")]
     runs: dict[str, list[dict]] = {}
+    found: dict[str, dict] = {}
     for name in names:
         system = target_system(args.target, args.target_pid) if args.target else None
-        system = system or start_system(name, args.size, args.fps, args.bitrate)
+        if system is None:
+            with thread_on(split.system) if split else contextlib.nullcontext():
+                system = start_system(name, args.size, args.fps, args.bitrate)
         runs[name] = []
+
+        def measure(n: int, name: str = name, system: System = system) -> dict:
+            point = run_point(system, n, args.probes, args.duration, args.fps, args.light_nice, split)
+            point["system"] = name
+            print(json.dumps(point), flush=True)
+            runs[name].append(point)
+            return point
+
         try:
+            if search:
+                found[name] = search_capacity(name, measure, args, split)
+                runs[name].sort(key=lambda p: p["peers"])
+                continue
             for n in sweep:
-                point = run_point(system, n, args.probes, args.duration, args.fps, args.light_nice)
-                point["system"] = name
-                print(json.dumps(point), flush=True)
-                runs[name].append(point)
-                if point["gave_out"]:
+                if measure(n)["gave_out"]:
                     print(f"{name}: gave out at {n} viewers; larger points skipped", flush=True)
                     break
         finally:
@@ -493,32 +579,147 @@ def main(argv: list[str] | None = None) -> int:
         "size": args.size, "fps": args.fps, "bitrate": args.bitrate, "probes": args.probes,
         "duration": args.duration, "cpu_count": os.cpu_count(),
         "light_nice": args.light_nice,
+        "mode": UNPINNED if split is None else PINNED,
+        **({} if split is None else {"system_cores": list(split.system), "generator_cores": list(split.generator)}),
     }  # fmt: skip
-    report(runs, meta, Path(args.out), args.plots)
+    report(runs, meta, Path(args.out), args.plots, found or None)
     return 0
 
 
-def report(runs: dict[str, list[dict]], meta: dict, out: Path, plots: bool = True) -> None:
-    """Write ``<out>.json``, ``<out>.md`` and the plots, and print the table."""
+def _cpus(cores) -> str:
+    return ",".join(str(c) for c in cores)
+
+
+def search_capacity(name: str, measure: Callable[[int], dict], args, split: Split) -> dict:
+    """Viewers per core for one system (benchmarks/capacity.py): its 1-viewer point, then the search."""
+    base = measure(1)
+    base_p95 = base.get("latency_ms", {}).get("p95")
+    base["search"] = "1-viewer baseline"
+    tried: dict[int, capacity.Verdict] = {}
+    points: dict[int, dict] = {}
+    while True:
+        n = capacity.next_viewers(
+            {k: v.carried for k, v in tried.items()}, args.search_start, args.search_max, args.search_points
+        )
+        if n is None:
+            break
+        point = points[n] = base if n == 1 else measure(n)  # the baseline is the 1-viewer point
+        v = tried[n] = capacity.verdict(point, base_p95, args.fps)
+        point["search"] = ("1-viewer baseline, " if n == 1 else "") + (
+            "carried" if v.carried else "not carried: " + "; ".join(v.reasons)
+        )
+        print(f"{name}: {n} viewers {point['search']}", flush=True)
+    r = capacity.result(tried, len(split.system))
+    best = points.get(r.viewers)
+    summary = {
+        "viewers_per_core": r.per_core,
+        "viewers": r.viewers,
+        "at_least": r.at_least,
+        "first_not_carried": r.first_failure,
+        "why": list(r.why),
+        "base_p95_ms": base_p95,
+        "at_best": None if best is None else _headline(best),
+        "at_first_failure": None if r.first_failure is None else _headline(points[r.first_failure]),
+        "system_cores": list(split.system),
+        "generator_cores": list(split.generator),
+        "criteria": {
+            "min_median_fps": args.fps - capacity.FPS_SLACK,
+            "max_lost_pct": capacity.MAX_LOST_PCT,
+            "max_p95_ratio": capacity.MAX_P95_RATIO,
+        },
+        "points": sorted(tried),
+    }
+    more = "at least " if r.at_least else ""
+    print(f"{name}: {more}{r.per_core:g} viewers per core ({r.viewers} on CPUs {_cpus(split.system)})", flush=True)
+    return summary
+
+
+def _headline(p: dict) -> dict:
+    """A point's figures the viewers-per-core summary quotes."""
+    if "fps" not in p:
+        return {"peers": p["peers"], "errors": p.get("errors", [])}
+    return {
+        "peers": p["peers"], "fps_median": p["fps"]["median"], "lost_pct": p["lost_pct"],
+        "p95_ms": p["latency_ms"]["p95"], "relay_cpu_pct": p["relay_cpu_pct"],
+        "generator_cpu_pct": p["generator_cpu_pct"],
+    }  # fmt: skip
+
+
+def capacity_markdown(found: dict[str, dict]) -> str:
+    """The viewers-per-core table of a pinned search."""
+    rows = [
+        "| system | viewers per core | on CPUs (generator on) | 1-viewer p95 (ms) | at the most carried:"
+        " fps median / lost (%) / p95 (ms) / system CPU (% core) | first not carried, why |",
+        "| --- | ---: | --- | ---: | --- | --- |",
+    ]
+    for name, c in found.items():
+        best = c["at_best"]
+        at = (
+            "—"
+            if best is None
+            else f"{best['peers']}: {_f(best['fps_median'], 1)} / {_f(best['lost_pct'], 2)} / {_f(best['p95_ms'])}"
+            f" / {_f(best['relay_cpu_pct'])}"
+        )
+        first = "none up to the search's end" if c["first_not_carried"] is None else str(c["first_not_carried"])
+        why = f"{first}: {'; '.join(c['why'])}" if c["why"] else first
+        failed = c.get("at_first_failure") or {}
+        if "relay_cpu_pct" in failed:
+            why += (
+                f" (CPU % of a core: system {_f(failed['relay_cpu_pct'])}, generator {_f(failed['generator_cpu_pct'])})"
+            )
+        rows.append(
+            f"| {name} | {'≥ ' if c['at_least'] else ''}{c['viewers_per_core']:g} |"
+            f" {_cpus(c['system_cores'])} ({_cpus(c['generator_cores'])}) | {_f(c['base_p95_ms'])} | {at} | {why} |"
+        )
+    return "\n".join(rows)
+
+
+def mode_line(meta: dict) -> str:
+    """Which mode the report's figures came from."""
+    if meta.get("mode") == PINNED:
+        return (
+            f"Mode: pinned. The system under test (all its processes) on CPUs {_cpus(meta['system_cores'])}, the load"
+            f" generator (peer workers) on CPUs {_cpus(meta['generator_cores'])}; light peers count RTP headers"
+            " (benchmarks/lightpeer.py), probes decode."
+        )
+    return "Mode: unpinned sweep. The system and the load generator share every core."
+
+
+def report(
+    runs: dict[str, list[dict]], meta: dict, out: Path, plots: bool = True, found: dict[str, dict] | None = None
+) -> None:
+    """Write ``<out>.json``, ``<out>.md`` and the plots, and print the table (``found``: viewers per core)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     slopes = {
-        name: {"all": per_viewer_cpu(points), "serving": per_viewer_cpu(points, "serving_cpu_pct")}
+        name: {
+            "all": per_viewer_cpu(points),
+            "serving": per_viewer_cpu(points, "serving_cpu_pct"),
+            "generator": per_viewer_cpu(points, "generator_cpu_pct"),
+        }
         for name, points in runs.items()
     }
-    _write(out.with_suffix(".json"), json.dumps({"meta": meta, "per_viewer_cpu_pct": slopes, "runs": runs}, indent=2))
+    data = {"meta": meta, "per_viewer_cpu_pct": slopes, "runs": runs, **({"capacity": found} if found else {})}
+    _write(out.with_suffix(".json"), json.dumps(data, indent=2))
     table = markdown(runs)
     slope_lines = "\n".join(
         f"- {n}: {_f(s['serving'], 2)} % of a core per added viewer in the serving process,"
-        f" {_f(s['all'], 2)} % in all its processes (points before saturation)"
+        f" {_f(s['all'], 2)} % in all its processes (points before saturation); the load generator"
+        f" {_f(s['generator'], 2)} % per viewer it added"
         for n, s in slopes.items()
     )
-    head = f"{meta['command']}\n\n{meta['date']}, {meta['machine']}"
-    _write(out.with_suffix(".md"), f"{head}\n\n{table}\n\n{slope_lines}\n")
+    head = f"{meta['command']}\n\n{meta['date']}, {meta['machine']}\n\n{mode_line(meta)}"
+    per_core = f"Viewers per core:\n\n{capacity_markdown(found)}\n\n" if found else ""
+    _write(out.with_suffix(".md"), f"{head}\n\n{per_core}{table}\n\n{slope_lines}\n")
     if plots:
         title = f"{meta['size']} {meta['fps']:g} fps {meta['bitrate']}bit/s, {meta['cpu_count']} cores, {meta['date']}"
+        if meta.get("mode") == PINNED:
+            title += f", pinned {_cpus(meta['system_cores'])} | {_cpus(meta['generator_cores'])}"
         for path in plot(runs, out, title):
             print(f"plot: {path}")
     print()
+    print(mode_line(meta))
+    if found:
+        print(capacity_markdown(found))
     print(table)
     print(slope_lines)
 

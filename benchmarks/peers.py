@@ -2,10 +2,12 @@
 
 Two kinds, both reporting the same ``PeerResult``:
 
-- WebRTC (WHEP) peers built on aiortc. Light peers complete ICE, DTLS and
-  SRTP and reassemble every frame, but a stand-in decoder only counts it, so a
-  small machine can host many. Probe peers decode every frame and read the
-  pixel clock (shared/spec/test-pattern.md) for glass-to-glass latency.
+- WebRTC (WHEP) peers built on aiortc. Light peers (``webrtc``) complete ICE,
+  DTLS and SRTP and reassemble every frame, but a stand-in decoder only counts
+  it. Lighter ones (``webrtc-rtp``, ``benchmarks/lightpeer.py``) count frames
+  and losses from the RTP headers and decrypt no media: one core holds
+  hundreds. Probe peers decode every frame and read the pixel clock
+  (shared/spec/test-pattern.md) for glass-to-glass latency.
 - MJPEG-over-HTTP peers. Light ones read every JPEG; probes also decode each
   one and read its pixel clock.
 
@@ -41,13 +43,15 @@ class PeerResult:
     first_frame_ms: float | None = None  # from connected to the first complete frame
     latencies_ms: list[float] = field(default_factory=list)
     error: str = ""
+    packets_lost: int = 0  # sequence gaps (light peers only)
+    cores: list[int] = field(default_factory=list)  # the CPUs its worker process ran on, as read back
 
 
 @dataclass(frozen=True)
 class PeerPlan:
     """One worker process's share of a sweep point."""
 
-    kind: str  # "webrtc", "webrtc-rtp" (light peers counting at SRTP, no reassembly) or "mjpeg"
+    kind: str  # "webrtc", "webrtc-rtp" (light peers counting RTP headers, benchmarks/lightpeer.py) or "mjpeg"
     url: str
     count: int
     probe: bool
@@ -55,6 +59,7 @@ class PeerPlan:
     fps: float  # the source's rate, to count MJPEG frames that never arrived
     light_nice: int = 0  # niceness of light peers' processes (0: same priority as probes)
     urls: tuple[str, ...] = ()  # WebRTC: one peer for each (streams of a relay with many); else count on url
+    cores: tuple[int, ...] = ()  # the CPUs this worker runs on (os.sched_setaffinity); () leaves it as inherited
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -83,6 +88,8 @@ def percentile(values: list[float], p: float) -> float | None:
 
 def run_worker(plan: PeerPlan, ready: mp.Queue, start: mp.Event, results: mp.Queue) -> None:
     """Entry point of a worker process: connect, report ready, measure once ``start`` is set."""
+    if plan.cores:
+        os.sched_setaffinity(0, plan.cores)  # before any thread starts: they all inherit it
     if not plan.probe and plan.light_nice:
         # Light peers are the load; probes are the measurement. Every peer wakes at
         # the same instant (a frame arrives for all), and a probe queued behind 30
@@ -92,13 +99,16 @@ def run_worker(plan: PeerPlan, ready: mp.Queue, start: mp.Event, results: mp.Que
         if plan.kind == "webrtc":
             out = asyncio.run(_webrtc_peers(plan, ready, start))
         elif plan.kind == "webrtc-rtp":
-            out = asyncio.run(_rtp_counting_peers(plan, ready, start))
+            from benchmarks.lightpeer import light_peers
+
+            out = asyncio.run(light_peers(plan, ready, start))
         else:
             out = asyncio.run(_mjpeg_peers(plan, ready, start))
     except Exception as exc:  # report, never hang the parent
         ready.put(("error", f"{type(exc).__name__}: {exc}"))
         out = [asdict(PeerResult(plan.probe, error=f"{type(exc).__name__}: {exc}"))]
-    results.put(out)
+    cores = sorted(os.sched_getaffinity(0))
+    results.put([{**r, "cores": cores} for r in out])
 
 
 # -- WebRTC -------------------------------------------------------------------
@@ -199,81 +209,6 @@ async def _webrtc_peers(plan: PeerPlan, ready: mp.Queue, start: mp.Event) -> lis
         # One decoder per viewer, made in connection order.
         for r, d, b in zip(results, decoders, bytes_before, strict=False):
             r.bytes = d.bytes - b
-        await asyncio.gather(*(v.close() for v in viewers))
-        return [asdict(r) for r in results]
-
-
-# -- WebRTC, counted at SRTP ---------------------------------------------------
-
-RTP_HEADER = 12  # bytes: the fixed RTP header
-RTP_MARKER = 0x80  # in the header's second byte
-
-
-@dataclass
-class _RtpCount:
-    """One peer's frames, counted from the RTP headers its transport decrypted."""
-
-    result: PeerResult
-    fps: float
-    frames_before: int = 0  # frames before the measurement: the peer is receiving
-    last_ts: int | None = None
-
-    def packet(self, data: bytes, measuring: bool) -> None:
-        if measuring:
-            self.result.bytes += len(data)
-        if len(data) < RTP_HEADER or not data[1] & RTP_MARKER:  # a frame's last packet carries the marker
-            return
-        ts = int.from_bytes(data[4:8], "big")
-        if not measuring:
-            self.frames_before += 1
-        else:
-            self.result.frames += 1
-            if self.last_ts is not None:
-                self.result.lost += frames_missing(self.last_ts, ts, self.fps)
-        self.last_ts = ts
-
-
-async def _rtp_counting_peers(plan: PeerPlan, ready: mp.Queue, start: mp.Event) -> list[dict]:
-    """The lightest real WebRTC peers: ICE, DTLS and SRTP as any viewer, then each counts frames (RTP marker
-    bits) and frames missing (gaps in RTP time) from the decrypted headers, before aiortc parses a packet.
-    Nothing is reassembled, no NACK or PLI is sent: a relay that needs them to deliver is not tested here."""
-    import aiohttp
-
-    from relay.webrtc.borrowed import divert_decrypted_rtp, restrict_host_addresses
-    from relay.webrtc.whepclient import WhepViewer
-
-    counts: dict[int, _RtpCount] = {}
-    window = {"measuring": False}
-
-    def count(transport, data: bytes) -> None:
-        counted = counts.get(id(transport))
-        if counted is not None:
-            counted.packet(data, window["measuring"])
-
-    divert_decrypted_rtp(count)  # this process only holds light viewers
-    restrict_host_addresses(["127.0.0.1"])
-    async with aiohttp.ClientSession() as http:
-        viewers = [WhepViewer(url, http) for url in plan.targets]
-        await asyncio.gather(*(v.connect() for v in viewers))
-        results = [PeerResult(plan.probe, url) for url in plan.targets]
-        for v, r in zip(viewers, results, strict=True):
-            counts[id(v.pc.getTransceivers()[0].receiver.transport)] = _RtpCount(r, plan.fps)
-        t0 = time.monotonic()
-        while not all(c.frames_before for c in counts.values()):
-            if time.monotonic() - t0 > CONNECT_TIMEOUT:
-                raise TimeoutError(f"not every peer had a frame within {CONNECT_TIMEOUT:g} s")
-            await asyncio.sleep(0.05)
-        ready.put(("ready", len(viewers)))
-        while not start.is_set():
-            await asyncio.sleep(0.01)
-        window["measuring"], t0 = True, time.monotonic()
-        await asyncio.sleep(plan.duration)
-        window["measuring"] = False
-        elapsed = time.monotonic() - t0
-        for v, r in zip(viewers, results, strict=True):
-            r.fps = r.frames / elapsed
-            if v.pc.connectionState != "connected":
-                r.error = f"connection {v.pc.connectionState}"
         await asyncio.gather(*(v.close() for v in viewers))
         return [asdict(r) for r in results]
 

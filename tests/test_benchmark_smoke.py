@@ -1,9 +1,12 @@
 """The load benchmark runs end to end for every system (2 peers, a few seconds), so it cannot silently rot."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from benchmarks.load import SYSTEMS, markdown, per_viewer_cpu, summarise
 
@@ -59,3 +62,37 @@ def test_light_peers_behind_while_probes_keep_up_is_the_generators_limit():
     p = summarise(3, 1, peers, serving_cpu=5.0, source_cpu=40.0, gen_cpu=30.0, rss=[2**20], duration=10, fps=30)
     assert p["generator_saturated"] and not p["gave_out"]
     assert "(saturated)" in markdown({"x": [p]})
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two CPUs to split")
+@pytest.mark.timeout(180)
+def test_pinned_search_reports_viewers_per_core_for_camrelay_and_mediamtx_and_where_each_side_ran(tmp_path):
+    """--pin without --peers: for each system its 1-viewer point and a tiny search, every point pinned (the
+    system's processes and the peers' workers on the CPUs the report names, as read back), the light peers
+    counting headers, and a viewers-per-core line for each system."""
+    out = tmp_path / "pinned"
+    cmd = [sys.executable, "-m", "benchmarks.load", "--pin", "--systems", "camrelay,mediamtx", "--probes", "1",
+           "--duration", "2", "--search-start", "2", "--search-points", "1", "--size", "640x360", "--fps", "15",
+           "--bitrate", "500k", "--no-plots", "--out", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=170)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    system, generator = data["meta"]["system_cores"], data["meta"]["generator_cores"]
+    assert data["meta"]["mode"] == "pinned" and not set(system) & set(generator)
+    for name in ("camrelay", "mediamtx"):
+        points = data["runs"][name]
+        assert [p["peers"] for p in points] == [1, 2]
+        for p in points:
+            assert p["mode"] == "pinned" and p["errors"] == [] and p["frames"] > 0, (name, p)
+            assert p["generator_workers_cores"] == generator, (name, p)
+            # camrelay: the relay and its camera worker; mediamtx: it, and the camrelay (and worker) feeding it.
+            assert len(p["system_processes"]) >= 2 and {tuple(q["cores"]) for q in p["system_processes"]} == {
+                tuple(system)
+            }, (name, p)
+        found = data["capacity"][name]
+        assert found["points"] == [2] and found["system_cores"] == system, found
+        assert found["viewers_per_core"] == (found["viewers"] / len(system)), found
+    report = out.with_suffix(".md").read_text()
+    assert f"Mode: pinned. The system under test (all its processes) on CPUs {system[0]}" in report
+    assert "| camrelay |" in report.split("Viewers per core:")[1] and "| mediamtx |" in report
+    assert f"the load generator (peer workers) on CPUs {','.join(map(str, generator))}" in result.stdout

@@ -1,0 +1,102 @@
+"""Every private aiortc and aioice name the benchmarks' light peer uses (``benchmarks/lightpeer.py``), and nothing else.
+
+The light peer is an aiortc viewer that lets aiortc do ICE, DTLS and RTCP,
+but takes each RTP datagram off its socket before SRTP: RTP headers are in
+the clear in SRTP, so frames and losses can be counted without decrypting,
+parsing or reassembling anything. That needs three private names, all per peer
+connection (no process-wide patch, so a relay or a decoding probe in the same
+process is untouched):
+
+- the socket protocols of its ICE connection (``RTCIceTransport._connection``,
+  aioice's ``Connection._protocols``): their sockets are read by a reader of
+  its own, which hands what is not RTP to the protocol (``divert_rtp``);
+- the DTLS transport's ``_send_rtp``, which protects and sends the receiver
+  reports it writes itself (``send_rtcp``): aiortc's receiver only reports on
+  streams it parsed packets of, and it parses none here.
+
+``relay.webrtc.borrowed`` checks the aiortc and aioice versions on import
+(the bounds in ``pyproject.toml``); this module is written for the same ones
+(``tests/test_lightpeer.py`` pins each name it uses).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import aiortc
+
+from relay.webrtc.borrowed import WRITTEN_FOR, check_versions  # noqa: F401  (the bounds this module shares)
+
+DATAGRAM_MAX = 65536  # bytes read per datagram: the largest a UDP datagram can be
+
+
+def _protocols(pc: aiortc.RTCPeerConnection) -> list[Any]:
+    """The socket protocols of every ICE connection of ``pc`` (one per local candidate, once gathered)."""
+    found = []
+    for transceiver in pc.getTransceivers():
+        connection = transceiver.receiver.transport.transport._connection
+        found += connection._protocols
+    return found
+
+
+def divert_rtp(pc: aiortc.RTCPeerConnection, take: Callable[[bytes], bool]) -> Callable[[], None]:
+    """Every datagram ``pc``'s ICE sockets receive goes to ``take(data)`` first, as it arrives (SRTP still
+    encrypted); what it does not take (returns False: STUN, DTLS, SRTCP) goes on to aioice and aiortc as usual.
+    Call after ``pc`` has gathered (``setLocalDescription``) and before media flows; until the returned release,
+    which must come before ``pc`` closes.
+
+    Each socket is read by a reader of our own that drains it at every wake-up (a frame's packets arrive
+    together): asyncio's datagram transport, paused meanwhile, reads one datagram per turn of the loop, and
+    that turn, not the header reads, was most of a light peer's cost (about 15 us a datagram against 2)."""
+    protocols = _protocols(pc)
+    if not protocols:
+        raise RuntimeError("the peer connection has not gathered: no ICE socket to divert")
+    loop = asyncio.get_running_loop()
+    readers = []
+    for protocol in protocols:
+        transport = protocol.transport
+        # A duplicate of the transport's descriptor (the same socket): asyncio keeps a transport's own
+        # descriptor for the transport, and the duplicate closes with us.
+        sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+        sock.setblocking(False)
+        transport.pause_reading()
+        loop.add_reader(sock.fileno(), _drain, sock, protocol, take)
+        readers.append((sock, transport))
+
+    def release() -> None:
+        for sock, transport in readers:
+            loop.remove_reader(sock.fileno())
+            sock.close()
+            if not transport.is_closing():
+                transport.resume_reading()
+        readers.clear()
+
+    return release
+
+
+def _drain(sock: socket.socket, protocol: Any, take: Callable[[bytes], bool]) -> None:
+    """Every datagram waiting on ``sock``: to ``take``, else to aioice's protocol, as its transport would."""
+    recvfrom = sock.recvfrom
+    while True:
+        try:
+            data, addr = recvfrom(DATAGRAM_MAX)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # an ICMP error from an earlier send, as asyncio reports it
+            protocol.error_received(exc)
+            return
+        if not take(data):
+            protocol.datagram_received(data, addr)
+
+
+async def send_rtcp(pc: aiortc.RTCPeerConnection, data: bytes) -> None:
+    """Send one RTCP packet (``data``, in the clear) to ``pc``'s peer, protected as SRTCP by its DTLS transport;
+    ConnectionError when it is not connected."""
+    transceivers = pc.getTransceivers()
+    if not transceivers:
+        raise ConnectionError("no transceiver")
+    await transceivers[0].receiver.transport._send_rtp(data)

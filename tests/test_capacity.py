@@ -1,0 +1,73 @@
+"""Viewers per core (benchmarks/capacity.py): which points the search runs, how each is judged, what it finds."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.capacity import Verdict, next_viewers, result, verdict
+
+
+def _search(limit: int, start: int = 16, ceiling: int = 512, max_points: int = 8) -> list[int]:
+    """The points a search runs against a system that carries up to ``limit`` viewers."""
+    tried: dict[int, bool] = {}
+    while (n := next_viewers(tried, start, ceiling, max_points)) is not None:
+        assert n not in tried, f"{n} twice"
+        tried[n] = n <= limit
+    return list(tried)
+
+
+def test_the_search_doubles_until_a_point_fails_then_bisects_to_an_eighth():
+    assert _search(150) == [16, 32, 64, 128, 256, 192, 160, 144]
+    assert _search(40) == [16, 32, 64, 48, 40, 44]
+
+
+def test_a_system_that_fails_the_first_point_is_searched_below_it():
+    assert _search(5) == [16, 8, 4, 6, 5]
+
+
+def test_the_search_stops_at_its_ceiling_and_at_its_point_budget():
+    assert _search(10_000, ceiling=100) == [16, 32, 64, 100]
+    assert len(_search(150, max_points=3)) == 3
+
+
+def _point(fps=30.0, lost_pct=0.0, p95=50.0, errors=(), saturated=False) -> dict:
+    return {"fps": {"median": fps}, "lost_pct": lost_pct, "latency_ms": {"p95": p95}, "errors": list(errors),
+            "generator_saturated": saturated}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("point", "reason"),
+    [
+        pytest.param(_point(fps=28.9), "median fps 28.9 < 29", id="fps"),
+        pytest.param(_point(lost_pct=0.5), "lost 0.50 % >= 0.5 %", id="lost"),
+        pytest.param(_point(p95=57.6), "p95 58 ms > 1.15 x 50 ms", id="latency"),
+        pytest.param(_point(p95=None), "no latency sample", id="no-latency"),
+        pytest.param(_point(errors=["no frame for 5 s"]), "errors: no frame for 5 s", id="errors"),
+        pytest.param(
+            {"peers": 64, "errors": ["peers not connected after 120 s"], "gave_out": True},
+            "not connected: peers not connected after 120 s",
+            id="not-connected",
+        ),  # fmt: skip
+    ],
+)
+def test_a_point_is_not_carried_for_each_reason_named(point, reason):
+    v = verdict(point, 50.0, 30.0)
+    assert not v.carried and v.reasons == (reason,) and not v.generator_bound
+
+
+def test_a_point_within_every_bound_is_carried():
+    assert verdict(_point(fps=29.0, lost_pct=0.49, p95=57.0), 50.0, 30.0) == Verdict(True, ())
+
+
+def test_viewers_per_core_is_the_most_carried_below_the_first_failure():
+    tried = {16: Verdict(True, ()), 32: Verdict(True, ()), 64: Verdict(False, ("lost",)), 48: Verdict(True, ()),
+             56: Verdict(True, ())}  # fmt: skip
+    r = result(tried, 1)
+    assert (r.viewers, r.per_core, r.at_least, r.first_failure, r.why) == (56, 56.0, False, 64, ("lost",))
+    assert result(tried, 2).per_core == 28.0
+
+
+def test_a_failure_of_the_generator_or_none_at_all_makes_it_a_lower_bound():
+    bound = {16: Verdict(True, ()), 32: Verdict(False, ("load generator saturated",), generator_bound=True)}
+    assert result(bound, 1).at_least and result(bound, 1).viewers == 16
+    assert result({16: Verdict(True, ()), 32: Verdict(True, ())}, 1).at_least

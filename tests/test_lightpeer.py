@@ -1,0 +1,225 @@
+"""The load benchmark's light peer (benchmarks/lightpeer.py): its header counting, case by case, and a live
+relay whose every frame it counts, once, from the RTP headers alone."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import itertools
+import time
+from pathlib import Path
+
+import aiortc
+import pytest
+from aioice import Connection
+
+from benchmarks import borrowed as bench_borrowed
+from benchmarks.lightpeer import LightPeer, ReportFigures, RtpCounter, RtpCounts
+from benchmarks.peers import frames_missing
+from relay.webrtc import borrowed
+
+from .conftest import TEST_FPS
+
+ROOT = Path(__file__).resolve().parent.parent
+TICKS = 3000  # RTP ticks of one frame at 30 fps
+FPS = 30.0
+
+
+def rtp(seq: int, ts: int, marker: bool = False, ssrc: int = 0x1234, payload: bytes = b"\x00" * 20) -> bytes:
+    """An RTP packet as SRTP carries it: the header in the clear (payload type 102), then what would be
+    ciphertext."""
+    return (
+        bytes((0x80, (0x80 if marker else 0) | 102))
+        + (seq & 0xFFFF).to_bytes(2, "big")
+        + (ts & 0xFFFFFFFF).to_bytes(4, "big")
+        + ssrc.to_bytes(4, "big")
+        + payload
+    )
+
+
+def frames(first_seq: int, first_ts: int, count: int, per_frame: int = 3) -> list[bytes]:
+    """``count`` frames of ``per_frame`` packets each, the last with the marker, in order."""
+    return [
+        rtp(first_seq + f * per_frame + i, first_ts + f * TICKS, i == per_frame - 1)
+        for f in range(count)
+        for i in range(per_frame)
+    ]
+
+
+def fed(packets: list[bytes]) -> RtpCounter:
+    counter = RtpCounter(FPS)
+    for p in packets:
+        assert counter.take(p)
+    return counter
+
+
+def test_frames_in_order_are_counted_once_each_by_their_markers():
+    c = fed(frames(100, 5000, 10))
+    assert c.counts() == RtpCounts(frames=10, packets=30, bytes=30 * 32)
+
+
+def test_sequence_and_rtp_time_wrap_around_without_loss():
+    c = fed(frames(65530, 2**32 - 4 * TICKS, 8))
+    assert (c.frames, c.frames_lost, c.packets_lost) == (8, 0, 0)
+    assert c.report().highest_sequence == 65536 + (65530 + 24 - 1 - 65536)  # one cycle in the upper 16 bits
+
+
+def test_a_frame_the_relay_skipped_is_missing_in_rtp_time_not_in_sequence():
+    # Frames 0 and 1, then 3 and 4: frame 2 never sent, and the sender numbers only the packets it sends.
+    packets = frames(0, 0, 2) + [rtp(6 + i, 3 * TICKS + (i // 3) * TICKS, i % 3 == 2) for i in range(6)]
+    c = fed(packets)
+    assert (c.frames, c.frames_lost, c.packets_lost) == (4, 1, 0)
+
+
+def test_a_packet_lost_inside_a_frame_loses_that_frame():
+    packets = frames(0, 0, 4)
+    del packets[4]  # the middle packet of frame 1
+    c = fed(packets)
+    assert (c.frames, c.frames_lost, c.packets_lost) == (3, 1, 1)
+
+
+def test_a_lost_marker_packet_loses_its_frame_when_the_next_one_starts():
+    packets = frames(0, 0, 4)
+    del packets[5]  # frame 1's last packet, with its marker
+    c = fed(packets)
+    assert (c.frames, c.frames_lost, c.packets_lost) == (3, 1, 1)
+
+
+def test_a_lost_first_packet_right_after_a_complete_frame_loses_the_next_frame():
+    packets = frames(0, 0, 4)
+    del packets[6]  # frame 2's first packet
+    c = fed(packets)
+    assert (c.frames, c.frames_lost, c.packets_lost) == (3, 1, 1)
+
+
+def test_a_whole_frame_lost_on_the_way_counts_once():
+    packets = frames(0, 0, 4)
+    del packets[3:6]  # all of frame 1: its packets and its RTP time are missing
+    c = fed(packets)
+    assert (c.frames, c.frames_lost, c.packets_lost) == (3, 1, 3)
+
+
+def test_late_repeated_and_foreign_packets_are_counted_apart_and_change_nothing_else():
+    packets = frames(0, 0, 3)
+    c = fed([*packets[:4], packets[1], rtp(9, 0, ssrc=0x9999), *packets[4:]])
+    assert (c.frames, c.frames_lost, c.packets, c.packets_lost) == (3, 0, 9, 0)
+    assert (c.late, c.foreign) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    "datagram",
+    [
+        pytest.param(b"\x00\x01\x00\x00\x21\x12\xa4\x42" + b"\x00" * 12, id="stun-binding-request"),
+        pytest.param(b"\x16\xfe\xfd" + b"\x00" * 20, id="dtls-handshake"),
+        pytest.param(b"\x80\xc8\x00\x06" + b"\x00" * 24, id="srtcp-sender-report"),
+        pytest.param(b"\x81\xc9\x00\x07" + b"\x00" * 28, id="srtcp-receiver-report"),
+        pytest.param(b"", id="empty"),
+    ],
+)
+def test_what_is_not_rtp_goes_on_to_aioice_and_aiortc(datagram):
+    c = RtpCounter(FPS)
+    assert not c.take(datagram)
+    assert c.counts() == RtpCounts()
+
+
+def test_an_rtp_datagram_too_short_for_its_header_is_taken_and_counted_malformed():
+    c = RtpCounter(FPS)
+    assert c.take(b"\x80\x66\x00\x01\x00")
+    assert c.counts() == RtpCounts(malformed=1)
+
+
+def test_receiver_reports_give_the_fraction_lost_since_the_previous_one():
+    c = RtpCounter(FPS)
+    assert c.report() is None  # nothing to report on before the first packet
+    packets = frames(10, 0, 4)  # 12 packets, 10-21
+    for p in packets[:8]:
+        c.take(p)
+    for p in packets[10:]:  # 18 and 19 lost
+        c.take(p)
+    assert c.report() == ReportFigures(0x1234, fraction_lost=(2 << 8) // 12, packets_lost=2, highest_sequence=21)
+    for p in frames(22, 4 * TICKS, 1):
+        c.take(p)
+    assert c.report() == ReportFigures(0x1234, fraction_lost=0, packets_lost=2, highest_sequence=24)
+
+
+def test_a_window_is_the_difference_of_two_counts():
+    c = RtpCounter(FPS)
+    packets = frames(0, 0, 6)
+    for p in packets[:9]:
+        c.take(p)
+    before = c.counts()
+    for p in packets[9:]:
+        c.take(p)
+    assert c.counts().minus(before) == RtpCounts(frames=3, packets=9, bytes=9 * 32)
+
+
+# -- the borrowed internals
+
+
+def _private_reads(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    return {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr.startswith("_")} - {"__dict__"}
+
+
+def test_the_light_peer_borrows_three_names_that_the_installed_aiortc_and_aioice_have():
+    """benchmarks/borrowed.py is written for the versions relay.webrtc.borrowed checks (pyproject's bounds); the
+    three private names it reads are there in what is installed."""
+    assert bench_borrowed.WRITTEN_FOR is borrowed.WRITTEN_FOR
+    assert _private_reads(ROOT / "benchmarks" / "borrowed.py") == {"_connection", "_protocols", "_send_rtp"}
+    transport = aiortc.RTCIceTransport(aiortc.RTCIceGatherer())
+    assert isinstance(transport._connection, Connection)
+    assert isinstance(Connection(ice_controlling=True)._protocols, list)
+    assert asyncio.iscoroutinefunction(aiortc.RTCDtlsTransport._send_rtp)
+
+
+# -- live
+
+
+async def _until(condition, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout:g} s: {what}"
+        await asyncio.sleep(0.02)
+
+
+def _run_of(encoded: list[int], received: list[int]) -> int | None:
+    """Where ``received`` (RTP timestamps, a random origin added) are, in order, a run of the ``encoded`` frames
+    (their pts) with none left out: the index of the first, or None."""
+    steps = [(t - received[0]) % 2**32 for t in received]
+    for k in range(len(encoded) - len(received) + 1):
+        if [(p - encoded[k]) % 2**32 for p in encoded[k : k + len(received)]] == steps:
+            return k
+    return None
+
+
+async def test_light_peers_count_every_frame_the_relay_encodes_from_the_headers_alone(relay_server, http):
+    """Three light peers on a real relay: each counts, from RTP headers it never decrypts, exactly the run of
+    frames the relay encoded while it watched (matched by their timestamps), loses none on loopback (what it
+    counts lost are the source's own gaps), sends receiver reports, and stays a connected viewer in the API."""
+    stream = relay_server.relay.streams["cam0"]
+    tap = stream.hub.subscribe("test-tap", max_frames=10_000)  # every frame encoded from now on
+    stamps: list[list[int]] = [[], [], []]
+    peers = [LightPeer(relay_server.whep("cam0"), http, TEST_FPS, s) for s in stamps]
+    try:
+        await asyncio.gather(*(p.connect() for p in peers))
+        await _until(lambda: all(p.counter.frames >= 2 * TEST_FPS for p in peers), "two seconds of frames each")
+        await _until(lambda: all(p.reports for p in peers), "a receiver report from each")
+        async with http.get(relay_server.base + "/api/v1/streams") as resp:
+            (cam,) = (await resp.json())["streams"]
+        counted = [p.counter.counts() for p in peers]
+    finally:
+        await asyncio.gather(*(p.close() for p in peers))
+        encoded = []
+        while (frame := tap.get_nowait()) is not None:
+            encoded.append(frame.pts)
+        tap.close()
+    assert cam["viewers_connected"] == 3
+    for c, s in zip(counted, stamps, strict=True):
+        assert (c.packets_lost, c.late, c.foreign, c.malformed) == (0, 0, 0, 0), c
+        assert c.frames <= cam["frames_encoded"]
+        k = _run_of(encoded, s[: c.frames])
+        assert k is not None, "the frames counted are not a run of the frames encoded"
+        # Frames lost: none on the way; only gaps in the source's own time (a test pattern that fell behind on a
+        # busy machine skips frames), which the relay never had to send.
+        run = encoded[k : k + c.frames]
+        assert c.frames_lost == sum(frames_missing(a, b, TEST_FPS) for a, b in itertools.pairwise(run)), c
