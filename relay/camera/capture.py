@@ -394,8 +394,9 @@ class SourceClock:
         if source_seconds - began >= CLOCK_LAG_WINDOW:
             self._lasting, (began, least) = least, (source_seconds, now - t)
         self._window = (began, least)
-        if self._lasting > CLOCK_LAG_KEPT:
-            shift = min(step * CLOCK_SLEW, self._lasting - CLOCK_LAG_KEPT)
+        lag = now - t
+        if self._lasting > CLOCK_LAG_KEPT and lag > CLOCK_LAG_KEPT:  # lasting, and not caught up since
+            shift = min(step * CLOCK_SLEW, self._lasting - CLOCK_LAG_KEPT, lag - CLOCK_LAG_KEPT)
             self._lasting -= shift
             assert self._anchor is not None
             self._anchor = (self._anchor[0], self._anchor[1] + shift)
