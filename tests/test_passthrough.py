@@ -135,6 +135,23 @@ def test_a_slow_camera_clock_is_taken_back_gently_and_never_jumps():
     assert worst_step <= interval * (1 + CLOCK_SLEW) + 1e-9
 
 
+def test_a_lasting_lag_that_drains_stops_the_slew():
+    """Frames 3 s late for 20 s (the slew starts taking that back), then the backlog arrives at once: the slew
+    stops as the lag goes (what it took back leaves frames a little ahead of when they came, well inside the
+    resync bound), and the mapping never starts again."""
+    from relay.camera.capture import CLOCK_LAG_KEPT, SourceClock
+
+    clock = SourceClock()
+    interval = 1 / 30
+    clock.wall_time(0.0, 0.0)
+    ahead = []
+    for i in range(1, 1200):  # 40 s of frames
+        source = i * interval
+        now = source + 3.0 if source < 20 else max(20 + 3.0, source)  # late, then all at once, then on time
+        ahead.append(clock.wall_time(source, now) - now)
+    assert max(ahead) < CLOCK_LAG_KEPT and clock.anchors == 1
+
+
 def test_a_stall_and_its_backlog_keep_the_cameras_spacing():
     from relay.camera.capture import SourceClock
 
