@@ -469,28 +469,25 @@ class RtspPublisher:
             framer = RtpFramer(channel, secrets.randbits(32), secrets.randbits(16))
             base, frame = first.pts, first
 
+            def write(frame: EncodedFrame) -> None:
+                conn.write(framer.frame(payloads_for(frame), frame.pts - base))
+                self.published += 1
+                conn.keep_alive()
+
             def push(frame: EncodedFrame) -> bool:
                 """The hub's synchronous delivery while this loop waits for a frame (``Subscription.push``):
                 written there and then, no task woken. False while anything is unsent (the loop's drain and its
                 stall deadline deal with a slow server) or once the connection failed (the loop meets it)."""
-                if conn.backed_up():
+                if conn.backed_up():  # includes a failed connection, so the write below cannot fail on it
                     return False
-                try:
-                    conn.write(framer.frame(payloads_for(frame), frame.pts - base))
-                except PublishError:
-                    return False
-                self.published += 1
+                write(frame)
                 self.pushed += 1
-                with contextlib.suppress(PublishError):  # a failed connection: the loop meets it next frame
-                    conn.keep_alive()
                 return True
 
             sub.push = push
             while True:
-                conn.write(framer.frame(payloads_for(frame), frame.pts - base))
-                self.published += 1
+                write(frame)
                 await conn.drain()
-                conn.keep_alive()
                 frame = await sub.get()
 
 

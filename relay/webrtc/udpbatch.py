@@ -174,16 +174,18 @@ def _groups(batch: list[tuple[bytes, tuple, int]]) -> list[tuple[bytes, int, int
     Single datagrams are grouped here (``runs``); runs made by the sender (``send_run``) stay as they are."""
     out: list[tuple[bytes, int, int, tuple]] = []
     singles: list[tuple[bytes, tuple]] = []
+
+    def group_singles() -> None:
+        out.extend((b"".join(g), len(g[0]), len(g), a) for g, a in runs(singles))
+        singles.clear()
+
     for data, addr, segment in batch:
         if not segment:
             singles.append((data, addr))
             continue
-        if singles:
-            out += [(b"".join(g), len(g[0]), len(g), a) for g, a in runs(singles)]
-            singles = []
+        group_singles()
         out.append((data, segment, -(-len(data) // segment), addr))
-    if singles:
-        out += [(b"".join(g), len(g[0]), len(g), a) for g, a in runs(singles)]
+    group_singles()
     return out
 
 
