@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import asyncio
 import itertools
-import time
 from pathlib import Path
 
 import aiortc
@@ -19,6 +18,7 @@ from benchmarks.peers import frames_missing
 from relay.webrtc import borrowed
 
 from .conftest import TEST_FPS
+from .test_passthrough_out import until
 
 ROOT = Path(__file__).resolve().parent.parent
 TICKS = 3000  # RTP ticks of one frame at 30 fps
@@ -175,13 +175,6 @@ def test_the_light_peer_borrows_three_names_that_the_installed_aiortc_and_aioice
 # -- live
 
 
-async def _until(condition, what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout:g} s: {what}"
-        await asyncio.sleep(0.02)
-
-
 def _run_of(encoded: list[int], received: list[int]) -> int | None:
     """Where ``received`` (RTP timestamps, a random origin added) are, in order, a run of the ``encoded`` frames
     (their pts) with none left out: the index of the first, or None."""
@@ -202,8 +195,10 @@ async def test_light_peers_count_every_frame_the_relay_encodes_from_the_headers_
     peers = [LightPeer(relay_server.whep("cam0"), http, TEST_FPS, s) for s in stamps]
     try:
         await asyncio.gather(*(p.connect() for p in peers))
-        await _until(lambda: all(p.counter.frames >= 2 * TEST_FPS for p in peers), "two seconds of frames each")
-        await _until(lambda: all(p.reports for p in peers), "a receiver report from each")
+        await until(
+            lambda: all(p.counter.frames >= 2 * TEST_FPS for p in peers), "two seconds of frames each", timeout=20.0
+        )
+        await until(lambda: all(p.reports for p in peers), "a receiver report from each", timeout=20.0)
         async with http.get(relay_server.base + "/api/v1/streams") as resp:
             (cam,) = (await resp.json())["streams"]
         counted = [p.counter.counts() for p in peers]
