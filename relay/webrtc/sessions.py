@@ -194,9 +194,13 @@ class ViewerSessions:
 
         Those under the ``a=mid`` of an m-section the answer rejected are dropped:
         their transport is gone (the browser gathered for it before the answer).
+        Those of a section it answered go to that section's ICE transport, which
+        BUNDLE makes one for the video and the audio: the audio's is its, even
+        where the audio came first in the offer (its BUNDLE tag), whose candidates
+        aiortc's ``addIceCandidate`` would give to no transport (it skips bundled
+        sections), and the video's ones too, the video then being bundled.
         """
-        ours = _first_mid(session.pc)
-        answered = {t.mid for t in session.pc.getTransceivers() if t.mid is not None}  # the video, and any audio
+        answered = {t.mid: t for t in session.pc.getTransceivers() if t.mid is not None}  # the video, any audio
         mid = None
         for raw in sdpfrag.splitlines():
             line = raw.strip()
@@ -205,8 +209,9 @@ class ViewerSessions:
             elif line.startswith("a=candidate:") and (mid is None or mid in answered):
                 try:
                     candidate = candidate_from_sdp(line[2:].split(":", 1)[1])
-                    candidate.sdpMid = mid or ours
-                    await session.pc.addIceCandidate(candidate)
+                    transceiver = answered[mid] if mid is not None else next(iter(answered.values()))
+                    candidate.sdpMid = transceiver.mid
+                    await transceiver.sender.transport.transport.addRemoteCandidate(candidate)
                 except Exception as exc:  # aiortc asserts on malformed candidates
                     raise OfferRejected(f"bad candidate line {line[:80]!r}: {_reason(exc)}") from exc
             elif line == "a=end-of-candidates":
@@ -306,13 +311,6 @@ class StreamViewers:
         return ConsumerStats(
             {"viewers": self.sessions.count(self.stream), "viewers_connected": connected}, (), connected
         )
-
-
-def _first_mid(pc: RTCPeerConnection) -> str | None:
-    for t in pc.getTransceivers():
-        if t.mid is not None:
-            return t.mid
-    return None
 
 
 def _reason(exc: BaseException) -> str:

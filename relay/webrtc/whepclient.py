@@ -164,15 +164,20 @@ class WhepViewer:
             answer = rejected_for_aiortc(offer, answer)
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
 
-    async def recv(self, timeout: float = 10.0) -> av.VideoFrame:
+    async def _next(self, kind: str, timeout: float):
+        """The next frame of the ``kind`` track, once the answer gave one."""
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that comes as the frame
         # does (it returns the frame), so a task reading frames in a loop could ignore its cancel and run on,
         # hanging whoever waits for it (a test's teardown did).
         async with asyncio.timeout(timeout):
-            await self._track_ready.wait()
-        assert self.track is not None
+            await (self._audio_ready if kind == "audio" else self._track_ready).wait()
+        track = self.audio_track if kind == "audio" else self.track
+        assert track is not None
         async with asyncio.timeout(timeout):
-            frame = await self.track.recv()
+            return await track.recv()
+
+    async def recv(self, timeout: float = 10.0) -> av.VideoFrame:
+        frame = await self._next("video", timeout)
         now = time.monotonic()
         self.stats.frames += 1
         if self.stats.first_frame_at is None:
@@ -181,11 +186,7 @@ class WhepViewer:
 
     async def recv_audio(self, timeout: float = 10.0) -> tuple[float, np.ndarray]:
         """The next decoded 20 ms of sound: (the wall clock when it came out, its first channel's samples)."""
-        async with asyncio.timeout(timeout):
-            await self._audio_ready.wait()
-        assert self.audio_track is not None
-        async with asyncio.timeout(timeout):
-            frame = await self.audio_track.recv()
+        frame = await self._next("audio", timeout)
         received = time.time()
         channels = len(frame.layout.channels)
         return received, frame.to_ndarray().reshape(-1, channels)[:, 0]
