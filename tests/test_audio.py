@@ -20,7 +20,7 @@ from relay.config import StreamConfig
 from relay.source import SourceSpec
 from relay.webrtc.whepclient import FrameSample, WhepViewer
 
-from .conftest import EncodedFrames, capture_ms, make_config, session_of, start_relay
+from .conftest import EncodedFrames, RunningRelay, capture_ms, make_config, session_of, start_relay
 from .test_players import audio_mid, sections
 
 DEADLINE = 40.0  # seconds a test waits for what it counts: a guard, not a measurement
@@ -109,15 +109,20 @@ async def test_the_bursts_start_on_the_whole_seconds_of_the_capture_clock_the_pi
         assert not Onset(second, 0, onset.hz).slipped  # and it is the tone that second's burst has
 
 
+async def connect_and_play(relay: RunningRelay, viewer: WhepViewer) -> None:
+    """The viewer connects and plays frames the relay encoded."""
+    with EncodedFrames(relay.relay.streams["cam0"]) as encoded:
+        await viewer.connect()
+        clocks = [capture_ms(s) for s in await viewer.read_frames(10)]
+        assert None not in clocks and set(clocks) <= set(encoded.clocks)
+    assert viewer.answer is not None
+
+
 async def test_an_offer_without_audio_gets_the_video_alone(http):
     runner, relay = await start_relay(make_config())
     viewer = WhepViewer(relay.whep(), http)  # video only, as camrelay's page offers
     try:
-        with EncodedFrames(relay.relay.streams["cam0"]) as encoded:
-            await viewer.connect()
-            clocks = [capture_ms(s) for s in await viewer.read_frames(10)]
-            assert None not in clocks and set(clocks) <= set(encoded.clocks)
-        assert viewer.answer is not None
+        await connect_and_play(relay, viewer)
         assert [s[0].split()[0] for s in sections(viewer.answer)] == ["m=video"]
         session = session_of(relay, viewer)
         assert [t.kind for t in session.pc.getTransceivers()] == ["video"] and session.audio is None
@@ -131,11 +136,7 @@ async def test_a_stream_without_sound_answers_an_offer_with_audio_with_the_video
     runner, relay = await start_relay(make_config(QUIET))
     viewer = WhepViewer(relay.whep(), http, audio=True)
     try:
-        with EncodedFrames(relay.relay.streams["cam0"]) as encoded:
-            await viewer.connect()
-            clocks = [capture_ms(s) for s in await viewer.read_frames(10)]
-            assert None not in clocks and set(clocks) <= set(encoded.clocks)
-        assert viewer.answer is not None
+        await connect_and_play(relay, viewer)
         audio = next(s for s in sections(viewer.answer) if s[0].startswith("m=audio"))
         assert audio[0].split()[1] == "0" and "a=inactive" in audio  # rejected
         assert viewer.audio_track is None
