@@ -102,7 +102,7 @@ class BurstReader:
             return None
         sound = np.concatenate(burst)
         crossings = np.count_nonzero(np.signbit(sound[:-1]) != np.signbit(sound[1:]))
-        return Onset(received, sample, crossings * RATE / (2 * len(sound)))
+        return Onset(received, sample, float(crossings * RATE / (2 * len(sound))))
 
 
 def consecutive(onsets: list[Onset]) -> list[Onset]:

@@ -121,7 +121,7 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> Config:
     flags = {
         k: v
         for k, v in vars(args).items()
-        if k.startswith(("http.", "video.", "webrtc.", "rtsp.", "auth.")) or k in ("log_level", "state_dir")
+        if k.startswith(("http.", "video.", "audio.", "webrtc.", "rtsp.", "auth.")) or k in ("log_level", "state_dir")
     }
     config = load(text, env, flags, args.source, args.whip)
     args.config_file = (path, text)

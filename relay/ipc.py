@@ -245,6 +245,7 @@ class Counters:
     audio_frames_encoded: int = 0  # Opus packets (the relay counts those it receives)
     audio_frames_dropped_overrun: int = 0  # blocks the audio source lost because they were not read in time
     audio_source_errors: int = 0
+    audio_cpu_seconds: float = 0.0  # of the worker's audio thread: capture and Opus encode
 
 
 # Counters the worker's STATUS reports for the relay to add up; the relay counts the encoded frames itself.
@@ -260,6 +261,7 @@ WORKER_COUNTERS = (
     "audio_frames_captured",
     "audio_frames_dropped_overrun",
     "audio_source_errors",
+    "audio_cpu_seconds",
 )
 
 

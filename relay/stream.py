@@ -312,6 +312,7 @@ class Stream:
             "frames_dropped": dropped,
             "source_errors": st.audio_source_errors,
             "last_error": a.get("audio_last_error", ""),
+            "cpu_seconds": round(st.audio_cpu_seconds, 3),  # the worker's audio thread: capture and encode
             "pipeline_delay_ms": self.audio.pipeline_delay.percentiles_ms(),
             "fanout_delay_ms": self.audio.fanout_delay.percentiles_ms(),
         }
@@ -322,6 +323,9 @@ class Stream:
                        st.audio_frames_encoded, labels),
                 Metric("camrelay_stream_audio_source_errors_total", "counter", "Audio source failures.",
                        st.audio_source_errors, labels),
+                Metric("camrelay_stream_audio_cpu_seconds_total", "counter",
+                       "CPU time of the worker's audio thread (capture, Opus encode).",
+                       round(st.audio_cpu_seconds, 3), labels),
                 *(Metric("camrelay_stream_audio_frames_dropped_total", "counter", "Audio frames dropped, by reason.",
                          n, {**labels, "reason": reason}) for reason, n in dropped.items()),
             ),

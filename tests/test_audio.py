@@ -15,6 +15,7 @@ import aiohttp
 import av
 
 from benchmarks.bursts import WINDOW, BurstReader, Onset, consecutive, lip_sync
+from benchmarks.lipsync import AvProbe
 from relay.camera.testsound import RATE
 from relay.config import StreamConfig
 from relay.source import SourceSpec
@@ -107,6 +108,31 @@ async def test_the_bursts_start_on_the_whole_seconds_of_the_capture_clock_the_pi
         second = round(at / RATE)
         assert abs(at - second * RATE) < WINDOW, (at, second)
         assert not Onset(second, 0, onset.hz).slipped  # and it is the tone that second's burst has
+
+
+async def test_sender_reports_map_the_audio_and_the_video_onto_the_capture_clock(http):
+    """What a browser's lip sync rests on: each RTCP sender report pairs an RTP timestamp with the capture time it
+    stands for, for the video (read against each picture's pixel clock) and the audio (against each burst's
+    first sample, captured at its whole second) alike; a report stamped when it was sent was a pipeline's delay
+    off (5 to 30 ms), and a different one for each."""
+    runner, relay = await start_relay(make_config())
+    probe = AvProbe(relay.whep(), http)
+    heard = probe.heard
+    try:
+        await probe.connect()
+        probe.measuring = True
+        deadline = time.monotonic() + DEADLINE
+        while len(heard.audio_report_error_ms) < 3 or len(heard.video_report_error_ms) < 30:
+            assert time.monotonic() < deadline, (heard.audio_report_error_ms, len(heard.video_report_error_ms))
+            await asyncio.sleep(0.1)
+    finally:
+        await probe.close()
+        await runner.cleanup()
+    # A pixel clock is its capture time in whole milliseconds (truncated); the RTP timestamp, in 90 kHz ticks.
+    assert all(-0.1 <= e <= 1.1 for e in heard.video_report_error_ms), heard.video_report_error_ms
+    # The first sample above a tenth of the tone comes 0.5 to 0.8 ms into its burst (the fade in).
+    assert all(0.4 <= e <= 1.0 for e in heard.audio_report_error_ms), heard.audio_report_error_ms
+    assert not any(o.slipped for o in heard.onsets)
 
 
 async def connect_and_play(relay: RunningRelay, viewer: WhepViewer) -> None:

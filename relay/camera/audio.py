@@ -214,12 +214,14 @@ class AudioPipeline:
         self.source_errors = 0
         self.last_error = ""
         self.encode_ms = 0.0
+        self.cpu_seconds = 0.0  # of the audio thread: its capture (the test sound's render) and its encode
         self._source_factory = source_factory
         self._emit = emit
         self._retry = retry or Retry()
         self._stop = threading.Event()
         self._source: AudioSource | None = None
         self._thread: threading.Thread | None = None
+        self._cpu_origin = 0.0  # the audio thread's CPU time when it started
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name=f"audio-{self.name}", daemon=True)
@@ -246,10 +248,12 @@ class AudioPipeline:
             "audio_frames_dropped_overrun": self.overruns + (source.overruns if (source := self._source) else 0),
             "audio_source_errors": self.source_errors,
             "audio_last_error": self.last_error,
+            "audio_cpu_seconds": self.cpu_seconds,
         }
 
     def _loop(self) -> None:
         encoder: OpusEncoder | None = None
+        self._cpu_origin = time.thread_time()
         while not self._stop.is_set():
             started = time.monotonic()
             source: AudioSource | None = None
@@ -289,6 +293,7 @@ class AudioPipeline:
             for data, pts in packets:
                 self.frames_encoded += 1
                 self._emit(ipc.pack(ipc.AUDIO, data, pts=pts, capture_time=pts / RATE))
+            self.cpu_seconds = time.thread_time() - self._cpu_origin
 
     def _failed(self, message: str, started: float) -> None:
         """One line per failure, then a wait: 0.5 s, 1 s, 2 s ... 30 s (a run of 10 s starts the schedule again)."""
