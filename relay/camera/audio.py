@@ -276,6 +276,8 @@ class AudioPipeline:
                 self._failed(str(exc), started)
             except Exception as exc:  # the encoder (PyAV, libopus): made anew after the backoff
                 encoder = None
+                if self._stop.is_set():
+                    break
                 self._failed(f"encoder failed: {type(exc).__name__}: {exc}", started)
             finally:
                 if source is not None:
