@@ -20,10 +20,13 @@ heard by one viewer at a time, for ``--duration`` seconds each:
 For each: audio latency (p50, p95), the video latency of the frames received
 within 100 ms of each onset (p50, p95), lip sync (audio minus video: median,
 p5 and p95, and its drift over the run by a fitted line). Then, interleaved
-over ``--rounds`` rounds, camrelay with its sound and with ``--no-audio``
-(``delivered`` viewer, the same offer): the video latency (median of each
-arm), and the CPU of the camera's worker (capture, H.264, and the sound's
-capture and one Opus encode) and of the relay, % of one core.
+over ``--rounds`` rounds: ``--viewers`` viewers that decode nothing offering
+audio and video, then the same number offering video alone (the relay's CPU:
+what sending the sound costs per viewer); and camrelay with its sound and
+with ``--no-audio`` (``delivered`` viewer, the same offer): the video latency
+(median of each arm), and the CPU of the camera's worker (capture, H.264, and
+the sound's capture and one Opus encode; its audio thread's own CPU time, as
+the worker counts it) and of the relay, % of one core.
 """
 
 from __future__ import annotations
@@ -355,6 +358,35 @@ async def measure_arm(args, audio: bool, state_dir: str, http: aiohttp.ClientSes
     }
 
 
+async def viewers_cost(relay: Camrelay, http: aiohttp.ClientSession, count: int, audio: bool, seconds: float) -> dict:
+    """The relay's CPU (% of a core) with ``count`` viewers that offer audio (or not) and decode nothing (their
+    decrypted RTP counted and dropped: ``tap_decrypted``), over ``seconds``."""
+    viewers = [WhepViewer(relay.url, http, audio=audio) for _ in range(count)]
+    packets, releases = [0], []
+
+    def took(data: bytes) -> None:
+        packets[0] += 1
+
+    try:
+        for viewer in viewers:
+            await viewer.connect()
+            releases.append(tap_decrypted(viewer.pc, took, lambda data: None))
+        await asyncio.sleep(2.0)  # every one connected and sent to
+        (_, r0), p0, t0 = relay.cpu_times(), packets[0], time.monotonic()
+        await asyncio.sleep(seconds)
+        (_, r1), elapsed = relay.cpu_times(), time.monotonic() - t0
+        return {
+            "audio": audio,
+            "viewers": count,
+            "relay_cpu_pct": round(100 * (r1 - r0) / elapsed, 2),
+            "packets_per_viewer_s": round((packets[0] - p0) / elapsed / count, 1),
+        }
+    finally:
+        for release in releases:
+            release()
+        await asyncio.gather(*(v.close() for v in viewers))
+
+
 async def run(args) -> dict:
     results: dict = {**run_facts(" ".join(["python -m benchmarks.lipsync", *sys.argv[1:]]))}
     results.update(size=args.size, fps=args.fps, bitrate=args.bitrate, duration=args.duration)
@@ -367,6 +399,15 @@ async def run(args) -> dict:
                     results[name] = (await listen(relay.url, http, args.duration)).summary()
                     print(name, json.dumps(results[name]), flush=True)
                 results["audio_api"] = api(relay.port)["audio"]
+                loads = []
+                for _ in range(args.rounds if args.viewers else 0):
+                    for audio in (True, False):
+                        loads.append(await viewers_cost(relay, http, args.viewers, audio, args.ab_duration))
+                        print("viewers", json.dumps(loads[-1]), flush=True)
+                results["per_viewer"] = {"arms": loads}
+                if loads:
+                    cpu = {a: percentile([x["relay_cpu_pct"] for x in loads if x["audio"] == a], 50) for a in (1, 0)}
+                    results["per_viewer"]["audio_cpu_pct_per_viewer"] = round((cpu[1] - cpu[0]) / args.viewers, 3)
             finally:
                 relay.close()
             arms = []
@@ -393,6 +434,9 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=30.0, help="seconds each listener listens (default 30)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the A/B, each with and without sound")
     ap.add_argument("--ab-duration", type=float, default=20.0, help="seconds measured per arm of the A/B")
+    ap.add_argument(
+        "--viewers", type=int, default=10, help="viewers for the relay's cost of audio per viewer (0: none)"
+    )
     ap.add_argument("--settle", type=float, default=SETTLE, help=f"seconds after the first frame (default {SETTLE:g})")
     ap.add_argument("--out", type=Path, help="write the results here as JSON")
     args = ap.parse_args()

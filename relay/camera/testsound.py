@@ -38,13 +38,14 @@ def render(first: int, count: int) -> np.ndarray:
     """The ``count`` samples from sample number ``first`` on (signed 16-bit, mono)."""
     if count < 0:
         raise ValueError(f"a block cannot have {count} samples")
+    start = first % RATE
+    if start >= BURST_SAMPLES and start + count <= RATE:
+        return np.zeros(count, dtype=np.int16)  # within one second's silence: nine blocks in ten, at no cost
     n = np.arange(first, first + count, dtype=np.int64)
     k = n // RATE
     j = n - k * RATE  # the sample's place in its second: small, so the phase is exact for any epoch
     out = np.zeros(count, dtype=np.int16)
     burst = j < BURST_SAMPLES
-    if not burst.any():
-        return out
     jb = j[burst].astype(np.float64)
     hz = np.where(k[burst] % TENTH == 0, TENTH_TONE_HZ, TONE_HZ)
     envelope = np.minimum(1.0, np.minimum(jb, BURST_SAMPLES - jb) / FADE_SAMPLES)
