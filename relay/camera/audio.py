@@ -222,6 +222,7 @@ class AudioPipeline:
         self._source: AudioSource | None = None
         self._thread: threading.Thread | None = None
         self._cpu_origin = 0.0  # the audio thread's CPU time when it started
+        self._lock = threading.Lock()  # the source closed and its overruns folded in, as one
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name=f"audio-{self.name}", daemon=True)
@@ -245,11 +246,15 @@ class AudioPipeline:
             "audio_bitrate": self.bitrate,
             "audio_encode_ms": self.encode_ms,
             "audio_frames_captured": self.frames_captured,
-            "audio_frames_dropped_overrun": self.overruns + (source.overruns if (source := self._source) else 0),
+            "audio_frames_dropped_overrun": self._overruns(),
             "audio_source_errors": self.source_errors,
             "audio_last_error": self.last_error,
             "audio_cpu_seconds": self.cpu_seconds,
         }
+
+    def _overruns(self) -> int:
+        with self._lock:
+            return self.overruns + (self._source.overruns if self._source is not None else 0)
 
     def _loop(self) -> None:
         encoder: OpusEncoder | None = None
@@ -282,8 +287,9 @@ class AudioPipeline:
             finally:
                 if source is not None:
                     source.close()
-                    self.overruns += source.overruns
-                    self._source = None
+                    with self._lock:  # a status read meanwhile counts its overruns once
+                        self._source = None
+                        self.overruns += source.overruns
 
     def _run(self, source: AudioSource, encoder: OpusEncoder, clock: SampleClock) -> None:
         while not self._stop.is_set():
