@@ -22,11 +22,12 @@ within 100 ms of each onset (p50, p95), lip sync (audio minus video: median,
 p5 and p95, and its drift over the run by a fitted line). Then, interleaved
 over ``--rounds`` rounds: ``--viewers`` viewers that decode nothing offering
 audio and video, then the same number offering video alone (the relay's CPU:
-what sending the sound costs per viewer); and camrelay with its sound and
-with ``--no-audio`` (``delivered`` viewer, the same offer): the video latency
-(median of each arm), and the CPU of the camera's worker (capture, H.264, and
-the sound's capture and one Opus encode; its audio thread's own CPU time, as
-the worker counts it) and of the relay, % of one core.
+what sending the sound costs per viewer); and camrelay with its sound beside
+camrelay with ``--no-audio``, both at once over the same window (a
+``delivered`` viewer each, the same offer): the video latency (median of each
+arm), and the CPU of the camera's worker (capture, H.264, and the sound's
+capture and one Opus encode; its audio thread's own CPU time, as the worker
+counts it) and of the relay, % of one core.
 """
 
 from __future__ import annotations
@@ -307,6 +308,7 @@ class Camrelay:
         ]  # fmt: skip
         if not audio:
             cmd.append("--no-audio")
+        self.audio = audio
         self.proc = subprocess.Popen(cmd, env=dict(os.environ, CAMRELAY_STATE_DIR=state_dir))
         self.url = f"http://127.0.0.1:{self.port}/whep/cam0"
 
@@ -334,19 +336,25 @@ class Camrelay:
         self.proc.wait(20)
 
 
-async def measure_arm(args, audio: bool, state_dir: str, http: aiohttp.ClientSession) -> dict:
-    """One arm of the A/B: camrelay with or without its sound, a ``delivered`` viewer, its CPU meanwhile."""
-    relay = Camrelay(args, audio, state_dir)
+async def measure_pair(args, state_dir: str, http: aiohttp.ClientSession) -> list[dict]:
+    """One round of the A/B: camrelay with its sound and camrelay without, side by side over the same window (a
+    shared machine's load falls on both alike), a ``delivered`` viewer of each, their CPU meanwhile."""
+    relays = [Camrelay(args, audio, tempfile.mkdtemp(dir=state_dir)) for audio in (True, False)]
     try:
-        await asyncio.to_thread(relay.wait_live, args.settle)
-        (w0, r0), a0, t0 = relay.cpu_times(), api(relay.port)["audio"]["cpu_seconds"], time.monotonic()
-        heard = await listen_delivered(relay.url, http, args.ab_duration)
-        (w1, r1), elapsed = relay.cpu_times(), time.monotonic() - t0
-        sound = api(relay.port)["audio"]
+        await asyncio.gather(*(asyncio.to_thread(relay.wait_live, args.settle) for relay in relays))
+        return list(await asyncio.gather(*(_arm(relay, args.ab_duration, http) for relay in relays)))
     finally:
-        relay.close()
+        for relay in relays:
+            relay.close()
+
+
+async def _arm(relay: Camrelay, seconds: float, http: aiohttp.ClientSession) -> dict:
+    (w0, r0), a0, t0 = relay.cpu_times(), api(relay.port)["audio"]["cpu_seconds"], time.monotonic()
+    heard = await listen_delivered(relay.url, http, seconds)
+    (w1, r1), elapsed = relay.cpu_times(), time.monotonic() - t0
+    sound = api(relay.port)["audio"]
     return {
-        "audio": audio,
+        "audio": relay.audio,
         "video_latency_ms": _percentiles([latency for _, latency in heard.video]),
         "bursts": len(heard.onsets),
         "worker_cpu_pct": round(100 * (w1 - w0) / elapsed, 2),
@@ -412,9 +420,9 @@ async def run(args) -> dict:
                 relay.close()
             arms = []
             for _ in range(args.rounds):
-                for audio in (True, False):
-                    arms.append(await measure_arm(args, audio, state_dir, http))
-                    print("arm", json.dumps(arms[-1]), flush=True)
+                for arm in await measure_pair(args, state_dir, http):
+                    arms.append(arm)
+                    print("arm", json.dumps(arm), flush=True)
     results["ab"] = {"arms": arms}
     for audio, label in ((True, "with_audio"), (False, "without_audio")):
         mine = [a for a in arms if a["audio"] == audio]
