@@ -403,7 +403,8 @@ async def run(args) -> dict:
             relay = Camrelay(args, True, state_dir)
             try:
                 await asyncio.to_thread(relay.wait_live, args.settle)
-                for name, listen in (("aiortc", listen_with_aiortc), ("delivered", listen_delivered)):
+                for name in args.listeners.split(","):
+                    listen = {"aiortc": listen_with_aiortc, "delivered": listen_delivered}[name]
                     results[name] = (await listen(relay.url, http, args.duration)).summary()
                     print(name, json.dumps(results[name]), flush=True)
                 results["audio_api"] = api(relay.port)["audio"]
@@ -433,6 +434,11 @@ async def run(args) -> dict:
             "relay_cpu_pct": _round(percentile([a["relay_cpu_pct"] for a in mine], 50)),
             "audio_thread_cpu_pct": _round(percentile([a["audio_thread_cpu_pct"] for a in mine], 50)),
         }
+    # Each round's two arms ran over the same window: the difference within a round, with sound less without.
+    pairs = list(zip(arms[::2], arms[1::2], strict=True))
+    for p in ("p50", "p95"):
+        differences = [a["video_latency_ms"][p] - b["video_latency_ms"][p] for a, b in pairs]
+        results["ab"][f"video_latency_{p}_difference_ms"] = _round(percentile(differences, 50))
     return results
 
 
@@ -440,7 +446,8 @@ def main() -> None:
     ap = benchmark_parser("python -m benchmarks.lipsync", __doc__)
     add_stream_options(ap, size="1280x720")
     ap.add_argument("--duration", type=float, default=30.0, help="seconds each listener listens (default 30)")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds of the A/B, each with and without sound")
+    ap.add_argument("--listeners", default="aiortc,delivered", help="which listen, in order (default both)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the A/B, each with and without sound (0: none)")
     ap.add_argument("--ab-duration", type=float, default=20.0, help="seconds measured per arm of the A/B")
     ap.add_argument(
         "--viewers", type=int, default=10, help="viewers for the relay's cost of audio per viewer (0: none)"
