@@ -14,6 +14,11 @@ process is untouched):
   reports it writes itself (``send_rtcp``): aiortc's receiver only reports on
   streams it parsed packets of, and it parses none here.
 
+The lip-sync probe (``benchmarks/lipsync.py``) decrypts, but reads the packets
+itself: its DTLS transport's ``_handle_rtp_data`` and ``_handle_rtcp_data``
+(``tap_decrypted``) hand it each decrypted RTP packet instead of aiortc's
+receivers, and each RTCP packet besides them (the sender reports).
+
 ``relay.webrtc.borrowed`` checks the aiortc and aioice versions on import
 (the bounds in ``pyproject.toml``); this module is written for the same ones
 (``tests/test_lightpeer.py`` pins each name it uses).
@@ -100,3 +105,29 @@ async def send_rtcp(pc: aiortc.RTCPeerConnection, data: bytes) -> None:
     if not transceivers:
         raise ConnectionError("no transceiver")
     await transceivers[0].receiver.transport._send_rtp(data)
+
+
+def tap_decrypted(
+    pc: aiortc.RTCPeerConnection, rtp: Callable[[bytes], None], rtcp: Callable[[bytes], None]
+) -> Callable[[], None]:
+    """Every RTP packet ``pc``'s (bundled) DTLS transport decrypts goes to ``rtp(data)`` instead of aiortc's
+    receivers, and every RTCP packet to ``rtcp(data)`` before them, until the returned release. Per connection
+    (its transport's own attributes): a relay in the same process is untouched. Call it once connected."""
+    transport = pc.getTransceivers()[0].receiver.transport
+    deliver = transport._handle_rtcp_data
+
+    async def handle_rtp(data: bytes, arrival_time_ms: int) -> None:
+        rtp(data)
+
+    async def handle_rtcp(data: bytes) -> None:
+        rtcp(data)
+        await deliver(data)
+
+    transport._handle_rtp_data = handle_rtp
+    transport._handle_rtcp_data = handle_rtcp
+
+    def release() -> None:
+        for name in ("_handle_rtp_data", "_handle_rtcp_data"):
+            transport.__dict__.pop(name, None)
+
+    return release

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="NAME=SPEC",
         help="a stream: test:, test:1280x720@30, v4l2:/dev/video0, rtsp://..., file:PATH, each may end in"
-        " #mode=passthrough (repeatable)",
+        " #mode=passthrough, #audio=off (repeatable)",
     )
     s.add_argument("--http-host", dest="http.host", help="address to listen on (default 0.0.0.0)")
     s.add_argument("--http-port", dest="http.port", help="port to listen on (default 8080)")
@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="video.mode",
         help="auto (pass H.264 through when browsers take it), passthrough or transcode (default auto)",
     )
+    s.add_argument("--no-audio", dest="audio.enabled", action="store_const", const=False, help="no sound on any stream")
     s.add_argument(
         "--ice-address",
         dest="webrtc.ice_addresses",
@@ -120,7 +121,7 @@ def load_config(args: argparse.Namespace, env: dict[str, str]) -> Config:
     flags = {
         k: v
         for k, v in vars(args).items()
-        if k.startswith(("http.", "video.", "webrtc.", "rtsp.", "auth.")) or k in ("log_level", "state_dir")
+        if k.startswith(("http.", "video.", "audio.", "webrtc.", "rtsp.", "auth.")) or k in ("log_level", "state_dir")
     }
     config = load(text, env, flags, args.source, args.whip)
     args.config_file = (path, text)

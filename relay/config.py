@@ -93,6 +93,11 @@ class VideoConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AudioConfig:
+    enabled: bool = True  # streams carry their source's sound (the test pattern's); a spec's #audio= overrides it
+
+
+@dataclass(frozen=True, slots=True)
 class HttpConfig:
     host: str = "0.0.0.0"
     port: int = 8080
@@ -215,6 +220,7 @@ class WhipConfig:
 class Config:
     streams: tuple[StreamConfig, ...] = ()  # empty: cameras found at start, else the test pattern
     video: VideoConfig = VideoConfig()
+    audio: AudioConfig = AudioConfig()
     http: HttpConfig = HttpConfig()
     webrtc: WebRTCConfig = WebRTCConfig()
     rtsp: RtspConfig = RtspConfig()
@@ -541,6 +547,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "join": _choice(*JOIN_POLICIES),
         "mode": _choice(*MODES),
     },
+    "audio": {"enabled": _bool},
     "webrtc": {
         "ice_servers": _ice_servers,
         "ice_username": _link_text,
@@ -830,6 +837,7 @@ def load(
     return Config(
         streams=tuple(parsed_streams),
         video=video,
+        audio=AudioConfig(**values["audio"]),
         http=HttpConfig(**values["http"]),
         webrtc=webrtc,
         rtsp=rtsp,

@@ -56,10 +56,11 @@ PTS_CLOCK = 90_000  # EncodedFrame.pts ticks per second
 
 @dataclass(slots=True, eq=False)
 class EncodedFrame:
-    """One access unit of H.264 (Annex B), as the encoder produced it."""
+    """One access unit of H.264 (Annex B), as the encoder produced it; or, in a stream's audio hub, one Opus packet
+    (every one a keyframe: it decodes on its own)."""
 
     data: bytes
-    pts: int  # 90 kHz clock, from the capture time
+    pts: int  # from the capture time: the 90 kHz clock (H.264), 48 kHz samples (Opus)
     keyframe: bool
     capture_time: float  # wall clock (time.time()) when the source captured it
     published_at: float = 0.0  # wall clock when the hub got it

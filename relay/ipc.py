@@ -29,6 +29,9 @@ UNIT = 1  # one H.264 access unit (Annex B)
 JPEG = 2  # one JPEG frame as the camera sent it
 STATUS = 3  # JSON: state, size, fps, encoder, counters
 LOG = 4  # JSON: level, logger, message
+# One Opus packet (20 ms): pts in 48 kHz samples of the capture clock (the wall clock, as a unit's capture time),
+# capture time of its first sample as a receiver decodes it.
+AUDIO = 5
 
 # A stream's state as a STATUS message reports it while its encoder cannot encode.
 ENCODER_ERROR = "encoder_error"
@@ -84,7 +87,7 @@ def pack_json(kind: int, obj: dict) -> bytes:
     return pack(kind, json.dumps(obj, separators=(",", ":")).encode())
 
 
-KINDS = frozenset((UNIT, JPEG, STATUS, LOG))
+KINDS = frozenset((UNIT, JPEG, STATUS, LOG, AUDIO))
 
 
 def parse_header(header: bytes | memoryview, offset: int = 0) -> tuple[int, int, int, float, int]:
@@ -210,6 +213,7 @@ class WorkerConfig:
     encoder: str
     log_level: str = "info"
     mode: str = "auto"  # relay.source.MODES: the stream's #mode=, else [video] mode
+    audio: str = ""  # what the worker captures sound from: "" none, "test" the test sound (relay.source.audio_source)
 
     def to_json(self) -> str:
         return _to_json(self).decode()
@@ -237,6 +241,11 @@ class Counters:
     encode_ms: float = 0.0
     source_errors: int = 0
     last_error: str = ""
+    audio_frames_captured: int = 0  # PCM blocks (20 ms) read from the audio source
+    audio_frames_encoded: int = 0  # Opus packets (the relay counts those it receives)
+    audio_frames_dropped_overrun: int = 0  # blocks the audio source lost because they were not read in time
+    audio_source_errors: int = 0
+    audio_cpu_seconds: float = 0.0  # of the worker's audio thread: capture and Opus encode
 
 
 # Counters the worker's STATUS reports for the relay to add up; the relay counts the encoded frames itself.
@@ -249,6 +258,10 @@ WORKER_COUNTERS = (
     "frames_slate",
     "frames_decoded",
     "source_errors",
+    "audio_frames_captured",
+    "audio_frames_dropped_overrun",
+    "audio_source_errors",
+    "audio_cpu_seconds",
 )
 
 
@@ -269,6 +282,13 @@ class WorkerStatus(Counters):
     codec: str = ""  # what the source delivers, FFmpeg's name: h264, hevc, mjpeg; "test pattern"
     profile: str = ""  # the source's H.264 profile, level and size ("High 4.0 1920x1080"), when it sends H.264
     reader: str = ""  # what reads the source: "rtspin" (camrelay's RTSP client), "ffmpeg", "test pattern"
+    audio: str = ""  # the audio source ("test sound"); "" without sound
+    audio_state: str = "off"  # off, starting, live, retrying
+    audio_codec: str = ""  # "opus" once its encoder is open
+    audio_channels: int = 0
+    audio_bitrate: int = 0  # bits a second the Opus encoder is set to
+    audio_encode_ms: float = 0.0  # one 20 ms frame's encode, smoothed
+    audio_last_error: str = ""
     started: float = field(default_factory=time.time)
 
     def to_json(self) -> bytes:

@@ -31,7 +31,7 @@ from .rtsp import (
     find_mediamtx,
     local_host,
 )
-from .source import SourceSpec
+from .source import SourceSpec, audio_source
 from .status import StreamStatus
 from .stream import Consumer, Stream
 from .telemetry import Snapshot, Telemetry, ThermalGuard
@@ -124,7 +124,11 @@ class Relay:
         v = self.config.video
         fps = sc.source.fps or v.fps
         settings = EncoderSettings(v.bitrate, fps, v.keyframe_interval, v.encoder)
-        return Stream(sc.name, sc.source, settings, v.width, v.height, self.config.log_level, join=v.join, mode=v.mode)
+        audio = audio_source(sc.source, self.config.audio.enabled)
+        return Stream(
+            sc.name, sc.source, settings, v.width, v.height, self.config.log_level, join=v.join, mode=v.mode,
+            audio=audio,
+        )  # fmt: skip
 
     def _consumers(self, stream: Stream) -> list[Consumer]:
         """The edges ``stream`` feeds, besides its JPEG feed: add a new edge here."""
@@ -216,7 +220,7 @@ class Relay:
             stream.add(consumer)
         self.streams[sc.name] = stream  # before it starts: close() stops what of it started
         stream.start()
-        log.info("stream=%s source=%s started", stream.name, stream.spec)
+        log.info("stream=%s source=%s audio=%s started", stream.name, stream.spec, stream.audio_source or "none")
         return stream
 
     async def _close_streams(self) -> None:

@@ -12,7 +12,9 @@ the source it names (``relay.camera.capture.open_source``).
 
 Any of them may end in ``#mode=auto|passthrough|transcode``: how this stream
 treats H.264 from its source (``decide_mode``), over ``[video] mode``; an RTSP
-camera also in ``#transport=udp`` (TCP by default). A URL's fragment is never
+camera also in ``#transport=udp`` (TCP by default); and in ``#audio=on|off``:
+whether the stream carries its source's sound (``audio_source``), over
+``[audio] enabled``. A URL's fragment is never
 sent to a camera, so it fits RTSP URLs, paths and devices alike.
 """
 
@@ -27,8 +29,9 @@ from .logsafe import REDACTED, redact_url
 # auto: pass H.264 through when browsers can take it as it is, else transcode; passthrough: never decode nor
 # encode (a source that cannot be passed through is an error); transcode: decode and encode, as always.
 MODES = ("auto", "passthrough", "transcode")
-SPEC_OPTIONS = ("mode", "transport")  # what a spec's #fragment may set
+SPEC_OPTIONS = ("mode", "transport", "audio")  # what a spec's #fragment may set
 RTSP_TRANSPORTS = ("tcp", "udp")
+AUDIO_OPTIONS = ("on", "off")  # a spec's #audio=: its source's sound or none, whatever [audio] enabled says
 # Profiles browsers' WebRTC decoders take (8-bit 4:2:0): Constrained Baseline, Baseline, Main, High.
 BROWSER_PROFILES = (PROFILE_BASELINE, PROFILE_MAIN, PROFILE_HIGH)
 
@@ -42,6 +45,7 @@ class SourceSpec:
     fps: float | None = None
     mode: str = ""  # from the spec's #mode=; empty: [video] mode
     transport: str = ""  # an RTSP camera's, from #transport=; empty: TCP
+    audio: str = ""  # from #audio=on|off; empty: [audio] enabled
 
     def __str__(self) -> str:
         """The spec for logs and the API: an RTSP camera's password hidden."""
@@ -90,7 +94,7 @@ def _fragment(text: str) -> tuple[str, dict[str, str]]:
         key, eq, value = part.partition("=")
         if key not in SPEC_OPTIONS or not eq:
             raise ValueError(f"source option #{part} is not one of {', '.join(f'#{k}=' for k in SPEC_OPTIONS)}")
-        allowed = MODES if key == "mode" else RTSP_TRANSPORTS
+        allowed = {"mode": MODES, "transport": RTSP_TRANSPORTS, "audio": AUDIO_OPTIONS}[key]
         if value not in allowed:
             raise ValueError(f"source option #{key}={value} is not one of {', '.join(allowed)}")
         options[key] = value
@@ -149,6 +153,18 @@ def parse_fps(text: str) -> float:
     if not 1 <= fps <= 120:
         raise ValueError(f"frame rate {text!r} is outside 1..120")
     return fps
+
+
+# The sound each kind of source carries, in its worker (ipc.WorkerConfig.audio): the test pattern's own tone
+# bursts. Capture cards' ALSA devices and cameras' own tracks are for later.
+AUDIO_SOURCES = {"test": "test"}
+
+
+def audio_source(spec: SourceSpec, enabled: bool) -> str:
+    """What a stream's worker captures sound from ("" none): its source's own sound, when the spec's ``#audio=``
+    (else ``enabled``, the config's ``[audio] enabled``) asks for it and the source has one."""
+    wanted = spec.audio == "on" if spec.audio else enabled
+    return AUDIO_SOURCES.get(spec.kind, "") if wanted else ""
 
 
 FAULTS = ("die", "hang", "corrupt")

@@ -1,7 +1,9 @@
 """One stream: a camera's worker process feeding a packet hub, and the consumers it feeds.
 
-    worker process (capture -> the camera's H.264 passed through, or decode once -> encode once)
+    worker process (capture -> the camera's H.264 passed through, or decode once -> encode once;
+                    its sound, when it has one -> Opus, encoded once)
         --pipe--> Stream (event loop) --> PacketHub --> viewers, publishers, recorders
+                                      --> PacketHub (audio) --> viewers that take audio
                                       --> JpegFeed  --> snapshots, MJPEG, the recorder's snapshots
 
 The codecs run in their own process because PyAV and numpy hold the GIL for a
@@ -61,6 +63,10 @@ class Consumer(Protocol):
 
 
 C = TypeVar("C")
+# What a worker's STATUS says of its sound besides the counters (ipc.WORKER_COUNTERS): shown in the API as it is.
+AUDIO_STATUS = (
+    "audio", "audio_state", "audio_codec", "audio_channels", "audio_bitrate", "audio_encode_ms", "audio_last_error",
+)  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -88,9 +94,11 @@ class Stream:
         retry: Retry | None = None,
         join: str = "auto",
         mode: str = "auto",
+        audio: str = "",
     ) -> None:
         self.name = name
         self.spec = spec
+        self.audio_source = audio  # what its worker captures sound from (relay.source.audio_source); "" none
         self.join = join  # config video.join: "auto", "cached_gop" or "keyframe" (join_mode resolves "auto")
         self.stats = StreamStats()
         self.state = "new"
@@ -109,6 +117,11 @@ class Stream:
         self._slate = False
         self.jpegs = JpegFeed(self.set_jpeg)  # the camera's JPEGs, while anyone wants them
         self.hub = PacketHub(name, self.request_keyframe, cached_start=self.starts_from_cache)
+        # Its sound, fanned out as the video is (a bounded queue per subscriber, counted drops). Every Opus packet
+        # decodes on its own: each is a "keyframe" to the hub, so a subscriber starts, and after a lag resumes, at
+        # the next packet; there is no keyframe to ask for and no GOP to keep.
+        self.audio = PacketHub(name, lambda: None)
+        self._audio_status: dict[str, object] = {}  # the worker's latest word on its sound (ipc.WorkerStatus.audio*)
         self.consumers: list[Consumer] = [self.jpegs]
         self._started: list[Consumer] = []
         SECRET_FILTER.secrets.update(url_passwords(spec.target))  # the camera's: hidden in every log line and status
@@ -123,6 +136,7 @@ class Stream:
             settings.encoder,
             log_level,
             spec.mode or mode,
+            audio,
         )
         self._worker = Child(
             f"stream={name} worker",
@@ -145,6 +159,12 @@ class Stream:
         self._last_unit = 0.0
         self._rates = (0.0, 0.0, 0.0)  # captured and encoded frames a second, bits a second
         self._rates_from: tuple[float, int, int, int] | None = None  # when, frames captured, encoded, bytes
+
+    @property
+    def has_audio(self) -> bool:
+        """The stream carries sound: WebRTC answers send its Opus to offers that take audio (from the start, so a
+        viewer hears the sound from when it comes, even if its source is late or retrying)."""
+        return bool(self.audio_source)
 
     @property
     def passthrough(self) -> bool:
@@ -188,6 +208,7 @@ class Stream:
         await asyncio.gather(*(self._close(c) for c in self._started))
         await self._worker.stop()
         self.hub.close()
+        self.audio.close()
         self.encoders_running = 0
         self.state = "closed"
 
@@ -209,7 +230,9 @@ class Stream:
 
     def status(self) -> StreamStatus:
         st = self.stats
-        consumers = [c.stats() for c in self.consumers] + [self._join_stats(), self._thermal_stats()]
+        consumers = [c.stats() for c in self.consumers] + [
+            self._join_stats(), self._thermal_stats(), self._audio_stats(),
+        ]  # fmt: skip
         capture_fps, encoded_fps, bitrate_bps = self._rates
         return StreamStatus(
             name=self.name,
@@ -270,6 +293,41 @@ class Stream:
                        "Subscribers started from the GOP cache (joins and resyncs).", self.hub.cache_starts, labels),
                 Metric("camrelay_stream_gop_cache_overflows_total", "counter",
                        "GOPs that outgrew the cache (joiners waited for a keyframe).", gop.overflows, labels),
+            ),
+        )  # fmt: skip
+
+    def _audio_stats(self) -> ConsumerStats:
+        """Its sound: the source and its state, the Opus encoder, frames captured and sent on, and dropped."""
+        st, a, labels = self.stats, self._audio_status, {"stream": self.name}
+        dropped = {"overrun": st.audio_frames_dropped_overrun, "viewer_lag": self.audio.dropped}
+        api = {
+            "source": a.get("audio", "") or self.audio_source,
+            "state": a.get("audio_state", "starting") if self.audio_source else "off",
+            "codec": a.get("audio_codec", ""),
+            "channels": a.get("audio_channels", 0),
+            "bitrate": a.get("audio_bitrate", 0),
+            "encode_ms": round(float(a.get("audio_encode_ms", 0.0)), 2),  # type: ignore[arg-type]
+            "frames_captured": st.audio_frames_captured,
+            "frames": st.audio_frames_encoded,
+            "frames_dropped": dropped,
+            "source_errors": st.audio_source_errors,
+            "last_error": a.get("audio_last_error", ""),
+            "cpu_seconds": round(st.audio_cpu_seconds, 3),  # the worker's audio thread: capture and encode
+            "pipeline_delay_ms": self.audio.pipeline_delay.percentiles_ms(),
+            "fanout_delay_ms": self.audio.fanout_delay.percentiles_ms(),
+        }
+        return ConsumerStats(
+            {"audio": api},
+            (
+                Metric("camrelay_stream_audio_frames_total", "counter", "Opus frames (20 ms) from the worker.",
+                       st.audio_frames_encoded, labels),
+                Metric("camrelay_stream_audio_source_errors_total", "counter", "Audio source failures.",
+                       st.audio_source_errors, labels),
+                Metric("camrelay_stream_audio_cpu_seconds_total", "counter",
+                       "CPU time of the worker's audio thread (capture, Opus encode).",
+                       round(st.audio_cpu_seconds, 3), labels),
+                *(Metric("camrelay_stream_audio_frames_dropped_total", "counter", "Audio frames dropped, by reason.",
+                         n, {**labels, "reason": reason}) for reason, n in dropped.items()),
             ),
         )  # fmt: skip
 
@@ -344,6 +402,9 @@ class Stream:
     def _on_message(self, msg: ipc.Message) -> None:
         if msg.kind == ipc.UNIT:
             self._on_unit(msg)
+        elif msg.kind == ipc.AUDIO:
+            self.stats.audio_frames_encoded += 1
+            self.audio.publish(EncodedFrame(msg.payload, msg.pts, True, msg.capture_time, payloads=[msg.payload]))
         elif msg.kind == ipc.JPEG:
             self.jpegs.publish(msg.payload, msg.capture_time)
         elif msg.kind == ipc.STATUS:
@@ -405,6 +466,8 @@ class Stream:
         self.mode, self.mode_reason, self.codec, self.profile = s.mode, s.mode_reason, s.codec, s.profile
         self.reader = s.reader
         self._slate = s.slate
+        self._audio_status = {key: getattr(s, key) for key in AUDIO_STATUS}
+        self._audio_status["audio_last_error"] = redact(s.audio_last_error, SECRET_FILTER.secrets)
 
     def _fold_counts(self) -> None:
         """A worker ended: keep its counters as the base for the next one."""

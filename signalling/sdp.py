@@ -151,8 +151,9 @@ def check_offer(text: str) -> OfferSummary:
 
     The relay serves the first video m-section that can receive H.264; the
     offer may hold anything else besides (audio, a data channel, more video),
-    which the answer rejects. With no such section the reason is the first
-    video section's.
+    which the answer rejects, but for the audio a stream with sound sends to
+    (``find_audio``). With no such video section the reason is the first video
+    section's.
     """
     if "\x00" in text:
         raise SdpError("offer contains a NUL byte")
@@ -227,37 +228,61 @@ def _check_video(session: list[str], section: list[str]) -> tuple[tuple[int, ...
     return usable, direction
 
 
-def served_only(offer: str, served: int) -> str:
-    """The offer as the relay's peer connection sees it: its m-section ``served`` alone.
+def find_audio(offer: str) -> int | None:
+    """The index of the offer's first audio m-section that can receive Opus (48000/2, recvonly or sendrecv), which
+    a stream with sound sends to; None when there is none (the answer rejects any audio, the video plays alone).
+    Call it on an offer ``check_offer`` passed."""
+    for index, section in enumerate(_split(_lines(offer))[1]):
+        m = _MLINE.match(section[0])
+        if m is None or m.group(1) != "audio" or (m.group(2) == "0" and "a=bundle-only" not in section):
+            continue
+        direction = next((a[2:] for a in reversed(section) if a[2:] in _DIRECTIONS), "sendrecv")
+        opus = any((r := _RTPMAP.match(a)) and r.group(2).lower() == "opus" and a.endswith("/48000/2") for a in section)
+        if opus and direction in ("recvonly", "sendrecv"):
+            return index
+    return None
+
+
+def _kept(served: int, audio: int | None) -> list[int]:
+    """The m-sections the relay answers, in the offer's order: the video it serves, and the audio it sends to."""
+    return sorted({served} if audio is None else {served, audio})
+
+
+def served_only(offer: str, served: int, audio: int | None = None) -> str:
+    """The offer as the relay's peer connection sees it: its m-section ``served`` alone (and ``audio``, the audio
+    section a stream with sound sends to: ``find_audio``).
 
     aiortc answers every m-section it is given: it accepts a data channel (an
     SCTP association per viewer), takes audio with a receiver of its own
     (answered inactive, or recvonly when the browser offers to send), and fails
     the whole offer on an m-section whose codecs it lacks. So it is shown only
-    the section it sends to, in a BUNDLE group of its own if the offer bundled
-    it; ``answer_all`` answers the rest.
+    the sections it sends to, in a BUNDLE group of their own if the offer bundled
+    them; ``answer_all`` answers the rest.
     """
     session, sections = _split(_lines(offer))
-    mid = _mid(sections[served])
+    kept = _kept(served, audio)
+    mids = [mid for index in kept if (mid := _mid(sections[index])) is not None]
     head = []
     for line in session:
         if line.startswith("a=group:"):
-            if line.startswith("a=group:BUNDLE ") and mid in line.split()[1:]:
-                head.append(f"a=group:BUNDLE {mid}")
+            bundled = [mid for mid in line.split()[1:] if mid in mids] if line.startswith("a=group:BUNDLE ") else []
+            if bundled:
+                head.append(f"a=group:BUNDLE {' '.join(bundled)}")
         else:
             head.append(line)
-    return "\r\n".join(head + sections[served]) + "\r\n"
+    return "\r\n".join(head + [line for index in kept for line in sections[index]]) + "\r\n"
 
 
-def answer_all(offer: str, served: int, answer: str) -> str:
-    """The answer to the whole ``offer``, from aiortc's answer to ``served_only(offer, served)``.
+def answer_all(offer: str, served: int, answer: str, audio: int | None = None) -> str:
+    """The answer to the whole ``offer``, from aiortc's answer to ``served_only(offer, served, audio)``.
 
     RFC 3264 §6: one m-section per offered one, in the offer's order. Each one
-    but ``served`` is rejected: port 0, ``a=inactive`` for RTP media (nothing is
-    sent nor received), its mid kept and left out of the BUNDLE group (RFC 9143
-    §7.3.3). The served section is the only one in the group, so it is the
-    tagged one even where the offer tagged a section rejected here (§7.3.1). No
-    group at all when the offer did not bundle it (§7.3).
+    but ``served`` (and ``audio``) is rejected: port 0, ``a=inactive`` for RTP
+    media (nothing is sent nor received), its mid kept and left out of the
+    BUNDLE group (RFC 9143 §7.3.3). The sections served are the only ones in
+    the group, so one of them is the tagged one even where the offer tagged a
+    section rejected here (§7.3.1). No group at all when the offer did not
+    bundle the video (§7.3).
     """
     offer_session, offered = _split(_lines(offer))
     session, sections = _split(_lines(answer))
@@ -266,8 +291,9 @@ def answer_all(offer: str, served: int, answer: str) -> str:
         line.startswith("a=group:BUNDLE ") and mid in line.split()[1:] for line in offer_session if mid is not None
     )
     lines = [line for line in session if bundled or not line.startswith("a=group:")]
+    answered = dict(zip(_kept(served, audio), sections, strict=True))
     for index, section in enumerate(offered):
-        lines += sections[0] if index == served else _rejected(section)
+        lines += answered.get(index) or _rejected(section)
     return "\r\n".join(lines) + "\r\n"
 
 

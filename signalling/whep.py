@@ -29,6 +29,7 @@ from .sdp import (
     check_candidate,
     check_offer,
     drop_mdns_candidates,
+    find_audio,
     fit_h264,
     is_ice_restart,
     is_mdns_candidate,
@@ -73,8 +74,10 @@ async def whep_offer(request: web.Request) -> web.Response:
         summary = check_offer(offer)
     except SdpError as exc:
         raise error(web.HTTPBadRequest, f"malformed offer: {exc}") from None
-    served = served_only(drop_mdns_candidates(offer), summary.served)
-    sps = relay.streams[name].sps  # of the H.264 the stream sends now; None before its first keyframe
+    stream = relay.streams[name]
+    audio = find_audio(offer) if stream.has_audio else None  # its Opus, to the offer's audio section if it has one
+    served = served_only(drop_mdns_candidates(offer), summary.served, audio)
+    sps = stream.sps  # of the H.264 the stream sends now; None before its first keyframe
     fit = None
     if sps is not None:
         try:
@@ -86,7 +89,9 @@ async def whep_offer(request: web.Request) -> web.Response:
     _check_pending(relay, name, address)
     _check_viewer_limits(relay, name, request.remote)
     try:
-        session, answer = await relay.sessions.create(name, served, request.remote or "?")
+        session, answer = await relay.sessions.create(
+            name, served, request.remote or "?", stream.audio if audio is not None else None
+        )
         if fit is not None:
             answer = fit.answer(answer)  # its profile-level-id: the SPS's (Safari shows black otherwise)
     except OfferRejected as exc:
@@ -108,7 +113,7 @@ async def whep_offer(request: web.Request) -> web.Response:
     location = f"/whep/{name}/{session.id}"
     response = web.Response(
         status=201,
-        body=answer_all(offer, summary.served, answer).encode(),
+        body=answer_all(offer, summary.served, answer, audio).encode(),
         headers={"Location": location, "Content-Type": SDP_TYPE},
     )
     _add_ice_links(request, response)  # no ETag: a session cannot restart ICE (see whep_patch)

@@ -96,3 +96,23 @@ def test_pinned_search_reports_viewers_per_core_for_camrelay_and_mediamtx_and_wh
     assert f"Mode: pinned. The system under test (all its processes) on CPUs {system[0]}" in report
     assert "| camrelay |" in report.split("Viewers per core:")[1] and "| mediamtx |" in report
     assert f"the load generator (peer workers) on CPUs {','.join(map(str, generator))}" in result.stdout
+
+
+def test_lipsync_benchmark_smoke(tmp_path):
+    """benchmarks.lipsync end to end, a few seconds each: every figure is there (what they are is for a full run)."""
+    out = tmp_path / "lipsync.json"
+    cmd = [sys.executable, "-m", "benchmarks.lipsync", "--duration", "3", "--rounds", "1", "--ab-duration", "3",
+           "--settle", "1", "--viewers", "2", "--size", "640x360", "--fps", "15", "--bitrate", "500k",
+           "--out", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    for listener in ("aiortc", "delivered"):
+        heard = data[listener]
+        assert heard["bursts"] >= 2 and heard["bursts_slipped"] == 0, heard
+        assert heard["audio_latency_ms"]["p50"] is not None and heard["lip_sync_ms"]["median"] is not None, heard
+    assert data["delivered"]["sender_report_error_ms"]["video"]["n"] > 0
+    assert [a["audio"] for a in data["ab"]["arms"]] == [True, False]
+    with_sound, without = data["per_viewer"]["arms"]
+    assert with_sound["packets_per_viewer_s"] > without["packets_per_viewer_s"]  # the Opus packets reached them
+    assert data["ab"]["with_audio"]["audio_thread_cpu_pct"] > 0 == data["ab"]["without_audio"]["audio_thread_cpu_pct"]

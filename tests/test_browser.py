@@ -26,7 +26,8 @@ from yarl import URL
 from benchmarks.chromium import PRESENTED, as_script, chromium, presented_clocks, wait_presented
 from benchmarks.ports import free_port
 from relay.auth import hash_password
-from relay.config import AuthConfig, IceServer
+from relay.config import AuthConfig, IceServer, StreamConfig
+from relay.source import SourceSpec
 
 from .conftest import TEST_HEIGHT, TEST_WIDTH, EncodedFrames, RunningRelay, make_config, start_relay
 from .stun import stun_server
@@ -437,7 +438,8 @@ async def test_mediamtx_reader_js_from_another_origin_plays_with_its_token_on_po
             await runner.cleanup()
 
 
-# What players that add audio first send: the offer's BUNDLE tag is the audio section, which the answer rejects.
+# What players that add audio first send: the offer's BUNDLE tag is the audio section, which the answer rejects
+# for a stream without sound.
 AUDIO_FIRST = """async (url) => {
   const pc = new RTCPeerConnection({ iceServers: [] });
   pc.addTransceiver("audio", { direction: "recvonly" });
@@ -454,6 +456,7 @@ AUDIO_FIRST = """async (url) => {
 }"""
 
 
+@pytest.mark.relay_config(streams=(StreamConfig("cam0", SourceSpec("test", "", audio="off")),))
 async def test_chromium_takes_the_answer_that_rejects_the_bundle_tag_of_its_offer(relay_server):
     async with chromium() as browser:
         page = await browser.new_page()

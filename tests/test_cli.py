@@ -205,3 +205,12 @@ def test_rtsp_port_in_use_is_one_clear_error(tmp_path):
         )
     )
     assert "opened" not in result.stderr  # no camera was started
+
+
+def test_flags_of_every_section_reach_the_config():
+    from relay.cli import build_parser, load_config
+
+    args = build_parser().parse_args(["serve", "--no-audio", "--no-rtsp", "--mode", "transcode"])
+    config = load_config(args, {})
+    assert (config.audio.enabled, config.rtsp.enabled, config.video.mode) == (False, False, "transcode")
+    assert load_config(build_parser().parse_args(["serve"]), {}).audio.enabled is True

@@ -1,7 +1,7 @@
 import pytest
 
 from relay.config import ConfigError, IceServer, load
-from relay.source import SourceSpec, parse_source_spec
+from relay.source import SourceSpec, audio_source, parse_source_spec
 
 FULL = """
 log_level = "debug"
@@ -219,6 +219,15 @@ def test_streams_from_environment_and_flags():
             {},
             "streams.pattern: #mode=passthrough: the test pattern is drawn here, it has no H.264",
         ),
+        ("[audio]\nenabled = 2", {}, {}, "audio.enabled: expected true or false, got 2"),
+        ("", {"CAMRELAY_AUDIO_ENABLED": "loud"}, {}, "audio.enabled: expected true or false, got 'loud'"),
+        ("[audio]\nbitrate = 64000", {}, {}, "audio.bitrate: unknown key"),
+        (
+            '[streams]\npattern = "test:#audio=mute"',
+            {},
+            {},
+            "streams.pattern: source option #audio=mute is not one of on, off",
+        ),
     ],
 )
 def test_bad_values_name_the_key(toml, env, flags, message):
@@ -260,3 +269,23 @@ def test_the_mode_comes_from_the_file_the_environment_a_flag_and_a_streams_own_s
     assert door.source.unredacted() == "rtsp://u:pw@cam/s#mode=passthrough&transport=udp"  # for its worker only
     assert parse_source_spec(door.source.unredacted()) == door.source
     assert parse_source_spec("file:/clips/a#1.mp4").target == "/clips/a#1.mp4"  # a # without = is the path's
+
+
+def test_sound_comes_from_the_file_the_environment_a_flag_and_a_streams_own_spec():
+    assert load().audio.enabled is True  # the test pattern carries its sound by default
+    assert load("[audio]\nenabled = false").audio.enabled is False
+    assert load("[audio]\nenabled = false", {"CAMRELAY_AUDIO_ENABLED": "true"}).audio.enabled is True
+    assert load("", {"CAMRELAY_AUDIO_ENABLED": "true"}, {"audio.enabled": False}).audio.enabled is False  # --no-audio
+    quiet, loud, plain, camera = (
+        s.source
+        for s in load(
+            '[audio]\nenabled = false\n[streams]\nquiet = "test:#audio=off"'
+            '\nloud = "test:640x360@15#mode=transcode&audio=on"\nplain = "test:"\ncamera = "v4l2:/dev/video0#audio=on"'
+        ).streams
+    )
+    assert (quiet.audio, loud.audio, plain.audio) == ("off", "on", "")
+    assert str(loud) == "test:640x360@15#mode=transcode&audio=on" and parse_source_spec(str(loud)) == loud
+    # What each stream's worker captures its sound from: the spec's word, else [audio] enabled; a source that has
+    # no sound of its own (yet: a USB camera's ALSA device is for later) has none either way.
+    assert [audio_source(s, enabled=False) for s in (quiet, loud, plain, camera)] == ["", "test", "", ""]
+    assert [audio_source(s, enabled=True) for s in (quiet, loud, plain, camera)] == ["", "test", "test", ""]

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from .conftest import make_config, start_relay
 
 EXAMPLES = 300
+AUDIO_EXAMPLES = 100
 
 junk = st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\r\n\x00"), max_size=40)
 token = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+/", min_size=1, max_size=32)
@@ -103,18 +104,25 @@ def media_section(draw) -> list[str]:
     return lines
 
 
-@st.composite
-def mostly_valid_video(draw) -> list[str]:
-    """A video section a browser could send, with some lines dropped and junk attributes mixed in."""
+def ice_and_dtls(draw) -> list[str]:
+    """An m-section's ICE credentials, DTLS fingerprint and role, as a browser writes them."""
     ufrag = draw(st.text(alphabet="abcdefghijklmnop0123456789", min_size=4, max_size=8))
     pwd = draw(st.text(alphabet="abcdefghijklmnop0123456789", min_size=22, max_size=32))
     fp = ":".join(draw(st.lists(HEX_PAIR, min_size=32, max_size=32)))
-    lines = [
-        "c=IN IP4 0.0.0.0",
+    return [
         f"a=ice-ufrag:{ufrag}",
         f"a=ice-pwd:{pwd}",
         f"a=fingerprint:sha-256 {fp}",
         draw(st.sampled_from(["a=setup:actpass", "a=setup:active", "a=setup:passive"])),
+    ]
+
+
+@st.composite
+def mostly_valid_video(draw) -> list[str]:
+    """A video section a browser could send, with some lines dropped and junk attributes mixed in."""
+    lines = [
+        "c=IN IP4 0.0.0.0",
+        *ice_and_dtls(draw),
         "a=mid:0",
         draw(st.sampled_from(["a=recvonly", "a=sendrecv", "a=sendonly", "a=inactive"])),
         "a=rtcp-mux",
@@ -129,6 +137,59 @@ def mostly_valid_video(draw) -> list[str]:
     extra = draw(st.lists(attribute(st.sampled_from([96, 97])), max_size=2))
     body = draw(st.permutations(kept + extra)) if draw(st.booleans()) else kept + extra
     return ["m=video 9 UDP/TLS/RTP/SAVPF 96 97", *body]
+
+
+@st.composite
+def mostly_valid_audio(draw) -> list[str]:
+    """An audio section a browser could send (Opus and PCMU), some lines dropped, junk mixed in: what a stream with
+    sound answers with its Opus."""
+    lines = [
+        "c=IN IP4 0.0.0.0",
+        *ice_and_dtls(draw),
+        "a=mid:1",
+        draw(st.sampled_from(["a=recvonly", "a=sendrecv", "a=sendonly", "a=inactive"])),
+        "a=rtcp-mux",
+        "a=rtpmap:111 opus/48000/2",
+        draw(st.sampled_from(["a=fmtp:111 minptime=10;useinbandfec=1", "a=fmtp:111 stereo=1", "a=fmtp:111 x"])),
+        "a=rtcp-fb:111 transport-cc",
+        "a=rtpmap:0 PCMU/8000",
+        "a=extmap:14 urn:ietf:params:rtp-hdrext:ssrc-audio-level",
+    ]
+    kept = [line for line in lines if draw(st.integers(0, 19))]  # each line dropped one time in twenty
+    extra = draw(st.lists(attribute(st.sampled_from([111, 0])), max_size=2))
+    return [f"m=audio {draw(st.sampled_from([9, 9, 9, 0]))} UDP/TLS/RTP/SAVPF 111 0", *kept, *extra]
+
+
+VALID_VIDEO = [
+    "m=video 9 UDP/TLS/RTP/SAVPF 96 97",
+    "c=IN IP4 0.0.0.0",
+    "a=ice-ufrag:abcd",
+    "a=ice-pwd:abcdefghijklmnop0123456789",
+    "a=fingerprint:sha-256 " + ":".join(["AB"] * 32),
+    "a=setup:actpass",
+    "a=mid:0",
+    "a=recvonly",
+    "a=rtcp-mux",
+    "a=rtpmap:96 H264/90000",
+    "a=fmtp:96 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f",
+    "a=rtpmap:97 rtx/90000",
+    "a=fmtp:97 apt=96",
+    "a=candidate:1 1 udp 2130706431 127.0.0.1 9 typ host",
+]
+
+
+@st.composite
+def offers_with_audio(draw) -> str:
+    """A video section the relay serves, an audio section it may send its Opus to, maybe more."""
+    head = ["v=0", "o=- 1 1 IN IP4 127.0.0.1", "s=-", "t=0 0"]
+    head += draw(
+        st.lists(st.sampled_from(["a=group:BUNDLE 0 1", "a=group:BUNDLE 1 0", "a=group:BUNDLE 0"]), max_size=1)
+    )
+    sections = [VALID_VIDEO, draw(mostly_valid_audio())]
+    if draw(st.booleans()):
+        sections.reverse()  # audio first, as some players offer
+    sections += draw(st.lists(media_section(), max_size=1))
+    return "\r\n".join(head + [line for s in sections for line in s]) + "\r\n"
 
 
 @st.composite
@@ -209,4 +270,32 @@ def test_generated_offers_get_201_or_400_and_leave_nothing(caplog):
         assert relay.sessions() == 0
     assert seen.get(400, 0) > EXAMPLES // 4, seen  # the grammar does produce broken offers
     assert seen.get(201, 0) > 10, seen  # and offers deep enough for aiortc to answer
+    assert "Traceback" not in caplog.text
+
+
+def test_generated_audio_sections_get_opus_or_a_rejection_never_a_500(caplog):
+    """The stream has sound: an audio section that can receive Opus is answered with it, any other rejected; a
+    section aiortc cannot take is a 400 with its reason."""
+    seen: dict[tuple[int, bool], int] = {}
+    with caplog.at_level(logging.ERROR), RelayThread() as relay:
+
+        @settings(
+            max_examples=AUDIO_EXAMPLES, deadline=None, database=None, derandomize=True,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        )  # fmt: skip
+        @given(offers_with_audio())
+        def check(offer: str) -> None:
+            status, body, headers = post(relay.running.whep(), offer.encode())
+            assert status in (201, 400), (status, body, offer)
+            assert body.strip(), "a refusal must say why"
+            answered = status == 201 and any(
+                line.startswith("m=audio ") and line.split()[1] != "0" for line in body.splitlines()
+            )
+            seen[status, answered] = seen.get((status, answered), 0) + 1
+            if status == 201:
+                assert delete(relay.running.base + headers["Location"]) == 200
+
+        check()
+        assert relay.sessions() == 0
+    assert seen.get((201, True), 0) > 10 and seen.get((201, False), 0) > 0, seen  # Opus sent, and audio rejected
     assert "Traceback" not in caplog.text

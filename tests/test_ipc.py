@@ -92,6 +92,7 @@ async def test_a_stream_reads_its_worker_through_the_reader():
     data = (
         ipc.pack(ipc.UNIT, b"\x00\x00\x00\x01\x65abc", flags=ipc.FLAG_KEYFRAME, pts=90, capture_time=1.0)
         + ipc.pack(ipc.JPEG, b"\xff\xd8\xff\xd9", capture_time=2.0)
+        + ipc.pack(ipc.AUDIO, b"\x78opus", pts=96_000, capture_time=2.0)
         + ipc.pack(ipc.STATUS, status.to_json())
         + ipc.pack(ipc.STATUS, b'{"state": "live"}')  # missing fields: logged, not taken
     )
@@ -103,7 +104,12 @@ async def test_a_stream_reads_its_worker_through_the_reader():
     assert (stream.stats.frames_encoded, stream.stats.keyframes, stream.stats.frames_captured) == (1, 1, 5)
     assert stream.jpegs.latest.data == b"\xff\xd8\xff\xd9" and stream.jpegs.latest.capture_time == 2.0
     assert (stream.state, stream.width, stream.height, stream.fps) == ("live", 320, 240, 15.0)
+    # An Opus packet goes to the stream's audio hub, as one packet to send (not a unit to packetize).
+    audio = stream.audio.newest
+    assert stream.stats.audio_frames_encoded == 1 and audio is not None
+    assert (audio.data, audio.pts, audio.capture_time, audio.payloads) == (b"\x78opus", 96_000, 2.0, [b"\x78opus"])
     stream.hub.close()
+    stream.audio.close()
 
 
 def _modules_after(*imports: str) -> set[str]:

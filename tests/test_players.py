@@ -60,6 +60,14 @@ def video_mid(sdp: str) -> str | None:
     return next(mid_of(s) for s in sections(sdp) if s[0].startswith("m=video") and s[0].split()[1] != "0")
 
 
+def audio_mid(sdp: str) -> str | None:
+    return next((mid_of(s) for s in sections(sdp) if s[0].startswith("m=audio") and s[0].split()[1] != "0"), None)
+
+
+def opus_payload_type(section: list[str]) -> str:
+    return next(x.split(":")[1].split()[0] for x in section if x.startswith("a=rtpmap:") and " opus/48000/2" in x)
+
+
 def shaped_like(recorded: str, answers: list[str]) -> Callable[[str, str], str]:
     """A ``rewrite_sdp`` hook for ``WhepViewer``: aiortc's offer in the shape of ``recorded``.
 
@@ -110,23 +118,27 @@ async def test_offers_as_browsers_write_them_get_201_and_video_with_a_valid_pixe
             clocks = [capture_ms(s) for s in await viewer.read_frames(30)]
             assert None not in clocks and set(clocks) <= set(encoded.clocks), clocks  # frames the relay encoded
 
-        # One answer m-section per offered one, in order (RFC 3264); all but the video rejected.
+        # One answer m-section per offered one, in order (RFC 3264); the video and, for the stream has sound (the
+        # test pattern's), the audio served; all else rejected.
         [answer] = answers
         offered, answered = sections(recorded), sections(answer)
         assert [s[0].split()[0] for s in answered] == [s[0].split()[0] for s in offered]
         assert [mid_of(s) for s in answered] == [mid_of(s) for s in offered]
-        served = video_mid(recorded)
-        for section in answered:
-            if mid_of(section) == served:
+        served = [mid_of(s) for s in offered if mid_of(s) in (video_mid(recorded), audio_mid(recorded))]
+        for section, offered_section in zip(answered, offered, strict=True):
+            if mid_of(section) in served:
                 assert section[0].split()[1] != "0" and "a=sendonly" in section, section
             else:
                 assert section[0].split()[1] == "0", section
                 assert ("a=inactive" in section) == ("RTP" in section[0]), section
-        assert [line for line in answer.splitlines() if line.startswith("a=group:")] == [f"a=group:BUNDLE {served}"]
+            if mid_of(section) == audio_mid(recorded):  # Opus, under the number the offer gave it
+                assert section[0].split()[3:] == [opus_payload_type(offered_section)], section
+        groups = [line for line in answer.splitlines() if line.startswith("a=group:")]
+        assert groups == [f"a=group:BUNDLE {' '.join(served)}"]
 
-        # Nothing is held for what the answer declined: no audio receiver, no SCTP association.
+        # Nothing is held for what the answer declined: no SCTP association; a sender for the video and the audio.
         session = session_of(relay_server, viewer)
-        assert [t.kind for t in session.pc.getTransceivers()] == ["video"] and session.pc.sctp is None
+        assert [t.kind for t in session.pc.getTransceivers()] == ["video", "audio"] and session.pc.sctp is None
     finally:
         await viewer.close()
     assert relay_server.relay.sessions.count() == 0

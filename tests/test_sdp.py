@@ -5,7 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from signalling.sdp import SdpError, answer_all, check_offer, fit_h264, is_ice_restart, served_only
+from signalling.sdp import (
+    SdpError,
+    answer_all,
+    check_offer,
+    find_audio,
+    fit_h264,
+    is_ice_restart,
+    served_only,
+)
 
 CHROMIUM = (Path(__file__).parent / "data" / "chromium_offer.sdp").read_text()
 
@@ -222,6 +230,60 @@ def test_the_answer_has_every_offered_m_section_and_rejects_all_but_the_video():
     unbundled = offer.replace("a=group:BUNDLE 0 1\r\n", "")
     assert "a=group:" not in served_only(unbundled, 1)
     assert "a=group:" not in answer_all(unbundled, 1, AIORTC_ANSWER.format(mid="1"))
+
+
+# What aiortc answers to served_only() with audio: the video and the audio, in the offer's order (shortened here).
+AIORTC_AV_ANSWER = (
+    "v=0\r\no=- 3 3 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\na=group:BUNDLE {group}\r\na=msid-semantic:WMS *\r\n{sections}"
+)
+VIDEO_SECTION = "m=video 40000 UDP/TLS/RTP/SAVPF 102 103\r\nc=IN IP4 127.0.0.1\r\na=sendonly\r\na=mid:{mid}\r\n"
+AUDIO_SECTION = "m=audio 40000 UDP/TLS/RTP/SAVPF {pt}\r\nc=IN IP4 127.0.0.1\r\na=sendonly\r\na=mid:{mid}\r\n"
+
+
+@pytest.mark.parametrize(("name", "audio"), [("chromium_156", 1), ("firefox_153", 1), ("firefox_99_audio_first", 0),
+                                             ("safari_16", 1)])  # fmt: skip
+def test_the_audio_section_that_can_receive_opus_is_found(name, audio):
+    assert find_audio(recorded(name)) == audio
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("a=rtpmap:111 opus/48000/2\r\n", ""),  # no Opus: PCMU and the rest only
+        ("m=audio 9 ", "m=audio 0 "),  # rejected by the viewer itself
+        ("a=recvonly", "a=sendonly"),  # a microphone, with nothing to receive
+        ("a=recvonly", "a=inactive"),
+    ],
+)
+def test_no_audio_section_is_served_where_none_can_receive_opus(old, new):
+    offer = recorded("chromium_156")
+    audio = offer.index("m=audio")
+    assert old in offer[audio:]
+    assert find_audio(offer[:audio] + offer[audio:].replace(old, new, 1)) is None
+
+
+def test_a_stream_with_sound_answers_the_video_and_the_audio_and_rejects_the_rest():
+    offer = recorded("chromium_156")  # video 0, audio 1, data channel 2
+    aiortc_sees = served_only(offer, 0, 1)
+    assert [line.split()[0] for line in aiortc_sees.splitlines() if line.startswith("m=")] == ["m=video", "m=audio"]
+    assert "\r\na=group:BUNDLE 0 1\r\n" in aiortc_sees and "m=application" not in aiortc_sees
+    answer = AIORTC_AV_ANSWER.format(
+        group="0 1", sections=VIDEO_SECTION.format(mid="0") + AUDIO_SECTION.format(pt=111, mid="1")
+    )
+    assert answer_all(offer, 0, answer, 1).split("m=")[1:] == [
+        "video 40000 UDP/TLS/RTP/SAVPF 102 103\r\nc=IN IP4 127.0.0.1\r\na=sendonly\r\na=mid:0\r\n",
+        "audio 40000 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 127.0.0.1\r\na=sendonly\r\na=mid:1\r\n",
+        "application 0 UDP/DTLS/SCTP webrtc-datachannel\r\nc=IN IP4 0.0.0.0\r\na=mid:2\r\n",
+    ]
+    # Audio first (its BUNDLE tag): both served, in the offer's order, the tag answered too.
+    offer = recorded("firefox_99_audio_first")
+    aiortc_sees = served_only(offer, 1, 0)
+    assert [line.split()[0] for line in aiortc_sees.splitlines() if line.startswith("m=")] == ["m=audio", "m=video"]
+    answer = AIORTC_AV_ANSWER.format(
+        group="0 1", sections=AUDIO_SECTION.format(pt=109, mid="0") + VIDEO_SECTION.format(mid="1")
+    )
+    whole = answer_all(offer, 1, answer, 0)
+    assert "a=group:BUNDLE 0 1\r\n" in whole and whole.count("m=") == 2 and " 0 UDP" not in whole
 
 
 def test_a_new_ice_ufrag_in_a_trickle_fragment_is_an_ice_restart():

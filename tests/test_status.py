@@ -35,6 +35,12 @@ def _api_counter(status: dict, sample) -> float | None:
         "camrelay_stream_frames_decoded_total": lambda: stream["frames_decoded"],
         "camrelay_stream_keyframe_requests_ignored_total": lambda: stream["keyframe_requests_ignored"],
         "camrelay_stream_frames_dropped_total": lambda: stream["frames_dropped"][sample.labels["reason"]],
+        "camrelay_stream_audio_frames_total": lambda: stream["audio"]["frames"],
+        "camrelay_stream_audio_source_errors_total": lambda: stream["audio"]["source_errors"],
+        "camrelay_stream_audio_cpu_seconds_total": lambda: stream["audio"]["cpu_seconds"],
+        "camrelay_stream_audio_frames_dropped_total": lambda: stream["audio"]["frames_dropped"][
+            sample.labels["reason"]
+        ],
         "camrelay_stream_gop_cache_starts_total": lambda: stream["gop_cache"]["starts"],
         "camrelay_stream_gop_cache_overflows_total": lambda: stream["gop_cache"]["overflows"],
         "camrelay_whip_sessions_total": lambda: whip["sessions"],

@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .. import h264, ipc
 from ..backoff import Retry
@@ -40,6 +41,9 @@ from ..source import ModeDecision, PassthroughRefused, decide_mode, parse_source
 from .capture import CapturedFrame, PacketSource, Source, SourceClock, SourceError, UseDemuxer, open_source
 from .encode import PTS_CLOCK, DecodeError, H264Encoder, JpegDecoder, JpegEncoder
 from .rtspsource import RtspSource
+
+if TYPE_CHECKING:
+    from .audio import AudioPipeline  # numpy and PyAV: loaded by the workers that carry sound only
 
 log = logging.getLogger("relay.camera.worker")  # not __name__: this module runs as __main__
 
@@ -169,8 +173,10 @@ class Pipeline:
         emit: Emit,
         size: tuple[int, int] = (1280, 720),
         mode: str = "auto",
+        audio: AudioPipeline | None = None,
     ) -> None:
         self.name = name
+        self.audio = audio  # the stream's sound, on a thread of its own; None without
         self.size = size  # for the slate until the source reports its own
         self.settings_fps = settings.fps
         self.source = source  # for log lines, credentials already redacted
@@ -224,10 +230,14 @@ class Pipeline:
     def start(self) -> None:
         self._capture = threading.Thread(target=self._capture_loop, name=f"capture-{self.name}", daemon=True)
         self._capture.start()
+        if self.audio is not None:
+            self.audio.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._mailbox.close()
+        if self.audio is not None:
+            self.audio.stop()
         source = self._source
         if source is not None:
             source.close()  # unblocks a pending read
@@ -255,7 +265,8 @@ class Pipeline:
             state = "no_signal"
         if self.encoder_failing:
             state = ipc.ENCODER_ERROR  # nothing reaches viewers, whatever the camera does
-        return dataclasses.replace(st, state=state, encoders_running=running)
+        audio = self.audio.status() if self.audio is not None else {}
+        return dataclasses.replace(st, state=state, encoders_running=running, **audio)
 
     def push_status(self) -> None:
         self._last_status = time.monotonic()
@@ -797,6 +808,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = EncoderSettings(cfg.bitrate, spec.fps or cfg.fps, cfg.keyframe_interval, cfg.encoder)
     # A UVC camera that can send H.264 itself is asked for it, unless the stream must transcode.
     h264_device = spec.kind == "v4l2" and cfg.mode != "transcode" and offers_h264(spec.target)
+    audio = None
+    if cfg.audio:
+        from .audio import AudioPipeline, open_audio_source
+
+        audio = AudioPipeline(cfg.name, lambda: open_audio_source(cfg.audio), emit)
     pipeline = Pipeline(
         cfg.name,
         str(spec),
@@ -805,6 +821,7 @@ def main(argv: list[str] | None = None) -> int:
         emit,
         size=(spec.width or cfg.width, spec.height or cfg.height),
         mode=cfg.mode,
+        audio=audio,
     )
 
     def commands() -> None:

@@ -267,6 +267,7 @@ class FrameSender:
         self.sender = sender
         self.fields = borrowed.SenderFields(sender)
         self.payload_type = codec.payloadType
+        self.clock_rate = codec.clockRate  # RTP ticks a second: 90 kHz (H.264), 48 kHz (Opus)
         self.history = SentFrames()
         self.writer = borrowed.SrtpFrameWriter()
         self.send_run = sender.__dict__.get(_SEND, send_run_now)
@@ -287,6 +288,10 @@ class FrameSender:
         protocol, addr, session = borrowed.dtls_socket(dtls)
         if unless_backed_up and _backlog(protocol):
             return False
+        # Sender reports pair an RTP timestamp with the capture clock it stands for (the hub's pts are the wall
+        # clock at capture, in ticks), not with when it was sent: audio and video then map onto one clock, and a
+        # browser syncs them by what was captured together, whatever each one's way here took.
+        captured = ntp_at(timestamp * 1_000_000_000 // self.clock_rate)
         timestamp = uint32_add(self.origin, timestamp)
         ntp = ntp_now()
         template = RtpPacket(payload_type=self.payload_type, sequence_number=self.sequence, timestamp=timestamp)
@@ -297,7 +302,7 @@ class FrameSender:
         sent = send_frame(self.writer, session, header, payloads, self.sequence, self.send_run, protocol, addr)
         self.history.add(self.sequence, timestamp, payloads, self.payload_type)
         self.sequence = (self.sequence + len(payloads)) & 0xFFFF
-        fields.count(ntp, timestamp, sum(map(len, payloads)), len(payloads))
+        fields.count(captured, timestamp, sum(map(len, payloads)), len(payloads))
         borrowed.count_dtls_sent(dtls, sent, len(payloads))
         return True
 

@@ -23,6 +23,7 @@ from aiortc.sdp import candidate_from_sdp
 from ..hub import PacketHub
 from ..status import ConsumerStats
 from . import borrowed, ice, udpbatch
+from .opus import AudioTrack, add_audio
 from .rtpsend import HubTrack, attach_to_sender, h264_preferences
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,13 @@ class ViewerSession:
     created: float = field(default_factory=time.monotonic)
     connected_at: float | None = None
     closed: bool = False
+    audio: AudioTrack | None = None  # the stream's sound, when the offer takes audio and the stream has it
     _deadline: asyncio.TimerHandle | None = None
+
+    def stop_tracks(self) -> None:
+        self.track.stop()
+        if self.audio is not None:
+            self.audio.stop()
 
     @property
     def state(self) -> str:
@@ -130,8 +137,11 @@ class ViewerSessions:
             1 for s in self._sessions.values() if s.state == "connected" and (stream is None or s.stream == stream)
         )
 
-    async def create(self, stream: str, offer_sdp: str, remote: str) -> tuple[ViewerSession, str]:
-        """Answer an offer; returns the session and the SDP answer. Raises ``OfferRejected``."""
+    async def create(
+        self, stream: str, offer_sdp: str, remote: str, audio: PacketHub | None = None
+    ) -> tuple[ViewerSession, str]:
+        """Answer an offer; returns the session and the SDP answer. Raises ``OfferRejected``. ``audio``: the
+        stream's audio hub, sent to the offer's audio section (``signalling.sdp.find_audio``)."""
         hub = self._hub_for(stream)
         session_id = secrets.token_urlsafe(16)
         pc = RTCPeerConnection(RTCConfiguration(iceServers=self._ice_servers()))
@@ -139,7 +149,7 @@ class ViewerSessions:
         session = ViewerSession(session_id, stream, remote, pc, track)
         self._creating.add(session)
         try:
-            answer = await self._set_up(session, offer_sdp, hub)
+            answer = await self._set_up(session, offer_sdp, hub, audio)
         finally:
             self._creating.discard(session)
         self._sessions[session_id] = session
@@ -150,7 +160,7 @@ class ViewerSessions:
         )
         return session, answer
 
-    async def _set_up(self, session: ViewerSession, offer_sdp: str, hub: PacketHub) -> str:
+    async def _set_up(self, session: ViewerSession, offer_sdp: str, hub: PacketHub, audio: PacketHub | None) -> str:
         """Apply the offer and return the answer; on any failure the peer connection is closed."""
         pc, track = session.pc, session.track
         try:
@@ -159,6 +169,8 @@ class ViewerSessions:
             # out labelled as whatever the offer preferred.
             transceiver.setCodecPreferences(h264_preferences())
             attach_to_sender(transceiver.sender, hub, self._batch)
+            if audio is not None:
+                session.audio = add_audio(pc, audio, f"{track.name}-audio", self._batch)
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
             except Exception as exc:  # aiortc's parser raises ValueError, AssertionError, KeyError, ...
@@ -173,7 +185,7 @@ class ViewerSessions:
                 raise OfferRejected(f"offer could not be answered: {_reason(exc)}") from exc
             return await ice.with_additional_hosts(pc.localDescription.sdp, self._additional_hosts, self._resolver)
         except BaseException:
-            track.stop()
+            session.stop_tracks()
             await pc.close()
             raise
 
@@ -182,18 +194,24 @@ class ViewerSessions:
 
         Those under the ``a=mid`` of an m-section the answer rejected are dropped:
         their transport is gone (the browser gathered for it before the answer).
+        Those of a section it answered go to that section's ICE transport, which
+        BUNDLE makes one for the video and the audio: the audio's is its, even
+        where the audio came first in the offer (its BUNDLE tag), whose candidates
+        aiortc's ``addIceCandidate`` would give to no transport (it skips bundled
+        sections), and the video's ones too, the video then being bundled.
         """
-        ours = _first_mid(session.pc)
+        answered = {t.mid: t for t in session.pc.getTransceivers() if t.mid is not None}  # the video, any audio
         mid = None
         for raw in sdpfrag.splitlines():
             line = raw.strip()
             if line.startswith("a=mid:"):
                 mid = line[6:]
-            elif line.startswith("a=candidate:") and mid in (None, ours):
+            elif line.startswith("a=candidate:") and (mid is None or mid in answered):
                 try:
                     candidate = candidate_from_sdp(line[2:].split(":", 1)[1])
-                    candidate.sdpMid = ours
-                    await session.pc.addIceCandidate(candidate)
+                    transceiver = answered[mid] if mid is not None else next(iter(answered.values()))
+                    candidate.sdpMid = transceiver.mid
+                    await transceiver.sender.transport.transport.addRemoteCandidate(candidate)
                 except Exception as exc:  # aiortc asserts on malformed candidates
                     raise OfferRejected(f"bad candidate line {line[:80]!r}: {_reason(exc)}") from exc
             elif line == "a=end-of-candidates":
@@ -215,7 +233,7 @@ class ViewerSessions:
             why,
             self.count(session.stream),
         )
-        session.track.stop()
+        session.stop_tracks()
         await session.pc.close()
         return True
 
@@ -293,13 +311,6 @@ class StreamViewers:
         return ConsumerStats(
             {"viewers": self.sessions.count(self.stream), "viewers_connected": connected}, (), connected
         )
-
-
-def _first_mid(pc: RTCPeerConnection) -> str | None:
-    for t in pc.getTransceivers():
-        if t.mid is not None:
-            return t.mid
-    return None
 
 
 def _reason(exc: BaseException) -> str:

@@ -3,6 +3,8 @@
 It connects like a browser would (recvonly video, non-trickle offer, H.264
 Constrained Baseline and High offered, as Chrome and Safari do), reads frames,
 and can read the pixel clock from each one to measure glass-to-glass latency.
+With ``audio=True`` it offers recvonly audio (Opus) too, as a browser's
+player does, and reads the decoded sound (``recv_audio``).
 """
 
 from __future__ import annotations
@@ -45,6 +47,38 @@ def high_answer_for_aiortc(offer: str, answer: str) -> str:
     return answer
 
 
+_TRANSPORT = ("a=ice-ufrag:", "a=ice-pwd:", "a=fingerprint:", "a=setup:", "a=rtcp-mux")
+
+
+def _sections(sdp: str) -> tuple[list[str], list[list[str]]]:
+    lines = sdp.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("m=")] + [len(lines)]
+    return lines[: starts[0]], [lines[a:b] for a, b in zip(starts, starts[1:], strict=False)]
+
+
+def rejected_for_aiortc(offer: str, answer: str) -> str:
+    """The answer with each m-section it rejected (port 0: a stream without sound, for an offer with audio) made
+    one aiortc takes, inactive: bundled with the first one it accepted, with that one's ICE, DTLS and RTCP-mux lines
+    and the offer's rtpmap of its format. aiortc refuses an answer section without them, where a browser takes the
+    rejection as it is (RFC 8843 §7.3.3)."""
+    head, sections = _sections(answer)
+    served = next((sec for sec in sections if sec[0].split()[1] != "0"), None)
+    if served is None:
+        return answer
+    transport = [line for line in served if line.startswith(_TRANSPORT)]
+    offered = _sections(offer)[1]
+    mids, out = [], []
+    for index, section in enumerate(sections):
+        if section[0].split()[1] == "0":
+            mids += [line[len("a=mid:") :] for line in section if line.startswith("a=mid:")]
+            formats = section[0].split()[3:]
+            rtpmap = [line for line in offered[index] if line.startswith(tuple(f"a=rtpmap:{f} " for f in formats))]
+            section = [section[0].replace(" 0 ", f" {served[0].split()[1]} ", 1), *transport, *section[1:], *rtpmap]
+        out += section
+    head = [f"{line} {' '.join(mids)}" if line.startswith("a=group:BUNDLE ") else line for line in head]
+    return "\r\n".join(head + out) + "\r\n"
+
+
 class WhepError(Exception):
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(f"{status} {reason}")
@@ -75,8 +109,10 @@ class WhepViewer:
         rewrite_sdp: Callable[[str, str], str] | None = None,
         ice_servers: list[RTCIceServer] | None = None,
         relay_only: bool = False,
+        audio: bool = False,
     ) -> None:
         self.url = url
+        self.audio = audio  # offer audio too (after the video, as camrelay's page would)
         # ("offer" | "answer", sdp) -> sdp: lets a test route the media through a proxy.
         self.rewrite_sdp = rewrite_sdp or (lambda kind, sdp: sdp)
         self.http = session
@@ -88,15 +124,23 @@ class WhepViewer:
         self.location: str | None = None
         self.answer: str | None = None  # the relay's answer as it came
         self.track: MediaStreamTrack | None = None
+        self.audio_track: MediaStreamTrack | None = None  # when the answer sends audio
         self.stats = ViewerStats()
         self.started = time.monotonic()
         self._track_ready = asyncio.Event()
+        self._audio_ready = asyncio.Event()
 
     async def connect(self) -> None:
         self.pc.addTransceiver("video", direction="recvonly")
+        if self.audio:
+            self.pc.addTransceiver("audio", direction="recvonly")
 
         @self.pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "audio":
+                self.audio_track = track
+                self._audio_ready.set()
+                return
             self.track = track
             self._track_ready.set()
 
@@ -116,22 +160,36 @@ class WhepViewer:
             self.location = urljoin(self.url, resp.headers["Location"])
         self.answer = body
         answer = high_answer_for_aiortc(offer, self.rewrite_sdp("answer", body))
+        if self.audio:
+            answer = rejected_for_aiortc(offer, answer)
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
 
-    async def recv(self, timeout: float = 10.0) -> av.VideoFrame:
+    async def _next(self, kind: str, timeout: float):
+        """The next frame of the ``kind`` track, once the answer gave one."""
         # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that comes as the frame
         # does (it returns the frame), so a task reading frames in a loop could ignore its cancel and run on,
         # hanging whoever waits for it (a test's teardown did).
         async with asyncio.timeout(timeout):
-            await self._track_ready.wait()
-        assert self.track is not None
+            await (self._audio_ready if kind == "audio" else self._track_ready).wait()
+        track = self.audio_track if kind == "audio" else self.track
+        assert track is not None
         async with asyncio.timeout(timeout):
-            frame = await self.track.recv()
+            return await track.recv()
+
+    async def recv(self, timeout: float = 10.0) -> av.VideoFrame:
+        frame = await self._next("video", timeout)
         now = time.monotonic()
         self.stats.frames += 1
         if self.stats.first_frame_at is None:
             self.stats.first_frame_at = now
         return frame
+
+    async def recv_audio(self, timeout: float = 10.0) -> tuple[float, np.ndarray]:
+        """The next decoded 20 ms of sound: (the wall clock when it came out, its first channel's samples)."""
+        frame = await self._next("audio", timeout)
+        received = time.time()
+        channels = len(frame.layout.channels)
+        return received, frame.to_ndarray().reshape(-1, channels)[:, 0]
 
     async def read_frames(self, count: int, timeout: float = 10.0, clock: bool = True) -> list[FrameSample]:
         out = []
