@@ -267,9 +267,12 @@ def public_hosts(bind: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "devices":
-        from .devices import print_devices
+        from .alsa import list_cards, sound_names
+        from .devices import describe, list_devices
 
-        return print_devices()
+        devices = list_devices()
+        print("\n".join(describe(devices, *sound_names(devices, list_cards()))))
+        return 0
     if args.command == "hash-password":
         return hash_password_command()
     if args.command == "install-service":

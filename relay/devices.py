@@ -59,6 +59,7 @@ class Device:
     by_id: str | None = None
     by_path: str | None = None
     modes: list[Mode] = field(default_factory=list)
+    usb: str | None = None  # the USB device (its sysfs path) the camera is part of, where it is USB
 
     @property
     def path(self) -> str:
@@ -138,6 +139,19 @@ def mjpeg_modes(fd: int, ioctl: Ioctl) -> list[Mode]:
     return modes
 
 
+def usb_device(entry: Path) -> str | None:
+    """The USB device a sysfs class entry (``/sys/class/video4linux/video0``, ``/sys/class/sound/card1``) belongs
+    to: the nearest directory above where the entry really lies that has a USB vendor id; None if none has."""
+    try:
+        real = Path(os.path.realpath(entry))
+    except OSError:
+        return None
+    for directory in real.parents:
+        if (directory / "idVendor").is_file():
+            return str(directory)
+    return None
+
+
 def _links(directory: Path) -> dict[str, str]:
     """Real node -> link path, for the symlinks in /dev/v4l/by-id or by-path."""
     out: dict[str, str] = {}
@@ -190,19 +204,25 @@ def list_devices(
             os.close(fd)
         if modes:
             real = os.path.realpath(node)
-            devices.append(Device(node, name, by_id.get(real), by_path.get(real), modes))
+            devices.append(Device(node, name, by_id.get(real), by_path.get(real), modes, usb_device(entry)))
     return devices
 
 
-def print_devices() -> int:
-    devices = list_devices()
+def describe(devices: list[Device], sound: dict[str, str], other_sound: list[str]) -> list[str]:
+    """What ``camrelay devices`` prints: each camera, its modes and its sound (V4L2 node -> ALSA device, where
+    one is on the same USB device), then the ALSA capture devices that belong to no camera."""
+    lines = []
     if not devices:
-        print("no V4L2 capture device with MJPEG found (the relay will stream the test pattern)")
-        return 0
+        lines.append("no V4L2 capture device with MJPEG found (the relay will stream the test pattern)")
     for d in devices:
-        print(f"{d.path}  ({d.name}, {d.node})")
+        lines.append(f"{d.path}  ({d.name}, {d.node})")
         for m in d.modes:
             rates = ", ".join(f"{r:g}" for r in m.fps) or "?"
-            print(f"    {m.width}x{m.height} @ {rates} fps")
-        print(f"    use: camrelay serve --source cam0=v4l2:{d.path}")
-    return 0
+            lines.append(f"    {m.width}x{m.height} @ {rates} fps")
+        if d.node in sound:
+            lines.append(f"    sound: alsa:{sound[d.node]} (on the same USB device)")
+        lines.append(f"    use: camrelay serve --source cam0=v4l2:{d.path}")
+    if other_sound:
+        lines.append("ALSA capture devices on no camera:")
+        lines += [f"    alsa:{name}" for name in other_sound]
+    return lines

@@ -137,3 +137,100 @@ def test_a_uvc_camera_that_sends_h264_itself_is_asked_for_it(tmp_path, formats, 
 
 def test_a_camera_that_cannot_be_asked_is_read_as_mjpeg(tmp_path):
     assert d.offers_h264(str(tmp_path / "gone")) is False  # no such device: the MJPEG path says why
+
+
+# -- sound: ALSA cards paired with cameras by USB device ------------------------------------------------------
+
+USB_HOST = "devices/pci0000:00/0000:00:14.0/usb1"
+
+
+def _usb_device(root: Path, port: str) -> Path:
+    device = root / USB_HOST / port
+    device.mkdir(parents=True)
+    (device / "idVendor").write_text("046d\n")
+    return device
+
+
+def _class_link(root: Path, kind: str, name: str, real: Path) -> None:
+    """As the kernel lays it out: /sys/class/<kind>/<name> is a link to where the entry really is."""
+    real.mkdir(parents=True)
+    (root / "class" / kind).mkdir(parents=True, exist_ok=True)
+    os.symlink(real, root / "class" / kind / name)
+
+
+def _card(root: Path, parent: Path, index: int, card_id: str, capture: list[int], playback: list[int] = ()) -> None:
+    card = parent / "sound" / f"card{index}"
+    _class_link(root, "sound", f"card{index}", card)
+    (card / "id").write_text(card_id + "\n")
+    for n in capture:
+        _class_link(root, "sound", f"pcmC{index}D{n}c", card / f"pcmC{index}D{n}c")
+    for n in playback:
+        _class_link(root, "sound", f"pcmC{index}D{n}p", card / f"pcmC{index}D{n}p")
+
+
+@pytest.fixture
+def usb_tree(tmp_path: Path):
+    """A webcam with a microphone (USB 1-2), an HDMI capture card with sound (1-3), a webcam without sound
+    (1-4), the machine's own PCI sound card (capture, no USB) and an HDMI output (playback only)."""
+    root, dev = tmp_path / "sys", tmp_path / "dev"
+    dev.mkdir()
+    webcam, capture_card, mute = (_usb_device(root, p) for p in ("1-2", "1-3", "1-4"))
+    for n, parent in [(0, webcam), (2, capture_card), (4, mute)]:
+        _class_link(root, "video4linux", f"video{n}", parent / f"{parent.name}:1.0" / "video4linux" / f"video{n}")
+        (root / "class" / "video4linux" / f"video{n}" / "name").write_text(f"camera {n}\n")
+        (dev / f"video{n}").write_text("")
+    _card(root, root / "devices/pci0000:00/0000:00:1f.3", 0, "PCH", capture=[0], playback=[0, 3])
+    _card(root, webcam / "1-2:1.2", 1, "C920", capture=[0])
+    _card(root, capture_card / "1-3:1.3", 2, "MS2109", capture=[0])
+    _card(root, root / "devices/platform/hdmi", 3, "vc4hdmi0", capture=[], playback=[0])
+    camera = FakeCamera(d.CAP_VIDEO_CAPTURE, [MJPG], {MJPG: [(1280, 720)]}, {(1280, 720): [30]})
+
+    def open_node(path: str) -> int:
+        return os.open(path, os.O_RDONLY)
+
+    return root, dev, camera.ioctl, open_node, {"webcam": webcam, "card": capture_card}
+
+
+def test_sound_cards_that_capture_are_listed_by_their_stable_id(usb_tree):
+    from relay import alsa
+
+    root, _dev, _ioctl, _open, usb = usb_tree
+    cards = alsa.list_cards(root / "class" / "sound")
+    assert [(c.index, c.id, c.capture) for c in cards] == [(0, "PCH", (0,)), (1, "C920", (0,)), (2, "MS2109", (0,))]
+    assert [c.pcm for c in cards] == ["hw:CARD=PCH,DEV=0", "hw:CARD=C920,DEV=0", "hw:CARD=MS2109,DEV=0"]
+    assert [c.usb for c in cards] == [None, str(usb["webcam"]), str(usb["card"])]
+
+
+def test_each_camera_is_paired_with_the_sound_card_on_its_usb_device(usb_tree):
+    from relay import alsa
+
+    root, dev, ioctl, open_node, _usb = usb_tree
+    devices = d.list_devices(root / "class" / "video4linux", dev, ioctl, open_node)
+    assert [x.node for x in devices] == [str(dev / f"video{n}") for n in (0, 2, 4)]
+    paired = alsa.pair(devices, alsa.list_cards(root / "class" / "sound"))
+    assert {node: card.id for node, card in paired.items()} == {
+        str(dev / "video0"): "C920",
+        str(dev / "video2"): "MS2109",
+    }
+
+
+def test_no_sound_sysfs_means_no_cards(tmp_path):
+    from relay import alsa
+
+    assert alsa.list_cards(tmp_path / "none") == []
+
+
+def test_devices_lists_each_cameras_sound_and_the_sound_of_no_camera(usb_tree):
+    from relay import alsa
+
+    root, dev, ioctl, open_node, _usb = usb_tree
+    devices = d.list_devices(root / "class" / "video4linux", dev, ioctl, open_node)
+    cards = alsa.list_cards(root / "class" / "sound")
+    paired = alsa.pair(devices, cards)
+    lines = d.describe(
+        devices, {n: c.pcm for n, c in paired.items()}, [c.pcm for c in cards if c not in paired.values()]
+    )
+    text = "\n".join(lines)
+    assert f"{dev / 'video0'})\n    1280x720 @ 30 fps\n    sound: alsa:hw:CARD=C920,DEV=0" in text
+    assert f"{dev / 'video4'})\n    1280x720 @ 30 fps\n    use:" in text  # no sound line for the mute webcam
+    assert text.endswith("ALSA capture devices on no camera:\n    alsa:hw:CARD=PCH,DEV=0")
