@@ -12,6 +12,7 @@ parameter, so tests feed a fake tree laid out as the kernel lays it out.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pathlib import Path
 from .devices import Device, usb_device
 
 SOUND_SYSFS = Path("/sys/class/sound")
+VIDEO_SYSFS = Path("/sys/class/video4linux")
 _CARD = re.compile(r"card(\d+)")
 _CAPTURE_PCM = re.compile(r"pcmC(\d+)D(\d+)c")
 
@@ -74,3 +76,12 @@ def sound_names(devices: list[Device], cards: list[SoundCard]) -> tuple[dict[str
     """For ``devices.describe``: each camera's sound (V4L2 node -> PCM name), and the cards on no camera."""
     paired = pair(devices, cards)
     return {node: card.pcm for node, card in paired.items()}, [c.pcm for c in cards if c not in paired.values()]
+
+
+def sound_for(video: str, video_sysfs: Path = VIDEO_SYSFS, sound_sysfs: Path = SOUND_SYSFS) -> str:
+    """The PCM name of the card on the same USB device as the V4L2 camera at ``video`` (``/dev/video0``, or a
+    ``/dev/v4l/by-id`` link to it); "" when it has none, is not USB, or is not there now."""
+    usb = usb_device(video_sysfs / Path(os.path.realpath(video)).name)
+    if usb is None:
+        return ""
+    return next((card.pcm for card in list_cards(sound_sysfs) if card.usb == usb), "")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 
-from . import devices
+from . import alsa, devices
 from .config import Config, StreamConfig
 from .devices import Device
 from .discovery import Discovery, StreamNames, device_key
@@ -124,7 +124,8 @@ class Relay:
         v = self.config.video
         fps = sc.source.fps or v.fps
         settings = EncoderSettings(v.bitrate, fps, v.keyframe_interval, v.encoder)
-        audio = audio_source(sc.source, self.config.audio.enabled)
+        paired = alsa.sound_for(sc.source.target) if sc.source.kind == "v4l2" else ""  # a few sysfs reads
+        audio = audio_source(sc.source, self.config.audio.enabled, paired)
         return Stream(
             sc.name, sc.source, settings, v.width, v.height, self.config.log_level, join=v.join, mode=v.mode,
             audio=audio,

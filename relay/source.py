@@ -21,6 +21,7 @@ sent to a camera, so it fits RTSP URLs, paths and devices alike.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 from .h264 import PROFILE_BASELINE, PROFILE_HIGH, PROFILE_MAIN, Sps
@@ -32,6 +33,10 @@ MODES = ("auto", "passthrough", "transcode")
 SPEC_OPTIONS = ("mode", "transport", "audio")  # what a spec's #fragment may set
 RTSP_TRANSPORTS = ("tcp", "udp")
 AUDIO_OPTIONS = ("on", "off")  # a spec's #audio=: its source's sound or none, whatever [audio] enabled says
+# ... or #audio=alsa:<PCM>, an ALSA capture device by name: hw:CARD=<id>,DEV=<n> (what `camrelay devices` prints),
+# plughw:/dsnoop: of the same, or a PCM the ALSA configuration defines. Nothing else: a PCM name can carry a
+# plugin's arguments (a file to write, a command to run), and a stream's spec reaches the API.
+ALSA_PCM = re.compile(r"(?:(?:plug)?hw|dsnoop):(?:CARD=)?[A-Za-z0-9_]+(?:,(?:DEV=)?[0-9]+)?|[A-Za-z_][A-Za-z0-9_]*")
 # Profiles browsers' WebRTC decoders take (8-bit 4:2:0): Constrained Baseline, Baseline, Main, High.
 BROWSER_PROFILES = (PROFILE_BASELINE, PROFILE_MAIN, PROFILE_HIGH)
 
@@ -95,7 +100,13 @@ def _fragment(text: str) -> tuple[str, dict[str, str]]:
         if key not in SPEC_OPTIONS or not eq:
             raise ValueError(f"source option #{part} is not one of {', '.join(f'#{k}=' for k in SPEC_OPTIONS)}")
         allowed = {"mode": MODES, "transport": RTSP_TRANSPORTS, "audio": AUDIO_OPTIONS}[key]
-        if value not in allowed:
+        if key == "audio" and value.startswith("alsa:"):
+            if not ALSA_PCM.fullmatch(value[5:]):
+                raise ValueError(
+                    f"source option #audio={value} does not name an ALSA capture device: alsa:hw:CARD=<id>,DEV=<n>"
+                    " (see camrelay devices), plughw:/dsnoop: of one, or a PCM the ALSA configuration defines"
+                )
+        elif value not in allowed:
             raise ValueError(f"source option #{key}={value} is not one of {', '.join(allowed)}")
         options[key] = value
     return head, options
@@ -156,15 +167,23 @@ def parse_fps(text: str) -> float:
 
 
 # The sound each kind of source carries, in its worker (ipc.WorkerConfig.audio): the test pattern's own tone
-# bursts. Capture cards' ALSA devices and cameras' own tracks are for later.
+# bursts. A V4L2 camera's is the ALSA device on its USB device (relay.alsa.sound_for); cameras' own tracks are
+# for later.
 AUDIO_SOURCES = {"test": "test"}
 
 
-def audio_source(spec: SourceSpec, enabled: bool) -> str:
-    """What a stream's worker captures sound from ("" none): its source's own sound, when the spec's ``#audio=``
-    (else ``enabled``, the config's ``[audio] enabled``) asks for it and the source has one."""
+def audio_source(spec: SourceSpec, enabled: bool, paired: str = "") -> str:
+    """What a stream's worker captures sound from ("" none): the ALSA device the spec's ``#audio=alsa:`` names;
+    else its source's own sound, when the spec's ``#audio=`` (else ``enabled``, the config's ``[audio] enabled``)
+    asks for it and the source has one: a V4L2 camera's is ``paired``, the ALSA device on its USB device."""
+    if spec.audio.startswith("alsa:"):
+        return spec.audio
     wanted = spec.audio == "on" if spec.audio else enabled
-    return AUDIO_SOURCES.get(spec.kind, "") if wanted else ""
+    if not wanted:
+        return ""
+    if spec.kind == "v4l2":
+        return f"alsa:{paired}" if paired else ""
+    return AUDIO_SOURCES.get(spec.kind, "")
 
 
 FAULTS = ("die", "hang", "corrupt")

@@ -234,3 +234,18 @@ def test_devices_lists_each_cameras_sound_and_the_sound_of_no_camera(usb_tree):
     assert f"{dev / 'video0'})\n    1280x720 @ 30 fps\n    sound: alsa:hw:CARD=C920,DEV=0" in text
     assert f"{dev / 'video4'})\n    1280x720 @ 30 fps\n    use:" in text  # no sound line for the mute webcam
     assert text.endswith("ALSA capture devices on no camera:\n    alsa:hw:CARD=PCH,DEV=0")
+
+
+def test_a_configured_cameras_sound_is_found_by_its_node_or_its_stable_link(usb_tree):
+    from relay import alsa
+
+    root, dev, _ioctl, _open, _usb = usb_tree
+    video, sound = root / "class" / "video4linux", root / "class" / "sound"
+    (dev / "v4l" / "by-id").mkdir(parents=True)
+    link = dev / "v4l" / "by-id" / "usb-Acme_C920-video-index0"
+    os.symlink(dev / "video0", link)
+    assert alsa.sound_for(str(dev / "video0"), video, sound) == "hw:CARD=C920,DEV=0"
+    assert alsa.sound_for(str(link), video, sound) == "hw:CARD=C920,DEV=0"
+    assert alsa.sound_for(str(dev / "video2"), video, sound) == "hw:CARD=MS2109,DEV=0"
+    assert alsa.sound_for(str(dev / "video4"), video, sound) == ""  # no microphone
+    assert alsa.sound_for(str(dev / "video9"), video, sound) == ""  # not plugged in

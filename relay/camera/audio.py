@@ -120,9 +120,13 @@ class TestSoundSource:
 
 
 def open_audio_source(kind: str) -> AudioSource:
-    """The source ``WorkerConfig.audio`` names: "test", the test pattern's sound."""
+    """The source ``WorkerConfig.audio`` names: "test", the test pattern's sound; "alsa:<PCM>", an ALSA device."""
     if kind == "test":
         return TestSoundSource()
+    if kind.startswith("alsa:"):
+        from .alsasource import AlsaSource
+
+        return AlsaSource(kind[5:])
     raise ValueError(f"unknown audio source {kind!r}")
 
 
