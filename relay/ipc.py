@@ -213,7 +213,9 @@ class WorkerConfig:
     encoder: str
     log_level: str = "info"
     mode: str = "auto"  # relay.source.MODES: the stream's #mode=, else [video] mode
-    audio: str = ""  # what the worker captures sound from: "" none, "test" the test sound (relay.source.audio_source)
+    # what the worker captures sound from (relay.source.audio_source): "" none, "test" the test sound, "track" the
+    # source's own track (an RTSP camera's, a file's)
+    audio: str = ""
 
     def to_json(self) -> str:
         return _to_json(self).decode()

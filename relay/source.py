@@ -156,8 +156,8 @@ def parse_fps(text: str) -> float:
 
 
 # The sound each kind of source carries, in its worker (ipc.WorkerConfig.audio): the test pattern's own tone
-# bursts. Capture cards' ALSA devices and cameras' own tracks are for later.
-AUDIO_SOURCES = {"test": "test"}
+# bursts; an RTSP camera's or a file's own audio track ("track": relay.camera.cameraaudio).
+AUDIO_SOURCES = {"test": "test", "rtsp": "track", "file": "track"}
 
 
 def audio_source(spec: SourceSpec, enabled: bool) -> str:

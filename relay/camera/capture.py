@@ -30,6 +30,7 @@ from ..source import SourceSpec, parse_faults
 if TYPE_CHECKING:
     import av  # imported where a source decodes or demuxes: a passed-through RTSP camera's worker never loads it
 
+    from .cameraaudio import AudioTap
     from .testpattern import PatternRenderer
 
 log = logging.getLogger(__name__)
@@ -405,12 +406,19 @@ class SourceClock:
 
 
 def open_source(
-    spec: SourceSpec, width: int, height: int, fps: float, label: str, h264_device: bool = False
+    spec: SourceSpec,
+    width: int,
+    height: int,
+    fps: float,
+    label: str,
+    h264_device: bool = False,
+    audio: AudioTap | None = None,
 ) -> Source | PacketSource:
     """A source for ``spec``; sizes in the spec win over the defaults given. ``h264_device``: a V4L2 camera
     is read in its own H.264 (for passthrough), not MJPEG. An RTSP camera over TCP is read by camrelay's
     own client (``RtspSource``), whose ``open()`` raises ``UseDemuxer`` when the camera sends anything but
-    H.264 (or a DESCRIBE it cannot read): FFmpeg's demuxer then reads it as before."""
+    H.264 (or a DESCRIBE it cannot read): FFmpeg's demuxer then reads it as before. ``audio``: where an RTSP
+    camera's sound goes, when the stream carries it (``relay.camera.cameraaudio``)."""
     width, height = spec.width or width, spec.height or height
     fps = spec.fps or fps
     if spec.kind == "test":
@@ -427,7 +435,7 @@ def open_source(
             return demuxed()  # RTP over UDP, RTSP over TLS: FFmpeg's
         from .rtspsource import RtspSource  # it imports this module
 
-        return RtspSource(spec.target, width, height, fps, fallback=demuxed)
+        return RtspSource(spec.target, width, height, fps, fallback=demuxed, audio=audio)
     if spec.kind == "file":
         return PacketSource(spec.target, width, height, fps, loop=True)
     raise ValueError(f"unknown source kind {spec.kind!r}")

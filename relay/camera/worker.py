@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import gc
 import logging
 import os
@@ -808,15 +809,21 @@ def main(argv: list[str] | None = None) -> int:
     settings = EncoderSettings(cfg.bitrate, spec.fps or cfg.fps, cfg.keyframe_interval, cfg.encoder)
     # A UVC camera that can send H.264 itself is asked for it, unless the stream must transcode.
     h264_device = spec.kind == "v4l2" and cfg.mode != "transcode" and offers_h264(spec.target)
-    audio = None
-    if cfg.audio:
+    audio, tap = None, None
+    if cfg.audio == "track":  # the camera's or file's own sound, handed over by its capture thread
+        from .audio import AudioPipeline
+        from .cameraaudio import AudioTap, TrackSource
+
+        tap = AudioTap()
+        audio = AudioPipeline(cfg.name, functools.partial(TrackSource, tap), emit)
+    elif cfg.audio:
         from .audio import AudioPipeline, open_audio_source
 
         audio = AudioPipeline(cfg.name, lambda: open_audio_source(cfg.audio), emit)
     pipeline = Pipeline(
         cfg.name,
         str(spec),
-        lambda: open_source(spec, cfg.width, cfg.height, cfg.fps, cfg.name, h264_device),
+        lambda: open_source(spec, cfg.width, cfg.height, cfg.fps, cfg.name, h264_device, tap),
         settings,
         emit,
         size=(spec.width or cfg.width, spec.height or cfg.height),
