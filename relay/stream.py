@@ -311,6 +311,7 @@ class Stream:
             "frames": st.audio_frames_encoded,
             "frames_dropped": dropped,
             "source_errors": st.audio_source_errors,
+            "packets_dropped": st.audio_packets_dropped,  # a camera's sound: RTP packets unreadable or late
             "last_error": a.get("audio_last_error", ""),
             "cpu_seconds": round(st.audio_cpu_seconds, 3),  # the worker's audio thread: capture and encode
             "pipeline_delay_ms": self.audio.pipeline_delay.percentiles_ms(),

@@ -59,6 +59,7 @@ class AudioTap:
     def __init__(self, size: int = TAP_FRAMES) -> None:
         self.dropped = 0  # frames the audio thread did not take in time (the oldest go)
         self.frames = 0  # put
+        self.packets_dropped = 0  # RTP packets of the track its capture thread could not read (or came late)
         self._frames: collections.deque[TapFrame] = collections.deque(maxlen=size)
         self._ready = threading.Condition()
 

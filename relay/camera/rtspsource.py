@@ -260,6 +260,7 @@ class RtspSource:
             when = self._audio_clock.wall_time(frame.pts / fmt.rate, now)
             tap.put(TapFrame(fmt, frame.data, when, frame.samples))
         if audio.packets_dropped != self._audio_dropped:
+            tap.packets_dropped += audio.packets_dropped - self._audio_dropped
             self._audio_dropped = audio.packets_dropped
             self._audio_errors.warn("%s: RTP packet of the sound dropped: %s", self.name, audio.last_error)
 

@@ -45,6 +45,7 @@ from .rtspsource import RtspSource
 
 if TYPE_CHECKING:
     from .audio import AudioPipeline  # numpy and PyAV: loaded by the workers that carry sound only
+    from .cameraaudio import AudioTap
 
 log = logging.getLogger("relay.camera.worker")  # not __name__: this module runs as __main__
 
@@ -175,9 +176,11 @@ class Pipeline:
         size: tuple[int, int] = (1280, 720),
         mode: str = "auto",
         audio: AudioPipeline | None = None,
+        audio_tap: AudioTap | None = None,
     ) -> None:
         self.name = name
         self.audio = audio  # the stream's sound, on a thread of its own; None without
+        self.audio_tap = audio_tap  # where its source's capture thread hands a camera's or file's sound over
         self.size = size  # for the slate until the source reports its own
         self.settings_fps = settings.fps
         self.source = source  # for log lines, credentials already redacted
@@ -267,6 +270,8 @@ class Pipeline:
         if self.encoder_failing:
             state = ipc.ENCODER_ERROR  # nothing reaches viewers, whatever the camera does
         audio = self.audio.status() if self.audio is not None else {}
+        if self.audio_tap is not None:
+            audio["audio_packets_dropped"] = self.audio_tap.packets_dropped
         return dataclasses.replace(st, state=state, encoders_running=running, **audio)
 
     def push_status(self) -> None:
@@ -829,6 +834,7 @@ def main(argv: list[str] | None = None) -> int:
         size=(spec.width or cfg.width, spec.height or cfg.height),
         mode=cfg.mode,
         audio=audio,
+        audio_tap=tap,
     )
 
     def commands() -> None:
