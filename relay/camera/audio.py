@@ -268,6 +268,7 @@ class AudioPipeline:
                 source = self._source = self._source_factory()
                 self.source_name = source.name
                 source.open()
+                self.source_name = source.name  # what it found once open (a camera's codec, a device's name)
                 if encoder is None or encoder.channels != source.channels:
                     encoder = OpusEncoder(source.channels)
                     self.channels, self.bitrate = encoder.channels, encoder.bitrate

@@ -17,6 +17,8 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +35,10 @@ TAP_FRAMES = 50
 # dropped its sound, or came back without it): one log line, and the pipeline's backoff.
 SILENCE_TIMEOUT = 5.0
 MAX_CHANNELS = 2  # what Opus is encoded with here: a camera's more are mixed down by the resampler
+# A camera may bundle many frames in one RTP packet (ffmpeg's RTP muxer puts up to 700 ms of AAC in one): they
+# arrive at once, their capture times spread after the first. Each block waits for its own capture time (at most
+# this long) before it goes on, so the relay gets the sound at its pace, not in a burst its viewers' queues drop.
+MAX_PACE = 1.0  # seconds: SourceClock maps no frame further ahead of the wall clock than its resync, 1 s
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,11 +96,12 @@ class TrackSource:
     (``AudioBlock.opus``), any other is decoded and resampled to 48 kHz s16. A format change (a camera that came
     back with another codec) is a ``SourceError``: the pipeline opens the source again, with the new one."""
 
-    def __init__(self, tap: AudioTap) -> None:
+    def __init__(self, tap: AudioTap, clock: Callable[[], float] = time.time) -> None:
         self.channels = 0
         self.name = "camera sound"
         self.undecodable = 0  # frames the decoder refused, skipped
         self._tap = tap
+        self._clock = clock
         self._dropped_at_open = tap.dropped
         self._stop = threading.Event()
         self._format: TrackFormat | None = None
@@ -137,6 +144,9 @@ class TrackSource:
                 if self._stop.is_set():
                     raise SourceError("camera sound closed")
                 raise SourceError(f"no sound from the camera for {SILENCE_TIMEOUT:g} s")
+            ahead = frame.capture_time - self._clock()
+            if ahead > 0 and self._stop.wait(min(ahead, MAX_PACE)):
+                raise SourceError("camera sound closed")
             if frame.format != self._format:
                 raise SourceError(f"the camera's sound changed to {frame.format.codec} {frame.format.rate} Hz")
             if frame.format.codec == "opus":

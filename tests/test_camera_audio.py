@@ -1,0 +1,111 @@
+"""A camera's own sound end to end: RTSP cameras (AAC, Opus, PCMU) into camrelay, out to real aiortc viewers.
+
+Test cameras publish the test pattern with its sound (a 10 s loop of ``relay.camera.testsound``: a burst a
+second, 2 kHz at the loop's first) into a test mediamtx; camrelay's RTSP client reads both tracks, passes
+the video through and sends the sound as Opus (a camera's Opus untouched). A viewer decodes it and must hear
+the bursts a second apart in its samples, a 2 kHz one every tenth, beside the video. Judged by counts and
+sample positions, never by how long anything took.
+"""
+
+from __future__ import annotations
+
+import time
+
+import aiohttp
+import pytest
+
+from benchmarks.bursts import WINDOW, BurstReader, Onset
+from relay.camera.testsound import RATE, TENTH
+from relay.config import StreamConfig
+from relay.source import parse_source_spec
+from relay.webrtc.whepclient import WhepViewer
+
+from .conftest import make_config, start_relay
+from .test_rtspin import H264_MEDIA as TINY_H264
+from .test_rtspin import UNITS, TinyCamera, relay_config, rtp, sdp, until
+
+DEADLINE = 40.0  # seconds a test waits for what it counts: a guard, not a measurement
+BURSTS = 12  # one a second: twelve in a row hold a tenth (2 kHz) wherever they start, and the next may too
+
+
+async def api_stream(http: aiohttp.ClientSession, base: str) -> dict:
+    async with http.get(base + "/api/v1/streams") as resp:
+        assert resp.status == 200
+        return (await resp.json())["streams"][0]
+
+
+def a_second_apart(onsets: list[Onset]) -> list[Onset]:
+    """The longest run of onsets each one second of samples after the one before (a window either way)."""
+    best: list[Onset] = []
+    run: list[Onset] = []
+    for onset in onsets:
+        run = run + [onset] if run and abs(onset.sample - run[-1].sample - RATE) <= WINDOW else [onset]
+        best = max(best, run, key=len)
+    return best
+
+
+@pytest.mark.parametrize(("sound", "codec"), [("aac", "aac"), ("opus", "opus"), ("pcmu", "pcm_mulaw")])
+async def test_a_cameras_sound_is_heard_by_a_viewer_a_burst_a_second_beside_its_video_passed_through(
+    http, start_camera, sound, codec
+):
+    camera = start_camera("cam0", sound=sound)
+    config = make_config((StreamConfig("cam0", parse_source_spec(camera.url + "#mode=passthrough")),), fps=30)
+    runner, relay = await start_relay(config)
+    viewer = WhepViewer(relay.whep(), http, audio=True)
+    try:
+        await viewer.connect()
+        video = await viewer.read_frames(10)
+        assert all(s.latency_ms is not None for s in video)  # the camera's pixel clock: its frames, passed through
+        reader, onsets = BurstReader(), []
+        deadline = time.monotonic() + DEADLINE
+        while len(a_second_apart(onsets)) < BURSTS:
+            assert time.monotonic() < deadline, f"bursts heard at samples {[(o.sample, round(o.hz)) for o in onsets]}"
+            onsets += reader.feed(*await viewer.recv_audio())
+        run = a_second_apart(onsets)
+        tenths = [i for i, o in enumerate(run) if o.tenth]
+        assert tenths and all(b - a == TENTH for a, b in zip(tenths, tenths[1:], strict=False)), [
+            round(o.hz) for o in run
+        ]
+        api = await api_stream(http, relay.base)
+    finally:
+        await viewer.close()
+        await runner.cleanup()
+    audio = api["audio"]
+    assert (api["mode"], api["source_reader"], api["encoders_running"]) == ("passthrough", "rtspin", 0)
+    assert (audio["state"], audio["codec"], audio["source"].split()[2][1:]) == ("live", "opus", codec)
+    assert audio["frames"] >= (BURSTS - 1) * (25 if sound == "opus" else 50)  # the camera's 40 ms Opus, or 20 ms
+    assert (audio["source_errors"], audio["packets_dropped"], api["worker_restarts"]) == (0, 0, 0)
+
+
+AAC_MEDIA = (
+    "m=audio 0 RTP/AVP 97\r\na=rtpmap:97 mpeg4-generic/48000/1\r\n"
+    "a=fmtp:97 mode=AAC-hbr;sizelength=13;indexlength=3;indexdeltalength=3;config=1188\r\na=control:trackID=1\r\n"
+)
+GARBAGE = [
+    lambda i: b"\x00\x01",  # no RTP
+    lambda i: rtp(b"\x00\x10\x00", i, i * 1024, True, pt=97),  # an AU header cut short
+    lambda i: rtp(b"\x00\x10\x00\x20ab", i, i * 1024, True, pt=97),  # an AU of 4 bytes with 2 of it
+]
+
+
+async def test_a_camera_whose_sound_is_garbage_streams_its_video_unit_for_unit_and_counts_what_it_dropped(http):
+    """Every video unit of the camera comes after a sound packet that cannot be read: each unit still reaches
+    the relay before the camera sends the next (the sound never holds the video), the camera is never opened
+    again, and the API counts the packets of the sound it dropped."""
+    camera = await TinyCamera(sdp_text=sdp(TINY_H264, AAC_MEDIA)).start()
+    runner, running = await start_relay(relay_config(camera.url), wait=False)
+    stream = running.relay.streams["cam0"]
+    try:
+        await until(camera.playing.is_set, "the relay plays the camera")
+        assert camera.methods.count("SETUP") == 2  # the video, then the sound
+        for i, unit in enumerate(UNITS):
+            await camera.send_audio(GARBAGE[i % len(GARBAGE)](i))
+            await camera.send(unit)
+            await until(lambda i=i: stream.stats.frames_passed_through > i, f"unit {i} passed through")
+        await until(lambda: stream.status().api()["audio"]["packets_dropped"] >= len(UNITS), "the drops counted")
+        api = stream.status().api()
+    finally:
+        await runner.cleanup()
+        await camera.close()
+    assert (api["source_errors"], api["worker_restarts"], camera.describes) == (0, 0, 1)
+    assert api["audio"]["frames"] == 0 and api["frames_passed_through"] == len(UNITS)
