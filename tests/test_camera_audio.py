@@ -9,12 +9,14 @@ sample positions, never by how long anything took.
 
 from __future__ import annotations
 
+import subprocess
 import time
 
 import aiohttp
 import pytest
 
 from benchmarks.bursts import WINDOW, BurstReader, Onset
+from benchmarks.rtspcams import FFMPEG, FFMPEG_QUIET, make_sound
 from relay.camera.testsound import RATE, TENTH
 from relay.config import StreamConfig
 from relay.source import parse_source_spec
@@ -26,6 +28,37 @@ from .test_rtspin import UNITS, TinyCamera, relay_config, rtp, sdp, until
 
 DEADLINE = 40.0  # seconds a test waits for what it counts: a guard, not a measurement
 BURSTS = 12  # one a second: twelve in a row hold a tenth (2 kHz) wherever they start, and the next may too
+
+
+CLIP_SECONDS = 30  # the test sound's bursts, 2 kHz at seconds 0, 10 and 20: a run of bursts wraps at most once
+
+
+@pytest.fixture(scope="module")
+def sound_clip(tmp_path_factory):
+    """A 30 s MP4 of H.264 (ffmpeg's test source, 320x180) and AAC (the test sound, bursts from its start)."""
+    work = tmp_path_factory.mktemp("sound")
+    wav, clip = make_sound(work / "sound.wav", CLIP_SECONDS), work / "clip.mp4"
+    video = f"testsrc=size=320x180:rate=30:duration={CLIP_SECONDS}"
+    subprocess.run(
+        [FFMPEG, *FFMPEG_QUIET, "-f", "lavfi", "-i", video, "-i", str(wav), "-c:v", "libx264", "-preset", "ultrafast",
+         "-bf", "0", "-g", "30", "-c:a", "aac", "-b:a", "64k", "-shortest", str(clip)],
+        check=True,
+    )  # fmt: skip
+    return clip
+
+
+async def hear_bursts(viewer: WhepViewer, count: int) -> list[Onset]:
+    """Onsets the viewer hears until ``count`` of them in a row come a second apart, with a tenth among them
+    one in ten at 2 kHz: that run."""
+    reader, onsets = BurstReader(), []
+    deadline = time.monotonic() + DEADLINE
+    while len(a_second_apart(onsets)) < count:
+        assert time.monotonic() < deadline, f"bursts heard at samples {[(o.sample, round(o.hz)) for o in onsets]}"
+        onsets += reader.feed(*await viewer.recv_audio())
+    run = a_second_apart(onsets)
+    tenths = [i for i, o in enumerate(run) if o.tenth]
+    assert all(b - a == TENTH for a, b in zip(tenths, tenths[1:], strict=False)), [round(o.hz) for o in run]
+    return run
 
 
 async def api_stream(http: aiohttp.ClientSession, base: str) -> dict:
@@ -56,23 +89,19 @@ async def test_a_cameras_sound_is_heard_by_a_viewer_a_burst_a_second_beside_its_
         await viewer.connect()
         video = await viewer.read_frames(10)
         assert all(s.latency_ms is not None for s in video)  # the camera's pixel clock: its frames, passed through
-        reader, onsets = BurstReader(), []
-        deadline = time.monotonic() + DEADLINE
-        while len(a_second_apart(onsets)) < BURSTS:
-            assert time.monotonic() < deadline, f"bursts heard at samples {[(o.sample, round(o.hz)) for o in onsets]}"
-            onsets += reader.feed(*await viewer.recv_audio())
-        run = a_second_apart(onsets)
-        tenths = [i for i, o in enumerate(run) if o.tenth]
-        assert tenths and all(b - a == TENTH for a, b in zip(tenths, tenths[1:], strict=False)), [
-            round(o.hz) for o in run
-        ]
+        run = await hear_bursts(viewer, BURSTS)
+        assert any(o.tenth for o in run)
         api = await api_stream(http, relay.base)
     finally:
         await viewer.close()
         await runner.cleanup()
     audio = api["audio"]
     assert (api["mode"], api["source_reader"], api["encoders_running"]) == ("passthrough", "rtspin", 0)
-    assert (audio["state"], audio["codec"], audio["source"].split()[2][1:]) == ("live", "opus", codec)
+    assert (audio["state"], audio["codec"], audio["source"].split()[2][1:]) == (
+        "live",
+        "opus",
+        codec,
+    )  # "sound track (aac"
     assert audio["frames"] >= (BURSTS - 1) * (25 if sound == "opus" else 50)  # the camera's 40 ms Opus, or 20 ms
     assert (audio["source_errors"], audio["packets_dropped"], api["worker_restarts"]) == (0, 0, 0)
 
@@ -109,3 +138,20 @@ async def test_a_camera_whose_sound_is_garbage_streams_its_video_unit_for_unit_a
         await camera.close()
     assert (api["source_errors"], api["worker_restarts"], camera.describes) == (0, 0, 1)
     assert api["audio"]["frames"] == 0 and api["frames_passed_through"] == len(UNITS)
+
+
+async def test_a_files_aac_is_heard_by_a_viewer_a_burst_a_second_as_its_video_plays(http, sound_clip):
+    config = make_config((StreamConfig("cam0", parse_source_spec(f"file:{sound_clip}")),), fps=30)
+    runner, relay = await start_relay(config)
+    viewer = WhepViewer(relay.whep(), http, audio=True)
+    try:
+        await viewer.connect()
+        assert len(await viewer.read_frames(10, clock=False)) == 10
+        await hear_bursts(viewer, BURSTS // 2)
+        api = await api_stream(http, relay.base)
+    finally:
+        await viewer.close()
+        await runner.cleanup()
+    audio = api["audio"]
+    assert (audio["state"], audio["codec"], audio["source"]) == ("live", "opus", "sound track (aac 48000 Hz 1 ch)")
+    assert (audio["source_errors"], api["worker_restarts"]) == (0, 0)

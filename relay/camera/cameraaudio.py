@@ -98,7 +98,7 @@ class TrackSource:
 
     def __init__(self, tap: AudioTap, clock: Callable[[], float] = time.time) -> None:
         self.channels = 0
-        self.name = "camera sound"
+        self.name = "sound track"
         self.undecodable = 0  # frames the decoder refused, skipped
         self._tap = tap
         self._clock = clock
@@ -121,7 +121,7 @@ class TrackSource:
         fmt = self._format = frame.format
         self._first = frame
         self.channels = 2 if fmt.codec == "opus" else min(fmt.channels, MAX_CHANNELS)
-        self.name = f"camera sound ({fmt.codec} {fmt.rate} Hz {fmt.channels} ch)"
+        self.name = f"sound track ({fmt.codec} {fmt.rate} Hz {fmt.channels} ch)"
         if fmt.codec != "opus":
             import av
 
