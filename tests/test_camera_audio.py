@@ -19,7 +19,7 @@ from benchmarks.bursts import WINDOW, BurstReader, Onset
 from benchmarks.rtspcams import FFMPEG, FFMPEG_QUIET, make_sound
 from relay.camera.testsound import RATE, TENTH
 from relay.config import StreamConfig
-from relay.source import parse_source_spec
+from relay.source import audio_source, parse_source_spec
 from relay.webrtc.whepclient import WhepViewer
 
 from .conftest import make_config, start_relay
@@ -155,3 +155,9 @@ async def test_a_files_aac_is_heard_by_a_viewer_a_burst_a_second_as_its_video_pl
     audio = api["audio"]
     assert (audio["state"], audio["codec"], audio["source"]) == ("live", "opus", "sound track (aac 48000 Hz 1 ch)")
     assert (audio["source_errors"], api["worker_restarts"]) == (0, 0)
+
+
+def test_rtsp_cameras_and_files_carry_their_own_sound_unless_told_not_to():
+    specs = [parse_source_spec(s) for s in ("rtsp://cam/live", "file:/clips/a.mp4", "rtsp://cam/live#audio=off")]
+    assert [audio_source(s, enabled=True) for s in specs] == ["track", "track", ""]
+    assert [audio_source(s, enabled=False) for s in specs] == ["", "", ""]
