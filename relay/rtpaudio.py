@@ -15,6 +15,10 @@ thread's driver, ``relay.camera.rtspsource``, does the I/O):
   (``packets_dropped``, ``last_error``), never raised: a broken audio track
   must never stop the video read beside it. Sequence gaps are counted
   (``packets_lost``); late and duplicate packets dropped and counted.
+- ``parse_sender_report`` and ``rtp_at``: an RTCP sender report (RFC 3550
+  6.4.1) pairs a track's RTP clock with the camera's NTP clock; two of them,
+  the video's and the sound's, say which video RTP time a sound frame was
+  captured at, so the sound lands on the video's capture clock (lip sync).
 - ``opus_samples``: an Opus packet's length in 48 kHz samples, from its TOC
   byte (RFC 6716 3.1): a camera's packets may be 10, 20, 40 or 60 ms.
 
@@ -56,6 +60,43 @@ OPUS_RATE = 48000  # RFC 7587: Opus's RTP clock is 48 kHz whatever the rate it w
 OPUS_FRAME_SAMPLES = (480, 960, 1920, 2880) * 3 + (480, 960) * 2 + (120, 240, 480, 960) * 4
 OPUS_MAX_SAMPLES = 5760  # 120 ms: the longest packet RFC 6716 allows
 HEX = re.compile(r"[0-9A-Fa-f]*")
+RTCP_SR = 200  # RFC 3550 6.4.1: a sender report's packet type
+SR_BYTES = 28  # its header, SSRC, NTP timestamp (64 bits), RTP timestamp, up to the packet count
+NTP_FRACTION = 1 << 32
+
+
+@dataclass(frozen=True, slots=True)
+class SenderReport:
+    """A camera's word that RTP time ``rtp`` of track ``ssrc`` was NTP time ``ntp`` (seconds) on its clock."""
+
+    ssrc: int
+    ntp: float
+    rtp: int  # as sent: 32 bits
+
+
+def parse_sender_report(data: bytes) -> SenderReport | None:
+    """The sender report that starts an RTCP (compound) packet; None when it starts with any other report or
+    cannot be one (a camera's RTCP is never worth an error: the sound falls back to its own anchoring)."""
+    if len(data) < SR_BYTES or data[0] >> 6 != 2 or data[1] != RTCP_SR:
+        return None
+    ssrc, msw, lsw, rtp = (
+        int.from_bytes(data[4:8], "big"),
+        *(int.from_bytes(data[i : i + 4], "big") for i in (8, 12, 16)),
+    )
+    return SenderReport(ssrc, msw + lsw / NTP_FRACTION, rtp)
+
+
+def signed32(delta: int) -> int:
+    """A difference of two 32-bit RTP timestamps, the short way round."""
+    delta %= TIMESTAMP_MOD
+    return delta - TIMESTAMP_MOD if delta >= TIMESTAMP_MOD // 2 else delta
+
+
+def rtp_at(ts: int, rate: int, report: SenderReport, other: SenderReport, other_rate: int) -> int:
+    """The RTP time (32 bits) of the track ``other`` reports on at the instant RTP time ``ts`` of the track
+    ``report`` reports on (clock ``rate``) was captured: both through the camera's NTP clock."""
+    ntp = report.ntp + signed32(ts - report.rtp) / rate
+    return (other.rtp + round((ntp - other.ntp) * other_rate)) % TIMESTAMP_MOD
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ sample positions, never by how long anything took.
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 
 import aiohttp
@@ -17,14 +18,18 @@ import pytest
 
 from benchmarks.bursts import WINDOW, BurstReader, Onset
 from benchmarks.rtspcams import FFMPEG, FFMPEG_QUIET, make_sound
+from relay.camera.cameraaudio import AudioTap
+from relay.camera.capture import SourceClock, open_source
+from relay.camera.rtspsource import RtspSource
 from relay.camera.testsound import RATE, TENTH
 from relay.config import StreamConfig
 from relay.source import audio_source, parse_source_spec
 from relay.webrtc.whepclient import WhepViewer
 
 from .conftest import make_config, start_relay
+from .test_rtpaudio import aac_payload, sender_report
 from .test_rtspin import H264_MEDIA as TINY_H264
-from .test_rtspin import UNITS, TinyCamera, relay_config, rtp, sdp, until
+from .test_rtspin import UNITS, CaptureThread, TinyCamera, relay_config, rtp, sdp, until
 
 DEADLINE = 40.0  # seconds a test waits for what it counts: a guard, not a measurement
 BURSTS = 12  # one a second: twelve in a row hold a tenth (2 kHz) wherever they start, and the next may too
@@ -161,3 +166,30 @@ def test_rtsp_cameras_and_files_carry_their_own_sound_unless_told_not_to():
     specs = [parse_source_spec(s) for s in ("rtsp://cam/live", "file:/clips/a.mp4", "rtsp://cam/live#audio=off")]
     assert [audio_source(s, enabled=True) for s in specs] == ["track", "track", ""]
     assert [audio_source(s, enabled=False) for s in specs] == ["", "", ""]
+
+
+async def test_with_the_cameras_sender_reports_the_sound_is_stamped_on_the_videos_capture_clock():
+    """The camera's sender reports say sound RTP time A + 4800 (0.1 s at 48 kHz after A) was captured with
+    video RTP time 9000 (0.1 s at 90 kHz): the sound frame's capture time is the one the video's clock gives
+    that unit, whenever each arrived."""
+    camera = await TinyCamera(sdp_text=sdp(TINY_H264, AAC_MEDIA)).start()
+    tap, capture = AudioTap(), CaptureThread()
+    source = open_source(parse_source_spec(camera.url), 640, 360, 30, "cam0", audio=tap)
+    assert isinstance(source, RtspSource)
+    source.video_clock = clock = SourceClock()
+    try:
+        assert await capture.opened(source) is None
+        await camera.send_audio(sender_report(1, 5000.0, 0), channel=1)  # the video's: RTP 0 at NTP 5000
+        await camera.send_audio(sender_report(2, 5000.0, 777_000), channel=3)  # the sound's: 777000 then
+        await camera.send(UNITS[0])  # video RTP 0
+        first = await capture.run(source.read_packet)
+        at_zero = clock.wall_time(first.pts * source.time_base, time.time())  # as the worker's passthrough does
+        await camera.send_audio(rtp(aac_payload(b"sound"), 1, 777_000 + 4800, True, pt=97))
+        await camera.send(UNITS[1])  # video RTP 3000; the sound came before it
+        await capture.run(source.read_packet)
+        frame = tap.take(0, threading.Event())
+    finally:
+        await capture.close(source)
+        await camera.close()
+    assert frame is not None and frame.data == b"sound"
+    assert abs(frame.capture_time - (at_zero + 0.1)) < 1e-6

@@ -8,7 +8,17 @@ from __future__ import annotations
 
 import pytest
 
-from relay.rtpaudio import AAC_FRAME_SAMPLES, AudioDepacketizer, CodedAudio, opus_samples, parse_sdp_audio
+from relay.rtpaudio import (
+    AAC_FRAME_SAMPLES,
+    AudioDepacketizer,
+    CodedAudio,
+    SenderReport,
+    opus_samples,
+    parse_sdp_audio,
+    parse_sender_report,
+    rtp_at,
+    signed32,
+)
 from relay.rtspin import RtspError
 
 from .test_rtspin import rtp, sdp
@@ -168,3 +178,26 @@ def test_sequence_gaps_are_counted_and_late_or_duplicate_packets_dropped():
     frames = [d.push(rtp(bytes(160), seq, seq * 160, False, pt=0)) for seq in (1, 2, 5, 5, 4, 6)]
     assert [len(f) for f in frames] == [1, 1, 1, 0, 0, 1]
     assert (d.packets_lost, d.packets_dropped, d.last_error) == (2, 2, "late or duplicate RTP packet 4")
+
+
+def sender_report(ssrc: int, ntp: float, rtp_time: int) -> bytes:
+    whole = int(ntp)
+    fraction = round((ntp - whole) * 2**32)
+    body = b"".join(v.to_bytes(4, "big") for v in (ssrc, whole, fraction, rtp_time, 0, 0))
+    return bytes([0x80, 200]) + (len(body) // 4).to_bytes(2, "big") + body
+
+
+def test_a_sender_report_pairs_the_rtp_clock_with_the_cameras_ntp_clock():
+    report = parse_sender_report(sender_report(7, 3_900_000_000.25, 123456) + b"\x81\xca\x00\x00")  # then SDES
+    assert report == SenderReport(7, 3_900_000_000.25, 123456)
+    assert parse_sender_report(bytes([0x81, 201, 0, 1]) + bytes(24)) is None  # a receiver report
+    assert parse_sender_report(sender_report(7, 1.0, 0)[:20]) is None  # cut short
+
+
+def test_two_sender_reports_say_which_video_time_a_sound_frame_was_captured_at():
+    video, audio = SenderReport(1, 1000.0, 2**32 - 9000), SenderReport(2, 999.5, 100)
+    # Sound at 0.1 s after its report (4800 at 48 kHz) is NTP 999.6: 0.4 s before the video's report, across
+    # the video clock's wrap.
+    assert rtp_at(100 + 4800, 48000, audio, video, 90000) == (2**32 - 9000 - 36000) % 2**32
+    assert rtp_at(2**32 - 9000 + 9000, 90000, video, audio, 48000) == 100 + 24000 + 4800
+    assert signed32(5) == 5 and signed32(2**32 - 5) == -5

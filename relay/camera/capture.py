@@ -428,6 +428,13 @@ class SourceClock:
         self.anchors += 1
         return now
 
+    def map(self, source_seconds: float) -> float | None:
+        """Where the mapping puts ``source_seconds`` now, changing nothing (another track's time, put on this
+        one's clock); None before its first frame."""
+        if self._anchor is None:
+            return None
+        return self._anchor[1] + source_seconds - self._anchor[0]
+
     def _slew(self, t: float, now: float, source_seconds: float, step: float) -> float:
         began, least = self._window
         least = min(least, now - t)

@@ -149,6 +149,12 @@ class RtspSource:
         self._tap = audio  # where the camera's sound goes, when the stream wants it
         self._audio: rtpaudio.AudioDepacketizer | None = None  # once its track is set up
         self._audio_channel = -1
+        self._rtcp_channels = (-1, -1)  # the video's and the sound's RTCP
+        self._reports: list[rtpaudio.SenderReport | None] = [None, None]  # the latest of each, the video's first
+        self._last_video_pts: int | None = None  # of the last unit handed on, unwrapped
+        # The video's own mapping onto the capture clock, as the worker's passthrough keeps it: with the camera's
+        # sender reports of both tracks, the sound is put on it (lip sync); without, it has its own (below).
+        self.video_clock: SourceClock | None = None
         self._audio_format: TrackFormat | None = None
         self._audio_clock = SourceClock()  # the sound's RTP clock on the wall clock, anchored as the video's is
         self._audio_errors = Throttled(log, interval=LOG_EVERY)
@@ -215,11 +221,12 @@ class RtspSource:
         setup = self._request("SETUP", video.control, {"Transport": VIDEO_TRANSPORT})
         try:
             self._requests.session, timeout = rtspin.parse_session(setup.header("session") or "")
-            self._rtp_channel, _ = rtspin.parse_interleaved(setup.header("transport") or "")
+            self._rtp_channel, video_rtcp = rtspin.parse_interleaved(setup.header("transport") or "")
         except RtspError as exc:
             raise SourceError(f"{self.name}: SETUP answer: {exc}") from None
         self._keepalive_every = timeout * KEEPALIVE_FRACTION
         self._depacketizer = rtspin.H264Depacketizer(video.payload_type)
+        self._rtcp_channels, self._reports = (video_rtcp, -1), [None, None]
         if self._tap is not None:
             self._setup_audio(describe.body.decode("utf-8", errors="replace"), base)
         self._request("PLAY", base if base.startswith("rtsp://") else self._target, {"Range": "npt=0.000-"})
@@ -235,7 +242,7 @@ class RtspSource:
             return
         try:
             setup = self._request("SETUP", track.control, {"Transport": AUDIO_TRANSPORT})
-            channel, _ = rtspin.parse_interleaved(setup.header("transport") or "")
+            channel, rtcp = rtspin.parse_interleaved(setup.header("transport") or "")
         except (SourceError, RtspError) as exc:
             why = redact_text(str(exc), self.url)
             log.warning("%s: its sound could not be set up, video alone: %s", self.name, why)
@@ -245,6 +252,7 @@ class RtspSource:
             return
         self._audio = rtpaudio.AudioDepacketizer(track)
         self._audio_channel = channel
+        self._rtcp_channels = (self._rtcp_channels[0], rtcp)
         self._audio_format = TrackFormat(track.codec, track.clock_rate, track.channels, track.config)
         self._audio_dropped = 0
         log.info(
@@ -257,12 +265,29 @@ class RtspSource:
         assert audio is not None and fmt is not None and tap is not None
         now = time.time()
         for frame in audio.push(payload):
-            when = self._audio_clock.wall_time(frame.pts / fmt.rate, now)
+            when = self._on_video_clock(frame.pts, fmt.rate)
+            if when is None:
+                when = self._audio_clock.wall_time(frame.pts / fmt.rate, now)
             tap.put(TapFrame(fmt, frame.data, when, frame.samples))
         if audio.packets_dropped != self._audio_dropped:
             tap.packets_dropped += audio.packets_dropped - self._audio_dropped
             self._audio_dropped = audio.packets_dropped
             self._audio_errors.warn("%s: RTP packet of the sound dropped: %s", self.name, audio.last_error)
+
+    def _on_video_clock(self, pts: int, rate: int) -> float | None:
+        """When a sound frame at RTP time ``pts`` was captured, on the video's capture clock: through the camera's
+        sender reports of both tracks, once it sent them and the video's mapping has started; else None."""
+        video, audio = self._reports
+        if video is None or audio is None or self.video_clock is None or self._last_video_pts is None:
+            return None
+        raw = rtpaudio.rtp_at(pts, rate, audio, video, round(1 / self.time_base))
+        video_pts = self._last_video_pts + rtpaudio.signed32(raw - self._last_video_pts)
+        return self.video_clock.map(video_pts * self.time_base)
+
+    def _rtcp_in(self, channel: int, payload: bytes) -> None:
+        report = rtpaudio.parse_sender_report(payload)
+        if report is not None:
+            self._reports[self._rtcp_channels.index(channel)] = report
 
     def _connect(self) -> None:
         self._close_socket()
@@ -405,7 +430,9 @@ class RtspSource:
         if self._stop.is_set():
             raise SourceError(f"{self.name} closed")
         if self._pending:
-            return self._pending.popleft()
+            unit = self._pending.popleft()
+            self._last_video_pts = unit.pts
+            return unit
         depacketizer = self._depacketizer
         if depacketizer is None or self._sock is None:
             raise SourceError(f"{self.name} is not open")
@@ -428,13 +455,17 @@ class RtspSource:
             for frame in played.others:
                 if frame.channel == self._audio_channel:
                     self._audio_in(frame.payload)
+                elif frame.channel in self._rtcp_channels:
+                    self._rtcp_in(frame.channel, frame.payload)
             self._units.extend(played.units)
             for error in played.errors:
                 self._bad_packets.warn("%s: RTP packet dropped: %s", self.name, error)
             if depacketizer.resyncs != self._resyncs:
                 self._resyncs = depacketizer.resyncs
                 self._restarts.warn("%s restarted its RTP stream (new SSRC or sequence); from its next IDR", self.name)
-        return self._units.popleft()
+        unit = self._units.popleft()
+        self._last_video_pts = unit.pts
+        return unit
 
     def _held(self, item: Response | rtspin.Interleaved, depacketizer: rtspin.H264Depacketizer) -> rtspin.Played:
         """A frame held aside while opening, as ``feed_video`` would have taken it."""

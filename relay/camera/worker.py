@@ -462,6 +462,8 @@ class Pipeline:
         """The camera's access units to the relay as they are, each IDR with the parameter sets in front."""
         st = self.stats
         clock = SourceClock()
+        if isinstance(source, RtspSource):
+            source.video_clock = clock  # a camera's sound goes on the video's clock (its sender reports)
         length = _avcc_length(source.extradata)
         changes = 0
         self._need_idr = True
