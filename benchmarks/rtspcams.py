@@ -339,6 +339,7 @@ class LiveCamera(Camera):
 SOUND_CODECS = {
     "aac": ["-c:a", "aac", "-b:a", "64k"],
     "opus": ["-c:a", "libopus", "-b:a", "48k", "-frame_duration", "40"],  # 40 ms: not WebRTC's usual 20
+    "latm": ["-c:a", "aac", "-b:a", "64k", "-rtpflags", "latm"],  # AAC in MP4A-LATM, as some cameras send it
     "pcmu": ["-c:a", "pcm_mulaw", "-ar", "8000", "-ac", "1"],
     "pcma": ["-c:a", "pcm_alaw", "-ar", "8000", "-ac", "1"],
 }

@@ -5,7 +5,7 @@ thread's driver, ``relay.camera.rtspsource``, does the I/O):
 
 - ``parse_sdp_audio``: the first audio media of a DESCRIBE answer that
   camrelay reads (``SdpAudio``): Opus, AAC (``mpeg4-generic``, RFC 3640
-  AAC-hbr), G.711 (PCMU, PCMA; static payload types 0 and 8 too). One it does
+  AAC-hbr; ``MP4A-LATM``, RFC 6416, with ``cpresent=0``), G.711 (PCMU, PCMA; static payload types 0 and 8 too). One it does
   not read is refused with an ``RtspError`` that says why (the video goes on
   alone).
 - ``AudioDepacketizer``: RTP packets of that track into ``CodedAudio`` frames,
@@ -46,7 +46,7 @@ from .rtspin import (
 )
 
 # Codecs by their SDP encoding name, in FFmpeg's decoders' names.
-AUDIO_CODECS = {"opus": "opus", "mpeg4-generic": "aac", "pcmu": "pcm_mulaw", "pcma": "pcm_alaw"}
+AUDIO_CODECS = {"opus": "opus", "mpeg4-generic": "aac", "mp4a-latm": "aac", "pcmu": "pcm_mulaw", "pcma": "pcm_alaw"}
 # RFC 3551: the static audio payload types cameras use (G.711 at 8 kHz, mono), often with no rtpmap.
 STATIC_AUDIO_TYPES = {0: ("pcmu", 8000, 1), 8: ("pcma", 8000, 1)}
 # AAC frames hold 1024 samples (AAC-LC; 960-sample frames are for DAB, which cameras do not send).
@@ -110,6 +110,7 @@ class SdpAudio:
     fmtp: dict[str, str] = field(default_factory=dict)
     size_length: int = 0  # AAC: bits of an AU header's size
     index_length: int = 0  # AAC: bits of the first AU header's index, and of each next one's index delta
+    latm: bool = False  # AAC in MP4A-LATM (RFC 6416, cpresent=0): length-prefixed units, no AU headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +148,8 @@ def parse_sdp_audio(text: str, base: str) -> SdpAudio:
         return SdpAudio(codec, pt, OPUS_RATE, 2, url, fmtp=fmtp)  # RFC 7587: always opus/48000/2
     if codec != "aac":
         return SdpAudio(codec, pt, rate, channels, url, fmtp=fmtp)
+    if encoding == "mp4a-latm":
+        return SdpAudio(codec, pt, rate, channels, url, latm_config(fmtp), fmtp, latm=True)
     mode = fmtp.get("mode", "").lower()
     if mode != "aac-hbr":
         raise RtspError(f"AAC mode {fmtp.get('mode', '(none)')!r} is not read here (AAC-hbr only)")
@@ -162,6 +165,40 @@ def parse_sdp_audio(text: str, base: str) -> SdpAudio:
             f"{fmtp.get('sizelength')}/{fmtp.get('indexlength')}/{fmtp.get('indexdeltalength')}"
         )
     return SdpAudio(codec, pt, rate, channels, url, binascii.unhexlify(config), fmtp, size_length, index_length)
+
+
+# StreamMuxConfig (ISO 14496-3 1.7.3) with audioMuxVersion 0: 1 bit of version, 1 of allStreamsSameTimeFraming,
+# 6 of numSubFrames, 4 of numProgram, 3 of numLayer, then the AudioSpecificConfig.
+LATM_ASC_BIT = 15
+AAC_PLAIN_TYPES = (1, 2, 4)  # AAC Main, LC, LTP: an AudioSpecificConfig of fixed fields (GASpecificConfig: 3 bits)
+
+
+def latm_config(fmtp: dict[str, str]) -> bytes:
+    """The AudioSpecificConfig (the decoder's extradata) in an MP4A-LATM SDP's StreamMuxConfig (``config=``,
+    with ``cpresent=0``: it is out of band); ``RtspError`` for what is not read here."""
+    if fmtp.get("cpresent", "1") != "0":
+        raise RtspError("MP4A-LATM with its config in band (cpresent=1) is not read here")
+    config = fmtp.get("config", "")
+    if not config or not HEX.fullmatch(config) or len(config) % 2:
+        raise RtspError(f"MP4A-LATM config {config[:40]!r} is not hex")
+    bits = len(config) * 4
+    value = int(config, 16)
+    if value >> (bits - 1):
+        raise RtspError("MP4A-LATM audioMuxVersion 1 is not read here")
+    rest = bits - LATM_ASC_BIT
+
+    def field(at: int, width: int) -> int:
+        return (value >> (rest - at - width)) & ((1 << width) - 1) if at + width <= rest else -1
+
+    aot, at = field(0, 5), 5
+    frequency = field(at, 4)
+    at += 4 + (24 if frequency == 15 else 0)
+    length = at + 4 + 3 if aot in AAC_PLAIN_TYPES else rest  # channels, GASpecificConfig; else all that is left
+    if aot < 0 or length > rest:
+        raise RtspError(f"MP4A-LATM config {config[:40]!r} is cut short")
+    asc = (value >> (rest - length)) & ((1 << length) - 1)
+    padded = (length + 7) // 8 * 8
+    return (asc << (padded - length)).to_bytes(padded // 8, "big")
 
 
 def opus_samples(packet: bytes) -> int:
@@ -247,6 +284,8 @@ class AudioDepacketizer:
             raise RtspError("empty RTP payload")
         if codec == "opus":
             return [CodedAudio(payload, ts, opus_samples(payload))]
+        if codec == "aac" and self.track.latm:
+            return self._latm(payload, ts)
         if codec == "aac":
             return self._aac(payload, ts, marker)
         channels = self.track.channels
@@ -301,6 +340,25 @@ class AudioDepacketizer:
             if not size:
                 raise RtspError("AAC AU of 0 bytes")
             out.append(CodedAudio(bytes(data[pos : pos + size]), ts + i * AAC_FRAME_SAMPLES, AAC_FRAME_SAMPLES))
+            pos += size
+        return out
+
+    def _latm(self, payload: bytes, ts: int) -> list[CodedAudio]:
+        """RFC 6416 (cpresent=0): one or more units, each after its PayloadLengthInfo (bytes of 255, then the
+        rest of its length)."""
+        out, pos = [], 0
+        while pos < len(payload):
+            size = 0
+            while pos < len(payload) and payload[pos] == 255:
+                size += 255
+                pos += 1
+            if pos == len(payload):
+                raise RtspError("MP4A-LATM length cut off")
+            size += payload[pos]
+            pos += 1
+            if not size or pos + size > len(payload):
+                raise RtspError(f"MP4A-LATM unit of {size} bytes overruns its packet ({len(payload) - pos} left)")
+            out.append(CodedAudio(payload[pos : pos + size], ts + len(out) * AAC_FRAME_SAMPLES, AAC_FRAME_SAMPLES))
             pos += size
         return out
 

@@ -82,7 +82,7 @@ def a_second_apart(onsets: list[Onset]) -> list[Onset]:
     return best
 
 
-@pytest.mark.parametrize(("sound", "codec"), [("aac", "aac"), ("opus", "opus"), ("pcmu", "pcm_mulaw")])
+@pytest.mark.parametrize(("sound", "codec"), [("aac", "aac"), ("latm", "aac"), ("opus", "opus"), ("pcmu", "pcm_mulaw")])
 async def test_a_cameras_sound_is_heard_by_a_viewer_a_burst_a_second_beside_its_video_passed_through(
     http, start_camera, sound, codec
 ):

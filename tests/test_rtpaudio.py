@@ -29,6 +29,10 @@ AAC_FMTP = "profile-level-id=1;mode=AAC-hbr;sizelength=13;indexlength=3;indexdel
 AAC = f"m=audio 0 RTP/AVP 97\r\na=rtpmap:97 mpeg4-generic/48000/1\r\na=fmtp:97 {AAC_FMTP}\r\na=control:trackID=1\r\n"
 OPUS = "m=audio 0 RTP/AVP 111\r\na=rtpmap:111 opus/48000/2\r\na=control:trackID=1\r\n"
 PCMU = "m=audio 0 RTP/AVP 0\r\na=control:trackID=1\r\n"
+LATM = (
+    "m=audio 0 RTP/AVP 96\r\na=rtpmap:96 MP4A-LATM/48000/1\r\n"
+    "a=fmtp:96 profile-level-id=1;bitrate=64000;cpresent=0;object=2;config=400023103fc0\r\na=control:trackID=1\r\n"
+)
 PCMA = "m=audio 0 RTP/AVP 8\r\na=rtpmap:8 PCMA/8000\r\na=control:trackID=1\r\n"
 
 
@@ -46,6 +50,7 @@ def aac_payload(*units: bytes, sizes: list[int] | None = None) -> bytes:
         (OPUS, "opus", 111, 48000, 2, b""),
         (PCMU, "pcm_mulaw", 0, 8000, 1, b""),  # a static payload type, no rtpmap
         (PCMA, "pcm_alaw", 8, 8000, 1, b""),
+        (LATM, "aac", 96, 48000, 1, bytes.fromhex("1188")),  # the AudioSpecificConfig in its StreamMuxConfig
     ],
 )
 def test_the_sdp_gives_the_sound_a_camera_sends_beside_its_video(media, codec, pt, rate, channels, config):
@@ -64,6 +69,9 @@ def test_the_sdp_gives_the_sound_a_camera_sends_beside_its_video(media, codec, p
         (AAC.replace("mode=AAC-hbr", "mode=CELP-cbr"), "AAC mode 'CELP-cbr' is not read here"),
         (AAC.replace("config=1188", "config=11g8"), "AAC config '11g8' is not hex"),
         (AAC.replace("sizelength=13", "sizelength=6"), "AAC-hbr AU headers must be sizelength=13"),
+        (LATM.replace("cpresent=0", "cpresent=1"), "MP4A-LATM with its config in band (cpresent=1) is not read here"),
+        (LATM.replace("config=400023103fc0", "config=c00023103fc0"), "MP4A-LATM audioMuxVersion 1 is not read here"),
+        (LATM.replace("config=400023103fc0", "config=4000"), "MP4A-LATM config '4000' is cut short"),
     ],
 )
 def test_a_sound_track_that_is_not_read_here_is_refused_exactly(media, error):
@@ -201,3 +209,15 @@ def test_two_sender_reports_say_which_video_time_a_sound_frame_was_captured_at()
     assert rtp_at(100 + 4800, 48000, audio, video, 90000) == (2**32 - 9000 - 36000) % 2**32
     assert rtp_at(2**32 - 9000 + 9000, 90000, video, audio, 48000) == 100 + 24000 + 4800
     assert signed32(5) == 5 and signed32(2**32 - 5) == -5
+
+
+def test_mp4a_latm_units_come_out_after_their_length_and_a_bad_length_is_dropped():
+    d = depacketizer(LATM)
+    unit = bytes(300)
+    assert d.push(rtp(b"\xff\x2d" + unit + b"\x02ab", 1, 0, True, pt=96)) == [
+        CodedAudio(unit, 0, AAC_FRAME_SAMPLES),
+        CodedAudio(b"ab", AAC_FRAME_SAMPLES, AAC_FRAME_SAMPLES),
+    ]
+    assert d.push(rtp(b"\x05abc", 2, 2048, True, pt=96)) == []
+    assert d.push(rtp(b"\xff\xff", 3, 3072, True, pt=96)) == []
+    assert (d.packets_dropped, d.last_error) == (2, "MP4A-LATM length cut off")
