@@ -6,8 +6,8 @@ thread's driver, ``relay.camera.rtspsource``, does the I/O):
 - ``parse_sdp_audio``: the first audio media of a DESCRIBE answer that
   camrelay reads (``SdpAudio``): Opus, AAC (``mpeg4-generic``, RFC 3640
   AAC-hbr; ``MP4A-LATM``, RFC 6416, with ``cpresent=0``), G.711 (PCMU,
-  PCMA; static payload types 0 and 8 too). One it does not read is refused with an ``RtspError`` that says why (the video goes on
-  alone).
+  PCMA; static payload types 0 and 8 too). One it does not read is refused
+  with an ``RtspError`` that says why (the video goes on alone).
 - ``AudioDepacketizer``: RTP packets of that track into ``CodedAudio`` frames,
   each stamped in RTP clock ticks (unwrapped) with its length in ticks. A packet
   it cannot read (a truncated AU header, AU sizes that do not add up, an empty
