@@ -322,11 +322,43 @@ class LiveCamera(Camera):
     height: int = 360
     fps: float = 30.0
     encoding: Encoding = field(default_factory=Encoding)
+    sound: str = ""  # a sound track beside the video: one of SOUND_CODECS ("" none)
 
     def commands(self) -> list[list[str]]:
         encode = [FFMPEG, *FFMPEG_QUIET, *raw_input(self.width, self.height, self.fps), "-i", "pipe:0"]
-        encode += self.encoding.ffmpeg_args(self.fps) + ["-an", *self.publish()]
+        audio = ["-an"]
+        if self.sound:
+            wav = make_sound(self.server.workdir / "sound.wav")
+            encode += ["-re", "-stream_loop", "-1", "-i", str(wav)]
+            audio = ["-map", "0:v", "-map", "1:a", *SOUND_CODECS[self.sound]]
+        encode += self.encoding.ffmpeg_args(self.fps) + [*audio, *self.publish()]
         return [frames_command(self.width, self.height, self.fps), encode]
+
+
+# A camera's sound, as ffmpeg encodes it: what IP cameras send (AAC-LC, G.711 at 8 kHz, Opus).
+SOUND_CODECS = {
+    "aac": ["-c:a", "aac", "-b:a", "64k"],
+    "opus": ["-c:a", "libopus", "-b:a", "48k", "-frame_duration", "40"],  # 40 ms: not WebRTC's usual 20
+    "latm": ["-c:a", "aac", "-b:a", "64k", "-rtpflags", "latm"],  # AAC in MP4A-LATM, as some cameras send it
+    "pcmu": ["-c:a", "pcm_mulaw", "-ar", "8000", "-ac", "1"],
+    "pcma": ["-c:a", "pcm_alaw", "-ar", "8000", "-ac", "1"],
+}
+SOUND_SECONDS = 10  # the test sound's bursts, 2 kHz at the first: looped, a tenth burst every 10 s
+
+
+def make_sound(path: Path, seconds: int = SOUND_SECONDS) -> Path:
+    """The test pattern's sound (``relay.camera.testsound``) for ``seconds`` as a 48 kHz mono WAV, made once."""
+    import wave
+
+    from relay.camera import testsound
+
+    if not path.exists():
+        with wave.open(str(path), "wb") as out:
+            out.setnchannels(1)
+            out.setsampwidth(2)
+            out.setframerate(testsound.RATE)
+            out.writeframes(testsound.render(0, seconds * testsound.RATE).tobytes())
+    return path
 
 
 @dataclass

@@ -213,7 +213,9 @@ class WorkerConfig:
     encoder: str
     log_level: str = "info"
     mode: str = "auto"  # relay.source.MODES: the stream's #mode=, else [video] mode
-    audio: str = ""  # what the worker captures sound from: "" none, "test" the test sound (relay.source.audio_source)
+    # what the worker captures sound from (relay.source.audio_source): "" none, "test" the test sound, "track" the
+    # source's own track (an RTSP camera's, a file's)
+    audio: str = ""
 
     def to_json(self) -> str:
         return _to_json(self).decode()
@@ -245,6 +247,7 @@ class Counters:
     audio_frames_encoded: int = 0  # Opus packets (the relay counts those it receives)
     audio_frames_dropped_overrun: int = 0  # blocks the audio source lost because they were not read in time
     audio_source_errors: int = 0
+    audio_packets_dropped: int = 0  # RTP packets of a camera's sound that could not be read (or came late)
     audio_cpu_seconds: float = 0.0  # of the worker's audio thread: capture and Opus encode
 
 
@@ -261,6 +264,7 @@ WORKER_COUNTERS = (
     "audio_frames_captured",
     "audio_frames_dropped_overrun",
     "audio_source_errors",
+    "audio_packets_dropped",
     "audio_cpu_seconds",
 )
 

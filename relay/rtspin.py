@@ -139,6 +139,7 @@ class Played:
     units: list[AccessUnit]  # access units completed, in order
     responses: list[Response]  # answers (a keep-alive's)
     errors: list[str]  # why each RTP packet of the video that could not be read was dropped
+    others: list[Interleaved] = field(default_factory=list)  # the other channels' frames, when asked for
 
 
 STATUS_LINE = re.compile(r"RTSP/1\.[0-9] ([0-9]{3})(?: (.*))?")
@@ -196,16 +197,21 @@ class Reader:
             out.append(item)
         return out
 
-    def feed_video(self, data: bytes | memoryview, channel: int, depacketizer: H264Depacketizer) -> Played:
+    def feed_video(
+        self, data: bytes | memoryview, channel: int, depacketizer: H264Depacketizer, others: bool = False
+    ) -> Played:
         """``feed`` for a connection that plays: its interleaved frames go to ``depacketizer.push_frames`` where
         they lie in what was read (the RTP packets on ``channel`` into units, each it refuses dropped and why in
-        ``errors``); the responses between them come out. What is not RTSP raises ``RtspError``."""
+        ``errors``); the responses between them come out, and with ``others`` the frames of the other channels
+        (an audio track, RTCP). What is not RTSP raises ``RtspError``."""
         buf = self._buf
         buf += data
         played = Played([], [], [])
         while buf:
             with memoryview(buf) as view:
-                used = depacketizer.push_frames(view, channel, played.units, played.errors)
+                used = depacketizer.push_frames(
+                    view, channel, played.units, played.errors, played.others if others else None
+                )
             del buf[:used]
             if not buf or buf[0] == DOLLAR:
                 break  # the rest of a frame is still to come
@@ -418,7 +424,8 @@ class SdpVideo:
         return join_annexb(list(self.parameter_sets))
 
 
-def _control_url(control: str | None, base: str) -> str:
+def control_url(control: str | None, base: str) -> str:
+    """The URL a media's ``a=control`` names, against ``base``."""
     if control is None or control == "*":
         return base
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", control):
@@ -426,8 +433,8 @@ def _control_url(control: str | None, base: str) -> str:
     return urljoin(base if base.endswith("/") else base + "/", control)
 
 
-def parse_sdp(text: str, base: str) -> SdpVideo:
-    """The first video media of a DESCRIBE answer; ``base`` is Content-Base (else the URL described)."""
+def sdp_media(text: str) -> tuple[str | None, list[list[str]]]:
+    """(the session's ``a=control``, each media's lines, its ``m=`` line first) of an SDP."""
     session_control: str | None = None
     media: list[list[str]] = []
     for raw in text.splitlines():
@@ -442,15 +449,21 @@ def parse_sdp(text: str, base: str) -> SdpVideo:
             media[-1].append(line)
         elif line.startswith("a=control:"):
             session_control = line[len("a=control:") :]
-    video = next((m for m in media if m[0].startswith("m=video ")), None)
-    if video is None:
-        raise RtspError("SDP has no video media")
-    parts = video[0].split()
-    pt = decimal(parts[3]) if len(parts) >= 4 else None  # the first format is the one a camera sends
+    return session_control, media
+
+
+def first_format(media: list[list[str]], kind: str) -> tuple[int, str | None, dict[str, str], str | None]:
+    """(payload type, rtpmap, fmtp parameters, a=control) of the first media of ``kind`` ("video", "audio"): its
+    first format, the one a camera sends."""
+    found = next((m for m in media if m[0].startswith(f"m={kind} ")), None)
+    if found is None:
+        raise RtspError(f"SDP has no {kind} media")
+    parts = found[0].split()
+    pt = decimal(parts[3]) if len(parts) >= 4 else None
     if pt is None:
-        raise RtspError(f"bad SDP media line {video[0][:60]!r}")
+        raise RtspError(f"bad SDP media line {found[0][:60]!r}")
     rtpmap, fmtp, control = None, {}, None
-    for line in video[1:]:
+    for line in found[1:]:
         if line.startswith(f"a=rtpmap:{pt} "):
             rtpmap = line.split(" ", 1)[1]
         elif line.startswith(f"a=fmtp:{pt} "):
@@ -460,6 +473,13 @@ def parse_sdp(text: str, base: str) -> SdpVideo:
                     fmtp[name.strip().lower()] = value.strip()
         elif line.startswith("a=control:"):
             control = line[len("a=control:") :]
+    return pt, rtpmap, fmtp, control
+
+
+def parse_sdp(text: str, base: str) -> SdpVideo:
+    """The first video media of a DESCRIBE answer; ``base`` is Content-Base (else the URL described)."""
+    session_control, media = sdp_media(text)
+    pt, rtpmap, fmtp, control = first_format(media, "video")
     if rtpmap is not None:
         name, _, rest = rtpmap.partition("/")
         rate = decimal(rest.split("/")[0])
@@ -480,8 +500,8 @@ def parse_sdp(text: str, base: str) -> SdpVideo:
                 sets = tuple(parse_sprop_parameter_sets(fmtp["sprop-parameter-sets"]))
             except H264Error as exc:
                 raise RtspError(str(exc)) from None
-    base = _control_url(session_control, base) if session_control not in (None, "*") else base
-    return SdpVideo(codec, pt, clock_rate, _control_url(control, base), sets, fmtp)
+    base = control_url(session_control, base) if session_control not in (None, "*") else base
+    return SdpVideo(codec, pt, clock_rate, control_url(control, base), sets, fmtp)
 
 
 def parse_session(value: str) -> tuple[str, int]:
@@ -654,10 +674,18 @@ class H264Depacketizer:
         self._last_seq = packet.sequence
         return self._take(packet, lost)
 
-    def push_frames(self, view: memoryview, channel: int, out: list[AccessUnit], errors: list[str]) -> int:
+    def push_frames(
+        self,
+        view: memoryview,
+        channel: int,
+        out: list[AccessUnit],
+        errors: list[str],
+        others: list[Interleaved] | None = None,
+    ) -> int:
         """The whole interleaved frames at the start of ``view`` (RFC 2326 10.12: ``$``, channel, length), up to
         the first that is cut off or is no frame: the RTP packets on ``channel`` into access units, appended to
-        ``out``; the other channels' (RTCP) passed over. How many bytes the frames took.
+        ``out``; the other channels' (RTCP, an audio track) appended to ``others``, or passed over without it.
+        How many bytes the frames took.
 
         The bytes are not kept (they may be read into again). A packet that goes on with the unit being
         gathered (the next in sequence, its timestamp: an FU-A, a single NAL unit, within the unit's cap) is
@@ -679,6 +707,8 @@ class H264Depacketizer:
                     break
                 start, pos = pos + INTERLEAVED_HEADER.size, end
                 if ch != channel:
+                    if others is not None:
+                        others.append(Interleaved(ch, bytes(view[start:end])))
                     continue
                 # Long enough for the fields read; version 2 with no padding, extension or CSRC; the video; the next
                 # packet of the unit being gathered.

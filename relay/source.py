@@ -167,9 +167,9 @@ def parse_fps(text: str) -> float:
 
 
 # The sound each kind of source carries, in its worker (ipc.WorkerConfig.audio): the test pattern's own tone
-# bursts. A V4L2 camera's is the ALSA device on its USB device (relay.alsa.sound_for); cameras' own tracks are
-# for later.
-AUDIO_SOURCES = {"test": "test"}
+# bursts; an RTSP camera's or a file's own audio track ("track": relay.camera.cameraaudio). A V4L2 camera's is
+# the ALSA device on its USB device (relay.alsa.sound_for).
+AUDIO_SOURCES = {"test": "test", "rtsp": "track", "file": "track"}
 
 
 def audio_source(spec: SourceSpec, enabled: bool, paired: str = "") -> str:

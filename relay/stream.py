@@ -63,6 +63,10 @@ class Consumer(Protocol):
 
 
 C = TypeVar("C")
+# Opus packets a viewer's audio may have queued (1 s of 20 ms ones): a camera's sound can come in bursts (ffmpeg's
+# RTP muxer bundles up to 700 ms of AAC in a packet, and its interleaving holds a third of a second back each
+# GOP), which the video's 8 frames dropped whole; a viewer's jitter buffer plays a burst out.
+AUDIO_QUEUE_FRAMES = 50
 # What a worker's STATUS says of its sound besides the counters (ipc.WORKER_COUNTERS): shown in the API as it is.
 AUDIO_STATUS = (
     "audio", "audio_state", "audio_codec", "audio_channels", "audio_bitrate", "audio_encode_ms", "audio_last_error",
@@ -120,7 +124,7 @@ class Stream:
         # Its sound, fanned out as the video is (a bounded queue per subscriber, counted drops). Every Opus packet
         # decodes on its own: each is a "keyframe" to the hub, so a subscriber starts, and after a lag resumes, at
         # the next packet; there is no keyframe to ask for and no GOP to keep.
-        self.audio = PacketHub(name, lambda: None)
+        self.audio = PacketHub(name, lambda: None, max_frames=AUDIO_QUEUE_FRAMES)
         self._audio_status: dict[str, object] = {}  # the worker's latest word on its sound (ipc.WorkerStatus.audio*)
         self.consumers: list[Consumer] = [self.jpegs]
         self._started: list[Consumer] = []
@@ -311,6 +315,7 @@ class Stream:
             "frames": st.audio_frames_encoded,
             "frames_dropped": dropped,
             "source_errors": st.audio_source_errors,
+            "packets_dropped": st.audio_packets_dropped,  # a camera's sound: RTP packets unreadable or late
             "last_error": a.get("audio_last_error", ""),
             "cpu_seconds": round(st.audio_cpu_seconds, 3),  # the worker's audio thread: capture and encode
             "pipeline_delay_ms": self.audio.pipeline_delay.percentiles_ms(),

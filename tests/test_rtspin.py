@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import json
 import queue
+import re
 import socket
 import threading
 import time
@@ -652,6 +653,12 @@ class TinyCamera:
         self._ts += CLOCK // 30
         await self._writer.drain()
 
+    async def send_audio(self, packet: bytes, channel: int = 2) -> None:
+        """One RTP packet (or anything) on the sound's interleaved channel."""
+        assert self._writer is not None
+        self._writer.write(b"$" + bytes([channel]) + len(packet).to_bytes(2, "big") + packet)
+        await self._writer.drain()
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         self.playing.clear()
@@ -681,8 +688,11 @@ class TinyCamera:
                     self.describes += 1
                     body = self.sdp.encode()
                     headers += b"Content-Type: application/sdp\r\nContent-Base: " + url + b"/\r\n"
-                elif method == b"SETUP":
-                    headers += b"Session: 8a7b;timeout=60\r\nTransport: RTP/AVP/TCP;unicast;interleaved=0-1\r\n"
+                elif method == b"SETUP":  # the channels the client asked for, as cameras answer
+                    asked = re.search(rb"interleaved=([0-9]+-[0-9]+)", head)
+                    channels = asked.group(1) if asked else b"0-1"
+                    headers += b"Session: 8a7b;timeout=60\r\nTransport: RTP/AVP/TCP;unicast;interleaved=" + channels
+                    headers += b"\r\n"
                 headers += b"Content-Length: %d\r\n" % len(body)
                 if method.decode() in self.before_answer:
                     await self.before_answer[method.decode()]()

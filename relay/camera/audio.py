@@ -68,6 +68,8 @@ class AudioBlock:
 
     capture_time: float  # the wall clock (time.time()) when its first sample was captured
     samples: np.ndarray
+    opus: bytes | None = None  # a camera's own Opus packet, passed through untouched (no samples then)
+    duration: int = 0  # of ``opus``, in 48 kHz samples
 
 
 class AudioSource(Protocol):
@@ -270,6 +272,7 @@ class AudioPipeline:
                 source = self._source = self._source_factory()
                 self.source_name = source.name
                 source.open()
+                self.source_name = source.name  # what it found once open (a camera's codec, a device's name)
                 if encoder is None or encoder.channels != source.channels:
                     encoder = OpusEncoder(source.channels)
                     self.channels, self.bitrate = encoder.channels, encoder.bitrate
@@ -300,7 +303,10 @@ class AudioPipeline:
             block = source.read()
             self.frames_captured += 1
             began = time.perf_counter()
-            packets = encoder.encode(block.samples, clock.pts(block.capture_time, len(block.samples)))
+            if block.opus is not None:  # a camera's own Opus: no decode, no encode
+                packets = [(block.opus, clock.pts(block.capture_time, block.duration))]
+            else:
+                packets = encoder.encode(block.samples, clock.pts(block.capture_time, len(block.samples)))
             self.encode_ms += EWMA_ALPHA * ((time.perf_counter() - began) * 1000 - self.encode_ms)
             for data, pts in packets:
                 self.frames_encoded += 1

@@ -30,6 +30,7 @@ from ..source import SourceSpec, parse_faults
 if TYPE_CHECKING:
     import av  # imported where a source decodes or demuxes: a passed-through RTSP camera's worker never loads it
 
+    from .cameraaudio import AudioTap, TrackFormat
     from .testpattern import PatternRenderer
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,7 @@ class PacketSource:
         loop: bool = False,
         options: dict[str, str] | None = None,
         format: str | None = None,
+        audio: AudioTap | None = None,
     ) -> None:
         self.url = url
         self.width, self.height, self.fps = width, height, fps
@@ -208,6 +210,10 @@ class PacketSource:
         self._next = 0.0
         self._stop = threading.Event()
         self._owner: int | None = None  # the thread that opened it, and alone may close it
+        self._tap = audio  # where its sound goes, when the stream carries it
+        self._audio: av.AudioStream | None = None  # its first audio stream, once open, when there is a tap
+        self._audio_format: TrackFormat | None = None
+        self._audio_clock = SourceClock()  # the sound's own timestamps on the wall clock, as the video's are
 
     @property
     def name(self) -> str:
@@ -234,8 +240,40 @@ class PacketSource:
         rate = self._stream.average_rate or self._stream.guessed_rate
         if rate and 1 <= float(rate) <= 120 and self._loop:
             self.fps = float(rate)  # a file plays at its own rate
-        self._packets = self._container.demux(self._stream)
+        if self._tap is not None and self._container.streams.audio:
+            self._open_audio(self._container.streams.audio[0])
+        self._packets = self._demux()
         self._next = time.monotonic()
+
+    def _open_audio(self, stream: av.AudioStream) -> None:
+        from .cameraaudio import TrackFormat
+
+        ctx = stream.codec_context
+        self._audio = stream
+        self._audio_format = TrackFormat(ctx.name, ctx.sample_rate, ctx.channels, bytes(ctx.extradata or b""))
+        log.info("%s: sound %s %d Hz %d ch", self.name, ctx.name, ctx.sample_rate, ctx.channels)
+
+    def _demux(self):  # noqa: ANN202 (PyAV's packet iterator)
+        assert self._container is not None
+        return self._container.demux(*(s for s in (self._stream, self._audio) if s is not None))
+
+    def _audio_in(self, packet: av.Packet) -> None:
+        """A packet of its sound to the tap, stamped on the capture clock: no decode on the capture thread."""
+        from ..rtpaudio import opus_samples
+        from ..rtspin import RtspError
+        from .cameraaudio import TapFrame
+
+        fmt, tap = self._audio_format, self._tap
+        assert fmt is not None and tap is not None
+        data = bytes(packet)
+        base = packet.time_base or 0
+        try:
+            samples = opus_samples(data) if fmt.codec == "opus" else round((packet.duration or 0) * base * fmt.rate)
+        except RtspError:
+            tap.packets_dropped += 1
+            return
+        seconds = None if packet.pts is None else float(packet.pts * base)
+        tap.put(TapFrame(fmt, data, self._audio_clock.wall_time(seconds, time.time()), samples))
 
     def read_packet(self) -> av.Packet:
         """The next packet of the video stream, as the source sent it."""
@@ -249,13 +287,15 @@ class PacketSource:
             raise SourceError(f"{self.name} is not open")
         try:
             packet = next(self._packets)
-            while packet.size == 0:  # the demuxer's end-of-stream marker
+            while packet.size == 0 or packet.stream.type != "video":  # end-of-stream markers; its sound
+                if packet.size and self._audio is not None:
+                    self._audio_in(packet)
                 packet = next(self._packets)
         except StopIteration:
             if not self._loop:
                 raise SourceError(f"{self.name} ended") from None
             self._container.seek(0)
-            self._packets = self._container.demux(self._stream)
+            self._packets = self._demux()
             return self.read_packet()
         except (av.FFmpegError, OSError) as exc:
             raise SourceError(f"{self.name} stopped delivering frames: {redact_text(str(exc), self.url)}") from exc
@@ -388,6 +428,13 @@ class SourceClock:
         self.anchors += 1
         return now
 
+    def map(self, source_seconds: float) -> float | None:
+        """Where the mapping puts ``source_seconds`` now, changing nothing (another track's time, put on this
+        one's clock); None before its first frame."""
+        if self._anchor is None:
+            return None
+        return self._anchor[1] + source_seconds - self._anchor[0]
+
     def _slew(self, t: float, now: float, source_seconds: float, step: float) -> float:
         began, least = self._window
         least = min(least, now - t)
@@ -405,12 +452,19 @@ class SourceClock:
 
 
 def open_source(
-    spec: SourceSpec, width: int, height: int, fps: float, label: str, h264_device: bool = False
+    spec: SourceSpec,
+    width: int,
+    height: int,
+    fps: float,
+    label: str,
+    h264_device: bool = False,
+    audio: AudioTap | None = None,
 ) -> Source | PacketSource:
     """A source for ``spec``; sizes in the spec win over the defaults given. ``h264_device``: a V4L2 camera
     is read in its own H.264 (for passthrough), not MJPEG. An RTSP camera over TCP is read by camrelay's
     own client (``RtspSource``), whose ``open()`` raises ``UseDemuxer`` when the camera sends anything but
-    H.264 (or a DESCRIBE it cannot read): FFmpeg's demuxer then reads it as before."""
+    H.264 (or a DESCRIBE it cannot read): FFmpeg's demuxer then reads it as before. ``audio``: where an RTSP
+    camera's sound goes, when the stream carries it (``relay.camera.cameraaudio``)."""
     width, height = spec.width or width, spec.height or height
     fps = spec.fps or fps
     if spec.kind == "test":
@@ -422,12 +476,12 @@ def open_source(
         return V4L2Source(spec.target, width, height, fps)
     if spec.kind == "rtsp":
         options = RTSP_UDP_OPTIONS if spec.transport == "udp" else RTSP_OPTIONS
-        demuxed = functools.partial(PacketSource, spec.target, width, height, fps, options=options)
+        demuxed = functools.partial(PacketSource, spec.target, width, height, fps, options=options, audio=audio)
         if spec.transport == "udp" or not spec.target.startswith("rtsp://"):
             return demuxed()  # RTP over UDP, RTSP over TLS: FFmpeg's
         from .rtspsource import RtspSource  # it imports this module
 
-        return RtspSource(spec.target, width, height, fps, fallback=demuxed)
+        return RtspSource(spec.target, width, height, fps, fallback=demuxed, audio=audio)
     if spec.kind == "file":
-        return PacketSource(spec.target, width, height, fps, loop=True)
+        return PacketSource(spec.target, width, height, fps, loop=True, audio=audio)
     raise ValueError(f"unknown source kind {spec.kind!r}")

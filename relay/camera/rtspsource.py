@@ -32,11 +32,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
-from .. import h264, rtspin
+from .. import h264, rtpaudio, rtspin
 from ..h264 import H264Error, ParameterSets
 from ..logsafe import Throttled, redact_text, redact_url
 from ..rtspin import AccessUnit, Response, RtspError
-from .capture import CapturedFrame, PacketSource, SourceError, UseDemuxer
+from .cameraaudio import AudioTap, TapFrame, TrackFormat
+from .capture import CapturedFrame, PacketSource, SourceClock, SourceError, UseDemuxer
 
 if TYPE_CHECKING:
     import av
@@ -71,6 +72,9 @@ TIMEVAL = struct.Struct("@ll")  # struct timeval: seconds, microseconds, each a 
 # read, never a wrongly sized struct.
 KERNEL_TIMEOUTS = struct.calcsize("@l") == 8
 LOG_EVERY = 10.0  # seconds between lines about a camera's bad packets or restarted streams (more are counted)
+VIDEO_TRANSPORT = "RTP/AVP/TCP;unicast;interleaved=0-1"
+# The sound's own channel pair on the same connection (RFC 2326 10.12): the camera may name others in its answer.
+AUDIO_TRANSPORT = "RTP/AVP/TCP;unicast;interleaved=2-3"
 
 
 def _origin(url: str) -> tuple[str, int]:
@@ -101,7 +105,16 @@ class RtspSource:
 
     reader = "rtspin"
 
-    def __init__(self, url: str, width: int, height: int, fps: float, *, fallback: Callable[[], PacketSource]) -> None:
+    def __init__(
+        self,
+        url: str,
+        width: int,
+        height: int,
+        fps: float,
+        *,
+        fallback: Callable[[], PacketSource],
+        audio: AudioTap | None = None,
+    ) -> None:
         self.url = url
         self.width, self.height, self.fps = width, height, fps
         self.codec = ""  # FFmpeg's name for what the camera sends, from its SDP
@@ -133,6 +146,19 @@ class RtspSource:
         self._bad_packets = Throttled(log, interval=LOG_EVERY)
         self._restarts = Throttled(log, interval=LOG_EVERY)
         self._resyncs = 0  # the depacketizer's, as last logged
+        self._tap = audio  # where the camera's sound goes, when the stream wants it
+        self._audio: rtpaudio.AudioDepacketizer | None = None  # once its track is set up
+        self._audio_channel = -1
+        self._rtcp_channels = (-1, -1)  # the video's and the sound's RTCP
+        self._reports: list[rtpaudio.SenderReport | None] = [None, None]  # the latest of each, the video's first
+        self._last_video_pts: int | None = None  # of the last unit handed on, unwrapped
+        # The video's own mapping onto the capture clock, as the worker's passthrough keeps it: with the camera's
+        # sender reports of both tracks, the sound is put on it (lip sync); without, it has its own (below).
+        self.video_clock: SourceClock | None = None
+        self._audio_format: TrackFormat | None = None
+        self._audio_clock = SourceClock()  # the sound's RTP clock on the wall clock, anchored as the video's is
+        self._audio_errors = Throttled(log, interval=LOG_EVERY)
+        self._audio_dropped = 0  # the depacketizer's packets_dropped, as last logged
 
     @property
     def name(self) -> str:
@@ -143,6 +169,15 @@ class RtspSource:
         """Access units dropped because the network lost some of their packets (or of those they need): the
         broken unit and the rest of its GOP, up to the next IDR."""
         return self._depacketizer.units_dropped if self._depacketizer is not None else 0
+
+    @property
+    def audio_packets_dropped(self) -> int:
+        """RTP packets of the sound that could not be read (or came late), dropped: the video never waits on them."""
+        return self._audio.packets_dropped if self._audio is not None else 0
+
+    @property
+    def audio_packets_lost(self) -> int:
+        return self._audio.packets_lost if self._audio is not None else 0
 
     # -- opening
 
@@ -183,16 +218,76 @@ class RtspSource:
             with contextlib.suppress(H264Error):  # the worker reads it again, and says what is wrong
                 parsed = h264.parse_sps(sps)
                 self.width, self.height = parsed.width, parsed.height
-        setup = self._request("SETUP", video.control, {"Transport": "RTP/AVP/TCP;unicast;interleaved=0-1"})
+        setup = self._request("SETUP", video.control, {"Transport": VIDEO_TRANSPORT})
         try:
             self._requests.session, timeout = rtspin.parse_session(setup.header("session") or "")
-            self._rtp_channel, _ = rtspin.parse_interleaved(setup.header("transport") or "")
+            self._rtp_channel, video_rtcp = rtspin.parse_interleaved(setup.header("transport") or "")
         except RtspError as exc:
             raise SourceError(f"{self.name}: SETUP answer: {exc}") from None
         self._keepalive_every = timeout * KEEPALIVE_FRACTION
         self._depacketizer = rtspin.H264Depacketizer(video.payload_type)
+        self._rtcp_channels, self._reports = (video_rtcp, -1), [None, None]
+        if self._tap is not None:
+            self._setup_audio(describe.body.decode("utf-8", errors="replace"), base)
         self._request("PLAY", base if base.startswith("rtsp://") else self._target, {"Range": "npt=0.000-"})
         self._keepalive_at = time.monotonic() + self._keepalive_every
+
+    def _setup_audio(self, sdp: str, base: str) -> None:
+        """SETUP the camera's sound beside its video, on a channel pair of its own; one it has not, or that cannot
+        be read here, or that it refuses, leaves the video alone (one log line)."""
+        try:
+            track = rtpaudio.parse_sdp_audio(sdp, base)
+        except RtspError as exc:
+            log.info("%s: no sound: %s", self.name, exc)
+            return
+        try:
+            setup = self._request("SETUP", track.control, {"Transport": AUDIO_TRANSPORT})
+            channel, rtcp = rtspin.parse_interleaved(setup.header("transport") or "")
+        except (SourceError, RtspError) as exc:
+            why = redact_text(str(exc), self.url)
+            log.warning("%s: its sound could not be set up, video alone: %s", self.name, why)
+            return
+        if channel == self._rtp_channel:
+            log.warning("%s: its sound was given the video's channel %d, video alone", self.name, channel)
+            return
+        self._audio = rtpaudio.AudioDepacketizer(track)
+        self._audio_channel = channel
+        self._rtcp_channels = (self._rtcp_channels[0], rtcp)
+        self._audio_format = TrackFormat(track.codec, track.clock_rate, track.channels, track.config)
+        self._audio_dropped = 0
+        log.info(
+            "%s: sound %s %d Hz %d ch on channel %d", self.name, track.codec, track.clock_rate, track.channels, channel
+        )
+
+    def _audio_in(self, payload: bytes) -> None:
+        """An RTP packet of the sound: its frames to the tap, stamped on the capture clock; a bad one counted."""
+        audio, fmt, tap = self._audio, self._audio_format, self._tap
+        assert audio is not None and fmt is not None and tap is not None
+        now = time.time()
+        for frame in audio.push(payload):
+            when = self._on_video_clock(frame.pts, fmt.rate)
+            if when is None:
+                when = self._audio_clock.wall_time(frame.pts / fmt.rate, now)
+            tap.put(TapFrame(fmt, frame.data, when, frame.samples))
+        if audio.packets_dropped != self._audio_dropped:
+            tap.packets_dropped += audio.packets_dropped - self._audio_dropped
+            self._audio_dropped = audio.packets_dropped
+            self._audio_errors.warn("%s: RTP packet of the sound dropped: %s", self.name, audio.last_error)
+
+    def _on_video_clock(self, pts: int, rate: int) -> float | None:
+        """When a sound frame at RTP time ``pts`` was captured, on the video's capture clock: through the camera's
+        sender reports of both tracks, once it sent them and the video's mapping has started; else None."""
+        video, audio = self._reports
+        if video is None or audio is None or self.video_clock is None or self._last_video_pts is None:
+            return None
+        raw = rtpaudio.rtp_at(pts, rate, audio, video, round(1 / self.time_base))
+        video_pts = self._last_video_pts + rtpaudio.signed32(raw - self._last_video_pts)
+        return self.video_clock.map(video_pts * self.time_base)
+
+    def _rtcp_in(self, channel: int, payload: bytes) -> None:
+        report = rtpaudio.parse_sender_report(payload)
+        if report is not None:
+            self._reports[self._rtcp_channels.index(channel)] = report
 
     def _connect(self) -> None:
         self._close_socket()
@@ -335,7 +430,9 @@ class RtspSource:
         if self._stop.is_set():
             raise SourceError(f"{self.name} closed")
         if self._pending:
-            return self._pending.popleft()
+            unit = self._pending.popleft()
+            self._last_video_pts = unit.pts
+            return unit
         depacketizer = self._depacketizer
         if depacketizer is None or self._sock is None:
             raise SourceError(f"{self.name} is not open")
@@ -350,23 +447,32 @@ class RtspSource:
             else:
                 data = self._receive(self._video_deadline, silence)
                 try:
-                    played = self._reader.feed_video(data, self._rtp_channel, depacketizer)
+                    played = self._reader.feed_video(data, self._rtp_channel, depacketizer, self._audio is not None)
                 except RtspError as exc:
                     raise SourceError(f"{self.name}: {redact_text(str(exc), self.url)}") from None
             if depacketizer.packets != packets:  # the video's (RTCP alone, a keep-alive's answer: not a camera)
                 self._video_deadline = time.monotonic() + IO_TIMEOUT
+            for frame in played.others:
+                if frame.channel == self._audio_channel:
+                    self._audio_in(frame.payload)
+                elif frame.channel in self._rtcp_channels:
+                    self._rtcp_in(frame.channel, frame.payload)
             self._units.extend(played.units)
             for error in played.errors:
                 self._bad_packets.warn("%s: RTP packet dropped: %s", self.name, error)
             if depacketizer.resyncs != self._resyncs:
                 self._resyncs = depacketizer.resyncs
                 self._restarts.warn("%s restarted its RTP stream (new SSRC or sequence); from its next IDR", self.name)
-        return self._units.popleft()
+        unit = self._units.popleft()
+        self._last_video_pts = unit.pts
+        return unit
 
     def _held(self, item: Response | rtspin.Interleaved, depacketizer: rtspin.H264Depacketizer) -> rtspin.Played:
         """A frame held aside while opening, as ``feed_video`` would have taken it."""
         played = rtspin.Played([], [], [])
-        if isinstance(item, rtspin.Interleaved) and item.channel == self._rtp_channel:
+        if isinstance(item, rtspin.Interleaved) and item.channel == self._audio_channel and self._audio is not None:
+            self._audio_in(item.payload)
+        elif isinstance(item, rtspin.Interleaved) and item.channel == self._rtp_channel:
             try:
                 played.units += depacketizer.push(rtspin.parse_rtp(item.payload))
             except RtspError as exc:

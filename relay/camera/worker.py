@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import gc
 import logging
 import os
@@ -44,6 +45,7 @@ from .rtspsource import RtspSource
 
 if TYPE_CHECKING:
     from .audio import AudioPipeline  # numpy and PyAV: loaded by the workers that carry sound only
+    from .cameraaudio import AudioTap
 
 log = logging.getLogger("relay.camera.worker")  # not __name__: this module runs as __main__
 
@@ -174,9 +176,11 @@ class Pipeline:
         size: tuple[int, int] = (1280, 720),
         mode: str = "auto",
         audio: AudioPipeline | None = None,
+        audio_tap: AudioTap | None = None,
     ) -> None:
         self.name = name
         self.audio = audio  # the stream's sound, on a thread of its own; None without
+        self.audio_tap = audio_tap  # where its source's capture thread hands a camera's or file's sound over
         self.size = size  # for the slate until the source reports its own
         self.settings_fps = settings.fps
         self.source = source  # for log lines, credentials already redacted
@@ -266,6 +270,8 @@ class Pipeline:
         if self.encoder_failing:
             state = ipc.ENCODER_ERROR  # nothing reaches viewers, whatever the camera does
         audio = self.audio.status() if self.audio is not None else {}
+        if self.audio_tap is not None:
+            audio["audio_packets_dropped"] = self.audio_tap.packets_dropped
         return dataclasses.replace(st, state=state, encoders_running=running, **audio)
 
     def push_status(self) -> None:
@@ -456,6 +462,8 @@ class Pipeline:
         """The camera's access units to the relay as they are, each IDR with the parameter sets in front."""
         st = self.stats
         clock = SourceClock()
+        if isinstance(source, RtspSource):
+            source.video_clock = clock  # a camera's sound goes on the video's clock (its sender reports)
         length = _avcc_length(source.extradata)
         changes = 0
         self._need_idr = True
@@ -808,20 +816,27 @@ def main(argv: list[str] | None = None) -> int:
     settings = EncoderSettings(cfg.bitrate, spec.fps or cfg.fps, cfg.keyframe_interval, cfg.encoder)
     # A UVC camera that can send H.264 itself is asked for it, unless the stream must transcode.
     h264_device = spec.kind == "v4l2" and cfg.mode != "transcode" and offers_h264(spec.target)
-    audio = None
-    if cfg.audio:
+    audio, tap = None, None
+    if cfg.audio == "track":  # the camera's or file's own sound, handed over by its capture thread
+        from .audio import AudioPipeline
+        from .cameraaudio import AudioTap, TrackSource
+
+        tap = AudioTap()
+        audio = AudioPipeline(cfg.name, functools.partial(TrackSource, tap), emit)
+    elif cfg.audio:
         from .audio import AudioPipeline, open_audio_source
 
         audio = AudioPipeline(cfg.name, lambda: open_audio_source(cfg.audio), emit)
     pipeline = Pipeline(
         cfg.name,
         str(spec),
-        lambda: open_source(spec, cfg.width, cfg.height, cfg.fps, cfg.name, h264_device),
+        lambda: open_source(spec, cfg.width, cfg.height, cfg.fps, cfg.name, h264_device, tap),
         settings,
         emit,
         size=(spec.width or cfg.width, spec.height or cfg.height),
         mode=cfg.mode,
         audio=audio,
+        audio_tap=tap,
     )
 
     def commands() -> None:
