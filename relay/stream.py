@@ -167,8 +167,9 @@ class Stream:
     @property
     def has_audio(self) -> bool:
         """The stream carries sound: WebRTC answers send its Opus to offers that take audio (from the start, so a
-        viewer hears the sound from when it comes, even if its source is late or retrying)."""
-        return bool(self.audio_source)
+        viewer hears the sound from when it comes, even if its source is late or retrying), unless its worker said
+        its camera or file, as opened, has none."""
+        return bool(self.audio_source) and self._audio_status.get("audio_state") != "none"
 
     @property
     def passthrough(self) -> bool:

@@ -27,6 +27,7 @@ from relay.source import audio_source, parse_source_spec
 from relay.webrtc.whepclient import WhepViewer
 
 from .conftest import make_config, start_relay
+from .test_players import sections
 from .test_rtpaudio import aac_payload, sender_report
 from .test_rtspin import H264_MEDIA as TINY_H264
 from .test_rtspin import UNITS, CaptureThread, TinyCamera, relay_config, rtp, sdp, until
@@ -193,3 +194,25 @@ async def test_with_the_cameras_sender_reports_the_sound_is_stamped_on_the_video
         await camera.close()
     assert frame is not None and frame.data == b"sound"
     assert abs(frame.capture_time - (at_zero + 0.1)) < 1e-6
+
+
+async def test_a_camera_without_sound_says_so_and_viewers_offering_audio_get_the_video_alone(http):
+    camera = await TinyCamera(sdp_text=sdp(TINY_H264)).start()
+    runner, running = await start_relay(relay_config(camera.url), wait=False)
+    stream = running.relay.streams["cam0"]
+    viewer = WhepViewer(running.whep(), http, audio=True)
+    try:
+        await until(camera.playing.is_set, "the relay plays the camera")
+        assert camera.methods.count("SETUP") == 1  # the video alone: there is no sound to set up
+        await until(lambda: stream.status().api()["audio"]["state"] == "none", "the worker says it has no sound")
+        assert not stream.has_audio
+        await viewer.connect()
+        assert viewer.answer is not None
+        audio = next(s for s in sections(viewer.answer) if s[0].startswith("m=audio"))
+        assert audio[0].split()[1] == "0"  # rejected: the answer sends nothing there
+        api = stream.status().api()
+    finally:
+        await viewer.close()
+        await runner.cleanup()
+        await camera.close()
+    assert (api["audio"]["source_errors"], api["worker_restarts"]) == (0, 0)

@@ -44,6 +44,8 @@ class AlsaSource:
     """An ALSA capture device (``AudioSource``); ``open_input`` opens it (the tests' is the real ALSA on a PCM
     their own ALSA configuration defines, at a rate of their choosing)."""
 
+    absent = False  # a device that is not there is an error, retried: it is named, so it is meant to be there
+
     def __init__(self, pcm: str, open_input: OpenInput = open_alsa) -> None:
         self.pcm = pcm
         self.name = f"alsa:{pcm}"

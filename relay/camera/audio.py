@@ -78,6 +78,7 @@ class AudioSource(Protocol):
     channels: int  # 1 or 2
     name: str  # what it is, for the log and the status: "test sound"
     overruns: int  # blocks lost because they were not read in time (a starved thread, a device's overrun)
+    absent: bool  # its source has no sound (a camera without a track): nothing to wait for until it has one
 
     def open(self) -> None: ...
 
@@ -91,6 +92,7 @@ class TestSoundSource:
     wall clock: as a capture card hands over a period once it is captured."""
 
     channels = 1  # the tone is the same in both ears: mono costs half the encode and the bits
+    absent = False
     name = "test sound"
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
@@ -246,7 +248,7 @@ class AudioPipeline:
         """Its part of the worker's ``ipc.WorkerStatus``."""
         return {
             "audio": self.source_name,
-            "audio_state": self.state,
+            "audio_state": "none" if self._absent() else self.state,
             "audio_codec": "opus" if self.channels else "",
             "audio_channels": self.channels,
             "audio_bitrate": self.bitrate,
@@ -257,6 +259,10 @@ class AudioPipeline:
             "audio_last_error": self.last_error,
             "audio_cpu_seconds": self.cpu_seconds,
         }
+
+    def _absent(self) -> bool:
+        source = self._source
+        return source is not None and source.absent
 
     def _overruns(self) -> int:
         with self._lock:

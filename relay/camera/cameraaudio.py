@@ -66,6 +66,9 @@ class AudioTap:
         self.dropped = 0  # frames the audio thread did not take in time (the oldest go)
         self.frames = 0  # put
         self.packets_dropped = 0  # RTP packets of the track its capture thread could not read (or came late)
+        # What the source said when it last opened: True it has a track it reads, False none (a camera or file
+        # without sound, or whose sound cannot be read here), None not opened yet.
+        self.track: bool | None = None
         self._frames: collections.deque[TapFrame] = collections.deque(maxlen=size)
         self._ready = threading.Condition()
 
@@ -87,6 +90,10 @@ class AudioTap:
     def wake(self) -> None:
         with self._ready:
             self._ready.notify_all()
+
+    def opened(self, track: bool) -> None:
+        """Its capture thread opened the source: with a sound track it reads, or without."""
+        self.track = track
 
 
 class TrackSource:
@@ -112,6 +119,11 @@ class TrackSource:
     @property
     def overruns(self) -> int:
         return self._tap.dropped - self._dropped_at_open
+
+    @property
+    def absent(self) -> bool:
+        """The camera or file, as last opened, has no sound this can read: waiting for one that has."""
+        return self._format is None and self._tap.track is False
 
     def open(self) -> None:
         self._dropped_at_open = self._tap.dropped

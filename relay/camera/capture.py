@@ -242,6 +242,8 @@ class PacketSource:
             self.fps = float(rate)  # a file plays at its own rate
         if self._tap is not None and self._container.streams.audio:
             self._open_audio(self._container.streams.audio[0])
+        if self._tap is not None:
+            self._tap.opened(self._audio is not None)
         self._packets = self._demux()
         self._next = time.monotonic()
 

@@ -229,6 +229,7 @@ class RtspSource:
         self._rtcp_channels, self._reports = (video_rtcp, -1), [None, None]
         if self._tap is not None:
             self._setup_audio(describe.body.decode("utf-8", errors="replace"), base)
+            self._tap.opened(self._audio is not None)
         self._request("PLAY", base if base.startswith("rtsp://") else self._target, {"Range": "npt=0.000-"})
         self._keepalive_at = time.monotonic() + self._keepalive_every
 
