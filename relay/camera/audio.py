@@ -28,8 +28,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Protocol
 
-import numpy as np
-
 from .. import ipc
 from ..backoff import Retry
 from ..logsafe import SECRET_FILTER, redact
@@ -38,6 +36,7 @@ from .capture import SourceError
 
 if TYPE_CHECKING:
     import av
+    import numpy as np  # loaded where samples are made or encoded: a camera without sound never loads it
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +157,7 @@ class OpusEncoder:
 
     def __init__(self, channels: int) -> None:
         import av  # the worker loads PyAV only where it encodes or decodes
+        import numpy as np
 
         if channels not in (1, 2):
             raise ValueError(f"Opus takes 1 or 2 channels here, not {channels}")
@@ -178,6 +178,7 @@ class OpusEncoder:
     def encode(self, samples: np.ndarray, pts: int) -> list[tuple[bytes, int]]:
         """(packet, pts) for each whole 20 ms frame the samples complete; a gap in pts drops the part-frame before."""
         import av
+        import numpy as np
 
         if len(self._pending) and pts != self._next + len(self._pending):
             self._pending = self._pending[:0]

@@ -20,11 +20,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .audio import RATE, AudioBlock
 from .capture import SourceError
+
+if TYPE_CHECKING:
+    import numpy as np  # loaded once sound comes: an RTSP camera's worker without sound never loads it
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +164,8 @@ class TrackSource:
             if frame.format != self._format:
                 raise SourceError(f"the camera's sound changed to {frame.format.codec} {frame.format.rate} Hz")
             if frame.format.codec == "opus":
+                import numpy as np
+
                 no_samples = np.zeros((0, 2), np.int16)
                 return AudioBlock(frame.capture_time, no_samples, opus=frame.data, duration=frame.samples)
             samples = self._decode(frame)
@@ -181,6 +185,8 @@ class TrackSource:
             return None
         if not out:
             return None
+        import numpy as np
+
         return np.concatenate([r.to_ndarray().reshape(-1, self.channels) for r in out])
 
     def close(self) -> None:

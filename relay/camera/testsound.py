@@ -11,7 +11,10 @@ the lip sync against the pixels without trusting any metadata.
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 RATE = 48_000  # samples a second: Opus's own rate, and the spec's
 BURST_SAMPLES = RATE // 10  # 100 ms
@@ -36,6 +39,8 @@ def tone_of(k: int) -> int:
 
 def render(first: int, count: int) -> np.ndarray:
     """The ``count`` samples from sample number ``first`` on (signed 16-bit, mono)."""
+    import numpy as np  # loaded by the workers that carry sound only
+
     if count < 0:
         raise ValueError(f"a block cannot have {count} samples")
     start = first % RATE
