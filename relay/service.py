@@ -139,7 +139,7 @@ class Relay:
             out.append(
                 RtspPublisher(
                     stream.hub, f"{base}/{stream.name}", stream.fps, ready,
-                    live_alias=live_alias,
+                    live_alias=live_alias, audio=stream.audio if stream.has_audio else None,
                 )
             )  # fmt: skip
         w = self.config.webrtc
