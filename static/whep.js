@@ -10,6 +10,10 @@
 //   relay restarts.
 // - Reads the test pattern's pixel clock (shared/spec/test-pattern.md) from
 //   each video frame and reports glass-to-glass latency in ms.
+// - With { audio: true } it offers to receive sound too (one MediaStream with
+//   the video, so Chromium plays them in sync); the <video> starts muted
+//   (autoplay rules) and the page unmutes it on a click. BurstListener hears the
+//   test sound's bursts (the spec's "Sound") and reports audio latency.
 "use strict";
 
 const PIXEL_CLOCK_CELLS = 48;
@@ -23,6 +27,54 @@ const STALL_MS = 5000;           // connected but no new frame for this long: re
 const LATENCY_WINDOW = 30;
 const FALLBACK_AFTER_ATTEMPTS = 3;  // failed WebRTC connects before the page shows MJPEG       // readings in the displayed median
 const LATENCY_MAX_MS = 60000;    // a reading further from now is a chance decode of a real camera's picture
+
+// The test sound's bursts as the page hears them, read as benchmarks/bursts.py reads them: mean square of 10 ms
+// windows over half the -6 dBFS tone's; an onset heard at wall-clock R ms is burst k = floor(R / 1000), its
+// latency R - k * 1000. Each chunk is stamped when the script gets it, before the output's own buffering.
+const BURST_LEVEL = 10 ** (-6 / 20);  // the tone's amplitude (full scale 1)
+const BURST_THRESHOLD = (BURST_LEVEL ** 2 / 2) / 2;
+const BURST_MAX_WINDOWS = 30;  // three times a 100 ms burst: longer is a held tone or noise, no onset
+const BURST_CHUNK = 512;  // samples per script callback: about 11 ms at 48 kHz
+
+class BurstListener {
+  constructor(stream, onOnset) {
+    this.ctx = new AudioContext();
+    this.onOnset = onOnset;
+    this.window = Math.round(this.ctx.sampleRate / 100);
+    this._pending = [];
+    this._onset = null;
+    this._windows = 0;
+    const source = this.ctx.createMediaStreamSource(stream);
+    const node = this.ctx.createScriptProcessor(BURST_CHUNK, 1, 1);
+    node.onaudioprocess = (ev) => this._feed(Date.now(), ev.inputBuffer.getChannelData(0));
+    source.connect(node);
+    node.connect(this.ctx.destination);  // a script node runs only when connected; it writes silence
+    this.ctx.resume().catch(() => {});
+  }
+
+  _feed(now, chunk) {
+    const rate = this.ctx.sampleRate;
+    const data = this._pending.length ? Float32Array.from([...this._pending, ...chunk]) : chunk;
+    const whole = Math.floor(data.length / this.window) * this.window;
+    for (let start = 0; start < whole; start += this.window) {
+      let energy = 0;
+      for (let i = start; i < start + this.window; i++) energy += data[i] * data[i];
+      const at = now - ((data.length - start) / rate) * 1000;  // when this window's first sample came
+      if (energy / this.window > BURST_THRESHOLD) {
+        if (this._onset === null) this._onset = { at, windows: 0 };
+        this._onset.windows += 1;
+      } else if (this._onset !== null) {
+        if (this._onset.windows <= BURST_MAX_WINDOWS) this.onOnset(this._onset.at - Math.floor(this._onset.at / 1000) * 1000);
+        this._onset = null;
+      }
+    }
+    this._pending = Array.from(data.subarray(whole));
+  }
+
+  close() {
+    this.ctx.close().catch(() => {});
+  }
+}
 
 // The ICE servers in a WHEP answer's Link headers (fetch joins several with ", "):
 // <turn:host:3478?transport=tcp>; rel="ice-server"; username="..."; credential="..."; credential-type="password"
@@ -67,8 +119,14 @@ function readPixelClock(rgba, w) {
 }
 
 class WhepPlayer {
-  constructor(video, url, handlers = {}) {
+  constructor(video, url, handlers = {}, options = {}) {
     this.video = video;
+    this.audio = Boolean(options.audio);  // offer to receive the stream's sound too
+    this.stream = null;  // the MediaStream the <video> plays: its video, and its audio when answered
+    this.audioLatencyMs = null;  // the test sound's, median of the last readings (BurstListener)
+    this.lipSyncMs = null;  // audio latency minus video latency: positive, the sound is late
+    this._audioLatencies = [];
+    this._listener = null;
     this.url = url;
     this.handlers = handlers;
     this.pc = null;
@@ -76,7 +134,9 @@ class WhepPlayer {
     this.state = "idle";
     this.attempt = 0;
     this.stopped = true;
-    this.stats = { framesDecoded: 0, fps: null, bitrateKbps: null, rttMs: null, jitterBufferMs: null };
+    this.stats = {
+      framesDecoded: 0, fps: null, bitrateKbps: null, rttMs: null, jitterBufferMs: null, audioLevel: null, audioEnergy: null,
+    };
     this.latencies = [];
     this.latencyReadings = 0;
     this.latencyMs = null;
@@ -149,8 +209,15 @@ class WhepPlayer {
     }
     this.pc = pc;
     pc.addTransceiver("video", { direction: "recvonly" });
+    if (this.audio) pc.addTransceiver("audio", { direction: "recvonly" });
+    const stream = new MediaStream();
     pc.ontrack = (ev) => {
-      this.video.srcObject = new MediaStream([ev.track]);
+      if (pc !== this.pc) return;
+      stream.addTrack(ev.track);
+      this.stream = stream;
+      if (this.video.srcObject !== stream) this.video.srcObject = stream;
+      if (ev.track.kind === "audio" && this.handlers.onAudio) this.handlers.onAudio(true);
+      if (ev.track.kind === "audio" && this._listener) this.listen();  // unmuted before: hear the new track
       this.video.play().catch(() => {});
     };
     pc.onconnectionstatechange = () => {
@@ -195,6 +262,35 @@ class WhepPlayer {
     } catch (err) {
       if (pc === this.pc) this._retry(String(err.message || err));
     }
+  }
+
+  // Sound on, at `volume` (0-1): called from a click, so the browser lets it play. The test sound's bursts are
+  // listened for from then on.
+  unmute(volume = 1) {
+    this.video.muted = false;
+    this.video.volume = volume;
+    this.video.play().catch(() => {});
+    this.listen();
+  }
+
+  mute() {
+    this.video.muted = true;
+  }
+
+  listen() {
+    if (this._listener) this._listener.close();
+    this._listener = null;
+    if (!this.stream || !this.stream.getAudioTracks().length) return;
+    this._listener = new BurstListener(new MediaStream(this.stream.getAudioTracks()), (ms) => this._heard(ms));
+  }
+
+  _heard(ms) {
+    this._audioLatencies.push(ms);
+    if (this._audioLatencies.length > LATENCY_WINDOW) this._audioLatencies.shift();
+    const sorted = [...this._audioLatencies].sort((a, b) => a - b);
+    this.audioLatencyMs = sorted[Math.floor(sorted.length / 2)];
+    this.lipSyncMs = this.latencyMs == null ? null : this.audioLatencyMs - this.latencyMs;
+    if (this.handlers.onAudioLatency) this.handlers.onAudioLatency(this.audioLatencyMs, this.lipSyncMs);
   }
 
   _gathered(pc) {
@@ -321,6 +417,9 @@ class WhepPlayer {
         }
         this._lastBytes = { t: r.timestamp, b: r.bytesReceived };
         if (r.jitterBufferEmittedCount) st.jitterBufferMs = (1000 * r.jitterBufferDelay) / r.jitterBufferEmittedCount;
+      } else if (r.type === "inbound-rtp" && r.kind === "audio") {
+        this.stats.audioLevel = r.audioLevel ?? null;  // 0-1, of the sound played out (muted or not)
+        this.stats.audioEnergy = r.totalAudioEnergy ?? null;
       } else if (r.type === "candidate-pair" && r.nominated && r.state === "succeeded") {
         if (r.currentRoundTripTime != null) this.stats.rttMs = r.currentRoundTripTime * 1000;
       }
@@ -333,5 +432,6 @@ class WhepPlayer {
 }
 
 window.WhepPlayer = WhepPlayer;
+window.BurstListener = BurstListener;
 window.readPixelClock = readPixelClock;
 window.iceServersFromLinks = iceServersFromLinks;

@@ -478,3 +478,59 @@ async def test_chromium_takes_the_answer_that_rejects_the_bundle_tag_of_its_offe
         finally:
             encoded.close()
             await page.close()
+
+
+# -- sound: the view page starts muted, unmutes on a click, and reads the test sound's bursts
+
+SOUND_AND_QUIET = (
+    StreamConfig("cam0", SourceSpec("test", "")),  # the test pattern with its sound
+    StreamConfig("cam1", SourceSpec("test", "", audio="off")),
+)
+# Sound heard: Chromium's getStats of the inbound Opus (as the player polls it) shows a level and energy, and the
+# page's WebAudio listener read the bursts' latency and the lip sync.
+HEARD = """() => {
+  const p = window.camrelayPlayer;
+  return p.stats.audioLevel > 0 && p.stats.audioEnergy > 0 && Number.isFinite(p.audioLatencyMs)
+    && Number.isFinite(p.lipSyncMs) && /^-?\\d+ ms$/.test(document.getElementById("lip-sync").textContent);
+}"""
+
+
+async def test_the_page_starts_muted_plays_the_sound_after_unmute_and_shows_lip_sync(http):
+    runner, relay = await start_relay(make_config(SOUND_AND_QUIET))
+    try:
+        async with chromium() as browser:
+            page = await browser.new_page()
+            watch = PageWatch(page)
+            await page.goto(f"{relay.base}/view/cam0")
+            await page.wait_for_function(PLAYING, timeout=PLAY_TIMEOUT_MS)
+            # Muted at first, the controls shown, the stream's audio track in the <video>'s one MediaStream.
+            assert await page.evaluate("() => document.getElementById('video').muted") is True
+            assert await page.evaluate(SHOWN, "unmute") and await page.evaluate(SHOWN, "volume")
+            tracks = await page.evaluate("() => window.camrelayPlayer.stream.getTracks().map((t) => t.kind).sort()")
+            assert tracks == ["audio", "video"]
+            assert await page.evaluate("() => window.camrelayPlayer.audioLatencyMs") is None  # nothing heard yet
+
+            await page.fill("#volume", "0.5")
+            await page.click("#unmute")
+            await page.wait_for_function(HEARD, timeout=PLAY_TIMEOUT_MS)
+            state = await page.evaluate(
+                "() => { const v = document.getElementById('video'); return [v.muted, v.volume, v.paused]; }"
+            )
+            assert state == [False, 0.5, False]
+            assert (await page.text_content("#unmute")).strip() == "Mute"
+            # The bursts were heard through WebAudio: an onset each second, its latency under a second.
+            latency = await page.evaluate("() => window.camrelayPlayer.audioLatencyMs")
+            assert 0 <= latency < 1000, latency
+            assert MS_TEXT.match((await page.text_content("#audio-latency")).strip())
+            watch.check_offers_stay_on_loopback()
+
+            # A stream without sound: no controls, no audio readings, video alone.
+            quiet = await browser.new_page()
+            await quiet.goto(f"{relay.base}/view/cam1")
+            await quiet.wait_for_function(PLAYING, timeout=PLAY_TIMEOUT_MS)
+            assert await quiet.locator("#unmute, #volume, #lip-sync").count() == 0
+            kinds = await quiet.evaluate("() => window.camrelayPlayer.stream.getTracks().map((t) => t.kind)")
+            assert kinds == ["video"]
+            assert await quiet.evaluate("() => window.camrelayPlayer.pc.getTransceivers().length") == 1
+    finally:
+        await runner.cleanup()
