@@ -74,7 +74,7 @@ PUBLISH_TRACK = "trackID=0"  # the video track's control URL, relative to the st
 # channels: RFC 7587's only rtpmap; each packet's TOC byte says mono or stereo and decoders follow it.
 PUBLISH_AUDIO_PAYLOAD_TYPE = 97
 PUBLISH_AUDIO_TRACK = "trackID=1"
-OPUS_CLOCK = 48_000  # the audio hub's pts ticks per second, and Opus's RTP clock
+OPUS_CLOCK = mux.OPUS_CLOCK  # Opus's RTP clock: the audio hub's pts
 VIDEO_CLOCK = 90_000
 # RTCP sender reports map each track's RTP clock onto the capture clock, so readers (ffmpeg, through mediamtx's
 # own reports built from ours) put sound and picture in sync; one a second per track, as WebRTC's FrameSender does.
@@ -434,12 +434,6 @@ class RtpFramer:
         return INTERLEAVED.pack(b"$", self.channel + 1, len(report)) + report
 
 
-def audio_base(audio: EncodedFrame, video: EncodedFrame) -> int:
-    """The audio pts a session's audio RTP timestamps count from: the one captured with ``video`` (the session's
-    first frame, timestamp 0), so a reader that ignores sender reports lines up the tracks too."""
-    return audio.pts - round((audio.capture_time - video.capture_time) * OPUS_CLOCK)
-
-
 class RtspPublisher:
     """Publishes one stream's hub to an RTSP server (mediamtx): ANNOUNCE, SETUP and RECORD, then RTP over the
     same TCP connection (no Nagle: each frame leaves at once), packetized once for viewers and publisher alike.
@@ -574,7 +568,7 @@ class RtspPublisher:
             while True:
                 packet = await sub.get()
                 if base is None:
-                    base = audio_base(packet, first)
+                    base = mux.audio_base(packet, first)
                 conn.write(framer.frame(payloads_for(packet), packet.pts - base, packet.capture_time))
                 self.audio_published += 1
         except (HubClosed, PublishError):

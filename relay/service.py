@@ -157,7 +157,7 @@ class Relay:
                 Recorder(
                     stream.name, stream.hub, stream.jpegs, self.recordings_root,
                     stream.fps, rc.segment, rc.snapshot_interval,
-                    Retention(rc.max_size, rc.max_age),
+                    Retention(rc.max_size, rc.max_age), audio=stream.audio if stream.has_audio else None,
                 )
             )  # fmt: skip
         return out
