@@ -1,12 +1,22 @@
 """Glass-to-glass latency as a browser viewer sees it: real Chromium, the real page.
 
     python -m benchmarks.browser_latency --duration 30 --size 1280x720 --fps 30 --bitrate 2M
+    python -m benchmarks.browser_latency --sound-ab 6 --duration 20
 
 Starts a relay on loopback with the test pattern, opens ``/view/cam0`` in
 headless Chromium and collects every latency reading the page makes from the
 pixel clock (capture time painted into the frame, read from the video element
 on a canvas at each presented frame, against the browser's clock). Also
-reports the page's decoded fps and jitter-buffer delay.
+reports the page's decoded fps and jitter-buffer delay. With its sound on
+(``--unmute``: the page's Unmute clicked), the test sound's audio latency as
+the page hears it (WebAudio, ``BurstListener``) and the lip sync (audio
+latency minus the video latency of that moment).
+
+``--sound-ab N``: two relays side by side over the same time, one with its
+sound (the page unmuted) and one with ``--no-audio``; N rounds, each measuring
+one then the other, so a shared machine's load falls on both alike. Chromium
+syncs the tracks of one MediaStream by delaying the earlier: this says what
+that costs the video (medians per arm, and their difference).
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import sys
 
 from benchmarks.chromium import chromium
@@ -24,42 +35,85 @@ from benchmarks.peers import percentile
 COLLECT = """() => {
   const p = window.camrelayPlayer;
   window.__samples = [];
+  window.__audio = [];
   p.handlers.onLatencySample = (ms) => window.__samples.push(ms);
+  p.handlers.onAudioSample = (ms, videoMs) => window.__audio.push([ms, videoMs]);
 }"""
 
 
-async def measure(port: int, duration: float) -> dict:
+async def measure(port: int, duration: float, unmute: bool = False) -> dict:
     async with chromium() as browser:
         page = await browser.new_page(viewport={"width": 1600, "height": 1000})
         await page.goto(f"http://127.0.0.1:{port}/view/cam0")
         await page.wait_for_function(
             "() => window.camrelayPlayer && window.camrelayPlayer.latencyReadings > 30", timeout=30_000
         )
+        if unmute:
+            await page.click("#unmute")
         await page.evaluate(COLLECT)
         start_frames = await page.evaluate("() => window.camrelayPlayer.stats.framesDecoded")
         await asyncio.sleep(duration)
         samples = await page.evaluate("() => window.__samples")
+        heard = await page.evaluate("() => window.__audio")
         stats = await page.evaluate("() => window.camrelayPlayer.stats")
         await page.close()
-    return {
+    result = {
         "samples": len(samples),
         "latency_ms": {p: percentile(samples, p) for p in (50, 95, 99)},
         "max_ms": max(samples) if samples else None,
         "fps_decoded": (stats["framesDecoded"] - start_frames) / duration,
         "jitter_buffer_ms": stats["jitterBufferMs"],
     }
+    if unmute:
+        audio = [a for a, _ in heard]
+        sync = [a - v for a, v in heard if v is not None]
+        result["audio"] = {
+            "onsets": len(audio),
+            "latency_ms": {p: percentile(audio, p) for p in (50, 95)} if audio else None,
+            "lip_sync_ms": {p: percentile(sync, p) for p in (5, 50, 95)} if sync else None,
+        }
+    return result
+
+
+async def sound_ab(with_sound: int, without: int, rounds: int, duration: float) -> dict:
+    arms: dict[str, list[dict]] = {"sound": [], "no_sound": []}
+    for _ in range(rounds):
+        arms["sound"].append(await measure(with_sound, duration, unmute=True))
+        arms["no_sound"].append(await measure(without, duration))
+    medians = {arm: statistics.median(r["latency_ms"][50] for r in runs) for arm, runs in arms.items()}
+    lip = [r["audio"]["lip_sync_ms"][50] for r in arms["sound"] if r["audio"]["lip_sync_ms"]]
+    audio = [r["audio"]["latency_ms"][50] for r in arms["sound"] if r["audio"]["latency_ms"]]
+    return {
+        "rounds": rounds,
+        "video_p50_ms_per_round": {arm: [r["latency_ms"][50] for r in runs] for arm, runs in arms.items()},
+        "video_p50_ms_median": medians,
+        "video_cost_of_sound_ms": medians["sound"] - medians["no_sound"],
+        "audio_latency_p50_ms_per_round": audio,
+        "lip_sync_p50_ms_per_round": lip,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=30.0)
+    ap.add_argument("--unmute", action="store_true", help="click the page's Unmute; report audio latency, lip sync")
+    ap.add_argument("--sound-ab", type=int, default=0, metavar="ROUNDS", help="with and without sound, interleaved")
     add_stream_options(ap)
     args = ap.parse_args(argv)
-    system = start_system("camrelay", args.size, args.fps, args.bitrate)
-    try:
-        result = asyncio.run(measure(system.port, args.duration))
-    finally:
-        system.close()
+    if args.sound_ab:
+        sound = start_system("camrelay", args.size, args.fps, args.bitrate)
+        quiet = start_system("camrelay", args.size, args.fps, args.bitrate, extra=("--no-audio",))
+        try:
+            result = asyncio.run(sound_ab(sound.port, quiet.port, args.sound_ab, args.duration))
+        finally:
+            sound.close()
+            quiet.close()
+    else:
+        system = start_system("camrelay", args.size, args.fps, args.bitrate)
+        try:
+            result = asyncio.run(measure(system.port, args.duration, args.unmute))
+        finally:
+            system.close()
     print(json.dumps(result, indent=2))
     return 0
 

@@ -285,6 +285,7 @@ class WhepPlayer {
   }
 
   _heard(ms) {
+    if (this.handlers.onAudioSample) this.handlers.onAudioSample(ms, this.latencyMs);
     this._audioLatencies.push(ms);
     if (this._audioLatencies.length > LATENCY_WINDOW) this._audioLatencies.shift();
     const sorted = [...this._audioLatencies].sort((a, b) => a - b);
