@@ -30,7 +30,7 @@ const LATENCY_MAX_MS = 60000;    // a reading further from now is a chance decod
 
 // The test sound's bursts as the page hears them, read as benchmarks/bursts.py reads them: mean square of 10 ms
 // windows over half the -6 dBFS tone's; an onset heard at wall-clock R ms is burst k = floor(R / 1000), its
-// latency R - k * 1000. Each chunk is stamped when the script gets it, before the output's own buffering.
+// latency R - k * 1000. Each chunk is stamped when the script gets it plus the context's output latency.
 const BURST_LEVEL = 10 ** (-6 / 20);  // the tone's amplitude (full scale 1)
 const BURST_THRESHOLD = (BURST_LEVEL ** 2 / 2) / 2;
 const BURST_MAX_WINDOWS = 30;  // three times a 100 ms burst: longer is a held tone or noise, no onset
@@ -46,7 +46,9 @@ class BurstListener {
     this._windows = 0;
     const source = this.ctx.createMediaStreamSource(stream);
     const node = this.ctx.createScriptProcessor(BURST_CHUNK, 1, 1);
-    node.onaudioprocess = (ev) => this._feed(Date.now(), ev.inputBuffer.getChannelData(0));
+    // Stamped when it will be heard through this context: the script gets a chunk that much before its output.
+    const outputMs = () => ((this.ctx.baseLatency || 0) + (this.ctx.outputLatency || 0)) * 1000;
+    node.onaudioprocess = (ev) => this._feed(Date.now() + outputMs(), ev.inputBuffer.getChannelData(0));
     source.connect(node);
     node.connect(this.ctx.destination);  // a script node runs only when connected; it writes silence
     this.ctx.resume().catch(() => {});
