@@ -78,6 +78,20 @@ class BurstListener {
   }
 }
 
+// Chromium plays the audio and video of one remote stream (the answer's msid stream id: aiortc gives both tracks
+// one) in sync by holding back the earlier, the video, by as much as the sound's jitter buffer: measured +71 ms of
+// video latency (docs/benchmarks.md). Unless lip sync is asked for, the answer's audio gets a stream id of its own,
+// so the picture is as early as without sound and the sound plays as it comes.
+const OWN_AUDIO_STREAM = "camrelay-audio";
+function audioOnItsOwnStream(sdp) {
+  return sdp
+    .split(/\r\n(?=m=)/)
+    .map((section) => (!section.startsWith("m=audio") ? section : section
+      .replace(/^a=msid:\S+ /gm, `a=msid:${OWN_AUDIO_STREAM} `)
+      .replace(/^(a=ssrc:\d+ msid:)\S+ /gm, `$1${OWN_AUDIO_STREAM} `)))
+    .join("\r\n");
+}
+
 // The ICE servers in a WHEP answer's Link headers (fetch joins several with ", "):
 // <turn:host:3478?transport=tcp>; rel="ice-server"; username="..."; credential="..."; credential-type="password"
 function iceServersFromLinks(header) {
@@ -124,6 +138,7 @@ class WhepPlayer {
   constructor(video, url, handlers = {}, options = {}) {
     this.video = video;
     this.audio = Boolean(options.audio);  // offer to receive the stream's sound too
+    this.sync = Boolean(options.sync);  // lip sync (the video waits for the sound) rather than the earliest picture
     this.stream = null;  // the MediaStream the <video> plays: its video, and its audio when answered
     this.audioLatencyMs = null;  // the test sound's, median of the last readings (BurstListener)
     this.lipSyncMs = null;  // audio latency minus video latency: positive, the sound is late
@@ -260,7 +275,7 @@ class WhepPlayer {
       }
       this.session = session;
       trickle(session);
-      await pc.setRemoteDescription({ type: "answer", sdp: answer });
+      await pc.setRemoteDescription({ type: "answer", sdp: this.sync ? answer : audioOnItsOwnStream(answer) });
     } catch (err) {
       if (pc === this.pc) this._retry(String(err.message || err));
     }
@@ -277,6 +292,13 @@ class WhepPlayer {
 
   mute() {
     this.video.muted = true;
+  }
+
+  // Lip sync on or off: a new peer connection, as the answer says which tracks play in sync.
+  setSync(on) {
+    if (this.sync === Boolean(on)) return;
+    this.sync = Boolean(on);
+    if (!this.stopped) this._connect();
   }
 
   listen() {
@@ -436,5 +458,6 @@ class WhepPlayer {
 
 window.WhepPlayer = WhepPlayer;
 window.BurstListener = BurstListener;
+window.audioOnItsOwnStream = audioOnItsOwnStream;
 window.readPixelClock = readPixelClock;
 window.iceServersFromLinks = iceServersFromLinks;

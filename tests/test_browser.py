@@ -494,6 +494,14 @@ HEARD = """() => {
     && Number.isFinite(p.lipSyncMs) && /^-?\\d+ ms$/.test(document.getElementById("lip-sync").textContent);
 }"""
 
+# The msid stream ids of the remote description's audio and of its video sections, as Chromium applied it.
+STREAM_IDS = """() => {
+  const sections = window.camrelayPlayer.pc.remoteDescription.sdp.split(/\\r\\n(?=m=)/);
+  const ids = (kind) => sections.filter((s) => s.startsWith("m=" + kind))
+    .flatMap((s) => [...s.matchAll(/^a=msid:(\\S+) /gm)].map((m) => m[1]));
+  return [ids("audio"), ids("video")];
+}"""
+
 
 async def test_the_page_starts_muted_plays_the_sound_after_unmute_and_shows_lip_sync(http):
     runner, relay = await start_relay(make_config(SOUND_AND_QUIET))
@@ -522,6 +530,17 @@ async def test_the_page_starts_muted_plays_the_sound_after_unmute_and_shows_lip_
             latency = await page.evaluate("() => window.camrelayPlayer.audioLatencyMs")
             assert 0 <= latency < 1000, latency
             assert MS_TEXT.match((await page.text_content("#audio-latency")).strip())
+            # The sound plays as it comes, on a stream of its own (no lip sync holding the picture back), until
+            # Lip sync is ticked: then a new connection whose audio and video share the answer's stream id.
+            audio_ids, video_ids = await page.evaluate(STREAM_IDS)
+            assert audio_ids == ["camrelay-audio"] and len(video_ids) == 1 and video_ids != audio_ids, video_ids
+            await page.check("#sync")
+            await page.wait_for_function(
+                f"() => window.camrelayPlayer.connects === 2 && ({PLAYING})()", timeout=PLAY_TIMEOUT_MS
+            )
+            audio_ids, video_ids = await page.evaluate(STREAM_IDS)
+            assert audio_ids == video_ids and video_ids != ["camrelay-audio"], (audio_ids, video_ids)
+            await page.wait_for_function(HEARD, timeout=PLAY_TIMEOUT_MS)
             watch.check_offers_stay_on_loopback()
 
             # A stream without sound: no controls, no audio readings, video alone.
@@ -532,5 +551,35 @@ async def test_the_page_starts_muted_plays_the_sound_after_unmute_and_shows_lip_
             kinds = await quiet.evaluate("() => window.camrelayPlayer.stream.getTracks().map((t) => t.kind)")
             assert kinds == ["video"]
             assert await quiet.evaluate("() => window.camrelayPlayer.pc.getTransceivers().length") == 1
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_recorded_segment_plays_its_picture_and_its_sound_in_chromium(tmp_path, http):
+    from .test_record import recording_config, wait_for
+
+    runner, relay = await start_relay(recording_config(tmp_path, snapshot_interval=0.0))
+    recorder = relay.relay.recorders["cam0"]
+    try:
+        await wait_for(lambda: recorder.segments_written >= 2, timeout=40.0, what="2 segments")
+        async with http.get(relay.base + "/api/v1/recordings/cam0") as resp:
+            listing = await resp.json()
+        url = relay.base + listing["segments"][0]["url"]  # newest first: the second, opened once sound had come
+        async with chromium() as browser:
+            page = await browser.new_page()
+            await page.goto(relay.base + "/")  # the relay's origin, so the segment is not a cross-origin resource
+            await page.evaluate(
+                """(url) => { const v = document.createElement("video"); v.id = "segment"; v.muted = true;
+                   v.src = url; document.body.append(v); v.play(); }""",
+                url,
+            )
+            # Chromium decoded both tracks: pictures, and bytes of sound (its own count of decoded audio).
+            await page.wait_for_function(
+                """() => { const v = document.getElementById("segment");
+                  return v.getVideoPlaybackQuality().totalVideoFrames > 10 && v.webkitAudioDecodedByteCount > 0; }""",
+                timeout=PLAY_TIMEOUT_MS,
+            )
+            error = await page.evaluate("() => document.getElementById('segment').error")
+            assert error is None
     finally:
         await runner.cleanup()
