@@ -13,10 +13,13 @@ the page hears it (WebAudio, ``BurstListener``) and the lip sync (audio
 latency minus the video latency of that moment).
 
 ``--sound-ab N``: two relays side by side over the same time, one with its
-sound (the page unmuted) and one with ``--no-audio``; N rounds, each measuring
-one then the other, so a shared machine's load falls on both alike. Chromium
-syncs the tracks of one MediaStream by delaying the earlier: this says what
-that costs the video (medians per arm, and their difference).
+sound and one with ``--no-audio``; N rounds, each measuring three arms in
+turn, so a shared machine's load falls on all alike: the page as it plays by
+default (the sound on a stream of its own), with Lip sync ticked, and the
+relay without sound; with ``--unmute`` the first two are unmuted (and the page
+listens for the bursts: WebAudio on the page's main thread). Chromium syncs the tracks of one stream
+by delaying the earlier: this says what that costs the video (medians per
+arm, and their difference from the arm without sound).
 """
 
 from __future__ import annotations
@@ -41,13 +44,19 @@ COLLECT = """() => {
 }"""
 
 
-async def measure(port: int, duration: float, unmute: bool = False) -> dict:
+async def measure(port: int, duration: float, unmute: bool = False, sync: bool = False) -> dict:
     async with chromium() as browser:
         page = await browser.new_page(viewport={"width": 1600, "height": 1000})
         await page.goto(f"http://127.0.0.1:{port}/view/cam0")
         await page.wait_for_function(
             "() => window.camrelayPlayer && window.camrelayPlayer.latencyReadings > 30", timeout=30_000
         )
+        if sync:  # lip sync: a new connection whose audio and video Chromium plays in sync
+            await page.check("#sync")
+            await page.wait_for_function(
+                "() => window.camrelayPlayer.connects === 2 && window.camrelayPlayer.latencyReadings > 60",
+                timeout=30_000,
+            )
         if unmute:
             await page.click("#unmute")
         await page.evaluate(COLLECT)
@@ -75,21 +84,26 @@ async def measure(port: int, duration: float, unmute: bool = False) -> dict:
     return result
 
 
-async def sound_ab(with_sound: int, without: int, rounds: int, duration: float) -> dict:
-    arms: dict[str, list[dict]] = {"sound": [], "no_sound": []}
+async def sound_ab(with_sound: int, without: int, rounds: int, duration: float, unmute: bool) -> dict:
+    arms: dict[str, list[dict]] = {"sound": [], "sound_synced": [], "no_sound": []}
     for _ in range(rounds):
-        arms["sound"].append(await measure(with_sound, duration, unmute=True))
+        arms["sound"].append(await measure(with_sound, duration, unmute=unmute))
+        arms["sound_synced"].append(await measure(with_sound, duration, unmute=unmute, sync=True))
         arms["no_sound"].append(await measure(without, duration))
     medians = {arm: statistics.median(r["latency_ms"][50] for r in runs) for arm, runs in arms.items()}
-    lip = [r["audio"]["lip_sync_ms"][50] for r in arms["sound"] if r["audio"]["lip_sync_ms"]]
-    audio = [r["audio"]["latency_ms"][50] for r in arms["sound"] if r["audio"]["latency_ms"]]
+    heard = {arm: [r.get("audio") or {"latency_ms": None, "lip_sync_ms": None} for r in arms[arm]]
+             for arm in ("sound", "sound_synced")}  # fmt: skip
     return {
         "rounds": rounds,
         "video_p50_ms_per_round": {arm: [r["latency_ms"][50] for r in runs] for arm, runs in arms.items()},
         "video_p50_ms_median": medians,
-        "video_cost_of_sound_ms": medians["sound"] - medians["no_sound"],
-        "audio_latency_p50_ms_per_round": audio,
-        "lip_sync_p50_ms_per_round": lip,
+        "video_cost_of_sound_ms": {arm: medians[arm] - medians["no_sound"] for arm in heard},
+        "audio_latency_p50_ms_per_round": {
+            arm: [a["latency_ms"][50] for a in runs if a["latency_ms"]] for arm, runs in heard.items()
+        },
+        "lip_sync_p50_ms_per_round": {
+            arm: [a["lip_sync_ms"][50] for a in runs if a["lip_sync_ms"]] for arm, runs in heard.items()
+        },
     }
 
 
@@ -97,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--unmute", action="store_true", help="click the page's Unmute; report audio latency, lip sync")
+    ap.add_argument("--sync", action="store_true", help="tick the page's Lip sync first")
     ap.add_argument("--sound-ab", type=int, default=0, metavar="ROUNDS", help="with and without sound, interleaved")
     add_stream_options(ap)
     args = ap.parse_args(argv)
@@ -104,14 +119,14 @@ def main(argv: list[str] | None = None) -> int:
         sound = start_system("camrelay", args.size, args.fps, args.bitrate)
         quiet = start_system("camrelay", args.size, args.fps, args.bitrate, extra=("--no-audio",))
         try:
-            result = asyncio.run(sound_ab(sound.port, quiet.port, args.sound_ab, args.duration))
+            result = asyncio.run(sound_ab(sound.port, quiet.port, args.sound_ab, args.duration, args.unmute))
         finally:
             sound.close()
             quiet.close()
     else:
         system = start_system("camrelay", args.size, args.fps, args.bitrate)
         try:
-            result = asyncio.run(measure(system.port, args.duration, args.unmute))
+            result = asyncio.run(measure(system.port, args.duration, args.unmute, args.sync))
         finally:
             system.close()
     print(json.dumps(result, indent=2))
