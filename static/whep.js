@@ -79,9 +79,9 @@ class BurstListener {
 }
 
 // Chromium plays the audio and video of one remote stream (the answer's msid stream id: aiortc gives both tracks
-// one) in sync by holding back the earlier, the video, by as much as the sound's jitter buffer: measured +71 ms of
-// video latency (docs/benchmarks.md). Unless lip sync is asked for, the answer's audio gets a stream id of its own,
-// so the picture is as early as without sound and the sound plays as it comes.
+// one) in sync by holding back the earlier, the video (docs/benchmarks.md has what it costs). Unless lip sync is
+// asked for, the answer's audio gets a stream id of its own and plays from an <audio> of its own, so the picture
+// is not held for the sound.
 const OWN_AUDIO_STREAM = "camrelay-audio";
 function audioOnItsOwnStream(sdp) {
   return sdp
@@ -144,6 +144,7 @@ class WhepPlayer {
     this.lipSyncMs = null;  // audio latency minus video latency: positive, the sound is late
     this._audioLatencies = [];
     this._listener = null;
+    this._audioOut = null;  // the <audio> the sound plays from without lip sync
     this.url = url;
     this.handlers = handlers;
     this.pc = null;
@@ -231,8 +232,14 @@ class WhepPlayer {
     pc.ontrack = (ev) => {
       if (pc !== this.pc) return;
       stream.addTrack(ev.track);
-      this.stream = stream;
-      if (this.video.srcObject !== stream) this.video.srcObject = stream;
+      this.stream = stream;  // every track received
+      // With lip sync the <video> plays both; else the picture alone, the sound in an <audio> of its own.
+      const shown = this.sync ? stream : new MediaStream(stream.getVideoTracks());
+      if (this.video.srcObject !== stream && (this.sync || ev.track.kind === "video")) this.video.srcObject = shown;
+      if (ev.track.kind === "audio" && !this.sync) {
+        this.output.srcObject = new MediaStream([ev.track]);
+        this.output.play().catch(() => {});
+      }
       if (ev.track.kind === "audio" && this.handlers.onAudio) this.handlers.onAudio(true);
       if (ev.track.kind === "audio" && this._listener) this.listen();  // unmuted before: hear the new track
       this.video.play().catch(() => {});
@@ -283,21 +290,47 @@ class WhepPlayer {
 
   // Sound on, at `volume` (0-1): called from a click, so the browser lets it play. The test sound's bursts are
   // listened for from then on.
+  // The element the sound plays from: the <video> with lip sync, else an <audio> of its own (muted at first too).
+  get output() {
+    if (this.sync) return this.video;
+    if (!this._audioOut) {
+      this._audioOut = new Audio();
+      this._audioOut.muted = true;
+      this._audioOut.autoplay = true;
+    }
+    return this._audioOut;
+  }
+
+  get muted() {
+    return this.output.muted;
+  }
+
+  setVolume(volume) {
+    this.output.volume = volume;
+  }
+
   unmute(volume = 1) {
-    this.video.muted = false;
-    this.video.volume = volume;
-    this.video.play().catch(() => {});
+    const out = this.output;
+    out.muted = false;
+    out.volume = volume;
+    out.play().catch(() => {});
     this.listen();
   }
 
   mute() {
-    this.video.muted = true;
+    this.output.muted = true;
   }
 
-  // Lip sync on or off: a new peer connection, as the answer says which tracks play in sync.
+  // Lip sync on or off: a new peer connection, as the answer says which tracks play in sync, with the sound moved
+  // to the element that will play it, as loud as it was.
   setSync(on) {
     if (this.sync === Boolean(on)) return;
+    const { muted, volume } = this.output;
+    this.output.muted = true;
+    if (this._audioOut) this._audioOut.srcObject = null;
     this.sync = Boolean(on);
+    this.output.muted = muted;
+    this.output.volume = volume;
     if (!this.stopped) this._connect();
   }
 

@@ -521,10 +521,12 @@ async def test_the_page_starts_muted_plays_the_sound_after_unmute_and_shows_lip_
             await page.fill("#volume", "0.5")
             await page.click("#unmute")
             await page.wait_for_function(HEARD, timeout=PLAY_TIMEOUT_MS)
+            # It plays from an <audio> of its own (no lip sync holding the picture back), at the volume set.
             state = await page.evaluate(
-                "() => { const v = document.getElementById('video'); return [v.muted, v.volume, v.paused]; }"
+                "() => { const o = window.camrelayPlayer.output; return [o.tagName, o.muted, o.volume, o.paused]; }"
             )
-            assert state == [False, 0.5, False]
+            assert state == ["AUDIO", False, 0.5, False]
+            assert await page.evaluate("() => document.getElementById('video').srcObject.getAudioTracks().length") == 0
             assert (await page.text_content("#unmute")).strip() == "Mute"
             # The bursts were heard through WebAudio: an onset each second, its latency under a second.
             latency = await page.evaluate("() => window.camrelayPlayer.audioLatencyMs")
@@ -540,6 +542,12 @@ async def test_the_page_starts_muted_plays_the_sound_after_unmute_and_shows_lip_
             )
             audio_ids, video_ids = await page.evaluate(STREAM_IDS)
             assert audio_ids == video_ids and video_ids != ["camrelay-audio"], (audio_ids, video_ids)
+            # Now the <video> plays both, as loud as the sound was.
+            state = await page.evaluate(
+                """() => { const o = window.camrelayPlayer.output;
+                  return [o.id, o.muted, o.volume, o.srcObject.getTracks().map((t) => t.kind).sort()]; }"""
+            )
+            assert state == ["video", False, 0.5, ["audio", "video"]]
             await page.wait_for_function(HEARD, timeout=PLAY_TIMEOUT_MS)
             watch.check_offers_stay_on_loopback()
 
