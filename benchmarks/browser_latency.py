@@ -13,10 +13,11 @@ the page hears it (WebAudio, ``BurstListener``) and the lip sync (audio
 latency minus the video latency of that moment).
 
 ``--sound-ab N``: two relays side by side over the same time, one with its
-sound and one with ``--no-audio``; N rounds, each measuring three arms in
-turn, so a shared machine's load falls on all alike: the page as it plays by
-default (the sound on a stream of its own), with Lip sync ticked, and the
-relay without sound; with ``--unmute`` the first two are unmuted (and the page
+sound and one with ``--no-audio``; N rounds, each measuring four arms in
+turn (each round starting with the next arm), so a shared machine's load and
+the order fall on all alike: the page as it plays by default (the sound on a
+stream of its own), with Lip sync ticked, the same relay watched by a page
+that offers no audio, and the relay without sound; with ``--unmute`` the first two are unmuted (and the page
 listens for the bursts: WebAudio on the page's main thread). Chromium syncs the tracks of one stream
 by delaying the earlier: this says what that costs the video (medians per
 arm, and their difference from the arm without sound).
@@ -44,9 +45,23 @@ COLLECT = """() => {
 }"""
 
 
-async def measure(port: int, duration: float, unmute: bool = False, sync: bool = False) -> dict:
+# An init script: the page's offers leave out audio (its player asks for a transceiver; this one is refused), so a
+# relay with sound is watched as a viewer who takes no sound: the same relay, the video alone.
+NO_AUDIO_OFFER = """() => {
+  const add = RTCPeerConnection.prototype.addTransceiver;
+  RTCPeerConnection.prototype.addTransceiver = function (kind, init) {
+    return kind === "audio" ? null : add.call(this, kind, init);
+  };
+}"""
+
+
+async def measure(
+    port: int, duration: float, unmute: bool = False, sync: bool = False, offer_audio: bool = True
+) -> dict:
     async with chromium() as browser:
         page = await browser.new_page(viewport={"width": 1600, "height": 1000})
+        if not offer_audio:
+            await page.add_init_script(f"({NO_AUDIO_OFFER})()")
         await page.goto(f"http://127.0.0.1:{port}/view/cam0")
         await page.wait_for_function(
             "() => window.camrelayPlayer && window.camrelayPlayer.latencyReadings > 30", timeout=30_000
@@ -85,11 +100,17 @@ async def measure(port: int, duration: float, unmute: bool = False, sync: bool =
 
 
 async def sound_ab(with_sound: int, without: int, rounds: int, duration: float, unmute: bool) -> dict:
-    arms: dict[str, list[dict]] = {"sound": [], "sound_synced": [], "no_sound": []}
-    for _ in range(rounds):
-        arms["sound"].append(await measure(with_sound, duration, unmute=unmute))
-        arms["sound_synced"].append(await measure(with_sound, duration, unmute=unmute, sync=True))
-        arms["no_sound"].append(await measure(without, duration))
+    runs = {
+        "sound": lambda: measure(with_sound, duration, unmute=unmute),
+        "sound_synced": lambda: measure(with_sound, duration, unmute=unmute, sync=True),
+        "sound_not_offered": lambda: measure(with_sound, duration, offer_audio=False),
+        "no_sound": lambda: measure(without, duration),
+    }
+    arms: dict[str, list[dict]] = {arm: [] for arm in runs}
+    order = list(runs)
+    for i in range(rounds):
+        for arm in order[i % len(order) :] + order[: i % len(order)]:  # each round starts with the next arm
+            arms[arm].append(await runs[arm]())
     medians = {arm: statistics.median(r["latency_ms"][50] for r in runs) for arm, runs in arms.items()}
     heard = {arm: [r.get("audio") or {"latency_ms": None, "lip_sync_ms": None} for r in arms[arm]]
              for arm in ("sound", "sound_synced")}  # fmt: skip
