@@ -148,3 +148,15 @@ def drift_ms(times: list[float], values: list[float]) -> float | None:
         return None
     slope = float(np.polyfit(np.asarray(times) - times[0], np.asarray(values), 1)[0])
     return slope * (max(times) - min(times))
+
+
+def file_sync_ms(onset: float, video: list[tuple[float, int]]) -> float | None:
+    """Lip sync read from a recording or a reader's demuxed stream, where both tracks share one timeline: a burst
+    onset at ``onset`` (seconds on that timeline) placed on the capture clock by the video frame nearest it
+    (``video``: each frame's (time on the timeline, capture ms its pixel clock shows)), minus the whole second the
+    burst belongs to. Positive: the sound is late against the picture. None without video."""
+    if not video:
+        return None
+    at, clock = min(video, key=lambda v: abs(v[0] - onset))
+    placed = clock + (onset - at) * 1000
+    return placed - round(placed / 1000) * 1000

@@ -21,6 +21,14 @@ from . import h264
 from .hub import EncodedFrame
 
 TIME_BASE = fractions.Fraction(1, 90_000)  # the hub's pts clock
+OPUS_CLOCK = 48_000  # the audio hub's pts ticks per second
+OPUS_TIME_BASE = fractions.Fraction(1, OPUS_CLOCK)
+OPUS_FRAME_SAMPLES = 960  # the worker's 20 ms frames
+# The muxer's Opus stream is described by an OpusHead (MP4's dOps) that PyAV makes by opening a libopus encoder,
+# which never encodes here: opened in low-delay mode as the worker's is, so its pre-skip (120 samples) is the one
+# the packets have.
+OPUS_HEAD_OPTIONS = {"application": "lowdelay"}
+OPUS_STEREO = 0x04  # the TOC byte's s bit (RFC 6716 3.1)
 
 
 class NoParameterSets(ValueError):
@@ -43,11 +51,32 @@ def add_h264_stream(container: av.container.OutputContainer, first: EncodedFrame
     return stream
 
 
-def write(container: av.container.OutputContainer, frame: EncodedFrame, base: int) -> None:
-    """Mux one access unit, its pts counted from ``base``."""
+def write(container: av.container.OutputContainer, frame: EncodedFrame, base: int, audio: bool = False) -> None:
+    """Mux one access unit (or with ``audio`` one Opus packet), its pts counted from ``base``."""
     packet = av.Packet(frame.data)
-    packet.stream = container.streams.video[0]
-    packet.time_base = TIME_BASE
+    packet.stream = container.streams.audio[0] if audio else container.streams.video[0]
+    packet.time_base = OPUS_TIME_BASE if audio else TIME_BASE
     packet.pts = packet.dts = frame.pts - base
+    if audio:
+        packet.duration = OPUS_FRAME_SAMPLES
     packet.is_keyframe = frame.keyframe
     container.mux(packet)
+
+
+def opus_channels(packet: bytes) -> int:
+    """1 or 2: the channels an Opus packet's TOC byte says it codes."""
+    return 2 if packet and packet[0] & OPUS_STEREO else 1
+
+
+def audio_base(audio: EncodedFrame, video: EncodedFrame) -> int:
+    """The audio pts a timeline that starts at ``video`` (pts 0) counts audio from: the audio captured at the
+    same time, so both tracks line up by their capture times."""
+    return audio.pts - round((audio.capture_time - video.capture_time) * OPUS_CLOCK)
+
+
+def add_opus_stream(container: av.container.OutputContainer, channels: int) -> av.AudioStream:
+    """An audio stream of ``container`` for the stream's Opus packets, muxed as they are."""
+    stream = container.add_stream("libopus", rate=OPUS_CLOCK, options=dict(OPUS_HEAD_OPTIONS))
+    stream.codec_context.layout = "stereo" if channels == 2 else "mono"
+    stream.time_base = OPUS_TIME_BASE
+    return stream

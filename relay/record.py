@@ -7,7 +7,10 @@ written) and renamed to ``.mp4`` when complete; snapshots and the
 ``latest_video.mp4`` / ``latest_image.jpg`` links are written to a temp name
 and renamed. A full disk pauses recording (live streaming carries on) until
 space returns. The recorder is one more hub subscriber: a slow disk makes it
-skip to the next keyframe, never delays viewers.
+skip to the next keyframe, never delays viewers. A stream with sound has its
+Opus packets in the segments too (MP4's ``Opus`` sample entry and ``dOps``),
+muxed as they are, their times counted from the audio captured with the
+segment's first picture.
 
 Layout: ``<root>/<stream>/<YYYY-MM-DD>/<YYYYMMDDTHHMMSS.mmmZ>.mp4`` and
 ``<root>/<stream>/<YYYY-MM-DD>/snapshots/<...>.jpg``, all times UTC.
@@ -37,8 +40,10 @@ from .status import ConsumerStats, Metric
 
 log = logging.getLogger(__name__)
 
-# Fragment at every keyframe and at least every second: a cut-off file plays to within a second of the cut.
-MOVFLAGS = "frag_keyframe+empty_moov+default_base_moof"
+# Fragment at every keyframe and at least every second: a cut-off file plays to within a second of the cut. The
+# moov waits for the first fragment (delay_moov), so it knows where each track starts: a segment's sound starts up
+# to an Opus frame (20 ms) after its first picture, and without it the muxer would put both at 0.
+MOVFLAGS = "frag_keyframe+empty_moov+delay_moov+default_base_moof"
 FRAGMENT_MICROSECONDS = "1000000"
 # Three seconds of frames may wait for a slow SD card before the recorder skips to the next keyframe.
 RECORD_QUEUE_FRAMES = 90
@@ -187,8 +192,12 @@ def files_to_delete(files: list[tuple[Path, float, int]], retention: Retention, 
 class Segment:
     """One fragmented MP4 being written; blocking, used from a worker thread."""
 
-    def __init__(self, path: Path, first: EncodedFrame, fps: float) -> None:
+    def __init__(self, path: Path, first: EncodedFrame, fps: float, audio_channels: int = 0) -> None:
         self.path = path
+        self.first = first
+        self.audio_base: int | None = None  # the audio pts its timeline starts at, from the first packet
+        self.audio_frames = 0
+        self._open = True
         self.part = path.with_name(path.name + PART)
         self.start = first.capture_time
         self.base = first.pts
@@ -205,6 +214,8 @@ class Segment:
         )
         try:
             mux.add_h264_stream(self._container, first, fps)  # the avcC: the stream's own SPS and PPS
+            if audio_channels:
+                mux.add_opus_stream(self._container, audio_channels)
             self._container.start_encoding()
         except BaseException:
             self.abort()
@@ -214,8 +225,25 @@ class Segment:
         mux.write(self._container, frame, self.base)
         self.frames += 1
 
+    @property
+    def has_audio(self) -> bool:
+        return bool(self._container.streams.audio)
+
+    def write_audio(self, packet: EncodedFrame) -> None:
+        """Mux one Opus packet; those captured before the segment's first picture, or come after it closed (the
+        audio's task runs beside the video's), are left out."""
+        if not self._open:
+            return
+        if self.audio_base is None:
+            self.audio_base = mux.audio_base(packet, self.first)
+        if packet.pts < self.audio_base:
+            return
+        mux.write(self._container, packet, self.audio_base, audio=True)
+        self.audio_frames += 1
+
     def finish(self) -> Path | None:
         """Close and rename complete; a segment that never got a frame is removed instead."""
+        self._open = False
         self._container.close()
         if self.frames == 0:
             self.part.unlink(missing_ok=True)
@@ -225,6 +253,7 @@ class Segment:
 
     def abort(self) -> None:
         """Close what can be closed; the .part stays and plays up to its last fragment."""
+        self._open = False
         with contextlib.suppress(Exception):
             self._container.close()
 
@@ -242,9 +271,14 @@ class Recorder:
         segment_seconds: float,
         snapshot_interval: float,
         retention: Retention,
+        audio: PacketHub | None = None,
     ) -> None:
         self.name = name
         self.hub = hub
+        self.audio = audio  # the stream's Opus, when it has sound
+        self.audio_channels = 0  # of the latest Opus packet: what a new segment's audio track is made for
+        self.audio_dropped = 0  # Opus packets the muxer refused
+        self._segment: Segment | None = None  # the one being written, for the audio's task
         self.jpegs = jpegs
         self.root = root
         self.fps = fps
@@ -277,6 +311,8 @@ class Recorder:
         self.recover()
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._record(), name=f"record-{self.name}"))
+        if self.audio is not None:
+            self._tasks.append(loop.create_task(self._record_audio(), name=f"record-audio-{self.name}"))
         if self.snapshot_interval:
             self._tasks.append(loop.create_task(self._snapshots(), name=f"snapshots-{self.name}"))
 
@@ -354,8 +390,10 @@ class Recorder:
                             continue
                         path = day_dir(self.root, self.name, frame.capture_time) / f"{utc_name(frame.capture_time)}.mp4"
                         segment = await run_owned(
-                            self._io, self.open_segment, path, frame, self.fps, on_orphan=Segment.finish
-                        )
+                            self._io, self.open_segment, path, frame, self.fps, self.audio_channels,
+                            on_orphan=Segment.finish,
+                        )  # fmt: skip
+                    self._segment = segment
                     await self._run(segment.write, frame)
             except HubClosed:
                 return
@@ -374,6 +412,29 @@ class Recorder:
                 if segment is not None:  # shutting down: the segment so far is a complete file
                     with contextlib.suppress(Exception):
                         await self._run(segment.finish)
+
+    async def _record_audio(self) -> None:
+        """The stream's Opus packets into the segment being written, through the same file thread as its video. A
+        segment opened before the first packet came has no audio track; the next one has."""
+        assert self.audio is not None
+        sub = self.audio.subscribe(f"record-audio-{self.name}", max_frames=RECORD_QUEUE_FRAMES)
+        try:
+            while True:
+                packet = await sub.get()
+                self.audio_channels = mux.opus_channels(packet.data)
+                segment = self._segment
+                if segment is None or not segment.has_audio:
+                    continue
+                try:
+                    await self._run(segment.write_audio, packet)
+                except (OSError, av.FFmpegError) as exc:  # the video's task meets a full disk and deals with it
+                    self.audio_dropped += 1
+                    if self.audio_dropped == 1:
+                        log.warning("stream=%s recording audio failed: %s; its packets are dropped", self.name, exc)
+        except HubClosed:
+            return
+        finally:
+            sub.close()
 
     def _cut_before(self, segment: Segment, keyframe: EncodedFrame) -> bool:
         """Whether ``keyframe`` starts a new segment: the segment is long enough, or the stream's parameter sets

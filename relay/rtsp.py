@@ -68,7 +68,19 @@ PUBLISH_PAYLOAD_TYPE = 96
 # 1460), with room for a tunnel's headers: what a camera publishing through FFmpeg is told (the test cameras).
 # camrelay's own packets are the WebRTC viewers' (about 1200 bytes), well within it.
 PUBLISH_PACKET_SIZE = 1400
-PUBLISH_TRACK = "trackID=0"  # the one track's control URL, relative to the stream's
+PUBLISH_TRACK = "trackID=0"  # the video track's control URL, relative to the stream's
+# A stream with sound publishes its Opus as it is (RFC 7587), the packets the WebRTC viewers get: mediamtx passes
+# Opus on, and ffmpeg (Frigate, go2rtc's ffmpeg source) and PyAV read and record it. opus/48000/2 whatever the
+# channels: RFC 7587's only rtpmap; each packet's TOC byte says mono or stereo and decoders follow it.
+PUBLISH_AUDIO_PAYLOAD_TYPE = 97
+PUBLISH_AUDIO_TRACK = "trackID=1"
+OPUS_CLOCK = mux.OPUS_CLOCK  # Opus's RTP clock: the audio hub's pts
+VIDEO_CLOCK = 90_000
+# RTCP sender reports map each track's RTP clock onto the capture clock, so readers (ffmpeg, through mediamtx's
+# own reports built from ours) put sound and picture in sync; one a second per track, as WebRTC's FrameSender does.
+SENDER_REPORT_INTERVAL = 1.0  # seconds of capture time
+NTP_EPOCH = 2_208_988_800  # seconds from 1900 (NTP) to 1970 (Unix)
+SENDER_REPORT = struct.Struct("!BBHIIIIII")  # V=2 RC=0, PT=200, length, SSRC, NTP s, NTP frac, RTP ts, packets, octets
 RTSP_DEFAULT_PORT = 554
 PUBLISH_USER_AGENT = "camrelay"
 PUBLISH_REQUEST_TIMEOUT = 5.0  # seconds to connect, and for each answer to ANNOUNCE, SETUP and RECORD
@@ -345,10 +357,11 @@ class PublishError(Exception):
     """The RTSP server refused or dropped a publish session, or never answered."""
 
 
-def announce_sdp(sets: bytes, fps: float) -> bytes:
+def announce_sdp(sets: bytes, fps: float, audio: bool = False) -> bytes:
     """ANNOUNCE's SDP for a stream whose parameter sets (Annex B SPS and PPS) are ``sets``: one H.264 track,
     ``sprop-parameter-sets`` and ``profile-level-id`` from the stream's own SPS, so readers are told what
-    they will get. ``NoParameterSets`` when there is no SPS and PPS to describe it with."""
+    they will get; with ``audio``, an Opus track beside it. ``NoParameterSets`` when there is no SPS and PPS to
+    describe it with."""
     nals = h264.split_annexb(sets)
     sps = next((n for n in nals if h264.nal_type(n) == 7), None)
     pps = next((n for n in nals if h264.nal_type(n) == 8), None)
@@ -368,36 +381,76 @@ def announce_sdp(sets: bytes, fps: float) -> bytes:
         f"a=framerate:{fps:g}",
         f"a=control:{PUBLISH_TRACK}",
     ]
+    if audio:
+        lines += [
+            f"m=audio 0 RTP/AVP {PUBLISH_AUDIO_PAYLOAD_TYPE}",
+            f"a=rtpmap:{PUBLISH_AUDIO_PAYLOAD_TYPE} opus/{OPUS_CLOCK}/2",
+            f"a=control:{PUBLISH_AUDIO_TRACK}",
+        ]
     return ("\r\n".join(lines) + "\r\n").encode()
 
 
 class RtpFramer:
-    """A publish session's RTP over the RTSP connection (RFC 2326 10.12): each access unit's RTP payloads
-    as one run of interleaved frames, with this session's SSRC, sequence numbers and 90 kHz timestamps."""
+    """A publish session's RTP of one track over the RTSP connection (RFC 2326 10.12): each frame's RTP payloads
+    as one run of interleaved frames, with this track's SSRC, sequence numbers and timestamps; and its RTCP sender
+    reports on the next channel, each pairing a frame's RTP timestamp with its capture time."""
 
-    def __init__(self, channel: int, ssrc: int, sequence: int) -> None:
+    def __init__(
+        self, channel: int, ssrc: int, sequence: int, payload_type: int = PUBLISH_PAYLOAD_TYPE, clock: int = VIDEO_CLOCK
+    ) -> None:
         self.channel, self.ssrc, self.sequence = channel, ssrc, sequence
+        self.payload_type, self.clock = payload_type, clock
+        self.packets = self.octets = 0  # sent, as sender reports count them
+        self._reported_at: float | None = None  # capture time of the last sender report
 
-    def frame(self, payloads: list[bytes], timestamp: int) -> bytes:
+    def frame(self, payloads: list[bytes], timestamp: int, capture_time: float | None = None) -> bytes:
+        """The frame's RTP, preceded by a sender report when one is due (``capture_time`` given)."""
         out = []
+        if capture_time is not None and (
+            self._reported_at is None or capture_time - self._reported_at >= SENDER_REPORT_INTERVAL
+        ):
+            self._reported_at = capture_time
+            out.append(self.sender_report(timestamp, capture_time))
         last = len(payloads) - 1
         for i, payload in enumerate(payloads):
             marker = 0x80 if i == last else 0
             out.append(INTERLEAVED.pack(b"$", self.channel, RTP.size + len(payload)))
-            out.append(RTP.pack(0x80, marker | PUBLISH_PAYLOAD_TYPE, self.sequence, timestamp & 0xFFFFFFFF, self.ssrc))
+            out.append(RTP.pack(0x80, marker | self.payload_type, self.sequence, timestamp & 0xFFFFFFFF, self.ssrc))
             out.append(payload)
             self.sequence = (self.sequence + 1) & 0xFFFF
+            self.packets += 1
+            self.octets += len(payload)
         return b"".join(out)
+
+    def sender_report(self, timestamp: int, capture_time: float) -> bytes:
+        """An RTCP SR (RFC 3550 6.4.1) saying RTP ``timestamp`` stands for wall-clock ``capture_time``."""
+        ntp = capture_time + NTP_EPOCH
+        seconds = int(ntp)
+        fraction = int((ntp - seconds) * 2**32) & 0xFFFFFFFF
+        report = SENDER_REPORT.pack(
+            0x80, 200, SENDER_REPORT.size // 4 - 1, self.ssrc, seconds & 0xFFFFFFFF, fraction,
+            timestamp & 0xFFFFFFFF, self.packets & 0xFFFFFFFF, self.octets & 0xFFFFFFFF,
+        )  # fmt: skip
+        return INTERLEAVED.pack(b"$", self.channel + 1, len(report)) + report
 
 
 class RtspPublisher:
     """Publishes one stream's hub to an RTSP server (mediamtx): ANNOUNCE, SETUP and RECORD, then RTP over the
-    same TCP connection (no Nagle: each frame leaves at once), packetized once for viewers and publisher alike."""
+    same TCP connection (no Nagle: each frame leaves at once), packetized once for viewers and publisher alike.
+    With an ``audio`` hub (a stream with sound), its Opus packets go as a second track on the same connection."""
 
     def __init__(
-        self, hub: PacketHub, url: str, fps: float, ready: asyncio.Event | None = None, live_alias: bool = False
+        self,
+        hub: PacketHub,
+        url: str,
+        fps: float,
+        ready: asyncio.Event | None = None,
+        live_alias: bool = False,
+        audio: PacketHub | None = None,
     ):
         self.hub = hub
+        self.audio = audio
+        self.audio_published = 0  # Opus packets written
         self.live_alias = live_alias  # the stream mediamtx also serves at /live
         self.url = url
         self.fps = fps
@@ -408,6 +461,7 @@ class RtspPublisher:
         self._ready = ready
         self._retry = Retry(Backoff(initial=PUBLISH_RETRY_DELAY, cap=PUBLISH_RETRY_CAP))
         self._task: asyncio.Task[None] | None = None
+        self._audio_task: asyncio.Task[None] | None = None  # the session's audio, when the stream has sound
         self._closing = False
 
     def start(self) -> None:
@@ -419,7 +473,12 @@ class RtspPublisher:
 
     def stats(self) -> ConsumerStats:
         return ConsumerStats(
-            {"rtsp_path": f"/{self.hub.stream}", "rtsp_live_alias": self.live_alias, "rtsp_published": self.published}
+            {
+                "rtsp_path": f"/{self.hub.stream}",
+                "rtsp_live_alias": self.live_alias,
+                "rtsp_published": self.published,
+                "rtsp_audio_published": self.audio_published,
+            }
         )
 
     async def _run(self) -> None:
@@ -454,23 +513,27 @@ class RtspPublisher:
         readers follow without a new session (tests/test_passthrough_out.py)."""
         first = await sub.get()
         sets = h264.parameter_sets(first.data) or b""
-        sdp = announce_sdp(sets, self.fps)
+        sdp = announce_sdp(sets, self.fps, audio=self.audio is not None)
         async with _Connection(self.url) as conn:
             await conn.request("ANNOUNCE", conn.target, {"Content-Type": "application/sdp"}, sdp)
-            setup = await conn.request(
-                "SETUP",
-                f"{conn.target}/{PUBLISH_TRACK}",
-                {"Transport": "RTP/AVP/TCP;unicast;interleaved=0-1;mode=record"},
-            )
-            channel, _ = rtspin.parse_interleaved(setup.header("transport") or "")
+            channel = await conn.setup(PUBLISH_TRACK, 0)
+            audio_channel = await conn.setup(PUBLISH_AUDIO_TRACK, 2) if self.audio is not None else None
             await conn.request("RECORD", conn.target)
             self.sessions += 1
-            log.info("stream=%s publishing rtsp to %s", self.hub.stream, redact_url(self.url))
+            log.info(
+                "stream=%s publishing rtsp to %s audio=%s",
+                self.hub.stream, redact_url(self.url), "opus" if audio_channel is not None else "none",
+            )  # fmt: skip
             framer = RtpFramer(channel, secrets.randbits(32), secrets.randbits(16))
             base, frame = first.pts, first
+            if audio_channel is not None:
+                assert self.audio is not None
+                self._audio_task = asyncio.get_running_loop().create_task(
+                    self._publish_audio(conn, audio_channel, first), name=f"rtsp-audio-{self.hub.stream}"
+                )
 
             def write(frame: EncodedFrame) -> None:
-                conn.write(framer.frame(payloads_for(frame), frame.pts - base))
+                conn.write(framer.frame(payloads_for(frame), frame.pts - base, frame.capture_time))
                 self.published += 1
                 conn.keep_alive()
 
@@ -485,10 +548,33 @@ class RtspPublisher:
                 return True
 
             sub.push = push
+            try:
+                while True:
+                    write(frame)
+                    await conn.drain()
+                    frame = await sub.get()
+            finally:
+                await cancel_and_wait(self._audio_task)
+
+    async def _publish_audio(self, conn: _Connection, channel: int, first: EncodedFrame) -> None:
+        """The audio hub's Opus packets as the session's second track, for as long as the session lasts, their RTP
+        timestamps counted from the audio captured with the session's first video frame. A failed connection ends
+        it quietly: the video's loop meets the failure and opens the next session."""
+        assert self.audio is not None
+        framer = RtpFramer(channel, secrets.randbits(32), secrets.randbits(16), PUBLISH_AUDIO_PAYLOAD_TYPE, OPUS_CLOCK)
+        sub = self.audio.subscribe(f"rtsp-audio-{self.hub.stream}")
+        base: int | None = None
+        try:
             while True:
-                write(frame)
-                await conn.drain()
-                frame = await sub.get()
+                packet = await sub.get()
+                if base is None:
+                    base = mux.audio_base(packet, first)
+                conn.write(framer.frame(payloads_for(packet), packet.pts - base, packet.capture_time))
+                self.audio_published += 1
+        except (HubClosed, PublishError):
+            return
+        finally:
+            sub.close()
 
 
 class _Connection:
@@ -564,6 +650,16 @@ class _Connection:
             self._keepalive_every = timeout * PUBLISH_KEEPALIVE_FRACTION
             self._keepalive_at = time.monotonic() + self._keepalive_every
         return answer
+
+    async def setup(self, track: str, channel: int) -> int:
+        """SETUP of one announced track for recording, interleaved on ``channel`` (RTCP on the next); the channel
+        the server chose."""
+        setup = await self.request(
+            "SETUP",
+            f"{self.target}/{track}",
+            {"Transport": f"RTP/AVP/TCP;unicast;interleaved={channel}-{channel + 1};mode=record"},
+        )
+        return rtspin.parse_interleaved(setup.header("transport") or "")[0]
 
     def write(self, data: bytes) -> None:
         if self._failed is not None:

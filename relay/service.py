@@ -140,7 +140,7 @@ class Relay:
             out.append(
                 RtspPublisher(
                     stream.hub, f"{base}/{stream.name}", stream.fps, ready,
-                    live_alias=live_alias,
+                    live_alias=live_alias, audio=stream.audio if stream.has_audio else None,
                 )
             )  # fmt: skip
         w = self.config.webrtc
@@ -158,7 +158,7 @@ class Relay:
                 Recorder(
                     stream.name, stream.hub, stream.jpegs, self.recordings_root,
                     stream.fps, rc.segment, rc.snapshot_interval,
-                    Retention(rc.max_size, rc.max_age),
+                    Retention(rc.max_size, rc.max_age), audio=stream.audio if stream.has_audio else None,
                 )
             )  # fmt: skip
         return out

@@ -10,6 +10,10 @@
 //   relay restarts.
 // - Reads the test pattern's pixel clock (shared/spec/test-pattern.md) from
 //   each video frame and reports glass-to-glass latency in ms.
+// - With { audio: true } it offers to receive sound too (one MediaStream with
+//   the video, so Chromium plays them in sync); the <video> starts muted
+//   (autoplay rules) and the page unmutes it on a click. BurstListener hears the
+//   test sound's bursts (the spec's "Sound") and reports audio latency.
 "use strict";
 
 const PIXEL_CLOCK_CELLS = 48;
@@ -23,6 +27,70 @@ const STALL_MS = 5000;           // connected but no new frame for this long: re
 const LATENCY_WINDOW = 30;
 const FALLBACK_AFTER_ATTEMPTS = 3;  // failed WebRTC connects before the page shows MJPEG       // readings in the displayed median
 const LATENCY_MAX_MS = 60000;    // a reading further from now is a chance decode of a real camera's picture
+
+// The test sound's bursts as the page hears them, read as benchmarks/bursts.py reads them: mean square of 10 ms
+// windows over half the -6 dBFS tone's; an onset heard at wall-clock R ms is burst k = floor(R / 1000), its
+// latency R - k * 1000. Each chunk is stamped when the script gets it plus the context's output latency.
+const BURST_LEVEL = 10 ** (-6 / 20);  // the tone's amplitude (full scale 1)
+const BURST_THRESHOLD = (BURST_LEVEL ** 2 / 2) / 2;
+const BURST_MAX_WINDOWS = 30;  // three times a 100 ms burst: longer is a held tone or noise, no onset
+const BURST_CHUNK = 512;  // samples per script callback: about 11 ms at 48 kHz
+
+class BurstListener {
+  constructor(stream, onOnset) {
+    this.ctx = new AudioContext();
+    this.onOnset = onOnset;
+    this.window = Math.round(this.ctx.sampleRate / 100);
+    this._pending = [];
+    this._onset = null;
+    this._windows = 0;
+    const source = this.ctx.createMediaStreamSource(stream);
+    const node = this.ctx.createScriptProcessor(BURST_CHUNK, 1, 1);
+    // Stamped when it will be heard through this context: the script gets a chunk that much before its output.
+    const outputMs = () => ((this.ctx.baseLatency || 0) + (this.ctx.outputLatency || 0)) * 1000;
+    node.onaudioprocess = (ev) => this._feed(Date.now() + outputMs(), ev.inputBuffer.getChannelData(0));
+    source.connect(node);
+    node.connect(this.ctx.destination);  // a script node runs only when connected; it writes silence
+    this.ctx.resume().catch(() => {});
+  }
+
+  _feed(now, chunk) {
+    const rate = this.ctx.sampleRate;
+    const data = this._pending.length ? Float32Array.from([...this._pending, ...chunk]) : chunk;
+    const whole = Math.floor(data.length / this.window) * this.window;
+    for (let start = 0; start < whole; start += this.window) {
+      let energy = 0;
+      for (let i = start; i < start + this.window; i++) energy += data[i] * data[i];
+      const at = now - ((data.length - start) / rate) * 1000;  // when this window's first sample came
+      if (energy / this.window > BURST_THRESHOLD) {
+        if (this._onset === null) this._onset = { at, windows: 0 };
+        this._onset.windows += 1;
+      } else if (this._onset !== null) {
+        if (this._onset.windows <= BURST_MAX_WINDOWS) this.onOnset(this._onset.at - Math.floor(this._onset.at / 1000) * 1000);
+        this._onset = null;
+      }
+    }
+    this._pending = Array.from(data.subarray(whole));
+  }
+
+  close() {
+    this.ctx.close().catch(() => {});
+  }
+}
+
+// Chromium plays the audio and video of one remote stream (the answer's msid stream id: aiortc gives both tracks
+// one) in sync by holding back the earlier, the video (docs/benchmarks.md has what it costs). Unless lip sync is
+// asked for, the answer's audio gets a stream id of its own and plays from an <audio> of its own, so the picture
+// is not held for the sound.
+const OWN_AUDIO_STREAM = "camrelay-audio";
+function audioOnItsOwnStream(sdp) {
+  return sdp
+    .split(/\r\n(?=m=)/)
+    .map((section) => (!section.startsWith("m=audio") ? section : section
+      .replace(/^a=msid:\S+ /gm, `a=msid:${OWN_AUDIO_STREAM} `)
+      .replace(/^(a=ssrc:\d+ msid:)\S+ /gm, `$1${OWN_AUDIO_STREAM} `)))
+    .join("\r\n");
+}
 
 // The ICE servers in a WHEP answer's Link headers (fetch joins several with ", "):
 // <turn:host:3478?transport=tcp>; rel="ice-server"; username="..."; credential="..."; credential-type="password"
@@ -67,8 +135,16 @@ function readPixelClock(rgba, w) {
 }
 
 class WhepPlayer {
-  constructor(video, url, handlers = {}) {
+  constructor(video, url, handlers = {}, options = {}) {
     this.video = video;
+    this.audio = Boolean(options.audio);  // offer to receive the stream's sound too
+    this.sync = Boolean(options.sync);  // lip sync (the video waits for the sound) rather than the earliest picture
+    this.stream = null;  // the MediaStream the <video> plays: its video, and its audio when answered
+    this.audioLatencyMs = null;  // the test sound's, median of the last readings (BurstListener)
+    this.lipSyncMs = null;  // audio latency minus video latency: positive, the sound is late
+    this._audioLatencies = [];
+    this._listener = null;
+    this._audioOut = null;  // the <audio> the sound plays from without lip sync
     this.url = url;
     this.handlers = handlers;
     this.pc = null;
@@ -76,7 +152,9 @@ class WhepPlayer {
     this.state = "idle";
     this.attempt = 0;
     this.stopped = true;
-    this.stats = { framesDecoded: 0, fps: null, bitrateKbps: null, rttMs: null, jitterBufferMs: null };
+    this.stats = {
+      framesDecoded: 0, fps: null, bitrateKbps: null, rttMs: null, jitterBufferMs: null, audioLevel: null, audioEnergy: null,
+    };
     this.latencies = [];
     this.latencyReadings = 0;
     this.latencyMs = null;
@@ -149,8 +227,21 @@ class WhepPlayer {
     }
     this.pc = pc;
     pc.addTransceiver("video", { direction: "recvonly" });
+    if (this.audio) pc.addTransceiver("audio", { direction: "recvonly" });
+    const stream = new MediaStream();
     pc.ontrack = (ev) => {
-      this.video.srcObject = new MediaStream([ev.track]);
+      if (pc !== this.pc) return;
+      stream.addTrack(ev.track);
+      this.stream = stream;  // every track received
+      // With lip sync the <video> plays both; else the picture alone, the sound in an <audio> of its own.
+      const shown = this.sync ? stream : new MediaStream(stream.getVideoTracks());
+      if (this.video.srcObject !== stream && (this.sync || ev.track.kind === "video")) this.video.srcObject = shown;
+      if (ev.track.kind === "audio" && !this.sync) {
+        this.output.srcObject = new MediaStream([ev.track]);
+        this.output.play().catch(() => {});
+      }
+      if (ev.track.kind === "audio" && this.handlers.onAudio) this.handlers.onAudio(true);
+      if (ev.track.kind === "audio" && this._listener) this.listen();  // unmuted before: hear the new track
       this.video.play().catch(() => {});
     };
     pc.onconnectionstatechange = () => {
@@ -191,10 +282,73 @@ class WhepPlayer {
       }
       this.session = session;
       trickle(session);
-      await pc.setRemoteDescription({ type: "answer", sdp: answer });
+      await pc.setRemoteDescription({ type: "answer", sdp: this.sync ? answer : audioOnItsOwnStream(answer) });
     } catch (err) {
       if (pc === this.pc) this._retry(String(err.message || err));
     }
+  }
+
+  // Sound on, at `volume` (0-1): called from a click, so the browser lets it play. The test sound's bursts are
+  // listened for from then on.
+  // The element the sound plays from: the <video> with lip sync, else an <audio> of its own (muted at first too).
+  get output() {
+    if (this.sync) return this.video;
+    if (!this._audioOut) {
+      this._audioOut = new Audio();
+      this._audioOut.muted = true;
+      this._audioOut.autoplay = true;
+    }
+    return this._audioOut;
+  }
+
+  get muted() {
+    return this.output.muted;
+  }
+
+  setVolume(volume) {
+    this.output.volume = volume;
+  }
+
+  unmute(volume = 1) {
+    const out = this.output;
+    out.muted = false;
+    out.volume = volume;
+    out.play().catch(() => {});
+    this.listen();
+  }
+
+  mute() {
+    this.output.muted = true;
+  }
+
+  // Lip sync on or off: a new peer connection, as the answer says which tracks play in sync, with the sound moved
+  // to the element that will play it, as loud as it was.
+  setSync(on) {
+    if (this.sync === Boolean(on)) return;
+    const { muted, volume } = this.output;
+    this.output.muted = true;
+    if (this._audioOut) this._audioOut.srcObject = null;
+    this.sync = Boolean(on);
+    this.output.muted = muted;
+    this.output.volume = volume;
+    if (!this.stopped) this._connect();
+  }
+
+  listen() {
+    if (this._listener) this._listener.close();
+    this._listener = null;
+    if (!this.stream || !this.stream.getAudioTracks().length) return;
+    this._listener = new BurstListener(new MediaStream(this.stream.getAudioTracks()), (ms) => this._heard(ms));
+  }
+
+  _heard(ms) {
+    if (this.handlers.onAudioSample) this.handlers.onAudioSample(ms, this.latencyMs);
+    this._audioLatencies.push(ms);
+    if (this._audioLatencies.length > LATENCY_WINDOW) this._audioLatencies.shift();
+    const sorted = [...this._audioLatencies].sort((a, b) => a - b);
+    this.audioLatencyMs = sorted[Math.floor(sorted.length / 2)];
+    this.lipSyncMs = this.latencyMs == null ? null : this.audioLatencyMs - this.latencyMs;
+    if (this.handlers.onAudioLatency) this.handlers.onAudioLatency(this.audioLatencyMs, this.lipSyncMs);
   }
 
   _gathered(pc) {
@@ -321,6 +475,9 @@ class WhepPlayer {
         }
         this._lastBytes = { t: r.timestamp, b: r.bytesReceived };
         if (r.jitterBufferEmittedCount) st.jitterBufferMs = (1000 * r.jitterBufferDelay) / r.jitterBufferEmittedCount;
+      } else if (r.type === "inbound-rtp" && r.kind === "audio") {
+        this.stats.audioLevel = r.audioLevel ?? null;  // 0-1, of the sound played out (muted or not)
+        this.stats.audioEnergy = r.totalAudioEnergy ?? null;
       } else if (r.type === "candidate-pair" && r.nominated && r.state === "succeeded") {
         if (r.currentRoundTripTime != null) this.stats.rttMs = r.currentRoundTripTime * 1000;
       }
@@ -333,5 +490,7 @@ class WhepPlayer {
 }
 
 window.WhepPlayer = WhepPlayer;
+window.BurstListener = BurstListener;
+window.audioOnItsOwnStream = audioOnItsOwnStream;
 window.readPixelClock = readPixelClock;
 window.iceServersFromLinks = iceServersFromLinks;

@@ -478,3 +478,116 @@ async def test_chromium_takes_the_answer_that_rejects_the_bundle_tag_of_its_offe
         finally:
             encoded.close()
             await page.close()
+
+
+# -- sound: the view page starts muted, unmutes on a click, and reads the test sound's bursts
+
+SOUND_AND_QUIET = (
+    StreamConfig("cam0", SourceSpec("test", "")),  # the test pattern with its sound
+    StreamConfig("cam1", SourceSpec("test", "", audio="off")),
+)
+# Sound heard: Chromium's getStats of the inbound Opus (as the player polls it) shows a level and energy, and the
+# page's WebAudio listener read the bursts' latency and the lip sync.
+HEARD = """() => {
+  const p = window.camrelayPlayer;
+  return p.stats.audioLevel > 0 && p.stats.audioEnergy > 0 && Number.isFinite(p.audioLatencyMs)
+    && Number.isFinite(p.lipSyncMs) && /^-?\\d+ ms$/.test(document.getElementById("lip-sync").textContent);
+}"""
+
+# The msid stream ids of the remote description's audio and of its video sections, as Chromium applied it.
+STREAM_IDS = """() => {
+  const sections = window.camrelayPlayer.pc.remoteDescription.sdp.split(/\\r\\n(?=m=)/);
+  const ids = (kind) => sections.filter((s) => s.startsWith("m=" + kind))
+    .flatMap((s) => [...s.matchAll(/^a=msid:(\\S+) /gm)].map((m) => m[1]));
+  return [ids("audio"), ids("video")];
+}"""
+
+
+async def test_the_page_starts_muted_plays_the_sound_after_unmute_and_shows_lip_sync(http):
+    runner, relay = await start_relay(make_config(SOUND_AND_QUIET))
+    try:
+        async with chromium() as browser:
+            page = await browser.new_page()
+            watch = PageWatch(page)
+            await page.goto(f"{relay.base}/view/cam0")
+            await page.wait_for_function(PLAYING, timeout=PLAY_TIMEOUT_MS)
+            # Muted at first, the controls shown, the stream's audio track in the <video>'s one MediaStream.
+            assert await page.evaluate("() => document.getElementById('video').muted") is True
+            assert await page.evaluate(SHOWN, "unmute") and await page.evaluate(SHOWN, "volume")
+            tracks = await page.evaluate("() => window.camrelayPlayer.stream.getTracks().map((t) => t.kind).sort()")
+            assert tracks == ["audio", "video"]
+            assert await page.evaluate("() => window.camrelayPlayer.audioLatencyMs") is None  # nothing heard yet
+
+            await page.fill("#volume", "0.5")
+            await page.click("#unmute")
+            await page.wait_for_function(HEARD, timeout=PLAY_TIMEOUT_MS)
+            # It plays from an <audio> of its own (no lip sync holding the picture back), at the volume set.
+            state = await page.evaluate(
+                "() => { const o = window.camrelayPlayer.output; return [o.tagName, o.muted, o.volume, o.paused]; }"
+            )
+            assert state == ["AUDIO", False, 0.5, False]
+            assert await page.evaluate("() => document.getElementById('video').srcObject.getAudioTracks().length") == 0
+            assert (await page.text_content("#unmute")).strip() == "Mute"
+            # The bursts were heard through WebAudio: an onset each second, its latency under a second.
+            latency = await page.evaluate("() => window.camrelayPlayer.audioLatencyMs")
+            assert 0 <= latency < 1000, latency
+            assert MS_TEXT.match((await page.text_content("#audio-latency")).strip())
+            # The sound plays as it comes, on a stream of its own (no lip sync holding the picture back), until
+            # Lip sync is ticked: then a new connection whose audio and video share the answer's stream id.
+            audio_ids, video_ids = await page.evaluate(STREAM_IDS)
+            assert audio_ids == ["camrelay-audio"] and len(video_ids) == 1 and video_ids != audio_ids, video_ids
+            await page.check("#sync")
+            await page.wait_for_function(
+                f"() => window.camrelayPlayer.connects === 2 && ({PLAYING})()", timeout=PLAY_TIMEOUT_MS
+            )
+            audio_ids, video_ids = await page.evaluate(STREAM_IDS)
+            assert audio_ids == video_ids and video_ids != ["camrelay-audio"], (audio_ids, video_ids)
+            # Now the <video> plays both, as loud as the sound was.
+            state = await page.evaluate(
+                """() => { const o = window.camrelayPlayer.output;
+                  return [o.id, o.muted, o.volume, o.srcObject.getTracks().map((t) => t.kind).sort()]; }"""
+            )
+            assert state == ["video", False, 0.5, ["audio", "video"]]
+            await page.wait_for_function(HEARD, timeout=PLAY_TIMEOUT_MS)
+            watch.check_offers_stay_on_loopback()
+
+            # A stream without sound: no controls, no audio readings, video alone.
+            quiet = await browser.new_page()
+            await quiet.goto(f"{relay.base}/view/cam1")
+            await quiet.wait_for_function(PLAYING, timeout=PLAY_TIMEOUT_MS)
+            assert await quiet.locator("#unmute, #volume, #lip-sync").count() == 0
+            kinds = await quiet.evaluate("() => window.camrelayPlayer.stream.getTracks().map((t) => t.kind)")
+            assert kinds == ["video"]
+            assert await quiet.evaluate("() => window.camrelayPlayer.pc.getTransceivers().length") == 1
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_recorded_segment_plays_its_picture_and_its_sound_in_chromium(tmp_path, http):
+    from .test_record import recording_config, wait_for
+
+    runner, relay = await start_relay(recording_config(tmp_path, snapshot_interval=0.0))
+    recorder = relay.relay.recorders["cam0"]
+    try:
+        await wait_for(lambda: recorder.segments_written >= 2, timeout=40.0, what="2 segments")
+        async with http.get(relay.base + "/api/v1/recordings/cam0") as resp:
+            listing = await resp.json()
+        url = relay.base + listing["segments"][0]["url"]  # newest first: the second, opened once sound had come
+        async with chromium() as browser:
+            page = await browser.new_page()
+            await page.goto(relay.base + "/")  # the relay's origin, so the segment is not a cross-origin resource
+            await page.evaluate(
+                """(url) => { const v = document.createElement("video"); v.id = "segment"; v.muted = true;
+                   v.src = url; document.body.append(v); v.play(); }""",
+                url,
+            )
+            # Chromium decoded both tracks: pictures, and bytes of sound (its own count of decoded audio).
+            await page.wait_for_function(
+                """() => { const v = document.getElementById("segment");
+                  return v.getVideoPlaybackQuality().totalVideoFrames > 10 && v.webkitAudioDecodedByteCount > 0; }""",
+                timeout=PLAY_TIMEOUT_MS,
+            )
+            error = await page.evaluate("() => document.getElementById('segment').error")
+            assert error is None
+    finally:
+        await runner.cleanup()

@@ -72,3 +72,14 @@ def test_drift_is_the_rise_of_a_fitted_line_over_the_run():
     times = [0.0, 1.0, 2.0, 3.0, 4.0]
     assert drift_ms(times, [10.0, 12.0, 11.0, 13.0, 14.0]) == pytest.approx(0.9 * 4)
     assert drift_ms([5.0], [1.0]) is None and drift_ms([1.0, 1.0], [1.0, 2.0]) is None
+
+
+def test_file_sync_places_an_onset_by_the_nearest_frames_pixel_clock():
+    from benchmarks.bursts import file_sync_ms
+
+    # Frames every 1/30 s on the file's timeline; the one at 2.0 s shows capture time 1_000_000_500 ms.
+    video = [(2.0 + i / 30, 1_000_000_500 + round(i * 1000 / 30)) for i in range(-30, 31)]
+    assert file_sync_ms(2.5, video) == 0  # 500 ms after that frame: the whole second 1_000_001_000
+    assert file_sync_ms(2.52, video) == pytest.approx(20, abs=1)  # 20 ms after it: the sound is late
+    assert file_sync_ms(2.47, video) == pytest.approx(-30, abs=1)
+    assert file_sync_ms(1.0, []) is None

@@ -20,6 +20,7 @@ from .conftest import make_config, start_relay
 
 SEGMENT = 2.0
 FPS = 15
+VIDEO_TRACK = 1  # the video's track_ID in a segment (the sound, when the stream has it, is 2)
 
 
 def recording_config(tmp_path: Path, **record):
@@ -54,7 +55,7 @@ def decode_all(path: Path, torn: bool = False, keyframes: bool = False) -> list[
 
 
 def fragment_frames(data: bytes) -> list[int]:
-    """The frames of each complete movie fragment (a ``moof`` and its ``mdat``, both whole) in the bytes of a
+    """The video frames of each complete movie fragment (a ``moof`` and its ``mdat``, both whole) in the bytes of a
     fragmented MP4, however it was cut off: what a player can play of it for sure."""
 
     def boxes(start: int, end: int):
@@ -68,8 +69,11 @@ def fragment_frames(data: bytes) -> list[int]:
     out, frames = [], None
     for kind, body, end in boxes(0, len(data)):
         if kind == b"moof":
-            runs = [b for k, b, _ in boxes(body, end) if k == b"traf" for k2, b, _ in boxes(b, end) if k2 == b"trun"]
-            frames = sum(int.from_bytes(data[run + 4 : run + 8], "big") for run in runs)  # trun's sample count
+            frames = 0
+            for traf, traf_end in ((b, e) for k, b, e in boxes(body, end) if k == b"traf"):
+                parts = {k: b for k, b, _ in boxes(traf, traf_end)}
+                if int.from_bytes(data[parts[b"tfhd"] + 4 : parts[b"tfhd"] + 8], "big") == VIDEO_TRACK:
+                    frames += int.from_bytes(data[parts[b"trun"] + 4 : parts[b"trun"] + 8], "big")  # its samples
         elif kind == b"mdat" and frames is not None:
             out.append(frames)
             frames = None
@@ -280,3 +284,36 @@ async def test_retention_keeps_a_stream_under_its_size_limit(tmp_path, http):
         assert families["camrelay_recording_paused"].samples[0].value == 0
     finally:
         await runner.cleanup()
+
+
+async def test_a_stream_with_sound_records_its_opus_beside_the_picture_in_sync(tmp_path):
+    from benchmarks.bursts import WINDOW, file_sync_ms
+    from relay.camera.testsound import RATE
+
+    from .test_rtsp import read_sound_and_picture
+
+    runner, relay = await start_relay(recording_config(tmp_path, snapshot_interval=0.0))
+    recorder = relay.relay.recorders["cam0"]
+    try:
+        await wait_for(lambda: recorder.segments_written >= 3, timeout=40.0, what="3 segments")
+    finally:
+        await runner.cleanup()
+    segments = [path for path, _, _ in recorder.listing()[0]]
+    # Every segment opened once the first Opus packet was in has the sound: all but perhaps the first.
+    with_sound = []
+    for path in segments:
+        with av.open(str(path)) as container:
+            kinds = [(s.type, s.codec_context.name) for s in container.streams]
+        assert kinds in ([("video", "h264")], [("video", "h264"), ("audio", "opus")]), (path, kinds)
+        if len(kinds) == 2:
+            with_sound.append(path)
+    assert len(with_sound) >= len(segments) - 1 >= 2, segments
+    # The bursts are in them, each where the picture at the same time says its second starts: within a frame
+    # (and the reader's 10 ms window), read from the file alone.
+    sync = []
+    for path in with_sound:
+        heard = read_sound_and_picture(str(path), bursts=10**6)
+        sync += [file_sync_ms(t, heard.video) for t, _ in heard.onsets]
+    assert len(sync) >= 2, sync
+    assert all(s is not None and abs(s) <= 1000 / FPS + 1000 * WINDOW / RATE for s in sync), sync
+    assert recorder.audio_dropped == 0
