@@ -297,6 +297,7 @@ class Subscription:
         start = len(gop.frames) - 1 - len(self._queue)
         self._queue.clear()
         self.resyncs += 1
+        self._hub._lagged(keyframe=False)
         self._replay_from(max(0, start))
         if start < 0:
             self._count_drops(-start)
@@ -321,7 +322,7 @@ class Subscription:
         else:
             self.resyncs += 1
             self.waiting_keyframe = True
-            self._hub.request_keyframe()
+            self._hub._lagged(keyframe=True)
             self._warn_lag("the GOP cache went over its cap; resuming at next keyframe")
 
     def _count_drops(self, n: int) -> None:
@@ -334,7 +335,7 @@ class Subscription:
         self._queue.clear()
         self.resyncs += 1
         self.waiting_keyframe = True
-        self._hub.request_keyframe()
+        self._hub._lagged(keyframe=True)
         self._warn_lag("resuming at next keyframe")
 
     def _warn_lag(self, what: str) -> None:
@@ -378,6 +379,8 @@ class PacketHub:
         self.published = 0
         self.dropped = 0  # frames dropped for lagging subscribers, all time
         self.cache_starts = 0  # subscribers started from the GOP cache (joins and resyncs), all time
+        self.resyncs = 0  # times a subscriber fell behind and was sent to a keyframe or the GOP cache, all time
+        self.lag_keyframe_requests = 0  # keyframes asked of the encoder for lagging subscribers, all time
         self.gop = gop or GopCache()
         self.bitrate = Bitrate()
         self.newest: EncodedFrame | None = None  # the frame published last
@@ -418,6 +421,13 @@ class PacketHub:
 
     def request_keyframe(self) -> None:
         self._request_keyframe()
+
+    def _lagged(self, keyframe: bool) -> None:
+        """A subscriber fell behind (a resync); ``keyframe``: it waits for the next keyframe, so one is asked for."""
+        self.resyncs += 1
+        if keyframe:
+            self.lag_keyframe_requests += 1
+            self._request_keyframe()
 
     @property
     def first_in_pass(self) -> bool:

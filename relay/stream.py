@@ -209,7 +209,7 @@ class Stream:
 
     def status(self) -> StreamStatus:
         st = self.stats
-        consumers = [c.stats() for c in self.consumers] + [self._join_stats(), self._thermal_stats()]
+        consumers = [c.stats() for c in self.consumers] + [self._join_stats(), self._lag_stats(), self._thermal_stats()]
         capture_fps, encoded_fps, bitrate_bps = self._rates
         return StreamStatus(
             name=self.name,
@@ -270,6 +270,21 @@ class Stream:
                        "Subscribers started from the GOP cache (joins and resyncs).", self.hub.cache_starts, labels),
                 Metric("camrelay_stream_gop_cache_overflows_total", "counter",
                        "GOPs that outgrew the cache (joiners waited for a keyframe).", gop.overflows, labels),
+            ),
+        )  # fmt: skip
+
+    def _lag_stats(self) -> ConsumerStats:
+        """Subscribers that fell behind: resyncs, and the keyframes asked of the encoder for them."""
+        hub, labels = self.hub, {"stream": self.name}
+        return ConsumerStats(
+            {"lag": {"resyncs": hub.resyncs, "keyframe_requests": hub.lag_keyframe_requests}},
+            (
+                Metric("camrelay_stream_lag_resyncs_total", "counter",
+                       "Times a subscriber fell behind and resumed at a keyframe or the GOP cache.", hub.resyncs,
+                       labels),
+                Metric("camrelay_stream_lag_keyframe_requests_total", "counter",
+                       "Keyframes asked of the encoder for subscribers that fell behind.", hub.lag_keyframe_requests,
+                       labels),
             ),
         )  # fmt: skip
 

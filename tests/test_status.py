@@ -37,6 +37,8 @@ def _api_counter(status: dict, sample) -> float | None:
         "camrelay_stream_frames_dropped_total": lambda: stream["frames_dropped"][sample.labels["reason"]],
         "camrelay_stream_gop_cache_starts_total": lambda: stream["gop_cache"]["starts"],
         "camrelay_stream_gop_cache_overflows_total": lambda: stream["gop_cache"]["overflows"],
+        "camrelay_stream_lag_resyncs_total": lambda: stream["lag"]["resyncs"],
+        "camrelay_stream_lag_keyframe_requests_total": lambda: stream["lag"]["keyframe_requests"],
         "camrelay_whip_sessions_total": lambda: whip["sessions"],
         "camrelay_whip_errors_total": lambda: whip["errors"],
         "camrelay_whip_sent_bytes_total": lambda: whip["bytes_sent"],
