@@ -64,7 +64,7 @@ from benchmarks.options import add_stream_options, benchmark_parser, run_facts
 from benchmarks.peers import PEERS_PER_WORKER, PeerPlan, percentile, run_worker
 from benchmarks.pinning import Split, pin_tree, split_cores, thread_on
 from benchmarks.ports import free_port
-from benchmarks.resources import cpu_of, process_tree, rss_sum
+from benchmarks.resources import cpu_of, process_tree, rss_sum, udp_drops
 
 SYSTEMS = ("camrelay", "mediamtx", "mediarelay", "seed_mjpeg")
 LABELS = {
@@ -278,7 +278,7 @@ def run_point(
     placed = pin_tree(everything, split.system) if split is not None else None
     for proc in [*everything, *workers]:
         proc.cpu_percent(None)
-    counters_before = relay_stream(system.url)
+    counters_before, udp_before = relay_stream(system.url), udp_drops()
     t0 = time.monotonic()
     start.set()
     rss = []
@@ -287,7 +287,7 @@ def run_point(
         time.sleep(0.5)
     serving_cpu, source_cpu = cpu_of(serving), cpu_of(source)
     gen_cpu = cpu_of(workers)
-    counters_after = relay_stream(system.url)
+    counters_after, udp_after = relay_stream(system.url), udp_drops()
     inside = relay_send_delay(counters_after)
     peer_results = [r for _ in procs for r in results.get(timeout=60)]
     for p in procs:
@@ -295,6 +295,8 @@ def run_point(
     point = summarise(peers, probes, peer_results, serving_cpu, source_cpu, gen_cpu, rss, duration, fps, split)
     point["relay_send_delay_ms"] = inside
     point["relay_overload"] = overload_counts(counters_before, counters_after, peers)
+    if udp_before is not None and udp_after is not None:  # the whole machine's: other work's drops count too
+        point["udp_dropped"] = {k: udp_after[k] - udp_before[k] for k in udp_after}
     if placed is not None:
         point["system_processes"] = placed  # each with its CPUs as read back
         point["generator_workers_cores"] = sorted({c for r in peer_results for c in r.get("cores", [])})
@@ -323,11 +325,14 @@ def relay_send_delay(stream: dict | None) -> dict | None:
 
 # camrelay's own counters of how it met the point's load (``/api/v1/streams``), read before and after the window.
 OVERLOAD_COUNTERS = {
-    "resyncs": lambda s: s["lag"]["resyncs"],  # a viewer fell behind and went back to a keyframe
-    "lag_keyframe_requests": lambda s: s["lag"]["keyframe_requests"],  # keyframes asked of the encoder for them
+    "frames_encoded": lambda s: s["frames_encoded"],  # what the source delivered to the hub
+    "frames_delivered": lambda s: s["fanout"]["delivered"],  # handed to viewers' senders, once per viewer
+    "resyncs": lambda s: s["fanout"]["resyncs"],  # a viewer fell behind and went back to a keyframe
+    "lag_keyframe_requests": lambda s: s["fanout"]["keyframe_requests"],  # keyframes asked of the encoder for them
     "keyframes": lambda s: s["keyframes"],
     "keyframes_forced": lambda s: s["keyframes_forced"],
     "frames_dropped": lambda s: s["frames_dropped"]["viewer_lag"],  # frames the hub threw away for laggards
+    "encoder_busy": lambda s: s["frames_dropped"]["encoder_busy"],  # camera frames the encoder had no time for
 }
 
 
@@ -451,11 +456,12 @@ def markdown(runs: dict[str, list[dict]]) -> str:
 
 
 def overload_markdown(runs: dict[str, list[dict]]) -> str:
-    """camrelay's own counts over each point (``relay_overload``); "" when no point has them."""
+    """Where each point's frames went (``relay_overload``, ``udp_dropped``); "" when no point has the counts."""
     rows = [
-        "| system | viewers | resyncs (per viewer) | keyframes asked for laggards | keyframes, forced |"
-        " frames dropped for lag (per viewer) | fps median / lost (%) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| system | viewers | frames encoded | handed to each viewer | dropped for lag, per viewer | resyncs"
+        " (per viewer) | keyframes asked for laggards | keyframes, forced | UDP datagrams dropped, machine-wide"
+        " (receive buffers full) | viewers' fps median / lost (%) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, points in runs.items():
         for p in points:
@@ -463,11 +469,12 @@ def overload_markdown(runs: dict[str, list[dict]]) -> str:
             if not c or "fps" not in p:
                 continue
             per = c["per_viewer"]
+            udp = p.get("udp_dropped") or {}
             rows.append(
-                f"| {name} | {p['peers']} | {c.get('resyncs', '—')} ({_f(per.get('resyncs'), 2)}) |"
+                f"| {name} | {p['peers']} | {c.get('frames_encoded', '—')} | {_f(per.get('frames_delivered'), 1)} |"
+                f" {_f(per.get('frames_dropped'), 1)} | {c.get('resyncs', '—')} ({_f(per.get('resyncs'), 2)}) |"
                 f" {c.get('lag_keyframe_requests', '—')} |"
-                f" {c.get('keyframes', '—')}, {c.get('keyframes_forced', '—')} |"
-                f" {c.get('frames_dropped', '—')} ({_f(per.get('frames_dropped'), 1)}) |"
+                f" {c.get('keyframes', '—')}, {c.get('keyframes_forced', '—')} | {udp.get('rcvbuf', '—')} |"
                 f" {_f(p['fps']['median'], 1)} / {_f(p['lost_pct'], 2)} |"
             )
     return "\n".join(rows) if len(rows) > 2 else ""

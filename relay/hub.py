@@ -230,6 +230,7 @@ class Subscription:
 
     def _take(self) -> EncodedFrame:
         self.delivered += 1
+        self._hub.delivered += 1
         if self._cursor is None:
             return self._queue.popleft()
         frames = self._hub.gop.frames
@@ -280,6 +281,7 @@ class Subscription:
                 )
             if taken:
                 self.delivered += 1
+                self._hub.delivered += 1
                 return
         self._queue.append(frame)
         self._wake()
@@ -379,6 +381,7 @@ class PacketHub:
         self.published = 0
         self.dropped = 0  # frames dropped for lagging subscribers, all time
         self.cache_starts = 0  # subscribers started from the GOP cache (joins and resyncs), all time
+        self.delivered = 0  # frames handed to subscribers (each frame once per subscriber that took it), all time
         self.resyncs = 0  # times a subscriber fell behind and was sent to a keyframe or the GOP cache, all time
         self.lag_keyframe_requests = 0  # keyframes asked of the encoder for lagging subscribers, all time
         self.gop = gop or GopCache()

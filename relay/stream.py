@@ -209,7 +209,11 @@ class Stream:
 
     def status(self) -> StreamStatus:
         st = self.stats
-        consumers = [c.stats() for c in self.consumers] + [self._join_stats(), self._lag_stats(), self._thermal_stats()]
+        consumers = [c.stats() for c in self.consumers] + [
+            self._join_stats(),
+            self._fanout_stats(),
+            self._thermal_stats(),
+        ]
         capture_fps, encoded_fps, bitrate_bps = self._rates
         return StreamStatus(
             name=self.name,
@@ -273,16 +277,20 @@ class Stream:
             ),
         )  # fmt: skip
 
-    def _lag_stats(self) -> ConsumerStats:
-        """Subscribers that fell behind: resyncs, and the keyframes asked of the encoder for them."""
+    def _fanout_stats(self) -> ConsumerStats:
+        """The hub's fan-out: frames handed to subscribers, times one fell behind, keyframes asked for them."""
         hub, labels = self.hub, {"stream": self.name}
         return ConsumerStats(
-            {"lag": {"resyncs": hub.resyncs, "keyframe_requests": hub.lag_keyframe_requests}},
+            {"fanout": {"delivered": hub.delivered, "resyncs": hub.resyncs,
+                        "keyframe_requests": hub.lag_keyframe_requests}},
             (
-                Metric("camrelay_stream_lag_resyncs_total", "counter",
+                Metric("camrelay_stream_fanout_delivered_total", "counter",
+                       "Frames handed to subscribers (viewers, publishers, the recorder), once per subscriber.",
+                       hub.delivered, labels),
+                Metric("camrelay_stream_fanout_resyncs_total", "counter",
                        "Times a subscriber fell behind and resumed at a keyframe or the GOP cache.", hub.resyncs,
                        labels),
-                Metric("camrelay_stream_lag_keyframe_requests_total", "counter",
+                Metric("camrelay_stream_fanout_keyframe_requests_total", "counter",
                        "Keyframes asked of the encoder for subscribers that fell behind.", hub.lag_keyframe_requests,
                        labels),
             ),
