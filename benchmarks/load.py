@@ -329,6 +329,7 @@ OVERLOAD_COUNTERS = {
     "frames_delivered": lambda s: s["fanout"]["delivered"],  # handed to viewers' senders, once per viewer
     "resyncs": lambda s: s["fanout"]["resyncs"],  # a viewer fell behind and went back to a keyframe
     "lag_keyframe_requests": lambda s: s["fanout"]["keyframe_requests"],  # keyframes asked of the encoder for them
+    "lag_keyframe_requests_coalesced": lambda s: s["fanout"]["keyframe_requests_coalesced"],  # served by those
     "keyframes": lambda s: s["keyframes"],
     "keyframes_forced": lambda s: s["keyframes_forced"],
     "frames_dropped": lambda s: s["frames_dropped"]["viewer_lag"],  # frames the hub threw away for laggards

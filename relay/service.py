@@ -124,7 +124,10 @@ class Relay:
         v = self.config.video
         fps = sc.source.fps or v.fps
         settings = EncoderSettings(v.bitrate, fps, v.keyframe_interval, v.encoder)
-        return Stream(sc.name, sc.source, settings, v.width, v.height, self.config.log_level, join=v.join, mode=v.mode)
+        return Stream(
+            sc.name, sc.source, settings, v.width, v.height, self.config.log_level, join=v.join, mode=v.mode,
+            max_lag=v.max_lag,
+        )  # fmt: skip
 
     def _consumers(self, stream: Stream) -> list[Consumer]:
         """The edges ``stream`` feeds, besides its JPEG feed: add a new edge here."""

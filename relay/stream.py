@@ -29,6 +29,7 @@ from .aio import cancel_and_wait, signal_group
 from .backoff import Retry
 from .hub import EncodedFrame, PacketHub
 from .ipc import EncoderSettings
+from .lag import DEFAULT_MAX_LAG
 from .logsafe import SECRET_FILTER, redact, url_passwords
 from .mjpeg import JpegFeed
 from .source import SourceSpec
@@ -88,6 +89,7 @@ class Stream:
         retry: Retry | None = None,
         join: str = "auto",
         mode: str = "auto",
+        max_lag: float = DEFAULT_MAX_LAG,
     ) -> None:
         self.name = name
         self.spec = spec
@@ -108,7 +110,7 @@ class Stream:
         self._sps_bytes = b""
         self._slate = False
         self.jpegs = JpegFeed(self.set_jpeg)  # the camera's JPEGs, while anyone wants them
-        self.hub = PacketHub(name, self.request_keyframe, cached_start=self.starts_from_cache)
+        self.hub = PacketHub(name, self.request_keyframe, cached_start=self.starts_from_cache, max_lag=max_lag)
         self.consumers: list[Consumer] = [self.jpegs]
         self._started: list[Consumer] = []
         SECRET_FILTER.secrets.update(url_passwords(spec.target))  # the camera's: hidden in every log line and status
@@ -278,21 +280,28 @@ class Stream:
         )  # fmt: skip
 
     def _fanout_stats(self) -> ConsumerStats:
-        """The hub's fan-out: frames handed to subscribers, times one fell behind, keyframes asked for them."""
-        hub, labels = self.hub, {"stream": self.name}
+        """The hub's fan-out: frames handed to subscribers, subscribers that fell behind, keyframes asked for them."""
+        hub, gate, labels = self.hub, self.hub.keyframe_gate, {"stream": self.name}
+        lagging = sum(1 for sub in hub.subscribers if sub.lagging)
+        fanout = {
+            "delivered": hub.delivered, "resyncs": hub.resyncs, "lagging": lagging,
+            "keyframe_requests": gate.sent, "keyframe_requests_coalesced": gate.asked - gate.sent,
+        }  # fmt: skip
         return ConsumerStats(
-            {"fanout": {"delivered": hub.delivered, "resyncs": hub.resyncs,
-                        "keyframe_requests": hub.lag_keyframe_requests}},
+            {"fanout": fanout},
             (
                 Metric("camrelay_stream_fanout_delivered_total", "counter",
                        "Frames handed to subscribers (viewers, publishers, the recorder), once per subscriber.",
                        hub.delivered, labels),
                 Metric("camrelay_stream_fanout_resyncs_total", "counter",
-                       "Times a subscriber fell behind and resumed at a keyframe or the GOP cache.", hub.resyncs,
-                       labels),
+                       "Times a subscriber fell past its lag limit (skipped to a keyframe).", hub.resyncs, labels),
+                Metric("camrelay_stream_fanout_lagging", "gauge",
+                       "Subscribers past their lag limit that have not caught up yet.", lagging, labels),
                 Metric("camrelay_stream_fanout_keyframe_requests_total", "counter",
-                       "Keyframes asked of the encoder for subscribers that fell behind.", hub.lag_keyframe_requests,
-                       labels),
+                       "Keyframes asked of the encoder for subscribers that fell behind.", gate.sent, labels),
+                Metric("camrelay_stream_fanout_keyframe_requests_coalesced_total", "counter",
+                       "Laggards' keyframe requests served by one already asked (at most one a second).",
+                       gate.asked - gate.sent, labels),
             ),
         )  # fmt: skip
 
