@@ -270,7 +270,7 @@ class Subscription:
         if self._cursor is not None:  # the cache holds this frame too: it reads it there
             self._wake()
             return
-        if not self.waiting_keyframe and not self._queue.fits(self.limit, frame):
+        if not self.waiting_keyframe and self._queue and not self._queue.fits(self.limit, frame):
             if self._resync_from_cache(frame):
                 return  # it reads this frame from the cache too
             self._fall_behind(frame)
