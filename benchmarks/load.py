@@ -318,9 +318,10 @@ def relay_stream(url: str) -> dict | None:
 
 def relay_send_delay(stream: dict | None) -> dict | None:
     """camrelay's own delay percentiles, capture to hub and hub to sender (None for other systems)."""
-    if stream is None:
+    try:
+        return {"pipeline": stream["pipeline_delay_ms"], "fanout": stream["fanout_delay_ms"]}
+    except (KeyError, TypeError):  # not camrelay (a baseline that serves WHEP at the same path), or none
         return None
-    return {"pipeline": stream["pipeline_delay_ms"], "fanout": stream["fanout_delay_ms"]}
 
 
 # camrelay's own counters of how it met the point's load (``/api/v1/streams``), read before and after the window.
@@ -340,7 +341,7 @@ OVERLOAD_COUNTERS = {
 def overload_counts(before: dict | None, after: dict | None, viewers: int) -> dict | None:
     """What camrelay counted over the window (``after`` less ``before``, two stream entries), and per viewer;
     counters an older camrelay lacks are left out. None for other systems."""
-    if before is None or after is None:
+    if before is None or after is None or "pipeline_delay_ms" not in after:  # a baseline serving WHEP
         return None
     counts: dict = {}
     for name, read in OVERLOAD_COUNTERS.items():
