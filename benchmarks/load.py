@@ -64,7 +64,7 @@ from benchmarks.options import add_stream_options, benchmark_parser, run_facts
 from benchmarks.peers import PEERS_PER_WORKER, PeerPlan, percentile, run_worker
 from benchmarks.pinning import Split, pin_tree, split_cores, thread_on
 from benchmarks.ports import free_port
-from benchmarks.resources import cpu_of, process_tree, rss_sum
+from benchmarks.resources import cpu_of, process_tree, rss_sum, udp_drops
 
 SYSTEMS = ("camrelay", "mediamtx", "mediarelay", "seed_mjpeg")
 LABELS = {
@@ -278,6 +278,7 @@ def run_point(
     placed = pin_tree(everything, split.system) if split is not None else None
     for proc in [*everything, *workers]:
         proc.cpu_percent(None)
+    counters_before, udp_before = relay_stream(system.url), udp_drops()
     t0 = time.monotonic()
     start.set()
     rss = []
@@ -286,30 +287,70 @@ def run_point(
         time.sleep(0.5)
     serving_cpu, source_cpu = cpu_of(serving), cpu_of(source)
     gen_cpu = cpu_of(workers)
-    inside = relay_send_delay(system.url)
+    counters_after, udp_after = relay_stream(system.url), udp_drops()
+    inside = relay_send_delay(counters_after)
     peer_results = [r for _ in procs for r in results.get(timeout=60)]
     for p in procs:
         p.join(30)
     point = summarise(peers, probes, peer_results, serving_cpu, source_cpu, gen_cpu, rss, duration, fps, split)
     point["relay_send_delay_ms"] = inside
+    point["relay_overload"] = overload_counts(counters_before, counters_after, peers)
+    if udp_before is not None and udp_after is not None:  # the whole machine's: other work's drops count too
+        point["udp_dropped"] = {k: udp_after[k] - udp_before[k] for k in udp_after}
     if placed is not None:
         point["system_processes"] = placed  # each with its CPUs as read back
         point["generator_workers_cores"] = sorted({c for r in peer_results for c in r.get("cores", [])})
     return point
 
 
-def relay_send_delay(url: str) -> dict | None:
-    """camrelay's own delay percentiles, capture to hub and hub to sender (None for other systems)."""
+def relay_stream(url: str) -> dict | None:
+    """camrelay's ``/api/v1/streams`` entry of the stream ``url`` (a WHEP URL) watches; None for other systems."""
     u = urlsplit(url)
     if not u.path.startswith("/whep/"):
         return None
     try:
         with urllib.request.urlopen(f"{u.scheme}://{u.netloc}/api/v1/streams", timeout=5) as r:
             streams = {s["name"]: s for s in json.load(r)["streams"]}
-        s = streams[u.path.rsplit("/", 1)[1]]
-        return {"pipeline": s["pipeline_delay_ms"], "fanout": s["fanout_delay_ms"]}
+        return streams[u.path.rsplit("/", 1)[1]]
     except (OSError, KeyError, ValueError):
         return None
+
+
+def relay_send_delay(stream: dict | None) -> dict | None:
+    """camrelay's own delay percentiles, capture to hub and hub to sender (None for other systems)."""
+    try:
+        return {"pipeline": stream["pipeline_delay_ms"], "fanout": stream["fanout_delay_ms"]}
+    except (KeyError, TypeError):  # not camrelay (a baseline that serves WHEP at the same path), or none
+        return None
+
+
+# camrelay's own counters of how it met the point's load (``/api/v1/streams``), read before and after the window.
+OVERLOAD_COUNTERS = {
+    "frames_encoded": lambda s: s["frames_encoded"],  # what the source delivered to the hub
+    "frames_delivered": lambda s: s["fanout"]["delivered"],  # handed to viewers' senders, once per viewer
+    "resyncs": lambda s: s["fanout"]["resyncs"],  # a viewer fell behind and went back to a keyframe
+    "lag_keyframe_requests": lambda s: s["fanout"]["keyframe_requests"],  # keyframes asked of the encoder for them
+    "lag_keyframe_requests_coalesced": lambda s: s["fanout"]["keyframe_requests_coalesced"],  # served by those
+    "keyframes": lambda s: s["keyframes"],
+    "keyframes_forced": lambda s: s["keyframes_forced"],
+    "frames_dropped": lambda s: s["frames_dropped"]["viewer_lag"],  # frames the hub threw away for laggards
+    "encoder_busy": lambda s: s["frames_dropped"]["encoder_busy"],  # camera frames the encoder had no time for
+}
+
+
+def overload_counts(before: dict | None, after: dict | None, viewers: int) -> dict | None:
+    """What camrelay counted over the window (``after`` less ``before``, two stream entries), and per viewer;
+    counters an older camrelay lacks are left out. None for other systems."""
+    if before is None or after is None or "pipeline_delay_ms" not in after:  # a baseline serving WHEP
+        return None
+    counts: dict = {}
+    for name, read in OVERLOAD_COUNTERS.items():
+        try:
+            counts[name] = read(after) - read(before)
+        except (KeyError, TypeError):
+            continue
+    counts["per_viewer"] = {k: v / viewers for k, v in counts.items()} if viewers else {}
+    return counts
 
 
 def summarise(
@@ -414,6 +455,31 @@ def markdown(runs: dict[str, list[dict]]) -> str:
             ]
             rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def overload_markdown(runs: dict[str, list[dict]]) -> str:
+    """Where each point's frames went (``relay_overload``, ``udp_dropped``); "" when no point has the counts."""
+    rows = [
+        "| system | viewers | frames encoded | handed to each viewer | dropped for lag, per viewer | resyncs"
+        " (per viewer) | keyframes asked for laggards | keyframes, forced | UDP datagrams dropped, machine-wide"
+        " (receive buffers full) | viewers' fps median / lost (%) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, points in runs.items():
+        for p in points:
+            c = p.get("relay_overload")
+            if not c or "fps" not in p:
+                continue
+            per = c["per_viewer"]
+            udp = p.get("udp_dropped") or {}
+            rows.append(
+                f"| {name} | {p['peers']} | {c.get('frames_encoded', '—')} | {_f(per.get('frames_delivered'), 1)} |"
+                f" {_f(per.get('frames_dropped'), 1)} | {c.get('resyncs', '—')} ({_f(per.get('resyncs'), 2)}) |"
+                f" {c.get('lag_keyframe_requests', '—')} |"
+                f" {c.get('keyframes', '—')}, {c.get('keyframes_forced', '—')} | {udp.get('rcvbuf', '—')} |"
+                f" {_f(p['fps']['median'], 1)} / {_f(p['lost_pct'], 2)} |"
+            )
+    return "\n".join(rows) if len(rows) > 2 else ""
 
 
 def _inside(d: dict | None) -> str:
@@ -701,6 +767,9 @@ def report(
     data = {"meta": meta, "per_viewer_cpu_pct": slopes, "runs": runs, **({"capacity": found} if found else {})}
     _write(out.with_suffix(".json"), json.dumps(data, indent=2))
     table = markdown(runs)
+    overload = overload_markdown(runs)
+    if overload:
+        table += f"\n\ncamrelay's own counts over each point's window (/api/v1/streams):\n\n{overload}"
     slope_lines = "\n".join(
         f"- {n}: {_f(s['serving'], 2)} % of a core per added viewer in the serving process,"
         f" {_f(s['all'], 2)} % in all its processes (points before saturation); the load generator"

@@ -140,3 +140,15 @@ def rss_of(p: psutil.Process) -> int:
 def within(before: float, after: float, share: float) -> bool:
     """``after`` is no more than ``share`` above ``before`` (10 % is 0.10)."""
     return after <= before * (1 + share)
+
+
+def udp_drops() -> dict[str, int] | None:
+    """The kernel's count of UDP datagrams dropped for a full socket buffer, machine-wide (``/proc/net/snmp``):
+    ``rcvbuf`` (a receiver did not read in time), ``sndbuf``. None where it cannot be read (not Linux)."""
+    try:
+        lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines() if line.startswith("Udp:")]
+        names, values = lines[0], lines[1]
+        row = dict(zip(names[1:], map(int, values[1:]), strict=True))
+        return {"rcvbuf": row["RcvbufErrors"], "sndbuf": row["SndbufErrors"]}
+    except (OSError, IndexError, KeyError, ValueError):
+        return None

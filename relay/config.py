@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from .auth import HASH_HELP, TOKEN_PATTERN, parse_hash
 from .ipc import ENCODERS
+from .lag import DEFAULT_MAX_LAG, MAX_MAX_LAG, MIN_MAX_LAG
 from .logsafe import redact, redact_url, url_passwords
 from .source import MODES, SourceSpec, parse_fps, parse_size, parse_source_spec
 
@@ -90,6 +91,9 @@ class VideoConfig:
     encoder: str = "auto"
     join: str = "auto"  # JOIN_POLICIES
     mode: str = "auto"  # one of source.MODES; a stream's #mode= overrides it
+    # Seconds of video a viewer (any subscriber of a stream) may fall behind and still get every frame, late;
+    # further behind it skips whole GOPs (relay.lag).
+    max_lag: float = DEFAULT_MAX_LAG
 
 
 @dataclass(frozen=True, slots=True)
@@ -546,6 +550,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "encoder": _choice(*ENCODERS),
         "join": _choice(*JOIN_POLICIES),
         "mode": _choice(*MODES),
+        "max_lag": _duration(MIN_MAX_LAG, MAX_MAX_LAG),
     },
     "audio": {"enabled": _bool},
     "webrtc": {

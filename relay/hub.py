@@ -1,10 +1,13 @@
 """The packet hub: one encoder's output fanned out to many subscribers.
 
-Every subscriber (a WebRTC viewer, later the RTSP publisher and the recorder)
-gets a small bounded queue. A subscriber that falls behind never slows the
-others or the encoder: its backlog is dropped, it waits for the next keyframe
-(and asks for one), so it never decodes a broken picture. Modelled on
-mediamtx's ``internal/stream`` reader queues.
+Every subscriber (a WebRTC viewer, the RTSP publisher, the recorder) gets a
+bounded queue, its backlog. A subscriber that falls behind never slows the
+others or the encoder. It gets every frame, late, while its backlog is within
+its ``LagLimit`` (the stream's ``[video] max_lag`` of video); further behind,
+it loses whole GOPs, skipping to a keyframe it holds, or else waits for the
+next one (asked for through the stream's ``KeyframeGate``), so it never
+decodes a broken picture (``relay.lag`` says why). Modelled on mediamtx's
+``internal/stream`` reader queues.
 
 Instant start (``cached_start``, for streams that cannot force a keyframe:
 docs/architecture.md): the hub keeps the current GOP (``GopCache``), and a
@@ -34,12 +37,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-log = logging.getLogger(__name__)
+from .lag import DEFAULT_MAX_LAG, MAX_LAG_BYTES, MAX_LAG_FRAMES, Backlog, KeyframeGate, LagLimit, fits
 
-# About a quarter of a second of video at 30 fps: enough to ride out a busy
-# event-loop tick, small enough that a stuck viewer is noticed and resynced
-# before its picture is visibly late.
-DEFAULT_QUEUE_FRAMES = 8
+log = logging.getLogger(__name__)
 
 # A stuck subscriber could log on every frame; once a second is enough to see it.
 DROP_WARNING_INTERVAL = 1.0
@@ -170,12 +170,15 @@ class Subscription:
     the hub's GOP cache (``replaying``: joined from the cache, or resynced).
     """
 
-    def __init__(self, hub: PacketHub, name: str, max_frames: int) -> None:
+    def __init__(self, hub: PacketHub, name: str, limit: LagLimit) -> None:
         self.name = name
-        self.max_frames = max_frames
+        self.limit = limit  # how far behind it may fall and still get every frame
         self.delivered = 0
         self.dropped = 0  # frames thrown away because this subscriber lagged
-        self.resyncs = 0  # times it fell behind: sent back to wait for a keyframe, or to the GOP cache
+        # Times it fell past its limit: skipped to a keyframe, sent to wait for one, or to the GOP cache. Once per
+        # fall: what it loses before it has caught up again (read its backlog to the end) counts as dropped only.
+        self.resyncs = 0
+        self.lagging = False  # fell past its limit and has not caught up since
         self.waiting_keyframe = True  # a new subscriber starts at a keyframe
         self.cache_starts = 0  # times it started reading the GOP cache (its join, its resyncs)
         # A live subscriber's synchronous delivery (a WebRTC viewer's sender): while its reader waits in ``get``
@@ -183,7 +186,7 @@ class Subscription:
         # task; False from it, and the frame is queued as without it.
         self.push: Callable[[EncodedFrame], bool] | None = None
         self._hub = hub
-        self._queue: collections.deque[EncodedFrame] = collections.deque()
+        self._queue = Backlog()
         # Replaying: the index in the hub's GOP cache of the next frame to read; never its end (caught up: live).
         self._cursor: int | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -194,6 +197,10 @@ class Subscription:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def max_frames(self) -> int:
+        return self.limit.frames
 
     @property
     def replaying(self) -> bool:
@@ -231,13 +238,17 @@ class Subscription:
 
     def _take(self) -> EncodedFrame:
         self.delivered += 1
+        self._hub.delivered += 1
         if self._cursor is None:
-            return self._queue.popleft()
-        frames = self._hub.gop.frames
-        frame = frames[self._cursor]
-        self._cursor += 1
-        if self._cursor == len(frames):
-            self._cursor = None  # caught up: the next frame published comes to the queue
+            frame = self._queue.popleft()
+        else:
+            frames = self._hub.gop.frames
+            frame = frames[self._cursor]
+            self._cursor += 1
+            if self._cursor == len(frames):
+                self._cursor = None  # caught up: the next frame published comes to the queue
+        if self.lagging and not self._queue and self._cursor is None:
+            self.lagging = False  # caught up: falling past the limit again is a new resync
         return frame
 
     def close(self) -> None:
@@ -260,10 +271,10 @@ class Subscription:
         if self._cursor is not None:  # the cache holds this frame too: it reads it there
             self._wake()
             return
-        if not self.waiting_keyframe and len(self._queue) >= self.max_frames:
+        if not self.waiting_keyframe and self._queue and not self._queue.fits(self.limit, frame):
             if self._resync_from_cache(frame):
                 return  # it reads this frame from the cache too
-            self._drop_backlog()
+            self._fall_behind(frame)
         if self.waiting_keyframe:
             if not frame.keyframe:
                 if self.resyncs:  # skipped on the way back to a keyframe: lost to this viewer
@@ -281,6 +292,7 @@ class Subscription:
                 )
             if taken:
                 self.delivered += 1
+                self._hub.delivered += 1
                 return
         self._queue.append(frame)
         self._wake()
@@ -297,11 +309,10 @@ class Subscription:
             return False
         start = len(gop.frames) - 1 - len(self._queue)
         self._queue.clear()
-        self.resyncs += 1
         self._replay_from(max(0, start))
         if start < 0:
             self._count_drops(-start)
-        self._warn_lag(f"resuming from the cached GOP at frame {max(0, start)}")
+        self._lagged(f"resuming from the cached GOP at frame {max(0, start)}")
         self._wake()
         return True
 
@@ -313,30 +324,42 @@ class Subscription:
             return
         rest = old[self._cursor :]
         self._cursor = None
-        if len(rest) < self.max_frames:  # room for the frame coming too: no gap
+        if fits(self.limit, rest):  # room for the frame coming too: no gap
             self._queue.extend(rest)
             return
         self._count_drops(len(rest))
         if event == GopCache.RESET:
             self._cursor = 0  # on to the new GOP: its keyframe, being published
         else:
-            self.resyncs += 1
             self.waiting_keyframe = True
-            self._hub.request_keyframe()
-            self._warn_lag("the GOP cache went over its cap; resuming at next keyframe")
+            self._lagged("the GOP cache went over its cap; resuming at next keyframe", keyframe=True)
 
     def _count_drops(self, n: int) -> None:
         self.dropped += n
         self._hub.dropped += n
         self._unwarned_drops += n
 
-    def _drop_backlog(self) -> None:
-        self._count_drops(len(self._queue))
-        self._queue.clear()
-        self.resyncs += 1
+    def _fall_behind(self, frame: EncodedFrame) -> None:
+        """Past its limit as ``frame`` comes: on from a keyframe it holds (whole GOPs lost), else from the next."""
+        skipped = self._queue.skip_to_keyframe(self.limit, frame)
+        if skipped is not None:
+            self._count_drops(skipped)
+            self._lagged(f"skipped {skipped} frames to a keyframe it holds")
+            return
+        self._count_drops(self._queue.clear())
         self.waiting_keyframe = True
-        self._hub.request_keyframe()
-        self._warn_lag("resuming at next keyframe")
+        self._lagged("resuming at next keyframe", keyframe=True)
+
+    def _lagged(self, what: str, keyframe: bool = False) -> None:
+        """It fell past its limit (a resync, unless it has not caught up since the last); ``keyframe``: it waits
+        for the next keyframe, asked for through the stream's gate."""
+        if not self.lagging:
+            self.lagging = True
+            self.resyncs += 1
+            self._hub.resyncs += 1
+        if keyframe:
+            self._hub.keyframe_gate.ask(self._hub.clock())
+        self._warn_lag(what)
 
     def _warn_lag(self, what: str) -> None:
         now = time.monotonic()
@@ -370,15 +393,24 @@ class PacketHub:
         self,
         stream: str,
         request_keyframe: Callable[[], None],
-        max_frames: int = DEFAULT_QUEUE_FRAMES,
+        max_frames: int = MAX_LAG_FRAMES,
         cached_start: Callable[[], bool] = lambda: False,
         gop: GopCache | None = None,
+        max_lag: float | None = DEFAULT_MAX_LAG,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.stream = stream
+        # Each subscriber's lag limit (``LagLimit``), as it subscribes: seconds of video (None: no time bound),
+        # frames, bytes.
+        self.max_lag = max_lag
         self.max_frames = max_frames
+        self.max_bytes: int | None = MAX_LAG_BYTES
+        self.clock = clock  # seconds, for the keyframe gate's interval
         self.published = 0
         self.dropped = 0  # frames dropped for lagging subscribers, all time
         self.cache_starts = 0  # subscribers started from the GOP cache (joins and resyncs), all time
+        self.delivered = 0  # frames handed to subscribers (each frame once per subscriber that took it), all time
+        self.resyncs = 0  # times a subscriber fell past its lag limit (``Subscription.resyncs``), all time
         self.gop = gop or GopCache()
         self.bitrate = Bitrate()
         self.newest: EncodedFrame | None = None  # the frame published last
@@ -387,6 +419,7 @@ class PacketHub:
         self.pipeline_delay = DelayWindow()
         self.fanout_delay = DelayWindow()
         self._request_keyframe = request_keyframe
+        self.keyframe_gate = KeyframeGate(request_keyframe)  # laggards' keyframe requests
         self._cached_start = cached_start
         self._subscribers: list[Subscription] = []
         self._closed = False
@@ -403,9 +436,16 @@ class PacketHub:
         return self._cached_start()
 
     def subscribe(self, name: str, max_frames: int | None = None) -> Subscription:
+        """A new subscriber, its backlog bounded by the hub's lag limit, or by ``max_frames`` alone: a consumer
+        that sizes its own queue (the recorder's seconds of a slow disk, a test's tap that reads now and then)."""
         if self._closed:
             raise HubClosed(self.stream)
-        sub = Subscription(self, name, max_frames or self.max_frames)
+        limit = (
+            LagLimit(self.max_lag, self.max_frames, self.max_bytes)
+            if max_frames is None
+            else LagLimit.frames_only(max_frames)
+        )
+        sub = Subscription(self, name, limit)
         self._subscribers.append(sub)
         if self.caching and self.gop.frames:
             sub._replay_from(0)  # at once, from the GOP's keyframe
@@ -419,6 +459,11 @@ class PacketHub:
 
     def request_keyframe(self) -> None:
         self._request_keyframe()
+
+    @property
+    def lag_keyframe_requests(self) -> int:
+        """Keyframes asked of the encoder for subscribers that fell behind (``KeyframeGate.sent``), all time."""
+        return self.keyframe_gate.sent
 
     @property
     def first_in_pass(self) -> bool:
@@ -445,6 +490,10 @@ class PacketHub:
         self.pipeline_delay.add(frame.published_at - frame.capture_time)
         self.bitrate.add(frame.pts, len(frame.data))
         self.newest = frame
+        if frame.keyframe:
+            self.keyframe_gate.keyframe()  # serves every laggard waiting for one
+        else:
+            self.keyframe_gate.tick(self.clock())
         self._cache(frame)
         for sub in self._subscribers:
             sub._offer(frame)

@@ -128,7 +128,7 @@ class Relay:
         audio = audio_source(sc.source, self.config.audio.enabled, paired)
         return Stream(
             sc.name, sc.source, settings, v.width, v.height, self.config.log_level, join=v.join, mode=v.mode,
-            audio=audio,
+            audio=audio, max_lag=v.max_lag,
         )  # fmt: skip
 
     def _consumers(self, stream: Stream) -> list[Consumer]:

@@ -31,6 +31,7 @@ from .aio import cancel_and_wait, signal_group
 from .backoff import Retry
 from .hub import EncodedFrame, PacketHub
 from .ipc import EncoderSettings
+from .lag import DEFAULT_MAX_LAG
 from .logsafe import SECRET_FILTER, redact, url_passwords
 from .mjpeg import JpegFeed
 from .source import SourceSpec
@@ -99,6 +100,7 @@ class Stream:
         join: str = "auto",
         mode: str = "auto",
         audio: str = "",
+        max_lag: float = DEFAULT_MAX_LAG,
     ) -> None:
         self.name = name
         self.spec = spec
@@ -120,7 +122,7 @@ class Stream:
         self._sps_bytes = b""
         self._slate = False
         self.jpegs = JpegFeed(self.set_jpeg)  # the camera's JPEGs, while anyone wants them
-        self.hub = PacketHub(name, self.request_keyframe, cached_start=self.starts_from_cache)
+        self.hub = PacketHub(name, self.request_keyframe, cached_start=self.starts_from_cache, max_lag=max_lag)
         # Its sound, fanned out as the video is (a bounded queue per subscriber, counted drops). Every Opus packet
         # decodes on its own: each is a "keyframe" to the hub, so a subscriber starts, and after a lag resumes, at
         # the next packet; there is no keyframe to ask for and no GOP to keep.
@@ -236,7 +238,7 @@ class Stream:
     def status(self) -> StreamStatus:
         st = self.stats
         consumers = [c.stats() for c in self.consumers] + [
-            self._join_stats(), self._thermal_stats(), self._audio_stats(),
+            self._join_stats(), self._fanout_stats(), self._thermal_stats(), self._audio_stats(),
         ]  # fmt: skip
         capture_fps, encoded_fps, bitrate_bps = self._rates
         return StreamStatus(
@@ -334,6 +336,32 @@ class Stream:
                        round(st.audio_cpu_seconds, 3), labels),
                 *(Metric("camrelay_stream_audio_frames_dropped_total", "counter", "Audio frames dropped, by reason.",
                          n, {**labels, "reason": reason}) for reason, n in dropped.items()),
+            ),
+        )  # fmt: skip
+
+    def _fanout_stats(self) -> ConsumerStats:
+        """The hub's fan-out: frames handed to subscribers, subscribers that fell behind, keyframes asked for them."""
+        hub, gate, labels = self.hub, self.hub.keyframe_gate, {"stream": self.name}
+        lagging = sum(1 for sub in hub.subscribers if sub.lagging)
+        fanout = {
+            "delivered": hub.delivered, "resyncs": hub.resyncs, "lagging": lagging,
+            "keyframe_requests": gate.sent, "keyframe_requests_coalesced": gate.asked - gate.sent,
+        }  # fmt: skip
+        return ConsumerStats(
+            {"fanout": fanout},
+            (
+                Metric("camrelay_stream_fanout_delivered_total", "counter",
+                       "Frames handed to subscribers (viewers, publishers, the recorder), once per subscriber.",
+                       hub.delivered, labels),
+                Metric("camrelay_stream_fanout_resyncs_total", "counter",
+                       "Times a subscriber fell past its lag limit (skipped to a keyframe).", hub.resyncs, labels),
+                Metric("camrelay_stream_fanout_lagging", "gauge",
+                       "Subscribers past their lag limit that have not caught up yet.", lagging, labels),
+                Metric("camrelay_stream_fanout_keyframe_requests_total", "counter",
+                       "Keyframes asked of the encoder for subscribers that fell behind.", gate.sent, labels),
+                Metric("camrelay_stream_fanout_keyframe_requests_coalesced_total", "counter",
+                       "Laggards' keyframe requests served by one already asked (at most one a second).",
+                       gate.asked - gate.sent, labels),
             ),
         )  # fmt: skip
 

@@ -27,9 +27,14 @@ def test_load_benchmark_smoke_every_system(tmp_path):
         assert point["latency_ms"]["samples"] > 0 and point["latency_ms"]["p50"] is not None, (name, point)
         assert point["frames"] > 0 and point["fps"]["min"] > 0, (name, point)  # every peer got frames
         assert point["egress_mbps"] > 0 and point["relay_cpu_pct"] > 0, (name, point)
+    # camrelay's own counts over the window: where its frames went (the others have no such API).
+    counts = data["runs"]["camrelay"][0]["relay_overload"]
+    assert counts["frames_encoded"] > 0 and counts["per_viewer"]["frames_delivered"] > 0, counts
+    assert counts["resyncs"] >= 0 and counts["frames_dropped"] >= 0, counts
     table = out.with_suffix(".md").read_text()
     for name in SYSTEMS:
         assert f"| {name} | 2 |" in table
+    assert "camrelay's own counts over each point's window" in table
     for what in ("latency", "cpu"):
         png = tmp_path / f"load-{what}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -102,6 +102,8 @@ def test_streams_from_environment_and_flags():
             "http.cors_origins: origin 'example.org' is not scheme://host[:port] (no path) or *",
         ),
         ("[webrtc]\nmax_viewers = 0", {}, {}, "webrtc.max_viewers: must be in 1..10000, got 0"),
+        ('[video]\nmax_lag = "20s"', {}, {}, "video.max_lag: must be in 0.1s..10s, got '20s'"),
+        ("[video]\nmax_lag = 0", {}, {}, "video.max_lag: must be positive, got 0"),
         (
             '[streams]\n"bad name" = "test:"',
             {},
@@ -248,6 +250,12 @@ def test_bad_source_specs(spec, message):
     with pytest.raises(ValueError) as info:
         parse_source_spec(spec)
     assert str(info.value) == message
+
+
+def test_max_lag_from_the_file_and_the_environment():
+    assert load().video.max_lag == 1.0
+    assert load('[video]\nmax_lag = "250ms"').video.max_lag == 0.25
+    assert load("", {"CAMRELAY_VIDEO_MAX_LAG": "2s"}).video.max_lag == 2.0
 
 
 def test_example_config_is_valid():

@@ -5,7 +5,8 @@ import logging
 
 import pytest
 
-from relay.hub import DEFAULT_QUEUE_FRAMES, Bitrate, EncodedFrame, GopCache, HubClosed, PacketHub
+from relay.hub import Bitrate, EncodedFrame, GopCache, HubClosed, PacketHub
+from relay.lag import DEFAULT_MAX_LAG
 
 
 class Requests:
@@ -22,6 +23,10 @@ def frame(n: int, key: bool = False) -> EncodedFrame:
 
 def gop(start: int, length: int = 5):
     return [frame(start + i, key=(i == 0)) for i in range(length)]
+
+
+FPS = 30  # frame() is 30 fps: pts 3000 apart
+LAG_FRAMES = round(DEFAULT_MAX_LAG * FPS) + 1  # the most a backlog of the default lag limit holds at 30 fps
 
 
 async def test_new_subscriber_starts_at_a_keyframe_and_asks_for_one():
@@ -63,7 +68,7 @@ async def test_never_more_than_the_bound_is_queued():
     sub = hub.subscribe("stuck")
     for i in range(300):
         hub.publish(frame(i, key=(i % 30 == 0)))
-        assert len(sub) <= DEFAULT_QUEUE_FRAMES
+        assert len(sub) <= LAG_FRAMES
 
 
 async def test_drop_warning_at_most_once_a_second(caplog):
@@ -256,7 +261,7 @@ async def test_a_stuck_subscriber_holds_no_more_than_the_cache():
     sub = hub.subscribe("stuck")
     for i in range(300):
         hub.publish(frame(i, key=(i % 60 == 0)))
-        assert len(sub) <= DEFAULT_QUEUE_FRAMES and len(hub.gop.frames) <= 50
+        assert len(sub) <= LAG_FRAMES and len(hub.gop.frames) <= 50
 
 
 async def _publish_apart(hub, frames):
@@ -318,7 +323,7 @@ async def test_frames_published_in_one_pass_are_pushed_the_first_only_and_a_long
     pushed = []
     sub.push = lambda f: pushed.append(f.pts) or True
     reader = await _waiting_reader(sub)
-    burst = gop(0, DEFAULT_QUEUE_FRAMES + 2)  # in one pass, as after an event-loop stall
+    burst = gop(0, LAG_FRAMES + 2)  # in one pass, as after an event-loop stall longer than the lag limit
     for f in burst:
         hub.publish(f)
     assert pushed == [0] and sub.resyncs == 1 and sub.replaying  # the rest overflowed the queue: from the cache

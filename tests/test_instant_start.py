@@ -206,7 +206,10 @@ def test_a_simulated_joiner_at_the_keyframe_is_live_at_once():
 LONG_GOP = 15.0  # seconds between regular keyframes: 450 frames at 30 fps, within the cache's 600
 DEADLINE = 60.0  # seconds for what a test waits for: a deadline, not a measurement
 LIVE_FRAMES = 30  # frames the joiner must show once caught up: a second of live video
-STALL = 1.0  # seconds the event loop is held: 30 frames at 30 fps, several times a viewer's queue
+STALL = 1.0  # seconds the event loop is held: 30 frames at 30 fps, several times the viewer's lag limit here
+# The viewer's lag limit in the test below. A stall's frames reach the hub at most a pipe's worth at a time (the
+# worker waits on a full pipe): a fraction of the default second, so the test makes the limit short enough.
+SHORT_LAG = 0.2  # seconds of video: 6 frames
 
 
 async def stream_entry(http, relay: RunningRelay) -> dict:
@@ -304,6 +307,7 @@ async def test_a_viewer_that_falls_behind_resyncs_from_the_cache_and_misses_noth
     a pushed viewer is pushed again once it has caught up."""
     relay = long_gop_relay
     stream = relay.relay.streams["cam0"]
+    stream.hub.max_lag = SHORT_LAG  # for the viewer subscribing below
     stop = asyncio.Event()
     tasks: list[asyncio.Task] = []
     viewer = WhepViewer(relay.whep(), http)

@@ -22,10 +22,10 @@ WINDOW = 60  # of every this many frames in a row (2 s of video), the lossy view
 LOSSY_SHARE = 0.3  # and at least this share of each phase's frames
 CATCH_UP = 30.0  # seconds the viewers get, once the link is clean again, to show the last frame of the loss
 # The viewers here decode in the test's own process, on the GIL the relay's event loop needs: on a loaded machine
-# their decoding can hold the relay's loop for longer than the hub's 8 frames (the harness stalling, not the
-# relay), and the relay rightly drops a lagging viewer's backlog. Two seconds of queue rides that out; a fan-out
-# that waited on the lossy viewer's losses and retransmissions, for 12 s, would still overflow it.
-TEST_QUEUE_FRAMES = 60
+# their decoding can hold the relay's loop for longer than the stream's default lag limit of a second (the harness
+# stalling, not the relay), and the relay rightly skips a lagging viewer ahead. Two seconds of lag ride that out; a
+# fan-out that waited on the lossy viewer's losses and retransmissions, for 12 s, would still overflow it.
+TEST_MAX_LAG = 2.0
 
 
 class Watch:
@@ -60,7 +60,7 @@ def longest_miss(frames: list[int], shown: set[int]) -> int:
 async def test_a_lossy_viewer_recovers_and_the_others_do_not_notice(relay_server, http):
     link = LossyLink(loss=0.0, jitter_ms=0.0)
     await link.start()
-    relay_server.relay.streams["cam0"].hub.max_frames = TEST_QUEUE_FRAMES  # for the viewers subscribing below
+    relay_server.relay.streams["cam0"].hub.max_lag = TEST_MAX_LAG  # for the viewers subscribing below
     lossy = WhepViewer(relay_server.whep(), http, rewrite_sdp=link.rewrite)
     others = [WhepViewer(relay_server.whep(), http) for _ in range(3)]
     stop = asyncio.Event()

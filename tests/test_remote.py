@@ -16,7 +16,6 @@ answers (``HeldDns``) in the router's namespace.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import os
 import secrets
@@ -43,6 +42,8 @@ from relay.webrtc import borrowed
 from relay.webrtc.ice import RESOLVER_THREADS, parse_links, rest_credential
 from relay.webrtc.whepclient import WhepViewer
 
+from .netns import inside, run
+
 ROOT = Path(__file__).resolve().parent.parent
 RELAY_LAN, ROUTER_LAN, ROUTER_WAN, PHONE_WAN = "192.168.77.2", "192.168.77.1", "203.0.113.1", "203.0.113.2"
 HTTP_PORT = 8080  # forwarded by the router to the relay
@@ -58,13 +59,6 @@ FPS = 30
 SOURCE_FRAMES = 150  # frames the relay encodes while the viewers' frames are counted (5 s at 30 fps)
 AT_SOURCE_RATE = 0.9  # share of them a viewer must show: the rest are at most the few in flight at either end
 READY_TIMEOUT = 60.0  # seconds for the relay to stream, a viewer to play: generous deadlines, not measurements
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def run(*args: str, input: str | None = None) -> None:
-    result = subprocess.run(args, input=input, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(args)}: {result.stderr}"
 
 
 class Internet:
@@ -160,30 +154,6 @@ class Internet:
     @staticmethod
     def nft(ns: str, ruleset: str) -> None:
         run("ip", "netns", "exec", ns, "nft", "-f", "-", input=ruleset)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, os.strerror(errno))
-
-
-@contextmanager
-def inside(netns: str) -> Iterator[None]:
-    """This thread in network namespace ``netns``: the sockets (and processes) it makes meanwhile live there."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        target = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-        try:
-            _setns(target)
-        finally:
-            os.close(target)
-        try:
-            yield
-        finally:
-            _setns(home)
-    finally:
-        os.close(home)
 
 
 @dataclass

@@ -43,6 +43,12 @@ def _api_counter(status: dict, sample) -> float | None:
         ],
         "camrelay_stream_gop_cache_starts_total": lambda: stream["gop_cache"]["starts"],
         "camrelay_stream_gop_cache_overflows_total": lambda: stream["gop_cache"]["overflows"],
+        "camrelay_stream_fanout_delivered_total": lambda: stream["fanout"]["delivered"],
+        "camrelay_stream_fanout_resyncs_total": lambda: stream["fanout"]["resyncs"],
+        "camrelay_stream_fanout_keyframe_requests_total": lambda: stream["fanout"]["keyframe_requests"],
+        "camrelay_stream_fanout_keyframe_requests_coalesced_total": lambda: stream["fanout"][
+            "keyframe_requests_coalesced"
+        ],
         "camrelay_whip_sessions_total": lambda: whip["sessions"],
         "camrelay_whip_errors_total": lambda: whip["errors"],
         "camrelay_whip_sent_bytes_total": lambda: whip["bytes_sent"],

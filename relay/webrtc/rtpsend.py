@@ -34,6 +34,10 @@ before) while the viewer catches up from the GOP cache, while its socket
 holds datagrams it could not send yet, and once a send fails; so pacing,
 the keyframe wait and the bounded queue with its counted drops work as
 without it, and a viewer whose socket backs up never holds up the publish.
+Nor does the send loop take a frame while the socket is backed up: the
+frames wait in the hub's backlog, whose lag limit bounds them and counts
+what a viewer too far behind skips (relay.lag), instead of piling up in
+asyncio's datagram buffer, which has no bound.
 
 The sender's private fields are reached through ``relay.webrtc.borrowed``;
 tests/test_aiortc_hooks.py fails if an aiortc upgrade moves them.
@@ -68,6 +72,10 @@ RETRANSMITS = "camrelay_retransmits"  # NACKed packets sent again, per sender
 _SEND = "camrelay_send"  # how a sender's datagrams leave: batched (udpbatch.send_run_now) or one by one
 
 NTP_UNIX_OFFSET = 2_208_988_800  # seconds from the NTP epoch (1900) to the Unix epoch (1970)
+# A send loop whose socket is backed up looks again after this long before it takes the next frame: its frames
+# wait in the hub's backlog, bounded by the stream's lag limit (relay.lag), not in asyncio's datagram buffer,
+# which has no bound. A fraction of a frame's time, and only while backed up.
+BACKED_UP_RETRY = 0.005  # seconds
 
 
 def ntp_now() -> int:
@@ -280,6 +288,14 @@ class FrameSender:
         """Whether the sender sends (aiortc drops the frames of a disabled one)."""
         return self.fields.enabled
 
+    def backed_up(self) -> bool:
+        """Its socket holds datagrams it could not send yet (False while DTLS or ICE is down: ``send`` says so)."""
+        try:
+            protocol, _, _ = borrowed.dtls_socket(self.sender.transport)
+        except ConnectionError:
+            return False
+        return bool(_backlog(protocol))
+
     def send(self, payloads: list[bytes], timestamp: int, unless_backed_up: bool = False) -> bool:
         """One frame's payloads, ``timestamp`` before the origin; ``ConnectionError`` while DTLS or ICE is down.
         ``unless_backed_up``: not sent (False) while the socket holds datagrams it could not send yet."""
@@ -330,6 +346,8 @@ async def _run_rtp(self: RTCRtpSender, codec) -> None:
                 pushing = track if isinstance(track, HubTrack) else None
                 if pushing is not None:
                     pushing.push_to(sender)
+            while sender.backed_up():  # the next frames wait in the hub's bounded backlog meanwhile
+                await asyncio.sleep(BACKED_UP_RETRY)
             frame = await fields.next_frame(codec)
             if frame is None:
                 continue
