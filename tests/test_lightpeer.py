@@ -161,15 +161,20 @@ def _private_reads(path: Path) -> set[str]:
     return {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr.startswith("_")} - {"__dict__"}
 
 
-def test_the_light_peer_borrows_three_names_that_the_installed_aiortc_and_aioice_have():
+def test_the_benchmarks_borrow_five_names_that_the_installed_aiortc_and_aioice_have():
     """benchmarks/borrowed.py is written for the versions relay.webrtc.borrowed checks (pyproject's bounds); the
-    three private names it reads are there in what is installed."""
+    private names it reads (the light peer's three, the lip-sync probe's tap of decrypted RTP and RTCP) are there
+    in what is installed."""
     assert bench_borrowed.WRITTEN_FOR is borrowed.WRITTEN_FOR
-    assert _private_reads(ROOT / "benchmarks" / "borrowed.py") == {"_connection", "_protocols", "_send_rtp"}
+    assert _private_reads(ROOT / "benchmarks" / "borrowed.py") == {
+        "_connection", "_protocols", "_send_rtp", "_handle_rtp_data", "_handle_rtcp_data",
+    }  # fmt: skip
     transport = aiortc.RTCIceTransport(aiortc.RTCIceGatherer())
     assert isinstance(transport._connection, Connection)
     assert isinstance(Connection(ice_controlling=True)._protocols, list)
     assert asyncio.iscoroutinefunction(aiortc.RTCDtlsTransport._send_rtp)
+    assert asyncio.iscoroutinefunction(aiortc.RTCDtlsTransport._handle_rtp_data)
+    assert asyncio.iscoroutinefunction(aiortc.RTCDtlsTransport._handle_rtcp_data)
 
 
 # -- live
