@@ -150,6 +150,7 @@ def make_config(
     session_burst: int = 1000,
     auth: AuthConfig = OPEN,
     allowed_hosts: tuple[str, ...] = (),
+    playout_delay: tuple[int, int] | None | str = "default",
 ) -> Config:
     return Config(
         streams=streams or (StreamConfig("cam0", SourceSpec("test", "")),),
@@ -172,6 +173,7 @@ def make_config(
             max_pending_per_address=max_pending_per_address,
             session_rate=session_rate,
             session_burst=session_burst,
+            **({} if playout_delay == "default" else {"playout_delay": playout_delay}),
         ),
         rtsp=rtsp_config(rtsp, rtsp_user, rtsp_password),
         auth=auth,

@@ -5,6 +5,8 @@ sends per frame. That needs a few of aiortc's and aioice's internals, all of
 them here, so an upgrade that moves one breaks this module alone (and
 ``tests/test_aiortc_hooks.py`` names what moved):
 
+- on each transceiver, the header extensions its answer names (``answer_extension``: playout-delay, which
+  aiortc does not know);
 - on each sender (``RTCRtpSender``): its encoder slot (``__encoder``) holds a
   packer that packs shared frames; ``_send_keyframe`` (PLI, FIR) goes to the
   shared encoder; ``_run_rtp`` and ``_retransmit`` are camrelay's per-frame
@@ -42,6 +44,7 @@ import aioice.ice
 import aiortc
 import aiortc.rtp
 import pylibsrtp
+from aiortc import RTCRtpHeaderExtensionParameters
 from aiortc.codecs import h264
 from aiortc.codecs.h264 import H264Decoder as AiortcH264Decoder
 from aiortc.codecs.h264 import H264Encoder as AiortcH264
@@ -232,6 +235,16 @@ SENDER_FIELDS = (
     "track", "mid", "rtp_started", "rtp_exited", "rtp_header_extensions_map", "rtx_payload_type",
     "rtx_sequence_number", "ntp_timestamp", "rtp_timestamp", "octet_count", "packet_count", "encoder",
 )  # fmt: skip
+
+
+def answer_extension(transceiver: aiortc.RTCRtpTransceiver, ext_id: int, uri: str) -> None:
+    """The answer to the offer just applied also names RTP header extension ``uri`` under the offer's ``ext_id``
+    for ``transceiver``'s media section. aiortc keeps only the extensions it knows (``mid`` and ``abs-send-time``
+    on video) in its transceiver's list, which both its answer and its sender's parameters are made from; the
+    sender ignores one it does not know (``relay.webrtc.rtpsend.add_header_extension`` sends it)."""
+    if not isinstance(getattr(transceiver, "_headerExtensions", None), list):
+        raise RuntimeError("aiortc's RTCRtpTransceiver._headerExtensions changed; camrelay's hooks need updating")
+    transceiver._headerExtensions.append(RTCRtpHeaderExtensionParameters(id=ext_id, uri=uri))
 
 
 def attach(sender: aiortc.RTCRtpSender, packer: object, request_keyframe: Callable[[], None]) -> None:

@@ -22,8 +22,8 @@ from aiortc.sdp import candidate_from_sdp
 
 from ..hub import PacketHub
 from ..status import ConsumerStats
-from . import borrowed, ice, udpbatch
-from .rtpsend import HubTrack, attach_to_sender, h264_preferences
+from . import borrowed, ice, playout, udpbatch
+from .rtpsend import HubTrack, add_header_extension, attach_to_sender, h264_preferences
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,10 @@ class ViewerSessions:
         silence: float = VIEWER_SILENCE,
         additional_hosts: tuple[str, ...] = (),
         batch: bool = True,
+        playout_delay: tuple[int, int] | None = None,
     ) -> None:
         self._hub_for = hub_for
+        self._playout_delay = playout_delay  # (min, max) ms to viewers that offer the extension; None: not sent
         self._batch = batch  # RTP through the socket batcher (relay.webrtc.udpbatch)
         self._silence = silence
         # Asked for each session (its TURN credentials are minted for it); none: host candidates only,
@@ -165,6 +167,8 @@ class ViewerSessions:
                 raise OfferRejected(f"offer could not be applied: {_reason(exc)}") from exc
             if not any(t.sender is transceiver.sender and t.mid is not None for t in pc.getTransceivers()):
                 raise OfferRejected("offer has no video section this relay can send to")
+            if self._playout_delay is not None:
+                _answer_playout_delay(transceiver, offer_sdp, self._playout_delay)
             try:
                 await pc.setLocalDescription(await pc.createAnswer())
             except OSError:
@@ -293,6 +297,15 @@ class StreamViewers:
         return ConsumerStats(
             {"viewers": self.sessions.count(self.stream), "viewers_connected": connected}, (), connected
         )
+
+
+def _answer_playout_delay(transceiver, offer: str, delay: tuple[int, int]) -> None:
+    """When the offer has the playout-delay extension on the video section (Chromium's does): the answer names it
+    and every packet carries ``delay`` (relay.webrtc.playout)."""
+    ext_id = playout.offered_id(offer, transceiver.mid)
+    if ext_id is not None:
+        borrowed.answer_extension(transceiver, ext_id, playout.URI)
+        add_header_extension(transceiver.sender, ext_id, playout.value(*delay))
 
 
 def _first_mid(pc: RTCPeerConnection) -> str | None:
