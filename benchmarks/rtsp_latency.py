@@ -50,8 +50,11 @@ def rtsp_env(rtsp_port: int, state_dir: str) -> dict[str, str]:
     }
 
 
-def start_relay(size: str, fps: float, bitrate: str, port: int, rtsp_port: int, state_dir: str) -> subprocess.Popen:
-    env = {**os.environ, **rtsp_env(rtsp_port, state_dir)}
+def start_relay(
+    size: str, fps: float, bitrate: str, port: int, rtsp_port: int, state_dir: str, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """``env``: more ``CAMRELAY_*`` settings for it."""
+    env = {**os.environ, **rtsp_env(rtsp_port, state_dir), **(env or {})}
     cmd = [
         sys.executable, "-m", "relay", "serve", "--source", f"cam0=test:{size}@{fps:g}", "--bitrate", bitrate,
         "--http-host", "127.0.0.1", "--http-port", str(port), "--ice-address", "127.0.0.1",

@@ -194,6 +194,21 @@ def list_devices(
     return devices
 
 
+# The frame rate worth asking a camera for, for latency: a 60 fps mode halves the time a frame waits for the next
+# (about 17 ms against 33 at 30). Past it, small sizes at 90-120 fps cost more encoding for a few ms.
+FAST_FPS = 60.0
+
+
+def fastest_mode(modes: list[Mode]) -> tuple[int, int, float] | None:
+    """(width, height, fps) of the largest size at the highest frame rate up to ``FAST_FPS`` any mode offers;
+    None when no mode names one."""
+    rated = [(fps, m.width * m.height, m.width, m.height) for m in modes for fps in m.fps if fps <= FAST_FPS]
+    if not rated:
+        return None
+    fps, _, width, height = max(rated)
+    return width, height, fps
+
+
 def print_devices() -> int:
     devices = list_devices()
     if not devices:
@@ -205,4 +220,7 @@ def print_devices() -> int:
             rates = ", ".join(f"{r:g}" for r in m.fps) or "?"
             print(f"    {m.width}x{m.height} @ {rates} fps")
         print(f"    use: camrelay serve --source cam0=v4l2:{d.path}")
+        if fastest := fastest_mode(d.modes):
+            width, height, fps = fastest
+            print(f"    at {fps:g} fps: camrelay serve --source 'cam0=v4l2:{d.path}#size={width}x{height}&fps={fps:g}'")
     return 0

@@ -233,6 +233,14 @@ def test_bad_values_name_the_key(toml, env, flags, message):
         ("webcam", "source 'webcam' has no kind; expected test:, v4l2:/dev/videoN, rtsp://... or file:PATH"),
         ("v4l2:", "source 'v4l2:' needs a path after v4l2:"),
         ("test:640x360@0", "frame rate '0' is outside 1..120"),
+        ("v4l2:/dev/video0#fps=0", "frame rate '0' is outside 1..120"),
+        ("v4l2:/dev/video0#fps=", "source option #fps= has no value"),
+        ("v4l2:/dev/video0#size=720p", "size '720p' is not WIDTHxHEIGHT, e.g. 1280x720"),
+        (
+            "test:#fps=60",
+            "source options #size= and #fps= are for v4l2: cameras, not test: (the test pattern takes test:WxH@FPS)",
+        ),
+        ("rtsp://cam/s#size=1280x720", "source options #size= and #fps= are for v4l2: cameras, not rtsp:"),
     ],
 )
 def test_bad_source_specs(spec, message):
@@ -260,3 +268,18 @@ def test_the_mode_comes_from_the_file_the_environment_a_flag_and_a_streams_own_s
     assert door.source.unredacted() == "rtsp://u:pw@cam/s#mode=passthrough&transport=udp"  # for its worker only
     assert parse_source_spec(door.source.unredacted()) == door.source
     assert parse_source_spec("file:/clips/a#1.mp4").target == "/clips/a#1.mp4"  # a # without = is the path's
+
+
+def test_a_v4l2_cameras_spec_selects_its_mode():
+    spec = parse_source_spec("v4l2:/dev/v4l/by-id/usb-cam-video-index0#size=1280x720&fps=60")
+    assert (spec.kind, spec.width, spec.height, spec.fps) == ("v4l2", 1280, 720, 60.0)
+    assert str(spec) == "v4l2:/dev/v4l/by-id/usb-cam-video-index0#size=1280x720&fps=60"
+    assert parse_source_spec(spec.unredacted()) == spec  # as its worker gets it
+    only_rate = parse_source_spec("v4l2:/dev/video0#fps=50&mode=transcode")
+    assert (only_rate.width, only_rate.fps, only_rate.mode) == (None, 50.0, "transcode")
+    assert parse_source_spec(str(only_rate)) == only_rate
+    # The camera's worker opens it in that mode, whatever [video] says.
+    from relay.camera.capture import V4L2Source, open_source
+
+    source = open_source(spec, 640, 360, 30.0, "cam0")
+    assert isinstance(source, V4L2Source) and (source.width, source.height, source.fps) == (1280, 720, 60.0)
