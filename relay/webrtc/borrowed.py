@@ -163,15 +163,26 @@ def _datagram_received(self: aioice.ice.StunProtocol, data: bytes | str, addr: t
     if not data:
         return  # aiortc's DTLS transport dies on an empty datagram (IndexError): never pass one on
     conn = self.receiver
-    pair = conn._nominated.get(1) if conn._nominated else None
-    if pair is None or (addr[0], addr[1]) == pair.remote_addr:
+    if _from_the_peer(conn, (addr[0], addr[1])):
         conn.camrelay_last_received = time.monotonic()
     elif data[0] > 3:
-        # Not STUN (RFC 7983: 0-3), and not from the viewer's address: once ICE
-        # has chosen a pair, DTLS and SRTP come from its remote address only.
+        # Not STUN (RFC 7983: 0-3), and not from one of the viewer's addresses: once ICE
+        # has chosen a pair, DTLS and SRTP come from the remote end of a candidate pair only.
         # Garbage sprayed at the port must neither reach DTLS nor keep a session alive.
         return
     WATCH_ICE.original(self, data, addr)
+
+
+def _from_the_peer(conn: aioice.Connection, addr: tuple) -> bool:
+    """Whether ``addr`` is the peer's: any address while ICE has chosen no pair; then the remote end of one of
+    the connection's candidate pairs (the peer's candidates from its description, and those it was learned at
+    by its authenticated checks). Not the nominated pair's alone: with two pairs or more (IPv4 and IPv6, two
+    interfaces) aioice nominates aggressively, and the two ends may settle on different pairs, the peer's DTLS
+    then coming from a pair this end did not nominate (dropped, it never connected: benchmarks.burst)."""
+    nominated = conn._nominated.get(1) if conn._nominated else None
+    if nominated is None or addr == nominated.remote_addr:
+        return True
+    return any(pair.remote_addr == addr for pair in conn._check_list)
 
 
 # Note when each ICE connection last heard from its peer (``last_heard``), and drop empty datagrams and

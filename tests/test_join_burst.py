@@ -1,0 +1,60 @@
+"""Many viewers joining at once: every one connects, from an address ICE did not nominate too."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import aioice
+from aioice.ice import CandidatePair
+
+from relay.webrtc import borrowed
+
+DTLS = b"\x17\xfe\xfd"  # what a DTLS record starts with: not STUN (RFC 7983)
+
+
+async def _connected_pair() -> tuple[aioice.Connection, aioice.Connection]:
+    """A relay's end (controlled, as for a WHEP answer) and a viewer's (controlling), each with a host
+    candidate on 127.0.0.1 and on ::1, connected."""
+    relay_end, viewer = aioice.Connection(ice_controlling=False), aioice.Connection(ice_controlling=True)
+    await asyncio.gather(relay_end.gather_candidates(), viewer.gather_candidates())
+    for near, far in ((relay_end, viewer), (viewer, relay_end)):
+        for candidate in far.local_candidates:
+            await near.add_remote_candidate(candidate)
+        await near.add_remote_candidate(None)
+        near.remote_username, near.remote_password = far.local_username, far.local_password
+    await asyncio.gather(relay_end.connect(), viewer.connect())
+    return relay_end, viewer
+
+
+async def test_data_from_a_viewers_pair_the_relay_did_not_nominate_is_taken_and_a_strangers_is_not():
+    """With two candidate pairs (IPv4 and IPv6, two interfaces) the two ends can settle on different pairs:
+    aioice nominates aggressively. The viewer's DTLS then comes from the remote end of a pair the relay did not
+    nominate; dropping it as a stranger's left one session in a 30-viewer burst never connected."""
+    held = [borrowed.WATCH_ICE.hold(), borrowed.restrict_host_addresses(["127.0.0.1", "::1"])]
+    relay_end, viewer = await _connected_pair()
+    stranger = None
+    try:
+        nominated = relay_end._nominated[1]
+        # The viewer's other pair: its candidate and the relay's of the other address family.
+        mine = next(p for p in viewer._protocols if p.local_candidate.host != nominated.remote_addr[0])
+        theirs = next(c for c in relay_end.local_candidates if c.host == mine.local_candidate.host)
+        other = CandidatePair(mine, next(c for c in viewer.remote_candidates if c.host == theirs.host))
+        # An authenticated check on it, as a viewer that settled there sends; no nomination: the relay keeps
+        # the pair it nominated, whatever its own checks do meanwhile.
+        await mine.request(
+            viewer.build_request(other, nominate=False), other.remote_addr, viewer.remote_password.encode()
+        )
+        assert relay_end._nominated[1] is nominated
+        to = other.remote_addr
+        stranger = socket.socket(socket.AF_INET6 if ":" in to[0] else socket.AF_INET, socket.SOCK_DGRAM)
+        stranger.sendto(DTLS + b" from a stranger", to)  # first: dropped, so the viewer's is the next taken
+        mine.transport.sendto(DTLS + b" from the viewer", to)
+        async with asyncio.timeout(10):
+            assert await relay_end.recv() == DTLS + b" from the viewer"
+    finally:
+        if stranger is not None:
+            stranger.close()
+        await asyncio.gather(relay_end.close(), viewer.close())
+        for release in held:
+            release()
