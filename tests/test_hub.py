@@ -52,7 +52,8 @@ async def test_lagging_subscriber_drops_backlog_and_resumes_at_next_keyframe():
     # overflowed the queue, frames 4..9 were skipped, and it resumed exactly at
     # the keyframe of the next GOP.
     assert slow.dropped == 4 + 6 and slow.resyncs == 1
-    assert req.count == 2 + 1  # two joins, one resync
+    # Asked of the encoder: one for both joins (the second came while the first's was on its way), one resync.
+    assert req.count == 1 + 1 and hub.keyframe_requests_merged == 1
     got_slow = [slow.get_nowait().pts for _ in range(len(slow))]
     assert got_slow == [f.pts for f in gop(10, 4)]
     assert hub.dropped == 10
@@ -350,3 +351,50 @@ async def test_a_push_that_raises_never_reaches_the_publish_nor_the_other_subscr
     ]
     await _publish_apart(hub, [frame(1)])
     assert len(failing) == 1 and len(other) == 2
+
+
+WINDOW = 0.5  # a stream's share window: the encoder's limit on forced IDRs (relay.ipc.KEYFRAME_MIN_INTERVAL)
+
+
+async def test_joiners_within_the_window_of_a_keyframe_share_it_and_read_on_from_it():
+    import time
+
+    req = Requests()
+    hub = PacketHub("cam0", req, share_window=WINDOW)  # a stream that forces keyframes for joiners
+    first = hub.subscribe("first")  # nothing to share yet: asks
+    assert (req.count, hub.keyframe_requests) == (1, 1)
+    now = time.time()
+    for f in gop(10, 4):  # the keyframe asked for, and three frames after it, all just now
+        hub.publish(f, now=now)
+    later = [hub.subscribe(f"later{i}") for i in range(5)]  # within the window: no request, each from the keyframe
+    assert (req.count, hub.keyframe_shares, hub.cache_starts) == (1, 5, 5)
+    for sub in (first, *later):
+        assert [(await sub.get()).pts for _ in range(4)] == [f.pts for f in gop(10, 4)]
+    hub.publish(frame(14), now=now)
+    assert [(await sub.get()).pts for sub in later] == [14 * 3000] * 5  # caught up: live
+    # A keyframe older than the window is not shared: the encoder may force another at once.
+    stale = PacketHub("cam1", req, share_window=WINDOW)
+    stale.publish(frame(20, key=True), now=time.time() - 2 * WINDOW)
+    stale.subscribe("late")
+    assert (req.count, stale.keyframe_shares) == (2, 0)
+
+
+def test_a_keyframe_asked_for_is_asked_once_until_a_keyframe_comes():
+    req = Requests()
+    hub = PacketHub("cam0", req, share_window=WINDOW)
+    subs = [hub.subscribe(f"joiner{i}") for i in range(10)]  # together, before any keyframe
+    assert (req.count, hub.keyframe_requests, hub.keyframe_requests_merged) == (1, 1, 9)
+    hub.request_keyframe()  # a PLI meanwhile: the keyframe on its way answers it too
+    assert req.count == 1
+    hub.publish(frame(1, key=True))  # it came: every joiner starts there
+    assert all(sub.get_nowait().keyframe for sub in subs)
+    hub.request_keyframe()  # a later PLI asks anew
+    assert (req.count, hub.keyframe_requests) == (2, 2)
+
+
+def test_without_a_share_window_every_join_asks():
+    req = Requests()
+    hub = PacketHub("cam0", req)
+    hub.publish(frame(1, key=True))
+    hub.subscribe("a")
+    assert (req.count, hub.keyframe_shares) == (1, 0) and hub.gop.frames == []  # nothing kept

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import socket
 
 import aioice
+import pytest
 from aioice.ice import CandidatePair
 
+from relay.ipc import KEYFRAME_MIN_INTERVAL
 from relay.webrtc import borrowed
+from relay.webrtc.whepclient import WhepViewer
+
+from .conftest import EncodedFrames, RunningRelay, capture_ms
+
+FRAMES = 5  # each joiner's first pictures: decoded, each a frame the relay encoded
 
 DTLS = b"\x17\xfe\xfd"  # what a DTLS record starts with: not STUN (RFC 7983)
 
@@ -58,3 +67,45 @@ async def test_data_from_a_viewers_pair_the_relay_did_not_nominate_is_taken_and_
         await asyncio.gather(relay_end.close(), viewer.close())
         for release in held:
             release()
+
+
+JOINERS = 10
+# A subscriber's line as it joins (relay/hub.py): how it gets its first keyframe.
+JOINED = re.compile(r"stream=cam0 subscriber=(\S+) (shares the keyframe|waits for the keyframe|asks for a keyframe)")
+
+
+def windows_needed(times: list[float], window: float) -> int:
+    """How many windows of ``window`` seconds, each starting at a time not yet covered, cover ``times``: the most
+    keyframes a stream should force for joiners at those times, one per window."""
+    count, end = 0, float("-inf")
+    for t in sorted(times):
+        if t > end:
+            count, end = count + 1, t + window
+    return count
+
+
+@pytest.mark.relay_config(keyframe_interval=60.0)  # no regular keyframe during the test: every one is forced
+async def test_viewers_joining_at_once_all_decode_from_keyframes_forced_at_most_one_a_window(
+    relay_server: RunningRelay, http, caplog
+):
+    caplog.set_level(logging.INFO, logger="relay.hub")
+    stream = relay_server.relay.streams["cam0"]
+    viewers = [WhepViewer(relay_server.whep(), http) for _ in range(JOINERS)]
+    try:
+        with EncodedFrames(stream) as encoded:
+            await asyncio.gather(*(v.connect() for v in viewers))
+            reads = await asyncio.gather(*(v.read_frames(FRAMES) for v in viewers))
+            keyframes, clocks = encoded.keyframes, encoded.clocks
+    finally:
+        await asyncio.gather(*(v.close() for v in viewers))
+    joins = [(r.created, m[1], m[2]) for r in caplog.records if (m := JOINED.search(r.getMessage()))]
+    assert len(joins) == JOINERS + 1, joins  # the viewers and the test's tap, each once
+    for samples in reads:
+        shown = [capture_ms(s) for s in samples]
+        assert None not in shown and set(shown) <= set(clocks)
+        assert shown[0] in keyframes, "a joiner's first picture is not a keyframe the relay encoded"
+    # Every keyframe of the test was forced for a join (the GOP is 60 s): at most one per window of joins.
+    bound = windows_needed([t for t, _, _ in joins], KEYFRAME_MIN_INTERVAL)
+    assert len(keyframes) <= bound, (sorted(keyframes), joins)
+    asked = [name for _, name, how in joins if how == "asks for a keyframe"]
+    assert len(asked) <= bound, joins
