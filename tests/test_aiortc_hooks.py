@@ -253,3 +253,15 @@ def test_answer_extension_refuses_a_transceiver_without_the_list():
 
     with pytest.raises(RuntimeError, match="_headerExtensions changed"):
         borrowed.answer_extension(Bare(), 5, "urn:x")  # type: ignore[arg-type]
+
+
+def test_a_peer_connection_takes_its_certificate_from_its_modules_name_and_dtls_its_context_from_it():
+    """``borrowed.SHARED_CERTIFICATE`` replaces ``aiortc.rtcpeerconnection.RTCCertificate``; its instances
+    keep their OpenSSL context."""
+    import inspect
+
+    import aiortc.rtcdtlstransport
+    import aiortc.rtcpeerconnection
+
+    assert "RTCCertificate.generateCertificate()" in inspect.getsource(aiortc.rtcpeerconnection.RTCPeerConnection)
+    assert "._create_ssl_context(" in inspect.getsource(aiortc.rtcdtlstransport.RTCDtlsTransport)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import re
 import socket
+import unittest.mock
 
 import aioice
+import aiortc.rtcdtlstransport
+import aiortc.rtcpeerconnection
 import pytest
 from aioice.ice import CandidatePair
 
@@ -109,3 +113,23 @@ async def test_viewers_joining_at_once_all_decode_from_keyframes_forced_at_most_
     assert len(keyframes) <= bound, (sorted(keyframes), joins)
     asked = [name for _, name, how in joins if how == "asks for a keyframe"]
     assert len(asked) <= bound, joins
+    # They were answered with one DTLS certificate: none was made for each of them.
+    fingerprints = {re.search(r"^a=fingerprint:sha-256 (\S+)", v.answer, re.M)[1] for v in viewers}
+    assert len(fingerprints) == 1, fingerprints
+
+
+def test_the_shared_certificate_is_renewed_a_day_before_it_expires():
+    held = borrowed.SHARED_CERTIFICATE.hold()
+    try:
+        first = aiortc.rtcpeerconnection.RTCCertificate.generateCertificate()
+        assert aiortc.rtcpeerconnection.RTCCertificate.generateCertificate() is first
+        profiles = aiortc.rtcdtlstransport.SRTP_PROFILES
+        contexts = first._create_ssl_context(profiles), first._create_ssl_context(list(profiles))
+        assert contexts[0] is contexts[1]  # one OpenSSL context per certificate, not one per DTLS transport
+        soon = datetime.datetime.now(tz=datetime.UTC) + borrowed.CERTIFICATE_RENEW / 2
+        with unittest.mock.patch.object(type(first), "expires", new=soon):
+            renewed = aiortc.rtcpeerconnection.RTCCertificate.generateCertificate()
+        assert renewed is not first and renewed.getFingerprints() != first.getFingerprints()
+    finally:
+        held()
+    assert aiortc.rtcpeerconnection.RTCCertificate is aiortc.RTCCertificate  # released: aiortc's own again

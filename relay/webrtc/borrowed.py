@@ -14,6 +14,7 @@ them here, so an upgrade that moves one breaks this module alone (and
   fields through ``SenderFields``;
 - aiortc's H.264 packetizer, with FU-A fragments all full-size but the last
   (``packetize``);
+- process-wide, one DTLS certificate and OpenSSL context for every peer connection (``SHARED_CERTIFICATE``);
 - process-wide, on aioice's module and its socket protocol, each a ``Patch``
   held by whoever needs it and removed when the last holder lets go: the
   host addresses ICE gathers on (``restrict_host_addresses``), a watch on what
@@ -33,6 +34,7 @@ others with a message naming both.
 from __future__ import annotations
 
 import collections
+import datetime
 import re
 import time
 import types
@@ -42,9 +44,10 @@ from typing import Any
 import aioice
 import aioice.ice
 import aiortc
+import aiortc.rtcpeerconnection
 import aiortc.rtp
 import pylibsrtp
-from aiortc import RTCRtpHeaderExtensionParameters
+from aiortc import RTCCertificate, RTCRtpHeaderExtensionParameters
 from aiortc.codecs import h264
 from aiortc.codecs.h264 import H264Decoder as AiortcH264Decoder
 from aiortc.codecs.h264 import H264Encoder as AiortcH264
@@ -125,6 +128,37 @@ class Patch:
 # 101, which that offer gives to VP9's RTX: Chromium gets packets and assembles no frame
 # (tests/test_passthrough.py::test_chromium_decodes_a_passed_through_high_profile_camera).
 OFFERED_PAYLOAD_TYPES = Patch(aiortc.rtp, "DYNAMIC_PAYLOAD_TYPES", frozenset(range(35, 64)) | frozenset(range(96, 128)))
+
+
+# aiortc makes every peer connection a DTLS certificate of its own (an EC key, a signed X.509: ~3 ms of the event
+# loop) and every DTLS transport an OpenSSL context from it (~1.5 ms): thirty viewers joining at once were 150 ms
+# of the loop that feeds the viewers already watching. The relay's sessions share one certificate (what a
+# session's answer says is its fingerprint, the same for all, as a browser's persisted certificate is), and its
+# context, renewed a day before aiortc's 30 days run out.
+CERTIFICATE_RENEW = datetime.timedelta(days=1)
+
+
+class _SharedCertificate(RTCCertificate):
+    _current: RTCCertificate | None = None
+
+    @classmethod
+    def generateCertificate(cls):  # aiortc's name
+        current = cls._current
+        now = datetime.datetime.now(tz=datetime.UTC)
+        if current is None or current.expires - now < CERTIFICATE_RENEW:
+            current = cls._current = super().generateCertificate()
+        return current
+
+    def _create_ssl_context(self, srtp_profiles):
+        contexts = self.__dict__.setdefault("camrelay_contexts", {})
+        key = tuple(srtp_profiles)
+        if key not in contexts:
+            contexts[key] = super()._create_ssl_context(srtp_profiles)
+        return contexts[key]
+
+
+# Peer connections made while held (the relay's sessions, its WHIP publishers) share one DTLS certificate.
+SHARED_CERTIFICATE = Patch(aiortc.rtcpeerconnection, "RTCCertificate", _SharedCertificate)
 
 
 _host_addresses: collections.Counter[str] = collections.Counter()  # every holder's, in the order first held

@@ -47,13 +47,15 @@ def process_patches(ice_addresses: tuple[str, ...] = (), batch: bool = True):
     """The process-wide patches of aioice and aiortc a relay needs, held while it runs
     (``relay.webrtc.borrowed.Patch``): host candidates only on ``ice_addresses`` (none: every interface), the
     watch on what each connection hears, the payload types an answer keeps from the offer (Chromium's 35-63
-    too), and (``batch``) aioice's own sends through the socket batcher. Relays in one process share them:
-    the addresses of all that name some, batching while any wants it."""
+    too), one DTLS certificate for every session, and (``batch``) aioice's own sends through the socket
+    batcher. Relays in one process share them: the addresses of all that name some, batching while any wants
+    it."""
     with contextlib.ExitStack() as held:
         if ice_addresses:
             held.callback(borrowed.restrict_host_addresses(ice_addresses))
         held.callback(borrowed.WATCH_ICE.hold())
         held.callback(borrowed.OFFERED_PAYLOAD_TYPES.hold())
+        held.callback(borrowed.SHARED_CERTIFICATE.hold())
         if batch:
             held.callback(udpbatch.PATCH.hold())
         yield
