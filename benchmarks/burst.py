@@ -75,7 +75,7 @@ def join_worker(plan: JoinPlan, ready: mp.Queue, at, results: mp.Queue) -> None:
         out = asyncio.run(_joiners(plan, ready, at))
     except Exception as exc:  # report, never hang the parent
         ready.put("error")
-        out = [asdict(JoinerResult(error=f"worker: {type(exc).__name__}: {exc}"))] * plan.count
+        out = [asdict(JoinerResult(error=f"worker: {type(exc).__name__}: {exc}"))] * plan.count, 0.0
     results.put(out)
 
 
@@ -125,7 +125,8 @@ class _Joiner:
             self.decoder = None  # one picture is all a joiner decodes: thirty decoders would be the load
 
 
-async def _joiners(plan: JoinPlan, ready: mp.Queue, at) -> list[dict]:
+async def _joiners(plan: JoinPlan, ready: mp.Queue, at) -> tuple[list[dict], float]:
+    """Its joiners' results, and the CPU time (s) this process took from their offers to their first pictures."""
     import aiohttp
 
     from relay.webrtc.borrowed import divert_decrypted_rtp, restrict_host_addresses
@@ -144,14 +145,16 @@ async def _joiners(plan: JoinPlan, ready: mp.Queue, at) -> list[dict]:
             while not at.value:
                 await asyncio.sleep(POLL)
             await asyncio.sleep(max(0.0, at.value - time.time()))
+            cpu = time.process_time()
             results = await asyncio.gather(
                 *(_join(v, j, plan, by_transport) for v, j in zip(viewers, joiners, strict=True))
             )
+            cpu = time.process_time() - cpu
             await asyncio.sleep(plan.hold)
             for joiner, result in zip(joiners, results, strict=True):
                 result.frames_after = joiner.units
             await asyncio.gather(*(v.close() for v in viewers), return_exceptions=True)
-            return [asdict(r) for r in results]
+            return [asdict(r) for r in results], cpu
     finally:
         for undo in release:
             undo()
@@ -196,6 +199,13 @@ class Relay:
     def whep(self) -> str:
         return f"http://127.0.0.1:{self.port}/whep/cam0"
 
+    def cpu_seconds(self) -> float:
+        """CPU time of the relay process and its children (the camera's worker, mediamtx if any)."""
+        import psutil
+
+        main = psutil.Process(self.proc.pid)
+        return sum(sum(p.cpu_times()[:2]) for p in (main, *main.children(recursive=True)))
+
     def stream(self) -> dict:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/v1/streams", timeout=5) as r:
             return json.load(r)["streams"][0]
@@ -234,6 +244,8 @@ class Repeat:
     window_s: float = 0.0
     watchers: list[dict] = field(default_factory=list)
     fanout_ms: dict = field(default_factory=dict)  # the relay's own hub-to-sender delays, read after the burst
+    relay_cpu_s: float = 0.0  # the relay process and its camera worker, from the offers to the joiners' leaving
+    joiners_cpu_s: float = 0.0  # the joiners' processes, from their offers to their first pictures
 
 
 def run_repeat(args: argparse.Namespace, relay: Relay, ctx) -> Repeat:
@@ -263,17 +275,21 @@ def run_repeat(args: argparse.Namespace, relay: Relay, ctx) -> Repeat:
     start.set()  # the watchers' measuring: their usual latency first
     time.sleep(args.baseline)
     before = relay.stream()["keyframes_forced"]
+    relay_cpu = relay.cpu_seconds()
     at.value = time.time() + LEAD
     print(f"joiners offer at {at.value:.3f} (relay pid {relay.proc.pid})", flush=True)  # e.g. to profile it then
     out = Repeat()
     for _ in workers:
-        out.joiners.extend(joined.get(timeout=args.give_up + args.hold + 60))
+        joiners_of_worker, cpu = joined.get(timeout=args.give_up + args.hold + 60)
+        out.joiners.extend(joiners_of_worker)
+        out.joiners_cpu_s += cpu
     posted = min(j["posted"] for j in out.joiners if j["posted"]) if any(j["posted"] for j in out.joiners) else at.value
     firsts = [j["posted"] + j["first_picture_ms"] / 1000 for j in out.joiners if j["first_picture_ms"] is not None]
     end = max(firsts) if len(firsts) == joiners else posted + args.give_up
     out.window_s = end - posted
     # The forced IDRs are read after the joiners left: the count covers the window and the hold after it, when
     # nothing joins (a lagging viewer's resync would ask too, and would be counted).
+    out.relay_cpu_s = relay.cpu_seconds() - relay_cpu  # to the joiners' leaving: the burst and the hold
     out.forced = relay.stream()["keyframes_forced"] - before
     out.fanout_ms = relay.stream()["fanout_delay_ms"]
     for p in workers:
@@ -338,6 +354,8 @@ def summarise(repeat: Repeat, joiners: int) -> dict:
         "window_s": round(repeat.window_s, 2),
         "forced_per_s": round(repeat.forced / max(1.0, repeat.window_s), 2),
         "fanout_ms": repeat.fanout_ms,
+        "relay_cpu_s": round(repeat.relay_cpu_s, 2),
+        "joiners_cpu_s": round(repeat.joiners_cpu_s, 2),
         "watchers": repeat.watchers,
     }
 

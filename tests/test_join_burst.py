@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import logging
 import re
@@ -15,11 +16,14 @@ import aiortc.rtcpeerconnection
 import pytest
 from aioice.ice import CandidatePair
 
+from relay.config import IceServer
 from relay.ipc import KEYFRAME_MIN_INTERVAL
 from relay.webrtc import borrowed
+from relay.webrtc.sessions import SETUP_CONCURRENCY
 from relay.webrtc.whepclient import WhepViewer
 
-from .conftest import EncodedFrames, RunningRelay, capture_ms
+from .conftest import EncodedFrames, RunningRelay, capture_ms, make_config, start_relay
+from .stun import stun_server
 
 FRAMES = 5  # each joiner's first pictures: decoded, each a frame the relay encoded
 
@@ -133,3 +137,29 @@ def test_the_shared_certificate_is_renewed_a_day_before_it_expires():
     finally:
         held()
     assert aiortc.rtcpeerconnection.RTCCertificate is aiortc.RTCCertificate  # released: aiortc's own again
+
+
+async def test_offers_gather_at_once_while_a_stun_server_keeps_them_waiting(http):
+    """aiortc's work on an offer is done a few offers at a time (sessions.SETUP_CONCURRENCY), but not ICE
+    gathering: a slow STUN server holds every answer, and must not hold them one after the other."""
+    answering = asyncio.Event()
+    offers = SETUP_CONCURRENCY + 2
+    async with stun_server(answering=answering) as (server, url):
+        config = make_config()
+        config = dataclasses.replace(
+            config, webrtc=dataclasses.replace(config.webrtc, ice_servers=(IceServer((url,)),))
+        )
+        runner, relay = await start_relay(config)
+        viewers = [WhepViewer(relay.whep(), http) for _ in range(offers)]
+        try:
+            connecting = [asyncio.create_task(v.connect()) for v in viewers]
+            async with asyncio.timeout(30):
+                while len(server.clients) < offers:  # each session gathers from a socket of its own
+                    await asyncio.sleep(0.01)
+            assert not any(task.done() for task in connecting), "an answer came before its gathering was done"
+            answering.set()
+            await asyncio.gather(*connecting)
+            await asyncio.gather(*(v.read_frames(1) for v in viewers))
+        finally:
+            await asyncio.gather(*(v.close() for v in viewers))
+            await runner.cleanup()
