@@ -2,6 +2,7 @@
 
     python -m benchmarks.browser_latency --duration 20 --repeats 3 --size 1280x720 --fps 30 --bitrate 2M
     python -m benchmarks.browser_latency --systems camrelay --playout-delays off,0:0,0:100,0:500 --repeats 3
+    python -m benchmarks.browser_latency --systems camrelay --relay-dir /tmp/camrelay-main   # another checkout's
 
 Each repeat, for each ``--playout-delays`` value (camrelay's ``[webrtc] playout_delay``; "default": as
 configured), starts camrelay with the test pattern and RTSP on (its private mediamtx), and a second mediamtx
@@ -130,7 +131,7 @@ async def run(args: argparse.Namespace) -> list[dict]:
         for repeat in range(args.repeats):
             for setting in args.playout_delays:
                 ref = await asyncio.to_thread(
-                    mediamtx_whep.start, args.size, args.fps, args.bitrate, None, playout_env(setting)
+                    mediamtx_whep.start, args.size, args.fps, args.bitrate, None, playout_env(setting), args.relay_dir
                 )
                 try:
                     for system in args.systems:
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         default="default",
         help='camrelay\'s [webrtc] playout_delay per setting, comma-separated: "default", "off" or MIN:MAX in ms',
     )
+    ap.add_argument("--relay-dir", default="", help="run camrelay (and its page) from this checkout")
     ap.add_argument("--out", help="write <out>.json")
     add_stream_options(ap)
     args = ap.parse_args(argv)

@@ -97,13 +97,18 @@ class Reference:
 
 
 def start(
-    size: str, fps: float, bitrate: str, http_port: int | None = None, env: dict[str, str] | None = None
+    size: str,
+    fps: float,
+    bitrate: str,
+    http_port: int | None = None,
+    env: dict[str, str] | None = None,
+    relay_dir: str = "",
 ) -> Reference:
-    """``env``: more settings for camrelay (``CAMRELAY_*``)."""
+    """``env``: more settings for camrelay (``CAMRELAY_*``); ``relay_dir``: camrelay from that checkout."""
     workdir = tempfile.TemporaryDirectory(prefix="camrelay-bench-mediamtx-")
     rtsp_port, camrelay_port = free_port(), free_port()
     try:
-        camrelay = start_camrelay(size, fps, bitrate, camrelay_port, rtsp_port, workdir.name, env)
+        camrelay = start_camrelay(size, fps, bitrate, camrelay_port, rtsp_port, workdir.name, env, relay_dir)
     except BaseException:
         workdir.cleanup()
         raise
