@@ -217,7 +217,7 @@ def start_relay(args: argparse.Namespace) -> Relay:
     cmd += [arg for address in args.ice_addresses[1:] for arg in ("--ice-address", address)]
     env = {**os.environ, **CAMRELAY_LOAD_ENV, "CAMRELAY_VIDEO_KEYFRAME_INTERVAL": f"{args.gop:g}"}
     if args.relay_dir:
-        env["PYTHONPATH"] = args.relay_dir
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (args.relay_dir, env.get("PYTHONPATH", "")) if p)
     proc = subprocess.Popen(cmd, env=env, cwd=args.relay_dir or None)
     relay = Relay(proc, port)
     deadline = time.monotonic() + START_TIMEOUT

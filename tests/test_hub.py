@@ -398,3 +398,20 @@ def test_without_a_share_window_every_join_asks():
     hub.publish(frame(1, key=True))
     hub.subscribe("a")
     assert (req.count, hub.keyframe_shares) == (1, 0) and hub.gop.frames == []  # nothing kept
+
+
+async def test_a_joiner_sharing_a_keyframe_goes_on_from_the_next_one_if_it_comes_while_it_catches_up():
+    import time
+
+    req = Requests()
+    hub = PacketHub("cam0", req, share_window=WINDOW, max_frames=4)
+    now = time.time()
+    for f in gop(0, 6):
+        hub.publish(f, now=now)
+    sub = hub.subscribe("joiner")  # shares keyframe 0: six frames behind
+    assert [(await sub.get()).pts for _ in range(2)] == [0, 3000]
+    for f in gop(6, 8):  # the next GOP while it is still four frames behind in the first: more than its queue holds
+        hub.publish(f, now=now)
+    got = [(await sub.get()).pts for _ in range(8)]
+    assert got == [f.pts for f in gop(6, 8)]  # on from the new keyframe, every frame of it
+    assert (sub.dropped, sub.resyncs, req.count) == (0, 0, 0), "it lagged, and a keyframe was forced for it"
