@@ -319,16 +319,15 @@ class Subscription:
         """The hub's cache let go of ``old`` (a keyframe began a new GOP, or it went over a cap): a subscriber
         still reading it keeps the rest in its queue if that fits; else a new GOP is read from its keyframe,
         and an over-cap one is waited out (its next keyframe). A joiner that shares a keyframe (a stream that
-        forces them: ``PacketHub.share_window``) goes on from the new keyframe: nearer live, and the rest of
-        the old GOP in its queue could overflow it, dropped and a keyframe forced for it, while it catches up."""
+        forces them: ``PacketHub.share_window``) keeps the rest only while it is under half its queue: further
+        behind, queued, the rest overflowed its queue as it caught up on a busy event loop (dropped, and a
+        keyframe forced for it), and the new keyframe is nearer live."""
         if self._cursor is None:
             return
         rest = old[self._cursor :]
         self._cursor = None
-        if event == GopCache.RESET and not self._hub.caching:
-            self._cursor = 0  # the new keyframe, being published: the old GOP's rest is skipped, not lost to lag
-            return
-        if len(rest) < self.max_frames:  # room for the frame coming too: no gap
+        room = self.max_frames if self._hub.caching else self.max_frames // 2
+        if len(rest) < room:  # room for the frame coming too: no gap
             self._queue.extend(rest)
             return
         self._count_drops(len(rest))

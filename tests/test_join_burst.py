@@ -19,7 +19,6 @@ from aioice.ice import CandidatePair
 from relay.config import IceServer
 from relay.ipc import KEYFRAME_MIN_INTERVAL
 from relay.webrtc import borrowed
-from relay.webrtc.sessions import SETUP_CONCURRENCY
 from relay.webrtc.whepclient import WhepViewer
 
 from .conftest import EncodedFrames, RunningRelay, capture_ms, make_config, start_relay
@@ -140,10 +139,10 @@ def test_the_shared_certificate_is_renewed_a_day_before_it_expires():
 
 
 async def test_offers_gather_at_once_while_a_stun_server_keeps_them_waiting(http):
-    """aiortc's work on an offer is done a few offers at a time (sessions.SETUP_CONCURRENCY), but not ICE
-    gathering: a slow STUN server holds every answer, and must not hold them one after the other."""
+    """A slow STUN server holds every answer (the relay gathers with the ICE servers it hands its viewers), and
+    must not hold them one after the other: offers that come together are answered together."""
     answering = asyncio.Event()
-    offers = SETUP_CONCURRENCY + 2
+    offers = 4
     async with stun_server(answering=answering) as (server, url):
         config = make_config()
         config = dataclasses.replace(

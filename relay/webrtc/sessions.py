@@ -40,12 +40,6 @@ CONNECT_TIMEOUT = 15.0
 # while still sending its reports.
 VIEWER_SILENCE = 10.0  # seconds without a datagram from a connected viewer
 LIVENESS_CHECK = 2.0  # seconds between looks
-# Offers aiortc works on at once (its SDP, its transceiver, the answer: a few steps of ~1-3 ms of the event
-# loop each); the rest wait their turn. Thirty at once advanced in lockstep, every pass of the loop running a
-# step of each: a timer standing for the next frame of the viewers already watching waited up to 230 ms
-# behind them (2 at a time: 30-60 ms on this busy 2-core machine). ICE gathering is not held to it: it may wait
-# for a STUN or TURN server.
-SETUP_CONCURRENCY = 2
 
 
 @contextlib.contextmanager
@@ -115,7 +109,6 @@ class ViewerSessions:
         # Sessions between an offer and its answer. Counted from create()'s first line, before any
         # await: the limits checked just before it then hold for offers that arrive all at once.
         self._creating: set[ViewerSession] = set()
-        self._setups = asyncio.Semaphore(SETUP_CONCURRENCY)
         self._closing: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
@@ -165,27 +158,21 @@ class ViewerSessions:
         """Apply the offer and return the answer; on any failure the peer connection is closed."""
         pc, track = session.pc, session.track
         try:
-            async with self._setups:  # aiortc's work on the offer, a few offers at a time (SETUP_CONCURRENCY)
-                transceiver = pc.addTransceiver(track, direction="sendonly")
-                # Browsers list VP8 first; without this the H.264 bytes would go
-                # out labelled as whatever the offer preferred.
-                transceiver.setCodecPreferences(h264_preferences())
-                attach_to_sender(transceiver.sender, hub, self._batch)
-                try:
-                    await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
-                except Exception as exc:  # aiortc's parser raises ValueError, AssertionError, KeyError, ...
-                    raise OfferRejected(f"offer could not be applied: {_reason(exc)}") from exc
-                if not any(t.sender is transceiver.sender and t.mid is not None for t in pc.getTransceivers()):
-                    raise OfferRejected("offer has no video section this relay can send to")
-                if self._playout_delay is not None:
-                    _answer_playout_delay(transceiver, offer_sdp, self._playout_delay)
-                try:
-                    answer = await pc.createAnswer()
-                except Exception as exc:  # offers aiortc accepted but cannot answer (tests/test_fuzz_whep.py)
-                    raise OfferRejected(f"offer could not be answered: {_reason(exc)}") from exc
+            transceiver = pc.addTransceiver(track, direction="sendonly")
+            # Browsers list VP8 first; without this the H.264 bytes would go
+            # out labelled as whatever the offer preferred.
+            transceiver.setCodecPreferences(h264_preferences())
+            attach_to_sender(transceiver.sender, hub, self._batch)
             try:
-                # ICE gathering, which may wait for a STUN or TURN server: not holding a turn.
-                await pc.setLocalDescription(answer)
+                await pc.setRemoteDescription(RTCSessionDescription(sdp=offer_sdp, type="offer"))
+            except Exception as exc:  # aiortc's parser raises ValueError, AssertionError, KeyError, ...
+                raise OfferRejected(f"offer could not be applied: {_reason(exc)}") from exc
+            if not any(t.sender is transceiver.sender and t.mid is not None for t in pc.getTransceivers()):
+                raise OfferRejected("offer has no video section this relay can send to")
+            if self._playout_delay is not None:
+                _answer_playout_delay(transceiver, offer_sdp, self._playout_delay)
+            try:
+                await pc.setLocalDescription(await pc.createAnswer())
             except OSError:
                 raise  # ICE could not bind: our problem, not the offer's
             except Exception as exc:  # offers aiortc accepted but cannot answer (found by tests/test_fuzz_whep.py)
