@@ -49,23 +49,15 @@ def measure(width: int, height: int, fps: float, bitrate: int, frames: int, repe
     pictures = [
         av.VideoFrame.from_ndarray(renderer.planes(round(i * 1000 / fps)), format="yuv420p") for i in range(frames)
     ]
-    encoder = H264Encoder(EncoderSettings(bitrate, fps, 1.0, "libx264"))
-    opened = encoder._open
 
-    def open_with_extra(w: int, h: int, pix_fmt: str) -> None:
-        opened(w, h, pix_fmt)
-        if extra:  # reopened with the variant's setting appended to camrelay's x264-params
-            ctx = encoder._ctx
-            options = dict(ctx.options)
-            options["x264-params"] = f"{options['x264-params']}:{extra}"
-            fresh = av.CodecContext.create("libx264", "w")
-            for key in ("width", "height", "pix_fmt", "time_base", "framerate", "bit_rate", "gop_size", "max_b_frames"):
-                setattr(fresh, key, getattr(ctx, key))
-            fresh.options = options
-            fresh.open()
-            encoder._ctx = fresh
+    class Variant(H264Encoder):
+        def libx264_options(self, w: int, h: int) -> dict[str, str]:
+            options = super().libx264_options(w, h)
+            if extra:  # after camrelay's own: x264 takes the last of a repeated key
+                options["x264-params"] += f":{extra}"
+            return options
 
-    encoder._open = open_with_extra
+    encoder = Variant(EncoderSettings(bitrate, fps, 1.0, "libx264"))
     times, keyframes, others = [], [], []
     for repeat in range(repeats):
         for i, picture in enumerate(pictures):
