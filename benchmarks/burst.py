@@ -13,12 +13,12 @@ before its POST: the answer, ICE+DTLS connected, the first decoded picture (and 
 clock); one that is not connected with a picture within ``--give-up`` seconds counts as failed, with the reason.
 After ``--hold`` seconds of watching, the joiners leave; the next repeat starts after ``--settle``.
 
-For the relay: the forced IDRs it reports (``keyframes_forced``) from the first POST to the last first picture,
-and per second of that window. For the watchers: their latency before the burst (their usual) against while the
-others joined (from the first POST to the last joiner's first picture), and how many of their frames came more
-than two frame intervals later than their usual median. Results go to stdout, and with ``--out`` to
-``<out>.json``.
-"""
+For the relay: the forced IDRs it reports (``keyframes_forced``) from the first POST to the last first picture, and
+per second of that window; how late its event loop ran a 5 ms timer before and during the burst
+(``benchmarks/looplag``, put on its PYTHONPATH); its CPU time. For the watchers: their latency before the burst
+(their usual) against while the others joined (from the first POST to the last joiner's first picture), and how many
+of their frames came more than two frame intervals later than their usual median. Results go to stdout, and with
+``--out`` to ``<out>.json``."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,8 @@ from benchmarks.options import add_stream_options, run_facts
 from benchmarks.peers import PEERS_PER_WORKER, percentile
 from benchmarks.ports import free_port
 
+LOOP_LAG_PROBE = Path(__file__).resolve().parent / "looplag"  # on the relay's PYTHONPATH
+LOOP_LAG_ENV = "CAMRELAY_BENCH_LOOP_LAG"  # where it writes (benchmarks/looplag/sitecustomize.py)
 START_TIMEOUT = 30.0  # seconds for the relay to encode its first frame
 READY_TIMEOUT = 60.0  # seconds for the watchers to have their first picture
 LEAD = 1.0  # seconds between telling the joiners' workers when to start and that instant: all are waiting by then
@@ -194,6 +197,20 @@ async def _join(viewer, joiner: _Joiner, plan: JoinPlan, by_transport: dict) -> 
 class Relay:
     proc: subprocess.Popen
     port: int
+    loop_lag_file: str = ""  # benchmarks/looplag's record of how late its event loop ran a 5 ms timer
+
+    def loop_lag(self, start: float, end: float) -> dict:
+        """How late the relay's event loop ran its probe's timer between ``start`` and ``end`` (wall clock)."""
+        try:
+            lines = Path(self.loop_lag_file).read_text().splitlines()
+        except OSError:
+            return {}
+        lags = [float(ms) for t, ms in (line.split() for line in lines) if start <= float(t) <= end]
+        return {
+            "samples": len(lags),
+            **{f"p{p}": _r(percentile(lags, p)) for p in (50, 95)},
+            "max": _r(max(lags, default=None)),
+        }
 
     @property
     def whep(self) -> str:
@@ -215,11 +232,16 @@ def start_relay(args: argparse.Namespace) -> Relay:
     port = free_port()
     cmd = camrelay_command(args.size, args.fps, args.bitrate, port)  # ICE on 127.0.0.1
     cmd += [arg for address in args.ice_addresses[1:] for arg in ("--ice-address", address)]
-    env = {**os.environ, **CAMRELAY_LOAD_ENV, "CAMRELAY_VIDEO_KEYFRAME_INTERVAL": f"{args.gop:g}"}
-    if args.relay_dir:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (args.relay_dir, env.get("PYTHONPATH", "")) if p)
+    lag = tempfile.NamedTemporaryFile(prefix="camrelay-loop-lag-", suffix=".txt", delete=False)
+    lag.close()
+    env = {
+        **os.environ, **CAMRELAY_LOAD_ENV, "CAMRELAY_VIDEO_KEYFRAME_INTERVAL": f"{args.gop:g}",
+        LOOP_LAG_ENV: lag.name,
+    }  # fmt: skip
+    paths = (args.relay_dir, str(LOOP_LAG_PROBE), env.get("PYTHONPATH", ""))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     proc = subprocess.Popen(cmd, env=env, cwd=args.relay_dir or None)
-    relay = Relay(proc, port)
+    relay = Relay(proc, port, lag.name)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -245,6 +267,7 @@ class Repeat:
     watchers: list[dict] = field(default_factory=list)
     fanout_ms: dict = field(default_factory=dict)  # the relay's own hub-to-sender delays, read after the burst
     relay_cpu_s: float = 0.0  # the relay process and its camera worker, from the offers to the joiners' leaving
+    loop_lag_ms: dict = field(default_factory=dict)  # how late the relay's loop ran a 5 ms timer: before, during
     joiners_cpu_s: float = 0.0  # the joiners' processes, from their offers to their first pictures
 
 
@@ -294,6 +317,8 @@ def run_repeat(args: argparse.Namespace, relay: Relay, ctx) -> Repeat:
     out.fanout_ms = relay.stream()["fanout_delay_ms"]
     for p in workers:
         p.join(10)
+    time.sleep(1.5)  # the probe's file is written every second
+    out.loop_lag_ms = {"before": relay.loop_lag(posted - args.baseline, posted), "during": relay.loop_lag(posted, end)}
     for _ in watchers:
         reading = results.get(timeout=watch_for + 60)
         out.watchers.append(split_watcher(reading, posted, end, fps))
@@ -355,6 +380,7 @@ def summarise(repeat: Repeat, joiners: int) -> dict:
         "forced_per_s": round(repeat.forced / max(1.0, repeat.window_s), 2),
         "fanout_ms": repeat.fanout_ms,
         "relay_cpu_s": round(repeat.relay_cpu_s, 2),
+        "loop_lag_ms": repeat.loop_lag_ms,
         "joiners_cpu_s": round(repeat.joiners_cpu_s, 2),
         "watchers": repeat.watchers,
     }
@@ -394,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(summary), flush=True)
     finally:
         stop_processes(relay.proc)
+        Path(relay.loop_lag_file).unlink(missing_ok=True)
     report = {**run_facts(" ".join(["python -m benchmarks.burst", *(argv or sys.argv[1:])])), "repeats": repeats}
     if args.out:
         Path(args.out + ".json").write_text(json.dumps(report, indent=2) + "\n")
