@@ -64,7 +64,7 @@ class SourceSpec:
         return (self.target if self.kind == "rtsp" else self._text()) + self._options()
 
     def _options(self) -> str:
-        values = {"mode": self.mode, "transport": self.transport}
+        values = {"mode": self.mode, "transport": self.transport, "audio": self.audio}
         if self.kind == "v4l2":  # its capture mode; the test pattern's is in its text
             values["size"] = f"{self.width}x{self.height}" if self.width else ""
             values["fps"] = f"{self.fps:g}" if self.fps else ""

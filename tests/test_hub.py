@@ -409,7 +409,7 @@ async def test_a_joiner_sharing_a_keyframe_goes_on_from_the_next_one_if_it_comes
     import time
 
     req = Requests()
-    hub = PacketHub("cam0", req, share_window=WINDOW)  # a queue of DEFAULT_QUEUE_FRAMES (8)
+    hub = PacketHub("cam0", req, share_window=WINDOW, max_frames=8, max_lag=None)  # a backlog of 8 frames at most
     now = time.time()
     for f in gop(0, 6):
         hub.publish(f, now=now)
