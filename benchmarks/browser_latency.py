@@ -1,26 +1,24 @@
-"""Glass-to-glass latency as a browser viewer sees it: real Chromium, the real page.
+"""Glass-to-glass latency in real Chromium: camrelay's viewer page beside mediamtx's own, from the same camera.
 
-    python -m benchmarks.browser_latency --duration 30 --size 1280x720 --fps 30 --bitrate 2M
-    python -m benchmarks.browser_latency --sound-ab 6 --duration 20
+    python -m benchmarks.browser_latency --duration 20 --repeats 3 --size 1280x720 --fps 30 --bitrate 2M
+    python -m benchmarks.browser_latency --systems camrelay --playout-delays off,0:0,0:100,0:500 --repeats 3
+    python -m benchmarks.browser_latency --systems camrelay --relay-dir /tmp/camrelay-main   # another checkout's
 
-Starts a relay on loopback with the test pattern, opens ``/view/cam0`` in
-headless Chromium and collects every latency reading the page makes from the
-pixel clock (capture time painted into the frame, read from the video element
-on a canvas at each presented frame, against the browser's clock). Also
-reports the page's decoded fps and jitter-buffer delay. With its sound on
-(``--unmute``: the page's Unmute clicked), the test sound's audio latency as
-the page hears it (WebAudio, ``BurstListener``) and the lip sync (audio
-latency minus the video latency of that moment).
+Each repeat, for each ``--playout-delays`` value (camrelay's ``[webrtc] playout_delay``; "default": as
+configured), starts camrelay with the test pattern and RTSP on (its private mediamtx), and a second mediamtx
+that pulls camrelay's RTSP and serves it over WebRTC (``benchmarks/baselines/mediamtx_whep.py``): the same
+camera, the same encoding, two servers. Then, one page at a time in headless Chromium (software decode), each
+of ``--systems``: camrelay's viewer page (``/view/cam0``, ``static/whep.js``) and mediamtx's own (``/cam0/``,
+its ``reader.js``). After ``--warmup`` seconds of playing, for ``--duration`` seconds it reads the pixel clock
+of every frame the page presents (``requestVideoFrameCallback``, a canvas; ``benchmarks.chromium.PRESENTED``)
+against the browser's clock, and the video receiver's ``getStats()`` (every peer connection the page made):
+frames received, decoded and dropped (``framesDropped``: before decoding, or missed their display deadline),
+and the jitter buffer's mean delay. Both pages run the same measuring script; mediamtx's is given whep.js's
+pixel-clock reader in a scope of its own.
 
-``--sound-ab N``: two relays side by side over the same time, one with its
-sound and one with ``--no-audio``; N rounds, each measuring four arms in
-turn (each round starting with the next arm), so a shared machine's load and
-the order fall on all alike: the page as it plays by default (the sound on a
-stream of its own), with Lip sync ticked, the same relay watched by a page
-that offers no audio, and the relay without sound; with ``--unmute`` the first two are unmuted (and the page
-listens for the bursts: WebAudio on the page's main thread). Chromium syncs the tracks of one stream
-by delaying the earlier: this says what that costs the video (medians per
-arm, and their difference from the arm without sound).
+Per page it reports latency p50/p95/p99/max (ms), the frames presented a second, framesDropped (and as a share
+of the frames received) and the jitter buffer delay; then the median of the repeats per system and setting.
+Results go to stdout and, with ``--out``, to ``<out>.json``.
 """
 
 from __future__ import annotations
@@ -30,127 +28,178 @@ import asyncio
 import json
 import statistics
 import sys
+from pathlib import Path
 
-from benchmarks.chromium import chromium
-from benchmarks.load import start_system
-from benchmarks.options import add_stream_options
+from benchmarks.baselines import mediamtx_whep
+from benchmarks.chromium import PRESENTED, as_script, chromium
+from benchmarks.options import add_stream_options, run_facts
 from benchmarks.peers import percentile
 
-COLLECT = """() => {
-  const p = window.camrelayPlayer;
-  window.__samples = [];
-  window.__audio = [];
-  p.handlers.onLatencySample = (ms) => window.__samples.push(ms);
-  p.handlers.onAudioSample = (ms, videoMs) => window.__audio.push([ms, videoMs]);
+SYSTEMS = ("camrelay", "mediamtx")
+WHEP_JS = Path(__file__).resolve().parent.parent / "static" / "whep.js"
+PLAY_TIMEOUT_MS = 30_000
+VIEWPORT = {"width": 1600, "height": 1000}  # the 720p picture drawn at its size on either page
+
+# Every RTCPeerConnection the page makes, kept in window.__pcs for getStats (either page, before its scripts run).
+KEEP_PEER_CONNECTIONS = """() => {
+  const Native = window.RTCPeerConnection;
+  window.__pcs = [];
+  const Kept = function (...args) { const pc = new Native(...args); window.__pcs.push(pc); return pc; };
+  Kept.prototype = Native.prototype;
+  Object.setPrototypeOf(Kept, Native);
+  window.RTCPeerConnection = Kept;
+}"""
+
+# The video receivers' counters, summed over the page's open peer connections.
+VIDEO_STATS = """async () => {
+  const out = { framesReceived: 0, framesDecoded: 0, framesDropped: 0, jitterBufferDelay: 0, emitted: 0 };
+  for (const pc of window.__pcs) {
+    if (pc.connectionState === "closed") continue;
+    (await pc.getStats()).forEach((r) => {
+      if (r.type !== "inbound-rtp" || r.kind !== "video") return;
+      out.framesReceived += r.framesReceived || 0;
+      out.framesDecoded += r.framesDecoded || 0;
+      out.framesDropped += r.framesDropped || 0;
+      out.jitterBufferDelay += r.jitterBufferDelay || 0;
+      out.emitted += r.jitterBufferEmittedCount || 0;
+    });
+  }
+  return out;
 }"""
 
 
-# An init script: the page's offers leave out audio (its player asks for a transceiver; this one is refused), so a
-# relay with sound is watched as a viewer who takes no sound: the same relay, the video alone.
-NO_AUDIO_OFFER = """() => {
-  const add = RTCPeerConnection.prototype.addTransceiver;
-  RTCPeerConnection.prototype.addTransceiver = function (kind, init) {
-    return kind === "audio" ? null : add.call(this, kind, init);
-  };
-}"""
+def page_url(system: str, ref: mediamtx_whep.Reference) -> str:
+    if system == "camrelay":
+        return f"http://127.0.0.1:{ref.camrelay_port}/view/cam0"
+    return ref.whep_url.removesuffix("whep")  # mediamtx's own page for the path, with its reader.js
 
 
-async def measure(
-    port: int, duration: float, unmute: bool = False, sync: bool = False, offer_audio: bool = True
-) -> dict:
-    async with chromium() as browser:
-        page = await browser.new_page(viewport={"width": 1600, "height": 1000})
-        if not offer_audio:
-            await page.add_init_script(f"({NO_AUDIO_OFFER})()")
-        await page.goto(f"http://127.0.0.1:{port}/view/cam0")
-        await page.wait_for_function(
-            "() => window.camrelayPlayer && window.camrelayPlayer.latencyReadings > 30", timeout=30_000
-        )
-        if sync:  # lip sync: a new connection whose audio and video Chromium plays in sync
-            await page.check("#sync")
-            await page.wait_for_function(
-                "() => window.camrelayPlayer.connects === 2 && window.camrelayPlayer.latencyReadings > 60",
-                timeout=30_000,
-            )
-        if unmute:
-            await page.click("#unmute")
-        await page.evaluate(COLLECT)
-        start_frames = await page.evaluate("() => window.camrelayPlayer.stats.framesDecoded")
+def _readable(since: int) -> str:
+    """A JS expression: [Date.now(), clock] of the frames presented from index ``since`` on whose clock reads."""
+    return f"window.presented.slice({since}).filter((p) => p[1] !== null)"
+
+
+async def measure_page(browser, system: str, url: str, warmup: float, duration: float) -> dict:
+    """One page of ``system`` at ``url``: played ``warmup`` s, then measured for ``duration`` s."""
+    page = await browser.new_page(viewport=VIEWPORT)
+    try:
+        await page.add_init_script(as_script(KEEP_PEER_CONNECTIONS))
+        if system != "camrelay":  # camrelay's page loads whep.js itself; mediamtx's gets its clock reader
+            await page.add_init_script(f"(() => {{\n{WHEP_JS.read_text()}\n}})();")
+        await page.add_init_script(as_script(PRESENTED))
+        await page.goto(url)
+        await page.wait_for_function(f"() => {_readable(0)}.length >= 30", timeout=PLAY_TIMEOUT_MS)
+        await asyncio.sleep(warmup)
+        start = await page.evaluate("() => window.presented.length")
+        before = await page.evaluate(VIDEO_STATS)
         await asyncio.sleep(duration)
-        samples = await page.evaluate("() => window.__samples")
-        heard = await page.evaluate("() => window.__audio")
-        stats = await page.evaluate("() => window.camrelayPlayer.stats")
+        after = await page.evaluate(VIDEO_STATS)
+        presented = await page.evaluate(f"() => {_readable(start)}")
+    finally:
         await page.close()
-    result = {
-        "samples": len(samples),
-        "latency_ms": {p: percentile(samples, p) for p in (50, 95, 99)},
-        "max_ms": max(samples) if samples else None,
-        "fps_decoded": (stats["framesDecoded"] - start_frames) / duration,
-        "jitter_buffer_ms": stats["jitterBufferMs"],
-    }
-    if unmute:
-        audio = [a for a, _ in heard]
-        sync = [a - v for a, v in heard if v is not None]
-        result["audio"] = {
-            "onsets": len(audio),
-            "latency_ms": {p: percentile(audio, p) for p in (50, 95)} if audio else None,
-            "lip_sync_ms": {p: percentile(sync, p) for p in (5, 50, 95)} if sync else None,
-        }
-    return result
-
-
-async def sound_ab(with_sound: int, without: int, rounds: int, duration: float, unmute: bool) -> dict:
-    runs = {
-        "sound": lambda: measure(with_sound, duration, unmute=unmute),
-        "sound_synced": lambda: measure(with_sound, duration, unmute=unmute, sync=True),
-        "sound_not_offered": lambda: measure(with_sound, duration, offer_audio=False),
-        "no_sound": lambda: measure(without, duration),
-    }
-    arms: dict[str, list[dict]] = {arm: [] for arm in runs}
-    order = list(runs)
-    for i in range(rounds):
-        for arm in order[i % len(order) :] + order[: i % len(order)]:  # each round starts with the next arm
-            arms[arm].append(await runs[arm]())
-    medians = {arm: statistics.median(r["latency_ms"][50] for r in runs) for arm, runs in arms.items()}
-    heard = {arm: [r.get("audio") or {"latency_ms": None, "lip_sync_ms": None} for r in arms[arm]]
-             for arm in ("sound", "sound_synced")}  # fmt: skip
+    latencies = [at - clock for at, clock in presented]
+    delta = {k: after[k] - before[k] for k in before}
     return {
-        "rounds": rounds,
-        "video_p50_ms_per_round": {arm: [r["latency_ms"][50] for r in runs] for arm, runs in arms.items()},
-        "video_p50_ms_median": medians,
-        "video_cost_of_sound_ms": {arm: medians[arm] - medians["no_sound"] for arm in heard},
-        "audio_latency_p50_ms_per_round": {
-            arm: [a["latency_ms"][50] for a in runs if a["latency_ms"]] for arm, runs in heard.items()
-        },
-        "lip_sync_p50_ms_per_round": {
-            arm: [a["lip_sync_ms"][50] for a in runs if a["lip_sync_ms"]] for arm, runs in heard.items()
-        },
+        "system": system,
+        "samples": len(latencies),
+        "latency_ms": {f"p{p}": _round(percentile(latencies, p)) for p in (50, 95, 99)},
+        "max_ms": max(latencies) if latencies else None,
+        "presented_fps": round(len({clock for _, clock in presented}) / duration, 1),
+        "frames_received": delta["framesReceived"],
+        "frames_dropped": delta["framesDropped"],
+        "dropped_pct": _round(100 * delta["framesDropped"] / delta["framesReceived"])
+        if delta["framesReceived"]
+        else None,
+        "jitter_buffer_ms": _round(1000 * delta["jitterBufferDelay"] / delta["emitted"]) if delta["emitted"] else None,
     }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def playout_env(setting: str) -> dict[str, str]:
+    """camrelay's environment for a ``--playout-delays`` value: "default", "off", or "MIN:MAX" (ms)."""
+    if setting == "default":
+        return {}
+    return {"CAMRELAY_WEBRTC_PLAYOUT_DELAY": setting.replace(":", ",")}
+
+
+async def run(args: argparse.Namespace) -> list[dict]:
+    runs = []
+    async with chromium() as browser:
+        for repeat in range(args.repeats):
+            for setting in args.playout_delays:
+                ref = await asyncio.to_thread(
+                    mediamtx_whep.start, args.size, args.fps, args.bitrate, None, playout_env(setting), args.relay_dir
+                )
+                try:
+                    for system in args.systems:
+                        result = await measure_page(browser, system, page_url(system, ref), args.warmup, args.duration)
+                        result.update(repeat=repeat, playout_delay=setting if system == "camrelay" else "")
+                        runs.append(result)
+                        print(json.dumps(result), flush=True)
+                finally:
+                    await asyncio.to_thread(ref.close)
+    return runs
+
+
+def medians(runs: list[dict]) -> list[dict]:
+    """Per system and setting, the median of each figure over the repeats."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["system"], r["playout_delay"]), []).append(r)
+    out = []
+    for (system, setting), rs in groups.items():
+
+        def med(get, rs: list[dict] = rs) -> float | None:
+            values = [v for v in map(get, rs) if v is not None]
+            return _round(statistics.median(values)) if values else None
+
+        out.append(
+            {
+                "system": system,
+                "playout_delay": setting,
+                "repeats": len(rs),
+                "p50_ms": med(lambda r: r["latency_ms"]["p50"]),
+                "p95_ms": med(lambda r: r["latency_ms"]["p95"]),
+                "p99_ms": med(lambda r: r["latency_ms"]["p99"]),
+                "presented_fps": med(lambda r: r["presented_fps"]),
+                "frames_dropped": med(lambda r: r["frames_dropped"]),
+                "dropped_pct": med(lambda r: r["dropped_pct"]),
+                "jitter_buffer_ms": med(lambda r: r["jitter_buffer_ms"]),
+                "runs_p95_ms": [r["latency_ms"]["p95"] for r in rs],
+            }
+        )
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--duration", type=float, default=30.0)
-    ap.add_argument("--unmute", action="store_true", help="click the page's Unmute; report audio latency, lip sync")
-    ap.add_argument("--sync", action="store_true", help="tick the page's Lip sync first")
-    ap.add_argument("--sound-ab", type=int, default=0, metavar="ROUNDS", help="with and without sound, interleaved")
+    ap.add_argument("--duration", type=float, default=20.0, help="seconds measured per page")
+    ap.add_argument("--warmup", type=float, default=3.0, help="seconds a page plays before it is measured")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)}")
+    ap.add_argument(
+        "--playout-delays",
+        default="default",
+        help='camrelay\'s [webrtc] playout_delay per setting, comma-separated: "default", "off" or MIN:MAX in ms',
+    )
+    ap.add_argument("--relay-dir", default="", help="run camrelay (and its page) from this checkout")
+    ap.add_argument("--out", help="write <out>.json")
     add_stream_options(ap)
     args = ap.parse_args(argv)
-    if args.sound_ab:
-        sound = start_system("camrelay", args.size, args.fps, args.bitrate)
-        quiet = start_system("camrelay", args.size, args.fps, args.bitrate, extra=("--no-audio",))
-        try:
-            result = asyncio.run(sound_ab(sound.port, quiet.port, args.sound_ab, args.duration, args.unmute))
-        finally:
-            sound.close()
-            quiet.close()
-    else:
-        system = start_system("camrelay", args.size, args.fps, args.bitrate)
-        try:
-            result = asyncio.run(measure(system.port, args.duration, args.unmute, args.sync))
-        finally:
-            system.close()
-    print(json.dumps(result, indent=2))
+    args.systems = args.systems.split(",")
+    args.playout_delays = args.playout_delays.split(",")
+    if unknown := set(args.systems) - set(SYSTEMS):
+        ap.error(f"unknown systems: {', '.join(sorted(unknown))}")
+    runs = asyncio.run(run(args))
+    report = {**run_facts(" ".join(["python -m benchmarks.browser_latency", *(argv or sys.argv[1:])])), "runs": runs}
+    report["medians"] = medians(runs)
+    for line in report["medians"]:
+        print(json.dumps(line))
+    if args.out:
+        Path(args.out + ".json").write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 

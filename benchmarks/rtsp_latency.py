@@ -50,14 +50,26 @@ def rtsp_env(rtsp_port: int, state_dir: str) -> dict[str, str]:
     }
 
 
-def start_relay(size: str, fps: float, bitrate: str, port: int, rtsp_port: int, state_dir: str) -> subprocess.Popen:
-    env = {**os.environ, **rtsp_env(rtsp_port, state_dir)}
+def start_relay(
+    size: str,
+    fps: float,
+    bitrate: str,
+    port: int,
+    rtsp_port: int,
+    state_dir: str,
+    env: dict[str, str] | None = None,
+    relay_dir: str = "",
+) -> subprocess.Popen:
+    """``env``: more ``CAMRELAY_*`` settings for it; ``relay_dir``: run the relay of that checkout."""
+    env = {**os.environ, **rtsp_env(rtsp_port, state_dir), **(env or {})}
+    if relay_dir:
+        env["PYTHONPATH"] = relay_dir
     cmd = [
         sys.executable, "-m", "relay", "serve", "--source", f"cam0=test:{size}@{fps:g}", "--bitrate", bitrate,
         "--http-host", "127.0.0.1", "--http-port", str(port), "--ice-address", "127.0.0.1",
         "--encoder", "libx264", "--log-level", "warning", "--auth", "none",
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, cwd=relay_dir or None)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:

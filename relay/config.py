@@ -46,6 +46,11 @@ MAX_HEADER_TIMEOUT = 3600.0  # http.header_timeout: seconds; longer lets idle co
 # webrtc.turn_credential_lifetime: a minted TURN credential only has to last from the offer to the allocation
 # (seconds), but the relay's and the TURN server's clocks may disagree by some; past a day it is no longer short.
 MIN_TURN_LIFETIME = 60.0
+# webrtc.playout_delay: the playout-delay RTP header extension (relay/webrtc/playout.py) carries each value in 12
+# bits of 10 ms.
+PLAYOUT_DELAY_UNIT_MS = 10
+PLAYOUT_DELAY_MAX_MS = 0xFFF * PLAYOUT_DELAY_UNIT_MS  # 40.95 s
+PLAYOUT_DELAY_OFF = ("off", "none", "false")
 AUTH_MODES = ("token", "password", "none")
 # How a viewer joining a stream (or one that fell behind) gets its first picture: "keyframe" forces an IDR for it,
 # "cached_gop" starts it at once from the hub's cache of the current GOP, "auto" does the latter for streams that
@@ -173,6 +178,9 @@ class WebRTCConfig:
     # A viewer's datagrams of one event-loop pass leave in one segmented write (relay.webrtc.udpbatch); off: one
     # system call per datagram, as aiortc sends (the batcher's A/B, docs/benchmarks.md).
     batch_sends: bool = True
+    # The playout-delay header extension sent to viewers that offer it, (min, max) in ms; None: not negotiated,
+    # as aiortc does (docs/benchmarks.md, "Playout delay", for why the default).
+    playout_delay: tuple[int, int] | None = (0, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,6 +442,22 @@ def _is_ipv6(text: str) -> bool:
         return False
 
 
+def parse_playout_delay(v: Any) -> tuple[int, int] | None:
+    """``"off"`` -> None; ``"0,100"`` -> (0, 100): the least and the most delay (ms) a browser may add before it
+    shows a frame, multiples of 10 with min <= max <= 40950."""
+    text = str(v).strip().lower() if isinstance(v, str) else None
+    if text in PLAYOUT_DELAY_OFF:
+        return None
+    bits = text.replace(" ", "").split(",") if text else []
+    if len(bits) != 2 or not all(b.isascii() and b.isdigit() and len(b) <= 6 for b in bits):
+        raise ValueError(f'expected "off" or "MIN,MAX" in ms (like "0,0" or "0,100"), got {v!r}')
+    low, high = int(bits[0]), int(bits[1])
+    unit, most = PLAYOUT_DELAY_UNIT_MS, PLAYOUT_DELAY_MAX_MS
+    if low % unit or high % unit or not low <= high <= most:
+        raise ValueError(f"{low},{high}: want multiples of {unit} ms with min <= max <= {most}")
+    return low, high
+
+
 def _fps(v: Any) -> float:
     return parse_fps(str(v))
 
@@ -569,6 +593,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "session_rate": _number(MIN_SESSION_RATE, MAX_SESSION_RATE),
         "session_burst": _int(1, MAX_VIEWERS_LIMIT),
         "batch_sends": _bool,
+        "playout_delay": parse_playout_delay,
     },
     "telemetry": {"log_interval": _duration(1.0, DAY), "thermal_limit": _celsius},
     "devices": {"discover": _bool, "discover_interval": _duration(0.1, 3600.0)},

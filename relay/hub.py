@@ -18,6 +18,13 @@ the cache, so when it reaches the cache's end it goes on live with the next
 frame, with no gap and no frame twice. A WebRTC viewer paces that catch-up
 (``relay.webrtc.catchup``).
 
+Sharing a forced keyframe (``share_window``, for streams that force one for a joiner): a joiner that
+comes within the window of the latest keyframe starts from it, read from the GOP cache as above (the
+hub keeps the current GOP for this too), instead of asking for another that the encoder's rate limit
+would hold back till the window's end; and one that comes while a keyframe it asked for is on its way
+waits for that one and asks for none. So one forced IDR serves every joiner of its window, however
+many come, and none waits for the next window.
+
 A live subscriber may take frames by a synchronous call instead of its queue
 (``Subscription.push``: a WebRTC viewer's sender sends them there and then,
 and no task is woken per subscriber per frame) while its reader waits with
@@ -52,6 +59,10 @@ GOP_CACHE_MAX_BYTES = 8 * 1024 * 1024
 # video: long enough to hold a whole GOP of the cameras above, so a keyframe's weight is averaged in.
 BITRATE_WINDOW = 10.0  # seconds, by the frames' pts
 PTS_CLOCK = 90_000  # EncodedFrame.pts ticks per second
+# Seconds a keyframe asked of the encoder is waited for before another request goes out: the encoder answers
+# within its rate limit (0.5 s) and a frame; one lost with its worker (restarted: it asks anew) must not keep
+# joiners from asking for ever.
+KEYFRAME_WAIT = 2.0
 
 
 @dataclass(slots=True, eq=False)
@@ -319,12 +330,15 @@ class Subscription:
     def _gop_released(self, old: list[EncodedFrame], event: str) -> None:
         """The hub's cache let go of ``old`` (a keyframe began a new GOP, or it went over a cap): a subscriber
         still reading it keeps the rest in its queue if that fits; else a new GOP is read from its keyframe,
-        and an over-cap one is waited out (its next keyframe)."""
+        and an over-cap one is waited out (its next keyframe). A joiner that shares a keyframe (a stream that
+        forces them: ``PacketHub.share_window``) keeps the rest only while it is under half its queue: further
+        behind, queued, the rest overflowed its queue as it caught up on a busy event loop (dropped, and a
+        keyframe forced for it), and the new keyframe is nearer live."""
         if self._cursor is None:
             return
         rest = old[self._cursor :]
         self._cursor = None
-        if fits(self.limit, rest):  # room for the frame coming too: no gap
+        if fits(self.limit, rest) and (self._hub.caching or len(rest) < self.limit.frames // 2):
             self._queue.extend(rest)
             return
         self._count_drops(len(rest))
@@ -398,11 +412,18 @@ class PacketHub:
         gop: GopCache | None = None,
         max_lag: float | None = DEFAULT_MAX_LAG,
         clock: Callable[[], float] = time.monotonic,
+        share_window: float = 0.0,
     ) -> None:
         self.stream = stream
         # Each subscriber's lag limit (``LagLimit``), as it subscribes: seconds of video (None: no time bound),
         # frames, bytes.
         self.max_lag = max_lag
+        # A joiner of a stream that forces keyframes starts from the latest one when it was published at most
+        # this many seconds ago (the encoder's rate limit on forced IDRs); 0: it always asks for one.
+        self.share_window = share_window
+        self.keyframe_requests = 0  # sent to the encoder (joins, PLI, FIR)
+        self.keyframe_requests_merged = 0  # not sent: one asked for was still on its way
+        self.keyframe_shares = 0  # joiners started from a keyframe of the share window
         self.max_frames = max_frames
         self.max_bytes: int | None = MAX_LAG_BYTES
         self.clock = clock  # seconds, for the keyframe gate's interval
@@ -424,6 +445,7 @@ class PacketHub:
         self._subscribers: list[Subscription] = []
         self._closed = False
         self._last_overflow_log = float("-inf")
+        self._keyframe_asked: float | None = None  # monotonic, while a keyframe asked for has not come
         self._in_pass = 0  # frames published in this pass of the event loop (``first_in_pass``)
 
     @property
@@ -453,12 +475,43 @@ class PacketHub:
                 "stream=%s subscriber=%s starts from the cached GOP: frames=%d bytes=%d",
                 self.stream, name, len(self.gop.frames), self.gop.bytes,
             )  # fmt: skip
+        elif (age := self._shareable_keyframe_age()) is not None:
+            sub._replay_from(0)  # the keyframe forced (or encoded) a moment ago: no other is asked for
+            self.keyframe_shares += 1
+            log.info(
+                "stream=%s subscriber=%s shares the keyframe of %.0fms ago: frames=%d",
+                self.stream, name, age * 1000, len(self.gop.frames),
+            )  # fmt: skip
+        elif self._keyframe_on_its_way():
+            self.keyframe_requests_merged += 1
+            log.info("stream=%s subscriber=%s waits for the keyframe asked for", self.stream, name)
         else:
+            log.info("stream=%s subscriber=%s asks for a keyframe", self.stream, name)
             self.request_keyframe()  # so the newcomer does not wait out a whole GOP
         return sub
 
     def request_keyframe(self) -> None:
+        """Ask the encoder for a keyframe, unless one asked for is still on its way (every subscriber waiting
+        for a keyframe takes the next one)."""
+        if self._keyframe_on_its_way():
+            self.keyframe_requests_merged += 1
+            return
+        self._keyframe_asked = time.monotonic()
+        self.keyframe_requests += 1
         self._request_keyframe()
+
+    def _keyframe_on_its_way(self) -> bool:
+        asked = self._keyframe_asked
+        return asked is not None and time.monotonic() - asked < KEYFRAME_WAIT
+
+    def _shareable_keyframe_age(self, now: float | None = None) -> float | None:
+        """Seconds since the cached GOP's keyframe was published, when a joiner may start from it
+        (``share_window``); None otherwise."""
+        gop = self.gop
+        if not (self.share_window and gop.usable and gop.frames):
+            return None
+        age = (time.time() if now is None else now) - gop.frames[0].published_at
+        return age if age <= self.share_window else None
 
     @property
     def lag_keyframe_requests(self) -> int:
@@ -487,6 +540,8 @@ class PacketHub:
             except RuntimeError:  # no event loop (sans-io use): every frame is a pass of its own
                 self._in_pass = 0
         frame.published_at = time.time() if now is None else now
+        if frame.keyframe:
+            self._keyframe_asked = None  # whatever was asked for: this one serves
         self.pipeline_delay.add(frame.published_at - frame.capture_time)
         self.bitrate.add(frame.pts, len(frame.data))
         self.newest = frame
@@ -500,14 +555,15 @@ class PacketHub:
 
     def _cache(self, frame: EncodedFrame) -> None:
         old = self.gop.frames
-        if self.caching:
+        if self.caching or self.share_window:
             event = self.gop.add(frame)
         elif old:
             self.gop.clear()
             event = GopCache.OVERFLOW
         else:
             return
-        if event == GopCache.OVERFLOW and time.monotonic() - self._last_overflow_log >= DROP_WARNING_INTERVAL:
+        overflowed = event == GopCache.OVERFLOW and self.caching  # else joiners ask for a keyframe: nothing to say
+        if overflowed and time.monotonic() - self._last_overflow_log >= DROP_WARNING_INTERVAL:
             self._last_overflow_log = time.monotonic()
             log.info(
                 "stream=%s GOP cache over its cap (max_frames=%d max_bytes=%d) or off; joiners wait for the next"

@@ -43,6 +43,10 @@ FLAG_FORCED = 2
 FLAG_PASSTHROUGH = 4  # the camera's own access unit, neither decoded nor encoded here
 
 CMD_KEYFRAME = b"K"
+# At most one forced IDR per this many seconds per stream (the worker's limit): a storm of PLIs from many
+# viewers must not turn the stream into all keyframes. The relay's hub starts a joiner that comes within it of a
+# keyframe from that keyframe (``relay.hub.PacketHub``: one forced IDR serves every joiner of its window).
+KEYFRAME_MIN_INTERVAL = 0.5
 CMD_JPEG_ON = b"J"
 CMD_JPEG_OFF = b"j"
 CMD_MAX_FPS = b"R"  # followed by one byte: the highest frame rate to encode (0: no limit)

@@ -89,6 +89,7 @@ class Relay:
             w.connect_timeout,
             additional_hosts=w.additional_hosts,
             batch=w.batch_sends,
+            playout_delay=w.playout_delay,
         )
         self.state_dir = Path(config.state_dir) if config.state_dir else default_state_dir()
         self.mediamtx: Mediamtx | None = None

@@ -12,7 +12,9 @@ the source it names (``relay.camera.capture.open_source``).
 
 Any of them may end in ``#mode=auto|passthrough|transcode``: how this stream
 treats H.264 from its source (``decide_mode``), over ``[video] mode``; an RTSP
-camera also in ``#transport=udp`` (TCP by default); and in ``#audio=on|off``:
+camera also in ``#transport=udp`` (TCP by default); a V4L2 camera in
+``#size=1280x720&fps=60``: the mode to ask it for (``camrelay devices`` lists
+them), over ``[video] size`` and ``fps``; and in ``#audio=on|off``:
 whether the stream carries its source's sound (``audio_source``), over
 ``[audio] enabled``. A URL's fragment is never
 sent to a camera, so it fits RTSP URLs, paths and devices alike.
@@ -30,7 +32,8 @@ from .logsafe import REDACTED, redact_url
 # auto: pass H.264 through when browsers can take it as it is, else transcode; passthrough: never decode nor
 # encode (a source that cannot be passed through is an error); transcode: decode and encode, as always.
 MODES = ("auto", "passthrough", "transcode")
-SPEC_OPTIONS = ("mode", "transport", "audio")  # what a spec's #fragment may set
+SPEC_OPTIONS = ("mode", "transport", "audio", "size", "fps")  # what a spec's #fragment may set
+MODE_OPTIONS = ("size", "fps")  # of those, a V4L2 camera's capture mode (the test pattern says it as WxH@FPS)
 RTSP_TRANSPORTS = ("tcp", "udp")
 AUDIO_OPTIONS = ("on", "off")  # a spec's #audio=: its source's sound or none, whatever [audio] enabled says
 # ... or #audio=alsa:<PCM>, an ALSA capture device by name: hw:CARD=<id>,DEV=<n> (what `camrelay devices` prints),
@@ -61,7 +64,11 @@ class SourceSpec:
         return (self.target if self.kind == "rtsp" else self._text()) + self._options()
 
     def _options(self) -> str:
-        options = "&".join(f"{key}={value}" for key in SPEC_OPTIONS if (value := getattr(self, key)))
+        values = {"mode": self.mode, "transport": self.transport, "audio": self.audio}
+        if self.kind == "v4l2":  # its capture mode; the test pattern's is in its text
+            values["size"] = f"{self.width}x{self.height}" if self.width else ""
+            values["fps"] = f"{self.fps:g}" if self.fps else ""
+        options = "&".join(f"{key}={value}" for key, value in values.items() if value)
         return f"#{options}" if options else ""
 
     def _text(self) -> str:
@@ -83,6 +90,8 @@ def parse_source_spec(text: str) -> SourceSpec:
     spec = _parse(text)
     if options.get("transport") and spec.kind != "rtsp":
         raise ValueError(f"source option #transport= is for rtsp:// cameras, not {spec.kind}:")
+    if any(key in options for key in MODE_OPTIONS):
+        options.update(_capture_mode(spec, options.pop("size", ""), options.pop("fps", "")))
     if options:
         return dataclasses.replace(spec, **options)
     return spec
@@ -99,6 +108,11 @@ def _fragment(text: str) -> tuple[str, dict[str, str]]:
         key, eq, value = part.partition("=")
         if key not in SPEC_OPTIONS or not eq:
             raise ValueError(f"source option #{part} is not one of {', '.join(f'#{k}=' for k in SPEC_OPTIONS)}")
+        if key in MODE_OPTIONS:
+            if not value:
+                raise ValueError(f"source option #{key}= has no value")
+            options[key] = value  # read with the spec's kind (_capture_mode)
+            continue
         allowed = {"mode": MODES, "transport": RTSP_TRANSPORTS, "audio": AUDIO_OPTIONS}[key]
         if key == "audio" and value.startswith("alsa:"):
             if not ALSA_PCM.fullmatch(value[5:]):
@@ -110,6 +124,19 @@ def _fragment(text: str) -> tuple[str, dict[str, str]]:
             raise ValueError(f"source option #{key}={value} is not one of {', '.join(allowed)}")
         options[key] = value
     return head, options
+
+
+def _capture_mode(spec: SourceSpec, size: str, fps: str) -> dict[str, int | float]:
+    """``#size=`` and ``#fps=`` of a V4L2 camera's spec, as its SourceSpec's fields."""
+    if spec.kind != "v4l2":
+        hint = " (the test pattern takes test:WxH@FPS)" if spec.kind == "test" else ""
+        raise ValueError(f"source options #size= and #fps= are for v4l2: cameras, not {spec.kind}:{hint}")
+    out: dict[str, int | float] = {}
+    if size:
+        out["width"], out["height"] = parse_size(size)
+    if fps:
+        out["fps"] = parse_fps(fps)
+    return out
 
 
 def _parse(text: str) -> SourceSpec:

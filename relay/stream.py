@@ -122,7 +122,13 @@ class Stream:
         self._sps_bytes = b""
         self._slate = False
         self.jpegs = JpegFeed(self.set_jpeg)  # the camera's JPEGs, while anyone wants them
-        self.hub = PacketHub(name, self.request_keyframe, cached_start=self.starts_from_cache, max_lag=max_lag)
+        self.hub = PacketHub(
+            name,
+            self.request_keyframe,
+            cached_start=self.starts_from_cache,
+            max_lag=max_lag,
+            share_window=ipc.KEYFRAME_MIN_INTERVAL,
+        )
         # Its sound, fanned out as the video is (a bounded queue per subscriber, counted drops). Every Opus packet
         # decodes on its own: each is a "keyframe" to the hub, so a subscriber starts, and after a lag resumes, at
         # the next packet; there is no keyframe to ask for and no GOP to keep.
@@ -287,19 +293,32 @@ class Stream:
 
     def _join_stats(self) -> ConsumerStats:
         """How joiners start, and the GOP cache they start from."""
-        gop, labels = self.hub.gop, {"stream": self.name}
+        hub, labels = self.hub, {"stream": self.name}
+        gop = hub.gop
         cache = {
-            "frames": len(gop.frames), "bytes": gop.bytes, "starts": self.hub.cache_starts, "overflows": gop.overflows,
+            "frames": len(gop.frames), "bytes": gop.bytes, "starts": hub.cache_starts, "overflows": gop.overflows,
+        }  # fmt: skip
+        keyframes = {
+            "requests": hub.keyframe_requests, "merged": hub.keyframe_requests_merged, "shared": hub.keyframe_shares,
         }  # fmt: skip
         return ConsumerStats(
-            {"join": self.join_mode, "gop_cache": cache},
+            {"join": self.join_mode, "gop_cache": cache, "keyframe_requests": keyframes},
             (
                 Metric("camrelay_stream_gop_cache_bytes", "gauge", "Bytes of the current GOP held for joiners.",
                        gop.bytes, labels),
                 Metric("camrelay_stream_gop_cache_starts_total", "counter",
-                       "Subscribers started from the GOP cache (joins and resyncs).", self.hub.cache_starts, labels),
+                       "Subscribers started from the GOP cache (joins and resyncs).", hub.cache_starts, labels),
                 Metric("camrelay_stream_gop_cache_overflows_total", "counter",
                        "GOPs that outgrew the cache (joiners waited for a keyframe).", gop.overflows, labels),
+                Metric("camrelay_stream_keyframe_requests_total", "counter",
+                       "Keyframes asked of the encoder (joins, PLI, FIR).", hub.keyframe_requests,
+                       labels),
+                Metric("camrelay_stream_keyframe_requests_merged_total", "counter",
+                       "Keyframe requests not sent: one asked for was on its way.", hub.keyframe_requests_merged,
+                       labels),
+                Metric("camrelay_stream_keyframe_shares_total", "counter",
+                       "Joiners started from a keyframe of the last 0.5 s instead of asking for one.",
+                       hub.keyframe_shares, labels),
             ),
         )  # fmt: skip
 

@@ -9,7 +9,11 @@
 // - Reconnects with backoff when the connection fails, frames stop, or the
 //   relay restarts.
 // - Reads the test pattern's pixel clock (shared/spec/test-pattern.md) from
-//   each video frame and reports glass-to-glass latency in ms.
+//   each video frame and reports glass-to-glass latency in ms; in MJPEG
+//   fallback, from each new picture of the <img> (latencyFrom).
+// - Asks the browser to hold video frames as little as it can
+//   (jitterBufferTarget 0, lowLatency); the relay also sends the playout-delay
+//   RTP header extension ([webrtc] playout_delay).
 // - With { audio: true } it offers to receive sound too (one MediaStream with
 //   the video, so Chromium plays them in sync); the <video> starts muted
 //   (autoplay rules) and the page unmutes it on a click. BurstListener hears the
@@ -24,8 +28,8 @@ const GATHER_TIMEOUT_MS = 2000;  // offer what we have by then (host candidates 
 const TRICKLE_TYPE = "application/trickle-ice-sdpfrag";
 const ICE_SERVERS_HEADER = "X-Camrelay-Ice-Servers";  // signalling/access.py: an OPTIONS that wants them
 const STALL_MS = 5000;           // connected but no new frame for this long: reconnect
-const LATENCY_WINDOW = 30;
-const FALLBACK_AFTER_ATTEMPTS = 3;  // failed WebRTC connects before the page shows MJPEG       // readings in the displayed median
+const LATENCY_WINDOW = 30;       // readings in the displayed median
+const FALLBACK_AFTER_ATTEMPTS = 3;  // failed WebRTC connects before the page shows MJPEG
 const LATENCY_MAX_MS = 60000;    // a reading further from now is a chance decode of a real camera's picture
 
 // The test sound's bursts as the page hears them, read as benchmarks/bursts.py reads them: mean square of 10 ms
@@ -107,6 +111,17 @@ function iceServersFromLinks(header) {
   return servers;
 }
 
+// A video receiver holds frames no longer than it must: its jitter buffer's target 0 ms (jitterBufferTarget, in
+// ms; playoutDelayHint, in seconds, where only that exists). Never an audio receiver: a target of 0 there trades
+// glitches in the sound for latency nobody sees. True when it set one.
+function lowLatency(receiver) {
+  if (!receiver || !receiver.track || receiver.track.kind !== "video") return false;
+  if ("jitterBufferTarget" in receiver) receiver.jitterBufferTarget = 0;
+  else if ("playoutDelayHint" in receiver) receiver.playoutDelayHint = 0;
+  else return false;
+  return true;
+}
+
 // Decode the band from RGBA pixels of the band's rows (width w, s rows).
 function readPixelClock(rgba, w) {
   const s = Math.floor(w / PIXEL_CLOCK_CELLS);
@@ -162,6 +177,8 @@ class WhepPlayer {
     this._lastFrames = 0;
     this._lastFrameChange = 0;
     this._lastBytes = null;
+    this._image = null;  // latencyFrom's <img>, while the page shows MJPEG instead of the video
+    this._lastImageClock = null;
     this._canvas = document.createElement("canvas");
     this._ctx = this._canvas.getContext("2d", { willReadFrequently: true });
     this._statsTimer = null;
@@ -198,11 +215,11 @@ class WhepPlayer {
     this._teardown();
     clearTimeout(this._retryTimer);
     this._setState("connecting");
-    // Counters restart with each peer connection; so does the latency window.
+    // Counters restart with each peer connection; so does the latency window (not while MJPEG gives it).
     this._lastFrames = 0;
     this._lastBytes = null;
-    this.latencies = [];
-    if (this.latencyMs != null) {
+    if (!this._image) this.latencies = [];
+    if (this.latencyMs != null && !this._image) {
       this.latencyMs = null;
       if (this.handlers.onLatency) this.handlers.onLatency(null);
     }
@@ -226,11 +243,12 @@ class WhepPlayer {
       return;
     }
     this.pc = pc;
-    pc.addTransceiver("video", { direction: "recvonly" });
+    lowLatency(pc.addTransceiver("video", { direction: "recvonly" }).receiver);
     if (this.audio) pc.addTransceiver("audio", { direction: "recvonly" });
     const stream = new MediaStream();
     pc.ontrack = (ev) => {
       if (pc !== this.pc) return;
+      lowLatency(ev.receiver);  // again, should a browser reset it once negotiated (video only)
       stream.addTrack(ev.track);
       this.stream = stream;  // every track received
       // With lip sync the <video> plays both; else the picture alone, the sound in an <audio> of its own.
@@ -415,6 +433,25 @@ class WhepPlayer {
     }
   }
 
+  // The latency readout follows `img` (an MJPEG <img> the page shows in fallback) instead of the video; null:
+  // back to the video. A new picture is told by its clock: each is read once, when first painted.
+  latencyFrom(img) {
+    this._image = img;
+    this._lastImageClock = null;
+    this.latencies = [];
+    if (img) requestAnimationFrame(() => this._watchImage(img));
+  }
+
+  _watchImage(img) {
+    if (this._image !== img) return;
+    const t = this._clockOf(img, img.naturalWidth);
+    if (t != null && t !== this._lastImageClock) {
+      this._lastImageClock = t;
+      this._addLatency(t);
+    }
+    requestAnimationFrame(() => this._watchImage(img));
+  }
+
   _watchFrames() {
     const onFrame = () => {
       this._readLatency();
@@ -428,17 +465,24 @@ class WhepPlayer {
   }
 
   _readLatency() {
-    const v = this.video;
-    const w = v.videoWidth;
-    if (!w || w < 320) return;
+    if (this._image) return;  // the page shows MJPEG: its pictures give the readings
+    const t = this._clockOf(this.video, this.video.videoWidth);
+    if (t != null) this._addLatency(t);
+  }
+
+  // The capture time in the pixel clock of what `el` (a <video> or an <img>, `w` pixels wide) shows, or null.
+  _clockOf(el, w) {
+    if (!w || w < 320) return null;
     const s = Math.floor(w / PIXEL_CLOCK_CELLS);
     if (this._canvas.width !== w || this._canvas.height !== s) {
       this._canvas.width = w;
       this._canvas.height = s;
     }
-    this._ctx.drawImage(v, 0, 0, w, s, 0, 0, w, s);
-    const t = readPixelClock(this._ctx.getImageData(0, 0, w, s).data, w);
-    if (t == null) return;
+    this._ctx.drawImage(el, 0, 0, w, s, 0, 0, w, s);
+    return readPixelClock(this._ctx.getImageData(0, 0, w, s).data, w);
+  }
+
+  _addLatency(t) {
     const ms = Date.now() - t;
     if (Math.abs(ms) > LATENCY_MAX_MS) return;
     this.latencies.push(ms);
@@ -493,4 +537,5 @@ window.WhepPlayer = WhepPlayer;
 window.BurstListener = BurstListener;
 window.audioOnItsOwnStream = audioOnItsOwnStream;
 window.readPixelClock = readPixelClock;
+window.lowLatency = lowLatency;
 window.iceServersFromLinks = iceServersFromLinks;

@@ -150,6 +150,7 @@ def make_config(
     session_burst: int = 1000,
     auth: AuthConfig = OPEN,
     allowed_hosts: tuple[str, ...] = (),
+    playout_delay: tuple[int, int] | None | str = "default",
 ) -> Config:
     return Config(
         streams=streams or (StreamConfig("cam0", SourceSpec("test", "")),),
@@ -172,6 +173,7 @@ def make_config(
             max_pending_per_address=max_pending_per_address,
             session_rate=session_rate,
             session_burst=session_burst,
+            **({} if playout_delay == "default" else {"playout_delay": playout_delay}),
         ),
         rtsp=rtsp_config(rtsp, rtsp_user, rtsp_password),
         auth=auth,
@@ -228,8 +230,9 @@ class EncodedFrames:
     """Every frame a stream encodes from now on, known by its capture time (ms): what its pixel clock shows.
 
     One more subscriber of the stream's hub, with room for minutes of video, so it never lags and never
-    misses one. Like every new subscriber it starts at a keyframe: the one its subscribing asks for, or with
-    ``join = "cached_gop"`` the cached GOP's (frames encoded before it subscribed). Use it as a context
+    misses one. Like every new subscriber it starts at a keyframe: the one its subscribing asks for, one of the
+    last 0.5 s it shares, or with ``join = "cached_gop"`` the cached GOP's (the last two: frames encoded before
+    it subscribed). Use it as a context
     manager: it leaves the hub when done.
     """
 

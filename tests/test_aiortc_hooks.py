@@ -234,3 +234,34 @@ def test_packetize_leaves_empty_nal_units_out(unit):
     """aiortc's STAP-A packer raised IndexError on an empty NAL unit, out of the hub's publish (a pushed
     viewer) or a viewer's send loop; what is in the unit is sent, the empty piece left out."""
     assert borrowed.packetize(unit) == [b"\x65\x88"]
+
+
+def test_an_answer_is_made_from_the_transceivers_header_extensions():
+    """``borrowed.answer_extension`` appends to the list aiortc answers from and hands its sender."""
+    import inspect
+
+    from aiortc.rtcpeerconnection import RTCPeerConnection as PeerConnection
+
+    source = inspect.getsource(PeerConnection)
+    assert "headerExtensions=transceiver._headerExtensions" in source, "aiortc answers from elsewhere now"
+    assert "transceiver._headerExtensions = find_common_header_extensions(" in source
+
+
+def test_answer_extension_refuses_a_transceiver_without_the_list():
+    class Bare:
+        pass
+
+    with pytest.raises(RuntimeError, match="_headerExtensions changed"):
+        borrowed.answer_extension(Bare(), 5, "urn:x")  # type: ignore[arg-type]
+
+
+def test_a_peer_connection_takes_its_certificate_from_its_modules_name_and_dtls_its_context_from_it():
+    """``borrowed.SHARED_CERTIFICATE`` replaces ``aiortc.rtcpeerconnection.RTCCertificate``; its instances
+    keep their OpenSSL context."""
+    import inspect
+
+    import aiortc.rtcdtlstransport
+    import aiortc.rtcpeerconnection
+
+    assert "RTCCertificate.generateCertificate()" in inspect.getsource(aiortc.rtcpeerconnection.RTCPeerConnection)
+    assert "._create_ssl_context(" in inspect.getsource(aiortc.rtcdtlstransport.RTCDtlsTransport)

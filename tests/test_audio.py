@@ -25,6 +25,7 @@ from .conftest import EncodedFrames, RunningRelay, capture_ms, make_config, sess
 from .test_players import audio_mid, sections
 
 DEADLINE = 40.0  # seconds a test waits for what it counts: a guard, not a measurement
+CAUGHT_UP_PICTURES = 90  # 3 s of pictures: a shared keyframe's catch-up (0.5 s of frames at 4x) is long over
 BURSTS = 11  # one a second: eleven in a row hold a tenth (k % 10 == 0) wherever they start
 SDPFRAG = {"Content-Type": "application/trickle-ice-sdpfrag"}
 QUIET = (StreamConfig("cam0", SourceSpec("test", "", audio="off")),)
@@ -120,8 +121,14 @@ async def test_sender_reports_map_the_audio_and_the_video_onto_the_capture_clock
     heard = probe.heard
     try:
         await probe.connect()
-        probe.measuring = True
         deadline = time.monotonic() + DEADLINE
+        # A joiner within the share window starts from the latest keyframe, its cached frames restamped onto the
+        # live clock as they catch up (relay/webrtc/catchup.py): a report sent then pairs that timeline, not the
+        # capture clock. Reports are read once it is live: the catch-up is at most the window's frames.
+        while probe.pictures < CAUGHT_UP_PICTURES:
+            assert time.monotonic() < deadline, probe.pictures
+            await asyncio.sleep(0.1)
+        probe.measuring = True
         while len(heard.audio_report_error_ms) < 3 or len(heard.video_report_error_ms) < 30:
             assert time.monotonic() < deadline, (heard.audio_report_error_ms, len(heard.video_report_error_ms))
             await asyncio.sleep(0.1)

@@ -169,6 +169,38 @@ async def test_view_page_plays_and_shows_latency(relay_server, http, caplog):
     assert (await stream_info(http, relay_server))["encoders_running"] == 1
 
 
+# The page's receivers as [kind, jitterBufferTarget], and what lowLatency does to an audio receiver of a peer
+# connection of its own (the page has none yet: one may come).
+RECEIVERS = """() => {
+  const pc = new RTCPeerConnection();
+  const audio = pc.addTransceiver("audio", { direction: "recvonly" }).receiver;
+  const touched = window.lowLatency(audio);
+  const left = audio.jitterBufferTarget;
+  pc.close();
+  return {
+    receivers: window.camrelayPlayer.pc.getReceivers().map((r) => [r.track.kind, r.jitterBufferTarget]),
+    audio: [touched, left],
+    answer: window.camrelayPlayer.pc.remoteDescription.sdp,
+  };
+}"""
+
+
+async def test_the_page_asks_chromium_to_hold_video_frames_as_little_as_it_can(relay_server: RunningRelay) -> None:
+    async with chromium() as browser:
+        page = await browser.new_page()
+        try:
+            await page.goto(f"{relay_server.base}/view/cam0")
+            await page.wait_for_function(PLAYING, timeout=PLAY_TIMEOUT_MS)
+            found = await page.evaluate(RECEIVERS)
+            # The video's jitter buffer target: 0 ms; the sound's (the test pattern has some) left as it was.
+            assert found["receivers"] == [["video", 0], ["audio", None]], found["receivers"]
+            assert found["audio"] == [False, None], "an audio receiver's jitter buffer was touched"
+            # And the relay answered Chromium's offer of the playout-delay extension (on by default).
+            assert "http://www.webrtc.org/experiments/rtp-hdrext/playout-delay" in found["answer"]
+        finally:
+            await page.close()
+
+
 async def test_index_tile_goes_live(relay_server, http, caplog):
     caplog.set_level(logging.INFO, logger="relay")
     async with chromium() as browser:
@@ -229,6 +261,13 @@ async def test_page_falls_back_to_mjpeg_when_webrtc_cannot_connect(relay_server:
             assert await page.evaluate("() => document.getElementById('mjpeg').naturalWidth") == TEST_WIDTH
             assert await page.evaluate(SHOWN, "video") is False and await page.evaluate(SHOWN, "mjpeg") is True
             assert relay_server.relay.streams["cam0"].jpegs.users == 1  # the page's MJPEG connection
+            # The latency readout goes on from the MJPEG pictures' pixel clocks: the video has had no frame at all.
+            await page.wait_for_function(
+                f"() => window.camrelayPlayer.latencyReadings >= {CLOCK_READINGS}", timeout=PLAY_TIMEOUT_MS
+            )
+            assert await page.evaluate("() => document.getElementById('video').videoWidth") == 0
+            text = (await page.text_content("#latency")).strip()
+            assert MS_TEXT.match(text), f"#latency shows {text!r} in MJPEG fallback, not a number of ms"
             await page.unroute("**/whep/**")
             await page.wait_for_function(PLAYING, timeout=PLAY_TIMEOUT_MS)  # WebRTC got through: back to video
             await page.wait_for_function("() => document.getElementById('mjpeg').hidden", timeout=PLAY_TIMEOUT_MS)

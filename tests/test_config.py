@@ -244,6 +244,14 @@ def test_bad_values_name_the_key(toml, env, flags, message):
         ("webcam", "source 'webcam' has no kind; expected test:, v4l2:/dev/videoN, rtsp://... or file:PATH"),
         ("v4l2:", "source 'v4l2:' needs a path after v4l2:"),
         ("test:640x360@0", "frame rate '0' is outside 1..120"),
+        ("v4l2:/dev/video0#fps=0", "frame rate '0' is outside 1..120"),
+        ("v4l2:/dev/video0#fps=", "source option #fps= has no value"),
+        ("v4l2:/dev/video0#size=720p", "size '720p' is not WIDTHxHEIGHT, e.g. 1280x720"),
+        (
+            "test:#fps=60",
+            "source options #size= and #fps= are for v4l2: cameras, not test: (the test pattern takes test:WxH@FPS)",
+        ),
+        ("rtsp://cam/s#size=1280x720", "source options #size= and #fps= are for v4l2: cameras, not rtsp:"),
     ],
 )
 def test_bad_source_specs(spec, message):
@@ -297,3 +305,18 @@ def test_sound_comes_from_the_file_the_environment_a_flag_and_a_streams_own_spec
     # no sound of its own (yet: a USB camera's ALSA device is for later) has none either way.
     assert [audio_source(s, enabled=False) for s in (quiet, loud, plain, camera)] == ["", "test", "", ""]
     assert [audio_source(s, enabled=True) for s in (quiet, loud, plain, camera)] == ["", "test", "test", ""]
+
+
+def test_a_v4l2_cameras_spec_selects_its_mode():
+    spec = parse_source_spec("v4l2:/dev/v4l/by-id/usb-cam-video-index0#size=1280x720&fps=60")
+    assert (spec.kind, spec.width, spec.height, spec.fps) == ("v4l2", 1280, 720, 60.0)
+    assert str(spec) == "v4l2:/dev/v4l/by-id/usb-cam-video-index0#size=1280x720&fps=60"
+    assert parse_source_spec(spec.unredacted()) == spec  # as its worker gets it
+    only_rate = parse_source_spec("v4l2:/dev/video0#fps=50&mode=transcode")
+    assert (only_rate.width, only_rate.fps, only_rate.mode) == (None, 50.0, "transcode")
+    assert parse_source_spec(str(only_rate)) == only_rate
+    # The camera's worker opens it in that mode, whatever [video] says.
+    from relay.camera.capture import V4L2Source, open_source
+
+    source = open_source(spec, 640, 360, 30.0, "cam0")
+    assert isinstance(source, V4L2Source) and (source.width, source.height, source.fps) == (1280, 720, 60.0)

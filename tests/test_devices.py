@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from relay import devices as d
+from relay.source import parse_source_spec
 
 MJPG = int.from_bytes(b"MJPG", "little")
 YUYV = int.from_bytes(b"YUYV", "little")
@@ -249,3 +250,14 @@ def test_a_configured_cameras_sound_is_found_by_its_node_or_its_stable_link(usb_
     assert alsa.sound_for(str(dev / "video2"), video, sound) == "hw:CARD=MS2109,DEV=0"
     assert alsa.sound_for(str(dev / "video4"), video, sound) == ""  # no microphone
     assert alsa.sound_for(str(dev / "video9"), video, sound) == ""  # not plugged in
+
+
+def test_the_fastest_mode_up_to_60_fps_is_suggested_as_a_spec_that_selects_it():
+    modes = [d.Mode(1920, 1080, (30.0,)), d.Mode(1280, 720, (60.0, 30.0)), d.Mode(640, 480, (60.0,)),
+             d.Mode(320, 240, (120.0,))]  # fmt: skip
+    assert d.fastest_mode(modes) == (1280, 720, 60.0)  # the largest at 60; 120 fps at 320x240 is not worth it
+    assert d.fastest_mode([d.Mode(640, 480, (15.0,))]) == (640, 480, 15.0)
+    assert d.fastest_mode([d.Mode(640, 480, ())]) is None
+    width, height, fps = d.fastest_mode(modes)
+    spec = parse_source_spec(f"v4l2:/dev/video0#size={width}x{height}&fps={fps:g}")  # what `devices` prints
+    assert (spec.width, spec.height, spec.fps) == (1280, 720, 60.0)

@@ -57,7 +57,8 @@ async def test_lagging_subscriber_drops_backlog_and_resumes_at_next_keyframe():
     # overflowed the queue, frames 4..9 were skipped, and it resumed exactly at
     # the keyframe of the next GOP.
     assert slow.dropped == 4 + 6 and slow.resyncs == 1
-    assert req.count == 2 + 1  # two joins, one resync
+    # Asked of the encoder: one for both joins (the second came while the first's was on its way), one resync.
+    assert req.count == 1 + 1 and hub.keyframe_requests_merged == 1
     got_slow = [slow.get_nowait().pts for _ in range(len(slow))]
     assert got_slow == [f.pts for f in gop(10, 4)]
     assert hub.dropped == 10
@@ -355,3 +356,69 @@ async def test_a_push_that_raises_never_reaches_the_publish_nor_the_other_subscr
     ]
     await _publish_apart(hub, [frame(1)])
     assert len(failing) == 1 and len(other) == 2
+
+
+WINDOW = 0.5  # a stream's share window: the encoder's limit on forced IDRs (relay.ipc.KEYFRAME_MIN_INTERVAL)
+
+
+async def test_joiners_within_the_window_of_a_keyframe_share_it_and_read_on_from_it():
+    import time
+
+    req = Requests()
+    hub = PacketHub("cam0", req, share_window=WINDOW)  # a stream that forces keyframes for joiners
+    first = hub.subscribe("first")  # nothing to share yet: asks
+    assert (req.count, hub.keyframe_requests) == (1, 1)
+    now = time.time()
+    for f in gop(10, 4):  # the keyframe asked for, and three frames after it, all just now
+        hub.publish(f, now=now)
+    later = [hub.subscribe(f"later{i}") for i in range(5)]  # within the window: no request, each from the keyframe
+    assert (req.count, hub.keyframe_shares, hub.cache_starts) == (1, 5, 5)
+    for sub in (first, *later):
+        assert [(await sub.get()).pts for _ in range(4)] == [f.pts for f in gop(10, 4)]
+    hub.publish(frame(14), now=now)
+    assert [(await sub.get()).pts for sub in later] == [14 * 3000] * 5  # caught up: live
+    # A keyframe older than the window is not shared: the encoder may force another at once.
+    stale = PacketHub("cam1", req, share_window=WINDOW)
+    stale.publish(frame(20, key=True), now=time.time() - 2 * WINDOW)
+    stale.subscribe("late")
+    assert (req.count, stale.keyframe_shares) == (2, 0)
+
+
+def test_a_keyframe_asked_for_is_asked_once_until_a_keyframe_comes():
+    req = Requests()
+    hub = PacketHub("cam0", req, share_window=WINDOW)
+    subs = [hub.subscribe(f"joiner{i}") for i in range(10)]  # together, before any keyframe
+    assert (req.count, hub.keyframe_requests, hub.keyframe_requests_merged) == (1, 1, 9)
+    hub.request_keyframe()  # a PLI meanwhile: the keyframe on its way answers it too
+    assert req.count == 1
+    hub.publish(frame(1, key=True))  # it came: every joiner starts there
+    assert all(sub.get_nowait().keyframe for sub in subs)
+    hub.request_keyframe()  # a later PLI asks anew
+    assert (req.count, hub.keyframe_requests) == (2, 2)
+
+
+def test_without_a_share_window_every_join_asks():
+    req = Requests()
+    hub = PacketHub("cam0", req)
+    hub.publish(frame(1, key=True))
+    hub.subscribe("a")
+    assert (req.count, hub.keyframe_shares) == (1, 0) and hub.gop.frames == []  # nothing kept
+
+
+async def test_a_joiner_sharing_a_keyframe_goes_on_from_the_next_one_if_it_comes_while_it_catches_up():
+    import time
+
+    req = Requests()
+    hub = PacketHub("cam0", req, share_window=WINDOW, max_frames=8, max_lag=None)  # a backlog of 8 frames at most
+    now = time.time()
+    for f in gop(0, 6):
+        hub.publish(f, now=now)
+    sub = hub.subscribe("joiner")  # shares keyframe 0: six frames behind
+    assert [(await sub.get()).pts for _ in range(2)] == [0, 3000]
+    # The next GOP while it is still four frames behind in the first (half its queue): queued, those four and
+    # this GOP's eight would overflow its queue before it read them, and force a keyframe for it.
+    for f in gop(6, 8):
+        hub.publish(f, now=now)
+    got = [(await sub.get()).pts for _ in range(8)]
+    assert got == [f.pts for f in gop(6, 8)]  # on from the new keyframe, every frame of it
+    assert (sub.dropped, sub.resyncs, req.count) == (4, 0, 0), "no keyframe is forced for it: the new one is there"

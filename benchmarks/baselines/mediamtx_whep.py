@@ -89,17 +89,26 @@ class Reference:
     mediamtx: subprocess.Popen
     whep_url: str
     workdir: tempfile.TemporaryDirectory
+    camrelay_port: int = 0  # camrelay's own HTTP port (its viewer page, its API)
 
     def close(self) -> None:
         stop_processes(self.mediamtx, self.camrelay)
         self.workdir.cleanup()
 
 
-def start(size: str, fps: float, bitrate: str, http_port: int | None = None) -> Reference:
+def start(
+    size: str,
+    fps: float,
+    bitrate: str,
+    http_port: int | None = None,
+    env: dict[str, str] | None = None,
+    relay_dir: str = "",
+) -> Reference:
+    """``env``: more settings for camrelay (``CAMRELAY_*``); ``relay_dir``: camrelay from that checkout."""
     workdir = tempfile.TemporaryDirectory(prefix="camrelay-bench-mediamtx-")
-    rtsp_port = free_port()
+    rtsp_port, camrelay_port = free_port(), free_port()
     try:
-        camrelay = start_camrelay(size, fps, bitrate, free_port(), rtsp_port, workdir.name)
+        camrelay = start_camrelay(size, fps, bitrate, camrelay_port, rtsp_port, workdir.name, env, relay_dir)
     except BaseException:
         workdir.cleanup()
         raise
@@ -111,7 +120,7 @@ def start(size: str, fps: float, bitrate: str, http_port: int | None = None) -> 
         )
     )
     mediamtx = subprocess.Popen([find_mediamtx(""), str(config)], stdin=subprocess.DEVNULL)
-    ref = Reference(camrelay, mediamtx, f"http://127.0.0.1:{http_port}/cam0/whep", workdir)
+    ref = Reference(camrelay, mediamtx, f"http://127.0.0.1:{http_port}/cam0/whep", workdir, camrelay_port)
     try:
         _wait_ready(ref)
     except BaseException:

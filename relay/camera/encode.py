@@ -167,29 +167,37 @@ class H264Encoder:
         ctx.bit_rate = s.bitrate
         ctx.gop_size = gop
         ctx.max_b_frames = 0
-        match = self._matched = self._match
-        profile, tools = X264_PROFILES[match.profile_idc] if match else ("baseline", "")
+        self._matched = self._match
         if self.name == "libx264":
-            kbps = s.bitrate // 1000
-            ctx.options = {
-                "preset": "ultrafast",
-                "tune": "zerolatency",
-                "profile": profile,
-                "level": match.level if match and match.level != "1b" else h264_level(width, height, s.fps),
-                "forced-idr": "1",
-                # Constant-ish rate with a half-second buffer: bounded frame
-                # sizes keep every viewer's jitter buffer small.
-                "x264-params": (
-                    f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes=0:repeat-headers=1"
-                    f":vbv-maxrate={kbps}:vbv-bufsize={max(1, kbps // 2)}{tools}"
-                ),
-            }
+            ctx.options = self.libx264_options(width, height)
         # No GLOBAL_HEADER flag: SPS and PPS travel in-band before every IDR,
         # so a viewer can start at any keyframe.
         ctx.open()
         self._ctx = ctx
         self._shape = (width, height, pix_fmt)
         log.info("encoder=%s opened %dx%d %s gop=%d bitrate=%d", self.name, width, height, pix_fmt, gop, s.bitrate)
+
+    def libx264_options(self, width: int, height: int) -> dict[str, str]:
+        """libx264's options for a picture of this size: no frame held (zerolatency: no B-frames, no lookahead,
+        a frame's slices encoded at once on threads of their own), Constrained Baseline or the matched SPS's
+        profile and level, IDRs on demand (benchmarks/encoder.py measures the choices)."""
+        s, match = self.settings, self._matched
+        gop = max(1, round(s.fps * s.keyframe_interval))
+        profile, tools = X264_PROFILES[match.profile_idc] if match else ("baseline", "")
+        kbps = s.bitrate // 1000
+        return {
+            "preset": "ultrafast",
+            "tune": "zerolatency",
+            "profile": profile,
+            "level": match.level if match and match.level != "1b" else h264_level(width, height, s.fps),
+            "forced-idr": "1",
+            # Constant-ish rate with a half-second buffer: bounded frame
+            # sizes keep every viewer's jitter buffer small.
+            "x264-params": (
+                f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes=0:repeat-headers=1"
+                f":vbv-maxrate={kbps}:vbv-bufsize={max(1, kbps // 2)}{tools}"
+            ),
+        }
 
     def encode(self, picture: av.VideoFrame, pts: int, force_keyframe: bool) -> list[tuple[bytes, bool, int]]:
         """Encode one picture; returns (Annex B bytes, is keyframe, pts) per access unit."""

@@ -36,7 +36,7 @@ from .. import h264, ipc
 from ..backoff import Retry
 from ..devices import offers_h264
 from ..h264 import H264Error, ParameterSets
-from ..ipc import EncoderSettings
+from ..ipc import KEYFRAME_MIN_INTERVAL, EncoderSettings
 from ..logsafe import SECRET_FILTER, redact, url_passwords
 from ..source import ModeDecision, PassthroughRefused, decide_mode, parse_source_spec
 from .capture import CapturedFrame, PacketSource, Source, SourceClock, SourceError, UseDemuxer, open_source
@@ -49,9 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("relay.camera.worker")  # not __name__: this module runs as __main__
 
-# At most one forced IDR per this many seconds: a storm of PLIs from many
-# viewers must not turn the stream into all keyframes.
-KEYFRAME_MIN_INTERVAL = 0.5
 THREAD_JOIN_TIMEOUT = 5.0  # a device read is bounded by its frame time
 EWMA_ALPHA = 0.1  # smoothing for the per-frame encode time
 STATUS_INTERVAL = 1.0  # seconds between status messages to the relay

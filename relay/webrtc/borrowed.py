@@ -5,6 +5,8 @@ sends per frame. That needs a few of aiortc's and aioice's internals, all of
 them here, so an upgrade that moves one breaks this module alone (and
 ``tests/test_aiortc_hooks.py`` names what moved):
 
+- on each transceiver, the header extensions its answer names (``answer_extension``: playout-delay, which
+  aiortc does not know);
 - on each sender (``RTCRtpSender``): its encoder slot (``__encoder``) holds a
   packer that packs shared frames; ``_send_keyframe`` (PLI, FIR) goes to the
   shared encoder; ``_run_rtp`` and ``_retransmit`` are camrelay's per-frame
@@ -12,6 +14,7 @@ them here, so an upgrade that moves one breaks this module alone (and
   fields through ``SenderFields``;
 - aiortc's H.264 packetizer, with FU-A fragments all full-size but the last
   (``packetize``);
+- process-wide, one DTLS certificate and OpenSSL context for every peer connection (``SHARED_CERTIFICATE``);
 - process-wide, on aioice's module and its socket protocol, each a ``Patch``
   held by whoever needs it and removed when the last holder lets go: the
   host addresses ICE gathers on (``restrict_host_addresses``), a watch on what
@@ -31,6 +34,7 @@ others with a message naming both.
 from __future__ import annotations
 
 import collections
+import datetime
 import re
 import time
 import types
@@ -40,8 +44,10 @@ from typing import Any
 import aioice
 import aioice.ice
 import aiortc
+import aiortc.rtcpeerconnection
 import aiortc.rtp
 import pylibsrtp
+from aiortc import RTCCertificate, RTCRtpHeaderExtensionParameters
 from aiortc.codecs import h264
 from aiortc.codecs.h264 import H264Decoder as AiortcH264Decoder
 from aiortc.codecs.h264 import H264Encoder as AiortcH264
@@ -124,6 +130,37 @@ class Patch:
 OFFERED_PAYLOAD_TYPES = Patch(aiortc.rtp, "DYNAMIC_PAYLOAD_TYPES", frozenset(range(35, 64)) | frozenset(range(96, 128)))
 
 
+# aiortc makes every peer connection a DTLS certificate of its own (an EC key, a signed X.509: ~3 ms of the event
+# loop) and every DTLS transport an OpenSSL context from it (~1.5 ms): thirty viewers joining at once were 150 ms
+# of the loop that feeds the viewers already watching. The relay's sessions share one certificate (what a
+# session's answer says is its fingerprint, the same for all, as a browser's persisted certificate is), and its
+# context, renewed a day before aiortc's 30 days run out.
+CERTIFICATE_RENEW = datetime.timedelta(days=1)
+
+
+class _SharedCertificate(RTCCertificate):
+    _current: RTCCertificate | None = None
+
+    @classmethod
+    def generateCertificate(cls):  # aiortc's name
+        current = cls._current
+        now = datetime.datetime.now(tz=datetime.UTC)
+        if current is None or current.expires - now < CERTIFICATE_RENEW:
+            current = cls._current = super().generateCertificate()
+        return current
+
+    def _create_ssl_context(self, srtp_profiles):
+        contexts = self.__dict__.setdefault("camrelay_contexts", {})
+        key = tuple(srtp_profiles)
+        if key not in contexts:
+            contexts[key] = super()._create_ssl_context(srtp_profiles)
+        return contexts[key]
+
+
+# Peer connections made while held (the relay's sessions, its WHIP publishers) share one DTLS certificate.
+SHARED_CERTIFICATE = Patch(aiortc.rtcpeerconnection, "RTCCertificate", _SharedCertificate)
+
+
 _host_addresses: collections.Counter[str] = collections.Counter()  # every holder's, in the order first held
 
 
@@ -160,15 +197,26 @@ def _datagram_received(self: aioice.ice.StunProtocol, data: bytes | str, addr: t
     if not data:
         return  # aiortc's DTLS transport dies on an empty datagram (IndexError): never pass one on
     conn = self.receiver
-    pair = conn._nominated.get(1) if conn._nominated else None
-    if pair is None or (addr[0], addr[1]) == pair.remote_addr:
+    if _from_the_peer(conn, (addr[0], addr[1])):
         conn.camrelay_last_received = time.monotonic()
     elif data[0] > 3:
-        # Not STUN (RFC 7983: 0-3), and not from the viewer's address: once ICE
-        # has chosen a pair, DTLS and SRTP come from its remote address only.
+        # Not STUN (RFC 7983: 0-3), and not from one of the viewer's addresses: once ICE
+        # has chosen a pair, DTLS and SRTP come from the remote end of a candidate pair only.
         # Garbage sprayed at the port must neither reach DTLS nor keep a session alive.
         return
     WATCH_ICE.original(self, data, addr)
+
+
+def _from_the_peer(conn: aioice.Connection, addr: tuple) -> bool:
+    """Whether ``addr`` is the peer's: any address while ICE has chosen no pair; then the remote end of one of
+    the connection's candidate pairs (the peer's candidates from its description, and those it was learned at
+    by its authenticated checks). Not the nominated pair's alone: with two pairs or more (IPv4 and IPv6, two
+    interfaces) aioice nominates aggressively, and the two ends may settle on different pairs, the peer's DTLS
+    then coming from a pair this end did not nominate (dropped, it never connected: benchmarks.burst)."""
+    nominated = conn._nominated.get(1) if conn._nominated else None
+    if nominated is None or addr == nominated.remote_addr:
+        return True
+    return any(pair.remote_addr == addr for pair in conn._check_list)
 
 
 # Note when each ICE connection last heard from its peer (``last_heard``), and drop empty datagrams and
@@ -232,6 +280,16 @@ SENDER_FIELDS = (
     "track", "mid", "rtp_started", "rtp_exited", "rtp_header_extensions_map", "rtx_payload_type",
     "rtx_sequence_number", "ntp_timestamp", "rtp_timestamp", "octet_count", "packet_count", "encoder",
 )  # fmt: skip
+
+
+def answer_extension(transceiver: aiortc.RTCRtpTransceiver, ext_id: int, uri: str) -> None:
+    """The answer to the offer just applied also names RTP header extension ``uri`` under the offer's ``ext_id``
+    for ``transceiver``'s media section. aiortc keeps only the extensions it knows (``mid`` and ``abs-send-time``
+    on video) in its transceiver's list, which both its answer and its sender's parameters are made from; the
+    sender ignores one it does not know (``relay.webrtc.rtpsend.add_header_extension`` sends it)."""
+    if not isinstance(getattr(transceiver, "_headerExtensions", None), list):
+        raise RuntimeError("aiortc's RTCRtpTransceiver._headerExtensions changed; camrelay's hooks need updating")
+    transceiver._headerExtensions.append(RTCRtpHeaderExtensionParameters(id=ext_id, uri=uri))
 
 
 def attach(sender: aiortc.RTCRtpSender, packer: object, request_keyframe: Callable[[], None]) -> None:

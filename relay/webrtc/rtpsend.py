@@ -60,6 +60,7 @@ from aiortc.utils import random32, uint32_add
 from ..hub import EncodedFrame, HubClosed, PacketHub, Subscription
 from . import borrowed
 from .catchup import ViewerTiming
+from .playout import add_elements
 from .udpbatch import gso_runs, send_run_direct, send_run_now
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ PREFERRED_PROFILES = ("42e01f", "42001f")
 _HISTORY = "camrelay_history"
 RETRANSMITS = "camrelay_retransmits"  # NACKed packets sent again, per sender
 _SEND = "camrelay_send"  # how a sender's datagrams leave: batched (udpbatch.send_run_now) or one by one
+_EXTRA = "camrelay_extensions"  # (id, value) header extensions aiortc does not know, in every packet of a frame
 
 NTP_UNIX_OFFSET = 2_208_988_800  # seconds from the NTP epoch (1900) to the Unix epoch (1970)
 # A send loop whose socket is backed up looks again after this long before it takes the next frame: its frames
@@ -266,6 +268,12 @@ def install(sender: RTCRtpSender, batch: bool = True) -> None:
     sender.__dict__[_SEND] = send_run_now if batch else send_run_direct
 
 
+def add_header_extension(sender: RTCRtpSender, ext_id: int, value: bytes) -> None:
+    """Before it starts, ``sender`` adds header extension ``ext_id`` with ``value`` to every packet of every frame
+    (one aiortc does not know, negotiated with ``borrowed.answer_extension``: playout-delay)."""
+    sender.__dict__[_EXTRA] = (*sender.__dict__.get(_EXTRA, ()), (ext_id, value))
+
+
 class FrameSender:
     """One aiortc sender's RTP, a frame at a time: its sequence numbers, timestamp origin, SRTP buffer and the
     frames it sent (for NACKs). Its send loop (``_run_rtp``) and a live viewer's push (``HubTrack``) both
@@ -281,6 +289,7 @@ class FrameSender:
         self.send_run = sender.__dict__.get(_SEND, send_run_now)
         self.sequence = random_sequence_number()
         self.origin = random32()
+        self.extensions = sender.__dict__.get(_EXTRA, ())  # add_header_extension's
         sender.__dict__[_HISTORY] = self.history
 
     @property
@@ -315,6 +324,8 @@ class FrameSender:
         template.extensions.abs_send_time = (ntp >> 14) & 0x00FFFFFF
         template.extensions.mid = fields.mid
         header = template.serialize(fields.extensions_map)  # no payload: the header
+        if self.extensions:
+            header = add_elements(header, self.extensions)
         sent = send_frame(self.writer, session, header, payloads, self.sequence, self.send_run, protocol, addr)
         self.history.add(self.sequence, timestamp, payloads, self.payload_type)
         self.sequence = (self.sequence + len(payloads)) & 0xFFFF

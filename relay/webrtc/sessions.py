@@ -22,9 +22,9 @@ from aiortc.sdp import candidate_from_sdp
 
 from ..hub import PacketHub
 from ..status import ConsumerStats
-from . import borrowed, ice, udpbatch
+from . import borrowed, ice, playout, udpbatch
 from .opus import AudioTrack, add_audio
-from .rtpsend import HubTrack, attach_to_sender, h264_preferences
+from .rtpsend import HubTrack, add_header_extension, attach_to_sender, h264_preferences
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +48,15 @@ def process_patches(ice_addresses: tuple[str, ...] = (), batch: bool = True):
     """The process-wide patches of aioice and aiortc a relay needs, held while it runs
     (``relay.webrtc.borrowed.Patch``): host candidates only on ``ice_addresses`` (none: every interface), the
     watch on what each connection hears, the payload types an answer keeps from the offer (Chromium's 35-63
-    too), and (``batch``) aioice's own sends through the socket batcher. Relays in one process share them:
-    the addresses of all that name some, batching while any wants it."""
+    too), one DTLS certificate for every session, and (``batch``) aioice's own sends through the socket
+    batcher. Relays in one process share them: the addresses of all that name some, batching while any wants
+    it."""
     with contextlib.ExitStack() as held:
         if ice_addresses:
             held.callback(borrowed.restrict_host_addresses(ice_addresses))
         held.callback(borrowed.WATCH_ICE.hold())
         held.callback(borrowed.OFFERED_PAYLOAD_TYPES.hold())
+        held.callback(borrowed.SHARED_CERTIFICATE.hold())
         if batch:
             held.callback(udpbatch.PATCH.hold())
         yield
@@ -98,8 +100,10 @@ class ViewerSessions:
         silence: float = VIEWER_SILENCE,
         additional_hosts: tuple[str, ...] = (),
         batch: bool = True,
+        playout_delay: tuple[int, int] | None = None,
     ) -> None:
         self._hub_for = hub_for
+        self._playout_delay = playout_delay  # (min, max) ms to viewers that offer the extension; None: not sent
         self._batch = batch  # RTP through the socket batcher (relay.webrtc.udpbatch)
         self._silence = silence
         # Asked for each session (its TURN credentials are minted for it); none: host candidates only,
@@ -177,6 +181,8 @@ class ViewerSessions:
                 raise OfferRejected(f"offer could not be applied: {_reason(exc)}") from exc
             if not any(t.sender is transceiver.sender and t.mid is not None for t in pc.getTransceivers()):
                 raise OfferRejected("offer has no video section this relay can send to")
+            if self._playout_delay is not None:
+                _answer_playout_delay(transceiver, offer_sdp, self._playout_delay)
             try:
                 await pc.setLocalDescription(await pc.createAnswer())
             except OSError:
@@ -311,6 +317,15 @@ class StreamViewers:
         return ConsumerStats(
             {"viewers": self.sessions.count(self.stream), "viewers_connected": connected}, (), connected
         )
+
+
+def _answer_playout_delay(transceiver, offer: str, delay: tuple[int, int]) -> None:
+    """When the offer has the playout-delay extension on the video section (Chromium's does): the answer names it
+    and every packet carries ``delay`` (relay.webrtc.playout)."""
+    ext_id = playout.offered_id(offer, transceiver.mid)
+    if ext_id is not None:
+        borrowed.answer_extension(transceiver, ext_id, playout.URI)
+        add_header_extension(transceiver.sender, ext_id, playout.value(*delay))
 
 
 def _reason(exc: BaseException) -> str:

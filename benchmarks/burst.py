@@ -1,0 +1,431 @@
+"""Many viewers joining at once: does every one connect, how soon has each a picture, and what do the others see?
+
+    python -m benchmarks.burst --joiners 30 --repeats 3 --size 1280x720 --fps 30 --bitrate 2M --out docs/results/burst
+    python -m benchmarks.burst --relay-dir /tmp/camrelay-main ...   # the same against another checkout's relay
+
+Starts camrelay (``relay serve``, the test pattern, ``[video] join`` as configured: a forced IDR for joiners of a
+transcoded stream) and ``--watchers`` viewers that stay (``benchmarks.markerprobe``: each access unit decoded at its
+marker bit, its pixel clock read; nothing held by the reader). After ``--baseline`` seconds, ``--joiners`` WHEP
+viewers start their offers at the same instant, spread over worker processes of ``--per-worker``
+(``benchmarks.peers.PEERS_PER_WORKER`` by default). Each joiner is a real aiortc peer (ICE, DTLS, SRTP) whose
+decrypted RTP is depacketized here and whose first IDR is decoded: its first picture. Measured per joiner, from just
+before its POST: the answer, ICE+DTLS connected, the first decoded picture (and that picture's age by its pixel
+clock); one that is not connected with a picture within ``--give-up`` seconds counts as failed, with the reason.
+After ``--hold`` seconds of watching, the joiners leave; the next repeat starts after ``--settle``.
+
+For the relay: the forced IDRs it reports (``keyframes_forced``) from the first POST to the last first picture, and
+per second of that window; how late its event loop ran a 5 ms timer before and during the burst
+(``benchmarks/looplag``, put on its PYTHONPATH); its CPU time. For the watchers: their latency before the burst
+(their usual) against while the others joined (from the first POST to the last joiner's first picture), and how many
+of their frames came more than two frame intervals later than their usual median. Results go to stdout, and with
+``--out`` to ``<out>.json``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from benchmarks.load import CAMRELAY_LOAD_ENV, camrelay_command, stop_processes
+from benchmarks.markerprobe import answer_payload_type, run_marker_probe
+from benchmarks.options import add_stream_options, run_facts
+from benchmarks.peers import PEERS_PER_WORKER, percentile
+from benchmarks.ports import free_port
+
+LOOP_LAG_PROBE = Path(__file__).resolve().parent / "looplag"  # on the relay's PYTHONPATH
+LOOP_LAG_ENV = "CAMRELAY_BENCH_LOOP_LAG"  # where it writes (benchmarks/looplag/sitecustomize.py)
+START_TIMEOUT = 30.0  # seconds for the relay to encode its first frame
+READY_TIMEOUT = 60.0  # seconds for the watchers to have their first picture
+LEAD = 1.0  # seconds between telling the joiners' workers when to start and that instant: all are waiting by then
+POLL = 0.005  # seconds between a joiner's looks for its first picture
+
+
+@dataclass
+class JoinerResult:
+    posted: float = 0.0  # wall clock just before its POST
+    answered_ms: float | None = None  # from posted: the 201 and its answer
+    connected_ms: float | None = None  # ICE and DTLS connected
+    first_picture_ms: float | None = None  # its first decoded picture
+    first_age_ms: float | None = None  # how old that picture was (its pixel clock)
+    frames_after: int = 0  # access units received over --hold after the first picture
+    error: str = ""
+
+
+@dataclass(frozen=True)
+class JoinPlan:
+    url: str
+    count: int
+    give_up: float
+    hold: float
+    addresses: tuple[str, ...] = ("127.0.0.1",)  # the joiners' ICE host candidates
+
+
+def join_worker(plan: JoinPlan, ready: mp.Queue, at, results: mp.Queue) -> None:
+    """A worker process's joiners: once ready (imported, peers made) it says so on ``ready``; all offer at the
+    wall-clock instant the parent then puts in ``at`` (an ``mp.Value``, 0 until set); each is measured to its
+    first picture, held, closed."""
+    try:
+        out = asyncio.run(_joiners(plan, ready, at))
+    except Exception as exc:  # report, never hang the parent
+        ready.put("error")
+        out = [asdict(JoinerResult(error=f"worker: {type(exc).__name__}: {exc}"))] * plan.count, 0.0
+    results.put(out)
+
+
+class _Joiner:
+    """One joiner's RTP after decryption: depacketized, its first IDR decoded, later units counted."""
+
+    def __init__(self) -> None:
+        self.depacketizer = None
+        self.decoder = None
+        self.first_picture: float | None = None
+        self.first_clock: int | None = None
+        self.units = 0
+
+    def rtp(self, data: bytes) -> None:
+        from relay.rtspin import RtspError, parse_rtp
+
+        if self.depacketizer is None:
+            return  # before its answer named the payload type
+        try:
+            packet = parse_rtp(data)
+            if packet.payload_type != self.depacketizer.payload_type:
+                return  # RTX
+            units = self.depacketizer.push(packet)
+        except RtspError:
+            return
+        for unit in units:
+            self.units += 1
+            if self.first_picture is None and (unit.keyframe or self.decoder is not None):
+                self._decode(unit.data)
+
+    def _decode(self, data: bytes) -> None:
+        import av
+
+        from relay.webrtc.whepclient import sample
+
+        if self.decoder is None:
+            self.decoder = av.CodecContext.create("h264", "r")
+            self.decoder.flags |= av.codec.context.Flags.low_delay
+        try:
+            pictures = self.decoder.decode(av.Packet(data))
+        except av.FFmpegError:
+            return
+        if pictures:
+            s = sample(pictures[0])
+            self.first_picture = s.received
+            self.first_clock = None if s.latency_ms is None else round(s.received * 1000 - s.latency_ms)
+            self.decoder = None  # one picture is all a joiner decodes: thirty decoders would be the load
+
+
+async def _joiners(plan: JoinPlan, ready: mp.Queue, at) -> tuple[list[dict], float]:
+    """Its joiners' results, and the CPU time (s) this process took from their offers to their first pictures."""
+    import aiohttp
+
+    from relay.webrtc.borrowed import divert_decrypted_rtp, restrict_host_addresses
+    from relay.webrtc.whepclient import WhepViewer
+
+    by_transport: dict[object, _Joiner] = {}
+    release = [
+        divert_decrypted_rtp(lambda transport, data: (j := by_transport.get(transport)) and j.rtp(data)),
+        restrict_host_addresses(plan.addresses),
+    ]
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+            viewers = [WhepViewer(plan.url, http) for _ in range(plan.count)]
+            joiners = [_Joiner() for _ in viewers]
+            ready.put("ready")
+            while not at.value:
+                await asyncio.sleep(POLL)
+            await asyncio.sleep(max(0.0, at.value - time.time()))
+            cpu = time.process_time()
+            results = await asyncio.gather(
+                *(_join(v, j, plan, by_transport) for v, j in zip(viewers, joiners, strict=True))
+            )
+            cpu = time.process_time() - cpu
+            await asyncio.sleep(plan.hold)
+            for joiner, result in zip(joiners, results, strict=True):
+                result.frames_after = joiner.units
+            await asyncio.gather(*(v.close() for v in viewers), return_exceptions=True)
+            return [asdict(r) for r in results], cpu
+    finally:
+        for undo in release:
+            undo()
+
+
+async def _join(viewer, joiner: _Joiner, plan: JoinPlan, by_transport: dict) -> JoinerResult:
+    from relay.rtspin import H264Depacketizer
+
+    r = JoinerResult(posted=time.time())
+    t0 = time.monotonic()
+    try:
+        async with asyncio.timeout(plan.give_up):
+            await viewer.connect()  # adds its transceiver, then offers
+            r.answered_ms = (time.monotonic() - t0) * 1000
+            by_transport[viewer.pc.getTransceivers()[0].receiver.transport] = joiner
+            joiner.depacketizer = H264Depacketizer(answer_payload_type(viewer.answer))
+            while joiner.first_picture is None:
+                await asyncio.sleep(POLL)
+    except TimeoutError:
+        r.error = f"no picture within {plan.give_up:g} s (connection {viewer.pc.connectionState})"
+    except Exception as exc:
+        r.error = f"{type(exc).__name__}: {exc}"
+    if viewer.stats.connected_at is not None:
+        r.connected_ms = (viewer.stats.connected_at - t0) * 1000
+    if joiner.first_picture is not None:
+        r.first_picture_ms = (joiner.first_picture - r.posted) * 1000
+        if joiner.first_clock is not None:
+            r.first_age_ms = joiner.first_picture * 1000 - joiner.first_clock
+    joiner.units = 0  # from here on: what it gets while held
+    return r
+
+
+# -- the relay ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Relay:
+    proc: subprocess.Popen
+    port: int
+    loop_lag_file: str = ""  # benchmarks/looplag's record of how late its event loop ran a 5 ms timer
+
+    def loop_lag(self, start: float, end: float) -> dict:
+        """How late the relay's event loop ran its probe's timer between ``start`` and ``end`` (wall clock)."""
+        try:
+            lines = Path(self.loop_lag_file).read_text().splitlines()
+        except OSError:
+            return {}
+        lags = [float(ms) for t, ms in (line.split() for line in lines) if start <= float(t) <= end]
+        return {
+            "samples": len(lags),
+            **{f"p{p}": _r(percentile(lags, p)) for p in (50, 95)},
+            "max": _r(max(lags, default=None)),
+        }
+
+    @property
+    def whep(self) -> str:
+        return f"http://127.0.0.1:{self.port}/whep/cam0"
+
+    def cpu_seconds(self) -> float:
+        """CPU time of the relay process and its children (the camera's worker, mediamtx if any)."""
+        import psutil
+
+        main = psutil.Process(self.proc.pid)
+        return sum(sum(p.cpu_times()[:2]) for p in (main, *main.children(recursive=True)))
+
+    def stream(self) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/api/v1/streams", timeout=5) as r:
+            return json.load(r)["streams"][0]
+
+
+def start_relay(args: argparse.Namespace) -> Relay:
+    port = free_port()
+    cmd = camrelay_command(args.size, args.fps, args.bitrate, port)  # ICE on 127.0.0.1
+    cmd += [arg for address in args.ice_addresses[1:] for arg in ("--ice-address", address)]
+    lag = tempfile.NamedTemporaryFile(prefix="camrelay-loop-lag-", suffix=".txt", delete=False)
+    lag.close()
+    env = {
+        **os.environ, **CAMRELAY_LOAD_ENV, "CAMRELAY_VIDEO_KEYFRAME_INTERVAL": f"{args.gop:g}",
+        LOOP_LAG_ENV: lag.name,
+    }  # fmt: skip
+    paths = (args.relay_dir, str(LOOP_LAG_PROBE), env.get("PYTHONPATH", ""))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    proc = subprocess.Popen(cmd, env=env, cwd=args.relay_dir or None)
+    relay = Relay(proc, port, lag.name)
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the relay exited with {proc.returncode} during start-up")
+        try:
+            if relay.stream()["frames_encoded"] > 0:
+                return relay
+        except OSError:
+            pass
+        time.sleep(0.2)
+    stop_processes(proc)
+    raise SystemExit("the relay did not start")
+
+
+# -- one repeat --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Repeat:
+    joiners: list[dict] = field(default_factory=list)
+    forced: int = 0  # forced IDRs from the first POST to the last first picture (or the give-up)
+    window_s: float = 0.0
+    watchers: list[dict] = field(default_factory=list)
+    fanout_ms: dict = field(default_factory=dict)  # the relay's own hub-to-sender delays, read after the burst
+    relay_cpu_s: float = 0.0  # the relay process and its camera worker, from the offers to the joiners' leaving
+    loop_lag_ms: dict = field(default_factory=dict)  # how late the relay's loop ran a 5 ms timer: before, during
+    joiners_cpu_s: float = 0.0  # the joiners' processes, from their offers to their first pictures
+
+
+def run_repeat(args: argparse.Namespace, relay: Relay, ctx) -> Repeat:
+    fps, joiners = args.fps, args.joiners
+    watch_for = args.baseline + LEAD + args.give_up + args.hold
+    ready, start, results = ctx.Queue(), ctx.Event(), ctx.Queue()
+    watchers = [
+        ctx.Process(target=run_marker_probe, args=(relay.whep, watch_for, fps, ready, start, results), daemon=True)
+        for _ in range(args.watchers)
+    ]
+    for p in watchers:
+        p.start()
+    for _ in watchers:
+        kind, detail = ready.get(timeout=READY_TIMEOUT)
+        if kind != "ready":
+            raise SystemExit(f"a watcher could not start: {detail}")
+    joined, joiners_ready, at, workers = ctx.Queue(), ctx.Queue(), ctx.Value("d", 0.0), []
+    for first in range(0, joiners, args.per_worker):
+        count = min(args.per_worker, joiners - first)
+        plan = JoinPlan(relay.whep, count, args.give_up, args.hold, tuple(args.ice_addresses))
+        workers.append(ctx.Process(target=join_worker, args=(plan, joiners_ready, at, joined), daemon=True))
+    for p in workers:
+        p.start()
+    for _ in workers:
+        if joiners_ready.get(timeout=READY_TIMEOUT) != "ready":
+            raise SystemExit("a joiners' worker could not start")
+    start.set()  # the watchers' measuring: their usual latency first
+    time.sleep(args.baseline)
+    before = relay.stream()["keyframes_forced"]
+    relay_cpu = relay.cpu_seconds()
+    at.value = time.time() + LEAD
+    print(f"joiners offer at {at.value:.3f} (relay pid {relay.proc.pid})", flush=True)  # e.g. to profile it then
+    out = Repeat()
+    for _ in workers:
+        joiners_of_worker, cpu = joined.get(timeout=args.give_up + args.hold + 60)
+        out.joiners.extend(joiners_of_worker)
+        out.joiners_cpu_s += cpu
+    posted = min(j["posted"] for j in out.joiners if j["posted"]) if any(j["posted"] for j in out.joiners) else at.value
+    firsts = [j["posted"] + j["first_picture_ms"] / 1000 for j in out.joiners if j["first_picture_ms"] is not None]
+    end = max(firsts) if len(firsts) == joiners else posted + args.give_up
+    out.window_s = end - posted
+    # The forced IDRs are read after the joiners left: the count covers the window and the hold after it, when
+    # nothing joins (a lagging viewer's resync would ask too, and would be counted).
+    out.relay_cpu_s = relay.cpu_seconds() - relay_cpu  # to the joiners' leaving: the burst and the hold
+    out.forced = relay.stream()["keyframes_forced"] - before
+    out.fanout_ms = relay.stream()["fanout_delay_ms"]
+    for p in workers:
+        p.join(10)
+    time.sleep(1.5)  # the probe's file is written every second
+    out.loop_lag_ms = {"before": relay.loop_lag(posted - args.baseline, posted), "during": relay.loop_lag(posted, end)}
+    for _ in watchers:
+        reading = results.get(timeout=watch_for + 60)
+        out.watchers.append(split_watcher(reading, posted, end, fps))
+    for p in watchers:
+        p.join(10)
+    return out
+
+
+def split_watcher(reading: dict, burst_start: float, burst_end: float, fps: float) -> dict:
+    """A watcher's latencies before the burst (its usual) and while the others joined, by each picture's
+    capture time."""
+    before = [
+        ms for ms, clock in zip(reading["latencies_ms"], reading["clocks"], strict=True) if clock < burst_start * 1000
+    ]
+    during = [
+        ms for ms, clock in zip(reading["latencies_ms"], reading["clocks"], strict=True)
+        if burst_start * 1000 <= clock <= burst_end * 1000
+    ]  # fmt: skip
+    usual = statistics.median(before) if before else None
+    late = None if usual is None else usual + 2 * 1000 / fps
+    return {
+        "error": reading["error"],
+        "lost": reading["lost"],
+        "before": {
+            "frames": len(before),
+            **{f"p{p}": _r(percentile(before, p)) for p in (50, 95)},
+            "max": _r(max(before, default=None)),
+        },
+        "during": {
+            "frames": len(during),
+            **{f"p{p}": _r(percentile(during, p)) for p in (50, 95)},
+            "max": _r(max(during, default=None)),
+        },
+        "late_during": None if late is None else sum(ms > late for ms in during),
+        "late_before": None if late is None else sum(ms > late for ms in before),
+        "late_threshold_ms": _r(late),
+    }
+
+
+def _r(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def summarise(repeat: Repeat, joiners: int) -> dict:
+    ok = [j for j in repeat.joiners if not j["error"] and j["first_picture_ms"] is not None]
+    firsts = [j["first_picture_ms"] for j in ok]
+    return {
+        "connected": f"{len(ok)}/{joiners}",
+        "errors": sorted({j["error"] for j in repeat.joiners if j["error"]}),
+        "answer_p50_ms": _r(percentile([j["answered_ms"] for j in ok], 50)),
+        "connected_p50_ms": _r(percentile([j["connected_ms"] for j in ok if j["connected_ms"]], 50)),
+        "connected_max_ms": _r(max((j["connected_ms"] for j in ok if j["connected_ms"]), default=None)),
+        "first_picture_p50_ms": _r(percentile(firsts, 50)),
+        "first_picture_p95_ms": _r(percentile(firsts, 95)),
+        "first_picture_max_ms": _r(max(firsts, default=None)),
+        "first_age_max_ms": _r(max((j["first_age_ms"] for j in ok if j["first_age_ms"] is not None), default=None)),
+        "forced_idrs": repeat.forced,
+        "window_s": round(repeat.window_s, 2),
+        "forced_per_s": round(repeat.forced / max(1.0, repeat.window_s), 2),
+        "fanout_ms": repeat.fanout_ms,
+        "relay_cpu_s": round(repeat.relay_cpu_s, 2),
+        "loop_lag_ms": repeat.loop_lag_ms,
+        "joiners_cpu_s": round(repeat.joiners_cpu_s, 2),
+        "watchers": repeat.watchers,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--joiners", type=int, default=30)
+    ap.add_argument("--watchers", type=int, default=2)
+    ap.add_argument("--per-worker", type=int, default=PEERS_PER_WORKER, help="joiners per worker process")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--baseline", type=float, default=5.0, help="seconds the watchers watch before the burst")
+    ap.add_argument("--give-up", type=float, default=15.0, help="seconds a joiner has to connect with a picture")
+    ap.add_argument("--hold", type=float, default=3.0, help="seconds the joiners watch before they leave")
+    ap.add_argument("--settle", type=float, default=3.0, help="seconds between repeats")
+    ap.add_argument("--gop", type=float, default=1.0, help="the relay's [video] keyframe_interval, seconds")
+    ap.add_argument(
+        "--ice-addresses",
+        default="127.0.0.1",
+        help="comma-separated, 127.0.0.1 first: where the relay and the joiners gather ICE host candidates (with"
+        " ::1 too, each joiner has two candidate pairs)",
+    )
+    ap.add_argument("--relay-dir", default="", help="run the relay from this checkout (default: this one)")
+    ap.add_argument("--out", help="write <out>.json")
+    add_stream_options(ap)
+    args = ap.parse_args(argv)
+    args.ice_addresses = args.ice_addresses.split(",")
+    ctx = mp.get_context("spawn")
+    relay = start_relay(args)
+    repeats = []
+    try:
+        for i in range(args.repeats):
+            if i:
+                time.sleep(args.settle)
+            summary = summarise(run_repeat(args, relay, ctx), args.joiners)
+            repeats.append(summary)
+            print(json.dumps(summary), flush=True)
+    finally:
+        stop_processes(relay.proc)
+        Path(relay.loop_lag_file).unlink(missing_ok=True)
+    report = {**run_facts(" ".join(["python -m benchmarks.burst", *(argv or sys.argv[1:])])), "repeats": repeats}
+    if args.out:
+        Path(args.out + ".json").write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
