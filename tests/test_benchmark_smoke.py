@@ -96,3 +96,19 @@ def test_pinned_search_reports_viewers_per_core_for_camrelay_and_mediamtx_and_wh
     assert f"Mode: pinned. The system under test (all its processes) on CPUs {system[0]}" in report
     assert "| camrelay |" in report.split("Viewers per core:")[1] and "| mediamtx |" in report
     assert f"the load generator (peer workers) on CPUs {','.join(map(str, generator))}" in result.stdout
+
+
+def test_burst_benchmark_smoke(tmp_path):
+    """benchmarks.burst end to end with three joiners and one watcher: every figure is there."""
+    out = tmp_path / "burst"
+    cmd = [sys.executable, "-m", "benchmarks.burst", "--joiners", "3", "--watchers", "1", "--repeats", "1",
+           "--baseline", "1", "--hold", "1", "--size", "640x360", "--fps", "15", "--bitrate", "500k",
+           "--out", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (repeat,) = json.loads(out.with_suffix(".json").read_text())["repeats"]
+    assert repeat["connected"] == "3/3" and repeat["errors"] == [], repeat
+    assert repeat["first_picture_p50_ms"] is not None and repeat["first_age_max_ms"] is not None, repeat
+    assert repeat["loop_lag_ms"]["before"]["samples"] > 0 and repeat["loop_lag_ms"]["during"]["samples"] > 0, repeat
+    (watcher,) = repeat["watchers"]
+    assert watcher["before"]["frames"] > 0 and watcher["error"] == "", watcher

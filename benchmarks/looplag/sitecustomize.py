@@ -1,6 +1,6 @@
 """How late the event loop of a process runs a timer: for benchmarks.burst, put in the relay's PYTHONPATH.
 
-Active only where ``CAMRELAY_BENCH_LOOP_LAG`` names a file: every event loop that ``asyncio.run`` starts gets a
+Active only where ``BENCH_LOOP_LAG_FILE`` names a file: every event loop that ``asyncio.run`` starts gets a
 task that sleeps ``PERIOD`` and notes how much later than that it woke (what a frame due then would have waited
 for the loop), and a thread writes ``<wall clock> <lateness ms>`` lines to the file every second. A process
 that starts no event loop with ``asyncio.run`` (a camera worker that inherits the variable) writes nothing.
@@ -8,7 +8,7 @@ that starts no event loop with ``asyncio.run`` (a camera worker that inherits th
 
 import os
 
-PATH = os.environ.get("CAMRELAY_BENCH_LOOP_LAG")
+PATH = os.environ.get("BENCH_LOOP_LAG_FILE")
 PERIOD = 0.005  # seconds: 200 wake-ups a second, a few hundredths of a percent of a core
 WRITE_EVERY = 1.0  # seconds
 
