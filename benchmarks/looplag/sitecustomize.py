@@ -40,9 +40,13 @@ if PATH:
         return _run(self, probed(), context=context)
 
     def _write():
+        written = 0
+        open(PATH, "w").close()
         while True:
             time.sleep(WRITE_EVERY)
-            with open(PATH, "w") as out:
-                out.writelines(f"{t:.3f} {ms:.2f}\n" for t, ms in list(_samples))
+            new = _samples[written:]  # appended since: the writer holds the GIL for a second's worth, no more
+            written += len(new)
+            with open(PATH, "a") as out:
+                out.writelines(f"{t:.3f} {ms:.2f}\n" for t, ms in new)
 
     asyncio.runners.Runner.run = _run_with_probe
