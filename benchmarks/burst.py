@@ -43,7 +43,7 @@ from benchmarks.peers import PEERS_PER_WORKER, percentile
 from benchmarks.ports import free_port
 
 LOOP_LAG_PROBE = Path(__file__).resolve().parent / "looplag"  # on the relay's PYTHONPATH
-LOOP_LAG_ENV = "CAMRELAY_BENCH_LOOP_LAG"  # where it writes (benchmarks/looplag/sitecustomize.py)
+LOOP_LAG_ENV = "BENCH_LOOP_LAG_FILE"  # where it writes (benchmarks/looplag/sitecustomize.py)
 START_TIMEOUT = 30.0  # seconds for the relay to encode its first frame
 READY_TIMEOUT = 60.0  # seconds for the watchers to have their first picture
 LEAD = 1.0  # seconds between telling the joiners' workers when to start and that instant: all are waiting by then

@@ -121,3 +121,19 @@ def test_lipsync_benchmark_smoke(tmp_path):
     with_sound, without = data["per_viewer"]["arms"]
     assert with_sound["packets_per_viewer_s"] > without["packets_per_viewer_s"]  # the Opus packets reached them
     assert data["ab"]["with_audio"]["audio_thread_cpu_pct"] > 0 == data["ab"]["without_audio"]["audio_thread_cpu_pct"]
+
+
+def test_burst_benchmark_smoke(tmp_path):
+    """benchmarks.burst end to end with three joiners and one watcher: every figure is there."""
+    out = tmp_path / "burst"
+    cmd = [sys.executable, "-m", "benchmarks.burst", "--joiners", "3", "--watchers", "1", "--repeats", "1",
+           "--baseline", "1", "--hold", "1", "--size", "640x360", "--fps", "15", "--bitrate", "500k",
+           "--out", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=110)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (repeat,) = json.loads(out.with_suffix(".json").read_text())["repeats"]
+    assert repeat["connected"] == "3/3" and repeat["errors"] == [], repeat
+    assert repeat["first_picture_p50_ms"] is not None and repeat["first_age_max_ms"] is not None, repeat
+    assert repeat["loop_lag_ms"]["before"]["samples"] > 0 and repeat["loop_lag_ms"]["during"]["samples"] > 0, repeat
+    (watcher,) = repeat["watchers"]
+    assert watcher["before"]["frames"] > 0 and watcher["error"] == "", watcher

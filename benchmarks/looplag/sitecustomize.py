@@ -1,6 +1,6 @@
 """How late the event loop of a process runs a timer: for benchmarks.burst, put in the relay's PYTHONPATH.
 
-Active only where ``CAMRELAY_BENCH_LOOP_LAG`` names a file: every event loop that ``asyncio.run`` starts gets a
+Active only where ``BENCH_LOOP_LAG_FILE`` names a file: every event loop that ``asyncio.run`` starts gets a
 task that sleeps ``PERIOD`` and notes how much later than that it woke (what a frame due then would have waited
 for the loop), and a thread writes ``<wall clock> <lateness ms>`` lines to the file every second. A process
 that starts no event loop with ``asyncio.run`` (a camera worker that inherits the variable) writes nothing.
@@ -8,7 +8,7 @@ that starts no event loop with ``asyncio.run`` (a camera worker that inherits th
 
 import os
 
-PATH = os.environ.get("CAMRELAY_BENCH_LOOP_LAG")
+PATH = os.environ.get("BENCH_LOOP_LAG_FILE")
 PERIOD = 0.005  # seconds: 200 wake-ups a second, a few hundredths of a percent of a core
 WRITE_EVERY = 1.0  # seconds
 
@@ -40,9 +40,13 @@ if PATH:
         return _run(self, probed(), context=context)
 
     def _write():
+        written = 0
+        open(PATH, "w").close()
         while True:
             time.sleep(WRITE_EVERY)
-            with open(PATH, "w") as out:
-                out.writelines(f"{t:.3f} {ms:.2f}\n" for t, ms in list(_samples))
+            new = _samples[written:]  # appended since: the writer holds the GIL for a second's worth, no more
+            written += len(new)
+            with open(PATH, "a") as out:
+                out.writelines(f"{t:.3f} {ms:.2f}\n" for t, ms in new)
 
     asyncio.runners.Runner.run = _run_with_probe
