@@ -10,11 +10,15 @@ generator was the limit (its cores full) fails too, but the result says the
 generator bound it: the system may carry more.
 
 ``next_viewers`` says which point to run next from those run so far;
-``verdict`` judges one point; ``result`` sums up. Plain values in and out.
+``median_point`` folds the repeats of one point into the point judged (one
+15 s repeat against a p95 limit a few milliseconds above the baseline flips
+from run to run; the median of three does not as easily); ``verdict`` judges
+one point; ``result`` sums up. Plain values in and out.
 """
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 FPS_SLACK = 1.0  # frames a second the median viewer may get fewer than the source: 29 of 30
@@ -24,6 +28,36 @@ RESOLUTION = 1 / 8  # the search stops once the first failure is within this sha
 START = 16  # viewers: the first point after the 1-viewer baseline
 CEILING = 512  # viewers: the search goes no higher (the result is then "at least")
 MAX_POINTS = 8  # points after the baseline, at most
+CPU_KEYS = ("relay_cpu_pct", "serving_cpu_pct", "generator_cpu_pct")  # a point's CPU figures, folded as medians too
+
+
+def median_point(repeats: list[dict]) -> dict:
+    """One point from its repeats (``benchmarks.load`` sweep points of one viewer count): the median of the
+    median viewer's fps, of the lost share and of the probes' p95 over the repeats that connected; a repeat that
+    did not connect counts as one with no frame, so a point whose repeats mostly failed to connect fails. Errors
+    and the generator's bound count when most repeats had them. ValueError for no repeats."""
+    if not repeats:
+        raise ValueError("a point needs at least one repeat")
+    if len(repeats) == 1:
+        return repeats[0]
+    connected = [p for p in repeats if "fps" in p]
+    if 2 * len(connected) <= len(repeats):  # most did not connect: judged as the first that did not
+        return next(p for p in repeats if "fps" not in p)
+    errors = sorted({e for p in repeats for e in p.get("errors", [])})
+    p95s = [p["latency_ms"]["p95"] for p in connected if p["latency_ms"]["p95"] is not None]
+    fps = [p["fps"]["median"] for p in connected] + [0.0] * (len(repeats) - len(connected))
+    lost = [p["lost_pct"] for p in connected] + [100.0] * (len(repeats) - len(connected))
+    return {
+        "peers": repeats[0].get("peers"),
+        "repeats": len(repeats),
+        "fps": {"median": statistics.median(fps)},
+        "lost_pct": statistics.median(lost),
+        "latency_ms": {"p95": statistics.median(p95s) if 2 * len(p95s) > len(repeats) else None},
+        "errors": errors if 2 * sum(bool(p.get("errors")) for p in repeats) > len(repeats) else [],
+        "repeat_errors": errors,  # every repeat's, judged or not
+        "generator_saturated": 2 * sum(bool(p.get("generator_saturated")) for p in repeats) > len(repeats),
+        **{key: statistics.median(p[key] for p in connected) for key in CPU_KEYS if all(key in p for p in connected)},
+    }
 
 
 @dataclass(frozen=True)

@@ -233,9 +233,12 @@ def run_point(
     fps: float,
     light_nice: int = 0,
     split: Split | None = None,
+    source_apart: bool = False,
 ) -> dict:
     """One sweep point; with ``split``, the system re-pinned to its cores (and read back) and the peers' workers
-    on the generator's, its light peers counting RTP headers."""
+    on the generator's, its light peers counting RTP headers; with ``source_apart`` too, the system's source
+    (its camera worker and encoder; for mediamtx, the camrelay that feeds it) on the generator's cores, so the
+    system's cores do the fan-out alone."""
     ctx = mp.get_context("spawn")
     ready, results, start = ctx.Queue(), ctx.Queue(), ctx.Event()
     probes = min(probes, peers)
@@ -275,7 +278,9 @@ def run_point(
     workers = [psutil.Process(p.pid) for p in procs]
     serving, source = system.serving(), system.source()
     everything = serving + source
-    placed = pin_tree(everything, split.system) if split is not None else None
+    placed = None
+    if split is not None:
+        placed = pin_tree(serving, split.system) + pin_tree(source, split.generator if source_apart else split.system)
     for proc in [*everything, *workers]:
         proc.cpu_percent(None)
     counters_before, udp_before = relay_stream(system.url), udp_drops()
@@ -292,7 +297,9 @@ def run_point(
     peer_results = [r for _ in procs for r in results.get(timeout=60)]
     for p in procs:
         p.join(30)
-    point = summarise(peers, probes, peer_results, serving_cpu, source_cpu, gen_cpu, rss, duration, fps, split)
+    point = summarise(
+        peers, probes, peer_results, serving_cpu, source_cpu, gen_cpu, rss, duration, fps, split, source_apart
+    )
     point["relay_send_delay_ms"] = inside
     point["relay_overload"] = overload_counts(counters_before, counters_after, peers)
     if udp_before is not None and udp_after is not None:  # the whole machine's: other work's drops count too
@@ -364,8 +371,10 @@ def summarise(
     duration: float,
     fps: float,
     split: Split | None = None,
+    source_apart: bool = False,
 ) -> dict:
-    """One sweep point from every peer's result; ``split``: pinned, each side judged against its own cores."""
+    """One sweep point from every peer's result; ``split``: pinned, each side judged against its own cores (with
+    ``source_apart``, the source's CPU counted on the generator's side, where it ran)."""
     got = [r["fps"] for r in peer_results]
     light_fps = [r["fps"] for r in peer_results if not r["probe"]]
     probe_fps = [r["fps"] for r in peer_results if r["probe"]]
@@ -379,7 +388,9 @@ def summarise(
     if split is None:
         machine_full = gen_cpu + relay_cpu > GENERATOR_SATURATED * 100 * cores
     else:
-        machine_full = gen_cpu > GENERATOR_SATURATED * 100 * len(split.generator)
+        machine_full = gen_cpu + (source_cpu if source_apart else 0.0) > GENERATOR_SATURATED * 100 * len(
+            split.generator
+        )
     return {
         "peers": peers,
         "probes": probes,
@@ -413,7 +424,15 @@ def summarise(
         ),
         "gave_out": fps_median < FPS_GAVE_OUT * fps,
         # Pinned: the system's own cores full (it, not the generator, is the limit there).
-        **({} if split is None else {"system_saturated": relay_cpu > GENERATOR_SATURATED * 100 * len(split.system)}),
+        **(
+            {}
+            if split is None
+            else {
+                "system_saturated": (serving_cpu if source_apart else relay_cpu)
+                > GENERATOR_SATURATED * 100 * len(split.system),
+                "source_apart": source_apart,
+            }
+        ),
         "errors": sorted({r["error"] for r in peer_results if r["error"]}),
     }
 
@@ -577,6 +596,15 @@ def main(argv: list[str] | None = None) -> int:
     pin.add_argument(
         "--search-points", type=int, default=capacity.MAX_POINTS, metavar="N", help="points after 1 viewer"
     )
+    pin.add_argument(
+        "--point-repeats", type=int, default=1, metavar="R",
+        help="measure each point of the search R times (the 1-viewer baseline too), judged by their medians",
+    )  # fmt: skip
+    pin.add_argument(
+        "--source-apart", action="store_true",
+        help="the system's source (camera worker and its encoder; for mediamtx, the camrelay feeding it) on the"
+        " generator's cores: the system's cores do the fan-out alone",
+    )  # fmt: skip
     ap.add_argument("--out", default="load", help="path prefix for the .json, .md and .png outputs")
     ap.add_argument("--no-plots", dest="plots", action="store_false")
     ap.add_argument("--from-json", metavar="PATH", help="measure nothing: redo the table and plots of an earlier run")
@@ -598,18 +626,22 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(str(exc))
         for what, n in (
             ("--search-start", args.search_start), ("--search-max", args.search_max),
-            ("--search-points", args.search_points),
+            ("--search-points", args.search_points), ("--point-repeats", args.point_repeats),
         ):  # fmt: skip
             if n < 1:
                 ap.error(f"{what}: {n}; at least 1")
         if args.target and not args.target_pid:
             ap.error("--pin with --target needs --target-pid: the target's processes are pinned by it")
         os.sched_setaffinity(0, split.generator)  # this process (no thread yet) and the peers' workers it spawns
+        where = "its fan-out on" if args.source_apart else "all its processes on"
+        source = ", with the system's source" if args.source_apart else ""
         print(
-            f"pinned: the system under test (all its processes) on CPUs {_cpus(split.system)},"
-            f" the load generator (peer workers) on CPUs {_cpus(split.generator)}",
+            f"pinned: the system under test ({where}) CPUs {_cpus(split.system)},"
+            f" the load generator (peer workers{source}) on CPUs {_cpus(split.generator)}",
             flush=True,
         )
+    elif args.source_apart or args.point_repeats != 1:
+        ap.error("--source-apart and --point-repeats go with --pin")
     search = args.pin and args.peers is None
     sweep = [int(x) for x in (args.peers or "1,5,10,20,30,50,100").split(",")]
     runs: dict[str, list[dict]] = {}
@@ -622,7 +654,9 @@ def main(argv: list[str] | None = None) -> int:
         runs[name] = []
 
         def measure(n: int, name: str = name, system: System = system) -> dict:
-            point = run_point(system, n, args.probes, args.duration, args.fps, args.light_nice, split)
+            point = run_point(
+                system, n, args.probes, args.duration, args.fps, args.light_nice, split, args.source_apart
+            )
             point["system"] = name
             print(json.dumps(point), flush=True)
             runs[name].append(point)
@@ -646,7 +680,8 @@ def main(argv: list[str] | None = None) -> int:
         "duration": args.duration, "cpu_count": os.cpu_count(),
         "light_nice": args.light_nice,
         "mode": UNPINNED if split is None else PINNED,
-        **({} if split is None else {"system_cores": list(split.system), "generator_cores": list(split.generator)}),
+        **({} if split is None else {"system_cores": list(split.system), "generator_cores": list(split.generator),
+                                     "source_apart": args.source_apart, "point_repeats": args.point_repeats}),
     }  # fmt: skip
     report(runs, meta, Path(args.out), args.plots, found or None)
     return 0
@@ -657,8 +692,13 @@ def _cpus(cores) -> str:
 
 
 def search_capacity(name: str, measure: Callable[[int], dict], args, split: Split) -> dict:
-    """Viewers per core for one system (benchmarks/capacity.py): its 1-viewer point, then the search."""
-    base = measure(1)
+    """Viewers per core for one system (benchmarks/capacity.py): its 1-viewer point, then the search; each point
+    measured ``--point-repeats`` times and judged by the medians (``capacity.median_point``)."""
+
+    def measured(n: int) -> dict:
+        return capacity.median_point([measure(n) for _ in range(args.point_repeats)])
+
+    base = measured(1)
     base_p95 = base.get("latency_ms", {}).get("p95")
     base["search"] = "1-viewer baseline"
     tried: dict[int, capacity.Verdict] = {}
@@ -669,7 +709,7 @@ def search_capacity(name: str, measure: Callable[[int], dict], args, split: Spli
         )
         if n is None:
             break
-        point = points[n] = base if n == 1 else measure(n)  # the baseline is the 1-viewer point
+        point = points[n] = base if n == 1 else measured(n)  # the baseline is the 1-viewer point
         v = tried[n] = capacity.verdict(point, base_p95, args.fps)
         point["search"] = ("1-viewer baseline, " if n == 1 else "") + (
             "carried" if v.carried else "not carried: " + "; ".join(v.reasons)
@@ -743,10 +783,14 @@ def capacity_markdown(found: dict[str, dict]) -> str:
 def mode_line(meta: dict) -> str:
     """Which mode the report's figures came from."""
     if meta.get("mode") == PINNED:
+        apart = meta.get("source_apart", False)
+        repeats = meta.get("point_repeats", 1)
         return (
-            f"Mode: pinned. The system under test (all its processes) on CPUs {_cpus(meta['system_cores'])}, the load"
-            f" generator (peer workers) on CPUs {_cpus(meta['generator_cores'])}; light peers count RTP headers"
-            " (benchmarks/lightpeer.py), probes decode."
+            f"Mode: pinned. The system under test ({'its fan-out' if apart else 'all its processes'}) on CPUs"
+            f" {_cpus(meta['system_cores'])}, the load generator (peer workers"
+            f"{', with the system' + chr(39) + 's source' if apart else ''}) on CPUs {_cpus(meta['generator_cores'])};"
+            " light peers count RTP headers (benchmarks/lightpeer.py), probes decode."
+            + (f" Each point of the search measured {repeats} times, judged by the medians." if repeats > 1 else "")
         )
     return "Mode: unpinned sweep. The system and the load generator share every core."
 

@@ -103,6 +103,37 @@ def test_pinned_search_reports_viewers_per_core_for_camrelay_and_mediamtx_and_wh
     assert f"the load generator (peer workers) on CPUs {','.join(map(str, generator))}" in result.stdout
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two CPUs to split")
+@pytest.mark.timeout(180)
+def test_a_pinned_search_with_the_source_apart_measures_each_point_twice_and_puts_the_worker_with_the_peers(
+    tmp_path,
+):
+    """--source-apart --point-repeats 2: the relay alone on the system's CPUs, its camera worker on the
+    generator's; every point of the search run twice, and the search's summary judged from both."""
+    out = tmp_path / "apart"
+    cmd = [sys.executable, "-m", "benchmarks.load", "--pin", "--source-apart", "--point-repeats", "2",
+           "--systems", "camrelay", "--probes", "1", "--duration", "2", "--search-start", "2",
+           "--search-points", "1", "--size", "640x360", "--fps", "15", "--bitrate", "500k", "--no-plots",
+           "--out", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=170)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    system, generator = data["meta"]["system_cores"], data["meta"]["generator_cores"]
+    assert data["meta"]["source_apart"] is True and data["meta"]["point_repeats"] == 2
+    points = data["runs"]["camrelay"]
+    assert [p["peers"] for p in points] == [1, 1, 2, 2]
+    for p in points:
+        assert p["errors"] == [] and p["frames"] > 0 and p["source_apart"] is True, p
+        relay, worker = p["system_processes"]  # the relay first, then its camera worker
+        assert relay["cores"] == system and worker["cores"] == generator, p
+    found = data["capacity"]["camrelay"]
+    assert found["points"] == [2], found
+    assert found["at_best"] is None or found["at_best"]["peers"] == 2, found  # None: 2 was not carried
+    report = out.with_suffix(".md").read_text()
+    assert f"The system under test (its fan-out) on CPUs {system[0]}" in report
+    assert "Each point of the search measured 2 times, judged by the medians." in report
+
+
 def test_lipsync_benchmark_smoke(tmp_path):
     """benchmarks.lipsync end to end, a few seconds each: every figure is there (what they are is for a full run)."""
     out = tmp_path / "lipsync.json"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.capacity import Verdict, next_viewers, result, verdict
+from benchmarks.capacity import Verdict, median_point, next_viewers, result, verdict
 
 
 def _search(limit: int, start: int = 16, ceiling: int = 512, max_points: int = 8) -> list[int]:
@@ -71,3 +71,36 @@ def test_a_failure_of_the_generator_or_none_at_all_makes_it_a_lower_bound():
     bound = {16: Verdict(True, ()), 32: Verdict(False, ("load generator saturated",), generator_bound=True)}
     assert result(bound, 1).at_least and result(bound, 1).viewers == 16
     assert result({16: Verdict(True, ()), 32: Verdict(True, ())}, 1).at_least
+
+
+def test_a_point_is_judged_by_the_median_of_its_repeats():
+    one_bad = [_point(p95=49.0, fps=29.5), _point(p95=80.0, lost_pct=2.0, fps=28.0), _point(p95=55.0)]
+    folded = median_point(one_bad)
+    assert folded["latency_ms"]["p95"] == 55.0 and folded["lost_pct"] == 0.0 and folded["fps"]["median"] == 29.5
+    assert verdict(folded, 50.0, 30.0).carried
+    cpu = [{**_point(), "relay_cpu_pct": c, "generator_cpu_pct": 10.0} for c in (40.0, 90.0, 50.0)]
+    assert median_point(cpu)["relay_cpu_pct"] == 50.0 and median_point(cpu)["generator_cpu_pct"] == 10.0
+    two_bad = [_point(p95=49.0), _point(p95=80.0), _point(p95=61.0)]
+    assert verdict(median_point(two_bad), 50.0, 30.0).reasons == ("p95 61 ms > 1.15 x 50 ms",)
+
+
+def test_repeats_that_did_not_connect_count_against_the_point():
+    lost = {"peers": 64, "errors": ["peers not connected after 120 s"], "gave_out": True}
+    assert verdict(median_point([_point(), lost, lost]), 50.0, 30.0).reasons == (
+        "not connected: peers not connected after 120 s",
+    )
+    folded = median_point([_point(), _point(), lost])  # outvoted, but kept to read
+    assert verdict(folded, 50.0, 30.0).carried
+    assert folded["repeat_errors"] == ["peers not connected after 120 s"]
+
+
+def test_the_generator_bound_a_point_when_it_did_in_most_repeats():
+    assert not verdict(median_point([_point(saturated=True), _point(), _point()]), 50.0, 30.0).generator_bound
+    assert verdict(median_point([_point(saturated=True), _point(saturated=True), _point()]), 50.0, 30.0).generator_bound
+
+
+def test_a_single_repeat_is_the_point_itself_and_none_is_an_error():
+    p = _point()
+    assert median_point([p]) is p
+    with pytest.raises(ValueError, match="at least one repeat"):
+        median_point([])
