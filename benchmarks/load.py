@@ -633,10 +633,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.target and not args.target_pid:
             ap.error("--pin with --target needs --target-pid: the target's processes are pinned by it")
         os.sched_setaffinity(0, split.generator)  # this process (no thread yet) and the peers' workers it spawns
-        where = "its fan-out on" if args.source_apart else "all its processes on"
+        where = "its fan-out" if args.source_apart else "all its processes"
         source = ", with the system's source" if args.source_apart else ""
         print(
-            f"pinned: the system under test ({where}) CPUs {_cpus(split.system)},"
+            f"pinned: the system under test ({where}) on CPUs {_cpus(split.system)},"
             f" the load generator (peer workers{source}) on CPUs {_cpus(split.generator)}",
             flush=True,
         )
