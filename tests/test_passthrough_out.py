@@ -233,8 +233,10 @@ async def test_a_recorders_snapshots_decode_only_keyframes_and_mjpeg_every_frame
     assert 0 < idle["frames_decoded"] <= idle["keyframes"] // 2 + 1
     assert idle["frames_decoded"] * 10 < idle["frames_captured"], "not every frame"
     assert all(clock_of(path.read_bytes()) is not None for path in snapshots[:4])
-    # Watched: every frame decoded while the MJPEG client reads.
+    # Watched: every frame decoded while the MJPEG client reads, not a keyframe a second. A jpeg thread that
+    # falls behind on a loaded machine leaves the rest of a GOP when the next IDR comes (it decodes from there):
+    # so the count is held to most of the frames (keyframes alone would be 2 of the 30 a second), not to all.
     decoded = watched["frames_decoded"] - asking["frames_decoded"]
     captured = watched["frames_captured"] - asking["frames_captured"]
-    assert captured > FPS and decoded >= captured - FPS // 10, (decoded, captured)
+    assert captured > FPS and 2 * decoded >= captured, (decoded, captured)
     assert all(clock_of(part) is not None for part in parts)
