@@ -81,6 +81,7 @@ async def measure(
         samples = await page.evaluate("() => window.__samples")
         heard = await page.evaluate("() => window.__audio")
         stats = await page.evaluate("() => window.camrelayPlayer.stats")
+        context_output = await page.evaluate("() => window.camrelayPlayer.audioOutputMs")
         await page.close()
     result = {
         "samples": len(samples),
@@ -96,6 +97,10 @@ async def measure(
             "onsets": len(audio),
             "latency_ms": {p: percentile(audio, p) for p in (50, 95)} if audio else None,
             "lip_sync_ms": {p: percentile(sync, p) for p in (5, 50, 95)} if sync else None,
+            # Parts of the latency: Chromium's audio jitter buffer (getStats, mean since the start), and the
+            # output latency the page's AudioContext reports (added to every reading).
+            "jitter_buffer_ms": stats.get("audioJitterBufferMs"),
+            "context_output_ms": context_output,
         }
     return result
 

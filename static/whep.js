@@ -52,7 +52,11 @@ class BurstListener {
     const node = this.ctx.createScriptProcessor(BURST_CHUNK, 1, 1);
     // Stamped when it will be heard through this context: the script gets a chunk that much before its output.
     const outputMs = () => ((this.ctx.baseLatency || 0) + (this.ctx.outputLatency || 0)) * 1000;
-    node.onaudioprocess = (ev) => this._feed(Date.now() + outputMs(), ev.inputBuffer.getChannelData(0));
+    this.outputMs = null;  // the last stamp's output latency: how much of a reading is the context's own
+    node.onaudioprocess = (ev) => {
+      this.outputMs = outputMs();
+      this._feed(Date.now() + this.outputMs, ev.inputBuffer.getChannelData(0));
+    };
     source.connect(node);
     node.connect(this.ctx.destination);  // a script node runs only when connected; it writes silence
     this.ctx.resume().catch(() => {});
@@ -156,6 +160,7 @@ class WhepPlayer {
     this.sync = Boolean(options.sync);  // lip sync (the video waits for the sound) rather than the earliest picture
     this.stream = null;  // the MediaStream the <video> plays: its video, and its audio when answered
     this.audioLatencyMs = null;  // the test sound's, median of the last readings (BurstListener)
+    this.audioOutputMs = null;  // the AudioContext's output latency, included in each reading
     this.lipSyncMs = null;  // audio latency minus video latency: positive, the sound is late
     this._audioLatencies = [];
     this._listener = null;
@@ -169,6 +174,7 @@ class WhepPlayer {
     this.stopped = true;
     this.stats = {
       framesDecoded: 0, fps: null, bitrateKbps: null, rttMs: null, jitterBufferMs: null, audioLevel: null, audioEnergy: null,
+      audioJitterBufferMs: null,
     };
     this.latencies = [];
     this.latencyReadings = 0;
@@ -365,6 +371,7 @@ class WhepPlayer {
     if (this._audioLatencies.length > LATENCY_WINDOW) this._audioLatencies.shift();
     const sorted = [...this._audioLatencies].sort((a, b) => a - b);
     this.audioLatencyMs = sorted[Math.floor(sorted.length / 2)];
+    this.audioOutputMs = this._listener ? this._listener.outputMs : null;  // of that reading, the context's output
     this.lipSyncMs = this.latencyMs == null ? null : this.audioLatencyMs - this.latencyMs;
     if (this.handlers.onAudioLatency) this.handlers.onAudioLatency(this.audioLatencyMs, this.lipSyncMs);
   }
@@ -522,6 +529,8 @@ class WhepPlayer {
       } else if (r.type === "inbound-rtp" && r.kind === "audio") {
         this.stats.audioLevel = r.audioLevel ?? null;  // 0-1, of the sound played out (muted or not)
         this.stats.audioEnergy = r.totalAudioEnergy ?? null;
+        // What Chromium's audio jitter buffer (NetEq) held each sample, on average: a part of the sound's latency.
+        if (r.jitterBufferEmittedCount) this.stats.audioJitterBufferMs = (1000 * r.jitterBufferDelay) / r.jitterBufferEmittedCount;
       } else if (r.type === "candidate-pair" && r.nominated && r.state === "succeeded") {
         if (r.currentRoundTripTime != null) this.stats.rttMs = r.currentRoundTripTime * 1000;
       }

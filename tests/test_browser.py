@@ -525,12 +525,14 @@ SOUND_AND_QUIET = (
     StreamConfig("cam0", SourceSpec("test", "")),  # the test pattern with its sound
     StreamConfig("cam1", SourceSpec("test", "", audio="off")),
 )
-# Sound heard: Chromium's getStats of the inbound Opus (as the player polls it) shows a level and energy, and the
-# page's WebAudio listener read the bursts' latency and the lip sync.
+# Sound heard: Chromium's getStats of the inbound Opus (as the player polls it) shows a level, energy and the time its
+# jitter buffer held the sound, and the page's WebAudio listener read the bursts' latency (with the part of it that
+# is the AudioContext's output latency) and the lip sync.
 HEARD = """() => {
   const p = window.camrelayPlayer;
   return p.stats.audioLevel > 0 && p.stats.audioEnergy > 0 && Number.isFinite(p.audioLatencyMs)
-    && Number.isFinite(p.lipSyncMs) && /^-?\\d+ ms$/.test(document.getElementById("lip-sync").textContent);
+    && Number.isFinite(p.lipSyncMs) && /^-?\\d+ ms$/.test(document.getElementById("lip-sync").textContent)
+    && p.stats.audioJitterBufferMs > 0 && Number.isFinite(p.audioOutputMs);
 }"""
 
 # The msid stream ids of the remote description's audio and of its video sections, as Chromium applied it.
