@@ -40,9 +40,9 @@ WORKER_MODULE = "relay.camera.worker"
 class Recorded:
     """A process whose CPU share, as the load benchmark reads it (``cpu_percent``), is kept for the report."""
 
-    def __init__(self, proc: psutil.Process, name: str) -> None:
+    def __init__(self, proc: psutil.Process, label: str) -> None:
         self.proc = proc
-        self.name = name
+        self.label = label
         self.last: float | None = None
 
     def cpu_percent(self, interval=None) -> float:
@@ -80,7 +80,7 @@ def measure_shards(n: int, args, split: Split) -> list[dict]:
         for peers in args.peers:
             point = run_point(system, peers, args.probes, args.duration, args.fps, args.light_nice, split)
             point["shards"] = n
-            point["cpu_by_process"] = {r.name: r.last for r in (*serving, *source)}
+            point["cpu_by_process"] = {r.label: r.last for r in (*serving, *source)}
             print(json.dumps(point), flush=True)
             points.append(point)
             if point["gave_out"]:
