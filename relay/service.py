@@ -88,7 +88,13 @@ class Relay:
         self.sessions: ViewerSessions | ShardedSessions
         if self.shards > 1:
             self.sessions = ShardedSessions(
-                self.shards, self.hub_for, lambda: ice.for_viewer(w), w, config.video.max_lag, config.log_level
+                self.shards,
+                self.hub_for,
+                self.audio_hub_for,
+                lambda: ice.for_viewer(w),
+                w,
+                config.video.max_lag,
+                config.log_level,
             )
         else:
             self.sessions = ViewerSessions(
@@ -177,6 +183,11 @@ class Relay:
         if stream is None:
             raise UnknownStream(name)
         return stream.hub
+
+    def audio_hub_for(self, name: str) -> PacketHub | None:
+        """The stream's audio hub; None once it is gone."""
+        stream = self.streams.get(name)
+        return stream.audio if stream is not None else None
 
     async def start(self) -> None:
         w = self.config.webrtc

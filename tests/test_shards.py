@@ -96,6 +96,12 @@ async def test_four_viewers_land_on_both_shards_and_decode_frames_the_relay_enco
                 return {"shard-0", "shard-1"} <= set((await status(http, relay))["processes"])
 
             await until(memory_reported, "the shards' memory in processes")
+
+            async def viewers_counted() -> bool:  # the shards' figures, a second apart, in the stream's
+                cam = (await status(http, relay))["streams"][0]
+                return cam["fanout_delay_ms"]["p50"] is not None and cam["fanout"]["delivered"] >= 4 * FRAMES
+
+            await until(viewers_counted, "the shards' viewers in the stream's fan-out figures")
             # The relay's hubs feed each shard once, not each viewer: no viewer subscribes here.
             assert sorted(sub.name for sub in stream.hub.subscribers) == ["shard0-video", "shard1-video", "test-tap"]
             assert sorted(sub.name for sub in stream.audio.subscribers) == ["shard0-audio", "shard1-audio"]

@@ -27,7 +27,7 @@ from aiortc import RTCIceServer
 
 from .. import ipc, shardipc
 from ..aio import read_pipe
-from ..hub import EncodedFrame, PacketHub
+from ..hub import DelayWindow, EncodedFrame, PacketHub
 from ..lag import KeyframeGate
 from ..logsafe import ForwardingHandler
 from ..stream import AUDIO_QUEUE_FRAMES
@@ -37,6 +37,9 @@ log = logging.getLogger("relay.webrtc.shard")  # not __name__: this module runs 
 
 READ_LIMIT = 1 << 20  # the most one read of the pipe takes (frames of every stream, the relay's requests)
 STATS_INTERVAL = 1.0  # seconds between the figures sent to the relay: the API's refresh
+# Fan-out delays sent to the relay per stream per report: 30 viewers' worth of 30 fps, a few KiB of JSON a second;
+# more viewers' are left out of the relay's percentiles (the shard's own window still has them).
+REPORTED_DELAYS = 900
 
 
 class Output:
@@ -60,6 +63,24 @@ class Output:
                     view = view[os.write(self._fd, view) :]
             except OSError:
                 self.broken = True  # the relay is gone: stdin ends too, and with it this process
+
+
+class ReportedDelays(DelayWindow):
+    """A hub's fan-out delays (each frame's publish in the relay to its send here, per viewer), also kept since the
+    last report for the relay's own window (``take``): at most ``REPORTED_DELAYS`` a report, the first ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._fresh: list[float] = []
+
+    def add(self, seconds: float) -> None:
+        super().add(seconds)
+        if len(self._fresh) < REPORTED_DELAYS:
+            self._fresh.append(round(seconds, 5))
+
+    def take(self) -> list[float]:
+        fresh, self._fresh = self._fresh, []
+        return fresh
 
 
 class Shard:
@@ -96,6 +117,7 @@ class Shard:
             )
             # Laggards' requests go to the relay marked as such: its own gate decides (one a second, all shards).
             hub.keyframe_gate = KeyframeGate(lambda: self._ask_keyframe(name, shardipc.FLAG_LAG))
+            hub.fanout_delay = ReportedDelays()  # its viewers' delays go to the relay's window too
             self.hubs[name] = hub
         return hub
 
@@ -189,12 +211,15 @@ class Shard:
     def stats(self) -> shardipc.ShardStats:
         streams = {}
         for name, hub in self.hubs.items():
+            audio = self.audio.get(name)
             streams[name] = {
                 "viewers": self.sessions.count(name),
                 "connected": self.sessions.connected(name),
                 "delivered": hub.delivered,
-                "dropped": hub.dropped + (self.audio[name].dropped if name in self.audio else 0),
+                "dropped": hub.dropped,
                 "resyncs": hub.resyncs,
+                "audio_dropped": audio.dropped if audio is not None else 0,
+                "fanout_delays": hub.fanout_delay.take(),  # type: ignore[attr-defined]
             }
         times = os.times()
         return shardipc.ShardStats(streams, round(times.user + times.system, 3))

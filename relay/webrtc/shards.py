@@ -245,7 +245,9 @@ class ShardProcess:
         elif kind == shardipc.KEYFRAME:
             self.pool.on_keyframe_request(msg.stream, bool(msg.flags & shardipc.FLAG_LAG))
         elif kind == shardipc.STATS:
-            self.stats = shardipc.ShardStats.from_bytes(msg.payload)
+            stats = shardipc.ShardStats.from_bytes(msg.payload)
+            self.pool.on_stats(self.stats, stats)
+            self.stats = stats
         elif kind == shardipc.LOG:
             line = shardipc.LogLine.from_bytes(msg.payload)
             logging.getLogger(line.logger).log(line.level, "%s", redact(line.message, SECRET_FILTER.secrets))
@@ -264,7 +266,7 @@ class ShardProcess:
     def figures(self) -> dict:
         """Its line of the API's ``shards``."""
         viewers = [s for s in self.pool.all_sessions() if s.shard == self.index]
-        in_shard = sum(s.get("dropped", 0) for s in self.stats.streams.values())
+        in_shard = sum(s["dropped"] + s["audio_dropped"] for s in self.stats.streams.values())
         return {
             "shard": self.index,
             "pid": self.pid,
@@ -288,6 +290,7 @@ class ShardedSessions(SessionCounts):
         self,
         count: int,
         hub_for: Callable[[str], PacketHub],
+        audio_for: Callable[[str], PacketHub | None],
         ice_servers: Callable[[], list[IceServer]],
         webrtc: WebRTCConfig,
         max_lag: float,
@@ -295,6 +298,7 @@ class ShardedSessions(SessionCounts):
         retry: Retry | None = None,
     ) -> None:
         self._hub_for = hub_for
+        self._audio_for = audio_for
         self._ice_servers = ice_servers
         config = shardipc.ShardConfig(
             0, list(webrtc.ice_addresses), list(webrtc.additional_hosts), webrtc.connect_timeout, webrtc.batch_sends,
@@ -409,6 +413,24 @@ class ShardedSessions(SessionCounts):
                 "stream=%s session=%s closed (%s) viewers=%d shard=%d",
                 session.stream, session.id[:8], event.why, self.count(session.stream), shard.index,
             )  # fmt: skip
+
+    def on_stats(self, before: shardipc.ShardStats, now: shardipc.ShardStats) -> None:
+        """A shard's figures since its last: what its viewers took, dropped and resynced, and their fan-out delays,
+        added to the stream's hubs, so the API's per-stream counts are every viewer's, as in one process."""
+        for name, figures in now.streams.items():
+            try:
+                hub = self._hub_for(name)
+            except KeyError:
+                continue  # the stream closed meanwhile
+            audio = self._audio_for(name)
+            old = before.streams.get(name, {})
+            hub.delivered += figures["delivered"] - old.get("delivered", 0)
+            hub.dropped += figures["dropped"] - old.get("dropped", 0)
+            hub.resyncs += figures["resyncs"] - old.get("resyncs", 0)
+            if audio is not None:
+                audio.dropped += figures["audio_dropped"] - old.get("audio_dropped", 0)
+            for seconds in figures["fanout_delays"]:
+                hub.fanout_delay.add(seconds)
 
     def on_keyframe_request(self, number: int, lag: bool) -> None:
         name = next((n for n, i in self._numbers.items() if i == number), None)
