@@ -14,6 +14,7 @@ import os
 import signal
 import time
 
+import psutil
 import pytest
 
 from benchmarks.bursts import BurstReader, consecutive
@@ -91,6 +92,10 @@ async def test_four_viewers_land_on_both_shards_and_decode_frames_the_relay_enco
                 metrics = await resp.text()
             assert 'camrelay_shard_viewers{shard="0"} 2' in metrics and 'camrelay_shard_up{shard="1"} 1' in metrics
             assert all(s["pid"] not in (None, os.getpid()) for s in now["shards"])
+            for shard in now["shards"]:  # its settings in its environment, nothing of the relay's own
+                proc = psutil.Process(shard["pid"])
+                assert proc.cmdline()[-2:] == ["-m", "relay.webrtc.shard"]
+                assert {k for k in proc.environ() if k.startswith("CAMRELAY_")} == {"CAMRELAY_SHARD_CONFIG"}
 
             async def memory_reported() -> bool:  # the telemetry's next sample names the shards' processes
                 return {"shard-0", "shard-1"} <= set((await status(http, relay))["processes"])
