@@ -284,3 +284,31 @@ async def test_a_joiner_and_a_pli_in_a_shard_get_a_keyframe_forced_by_the_relays
     finally:
         await asyncio.gather(first.close(), late.close())
         await runner.cleanup()
+
+
+async def test_a_stuck_shard_is_killed_by_its_watchdog_and_restarted(http):
+    runner, relay = await start_relay(make_config(shards=2))
+    stream = relay.relay.streams["cam0"]
+    stuck, newcomer = WhepViewer(relay.whep(), http), WhepViewer(relay.whep(), http)
+    try:
+        with EncodedFrames(stream) as encoded:
+            await stuck.connect()
+            victim = shard_of(relay, stuck)
+            await decodes_encoded_frames(stuck, encoded)
+            before = (await status(http, relay))["shards"][victim]
+            os.kill(before["pid"], signal.SIGSTOP)  # alive, but its loop answers nothing: a hung shard
+
+            async def restarted() -> bool:
+                shard = (await status(http, relay))["shards"][victim]
+                return shard["restarts"] == 1 and shard["up"] and shard["pid"] != before["pid"]
+
+            await until(restarted, f"shard {victim} killed and restarted")
+            shard = (await status(http, relay))["shards"][victim]
+            assert (shard["stalls"], shard["viewers"]) == (1, 0)
+            async with http.delete(stuck.location) as resp:
+                assert resp.status == 404
+            await newcomer.connect()
+            await decodes_encoded_frames(newcomer, encoded)
+    finally:
+        await asyncio.gather(stuck.close(delete=False), newcomer.close())
+        await runner.cleanup()

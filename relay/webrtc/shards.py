@@ -30,13 +30,14 @@ import dataclasses
 import itertools
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import shardipc
-from ..aio import read_pipe
+from ..aio import cancel_and_wait, read_pipe, signal_group
 from ..backoff import Retry
 from ..config import IceServer, WebRTCConfig
 from ..hub import EncodedFrame, HubClosed, PacketHub, Subscription
@@ -56,6 +57,11 @@ FEED_HIGH_WATER = 512 * 1024
 # stuck, and the viewer gets a 503 and retries.
 REQUEST_TIMEOUT = 30.0
 PIPE_LIMIT = 1 << 20  # the most one read of a shard's stdout takes
+# A shard sends its figures every second (relay.webrtc.shard.STATS_INTERVAL); this long without a message from it,
+# its event loop is stuck (or the process stopped): it is killed and restarted, its viewers reconnect elsewhere.
+SHARD_STALL = 5.0
+SHARD_STARTUP_GRACE = 20.0  # a fresh shard imports aiortc and PyAV first: seconds on a loaded Pi
+WATCHDOG_PERIOD = 0.5
 MAX_SHARDS = 64  # a Pi has 4 cores; more shards than this is a typo
 
 
@@ -154,6 +160,8 @@ class ShardProcess:
         self.named: set[str] = set()  # streams this process was told the number of
         self.stats = shardipc.ShardStats({}, 0.0)
         self.frames_dropped = 0  # by the relay's hubs for this shard's feeds, every process it ran
+        self.stalls = 0  # times its watchdog killed it
+        self._heard = 0.0  # monotonic time of its last message
         self._pending: dict[int, asyncio.Future[shardipc.Reply]] = {}
         self._closing: list[Feed] = []
 
@@ -218,16 +226,33 @@ class ShardProcess:
         self.up = True
         self.named = set()
         self.stats = shardipc.ShardStats({}, 0.0)
+        self._heard = time.monotonic() + SHARD_STARTUP_GRACE - SHARD_STALL
         log.info("shard=%d pid=%d started", self.index, proc.pid)
 
     async def _run(self, proc: Process) -> None:
         assert proc.stdout is not None
+        watchdog = asyncio.get_running_loop().create_task(self._watchdog(proc))
         try:
             await read_pipe(proc.stdout, shardipc.Reader().feed, self._on_message, PIPE_LIMIT)
         except ProtocolError as exc:
             log.error("shard=%d pipe is corrupt (%s); restarting it", self.index, exc)
+        finally:
+            await cancel_and_wait(watchdog)
+
+    async def _watchdog(self, proc: Process) -> None:
+        """A shard that sends nothing (its figures come every second) for ``SHARD_STALL`` is stuck: killed, and
+        restarted by its supervision like one that died."""
+        while proc.returncode is None:
+            await asyncio.sleep(WATCHDOG_PERIOD)
+            silent = time.monotonic() - self._heard
+            if silent > SHARD_STALL and proc.returncode is None:
+                self.stalls += 1
+                log.error("shard=%d sent nothing for %.1fs; killing it", self.index, silent)
+                signal_group(proc, signal.SIGKILL)
+                return
 
     def _on_message(self, msg: shardipc.Message) -> None:
+        self._heard = time.monotonic()
         try:
             self._handle(msg)
         except (ValueError, KeyError, TypeError) as exc:
@@ -272,6 +297,7 @@ class ShardProcess:
             "pid": self.pid,
             "up": self.up,
             "restarts": self.child.restarts,
+            "stalls": self.stalls,  # of those restarts, the ones its watchdog killed it for (stuck)
             "viewers": len(viewers),
             "viewers_connected": sum(1 for s in viewers if s.connected_at is not None),
             "cpu_seconds": self.stats.cpu_seconds,  # of the process running now
