@@ -30,6 +30,15 @@ async def cancel_and_wait(task: asyncio.Task | None) -> None:
         log.exception("task %s had failed", task.get_name())
 
 
+async def read_pipe(pipe: asyncio.StreamReader, feed, handle, limit: int) -> None:
+    """A child's messages: each read of ``pipe`` (at most ``limit`` bytes) through ``feed`` (a protocol's
+    ``Reader.feed``: bytes in, whole messages out, raising for a corrupt stream), each message to ``handle``, until
+    the pipe ends."""
+    while data := await pipe.read(limit):
+        for msg in feed(data):
+            handle(msg)
+
+
 def signal_group(proc: asyncio.subprocess.Process, sig: int) -> None:
     """Send ``sig`` to a child started with ``start_new_session=True`` and everything it
     started (its process group); on systems without process groups, to the child alone."""

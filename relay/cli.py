@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="offer ICE host candidates only on this address (repeatable)",
     )
+    s.add_argument(
+        "--shards",
+        dest="webrtc.shards",
+        metavar="N",
+        help="fan-out processes serving the WebRTC viewers: a number, or auto (default: from the cores)",
+    )
     s.add_argument("--rtsp-port", dest="rtsp.port", help="RTSP port for NVR software (default 8554)")
     s.add_argument(
         "--rtsp-publish-url",

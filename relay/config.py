@@ -51,6 +51,10 @@ MIN_TURN_LIFETIME = 60.0
 PLAYOUT_DELAY_UNIT_MS = 10
 PLAYOUT_DELAY_MAX_MS = 0xFFF * PLAYOUT_DELAY_UNIT_MS  # 40.95 s
 PLAYOUT_DELAY_OFF = ("off", "none", "false")
+# webrtc.shards: fan-out processes serving the WebRTC viewers (relay.webrtc.shards). A Pi has 4 cores; more than
+# this is a typo. "auto" is kept as 0 and decided from the cores at start (relay.webrtc.shards.shards_for).
+MAX_SHARDS = 64
+AUTO_SHARDS = 0
 AUTH_MODES = ("token", "password", "none")
 # How a viewer joining a stream (or one that fell behind) gets its first picture: "keyframe" forces an IDR for it,
 # "cached_gop" starts it at once from the hub's cache of the current GOP, "auto" does the latter for streams that
@@ -181,6 +185,9 @@ class WebRTCConfig:
     # The playout-delay header extension sent to viewers that offer it, (min, max) in ms; None: not negotiated,
     # as aiortc does (docs/benchmarks.md, "Playout delay", for why the default).
     playout_delay: tuple[int, int] | None = (0, 0)
+    # Fan-out processes the viewers' peer connections live in (relay.webrtc.shards); 1: in the relay's own process;
+    # AUTO_SHARDS ("auto"): from the number of cores.
+    shards: int = AUTO_SHARDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -458,6 +465,16 @@ def parse_playout_delay(v: Any) -> tuple[int, int] | None:
     return low, high
 
 
+def parse_shards(v: Any) -> int:
+    """``"auto"`` -> ``AUTO_SHARDS``; else a whole number of fan-out processes, 1..``MAX_SHARDS``."""
+    if isinstance(v, str) and v.strip().lower() == "auto":
+        return AUTO_SHARDS
+    try:
+        return _int(1, MAX_SHARDS)(v)
+    except ValueError as exc:
+        raise ValueError(f'expected "auto" or a whole number of processes in 1..{MAX_SHARDS}, got {v!r}') from exc
+
+
 def _fps(v: Any) -> float:
     return parse_fps(str(v))
 
@@ -594,6 +611,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "session_burst": _int(1, MAX_VIEWERS_LIMIT),
         "batch_sends": _bool,
         "playout_delay": parse_playout_delay,
+        "shards": parse_shards,
     },
     "telemetry": {"log_interval": _duration(1.0, DAY), "thermal_limit": _celsius},
     "devices": {"discover": _bool, "discover_interval": _duration(0.1, 3600.0)},

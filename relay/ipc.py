@@ -175,7 +175,7 @@ def _fields(cls) -> tuple[tuple[str, type], ...]:
     return tuple((f.name, types[f.name]) for f in dataclasses.fields(cls))
 
 
-def _from_json(cls, data: bytes | str):
+def from_json(cls, data: bytes | str):
     """An instance of the dataclass ``cls`` from a JSON object holding every one of its fields, each of its type;
     ``ValueError`` (or ``KeyError``, ``TypeError``) otherwise."""
     raw = json.loads(data)
@@ -190,7 +190,7 @@ def _from_json(cls, data: bytes | str):
     return cls(**values)
 
 
-def _to_json(obj) -> bytes:
+def to_json(obj) -> bytes:
     """The dataclass ``obj`` (plain values only: what crosses is flat) as a JSON object."""
     return json.dumps({name: getattr(obj, name) for name, _ in _fields(type(obj))}, separators=(",", ":")).encode()
 
@@ -222,11 +222,11 @@ class WorkerConfig:
     audio: str = ""
 
     def to_json(self) -> str:
-        return _to_json(self).decode()
+        return to_json(self).decode()
 
     @classmethod
     def from_json(cls, data: bytes | str) -> WorkerConfig:
-        return _from_json(cls, data)
+        return from_json(cls, data)
 
 
 @dataclass(slots=True)
@@ -300,8 +300,8 @@ class WorkerStatus(Counters):
     started: float = field(default_factory=time.time)
 
     def to_json(self) -> bytes:
-        return _to_json(self)
+        return to_json(self)
 
     @classmethod
     def from_json(cls, data: bytes | str) -> WorkerStatus:
-        return _from_json(cls, data)
+        return from_json(cls, data)

@@ -7,7 +7,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from urllib.parse import quote, unquote
 
 # The same warning at most this often; the lines between are counted, not lost.
@@ -125,6 +125,25 @@ class SecretFilter(logging.Filter):
 
 
 SECRET_FILTER = SecretFilter()  # the one the CLI puts on its log handler; secrets are added as they become known
+
+
+class ForwardingHandler(logging.Handler):
+    """Log records handed to another process (a child's, to the relay, which logs them under the same logger
+    name): ``send(level, logger name, message)``, the message and its traceback redacted first (what leaves the
+    process)."""
+
+    def __init__(self, send: Callable[[int, str, str], None]) -> None:
+        super().__init__()
+        self._send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = record.getMessage()
+            if record.exc_info:
+                msg += "\n" + logging.Formatter().formatException(record.exc_info)
+            self._send(record.levelno, record.name, redact(msg, SECRET_FILTER.secrets))
+        except Exception:
+            self.handleError(record)
 
 
 def redact_url(url: str) -> str:

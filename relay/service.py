@@ -37,6 +37,7 @@ from .stream import Consumer, Stream
 from .telemetry import Snapshot, Telemetry, ThermalGuard
 from .webrtc import ice
 from .webrtc.sessions import ViewerSessions, process_patches
+from .webrtc.shards import ShardedSessions, cpu_count, shards_for
 from .webrtc.whip import WhipPublisher
 
 log = logging.getLogger(__name__)
@@ -83,14 +84,27 @@ class Relay:
         self.config = config
         self.streams: dict[str, Stream] = {}
         w = config.webrtc
-        self.sessions = ViewerSessions(
-            self.hub_for,
-            lambda: ice.for_relay(w),
-            w.connect_timeout,
-            additional_hosts=w.additional_hosts,
-            batch=w.batch_sends,
-            playout_delay=w.playout_delay,
-        )
+        self.shards = w.shards or shards_for(cpu_count())  # "auto" (0): from the cores this process may use
+        self.sessions: ViewerSessions | ShardedSessions
+        if self.shards > 1:
+            self.sessions = ShardedSessions(
+                self.shards,
+                self.hub_for,
+                self.audio_hub_for,
+                lambda: ice.for_viewer(w),
+                w,
+                config.video.max_lag,
+                config.log_level,
+            )
+        else:
+            self.sessions = ViewerSessions(
+                self.hub_for,
+                lambda: ice.for_relay(w),
+                w.connect_timeout,
+                additional_hosts=w.additional_hosts,
+                batch=w.batch_sends,
+                playout_delay=w.playout_delay,
+            )
         self.state_dir = Path(config.state_dir) if config.state_dir else default_state_dir()
         self.mediamtx: Mediamtx | None = None
         rc = config.record
@@ -170,6 +184,11 @@ class Relay:
             raise UnknownStream(name)
         return stream.hub
 
+    def audio_hub_for(self, name: str) -> PacketHub | None:
+        """The stream's audio hub; None once it is gone."""
+        stream = self.streams.get(name)
+        return stream.audio if stream is not None else None
+
     async def start(self) -> None:
         w = self.config.webrtc
         running = self._running
@@ -177,6 +196,7 @@ class Relay:
             running.enter_context(process_patches(w.ice_addresses, w.batch_sends))
             ice.log_settings(w)
             running.push_async_callback(_stop, "viewers", self.sessions.close_all)
+            await self.sessions.start()
             initial = list(self.config.streams)
             if self.automatic:
                 assert self.discovery is not None
@@ -271,6 +291,8 @@ class Relay:
         for name, stream in self.streams.items():
             pids[f"worker-{name}"] = stream.pid
         pids["mediamtx"] = self.mediamtx.pid if self.mediamtx else None
+        for shard in self.sessions.shards():
+            pids[f"shard-{shard['shard']}"] = shard["pid"]
         return pids
 
     def stream_statuses(self) -> list[StreamStatus]:

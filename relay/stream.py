@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from . import h264, ipc
-from .aio import cancel_and_wait, signal_group
+from .aio import cancel_and_wait, read_pipe, signal_group
 from .backoff import Retry
 from .hub import EncodedFrame, PacketHub
 from .ipc import EncoderSettings
@@ -442,15 +442,10 @@ class Stream:
 
     async def read_worker(self, pipe: asyncio.StreamReader) -> None:
         """The worker's messages (``relay.ipc``) from its stdout, until it ends or turns out corrupt."""
-        reader = ipc.Reader()
-        while data := await pipe.read(PIPE_LIMIT):
-            try:
-                messages = reader.feed(data)
-            except ipc.ProtocolError as exc:
-                log.error("stream=%s worker pipe is corrupt (%s); restarting the worker", self.name, exc)
-                return
-            for msg in messages:
-                self._on_message(msg)
+        try:
+            await read_pipe(pipe, ipc.Reader().feed, self._on_message, PIPE_LIMIT)
+        except ipc.ProtocolError as exc:
+            log.error("stream=%s worker pipe is corrupt (%s); restarting the worker", self.name, exc)
 
     def _on_message(self, msg: ipc.Message) -> None:
         if msg.kind == ipc.UNIT:

@@ -51,6 +51,7 @@ async def api_status(request: web.Request) -> web.Response:
     snapshot = now.as_dict()
     snapshot["streams"] = _streams(request, now.streams)
     snapshot["viewers"] = relay.sessions.connected()
+    snapshot["shards"] = relay.sessions.shards()  # the fan-out processes ([webrtc] shards > 1); [] in-process
     snapshot["rtsp"] = {
         "enabled": relay.config.rtsp.enabled,
         "mediamtx_up": relay.mediamtx.ready.is_set() if relay.mediamtx else None,

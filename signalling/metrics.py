@@ -16,6 +16,17 @@ FAILED_STATES = (ENCODER_ERROR,)  # stream states that make /healthz answer 503
 async def metrics(request: web.Request) -> web.Response:
     relay = request.app[RELAY]
     extra = [Metric("camrelay_viewers", "gauge", "WebRTC viewers connected, all streams.", relay.sessions.connected())]
+    for shard in relay.sessions.shards():  # [webrtc] shards > 1: the fan-out processes, as /api/v1/status has them
+        labels = {"shard": str(shard["shard"])}
+        extra += [
+            Metric("camrelay_shard_up", "gauge", "1 while the fan-out shard runs.", int(shard["up"]), labels),
+            Metric("camrelay_shard_viewers", "gauge", "WebRTC sessions the fan-out shard holds.", shard["viewers"],
+                   labels),
+            Metric("camrelay_shard_restarts_total", "counter", "Fan-out shard restarts.", shard["restarts"], labels),
+            *(Metric("camrelay_shard_frames_dropped_total", "counter",
+                     "Frames dropped for the fan-out shard: by the relay's feed (pipe), by its viewers (viewer_lag).",
+                     n, {**labels, "reason": reason}) for reason, n in shard["frames_dropped"].items()),
+        ]  # fmt: skip
     if relay.mediamtx is not None:
         extra += [
             Metric("camrelay_mediamtx_up", "gauge", "1 while mediamtx answers.", int(relay.mediamtx.ready.is_set())),

@@ -19,6 +19,7 @@ from relay.logsafe import Throttled
 from relay.service import UnknownStream
 from relay.webrtc import ice
 from relay.webrtc.sessions import OfferRejected
+from relay.webrtc.shards import ShardUnavailable
 
 from .access import VIEWER
 from .common import RELAY, error, stream_or_404
@@ -98,6 +99,13 @@ async def whep_offer(request: web.Request) -> web.Response:
         raise error(web.HTTPBadRequest, str(exc)) from None
     except UnknownStream:
         raise error(web.HTTPNotFound, f"no stream named {name!r}") from None
+    except (ShardUnavailable, TimeoutError) as exc:  # a fan-out shard restarting or stuck: one line, a retry
+        refusals.warn("stream=%s no fan-out shard took the viewer: %s", name, exc or type(exc).__name__)
+        raise error(
+            web.HTTPServiceUnavailable,
+            f"could not set up the session: {exc or 'the fan-out shard did not answer'}",
+            headers={"Retry-After": RETRY_AFTER_PENDING},
+        ) from None
     except Exception as exc:  # ICE could not bind, DTLS setup failed: ours, not the client's
         log.exception("stream=%s could not set up a viewer session", name)
         raise error(
@@ -214,7 +222,7 @@ async def whep_patch(request: web.Request) -> web.Response:
     fragment = "".join(
         line for line in body.decode("utf-8", "replace").splitlines(keepends=True) if not is_mdns_candidate(line)
     )
-    if is_ice_restart(fragment, session.pc.remoteDescription.sdp):
+    if is_ice_restart(fragment, session.offer_sdp):
         # aiortc cannot restart ICE. draft-ietf-wish-whep-03 §4.5.1: a session that trickles but cannot
         # restart answers 422, and keeps its ICE session.
         raise error(
@@ -231,6 +239,12 @@ async def whep_patch(request: web.Request) -> web.Response:
         await request.app[RELAY].sessions.add_candidates(session, fragment)
     except OfferRejected as exc:
         raise error(web.HTTPBadRequest, str(exc)) from None
+    except ShardUnavailable:  # its fan-out shard ended meanwhile, and the session with it
+        raise error(web.HTTPNotFound, "no such session") from None
+    except TimeoutError:
+        raise error(
+            web.HTTPServiceUnavailable, "the session's fan-out shard did not answer", headers={"Retry-After": "5"}
+        ) from None
     return web.Response(status=204)
 
 

@@ -151,6 +151,7 @@ def make_config(
     auth: AuthConfig = OPEN,
     allowed_hosts: tuple[str, ...] = (),
     playout_delay: tuple[int, int] | None | str = "default",
+    shards: int = 1,
 ) -> Config:
     return Config(
         streams=streams or (StreamConfig("cam0", SourceSpec("test", "")),),
@@ -173,6 +174,7 @@ def make_config(
             max_pending_per_address=max_pending_per_address,
             session_rate=session_rate,
             session_burst=session_burst,
+            shards=shards,  # 1: in-process, whatever the machine's cores ("auto" would shard on more than 2)
             **({} if playout_delay == "default" else {"playout_delay": playout_delay}),
         ),
         rtsp=rtsp_config(rtsp, rtsp_user, rtsp_password),

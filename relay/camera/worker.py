@@ -37,7 +37,7 @@ from ..backoff import Retry
 from ..devices import offers_h264
 from ..h264 import H264Error, ParameterSets
 from ..ipc import KEYFRAME_MIN_INTERVAL, EncoderSettings
-from ..logsafe import SECRET_FILTER, redact, url_passwords
+from ..logsafe import SECRET_FILTER, ForwardingHandler, redact, url_passwords
 from ..source import ModeDecision, PassthroughRefused, decide_mode, parse_source_spec
 from .capture import CapturedFrame, PacketSource, Source, SourceClock, SourceError, UseDemuxer, open_source
 from .encode import PTS_CLOCK, DecodeError, H264Encoder, JpegDecoder, JpegEncoder
@@ -772,24 +772,6 @@ class PipeWriter:
                 self._on_broken()
 
 
-class PipeLogHandler(logging.Handler):
-    """Sends log records to the relay, which logs them under the same logger name."""
-
-    def __init__(self, emit: Emit) -> None:
-        super().__init__()
-        self._emit = emit
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            msg = record.getMessage()
-            if record.exc_info:
-                msg += "\n" + logging.Formatter().formatException(record.exc_info)
-            msg = redact(msg, SECRET_FILTER.secrets)  # message and traceback: what leaves this process
-            self._emit(ipc.pack_json(ipc.LOG, {"level": record.levelno, "logger": record.name, "message": msg}))
-        except Exception:
-            self.handleError(record)
-
-
 def main(argv: list[str] | None = None) -> int:
     cfg = ipc.WorkerConfig.from_json(argv[0] if argv else os.environ.pop(ipc.WORKER_CONFIG_ENV))
     out_fd = os.dup(1)
@@ -797,7 +779,11 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     emit = PipeWriter(out_fd, stop.set)
     root = logging.getLogger()
-    root.handlers[:] = [PipeLogHandler(emit)]
+    root.handlers[:] = [
+        ForwardingHandler(
+            lambda level, name, msg: emit(ipc.pack_json(ipc.LOG, {"level": level, "logger": name, "message": msg}))
+        )
+    ]
     root.setLevel(cfg.log_level.upper())
 
     def on_sigterm(*_: object) -> None:

@@ -88,8 +88,40 @@ class ViewerSession:
     def state(self) -> str:
         return self.pc.connectionState
 
+    @property
+    def offer_sdp(self) -> str:
+        """The offer as applied: what a trickled fragment's ICE credentials are checked against."""
+        return self.pc.remoteDescription.sdp
 
-class ViewerSessions:
+
+class SessionCounts:
+    """What WHEP's limits and the API count, of sessions answered (``_sessions``, by id) and being set up
+    (``_creating``): each with its ``stream``, ``remote`` and ``connected_at``. Viewers in this process
+    (``ViewerSessions``) or in fan-out shards (``relay.webrtc.shards``)."""
+
+    _sessions: dict
+    _creating: set
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def get(self, session_id: str):
+        return self._sessions.get(session_id)
+
+    def all_sessions(self):
+        yield from self._sessions.values()
+        yield from self._creating
+
+    def count(self, stream: str | None = None) -> int:
+        """Sessions of ``stream`` (or all), those still being set up included."""
+        return sum(1 for s in self.all_sessions() if stream is None or s.stream == stream)
+
+    def pending(self, remote: str | None = None) -> int:
+        """Sessions being set up or answered but not connected yet (from client address ``remote``, or all)."""
+        return sum(1 for s in self.all_sessions() if s.connected_at is None and (remote is None or s.remote == remote))
+
+
+class ViewerSessions(SessionCounts):
     """Every WebRTC viewer of every stream: create from an offer, free on every exit path."""
 
     def __init__(
@@ -101,8 +133,12 @@ class ViewerSessions:
         additional_hosts: tuple[str, ...] = (),
         batch: bool = True,
         playout_delay: tuple[int, int] | None = None,
+        on_change: Callable[[ViewerSession, str, str], None] | None = None,
     ) -> None:
         self._hub_for = hub_for
+        # Told (session, "connected" or "closed", why) as a session connects and as it ends (a fan-out shard tells
+        # the relay, relay.webrtc.shard).
+        self._on_change = on_change
         self._playout_delay = playout_delay  # (min, max) ms to viewers that offer the extension; None: not sent
         self._batch = batch  # RTP through the socket batcher (relay.webrtc.udpbatch)
         self._silence = silence
@@ -118,23 +154,12 @@ class ViewerSessions:
         self._creating: set[ViewerSession] = set()
         self._closing: set[asyncio.Task[None]] = set()
 
-    def __len__(self) -> int:
-        return len(self._sessions)
+    async def start(self) -> None:
+        pass  # in-process: nothing to start (relay.webrtc.shards starts its processes)
 
-    def get(self, session_id: str) -> ViewerSession | None:
-        return self._sessions.get(session_id)
-
-    def count(self, stream: str | None = None) -> int:
-        """Sessions of ``stream`` (or all), those still being set up included."""
-        return sum(1 for s in self._all() if stream is None or s.stream == stream)
-
-    def pending(self, remote: str | None = None) -> int:
-        """Sessions being set up or answered but not connected yet (from client address ``remote``, or all)."""
-        return sum(1 for s in self._all() if s.connected_at is None and (remote is None or s.remote == remote))
-
-    def _all(self):
-        yield from self._sessions.values()
-        yield from self._creating
+    def shards(self) -> list[dict]:
+        """Per fan-out shard figures (``relay.webrtc.shards``); none here: every viewer is in this process."""
+        return []
 
     def connected(self, stream: str | None = None) -> int:
         return sum(
@@ -142,13 +167,20 @@ class ViewerSessions:
         )
 
     async def create(
-        self, stream: str, offer_sdp: str, remote: str, audio: PacketHub | None = None
+        self,
+        stream: str,
+        offer_sdp: str,
+        remote: str,
+        audio: PacketHub | None = None,
+        ice_servers: list[RTCIceServer] | None = None,
     ) -> tuple[ViewerSession, str]:
         """Answer an offer; returns the session and the SDP answer. Raises ``OfferRejected``. ``audio``: the
-        stream's audio hub, sent to the offer's audio section (``signalling.sdp.find_audio``)."""
+        stream's audio hub, sent to the offer's audio section (``signalling.sdp.find_audio``); ``ice_servers``:
+        this session's (a fan-out shard's, minted by the relay), else the relay's own."""
         hub = self._hub_for(stream)
         session_id = secrets.token_urlsafe(16)
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=self._ice_servers()))
+        servers = self._ice_servers() if ice_servers is None else ice_servers
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
         track = HubTrack(hub, f"webrtc-{session_id[:8]}")
         session = ViewerSession(session_id, stream, remote, pc, track)
         self._creating.add(session)
@@ -239,6 +271,8 @@ class ViewerSessions:
             why,
             self.count(session.stream),
         )
+        if self._on_change is not None:
+            self._on_change(session, "closed", why)
         session.stop_tracks()
         await session.pc.close()
         return True
@@ -268,6 +302,8 @@ class ViewerSessions:
                 session.id[:8],
                 (session.connected_at - session.created) * 1000,
             )
+            if self._on_change is not None:
+                self._on_change(session, "connected", "")
         elif state in ("failed", "closed") and not session.closed:
             self._close_soon(session.id, f"connection {state}")
 
