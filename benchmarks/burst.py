@@ -8,9 +8,13 @@ transcoded stream) and ``--watchers`` viewers that stay (``benchmarks.markerprob
 marker bit, its pixel clock read; nothing held by the reader). After ``--baseline`` seconds, ``--joiners`` WHEP
 viewers start their offers at the same instant, spread over worker processes of ``--per-worker``
 (``benchmarks.peers.PEERS_PER_WORKER`` by default). Each joiner is a real aiortc peer (ICE, DTLS, SRTP) whose
-decrypted RTP is depacketized here and whose first IDR is decoded: its first picture. Measured per joiner, from just
-before its POST: the answer, ICE+DTLS connected, the first decoded picture (and that picture's age by its pixel
-clock); one that is not connected with a picture within ``--give-up`` seconds counts as failed, with the reason.
+decrypted RTP is depacketized here and whose first IDR is decoded at its marker bit: its first picture. Measured per
+joiner, from just before it makes its offer (``first_picture_*``; ``from_post_*`` from its POST, once the offer is
+made: the issue's measure): the offer made, the answer, ICE, ICE+DTLS connected, its first RTP packet, its first
+keyframe whole, the first decoded picture (its decode's own time, and the picture's age by its pixel clock); and the
+relay's own steps for it (``benchmarks/looplag/jointrace.py``: answered, connected, subscribed and how it starts, the
+keyframe it starts from published, first frame sent). One that is not connected with a picture within ``--give-up``
+seconds counts as failed, with the reason.
 After ``--hold`` seconds of watching, the joiners leave; the next repeat starts after ``--settle``.
 
 For the relay: the forced IDRs it reports (``keyframes_forced``) from the first POST to the last first picture, and
@@ -446,6 +450,7 @@ def _r(value: float | None) -> float | None:
 def summarise(repeat: Repeat, joiners: int) -> dict:
     ok = [j for j in repeat.joiners if not j["error"] and j["first_picture_ms"] is not None]
     firsts = [j["first_picture_ms"] for j in ok]
+    from_post = [j["first_picture_ms"] - j["offered_ms"] for j in ok if j["offered_ms"] is not None]
     return {
         "connected": f"{len(ok)}/{joiners}",
         "errors": sorted({j["error"] for j in repeat.joiners if j["error"]}),
@@ -468,6 +473,12 @@ def summarise(repeat: Repeat, joiners: int) -> dict:
             how: sum(1 for j in ok if j["relay"].get("how", "").split(" ")[0] == how)
             for how in ("shared", "asked", "waits")
         },
+        # From its POST (the offer made): the measure. first_picture_* count from before its offer was made.
+        "from_post_p50_p95_max_ms": [
+            _r(percentile(from_post, 50)),
+            _r(percentile(from_post, 95)),
+            _r(max(from_post, default=None)),
+        ],
         "first_picture_p50_ms": _r(percentile(firsts, 50)),
         "first_picture_p95_ms": _r(percentile(firsts, 95)),
         "first_picture_max_ms": _r(max(firsts, default=None)),
