@@ -8,9 +8,13 @@ transcoded stream) and ``--watchers`` viewers that stay (``benchmarks.markerprob
 marker bit, its pixel clock read; nothing held by the reader). After ``--baseline`` seconds, ``--joiners`` WHEP
 viewers start their offers at the same instant, spread over worker processes of ``--per-worker``
 (``benchmarks.peers.PEERS_PER_WORKER`` by default). Each joiner is a real aiortc peer (ICE, DTLS, SRTP) whose
-decrypted RTP is depacketized here and whose first IDR is decoded: its first picture. Measured per joiner, from just
-before its POST: the answer, ICE+DTLS connected, the first decoded picture (and that picture's age by its pixel
-clock); one that is not connected with a picture within ``--give-up`` seconds counts as failed, with the reason.
+decrypted RTP is depacketized here and whose first IDR is decoded at its marker bit: its first picture. Measured per
+joiner, from just before it makes its offer (``first_picture_*``; ``from_post_*`` from its POST, once the offer is
+made: the issue's measure): the offer made, the answer, ICE, ICE+DTLS connected, its first RTP packet, its first
+keyframe whole, the first decoded picture (its decode's own time, and the picture's age by its pixel clock); and the
+relay's own steps for it (``benchmarks/looplag/jointrace.py``: answered, connected, subscribed and how it starts, the
+keyframe it starts from published, first frame sent). One that is not connected with a picture within ``--give-up``
+seconds counts as failed, with the reason.
 After ``--hold`` seconds of watching, the joiners leave; the next repeat starts after ``--settle``.
 
 For the relay: the forced IDRs it reports (``keyframes_forced``) from the first POST to the last first picture, and
@@ -44,6 +48,7 @@ from benchmarks.ports import free_port
 
 LOOP_LAG_PROBE = Path(__file__).resolve().parent / "looplag"  # on the relay's PYTHONPATH
 LOOP_LAG_ENV = "BENCH_LOOP_LAG_FILE"  # where it writes (benchmarks/looplag/sitecustomize.py)
+JOIN_TRACE_ENV = "BENCH_JOIN_TRACE_FILE"  # where the relay notes each joiner's steps (benchmarks/looplag/jointrace.py)
 START_TIMEOUT = 30.0  # seconds for the relay to encode its first frame
 READY_TIMEOUT = 60.0  # seconds for the watchers to have their first picture
 LEAD = 1.0  # seconds between telling the joiners' workers when to start and that instant: all are waiting by then
@@ -52,12 +57,19 @@ POLL = 0.005  # seconds between a joiner's looks for its first picture
 
 @dataclass
 class JoinerResult:
-    posted: float = 0.0  # wall clock just before its POST
+    posted: float = 0.0  # wall clock just before it made its offer (then POSTed it)
+    offered_ms: float | None = None  # from posted: its offer made (ICE gathered), the POST going out
     answered_ms: float | None = None  # from posted: the 201 and its answer
+    ice_ms: float | None = None  # its ICE connected
     connected_ms: float | None = None  # ICE and DTLS connected
+    first_packet_ms: float | None = None  # its first RTP packet, decrypted
+    keyframe_ms: float | None = None  # its first keyframe whole (the packet with its marker bit)
     first_picture_ms: float | None = None  # its first decoded picture
+    decode_ms: float | None = None  # how long that picture's decode took
     first_age_ms: float | None = None  # how old that picture was (its pixel clock)
     frames_after: int = 0  # access units received over --hold after the first picture
+    name: str = ""  # the relay's name for it (webrtc-<session id[:8]>): its lines in the relay's join trace
+    relay: dict = field(default_factory=dict)  # from the relay's join trace: event -> ms from posted, and how
     error: str = ""
 
 
@@ -88,6 +100,9 @@ class _Joiner:
     def __init__(self) -> None:
         self.depacketizer = None
         self.decoder = None
+        self.first_packet: float | None = None
+        self.keyframe: float | None = None  # its first keyframe whole
+        self.decode_s: float | None = None
         self.first_picture: float | None = None
         self.first_clock: int | None = None
         self.units = 0
@@ -97,6 +112,8 @@ class _Joiner:
 
         if self.depacketizer is None:
             return  # before its answer named the payload type
+        if self.first_packet is None:
+            self.first_packet = time.time()
         try:
             packet = parse_rtp(data)
             if packet.payload_type != self.depacketizer.payload_type:
@@ -106,6 +123,8 @@ class _Joiner:
             return
         for unit in units:
             self.units += 1
+            if self.keyframe is None and unit.keyframe:
+                self.keyframe = time.time()
             if self.first_picture is None and (unit.keyframe or self.decoder is not None):
                 self._decode(unit.data)
 
@@ -117,11 +136,13 @@ class _Joiner:
         if self.decoder is None:
             self.decoder = av.CodecContext.create("h264", "r")
             self.decoder.flags |= av.codec.context.Flags.low_delay
+        started = time.perf_counter()
         try:
             pictures = self.decoder.decode(av.Packet(data))
         except av.FFmpegError:
             return
         if pictures:
+            self.decode_s = time.perf_counter() - started
             s = sample(pictures[0])
             self.first_picture = s.received
             self.first_clock = None if s.latency_ms is None else round(s.received * 1000 - s.latency_ms)
@@ -168,10 +189,25 @@ async def _join(viewer, joiner: _Joiner, plan: JoinPlan, by_transport: dict) -> 
 
     r = JoinerResult(posted=time.time())
     t0 = time.monotonic()
+    since = lambda: (time.monotonic() - t0) * 1000  # noqa: E731
+    offered = viewer.http.post  # its POST goes out once its offer is made
+
+    def post(*args, **kwargs):
+        r.offered_ms = since()
+        return offered(*args, **kwargs)
+
+    viewer.http = _PostWatch(viewer.http, post)
+
+    @viewer.pc.on("iceconnectionstatechange")
+    def ice_state() -> None:
+        if r.ice_ms is None and viewer.pc.iceConnectionState == "completed":
+            r.ice_ms = since()
+
     try:
         async with asyncio.timeout(plan.give_up):
             await viewer.connect()  # adds its transceiver, then offers
-            r.answered_ms = (time.monotonic() - t0) * 1000
+            r.answered_ms = since()
+            r.name = "webrtc-" + (viewer.location or "").rsplit("/", 1)[-1][:8]
             by_transport[viewer.pc.getTransceivers()[0].receiver.transport] = joiner
             joiner.depacketizer = H264Depacketizer(answer_payload_type(viewer.answer))
             while joiner.first_picture is None:
@@ -182,12 +218,29 @@ async def _join(viewer, joiner: _Joiner, plan: JoinPlan, by_transport: dict) -> 
         r.error = f"{type(exc).__name__}: {exc}"
     if viewer.stats.connected_at is not None:
         r.connected_ms = (viewer.stats.connected_at - t0) * 1000
+    if joiner.first_packet is not None:
+        r.first_packet_ms = (joiner.first_packet - r.posted) * 1000
+    if joiner.keyframe is not None:
+        r.keyframe_ms = (joiner.keyframe - r.posted) * 1000
+    if joiner.decode_s is not None:
+        r.decode_ms = joiner.decode_s * 1000
     if joiner.first_picture is not None:
         r.first_picture_ms = (joiner.first_picture - r.posted) * 1000
         if joiner.first_clock is not None:
             r.first_age_ms = joiner.first_picture * 1000 - joiner.first_clock
     joiner.units = 0  # from here on: what it gets while held
     return r
+
+
+class _PostWatch:
+    """An aiohttp session whose ``post`` is ``post`` (the rest its own): notes when a joiner's offer goes out."""
+
+    def __init__(self, http, post) -> None:
+        self._http = http
+        self.post = post
+
+    def __getattr__(self, name: str):
+        return getattr(self._http, name)
 
 
 # -- the relay ---------------------------------------------------------------------------------------------------
@@ -198,6 +251,24 @@ class Relay:
     proc: subprocess.Popen
     port: int
     loop_lag_file: str = ""  # benchmarks/looplag's record of how late its event loop ran a 5 ms timer
+    join_trace_file: str = ""  # benchmarks/looplag/jointrace.py's: each joiner's steps in the relay
+
+    def join_trace(self) -> tuple[dict[str, dict], list[float]]:
+        """Each viewer's steps in the relay (name -> event -> (wall clock, detail), the first of each kind), and
+        when the hub published each keyframe."""
+        try:
+            lines = Path(self.join_trace_file).read_text().splitlines()
+        except OSError:
+            return {}, []
+        steps: dict[str, dict] = {}
+        keyframes = []
+        for line in lines:
+            t, event, name, *detail = line.split(" ")
+            if event == "keyframe":
+                keyframes.append(float(t))
+            else:
+                steps.setdefault(name, {}).setdefault(event, (float(t), " ".join(detail)))
+        return steps, keyframes
 
     def loop_lag(self, start: float, end: float) -> dict:
         """How late the relay's event loop ran its probe's timer between ``start`` and ``end`` (wall clock)."""
@@ -234,14 +305,16 @@ def start_relay(args: argparse.Namespace) -> Relay:
     cmd += [arg for address in args.ice_addresses[1:] for arg in ("--ice-address", address)]
     lag = tempfile.NamedTemporaryFile(prefix="camrelay-loop-lag-", suffix=".txt", delete=False)
     lag.close()
+    trace = tempfile.NamedTemporaryFile(prefix="camrelay-join-trace-", suffix=".txt", delete=False)
+    trace.close()
     env = {
         **os.environ, **CAMRELAY_LOAD_ENV, "CAMRELAY_VIDEO_KEYFRAME_INTERVAL": f"{args.gop:g}",
-        LOOP_LAG_ENV: lag.name,
+        LOOP_LAG_ENV: lag.name, JOIN_TRACE_ENV: trace.name,
     }  # fmt: skip
     paths = (args.relay_dir, str(LOOP_LAG_PROBE), env.get("PYTHONPATH", ""))
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     proc = subprocess.Popen(cmd, env=env, cwd=args.relay_dir or None)
-    relay = Relay(proc, port, lag.name)
+    relay = Relay(proc, port, lag.name, trace.name)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -319,6 +392,18 @@ def run_repeat(args: argparse.Namespace, relay: Relay, ctx) -> Repeat:
         p.join(10)
     time.sleep(1.5)  # the probe's file is written every second
     out.loop_lag_ms = {"before": relay.loop_lag(posted - args.baseline, posted), "during": relay.loop_lag(posted, end)}
+    trace, keyframes = relay.join_trace()
+    for joiner in out.joiners:
+        steps = trace.get(joiner["name"], {})
+        joiner["relay"] = {event: round((t - joiner["posted"]) * 1000, 1) for event, (t, _) in steps.items()}
+        joiner["relay"]["how"] = steps.get("subscribed", (0, ""))[1]
+        if "subscribed" in steps:  # the keyframe it starts from: the one shared, or the next published
+            at = steps["subscribed"][0]
+            shared = [k for k in keyframes if k <= at]
+            kf = shared[-1] if joiner["relay"]["how"].startswith("shared") and shared else next(
+                (k for k in keyframes if k > at), None)  # fmt: skip
+            if kf is not None:
+                joiner["relay"]["keyframe"] = round((kf - joiner["posted"]) * 1000, 1)
     for _ in watchers:
         reading = results.get(timeout=watch_for + 60)
         out.watchers.append(split_watcher(reading, posted, end, fps))
@@ -365,12 +450,35 @@ def _r(value: float | None) -> float | None:
 def summarise(repeat: Repeat, joiners: int) -> dict:
     ok = [j for j in repeat.joiners if not j["error"] and j["first_picture_ms"] is not None]
     firsts = [j["first_picture_ms"] for j in ok]
+    from_post = [j["first_picture_ms"] - j["offered_ms"] for j in ok if j["offered_ms"] is not None]
     return {
         "connected": f"{len(ok)}/{joiners}",
         "errors": sorted({j["error"] for j in repeat.joiners if j["error"]}),
         "answer_p50_ms": _r(percentile([j["answered_ms"] for j in ok], 50)),
         "connected_p50_ms": _r(percentile([j["connected_ms"] for j in ok if j["connected_ms"]], 50)),
         "connected_max_ms": _r(max((j["connected_ms"] for j in ok if j["connected_ms"]), default=None)),
+        "steps_p50_ms": {
+            step: _r(percentile([j[step + "_ms"] for j in ok if j[step + "_ms"] is not None], 50))
+            for step in ("offered", "answered", "ice", "connected", "first_packet", "keyframe", "first_picture")
+        },
+        "relay_steps_p50_ms": {
+            step: _r(percentile([j["relay"][step] for j in ok if step in j["relay"]], 50))
+            for step in ("answered", "connected", "subscribed", "keyframe", "first_sent")
+        },
+        "decode_p50_max_ms": [
+            _r(percentile([j["decode_ms"] for j in ok if j["decode_ms"] is not None], 50)),
+            _r(max((j["decode_ms"] for j in ok if j["decode_ms"] is not None), default=None)),
+        ],
+        "relay_starts": {
+            how: sum(1 for j in ok if j["relay"].get("how", "").split(" ")[0] == how)
+            for how in ("shared", "asked", "waits")
+        },
+        # From its POST (the offer made): the issue's measure. first_picture_* count from before its offer was made.
+        "from_post_p50_p95_max_ms": [
+            _r(percentile(from_post, 50)),
+            _r(percentile(from_post, 95)),
+            _r(max(from_post, default=None)),
+        ],
         "first_picture_p50_ms": _r(percentile(firsts, 50)),
         "first_picture_p95_ms": _r(percentile(firsts, 95)),
         "first_picture_max_ms": _r(max(firsts, default=None)),
@@ -421,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop_processes(relay.proc)
         Path(relay.loop_lag_file).unlink(missing_ok=True)
+        Path(relay.join_trace_file).unlink(missing_ok=True)
     report = {**run_facts(" ".join(["python -m benchmarks.burst", *(argv or sys.argv[1:])])), "repeats": repeats}
     if args.out:
         Path(args.out + ".json").write_text(json.dumps(report, indent=2) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -223,6 +224,11 @@ async def serve(config: Config) -> None:
         raise
     await start_site(runner, sock)
     announce(app[RELAY], app[ACCESS])
+    # What the relay made to start (modules, classes, its streams) lives as long as it does: out of the garbage
+    # collector's full collections, which otherwise rescan all of it, 30-70 ms of the event loop that feeds
+    # every viewer, each time sessions coming and going set one off (docs/benchmarks.md, "Thirty viewers
+    # joining at once"). Objects made later are collected as before.
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -63,6 +63,13 @@ PTS_CLOCK = 90_000  # EncodedFrame.pts ticks per second
 # within its rate limit (0.5 s) and a frame; one lost with its worker (restarted: it asks anew) must not keep
 # joiners from asking for ever.
 KEYFRAME_WAIT = 2.0
+# A joiner's keyframe is asked for when its offer comes (``expect_joiner``), not when it subscribes, once its
+# answer, ICE and DTLS are done: they take 50-250 ms (loopback, 30 viewers joining at once on 2 cores:
+# docs/benchmarks.md), and the IDR the encoder makes meanwhile (the next frame captured, then encoded) is then
+# published, and shared, when the joiner subscribes, instead of being waited for after it. A keyframe still in
+# the share window this long after the offer is shared instead; a joiner slower than this asks, as before,
+# when it subscribes.
+JOIN_LEAD = 0.25  # seconds
 
 
 @dataclass(slots=True, eq=False)
@@ -424,6 +431,7 @@ class PacketHub:
         self.keyframe_requests = 0  # sent to the encoder (joins, PLI, FIR)
         self.keyframe_requests_merged = 0  # not sent: one asked for was still on its way
         self.keyframe_shares = 0  # joiners started from a keyframe of the share window
+        self.keyframe_requests_ahead = 0  # of keyframe_requests: asked at a joiner's offer (``expect_joiner``)
         self.max_frames = max_frames
         self.max_bytes: int | None = MAX_LAG_BYTES
         self.clock = clock  # seconds, for the keyframe gate's interval
@@ -489,6 +497,22 @@ class PacketHub:
             log.info("stream=%s subscriber=%s asks for a keyframe", self.stream, name)
             self.request_keyframe()  # so the newcomer does not wait out a whole GOP
         return sub
+
+    def expect_joiner(self, lead: float = JOIN_LEAD, now: float | None = None) -> bool:
+        """A viewer will subscribe in about ``lead`` seconds (its offer came; it subscribes once answered and
+        connected): when no keyframe would be shareable by then and none is on its way, ask for one now, so
+        that it is published, and shared, by the time it subscribes. ``now``: the wall clock (``time.time()``
+        unless given). True if it asked. A stream that starts joiners from its GOP, or has no share window,
+        asks nothing ahead."""
+        if not self.share_window or self.caching or self._closed:
+            return False
+        then = (time.time() if now is None else now) + lead
+        if self._shareable_keyframe_age(then) is not None or self._keyframe_on_its_way():
+            return False
+        log.info("stream=%s keyframe asked for ahead of a viewer connecting", self.stream)
+        self.keyframe_requests_ahead += 1
+        self.request_keyframe()
+        return True
 
     def request_keyframe(self) -> None:
         """Ask the encoder for a keyframe, unless one asked for is still on its way (every subscriber waiting

@@ -265,3 +265,33 @@ def test_a_peer_connection_takes_its_certificate_from_its_modules_name_and_dtls_
 
     assert "RTCCertificate.generateCertificate()" in inspect.getsource(aiortc.rtcpeerconnection.RTCPeerConnection)
     assert "._create_ssl_context(" in inspect.getsource(aiortc.rtcdtlstransport.RTCDtlsTransport)
+
+
+def test_a_receivers_bandwidth_estimator_is_made_on_its_first_packet_and_estimates_as_aiortcs():
+    """``borrowed.LAZY_BITRATE_ESTIMATOR`` replaces the name aiortc's receivers make theirs from: a relay's
+    sessions, which never receive video, make none; one that does gets aiortc's, packet for packet."""
+    import inspect
+    import unittest.mock
+
+    import aiortc.rate
+    import aiortc.rtcrtpreceiver
+
+    assert "RemoteBitrateEstimator()" in inspect.getsource(aiortc.rtcrtpreceiver.RTCRtpReceiver)
+    release = borrowed.LAZY_BITRATE_ESTIMATOR.hold()
+    try:
+        with unittest.mock.patch.object(
+            aiortc.rate, "RemoteBitrateEstimator", wraps=aiortc.rate.RemoteBitrateEstimator
+        ) as made:
+            lazy = aiortc.rtcrtpreceiver.RemoteBitrateEstimator()
+            assert made.call_count == 0  # a receiver that never gets a packet makes none
+            reference = aiortc.rate.RemoteBitrateEstimator()
+            packets = [
+                {"abs_send_time": (i * 33 * 262) & 0xFFFFFF, "arrival_time_ms": 1000 + i * 33,
+                 "payload_size": 1200, "ssrc": 7}
+                for i in range(200)
+            ]  # fmt: skip
+            assert [lazy.add(**p) for p in packets] == [reference.add(**p) for p in packets]
+            assert made.call_count == 2  # the reference, and the lazy one's at its first packet
+    finally:
+        release()
+    assert aiortc.rtcrtpreceiver.RemoteBitrateEstimator is aiortc.rate.RemoteBitrateEstimator  # released

@@ -14,6 +14,7 @@ import aiohttp
 import aioice
 import aioice.ice
 import aiortc
+import aiortc.rtcrtpreceiver
 import pytest
 
 from relay.config import Config, ConfigError, load
@@ -124,6 +125,7 @@ def _patched() -> dict[str, bool]:
         "host addresses": aioice.ice.get_host_addresses is borrowed.HOST_ADDRESSES.replacement,
         "ice watch": aioice.ice.StunProtocol.datagram_received is borrowed.WATCH_ICE.replacement,
         "batched sends": aioice.ice.StunProtocol.send_data is udpbatch.PATCH.replacement,
+        "lazy estimator": aiortc.rtcrtpreceiver.RemoteBitrateEstimator is borrowed.LAZY_BITRATE_ESTIMATOR.replacement,
     }
 
 
@@ -162,7 +164,7 @@ async def test_with_batching_off_a_viewer_plays_and_nothing_is_batched():
     config = dataclasses.replace(config, webrtc=dataclasses.replace(config.webrtc, batch_sends=False))
     runner, running = await start_relay(config)
     try:
-        assert _patched() == {"host addresses": True, "ice watch": True, "batched sends": False}
+        assert _patched() == {"host addresses": True, "ice watch": True, "batched sends": False, "lazy estimator": True}
         before = udpbatch.Batcher.flush
         flushes = 0
 

@@ -397,6 +397,43 @@ def test_a_keyframe_asked_for_is_asked_once_until_a_keyframe_comes():
     assert (req.count, hub.keyframe_requests) == (2, 2)
 
 
+def test_a_joiners_keyframe_is_asked_for_at_its_offer_and_shared_when_it_subscribes():
+    """Asked when the offer comes, the keyframe is published while ICE and DTLS connect; the joiner, once
+    connected, starts from it, shared, and asks for none."""
+    import time
+
+    req = Requests()
+    hub = PacketHub("cam0", req, share_window=WINDOW)
+    now = time.time()
+    hub.publish(frame(1, key=True), now=now - 2 * WINDOW)  # a stale keyframe: not shareable
+    assert hub.expect_joiner(lead=0.25, now=now)  # its offer came: asked ahead
+    assert (req.count, hub.keyframe_requests, hub.keyframe_requests_ahead) == (1, 1, 1)
+    assert not hub.expect_joiner(lead=0.25, now=now)  # a second joiner meanwhile: the one on its way serves it
+    assert req.count == 1
+    for f in gop(10, 3):  # the keyframe asked for, then two frames, published while they connect
+        hub.publish(f, now=now + 0.05)
+    joiners = [hub.subscribe(f"joiner{i}") for i in range(2)]  # connected: both share it
+    assert (req.count, hub.keyframe_shares) == (1, 2)
+    assert all(j.get_nowait().pts == frame(10).pts for j in joiners)  # from the keyframe asked for
+
+
+def test_no_keyframe_is_asked_ahead_when_the_latest_is_still_shareable_by_the_time_the_joiner_connects():
+    import time
+
+    req = Requests()
+    hub = PacketHub("cam0", req, share_window=WINDOW)
+    now = time.time()
+    hub.publish(frame(1, key=True), now=now - 0.1)  # shareable for 0.4 s more
+    assert not hub.expect_joiner(lead=0.25, now=now)
+    assert hub.expect_joiner(lead=0.45, now=now)  # not by then: asked ahead
+    assert req.count == 1
+    # Streams that start joiners from their GOP, or share nothing, ask nothing ahead.
+    cached = PacketHub("cam1", req, cached_start=lambda: True, share_window=WINDOW)
+    plain = PacketHub("cam2", req)
+    assert not cached.expect_joiner(now=now) and not plain.expect_joiner(now=now)
+    assert req.count == 1
+
+
 def test_without_a_share_window_every_join_asks():
     req = Requests()
     hub = PacketHub("cam0", req)

@@ -17,6 +17,7 @@ import pytest
 from aioice.ice import CandidatePair
 
 from relay.config import IceServer
+from relay.hub import JOIN_LEAD
 from relay.ipc import KEYFRAME_MIN_INTERVAL
 from relay.webrtc import borrowed
 from relay.webrtc.whepclient import WhepViewer
@@ -119,6 +120,58 @@ async def test_viewers_joining_at_once_all_decode_from_keyframes_forced_at_most_
     # They were answered with one DTLS certificate: none was made for each of them.
     fingerprints = {re.search(r"^a=fingerprint:sha-256 (\S+)", v.answer, re.M)[1] for v in viewers}
     assert len(fingerprints) == 1, fingerprints
+
+
+async def _keyframe_requests(http, relay: RunningRelay) -> dict:
+    async with http.get(relay.base + "/api/v1/streams") as resp:
+        return (await resp.json())["streams"][0]["keyframe_requests"]
+
+
+@pytest.mark.relay_config(keyframe_interval=60.0)  # no regular keyframe during the test: every one is forced
+async def test_a_joiners_keyframe_is_asked_for_when_its_offer_comes_before_it_connects(
+    relay_server: RunningRelay, http
+):
+    """The IDR is encoded while the viewer's answer is made and ICE and DTLS connect, not after: its offer asks
+    for it."""
+    stream = relay_server.relay.streams["cam0"]
+    with EncodedFrames(stream) as encoded:
+        # The tap's keyframe (the only one so far) ages out of the share window, and of the lead an offer
+        # looks ahead by, by the frames captured after it (a second's more for its way to the hub).
+        clocks = await encoded.wait(round((KEYFRAME_MIN_INTERVAL + JOIN_LEAD + 1.0) * stream.fps) + 1)
+        assert encoded.keyframes == {clocks[0]}  # the tap starts at a keyframe: the only one yet
+        assert clocks[-1] - clocks[0] >= (KEYFRAME_MIN_INTERVAL + JOIN_LEAD) * 1000
+        before = await _keyframe_requests(http, relay_server)
+        viewer = WhepViewer(relay_server.whep(), http)
+        apply, answered, go = viewer.pc.setRemoteDescription, asyncio.Event(), asyncio.Event()
+
+        async def held(description):  # the viewer cannot connect before it has the answer
+            answered.set()
+            await go.wait()
+            await apply(description)
+
+        viewer.pc.setRemoteDescription = held
+        connecting = asyncio.create_task(viewer.connect())
+        try:
+            async with asyncio.timeout(30):
+                await answered.wait()
+                while len(encoded.keyframes) < 2:  # the one its offer asked for, published while it waits
+                    await asyncio.sleep(0.01)
+            asked = await _keyframe_requests(http, relay_server)
+            assert asked["requests"] == before["requests"] + 1 and viewer.pc.connectionState != "connected"
+            ahead = max(encoded.keyframes)
+            go.set()
+            await connecting
+            first_picture = capture_ms((await viewer.read_frames(1))[0])
+        finally:
+            go.set()
+            await viewer.close()
+        after = await _keyframe_requests(http, relay_server)
+        keyframes = encoded.keyframes
+    # It starts from that keyframe, or (connected too late to share it, on a slow machine) from one it asked
+    # for then: never from before its offer.
+    assert first_picture in keyframes and first_picture >= ahead
+    if first_picture == ahead:
+        assert (after["requests"], after["shared"]) == (asked["requests"], asked["shared"] + 1)
 
 
 def test_the_shared_certificate_is_renewed_a_day_before_it_expires():

@@ -1,4 +1,5 @@
-"""How late the event loop of a process runs a timer: for benchmarks.burst, put in the relay's PYTHONPATH.
+"""How late the event loop of a process runs a timer: for benchmarks.burst, put in the relay's PYTHONPATH (with
+``jointrace``, beside it).
 
 Active only where ``BENCH_LOOP_LAG_FILE`` names a file: every event loop that ``asyncio.run`` starts gets a
 task that sleeps ``PERIOD`` and notes how much later than that it woke (what a frame due then would have waited
@@ -7,6 +8,8 @@ that starts no event loop with ``asyncio.run`` (a camera worker that inherits th
 """
 
 import os
+
+import jointrace  # noqa: F401 - where each joiner's time goes, when BENCH_JOIN_TRACE_FILE names a file
 
 PATH = os.environ.get("BENCH_LOOP_LAG_FILE")
 PERIOD = 0.005  # seconds: 200 wake-ups a second, a few hundredths of a percent of a core

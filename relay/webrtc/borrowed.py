@@ -14,7 +14,9 @@ them here, so an upgrade that moves one breaks this module alone (and
   fields through ``SenderFields``;
 - aiortc's H.264 packetizer, with FU-A fragments all full-size but the last
   (``packetize``);
-- process-wide, one DTLS certificate and OpenSSL context for every peer connection (``SHARED_CERTIFICATE``);
+- process-wide, one DTLS certificate, its fingerprints and OpenSSL context for every peer connection
+  (``SHARED_CERTIFICATE``); a receiver's bandwidth estimator made only when video comes
+  (``LAZY_BITRATE_ESTIMATOR``);
 - process-wide, on aioice's module and its socket protocol, each a ``Patch``
   held by whoever needs it and removed when the last holder lets go: the
   host addresses ICE gathers on (``restrict_host_addresses``), a watch on what
@@ -44,7 +46,9 @@ from typing import Any
 import aioice
 import aioice.ice
 import aiortc
+import aiortc.rate
 import aiortc.rtcpeerconnection
+import aiortc.rtcrtpreceiver
 import aiortc.rtp
 import pylibsrtp
 from aiortc import RTCCertificate, RTCRtpHeaderExtensionParameters
@@ -149,6 +153,12 @@ class _SharedCertificate(RTCCertificate):
             current = cls._current = super().generateCertificate()
         return current
 
+    def getFingerprints(self):  # aiortc's name: every answer names them; the digests are made once
+        prints = self.__dict__.get("camrelay_fingerprints")
+        if prints is None:
+            prints = self.__dict__["camrelay_fingerprints"] = super().getFingerprints()
+        return list(prints)
+
     def _create_ssl_context(self, srtp_profiles):
         contexts = self.__dict__.setdefault("camrelay_contexts", {})
         key = tuple(srtp_profiles)
@@ -159,6 +169,29 @@ class _SharedCertificate(RTCCertificate):
 
 # Peer connections made while held (the relay's sessions, its WHIP publishers) share one DTLS certificate.
 SHARED_CERTIFICATE = Patch(aiortc.rtcpeerconnection, "RTCCertificate", _SharedCertificate)
+
+
+class _BitrateEstimatorOnFirstPacket:
+    """aiortc's receive-side bandwidth estimator (``RemoteBitrateEstimator``), made when the first video packet
+    comes. aiortc gives every video transceiver a receiver, and every receiver one at once: 1,000 rate buckets,
+    each an object (~0.5 ms, and the garbage collections they set off, on the loop that feeds the viewers: a
+    tenth of the relay's time while 30 viewers joined at once, docs/benchmarks.md), for a relay's sessions,
+    which send and never receive video."""
+
+    __slots__ = ("_estimator",)
+
+    def __init__(self) -> None:
+        self._estimator: aiortc.rate.RemoteBitrateEstimator | None = None
+
+    def add(self, *args: Any, **kwargs: Any) -> Any:
+        if self._estimator is None:
+            self._estimator = aiortc.rate.RemoteBitrateEstimator()
+        return self._estimator.add(*args, **kwargs)
+
+
+# aiortc's receivers made while held (every session's, the relay's WHIP publishers') make their bandwidth
+# estimator only if video comes.
+LAZY_BITRATE_ESTIMATOR = Patch(aiortc.rtcrtpreceiver, "RemoteBitrateEstimator", _BitrateEstimatorOnFirstPacket)
 
 
 _host_addresses: collections.Counter[str] = collections.Counter()  # every holder's, in the order first held

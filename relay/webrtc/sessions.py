@@ -48,7 +48,8 @@ def process_patches(ice_addresses: tuple[str, ...] = (), batch: bool = True):
     """The process-wide patches of aioice and aiortc a relay needs, held while it runs
     (``relay.webrtc.borrowed.Patch``): host candidates only on ``ice_addresses`` (none: every interface), the
     watch on what each connection hears, the payload types an answer keeps from the offer (Chromium's 35-63
-    too), one DTLS certificate for every session, and (``batch``) aioice's own sends through the socket
+    too), one DTLS certificate for every session, receivers' bandwidth estimators made only if video comes,
+    and (``batch``) aioice's own sends through the socket
     batcher. Relays in one process share them: the addresses of all that name some, batching while any wants
     it."""
     with contextlib.ExitStack() as held:
@@ -57,6 +58,7 @@ def process_patches(ice_addresses: tuple[str, ...] = (), batch: bool = True):
         held.callback(borrowed.WATCH_ICE.hold())
         held.callback(borrowed.OFFERED_PAYLOAD_TYPES.hold())
         held.callback(borrowed.SHARED_CERTIFICATE.hold())
+        held.callback(borrowed.LAZY_BITRATE_ESTIMATOR.hold())
         if batch:
             held.callback(udpbatch.PATCH.hold())
         yield
@@ -178,6 +180,7 @@ class ViewerSessions(SessionCounts):
         stream's audio hub, sent to the offer's audio section (``signalling.sdp.find_audio``); ``ice_servers``:
         this session's (a fan-out shard's, minted by the relay), else the relay's own."""
         hub = self._hub_for(stream)
+        hub.expect_joiner()  # its keyframe asked for now, if need be: published, shared, by the time it connects
         session_id = secrets.token_urlsafe(16)
         servers = self._ice_servers() if ice_servers is None else ice_servers
         pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
