@@ -265,3 +265,17 @@ def test_a_peer_connection_takes_its_certificate_from_its_modules_name_and_dtls_
 
     assert "RTCCertificate.generateCertificate()" in inspect.getsource(aiortc.rtcpeerconnection.RTCPeerConnection)
     assert "._create_ssl_context(" in inspect.getsource(aiortc.rtcdtlstransport.RTCDtlsTransport)
+
+
+async def test_a_send_before_dtls_is_up_is_a_connection_error_naming_it():
+    """``borrowed.DtlsSocket`` (kept per sender, asked once per frame) refuses while the transport is not
+    connected, as ``dtls_socket`` always did; the send loop and the push take that as "not yet"."""
+    pc = RTCPeerConnection()
+    try:
+        dtls = pc.addTransceiver("video", direction="sendonly").sender.transport
+        with pytest.raises(ConnectionError, match="DTLS not connected"):
+            borrowed.DtlsSocket(dtls).get()
+        with pytest.raises(ConnectionError, match="DTLS not connected"):
+            borrowed.dtls_socket(dtls)
+    finally:
+        await pc.close()

@@ -271,10 +271,10 @@ class HubTrack(MediaStreamTrack):
         if pacer is None:  # live: how long the fan-out took (a catch-up's frames are old on purpose)
             self.hub.fanout_delay.add(now - frame.published_at)
         newest = self.hub.newest or frame
+        bitrate = self.hub.bitrate.bps() if pacer is not None else 0.0  # paces a catch-up alone
         timestamp = timing.stamp(
-            frame.pts, len(frame.data), newest.pts, now - newest.published_at, sub.behind, time.monotonic(),
-            self.hub.bitrate.bps(),
-        )  # fmt: skip
+            frame.pts, len(frame.data), newest.pts, now - newest.published_at, sub.behind, time.monotonic(), bitrate
+        )
         if pacer is not None and not timing.catching_up:
             log.info(
                 "stream=%s subscriber=%s caught up from the GOP cache: frames=%d bytes=%d in %.0fms",
@@ -337,6 +337,7 @@ class FrameSender:
         self.origin = random32()
         self.extensions = sender.__dict__.get(_EXTRA, ())  # add_header_extension's
         self.template: HeaderTemplate | None = None  # made at the first frame, once aiortc has set mid and SSRC
+        self._socket = borrowed.DtlsSocket(sender.transport)
         sender.__dict__[_HISTORY] = self.history
 
     def _serialize(self, abs_send_time: int) -> bytes:
@@ -361,10 +362,18 @@ class FrameSender:
         """Whether the sender sends (aiortc drops the frames of a disabled one)."""
         return self.fields.enabled
 
+    def socket(self) -> tuple:
+        """Its DTLS transport's socket protocol, peer address and SRTP session (``borrowed.DtlsSocket``, kept per
+        transport); ``ConnectionError`` while DTLS or ICE is down."""
+        dtls = self.sender.transport
+        if self._socket.dtls is not dtls:
+            self._socket = borrowed.DtlsSocket(dtls)
+        return self._socket.get()
+
     def backed_up(self) -> bool:
         """Its socket holds datagrams it could not send yet (False while DTLS or ICE is down: ``send`` says so)."""
         try:
-            protocol, _, _ = borrowed.dtls_socket(self.sender.transport)
+            protocol, _, _ = self.socket()
         except ConnectionError:
             return False
         return bool(_backlog(protocol))
@@ -373,8 +382,7 @@ class FrameSender:
         """One frame's payloads, ``timestamp`` before the origin; ``ConnectionError`` while DTLS or ICE is down.
         ``unless_backed_up``: not sent (False) while the socket holds datagrams it could not send yet."""
         fields = self.fields
-        dtls = self.sender.transport
-        protocol, addr, session = borrowed.dtls_socket(dtls)
+        protocol, addr, session = self.socket()
         if unless_backed_up and _backlog(protocol):
             return False
         # Sender reports pair an RTP timestamp with the capture clock it stands for (the hub's pts are the wall
@@ -387,7 +395,7 @@ class FrameSender:
         self.history.add(self.sequence, timestamp, payloads, self.payload_type)
         self.sequence = (self.sequence + len(payloads)) & 0xFFFF
         fields.count(captured, timestamp, sum(map(len, payloads)), len(payloads))
-        borrowed.count_dtls_sent(dtls, sent, len(payloads))
+        borrowed.count_dtls_sent(self._socket.dtls, sent, len(payloads))
         return True
 
 
