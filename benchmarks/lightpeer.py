@@ -22,6 +22,10 @@ the relay sees a live viewer.
 - Packets out of order or repeated (a sequence number before the next
   expected) are counted ``late`` and otherwise ignored; packets of another
   SSRC (RTX) ``foreign``; RTP datagrams too short for a header ``malformed``.
+
+A peer that offers audio too (``PeerPlan.audio``) counts the Opus packets
+apart, by the payload type its answer gave them (``AUDIO_CLOCK``, 50 packets
+a second), and its receiver reports have a block for each.
 """
 
 from __future__ import annotations
@@ -34,13 +38,15 @@ import time
 from dataclasses import asdict, dataclass
 
 from benchmarks import borrowed
-from benchmarks.peers import CONNECT_TIMEOUT, PeerPlan, PeerResult, frames_missing
+from benchmarks.peers import CONNECT_TIMEOUT, RTP_CLOCK, PeerPlan, PeerResult, frames_missing
 
 RTP_HEADER = 12  # bytes: the fixed RTP header
 RTP_MARKER = 0x80  # in the header's second byte
 RTP_FIRST_BYTE = range(128, 192)  # RFC 7983: RTP and RTCP (version 2); STUN is 0-3, DTLS 20-63
 RTCP_SECOND_BYTE = range(192, 224)  # RFC 5761: RTCP packet types 192-223, never an RTP marker and payload type
 SEQUENCE_HALF = 0x8000  # a sequence number this far or more behind the next expected is late, not ahead
+AUDIO_CLOCK = 48_000  # Opus's RTP clock
+AUDIO_PACKETS_PER_SECOND = 50  # 20 ms frames, one a packet
 REPORT_INTERVAL = 1.0  # seconds between receiver reports, randomised over 0.5-1.5 times it as aiortc does
 LIGHT_SSRC_BITS = 32
 _HEADER = struct.Struct("!BBHII")  # the fixed header's first and second bytes, sequence, timestamp, SSRC
@@ -76,8 +82,9 @@ class ReportFigures:
 class RtpCounter:
     """Frames and losses of one RTP stream from its packets' headers (plain bytes in, counts out)."""
 
-    def __init__(self, fps: float, timestamps: list[int] | None = None) -> None:
+    def __init__(self, fps: float, timestamps: list[int] | None = None, clock: int = RTP_CLOCK) -> None:
         self.fps = fps
+        self.clock = clock  # the RTP clock rate: 90 kHz (H.264), 48 kHz (Opus)
         self.timestamps = timestamps  # when a list: each complete frame's RTP timestamp is added to it
         self.ssrc: int | None = None  # the first RTP packet's; others are foreign
         self.next_sequence = 0  # extended: the sequence number expected next, cycles included
@@ -118,7 +125,7 @@ class RtpCounter:
                     self.damaged = self.damaged or gap > 0
                     self._close()
                     head_lost = False
-                missing = frames_missing(self.timestamp, timestamp, self.fps)
+                missing = frames_missing(self.timestamp, timestamp, self.fps, self.clock)
                 self.frames_lost += missing
                 head_lost = head_lost and not missing  # else the gap is put down to the frames missing
             self.timestamp, self.closed = timestamp, False
@@ -161,11 +168,14 @@ class LightPeer:
     """One WHEP viewer counting its stream with an ``RtpCounter``. ``connect()``, then read ``counter``;
     ``close()`` ends the session."""
 
-    def __init__(self, url: str, http, fps: float, timestamps: list[int] | None = None) -> None:
+    def __init__(self, url: str, http, fps: float, timestamps: list[int] | None = None, audio: bool = False) -> None:
         from relay.webrtc.whepclient import WhepViewer
 
-        self.viewer = WhepViewer(url, http)
+        self.viewer = WhepViewer(url, http, audio=audio)
         self.counter = RtpCounter(fps, timestamps)
+        # Offering audio: its packets, told apart by the payload type the answer gave Opus (None: no audio)
+        self.audio = RtpCounter(AUDIO_PACKETS_PER_SECOND, clock=AUDIO_CLOCK) if audio else None
+        self._audio_type: int | None = None
         self.first_frame_at: float | None = None  # monotonic, when its first complete frame ended
         self.reports = 0  # receiver reports sent
         self._ssrc = random.getrandbits(LIGHT_SSRC_BITS)
@@ -184,10 +194,22 @@ class LightPeer:
         """Offer, answer, and the RTP diversion in place before ICE starts (aiortc connects in a task of its
         own after the answer), so no media packet reaches aiortc."""
         await self.viewer.connect()
+        if self.audio is not None:
+            from benchmarks.lipsync import opus_payload_type
+
+            self._audio_type = opus_payload_type(self.viewer.answer or "")
         self._release = borrowed.divert_rtp(self.viewer.pc, self._datagram)
         self._reporting = asyncio.create_task(self._report_loop(), name="lightpeer-reports")
 
     def _datagram(self, data: bytes) -> bool:
+        if (
+            self._audio_type is not None
+            and len(data) > 1
+            and data[0] in RTP_FIRST_BYTE
+            and data[1] & 0x7F == self._audio_type
+            and data[1] not in RTCP_SECOND_BYTE
+        ):
+            return self.audio.take(data)  # type: ignore[union-attr]
         taken = self.counter.take(data)
         if self.first_frame_at is None and self.counter.frames:
             self.first_frame_at = time.monotonic()
@@ -198,15 +220,17 @@ class LightPeer:
 
         while True:
             await asyncio.sleep(REPORT_INTERVAL * (0.5 + random.random()))
-            figures = self.counter.report()
-            if figures is None:
+            counters = [self.counter] if self.audio is None else [self.counter, self.audio]
+            blocks = [
+                # jitter, LSR and DLSR go as 0
+                RtcpReceiverInfo(f.ssrc, f.fraction_lost, f.packets_lost, f.highest_sequence, 0, 0, 0)
+                for f in (c.report() for c in counters)
+                if f is not None
+            ]
+            if not blocks:
                 continue
-            block = RtcpReceiverInfo(
-                ssrc=figures.ssrc, fraction_lost=figures.fraction_lost, packets_lost=figures.packets_lost,
-                highest_sequence=figures.highest_sequence, jitter=0, lsr=0, dlsr=0,
-            )  # fmt: skip
             try:
-                await borrowed.send_rtcp(self.viewer.pc, bytes(RtcpRrPacket(ssrc=self._ssrc, reports=[block])))
+                await borrowed.send_rtcp(self.viewer.pc, bytes(RtcpRrPacket(ssrc=self._ssrc, reports=blocks)))
             except ConnectionError:
                 continue
             self.reports += 1
@@ -232,7 +256,7 @@ async def light_peers(plan: PeerPlan, ready: mp.Queue, start: mp.Event) -> list[
 
     restrict_host_addresses(["127.0.0.1"])  # loopback only
     async with aiohttp.ClientSession() as http:
-        peers = [LightPeer(url, http, plan.fps) for url in plan.targets]
+        peers = [LightPeer(url, http, plan.fps, audio=plan.audio) for url in plan.targets]
         try:
             await asyncio.gather(*(p.connect() for p in peers))
             t0 = time.monotonic()
@@ -243,15 +267,16 @@ async def light_peers(plan: PeerPlan, ready: mp.Queue, start: mp.Event) -> list[
             ready.put(("ready", len(peers)))
             while not start.is_set():
                 await asyncio.sleep(0.01)
-            before, t0 = [p.counter.counts() for p in peers], time.monotonic()
+            before, t0 = [(p.counter.counts(), _audio_counts(p)) for p in peers], time.monotonic()
             await asyncio.sleep(plan.duration)
-            after, elapsed = [p.counter.counts() for p in peers], time.monotonic() - t0
+            after, elapsed = [(p.counter.counts(), _audio_counts(p)) for p in peers], time.monotonic() - t0
             results = []
-            for p, b, a in zip(peers, before, after, strict=True):
-                window = a.minus(b)
-                r = PeerResult(plan.probe, p.viewer.url, window.frames, window.bytes, window.frames_lost)
+            for p, (b, ab), (a, aa) in zip(peers, before, after, strict=True):
+                window, sound = a.minus(b), aa.minus(ab)
+                r = PeerResult(plan.probe, p.viewer.url, window.frames, window.bytes + sound.bytes, window.frames_lost)
                 r.fps = window.frames / elapsed
                 r.packets_lost = window.packets_lost
+                r.audio_packets, r.audio_packets_lost = sound.packets, sound.packets_lost
                 if p.connected_at is not None and p.first_frame_at is not None:
                     r.first_frame_ms = (p.first_frame_at - p.connected_at) * 1000
                 if p.pc.connectionState != "connected":
@@ -260,3 +285,7 @@ async def light_peers(plan: PeerPlan, ready: mp.Queue, start: mp.Event) -> list[
             return results
         finally:
             await asyncio.gather(*(p.close() for p in peers), return_exceptions=True)
+
+
+def _audio_counts(peer: LightPeer) -> RtpCounts:
+    return peer.audio.counts() if peer.audio is not None else RtpCounts()

@@ -234,11 +234,12 @@ def run_point(
     light_nice: int = 0,
     split: Split | None = None,
     source_apart: bool = False,
+    audio: bool = False,
 ) -> dict:
     """One sweep point; with ``split``, the system re-pinned to its cores (and read back) and the peers' workers
-    on the generator's, its light peers counting RTP headers; with ``source_apart`` too, the system's source
-    (its camera worker and encoder; for mediamtx, the camrelay that feeds it) on the generator's cores, so the
-    system's cores do the fan-out alone."""
+    on the generator's, its light peers counting RTP headers (and, ``audio``, offering audio and counting its
+    packets too); with ``source_apart`` too, the system's source (its camera worker and encoder; for mediamtx,
+    the camrelay that feeds it) on the generator's cores, so the system's cores do the fan-out alone."""
     ctx = mp.get_context("spawn")
     ready, results, start = ctx.Queue(), ctx.Queue(), ctx.Event()
     probes = min(probes, peers)
@@ -250,7 +251,17 @@ def run_point(
         if system.kind == "webrtc":
             kind, per_worker = "webrtc-rtp", LIGHT_PEERS_PER_WORKER
     plans = [
-        PeerPlan(kind, system.url, min(per_worker, light - i), False, duration, fps, light_nice, cores=cores)
+        PeerPlan(
+            kind,
+            system.url,
+            min(per_worker, light - i),
+            False,
+            duration,
+            fps,
+            light_nice,
+            cores=cores,
+            audio=audio and kind == "webrtc-rtp",
+        )  # fmt: skip
         for i in range(0, light, per_worker)
     ]
     if probes:  # last in the fan-out
@@ -300,6 +311,8 @@ def run_point(
     point = summarise(
         peers, probes, peer_results, serving_cpu, source_cpu, gen_cpu, rss, duration, fps, split, source_apart
     )
+    if audio:
+        point["audio"] = audio_counts(peer_results, duration)
     point["relay_send_delay_ms"] = inside
     point["relay_overload"] = overload_counts(counters_before, counters_after, peers)
     if udp_before is not None and udp_after is not None:  # the whole machine's: other work's drops count too
@@ -308,6 +321,18 @@ def run_point(
         point["system_processes"] = placed  # each with its CPUs as read back
         point["generator_workers_cores"] = sorted({c for r in peer_results for c in r.get("cores", [])})
     return point
+
+
+def audio_counts(peer_results: list[dict], duration: float) -> dict:
+    """What the light peers offering audio received of it: Opus packets a second per viewer, and the share lost."""
+    light = [r for r in peer_results if not r["probe"]]
+    packets = sum(r.get("audio_packets", 0) for r in light)
+    lost = sum(r.get("audio_packets_lost", 0) for r in light)
+    return {
+        "viewers": len(light),
+        "packets_per_viewer_s": packets / duration / len(light) if light else 0.0,
+        "lost_pct": 100 * lost / (packets + lost) if packets + lost else 0.0,
+    }
 
 
 def relay_stream(url: str) -> dict | None:
@@ -589,6 +614,9 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     pin = ap.add_argument_group("pinned (--pin)")
     pin.add_argument("--pin", action="store_true", help="the system on its cores, the load generator on the others")
+    pin.add_argument(
+        "--audio", action="store_true", help="light peers offer audio too and count its packets (the test pattern's)"
+    )
     pin.add_argument("--system-cores", default="", metavar="CPUS", help="e.g. 0 or 0-1 (default: the first half)")
     pin.add_argument("--generator-cores", default="", metavar="CPUS", help="e.g. 1 or 2-3 (default: the rest)")
     pin.add_argument("--search-start", type=int, default=capacity.START, metavar="N", help="first point after 1 viewer")
@@ -640,6 +668,8 @@ def main(argv: list[str] | None = None) -> int:
             f" the load generator (peer workers{source}) on CPUs {_cpus(split.generator)}",
             flush=True,
         )
+    elif args.audio:
+        ap.error("--audio needs --pin: only the light peers (pinned) count audio")
     elif args.source_apart or args.point_repeats != 1:
         ap.error("--source-apart and --point-repeats go with --pin")
     search = args.pin and args.peers is None
@@ -655,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def measure(n: int, name: str = name, system: System = system) -> dict:
             point = run_point(
-                system, n, args.probes, args.duration, args.fps, args.light_nice, split, args.source_apart
+                system, n, args.probes, args.duration, args.fps, args.light_nice, split, args.source_apart, args.audio
             )
             point["system"] = name
             print(json.dumps(point), flush=True)
@@ -678,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
         **run_facts("python -m benchmarks.load " + " ".join(argv)),
         "size": args.size, "fps": args.fps, "bitrate": args.bitrate, "probes": args.probes,
         "duration": args.duration, "cpu_count": os.cpu_count(),
-        "light_nice": args.light_nice,
+        "light_nice": args.light_nice, "audio": args.audio,
         "mode": UNPINNED if split is None else PINNED,
         **({} if split is None else {"system_cores": list(split.system), "generator_cores": list(split.generator),
                                      "source_apart": args.source_apart, "point_repeats": args.point_repeats}),

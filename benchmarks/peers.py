@@ -44,6 +44,8 @@ class PeerResult:
     latencies_ms: list[float] = field(default_factory=list)
     error: str = ""
     packets_lost: int = 0  # sequence gaps (light peers only)
+    audio_packets: int = 0  # Opus packets received (light peers offering audio only)
+    audio_packets_lost: int = 0  # their sequence gaps
     cores: list[int] = field(default_factory=list)  # the CPUs its worker process ran on, as read back
 
 
@@ -60,6 +62,7 @@ class PeerPlan:
     light_nice: int = 0  # niceness of light peers' processes (0: same priority as probes)
     urls: tuple[str, ...] = ()  # WebRTC: one peer for each (streams of a relay with many); else count on url
     cores: tuple[int, ...] = ()  # the CPUs this worker runs on (os.sched_setaffinity); () leaves it as inherited
+    audio: bool = False  # light peers offer audio too, and count its packets
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -67,14 +70,14 @@ class PeerPlan:
         return self.urls or (self.url,) * self.count
 
 
-def frames_missing(previous_ts: int, ts: int, fps: float) -> int:
-    """Frames missing between two frames received one after the other, from their RTP timestamps (90 kHz,
-    32 bits, wrapping). A jump back, or forward by more than ``DISCONTINUITY`` seconds, is a new timeline (a
-    restarted source), not loss."""
+def frames_missing(previous_ts: int, ts: int, fps: float, clock: int = RTP_CLOCK) -> int:
+    """Frames missing between two frames received one after the other, from their RTP timestamps (``clock`` Hz:
+    H.264's 90 kHz unless told, 32 bits, wrapping). A jump back, or forward by more than ``DISCONTINUITY``
+    seconds, is a new timeline (a restarted source), not loss."""
     delta = (ts - previous_ts) % RTP_TIMESTAMPS
-    if delta > DISCONTINUITY * RTP_CLOCK:
+    if delta > DISCONTINUITY * clock:
         return 0
-    return max(0, round(delta * fps / RTP_CLOCK) - 1)
+    return max(0, round(delta * fps / clock) - 1)
 
 
 def percentile(values: list[float], p: float) -> float | None:

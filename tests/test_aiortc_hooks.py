@@ -295,3 +295,17 @@ def test_a_receivers_bandwidth_estimator_is_made_on_its_first_packet_and_estimat
     finally:
         release()
     assert aiortc.rtcrtpreceiver.RemoteBitrateEstimator is aiortc.rate.RemoteBitrateEstimator  # released
+
+
+async def test_a_send_before_dtls_is_up_is_a_connection_error_naming_it():
+    """``borrowed.DtlsSocket`` (kept per sender, asked once per frame) refuses while the transport is not
+    connected, as ``dtls_socket`` always did; the send loop and the push take that as "not yet"."""
+    pc = RTCPeerConnection()
+    try:
+        dtls = pc.addTransceiver("video", direction="sendonly").sender.transport
+        with pytest.raises(ConnectionError, match="DTLS not connected"):
+            borrowed.DtlsSocket(dtls).get()
+        with pytest.raises(ConnectionError, match="DTLS not connected"):
+            borrowed.dtls_socket(dtls)
+    finally:
+        await pc.close()

@@ -231,3 +231,33 @@ async def test_light_peers_count_every_frame_the_relay_encodes_from_the_headers_
         # busy machine skips frames), which the relay never had to send.
         run = encoded[k : k + c.frames - CAUGHT_UP_FRAMES]  # a catch-up counts no gap: its spacing is compressed
         assert c.frames_lost == sum(frames_missing(a, b, TEST_FPS) for a, b in itertools.pairwise(run)), c
+
+
+async def test_a_light_peer_offering_audio_counts_the_opus_packets_apart_from_the_video(relay_server, http):
+    """A light peer offering audio too (``benchmarks.load --audio``): the stream's Opus packets are counted on a
+    counter of their own, each a complete frame, none lost on loopback and every one a packet the stream
+    published, none taken for video; its receiver reports (a block for each track) keep it a connected viewer."""
+    stream = relay_server.relay.streams["cam0"]
+    tap = stream.audio.subscribe("test-tap-audio", max_frames=10_000)  # every packet published from now on
+    peer = LightPeer(relay_server.whep("cam0"), http, TEST_FPS, audio=True)
+    try:
+        await peer.connect()
+        assert peer.audio is not None
+        await until(
+            lambda: peer.audio.packets >= 100 and peer.counter.frames >= TEST_FPS and peer.reports >= 2,
+            "two seconds of sound, a second of video and two receiver reports",
+            timeout=20.0,
+        )
+        async with http.get(relay_server.base + "/api/v1/streams") as resp:
+            (cam,) = (await resp.json())["streams"]
+        sound, video = peer.audio.counts(), peer.counter.counts()
+    finally:
+        await peer.close()
+        published = 0
+        while tap.get_nowait() is not None:
+            published += 1
+        tap.close()
+    assert cam["viewers_connected"] == 1
+    assert (sound.packets_lost, sound.late, sound.foreign, sound.malformed) == (0, 0, 0, 0), sound
+    assert sound.frames == sound.packets <= published  # each Opus packet a frame of its own, marker set
+    assert (video.packets_lost, video.foreign) == (0, 0), video  # no Opus packet counted as video

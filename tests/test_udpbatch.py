@@ -104,6 +104,36 @@ async def test_what_was_sent_before_close_still_leaves():
         rx.close()
 
 
+async def test_every_socket_sent_to_in_a_pass_is_flushed_at_its_end_even_when_one_fails():
+    """One callback flushes every batcher of the pass, in the order they got their first datagram; one whose
+    flush fails is reported to the loop's exception handler, and the others' datagrams leave all the same."""
+    from relay.webrtc.udpbatch import Batcher
+
+    loop = asyncio.get_running_loop()
+    failures = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: failures.append(context["message"]))
+    pairs = [await _pair() for _ in range(3)]
+    try:
+        batchers = [Batcher(tx) for tx, *_ in pairs]
+
+        def broken() -> None:
+            raise RuntimeError("broken")
+
+        batchers[1].flush = broken  # type: ignore[method-assign]
+        for i, (b, (_, _, _, addr)) in enumerate(zip(batchers, pairs, strict=True)):
+            b.send(bytes([i]) * 10, addr)
+            b.send(bytes([i]) * 20, addr)
+        await _until(lambda: all(len(pairs[i][2].got) == 2 for i in (0, 2)))
+        assert [pairs[i][2].got for i in (0, 2)] == [[bytes([i]) * 10, bytes([i]) * 20] for i in (0, 2)]
+        assert failures == ["udp batch flush failed"] and pairs[1][2].got == []
+    finally:
+        loop.set_exception_handler(previous)
+        for tx, rx, _, _ in pairs:
+            tx.close()
+            rx.close()
+
+
 async def test_a_route_that_refuses_segmentation_falls_back_alone(monkeypatch):
     import errno
 

@@ -313,6 +313,11 @@ SENDER_FIELDS = (
     "track", "mid", "rtp_started", "rtp_exited", "rtp_header_extensions_map", "rtx_payload_type",
     "rtx_sequence_number", "ntp_timestamp", "rtp_timestamp", "octet_count", "packet_count", "encoder",
 )  # fmt: skip
+# The names written once per frame per viewer (``SenderFields.count``, ``count_dtls_sent``), joined once here.
+_NTP_TIMESTAMP, _RTP_TIMESTAMP = _SENDER + "ntp_timestamp", _SENDER + "rtp_timestamp"
+_OCTET_COUNT, _PACKET_COUNT = _SENDER + "octet_count", _SENDER + "packet_count"
+_DTLS_TX_BYTES, _DTLS_TX_PACKETS = _DTLS + "tx_bytes", _DTLS + "tx_packets"
+_DTLS_CONNECTED = DtlsState.CONNECTED
 
 
 def answer_extension(transceiver: aiortc.RTCRtpTransceiver, ext_id: int, uri: str) -> None:
@@ -395,10 +400,10 @@ class SenderFields:
     def count(self, ntp: int, timestamp: int, octets: int, packets: int) -> None:
         """What aiortc keeps per packet, once per frame: RTCP sender reports and stats read these."""
         f = self._fields
-        f[_SENDER + "ntp_timestamp"] = ntp
-        f[_SENDER + "rtp_timestamp"] = timestamp
-        f[_SENDER + "octet_count"] += octets
-        f[_SENDER + "packet_count"] += packets
+        f[_NTP_TIMESTAMP] = ntp
+        f[_RTP_TIMESTAMP] = timestamp
+        f[_OCTET_COUNT] += octets
+        f[_PACKET_COUNT] += packets
 
     def exited(self) -> None:
         """As aiortc's loop ends: the track stopped and let go, the encoder gone, ``rtp_exited`` set."""
@@ -423,19 +428,41 @@ def sent(sender: aiortc.RTCRtpSender) -> tuple[int, int]:
 def dtls_socket(dtls: aiortc.RTCDtlsTransport) -> tuple[Any, tuple, pylibsrtp.Session]:
     """The ICE pair's socket protocol, the peer's address and the outgoing SRTP session; ConnectionError
     while DTLS is not connected or ICE has no pair."""
-    if dtls._state != DtlsState.CONNECTED:
-        raise ConnectionError("DTLS not connected")
-    pair = nominated_pair(dtls)
-    if pair is None:
-        raise ConnectionError("no ICE pair")
-    return pair.protocol, pair.remote_addr, dtls._tx_srtp
+    return DtlsSocket(dtls).get()
+
+
+class DtlsSocket:
+    """``dtls_socket`` for one DTLS transport, asked once per frame per viewer: what it finds is kept while the
+    transport stays connected on the same ICE pair (aioice makes the pair's address anew at each read)."""
+
+    __slots__ = ("dtls", "_pair", "_found")
+
+    def __init__(self, dtls: aiortc.RTCDtlsTransport) -> None:
+        self.dtls = dtls
+        self._pair: Any = None
+        self._found: tuple[Any, tuple, pylibsrtp.Session] | None = None
+
+    def get(self) -> tuple[Any, tuple, pylibsrtp.Session]:
+        """As ``dtls_socket``: the pair's socket protocol, the peer's address, the outgoing SRTP session."""
+        dtls = self.dtls
+        if dtls._state is not _DTLS_CONNECTED:
+            raise ConnectionError("DTLS not connected")
+        nominated = dtls.transport._connection._nominated
+        pair = nominated.get(1) if nominated else None
+        if pair is None:
+            raise ConnectionError("no ICE pair")
+        found = self._found
+        if pair is not self._pair or found is None:
+            found = self._found = (pair.protocol, pair.remote_addr, dtls._tx_srtp)
+            self._pair = pair
+        return found
 
 
 def count_dtls_sent(dtls: aiortc.RTCDtlsTransport, octets: int, packets: int) -> None:
     """The transport's own counters (its stats), as aiortc keeps them per packet; never fails the send."""
     f = dtls.__dict__
-    f[_DTLS + "tx_bytes"] = f.get(_DTLS + "tx_bytes", 0) + octets
-    f[_DTLS + "tx_packets"] = f.get(_DTLS + "tx_packets", 0) + packets
+    f[_DTLS_TX_BYTES] = f.get(_DTLS_TX_BYTES, 0) + octets
+    f[_DTLS_TX_PACKETS] = f.get(_DTLS_TX_PACKETS, 0) + packets
 
 
 # -- SRTP, a frame at a time

@@ -14,16 +14,20 @@ packet. A 720p keyframe is ~40 packets; for 30 viewers the last one waits for
 jitter buffer hands a frame on when the next one starts), so keyframes set
 the 95th percentile of latency.
 
-Here each viewer's sender serializes one header per frame with aiortc's own
-serializer, then copies each payload beside it into one buffer kept per
-sender, patches the sequence number and marker bit there and SRTP-protects
-it in place (``borrowed.SrtpFrameWriter``); each run of equal-size packets
+Here each viewer's sender serializes its header once, with aiortc's own
+serializer (``HeaderTemplate``: only the timestamp and abs-send-time change
+from frame to frame, put in place per frame; aiortc's serializer per frame
+was 12 us, 28 us with the playout-delay element, against 3), then copies each
+payload beside it into one buffer kept per sender, patches the sequence number
+and marker bit there and SRTP-protects it in place (``borrowed.SrtpFrameWriter``:
+one libsrtp call a packet); each run of equal-size packets
 (``udpbatch.gso_runs``) leaves that buffer as one bytes for one segmented
 write at the end of the event-loop pass (relay.webrtc.udpbatch), or one
 system call a datagram with batching off: no per-packet objects, clock reads
-or awaits. RTCP sender reports keep their counts (updated once per frame) and
-NACKed packets are rebuilt on demand from the frames sent (``SentFrames``:
-one entry a frame).
+or awaits. Its socket, peer address and SRTP session are looked up once per
+ICE pair (``borrowed.DtlsSocket``). RTCP sender reports keep their counts
+(updated once per frame) and NACKed packets are rebuilt on demand from the
+frames sent (``SentFrames``: one entry a frame).
 
 A live viewer's frames do not wait for its send loop at all: while the loop
 waits for the next frame with nothing queued, the hub's ``publish`` hands
@@ -48,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import struct
 import time
 import traceback
 from dataclasses import dataclass
@@ -74,6 +79,12 @@ _SEND = "camrelay_send"  # how a sender's datagrams leave: batched (udpbatch.sen
 _EXTRA = "camrelay_extensions"  # (id, value) header extensions aiortc does not know, in every packet of a frame
 
 NTP_UNIX_OFFSET = 2_208_988_800  # seconds from the NTP epoch (1900) to the Unix epoch (1970)
+# The header a sender makes its template from is serialized twice, its abs-send-time 0 and then all ones: the
+# three bytes that differ are where each frame's abs-send-time goes (``HeaderTemplate``).
+ABS_SEND_TIME_PROBE = 0xFFFFFF  # abs-send-time is 24 bits (6.18 fixed point seconds)
+ABS_SEND_TIME_BYTES = 3
+RTP_FIXED_HEADER = 12  # bytes: version to SSRC
+_TIMESTAMP = struct.Struct("!I")  # an RTP header's timestamp, at byte 4
 # A send loop whose socket is backed up looks again after this long before it takes the next frame: its frames
 # wait in the hub's backlog, bounded by the stream's lag limit (relay.lag), not in asyncio's datagram buffer,
 # which has no bound. A fraction of a frame's time, and only while backed up.
@@ -119,6 +130,45 @@ class SentFrames:
             if index < len(payloads):
                 return timestamp, index == len(payloads) - 1, payloads[index], payload_type
         return None
+
+
+class HeaderTemplateError(ValueError):
+    """Two serializations of one sender's header that cannot be a template; ``str()`` says why."""
+
+
+class HeaderTemplate:
+    """One sender's RTP header, serialized once (sans-io): a frame's header differs from it only in its timestamp
+    and abs-send-time, and ``SrtpFrameWriter.add`` sets each packet's sequence number and marker. Made from the
+    same header serialized twice (``FrameSender``: aiortc's serializer, then any extension aiortc does not know),
+    with abs-send-time 0 and ``ABS_SEND_TIME_PROBE``: where they differ is where the abs-send-time lies (nowhere
+    for a sender without one: audio)."""
+
+    __slots__ = ("template", "abs_send_time_at")
+
+    def __init__(self, zero: bytes, probe: bytes) -> None:
+        if len(zero) < RTP_FIXED_HEADER or zero[0] >> 6 != 2:
+            raise HeaderTemplateError("not an RTP version 2 header")
+        if len(zero) != len(probe):
+            raise HeaderTemplateError(f"the two headers differ in length: {len(zero)} and {len(probe)} bytes")
+        differ = [i for i, (a, b) in enumerate(zip(zero, probe, strict=True)) if a != b]
+        if differ and (
+            len(differ) != ABS_SEND_TIME_BYTES or differ[-1] - differ[0] != ABS_SEND_TIME_BYTES - 1
+            or differ[0] < RTP_FIXED_HEADER
+        ):  # fmt: skip
+            raise HeaderTemplateError(f"the two headers differ at bytes {differ}, not in one abs-send-time")
+        if differ and zero[differ[0] : differ[-1] + 1] != bytes(ABS_SEND_TIME_BYTES):
+            raise HeaderTemplateError("the first header's abs-send-time is not 0")
+        self.template = bytes(zero)
+        self.abs_send_time_at = differ[0] if differ else None
+
+    def header(self, timestamp: int, abs_send_time: int) -> bytearray:
+        """A frame's header: the template with ``timestamp`` and ``abs_send_time`` (its low 24 bits) in place."""
+        header = bytearray(self.template)
+        _TIMESTAMP.pack_into(header, 4, timestamp)
+        at = self.abs_send_time_at
+        if at is not None:
+            header[at : at + ABS_SEND_TIME_BYTES] = (abs_send_time & ABS_SEND_TIME_PROBE).to_bytes(3, "big")
+        return header
 
 
 @dataclass(slots=True)
@@ -225,10 +275,10 @@ class HubTrack(MediaStreamTrack):
         if pacer is None:  # live: how long the fan-out took (a catch-up's frames are old on purpose)
             self.hub.fanout_delay.add(now - frame.published_at)
         newest = self.hub.newest or frame
+        bitrate = self.hub.bitrate.bps() if pacer is not None else 0.0  # paces a catch-up alone
         timestamp = timing.stamp(
-            frame.pts, len(frame.data), newest.pts, now - newest.published_at, sub.behind, time.monotonic(),
-            self.hub.bitrate.bps(),
-        )  # fmt: skip
+            frame.pts, len(frame.data), newest.pts, now - newest.published_at, sub.behind, time.monotonic(), bitrate
+        )
         if pacer is not None and not timing.catching_up:
             log.info(
                 "stream=%s subscriber=%s caught up from the GOP cache: frames=%d bytes=%d in %.0fms",
@@ -284,23 +334,51 @@ class FrameSender:
         self.fields = borrowed.SenderFields(sender)
         self.payload_type = codec.payloadType
         self.clock_rate = codec.clockRate  # RTP ticks a second: 90 kHz (H.264), 48 kHz (Opus)
-        self.history = SentFrames()
+        # What a NACK may name, kept only for a codec whose receiver may send one (video; never Opus)
+        self.history = SentFrames() if any(fb.type == "nack" for fb in codec.rtcpFeedback) else None
         self.writer = borrowed.SrtpFrameWriter()
         self.send_run = sender.__dict__.get(_SEND, send_run_now)
         self.sequence = random_sequence_number()
         self.origin = random32()
         self.extensions = sender.__dict__.get(_EXTRA, ())  # add_header_extension's
+        self.template: HeaderTemplate | None = None  # made at the first frame, once aiortc has set mid and SSRC
+        self._socket = borrowed.DtlsSocket(sender.transport)
         sender.__dict__[_HISTORY] = self.history
+
+    def _serialize(self, abs_send_time: int) -> bytes:
+        """This sender's header as aiortc serializes it (sequence number and timestamp 0), with the extensions it
+        does not know."""
+        fields = self.fields
+        packet = RtpPacket(payload_type=self.payload_type)
+        packet.ssrc = fields.ssrc
+        packet.extensions.abs_send_time = abs_send_time
+        packet.extensions.mid = fields.mid
+        header = packet.serialize(fields.extensions_map)
+        return add_elements(header, self.extensions) if self.extensions else header
+
+    def header_template(self) -> HeaderTemplate:
+        """The header every frame's is made from (``HeaderTemplate``), made on first use."""
+        if self.template is None:
+            self.template = HeaderTemplate(self._serialize(0), self._serialize(ABS_SEND_TIME_PROBE))
+        return self.template
 
     @property
     def enabled(self) -> bool:
         """Whether the sender sends (aiortc drops the frames of a disabled one)."""
         return self.fields.enabled
 
+    def socket(self) -> tuple:
+        """Its DTLS transport's socket protocol, peer address and SRTP session (``borrowed.DtlsSocket``, kept per
+        transport); ``ConnectionError`` while DTLS or ICE is down."""
+        dtls = self.sender.transport
+        if self._socket.dtls is not dtls:
+            self._socket = borrowed.DtlsSocket(dtls)
+        return self._socket.get()
+
     def backed_up(self) -> bool:
         """Its socket holds datagrams it could not send yet (False while DTLS or ICE is down: ``send`` says so)."""
         try:
-            protocol, _, _ = borrowed.dtls_socket(self.sender.transport)
+            protocol, _, _ = self.socket()
         except ConnectionError:
             return False
         return bool(_backlog(protocol))
@@ -309,8 +387,7 @@ class FrameSender:
         """One frame's payloads, ``timestamp`` before the origin; ``ConnectionError`` while DTLS or ICE is down.
         ``unless_backed_up``: not sent (False) while the socket holds datagrams it could not send yet."""
         fields = self.fields
-        dtls = self.sender.transport
-        protocol, addr, session = borrowed.dtls_socket(dtls)
+        protocol, addr, session = self.socket()
         if unless_backed_up and _backlog(protocol):
             return False
         # Sender reports pair an RTP timestamp with the capture clock it stands for (the hub's pts are the wall
@@ -318,19 +395,15 @@ class FrameSender:
         # browser syncs them by what was captured together, whatever each one's way here took.
         captured = ntp_at(timestamp * 1_000_000_000 // self.clock_rate)
         timestamp = uint32_add(self.origin, timestamp)
-        ntp = ntp_now()
-        template = RtpPacket(payload_type=self.payload_type, sequence_number=self.sequence, timestamp=timestamp)
-        template.ssrc = fields.ssrc
-        template.extensions.abs_send_time = (ntp >> 14) & 0x00FFFFFF
-        template.extensions.mid = fields.mid
-        header = template.serialize(fields.extensions_map)  # no payload: the header
-        if self.extensions:
-            header = add_elements(header, self.extensions)
+        template = self.template or self.header_template()
+        # abs-send-time: the clock read only for a sender that has it (video)
+        header = template.header(timestamp, ntp_now() >> 14 if template.abs_send_time_at is not None else 0)
         sent = send_frame(self.writer, session, header, payloads, self.sequence, self.send_run, protocol, addr)
-        self.history.add(self.sequence, timestamp, payloads, self.payload_type)
+        if self.history is not None:
+            self.history.add(self.sequence, timestamp, payloads, self.payload_type)
         self.sequence = (self.sequence + len(payloads)) & 0xFFFF
         fields.count(captured, timestamp, sum(map(len, payloads)), len(payloads))
-        borrowed.count_dtls_sent(dtls, sent, len(payloads))
+        borrowed.count_dtls_sent(self._socket.dtls, sent, len(payloads))
         return True
 
 

@@ -109,14 +109,14 @@ class Batcher:
 
     def send(self, data: bytes, addr: tuple) -> None:
         if not self.pending:
-            asyncio.get_running_loop().call_soon(self.flush)
+            _enlist(self)
         self.pending.append((data, addr, 0))
 
     def send_run(self, data: bytes, segment: int, addr: tuple) -> None:
         """Datagrams of ``segment`` bytes (the last may be shorter), already joined in ``data``: one GSO run
         (``gso_runs``), sent whole."""
         if not self.pending:
-            asyncio.get_running_loop().call_soon(self.flush)
+            _enlist(self)
         self.pending.append((data, addr, segment))
 
     def flush(self) -> None:
@@ -130,7 +130,12 @@ class Batcher:
                 for data, addr in _datagrams(batch):
                     self._raw_send(raw, lambda sock, d=data, a=addr: sock.sendto(d, a))
             return
-        for data, segment, count, addr in _groups(batch):
+        if len(batch) == 1 and batch[0][2]:  # the usual pass: one viewer's frame, one run (or one Opus packet)
+            data, addr, segment = batch[0]
+            groups = [(data, segment, -(-len(data) // segment), addr)]
+        else:
+            groups = _groups(batch)
+        for data, segment, count, addr in groups:
             self.datagrams += count
             # Straight to the socket only while asyncio holds nothing queued for it: never reorder.
             if count > 1 and self.gso and _state["gso"] and not t.get_write_buffer_size():
@@ -167,6 +172,33 @@ class Batcher:
                 self.gso = False  # this route (MTU, IPsec, device) will not take it; others may
                 return None
             return False
+
+
+# Per event loop, the batchers with datagrams waiting in its current pass, in the order they got their first: one
+# callback at the end of the pass flushes them all, where a callback each was one more handle per viewer per frame.
+_waiting: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[Batcher]] = weakref.WeakKeyDictionary()
+
+
+def _enlist(batcher: Batcher) -> None:
+    """``batcher`` is flushed at the end of this event-loop pass (it has just got its first datagram of it)."""
+    loop = asyncio.get_running_loop()
+    batchers = _waiting.get(loop)
+    if batchers is None:
+        batchers = _waiting[loop] = []
+    if not batchers:
+        loop.call_soon(_flush_pass, loop, batchers)
+    batchers.append(batcher)
+
+
+def _flush_pass(loop: asyncio.AbstractEventLoop, batchers: list[Batcher]) -> None:
+    """Every batcher enlisted in the pass, in order; one that fails is reported as a callback's failure would be,
+    and the others are flushed all the same."""
+    _waiting[loop] = []  # a send from here on (a failure's handler) starts the next pass's list
+    for batcher in batchers:
+        try:
+            batcher.flush()
+        except Exception as exc:
+            loop.call_exception_handler({"message": "udp batch flush failed", "exception": exc})
 
 
 def _groups(batch: list[tuple[bytes, tuple, int]]) -> list[tuple[bytes, int, int, tuple]]:
