@@ -19,9 +19,10 @@ import pytest
 
 from benchmarks.bursts import BurstReader, consecutive
 from relay import shardipc
-from relay.config import ConfigError, load
+from relay.config import ConfigError, WebRTCConfig, load
+from relay.hub import PacketHub
 from relay.ipc import ProtocolError
-from relay.webrtc.shards import shards_for
+from relay.webrtc.shards import ShardedSessions, shards_for
 from relay.webrtc.whepclient import WhepViewer
 
 from .conftest import EncodedFrames, RunningRelay, capture_ms, make_config, start_relay
@@ -312,3 +313,109 @@ async def test_a_stuck_shard_is_killed_by_its_watchdog_and_restarted(http):
     finally:
         await asyncio.gather(stuck.close(delete=False), newcomer.close())
         await runner.cleanup()
+
+
+# -- the relay's side of a shard's pipe, fed messages directly: what a broken or hostile shard sends
+
+
+GOOD = {"viewers": 1, "connected": 1, "delivered": 5, "dropped": 0, "resyncs": 0, "audio_dropped": 0}
+
+
+def relay_side(count: int = 2) -> tuple[ShardedSessions, PacketHub]:
+    hub = PacketHub("cam0", lambda: None)
+
+    def hub_for(name: str) -> PacketHub:
+        if name != "cam0":
+            raise KeyError(name)
+        return hub
+
+    return ShardedSessions(count, hub_for, lambda name: None, lambda: [], WebRTCConfig(), 1.0), hub
+
+
+def message(kind: int, obj) -> shardipc.Message:
+    (msg,) = shardipc.Reader().feed(shardipc.pack_json(kind, obj))
+    return msg
+
+
+def stats(**streams) -> shardipc.Message:
+    return message(shardipc.STATS, shardipc.ShardStats(streams, 1.0))
+
+
+@pytest.mark.parametrize(
+    "figures",
+    [
+        {"cam0": {**GOOD, "fanout_delays": []}, "nope": 5},  # a stream it was never given
+        {"cam0": 5},
+        {"cam0": {**GOOD}},  # a figure missing
+        {"cam0": {**GOOD, "fanout_delays": [], "extra": 1}},
+        {"cam0": {**GOOD, "delivered": float("nan"), "fanout_delays": []}},
+        {"cam0": {**GOOD, "dropped": -1, "fanout_delays": []}},
+        {"cam0": {**GOOD, "resyncs": True, "fanout_delays": []}},
+        {"cam0": {**GOOD, "delivered": 4, "fanout_delays": []}},  # went down from 5
+        {"cam0": {**GOOD, "fanout_delays": ["x", 1.0]}},
+        {"cam0": {**GOOD, "fanout_delays": [float("inf")]}},
+        {"cam0": {**GOOD, "fanout_delays": [0.001] * (shardipc.REPORTED_DELAYS + 1)}},
+    ],
+)
+def test_a_shards_figures_that_make_no_sense_are_a_protocol_error_and_change_nothing(figures):
+    pool, hub = relay_side()
+    shard = pool.processes[0]
+    shard.named = {"cam0"}
+    shard._on_message(stats(cam0={**GOOD, "fanout_delays": [0.002, 0.003]}))
+    assert (hub.delivered, hub.dropped, len(hub.fanout_delay._values)) == (5, 0, 2)
+    with pytest.raises(ProtocolError):
+        shard._on_message(stats(**figures))
+    assert (hub.delivered, hub.dropped, len(hub.fanout_delay._values)) == (5, 0, 2)
+    assert pool.shards()[0]["frames_dropped"]["viewer_lag"] == 0  # the API's figures still add up
+
+
+def test_a_shards_figures_go_into_the_streams_counters():
+    pool, hub = relay_side()
+    shard = pool.processes[0]
+    shard.named = {"cam0"}
+    shard._on_message(stats(cam0={**GOOD, "fanout_delays": [0.002]}))
+    shard._on_message(stats(cam0={**GOOD, "delivered": 9, "dropped": 2, "fanout_delays": [0.004] * 900}))
+    assert (hub.delivered, hub.dropped, len(hub.fanout_delay._values)) == (9, 2, 901)
+    assert pool.shards()[0]["frames_dropped"]["viewer_lag"] == 2
+
+
+def test_a_shard_may_send_the_relay_a_megabyte_not_64():
+    reader = shardipc.Reader(shardipc.MAX_SHARD_PAYLOAD)
+    big = shardipc.LogLine(20, "x", "y" * shardipc.MAX_SHARD_PAYLOAD)
+    with pytest.raises(ProtocolError, match="over the 1048576 limit"):
+        reader.feed(shardipc.pack_json(shardipc.LOG, big))
+    assert len(shardipc.Reader().feed(shardipc.pack_json(shardipc.LOG, big))) == 1  # frames to a shard: 64 MiB
+
+
+async def answered(pool: ShardedSessions, session_id: str):
+    """``pool.create`` of a viewer whose offer shard 0 answers with ``session_id``: its outcome."""
+    shard = pool.processes[0]
+    sent: list[bytes] = []
+    shard.up = shard.ready = True
+    shard.writable = lambda: True  # no process: what it is sent is kept
+    shard.write = sent.append
+    creating = asyncio.ensure_future(pool.create("cam0", CHROMIUM_OFFER, "127.0.0.1"))
+    while not any(m.kind == shardipc.OFFER for m in shardipc.Reader().feed(b"".join(sent))):
+        assert not creating.done(), creating.exception()
+        await asyncio.sleep(0)
+    offer = next(m for m in shardipc.Reader().feed(b"".join(sent)) if m.kind == shardipc.OFFER)
+    request = shardipc.Offer.from_bytes(offer.payload).request
+    try:
+        shard._on_message(message(shardipc.REPLY, shardipc.Reply(request, True, session=session_id, sdp="v=0")))
+    except ProtocolError as exc:
+        creating.cancel()
+        await asyncio.gather(creating, return_exceptions=True)
+        return exc
+    finally:
+        for feed in shard.feeds.values():
+            await feed.close()
+    return await creating
+
+
+async def test_an_answer_with_a_session_id_a_shard_does_not_make_or_another_sessions_is_a_protocol_error():
+    pool, _ = relay_side(1)
+    session, sdp = await answered(pool, "A" * 22)
+    assert (session.id, sdp, pool.get("A" * 22)) == ("A" * 22, "v=0", session)
+    for bad in ("../../x", "A" * 22, "A" * 21 + "!", "B" * 23, ""):
+        assert isinstance(await answered(pool, bad), ProtocolError), bad
+    assert pool.count() == 1

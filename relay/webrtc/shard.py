@@ -37,9 +37,7 @@ log = logging.getLogger("relay.webrtc.shard")  # not __name__: this module runs 
 
 READ_LIMIT = 1 << 20  # the most one read of the pipe takes (frames of every stream, the relay's requests)
 STATS_INTERVAL = 1.0  # seconds between the figures sent to the relay: the API's refresh
-# Fan-out delays sent to the relay per stream per report: 30 viewers' worth of 30 fps, a few KiB of JSON a second;
-# more viewers' are left out of the relay's percentiles (the shard's own window still has them).
-REPORTED_DELAYS = 900
+REPORTED_DELAYS = shardipc.REPORTED_DELAYS
 
 
 class Output:

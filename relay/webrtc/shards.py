@@ -29,7 +29,9 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import math
 import os
+import re
 import signal
 import sys
 import time
@@ -63,6 +65,37 @@ SHARD_STALL = 5.0
 SHARD_STARTUP_GRACE = 20.0  # a fresh shard imports aiortc and PyAV first: seconds on a loaded Pi
 WATCHDOG_PERIOD = 0.5
 MAX_SHARDS = 64  # a Pi has 4 cores; more shards than this is a typo
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{22}")  # a shard's session ids: secrets.token_urlsafe(16), as ViewerSessions'
+
+
+def checked_stats(stats: shardipc.ShardStats, before: shardipc.ShardStats, named: set[str]) -> shardipc.ShardStats:
+    """A shard's figures if they make sense (streams the relay named to it, counts that are whole, non-negative and
+    never go down, at most ``REPORTED_DELAYS`` finite delays), else ``ProtocolError``: what a shard reports goes into
+    the relay's own counters and the API, and one bad figure would poison them for good."""
+    if not (_number(stats.cpu_seconds) and stats.cpu_seconds >= 0):
+        raise ProtocolError(f"cpu_seconds {stats.cpu_seconds!r}")
+    for name, figures in stats.streams.items():
+        if name not in named:
+            raise ProtocolError(f"figures of stream {name[:64]!r}, which it was never given")
+        if not isinstance(figures, dict) or figures.keys() != shardipc.STATS_KEYS:
+            raise ProtocolError(f"stream {name}: figures are not {sorted(shardipc.STATS_KEYS)}")
+        old = before.streams.get(name, {})
+        for key in (*shardipc.STATS_COUNTERS, *shardipc.STATS_GAUGES):
+            value = figures[key]
+            if type(value) is not int or value < 0:
+                raise ProtocolError(f"stream {name}: {key} {value!r} is not a count")
+            if key in shardipc.STATS_COUNTERS and value < old.get(key, 0):
+                raise ProtocolError(f"stream {name}: {key} went down from {old[key]} to {value}")
+        delays = figures["fanout_delays"]
+        if not isinstance(delays, list) or len(delays) > shardipc.REPORTED_DELAYS:
+            raise ProtocolError(f"stream {name}: fanout_delays is not a list of at most {shardipc.REPORTED_DELAYS}")
+        if not all(_number(d) for d in delays):
+            raise ProtocolError(f"stream {name}: fanout_delays holds something other than a finite number")
+    return stats
+
+
+def _number(value: object) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)  # type: ignore[arg-type]
 
 
 def shards_for(cores: int) -> int:
@@ -162,7 +195,7 @@ class ShardProcess:
         self.frames_dropped = 0  # by the relay's hubs for this shard's feeds, every process it ran
         self.stalls = 0  # times its watchdog killed it
         self._heard = 0.0  # monotonic time of its last message
-        self._pending: dict[int, asyncio.Future[shardipc.Reply]] = {}
+        self._pending: dict[int, tuple[int, asyncio.Future[shardipc.Reply]]] = {}  # request -> its kind, its reply
         self._closing: list[Feed] = []
 
     @property
@@ -212,7 +245,7 @@ class ShardProcess:
         """Send the request ``make(request number)`` and wait for its reply."""
         number = next(self.pool.requests)
         future: asyncio.Future[shardipc.Reply] = asyncio.get_running_loop().create_future()
-        self._pending[number] = future
+        self._pending[number] = (kind, future)
         try:
             self.write(shardipc.pack_json(kind, make(number)))
             async with asyncio.timeout(REQUEST_TIMEOUT):
@@ -233,9 +266,10 @@ class ShardProcess:
         assert proc.stdout is not None
         watchdog = asyncio.get_running_loop().create_task(self._watchdog(proc))
         try:
-            await read_pipe(proc.stdout, shardipc.Reader().feed, self._on_message, PIPE_LIMIT)
+            reader = shardipc.Reader(shardipc.MAX_SHARD_PAYLOAD)
+            await read_pipe(proc.stdout, reader.feed, self._on_message, PIPE_LIMIT)
         except ProtocolError as exc:
-            log.error("shard=%d pipe is corrupt (%s); restarting it", self.index, exc)
+            log.error("shard=%d broke the protocol (%s); restarting it", self.index, exc)
         finally:
             await cancel_and_wait(watchdog)
 
@@ -262,15 +296,17 @@ class ShardProcess:
         kind = msg.kind
         if kind == shardipc.REPLY:
             reply = shardipc.Reply.from_bytes(msg.payload)
-            future = self._pending.get(reply.request)
+            request, future = self._pending.get(reply.request, (0, None))
             if future is not None and not future.done():
+                if request == shardipc.OFFER and reply.ok:
+                    self.pool.claim(reply.session)
                 future.set_result(reply)
         elif kind == shardipc.EVENT:
             self.pool.on_event(self, shardipc.SessionEvent.from_bytes(msg.payload))
         elif kind == shardipc.KEYFRAME:
             self.pool.on_keyframe_request(msg.stream, bool(msg.flags & shardipc.FLAG_LAG))
         elif kind == shardipc.STATS:
-            stats = shardipc.ShardStats.from_bytes(msg.payload)
+            stats = checked_stats(shardipc.ShardStats.from_bytes(msg.payload), self.stats, self.named)
             self.pool.on_stats(self.stats, stats)
             self.stats = stats
         elif kind == shardipc.LOG:
@@ -281,7 +317,7 @@ class ShardProcess:
 
     async def _ended(self, code: int | None) -> None:
         self.up = False
-        for future in self._pending.values():
+        for _, future in self._pending.values():
             if not future.done():
                 future.set_exception(ShardUnavailable(f"shard {self.index} ended"))
         for stream in {s for s, _ in self.feeds}:
@@ -335,6 +371,16 @@ class ShardedSessions(SessionCounts):
         self._numbers: dict[str, int] = {}
         self._sessions: dict[str, RemoteSession] = {}
         self._creating: set[RemoteSession] = set()
+        self._claimed: set[str] = set()  # session ids a shard answered with, until their offer's create stores them
+
+    def claim(self, session_id: str) -> None:
+        """A shard answered an offer with ``session_id``: ``ProtocolError`` unless it is one a shard could have made
+        (its URL's last part) and no other session's."""
+        if not SESSION_ID.fullmatch(session_id):
+            raise ProtocolError(f"session id {session_id[:64]!r} is not one a shard makes")
+        if session_id in self._sessions or session_id in self._claimed:
+            raise ProtocolError(f"session id {session_id[:8]} is another session's")
+        self._claimed.add(session_id)
 
     async def start(self) -> None:
         for shard in self.processes:
@@ -382,6 +428,7 @@ class ShardedSessions(SessionCounts):
             if reply.rejected:
                 raise OfferRejected(reply.error)
             raise ShardUnavailable(f"shard {shard.index} could not set up the session: {reply.error}")
+        self._claimed.discard(reply.session)
         session = RemoteSession(reply.session, stream, remote, shard.index, offer_sdp)
         self._sessions[session.id] = session
         log.info(
