@@ -10,6 +10,7 @@ by how long anything took.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import time
@@ -22,6 +23,7 @@ from relay import shardipc
 from relay.config import ConfigError, WebRTCConfig, load
 from relay.hub import PacketHub
 from relay.ipc import ProtocolError
+from relay.webrtc import shards
 from relay.webrtc.shards import ShardedSessions, shards_for
 from relay.webrtc.whepclient import WhepViewer
 
@@ -419,3 +421,45 @@ async def test_an_answer_with_a_session_id_a_shard_does_not_make_or_another_sess
     for bad in ("../../x", "A" * 22, "A" * 21 + "!", "B" * 23, ""):
         assert isinstance(await answered(pool, bad), ProtocolError), bad
     assert pool.count() == 1
+
+
+@pytest.mark.parametrize(
+    ("kind", "payload"),
+    [
+        (shardipc.REPLY, b'{"request": 1}'),
+        (shardipc.EVENT, b"not json"),
+        (shardipc.STATS, b'{"streams": [], "cpu_seconds": 1.0}'),
+        (shardipc.LOG, b'{"level": "error", "logger": "x", "message": "y"}'),
+        (shardipc.REPLY, b"\xff\xfe"),
+    ],
+)
+def test_a_body_that_is_not_its_messages_type_is_a_protocol_error(kind, payload):
+    pool, _ = relay_side()
+    with pytest.raises(ProtocolError, match=f"bad message {kind}: "):
+        pool.processes[0]._on_message(shardipc.Message(kind, 0, 0, 0, 0.0, 0.0, payload))
+
+
+def test_a_shards_log_lines_go_under_one_logger_at_a_normal_level_and_a_flood_is_cut(caplog):
+    pool, _ = relay_side()
+    shard = pool.processes[0]
+    now = [100.0]
+    shard.clock = lambda: now[0]
+    loggers = len(logging.Logger.manager.loggerDict)
+    caplog.set_level(logging.DEBUG)
+    shard._on_message(message(shardipc.LOG, shardipc.LogLine(99, "aiortc.rtcdtlstransport", "first")))
+    shard._on_message(message(shardipc.LOG, shardipc.LogLine(-5, "aioice", "second")))
+    for i in range(5000):
+        shard._on_message(message(shardipc.LOG, shardipc.LogLine(40, f"x.{i}", "spam")))
+    forwarded = [r for r in caplog.records if r.name == "relay.webrtc.shard"]
+    assert [(r.levelno, r.getMessage()) for r in forwarded[:2]] == [
+        (logging.CRITICAL, "[aiortc.rtcdtlstransport] first"),
+        (logging.DEBUG, "[aioice] second"),
+    ]
+    assert len(forwarded) == shards.LOG_LINES_PER_SECOND
+    assert [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()] == [
+        f"shard=0 logs more than {shards.LOG_LINES_PER_SECOND} lines a second; the rest are dropped"
+    ]
+    assert len(logging.Logger.manager.loggerDict) == loggers
+    now[0] += 1.0  # the next second: its lines are written again
+    shard._on_message(message(shardipc.LOG, shardipc.LogLine(20, "relay.webrtc.shard", "later")))
+    assert caplog.records[-1].getMessage() == "[relay.webrtc.shard] later"

@@ -267,7 +267,9 @@ def main() -> int:
     root = logging.getLogger()
     root.handlers[:] = [
         ForwardingHandler(
-            lambda level, name, msg: out.send(shardipc.pack_json(shardipc.LOG, shardipc.LogLine(level, name, msg)))
+            lambda level, name, msg: out.send(
+                shardipc.pack_json(shardipc.LOG, shardipc.LogLine(level, name, msg[: shardipc.MAX_LOG_TEXT]))
+            )
         )
     ]
     root.setLevel(config.log_level.upper())

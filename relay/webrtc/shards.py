@@ -44,11 +44,14 @@ from ..backoff import Retry
 from ..config import IceServer, WebRTCConfig
 from ..hub import EncodedFrame, HubClosed, PacketHub, Subscription
 from ..ipc import ProtocolError
-from ..logsafe import SECRET_FILTER, redact
+from ..logsafe import SECRET_FILTER, Throttled, redact
 from ..supervise import Child, Process
 from .sessions import OfferRejected, SessionCounts, StreamViewers
 
 log = logging.getLogger(__name__)
+# A shard's log lines, whatever logger it says they came from (that name goes in the text): the relay's registry of
+# loggers is not a shard's to grow.
+shard_log = logging.getLogger("relay.webrtc.shard")
 
 # Bytes of frames the relay holds for one shard's pipe before its feeds' frames wait in their hubs' backlogs
 # (bounded by [video] max_lag, drops counted): about 2 s of a 2 Mbit/s stream, so a keyframe or a GC pause in the
@@ -65,6 +68,9 @@ SHARD_STALL = 5.0
 SHARD_STARTUP_GRACE = 20.0  # a fresh shard imports aiortc and PyAV first: seconds on a loaded Pi
 WATCHDOG_PERIOD = 0.5
 MAX_SHARDS = 64  # a Pi has 4 cores; more shards than this is a typo
+# Log lines a shard may have the relay write a second (its sessions' lines when many viewers join at once fit); the
+# rest are dropped and counted, so a shard that loops on an error cannot flood the relay's log.
+LOG_LINES_PER_SECOND = 50
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{22}")  # a shard's session ids: secrets.token_urlsafe(16), as ViewerSessions'
 
 
@@ -197,6 +203,10 @@ class ShardProcess:
         self._heard = 0.0  # monotonic time of its last message
         self._pending: dict[int, tuple[int, asyncio.Future[shardipc.Reply]]] = {}  # request -> its kind, its reply
         self._closing: list[Feed] = []
+        self.clock = time.monotonic
+        self._log_second = 0.0  # the second its log lines are counted in, and how many came in it
+        self._log_lines = 0
+        self._log_dropped = Throttled(log, interval=10.0)
 
     @property
     def pid(self) -> int | None:
@@ -289,8 +299,8 @@ class ShardProcess:
         self._heard = time.monotonic()
         try:
             self._handle(msg)
-        except (ValueError, KeyError, TypeError) as exc:
-            log.error("shard=%d bad message %d: %r", self.index, msg.kind, exc)
+        except (ValueError, KeyError, TypeError) as exc:  # a body that is not its type's: the shard is broken
+            raise ProtocolError(f"bad message {msg.kind}: {exc!r}"[:200]) from exc
 
     def _handle(self, msg: shardipc.Message) -> None:
         kind = msg.kind
@@ -310,10 +320,24 @@ class ShardProcess:
             self.pool.on_stats(self.stats, stats)
             self.stats = stats
         elif kind == shardipc.LOG:
-            line = shardipc.LogLine.from_bytes(msg.payload)
-            logging.getLogger(line.logger).log(line.level, "%s", redact(line.message, SECRET_FILTER.secrets))
+            self._log(shardipc.LogLine.from_bytes(msg.payload))
         else:
             log.warning("shard=%d unexpected message type %d", self.index, kind)
+
+    def _log(self, line: shardipc.LogLine) -> None:
+        """A shard's log line, under ``shard_log`` (the shard's logger named in it), at a level from DEBUG to
+        CRITICAL, at most ``LOG_LINES_PER_SECOND`` a second."""
+        now = self.clock()
+        if now - self._log_second >= 1.0:
+            self._log_second, self._log_lines = now, 0
+        self._log_lines += 1
+        if self._log_lines > LOG_LINES_PER_SECOND:
+            self._log_dropped.warn("shard=%d logs more than %d lines a second; the rest are dropped", self.index,
+                                   LOG_LINES_PER_SECOND, now=now)  # fmt: skip
+            return
+        level = min(max(line.level, logging.DEBUG), logging.CRITICAL)
+        text = redact(line.message[: shardipc.MAX_LOG_TEXT], SECRET_FILTER.secrets)
+        shard_log.log(level, "[%s] %s", line.logger[:64], text)
 
     async def _ended(self, code: int | None) -> None:
         self.up = False
