@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import time
+import types
 
 import psutil
 import pytest
@@ -24,7 +25,7 @@ from relay.config import ConfigError, WebRTCConfig, load
 from relay.hub import PacketHub
 from relay.ipc import ProtocolError
 from relay.webrtc import shards
-from relay.webrtc.shards import ShardedSessions, shards_for
+from relay.webrtc.shards import ShardedSessions, ShardUnavailable, shards_for
 from relay.webrtc.whepclient import WhepViewer
 
 from .conftest import EncodedFrames, RunningRelay, capture_ms, make_config, start_relay
@@ -463,3 +464,36 @@ def test_a_shards_log_lines_go_under_one_logger_at_a_normal_level_and_a_flood_is
     now[0] += 1.0  # the next second: its lines are written again
     shard._on_message(message(shardipc.LOG, shardipc.LogLine(20, "relay.webrtc.shard", "later")))
     assert caplog.records[-1].getMessage() == "[relay.webrtc.shard] later"
+
+
+def started(shard) -> types.SimpleNamespace:
+    """``shard`` as just spawned, by a process that has not said anything yet (what it is sent is kept)."""
+    stdin = types.SimpleNamespace(
+        sent=[], closing=False, transport=types.SimpleNamespace(set_write_buffer_limits=lambda high: None)
+    )
+    stdin.is_closing = lambda: stdin.closing
+    stdin.write = stdin.sent.append
+    stdin.transport.get_write_buffer_size = lambda: 0
+    proc = types.SimpleNamespace(pid=4242, returncode=None, stdin=stdin)
+    shard.child.proc = proc
+    shard._started(proc)
+    return proc
+
+
+def test_viewers_go_only_to_a_shard_that_has_spoken_since_it_started_and_whose_pipe_is_open():
+    pool, _ = relay_side()
+    first, second = (started(shard) for shard in pool.processes)
+    assert [s["up"] for s in pool.shards()] == [False, False]  # still importing aiortc
+    with pytest.raises(ShardUnavailable):
+        pool._least_loaded()
+    pool.processes[1]._on_message(stats())
+    assert pool._least_loaded() is pool.processes[1]
+    assert [s["up"] for s in pool.shards()] == [False, True]
+    pool.processes[0]._on_message(stats())
+    assert pool._least_loaded() is pool.processes[0]
+    first.stdin.closing = True  # the process is going: its pipe closes before it is reaped
+    assert pool._least_loaded() is pool.processes[1]
+    started(pool.processes[1])  # restarted: not ready again until it speaks
+    with pytest.raises(ShardUnavailable):
+        pool._least_loaded()
+    assert second.stdin.sent == []

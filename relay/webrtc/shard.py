@@ -223,9 +223,9 @@ class Shard:
         return shardipc.ShardStats(streams, round(times.user + times.system, 3))
 
     async def report(self) -> None:
-        while True:
-            await asyncio.sleep(STATS_INTERVAL)
+        while True:  # the first at once: the relay sends it viewers once it has heard from it
             self.out.send(shardipc.pack_json(shardipc.STATS, self.stats()))
+            await asyncio.sleep(STATS_INTERVAL)
 
     async def close(self) -> None:
         await self.sessions.close_all()

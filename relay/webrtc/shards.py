@@ -194,7 +194,10 @@ class ShardProcess:
             stdout=asyncio.subprocess.PIPE,
             limit=PIPE_LIMIT,
         )
-        self.up = False
+        self.up = False  # its process runs
+        # It has spoken since it started (it sends its figures at once, once serving): before, it is still importing
+        # aiortc and PyAV, and a viewer sent there would wait for it.
+        self.ready = False
         self.feeds: dict[tuple[str, int], Feed] = {}
         self.named: set[str] = set()  # streams this process was told the number of
         self.stats = shardipc.ShardStats({}, 0.0)
@@ -267,6 +270,7 @@ class ShardProcess:
         assert proc.stdin is not None
         proc.stdin.transport.set_write_buffer_limits(high=FEED_HIGH_WATER)
         self.up = True
+        self.ready = False
         self.named = set()
         self.stats = shardipc.ShardStats({}, 0.0)
         self._heard = time.monotonic() + SHARD_STARTUP_GRACE - SHARD_STALL
@@ -297,6 +301,9 @@ class ShardProcess:
 
     def _on_message(self, msg: shardipc.Message) -> None:
         self._heard = time.monotonic()
+        if not self.ready:
+            self.ready = True
+            log.info("shard=%d ready", self.index)
         try:
             self._handle(msg)
         except (ValueError, KeyError, TypeError) as exc:  # a body that is not its type's: the shard is broken
@@ -340,7 +347,7 @@ class ShardProcess:
         shard_log.log(level, "[%s] %s", line.logger[:64], text)
 
     async def _ended(self, code: int | None) -> None:
-        self.up = False
+        self.up = self.ready = False
         for _, future in self._pending.values():
             if not future.done():
                 future.set_exception(ShardUnavailable(f"shard {self.index} ended"))
@@ -355,7 +362,7 @@ class ShardProcess:
         return {
             "shard": self.index,
             "pid": self.pid,
-            "up": self.up,
+            "up": self.ready,  # serving: started and heard from
             "restarts": self.child.restarts,
             "stalls": self.stalls,  # of those restarts, the ones its watchdog killed it for (stuck)
             "viewers": len(viewers),
@@ -420,7 +427,7 @@ class ShardedSessions(SessionCounts):
         )
 
     def _least_loaded(self) -> ShardProcess:
-        up = [shard for shard in self.processes if shard.up]
+        up = [shard for shard in self.processes if shard.ready and shard.writable()]
         if not up:
             raise ShardUnavailable("no fan-out shard is running (restarting)")
         load = {shard.index: 0 for shard in up}
