@@ -497,3 +497,40 @@ def test_viewers_go_only_to_a_shard_that_has_spoken_since_it_started_and_whose_p
     with pytest.raises(ShardUnavailable):
         pool._least_loaded()
     assert second.stdin.sent == []
+
+
+class Sent:
+    """A shard's stdout: the replies it wrote."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def send(self, data: bytes) -> None:
+        self.data += data
+
+    def replies(self) -> list[shardipc.Reply]:
+        return [shardipc.Reply.from_bytes(m.payload) for m in shardipc.Reader().feed(self.data)]
+
+
+async def test_a_shard_answers_every_request_whatever_goes_wrong_with_it(monkeypatch, caplog):
+    from relay.webrtc.shard import Shard
+
+    out = Sent()
+    shard = Shard(shardipc.ShardConfig(0, [], [], 5.0, False, [], 1.0), out)
+
+    async def broken(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(shard.sessions, "close", broken)
+    monkeypatch.setattr(shard.sessions, "add_candidates", broken)
+    monkeypatch.setattr(shard.sessions, "get", lambda session_id: object())
+    await shard._hangup(shardipc.Hangup(1, "A" * 22, "bye"))
+    await shard._trickle(shardipc.Trickle(2, "A" * 22, "a=end-of-candidates\r\n"))
+    await shard._offer(shardipc.Offer(3, "cam0", CHROMIUM_OFFER, "127.0.0.1", False, [["stun:x"]]))  # not 3 fields
+    assert out.replies() == [
+        shardipc.Reply(1, False, error="RuntimeError"),
+        shardipc.Reply(2, False, error="RuntimeError"),
+        shardipc.Reply(3, False, error="ValueError"),
+    ]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 3 and not any(r.exc_info for r in errors)  # a line each, no traceback
