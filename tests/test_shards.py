@@ -22,7 +22,7 @@ import pytest
 from benchmarks.bursts import BurstReader, consecutive
 from relay import shardipc
 from relay.config import ConfigError, WebRTCConfig, load
-from relay.hub import PacketHub
+from relay.hub import EncodedFrame, PacketHub
 from relay.ipc import ProtocolError
 from relay.webrtc import shards
 from relay.webrtc.shards import ShardedSessions, ShardUnavailable, shards_for
@@ -108,7 +108,11 @@ async def test_four_viewers_land_on_both_shards_and_decode_frames_the_relay_enco
 
             async def viewers_counted() -> bool:  # the shards' figures, a second apart, in the stream's
                 cam = (await status(http, relay))["streams"][0]
-                return cam["fanout_delay_ms"]["p50"] is not None and cam["fanout"]["delivered"] >= 4 * FRAMES
+                # Of the relay's own subscribers only the test's tap counts (not the shards' feeds): the rest are
+                # the frames the shards' four viewers took, which only their figures bring.
+                tap = next(sub for sub in stream.hub.subscribers if sub.name == "test-tap")
+                viewers = cam["fanout"]["delivered"] - tap.delivered
+                return cam["fanout_delay_ms"]["p50"] is not None and viewers >= 4 * FRAMES
 
             await until(viewers_counted, "the shards' viewers in the stream's fan-out figures")
             # The relay's hubs feed each shard once, not each viewer: no viewer subscribes here.
@@ -474,6 +478,11 @@ def started(shard) -> types.SimpleNamespace:
     stdin.is_closing = lambda: stdin.closing
     stdin.write = stdin.sent.append
     stdin.transport.get_write_buffer_size = lambda: 0
+
+    async def drain() -> None:
+        pass
+
+    stdin.drain = drain
     proc = types.SimpleNamespace(pid=4242, returncode=None, stdin=stdin)
     shard.child.proc = proc
     shard._started(proc)
@@ -534,3 +543,23 @@ async def test_a_shard_answers_every_request_whatever_goes_wrong_with_it(monkeyp
     ]
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 3 and not any(r.exc_info for r in errors)  # a line each, no traceback
+
+
+async def test_the_streams_delivered_counts_the_shards_viewers_frames_not_its_feeds():
+    pool, hub = relay_side()
+    shard = pool.processes[0]
+    started(shard)
+    shard._on_message(stats())
+    shard.feed("cam0", hub, shardipc.VIDEO)
+    feed = shard.feeds[("cam0", shardipc.VIDEO)]
+    try:
+        for pts in range(10):
+            hub.publish(EncodedFrame(b"\x00\x00\x00\x01\x65", pts * 3000, pts == 0, 0.0))
+            await asyncio.sleep(0)
+        frames = [m for m in shardipc.Reader().feed(b"".join(shard.child.proc.stdin.sent)) if m.kind == shardipc.VIDEO]
+        assert len(frames) == feed.sub.delivered == 10  # written to the shard, once each
+        assert hub.delivered == 0  # nobody watched them yet
+        shard._on_message(stats(cam0={**GOOD, "delivered": 20, "fanout_delays": []}))  # its two viewers took them
+        assert hub.delivered == 20
+    finally:
+        await feed.close()

@@ -134,6 +134,9 @@ class RemoteSession:
 class Feed:
     """One hub's frames to one shard: a subscriber of the hub that writes each frame into the shard's pipe.
 
+    Not counted in the hub's ``delivered`` (the subscription's own count has them): that is frames handed to
+    viewers, and the shard's viewers' come with its figures (``ShardedSessions.on_stats``).
+
     Live, frames are written as the hub publishes them (``Subscription.push``); while the pipe holds
     ``FEED_HIGH_WATER`` they wait in the subscription's backlog, where the lag policy bounds them."""
 
@@ -150,6 +153,7 @@ class Feed:
         if not self.shard.writable() or self.shard.buffered() >= FEED_HIGH_WATER:
             return False  # into the backlog: the feed's task writes it once the pipe drains (or the shard ends)
         self._write(frame)
+        self.hub.delivered -= 1  # the hub counts it as taken (+1): the shard's figures count its viewers' takes
         return True
 
     def _write(self, frame: EncodedFrame) -> None:
@@ -165,6 +169,7 @@ class Feed:
         try:
             while True:
                 frame = await self.sub.get()
+                self.hub.delivered -= 1  # as in _push: the stream's delivered is its viewers', not its feeds'
                 self._write(frame)
                 await self.shard.drain()
         except (HubClosed, ConnectionError, ShardUnavailable):
