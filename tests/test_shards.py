@@ -52,6 +52,21 @@ async def until(check, what: str) -> None:
         await asyncio.sleep(0.05)
 
 
+async def start_sharded(http, config) -> tuple:
+    """A relay whose shards all serve (a shard takes viewers once it has imported aiortc and spoken)."""
+    runner, relay = await start_relay(config)
+
+    async def serving() -> bool:
+        return all(s["up"] for s in (await status(http, relay))["shards"])
+
+    try:
+        await until(serving, "every shard up")
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, relay
+
+
 def shard_of(relay: RunningRelay, viewer: WhepViewer) -> int:
     """The shard the relay handed ``viewer``'s session to."""
     assert viewer.location
@@ -75,7 +90,7 @@ async def decodes_encoded_frames(viewer: WhepViewer, encoded: EncodedFrames, cou
 
 
 async def test_four_viewers_land_on_both_shards_and_decode_frames_the_relay_encoded_with_sound(http):
-    runner, relay = await start_relay(make_config(shards=2))
+    runner, relay = await start_sharded(http, make_config(shards=2))
     stream = relay.relay.streams["cam0"]
     viewers = [WhepViewer(relay.whep(), http, audio=i < 2) for i in range(4)]
     try:
@@ -124,7 +139,7 @@ async def test_four_viewers_land_on_both_shards_and_decode_frames_the_relay_enco
 
 
 async def test_a_killed_shard_ends_only_its_viewers_and_is_restarted_for_new_ones(http):
-    runner, relay = await start_relay(make_config(shards=2))
+    runner, relay = await start_sharded(http, make_config(shards=2))
     stream = relay.relay.streams["cam0"]
     doomed, spared = WhepViewer(relay.whep(), http), WhepViewer(relay.whep(), http)
     newcomer = WhepViewer(relay.whep(), http)
@@ -167,7 +182,7 @@ async def test_a_killed_shard_ends_only_its_viewers_and_is_restarted_for_new_one
 
 
 async def test_patch_and_delete_reach_the_shard_that_holds_the_session_and_a_bad_offer_is_a_400(http):
-    runner, relay = await start_relay(make_config(shards=2))
+    runner, relay = await start_sharded(http, make_config(shards=2))
     viewers = [WhepViewer(relay.whep(), http) for _ in range(2)]
     try:
         for viewer in viewers:
@@ -263,7 +278,7 @@ def test_a_shards_messages_refuse_a_missing_or_mistyped_field():
 
 
 async def test_a_joiner_and_a_pli_in_a_shard_get_a_keyframe_forced_by_the_relays_worker(http):
-    runner, relay = await start_relay(make_config(shards=2, keyframe_interval=60.0))
+    runner, relay = await start_sharded(http, make_config(shards=2, keyframe_interval=60.0))
     stream = relay.relay.streams["cam0"]
     first, late = WhepViewer(relay.whep(), http), WhepViewer(relay.whep(), http)
     try:
@@ -295,7 +310,7 @@ async def test_a_joiner_and_a_pli_in_a_shard_get_a_keyframe_forced_by_the_relays
 
 
 async def test_a_stuck_shard_is_killed_by_its_watchdog_and_restarted(http):
-    runner, relay = await start_relay(make_config(shards=2))
+    runner, relay = await start_sharded(http, make_config(shards=2))
     stream = relay.relay.streams["cam0"]
     stuck, newcomer = WhepViewer(relay.whep(), http), WhepViewer(relay.whep(), http)
     try:
@@ -563,3 +578,25 @@ async def test_the_streams_delivered_counts_the_shards_viewers_frames_not_its_fe
         assert hub.delivered == 20
     finally:
         await feed.close()
+
+
+async def test_an_offer_while_no_shard_is_ready_waits_for_the_first_that_is():
+    pool, _ = relay_side()
+    procs = [started(shard) for shard in pool.processes]
+    creating = asyncio.ensure_future(pool.create("cam0", CHROMIUM_OFFER, "127.0.0.1"))
+    try:
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not creating.done() and [p.stdin.sent for p in procs] == [[], []]  # nothing sent while importing
+        pool.processes[1]._on_message(stats())
+        while not procs[1].stdin.sent:
+            assert not creating.done(), creating.exception()
+            await asyncio.sleep(0)
+        kinds = [m.kind for m in shardipc.Reader().feed(b"".join(procs[1].stdin.sent))]
+        assert kinds[-1] == shardipc.OFFER and procs[0].stdin.sent == []
+    finally:
+        creating.cancel()
+        await asyncio.gather(creating, return_exceptions=True)
+        for shard in pool.processes:
+            for feed in shard.feeds.values():
+                await feed.close()

@@ -309,6 +309,7 @@ class ShardProcess:
         if not self.ready:
             self.ready = True
             log.info("shard=%d ready", self.index)
+            self.pool.on_ready()
         try:
             self._handle(msg)
         except (ValueError, KeyError, TypeError) as exc:  # a body that is not its type's: the shard is broken
@@ -408,6 +409,7 @@ class ShardedSessions(SessionCounts):
         self._sessions: dict[str, RemoteSession] = {}
         self._creating: set[RemoteSession] = set()
         self._claimed: set[str] = set()  # session ids a shard answered with, until their offer's create stores them
+        self._waiting: set[asyncio.Future[None]] = set()  # offers waiting for a shard to be ready
 
     def claim(self, session_id: str) -> None:
         """A shard answered an offer with ``session_id``: ``ProtocolError`` unless it is one a shard could have made
@@ -441,13 +443,37 @@ class ShardedSessions(SessionCounts):
                 load[s.shard] += 1
         return min(up, key=lambda shard: (load[shard.index], shard.index))
 
+    async def _ready_shard(self) -> ShardProcess:
+        """The least-loaded ready shard; while there is none (the relay starting, every shard restarting), the
+        first to be ready, up to ``SHARD_STARTUP_GRACE``, else ``ShardUnavailable``."""
+        try:
+            async with asyncio.timeout(SHARD_STARTUP_GRACE):
+                while True:
+                    try:
+                        return self._least_loaded()
+                    except ShardUnavailable:
+                        pass
+                    waiter = asyncio.get_running_loop().create_future()
+                    self._waiting.add(waiter)
+                    try:
+                        await waiter
+                    finally:
+                        self._waiting.discard(waiter)
+        except TimeoutError:
+            raise ShardUnavailable("no fan-out shard is ready (starting or restarting)") from None
+
+    def on_ready(self) -> None:
+        for waiter in self._waiting:
+            if not waiter.done():
+                waiter.set_result(None)
+
     async def create(
         self, stream: str, offer_sdp: str, remote: str, audio: PacketHub | None = None
     ) -> tuple[RemoteSession, str]:
         """The least-loaded shard answers the offer; ``OfferRejected`` for an offer it cannot take, else
         ``ShardUnavailable`` or ``TimeoutError`` (a 503)."""
         hub = self._hub_for(stream)
-        shard = self._least_loaded()
+        shard = await self._ready_shard()
         placeholder = RemoteSession("", stream, remote, shard.index, offer_sdp)
         self._creating.add(placeholder)
         try:
