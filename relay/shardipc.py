@@ -26,6 +26,14 @@ from .ipc import ProtocolError, from_json, to_json
 # type, flags, stream number, pts, capture time, the relay's publish time, payload length
 HEADER = struct.Struct("!BBHqddI")
 MAX_PAYLOAD = 64 * 1024 * 1024  # no frame or offer is this big; a larger length means a corrupt stream
+# What the relay reads from a shard: never a frame, only answers (an SDP answer: a few KiB), events, figures (at
+# most REPORTED_DELAYS delays a stream: ~10 KiB each) and log lines (cut at MAX_LOG_TEXT); a larger length is a
+# corrupt or runaway shard, not 64 MiB held in the relay's memory.
+MAX_SHARD_PAYLOAD = 1024 * 1024
+MAX_LOG_TEXT = 64 * 1024  # characters of one forwarded log line (a traceback fits); longer ones are cut
+# Fan-out delays sent to the relay per stream per report: 30 viewers' worth of 30 fps, a few KiB of JSON a second;
+# more viewers' are left out of the relay's percentiles (the shard's own window still has them). More is refused.
+REPORTED_DELAYS = 900
 SHARD_CONFIG_ENV = "CAMRELAY_SHARD_CONFIG"  # the shard's ShardConfig, as JSON
 
 VIDEO = 1  # one H.264 access unit of a stream's hub
@@ -78,8 +86,9 @@ def pack_json(kind: int, obj) -> bytes:
 class Reader:
     """Whole messages out of a byte stream however it is cut; ``ProtocolError`` for a corrupt one."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
         self._pending = bytearray()
+        self.max_payload = max_payload
 
     def feed(self, data: bytes) -> list[Message]:
         self._pending += data
@@ -90,8 +99,8 @@ class Reader:
                 kind, flags, stream, pts, capture_time, published_at, length = HEADER.unpack_from(view, offset)
                 if kind not in KINDS:
                     raise ProtocolError(f"unknown message type {kind}")
-                if length > MAX_PAYLOAD:
-                    raise ProtocolError(f"message of {length} bytes is over the {MAX_PAYLOAD} limit")
+                if length > self.max_payload:
+                    raise ProtocolError(f"message of {length} bytes is over the {self.max_payload} limit")
                 end = offset + HEADER.size + length
                 if size < end:
                     break
@@ -185,11 +194,16 @@ class SessionEvent(_Json):
     why: str = ""
 
 
+STATS_COUNTERS = ("delivered", "dropped", "resyncs", "audio_dropped")  # per stream: never go down in one process
+STATS_GAUGES = ("viewers", "connected")
+STATS_KEYS = frozenset((*STATS_COUNTERS, *STATS_GAUGES, "fanout_delays"))
+
+
 @dataclass(frozen=True, slots=True)
 class ShardStats(_Json):
     """A shard's figures, once a second: per stream (its viewers' hubs in the shard), and its own CPU time."""
 
-    streams: dict  # name -> {"viewers", "connected", "delivered", "dropped", "resyncs"}
+    streams: dict  # name -> COUNTERS and GAUGES (ints), "fanout_delays" (floats, at most REPORTED_DELAYS)
     cpu_seconds: float
 
 

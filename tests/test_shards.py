@@ -10,18 +10,22 @@ by how long anything took.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import time
+import types
 
 import psutil
 import pytest
 
 from benchmarks.bursts import BurstReader, consecutive
 from relay import shardipc
-from relay.config import ConfigError, load
+from relay.config import ConfigError, WebRTCConfig, load
+from relay.hub import EncodedFrame, PacketHub
 from relay.ipc import ProtocolError
-from relay.webrtc.shards import shards_for
+from relay.webrtc import shards
+from relay.webrtc.shards import ShardedSessions, ShardUnavailable, shards_for
 from relay.webrtc.whepclient import WhepViewer
 
 from .conftest import EncodedFrames, RunningRelay, capture_ms, make_config, start_relay
@@ -48,6 +52,21 @@ async def until(check, what: str) -> None:
         await asyncio.sleep(0.05)
 
 
+async def start_sharded(http, config) -> tuple:
+    """A relay whose shards all serve (a shard takes viewers once it has imported aiortc and spoken)."""
+    runner, relay = await start_relay(config)
+
+    async def serving() -> bool:
+        return all(s["up"] for s in (await status(http, relay))["shards"])
+
+    try:
+        await until(serving, "every shard up")
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, relay
+
+
 def shard_of(relay: RunningRelay, viewer: WhepViewer) -> int:
     """The shard the relay handed ``viewer``'s session to."""
     assert viewer.location
@@ -71,7 +90,7 @@ async def decodes_encoded_frames(viewer: WhepViewer, encoded: EncodedFrames, cou
 
 
 async def test_four_viewers_land_on_both_shards_and_decode_frames_the_relay_encoded_with_sound(http):
-    runner, relay = await start_relay(make_config(shards=2))
+    runner, relay = await start_sharded(http, make_config(shards=2))
     stream = relay.relay.streams["cam0"]
     viewers = [WhepViewer(relay.whep(), http, audio=i < 2) for i in range(4)]
     try:
@@ -104,7 +123,11 @@ async def test_four_viewers_land_on_both_shards_and_decode_frames_the_relay_enco
 
             async def viewers_counted() -> bool:  # the shards' figures, a second apart, in the stream's
                 cam = (await status(http, relay))["streams"][0]
-                return cam["fanout_delay_ms"]["p50"] is not None and cam["fanout"]["delivered"] >= 4 * FRAMES
+                # Of the relay's own subscribers only the test's tap counts (not the shards' feeds): the rest are
+                # the frames the shards' four viewers took, which only their figures bring.
+                tap = next(sub for sub in stream.hub.subscribers if sub.name == "test-tap")
+                viewers = cam["fanout"]["delivered"] - tap.delivered
+                return cam["fanout_delay_ms"]["p50"] is not None and viewers >= 4 * FRAMES
 
             await until(viewers_counted, "the shards' viewers in the stream's fan-out figures")
             # The relay's hubs feed each shard once, not each viewer: no viewer subscribes here.
@@ -116,7 +139,7 @@ async def test_four_viewers_land_on_both_shards_and_decode_frames_the_relay_enco
 
 
 async def test_a_killed_shard_ends_only_its_viewers_and_is_restarted_for_new_ones(http):
-    runner, relay = await start_relay(make_config(shards=2))
+    runner, relay = await start_sharded(http, make_config(shards=2))
     stream = relay.relay.streams["cam0"]
     doomed, spared = WhepViewer(relay.whep(), http), WhepViewer(relay.whep(), http)
     newcomer = WhepViewer(relay.whep(), http)
@@ -159,7 +182,7 @@ async def test_a_killed_shard_ends_only_its_viewers_and_is_restarted_for_new_one
 
 
 async def test_patch_and_delete_reach_the_shard_that_holds_the_session_and_a_bad_offer_is_a_400(http):
-    runner, relay = await start_relay(make_config(shards=2))
+    runner, relay = await start_sharded(http, make_config(shards=2))
     viewers = [WhepViewer(relay.whep(), http) for _ in range(2)]
     try:
         for viewer in viewers:
@@ -255,7 +278,7 @@ def test_a_shards_messages_refuse_a_missing_or_mistyped_field():
 
 
 async def test_a_joiner_and_a_pli_in_a_shard_get_a_keyframe_forced_by_the_relays_worker(http):
-    runner, relay = await start_relay(make_config(shards=2, keyframe_interval=60.0))
+    runner, relay = await start_sharded(http, make_config(shards=2, keyframe_interval=60.0))
     stream = relay.relay.streams["cam0"]
     first, late = WhepViewer(relay.whep(), http), WhepViewer(relay.whep(), http)
     try:
@@ -287,7 +310,7 @@ async def test_a_joiner_and_a_pli_in_a_shard_get_a_keyframe_forced_by_the_relays
 
 
 async def test_a_stuck_shard_is_killed_by_its_watchdog_and_restarted(http):
-    runner, relay = await start_relay(make_config(shards=2))
+    runner, relay = await start_sharded(http, make_config(shards=2))
     stream = relay.relay.streams["cam0"]
     stuck, newcomer = WhepViewer(relay.whep(), http), WhepViewer(relay.whep(), http)
     try:
@@ -312,3 +335,268 @@ async def test_a_stuck_shard_is_killed_by_its_watchdog_and_restarted(http):
     finally:
         await asyncio.gather(stuck.close(delete=False), newcomer.close())
         await runner.cleanup()
+
+
+# -- the relay's side of a shard's pipe, fed messages directly: what a broken or hostile shard sends
+
+
+GOOD = {"viewers": 1, "connected": 1, "delivered": 5, "dropped": 0, "resyncs": 0, "audio_dropped": 0}
+
+
+def relay_side(count: int = 2) -> tuple[ShardedSessions, PacketHub]:
+    hub = PacketHub("cam0", lambda: None)
+
+    def hub_for(name: str) -> PacketHub:
+        if name != "cam0":
+            raise KeyError(name)
+        return hub
+
+    return ShardedSessions(count, hub_for, lambda name: None, lambda: [], WebRTCConfig(), 1.0), hub
+
+
+def message(kind: int, obj) -> shardipc.Message:
+    (msg,) = shardipc.Reader().feed(shardipc.pack_json(kind, obj))
+    return msg
+
+
+def stats(**streams) -> shardipc.Message:
+    return message(shardipc.STATS, shardipc.ShardStats(streams, 1.0))
+
+
+@pytest.mark.parametrize(
+    "figures",
+    [
+        {"cam0": {**GOOD, "fanout_delays": []}, "nope": 5},  # a stream it was never given
+        {"cam0": 5},
+        {"cam0": {**GOOD}},  # a figure missing
+        {"cam0": {**GOOD, "fanout_delays": [], "extra": 1}},
+        {"cam0": {**GOOD, "delivered": float("nan"), "fanout_delays": []}},
+        {"cam0": {**GOOD, "dropped": -1, "fanout_delays": []}},
+        {"cam0": {**GOOD, "resyncs": True, "fanout_delays": []}},
+        {"cam0": {**GOOD, "delivered": 4, "fanout_delays": []}},  # went down from 5
+        {"cam0": {**GOOD, "fanout_delays": ["x", 1.0]}},
+        {"cam0": {**GOOD, "fanout_delays": [float("inf")]}},
+        {"cam0": {**GOOD, "fanout_delays": [0.001] * (shardipc.REPORTED_DELAYS + 1)}},
+    ],
+)
+def test_a_shards_figures_that_make_no_sense_are_a_protocol_error_and_change_nothing(figures):
+    pool, hub = relay_side()
+    shard = pool.processes[0]
+    shard.named = {"cam0"}
+    shard._on_message(stats(cam0={**GOOD, "fanout_delays": [0.002, 0.003]}))
+    assert (hub.delivered, hub.dropped, len(hub.fanout_delay._values)) == (5, 0, 2)
+    with pytest.raises(ProtocolError):
+        shard._on_message(stats(**figures))
+    assert (hub.delivered, hub.dropped, len(hub.fanout_delay._values)) == (5, 0, 2)
+    assert pool.shards()[0]["frames_dropped"]["viewer_lag"] == 0  # the API's figures still add up
+
+
+def test_a_shards_figures_go_into_the_streams_counters():
+    pool, hub = relay_side()
+    shard = pool.processes[0]
+    shard.named = {"cam0"}
+    shard._on_message(stats(cam0={**GOOD, "fanout_delays": [0.002]}))
+    shard._on_message(stats(cam0={**GOOD, "delivered": 9, "dropped": 2, "fanout_delays": [0.004] * 900}))
+    assert (hub.delivered, hub.dropped, len(hub.fanout_delay._values)) == (9, 2, 901)
+    assert pool.shards()[0]["frames_dropped"]["viewer_lag"] == 2
+
+
+def test_a_shard_may_send_the_relay_a_megabyte_not_64():
+    reader = shardipc.Reader(shardipc.MAX_SHARD_PAYLOAD)
+    big = shardipc.LogLine(20, "x", "y" * shardipc.MAX_SHARD_PAYLOAD)
+    with pytest.raises(ProtocolError, match="over the 1048576 limit"):
+        reader.feed(shardipc.pack_json(shardipc.LOG, big))
+    assert len(shardipc.Reader().feed(shardipc.pack_json(shardipc.LOG, big))) == 1  # frames to a shard: 64 MiB
+
+
+async def answered(pool: ShardedSessions, session_id: str):
+    """``pool.create`` of a viewer whose offer shard 0 answers with ``session_id``: its outcome."""
+    shard = pool.processes[0]
+    sent: list[bytes] = []
+    shard.up = shard.ready = True
+    shard.writable = lambda: True  # no process: what it is sent is kept
+    shard.write = sent.append
+    creating = asyncio.ensure_future(pool.create("cam0", CHROMIUM_OFFER, "127.0.0.1"))
+    while not any(m.kind == shardipc.OFFER for m in shardipc.Reader().feed(b"".join(sent))):
+        assert not creating.done(), creating.exception()
+        await asyncio.sleep(0)
+    offer = next(m for m in shardipc.Reader().feed(b"".join(sent)) if m.kind == shardipc.OFFER)
+    request = shardipc.Offer.from_bytes(offer.payload).request
+    try:
+        shard._on_message(message(shardipc.REPLY, shardipc.Reply(request, True, session=session_id, sdp="v=0")))
+    except ProtocolError as exc:
+        creating.cancel()
+        await asyncio.gather(creating, return_exceptions=True)
+        return exc
+    finally:
+        for feed in shard.feeds.values():
+            await feed.close()
+    return await creating
+
+
+async def test_an_answer_with_a_session_id_a_shard_does_not_make_or_another_sessions_is_a_protocol_error():
+    pool, _ = relay_side(1)
+    session, sdp = await answered(pool, "A" * 22)
+    assert (session.id, sdp, pool.get("A" * 22)) == ("A" * 22, "v=0", session)
+    for bad in ("../../x", "A" * 22, "A" * 21 + "!", "B" * 23, ""):
+        assert isinstance(await answered(pool, bad), ProtocolError), bad
+    assert pool.count() == 1
+
+
+@pytest.mark.parametrize(
+    ("kind", "payload"),
+    [
+        (shardipc.REPLY, b'{"request": 1}'),
+        (shardipc.EVENT, b"not json"),
+        (shardipc.STATS, b'{"streams": [], "cpu_seconds": 1.0}'),
+        (shardipc.LOG, b'{"level": "error", "logger": "x", "message": "y"}'),
+        (shardipc.REPLY, b"\xff\xfe"),
+    ],
+)
+def test_a_body_that_is_not_its_messages_type_is_a_protocol_error(kind, payload):
+    pool, _ = relay_side()
+    with pytest.raises(ProtocolError, match=f"bad message {kind}: "):
+        pool.processes[0]._on_message(shardipc.Message(kind, 0, 0, 0, 0.0, 0.0, payload))
+
+
+def test_a_shards_log_lines_go_under_one_logger_at_a_normal_level_and_a_flood_is_cut(caplog):
+    pool, _ = relay_side()
+    shard = pool.processes[0]
+    now = [100.0]
+    shard.clock = lambda: now[0]
+    loggers = len(logging.Logger.manager.loggerDict)
+    caplog.set_level(logging.DEBUG)
+    shard._on_message(message(shardipc.LOG, shardipc.LogLine(99, "aiortc.rtcdtlstransport", "first")))
+    shard._on_message(message(shardipc.LOG, shardipc.LogLine(-5, "aioice", "second")))
+    for i in range(5000):
+        shard._on_message(message(shardipc.LOG, shardipc.LogLine(40, f"x.{i}", "spam")))
+    forwarded = [r for r in caplog.records if r.name == "relay.webrtc.shard"]
+    assert [(r.levelno, r.getMessage()) for r in forwarded[:2]] == [
+        (logging.CRITICAL, "[aiortc.rtcdtlstransport] first"),
+        (logging.DEBUG, "[aioice] second"),
+    ]
+    assert len(forwarded) == shards.LOG_LINES_PER_SECOND
+    assert [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()] == [
+        f"shard=0 logs more than {shards.LOG_LINES_PER_SECOND} lines a second; the rest are dropped"
+    ]
+    assert len(logging.Logger.manager.loggerDict) == loggers
+    now[0] += 1.0  # the next second: its lines are written again
+    shard._on_message(message(shardipc.LOG, shardipc.LogLine(20, "relay.webrtc.shard", "later")))
+    assert caplog.records[-1].getMessage() == "[relay.webrtc.shard] later"
+
+
+def started(shard) -> types.SimpleNamespace:
+    """``shard`` as just spawned, by a process that has not said anything yet (what it is sent is kept)."""
+    stdin = types.SimpleNamespace(
+        sent=[], closing=False, transport=types.SimpleNamespace(set_write_buffer_limits=lambda high: None)
+    )
+    stdin.is_closing = lambda: stdin.closing
+    stdin.write = stdin.sent.append
+    stdin.transport.get_write_buffer_size = lambda: 0
+
+    async def drain() -> None:
+        pass
+
+    stdin.drain = drain
+    proc = types.SimpleNamespace(pid=4242, returncode=None, stdin=stdin)
+    shard.child.proc = proc
+    shard._started(proc)
+    return proc
+
+
+def test_viewers_go_only_to_a_shard_that_has_spoken_since_it_started_and_whose_pipe_is_open():
+    pool, _ = relay_side()
+    first, second = (started(shard) for shard in pool.processes)
+    assert [s["up"] for s in pool.shards()] == [False, False]  # still importing aiortc
+    with pytest.raises(ShardUnavailable):
+        pool._least_loaded()
+    pool.processes[1]._on_message(stats())
+    assert pool._least_loaded() is pool.processes[1]
+    assert [s["up"] for s in pool.shards()] == [False, True]
+    pool.processes[0]._on_message(stats())
+    assert pool._least_loaded() is pool.processes[0]
+    first.stdin.closing = True  # the process is going: its pipe closes before it is reaped
+    assert pool._least_loaded() is pool.processes[1]
+    started(pool.processes[1])  # restarted: not ready again until it speaks
+    with pytest.raises(ShardUnavailable):
+        pool._least_loaded()
+    assert second.stdin.sent == []
+
+
+class Sent:
+    """A shard's stdout: the replies it wrote."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def send(self, data: bytes) -> None:
+        self.data += data
+
+    def replies(self) -> list[shardipc.Reply]:
+        return [shardipc.Reply.from_bytes(m.payload) for m in shardipc.Reader().feed(self.data)]
+
+
+async def test_a_shard_answers_every_request_whatever_goes_wrong_with_it(monkeypatch, caplog):
+    from relay.webrtc.shard import Shard
+
+    out = Sent()
+    shard = Shard(shardipc.ShardConfig(0, [], [], 5.0, False, [], 1.0), out)
+
+    async def broken(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(shard.sessions, "close", broken)
+    monkeypatch.setattr(shard.sessions, "add_candidates", broken)
+    monkeypatch.setattr(shard.sessions, "get", lambda session_id: object())
+    await shard._hangup(shardipc.Hangup(1, "A" * 22, "bye"))
+    await shard._trickle(shardipc.Trickle(2, "A" * 22, "a=end-of-candidates\r\n"))
+    await shard._offer(shardipc.Offer(3, "cam0", CHROMIUM_OFFER, "127.0.0.1", False, [["stun:x"]]))  # not 3 fields
+    assert out.replies() == [
+        shardipc.Reply(1, False, error="RuntimeError"),
+        shardipc.Reply(2, False, error="RuntimeError"),
+        shardipc.Reply(3, False, error="ValueError"),
+    ]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 3 and not any(r.exc_info for r in errors)  # a line each, no traceback
+
+
+async def test_the_streams_delivered_counts_the_shards_viewers_frames_not_its_feeds():
+    pool, hub = relay_side()
+    shard = pool.processes[0]
+    started(shard)
+    shard._on_message(stats())
+    shard.feed("cam0", hub, shardipc.VIDEO)
+    feed = shard.feeds[("cam0", shardipc.VIDEO)]
+    try:
+        for pts in range(10):
+            hub.publish(EncodedFrame(b"\x00\x00\x00\x01\x65", pts * 3000, pts == 0, 0.0))
+            await asyncio.sleep(0)
+        frames = [m for m in shardipc.Reader().feed(b"".join(shard.child.proc.stdin.sent)) if m.kind == shardipc.VIDEO]
+        assert len(frames) == feed.sub.delivered == 10  # written to the shard, once each
+        assert hub.delivered == 0  # nobody watched them yet
+        shard._on_message(stats(cam0={**GOOD, "delivered": 20, "fanout_delays": []}))  # its two viewers took them
+        assert hub.delivered == 20
+    finally:
+        await feed.close()
+
+
+async def test_an_offer_while_no_shard_is_ready_waits_for_the_first_that_is():
+    pool, _ = relay_side()
+    procs = [started(shard) for shard in pool.processes]
+    creating = asyncio.ensure_future(pool.create("cam0", CHROMIUM_OFFER, "127.0.0.1"))
+    try:
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not creating.done() and [p.stdin.sent for p in procs] == [[], []]  # nothing sent while importing
+        pool.processes[1]._on_message(stats())
+        while not procs[1].stdin.sent:
+            assert not creating.done(), creating.exception()
+            await asyncio.sleep(0)
+        kinds = [m.kind for m in shardipc.Reader().feed(b"".join(procs[1].stdin.sent))]
+        assert kinds[-1] == shardipc.OFFER and procs[0].stdin.sent == []
+    finally:
+        creating.cancel()
+        await asyncio.gather(creating, return_exceptions=True)
+        for shard in pool.processes:
+            for feed in shard.feeds.values():
+                await feed.close()

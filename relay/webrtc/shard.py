@@ -37,9 +37,7 @@ log = logging.getLogger("relay.webrtc.shard")  # not __name__: this module runs 
 
 READ_LIMIT = 1 << 20  # the most one read of the pipe takes (frames of every stream, the relay's requests)
 STATS_INTERVAL = 1.0  # seconds between the figures sent to the relay: the API's refresh
-# Fan-out delays sent to the relay per stream per report: 30 viewers' worth of 30 fps, a few KiB of JSON a second;
-# more viewers' are left out of the relay's percentiles (the shard's own window still has them).
-REPORTED_DELAYS = 900
+REPORTED_DELAYS = shardipc.REPORTED_DELAYS
 
 
 class Output:
@@ -176,19 +174,24 @@ class Shard:
     def _reply(self, reply: shardipc.Reply) -> None:
         self.out.send(shardipc.pack_json(shardipc.REPLY, reply))
 
+    def _failed(self, request: int, what: str, exc: Exception) -> None:
+        """Any error of a request is answered (else the relay would wait ``REQUEST_TIMEOUT`` for it, then 503): one
+        line, no traceback (a viewer may repeat it), the error's type to the relay."""
+        log.error("shard=%d could not %s: %s: %s", self.config.index, what, type(exc).__name__, str(exc)[:200])
+        self._reply(shardipc.Reply(request, False, error=type(exc).__name__))
+
     async def _offer(self, offer: shardipc.Offer) -> None:
-        servers = [
-            RTCIceServer(urls=list(u), username=n or None, credential=c or None) for u, n, c in offer.ice_servers
-        ]
         try:
+            servers = [
+                RTCIceServer(urls=list(u), username=n or None, credential=c or None) for u, n, c in offer.ice_servers
+            ]
             audio = self.audio_for(offer.stream) if offer.audio else None
             session, answer = await self.sessions.create(offer.stream, offer.sdp, offer.remote, audio, servers)
         except OfferRejected as exc:
             self._reply(shardipc.Reply(offer.request, False, error=str(exc), rejected=True))
             return
-        except Exception as exc:  # ICE could not bind, DTLS setup failed: the relay answers 503
-            log.exception("shard=%d stream=%s could not set up a viewer session", self.config.index, offer.stream)
-            self._reply(shardipc.Reply(offer.request, False, error=type(exc).__name__))
+        except Exception as exc:  # ICE could not bind, DTLS setup failed, bad ICE servers: the relay answers 503
+            self._failed(offer.request, f"set up a viewer session of stream={offer.stream}", exc)
             return
         self._reply(shardipc.Reply(offer.request, True, session=session.id, sdp=answer))
 
@@ -202,10 +205,17 @@ class Shard:
         except OfferRejected as exc:
             self._reply(shardipc.Reply(trickle.request, False, error=str(exc), rejected=True))
             return
+        except Exception as exc:
+            self._failed(trickle.request, f"add candidates to session={trickle.session[:8]}", exc)
+            return
         self._reply(shardipc.Reply(trickle.request, True, session=session.id))
 
     async def _hangup(self, hangup: shardipc.Hangup) -> None:
-        closed = await self.sessions.close(hangup.session, hangup.why)
+        try:
+            closed = await self.sessions.close(hangup.session, hangup.why)
+        except Exception as exc:
+            self._failed(hangup.request, f"close session={hangup.session[:8]}", exc)
+            return
         self._reply(shardipc.Reply(hangup.request, closed, session=hangup.session))
 
     def stats(self) -> shardipc.ShardStats:
@@ -225,9 +235,9 @@ class Shard:
         return shardipc.ShardStats(streams, round(times.user + times.system, 3))
 
     async def report(self) -> None:
-        while True:
-            await asyncio.sleep(STATS_INTERVAL)
+        while True:  # the first at once: the relay sends it viewers once it has heard from it
             self.out.send(shardipc.pack_json(shardipc.STATS, self.stats()))
+            await asyncio.sleep(STATS_INTERVAL)
 
     async def close(self) -> None:
         await self.sessions.close_all()
@@ -269,7 +279,9 @@ def main() -> int:
     root = logging.getLogger()
     root.handlers[:] = [
         ForwardingHandler(
-            lambda level, name, msg: out.send(shardipc.pack_json(shardipc.LOG, shardipc.LogLine(level, name, msg)))
+            lambda level, name, msg: out.send(
+                shardipc.pack_json(shardipc.LOG, shardipc.LogLine(level, name, msg[: shardipc.MAX_LOG_TEXT]))
+            )
         )
     ]
     root.setLevel(config.log_level.upper())

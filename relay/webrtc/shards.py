@@ -29,7 +29,9 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import math
 import os
+import re
 import signal
 import sys
 import time
@@ -42,11 +44,14 @@ from ..backoff import Retry
 from ..config import IceServer, WebRTCConfig
 from ..hub import EncodedFrame, HubClosed, PacketHub, Subscription
 from ..ipc import ProtocolError
-from ..logsafe import SECRET_FILTER, redact
+from ..logsafe import SECRET_FILTER, Throttled, redact
 from ..supervise import Child, Process
 from .sessions import OfferRejected, SessionCounts, StreamViewers
 
 log = logging.getLogger(__name__)
+# A shard's log lines, whatever logger it says they came from (that name goes in the text): the relay's registry of
+# loggers is not a shard's to grow.
+shard_log = logging.getLogger("relay.webrtc.shard")
 
 # Bytes of frames the relay holds for one shard's pipe before its feeds' frames wait in their hubs' backlogs
 # (bounded by [video] max_lag, drops counted): about 2 s of a 2 Mbit/s stream, so a keyframe or a GC pause in the
@@ -63,6 +68,40 @@ SHARD_STALL = 5.0
 SHARD_STARTUP_GRACE = 20.0  # a fresh shard imports aiortc and PyAV first: seconds on a loaded Pi
 WATCHDOG_PERIOD = 0.5
 MAX_SHARDS = 64  # a Pi has 4 cores; more shards than this is a typo
+# Log lines a shard may have the relay write a second (its sessions' lines when many viewers join at once fit); the
+# rest are dropped and counted, so a shard that loops on an error cannot flood the relay's log.
+LOG_LINES_PER_SECOND = 50
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{22}")  # a shard's session ids: secrets.token_urlsafe(16), as ViewerSessions'
+
+
+def checked_stats(stats: shardipc.ShardStats, before: shardipc.ShardStats, named: set[str]) -> shardipc.ShardStats:
+    """A shard's figures if they make sense (streams the relay named to it, counts that are whole, non-negative and
+    never go down, at most ``REPORTED_DELAYS`` finite delays), else ``ProtocolError``: what a shard reports goes into
+    the relay's own counters and the API, and one bad figure would poison them for good."""
+    if not (_number(stats.cpu_seconds) and stats.cpu_seconds >= 0):
+        raise ProtocolError(f"cpu_seconds {stats.cpu_seconds!r}")
+    for name, figures in stats.streams.items():
+        if name not in named:
+            raise ProtocolError(f"figures of stream {name[:64]!r}, which it was never given")
+        if not isinstance(figures, dict) or figures.keys() != shardipc.STATS_KEYS:
+            raise ProtocolError(f"stream {name}: figures are not {sorted(shardipc.STATS_KEYS)}")
+        old = before.streams.get(name, {})
+        for key in (*shardipc.STATS_COUNTERS, *shardipc.STATS_GAUGES):
+            value = figures[key]
+            if type(value) is not int or value < 0:
+                raise ProtocolError(f"stream {name}: {key} {value!r} is not a count")
+            if key in shardipc.STATS_COUNTERS and value < old.get(key, 0):
+                raise ProtocolError(f"stream {name}: {key} went down from {old[key]} to {value}")
+        delays = figures["fanout_delays"]
+        if not isinstance(delays, list) or len(delays) > shardipc.REPORTED_DELAYS:
+            raise ProtocolError(f"stream {name}: fanout_delays is not a list of at most {shardipc.REPORTED_DELAYS}")
+        if not all(_number(d) for d in delays):
+            raise ProtocolError(f"stream {name}: fanout_delays holds something other than a finite number")
+    return stats
+
+
+def _number(value: object) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)  # type: ignore[arg-type]
 
 
 def shards_for(cores: int) -> int:
@@ -95,6 +134,9 @@ class RemoteSession:
 class Feed:
     """One hub's frames to one shard: a subscriber of the hub that writes each frame into the shard's pipe.
 
+    Not counted in the hub's ``delivered`` (the subscription's own count has them): that is frames handed to
+    viewers, and the shard's viewers' come with its figures (``ShardedSessions.on_stats``).
+
     Live, frames are written as the hub publishes them (``Subscription.push``); while the pipe holds
     ``FEED_HIGH_WATER`` they wait in the subscription's backlog, where the lag policy bounds them."""
 
@@ -111,6 +153,7 @@ class Feed:
         if not self.shard.writable() or self.shard.buffered() >= FEED_HIGH_WATER:
             return False  # into the backlog: the feed's task writes it once the pipe drains (or the shard ends)
         self._write(frame)
+        self.hub.delivered -= 1  # the hub counts it as taken (+1): the shard's figures count its viewers' takes
         return True
 
     def _write(self, frame: EncodedFrame) -> None:
@@ -126,6 +169,7 @@ class Feed:
         try:
             while True:
                 frame = await self.sub.get()
+                self.hub.delivered -= 1  # as in _push: the stream's delivered is its viewers', not its feeds'
                 self._write(frame)
                 await self.shard.drain()
         except (HubClosed, ConnectionError, ShardUnavailable):
@@ -155,15 +199,22 @@ class ShardProcess:
             stdout=asyncio.subprocess.PIPE,
             limit=PIPE_LIMIT,
         )
-        self.up = False
+        self.up = False  # its process runs
+        # It has spoken since it started (it sends its figures at once, once serving): before, it is still importing
+        # aiortc and PyAV, and a viewer sent there would wait for it.
+        self.ready = False
         self.feeds: dict[tuple[str, int], Feed] = {}
         self.named: set[str] = set()  # streams this process was told the number of
         self.stats = shardipc.ShardStats({}, 0.0)
         self.frames_dropped = 0  # by the relay's hubs for this shard's feeds, every process it ran
         self.stalls = 0  # times its watchdog killed it
         self._heard = 0.0  # monotonic time of its last message
-        self._pending: dict[int, asyncio.Future[shardipc.Reply]] = {}
+        self._pending: dict[int, tuple[int, asyncio.Future[shardipc.Reply]]] = {}  # request -> its kind, its reply
         self._closing: list[Feed] = []
+        self.clock = time.monotonic
+        self._log_second = 0.0  # the second its log lines are counted in, and how many came in it
+        self._log_lines = 0
+        self._log_dropped = Throttled(log, interval=10.0)
 
     @property
     def pid(self) -> int | None:
@@ -212,7 +263,7 @@ class ShardProcess:
         """Send the request ``make(request number)`` and wait for its reply."""
         number = next(self.pool.requests)
         future: asyncio.Future[shardipc.Reply] = asyncio.get_running_loop().create_future()
-        self._pending[number] = future
+        self._pending[number] = (kind, future)
         try:
             self.write(shardipc.pack_json(kind, make(number)))
             async with asyncio.timeout(REQUEST_TIMEOUT):
@@ -224,6 +275,7 @@ class ShardProcess:
         assert proc.stdin is not None
         proc.stdin.transport.set_write_buffer_limits(high=FEED_HIGH_WATER)
         self.up = True
+        self.ready = False
         self.named = set()
         self.stats = shardipc.ShardStats({}, 0.0)
         self._heard = time.monotonic() + SHARD_STARTUP_GRACE - SHARD_STALL
@@ -233,9 +285,10 @@ class ShardProcess:
         assert proc.stdout is not None
         watchdog = asyncio.get_running_loop().create_task(self._watchdog(proc))
         try:
-            await read_pipe(proc.stdout, shardipc.Reader().feed, self._on_message, PIPE_LIMIT)
+            reader = shardipc.Reader(shardipc.MAX_SHARD_PAYLOAD)
+            await read_pipe(proc.stdout, reader.feed, self._on_message, PIPE_LIMIT)
         except ProtocolError as exc:
-            log.error("shard=%d pipe is corrupt (%s); restarting it", self.index, exc)
+            log.error("shard=%d broke the protocol (%s); restarting it", self.index, exc)
         finally:
             await cancel_and_wait(watchdog)
 
@@ -253,35 +306,55 @@ class ShardProcess:
 
     def _on_message(self, msg: shardipc.Message) -> None:
         self._heard = time.monotonic()
+        if not self.ready:
+            self.ready = True
+            log.info("shard=%d ready", self.index)
+            self.pool.on_ready()
         try:
             self._handle(msg)
-        except (ValueError, KeyError, TypeError) as exc:
-            log.error("shard=%d bad message %d: %r", self.index, msg.kind, exc)
+        except (ValueError, KeyError, TypeError) as exc:  # a body that is not its type's: the shard is broken
+            raise ProtocolError(f"bad message {msg.kind}: {exc!r}"[:200]) from exc
 
     def _handle(self, msg: shardipc.Message) -> None:
         kind = msg.kind
         if kind == shardipc.REPLY:
             reply = shardipc.Reply.from_bytes(msg.payload)
-            future = self._pending.get(reply.request)
+            request, future = self._pending.get(reply.request, (0, None))
             if future is not None and not future.done():
+                if request == shardipc.OFFER and reply.ok:
+                    self.pool.claim(reply.session)
                 future.set_result(reply)
         elif kind == shardipc.EVENT:
             self.pool.on_event(self, shardipc.SessionEvent.from_bytes(msg.payload))
         elif kind == shardipc.KEYFRAME:
             self.pool.on_keyframe_request(msg.stream, bool(msg.flags & shardipc.FLAG_LAG))
         elif kind == shardipc.STATS:
-            stats = shardipc.ShardStats.from_bytes(msg.payload)
+            stats = checked_stats(shardipc.ShardStats.from_bytes(msg.payload), self.stats, self.named)
             self.pool.on_stats(self.stats, stats)
             self.stats = stats
         elif kind == shardipc.LOG:
-            line = shardipc.LogLine.from_bytes(msg.payload)
-            logging.getLogger(line.logger).log(line.level, "%s", redact(line.message, SECRET_FILTER.secrets))
+            self._log(shardipc.LogLine.from_bytes(msg.payload))
         else:
             log.warning("shard=%d unexpected message type %d", self.index, kind)
 
+    def _log(self, line: shardipc.LogLine) -> None:
+        """A shard's log line, under ``shard_log`` (the shard's logger named in it), at a level from DEBUG to
+        CRITICAL, at most ``LOG_LINES_PER_SECOND`` a second."""
+        now = self.clock()
+        if now - self._log_second >= 1.0:
+            self._log_second, self._log_lines = now, 0
+        self._log_lines += 1
+        if self._log_lines > LOG_LINES_PER_SECOND:
+            self._log_dropped.warn("shard=%d logs more than %d lines a second; the rest are dropped", self.index,
+                                   LOG_LINES_PER_SECOND, now=now)  # fmt: skip
+            return
+        level = min(max(line.level, logging.DEBUG), logging.CRITICAL)
+        text = redact(line.message[: shardipc.MAX_LOG_TEXT], SECRET_FILTER.secrets)
+        shard_log.log(level, "[%s] %s", line.logger[:64], text)
+
     async def _ended(self, code: int | None) -> None:
-        self.up = False
-        for future in self._pending.values():
+        self.up = self.ready = False
+        for _, future in self._pending.values():
             if not future.done():
                 future.set_exception(ShardUnavailable(f"shard {self.index} ended"))
         for stream in {s for s, _ in self.feeds}:
@@ -295,7 +368,7 @@ class ShardProcess:
         return {
             "shard": self.index,
             "pid": self.pid,
-            "up": self.up,
+            "up": self.ready,  # serving: started and heard from
             "restarts": self.child.restarts,
             "stalls": self.stalls,  # of those restarts, the ones its watchdog killed it for (stuck)
             "viewers": len(viewers),
@@ -335,6 +408,17 @@ class ShardedSessions(SessionCounts):
         self._numbers: dict[str, int] = {}
         self._sessions: dict[str, RemoteSession] = {}
         self._creating: set[RemoteSession] = set()
+        self._claimed: set[str] = set()  # session ids a shard answered with, until their offer's create stores them
+        self._waiting: set[asyncio.Future[None]] = set()  # offers waiting for a shard to be ready
+
+    def claim(self, session_id: str) -> None:
+        """A shard answered an offer with ``session_id``: ``ProtocolError`` unless it is one a shard could have made
+        (its URL's last part) and no other session's."""
+        if not SESSION_ID.fullmatch(session_id):
+            raise ProtocolError(f"session id {session_id[:64]!r} is not one a shard makes")
+        if session_id in self._sessions or session_id in self._claimed:
+            raise ProtocolError(f"session id {session_id[:8]} is another session's")
+        self._claimed.add(session_id)
 
     async def start(self) -> None:
         for shard in self.processes:
@@ -350,7 +434,7 @@ class ShardedSessions(SessionCounts):
         )
 
     def _least_loaded(self) -> ShardProcess:
-        up = [shard for shard in self.processes if shard.up]
+        up = [shard for shard in self.processes if shard.ready and shard.writable()]
         if not up:
             raise ShardUnavailable("no fan-out shard is running (restarting)")
         load = {shard.index: 0 for shard in up}
@@ -359,13 +443,37 @@ class ShardedSessions(SessionCounts):
                 load[s.shard] += 1
         return min(up, key=lambda shard: (load[shard.index], shard.index))
 
+    async def _ready_shard(self) -> ShardProcess:
+        """The least-loaded ready shard; while there is none (the relay starting, every shard restarting), the
+        first to be ready, up to ``SHARD_STARTUP_GRACE``, else ``ShardUnavailable``."""
+        try:
+            async with asyncio.timeout(SHARD_STARTUP_GRACE):
+                while True:
+                    try:
+                        return self._least_loaded()
+                    except ShardUnavailable:
+                        pass
+                    waiter = asyncio.get_running_loop().create_future()
+                    self._waiting.add(waiter)
+                    try:
+                        await waiter
+                    finally:
+                        self._waiting.discard(waiter)
+        except TimeoutError:
+            raise ShardUnavailable("no fan-out shard is ready (starting or restarting)") from None
+
+    def on_ready(self) -> None:
+        for waiter in self._waiting:
+            if not waiter.done():
+                waiter.set_result(None)
+
     async def create(
         self, stream: str, offer_sdp: str, remote: str, audio: PacketHub | None = None
     ) -> tuple[RemoteSession, str]:
         """The least-loaded shard answers the offer; ``OfferRejected`` for an offer it cannot take, else
         ``ShardUnavailable`` or ``TimeoutError`` (a 503)."""
         hub = self._hub_for(stream)
-        shard = self._least_loaded()
+        shard = await self._ready_shard()
         placeholder = RemoteSession("", stream, remote, shard.index, offer_sdp)
         self._creating.add(placeholder)
         try:
@@ -382,6 +490,7 @@ class ShardedSessions(SessionCounts):
             if reply.rejected:
                 raise OfferRejected(reply.error)
             raise ShardUnavailable(f"shard {shard.index} could not set up the session: {reply.error}")
+        self._claimed.discard(reply.session)
         session = RemoteSession(reply.session, stream, remote, shard.index, offer_sdp)
         self._sessions[session.id] = session
         log.info(
