@@ -661,13 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.target and not args.target_pid:
             ap.error("--pin with --target needs --target-pid: the target's processes are pinned by it")
         os.sched_setaffinity(0, split.generator)  # this process (no thread yet) and the peers' workers it spawns
-        where = "its fan-out" if args.source_apart else "all its processes"
-        source = ", with the system's source" if args.source_apart else ""
-        print(
-            f"pinned: the system under test ({where}) on CPUs {_cpus(split.system)},"
-            f" the load generator (peer workers{source}) on CPUs {_cpus(split.generator)}",
-            flush=True,
-        )
+        print(f"pinned: the {_placement(split.system, split.generator, args.source_apart)}", flush=True)
     elif args.audio:
         ap.error("--audio needs --pin: only the light peers (pinned) count audio")
     elif args.source_apart or args.point_repeats != 1:
@@ -810,15 +804,23 @@ def capacity_markdown(found: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
+def _placement(system, generator, source_apart: bool) -> str:
+    """Where a pinned run put what: "system under test (...) on CPUs 0, the load generator (...) on CPUs 1"."""
+    where = "its fan-out" if source_apart else "all its processes"
+    source = ", with the system's source" if source_apart else ""
+    return (
+        f"system under test ({where}) on CPUs {_cpus(system)},"
+        f" the load generator (peer workers{source}) on CPUs {_cpus(generator)}"
+    )
+
+
 def mode_line(meta: dict) -> str:
     """Which mode the report's figures came from."""
     if meta.get("mode") == PINNED:
         apart = meta.get("source_apart", False)
         repeats = meta.get("point_repeats", 1)
         return (
-            f"Mode: pinned. The system under test ({'its fan-out' if apart else 'all its processes'}) on CPUs"
-            f" {_cpus(meta['system_cores'])}, the load generator (peer workers"
-            f"{', with the system' + chr(39) + 's source' if apart else ''}) on CPUs {_cpus(meta['generator_cores'])};"
+            f"Mode: pinned. The {_placement(meta['system_cores'], meta['generator_cores'], apart)};"
             " light peers count RTP headers (benchmarks/lightpeer.py), probes decode."
             + (f" Each point of the search measured {repeats} times, judged by the medians." if repeats > 1 else "")
         )

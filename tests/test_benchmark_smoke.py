@@ -69,19 +69,24 @@ def test_light_peers_behind_while_probes_keep_up_is_the_generators_limit():
     assert "(saturated)" in markdown({"x": [p]})
 
 
+def _pinned_search(out: Path, *options: str) -> tuple[subprocess.CompletedProcess, dict, str]:
+    """``benchmarks.load --pin`` with a tiny search (one point of 2 viewers after the baseline, 2 s a point, a
+    small stream) and ``options``: the finished run, its JSON and its report."""
+    cmd = [sys.executable, "-m", "benchmarks.load", "--pin", *options, "--probes", "1", "--duration", "2",
+           "--search-start", "2", "--search-points", "1", "--size", "640x360", "--fps", "15", "--bitrate", "500k",
+           "--no-plots", "--out", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=170)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result, json.loads(out.with_suffix(".json").read_text()), out.with_suffix(".md").read_text()
+
+
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two CPUs to split")
 @pytest.mark.timeout(180)
 def test_pinned_search_reports_viewers_per_core_for_camrelay_and_mediamtx_and_where_each_side_ran(tmp_path):
     """--pin without --peers: for each system its 1-viewer point and a tiny search, every point pinned (the
     system's processes and the peers' workers on the CPUs the report names, as read back), the light peers
     counting headers, and a viewers-per-core line for each system."""
-    out = tmp_path / "pinned"
-    cmd = [sys.executable, "-m", "benchmarks.load", "--pin", "--systems", "camrelay,mediamtx", "--probes", "1",
-           "--duration", "2", "--search-start", "2", "--search-points", "1", "--size", "640x360", "--fps", "15",
-           "--bitrate", "500k", "--no-plots", "--out", str(out)]  # fmt: skip
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=170)
-    assert result.returncode == 0, result.stderr[-3000:]
-    data = json.loads(out.with_suffix(".json").read_text())
+    result, data, report = _pinned_search(tmp_path / "pinned", "--systems", "camrelay,mediamtx")
     system, generator = data["meta"]["system_cores"], data["meta"]["generator_cores"]
     assert data["meta"]["mode"] == "pinned" and not set(system) & set(generator)
     for name in ("camrelay", "mediamtx"):
@@ -97,7 +102,6 @@ def test_pinned_search_reports_viewers_per_core_for_camrelay_and_mediamtx_and_wh
         found = data["capacity"][name]
         assert found["points"] == [2] and found["system_cores"] == system, found
         assert found["viewers_per_core"] == (found["viewers"] / len(system)), found
-    report = out.with_suffix(".md").read_text()
     assert f"Mode: pinned. The system under test (all its processes) on CPUs {system[0]}" in report
     assert "| camrelay |" in report.split("Viewers per core:")[1] and "| mediamtx |" in report
     assert f"the load generator (peer workers) on CPUs {','.join(map(str, generator))}" in result.stdout
@@ -110,14 +114,9 @@ def test_a_pinned_search_with_the_source_apart_measures_each_point_twice_and_put
 ):
     """--source-apart --point-repeats 2: the relay alone on the system's CPUs, its camera worker on the
     generator's; every point of the search run twice, and the search's summary judged from both."""
-    out = tmp_path / "apart"
-    cmd = [sys.executable, "-m", "benchmarks.load", "--pin", "--source-apart", "--point-repeats", "2",
-           "--systems", "camrelay", "--probes", "1", "--duration", "2", "--search-start", "2",
-           "--search-points", "1", "--size", "640x360", "--fps", "15", "--bitrate", "500k", "--no-plots",
-           "--out", str(out)]  # fmt: skip
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=170)
-    assert result.returncode == 0, result.stderr[-3000:]
-    data = json.loads(out.with_suffix(".json").read_text())
+    _, data, report = _pinned_search(
+        tmp_path / "apart", "--source-apart", "--point-repeats", "2", "--systems", "camrelay"
+    )
     system, generator = data["meta"]["system_cores"], data["meta"]["generator_cores"]
     assert data["meta"]["source_apart"] is True and data["meta"]["point_repeats"] == 2
     points = data["runs"]["camrelay"]
@@ -129,7 +128,6 @@ def test_a_pinned_search_with_the_source_apart_measures_each_point_twice_and_put
     found = data["capacity"]["camrelay"]
     assert found["points"] == [2], found
     assert found["at_best"] is None or found["at_best"]["peers"] == 2, found  # None: 2 was not carried
-    report = out.with_suffix(".md").read_text()
     assert f"The system under test (its fan-out) on CPUs {system[0]}" in report
     assert "Each point of the search measured 2 times, judged by the medians." in report
 
