@@ -243,7 +243,8 @@ class HubTrack(MediaStreamTrack):
             # A socket that backs up gets its frames through the send loop, whose queue is bounded and counts
             # its drops, never through the hub's publish. (A TURN relay's backlog is not seen here, nor by the
             # send loop: aioice's TURN transport has no write buffer to ask. Known, not yet bounded.)
-            if not sender.send(payloads, self.timing.timeline.peek(frame.pts), unless_backed_up=True):
+            timestamp = self.timing.timeline.peek(frame.pts)
+            if not sender.send(payloads, timestamp, unless_backed_up=True, shift=timestamp - frame.pts):
                 return False
         except Exception as exc:  # never into the hub's publish: the send loop meets it with the next frame
             self.push_to(None)
@@ -383,9 +384,10 @@ class FrameSender:
             return False
         return bool(_backlog(protocol))
 
-    def send(self, payloads: list[bytes], timestamp: int, unless_backed_up: bool = False) -> bool:
+    def send(self, payloads: list[bytes], timestamp: int, unless_backed_up: bool = False, shift: int = 0) -> bool:
         """One frame's payloads, ``timestamp`` before the origin; ``ConnectionError`` while DTLS or ICE is down.
-        ``unless_backed_up``: not sent (False) while the socket holds datagrams it could not send yet."""
+        ``unless_backed_up``: not sent (False) while the socket holds datagrams it could not send yet.
+        ``shift``: how far this viewer's timestamps run ahead of the capture clock (``RtpTimeline.offset``)."""
         fields = self.fields
         protocol, addr, session = self.socket()
         if unless_backed_up and _backlog(protocol):
@@ -393,7 +395,9 @@ class FrameSender:
         # Sender reports pair an RTP timestamp with the capture clock it stands for (the hub's pts are the wall
         # clock at capture, in ticks), not with when it was sent: audio and video then map onto one clock, and a
         # browser syncs them by what was captured together, whatever each one's way here took.
-        captured = ntp_at(timestamp * 1_000_000_000 // self.clock_rate)
+        # A viewer whose catch-up ended late has its timestamps shifted ahead for good; its reports take the
+        # shift back out, so they still name the capture time, not a time up to a frame or so later.
+        captured = ntp_at((timestamp - shift) * 1_000_000_000 // self.clock_rate)
         timestamp = uint32_add(self.origin, timestamp)
         template = self.template or self.header_template()
         # abs-send-time: the clock read only for a sender that has it (video)
@@ -435,7 +439,7 @@ async def _run_rtp(self: RTCRtpSender, codec) -> None:
             frame = await fields.next_frame(codec)
             if frame is None:
                 continue
-            sender.send(frame.payloads, frame.timestamp)
+            sender.send(frame.payloads, frame.timestamp, shift=pushing.timing.timeline.offset if pushing else 0)
     except (asyncio.CancelledError, ConnectionError, MediaStreamError):
         pass
     except Exception:
