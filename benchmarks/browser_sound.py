@@ -43,7 +43,17 @@ COLLECT = """() => {
   window.__audio = [];
   p.handlers.onLatencySample = (ms) => window.__samples.push(ms);
   p.handlers.onAudioSample = (ms, videoMs) => window.__audio.push([ms, videoMs]);
+  window.__parts = [];  // the parts of the sound's latency, at each stats poll (a second)
+  const shown = p.handlers.onStats;
+  p.handlers.onStats = (st) => {
+    if (st.audioJitterBufferMs != null) {
+      window.__parts.push([st.audioJitterBufferMs, st.audioJitterTargetMs, st.audioPlayoutMs, p.audioOutputMs]);
+    }
+    if (shown) shown(st);
+  };
 }"""
+# What a part of the sound's latency is, in the order COLLECT keeps them.
+PARTS = ("jitter_buffer_ms", "jitter_target_ms", "playout_ms", "context_output_ms")
 
 
 # An init script: the page's offers leave out audio (its player asks for a transceiver; this one is refused), so a
@@ -81,7 +91,7 @@ async def measure(
         samples = await page.evaluate("() => window.__samples")
         heard = await page.evaluate("() => window.__audio")
         stats = await page.evaluate("() => window.camrelayPlayer.stats")
-        context_output = await page.evaluate("() => window.camrelayPlayer.audioOutputMs")
+        parts = await page.evaluate("() => window.__parts")
         await page.close()
     result = {
         "samples": len(samples),
@@ -97,12 +107,19 @@ async def measure(
             "onsets": len(audio),
             "latency_ms": {p: percentile(audio, p) for p in (50, 95)} if audio else None,
             "lip_sync_ms": {p: percentile(sync, p) for p in (5, 50, 95)} if sync else None,
-            # Parts of the latency: Chromium's audio jitter buffer (getStats, mean since the start), and the
-            # output latency the page's AudioContext reports (added to every reading).
-            "jitter_buffer_ms": stats.get("audioJitterBufferMs"),
-            "context_output_ms": context_output,
+            # Parts of the latency, medians of the page's polls (a second each): what Chromium's audio jitter
+            # buffer (NetEq) held and aimed for, its output path's delay (getStats media-playout), and the output
+            # latency of the page's AudioContext (added to every reading); and the sound concealed in all.
+            "parts_ms": {
+                name: _median([row[i] for row in parts if row[i] is not None]) for i, name in enumerate(PARTS)
+            },
+            "concealed_ms": stats.get("audioConcealedMs"),
         }
     return result
+
+
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 1) if values else None
 
 
 async def sound_ab(with_sound: int, without: int, rounds: int, duration: float, unmute: bool) -> dict:
