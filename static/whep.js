@@ -89,16 +89,17 @@ class BurstListener {
   }
 }
 
-// Chromium plays the audio and video of one remote stream (the answer's msid stream id: aiortc gives both tracks
-// one) in sync by holding back the earlier, the video (docs/benchmarks.md has what it costs). Unless lip sync is
-// asked for, the answer's audio gets a stream id of its own and plays from an <audio> of its own, so the picture
-// is not held for the sound.
-const OWN_AUDIO_STREAM = "camrelay-audio";
 // The player's audio stats before any are known (and again at each new connection).
 const NO_AUDIO_STATS = {
   audioLevel: null, audioEnergy: null, audioJitterBufferMs: null, audioJitterTargetMs: null, audioPlayoutMs: null,
   audioConcealedMs: null,
 };
+
+// Chromium plays the audio and video of one remote stream (the answer's msid stream id: aiortc gives both tracks
+// one) in sync by holding back the earlier, the video (docs/benchmarks.md has what it costs). Unless lip sync is
+// asked for, the answer's audio gets a stream id of its own and plays from an <audio> of its own, so the picture
+// is not held for the sound.
+const OWN_AUDIO_STREAM = "camrelay-audio";
 function audioOnItsOwnStream(sdp) {
   return sdp
     .split(/\r\n(?=m=)/)
@@ -544,6 +545,7 @@ class WhepPlayer {
     if (!pc) return;
     let report;
     try { report = await pc.getStats(); } catch { return; }
+    if (pc !== this.pc) return;  // replaced meanwhile: its counters are not the new connection's
     const now = performance.now();
     let audio = null;
     let playout = null;
