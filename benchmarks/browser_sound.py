@@ -14,14 +14,20 @@ the page hears it (WebAudio, ``BurstListener``) and the lip sync (audio
 latency minus the video latency of that moment).
 
 ``--sound-ab N``: two relays side by side over the same time, one with its
-sound and one with ``--no-audio``; N rounds, each measuring four arms in
+sound and one with ``--no-audio``; N rounds, each measuring five arms in
 turn (each round starting with the next arm), so a shared machine's load and
 the order fall on all alike: the page as it plays by default (the sound on a
-stream of its own), with Lip sync ticked, the same relay watched by a page
-that offers no audio, and the relay without sound; with ``--unmute`` the first two are unmuted (and the page
+stream of its own), with Lip sync ticked, with Lip sync ticked as it was
+before its offer left out the playout-delay extension (``KEEP_PLAYOUT_DELAY``),
+the same relay watched by a page that offers no audio, and the relay without
+sound; with ``--unmute`` the three with sound are unmuted (and the page
 listens for the bursts: WebAudio on the page's main thread). Chromium syncs the tracks of one stream
 by delaying the earlier: this says what that costs the video (medians per
-arm, and their difference from the arm without sound).
+arm, and their difference from the arm without sound), and how far apart
+sound and picture stay. With ``--unmute`` each page also reports the parts
+of the sound's latency Chromium gives (medians of the page's polls): what its
+jitter buffer held and aimed for, its output path's delay, and the page's
+AudioContext output latency, which each of the page's readings includes.
 """
 
 from __future__ import annotations
@@ -43,7 +49,17 @@ COLLECT = """() => {
   window.__audio = [];
   p.handlers.onLatencySample = (ms) => window.__samples.push(ms);
   p.handlers.onAudioSample = (ms, videoMs) => window.__audio.push([ms, videoMs]);
+  window.__parts = [];  // the parts of the sound's latency, at each stats poll (a second)
+  const shown = p.handlers.onStats;
+  p.handlers.onStats = (st) => {
+    if (st.audioJitterBufferMs != null) {
+      window.__parts.push([st.audioJitterBufferMs, st.audioJitterTargetMs, st.audioPlayoutMs, p.audioOutputMs]);
+    }
+    if (shown) shown(st);
+  };
 }"""
+# What a part of the sound's latency is, in the order COLLECT keeps them.
+PARTS = ("jitter_buffer_ms", "jitter_target_ms", "playout_ms", "context_output_ms")
 
 
 # An init script: the page's offers leave out audio (its player asks for a transceiver; this one is refused), so a
@@ -56,8 +72,19 @@ NO_AUDIO_OFFER = """() => {
 }"""
 
 
+# Lip sync as it was before the page's offer left out the playout-delay extension (run after the page loaded, before
+# Lip sync is ticked): the offer as Chromium made it, so the relay sends a playout delay of 0 and Chromium renders
+# each frame at once, whatever its sync with the sound.
+KEEP_PLAYOUT_DELAY = "() => { window.withoutPlayoutDelay = (sdp) => sdp; }"
+
+
 async def measure(
-    port: int, duration: float, unmute: bool = False, sync: bool = False, offer_audio: bool = True
+    port: int,
+    duration: float,
+    unmute: bool = False,
+    sync: bool = False,
+    offer_audio: bool = True,
+    keep_playout_delay: bool = False,
 ) -> dict:
     async with chromium() as browser:
         page = await browser.new_page(viewport={"width": 1600, "height": 1000})
@@ -67,6 +94,8 @@ async def measure(
         await page.wait_for_function(
             "() => window.camrelayPlayer && window.camrelayPlayer.latencyReadings > 30", timeout=30_000
         )
+        if keep_playout_delay:
+            await page.evaluate(KEEP_PLAYOUT_DELAY)
         if sync:  # lip sync: a new connection whose audio and video Chromium plays in sync
             await page.check("#sync")
             await page.wait_for_function(
@@ -81,7 +110,7 @@ async def measure(
         samples = await page.evaluate("() => window.__samples")
         heard = await page.evaluate("() => window.__audio")
         stats = await page.evaluate("() => window.camrelayPlayer.stats")
-        context_output = await page.evaluate("() => window.camrelayPlayer.audioOutputMs")
+        parts = await page.evaluate("() => window.__parts")
         await page.close()
     result = {
         "samples": len(samples),
@@ -97,18 +126,28 @@ async def measure(
             "onsets": len(audio),
             "latency_ms": {p: percentile(audio, p) for p in (50, 95)} if audio else None,
             "lip_sync_ms": {p: percentile(sync, p) for p in (5, 50, 95)} if sync else None,
-            # Parts of the latency: Chromium's audio jitter buffer (getStats, mean since the start), and the
-            # output latency the page's AudioContext reports (added to every reading).
-            "jitter_buffer_ms": stats.get("audioJitterBufferMs"),
-            "context_output_ms": context_output,
+            # Parts of the latency, medians of the page's polls (a second each): what Chromium's audio jitter
+            # buffer (NetEq) held and aimed for, its output path's delay (getStats media-playout), and the output
+            # latency of the page's AudioContext (added to every reading); and the sound concealed in all.
+            "parts_ms": {
+                name: _median([row[i] for row in parts if row[i] is not None]) for i, name in enumerate(PARTS)
+            },
+            "concealed_ms": stats.get("audioConcealedMs"),
         }
     return result
+
+
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 1) if values else None
 
 
 async def sound_ab(with_sound: int, without: int, rounds: int, duration: float, unmute: bool) -> dict:
     runs = {
         "sound": lambda: measure(with_sound, duration, unmute=unmute),
         "sound_synced": lambda: measure(with_sound, duration, unmute=unmute, sync=True),
+        "sound_synced_playout_delay": lambda: measure(
+            with_sound, duration, unmute=unmute, sync=True, keep_playout_delay=True
+        ),
         "sound_not_offered": lambda: measure(with_sound, duration, offer_audio=False),
         "no_sound": lambda: measure(without, duration),
     }
@@ -119,7 +158,7 @@ async def sound_ab(with_sound: int, without: int, rounds: int, duration: float, 
             arms[arm].append(await runs[arm]())
     medians = {arm: statistics.median(r["latency_ms"][50] for r in runs) for arm, runs in arms.items()}
     heard = {arm: [r.get("audio") or {"latency_ms": None, "lip_sync_ms": None} for r in arms[arm]]
-             for arm in ("sound", "sound_synced")}  # fmt: skip
+             for arm in ("sound", "sound_synced", "sound_synced_playout_delay")}  # fmt: skip
     return {
         "rounds": rounds,
         "video_p50_ms_per_round": {arm: [r["latency_ms"][50] for r in runs] for arm, runs in arms.items()},
@@ -131,6 +170,16 @@ async def sound_ab(with_sound: int, without: int, rounds: int, duration: float, 
         "lip_sync_p50_ms_per_round": {
             arm: [a["lip_sync_ms"][50] for a in runs if a["lip_sync_ms"]] for arm, runs in heard.items()
         },
+        "lip_sync_p50_ms_median": {
+            arm: _median([a["lip_sync_ms"][50] for a in runs if a["lip_sync_ms"]]) for arm, runs in heard.items()
+        },
+        "audio_latency_parts_ms_median": {
+            arm: {
+                name: _median([a["parts_ms"][name] for a in runs if a.get("parts_ms", {}).get(name) is not None])
+                for name in PARTS
+            }
+            for arm, runs in heard.items()
+        },  # fmt: skip
     }
 
 

@@ -14,10 +14,13 @@
 // - Asks the browser to hold video frames as little as it can
 //   (jitterBufferTarget 0, lowLatency); the relay also sends the playout-delay
 //   RTP header extension ([webrtc] playout_delay).
-// - With { audio: true } it offers to receive sound too (one MediaStream with
-//   the video, so Chromium plays them in sync); the <video> starts muted
-//   (autoplay rules) and the page unmutes it on a click. BurstListener hears the
-//   test sound's bursts (the spec's "Sound") and reports audio latency.
+// - With { audio: true } it offers to receive sound too: by default played
+//   from an <audio> of its own, the picture not held for it; with lip sync
+//   (setSync) one MediaStream with the video, offered without the playout-delay
+//   extension so that Chromium may hold the picture back to the sound. It
+//   starts muted (autoplay rules) and the page unmutes it on a click.
+//   BurstListener hears the test sound's bursts (the spec's "Sound") and
+//   reports audio latency; the stats carry the parts of it Chromium reports.
 "use strict";
 
 const PIXEL_CLOCK_CELLS = 48;
@@ -86,6 +89,12 @@ class BurstListener {
   }
 }
 
+// The player's audio stats before any are known (and again at each new connection).
+const NO_AUDIO_STATS = {
+  audioLevel: null, audioEnergy: null, audioJitterBufferMs: null, audioJitterTargetMs: null, audioPlayoutMs: null,
+  audioConcealedMs: null,
+};
+
 // Chromium plays the audio and video of one remote stream (the answer's msid stream id: aiortc gives both tracks
 // one) in sync by holding back the earlier, the video (docs/benchmarks.md has what it costs). Unless lip sync is
 // asked for, the answer's audio gets a stream id of its own and plays from an <audio> of its own, so the picture
@@ -98,6 +107,13 @@ function audioOnItsOwnStream(sdp) {
       .replace(/^a=msid:\S+ /gm, `a=msid:${OWN_AUDIO_STREAM} `)
       .replace(/^(a=ssrc:\d+ msid:)\S+ /gm, `$1${OWN_AUDIO_STREAM} `)))
     .join("\r\n");
+}
+
+// With lip sync the offer leaves out the playout-delay RTP header extension, so the relay sends none: a playout
+// delay of 0 has Chromium render each frame as soon as it is decoded, whatever its sync with the sound would need.
+const PLAYOUT_DELAY_URI = "http://www.webrtc.org/experiments/rtp-hdrext/playout-delay";
+function withoutPlayoutDelay(sdp) {
+  return sdp.split("\r\n").filter((line) => !(line.startsWith("a=extmap:") && line.includes(PLAYOUT_DELAY_URI))).join("\r\n");
 }
 
 // The ICE servers in a WHEP answer's Link headers (fetch joins several with ", "):
@@ -160,6 +176,7 @@ class WhepPlayer {
     this.sync = Boolean(options.sync);  // lip sync (the video waits for the sound) rather than the earliest picture
     this.stream = null;  // the MediaStream the <video> plays: its video, and its audio when answered
     this.audioLatencyMs = null;  // the test sound's, median of the last readings (BurstListener)
+    this.audioReadings = 0;  // bursts heard since the page opened
     this.audioOutputMs = null;  // the AudioContext's output latency, included in each reading
     this.lipSyncMs = null;  // audio latency minus video latency: positive, the sound is late
     this._audioLatencies = [];
@@ -172,10 +189,8 @@ class WhepPlayer {
     this.state = "idle";
     this.attempt = 0;
     this.stopped = true;
-    this.stats = {
-      framesDecoded: 0, fps: null, bitrateKbps: null, rttMs: null, jitterBufferMs: null, audioLevel: null, audioEnergy: null,
-      audioJitterBufferMs: null,
-    };
+    this.stats = { framesDecoded: 0, fps: null, bitrateKbps: null, rttMs: null, jitterBufferMs: null, ...NO_AUDIO_STATS };
+    this._lastAudio = null;  // the audio counters at the last poll: the jitter buffer's figures are per poll
     this.latencies = [];
     this.latencyReadings = 0;
     this.latencyMs = null;
@@ -224,6 +239,8 @@ class WhepPlayer {
     // Counters restart with each peer connection; so does the latency window (not while MJPEG gives it).
     this._lastFrames = 0;
     this._lastBytes = null;
+    Object.assign(this.stats, NO_AUDIO_STATS);
+    this._lastAudio = null;
     if (!this._image) this.latencies = [];
     if (this.latencyMs != null && !this._image) {
       this.latencyMs = null;
@@ -286,7 +303,7 @@ class WhepPlayer {
     try {
       await pc.setLocalDescription(await pc.createOffer());
       await this._gathered(pc);
-      const offer = pc.localDescription.sdp;
+      const offer = this.sync ? withoutPlayoutDelay(pc.localDescription.sdp) : pc.localDescription.sdp;
       const trickle = this._trickle(pc, offer);
       const resp = await fetch(this.url, {
         method: "POST",
@@ -366,6 +383,7 @@ class WhepPlayer {
   }
 
   _heard(ms) {
+    this.audioReadings += 1;
     if (this.handlers.onAudioSample) this.handlers.onAudioSample(ms, this.latencyMs);
     this._audioLatencies.push(ms);
     if (this._audioLatencies.length > LATENCY_WINDOW) this._audioLatencies.shift();
@@ -501,12 +519,36 @@ class WhepPlayer {
     if (this.handlers.onLatency) this.handlers.onLatency(this.latencyMs);
   }
 
+  // The parts of the sound's latency in Chromium, over the last poll (since-start means would carry a connection's
+  // first seconds for minutes): what its jitter buffer (NetEq) held each sample and the delay it aimed for, and the
+  // delay of its output path (the audio device's buffer, as Chromium estimates it); the sound it made up for
+  // packets that were not there in time, since the connection began.
+  _audioParts(r, playout) {
+    const now = {
+      delay: r.jitterBufferDelay || 0, target: r.jitterBufferTargetDelay || 0, emitted: r.jitterBufferEmittedCount || 0,
+      playout: playout ? playout.totalPlayoutDelay : 0, played: playout ? playout.totalSamplesCount : 0,
+    };
+    const last = this._lastAudio || { delay: 0, target: 0, emitted: 0, playout: 0, played: 0 };
+    this._lastAudio = now;
+    const st = this.stats;
+    const emitted = now.emitted - last.emitted;
+    if (emitted > 0) {
+      st.audioJitterBufferMs = (1000 * (now.delay - last.delay)) / emitted;
+      st.audioJitterTargetMs = (1000 * (now.target - last.target)) / emitted;
+    }
+    if (now.played > last.played) st.audioPlayoutMs = (1000 * (now.playout - last.playout)) / (now.played - last.played);
+    if (r.totalSamplesReceived) st.audioConcealedMs = (1000 * r.totalSamplesDuration * (r.concealedSamples || 0)) / r.totalSamplesReceived;
+  }
+
   async _pollStats() {
     const pc = this.pc;
     if (!pc) return;
     let report;
     try { report = await pc.getStats(); } catch { return; }
+    if (pc !== this.pc) return;  // replaced meanwhile: its counters are not the new connection's
     const now = performance.now();
+    let audio = null;
+    let playout = null;
     report.forEach((r) => {
       if (r.type === "inbound-rtp" && r.kind === "video") {
         const st = this.stats;
@@ -529,12 +571,14 @@ class WhepPlayer {
       } else if (r.type === "inbound-rtp" && r.kind === "audio") {
         this.stats.audioLevel = r.audioLevel ?? null;  // 0-1, of the sound played out (muted or not)
         this.stats.audioEnergy = r.totalAudioEnergy ?? null;
-        // What Chromium's audio jitter buffer (NetEq) held each sample, on average: a part of the sound's latency.
-        if (r.jitterBufferEmittedCount) this.stats.audioJitterBufferMs = (1000 * r.jitterBufferDelay) / r.jitterBufferEmittedCount;
+        audio = r;
+      } else if (r.type === "media-playout" && r.kind === "audio") {
+        playout = r;
       } else if (r.type === "candidate-pair" && r.nominated && r.state === "succeeded") {
         if (r.currentRoundTripTime != null) this.stats.rttMs = r.currentRoundTripTime * 1000;
       }
     });
+    if (audio) this._audioParts(audio, playout);
     if (this.handlers.onStats) this.handlers.onStats(this.stats);
     // Also while ICE is "disconnected": Chromium declares it failed only ~10 s later.
     const waiting = this.state === "live" || this.state === "reconnecting";
@@ -545,6 +589,7 @@ class WhepPlayer {
 window.WhepPlayer = WhepPlayer;
 window.BurstListener = BurstListener;
 window.audioOnItsOwnStream = audioOnItsOwnStream;
+window.withoutPlayoutDelay = withoutPlayoutDelay;
 window.readPixelClock = readPixelClock;
 window.lowLatency = lowLatency;
 window.iceServersFromLinks = iceServersFromLinks;

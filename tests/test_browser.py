@@ -28,6 +28,7 @@ from benchmarks.ports import free_port
 from relay.auth import hash_password
 from relay.config import AuthConfig, IceServer, StreamConfig
 from relay.source import SourceSpec
+from relay.webrtc.playout import URI as PLAYOUT_DELAY_URI
 
 from .conftest import TEST_HEIGHT, TEST_WIDTH, EncodedFrames, RunningRelay, make_config, start_relay
 from .stun import stun_server
@@ -196,7 +197,7 @@ async def test_the_page_asks_chromium_to_hold_video_frames_as_little_as_it_can(r
             assert found["receivers"] == [["video", 0], ["audio", None]], found["receivers"]
             assert found["audio"] == [False, None], "an audio receiver's jitter buffer was touched"
             # And the relay answered Chromium's offer of the playout-delay extension (on by default).
-            assert "http://www.webrtc.org/experiments/rtp-hdrext/playout-delay" in found["answer"]
+            assert PLAYOUT_DELAY_URI in found["answer"]
         finally:
             await page.close()
 
@@ -525,16 +526,49 @@ SOUND_AND_QUIET = (
     StreamConfig("cam0", SourceSpec("test", "")),  # the test pattern with its sound
     StreamConfig("cam1", SourceSpec("test", "", audio="off")),
 )
-# Sound heard: Chromium's getStats of the inbound Opus (as the player polls it) shows a level, energy and the time its
-# jitter buffer held the sound, and the page's WebAudio listener read the bursts' latency (with the part of it that
-# is the AudioContext's output latency) and the lip sync.
-HEARD = """() => {
+# Sound heard, as a user sees it once Unmute is clicked: the page has heard new bursts of the test sound (at least
+# `since` + 2 readings) and shows their audio latency and the lip sync, and Chromium plays it (getStats of the inbound
+# Opus, polled by the player each second for this connection: energy played). The parts of the latency the page
+# reports are checked after it (AUDIO_PARTS), each with its own message.
+HEARD = """(since) => {
   const p = window.camrelayPlayer;
-  return p.stats.audioLevel > 0 && p.stats.audioEnergy > 0 && Number.isFinite(p.audioLatencyMs)
-    && Number.isFinite(p.lipSyncMs) && /^-?\\d+ ms$/.test(document.getElementById("lip-sync").textContent)
-    && p.stats.audioJitterBufferMs > 0 && Number.isFinite(p.audioOutputMs);
+  return p.audioReadings >= since + 2 && p.stats.audioEnergy > 0 && Number.isFinite(p.lipSyncMs)
+    && /^-?\\d+ ms$/.test(document.getElementById("audio-latency").textContent)
+    && /^-?\\d+ ms$/.test(document.getElementById("lip-sync").textContent);
+}"""
+AUDIO_READINGS = "() => window.camrelayPlayer.audioReadings"
+# What Chromium's audio jitter buffer held and aimed for over the last poll, its output path's delay, the page's
+# AudioContext output latency, and the level of the sound played: the player's stats once sound is heard.
+AUDIO_PARTS = """() => {
+  const p = window.camrelayPlayer;
+  return { buffer: p.stats.audioJitterBufferMs, target: p.stats.audioJitterTargetMs, playout: p.stats.audioPlayoutMs,
+           output: p.audioOutputMs, energy: p.stats.audioEnergy };
 }"""
 
+
+async def wait_heard(page: Page) -> None:
+    """New bursts heard and shown; then the parts of the sound's latency the page reports, each checked alone."""
+    since = await page.evaluate(AUDIO_READINGS)
+    try:
+        await page.wait_for_function(HEARD, arg=since, timeout=PLAY_TIMEOUT_MS)
+    except PlaywrightTimeout:
+        state = await page.evaluate(
+            """() => { const p = window.camrelayPlayer; return { readings: p.audioReadings, stats: p.stats,
+              lipSync: p.lipSyncMs, shown: document.getElementById("lip-sync").textContent }; }"""
+        )
+        raise AssertionError(f"no sound heard within {PLAY_TIMEOUT_MS} ms after {since} readings: {state}") from None
+    # Polled each second: the first poll after the sound came may still be on its way.
+    await page.wait_for_function(
+        "() => window.camrelayPlayer.stats.audioJitterBufferMs !== null", timeout=PLAY_TIMEOUT_MS
+    )
+    parts = await page.evaluate(AUDIO_PARTS)
+    assert parts["buffer"] > 0 and parts["target"] > 0, f"Chromium's audio jitter buffer held nothing: {parts}"
+    assert parts["output"] is not None and parts["output"] >= 0, f"no AudioContext output latency: {parts}"
+    assert parts["playout"] is None or parts["playout"] >= 0, f"a negative output path delay: {parts}"
+    assert parts["energy"] > 0, f"Chromium played no sound energy: {parts}"
+
+
+ANSWER = "() => window.camrelayPlayer.pc.remoteDescription.sdp"
 # The msid stream ids of the remote description's audio and of its video sections, as Chromium applied it.
 STREAM_IDS = """() => {
   const sections = window.camrelayPlayer.pc.remoteDescription.sdp.split(/\\r\\n(?=m=)/);
@@ -561,7 +595,7 @@ async def test_the_page_starts_muted_plays_the_sound_after_unmute_and_shows_lip_
 
             await page.fill("#volume", "0.5")
             await page.click("#unmute")
-            await page.wait_for_function(HEARD, timeout=PLAY_TIMEOUT_MS)
+            await wait_heard(page)
             # It plays from an <audio> of its own (no lip sync holding the picture back), at the volume set.
             state = await page.evaluate(
                 "() => { const o = window.camrelayPlayer.output; return [o.tagName, o.muted, o.volume, o.paused]; }"
@@ -577,19 +611,23 @@ async def test_the_page_starts_muted_plays_the_sound_after_unmute_and_shows_lip_
             # Lip sync is ticked: then a new connection whose audio and video share the answer's stream id.
             audio_ids, video_ids = await page.evaluate(STREAM_IDS)
             assert audio_ids == ["camrelay-audio"] and len(video_ids) == 1 and video_ids != audio_ids, video_ids
+            assert PLAYOUT_DELAY_URI in await page.evaluate(ANSWER), "the picture is not shown as soon as decoded"
             await page.check("#sync")
             await page.wait_for_function(
                 f"() => window.camrelayPlayer.connects === 2 && ({PLAYING})()", timeout=PLAY_TIMEOUT_MS
             )
             audio_ids, video_ids = await page.evaluate(STREAM_IDS)
             assert audio_ids == video_ids and video_ids != ["camrelay-audio"], (audio_ids, video_ids)
+            # Its offer left out the playout-delay extension, so the relay sends none and Chromium may hold the
+            # picture back to the sound.
+            assert PLAYOUT_DELAY_URI not in watch.offers[-1] and PLAYOUT_DELAY_URI not in await page.evaluate(ANSWER)
             # Now the <video> plays both, as loud as the sound was.
             state = await page.evaluate(
                 """() => { const o = window.camrelayPlayer.output;
                   return [o.id, o.muted, o.volume, o.srcObject.getTracks().map((t) => t.kind).sort()]; }"""
             )
             assert state == ["video", False, 0.5, ["audio", "video"]]
-            await page.wait_for_function(HEARD, timeout=PLAY_TIMEOUT_MS)
+            await wait_heard(page)
             watch.check_offers_stay_on_loopback()
 
             # A stream without sound: no controls, no audio readings, video alone.
