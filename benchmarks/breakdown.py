@@ -2,11 +2,14 @@
 its camera workers), measured over one point of ``benchmarks.cameras`` (its cameras, viewers and readers).
 
     python -m benchmarks.breakdown --cameras 4 --duration 30 --repeats 3 [--py-spy relay-profile.txt]
+        [--systems camrelay-passthrough-solo,camrelay-passthrough]
 
-Each repeat starts the cameras and ``camrelay-passthrough`` afresh, runs the point as
-``benchmarks.cameras`` does, and reads each process's CPU (psutil, % of one core) and USS over the
-middle of the measurement. ``--py-spy`` also records the relay process (``py-spy record --gil``, raw
-stacks) during the last repeat. Prints one JSON line per repeat, then the medians.
+Each repeat starts the cameras and each system in turn afresh (``camrelay-passthrough``: RTSP cameras
+sharing worker processes, ``[video] cameras_per_worker``; ``camrelay-passthrough-solo``: a process per
+camera), runs the point as ``benchmarks.cameras`` does, and reads each process's CPU (psutil, % of one
+core) and USS over the middle of the measurement. ``--py-spy`` also records the relay process (``py-spy
+record --gil``, raw stacks) during the last repeat. Prints one JSON line per repeat, then the medians per
+system; the workers' CPU is also given per camera (over the N + 1 cameras), whatever the processes.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -67,12 +71,12 @@ def sample(served: cameras.Served, seconds: float, spy: str, out: dict) -> None:
         recorder.wait()
 
 
-def one(n: int, duration: float, spy: str) -> dict:
+def one(system: str, n: int, duration: float, spy: str) -> dict:
     args = argparse.Namespace(size="1920x1080", fps=30.0, bitrate="4M")
     cams = cameras.CameraSet(n, args.size, args.size, args.fps, args.bitrate, default_clip_dir()).start()
     try:
         with tempfile.TemporaryDirectory(prefix="camrelay-bench-breakdown-") as tmp:
-            served = cameras.start_system("camrelay-passthrough", cams, args, Path(tmp))
+            served = cameras.start_system(system, cams, args, Path(tmp))
             if isinstance(served, str):
                 return {"error": served}
             measured: dict = {}
@@ -85,7 +89,10 @@ def one(n: int, duration: float, spy: str) -> dict:
                 served.close()
     finally:
         cams.stop()
-    return {**measured, "cameras": n, "system_cpu_pct": point.get("cpu_pct"), "frames_lost": point.get("frames_lost")}
+    return {
+        **measured, "system": system, "cameras": n, "system_cpu_pct": point.get("cpu_pct"),
+        "frames_lost": point.get("frames_lost"), "load_average": os.getloadavg()[0],
+    }  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,19 +101,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=30.0, help=f"seconds measured (more than {SETTLE + 2:g})")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--py-spy", default="", help="record the relay process to this file in the last repeat")
+    ap.add_argument(
+        "--systems", default="camrelay-passthrough", help="comma-separated camrelay systems, alternated in each repeat"
+    )
     args = ap.parse_args(argv)
     if args.duration <= SETTLE + 2:
         ap.error(f"--duration must be over {SETTLE + 2:g} s")
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    for system in systems:
+        if cameras.MODES.get(system) != "passthrough":
+            ap.error(f"--systems: {system!r} is not a camrelay passthrough system")
     runs = []
     for i in range(args.repeats):
-        run = one(args.cameras, args.duration, args.py_spy if i == args.repeats - 1 else "")
-        print(json.dumps(run), flush=True)
-        runs.append(run)
-    ok = [r for r in runs if "cpu_pct" in r]
-    if ok:
-        medians = {k: statistics.median(r["cpu_pct"].get(k, 0.0) for r in ok) for k in KINDS}
-        per_worker = statistics.median(r["cpu_pct"].get("workers", 0.0) / max(1, r["workers"]) for r in ok)
-        print(json.dumps({"median_cpu_pct": medians, "median_cpu_pct_per_worker": per_worker}))
+        for system in systems:
+            run = one(system, args.cameras, args.duration, args.py_spy if i == args.repeats - 1 else "")
+            print(json.dumps(run), flush=True)
+            runs.append(run)
+    for system in systems:
+        ok = [r for r in runs if "cpu_pct" in r and r["system"] == system]
+        if ok:
+            medians = {k: statistics.median(r["cpu_pct"].get(k, 0.0) for r in ok) for k in KINDS}
+            per_worker = statistics.median(r["cpu_pct"].get("workers", 0.0) / max(1, r["workers"]) for r in ok)
+            per_camera = statistics.median(r["cpu_pct"].get("workers", 0.0) / (r["cameras"] + 1) for r in ok)
+            total = statistics.median(sum(r["cpu_pct"].values()) for r in ok)
+            print(json.dumps({
+                "system": system, "median_cpu_pct": medians, "median_cpu_pct_total": total,
+                "median_cpu_pct_per_worker_process": per_worker, "median_workers_cpu_pct_per_camera": per_camera,
+            }))  # fmt: skip
     return 0
 
 

@@ -92,7 +92,16 @@ from relay.rtsp import find_mediamtx
 from relay.source import parse_size
 
 SYSTEMS = ("camrelay-transcode", "camrelay-passthrough", "mediamtx")
-MODES = {"camrelay-transcode": "transcode", "camrelay-passthrough": "passthrough"}
+# Also runnable, not in the default sweep: camrelay passing through with a worker process per camera, as before
+# cameras shared workers ([video] cameras_per_worker = 1), for before and after in one run.
+EXTRA_SYSTEMS = ("camrelay-passthrough-solo",)
+MODES = {
+    "camrelay-transcode": "transcode",
+    "camrelay-passthrough": "passthrough",
+    "camrelay-passthrough-solo": "passthrough",
+}
+# The environment each camrelay system runs with, beyond the load benchmark's.
+SYSTEM_ENV = {"camrelay-passthrough-solo": {"CAMRELAY_VIDEO_CAMERAS_PER_WORKER": "1"}}
 LIVE = "clock"  # the live camera's path (camrelay keeps "live" for its first stream); the looped: cam0, ...
 VIEWERS_PER_CAMERA = 2
 # Light viewers per worker process. They count frames at SRTP (peers.py, "webrtc-rtp"): aiortc's own receive
@@ -188,7 +197,7 @@ def start_camrelay(name: str, cams: CameraSet, args: argparse.Namespace, workdir
     cmd += ["--size", args.size, "--fps", f"{args.fps:g}"]
     state = workdir / f"{name}-state"
     state.mkdir()
-    env = {**os.environ, **CAMRELAY_LOAD_ENV, **rtsp_env(rtsp_port, str(state))}
+    env = {**os.environ, **CAMRELAY_LOAD_ENV, **rtsp_env(rtsp_port, str(state)), **SYSTEM_ENV.get(name, {})}
     log = workdir / f"{name}.log"
     proc = spawn(cmd, log, env=env)
     main = psutil.Process(proc.pid)
@@ -565,7 +574,9 @@ def main(argv: list[str] | None = None) -> int:
     add_stream_options(ap, size="1920x1080")
     ap.set_defaults(bitrate="4M")
     ap.add_argument("--live-size", help="the live camera's size (default: --size); smaller costs the generator less")
-    ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"which of {', '.join(SYSTEMS)}, in order")
+    ap.add_argument(
+        "--systems", default=",".join(SYSTEMS), help=f"which of {', '.join(SYSTEMS + EXTRA_SYSTEMS)}, in order"
+    )
     ap.add_argument("--repeats", type=int, default=1, help="runs of every point, interleaved; tables show medians")
     ap.add_argument(
         "--transcode-max", type=int, default=TRANSCODE_MAX, metavar="N",
@@ -578,8 +589,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     names = [s.strip() for s in args.systems.split(",") if s.strip()]
     for name in names:
-        if name not in SYSTEMS:
-            ap.error(f"--systems: unknown system {name!r}; choose from {', '.join(SYSTEMS)}")
+        if name not in SYSTEMS + EXTRA_SYSTEMS:
+            ap.error(f"--systems: unknown system {name!r}; choose from {', '.join(SYSTEMS + EXTRA_SYSTEMS)}")
     sweep = [int(x) for x in args.cameras.split(",")]
     points: list[dict] = []
     gave_out: set[str] = set()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .auth import HASH_HELP, TOKEN_PATTERN, parse_hash
-from .ipc import ENCODERS
+from .ipc import ENCODERS, MAX_CAMERAS_PER_WORKER
 from .lag import DEFAULT_MAX_LAG, MAX_MAX_LAG, MIN_MAX_LAG
 from .logsafe import redact, redact_url, url_passwords
 from .source import MODES, SourceSpec, parse_fps, parse_size, parse_source_spec
@@ -103,6 +103,9 @@ class VideoConfig:
     # Seconds of video a viewer (any subscriber of a stream) may fall behind and still get every frame, late;
     # further behind it skips whole GOPs (relay.lag).
     max_lag: float = DEFAULT_MAX_LAG
+    # RTSP cameras (over TCP, not transcoded) that share one worker process: each its own threads and its own
+    # stall watch, one interpreter's fixed cost for all (docs/benchmarks.md, "Many cameras"). 1: a process each.
+    cameras_per_worker: int = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -592,6 +595,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "join": _choice(*JOIN_POLICIES),
         "mode": _choice(*MODES),
         "max_lag": _duration(MIN_MAX_LAG, MAX_MAX_LAG),
+        "cameras_per_worker": _int(1, MAX_CAMERAS_PER_WORKER),
     },
     "audio": {"enabled": _bool},
     "webrtc": {

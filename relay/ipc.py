@@ -1,8 +1,11 @@
 """The boundary between the relay and a camera's worker process.
 
-Sans-io: bytes in, messages out. Worker -> relay messages are a fixed header
-and a payload; relay -> worker commands are single bytes. What crosses is
-typed: the worker's settings (``WorkerConfig``, JSON in its environment) and
+Sans-io: bytes in, messages out. A worker process runs one camera or several
+(``[video] cameras_per_worker``: RTSP cameras passed through share one). Worker
+-> relay messages are a fixed header, which names the camera (its index in the
+worker), and a payload; relay -> worker commands are a camera's index and a
+byte (and its argument, for some). What crosses is typed: the worker's
+settings (``WorkerConfig`` per camera, a JSON list in its environment) and
 its status (``WorkerStatus``, a JSON ``STATUS`` message), each with its own
 ``to_json`` and ``from_json``; the relay reads the pipe with ``Reader``, over
 the same ``parse`` the tests cut at every boundary.
@@ -22,7 +25,7 @@ import time
 import typing
 from dataclasses import dataclass, field
 
-HEADER = struct.Struct("!BBqdI")  # type, flags, pts, capture time, payload length
+HEADER = struct.Struct("!BBHqdI")  # type, flags, camera (index in the worker), pts, capture time, payload length
 MAX_PAYLOAD = 64 * 1024 * 1024  # no frame is this big; a larger length means a corrupt stream
 
 UNIT = 1  # one H.264 access unit (Annex B)
@@ -36,7 +39,7 @@ AUDIO = 5
 # A stream's state as a STATUS message reports it while its encoder cannot encode.
 ENCODER_ERROR = "encoder_error"
 ENCODERS = ("auto", "libx264", "h264_v4l2m2m")  # what WorkerConfig.encoder may name
-WORKER_CONFIG_ENV = "CAMRELAY_WORKER_CONFIG"  # the worker's WorkerConfig, as JSON
+WORKER_CONFIG_ENV = "CAMRELAY_WORKER_CONFIG"  # the worker's cameras: a JSON list of WorkerConfig (configs_to_json)
 
 FLAG_KEYFRAME = 1
 FLAG_FORCED = 2
@@ -55,6 +58,10 @@ CMD_MAX_FPS = b"R"  # followed by one byte: the highest frame rate to encode (0:
 CMD_JPEG_KEYFRAMES = b"k"
 
 
+# Cameras one worker process may run: a command names its camera in one byte.
+MAX_CAMERAS_PER_WORKER = 255
+
+
 class ProtocolError(Exception):
     pass
 
@@ -63,6 +70,7 @@ class ProtocolError(Exception):
 class Message:
     kind: int
     flags: int
+    camera: int  # which of the worker's cameras (its index in the worker's configs); 0 for a worker of one
     pts: int
     capture_time: float
     payload: bytes
@@ -83,20 +91,23 @@ class Message:
         return json.loads(self.payload)
 
 
-def pack(kind: int, payload: bytes, *, flags: int = 0, pts: int = 0, capture_time: float = 0.0) -> bytes:
-    return HEADER.pack(kind, flags, pts, capture_time, len(payload)) + payload
+def pack(
+    kind: int, payload: bytes, *, flags: int = 0, pts: int = 0, capture_time: float = 0.0, camera: int = 0
+) -> bytes:
+    return HEADER.pack(kind, flags, camera, pts, capture_time, len(payload)) + payload
 
 
-def pack_json(kind: int, obj: dict) -> bytes:
-    return pack(kind, json.dumps(obj, separators=(",", ":")).encode())
+def pack_json(kind: int, obj: dict, camera: int = 0) -> bytes:
+    return pack(kind, json.dumps(obj, separators=(",", ":")).encode(), camera=camera)
 
 
 KINDS = frozenset((UNIT, JPEG, STATUS, LOG, AUDIO))
 
 
-def parse_header(header: bytes | memoryview, offset: int = 0) -> tuple[int, int, int, float, int]:
-    """(type, flags, pts, capture time, payload length) of the header at ``offset``; ``ProtocolError`` if corrupt."""
-    kind, flags, pts, capture_time, length = fields = HEADER.unpack_from(header, offset)
+def parse_header(header: bytes | memoryview, offset: int = 0) -> tuple[int, int, int, int, float, int]:
+    """(type, flags, camera, pts, capture time, payload length) of the header at ``offset``; ``ProtocolError``
+    if corrupt."""
+    kind, flags, camera, pts, capture_time, length = fields = HEADER.unpack_from(header, offset)
     if kind not in KINDS:
         raise ProtocolError(f"unknown message type {kind}")
     if length > MAX_PAYLOAD:
@@ -110,11 +121,11 @@ def _split(data: bytes | bytearray | memoryview) -> tuple[list[Message], int]:
     offset, size = 0, len(data)
     with memoryview(data) as view:
         while size - offset >= HEADER.size:
-            kind, flags, pts, capture_time, length = parse_header(view, offset)
+            kind, flags, camera, pts, capture_time, length = parse_header(view, offset)
             end = offset + HEADER.size + length
             if size < end:
                 break
-            out.append(Message(kind, flags, pts, capture_time, bytes(view[offset + HEADER.size : end])))
+            out.append(Message(kind, flags, camera, pts, capture_time, bytes(view[offset + HEADER.size : end])))
             offset = end
     return out, offset
 
@@ -145,22 +156,33 @@ class Reader:
         return messages
 
 
-def parse_commands(data: bytes) -> tuple[list[tuple[bytes, int | None]], bytes]:
-    """Relay -> worker commands in ``data``: (command, argument or None) each, and an
-    incomplete tail to prepend to the next read. Unknown bytes are skipped."""
-    out: list[tuple[bytes, int | None]] = []
+def command(camera: int, cmd: bytes) -> bytes:
+    """Relay -> worker: ``cmd`` (a command byte, and its argument byte for some) for the worker's camera ``camera``."""
+    return bytes([camera]) + cmd
+
+
+_WITH_ARGUMENT = (CMD_MAX_FPS, CMD_JPEG_KEYFRAMES)
+_WITHOUT_ARGUMENT = (CMD_KEYFRAME, CMD_JPEG_ON, CMD_JPEG_OFF)
+
+
+def parse_commands(data: bytes) -> tuple[list[tuple[int, bytes, int | None]], bytes]:
+    """Relay -> worker commands in ``data``: (camera, command, argument or None) each, and an incomplete tail to
+    prepend to the next read. An unknown command byte is skipped with its camera's."""
+    out: list[tuple[int, bytes, int | None]] = []
     i = 0
     while i < len(data):
-        cmd = data[i : i + 1]
-        if cmd in (CMD_MAX_FPS, CMD_JPEG_KEYFRAMES):
-            if i + 1 >= len(data):
+        if i + 1 >= len(data):
+            return out, data[i:]
+        camera, cmd = data[i], data[i + 1 : i + 2]
+        if cmd in _WITH_ARGUMENT:
+            if i + 2 >= len(data):
                 return out, data[i:]
-            out.append((cmd, data[i + 1]))
-            i += 2
+            out.append((camera, cmd, data[i + 2]))
+            i += 3
             continue
-        if cmd in (CMD_KEYFRAME, CMD_JPEG_ON, CMD_JPEG_OFF):
-            out.append((cmd, None))
-        i += 1
+        if cmd in _WITHOUT_ARGUMENT:
+            out.append((camera, cmd, None))
+        i += 2
     return out, b""
 
 
@@ -227,6 +249,20 @@ class WorkerConfig:
     @classmethod
     def from_json(cls, data: bytes | str) -> WorkerConfig:
         return from_json(cls, data)
+
+
+def configs_to_json(configs: list[WorkerConfig]) -> str:
+    """A worker's cameras, in the order their messages and commands number them: what ``WORKER_CONFIG_ENV`` holds."""
+    return "[" + ",".join(c.to_json() for c in configs) + "]"
+
+
+def configs_from_json(data: bytes | str) -> list[WorkerConfig]:
+    """The cameras ``configs_to_json`` wrote: 1 to ``MAX_CAMERAS_PER_WORKER`` of them; ``ValueError`` (or
+    ``KeyError``, ``TypeError``) otherwise."""
+    raw = json.loads(data)
+    if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_CAMERAS_PER_WORKER:
+        raise ValueError(f"WorkerConfig list: expected 1 to {MAX_CAMERAS_PER_WORKER} of them")
+    return [WorkerConfig.from_json(json.dumps(item)) for item in raw]
 
 
 @dataclass(slots=True)

@@ -33,7 +33,7 @@ from .rtsp import (
 )
 from .source import SourceSpec, audio_source
 from .status import StreamStatus
-from .stream import Consumer, Stream
+from .stream import Consumer, Stream, share_workers
 from .telemetry import Snapshot, Telemetry, ThermalGuard
 from .webrtc import ice
 from .webrtc.sessions import ViewerSessions, process_patches
@@ -211,8 +211,11 @@ class Relay:
             await self._start_rtsp([s.name for s in initial])
             # All at once: each may take its stop timeout, and systemd's TimeoutStopSec is for all of them.
             running.push_async_callback(self._close_streams)
-            for sc in initial:
-                await self.add_stream(sc)
+            streams = [self._prepare_stream(sc) for sc in initial]
+            for worker in share_workers(streams, self.config.video.cameras_per_worker):
+                log.info("%s: %d cameras share one worker process", worker.name, len(worker.streams))
+            for stream in streams:
+                self._start_stream(stream)
             for entry in self.config.whip:
                 if entry.stream not in self.streams:
                     log.warning("stream=%s does not exist (yet); WHIP publishing starts when it does", entry.stream)
@@ -235,15 +238,23 @@ class Relay:
         await self.add_stream(self._camera_stream(device, set()))
 
     async def add_stream(self, sc: StreamConfig) -> Stream:
+        stream = self._prepare_stream(sc)
+        self._start_stream(stream)
+        return stream
+
+    def _prepare_stream(self, sc: StreamConfig) -> Stream:
+        """The stream with its consumers, in ``streams`` (close() stops what of it started), not started yet."""
         if sc.name in self.streams:
             raise ValueError(f"stream {sc.name} exists")
         stream = self._make_stream(sc)
         for consumer in self._consumers(stream):
             stream.add(consumer)
-        self.streams[sc.name] = stream  # before it starts: close() stops what of it started
+        self.streams[sc.name] = stream
+        return stream
+
+    def _start_stream(self, stream: Stream) -> None:
         stream.start()
         log.info("stream=%s source=%s audio=%s started", stream.name, stream.spec, stream.audio_source or "none")
-        return stream
 
     async def _close_streams(self) -> None:
         await asyncio.gather(*(_stop(f"stream {n}", s.close) for n, s in self.streams.items()))
@@ -289,7 +300,8 @@ class Relay:
     def _process_ids(self) -> dict[str, int | None]:
         pids: dict[str, int | None] = {"relay": os.getpid()}
         for name, stream in self.streams.items():
-            pids[f"worker-{name}"] = stream.pid
+            if stream.camera == 0:  # a worker shared by several cameras is named once, by its first
+                pids[f"worker-{name}"] = stream.pid
         pids["mediamtx"] = self.mediamtx.pid if self.mediamtx else None
         for shard in self.sessions.shards():
             pids[f"shard-{shard['shard']}"] = shard["pid"]

@@ -199,6 +199,19 @@ def parse_fps(text: str) -> float:
 AUDIO_SOURCES = {"test": "test", "rtsp": "track", "file": "track"}
 
 
+def shares_worker(spec: SourceSpec, mode: str) -> bool:
+    """Whether a stream may share its camera worker process with others (``[video] cameras_per_worker``): an RTSP
+    camera read by camrelay's own client (rtsp://, over TCP), not to be transcoded (``mode``: the config's, which
+    the spec's ``#mode=`` overrides). Its thread then mostly waits on its socket, and no codec holds the process's
+    GIL; anything else (a V4L2 driver that may hang, FFmpeg's demuxer, a transcode) keeps a process of its own."""
+    return (
+        spec.kind == "rtsp"
+        and spec.target.startswith("rtsp://")
+        and spec.transport != "udp"
+        and (spec.mode or mode) != "transcode"
+    )
+
+
 def audio_source(spec: SourceSpec, enabled: bool, paired: str = "") -> str:
     """What a stream's worker captures sound from ("" none): the ALSA device the spec's ``#audio=alsa:`` names;
     else its source's own sound, when the spec's ``#audio=`` (else ``enabled``, the config's ``[audio] enabled``)

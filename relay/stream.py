@@ -34,7 +34,7 @@ from .ipc import EncoderSettings
 from .lag import DEFAULT_MAX_LAG
 from .logsafe import SECRET_FILTER, redact, url_passwords
 from .mjpeg import JpegFeed
-from .source import SourceSpec
+from .source import SourceSpec, shares_worker
 from .status import ConsumerStats, Metric, StreamStatus
 from .supervise import Child, Process
 
@@ -137,7 +137,7 @@ class Stream:
         self.consumers: list[Consumer] = [self.jpegs]
         self._started: list[Consumer] = []
         SECRET_FILTER.secrets.update(url_passwords(spec.target))  # the camera's: hidden in every log line and status
-        worker_config = ipc.WorkerConfig(
+        self.worker_config = ipc.WorkerConfig(
             name,
             spec.unredacted(),
             width,
@@ -150,25 +150,14 @@ class Stream:
             spec.mode or mode,
             audio,
         )
-        self._worker = Child(
-            f"stream={name} worker",
-            [sys.executable, "-m", "relay.camera.worker"],
-            # In the environment, not argv: any local user can read argv (ps), and an RTSP camera's URL
-            # holds its password. /proc/<pid>/environ is readable by us only.
-            env={ipc.WORKER_CONFIG_ENV: worker_config.to_json()},
-            started=self._worker_started,
-            run=self._run_worker,
-            ended=self._worker_ended,
-            retry=retry,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            limit=PIPE_LIMIT,
-        )
-        self._closing = False
+        # Its worker process: one of its own, unless the relay puts it in a shared one (``Worker``) before start.
+        self.worker = Worker([self], retry)
+        self.camera = 0  # its index in its worker
+        self.closing = False
         self._want_jpeg: float | None = None
         self._max_fps = 0
         self._base_counts = StreamStats()  # counters of workers that have exited
-        self._last_unit = 0.0
+        self.last_unit = 0.0  # monotonic: its worker's last unit of it (the watchdog's)
         self._rates = (0.0, 0.0, 0.0)  # captured and encoded frames a second, bits a second
         self._rates_from: tuple[float, int, int, int] | None = None  # when, frames captured, encoded, bytes
 
@@ -197,8 +186,8 @@ class Stream:
 
     @property
     def pid(self) -> int | None:
-        """The worker process's pid while one runs."""
-        return self._worker.pid
+        """The worker process's pid while one runs (shared with the worker's other cameras, if any)."""
+        return self.worker.pid
 
     def add(self, consumer: Consumer) -> None:
         """Before ``start()``: ``consumer`` starts with the stream and closes with it."""
@@ -210,16 +199,16 @@ class Stream:
     def start(self) -> None:
         """The worker, then each consumer in turn; one that fails to start raises (``close()`` stops the rest)."""
         self.state = "starting"
-        self._worker.supervise()
+        self.worker.start()
         for consumer in self.consumers:
             consumer.start()
             self._started.append(consumer)
 
     async def close(self) -> None:
         """Its consumers (those that started, all at once), then its worker."""
-        self._closing = True
+        self.closing = True
         await asyncio.gather(*(self._close(c) for c in self._started))
-        await self._worker.stop()
+        await self.worker.release()
         self.hub.close()
         self.audio.close()
         self.encoders_running = 0
@@ -413,41 +402,31 @@ class Stream:
         self._command(jpeg_command(demand))
 
     def _command(self, cmd: bytes) -> None:
-        proc = self._worker.proc
-        if proc is not None and proc.stdin is not None and not proc.stdin.is_closing():
-            proc.stdin.write(cmd)
+        self.worker.command(self.camera, cmd)
 
-    def _worker_started(self, proc: Process) -> None:
+    def worker_started(self) -> None:
+        """A worker process started with this camera in it: what it must be told again."""
         if self._want_jpeg is not None:
             self._command(jpeg_command(self._want_jpeg))
         if self._max_fps:
             self._command(ipc.CMD_MAX_FPS + bytes([self._max_fps]))
         self.request_keyframe()  # viewers kept across a restart need a fresh IDR
-        self._last_unit = time.monotonic() + WORKER_STARTUP_GRACE - WORKER_STALL
+        self.last_unit = time.monotonic() + WORKER_STARTUP_GRACE - WORKER_STALL
 
-    async def _run_worker(self, proc: Process) -> None:
-        watchdog = asyncio.get_running_loop().create_task(self._watchdog(proc))
-        try:
-            assert proc.stdout is not None
-            await self.read_worker(proc.stdout)
-        finally:
-            await cancel_and_wait(watchdog)
-
-    async def _worker_ended(self, code: int | None) -> None:
+    def worker_ended(self) -> None:
+        """Its worker process ended (it is restarted, unless the stream closes)."""
         self._fold_counts()
-        if not self._closing:
+        if not self.closing:
             self.stats.worker_restarts += 1
             self.encoders_running = 0
             self.state = "restarting"
 
     async def read_worker(self, pipe: asyncio.StreamReader) -> None:
-        """The worker's messages (``relay.ipc``) from its stdout, until it ends or turns out corrupt."""
-        try:
-            await read_pipe(pipe, ipc.Reader().feed, self._on_message, PIPE_LIMIT)
-        except ipc.ProtocolError as exc:
-            log.error("stream=%s worker pipe is corrupt (%s); restarting the worker", self.name, exc)
+        """Its worker's messages (``relay.ipc``) from ``pipe``, until it ends or turns out corrupt."""
+        await self.worker.read(pipe)
 
-    def _on_message(self, msg: ipc.Message) -> None:
+    def on_message(self, msg: ipc.Message) -> None:
+        """One message of its worker's about this camera."""
         if msg.kind == ipc.UNIT:
             self._on_unit(msg)
         elif msg.kind == ipc.AUDIO:
@@ -468,18 +447,8 @@ class Stream:
             except (ValueError, KeyError, TypeError):
                 log.error("stream=%s bad log record from worker", self.name)
 
-    async def _watchdog(self, proc: Process) -> None:
-        while proc.returncode is None:
-            await asyncio.sleep(WATCHDOG_PERIOD)
-            silent = time.monotonic() - self._last_unit
-            if silent > WORKER_STALL and proc.returncode is None:
-                self.stats.worker_stalls += 1
-                log.error("stream=%s worker sent nothing for %.1fs; killing it", self.name, silent)
-                signal_group(proc, signal.SIGKILL)
-                return
-
     def _on_unit(self, msg: ipc.Message) -> None:
-        self._last_unit = time.monotonic()
+        self.last_unit = time.monotonic()
         st = self.stats
         st.frames_encoded += 1
         st.bytes_encoded += len(msg.payload)
@@ -521,6 +490,113 @@ class Stream:
         """A worker ended: keep its counters as the base for the next one."""
         for key in ipc.WORKER_COUNTERS:
             setattr(self._base_counts, key, getattr(self.stats, key))
+
+
+class Worker:
+    """One camera worker process (``python -m relay.camera.worker``) for one stream, or several RTSP cameras
+    that share it (``[video] cameras_per_worker``, ``share_workers``): started with its first stream, stopped
+    with its last, restarted with backoff when it dies (every camera in it restarts: their hubs and subscribers
+    are kept). Its pipe carries every camera's messages, each naming its camera (``ipc.Message.camera``), and
+    its stdin every camera's commands. A camera that hangs is the worker's business (each camera has its own stall
+    watch and slate there); the relay's watchdog kills the process when no camera of it sent a frame for
+    ``WORKER_STALL`` (every camera sends the slate when its own is gone), that is when the process is stuck."""
+
+    def __init__(self, streams: list[Stream], retry: Retry | None = None) -> None:
+        self.streams = streams
+        for camera, stream in enumerate(streams):
+            stream.worker, stream.camera = self, camera
+        names = [s.name for s in streams]
+        self.name = f"stream={names[0]} worker" if len(names) == 1 else f"streams={','.join(names)} worker"
+        self._child = Child(
+            self.name,
+            [sys.executable, "-m", "relay.camera.worker"],
+            # In the environment, not argv: any local user can read argv (ps), and an RTSP camera's URL
+            # holds its password. /proc/<pid>/environ is readable by us only.
+            env={ipc.WORKER_CONFIG_ENV: ipc.configs_to_json([s.worker_config for s in streams])},
+            started=self._started,
+            run=self._run,
+            ended=self._ended,
+            retry=retry,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=PIPE_LIMIT,
+        )
+        self._open = 0  # its streams started and not closed
+        self._supervised = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._child.pid
+
+    def start(self) -> None:
+        """A stream of it starts: the process, with the first."""
+        self._open += 1
+        if not self._supervised:
+            self._supervised = True
+            self._child.supervise()
+
+    async def release(self) -> None:
+        """A stream of it closed: the process stops with the last (the others' cameras go on meanwhile)."""
+        self._open -= 1
+        if self._open <= 0:
+            await self._child.stop()
+
+    def command(self, camera: int, cmd: bytes) -> None:
+        proc = self._child.proc
+        if proc is not None and proc.stdin is not None and not proc.stdin.is_closing():
+            proc.stdin.write(ipc.command(camera, cmd))
+
+    def _started(self, proc: Process) -> None:
+        for stream in self.streams:
+            stream.worker_started()
+
+    async def _run(self, proc: Process) -> None:
+        watchdog = asyncio.get_running_loop().create_task(self._watchdog(proc))
+        try:
+            assert proc.stdout is not None
+            await self.read(proc.stdout)
+        finally:
+            await cancel_and_wait(watchdog)
+
+    async def _ended(self, code: int | None) -> None:
+        for stream in self.streams:
+            stream.worker_ended()
+
+    async def read(self, pipe: asyncio.StreamReader) -> None:
+        """The worker's messages (``relay.ipc``) from its stdout, each to its camera's stream, until it ends or
+        turns out corrupt."""
+        try:
+            await read_pipe(pipe, ipc.Reader().feed, self._on_message, PIPE_LIMIT)
+        except ipc.ProtocolError as exc:
+            log.error("%s pipe is corrupt (%s); restarting the worker", self.name, exc)
+
+    def _on_message(self, msg: ipc.Message) -> None:
+        if msg.camera >= len(self.streams):
+            raise ipc.ProtocolError(f"a message for camera {msg.camera}; the worker has {len(self.streams)}")
+        stream = self.streams[msg.camera]
+        if not stream.closing:
+            stream.on_message(msg)
+
+    async def _watchdog(self, proc: Process) -> None:
+        while proc.returncode is None:
+            await asyncio.sleep(WATCHDOG_PERIOD)
+            silent = time.monotonic() - max(s.last_unit for s in self.streams)
+            if silent > WORKER_STALL and proc.returncode is None:
+                for stream in self.streams:
+                    stream.stats.worker_stalls += 1
+                log.error("%s sent nothing for %.1fs; killing it", self.name, silent)
+                signal_group(proc, signal.SIGKILL)
+                return
+
+
+def share_workers(streams: list[Stream], per_worker: int) -> list[Worker]:
+    """Before they start: the streams that may share a worker (``relay.source.shares_worker``), in order,
+    ``per_worker`` to a process; the others keep one each."""
+    if per_worker <= 1:
+        return []
+    sharing = [s for s in streams if shares_worker(s.spec, s.worker_config.mode)]
+    groups = [sharing[i : i + per_worker] for i in range(0, len(sharing), per_worker)]
+    return [Worker(group) for group in groups if len(group) > 1]
 
 
 def jpeg_command(demand: float | None) -> bytes:

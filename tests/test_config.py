@@ -104,6 +104,8 @@ def test_streams_from_environment_and_flags():
         ("[webrtc]\nmax_viewers = 0", {}, {}, "webrtc.max_viewers: must be in 1..10000, got 0"),
         ('[video]\nmax_lag = "20s"', {}, {}, "video.max_lag: must be in 0.1s..10s, got '20s'"),
         ("[video]\nmax_lag = 0", {}, {}, "video.max_lag: must be positive, got 0"),
+        ("[video]\ncameras_per_worker = 0", {}, {}, "video.cameras_per_worker: must be in 1..255, got 0"),
+        ("[video]\ncameras_per_worker = 1.5", {}, {}, "video.cameras_per_worker: expected a whole number, got 1.5"),
         (
             '[streams]\n"bad name" = "test:"',
             {},

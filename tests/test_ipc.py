@@ -39,8 +39,8 @@ def test_messages_round_trip_across_arbitrary_read_boundaries():
 @pytest.mark.parametrize(
     ("header", "reason"),
     [
-        (ipc.HEADER.pack(9, 0, 0, 0.0, 0), "unknown message type 9"),
-        (ipc.HEADER.pack(ipc.UNIT, 0, 0, 0.0, ipc.MAX_PAYLOAD + 1), "over the"),
+        (ipc.HEADER.pack(9, 0, 0, 0, 0.0, 0), "unknown message type 9"),
+        (ipc.HEADER.pack(ipc.UNIT, 0, 0, 0, 0.0, ipc.MAX_PAYLOAD + 1), "over the"),
     ],
 )
 def test_corrupt_headers_are_refused(header, reason):
@@ -49,10 +49,25 @@ def test_corrupt_headers_are_refused(header, reason):
 
 
 def test_commands_with_arguments_split_across_reads():
-    cmds, rest = ipc.parse_commands(b"KJ" + ipc.CMD_MAX_FPS)
-    assert cmds == [(b"K", None), (b"J", None)] and rest == ipc.CMD_MAX_FPS
-    cmds, rest = ipc.parse_commands(rest + bytes([22]) + b"jx")
-    assert cmds == [(ipc.CMD_MAX_FPS, 22), (b"j", None)] and rest == b""  # unknown "x" skipped
+    data = ipc.command(0, b"K") + ipc.command(3, b"J") + ipc.command(2, ipc.CMD_MAX_FPS)
+    cmds, rest = ipc.parse_commands(data)
+    assert cmds == [(0, b"K", None), (3, b"J", None)] and rest == ipc.command(2, ipc.CMD_MAX_FPS)
+    cmds, rest = ipc.parse_commands(rest + bytes([22]) + ipc.command(1, b"j") + ipc.command(1, b"x") + bytes([4]))
+    assert cmds == [(2, ipc.CMD_MAX_FPS, 22), (1, b"j", None)] and rest == bytes([4])  # unknown "x" skipped
+
+
+def test_each_message_names_its_camera_in_the_worker():
+    data = ipc.pack(ipc.UNIT, b"\x00\x00\x00\x01\x65", pts=1, camera=7) + ipc.pack_json(ipc.STATUS, {}, camera=254)
+    assert [(m.kind, m.camera) for m in ipc.Reader().feed(data)] == [(ipc.UNIT, 7), (ipc.STATUS, 254)]
+
+
+def test_a_worker_takes_one_to_255_cameras():
+    config = ipc.WorkerConfig("cam0", "rtsp://u:pw@cam/x", 1280, 720, 30.0, 2_000_000, 1.0, "auto", "debug")
+    two = [config, ipc.dataclasses.replace(config, name="cam1")]
+    assert ipc.configs_from_json(ipc.configs_to_json(two)) == two
+    for bad in ("[]", config.to_json(), ipc.configs_to_json([config] * (ipc.MAX_CAMERAS_PER_WORKER + 1))):
+        with pytest.raises(ValueError, match="expected 1 to 255"):
+            ipc.configs_from_json(bad)
 
 
 def test_the_reader_takes_messages_however_the_pipe_cuts_them():
@@ -66,7 +81,7 @@ def test_the_reader_takes_messages_however_the_pipe_cuts_them():
         assert [m.kind for m in messages] == [ipc.UNIT, ipc.STATUS]
         assert ipc.WorkerStatus.from_json(messages[1].payload) == status
     with pytest.raises(ipc.ProtocolError, match="unknown message type 9"):
-        ipc.Reader().feed(ipc.HEADER.pack(9, 0, 0, 0.0, 0))
+        ipc.Reader().feed(ipc.HEADER.pack(9, 0, 0, 0, 0.0, 0))
 
 
 def test_config_and_status_cross_as_typed_json_and_anything_else_is_refused():
@@ -127,7 +142,7 @@ def test_the_relay_and_the_camera_worker_meet_only_in_ipc():
 
 
 def test_jpegs_of_keyframes_carry_the_interval():
-    cmds, rest = ipc.parse_commands(ipc.CMD_JPEG_KEYFRAMES)
-    assert (cmds, rest) == ([], ipc.CMD_JPEG_KEYFRAMES)  # its interval byte is still to come
-    cmds, rest = ipc.parse_commands(rest + bytes([2]) + ipc.CMD_JPEG_ON)
-    assert (cmds, rest) == ([(ipc.CMD_JPEG_KEYFRAMES, 2), (ipc.CMD_JPEG_ON, None)], b"")
+    cmds, rest = ipc.parse_commands(ipc.command(0, ipc.CMD_JPEG_KEYFRAMES))
+    assert (cmds, rest) == ([], ipc.command(0, ipc.CMD_JPEG_KEYFRAMES))  # its interval byte is still to come
+    cmds, rest = ipc.parse_commands(rest + bytes([2]) + ipc.command(0, ipc.CMD_JPEG_ON))
+    assert (cmds, rest) == ([(0, ipc.CMD_JPEG_KEYFRAMES, 2), (0, ipc.CMD_JPEG_ON, None)], b"")

@@ -211,8 +211,10 @@ class AudioPipeline:
         source_factory: Callable[[], AudioSource],
         emit: Callable[[bytes], None],
         retry: Retry | None = None,
+        camera: int = 0,
     ) -> None:
         self.name = name
+        self.camera = camera  # its camera's index in the worker: what its messages name
         self.source_name = ""  # the source's, once made
         self.state = "starting"  # starting, live, retrying
         self.channels = 0
@@ -317,7 +319,7 @@ class AudioPipeline:
             self.encode_ms += EWMA_ALPHA * ((time.perf_counter() - began) * 1000 - self.encode_ms)
             for data, pts in packets:
                 self.frames_encoded += 1
-                self._emit(ipc.pack(ipc.AUDIO, data, pts=pts, capture_time=pts / RATE))
+                self._emit(ipc.pack(ipc.AUDIO, data, pts=pts, capture_time=pts / RATE, camera=self.camera))
             self.cpu_seconds = time.thread_time() - self._cpu_origin
 
     def _failed(self, message: str, started: float) -> None:

@@ -1,9 +1,10 @@
 """A camera's worker process: pass the camera's H.264 through, or decode once and encode once.
 
-    CAMRELAY_WORKER_CONFIG='{"name": "cam0", "source": "test:", ...}' python -m relay.camera.worker
+    CAMRELAY_WORKER_CONFIG='[{"name": "cam0", "source": "test:", ...}]' python -m relay.camera.worker
 
-(``relay.ipc.WorkerConfig``, as JSON.)
-Runs the source on a capture thread. A source that sends H.264 browsers can
+(``relay.ipc.WorkerConfig`` per camera, as a JSON list: one camera, or several RTSP cameras that share the
+process, ``[video] cameras_per_worker``; each camera is a ``Pipeline`` of its own threads, ``Cameras`` watches them
+all.) Runs each source on a capture thread. A source that sends H.264 browsers can
 take (``relay.source.decide_mode``) is passed through: the capture thread
 writes the camera's access units, parameter sets in front of each IDR, and no
 codec runs. Anything else is decoded and encoded on an encode thread. Either
@@ -174,8 +175,10 @@ class Pipeline:
         mode: str = "auto",
         audio: AudioPipeline | None = None,
         audio_tap: AudioTap | None = None,
+        camera: int = 0,
     ) -> None:
         self.name = name
+        self.camera = camera  # its index in the worker: what its messages name
         self.audio = audio  # the stream's sound, on a thread of its own; None without
         self.audio_tap = audio_tap  # where its source's capture thread hands a camera's or file's sound over
         self.size = size  # for the slate until the source reports its own
@@ -223,6 +226,10 @@ class Pipeline:
         self._encoder_retry = Retry()
         self._encoder_retry_at = 0.0  # monotonic time before which frames are not encoded
         self.encoder_failing = False
+        self.stuck = False  # its capture thread stayed blocked after its source was closed: to be replaced
+        # The counters of the pipelines this camera had before in this process (replaced when stuck), added to its
+        # own in every status: the relay's counts never go back.
+        self.counted_before: ipc.Counters | None = None
 
     @property
     def passing_through(self) -> bool:
@@ -235,13 +242,7 @@ class Pipeline:
             self.audio.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._mailbox.close()
-        if self.audio is not None:
-            self.audio.stop()
-        source = self._source
-        if source is not None:
-            source.close()  # unblocks a pending read
+        self._halt()
         for t in (self._capture, self._encode, self._jpegs):
             if t is not None:
                 t.join(THREAD_JOIN_TIMEOUT)
@@ -269,11 +270,31 @@ class Pipeline:
         audio = self.audio.status() if self.audio is not None else {}
         if self.audio_tap is not None:
             audio["audio_packets_dropped"] = self.audio_tap.packets_dropped
-        return dataclasses.replace(st, state=state, encoders_running=running, **audio)
+        out = dataclasses.replace(st, state=state, encoders_running=running, **audio)
+        if self.counted_before is not None:
+            for key in ipc.WORKER_COUNTERS:
+                setattr(out, key, getattr(self.counted_before, key) + getattr(out, key))
+        return out
+
+    def abandon(self) -> None:
+        """Stop it without waiting for its threads (one is stuck in a driver): its source closed, whatever its
+        threads still do goes nowhere. The camera goes on in a new pipeline."""
+        self._emit = _discard
+        self._halt()
+
+    def _halt(self) -> None:
+        """Its threads told to stop, its source closed (which unblocks a pending read); none waited for."""
+        self._stop.set()
+        self._mailbox.close()
+        if self.audio is not None:
+            self.audio.stop()
+        source = self._source
+        if source is not None:
+            source.close()
 
     def push_status(self) -> None:
         self._last_status = time.monotonic()
-        self._emit(ipc.pack(ipc.STATUS, self.status().to_json()))
+        self._emit(ipc.pack(ipc.STATUS, self.status().to_json(), camera=self.camera))
 
     def tick(self) -> None:
         """From the main thread, every ``WATCH_INTERVAL``: a stalled camera, a silent one, the status."""
@@ -452,7 +473,7 @@ class Pipeline:
             self._last_read = time.monotonic()
             st.frames_captured += 1
             if frame.jpeg is not None and self.send_jpeg:
-                self._emit(ipc.pack(ipc.JPEG, frame.jpeg, capture_time=frame.capture_time))
+                self._emit(ipc.pack(ipc.JPEG, frame.jpeg, capture_time=frame.capture_time, camera=self.camera))
             self._mailbox.put(frame)
 
     def _pass_through(self, source: PacketSource | RtspSource, sets: ParameterSets) -> None:
@@ -504,7 +525,9 @@ class Pipeline:
                     st.slate = False
                     log.info("stream=%s signal is back", self.name)
                     self.push_status()
-                self._emit(ipc.pack(ipc.UNIT, unit, flags=flags, pts=self._pts(when), capture_time=now))
+                self._emit(
+                    ipc.pack(ipc.UNIT, unit, flags=flags, pts=self._pts(when), capture_time=now, camera=self.camera)
+                )
 
     def _new_parameter_sets(self, sets: ParameterSets) -> None:
         """The camera changed its SPS or PPS (a new size or profile): still passable, or reopened in auto."""
@@ -569,7 +592,7 @@ class Pipeline:
                     picture, taken, arrived = frames[-1], capture_time, when
             if picture is not None and self.send_jpeg:  # only the newest of a batch: a late decoder catches up
                 last = arrived
-                self._emit(ipc.pack(ipc.JPEG, encoder.encode(picture), capture_time=taken))
+                self._emit(ipc.pack(ipc.JPEG, encoder.encode(picture), capture_time=taken, camera=self.camera))
         log.info("stream=%s JPEG decoding stopped", self.name)
 
     # -- encode thread: transcoding, and the slate
@@ -623,7 +646,9 @@ class Pipeline:
             st.frames_decoded += 1  # the camera's picture, decoded here or by the source
         if frame.jpeg is None and self.send_jpeg:
             # Not an MJPEG source (RTSP, file, the slate): encode a JPEG only because someone wants one.
-            self._emit(ipc.pack(ipc.JPEG, jpeg_encoder.encode(picture), capture_time=frame.capture_time))
+            self._emit(
+                ipc.pack(ipc.JPEG, jpeg_encoder.encode(picture), capture_time=frame.capture_time, camera=self.camera)
+            )
         force = self._take_keyframe_request()
         if slate and self._slate_idr:  # camera units went out since: the slate must start afresh
             self._slate_idr = False
@@ -653,7 +678,9 @@ class Pipeline:
                     flags |= ipc.FLAG_FORCED
                 else:
                     self._keyframe_wanted.clear()  # a regular IDR answers any pending request
-            self._emit(ipc.pack(ipc.UNIT, data, flags=flags, pts=pts, capture_time=frame.capture_time))
+            self._emit(
+                ipc.pack(ipc.UNIT, data, flags=flags, pts=pts, capture_time=frame.capture_time, camera=self.camera)
+            )
         if slate:
             self._need_idr = True  # a passed-through camera resumes at an IDR, not on the slate's pictures
 
@@ -719,10 +746,10 @@ class Pipeline:
             source = self._source
             if source is not None:
                 source.close()
-        elif self._stall_closed_at is not None and now - self._stall_closed_at >= STUCK_EXIT:
-            log.error("stream=%s capture is stuck in the driver; restarting the worker", self.name)
+        elif self._stall_closed_at is not None and now - self._stall_closed_at >= STUCK_EXIT and not self.stuck:
+            self.stuck = True  # the worker's Cameras start it afresh, or end the process (a camera of its own)
+            self._record_error(f"capture stuck in the driver for {now - self._stall_closed_at:.1f}s after closing")
             self.push_status()
-            os._exit(EXIT_STUCK)
 
     def _take_keyframe_request(self) -> bool:
         if not self._keyframe_wanted.is_set():
@@ -772,29 +799,12 @@ class PipeWriter:
                 self._on_broken()
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = ipc.WorkerConfig.from_json(argv[0] if argv else os.environ.pop(ipc.WORKER_CONFIG_ENV))
-    out_fd = os.dup(1)
-    os.dup2(2, 1)  # anything that prints goes to stderr, never into the frame pipe
-    stop = threading.Event()
-    emit = PipeWriter(out_fd, stop.set)
-    root = logging.getLogger()
-    root.handlers[:] = [
-        ForwardingHandler(
-            lambda level, name, msg: emit(ipc.pack_json(ipc.LOG, {"level": level, "logger": name, "message": msg}))
-        )
-    ]
-    root.setLevel(cfg.log_level.upper())
+def _discard(data: bytes) -> None:
+    """Where an abandoned pipeline's messages go."""
 
-    def on_sigterm(*_: object) -> None:
-        stop.set()
-        # The polite stop (stdin closed) already failed if this came: do not linger in a stuck driver.
-        threading.Timer(SIGTERM_GRACE, os._exit, args=(0,)).start()
 
-    signal.signal(signal.SIGTERM, on_sigterm)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the relay decides when we stop
-
-    SECRET_FILTER.secrets.update(url_passwords(cfg.source))
+def make_pipeline(cfg: ipc.WorkerConfig, camera: int, emit: Emit) -> Pipeline:
+    """One camera of the worker, as its ``WorkerConfig`` says, its messages marked as camera ``camera``."""
     spec = parse_source_spec(cfg.source)
     settings = EncoderSettings(cfg.bitrate, spec.fps or cfg.fps, cfg.keyframe_interval, cfg.encoder)
     # A UVC camera that can send H.264 itself is asked for it, unless the stream must transcode.
@@ -805,12 +815,12 @@ def main(argv: list[str] | None = None) -> int:
         from .cameraaudio import AudioTap, TrackSource
 
         tap = AudioTap()
-        audio = AudioPipeline(cfg.name, functools.partial(TrackSource, tap), emit)
+        audio = AudioPipeline(cfg.name, functools.partial(TrackSource, tap), emit, camera=camera)
     elif cfg.audio:
         from .audio import AudioPipeline, open_audio_source
 
-        audio = AudioPipeline(cfg.name, lambda: open_audio_source(cfg.audio), emit)
-    pipeline = Pipeline(
+        audio = AudioPipeline(cfg.name, lambda: open_audio_source(cfg.audio), emit, camera=camera)
+    return Pipeline(
         cfg.name,
         str(spec),
         lambda: open_source(spec, cfg.width, cfg.height, cfg.fps, cfg.name, h264_device, tap),
@@ -820,7 +830,81 @@ def main(argv: list[str] | None = None) -> int:
         mode=cfg.mode,
         audio=audio,
         audio_tap=tap,
+        camera=camera,
     )
+
+
+class Cameras:
+    """The worker's cameras, one ``Pipeline`` each (its own threads, its own stall watch), watched from the main
+    thread. A camera whose capture thread stays stuck after its source was closed is started afresh in a new
+    pipeline when the worker has others (they carry on); a worker of one camera ends instead, and the relay starts
+    a new process."""
+
+    def __init__(self, make: Callable[[int], Pipeline], count: int) -> None:
+        self._make = make
+        self.pipelines = [make(i) for i in range(count)]
+        self.replaced = 0  # pipelines started afresh after their capture thread got stuck
+
+    def get(self, camera: int) -> Pipeline | None:
+        """The pipeline of camera ``camera``; None for a number the worker has no camera of (ignored)."""
+        return self.pipelines[camera] if 0 <= camera < len(self.pipelines) else None
+
+    def start(self) -> None:
+        for pipeline in self.pipelines:
+            pipeline.start()
+
+    def stop(self) -> None:
+        for pipeline in self.pipelines:
+            pipeline.stop()
+
+    def tick(self) -> None:
+        for i, pipeline in enumerate(self.pipelines):
+            pipeline.tick()
+            if pipeline.stuck:
+                self._replace(i, pipeline)
+
+    def _replace(self, camera: int, old: Pipeline) -> None:
+        if len(self.pipelines) == 1:
+            log.error("stream=%s capture is stuck in the driver; restarting the worker", old.name)
+            os._exit(EXIT_STUCK)
+        log.error(
+            "stream=%s capture is stuck in the driver; starting the camera afresh (the worker's %d others carry on)",
+            old.name, len(self.pipelines) - 1,
+        )  # fmt: skip
+        old.abandon()
+        new = self._make(camera)
+        new.counted_before = old.status()
+        new.send_jpeg, new.jpeg_every, new.max_fps = old.send_jpeg, old.jpeg_every, old.max_fps
+        self.pipelines[camera] = new
+        self.replaced += 1
+        new.start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    configs = ipc.configs_from_json(argv[0] if argv else os.environ.pop(ipc.WORKER_CONFIG_ENV))
+    out_fd = os.dup(1)
+    os.dup2(2, 1)  # anything that prints goes to stderr, never into the frame pipe
+    stop = threading.Event()
+    emit = PipeWriter(out_fd, stop.set)
+    root = logging.getLogger()
+    root.handlers[:] = [
+        ForwardingHandler(
+            lambda level, name, msg: emit(ipc.pack_json(ipc.LOG, {"level": level, "logger": name, "message": msg}))
+        )
+    ]
+    root.setLevel(configs[0].log_level.upper())
+
+    def on_sigterm(*_: object) -> None:
+        stop.set()
+        # The polite stop (stdin closed) already failed if this came: do not linger in a stuck driver.
+        threading.Timer(SIGTERM_GRACE, os._exit, args=(0,)).start()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the relay decides when we stop
+
+    for cfg in configs:
+        SECRET_FILTER.secrets.update(url_passwords(cfg.source))
+    cameras = Cameras(lambda camera: make_pipeline(configs[camera], camera, emit), len(configs))
 
     def commands() -> None:
         pending = b""
@@ -833,8 +917,11 @@ def main(argv: list[str] | None = None) -> int:
                 stop.set()
                 return
             commands_in, pending = ipc.parse_commands(pending + data)
-            for cmd, arg in commands_in:
-                if cmd == ipc.CMD_MAX_FPS:
+            for camera, cmd, arg in commands_in:
+                pipeline = cameras.get(camera)
+                if pipeline is None:
+                    log.warning("command %r for camera %d: this worker has %d", cmd, camera, len(configs))
+                elif cmd == ipc.CMD_MAX_FPS:
                     pipeline.max_fps = float(arg or 0)
                     log.info("stream=%s encoding at most %s fps", pipeline.name, arg or "all")
                 elif cmd == ipc.CMD_KEYFRAME:
@@ -847,10 +934,10 @@ def main(argv: list[str] | None = None) -> int:
                     pipeline.set_jpeg(False)
 
     threading.Thread(target=commands, name="commands", daemon=True).start()
-    pipeline.start()
+    cameras.start()
     while not stop.wait(WATCH_INTERVAL):
-        pipeline.tick()
-    pipeline.stop()
+        cameras.tick()
+    cameras.stop()
     return 0
 
 
