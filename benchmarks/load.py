@@ -459,7 +459,27 @@ def summarise(
             }
         ),
         "errors": sorted({r["error"] for r in peer_results if r["error"]}),
+        "probe_trace": probe_trace(peer_results),
     }
+
+
+def probe_trace(peer_results: list[dict]) -> dict | None:
+    """The probes' decoded frames, split (``peers.ArrivalTrace``): p50 and p95 of each arrival, ms after capture,
+    and the median packets and bytes a frame; None without traces (not WebRTC, or an older peer)."""
+    joined: dict[str, list[float]] = {}
+    for r in peer_results:
+        for name, values in (r.get("trace") or {}).items():
+            joined.setdefault(name, []).extend(values)
+    if not joined.get("decoded"):
+        return None
+    out: dict = {
+        name: {"p50": percentile(v, 50), "p95": percentile(v, 95)}
+        for name, v in joined.items()
+        if name not in ("packets", "bytes")
+    }
+    out["packets_per_frame"] = statistics.median(joined["packets"])
+    out["bytes_per_frame"] = statistics.median(joined["bytes"])
+    return out
 
 
 # -- reports ----------------------------------------------------------------
