@@ -106,6 +106,7 @@ class Batcher:
         # A socket object on the transport's fd, made once (one a send was a tenth of the relay's time at 10
         # viewers); never closed by us: detached when this batcher goes, the fd stays asyncio's.
         self._sock: socket.socket | None = None
+        self._fileno = -1  # _sock's descriptor, compared with the transport's before each write
 
     def send(self, data: bytes, addr: tuple) -> None:
         if not self.pending:
@@ -136,26 +137,41 @@ class Batcher:
         else:
             groups = _groups(batch)
         for data, segment, count, addr in groups:
-            self.datagrams += count
-            # Straight to the socket only while asyncio holds nothing queued for it: never reorder.
-            if count > 1 and self.gso and _state["gso"] and not t.get_write_buffer_size():
-                done = self._raw_send(raw, lambda sock, d=data, s=segment, a=addr: _sendmsg_gso(sock, d, s, a))
-                if done is not None:
-                    self.syscalls += 1
-                    if not done:
-                        self.dropped += count
-                    continue
-            for i in range(0, len(data), segment):
-                t.sendto(data[i : i + segment], addr)  # asyncio queues on EAGAIN and reports errors to the protocol
-            self.syscalls += count
+            self._write(raw, data, segment, count, addr)
+
+    def write_run(self, data: bytes, segment: int, addr: tuple) -> None:
+        """A run of datagrams of ``segment`` bytes (``send_run``'s), written now: what the batcher holds first
+        (never reordered), else straight to the socket."""
+        if self.pending or self.transport.is_closing():
+            self.pending.append((data, addr, segment))  # still enlisted for the pass: a no-op there then
+            self.flush()
+            return
+        self._write(self.transport.get_extra_info("socket"), data, segment, -(-len(data) // segment), addr)
+
+    def _write(self, raw, data: bytes, segment: int, count: int, addr: tuple) -> None:
+        """One GSO run of ``count`` datagrams to ``addr``: one segmented write where it can, else one at a time."""
+        t = self.transport
+        self.datagrams += count
+        # Straight to the socket only while asyncio holds nothing queued for it: never reorder.
+        if count > 1 and self.gso and _state["gso"] and not t.get_write_buffer_size():
+            done = self._raw_send(raw, lambda sock, d=data, s=segment, a=addr: _sendmsg_gso(sock, d, s, a))
+            if done is not None:
+                self.syscalls += 1
+                if not done:
+                    self.dropped += count
+                return
+        for i in range(0, len(data), segment):
+            t.sendto(data[i : i + segment], addr)  # asyncio queues on EAGAIN and reports errors to the protocol
+        self.syscalls += count
 
     def _raw_send(self, raw, send) -> bool | None:
         """True: sent. False: the kernel refused it for good (dropped). None: use asyncio's path instead."""
         sock = self._sock
-        if sock is None or sock.fileno() != raw.fileno():
+        if sock is None or self._fileno != raw.fileno():
             if sock is not None:
                 sock.detach()
             sock = self._sock = socket.socket(raw.family, raw.type, raw.proto, fileno=raw.fileno())
+            self._fileno = sock.fileno()
             sock.settimeout(0.0)  # never block the loop, whatever the process's default timeout
             weakref.finalize(self, sock.detach)  # never closes asyncio's fd, whenever this batcher goes
         try:
@@ -275,6 +291,17 @@ def send_run_now(protocol: asyncio.DatagramProtocol, data: bytes, segment: int, 
         send_run_direct(protocol, data, segment, addr)
     else:
         batcher.send_run(data, segment, addr)
+
+
+def send_run_at_once(protocol: asyncio.DatagramProtocol, data: bytes, segment: int, addr: tuple) -> None:
+    """A run of datagrams of ``segment`` bytes (``send_run_now``'s), written now in one segmented write, after
+    anything ``protocol``'s batcher already holds (never reordered): one viewer's frame is on its way while the
+    next viewer's is protected, instead of every viewer's waiting for the last one's at the end of the pass."""
+    batcher = _batcher(protocol)
+    if batcher is None:
+        send_run_direct(protocol, data, segment, addr)
+    else:
+        batcher.write_run(data, segment, addr)
 
 
 def send_direct(protocol: asyncio.DatagramProtocol, data: bytes, addr: tuple) -> None:
