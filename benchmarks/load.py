@@ -256,6 +256,7 @@ def run_point(
         cores = split.generator
         if system.kind == "webrtc":
             kind, per_worker = "webrtc-rtp", LIGHT_PEERS_PER_WORKER
+    order = join_order(light, probes, per_worker, probes_at)
     plans = [
         PeerPlan(
             kind if not probe else system.kind,
@@ -267,8 +268,9 @@ def run_point(
             light_nice if not probe else 0,
             cores=cores,
             audio=audio and kind == "webrtc-rtp" and not probe,
+            joined_after=sum(c for _, c in order[:i]),
         )  # fmt: skip
-        for probe, count in join_order(light, probes, per_worker, probes_at)
+        for i, (probe, count) in enumerate(order)
     ]
     procs, errors = [], []
     for plan in plans:
@@ -512,6 +514,19 @@ def probe_trace(peer_results: list[dict]) -> dict | None:
     }
     out["packets_per_frame"] = statistics.median(joined["packets"])
     out["bytes_per_frame"] = statistics.median(joined["bytes"])
+    # Each probe apart, by where its worker joined: in camrelay's fan-out, the order viewers joined in
+    out["by_probe"] = sorted(
+        (
+            {
+                "joined_after": r.get("joined_after", 0),
+                **{k: percentile(r["trace"][k], 50) for k in ("first_packet", "decoded")},
+                "decoded_p95": percentile(r["trace"]["decoded"], 95),
+            }
+            for r in peer_results
+            if (r.get("trace") or {}).get("decoded")
+        ),
+        key=lambda p: p["joined_after"],
+    )
     return out
 
 
@@ -552,6 +567,29 @@ def markdown(runs: dict[str, list[dict]]) -> str:
             ]
             rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def trace_markdown(runs: dict[str, list[dict]]) -> str:
+    """Each point's ``probe_trace`` as a table; "" when no point has one."""
+    rows = [
+        "| system | viewers | first packet | last packet | next frame's first | decoded | packets / bytes a frame"
+        " | each probe: viewers joined before it, first packet / decoded p50 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for name, points in runs.items():
+        for p in points:
+            t = p.get("probe_trace")
+            if not t:
+                continue
+            cells = [f"{_f(t[k]['p50'])} / {_f(t[k]['p95'])}" for k in ("first_packet", "last_packet", "next_frame")]
+            probes = ", ".join(
+                f"{b['joined_after']}: {_f(b['first_packet'])} / {_f(b['decoded'])}" for b in t.get("by_probe", [])
+            )
+            rows.append(
+                f"| {name} | {p['peers']} | {' | '.join(cells)} | {_f(t['decoded']['p50'])} / {_f(t['decoded']['p95'])}"
+                f" | {_f(t['packets_per_frame'])} / {_f(t['bytes_per_frame'])} | {probes} |"
+            )
+    return "\n".join(rows) if len(rows) > 2 else ""
 
 
 def overload_markdown(runs: dict[str, list[dict]]) -> str:
@@ -908,6 +946,9 @@ def report(
     overload = overload_markdown(runs)
     if overload:
         table += f"\n\ncamrelay's own counts over each point's window (/api/v1/streams):\n\n{overload}"
+    traced = trace_markdown(runs)
+    if traced:
+        table += f"\n\nWhere the probes' latency went (ms after capture, p50 / p95; peers.ArrivalTrace):\n\n{traced}"
     slope_lines = "\n".join(
         f"- {n}: {_f(s['serving'], 2)} % of a core per added viewer in the serving process,"
         f" {_f(s['all'], 2)} % in all its processes (points before saturation); the load generator"

@@ -66,6 +66,7 @@ class PeerPlan:
     urls: tuple[str, ...] = ()  # WebRTC: one peer for each (streams of a relay with many); else count on url
     cores: tuple[int, ...] = ()  # the CPUs this worker runs on (os.sched_setaffinity); () leaves it as inherited
     audio: bool = False  # light peers offer audio too, and count its packets
+    joined_after: int = 0  # viewers of the point that joined before this worker's (their worker processes earlier)
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -192,7 +193,7 @@ def run_worker(plan: PeerPlan, ready: mp.Queue, start: mp.Event, results: mp.Que
         ready.put(("error", f"{type(exc).__name__}: {exc}"))
         out = [asdict(PeerResult(plan.probe, error=f"{type(exc).__name__}: {exc}"))]
     cores = sorted(os.sched_getaffinity(0))
-    results.put([{**r, "cores": cores} for r in out])
+    results.put([{**r, "cores": cores, "joined_after": plan.joined_after} for r in out])
 
 
 # -- WebRTC -------------------------------------------------------------------
