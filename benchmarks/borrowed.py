@@ -141,7 +141,7 @@ def observe_rtp(pc: aiortc.RTCPeerConnection, seen: Callable[[bytes], None]) -> 
     if not protocols:
         raise RuntimeError("the peer connection has not gathered: no ICE socket to observe")
     for protocol in protocols:
-        received = type(protocol).datagram_received.__get__(protocol)
+        received = protocol.datagram_received  # bound to the protocol, before the wrapper takes its name
 
         def datagram_received(data: bytes, addr: tuple, received=received) -> None:
             seen(data)
