@@ -131,3 +131,26 @@ def tap_decrypted(
             transport.__dict__.pop(name, None)
 
     return release
+
+
+def observe_rtp(pc: aiortc.RTCPeerConnection, seen: Callable[[bytes], None]) -> Callable[[], None]:
+    """Every datagram ``pc``'s ICE sockets receive is shown to ``seen(data)`` (SRTP still encrypted) as aioice's
+    protocol gets it, then goes on unchanged: the probe reads as it did, one datagram a turn of its loop. Until
+    the returned release, which must come before ``pc`` closes."""
+    protocols = _protocols(pc)
+    if not protocols:
+        raise RuntimeError("the peer connection has not gathered: no ICE socket to observe")
+    for protocol in protocols:
+        received = protocol.datagram_received  # bound to the protocol, before the wrapper takes its name
+
+        def datagram_received(data: bytes, addr: tuple, received=received) -> None:
+            seen(data)
+            received(data, addr)
+
+        protocol.datagram_received = datagram_received
+
+    def release() -> None:
+        for protocol in protocols:
+            protocol.__dict__.pop("datagram_received", None)
+
+    return release

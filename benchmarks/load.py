@@ -17,8 +17,10 @@ rate and bitrate (``--spawn``, the default), or an already running relay
 
 For every sweep point, viewers connect from worker processes (see
 benchmarks/peers.py): light peers that receive and reassemble every frame
-without decoding, then ``--probes`` peers (last, so at the end of the
-relay's fan-out) that decode and read the pixel clock for latency. A system
+without decoding, and ``--probes`` peers that decode and read the pixel
+clock for latency: last (``--probes-at last``, at the end of camrelay's
+fan-out), or spread through the join order (``spread``: ``join_order`` says
+why), each frame's latency split at its packets' arrivals (``probe_trace``). A system
 whose viewers stop getting the picture (median fps under half the source's)
 is not pushed to larger points. A point where the load generator and the
 system together use more than 85 % of all cores is flagged: its numbers
@@ -85,6 +87,8 @@ READY_TIMEOUT = 120.0  # seconds for one worker's peers to connect
 # loop; fewer processes keep the generator's cores for the peers rather than for interpreters.
 LIGHT_PEERS_PER_WORKER = 50
 UNPINNED, PINNED = "unpinned", "pinned"  # each point's and run's mode
+LAST, SPREAD = "last", "spread"  # where the probes join: after every light peer, or spread through the order
+PROBES_AT = (LAST, SPREAD)
 
 
 @dataclass
@@ -235,11 +239,13 @@ def run_point(
     split: Split | None = None,
     source_apart: bool = False,
     audio: bool = False,
+    probes_at: str = LAST,
 ) -> dict:
-    """One sweep point; with ``split``, the system re-pinned to its cores (and read back) and the peers' workers
-    on the generator's, its light peers counting RTP headers (and, ``audio``, offering audio and counting its
-    packets too); with ``source_apart`` too, the system's source (its camera worker and encoder; for mediamtx,
-    the camrelay that feeds it) on the generator's cores, so the system's cores do the fan-out alone."""
+    """One sweep point, the probes joining where ``probes_at`` says (``join_order``); with ``split``, the system
+    re-pinned to its cores (and read back) and the peers' workers on the generator's, its light peers counting RTP
+    headers (and, ``audio``, offering audio and counting its packets too); with ``source_apart`` too, the system's
+    source (its camera worker and encoder; for mediamtx, the camrelay that feeds it) on the generator's cores, so
+    the system's cores do the fan-out alone."""
     ctx = mp.get_context("spawn")
     ready, results, start = ctx.Queue(), ctx.Queue(), ctx.Event()
     probes = min(probes, peers)
@@ -250,22 +256,22 @@ def run_point(
         cores = split.generator
         if system.kind == "webrtc":
             kind, per_worker = "webrtc-rtp", LIGHT_PEERS_PER_WORKER
+    order = join_order(light, probes, per_worker, probes_at)
     plans = [
         PeerPlan(
-            kind,
+            kind if not probe else system.kind,
             system.url,
-            min(per_worker, light - i),
-            False,
+            count,
+            probe,
             duration,
             fps,
-            light_nice,
+            light_nice if not probe else 0,
             cores=cores,
-            audio=audio and kind == "webrtc-rtp",
+            audio=audio and kind == "webrtc-rtp" and not probe,
+            joined_after=sum(c for _, c in order[:i]),
         )  # fmt: skip
-        for i in range(0, light, per_worker)
+        for i, (probe, count) in enumerate(order)
     ]
-    if probes:  # last in the fan-out
-        plans.append(PeerPlan(system.kind, system.url, probes, True, duration, fps, cores=cores))
     procs, errors = [], []
     for plan in plans:
         p = ctx.Process(target=run_worker, args=(plan, ready, start, results), daemon=True)
@@ -321,6 +327,35 @@ def run_point(
         point["system_processes"] = placed  # each with its CPUs as read back
         point["generator_workers_cores"] = sorted({c for r in peer_results for c in r.get("cores", [])})
     return point
+
+
+def join_order(light: int, probes: int, per_worker: int, probes_at: str = LAST) -> list[tuple[bool, int]]:
+    """The worker processes of a point in the order they join, each (probes?, peers): light peers ``per_worker``
+    a process; the probes all together after them (``LAST``), or (``SPREAD``) one a process, the i-th of ``probes``
+    after (i + 1/2) / probes of the viewers, so they sample the fan-out's order evenly.
+
+    camrelay sends to its viewers in the order they joined, each frame the same: probes joining last measure its
+    last viewer. mediamtx hands each frame to its readers in the order of a Go map's iteration, a new random one
+    each frame: its probes measure a viewer anywhere in the order. ``SPREAD`` measures both systems' viewers
+    alike."""
+    if probes_at not in PROBES_AT:
+        raise ValueError(f"probes_at: {probes_at!r}; one of {', '.join(PROBES_AT)}")
+    order: list[tuple[bool, int]] = []
+
+    def add_light(count: int) -> None:
+        order.extend((False, min(per_worker, count - i)) for i in range(0, count, per_worker))
+
+    if probes_at == LAST or not probes:
+        add_light(light)
+        return order + ([(True, probes)] if probes else [])
+    total, placed = light + probes, 0
+    for i in range(probes):
+        before = min(light, max(0, round((i + 0.5) * total / probes) - i) - placed)  # light peers ahead of it
+        add_light(before)
+        placed += before
+        order.append((True, 1))
+    add_light(light - placed)
+    return order
 
 
 def audio_counts(peer_results: list[dict], duration: float) -> dict:
@@ -459,7 +494,40 @@ def summarise(
             }
         ),
         "errors": sorted({r["error"] for r in peer_results if r["error"]}),
+        "probe_trace": probe_trace(peer_results),
     }
+
+
+def probe_trace(peer_results: list[dict]) -> dict | None:
+    """The probes' decoded frames, split (``peers.ArrivalTrace``): p50 and p95 of each arrival, ms after capture,
+    and the median packets and bytes a frame; None without traces (not WebRTC, or an older peer)."""
+    joined: dict[str, list[float]] = {}
+    for r in peer_results:
+        for name, values in (r.get("trace") or {}).items():
+            joined.setdefault(name, []).extend(values)
+    if not joined.get("decoded"):
+        return None
+    out: dict = {
+        name: {"p50": percentile(v, 50), "p95": percentile(v, 95)}
+        for name, v in joined.items()
+        if name not in ("packets", "bytes")
+    }
+    out["packets_per_frame"] = statistics.median(joined["packets"])
+    out["bytes_per_frame"] = statistics.median(joined["bytes"])
+    # Each probe apart, by where its worker joined: in camrelay's fan-out, the order viewers joined in
+    out["by_probe"] = sorted(
+        (
+            {
+                "joined_after": r.get("joined_after", 0),
+                **{k: percentile(r["trace"][k], 50) for k in ("first_packet", "decoded")},
+                "decoded_p95": percentile(r["trace"]["decoded"], 95),
+            }
+            for r in peer_results
+            if (r.get("trace") or {}).get("decoded")
+        ),
+        key=lambda p: p["joined_after"],
+    )
+    return out
 
 
 # -- reports ----------------------------------------------------------------
@@ -499,6 +567,29 @@ def markdown(runs: dict[str, list[dict]]) -> str:
             ]
             rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def trace_markdown(runs: dict[str, list[dict]]) -> str:
+    """Each point's ``probe_trace`` as a table; "" when no point has one."""
+    rows = [
+        "| system | viewers | first packet | last packet | next frame's first | decoded | packets / bytes a frame"
+        " | each probe: viewers joined before it, first packet / decoded p50 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for name, points in runs.items():
+        for p in points:
+            t = p.get("probe_trace")
+            if not t:
+                continue
+            cells = [f"{_f(t[k]['p50'])} / {_f(t[k]['p95'])}" for k in ("first_packet", "last_packet", "next_frame")]
+            probes = ", ".join(
+                f"{b['joined_after']}: {_f(b['first_packet'])} / {_f(b['decoded'])}" for b in t.get("by_probe", [])
+            )
+            rows.append(
+                f"| {name} | {p['peers']} | {' | '.join(cells)} | {_f(t['decoded']['p50'])} / {_f(t['decoded']['p95'])}"
+                f" | {_f(t['packets_per_frame'])} / {_f(t['bytes_per_frame'])} | {probes} |"
+            )
+    return "\n".join(rows) if len(rows) > 2 else ""
 
 
 def overload_markdown(runs: dict[str, list[dict]]) -> str:
@@ -601,6 +692,13 @@ def main(argv: list[str] | None = None) -> int:
         "--peers", help="comma-separated sweep of viewer counts (default 1,5,10,20,30,50,100; with --pin: search)"
     )
     ap.add_argument("--probes", type=int, default=2, help="decoding peers that read the pixel clock, per point")
+    ap.add_argument(
+        "--probes-at",
+        choices=PROBES_AT,
+        default=LAST,
+        help="where the probes join: last (camrelay's last viewer in its fan-out), or spread through the join order"
+        " (join_order says why)",
+    )
     ap.add_argument("--duration", type=float, default=15.0, help="seconds measured per point")
     add_stream_options(ap)
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"which of {', '.join(SYSTEMS)}, in order")
@@ -679,8 +777,9 @@ def main(argv: list[str] | None = None) -> int:
 
         def measure(n: int, name: str = name, system: System = system) -> dict:
             point = run_point(
-                system, n, args.probes, args.duration, args.fps, args.light_nice, split, args.source_apart, args.audio
-            )
+                system, n, args.probes, args.duration, args.fps, args.light_nice, split, args.source_apart, args.audio,
+                args.probes_at,
+            )  # fmt: skip
             point["system"] = name
             print(json.dumps(point), flush=True)
             runs[name].append(point)
@@ -701,6 +800,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         **run_facts("python -m benchmarks.load " + " ".join(argv)),
         "size": args.size, "fps": args.fps, "bitrate": args.bitrate, "probes": args.probes,
+        "probes_at": args.probes_at,
         "duration": args.duration, "cpu_count": os.cpu_count(),
         "light_nice": args.light_nice, "audio": args.audio,
         "mode": UNPINNED if split is None else PINNED,
@@ -846,6 +946,9 @@ def report(
     overload = overload_markdown(runs)
     if overload:
         table += f"\n\ncamrelay's own counts over each point's window (/api/v1/streams):\n\n{overload}"
+    traced = trace_markdown(runs)
+    if traced:
+        table += f"\n\nWhere the probes' latency went (ms after capture, p50 / p95; peers.ArrivalTrace):\n\n{traced}"
     slope_lines = "\n".join(
         f"- {n}: {_f(s['serving'], 2)} % of a core per added viewer in the serving process,"
         f" {_f(s['all'], 2)} % in all its processes (points before saturation); the load generator"

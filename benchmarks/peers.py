@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing as mp
 import os
+import struct
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -47,6 +48,8 @@ class PeerResult:
     audio_packets: int = 0  # Opus packets received (light peers offering audio only)
     audio_packets_lost: int = 0  # their sequence gaps
     cores: list[int] = field(default_factory=list)  # the CPUs its worker process ran on, as read back
+    # Probes only: where each decoded frame's latency went (``ArrivalTrace``), ms after its capture
+    trace: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class PeerPlan:
     urls: tuple[str, ...] = ()  # WebRTC: one peer for each (streams of a relay with many); else count on url
     cores: tuple[int, ...] = ()  # the CPUs this worker runs on (os.sched_setaffinity); () leaves it as inherited
     audio: bool = False  # light peers offer audio too, and count its packets
+    joined_after: int = 0  # viewers of the point that joined before this worker's (their worker processes earlier)
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -89,6 +93,84 @@ def percentile(values: list[float], p: float) -> float | None:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
+TRACE_FRAMES = 300  # frames' arrivals a probe keeps: ten seconds at 30 fps, far more than a frame waits
+OFFSET_FRAMES = 5  # decoded frames whose pts must all fall on timestamps seen, to fix the offset between them
+RTP_MASK = 0xFFFFFFFF
+_RTP_HEADER = struct.Struct("!BBHI")  # first byte, marker and payload type, sequence, timestamp
+
+
+class ArrivalTrace:
+    """When each RTP timestamp's packets reached a probe's socket (sans-io: datagrams and clock in, per-frame
+    arrivals out), to split a decoded frame's latency: capture to its first packet, to its last (the marker),
+    to the first packet of the frame after it (aiortc's jitter buffer hands a frame on only then), to decoded."""
+
+    def __init__(self, keep: int = TRACE_FRAMES) -> None:
+        self.keep = keep
+        # RTP timestamp: [first arrival, last arrival, packets, bytes]; in arrival order
+        self.frames: dict[int, list[float]] = {}
+        self.split: dict[str, list[float]] = {
+            "first_packet": [], "last_packet": [], "next_frame": [], "decoded": [], "packets": [], "bytes": [],
+        }  # fmt: skip
+        self.offset: int | None = None  # RTP timestamp less aiortc's pts, once found
+        self._waiting: list[tuple[int, float, float]] = []  # decoded frames before the offset was found
+
+    def seen(self, data: bytes, now: float) -> None:
+        """One datagram at ``now`` (seconds, the wall clock); anything not video RTP is ignored."""
+        if len(data) < _RTP_HEADER.size or not 128 <= data[0] < 192 or 192 <= data[1] < 224:
+            return
+        timestamp = _RTP_HEADER.unpack_from(data)[3]
+        entry = self.frames.get(timestamp)
+        if entry is None:
+            self.frames[timestamp] = [now, now, 1, len(data)]
+            if len(self.frames) > self.keep:
+                del self.frames[next(iter(self.frames))]
+            return
+        entry[1] = now
+        entry[2] += 1
+        entry[3] += len(data)
+
+    def decoded(self, pts: int, now: float, latency_ms: float) -> None:
+        """A frame decoded at ``now`` with the pixel clock's ``latency_ms``: its arrivals, as ms after capture.
+        aiortc's receiver counts ``pts`` from its first frame's RTP timestamp, so the first ``OFFSET_FRAMES``
+        decoded frames find the offset that puts every one of them on a timestamp seen (frame intervals vary
+        from frame to frame: one offset fits)."""
+        if self.offset is None:
+            self._waiting.append((pts, now, latency_ms))
+            if len(self._waiting) < OFFSET_FRAMES:
+                return
+            fits = {
+                (t - self._waiting[0][0]) & RTP_MASK
+                for t in self.frames
+                if all((t - self._waiting[0][0] + p) & RTP_MASK in self.frames for p, _, _ in self._waiting)
+            }
+            waiting, self._waiting = self._waiting, []
+            if len(fits) != 1:
+                return  # none or ambiguous: try the next frames
+            self.offset = fits.pop()
+            for args in waiting:
+                self.decoded(*args)
+            return
+        timestamp = (pts + self.offset) & RTP_MASK
+        entry = self.frames.get(timestamp)
+        if entry is None:
+            return
+        stamps = list(self.frames)
+        at = stamps.index(timestamp)
+        if at + 1 >= len(stamps):
+            return
+        captured = now - latency_ms / 1000
+        after = self.frames[stamps[at + 1]]
+        for name, value in (
+            ("first_packet", (entry[0] - captured) * 1000),
+            ("last_packet", (entry[1] - captured) * 1000),
+            ("next_frame", (after[0] - captured) * 1000),
+            ("decoded", latency_ms),
+            ("packets", entry[2]),
+            ("bytes", entry[3]),
+        ):
+            self.split[name].append(value)
+
+
 def run_worker(plan: PeerPlan, ready: mp.Queue, start: mp.Event, results: mp.Queue) -> None:
     """Entry point of a worker process: connect, report ready, measure once ``start`` is set."""
     if plan.cores:
@@ -111,7 +193,7 @@ def run_worker(plan: PeerPlan, ready: mp.Queue, start: mp.Event, results: mp.Que
         ready.put(("error", f"{type(exc).__name__}: {exc}"))
         out = [asdict(PeerResult(plan.probe, error=f"{type(exc).__name__}: {exc}"))]
     cores = sorted(os.sched_getaffinity(0))
-    results.put([{**r, "cores": cores} for r in out])
+    results.put([{**r, "cores": cores, "joined_after": plan.joined_after} for r in out])
 
 
 # -- WebRTC -------------------------------------------------------------------
@@ -172,6 +254,14 @@ async def _webrtc_peers(plan: PeerPlan, ready: mp.Queue, start: mp.Event) -> lis
         for v, r in zip(viewers, results, strict=True):
             if v.stats.connected_at is not None and v.stats.first_frame_at is not None:
                 r.first_frame_ms = (v.stats.first_frame_at - v.stats.connected_at) * 1000
+        traces: dict[int, ArrivalTrace] = {}
+        releases = []
+        if plan.probe:
+            from benchmarks.borrowed import observe_rtp
+
+            for v in viewers:
+                trace = traces[id(v)] = ArrivalTrace()
+                releases.append(observe_rtp(v.pc, lambda data, trace=trace: trace.seen(data, time.time())))
         ready.put(("ready", len(viewers)))
 
         async def consume(v: WhepViewer, r: PeerResult) -> None:
@@ -196,8 +286,11 @@ async def _webrtc_peers(plan: PeerPlan, ready: mp.Queue, start: mp.Event) -> lis
                     s = sample(frame)
                     if s.latency_ms is not None:
                         r.latencies_ms.append(s.latency_ms)
+                        traces[id(v)].decoded(frame.pts, s.received, s.latency_ms)
             if t0 is not None:
                 r.fps = r.frames / (time.monotonic() - t0)
+            if id(v) in traces:
+                r.trace = traces[id(v)].split
 
         bytes_before = [0] * len(decoders)
 
@@ -212,6 +305,8 @@ async def _webrtc_peers(plan: PeerPlan, ready: mp.Queue, start: mp.Event) -> lis
         # One decoder per viewer, made in connection order.
         for r, d, b in zip(results, decoders, bytes_before, strict=False):
             r.bytes = d.bytes - b
+        for release in releases:
+            release()
         await asyncio.gather(*(v.close() for v in viewers))
         return [asdict(r) for r in results]
 

@@ -104,3 +104,52 @@ def test_a_single_repeat_is_the_point_itself_and_none_is_an_error():
     assert median_point([p]) is p
     with pytest.raises(ValueError, match="at least one repeat"):
         median_point([])
+
+
+def test_probes_join_last_or_spread_through_the_join_order():
+    from benchmarks.load import LAST, SPREAD, join_order
+
+    def probe_positions(order):
+        at, positions = 0, []
+        for probe, count in order:
+            positions += list(range(at, at + count)) if probe else []
+            at += count
+        return positions, at
+
+    assert join_order(62, 2, 50, LAST) == [(False, 50), (False, 12), (True, 2)]
+    assert probe_positions(join_order(62, 2, 50, SPREAD)) == ([16, 48], 64)  # a quarter and three quarters in
+    assert probe_positions(join_order(126, 2, 50, SPREAD)) == ([32, 96], 128)
+    assert all(count <= 50 for _, count in join_order(126, 2, 50, SPREAD))  # light peers still 50 a process
+    assert join_order(0, 1, 50, SPREAD) == [(True, 1)]  # the 1-viewer baseline
+    assert join_order(5, 0, 50, SPREAD) == [(False, 5)]
+    with pytest.raises(ValueError, match="probes_at: 'first'"):
+        join_order(5, 2, 50, "first")
+
+
+def test_a_probe_splits_each_decoded_frames_latency_at_its_packets_arrivals():
+    """``ArrivalTrace``: packets in (their RTP timestamps, the clock), decoded frames in with aiortc's pts (counted
+    from its first frame), each frame's arrivals out in ms after its capture; not RTP (RTCP, STUN) is ignored."""
+    import struct
+
+    from benchmarks.peers import OFFSET_FRAMES, ArrivalTrace
+
+    def rtp(timestamp, marker=False):
+        return struct.pack("!BBHII", 0x80, 0x65 | (0x80 if marker else 0), 1, timestamp, 7) + bytes(100)
+
+    trace = ArrivalTrace()
+    origin, t0 = 4_000_000_000, 1000.0  # the timestamps wrap around 2**32 on the way
+    steps = [0, 2900, 6100, 9000, 12050, 15000, 18100, 21000, 24000]  # 90 kHz; each interval differs a little
+    for i, step in enumerate(steps):
+        ts, at = (origin + step) & 0xFFFFFFFF, t0 + i / 30
+        trace.seen(rtp(ts), at + 0.020)  # first packet 20 ms after capture at t0 + i/30
+        trace.seen(rtp(ts, marker=True), at + 0.022)
+        trace.seen(bytes([0x80, 200]) + bytes(30), at + 0.030)  # an RTCP sender report: not a frame
+        trace.seen(b"\x00\x01" + bytes(18), at + 0.030)  # STUN
+    for i, step in enumerate(steps[: OFFSET_FRAMES + 2]):
+        trace.decoded(step, t0 + i / 30 + 0.060, 60.0)  # decoded 60 ms after capture
+    split = trace.split
+    assert len(split["decoded"]) == OFFSET_FRAMES + 2  # the ones waiting for the offset included
+    assert [round(v, 3) for v in split["first_packet"]] == [20.0] * len(split["decoded"])
+    assert [round(v, 3) for v in split["last_packet"]] == [22.0] * len(split["decoded"])
+    assert [round(v, 1) for v in split["next_frame"]] == [53.3] * len(split["decoded"])  # 20 ms + a frame later
+    assert split["packets"] == [2] * len(split["decoded"]) and split["bytes"] == [112 * 2] * len(split["decoded"])

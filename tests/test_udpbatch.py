@@ -76,6 +76,13 @@ class _Sink(asyncio.DatagramProtocol):
         self.got.append(data)
 
 
+class _Sending(asyncio.DatagramProtocol):
+    """A socket's protocol as aioice's is to the batcher: it keeps its transport (and has a ``__dict__``)."""
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+
 async def _pair():
     loop = asyncio.get_running_loop()
     rx, sink = await loop.create_datagram_endpoint(_Sink, local_addr=("127.0.0.1", 0))
@@ -186,3 +193,37 @@ def test_runs_of_sizes_are_the_same_runs_as_of_datagrams():
     assert gso_runs([1200] * 70) == [50, 20]  # 60,000 bytes a write at most
     assert gso_runs([100] * (MAX_SEGMENTS + 1)) == [MAX_SEGMENTS, 1]
     assert gso_runs([]) == []
+
+
+async def test_a_frames_run_leaves_at_once_after_what_its_socket_already_held():
+    """A viewer's frame is written when it is protected, not at the end of the pass: its datagrams are in the
+    receiver's socket before the event loop runs again, after what the batcher held for that socket (never
+    reordered), in one segmented write."""
+    import socket
+
+    from relay.webrtc.udpbatch import send_now, send_run_at_once
+
+    loop = asyncio.get_running_loop()
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    rx.setblocking(False)
+    tx, protocol = await loop.create_datagram_endpoint(_Sending, local_addr=("127.0.0.1", 0))
+    try:
+        addr = rx.getsockname()
+        send_now(protocol, b"rtcp", addr)  # held for the end of the pass ...
+        send_run_at_once(protocol, b"a" * 100 + b"b" * 100 + b"c" * 40, 100, addr)  # ... a frame, three datagrams
+        got = []
+        while True:  # no await since the send: what is here was written synchronously
+            try:
+                got.append(rx.recv(2048))
+            except BlockingIOError:
+                break
+        assert got == [b"rtcp", b"a" * 100, b"b" * 100, b"c" * 40]
+        batcher = batcher_of(protocol)
+        assert (
+            batcher is not None and batcher.datagrams == 4 and batcher.syscalls <= 2
+        )  # the frame's three in one call where GSO works
+        assert batcher.pending == []
+    finally:
+        tx.close()
+        rx.close()

@@ -22,8 +22,9 @@ payload beside it into one buffer kept per sender, patches the sequence number
 and marker bit there and SRTP-protects it in place (``borrowed.SrtpFrameWriter``:
 one libsrtp call a packet); each run of equal-size packets
 (``udpbatch.gso_runs``) leaves that buffer as one bytes for one segmented
-write at the end of the event-loop pass (relay.webrtc.udpbatch), or one
-system call a datagram with batching off: no per-packet objects, clock reads
+write, at once (``udpbatch.send_run_at_once``: this viewer's frame is on its
+way while the next viewer's is protected), or one system call a datagram
+with batching off: no per-packet objects, clock reads
 or awaits. Its socket, peer address and SRTP session are looked up once per
 ICE pair (``borrowed.DtlsSocket``). RTCP sender reports keep their counts
 (updated once per frame) and NACKed packets are rebuilt on demand from the
@@ -66,7 +67,7 @@ from ..hub import EncodedFrame, HubClosed, PacketHub, Subscription
 from . import borrowed
 from .catchup import ViewerTiming
 from .playout import add_elements
-from .udpbatch import gso_runs, send_run_direct, send_run_now
+from .udpbatch import gso_runs, send_run_at_once, send_run_direct
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ PREFERRED_PROFILES = ("42e01f", "42001f")
 
 _HISTORY = "camrelay_history"
 RETRANSMITS = "camrelay_retransmits"  # NACKed packets sent again, per sender
-_SEND = "camrelay_send"  # how a sender's datagrams leave: batched (udpbatch.send_run_now) or one by one
+_SEND = "camrelay_send"  # how a sender's datagrams leave: a GSO run a write (udpbatch.send_run_at_once) or one by one
 _EXTRA = "camrelay_extensions"  # (id, value) header extensions aiortc does not know, in every packet of a frame
 
 NTP_UNIX_OFFSET = 2_208_988_800  # seconds from the NTP epoch (1900) to the Unix epoch (1970)
@@ -316,7 +317,7 @@ def install(sender: RTCRtpSender, batch: bool = True) -> None:
     """Give ``sender`` the per-frame send loop and the matching retransmission; ``batch``: through the
     socket batcher (relay.webrtc.udpbatch), else a system call per datagram."""
     borrowed.replace_send_loop(sender, _run_rtp, _retransmit)
-    sender.__dict__[_SEND] = send_run_now if batch else send_run_direct
+    sender.__dict__[_SEND] = send_run_at_once if batch else send_run_direct
 
 
 def add_header_extension(sender: RTCRtpSender, ext_id: int, value: bytes) -> None:
@@ -338,7 +339,7 @@ class FrameSender:
         # What a NACK may name, kept only for a codec whose receiver may send one (video; never Opus)
         self.history = SentFrames() if any(fb.type == "nack" for fb in codec.rtcpFeedback) else None
         self.writer = borrowed.SrtpFrameWriter()
-        self.send_run = sender.__dict__.get(_SEND, send_run_now)
+        self.send_run = sender.__dict__.get(_SEND, send_run_at_once)
         self.sequence = random_sequence_number()
         self.origin = random32()
         self.extensions = sender.__dict__.get(_EXTRA, ())  # add_header_extension's

@@ -14,8 +14,13 @@ same size but the last (``relay.webrtc.rtpsend.payloads_for``), a frame is one o
 system calls per viewer. Where GSO is missing or refused, it sends datagram
 by datagram as before, and says so once.
 
-RTP leaves a GSO run at a time through ``send_run_now`` (``relay.webrtc.rtpsend``, which
-protects a frame's packets side by side in one buffer); aioice's own data sends
+RTP does not wait for the end of the pass: a viewer's frame leaves a GSO run
+at a time through ``send_run_at_once`` (``relay.webrtc.rtpsend``, which
+protects a frame's packets side by side in one buffer) as soon as it is
+protected, so viewer k's packets are on their way while viewer k+1's are
+protected, instead of every viewer's waiting for the last viewer's to be
+protected (at 64 viewers, the first would wait for the whole fan-out, about
+4 ms at p95); what the socket's batcher already holds goes first. aioice's own data sends
 (DTLS, RTCP) through ``PATCH``, process-wide on aioice's socket protocol
 (``relay.webrtc.borrowed``), held while a relay with ``[webrtc] batch_sends`` on
 runs. With it off, datagrams leave one system call each (``send_direct``).
@@ -97,7 +102,7 @@ class Batcher:
     def __init__(self, transport: asyncio.DatagramTransport) -> None:
         self.transport = transport
         # (data, addr, segment): one datagram (segment 0), or a run of datagrams of ``segment`` bytes (the last
-        # may be shorter) joined already (``send_run``)
+        # may be shorter) joined already (``write_run``, while something was held)
         self.pending: list[tuple[bytes, tuple, int]] = []
         self.syscalls = 0
         self.datagrams = 0
@@ -106,18 +111,12 @@ class Batcher:
         # A socket object on the transport's fd, made once (one a send was a tenth of the relay's time at 10
         # viewers); never closed by us: detached when this batcher goes, the fd stays asyncio's.
         self._sock: socket.socket | None = None
+        self._fileno = -1  # _sock's descriptor, compared with the transport's before each write
 
     def send(self, data: bytes, addr: tuple) -> None:
         if not self.pending:
             _enlist(self)
         self.pending.append((data, addr, 0))
-
-    def send_run(self, data: bytes, segment: int, addr: tuple) -> None:
-        """Datagrams of ``segment`` bytes (the last may be shorter), already joined in ``data``: one GSO run
-        (``gso_runs``), sent whole."""
-        if not self.pending:
-            _enlist(self)
-        self.pending.append((data, addr, segment))
 
     def flush(self) -> None:
         batch, self.pending = self.pending, []
@@ -136,26 +135,41 @@ class Batcher:
         else:
             groups = _groups(batch)
         for data, segment, count, addr in groups:
-            self.datagrams += count
-            # Straight to the socket only while asyncio holds nothing queued for it: never reorder.
-            if count > 1 and self.gso and _state["gso"] and not t.get_write_buffer_size():
-                done = self._raw_send(raw, lambda sock, d=data, s=segment, a=addr: _sendmsg_gso(sock, d, s, a))
-                if done is not None:
-                    self.syscalls += 1
-                    if not done:
-                        self.dropped += count
-                    continue
-            for i in range(0, len(data), segment):
-                t.sendto(data[i : i + segment], addr)  # asyncio queues on EAGAIN and reports errors to the protocol
-            self.syscalls += count
+            self._write(raw, data, segment, count, addr)
+
+    def write_run(self, data: bytes, segment: int, addr: tuple) -> None:
+        """A run of datagrams of ``segment`` bytes (the last may be shorter) joined in ``data``, written now:
+        after what the batcher holds (never reordered), else straight to the socket."""
+        if self.pending or self.transport.is_closing():
+            self.pending.append((data, addr, segment))  # still enlisted for the pass: a no-op there then
+            self.flush()
+            return
+        self._write(self.transport.get_extra_info("socket"), data, segment, -(-len(data) // segment), addr)
+
+    def _write(self, raw, data: bytes, segment: int, count: int, addr: tuple) -> None:
+        """One GSO run of ``count`` datagrams to ``addr``: one segmented write where it can, else one at a time."""
+        t = self.transport
+        self.datagrams += count
+        # Straight to the socket only while asyncio holds nothing queued for it: never reorder.
+        if count > 1 and self.gso and _state["gso"] and not t.get_write_buffer_size():
+            done = self._raw_send(raw, lambda sock, d=data, s=segment, a=addr: _sendmsg_gso(sock, d, s, a))
+            if done is not None:
+                self.syscalls += 1
+                if not done:
+                    self.dropped += count
+                return
+        for i in range(0, len(data), segment):
+            t.sendto(data[i : i + segment], addr)  # asyncio queues on EAGAIN and reports errors to the protocol
+        self.syscalls += count
 
     def _raw_send(self, raw, send) -> bool | None:
         """True: sent. False: the kernel refused it for good (dropped). None: use asyncio's path instead."""
         sock = self._sock
-        if sock is None or sock.fileno() != raw.fileno():
+        if sock is None or self._fileno != raw.fileno():
             if sock is not None:
                 sock.detach()
             sock = self._sock = socket.socket(raw.family, raw.type, raw.proto, fileno=raw.fileno())
+            self._fileno = sock.fileno()
             sock.settimeout(0.0)  # never block the loop, whatever the process's default timeout
             weakref.finalize(self, sock.detach)  # never closes asyncio's fd, whenever this batcher goes
         try:
@@ -203,7 +217,7 @@ def _flush_pass(loop: asyncio.AbstractEventLoop, batchers: list[Batcher]) -> Non
 
 def _groups(batch: list[tuple[bytes, tuple, int]]) -> list[tuple[bytes, int, int, tuple]]:
     """A batcher's pending sends as GSO runs, in order: (joined datagrams, segment size, datagrams, address).
-    Single datagrams are grouped here (``runs``); runs made by the sender (``send_run``) stay as they are."""
+    Single datagrams are grouped here (``runs``); runs made by the sender (``write_run``) stay as they are."""
     out: list[tuple[bytes, int, int, tuple]] = []
     singles: list[tuple[bytes, tuple]] = []
 
@@ -267,14 +281,16 @@ def _batcher(protocol: asyncio.DatagramProtocol) -> Batcher | None:
     return batcher
 
 
-def send_run_now(protocol: asyncio.DatagramProtocol, data: bytes, segment: int, addr: tuple) -> None:
-    """Queue a run of datagrams of ``segment`` bytes (the last may be shorter), joined in ``data``, on
-    ``protocol``'s socket for the end of this event-loop pass (``gso_runs`` says what a run may hold)."""
+def send_run_at_once(protocol: asyncio.DatagramProtocol, data: bytes, segment: int, addr: tuple) -> None:
+    """A run of datagrams of ``segment`` bytes (the last may be shorter; ``gso_runs`` says what a run may hold),
+    joined in ``data``, written now in one segmented write, after anything ``protocol``'s batcher already holds
+    (never reordered): one viewer's frame is on its way while the next viewer's is protected, instead of every
+    viewer's waiting for the last one's at the end of the pass."""
     batcher = _batcher(protocol)
     if batcher is None:
         send_run_direct(protocol, data, segment, addr)
     else:
-        batcher.send_run(data, segment, addr)
+        batcher.write_run(data, segment, addr)
 
 
 def send_direct(protocol: asyncio.DatagramProtocol, data: bytes, addr: tuple) -> None:
