@@ -46,11 +46,13 @@ LIVENESS_CHECK = 2.0  # seconds between looks
 # loop; thirty offers answered side by side progress in lockstep, a step each per pass, and every one is answered
 # only when all are, then all do ICE and DTLS at once (docs/benchmarks.md, "Thirty viewers joining at once"). One
 # at a time, the first is answered in a few ms and connects while the next are answered. But a pass of a loaded
-# machine's loop can take tens of ms, and thirty answers in a row then take seconds (tried: 3 to 12 s at load 12
-# against 1.5 to 3 s side by side): an offer waits for the answer before it at most ANSWER_TURN once that one has
-# begun, and ANSWER_QUEUE in all, then is answered alongside it.
+# machine's loop can take tens of ms, and thirty answers in a row then take seconds (a plain lock, tried: 3 to 12 s
+# at load 12, against 1.5 to 3 s side by side): an offer waits for the answer before it at most ANSWER_TURN once
+# that one has begun, and ANSWER_QUEUE in all, then is answered alongside.
 ANSWER_TURN = 0.02  # seconds: a quick answer takes 2-3 ms of the loop; one past this, the loop is slow
-ANSWER_QUEUE = 0.1  # seconds: at most this is added to an offer's answer by the ones before it
+ANSWER_QUEUE = (
+    0.25  # seconds: at most this is added to an offer's answer by the ones before it (30 quick ones: ~0.1-0.15 s)
+)
 
 
 @contextlib.contextmanager
