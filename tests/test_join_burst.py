@@ -20,7 +20,6 @@ from relay.config import IceServer
 from relay.hub import JOIN_LEAD
 from relay.ipc import KEYFRAME_MIN_INTERVAL
 from relay.webrtc import borrowed
-from relay.webrtc.sessions import AnswerTurns
 from relay.webrtc.whepclient import WhepViewer
 
 from .conftest import EncodedFrames, RunningRelay, capture_ms, make_config, start_relay
@@ -93,25 +92,20 @@ def windows_needed(times: list[float], window: float) -> int:
     return count
 
 
-async def _join_together(relay: RunningRelay, http) -> tuple[list[WhepViewer], list[list], set[int], list[int]]:
-    """``JOINERS`` viewers offering at once, each reading ``FRAMES`` pictures, then leaving: the viewers, what each
-    read, and the keyframes and frames the relay encoded meanwhile (by capture time)."""
-    viewers = [WhepViewer(relay.whep(), http) for _ in range(JOINERS)]
-    try:
-        with EncodedFrames(relay.relay.streams["cam0"]) as encoded:
-            await asyncio.gather(*(v.connect() for v in viewers))
-            reads = await asyncio.gather(*(v.read_frames(FRAMES) for v in viewers))
-            return viewers, reads, encoded.keyframes, encoded.clocks
-    finally:
-        await asyncio.gather(*(v.close() for v in viewers))
-
-
 @pytest.mark.relay_config(keyframe_interval=60.0)  # no regular keyframe during the test: every one is forced
 async def test_viewers_joining_at_once_all_decode_from_keyframes_forced_at_most_one_a_window(
     relay_server: RunningRelay, http, caplog
 ):
     caplog.set_level(logging.INFO, logger="relay.hub")
-    viewers, reads, keyframes, clocks = await _join_together(relay_server, http)
+    stream = relay_server.relay.streams["cam0"]
+    viewers = [WhepViewer(relay_server.whep(), http) for _ in range(JOINERS)]
+    try:
+        with EncodedFrames(stream) as encoded:
+            await asyncio.gather(*(v.connect() for v in viewers))
+            reads = await asyncio.gather(*(v.read_frames(FRAMES) for v in viewers))
+            keyframes, clocks = encoded.keyframes, encoded.clocks
+    finally:
+        await asyncio.gather(*(v.close() for v in viewers))
     joins = [(r.created, m[1], m[2]) for r in caplog.records if (m := JOINED.search(r.getMessage()))]
     assert len(joins) == JOINERS + 1, joins  # the viewers and the test's tap, each once
     for samples in reads:
@@ -221,69 +215,3 @@ async def test_offers_gather_at_once_while_a_stun_server_keeps_them_waiting(http
         finally:
             await asyncio.gather(*(v.close() for v in viewers))
             await runner.cleanup()
-
-
-async def _take_turns(turns: AnswerTurns, count: int) -> tuple[list[asyncio.Task], list[int], list[asyncio.Event]]:
-    """``count`` offers taking their turn in this order, each holding it until its event is set; the order they
-    began their answers in."""
-    began: list[int] = []
-    done = [asyncio.Event() for _ in range(count)]
-
-    async def offer(i: int) -> None:
-        async with turns.turn():
-            began.append(i)
-            await done[i].wait()
-
-    tasks = []
-    for i in range(count):
-        tasks.append(asyncio.create_task(offer(i)))
-        await asyncio.sleep(0)  # each comes after the one before
-    return tasks, began, done
-
-
-async def test_offers_that_come_together_are_answered_one_at_a_time_in_the_order_they_came():
-    turns = AnswerTurns(turn=None, queue=None)  # however long an answer takes
-    tasks, began, done = await _take_turns(turns, 5)
-    for i in range(5):
-        while len(began) < i + 1:
-            await asyncio.sleep(0)
-        for _ in range(10):  # the next ones get passes of the loop, and wait
-            await asyncio.sleep(0)
-        assert began == list(range(i + 1))
-        done[i].set()
-    await asyncio.gather(*tasks)
-    assert (turns.queued, turns.overlapped, turns.most_at_once, turns.answering) == (4, 0, 1, 0)
-
-
-@pytest.mark.parametrize("turn, queue", [(0.0, None), (None, 0.0)])
-async def test_an_offer_goes_ahead_alongside_an_answer_that_takes_too_long(turn, queue):
-    """A loaded machine's loop answers slowly: offers waiting in a row would add up to seconds."""
-    turns = AnswerTurns(turn=turn, queue=queue)
-    tasks, began, done = await _take_turns(turns, 3)
-    async with asyncio.timeout(30):
-        while len(began) < 3:  # none of them done
-            await asyncio.sleep(0.001)
-    assert (turns.queued, turns.overlapped, turns.most_at_once) == (2, 2, 3)
-    for event in done:
-        event.set()
-    await asyncio.gather(*tasks)
-
-
-async def test_an_offer_whose_client_leaves_while_it_waits_holds_up_none_after_it():
-    turns = AnswerTurns(turn=None, queue=None)
-    tasks, began, done = await _take_turns(turns, 3)
-    tasks[1].cancel()  # waiting behind the first
-    done[0].set()
-    done[2].set()
-    async with asyncio.timeout(30):
-        await tasks[2]
-    assert began == [0, 2] and tasks[1].cancelled()
-
-
-async def test_viewers_answered_one_at_a_time_all_connect_and_decode(relay_server: RunningRelay, http):
-    """Each answered in turn (however slowly: no offer goes ahead alongside), those answered first connecting
-    while the next are answered: every one connects and decodes the relay's frames."""
-    turns = relay_server.relay.sessions.turns = AnswerTurns(turn=None, queue=None)
-    _, reads, _, clocks = await _join_together(relay_server, http)
-    assert turns.most_at_once == 1 and turns.overlapped == 0
-    assert all(len(r) == FRAMES and {capture_ms(s) for s in r} <= set(clocks) for r in reads)

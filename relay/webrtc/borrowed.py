@@ -198,9 +198,9 @@ LAZY_BITRATE_ESTIMATOR = Patch(aiortc.rtcrtpreceiver, "RemoteBitrateEstimator", 
 
 # An answer's awaits: aiortc gathers its ICE transports' candidates, and adds each transport's remote candidates,
 # through asyncio.gather, which takes passes of the event loop however little is awaited: 14 passes an answer,
-# and offers answered one at a time (relay.webrtc.sessions.AnswerTurns) each wait for all of another's. One
-# transport (an answer's, bundled) is gathered, and candidates with IP addresses (the relay drops an offer's mDNS
-# ones) are added, awaited in turn: 8 passes. Anything else as aiortc does it.
+# and offers that come together progress a step each per pass (docs/benchmarks.md, "Offers answered in turn").
+# One transport (an answer's, bundled) is gathered, and candidates with IP addresses (the relay drops an offer's
+# mDNS ones) are added, awaited in turn: 8 passes. Anything else as aiortc does it.
 
 
 async def _gather_in_turn(pc: aiortc.RTCPeerConnection) -> None:

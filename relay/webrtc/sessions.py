@@ -41,18 +41,6 @@ CONNECT_TIMEOUT = 15.0
 # while still sending its reports.
 VIEWER_SILENCE = 10.0  # seconds without a datagram from a connected viewer
 LIVENESS_CHECK = 2.0  # seconds between looks
-# Offers are answered one at a time, in the order they came, while answers are quick (``AnswerTurns``). An answer
-# awaits aiortc about fourteen times (its socket bound, the remote candidates added), each a pass of the event
-# loop; thirty offers answered side by side progress in lockstep, a step each per pass, and every one is answered
-# only when all are, then all do ICE and DTLS at once (docs/benchmarks.md, "Thirty viewers joining at once"). One
-# at a time, the first is answered in a few ms and connects while the next are answered. But a pass of a loaded
-# machine's loop can take tens of ms, and thirty answers in a row then take seconds (a plain lock, tried: 3 to 12 s
-# at load 12, against 1.5 to 3 s side by side): an offer waits for the answer before it at most ANSWER_TURN once
-# that one has begun, and ANSWER_QUEUE in all, then is answered alongside.
-ANSWER_TURN = 0.02  # seconds: a quick answer takes 2-3 ms of the loop; one past this, the loop is slow
-ANSWER_QUEUE = (
-    0.25  # seconds: at most this is added to an offer's answer by the ones before it (30 quick ones: ~0.1-0.15 s)
-)
 
 
 @contextlib.contextmanager
@@ -76,52 +64,6 @@ def process_patches(ice_addresses: tuple[str, ...] = (), batch: bool = True):
         if batch:
             held.callback(udpbatch.PATCH.hold())
         yield
-
-
-class AnswerTurns:
-    """Offers answered one at a time, in the order they came (``turn()``, held while one is answered), while
-    answers are quick: an offer waits for the one before it to begin, then for its answer at most ``turn``
-    seconds, and at most ``queue`` seconds in all (None: no limit); past either it goes ahead alongside. Counted:
-    ``queued`` (offers that waited for another's answer), ``overlapped`` (those that went ahead before it was
-    done), ``most_at_once`` (the most answered at the same time)."""
-
-    def __init__(self, turn: float | None = ANSWER_TURN, queue: float | None = ANSWER_QUEUE) -> None:
-        self.turn_wait = turn
-        self.queue_wait = queue
-        self.queued = 0
-        self.overlapped = 0
-        self.answering = 0  # offers being answered now
-        self.most_at_once = 0
-        self._last: tuple[asyncio.Future[None], asyncio.Future[None]] | None = None  # the latest: begun, done
-
-    @contextlib.asynccontextmanager
-    async def turn(self):
-        loop = asyncio.get_running_loop()
-        mine = (loop.create_future(), loop.create_future())
-        before, self._last = self._last, mine
-        try:
-            if before is not None and not before[1].done():
-                self.queued += 1
-                try:
-                    async with asyncio.timeout(self.queue_wait):
-                        await asyncio.shield(before[0])
-                        async with asyncio.timeout(self.turn_wait):
-                            await asyncio.shield(before[1])
-                except TimeoutError:
-                    self.overlapped += 1
-            mine[0].set_result(None)
-            self.answering += 1
-            self.most_at_once = max(self.most_at_once, self.answering)
-            try:
-                yield
-            finally:
-                self.answering -= 1
-        finally:
-            for future in mine:
-                if not future.done():
-                    future.set_result(None)
-            if self._last is mine:
-                self._last = None
 
 
 class OfferRejected(Exception):
@@ -196,10 +138,8 @@ class ViewerSessions(SessionCounts):
         batch: bool = True,
         playout_delay: tuple[int, int] | None = None,
         on_change: Callable[[ViewerSession, str, str], None] | None = None,
-        turns: AnswerTurns | None = None,
     ) -> None:
         self._hub_for = hub_for
-        self.turns = turns or AnswerTurns()  # offers answered one at a time while answers are quick
         # Told (session, "connected" or "closed", why) as a session connects and as it ends (a fan-out shard tells
         # the relay, relay.webrtc.shard).
         self._on_change = on_change
@@ -250,8 +190,7 @@ class ViewerSessions(SessionCounts):
         session = ViewerSession(session_id, stream, remote, pc, track)
         self._creating.add(session)
         try:
-            async with self.turns.turn():
-                answer = await self._set_up(session, offer_sdp, hub, audio)
+            answer = await self._set_up(session, offer_sdp, hub, audio)
         finally:
             self._creating.discard(session)
         self._sessions[session_id] = session
