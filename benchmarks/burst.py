@@ -22,7 +22,7 @@ per second of that window; how late its event loop ran a 5 ms timer before and d
 (``benchmarks/looplag``, put on its PYTHONPATH); its CPU time. For the watchers: their latency before the burst
 (their usual) against while the others joined (from the first POST to the last joiner's first picture), and how many
 of their frames came more than two frame intervals later than their usual median. Results go to stdout, and with
-``--out`` to ``<out>.json``."""
+``--out`` to ``<out>.json`` (with ``--raw``, each joiner's steps too: where a burst's time went, joiner by joiner)."""
 
 from __future__ import annotations
 
