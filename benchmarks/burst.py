@@ -22,7 +22,7 @@ per second of that window; how late its event loop ran a 5 ms timer before and d
 (``benchmarks/looplag``, put on its PYTHONPATH); its CPU time. For the watchers: their latency before the burst
 (their usual) against while the others joined (from the first POST to the last joiner's first picture), and how many
 of their frames came more than two frame intervals later than their usual median. Results go to stdout, and with
-``--out`` to ``<out>.json``."""
+``--out`` to ``<out>.json`` (with ``--raw``, each joiner's steps too: where a burst's time went, joiner by joiner)."""
 
 from __future__ import annotations
 
@@ -513,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--relay-dir", default="", help="run the relay from this checkout (default: this one)")
     ap.add_argument("--out", help="write <out>.json")
+    ap.add_argument("--raw", action="store_true", help="<out>.json also has each joiner's steps (ms from its offer)")
     add_stream_options(ap)
     args = ap.parse_args(argv)
     args.ice_addresses = args.ice_addresses.split(",")
@@ -523,8 +524,9 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.repeats):
             if i:
                 time.sleep(args.settle)
-            summary = summarise(run_repeat(args, relay, ctx), args.joiners)
-            repeats.append(summary)
+            repeat = run_repeat(args, relay, ctx)
+            summary = summarise(repeat, args.joiners)
+            repeats.append({**summary, "joiners": repeat.joiners} if args.raw else summary)
             print(json.dumps(summary), flush=True)
     finally:
         stop_processes(relay.proc)

@@ -2,8 +2,10 @@
 moves them fails here by name instead of silently encoding per viewer or
 ignoring PLI."""
 
+import asyncio
+
 import pytest
-from aiortc import RTCPeerConnection, RTCRtpSender
+from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription
 from aiortc.rtcrtpsender import RTCRtpSender as SenderClass
 
 from relay.hub import EncodedFrame, PacketHub
@@ -309,3 +311,59 @@ async def test_a_send_before_dtls_is_up_is_a_connection_error_naming_it():
             borrowed.dtls_socket(dtls)
     finally:
         await pc.close()
+
+
+async def _answer_tasks(offer_with: list[str]) -> tuple[int, list[str]]:
+    """How many asyncio tasks an aiortc peer makes to answer an offer whose candidates are ``offer_with`` (its
+    remote description set, its answer made and set: each task a pass of the event loop, or two, to start and
+    finish), and the remote candidates its ICE connection then has."""
+    offerer, answerer = RTCPeerConnection(), RTCPeerConnection()
+    loop = asyncio.get_running_loop()
+    factory = loop.get_task_factory()
+    try:
+        offerer.addTransceiver("video", direction="recvonly")
+        await offerer.setLocalDescription(await offerer.createOffer())
+        lines = [line for line in offerer.localDescription.sdp.splitlines() if not line.startswith("a=candidate:")]
+        at = next(i for i, line in enumerate(lines) if line.startswith("a=mid:"))
+        offer = "\r\n".join(lines[: at + 1] + offer_with + lines[at + 1 :]) + "\r\n"  # its candidates: these
+        answerer.addTransceiver("video", direction="sendonly")
+        tasks = [0]
+
+        def counted(loop, coro, **kwargs):
+            tasks[0] += 1
+            return asyncio.Task(coro, loop=loop, **kwargs)
+
+        loop.set_task_factory(counted)
+        await answerer.setRemoteDescription(RTCSessionDescription(sdp=offer, type="offer"))
+        await answerer.setLocalDescription(await answerer.createAnswer())
+        loop.set_task_factory(factory)
+        transport = answerer.getTransceivers()[0].receiver.transport.transport
+        return tasks[0], [f"{c.ip} {c.port}" for c in transport.getRemoteCandidates()]
+    finally:
+        loop.set_task_factory(factory)
+        await asyncio.gather(offerer.close(), answerer.close())
+
+
+async def test_an_answer_makes_fewer_tasks_with_its_gathering_and_candidates_in_turn():
+    """``borrowed.GATHER_IN_TURN`` and ``CANDIDATES_IN_TURN`` (held by every relay): the same answer, its remote
+    candidates the same and in the same order, with fewer tasks, so in fewer passes of the event loop (offers
+    answered one at a time each wait for another's passes). An aiortc that no longer gathers or adds candidates
+    where they hook in fails here: the counts come out equal."""
+    two = [
+        "a=candidate:1 1 udp 2130706431 127.0.0.1 40001 typ host",
+        "a=candidate:2 1 udp 2130706175 ::1 40002 typ host",
+    ]
+    loopback = borrowed.restrict_host_addresses(["127.0.0.1"])  # as a relay binds: no address looked up
+    try:
+        plain, plain_candidates = await _answer_tasks(two)
+        held = [borrowed.GATHER_IN_TURN.hold(), borrowed.CANDIDATES_IN_TURN.hold()]
+        try:
+            in_turn, in_turn_candidates = await _answer_tasks(two)
+        finally:
+            for release in held:
+                release()
+    finally:
+        loopback()
+    assert in_turn_candidates == plain_candidates == ["127.0.0.1 40001", "::1 40002"]
+    assert in_turn < plain, (in_turn, plain)
+    assert not borrowed.GATHER_IN_TURN.installed and not borrowed.CANDIDATES_IN_TURN.installed

@@ -157,11 +157,14 @@ def test_burst_benchmark_smoke(tmp_path):
     out = tmp_path / "burst"
     cmd = [sys.executable, "-m", "benchmarks.burst", "--joiners", "3", "--watchers", "1", "--repeats", "1",
            "--baseline", "1", "--hold", "1", "--size", "640x360", "--fps", "15", "--bitrate", "500k",
-           "--out", str(out)]  # fmt: skip
+           "--out", str(out), "--raw"]  # fmt: skip
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=110)
     assert result.returncode == 0, result.stderr[-3000:]
     (repeat,) = json.loads(out.with_suffix(".json").read_text())["repeats"]
     assert repeat["connected"] == "3/3" and repeat["errors"] == [], repeat
+    # --raw: each joiner's own steps, the relay's for it among them (its answer, its connection, its first frame)
+    assert len(repeat["joiners"]) == 3, repeat["joiners"]
+    assert all({"answered", "connected", "first_sent"} <= set(j["relay"]) for j in repeat["joiners"]), repeat
     assert repeat["first_picture_p50_ms"] is not None and repeat["first_age_max_ms"] is not None, repeat
     assert repeat["loop_lag_ms"]["before"]["samples"] > 0 and repeat["loop_lag_ms"]["during"]["samples"] > 0, repeat
     (watcher,) = repeat["watchers"]

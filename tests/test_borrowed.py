@@ -126,6 +126,8 @@ def _patched() -> dict[str, bool]:
         "ice watch": aioice.ice.StunProtocol.datagram_received is borrowed.WATCH_ICE.replacement,
         "batched sends": aioice.ice.StunProtocol.send_data is udpbatch.PATCH.replacement,
         "lazy estimator": aiortc.rtcrtpreceiver.RemoteBitrateEstimator is borrowed.LAZY_BITRATE_ESTIMATOR.replacement,
+        "gather in turn": borrowed.GATHER_IN_TURN.installed,
+        "candidates in turn": borrowed.CANDIDATES_IN_TURN.installed,
     }
 
 
@@ -164,7 +166,10 @@ async def test_with_batching_off_a_viewer_plays_and_nothing_is_batched():
     config = dataclasses.replace(config, webrtc=dataclasses.replace(config.webrtc, batch_sends=False))
     runner, running = await start_relay(config)
     try:
-        assert _patched() == {"host addresses": True, "ice watch": True, "batched sends": False, "lazy estimator": True}
+        assert _patched() == {
+            "host addresses": True, "ice watch": True, "batched sends": False, "lazy estimator": True,
+            "gather in turn": True, "candidates in turn": True,
+        }  # fmt: skip
         before = udpbatch.Batcher.flush
         flushes = 0
 

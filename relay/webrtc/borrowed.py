@@ -16,7 +16,8 @@ them here, so an upgrade that moves one breaks this module alone (and
   (``packetize``);
 - process-wide, one DTLS certificate, its fingerprints and OpenSSL context for every peer connection
   (``SHARED_CERTIFICATE``); a receiver's bandwidth estimator made only when video comes
-  (``LAZY_BITRATE_ESTIMATOR``);
+  (``LAZY_BITRATE_ESTIMATOR``); an answer's ICE gathering and remote candidates awaited in turn, not through
+  ``asyncio.gather`` (``GATHER_IN_TURN``, ``CANDIDATES_IN_TURN``: fewer passes of the event loop);
 - process-wide, on aioice's module and its socket protocol, each a ``Patch``
   held by whoever needs it and removed when the last holder lets go: the
   host addresses ICE gathers on (``restrict_host_addresses``), a watch on what
@@ -45,6 +46,7 @@ from typing import Any
 
 import aioice
 import aioice.ice
+import aioice.mdns
 import aiortc
 import aiortc.rate
 import aiortc.rtcpeerconnection
@@ -192,6 +194,33 @@ class _BitrateEstimatorOnFirstPacket:
 # aiortc's receivers made while held (every session's, the relay's WHIP publishers') make their bandwidth
 # estimator only if video comes.
 LAZY_BITRATE_ESTIMATOR = Patch(aiortc.rtcrtpreceiver, "RemoteBitrateEstimator", _BitrateEstimatorOnFirstPacket)
+
+
+# An answer's awaits: aiortc gathers its ICE transports' candidates, and adds each transport's remote candidates,
+# through asyncio.gather, which takes passes of the event loop however little is awaited: 14 passes an answer,
+# and offers that come together progress a step each per pass (docs/benchmarks.md, "Offers answered in turn").
+# One transport (an answer's, bundled) is gathered, and candidates with IP addresses (the relay drops an offer's
+# mDNS ones) are added, awaited in turn: 8 passes. Anything else as aiortc does it.
+
+
+async def _gather_in_turn(pc: aiortc.RTCPeerConnection) -> None:
+    transports = list(pc._RTCPeerConnection__iceTransports)  # type: ignore[attr-defined]
+    if len(transports) != 1:
+        return await GATHER_IN_TURN.original(pc)
+    await transports[0].iceGatherer.gather()
+
+
+async def _add_remote_candidates_in_turn(transport: aiortc.RTCIceTransport, media: Any) -> None:
+    if any(aioice.mdns.is_mdns_hostname(c.ip) for c in media.ice_candidates):
+        return await CANDIDATES_IN_TURN.original(transport, media)
+    for candidate in media.ice_candidates:
+        await transport.addRemoteCandidate(candidate)
+    if media.ice_candidates_complete:
+        await transport.addRemoteCandidate(None)
+
+
+GATHER_IN_TURN = Patch(aiortc.rtcpeerconnection.RTCPeerConnection, "_RTCPeerConnection__gather", _gather_in_turn)
+CANDIDATES_IN_TURN = Patch(aiortc.rtcpeerconnection, "add_remote_candidates", _add_remote_candidates_in_turn)
 
 
 _host_addresses: collections.Counter[str] = collections.Counter()  # every holder's, in the order first held

@@ -48,10 +48,10 @@ def process_patches(ice_addresses: tuple[str, ...] = (), batch: bool = True):
     """The process-wide patches of aioice and aiortc a relay needs, held while it runs
     (``relay.webrtc.borrowed.Patch``): host candidates only on ``ice_addresses`` (none: every interface), the
     watch on what each connection hears, the payload types an answer keeps from the offer (Chromium's 35-63
-    too), one DTLS certificate for every session, receivers' bandwidth estimators made only if video comes,
-    and (``batch``) aioice's own sends through the socket
-    batcher. Relays in one process share them: the addresses of all that name some, batching while any wants
-    it."""
+    too), one DTLS certificate for every session, receivers' bandwidth estimators made only if video comes, an
+    answer's gathering and remote candidates awaited in turn (fewer passes of the loop), and (``batch``) aioice's
+    own sends through the socket batcher. Relays in one process share them: the addresses of all that name some,
+    batching while any wants it."""
     with contextlib.ExitStack() as held:
         if ice_addresses:
             held.callback(borrowed.restrict_host_addresses(ice_addresses))
@@ -59,6 +59,8 @@ def process_patches(ice_addresses: tuple[str, ...] = (), batch: bool = True):
         held.callback(borrowed.OFFERED_PAYLOAD_TYPES.hold())
         held.callback(borrowed.SHARED_CERTIFICATE.hold())
         held.callback(borrowed.LAZY_BITRATE_ESTIMATOR.hold())
+        held.callback(borrowed.GATHER_IN_TURN.hold())
+        held.callback(borrowed.CANDIDATES_IN_TURN.hold())
         if batch:
             held.callback(udpbatch.PATCH.hold())
         yield
