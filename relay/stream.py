@@ -21,7 +21,6 @@ import asyncio
 import logging
 import math
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -36,7 +35,7 @@ from .logsafe import SECRET_FILTER, redact, url_passwords
 from .mjpeg import JpegFeed
 from .source import SourceSpec, shares_worker
 from .status import ConsumerStats, Metric, StreamStatus
-from .supervise import Child, Process
+from .supervise import Process, python_child
 
 log = logging.getLogger(__name__)
 
@@ -507,18 +506,14 @@ class Worker:
             stream.worker, stream.camera = self, camera
         names = [s.name for s in streams]
         self.name = f"stream={names[0]} worker" if len(names) == 1 else f"streams={','.join(names)} worker"
-        self._child = Child(
+        self._child = python_child(
             self.name,
-            [sys.executable, "-m", "relay.camera.worker"],
-            # In the environment, not argv: any local user can read argv (ps), and an RTSP camera's URL
-            # holds its password. /proc/<pid>/environ is readable by us only.
-            env={ipc.WORKER_CONFIG_ENV: ipc.configs_to_json([s.worker_config for s in streams])},
+            "relay.camera.worker",
+            (ipc.WORKER_CONFIG_ENV, ipc.configs_to_json([s.worker_config for s in streams])),
             started=self._started,
             run=self._run,
             ended=self._ended,
             retry=retry,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
             limit=PIPE_LIMIT,
         )
         self._open = 0  # its streams started and not closed

@@ -149,6 +149,35 @@ class Child:
         return code
 
 
+def python_child(
+    name: str,
+    module: str,
+    config: tuple[str, str],
+    *,
+    started: Callable[[Process], None],
+    run: Callable[[Process], Awaitable[None]],
+    ended: Callable[[int | None], Awaitable[None]],
+    retry: Retry | None,
+    limit: int,
+) -> Child:
+    """A camrelay process (``python -m module``: a camera worker, a fan-out shard) that speaks over its stdin and
+    stdout (``limit``: the longest line its stdout reader takes). ``config``, (variable, value), goes in its
+    environment, not its argv: any local user can read argv (ps), and a camera's URL holds its password;
+    /proc/<pid>/environ is readable by us only."""
+    return Child(
+        name,
+        [sys.executable, "-m", module],
+        env=dict([config]),
+        started=started,
+        run=run,
+        ended=ended,
+        retry=retry,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        limit=limit,
+    )
+
+
 async def _exited(proc: Process) -> bool:
     try:
         await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)

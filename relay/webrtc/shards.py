@@ -33,7 +33,6 @@ import math
 import os
 import re
 import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from ..config import IceServer, WebRTCConfig
 from ..hub import EncodedFrame, HubClosed, PacketHub, Subscription
 from ..ipc import ProtocolError
 from ..logsafe import SECRET_FILTER, Throttled, redact
-from ..supervise import Child, Process
+from ..supervise import Process, python_child
 from .sessions import OfferRejected, SessionCounts, StreamViewers
 
 log = logging.getLogger(__name__)
@@ -187,16 +186,14 @@ class ShardProcess:
     def __init__(self, pool: ShardedSessions, index: int, config: shardipc.ShardConfig, retry: Retry | None) -> None:
         self.pool = pool
         self.index = index
-        self.child = Child(
+        self.child = python_child(
             f"shard={index}",
-            [sys.executable, "-m", "relay.webrtc.shard"],
-            env={shardipc.SHARD_CONFIG_ENV: config.to_bytes().decode()},  # not argv: what any user can read (ps)
+            "relay.webrtc.shard",
+            (shardipc.SHARD_CONFIG_ENV, config.to_bytes().decode()),
             started=self._started,
             run=self._run,
             ended=self._ended,
             retry=retry,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
             limit=PIPE_LIMIT,
         )
         self.up = False  # its process runs
