@@ -227,3 +227,30 @@ async def test_a_frames_run_leaves_at_once_after_what_its_socket_already_held():
     finally:
         tx.close()
         rx.close()
+
+
+async def test_a_frames_run_that_fails_to_be_written_is_reported_not_raised_into_the_sender(monkeypatch):
+    """A write that fails in a way the batcher does not expect is reported as the pass's flush reports one (the
+    loop's exception handler), never raised into the viewer's sender, whose send loop it would end for good."""
+    from relay.webrtc import udpbatch
+    from relay.webrtc.udpbatch import send_run_at_once
+
+    loop = asyncio.get_running_loop()
+    reported = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    tx, protocol = await loop.create_datagram_endpoint(_Sending, local_addr=("127.0.0.1", 0))
+
+    def broken(self, *args):
+        raise RuntimeError("the socket went away underneath")
+
+    monkeypatch.setattr(udpbatch.Batcher, "_write", broken)
+    try:
+        send_run_at_once(protocol, b"a" * 100, 100, ("127.0.0.1", 9))  # returns: nothing raised
+        send_run_at_once(protocol, b"b" * 100, 100, ("127.0.0.1", 9))  # and the next frame is tried, and reported
+    finally:
+        tx.close()
+        loop.set_exception_handler(previous)
+    assert [(c["message"], str(c["exception"])) for c in reported] == [
+        ("udp batch flush failed", "the socket went away underneath")
+    ] * 2

@@ -140,11 +140,16 @@ class Batcher:
     def write_run(self, data: bytes, segment: int, addr: tuple) -> None:
         """A run of datagrams of ``segment`` bytes (the last may be shorter) joined in ``data``, written now:
         after what the batcher holds (never reordered), else straight to the socket."""
-        if self.pending or self.transport.is_closing():
-            self.pending.append((data, addr, segment))  # still enlisted for the pass: a no-op there then
-            self.flush()
-            return
-        self._write(self.transport.get_extra_info("socket"), data, segment, -(-len(data) // segment), addr)
+        # A failure is reported as the pass's flush reports one (``_flush_pass``), never raised into the sender:
+        # its send loop would end, and the viewer's video with it.
+        try:
+            if self.pending or self.transport.is_closing():
+                self.pending.append((data, addr, segment))  # still enlisted for the pass: a no-op there then
+                self.flush()
+                return
+            self._write(self.transport.get_extra_info("socket"), data, segment, -(-len(data) // segment), addr)
+        except Exception as exc:
+            asyncio.get_running_loop().call_exception_handler({"message": "udp batch flush failed", "exception": exc})
 
     def _write(self, raw, data: bytes, segment: int, count: int, addr: tuple) -> None:
         """One GSO run of ``count`` datagrams to ``addr``: one segmented write where it can, else one at a time."""
