@@ -104,8 +104,10 @@ class VideoConfig:
     # further behind it skips whole GOPs (relay.lag).
     max_lag: float = DEFAULT_MAX_LAG
     # RTSP cameras (over TCP, not transcoded) that share one worker process: each its own threads and its own
-    # stall watch, one interpreter's fixed cost for all (docs/benchmarks.md, "Many cameras"). 1: a process each.
-    cameras_per_worker: int = 8
+    # stall watch, one interpreter's fixed cost for all (docs/benchmarks.md, "Many cameras"). 1: a process each,
+    # the default until a shared worker watches each camera's output as the relay watches a process's (below it
+    # misses one camera that stops sending while the others send: docs/architecture.md, "Cameras sharing a worker").
+    cameras_per_worker: int = 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -152,6 +152,7 @@ def make_config(
     allowed_hosts: tuple[str, ...] = (),
     playout_delay: tuple[int, int] | None | str = "default",
     shards: int = 1,
+    cameras_per_worker: int = 1,
 ) -> Config:
     return Config(
         streams=streams or (StreamConfig("cam0", SourceSpec("test", "")),),
@@ -163,6 +164,7 @@ def make_config(
             keyframe_interval=keyframe_interval,
             encoder="libx264",
             join=join,
+            cameras_per_worker=cameras_per_worker,
         ),
         http=HttpConfig(host="127.0.0.1", port=free_port(), cors_origins=cors_origins, allowed_hosts=allowed_hosts),
         webrtc=WebRTCConfig(

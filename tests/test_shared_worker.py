@@ -33,15 +33,17 @@ from .test_passthrough_out import DEADLINE, until
 from .test_rtsp import rtsp_url, wait_published
 
 FPS = 30
+SHARING = 8  # cameras a worker process, as a user who opts into sharing would set it (the default is 1)
 STEP = 90_000 // FPS  # a frame's step of the 90 kHz clock
 FRAMES = 2 * FPS  # frames each reader checks
 
 
 @contextlib.asynccontextmanager
-async def relay_of(cameras, **config):
-    """A relay passing every camera through, a stream named after each."""
+async def relay_of(cameras, cameras_per_worker: int = SHARING, **config):
+    """A relay passing every camera through, a stream named after each, its RTSP cameras sharing workers."""
     streams = tuple(StreamConfig(c.path, parse_source_spec(c.url + "#mode=passthrough")) for c in cameras)
-    runner, relay = await start_relay(make_config(streams, fps=FPS, **config), wait=False)
+    config = make_config(streams, fps=FPS, cameras_per_worker=cameras_per_worker, **config)
+    runner, relay = await start_relay(config, wait=False)
     try:
         for camera in cameras:
             stream = relay.relay.streams[camera.path]
