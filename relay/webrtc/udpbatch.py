@@ -149,7 +149,7 @@ class Batcher:
                 return
             self._write(self.transport.get_extra_info("socket"), data, segment, -(-len(data) // segment), addr)
         except Exception as exc:
-            asyncio.get_running_loop().call_exception_handler({"message": "udp batch flush failed", "exception": exc})
+            _report(asyncio.get_running_loop(), exc)
 
     def _write(self, raw, data: bytes, segment: int, count: int, addr: tuple) -> None:
         """One GSO run of ``count`` datagrams to ``addr``: one segmented write where it can, else one at a time."""
@@ -217,7 +217,13 @@ def _flush_pass(loop: asyncio.AbstractEventLoop, batchers: list[Batcher]) -> Non
         try:
             batcher.flush()
         except Exception as exc:
-            loop.call_exception_handler({"message": "udp batch flush failed", "exception": exc})
+            _report(loop, exc)
+
+
+def _report(loop: asyncio.AbstractEventLoop, exc: Exception) -> None:
+    """A batcher's write that failed, reported as a callback's failure would be (one place: the pass's flush and a
+    frame written at once say it alike)."""
+    loop.call_exception_handler({"message": "udp batch flush failed", "exception": exc})
 
 
 def _groups(batch: list[tuple[bytes, tuple, int]]) -> list[tuple[bytes, int, int, tuple]]:
