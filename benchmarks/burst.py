@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -44,6 +45,7 @@ from benchmarks.load import CAMRELAY_LOAD_ENV, camrelay_command, stop_processes
 from benchmarks.markerprobe import answer_payload_type, run_marker_probe
 from benchmarks.options import add_stream_options, run_facts
 from benchmarks.peers import PEERS_PER_WORKER, percentile
+from benchmarks.pinning import Split, add_core_options, pin_tree, split_or_exit, thread_on
 from benchmarks.ports import free_port
 
 LOOP_LAG_PROBE = Path(__file__).resolve().parent / "looplag"  # on the relay's PYTHONPATH
@@ -53,6 +55,21 @@ START_TIMEOUT = 30.0  # seconds for the relay to encode its first frame
 READY_TIMEOUT = 60.0  # seconds for the watchers to have their first picture
 LEAD = 1.0  # seconds between telling the joiners' workers when to start and that instant: all are waiting by then
 POLL = 0.005  # seconds between a joiner's looks for its first picture
+PROFILE_SECONDS = 2.0  # --profile: py-spy records this long from just before the offers (a burst's first picture)
+PROFILE_RATE = 250  # samples a second (py-spy's default 100 sees too few of a 2 ms answer)
+PROFILE_EARLY = 0.2  # seconds before the offers it starts: py-spy's own attach is done by then
+# A joiner's time from its POST, phase by phase (``phases``): each phase ends at the step named, measured from the
+# end of the one before (joiner's steps and the relay's, on one wall clock: one machine).
+PHASES = (
+    ("answer", "answered"),  # POST to the answer in the joiner's hands (the relay's answer and the HTTP round trip)
+    ("ice", "ice"),  # to its ICE completed (the relay's checks, its answers to them)
+    ("dtls", "connected"),  # to its DTLS connected (the joiner is the DTLS server: done before the relay)
+    ("relay_connected", "relay.connected"),  # the relay's DTLS done (its client Finished answered) and SRTP up
+    ("first_sent", "relay.first_sent"),  # subscribed to the hub, the keyframe taken, its first datagrams written
+    ("first_packet", "first_packet"),  # the joiner's first RTP packet decrypted
+    ("keyframe", "keyframe"),  # its first keyframe whole (the marker bit)
+    ("decoded", "first_picture"),  # decoded
+)
 
 
 @dataclass
@@ -299,7 +316,22 @@ class Relay:
             return json.load(r)["streams"][0]
 
 
-def start_relay(args: argparse.Namespace) -> Relay:
+def start_relay(args: argparse.Namespace, split: Split | None = None) -> Relay:
+    """The relay, started on ``split.system``'s cores when pinned (its camera worker on the generator's with
+    ``--source-apart``)."""
+    with thread_on(split.system) if split else contextlib.nullcontext():
+        relay = _start_relay(args)
+    if split:
+        import psutil
+
+        main = psutil.Process(relay.proc.pid)
+        placed = pin_tree([main], split.system)
+        placed += pin_tree(main.children(recursive=True), split.generator if args.source_apart else split.system)
+        print(f"pinned: {json.dumps(placed)}", flush=True)
+    return relay
+
+
+def _start_relay(args: argparse.Namespace) -> Relay:
     port = free_port()
     cmd = camrelay_command(args.size, args.fps, args.bitrate, port)  # ICE on 127.0.0.1
     cmd += [arg for address in args.ice_addresses[1:] for arg in ("--ice-address", address)]
@@ -374,6 +406,7 @@ def run_repeat(args: argparse.Namespace, relay: Relay, ctx) -> Repeat:
     relay_cpu = relay.cpu_seconds()
     at.value = time.time() + LEAD
     print(f"joiners offer at {at.value:.3f} (relay pid {relay.proc.pid})", flush=True)  # e.g. to profile it then
+    profilers = start_profiles(args, relay, workers, at.value)
     out = Repeat()
     for _ in workers:
         joiners_of_worker, cpu = joined.get(timeout=args.give_up + args.hold + 60)
@@ -390,6 +423,10 @@ def run_repeat(args: argparse.Namespace, relay: Relay, ctx) -> Repeat:
     out.fanout_ms = relay.stream()["fanout_delay_ms"]
     for p in workers:
         p.join(10)
+    for profiler in profilers:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            profiler.wait(PROFILE_SECONDS + 10)
+        stop_processes(profiler)
     time.sleep(1.5)  # the probe's file is written every second
     out.loop_lag_ms = {"before": relay.loop_lag(posted - args.baseline, posted), "during": relay.loop_lag(posted, end)}
     trace, keyframes = relay.join_trace()
@@ -409,6 +446,54 @@ def run_repeat(args: argparse.Namespace, relay: Relay, ctx) -> Repeat:
         out.watchers.append(split_watcher(reading, posted, end, fps))
     for p in watchers:
         p.join(10)
+    return out
+
+
+def start_profiles(args: argparse.Namespace, relay: Relay, workers: list, at: float) -> list[subprocess.Popen]:
+    """With ``--profile PREFIX``: py-spy recording the relay and the first joiners' worker process for
+    ``PROFILE_SECONDS`` from just before the offers at ``at`` (wall clock), each to ``PREFIX-<who>-<n>.txt`` (its
+    raw, collapsed stacks: ``sort -k2 -n``-able, flamegraph.pl-able). Non-blocking: the process is never paused."""
+    if not args.profile:
+        return []
+    time.sleep(max(0.0, at - PROFILE_EARLY - time.time()))
+    args.profiled = getattr(args, "profiled", 0) + 1
+    spy = str(Path(sys.executable).with_name("py-spy"))
+    return [
+        subprocess.Popen(
+            [
+                spy,
+                "record",
+                "--pid",
+                str(pid),
+                "--rate",
+                str(PROFILE_RATE),
+                "--duration",
+                f"{PROFILE_SECONDS:g}",
+                "--format",
+                "raw",
+                "--nonblocking",
+                "--idle",
+                "-o",
+                f"{args.profile}-{who}-{args.profiled}.txt",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        for who, pid in (("relay", relay.proc.pid), ("joiners", workers[0].pid))
+    ]
+
+
+def phases(joiner: dict) -> dict[str, float | None]:
+    """A joiner's time from its POST, phase by phase (``PHASES``; ms; None where a step is missing: the next
+    phase then counts from the last step seen; negative where a step came before the one listed before it)."""
+    offered = joiner.get("offered_ms")
+    out: dict[str, float | None] = {}
+    last = offered
+    for phase, step in PHASES:
+        where, _, key = step.rpartition(".")
+        t = (joiner.get("relay", {}) if where else joiner).get(key if where else key + "_ms")
+        out[phase] = None if t is None or last is None else _r(t - last)
+        last = t if t is not None else last
     return out
 
 
@@ -447,6 +532,14 @@ def _r(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
 
+def _at_percentile(joiners: list[dict], p: float) -> dict:
+    """The joiner whose time from POST to its first picture is at percentile ``p`` (nearest rank)."""
+    ranked = sorted(
+        (j for j in joiners if j["offered_ms"] is not None), key=lambda j: j["first_picture_ms"] - j["offered_ms"]
+    )
+    return ranked[min(len(ranked) - 1, max(0, round(p / 100 * len(ranked)) - 1))] if ranked else {}
+
+
 def summarise(repeat: Repeat, joiners: int) -> dict:
     ok = [j for j in repeat.joiners if not j["error"] and j["first_picture_ms"] is not None]
     firsts = [j["first_picture_ms"] for j in ok]
@@ -479,6 +572,11 @@ def summarise(repeat: Repeat, joiners: int) -> dict:
             _r(percentile(from_post, 95)),
             _r(max(from_post, default=None)),
         ],
+        # Where the time of the joiner at p95 (from POST) went, and each phase's median over all joiners.
+        "phases_p95_joiner_ms": phases(_at_percentile(ok, 95)) if ok else {},
+        "phases_p50_ms": {
+            phase: _r(percentile([p for j in ok if (p := phases(j)[phase]) is not None], 50)) for phase, _ in PHASES
+        },
         "first_picture_p50_ms": _r(percentile(firsts, 50)),
         "first_picture_p95_ms": _r(percentile(firsts, 95)),
         "first_picture_max_ms": _r(max(firsts, default=None)),
@@ -514,11 +612,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--relay-dir", default="", help="run the relay from this checkout (default: this one)")
     ap.add_argument("--out", help="write <out>.json")
     ap.add_argument("--raw", action="store_true", help="<out>.json also has each joiner's steps (ms from its offer)")
+    ap.add_argument(
+        "--profile", metavar="PREFIX",
+        help="py-spy the relay and the first joiners' worker over each burst (PREFIX-relay-<n>.txt,"
+        " PREFIX-joiners-<n>.txt: raw stacks)",
+    )  # fmt: skip
+    pin = ap.add_argument_group("pinned (--pin): is the probe the bottleneck?")
+    pin.add_argument(
+        "--pin", action="store_true", help="the relay on the system's cores; joiners, watchers and this on the others"
+    )
+    add_core_options(pin)
+    pin.add_argument(
+        "--source-apart", action="store_true",
+        help="the relay's camera worker (its encoder) on the generator's cores: the system's do WebRTC alone",
+    )  # fmt: skip
     add_stream_options(ap)
     args = ap.parse_args(argv)
     args.ice_addresses = args.ice_addresses.split(",")
+    split = None
+    if args.pin:
+        split = split_or_exit(ap, args)
+        os.sched_setaffinity(0, split.generator)  # this process, and the joiners and watchers it spawns
+    elif args.source_apart or args.system_cores or args.generator_cores:
+        ap.error("--source-apart, --system-cores and --generator-cores go with --pin")
     ctx = mp.get_context("spawn")
-    relay = start_relay(args)
+    relay = start_relay(args, split)
     repeats = []
     try:
         for i in range(args.repeats):

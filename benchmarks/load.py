@@ -64,7 +64,7 @@ import psutil
 from benchmarks import capacity
 from benchmarks.options import add_stream_options, benchmark_parser, run_facts
 from benchmarks.peers import PEERS_PER_WORKER, PeerPlan, percentile, run_worker
-from benchmarks.pinning import Split, pin_tree, split_cores, thread_on
+from benchmarks.pinning import Split, add_core_options, pin_tree, split_or_exit, thread_on
 from benchmarks.ports import free_port
 from benchmarks.resources import cpu_of, process_tree, rss_sum, udp_drops
 
@@ -715,8 +715,7 @@ def main(argv: list[str] | None = None) -> int:
     pin.add_argument(
         "--audio", action="store_true", help="light peers offer audio too and count its packets (the test pattern's)"
     )
-    pin.add_argument("--system-cores", default="", metavar="CPUS", help="e.g. 0 or 0-1 (default: the first half)")
-    pin.add_argument("--generator-cores", default="", metavar="CPUS", help="e.g. 1 or 2-3 (default: the rest)")
+    add_core_options(pin)
     pin.add_argument("--search-start", type=int, default=capacity.START, metavar="N", help="first point after 1 viewer")
     pin.add_argument("--search-max", type=int, default=capacity.CEILING, metavar="N", help="the search goes no higher")
     pin.add_argument(
@@ -746,10 +745,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--systems: unknown system {n!r}; choose from {', '.join(SYSTEMS)}")
     split = None
     if args.pin:
-        try:
-            split = split_cores(args.system_cores, args.generator_cores)
-        except ValueError as exc:
-            ap.error(str(exc))
+        split = split_or_exit(ap, args)
         for what, n in (
             ("--search-start", args.search_start), ("--search-max", args.search_max),
             ("--search-points", args.search_points), ("--point-repeats", args.point_repeats),

@@ -11,6 +11,7 @@ thread that slipped by) and reads each back.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 from collections.abc import Iterator
@@ -63,6 +64,21 @@ def split_cores(system: str = "", generator: str = "", available: set[int] | Non
     if set(sys_cores) & set(gen_cores):
         raise ValueError(f"--system-cores and --generator-cores share {sorted(set(sys_cores) & set(gen_cores))}")
     return Split(sys_cores, gen_cores)
+
+
+def add_core_options(group: argparse._ArgumentGroup) -> None:
+    """``--system-cores`` and ``--generator-cores``, for a benchmark's ``--pin``."""
+    group.add_argument("--system-cores", default="", metavar="CPUS", help="e.g. 0 or 0-1 (default: the first half)")
+    group.add_argument("--generator-cores", default="", metavar="CPUS", help="e.g. 1 or 2-3 (default: the rest)")
+
+
+def split_or_exit(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Split:
+    """``split_cores`` of ``args``' core options; a usage error naming the option at fault otherwise."""
+    try:
+        return split_cores(args.system_cores, args.generator_cores)
+    except ValueError as exc:
+        ap.error(str(exc))
+        raise  # not reached: ap.error exits
 
 
 @contextlib.contextmanager
