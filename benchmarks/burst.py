@@ -97,6 +97,7 @@ class JoinPlan:
     give_up: float
     hold: float
     addresses: tuple[str, ...] = ("127.0.0.1",)  # the joiners' ICE host candidates
+    offer_early: bool = False  # offers made (ICE gathered) before the instant: only the POSTs go out together
 
 
 def join_worker(plan: JoinPlan, ready: mp.Queue, at, results: mp.Queue) -> None:
@@ -182,13 +183,14 @@ async def _joiners(plan: JoinPlan, ready: mp.Queue, at) -> tuple[list[dict], flo
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
             viewers = [WhepViewer(plan.url, http) for _ in range(plan.count)]
             joiners = [_Joiner() for _ in viewers]
+            offers = [await v.make_offer() for v in viewers] if plan.offer_early else [None] * len(viewers)
             ready.put("ready")
             while not at.value:
                 await asyncio.sleep(POLL)
             await asyncio.sleep(max(0.0, at.value - time.time()))
             cpu = time.process_time()
             results = await asyncio.gather(
-                *(_join(v, j, plan, by_transport) for v, j in zip(viewers, joiners, strict=True))
+                *(_join(v, j, o, plan, by_transport) for v, j, o in zip(viewers, joiners, offers, strict=True))
             )
             cpu = time.process_time() - cpu
             await asyncio.sleep(plan.hold)
@@ -201,7 +203,9 @@ async def _joiners(plan: JoinPlan, ready: mp.Queue, at) -> tuple[list[dict], flo
             undo()
 
 
-async def _join(viewer, joiner: _Joiner, plan: JoinPlan, by_transport: dict) -> JoinerResult:
+async def _join(viewer, joiner: _Joiner, offer: str | None, plan: JoinPlan, by_transport: dict) -> JoinerResult:
+    """One joiner, measured from just before it makes its offer (``offer`` None), or with its offer made already,
+    from just before its POST."""
     from relay.rtspin import H264Depacketizer
 
     r = JoinerResult(posted=time.time())
@@ -222,7 +226,10 @@ async def _join(viewer, joiner: _Joiner, plan: JoinPlan, by_transport: dict) -> 
 
     try:
         async with asyncio.timeout(plan.give_up):
-            await viewer.connect()  # adds its transceiver, then offers
+            if offer is None:
+                await viewer.connect()  # adds its transceiver, offers, POSTs
+            else:
+                await viewer.send_offer(offer)
             r.answered_ms = since()
             r.name = "webrtc-" + (viewer.location or "").rsplit("/", 1)[-1][:8]
             by_transport[viewer.pc.getTransceivers()[0].receiver.transport] = joiner
@@ -393,7 +400,7 @@ def run_repeat(args: argparse.Namespace, relay: Relay, ctx) -> Repeat:
     joined, joiners_ready, at, workers = ctx.Queue(), ctx.Queue(), ctx.Value("d", 0.0), []
     for first in range(0, joiners, args.per_worker):
         count = min(args.per_worker, joiners - first)
-        plan = JoinPlan(relay.whep, count, args.give_up, args.hold, tuple(args.ice_addresses))
+        plan = JoinPlan(relay.whep, count, args.give_up, args.hold, tuple(args.ice_addresses), args.offer_early)
         workers.append(ctx.Process(target=join_worker, args=(plan, joiners_ready, at, joined), daemon=True))
     for p in workers:
         p.start()
@@ -616,6 +623,11 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", metavar="PREFIX",
         help="py-spy the relay and the first joiners' worker over each burst (PREFIX-relay-<n>.txt,"
         " PREFIX-joiners-<n>.txt: raw stacks)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--offer-early", action="store_true",
+        help="each joiner makes its offer (ICE gathered) before the instant, as a browser does on its own machine:"
+        " the joiners' CPU for it is out of the burst; only the POSTs go out together",
     )  # fmt: skip
     pin = ap.add_argument_group("pinned (--pin): is the probe the bottleneck?")
     pin.add_argument(

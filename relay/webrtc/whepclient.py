@@ -131,6 +131,11 @@ class WhepViewer:
         self._audio_ready = asyncio.Event()
 
     async def connect(self) -> None:
+        """Offer (``make_offer``), POST it and apply the answer (``send_offer``)."""
+        await self.send_offer(await self.make_offer())
+
+    async def make_offer(self) -> str:
+        """The offer, made and applied (ICE gathered), as it will be POSTed: a browser's work before its POST."""
         self.pc.addTransceiver("video", direction="recvonly")
         if self.audio:
             self.pc.addTransceiver("audio", direction="recvonly")
@@ -150,7 +155,10 @@ class WhepViewer:
                 self.stats.connected_at = time.monotonic()
 
         await self.pc.setLocalDescription(await self.pc.createOffer())
-        offer = self.rewrite_sdp("offer", offer_high_profile(self.pc.localDescription.sdp))
+        return self.rewrite_sdp("offer", offer_high_profile(self.pc.localDescription.sdp))
+
+    async def send_offer(self, offer: str) -> None:
+        """POST ``offer`` (``make_offer``'s) and apply the relay's answer."""
         async with self.http.post(
             self.url, data=offer, headers={**self.headers, "Content-Type": "application/sdp"}
         ) as resp:
