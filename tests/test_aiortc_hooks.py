@@ -367,3 +367,50 @@ async def test_an_answer_makes_fewer_tasks_with_its_gathering_and_candidates_in_
     assert in_turn_candidates == plain_candidates == ["127.0.0.1 40001", "::1 40002"]
     assert in_turn < plain, (in_turn, plain)
     assert not borrowed.GATHER_IN_TURN.installed and not borrowed.CANDIDATES_IN_TURN.installed
+
+
+async def _connect_a_pair() -> list[str]:
+    """An aiortc offerer and answerer on loopback, the answer applied: the ICE states each went through once both
+    are connected (ICE, DTLS)."""
+    offerer, answerer = RTCPeerConnection(), RTCPeerConnection()
+    states: list[str] = []
+    both = asyncio.Event()
+
+    def seen(pc: RTCPeerConnection) -> None:
+        states.append(pc.iceConnectionState)
+        if offerer.connectionState == answerer.connectionState == "connected":
+            both.set()
+
+    try:
+        for pc in (offerer, answerer):
+            pc.on("connectionstatechange", lambda pc=pc: seen(pc))
+        offerer.addTransceiver("video", direction="recvonly")
+        await offerer.setLocalDescription(await offerer.createOffer())
+        await answerer.setRemoteDescription(offerer.localDescription)
+        await answerer.setLocalDescription(await answerer.createAnswer())
+        await offerer.setRemoteDescription(answerer.localDescription)
+        async with asyncio.timeout(20):  # a hang guard: connected in milliseconds when the hook works
+            await both.wait()
+        return states
+    finally:
+        await asyncio.gather(offerer.close(), answerer.close())
+
+
+async def test_ice_is_done_when_its_pair_is_nominated_not_after_aioices_pacing_wait(monkeypatch):
+    """``borrowed.PROMPT_ICE`` (held by every relay): aioice's ``connect`` waits its check pacing (20 ms) before it
+    looks at its check list, and aiortc starts DTLS only after; held, that wait ends when the check list is done.
+    Here the wait is a minute: both ends connect (ICE, then DTLS) at once, so it ended when their pair was
+    nominated. An aioice whose connect no longer sleeps through the module's asyncio, or no longer completes its
+    check list where the hook listens, hangs here for the minute and fails."""
+    monkeypatch.setattr(borrowed, "PACING_WAIT_FOR_TESTS", 60.0)
+    loopback = borrowed.restrict_host_addresses(["127.0.0.1"])
+    held = borrowed.PROMPT_ICE.hold()
+    try:
+        assert borrowed.PROMPT_ICE.installed
+        states = await _connect_a_pair()
+    finally:
+        held()
+        loopback()
+    assert "completed" in states
+    assert not borrowed.PROMPT_ICE.installed
+    assert await _connect_a_pair()  # released: aioice's own connect again

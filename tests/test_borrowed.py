@@ -128,6 +128,7 @@ def _patched() -> dict[str, bool]:
         "lazy estimator": aiortc.rtcrtpreceiver.RemoteBitrateEstimator is borrowed.LAZY_BITRATE_ESTIMATOR.replacement,
         "gather in turn": borrowed.GATHER_IN_TURN.installed,
         "candidates in turn": borrowed.CANDIDATES_IN_TURN.installed,
+        "prompt ice": borrowed.PROMPT_ICE.installed,
     }
 
 
@@ -168,7 +169,7 @@ async def test_with_batching_off_a_viewer_plays_and_nothing_is_batched():
     try:
         assert _patched() == {
             "host addresses": True, "ice watch": True, "batched sends": False, "lazy estimator": True,
-            "gather in turn": True, "candidates in turn": True,
+            "gather in turn": True, "candidates in turn": True, "prompt ice": True,
         }  # fmt: skip
         before = udpbatch.Batcher.flush
         flushes = 0

@@ -17,7 +17,8 @@ them here, so an upgrade that moves one breaks this module alone (and
 - process-wide, one DTLS certificate, its fingerprints and OpenSSL context for every peer connection
   (``SHARED_CERTIFICATE``); a receiver's bandwidth estimator made only when video comes
   (``LAZY_BITRATE_ESTIMATOR``); an answer's ICE gathering and remote candidates awaited in turn, not through
-  ``asyncio.gather`` (``GATHER_IN_TURN``, ``CANDIDATES_IN_TURN``: fewer passes of the event loop);
+  ``asyncio.gather`` (``GATHER_IN_TURN``, ``CANDIDATES_IN_TURN``: fewer passes of the event loop); an ICE
+  connection done as soon as its pair is nominated, not after aioice's 20 ms pacing wait (``PROMPT_ICE``);
 - process-wide, on aioice's module and its socket protocol, each a ``Patch``
   held by whoever needs it and removed when the last holder lets go: the
   host addresses ICE gathers on (``restrict_host_addresses``), a watch on what
@@ -36,7 +37,10 @@ others with a message naming both.
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
+import contextvars
 import datetime
 import re
 import time
@@ -49,6 +53,7 @@ import aioice.ice
 import aioice.mdns
 import aiortc
 import aiortc.rate
+import aiortc.rtcicetransport
 import aiortc.rtcpeerconnection
 import aiortc.rtcrtpreceiver
 import aiortc.rtp
@@ -221,6 +226,91 @@ async def _add_remote_candidates_in_turn(transport: aiortc.RTCIceTransport, medi
 
 GATHER_IN_TURN = Patch(aiortc.rtcpeerconnection.RTCPeerConnection, "_RTCPeerConnection__gather", _gather_in_turn)
 CANDIDATES_IN_TURN = Patch(aiortc.rtcpeerconnection, "add_remote_candidates", _add_remote_candidates_in_turn)
+
+
+# aioice's ``Connection.connect`` starts a check, then sleeps ``AIOICE_CHECK_PACING`` (RFC 8445's Ta, which paces
+# the start of the next check) before it looks whether the check list is done: every ICE connection takes at least
+# that long however soon its pair is nominated (on a LAN or loopback, a millisecond or two), and aiortc starts DTLS
+# only once it returns. The relay (ICE controlled, the DTLS client) sent its ClientHello 20 ms after its answer at
+# the earliest, and a browser waits for it; an aiortc viewer (benchmarks.burst's joiners) waits out its own 20 ms
+# too. Connections made while ``PROMPT_ICE`` is held end that wait as soon as their check list is done (completed or
+# failed); while it is not, the next check still starts ``AIOICE_CHECK_PACING`` after the last.
+AIOICE_CHECK_PACING = 0.02  # seconds: the sleep between checks in aioice's connect() (a literal there)
+# Tests only: a pacing wait this long (seconds) instead, to see it end when the check list is done. None: aioice's.
+PACING_WAIT_FOR_TESTS: float | None = None
+_ICE_CONNECTING: contextvars.ContextVar[Any] = contextvars.ContextVar("camrelay_ice_connecting", default=None)
+
+
+class _PromptConnection(aioice.Connection):
+    """aioice's connection whose pacing wait in ``connect`` ends when its check list is done (``_PacedAsyncio``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.camrelay_checks_done = asyncio.Event()
+
+    async def connect(self) -> None:
+        token = _ICE_CONNECTING.set(self)  # what the pacing sleep of this task's connect() waits on
+        try:
+            await super().connect()
+        finally:
+            _ICE_CONNECTING.reset(token)
+
+    def _check_list_maybe_complete(self) -> bool:
+        done = super()._check_list_maybe_complete()
+        if self._check_list_done:
+            self.camrelay_checks_done.set()
+        return done
+
+    def _check_list_maybe_fail(self) -> None:
+        super()._check_list_maybe_fail()
+        if self._check_list_done:
+            self.camrelay_checks_done.set()
+
+
+class _PacedAsyncio(types.ModuleType):
+    """``asyncio`` as aioice's ice module sees it: the same, but for the pacing sleep in a ``_PromptConnection``'s
+    ``connect``, which ends when that connection's check list is done (its other sleeps, consent's, are asyncio's)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+    @staticmethod
+    async def sleep(delay: float, result: Any = None) -> Any:
+        conn = _ICE_CONNECTING.get()
+        if conn is None or delay != AIOICE_CHECK_PACING or not isinstance(conn, _PromptConnection):
+            return await asyncio.sleep(delay, result)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay if PACING_WAIT_FOR_TESTS is None else PACING_WAIT_FOR_TESTS):
+                await conn.camrelay_checks_done.wait()
+        return result
+
+
+class _Patches:
+    """Several ``Patch``es held and released as one."""
+
+    def __init__(self, *patches: Patch) -> None:
+        self.patches = patches
+
+    @property
+    def installed(self) -> bool:
+        return all(p.installed for p in self.patches)
+
+    def hold(self) -> Callable[[], None]:
+        releases = [p.hold() for p in self.patches]
+
+        def release() -> None:
+            for undo in reversed(releases):
+                undo()
+
+        return release
+
+
+# aiortc's ICE transports made while held (the relay's sessions; benchmarks.burst's joiners) connect as soon as
+# their pair is nominated.
+PROMPT_ICE = _Patches(
+    Patch(aiortc.rtcicetransport, "Connection", _PromptConnection),
+    Patch(aioice.ice, "asyncio", _PacedAsyncio("asyncio")),
+)
 
 
 _host_addresses: collections.Counter[str] = collections.Counter()  # every holder's, in the order first held
