@@ -469,27 +469,14 @@ def start_profiles(args: argparse.Namespace, relay: Relay, workers: list, at: fl
     time.sleep(max(0.0, at - PROFILE_EARLY - time.time()))
     args.profiled = getattr(args, "profiled", 0) + 1
     spy = str(Path(sys.executable).with_name("py-spy"))
+    how = ["--rate", str(PROFILE_RATE), "--duration", f"{PROFILE_SECONDS:g}", "--format", "raw"]
+    how += ["--nonblocking", "--idle", "--threads"]  # never paused; the event loop's thread told apart, idle too
     return [
         subprocess.Popen(
-            [
-                spy,
-                "record",
-                "--pid",
-                str(pid),
-                "--rate",
-                str(PROFILE_RATE),
-                "--duration",
-                f"{PROFILE_SECONDS:g}",
-                "--format",
-                "raw",
-                "--nonblocking",
-                "--idle",
-                "-o",
-                f"{args.profile}-{who}-{args.profiled}.txt",
-            ],
+            [spy, "record", "--pid", str(pid), *how, "-o", f"{args.profile}-{who}-{args.profiled}.txt"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+        )
         for who, pid in (("relay", relay.proc.pid), ("joiners", workers[0].pid))
     ]
 
