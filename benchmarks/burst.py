@@ -99,6 +99,7 @@ class JoinPlan:
     addresses: tuple[str, ...] = ("127.0.0.1",)  # the joiners' ICE host candidates
     offer_early: bool = False  # offers made (ICE gathered) before the instant: only the POSTs go out together
     prompt_ice: bool = False  # joiners' ICE done when nominated, not after aioice's 20 ms wait (borrowed.PROMPT_ICE)
+    decode_after: bool = False  # first keyframes decoded after the burst, each timed alone (a viewer's own CPU)
 
 
 def join_worker(plan: JoinPlan, ready: mp.Queue, at, results: mp.Queue) -> None:
@@ -116,7 +117,9 @@ def join_worker(plan: JoinPlan, ready: mp.Queue, at, results: mp.Queue) -> None:
 class _Joiner:
     """One joiner's RTP after decryption: depacketized, its first IDR decoded, later units counted."""
 
-    def __init__(self) -> None:
+    def __init__(self, decode_after: bool = False) -> None:
+        self.decode_after = decode_after  # keep the first keyframe, decode it later (``decode_kept``)
+        self.kept: bytes | None = None
         self.depacketizer = None
         self.decoder = None
         self.first_packet: float | None = None
@@ -144,8 +147,26 @@ class _Joiner:
             self.units += 1
             if self.keyframe is None and unit.keyframe:
                 self.keyframe = time.time()
+                if self.decode_after:
+                    self.kept = unit.data
+            if self.decode_after:
+                continue
             if self.first_picture is None and (unit.keyframe or self.decoder is not None):
                 self._decode(unit.data)
+
+    @property
+    def waiting(self) -> bool:
+        """Still waiting for what it is measured to: its first picture, or with ``decode_after`` its keyframe."""
+        return self.kept is None if self.decode_after else self.first_picture is None
+
+    def decode_kept(self) -> None:
+        """``decode_after``: its kept keyframe decoded now, alone; its first picture is when the keyframe was whole
+        plus that decode's own time (its age by its pixel clock: at that time)."""
+        if self.kept is None:
+            return
+        self._decode(self.kept)
+        if self.decode_s is not None:
+            self.first_picture = self.keyframe + self.decode_s  # its pixel clock (first_clock) is the capture time
 
     def _decode(self, data: bytes) -> None:
         import av
@@ -184,7 +205,7 @@ async def _joiners(plan: JoinPlan, ready: mp.Queue, at) -> tuple[list[dict], flo
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
             viewers = [WhepViewer(plan.url, http) for _ in range(plan.count)]
-            joiners = [_Joiner() for _ in viewers]
+            joiners = [_Joiner(plan.decode_after) for _ in viewers]
             offers = [await v.make_offer() for v in viewers] if plan.offer_early else [None] * len(viewers)
             ready.put("ready")
             while not at.value:
@@ -195,6 +216,10 @@ async def _joiners(plan: JoinPlan, ready: mp.Queue, at) -> tuple[list[dict], flo
                 *(_join(v, j, o, plan, by_transport) for v, j, o in zip(viewers, joiners, offers, strict=True))
             )
             cpu = time.process_time() - cpu
+            if plan.decode_after:  # the burst is over: each keyframe decoded alone, as on a viewer's own machine
+                for joiner, result in zip(joiners, results, strict=True):
+                    joiner.decode_kept()
+                    fill_picture(result, joiner)
             await asyncio.sleep(plan.hold)
             for joiner, result in zip(joiners, results, strict=True):
                 result.frames_after = joiner.units
@@ -236,7 +261,7 @@ async def _join(viewer, joiner: _Joiner, offer: str | None, plan: JoinPlan, by_t
             r.name = "webrtc-" + (viewer.location or "").rsplit("/", 1)[-1][:8]
             by_transport[viewer.pc.getTransceivers()[0].receiver.transport] = joiner
             joiner.depacketizer = H264Depacketizer(answer_payload_type(viewer.answer))
-            while joiner.first_picture is None:
+            while joiner.waiting:
                 await asyncio.sleep(POLL)
     except TimeoutError:
         r.error = f"no picture within {plan.give_up:g} s (connection {viewer.pc.connectionState})"
@@ -244,6 +269,14 @@ async def _join(viewer, joiner: _Joiner, offer: str | None, plan: JoinPlan, by_t
         r.error = f"{type(exc).__name__}: {exc}"
     if viewer.stats.connected_at is not None:
         r.connected_ms = (viewer.stats.connected_at - t0) * 1000
+    if not joiner.decode_after:
+        fill_picture(r, joiner)
+    joiner.units = 0  # from here on: what it gets while held
+    return r
+
+
+def fill_picture(r: JoinerResult, joiner: _Joiner) -> None:
+    """A joiner's packet, keyframe and picture times, from its ``posted``."""
     if joiner.first_packet is not None:
         r.first_packet_ms = (joiner.first_packet - r.posted) * 1000
     if joiner.keyframe is not None:
@@ -254,8 +287,6 @@ async def _join(viewer, joiner: _Joiner, offer: str | None, plan: JoinPlan, by_t
         r.first_picture_ms = (joiner.first_picture - r.posted) * 1000
         if joiner.first_clock is not None:
             r.first_age_ms = joiner.first_picture * 1000 - joiner.first_clock
-    joiner.units = 0  # from here on: what it gets while held
-    return r
 
 
 class _PostWatch:
@@ -403,7 +434,14 @@ def run_repeat(args: argparse.Namespace, relay: Relay, ctx) -> Repeat:
     for first in range(0, joiners, args.per_worker):
         count = min(args.per_worker, joiners - first)
         plan = JoinPlan(
-            relay.whep, count, args.give_up, args.hold, tuple(args.ice_addresses), args.offer_early, args.prompt_ice
+            relay.whep,
+            count,
+            args.give_up,
+            args.hold,
+            tuple(args.ice_addresses),
+            args.offer_early,
+            args.prompt_ice,
+            args.decode_after,
         )
         workers.append(ctx.Process(target=join_worker, args=(plan, joiners_ready, at, joined), daemon=True))
     for p in workers:
@@ -624,6 +662,12 @@ def main(argv: list[str] | None = None) -> int:
         "--prompt-ice", action="store_true",
         help="joiners' ICE done as soon as their pair is nominated (a browser's is), not after aioice's 20 ms"
         " pacing wait: aiortc then starts DTLS sooner (relay.webrtc.borrowed.PROMPT_ICE)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--decode-after", action="store_true",
+        help="each joiner keeps its first keyframe and decodes it after the burst, timed alone: its first picture"
+        " is when that keyframe was whole plus its decode's own time (30 decodes, ~6 ms each at 720p, then take"
+        " none of the relay's CPU while it serves the others, as on viewers' own machines)",
     )  # fmt: skip
     pin = ap.add_argument_group("pinned (--pin): is the probe the bottleneck?")
     pin.add_argument(
