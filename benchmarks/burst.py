@@ -15,6 +15,16 @@ keyframe whole, the first decoded picture (its decode's own time, and the pictur
 relay's own steps for it (``benchmarks/looplag/jointrace.py``: answered, connected, subscribed and how it starts, the
 keyframe it starts from published, first frame sent). One that is not connected with a picture within ``--give-up``
 seconds counts as failed, with the reason.
+
+The probe shares the relay's machine, and 30 aiortc viewers cost more CPU than the relay serving them (making their
+offers, ~4 ms each; decoding their first pictures, ~6 ms each at 720p; handling their packets): with the relay alone
+on one core and the probe on the other (``--pin --source-apart``) the relay's loop waited for the joiners, and
+their first pictures came later than with both sharing the two (docs/benchmarks.md, issue 16). So by default
+(``--probe browser``) a joiner does before the instant and after the burst what a browser does on its own machine:
+its offer is made (ICE gathered) beforehand, and its first keyframe is decoded after the burst, alone, its first
+picture counted as when that keyframe was whole plus its decode's own time; and its ICE is done as soon as its
+pair is nominated, as a browser's is (aioice waits out a 20 ms pacing first). ``--probe aiortc`` is the probe as
+it was before 2026-11-30. ``--profile`` records the relay and a joiners' worker with py-spy over each burst.
 After ``--hold`` seconds of watching, the joiners leave; the next repeat starts after ``--settle``.
 
 For the relay: the forced IDRs it reports (``keyframes_forced``) from the first POST to the last first picture, and
@@ -55,6 +65,9 @@ START_TIMEOUT = 30.0  # seconds for the relay to encode its first frame
 READY_TIMEOUT = 60.0  # seconds for the watchers to have their first picture
 LEAD = 1.0  # seconds between telling the joiners' workers when to start and that instant: all are waiting by then
 POLL = 0.005  # seconds between a joiner's looks for its first picture
+# --probe: whether a joiner's offer is made before the instant, its ICE prompt and its decode after the burst
+# (JoinPlan's offer_early, prompt_ice, decode_after), a viewer's own work kept off the relay's cores: browser, all.
+PROBES = {"browser": True, "aiortc": False}
 PROFILE_SECONDS = 2.0  # --profile: py-spy records this long from just before the offers (a burst's first picture)
 PROFILE_RATE = 250  # samples a second (py-spy's default 100 sees too few of a 2 ms answer)
 PROFILE_EARLY = 0.2  # seconds before the offers it starts: py-spy's own attach is done by then
@@ -439,9 +452,7 @@ def run_repeat(args: argparse.Namespace, relay: Relay, ctx) -> Repeat:
             args.give_up,
             args.hold,
             tuple(args.ice_addresses),
-            args.offer_early,
-            args.prompt_ice,
-            args.decode_after,
+            *(PROBES[args.probe],) * 3,  # offer early, prompt ICE, decode after: all or none
         )
         workers.append(ctx.Process(target=join_worker, args=(plan, joiners_ready, at, joined), daemon=True))
     for p in workers:
@@ -654,20 +665,13 @@ def main(argv: list[str] | None = None) -> int:
         " PREFIX-joiners-<n>.txt: raw stacks)",
     )  # fmt: skip
     ap.add_argument(
-        "--offer-early", action="store_true",
-        help="each joiner makes its offer (ICE gathered) before the instant, as a browser does on its own machine:"
-        " the joiners' CPU for it is out of the burst; only the POSTs go out together",
-    )  # fmt: skip
-    ap.add_argument(
-        "--prompt-ice", action="store_true",
-        help="joiners' ICE done as soon as their pair is nominated (a browser's is), not after aioice's 20 ms"
-        " pacing wait: aiortc then starts DTLS sooner (relay.webrtc.borrowed.PROMPT_ICE)",
-    )  # fmt: skip
-    ap.add_argument(
-        "--decode-after", action="store_true",
-        help="each joiner keeps its first keyframe and decodes it after the burst, timed alone: its first picture"
-        " is when that keyframe was whole plus its decode's own time (30 decodes, ~6 ms each at 720p, then take"
-        " none of the relay's CPU while it serves the others, as on viewers' own machines)",
+        "--probe", choices=PROBES, default="browser",
+        help="browser (default): each joiner's offer made (ICE gathered) before the instant, so only the POSTs go"
+        " out together; its ICE done as soon as its pair is nominated, not after aioice's 20 ms pacing wait"
+        " (relay.webrtc.borrowed.PROMPT_ICE); its first keyframe kept and decoded after the burst, timed alone (its"
+        " first picture: that keyframe whole plus its decode's own time). What a browser does on its own machine"
+        " then takes none of the 2 cores the relay serves the others on. aiortc: the probe before 2026-11-30"
+        " (offers made at the instant, aioice's ICE, each first picture decoded at once)",
     )  # fmt: skip
     pin = ap.add_argument_group("pinned (--pin): is the probe the bottleneck?")
     pin.add_argument(

@@ -269,13 +269,16 @@ class _PromptConnection(aioice.Connection):
 
 class _PacedAsyncio(types.ModuleType):
     """``asyncio`` as aioice's ice module sees it: the same, but for the pacing sleep in a ``_PromptConnection``'s
-    ``connect``, which ends when that connection's check list is done (its other sleeps, consent's, are asyncio's)."""
+    ``connect``, which ends when that connection's check list is done (its other sleeps, consent's, are asyncio's).
+    asyncio's names are copied in, so each of aioice's lookups (per STUN transaction) is a plain module lookup."""
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(asyncio, name)
+    def __init__(self) -> None:
+        super().__init__("asyncio")
+        self.__dict__.update({k: v for k, v in vars(asyncio).items() if not k.startswith("__")})
+        self.sleep = self._sleep
 
     @staticmethod
-    async def sleep(delay: float, result: Any = None) -> Any:
+    async def _sleep(delay: float, result: Any = None) -> Any:
         conn = _ICE_CONNECTING.get()
         if conn is None or delay != AIOICE_CHECK_PACING or not isinstance(conn, _PromptConnection):
             return await asyncio.sleep(delay, result)
@@ -309,7 +312,7 @@ class _Patches:
 # their pair is nominated.
 PROMPT_ICE = _Patches(
     Patch(aiortc.rtcicetransport, "Connection", _PromptConnection),
-    Patch(aioice.ice, "asyncio", _PacedAsyncio("asyncio")),
+    Patch(aioice.ice, "asyncio", _PacedAsyncio()),
 )
 
 
