@@ -113,12 +113,14 @@ class JoinPlan:
     offer_early: bool = False  # offers made (ICE gathered) before the instant: only the POSTs go out together
     prompt_ice: bool = False  # joiners' ICE done when nominated, not after aioice's 20 ms wait (borrowed.PROMPT_ICE)
     decode_after: bool = False  # first keyframes decoded after the burst, each timed alone (a viewer's own CPU)
+    nice: int = 0  # the joiners' processes' niceness: above 0, the relay and its encoder get the CPU first
 
 
 def join_worker(plan: JoinPlan, ready: mp.Queue, at, results: mp.Queue) -> None:
     """A worker process's joiners: once ready (imported, peers made) it says so on ``ready``; all offer at the
     wall-clock instant the parent then puts in ``at`` (an ``mp.Value``, 0 until set); each is measured to its
     first picture, held, closed."""
+    os.nice(plan.nice)
     try:
         out = asyncio.run(_joiners(plan, ready, at))
     except Exception as exc:  # report, never hang the parent
@@ -453,6 +455,7 @@ def run_repeat(args: argparse.Namespace, relay: Relay, ctx) -> Repeat:
             args.hold,
             tuple(args.ice_addresses),
             *(PROBES[args.probe],) * 3,  # offer early, prompt ICE, decode after: all or none
+            args.probe_nice,
         )
         workers.append(ctx.Process(target=join_worker, args=(plan, joiners_ready, at, joined), daemon=True))
     for p in workers:
@@ -672,6 +675,11 @@ def main(argv: list[str] | None = None) -> int:
         " first picture: that keyframe whole plus its decode's own time). What a browser does on its own machine"
         " then takes none of the 2 cores the relay serves the others on. aiortc: the probe before 2026-11-30"
         " (offers made at the instant, aioice's ICE, each first picture decoded at once)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--probe-nice", type=int, default=0, metavar="N",
+        help="the joiners' processes at niceness N (default 0): the relay and its encoder get the CPU first, the"
+        " joiners what is left (their steps then include waiting for it)",
     )  # fmt: skip
     pin = ap.add_argument_group("pinned (--pin): is the probe the bottleneck?")
     pin.add_argument(
