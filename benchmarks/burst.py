@@ -68,8 +68,8 @@ POLL = 0.005  # seconds between a joiner's looks for its first picture
 # --probe: whether a joiner's offer is made before the instant, its ICE prompt and its decode after the burst
 # (JoinPlan's offer_early, prompt_ice, decode_after), a viewer's own work kept off the relay's cores: browser, all.
 PROBES = {"browser": True, "aiortc": False}
-PROFILE_SECONDS = 2.0  # --profile: py-spy records this long from just before the offers (a burst's first picture)
-PROFILE_RATE = 250  # samples a second (py-spy's default 100 sees too few of a 2 ms answer)
+PROFILE_SECONDS = 1.0  # --profile: py-spy records this long from just before the offers (a burst's first pictures)
+PROFILE_RATE = 500  # samples a second (py-spy's default 100 sees too few of a 2 ms answer)
 PROFILE_EARLY = 0.2  # seconds before the offers it starts: py-spy's own attach is done by then
 # A joiner's time from its POST, phase by phase (``phases``): each phase ends at the step named, measured from the
 # end of the one before (joiner's steps and the relay's, on one wall clock: one machine).
