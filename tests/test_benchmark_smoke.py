@@ -166,6 +166,16 @@ def test_burst_benchmark_smoke(tmp_path):
     assert len(repeat["joiners"]) == 3, repeat["joiners"]
     assert all({"answered", "connected", "first_sent"} <= set(j["relay"]) for j in repeat["joiners"]), repeat
     assert repeat["first_picture_p50_ms"] is not None and repeat["first_age_max_ms"] is not None, repeat
+    # where the p95 joiner's time went, phase by phase (its own steps and the relay's): every phase seen, and they
+    # add up to its time from POST to its first picture
+    from benchmarks.burst import PHASES, phases
+
+    ranked = sorted(repeat["joiners"], key=lambda j: j["first_picture_ms"] - j["offered_ms"])
+    assert all(v is not None for v in phases(ranked[-1]).values()), phases(ranked[-1])
+    assert sum(phases(ranked[-1]).values()) == pytest.approx(
+        ranked[-1]["first_picture_ms"] - ranked[-1]["offered_ms"], abs=1
+    )  # each phase rounded to 0.1 ms
+    assert set(repeat["phases_p95_joiner_ms"]) == {phase for phase, _ in PHASES}, repeat
     assert repeat["loop_lag_ms"]["before"]["samples"] > 0 and repeat["loop_lag_ms"]["during"]["samples"] > 0, repeat
     (watcher,) = repeat["watchers"]
     assert watcher["before"]["frames"] > 0 and watcher["error"] == "", watcher
