@@ -67,7 +67,7 @@ from ..hub import EncodedFrame, HubClosed, PacketHub, Subscription
 from . import borrowed
 from .catchup import ViewerTiming
 from .playout import add_elements
-from .udpbatch import gso_runs, send_run_at_once, send_run_direct
+from .udpbatch import MAX_GSO_BYTES, MAX_SEGMENTS, send_run_at_once, send_run_direct
 
 log = logging.getLogger(__name__)
 
@@ -464,29 +464,10 @@ def send_frame(
     """Protect a frame's packets (``header`` with each payload, numbered from ``sequence``, the marker on the last)
     with ``session`` into ``writer`` and hand each GSO run to ``send_run(protocol, data, segment, addr)``; the
     bytes sent."""
-    writer.start(session)
-    pt = header[1] & 0x7F
-    last = len(payloads) - 1
-    sizes: list[int] = []
-    sent = 0
-    for i, payload in enumerate(payloads):
-        if not writer.fits(len(header) + len(payload)):
-            sent += _send_runs(writer, sizes, send_run, protocol, addr)
-            sizes = []
-        sizes.append(writer.add(header, payload, pt | 0x80 if i == last else pt, (sequence + i) & 0xFFFF))
-    return sent + _send_runs(writer, sizes, send_run, protocol, addr)
-
-
-def _send_runs(writer: borrowed.SrtpFrameWriter, sizes: list[int], send_run, protocol, addr: tuple) -> int:
-    """What ``writer`` holds (packets of ``sizes``), a GSO run at a time; then empties it."""
-    offset = first = 0
-    for count in gso_runs(sizes):
-        length = sum(sizes[first : first + count])
-        send_run(protocol, writer.take(offset, offset + length), sizes[first], addr)
-        offset += length
-        first += count
-    writer.reset()
-    return offset
+    return writer.protect_frame(
+        session, header, payloads, sequence, lambda data, segment: send_run(protocol, data, segment, addr),
+        MAX_SEGMENTS, MAX_GSO_BYTES,
+    )  # fmt: skip
 
 
 async def _retransmit(self: RTCRtpSender, sequence_number: int) -> None:
