@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)  # from linux/udp.h; older Pythons lack the name
 SOL_UDP = getattr(socket, "SOL_UDP", 17)
 MAX_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS
+_SEGMENT = struct.Struct("=H")  # UDP_SEGMENT's value: the size of each datagram but the last
 MAX_GSO_BYTES = 60_000  # stays under the 64 KiB an IP datagram may carry, headers included
 # errnos that mean "this kernel does not do UDP GSO at all": fall back for good, process-wide.
 GSO_UNSUPPORTED = {errno.ENOPROTOOPT, errno.EOPNOTSUPP}
@@ -127,7 +128,7 @@ class Batcher:
             # (a DTLS close_notify, an RTCP BYE), straight to the socket if it is open.
             if raw is not None and raw.fileno() >= 0:
                 for data, addr in _datagrams(batch):
-                    self._raw_send(raw, lambda sock, d=data, a=addr: sock.sendto(d, a))
+                    self._raw_send(raw, data, 0, addr)
             return
         if len(batch) == 1 and batch[0][2]:  # the usual pass: one viewer's frame, one run (or one Opus packet)
             data, addr, segment = batch[0]
@@ -157,7 +158,7 @@ class Batcher:
         self.datagrams += count
         # Straight to the socket only while asyncio holds nothing queued for it: never reorder.
         if count > 1 and self.gso and _state["gso"] and not t.get_write_buffer_size():
-            done = self._raw_send(raw, lambda sock, d=data, s=segment, a=addr: _sendmsg_gso(sock, d, s, a))
+            done = self._raw_send(raw, data, segment, addr)
             if done is not None:
                 self.syscalls += 1
                 if not done:
@@ -167,8 +168,10 @@ class Batcher:
             t.sendto(data[i : i + segment], addr)  # asyncio queues on EAGAIN and reports errors to the protocol
         self.syscalls += count
 
-    def _raw_send(self, raw, send) -> bool | None:
-        """True: sent. False: the kernel refused it for good (dropped). None: use asyncio's path instead."""
+    def _raw_send(self, raw, data: bytes, segment: int, addr: tuple) -> bool | None:
+        """``data`` to ``addr`` on the socket itself: one datagram (``segment`` 0), or a segmented write of
+        ``segment``-byte datagrams. True: sent. False: the kernel refused it for good (dropped). None: use
+        asyncio's path instead."""
         sock = self._sock
         if sock is None or self._fileno != raw.fileno():
             if sock is not None:
@@ -178,7 +181,10 @@ class Batcher:
             sock.settimeout(0.0)  # never block the loop, whatever the process's default timeout
             weakref.finalize(self, sock.detach)  # never closes asyncio's fd, whenever this batcher goes
         try:
-            send(sock)
+            if segment:
+                _sendmsg_gso(sock, data, segment, addr)
+            else:
+                sock.sendto(data, addr)
             return True
         except (BlockingIOError, InterruptedError):
             return None  # asyncio's path queues them and waits for the socket
@@ -256,7 +262,7 @@ def _datagrams(batch: list[tuple[bytes, tuple, int]]) -> list[tuple[bytes, tuple
 
 
 def _sendmsg_gso(sock: socket.socket, data: bytes, segment: int, addr: tuple) -> None:
-    sock.sendmsg([data], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", segment))], 0, addr)
+    sock.sendmsg([data], [(SOL_UDP, UDP_SEGMENT, _SEGMENT.pack(segment))], 0, addr)
 
 
 def _batchable(transport) -> bool:
