@@ -172,7 +172,14 @@ def test_a_frame_protected_in_place_is_what_pylibsrtp_protects_packet_by_packet(
     tx, rx = _srtp_pair()
     runs = []
     sent = send_frame(
-        borrowed.SrtpFrameWriter(), tx, header, payloads, 65530, lambda p, d, s, a: runs.append((d, s, a)), None, "to"
+        borrowed.SrtpFrameWriter(),
+        tx,
+        header,
+        payloads,
+        65530,
+        lambda p, d, s, a: runs.append((bytes(d), s, a)),
+        None,
+        "to",
     )
     datagrams = [d[i : i + s] for d, s, _ in runs for i in range(0, len(d), s)]
     assert datagrams == expected and sent == sum(map(len, expected))
@@ -189,7 +196,9 @@ def test_a_frame_larger_than_the_writers_buffer_goes_through_it_in_parts():
     header = RtpPacket(payload_type=96, sequence_number=0, timestamp=1).serialize()
     tx, rx = _srtp_pair()
     runs = []
-    send_frame(borrowed.SrtpFrameWriter(), tx, header, payloads, 7, lambda p, d, s, a: runs.append((d, s)), None, ())
+    send_frame(
+        borrowed.SrtpFrameWriter(), tx, header, payloads, 7, lambda p, d, s, a: runs.append((bytes(d), s)), None, ()
+    )
     got = [rx.unprotect(d[i : i + s]) for d, s in runs for i in range(0, len(d), s)]
     assert [RtpPacket.parse(g).payload for g in got] == payloads
     assert [RtpPacket.parse(g).sequence_number for g in got] == list(range(7, 107))
@@ -218,7 +227,7 @@ def test_a_frames_runs_are_what_gso_runs_makes_of_its_packets(sizes):
     tx, rx = _srtp_pair()
     runs = []
     sent = send_frame(
-        borrowed.SrtpFrameWriter(), tx, header, payloads, 0, lambda p, d, s, a: runs.append((d, s)), None, ()
+        borrowed.SrtpFrameWriter(), tx, header, payloads, 0, lambda p, d, s, a: runs.append((bytes(d), s)), None, ()
     )
     datagrams = [d[i : i + s] for d, s in runs for i in range(0, len(d), s)]
     assert [RtpPacket.parse(rx.unprotect(d)).payload for d in datagrams] == payloads

@@ -138,14 +138,15 @@ class Batcher:
         for data, segment, count, addr in groups:
             self._write(raw, data, segment, count, addr)
 
-    def write_run(self, data: bytes, segment: int, addr: tuple) -> None:
+    def write_run(self, data: bytes | memoryview, segment: int, addr: tuple) -> None:
         """A run of datagrams of ``segment`` bytes (the last may be shorter) joined in ``data``, written now:
-        after what the batcher holds (never reordered), else straight to the socket."""
+        after what the batcher holds (never reordered), else straight to the socket. ``data`` may be a view of
+        the sender's buffer: what is kept is copied."""
         # A failure is reported as the pass's flush reports one (``_flush_pass``), never raised into the sender:
         # its send loop would end, and the viewer's video with it.
         try:
             if self.pending or self.transport.is_closing():
-                self.pending.append((data, addr, segment))  # still enlisted for the pass: a no-op there then
+                self.pending.append((bytes(data), addr, segment))  # still enlisted for the pass: a no-op there then
                 self.flush()
                 return
             self._write(self.transport.get_extra_info("socket"), data, segment, -(-len(data) // segment), addr)
@@ -298,11 +299,12 @@ def _batcher(protocol: asyncio.DatagramProtocol) -> Batcher | None:
     return batcher
 
 
-def send_run_at_once(protocol: asyncio.DatagramProtocol, data: bytes, segment: int, addr: tuple) -> None:
+def send_run_at_once(protocol: asyncio.DatagramProtocol, data: bytes | memoryview, segment: int, addr: tuple) -> None:
     """A run of datagrams of ``segment`` bytes (the last may be shorter; ``gso_runs`` says what a run may hold),
     joined in ``data``, written now in one segmented write, after anything ``protocol``'s batcher already holds
     (never reordered): one viewer's frame is on its way while the next viewer's is protected, instead of every
-    viewer's waiting for the last one's at the end of the pass."""
+    viewer's waiting for the last one's at the end of the pass. ``data`` may be a view of a buffer the caller
+    reuses: nothing keeps it past the call (what has to wait is copied)."""
     batcher = _batcher(protocol)
     if batcher is None:
         send_run_direct(protocol, data, segment, addr)
@@ -315,10 +317,11 @@ def send_direct(protocol: asyncio.DatagramProtocol, data: bytes, addr: tuple) ->
     protocol.transport.sendto(data, addr)
 
 
-def send_run_direct(protocol: asyncio.DatagramProtocol, data: bytes, segment: int, addr: tuple) -> None:
-    """A joined run of datagrams, one system call each (``send_direct``)."""
+def send_run_direct(protocol: asyncio.DatagramProtocol, data: bytes | memoryview, segment: int, addr: tuple) -> None:
+    """A joined run of datagrams, one system call each (``send_direct``); each a copy of its part of ``data``
+    (a TURN transport sends later, from a task of its own)."""
     for i in range(0, len(data), segment):
-        protocol.transport.sendto(data[i : i + segment], addr)
+        protocol.transport.sendto(bytes(data[i : i + segment]), addr)
 
 
 PATCH = borrowed.send_data_patch(send_now)  # aioice's own data sends, batched while held
