@@ -149,7 +149,7 @@ class Batcher:
                 self.pending.append((bytes(data), addr, segment))  # still enlisted for the pass: a no-op there then
                 self.flush()
                 return
-            self._write(self.transport.get_extra_info("socket"), data, segment, -(-len(data) // segment), addr)
+            self._write(None, data, segment, -(-len(data) // segment), addr)  # the transport is open
         except Exception as exc:
             _report(asyncio.get_running_loop(), exc)
 
@@ -170,11 +170,14 @@ class Batcher:
         self.syscalls += count
 
     def _raw_send(self, raw, data: bytes, segment: int, addr: tuple) -> bool | None:
-        """``data`` to ``addr`` on the socket itself: one datagram (``segment`` 0), or a segmented write of
-        ``segment``-byte datagrams. True: sent. False: the kernel refused it for good (dropped). None: use
-        asyncio's path instead."""
+        """``data`` to ``addr`` on the socket itself (``raw``, the transport's; None while the transport is open:
+        the socket object made at the first write serves, its descriptor the transport's while it is open): one
+        datagram (``segment`` 0), or a segmented write of ``segment``-byte datagrams. True: sent. False: the kernel
+        refused it for good (dropped). None: use asyncio's path instead."""
         sock = self._sock
-        if sock is None or self._fileno != raw.fileno():
+        if raw is None and sock is None:
+            raw = self.transport.get_extra_info("socket")
+        if raw is not None and (sock is None or self._fileno != raw.fileno()):
             if sock is not None:
                 sock.detach()
             sock = self._sock = socket.socket(raw.family, raw.type, raw.proto, fileno=raw.fileno())
