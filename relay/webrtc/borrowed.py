@@ -558,9 +558,9 @@ class SrtpFrameWriter:
                 emit(view[start:used], segment)
                 used, start, count = 0, 0, 0
                 middle, end = size, size + len(payload)
-            buffer[used:middle] = header
-            buffer[middle:end] = payload
-            pack_into(buffer, used + 1, pt | 0x80 if i == last else pt, (sequence + i) & 0xFFFF)
+            view[used:middle] = header
+            view[middle:end] = payload
+            pack_into(view, used + 1, pt | 0x80 if i == last else pt, (sequence + i) & 0xFFFF)
             length[0] = end - used
             status = protect(ctx, cdata + used, length)
             if status != ok:
