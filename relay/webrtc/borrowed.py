@@ -24,8 +24,8 @@ them here, so an upgrade that moves one breaks this module alone (and
   each connection hears (``WATCH_ICE``, read by ``last_heard``), and aioice's
   own data sends (``send_data_patch``, for ``relay.webrtc.udpbatch``); on aiortc's, the payload types its
   answers keep from an offer (``OFFERED_PAYLOAD_TYPES``: Chromium's lower dynamic range too);
-- pylibsrtp's C binding (``SrtpFrameWriter``): a frame's RTP packets protected in place in one buffer kept per
-  sender, where ``Session.protect`` checks, copies and slices out each packet anew;
+- pylibsrtp's C binding (``SrtpFrameWriter``): a frame's RTP packets protected in place in one buffer (one a thread,
+  shared by its senders), where ``Session.protect`` checks, copies and slices out each packet anew;
 - for tests and benchmarks only, what aiortc's receivers get (``divert_decrypted_rtp``,
   ``watch_received_h264``).
 
@@ -505,7 +505,7 @@ _MARKER_SEQUENCE = struct.Struct("!BH")  # an RTP header's marker and payload ty
 
 
 class SrtpFrameWriter:
-    """A frame's RTP packets, SRTP-protected one after another in one buffer kept per sender.
+    """A frame's RTP packets, SRTP-protected one after another in one buffer (``rtpsend`` keeps one a thread).
 
     pylibsrtp's ``Session.protect`` takes one whole packet as bytes, checks it,
     copies it into its buffer, protects it and slices out a new bytes: with the
@@ -513,8 +513,8 @@ class SrtpFrameWriter:
     Here the header and the payload are copied once, side by side, into this
     buffer and protected where they lie (``srtp_protect`` through pylibsrtp's C
     binding, on the same libsrtp session, so the sequence state is the one
-    aiortc's retransmissions and RTCP use), and a run of packets leaves as one
-    bytes, ready for a segmented write. Packets lie unaligned; libsrtp
+    aiortc's retransmissions and RTCP use), and a run of packets is handed on as
+    a view of the buffer, ready for a segmented write. Packets lie unaligned; libsrtp
     reads them byte-wise or unaligned-safe on x86-64 and AArch64.
     """
 

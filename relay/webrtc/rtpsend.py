@@ -18,13 +18,15 @@ Here each viewer's sender serializes its header once, with aiortc's own
 serializer (``HeaderTemplate``: only the timestamp and abs-send-time change
 from frame to frame, put in place per frame; aiortc's serializer per frame
 was 12 us, 28 us with the playout-delay element, against 3), then copies each
-payload beside it into one buffer kept per sender, patches the sequence number
-and marker bit there and SRTP-protects it in place (``borrowed.SrtpFrameWriter``:
-one libsrtp call a packet); each run of equal-size packets
-(``udpbatch.gso_runs``) leaves that buffer as one bytes for one segmented
-write, at once (``udpbatch.send_run_at_once``: this viewer's frame is on its
-way while the next viewer's is protected), or one system call a datagram
-with batching off: no per-packet objects, clock reads
+payload beside it into one buffer (one a thread, shared by every sender on it:
+they send one frame after another, and it stays in the CPU's cache), patches
+the sequence number and marker bit there and SRTP-protects it in place
+(``borrowed.SrtpFrameWriter.protect_frame``: one loop, one libsrtp call a
+packet and no other call); each run of equal-size packets (``udpbatch.gso_runs``'
+rule, worked out in the same loop) leaves that buffer, as a view of it (no
+copy), in one segmented write at once (``udpbatch.send_run_at_once``: this
+viewer's frame is on its way while the next viewer's is protected), or one
+system call a datagram with batching off: no per-packet objects, clock reads
 or awaits. Its socket, peer address and SRTP session are looked up once per
 ICE pair (``borrowed.DtlsSocket``). RTCP sender reports keep their counts
 (updated once per frame) and NACKed packets are rebuilt on demand from the
