@@ -43,8 +43,8 @@ log = logging.getLogger(__name__)
 UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)  # from linux/udp.h; older Pythons lack the name
 SOL_UDP = getattr(socket, "SOL_UDP", 17)
 MAX_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS
-_SEGMENT = struct.Struct("=H")  # UDP_SEGMENT's value: the size of each datagram but the last
 MAX_GSO_BYTES = 60_000  # stays under the 64 KiB an IP datagram may carry, headers included
+_SEGMENT = struct.Struct("=H")  # UDP_SEGMENT's value: the size of each datagram but the last
 # errnos that mean "this kernel does not do UDP GSO at all": fall back for good, process-wide.
 GSO_UNSUPPORTED = {errno.ENOPROTOOPT, errno.EOPNOTSUPP}
 # ... and "not on this route" (MTU below the segment size, IPsec, a device without
