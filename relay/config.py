@@ -207,6 +207,10 @@ class RtspConfig:
     password: str = field(default="", repr=False)
     publish_url: str = ""  # an RTSP server of the user's own (rtsp://host:port): publish there, run no mediamtx
     mediamtx: str = ""  # the binary; empty: bin/mediamtx, else PATH
+    # Go scheduler threads (GOMAXPROCS) of camrelay's mediamtx; 0: Go's default, one per core. It forwards RTSP
+    # alone, one camera at most a few % of a core, and with one its goroutines hand each packet on without waking
+    # another thread: 18 % less of its CPU at 5 cameras (docs/benchmarks.md, "Many cameras", 2026-11-30).
+    mediamtx_threads: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -640,6 +644,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "password": _rtsp_password,
         "publish_url": _rtsp_url,
         "mediamtx": _str,
+        "mediamtx_threads": _int(0, 256),
     },
 }
 

@@ -112,6 +112,7 @@ class MediamtxSettings:
     user: str = ""
     password: str = ""
     log_level: str = "info"
+    threads: int = 1  # GOMAXPROCS (``[rtsp] mediamtx_threads``); 0: Go's default, one per core
 
 
 def render_config(settings: MediamtxSettings, streams: list[str], publisher_secret: str) -> str:
@@ -256,6 +257,7 @@ class Mediamtx:
         self._child = Child(
             "mediamtx",
             [binary, str(self.config_path)],
+            env={"GOMAXPROCS": str(settings.threads)} if settings.threads else {},
             started=self._started,
             run=self._run,
             ended=self._ended,

@@ -267,7 +267,9 @@ class Relay:
             self._publish = (r.publish_url, None)
             return
         binary = find_mediamtx(r.mediamtx)
-        settings = MediamtxSettings(r.host, r.port, r.rtp_port, r.rtcp_port, r.user, r.password, self.config.log_level)
+        settings = MediamtxSettings(
+            r.host, r.port, r.rtp_port, r.rtcp_port, r.user, r.password, self.config.log_level, r.mediamtx_threads
+        )
         check_ports_free(settings)
         self.mediamtx = Mediamtx(binary, settings, names, self.state_dir)
         self._running.push_async_callback(_stop, "mediamtx", self.mediamtx.close)

@@ -172,7 +172,14 @@ def test_a_frame_protected_in_place_is_what_pylibsrtp_protects_packet_by_packet(
     tx, rx = _srtp_pair()
     runs = []
     sent = send_frame(
-        borrowed.SrtpFrameWriter(), tx, header, payloads, 65530, lambda p, d, s, a: runs.append((d, s, a)), None, "to"
+        borrowed.SrtpFrameWriter(),
+        tx,
+        header,
+        payloads,
+        65530,
+        lambda p, d, s, a: runs.append((bytes(d), s, a)),
+        None,
+        "to",
     )
     datagrams = [d[i : i + s] for d, s, _ in runs for i in range(0, len(d), s)]
     assert datagrams == expected and sent == sum(map(len, expected))
@@ -189,10 +196,46 @@ def test_a_frame_larger_than_the_writers_buffer_goes_through_it_in_parts():
     header = RtpPacket(payload_type=96, sequence_number=0, timestamp=1).serialize()
     tx, rx = _srtp_pair()
     runs = []
-    send_frame(borrowed.SrtpFrameWriter(), tx, header, payloads, 7, lambda p, d, s, a: runs.append((d, s)), None, ())
+    send_frame(
+        borrowed.SrtpFrameWriter(), tx, header, payloads, 7, lambda p, d, s, a: runs.append((bytes(d), s)), None, ()
+    )
     got = [rx.unprotect(d[i : i + s]) for d, s in runs for i in range(0, len(d), s)]
     assert [RtpPacket.parse(g).payload for g in got] == payloads
     assert [RtpPacket.parse(g).sequence_number for g in got] == list(range(7, 107))
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [30, 1200, 1200, 1200, 500],  # STAP-A, then a NAL unit's FU-As: full-size but the last
+        [1200] * 70,  # over the kernel's 64 segments a write
+        [1300, 1200, 1200, 1300, 1300, 40],  # a longer one ends a run; a shorter one ends it after it
+        [1200] * 60 + [700] + [1200] * 60,  # over the writer's buffer: it empties it and goes on
+        [900],
+    ],
+)
+def test_a_frames_runs_are_what_gso_runs_makes_of_its_packets(sizes):
+    """The writer works out its runs as it protects (no second pass): they are ``udpbatch.gso_runs``' runs of the
+    protected datagrams, but where its buffer fills, where a run may end early."""
+    from aiortc.rtp import RtpPacket
+
+    from relay.webrtc.rtpsend import send_frame
+    from relay.webrtc.udpbatch import gso_runs
+
+    payloads = [bytes([i % 256]) * n for i, n in enumerate(sizes)]
+    header = RtpPacket(payload_type=96, sequence_number=0, timestamp=1).serialize()
+    tx, rx = _srtp_pair()
+    runs = []
+    sent = send_frame(
+        borrowed.SrtpFrameWriter(), tx, header, payloads, 0, lambda p, d, s, a: runs.append((bytes(d), s)), None, ()
+    )
+    datagrams = [d[i : i + s] for d, s in runs for i in range(0, len(d), s)]
+    assert [RtpPacket.parse(rx.unprotect(d)).payload for d in datagrams] == payloads
+    assert sent == sum(map(len, datagrams))
+    each = [[len(d[i : i + s]) for i in range(0, len(d), s)] for d, s in runs]
+    assert all(gso_runs(run) == [len(run)] for run in each)  # each one run a segmented write can carry
+    if sent < borrowed.FRAME_BUFFER_BYTES - borrowed.SRTP_TRAILER_ROOM:  # the whole frame in the buffer at once
+        assert list(map(len, each)) == gso_runs([len(d) for d in datagrams])
 
 
 def test_the_ntp_clock_is_aiortcs_to_the_microsecond():

@@ -179,3 +179,14 @@ def test_burst_benchmark_smoke(tmp_path):
     assert repeat["loop_lag_ms"]["before"]["samples"] > 0 and repeat["loop_lag_ms"]["during"]["samples"] > 0, repeat
     (watcher,) = repeat["watchers"]
     assert watcher["before"]["frames"] > 0 and watcher["error"] == "", watcher
+
+
+def test_sendpath_benchmark_smoke():
+    """The send path's micro-benchmark: every viewer is pushed to and takes the packets of every frame."""
+    cmd = [sys.executable, "-m", "benchmarks.sendpath", "--viewers", "2", "--frames", "20", "--repeats", "1"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout)
+    assert out["viewers"] == 2 and out["pushed"] == 2, out  # both live, sent to from the publish
+    assert out["packets_received_min"] >= 80 * 12, out  # 80 frames (60 to start, 20 measured), 12 packets or more each
+    assert out["us_per_viewer_frame"] > 0, out

@@ -131,6 +131,7 @@ def test_streams_from_environment_and_flags():
             "rtsp.rtp_port: must be even, with rtsp.rtcp_port the next port (RTP/RTCP pairs)",
         ),
         ('[rtsp]\nenabled = "maybe"', {}, {}, "rtsp.enabled: expected true or false, got 'maybe'"),
+        ("[rtsp]\nmediamtx_threads = -1", {}, {}, "rtsp.mediamtx_threads: must be in 0..256, got -1"),
         (
             '[rtsp]\npublish_url = "http://x"',
             {},

@@ -238,3 +238,4 @@ async def test_mediamtx_gets_none_of_camrelays_settings(monkeypatch):
         await runner.cleanup()
     assert not [k for k in environ if k.startswith("CAMRELAY_")], environ
     assert READ_PASSWORD not in "".join(environ.values())
+    assert environ.get("GOMAXPROCS") == "1"  # [rtsp] mediamtx_threads: one Go scheduler thread by default

@@ -164,7 +164,7 @@ async def test_a_route_that_refuses_segmentation_falls_back_alone(monkeypatch):
 
 
 def test_a_transport_without_a_socket_is_sent_to_directly():
-    from relay.webrtc.udpbatch import send_now
+    from relay.webrtc.udpbatch import send_now, send_run_at_once
 
     class TurnLike:  # aioice's TURN transport: sendto, no socket, no write buffer
         def __init__(self) -> None:
@@ -183,6 +183,13 @@ def test_a_transport_without_a_socket_is_sent_to_directly():
     proto.transport = TurnLike()
     send_now(proto, b"dtls", A)  # no running loop needed: nothing is deferred
     assert proto.transport.sent == [(b"dtls", A)] and batcher_of(proto) is None
+
+    # A frame's run comes as a view of the sender's buffer, which the next viewer's frame overwrites at once;
+    # a TURN transport sends later, from a task: it is handed copies.
+    buffer = bytearray(b"a" * 100 + b"b" * 40)
+    send_run_at_once(proto, memoryview(buffer), 100, A)
+    buffer[:] = bytes(140)
+    assert proto.transport.sent[1:] == [(b"a" * 100, A), (b"b" * 40, A)]
 
 
 def test_runs_of_sizes_are_the_same_runs_as_of_datagrams():

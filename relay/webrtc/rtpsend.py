@@ -18,13 +18,15 @@ Here each viewer's sender serializes its header once, with aiortc's own
 serializer (``HeaderTemplate``: only the timestamp and abs-send-time change
 from frame to frame, put in place per frame; aiortc's serializer per frame
 was 12 us, 28 us with the playout-delay element, against 3), then copies each
-payload beside it into one buffer kept per sender, patches the sequence number
-and marker bit there and SRTP-protects it in place (``borrowed.SrtpFrameWriter``:
-one libsrtp call a packet); each run of equal-size packets
-(``udpbatch.gso_runs``) leaves that buffer as one bytes for one segmented
-write, at once (``udpbatch.send_run_at_once``: this viewer's frame is on its
-way while the next viewer's is protected), or one system call a datagram
-with batching off: no per-packet objects, clock reads
+payload beside it into one buffer (one a thread, shared by every sender on it:
+they send one frame after another, and it stays in the CPU's cache), patches
+the sequence number and marker bit there and SRTP-protects it in place
+(``borrowed.SrtpFrameWriter.protect_frame``: one loop, one libsrtp call a
+packet and no other call); each run of equal-size packets (``udpbatch.gso_runs``'
+rule, worked out in the same loop) leaves that buffer, as a view of it (no
+copy), in one segmented write at once (``udpbatch.send_run_at_once``: this
+viewer's frame is on its way while the next viewer's is protected), or one
+system call a datagram with batching off: no per-packet objects, clock reads
 or awaits. Its socket, peer address and SRTP session are looked up once per
 ICE pair (``borrowed.DtlsSocket``). RTCP sender reports keep their counts
 (updated once per frame) and NACKed packets are rebuilt on demand from the
@@ -54,6 +56,7 @@ import asyncio
 import collections
 import logging
 import struct
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -67,7 +70,7 @@ from ..hub import EncodedFrame, HubClosed, PacketHub, Subscription
 from . import borrowed
 from .catchup import ViewerTiming
 from .playout import add_elements
-from .udpbatch import gso_runs, send_run_at_once, send_run_direct
+from .udpbatch import MAX_GSO_BYTES, MAX_SEGMENTS, send_run_at_once, send_run_direct
 
 log = logging.getLogger(__name__)
 
@@ -338,7 +341,7 @@ class FrameSender:
         self.clock_rate = codec.clockRate  # RTP ticks a second: 90 kHz (H.264), 48 kHz (Opus)
         # What a NACK may name, kept only for a codec whose receiver may send one (video; never Opus)
         self.history = SentFrames() if any(fb.type == "nack" for fb in codec.rtcpFeedback) else None
-        self.writer = borrowed.SrtpFrameWriter()
+        self.writer = _shared_writer()
         self.send_run = sender.__dict__.get(_SEND, send_run_at_once)
         self.sequence = random_sequence_number()
         self.origin = random32()
@@ -412,6 +415,19 @@ class FrameSender:
         return True
 
 
+_writers = threading.local()
+
+
+def _shared_writer() -> borrowed.SrtpFrameWriter:
+    """This thread's frame writer, shared by every sender on it: they send one frame after another, and each run
+    leaves (or is copied) before the next is protected; one buffer stays in the CPU's cache, where one a sender
+    did not at tens of viewers."""
+    writer = getattr(_writers, "writer", None)
+    if writer is None:
+        writer = _writers.writer = borrowed.SrtpFrameWriter()
+    return writer
+
+
 def _backlog(protocol) -> int:
     """Bytes asyncio holds for ``protocol``'s socket, unsent (the kernel's buffer was full); 0 without a socket."""
     size = getattr(protocol.transport, "get_write_buffer_size", None)
@@ -464,29 +480,10 @@ def send_frame(
     """Protect a frame's packets (``header`` with each payload, numbered from ``sequence``, the marker on the last)
     with ``session`` into ``writer`` and hand each GSO run to ``send_run(protocol, data, segment, addr)``; the
     bytes sent."""
-    writer.start(session)
-    pt = header[1] & 0x7F
-    last = len(payloads) - 1
-    sizes: list[int] = []
-    sent = 0
-    for i, payload in enumerate(payloads):
-        if not writer.fits(len(header) + len(payload)):
-            sent += _send_runs(writer, sizes, send_run, protocol, addr)
-            sizes = []
-        sizes.append(writer.add(header, payload, pt | 0x80 if i == last else pt, (sequence + i) & 0xFFFF))
-    return sent + _send_runs(writer, sizes, send_run, protocol, addr)
-
-
-def _send_runs(writer: borrowed.SrtpFrameWriter, sizes: list[int], send_run, protocol, addr: tuple) -> int:
-    """What ``writer`` holds (packets of ``sizes``), a GSO run at a time; then empties it."""
-    offset = first = 0
-    for count in gso_runs(sizes):
-        length = sum(sizes[first : first + count])
-        send_run(protocol, writer.take(offset, offset + length), sizes[first], addr)
-        offset += length
-        first += count
-    writer.reset()
-    return offset
+    return writer.protect_frame(
+        session, header, payloads, sequence, lambda data, segment: send_run(protocol, data, segment, addr),
+        MAX_SEGMENTS, MAX_GSO_BYTES,
+    )  # fmt: skip
 
 
 async def _retransmit(self: RTCRtpSender, sequence_number: int) -> None:

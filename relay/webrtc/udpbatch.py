@@ -44,6 +44,7 @@ UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)  # from linux/udp.h; older Pyt
 SOL_UDP = getattr(socket, "SOL_UDP", 17)
 MAX_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS
 MAX_GSO_BYTES = 60_000  # stays under the 64 KiB an IP datagram may carry, headers included
+_SEGMENT = struct.Struct("=H")  # UDP_SEGMENT's value: the size of each datagram but the last
 # errnos that mean "this kernel does not do UDP GSO at all": fall back for good, process-wide.
 GSO_UNSUPPORTED = {errno.ENOPROTOOPT, errno.EOPNOTSUPP}
 # ... and "not on this route" (MTU below the segment size, IPsec, a device without
@@ -127,7 +128,7 @@ class Batcher:
             # (a DTLS close_notify, an RTCP BYE), straight to the socket if it is open.
             if raw is not None and raw.fileno() >= 0:
                 for data, addr in _datagrams(batch):
-                    self._raw_send(raw, lambda sock, d=data, a=addr: sock.sendto(d, a))
+                    self._raw_send(raw, data, 0, addr)
             return
         if len(batch) == 1 and batch[0][2]:  # the usual pass: one viewer's frame, one run (or one Opus packet)
             data, addr, segment = batch[0]
@@ -137,17 +138,18 @@ class Batcher:
         for data, segment, count, addr in groups:
             self._write(raw, data, segment, count, addr)
 
-    def write_run(self, data: bytes, segment: int, addr: tuple) -> None:
+    def write_run(self, data: bytes | memoryview, segment: int, addr: tuple) -> None:
         """A run of datagrams of ``segment`` bytes (the last may be shorter) joined in ``data``, written now:
-        after what the batcher holds (never reordered), else straight to the socket."""
+        after what the batcher holds (never reordered), else straight to the socket. ``data`` may be a view of
+        the sender's buffer: what is kept is copied."""
         # A failure is reported as the pass's flush reports one (``_flush_pass``), never raised into the sender:
         # its send loop would end, and the viewer's video with it.
         try:
             if self.pending or self.transport.is_closing():
-                self.pending.append((data, addr, segment))  # still enlisted for the pass: a no-op there then
+                self.pending.append((bytes(data), addr, segment))  # still enlisted for the pass: a no-op there then
                 self.flush()
                 return
-            self._write(self.transport.get_extra_info("socket"), data, segment, -(-len(data) // segment), addr)
+            self._write(None, data, segment, -(-len(data) // segment), addr)  # the transport is open
         except Exception as exc:
             _report(asyncio.get_running_loop(), exc)
 
@@ -157,7 +159,7 @@ class Batcher:
         self.datagrams += count
         # Straight to the socket only while asyncio holds nothing queued for it: never reorder.
         if count > 1 and self.gso and _state["gso"] and not t.get_write_buffer_size():
-            done = self._raw_send(raw, lambda sock, d=data, s=segment, a=addr: _sendmsg_gso(sock, d, s, a))
+            done = self._raw_send(raw, data, segment, addr)
             if done is not None:
                 self.syscalls += 1
                 if not done:
@@ -167,10 +169,15 @@ class Batcher:
             t.sendto(data[i : i + segment], addr)  # asyncio queues on EAGAIN and reports errors to the protocol
         self.syscalls += count
 
-    def _raw_send(self, raw, send) -> bool | None:
-        """True: sent. False: the kernel refused it for good (dropped). None: use asyncio's path instead."""
+    def _raw_send(self, raw, data: bytes, segment: int, addr: tuple) -> bool | None:
+        """``data`` to ``addr`` on the socket itself (``raw``, the transport's; None while the transport is open:
+        the socket object made at the first write serves, its descriptor the transport's while it is open): one
+        datagram (``segment`` 0), or a segmented write of ``segment``-byte datagrams. True: sent. False: the kernel
+        refused it for good (dropped). None: use asyncio's path instead."""
         sock = self._sock
-        if sock is None or self._fileno != raw.fileno():
+        if raw is None and sock is None:
+            raw = self.transport.get_extra_info("socket")
+        if raw is not None and (sock is None or self._fileno != raw.fileno()):
             if sock is not None:
                 sock.detach()
             sock = self._sock = socket.socket(raw.family, raw.type, raw.proto, fileno=raw.fileno())
@@ -178,7 +185,10 @@ class Batcher:
             sock.settimeout(0.0)  # never block the loop, whatever the process's default timeout
             weakref.finalize(self, sock.detach)  # never closes asyncio's fd, whenever this batcher goes
         try:
-            send(sock)
+            if segment:
+                _sendmsg_gso(sock, data, segment, addr)
+            else:
+                sock.sendto(data, addr)
             return True
         except (BlockingIOError, InterruptedError):
             return None  # asyncio's path queues them and waits for the socket
@@ -256,7 +266,7 @@ def _datagrams(batch: list[tuple[bytes, tuple, int]]) -> list[tuple[bytes, tuple
 
 
 def _sendmsg_gso(sock: socket.socket, data: bytes, segment: int, addr: tuple) -> None:
-    sock.sendmsg([data], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", segment))], 0, addr)
+    sock.sendmsg([data], [(SOL_UDP, UDP_SEGMENT, _SEGMENT.pack(segment))], 0, addr)
 
 
 def _batchable(transport) -> bool:
@@ -292,11 +302,12 @@ def _batcher(protocol: asyncio.DatagramProtocol) -> Batcher | None:
     return batcher
 
 
-def send_run_at_once(protocol: asyncio.DatagramProtocol, data: bytes, segment: int, addr: tuple) -> None:
+def send_run_at_once(protocol: asyncio.DatagramProtocol, data: bytes | memoryview, segment: int, addr: tuple) -> None:
     """A run of datagrams of ``segment`` bytes (the last may be shorter; ``gso_runs`` says what a run may hold),
     joined in ``data``, written now in one segmented write, after anything ``protocol``'s batcher already holds
     (never reordered): one viewer's frame is on its way while the next viewer's is protected, instead of every
-    viewer's waiting for the last one's at the end of the pass."""
+    viewer's waiting for the last one's at the end of the pass. ``data`` may be a view of a buffer the caller
+    reuses: nothing keeps it past the call (what has to wait is copied)."""
     batcher = _batcher(protocol)
     if batcher is None:
         send_run_direct(protocol, data, segment, addr)
@@ -309,10 +320,11 @@ def send_direct(protocol: asyncio.DatagramProtocol, data: bytes, addr: tuple) ->
     protocol.transport.sendto(data, addr)
 
 
-def send_run_direct(protocol: asyncio.DatagramProtocol, data: bytes, segment: int, addr: tuple) -> None:
-    """A joined run of datagrams, one system call each (``send_direct``)."""
+def send_run_direct(protocol: asyncio.DatagramProtocol, data: bytes | memoryview, segment: int, addr: tuple) -> None:
+    """A joined run of datagrams, one system call each (``send_direct``); each a copy of its part of ``data``
+    (a TURN transport sends later, from a task of its own)."""
     for i in range(0, len(data), segment):
-        protocol.transport.sendto(data[i : i + segment], addr)
+        protocol.transport.sendto(bytes(data[i : i + segment]), addr)
 
 
 PATCH = borrowed.send_data_patch(send_now)  # aioice's own data sends, batched while held

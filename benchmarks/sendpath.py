@@ -1,0 +1,150 @@
+"""What one viewer costs the fan-out, per frame: a stream's hub publishing to N aiortc viewers in this process.
+
+    python -m benchmarks.sendpath --viewers 32 --frames 300 [--repeats 3] [--profile]
+
+Real parts: a ``PacketHub``, each viewer a real aiortc peer connection on
+loopback whose sender is camrelay's (``attach_to_sender``: the shared packer,
+the per-frame send, batched UDP), connected (ICE, DTLS) to an aiortc receiver
+that takes the packets and decodes nothing. Frames are 1080p-sized access
+units (a 60 kB keyframe, then 15 kB frames: 4 Mbit/s at 30 fps), published
+one every 5 ms; what is measured is the CPU time (``time.process_time``) of
+``publish`` alone, which with every viewer live sends each one its frame there
+and then (``Subscription.push``): packetizing once, then for each viewer its
+header, SRTP and its system call. Printed per frame and per viewer-frame, the
+median of the repeats; ``--profile`` prints cProfile's top functions of the
+last repeat (which inflates Python calls; read the shares, not the times).
+
+One process on one core has none of the machine's other work in it, so its
+figures are what the send path costs, not what a relay under load pays; they
+are for comparing two versions of it on the same machine, alternated
+(docs/benchmarks.md, "The send path in one process").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import json
+import pstats
+import random
+import statistics
+import sys
+import time
+
+from aiortc import RTCPeerConnection
+
+from relay.hub import EncodedFrame, PacketHub
+from relay.webrtc import udpbatch
+from relay.webrtc.rtpsend import HubTrack, attach_to_sender, h264_preferences
+
+KEYFRAME_BYTES = 60_000  # a 1080p keyframe at 4 Mbit/s, about
+FRAME_BYTES = 15_000  # a 1080p P-frame at 4 Mbit/s and 30 fps, about
+GOP = 60  # frames
+PTS_STEP = 3000  # 90 kHz ticks a frame at 30 fps
+PUBLISH_GAP = 0.005  # seconds between publishes: the viewers' sockets are read and RTCP runs in between
+CONNECT_TIMEOUT = 20.0  # seconds for every viewer to connect
+SPS_PPS = bytes.fromhex("000000016742e01f8c8d40501e900f08846a0000000168ce3c80")
+
+
+def access_unit(keyframe: bool, size: int, rng: random.Random) -> bytes:
+    """An Annex B access unit of about ``size`` bytes: one slice NAL (IDR with SPS and PPS before it, or not) of
+    random bytes with no start code inside."""
+    body = rng.randbytes(size).replace(b"\x00\x00", b"\x00\x01")
+    return (SPS_PPS if keyframe else b"") + b"\x00\x00\x00\x01" + (b"\x65" if keyframe else b"\x41") + body
+
+
+async def connect(hub: PacketHub, n: int) -> list[tuple[RTCPeerConnection, RTCPeerConnection]]:
+    """``n`` viewers of ``hub``: camrelay's sender on one side, a receiving aiortc peer on the other."""
+    pairs = []
+    for i in range(n):
+        relay, viewer = RTCPeerConnection(), RTCPeerConnection()
+        viewer.addTransceiver("video", direction="recvonly")
+        await viewer.setLocalDescription(await viewer.createOffer())
+        await relay.setRemoteDescription(viewer.localDescription)
+        transceiver = relay.getTransceivers()[0]
+        transceiver.sender.replaceTrack(HubTrack(hub, f"viewer{i}"))
+        transceiver.direction = "sendonly"
+        transceiver.setCodecPreferences(h264_preferences())
+        attach_to_sender(transceiver.sender, hub)
+        await relay.setLocalDescription(await relay.createAnswer())
+        await viewer.setRemoteDescription(relay.localDescription)
+        pairs.append((relay, viewer))
+    deadline = time.monotonic() + CONNECT_TIMEOUT
+    while not all(r.connectionState == "connected" for r, _ in pairs):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{sum(r.connectionState == 'connected' for r, _ in pairs)} of {n} viewers connected")
+        await asyncio.sleep(0.05)
+    return pairs
+
+
+async def measure(viewers: int, frames: int, repeats: int, profile: bool) -> dict:
+    release = udpbatch.PATCH.hold()
+    hub = PacketHub("sendpath", lambda: None)
+    rng = random.Random(1)
+    units = [access_unit(k == 0, KEYFRAME_BYTES if k == 0 else FRAME_BYTES, rng) for k in range(GOP)]
+    pairs = await connect(hub, viewers)
+    pts = 0
+
+    async def publish(n: int, prof: cProfile.Profile | None = None) -> float:
+        nonlocal pts
+        spent = 0.0
+        for k in range(n):
+            frame = EncodedFrame(units[k % GOP], pts, k % GOP == 0, time.time())
+            pts += PTS_STEP
+            start = time.process_time()
+            if prof is not None:
+                prof.enable()
+            hub.publish(frame)
+            if prof is not None:
+                prof.disable()
+            spent += time.process_time() - start
+            await asyncio.sleep(PUBLISH_GAP)
+        return spent
+
+    try:
+        await publish(GOP)  # the first keyframe, every viewer live and pushed to
+        pushed = sum(sub.push is not None for sub in hub.subscribers)
+        per_frame, prof = [], None
+        for i in range(repeats):
+            prof = cProfile.Profile() if profile and i == repeats - 1 else None
+            per_frame.append(await publish(frames, prof) / frames)
+        if prof is not None:
+            pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+        await asyncio.sleep(0.2)  # the last frames read off the viewers' sockets
+        received = [await packets_received(viewer) for _, viewer in pairs]
+    finally:
+        for relay, viewer in pairs:
+            await relay.close()
+            await viewer.close()
+        release()
+    frame_us = statistics.median(per_frame) * 1e6
+    return {
+        "viewers": viewers, "pushed": pushed, "frames": frames, "repeats": repeats,
+        "publish_us_per_frame": round(frame_us, 1), "us_per_viewer_frame": round(frame_us / viewers, 1),
+        "each_repeat_us_per_viewer_frame": [round(s * 1e6 / viewers, 1) for s in per_frame],
+        "packets_received_min": min(received),
+    }  # fmt: skip
+
+
+async def packets_received(viewer: RTCPeerConnection) -> int:
+    """RTP packets the viewer's receiver took (its inbound-rtp stats)."""
+    stats = await viewer.getStats()
+    return sum(getattr(s, "packetsReceived", 0) for s in stats.values() if s.type == "inbound-rtp")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.sendpath", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--viewers", type=int, default=32)
+    ap.add_argument("--frames", type=int, default=300, help="frames measured per repeat")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--profile", action="store_true", help="cProfile the last repeat (to stderr)")
+    args = ap.parse_args(argv)
+    if args.viewers < 1 or args.frames < 1 or args.repeats < 1:
+        ap.error("--viewers, --frames and --repeats must be at least 1")
+    print(json.dumps(asyncio.run(measure(args.viewers, args.frames, args.repeats, args.profile))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
