@@ -83,9 +83,10 @@ REORDER_PROBE_PACKETS = 12
 GOP_KEEP_BYTES = 8 * 2**20
 JPEG_WAIT = 0.5  # seconds the JPEG thread waits for a new unit before it looks at whether it is still wanted
 JPEG_SLACK = 0.9  # a keyframe a little early for a snapshot interval is taken, not skipped for the next GOP
-# Seconds between two log lines about one camera started afresh (its watch failed, it went silent): a camera that
-# fails at every start says so once in this long, the restarts in between counted in its status.
-RESTART_LOG_INTERVAL = 10.0
+# Seconds between two log lines about one camera started afresh, and the least between two restarts of it for a
+# failure (its watch or a command raised): a camera whose every watch raises is restarted once in this long, not at
+# every tick, and says so in one line (the failures in between counted into the next).
+RESTART_INTERVAL = 10.0
 
 
 class NeedsOwnProcess(Exception):
@@ -904,7 +905,8 @@ class Cameras:
         self.pipelines = [make(i) for i in range(count)]
         self.replaced = 0  # pipelines started afresh
         self.left_behind: list[Pipeline] = []  # replaced, some thread of theirs still running
-        self._restart_log = [Throttled(log, RESTART_LOG_INTERVAL) for _ in range(count)]
+        self._restart_log = [Throttled(log, RESTART_INTERVAL) for _ in range(count)]
+        self._restarted_at = [float("-inf")] * count  # monotonic
 
     @property
     def shared(self) -> bool:
@@ -937,13 +939,13 @@ class Cameras:
             pipeline = self.get(camera)
             if pipeline is None:
                 log.warning("command %r for camera %d: this worker has %d", cmd, camera, len(self.pipelines))
-            elif cmd == ipc.CMD_RESTART:
+            elif cmd == ipc.CMD_RESTART:  # the relay asks at most once in its CAMERA_RESTART_INTERVAL
                 self._replace(camera, "the relay could not handle its messages")
             else:
                 try:
                     _apply(pipeline, cmd, arg)
                 except Exception as exc:
-                    self._replace(camera, f"its command {cmd!r} failed: {type(exc).__name__}: {exc}", exc)
+                    self._failed(camera, f"its command {cmd!r}", exc)
 
     def tick(self) -> None:
         """Each camera's watch (``Pipeline.tick``), and a new pipeline for any that needs one."""
@@ -953,7 +955,7 @@ class Cameras:
                 try:
                     pipeline.tick()
                 except Exception as exc:  # one camera's bug is not the others' restart
-                    self._replace(camera, f"its watch failed: {type(exc).__name__}: {exc}", exc)
+                    self._failed(camera, "its watch", exc)
                     continue
                 why = self._why_restart(pipeline)
                 if why:
@@ -969,6 +971,15 @@ class Cameras:
         if watched and silent >= ipc.OUTPUT_STALL:
             return f"sent nothing (no frame, no slate) for {silent:.1f}s"
         return ""
+
+    def _failed(self, camera: int, what: str, exc: Exception) -> None:
+        """With ``_lock`` held: ``what`` raised ``exc``; the camera restarted, at most once per ``RESTART_INTERVAL``."""
+        why = f"{what} failed: {type(exc).__name__}: {exc}"
+        if time.monotonic() - self._restarted_at[camera] >= RESTART_INTERVAL:
+            self._replace(camera, why, exc)
+        else:
+            self._restart_log[camera].warn("stream=%s %s; restarted less than %gs ago", self.pipelines[camera].name,
+                                           why, RESTART_INTERVAL)  # fmt: skip
 
     def _replace(self, camera: int, why: str, exc: Exception | None = None) -> None:
         """With ``_lock`` held: camera ``camera`` started afresh in a new pipeline."""
@@ -992,6 +1003,7 @@ class Cameras:
         new.request_keyframe()  # its viewers start again from an IDR
         self.pipelines[camera] = new
         self.replaced += 1
+        self._restarted_at[camera] = time.monotonic()
         self.left_behind.append(old)
         new.start()
 
