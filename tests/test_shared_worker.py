@@ -1,6 +1,9 @@
-"""RTSP cameras sharing one worker process (``[video] cameras_per_worker``): each still reaches viewers and RTSP
-readers frame by frame, a camera that hangs leaves the others running, a worker that dies restarts all of its
-cameras with viewers kept, and a capture thread stuck for good is started afresh while the others carry on.
+"""RTSP cameras sharing one worker process (``[video] cameras_per_worker``, 8 by default): each still reaches
+viewers and RTSP readers frame by frame, a camera that hangs leaves the others running, a worker that dies
+restarts all of its cameras with viewers kept; inside the worker, a camera stuck for good, silent (its encode
+thread dead) or whose watch raises is started afresh alone while the others carry on; a failure in the relay's
+handling of one camera's messages restarts that camera alone; a camera that needs a transcode or FFmpeg's demuxer
+moves to a process of its own; stopping stops every camera at once.
 
 Cameras are ``benchmarks/rtspcams.py``'s (``start_camera``), read by a real relay in passthrough; readers are PyAV
 over RTSP and aiortc over WHEP. Frames are judged by their timestamps (a frame missing is a step of two frame
@@ -26,7 +29,7 @@ from relay import ipc
 from relay.backoff import Retry
 from relay.camera import audio, capture, worker
 from relay.camera.capture import SourceError
-from relay.config import StreamConfig
+from relay.config import StreamConfig, VideoConfig
 from relay.ipc import EncoderSettings
 from relay.source import parse_source_spec
 from relay.stream import Stream, share_workers
@@ -37,7 +40,7 @@ from .test_passthrough_out import DEADLINE, until
 from .test_rtsp import rtsp_url, wait_published
 
 FPS = 30
-SHARING = 8  # cameras a worker process, as a user who opts into sharing would set it (the default is 1)
+SHARING = VideoConfig().cameras_per_worker  # cameras a worker process: the default
 STEP = 90_000 // FPS  # a frame's step of the 90 kHz clock
 FRAMES = 2 * FPS  # frames each reader checks
 
@@ -299,6 +302,12 @@ async def test_a_camera_that_needs_a_transcode_leaves_the_shared_worker_for_one_
             tap.close()
         async with http.get(relay.base + "/api/v1/streams") as resp:
             api = {s["name"]: s for s in (await resp.json())["streams"]}
+        # The shared process, restarted, runs only the camera still in it (as camera 0 of one).
+        os.killpg(pid, signal.SIGKILL)
+        await until(lambda: p.stats.worker_restarts == 1, "the shared worker restarted")
+        passed = p.stats.frames_passed_through
+        await until(lambda: p.stats.frames_passed_through > passed + FPS, "the plain camera in the new process")
+        after = (p.camera, o.stats.worker_restarts, o.pid == pids[1])
     finally:
         await runner.cleanup()
     assert pids[0] == pid and pids[1] not in (None, pid), "the odd camera in a process of its own, the plain stays"
@@ -307,6 +316,7 @@ async def test_a_camera_that_needs_a_transcode_leaves_the_shared_worker_for_one_
     assert (api["plain"]["mode"], api["plain"]["restarts"]) == ("passthrough", 0)
     assert gaps(tap.pts) == [], "every frame of the plain camera, throughout"
     assert all(frame_clock(f) is not None for f in seen), "the viewer decodes the transcoded camera"
+    assert after == (0, 0, True), "the moved camera untouched by its old process's restart"
 
 
 # -- a shared worker's cameras in this process (``worker.Cameras``), real pipelines and threads, faults injected
