@@ -546,7 +546,8 @@ class Worker:
         """The process runs several cameras (its cameras neither transcode nor use FFmpeg's demuxer there)."""
         return len(self.streams) > 1
 
-    def _members(self) -> list[Stream]:
+    def members(self) -> list[Stream]:
+        """Its streams still in it (not moved out), by camera index."""
         return [s for s in self.streams if s.worker is self]
 
     def start(self, stream: Stream) -> None:
@@ -583,7 +584,7 @@ class Worker:
             proc.stdin.write(ipc.command(camera, cmd))
 
     def _started(self, proc: Process) -> None:
-        for stream in self._members():
+        for stream in self.members():
             stream.worker_started()
 
     async def _run(self, proc: Process) -> None:
@@ -595,7 +596,7 @@ class Worker:
             await cancel_and_wait(watchdog)
 
     async def _ended(self, code: int | None) -> None:
-        members = self._members()
+        members = self.members()
         for stream in members:
             stream.worker_ended()
         if members and len(members) < len(self.streams):  # the next process runs only those still here
@@ -642,7 +643,7 @@ class Worker:
     async def _watchdog(self, proc: Process) -> None:
         while proc.returncode is None:
             await asyncio.sleep(WATCHDOG_PERIOD)
-            members = self._members()
+            members = self.members()
             if not members:
                 return
             silent = time.monotonic() - max(s.last_unit for s in members)
