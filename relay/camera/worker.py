@@ -960,7 +960,8 @@ class Cameras:
                 why = self._why_restart(pipeline)
                 if why:
                     self._replace(camera, why)
-        self.left_behind = [p for p in self.left_behind if not p.release()]
+        with self._lock:
+            self.left_behind = [p for p in self.left_behind if not p.release()]
 
     def _why_restart(self, pipeline: Pipeline) -> str:
         if pipeline.stuck:
@@ -987,10 +988,10 @@ class Cameras:
         if not self.shared and old.stuck:
             log.error("stream=%s %s; restarting the worker", old.name, why)
             os._exit(EXIT_STUCK)
+        others = f" (the worker's {len(self.pipelines) - 1} others carry on)" if self.shared else ""
         self._restart_log[camera].warn(
-            "stream=%s %s; starting the camera afresh (the worker's %d others carry on)",
-            old.name, why, len(self.pipelines) - 1, exc_info=exc,
-        )  # fmt: skip
+            "stream=%s %s; starting the camera afresh%s", old.name, why, others, exc_info=exc
+        )
         try:
             counted = old.status()
         except Exception:  # what failed may be its status: its last counts are then those before it
