@@ -135,6 +135,25 @@ def test_shared_workers_keep_the_streams_retry_and_a_group_too_big_for_the_envir
     assert all(w._child._retry is retry for w in workers)
 
 
+async def test_a_shared_worker_s_log_lines_are_the_process_s_not_its_first_camera_s(caplog):
+    """Before: a worker's log lines went through its first camera's stream: dropped once that stream was closing,
+    while the others still ran, and a bad one blamed on that camera. Now the worker's own pipe reader logs them."""
+    caplog.set_level(logging.INFO)
+    settings = EncoderSettings(1_000_000, 30.0, 1.0)
+    first, second = (
+        Stream(n, parse_source_spec(f"rtsp://10.0.0.{i}/s"), settings, 640, 360) for i, n in enumerate("ab")
+    )
+    (shared,) = share_workers([first, second], per_worker=2)
+    first.closing = True  # closing first, as streams do one by one
+    pipe = asyncio.StreamReader()
+    line = {"level": logging.WARNING, "logger": "relay.camera.worker", "message": "stream=b source error: gone"}
+    pipe.feed_data(ipc.pack_json(ipc.LOG, line) + ipc.pack(ipc.LOG, b"not json"))
+    pipe.feed_eof()
+    await shared.read(pipe)
+    assert lines(caplog, "stream=b source error: gone") != [], "the second camera's line, its first stream closing"
+    assert lines(caplog, "streams=a,b worker bad log record") != [] and lines(caplog, "stream=a") == []
+
+
 async def test_cameras_sharing_a_worker_each_reach_rtsp_readers_and_viewers_frame_by_frame(start_camera, http):
     """Two live cameras in one worker process: each stream's hub gets every frame (no step of two frames), PyAV
     reading each from camrelay's RTSP decodes every frame with the camera's pixel clock, and a WebRTC viewer of
