@@ -92,8 +92,8 @@ from relay.rtsp import find_mediamtx
 from relay.source import parse_size
 
 SYSTEMS = ("camrelay-transcode", "camrelay-passthrough", "mediamtx")
-# Also runnable, not in the default sweep: camrelay passing through with a worker process per camera (the
-# config's default, [video] cameras_per_worker = 1), beside camrelay-passthrough's shared workers (8 a process).
+# Also runnable, not in the default sweep: camrelay passing through with a worker process per camera
+# ([video] cameras_per_worker = 1), beside camrelay-passthrough's shared workers (the config's default, 8 a process).
 EXTRA_SYSTEMS = ("camrelay-passthrough-solo",)
 MODES = {
     "camrelay-transcode": "transcode",
@@ -101,11 +101,7 @@ MODES = {
     "camrelay-passthrough-solo": "passthrough",
 }
 # The environment each camrelay system runs with, beyond the load benchmark's.
-SHARED_WORKER = "8"  # cameras a worker process for camrelay-passthrough, as its figures in docs/benchmarks.md were
-SYSTEM_ENV = {
-    "camrelay-passthrough": {"CAMRELAY_VIDEO_CAMERAS_PER_WORKER": SHARED_WORKER},
-    "camrelay-passthrough-solo": {"CAMRELAY_VIDEO_CAMERAS_PER_WORKER": "1"},
-}
+SYSTEM_ENV = {"camrelay-passthrough-solo": {"CAMRELAY_VIDEO_CAMERAS_PER_WORKER": "1"}}
 LIVE = "clock"  # the live camera's path (camrelay keeps "live" for its first stream); the looped: cam0, ...
 VIEWERS_PER_CAMERA = 2
 # Light viewers per worker process. They count frames at SRTP (peers.py, "webrtc-rtp"): aiortc's own receive

@@ -56,10 +56,23 @@ CMD_MAX_FPS = b"R"  # followed by one byte: the highest frame rate to encode (0:
 # JPEGs of keyframes only, followed by one byte: the fewest seconds between two (a recorder's snapshots). A camera
 # passed through then decodes one picture a GOP or an interval, whichever is rarer, not every one.
 CMD_JPEG_KEYFRAMES = b"k"
+# Start the camera afresh in its worker (a new pipeline, its counters carried on): the relay's handling of its
+# messages failed. The worker's other cameras go on.
+CMD_RESTART = b"X"
+
+# Seconds a camera may send nothing (no frame, no slate: it sends the slate when its source has nothing) before it
+# is taken as stuck: its worker process killed by the relay's watchdog when no camera of it sends, the camera alone
+# started afresh by its worker's watch when others of it do. A fresh process or camera is given
+# OUTPUT_STARTUP_GRACE first: it imports PyAV and opens its source.
+OUTPUT_STALL = 3.0
+OUTPUT_STARTUP_GRACE = 15.0
 
 
 # Cameras one worker process may run: a command names its camera in one byte.
 MAX_CAMERAS_PER_WORKER = 255
+# Bytes of WORKER_CONFIG_ENV's value: Linux refuses a process whose one environment string ("NAME=value") is over
+# MAX_ARG_STRLEN (128 KiB), and 255 cameras with long URLs would pass it. The relay splits a group past this.
+MAX_CONFIG_ENV = 120 * 1024
 
 
 class ProtocolError(Exception):
@@ -162,7 +175,7 @@ def command(camera: int, cmd: bytes) -> bytes:
 
 
 _WITH_ARGUMENT = (CMD_MAX_FPS, CMD_JPEG_KEYFRAMES)
-_WITHOUT_ARGUMENT = (CMD_KEYFRAME, CMD_JPEG_ON, CMD_JPEG_OFF)
+_WITHOUT_ARGUMENT = (CMD_KEYFRAME, CMD_JPEG_ON, CMD_JPEG_OFF, CMD_RESTART)
 
 
 def parse_commands(data: bytes) -> tuple[list[tuple[int, bytes, int | None]], bytes]:
@@ -289,6 +302,8 @@ class Counters:
     audio_source_errors: int = 0
     audio_packets_dropped: int = 0  # RTP packets of a camera's sound that could not be read (or came late)
     audio_cpu_seconds: float = 0.0  # of the worker's audio thread: capture and Opus encode
+    # Times the camera was started afresh inside its worker process (stuck, silent, failed): the others went on
+    camera_restarts: int = 0
 
 
 # Counters the worker's STATUS reports for the relay to add up; the relay counts the encoded frames itself.
@@ -306,6 +321,7 @@ WORKER_COUNTERS = (
     "audio_source_errors",
     "audio_packets_dropped",
     "audio_cpu_seconds",
+    "camera_restarts",
 )
 
 
@@ -333,6 +349,9 @@ class WorkerStatus(Counters):
     audio_bitrate: int = 0  # bits a second the Opus encoder is set to
     audio_encode_ms: float = 0.0  # one 20 ms frame's encode, smoothed
     audio_last_error: str = ""
+    # Why the camera needs a worker process of its own ("" if not): in a shared one it turned out to need a
+    # transcode or FFmpeg's demuxer (which hold the GIL the others share); it stopped, for the relay to move it.
+    own_process: str = ""
     started: float = field(default_factory=time.time)
 
     def to_json(self) -> bytes:

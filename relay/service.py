@@ -302,7 +302,7 @@ class Relay:
     def _process_ids(self) -> dict[str, int | None]:
         pids: dict[str, int | None] = {"relay": os.getpid()}
         for name, stream in self.streams.items():
-            if stream.camera == 0:  # a worker shared by several cameras is named once, by its first
+            if stream is stream.worker.members()[0]:  # a worker shared by several cameras is named once, by its first
                 pids[f"worker-{name}"] = stream.pid
         pids["mediamtx"] = self.mediamtx.pid if self.mediamtx else None
         for shard in self.sessions.shards():

@@ -51,7 +51,10 @@ class StreamStatus:
     frames_dropped: dict[str, int] = field(
         default_factory=dict
     )  # encoder_busy, corrupt, viewer_lag, thermal, source_loss
-    restarts: int = 0  # of the worker
+    restarts: int = 0  # of the camera, in all: its worker process's, in its worker, moves to a process of its own
+    worker_restarts: int = 0  # its worker process restarted (a shared one's: every camera of it)
+    camera_restarts: int = 0  # started afresh inside its worker (stuck, silent, failed), the others untouched
+    worker_moves: int = 0  # left a shared worker for a process of its own (a transcode or FFmpeg's demuxer)
     source_errors: int = 0
     source: str = ""
     width: int = 0
@@ -113,7 +116,9 @@ class StreamStatus:
             "keyframes": self.keyframes,
             "keyframes_forced": self.keyframes_forced,
             "encode_ms": round(self.encode_ms, 2),
-            "worker_restarts": self.restarts,
+            "worker_restarts": self.worker_restarts,
+            "camera_restarts": self.camera_restarts,
+            "worker_moves": self.worker_moves,
             "restarts": self.restarts,
             "rtsp_path": None,
             "rtsp_live_alias": False,
@@ -177,7 +182,11 @@ class StreamStatus:
                 "camrelay_stream_keyframe_requests_ignored_total", "counter",
                 "Keyframe requests a passed-through camera cannot answer.", self.keyframe_requests_ignored, labels,
             ),
-            Metric("camrelay_stream_restarts_total", "counter", "Worker restarts.", self.restarts, labels),
+            Metric(
+                "camrelay_stream_restarts_total", "counter",
+                "Restarts of the stream's camera: its worker process, in its worker, moves to a process of its own.",
+                self.restarts, labels,
+            ),
             Metric("camrelay_stream_source_errors_total", "counter", "Source failures.", self.source_errors, labels),
         ]  # fmt: skip
         out += [

@@ -31,7 +31,7 @@ from .backoff import Retry
 from .hub import EncodedFrame, PacketHub
 from .ipc import EncoderSettings
 from .lag import DEFAULT_MAX_LAG
-from .logsafe import SECRET_FILTER, redact, url_passwords
+from .logsafe import SECRET_FILTER, Throttled, redact, url_passwords
 from .mjpeg import JpegFeed
 from .source import SourceSpec, shares_worker
 from .status import ConsumerStats, Metric, StreamStatus
@@ -39,10 +39,14 @@ from .supervise import Process, python_child
 
 log = logging.getLogger(__name__)
 
-# A worker sends a frame (the slate, if its camera is gone) at the stream's
-# rate; this long without one means the process itself is stuck: kill it.
-WORKER_STALL = 3.0
-WORKER_STARTUP_GRACE = 15.0  # a fresh worker imports PyAV and opens its source first
+# A worker sends a frame (the slate, if its camera is gone) at the stream's rate; this long without one from any
+# of its cameras means the process itself is stuck: kill it. (A camera of a shared worker that alone goes silent
+# is started afresh by the worker's own watch, with the same bound.)
+WORKER_STALL = ipc.OUTPUT_STALL
+WORKER_STARTUP_GRACE = ipc.OUTPUT_STARTUP_GRACE  # a fresh worker imports PyAV and opens its source first
+# Seconds between two restarts the relay asks of one camera whose messages it failed to handle (and between two
+# log lines about it): a bug that hits every frame is one line and one restart in this long, not thirty a second.
+CAMERA_RESTART_INTERVAL = 10.0
 WATCHDOG_PERIOD = 0.5
 PIPE_LIMIT = 1 << 20  # reader buffer and the most one read takes; one 4K JPEG fits
 # A camera passed through has no encoder to slow, and skipping its frames is not sound: with no B-frames every
@@ -77,8 +81,9 @@ AUDIO_STATUS = (
 class StreamStats(ipc.Counters):
     """A stream's counters over every worker it has run (the encoded frames as the relay received them)."""
 
-    worker_restarts: int = 0
+    worker_restarts: int = 0  # its worker process's (every camera of a shared one counts it)
     worker_stalls: int = 0
+    worker_moves: int = 0  # left a shared worker for a process of its own (it needed a transcode or the demuxer)
     frames_passed_through: int = 0  # the camera's own access units, neither decoded nor encoded
     # Keyframe requests (joins, PLI, FIR) while the source is passed through: a camera cannot be asked for one.
     keyframe_requests_ignored: int = 0
@@ -150,6 +155,7 @@ class Stream:
             audio,
         )
         # Its worker process: one of its own, unless the relay puts it in a shared one (``Worker``) before start.
+        self.retry = retry
         self.worker = Worker([self], retry)
         self.camera = 0  # its index in its worker
         self.closing = False
@@ -198,7 +204,7 @@ class Stream:
     def start(self) -> None:
         """The worker, then each consumer in turn; one that fails to start raises (``close()`` stops the rest)."""
         self.state = "starting"
-        self.worker.start()
+        self.worker.start(self)
         for consumer in self.consumers:
             consumer.start()
             self._started.append(consumer)
@@ -207,7 +213,7 @@ class Stream:
         """Its consumers (those that started, all at once), then its worker."""
         self.closing = True
         await asyncio.gather(*(self._close(c) for c in self._started))
-        await self.worker.release()
+        await self.worker.release(self)
         self.hub.close()
         self.audio.close()
         self.encoders_running = 0
@@ -251,7 +257,10 @@ class Stream:
                 "thermal": st.frames_dropped_thermal,
                 "source_loss": st.frames_dropped_source_loss,
             },
-            restarts=st.worker_restarts,
+            restarts=st.worker_restarts + st.camera_restarts + st.worker_moves,
+            worker_restarts=st.worker_restarts,
+            camera_restarts=st.camera_restarts,
+            worker_moves=st.worker_moves,
             source_errors=st.source_errors,
             source=str(self.spec),
             width=self.width,
@@ -420,6 +429,13 @@ class Stream:
             self.encoders_running = 0
             self.state = "restarting"
 
+    def moved(self) -> None:
+        """It left its shared worker for a process of its own: that one's counters start from the shared one's."""
+        self._fold_counts()
+        self.stats.worker_moves += 1
+        self.encoders_running = 0
+        self.state = "starting"
+
     async def read_worker(self, pipe: asyncio.StreamReader) -> None:
         """Its worker's messages (``relay.ipc``) from ``pipe``, until it ends or turns out corrupt."""
         await self.worker.read(pipe)
@@ -435,16 +451,11 @@ class Stream:
             self.jpegs.publish(msg.payload, msg.capture_time)
         elif msg.kind == ipc.STATUS:
             try:
-                self._on_status(ipc.WorkerStatus.from_json(msg.payload))
+                status = ipc.WorkerStatus.from_json(msg.payload)
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("stream=%s bad status from worker: %r", self.name, exc)
-        elif msg.kind == ipc.LOG:
-            try:
-                record = msg.json()
-                message = redact(record["message"], SECRET_FILTER.secrets)  # the worker's own, checked
-                logging.getLogger(record["logger"]).log(record["level"], "%s", message)
-            except (ValueError, KeyError, TypeError):
-                log.error("stream=%s bad log record from worker", self.name)
+                return
+            self._on_status(status)
 
     def _on_unit(self, msg: ipc.Message) -> None:
         self.last_unit = time.monotonic()
@@ -484,6 +495,8 @@ class Stream:
         self._slate = s.slate
         self._audio_status = {key: getattr(s, key) for key in AUDIO_STATUS}
         self._audio_status["audio_last_error"] = redact(s.audio_last_error, SECRET_FILTER.secrets)
+        if s.own_process and self.worker.shared:
+            self.worker.move_out(self, s.own_process)
 
     def _fold_counts(self) -> None:
         """A worker ended: keep its counters as the base for the next one."""
@@ -496,12 +509,15 @@ class Worker:
     that share it (``[video] cameras_per_worker``, ``share_workers``): started with its first stream, stopped
     with its last, restarted with backoff when it dies (every camera in it restarts: their hubs and subscribers
     are kept). Its pipe carries every camera's messages, each naming its camera (``ipc.Message.camera``), and
-    its stdin every camera's commands. A camera that hangs is the worker's business (each camera has its own stall
-    watch and slate there); the relay's watchdog kills the process when no camera of it sent a frame for
-    ``WORKER_STALL`` (every camera sends the slate when its own is gone), that is when the process is stuck."""
+    its stdin every camera's commands. A camera that hangs or goes silent is the worker's business (each camera has
+    its own stall watch, slate and output watch there); the relay's watchdog kills the process when no camera of it
+    sent a frame for ``WORKER_STALL`` (every camera sends the slate when its own is gone), that is when the process
+    is stuck. A failure to handle one camera's message restarts that camera alone (``ipc.CMD_RESTART``); a camera
+    that turns out to need a process of its own (its status's ``own_process``) moves to one (``move_out``)."""
 
     def __init__(self, streams: list[Stream], retry: Retry | None = None) -> None:
-        self.streams = streams
+        self.streams = streams  # by camera index in the process; a stream that moved out keeps its slot till then
+        self._retry = retry
         for camera, stream in enumerate(streams):
             stream.worker, stream.camera = self, camera
         names = [s.name for s in streams]
@@ -516,25 +532,51 @@ class Worker:
             retry=retry,
             limit=PIPE_LIMIT,
         )
-        self._open = 0  # its streams started and not closed
+        self._open: set[str] = set()  # its streams started and not closed (or moved out)
         self._supervised = False
+        self._failures: dict[str, Throttled] = {}  # per stream: its messages' handling failed
+        self._stopping: asyncio.Task[None] | None = None  # the process stopped once every stream moved out
 
     @property
     def pid(self) -> int | None:
         return self._child.pid
 
-    def start(self) -> None:
+    @property
+    def shared(self) -> bool:
+        """The process runs several cameras (its cameras neither transcode nor use FFmpeg's demuxer there)."""
+        return len(self.streams) > 1
+
+    def members(self) -> list[Stream]:
+        """Its streams still in it (not moved out), by camera index."""
+        return [s for s in self.streams if s.worker is self]
+
+    def start(self, stream: Stream) -> None:
         """A stream of it starts: the process, with the first."""
-        self._open += 1
+        self._open.add(stream.name)
         if not self._supervised:
             self._supervised = True
             self._child.supervise()
 
-    async def release(self) -> None:
+    async def release(self, stream: Stream) -> None:
         """A stream of it closed: the process stops with the last (the others' cameras go on meanwhile)."""
-        self._open -= 1
-        if self._open <= 0:
+        self._open.discard(stream.name)
+        if not self._open:
             await self._child.stop()
+
+    def move_out(self, stream: Stream, reason: str) -> None:
+        """``stream``'s camera needs a process of its own (it stopped in this one): it gets one, its hub and
+        viewers kept as on any restart; this process goes on with the others (and is stopped if none is left)."""
+        if stream.worker is not self:
+            return
+        log.info("stream=%s moves to a worker process of its own: %s", stream.name, reason)
+        started = stream.name in self._open
+        self._open.discard(stream.name)
+        stream.moved()
+        solo = Worker([stream], self._retry)
+        if started:
+            solo.start(stream)
+        if self._supervised and not self._open and self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_task(self._child.stop())
 
     def command(self, camera: int, cmd: bytes) -> None:
         proc = self._child.proc
@@ -542,7 +584,7 @@ class Worker:
             proc.stdin.write(ipc.command(camera, cmd))
 
     def _started(self, proc: Process) -> None:
-        for stream in self.streams:
+        for stream in self.members():
             stream.worker_started()
 
     async def _run(self, proc: Process) -> None:
@@ -554,8 +596,14 @@ class Worker:
             await cancel_and_wait(watchdog)
 
     async def _ended(self, code: int | None) -> None:
-        for stream in self.streams:
+        members = self.members()
+        for stream in members:
             stream.worker_ended()
+        if members and len(members) < len(self.streams):  # the next process runs only those still here
+            self.streams = members
+            for camera, stream in enumerate(members):
+                stream.camera = camera
+            self._child.env[ipc.WORKER_CONFIG_ENV] = ipc.configs_to_json([s.worker_config for s in members])
 
     async def read(self, pipe: asyncio.StreamReader) -> None:
         """The worker's messages (``relay.ipc``) from its stdout, each to its camera's stream, until it ends or
@@ -568,16 +616,39 @@ class Worker:
     def _on_message(self, msg: ipc.Message) -> None:
         if msg.camera >= len(self.streams):
             raise ipc.ProtocolError(f"a message for camera {msg.camera}; the worker has {len(self.streams)}")
+        if msg.kind == ipc.LOG:  # the process's, whichever camera it is about (the line names its stream)
+            self._on_log(msg)
+            return
         stream = self.streams[msg.camera]
-        if not stream.closing:
+        if stream.closing or stream.worker is not self:
+            return
+        try:
             stream.on_message(msg)
+        except Exception as exc:  # one camera's message, not the process's other cameras' restart
+            failures = self._failures.setdefault(stream.name, Throttled(log, CAMERA_RESTART_INTERVAL))
+            if failures.warn(
+                "stream=%s its worker's message could not be handled (%s: %s); restarting the camera",
+                stream.name, type(exc).__name__, exc, exc_info=exc,
+            ):  # fmt: skip
+                self.command(stream.camera, ipc.CMD_RESTART)
+
+    def _on_log(self, msg: ipc.Message) -> None:
+        try:
+            record = msg.json()
+            message = redact(record["message"], SECRET_FILTER.secrets)  # the worker's own, checked
+            logging.getLogger(record["logger"]).log(record["level"], "%s", message)
+        except (ValueError, KeyError, TypeError):
+            log.error("%s bad log record", self.name)
 
     async def _watchdog(self, proc: Process) -> None:
         while proc.returncode is None:
             await asyncio.sleep(WATCHDOG_PERIOD)
-            silent = time.monotonic() - max(s.last_unit for s in self.streams)
+            members = self.members()
+            if not members:
+                return
+            silent = time.monotonic() - max(s.last_unit for s in members)
             if silent > WORKER_STALL and proc.returncode is None:
-                for stream in self.streams:
+                for stream in members:
                     stream.stats.worker_stalls += 1
                 log.error("%s sent nothing for %.1fs; killing it", self.name, silent)
                 signal_group(proc, signal.SIGKILL)
@@ -586,12 +657,23 @@ class Worker:
 
 def share_workers(streams: list[Stream], per_worker: int) -> list[Worker]:
     """Before they start: the streams that may share a worker (``relay.source.shares_worker``), in order,
-    ``per_worker`` to a process; the others keep one each."""
+    ``per_worker`` to a process (fewer where their configs would pass ``ipc.MAX_CONFIG_ENV``); the others keep
+    one each."""
     if per_worker <= 1:
         return []
-    sharing = [s for s in streams if shares_worker(s.spec, s.worker_config.mode)]
-    groups = [sharing[i : i + per_worker] for i in range(0, len(sharing), per_worker)]
-    return [Worker(group) for group in groups if len(group) > 1]
+    groups: list[list[Stream]] = []
+    size = 0  # of the last group's configs, as configs_to_json writes them
+    for stream in streams:
+        if not shares_worker(stream.spec, stream.worker_config.mode):
+            continue
+        more = len(stream.worker_config.to_json()) + 1
+        if groups and len(groups[-1]) < per_worker and size + more <= ipc.MAX_CONFIG_ENV:
+            groups[-1].append(stream)
+            size += more
+        else:
+            groups.append([stream])
+            size = 1 + more
+    return [Worker(group, group[0].retry) for group in groups if len(group) > 1]
 
 
 def jpeg_command(demand: float | None) -> bytes:

@@ -152,7 +152,7 @@ def make_config(
     allowed_hosts: tuple[str, ...] = (),
     playout_delay: tuple[int, int] | None | str = "default",
     shards: int = 1,
-    cameras_per_worker: int = 1,
+    cameras_per_worker: int = VideoConfig().cameras_per_worker,  # the config's default: what users get
 ) -> Config:
     return Config(
         streams=streams or (StreamConfig("cam0", SourceSpec("test", "")),),

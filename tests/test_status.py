@@ -73,14 +73,15 @@ def test_a_status_shows_the_same_numbers_in_the_api_the_line_and_the_metrics():
     )
     viewers = ConsumerStats({"viewers": 3, "viewers_connected": 2}, (), viewers=2)
     status = StreamStatus(
-        "cam0", "live", keyframes_forced=4, restarts=1,
+        "cam0", "live", keyframes_forced=4, restarts=3, worker_restarts=1, camera_restarts=2,
         frames_dropped={"encoder_busy": 1, "corrupt": 2, "viewer_lag": 3, "thermal": 5},
         consumers=[viewers, whip, ConsumerStats({"whip": [{"url": "https://other/..."}]})],
     )  # fmt: skip
     status.viewers = sum(c.viewers for c in status.consumers)
     api = status.api()
     assert api["frames_dropped"] == {"encoder_busy": 1, "corrupt": 2, "viewer_lag": 3, "thermal": 5}
-    assert (api["viewers"], api["viewers_connected"], api["restarts"], api["worker_restarts"]) == (3, 2, 1, 1)
+    assert (api["viewers"], api["viewers_connected"], api["restarts"], api["worker_restarts"]) == (3, 2, 3, 1)
+    assert (api["camera_restarts"], api["worker_moves"]) == (2, 0)
     assert [w["url"] for w in api["whip"]] == ["https://engine/...", "https://other/..."]  # every publisher's
     assert "viewers=2" in status.log_part() and "dropped=11" in status.log_part()
     families = {f.name: f for f in text_string_to_metric_families(prometheus(Snapshot(streams=[status])))}

@@ -240,12 +240,29 @@ class AudioPipeline:
         self._thread.start()
 
     def stop(self) -> None:
+        self.halt()
+        self.join(THREAD_JOIN_TIMEOUT)
+
+    def halt(self) -> None:
+        """Its thread told to stop, its source closed (which ends a pending read); not waited for."""
         self._stop.set()
         source = self._source
         if source is not None:
             source.close()
+
+    def join(self, timeout: float) -> None:
         if self._thread is not None:
-            self._thread.join(THREAD_JOIN_TIMEOUT)
+            self._thread.join(max(0.0, timeout))
+
+    def abandon(self) -> None:
+        """Halted, and whatever its thread still makes goes nowhere: its camera goes on in a new pipeline, whose
+        sound is its own (two writers of one camera's sound were two streams of packets in one)."""
+        self._emit = lambda data: None
+        self.halt()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def status(self) -> dict[str, object]:
         """Its part of the worker's ``ipc.WorkerStatus``."""

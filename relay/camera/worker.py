@@ -38,7 +38,7 @@ from ..backoff import Retry
 from ..devices import offers_h264
 from ..h264 import H264Error, ParameterSets
 from ..ipc import KEYFRAME_MIN_INTERVAL, EncoderSettings
-from ..logsafe import SECRET_FILTER, ForwardingHandler, redact, url_passwords
+from ..logsafe import SECRET_FILTER, ForwardingHandler, Throttled, redact, url_passwords
 from ..source import ModeDecision, PassthroughRefused, decide_mode, parse_source_spec
 from .capture import CapturedFrame, PacketSource, Source, SourceClock, SourceError, UseDemuxer, open_source
 from .encode import PTS_CLOCK, DecodeError, H264Encoder, JpegDecoder, JpegEncoder
@@ -83,6 +83,15 @@ REORDER_PROBE_PACKETS = 12
 GOP_KEEP_BYTES = 8 * 2**20
 JPEG_WAIT = 0.5  # seconds the JPEG thread waits for a new unit before it looks at whether it is still wanted
 JPEG_SLACK = 0.9  # a keyframe a little early for a snapshot interval is taken, not skipped for the next GOP
+# Seconds between two log lines about one camera started afresh, and the least between two restarts of it for a
+# failure (its watch or a command raised): a camera whose every watch raises is restarted once in this long, not at
+# every tick, and says so in one line (the failures in between counted into the next).
+RESTART_INTERVAL = 10.0
+
+
+class NeedsOwnProcess(Exception):
+    """A camera of a shared worker turned out to need a transcode or FFmpeg's demuxer: both hold the GIL the
+    process's other cameras share. It stops and says why in its status; the relay moves it to a process of its own."""
 
 
 class Mailbox:
@@ -176,9 +185,11 @@ class Pipeline:
         audio: AudioPipeline | None = None,
         audio_tap: AudioTap | None = None,
         camera: int = 0,
+        shared: bool = False,
     ) -> None:
         self.name = name
         self.camera = camera  # its index in the worker: what its messages name
+        self.shared = shared  # the worker runs other cameras: it neither transcodes nor uses FFmpeg's demuxer here
         self.audio = audio  # the stream's sound, on a thread of its own; None without
         self.audio_tap = audio_tap  # where its source's capture thread hands a camera's or file's sound over
         self.size = size  # for the slate until the source reports its own
@@ -227,6 +238,9 @@ class Pipeline:
         self._encoder_retry_at = 0.0  # monotonic time before which frames are not encoded
         self.encoder_failing = False
         self.stuck = False  # its capture thread stayed blocked after its source was closed: to be replaced
+        # Monotonic: when it last showed it works (a unit or the slate sent, the slate's encoder started, a camera's
+        # units held back for their first IDR): ``Cameras`` starts a camera silent for ipc.OUTPUT_STALL afresh.
+        self.last_alive = time.monotonic() + ipc.OUTPUT_STARTUP_GRACE - ipc.OUTPUT_STALL
         # The counters of the pipelines this camera had before in this process (replaced when stuck), added to its
         # own in every status: the relay's counts never go back.
         self.counted_before: ipc.Counters | None = None
@@ -242,11 +256,27 @@ class Pipeline:
             self.audio.start()
 
     def stop(self) -> None:
-        self._halt()
-        for t in (self._capture, self._encode, self._jpegs):
-            if t is not None:
-                t.join(THREAD_JOIN_TIMEOUT)
+        self.halt()
+        self.join(time.monotonic() + THREAD_JOIN_TIMEOUT)
         self._encoder.close()
+
+    def join(self, deadline: float) -> None:
+        """Its threads waited for until ``deadline`` (monotonic), all of them together."""
+        for t in self._threads():
+            t.join(max(0.0, deadline - time.monotonic()))
+        if self.audio is not None:
+            self.audio.join(deadline - time.monotonic())
+
+    def _threads(self) -> list[threading.Thread]:
+        return [t for t in (self._capture, self._encode, self._jpegs) if t is not None]
+
+    def release(self) -> bool:
+        """An abandoned pipeline's encoder closed once its encode thread has ended; whether all its threads have
+        (then nothing of it is left)."""
+        if not any(t.is_alive() for t in self._threads()):
+            self._encoder.close()
+            return self.audio is None or not self.audio.alive
+        return False
 
     def request_keyframe(self) -> None:
         self._keyframe_wanted.set()
@@ -277,17 +307,21 @@ class Pipeline:
         return out
 
     def abandon(self) -> None:
-        """Stop it without waiting for its threads (one is stuck in a driver): its source closed, whatever its
-        threads still do goes nowhere. The camera goes on in a new pipeline."""
+        """Stop it without waiting for its threads (one may be stuck in a driver): its source closed, whatever its
+        threads (its sound's too) still do goes nowhere, the GOP it kept for JPEGs let go. The camera goes on in a
+        new pipeline."""
         self._emit = _discard
-        self._halt()
+        if self.audio is not None:
+            self.audio.abandon()
+        self.halt()
+        self._gop.clear()
 
-    def _halt(self) -> None:
+    def halt(self) -> None:
         """Its threads told to stop, its source closed (which unblocks a pending read); none waited for."""
         self._stop.set()
         self._mailbox.close()
         if self.audio is not None:
-            self.audio.stop()
+            self.audio.halt()
         source = self._source
         if source is not None:
             source.close()
@@ -312,6 +346,7 @@ class Pipeline:
             if self._encode is None and not self._stop.is_set():
                 self._encode = threading.Thread(target=self._encode_loop, name=f"encode-{self.name}", daemon=True)
                 self._encode.start()
+                self.last_alive = time.monotonic()  # its first picture may wait for PyAV's import and x264's open
 
     def _leave_encoding(self) -> bool:
         """Whether the encode thread may end: a passed-through camera delivers again, nothing to encode."""
@@ -351,6 +386,8 @@ class Pipeline:
                 st.source_opens += 1
                 st.width, st.height, st.fps = source.width, source.height, source.fps
                 decision, sets = self._choose_mode(source)
+                if self.shared and not decision.passthrough:
+                    raise NeedsOwnProcess(decision.reason)
                 self._opening = False
                 self._last_read = time.monotonic()  # the stall watch starts now, not when the worker did
                 if not st.slate:  # a source that opens in time has a second for its first frame, as any
@@ -360,6 +397,8 @@ class Pipeline:
                     self._pass_through(source, sets)  # type: ignore[arg-type]
                 else:
                     self._transcode(source)
+            except NeedsOwnProcess as exc:
+                self._leave(str(exc))
             except SourceError as exc:
                 if self._stop.is_set():
                     break
@@ -387,6 +426,14 @@ class Pipeline:
             )
             self._stop.wait(delay)
 
+    def _leave(self, reason: str) -> None:
+        """A camera of a shared worker that needs a process of its own: it stops here, its status says why."""
+        log.info("stream=%s needs a worker process of its own: %s; leaving the shared one", self.name, reason)
+        self.stats.own_process = reason
+        self.stats.state = "starting"  # again, in its own process
+        self.halt()
+        self.push_status()
+
     def _open_source(self) -> Source | PacketSource | RtspSource:
         """The source, open; one that cannot read what the camera sends hands over to one that can (an RTSP
         camera's H.265 to FFmpeg's demuxer). Which reader it is goes in the log when it changes, and the status."""
@@ -397,6 +444,8 @@ class Pipeline:
         except UseDemuxer as exc:
             source.close()
             reason = exc.reason
+            if self.shared:
+                raise NeedsOwnProcess(f"{reason}: FFmpeg's demuxer reads it") from None
             source = self._source = exc.fallback()
             source.open()
         if source.reader != self.stats.reader:
@@ -505,6 +554,7 @@ class Pipeline:
             if self._need_idr and not idr:
                 waiting = self._last_read if waiting is None else waiting
                 if self._last_read - waiting < FIRST_IDR_WAIT:
+                    self.last_alive = self._last_read
                     if not st.slate:  # a camera that sends, up to its first IDR: no slate (nor PyAV to draw it)
                         self._last_frame = self._last_read
                 elif not told:
@@ -528,6 +578,7 @@ class Pipeline:
                 self._emit(
                     ipc.pack(ipc.UNIT, unit, flags=flags, pts=self._pts(when), capture_time=now, camera=self.camera)
                 )
+                self.last_alive = time.monotonic()
 
     def _new_parameter_sets(self, sets: ParameterSets) -> None:
         """The camera changed its SPS or PPS (a new size or profile): still passable, or reopened in auto."""
@@ -681,6 +732,7 @@ class Pipeline:
             self._emit(
                 ipc.pack(ipc.UNIT, data, flags=flags, pts=pts, capture_time=frame.capture_time, camera=self.camera)
             )
+            self.last_alive = time.monotonic()
         if slate:
             self._need_idr = True  # a passed-through camera resumes at an IDR, not on the slate's pictures
 
@@ -803,8 +855,9 @@ def _discard(data: bytes) -> None:
     """Where an abandoned pipeline's messages go."""
 
 
-def make_pipeline(cfg: ipc.WorkerConfig, camera: int, emit: Emit) -> Pipeline:
-    """One camera of the worker, as its ``WorkerConfig`` says, its messages marked as camera ``camera``."""
+def make_pipeline(cfg: ipc.WorkerConfig, camera: int, emit: Emit, shared: bool = False) -> Pipeline:
+    """One camera of the worker, as its ``WorkerConfig`` says, its messages marked as camera ``camera`` (``shared``:
+    the worker runs other cameras too)."""
     spec = parse_source_spec(cfg.source)
     settings = EncoderSettings(cfg.bitrate, spec.fps or cfg.fps, cfg.keyframe_interval, cfg.encoder)
     # A UVC camera that can send H.264 itself is asked for it, unless the stream must transcode.
@@ -831,19 +884,33 @@ def make_pipeline(cfg: ipc.WorkerConfig, camera: int, emit: Emit) -> Pipeline:
         audio=audio,
         audio_tap=tap,
         camera=camera,
+        shared=shared,
     )
 
 
 class Cameras:
     """The worker's cameras, one ``Pipeline`` each (its own threads, its own stall watch), watched from the main
-    thread. A camera whose capture thread stays stuck after its source was closed is started afresh in a new
-    pipeline when the worker has others (they carry on); a worker of one camera ends instead, and the relay starts
-    a new process."""
+    thread. A camera is started afresh in a new pipeline (its counters carried on, ``camera_restarts`` one more,
+    the others untouched) when its capture thread stays stuck after its source was closed, when its watch raises,
+    when the relay asks (``ipc.CMD_RESTART``: its messages could not be handled there) and, in a shared worker,
+    when it sent nothing, not even the slate, for ``ipc.OUTPUT_STALL`` (its encode thread died: the relay's
+    watchdog sees only that some camera of the process sends). A worker of one camera whose capture is stuck ends
+    instead, and the relay starts a new process; one that goes silent is the relay's watchdog's."""
 
     def __init__(self, make: Callable[[int], Pipeline], count: int) -> None:
         self._make = make
+        # Held while a command is applied and while a camera is replaced: no command goes to a pipeline on its way
+        # out (the new one takes over the old one's JPEG and frame-rate wishes and a pending keyframe request).
+        self._lock = threading.Lock()
         self.pipelines = [make(i) for i in range(count)]
-        self.replaced = 0  # pipelines started afresh after their capture thread got stuck
+        self.replaced = 0  # pipelines started afresh
+        self.left_behind: list[Pipeline] = []  # replaced, some thread of theirs still running
+        self._restart_log = [Throttled(log, RESTART_INTERVAL) for _ in range(count)]
+        self._restarted_at = [float("-inf")] * count  # monotonic
+
+    @property
+    def shared(self) -> bool:
+        return len(self.pipelines) > 1
 
     def get(self, camera: int) -> Pipeline | None:
         """The pipeline of camera ``camera``; None for a number the worker has no camera of (ignored)."""
@@ -854,30 +921,106 @@ class Cameras:
             pipeline.start()
 
     def stop(self) -> None:
-        for pipeline in self.pipelines:
-            pipeline.stop()
+        """Every camera told to stop at once, then their threads waited for together: at most
+        ``THREAD_JOIN_TIMEOUT`` in all, not that much per camera."""
+        with self._lock:
+            pipelines = self.pipelines + self.left_behind
+        for pipeline in pipelines:
+            pipeline.halt()
+        deadline = time.monotonic() + THREAD_JOIN_TIMEOUT
+        for pipeline in pipelines:
+            pipeline.join(deadline)
+        for pipeline in pipelines:
+            pipeline.release()
+
+    def command(self, camera: int, cmd: bytes, arg: int | None) -> None:
+        """One of the relay's commands (``ipc.parse_commands``), applied to the camera's current pipeline."""
+        with self._lock:
+            pipeline = self.get(camera)
+            if pipeline is None:
+                log.warning("command %r for camera %d: this worker has %d", cmd, camera, len(self.pipelines))
+            elif cmd == ipc.CMD_RESTART:  # the relay asks at most once in its CAMERA_RESTART_INTERVAL
+                self._replace(camera, "the relay could not handle its messages")
+            else:
+                try:
+                    _apply(pipeline, cmd, arg)
+                except Exception as exc:
+                    self._failed(camera, f"its command {cmd!r}", exc)
 
     def tick(self) -> None:
-        for i, pipeline in enumerate(self.pipelines):
-            pipeline.tick()
-            if pipeline.stuck:
-                self._replace(i, pipeline)
+        """Each camera's watch (``Pipeline.tick``), and a new pipeline for any that needs one."""
+        for camera in range(len(self.pipelines)):
+            with self._lock:
+                pipeline = self.pipelines[camera]
+                try:
+                    pipeline.tick()
+                except Exception as exc:  # one camera's bug is not the others' restart
+                    self._failed(camera, "its watch", exc)
+                    continue
+                why = self._why_restart(pipeline)
+                if why:
+                    self._replace(camera, why)
+        with self._lock:
+            self.left_behind = [p for p in self.left_behind if not p.release()]
 
-    def _replace(self, camera: int, old: Pipeline) -> None:
-        if len(self.pipelines) == 1:
-            log.error("stream=%s capture is stuck in the driver; restarting the worker", old.name)
+    def _why_restart(self, pipeline: Pipeline) -> str:
+        if pipeline.stuck:
+            return "capture is stuck in the driver"
+        silent = time.monotonic() - pipeline.last_alive
+        # Not one leaving the process, nor one whose encoder fails (its status says so, and it retries by itself).
+        watched = self.shared and not pipeline.stats.own_process and not pipeline.encoder_failing
+        if watched and silent >= ipc.OUTPUT_STALL:
+            return f"sent nothing (no frame, no slate) for {silent:.1f}s"
+        return ""
+
+    def _failed(self, camera: int, what: str, exc: Exception) -> None:
+        """With ``_lock`` held: ``what`` raised ``exc``; the camera restarted, at most once per ``RESTART_INTERVAL``."""
+        why = f"{what} failed: {type(exc).__name__}: {exc}"
+        if time.monotonic() - self._restarted_at[camera] >= RESTART_INTERVAL:
+            self._replace(camera, why, exc)
+        else:
+            self._restart_log[camera].warn("stream=%s %s; restarted less than %gs ago", self.pipelines[camera].name,
+                                           why, RESTART_INTERVAL)  # fmt: skip
+
+    def _replace(self, camera: int, why: str, exc: Exception | None = None) -> None:
+        """With ``_lock`` held: camera ``camera`` started afresh in a new pipeline."""
+        old = self.pipelines[camera]
+        if not self.shared and old.stuck:
+            log.error("stream=%s %s; restarting the worker", old.name, why)
             os._exit(EXIT_STUCK)
-        log.error(
-            "stream=%s capture is stuck in the driver; starting the camera afresh (the worker's %d others carry on)",
-            old.name, len(self.pipelines) - 1,
-        )  # fmt: skip
+        others = f" (the worker's {len(self.pipelines) - 1} others carry on)" if self.shared else ""
+        self._restart_log[camera].warn(
+            "stream=%s %s; starting the camera afresh%s", old.name, why, others, exc_info=exc
+        )
+        try:
+            counted = old.status()
+        except Exception:  # what failed may be its status: its last counts are then those before it
+            counted = old.counted_before or ipc.WorkerStatus()
+        counted.camera_restarts += 1
         old.abandon()
         new = self._make(camera)
-        new.counted_before = old.status()
+        new.counted_before = counted
         new.send_jpeg, new.jpeg_every, new.max_fps = old.send_jpeg, old.jpeg_every, old.max_fps
+        new.request_keyframe()  # its viewers start again from an IDR
         self.pipelines[camera] = new
         self.replaced += 1
+        self._restarted_at[camera] = time.monotonic()
+        self.left_behind.append(old)
         new.start()
+
+
+def _apply(pipeline: Pipeline, cmd: bytes, arg: int | None) -> None:
+    if cmd == ipc.CMD_MAX_FPS:
+        pipeline.max_fps = float(arg or 0)
+        log.info("stream=%s encoding at most %s fps", pipeline.name, arg or "all")
+    elif cmd == ipc.CMD_KEYFRAME:
+        pipeline.request_keyframe()
+    elif cmd == ipc.CMD_JPEG_ON:
+        pipeline.set_jpeg(True)
+    elif cmd == ipc.CMD_JPEG_KEYFRAMES:
+        pipeline.set_jpeg(True, float(arg or 1))
+    elif cmd == ipc.CMD_JPEG_OFF:
+        pipeline.set_jpeg(False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -904,7 +1047,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for cfg in configs:
         SECRET_FILTER.secrets.update(url_passwords(cfg.source))
-    cameras = Cameras(lambda camera: make_pipeline(configs[camera], camera, emit), len(configs))
+    shared = len(configs) > 1
+    cameras = Cameras(lambda camera: make_pipeline(configs[camera], camera, emit, shared), len(configs))
 
     def commands() -> None:
         pending = b""
@@ -918,20 +1062,7 @@ def main(argv: list[str] | None = None) -> int:
                 return
             commands_in, pending = ipc.parse_commands(pending + data)
             for camera, cmd, arg in commands_in:
-                pipeline = cameras.get(camera)
-                if pipeline is None:
-                    log.warning("command %r for camera %d: this worker has %d", cmd, camera, len(configs))
-                elif cmd == ipc.CMD_MAX_FPS:
-                    pipeline.max_fps = float(arg or 0)
-                    log.info("stream=%s encoding at most %s fps", pipeline.name, arg or "all")
-                elif cmd == ipc.CMD_KEYFRAME:
-                    pipeline.request_keyframe()
-                elif cmd == ipc.CMD_JPEG_ON:
-                    pipeline.set_jpeg(True)
-                elif cmd == ipc.CMD_JPEG_KEYFRAMES:
-                    pipeline.set_jpeg(True, float(arg or 1))
-                elif cmd == ipc.CMD_JPEG_OFF:
-                    pipeline.set_jpeg(False)
+                cameras.command(camera, cmd, arg)
 
     threading.Thread(target=commands, name="commands", daemon=True).start()
     cameras.start()
