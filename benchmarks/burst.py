@@ -235,6 +235,8 @@ async def _joiners(plan: JoinPlan, ready: mp.Queue, at) -> tuple[list[dict], flo
                 for joiner, result in zip(joiners, results, strict=True):
                     joiner.decode_kept()
                     fill_picture(result, joiner)
+                    if joiner.kept is not None and result.first_picture_ms is None and not result.error:
+                        result.error = "its first keyframe gave no picture"  # counted as a failure, with why
             await asyncio.sleep(plan.hold)
             for joiner, result in zip(joiners, results, strict=True):
                 result.frames_after = joiner.units

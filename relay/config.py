@@ -105,9 +105,9 @@ class VideoConfig:
     max_lag: float = DEFAULT_MAX_LAG
     # RTSP cameras (over TCP, not transcoded) that share one worker process: each its own threads, its own stall
     # and output watch, one interpreter's fixed cost for all (docs/benchmarks.md, "Many cameras"). 8: measured
-    # there (a camera's worker share 1.2 -> 0.6-0.8 % of a core, its memory 36 -> 17 MiB at 16 cameras); past 8 a
-    # camera saves little more (the interpreter's ~25 MiB split further) while more cameras wait on one GIL while
-    # one draws its slate, and restart together when their process dies.
+    # there (a camera's worker share 1.2 -> 0.6-0.8 % of a core; all of camrelay's memory a camera 34.6 -> 15.7 MiB
+    # at 16 cameras); past 8 a camera saves little more (the interpreter's ~25 MiB split further) while more
+    # cameras wait on one GIL while one draws its slate, and restart together when their process dies.
     cameras_per_worker: int = 8
 
 
@@ -208,10 +208,11 @@ class RtspConfig:
     password: str = field(default="", repr=False)
     publish_url: str = ""  # an RTSP server of the user's own (rtsp://host:port): publish there, run no mediamtx
     mediamtx: str = ""  # the binary; empty: bin/mediamtx, else PATH
-    # Go scheduler threads (GOMAXPROCS) of camrelay's mediamtx; 0: Go's default, one per core. It forwards RTSP
-    # alone, one camera at most a few % of a core, and with one its goroutines hand each packet on without waking
-    # another thread: 18 % less of its CPU at 5 cameras (docs/benchmarks.md, "Many cameras", 2026-11-30).
-    mediamtx_threads: int = 1
+    # Go scheduler threads (GOMAXPROCS) of camrelay's mediamtx; 0: Go's default, one per core. With one, its
+    # goroutines hand each packet on without waking another thread: 18 % less of its CPU at 5 cameras here
+    # (docs/benchmarks.md, "Many cameras", 2026-11-30). Not the default: one thread caps every NVR reader and
+    # mediamtx's garbage collection at one core, which many cameras and readers on a Pi could fill unseen.
+    mediamtx_threads: int = 0
 
 
 @dataclass(frozen=True, slots=True)

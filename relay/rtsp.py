@@ -112,7 +112,7 @@ class MediamtxSettings:
     user: str = ""
     password: str = ""
     log_level: str = "info"
-    threads: int = 1  # GOMAXPROCS (``[rtsp] mediamtx_threads``); 0: Go's default, one per core
+    threads: int = 0  # GOMAXPROCS (``[rtsp] mediamtx_threads``); 0: Go's default, one per core
 
 
 def render_config(settings: MediamtxSettings, streams: list[str], publisher_secret: str) -> str:

@@ -444,8 +444,10 @@ async def test_ice_is_done_when_its_pair_is_nominated_not_after_aioices_pacing_w
     looks at its check list, and aiortc starts DTLS only after; held, that wait ends when the check list is done.
     Here the wait is a minute: both ends connect (ICE, then DTLS) at once, so it ended when their pair was
     nominated. An aioice whose connect no longer sleeps through the module's asyncio, or no longer completes its
-    check list where the hook listens, hangs here for the minute and fails."""
+    check list where the hook listens, hangs here for the minute and fails; one whose pacing is no longer the
+    literal the hook knows sleeps its own wait, and no wait is counted as ended by the hook."""
     monkeypatch.setattr(borrowed, "PACING_WAIT_FOR_TESTS", 60.0)
+    ended = borrowed.prompt_waits_ended
     loopback = borrowed.restrict_host_addresses(["127.0.0.1"])
     held = borrowed.PROMPT_ICE.hold()
     try:
@@ -455,5 +457,6 @@ async def test_ice_is_done_when_its_pair_is_nominated_not_after_aioices_pacing_w
         held()
         loopback()
     assert "completed" in states
+    assert borrowed.prompt_waits_ended > ended  # the hook, not aioice's own sleep, ended a wait
     assert not borrowed.PROMPT_ICE.installed
     assert await _connect_a_pair()  # released: aioice's own connect again

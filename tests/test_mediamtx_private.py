@@ -231,11 +231,14 @@ async def test_publish_credential_is_in_no_log_line_and_no_command_line(caplog):
 
 async def test_mediamtx_gets_none_of_camrelays_settings(monkeypatch):
     monkeypatch.setenv("CAMRELAY_RTSP_PASSWORD", READ_PASSWORD)
-    runner, relay = await start_relay(make_config(rtsp=True))
+    config = make_config(rtsp=True)
+    runner, relay = await start_relay(
+        dataclasses.replace(config, rtsp=dataclasses.replace(config.rtsp, mediamtx_threads=1))
+    )
     try:
         environ = psutil.Process(relay.relay.mediamtx.pid).environ()
     finally:
         await runner.cleanup()
     assert not [k for k in environ if k.startswith("CAMRELAY_")], environ
     assert READ_PASSWORD not in "".join(environ.values())
-    assert environ.get("GOMAXPROCS") == "1"  # [rtsp] mediamtx_threads: one Go scheduler thread by default
+    assert environ.get("GOMAXPROCS") == "1"  # [rtsp] mediamtx_threads = 1: one Go scheduler thread (0: Go's own)

@@ -509,6 +509,38 @@ async def test_a_camera_whose_watch_raises_is_restarted_alone_and_at_most_once_a
     assert lines(caplog, "stream=cam0") == []
 
 
+class FailsToStart(worker.Pipeline):
+    """A camera's new pipeline that cannot start (no thread left, an encoder that will not open)."""
+
+    def start(self) -> None:
+        raise RuntimeError("can't start new thread")
+
+
+async def test_a_camera_that_cannot_be_started_afresh_stays_dark_is_tried_again_and_commands_still_count(
+    caplog, monkeypatch
+):
+    """Before: a new pipeline that raised on start left ``Cameras.command`` by an exception, which ended the
+    worker's commands thread (every later command of every camera lost) and left the camera halted for good. Now
+    the failure is one log line, the other camera goes on, and the camera is started afresh on a later watch."""
+    monkeypatch.setattr(worker, "RESTART_INTERVAL", 1.0)  # the next try sooner than a camera's 10 s: a shorter test
+    caplog.set_level(logging.WARNING, logger=worker.log.name)
+    outputs = Outputs()
+    cameras, made = in_process({1: [worker.Pipeline, FailsToStart]}, outputs)
+    cameras.start()
+    try:
+        await both_go_on(cameras, outputs)
+        cameras.command(1, ipc.CMD_RESTART, None)  # the relay asks for it; the new pipeline's start raises
+        assert len(made) == 3 and cameras.pipelines[1] is made[1] and cameras.replaced == 0
+        await tick_until(cameras, lambda: cameras.replaced == 1, "the camera started afresh after the failed start")
+        assert cameras.pipelines[1] is made[3]
+        await tick_until(cameras, lambda: outputs.count(ipc.UNIT, 1, 3) >= 15, "the new pipeline's frames")
+        await both_go_on(cameras, outputs)
+    finally:
+        await asyncio.to_thread(cameras.stop)
+    assert len(lines(caplog, "stream=cam1", "could not be started afresh")) == 1
+    assert lines(caplog, "stream=cam0") == []
+
+
 class StuckSound(audio.TestSoundSource):
     """A sound source whose read, once ``stick`` is set, blocks whatever ``close`` does until ``release`` (an
     ALSA driver stuck in the kernel: none here), then hands over its block."""

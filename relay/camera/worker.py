@@ -907,6 +907,7 @@ class Cameras:
         self.left_behind: list[Pipeline] = []  # replaced, some thread of theirs still running
         self._restart_log = [Throttled(log, RESTART_INTERVAL) for _ in range(count)]
         self._restarted_at = [float("-inf")] * count  # monotonic
+        self._start_failed = [False] * count  # its last new pipeline could not be made or started: it stays dark
 
     @property
     def shared(self) -> bool:
@@ -958,7 +959,9 @@ class Cameras:
                     self._failed(camera, "its watch", exc)
                     continue
                 why = self._why_restart(pipeline)
-                if why:
+                # After a failed start, the next try waits RESTART_INTERVAL: not one a tick, each logged.
+                retry_due = time.monotonic() - self._restarted_at[camera] >= RESTART_INTERVAL
+                if why and (retry_due or not self._start_failed[camera]):
                     self._replace(camera, why)
         with self._lock:
             self.left_behind = [p for p in self.left_behind if not p.release()]
@@ -998,15 +1001,24 @@ class Cameras:
             counted = old.counted_before or ipc.WorkerStatus()
         counted.camera_restarts += 1
         old.abandon()
-        new = self._make(camera)
-        new.counted_before = counted
-        new.send_jpeg, new.jpeg_every, new.max_fps = old.send_jpeg, old.jpeg_every, old.max_fps
-        new.request_keyframe()  # its viewers start again from an IDR
+        self._restarted_at[camera] = time.monotonic()
+        try:
+            new = self._make(camera)
+            new.counted_before = counted
+            new.send_jpeg, new.jpeg_every, new.max_fps = old.send_jpeg, old.jpeg_every, old.max_fps
+            new.request_keyframe()  # its viewers start again from an IDR
+            new.start()
+        except Exception as exc:  # no thread left, an encoder that will not open: the camera stays dark, tried again
+            self._start_failed[camera] = True
+            old.counted_before = counted
+            # Not throttled with the restart's line just before it: a try comes at most once a RESTART_INTERVAL.
+            log.error("stream=%s could not be started afresh: %s: %s; trying again in %gs",
+                      old.name, type(exc).__name__, exc, RESTART_INTERVAL)  # fmt: skip
+            return
+        self._start_failed[camera] = False
         self.pipelines[camera] = new
         self.replaced += 1
-        self._restarted_at[camera] = time.monotonic()
         self.left_behind.append(old)
-        new.start()
 
 
 def _apply(pipeline: Pipeline, cmd: bytes, arg: int | None) -> None:
@@ -1050,6 +1062,8 @@ def main(argv: list[str] | None = None) -> int:
     shared = len(configs) > 1
     cameras = Cameras(lambda camera: make_pipeline(configs[camera], camera, emit, shared), len(configs))
 
+    command_log = Throttled(log, RESTART_INTERVAL)
+
     def commands() -> None:
         pending = b""
         while not stop.is_set():
@@ -1062,7 +1076,10 @@ def main(argv: list[str] | None = None) -> int:
                 return
             commands_in, pending = ipc.parse_commands(pending + data)
             for camera, cmd, arg in commands_in:
-                cameras.command(camera, cmd, arg)
+                try:
+                    cameras.command(camera, cmd, arg)
+                except Exception as exc:  # this thread ends only with stdin: every later command still counts
+                    command_log.warn("command %r for camera %d failed: %s: %s", cmd, camera, type(exc).__name__, exc)
 
     threading.Thread(target=commands, name="commands", daemon=True).start()
     cameras.start()

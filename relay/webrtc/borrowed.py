@@ -239,6 +239,7 @@ CANDIDATES_IN_TURN = Patch(aiortc.rtcpeerconnection, "add_remote_candidates", _a
 AIOICE_CHECK_PACING = 0.02  # seconds: the sleep between checks in aioice's connect() (a literal there)
 # Tests only: a pacing wait this long (seconds) instead, to see it end when the check list is done. None: aioice's.
 PACING_WAIT_FOR_TESTS: float | None = None
+prompt_waits_ended = 0  # pacing waits the hook ended because the check list was done: it engages (tests read it)
 _ICE_CONNECTING: contextvars.ContextVar[Any] = contextvars.ContextVar("camrelay_ice_connecting", default=None)
 
 
@@ -283,9 +284,11 @@ class _PacedAsyncio(types.ModuleType):
         conn = _ICE_CONNECTING.get()
         if conn is None or delay != AIOICE_CHECK_PACING or not isinstance(conn, _PromptConnection):
             return await asyncio.sleep(delay, result)
+        global prompt_waits_ended
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay if PACING_WAIT_FOR_TESTS is None else PACING_WAIT_FOR_TESTS):
                 await conn.camrelay_checks_done.wait()
+                prompt_waits_ended += 1
         return result
 
 
