@@ -82,10 +82,14 @@ class Tap:
 
 
 def read_rtsp(url: str, frames: int) -> list[tuple[int, int | None]]:
-    """(pts, pixel clock) of the first ``frames`` pictures PyAV decodes from an RTSP URL."""
+    """(pts, pixel clock) of the first ``frames`` pictures PyAV decodes from an RTSP URL. FFmpeg's RTSP demuxer
+    sometimes hands over its very first packet without a timestamp (seen: None, then 3000, 6000 ...): pictures
+    before the first stamped one are not counted; every one after it is, None or not."""
     out = []
     with av.open(url, options={"rtsp_transport": "tcp"}, timeout=10) as container:
         for frame in container.decode(video=0):
+            if not out and frame.pts is None:
+                continue
             out.append((frame.pts, frame_clock(frame)))
             if len(out) >= frames:
                 break
