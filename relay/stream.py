@@ -517,7 +517,6 @@ class Worker:
 
     def __init__(self, streams: list[Stream], retry: Retry | None = None) -> None:
         self.streams = streams  # by camera index in the process; a stream that moved out keeps its slot till then
-        self._retry = retry
         for camera, stream in enumerate(streams):
             stream.worker, stream.camera = self, camera
         names = [s.name for s in streams]
@@ -572,7 +571,7 @@ class Worker:
         started = stream.name in self._open
         self._open.discard(stream.name)
         stream.moved()
-        solo = Worker([stream], self._retry)
+        solo = Worker([stream], stream.retry)  # its own backoff, as the worker it had before it was grouped
         if started:
             solo.start(stream)
         if self._supervised and not self._open and self._stopping is None:
