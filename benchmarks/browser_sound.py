@@ -38,6 +38,7 @@ import json
 import statistics
 import sys
 
+from benchmarks.bursts import drift_ms
 from benchmarks.chromium import chromium
 from benchmarks.load import start_system
 from benchmarks.options import add_stream_options
@@ -48,7 +49,7 @@ COLLECT = """() => {
   window.__samples = [];
   window.__audio = [];
   p.handlers.onLatencySample = (ms) => window.__samples.push(ms);
-  p.handlers.onAudioSample = (ms, videoMs) => window.__audio.push([ms, videoMs]);
+  p.handlers.onAudioSample = (ms, videoMs) => window.__audio.push([ms, videoMs, Date.now()]);
   window.__parts = [];  // the parts of the sound's latency, at each stats poll (a second)
   const shown = p.handlers.onStats;
   p.handlers.onStats = (st) => {
@@ -57,9 +58,36 @@ COLLECT = """() => {
     }
     if (shown) shown(st);
   };
+  // Chromium's own reckoning, every SYNC_POLL_MS: each track's estimatedPlayoutTimestamp (the capture time, on the
+  // relay's clock through its sender reports, of what plays now) and what each jitter buffer held.
+  window.__sync = [];
+  window.__syncTimer = setInterval(async () => {
+    const pc = p.pc;
+    if (!pc) return;
+    const report = await pc.getStats();
+    const row = { t: Date.now() };
+    report.forEach((r) => {
+      if (r.type !== "inbound-rtp" || (r.kind !== "audio" && r.kind !== "video")) return;
+      row[r.kind] = [r.estimatedPlayoutTimestamp ?? null, r.jitterBufferDelay ?? null,
+                     r.jitterBufferTargetDelay ?? null, r.jitterBufferMinimumDelay ?? null,
+                     r.jitterBufferEmittedCount ?? null];
+    });
+    window.__sync.push(row);
+  }, %d);
 }"""
 # What a part of the sound's latency is, in the order COLLECT keeps them.
 PARTS = ("jitter_buffer_ms", "jitter_target_ms", "playout_ms", "context_output_ms")
+# How often the page reads both tracks' getStats for Chromium's own sync: often enough for a median per minute
+# (240 readings), seldom enough to cost nothing beside the page's own poll (a second).
+SYNC_POLL_MS = 250
+COLLECT = COLLECT % SYNC_POLL_MS
+# NTP's epoch (1900) is this many ms before Unix's: estimatedPlayoutTimestamp is an NTP time in ms.
+NTP_UNIX_OFFSET_MS = 2_208_988_800_000
+# The bins of a long run's lip sync over time (s).
+MINUTE = 60.0
+# The A/B's arms (``sound_ab``), and those of them that play the sound.
+ARMS = ("sound", "sound_synced", "sound_synced_playout_delay", "sound_not_offered", "no_sound")
+SOUND_ARMS = ARMS[:3]
 
 
 # An init script: the page's offers leave out audio (its player asks for a transceiver; this one is refused), so a
@@ -106,11 +134,13 @@ async def measure(
             await page.click("#unmute")
         await page.evaluate(COLLECT)
         start_frames = await page.evaluate("() => window.camrelayPlayer.stats.framesDecoded")
+        started = await page.evaluate("() => Date.now()")
         await asyncio.sleep(duration)
         samples = await page.evaluate("() => window.__samples")
         heard = await page.evaluate("() => window.__audio")
         stats = await page.evaluate("() => window.camrelayPlayer.stats")
         parts = await page.evaluate("() => window.__parts")
+        rows = await page.evaluate("() => window.__sync")
         await page.close()
     result = {
         "samples": len(samples),
@@ -118,10 +148,14 @@ async def measure(
         "max_ms": max(samples) if samples else None,
         "fps_decoded": (stats["framesDecoded"] - start_frames) / duration,
         "jitter_buffer_ms": stats["jitterBufferMs"],
+        "chromium": chromium_sync(rows),
     }
+    long = duration >= 2 * MINUTE
+    if long:
+        result["chromium"]["over_time"] = over_time(_sync_points(rows), started, duration)
     if unmute:
-        audio = [a for a, _ in heard]
-        sync = [a - v for a, v in heard if v is not None]
+        audio = [a for a, _, _ in heard]
+        sync = [a - v for a, v, _ in heard if v is not None]
         result["audio"] = {
             "onsets": len(audio),
             "latency_ms": {p: percentile(audio, p) for p in (50, 95)} if audio else None,
@@ -134,14 +168,87 @@ async def measure(
             },
             "concealed_ms": stats.get("audioConcealedMs"),
         }
+        if long:
+            result["audio"]["over_time"] = over_time(
+                [(t, a - v) for a, v, t in heard if v is not None], started, duration
+            )
     return result
+
+
+def _sync_points(rows: list[dict]) -> list[tuple[float, float]]:
+    """(time, ms the sound plays after its picture) of each poll at which Chromium gave both tracks' playout."""
+    out = []
+    for row in rows:
+        audio, video = row.get("audio"), row.get("video")
+        if audio and video and audio[0] and video[0]:
+            out.append((row["t"], video[0] - audio[0]))
+    return out
+
+
+def chromium_sync(rows: list[dict]) -> dict:
+    """Sync as Chromium reckons it, from the page's getStats polls (COLLECT's ``__sync``): how much later the
+    sound plays than its picture (the video's estimatedPlayoutTimestamp less the audio's: both the capture time of
+    what plays now, read through the relay's sender reports), each track's latency by the same (the poll's time
+    less that capture time), and what each jitter buffer held, aimed for and was asked to hold at least, per
+    interval between polls (ms a frame or sample)."""
+    sync = [ms for _, ms in _sync_points(rows)]
+    out: dict = {"polls": len(rows), "lip_sync_ms": _percentiles(sync, (5, 50, 95))}
+    for kind in ("video", "audio"):
+        latency, held, target, minimum = [], [], [], []
+        last = None
+        for row in rows:
+            r = row.get(kind)
+            if not r:
+                continue
+            if r[0]:
+                latency.append(row["t"] - (r[0] - NTP_UNIX_OFFSET_MS))
+            if last is not None and None not in r[1:] and None not in last[1:] and r[4] > last[4]:
+                emitted = r[4] - last[4]
+                held.append(1000 * (r[1] - last[1]) / emitted)
+                target.append(1000 * (r[2] - last[2]) / emitted)
+                minimum.append(1000 * (r[3] - last[3]) / emitted)
+            last = r
+        out[kind] = {
+            "latency_ms": _percentiles(latency, (50, 95)),
+            "held_ms": _median(held),
+            "target_ms": _median(target),
+            "minimum_ms": _median(minimum),
+        }
+    return out
+
+
+def over_time(points: list[tuple[float, float]], start: float, duration: float) -> dict | None:
+    """A long run's readings (time in ms since the epoch, value in ms) over its minutes: each whole minute's median
+    (a last part minute counted with the minute before), the last minute's less the first's, and the rise of a
+    least-squares line over the run (``bursts.drift_ms``)."""
+    if not points:
+        return None
+    minutes = max(1, int(duration // MINUTE))
+    bins: list[list[float]] = [[] for _ in range(minutes)]
+    for t, value in points:
+        bins[min(minutes - 1, max(0, int((t - start) / 1000 / MINUTE)))].append(value)
+    medians = [_median(b) for b in bins]
+    known = [m for m in medians if m is not None]
+    drift = drift_ms([(t - start) / 1000 for t, _ in points], [v for _, v in points])
+    return {
+        "readings": len(points),
+        "per_minute_median_ms": medians,
+        "last_minute_less_first_ms": round(known[-1] - known[0], 1) if len(known) > 1 else None,
+        "fitted_drift_ms": None if drift is None else round(drift, 1),
+    }
+
+
+def _percentiles(values: list[float], ps: tuple[int, ...]) -> dict | None:
+    return {p: round(percentile(values, p), 1) for p in ps} if values else None
 
 
 def _median(values: list[float]) -> float | None:
     return round(statistics.median(values), 1) if values else None
 
 
-async def sound_ab(with_sound: int, without: int, rounds: int, duration: float, unmute: bool) -> dict:
+async def sound_ab(
+    with_sound: int, without: int, rounds: int, duration: float, unmute: bool, arms_wanted: tuple[str, ...] = ARMS
+) -> dict:
     runs = {
         "sound": lambda: measure(with_sound, duration, unmute=unmute),
         "sound_synced": lambda: measure(with_sound, duration, unmute=unmute, sync=True),
@@ -151,6 +258,7 @@ async def sound_ab(with_sound: int, without: int, rounds: int, duration: float, 
         "sound_not_offered": lambda: measure(with_sound, duration, offer_audio=False),
         "no_sound": lambda: measure(without, duration),
     }
+    runs = {arm: run for arm, run in runs.items() if arm in arms_wanted}
     arms: dict[str, list[dict]] = {arm: [] for arm in runs}
     order = list(runs)
     for i in range(rounds):
@@ -158,12 +266,15 @@ async def sound_ab(with_sound: int, without: int, rounds: int, duration: float, 
             arms[arm].append(await runs[arm]())
     medians = {arm: statistics.median(r["latency_ms"][50] for r in runs) for arm, runs in arms.items()}
     heard = {arm: [r.get("audio") or {"latency_ms": None, "lip_sync_ms": None} for r in arms[arm]]
-             for arm in ("sound", "sound_synced", "sound_synced_playout_delay")}  # fmt: skip
+             for arm in SOUND_ARMS if arm in arms}  # fmt: skip
+    chromium = {arm: [r["chromium"] for r in arms[arm]] for arm in heard}
     return {
         "rounds": rounds,
         "video_p50_ms_per_round": {arm: [r["latency_ms"][50] for r in runs] for arm, runs in arms.items()},
         "video_p50_ms_median": medians,
-        "video_cost_of_sound_ms": {arm: medians[arm] - medians["no_sound"] for arm in heard},
+        "video_cost_of_sound_ms": {arm: medians[arm] - medians["no_sound"] for arm in heard}
+        if "no_sound" in medians
+        else None,
         "audio_latency_p50_ms_per_round": {
             arm: [a["latency_ms"][50] for a in runs if a["latency_ms"]] for arm, runs in heard.items()
         },
@@ -180,6 +291,23 @@ async def sound_ab(with_sound: int, without: int, rounds: int, duration: float, 
             }
             for arm, runs in heard.items()
         },  # fmt: skip
+        # Chromium's own reckoning (``chromium_sync``): the sound after its picture, each round's median, and
+        # the medians over the rounds of what the video's jitter buffer held and was asked to hold at least.
+        "chromium_lip_sync_p50_ms_per_round": {
+            arm: [c["lip_sync_ms"][50] for c in runs if c["lip_sync_ms"]] for arm, runs in chromium.items()
+        },
+        "chromium_lip_sync_p50_ms_median": {
+            arm: _median([c["lip_sync_ms"][50] for c in runs if c["lip_sync_ms"]]) for arm, runs in chromium.items()
+        },
+        "chromium_parts_ms_median": {
+            arm: {
+                f"{kind}_{part}": _median([c[kind][part] for c in runs if c[kind][part] is not None])
+                for kind in ("video", "audio")
+                for part in ("held_ms", "target_ms", "minimum_ms")
+            }
+            for arm, runs in chromium.items()
+        },
+        "rounds_raw": arms,
     }
 
 
@@ -189,13 +317,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--unmute", action="store_true", help="click the page's Unmute; report audio latency, lip sync")
     ap.add_argument("--sync", action="store_true", help="tick the page's Lip sync first")
     ap.add_argument("--sound-ab", type=int, default=0, metavar="ROUNDS", help="with and without sound, interleaved")
+    ap.add_argument(
+        "--arms", default=",".join(ARMS), help=f"the A/B's arms, comma-separated (default all: {','.join(ARMS)})"
+    )
     add_stream_options(ap)
     args = ap.parse_args(argv)
+    if unknown := set(args.arms.split(",")) - set(ARMS):
+        ap.error(f"unknown arms {sorted(unknown)}; choose from {','.join(ARMS)}")
     if args.sound_ab:
         sound = start_system("camrelay", args.size, args.fps, args.bitrate)
         quiet = start_system("camrelay", args.size, args.fps, args.bitrate, extra=("--no-audio",))
         try:
-            result = asyncio.run(sound_ab(sound.port, quiet.port, args.sound_ab, args.duration, args.unmute))
+            wanted = tuple(args.arms.split(","))
+            result = asyncio.run(sound_ab(sound.port, quiet.port, args.sound_ab, args.duration, args.unmute, wanted))
         finally:
             sound.close()
             quiet.close()
