@@ -65,7 +65,7 @@ COLLECT = """() => {
     const pc = p.pc;
     if (!pc) return;
     const report = await pc.getStats();
-    const row = { t: Date.now() };
+    const row = { t: Date.now(), floor: p.syncTrimMs, shown: p.latencyMs };
     report.forEach((r) => {
       if (r.type !== "inbound-rtp" || (r.kind !== "audio" && r.kind !== "video")) return;
       row[r.kind] = [r.estimatedPlayoutTimestamp ?? null, r.jitterBufferDelay ?? null,
@@ -86,8 +86,15 @@ NTP_UNIX_OFFSET_MS = 2_208_988_800_000
 # The bins of a long run's lip sync over time (s).
 MINUTE = 60.0
 # The A/B's arms (``sound_ab``), and those of them that play the sound.
-ARMS = ("sound", "sound_synced", "sound_synced_playout_delay", "sound_not_offered", "no_sound")
-SOUND_ARMS = ARMS[:3]
+ARMS = (
+    "sound",
+    "sound_synced",
+    "sound_synced_untrimmed",
+    "sound_synced_playout_delay",
+    "sound_not_offered",
+    "no_sound",
+)
+SOUND_ARMS = ARMS[:4]
 
 
 # An init script: the page's offers leave out audio (its player asks for a transceiver; this one is refused), so a
@@ -104,6 +111,8 @@ NO_AUDIO_OFFER = """() => {
 # Lip sync is ticked): the offer as Chromium made it, so the relay sends a playout delay of 0 and Chromium renders
 # each frame at once, whatever its sync with the sound.
 KEEP_PLAYOUT_DELAY = "() => { window.withoutPlayoutDelay = (sdp) => sdp; }"
+# Lip sync without the page's trim (static/whep.js, syncTrim): the picture held by Chromium's own sync alone.
+UNTRIMMED = "() => { window.camrelayPlayer._trimSync = () => {}; }"
 
 
 async def measure(
@@ -113,6 +122,7 @@ async def measure(
     sync: bool = False,
     offer_audio: bool = True,
     keep_playout_delay: bool = False,
+    untrimmed: bool = False,
 ) -> dict:
     async with chromium() as browser:
         page = await browser.new_page(viewport={"width": 1600, "height": 1000})
@@ -124,6 +134,8 @@ async def measure(
         )
         if keep_playout_delay:
             await page.evaluate(KEEP_PLAYOUT_DELAY)
+        if untrimmed:
+            await page.evaluate(UNTRIMMED)
         if sync:  # lip sync: a new connection whose audio and video Chromium plays in sync
             await page.check("#sync")
             await page.wait_for_function(
@@ -139,6 +151,9 @@ async def measure(
         samples = await page.evaluate("() => window.__samples")
         heard = await page.evaluate("() => window.__audio")
         stats = await page.evaluate("() => window.camrelayPlayer.stats")
+        trim = await page.evaluate(
+            "() => { const p = window.camrelayPlayer; return { trims: p.syncTrims, floor_ms: p.syncTrimMs }; }"
+        )
         parts = await page.evaluate("() => window.__parts")
         rows = await page.evaluate("() => window.__sync")
         await page.close()
@@ -149,10 +164,12 @@ async def measure(
         "fps_decoded": (stats["framesDecoded"] - start_frames) / duration,
         "jitter_buffer_ms": stats["jitterBufferMs"],
         "chromium": chromium_sync(rows),
+        "sync_trim": trim,
     }
     long = duration >= 2 * MINUTE
     if long:
         result["chromium"]["over_time"] = over_time(_sync_points(rows), started, duration)
+        result["chromium"]["presented_over_time"] = over_time(_presented_points(rows), started, duration)
     if unmute:
         audio = [a for a, _, _ in heard]
         sync = [a - v for a, v, _ in heard if v is not None]
@@ -185,6 +202,17 @@ def _sync_points(rows: list[dict]) -> list[tuple[float, float]]:
     return out
 
 
+def _presented_points(rows: list[dict]) -> list[tuple[float, float]]:
+    """(time, ms the sound plays after its picture) with the sound by Chromium's reckoning (its estimate of the
+    audio's output path included) against the picture as the page saw it presented (the pixel clock's median of
+    the last second): lip sync without WebAudio's path."""
+    return [
+        (row["t"], row["t"] - (row["audio"][0] - NTP_UNIX_OFFSET_MS) - row["shown"])
+        for row in rows
+        if row.get("audio") and row["audio"][0] and row.get("shown") is not None
+    ]
+
+
 def chromium_sync(rows: list[dict]) -> dict:
     """Sync as Chromium reckons it, from the page's getStats polls (COLLECT's ``__sync``): how much later the
     sound plays than its picture (the video's estimatedPlayoutTimestamp less the audio's: both the capture time of
@@ -192,7 +220,13 @@ def chromium_sync(rows: list[dict]) -> dict:
     less that capture time), and what each jitter buffer held, aimed for and was asked to hold at least, per
     interval between polls (ms a frame or sample)."""
     sync = [ms for _, ms in _sync_points(rows)]
-    out: dict = {"polls": len(rows), "lip_sync_ms": _percentiles(sync, (5, 50, 95))}
+    seen = [ms for _, ms in _presented_points(rows)]
+    out: dict = {
+        "polls": len(rows),
+        "lip_sync_ms": _percentiles(sync, (5, 50, 95)),
+        "lip_sync_presented_ms": _percentiles(seen, (5, 50, 95)),
+        "floor_ms": _median([row["floor"] for row in rows if row.get("floor") is not None]),
+    }
     for kind in ("video", "audio"):
         latency, held, target, minimum = [], [], [], []
         last = None
@@ -255,6 +289,7 @@ async def sound_ab(
         "sound_synced_playout_delay": lambda: measure(
             with_sound, duration, unmute=unmute, sync=True, keep_playout_delay=True
         ),
+        "sound_synced_untrimmed": lambda: measure(with_sound, duration, unmute=unmute, sync=True, untrimmed=True),
         "sound_not_offered": lambda: measure(with_sound, duration, offer_audio=False),
         "no_sound": lambda: measure(without, duration),
     }
@@ -316,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--unmute", action="store_true", help="click the page's Unmute; report audio latency, lip sync")
     ap.add_argument("--sync", action="store_true", help="tick the page's Lip sync first")
+    ap.add_argument("--untrimmed", action="store_true", help="with --sync: without the page's trim (UNTRIMMED)")
     ap.add_argument("--sound-ab", type=int, default=0, metavar="ROUNDS", help="with and without sound, interleaved")
     ap.add_argument(
         "--arms", default=",".join(ARMS), help=f"the A/B's arms, comma-separated (default all: {','.join(ARMS)})"
@@ -336,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         system = start_system("camrelay", args.size, args.fps, args.bitrate)
         try:
-            result = asyncio.run(measure(system.port, args.duration, args.unmute, args.sync))
+            result = asyncio.run(measure(system.port, args.duration, args.unmute, args.sync, untrimmed=args.untrimmed))
         finally:
             system.close()
     print(json.dumps(result, indent=2))

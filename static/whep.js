@@ -116,6 +116,25 @@ function withoutPlayoutDelay(sdp) {
   return sdp.split("\r\n").filter((line) => !(line.startsWith("a=extmap:") && line.includes(PLAYOUT_DELAY_URI))).join("\r\n");
 }
 
+// Lip sync's trim. Chromium's own sync moves a stream's delay only while the two are more than 30 ms apart as it
+// reckons them (WebRTC's StreamSynchronization, kMinDeltaMs), and it reckons the picture by its jitter buffer's
+// target, not by when a frame is rendered: the sound can stay tens of ms behind. Each stats poll with lip sync the
+// page reads how far behind, as Chromium plays them (sync_late_ms: each track's estimatedPlayoutTimestamp, the
+// capture time through the relay's sender reports of what plays now), and moves the video receiver's
+// jitterBufferTarget (a floor under the picture's delay, which Chromium's sync may raise but never lowers) a part
+// of the way from the delay the picture now has: SYNC_TRIM_GAIN of the gap a poll, so the video's own
+// 33 ms steps of estimate average out over a few polls. Sound ahead of its picture lowers the floor, to 0 at least.
+const SYNC_TRIM_GAIN = 0.5;
+const SYNC_TRIM_MAX_MS = 1000;  // far above any sound's lag in sync (NetEq holds 20-500 ms); the browser's cap is 4 s
+function syncLateMs(audio, video) {
+  const a = audio && audio.estimatedPlayoutTimestamp;
+  const v = video && video.estimatedPlayoutTimestamp;
+  return a && v ? v - a : null;
+}
+function syncTrim(delayMs, lateMs) {
+  return Math.round(Math.max(0, Math.min(SYNC_TRIM_MAX_MS, delayMs + SYNC_TRIM_GAIN * lateMs)));
+}
+
 // The ICE servers in a WHEP answer's Link headers (fetch joins several with ", "):
 // <turn:host:3478?transport=tcp>; rel="ice-server"; username="..."; credential="..."; credential-type="password"
 function iceServersFromLinks(header) {
@@ -189,6 +208,10 @@ class WhepPlayer {
     this.state = "idle";
     this.attempt = 0;
     this.stopped = true;
+    this.syncTrimMs = null;  // with lip sync: the floor under the picture's delay that brings it to its sound
+    this.syncLateMs = null;  // how far behind its picture the sound played at the last trim, as Chromium reckons
+    this.syncTrims = 0;  // trims made since the page opened
+    this._lastVideoMinimum = null;
     this.stats = { framesDecoded: 0, fps: null, bitrateKbps: null, rttMs: null, jitterBufferMs: null, ...NO_AUDIO_STATS };
     this._lastAudio = null;  // the audio counters at the last poll: the jitter buffer's figures are per poll
     this.latencies = [];
@@ -241,6 +264,7 @@ class WhepPlayer {
     this._lastBytes = null;
     Object.assign(this.stats, NO_AUDIO_STATS);
     this._lastAudio = null;
+    this._lastVideoMinimum = null;
     if (!this._image) this.latencies = [];
     if (this.latencyMs != null && !this._image) {
       this.latencyMs = null;
@@ -540,6 +564,24 @@ class WhepPlayer {
     if (r.totalSamplesReceived) st.audioConcealedMs = (1000 * r.totalSamplesDuration * (r.concealedSamples || 0)) / r.totalSamplesReceived;
   }
 
+  // With lip sync, the picture's floor moved toward its sound (SYNC_TRIM_GAIN above), from the delay the video's
+  // jitter buffer now has at least (the floor, or more where Chromium's sync asked for more: per frame since the
+  // last poll). The floor and the gap it answered are kept for the page's readers (syncTrimMs, syncLateMs).
+  _trimSync(pc, audio, video) {
+    const late = syncLateMs(audio, video);
+    const receiver = pc.getReceivers().find((r) => r.track && r.track.kind === "video");
+    const last = this._lastVideoMinimum;
+    this._lastVideoMinimum = video ? { delay: video.jitterBufferMinimumDelay || 0, emitted: video.jitterBufferEmittedCount || 0 } : null;
+    if (late === null || !receiver || !("jitterBufferTarget" in receiver)) return;
+    const floor = receiver.jitterBufferTarget || 0;
+    const frames = last ? this._lastVideoMinimum.emitted - last.emitted : 0;
+    const minimum = frames > 0 ? (1000 * (this._lastVideoMinimum.delay - last.delay)) / frames : floor;
+    receiver.jitterBufferTarget = syncTrim(Math.max(floor, minimum), late);
+    this.syncTrimMs = receiver.jitterBufferTarget;
+    this.syncLateMs = late;
+    this.syncTrims += 1;
+  }
+
   async _pollStats() {
     const pc = this.pc;
     if (!pc) return;
@@ -548,9 +590,11 @@ class WhepPlayer {
     if (pc !== this.pc) return;  // replaced meanwhile: its counters are not the new connection's
     const now = performance.now();
     let audio = null;
+    let video = null;
     let playout = null;
     report.forEach((r) => {
       if (r.type === "inbound-rtp" && r.kind === "video") {
+        video = r;
         const st = this.stats;
         st.fps = r.framesPerSecond ?? null;
         if (r.framesDecoded && r.framesDecoded !== this._lastFrames) {
@@ -579,6 +623,7 @@ class WhepPlayer {
       }
     });
     if (audio) this._audioParts(audio, playout);
+    if (this.sync) this._trimSync(pc, audio, video);
     if (this.handlers.onStats) this.handlers.onStats(this.stats);
     // Also while ICE is "disconnected": Chromium declares it failed only ~10 s later.
     const waiting = this.state === "live" || this.state === "reconnecting";
@@ -590,6 +635,8 @@ window.WhepPlayer = WhepPlayer;
 window.BurstListener = BurstListener;
 window.audioOnItsOwnStream = audioOnItsOwnStream;
 window.withoutPlayoutDelay = withoutPlayoutDelay;
+window.syncTrim = syncTrim;
+window.syncLateMs = syncLateMs;
 window.readPixelClock = readPixelClock;
 window.lowLatency = lowLatency;
 window.iceServersFromLinks = iceServersFromLinks;

@@ -578,6 +578,21 @@ STREAM_IDS = """() => {
 }"""
 
 
+# Lip sync's trim as the page computes it (static/whep.js): how far the sound plays behind its picture, from each
+# track's estimatedPlayoutTimestamp (none without both), and the floor under the picture's delay moved half of that
+# from the delay it has, never below 0 nor above 1000 ms.
+SYNC_TRIM = """() => [
+  window.syncLateMs({ estimatedPlayoutTimestamp: 5000 }, { estimatedPlayoutTimestamp: 5060 }),
+  window.syncLateMs({}, { estimatedPlayoutTimestamp: 5060 }),
+  window.syncLateMs(null, { estimatedPlayoutTimestamp: 5060 }),
+  window.syncTrim(40, 60), window.syncTrim(100, -60), window.syncTrim(10, -60), window.syncTrim(990, 200),
+]"""
+# The player's trims so far, its last floor, and the video receiver's jitterBufferTarget.
+TRIMMED = """() => { const p = window.camrelayPlayer;
+  const video = p.pc.getReceivers().find((r) => r.track.kind === "video");
+  return [p.syncTrims, p.syncTrimMs, video.jitterBufferTarget]; }"""
+
+
 async def test_the_page_starts_muted_plays_the_sound_after_unmute_and_shows_lip_sync(http):
     runner, relay = await start_relay(make_config(SOUND_AND_QUIET))
     try:
@@ -612,10 +627,16 @@ async def test_the_page_starts_muted_plays_the_sound_after_unmute_and_shows_lip_
             audio_ids, video_ids = await page.evaluate(STREAM_IDS)
             assert audio_ids == ["camrelay-audio"] and len(video_ids) == 1 and video_ids != audio_ids, video_ids
             assert PLAYOUT_DELAY_URI in await page.evaluate(ANSWER), "the picture is not shown as soon as decoded"
+            assert await page.evaluate(TRIMMED) == [0, None, 0], "the picture was held without lip sync"
+            assert await page.evaluate(SYNC_TRIM) == [60, None, None, 70, 70, 0, 1000]
             await page.check("#sync")
             await page.wait_for_function(
                 f"() => window.camrelayPlayer.connects === 2 && ({PLAYING})()", timeout=PLAY_TIMEOUT_MS
             )
+            # With lip sync, each stats poll sets the picture's floor from how far the sound plays behind it.
+            await page.wait_for_function("() => window.camrelayPlayer.syncTrims >= 3", timeout=PLAY_TIMEOUT_MS)
+            trims, floor, target = await page.evaluate(TRIMMED)
+            assert floor is not None and target == floor, (trims, floor, target)
             audio_ids, video_ids = await page.evaluate(STREAM_IDS)
             assert audio_ids == video_ids and video_ids != ["camrelay-audio"], (audio_ids, video_ids)
             # Its offer left out the playout-delay extension, so the relay sends none and Chromium may hold the
