@@ -3,6 +3,8 @@
 
     python -m benchmarks.browser_sound --unmute --duration 30 --size 1280x720 --fps 30 --bitrate 2M
     python -m benchmarks.browser_sound --sound-ab 6 --duration 20
+    python -m benchmarks.browser_sound --sound-ab 5 --unmute --arms sound,sound_synced,sound_synced_untrimmed
+    python -m benchmarks.browser_sound --unmute --sync --duration 600
 
 Starts a relay on loopback with the test pattern, opens ``/view/cam0`` in
 headless Chromium and collects every latency reading the page makes from the
@@ -28,6 +30,17 @@ sound and picture stay. With ``--unmute`` each page also reports the parts
 of the sound's latency Chromium gives (medians of the page's polls): what its
 jitter buffer held and aimed for, its output path's delay, and the page's
 AudioContext output latency, which each of the page's readings includes.
+``--arms`` picks some of the arms (``ARMS``), among them Lip sync without the
+page's trim of the picture's delay (``UNTRIMMED``).
+
+Beside the page's own readings, Chromium's: every ``SYNC_POLL_MS`` the page's
+getStats gives each track's estimatedPlayoutTimestamp (the capture time, read
+through the relay's sender reports, of what plays now): their difference is
+lip sync as Chromium reckons it, and the audio's against the picture the page
+saw presented is lip sync without WebAudio's path (``chromium_sync``); with
+what each jitter buffer held and was asked to hold. A run of two minutes or
+more also gives each of the three per minute, the last minute's less the
+first's, and a fitted line's rise over the run (drift).
 """
 
 from __future__ import annotations
@@ -81,6 +94,9 @@ PARTS = ("jitter_buffer_ms", "jitter_target_ms", "playout_ms", "context_output_m
 # (240 readings), seldom enough to cost nothing beside the page's own poll (a second).
 SYNC_POLL_MS = 250
 COLLECT = COLLECT % SYNC_POLL_MS
+# Lip sync ticked: how long before the readings are kept. Chromium's sync moves the delays once a second by half
+# the gap, the page's trim likewise: both have settled within a few seconds of the new connection.
+SYNC_SETTLE_S = 8.0
 # NTP's epoch (1900) is this many ms before Unix's: estimatedPlayoutTimestamp is an NTP time in ms.
 NTP_UNIX_OFFSET_MS = 2_208_988_800_000
 # The bins of a long run's lip sync over time (s).
@@ -142,6 +158,7 @@ async def measure(
                 "() => window.camrelayPlayer.connects === 2 && window.camrelayPlayer.latencyReadings > 60",
                 timeout=30_000,
             )
+            await asyncio.sleep(SYNC_SETTLE_S)
         if unmute:
             await page.click("#unmute")
         await page.evaluate(COLLECT)
