@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import signal
 import time
 from dataclasses import dataclass
@@ -27,11 +28,11 @@ from typing import Protocol, TypeVar
 
 from . import h264, ipc
 from .aio import cancel_and_wait, read_pipe, signal_group
-from .backoff import Retry
+from .backoff import CAMERA_RESTARTS, Restarts, Retry
 from .hub import EncodedFrame, PacketHub
 from .ipc import EncoderSettings
 from .lag import DEFAULT_MAX_LAG
-from .logsafe import SECRET_FILTER, Throttled, redact, url_passwords
+from .logsafe import SECRET_FILTER, redact, url_passwords
 from .mjpeg import JpegFeed
 from .source import SourceSpec, shares_worker
 from .status import ConsumerStats, Metric, StreamStatus
@@ -44,9 +45,6 @@ log = logging.getLogger(__name__)
 # is started afresh by the worker's own watch, with the same bound.)
 WORKER_STALL = ipc.OUTPUT_STALL
 WORKER_STARTUP_GRACE = ipc.OUTPUT_STARTUP_GRACE  # a fresh worker imports PyAV and opens its source first
-# Seconds between two restarts the relay asks of one camera whose messages it failed to handle (and between two
-# log lines about it): a bug that hits every frame is one line and one restart in this long, not thirty a second.
-CAMERA_RESTART_INTERVAL = 10.0
 WATCHDOG_PERIOD = 0.5
 PIPE_LIMIT = 1 << 20  # reader buffer and the most one read takes; one 4K JPEG fits
 # A camera passed through has no encoder to slow, and skipping its frames is not sound: with no B-frames every
@@ -512,8 +510,10 @@ class Worker:
     its stdin every camera's commands. A camera that hangs or goes silent is the worker's business (each camera has
     its own stall watch, slate and output watch there); the relay's watchdog kills the process when no camera of it
     sent a frame for ``WORKER_STALL`` (every camera sends the slate when its own is gone), that is when the process
-    is stuck. A failure to handle one camera's message restarts that camera alone (``ipc.CMD_RESTART``); a camera
-    that turns out to need a process of its own (its status's ``own_process``) moves to one (``move_out``)."""
+    is stuck. A failure to handle one camera's message restarts that camera alone (``ipc.CMD_RESTART``), again and
+    again with a growing wait (``backoff.CAMERA_RESTARTS`` on ``clock``: a bug that hits every frame is not a restart
+    every few seconds for ever); a camera that turns out to need a process of its own (its status's
+    ``own_process``) moves to one (``move_out``)."""
 
     def __init__(self, streams: list[Stream], retry: Retry | None = None) -> None:
         self.streams = streams  # by camera index in the process; a stream that moved out keeps its slot till then
@@ -533,7 +533,9 @@ class Worker:
         )
         self._open: set[str] = set()  # its streams started and not closed (or moved out)
         self._supervised = False
-        self._failures: dict[str, Throttled] = {}  # per stream: its messages' handling failed
+        self._restarts: dict[str, Restarts] = {}  # per stream: its messages' handling failed, its restarts asked
+        self.clock = time.monotonic  # the restarts' schedule's, and its jitter (the tests' own)
+        self.rng: random.Random | None = None
         self._stopping: asyncio.Task[None] | None = None  # the process stopped once every stream moved out
 
     @property
@@ -624,12 +626,25 @@ class Worker:
         try:
             stream.on_message(msg)
         except Exception as exc:  # one camera's message, not the process's other cameras' restart
-            failures = self._failures.setdefault(stream.name, Throttled(log, CAMERA_RESTART_INTERVAL))
-            if failures.warn(
-                "stream=%s its worker's message could not be handled (%s: %s); restarting the camera",
-                stream.name, type(exc).__name__, exc, exc_info=exc,
-            ):  # fmt: skip
-                self.command(stream.camera, ipc.CMD_RESTART)
+            self._restart_camera(stream, exc)
+
+    def _restart_camera(self, stream: Stream, exc: Exception) -> None:
+        """Handling a message of ``stream``'s failed with ``exc``: its camera restarted in the worker, unless the
+        last restart was too recent (then the failure is counted into the next restart's line)."""
+        restarts = self._restarts.setdefault(stream.name, Restarts(CAMERA_RESTARTS, self.rng))
+        now = self.clock()
+        if not restarts.failed(now):
+            return
+        first, waiting = restarts.first, restarts.waiting
+        delay = restarts.restarted(now)
+        more = f" ({waiting} more failures since the last restart)" if waiting else ""
+        # One line a restart (the schedule spaces them), the traceback with the first of a run of them only.
+        log.warning(
+            "stream=%s its worker's message could not be handled (%s: %s)%s; restarting the camera: restart %d, "
+            "the next no sooner than %.1fs after it",
+            stream.name, type(exc).__name__, exc, more, restarts.restarts, delay, exc_info=exc if first else None,
+        )  # fmt: skip
+        self.command(stream.camera, ipc.CMD_RESTART)
 
     def _on_log(self, msg: ipc.Message) -> None:
         try:

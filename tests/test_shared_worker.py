@@ -16,7 +16,9 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import os
+import random
 import signal
 import threading
 import time
@@ -272,6 +274,7 @@ async def test_a_failure_to_handle_one_camera_s_messages_restarts_that_camera_al
             handle(msg)
 
         bad._on_unit = failing
+        bad.worker.clock, bad.worker.rng = Frozen(), NO_JITTER  # a second restart never due, however slow the machine
         tap = Tap(good)
         try:
             await until(lambda: bad.stats.camera_restarts == 1, "the camera started afresh in its worker")
@@ -284,7 +287,52 @@ async def test_a_failure_to_handle_one_camera_s_messages_restarts_that_camera_al
     assert gaps(tap.pts) == [], "every frame of the other camera, throughout"
     assert pids == (pid, pid), "the same process"
     assert bad.stats.worker_restarts == good.stats.worker_restarts == good.stats.camera_restarts == 0
-    assert len(lines(caplog, "stream=bad", "could not be handled")) == 1
+    assert len(lines(caplog, "stream=bad", "could not be handled", "the next no sooner than 0.5s")) == 1
+
+
+def test_the_relay_restarts_a_camera_whose_messages_it_keeps_failing_on_ever_less_often(caplog):
+    """Before: a bug in the relay's handling of a camera's every message restarted that camera every 10 s for ever.
+    Now the restarts it asks of the worker back off (0.5 s, 1 s, 2 s ... at most 30 s apart; the relay's clock
+    injected, no jitter), each one log line that says when the next may come, the failures between counted into
+    it; a minute without a failure and the next one restarts the camera at once, the schedule started again. The
+    other camera of the process is never restarted."""
+    caplog.set_level(logging.WARNING, logger="relay.stream")
+    settings = EncoderSettings(1_000_000, 30.0, 1.0)
+    bad, good = (Stream(n, parse_source_spec(f"rtsp://10.0.0.{i}/s"), settings, 640, 360) for i, n in enumerate("bg"))
+    (shared,) = share_workers([bad, good], per_worker=2)
+    clock, sent, failing = Frozen(), [], [True]
+    shared.clock, shared.rng = clock, NO_JITTER
+    shared.command = lambda camera, cmd: sent.append((clock.now, camera, cmd))
+
+    def on_message(msg: ipc.Message) -> None:
+        if failing[0]:
+            raise RuntimeError("a bug in handling a unit")
+
+    bad.on_message = on_message
+
+    def run(seconds: float, step: float = 0.25) -> None:  # a unit of each camera every ``step`` of the clock
+        for _ in range(round(seconds / step)):
+            for camera in (0, 1):
+                shared._on_message(ipc.Message(ipc.UNIT, 0, camera, 0, 0.0, b"\x00\x00\x00\x01\x65"))
+            clock.now += step
+
+    start = clock.now
+    run(180.0)
+    failing[0] = False
+    run(60.0)
+    failing[0] = True
+    before = len(sent)
+    run(1.0)
+    restarts = [when - start for when, camera, cmd in sent if (camera, cmd) == (0, ipc.CMD_RESTART)]
+    assert len(restarts) == len(sent), "the bad camera's restarts, the other camera's none"
+    assert restarts[:before] == [0, 0.5, 1.5, 3.5, 7.5, 15.5, 31.5, 61.5, 91.5, 121.5, 151.5]
+    assert restarts[before:] == [240.0, 240.5], "at once after a good minute, then 0.5 s later"
+    said = lines(caplog, "stream=b", "could not be handled", "restarting the camera")
+    assert len(said) == len(restarts) and len(caplog.records) == len(said), "a line a restart, no other"
+    assert "restart 2, the next no sooner than 1.0s after it" in said[1] and "(1 more failures" in said[1]
+    assert "restart 8, the next no sooner than 30.0s after it" in said[7] and "(119 more failures" in said[7]
+    assert "the next no sooner than 0.5s after it" in said[before]
+    assert good.stats.camera_restarts == 0 and good.stats.frames_encoded == 4 * 241
 
 
 @pytest.mark.parametrize(
@@ -372,10 +420,10 @@ def pattern(camera: int):
     return lambda: capture.TestPatternSource(320, 240, 15.0, f"cam{camera}", "")
 
 
-def in_process(kinds: dict[int, list], outputs: Outputs, count: int = 2, **sources):
+def in_process(kinds: dict[int, list], outputs: Outputs, count: int = 2, clock=time.monotonic, **sources):
     """``worker.Cameras`` of ``count`` test-pattern cameras; camera ``i``'s successive pipelines are of the classes
     ``kinds[i]`` lists (then ``worker.Pipeline``), each emitting through ``outputs`` under its number in ``made``;
-    ``sources[f"cam{i}"]``: camera ``i``'s source factory."""
+    ``sources[f"cam{i}"]``: camera ``i``'s source factory; ``clock``: the restarts' schedule's (no jitter)."""
     made: list[worker.Pipeline] = []
 
     def make(camera: int) -> worker.Pipeline:
@@ -389,7 +437,7 @@ def in_process(kinds: dict[int, list], outputs: Outputs, count: int = 2, **sourc
         made.append(pipeline)
         return pipeline
 
-    return worker.Cameras(make, count), made
+    return worker.Cameras(make, count, clock, NO_JITTER), made
 
 
 async def tick_until(cameras: worker.Cameras, condition, what: str) -> None:
@@ -408,6 +456,26 @@ async def both_go_on(cameras: worker.Cameras, outputs: Outputs, frames: int = 15
         lambda: all(outputs.count(ipc.UNIT, c) >= before[c] + frames for c in (0, 1)),
         f"{frames} more frames of both cameras",
     )
+
+
+class Frozen:
+    """A clock that stands still unless moved: an injected clock for a restarts' schedule."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Middle(random.Random):
+    """Jitter that is none: every draw is the middle of the range."""
+
+    def random(self) -> float:
+        return 0.5
+
+
+NO_JITTER = Middle()
 
 
 def lines(caplog, *words: str) -> list[str]:
@@ -492,14 +560,13 @@ class WatchRaises(worker.Pipeline):
         raise RuntimeError("the watch's bug")
 
 
-async def test_a_camera_whose_watch_raises_is_restarted_alone_and_at_most_once_a_restart_interval(caplog, monkeypatch):
+async def test_a_camera_whose_watch_raises_is_restarted_alone_and_not_again_before_its_schedule_says(caplog):
     """Before: one camera's exception in the worker's main loop ended the process, every camera with it. Now that
-    camera alone is started afresh, in one log line; its successor raising too is not restarted again within
-    RESTART_INTERVAL (its failures counted into the next line), and the other camera never stops."""
-    monkeypatch.setattr(worker, "RESTART_INTERVAL", 3600.0)  # no second restart however slow the machine
+    camera alone is started afresh, in one log line; its successor raising too is not restarted again before its
+    restarts' schedule says (its failures counted into the next line), and the other camera never stops."""
     caplog.set_level(logging.WARNING, logger=worker.log.name)
     outputs = Outputs()
-    cameras, made = in_process({1: [WatchRaises, WatchRaises]}, outputs)
+    cameras, made = in_process({1: [WatchRaises, WatchRaises]}, outputs, clock=Frozen())  # no wait ever ends
     cameras.start()
     try:
         await tick_until(cameras, lambda: cameras.replaced > 0, "the camera started afresh")
@@ -511,6 +578,66 @@ async def test_a_camera_whose_watch_raises_is_restarted_alone_and_at_most_once_a
     assert cameras.replaced == 1 and len(made) == 3 and cameras.pipelines[0] is made[0]
     assert len(lines(caplog, "stream=cam1", "its watch failed", "starting the camera afresh")) == 1
     assert lines(caplog, "stream=cam0") == []
+
+
+class Idle(worker.Pipeline):
+    """A camera that runs no thread and sends nothing, yet never counts as silent: only its watch is looked at."""
+
+    failing = False  # its watch raises while set (every idle camera's of the test)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.last_alive = math.inf
+
+    def start(self) -> None:
+        pass
+
+    def tick(self) -> None:
+        if self.failing:
+            raise RuntimeError("the watch's bug")
+
+
+async def test_a_camera_whose_watch_keeps_raising_is_restarted_ever_less_often_and_again_at_once_after_a_good_run(
+    caplog,
+):
+    """Before: a camera whose watch raised at every tick was started afresh every 10 s for ever. Now its restarts
+    back off (0.5 s, 1 s, 2 s ... at most 30 s apart; the worker's clock injected, no jitter), each restart one log
+    line that says when the next may come; after a minute without a failure a new one restarts it at once, and
+    the schedule starts again."""
+    caplog.set_level(logging.WARNING, logger=worker.log.name)
+    clock = Frozen()
+
+    class Failing(Idle):
+        pass
+
+    cameras, made = in_process({0: [Idle], 1: [Failing] * 100}, Outputs(), clock=clock)
+    restarted_at = []
+
+    def run(seconds: float) -> None:  # the worker's main loop, for ``seconds`` of its clock
+        for _ in range(round(seconds / worker.WATCH_INTERVAL)):
+            replaced = cameras.replaced
+            cameras.tick()
+            if cameras.replaced > replaced:
+                restarted_at.append(clock.now)
+            clock.now += worker.WATCH_INTERVAL
+
+    start = clock.now
+    Failing.failing = True
+    run(180.0)
+    gaps = [b - a for a, b in zip(restarted_at, restarted_at[1:], strict=False)]
+    Failing.failing = False
+    run(60.0)  # a minute's good run
+    Failing.failing = True
+    before = len(restarted_at)
+    run(1.0)
+    assert restarted_at[0] == start and gaps == [0.5, 1, 2, 4, 8, 16, 30, 30, 30, 30]
+    assert restarted_at[before:] == [start + 240.0, start + 240.5], "at once after a good run, then 0.5 s"
+    said = lines(caplog, "stream=cam1", "its watch failed", "starting the camera afresh")
+    assert len(said) == len(restarted_at) == cameras.replaced, "a line a restart"
+    assert "restart 2, the next no sooner than 1.0s after it" in said[1] and "(1 more failures" in said[1]
+    assert "restart 8, the next no sooner than 30.0s after it" in said[7] and "(119 more failures" in said[7]
+    assert "the next no sooner than 0.5s after it" in said[before]
+    assert cameras.pipelines[0] is made[0] and lines(caplog, "stream=cam0") == []
 
 
 class FailsToStart(worker.Pipeline):
@@ -526,7 +653,6 @@ async def test_a_camera_that_cannot_be_started_afresh_stays_dark_is_tried_again_
     """Before: a new pipeline that raised on start left ``Cameras.command`` by an exception, which ended the
     worker's commands thread (every later command of every camera lost) and left the camera halted for good. Now
     the failure is one log line, the other camera goes on, and the camera is started afresh on a later watch."""
-    monkeypatch.setattr(worker, "RESTART_INTERVAL", 1.0)  # the next try sooner than a camera's 10 s: a shorter test
     caplog.set_level(logging.WARNING, logger=worker.log.name)
     outputs = Outputs()
     cameras, made = in_process({1: [worker.Pipeline, FailsToStart]}, outputs)

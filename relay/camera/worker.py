@@ -26,6 +26,7 @@ import functools
 import gc
 import logging
 import os
+import random
 import signal
 import sys
 import threading
@@ -34,7 +35,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .. import h264, ipc
-from ..backoff import Retry
+from ..backoff import CAMERA_RESTARTS, Restarts, Retry
 from ..devices import offers_h264
 from ..h264 import H264Error, ParameterSets
 from ..ipc import KEYFRAME_MIN_INTERVAL, EncoderSettings
@@ -83,10 +84,8 @@ REORDER_PROBE_PACKETS = 12
 GOP_KEEP_BYTES = 8 * 2**20
 JPEG_WAIT = 0.5  # seconds the JPEG thread waits for a new unit before it looks at whether it is still wanted
 JPEG_SLACK = 0.9  # a keyframe a little early for a snapshot interval is taken, not skipped for the next GOP
-# Seconds between two log lines about one camera started afresh, and the least between two restarts of it for a
-# failure (its watch or a command raised): a camera whose every watch raises is restarted once in this long, not at
-# every tick, and says so in one line (the failures in between counted into the next).
-RESTART_INTERVAL = 10.0
+# Seconds between two log lines about the relay's commands that failed in the worker (the rest counted into the next).
+COMMAND_LOG_INTERVAL = 10.0
 
 
 class NeedsOwnProcess(Exception):
@@ -895,9 +894,17 @@ class Cameras:
     when the relay asks (``ipc.CMD_RESTART``: its messages could not be handled there) and, in a shared worker,
     when it sent nothing, not even the slate, for ``ipc.OUTPUT_STALL`` (its encode thread died: the relay's
     watchdog sees only that some camera of the process sends). A worker of one camera whose capture is stuck ends
-    instead, and the relay starts a new process; one that goes silent is the relay's watchdog's."""
+    instead, and the relay starts a new process; one that goes silent is the relay's watchdog's. A camera started
+    afresh again and again waits longer each time (``backoff.CAMERA_RESTARTS``), except when the relay asks: the
+    relay keeps its own schedule. ``clock`` and ``rng``: the schedule's (the tests' own)."""
 
-    def __init__(self, make: Callable[[int], Pipeline], count: int) -> None:
+    def __init__(
+        self,
+        make: Callable[[int], Pipeline],
+        count: int,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
         self._make = make
         # Held while a command is applied and while a camera is replaced: no command goes to a pipeline on its way
         # out (the new one takes over the old one's JPEG and frame-rate wishes and a pending keyframe request).
@@ -905,8 +912,8 @@ class Cameras:
         self.pipelines = [make(i) for i in range(count)]
         self.replaced = 0  # pipelines started afresh
         self.left_behind: list[Pipeline] = []  # replaced, some thread of theirs still running
-        self._restart_log = [Throttled(log, RESTART_INTERVAL) for _ in range(count)]
-        self._restarted_at = [float("-inf")] * count  # monotonic
+        self._clock = clock
+        self._restarts = [Restarts(CAMERA_RESTARTS, rng) for _ in range(count)]
         self._start_failed = [False] * count  # its last new pipeline could not be made or started: it stays dark
 
     @property
@@ -940,7 +947,7 @@ class Cameras:
             pipeline = self.get(camera)
             if pipeline is None:
                 log.warning("command %r for camera %d: this worker has %d", cmd, camera, len(self.pipelines))
-            elif cmd == ipc.CMD_RESTART:  # the relay asks at most once in its CAMERA_RESTART_INTERVAL
+            elif cmd == ipc.CMD_RESTART:  # the relay asks as its own schedule says (relay.stream.Worker)
                 self._replace(camera, "the relay could not handle its messages")
             else:
                 try:
@@ -959,9 +966,9 @@ class Cameras:
                     self._failed(camera, "its watch", exc)
                     continue
                 why = self._why_restart(pipeline)
-                # After a failed start, the next try waits RESTART_INTERVAL: not one a tick, each logged.
-                retry_due = time.monotonic() - self._restarted_at[camera] >= RESTART_INTERVAL
-                if why and (retry_due or not self._start_failed[camera]):
+                if not why and self._start_failed[camera]:
+                    why = "its last start failed"
+                if why and self._restarts[camera].due(self._clock()):  # else it waits, as its schedule says
                     self._replace(camera, why)
         with self._lock:
             self.left_behind = [p for p in self.left_behind if not p.release()]
@@ -977,13 +984,10 @@ class Cameras:
         return ""
 
     def _failed(self, camera: int, what: str, exc: Exception) -> None:
-        """With ``_lock`` held: ``what`` raised ``exc``; the camera restarted, at most once per ``RESTART_INTERVAL``."""
-        why = f"{what} failed: {type(exc).__name__}: {exc}"
-        if time.monotonic() - self._restarted_at[camera] >= RESTART_INTERVAL:
-            self._replace(camera, why, exc)
-        else:
-            self._restart_log[camera].warn("stream=%s %s; restarted less than %gs ago", self.pipelines[camera].name,
-                                           why, RESTART_INTERVAL)  # fmt: skip
+        """With ``_lock`` held: ``what`` raised ``exc``; the camera restarted, unless its last restart was too recent
+        (then the failure is counted into the next restart's line)."""
+        if self._restarts[camera].failed(self._clock()):
+            self._replace(camera, f"{what} failed: {type(exc).__name__}: {exc}", exc)
 
     def _replace(self, camera: int, why: str, exc: Exception | None = None) -> None:
         """With ``_lock`` held: camera ``camera`` started afresh in a new pipeline."""
@@ -991,17 +995,20 @@ class Cameras:
         if not self.shared and old.stuck:
             log.error("stream=%s %s; restarting the worker", old.name, why)
             os._exit(EXIT_STUCK)
+        restarts = self._restarts[camera]
+        first, waiting = restarts.first, restarts.waiting
+        delay = restarts.restarted(self._clock())
         others = f" (the worker's {len(self.pipelines) - 1} others carry on)" if self.shared else ""
-        self._restart_log[camera].warn(
-            "stream=%s %s; starting the camera afresh%s", old.name, why, others, exc_info=exc
-        )
+        more = f" ({waiting} more failures since the last restart)" if waiting else ""
+        # One line a restart (the schedule spaces them), the traceback with the first of a run of them only.
+        log.warning("stream=%s %s%s; starting the camera afresh%s; restart %d, the next no sooner than %.1fs after it",
+                    old.name, why, more, others, restarts.restarts, delay, exc_info=exc if first else None)  # fmt: skip
         try:
             counted = old.status()
         except Exception:  # what failed may be its status: its last counts are then those before it
             counted = old.counted_before or ipc.WorkerStatus()
         counted.camera_restarts += 1
         old.abandon()
-        self._restarted_at[camera] = time.monotonic()
         try:
             new = self._make(camera)
             new.counted_before = counted
@@ -1011,9 +1018,8 @@ class Cameras:
         except Exception as exc:  # no thread left, an encoder that will not open: the camera stays dark, tried again
             self._start_failed[camera] = True
             old.counted_before = counted
-            # Not throttled with the restart's line just before it: a try comes at most once a RESTART_INTERVAL.
-            log.error("stream=%s could not be started afresh: %s: %s; trying again in %gs",
-                      old.name, type(exc).__name__, exc, RESTART_INTERVAL)  # fmt: skip
+            log.error("stream=%s could not be started afresh: %s: %s; trying again in %.1fs",
+                      old.name, type(exc).__name__, exc, delay)  # fmt: skip
             return
         self._start_failed[camera] = False
         self.pipelines[camera] = new
@@ -1062,7 +1068,7 @@ def main(argv: list[str] | None = None) -> int:
     shared = len(configs) > 1
     cameras = Cameras(lambda camera: make_pipeline(configs[camera], camera, emit, shared), len(configs))
 
-    command_log = Throttled(log, RESTART_INTERVAL)
+    command_log = Throttled(log, COMMAND_LOG_INTERVAL)
 
     def commands() -> None:
         pending = b""
