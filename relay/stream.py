@@ -255,7 +255,6 @@ class Stream:
                 "thermal": st.frames_dropped_thermal,
                 "source_loss": st.frames_dropped_source_loss,
             },
-            restarts=st.worker_restarts + st.camera_restarts + st.worker_moves,
             worker_restarts=st.worker_restarts,
             camera_restarts=st.camera_restarts,
             worker_moves=st.worker_moves,
@@ -480,8 +479,8 @@ class Stream:
 
     def _on_status(self, s: ipc.WorkerStatus) -> None:
         base, st = self._base_counts, self.stats
-        for key in ipc.WORKER_COUNTERS:
-            setattr(st, key, getattr(base, key) + getattr(s, key))
+        for key in ipc.WORKER_COUNTERS:  # a counter never goes back, whatever a worker says (its bug, lost counts)
+            setattr(st, key, max(getattr(st, key), getattr(base, key) + getattr(s, key)))
         st.encode_ms = s.encode_ms
         st.last_error = redact(s.last_error, SECRET_FILTER.secrets)  # shown to every viewer in the API
         self.state = s.state

@@ -399,12 +399,15 @@ class Outputs:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts: collections.Counter[tuple[int, int, int]] = collections.Counter()  # (pipeline, camera, kind)
+        self.statuses: collections.defaultdict[int, list[ipc.WorkerStatus]] = collections.defaultdict(list)  # camera's
 
     def for_pipeline(self, number: int):
         def emit(data: bytes) -> None:
             kind, _, camera, *_ = ipc.parse_header(data[: ipc.HEADER.size])
             with self._lock:
                 self._counts[number, camera, kind] += 1
+                if kind == ipc.STATUS:
+                    self.statuses[camera].append(ipc.WorkerStatus.from_json(data[ipc.HEADER.size :]))
 
         return emit
 
@@ -638,6 +641,53 @@ async def test_a_camera_whose_watch_keeps_raising_is_restarted_ever_less_often_a
     assert "restart 8, the next no sooner than 30.0s after it" in said[7] and "(119 more failures" in said[7]
     assert "the next no sooner than 0.5s after it" in said[before]
     assert cameras.pipelines[0] is made[0] and lines(caplog, "stream=cam0") == []
+
+
+class StatusRaises(worker.Pipeline):
+    """A camera whose status raises on the worker's main thread once ``broken`` is set: a bug in it."""
+
+    broken = threading.Event()
+
+    def status(self) -> ipc.WorkerStatus:
+        if self.broken.is_set() and threading.current_thread() is threading.main_thread():
+            raise RuntimeError("the status's bug")
+        return super().status()
+
+
+async def test_a_camera_whose_status_raises_is_started_afresh_and_its_counters_never_go_back():
+    """Before: a camera whose status raised was started afresh with the counts of the pipelines before it only,
+    so the frames it had captured, as its last status said, were taken back: the relay's counters went down. Now
+    its last status's counts are carried on; every counter in every status of it is at least the one before, and
+    the relay keeps a counter from going back whatever a worker says."""
+    StatusRaises.broken.clear()
+    outputs = Outputs()
+    cameras, made = in_process({1: [StatusRaises]}, outputs)
+    cameras.start()
+    try:
+        await tick_until(cameras, lambda: len(outputs.statuses[1]) >= 2, "statuses of the camera")
+        await tick_until(cameras, lambda: outputs.statuses[1][-1].frames_captured >= 15, "its frames counted")
+        StatusRaises.broken.set()
+        await tick_until(cameras, lambda: cameras.replaced == 1, "the camera started afresh")
+        sent = len(outputs.statuses[1])
+        await tick_until(cameras, lambda: len(outputs.statuses[1]) >= sent + 2, "the new pipeline's statuses")
+        await both_go_on(cameras, outputs)
+    finally:
+        await asyncio.to_thread(cameras.stop)
+    statuses = outputs.statuses[1]
+    for key in ipc.WORKER_COUNTERS:
+        counts = [getattr(s, key) for s in statuses]
+        assert counts == sorted(counts), f"{key} never goes back: {counts}"
+    assert statuses[-1].camera_restarts == 1 and cameras.pipelines[1] is made[2]
+
+    # The relay's side: a status whose counts are lower than the one before (a worker's bug) takes nothing back.
+    stream = Stream("cam1", parse_source_spec("rtsp://10.0.0.1/s"), EncoderSettings(1_000_000, 30.0, 1.0), 640, 360)
+    seen = []
+    for frames, restarts in ((100, 2), (40, 1), (150, 3)):
+        status = ipc.WorkerStatus(frames_captured=frames, camera_restarts=restarts)
+        stream.on_message(ipc.Message(ipc.STATUS, 0, 0, 0, 0.0, status.to_json()))
+        api = stream.status().api()
+        seen.append((api["frames_captured"], api["camera_restarts"], api["restarts"]))
+    assert seen == [(100, 2, 2), (100, 2, 2), (150, 3, 3)]
 
 
 class FailsToStart(worker.Pipeline):

@@ -243,6 +243,7 @@ class Pipeline:
         # The counters of the pipelines this camera had before in this process (replaced when stuck), added to its
         # own in every status: the relay's counts never go back.
         self.counted_before: ipc.Counters | None = None
+        self.reported: ipc.WorkerStatus | None = None  # its last status made: what it counted, should one fail
 
     @property
     def passing_through(self) -> bool:
@@ -303,6 +304,7 @@ class Pipeline:
         if self.counted_before is not None:
             for key in ipc.WORKER_COUNTERS:
                 setattr(out, key, getattr(self.counted_before, key) + getattr(out, key))
+        self.reported = out
         return out
 
     def abandon(self) -> None:
@@ -914,7 +916,8 @@ class Cameras:
         self.left_behind: list[Pipeline] = []  # replaced, some thread of theirs still running
         self._clock = clock
         self._restarts = [Restarts(CAMERA_RESTARTS, rng) for _ in range(count)]
-        self._start_failed = [False] * count  # its last new pipeline could not be made or started: it stays dark
+        # Its last new pipeline could not be made or started (it stays dark): the counts its next one carries on.
+        self._carried: list[ipc.Counters | None] = [None] * count
 
     @property
     def shared(self) -> bool:
@@ -966,7 +969,7 @@ class Cameras:
                     self._failed(camera, "its watch", exc)
                     continue
                 why = self._why_restart(pipeline)
-                if not why and self._start_failed[camera]:
+                if not why and self._carried[camera] is not None:
                     why = "its last start failed"
                 if why and self._restarts[camera].due(self._clock()):  # else it waits, as its schedule says
                     self._replace(camera, why)
@@ -1003,10 +1006,12 @@ class Cameras:
         # One line a restart (the schedule spaces them), the traceback with the first of a run of them only.
         log.warning("stream=%s %s%s; starting the camera afresh%s; restart %d, the next no sooner than %.1fs after it",
                     old.name, why, more, others, restarts.restarts, delay, exc_info=exc if first else None)  # fmt: skip
-        try:
-            counted = old.status()
-        except Exception:  # what failed may be its status: its last counts are then those before it
-            counted = old.counted_before or ipc.WorkerStatus()
+        counted = self._carried[camera]  # taken when its last new pipeline failed to start (none has run since)
+        if counted is None:
+            try:
+                counted = old.status()
+            except Exception:  # what failed may be its status: its counts are then those of its last one, never fewer
+                counted = dataclasses.replace(old.reported or old.counted_before or ipc.WorkerStatus())
         counted.camera_restarts += 1
         old.abandon()
         try:
@@ -1016,12 +1021,11 @@ class Cameras:
             new.request_keyframe()  # its viewers start again from an IDR
             new.start()
         except Exception as exc:  # no thread left, an encoder that will not open: the camera stays dark, tried again
-            self._start_failed[camera] = True
-            old.counted_before = counted
+            self._carried[camera] = counted
             log.error("stream=%s could not be started afresh: %s: %s; trying again in %.1fs",
                       old.name, type(exc).__name__, exc, delay)  # fmt: skip
             return
-        self._start_failed[camera] = False
+        self._carried[camera] = None
         self.pipelines[camera] = new
         self.replaced += 1
         self.left_behind.append(old)
