@@ -331,6 +331,7 @@ class Stream:
             "frames": st.audio_frames_encoded,
             "frames_dropped": dropped,
             "source_errors": st.audio_source_errors,
+            "restarts": st.audio_restarts,  # its thread hung, the sound started afresh in the worker (video untouched)
             "packets_dropped": st.audio_packets_dropped,  # a camera's sound: RTP packets unreadable or late
             "last_error": a.get("audio_last_error", ""),
             "cpu_seconds": round(st.audio_cpu_seconds, 3),  # the worker's audio thread: capture and encode
@@ -344,6 +345,9 @@ class Stream:
                        st.audio_frames_encoded, labels),
                 Metric("camrelay_stream_audio_source_errors_total", "counter", "Audio source failures.",
                        st.audio_source_errors, labels),
+                Metric("camrelay_stream_audio_restarts_total", "counter",
+                       "Times the sound's thread hung and the sound was started afresh (the video untouched).",
+                       st.audio_restarts, labels),
                 Metric("camrelay_stream_audio_cpu_seconds_total", "counter",
                        "CPU time of the worker's audio thread (capture, Opus encode).",
                        round(st.audio_cpu_seconds, 3), labels),

@@ -768,6 +768,48 @@ async def test_a_camera_replaced_while_its_sound_is_stuck_sends_nothing_more_and
     assert cameras.replaced == 1 and cameras.pipelines[1] is made[2]
 
 
+async def test_a_camera_whose_sound_hangs_gets_its_sound_back_on_a_new_thread_and_its_video_goes_on(caplog):
+    """Before: the output watch looked at the video alone, and a camera whose sound thread hung in its source (an
+    ALSA driver stuck in the kernel) went on without sound for good, its status saying live. Now a sound thread
+    with no block for its bound (``audio.READ_BOUND``) is left behind and the sound started afresh on a new thread:
+    its packets come again, counted in ``audio_restarts``, in one log line; the camera's video is never restarted
+    and never stops."""
+    caplog.set_level(logging.WARNING, logger=worker.log.name)
+    stick, stuck, release = threading.Event(), threading.Event(), threading.Event()
+    sources = iter([StuckSound(stick, stuck, release)])  # the first source hangs once told to; the next one never
+    outputs = Outputs()
+
+    class WithSound(worker.Pipeline):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.audio = audio.AudioPipeline(
+                self.name, lambda: next(sources, None) or audio.TestSoundSource(), self._emit, camera=1
+            )
+
+    cameras, made = in_process({1: [WithSound]}, outputs)
+    cameras.start()
+    try:
+        await tick_until(cameras, lambda: outputs.count(ipc.AUDIO, 1) >= 5, "the camera's sound")
+        stick.set()
+        await tick_until(cameras, stuck.is_set, "its sound's read stuck")
+        hung = made[1].audio
+        sent = outputs.count(ipc.AUDIO, 1)
+        await tick_until(cameras, lambda: outputs.count(ipc.AUDIO, 1) >= sent + 50, "a second of sound again")
+        frames = outputs.count(ipc.UNIT, 1)
+        await both_go_on(cameras, outputs)
+        status = made[1].status()
+    finally:
+        release.set()
+        await asyncio.to_thread(cameras.stop)
+    assert cameras.replaced == 0 and cameras.pipelines[1] is made[1], "the camera itself never restarted"
+    assert made[1].audio is not hung and not hung.alive, "a new sound thread; the hung one let go once it returned"
+    assert (status.audio_restarts, status.camera_restarts, status.audio_state) == (1, 0, "live")
+    assert status.audio_frames_captured >= sent + 50, "its counts carried on"
+    assert outputs.count(ipc.UNIT, 1) > frames and outputs.count(ipc.UNIT, 1, pipeline=1) == outputs.count(ipc.UNIT, 1)
+    assert len(lines(caplog, "stream=cam1", "starting the sound afresh", "restart 1")) == 1
+    assert lines(caplog, "stream=cam0") == []
+
+
 class Recorded(capture.TestPatternSource):
     """A test pattern that records its close and the end of its last read in ``events``; with ``wait_for``, that
     read ends only once ``wait_for`` is set (or DEADLINE)."""

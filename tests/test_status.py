@@ -37,6 +37,7 @@ def _api_counter(status: dict, sample) -> float | None:
         "camrelay_stream_frames_dropped_total": lambda: stream["frames_dropped"][sample.labels["reason"]],
         "camrelay_stream_audio_frames_total": lambda: stream["audio"]["frames"],
         "camrelay_stream_audio_source_errors_total": lambda: stream["audio"]["source_errors"],
+        "camrelay_stream_audio_restarts_total": lambda: stream["audio"]["restarts"],
         "camrelay_stream_audio_cpu_seconds_total": lambda: stream["audio"]["cpu_seconds"],
         "camrelay_stream_audio_frames_dropped_total": lambda: stream["audio"]["frames_dropped"][
             sample.labels["reason"]

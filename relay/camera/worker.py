@@ -190,6 +190,10 @@ class Pipeline:
         self.camera = camera  # its index in the worker: what its messages name
         self.shared = shared  # the worker runs other cameras: it neither transcodes nor uses FFmpeg's demuxer here
         self.audio = audio  # the stream's sound, on a thread of its own; None without
+        self._audio_left: list[
+            AudioPipeline
+        ] = []  # its sound's pipelines before, abandoned hung, till their threads end
+        self._sound_restarts = Restarts(CAMERA_RESTARTS)  # a sound that hangs again and again: ever less often
         self.audio_tap = audio_tap  # where its source's capture thread hands a camera's or file's sound over
         self.size = size  # for the slate until the source reports its own
         self.settings_fps = settings.fps
@@ -264,8 +268,13 @@ class Pipeline:
         """Its threads waited for until ``deadline`` (monotonic), all of them together."""
         for t in self._threads():
             t.join(max(0.0, deadline - time.monotonic()))
-        if self.audio is not None:
-            self.audio.join(deadline - time.monotonic())
+        for audio in self._sound():
+            audio.join(deadline - time.monotonic())
+
+    def _sound(self) -> list[AudioPipeline]:
+        """Its sound's pipeline, and those it abandoned (hung) whose thread has not ended."""
+        self._audio_left = [a for a in self._audio_left if a.alive]
+        return ([self.audio] if self.audio is not None else []) + self._audio_left
 
     def _threads(self) -> list[threading.Thread]:
         return [t for t in (self._capture, self._encode, self._jpegs) if t is not None]
@@ -275,7 +284,7 @@ class Pipeline:
         (then nothing of it is left)."""
         if not any(t.is_alive() for t in self._threads()):
             self._encoder.close()
-            return self.audio is None or not self.audio.alive
+            return not any(audio.alive for audio in self._sound())
         return False
 
     def request_keyframe(self) -> None:
@@ -332,13 +341,29 @@ class Pipeline:
         self._emit(ipc.pack(ipc.STATUS, self.status().to_json(), camera=self.camera))
 
     def tick(self) -> None:
-        """From the main thread, every ``WATCH_INTERVAL``: a stalled camera, a silent one, the status."""
+        """From the main thread, every ``WATCH_INTERVAL``: a stalled camera, a silent one, a hung sound, the status."""
         now = time.monotonic()
         self._check_stall(now)
+        self._check_sound(now)
         if now - self._last_frame >= SLATE_AFTER:
             self._start_encoding()  # the slate, for a passed-through camera (a transcoding one has it running)
         if now - self._last_status >= STATUS_INTERVAL:
             self.push_status()
+
+    def _check_sound(self, now: float) -> None:
+        """Its sound's thread stuck in a read or the encode (no block for the source's bound): the sound started
+        afresh on a new thread, counted, in one line; the video's threads untouched."""
+        audio = self.audio
+        silent = audio.hung(now) if audio is not None and not self._stop.is_set() else 0.0
+        if audio is None or not silent or not self._sound_restarts.due(now):
+            return
+        delay = self._sound_restarts.restarted(now)
+        log.warning("stream=%s audio=%s no sound for %.1fs, its thread stuck; starting the sound afresh: restart %d, "
+                    "the next no sooner than %.1fs after it", self.name, audio.source_name, silent,
+                    audio.restarts + 1, delay)  # fmt: skip
+        self.audio = audio.restarted()
+        self._audio_left.append(audio)
+        self.push_status()
 
     # -- threads that run while they are needed
 
