@@ -556,6 +556,46 @@ async def test_a_camera_that_stops_sending_while_its_worker_s_other_camera_sends
     assert lines(caplog, "stream=cam0") == []
 
 
+class Unplugged(capture.TestPatternSource):
+    """A camera that cannot be opened: its stream shows the slate."""
+
+    def open(self) -> None:
+        raise SourceError("unplugged")
+
+
+async def test_a_camera_whose_first_slate_is_slow_is_not_taken_for_a_silent_one(caplog):
+    """Before: a camera's encode thread, once started for the slate, had OUTPUT_STALL (3 s) for its first picture,
+    which waits for PyAV's and numpy's import, the slate's first drawing and x264's open: on a Pi with the
+    process's other cameras' slates starting at once, longer, and the camera was started afresh as if its encode
+    thread had died (again at every slate). Now that first picture gets a fresh camera's grace
+    (ipc.OUTPUT_STARTUP_GRACE): a first slate held back past OUTPUT_STALL restarts nothing, and then shows."""
+    caplog.set_level(logging.WARNING, logger=worker.log.name)
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowFirstSlate(worker.Pipeline):
+        def _slate_frame(self):
+            if not entered.is_set():
+                entered.set()
+                release.wait(DEADLINE)  # as slow as the test says
+            return super()._slate_frame()
+
+    outputs = Outputs()
+    cameras, made = in_process({1: [SlowFirstSlate]}, outputs, cam1=lambda: Unplugged(320, 240, 15.0, "cam1", ""))
+    cameras.start()
+    try:
+        await tick_until(cameras, entered.is_set, "the camera's first slate begun")
+        since = time.monotonic()
+        await tick_until(cameras, lambda: time.monotonic() - since > ipc.OUTPUT_STALL + 1, "watches past the stall")
+        assert cameras.replaced == 0, "taken for silent while its first slate was on its way"
+        release.set()
+        await tick_until(cameras, lambda: outputs.count(ipc.UNIT, 1, pipeline=1) >= 5, "the slate's pictures")
+    finally:
+        release.set()
+        await asyncio.to_thread(cameras.stop)
+    assert cameras.replaced == 0 and cameras.pipelines[1] is made[1], "never taken for silent"
+    assert lines(caplog, "stream=cam1", "starting the camera afresh") == []
+
+
 class WatchRaises(worker.Pipeline):
     """A camera whose watch (``tick``, on the worker's main thread) raises every time: a bug in it."""
 

@@ -372,7 +372,11 @@ class Pipeline:
             if self._encode is None and not self._stop.is_set():
                 self._encode = threading.Thread(target=self._encode_loop, name=f"encode-{self.name}", daemon=True)
                 self._encode.start()
-                self.last_alive = time.monotonic()  # its first picture may wait for PyAV's import and x264's open
+                # Its first picture waits for PyAV's and numpy's import (a passed-through camera's worker has neither
+                # before its first slate), the slate's first drawing and x264's open: on a Pi, with the process's
+                # other cameras' slates starting at once under one GIL, longer than OUTPUT_STALL. It gets a fresh
+                # camera's grace, not a camera's silence (a false restart, again at every slate).
+                self.last_alive = time.monotonic() + ipc.OUTPUT_STARTUP_GRACE - ipc.OUTPUT_STALL
 
     def _leave_encoding(self) -> bool:
         """Whether the encode thread may end: a passed-through camera delivers again, nothing to encode."""
