@@ -483,8 +483,11 @@ class Stream:
 
     def _on_status(self, s: ipc.WorkerStatus) -> None:
         base, st = self._base_counts, self.stats
+        encode_starts = st.encode_starts
         for key in ipc.WORKER_COUNTERS:  # a counter never goes back, whatever a worker says (its bug, lost counts)
             setattr(st, key, max(getattr(st, key), getattr(base, key) + getattr(s, key)))
+        if st.encode_starts > encode_starts:  # its first picture waits for PyAV's import and x264's open: a grace
+            self.last_unit = max(self.last_unit, time.monotonic() + WORKER_STARTUP_GRACE - WORKER_STALL)
         st.encode_ms = s.encode_ms
         st.last_error = redact(s.last_error, SECRET_FILTER.secrets)  # shown to every viewer in the API
         self.state = s.state

@@ -22,12 +22,14 @@ import random
 import signal
 import threading
 import time
+import types
 
 import av
 import pytest
 
 from benchmarks.rtspcams import Encoding, LoopedCamera
 from relay import ipc
+from relay import stream as stream_module
 from relay.backoff import Retry
 from relay.camera import audio, capture, worker
 from relay.camera.capture import SourceError
@@ -333,6 +335,36 @@ def test_the_relay_restarts_a_camera_whose_messages_it_keeps_failing_on_ever_les
     assert "restart 8, the next no sooner than 30.0s after it" in said[7] and "(119 more failures" in said[7]
     assert "the next no sooner than 0.5s after it" in said[before]
     assert good.stats.camera_restarts == 0 and good.stats.frames_encoded == 4 * 241
+
+
+async def test_the_relay_s_watchdog_gives_a_worker_whose_encode_thread_just_started_a_fresh_worker_s_grace(
+    monkeypatch,
+):
+    """Before: a passed-through camera's worker whose camera stopped started its slate's encode thread a second
+    later (SLATE_AFTER) and had 2 s left for its first picture, which waits for PyAV's import and x264's open, before
+    the relay's watchdog killed the process (on a Pi, or with a shared worker's cameras all going to the slate at
+    once, that is not enough). Now the worker says at once that an encode thread started (``encode_starts``), and the
+    watchdog gives the process a fresh one's grace; one that says nothing is still killed past WORKER_STALL."""
+    killed = []
+    monkeypatch.setattr(stream_module, "signal_group", lambda proc, sig: killed.append(proc.name))
+    settings = EncoderSettings(1_000_000, 30.0, 1.0)
+    slow, dead = (Stream(n, parse_source_spec(f"rtsp://10.0.0.{i}/s"), settings, 640, 360) for i, n in enumerate("sd"))
+    camera_stopped = time.monotonic() - worker.SLATE_AFTER  # both cameras' last unit: their slates start now
+    for stream in (slow, dead):
+        stream.last_unit = camera_stopped
+    status = ipc.WorkerStatus(encode_starts=1, slate=True)
+    slow.on_message(ipc.Message(ipc.STATUS, 0, 0, 0, 0.0, status.to_json()))  # only the slow one's worker says so
+    procs = [types.SimpleNamespace(name=s.name, returncode=None) for s in (slow, dead)]
+    watchdogs = [asyncio.create_task(s.worker._watchdog(p)) for s, p in zip((slow, dead), procs, strict=True)]
+    try:
+        while time.monotonic() - camera_stopped <= stream_module.WORKER_STALL + 2 * stream_module.WATCHDOG_PERIOD:
+            await asyncio.sleep(stream_module.WATCHDOG_PERIOD)
+        await asyncio.wait_for(watchdogs[1], DEADLINE)
+    finally:
+        for task in watchdogs:
+            task.cancel()
+    assert killed == ["d"], "the worker that said nothing killed, the one whose slate's encoder started not"
+    assert (slow.stats.worker_stalls, dead.stats.worker_stalls) == (0, 1)
 
 
 @pytest.mark.parametrize(

@@ -369,7 +369,8 @@ class Pipeline:
 
     def _start_encoding(self) -> None:
         with self._threads_lock:
-            if self._encode is None and not self._stop.is_set():
+            started = self._encode is None and not self._stop.is_set()
+            if started:
                 self._encode = threading.Thread(target=self._encode_loop, name=f"encode-{self.name}", daemon=True)
                 self._encode.start()
                 # Its first picture waits for PyAV's and numpy's import (a passed-through camera's worker has neither
@@ -377,6 +378,9 @@ class Pipeline:
                 # other cameras' slates starting at once under one GIL, longer than OUTPUT_STALL. It gets a fresh
                 # camera's grace, not a camera's silence (a false restart, again at every slate).
                 self.last_alive = time.monotonic() + ipc.OUTPUT_STARTUP_GRACE - ipc.OUTPUT_STALL
+                self.stats.encode_starts += 1
+        if started:
+            self.push_status()  # at once: the relay's watchdog gives the process the same grace
 
     def _leave_encoding(self) -> bool:
         """Whether the encode thread may end: a passed-through camera delivers again, nothing to encode."""
