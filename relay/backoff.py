@@ -93,7 +93,3 @@ class Restarts:
         self.restarts += 1
         self.waiting = 0
         return delay
-
-    def wait(self, now: float) -> float:
-        """Seconds from ``now`` before a restart may come (0: at the next failure)."""
-        return max(0.0, self._next - now)

@@ -190,9 +190,8 @@ class Pipeline:
         self.camera = camera  # its index in the worker: what its messages name
         self.shared = shared  # the worker runs other cameras: it neither transcodes nor uses FFmpeg's demuxer here
         self.audio = audio  # the stream's sound, on a thread of its own; None without
-        self._audio_left: list[
-            AudioPipeline
-        ] = []  # its sound's pipelines before, abandoned hung, till their threads end
+        # Its sound's pipelines before this one's, abandoned when they hung, until their threads end.
+        self._audio_left: list[AudioPipeline] = []
         self._sound_restarts = Restarts(CAMERA_RESTARTS)  # a sound that hangs again and again: ever less often
         self.audio_tap = audio_tap  # where its source's capture thread hands a camera's or file's sound over
         self.size = size  # for the slate until the source reports its own
