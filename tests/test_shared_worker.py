@@ -2,8 +2,10 @@
 viewers and RTSP readers frame by frame, a camera that hangs leaves the others running, a worker that dies
 restarts all of its cameras with viewers kept; inside the worker, a camera stuck for good, silent (its encode
 thread dead) or whose watch raises is started afresh alone while the others carry on; a failure in the relay's
-handling of one camera's messages restarts that camera alone; a camera that needs a transcode or FFmpeg's demuxer
-moves to a process of its own; stopping stops every camera at once.
+handling of one camera's messages restarts that camera alone; a camera that keeps failing is restarted ever less
+often (the worker's and the relay's clocks injected); a camera whose sound thread hangs gets its sound back, its video
+untouched; counters never go back; a slow first slate is no silence, to the worker's watch nor the relay's; a camera
+that needs a transcode or FFmpeg's demuxer moves to a process of its own; stopping stops every camera at once.
 
 Cameras are ``benchmarks/rtspcams.py``'s (``start_camera``), read by a real relay in passthrough; readers are PyAV
 over RTSP and aiortc over WHEP. Frames are judged by their timestamps (a frame missing is a step of two frame
