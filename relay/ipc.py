@@ -304,6 +304,10 @@ class Counters:
     audio_cpu_seconds: float = 0.0  # of the worker's audio thread: capture and Opus encode
     # Times the camera was started afresh inside its worker process (stuck, silent, failed): the others went on
     camera_restarts: int = 0
+    audio_restarts: int = 0  # its sound's thread taken as hung and the sound started afresh (the video untouched)
+    # Encode threads started (the slate's, a transcode's): each one's first picture waits for PyAV's import and x264's
+    # open, so the relay's watchdog gives the process a fresh one's grace when this grows.
+    encode_starts: int = 0
 
 
 # Counters the worker's STATUS reports for the relay to add up; the relay counts the encoded frames itself.
@@ -322,6 +326,8 @@ WORKER_COUNTERS = (
     "audio_packets_dropped",
     "audio_cpu_seconds",
     "camera_restarts",
+    "audio_restarts",
+    "encode_starts",
 )
 
 

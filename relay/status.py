@@ -51,7 +51,6 @@ class StreamStatus:
     frames_dropped: dict[str, int] = field(
         default_factory=dict
     )  # encoder_busy, corrupt, viewer_lag, thermal, source_loss
-    restarts: int = 0  # of the camera, in all: its worker process's, in its worker, moves to a process of its own
     worker_restarts: int = 0  # its worker process restarted (a shared one's: every camera of it)
     camera_restarts: int = 0  # started afresh inside its worker (stuck, silent, failed), the others untouched
     worker_moves: int = 0  # left a shared worker for a process of its own (a transcode or FFmpeg's demuxer)
@@ -81,6 +80,11 @@ class StreamStatus:
     pipeline_delay_ms: dict[str, float | None] = field(default_factory=dict)
     fanout_delay_ms: dict[str, float | None] = field(default_factory=dict)
     consumers: list[ConsumerStats] = field(default_factory=list)
+
+    @property
+    def restarts(self) -> int:
+        """Of the camera, in all: its worker process's, in its worker, moves to a process of its own."""
+        return self.worker_restarts + self.camera_restarts + self.worker_moves
 
     def api(self) -> dict[str, Any]:
         """The stream's entry in the API."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import signal
 import time
 from dataclasses import dataclass
@@ -27,11 +28,11 @@ from typing import Protocol, TypeVar
 
 from . import h264, ipc
 from .aio import cancel_and_wait, read_pipe, signal_group
-from .backoff import Retry
+from .backoff import CAMERA_RESTARTS, Restarts, Retry
 from .hub import EncodedFrame, PacketHub
 from .ipc import EncoderSettings
 from .lag import DEFAULT_MAX_LAG
-from .logsafe import SECRET_FILTER, Throttled, redact, url_passwords
+from .logsafe import SECRET_FILTER, redact, url_passwords
 from .mjpeg import JpegFeed
 from .source import SourceSpec, shares_worker
 from .status import ConsumerStats, Metric, StreamStatus
@@ -44,9 +45,6 @@ log = logging.getLogger(__name__)
 # is started afresh by the worker's own watch, with the same bound.)
 WORKER_STALL = ipc.OUTPUT_STALL
 WORKER_STARTUP_GRACE = ipc.OUTPUT_STARTUP_GRACE  # a fresh worker imports PyAV and opens its source first
-# Seconds between two restarts the relay asks of one camera whose messages it failed to handle (and between two
-# log lines about it): a bug that hits every frame is one line and one restart in this long, not thirty a second.
-CAMERA_RESTART_INTERVAL = 10.0
 WATCHDOG_PERIOD = 0.5
 PIPE_LIMIT = 1 << 20  # reader buffer and the most one read takes; one 4K JPEG fits
 # A camera passed through has no encoder to slow, and skipping its frames is not sound: with no B-frames every
@@ -257,7 +255,6 @@ class Stream:
                 "thermal": st.frames_dropped_thermal,
                 "source_loss": st.frames_dropped_source_loss,
             },
-            restarts=st.worker_restarts + st.camera_restarts + st.worker_moves,
             worker_restarts=st.worker_restarts,
             camera_restarts=st.camera_restarts,
             worker_moves=st.worker_moves,
@@ -334,6 +331,7 @@ class Stream:
             "frames": st.audio_frames_encoded,
             "frames_dropped": dropped,
             "source_errors": st.audio_source_errors,
+            "restarts": st.audio_restarts,  # its thread hung, the sound started afresh in the worker (video untouched)
             "packets_dropped": st.audio_packets_dropped,  # a camera's sound: RTP packets unreadable or late
             "last_error": a.get("audio_last_error", ""),
             "cpu_seconds": round(st.audio_cpu_seconds, 3),  # the worker's audio thread: capture and encode
@@ -347,6 +345,9 @@ class Stream:
                        st.audio_frames_encoded, labels),
                 Metric("camrelay_stream_audio_source_errors_total", "counter", "Audio source failures.",
                        st.audio_source_errors, labels),
+                Metric("camrelay_stream_audio_restarts_total", "counter",
+                       "Times the sound's thread hung and the sound was started afresh (the video untouched).",
+                       st.audio_restarts, labels),
                 Metric("camrelay_stream_audio_cpu_seconds_total", "counter",
                        "CPU time of the worker's audio thread (capture, Opus encode).",
                        round(st.audio_cpu_seconds, 3), labels),
@@ -482,8 +483,11 @@ class Stream:
 
     def _on_status(self, s: ipc.WorkerStatus) -> None:
         base, st = self._base_counts, self.stats
-        for key in ipc.WORKER_COUNTERS:
-            setattr(st, key, getattr(base, key) + getattr(s, key))
+        encode_starts = st.encode_starts
+        for key in ipc.WORKER_COUNTERS:  # a counter never goes back, whatever a worker says (its bug, lost counts)
+            setattr(st, key, max(getattr(st, key), getattr(base, key) + getattr(s, key)))
+        if st.encode_starts > encode_starts:  # its first picture waits for PyAV's import and x264's open: a grace
+            self.last_unit = max(self.last_unit, time.monotonic() + WORKER_STARTUP_GRACE - WORKER_STALL)
         st.encode_ms = s.encode_ms
         st.last_error = redact(s.last_error, SECRET_FILTER.secrets)  # shown to every viewer in the API
         self.state = s.state
@@ -512,8 +516,10 @@ class Worker:
     its stdin every camera's commands. A camera that hangs or goes silent is the worker's business (each camera has
     its own stall watch, slate and output watch there); the relay's watchdog kills the process when no camera of it
     sent a frame for ``WORKER_STALL`` (every camera sends the slate when its own is gone), that is when the process
-    is stuck. A failure to handle one camera's message restarts that camera alone (``ipc.CMD_RESTART``); a camera
-    that turns out to need a process of its own (its status's ``own_process``) moves to one (``move_out``)."""
+    is stuck. A failure to handle one camera's message restarts that camera alone (``ipc.CMD_RESTART``), again and
+    again with a growing wait (``backoff.CAMERA_RESTARTS`` on ``clock``: a bug that hits every frame is not a restart
+    every few seconds for ever); a camera that turns out to need a process of its own (its status's
+    ``own_process``) moves to one (``move_out``)."""
 
     def __init__(self, streams: list[Stream], retry: Retry | None = None) -> None:
         self.streams = streams  # by camera index in the process; a stream that moved out keeps its slot till then
@@ -533,7 +539,9 @@ class Worker:
         )
         self._open: set[str] = set()  # its streams started and not closed (or moved out)
         self._supervised = False
-        self._failures: dict[str, Throttled] = {}  # per stream: its messages' handling failed
+        self._restarts: dict[str, Restarts] = {}  # per stream: its messages' handling failed, its restarts asked
+        self.clock = time.monotonic  # the restarts' schedule's, and its jitter (the tests' own)
+        self.rng: random.Random | None = None
         self._stopping: asyncio.Task[None] | None = None  # the process stopped once every stream moved out
 
     @property
@@ -624,12 +632,25 @@ class Worker:
         try:
             stream.on_message(msg)
         except Exception as exc:  # one camera's message, not the process's other cameras' restart
-            failures = self._failures.setdefault(stream.name, Throttled(log, CAMERA_RESTART_INTERVAL))
-            if failures.warn(
-                "stream=%s its worker's message could not be handled (%s: %s); restarting the camera",
-                stream.name, type(exc).__name__, exc, exc_info=exc,
-            ):  # fmt: skip
-                self.command(stream.camera, ipc.CMD_RESTART)
+            self._restart_camera(stream, exc)
+
+    def _restart_camera(self, stream: Stream, exc: Exception) -> None:
+        """Handling a message of ``stream``'s failed with ``exc``: its camera restarted in the worker, unless the
+        last restart was too recent (then the failure is counted into the next restart's line)."""
+        restarts = self._restarts.setdefault(stream.name, Restarts(CAMERA_RESTARTS, self.rng))
+        now = self.clock()
+        if not restarts.failed(now):
+            return
+        first, waiting = restarts.first, restarts.waiting
+        delay = restarts.restarted(now)
+        more = f" ({waiting} more failures since the last restart)" if waiting else ""
+        # One line a restart (the schedule spaces them), the traceback with the first of a run of them only.
+        log.warning(
+            "stream=%s its worker's message could not be handled (%s: %s)%s; restarting the camera: restart %d, "
+            "the next no sooner than %.1fs after it",
+            stream.name, type(exc).__name__, exc, more, restarts.restarts, delay, exc_info=exc if first else None,
+        )  # fmt: skip
+        self.command(stream.camera, ipc.CMD_RESTART)
 
     def _on_log(self, msg: ipc.Message) -> None:
         try:

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from relay.backoff import Backoff, Retry
+from relay.backoff import Backoff, Restarts, Retry
 
 
 def test_schedule_doubles_from_half_a_second_to_the_cap():
@@ -29,3 +29,19 @@ def test_stable_run_resets_the_schedule():
     assert r.next_delay() == 4
     r.ran(60.0)  # stable: start over
     assert r.next_delay() == 0.5
+
+
+def test_a_thing_that_keeps_failing_is_restarted_at_once_then_after_a_growing_wait_until_it_runs_well():
+    r = Restarts(Backoff(jitter=0, stable_after=60.0))
+    assert r.due(0.0) and r.restarted(0.0) == 0.5  # the first failure restarts it at once
+    assert not r.failed(0.2) and not r.failed(0.4) and r.waiting == 2  # too soon: counted, not restarted
+    assert r.failed(0.5) and r.restarted(0.5) == 1
+    assert not r.due(1.4) and r.restarted(1.5) == 2 and r.restarts == 3 and r.waiting == 0
+    assert not r.first
+    for _ in range(10):
+        r.restarted(100.0)
+    assert r.restarted(100.0) == 30, "the cap"
+    assert not r.due(129.0) and r.due(159.0) and not r.first, "59 s before it failed again: still the cap's wait"
+    assert r.restarted(159.0) == 30
+    assert r.due(219.0) and r.first, "a minute's run before it failed again: the schedule starts again"
+    assert r.restarted(219.0) == 0.5

@@ -2,8 +2,10 @@
 viewers and RTSP readers frame by frame, a camera that hangs leaves the others running, a worker that dies
 restarts all of its cameras with viewers kept; inside the worker, a camera stuck for good, silent (its encode
 thread dead) or whose watch raises is started afresh alone while the others carry on; a failure in the relay's
-handling of one camera's messages restarts that camera alone; a camera that needs a transcode or FFmpeg's demuxer
-moves to a process of its own; stopping stops every camera at once.
+handling of one camera's messages restarts that camera alone; a camera that keeps failing is restarted ever less
+often (the worker's and the relay's clocks injected); a camera whose sound thread hangs gets its sound back, its video
+untouched; counters never go back; a slow first slate is no silence, to the worker's watch nor the relay's; a camera
+that needs a transcode or FFmpeg's demuxer moves to a process of its own; stopping stops every camera at once.
 
 Cameras are ``benchmarks/rtspcams.py``'s (``start_camera``), read by a real relay in passthrough; readers are PyAV
 over RTSP and aiortc over WHEP. Frames are judged by their timestamps (a frame missing is a step of two frame
@@ -16,16 +18,20 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import os
+import random
 import signal
 import threading
 import time
+import types
 
 import av
 import pytest
 
 from benchmarks.rtspcams import Encoding, LoopedCamera
 from relay import ipc
+from relay import stream as stream_module
 from relay.backoff import Retry
 from relay.camera import audio, capture, worker
 from relay.camera.capture import SourceError
@@ -272,6 +278,7 @@ async def test_a_failure_to_handle_one_camera_s_messages_restarts_that_camera_al
             handle(msg)
 
         bad._on_unit = failing
+        bad.worker.clock, bad.worker.rng = Frozen(), NO_JITTER  # a second restart never due, however slow the machine
         tap = Tap(good)
         try:
             await until(lambda: bad.stats.camera_restarts == 1, "the camera started afresh in its worker")
@@ -284,7 +291,82 @@ async def test_a_failure_to_handle_one_camera_s_messages_restarts_that_camera_al
     assert gaps(tap.pts) == [], "every frame of the other camera, throughout"
     assert pids == (pid, pid), "the same process"
     assert bad.stats.worker_restarts == good.stats.worker_restarts == good.stats.camera_restarts == 0
-    assert len(lines(caplog, "stream=bad", "could not be handled")) == 1
+    assert len(lines(caplog, "stream=bad", "could not be handled", "the next no sooner than 0.5s")) == 1
+
+
+def test_the_relay_restarts_a_camera_whose_messages_it_keeps_failing_on_ever_less_often(caplog):
+    """Before: a bug in the relay's handling of a camera's every message restarted that camera every 10 s for ever.
+    Now the restarts it asks of the worker back off (0.5 s, 1 s, 2 s ... at most 30 s apart; the relay's clock
+    injected, no jitter), each one log line that says when the next may come, the failures between counted into
+    it; a minute without a failure and the next one restarts the camera at once, the schedule started again. The
+    other camera of the process is never restarted."""
+    caplog.set_level(logging.WARNING, logger="relay.stream")
+    settings = EncoderSettings(1_000_000, 30.0, 1.0)
+    bad, good = (Stream(n, parse_source_spec(f"rtsp://10.0.0.{i}/s"), settings, 640, 360) for i, n in enumerate("bg"))
+    (shared,) = share_workers([bad, good], per_worker=2)
+    clock, sent, failing = Frozen(), [], [True]
+    shared.clock, shared.rng = clock, NO_JITTER
+    shared.command = lambda camera, cmd: sent.append((clock.now, camera, cmd))
+
+    def on_message(msg: ipc.Message) -> None:
+        if failing[0]:
+            raise RuntimeError("a bug in handling a unit")
+
+    bad.on_message = on_message
+
+    def run(seconds: float, step: float = 0.25) -> None:  # a unit of each camera every ``step`` of the clock
+        for _ in range(round(seconds / step)):
+            for camera in (0, 1):
+                shared._on_message(ipc.Message(ipc.UNIT, 0, camera, 0, 0.0, b"\x00\x00\x00\x01\x65"))
+            clock.now += step
+
+    start = clock.now
+    run(180.0)
+    failing[0] = False
+    run(60.0)
+    failing[0] = True
+    before = len(sent)
+    run(1.0)
+    restarts = [when - start for when, camera, cmd in sent if (camera, cmd) == (0, ipc.CMD_RESTART)]
+    assert len(restarts) == len(sent), "the bad camera's restarts, the other camera's none"
+    assert restarts[:before] == [0, 0.5, 1.5, 3.5, 7.5, 15.5, 31.5, 61.5, 91.5, 121.5, 151.5]
+    assert restarts[before:] == [240.0, 240.5], "at once after a good minute, then 0.5 s later"
+    said = lines(caplog, "stream=b", "could not be handled", "restarting the camera")
+    assert len(said) == len(restarts) and len(caplog.records) == len(said), "a line a restart, no other"
+    assert "restart 2, the next no sooner than 1.0s after it" in said[1] and "(1 more failures" in said[1]
+    assert "restart 8, the next no sooner than 30.0s after it" in said[7] and "(119 more failures" in said[7]
+    assert "the next no sooner than 0.5s after it" in said[before]
+    assert good.stats.camera_restarts == 0 and good.stats.frames_encoded == 4 * 241
+
+
+async def test_the_relay_s_watchdog_gives_a_worker_whose_encode_thread_just_started_a_fresh_worker_s_grace(
+    monkeypatch,
+):
+    """Before: a passed-through camera's worker whose camera stopped started its slate's encode thread a second
+    later (SLATE_AFTER) and had 2 s left for its first picture, which waits for PyAV's import and x264's open, before
+    the relay's watchdog killed the process (on a Pi, or with a shared worker's cameras all going to the slate at
+    once, that is not enough). Now the worker says at once that an encode thread started (``encode_starts``), and the
+    watchdog gives the process a fresh one's grace; one that says nothing is still killed past WORKER_STALL."""
+    killed = []
+    monkeypatch.setattr(stream_module, "signal_group", lambda proc, sig: killed.append(proc.name))
+    settings = EncoderSettings(1_000_000, 30.0, 1.0)
+    slow, dead = (Stream(n, parse_source_spec(f"rtsp://10.0.0.{i}/s"), settings, 640, 360) for i, n in enumerate("sd"))
+    camera_stopped = time.monotonic() - worker.SLATE_AFTER  # both cameras' last unit: their slates start now
+    for stream in (slow, dead):
+        stream.last_unit = camera_stopped
+    status = ipc.WorkerStatus(encode_starts=1, slate=True)
+    slow.on_message(ipc.Message(ipc.STATUS, 0, 0, 0, 0.0, status.to_json()))  # only the slow one's worker says so
+    procs = [types.SimpleNamespace(name=s.name, returncode=None) for s in (slow, dead)]
+    watchdogs = [asyncio.create_task(s.worker._watchdog(p)) for s, p in zip((slow, dead), procs, strict=True)]
+    try:
+        while time.monotonic() - camera_stopped <= stream_module.WORKER_STALL + 2 * stream_module.WATCHDOG_PERIOD:
+            await asyncio.sleep(stream_module.WATCHDOG_PERIOD)
+        await asyncio.wait_for(watchdogs[1], DEADLINE)
+    finally:
+        for task in watchdogs:
+            task.cancel()
+    assert killed == ["d"], "the worker that said nothing killed, the one whose slate's encoder started not"
+    assert (slow.stats.worker_stalls, dead.stats.worker_stalls) == (0, 1)
 
 
 @pytest.mark.parametrize(
@@ -351,12 +433,15 @@ class Outputs:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts: collections.Counter[tuple[int, int, int]] = collections.Counter()  # (pipeline, camera, kind)
+        self.statuses: collections.defaultdict[int, list[ipc.WorkerStatus]] = collections.defaultdict(list)  # camera's
 
     def for_pipeline(self, number: int):
         def emit(data: bytes) -> None:
             kind, _, camera, *_ = ipc.parse_header(data[: ipc.HEADER.size])
             with self._lock:
                 self._counts[number, camera, kind] += 1
+                if kind == ipc.STATUS:
+                    self.statuses[camera].append(ipc.WorkerStatus.from_json(data[ipc.HEADER.size :]))
 
         return emit
 
@@ -372,10 +457,10 @@ def pattern(camera: int):
     return lambda: capture.TestPatternSource(320, 240, 15.0, f"cam{camera}", "")
 
 
-def in_process(kinds: dict[int, list], outputs: Outputs, count: int = 2, **sources):
+def in_process(kinds: dict[int, list], outputs: Outputs, count: int = 2, clock=time.monotonic, **sources):
     """``worker.Cameras`` of ``count`` test-pattern cameras; camera ``i``'s successive pipelines are of the classes
     ``kinds[i]`` lists (then ``worker.Pipeline``), each emitting through ``outputs`` under its number in ``made``;
-    ``sources[f"cam{i}"]``: camera ``i``'s source factory."""
+    ``sources[f"cam{i}"]``: camera ``i``'s source factory; ``clock``: the restarts' schedule's (no jitter)."""
     made: list[worker.Pipeline] = []
 
     def make(camera: int) -> worker.Pipeline:
@@ -389,7 +474,7 @@ def in_process(kinds: dict[int, list], outputs: Outputs, count: int = 2, **sourc
         made.append(pipeline)
         return pipeline
 
-    return worker.Cameras(make, count), made
+    return worker.Cameras(make, count, clock, NO_JITTER), made
 
 
 async def tick_until(cameras: worker.Cameras, condition, what: str) -> None:
@@ -408,6 +493,26 @@ async def both_go_on(cameras: worker.Cameras, outputs: Outputs, frames: int = 15
         lambda: all(outputs.count(ipc.UNIT, c) >= before[c] + frames for c in (0, 1)),
         f"{frames} more frames of both cameras",
     )
+
+
+class Frozen:
+    """A clock that stands still unless moved: an injected clock for a restarts' schedule."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Middle(random.Random):
+    """Jitter that is none: every draw is the middle of the range."""
+
+    def random(self) -> float:
+        return 0.5
+
+
+NO_JITTER = Middle()
 
 
 def lines(caplog, *words: str) -> list[str]:
@@ -485,6 +590,46 @@ async def test_a_camera_that_stops_sending_while_its_worker_s_other_camera_sends
     assert lines(caplog, "stream=cam0") == []
 
 
+class Unplugged(capture.TestPatternSource):
+    """A camera that cannot be opened: its stream shows the slate."""
+
+    def open(self) -> None:
+        raise SourceError("unplugged")
+
+
+async def test_a_camera_whose_first_slate_is_slow_is_not_taken_for_a_silent_one(caplog):
+    """Before: a camera's encode thread, once started for the slate, had OUTPUT_STALL (3 s) for its first picture,
+    which waits for PyAV's and numpy's import, the slate's first drawing and x264's open: on a Pi with the
+    process's other cameras' slates starting at once, longer, and the camera was started afresh as if its encode
+    thread had died (again at every slate). Now that first picture gets a fresh camera's grace
+    (ipc.OUTPUT_STARTUP_GRACE): a first slate held back past OUTPUT_STALL restarts nothing, and then shows."""
+    caplog.set_level(logging.WARNING, logger=worker.log.name)
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowFirstSlate(worker.Pipeline):
+        def _slate_frame(self):
+            if not entered.is_set():
+                entered.set()
+                release.wait(DEADLINE)  # as slow as the test says
+            return super()._slate_frame()
+
+    outputs = Outputs()
+    cameras, made = in_process({1: [SlowFirstSlate]}, outputs, cam1=lambda: Unplugged(320, 240, 15.0, "cam1", ""))
+    cameras.start()
+    try:
+        await tick_until(cameras, entered.is_set, "the camera's first slate begun")
+        since = time.monotonic()
+        await tick_until(cameras, lambda: time.monotonic() - since > ipc.OUTPUT_STALL + 1, "watches past the stall")
+        assert cameras.replaced == 0, "taken for silent while its first slate was on its way"
+        release.set()
+        await tick_until(cameras, lambda: outputs.count(ipc.UNIT, 1, pipeline=1) >= 5, "the slate's pictures")
+    finally:
+        release.set()
+        await asyncio.to_thread(cameras.stop)
+    assert cameras.replaced == 0 and cameras.pipelines[1] is made[1], "never taken for silent"
+    assert lines(caplog, "stream=cam1", "starting the camera afresh") == []
+
+
 class WatchRaises(worker.Pipeline):
     """A camera whose watch (``tick``, on the worker's main thread) raises every time: a bug in it."""
 
@@ -492,14 +637,13 @@ class WatchRaises(worker.Pipeline):
         raise RuntimeError("the watch's bug")
 
 
-async def test_a_camera_whose_watch_raises_is_restarted_alone_and_at_most_once_a_restart_interval(caplog, monkeypatch):
+async def test_a_camera_whose_watch_raises_is_restarted_alone_and_not_again_before_its_schedule_says(caplog):
     """Before: one camera's exception in the worker's main loop ended the process, every camera with it. Now that
-    camera alone is started afresh, in one log line; its successor raising too is not restarted again within
-    RESTART_INTERVAL (its failures counted into the next line), and the other camera never stops."""
-    monkeypatch.setattr(worker, "RESTART_INTERVAL", 3600.0)  # no second restart however slow the machine
+    camera alone is started afresh, in one log line; its successor raising too is not restarted again before its
+    restarts' schedule says (its failures counted into the next line), and the other camera never stops."""
     caplog.set_level(logging.WARNING, logger=worker.log.name)
     outputs = Outputs()
-    cameras, made = in_process({1: [WatchRaises, WatchRaises]}, outputs)
+    cameras, made = in_process({1: [WatchRaises, WatchRaises]}, outputs, clock=Frozen())  # no wait ever ends
     cameras.start()
     try:
         await tick_until(cameras, lambda: cameras.replaced > 0, "the camera started afresh")
@@ -511,6 +655,113 @@ async def test_a_camera_whose_watch_raises_is_restarted_alone_and_at_most_once_a
     assert cameras.replaced == 1 and len(made) == 3 and cameras.pipelines[0] is made[0]
     assert len(lines(caplog, "stream=cam1", "its watch failed", "starting the camera afresh")) == 1
     assert lines(caplog, "stream=cam0") == []
+
+
+class Idle(worker.Pipeline):
+    """A camera that runs no thread and sends nothing, yet never counts as silent: only its watch is looked at."""
+
+    failing = False  # its watch raises while set (every idle camera's of the test)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.last_alive = math.inf
+
+    def start(self) -> None:
+        pass
+
+    def tick(self) -> None:
+        if self.failing:
+            raise RuntimeError("the watch's bug")
+
+
+async def test_a_camera_whose_watch_keeps_raising_is_restarted_ever_less_often_and_again_at_once_after_a_good_run(
+    caplog,
+):
+    """Before: a camera whose watch raised at every tick was started afresh every 10 s for ever. Now its restarts
+    back off (0.5 s, 1 s, 2 s ... at most 30 s apart; the worker's clock injected, no jitter), each restart one log
+    line that says when the next may come; after a minute without a failure a new one restarts it at once, and
+    the schedule starts again."""
+    caplog.set_level(logging.WARNING, logger=worker.log.name)
+    clock = Frozen()
+
+    class Failing(Idle):
+        pass
+
+    cameras, made = in_process({0: [Idle], 1: [Failing] * 100}, Outputs(), clock=clock)
+    restarted_at = []
+
+    def run(seconds: float) -> None:  # the worker's main loop, for ``seconds`` of its clock
+        for _ in range(round(seconds / worker.WATCH_INTERVAL)):
+            replaced = cameras.replaced
+            cameras.tick()
+            if cameras.replaced > replaced:
+                restarted_at.append(clock.now)
+            clock.now += worker.WATCH_INTERVAL
+
+    start = clock.now
+    Failing.failing = True
+    run(180.0)
+    gaps = [b - a for a, b in zip(restarted_at, restarted_at[1:], strict=False)]
+    Failing.failing = False
+    run(60.0)  # a minute's good run
+    Failing.failing = True
+    before = len(restarted_at)
+    run(1.0)
+    assert restarted_at[0] == start and gaps == [0.5, 1, 2, 4, 8, 16, 30, 30, 30, 30]
+    assert restarted_at[before:] == [start + 240.0, start + 240.5], "at once after a good run, then 0.5 s"
+    said = lines(caplog, "stream=cam1", "its watch failed", "starting the camera afresh")
+    assert len(said) == len(restarted_at) == cameras.replaced, "a line a restart"
+    assert "restart 2, the next no sooner than 1.0s after it" in said[1] and "(1 more failures" in said[1]
+    assert "restart 8, the next no sooner than 30.0s after it" in said[7] and "(119 more failures" in said[7]
+    assert "the next no sooner than 0.5s after it" in said[before]
+    assert cameras.pipelines[0] is made[0] and lines(caplog, "stream=cam0") == []
+
+
+class StatusRaises(worker.Pipeline):
+    """A camera whose status raises on the worker's main thread once ``broken`` is set: a bug in it."""
+
+    broken = threading.Event()
+
+    def status(self) -> ipc.WorkerStatus:
+        if self.broken.is_set() and threading.current_thread() is threading.main_thread():
+            raise RuntimeError("the status's bug")
+        return super().status()
+
+
+async def test_a_camera_whose_status_raises_is_started_afresh_and_its_counters_never_go_back():
+    """Before: a camera whose status raised was started afresh with the counts of the pipelines before it only,
+    so the frames it had captured, as its last status said, were taken back: the relay's counters went down. Now
+    its last status's counts are carried on; every counter in every status of it is at least the one before, and
+    the relay keeps a counter from going back whatever a worker says."""
+    StatusRaises.broken.clear()
+    outputs = Outputs()
+    cameras, made = in_process({1: [StatusRaises]}, outputs)
+    cameras.start()
+    try:
+        await tick_until(cameras, lambda: len(outputs.statuses[1]) >= 2, "statuses of the camera")
+        await tick_until(cameras, lambda: outputs.statuses[1][-1].frames_captured >= 15, "its frames counted")
+        StatusRaises.broken.set()
+        await tick_until(cameras, lambda: cameras.replaced == 1, "the camera started afresh")
+        sent = len(outputs.statuses[1])
+        await tick_until(cameras, lambda: len(outputs.statuses[1]) >= sent + 2, "the new pipeline's statuses")
+        await both_go_on(cameras, outputs)
+    finally:
+        await asyncio.to_thread(cameras.stop)
+    statuses = outputs.statuses[1]
+    for key in ipc.WORKER_COUNTERS:
+        counts = [getattr(s, key) for s in statuses]
+        assert counts == sorted(counts), f"{key} never goes back: {counts}"
+    assert statuses[-1].camera_restarts == 1 and cameras.pipelines[1] is made[2]
+
+    # The relay's side: a status whose counts are lower than the one before (a worker's bug) takes nothing back.
+    stream = Stream("cam1", parse_source_spec("rtsp://10.0.0.1/s"), EncoderSettings(1_000_000, 30.0, 1.0), 640, 360)
+    seen = []
+    for frames, restarts in ((100, 2), (40, 1), (150, 3)):
+        status = ipc.WorkerStatus(frames_captured=frames, camera_restarts=restarts)
+        stream.on_message(ipc.Message(ipc.STATUS, 0, 0, 0, 0.0, status.to_json()))
+        api = stream.status().api()
+        seen.append((api["frames_captured"], api["camera_restarts"], api["restarts"]))
+    assert seen == [(100, 2, 2), (100, 2, 2), (150, 3, 3)]
 
 
 class FailsToStart(worker.Pipeline):
@@ -526,7 +777,6 @@ async def test_a_camera_that_cannot_be_started_afresh_stays_dark_is_tried_again_
     """Before: a new pipeline that raised on start left ``Cameras.command`` by an exception, which ended the
     worker's commands thread (every later command of every camera lost) and left the camera halted for good. Now
     the failure is one log line, the other camera goes on, and the camera is started afresh on a later watch."""
-    monkeypatch.setattr(worker, "RESTART_INTERVAL", 1.0)  # the next try sooner than a camera's 10 s: a shorter test
     caplog.set_level(logging.WARNING, logger=worker.log.name)
     outputs = Outputs()
     cameras, made = in_process({1: [worker.Pipeline, FailsToStart]}, outputs)
@@ -590,6 +840,48 @@ async def test_a_camera_replaced_while_its_sound_is_stuck_sends_nothing_more_and
         await asyncio.to_thread(cameras.stop)
     assert outputs.count(ipc.AUDIO, 1, pipeline=1) == sent, "nothing from the old pipeline's sound after"
     assert cameras.replaced == 1 and cameras.pipelines[1] is made[2]
+
+
+async def test_a_camera_whose_sound_hangs_gets_its_sound_back_on_a_new_thread_and_its_video_goes_on(caplog):
+    """Before: the output watch looked at the video alone, and a camera whose sound thread hung in its source (an
+    ALSA driver stuck in the kernel) went on without sound for good, its status saying live. Now a sound thread
+    with no block for its bound (``audio.READ_BOUND``) is left behind and the sound started afresh on a new thread:
+    its packets come again, counted in ``audio_restarts``, in one log line; the camera's video is never restarted
+    and never stops."""
+    caplog.set_level(logging.WARNING, logger=worker.log.name)
+    stick, stuck, release = threading.Event(), threading.Event(), threading.Event()
+    sources = iter([StuckSound(stick, stuck, release)])  # the first source hangs once told to; the next one never
+    outputs = Outputs()
+
+    class WithSound(worker.Pipeline):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.audio = audio.AudioPipeline(
+                self.name, lambda: next(sources, None) or audio.TestSoundSource(), self._emit, camera=1
+            )
+
+    cameras, made = in_process({1: [WithSound]}, outputs)
+    cameras.start()
+    try:
+        await tick_until(cameras, lambda: outputs.count(ipc.AUDIO, 1) >= 5, "the camera's sound")
+        stick.set()
+        await tick_until(cameras, stuck.is_set, "its sound's read stuck")
+        hung = made[1].audio
+        sent = outputs.count(ipc.AUDIO, 1)
+        await tick_until(cameras, lambda: outputs.count(ipc.AUDIO, 1) >= sent + 50, "a second of sound again")
+        frames = outputs.count(ipc.UNIT, 1)
+        await both_go_on(cameras, outputs)
+        status = made[1].status()
+    finally:
+        release.set()
+        await asyncio.to_thread(cameras.stop)
+    assert cameras.replaced == 0 and cameras.pipelines[1] is made[1], "the camera itself never restarted"
+    assert made[1].audio is not hung and not hung.alive, "a new sound thread; the hung one let go once it returned"
+    assert (status.audio_restarts, status.camera_restarts, status.audio_state) == (1, 0, "live")
+    assert status.audio_frames_captured >= sent + 50, "its counts carried on"
+    assert outputs.count(ipc.UNIT, 1) > frames and outputs.count(ipc.UNIT, 1, pipeline=1) == outputs.count(ipc.UNIT, 1)
+    assert len(lines(caplog, "stream=cam1", "starting the sound afresh", "restart 1")) == 1
+    assert lines(caplog, "stream=cam0") == []
 
 
 class Recorded(capture.TestPatternSource):

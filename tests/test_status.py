@@ -37,6 +37,7 @@ def _api_counter(status: dict, sample) -> float | None:
         "camrelay_stream_frames_dropped_total": lambda: stream["frames_dropped"][sample.labels["reason"]],
         "camrelay_stream_audio_frames_total": lambda: stream["audio"]["frames"],
         "camrelay_stream_audio_source_errors_total": lambda: stream["audio"]["source_errors"],
+        "camrelay_stream_audio_restarts_total": lambda: stream["audio"]["restarts"],
         "camrelay_stream_audio_cpu_seconds_total": lambda: stream["audio"]["cpu_seconds"],
         "camrelay_stream_audio_frames_dropped_total": lambda: stream["audio"]["frames_dropped"][
             sample.labels["reason"]
@@ -73,7 +74,7 @@ def test_a_status_shows_the_same_numbers_in_the_api_the_line_and_the_metrics():
     )
     viewers = ConsumerStats({"viewers": 3, "viewers_connected": 2}, (), viewers=2)
     status = StreamStatus(
-        "cam0", "live", keyframes_forced=4, restarts=3, worker_restarts=1, camera_restarts=2,
+        "cam0", "live", keyframes_forced=4, worker_restarts=1, camera_restarts=2,
         frames_dropped={"encoder_busy": 1, "corrupt": 2, "viewer_lag": 3, "thermal": 5},
         consumers=[viewers, whip, ConsumerStats({"whip": [{"url": "https://other/..."}]})],
     )  # fmt: skip

@@ -85,7 +85,8 @@ def test_throttled_from_sysfs_then_vcgencmd_then_nothing(tmp_path):
 SAMPLE = StreamSample(
     name="cam0", state="live", mode="transcode", viewers=3,
     capture_fps=30.0, encoded_fps=29.9, bitrate_bps=2_000_000, encode_ms=8.5,
-    keyframes_forced=4, frames_dropped={"encoder_busy": 1, "corrupt": 2, "viewer_lag": 0}, restarts=1, source_errors=2,
+    keyframes_forced=4, frames_dropped={"encoder_busy": 1, "corrupt": 2, "viewer_lag": 0}, worker_restarts=1,
+    source_errors=2,
 )  # fmt: skip
 
 

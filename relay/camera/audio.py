@@ -58,6 +58,12 @@ RESYNC = 0.1  # seconds
 # a capture device overruns: counted, never sent late in a burst.
 MAX_LATE = 0.2  # seconds
 THREAD_JOIN_TIMEOUT = 5.0  # a read is bounded by a block's 20 ms, an open by the source's own deadline
+# Seconds an open source may deliver no block, its thread still in its read or the encode, before that thread is
+# taken as hung (an ALSA driver stuck in the kernel, which closing the source does not end) and the sound is started
+# afresh on a new thread, the video untouched: the video's output watch's bound (ipc.OUTPUT_STALL). A test sound's
+# or a device's block comes every 20 ms (a period at most ~100 ms); a source that may rightly wait longer says so
+# in its own ``read_bound`` (a camera's track: its silence timeout).
+READ_BOUND = ipc.OUTPUT_STALL
 EWMA_ALPHA = 0.1  # smoothing for the per-frame encode time
 
 
@@ -72,7 +78,8 @@ class AudioBlock:
 
 
 class AudioSource(Protocol):
-    """Blocking; read from the audio thread alone. ``close`` may come from any thread: it ends a pending read."""
+    """Blocking; read from the audio thread alone. ``close`` may come from any thread: it ends a pending read. One
+    whose read may rightly block longer than ``READ_BOUND`` says how long in a ``read_bound`` of its own."""
 
     channels: int  # 1 or 2
     name: str  # what it is, for the log and the status: "test sound"
@@ -226,6 +233,9 @@ class AudioPipeline:
         self.last_error = ""
         self.encode_ms = 0.0
         self.cpu_seconds = 0.0  # of the audio thread: its capture (the test sound's render) and its encode
+        self.restarts = 0  # its thread taken as hung and the sound started afresh on a new one (``restarted``)
+        self._cpu_before = 0.0  # of the threads before this one (``restarted``)
+        self._last_block = time.monotonic()  # while live: when its source last delivered a block (or opened)
         self._source_factory = source_factory
         self._emit = emit
         self._retry = retry or Retry()
@@ -264,6 +274,28 @@ class AudioPipeline:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def hung(self, now: float) -> float:
+        """Seconds its open source has delivered no block, if past its bound (``READ_BOUND``): its thread is stuck
+        in a read or the encode; 0 otherwise (while it opens or waits to retry, its own backoff is at work)."""
+        source = self._source
+        if self.state != "live" or source is None:
+            return 0.0
+        silent = now - self._last_block
+        return silent if silent >= getattr(source, "read_bound", READ_BOUND) else 0.0
+
+    def restarted(self) -> AudioPipeline:
+        """A new audio pipeline of the same source, started, its counters carried on and ``restarts`` one more;
+        this one abandoned (its thread, if it ever returns, sends nothing)."""
+        emit = self._emit
+        self.abandon()
+        new = AudioPipeline(self.name, self._source_factory, emit, camera=self.camera)
+        new.frames_captured, new.frames_encoded = self.frames_captured, self.frames_encoded
+        new.overruns, new.source_errors, new.last_error = self._overruns(), self.source_errors, self.last_error
+        new._cpu_before = new.cpu_seconds = self.cpu_seconds
+        new.restarts = self.restarts + 1
+        new.start()
+        return new
+
     def status(self) -> dict[str, object]:
         """Its part of the worker's ``ipc.WorkerStatus``."""
         return {
@@ -278,6 +310,7 @@ class AudioPipeline:
             "audio_source_errors": self.source_errors,
             "audio_last_error": self.last_error,
             "audio_cpu_seconds": self.cpu_seconds,
+            "audio_restarts": self.restarts,
         }
 
     def _absent(self) -> bool:
@@ -302,6 +335,7 @@ class AudioPipeline:
                 if encoder is None or encoder.channels != source.channels:
                     encoder = OpusEncoder(source.channels)
                     self.channels, self.bitrate = encoder.channels, encoder.bitrate
+                self._last_block = time.monotonic()
                 self.state = "live"
                 log.info(
                     "stream=%s audio=%s channels=%d codec=opus bitrate=%d",
@@ -327,6 +361,7 @@ class AudioPipeline:
     def _run(self, source: AudioSource, encoder: OpusEncoder, clock: SampleClock) -> None:
         while not self._stop.is_set():
             block = source.read()
+            self._last_block = time.monotonic()
             self.frames_captured += 1
             began = time.perf_counter()
             if block.opus is not None:  # a camera's own Opus: no decode, no encode
@@ -337,7 +372,7 @@ class AudioPipeline:
             for data, pts in packets:
                 self.frames_encoded += 1
                 self._emit(ipc.pack(ipc.AUDIO, data, pts=pts, capture_time=pts / RATE, camera=self.camera))
-            self.cpu_seconds = time.thread_time() - self._cpu_origin
+            self.cpu_seconds = self._cpu_before + time.thread_time() - self._cpu_origin
 
     def _failed(self, message: str, started: float) -> None:
         """One line per failure, then a wait: 0.5 s, 1 s, 2 s ... 30 s (a run of 10 s starts the schedule again)."""

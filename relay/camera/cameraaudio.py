@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .audio import RATE, AudioBlock
+from .audio import RATE, READ_BOUND, AudioBlock
 from .capture import SourceError
 
 if TYPE_CHECKING:
@@ -104,6 +104,10 @@ class TrackSource:
     ``open`` waits for the first frame (its format decides the channels); Opus frames come out as they are
     (``AudioBlock.opus``), any other is decoded and resampled to 48 kHz s16. A format change (a camera that came
     back with another codec) is a ``SourceError``: the pipeline opens the source again, with the new one."""
+
+    # Its read waits up to SILENCE_TIMEOUT for a frame, then MAX_PACE for its time, and gives up by itself: the audio
+    # thread is taken as hung only well past that (audio.AudioPipeline.hung).
+    read_bound = SILENCE_TIMEOUT + MAX_PACE + READ_BOUND
 
     def __init__(self, tap: AudioTap, clock: Callable[[], float] = time.time) -> None:
         self.channels = 0

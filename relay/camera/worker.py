@@ -26,6 +26,7 @@ import functools
 import gc
 import logging
 import os
+import random
 import signal
 import sys
 import threading
@@ -34,7 +35,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .. import h264, ipc
-from ..backoff import Retry
+from ..backoff import CAMERA_RESTARTS, Restarts, Retry
 from ..devices import offers_h264
 from ..h264 import H264Error, ParameterSets
 from ..ipc import KEYFRAME_MIN_INTERVAL, EncoderSettings
@@ -83,10 +84,8 @@ REORDER_PROBE_PACKETS = 12
 GOP_KEEP_BYTES = 8 * 2**20
 JPEG_WAIT = 0.5  # seconds the JPEG thread waits for a new unit before it looks at whether it is still wanted
 JPEG_SLACK = 0.9  # a keyframe a little early for a snapshot interval is taken, not skipped for the next GOP
-# Seconds between two log lines about one camera started afresh, and the least between two restarts of it for a
-# failure (its watch or a command raised): a camera whose every watch raises is restarted once in this long, not at
-# every tick, and says so in one line (the failures in between counted into the next).
-RESTART_INTERVAL = 10.0
+# Seconds between two log lines about the relay's commands that failed in the worker (the rest counted into the next).
+COMMAND_LOG_INTERVAL = 10.0
 
 
 class NeedsOwnProcess(Exception):
@@ -191,6 +190,9 @@ class Pipeline:
         self.camera = camera  # its index in the worker: what its messages name
         self.shared = shared  # the worker runs other cameras: it neither transcodes nor uses FFmpeg's demuxer here
         self.audio = audio  # the stream's sound, on a thread of its own; None without
+        # Its sound's pipelines before this one's, abandoned when they hung, until their threads end.
+        self._audio_left: list[AudioPipeline] = []
+        self._sound_restarts = Restarts(CAMERA_RESTARTS)  # a sound that hangs again and again: ever less often
         self.audio_tap = audio_tap  # where its source's capture thread hands a camera's or file's sound over
         self.size = size  # for the slate until the source reports its own
         self.settings_fps = settings.fps
@@ -244,6 +246,7 @@ class Pipeline:
         # The counters of the pipelines this camera had before in this process (replaced when stuck), added to its
         # own in every status: the relay's counts never go back.
         self.counted_before: ipc.Counters | None = None
+        self.reported: ipc.WorkerStatus | None = None  # its last status made: what it counted, should one fail
 
     @property
     def passing_through(self) -> bool:
@@ -264,8 +267,13 @@ class Pipeline:
         """Its threads waited for until ``deadline`` (monotonic), all of them together."""
         for t in self._threads():
             t.join(max(0.0, deadline - time.monotonic()))
-        if self.audio is not None:
-            self.audio.join(deadline - time.monotonic())
+        for audio in self._sound():
+            audio.join(deadline - time.monotonic())
+
+    def _sound(self) -> list[AudioPipeline]:
+        """Its sound's pipeline, and those it abandoned (hung) whose thread has not ended."""
+        self._audio_left = [a for a in self._audio_left if a.alive]
+        return ([self.audio] if self.audio is not None else []) + self._audio_left
 
     def _threads(self) -> list[threading.Thread]:
         return [t for t in (self._capture, self._encode, self._jpegs) if t is not None]
@@ -275,7 +283,7 @@ class Pipeline:
         (then nothing of it is left)."""
         if not any(t.is_alive() for t in self._threads()):
             self._encoder.close()
-            return self.audio is None or not self.audio.alive
+            return not any(audio.alive for audio in self._sound())
         return False
 
     def request_keyframe(self) -> None:
@@ -304,6 +312,7 @@ class Pipeline:
         if self.counted_before is not None:
             for key in ipc.WORKER_COUNTERS:
                 setattr(out, key, getattr(self.counted_before, key) + getattr(out, key))
+        self.reported = out
         return out
 
     def abandon(self) -> None:
@@ -331,22 +340,46 @@ class Pipeline:
         self._emit(ipc.pack(ipc.STATUS, self.status().to_json(), camera=self.camera))
 
     def tick(self) -> None:
-        """From the main thread, every ``WATCH_INTERVAL``: a stalled camera, a silent one, the status."""
+        """From the main thread, every ``WATCH_INTERVAL``: a stalled camera, a silent one, a hung sound, the status."""
         now = time.monotonic()
         self._check_stall(now)
+        self._check_sound(now)
         if now - self._last_frame >= SLATE_AFTER:
             self._start_encoding()  # the slate, for a passed-through camera (a transcoding one has it running)
         if now - self._last_status >= STATUS_INTERVAL:
             self.push_status()
 
+    def _check_sound(self, now: float) -> None:
+        """Its sound's thread stuck in a read or the encode (no block for the source's bound): the sound started
+        afresh on a new thread, counted, in one line; the video's threads untouched."""
+        audio = self.audio
+        silent = audio.hung(now) if audio is not None and not self._stop.is_set() else 0.0
+        if audio is None or not silent or not self._sound_restarts.due(now):
+            return
+        delay = self._sound_restarts.restarted(now)
+        log.warning("stream=%s audio=%s no sound for %.1fs, its thread stuck; starting the sound afresh: restart %d, "
+                    "the next no sooner than %.1fs after it", self.name, audio.source_name, silent,
+                    audio.restarts + 1, delay)  # fmt: skip
+        self.audio = audio.restarted()
+        self._audio_left.append(audio)
+        self.push_status()
+
     # -- threads that run while they are needed
 
     def _start_encoding(self) -> None:
         with self._threads_lock:
-            if self._encode is None and not self._stop.is_set():
+            started = self._encode is None and not self._stop.is_set()
+            if started:
                 self._encode = threading.Thread(target=self._encode_loop, name=f"encode-{self.name}", daemon=True)
                 self._encode.start()
-                self.last_alive = time.monotonic()  # its first picture may wait for PyAV's import and x264's open
+                # Its first picture waits for PyAV's and numpy's import (a passed-through camera's worker has neither
+                # before its first slate), the slate's first drawing and x264's open: on a Pi, with the process's
+                # other cameras' slates starting at once under one GIL, longer than OUTPUT_STALL. It gets a fresh
+                # camera's grace, not a camera's silence (a false restart, again at every slate).
+                self.last_alive = time.monotonic() + ipc.OUTPUT_STARTUP_GRACE - ipc.OUTPUT_STALL
+                self.stats.encode_starts += 1
+        if started:
+            self.push_status()  # at once: the relay's watchdog gives the process the same grace
 
     def _leave_encoding(self) -> bool:
         """Whether the encode thread may end: a passed-through camera delivers again, nothing to encode."""
@@ -895,9 +928,17 @@ class Cameras:
     when the relay asks (``ipc.CMD_RESTART``: its messages could not be handled there) and, in a shared worker,
     when it sent nothing, not even the slate, for ``ipc.OUTPUT_STALL`` (its encode thread died: the relay's
     watchdog sees only that some camera of the process sends). A worker of one camera whose capture is stuck ends
-    instead, and the relay starts a new process; one that goes silent is the relay's watchdog's."""
+    instead, and the relay starts a new process; one that goes silent is the relay's watchdog's. A camera started
+    afresh again and again waits longer each time (``backoff.CAMERA_RESTARTS``), except when the relay asks: the
+    relay keeps its own schedule. ``clock`` and ``rng``: the schedule's (the tests' own)."""
 
-    def __init__(self, make: Callable[[int], Pipeline], count: int) -> None:
+    def __init__(
+        self,
+        make: Callable[[int], Pipeline],
+        count: int,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
         self._make = make
         # Held while a command is applied and while a camera is replaced: no command goes to a pipeline on its way
         # out (the new one takes over the old one's JPEG and frame-rate wishes and a pending keyframe request).
@@ -905,9 +946,10 @@ class Cameras:
         self.pipelines = [make(i) for i in range(count)]
         self.replaced = 0  # pipelines started afresh
         self.left_behind: list[Pipeline] = []  # replaced, some thread of theirs still running
-        self._restart_log = [Throttled(log, RESTART_INTERVAL) for _ in range(count)]
-        self._restarted_at = [float("-inf")] * count  # monotonic
-        self._start_failed = [False] * count  # its last new pipeline could not be made or started: it stays dark
+        self._clock = clock
+        self._restarts = [Restarts(CAMERA_RESTARTS, rng) for _ in range(count)]
+        # Its last new pipeline could not be made or started (it stays dark): the counts its next one carries on.
+        self._carried: list[ipc.Counters | None] = [None] * count
 
     @property
     def shared(self) -> bool:
@@ -940,7 +982,7 @@ class Cameras:
             pipeline = self.get(camera)
             if pipeline is None:
                 log.warning("command %r for camera %d: this worker has %d", cmd, camera, len(self.pipelines))
-            elif cmd == ipc.CMD_RESTART:  # the relay asks at most once in its CAMERA_RESTART_INTERVAL
+            elif cmd == ipc.CMD_RESTART:  # the relay asks as its own schedule says (relay.stream.Worker)
                 self._replace(camera, "the relay could not handle its messages")
             else:
                 try:
@@ -959,9 +1001,9 @@ class Cameras:
                     self._failed(camera, "its watch", exc)
                     continue
                 why = self._why_restart(pipeline)
-                # After a failed start, the next try waits RESTART_INTERVAL: not one a tick, each logged.
-                retry_due = time.monotonic() - self._restarted_at[camera] >= RESTART_INTERVAL
-                if why and (retry_due or not self._start_failed[camera]):
+                if not why and self._carried[camera] is not None:
+                    why = "its last start failed"
+                if why and self._restarts[camera].due(self._clock()):  # else it waits, as its schedule says
                     self._replace(camera, why)
         with self._lock:
             self.left_behind = [p for p in self.left_behind if not p.release()]
@@ -977,13 +1019,10 @@ class Cameras:
         return ""
 
     def _failed(self, camera: int, what: str, exc: Exception) -> None:
-        """With ``_lock`` held: ``what`` raised ``exc``; the camera restarted, at most once per ``RESTART_INTERVAL``."""
-        why = f"{what} failed: {type(exc).__name__}: {exc}"
-        if time.monotonic() - self._restarted_at[camera] >= RESTART_INTERVAL:
-            self._replace(camera, why, exc)
-        else:
-            self._restart_log[camera].warn("stream=%s %s; restarted less than %gs ago", self.pipelines[camera].name,
-                                           why, RESTART_INTERVAL)  # fmt: skip
+        """With ``_lock`` held: ``what`` raised ``exc``; the camera restarted, unless its last restart was too recent
+        (then the failure is counted into the next restart's line)."""
+        if self._restarts[camera].failed(self._clock()):
+            self._replace(camera, f"{what} failed: {type(exc).__name__}: {exc}", exc)
 
     def _replace(self, camera: int, why: str, exc: Exception | None = None) -> None:
         """With ``_lock`` held: camera ``camera`` started afresh in a new pipeline."""
@@ -991,17 +1030,22 @@ class Cameras:
         if not self.shared and old.stuck:
             log.error("stream=%s %s; restarting the worker", old.name, why)
             os._exit(EXIT_STUCK)
+        restarts = self._restarts[camera]
+        first, waiting = restarts.first, restarts.waiting
+        delay = restarts.restarted(self._clock())
         others = f" (the worker's {len(self.pipelines) - 1} others carry on)" if self.shared else ""
-        self._restart_log[camera].warn(
-            "stream=%s %s; starting the camera afresh%s", old.name, why, others, exc_info=exc
-        )
-        try:
-            counted = old.status()
-        except Exception:  # what failed may be its status: its last counts are then those before it
-            counted = old.counted_before or ipc.WorkerStatus()
+        more = f" ({waiting} more failures since the last restart)" if waiting else ""
+        # One line a restart (the schedule spaces them), the traceback with the first of a run of them only.
+        log.warning("stream=%s %s%s; starting the camera afresh%s; restart %d, the next no sooner than %.1fs after it",
+                    old.name, why, more, others, restarts.restarts, delay, exc_info=exc if first else None)  # fmt: skip
+        counted = self._carried[camera]  # taken when its last new pipeline failed to start (none has run since)
+        if counted is None:
+            try:
+                counted = old.status()
+            except Exception:  # what failed may be its status: its counts are then those of its last one, never fewer
+                counted = dataclasses.replace(old.reported or old.counted_before or ipc.WorkerStatus())
         counted.camera_restarts += 1
         old.abandon()
-        self._restarted_at[camera] = time.monotonic()
         try:
             new = self._make(camera)
             new.counted_before = counted
@@ -1009,13 +1053,11 @@ class Cameras:
             new.request_keyframe()  # its viewers start again from an IDR
             new.start()
         except Exception as exc:  # no thread left, an encoder that will not open: the camera stays dark, tried again
-            self._start_failed[camera] = True
-            old.counted_before = counted
-            # Not throttled with the restart's line just before it: a try comes at most once a RESTART_INTERVAL.
-            log.error("stream=%s could not be started afresh: %s: %s; trying again in %gs",
-                      old.name, type(exc).__name__, exc, RESTART_INTERVAL)  # fmt: skip
+            self._carried[camera] = counted
+            log.error("stream=%s could not be started afresh: %s: %s; trying again in %.1fs",
+                      old.name, type(exc).__name__, exc, delay)  # fmt: skip
             return
-        self._start_failed[camera] = False
+        self._carried[camera] = None
         self.pipelines[camera] = new
         self.replaced += 1
         self.left_behind.append(old)
@@ -1062,7 +1104,7 @@ def main(argv: list[str] | None = None) -> int:
     shared = len(configs) > 1
     cameras = Cameras(lambda camera: make_pipeline(configs[camera], camera, emit, shared), len(configs))
 
-    command_log = Throttled(log, RESTART_INTERVAL)
+    command_log = Throttled(log, COMMAND_LOG_INTERVAL)
 
     def commands() -> None:
         pending = b""
