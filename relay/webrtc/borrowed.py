@@ -618,6 +618,7 @@ def _srtp_protect_address() -> int:
 
 
 _SRTP_PROTECT = _srtp_protect_address()
+_SRTP_T = "_camrelay_srtp_t"  # a pylibsrtp session's srtp_t, kept on it as a number for the C send path
 # Whether ``SrtpFrameWriter.send_frame`` can run here: the extension built and pylibsrtp's srtp_protect the one it
 # was written for (relay.webrtc.rtpsend's switch reads it).
 C_SEND_BUILT = _fastsend is not None and _SRTP_PROTECT != 0
@@ -727,10 +728,14 @@ class SrtpFrameWriter:
         datagram on, to ``emit``, the Python path's writer, and so does every run after it. (bytes protected,
         datagrams and system calls C wrote itself); None, with nothing done, for an address or payload it does not
         take (a name, not a number; not bytes): ``protect_frame`` then."""
+        ctx = getattr(session, _SRTP_T, None)
+        if ctx is None:  # the session's srtp_t as a number, once (a cast a call was 0.5 us a viewer-frame)
+            ctx = int(srtp_ffi.cast("uintptr_t", session._srtp[0]))
+            setattr(session, _SRTP_T, ctx)  # lives and dies with the session, as its srtp_t does
         try:
             return _fastsend.send_frame(
-                self._buffer, int(srtp_ffi.cast("uintptr_t", session._srtp[0])), _SRTP_PROTECT, SRTP_TRAILER_ROOM,
-                fd, family, addr, header, payloads, sequence, max_segments, max_bytes, gso, emit,
+                self._buffer, ctx, _SRTP_PROTECT, SRTP_TRAILER_ROOM, fd, family, addr, header, payloads, sequence,
+                max_segments, max_bytes, gso, emit,
             )  # fmt: skip
         except _fastsend.SrtpError as exc:
             raise _srtp_error(exc.args[0]) from None
