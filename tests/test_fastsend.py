@@ -8,6 +8,7 @@ are in test_aiortc_hooks.py and test_udpbatch.py), and the viewer's test runs on
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import secrets
 import socket
@@ -21,7 +22,7 @@ from relay.webrtc.rtpsend import send_frame
 from relay.webrtc.udpbatch import MAX_GSO_BYTES, MAX_SEGMENTS, batcher_of, send_run_at_once
 from relay.webrtc.whepclient import WhepViewer
 
-from .conftest import session_of
+from .conftest import make_config, session_of, start_relay
 from .netns import inside, run
 from .test_aiortc_hooks import _srtp_pair
 from .test_udpbatch import _Sending, _Sink
@@ -286,21 +287,28 @@ async def test_a_socket_that_backs_up_under_the_c_path_behaves_as_under_the_pyth
 
 
 @pytest.mark.parametrize("c_send", [True, False], ids=["C path", "Python path"])
-async def test_a_viewer_decodes_the_frames_the_relay_sends(relay_server, http, monkeypatch, c_send):
+async def test_a_viewer_decodes_the_frames_the_relay_sends(http, c_send):
     """A real aiortc viewer of a real relay decodes every frame it reads, its pixel clock valid, through either
-    path; with the C path on, the frames went through it (one C call each) in runs (fewer writes than
-    datagrams)."""
+    path (``[webrtc] c_send``); with the C path on, the frames went through it (one C call each) in runs (fewer
+    writes than datagrams); with it off, none did."""
     if c_send and not borrowed.C_SEND_BUILT:
         pytest.skip("relay.webrtc._fastsend is not built here")
-    monkeypatch.setattr(rtpsend, "C_SEND", c_send)
-    viewer = WhepViewer(relay_server.whep(), http)
-    await viewer.connect()
+    config = make_config()
+    config = dataclasses.replace(config, webrtc=dataclasses.replace(config.webrtc, c_send=c_send))
+    runner, relay = await start_relay(config)
     try:
-        frames = await viewer.read_frames(30)
-        assert len(frames) == 30 and all(s.latency_ms is not None for s in frames)
-        dtls = session_of(relay_server, viewer).pc.getTransceivers()[0].sender.transport
-        batcher = batcher_of(borrowed.nominated_pair(dtls).protocol)
+        assert rtpsend.C_SEND is c_send
+        viewer = WhepViewer(relay.whep(), http)
+        await viewer.connect()
+        try:
+            frames = await viewer.read_frames(30)
+            assert len(frames) == 30 and all(s.latency_ms is not None for s in frames)
+            dtls = session_of(relay, viewer).pc.getTransceivers()[0].sender.transport
+            batcher = batcher_of(borrowed.nominated_pair(dtls).protocol)
+        finally:
+            await viewer.close()
     finally:
-        await viewer.close()
+        await runner.cleanup()
+    assert rtpsend.C_SEND is borrowed.C_SEND_BUILT  # the relay's setting gone with it
     assert batcher is not None and batcher.syscalls < batcher.datagrams
     assert (batcher.c_frames > 0) is c_send

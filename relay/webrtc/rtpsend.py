@@ -31,7 +31,7 @@ or awaits. Its socket, peer address and SRTP session are looked up once per
 ICE pair (``borrowed.DtlsSocket``).
 
 Where the C send path is built (``relay/webrtc/_fastsend.c``, by ``pip
-install -e .``; ``C_SEND``, off with ``CAMRELAY_C_SEND=off``), all of that
+install -e .``; ``C_SEND``, off with ``[webrtc] c_send = false``), all of that
 for a frame is one C call (``send_frame``: ``borrowed.SrtpFrameWriter
 .send_frame``): the same buffer, the same packets, libsrtp's ``srtp_protect``
 from pylibsrtp's own binding on the same session, each run written with one
@@ -69,11 +69,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import os
 import struct
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiortc import MediaStreamError, MediaStreamTrack, RTCRtpCodecCapability, RTCRtpSender
@@ -108,10 +108,24 @@ _TIMESTAMP = struct.Struct("!I")  # an RTP header's timestamp, at byte 4
 # wait in the hub's backlog, bounded by the stream's lag limit (relay.lag), not in asyncio's datagram buffer,
 # which has no bound. A fraction of a frame's time, and only while backed up.
 BACKED_UP_RETRY = 0.005  # seconds
-# The C send path (``send_frame``), on where it was built (``borrowed.C_SEND_BUILT``) unless this environment
-# variable says "off" (or 0, false, no): the benchmarks' A/B. Read once, when the relay's process imports this.
-C_SEND_ENV = "CAMRELAY_C_SEND"
-C_SEND = borrowed.C_SEND_BUILT and os.environ.get(C_SEND_ENV, "on").strip().lower() not in ("off", "0", "false", "no")
+# The C send path (``send_frame``): on where it was built (``borrowed.C_SEND_BUILT``), unless the relay's
+# ``[webrtc] c_send`` says off (``use_c_send``, from ``sessions.process_patches``): the benchmarks' A/B.
+C_SEND = borrowed.C_SEND_BUILT
+C_SEND_ENV = "CAMRELAY_WEBRTC_C_SEND"  # [webrtc] c_send from the environment (relay.config), for the benchmarks
+
+
+def use_c_send(on: bool) -> Callable[[], None]:
+    """The C send path on (where built) or off in this process, until the returned undo puts back what was."""
+    global C_SEND
+    previous, C_SEND = C_SEND, on and borrowed.C_SEND_BUILT
+    if on and not borrowed.C_SEND_BUILT:
+        log.info("send path: Python (relay/webrtc/_fastsend.c is not built here: pip install -e . builds it)")
+
+    def undo() -> None:
+        global C_SEND
+        C_SEND = previous
+
+    return undo
 
 
 def ntp_now() -> int:
