@@ -318,15 +318,17 @@ static PyObject *send_frame(PyObject *module, PyObject *const *args, Py_ssize_t 
     for (Py_ssize_t i = 0; i < n; i++) {
         const unsigned char *data;
         size_t len;
-        /* the list is the caller's and no Python ran since it was checked but the fallback's writer, which
-           does not touch it; checked again all the same */
-        if (i >= PyList_GET_SIZE(payloads_obj) || payload_of(PyList_GET_ITEM(payloads_obj, i), &data, &len) != 0 ||
-            header_len + len > room) {
+        /* The list is the caller's, and only the fallback's writer runs Python meanwhile, which does not touch
+           it; checked again all the same, and the payload held while it is read (a fallback may run first). */
+        PyObject *item = i < PyList_GET_SIZE(payloads_obj) ? PyList_GET_ITEM(payloads_obj, i) : NULL;
+        if (item == NULL || payload_of(item, &data, &len) != 0 || header_len + len > room) {
             PyErr_SetString(PyExc_RuntimeError, "send_frame: the payloads changed while sending");
             goto done;
         }
+        Py_INCREF(item);
         if (used + header_len + len > room && used) { /* the buffer is full: what it holds leaves, then again */
             if (write_run(&r, start, used, segment, count) != 0) {
+                Py_DECREF(item);
                 goto done;
             }
             used = start = 0;
@@ -335,6 +337,7 @@ static PyObject *send_frame(PyObject *module, PyObject *const *args, Py_ssize_t 
         unsigned char *packet = r.base + used;
         memcpy(packet, header, header_len);
         memcpy(packet + header_len, data, len);
+        Py_DECREF(item);
         uint16_t number = (uint16_t)((unsigned long)(sequence + i) & 0xFFFFu);
         packet[1] = (unsigned char)(i == n - 1 ? pt | 0x80 : pt);
         packet[2] = (unsigned char)(number >> 8);
