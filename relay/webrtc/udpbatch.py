@@ -109,7 +109,7 @@ class Batcher:
         self.datagrams = 0
         self.dropped = 0  # refused by the kernel (no route, not permitted): UDP, so gone
         self.gso = True  # False once this socket's route refused GSO (others may still take it)
-        self.c_frames = 0  # frames whose runs were written from C (``c_route``), not through ``write_run``
+        self.c_frames = 0  # frames sent through the C call (``c_route``; what C could not write went to ``write_run``)
         self._c_socket: tuple[int, int] | None = None  # (fd, family) of the transport's socket, for ``c_route``
         # A socket object on the transport's fd, made once (one a send was a tenth of the relay's time at 10
         # viewers); never closed by us: detached when this batcher goes, the fd stays asyncio's.
