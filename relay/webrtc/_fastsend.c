@@ -23,8 +23,10 @@
    payload's size is checked against the buffer before anything is written,
    and the peer's address is parsed with inet_pton into a fixed-size
    sockaddr.  The GIL is held throughout: the SRTP session is the event loop
-   thread's, shared with aiortc's RTCP, and nothing else waits for the GIL in
-   a relay's process. */
+   thread's, shared with aiortc's RTCP and retransmissions, and a release
+   around each sendmsg (a few microseconds) would let another thread of the
+   relay (the recorder's, a to_thread call) take the GIL for up to its switch
+   interval (5 ms) before the event loop got it back. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
