@@ -7,7 +7,9 @@ Systems, each started in turn on loopback with the same test pattern, size,
 rate and bitrate (``--spawn``, the default), or an already running relay
 (``--target URL``, e.g. on a Pi, with ``--target-pid`` when it runs here):
 
-- ``camrelay``: this project, encode once (``relay serve --no-rtsp``).
+- ``camrelay``: this project, encode once (``relay serve --no-rtsp``);
+  ``camrelay_pysend`` (named in ``--systems`` only) the same with its send
+  path in Python (``[webrtc] c_send = false``), for the C send path's A/B.
 - ``mediamtx``: mediamtx's own WebRTC (WHEP) server fed by camrelay's RTSP
   publish, the best-in-class reference (benchmarks/baselines/mediamtx_whep.py).
 - ``mediarelay``: the aiortc tutorial approach, one decoded track shared with
@@ -67,10 +69,15 @@ from benchmarks.peers import PEERS_PER_WORKER, PeerPlan, percentile, run_worker
 from benchmarks.pinning import Split, add_core_options, pin_tree, split_or_exit, thread_on
 from benchmarks.ports import free_port
 from benchmarks.resources import cpu_of, process_tree, rss_sum, udp_drops
+from relay.webrtc.rtpsend import C_SEND_ENV
 
 SYSTEMS = ("camrelay", "mediamtx", "mediarelay", "seed_mjpeg")
+# Named in --systems only: camrelay with its send path in Python ([webrtc] c_send off), the C send path's A/B
+# in one run (relay/webrtc/rtpsend.py).
+EXTRA_SYSTEMS = ("camrelay_pysend",)
 LABELS = {
     "camrelay": "camrelay (encode once)",
+    "camrelay_pysend": "camrelay, Python send path",
     "mediamtx": "mediamtx WebRTC (reference)",
     "mediarelay": "aiortc MediaRelay (encode per viewer)",
     "seed_mjpeg": "MJPEG, threaded http.server (seed)",
@@ -188,9 +195,10 @@ def start_system(
     """Start one system on loopback; ``source`` (camrelay only) replaces the plain test pattern, ``extra`` flags
     and ``env`` variables (camrelay only) are added to its command and environment."""
     port = free_port()
-    if name == "camrelay":
+    if name in ("camrelay", "camrelay_pysend"):
         cmd = [*camrelay_command(size, fps, bitrate, port, source), *extra]
-        proc = subprocess.Popen(cmd, env={**os.environ, **CAMRELAY_LOAD_ENV, **(env or {})})
+        send = {C_SEND_ENV: "false"} if name == "camrelay_pysend" else {}
+        proc = subprocess.Popen(cmd, env={**os.environ, **CAMRELAY_LOAD_ENV, **send, **(env or {})})
         _wait_frames(proc, port)
         main = psutil.Process(proc.pid)
         return System(
@@ -741,8 +749,8 @@ def main(argv: list[str] | None = None) -> int:
 
     names = ["target"] if args.target else [s.strip() for s in args.systems.split(",") if s.strip()]
     for n in names:
-        if n not in (*SYSTEMS, "target"):
-            ap.error(f"--systems: unknown system {n!r}; choose from {', '.join(SYSTEMS)}")
+        if n not in (*SYSTEMS, *EXTRA_SYSTEMS, "target"):
+            ap.error(f"--systems: unknown system {n!r}; choose from {', '.join(SYSTEMS + EXTRA_SYSTEMS)}")
     split = None
     if args.pin:
         split = split_or_exit(ap, args)

@@ -1,18 +1,24 @@
 """What one viewer costs the fan-out, per frame: a stream's hub publishing to N aiortc viewers in this process.
 
-    python -m benchmarks.sendpath --viewers 32 --frames 300 [--repeats 3] [--profile]
+    python -m benchmarks.sendpath --viewers 32 --frames 300 [--repeats 3] [--size 720p|1080p] [--paths c,python]
+                                  [--profile]
 
 Real parts: a ``PacketHub``, each viewer a real aiortc peer connection on
 loopback whose sender is camrelay's (``attach_to_sender``: the shared packer,
 the per-frame send, batched UDP), connected (ICE, DTLS) to an aiortc receiver
 that takes the packets and decodes nothing. Frames are 1080p-sized access
-units (a 60 kB keyframe, then 15 kB frames: 4 Mbit/s at 30 fps), published
+units (a 60 kB keyframe, then 15 kB frames: 4 Mbit/s at 30 fps), or with
+``--size 720p`` half that (2 Mbit/s), published
 one every 5 ms; what is measured is the CPU time (``time.process_time``) of
 ``publish`` alone, which with every viewer live sends each one its frame there
 and then (``Subscription.push``): packetizing once, then for each viewer its
 header, SRTP and its system call. Printed per frame and per viewer-frame, the
 median of the repeats; ``--profile`` prints cProfile's top functions of the
 last repeat (which inflates Python calls; read the shares, not the times).
+``--paths c,python`` measures the C send path (``rtpsend.C_SEND``) and the
+Python one alternately on the same viewers, each repeat both in turn (the
+order swapped every repeat), and prints each one's figures and their ratio;
+without it, the path the relay would take here.
 
 One process on one core has none of the machine's other work in it, so its
 figures are what the send path costs, not what a relay under load pays; they
@@ -35,14 +41,18 @@ import time
 from aiortc import RTCPeerConnection
 
 from relay.hub import EncodedFrame, PacketHub
-from relay.webrtc import udpbatch
+from relay.webrtc import rtpsend, udpbatch
 from relay.webrtc.rtpsend import HubTrack, attach_to_sender, h264_preferences
 
-KEYFRAME_BYTES = 60_000  # a 1080p keyframe at 4 Mbit/s, about
-FRAME_BYTES = 15_000  # a 1080p P-frame at 4 Mbit/s and 30 fps, about
+# (keyframe, P-frame) bytes, about: 1080p at 4 Mbit/s and 30 fps, 720p at 2 Mbit/s (the load benchmark's)
+SIZES = {"1080p": (60_000, 15_000), "720p": (30_000, 7_500)}
 GOP = 60  # frames
 PTS_STEP = 3000  # 90 kHz ticks a frame at 30 fps
-PUBLISH_GAP = 0.005  # seconds between publishes: the viewers' sockets are read and RTCP runs in between
+# seconds between publishes (``--gap``): the viewers' sockets are read and RTCP runs in between. The viewers
+# decrypt and parse every packet in this process: at 32 viewers of 1080p a frame's packets take them longer than
+# 5 ms once the send path is fast, their sockets overflow, and viewers whose consent checks are lost drop out
+# (``pushed_after_each_run`` shows it); 20 ms keeps every one live.
+PUBLISH_GAP = 0.005
 CONNECT_TIMEOUT = 20.0  # seconds for every viewer to connect
 SPS_PPS = bytes.fromhex("000000016742e01f8c8d40501e900f08846a0000000168ce3c80")
 
@@ -78,11 +88,20 @@ async def connect(hub: PacketHub, n: int) -> list[tuple[RTCPeerConnection, RTCPe
     return pairs
 
 
-async def measure(viewers: int, frames: int, repeats: int, profile: bool) -> dict:
+async def measure(
+    viewers: int,
+    frames: int,
+    repeats: int,
+    profile: bool,
+    size: str = "1080p",
+    paths: tuple[str, ...] = (),
+    gap: float = PUBLISH_GAP,
+) -> dict:
     release = udpbatch.PATCH.hold()
     hub = PacketHub("sendpath", lambda: None)
     rng = random.Random(1)
-    units = [access_unit(k == 0, KEYFRAME_BYTES if k == 0 else FRAME_BYTES, rng) for k in range(GOP)]
+    keyframe_bytes, frame_bytes = SIZES[size]
+    units = [access_unit(k == 0, keyframe_bytes if k == 0 else frame_bytes, rng) for k in range(GOP)]
     pairs = await connect(hub, viewers)
     pts = 0
 
@@ -99,32 +118,55 @@ async def measure(viewers: int, frames: int, repeats: int, profile: bool) -> dic
             if prof is not None:
                 prof.disable()
             spent += time.process_time() - start
-            await asyncio.sleep(PUBLISH_GAP)
+            await asyncio.sleep(gap)
         return spent
 
+    configured = rtpsend.C_SEND
     try:
         await publish(GOP)  # the first keyframe, every viewer live and pushed to
         pushed = sum(sub.push is not None for sub in hub.subscribers)
-        per_frame, prof = [], None
+        spent: dict[str, list[float]] = {path: [] for path in paths or ("default",)}
+        live: list[int] = []  # viewers still pushed to after each measured run, in the order they ran
+        prof = None
         for i in range(repeats):
-            prof = cProfile.Profile() if profile and i == repeats - 1 else None
-            per_frame.append(await publish(frames, prof) / frames)
+            order = list(spent) if i % 2 == 0 else list(reversed(spent))  # ABBA: neither always goes first
+            for path in order:
+                if path != "default":
+                    rtpsend.C_SEND = path == "c"
+                prof = cProfile.Profile() if profile and i == repeats - 1 and path == order[-1] else None
+                spent[path].append(await publish(frames, prof) / frames)
+                # a viewer not pushed to (its send failed, its socket backed up) sends outside the publish
+                live.append(sum(sub.push is not None for sub in hub.subscribers))
         if prof is not None:
             pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
         await asyncio.sleep(0.2)  # the last frames read off the viewers' sockets
         received = [await packets_received(viewer) for _, viewer in pairs]
     finally:
+        rtpsend.C_SEND = configured
         for relay, viewer in pairs:
             await relay.close()
             await viewer.close()
         release()
-    frame_us = statistics.median(per_frame) * 1e6
-    return {
-        "viewers": viewers, "pushed": pushed, "frames": frames, "repeats": repeats,
-        "publish_us_per_frame": round(frame_us, 1), "us_per_viewer_frame": round(frame_us / viewers, 1),
-        "each_repeat_us_per_viewer_frame": [round(s * 1e6 / viewers, 1) for s in per_frame],
-        "packets_received_min": min(received),
+    out = {
+        "viewers": viewers, "size": size, "gap_ms": gap * 1000, "pushed": pushed, "frames": frames, "repeats": repeats,
+        "c_send": configured if not paths else None,
     }  # fmt: skip
+    for path, per_frame in spent.items():
+        frame_us = statistics.median(per_frame) * 1e6
+        figures = {
+            "publish_us_per_frame": round(frame_us, 1), "us_per_viewer_frame": round(frame_us / viewers, 1),
+            "each_repeat_us_per_viewer_frame": [round(s * 1e6 / viewers, 1) for s in per_frame],
+        }  # fmt: skip
+        if path == "default":
+            out.update(figures)
+        else:
+            out[path] = figures
+    if len(paths) == 2:
+        a, b = paths
+        out[f"ratio_{a}_to_{b}"] = round(out[a]["us_per_viewer_frame"] / out[b]["us_per_viewer_frame"], 3)
+    out["pushed_after_each_run"] = live
+    out["packets_received_min"] = min(received)
+    return out
 
 
 async def packets_received(viewer: RTCPeerConnection) -> int:
@@ -138,11 +180,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--viewers", type=int, default=32)
     ap.add_argument("--frames", type=int, default=300, help="frames measured per repeat")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--size", choices=sorted(SIZES), default="1080p", help="frame sizes (default 1080p)")
+    ap.add_argument(
+        "--paths", default="", help="c,python: both send paths alternated (default: the one the relay would take)"
+    )
+    ap.add_argument("--gap", type=float, default=PUBLISH_GAP * 1000, help="ms between publishes (default 5)")
     ap.add_argument("--profile", action="store_true", help="cProfile the last repeat (to stderr)")
     args = ap.parse_args(argv)
     if args.viewers < 1 or args.frames < 1 or args.repeats < 1:
         ap.error("--viewers, --frames and --repeats must be at least 1")
-    print(json.dumps(asyncio.run(measure(args.viewers, args.frames, args.repeats, args.profile))))
+    paths = tuple(p for p in args.paths.split(",") if p)
+    if any(p not in ("c", "python") for p in paths) or len(set(paths)) != len(paths):
+        ap.error("--paths takes c and python, each at most once")
+    if "c" in paths and not rtpsend.borrowed.C_SEND_BUILT:
+        ap.error("--paths c: relay.webrtc._fastsend is not built here (pip install -e .)")
+    if args.gap < 0:
+        ap.error("--gap must be at least 0")
+    result = asyncio.run(
+        measure(args.viewers, args.frames, args.repeats, args.profile, args.size, paths, args.gap / 1000)
+    )
+    print(json.dumps(result))
     return 0
 
 

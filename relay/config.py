@@ -188,6 +188,9 @@ class WebRTCConfig:
     # A viewer's datagrams of one event-loop pass leave in one segmented write (relay.webrtc.udpbatch); off: one
     # system call per datagram, as aiortc sends (the batcher's A/B, docs/benchmarks.md).
     batch_sends: bool = True
+    # With batch_sends, a viewer's frame made, protected and written in one C call where that part is built
+    # (relay/webrtc/_fastsend.c, relay.webrtc.rtpsend.C_SEND); off: the Python path (the C path's A/B).
+    c_send: bool = True
     # The playout-delay header extension sent to viewers that offer it, (min, max) in ms; None: not negotiated,
     # as aiortc does (docs/benchmarks.md, "Playout delay", for why the default).
     playout_delay: tuple[int, int] | None = (0, 0)
@@ -622,6 +625,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "session_rate": _number(MIN_SESSION_RATE, MAX_SESSION_RATE),
         "session_burst": _int(1, MAX_VIEWERS_LIMIT),
         "batch_sends": _bool,
+        "c_send": _bool,
         "playout_delay": parse_playout_delay,
         "shards": parse_shards,
     },

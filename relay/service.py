@@ -193,7 +193,7 @@ class Relay:
         w = self.config.webrtc
         running = self._running
         try:
-            running.enter_context(process_patches(w.ice_addresses, w.batch_sends))
+            running.enter_context(process_patches(w.ice_addresses, w.batch_sends, w.c_send))
             ice.log_settings(w)
             running.push_async_callback(_stop, "viewers", self.sessions.close_all)
             await self.sessions.start()

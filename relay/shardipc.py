@@ -137,6 +137,7 @@ class ShardConfig(_Json):
     playout_delay: list  # [min, max] ms, or [] for none
     max_lag: float  # [video] max_lag, the lag limit of every viewer
     log_level: str = "info"
+    c_send: bool = True  # [webrtc] c_send: the C send path where it is built
 
 
 @dataclass(frozen=True, slots=True)

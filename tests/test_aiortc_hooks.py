@@ -187,6 +187,19 @@ def test_a_frame_protected_in_place_is_what_pylibsrtp_protects_packet_by_packet(
     assert [rx.unprotect(d) for d in datagrams][-1][1] & 0x80  # the marker on the last
 
 
+def test_the_c_send_path_finds_pylibsrtps_own_srtp_protect_and_a_sessions_srtp_t():
+    """The C send path (relay/webrtc/_fastsend.c) calls libsrtp through pylibsrtp's compiled binding, never a
+    second libsrtp: ``srtp_protect`` with libsrtp 2's signature, which its C calls through a pointer, and a
+    session's ``srtp_t`` in ``Session._srtp``. Checked whether or not the extension is built here."""
+    from pylibsrtp._binding import ffi
+
+    assert ffi.typeof(borrowed.srtp_lib.srtp_protect).cname == borrowed.SRTP_PROTECT_TYPE
+    assert ffi.sizeof("srtp_err_status_t") == 4 and borrowed._SRTP_PROTECT != 0
+    tx, _ = _srtp_pair()
+    assert ffi.typeof(tx._srtp[0]).cname == "struct srtp_ctx_t_ *" and tx._srtp[0] != ffi.NULL
+    setattr(tx, borrowed._SRTP_T, 1)  # a session keeps its srtp_t's number for the C path (no __slots__)
+
+
 def test_a_frame_larger_than_the_writers_buffer_goes_through_it_in_parts():
     from aiortc.rtp import RtpPacket
 

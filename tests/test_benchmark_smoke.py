@@ -190,3 +190,19 @@ def test_sendpath_benchmark_smoke():
     assert out["viewers"] == 2 and out["pushed"] == 2, out  # both live, sent to from the publish
     assert out["packets_received_min"] >= 80 * 12, out  # 80 frames (60 to start, 20 measured), 12 packets or more each
     assert out["us_per_viewer_frame"] > 0, out
+
+
+def test_sendpath_benchmark_alternates_the_c_and_python_send_paths():
+    """``--paths c,python``: both send paths on the same viewers, each repeat both, with their ratio."""
+    from relay.webrtc import borrowed
+
+    if not borrowed.C_SEND_BUILT:
+        pytest.skip("relay.webrtc._fastsend is not built here")
+    cmd = [sys.executable, "-m", "benchmarks.sendpath", "--viewers", "2", "--frames", "10", "--repeats", "2",
+           "--size", "720p", "--paths", "c,python"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout)
+    assert out["size"] == "720p" and out["pushed"] == 2, out
+    assert all(len(out[p]["each_repeat_us_per_viewer_frame"]) == 2 for p in ("c", "python")), out
+    assert out["ratio_c_to_python"] > 0 and out["packets_received_min"] >= 80 * 6, out

@@ -26,7 +26,10 @@ them here, so an upgrade that moves one breaks this module alone (and
   own data sends (``send_data_patch``, for ``relay.webrtc.udpbatch``); on aiortc's, the payload types its
   answers keep from an offer (``OFFERED_PAYLOAD_TYPES``: Chromium's lower dynamic range too);
 - pylibsrtp's C binding (``SrtpFrameWriter``): a frame's RTP packets protected in place in one buffer (one a thread,
-  shared by its senders), where ``Session.protect`` checks, copies and slices out each packet anew;
+  shared by its senders), where ``Session.protect`` checks, copies and slices out each packet anew; and for the
+  C send path (``SrtpFrameWriter.send_frame``, ``relay/webrtc/_fastsend.c``) the address of its ``srtp_protect``
+  and a session's ``srtp_t``, so that C protects with the very session aiortc's RTCP and retransmissions use
+  (no second libsrtp);
 - for tests and benchmarks only, what aiortc's receivers get (``divert_decrypted_rtp``,
   ``watch_received_h264``).
 
@@ -66,6 +69,11 @@ from aiortc.codecs.h264 import H264Encoder as AiortcH264
 from aiortc.rtcdtlstransport import State as DtlsState
 from pylibsrtp._binding import ffi as srtp_ffi
 from pylibsrtp._binding import lib as srtp_lib
+
+try:  # the C send path, built by ``pip install -e .`` (setup.py) where it can be; else the Python path alone
+    from . import _fastsend
+except ImportError:
+    _fastsend = None
 
 # [lowest, first unsupported) of each, as pyproject.toml declares them: the upper bound is the next minor
 # release after the one tests/test_aiortc_hooks.py last passed with (TESTED_WITH).
@@ -598,6 +606,26 @@ SRTP_TRAILER_ROOM = 16 + 128
 # A sender's buffer: a 720p keyframe (~40 packets of ~1.2 kB) whole; bigger frames go through it in parts.
 FRAME_BUFFER_BYTES = 64 * 1024
 _MARKER_SEQUENCE = struct.Struct("!BH")  # an RTP header's marker and payload type byte, and its sequence number
+# srtp_protect as _fastsend.c calls it (libsrtp 2's, which pylibsrtp 1.0 links); another signature: no C path
+SRTP_PROTECT_TYPE = "srtp_err_status_t(*)(struct srtp_ctx_t_ *, void *, int *)"
+
+
+def _srtp_protect_address() -> int:
+    """Where pylibsrtp's own ``srtp_protect`` lies, for the C send path; 0 where it is not the one it calls."""
+    if srtp_ffi.typeof(srtp_lib.srtp_protect).cname != SRTP_PROTECT_TYPE or srtp_ffi.sizeof("srtp_err_status_t") != 4:
+        return 0
+    return int(srtp_ffi.cast("uintptr_t", srtp_ffi.addressof(srtp_lib, "srtp_protect")))
+
+
+_SRTP_PROTECT = _srtp_protect_address()
+_SRTP_T = "_camrelay_srtp_t"  # a pylibsrtp session's srtp_t, kept on it as a number for the C send path
+# Whether ``SrtpFrameWriter.send_frame`` can run here: the extension built and pylibsrtp's srtp_protect the one it
+# was written for (relay.webrtc.rtpsend's switch reads it).
+C_SEND_BUILT = _fastsend is not None and _SRTP_PROTECT != 0
+
+
+def _srtp_error(status: int) -> pylibsrtp.Error:
+    return pylibsrtp.Error(pylibsrtp.ERRORS[status] if 0 <= status < len(pylibsrtp.ERRORS) else f"error {status}")
 
 
 class SrtpFrameWriter:
@@ -660,7 +688,7 @@ class SrtpFrameWriter:
             length[0] = end - used
             status = protect(ctx, cdata + used, length)
             if status != ok:
-                raise pylibsrtp.Error(pylibsrtp.ERRORS[status] if status < len(pylibsrtp.ERRORS) else f"error {status}")
+                raise _srtp_error(status)
             n = length[0]
             if (
                 count
@@ -679,6 +707,38 @@ class SrtpFrameWriter:
         if count:
             emit(view[start:used], segment)
         return sent
+
+    def send_frame(
+        self,
+        session: pylibsrtp.Session,
+        header: bytes,
+        payloads: list[bytes],
+        sequence: int,
+        fd: int,
+        family: int,
+        addr: tuple,
+        gso: bool,
+        emit: Callable[[memoryview, int], object],
+        max_segments: int,
+        max_bytes: int,
+    ) -> tuple[int, int, int] | None:
+        """``protect_frame`` in one C call (``_fastsend.send_frame``, only where ``C_SEND_BUILT``): each run is
+        written from C to ``addr`` on socket ``fd`` of ``family``, in one segmented write (``gso``) or one write a
+        datagram; what C could not write (the socket's buffer full, segmentation refused, any error) goes, from that
+        datagram on, to ``emit``, the Python path's writer, and so does every run after it. (bytes protected,
+        datagrams and system calls C wrote itself); None, with nothing done, for an address or payload it does not
+        take (a name, not a number; not bytes): ``protect_frame`` then."""
+        ctx = getattr(session, _SRTP_T, None)
+        if ctx is None:  # the session's srtp_t as a number, once (a cast a call was 0.5 us a viewer-frame)
+            ctx = int(srtp_ffi.cast("uintptr_t", session._srtp[0]))
+            setattr(session, _SRTP_T, ctx)  # lives and dies with the session, as its srtp_t does
+        try:
+            return _fastsend.send_frame(
+                self._buffer, ctx, _SRTP_PROTECT, SRTP_TRAILER_ROOM, fd, family, addr, header, payloads, sequence,
+                max_segments, max_bytes, gso, emit,
+            )  # fmt: skip
+        except _fastsend.SrtpError as exc:
+            raise _srtp_error(exc.args[0]) from None
 
 
 # -- H.264 packetization

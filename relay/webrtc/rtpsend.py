@@ -28,7 +28,21 @@ copy), in one segmented write at once (``udpbatch.send_run_at_once``: this
 viewer's frame is on its way while the next viewer's is protected), or one
 system call a datagram with batching off: no per-packet objects, clock reads
 or awaits. Its socket, peer address and SRTP session are looked up once per
-ICE pair (``borrowed.DtlsSocket``). RTCP sender reports keep their counts
+ICE pair (``borrowed.DtlsSocket``).
+
+Where the C send path is built (``relay/webrtc/_fastsend.c``, by ``pip
+install -e .``; ``C_SEND``, off with ``[webrtc] c_send = false``), all of that
+for a frame is one C call (``send_frame``: ``borrowed.SrtpFrameWriter
+.send_frame``): the same buffer, the same packets, libsrtp's ``srtp_protect``
+from pylibsrtp's own binding on the same session, each run written with one
+segmented ``sendmsg`` (one a datagram where segmentation is off) from C, so
+no Python runs per packet. It is taken only through the batcher, while the
+socket holds nothing back (``Batcher.c_route``); what C cannot write (the
+socket's buffer full, segmentation refused, any error) it hands, from that
+datagram on, to the batcher's own writer, which queues, falls back and counts
+as on the Python path; so a backed-up socket looks the same to the code
+below. Where the extension is missing, or C declines a frame (an address by
+name, a payload not bytes), the Python path sends it. RTCP sender reports keep their counts
 (updated once per frame) and NACKed packets are rebuilt on demand from the
 frames sent (``SentFrames``: one entry a frame).
 
@@ -59,6 +73,7 @@ import struct
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiortc import MediaStreamError, MediaStreamTrack, RTCRtpCodecCapability, RTCRtpSender
@@ -70,7 +85,7 @@ from ..hub import EncodedFrame, HubClosed, PacketHub, Subscription
 from . import borrowed
 from .catchup import ViewerTiming
 from .playout import add_elements
-from .udpbatch import MAX_GSO_BYTES, MAX_SEGMENTS, send_run_at_once, send_run_direct
+from .udpbatch import MAX_GSO_BYTES, MAX_SEGMENTS, batcher_for, send_run_at_once, send_run_direct
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +108,24 @@ _TIMESTAMP = struct.Struct("!I")  # an RTP header's timestamp, at byte 4
 # wait in the hub's backlog, bounded by the stream's lag limit (relay.lag), not in asyncio's datagram buffer,
 # which has no bound. A fraction of a frame's time, and only while backed up.
 BACKED_UP_RETRY = 0.005  # seconds
+# The C send path (``send_frame``): on where it was built (``borrowed.C_SEND_BUILT``), unless the relay's
+# ``[webrtc] c_send`` says off (``use_c_send``, from ``sessions.process_patches``): the benchmarks' A/B.
+C_SEND = borrowed.C_SEND_BUILT
+C_SEND_ENV = "CAMRELAY_WEBRTC_C_SEND"  # [webrtc] c_send from the environment (relay.config), for the benchmarks
+
+
+def use_c_send(on: bool) -> Callable[[], None]:
+    """The C send path on (where built) or off in this process, until the returned undo puts back what was."""
+    global C_SEND
+    previous, C_SEND = C_SEND, on and borrowed.C_SEND_BUILT
+    if on and not borrowed.C_SEND_BUILT:
+        log.info("send path: Python (relay/webrtc/_fastsend.c is not built here: pip install -e . builds it)")
+
+    def undo() -> None:
+        global C_SEND
+        C_SEND = previous
+
+    return undo
 
 
 def ntp_now() -> int:
@@ -479,11 +512,27 @@ def send_frame(
 ) -> int:
     """Protect a frame's packets (``header`` with each payload, numbered from ``sequence``, the marker on the last)
     with ``session`` into ``writer`` and hand each GSO run to ``send_run(protocol, data, segment, addr)``; the
-    bytes sent."""
-    return writer.protect_frame(
-        session, header, payloads, sequence, lambda data, segment: send_run(protocol, data, segment, addr),
-        MAX_SEGMENTS, MAX_GSO_BYTES,
-    )  # fmt: skip
+    bytes sent. Through the batcher (``send_run_at_once``) and ``C_SEND`` on, while the socket holds nothing
+    back, the whole frame is one C call (``writer.send_frame``) that writes the runs itself and hands
+    ``send_run`` only what it could not write; else, or where C declines, the Python path
+    (``writer.protect_frame``)."""
+
+    def emit(data, segment: int) -> None:
+        send_run(protocol, data, segment, addr)
+
+    if C_SEND and send_run is send_run_at_once:
+        batcher = batcher_for(protocol)
+        route = batcher.c_route() if batcher is not None else None
+        if route is not None:
+            fd, family, gso = route
+            done = writer.send_frame(
+                session, header, payloads, sequence, fd, family, addr, gso, emit, MAX_SEGMENTS, MAX_GSO_BYTES
+            )
+            if done is not None:
+                sent, datagrams, syscalls = done
+                batcher.written_from_c(datagrams, syscalls)
+                return sent
+    return writer.protect_frame(session, header, payloads, sequence, emit, MAX_SEGMENTS, MAX_GSO_BYTES)
 
 
 async def _retransmit(self: RTCRtpSender, sequence_number: int) -> None:

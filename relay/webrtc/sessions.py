@@ -24,7 +24,7 @@ from ..hub import PacketHub
 from ..status import ConsumerStats
 from . import borrowed, ice, playout, udpbatch
 from .opus import AudioTrack, add_audio
-from .rtpsend import HubTrack, add_header_extension, attach_to_sender, h264_preferences
+from .rtpsend import HubTrack, add_header_extension, attach_to_sender, h264_preferences, use_c_send
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +44,16 @@ LIVENESS_CHECK = 2.0  # seconds between looks
 
 
 @contextlib.contextmanager
-def process_patches(ice_addresses: tuple[str, ...] = (), batch: bool = True):
+def process_patches(ice_addresses: tuple[str, ...] = (), batch: bool = True, c_send: bool = True):
     """The process-wide patches of aioice and aiortc a relay needs, held while it runs
     (``relay.webrtc.borrowed.Patch``): host candidates only on ``ice_addresses`` (none: every interface), the
     watch on what each connection hears, the payload types an answer keeps from the offer (Chromium's 35-63
     too), one DTLS certificate for every session, receivers' bandwidth estimators made only if video comes, an
     answer's gathering and remote candidates awaited in turn (fewer passes of the loop), ICE done as soon as its
-    pair is nominated (not after aioice's 20 ms pacing wait: DTLS starts sooner), and (``batch``) aioice's
-    own sends through the socket batcher. Relays in one process share them: the addresses of all that name some,
-    batching while any wants it."""
+    pair is nominated (not after aioice's 20 ms pacing wait: DTLS starts sooner), (``batch``) aioice's
+    own sends through the socket batcher, and (``c_send``) the C send path where it is built
+    (``rtpsend.use_c_send``). Relays in one process share them: the addresses of all that name some,
+    batching while any wants it, the C path as the last one started says."""
     with contextlib.ExitStack() as held:
         if ice_addresses:
             held.callback(borrowed.restrict_host_addresses(ice_addresses))
@@ -65,6 +66,7 @@ def process_patches(ice_addresses: tuple[str, ...] = (), batch: bool = True):
         held.callback(borrowed.PROMPT_ICE.hold())
         if batch:
             held.callback(udpbatch.PATCH.hold())
+        held.callback(use_c_send(c_send))
         yield
 
 

@@ -109,6 +109,8 @@ class Batcher:
         self.datagrams = 0
         self.dropped = 0  # refused by the kernel (no route, not permitted): UDP, so gone
         self.gso = True  # False once this socket's route refused GSO (others may still take it)
+        self.c_frames = 0  # frames sent through the C call (``c_route``; what C could not write went to ``write_run``)
+        self._c_socket: tuple[int, int] | None = None  # (fd, family) of the transport's socket, for ``c_route``
         # A socket object on the transport's fd, made once (one a send was a tenth of the relay's time at 10
         # viewers); never closed by us: detached when this batcher goes, the fd stays asyncio's.
         self._sock: socket.socket | None = None
@@ -152,6 +154,25 @@ class Batcher:
             self._write(None, data, segment, -(-len(data) // segment), addr)  # the transport is open
         except Exception as exc:
             _report(asyncio.get_running_loop(), exc)
+
+    def c_route(self) -> tuple[int, int, bool] | None:
+        """(socket descriptor, address family, segmented writes allowed) while a run written now may go straight
+        to the socket from C (``borrowed.SrtpFrameWriter.send_frame``): this batcher holds nothing, nor asyncio's
+        buffer, and the transport is open (so its descriptor is). None: through ``write_run`` then."""
+        t = self.transport
+        if self.pending or t.is_closing() or t.get_write_buffer_size():
+            return None
+        found = self._c_socket
+        if found is None:
+            sock = t.get_extra_info("socket")
+            found = self._c_socket = (sock.fileno(), int(sock.family))
+        return found[0], found[1], self.gso and _state["gso"]
+
+    def written_from_c(self, datagrams: int, syscalls: int) -> None:
+        """A frame's runs C wrote itself, counted as ``_write`` counts its own (its fallback's are counted there)."""
+        self.datagrams += datagrams
+        self.syscalls += syscalls
+        self.c_frames += 1
 
     def _write(self, raw, data: bytes, segment: int, count: int, addr: tuple) -> None:
         """One GSO run of ``count`` datagrams to ``addr``: one segmented write where it can, else one at a time."""
@@ -283,14 +304,14 @@ def _batchable(transport) -> bool:
 
 def send_now(protocol: asyncio.DatagramProtocol, data: bytes, addr: tuple) -> None:
     """Queue a datagram on ``protocol``'s socket for the end of this event-loop pass."""
-    batcher = _batcher(protocol)
+    batcher = batcher_for(protocol)
     if batcher is None:
         protocol.transport.sendto(data, addr)
     else:
         batcher.send(data, addr)
 
 
-def _batcher(protocol: asyncio.DatagramProtocol) -> Batcher | None:
+def batcher_for(protocol: asyncio.DatagramProtocol) -> Batcher | None:
     """``protocol``'s batcher, made on its first send; None for a transport without a socket of its own (a TURN
     allocation: it has its own framing), sent to directly."""
     batcher = protocol.__dict__.get(_ATTR)
@@ -308,7 +329,7 @@ def send_run_at_once(protocol: asyncio.DatagramProtocol, data: bytes | memoryvie
     (never reordered): one viewer's frame is on its way while the next viewer's is protected, instead of every
     viewer's waiting for the last one's at the end of the pass. ``data`` may be a view of a buffer the caller
     reuses: nothing keeps it past the call (what has to wait is copied)."""
-    batcher = _batcher(protocol)
+    batcher = batcher_for(protocol)
     if batcher is None:
         send_run_direct(protocol, data, segment, addr)
     else:

@@ -1,0 +1,331 @@
+"""The C send path (relay/webrtc/_fastsend.c, ``borrowed.SrtpFrameWriter.send_frame``) against the Python path
+it stands in for (``protect_frame`` and the batcher's writes): the same SRTP datagrams byte for byte, in the same
+runs, on a real socket; the same counts, backlog and order when the socket's buffer fills (a real one: a network
+namespace whose loopback is shaped with ``tc``, so the kernel holds what it cannot send yet); and a real viewer
+decoding frames sent through it. Without the extension built, the C-specific tests are skipped (the Python path's
+are in test_aiortc_hooks.py and test_udpbatch.py), and the viewer's test runs on the Python path alone."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import random
+import secrets
+import socket
+import subprocess
+
+import pytest
+from aiortc.rtp import RtpPacket
+
+from relay.webrtc import borrowed, rtpsend, udpbatch
+from relay.webrtc.rtpsend import send_frame
+from relay.webrtc.udpbatch import MAX_GSO_BYTES, MAX_SEGMENTS, batcher_of, send_run_at_once
+from relay.webrtc.whepclient import WhepViewer
+
+from .conftest import make_config, session_of, start_relay
+from .netns import inside, run
+from .test_aiortc_hooks import _srtp_pair
+from .test_udpbatch import _Sending, _Sink
+
+needs_c = pytest.mark.skipif(not borrowed.C_SEND_BUILT, reason="relay.webrtc._fastsend is not built here")
+TAG = 10  # bytes: AES128_CM_SHA1_80's authentication tag, after each protected packet
+HEADER = RtpPacket(payload_type=96, sequence_number=0, timestamp=1234).serialize()  # 12 bytes, no extensions
+ROOM = borrowed.FRAME_BUFFER_BYTES - borrowed.SRTP_TRAILER_ROOM - len(HEADER)  # the largest payload that fits
+RCVBUF = 8 << 20  # a receiving socket's buffer: every datagram of a test's frame held until it is read
+SO_RCVBUFFORCE = 33  # root may size a socket's buffer past net.core.rmem_max
+
+
+def _python_path(tx, payloads, sequence):
+    """The Python path's datagrams and runs (``protect_frame``) for one frame."""
+    runs = []
+    sent = borrowed.SrtpFrameWriter().protect_frame(
+        tx, HEADER, payloads, sequence, lambda data, segment: runs.append((bytes(data), segment)),
+        MAX_SEGMENTS, MAX_GSO_BYTES,
+    )  # fmt: skip
+    datagrams = [d[i : i + s] for d, s in runs for i in range(0, len(d), s)]
+    assert sent == sum(map(len, datagrams))
+    return datagrams, runs
+
+
+class _Wire:
+    """A sending socket and a receiving one on loopback, as the relay's and a viewer's."""
+
+    def __init__(self) -> None:
+        self.rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.rx.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+        self.rx.bind(("127.0.0.1", 0))
+        self.rx.setblocking(False)
+        self.tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.tx.bind(("127.0.0.1", 0))
+        self.tx.setblocking(False)
+        self.addr = self.rx.getsockname()
+
+    def received(self) -> list[bytes]:
+        got = []
+        while True:
+            try:
+                got.append(self.rx.recv(1 << 16))
+            except BlockingIOError:
+                return got
+
+    def close(self) -> None:
+        self.rx.close()
+        self.tx.close()
+
+
+@pytest.fixture
+def wire():
+    w = _Wire()
+    yield w
+    w.close()
+
+
+def _c_path(wire, tx, payloads, sequence, gso=True, emit=None):
+    fell = []
+    done = borrowed.SrtpFrameWriter().send_frame(
+        tx, HEADER, payloads, sequence, wire.tx.fileno(), socket.AF_INET, wire.addr, gso,
+        emit or (lambda data, segment: fell.append((bytes(data), segment))), MAX_SEGMENTS, MAX_GSO_BYTES,
+    )  # fmt: skip
+    return done, fell
+
+
+SIZES = {
+    "STAP-A, then full-size FU-As and a short last": [30, 1200, 1200, 1200, 500],
+    "the kernel's 64 segments a write, exactly": [100] * MAX_SEGMENTS,
+    "one over 64 segments": [100] * (MAX_SEGMENTS + 1),
+    # 12 + 1178 + 10 = 1200 bytes protected: 50 of them are MAX_GSO_BYTES exactly
+    "60,000 bytes a write, exactly": [1178] * 50,
+    "60,000 bytes and one more datagram": [1178] * 51,
+    "a byte over 60,000": [1179] * 50,
+    "a longer datagram ends a run, a shorter one ends it after it": [1300, 1200, 1200, 1300, 1300, 40],
+    "more than the writer's buffer: it empties it and goes on": [1200] * 60 + [700] + [1200] * 60,
+    "one datagram": [900],
+}
+
+
+@needs_c
+@pytest.mark.parametrize("gso", [True, False], ids=["segmented", "a write a datagram"])
+@pytest.mark.parametrize("sizes", list(SIZES.values()), ids=list(SIZES))
+def test_the_c_path_sends_the_datagrams_the_python_path_makes_in_its_runs(wire, sizes, gso):
+    """Byte for byte what the Python path protects (two sessions with the same key), numbered across the
+    sequence wrap, the marker on the last packet alone; one write a run (``gso_runs``' rule, as the Python path's
+    runs), or one a datagram with segmentation off; every run written by C, none handed back."""
+    payloads = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+    sequence = 65536 - len(payloads) // 2 - 1  # wraps in the middle of the frame
+    python_tx, _ = _srtp_pair()
+    expected, runs = _python_path(python_tx, payloads, sequence)
+
+    c_tx, rx = _srtp_pair()
+    done, fell = _c_path(wire, c_tx, payloads, sequence, gso)
+    got = wire.received()
+    assert got == expected and fell == []
+    assert done == (sum(map(len, expected)), len(payloads), len(runs) if gso else len(payloads))
+    packets = [RtpPacket.parse(rx.unprotect(d)) for d in got]
+    assert [p.sequence_number for p in packets] == [(sequence + i) & 0xFFFF for i in range(len(payloads))]
+    assert [p.marker for p in packets] == [0] * (len(payloads) - 1) + [1]
+    assert [p.payload for p in packets] == payloads
+
+
+@needs_c
+def test_random_frames_are_the_same_datagrams_on_both_paths(wire):
+    """Frames of random packet counts and sizes (a fixed seed): byte for byte the Python path's, frame after
+    frame on one pair of sessions."""
+    rng = random.Random(17)
+    python_tx, _ = _srtp_pair()
+    c_tx, _ = _srtp_pair()
+    sequence = rng.randrange(65536)
+    for _ in range(40):
+        payloads = [rng.randbytes(rng.choice((rng.randint(1, 1400), 1188))) for _ in range(rng.randint(1, 130))]
+        expected, runs = _python_path(python_tx, payloads, sequence)
+        done, fell = _c_path(wire, c_tx, payloads, sequence)
+        assert wire.received() == expected and fell == [] and done[1:] == (len(payloads), len(runs))
+        sequence = (sequence + len(payloads)) & 0xFFFF
+
+
+@needs_c
+def test_frames_sent_by_c_and_by_python_share_one_sessions_state(wire):
+    """C protects with pylibsrtp's own session (its srtp_t), as aiortc's RTCP and retransmissions do: frames sent
+    by either path, one after the other, across the sequence wrap and its rollover counter, all decrypt in turn
+    with the receiving session."""
+    tx, rx = _srtp_pair()
+    sequence, expected = 65530, []
+    for frame in range(6):
+        payloads = [bytes([frame]) * 1100] * 4
+        if frame % 2:
+            borrowed.SrtpFrameWriter().protect_frame(
+                tx, HEADER, payloads, sequence, lambda data, segment: wire.tx.sendto(bytes(data), wire.addr), 1, 1
+            )  # one datagram a run
+        else:
+            _c_path(wire, tx, payloads, sequence)
+        expected += payloads
+        sequence = (sequence + len(payloads)) & 0xFFFF
+    packets = [RtpPacket.parse(rx.unprotect(d)) for d in wire.received()]
+    assert [p.payload for p in packets] == expected
+    assert [p.sequence_number for p in packets] == [(65530 + i) & 0xFFFF for i in range(24)]
+
+
+@needs_c
+def test_a_payload_too_large_for_the_buffer_is_refused_before_anything_is_sent(wire):
+    """The largest payload the writer's buffer takes (with libsrtp's trailer room after it) is sent as the Python
+    path sends it; one byte more fails the frame with a ValueError before anything is written or protected."""
+    tx, _ = _srtp_pair()
+    expected, _ = _python_path(_srtp_pair()[0], [b"w" * ROOM], 0)
+    done, _ = _c_path(wire, tx, [b"w" * ROOM], 0)
+    assert wire.received() == expected and done == (len(expected[0]), 1, 1)
+    tx, _ = _srtp_pair()
+    with pytest.raises(ValueError, match="does not fit"):
+        _c_path(wire, tx, [b"x" * 1200, b"y" * (ROOM + 1)], 0)
+    assert wire.received() == []
+    # nothing was protected either: the session goes on as a fresh one with the same key
+    expected, _ = _python_path(_srtp_pair()[0], [b"z" * 1200], 0)
+    _c_path(wire, tx, [b"z" * 1200], 0)
+    assert wire.received() == expected
+
+
+@needs_c
+def test_what_c_does_not_take_it_leaves_to_the_python_path_untouched(wire):
+    """An address given by name, a payload that is not bytes: None, and nothing protected or sent."""
+    tx, _ = _srtp_pair()
+    done = borrowed.SrtpFrameWriter().send_frame(
+        tx, HEADER, [b"a" * 100], 0, wire.tx.fileno(), socket.AF_INET, ("localhost", wire.addr[1]), True,
+        lambda data, segment: None, MAX_SEGMENTS, MAX_GSO_BYTES,
+    )  # fmt: skip
+    assert done is None
+    done, _ = _c_path(wire, tx, [b"a" * 100, bytearray(b"b" * 100)], 0)
+    assert done is None and wire.received() == []
+    expected, _ = _python_path(_srtp_pair()[0], [b"c" * 100], 0)
+    _c_path(wire, tx, [b"c" * 100], 0)
+    assert wire.received() == expected
+
+
+@needs_c
+def test_a_send_c_cannot_make_goes_to_the_fallback_from_that_datagram_on(wire):
+    """A write that fails (here: a descriptor that is not a socket, ENOTSOCK): its run and every one after go to the
+    fallback, in order, whole; C counts none of them."""
+    tx, _ = _srtp_pair()
+    payloads = [b"p" * 1200] * 3 + [b"q" * 100] * 2
+    expected, runs = _python_path(_srtp_pair()[0], payloads, 0)
+    read_end, write_end = os.pipe()
+    fell = []
+    try:
+        done = borrowed.SrtpFrameWriter().send_frame(
+            tx, HEADER, payloads, 0, write_end, socket.AF_INET, wire.addr, True,
+            lambda data, segment: fell.append((bytes(data), segment)), MAX_SEGMENTS, MAX_GSO_BYTES,
+        )  # fmt: skip
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert fell == runs and done == (sum(map(len, expected)), 0, 0)
+
+
+# -- a socket whose buffer fills: the kernel holds what a shaped loopback cannot send yet
+
+SHAPED_RATE = "4mbit"  # what the namespace's loopback sends a second: far less than a frame's burst
+SNDBUF = 4096  # the sending socket's buffer (the kernel doubles it): full after a datagram run or two
+FRAMES, PACKETS = 4, 100  # frames of 100 packets: three runs each (MAX_GSO_BYTES), so a frame backs up mid-way
+DRAIN = 30.0  # seconds for everything queued to arrive: a guard, not a measurement
+
+
+@pytest.fixture
+def shaped_loopback():
+    """A network namespace whose loopback sends at ``SHAPED_RATE``, this thread inside it."""
+    name = f"cr-csend-{secrets.token_hex(3)}"
+    run("ip", "netns", "add", name)
+    try:
+        run("ip", "-n", name, "link", "set", "lo", "up")
+        run("tc", "-n", name, "qdisc", "add", "dev", "lo", "root", "tbf", "rate", SHAPED_RATE, "burst", "16kb",
+            "limit", "8mb")  # fmt: skip
+        with inside(name):
+            yield
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+async def _send_until_backed_up(c_send: bool, monkeypatch) -> tuple:
+    """FRAMES frames through ``rtpsend.send_frame`` and the batcher, as a viewer's sender sends them, to a
+    receiver behind the shaped loopback; what the batcher counted and whether the socket was backed up after
+    them, and every datagram received once it drained."""
+    monkeypatch.setattr(rtpsend, "C_SEND", c_send)
+    loop = asyncio.get_running_loop()
+    rx_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx_sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+    rx_sock.bind(("127.0.0.1", 0))
+    tx_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+    tx_sock.bind(("127.0.0.1", 0))
+    rx, sink = await loop.create_datagram_endpoint(_Sink, sock=rx_sock)
+    tx, protocol = await loop.create_datagram_endpoint(_Sending, sock=tx_sock)
+    try:
+        session, receiver = _srtp_pair()
+        writer, addr = borrowed.SrtpFrameWriter(), rx_sock.getsockname()
+        sequence = 65400  # wraps within the frames
+        for frame in range(FRAMES):
+            payloads = [bytes([frame, i]) * 600 for i in range(PACKETS)]
+            send_frame(writer, session, HEADER, payloads, sequence, send_run_at_once, protocol, addr)
+            sequence = (sequence + PACKETS) & 0xFFFF
+        batcher = batcher_of(protocol)
+        backed_up = bool(rtpsend._backlog(protocol))
+        counts = (batcher.datagrams, batcher.dropped, batcher.c_frames)
+        for _ in range(int(DRAIN / 0.05)):
+            if len(sink.got) >= FRAMES * PACKETS and not tx.get_write_buffer_size():
+                break
+            await asyncio.sleep(0.05)
+        packets = [RtpPacket.parse(receiver.unprotect(d)) for d in sink.got]
+        return backed_up, counts, [(p.sequence_number, p.marker, p.payload) for p in packets]
+    finally:
+        tx.close()
+        rx.close()
+
+
+@needs_c
+@pytest.mark.parametrize("gso", [True, False], ids=["segmented", "a write a datagram"])
+async def test_a_socket_that_backs_up_under_the_c_path_behaves_as_under_the_python_path(
+    shaped_loopback, monkeypatch, gso
+):
+    """The socket's buffer fills mid-frame: what C could not write goes to the batcher's writer, which queues it
+    in asyncio's transport, and the frames after it go through the Python path while it holds any (never
+    reordered); the socket is backed up for the sender (``FrameSender.backed_up``) as under the Python path, the
+    batcher counts the same datagrams and drops none, and once the link drains the receiver has every packet, in
+    order, across the sequence wrap, the marker on each frame's last."""
+    if not gso:
+        monkeypatch.setitem(udpbatch._state, "gso", False)
+    python = await _send_until_backed_up(False, monkeypatch)
+    c = await _send_until_backed_up(True, monkeypatch)
+    assert python[0] is True and c[0] is True
+    assert python[1] == (FRAMES * PACKETS, 0, 0)
+    assert c[1][:2] == (FRAMES * PACKETS, 0) and 1 <= c[1][2] < FRAMES  # C until the socket backed up, then Python
+    expected = [
+        ((65400 + f * PACKETS + i) & 0xFFFF, int(i == PACKETS - 1), bytes([f, i]) * 600)
+        for f in range(FRAMES)
+        for i in range(PACKETS)
+    ]
+    assert python[2] == expected and c[2] == expected
+
+
+@pytest.mark.parametrize("c_send", [True, False], ids=["C path", "Python path"])
+async def test_a_viewer_decodes_the_frames_the_relay_sends(http, c_send):
+    """A real aiortc viewer of a real relay decodes every frame it reads, its pixel clock valid, through either
+    path (``[webrtc] c_send``); with the C path on, the frames went through it (one C call each) in runs (fewer
+    writes than datagrams); with it off, none did."""
+    if c_send and not borrowed.C_SEND_BUILT:
+        pytest.skip("relay.webrtc._fastsend is not built here")
+    config = make_config()
+    config = dataclasses.replace(config, webrtc=dataclasses.replace(config.webrtc, c_send=c_send))
+    runner, relay = await start_relay(config)
+    try:
+        assert rtpsend.C_SEND is c_send
+        viewer = WhepViewer(relay.whep(), http)
+        await viewer.connect()
+        try:
+            frames = await viewer.read_frames(30)
+            assert len(frames) == 30 and all(s.latency_ms is not None for s in frames)
+            dtls = session_of(relay, viewer).pc.getTransceivers()[0].sender.transport
+            batcher = batcher_of(borrowed.nominated_pair(dtls).protocol)
+        finally:
+            await viewer.close()
+    finally:
+        await runner.cleanup()
+    assert rtpsend.C_SEND is borrowed.C_SEND_BUILT  # the relay's setting gone with it
+    assert batcher is not None and batcher.syscalls < batcher.datagrams
+    assert (batcher.c_frames > 0) is c_send
