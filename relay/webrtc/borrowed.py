@@ -70,7 +70,7 @@ from aiortc.rtcdtlstransport import State as DtlsState
 from pylibsrtp._binding import ffi as srtp_ffi
 from pylibsrtp._binding import lib as srtp_lib
 
-try:  # the C send path, built by ``pip install -e .`` (setup.py) where it can be; else the Python path alone
+try:  # the C send path, built by ``pip install -e .`` (pyproject.toml's ext-modules) where it can be
     from . import _fastsend
 except ImportError:
     _fastsend = None
