@@ -126,13 +126,18 @@ function withoutPlayoutDelay(sdp) {
 // 33 ms steps of estimate average out over a few polls. Sound ahead of its picture lowers the floor, to 0 at least.
 const SYNC_TRIM_GAIN = 0.5;
 const SYNC_TRIM_MAX_MS = 1000;  // far above any sound's lag in sync (NetEq holds 20-500 ms); the browser's cap is 4 s
+// The most a poll moves the floor: one bogus reading (a sender report's mapping jumping as a camera or its sound
+// restarts) moves the picture by this much at most, where half of it could be 500 ms; a real gap of 100 ms is
+// still closed in a few polls.
+const SYNC_TRIM_STEP_MS = 50;
 function syncLateMs(audio, video) {
   const a = audio && audio.estimatedPlayoutTimestamp;
   const v = video && video.estimatedPlayoutTimestamp;
   return a && v ? v - a : null;
 }
 function syncTrim(delayMs, lateMs) {
-  return Math.round(Math.max(0, Math.min(SYNC_TRIM_MAX_MS, delayMs + SYNC_TRIM_GAIN * lateMs)));
+  const step = Math.max(-SYNC_TRIM_STEP_MS, Math.min(SYNC_TRIM_STEP_MS, SYNC_TRIM_GAIN * lateMs));
+  return Math.round(Math.max(0, Math.min(SYNC_TRIM_MAX_MS, delayMs + step)));
 }
 
 // The ICE servers in a WHEP answer's Link headers (fetch joins several with ", "):
@@ -265,6 +270,8 @@ class WhepPlayer {
     Object.assign(this.stats, NO_AUDIO_STATS);
     this._lastAudio = null;
     this._lastVideoMinimum = null;
+    this.syncTrimMs = null;  // a new connection's picture starts with no floor: nothing trimmed yet
+    this.syncLateMs = null;
     if (!this._image) this.latencies = [];
     if (this.latencyMs != null && !this._image) {
       this.latencyMs = null;

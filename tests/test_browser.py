@@ -580,12 +580,13 @@ STREAM_IDS = """() => {
 
 # Lip sync's trim as the page computes it (static/whep.js): how far the sound plays behind its picture, from each
 # track's estimatedPlayoutTimestamp (none without both), and the floor under the picture's delay moved half of that
-# from the delay it has, never below 0 nor above 1000 ms.
+# from the delay it has, 50 ms a poll at most, never below 0 nor above 1000 ms.
 SYNC_TRIM = """() => [
   window.syncLateMs({ estimatedPlayoutTimestamp: 5000 }, { estimatedPlayoutTimestamp: 5060 }),
   window.syncLateMs({}, { estimatedPlayoutTimestamp: 5060 }),
   window.syncLateMs(null, { estimatedPlayoutTimestamp: 5060 }),
   window.syncTrim(40, 60), window.syncTrim(100, -60), window.syncTrim(10, -60), window.syncTrim(990, 200),
+  window.syncTrim(0, 400), window.syncTrim(600, -1000),
 ]"""
 # The player's trims so far, its last floor, and the video receiver's jitterBufferTarget.
 TRIMMED = """() => { const p = window.camrelayPlayer;
@@ -628,7 +629,7 @@ async def test_the_page_starts_muted_plays_the_sound_after_unmute_and_shows_lip_
             assert audio_ids == ["camrelay-audio"] and len(video_ids) == 1 and video_ids != audio_ids, video_ids
             assert PLAYOUT_DELAY_URI in await page.evaluate(ANSWER), "the picture is not shown as soon as decoded"
             assert await page.evaluate(TRIMMED) == [0, None, 0], "the picture was held without lip sync"
-            assert await page.evaluate(SYNC_TRIM) == [60, None, None, 70, 70, 0, 1000]
+            assert await page.evaluate(SYNC_TRIM) == [60, None, None, 70, 70, 0, 1000, 50, 550]
             await page.check("#sync")
             await page.wait_for_function(
                 f"() => window.camrelayPlayer.connects === 2 && ({PLAYING})()", timeout=PLAY_TIMEOUT_MS

@@ -12,8 +12,10 @@ import dataclasses
 import os
 import random
 import secrets
+import shutil
 import socket
 import subprocess
+import sysconfig
 
 import pytest
 from aiortc.rtp import RtpPacket
@@ -217,6 +219,39 @@ def test_a_send_c_cannot_make_goes_to_the_fallback_from_that_datagram_on(wire):
         os.close(read_end)
         os.close(write_end)
     assert fell == runs and done == (sum(map(len, expected)), 0, 0)
+
+
+@needs_c
+@pytest.mark.parametrize("error", [KeyError, KeyboardInterrupt], ids=["an Exception", "a BaseException"])
+def test_what_the_fallback_raises_comes_out_of_the_c_call_as_it_was_raised(wire, error):
+    """The fallback's own exception, not a SystemError with it lost (C released its view of the buffer while the
+    exception was pending: CPython then raised SystemError, and the clean-up wiped both), so Ctrl-C is Ctrl-C."""
+    tx, _ = _srtp_pair()
+    read_end, write_end = os.pipe()  # not a socket: the first write fails and the fallback is called
+
+    def fallback(data, segment):
+        raise error("the fallback's own")
+
+    try:
+        with pytest.raises(error, match="the fallback's own"):
+            borrowed.SrtpFrameWriter().send_frame(
+                tx, HEADER, [b"p" * 1200] * 3, 0, write_end, socket.AF_INET, wire.addr, True, fallback,
+                MAX_SEGMENTS, MAX_GSO_BYTES,
+            )  # fmt: skip
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_the_c_send_path_is_built_where_a_c_compiler_and_pythons_headers_are():
+    """scripts/setup's pip install builds it quietly and goes on without it where the build fails (optional): so a
+    build broken on a machine that could build it shows here, not as every C test skipped. A module built from an
+    older _fastsend.c (the source changed since the last pip install -e .) is not used, and is named here too."""
+    headers = os.path.join(sysconfig.get_paths()["include"], "Python.h")
+    if not (shutil.which(os.environ.get("CC", "cc")) and os.path.exists(headers)):
+        pytest.skip("no C compiler or no Python headers here: the Python path alone is expected")
+    assert not borrowed.C_SEND_STALE, "relay/webrtc/_fastsend is older than _fastsend.c: run pip install -e . again"
+    assert borrowed.C_SEND_BUILT, "relay/webrtc/_fastsend.c was not built: run pip install -e . and read its output"
 
 
 # -- a socket whose buffer fills: the kernel holds what a shaped loopback cannot send yet

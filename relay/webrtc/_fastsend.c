@@ -50,6 +50,9 @@
 /* What libsrtp may add after a packet it protects: SRTP_MAX_TAG_LEN + SRTP_MAX_MKI_LEN, as pylibsrtp's margin
    (borrowed.SRTP_TRAILER_ROOM, passed in and checked to be at least this). */
 #define TRAILER_ROOM_MIN 144
+/* send_frame's arguments and results as this file has them: relay/webrtc/borrowed.py uses the module only when
+   its FASTSEND_API is the same (an editable install's built module is not rebuilt when the source changes). */
+#define API_VERSION 1
 #define RTP_HEADER_MIN 12    /* version to SSRC */
 #define RTP_PACKET_MAX 65535 /* what one UDP datagram carries at most, and what an int surely holds */
 
@@ -206,12 +209,17 @@ static int write_run(Route *r, size_t start, size_t end, size_t segment, Py_ssiz
     PyObject *args[2] = {view, segment_obj};
     PyObject *result = PyObject_Vectorcall(r->fallback, args, 2, NULL);
     /* The view must not outlive the call: the buffer is written again at once (the fallback copies what it
-       keeps). A view still held elsewhere cannot be released, and is left as the Python path leaves its own. */
+       keeps). A view still held elsewhere cannot be released, and is left as the Python path leaves its own
+       (a slice of it kept would still read the buffer: the fallback, udpbatch's write_run, keeps copies only).
+       The fallback's own exception, if it raised, is set aside meanwhile and raised from here as it was. */
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
     PyObject *released = PyObject_CallMethod(view, "release", NULL);
     if (released == NULL) {
         PyErr_Clear();
     }
     Py_XDECREF(released);
+    PyErr_Restore(type, value, traceback);
     Py_DECREF(view);
     Py_DECREF(segment_obj);
     if (result == NULL) {
@@ -405,7 +413,8 @@ PyMODINIT_FUNC PyInit__fastsend(void) {
         SrtpError = PyErr_NewException("relay.webrtc._fastsend.SrtpError", NULL, NULL);
     }
     if (SrtpError == NULL || PyModule_AddObjectRef(module, "SrtpError", SrtpError) != 0 ||
-        PyModule_AddIntConstant(module, "TRAILER_ROOM_MIN", TRAILER_ROOM_MIN) != 0) {
+        PyModule_AddIntConstant(module, "TRAILER_ROOM_MIN", TRAILER_ROOM_MIN) != 0 ||
+        PyModule_AddIntConstant(module, "API_VERSION", API_VERSION) != 0) {
         Py_DECREF(module);
         return NULL;
     }

@@ -621,7 +621,10 @@ _SRTP_PROTECT = _srtp_protect_address()
 _SRTP_T = "_camrelay_srtp_t"  # a pylibsrtp session's srtp_t, kept on it as a number for the C send path
 # Whether ``SrtpFrameWriter.send_frame`` can run here: the extension built and pylibsrtp's srtp_protect the one it
 # was written for (relay.webrtc.rtpsend's switch reads it).
-C_SEND_BUILT = _fastsend is not None and _SRTP_PROTECT != 0
+FASTSEND_API = 1  # _fastsend.c's API_VERSION, as send_frame below calls it
+# A module built from an older _fastsend.c (pip install -e . not run again since the source changed) is left alone.
+C_SEND_STALE = _fastsend is not None and getattr(_fastsend, "API_VERSION", None) != FASTSEND_API
+C_SEND_BUILT = _fastsend is not None and not C_SEND_STALE and _SRTP_PROTECT != 0
 
 
 def _srtp_error(status: int) -> pylibsrtp.Error:

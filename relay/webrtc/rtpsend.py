@@ -118,7 +118,11 @@ def use_c_send(on: bool) -> Callable[[], None]:
     """The C send path on (where built) or off in this process, until the returned undo puts back what was."""
     global C_SEND
     previous, C_SEND = C_SEND, on and borrowed.C_SEND_BUILT
-    if on and not borrowed.C_SEND_BUILT:
+    if on and borrowed.C_SEND_STALE:
+        log.warning(
+            "send path: Python (relay/webrtc/_fastsend was built from an older _fastsend.c: run pip install -e . again)"
+        )
+    elif on and not borrowed.C_SEND_BUILT:
         log.info("send path: Python (relay/webrtc/_fastsend.c is not built here: pip install -e . builds it)")
 
     def undo() -> None:
