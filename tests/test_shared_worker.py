@@ -884,6 +884,59 @@ async def test_a_camera_whose_sound_hangs_gets_its_sound_back_on_a_new_thread_an
     assert lines(caplog, "stream=cam0") == []
 
 
+async def test_a_sound_that_hangs_every_time_leaves_at_most_sound_left_max_threads_behind(caplog):
+    """Before: each restart of a sound that hung left its thread behind for good (an ALSA driver stuck in the
+    kernel holds its read, and its device context open), one more at every restart for as long as the relay ran.
+    Now, with ``SOUND_LEFT_MAX`` left behind and still stuck, the sound stays silent, said once, until one of them
+    returns; then it is started afresh again. The watch is driven with an injected clock, each look past any wait."""
+    caplog.set_level(logging.WARNING, logger=worker.log.name)
+    stick = threading.Event()
+    stick.set()  # every source hangs at its first read
+    stuck: list[threading.Event] = []
+    releases: list[threading.Event] = []
+
+    def hanging() -> StuckSound:
+        stuck.append(threading.Event())
+        releases.append(threading.Event())
+        return StuckSound(stick, stuck[-1], releases[-1])
+
+    outputs = Outputs()
+
+    class WithSound(worker.Pipeline):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.audio = audio.AudioPipeline(self.name, hanging, self._emit, camera=1)
+
+    cameras, made = in_process({1: [WithSound]}, outputs)
+    cameras.start()
+    camera = made[1]
+    later = time.monotonic()
+
+    async def look(sources: int) -> int:
+        """The watch's look, well after the last, once ``sources`` sources were opened and are stuck."""
+        nonlocal later
+        await tick_until(cameras, lambda: len(stuck) >= sources and stuck[sources - 1].is_set(), "a source stuck")
+        later += 1000.0
+        camera._check_sound(later)
+        return camera.audio.restarts
+
+    try:
+        assert await look(1) == 1
+        assert await look(2) == 2
+        assert [await look(3), await look(3)] == [2, 2], "no third thread left behind"
+        assert len(stuck) == 3 and camera.audio.last_error.startswith("its thread stuck in the source")
+        releases[0].set()  # the first left behind returns, and its thread ends
+        await tick_until(cameras, lambda: sum(a.alive for a in camera._audio_left) == 1, "the first thread ended")
+        assert await look(3) == 3, "started afresh again once one had returned"
+    finally:
+        for release in releases:
+            release.set()
+        await asyncio.to_thread(cameras.stop)
+    assert worker.SOUND_LEFT_MAX == 2
+    assert len(lines(caplog, "stream=cam1", "not started afresh until one of them returns")) == 1
+    assert len(lines(caplog, "stream=cam1", "starting the sound afresh")) == 3
+
+
 class Recorded(capture.TestPatternSource):
     """A test pattern that records its close and the end of its last read in ``events``; with ``wait_for``, that
     read ends only once ``wait_for`` is set (or DEADLINE)."""

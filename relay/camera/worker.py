@@ -86,6 +86,11 @@ JPEG_WAIT = 0.5  # seconds the JPEG thread waits for a new unit before it looks 
 JPEG_SLACK = 0.9  # a keyframe a little early for a snapshot interval is taken, not skipped for the next GOP
 # Seconds between two log lines about the relay's commands that failed in the worker (the rest counted into the next).
 COMMAND_LOG_INTERVAL = 10.0
+# A sound thread stuck in its source (an ALSA driver stuck in the kernel) is left behind and the sound started afresh
+# on a new thread; at most this many left behind and still stuck a camera: each holds a device context open, and a
+# source that hangs every time would otherwise add one every restart for good. Past it the sound stays silent, said
+# once, until one of them returns.
+SOUND_LEFT_MAX = 2
 
 
 class NeedsOwnProcess(Exception):
@@ -193,6 +198,7 @@ class Pipeline:
         # Its sound's pipelines before this one's, abandoned when they hung, until their threads end.
         self._audio_left: list[AudioPipeline] = []
         self._sound_restarts = Restarts(CAMERA_RESTARTS)  # a sound that hangs again and again: ever less often
+        self._sound_held = False  # its sound hung with SOUND_LEFT_MAX threads already left behind: said once
         self.audio_tap = audio_tap  # where its source's capture thread hands a camera's or file's sound over
         self.size = size  # for the slate until the source reports its own
         self.settings_fps = settings.fps
@@ -354,8 +360,20 @@ class Pipeline:
         afresh on a new thread, counted, in one line; the video's threads untouched."""
         audio = self.audio
         silent = audio.hung(now) if audio is not None and not self._stop.is_set() else 0.0
-        if audio is None or not silent or not self._sound_restarts.due(now):
+        if audio is None or not silent:
             return
+        self._audio_left = [a for a in self._audio_left if a.alive]
+        if len(self._audio_left) >= SOUND_LEFT_MAX:
+            if not self._sound_held:
+                self._sound_held = True
+                audio.last_error = f"its thread stuck in the source, and {len(self._audio_left)} before it"
+                log.warning("stream=%s audio=%s no sound for %.1fs, its thread stuck, and %d left behind before it "
+                            "still stuck in the source: not started afresh until one of them returns", self.name,
+                            audio.source_name, silent, len(self._audio_left))  # fmt: skip
+            return
+        if not self._sound_restarts.due(now):
+            return
+        self._sound_held = False
         delay = self._sound_restarts.restarted(now)
         log.warning("stream=%s audio=%s no sound for %.1fs, its thread stuck; starting the sound afresh: restart %d, "
                     "the next no sooner than %.1fs after it", self.name, audio.source_name, silent,
