@@ -23,6 +23,7 @@ their CPU over the burst is the joiners' (``joiners_cpu_s``)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 
@@ -31,6 +32,7 @@ import psutil
 PROBE_PATH = "/burst-probe"  # the page, on the relay's origin (its WHEP endpoint and /static/whep.js same-origin)
 OFFER_TIMEOUT_MS = 10_000  # for a page to load and make its offer (whep.js offers after 2 s at most)
 POLL = 0.005  # seconds between looks at the parent's instant
+REPORT_TIMEOUT = 10.0  # seconds for a page's report or close (burst.py waits give_up + hold + 60 for the worker)
 
 # The page: the player, its POST held to the instant, its steps and its first frame noted in window.__probe.
 PAGE = """<!doctype html>
@@ -230,17 +232,36 @@ async def _pages(plan, ready, at) -> tuple[list[dict], float]:
             return_exceptions=True,  # a page that times out is reported below, by what it has
         )
         cpu = _tree_cpu() - cpu
-        first = [await page.evaluate(REPORT) for page in pages]
+        first = await _reports(pages)
         await asyncio.sleep(plan.hold)
-        after = [await page.evaluate(REPORT) for page in pages]
+        after = await _reports(pages)
         for page in pages:
-            await page.evaluate("() => window.__probe.pc && window.__probe.pc.close()")
-            await page.close()
+            with contextlib.suppress(Exception):  # a starved page: the browser's close ends it
+                await asyncio.wait_for(page.close(), REPORT_TIMEOUT)
     return [_result(f, a, plan.give_up) for f, a in zip(first, after, strict=True)], cpu
 
 
+async def _reports(pages) -> list[dict]:
+    """Each page's REPORT, side by side, each within REPORT_TIMEOUT: pages starved of CPU (30 on one core) answer
+    in seconds, and the parent waits for this worker only so long."""
+
+    async def one(page) -> dict:
+        try:
+            return await asyncio.wait_for(page.evaluate(REPORT), REPORT_TIMEOUT)
+        except Exception as exc:
+            return {"events": {}, "error": f"no report ({type(exc).__name__})", "postedWall": None, "stats": {}}
+
+    return list(await asyncio.gather(*(one(page) for page in pages)))
+
+
 def _result(first: dict, after: dict, give_up: float) -> dict:
-    """One page's report as ``benchmarks.burst.JoinerResult``'s fields (ms from its POST), its own in ``browser``."""
+    """One page's report as ``benchmarks.burst.JoinerResult``'s fields (ms from its POST), its own in ``browser``:
+    its steps from its report after the hold (``after``: each step is stamped when it happens, and the worker's
+    first decoded frame may be told after the first frame presented, which ends the burst for the page), its
+    frames decoded over the hold from both. ``first`` where the later report did not come."""
+    first_decoded = first["stats"].get("framesDecoded") or 0
+    if after.get("postedWall"):
+        first = after
     out: dict = {"error": first["error"], "offered_ms": 0.0 if first["postedWall"] else None}
     if not first["postedWall"]:
         out["error"] = out["error"] or "its POST never went out"
@@ -270,7 +291,7 @@ def _result(first: dict, after: dict, give_up: float) -> dict:
         seen = [t for t in (since(events.get("decoded")), out["presented_ms"]) if t is not None]
         out["first_picture_ms"] = min(seen) if seen else None
         out["first_age_ms"] = frame.get("age")
-    out["frames_after"] = (after["stats"].get("framesDecoded") or 0) - (first["stats"].get("framesDecoded") or 0)
+    out["frames_after"] = (after["stats"].get("framesDecoded") or 0) - first_decoded
     out["browser"] = {
         **{f"{name}_ms": since(t) for name, t in events.items() if name != "offered"},
         "offer_ahead_ms": round(posted - events["offered"], 1) if "offered" in events else None,
