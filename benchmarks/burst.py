@@ -42,6 +42,7 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
+import queue
 import statistics
 import subprocess
 import sys
@@ -64,6 +65,7 @@ LOOP_LAG_ENV = "BENCH_LOOP_LAG_FILE"  # where it writes (benchmarks/looplag/site
 JOIN_TRACE_ENV = "BENCH_JOIN_TRACE_FILE"  # where the relay notes each joiner's steps (benchmarks/looplag/jointrace.py)
 START_TIMEOUT = 30.0  # seconds for the relay to encode its first frame
 READY_TIMEOUT = 60.0  # seconds for the watchers to have their first picture
+WORKER_SLACK = 60.0  # seconds a joiners' worker has beyond --give-up and --hold to report (closing, its pages)
 LEAD = 1.0  # seconds between telling the joiners' workers when to start and that instant: all are waiting by then
 POLL = 0.005  # seconds between a joiner's looks for its first picture
 # --probe: whether a joiner's offer is made before the instant, its ICE prompt and its decode after the burst
@@ -481,8 +483,16 @@ def run_repeat(args: argparse.Namespace, relay: Relay, ctx, probe: str) -> Repea
     print(f"joiners offer at {at.value:.3f} (relay pid {relay.proc.pid})", flush=True)  # e.g. to profile it then
     profilers = start_profiles(args, relay, workers, at.value)
     out = Repeat(started=started, load=load)
+    deadline = time.monotonic() + args.give_up + args.hold + WORKER_SLACK
     for _ in workers:
-        joiners_of_worker, cpu = joined.get(timeout=args.give_up + args.hold + 60)
+        try:
+            joiners_of_worker, cpu = joined.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:  # a worker starved of CPU (30 Chromium pages on one core): its joiners failed, it ends
+            missing = joiners - len(out.joiners)
+            error = f"its worker did not report within {args.give_up + args.hold + WORKER_SLACK:g} s"
+            out.joiners.extend(asdict(JoinerResult(error=error)) for _ in range(missing))
+            stop_workers(workers)
+            break
         out.joiners.extend(asdict(JoinerResult(**j)) for j in joiners_of_worker)
         out.joiners_cpu_s += cpu
     posted = min(j["posted"] for j in out.joiners if j["posted"]) if any(j["posted"] for j in out.joiners) else at.value
@@ -520,6 +530,21 @@ def run_repeat(args: argparse.Namespace, relay: Relay, ctx, probe: str) -> Repea
     for p in watchers:
         p.join(10)
     return out
+
+
+def stop_workers(workers: list) -> None:
+    """Joiners' workers still running, and what they started (Playwright's driver, Chromium), ended."""
+    import psutil
+
+    for p in workers:
+        if not p.is_alive():
+            continue
+        with contextlib.suppress(psutil.NoSuchProcess):
+            children = psutil.Process(p.pid).children(recursive=True)
+            p.kill()
+            for child in children:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
 
 
 def start_profiles(args: argparse.Namespace, relay: Relay, workers: list, at: float) -> list[subprocess.Popen]:
