@@ -24,7 +24,10 @@ their first pictures came later than with both sharing the two (docs/benchmarks.
 its offer is made (ICE gathered) beforehand, and its first keyframe is decoded after the burst, alone, its first
 picture counted as when that keyframe was whole plus its decode's own time; and its ICE is done as soon as its
 pair is nominated, as a browser's is (aioice waits out a 20 ms pacing first). ``--probe aiortc`` is the probe as
-it was before 2026-11-30. ``--profile`` records the relay and a joiners' worker with py-spy over each burst.
+it was before 2026-11-30. ``--probe chromium``: the joiners are headless Chromium pages with camrelay's player
+(``benchmarks/burstpages.py``), their offers made before and their POSTs held to the instant; ``--probe
+chromium,browser,aiortc`` runs each in turn every repeat, against one relay. ``--profile`` records the relay and a
+joiners' worker with py-spy over each burst.
 After ``--hold`` seconds of watching, the joiners leave; the next repeat starts after ``--settle``.
 
 For the relay: the forced IDRs it reports (``keyframes_forced``) from the first POST to the last first picture, and
