@@ -24,7 +24,10 @@ their first pictures came later than with both sharing the two (docs/benchmarks.
 its offer is made (ICE gathered) beforehand, and its first keyframe is decoded after the burst, alone, its first
 picture counted as when that keyframe was whole plus its decode's own time; and its ICE is done as soon as its
 pair is nominated, as a browser's is (aioice waits out a 20 ms pacing first). ``--probe aiortc`` is the probe as
-it was before 2026-11-30. ``--profile`` records the relay and a joiners' worker with py-spy over each burst.
+it was before 2026-11-30. ``--probe chromium``: the joiners are headless Chromium pages with camrelay's player
+(``benchmarks/burstpages.py``), their offers made before and their POSTs held to the instant; ``--probe
+chromium,browser,aiortc`` runs each in turn every repeat, against one relay. ``--profile`` records the relay and a
+joiners' worker with py-spy over each burst.
 After ``--hold`` seconds of watching, the joiners leave; the next repeat starts after ``--settle``.
 
 For the relay: the forced IDRs it reports (``keyframes_forced``) from the first POST to the last first picture, and
@@ -42,6 +45,7 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
+import queue
 import statistics
 import subprocess
 import sys
@@ -51,6 +55,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from benchmarks import burstpages
 from benchmarks.load import CAMRELAY_LOAD_ENV, camrelay_command, stop_processes
 from benchmarks.markerprobe import answer_payload_type, run_marker_probe
 from benchmarks.options import add_stream_options, run_facts
@@ -63,11 +68,13 @@ LOOP_LAG_ENV = "BENCH_LOOP_LAG_FILE"  # where it writes (benchmarks/looplag/site
 JOIN_TRACE_ENV = "BENCH_JOIN_TRACE_FILE"  # where the relay notes each joiner's steps (benchmarks/looplag/jointrace.py)
 START_TIMEOUT = 30.0  # seconds for the relay to encode its first frame
 READY_TIMEOUT = 60.0  # seconds for the watchers to have their first picture
+WORKER_SLACK = 60.0  # seconds a joiners' worker has beyond --give-up and --hold to report (closing, its pages)
 LEAD = 1.0  # seconds between telling the joiners' workers when to start and that instant: all are waiting by then
 POLL = 0.005  # seconds between a joiner's looks for its first picture
 # --probe: whether a joiner's offer is made before the instant, its ICE prompt and its decode after the burst
-# (JoinPlan's offer_early, prompt_ice, decode_after), a viewer's own work kept off the relay's cores: browser, all.
-PROBES = {"browser": True, "aiortc": False}
+# (JoinPlan's offer_early, prompt_ice, decode_after), a viewer's own work kept off the relay's cores: browser, all;
+# chromium: the joiners are headless Chromium pages (benchmarks/burstpages.py), whose offers are made before too.
+PROBES = {"browser": True, "aiortc": False, "chromium": True}
 PROFILE_SECONDS = 1.0  # --profile: py-spy records this long from just before the offers (a burst's first pictures)
 PROFILE_RATE = 500  # samples a second (py-spy's default 100 sees too few of a 2 ms answer)
 PROFILE_EARLY = 0.2  # seconds before the offers it starts: py-spy's own attach is done by then
@@ -101,6 +108,8 @@ class JoinerResult:
     name: str = ""  # the relay's name for it (webrtc-<session id[:8]>): its lines in the relay's join trace
     relay: dict = field(default_factory=dict)  # from the relay's join trace: event -> ms from posted, and how
     error: str = ""
+    presented_ms: float | None = None  # --probe chromium: its first frame handed to the compositor
+    browser: dict = field(default_factory=dict)  # --probe chromium: the page's own steps and getStats
 
 
 @dataclass(frozen=True)
@@ -431,10 +440,13 @@ class Repeat:
     relay_cpu_s: float = 0.0  # the relay process and its camera worker, from the offers to the joiners' leaving
     loop_lag_ms: dict = field(default_factory=dict)  # how late the relay's loop ran a 5 ms timer: before, during
     joiners_cpu_s: float = 0.0  # the joiners' processes, from their offers to their first pictures
+    started: float = 0.0  # wall clock at its start
+    load: float = 0.0  # the 1-minute load average then
 
 
-def run_repeat(args: argparse.Namespace, relay: Relay, ctx) -> Repeat:
+def run_repeat(args: argparse.Namespace, relay: Relay, ctx, probe: str) -> Repeat:
     fps, joiners = args.fps, args.joiners
+    started, load = time.time(), os.getloadavg()[0]
     watch_for = args.baseline + LEAD + args.give_up + args.hold
     ready, start, results = ctx.Queue(), ctx.Event(), ctx.Queue()
     watchers = [
@@ -456,10 +468,11 @@ def run_repeat(args: argparse.Namespace, relay: Relay, ctx) -> Repeat:
             args.give_up,
             args.hold,
             tuple(args.ice_addresses),
-            *(PROBES[args.probe],) * 3,  # offer early, prompt ICE, decode after: all or none
+            *(PROBES[probe],) * 3,  # offer early, prompt ICE, decode after: all or none
             args.probe_nice,
         )
-        workers.append(ctx.Process(target=join_worker, args=(plan, joiners_ready, at, joined), daemon=True))
+        target = burstpages.join_worker if probe == "chromium" else join_worker
+        workers.append(ctx.Process(target=target, args=(plan, joiners_ready, at, joined), daemon=True))
     for p in workers:
         p.start()
     for _ in workers:
@@ -472,10 +485,18 @@ def run_repeat(args: argparse.Namespace, relay: Relay, ctx) -> Repeat:
     at.value = time.time() + LEAD
     print(f"joiners offer at {at.value:.3f} (relay pid {relay.proc.pid})", flush=True)  # e.g. to profile it then
     profilers = start_profiles(args, relay, workers, at.value)
-    out = Repeat()
+    out = Repeat(started=started, load=load)
+    deadline = time.monotonic() + args.give_up + args.hold + WORKER_SLACK
     for _ in workers:
-        joiners_of_worker, cpu = joined.get(timeout=args.give_up + args.hold + 60)
-        out.joiners.extend(joiners_of_worker)
+        try:
+            joiners_of_worker, cpu = joined.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:  # a worker starved of CPU (30 Chromium pages on one core): its joiners failed, it ends
+            missing = joiners - len(out.joiners)
+            error = f"its worker did not report within {args.give_up + args.hold + WORKER_SLACK:g} s"
+            out.joiners.extend(asdict(JoinerResult(error=error)) for _ in range(missing))
+            stop_workers(workers)
+            break
+        out.joiners.extend(asdict(JoinerResult(**j)) for j in joiners_of_worker)
         out.joiners_cpu_s += cpu
     posted = min(j["posted"] for j in out.joiners if j["posted"]) if any(j["posted"] for j in out.joiners) else at.value
     firsts = [j["posted"] + j["first_picture_ms"] / 1000 for j in out.joiners if j["first_picture_ms"] is not None]
@@ -512,6 +533,21 @@ def run_repeat(args: argparse.Namespace, relay: Relay, ctx) -> Repeat:
     for p in watchers:
         p.join(10)
     return out
+
+
+def stop_workers(workers: list) -> None:
+    """Joiners' workers still running, and what they started (Playwright's driver, Chromium), ended."""
+    import psutil
+
+    for p in workers:
+        if not p.is_alive():
+            continue
+        with contextlib.suppress(psutil.NoSuchProcess):
+            children = psutil.Process(p.pid).children(recursive=True)
+            p.kill()
+            for child in children:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
 
 
 def start_profiles(args: argparse.Namespace, relay: Relay, workers: list, at: float) -> list[subprocess.Popen]:
@@ -599,7 +635,7 @@ def summarise(repeat: Repeat, joiners: int) -> dict:
     return {
         "connected": f"{len(ok)}/{joiners}",
         "errors": sorted({j["error"] for j in repeat.joiners if j["error"]}),
-        "answer_p50_ms": _r(percentile([j["answered_ms"] for j in ok], 50)),
+        "answer_p50_ms": _r(percentile([j["answered_ms"] for j in ok if j["answered_ms"] is not None], 50)),
         "connected_p50_ms": _r(percentile([j["connected_ms"] for j in ok if j["connected_ms"]], 50)),
         "connected_max_ms": _r(max((j["connected_ms"] for j in ok if j["connected_ms"]), default=None)),
         "steps_p50_ms": {
@@ -608,7 +644,19 @@ def summarise(repeat: Repeat, joiners: int) -> dict:
         },
         "relay_steps_p50_ms": {
             step: _r(percentile([j["relay"][step] for j in ok if step in j["relay"]], 50))
-            for step in ("answered", "connected", "subscribed", "keyframe", "first_sent")
+            for step in (
+                "post_in",
+                "offer_in",
+                "answered",
+                "ice_in",
+                "nominated",
+                "ice_valid",
+                "ice_done",
+                "connected",
+                "subscribed",
+                "keyframe",
+                "first_sent",
+            )
         },
         "decode_p50_max_ms": [
             _r(percentile([j["decode_ms"] for j in ok if j["decode_ms"] is not None], 50)),
@@ -641,7 +689,37 @@ def summarise(repeat: Repeat, joiners: int) -> dict:
         "loop_lag_ms": repeat.loop_lag_ms,
         "joiners_cpu_s": round(repeat.joiners_cpu_s, 2),
         "watchers": repeat.watchers,
+        **(browser_summary(ok) if any(j["browser"] for j in ok) else {}),
     }
+
+
+def browser_summary(ok: list[dict]) -> dict:
+    """--probe chromium: the pages' own steps from their POSTs (medians, and the max), their first frames presented,
+    their ICE and DTLS roles, and the checks on their selected pairs."""
+    not_steps = ("clock_skew_ms", "offer_ahead_ms")
+    steps = sorted({k for j in ok for k, v in j["browser"].items() if k.endswith("_ms") and k not in not_steps})
+    values = lambda key: [j["browser"][key] for j in ok if j["browser"].get(key) is not None]  # noqa: E731
+    presented = [j["presented_ms"] for j in ok if j["presented_ms"] is not None]
+    return {
+        "browser_steps_p50_max_ms": {k: [_r(percentile(values(k), 50)), _r(max(values(k)))] for k in steps},
+        "presented_p50_p95_max_ms": [_r(percentile(presented, 50)), _r(percentile(presented, 95)), _r(max(presented))],
+        "browser_roles": sorted(
+            {f"ice {j['browser'].get('iceRole')}, dtls {j['browser'].get('dtlsRole')}" for j in ok}
+        ),
+        "browser_checks_p50_max": {
+            k: [percentile(values(k), 50), max(values(k), default=None)]
+            for k in ("requestsSent", "responsesReceived", "requestsReceived", "pairChanges")
+        },
+        "browser_hidden": sum(j["browser"].get("visibility") != "visible" for j in ok),
+    }
+
+
+def probe_list(text: str) -> list[str]:
+    """``--probe``'s value: probes from ``PROBES``, comma-separated."""
+    probes = text.split(",")
+    if unknown := [p for p in probes if p not in PROBES]:
+        raise argparse.ArgumentTypeError(f"unknown probe {', '.join(unknown)}; choose from {', '.join(PROBES)}")
+    return probes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -670,13 +748,16 @@ def main(argv: list[str] | None = None) -> int:
         " PREFIX-joiners-<n>.txt: raw stacks)",
     )  # fmt: skip
     ap.add_argument(
-        "--probe", choices=PROBES, default="browser",
+        "--probe", default="browser", type=probe_list, metavar="PROBE[,PROBE...]",
         help="browser (default): each joiner's offer made (ICE gathered) before the instant, so only the POSTs go"
         " out together; its ICE done as soon as its pair is nominated, not after aioice's 20 ms pacing wait"
         " (relay.webrtc.borrowed.PROMPT_ICE); its first keyframe kept and decoded after the burst, timed alone (its"
         " first picture: that keyframe whole plus its decode's own time). What a browser does on its own machine"
         " then takes none of the 2 cores the relay serves the others on. aiortc: the probe before 2026-11-30"
-        " (offers made at the instant, aioice's ICE, each first picture decoded at once)",
+        " (offers made at the instant, aioice's ICE, each first picture decoded at once). chromium: headless"
+        " Chromium pages with camrelay's player, --per-worker pages to a browser process, their offers made and"
+        " their POSTs held to the instant (benchmarks/burstpages.py). Several, comma-separated: each repeat runs"
+        " each in turn against the same relay (interleaved)",
     )  # fmt: skip
     ap.add_argument(
         "--probe-nice", type=int, default=0, metavar="N",
@@ -706,12 +787,14 @@ def main(argv: list[str] | None = None) -> int:
     repeats = []
     try:
         for i in range(args.repeats):
-            if i:
-                time.sleep(args.settle)
-            repeat = run_repeat(args, relay, ctx)
-            summary = summarise(repeat, args.joiners)
-            repeats.append({**summary, "joiners": repeat.joiners} if args.raw else summary)
-            print(json.dumps(summary), flush=True)
+            for k, probe in enumerate(args.probe):
+                if i or k:
+                    time.sleep(args.settle)
+                repeat = run_repeat(args, relay, ctx, probe)
+                summary = {"probe": probe, "start_utc": time.strftime("%H:%M:%S", time.gmtime(repeat.started)),
+                           "load": repeat.load, **summarise(repeat, args.joiners)}  # fmt: skip
+                repeats.append({**summary, "joiners": repeat.joiners} if args.raw else summary)
+                print(json.dumps(summary), flush=True)
     finally:
         stop_processes(relay.proc)
         Path(relay.loop_lag_file).unlink(missing_ok=True)

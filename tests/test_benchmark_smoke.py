@@ -181,6 +181,31 @@ def test_burst_benchmark_smoke(tmp_path):
     assert watcher["before"]["frames"] > 0 and watcher["error"] == "", watcher
 
 
+def test_burst_benchmark_chromium_probe_smoke(tmp_path):
+    """benchmarks.burst --probe chromium,browser: two Chromium pages join, then two model joiners, against one relay;
+    every page connected with a picture, its own steps, the relay's steps for it and its getStats are there."""
+    out = tmp_path / "burst"
+    cmd = [sys.executable, "-m", "benchmarks.burst", "--probe", "chromium,browser", "--joiners", "2",
+           "--watchers", "1", "--repeats", "1", "--baseline", "1", "--hold", "1", "--settle", "1",
+           "--size", "640x360", "--fps", "15", "--bitrate", "500k", "--out", str(out), "--raw"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=170)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pages, model = json.loads(out.with_suffix(".json").read_text())["repeats"]
+    assert (pages["probe"], model["probe"]) == ("chromium", "browser")
+    for repeat in (pages, model):
+        assert repeat["connected"] == "2/2" and repeat["errors"] == [], repeat
+        assert repeat["from_post_p50_p95_max_ms"][2] is not None, repeat
+    for page in pages["joiners"]:
+        assert page["browser"]["visibility"] == "visible", page  # a hidden page's timers would be throttled
+        # its steps from its POST, each seen: the answer, ICE, DTLS, connected, its first frame decoded and shown
+        assert all(page[k] is not None for k in ("answered_ms", "ice_ms", "connected_ms", "presented_ms")), page
+        assert page["first_picture_ms"] is not None, page
+        assert {"pair_ms", "dtls_ms", "remote_set_ms"} <= set(page["browser"]), page
+        assert {"answered", "connected", "first_sent"} <= set(page["relay"]), page  # the relay's trace found it
+        assert page["browser"]["iceRole"] == "controlling" and page["frames_after"] > 0, page
+    assert pages["presented_p50_p95_max_ms"][2] is not None and pages["browser_roles"], pages
+
+
 def test_sendpath_benchmark_smoke():
     """The send path's micro-benchmark: every viewer is pushed to and takes the packets of every frame."""
     cmd = [sys.executable, "-m", "benchmarks.sendpath", "--viewers", "2", "--frames", "20", "--repeats", "1"]

@@ -2,13 +2,17 @@
 
 Active only where ``BENCH_JOIN_TRACE_FILE`` names a file. When the relay imports its WebRTC sessions, hub and
 send path, their entry points are wrapped to note, per viewer (its track's name, ``webrtc-<session id[:8]>``),
-the wall-clock time of: its answer made (``answered``), its peer connection connected, ICE and DTLS
-(``connected``), its subscription to the hub and how it starts (``subscribed``: a keyframe shared, asked for,
+the wall-clock time of: its POST's handler called (``post_in``), its offer taken up (``offer_in``:
+``ViewerSessions.create`` called), its answer made (``answered``), its peer connection connected, ICE and DTLS
+(``connected``), and on the way its ICE agent's steps: the first check received (``ice_in``, ``nominated``
+when it carried USE-CANDIDATE), its own first check answered (``ice_valid``), its check list completed
+(``ice_done``); its subscription to the hub and how it starts (``subscribed``: a keyframe shared, asked for,
 or waited for; for a shared one, its age), and the first frame its sender sends (``first_sent``: a keyframe?).
 Keyframes the hub publishes are noted too (``keyframe``). Lines ``<wall clock> <event> <name> <detail>`` go to
 the file as they come (a joiner's handful, a keyframe a second: nothing a relay notices). Written against the
-relay's own names (``ViewerSessions.create`` and ``_on_state``, ``PacketHub.subscribe`` and ``publish``,
-``FrameSender.send``); a checkout without one of them traces the rest.
+relay's own names (``signalling.whep.whep_offer``, ``ViewerSessions.create`` and ``_on_state``,
+``PacketHub.subscribe`` and ``publish``, ``FrameSender.send``) and aioice's (``Connection.request_received``,
+``check_complete``, ``_check_list_maybe_complete``); a checkout without one of them traces the rest.
 """
 
 import os
@@ -16,14 +20,15 @@ import os
 PATH = os.environ.get("BENCH_JOIN_TRACE_FILE")
 
 if PATH:
+    import contextvars
     import importlib.abc
     import sys
     import time
 
     _out = open(PATH, "a", buffering=1)  # noqa: SIM115 - held for the process's life
 
-    def _note(event: str, name: str, detail: str = "") -> None:
-        _out.write(f"{time.time():.4f} {event} {name} {detail}\n")
+    def _note(event: str, name: str, detail: str = "", at: float | None = None) -> None:
+        _out.write(f"{time.time() if at is None else at:.4f} {event} {name} {detail}\n")
 
     def _wrap_sessions(module) -> None:
         cls = getattr(module, "ViewerSessions", None)
@@ -32,8 +37,17 @@ if PATH:
         create, on_state = cls.create, getattr(cls, "_on_state", None)
 
         async def traced_create(self, *args, **kwargs):
+            began = time.time()
             session, answer = await create(self, *args, **kwargs)
+            if (post := _post_in.get()) is not None:
+                _note("post_in", session.track.name, at=post)
+            _note("offer_in", session.track.name, at=began)
             _note("answered", session.track.name)
+            try:  # its ICE agent (aioice's Connection) named, for _wrap_ice's lines
+                ice = session.pc.getTransceivers()[0].sender.transport.transport._connection
+                ice.__dict__["_trace_name"] = session.track.name
+            except (AttributeError, IndexError):
+                pass
             return session, answer
 
         cls.create = traced_create
@@ -86,7 +100,56 @@ if PATH:
 
         cls.send = traced_send
 
+    _post_in = contextvars.ContextVar("jointrace_post_in", default=None)
+
+    def _wrap_whep(module) -> None:
+        handler = getattr(module, "whep_offer", None)
+        if handler is None:
+            return
+
+        async def traced_offer(request):
+            _post_in.set(time.time())  # the handler's task: create, awaited in it, reads it
+            return await handler(request)
+
+        module.whep_offer = traced_offer
+
+    def _wrap_ice(module) -> None:
+        cls = getattr(module, "Connection", None)
+        if cls is None:
+            return
+        received, complete, maybe_complete = cls.request_received, cls.check_complete, cls._check_list_maybe_complete
+
+        def once(conn, event: str) -> None:
+            name = conn.__dict__.get("_trace_name")
+            if name is not None and not conn.__dict__.get("_trace_" + event):
+                conn.__dict__["_trace_" + event] = True
+                _note(event, name)
+
+        def traced_received(self, message, addr, protocol):
+            received(self, message, addr, protocol)  # its answer sent first: the trace's time is not in it
+            once(self, "ice_in")
+            if "USE-CANDIDATE" in message.attributes:
+                once(self, "nominated")
+
+        def traced_complete(self, pair):
+            succeeded = pair.state == pair.State.SUCCEEDED
+            complete(self, pair)
+            if succeeded:
+                once(self, "ice_valid")
+
+        def traced_maybe_complete(self):
+            done = maybe_complete(self)
+            if done:
+                once(self, "ice_done")
+            return done
+
+        cls.request_received = traced_received
+        cls.check_complete = traced_complete
+        cls._check_list_maybe_complete = traced_maybe_complete
+
     _WRAP = {
+        "aioice.ice": _wrap_ice,
+        "signalling.whep": _wrap_whep,
         "relay.webrtc.sessions": _wrap_sessions,
         "relay.hub": _wrap_hub,
         "relay.webrtc.rtpsend": _wrap_send,
