@@ -14,6 +14,10 @@ process is untouched):
   reports it writes itself (``send_rtcp``): aiortc's receiver only reports on
   streams it parsed packets of, and it parses none here.
 
+The burst benchmark's join trace (``benchmarks/looplag/jointrace.py``, in the relay's process) notes each
+viewer's ICE agent's steps: its agent (``ice_agent_of``) and aioice's ``Connection`` wrapped once for every agent
+in that process (``trace_ice_steps``, its ``_check_list_maybe_complete`` among them).
+
 The lip-sync probe (``benchmarks/lipsync.py``) decrypts, but reads the packets
 itself: its DTLS transport's ``_handle_rtp_data`` and ``_handle_rtcp_data``
 (``tap_decrypted``) hand it each decrypted RTP packet instead of aiortc's
@@ -154,3 +158,44 @@ def observe_rtp(pc: aiortc.RTCPeerConnection, seen: Callable[[bytes], None]) -> 
             protocol.__dict__.pop("datagram_received", None)
 
     return release
+
+
+def ice_agent_of(pc: aiortc.RTCPeerConnection) -> Any | None:
+    """A peer connection's ICE agent (aioice's ``Connection``, its first transceiver's transport's), or None."""
+    try:
+        return pc.getTransceivers()[0].sender.transport.transport._connection
+    except (AttributeError, IndexError):
+        return None
+
+
+def trace_ice_steps(once: Callable[[Any, str], None]) -> None:
+    """aioice's ``Connection`` wrapped, for every agent in this process, to call ``once(agent, step)`` at each of
+    its steps: a check received (``ice_in``; ``nominated`` when it carried USE-CANDIDATE), a check of its own
+    succeeded (``ice_valid``), its check list completed (``ice_done``). For the relay's process under the join
+    trace only (a benchmark's), never a test's."""
+    import aioice.ice
+
+    cls = aioice.ice.Connection
+    received, complete, maybe_complete = cls.request_received, cls.check_complete, cls._check_list_maybe_complete
+
+    def traced_received(self, message, addr, protocol):
+        received(self, message, addr, protocol)  # its answer sent first: the trace's time is not in it
+        once(self, "ice_in")
+        if "USE-CANDIDATE" in message.attributes:
+            once(self, "nominated")
+
+    def traced_complete(self, pair):
+        succeeded = pair.state == pair.State.SUCCEEDED
+        complete(self, pair)
+        if succeeded:
+            once(self, "ice_valid")
+
+    def traced_maybe_complete(self):
+        done = maybe_complete(self)
+        if done:
+            once(self, "ice_done")
+        return done
+
+    cls.request_received = traced_received
+    cls.check_complete = traced_complete
+    cls._check_list_maybe_complete = traced_maybe_complete

@@ -161,14 +161,16 @@ def _private_reads(path: Path) -> set[str]:
     return {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr.startswith("_")} - {"__dict__"}
 
 
-def test_the_benchmarks_borrow_five_names_that_the_installed_aiortc_and_aioice_have():
+def test_the_benchmarks_borrow_six_names_that_the_installed_aiortc_and_aioice_have():
     """benchmarks/borrowed.py is written for the versions relay.webrtc.borrowed checks (pyproject's bounds); the
-    private names it reads (the light peer's three, the lip-sync probe's tap of decrypted RTP and RTCP) are there
-    in what is installed."""
+    private names it reads (the light peer's three, the lip-sync probe's tap of decrypted RTP and RTCP, the join
+    trace's check list completed) are there in what is installed."""
     assert bench_borrowed.WRITTEN_FOR is borrowed.WRITTEN_FOR
     assert _private_reads(ROOT / "benchmarks" / "borrowed.py") == {
         "_connection", "_protocols", "_send_rtp", "_handle_rtp_data", "_handle_rtcp_data",
+        "_check_list_maybe_complete",
     }  # fmt: skip
+    assert callable(Connection._check_list_maybe_complete)
     transport = aiortc.RTCIceTransport(aiortc.RTCIceGatherer())
     assert isinstance(transport._connection, Connection)
     assert isinstance(Connection(ice_controlling=True)._protocols, list)

@@ -11,8 +11,8 @@ or waited for; for a shared one, its age), and the first frame its sender sends 
 Keyframes the hub publishes are noted too (``keyframe``). Lines ``<wall clock> <event> <name> <detail>`` go to
 the file as they come (a joiner's handful, a keyframe a second: nothing a relay notices). Written against the
 relay's own names (``signalling.whep.whep_offer``, ``ViewerSessions.create`` and ``_on_state``,
-``PacketHub.subscribe`` and ``publish``, ``FrameSender.send``) and aioice's (``Connection.request_received``,
-``check_complete``, ``_check_list_maybe_complete``); a checkout without one of them traces the rest.
+``PacketHub.subscribe`` and ``publish``, ``FrameSender.send``) and aioice's, through ``benchmarks/borrowed.py``
+(``trace_ice_steps``, from the first session on); a checkout without one of them traces the rest.
 """
 
 import os
@@ -43,11 +43,9 @@ if PATH:
                 _note("post_in", session.track.name, at=post)
             _note("offer_in", session.track.name, at=began)
             _note("answered", session.track.name)
-            try:  # its ICE agent (aioice's Connection) named, for _wrap_ice's lines
-                ice = session.pc.getTransceivers()[0].sender.transport.transport._connection
-                ice.__dict__["_trace_name"] = session.track.name
-            except (AttributeError, IndexError):
-                pass
+            agent = _ice_agent_of()(session.pc)  # its ICE agent named, for the ICE steps' lines
+            if agent is not None:
+                agent.__dict__["_trace_name"] = session.track.name
             return session, answer
 
         cls.create = traced_create
@@ -113,42 +111,29 @@ if PATH:
 
         module.whep_offer = traced_offer
 
-    def _wrap_ice(module) -> None:
-        cls = getattr(module, "Connection", None)
-        if cls is None:
-            return
-        received, complete, maybe_complete = cls.request_received, cls.check_complete, cls._check_list_maybe_complete
+    def _once(agent, event: str) -> None:
+        name = agent.__dict__.get("_trace_name")
+        if name is not None and not agent.__dict__.get("_trace_" + event):
+            agent.__dict__["_trace_" + event] = True
+            _note(event, name)
 
-        def once(conn, event: str) -> None:
-            name = conn.__dict__.get("_trace_name")
-            if name is not None and not conn.__dict__.get("_trace_" + event):
-                conn.__dict__["_trace_" + event] = True
-                _note(event, name)
+    _ice: dict = {}
 
-        def traced_received(self, message, addr, protocol):
-            received(self, message, addr, protocol)  # its answer sent first: the trace's time is not in it
-            once(self, "ice_in")
-            if "USE-CANDIDATE" in message.attributes:
-                once(self, "nominated")
+    def _ice_agent_of():
+        """The ICE steps traced from the first session on (the aioice names it needs are benchmarks/borrowed.py's,
+        imported once the relay runs, not while aioice itself is imported): its ``ice_agent_of``; a checkout
+        without them traces the rest."""
+        if "agent_of" not in _ice:
+            try:
+                from benchmarks import borrowed
 
-        def traced_complete(self, pair):
-            succeeded = pair.state == pair.State.SUCCEEDED
-            complete(self, pair)
-            if succeeded:
-                once(self, "ice_valid")
-
-        def traced_maybe_complete(self):
-            done = maybe_complete(self)
-            if done:
-                once(self, "ice_done")
-            return done
-
-        cls.request_received = traced_received
-        cls.check_complete = traced_complete
-        cls._check_list_maybe_complete = traced_maybe_complete
+                borrowed.trace_ice_steps(_once)
+                _ice["agent_of"] = borrowed.ice_agent_of
+            except (ImportError, AttributeError):
+                _ice["agent_of"] = lambda pc: None
+        return _ice["agent_of"]
 
     _WRAP = {
-        "aioice.ice": _wrap_ice,
         "signalling.whep": _wrap_whep,
         "relay.webrtc.sessions": _wrap_sessions,
         "relay.hub": _wrap_hub,
