@@ -278,8 +278,12 @@ class Pipeline:
 
     def _sound(self) -> list[AudioPipeline]:
         """Its sound's pipeline, and those it abandoned (hung) whose thread has not ended."""
+        return ([self.audio] if self.audio is not None else []) + self._sound_left()
+
+    def _sound_left(self) -> list[AudioPipeline]:
+        """The sound's pipelines it abandoned (hung) whose thread has not ended; those that ended let go."""
         self._audio_left = [a for a in self._audio_left if a.alive]
-        return ([self.audio] if self.audio is not None else []) + self._audio_left
+        return self._audio_left
 
     def _threads(self) -> list[threading.Thread]:
         return [t for t in (self._capture, self._encode, self._jpegs) if t is not None]
@@ -362,14 +366,14 @@ class Pipeline:
         silent = audio.hung(now) if audio is not None and not self._stop.is_set() else 0.0
         if audio is None or not silent:
             return
-        self._audio_left = [a for a in self._audio_left if a.alive]
-        if len(self._audio_left) >= SOUND_LEFT_MAX:
+        left = len(self._sound_left())
+        if left >= SOUND_LEFT_MAX:
             if not self._sound_held:
                 self._sound_held = True
-                audio.last_error = f"its thread stuck in the source, and {len(self._audio_left)} before it"
+                audio.last_error = f"its thread stuck in the source, and {left} before it"
                 log.warning("stream=%s audio=%s no sound for %.1fs, its thread stuck, and %d left behind before it "
                             "still stuck in the source: not started afresh until one of them returns", self.name,
-                            audio.source_name, silent, len(self._audio_left))  # fmt: skip
+                            audio.source_name, silent, left)  # fmt: skip
             return
         if not self._sound_restarts.due(now):
             return
