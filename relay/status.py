@@ -54,6 +54,7 @@ class StreamStatus:
     worker_restarts: int = 0  # its worker process restarted (a shared one's: every camera of it)
     camera_restarts: int = 0  # started afresh inside its worker (stuck, silent, failed), the others untouched
     worker_moves: int = 0  # left a shared worker for a process of its own (a transcode or FFmpeg's demuxer)
+    worker_splits: int = 0  # its shared worker died again and again and was split in two (relay.stream.SPLIT_WITHIN)
     source_errors: int = 0
     source: str = ""
     width: int = 0
@@ -123,6 +124,7 @@ class StreamStatus:
             "worker_restarts": self.worker_restarts,
             "camera_restarts": self.camera_restarts,
             "worker_moves": self.worker_moves,
+            "worker_splits": self.worker_splits,
             "restarts": self.restarts,
             "rtsp_path": None,
             "rtsp_live_alias": False,
@@ -190,6 +192,11 @@ class StreamStatus:
                 "camrelay_stream_restarts_total", "counter",
                 "Restarts of the stream's camera: its worker process, in its worker, moves to a process of its own.",
                 self.restarts, labels,
+            ),
+            Metric(
+                "camrelay_stream_worker_splits_total", "counter",
+                "Times the stream's shared worker process died again soon after dying and was split in two.",
+                self.worker_splits, labels,
             ),
             Metric("camrelay_stream_source_errors_total", "counter", "Source failures.", self.source_errors, labels),
         ]  # fmt: skip

@@ -51,6 +51,13 @@ PIPE_LIMIT = 1 << 20  # reader buffer and the most one read takes; one 4K JPEG f
 # picture is a reference (x264, IP cameras), so a skipped one breaks each viewer's picture until the next IDR,
 # seconds away; and relaying it costs ~1 % of a core (docs/benchmarks.md). The guard's limit waits for the slate.
 NOTHING_TO_SHED = "nothing: passed through (no encoder to slow; every frame is a reference)"
+WORKER_MODULE = "relay.camera.worker"  # what a camera worker process runs (python -m)
+# A shared worker process that dies again within this many seconds of its last death (on ``Worker.clock``) is split
+# in two, its cameras bisected between two processes: a camera that crashes its process (a decoder's segfault, an
+# abort in a library) is alone after a few more deaths (log2 of the cameras), the others in processes it is no longer
+# in; a process that dies once in a long while (the OOM killer, a one-off) keeps its cameras together. The camera
+# restarts' stable minute (backoff.CAMERA_RESTARTS): a process that ran that long without dying is taken as sound.
+SPLIT_WITHIN = CAMERA_RESTARTS.stable_after
 
 
 class Consumer(Protocol):
@@ -82,6 +89,7 @@ class StreamStats(ipc.Counters):
     worker_restarts: int = 0  # its worker process's (every camera of a shared one counts it)
     worker_stalls: int = 0
     worker_moves: int = 0  # left a shared worker for a process of its own (it needed a transcode or the demuxer)
+    worker_splits: int = 0  # its shared worker kept dying and was split in two (SPLIT_WITHIN), this camera in a half
     frames_passed_through: int = 0  # the camera's own access units, neither decoded nor encoded
     # Keyframe requests (joins, PLI, FIR) while the source is passed through: a camera cannot be asked for one.
     keyframe_requests_ignored: int = 0
@@ -258,6 +266,7 @@ class Stream:
             worker_restarts=st.worker_restarts,
             camera_restarts=st.camera_restarts,
             worker_moves=st.worker_moves,
+            worker_splits=st.worker_splits,
             source_errors=st.source_errors,
             source=str(self.spec),
             width=self.width,
@@ -519,17 +528,17 @@ class Worker:
     is stuck. A failure to handle one camera's message restarts that camera alone (``ipc.CMD_RESTART``), again and
     again with a growing wait (``backoff.CAMERA_RESTARTS`` on ``clock``: a bug that hits every frame is not a restart
     every few seconds for ever); a camera that turns out to need a process of its own (its status's
-    ``own_process``) moves to one (``move_out``)."""
+    ``own_process``) moves to one (``move_out``). A shared process that dies again within ``SPLIT_WITHIN`` of its
+    last death (on ``clock``) is split in two (``_split``), until the camera that crashes it is alone."""
 
     def __init__(self, streams: list[Stream], retry: Retry | None = None) -> None:
         self.streams = streams  # by camera index in the process; a stream that moved out keeps its slot till then
         for camera, stream in enumerate(streams):
             stream.worker, stream.camera = self, camera
-        names = [s.name for s in streams]
-        self.name = f"stream={names[0]} worker" if len(names) == 1 else f"streams={','.join(names)} worker"
+        self.name = _worker_name(streams)
         self._child = python_child(
             self.name,
-            "relay.camera.worker",
+            WORKER_MODULE,
             (ipc.WORKER_CONFIG_ENV, ipc.configs_to_json([s.worker_config for s in streams])),
             started=self._started,
             run=self._run,
@@ -543,6 +552,7 @@ class Worker:
         self.clock = time.monotonic  # the restarts' schedule's, and its jitter (the tests' own)
         self.rng: random.Random | None = None
         self._stopping: asyncio.Task[None] | None = None  # the process stopped once every stream moved out
+        self._died_at: float | None = None  # on ``clock``: its process's last death (an end it was not asked for)
 
     @property
     def pid(self) -> int | None:
@@ -606,11 +616,44 @@ class Worker:
         members = self.members()
         for stream in members:
             stream.worker_ended()
+        if not self._child.stopping:  # it died (a crash, a signal, the watchdog's kill): not a stop
+            now = self.clock()
+            if len(members) > 1 and self._died_at is not None and now - self._died_at < SPLIT_WITHIN:
+                self._split(members, code, now)
+                members = self.members()
+            self._died_at = now
         if members and len(members) < len(self.streams):  # the next process runs only those still here
             self.streams = members
+            self.name = self._child.name = _worker_name(members)
             for camera, stream in enumerate(members):
                 stream.camera = camera
             self._child.env[ipc.WORKER_CONFIG_ENV] = ipc.configs_to_json([s.worker_config for s in members])
+
+    def _split(self, members: list[Stream], code: int | None, now: float) -> None:
+        """Its process died again at ``now``, soon after it died before (``SPLIT_WITHIN``): the second half of its
+        cameras moves to a new worker process, started at once, the first half stays for this one's restart (after
+        its backoff). Halves that die again are split again, so the camera that crashes them ends up alone; one log
+        line says which cameras went where, and which are alone now. Never more processes than cameras."""
+        half = len(members) // 2
+        stay, leave = members[:half], members[half:]
+        alone = [group[0].name for group in (stay, leave) if len(group) == 1]
+        halves = (",".join(s.name for s in group) for group in (stay, leave))
+        log.warning(
+            "%s died again %.1fs after its last death (code %s); split in two worker processes: %s and %s%s",
+            self.name, now - (self._died_at or now), code, *halves,
+            f"; isolated: {' '.join(f'stream={name}' for name in alone)}" if alone else "",
+        )  # fmt: skip
+        for stream in members:
+            stream.stats.worker_splits += 1
+        other = Worker(leave, leave[0].retry)
+        other.clock, other.rng, other._died_at = self.clock, self.rng, now  # it died with this one
+        for stream in leave:
+            restarts = self._restarts.pop(stream.name, None)  # the relay's schedule for it goes with it
+            if restarts is not None:
+                other._restarts[stream.name] = restarts
+            if stream.name in self._open:
+                self._open.discard(stream.name)
+                other.start(stream)
 
     async def read(self, pipe: asyncio.StreamReader) -> None:
         """The worker's messages (``relay.ipc``) from its stdout, each to its camera's stream, until it ends or
@@ -673,6 +716,12 @@ class Worker:
                 log.error("%s sent nothing for %.1fs; killing it", self.name, silent)
                 signal_group(proc, signal.SIGKILL)
                 return
+
+
+def _worker_name(streams: list[Stream]) -> str:
+    """What a worker's log lines start with: ``stream=cam0 worker``, ``streams=cam0,cam1 worker``."""
+    names = [s.name for s in streams]
+    return f"stream={names[0]} worker" if len(names) == 1 else f"streams={','.join(names)} worker"
 
 
 def share_workers(streams: list[Stream], per_worker: int) -> list[Worker]:

@@ -78,6 +78,11 @@ class Child:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
+    @property
+    def stopping(self) -> bool:
+        """``stop()`` was called: a process that ends now was asked to, it did not die."""
+        return self._closing
+
     async def spawn(self) -> Process:
         """Start the program now (its own session, its own process group)."""
         self.proc = await asyncio.create_subprocess_exec(

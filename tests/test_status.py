@@ -30,6 +30,7 @@ def _api_counter(status: dict, sample) -> float | None:
     return {
         "camrelay_stream_keyframes_forced_total": lambda: stream["keyframes_forced"],
         "camrelay_stream_restarts_total": lambda: stream["restarts"],
+        "camrelay_stream_worker_splits_total": lambda: stream["worker_splits"],
         "camrelay_stream_source_errors_total": lambda: stream["source_errors"],
         "camrelay_stream_frames_passed_through_total": lambda: stream["frames_passed_through"],
         "camrelay_stream_frames_decoded_total": lambda: stream["frames_decoded"],

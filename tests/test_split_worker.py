@@ -1,0 +1,122 @@
+"""A shared worker process that one camera keeps crashing (a decoder's segfault, an abort in a library): the
+process is split in two each time it dies again soon after dying, until the camera that crashes it is alone, and
+the others stay up in processes it is not in; one log line a split says which cameras went where and which are
+alone; never more processes than cameras, and a process that dies once keeps its cameras together.
+
+The worker processes are real (``tests/crashworker.py``: ``relay.camera.worker`` with a source that calls
+``os.abort()`` while a trigger file lies beside its clip), fed looped H.264 clips passed through as a shared
+worker's RTSP cameras are; the relay's clock for "soon" is injected (it stands still: every death is soon), and the
+cameras' restarts are counted, never timed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+from relay import stream as stream_module
+from relay.backoff import Backoff, Retry
+from relay.ipc import EncoderSettings
+from relay.source import parse_source_spec
+from relay.stream import Stream, Worker
+
+from .crashworker import TRIGGER
+from .test_passthrough_out import until
+from .test_shared_worker import Frozen, lines
+
+QUICK = Retry(Backoff(initial=0.05, cap=0.05, jitter=0.0))  # restarts at once: the test counts them
+
+
+def streams_of(tmp_path, clip, names: str, monkeypatch) -> list[Stream]:
+    """A stream per name, each a looped copy of ``clip`` passed through, all in one worker process (run as
+    ``tests.crashworker``), its clock frozen."""
+    monkeypatch.setattr(stream_module, "WORKER_MODULE", "tests.crashworker")
+    (tmp_path / "clip.mp4").symlink_to(clip)
+    spec = parse_source_spec(f"file:{tmp_path / 'clip.mp4'}#mode=passthrough")
+    settings = EncoderSettings(1_000_000, 30.0, 1.0, "libx264")
+    streams = [Stream(name, spec, settings, 640, 360, retry=QUICK) for name in names]
+    shared = Worker(streams, QUICK)
+    shared.clock = Frozen()
+    return streams
+
+
+async def all_live(streams: list[Stream]) -> None:
+    passed = [s.stats.frames_passed_through for s in streams]
+    await until(
+        lambda: all(
+            s.passthrough and s.stats.frames_passed_through > n + 30 for s, n in zip(streams, passed, strict=True)
+        ),
+        "every camera passed through again",
+    )
+
+
+def restarts(streams: list[Stream]) -> dict[str, int]:
+    return {s.name: s.stats.worker_restarts for s in streams}
+
+
+async def test_a_camera_that_keeps_crashing_its_shared_worker_ends_up_alone_and_the_others_stay_up(
+    small_clip, tmp_path, monkeypatch, caplog
+):
+    """Before: every crash of the shared process restarted all of its cameras, for as long as one camera crashed it.
+    Now a process that dies again soon after dying is split in two: with 4 cameras, c crashing, the process dies
+    (all restarted), dies again (split: a,b and c,d), c,d dies (split: c and d alone); from then on c's crashes
+    restart c alone. a and b were restarted twice, d three times, and never again however often c dies; once c
+    stops crashing it comes back in its own process."""
+    caplog.set_level(logging.WARNING, logger="relay.stream")
+    streams = streams_of(tmp_path, small_clip, "abcd", monkeypatch)
+    a, b, c, d = streams
+    trigger = tmp_path / TRIGGER.format(name="c")
+    for s in streams:
+        s.start()
+    try:
+        await all_live(streams)
+        assert len({s.pid for s in streams}) == 1, "one process"
+        trigger.touch()
+        await until(lambda: c.worker.streams == [c], "c alone in a worker of its own")
+        isolated = restarts(streams)
+        await until(lambda: c.stats.worker_restarts >= isolated["c"] + 3, "c crashing three more times alone")
+        later = restarts(streams)
+        trigger.unlink()
+        await all_live(streams)
+        pids = [s.pid for s in streams]
+        workers = [s.worker for s in streams]
+    finally:
+        trigger.unlink(missing_ok=True)
+        await asyncio.gather(*(s.close() for s in streams))
+    assert isolated["c"] >= 3 and {k: isolated[k] for k in "abd"} == {"a": 2, "b": 2, "d": 3}, isolated
+    assert {k: v for k, v in later.items() if k != "c"} == {"a": 2, "b": 2, "d": 3}, "c's crashes alone restart c"
+    assert pids[0] == pids[1] and len(set(pids)) == 3, "a,b still share one process, c and d one each"
+    assert [w.streams for w in workers] == [[a, b], [a, b], [c], [d]]
+    assert [s.stats.worker_splits for s in streams] == [1, 1, 2, 2]
+    said = lines(caplog, "died again", "split in two worker processes")
+    assert len(said) == 2, said
+    assert said[0].startswith("streams=a,b,c,d worker died again") and "(code -6)" in said[0]
+    assert said[0].endswith("split in two worker processes: a,b and c,d"), "a,b: the first two deaths, d the third"
+    assert said[1].startswith("streams=c,d worker") and said[1].endswith("c and d; isolated: stream=c stream=d")
+
+
+async def test_a_shared_worker_that_dies_once_in_a_while_keeps_its_cameras_together(
+    small_clip, tmp_path, monkeypatch, caplog
+):
+    """A shared process killed, and killed again more than ``SPLIT_WITHIN`` later (the relay's clock moved on):
+    both times every camera restarts in one process, none split."""
+    caplog.set_level(logging.WARNING, logger="relay.stream")
+    streams = streams_of(tmp_path, small_clip, "ab", monkeypatch)
+    a, b = streams
+    clock = a.worker.clock
+    for s in streams:
+        s.start()
+    try:
+        for deaths in (1, 2):
+            await all_live(streams)
+            os.killpg(a.pid, signal.SIGKILL)
+            await until(lambda n=deaths: restarts(streams) == {"a": n, "b": n}, "both restarted")
+            clock.now += stream_module.SPLIT_WITHIN
+        await all_live(streams)
+        pids = (a.pid, b.pid)
+    finally:
+        await asyncio.gather(*(s.close() for s in streams))
+    assert pids[0] == pids[1] and a.worker is b.worker and a.worker.streams == [a, b]
+    assert lines(caplog, "split in two") == [] and a.stats.worker_splits == 0
