@@ -717,6 +717,35 @@ async def test_a_camera_whose_watch_keeps_raising_is_restarted_ever_less_often_a
     assert cameras.pipelines[0] is made[0] and lines(caplog, "stream=cam0") == []
 
 
+def test_restarts_the_relay_asks_for_leave_the_worker_s_own_schedule_alone(caplog):
+    """Before: each restart the relay asked for (``ipc.CMD_RESTART``, spaced by the relay's own schedule) advanced
+    the worker's schedule too: after three of them, a camera whose watch then failed waited 4 s for the worker's
+    first restart of it, which its line called restart 4. Now each side's schedule counts its own failures only:
+    the relay's asks are done at once, each one line saying so, and the worker's own first restart is at once, then
+    0.5 s later (its clock injected, standing still until moved)."""
+    caplog.set_level(logging.WARNING, logger=worker.log.name)
+    clock = Frozen()
+
+    class Failing(Idle):
+        pass
+
+    cameras, made = in_process({0: [Idle], 1: [Failing] * 10}, Outputs(), clock=clock)
+    for _ in range(3):
+        cameras.command(1, ipc.CMD_RESTART, None)
+    asked = cameras.replaced
+    Failing.failing = True
+    cameras.tick()
+    first = cameras.replaced
+    cameras.tick()
+    clock.now += 0.5
+    cameras.tick()
+    assert (asked, first, cameras.replaced) == (3, 4, 5), "the relay's three, then the worker's own at once, 0.5 s on"
+    assert len(lines(caplog, "stream=cam1", "could not handle its messages", "as the relay asks")) == 3
+    said = lines(caplog, "stream=cam1", "its watch failed", "starting the camera afresh")
+    assert len(said) == 2 and "restart 1, the next no sooner than 0.5s after it" in said[0], said
+    assert cameras.pipelines[0] is made[0] and cameras.pipelines[1].status().camera_restarts == 5
+
+
 class StatusRaises(worker.Pipeline):
     """A camera whose status raises on the worker's main thread once ``broken`` is set: a bug in it."""
 

@@ -952,7 +952,8 @@ class Cameras:
     watchdog sees only that some camera of the process sends). A worker of one camera whose capture is stuck ends
     instead, and the relay starts a new process; one that goes silent is the relay's watchdog's. A camera started
     afresh again and again waits longer each time (``backoff.CAMERA_RESTARTS``), except when the relay asks: the
-    relay keeps its own schedule. ``clock`` and ``rng``: the schedule's (the tests' own)."""
+    relay keeps its own schedule, and its asks are not counted in the worker's. ``clock`` and ``rng``: the
+    schedule's (the tests' own)."""
 
     def __init__(
         self,
@@ -1005,7 +1006,7 @@ class Cameras:
             if pipeline is None:
                 log.warning("command %r for camera %d: this worker has %d", cmd, camera, len(self.pipelines))
             elif cmd == ipc.CMD_RESTART:  # the relay asks as its own schedule says (relay.stream.Worker)
-                self._replace(camera, "the relay could not handle its messages")
+                self._replace(camera, "the relay could not handle its messages", asked=True)
             else:
                 try:
                     _apply(pipeline, cmd, arg)
@@ -1046,20 +1047,28 @@ class Cameras:
         if self._restarts[camera].failed(self._clock()):
             self._replace(camera, f"{what} failed: {type(exc).__name__}: {exc}", exc)
 
-    def _replace(self, camera: int, why: str, exc: Exception | None = None) -> None:
-        """With ``_lock`` held: camera ``camera`` started afresh in a new pipeline."""
+    def _replace(self, camera: int, why: str, exc: Exception | None = None, asked: bool = False) -> None:
+        """With ``_lock`` held: camera ``camera`` started afresh in a new pipeline. ``asked``: by the relay, whose own
+        schedule spaces its asks (``relay.stream.Worker``); the worker's schedule counts the worker's restarts only,
+        so a camera the relay restarted is not made to wait longer for the worker's first."""
         old = self.pipelines[camera]
         if not self.shared and old.stuck:
             log.error("stream=%s %s; restarting the worker", old.name, why)
             os._exit(EXIT_STUCK)
-        restarts = self._restarts[camera]
-        first, waiting = restarts.first, restarts.waiting
-        delay = restarts.restarted(self._clock())
         others = f" (the worker's {len(self.pipelines) - 1} others carry on)" if self.shared else ""
-        more = f" ({waiting} more failures since the last restart)" if waiting else ""
-        # One line a restart (the schedule spaces them), the traceback with the first of a run of them only.
-        log.warning("stream=%s %s%s; starting the camera afresh%s; restart %d, the next no sooner than %.1fs after it",
-                    old.name, why, more, others, restarts.restarts, delay, exc_info=exc if first else None)  # fmt: skip
+        restarts = self._restarts[camera]
+        delay = 0.0
+        if asked:  # the worker's own next restart waits as its schedule says, untouched by this one
+            log.warning("stream=%s %s; starting the camera afresh%s, as the relay asks", old.name, why, others)
+        else:
+            first, waiting = restarts.first, restarts.waiting
+            delay = restarts.restarted(self._clock())
+            more = f" ({waiting} more failures since the last restart)" if waiting else ""
+            # One line a restart (the schedule spaces them), the traceback with the first of a run of them only.
+            log.warning(
+                "stream=%s %s%s; starting the camera afresh%s; restart %d, the next no sooner than %.1fs after it",
+                old.name, why, more, others, restarts.restarts, delay, exc_info=exc if first else None,
+            )  # fmt: skip
         counted = self._carried[camera]  # taken when its last new pipeline failed to start (none has run since)
         if counted is None:
             try:
@@ -1076,8 +1085,9 @@ class Cameras:
             new.start()
         except Exception as exc:  # no thread left, an encoder that will not open: the camera stays dark, tried again
             self._carried[camera] = counted
-            log.error("stream=%s could not be started afresh: %s: %s; trying again in %.1fs",
-                      old.name, type(exc).__name__, exc, delay)  # fmt: skip
+            again = "as the worker's schedule allows" if asked else f"in {delay:.1f}s"
+            log.error("stream=%s could not be started afresh: %s: %s; trying again %s",
+                      old.name, type(exc).__name__, exc, again)  # fmt: skip
             return
         self._carried[camera] = None
         self.pipelines[camera] = new
