@@ -913,20 +913,39 @@ async def test_a_camera_whose_sound_hangs_gets_its_sound_back_on_a_new_thread_an
     assert lines(caplog, "stream=cam0") == []
 
 
-async def test_a_sound_that_hangs_every_time_leaves_at_most_sound_left_max_threads_behind(caplog):
+class StuckOpen(audio.TestSoundSource):
+    """A sound source whose open blocks whatever ``close`` does until ``release`` (an ALSA device that never returns
+    from opening: none here), then opens."""
+
+    def __init__(self, stuck: threading.Event, release: threading.Event) -> None:
+        super().__init__()
+        self._stuck, self._release = stuck, release
+
+    def open(self) -> None:
+        self._stuck.set()
+        self._release.wait(DEADLINE)
+        super().open()
+
+
+@pytest.mark.parametrize("where", ["in the source", "opening the source"], ids=["read", "open"])
+async def test_a_sound_that_hangs_every_time_leaves_at_most_sound_left_max_threads_behind(caplog, where):
     """Before: each restart of a sound that hung left its thread behind for good (an ALSA driver stuck in the
-    kernel holds its read, and its device context open), one more at every restart for as long as the relay ran.
-    Now, with ``SOUND_LEFT_MAX`` left behind and still stuck, the sound stays silent, said once, until one of them
-    returns; then it is started afresh again. The watch is driven with an injected clock, each look past any wait."""
+    kernel holds its read, and its device context open), one more at every restart for as long as the relay ran;
+    and a sound whose source hung in its open (the device never returns from opening) was not watched at all, silent
+    for good. Now a thread stuck in the open (past ``audio.OPEN_BOUND``) is left behind as one stuck in a read; with
+    ``SOUND_LEFT_MAX`` left behind and still stuck, the sound stays silent, said once, until one of them returns;
+    then it is started afresh again. The watch is driven with an injected clock, each look past any wait."""
     caplog.set_level(logging.WARNING, logger=worker.log.name)
     stick = threading.Event()
-    stick.set()  # every source hangs at its first read
+    stick.set()  # every source hangs at its first read, or in its open
     stuck: list[threading.Event] = []
     releases: list[threading.Event] = []
 
-    def hanging() -> StuckSound:
+    def hanging() -> audio.AudioSource:
         stuck.append(threading.Event())
         releases.append(threading.Event())
+        if where == "opening the source":
+            return StuckOpen(stuck[-1], releases[-1])
         return StuckSound(stick, stuck[-1], releases[-1])
 
     outputs = Outputs()
@@ -953,7 +972,7 @@ async def test_a_sound_that_hangs_every_time_leaves_at_most_sound_left_max_threa
         assert await look(1) == 1
         assert await look(2) == 2
         assert [await look(3), await look(3)] == [2, 2], "no third thread left behind"
-        assert len(stuck) == 3 and camera.audio.last_error.startswith("its thread stuck in the source")
+        assert len(stuck) == 3 and camera.audio.last_error.startswith(f"its thread stuck {where}")
         releases[0].set()  # the first left behind returns, and its thread ends
         await tick_until(cameras, lambda: sum(a.alive for a in camera._audio_left) == 1, "the first thread ended")
         assert await look(3) == 3, "started afresh again once one had returned"
@@ -963,7 +982,7 @@ async def test_a_sound_that_hangs_every_time_leaves_at_most_sound_left_max_threa
         await asyncio.to_thread(cameras.stop)
     assert worker.SOUND_LEFT_MAX == 2
     assert len(lines(caplog, "stream=cam1", "not started afresh until one of them returns")) == 1
-    assert len(lines(caplog, "stream=cam1", "starting the sound afresh")) == 3
+    assert len(lines(caplog, "stream=cam1", f"its thread stuck {where}; starting the sound afresh")) == 3
 
 
 class Recorded(capture.TestPatternSource):

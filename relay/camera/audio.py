@@ -64,6 +64,12 @@ THREAD_JOIN_TIMEOUT = 5.0  # a read is bounded by a block's 20 ms, an open by th
 # or a device's block comes every 20 ms (a period at most ~100 ms); a source that may rightly wait longer says so
 # in its own ``read_bound`` (a camera's track: its silence timeout).
 READ_BOUND = ipc.OUTPUT_STALL
+# Seconds a source's ``open`` may take before its thread is taken as hung there (an ALSA device that never returns
+# from opening: its driver stuck in the kernel), left behind as a hung read's is: a device opens in tens of ms, an
+# ALSA plugin that probes a server or a card within a second or two; the capture sources' own deadline to open
+# (capture.OPEN_TIMEOUT). A source whose open may rightly wait longer, ended by its ``close``, says so in its own
+# ``open_bound`` (a camera's track waits there for its first frame).
+OPEN_BOUND = 10.0
 EWMA_ALPHA = 0.1  # smoothing for the per-frame encode time
 
 
@@ -79,7 +85,8 @@ class AudioBlock:
 
 class AudioSource(Protocol):
     """Blocking; read from the audio thread alone. ``close`` may come from any thread: it ends a pending read. One
-    whose read may rightly block longer than ``READ_BOUND`` says how long in a ``read_bound`` of its own."""
+    whose read may rightly block longer than ``READ_BOUND`` says how long in a ``read_bound`` of its own, one whose
+    open may take longer than ``OPEN_BOUND`` in an ``open_bound``."""
 
     channels: int  # 1 or 2
     name: str  # what it is, for the log and the status: "test sound"
@@ -236,6 +243,7 @@ class AudioPipeline:
         self.restarts = 0  # its thread taken as hung and the sound started afresh on a new one (``restarted``)
         self._cpu_before = 0.0  # of the threads before this one (``restarted``)
         self._last_block = time.monotonic()  # while live: when its source last delivered a block (or opened)
+        self._opening_since: float | None = None  # monotonic: when its source's open began, while it runs
         self._source_factory = source_factory
         self._emit = emit
         self._retry = retry or Retry()
@@ -274,11 +282,22 @@ class AudioPipeline:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def opening(self) -> bool:
+        """Its thread is in its source's ``open``."""
+        return self._opening_since is not None
+
     def hung(self, now: float) -> float:
-        """Seconds its open source has delivered no block, if past its bound (``READ_BOUND``): its thread is stuck
-        in a read or the encode; 0 otherwise (while it opens or waits to retry, its own backoff is at work)."""
-        source = self._source
-        if self.state != "live" or source is None:
+        """Seconds its source has been opening, if past its bound (``OPEN_BOUND``), or, open, has delivered no
+        block, if past its bound (``READ_BOUND``): its thread is stuck in the open, a read or the encode; 0
+        otherwise (while it waits to retry, its own backoff is at work)."""
+        source, opening = self._source, self._opening_since
+        if source is None:
+            return 0.0
+        if opening is not None:
+            silent = now - opening
+            return silent if silent >= getattr(source, "open_bound", OPEN_BOUND) else 0.0
+        if self.state != "live":
             return 0.0
         silent = now - self._last_block
         return silent if silent >= getattr(source, "read_bound", READ_BOUND) else 0.0
@@ -330,7 +349,13 @@ class AudioPipeline:
             try:
                 source = self._source = self._source_factory()
                 self.source_name = source.name
-                source.open()
+                self._opening_since = time.monotonic()
+                try:
+                    source.open()
+                finally:
+                    self._opening_since = None
+                if self._stop.is_set():
+                    break  # abandoned while it opened (hung there): it sends nothing, says nothing
                 self.source_name = source.name  # what it found once open (a camera's codec, a device's name)
                 if encoder is None or encoder.channels != source.channels:
                     encoder = OpusEncoder(source.channels)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -108,6 +109,9 @@ class TrackSource:
     # Its read waits up to SILENCE_TIMEOUT for a frame, then MAX_PACE for its time, and gives up by itself: the audio
     # thread is taken as hung only well past that (audio.AudioPipeline.hung).
     read_bound = SILENCE_TIMEOUT + MAX_PACE + READ_BOUND
+    # Its open waits for the camera's first frame of sound, for as long as the camera takes (a track that comes
+    # late, a camera retried with backoff), and its close ends that wait: an open never taken as hung.
+    open_bound = math.inf
 
     def __init__(self, tap: AudioTap, clock: Callable[[], float] = time.time) -> None:
         self.channels = 0

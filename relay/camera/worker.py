@@ -86,10 +86,10 @@ JPEG_WAIT = 0.5  # seconds the JPEG thread waits for a new unit before it looks 
 JPEG_SLACK = 0.9  # a keyframe a little early for a snapshot interval is taken, not skipped for the next GOP
 # Seconds between two log lines about the relay's commands that failed in the worker (the rest counted into the next).
 COMMAND_LOG_INTERVAL = 10.0
-# A sound thread stuck in its source (an ALSA driver stuck in the kernel) is left behind and the sound started afresh
-# on a new thread; at most this many left behind and still stuck a camera: each holds a device context open, and a
-# source that hangs every time would otherwise add one every restart for good. Past it the sound stays silent, said
-# once, until one of them returns.
+# A sound thread stuck in its source's open or a read (an ALSA driver stuck in the kernel) is left behind and the
+# sound started afresh on a new thread; at most this many left behind and still stuck a camera: each holds a device
+# context open, and a source that hangs every time would otherwise add one every restart for good. Past it the sound
+# stays silent, said once, until one of them returns.
 SOUND_LEFT_MAX = 2
 
 
@@ -360,27 +360,28 @@ class Pipeline:
             self.push_status()
 
     def _check_sound(self, now: float) -> None:
-        """Its sound's thread stuck in a read or the encode (no block for the source's bound): the sound started
-        afresh on a new thread, counted, in one line; the video's threads untouched."""
+        """Its sound's thread stuck in its source's open, a read or the encode (past the source's bound): the sound
+        started afresh on a new thread, counted, in one line; the video's threads untouched."""
         audio = self.audio
         silent = audio.hung(now) if audio is not None and not self._stop.is_set() else 0.0
         if audio is None or not silent:
             return
+        where = "opening the source" if audio.opening else "in the source"
         left = len(self._sound_left())
         if left >= SOUND_LEFT_MAX:
             if not self._sound_held:
                 self._sound_held = True
-                audio.last_error = f"its thread stuck in the source, and {left} before it"
-                log.warning("stream=%s audio=%s no sound for %.1fs, its thread stuck, and %d left behind before it "
+                audio.last_error = f"its thread stuck {where}, and {left} before it"
+                log.warning("stream=%s audio=%s no sound for %.1fs, its thread stuck %s, and %d left behind before it "
                             "still stuck in the source: not started afresh until one of them returns", self.name,
-                            audio.source_name, silent, left)  # fmt: skip
+                            audio.source_name, silent, where, left)  # fmt: skip
             return
         if not self._sound_restarts.due(now):
             return
         self._sound_held = False
         delay = self._sound_restarts.restarted(now)
-        log.warning("stream=%s audio=%s no sound for %.1fs, its thread stuck; starting the sound afresh: restart %d, "
-                    "the next no sooner than %.1fs after it", self.name, audio.source_name, silent,
+        log.warning("stream=%s audio=%s no sound for %.1fs, its thread stuck %s; starting the sound afresh: restart "
+                    "%d, the next no sooner than %.1fs after it", self.name, audio.source_name, silent, where,
                     audio.restarts + 1, delay)  # fmt: skip
         self.audio = audio.restarted()
         self._audio_left.append(audio)
