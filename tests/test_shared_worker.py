@@ -558,6 +558,57 @@ async def test_a_capture_thread_stuck_for_good_is_started_afresh_while_the_worke
     assert cameras.pipelines[1].status().camera_restarts == 1
 
 
+class Racing:
+    """A clock that moves on a long way at every look: a restarts' schedule for which every restart is due."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        self.now += 1000.0
+        return self.now
+
+
+async def test_a_camera_whose_capture_sticks_every_time_leaves_at_most_capture_left_max_threads_behind(
+    monkeypatch, caplog
+):
+    """Before: a camera whose driver hung every read was started afresh at every stuck capture, each time one more
+    capture thread left behind, stuck for good (with its device), for as long as the relay ran. Now, with
+    ``CAPTURE_LEFT_MAX`` left behind and still stuck, the camera stays dark (its slate), said once in the log and in
+    its status, until one of them returns; then it is started afresh again. The other camera never stops. Its
+    restarts' schedule is a clock for which every restart is due: only the cap holds it."""
+    caplog.set_level(logging.WARNING, logger=worker.log.name)
+    monkeypatch.setattr(worker, "CAPTURE_STALL", 0.3)
+    monkeypatch.setattr(worker, "STUCK_EXIT", 0.3)
+    releases: list[threading.Event] = []
+
+    def sticking() -> StuckSource:
+        releases.append(threading.Event())
+        return StuckSource(320, 240, 15.0, "stuck", "", after=5, release=releases[-1])
+
+    outputs = Outputs()
+    cameras, made = in_process({}, outputs, clock=Racing(), cam1=sticking)
+    cameras.start()
+    try:
+        await tick_until(cameras, lambda: len(made) >= 4 and made[3].stuck, "the camera's third capture stuck")
+        for _ in range(10):  # ten more watches
+            cameras.tick()
+        held = (cameras.replaced, cameras.pipelines[1] is made[3], made[3].status().last_error)
+        assert held == (2, True, "capture stuck in the driver, and 2 before it"), "no third capture thread left behind"
+        frames = outputs.count(ipc.UNIT, 0)
+        await tick_until(cameras, lambda: outputs.count(ipc.UNIT, 0) >= frames + 15, "the other camera meanwhile")
+        releases[0].set()  # the first capture left behind returns, and its thread ends
+        await tick_until(cameras, lambda: cameras.replaced >= 3, "started afresh again once one had returned")
+    finally:
+        for release in releases:
+            release.set()
+        await asyncio.to_thread(cameras.stop)
+    assert worker.CAPTURE_LEFT_MAX == 2
+    assert cameras.pipelines[0] is made[0], "the other camera's pipeline was never touched"
+    assert len(lines(caplog, "stream=cam1", "not started afresh until one of them returns")) == 1
+    assert len(lines(caplog, "stream=cam1", "capture is stuck in the driver", "starting the camera afresh")) >= 3
+
+
 class EncodeThreadDies(worker.Pipeline):
     """A camera whose encode thread dies after a few frames (a bug in it, or in PyAV under it: none is known; the
     watch must not depend on which). Its capture thread goes on; nothing more leaves it, and its status says live."""

@@ -91,6 +91,11 @@ COMMAND_LOG_INTERVAL = 10.0
 # context open, and a source that hangs every time would otherwise add one every restart for good. Past it the sound
 # stays silent, said once, until one of them returns.
 SOUND_LEFT_MAX = 2
+# A camera's capture thread stuck in its driver (a read that closing the source does not end) is left behind when the
+# camera is started afresh in a shared worker; at most this many left behind and still stuck a camera: each holds a
+# thread and its device (a V4L2 descriptor, its buffers mapped), and a driver that hangs every time would otherwise
+# add one at every restart for good. Past it the camera stays dark (its slate), said once, until one of them returns.
+CAPTURE_LEFT_MAX = 2
 
 
 class NeedsOwnProcess(Exception):
@@ -284,6 +289,11 @@ class Pipeline:
         """The sound's pipelines it abandoned (hung) whose thread has not ended; those that ended let go."""
         self._audio_left = [a for a in self._audio_left if a.alive]
         return self._audio_left
+
+    @property
+    def capturing(self) -> bool:
+        """Its capture thread runs (a pipeline left behind: still stuck in its source)."""
+        return self._capture is not None and self._capture.is_alive()
 
     def _threads(self) -> list[threading.Thread]:
         return [t for t in (self._capture, self._encode, self._jpegs) if t is not None]
@@ -950,11 +960,12 @@ class Cameras:
     the others untouched) when its capture thread stays stuck after its source was closed, when its watch raises,
     when the relay asks (``ipc.CMD_RESTART``: its messages could not be handled there) and, in a shared worker,
     when it sent nothing, not even the slate, for ``ipc.OUTPUT_STALL`` (its encode thread died: the relay's
-    watchdog sees only that some camera of the process sends). A worker of one camera whose capture is stuck ends
-    instead, and the relay starts a new process; one that goes silent is the relay's watchdog's. A camera started
-    afresh again and again waits longer each time (``backoff.CAMERA_RESTARTS``), except when the relay asks: the
-    relay keeps its own schedule, and its asks are not counted in the worker's. ``clock`` and ``rng``: the
-    schedule's (the tests' own)."""
+    watchdog sees only that some camera of the process sends); one whose capture is stuck with ``CAPTURE_LEFT_MAX``
+    of its pipelines left behind still stuck stays dark until one of them returns. A worker of one camera whose
+    capture is stuck ends instead, and the relay starts a new process; one that goes silent is the relay's
+    watchdog's. A camera started afresh again and again waits longer each time (``backoff.CAMERA_RESTARTS``), except
+    when the relay asks: the relay keeps its own schedule, and its asks are not counted in the worker's. ``clock``
+    and ``rng``: the schedule's (the tests' own)."""
 
     def __init__(
         self,
@@ -974,6 +985,7 @@ class Cameras:
         self._restarts = [Restarts(CAMERA_RESTARTS, rng) for _ in range(count)]
         # Its last new pipeline could not be made or started (it stays dark): the counts its next one carries on.
         self._carried: list[ipc.Counters | None] = [None] * count
+        self._held = [False] * count  # stuck with CAPTURE_LEFT_MAX left behind still stuck: said once
 
     @property
     def shared(self) -> bool:
@@ -1027,10 +1039,28 @@ class Cameras:
                 why = self._why_restart(pipeline)
                 if not why and self._carried[camera] is not None:
                     why = "its last start failed"
+                if why and pipeline.stuck and self._hold(camera, pipeline):
+                    continue
                 if why and self._restarts[camera].due(self._clock()):  # else it waits, as its schedule says
                     self._replace(camera, why)
         with self._lock:
             self.left_behind = [p for p in self.left_behind if not p.release()]
+
+    def _hold(self, camera: int, pipeline: Pipeline) -> bool:
+        """With ``_lock`` held, its capture stuck: whether the camera stays as it is, dark, because
+        ``CAPTURE_LEFT_MAX`` of its pipelines left behind are still stuck (said once: a log line, its status's
+        ``last_error``), until one of them returns. A worker of one camera is never held: it ends instead."""
+        left = sum(1 for p in self.left_behind if p.camera == camera and p.capturing)
+        if not self.shared or left < CAPTURE_LEFT_MAX:
+            self._held[camera] = False
+            return False
+        if not self._held[camera]:
+            self._held[camera] = True
+            pipeline.stats.last_error = f"capture stuck in the driver, and {left} before it"
+            log.warning("stream=%s capture stuck in the driver, and %d left behind before it still stuck: not started "
+                        "afresh until one of them returns", pipeline.name, left)  # fmt: skip
+            pipeline.push_status()
+        return True
 
     def _why_restart(self, pipeline: Pipeline) -> str:
         if pipeline.stuck:
