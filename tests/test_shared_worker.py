@@ -17,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import math
 import os
 import random
 import signal
+import sys
 import threading
 import time
 import types
@@ -1034,6 +1036,78 @@ async def test_a_sound_that_hangs_every_time_leaves_at_most_sound_left_max_threa
     assert worker.SOUND_LEFT_MAX == 2
     assert len(lines(caplog, "stream=cam1", "not started afresh until one of them returns")) == 1
     assert len(lines(caplog, "stream=cam1", f"its thread stuck {where}; starting the sound afresh")) == 3
+
+
+def in_pipe_write(thread: threading.Thread | None) -> bool:
+    """``thread`` is in a write to the relay's pipe (``worker.PipeWriter``): waiting for room in it, or for its lock."""
+    frame = sys._current_frames().get(thread.ident) if thread is not None else None
+    while frame is not None:
+        if frame.f_code is worker.PipeWriter.__call__.__code__:
+            return True
+        frame = frame.f_back
+    return False
+
+
+class Drain(threading.Thread):
+    """The relay reading the worker's pipe at last: every message counted by (camera, kind)."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(name="drain", daemon=True)
+        self._fd = fd
+        self.counts: collections.Counter[tuple[int, int]] = collections.Counter()
+
+    def run(self) -> None:
+        reader = ipc.Reader()
+        while data := os.read(self._fd, 1 << 16):
+            for msg in reader.feed(data):
+                self.counts[msg.camera, msg.kind] += 1
+
+
+async def test_a_full_pipe_to_the_relay_is_not_taken_for_a_hung_source_nor_a_silent_camera(small_clip):
+    """Before: a camera's threads waiting to write to the relay (the pipe full: the relay slow to read it) stopped
+    reading their sources, and the watches took that for a hung sound (``AudioPipeline.hung``), a stalled capture
+    (its source closed and reopened) and a camera gone silent (started afresh): healthy cameras restarted because the
+    relay was slow. Now a thread that waits in a write is judged by none of them, and each counts from when the write
+    ended. Two passed-through cameras with sound in a shared worker write into a real pipe nobody reads; once every
+    capture and sound thread waits on it, the watches look as if 1000 s had passed (an injected time); then the pipe
+    is read again and both cameras carry on, never restarted."""
+    read_end, write_end = os.pipe()
+    pipe = worker.PipeWriter(write_end, lambda: None)
+    config = ipc.WorkerConfig("cam", f"file:{small_clip}", 640, 360, FPS, 1_000_000, 1.0, "libx264", mode="passthrough",
+                              audio="test")  # fmt: skip
+    configs = [dataclasses.replace(config, name=f"cam{i}") for i in (0, 1)]
+    cameras = worker.Cameras(lambda i: worker.make_pipeline(configs[i], i, pipe, shared=True), 2, Frozen(), NO_JITTER)
+    drain = Drain(read_end)
+    cameras.start()
+    try:
+        threads = [thread for p in cameras.pipelines for thread in (p._capture, p.audio._thread)]
+        await until(lambda: all(map(in_pipe_write, threads)), "every capture and sound thread waiting on the pipe")
+        later = time.monotonic() + 1000.0
+        hung = [p.audio.hung(later) for p in cameras.pipelines]
+        for p in cameras.pipelines:
+            p._check_stall(later)
+        silent = [cameras._why_restart(p, later) for p in cameras.pipelines]
+        errors = [p.stats.source_errors for p in cameras.pipelines]
+        drain.start()
+        await tick_until(
+            cameras,
+            lambda: all(drain.counts[c, ipc.UNIT] >= FPS and drain.counts[c, ipc.AUDIO] >= 50 for c in (0, 1)),
+            "a second of each camera's pictures and sound read",
+        )
+        statuses = [p.status() for p in cameras.pipelines]
+    finally:
+        await asyncio.to_thread(cameras.stop)
+        os.close(write_end)
+        if drain.is_alive():
+            drain.join(DEADLINE)
+        os.close(read_end)
+    assert hung == [0.0, 0.0], "the sound's threads waiting to write are not hung"
+    assert silent == ["", ""], "cameras waiting to write are not silent"
+    assert errors == [0, 0], "no capture taken for stalled"
+    assert (
+        cameras.replaced == 0
+        and [(s.camera_restarts, s.audio_restarts, s.source_errors) for s in statuses] == [(0, 0, 0)] * 2
+    )
 
 
 class Recorded(capture.TestPatternSource):

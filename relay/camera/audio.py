@@ -21,6 +21,7 @@ that is not there) and the capture time of its first sample.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -244,6 +245,10 @@ class AudioPipeline:
         self._cpu_before = 0.0  # of the threads before this one (``restarted``)
         self._last_block = time.monotonic()  # while live: when its source last delivered a block (or opened)
         self._opening_since: float | None = None  # monotonic: when its source's open began, while it runs
+        # Monotonic: since when its write to the relay waits (the pipe full: the relay slow to read it), while it does;
+        # and when its last write ended. Neither is its source's silence (``hung``).
+        self._sending_since: float | None = None
+        self._sent = -math.inf
         self._source_factory = source_factory
         self._emit = emit
         self._retry = retry or Retry()
@@ -290,16 +295,17 @@ class AudioPipeline:
     def hung(self, now: float) -> float:
         """Seconds its source has been opening, if past its bound (``OPEN_BOUND``), or, open, has delivered no
         block, if past its bound (``READ_BOUND``): its thread is stuck in the open, a read or the encode; 0
-        otherwise (while it waits to retry, its own backoff is at work)."""
+        otherwise (while it waits to retry, its own backoff is at work; while its thread waits to write to the
+        relay, the pipe is full). A write that waited is no silence of the source's: it counts from its end."""
         source, opening = self._source, self._opening_since
         if source is None:
             return 0.0
         if opening is not None:
             silent = now - opening
             return silent if silent >= getattr(source, "open_bound", OPEN_BOUND) else 0.0
-        if self.state != "live":
+        if self.state != "live" or self._sending_since is not None:  # a write waiting: the pipe is full, not the source
             return 0.0
-        silent = now - self._last_block
+        silent = now - max(self._last_block, self._sent)
         return silent if silent >= getattr(source, "read_bound", READ_BOUND) else 0.0
 
     def restarted(self) -> AudioPipeline:
@@ -396,8 +402,17 @@ class AudioPipeline:
             self.encode_ms += EWMA_ALPHA * ((time.perf_counter() - began) * 1000 - self.encode_ms)
             for data, pts in packets:
                 self.frames_encoded += 1
-                self._emit(ipc.pack(ipc.AUDIO, data, pts=pts, capture_time=pts / RATE, camera=self.camera))
+                self._send(ipc.pack(ipc.AUDIO, data, pts=pts, capture_time=pts / RATE, camera=self.camera))
             self.cpu_seconds = self._cpu_before + time.thread_time() - self._cpu_origin
+
+    def _send(self, data: bytes) -> None:
+        """A packet to the relay; while it waits (the pipe full), and up to when it ends, not a silent source."""
+        self._sending_since = time.monotonic()
+        try:
+            self._emit(data)
+        finally:
+            self._sent = time.monotonic()
+            self._sending_since = None
 
     def _failed(self, message: str, started: float) -> None:
         """One line per failure, then a wait: 0.5 s, 1 s, 2 s ... 30 s (a run of 10 s starts the schedule again)."""

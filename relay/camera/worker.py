@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import gc
 import logging
+import math
 import os
 import random
 import signal
@@ -218,6 +219,12 @@ class Pipeline:
         self._encoder = H264Encoder(settings)
         self.stats.encoder = self._encoder.name
         self._emit = emit
+        # Its writes to the relay waiting now (the pipe full: the relay slow to read it), by thread, and when its
+        # capture thread, and its capture or encode thread, last came out of one (``_send``): the watches count a
+        # source's or a camera's silence from there, and judge neither while they wait.
+        self._waiting: dict[int | None, float] = {}
+        self._capture_sent = -math.inf
+        self._pictures_sent = -math.inf
         self._retry = Retry()
         self._mailbox = Mailbox()
         self._stop = threading.Event()
@@ -355,9 +362,38 @@ class Pipeline:
         if source is not None:
             source.close()
 
+    def _send(self, data: bytes) -> None:
+        """``data`` to the relay (``emit``). A thread waits here while the pipe is full (the relay slow to read it):
+        not a source that hung, nor a camera gone silent. While its capture thread waits here, its stall watch does
+        not judge it; while any of its threads does, the output watch does not; and each counts from when the
+        capture thread, or the capture or encode thread, came out."""
+        me = threading.current_thread()
+        self._waiting[me.ident] = time.monotonic()
+        try:
+            self._emit(data)
+        finally:
+            done = time.monotonic()
+            if me is self._capture:
+                self._capture_sent = done
+            if me is self._capture or me is self._encode:
+                self._pictures_sent = done
+            del self._waiting[me.ident]
+
+    @property
+    def waiting(self) -> bool:
+        """A write of its to the relay waits (the pipe full)."""
+        return bool(self._waiting)
+
+    def silent(self, now: float) -> float:
+        """Seconds it sent nothing, not even the slate (``last_alive``), as the output watch counts them: from when
+        its capture or encode thread last came out of a write if later, and none while a write of its waits."""
+        if self._waiting:
+            return 0.0
+        return now - max(self.last_alive, self._pictures_sent)
+
     def push_status(self) -> None:
         self._last_status = time.monotonic()
-        self._emit(ipc.pack(ipc.STATUS, self.status().to_json(), camera=self.camera))
+        self._send(ipc.pack(ipc.STATUS, self.status().to_json(), camera=self.camera))
 
     def tick(self) -> None:
         """From the main thread, every ``WATCH_INTERVAL``: a stalled camera, a silent one, a hung sound, the status."""
@@ -588,7 +624,7 @@ class Pipeline:
             self._last_read = time.monotonic()
             st.frames_captured += 1
             if frame.jpeg is not None and self.send_jpeg:
-                self._emit(ipc.pack(ipc.JPEG, frame.jpeg, capture_time=frame.capture_time, camera=self.camera))
+                self._send(ipc.pack(ipc.JPEG, frame.jpeg, capture_time=frame.capture_time, camera=self.camera))
             self._mailbox.put(frame)
 
     def _pass_through(self, source: PacketSource | RtspSource, sets: ParameterSets) -> None:
@@ -641,7 +677,7 @@ class Pipeline:
                     st.slate = False
                     log.info("stream=%s signal is back", self.name)
                     self.push_status()
-                self._emit(
+                self._send(
                     ipc.pack(ipc.UNIT, unit, flags=flags, pts=self._pts(when), capture_time=now, camera=self.camera)
                 )
                 self.last_alive = time.monotonic()
@@ -709,7 +745,7 @@ class Pipeline:
                     picture, taken, arrived = frames[-1], capture_time, when
             if picture is not None and self.send_jpeg:  # only the newest of a batch: a late decoder catches up
                 last = arrived
-                self._emit(ipc.pack(ipc.JPEG, encoder.encode(picture), capture_time=taken, camera=self.camera))
+                self._send(ipc.pack(ipc.JPEG, encoder.encode(picture), capture_time=taken, camera=self.camera))
         log.info("stream=%s JPEG decoding stopped", self.name)
 
     # -- encode thread: transcoding, and the slate
@@ -763,7 +799,7 @@ class Pipeline:
             st.frames_decoded += 1  # the camera's picture, decoded here or by the source
         if frame.jpeg is None and self.send_jpeg:
             # Not an MJPEG source (RTSP, file, the slate): encode a JPEG only because someone wants one.
-            self._emit(
+            self._send(
                 ipc.pack(ipc.JPEG, jpeg_encoder.encode(picture), capture_time=frame.capture_time, camera=self.camera)
             )
         force = self._take_keyframe_request()
@@ -795,7 +831,7 @@ class Pipeline:
                     flags |= ipc.FLAG_FORCED
                 else:
                     self._keyframe_wanted.clear()  # a regular IDR answers any pending request
-            self._emit(
+            self._send(
                 ipc.pack(ipc.UNIT, data, flags=flags, pts=pts, capture_time=frame.capture_time, camera=self.camera)
             )
             self.last_alive = time.monotonic()
@@ -851,13 +887,16 @@ class Pipeline:
         """A source that stops delivering without an error, or takes too long to open and probe: close it
         (which unblocks a stuck read) so the capture loop reopens it; if even that does not free the capture
         thread, end the process and let the relay start a fresh one."""
+        capture = self._capture
+        if capture is not None and capture.ident in self._waiting:
+            return  # its capture thread waits to write to the relay: the pipe is full, not the source silent
         if self._opening:
             limit, what = OPEN_STALL, "not open, or no packet while probing it,"
         elif self.stats.state == "live":
             limit, what = CAPTURE_STALL, "no frame"
         else:
             return  # waiting to retry
-        silent = now - self._last_read
+        silent = now - max(self._last_read, self._capture_sent)
         if silent >= limit and self._stall_closed_at is None:
             self._stall_closed_at = now
             self._record_error(f"{what} for {silent:.1f}s; reopening the source")
@@ -1036,7 +1075,7 @@ class Cameras:
                 except Exception as exc:  # one camera's bug is not the others' restart
                     self._failed(camera, "its watch", exc)
                     continue
-                why = self._why_restart(pipeline)
+                why = self._why_restart(pipeline, time.monotonic())
                 if not why and self._carried[camera] is not None:
                     why = "its last start failed"
                 if why and pipeline.stuck and self._hold(camera, pipeline):
@@ -1062,10 +1101,10 @@ class Cameras:
             pipeline.push_status()
         return True
 
-    def _why_restart(self, pipeline: Pipeline) -> str:
+    def _why_restart(self, pipeline: Pipeline, now: float) -> str:
         if pipeline.stuck:
             return "capture is stuck in the driver"
-        silent = time.monotonic() - pipeline.last_alive
+        silent = pipeline.silent(now)
         # Not one leaving the process, nor one whose encoder fails (its status says so, and it retries by itself).
         watched = self.shared and not pipeline.stats.own_process and not pipeline.encoder_failing
         if watched and silent >= ipc.OUTPUT_STALL:
