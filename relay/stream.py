@@ -553,6 +553,7 @@ class Worker:
         self.rng: random.Random | None = None
         self._stopping: asyncio.Task[None] | None = None  # the process stopped once every stream moved out
         self._died_at: float | None = None  # on ``clock``: its process's last death (an end it was not asked for)
+        self._killing = False  # the relay kills its process (its watchdog, a corrupt pipe): not another's SIGKILL
 
     @property
     def pid(self) -> int | None:
@@ -616,7 +617,12 @@ class Worker:
         members = self.members()
         for stream in members:
             stream.worker_ended()
-        if not self._child.stopping:  # it died (a crash, a signal, the watchdog's kill): not a stop
+        # A SIGKILL the relay did not send is the OOM killer's (or an admin's): no camera's doing, and a split, more
+        # processes, would only take more memory. Every other end it was not asked for is its own: a crash, an
+        # abort, an exit, the relay's kill of a process that hung or wrote garbage.
+        others = code == -signal.SIGKILL and not self._killing
+        self._killing = False
+        if not self._child.stopping and not others:
             now = self.clock()
             if len(members) > 1 and self._died_at is not None and now - self._died_at < SPLIT_WITHIN:
                 self._split(members, code, now)
@@ -661,6 +667,7 @@ class Worker:
         try:
             await read_pipe(pipe, ipc.Reader().feed, self._on_message, PIPE_LIMIT)
         except ipc.ProtocolError as exc:
+            self._killing = True  # by the supervisor, as it ends the run
             log.error("%s pipe is corrupt (%s); restarting the worker", self.name, exc)
 
     def _on_message(self, msg: ipc.Message) -> None:
@@ -714,6 +721,7 @@ class Worker:
                 for stream in members:
                     stream.stats.worker_stalls += 1
                 log.error("%s sent nothing for %.1fs; killing it", self.name, silent)
+                self._killing = True
                 signal_group(proc, signal.SIGKILL)
                 return
 

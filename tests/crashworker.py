@@ -3,8 +3,8 @@ relay's ``Worker`` in place of ``python -m relay.camera.worker`` (``relay.stream
 
 It is ``relay.camera.worker`` as it is, each camera's source as ``open_source`` makes it, except that a camera's
 ``read_packet`` calls ``os.abort()`` (a decoder's segfault, an abort in a library: the whole process dies, every
-camera in it) while a file named ``crash-<camera>`` lies beside its ``file:`` source. The crash follows the camera
-into whatever process runs it; removing the file ends it.
+camera in it) while a file named ``crash-<camera>`` lies beside its ``file:`` source, or once, removing it, for a
+file ``crash-once-<camera>``. The crash follows the camera into whatever process runs it.
 """
 
 from __future__ import annotations
@@ -17,15 +17,19 @@ from pathlib import Path
 from relay.camera import capture, worker
 
 TRIGGER = "crash-{name}"  # beside a camera's file: its reads abort the process
+ONCE = "crash-once-{name}"  # beside a camera's file: its next read removes it and aborts the process
 
 
 def crashing(spec, width, height, fps, label, *args, **kwargs):  # noqa: ANN001, ANN201 (open_source's)
     source = capture.open_source(spec, width, height, fps, label, *args, **kwargs)
-    trigger = Path(spec.target).parent / TRIGGER.format(name=label)
+    trigger, once = (Path(spec.target).parent / name.format(name=label) for name in (TRIGGER, ONCE))
     read_packet = source.read_packet
 
     def read_or_crash():  # noqa: ANN202
         if trigger.exists():
+            os.abort()
+        if once.exists():
+            once.unlink()
             os.abort()
         return read_packet()
 

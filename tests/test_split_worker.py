@@ -15,14 +15,16 @@ import asyncio
 import logging
 import os
 import signal
+import time
+import types
 
 from relay import stream as stream_module
 from relay.backoff import Backoff, Retry
 from relay.ipc import EncoderSettings
 from relay.source import parse_source_spec
-from relay.stream import Stream, Worker
+from relay.stream import Stream, Worker, share_workers
 
-from .crashworker import TRIGGER
+from .crashworker import ONCE, TRIGGER
 from .test_passthrough_out import until
 from .test_shared_worker import Frozen, lines
 
@@ -97,26 +99,59 @@ async def test_a_camera_that_keeps_crashing_its_shared_worker_ends_up_alone_and_
     assert said[1].startswith("streams=c,d worker") and said[1].endswith("c and d; isolated: stream=c stream=d")
 
 
-async def test_a_shared_worker_that_dies_once_in_a_while_keeps_its_cameras_together(
+async def test_a_shared_worker_that_crashes_once_in_a_while_or_is_sigkilled_by_another_keeps_its_cameras_together(
     small_clip, tmp_path, monkeypatch, caplog
 ):
-    """A shared process killed, and killed again more than ``SPLIT_WITHIN`` later (the relay's clock moved on):
-    both times every camera restarts in one process, none split."""
+    """A shared process that crashes (a camera's abort), and again more than ``SPLIT_WITHIN`` later (the relay's clock
+    moved on), then SIGKILLed twice in a row by another process (the OOM killer: a split, more processes, would only
+    take more memory): every time both cameras restart together in one process, none split."""
     caplog.set_level(logging.WARNING, logger="relay.stream")
     streams = streams_of(tmp_path, small_clip, "ab", monkeypatch)
     a, b = streams
     clock = a.worker.clock
+    once = tmp_path / ONCE.format(name="a")
     for s in streams:
         s.start()
     try:
         for deaths in (1, 2):
             await all_live(streams)
-            os.killpg(a.pid, signal.SIGKILL)
-            await until(lambda n=deaths: restarts(streams) == {"a": n, "b": n}, "both restarted")
+            once.touch()
+            await until(lambda n=deaths: restarts(streams) == {"a": n, "b": n}, "both restarted after a's crash")
             clock.now += stream_module.SPLIT_WITHIN
+        for deaths in (3, 4):
+            await all_live(streams)
+            os.killpg(a.pid, signal.SIGKILL)
+            await until(lambda n=deaths: restarts(streams) == {"a": n, "b": n}, "both restarted after the SIGKILL")
         await all_live(streams)
         pids = (a.pid, b.pid)
     finally:
         await asyncio.gather(*(s.close() for s in streams))
     assert pids[0] == pids[1] and a.worker is b.worker and a.worker.streams == [a, b]
-    assert lines(caplog, "split in two") == [] and a.stats.worker_splits == 0
+    assert lines(caplog, "split in two") == [] and a.stats.worker_splits == b.stats.worker_splits == 0
+    assert len(lines(caplog, "streams=a,b worker exited (code -6)")) == 2
+
+
+async def test_the_relay_s_own_kills_count_toward_a_split_and_another_s_sigkill_does_not(monkeypatch):
+    """A shared process the relay's watchdog kills twice in a row (it hung: some camera wedged it) is split as one
+    that crashes; one SIGKILLed twice by another (the OOM killer) is not. No process runs: the watchdog's kill and
+    the ends are driven by hand, the relay's clock frozen."""
+    monkeypatch.setattr(stream_module, "signal_group", lambda proc, sig: None)
+    settings = EncoderSettings(1_000_000, 30.0, 1.0)
+
+    def shared(names: str) -> Worker:
+        streams = [
+            Stream(n, parse_source_spec(f"rtsp://10.0.0.{i}/s"), settings, 640, 360) for i, n in enumerate(names)
+        ]
+        (worker,) = share_workers(streams, per_worker=len(streams))
+        worker.clock = Frozen()
+        return worker
+
+    hung, killed = shared("abcd"), shared("efgh")
+    for _ in range(2):
+        for stream in hung.members():
+            stream.last_unit = time.monotonic() - stream_module.WORKER_STALL - 1
+        await hung._watchdog(types.SimpleNamespace(returncode=None))  # sees it silent, kills it
+        await hung._ended(-signal.SIGKILL)
+        await killed._ended(-signal.SIGKILL)
+    assert [s.name for s in hung.streams] == ["a", "b"] and hung.name == "streams=a,b worker"
+    assert [s.name for s in killed.streams] == list("efgh") and all(s.stats.worker_splits == 0 for s in killed.streams)
