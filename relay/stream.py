@@ -55,8 +55,8 @@ WORKER_MODULE = "relay.camera.worker"  # what a camera worker process runs (pyth
 # A shared worker process that dies again within this many seconds of its last death (on ``Worker.clock``) is split
 # in two, its cameras bisected between two processes: a camera that crashes its process (a decoder's segfault, an
 # abort in a library) is alone after a few more deaths (log2 of the cameras), the others in processes it is no longer
-# in; a process that dies once in a long while (the OOM killer, a one-off) keeps its cameras together. The camera
-# restarts' stable minute (backoff.CAMERA_RESTARTS): a process that ran that long without dying is taken as sound.
+# in; a process that dies once in a long while (a one-off) keeps its cameras together. The camera restarts' stable
+# minute (backoff.CAMERA_RESTARTS): a process that ran that long without dying is taken as sound.
 SPLIT_WITHIN = CAMERA_RESTARTS.stable_after
 
 

@@ -379,11 +379,6 @@ class Pipeline:
                 self._pictures_sent = done
             del self._waiting[me.ident]
 
-    @property
-    def waiting(self) -> bool:
-        """A write of its to the relay waits (the pipe full)."""
-        return bool(self._waiting)
-
     def silent(self, now: float) -> float:
         """Seconds it sent nothing, not even the slate (``last_alive``), as the output watch counts them: from when
         its capture or encode thread last came out of a write if later, and none while a write of its waits."""
