@@ -3,9 +3,12 @@ viewers and RTSP readers frame by frame, a camera that hangs leaves the others r
 restarts all of its cameras with viewers kept; inside the worker, a camera stuck for good, silent (its encode
 thread dead) or whose watch raises is started afresh alone while the others carry on; a failure in the relay's
 handling of one camera's messages restarts that camera alone; a camera that keeps failing is restarted ever less
-often (the worker's and the relay's clocks injected); a camera whose sound thread hangs gets its sound back, its video
-untouched; counters never go back; a slow first slate is no silence, to the worker's watch nor the relay's; a camera
-that needs a transcode or FFmpeg's demuxer moves to a process of its own; stopping stops every camera at once.
+often (the worker's and the relay's clocks injected), each side's schedule counting its own restarts only; a camera
+whose sound thread hangs (in a read or in its open) gets its sound back, its video untouched; threads stuck in a
+driver are left behind at most two a camera, its sound's and its capture's; counters never go back; a slow first slate
+is no silence, to the worker's watch nor the relay's, nor is a full pipe to the relay; a camera that needs a transcode
+or FFmpeg's demuxer moves to a process of its own; stopping stops every camera at once. (A worker that one camera
+keeps crashing is split: ``tests/test_split_worker.py``.)
 
 Cameras are ``benchmarks/rtspcams.py``'s (``start_camera``), read by a real relay in passthrough; readers are PyAV
 over RTSP and aiortc over WHEP. Frames are judged by their timestamps (a frame missing is a step of two frame
