@@ -23,11 +23,12 @@ import math
 import random
 import signal
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from . import h264, ipc
-from .aio import cancel_and_wait, read_pipe, signal_group
+from .aio import PipeMessages, cancel_and_wait, read_pipe, signal_group
 from .backoff import CAMERA_RESTARTS, Restarts, Retry
 from .hub import EncodedFrame, PacketHub
 from .ipc import EncoderSettings
@@ -535,7 +536,7 @@ class Worker:
             run=self._run,
             ended=self._ended,
             retry=retry,
-            limit=PIPE_LIMIT,
+            stdout_protocol=lambda: PipeMessages(ipc.Reader().feed, self._on_message),
         )
         self._open: set[str] = set()  # its streams started and not closed (or moved out)
         self._supervised = False
@@ -597,8 +598,9 @@ class Worker:
     async def _run(self, proc: Process) -> None:
         watchdog = asyncio.get_running_loop().create_task(self._watchdog(proc))
         try:
-            assert proc.stdout is not None
-            await self.read(proc.stdout)
+            pipe = self._child.stdout
+            assert isinstance(pipe, PipeMessages)
+            await self._until_corrupt(pipe.ended)
         finally:
             await cancel_and_wait(watchdog)
 
@@ -613,10 +615,13 @@ class Worker:
             self._child.env[ipc.WORKER_CONFIG_ENV] = ipc.configs_to_json([s.worker_config for s in members])
 
     async def read(self, pipe: asyncio.StreamReader) -> None:
-        """The worker's messages (``relay.ipc``) from its stdout, each to its camera's stream, until it ends or
-        turns out corrupt."""
+        """The worker's messages (``relay.ipc``) from ``pipe``, each to its camera's stream, until it ends or
+        turns out corrupt. (The process's own stdout is read as it comes, by ``PipeMessages``, the same way.)"""
+        await self._until_corrupt(read_pipe(pipe, ipc.Reader().feed, self._on_message, PIPE_LIMIT))
+
+    async def _until_corrupt(self, reading: Awaitable[None]) -> None:
         try:
-            await read_pipe(pipe, ipc.Reader().feed, self._on_message, PIPE_LIMIT)
+            await reading
         except ipc.ProtocolError as exc:
             log.error("%s pipe is corrupt (%s); restarting the worker", self.name, exc)
 
