@@ -13,6 +13,7 @@ and nothing unreaped.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import shutil
@@ -33,6 +34,12 @@ STOP_TIMEOUT = 5.0  # seconds a child gets to stop after each way of asking: std
 # setpriv, which every Debian has, before it execs the program). Without it an orphaned mediamtx kept the
 # RTSP port, and the relay started again could never have its own mediamtx answer there.
 DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "KILL", "--")
+
+# A child's stdout pipe read by a protocol holds this much (Linux's F_SETPIPE_SZ; its default is 64 KiB, and an
+# unprivileged process may ask up to /proc/sys/fs/pipe-max-size, 1 MiB by default): a 1080p keyframe (100-300 KiB)
+# goes in one write, not in 64 KiB pieces, each a wait for the relay to read the last (a wake-up of both processes,
+# and of the cameras sharing the worker, whose units queue behind it).
+PIPE_BYTES = 1 << 20
 
 Process = asyncio.subprocess.Process
 
@@ -90,6 +97,7 @@ class Child:
             self.proc = await self._exec(**self._popen)
         else:
             read_end, write_end = os.pipe()
+            _enlarge(write_end, PIPE_BYTES)
             try:
                 self.proc = await self._exec(stdout=write_end, **self._popen)
             except BaseException:
@@ -216,6 +224,16 @@ async def _exited(proc: Process) -> bool:
         return True
     except TimeoutError:
         return False
+
+
+def _enlarge(pipe: int, size: int) -> None:
+    """The pipe ``pipe`` made to hold ``size`` bytes where the system lets us; as it was where not."""
+    if not hasattr(fcntl, "F_SETPIPE_SZ"):
+        return
+    try:
+        fcntl.fcntl(pipe, fcntl.F_SETPIPE_SZ, size)
+    except OSError as exc:  # over pipe-max-size, or the user's pipe pages used up (pipe-user-pages-soft)
+        log.debug("pipe left at its size (%d bytes asked): %s", size, exc)
 
 
 def _dies_with_parent(argv: list[str]) -> list[str]:
