@@ -92,6 +92,18 @@ def _start_code_of(data: bytes, index: int) -> int:
     return pos - (pos > 0 and data[pos - 1] == 0)
 
 
+def head_nals(data: bytes) -> list[bytes]:
+    """The NAL units of an Annex B access unit before its first slice (delimiter, SEI, parameter sets), without
+    their start codes; the slices, most of the unit, neither searched nor copied."""
+    pos = data.find(b"\x00\x00\x01")
+    while pos >= 0 and pos + 3 < len(data):
+        if data[pos + 3] & 0x1F in (NAL_SLICE, NAL_IDR):
+            head = data[:pos]
+            return split_annexb(head) if b"\x00\x00\x01" in head else []
+        pos = data.find(b"\x00\x00\x01", pos + 4)
+    return split_annexb(data)
+
+
 def nal_types(data: bytes) -> list[int]:
     """The type of each NAL unit of an Annex B access unit, in order (no copy of the units)."""
     kinds = []

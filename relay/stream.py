@@ -472,9 +472,10 @@ class Stream:
         self.hub.publish(EncodedFrame(msg.payload, msg.pts, msg.keyframe, msg.capture_time))
 
     def _read_sps(self, unit: bytes) -> None:
-        """The SPS in front of a keyframe, parsed when it differs from the last one."""
+        """The SPS in front of a keyframe (before its first slice: a 1080p keyframe, 100-300 KiB, is not split
+        for it), parsed when it differs from the last one."""
         try:
-            found = next((n for n in h264.split_annexb(unit) if h264.nal_type(n) == h264.NAL_SPS), b"")
+            found = next((n for n in h264.head_nals(unit) if h264.nal_type(n) == h264.NAL_SPS), b"")
             if found and found != self._sps_bytes:
                 self._sps_bytes = found
                 self.sps = h264.parse_sps(found)

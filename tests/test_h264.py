@@ -215,6 +215,17 @@ def test_an_access_unit_delimiter_stays_first():
     assert sets.access_unit(annexb(AUD, IDR))[0] == annexb(AUD, HIGH_360, PPS_HIGH, IDR)
 
 
+@pytest.mark.parametrize(
+    "nals", [(IDR,), (SEI, IDR), (AUD, HIGH_360, PPS_HIGH, SEI, IDR, IDR), (P_SLICE, SEI), (HIGH_360, PPS_HIGH), ()]
+)
+def test_the_nal_units_before_the_first_slice_are_those_a_whole_split_finds_there(nals):
+    data = annexb(*nals) if nals else b""
+    whole = h264.split_annexb(data)
+    first = next((i for i, n in enumerate(whole) if h264.nal_type(n) in (1, 5)), len(whole))
+    assert h264.head_nals(data) == whole[:first]
+    assert h264.head_nals(b"\x00\x00\x01" + SEI + b"\x00\x00\x01" + IDR) == [SEI]  # 3-byte start codes too
+
+
 def _split_and_joined(sets: ParameterSets, data: bytes) -> bytes:
     """What access_unit made of an IDR before: every NAL unit split out, the parameter sets put after the access
     unit delimiter, joined again with 4-byte start codes."""
