@@ -93,9 +93,6 @@ PUBLISH_KEEPALIVE_FRACTION = 0.5  # of the session's timeout: an OPTIONS long be
 PUBLISH_READ_BYTES = 64 * 1024  # what the server sends back: answers and RTCP receiver reports
 INTERLEAVED = struct.Struct("!cBH")  # "$", channel, length (RFC 2326 10.12)
 RTP = struct.Struct("!BBHII")  # version and flags, marker and payload type, sequence, timestamp, SSRC
-# The largest RTP payload an interleaved frame holds (its length is 16 bits, the RTP header in it).
-WHOLE_NAL_MAX = 0xFFFF - RTP.size
-WHOLE_NALS = os.environ.get("EXPERIMENT_RTSP_WHOLE_NALS", "") == "1"  # EXPERIMENT, measured in the slot
 EVERY_INTERFACE = ("", "0.0.0.0")  # rtsp.host values that mean "listen on every interface"
 REPO_BIN = Path(__file__).resolve().parent.parent / "bin" / "mediamtx"
 # An RTSP response's status line: "RTSP/1.0 200 OK".
@@ -395,30 +392,6 @@ def announce_sdp(sets: bytes, fps: float, audio: bool = False) -> bytes:
     return ("\r\n".join(lines) + "\r\n").encode()
 
 
-def whole_nals(data: bytes) -> list[bytes | memoryview]:
-    """RTP payloads of an Annex B access unit, each NAL unit whole in one (RFC 6184 single NAL unit packets), or in
-    FU-A fragments past ``WHOLE_NAL_MAX``; views of ``data`` where they can be."""
-    out: list[bytes | memoryview] = []
-    view = memoryview(data)
-    start = data.find(b"\x00\x00\x01")
-    while start >= 0:
-        begin = start + 3
-        start = data.find(b"\x00\x00\x01", begin)
-        end = len(data) if start < 0 else start
-        while end > begin and data[end - 1] == 0:  # trailing zeros belong to the next start code
-            end -= 1
-        if end - begin <= WHOLE_NAL_MAX:
-            if end > begin:
-                out.append(view[begin:end])
-            continue
-        indicator, kind = data[begin] & 0xE0 | 28, data[begin] & 0x1F
-        step = WHOLE_NAL_MAX - 2
-        for at in range(begin + 1, end, step):
-            flags = (0x80 if at == begin + 1 else 0) | (0x40 if at + step >= end else 0)
-            out.append(bytes((indicator, flags | kind)) + view[at : min(at + step, end)])
-    return out
-
-
 class RtpFramer:
     """A publish session's RTP of one track over the RTSP connection (RFC 2326 10.12): each frame's RTP payloads
     as one run of interleaved frames, with this track's SSRC, sequence numbers and timestamps; and its RTCP sender
@@ -562,8 +535,7 @@ class RtspPublisher:
                 )
 
             def write(frame: EncodedFrame) -> None:
-                payloads = whole_nals(frame.data) if WHOLE_NALS else payloads_for(frame)
-                conn.write(framer.frame(payloads, frame.pts - base, frame.capture_time))
+                conn.write(framer.frame(payloads_for(frame), frame.pts - base, frame.capture_time))
                 self.published += 1
                 conn.keep_alive()
 
