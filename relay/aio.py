@@ -39,6 +39,42 @@ async def read_pipe(pipe: asyncio.StreamReader, feed, handle, limit: int) -> Non
             handle(msg)
 
 
+class PipeMessages(asyncio.Protocol):
+    """A child's messages as its pipe delivers them: each read through ``feed`` (a protocol's ``Reader.feed``: bytes
+    in, whole messages out, raising for a corrupt stream) and each message to ``handle``, in the read's own callback.
+    ``read_pipe`` over a ``StreamReader`` copied every read into the reader's buffer and out again, and woke its task
+    for it: one more event-loop pass between a camera's unit and its viewers, at every unit of every camera.
+
+    ``ended`` is done when the pipe ends (None), or with the exception ``feed`` or ``handle`` raised (the pipe is
+    closed then: nothing more is read from a corrupt stream)."""
+
+    def __init__(self, feed, handle) -> None:
+        self._feed, self._handle = feed, handle
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.ended.done():
+            return
+        try:
+            for msg in self._feed(data):
+                self._handle(msg)
+        except Exception as exc:
+            self.ended.set_exception(exc)
+            if self._transport is not None:
+                self._transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ended.done():
+            if exc is None:
+                self.ended.set_result(None)
+            else:
+                self.ended.set_exception(exc)
+
+
 def signal_group(proc: asyncio.subprocess.Process, sig: int) -> None:
     """Send ``sig`` to a child started with ``start_new_session=True`` and everything it
     started (its process group); on systems without process groups, to the child alone."""

@@ -571,6 +571,9 @@ class AccessUnit:
     data: bytes
     pts: int
     keyframe: bool  # holds an IDR slice
+    # The type of each of its NAL units, in order, as the depacketizer took them (``ParameterSets.access_unit``
+    # then need not scan the unit for its start codes); None where not known.
+    kinds: tuple[int, ...] | None = None
 
     def __bytes__(self) -> bytes:
         return self.data
@@ -634,6 +637,7 @@ class H264Depacketizer:
         self._unit = bytearray()  # the unit being gathered, Annex B: its whole NAL units, then an FU-A's so far
         self._size = 0  # of its whole NAL units, each with NAL_OVERHEAD
         self._keyframe = False  # one of its whole NAL units is an IDR slice
+        self._kinds: list[int] = []  # the type of each NAL unit in it, an FU-A's being gathered too
         self._fu: int | None = None  # where the FU-A being gathered starts in _unit (its NAL header), while one is
         self._timestamp: int | None = None  # of the unit being gathered, unwrapped
         self._last_seq: int | None = None
@@ -691,7 +695,7 @@ class H264Depacketizer:
         gathered (the next in sequence, its timestamp: an FU-A, a single NAL unit, within the unit's cap) is
         taken where it lies, with no object made for it; any other goes through ``push``, and when that
         refuses it (``RtspError``) the packet is dropped and why is appended to ``errors``."""
-        pos, size, unit, pt = 0, len(view), self._unit, self.payload_type
+        pos, size, unit, kinds, pt = 0, len(view), self._unit, self._kinds, self.payload_type
         next_seq, next_ts, next_ssrc = self._expected()
         taken = 0  # packets taken where they lie and not yet counted (self.packets, self._last_seq)
         try:
@@ -728,6 +732,7 @@ class H264Depacketizer:
                                 unit += START_CODE
                                 self._fu = len(unit)
                                 unit.append((indicator & 0xE0) | fu_header & 0x1F)
+                                kinds.append(fu_header & 0x1F)
                             unit += view[at + 2 : end]
                             if fu_header & 0x40:  # its end
                                 self._fu = None
@@ -737,6 +742,7 @@ class H264Depacketizer:
                     elif 1 <= kind <= 23 and fu is None and self._size + end - at + NAL_OVERHEAD <= MAX_UNIT_BYTES:
                         unit += START_CODE
                         unit += view[at:end]
+                        kinds.append(kind)
                         self._size += end - at + NAL_OVERHEAD
                         self._keyframe = self._keyframe or kind == NAL_IDR
                         kind = -1
@@ -746,7 +752,7 @@ class H264Depacketizer:
                         if b1 & 0x80:  # its marker: the unit is whole
                             self.packets, self._last_seq, taken = self.packets + taken, seq, 0
                             out += self._finish()
-                            unit = self._unit
+                            unit, kinds = self._unit, self._kinds
                         continue
                 if taken:
                     self.packets, self._last_seq, taken = self.packets + taken, (next_seq - 1) % SEQUENCE_MOD, 0
@@ -754,7 +760,7 @@ class H264Depacketizer:
                     out += self.push(parse_rtp(bytes(view[start:end])))
                 except RtspError as exc:
                     errors.append(str(exc))
-                unit = self._unit
+                unit, kinds = self._unit, self._kinds
                 next_seq, next_ts, next_ssrc = self._expected()
         finally:
             if taken:
@@ -831,6 +837,7 @@ class H264Depacketizer:
         if self._size > MAX_UNIT_BYTES:
             if fu is not None:
                 del self._unit[fu - len(START_CODE) :]
+                self._kinds.pop()
             raise RtspError(f"access unit over {MAX_UNIT_BYTES} bytes (no marker bit, no new timestamp)")
         self._keyframe = self._keyframe or kind == NAL_IDR
 
@@ -838,6 +845,7 @@ class H264Depacketizer:
         self._count(len(nal), nal[0] & 0x1F)
         self._unit += START_CODE
         self._unit += nal
+        self._kinds.append(nal[0] & 0x1F)
 
     def _fragment(self, payload: memoryview) -> None:
         """An FU-A's fragment (``payload``: its indicator, its header, its bytes), its start already taken."""
@@ -855,6 +863,7 @@ class H264Depacketizer:
         """The FU-A being gathered goes (its start and the fragments so far)."""
         assert self._fu is not None
         del self._unit[self._fu - len(START_CODE) :]
+        self._kinds.pop()
         self._fu = None
 
     def _add(self, payload: bytes) -> None:
@@ -891,6 +900,7 @@ class H264Depacketizer:
                 self._unit += START_CODE
                 self._fu = len(self._unit)
                 self._unit.append((payload[0] & 0xE0) | nal_kind)
+                self._kinds.append(nal_kind)
             elif self._fu is None:
                 raise RtspError(f"FU-A fragment without its start (NAL type {nal_kind})")
             self._fragment(memoryview(payload))
@@ -900,10 +910,10 @@ class H264Depacketizer:
             raise RtspError(f"RTP H.264 NAL unit type {kind} is undefined")
 
     def _clear(self) -> None:
-        self._unit, self._size, self._keyframe, self._fu = bytearray(), 0, False, None
+        self._unit, self._size, self._keyframe, self._fu, self._kinds = bytearray(), 0, False, None, []
 
     def _finish(self) -> list[AccessUnit]:
-        unit, keyframe, whole = self._unit, self._keyframe, self._size > 0
+        unit, keyframe, whole, kinds = self._unit, self._keyframe, self._size > 0, self._kinds
         broken = self._broken or self._fu is not None
         self._clear()
         self._broken = False
@@ -916,4 +926,4 @@ class H264Depacketizer:
         self._wait_idr = False
         self.units += 1
         assert self._timestamp is not None
-        return [AccessUnit(bytes(unit), self._timestamp, keyframe)]
+        return [AccessUnit(bytes(unit), self._timestamp, keyframe, tuple(kinds))]

@@ -23,11 +23,12 @@ import math
 import random
 import signal
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from . import h264, ipc
-from .aio import cancel_and_wait, read_pipe, signal_group
+from .aio import PipeMessages, cancel_and_wait, read_pipe, signal_group
 from .backoff import CAMERA_RESTARTS, Restarts, Retry
 from .hub import EncodedFrame, PacketHub
 from .ipc import EncoderSettings
@@ -480,9 +481,10 @@ class Stream:
         self.hub.publish(EncodedFrame(msg.payload, msg.pts, msg.keyframe, msg.capture_time))
 
     def _read_sps(self, unit: bytes) -> None:
-        """The SPS in front of a keyframe, parsed when it differs from the last one."""
+        """The SPS in front of a keyframe (before its first slice: a 1080p keyframe, 100-300 KiB, is not split
+        for it), parsed when it differs from the last one."""
         try:
-            found = next((n for n in h264.split_annexb(unit) if h264.nal_type(n) == h264.NAL_SPS), b"")
+            found = next((n for n in h264.head_nals(unit) if h264.nal_type(n) == h264.NAL_SPS), b"")
             if found and found != self._sps_bytes:
                 self._sps_bytes = found
                 self.sps = h264.parse_sps(found)
@@ -544,7 +546,7 @@ class Worker:
             run=self._run,
             ended=self._ended,
             retry=retry,
-            limit=PIPE_LIMIT,
+            stdout_protocol=lambda: PipeMessages(ipc.Reader().feed, self._on_message),
         )
         self._open: set[str] = set()  # its streams started and not closed (or moved out)
         self._supervised = False
@@ -608,8 +610,9 @@ class Worker:
     async def _run(self, proc: Process) -> None:
         watchdog = asyncio.get_running_loop().create_task(self._watchdog(proc))
         try:
-            assert proc.stdout is not None
-            await self.read(proc.stdout)
+            pipe = self._child.stdout
+            assert isinstance(pipe, PipeMessages)
+            await self._until_corrupt(pipe.ended)
         finally:
             await cancel_and_wait(watchdog)
 
@@ -662,10 +665,13 @@ class Worker:
                 other.start(stream)
 
     async def read(self, pipe: asyncio.StreamReader) -> None:
-        """The worker's messages (``relay.ipc``) from its stdout, each to its camera's stream, until it ends or
-        turns out corrupt."""
+        """The worker's messages (``relay.ipc``) from ``pipe``, each to its camera's stream, until it ends or
+        turns out corrupt. (The process's own stdout is read as it comes, by ``PipeMessages``, the same way.)"""
+        await self._until_corrupt(read_pipe(pipe, ipc.Reader().feed, self._on_message, PIPE_LIMIT))
+
+    async def _until_corrupt(self, reading: Awaitable[None]) -> None:
         try:
-            await read_pipe(pipe, ipc.Reader().feed, self._on_message, PIPE_LIMIT)
+            await reading
         except ipc.ProtocolError as exc:
             self._killing = True  # by the supervisor, as it ends the run
             log.error("%s pipe is corrupt (%s); restarting the worker", self.name, exc)

@@ -13,6 +13,7 @@ and nothing unreaped.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import shutil
@@ -33,6 +34,12 @@ STOP_TIMEOUT = 5.0  # seconds a child gets to stop after each way of asking: std
 # setpriv, which every Debian has, before it execs the program). Without it an orphaned mediamtx kept the
 # RTSP port, and the relay started again could never have its own mediamtx answer there.
 DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "KILL", "--")
+
+# A child's stdout pipe read by a protocol holds this much (Linux's F_SETPIPE_SZ; its default is 64 KiB, and an
+# unprivileged process may ask up to /proc/sys/fs/pipe-max-size, 1 MiB by default): a 1080p keyframe (100-300 KiB)
+# goes in one write, not in 64 KiB pieces, each a wait for the relay to read the last (a wake-up of both processes,
+# and of the cameras sharing the worker, whose units queue behind it).
+PIPE_BYTES = 1 << 20
 
 Process = asyncio.subprocess.Process
 
@@ -59,6 +66,7 @@ class Child:
         started: Callable[[Process], None] = lambda proc: None,
         ended: Callable[[int | None], Awaitable[None]] = _nothing,
         retry: Retry | None = None,
+        stdout_protocol: Callable[[], asyncio.Protocol] | None = None,
         **popen: object,
     ) -> None:
         self.name = name
@@ -66,6 +74,11 @@ class Child:
         self.env = env or {}  # besides what childenv passes
         self.restarts = 0
         self.proc: Process | None = None
+        # With ``stdout_protocol``, the child's stdout is a pipe read by a protocol it makes at each start
+        # (``stdout``, its transport closed once the child is reaped), not ``proc.stdout``'s StreamReader.
+        self.stdout: asyncio.Protocol | None = None
+        self._stdout_protocol = stdout_protocol
+        self._stdout_transport: asyncio.BaseTransport | None = None
         self._run = run
         self._started = started
         self._ended = ended
@@ -85,12 +98,32 @@ class Child:
 
     async def spawn(self) -> Process:
         """Start the program now (its own session, its own process group)."""
-        self.proc = await asyncio.create_subprocess_exec(
-            *_dies_with_parent(self.argv), env=child_env(os.environ, **self.env), start_new_session=True,
-            **self._popen,
-        )  # fmt: skip
+        if self._stdout_protocol is None:
+            self.proc = await self._exec(**self._popen)
+        else:
+            read_end, write_end = os.pipe()
+            _enlarge(write_end, PIPE_BYTES)
+            try:
+                self.proc = await self._exec(stdout=write_end, **self._popen)
+            except BaseException:
+                os.close(read_end)
+                raise
+            finally:
+                os.close(write_end)  # the child's now: the pipe ends when it (and whatever it started) has gone
+            pipe = os.fdopen(read_end, "rb", buffering=0)
+            try:
+                loop = asyncio.get_running_loop()
+                self._stdout_transport, self.stdout = await loop.connect_read_pipe(self._stdout_protocol, pipe)
+            except BaseException:
+                pipe.close()
+                raise  # the process goes with its supervision's reaping (nobody would read it)
         self._started(self.proc)
         return self.proc
+
+    async def _exec(self, **popen: object) -> Process:
+        return await asyncio.create_subprocess_exec(
+            *_dies_with_parent(self.argv), env=child_env(os.environ, **self.env), start_new_session=True, **popen
+        )
 
     def supervise(self) -> None:
         """Run it (the one ``spawn`` started, else a new one), and again whenever it ends, until ``stop()``."""
@@ -150,6 +183,9 @@ class Child:
             signal_group(proc, signal.SIGKILL)
         code = await proc.wait()
         self.proc = None
+        if self._stdout_transport is not None:  # its pipe, if a process it started still holds it open
+            self._stdout_transport.close()
+            self._stdout_transport = None
         await self._ended(code)
         return code
 
@@ -163,12 +199,17 @@ def python_child(
     run: Callable[[Process], Awaitable[None]],
     ended: Callable[[int | None], Awaitable[None]],
     retry: Retry | None,
-    limit: int,
+    limit: int = 0,
+    stdout_protocol: Callable[[], asyncio.Protocol] | None = None,
 ) -> Child:
     """A camrelay process (``python -m module``: a camera worker, a fan-out shard) that speaks over its stdin and
-    stdout (``limit``: the longest line its stdout reader takes). ``config``, (variable, value), goes in its
+    stdout: its stdout read by ``proc.stdout`` (``limit``: the longest line that reader takes), or by a
+    ``stdout_protocol`` made at each start (``Child.stdout``). ``config``, (variable, value), goes in its
     environment, not its argv: any local user can read argv (ps), and a camera's URL holds its password;
     /proc/<pid>/environ is readable by us only."""
+    out: dict = {"stdout": asyncio.subprocess.PIPE, "limit": limit}
+    if stdout_protocol is not None:
+        out = {"stdout_protocol": stdout_protocol}
     return Child(
         name,
         [sys.executable, "-m", module],
@@ -178,8 +219,7 @@ def python_child(
         ended=ended,
         retry=retry,
         stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        limit=limit,
+        **out,
     )
 
 
@@ -189,6 +229,16 @@ async def _exited(proc: Process) -> bool:
         return True
     except TimeoutError:
         return False
+
+
+def _enlarge(pipe: int, size: int) -> None:
+    """The pipe ``pipe`` made to hold ``size`` bytes where the system lets us; as it was where not."""
+    if not hasattr(fcntl, "F_SETPIPE_SZ"):
+        return
+    try:
+        fcntl.fcntl(pipe, fcntl.F_SETPIPE_SZ, size)
+    except OSError as exc:  # over pipe-max-size, or the user's pipe pages used up (pipe-user-pages-soft)
+        log.debug("pipe left at its size (%d bytes asked): %s", size, exc)
 
 
 def _dies_with_parent(argv: list[str]) -> list[str]:

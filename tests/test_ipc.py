@@ -127,6 +127,55 @@ async def test_a_stream_reads_its_worker_through_the_reader():
     stream.audio.close()
 
 
+def _fake_worker(stream: Stream, data: bytes) -> None:
+    """``stream``'s worker process replaced by one that writes ``data`` to its pipe, then waits for its stdin to
+    close (as a worker stops when the relay asks)."""
+    script = f"import os, sys; os.write(1, {data!r}); sys.stdin.read()"
+    stream.worker._child.argv = [sys.executable, "-c", script]
+
+
+async def test_a_worker_process_s_units_are_published_from_the_read_of_its_pipe_with_no_task_woken():
+    """Each unit the worker writes is published from the pipe's own read callback. Before, a StreamReader took the
+    read and woke the worker's task for it, which published it one event-loop pass later (behind everything else
+    that pass had): a pass and a task's wake-up per unit of every camera."""
+    stream = Stream("cam0", SourceSpec("test", ""), EncoderSettings(1_000_000, 30.0, 1.0, "libx264"), 640, 360)
+    unit = b"\x00\x00\x00\x01\x65abc"
+    _fake_worker(stream, b"".join(ipc.pack(ipc.UNIT, unit, flags=ipc.FLAG_KEYFRAME, pts=i) for i in range(3)))
+    published: list[tuple[int, asyncio.Task | None]] = []
+    done = asyncio.Event()
+    publish = stream.hub.publish
+
+    def recorded(frame, now=None) -> None:
+        published.append((frame.pts, asyncio.current_task()))
+        done.set()
+        publish(frame, now)
+
+    stream.hub.publish = recorded
+    stream.start()
+    try:
+        await asyncio.wait_for(done.wait(), 30)
+        await asyncio.sleep(0.1)
+    finally:
+        await stream.close()
+    assert published == [(0, None), (1, None), (2, None)], published
+    assert stream.stats.frames_encoded == 3 and stream.stats.worker_restarts == 0
+
+
+async def test_a_worker_process_whose_pipe_turns_out_corrupt_is_restarted(caplog):
+    stream = Stream("cam0", SourceSpec("test", ""), EncoderSettings(1_000_000, 30.0, 1.0, "libx264"), 640, 360)
+    _fake_worker(stream, b"\x63" * ipc.HEADER.size)  # a message of unknown type 0x63
+    stream.start()
+    try:
+        for _ in range(300):
+            if stream.stats.worker_restarts:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await stream.close()
+    assert stream.stats.worker_restarts >= 1
+    assert any("pipe is corrupt (unknown message type 99); restarting the worker" in r.message for r in caplog.records)
+
+
 def _modules_after(*imports: str) -> set[str]:
     code = f"import sys, {', '.join(imports)}; print(' '.join(sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout

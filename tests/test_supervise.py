@@ -163,3 +163,41 @@ async def test_a_child_dies_with_its_relay_even_when_the_relay_is_killed_and_cle
             parent.kill()
             await parent.wait()
     assert gone and not alive, "the child outlived its killed parent"
+
+
+class _Collect(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.done = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.done.set_result(None)
+
+
+async def test_a_child_s_stdout_read_by_a_protocol_is_a_pipe_that_holds_a_keyframe_and_is_closed_when_reaped():
+    """The child's stdout pipe holds ``PIPE_BYTES`` (a 1080p keyframe in one write; Linux's default is 64 KiB), is
+    read by a protocol made at each start, and is closed with the child."""
+    import fcntl
+
+    report = "import fcntl, os; os.write(1, str(fcntl.fcntl(1, fcntl.F_GETPIPE_SZ)).encode())"
+    sizes: list[int] = []
+    child: Child
+
+    async def run(proc) -> None:
+        await child.stdout.done
+        sizes.append(int(child.stdout.data))
+        await proc.wait()
+
+    child = Child("test child", [sys.executable, "-c", report], run=run, retry=QUICK, stdout_protocol=_Collect)
+    child.supervise()
+    for _ in range(GONE_POLLS):
+        if len(sizes) >= 2:
+            break
+        await asyncio.sleep(0.05)
+    await child.stop()
+    assert hasattr(fcntl, "F_GETPIPE_SZ")
+    assert len(sizes) >= 2 and set(sizes) == {supervise.PIPE_BYTES}, sizes  # each start's pipe, a new protocol
+    assert child._stdout_transport is None

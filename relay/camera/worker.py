@@ -640,7 +640,7 @@ class Pipeline:
             self._last_read = time.monotonic()
             st.frames_captured += 1
             try:
-                unit, idr = sets.access_unit(_annexb(bytes(packet), length))
+                unit, idr = sets.access_unit(_annexb(bytes(packet), length), getattr(packet, "kinds", None))
             except H264Error as exc:
                 st.frames_dropped_corrupt += 1
                 log.debug("stream=%s %s", self.name, exc)
