@@ -6,13 +6,16 @@ alone; never more processes than cameras, and a process that dies once keeps its
 The worker processes are real (``tests/crashworker.py``: ``relay.camera.worker`` with a source that calls
 ``os.abort()`` while a trigger file lies beside its clip), fed looped H.264 clips passed through as a shared
 worker's RTSP cameras are; the relay's clock for "soon" is injected (it stands still: every death is soon), and the
-cameras' restarts are counted, never timed.
+cameras' restarts are counted, never timed. The relay's watchdog, which runs on real time, is off in the tests that
+run processes (``WORKER_STALL`` past any test): on a loaded machine a process slow to send would otherwise be killed,
+and that kill, counted as a death, would split a process the test expects whole.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 import time
@@ -33,8 +36,9 @@ QUICK = Retry(Backoff(initial=0.05, cap=0.05, jitter=0.0))  # restarts at once: 
 
 def streams_of(tmp_path, clip, names: str, monkeypatch) -> list[Stream]:
     """A stream per name, each a looped copy of ``clip`` passed through, all in one worker process (run as
-    ``tests.crashworker``), its clock frozen."""
+    ``tests.crashworker``), its clock frozen, the relay's watchdog off (no death but the ones the test makes)."""
     monkeypatch.setattr(stream_module, "WORKER_MODULE", "tests.crashworker")
+    monkeypatch.setattr(stream_module, "WORKER_STALL", math.inf)
     (tmp_path / "clip.mp4").symlink_to(clip)
     spec = parse_source_spec(f"file:{tmp_path / 'clip.mp4'}#mode=passthrough")
     settings = EncoderSettings(1_000_000, 30.0, 1.0, "libx264")
