@@ -595,6 +595,10 @@ class Worker:
         solo = Worker([stream], stream.retry)  # its own backoff, as the worker it had before it was grouped
         if started:
             solo.start(stream)
+        self._stop_if_unused()
+
+    def _stop_if_unused(self) -> None:
+        """Its process stopped once none of its streams is open here (all moved out, or split off)."""
         if self._supervised and not self._open and self._stopping is None:
             self._stopping = asyncio.get_running_loop().create_task(self._child.stop())
 
@@ -625,11 +629,14 @@ class Worker:
         # abort, an exit, the relay's kill of a process that hung or wrote garbage.
         others = code == -signal.SIGKILL and not self._killing
         self._killing = False
-        if not self._child.stopping and not others:
+        # Streams closing (the relay stops them, or itself): no new process for them, nor one left without them.
+        closing = any(s.closing for s in members)
+        if not self._child.stopping and not others and not closing:
             now = self.clock()
             if len(members) > 1 and self._died_at is not None and now - self._died_at < SPLIT_WITHIN:
                 self._split(members, code, now)
                 members = self.members()
+                self._stop_if_unused()
             self._died_at = now
         if members and len(members) < len(self.streams):  # the next process runs only those still here
             self.streams = members

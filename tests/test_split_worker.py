@@ -22,6 +22,7 @@ import time
 import types
 
 from relay import stream as stream_module
+from relay import supervise
 from relay.backoff import Backoff, Retry
 from relay.ipc import EncoderSettings
 from relay.source import parse_source_spec
@@ -159,3 +160,24 @@ async def test_the_relay_s_own_kills_count_toward_a_split_and_another_s_sigkill_
         await killed._ended(-signal.SIGKILL)
     assert [s.name for s in hung.streams] == ["a", "b"] and hung.name == "streams=a,b worker"
     assert [s.name for s in killed.streams] == list("efgh") and all(s.stats.worker_splits == 0 for s in killed.streams)
+
+
+async def test_a_shared_worker_dying_while_its_streams_close_is_not_split(monkeypatch):
+    """Before: a shared process that died twice while the relay closed its streams (its first two released) was
+    split all the same: a new process started for two cameras mid-shutdown, and the old one, none of its streams
+    open, kept restarting for two closed cameras. Now a worker with a stream closing is not split. No process runs:
+    the supervision is stubbed, the ends driven by hand, the relay's clock frozen."""
+    monkeypatch.setattr(supervise.Child, "supervise", lambda self: None)
+    settings = EncoderSettings(1_000_000, 30.0, 1.0)
+    streams = [Stream(n, parse_source_spec(f"rtsp://10.0.0.{i}/s"), settings, 640, 360) for i, n in enumerate("abcd")]
+    (worker,) = share_workers(streams, per_worker=len(streams))
+    worker.clock = Frozen()
+    for stream in streams:
+        worker.start(stream)
+    for stream in streams[:2]:  # as ``Stream.close`` does, the first two closed before the others
+        stream.closing = True
+        await worker.release(stream)
+    await worker._ended(-signal.SIGABRT)
+    await worker._ended(-signal.SIGABRT)
+    assert [s.worker for s in streams] == [worker] * 4 and worker.streams == streams, "not split"
+    assert all(s.stats.worker_splits == 0 for s in streams)
