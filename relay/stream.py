@@ -556,6 +556,11 @@ class Worker:
         self._stopping: asyncio.Task[None] | None = None  # the process stopped once every stream moved out
         self._died_at: float | None = None  # on ``clock``: its process's last death (an end it was not asked for)
         self._killing = False  # the relay kills its process (its watchdog, a corrupt pipe): not another's SIGKILL
+        # Its process sent a picture since it started (it came up); one the watchdog killed before that (slower to
+        # start than WORKER_STARTUP_GRACE: many cameras on a Pi at boot) is no crashing camera, its kill no death
+        # toward a split (``_ended``): splits are for good.
+        self._up = False
+        self._killed_unborn = False
 
     @property
     def pid(self) -> int | None:
@@ -608,6 +613,7 @@ class Worker:
             proc.stdin.write(ipc.command(camera, cmd))
 
     def _started(self, proc: Process) -> None:
+        self._up = False
         for stream in self.members():
             stream.worker_started()
 
@@ -628,10 +634,10 @@ class Worker:
         # processes, would only take more memory. Every other end it was not asked for is its own: a crash, an
         # abort, an exit, the relay's kill of a process that hung or wrote garbage.
         others = code == -signal.SIGKILL and not self._killing
-        self._killing = False
+        unborn, self._killing, self._killed_unborn = self._killed_unborn, False, False
         # Streams closing (the relay stops them, or itself): no new process for them, nor one left without them.
         closing = any(s.closing for s in members)
-        if not self._child.stopping and not others and not closing:
+        if not self._child.stopping and not others and not closing and not unborn:
             now = self.clock()
             if len(members) > 1 and self._died_at is not None and now - self._died_at < SPLIT_WITHIN:
                 self._split(members, code, now)
@@ -686,6 +692,8 @@ class Worker:
     def _on_message(self, msg: ipc.Message) -> None:
         if msg.camera >= len(self.streams):
             raise ipc.ProtocolError(f"a message for camera {msg.camera}; the worker has {len(self.streams)}")
+        if msg.kind == ipc.UNIT:
+            self._up = True
         if msg.kind == ipc.LOG:  # the process's, whichever camera it is about (the line names its stream)
             self._on_log(msg)
             return
@@ -733,8 +741,9 @@ class Worker:
             if silent > WORKER_STALL and proc.returncode is None:
                 for stream in members:
                     stream.stats.worker_stalls += 1
-                log.error("%s sent nothing for %.1fs; killing it", self.name, silent)
-                self._killing = True
+                since = "" if self._up else " since it started (not counted toward a split)"
+                log.error("%s sent nothing for %.1fs%s; killing it", self.name, silent, since)
+                self._killing, self._killed_unborn = True, not self._up
                 signal_group(proc, signal.SIGKILL)
                 return
 

@@ -138,8 +138,9 @@ async def test_a_shared_worker_that_crashes_once_in_a_while_or_is_sigkilled_by_a
 
 async def test_the_relay_s_own_kills_count_toward_a_split_and_another_s_sigkill_does_not(monkeypatch):
     """A shared process the relay's watchdog kills twice in a row (it hung: some camera wedged it) is split as one
-    that crashes; one SIGKILLed twice by another (the OOM killer) is not. No process runs: the watchdog's kill and
-    the ends are driven by hand, the relay's clock frozen."""
+    that crashes; one SIGKILLed twice by another (the OOM killer) is not, nor one the watchdog killed twice before
+    it ever sent a picture (slower to start than ``WORKER_STARTUP_GRACE``: no crashing camera; a split is for good).
+    No process runs: the watchdog's kill and the ends are driven by hand, the relay's clock frozen."""
     monkeypatch.setattr(stream_module, "signal_group", lambda proc, sig: None)
     settings = EncoderSettings(1_000_000, 30.0, 1.0)
 
@@ -151,15 +152,18 @@ async def test_the_relay_s_own_kills_count_toward_a_split_and_another_s_sigkill_
         worker.clock = Frozen()
         return worker
 
-    hung, killed = shared("abcd"), shared("efgh")
+    hung, killed, slow = shared("abcd"), shared("efgh"), shared("ijkl")
     for _ in range(2):
-        for stream in hung.members():
-            stream.last_unit = time.monotonic() - stream_module.WORKER_STALL - 1
-        await hung._watchdog(types.SimpleNamespace(returncode=None))  # sees it silent, kills it
-        await hung._ended(-signal.SIGKILL)
+        hung._up = True  # it sent a picture (came up), then hung
+        for worker in (hung, slow):  # slow never came up: it took longer than WORKER_STARTUP_GRACE to start
+            for stream in worker.members():
+                stream.last_unit = time.monotonic() - stream_module.WORKER_STALL - 1
+            await worker._watchdog(types.SimpleNamespace(returncode=None))  # sees it silent, kills it
+            await worker._ended(-signal.SIGKILL)
         await killed._ended(-signal.SIGKILL)
     assert [s.name for s in hung.streams] == ["a", "b"] and hung.name == "streams=a,b worker"
     assert [s.name for s in killed.streams] == list("efgh") and all(s.stats.worker_splits == 0 for s in killed.streams)
+    assert [s.name for s in slow.streams] == list("ijkl") and all(s.stats.worker_splits == 0 for s in slow.streams)
 
 
 async def test_a_shared_worker_dying_while_its_streams_close_is_not_split(monkeypatch):
