@@ -36,10 +36,13 @@ STOP_TIMEOUT = 5.0  # seconds a child gets to stop after each way of asking: std
 DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "KILL", "--")
 
 # A child's stdout pipe read by a protocol holds this much (Linux's F_SETPIPE_SZ; its default is 64 KiB, and an
-# unprivileged process may ask up to /proc/sys/fs/pipe-max-size, 1 MiB by default): a 1080p keyframe (100-300 KiB)
-# goes in one write, not in 64 KiB pieces, each a wait for the relay to read the last (a wake-up of both processes,
-# and of the cameras sharing the worker, whose units queue behind it).
-PIPE_BYTES = 1 << 20
+# unprivileged process may ask up to /proc/sys/fs/pipe-max-size, 1 MiB by default): a 1080p keyframe (100-300 KiB;
+# 230 kB in the tests' clip) mostly goes in one write, not in 64 KiB pieces, each a wait for the relay to read the
+# last (a wake-up of both processes, and of the cameras sharing the worker, whose units queue behind it); one larger
+# takes one more wait, once a GOP. No more: what the pipe holds is video gone stale when the relay falls behind, and
+# the worker's writes wait (its threads see the relay is slow) only once it is full: 256 KiB is 2 s of a 1 Mbit/s
+# camera (0.5 s at 4 Mbit/s), 1 MiB was 8 s.
+PIPE_BYTES = 1 << 18
 
 Process = asyncio.subprocess.Process
 
