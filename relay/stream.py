@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from . import h264, ipc
-from .aio import PipeMessages, cancel_and_wait, read_pipe, signal_group
+from .aio import PipeMessages, cancel_and_wait, signal_group
 from .backoff import CAMERA_RESTARTS, Restarts, Retry
 from .hub import EncodedFrame, PacketHub
 from .ipc import EncoderSettings
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 WORKER_STALL = ipc.OUTPUT_STALL
 WORKER_STARTUP_GRACE = ipc.OUTPUT_STARTUP_GRACE  # a fresh worker imports PyAV and opens its source first
 WATCHDOG_PERIOD = 0.5
-PIPE_LIMIT = 1 << 20  # reader buffer and the most one read takes; one 4K JPEG fits
 # A camera passed through has no encoder to slow, and skipping its frames is not sound: with no B-frames every
 # picture is a reference (x264, IP cameras), so a skipped one breaks each viewer's picture until the next IDR,
 # seconds away; and relaying it costs ~1 % of a core (docs/benchmarks.md). The guard's limit waits for the slate.
@@ -447,10 +446,6 @@ class Stream:
         self.encoders_running = 0
         self.state = "starting"
 
-    async def read_worker(self, pipe: asyncio.StreamReader) -> None:
-        """Its worker's messages (``relay.ipc``) from ``pipe``, until it ends or turns out corrupt."""
-        await self.worker.read(pipe)
-
     def on_message(self, msg: ipc.Message) -> None:
         """One message of its worker's about this camera."""
         if msg.kind == ipc.UNIT:
@@ -676,11 +671,6 @@ class Worker:
             if stream.name in self._open:
                 self._open.discard(stream.name)
                 other.start(stream)
-
-    async def read(self, pipe: asyncio.StreamReader) -> None:
-        """The worker's messages (``relay.ipc``) from ``pipe``, each to its camera's stream, until it ends or
-        turns out corrupt. (The process's own stdout is read as it comes, by ``PipeMessages``, the same way.)"""
-        await self._until_corrupt(read_pipe(pipe, ipc.Reader().feed, self._on_message, PIPE_LIMIT))
 
     async def _until_corrupt(self, reading: Awaitable[None]) -> None:
         try:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from relay import ipc
+from relay.aio import PipeMessages
 from relay.ipc import EncoderSettings
 from relay.source import SourceSpec
 from relay.stream import Stream
@@ -102,6 +103,8 @@ def test_config_and_status_cross_as_typed_json_and_anything_else_is_refused():
 
 
 async def test_a_stream_reads_its_worker_through_the_reader():
+    """The worker's messages, as its pipe delivers them (a read may end anywhere, here every 5 bytes), through the
+    relay's protocol (``aio.PipeMessages``, what ``supervise.Child`` reads a worker's stdout with) to the stream."""
     stream = Stream("cam0", SourceSpec("test", ""), EncoderSettings(1_000_000, 30.0, 1.0, "libx264"), 640, 360)
     status = ipc.WorkerStatus(frames_captured=5, state="live", width=320, height=240, fps=15.0, encoder="libx264")
     data = (
@@ -111,11 +114,11 @@ async def test_a_stream_reads_its_worker_through_the_reader():
         + ipc.pack(ipc.STATUS, status.to_json())
         + ipc.pack(ipc.STATUS, b'{"state": "live"}')  # missing fields: logged, not taken
     )
-    pipe = asyncio.StreamReader()
+    pipe = PipeMessages(ipc.Reader().feed, stream.worker._on_message)
     for i in range(0, len(data), 5):
-        pipe.feed_data(data[i : i + 5])
-    pipe.feed_eof()
-    await stream.read_worker(pipe)
+        pipe.data_received(data[i : i + 5])
+    pipe.connection_lost(None)
+    await pipe.ended
     assert (stream.stats.frames_encoded, stream.stats.keyframes, stream.stats.frames_captured) == (1, 1, 5)
     assert stream.jpegs.latest.data == b"\xff\xd8\xff\xd9" and stream.jpegs.latest.capture_time == 2.0
     assert (stream.state, stream.width, stream.height, stream.fps) == ("live", 320, 240, 15.0)
