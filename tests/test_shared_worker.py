@@ -1041,11 +1041,12 @@ async def test_a_sound_that_hangs_every_time_leaves_at_most_sound_left_max_threa
     assert len(lines(caplog, "stream=cam1", f"its thread stuck {where}; starting the sound afresh")) == 3
 
 
-def in_pipe_write(thread: threading.Thread | None) -> bool:
-    """``thread`` is in a write to the relay's pipe (``worker.PipeWriter``): waiting for room in it, or for its lock."""
+def in_pipe_write(thread: threading.Thread | None, code=worker.PipeWriter.__call__.__code__) -> bool:
+    """``thread`` is in a write to the relay's pipe (``worker.PipeWriter``): waiting for room in it, or for its lock
+    (or, ``code``, in that function)."""
     frame = sys._current_frames().get(thread.ident) if thread is not None else None
     while frame is not None:
-        if frame.f_code is worker.PipeWriter.__call__.__code__:
+        if frame.f_code is code:
             return True
         frame = frame.f_back
     return False
@@ -1111,6 +1112,103 @@ async def test_a_full_pipe_to_the_relay_is_not_taken_for_a_hung_source_nor_a_sil
         cameras.replaced == 0
         and [(s.camera_restarts, s.audio_restarts, s.source_errors) for s in statuses] == [(0, 0, 0)] * 2
     )
+
+
+def fill(fd: int) -> None:
+    """The pipe ``fd`` writes to made full, as a relay slow to read it leaves it, to the last byte a message could
+    take: of whole messages (each under PIPE_BUF: written whole or not at all), ever smaller, of a camera 9 the
+    tests do not count."""
+    os.set_blocking(fd, False)
+    try:
+        for size in (3000, 1000, 300, 100, 30, 10, 3, 1, 0):
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    os.write(fd, ipc.pack(ipc.UNIT, b"\0" * size, camera=9))
+    finally:
+        os.set_blocking(fd, True)
+
+
+async def test_a_sound_thread_logging_into_a_full_pipe_is_not_taken_for_hung():
+    """Before: only a pipeline's own packets counted as writes that may wait; the worker's log lines go to the relay
+    through the same pipe (``ForwardingHandler`` on the same ``PipeWriter``), so a sound thread that logged it went
+    live while the pipe was full waited there and was taken for hung (its sound restarted because the relay was
+    slow). Now any write to the pipe counts: the thread waiting in its log line is not hung, however long it waits,
+    and once the pipe is read it carries on."""
+    read_end, write_end = os.pipe()
+    pipe = worker.PipeWriter(write_end, lambda: None)
+    handler = worker.ForwardingHandler(
+        lambda level, name, msg: pipe(ipc.pack_json(ipc.LOG, {"level": level, "logger": name, "message": msg}))
+    )
+    logger = logging.getLogger(audio.__name__)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    sound = audio.AudioPipeline("cam0", lambda: audio.open_audio_source("test"), pipe)
+    drain = Drain(read_end)
+    fill(write_end)
+    sound.start()
+    try:
+        await until(
+            lambda: in_pipe_write(sound._thread) and in_pipe_write(sound._thread, handler.emit.__code__),
+            "its 'went live' line waiting on the full pipe",
+        )
+        hung = sound.hung(time.monotonic() + 1000.0)
+        drain.start()
+        await until(lambda: drain.counts[0, ipc.AUDIO] >= 50, "a second of its sound read")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        sound.halt()
+        await asyncio.to_thread(sound.join, DEADLINE)
+        os.close(write_end)
+        if drain.is_alive():
+            drain.join(DEADLINE)
+        os.close(read_end)
+    assert hung == 0.0, "a thread waiting to write its log line is not hung"
+    assert drain.counts[0, ipc.LOG] >= 1 and sound.restarts == 0
+
+
+async def test_a_capture_thread_waiting_for_the_unit_lock_held_by_a_write_into_a_full_pipe_is_not_stalled():
+    """Before: a capture thread waiting for the lock that keeps a camera's units and the slate apart (``_emitting``)
+    while the slate's thread held it, waiting to write into a full pipe, was in no write of its own: its stall watch
+    took it for a stalled source (closed and reopened) and the output watch for a silent camera. Now it waits to
+    write as the holder does: judged by neither, however long; and once the holder's write ends, it is judged
+    again."""
+    read_end, write_end = os.pipe()
+    pipe = worker.PipeWriter(write_end, lambda: None)
+    config = ipc.WorkerConfig("cam0", "test:", 320, 240, FPS, 1_000_000, 1.0, "libx264", mode="passthrough")
+    pipeline = worker.make_pipeline(config, 0, pipe, shared=True)
+    fill(write_end)
+
+    def slate() -> None:
+        with pipeline._emitting():
+            pipeline._send(ipc.pack(ipc.UNIT, b"\0" * 10_000, camera=0))  # more than a full pipe's room left
+
+    def capture_unit() -> None:
+        with pipeline._emitting():
+            pass
+
+    holder = threading.Thread(target=slate, name="encode-cam0", daemon=True)
+    pipeline._encode = holder
+    holder.start()
+    await until(lambda: in_pipe_write(holder), "the slate's write waiting on the full pipe")
+    waiter = threading.Thread(target=capture_unit, name="capture-cam0", daemon=True)
+    pipeline._capture = waiter
+    waiter.start()
+    try:
+        await until(lambda: worker.WRITES.waits(waiter.ident), "the capture thread waiting behind it")
+        pipeline.stats.state = "live"
+        later = time.monotonic() + 1000.0
+        pipeline._check_stall(later)
+        judged = (pipeline.stats.source_errors, pipeline.silent(later))
+    finally:
+        os.read(read_end, 1 << 20)  # room: the slate's write ends, the capture thread takes the lock
+        await asyncio.to_thread(holder.join, DEADLINE)
+        await asyncio.to_thread(waiter.join, DEADLINE)
+        os.close(write_end)
+        os.close(read_end)
+    assert judged == (0, 0.0), "waiting behind a write into a full pipe: neither stalled nor silent"
+    assert not worker.WRITES.waits(waiter.ident) and pipeline.silent(later) > 0, "judged again once it ended"
 
 
 class Recorded(capture.TestPatternSource):

@@ -21,7 +21,6 @@ that is not there) and the capture time of its first sample.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from ..backoff import Retry
 from ..logsafe import SECRET_FILTER, redact
 from . import testsound
 from .capture import SourceError
+from .writes import WRITES
 
 if TYPE_CHECKING:
     import av
@@ -245,10 +245,6 @@ class AudioPipeline:
         self._cpu_before = 0.0  # of the threads before this one (``restarted``)
         self._last_block = time.monotonic()  # while live: when its source last delivered a block (or opened)
         self._opening_since: float | None = None  # monotonic: when its source's open began, while it runs
-        # Monotonic: since when its write to the relay waits (the pipe full: the relay slow to read it), while it does;
-        # and when its last write ended. Neither is its source's silence (``hung``).
-        self._sending_since: float | None = None
-        self._sent = -math.inf
         self._source_factory = source_factory
         self._emit = emit
         self._retry = retry or Retry()
@@ -303,9 +299,10 @@ class AudioPipeline:
         if opening is not None:
             silent = now - opening
             return silent if silent >= getattr(source, "open_bound", OPEN_BOUND) else 0.0
-        if self.state != "live" or self._sending_since is not None:  # a write waiting: the pipe is full, not the source
+        thread = self._thread.ident if self._thread is not None else None
+        if self.state != "live" or WRITES.waits(thread):  # a write waiting (a packet, a log line): the pipe is full
             return 0.0
-        silent = now - max(self._last_block, self._sent)
+        silent = now - max(self._last_block, WRITES.ended(thread))
         return silent if silent >= getattr(source, "read_bound", READ_BOUND) else 0.0
 
     def restarted(self) -> AudioPipeline:
@@ -406,13 +403,10 @@ class AudioPipeline:
             self.cpu_seconds = self._cpu_before + time.thread_time() - self._cpu_origin
 
     def _send(self, data: bytes) -> None:
-        """A packet to the relay; while it waits (the pipe full), and up to when it ends, not a silent source."""
-        self._sending_since = time.monotonic()
-        try:
+        """A packet to the relay; while it waits (the pipe full), and up to when it ends, not a silent source
+        (``writes.WRITES``, as any write of the process's: a log line's too)."""
+        with WRITES.waiting():
             self._emit(data)
-        finally:
-            self._sent = time.monotonic()
-            self._sending_since = None
 
     def _failed(self, message: str, started: float) -> None:
         """One line per failure, then a wait: 0.5 s, 1 s, 2 s ... 30 s (a run of 10 s starts the schedule again)."""

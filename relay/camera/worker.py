@@ -25,14 +25,13 @@ import dataclasses
 import functools
 import gc
 import logging
-import math
 import os
 import random
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from .. import h264, ipc
@@ -45,6 +44,7 @@ from ..source import ModeDecision, PassthroughRefused, decide_mode, parse_source
 from .capture import CapturedFrame, PacketSource, Source, SourceClock, SourceError, UseDemuxer, open_source
 from .encode import PTS_CLOCK, DecodeError, H264Encoder, JpegDecoder, JpegEncoder
 from .rtspsource import RtspSource
+from .writes import WRITES
 
 if TYPE_CHECKING:
     from .audio import AudioPipeline  # numpy and PyAV: loaded by the workers that carry sound only
@@ -219,12 +219,6 @@ class Pipeline:
         self._encoder = H264Encoder(settings)
         self.stats.encoder = self._encoder.name
         self._emit = emit
-        # Its writes to the relay waiting now (the pipe full: the relay slow to read it), by thread, and when its
-        # capture thread, and its capture or encode thread, last came out of one (``_send``): the watches count a
-        # source's or a camera's silence from there, and judge neither while they wait.
-        self._waiting: dict[int | None, float] = {}
-        self._capture_sent = -math.inf
-        self._pictures_sent = -math.inf
         self._retry = Retry()
         self._mailbox = Mailbox()
         self._stop = threading.Event()
@@ -236,8 +230,10 @@ class Pipeline:
         self._encode: threading.Thread | None = None  # while transcoding, or while the slate shows
         self._jpegs: threading.Thread | None = None  # a passed-through camera's JPEGs, while wanted
         self._threads_lock = threading.Lock()
-        # Held while a unit is written: a passed-through camera's first unit and the slate's last never cross.
+        # Held while a unit is written: a passed-through camera's first unit and the slate's last never cross
+        # (``_emitting``); its holder's ident while held.
         self._emit_lock = threading.Lock()
+        self._emit_holder: int | None = None
         self._pts_lock = threading.Lock()
         self._last_pts = -1
         self._last_encoded = 0.0  # capture time of the last frame encoded
@@ -364,27 +360,32 @@ class Pipeline:
 
     def _send(self, data: bytes) -> None:
         """``data`` to the relay (``emit``). A thread waits here while the pipe is full (the relay slow to read it):
-        not a source that hung, nor a camera gone silent. While its capture thread waits here, its stall watch does
-        not judge it; while any of its threads does, the output watch does not; and each counts from when the
-        capture thread, or the capture or encode thread, came out."""
-        me = threading.current_thread()
-        self._waiting[me.ident] = time.monotonic()
-        try:
+        not a source that hung, nor a camera gone silent (``writes.WRITES``, as in any write of the process's: a
+        log line's too)."""
+        with WRITES.waiting():
             self._emit(data)
+
+    @contextlib.contextmanager
+    def _emitting(self) -> Iterator[None]:
+        """``_emit_lock`` held. A thread that waits for it while its holder waits in a write waits to write too."""
+        with WRITES.waiting(behind=lambda: self._emit_holder):
+            self._emit_lock.acquire()
+        self._emit_holder = threading.get_ident()
+        try:
+            yield
         finally:
-            done = time.monotonic()
-            if me is self._capture:
-                self._capture_sent = done
-            if me is self._capture or me is self._encode:
-                self._pictures_sent = done
-            del self._waiting[me.ident]
+            self._emit_holder = None
+            self._emit_lock.release()
 
     def silent(self, now: float) -> float:
-        """Seconds it sent nothing, not even the slate (``last_alive``), as the output watch counts them: from when
-        its capture or encode thread last came out of a write if later, and none while a write of its waits."""
-        if self._waiting:
+        """Seconds it sent nothing, not even the slate (``last_alive``), as the output watch counts them: none while
+        one of its threads waits to write to the relay (the pipe full), and from when its capture or encode thread
+        last came out of a write that waited, if later (``writes.WRITES``)."""
+        threads = [t.ident for t in self._threads()]
+        if any(map(WRITES.waits, threads)):
             return 0.0
-        return now - max(self.last_alive, self._pictures_sent)
+        capture, encode = (t.ident if t is not None else None for t in (self._capture, self._encode))
+        return now - max(self.last_alive, WRITES.ended(capture), WRITES.ended(encode))
 
     def push_status(self) -> None:
         self._last_status = time.monotonic()
@@ -663,7 +664,7 @@ class Pipeline:
             when = clock.wall_time(None if packet.pts is None else packet.pts * source.time_base, now)
             self._gop.add(unit, idr, now, self._last_read)
             flags = ipc.FLAG_PASSTHROUGH | (ipc.FLAG_KEYFRAME if idr else 0)
-            with self._emit_lock:
+            with self._emitting():
                 self._need_idr = False
                 self._slate_idr = True
                 self._last_frame = time.monotonic()
@@ -757,7 +758,7 @@ class Pipeline:
                     if self._leave_encoding():
                         return
                     continue
-                with self._emit_lock:  # the camera's own units are not written meanwhile
+                with self._emitting():  # the camera's own units are not written meanwhile
                     if time.monotonic() - self._last_frame >= SLATE_AFTER:
                         self._encode_frame(self._slate_frame(), jpeg_encoder, None, slate=True)
                 continue
@@ -882,8 +883,8 @@ class Pipeline:
         """A source that stops delivering without an error, or takes too long to open and probe: close it
         (which unblocks a stuck read) so the capture loop reopens it; if even that does not free the capture
         thread, end the process and let the relay start a fresh one."""
-        capture = self._capture
-        if capture is not None and capture.ident in self._waiting:
+        capture = self._capture.ident if self._capture is not None else None
+        if WRITES.waits(capture):
             return  # its capture thread waits to write to the relay: the pipe is full, not the source silent
         if self._opening:
             limit, what = OPEN_STALL, "not open, or no packet while probing it,"
@@ -891,7 +892,7 @@ class Pipeline:
             limit, what = CAPTURE_STALL, "no frame"
         else:
             return  # waiting to retry
-        silent = now - max(self._last_read, self._capture_sent)
+        silent = now - max(self._last_read, WRITES.ended(capture))
         if silent >= limit and self._stall_closed_at is None:
             self._stall_closed_at = now
             self._record_error(f"{what} for {silent:.1f}s; reopening the source")
@@ -942,7 +943,7 @@ class PipeWriter:
         self._on_broken = on_broken
 
     def __call__(self, data: bytes) -> None:
-        with self._lock:
+        with WRITES.waiting(), self._lock:
             try:
                 view = memoryview(data)
                 while view:
