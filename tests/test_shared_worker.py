@@ -38,7 +38,7 @@ from benchmarks.rtspcams import Encoding, LoopedCamera
 from relay import ipc
 from relay import stream as stream_module
 from relay.backoff import Retry
-from relay.camera import audio, capture, worker
+from relay.camera import audio, capture, worker, writes
 from relay.camera.capture import SourceError
 from relay.config import StreamConfig, VideoConfig
 from relay.ipc import EncoderSettings
@@ -1209,6 +1209,38 @@ async def test_a_capture_thread_waiting_for_the_unit_lock_held_by_a_write_into_a
         os.close(read_end)
     assert judged == (0, 0.0), "waiting behind a write into a full pipe: neither stalled nor silent"
     assert not worker.WRITES.waits(waiter.ident) and pipeline.silent(later) > 0, "judged again once it ended"
+
+
+def test_a_camera_s_silence_counts_from_the_end_of_a_write_that_waited_and_not_from_a_quick_one(monkeypatch):
+    """Before: any write of its capture or encode thread moved the point the output watch counts a camera's silence
+    from, a status at every retry of a source that is down too: a shared camera whose slate had stopped was never
+    taken for silent while its source was retried. Now only a write that waited (the pipe full: ``writes.WAITED``)
+    does, and its silence counts from the write's end. The writes' clock is injected: a write lasts as long as the
+    test says."""
+    clock = Frozen(1000.0)
+    monkeypatch.setattr(worker, "WRITES", writes.Writes(clock))
+    took = [0.0]
+
+    def emit(data: bytes) -> None:
+        clock.now += took[0]
+
+    config = ipc.WorkerConfig("cam0", "test:", 320, 240, FPS, 1_000_000, 1.0, "libx264", mode="passthrough")
+    pipeline = worker.make_pipeline(config, 0, emit, shared=True)
+    pipeline.last_alive = 1000.0
+
+    def write_from_capture(lasting: float) -> None:
+        took[0] = lasting
+        pipeline._capture = threading.Thread(target=pipeline._send, args=(b"unit",), name="capture-cam0")
+        pipeline._capture.start()
+        pipeline._capture.join(DEADLINE)
+
+    write_from_capture(10 * ipc.OUTPUT_STALL)  # a unit, the pipe full all that while
+    after_wait = pipeline.silent(clock.now + 1.0)
+    clock.now += 1.0
+    write_from_capture(0.0)  # a status at a source's retry: no wait
+    after_status = pipeline.silent(clock.now + ipc.OUTPUT_STALL)
+    assert after_wait == 1.0, "counted from the end of the write that waited, not from the last unit before it"
+    assert after_status == 1.0 + ipc.OUTPUT_STALL, "a quick write is no sign of life: silent past the bound"
 
 
 class Recorded(capture.TestPatternSource):
