@@ -37,6 +37,7 @@ import pytest
 from benchmarks.rtspcams import Encoding, LoopedCamera
 from relay import ipc
 from relay import stream as stream_module
+from relay.aio import PipeMessages
 from relay.backoff import Retry
 from relay.camera import audio, capture, worker, writes
 from relay.camera.capture import SourceError
@@ -160,11 +161,11 @@ async def test_a_shared_worker_s_log_lines_are_the_process_s_not_its_first_camer
     )
     (shared,) = share_workers([first, second], per_worker=2)
     first.closing = True  # closing first, as streams do one by one
-    pipe = asyncio.StreamReader()
+    pipe = PipeMessages(ipc.Reader().feed, shared._on_message)  # how the worker's pipe is read
     line = {"level": logging.WARNING, "logger": "relay.camera.worker", "message": "stream=b source error: gone"}
-    pipe.feed_data(ipc.pack_json(ipc.LOG, line) + ipc.pack(ipc.LOG, b"not json"))
-    pipe.feed_eof()
-    await shared.read(pipe)
+    pipe.data_received(ipc.pack_json(ipc.LOG, line) + ipc.pack(ipc.LOG, b"not json"))
+    pipe.connection_lost(None)
+    await pipe.ended
     assert lines(caplog, "stream=b source error: gone") != [], "the second camera's line, its first stream closing"
     assert lines(caplog, "streams=a,b worker bad log record") != [] and lines(caplog, "stream=a") == []
 
