@@ -1229,17 +1229,21 @@ def test_a_camera_s_silence_counts_from_the_end_of_a_write_that_waited_and_not_f
     pipeline = worker.make_pipeline(config, 0, emit, shared=True)
     pipeline.last_alive = 1000.0
 
-    def write_from_capture(lasting: float) -> None:
-        took[0] = lasting
-        pipeline._capture = threading.Thread(target=pipeline._send, args=(b"unit",), name="capture-cam0")
-        pipeline._capture.start()
-        pipeline._capture.join(DEADLINE)
+    results: list[float] = []
 
-    write_from_capture(10 * ipc.OUTPUT_STALL)  # a unit, the pipe full all that while
-    after_wait = pipeline.silent(clock.now + 1.0)
-    clock.now += 1.0
-    write_from_capture(0.0)  # a status at a source's retry: no wait
-    after_status = pipeline.silent(clock.now + ipc.OUTPUT_STALL)
+    def capture_loop() -> None:  # one capture thread: a unit, the pipe full all that while; then a quick status
+        took[0] = 10 * ipc.OUTPUT_STALL
+        pipeline._send(b"unit")
+        results.append(pipeline.silent(clock.now + 1.0))
+        clock.now += 1.0
+        took[0] = 0.0
+        pipeline._send(b"status at a source's retry")
+        results.append(pipeline.silent(clock.now + ipc.OUTPUT_STALL))
+
+    pipeline._capture = threading.Thread(target=capture_loop, name="capture-cam0")
+    pipeline._capture.start()
+    pipeline._capture.join(DEADLINE)
+    after_wait, after_status = results
     assert after_wait == 1.0, "counted from the end of the write that waited, not from the last unit before it"
     assert after_status == 1.0 + ipc.OUTPUT_STALL, "a quick write is no sign of life: silent past the bound"
 
