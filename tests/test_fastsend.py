@@ -87,7 +87,7 @@ def _c_path(wire, tx, payloads, sequence, gso=True, emit=None):
     fell = []
     done = borrowed.SrtpFrameWriter().send_frame(
         tx, HEADER, payloads, sequence, wire.tx.fileno(), socket.AF_INET, wire.addr, gso,
-        emit or (lambda data, segment: fell.append((bytes(data), segment))), MAX_SEGMENTS, MAX_GSO_BYTES,
+        emit or (lambda data, segment, *_: fell.append((bytes(data), segment))), MAX_SEGMENTS, MAX_GSO_BYTES,
     )  # fmt: skip
     return done, fell
 
@@ -191,7 +191,7 @@ def test_what_c_does_not_take_it_leaves_to_the_python_path_untouched(wire):
     tx, _ = _srtp_pair()
     done = borrowed.SrtpFrameWriter().send_frame(
         tx, HEADER, [b"a" * 100], 0, wire.tx.fileno(), socket.AF_INET, ("localhost", wire.addr[1]), True,
-        lambda data, segment: None, MAX_SEGMENTS, MAX_GSO_BYTES,
+        lambda data, segment, *_: None, MAX_SEGMENTS, MAX_GSO_BYTES,
     )  # fmt: skip
     assert done is None
     done, _ = _c_path(wire, tx, [b"a" * 100, bytearray(b"b" * 100)], 0)
@@ -213,7 +213,7 @@ def test_a_send_c_cannot_make_goes_to_the_fallback_from_that_datagram_on(wire):
     try:
         done = borrowed.SrtpFrameWriter().send_frame(
             tx, HEADER, payloads, 0, write_end, socket.AF_INET, wire.addr, True,
-            lambda data, segment: fell.append((bytes(data), segment)), MAX_SEGMENTS, MAX_GSO_BYTES,
+            lambda data, segment, *_: fell.append((bytes(data), segment)), MAX_SEGMENTS, MAX_GSO_BYTES,
         )  # fmt: skip
     finally:
         os.close(read_end)
@@ -229,7 +229,7 @@ def test_what_the_fallback_raises_comes_out_of_the_c_call_as_it_was_raised(wire,
     tx, _ = _srtp_pair()
     read_end, write_end = os.pipe()  # not a socket: the first write fails and the fallback is called
 
-    def fallback(data, segment):
+    def fallback(data, segment, blocked):
         raise error("the fallback's own")
 
     try:

@@ -259,7 +259,7 @@ async def serve(config: shardipc.ShardConfig, out: Output) -> None:
         "shard=%d pid=%d serving: ice_addresses=%s playout_delay=%s",
         config.index, os.getpid(), ",".join(config.ice_addresses) or "all", delay,
     )  # fmt: skip
-    with process_patches(tuple(config.ice_addresses), config.batch_sends, config.c_send):
+    with process_patches(tuple(config.ice_addresses), config.batch_sends, config.c_send, config.c_batch):
         reporting = loop.create_task(shard.report())
         try:
             await read_pipe(reader, shardipc.Reader().feed, shard.on_message, READ_LIMIT)
