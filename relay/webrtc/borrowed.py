@@ -708,10 +708,28 @@ def bind_lane(
         (sender.__dict__, "_enabled", True),
         *guards,
     )
+    return route_lane(
+        lane, session, fd, family, pair.remote_addr, gso, pair.protocol.transport, fallback, guards, counts
+    )
+
+
+def route_lane(
+    lane: Any,
+    session: pylibsrtp.Session,
+    fd: int,
+    family: int,
+    addr: tuple,
+    gso: bool,
+    transport: Any,
+    fallback: Callable[[memoryview, int, bool], object],
+    guards: tuple,
+    counts: Any,
+) -> bool:
+    """``bind_lane`` without a sender (it and tests): ``lane`` protects with ``session`` (held) and writes to ``addr``
+    on socket ``fd`` while ``transport`` is open with nothing queued and ``guards`` hold (``_fastsend.Lane.bind``)."""
     return lane.bind(
-        session, _srtp_t(session), _SRTP_PROTECT, fd, family, pair.remote_addr, gso, pair.protocol.transport,
-        fallback, guards, counts,
-    )  # fmt: skip
+        session, _srtp_t(session), _SRTP_PROTECT, fd, family, addr, gso, transport, fallback, guards, counts
+    )
 
 
 def send_batch(

@@ -628,6 +628,11 @@ async def _run_rtp(self: RTCRtpSender, codec) -> None:
     fields.exited()
 
 
+def lane_of(sender: RTCRtpSender):
+    """``sender``'s C lane (``FrameSender.lane``), once its send loop runs where the C path is built; else None."""
+    return sender.__dict__.get(_LANE)
+
+
 _lane_warned: dict[str, float] = {}  # stream: when (monotonic) a lane of it failed and it was said
 
 
