@@ -210,7 +210,7 @@ class Subscription:
         # while this is set: its key there (a WebRTC viewer's C lane), set and cleared by whoever set ``push``.
         self.lane: object | None = None
         self._hub = hub
-        self._queue = Backlog()
+        self._held = Backlog()
         # Replaying: the index in the hub's GOP cache of the next frame to read; never its end (caught up: live).
         self._cursor: int | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -236,14 +236,14 @@ class Subscription:
         """Frames already published that this subscriber has yet to read."""
         if self._cursor is not None:
             return len(self._hub.gop.frames) - self._cursor
-        return len(self._queue)
+        return len(self._held)
 
     def __len__(self) -> int:
-        return len(self._queue)
+        return len(self._held)
 
     async def get(self) -> EncodedFrame:
         """The next frame; raises ``HubClosed`` once closed."""
-        while not self._queue and self._cursor is None:
+        while not self._held and self._cursor is None:
             if self._closed:
                 raise HubClosed(self.name)
             self._waiter = asyncio.get_running_loop().create_future()
@@ -254,7 +254,7 @@ class Subscription:
         return self._take()
 
     def get_nowait(self) -> EncodedFrame | None:
-        if not self._queue and self._cursor is None:
+        if not self._held and self._cursor is None:
             if self._closed:
                 raise HubClosed(self.name)
             return None
@@ -264,14 +264,14 @@ class Subscription:
         self.delivered += 1
         self._hub.delivered += 1
         if self._cursor is None:
-            frame = self._queue.popleft()
+            frame = self._held.popleft()
         else:
             frames = self._hub.gop.frames
             frame = frames[self._cursor]
             self._cursor += 1
             if self._cursor == len(frames):
                 self._cursor = None  # caught up: the next frame published comes to the queue
-        if self.lagging and not self._queue and self._cursor is None:
+        if self.lagging and not self._held and self._cursor is None:
             self.lagging = False  # caught up: falling past the limit again is a new resync
         return frame
 
@@ -281,7 +281,7 @@ class Subscription:
         self._closed = True
         self.push = None
         self.lane = None
-        self._queue.clear()
+        self._held.clear()
         self._cursor = None
         self._wake()
         self._hub._remove(self)
@@ -296,7 +296,7 @@ class Subscription:
         if self._cursor is not None:  # the cache holds this frame too: it reads it there
             self._wake()
             return
-        if not self.waiting_keyframe and self._queue and not self._queue.fits(self.limit, frame):
+        if not self.waiting_keyframe and self._held and not self._held.fits(self.limit, frame):
             if self._resync_from_cache(frame):
                 return  # it reads this frame from the cache too
             self._fall_behind(frame)
@@ -306,7 +306,7 @@ class Subscription:
                     self._count_drops(1)
                 return
             self.waiting_keyframe = False
-        if self.push is not None and self._hub.first_in_pass and not self._queue and self._waiting():
+        if self.push is not None and self._hub.first_in_pass and not self._held and self._waiting():
             try:
                 taken = self.push(frame)
             except Exception as exc:  # never into the publish: the other subscribers and the camera go on
@@ -319,7 +319,7 @@ class Subscription:
                 self.delivered += 1
                 self._hub.delivered += 1
                 return
-        self._queue.append(frame)
+        self._held.append(frame)
         self._wake()
 
     def _waiting(self) -> bool:
@@ -332,8 +332,8 @@ class Subscription:
         gop = self._hub.gop
         if not (self._hub.caching and gop.frames and gop.frames[-1] is frame):
             return False
-        start = len(gop.frames) - 1 - len(self._queue)
-        self._queue.clear()
+        start = len(gop.frames) - 1 - len(self._held)
+        self._held.clear()
         self._replay_from(max(0, start))
         if start < 0:
             self._count_drops(-start)
@@ -353,7 +353,7 @@ class Subscription:
         rest = old[self._cursor :]
         self._cursor = None
         if fits(self.limit, rest) and (self._hub.caching or len(rest) < self.limit.frames // 2):
-            self._queue.extend(rest)
+            self._held.extend(rest)
             return
         self._count_drops(len(rest))
         if event == GopCache.RESET:
@@ -369,12 +369,12 @@ class Subscription:
 
     def _fall_behind(self, frame: EncodedFrame) -> None:
         """Past its limit as ``frame`` comes: on from a keyframe it holds (whole GOPs lost), else from the next."""
-        skipped = self._queue.skip_to_keyframe(self.limit, frame)
+        skipped = self._held.skip_to_keyframe(self.limit, frame)
         if skipped is not None:
             self._count_drops(skipped)
             self._lagged(f"skipped {skipped} frames to a keyframe it holds")
             return
-        self._count_drops(self._queue.clear())
+        self._count_drops(self._held.clear())
         self.waiting_keyframe = True
         self._lagged("resuming at next keyframe", keyframe=True)
 
@@ -598,7 +598,7 @@ class PacketHub:
             waiter = sub._waiter
             if (
                 sub.lane is not None and sub.push is not None and sub._cursor is None and not sub.waiting_keyframe
-                and not sub._queue and waiter is not None and not waiter.done()
+                and not sub._held and waiter is not None and not waiter.done()
             ):  # fmt: skip
                 batch.append(sub)
             else:

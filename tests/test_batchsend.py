@@ -23,6 +23,7 @@ from relay.webrtc import borrowed, rtpsend, udpbatch
 from relay.webrtc.rtpsend import HeaderTemplate, HubTrack, attach_to_sender, h264_preferences, ntp_at, push_batch
 from relay.webrtc.udpbatch import MAX_GSO_BYTES, MAX_SEGMENTS, batcher_for
 
+from .netns import loopback_namespace, run
 from .test_aiortc_hooks import _srtp_pair
 from .test_udpbatch import _Sending
 
@@ -414,6 +415,82 @@ async def test_a_nack_for_a_batched_packet_is_answered_with_its_payload(held, mo
         packet = RtpPacket.parse(sent[0])
         assert packet.payload[:2] == ((first + 1) & 0xFFFF).to_bytes(2, "big")  # RTX: the original number first
         assert packet.payload[2:] == last.payloads[1] and not packet.marker
+    finally:
+        for relay, viewer in pairs:
+            await relay.close()
+            await viewer.close()
+
+
+# -- a viewer whose socket backs up: a network namespace whose loopback shapes that viewer's datagrams alone
+
+SLOW_RATE = "300kbit"  # what the slow viewer's datagrams get a second: far less than the frames' 1.2 Mbit/s
+SLOW_SNDBUF = 4096  # its socket's buffer (the kernel doubles it): full within a keyframe
+FRAMES_SHAPED = 30  # a second of frames, two keyframes among them
+
+
+@pytest.fixture
+def namespace():
+    """A network namespace with its loopback up, this thread inside it (its new sockets live there)."""
+    with loopback_namespace("cr-batch") as name:
+        yield name
+
+
+def _shape_source_port(netns: str, port: int) -> None:
+    """Datagrams from UDP port ``port`` leave the namespace's loopback at ``SLOW_RATE``; all others as they come
+    (an HTB class of their own, the rest in a class far faster than the test sends)."""
+    tc = ("tc", "-n", netns)
+    run(*tc, "qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb", "default", "10")
+    run(*tc, "class", "add", "dev", "lo", "parent", "1:", "classid", "1:10", "htb", "rate", "10gbit")
+    run(
+        *tc, "class", "add", "dev", "lo", "parent", "1:", "classid", "1:30", "htb", "rate", SLOW_RATE, "ceil", SLOW_RATE
+    )
+    run(*tc, "filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1", "u32",
+        "match", "ip", "sport", str(port), "0xffff", "flowid", "1:30")  # fmt: skip
+
+
+async def _packets_received(viewer: RTCPeerConnection) -> int:
+    stats = await viewer.getTransceivers()[0].receiver.getStats()
+    return sum(s.packetsReceived for s in stats.values() if s.type == "inbound-rtp")
+
+
+async def test_a_viewer_whose_socket_backs_up_leaves_the_batch_and_the_others_keep_every_frame(held, namespace):
+    """Three real aiortc viewers; the middle one's datagrams are shaped far below the stream's rate and its socket's
+    buffer is small, so it backs up within a keyframe. Its lane is declined while its socket holds anything back,
+    and it gets the per-viewer path's behaviour (its frames wait in its own bounded backlog, none lost by the
+    socket); the other two stay in the batch and receive every packet of every frame."""
+    hub = PacketHub("cam0", lambda: None)
+    pairs = await _connect(hub, 3)
+    try:
+        await _publish(hub, 2)  # every viewer live, and in the batch after its first frame
+        senders = [r.getTransceivers()[0].sender for r, _ in pairs]
+        slow = borrowed.nominated_pair(senders[1].transport).protocol
+        slow.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SLOW_SNDBUF)
+        _shape_source_port(namespace, slow.transport.get_extra_info("sockname")[1])
+        subs = [s.track.subscription for s in senders]
+        assert all(sub.lane is not None for sub in subs)
+        before = [await _packets_received(v) for _, v in pairs]
+        batched_before = [rtpsend.lane_of(s).frames for s in senders]
+        backed_up = queued = 0
+        sent = 0
+        for k in range(FRAMES_SHAPED):
+            frame = EncodedFrame(_unit(k), (k + 2) * 3000, k % 15 == 0, time.time())
+            hub.publish(frame)
+            sent += len(frame.payloads)
+            backed_up += bool(rtpsend._backlog(slow))
+            queued = max(queued, len(subs[1]))
+            await asyncio.sleep(0.02)
+        deadline = time.monotonic() + DEADLINE  # the fast viewers' last packets read off their sockets
+        while [await _packets_received(pairs[i][1]) - before[i] for i in (0, 2)] != [sent, sent]:
+            assert time.monotonic() < deadline, [
+                await _packets_received(v) - b for (_, v), b in zip(pairs, before, strict=True)
+            ]
+            await asyncio.sleep(0.05)
+        batched = [rtpsend.lane_of(s).frames - b for s, b in zip(senders, batched_before, strict=True)]
+        assert batched[0] == batched[2] == FRAMES_SHAPED  # every frame in the batch, every packet received
+        assert subs[0].dropped == subs[2].dropped == 0 and subs[0].lane is not None and subs[2].lane is not None
+        # the slow one: backed up, out of the batch meanwhile, its frames waiting in its own backlog
+        assert backed_up > 0 and batched[1] < FRAMES_SHAPED and queued > 0
+        assert batcher_for(slow).dropped == 0  # what its socket could not take yet was queued, not lost
     finally:
         for relay, viewer in pairs:
             await relay.close()

@@ -11,10 +11,8 @@ import asyncio
 import dataclasses
 import os
 import random
-import secrets
 import shutil
 import socket
-import subprocess
 import sysconfig
 
 import pytest
@@ -26,7 +24,7 @@ from relay.webrtc.udpbatch import MAX_GSO_BYTES, MAX_SEGMENTS, batcher_of, send_
 from relay.webrtc.whepclient import WhepViewer
 
 from .conftest import make_config, session_of, start_relay
-from .netns import inside, run
+from .netns import loopback_namespace
 from .test_aiortc_hooks import _srtp_pair
 from .test_udpbatch import _Sending, _Sink
 
@@ -265,16 +263,8 @@ DRAIN = 30.0  # seconds for everything queued to arrive: a guard, not a measurem
 @pytest.fixture
 def shaped_loopback():
     """A network namespace whose loopback sends at ``SHAPED_RATE``, this thread inside it."""
-    name = f"cr-csend-{secrets.token_hex(3)}"
-    run("ip", "netns", "add", name)
-    try:
-        run("ip", "-n", name, "link", "set", "lo", "up")
-        run("tc", "-n", name, "qdisc", "add", "dev", "lo", "root", "tbf", "rate", SHAPED_RATE, "burst", "16kb",
-            "limit", "8mb")  # fmt: skip
-        with inside(name):
-            yield
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    with loopback_namespace("cr-csend", "tbf", "rate", SHAPED_RATE, "burst", "16kb", "limit", "8mb"):
+        yield
 
 
 async def _send_until_backed_up(c_send: bool, monkeypatch) -> tuple:
@@ -338,29 +328,35 @@ async def test_a_socket_that_backs_up_under_the_c_path_behaves_as_under_the_pyth
     assert python[2] == expected and c[2] == expected
 
 
-@pytest.mark.parametrize("c_send", [True, False], ids=["C path", "Python path"])
-async def test_a_viewer_decodes_the_frames_the_relay_sends(http, c_send):
-    """A real aiortc viewer of a real relay decodes every frame it reads, its pixel clock valid, through either
-    path (``[webrtc] c_send``); with the C path on, the frames went through it (one C call each) in runs (fewer
-    writes than datagrams); with it off, none did."""
+@pytest.mark.parametrize(
+    "c_send,c_batch", [(True, True), (True, False), (False, False)], ids=["C batch", "C per viewer", "Python path"]
+)
+async def test_a_viewer_decodes_the_frames_the_relay_sends(http, c_send, c_batch):
+    """A real aiortc viewer of a real relay decodes every frame it reads, its pixel clock valid, through each path
+    (``[webrtc] c_send``, ``c_batch``): with the batch on, live frames went out in the stream's one C call a frame
+    (its lane's, counted in the batcher's ``c_written``); with the C path on alone, one C call a viewer-frame; with
+    it off, none did; in runs (fewer writes than datagrams) every way."""
     if c_send and not borrowed.C_SEND_BUILT:
         pytest.skip("relay.webrtc._fastsend is not built here")
     config = make_config()
-    config = dataclasses.replace(config, webrtc=dataclasses.replace(config.webrtc, c_send=c_send))
+    config = dataclasses.replace(config, webrtc=dataclasses.replace(config.webrtc, c_send=c_send, c_batch=c_batch))
     runner, relay = await start_relay(config)
     try:
-        assert rtpsend.C_SEND is c_send
+        assert rtpsend.C_SEND is c_send and rtpsend.C_BATCH is c_batch
         viewer = WhepViewer(relay.whep(), http)
         await viewer.connect()
         try:
             frames = await viewer.read_frames(30)
             assert len(frames) == 30 and all(s.latency_ms is not None for s in frames)
-            dtls = session_of(relay, viewer).pc.getTransceivers()[0].sender.transport
-            batcher = batcher_of(borrowed.nominated_pair(dtls).protocol)
+            sender = session_of(relay, viewer).pc.getTransceivers()[0].sender
+            batcher = batcher_of(borrowed.nominated_pair(sender.transport).protocol)
+            lane = rtpsend.lane_of(sender)
         finally:
             await viewer.close()
     finally:
         await runner.cleanup()
-    assert rtpsend.C_SEND is borrowed.C_SEND_BUILT  # the relay's setting gone with it
+    assert rtpsend.C_SEND is borrowed.C_SEND_BUILT and rtpsend.C_BATCH is borrowed.C_SEND_BUILT  # the relay's gone
     assert batcher is not None and batcher.syscalls < batcher.datagrams
-    assert (batcher.c_frames > 0) is c_send
+    assert (batcher.c_written[2] > 0) is c_batch and (lane is not None and lane.frames > 0) is c_batch
+    alone = batcher.c_frames - batcher.c_written[2]  # one C call a viewer-frame (the batch's: its first frames)
+    assert (alone > 0) is c_send and (not c_batch or batcher.c_written[2] > alone)

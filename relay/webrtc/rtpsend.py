@@ -60,6 +60,24 @@ frames wait in the hub's backlog, whose lag limit bounds them and counts
 what a viewer too far behind skips (relay.lag), instead of piling up in
 asyncio's datagram buffer, which has no bound.
 
+Where the C send path is on, a live viewer is not sent to alone either: the
+hub hands each frame to every subscriber that would take it now in one call
+(``PacketHub.batch_push``: ``push_batch``), which sends it to all of them in
+one C call (``borrowed.send_batch``). Each sender's C lane
+(``FrameSender.lane``, made with the sender) holds what the frame needs
+that is this viewer's: its route (bound once per ICE pair, socket and SRTP
+session by ``FrameSender.lane_ready``, after a frame it sent alone), header
+template, timestamp origin and offset, sequence number, the counts for
+sender reports and stats (synced into aiortc's fields when aiortc reads
+them: ``borrowed.SYNCED_COUNTS``, exact at every report with no work per
+frame) and the frames a NACK may name; the sequence number and the NACK
+history are the lane's whichever path sends. A lane that cannot take the
+frame now (unbound, its socket or batcher holding anything back, DTLS, the
+ICE pair, the SRTP session or the sender not as bound, its timestamp not
+advancing) is declined, and its viewer takes the frame through ``_push``
+as above; one whose send fails mid-frame leaves the batch. ``[webrtc]
+c_batch = false``: one C call a viewer-frame (``send_frame``), the A/B.
+
 The sender's private fields are reached through ``relay.webrtc.borrowed``;
 tests/test_aiortc_hooks.py fails if an aiortc upgrade moves them.
 """
@@ -643,6 +661,10 @@ def push_batch(hub: PacketHub, frame: EncodedFrame, subs: list[Subscription]) ->
     A lane that fails mid-frame leaves the batch (its viewer's next frames go alone) and is said once a second a
     stream; its frame is offered its own way too."""
     payloads = payloads_for(frame)
+    if not C_BATCH:  # turned off since they joined (the benchmarks' A/B): each alone from now on
+        for sub in subs:
+            sub.lane = None
+        return list(range(len(subs)))
     if not payloads:
         return list(range(len(subs)))  # each drops it as it would alone
     declined, failed, delays = borrowed.send_batch(
