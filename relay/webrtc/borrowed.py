@@ -29,7 +29,12 @@ them here, so an upgrade that moves one breaks this module alone (and
   shared by its senders), where ``Session.protect`` checks, copies and slices out each packet anew; and for the
   C send path (``SrtpFrameWriter.send_frame``, ``relay/webrtc/_fastsend.c``) the address of its ``srtp_protect``
   and a session's ``srtp_t``, so that C protects with the very session aiortc's RTCP and retransmissions use
-  (no second libsrtp);
+  (no second libsrtp); and for the batch (``send_batch``: one C call a frame for every viewer of a stream), each
+  sender's C lane bound to its ICE pair's socket and address, its SRTP session and the state that must hold
+  while it sends (``bind_lane``: DTLS connected, the pair nominated, the session, the sender enabled);
+- aiortc's per-sender and per-transport counts (packets, octets, the last RTP timestamp and its NTP time; bytes
+  and packets a DTLS transport sent), read through descriptors that first bring in what a C lane counted
+  (``SYNCED_COUNTS``, ``sync_counts``): sender reports and ``getStats`` are exact, with no work per frame;
 - for tests and benchmarks only, what aiortc's receivers get (``divert_decrypted_rtp``,
   ``watch_received_h264``).
 
