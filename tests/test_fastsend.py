@@ -328,6 +328,26 @@ async def test_a_socket_that_backs_up_under_the_c_path_behaves_as_under_the_pyth
     assert python[2] == expected and c[2] == expected
 
 
+@needs_c
+async def test_a_write_that_meets_a_full_socket_buffer_is_queued_without_being_tried_again(
+    shaped_loopback, monkeypatch
+):
+    """C's segmented write meets a full socket buffer (EAGAIN): its run goes to asyncio's queue through the batcher's
+    writer with no second segmented try on the socket (it failed alike: two or three system calls wasted a run),
+    and every packet still arrives, in order."""
+    tried = []
+    raw_send = udpbatch.Batcher._raw_send
+
+    def counted(self, raw, data, segment, addr):
+        tried.append(segment)
+        return raw_send(self, raw, data, segment, addr)
+
+    monkeypatch.setattr(udpbatch.Batcher, "_raw_send", counted)
+    backed_up, counts, packets = await _send_until_backed_up(True, monkeypatch)
+    assert backed_up and counts[:2] == (FRAMES * PACKETS, 0) and counts[2] >= 1
+    assert tried == [] and len(packets) == FRAMES * PACKETS
+
+
 @pytest.mark.parametrize(
     "c_send,c_batch", [(True, True), (True, False), (False, False)], ids=["C batch", "C per viewer", "Python path"]
 )

@@ -1002,12 +1002,18 @@ static PyObject *send_batch(PyObject *module, PyObject *const *args, Py_ssize_t 
         return NULL;
     }
     size_t room = (size_t)buffer.len > (size_t)trailer_room ? (size_t)buffer.len - (size_t)trailer_room : 0;
-    Py_ssize_t n = PyList_GET_SIZE(payloads), count = PyList_GET_SIZE(lanes);
+    Py_ssize_t n = PyList_GET_SIZE(payloads);
+    unsigned long long octets = 0;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        octets += (unsigned long long)PyBytes_GET_SIZE(PyList_GET_ITEM(payloads, k));
+    }
     PyObject *declined = PyList_New(0), *failed = PyList_New(0), *delays = PyList_New(0), *result = NULL;
     if (declined == NULL || failed == NULL || delays == NULL) {
         goto done;
     }
-    for (Py_ssize_t i = 0; i < count; i++) {
+    /* The lists' sizes are read anew each time round: a fallback runs Python (the batcher's writer, which touches
+       neither), and nothing read from them may be out of bounds whatever it does. */
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(lanes); i++) {
         PyObject *item = PyList_GET_ITEM(lanes, i);
         if (Py_TYPE(item) != &LaneType) {
             PyErr_SetString(PyExc_TypeError, "send_batch: lanes must be Lane objects");
@@ -1055,9 +1061,11 @@ static PyObject *send_batch(PyObject *module, PyObject *const *args, Py_ssize_t 
         p.max_segments = max_segments;
         p.max_bytes = max_bytes;
         size_t sent = 0;
-        PyObject *fallback = Py_NewRef(lane->fallback); /* held: the fallback may unbind the lane */
+        /* held: a fallback may unbind the lane, and its session (whose srtp_t is being used) must outlive the call */
+        PyObject *fallback = Py_NewRef(lane->fallback), *session = Py_NewRef(lane->session);
         int status = send_packets(&r, &p, header, header_len, payloads, lane->sequence, &sent);
         Py_DECREF(fallback);
+        Py_DECREF(session);
         long long *counters = lane->has_counts ? (long long *)lane->counts.buf : NULL;
         if (counters != NULL) { /* counted whatever happened next: they were written */
             counters[0] += r.datagrams;
@@ -1088,9 +1096,7 @@ static PyObject *send_batch(PyObject *module, PyObject *const *args, Py_ssize_t 
         lane->frames += 1;
         lane->ntp = ntp_at(scale(pts, 1000000000LL, lane->clock_rate));
         lane->rtp_timestamp = timestamp;
-        for (Py_ssize_t k = 0; k < n; k++) {
-            lane->octets += (unsigned long long)PyBytes_GET_SIZE(PyList_GET_ITEM(payloads, k));
-        }
+        lane->octets += octets;
         lane->packets += (unsigned long long)n;
         lane->protected_bytes += sent;
         lane->counted = 1;
