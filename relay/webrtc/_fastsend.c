@@ -815,11 +815,12 @@ PyDoc_STRVAR(find_doc, "find(sequence) -> (timestamp, marker, payload, payload_t
                        "`sequence` (a NACK's, from the network: any int), if still held.");
 
 static PyObject *lane_find(Lane *self, PyObject *arg) {
-    long sequence = PyLong_AsLong(arg);
+    int overflow = 0;
+    long sequence = PyLong_AsLongAndOverflow(arg, &overflow);
     if (sequence == -1 && PyErr_Occurred()) {
         return NULL;
     }
-    if (sequence < 0 || sequence > 0xFFFF) {
+    if (overflow || sequence < 0 || sequence > 0xFFFF) {
         Py_RETURN_NONE;
     }
     for (Py_ssize_t k = self->ring_len - 1; k >= 0; k--) { /* newest first, as SentFrames.find */

@@ -130,7 +130,7 @@ class Patch:
 
     @property
     def installed(self) -> bool:
-        return getattr(self.owner, self.name) is self.replacement
+        return getattr(self.owner, self.name, None) is self.replacement
 
     def hold(self) -> Callable[[], None]:
         if not self.holders:
