@@ -671,18 +671,21 @@ def push_batch(hub: PacketHub, frame: EncodedFrame, subs: list[Subscription]) ->
         _shared_writer(), [sub.lane for sub in subs], payloads, frame.pts, frame.published_at,
         MAX_SEGMENTS, MAX_GSO_BYTES,
     )  # fmt: skip
-    hub.fanout_delay.extend(delays)
     if failed:
         for i, _ in failed:
             subs[i].lane = None
+        declined = sorted([*declined, *(i for i, _ in failed)])
+    try:  # nothing raised from here on: the frame is sent, and the hub would offer it again
+        hub.fanout_delay.extend(delays)
         now = time.monotonic()
-        if now - _lane_warned.get(hub.stream, float("-inf")) >= LANE_WARNING_INTERVAL:
+        if failed and now - _lane_warned.get(hub.stream, float("-inf")) >= LANE_WARNING_INTERVAL:
             _lane_warned[hub.stream] = now
             log.warning(
                 "stream=%s viewers=%d left the batch, sent alone from now on: subscriber=%s %r",
                 hub.stream, len(failed), subs[failed[0][0]].name, failed[0][1],
             )  # fmt: skip
-        declined = sorted([*declined, *(i for i, _ in failed)])
+    except Exception as exc:
+        log.warning("stream=%s batch bookkeeping failed: %r", hub.stream, exc)
     return declined
 
 

@@ -76,6 +76,13 @@ class ReportedDelays(DelayWindow):
         if len(self._fresh) < REPORTED_DELAYS:
             self._fresh.append(round(seconds, 5))
 
+    def extend(self, seconds: list[float]) -> None:
+        """A batch's delays (``rtpsend.push_batch``: one a viewer sent to), kept as ``add`` keeps each."""
+        super().extend(seconds)
+        room = REPORTED_DELAYS - len(self._fresh)
+        if room > 0:
+            self._fresh.extend(round(s, 5) for s in seconds[:room])
+
     def take(self) -> list[float]:
         fresh, self._fresh = self._fresh, []
         return fresh
