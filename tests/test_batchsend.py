@@ -20,7 +20,15 @@ from aiortc.rtp import HeaderExtensionsMap, RtpPacket
 
 from relay.hub import EncodedFrame, PacketHub
 from relay.webrtc import borrowed, rtpsend, udpbatch
-from relay.webrtc.rtpsend import HeaderTemplate, HubTrack, attach_to_sender, h264_preferences, ntp_at, push_batch
+from relay.webrtc.rtpsend import (
+    NTP_UNIX_OFFSET,
+    HeaderTemplate,
+    HubTrack,
+    attach_to_sender,
+    h264_preferences,
+    ntp_at,
+    push_batch,
+)
 from relay.webrtc.udpbatch import MAX_GSO_BYTES, MAX_SEGMENTS, batcher_for
 
 from .netns import loopback_namespace, run
@@ -384,7 +392,8 @@ async def test_sender_reports_and_stats_count_the_batched_frames(held):
                 assert time.monotonic() < deadline, remote
                 await asyncio.sleep(0.1)
             assert remote[0].bytesSent == octets
-            assert abs(remote[0].remoteTimestamp.timestamp() - (capture >> 32) + 2_208_988_800) < 1e-3 + 1
+            captured = (capture >> 32) - NTP_UNIX_OFFSET + (capture & 0xFFFFFFFF) / (1 << 32)  # Unix seconds
+            assert abs(remote[0].remoteTimestamp.timestamp() - captured) < 2e-6  # aiortc's datetime: microseconds
     finally:
         for relay, viewer in pairs:
             await relay.close()
