@@ -31,6 +31,11 @@ and no task is woken per subscriber per frame) while its reader waits with
 nothing queued, for the first frame published in an event-loop pass; the
 rest, and what it declines, are queued as above.
 
+Subscribers that would be pushed a frame and have a ``lane`` (a key their
+owner set beside ``push``) are handed it all together, in one call of the
+hub's ``batch_push`` (a WebRTC stream's: one C call sends the frame to every
+such viewer); those it declines are offered the frame one by one as above.
+
 All methods run on the event loop; the encoder thread hands frames over with
 ``loop.call_soon_threadsafe(hub.publish, frame)``.
 """
