@@ -890,16 +890,18 @@ class SrtpFrameWriter:
         family: int,
         addr: tuple,
         gso: bool,
-        emit: Callable[[memoryview, int], object],
+        emit: Callable[[memoryview, int, bool], object],
         max_segments: int,
         max_bytes: int,
     ) -> tuple[int, int, int] | None:
         """``protect_frame`` in one C call (``_fastsend.send_frame``, only where ``C_SEND_BUILT``): each run is
         written from C to ``addr`` on socket ``fd`` of ``family``, in one segmented write (``gso``) or one write a
         datagram; what C could not write (the socket's buffer full, segmentation refused, any error) goes, from that
-        datagram on, to ``emit``, the Python path's writer, and so does every run after it. (bytes protected,
-        datagrams and system calls C wrote itself); None, with nothing done, for an address or payload it does not
-        take (a name, not a number; not bytes): ``protect_frame`` then."""
+        datagram on, to ``emit(data, segment, blocked)``, the Python path's writer (``blocked``: the socket's buffer
+        was full), and so does every run after it. (bytes protected, datagrams and system calls C wrote itself);
+        None, with nothing done, for an address or payload it does not take (a name, not a number; not bytes):
+        ``protect_frame`` then. An exception after C wrote some carries their count as ``camrelay_written``
+        (datagrams, system calls)."""
         try:
             return _fastsend.send_frame(
                 self._buffer, _srtp_t(session), _SRTP_PROTECT, SRTP_TRAILER_ROOM, fd, family, addr, header, payloads,
