@@ -215,7 +215,7 @@ class Subscription:
         # while this is set: its key there (a WebRTC viewer's C lane), set and cleared by whoever set ``push``.
         self.lane: object | None = None
         self._hub = hub
-        self._held = Backlog()
+        self._queue = Backlog()
         # Replaying: the index in the hub's GOP cache of the next frame to read; never its end (caught up: live).
         self._cursor: int | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -241,14 +241,14 @@ class Subscription:
         """Frames already published that this subscriber has yet to read."""
         if self._cursor is not None:
             return len(self._hub.gop.frames) - self._cursor
-        return len(self._held)
+        return len(self._queue)
 
     def __len__(self) -> int:
-        return len(self._held)
+        return len(self._queue)
 
     async def get(self) -> EncodedFrame:
         """The next frame; raises ``HubClosed`` once closed."""
-        while not self._held and self._cursor is None:
+        while not self._queue and self._cursor is None:
             if self._closed:
                 raise HubClosed(self.name)
             self._waiter = asyncio.get_running_loop().create_future()
@@ -259,7 +259,7 @@ class Subscription:
         return self._take()
 
     def get_nowait(self) -> EncodedFrame | None:
-        if not self._held and self._cursor is None:
+        if not self._queue and self._cursor is None:
             if self._closed:
                 raise HubClosed(self.name)
             return None
@@ -269,14 +269,14 @@ class Subscription:
         self.delivered += 1
         self._hub.delivered += 1
         if self._cursor is None:
-            frame = self._held.popleft()
+            frame = self._queue.popleft()
         else:
             frames = self._hub.gop.frames
             frame = frames[self._cursor]
             self._cursor += 1
             if self._cursor == len(frames):
                 self._cursor = None  # caught up: the next frame published comes to the queue
-        if self.lagging and not self._held and self._cursor is None:
+        if self.lagging and not self._queue and self._cursor is None:
             self.lagging = False  # caught up: falling past the limit again is a new resync
         return frame
 
@@ -286,7 +286,7 @@ class Subscription:
         self._closed = True
         self.push = None
         self.lane = None
-        self._held.clear()
+        self._queue.clear()
         self._cursor = None
         self._wake()
         self._hub._remove(self)
@@ -301,7 +301,7 @@ class Subscription:
         if self._cursor is not None:  # the cache holds this frame too: it reads it there
             self._wake()
             return
-        if not self.waiting_keyframe and self._held and not self._held.fits(self.limit, frame):
+        if not self.waiting_keyframe and self._queue and not self._queue.fits(self.limit, frame):
             if self._resync_from_cache(frame):
                 return  # it reads this frame from the cache too
             self._fall_behind(frame)
@@ -311,7 +311,7 @@ class Subscription:
                     self._count_drops(1)
                 return
             self.waiting_keyframe = False
-        if self.push is not None and self._hub.first_in_pass and not self._held and self._waiting():
+        if self._hub.first_in_pass and self._would_push():
             try:
                 taken = self.push(frame)
             except Exception as exc:  # never into the publish: the other subscribers and the camera go on
@@ -324,8 +324,13 @@ class Subscription:
                 self.delivered += 1
                 self._hub.delivered += 1
                 return
-        self._held.append(frame)
+        self._queue.append(frame)
         self._wake()
+
+    def _would_push(self) -> bool:
+        """A frame published now (the first of its pass) would go to ``push``: it has one, nothing is queued, and
+        its reader waits for a frame."""
+        return self.push is not None and not self._queue and self._waiting()
 
     def _waiting(self) -> bool:
         """Its reader waits in ``get`` for a frame (and has not been woken for one)."""
@@ -337,8 +342,8 @@ class Subscription:
         gop = self._hub.gop
         if not (self._hub.caching and gop.frames and gop.frames[-1] is frame):
             return False
-        start = len(gop.frames) - 1 - len(self._held)
-        self._held.clear()
+        start = len(gop.frames) - 1 - len(self._queue)
+        self._queue.clear()
         self._replay_from(max(0, start))
         if start < 0:
             self._count_drops(-start)
@@ -358,7 +363,7 @@ class Subscription:
         rest = old[self._cursor :]
         self._cursor = None
         if fits(self.limit, rest) and (self._hub.caching or len(rest) < self.limit.frames // 2):
-            self._held.extend(rest)
+            self._queue.extend(rest)
             return
         self._count_drops(len(rest))
         if event == GopCache.RESET:
@@ -374,12 +379,12 @@ class Subscription:
 
     def _fall_behind(self, frame: EncodedFrame) -> None:
         """Past its limit as ``frame`` comes: on from a keyframe it holds (whole GOPs lost), else from the next."""
-        skipped = self._held.skip_to_keyframe(self.limit, frame)
+        skipped = self._queue.skip_to_keyframe(self.limit, frame)
         if skipped is not None:
             self._count_drops(skipped)
             self._lagged(f"skipped {skipped} frames to a keyframe it holds")
             return
-        self._count_drops(self._held.clear())
+        self._count_drops(self._queue.clear())
         self.waiting_keyframe = True
         self._lagged("resuming at next keyframe", keyframe=True)
 
@@ -598,13 +603,8 @@ class PacketHub:
             return
         batch = []
         for sub in self._subscribers:
-            # what ``_offer`` would hand to ``push`` at once (no cache cursor, no keyframe wait, nothing queued,
-            # its reader waiting), where the subscriber has a lane
-            waiter = sub._waiter
-            if (
-                sub.lane is not None and sub.push is not None and sub._cursor is None and not sub.waiting_keyframe
-                and not sub._held and waiter is not None and not waiter.done()
-            ):  # fmt: skip
+            # what ``_offer`` would hand to ``push`` at once (no cache cursor, no keyframe wait), with a lane
+            if sub.lane is not None and sub._cursor is None and not sub.waiting_keyframe and sub._would_push():
                 batch.append(sub)
             else:
                 sub._offer(frame)
