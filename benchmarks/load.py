@@ -9,7 +9,9 @@ rate and bitrate (``--spawn``, the default), or an already running relay
 
 - ``camrelay``: this project, encode once (``relay serve --no-rtsp``);
   ``camrelay_pysend`` (named in ``--systems`` only) the same with its send
-  path in Python (``[webrtc] c_send = false``), for the C send path's A/B.
+  path in Python (``[webrtc] c_send = false``), and ``camrelay_cviewer``
+  with one C call a viewer-frame instead of one a frame for every viewer
+  (``[webrtc] c_batch = false``), for the C send path's A/B/C.
 - ``mediamtx``: mediamtx's own WebRTC (WHEP) server fed by camrelay's RTSP
   publish, the best-in-class reference (benchmarks/baselines/mediamtx_whep.py).
 - ``mediarelay``: the aiortc tutorial approach, one decoded track shared with
@@ -69,15 +71,22 @@ from benchmarks.peers import PEERS_PER_WORKER, PeerPlan, percentile, run_worker
 from benchmarks.pinning import Split, add_core_options, pin_tree, split_or_exit, thread_on
 from benchmarks.ports import free_port
 from benchmarks.resources import cpu_of, process_tree, rss_sum, udp_drops
-from relay.webrtc.rtpsend import C_SEND_ENV
+from relay.webrtc.rtpsend import C_BATCH_ENV, C_SEND_ENV
 
 SYSTEMS = ("camrelay", "mediamtx", "mediarelay", "seed_mjpeg")
-# Named in --systems only: camrelay with its send path in Python ([webrtc] c_send off), the C send path's A/B
-# in one run (relay/webrtc/rtpsend.py).
-EXTRA_SYSTEMS = ("camrelay_pysend",)
+# Named in --systems only: camrelay with its send path in Python ([webrtc] c_send off), and with one C call a
+# viewer-frame ([webrtc] c_batch off), the C send path's A/B/C in one run (relay/webrtc/rtpsend.py).
+EXTRA_SYSTEMS = ("camrelay_pysend", "camrelay_cviewer")
+# Each camrelay variant's environment beside the load benchmark's own
+CAMRELAY_VARIANTS = {
+    "camrelay": {},
+    "camrelay_pysend": {C_SEND_ENV: "false"},
+    "camrelay_cviewer": {C_BATCH_ENV: "false"},
+}
 LABELS = {
     "camrelay": "camrelay (encode once)",
     "camrelay_pysend": "camrelay, Python send path",
+    "camrelay_cviewer": "camrelay, one C call a viewer-frame",
     "mediamtx": "mediamtx WebRTC (reference)",
     "mediarelay": "aiortc MediaRelay (encode per viewer)",
     "seed_mjpeg": "MJPEG, threaded http.server (seed)",
@@ -195,9 +204,9 @@ def start_system(
     """Start one system on loopback; ``source`` (camrelay only) replaces the plain test pattern, ``extra`` flags
     and ``env`` variables (camrelay only) are added to its command and environment."""
     port = free_port()
-    if name in ("camrelay", "camrelay_pysend"):
+    if name in CAMRELAY_VARIANTS:
         cmd = [*camrelay_command(size, fps, bitrate, port, source), *extra]
-        send = {C_SEND_ENV: "false"} if name == "camrelay_pysend" else {}
+        send = CAMRELAY_VARIANTS[name]
         proc = subprocess.Popen(cmd, env={**os.environ, **CAMRELAY_LOAD_ENV, **send, **(env or {})})
         _wait_frames(proc, port)
         main = psutil.Process(proc.pid)

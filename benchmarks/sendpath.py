@@ -1,7 +1,7 @@
 """What one viewer costs the fan-out, per frame: a stream's hub publishing to N aiortc viewers in this process.
 
-    python -m benchmarks.sendpath --viewers 32 --frames 300 [--repeats 3] [--size 720p|1080p] [--paths c,python]
-                                  [--profile]
+    python -m benchmarks.sendpath --viewers 32 --frames 300 [--repeats 3] [--size 720p|1080p]
+                                  [--paths batch,c,python] [--profile]
 
 Real parts: a ``PacketHub``, each viewer a real aiortc peer connection on
 loopback whose sender is camrelay's (``attach_to_sender``: the shared packer,
@@ -15,10 +15,12 @@ and then (``Subscription.push``): packetizing once, then for each viewer its
 header, SRTP and its system call. Printed per frame and per viewer-frame, the
 median of the repeats; ``--profile`` prints cProfile's top functions of the
 last repeat (which inflates Python calls; read the shares, not the times).
-``--paths c,python`` measures the C send path (``rtpsend.C_SEND``) and the
-Python one alternately on the same viewers, each repeat both in turn (the
-order swapped every repeat), and prints each one's figures and their ratio;
-without it, the path the relay would take here.
+``--paths batch,c,python`` measures the C send path with one C call a
+frame for every viewer (``batch``: ``rtpsend.C_BATCH``), with one C call a
+viewer-frame (``c``: ``rtpsend.C_SEND`` alone) and the Python one, any of
+them, alternately on the same viewers, each repeat all in turn (the order
+reversed every other repeat), and prints each one's figures and, for two,
+their ratio; without it, the path the relay would take here.
 
 One process on one core has none of the machine's other work in it, so its
 figures are what the send path costs, not what a relay under load pays; they
@@ -41,7 +43,7 @@ import time
 from aiortc import RTCPeerConnection
 
 from relay.hub import EncodedFrame, PacketHub
-from relay.webrtc import rtpsend, udpbatch
+from relay.webrtc import borrowed, rtpsend, udpbatch
 from relay.webrtc.rtpsend import HubTrack, attach_to_sender, h264_preferences
 
 # (keyframe, P-frame) bytes, about: 1080p at 4 Mbit/s and 30 fps, 720p at 2 Mbit/s (the load benchmark's)
@@ -97,7 +99,7 @@ async def measure(
     paths: tuple[str, ...] = (),
     gap: float = PUBLISH_GAP,
 ) -> dict:
-    release = udpbatch.PATCH.hold()
+    releases = [udpbatch.PATCH.hold(), borrowed.SYNCED_COUNTS.hold()]  # as a relay's process holds them
     hub = PacketHub("sendpath", lambda: None)
     rng = random.Random(1)
     keyframe_bytes, frame_bytes = SIZES[size]
@@ -121,35 +123,39 @@ async def measure(
             await asyncio.sleep(gap)
         return spent
 
-    configured = rtpsend.C_SEND
+    configured = rtpsend.C_SEND, rtpsend.C_BATCH
     try:
         await publish(GOP)  # the first keyframe, every viewer live and pushed to
         pushed = sum(sub.push is not None for sub in hub.subscribers)
         spent: dict[str, list[float]] = {path: [] for path in paths or ("default",)}
         live: list[int] = []  # viewers still pushed to after each measured run, in the order they ran
+        batched: list[int] = []  # of them, in the stream's batch (one C call a frame) after each run
         prof = None
         for i in range(repeats):
             order = list(spent) if i % 2 == 0 else list(reversed(spent))  # ABBA: neither always goes first
             for path in order:
                 if path != "default":
-                    rtpsend.C_SEND = path == "c"
+                    rtpsend.C_SEND, rtpsend.C_BATCH = path in ("batch", "c"), path == "batch"
+                    await publish(2)  # the viewers leave or join the batch (unmeasured)
                 prof = cProfile.Profile() if profile and i == repeats - 1 and path == order[-1] else None
                 spent[path].append(await publish(frames, prof) / frames)
                 # a viewer not pushed to (its send failed, its socket backed up) sends outside the publish
                 live.append(sum(sub.push is not None for sub in hub.subscribers))
+                batched.append(sum(sub.lane is not None for sub in hub.subscribers))
         if prof is not None:
             pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
         await asyncio.sleep(0.2)  # the last frames read off the viewers' sockets
         received = [await packets_received(viewer) for _, viewer in pairs]
     finally:
-        rtpsend.C_SEND = configured
+        rtpsend.C_SEND, rtpsend.C_BATCH = configured
         for relay, viewer in pairs:
             await relay.close()
             await viewer.close()
-        release()
+        for release in reversed(releases):
+            release()
     out = {
         "viewers": viewers, "size": size, "gap_ms": gap * 1000, "pushed": pushed, "frames": frames, "repeats": repeats,
-        "c_send": configured if not paths else None,
+        "c_send": configured[0] if not paths else None, "c_batch": configured[1] if not paths else None,
     }  # fmt: skip
     for path, per_frame in spent.items():
         frame_us = statistics.median(per_frame) * 1e6
@@ -165,6 +171,7 @@ async def measure(
         a, b = paths
         out[f"ratio_{a}_to_{b}"] = round(out[a]["us_per_viewer_frame"] / out[b]["us_per_viewer_frame"], 3)
     out["pushed_after_each_run"] = live
+    out["in_batch_after_each_run"] = batched
     out["packets_received_min"] = min(received)
     return out
 
@@ -182,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--size", choices=sorted(SIZES), default="1080p", help="frame sizes (default 1080p)")
     ap.add_argument(
-        "--paths", default="", help="c,python: both send paths alternated (default: the one the relay would take)"
+        "--paths", default="", help="batch,c,python: send paths alternated (default: the one the relay would take)"
     )
     ap.add_argument("--gap", type=float, default=PUBLISH_GAP * 1000, help="ms between publishes (default 5)")
     ap.add_argument("--profile", action="store_true", help="cProfile the last repeat (to stderr)")
@@ -190,10 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.viewers < 1 or args.frames < 1 or args.repeats < 1:
         ap.error("--viewers, --frames and --repeats must be at least 1")
     paths = tuple(p for p in args.paths.split(",") if p)
-    if any(p not in ("c", "python") for p in paths) or len(set(paths)) != len(paths):
-        ap.error("--paths takes c and python, each at most once")
-    if "c" in paths and not rtpsend.borrowed.C_SEND_BUILT:
-        ap.error("--paths c: relay.webrtc._fastsend is not built here (pip install -e .)")
+    if any(p not in ("batch", "c", "python") for p in paths) or len(set(paths)) != len(paths):
+        ap.error("--paths takes batch, c and python, each at most once")
+    if {"batch", "c"} & set(paths) and not rtpsend.borrowed.C_SEND_BUILT:
+        ap.error("--paths batch or c: relay.webrtc._fastsend is not built here (pip install -e .)")
     if args.gap < 0:
         ap.error("--gap must be at least 0")
     result = asyncio.run(

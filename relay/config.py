@@ -191,6 +191,9 @@ class WebRTCConfig:
     # With batch_sends, a viewer's frame made, protected and written in one C call where that part is built
     # (relay/webrtc/_fastsend.c, relay.webrtc.rtpsend.C_SEND); off: the Python path (the C path's A/B).
     c_send: bool = True
+    # With c_send, one C call a published frame sends it to every live viewer of the stream that can take it now
+    # (relay.webrtc.rtpsend.push_batch); off: one C call a viewer-frame (the batch's A/B).
+    c_batch: bool = True
     # The playout-delay header extension sent to viewers that offer it, (min, max) in ms; None: not negotiated,
     # as aiortc does (docs/benchmarks.md, "Playout delay", for why the default).
     playout_delay: tuple[int, int] | None = (0, 0)
@@ -626,6 +629,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "session_burst": _int(1, MAX_VIEWERS_LIMIT),
         "batch_sends": _bool,
         "c_send": _bool,
+        "c_batch": _bool,
         "playout_delay": parse_playout_delay,
         "shards": parse_shards,
     },

@@ -31,6 +31,11 @@ and no task is woken per subscriber per frame) while its reader waits with
 nothing queued, for the first frame published in an event-loop pass; the
 rest, and what it declines, are queued as above.
 
+Subscribers that would be pushed a frame and have a ``lane`` (a key their
+owner set beside ``push``) are handed it all together, in one call of the
+hub's ``batch_push`` (a WebRTC stream's: one C call sends the frame to every
+such viewer); those it declines are offered the frame one by one as above.
+
 All methods run on the event loop; the encoder thread hands frames over with
 ``loop.call_soon_threadsafe(hub.publish, frame)``.
 """
@@ -98,6 +103,9 @@ class DelayWindow:
 
     def add(self, seconds: float) -> None:
         self._values.append(seconds)
+
+    def extend(self, seconds: list[float]) -> None:
+        self._values.extend(seconds)
 
     def percentiles_ms(self) -> dict[str, float | None]:
         values = sorted(self._values)
@@ -203,6 +211,9 @@ class Subscription:
         # with nothing queued, a frame is handed to ``push`` as it is published instead of waking the reader's
         # task; False from it, and the frame is queued as without it.
         self.push: Callable[[EncodedFrame], bool] | None = None
+        # A live subscriber with ``push`` may also be sent to with the others in one call (``PacketHub.batch_push``)
+        # while this is set: its key there (a WebRTC viewer's C lane), set and cleared by whoever set ``push``.
+        self.lane: object | None = None
         self._hub = hub
         self._queue = Backlog()
         # Replaying: the index in the hub's GOP cache of the next frame to read; never its end (caught up: live).
@@ -274,6 +285,7 @@ class Subscription:
             return
         self._closed = True
         self.push = None
+        self.lane = None
         self._queue.clear()
         self._cursor = None
         self._wake()
@@ -299,7 +311,7 @@ class Subscription:
                     self._count_drops(1)
                 return
             self.waiting_keyframe = False
-        if self.push is not None and self._hub.first_in_pass and not self._queue and self._waiting():
+        if self._hub.first_in_pass and self._would_push():
             try:
                 taken = self.push(frame)
             except Exception as exc:  # never into the publish: the other subscribers and the camera go on
@@ -314,6 +326,11 @@ class Subscription:
                 return
         self._queue.append(frame)
         self._wake()
+
+    def _would_push(self) -> bool:
+        """A frame published now (the first of its pass) would go to ``push``: it has one, nothing is queued, and
+        its reader waits for a frame."""
+        return self.push is not None and not self._queue and self._waiting()
 
     def _waiting(self) -> bool:
         """Its reader waits in ``get`` for a frame (and has not been woken for one)."""
@@ -455,6 +472,11 @@ class PacketHub:
         self._last_overflow_log = float("-inf")
         self._keyframe_asked: float | None = None  # monotonic, while a keyframe asked for has not come
         self._in_pass = 0  # frames published in this pass of the event loop (``first_in_pass``)
+        # ``batch_push(frame, subs)``: the subscribers that ``push`` would be handed a frame (live, their reader
+        # waiting, nothing queued, the pass's first frame) and that have a ``lane``, all sent to in one call; it
+        # returns the indices of those it did not take, which are offered the frame as usual (``push``, or their
+        # queue). Set by whoever sets the lanes (relay.webrtc.rtpsend: one C call a frame for every viewer).
+        self.batch_push: Callable[[EncodedFrame, list[Subscription]], list[int]] | None = None
 
     @property
     def subscribers(self) -> list[Subscription]:
@@ -574,7 +596,35 @@ class PacketHub:
         else:
             self.keyframe_gate.tick(self.clock())
         self._cache(frame)
+        batch_push = self.batch_push
+        if batch_push is None or not self.first_in_pass:
+            for sub in self._subscribers:
+                sub._offer(frame)
+            return
+        batch = []
         for sub in self._subscribers:
+            # what ``_offer`` would hand to ``push`` at once (no cache cursor, no keyframe wait), with a lane
+            if sub.lane is not None and sub._cursor is None and not sub.waiting_keyframe and sub._would_push():
+                batch.append(sub)
+            else:
+                sub._offer(frame)
+        if batch:
+            self._push_batch(batch_push, frame, batch)
+
+    def _push_batch(self, batch_push, frame: EncodedFrame, batch: list[Subscription]) -> None:
+        try:
+            declined = batch_push(frame, batch)
+        except Exception as exc:  # never into the publish: each is offered the frame its own way
+            log.warning("stream=%s viewers=%d batch push failed, each offered its own way: %r", self.stream,
+                        len(batch), exc)  # fmt: skip
+            declined = range(len(batch))
+        taken = len(batch) - len(declined)
+        self.delivered += taken
+        for sub in batch:
+            sub.delivered += 1
+        for i in declined:
+            sub = batch[i]
+            sub.delivered -= 1
             sub._offer(frame)
 
     def _cache(self, frame: EncodedFrame) -> None:

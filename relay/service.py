@@ -193,7 +193,7 @@ class Relay:
         w = self.config.webrtc
         running = self._running
         try:
-            running.enter_context(process_patches(w.ice_addresses, w.batch_sends, w.c_send))
+            running.enter_context(process_patches(w.ice_addresses, w.batch_sends, w.c_send, w.c_batch))
             ice.log_settings(w)
             running.push_async_callback(_stop, "viewers", self.sessions.close_all)
             await self.sessions.start()

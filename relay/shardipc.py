@@ -138,6 +138,7 @@ class ShardConfig(_Json):
     max_lag: float  # [video] max_lag, the lag limit of every viewer
     log_level: str = "info"
     c_send: bool = True  # [webrtc] c_send: the C send path where it is built
+    c_batch: bool = True  # [webrtc] c_batch: one C call a frame for every viewer of a stream
 
 
 @dataclass(frozen=True, slots=True)

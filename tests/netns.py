@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import secrets
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,3 +43,19 @@ def inside(netns: str) -> Iterator[None]:
             _setns(home)
     finally:
         os.close(home)
+
+
+@contextmanager
+def loopback_namespace(prefix: str, *root_qdisc: str) -> Iterator[str]:
+    """A new network namespace named ``prefix`` and a random tail, its loopback up (with ``root_qdisc``, the
+    arguments of ``tc qdisc add dev lo root``, if given), this thread inside it; deleted afterwards."""
+    name = f"{prefix}-{secrets.token_hex(3)}"
+    run("ip", "netns", "add", name)
+    try:
+        run("ip", "-n", name, "link", "set", "lo", "up")
+        if root_qdisc:
+            run("tc", "-n", name, "qdisc", "add", "dev", "lo", "root", *root_qdisc)
+        with inside(name):
+            yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)

@@ -280,6 +280,64 @@ def test_a_nacked_packet_is_found_in_the_frames_sent_across_the_sequence_wrap():
     )
 
 
+@pytest.mark.skipif(not borrowed.C_SEND_BUILT, reason="relay.webrtc._fastsend is not built here")
+def test_a_lanes_nack_history_finds_what_sent_frames_finds():
+    """A C lane keeps the frames a NACK may name as ``SentFrames`` does (at least the last ``RTP_HISTORY_SIZE``
+    packets, one entry a frame): random frames across several sequence wraps, every number looked up in both
+    after each frame gives the same answer; a number from the network out of range is simply not found."""
+    import random
+
+    from aiortc.rtp import RTP_HISTORY_SIZE
+
+    from relay.webrtc.rtpsend import SentFrames
+
+    rng = random.Random(15)
+    lane = borrowed.new_lane(0, 0, 90_000, RTP_HISTORY_SIZE)
+    lane.set_header(bytes([0x80, 96]) + bytes(10), None)
+    sent, sequence = SentFrames(), 65_000
+    for _ in range(300):
+        payloads = [rng.randbytes(3) for _ in range(rng.choice((1, 1, 2, 5, 40, 90)))]
+        timestamp = rng.randrange(1 << 32)
+        sent.add(sequence, timestamp, payloads, 96)
+        lane.remember(sequence, timestamp, payloads)
+        sequence = (sequence + len(payloads)) & 0xFFFF
+        for n in rng.sample(range(65536), 200) + [(sequence - k) & 0xFFFF for k in range(1, 140)]:
+            assert lane.find(n) == sent.find(n), n
+    assert lane.find(-1) is None and lane.find(65536) is None and lane.find(1 << 70) is None
+
+
+async def test_aiortcs_counts_are_read_through_a_lanes_sync_while_held():
+    """``borrowed.SYNCED_COUNTS``: aiortc's sender and DTLS transport keep their counts as instance fields, which a
+    descriptor on each class reads after the owners' sync callables ran (what a C lane counted, brought in when
+    aiortc builds a sender report or its stats); gone again once released."""
+    release = borrowed.SYNCED_COUNTS.hold()
+    pc = RTCPeerConnection()
+    try:
+        sender = pc.addTransceiver("video", direction="sendonly").sender
+        pending = [(123, 456, 1000, 3)]
+
+        def sync() -> None:
+            while pending:
+                ntp, timestamp, octets, packets = pending.pop()
+                borrowed.SenderFields(sender).count(ntp, timestamp, octets, packets)
+                borrowed.count_dtls_sent(sender.transport, octets + 30, packets)
+
+        unsync = borrowed.sync_counts(sender, sync)
+        stats = await sender.getStats()
+        out = next(s for s in stats.values() if s.type == "outbound-rtp")
+        assert (out.packetsSent, out.bytesSent) == (3, 1000) and not pending
+        transport = next(s for s in sender.transport._get_stats().values() if s.type == "transport")
+        assert (transport.packetsSent, transport.bytesSent) == (3, 1030)
+        unsync()
+        pending.append((0, 0, 1, 1))  # no longer synced
+        stats = await sender.getStats()
+        assert next(s for s in stats.values() if s.type == "outbound-rtp").packetsSent == 3
+    finally:
+        await pc.close()
+        release()
+    assert not borrowed.SYNCED_COUNTS.installed and "_RTCRtpSender__packet_count" not in vars(RTCRtpSender)
+
+
 @pytest.mark.parametrize(
     "unit",
     [

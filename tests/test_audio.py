@@ -19,6 +19,7 @@ from benchmarks.lipsync import AvProbe
 from relay.camera.testsound import RATE
 from relay.config import StreamConfig
 from relay.source import SourceSpec
+from relay.webrtc import rtpsend
 from relay.webrtc.whepclient import FrameSample, WhepViewer
 
 from .conftest import EncodedFrames, RunningRelay, capture_ms, make_config, session_of, start_relay
@@ -70,6 +71,9 @@ async def test_a_viewer_offering_audio_hears_a_burst_each_second_every_tenth_at_
             assert set(capture_ms(s) for s in video) <= set(encoded.clocks)
             synced = lip_sync(run, [(s.received, s.latency_ms) for s in video if s.latency_ms is not None])
             assert synced, "no video received beside the bursts"
+            if rtpsend.C_BATCH:  # the Opus packets went out in the stream's one C call a packet, the video's too
+                senders = {t.kind: t.sender for t in session_of(relay, viewer).pc.getTransceivers()}
+                assert all(rtpsend.lane_of(senders[kind]).frames > 0 for kind in ("audio", "video"))
         after = await api_audio(http, relay.base)
     finally:
         await viewer.close()

@@ -231,3 +231,21 @@ def test_sendpath_benchmark_alternates_the_c_and_python_send_paths():
     assert out["size"] == "720p" and out["pushed"] == 2, out
     assert all(len(out[p]["each_repeat_us_per_viewer_frame"]) == 2 for p in ("c", "python")), out
     assert out["ratio_c_to_python"] > 0 and out["packets_received_min"] >= 80 * 6, out
+
+
+def test_sendpath_benchmark_alternates_the_batch_and_the_per_viewer_paths():
+    """``--paths batch,c,python``: one C call a frame for every viewer, one a viewer-frame and the Python path on the
+    same viewers, each repeat all three (the order reversed every other repeat); the viewers are in the batch
+    after each batch run and in no other."""
+    from relay.webrtc import borrowed
+
+    if not borrowed.C_SEND_BUILT:
+        pytest.skip("relay.webrtc._fastsend is not built here")
+    cmd = [sys.executable, "-m", "benchmarks.sendpath", "--viewers", "2", "--frames", "10", "--repeats", "2",
+           "--size", "720p", "--paths", "batch,c,python"]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout)
+    assert all(len(out[p]["each_repeat_us_per_viewer_frame"]) == 2 for p in ("batch", "c", "python")), out
+    assert out["in_batch_after_each_run"] == [2, 0, 0, 0, 0, 2], out
+    assert out["pushed_after_each_run"] == [2] * 6 and out["packets_received_min"] >= 80 * 6, out

@@ -11,10 +11,8 @@ import asyncio
 import dataclasses
 import os
 import random
-import secrets
 import shutil
 import socket
-import subprocess
 import sysconfig
 
 import pytest
@@ -26,7 +24,7 @@ from relay.webrtc.udpbatch import MAX_GSO_BYTES, MAX_SEGMENTS, batcher_of, send_
 from relay.webrtc.whepclient import WhepViewer
 
 from .conftest import make_config, session_of, start_relay
-from .netns import inside, run
+from .netns import loopback_namespace
 from .test_aiortc_hooks import _srtp_pair
 from .test_udpbatch import _Sending, _Sink
 
@@ -87,7 +85,7 @@ def _c_path(wire, tx, payloads, sequence, gso=True, emit=None):
     fell = []
     done = borrowed.SrtpFrameWriter().send_frame(
         tx, HEADER, payloads, sequence, wire.tx.fileno(), socket.AF_INET, wire.addr, gso,
-        emit or (lambda data, segment: fell.append((bytes(data), segment))), MAX_SEGMENTS, MAX_GSO_BYTES,
+        emit or (lambda data, segment, *_: fell.append((bytes(data), segment))), MAX_SEGMENTS, MAX_GSO_BYTES,
     )  # fmt: skip
     return done, fell
 
@@ -191,7 +189,7 @@ def test_what_c_does_not_take_it_leaves_to_the_python_path_untouched(wire):
     tx, _ = _srtp_pair()
     done = borrowed.SrtpFrameWriter().send_frame(
         tx, HEADER, [b"a" * 100], 0, wire.tx.fileno(), socket.AF_INET, ("localhost", wire.addr[1]), True,
-        lambda data, segment: None, MAX_SEGMENTS, MAX_GSO_BYTES,
+        lambda data, segment, *_: None, MAX_SEGMENTS, MAX_GSO_BYTES,
     )  # fmt: skip
     assert done is None
     done, _ = _c_path(wire, tx, [b"a" * 100, bytearray(b"b" * 100)], 0)
@@ -213,7 +211,7 @@ def test_a_send_c_cannot_make_goes_to_the_fallback_from_that_datagram_on(wire):
     try:
         done = borrowed.SrtpFrameWriter().send_frame(
             tx, HEADER, payloads, 0, write_end, socket.AF_INET, wire.addr, True,
-            lambda data, segment: fell.append((bytes(data), segment)), MAX_SEGMENTS, MAX_GSO_BYTES,
+            lambda data, segment, *_: fell.append((bytes(data), segment)), MAX_SEGMENTS, MAX_GSO_BYTES,
         )  # fmt: skip
     finally:
         os.close(read_end)
@@ -229,7 +227,7 @@ def test_what_the_fallback_raises_comes_out_of_the_c_call_as_it_was_raised(wire,
     tx, _ = _srtp_pair()
     read_end, write_end = os.pipe()  # not a socket: the first write fails and the fallback is called
 
-    def fallback(data, segment):
+    def fallback(data, segment, blocked):
         raise error("the fallback's own")
 
     try:
@@ -265,16 +263,8 @@ DRAIN = 30.0  # seconds for everything queued to arrive: a guard, not a measurem
 @pytest.fixture
 def shaped_loopback():
     """A network namespace whose loopback sends at ``SHAPED_RATE``, this thread inside it."""
-    name = f"cr-csend-{secrets.token_hex(3)}"
-    run("ip", "netns", "add", name)
-    try:
-        run("ip", "-n", name, "link", "set", "lo", "up")
-        run("tc", "-n", name, "qdisc", "add", "dev", "lo", "root", "tbf", "rate", SHAPED_RATE, "burst", "16kb",
-            "limit", "8mb")  # fmt: skip
-        with inside(name):
-            yield
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    with loopback_namespace("cr-csend", "tbf", "rate", SHAPED_RATE, "burst", "16kb", "limit", "8mb"):
+        yield
 
 
 async def _send_until_backed_up(c_send: bool, monkeypatch) -> tuple:
@@ -338,29 +328,55 @@ async def test_a_socket_that_backs_up_under_the_c_path_behaves_as_under_the_pyth
     assert python[2] == expected and c[2] == expected
 
 
-@pytest.mark.parametrize("c_send", [True, False], ids=["C path", "Python path"])
-async def test_a_viewer_decodes_the_frames_the_relay_sends(http, c_send):
-    """A real aiortc viewer of a real relay decodes every frame it reads, its pixel clock valid, through either
-    path (``[webrtc] c_send``); with the C path on, the frames went through it (one C call each) in runs (fewer
-    writes than datagrams); with it off, none did."""
+@needs_c
+async def test_a_write_that_meets_a_full_socket_buffer_is_queued_without_being_tried_again(
+    shaped_loopback, monkeypatch
+):
+    """C's segmented write meets a full socket buffer (EAGAIN): its run goes to asyncio's queue through the batcher's
+    writer with no second segmented try on the socket (it failed alike: two or three system calls wasted a run),
+    and every packet still arrives, in order."""
+    tried = []
+    raw_send = udpbatch.Batcher._raw_send
+
+    def counted(self, raw, data, segment, addr):
+        tried.append(segment)
+        return raw_send(self, raw, data, segment, addr)
+
+    monkeypatch.setattr(udpbatch.Batcher, "_raw_send", counted)
+    backed_up, counts, packets = await _send_until_backed_up(True, monkeypatch)
+    assert backed_up and counts[:2] == (FRAMES * PACKETS, 0) and counts[2] >= 1
+    assert tried == [] and len(packets) == FRAMES * PACKETS
+
+
+@pytest.mark.parametrize(
+    "c_send,c_batch", [(True, True), (True, False), (False, False)], ids=["C batch", "C per viewer", "Python path"]
+)
+async def test_a_viewer_decodes_the_frames_the_relay_sends(http, c_send, c_batch):
+    """A real aiortc viewer of a real relay decodes every frame it reads, its pixel clock valid, through each path
+    (``[webrtc] c_send``, ``c_batch``): with the batch on, live frames went out in the stream's one C call a frame
+    (its lane's, counted in the batcher's ``c_written``); with the C path on alone, one C call a viewer-frame; with
+    it off, none did; in runs (fewer writes than datagrams) every way."""
     if c_send and not borrowed.C_SEND_BUILT:
         pytest.skip("relay.webrtc._fastsend is not built here")
     config = make_config()
-    config = dataclasses.replace(config, webrtc=dataclasses.replace(config.webrtc, c_send=c_send))
+    config = dataclasses.replace(config, webrtc=dataclasses.replace(config.webrtc, c_send=c_send, c_batch=c_batch))
     runner, relay = await start_relay(config)
     try:
-        assert rtpsend.C_SEND is c_send
+        assert rtpsend.C_SEND is c_send and rtpsend.C_BATCH is c_batch
         viewer = WhepViewer(relay.whep(), http)
         await viewer.connect()
         try:
             frames = await viewer.read_frames(30)
             assert len(frames) == 30 and all(s.latency_ms is not None for s in frames)
-            dtls = session_of(relay, viewer).pc.getTransceivers()[0].sender.transport
-            batcher = batcher_of(borrowed.nominated_pair(dtls).protocol)
+            sender = session_of(relay, viewer).pc.getTransceivers()[0].sender
+            batcher = batcher_of(borrowed.nominated_pair(sender.transport).protocol)
+            lane = rtpsend.lane_of(sender)
         finally:
             await viewer.close()
     finally:
         await runner.cleanup()
-    assert rtpsend.C_SEND is borrowed.C_SEND_BUILT  # the relay's setting gone with it
+    assert rtpsend.C_SEND is borrowed.C_SEND_BUILT and rtpsend.C_BATCH is borrowed.C_SEND_BUILT  # the relay's gone
     assert batcher is not None and batcher.syscalls < batcher.datagrams
-    assert (batcher.c_frames > 0) is c_send
+    assert (batcher.c_written[2] > 0) is c_batch and (lane is not None and lane.frames > 0) is c_batch
+    alone = batcher.c_frames - batcher.c_written[2]  # one C call a viewer-frame (the batch's: its first frames)
+    assert (alone > 0) is c_send and (not c_batch or batcher.c_written[2] > alone)

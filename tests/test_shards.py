@@ -601,3 +601,17 @@ async def test_an_offer_while_no_shard_is_ready_waits_for_the_first_that_is():
         for shard in pool.processes:
             for feed in shard.feeds.values():
                 await feed.close()
+
+
+def test_a_shards_reported_delays_keep_a_batchs_as_they_keep_each_one():
+    """A shard's hub sends most of its viewers' frames in one C call a frame (``rtpsend.push_batch``), whose fan-out
+    delays come as one list: they reach the relay's window as those added one by one do, the first
+    ``REPORTED_DELAYS`` of a report."""
+    from relay.webrtc.shard import ReportedDelays
+
+    delays = ReportedDelays()
+    delays.add(0.001)
+    delays.extend([0.002] * shardipc.REPORTED_DELAYS)
+    fresh = delays.take()
+    assert len(fresh) == shardipc.REPORTED_DELAYS and fresh[:2] == [0.001, 0.002] and delays.take() == []
+    assert delays.percentiles_ms()["p50"] == 2.0  # the shard's own window has every one

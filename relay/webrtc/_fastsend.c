@@ -39,6 +39,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/types.h>
+#include <time.h>
 
 #ifndef SOL_UDP
 #define SOL_UDP 17
@@ -52,7 +53,7 @@
 #define TRAILER_ROOM_MIN 144
 /* send_frame's arguments and results as this file has them: relay/webrtc/borrowed.py uses the module only when
    its FASTSEND_API is the same (an editable install's built module is not rebuilt when the source changes). */
-#define API_VERSION 1
+#define API_VERSION 2
 #define RTP_HEADER_MIN 12    /* version to SSRC */
 #define RTP_PACKET_MAX 65535 /* what one UDP datagram carries at most, and what an int surely holds */
 
@@ -134,13 +135,14 @@ typedef struct {
     socklen_t tolen;
     int gso;             /* segmented writes allowed on this socket */
     int fallen;          /* a run went to the fallback: every later one does too (never reordered) */
-    PyObject *fallback;  /* fallback(data, segment): the Python path's writer */
+    int blocked;         /* what fell back met a full socket buffer (EAGAIN): the fallback queues it untried */
+    PyObject *fallback;  /* fallback(data, segment, blocked): the Python path's writer */
     unsigned char *base; /* the buffer */
     Py_ssize_t datagrams, syscalls; /* written here (the fallback counts its own) */
 } Route;
 
 /* One sendmsg of `len` bytes at `data`: a segmented write of `segment`-byte datagrams, or one datagram
-   (segment 0). 0: sent; -1: not (errno says why). */
+   (segment 0). 0: sent; else the errno that stopped it. */
 static int send_once(const Route *r, unsigned char *data, size_t len, uint16_t segment) {
     struct iovec iov = {.iov_base = data, .iov_len = len};
     struct msghdr msg;
@@ -167,26 +169,33 @@ static int send_once(const Route *r, unsigned char *data, size_t len, uint16_t s
     do {
         n = sendmsg(r->fd, &msg, MSG_DONTWAIT); /* never block the event loop, whatever the fd's mode */
     } while (n < 0 && errno == EINTR);
-    return n < 0 ? -1 : 0;
+    return n < 0 ? (errno ? errno : EIO) : 0;
 }
 
+static int is_blocked(int err) { return err == EAGAIN || err == EWOULDBLOCK; }
+
 /* A run of `count` datagrams of `segment` bytes (the last may be shorter) at [start, end) of the buffer: one
-   segmented write, else one write a datagram; what cannot be written here goes to the fallback. -1: the
-   fallback raised (the exception is set). */
+   segmented write, else one write a datagram; what cannot be written here goes to the fallback, told whether the
+   socket's buffer was full (then it queues without trying the socket again: the retries were 2 or 3 system calls
+   a run, each failing alike). -1: the fallback raised (the exception is set). */
 static int write_run(Route *r, size_t start, size_t end, size_t segment, Py_ssize_t count) {
     if (!r->fallen) {
         if (count > 1 && r->gso && segment <= UINT16_MAX) {
-            if (send_once(r, r->base + start, end - start, (uint16_t)segment) == 0) {
+            int err = send_once(r, r->base + start, end - start, (uint16_t)segment);
+            if (err == 0) {
                 r->datagrams += count;
                 r->syscalls += 1;
                 return 0;
             }
-            r->fallen = 1; /* the Python path tries it again and decides: queue, give up GSO, or drop */
+            r->fallen = 1; /* the Python path decides: queue, give up GSO, or drop */
+            r->blocked = is_blocked(err);
         } else {
             for (; start < end; start += segment) {
                 size_t len = end - start < segment ? end - start : segment;
-                if (send_once(r, r->base + start, len, 0) != 0) {
+                int err = send_once(r, r->base + start, len, 0);
+                if (err != 0) {
                     r->fallen = 1;
+                    r->blocked = is_blocked(err);
                     break;
                 }
                 r->datagrams += 1;
@@ -206,8 +215,8 @@ static int write_run(Route *r, size_t start, size_t end, size_t segment, Py_ssiz
         Py_DECREF(view);
         return -1;
     }
-    PyObject *args[2] = {view, segment_obj};
-    PyObject *result = PyObject_Vectorcall(r->fallback, args, 2, NULL);
+    PyObject *args[3] = {view, segment_obj, r->blocked ? Py_True : Py_False};
+    PyObject *result = PyObject_Vectorcall(r->fallback, args, 3, NULL);
     /* The view must not outlive the call: the buffer is written again at once (the fallback copies what it
        keeps). A view still held elsewhere cannot be released, and is left as the Python path leaves its own
        (a slice of it kept would still read the buffer: the fallback, udpbatch's write_run, keeps copies only).
@@ -240,6 +249,133 @@ static int payload_of(PyObject *item, const unsigned char **data, size_t *len) {
     return -1;
 }
 
+/* The largest payload of `payloads` (a list); -1 where one is not bytes. */
+static Py_ssize_t largest_payload(PyObject *payloads) {
+    size_t largest = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(payloads); i++) {
+        const unsigned char *data;
+        size_t len;
+        if (payload_of(PyList_GET_ITEM(payloads, i), &data, &len) != 0) {
+            return -1;
+        }
+        largest = len > largest ? len : largest;
+    }
+    return (Py_ssize_t)largest;
+}
+
+/* A frame's packets: `header` with each payload, numbered from `sequence`, the marker on the last, protected one
+   after another in the route's buffer (`room` bytes usable) and each run written as it ends. Every payload is
+   bytes and fits `room` with the header (the caller checked). 0 and the bytes protected in `sent`; -1 with the
+   exception set (what was written before is counted in the route all the same). */
+typedef struct {
+    srtp_protect_fn protect;
+    void *ctx;
+    size_t room;
+    Py_ssize_t trailer_room, max_segments, max_bytes;
+} Protect;
+
+static int send_packets(Route *r, const Protect *p, const unsigned char *header, size_t header_len,
+                        PyObject *payloads_obj, unsigned long sequence, size_t *sent_out) {
+    Py_ssize_t n = PyList_GET_SIZE(payloads_obj);
+    unsigned char pt = header[1] & 0x7F;
+    size_t used = 0, start = 0, segment = 0, sent = 0;
+    Py_ssize_t count = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const unsigned char *data;
+        size_t len;
+        /* The list is the caller's, and only the fallback's writer runs Python meanwhile, which does not touch
+           it; checked again all the same, and the payload held while it is read (a fallback may run first). */
+        PyObject *item = i < PyList_GET_SIZE(payloads_obj) ? PyList_GET_ITEM(payloads_obj, i) : NULL;
+        if (item == NULL || payload_of(item, &data, &len) != 0 || header_len + len > p->room) {
+            PyErr_SetString(PyExc_RuntimeError, "send_frame: the payloads changed while sending");
+            return -1;
+        }
+        Py_INCREF(item);
+        if (used + header_len + len > p->room && used) { /* the buffer is full: what it holds leaves, then again */
+            if (write_run(r, start, used, segment, count) != 0) {
+                Py_DECREF(item);
+                return -1;
+            }
+            used = start = 0;
+            count = 0;
+        }
+        unsigned char *packet = r->base + used;
+        memcpy(packet, header, header_len);
+        memcpy(packet + header_len, data, len);
+        Py_DECREF(item);
+        uint16_t number = (uint16_t)((sequence + (unsigned long)i) & 0xFFFFu);
+        packet[1] = (unsigned char)(i == n - 1 ? pt | 0x80 : pt);
+        packet[2] = (unsigned char)(number >> 8);
+        packet[3] = (unsigned char)(number & 0xFF);
+        int length = (int)(header_len + len);
+        int status = p->protect(p->ctx, packet, &length);
+        if (status != 0) {
+            PyObject *code = PyLong_FromLong(status);
+            if (code != NULL) {
+                PyErr_SetObject(SrtpError, code);
+                Py_DECREF(code);
+            }
+            return -1;
+        }
+        if (length < (int)(header_len + len) || (size_t)length > header_len + len + (size_t)p->trailer_room) {
+            PyErr_SetString(PyExc_RuntimeError, "send_frame: srtp_protect returned a length out of bounds");
+            return -1;
+        }
+        size_t protected_len = (size_t)length;
+        if (count && protected_len <= segment && used - start == (size_t)count * segment &&
+            count < p->max_segments && used - start + protected_len <= (size_t)p->max_bytes) {
+            count += 1;
+        } else {
+            if (count && write_run(r, start, used, segment, count) != 0) {
+                return -1;
+            }
+            start = used;
+            count = 1;
+            segment = protected_len;
+        }
+        used += protected_len;
+        sent += protected_len;
+    }
+    if (count && write_run(r, start, used, segment, count) != 0) {
+        return -1;
+    }
+    *sent_out = sent;
+    return 0;
+}
+
+/* The exception being raised gets `camrelay_written` = (datagrams, syscalls) written before it, so the caller
+   counts them (they were lost: the batcher's counts missed what C wrote before a failure mid-frame). */
+static void note_written(Py_ssize_t datagrams, Py_ssize_t syscalls) {
+    if (!datagrams && !syscalls) {
+        return;
+    }
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    if (value != NULL) {
+        PyObject *written = Py_BuildValue("(nn)", datagrams, syscalls);
+        if (written == NULL || PyObject_SetAttrString(value, "camrelay_written", written) != 0) {
+            PyErr_Clear();
+        }
+        Py_XDECREF(written);
+    }
+    PyErr_Restore(type, value, traceback);
+}
+
+/* The session, limits and fallback a call was given, checked; -1 with an exception where one is bad. */
+static int check_limits(unsigned long long ctx, unsigned long long protect, Py_ssize_t trailer_room,
+                        Py_ssize_t max_segments, Py_ssize_t max_bytes, PyObject *fallback) {
+    if (PyErr_Occurred()) {
+        return -1;
+    }
+    if (ctx == 0 || protect == 0 || max_segments < 1 || max_bytes < 1 || trailer_room < TRAILER_ROOM_MIN ||
+        (fallback != NULL && !PyCallable_Check(fallback))) {
+        PyErr_SetString(PyExc_ValueError, "send_frame: a bad session, limit or fallback");
+        return -1;
+    }
+    return 0;
+}
+
 PyDoc_STRVAR(send_frame_doc,
              "send_frame(buffer, ctx, protect, trailer_room, fd, family, addr, header, payloads, sequence,\n"
              "           max_segments, max_bytes, gso, fallback) -> (protected, datagrams, syscalls) | None\n\n"
@@ -247,9 +383,10 @@ PyDoc_STRVAR(send_frame_doc,
              "`buffer` (writable), protected with srtp_protect (its address `protect`, the session `ctx`), each\n"
              "run of equal-size datagrams (at most `max_segments`, `max_bytes`) written to `addr` on socket\n"
              "`fd` of `family` as soon as it ends: segmented (`gso`) or one datagram a write. What cannot be\n"
-             "written goes, from there on, to `fallback(data, segment)`. Returns the bytes protected and the\n"
-             "datagrams and system calls written here; None, before anything is done, for an address or a\n"
-             "payload it does not take (the caller's Python path does).");
+             "written goes, from there on, to `fallback(data, segment, blocked)` (`blocked`: the socket's buffer\n"
+             "was full). Returns the bytes protected and the datagrams and system calls written here; None,\n"
+             "before anything is done, for an address or a payload it does not take (the caller's Python path\n"
+             "does). An exception raised after C wrote some carries them as `camrelay_written`.");
 
 static PyObject *send_frame(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
@@ -267,12 +404,11 @@ static PyObject *send_frame(PyObject *module, PyObject *const *args, Py_ssize_t 
     Py_ssize_t max_segments = PyLong_AsSsize_t(args[10]);
     Py_ssize_t max_bytes = PyLong_AsSsize_t(args[11]);
     int gso = PyObject_IsTrue(args[12]);
-    if (PyErr_Occurred()) {
+    if (check_limits(ctx_address, protect_address, trailer_room, max_segments, max_bytes, fallback) != 0) {
         return NULL;
     }
-    if (ctx_address == 0 || protect_address == 0 || fd < 0 || fd > INT32_MAX || gso < 0 || max_segments < 1 ||
-        max_bytes < 1 || trailer_room < TRAILER_ROOM_MIN || !PyCallable_Check(fallback)) {
-        PyErr_SetString(PyExc_ValueError, "send_frame: a bad session, socket, limit or fallback");
+    if (fd < 0 || fd > INT32_MAX || gso < 0 || sequence < 0) {
+        PyErr_SetString(PyExc_ValueError, "send_frame: a bad socket or sequence number");
         return NULL;
     }
     if (!PyList_CheckExact(payloads_obj)) {
@@ -318,70 +454,13 @@ static PyObject *send_frame(PyObject *module, PyObject *const *args, Py_ssize_t 
         }
     }
 
-    Route r = {.fd = (int)fd, .to = &to, .tolen = tolen, .gso = gso, .fallen = 0, .fallback = fallback,
-               .base = (unsigned char *)buffer.buf, .datagrams = 0, .syscalls = 0};
-    srtp_protect_fn protect = (srtp_protect_fn)(uintptr_t)protect_address;
-    void *ctx = (void *)(uintptr_t)ctx_address;
-    unsigned char pt = header[1] & 0x7F;
-    size_t used = 0, start = 0, segment = 0, sent = 0;
-    Py_ssize_t count = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        const unsigned char *data;
-        size_t len;
-        /* The list is the caller's, and only the fallback's writer runs Python meanwhile, which does not touch
-           it; checked again all the same, and the payload held while it is read (a fallback may run first). */
-        PyObject *item = i < PyList_GET_SIZE(payloads_obj) ? PyList_GET_ITEM(payloads_obj, i) : NULL;
-        if (item == NULL || payload_of(item, &data, &len) != 0 || header_len + len > room) {
-            PyErr_SetString(PyExc_RuntimeError, "send_frame: the payloads changed while sending");
-            goto done;
-        }
-        Py_INCREF(item);
-        if (used + header_len + len > room && used) { /* the buffer is full: what it holds leaves, then again */
-            if (write_run(&r, start, used, segment, count) != 0) {
-                Py_DECREF(item);
-                goto done;
-            }
-            used = start = 0;
-            count = 0;
-        }
-        unsigned char *packet = r.base + used;
-        memcpy(packet, header, header_len);
-        memcpy(packet + header_len, data, len);
-        Py_DECREF(item);
-        uint16_t number = (uint16_t)((unsigned long)(sequence + i) & 0xFFFFu);
-        packet[1] = (unsigned char)(i == n - 1 ? pt | 0x80 : pt);
-        packet[2] = (unsigned char)(number >> 8);
-        packet[3] = (unsigned char)(number & 0xFF);
-        int length = (int)(header_len + len);
-        int status = protect(ctx, packet, &length);
-        if (status != 0) {
-            PyObject *code = PyLong_FromLong(status);
-            if (code != NULL) {
-                PyErr_SetObject(SrtpError, code);
-                Py_DECREF(code);
-            }
-            goto done;
-        }
-        if (length < (int)(header_len + len) || (size_t)length > header_len + len + (size_t)trailer_room) {
-            PyErr_SetString(PyExc_RuntimeError, "send_frame: srtp_protect returned a length out of bounds");
-            goto done;
-        }
-        size_t protected_len = (size_t)length;
-        if (count && protected_len <= segment && used - start == (size_t)count * segment && count < max_segments &&
-            used - start + protected_len <= (size_t)max_bytes) {
-            count += 1;
-        } else {
-            if (count && write_run(&r, start, used, segment, count) != 0) {
-                goto done;
-            }
-            start = used;
-            count = 1;
-            segment = protected_len;
-        }
-        used += protected_len;
-        sent += protected_len;
-    }
-    if (count && write_run(&r, start, used, segment, count) != 0) {
+    Route r = {.fd = (int)fd, .to = &to, .tolen = tolen, .gso = gso, .fallen = 0, .blocked = 0,
+               .fallback = fallback, .base = (unsigned char *)buffer.buf, .datagrams = 0, .syscalls = 0};
+    Protect p = {.protect = (srtp_protect_fn)(uintptr_t)protect_address, .ctx = (void *)(uintptr_t)ctx_address,
+                 .room = room, .trailer_room = trailer_room, .max_segments = max_segments, .max_bytes = max_bytes};
+    size_t sent = 0;
+    if (send_packets(&r, &p, header, header_len, payloads_obj, (unsigned long)sequence, &sent) != 0) {
+        note_written(r.datagrams, r.syscalls);
         goto done;
     }
     result = Py_BuildValue("(nnn)", (Py_ssize_t)sent, r.datagrams, r.syscalls);
@@ -391,20 +470,681 @@ done:
     return result;
 }
 
+/* -- lanes: one viewer's sender, sent to with its stream's other viewers in one call (send_batch) */
+
+/* What a NACK may name, per lane: the frames sent lately, at least `history` packets of them (as aiortc's
+   RTP_HISTORY_SIZE, 128), each frame one entry holding the shared payload list. One entry a frame of at least one
+   packet: HISTORY_FRAMES_MAX entries hold any history of fewer packets (Lane refuses a longer one). */
+#define HISTORY_FRAMES_MAX 256
+#define HEADER_MAX 256 /* an RTP header with its extensions: 12 bytes and a few elements (mid, abs-send-time,
+                          playout-delay: ~30); more is refused */
+#define NTP_UNIX_OFFSET 2208988800ULL
+#define ABS_SEND_TIME_BYTES 3
+#define COUNTS 3 /* the batcher's counter array: datagrams, system calls, frames written from C */
+
+typedef struct {
+    uint16_t first;     /* sequence number of its first packet */
+    uint32_t timestamp; /* RTP timestamp, after the origin */
+    PyObject *payloads; /* the frame's list (shared by every viewer), held */
+} Sent;
+
+typedef struct {
+    PyObject_HEAD
+    /* the route (bind): none while unbound */
+    int bound;
+    PyObject *session;   /* pylibsrtp's Session, held so its srtp_t lives as long as this lane uses it */
+    Protect protect;     /* its srtp_protect and srtp_t; room, limits from send_batch */
+    int fd, gso;
+    struct sockaddr_storage to;
+    socklen_t tolen;
+    PyObject *transport, *fallback, *guards;
+    Py_buffer counts; /* the batcher's int64 counter array, held exported while bound */
+    int has_counts;
+    /* the header (set_header) */
+    unsigned char header[HEADER_MAX];
+    size_t header_len;
+    Py_ssize_t abs_send_time_at; /* -1: none (audio) */
+    uint32_t origin;
+    long long clock_rate;
+    /* what the viewer's timeline and sequence are */
+    uint16_t sequence;
+    int has_last;
+    long long last, offset;
+    unsigned long long frames; /* sent by send_batch, all time */
+    /* counts since take_counts, for sender reports and stats */
+    unsigned long long octets, packets, protected_bytes;
+    uint64_t ntp;
+    uint32_t rtp_timestamp;
+    int counted;
+    /* the history for NACKs */
+    Py_ssize_t history; /* packets kept at least; 0: none (a codec without NACK) */
+    Sent ring[HISTORY_FRAMES_MAX];
+    Py_ssize_t ring_start, ring_len, held;
+} Lane;
+
+static PyTypeObject LaneType;
+static PyObject *str_is_closing, *str_get_write_buffer_size;
+
+static void lane_unbind_(Lane *self) {
+    self->bound = 0;
+    Py_CLEAR(self->session);
+    Py_CLEAR(self->transport);
+    Py_CLEAR(self->fallback);
+    Py_CLEAR(self->guards);
+    if (self->has_counts) {
+        PyBuffer_Release(&self->counts);
+        self->has_counts = 0;
+    }
+}
+
+static void lane_forget(Lane *self) {
+    for (Py_ssize_t k = 0; k < self->ring_len; k++) {
+        Py_CLEAR(self->ring[(self->ring_start + k) % HISTORY_FRAMES_MAX].payloads);
+    }
+    self->ring_start = self->ring_len = self->held = 0;
+}
+
+static int lane_traverse(Lane *self, visitproc visit, void *arg) {
+    Py_VISIT(self->session);
+    Py_VISIT(self->transport);
+    Py_VISIT(self->fallback);
+    Py_VISIT(self->guards);
+    for (Py_ssize_t k = 0; k < self->ring_len; k++) {
+        Py_VISIT(self->ring[(self->ring_start + k) % HISTORY_FRAMES_MAX].payloads);
+    }
+    return 0;
+}
+
+static int lane_clear(Lane *self) {
+    lane_unbind_(self);
+    lane_forget(self);
+    return 0;
+}
+
+static void lane_dealloc(Lane *self) {
+    PyObject_GC_UnTrack(self);
+    lane_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int lane_init(Lane *self, PyObject *args, PyObject *kwds) {
+    static char *names[] = {"origin", "sequence", "clock_rate", "history", NULL};
+    unsigned long long origin;
+    long sequence;
+    long long clock_rate;
+    Py_ssize_t history;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "KlLn", names, &origin, &sequence, &clock_rate, &history)) {
+        return -1;
+    }
+    if (origin > 0xFFFFFFFFull || sequence < 0 || sequence > 0xFFFF || clock_rate <= 0 || history < 0 ||
+        history >= HISTORY_FRAMES_MAX) {
+        PyErr_SetString(PyExc_ValueError, "Lane: origin, sequence, clock rate or history out of range");
+        return -1;
+    }
+    lane_clear(self);
+    self->origin = (uint32_t)origin;
+    self->sequence = (uint16_t)sequence;
+    self->clock_rate = clock_rate;
+    self->history = history;
+    self->header_len = 0;
+    self->abs_send_time_at = -1;
+    return 0;
+}
+
+PyDoc_STRVAR(set_header_doc, "set_header(template, abs_send_time_at) -> None: the header every frame's is made from,\n"
+                             "its abs-send-time's 3 bytes at `abs_send_time_at` (None: it has none).");
+
+static PyObject *lane_set_header(Lane *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "set_header takes 2 arguments");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) != 0) {
+        return NULL;
+    }
+    Py_ssize_t at = -1;
+    if (args[1] != Py_None) {
+        at = PyLong_AsSsize_t(args[1]);
+        if (at == -1 && PyErr_Occurred()) {
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+    }
+    if (view.len < RTP_HEADER_MIN || view.len > HEADER_MAX || (((unsigned char *)view.buf)[0] >> 6) != 2 ||
+        (args[1] != Py_None && (at < RTP_HEADER_MIN || at + ABS_SEND_TIME_BYTES > view.len))) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "set_header: not an RTP header, or its abs-send-time out of it");
+        return NULL;
+    }
+    memcpy(self->header, view.buf, (size_t)view.len);
+    self->header_len = (size_t)view.len;
+    self->abs_send_time_at = at;
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(bind_doc,
+             "bind(session, ctx, protect, fd, family, addr, gso, transport, fallback, guards, counts) -> bool\n\n"
+             "Where this lane's frames go: protected with srtp_protect (its address `protect`) on `ctx` (the srtp_t\n"
+             "of pylibsrtp's `session`, held), written to `addr` (parsed here, once) on socket `fd` of `family`,\n"
+             "segmented (`gso`) or not; `fallback(data, segment, blocked)` takes what C cannot write. Taken by\n"
+             "send_batch only while `transport.is_closing()` is false, `transport.get_write_buffer_size()` 0 and\n"
+             "every (mapping, key, value) of `guards` holds; C's writes are added to `counts` (int64: datagrams,\n"
+             "system calls, frames). False, and unbound, for an address it does not take.");
+
+static PyObject *lane_bind(Lane *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError, "bind takes 11 arguments");
+        return NULL;
+    }
+    unsigned long long ctx = PyLong_AsUnsignedLongLong(args[1]);
+    unsigned long long protect = PyLong_AsUnsignedLongLong(args[2]);
+    long fd = PyLong_AsLong(args[3]);
+    long family = PyLong_AsLong(args[4]);
+    int gso = PyObject_IsTrue(args[6]);
+    if (check_limits(ctx, protect, TRAILER_ROOM_MIN, 1, 1, args[8]) != 0) {
+        return NULL;
+    }
+    if (fd < 0 || fd > INT32_MAX || gso < 0 || !PyTuple_CheckExact(args[9])) {
+        PyErr_SetString(PyExc_ValueError, "bind: a bad socket, or guards not a tuple");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(args[9]); i++) {
+        PyObject *g = PyTuple_GET_ITEM(args[9], i);
+        if (!PyTuple_CheckExact(g) || PyTuple_GET_SIZE(g) != 3 || !PyDict_Check(PyTuple_GET_ITEM(g, 0))) {
+            PyErr_SetString(PyExc_ValueError, "bind: each guard is (dict, key, value)");
+            return NULL;
+        }
+    }
+    lane_unbind_(self);
+    if (PyObject_GetBuffer(args[10], &self->counts, PyBUF_WRITABLE | PyBUF_FORMAT) != 0) {
+        return NULL;
+    }
+    self->has_counts = 1;
+    if (self->counts.len != COUNTS * (Py_ssize_t)sizeof(long long) || self->counts.itemsize != sizeof(long long) ||
+        self->counts.format == NULL || strcmp(self->counts.format, "q") != 0) {
+        lane_unbind_(self);
+        PyErr_SetString(PyExc_ValueError, "bind: counts must be array('q') of 3");
+        return NULL;
+    }
+    if (parse_address((int)family, args[5], &self->to, &self->tolen) != 0) {
+        lane_unbind_(self);
+        Py_RETURN_FALSE;
+    }
+    self->protect.protect = (srtp_protect_fn)(uintptr_t)protect;
+    self->protect.ctx = (void *)(uintptr_t)ctx;
+    self->fd = (int)fd;
+    self->gso = gso;
+    self->session = Py_NewRef(args[0]);
+    self->transport = Py_NewRef(args[7]);
+    self->fallback = Py_NewRef(args[8]);
+    self->guards = Py_NewRef(args[9]);
+    self->bound = 1;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *lane_unbind(Lane *self, PyObject *unused) {
+    (void)unused;
+    lane_unbind_(self);
+    Py_RETURN_NONE;
+}
+
+/* 1: bound, every guard holds and the transport open with nothing queued; 0: not; -1: an error (set). */
+static int lane_ready_(Lane *self) {
+    if (!self->bound || self->header_len == 0) {
+        return 0;
+    }
+    PyObject *guards = self->guards;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(guards); i++) {
+        PyObject *g = PyTuple_GET_ITEM(guards, i);
+        PyObject *value = PyDict_GetItemWithError(PyTuple_GET_ITEM(g, 0), PyTuple_GET_ITEM(g, 1));
+        if (value == NULL) {
+            if (PyErr_Occurred()) {
+                return -1;
+            }
+            return 0;
+        }
+        PyObject *expected = PyTuple_GET_ITEM(g, 2);
+        if (value != expected) {
+            int same = PyObject_RichCompareBool(value, expected, Py_EQ);
+            if (same <= 0) {
+                return same;
+            }
+        }
+    }
+    PyObject *closing = PyObject_CallMethodNoArgs(self->transport, str_is_closing);
+    if (closing == NULL) {
+        return -1;
+    }
+    int is_closing = PyObject_IsTrue(closing);
+    Py_DECREF(closing);
+    if (is_closing != 0) {
+        return is_closing < 0 ? -1 : 0;
+    }
+    PyObject *size = PyObject_CallMethodNoArgs(self->transport, str_get_write_buffer_size);
+    if (size == NULL) {
+        return -1;
+    }
+    int queued = PyObject_IsTrue(size);
+    Py_DECREF(size);
+    return queued < 0 ? -1 : !queued;
+}
+
+static PyObject *lane_ready(Lane *self, PyObject *unused) {
+    (void)unused;
+    int ready = lane_ready_(self);
+    if (ready < 0) {
+        return NULL;
+    }
+    return PyBool_FromLong(ready);
+}
+
+PyDoc_STRVAR(take_counts_doc, "take_counts() -> (ntp, rtp_timestamp, octets, packets, protected) | None: what\n"
+                              "send_batch sent since the last take, for aiortc's sender reports and stats.");
+
+static PyObject *lane_take_counts(Lane *self, PyObject *unused) {
+    (void)unused;
+    if (!self->counted) {
+        Py_RETURN_NONE;
+    }
+    PyObject *out = Py_BuildValue("(KkKKK)", (unsigned long long)self->ntp, (unsigned long)self->rtp_timestamp,
+                                  self->octets, self->packets, self->protected_bytes);
+    if (out != NULL) {
+        self->counted = 0;
+        self->octets = self->packets = self->protected_bytes = 0;
+    }
+    return out;
+}
+
+/* A frame sent into the history (a reference to its payload list kept), the oldest let go while the rest
+   still hold `history` packets. */
+static void lane_remember_(Lane *self, uint16_t first, uint32_t timestamp, PyObject *payloads) {
+    if (!self->history) {
+        return;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(payloads);
+    if (self->ring_len == HISTORY_FRAMES_MAX) { /* full: the oldest goes (the rest hold more than `history`) */
+        Sent *old = &self->ring[self->ring_start];
+        self->held -= PyList_GET_SIZE(old->payloads);
+        Py_CLEAR(old->payloads);
+        self->ring_start = (self->ring_start + 1) % HISTORY_FRAMES_MAX;
+        self->ring_len -= 1;
+    }
+    Sent *entry = &self->ring[(self->ring_start + self->ring_len) % HISTORY_FRAMES_MAX];
+    entry->first = first;
+    entry->timestamp = timestamp;
+    entry->payloads = Py_NewRef(payloads);
+    self->ring_len += 1;
+    self->held += n;
+    while (self->ring_len > 1) {
+        Sent *old = &self->ring[self->ring_start];
+        Py_ssize_t oldest = PyList_GET_SIZE(old->payloads);
+        if (self->held - oldest < self->history) {
+            break;
+        }
+        self->held -= oldest;
+        Py_CLEAR(old->payloads);
+        self->ring_start = (self->ring_start + 1) % HISTORY_FRAMES_MAX;
+        self->ring_len -= 1;
+    }
+}
+
+PyDoc_STRVAR(remember_doc, "remember(sequence, timestamp, payloads) -> None: a frame sent another way (the per-viewer\n"
+                           "path), kept for NACKs as send_batch keeps its own.");
+
+static PyObject *lane_remember(Lane *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyList_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "remember(sequence, timestamp, payloads: list)");
+        return NULL;
+    }
+    unsigned long sequence = PyLong_AsUnsignedLong(args[0]);
+    unsigned long timestamp = PyLong_AsUnsignedLong(args[1]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (sequence > 0xFFFF || timestamp > 0xFFFFFFFFul) {
+        PyErr_SetString(PyExc_ValueError, "remember: sequence or timestamp out of range");
+        return NULL;
+    }
+    lane_remember_(self, (uint16_t)sequence, (uint32_t)timestamp, args[2]);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(find_doc, "find(sequence) -> (timestamp, marker, payload, payload_type) | None: the packet numbered\n"
+                       "`sequence` (a NACK's, from the network: any int), if still held.");
+
+static PyObject *lane_find(Lane *self, PyObject *arg) {
+    int overflow = 0;
+    long sequence = PyLong_AsLongAndOverflow(arg, &overflow);
+    if (sequence == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (overflow || sequence < 0 || sequence > 0xFFFF) {
+        Py_RETURN_NONE;
+    }
+    for (Py_ssize_t k = self->ring_len - 1; k >= 0; k--) { /* newest first, as SentFrames.find */
+        Sent *entry = &self->ring[(self->ring_start + k) % HISTORY_FRAMES_MAX];
+        Py_ssize_t n = PyList_GET_SIZE(entry->payloads);
+        Py_ssize_t index = (Py_ssize_t)(((unsigned long)sequence - entry->first) & 0xFFFFu);
+        if (index < n) {
+            return Py_BuildValue("(kOOi)", (unsigned long)entry->timestamp, index == n - 1 ? Py_True : Py_False,
+                                 PyList_GET_ITEM(entry->payloads, index),
+                                 self->header_len ? (int)(self->header[1] & 0x7F) : -1);
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *lane_get_timeline(Lane *self, void *closure) {
+    (void)closure;
+    if (!self->has_last) {
+        return Py_BuildValue("(OL)", Py_None, self->offset);
+    }
+    return Py_BuildValue("(LL)", self->last, self->offset);
+}
+
+static int lane_set_timeline(Lane *self, PyObject *value, void *closure) {
+    (void)closure;
+    PyObject *last;
+    long long offset;
+    if (value == NULL || !PyArg_ParseTuple(value, "OL", &last, &offset)) {
+        if (value == NULL) {
+            PyErr_SetString(PyExc_TypeError, "timeline cannot be deleted");
+        }
+        return -1;
+    }
+    if (last == Py_None) {
+        self->has_last = 0;
+    } else {
+        long long v = PyLong_AsLongLong(last);
+        if (v == -1 && PyErr_Occurred()) {
+            return -1;
+        }
+        self->has_last = 1;
+        self->last = v;
+    }
+    self->offset = offset;
+    return 0;
+}
+
+static PyObject *lane_get_sequence(Lane *self, void *closure) {
+    (void)closure;
+    return PyLong_FromLong(self->sequence);
+}
+
+static int lane_set_sequence(Lane *self, PyObject *value, void *closure) {
+    (void)closure;
+    long v = value ? PyLong_AsLong(value) : -1;
+    if (v == -1 && (value == NULL || PyErr_Occurred())) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "sequence cannot be deleted");
+        }
+        return -1;
+    }
+    self->sequence = (uint16_t)((unsigned long)v & 0xFFFFu);
+    return 0;
+}
+
+static PyObject *lane_get_frames(Lane *self, void *closure) {
+    (void)closure;
+    return PyLong_FromUnsignedLongLong(self->frames);
+}
+
+static PyObject *lane_get_bound(Lane *self, void *closure) {
+    (void)closure;
+    return PyBool_FromLong(self->bound);
+}
+
+static PyGetSetDef lane_getset[] = {
+    {"timeline", (getter)lane_get_timeline, (setter)lane_set_timeline,
+     "(last timestamp or None, offset): the viewer's RtpTimeline, before the origin", NULL},
+    {"sequence", (getter)lane_get_sequence, (setter)lane_set_sequence, "the next packet's sequence number", NULL},
+    {"frames", (getter)lane_get_frames, NULL, "frames send_batch sent, all time", NULL},
+    {"bound", (getter)lane_get_bound, NULL, "whether it has a route (bind)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef lane_methods[] = {
+    {"set_header", (PyCFunction)(void (*)(void))lane_set_header, METH_FASTCALL, set_header_doc},
+    {"bind", (PyCFunction)(void (*)(void))lane_bind, METH_FASTCALL, bind_doc},
+    {"unbind", (PyCFunction)lane_unbind, METH_NOARGS, "unbind() -> None: no route; send_batch declines it"},
+    {"ready", (PyCFunction)lane_ready, METH_NOARGS, "ready() -> bool: send_batch would take it now"},
+    {"take_counts", (PyCFunction)lane_take_counts, METH_NOARGS, take_counts_doc},
+    {"remember", (PyCFunction)(void (*)(void))lane_remember, METH_FASTCALL, remember_doc},
+    {"find", (PyCFunction)lane_find, METH_O, find_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject LaneType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "relay.webrtc._fastsend.Lane",
+    .tp_doc = PyDoc_STR("Lane(origin, sequence, clock_rate, history): one viewer's sender as send_batch sends to it"),
+    .tp_basicsize = sizeof(Lane),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)lane_init,
+    .tp_dealloc = (destructor)lane_dealloc,
+    .tp_traverse = (traverseproc)lane_traverse,
+    .tp_clear = (inquiry)lane_clear,
+    .tp_methods = lane_methods,
+    .tp_getset = lane_getset,
+};
+
+/* 64-bit NTP time of `unix_ns`, to the microsecond, as rtpsend.ntp_at (aiortc's). */
+static uint64_t ntp_at(long long unix_ns) {
+    long long floor_us = unix_ns / 1000 - (unix_ns % 1000 < 0); /* floor, as Python's // */
+    long long micros = floor_us + (long long)NTP_UNIX_OFFSET * 1000000LL;
+    long long seconds = micros / 1000000LL, rest = micros % 1000000LL;
+    if (rest < 0) {
+        rest += 1000000LL;
+        seconds -= 1;
+    }
+    return ((uint64_t)seconds << 32) | (((uint64_t)rest << 32) / 1000000ULL);
+}
+
+static long long now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* floor(a * b / c) for the capture time of a pts, without overflow for any pts of a 64-bit clock */
+static long long scale(long long a, long long b, long long c) {
+    __int128 v = (__int128)a * b;
+    __int128 q = v / c;
+    if ((v % c != 0) && ((v < 0) != (c < 0))) {
+        q -= 1;
+    }
+    return (long long)q;
+}
+
+PyDoc_STRVAR(send_batch_doc,
+             "send_batch(lanes, payloads, pts, published_at, buffer, trailer_room, max_segments, max_bytes,\n"
+             "           abs_send_time) -> (declined, failed, delays)\n\n"
+             "One frame to every lane of `lanes` that takes it now: `payloads` (a list of bytes, shared) with each\n"
+             "lane's header, its timestamp (origin + `pts` + its offset), its sequence numbers, protected with its\n"
+             "session in `buffer` and written to its peer, as send_frame does for one. A lane is declined (its\n"
+             "index in `declined`, nothing sent, nothing changed) while unbound, not ready (bind's guards), or\n"
+             "where its timestamp would not advance; one that fails mid-frame is unbound and named in `failed`\n"
+             "as (index, exception), the others go on. `delays`: for each lane sent, seconds from `published_at`\n"
+             "(the wall clock) to its frame's last write. `abs_send_time`: 24 bits, or -1: the clock, per lane.");
+
+static PyObject *send_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    (void)module;
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "send_batch takes 9 arguments");
+        return NULL;
+    }
+    PyObject *lanes = args[0], *payloads = args[1];
+    long long pts = PyLong_AsLongLong(args[2]);
+    double published_at = PyFloat_AsDouble(args[3]);
+    Py_ssize_t trailer_room = PyLong_AsSsize_t(args[5]);
+    Py_ssize_t max_segments = PyLong_AsSsize_t(args[6]);
+    Py_ssize_t max_bytes = PyLong_AsSsize_t(args[7]);
+    long long abs_send_time = PyLong_AsLongLong(args[8]);
+    if (check_limits(1, 1, trailer_room, max_segments, max_bytes, NULL) != 0) {
+        return NULL;
+    }
+    if (!PyList_CheckExact(lanes) || !PyList_CheckExact(payloads) || PyList_GET_SIZE(payloads) == 0) {
+        PyErr_SetString(PyExc_TypeError, "send_batch: lanes and payloads must be lists, payloads not empty");
+        return NULL;
+    }
+    if (abs_send_time < -1 || abs_send_time > 0xFFFFFF || pts < -(1LL << 62) || pts > (1LL << 62)) {
+        PyErr_SetString(PyExc_ValueError, "send_batch: pts or abs_send_time out of range");
+        return NULL;
+    }
+    Py_ssize_t largest = largest_payload(payloads);
+    if (largest < 0) {
+        PyErr_SetString(PyExc_TypeError, "send_batch: every payload must be bytes");
+        return NULL;
+    }
+    Py_buffer buffer;
+    if (PyObject_GetBuffer(args[4], &buffer, PyBUF_WRITABLE) != 0) {
+        return NULL;
+    }
+    size_t room = (size_t)buffer.len > (size_t)trailer_room ? (size_t)buffer.len - (size_t)trailer_room : 0;
+    Py_ssize_t n = PyList_GET_SIZE(payloads);
+    unsigned long long octets = 0;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        octets += (unsigned long long)PyBytes_GET_SIZE(PyList_GET_ITEM(payloads, k));
+    }
+    PyObject *declined = PyList_New(0), *failed = PyList_New(0), *delays = PyList_New(0), *result = NULL;
+    if (declined == NULL || failed == NULL || delays == NULL) {
+        goto done;
+    }
+    /* The lists' sizes are read anew each time round: a fallback runs Python (the batcher's writer, which touches
+       neither), and nothing read from them may be out of bounds whatever it does. */
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(lanes); i++) {
+        PyObject *item = PyList_GET_ITEM(lanes, i);
+        if (Py_TYPE(item) != &LaneType) {
+            PyErr_SetString(PyExc_TypeError, "send_batch: lanes must be Lane objects");
+            goto done;
+        }
+        Lane *lane = (Lane *)Py_NewRef(item); /* held: a fallback's Python may drop the caller's list */
+        long long stamp = pts + lane->offset;
+        int ready = (lane->has_last && stamp <= lane->last) ? 0 : lane_ready_(lane);
+        if (ready < 0) {
+            PyErr_Clear(); /* a guard that cannot be read: declined, the per-viewer path finds out why */
+            ready = 0;
+        }
+        if (!ready || lane->header_len + (size_t)largest > room || (size_t)largest > RTP_PACKET_MAX - lane->header_len) {
+            PyObject *index = PyLong_FromSsize_t(i);
+            int bad = index == NULL || PyList_Append(declined, index) != 0;
+            Py_XDECREF(index);
+            Py_DECREF(lane);
+            if (bad) {
+                goto done;
+            }
+            continue;
+        }
+        unsigned char header[HEADER_MAX];
+        size_t header_len = lane->header_len;
+        memcpy(header, lane->header, header_len);
+        uint32_t timestamp = (uint32_t)((uint64_t)lane->origin + (uint64_t)stamp);
+        header[4] = (unsigned char)(timestamp >> 24);
+        header[5] = (unsigned char)(timestamp >> 16);
+        header[6] = (unsigned char)(timestamp >> 8);
+        header[7] = (unsigned char)timestamp;
+        Py_ssize_t at = lane->abs_send_time_at;
+        if (at >= 0) {
+            uint32_t ast = abs_send_time >= 0 ? (uint32_t)abs_send_time
+                                              : (uint32_t)((ntp_at(now_ns()) >> 14) & 0xFFFFFFu);
+            header[at] = (unsigned char)(ast >> 16);
+            header[at + 1] = (unsigned char)(ast >> 8);
+            header[at + 2] = (unsigned char)ast;
+        }
+        Route r = {.fd = lane->fd, .to = &lane->to, .tolen = lane->tolen, .gso = lane->gso, .fallen = 0,
+                   .blocked = 0, .fallback = lane->fallback, .base = (unsigned char *)buffer.buf,
+                   .datagrams = 0, .syscalls = 0};
+        Protect p = lane->protect;
+        p.room = room;
+        p.trailer_room = trailer_room;
+        p.max_segments = max_segments;
+        p.max_bytes = max_bytes;
+        size_t sent = 0;
+        /* held: a fallback may unbind the lane, and its session (whose srtp_t is being used) must outlive the call */
+        PyObject *fallback = Py_NewRef(lane->fallback), *session = Py_NewRef(lane->session);
+        int status = send_packets(&r, &p, header, header_len, payloads, lane->sequence, &sent);
+        Py_DECREF(fallback);
+        Py_DECREF(session);
+        long long *counters = lane->has_counts ? (long long *)lane->counts.buf : NULL;
+        if (counters != NULL) { /* counted whatever happened next: they were written */
+            counters[0] += r.datagrams;
+            counters[1] += r.syscalls;
+            counters[2] += status == 0;
+        }
+        if (status != 0) {
+            PyObject *type, *value, *traceback;
+            PyErr_Fetch(&type, &value, &traceback);
+            PyErr_NormalizeException(&type, &value, &traceback);
+            lane_unbind_(lane);
+            PyObject *entry = Py_BuildValue("(nO)", i, value ? value : Py_None);
+            Py_XDECREF(type);
+            Py_XDECREF(value);
+            Py_XDECREF(traceback);
+            int bad = entry == NULL || PyList_Append(failed, entry) != 0;
+            Py_XDECREF(entry);
+            Py_DECREF(lane);
+            if (bad) {
+                goto done;
+            }
+            continue;
+        }
+        uint16_t first = lane->sequence;
+        lane->sequence = (uint16_t)((lane->sequence + (unsigned long)n) & 0xFFFFu);
+        lane->has_last = 1;
+        lane->last = stamp;
+        lane->frames += 1;
+        lane->ntp = ntp_at(scale(pts, 1000000000LL, lane->clock_rate));
+        lane->rtp_timestamp = timestamp;
+        lane->octets += octets;
+        lane->packets += (unsigned long long)n;
+        lane->protected_bytes += sent;
+        lane->counted = 1;
+        lane_remember_(lane, first, timestamp, payloads);
+        Py_DECREF(lane);
+        PyObject *delay = PyFloat_FromDouble((double)now_ns() / 1e9 - published_at);
+        int bad = delay == NULL || PyList_Append(delays, delay) != 0;
+        Py_XDECREF(delay);
+        if (bad) {
+            goto done;
+        }
+    }
+    result = PyTuple_Pack(3, declined, failed, delays);
+done:
+    Py_XDECREF(declined);
+    Py_XDECREF(failed);
+    Py_XDECREF(delays);
+    PyBuffer_Release(&buffer);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"send_frame", (PyCFunction)(void (*)(void))send_frame, METH_FASTCALL, send_frame_doc},
+    {"send_batch", (PyCFunction)(void (*)(void))send_batch, METH_FASTCALL, send_batch_doc},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
     .m_name = "relay.webrtc._fastsend",
-    .m_doc = "A viewer's frame made, SRTP-protected and sent in one call (relay/webrtc/rtpsend.py's C path).",
+    .m_doc = "A viewer's frame, or a stream's frame for every viewer, made, SRTP-protected and sent in one call "
+             "(relay/webrtc/rtpsend.py's C path).",
     .m_size = -1,
     .m_methods = methods,
 };
 
 PyMODINIT_FUNC PyInit__fastsend(void) {
+    if (PyType_Ready(&LaneType) < 0) {
+        return NULL;
+    }
+    if (str_is_closing == NULL) {
+        str_is_closing = PyUnicode_InternFromString("is_closing");
+        str_get_write_buffer_size = PyUnicode_InternFromString("get_write_buffer_size");
+        if (str_is_closing == NULL || str_get_write_buffer_size == NULL) {
+            return NULL;
+        }
+    }
     PyObject *module = PyModule_Create(&module_def);
     if (module == NULL) {
         return NULL;
@@ -413,7 +1153,9 @@ PyMODINIT_FUNC PyInit__fastsend(void) {
         SrtpError = PyErr_NewException("relay.webrtc._fastsend.SrtpError", NULL, NULL);
     }
     if (SrtpError == NULL || PyModule_AddObjectRef(module, "SrtpError", SrtpError) != 0 ||
+        PyModule_AddObjectRef(module, "Lane", (PyObject *)&LaneType) != 0 ||
         PyModule_AddIntConstant(module, "TRAILER_ROOM_MIN", TRAILER_ROOM_MIN) != 0 ||
+        PyModule_AddIntConstant(module, "HISTORY_FRAMES_MAX", HISTORY_FRAMES_MAX) != 0 ||
         PyModule_AddIntConstant(module, "API_VERSION", API_VERSION) != 0) {
         Py_DECREF(module);
         return NULL;

@@ -29,7 +29,12 @@ them here, so an upgrade that moves one breaks this module alone (and
   shared by its senders), where ``Session.protect`` checks, copies and slices out each packet anew; and for the
   C send path (``SrtpFrameWriter.send_frame``, ``relay/webrtc/_fastsend.c``) the address of its ``srtp_protect``
   and a session's ``srtp_t``, so that C protects with the very session aiortc's RTCP and retransmissions use
-  (no second libsrtp);
+  (no second libsrtp); and for the batch (``send_batch``: one C call a frame for every viewer of a stream), each
+  sender's C lane bound to its ICE pair's socket and address, its SRTP session and the state that must hold
+  while it sends (``bind_lane``: DTLS connected, the pair nominated, the session, the sender enabled);
+- aiortc's per-sender and per-transport counts (packets, octets, the last RTP timestamp and its NTP time; bytes
+  and packets a DTLS transport sent), read through descriptors that first bring in what a C lane counted
+  (``SYNCED_COUNTS``, ``sync_counts``): sender reports and ``getStats`` are exact, with no work per frame;
 - for tests and benchmarks only, what aiortc's receivers get (``divert_decrypted_rtp``,
   ``watch_received_h264``).
 
@@ -107,21 +112,25 @@ check_versions({"aiortc": aiortc.__version__, "aioice": aioice.__version__, "pyl
 
 # -- process-wide patches
 
+_ABSENT = object()  # a Patch's original where the owner had none
+
 
 class Patch:
     """One replacement of an attribute of aioice's or aiortc's, in place while anyone holds it (``hold()``, then the
     release it returns): two relays in one process share it, and the last to close removes it."""
 
-    def __init__(self, owner: object, name: str, replacement: Any) -> None:
+    def __init__(self, owner: object, name: str, replacement: Any, absent: bool = False) -> None:
         self.owner = owner
         self.name = name
         self.replacement = replacement
-        self.original = getattr(owner, name)
+        # ``absent``: the owner has no such attribute (a descriptor put on a class over its instances' own field),
+        # and the last release deletes it again
+        self.original = _ABSENT if absent else getattr(owner, name)
         self.holders = 0
 
     @property
     def installed(self) -> bool:
-        return getattr(self.owner, self.name) is self.replacement
+        return getattr(self.owner, self.name, None) is self.replacement
 
     def hold(self) -> Callable[[], None]:
         if not self.holders:
@@ -136,7 +145,10 @@ class Patch:
             released = True
             self.holders -= 1
             if not self.holders:
-                setattr(self.owner, self.name, self.original)
+                if self.original is _ABSENT:
+                    delattr(self.owner, self.name)
+                else:
+                    setattr(self.owner, self.name, self.original)
 
         return release
 
@@ -599,6 +611,154 @@ def count_dtls_sent(dtls: aiortc.RTCDtlsTransport, octets: int, packets: int) ->
     f[_DTLS_TX_PACKETS] = f.get(_DTLS_TX_PACKETS, 0) + packets
 
 
+# -- counts kept by a C lane, brought into aiortc's fields when aiortc reads them
+
+_SYNC = "camrelay_sync"  # on a sender or a DTLS transport: callables that bring its counts up to date
+
+
+class _SyncedField:
+    """One of aiortc's count fields (a sender's packets, octets, last RTP timestamp and its NTP time; a DTLS
+    transport's bytes and packets sent), read through the callables its owner lists under ``_SYNC`` first: a C
+    lane (``relay.webrtc.rtpsend.push_batch``) counts its frames itself, and they are added to aiortc's fields
+    only when something reads them (a sender report being built, ``getStats``), not once per frame per viewer.
+    A data descriptor on the class, so it comes before the instance's own field, which holds the value."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: Any = None) -> Any:
+        if obj is None:
+            return self
+        fields = obj.__dict__
+        for sync in fields.get(_SYNC, ()):
+            sync()
+        try:
+            return fields[self.name]
+        except KeyError:
+            raise AttributeError(self.name) from None
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self.name] = value
+
+
+def _synced(owner: type, name: str) -> Patch:
+    return Patch(owner, name, _SyncedField(name), absent=True)
+
+
+# aiortc's counts read through their owners' sync callables while held (a relay's process: ``process_patches``);
+# the C batch (``rtpsend.C_BATCH``) is taken only while it is.
+SYNCED_COUNTS = _Patches(
+    *(_synced(aiortc.RTCRtpSender, n) for n in (_NTP_TIMESTAMP, _RTP_TIMESTAMP, _OCTET_COUNT, _PACKET_COUNT)),
+    *(_synced(aiortc.RTCDtlsTransport, n) for n in (_DTLS_TX_BYTES, _DTLS_TX_PACKETS)),
+)
+
+
+def sync_counts(sender: aiortc.RTCRtpSender, sync: Callable[[], None]) -> Callable[[], None]:
+    """``sync()`` runs before anything reads ``sender``'s counts or its DTLS transport's (``SYNCED_COUNTS``), until
+    the returned release."""
+    owners = [sender.__dict__, sender.transport.__dict__]
+    for fields in owners:
+        fields.setdefault(_SYNC, []).append(sync)
+
+    def release() -> None:
+        for fields in owners:
+            syncs = fields.get(_SYNC, [])
+            if sync in syncs:
+                syncs.remove(sync)
+
+    return release
+
+
+# -- a C lane: one viewer's sender, sent to with the rest of its stream's viewers in one call
+
+
+def new_lane(origin: int, sequence: int, clock_rate: int, history: int) -> Any:
+    """A C lane (``_fastsend.Lane``) for one sender: its timestamp ``origin``, next ``sequence`` number, RTP clock and
+    the packets it keeps for NACKs (0: none); None where the C send path is not built."""
+    if not C_SEND_BUILT:
+        return None
+    return _fastsend.Lane(origin, sequence, clock_rate, history)
+
+
+def bind_lane(
+    lane: Any,
+    sender: aiortc.RTCRtpSender,
+    fd: int,
+    family: int,
+    gso: bool,
+    fallback: Callable[[memoryview, int, bool], object],
+    guards: tuple,
+    counts: Any,
+) -> bool:
+    """``lane`` sends to ``sender``'s peer on its nominated ICE pair, with its outgoing SRTP session, on socket ``fd``
+    (of ``family``; ``gso``: segmented writes), handing ``fallback`` what it cannot write, adding what it writes to
+    ``counts`` (the batcher's ``c_written``). It is taken (``_fastsend.send_batch``) only while DTLS stays connected,
+    on that pair and that session, the sender enabled, the pair's transport open with nothing queued, and each of
+    ``guards`` (more (dict, key, value), the caller's) holds. False: not bound (DTLS or ICE down, an address by
+    name)."""
+    dtls = sender.transport
+    if dtls._state is not _DTLS_CONNECTED or not sender._enabled:
+        return False
+    nominated = dtls.transport._connection._nominated
+    pair = nominated.get(1) if nominated else None
+    session = dtls._tx_srtp
+    if pair is None or session is None:
+        return False
+    guards = (
+        (dtls.__dict__, "_state", _DTLS_CONNECTED),
+        (dtls.__dict__, "_tx_srtp", session),
+        (nominated, 1, pair),
+        (sender.__dict__, "_enabled", True),
+        *guards,
+    )
+    return route_lane(
+        lane, session, fd, family, pair.remote_addr, gso, pair.protocol.transport, fallback, guards, counts
+    )
+
+
+def route_lane(
+    lane: Any,
+    session: pylibsrtp.Session,
+    fd: int,
+    family: int,
+    addr: tuple,
+    gso: bool,
+    transport: Any,
+    fallback: Callable[[memoryview, int, bool], object],
+    guards: tuple,
+    counts: Any,
+) -> bool:
+    """``bind_lane`` without a sender (it and tests): ``lane`` protects with ``session`` (held) and writes to ``addr``
+    on socket ``fd`` while ``transport`` is open with nothing queued and ``guards`` hold (``_fastsend.Lane.bind``)."""
+    return lane.bind(
+        session, _srtp_t(session), _SRTP_PROTECT, fd, family, addr, gso, transport, fallback, guards, counts
+    )
+
+
+def send_batch(
+    writer: SrtpFrameWriter,
+    lanes: list,
+    payloads: list[bytes],
+    pts: int,
+    published_at: float,
+    max_segments: int,
+    max_bytes: int,
+    abs_send_time: int = -1,
+) -> tuple[list[int], list[tuple[int, BaseException]], list[float]]:
+    """One frame to every lane that takes it now, in one C call (``_fastsend.send_batch``, in ``writer``'s buffer):
+    (indices declined, (index, exception) of lanes that failed mid-frame, for each lane sent the seconds from
+    ``published_at`` to its last write). ``abs_send_time`` (24 bits): the same for every lane (tests); -1: each
+    lane's from the clock as it is sent."""
+    declined, failed, delays = _fastsend.send_batch(
+        lanes, payloads, pts, published_at, writer._buffer, SRTP_TRAILER_ROOM, max_segments, max_bytes, abs_send_time
+    )
+    if failed:
+        failed = [(i, _srtp_error(e.args[0]) if isinstance(e, _fastsend.SrtpError) else e) for i, e in failed]
+    return declined, failed, delays
+
+
 # -- SRTP, a frame at a time
 
 # What libsrtp may add after a packet it protects: SRTP_MAX_TAG_LEN + SRTP_MAX_MKI_LEN (pylibsrtp's own margin).
@@ -621,10 +781,19 @@ _SRTP_PROTECT = _srtp_protect_address()
 _SRTP_T = "_camrelay_srtp_t"  # a pylibsrtp session's srtp_t, kept on it as a number for the C send path
 # Whether ``SrtpFrameWriter.send_frame`` can run here: the extension built and pylibsrtp's srtp_protect the one it
 # was written for (relay.webrtc.rtpsend's switch reads it).
-FASTSEND_API = 1  # _fastsend.c's API_VERSION, as send_frame below calls it
+FASTSEND_API = 2  # _fastsend.c's API_VERSION, as send_frame, send_batch and Lane are called here
 # A module built from an older _fastsend.c (pip install -e . not run again since the source changed) is left alone.
 C_SEND_STALE = _fastsend is not None and getattr(_fastsend, "API_VERSION", None) != FASTSEND_API
 C_SEND_BUILT = _fastsend is not None and not C_SEND_STALE and _SRTP_PROTECT != 0
+
+
+def _srtp_t(session: pylibsrtp.Session) -> int:
+    """``session``'s srtp_t as a number, made once (a cast a call was 0.5 us a viewer-frame)."""
+    ctx = getattr(session, _SRTP_T, None)
+    if ctx is None:
+        ctx = int(srtp_ffi.cast("uintptr_t", session._srtp[0]))
+        setattr(session, _SRTP_T, ctx)  # lives and dies with the session, as its srtp_t does
+    return ctx
 
 
 def _srtp_error(status: int) -> pylibsrtp.Error:
@@ -721,27 +890,27 @@ class SrtpFrameWriter:
         family: int,
         addr: tuple,
         gso: bool,
-        emit: Callable[[memoryview, int], object],
+        emit: Callable[[memoryview, int, bool], object],
         max_segments: int,
         max_bytes: int,
     ) -> tuple[int, int, int] | None:
         """``protect_frame`` in one C call (``_fastsend.send_frame``, only where ``C_SEND_BUILT``): each run is
         written from C to ``addr`` on socket ``fd`` of ``family``, in one segmented write (``gso``) or one write a
         datagram; what C could not write (the socket's buffer full, segmentation refused, any error) goes, from that
-        datagram on, to ``emit``, the Python path's writer, and so does every run after it. (bytes protected,
-        datagrams and system calls C wrote itself); None, with nothing done, for an address or payload it does not
-        take (a name, not a number; not bytes): ``protect_frame`` then."""
-        ctx = getattr(session, _SRTP_T, None)
-        if ctx is None:  # the session's srtp_t as a number, once (a cast a call was 0.5 us a viewer-frame)
-            ctx = int(srtp_ffi.cast("uintptr_t", session._srtp[0]))
-            setattr(session, _SRTP_T, ctx)  # lives and dies with the session, as its srtp_t does
+        datagram on, to ``emit(data, segment, blocked)``, the Python path's writer (``blocked``: the socket's buffer
+        was full), and so does every run after it. (bytes protected, datagrams and system calls C wrote itself);
+        None, with nothing done, for an address or payload it does not take (a name, not a number; not bytes):
+        ``protect_frame`` then. An exception after C wrote some carries their count as ``camrelay_written``
+        (datagrams, system calls)."""
         try:
             return _fastsend.send_frame(
-                self._buffer, ctx, _SRTP_PROTECT, SRTP_TRAILER_ROOM, fd, family, addr, header, payloads, sequence,
-                max_segments, max_bytes, gso, emit,
+                self._buffer, _srtp_t(session), _SRTP_PROTECT, SRTP_TRAILER_ROOM, fd, family, addr, header, payloads,
+                sequence, max_segments, max_bytes, gso, emit,
             )  # fmt: skip
         except _fastsend.SrtpError as exc:
-            raise _srtp_error(exc.args[0]) from None
+            error = _srtp_error(exc.args[0])
+            error.camrelay_written = getattr(exc, "camrelay_written", (0, 0))  # type: ignore[attr-defined]
+            raise error from None
 
 
 # -- H.264 packetization

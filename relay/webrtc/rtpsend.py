@@ -60,6 +60,24 @@ frames wait in the hub's backlog, whose lag limit bounds them and counts
 what a viewer too far behind skips (relay.lag), instead of piling up in
 asyncio's datagram buffer, which has no bound.
 
+Where the C send path is on, a live viewer is not sent to alone either: the
+hub hands each frame to every subscriber that would take it now in one call
+(``PacketHub.batch_push``: ``push_batch``), which sends it to all of them in
+one C call (``borrowed.send_batch``). Each sender's C lane
+(``FrameSender.lane``, made with the sender) holds what the frame needs
+that is this viewer's: its route (bound once per ICE pair, socket and SRTP
+session by ``FrameSender.lane_ready``, after a frame it sent alone), header
+template, timestamp origin and offset, sequence number, the counts for
+sender reports and stats (synced into aiortc's fields when aiortc reads
+them: ``borrowed.SYNCED_COUNTS``, exact at every report with no work per
+frame) and the frames a NACK may name; the sequence number and the NACK
+history are the lane's whichever path sends. A lane that cannot take the
+frame now (unbound, its socket or batcher holding anything back, DTLS, the
+ICE pair, the SRTP session or the sender not as bound, its timestamp not
+advancing) is declined, and its viewer takes the frame through ``_push``
+as above; one whose send fails mid-frame leaves the batch. ``[webrtc]
+c_batch = false``: one C call a viewer-frame (``send_frame``), the A/B.
+
 The sender's private fields are reached through ``relay.webrtc.borrowed``;
 tests/test_aiortc_hooks.py fails if an aiortc upgrade moves them.
 """
@@ -68,6 +86,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import struct
 import threading
@@ -93,6 +112,7 @@ log = logging.getLogger(__name__)
 PREFERRED_PROFILES = ("42e01f", "42001f")
 
 _HISTORY = "camrelay_history"
+_LANE = "camrelay_lane"  # a sender's C lane (``FrameSender.lane``): what its NACKs may name is there
 RETRANSMITS = "camrelay_retransmits"  # NACKed packets sent again, per sender
 _SEND = "camrelay_send"  # how a sender's datagrams leave: a GSO run a write (udpbatch.send_run_at_once) or one by one
 _EXTRA = "camrelay_extensions"  # (id, value) header extensions aiortc does not know, in every packet of a frame
@@ -112,12 +132,22 @@ BACKED_UP_RETRY = 0.005  # seconds
 # ``[webrtc] c_send`` says off (``use_c_send``, from ``sessions.process_patches``): the benchmarks' A/B.
 C_SEND = borrowed.C_SEND_BUILT
 C_SEND_ENV = "CAMRELAY_WEBRTC_C_SEND"  # [webrtc] c_send from the environment (relay.config), for the benchmarks
+# With the C send path: one C call a published frame for every live viewer of a stream that can take it now
+# (``push_batch``), where the viewers' senders' counts are read through their sync (``borrowed.SYNCED_COUNTS``);
+# off (``[webrtc] c_batch = false``): one C call a viewer (``send_frame``), the batch's A/B.
+C_BATCH = C_SEND
+C_BATCH_ENV = "CAMRELAY_WEBRTC_C_BATCH"
+# A stream whose C lanes fail (an SRTP error mid-frame) says so at most this often; each such viewer leaves the
+# batch and goes on through its own path.
+LANE_WARNING_INTERVAL = 1.0  # seconds
 
 
-def use_c_send(on: bool) -> Callable[[], None]:
-    """The C send path on (where built) or off in this process, until the returned undo puts back what was."""
-    global C_SEND
-    previous, C_SEND = C_SEND, on and borrowed.C_SEND_BUILT
+def use_c_send(on: bool, batch: bool = True) -> Callable[[], None]:
+    """The C send path on (where built) or off in this process, and (``batch``) one C call a frame for every
+    viewer of a stream, until the returned undo puts back what was."""
+    global C_SEND, C_BATCH
+    previous, C_SEND = (C_SEND, C_BATCH), on and borrowed.C_SEND_BUILT
+    C_BATCH = C_SEND and batch
     if on and borrowed.C_SEND_STALE:
         log.warning(
             "send path: Python (relay/webrtc/_fastsend was built from an older _fastsend.c: run pip install -e . again)"
@@ -126,8 +156,8 @@ def use_c_send(on: bool) -> Callable[[], None]:
         log.info("send path: Python (relay/webrtc/_fastsend.c is not built here: pip install -e . builds it)")
 
     def undo() -> None:
-        global C_SEND
-        C_SEND = previous
+        global C_SEND, C_BATCH
+        C_SEND, C_BATCH = previous
 
     return undo
 
@@ -261,14 +291,46 @@ class HubTrack(MediaStreamTrack):
         self.name = name
         self.subscription: Subscription | None = None
         self.timing = ViewerTiming()
-        self.pushed = 0  # frames sent by the hub's push (the others went through the send loop)
+        self._pushed = 0  # frames sent by the hub's push one by one (``pushed`` adds the batch's)
         self._sender: FrameSender | None = None  # the send loop's, while it runs: live frames are pushed to it
+        self._lane = None  # its sender's C lane, if any: the batch's frames are counted there
+
+    @property
+    def pushed(self) -> int:
+        """Frames sent by the hub's push, alone or in the stream's batch (the others went through the send loop)."""
+        return self._pushed + (self._lane.frames if self._lane is not None else 0)
 
     def push_to(self, sender: FrameSender | None) -> None:
         """Live frames go straight to ``sender`` as the hub publishes them (None: through ``recv`` only)."""
         self._sender = sender
+        if sender is not None and sender.lane is not None:
+            self._lane = sender.lane
         if self.subscription is not None:
             self.subscription.push = self._push if sender is not None else None
+            self.subscription.lane = None  # in the batch again after a frame pushed alone (``_join_batch``)
+
+    def _pull_timeline(self) -> None:
+        """The timeline as the C lane left it: the batch's frames moved its last timestamp."""
+        if self._lane is not None:
+            self.timing.timeline.last, self.timing.timeline.offset = self._lane.timeline
+
+    def _push_timeline(self) -> None:
+        """The lane's timeline as this track's: the frame just stamped here moved it."""
+        if self._lane is not None:
+            timeline = self.timing.timeline
+            self._lane.timeline = (timeline.last, timeline.offset)
+
+    def _join_batch(self, sender: FrameSender) -> None:
+        """After a live frame pushed alone: the next ones go with the stream's batch (``push_batch``) if its
+        sender's lane can take them (bound, or bound anew here: a new ICE pair, socket or SRTP session)."""
+        sub = self.subscription
+        if sub is None or not C_BATCH or not sender.lane_ready():
+            if sub is not None:
+                sub.lane = None
+            return
+        sub.lane = sender.lane
+        if self.hub.batch_push is None:
+            self.hub.batch_push = functools.partial(push_batch, self.hub)
 
     def _push(self, frame: EncodedFrame) -> bool:
         """The hub's synchronous delivery of a live frame, while the send loop waits for one: sent now, with no
@@ -277,6 +339,7 @@ class HubTrack(MediaStreamTrack):
         sender = self._sender
         if sender is None or self.timing.catching_up:
             return False
+        self._pull_timeline()
         try:
             payloads = payloads_for(frame)
             if not sender.enabled or not payloads:
@@ -293,8 +356,10 @@ class HubTrack(MediaStreamTrack):
                 log.warning("stream=%s subscriber=%s push failed: %r", self.hub.stream, self.name, exc)
             return False
         self.timing.timeline.live(frame.pts)
+        self._push_timeline()
         self.hub.fanout_delay.add(time.time() - frame.published_at)
-        self.pushed += 1
+        self._pushed += 1
+        self._join_batch(sender)
         return True
 
     async def recv(self) -> OutgoingFrame:  # type: ignore[override]
@@ -307,12 +372,14 @@ class HubTrack(MediaStreamTrack):
                 self.push_to(self._sender)
             sub = self.subscription
             if timing.catching_up or sub.replaying:
+                sub.lane = None  # out of the batch while it catches up: its frames are paced, one by one
                 delay = timing.wait(sub.replaying, self.hub.bitrate.bps(), time.monotonic())
                 await asyncio.sleep(delay)  # 0 too: the other viewers' frames go first
             frame = await sub.get()
         except HubClosed:
             self.stop()
             raise MediaStreamError from None
+        self._pull_timeline()
         now, pacer = time.time(), timing.pacer
         if pacer is None:  # live: how long the fan-out took (a catch-up's frames are old on purpose)
             self.hub.fanout_delay.add(now - frame.published_at)
@@ -321,6 +388,7 @@ class HubTrack(MediaStreamTrack):
         timestamp = timing.stamp(
             frame.pts, len(frame.data), newest.pts, now - newest.published_at, sub.behind, time.monotonic(), bitrate
         )
+        self._push_timeline()
         if pacer is not None and not timing.catching_up:
             log.info(
                 "stream=%s subscriber=%s caught up from the GOP cache: frames=%d bytes=%d in %.0fms",
@@ -377,15 +445,82 @@ class FrameSender:
         self.payload_type = codec.payloadType
         self.clock_rate = codec.clockRate  # RTP ticks a second: 90 kHz (H.264), 48 kHz (Opus)
         # What a NACK may name, kept only for a codec whose receiver may send one (video; never Opus)
-        self.history = SentFrames() if any(fb.type == "nack" for fb in codec.rtcpFeedback) else None
+        nack = any(fb.type == "nack" for fb in codec.rtcpFeedback)
         self.writer = _shared_writer()
         self.send_run = sender.__dict__.get(_SEND, send_run_at_once)
-        self.sequence = random_sequence_number()
         self.origin = random32()
+        # Where the C send path is built, its lane (``borrowed.new_lane``) holds this sender's sequence number and
+        # the frames a NACK may name, whichever path sends (the batch, or this sender alone); else these do.
+        self.lane = borrowed.new_lane(self.origin, random_sequence_number(), self.clock_rate, RTP_HISTORY_SIZE * nack)
+        self._sequence = self.lane.sequence if self.lane is not None else random_sequence_number()
+        self.history = SentFrames() if nack and self.lane is None else None
         self.extensions = sender.__dict__.get(_EXTRA, ())  # add_header_extension's
         self.template: HeaderTemplate | None = None  # made at the first frame, once aiortc has set mid and SSRC
         self._socket = borrowed.DtlsSocket(sender.transport)
+        self._unsync: Callable[[], None] | None = None  # ``borrowed.sync_counts``' release, once the lane is bound
         sender.__dict__[_HISTORY] = self.history
+        sender.__dict__[_LANE] = self.lane
+
+    @property
+    def sequence(self) -> int:
+        """The next packet's sequence number."""
+        return self.lane.sequence if self.lane is not None else self._sequence
+
+    @sequence.setter
+    def sequence(self, value: int) -> None:
+        if self.lane is not None:
+            self.lane.sequence = value
+        else:
+            self._sequence = value
+
+    def sync(self) -> None:
+        """What the batch sent since the last sync into aiortc's counts (sender reports, stats): run before aiortc
+        reads them (``borrowed.SYNCED_COUNTS``), and before this sender sends a frame alone."""
+        counts = self.lane.take_counts() if self.lane is not None else None
+        if counts is not None:
+            ntp, timestamp, octets, packets, protected = counts
+            self.fields.count(ntp, timestamp, octets, packets)
+            borrowed.count_dtls_sent(self.sender.transport, protected, packets)
+
+    def lane_ready(self) -> bool:
+        """Whether the batch (``push_batch``) can send this sender's next frame: its lane bound to the current ICE
+        pair, socket and SRTP session, and nothing held back; bound anew here if it is not."""
+        lane = self.lane
+        if lane is None or self.template is None or not borrowed.SYNCED_COUNTS.installed:
+            return False
+        if lane.ready():
+            return True
+        if self.send_run is not send_run_at_once:
+            return False
+        try:
+            protocol, addr, _ = self.socket()
+        except ConnectionError:
+            return False
+        batcher = batcher_for(protocol)
+        route = batcher.c_route() if batcher is not None else None
+        if route is None:
+            return False
+        fd, family, gso = route
+
+        def fallback(data, segment: int, blocked: bool) -> None:
+            batcher.write_run(data, segment, addr, blocked)
+
+        if not borrowed.bind_lane(
+            lane, self.sender, fd, family, gso, fallback, batcher.lane_guards(gso), batcher.c_written
+        ):
+            return False
+        if self._unsync is None:
+            self._unsync = borrowed.sync_counts(self.sender, self.sync)
+        return lane.ready()
+
+    def close(self) -> None:
+        """Its lane unbound (the session and socket let go) and its counts brought in for good."""
+        if self.lane is not None:
+            self.sync()
+            self.lane.unbind()
+        if self._unsync is not None:
+            self._unsync()
+            self._unsync = None
 
     def _serialize(self, abs_send_time: int) -> bytes:
         """This sender's header as aiortc serializes it (sequence number and timestamp 0), with the extensions it
@@ -402,6 +537,8 @@ class FrameSender:
         """The header every frame's is made from (``HeaderTemplate``), made on first use."""
         if self.template is None:
             self.template = HeaderTemplate(self._serialize(0), self._serialize(ABS_SEND_TIME_PROBE))
+            if self.lane is not None:
+                self.lane.set_header(self.template.template, self.template.abs_send_time_at)
         return self.template
 
     @property
@@ -433,6 +570,7 @@ class FrameSender:
         protocol, addr, session = self.socket()
         if unless_backed_up and _backlog(protocol):
             return False
+        self.sync()  # the batch's counts first: this frame's are the latest
         # Sender reports pair an RTP timestamp with the capture clock it stands for (the hub's pts are the wall
         # clock at capture, in ticks), not with when it was sent: audio and video then map onto one clock, and a
         # browser syncs them by what was captured together, whatever each one's way here took.
@@ -443,10 +581,13 @@ class FrameSender:
         template = self.template or self.header_template()
         # abs-send-time: the clock read only for a sender that has it (video)
         header = template.header(timestamp, ntp_now() >> 14 if template.abs_send_time_at is not None else 0)
-        sent = send_frame(self.writer, session, header, payloads, self.sequence, self.send_run, protocol, addr)
-        if self.history is not None:
-            self.history.add(self.sequence, timestamp, payloads, self.payload_type)
-        self.sequence = (self.sequence + len(payloads)) & 0xFFFF
+        sequence = self.sequence
+        sent = send_frame(self.writer, session, header, payloads, sequence, self.send_run, protocol, addr)
+        if self.lane is not None:
+            self.lane.remember(sequence, timestamp, payloads)
+        elif self.history is not None:
+            self.history.add(sequence, timestamp, payloads, self.payload_type)
+        self.sequence = (sequence + len(payloads)) & 0xFFFF
         fields.count(captured, timestamp, sum(map(len, payloads)), len(payloads))
         borrowed.count_dtls_sent(self._socket.dtls, sent, len(payloads))
         return True
@@ -501,7 +642,51 @@ async def _run_rtp(self: RTCRtpSender, codec) -> None:
         log.warning("rtp send loop failed: %s", traceback.format_exc())
     if pushing is not None:
         pushing.push_to(None)
+    sender.close()
     fields.exited()
+
+
+def lane_of(sender: RTCRtpSender):
+    """``sender``'s C lane (``FrameSender.lane``), once its send loop runs where the C path is built; else None."""
+    return sender.__dict__.get(_LANE)
+
+
+_lane_warned: dict[str, float] = {}  # stream: when (monotonic) a lane of it failed and it was said
+
+
+def push_batch(hub: PacketHub, frame: EncodedFrame, subs: list[Subscription]) -> list[int]:
+    """The hub's batch push (``PacketHub.batch_push``): ``frame`` to every viewer of ``subs`` (live, each with its
+    sender's C lane) in one C call (``borrowed.send_batch``); the indices of those it did not send to, which the hub
+    offers their own way (``HubTrack._push``: backed up, DTLS down, disabled, their timestamp would not advance).
+    A lane that fails mid-frame leaves the batch (its viewer's next frames go alone) and is said once a second a
+    stream; its frame is offered its own way too."""
+    payloads = payloads_for(frame)
+    if not C_BATCH:  # turned off since they joined (the benchmarks' A/B): each alone from now on
+        for sub in subs:
+            sub.lane = None
+        return list(range(len(subs)))
+    if not payloads:
+        return list(range(len(subs)))  # each drops it as it would alone
+    declined, failed, delays = borrowed.send_batch(
+        _shared_writer(), [sub.lane for sub in subs], payloads, frame.pts, frame.published_at,
+        MAX_SEGMENTS, MAX_GSO_BYTES,
+    )  # fmt: skip
+    if failed:
+        for i, _ in failed:
+            subs[i].lane = None
+        declined = sorted([*declined, *(i for i, _ in failed)])
+    try:  # nothing raised from here on: the frame is sent, and the hub would offer it again
+        hub.fanout_delay.extend(delays)
+        now = time.monotonic()
+        if failed and now - _lane_warned.get(hub.stream, float("-inf")) >= LANE_WARNING_INTERVAL:
+            _lane_warned[hub.stream] = now
+            log.warning(
+                "stream=%s viewers=%d left the batch, sent alone from now on: subscriber=%s %r",
+                hub.stream, len(failed), subs[failed[0][0]].name, failed[0][1],
+            )  # fmt: skip
+    except Exception as exc:
+        log.warning("stream=%s batch bookkeeping failed: %r", hub.stream, exc)
+    return declined
 
 
 def send_frame(
@@ -521,17 +706,26 @@ def send_frame(
     ``send_run`` only what it could not write; else, or where C declines, the Python path
     (``writer.protect_frame``)."""
 
-    def emit(data, segment: int) -> None:
-        send_run(protocol, data, segment, addr)
+    def emit(data, segment: int, blocked: bool = False) -> None:
+        if blocked:  # C met a full socket buffer: to the batcher's queue untried (send_run_at_once's batcher)
+            batcher.write_run(data, segment, addr, True)
+        else:
+            send_run(protocol, data, segment, addr)
+
+    batcher = None
 
     if C_SEND and send_run is send_run_at_once:
         batcher = batcher_for(protocol)
         route = batcher.c_route() if batcher is not None else None
         if route is not None:
             fd, family, gso = route
-            done = writer.send_frame(
-                session, header, payloads, sequence, fd, family, addr, gso, emit, MAX_SEGMENTS, MAX_GSO_BYTES
-            )
+            try:
+                done = writer.send_frame(
+                    session, header, payloads, sequence, fd, family, addr, gso, emit, MAX_SEGMENTS, MAX_GSO_BYTES
+                )
+            except BaseException as exc:  # what C wrote before it is counted all the same
+                batcher.written_from_c(*getattr(exc, "camrelay_written", (0, 0)), frame=False)
+                raise
             if done is not None:
                 sent, datagrams, syscalls = done
                 batcher.written_from_c(datagrams, syscalls)
@@ -540,8 +734,9 @@ def send_frame(
 
 
 async def _retransmit(self: RTCRtpSender, sequence_number: int) -> None:
-    history = self.__dict__.get(_HISTORY)
-    found = history.find(sequence_number) if history is not None else None
+    lane, history = self.__dict__.get(_LANE), self.__dict__.get(_HISTORY)
+    source = lane if lane is not None else history
+    found = source.find(sequence_number) if source is not None else None
     if found is None:
         return
     fields = borrowed.SenderFields(self)

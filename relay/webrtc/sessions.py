@@ -44,7 +44,7 @@ LIVENESS_CHECK = 2.0  # seconds between looks
 
 
 @contextlib.contextmanager
-def process_patches(ice_addresses: tuple[str, ...] = (), batch: bool = True, c_send: bool = True):
+def process_patches(ice_addresses: tuple[str, ...] = (), batch: bool = True, c_send: bool = True, c_batch: bool = True):
     """The process-wide patches of aioice and aiortc a relay needs, held while it runs
     (``relay.webrtc.borrowed.Patch``): host candidates only on ``ice_addresses`` (none: every interface), the
     watch on what each connection hears, the payload types an answer keeps from the offer (Chromium's 35-63
@@ -52,8 +52,9 @@ def process_patches(ice_addresses: tuple[str, ...] = (), batch: bool = True, c_s
     answer's gathering and remote candidates awaited in turn (fewer passes of the loop), ICE done as soon as its
     pair is nominated (not after aioice's 20 ms pacing wait: DTLS starts sooner), (``batch``) aioice's
     own sends through the socket batcher, and (``c_send``) the C send path where it is built
-    (``rtpsend.use_c_send``). Relays in one process share them: the addresses of all that name some,
-    batching while any wants it, the C path as the last one started says."""
+    (``rtpsend.use_c_send``; ``c_batch``: one C call a frame for every viewer of a stream, with aiortc's counts
+    read through the C lanes' sync, ``borrowed.SYNCED_COUNTS``). Relays in one process share them: the addresses
+    of all that name some, batching while any wants it, the C path as the last one started says."""
     with contextlib.ExitStack() as held:
         if ice_addresses:
             held.callback(borrowed.restrict_host_addresses(ice_addresses))
@@ -66,7 +67,8 @@ def process_patches(ice_addresses: tuple[str, ...] = (), batch: bool = True, c_s
         held.callback(borrowed.PROMPT_ICE.hold())
         if batch:
             held.callback(udpbatch.PATCH.hold())
-        held.callback(use_c_send(c_send))
+        held.callback(borrowed.SYNCED_COUNTS.hold())
+        held.callback(use_c_send(c_send, c_batch))
         yield
 
 

@@ -76,6 +76,13 @@ class ReportedDelays(DelayWindow):
         if len(self._fresh) < REPORTED_DELAYS:
             self._fresh.append(round(seconds, 5))
 
+    def extend(self, seconds: list[float]) -> None:
+        """A batch's delays (``rtpsend.push_batch``: one a viewer sent to), kept as ``add`` keeps each."""
+        super().extend(seconds)
+        room = REPORTED_DELAYS - len(self._fresh)
+        if room > 0:
+            self._fresh.extend(round(s, 5) for s in seconds[:room])
+
     def take(self) -> list[float]:
         fresh, self._fresh = self._fresh, []
         return fresh
@@ -259,7 +266,7 @@ async def serve(config: shardipc.ShardConfig, out: Output) -> None:
         "shard=%d pid=%d serving: ice_addresses=%s playout_delay=%s",
         config.index, os.getpid(), ",".join(config.ice_addresses) or "all", delay,
     )  # fmt: skip
-    with process_patches(tuple(config.ice_addresses), config.batch_sends, config.c_send):
+    with process_patches(tuple(config.ice_addresses), config.batch_sends, config.c_send, config.c_batch):
         reporting = loop.create_task(shard.report())
         try:
             await read_pipe(reader, shardipc.Reader().feed, shard.on_message, READ_LIMIT)

@@ -398,7 +398,7 @@ class ShardedSessions(SessionCounts):
         self._ice_servers = ice_servers
         config = shardipc.ShardConfig(
             0, list(webrtc.ice_addresses), list(webrtc.additional_hosts), webrtc.connect_timeout, webrtc.batch_sends,
-            list(webrtc.playout_delay or ()), max_lag, log_level, webrtc.c_send,
+            list(webrtc.playout_delay or ()), max_lag, log_level, webrtc.c_send, webrtc.c_batch,
         )  # fmt: skip
         self.processes = [ShardProcess(self, i, dataclasses.replace(config, index=i), retry) for i in range(count)]
         self.requests = itertools.count(1)

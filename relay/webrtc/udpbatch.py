@@ -28,6 +28,7 @@ runs. With it off, datagrams leave one system call each (``send_direct``).
 
 from __future__ import annotations
 
+import array
 import asyncio
 import errno
 import logging
@@ -105,24 +106,42 @@ class Batcher:
         # (data, addr, segment): one datagram (segment 0), or a run of datagrams of ``segment`` bytes (the last
         # may be shorter) joined already (``write_run``, while something was held)
         self.pending: list[tuple[bytes, tuple, int]] = []
-        self.syscalls = 0
-        self.datagrams = 0
+        self.idle = True  # holds nothing (``pending`` empty): a C lane's guard (``lane_guards``)
+        self._syscalls = 0
+        self._datagrams = 0
         self.dropped = 0  # refused by the kernel (no route, not permitted): UDP, so gone
         self.gso = True  # False once this socket's route refused GSO (others may still take it)
-        self.c_frames = 0  # frames sent through the C call (``c_route``; what C could not write went to ``write_run``)
+        self._c_frames = 0  # frames sent through the C call (``c_route``; what C could not write went to ``write_run``)
+        # What the C lanes on this socket wrote themselves (``rtpsend.push_batch``): datagrams, system calls and
+        # frames, added in place from C (``borrowed.bind_lane``), counted in the totals below.
+        self.c_written = array.array("q", [0, 0, 0])
         self._c_socket: tuple[int, int] | None = None  # (fd, family) of the transport's socket, for ``c_route``
         # A socket object on the transport's fd, made once (one a send was a tenth of the relay's time at 10
         # viewers); never closed by us: detached when this batcher goes, the fd stays asyncio's.
         self._sock: socket.socket | None = None
         self._fileno = -1  # _sock's descriptor, compared with the transport's before each write
 
+    @property
+    def datagrams(self) -> int:
+        return self._datagrams + self.c_written[0]
+
+    @property
+    def syscalls(self) -> int:
+        return self._syscalls + self.c_written[1]
+
+    @property
+    def c_frames(self) -> int:
+        return self._c_frames + self.c_written[2]
+
     def send(self, data: bytes, addr: tuple) -> None:
         if not self.pending:
             _enlist(self)
+            self.idle = False
         self.pending.append((data, addr, 0))
 
     def flush(self) -> None:
         batch, self.pending = self.pending, []
+        self.idle = True
         t = self.transport
         raw = t.get_extra_info("socket")
         if t.is_closing():
@@ -140,10 +159,11 @@ class Batcher:
         for data, segment, count, addr in groups:
             self._write(raw, data, segment, count, addr)
 
-    def write_run(self, data: bytes | memoryview, segment: int, addr: tuple) -> None:
+    def write_run(self, data: bytes | memoryview, segment: int, addr: tuple, blocked: bool = False) -> None:
         """A run of datagrams of ``segment`` bytes (the last may be shorter) joined in ``data``, written now:
         after what the batcher holds (never reordered), else straight to the socket. ``data`` may be a view of
-        the sender's buffer: what is kept is copied."""
+        the sender's buffer: what is kept is copied. ``blocked``: C's write of it just met a full socket buffer,
+        so it goes to asyncio's queue without another segmented try (which would fail alike)."""
         # A failure is reported as the pass's flush reports one (``_flush_pass``), never raised into the sender:
         # its send loop would end, and the viewer's video with it.
         try:
@@ -151,7 +171,7 @@ class Batcher:
                 self.pending.append((bytes(data), addr, segment))  # still enlisted for the pass: a no-op there then
                 self.flush()
                 return
-            self._write(None, data, segment, -(-len(data) // segment), addr)  # the transport is open
+            self._write(None, data, segment, -(-len(data) // segment), addr, blocked)  # the transport is open
         except Exception as exc:
             _report(asyncio.get_running_loop(), exc)
 
@@ -168,27 +188,34 @@ class Batcher:
             found = self._c_socket = (sock.fileno(), int(sock.family))
         return found[0], found[1], self.gso and _state["gso"]
 
-    def written_from_c(self, datagrams: int, syscalls: int) -> None:
-        """A frame's runs C wrote itself, counted as ``_write`` counts its own (its fallback's are counted there)."""
-        self.datagrams += datagrams
-        self.syscalls += syscalls
-        self.c_frames += 1
+    def written_from_c(self, datagrams: int, syscalls: int, frame: bool = True) -> None:
+        """A frame's runs C wrote itself, counted as ``_write`` counts its own (its fallback's are counted there);
+        ``frame``: it went through whole (else C wrote part of it before a failure)."""
+        self._datagrams += datagrams
+        self._syscalls += syscalls
+        self._c_frames += frame
 
-    def _write(self, raw, data: bytes, segment: int, count: int, addr: tuple) -> None:
-        """One GSO run of ``count`` datagrams to ``addr``: one segmented write where it can, else one at a time."""
+    def lane_guards(self, gso: bool) -> tuple:
+        """What must still hold for a C lane bound now (``c_route``, segmented writes ``gso``) to write on this
+        socket: this batcher holds nothing, and segmentation is as it was (``borrowed.bind_lane``'s guards)."""
+        return (self.__dict__, "idle", True), (self.__dict__, "gso", self.gso), (_state, "gso", _state["gso"])
+
+    def _write(self, raw, data: bytes, segment: int, count: int, addr: tuple, blocked: bool = False) -> None:
+        """One GSO run of ``count`` datagrams to ``addr``: one segmented write where it can, else one at a time;
+        ``blocked``: the socket's buffer was full a moment ago (C's write), so to asyncio's queue at once."""
         t = self.transport
-        self.datagrams += count
+        self._datagrams += count
         # Straight to the socket only while asyncio holds nothing queued for it: never reorder.
-        if count > 1 and self.gso and _state["gso"] and not t.get_write_buffer_size():
+        if count > 1 and not blocked and self.gso and _state["gso"] and not t.get_write_buffer_size():
             done = self._raw_send(raw, data, segment, addr)
             if done is not None:
-                self.syscalls += 1
+                self._syscalls += 1
                 if not done:
                     self.dropped += count
                 return
         for i in range(0, len(data), segment):
             t.sendto(data[i : i + segment], addr)  # asyncio queues on EAGAIN and reports errors to the protocol
-        self.syscalls += count
+        self._syscalls += count
 
     def _raw_send(self, raw, data: bytes, segment: int, addr: tuple) -> bool | None:
         """``data`` to ``addr`` on the socket itself (``raw``, the transport's; None while the transport is open:
