@@ -754,7 +754,7 @@ static int lane_ready_(Lane *self) {
     int ready = lane_check_(guards, transport);
     Py_DECREF(guards);
     Py_DECREF(transport);
-    return ready;
+    return ready > 0 && !self->bound ? 0 : ready; /* unbound meanwhile: not ready */
 }
 
 static PyObject *lane_ready(Lane *self, PyObject *unused) {
