@@ -2,7 +2,10 @@
 each viewer's own send, which it stands in for: the same SRTP datagrams byte for byte for each viewer of the batch,
 on real sockets (IPv4 and IPv6), across a sequence wrap, the marker on each frame's last packet; a viewer that cannot
 take the frame now declined with nothing sent and nothing changed; one that fails mid-frame leaving the batch while
-the others get their frames; and, with real aiortc viewers, the sender reports' counts and NACKs of batched frames.
+the others get their frames, its frame sent again alone only where none of its packets was protected; and, with real
+aiortc viewers set up as a session's, real H.264 decoded (each picture's pixel clock read back), the sender reports'
+counts and NACKs of batched frames, each packet once and numbered on while a viewer moves between the batch and its
+own path, and a viewer whose socket backs up.
 Without the extension built, every test here is skipped (the per-viewer paths are in test_fastsend.py)."""
 
 from __future__ import annotations

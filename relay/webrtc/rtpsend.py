@@ -75,7 +75,10 @@ history are the lane's whichever path sends. A lane that cannot take the
 frame now (unbound, its socket or batcher holding anything back, DTLS, the
 ICE pair, the SRTP session or the sender not as bound, its timestamp not
 advancing) is declined, and its viewer takes the frame through ``_push``
-as above; one whose send fails mid-frame leaves the batch. ``[webrtc]
+as above; one whose send fails mid-frame leaves the batch for good
+(``FrameSender.lane_left``), its frame sent again alone only where C had
+protected none of its packets (a protected packet's sequence number is
+spent: ``push_batch``). ``[webrtc]
 c_batch = false``: one C call a viewer-frame (``send_frame``), the A/B.
 
 The sender's private fields are reached through ``relay.webrtc.borrowed``;
