@@ -225,7 +225,7 @@ async def test_a_viewer_that_cannot_take_the_frame_now_is_declined_with_nothing_
             v.close()
 
 
-async def test_a_viewer_whose_send_fails_mid_frame_leaves_the_batch_and_the_others_get_the_frame(caplog):
+async def test_a_viewer_whose_send_fails_mid_frame_leaves_the_batch_and_the_others_get_the_frame(caplog, monkeypatch):
     """A lane whose writes fail (its descriptor is a pipe, not a socket) hands them to its fallback, which raises
     here: that lane is named in ``failed`` with the exception, unbound (so declined from then on), and the lanes
     after it in the same call get their frames. Through ``push_batch``: the viewer leaves the batch (its
@@ -235,6 +235,7 @@ async def test_a_viewer_whose_send_fails_mid_frame_leaves_the_batch_and_the_othe
     viewers = await _viewers(*[(socket.AF_INET, 1000 * i, 10 * i, 0, True) for i in range(3)])
     read_end, write_end = os.pipe()
     broken = viewers[1]
+    monkeypatch.setattr(rtpsend, "_lane_warned", {})  # said within the second by another test: not here
 
     def raising(data, segment, blocked):
         raise RuntimeError("the fallback's own")
@@ -279,6 +280,40 @@ async def test_a_viewer_whose_send_fails_mid_frame_leaves_the_batch_and_the_othe
     finally:
         os.close(read_end)
         os.close(write_end)
+        for v in viewers:
+            v.close()
+
+
+@pytest.mark.parametrize("raised", ["before", "after"])
+async def test_a_batch_call_that_raises_takes_the_frame_for_those_it_reached_and_offers_it_to_the_rest(
+    raised, monkeypatch, caplog
+):
+    """``push_batch`` never raises: where the C call does (a MemoryError in C, a failure in what follows it), the
+    viewers it had already sent the frame to are not offered it again (it would reach them twice: a repeated
+    P-frame corrupts the picture until the next keyframe), the others are; said once a second a stream."""
+    viewers = await _viewers(*[(socket.AF_INET, 1000 * i, 10 * i, 0, True) for i in range(3)])
+    real = borrowed.send_batch
+
+    def failing(writer, lanes, *args):
+        if raised == "after":
+            real(writer, lanes[:2], *args)  # the first two sent, then it fails
+        raise MemoryError
+
+    monkeypatch.setattr(borrowed, "send_batch", failing)
+    monkeypatch.setattr(rtpsend, "_lane_warned", {})  # said within the second by another test: not here
+    try:
+        hub = PacketHub("cam0", lambda: None)
+        subs = [types.SimpleNamespace(lane=v.lane, name=f"viewer{i}") for i, v in enumerate(viewers)]
+        frames = [EncodedFrame(b"\x00\x00\x00\x01\x41" + b"p" * 3000, k * 3000, False, 0.0, 0.0) for k in (1, 2)]
+        with caplog.at_level(logging.WARNING, logger="relay.webrtc.rtpsend"):
+            expected = [0, 1, 2] if raised == "before" else [2]
+            assert push_batch(hub, frames[0], subs) == expected
+            assert push_batch(hub, frames[1], subs) == expected
+        sent = 2 * len(payloads_for(frames[0]))
+        assert [len(v.received()) for v in viewers] == ([0, 0, 0] if raised == "before" else [sent, sent, 0])
+        lines = [r.getMessage() for r in caplog.records if "batch send failed" in r.getMessage()]
+        assert lines == [f"stream=cam0 viewers=3 batch send failed, not sent to viewers={len(expected)}: MemoryError()"]
+    finally:
         for v in viewers:
             v.close()
 
