@@ -470,12 +470,15 @@ class PacketHub:
         self._subscribers: list[Subscription] = []
         self._closed = False
         self._last_overflow_log = float("-inf")
+        self._last_batch_log = float("-inf")  # monotonic: a batch push that raised was said then
         self._keyframe_asked: float | None = None  # monotonic, while a keyframe asked for has not come
         self._in_pass = 0  # frames published in this pass of the event loop (``first_in_pass``)
         # ``batch_push(frame, subs)``: the subscribers that ``push`` would be handed a frame (live, their reader
         # waiting, nothing queued, the pass's first frame) and that have a ``lane``, all sent to in one call; it
         # returns the indices of those it did not take, which are offered the frame as usual (``push``, or their
-        # queue). Set by whoever sets the lanes (relay.webrtc.rtpsend: one C call a frame for every viewer).
+        # queue). Set by whoever sets the lanes (relay.webrtc.rtpsend: one C call a frame for every viewer). It
+        # should not raise (rtpsend's does not: it knows whom it sent to); where it does, every one is offered
+        # the frame again, which may repeat it to those it had reached.
         self.batch_push: Callable[[EncodedFrame, list[Subscription]], list[int]] | None = None
 
     @property
@@ -615,8 +618,11 @@ class PacketHub:
         try:
             declined = batch_push(frame, batch)
         except Exception as exc:  # never into the publish: each is offered the frame its own way
-            log.warning("stream=%s viewers=%d batch push failed, each offered its own way: %r", self.stream,
-                        len(batch), exc)  # fmt: skip
+            now = time.monotonic()
+            if now - self._last_batch_log >= DROP_WARNING_INTERVAL:  # said once a second, not once a frame
+                self._last_batch_log = now
+                log.warning("stream=%s viewers=%d batch push failed, each offered its own way: %r", self.stream,
+                            len(batch), exc)  # fmt: skip
             declined = range(len(batch))
         taken = len(batch) - len(declined)
         self.delivered += taken

@@ -531,3 +531,52 @@ async def test_ice_is_done_when_its_pair_is_nominated_not_after_aioices_pacing_w
     assert borrowed.prompt_waits_ended > ended  # the hook, not aioice's own sleep, ended a wait
     assert not borrowed.PROMPT_ICE.installed
     assert await _connect_a_pair()  # released: aioice's own connect again
+
+
+@pytest.mark.skipif(not borrowed.C_SEND_BUILT, reason="relay.webrtc._fastsend is not built here")
+async def test_a_bound_lane_is_taken_only_while_dtls_the_pair_the_session_and_the_sender_are_as_bound():
+    """``borrowed.bind_lane``'s guards, on a real viewer's sender whose lane the batch took: the lane is declined
+    (``ready()`` false, and ``send_batch`` sends nothing) while the sender is disabled, DTLS is not connected, the
+    outgoing SRTP session is another, or ICE nominated another pair; and taken again once each is as it was."""
+    from aiortc.rtcdtlstransport import State
+
+    from relay.hub import PacketHub
+    from relay.webrtc import rtpsend, udpbatch
+
+    from .test_batchsend import PICTURES, _connect, _publish
+
+    releases = [udpbatch.PATCH.hold(), borrowed.SYNCED_COUNTS.hold(), rtpsend.use_c_send(True, True)]
+    hub = PacketHub("cam0", lambda: None)
+    pairs = await _connect(hub, 1)
+    try:
+        await _publish(hub, pairs, PICTURES[:4])
+        sender = pairs[0][0].getTransceivers()[0].sender
+        lane, dtls = rtpsend.lane_of(sender), sender.transport
+        assert lane.frames > 0 and lane.ready()
+        nominated = dtls.transport._connection._nominated
+        other_session = _srtp_pair()[0]
+
+        def declined() -> bool:
+            frames = lane.frames
+            result = borrowed.send_batch(borrowed.SrtpFrameWriter(), [lane], [b"x" * 100], 10**9, 0.0, 64, 60_000)
+            return not lane.ready() and result[0] == [0] and lane.frames == frames
+
+        for owner, key, changed in [
+            (sender.__dict__, "_enabled", False),
+            (dtls.__dict__, "_state", State.CLOSED),
+            (dtls.__dict__, "_tx_srtp", other_session),
+            (nominated, 1, object()),
+        ]:
+            was = owner[key]
+            owner[key] = changed
+            try:
+                assert declined(), key
+            finally:
+                owner[key] = was
+            assert lane.ready(), key
+    finally:
+        for relay, viewer in pairs:
+            await relay.close()
+            await viewer.close()
+        for release in reversed(releases):
+            release()

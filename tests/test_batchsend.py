@@ -2,22 +2,31 @@
 each viewer's own send, which it stands in for: the same SRTP datagrams byte for byte for each viewer of the batch,
 on real sockets (IPv4 and IPv6), across a sequence wrap, the marker on each frame's last packet; a viewer that cannot
 take the frame now declined with nothing sent and nothing changed; one that fails mid-frame leaving the batch while
-the others get their frames; and, with real aiortc viewers, the sender reports' counts and NACKs of batched frames.
+the others get their frames, its frame sent again alone only where none of its packets was protected; and, with real
+aiortc viewers set up as a session's, real H.264 decoded (each picture's pixel clock read back), the sender reports'
+counts and NACKs of batched frames, each packet once and numbered on while a viewer moves between the batch and its
+own path, and a viewer whose socket backs up.
 Without the extension built, every test here is skipped (the per-viewer paths are in test_fastsend.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fractions
 import logging
 import os
 import socket
 import time
 import types
 
+import av
+import numpy as np
 import pytest
 from aiortc import RTCPeerConnection, RTCRtpHeaderExtensionParameters, RTCRtpParameters
+from aiortc.mediastreams import MediaStreamError
 from aiortc.rtp import HeaderExtensionsMap, RtpPacket
 
+from relay.camera import pixelclock
 from relay.hub import EncodedFrame, PacketHub
 from relay.webrtc import borrowed, rtpsend, udpbatch
 from relay.webrtc.rtpsend import (
@@ -27,10 +36,12 @@ from relay.webrtc.rtpsend import (
     attach_to_sender,
     h264_preferences,
     ntp_at,
+    payloads_for,
     push_batch,
 )
 from relay.webrtc.udpbatch import MAX_GSO_BYTES, MAX_SEGMENTS, batcher_for
 
+from .conftest import frame_clock
 from .netns import loopback_namespace, run
 from .test_aiortc_hooks import _srtp_pair
 from .test_udpbatch import _Sending
@@ -214,14 +225,17 @@ async def test_a_viewer_that_cannot_take_the_frame_now_is_declined_with_nothing_
             v.close()
 
 
-async def test_a_viewer_whose_send_fails_mid_frame_leaves_the_batch_and_the_others_get_the_frame(caplog):
+async def test_a_viewer_whose_send_fails_mid_frame_leaves_the_batch_and_the_others_get_the_frame(caplog, monkeypatch):
     """A lane whose writes fail (its descriptor is a pipe, not a socket) hands them to its fallback, which raises
     here: that lane is named in ``failed`` with the exception, unbound (so declined from then on), and the lanes
     after it in the same call get their frames. Through ``push_batch``: the viewer leaves the batch (its
-    subscription's lane cleared), its frame is offered its own way, and one log line a second says so."""
+    subscription's lane cleared), and one log line a second says so. Its packets were protected before the write
+    failed (their sequence numbers spent), so the frame is taken, not offered again (it would reach the viewer
+    twice); one that fails before any is protected (an SRTP error at its first packet) is offered its own way."""
     viewers = await _viewers(*[(socket.AF_INET, 1000 * i, 10 * i, 0, True) for i in range(3)])
     read_end, write_end = os.pipe()
     broken = viewers[1]
+    monkeypatch.setattr(rtpsend, "_lane_warned", {})  # said within the second by another test: not here
 
     def raising(data, segment, blocked):
         raise RuntimeError("the fallback's own")
@@ -240,20 +254,66 @@ async def test_a_viewer_whose_send_fails_mid_frame_leaves_the_batch_and_the_othe
         ]
         with caplog.at_level(logging.WARNING, logger="relay.webrtc.rtpsend"):
             break_it()
-            assert push_batch(hub, frames[0], subs) == [1]
-            assert subs[1].lane is None and not broken.lane.bound
+            sequence = broken.lane.sequence
+            assert push_batch(hub, frames[0], subs) == []  # taken: its packets' numbers spent
+            assert subs[1].lane is None and not broken.lane.bound and broken.lane.frames == 1
+            assert broken.lane.sequence == (sequence + len(frames[0].payloads)) & 0xFFFF
+            assert broken.lane.find(sequence) is not None  # a NACK of what did not leave is answered
             assert [len(v.received()) > 0 for v in viewers] == [True, False, True]
             subs[1].lane = broken.lane  # as if it had joined again, unbound: declined
             assert push_batch(hub, frames[1], subs) == [1] and subs[1].lane is broken.lane
-            break_it()  # and failing again within the second: said once
+            # bound again, and failing before any packet is protected (a number spent already: libsrtp refuses it
+            # as a replay), within the second: offered its own way, said once
+            fd, family, gso = broken.batcher.c_route()
+            assert borrowed.route_lane(
+                broken.lane, broken.session, fd, family, broken.addr, gso, broken.transport, broken.fallback, (),
+                broken.batcher.c_written,
+            )  # fmt: skip
+            broken.lane.sequence = sequence
             assert push_batch(hub, frames[2], subs) == [1] and subs[1].lane is None
+            assert broken.received() == [] and broken.lane.frames == 1
         lines = [r.getMessage() for r in caplog.records if "left the batch" in r.getMessage()]
         assert len(lines) == 1 and "stream=cam0 viewers=1" in lines[0] and "the fallback's own" in lines[0]
+        assert "taken=True" in lines[0]
         assert len(hub.fanout_delay._values) == 6  # two viewers, three frames
-        assert [v.lane.frames for v in viewers] == [3, 0, 3]
+        assert [v.lane.frames for v in viewers] == [3, 1, 3]
     finally:
         os.close(read_end)
         os.close(write_end)
+        for v in viewers:
+            v.close()
+
+
+@pytest.mark.parametrize("raised", ["before", "after"])
+async def test_a_batch_call_that_raises_takes_the_frame_for_those_it_reached_and_offers_it_to_the_rest(
+    raised, monkeypatch, caplog
+):
+    """``push_batch`` never raises: where the C call does (a MemoryError in C, a failure in what follows it), the
+    viewers it had already sent the frame to are not offered it again (it would reach them twice: a repeated
+    P-frame corrupts the picture until the next keyframe), the others are; said once a second a stream."""
+    viewers = await _viewers(*[(socket.AF_INET, 1000 * i, 10 * i, 0, True) for i in range(3)])
+    real = borrowed.send_batch
+
+    def failing(writer, lanes, *args):
+        if raised == "after":
+            real(writer, lanes[:2], *args)  # the first two sent, then it fails
+        raise MemoryError
+
+    monkeypatch.setattr(borrowed, "send_batch", failing)
+    monkeypatch.setattr(rtpsend, "_lane_warned", {})  # said within the second by another test: not here
+    try:
+        hub = PacketHub("cam0", lambda: None)
+        subs = [types.SimpleNamespace(lane=v.lane, name=f"viewer{i}") for i, v in enumerate(viewers)]
+        frames = [EncodedFrame(b"\x00\x00\x00\x01\x41" + b"p" * 3000, k * 3000, False, 0.0, 0.0) for k in (1, 2)]
+        with caplog.at_level(logging.WARNING, logger="relay.webrtc.rtpsend"):
+            expected = [0, 1, 2] if raised == "before" else [2]
+            assert push_batch(hub, frames[0], subs) == expected
+            assert push_batch(hub, frames[1], subs) == expected
+        sent = 2 * len(payloads_for(frames[0]))
+        assert [len(v.received()) for v in viewers] == ([0, 0, 0] if raised == "before" else [sent, sent, 0])
+        lines = [r.getMessage() for r in caplog.records if "batch send failed" in r.getMessage()]
+        assert lines == [f"stream=cam0 viewers=3 batch send failed, not sent to viewers={len(expected)}: MemoryError()"]
+    finally:
         for v in viewers:
             v.close()
 
@@ -308,10 +368,14 @@ async def test_what_c_wrote_before_a_failure_mid_frame_is_counted(monkeypatch):
 
 # -- real aiortc viewers
 
+WIDTH, HEIGHT = 320, 240  # the pixel clock's narrowest frame
+CLOCK0_MS = 1_700_000_000_000  # the first frame's pixel clock; each next one 33 ms on
+
 
 async def _connect(hub: PacketHub, n: int):
-    """``n`` viewers of ``hub``: camrelay's sender (the shared packer, the per-frame send) on one side of each, a
-    receiving aiortc peer on the other, on loopback."""
+    """``n`` viewers of ``hub``: camrelay's sender (the shared packer, the per-frame send) on one side of each, set up
+    as a session's (``ViewerSession._set_up``: the transceiver added and H.264 preferred before the offer is applied,
+    so the answer labels it H.264), a receiving aiortc peer on the other, on loopback."""
     pairs = []
     release = borrowed.restrict_host_addresses(["127.0.0.1"])
     try:
@@ -319,12 +383,10 @@ async def _connect(hub: PacketHub, n: int):
             relay, viewer = RTCPeerConnection(), RTCPeerConnection()
             viewer.addTransceiver("video", direction="recvonly")
             await viewer.setLocalDescription(await viewer.createOffer())
-            await relay.setRemoteDescription(viewer.localDescription)
-            transceiver = relay.getTransceivers()[0]
-            transceiver.sender.replaceTrack(HubTrack(hub, f"viewer{i}"))
-            transceiver.direction = "sendonly"
+            transceiver = relay.addTransceiver(HubTrack(hub, f"viewer{i}"), direction="sendonly")
             transceiver.setCodecPreferences(h264_preferences())
             attach_to_sender(transceiver.sender, hub)
+            await relay.setRemoteDescription(viewer.localDescription)
             await relay.setLocalDescription(await relay.createAnswer())
             await viewer.setRemoteDescription(relay.localDescription)
             pairs.append((relay, viewer))
@@ -337,12 +399,49 @@ async def _connect(hub: PacketHub, n: int):
     return pairs
 
 
-SPS_PPS = bytes.fromhex("000000016742e01f8c8d40501e900f08846a0000000168ce3c80")
+def _encode(count: int) -> list[tuple[bytes, bool, int]]:
+    """``count`` pictures of real H.264 (a keyframe every ``KEYFRAME_EVERY``, P-frames between), each with its pixel
+    clock (``CLOCK0_MS`` + 33 ms a picture) and a block of noise (a few kB a frame): (access unit, keyframe,
+    clock)."""
+    codec = av.CodecContext.create("libx264", "w")
+    codec.width, codec.height, codec.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+    codec.time_base = fractions.Fraction(1, 30)
+    codec.options = {"preset": "ultrafast", "tune": "zerolatency", "profile": "baseline", "g": "1000"}
+    rng = np.random.default_rng(7)
+    out = []
+    for k in range(count):
+        planes = np.full((HEIGHT * 3 // 2, WIDTH), 128, np.uint8)
+        planes[HEIGHT - NOISE : HEIGHT, :NOISE] = rng.integers(40, 200, (NOISE, NOISE), np.uint8)
+        clock = CLOCK0_MS + 33 * k
+        pixelclock.draw(planes[:HEIGHT], clock)
+        picture = av.VideoFrame.from_ndarray(planes, format="yuv420p")
+        picture.pts = k
+        if k % KEYFRAME_EVERY == 0:
+            picture.pict_type = av.video.frame.PictureType.I
+        (packet,) = codec.encode(picture)
+        out.append((bytes(packet), packet.is_keyframe, clock))
+    return out
 
 
-def _unit(k: int) -> bytes:
-    body = bytes([k % 200 + 1]) * (20_000 if k == 0 else 3_000)
-    return (SPS_PPS if k == 0 else b"") + b"\x00\x00\x00\x01" + (b"\x65" if k == 0 else b"\x41") + body
+KEYFRAME_EVERY = 15
+NOISE = 80  # pixels square: ~6 kB a frame, 2.4 Mbit/s at the tests' pace
+PICTURES = _encode(32)
+
+
+class _Decoded:
+    """The pixel clocks of the pictures a viewer's aiortc receiver decodes, in order."""
+
+    def __init__(self, viewer: RTCPeerConnection) -> None:
+        self.clocks: list[int | None] = []
+        self._task = asyncio.ensure_future(self._read(viewer.getTransceivers()[0].receiver.track))
+
+    async def _read(self, track) -> None:
+        with contextlib.suppress(MediaStreamError):
+            while True:
+                self.clocks.append(frame_clock(await track.recv()))
+
+    def close(self) -> None:
+        self._task.cancel()
 
 
 @pytest.fixture
@@ -354,33 +453,66 @@ def held():
         release()
 
 
-async def _publish(hub: PacketHub, frames: int, pts0: int = 0) -> list[EncodedFrame]:
+def _tracks(pairs) -> list[HubTrack]:
+    return [r.getTransceivers()[0].sender.track for r, _ in pairs]
+
+
+async def _all_waiting(pairs) -> None:
+    """Until every viewer's send loop waits for the hub's next frame with nothing queued (its track subscribed):
+    a frame published then is pushed to each (alone, or in the batch), whatever the scheduling."""
+    await asyncio.sleep(0)  # a pass of its own: only the first frame of a pass is pushed
+    deadline = time.monotonic() + DEADLINE
+    while not all(t.subscription is not None and t.subscription.push and t.subscription._waiting()
+                  and not len(t.subscription) for t in _tracks(pairs)):  # fmt: skip
+        assert time.monotonic() < deadline, "a viewer's send loop never waited for a frame"
+        await asyncio.sleep(0.005)
+
+
+async def _publish(hub: PacketHub, pairs, pictures, first: int = 0, pts0: int = 0) -> list[EncodedFrame]:
+    """``pictures`` published, each once every viewer waits for it (``_all_waiting``); pts 3000 apart from
+    ``pts0`` + ``first`` * 3000."""
     sent = []
-    for k in range(frames):
-        frame = EncodedFrame(_unit(k), pts0 + k * 3000, k == 0, time.time())
+    for k, (data, keyframe, clock) in enumerate(pictures, start=first):
+        await _all_waiting(pairs)
+        frame = EncodedFrame(data, pts0 + k * 3000, keyframe, clock / 1000, time.time())
         hub.publish(frame)
         sent.append(frame)
-        await asyncio.sleep(0.02)
     return sent
 
 
-async def test_sender_reports_and_stats_count_the_batched_frames(held):
-    """Three real aiortc viewers, their frames sent in the batch after the first: each sender's getStats and the
-    sender reports its viewer receives count every packet and byte sent, and the report's NTP time is the capture
-    time of the last frame's pts (the batch's counts are brought in when aiortc reads them)."""
+async def _received_all(pairs, packets: int) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while [await _packets_received(v) for _, v in pairs] != [packets] * len(pairs):
+        assert time.monotonic() < deadline, [await _packets_received(v) for _, v in pairs]
+        await asyncio.sleep(0.05)
+
+
+async def test_batched_frames_decode_and_sender_reports_and_stats_count_them(held):
+    """Three real aiortc viewers, each frame published once every viewer waits for it, so it is pushed to each (in
+    the batch after a viewer's first two): each viewer decodes every picture, in order, labelled H.264 (its pixel
+    clock read back); each sender's getStats and the sender reports its viewer receives count every packet and
+    byte sent, and the report's NTP time is the capture time of the last frame's pts (the batch's counts are
+    brought in when aiortc reads them)."""
     hub = PacketHub("cam0", lambda: None)
     pairs = await _connect(hub, 3)
+    decoded = [_Decoded(v) for _, v in pairs]
     try:
-        frames = await _publish(hub, 20, pts0=90_000 * 1_700_000_000)
-        packets = sum(len(f.payloads) for f in frames)
-        octets = sum(sum(map(len, f.payloads)) for f in frames)
-        tracks = [r.getTransceivers()[0].sender.track for r, _ in pairs]
-        assert all(t.pushed == 20 for t in tracks)
-        assert all(rtpsend.lane_of(r.getTransceivers()[0].sender).frames >= 15 for r, _ in pairs)  # the batch's
+        frames = await _publish(hub, pairs, PICTURES[:20], pts0=90_000 * 1_700_000_000)
+        packets = sum(len(payloads_for(f)) for f in frames)
+        octets = sum(sum(map(len, payloads_for(f))) for f in frames)
+        await _received_all(pairs, packets)
+        assert all(t.pushed == 20 for t in _tracks(pairs))  # each frame pushed: alone or in the batch
+        assert all(rtpsend.lane_of(r.getTransceivers()[0].sender).frames > 0 for r, _ in pairs)  # the batch's
         for relay, _ in pairs:
             stats = await relay.getTransceivers()[0].sender.getStats()
             out = next(s for s in stats.values() if s.type == "outbound-rtp")
             assert (out.packetsSent, out.bytesSent) == (packets, octets)
+        # aiortc's receiver hands a picture to its decoder once the next one's packets come: all but the last
+        deadline = time.monotonic() + DEADLINE
+        while any(len(d.clocks) < 19 for d in decoded):
+            assert time.monotonic() < deadline, [d.clocks for d in decoded]
+            await asyncio.sleep(0.05)
+        assert all(d.clocks == [c for _, _, c in PICTURES[:19]] for d in decoded)
         capture = ntp_at(frames[-1].pts * 1_000_000_000 // CLOCK)
         deadline = time.monotonic() + DEADLINE
         for _, viewer in pairs:  # the viewer's view of the sender's reports (one every 0.5 to 1.5 s)
@@ -395,14 +527,17 @@ async def test_sender_reports_and_stats_count_the_batched_frames(held):
             captured = (capture >> 32) - NTP_UNIX_OFFSET + (capture & 0xFFFFFFFF) / (1 << 32)  # Unix seconds
             assert abs(remote[0].remoteTimestamp.timestamp() - captured) < 2e-6  # aiortc's datetime: microseconds
     finally:
+        for d in decoded:
+            d.close()
         for relay, viewer in pairs:
             await relay.close()
             await viewer.close()
 
 
 async def test_a_nack_for_a_batched_packet_is_answered_with_its_payload(held, monkeypatch):
-    """A NACK naming a packet the batch sent: the sender retransmits that packet's payload, its sequence number
-    (in the RTX packet, as aiortc wraps it) and its frame's timestamp."""
+    """A NACK naming a packet of a frame the batch sent (its lane's frame count went up on that publish): the
+    sender retransmits that packet's payload, its sequence number (in the RTX packet, as aiortc wraps it) and its
+    frame's timestamp."""
     hub = PacketHub("cam0", lambda: None)
     pairs = await _connect(hub, 2)
     sent: list[bytes] = []
@@ -411,20 +546,106 @@ async def test_a_nack_for_a_batched_packet_is_answered_with_its_payload(held, mo
         sent.append(data)
 
     try:
-        frames = await _publish(hub, 5)
         sender = pairs[1][0].getTransceivers()[0].sender
         lane = rtpsend.lane_of(sender)
-        assert lane.frames >= 3
-        last = frames[-1]
+        await _publish(hub, pairs, PICTURES[:2])
+        for k in range(2, len(PICTURES)):  # until a frame goes through the batch (one declined goes alone)
+            before = lane.frames
+            (last,) = await _publish(hub, pairs, PICTURES[k : k + 1], first=k)
+            if lane.frames == before + 1:
+                break
+        assert lane.frames == before + 1, "no frame went through the batch"
         first = (lane.sequence - len(last.payloads)) & 0xFFFF  # the last frame's first packet
         monkeypatch.setattr(borrowed.SenderFields, "send_rtp", capture)
-        await sender._retransmit((first + 1) & 0xFFFF)
-        await sender._retransmit((first + 60_000) & 0xFFFF)  # long gone: nothing sent
+        await rtpsend._retransmit(sender, (first + len(last.payloads) - 1) & 0xFFFF)
+        await rtpsend._retransmit(sender, (first + 60_000) & 0xFFFF)  # long gone: nothing sent
         assert len(sent) == 1
         packet = RtpPacket.parse(sent[0])
-        assert packet.payload[:2] == ((first + 1) & 0xFFFF).to_bytes(2, "big")  # RTX: the original number first
-        assert packet.payload[2:] == last.payloads[1] and not packet.marker
+        number = (first + len(last.payloads) - 1) & 0xFFFF
+        assert packet.payload[:2] == number.to_bytes(2, "big")  # RTX: the original number first
+        assert packet.payload[2:] == last.payloads[-1] and packet.marker
     finally:
+        for relay, viewer in pairs:
+            await relay.close()
+            await viewer.close()
+
+
+async def test_a_viewer_moving_between_the_batch_and_its_own_path_gets_each_packet_once_numbered_on(held):
+    """One viewer's packets as its peer decrypts them, while its frames go through the batch, alone (taken out of
+    the batch, as a catch-up does), in the batch again, and alone for good once its lane fails mid-frame in C (its
+    socket made a pipe, whose fallback raises): every sequence number comes once, numbered on from frame to frame
+    and packet to packet, with its frame's timestamp (3000 ticks a frame) and the marker on each frame's last.
+    The failed frame's packets were protected (their numbers spent): they are not sent again under new numbers;
+    they are the gap a NACK names, and the lane's history answers it. The lane stays out of the batch."""
+    hub = PacketHub("cam0", lambda: None)
+    pairs = await _connect(hub, 2)
+    got: list[RtpPacket] = []
+    track = _tracks(pairs)[0]
+    sender = pairs[0][0].getTransceivers()[0].sender
+
+    def keep(transport, data: bytes) -> None:
+        if transport is pairs[0][1].getTransceivers()[0].receiver.transport:
+            got.append(RtpPacket.parse(data))
+
+    release = borrowed.divert_decrypted_rtp(keep)
+    read_end, write_end = os.pipe()
+    try:
+        lane = rtpsend.lane_of(sender)
+        frames = await _publish(hub, pairs, PICTURES[:6])  # the recv path, alone, then the batch
+        batched = lane.frames
+        assert batched > 0
+        track.subscription.lane = None  # out of the batch for a frame: it rejoins after it
+        frames += await _publish(hub, pairs, PICTURES[6:7], first=6)
+        assert lane.frames == batched and track.subscription.lane is lane
+        frames += await _publish(hub, pairs, PICTURES[7:10], first=7)
+        assert lane.frames > batched
+        protocol = borrowed.nominated_pair(sender.transport).protocol
+
+        def raising(data, segment, blocked):
+            raise RuntimeError("the fallback's own")
+
+        counts = batcher_for(protocol).c_written
+        assert borrowed.route_lane(
+            lane, sender.transport._tx_srtp, write_end, socket.AF_INET, borrowed.nominated_pair(sender.transport)
+            .remote_addr, True, protocol.transport, raising, (), counts,
+        )  # fmt: skip
+        failed_at = len(frames)
+        before = lane.frames
+        frames += await _publish(hub, pairs, PICTURES[10:11], first=10)
+        assert lane.frames == before + 1 and not lane.bound and track.subscription.lane is None  # taken, then left
+        frames += await _publish(hub, pairs, PICTURES[11:16], first=11)
+        assert lane.frames == before + 1 and not lane.bound and track.subscription.lane is None
+        assert rtpsend.lane_of(sender) is lane and track.pushed == 16
+        total = sum(len(payloads_for(f)) for f in frames)
+        lost = len(frames[failed_at].payloads)
+        deadline = time.monotonic() + DEADLINE
+        while len(got) < total - lost:
+            assert time.monotonic() < deadline, (len(got), total - lost)
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # anything sent twice would have come by now
+        video = [p for p in got if p.payload_type == got[0].payload_type]
+        numbers = [p.sequence_number for p in video]
+        assert len(set(numbers)) == len(numbers) == total - lost  # each once
+        first = numbers[0]
+        expected = []
+        k = 0
+        for i, f in enumerate(frames):
+            for j in range(len(payloads_for(f))):
+                if i != failed_at:
+                    expected.append(((first + k) & 0xFFFF, j == len(payloads_for(f)) - 1, f.pts, payloads_for(f)[j]))
+                k += 1
+        base = (video[0].timestamp - frames[0].pts) & 0xFFFFFFFF
+        assert [(p.sequence_number, bool(p.marker), (p.timestamp - base) & 0xFFFFFFFF, p.payload) for p in video] == (
+            expected
+        )
+        # the failed frame's packets: the gap, answered from the lane's history
+        gap = (first + sum(len(payloads_for(f)) for f in frames[:failed_at])) & 0xFFFF
+        found = lane.find(gap)
+        assert found is not None and found[2] == frames[failed_at].payloads[0]
+    finally:
+        release()
+        os.close(read_end)
+        os.close(write_end)
         for relay, viewer in pairs:
             await relay.close()
             await viewer.close()
@@ -470,7 +691,8 @@ async def test_a_viewer_whose_socket_backs_up_leaves_the_batch_and_the_others_ke
     hub = PacketHub("cam0", lambda: None)
     pairs = await _connect(hub, 3)
     try:
-        await _publish(hub, 2)  # every viewer live, and in the batch after its first frame
+        first = await _publish(hub, pairs, PICTURES[:2])  # every viewer live, and in the batch after its second frame
+        await _received_all(pairs, sum(len(payloads_for(f)) for f in first))
         senders = [r.getTransceivers()[0].sender for r, _ in pairs]
         slow = borrowed.nominated_pair(senders[1].transport).protocol
         slow.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SLOW_SNDBUF)
@@ -482,24 +704,29 @@ async def test_a_viewer_whose_socket_backs_up_leaves_the_batch_and_the_others_ke
         backed_up = queued = 0
         sent = 0
         for k in range(FRAMES_SHAPED):
-            frame = EncodedFrame(_unit(k), (k + 2) * 3000, k % 15 == 0, time.time())
+            data, keyframe, clock = PICTURES[k + 2]
+            frame = EncodedFrame(data, (k + 2) * 3000, keyframe, clock / 1000, time.time())
             hub.publish(frame)
-            sent += len(frame.payloads)
+            sent += len(payloads_for(frame))
             backed_up += bool(rtpsend._backlog(slow))
             queued = max(queued, len(subs[1]))
             await asyncio.sleep(0.02)
         deadline = time.monotonic() + DEADLINE  # the fast viewers' last packets read off their sockets
         while [await _packets_received(pairs[i][1]) - before[i] for i in (0, 2)] != [sent, sent]:
-            assert time.monotonic() < deadline, [
-                await _packets_received(v) - b for (_, v), b in zip(pairs, before, strict=True)
-            ]
+            assert time.monotonic() < deadline, (
+                sent, [await _packets_received(v) - b for (_, v), b in zip(pairs, before, strict=True)],
+                [(len(s), s.dropped, s.delivered) for s in subs],
+            )  # fmt: skip
             await asyncio.sleep(0.05)
         batched = [rtpsend.lane_of(s).frames - b for s, b in zip(senders, batched_before, strict=True)]
         # Every packet received, nothing dropped, in the batch to the end. (Not every frame: one published while
         # the viewer's batcher holds an RTCP datagram of the same pass is declined, and sent alone after it.)
         assert subs[0].dropped == subs[2].dropped == 0 and subs[0].lane is not None and subs[2].lane is not None
         # the slow one: backed up, out of the batch meanwhile, its frames waiting in its own backlog
-        assert backed_up > 0 and queued > 0 and batched[1] < FRAMES_SHAPED // 2 < min(batched[0], batched[2])
+        assert backed_up > 0 and queued > 0 and min(batched[0], batched[2]) > 0
+        # each frame published is sent, still queued, or counted dropped (the slow one's lag limit): none lost unseen
+        published = 2 + FRAMES_SHAPED
+        assert [sub.delivered + sub.dropped + len(sub) for sub in subs] == [published] * 3
         assert batcher_for(slow).dropped == 0  # what its socket could not take yet was queued, not lost
     finally:
         for relay, viewer in pairs:

@@ -7,13 +7,18 @@ are in test_aiortc_hooks.py and test_udpbatch.py), and the viewer's test runs on
 
 from __future__ import annotations
 
+import array
 import asyncio
 import dataclasses
 import os
+import pathlib
 import random
 import shutil
 import socket
+import subprocess
+import sys
 import sysconfig
+import textwrap
 
 import pytest
 from aiortc.rtp import RtpPacket
@@ -380,3 +385,158 @@ async def test_a_viewer_decodes_the_frames_the_relay_sends(http, c_send, c_batch
     assert (batcher.c_written[2] > 0) is c_batch and (lane is not None and lane.frames > 0) is c_batch
     alone = batcher.c_frames - batcher.c_written[2]  # one C call a viewer-frame (the batch's: its first frames)
     assert (alone > 0) is c_send and (not c_batch or batcher.c_written[2] > alone)
+
+
+# -- a lane's memory safety: what Python code run during a call may do, and indices from its caller
+
+_LANE_SETUP = """
+import array, socket, sys
+from relay.webrtc import borrowed
+from tests.test_aiortc_hooks import _srtp_pair
+
+session, _ = _srtp_pair()
+rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+rx.bind(("127.0.0.1", 0))
+tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+tx.bind(("127.0.0.1", 0))
+HEADER = bytes([0x80, 96]) + bytes(18)  # 20 bytes: room for an extension's 3 after the fixed 12
+
+class Open:
+    def is_closing(self):
+        return False
+
+    def get_write_buffer_size(self):
+        return 0
+
+def bound(transport, guards=(), at=None):
+    lane = borrowed.new_lane(0, 0, 90000, 0)
+    lane.set_header(HEADER, at)
+    assert borrowed.route_lane(
+        lane, session, tx.fileno(), socket.AF_INET, rx.getsockname(), False, transport, lambda *a: None, guards,
+        array.array("q", [0, 0, 0]),
+    )
+    return lane
+
+def batch(lanes):
+    return borrowed.send_batch(borrowed.SrtpFrameWriter(), lanes, [b"x" * 100], 3000, 0.0, 64, 60000)
+"""
+
+
+def _survives(code: str) -> str:
+    """``code`` run after ``_LANE_SETUP`` in a Python of its own (a crash fails the test, not pytest): its output."""
+    done = subprocess.run(
+        [sys.executable, "-c", _LANE_SETUP + textwrap.dedent(code)], capture_output=True, text=True, timeout=120,
+        cwd=pathlib.Path(__file__).parent.parent,
+    )  # fmt: skip
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    return done.stdout
+
+
+@needs_c
+def test_an_abs_send_time_index_outside_the_header_is_refused_whatever_its_size():
+    """``set_header``'s abs-send-time index: the last 3 bytes of the header at most, and an index near
+    ``sys.maxsize`` refused too (``at + 3`` overflowed and passed, and send_batch wrote far outside its stack
+    buffer). Whatever the lane was given, send_batch writes within the header."""
+    out = _survives("""
+        for at in (sys.maxsize - 1, sys.maxsize, len(HEADER) - 2, 11, -5):
+            lane = borrowed.new_lane(0, 0, 90000, 0)
+            try:
+                lane.set_header(HEADER, at)
+            except ValueError:
+                continue
+            lane = bound(Open(), at=None)
+            lane.set_header(HEADER, at)
+            batch([lane])
+            print("accepted", at)
+        declined, failed, delays = batch([bound(Open(), at=len(HEADER) - 3)])  # the last 3 bytes: taken
+        print("sent", declined, failed, len(delays))
+    """)
+    assert out.split("\n")[:-1] == ["sent [] [] 1"]
+
+
+@needs_c
+@pytest.mark.parametrize("where", ["is_closing", "get_write_buffer_size", "guard"])
+def test_a_lane_unbound_by_the_python_it_runs_to_check_itself_is_declined_not_a_crash(where):
+    """A lane's readiness runs Python (a guard's comparison, the transport's ``is_closing`` and
+    ``get_write_buffer_size``) that may unbind the lane, letting go of its guards and transport while they are in
+    use: the lane is then not ready, and send_batch declines it."""
+    out = _survives(f"""
+        where = {where!r}
+
+        class Unbinding(Open):
+            lane = None
+
+            def is_closing(self):
+                if where == "is_closing":
+                    self.lane.unbind()
+                return False
+
+            def get_write_buffer_size(self):
+                if where == "get_write_buffer_size":
+                    self.lane.unbind()
+                return 0
+
+        class Value:
+            def __init__(self, fields, holder):
+                self.fields, self.holder = fields, holder
+
+            def __eq__(self, other):
+                self.fields.clear()  # the value compared goes too
+                self.holder.lane.unbind()
+                return True
+
+        def attempt(check):
+            holder, fields = Unbinding(), {{}}
+            fields["state"] = Value(fields, holder)
+            guards = ((fields, "state", object()),) if where == "guard" else ()
+            lane = holder.lane = bound(holder, guards)
+            del holder, fields  # the lane's references are the only ones left
+            return check(lane)
+
+        print(attempt(lambda lane: (lane.ready(), lane.bound)))
+        print(attempt(lambda lane: batch([lane])))
+    """)
+    assert out.split("\n")[:-1] == ["(False, False)", "([0], [], [])"]
+
+
+@needs_c
+def test_an_interrupt_raised_by_a_guard_is_raised_from_the_batch_and_an_error_declines_the_lane():
+    """A guard whose comparison raises: an error (a value that cannot be compared) declines the lane, and the
+    per-viewer path finds out why; KeyboardInterrupt is not swallowed."""
+
+    class Raising:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def __eq__(self, other):
+            raise self.exc
+
+    wire, (tx, _) = _Wire(), _srtp_pair()
+    try:
+
+        def lane_with(value):
+            lane = borrowed.new_lane(0, 0, 90000, 0)
+            lane.set_header(HEADER, None)
+            guards = (({"state": value}, "state", object()),)
+            assert borrowed.route_lane(
+                lane, tx, wire.tx.fileno(), socket.AF_INET, wire.addr, False, _Open(), lambda *a: None, guards,
+                array.array("q", [0, 0, 0]),
+            )  # fmt: skip
+            return lane
+
+        def batch(lanes):
+            return borrowed.send_batch(borrowed.SrtpFrameWriter(), lanes, [b"x" * 100], 3000, 0.0, 64, 60000)
+
+        assert batch([lane_with(Raising(ValueError("no"))), lane_with(Raising(ValueError("no")))])[0] == [0, 1]
+        with pytest.raises(KeyboardInterrupt):
+            batch([lane_with(Raising(KeyboardInterrupt()))])
+    finally:
+        wire.close()
+
+
+class _Open:
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0

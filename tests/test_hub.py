@@ -459,3 +459,81 @@ async def test_a_joiner_sharing_a_keyframe_goes_on_from_the_next_one_if_it_comes
     got = [(await sub.get()).pts for _ in range(8)]
     assert got == [f.pts for f in gop(6, 8)]  # on from the new keyframe, every frame of it
     assert (sub.dropped, sub.resyncs, req.count) == (4, 0, 0), "no keyframe is forced for it: the new one is there"
+
+
+# -- the batch push: the subscribers push would be handed a frame, and that have a lane, in one call
+
+
+async def test_the_batch_takes_the_live_waiting_subscribers_with_a_lane_and_the_rest_are_offered_their_own_way():
+    """``batch_push`` is handed exactly the subscribers ``push`` would take the frame now and that have a lane: not
+    one without a lane, one reading the cache, one waiting for a keyframe, one whose reader is not waiting. Those it
+    declines are offered the frame as usual (pushed alone here); each frame is counted delivered once per
+    subscriber that took it, by the batch or by its own push."""
+    use_cache = [True]
+    hub = PacketHub("cam0", Requests(), cached_start=lambda: use_cache[0])
+    pushed: dict[str, list[int]] = {}
+    subs = {}
+
+    def join(name: str):
+        sub = subs[name] = hub.subscribe(name)
+        sub.push = lambda f: pushed.setdefault(name, []).append(f.pts) or True
+        sub.lane = None if name == "no-lane" else object()
+        return sub
+
+    for name in ("batched", "declined", "no-lane", "not-waiting"):
+        join(name)
+    readers = [await _waiting_reader(subs[n]) for n in ("batched", "declined", "no-lane")]
+    await _publish_apart(hub, [frame(0, key=True)])  # no batch yet: each pushed its keyframe, one queued
+    assert len(subs["not-waiting"]) == 1
+    use_cache[0] = False
+    join("keyframe-waiter")  # waits for the next keyframe
+    use_cache[0] = True
+    join("replaying")  # reads the cached GOP first
+    assert subs["replaying"].replaying and subs["keyframe-waiter"].waiting_keyframe
+    readers += [await _waiting_reader(subs[n]) for n in ("keyframe-waiter", "replaying")]
+    calls: list[list[str]] = []
+
+    def batch_push(f, batch):
+        calls.append([s.name for s in batch])
+        return [i for i, s in enumerate(batch) if s.name == "declined"]  # it declines one
+
+    hub.batch_push = batch_push
+    pushed.clear()
+    before = hub.delivered
+    await _publish_apart(hub, [frame(1)])
+    assert calls == [["batched", "declined"]]
+    assert pushed == {"declined": [3000], "no-lane": [3000]}  # declined: pushed its own way
+    assert len(subs["not-waiting"]) == 2 and subs["keyframe-waiter"].waiting_keyframe
+    assert [subs[n].delivered for n in ("batched", "declined", "no-lane")] == [2, 2, 2]
+    assert hub.delivered - before == 3
+    assert not any(r.done() for r in readers[:4]) and readers[4].done()  # the cache's reader woken, to read there
+    for sub in subs.values():
+        sub.close()
+
+
+async def test_a_batch_push_that_raises_offers_each_its_frame_and_is_said_once_a_second(caplog):
+    """A ``batch_push`` raising never reaches the publish: every subscriber of the batch is offered the frame its
+    own way, and the warning is said at most once a second however many frames fail."""
+    hub = PacketHub("cam0", Requests())
+
+    def failing(f, subs):
+        raise MemoryError
+
+    hub.batch_push = failing
+    subs = [hub.subscribe(f"viewer{i}") for i in range(2)]
+    pushed: list[tuple[int, int]] = []
+    for i, sub in enumerate(subs):
+        sub.push = lambda f, i=i: pushed.append((i, f.pts)) or True
+        sub.lane = object()
+    readers = [await _waiting_reader(s) for s in subs]
+    with caplog.at_level(logging.WARNING, logger="relay.hub"):
+        await _publish_apart(hub, [frame(0, key=True)])  # a new subscriber's first: the keyframe
+        for n in (1, 2, 3):
+            await _publish_apart(hub, [frame(n)])
+    assert pushed == [(i, n * 3000) for n in range(4) for i in range(2)]
+    assert [s.delivered for s in subs] == [4, 4] and hub.delivered == 8
+    lines = [r.getMessage() for r in caplog.records if "batch push failed" in r.getMessage()]
+    assert lines == ["stream=cam0 viewers=2 batch push failed, each offered its own way: MemoryError()"]
+    assert not any(r.done() for r in readers)
+    for sub in subs:
+        sub.close()

@@ -31,6 +31,7 @@ from relay.cli import build_parser, load_config
 from relay.config import ConfigError, IceServer, StreamConfig, WhipConfig, load, secret_values, secrets_in_file
 from relay.hub import PacketHub
 from relay.source import parse_source_spec
+from relay.webrtc import borrowed, rtpsend
 from relay.webrtc.ice import gathered_with, parse_links
 from relay.webrtc.whepclient import WhepError, WhepViewer
 from relay.webrtc.whip import SDP_TYPE, WhipPublisher, shown_url
@@ -284,6 +285,33 @@ async def test_fifty_viewers_on_mediamtx_cost_camrelay_one_publish(engines, rela
             q.close()
             q.join_thread()
         await probe.close()
+
+
+@pytest.mark.skipif(not borrowed.C_SEND_BUILT, reason="relay.webrtc._fastsend is not built here")
+async def test_the_bytes_sent_to_mediamtx_count_the_frames_its_sender_sent_in_the_batch(engines, relays):
+    """The WHIP publisher's sender is a viewer of its stream's hub like any other, and its frames go through the
+    stream's batch (one C call a frame, whose counts are brought into aiortc's lazily): ``bytes_sent`` and
+    ``packets_sent`` (the API's, the metric's) are what aiortc's own stats say, while publishing and once the
+    session has ended (every frame sent until the send loop ended counted, none lost at the close)."""
+    engine = await engines()
+    relay = await relays(whip_config(WhipConfig("cam0", engine.url("cam0"))))
+    publisher = relay.relay.whip_publishers[0]
+    await until(lambda: publisher.state == "publishing", "publishing to mediamtx")
+    sender = publisher._sender
+    await until(lambda: (lane := rtpsend.lane_of(sender)) is not None and lane.frames >= 10, "frames in the batch")
+
+    async def stats() -> tuple[int, int]:
+        out = next(s for s in (await sender.getStats()).values() if s.type == "outbound-rtp")
+        return out.bytesSent, out.packetsSent
+
+    counted = (publisher.bytes_sent, publisher.packets_sent)
+    assert counted == await stats()  # read in the same pass: no frame between
+    lane = rtpsend.lane_of(sender)
+    batched = lane.frames
+    await until(lambda: lane.frames >= batched + 3, "more frames in the batch")
+    await publisher.close()
+    assert (publisher.bytes_sent, publisher.packets_sent) == await stats()
+    assert publisher.bytes_sent > counted[0]
 
 
 async def test_a_frozen_then_restarted_mediamtx_is_published_to_again_and_camrelays_viewers_never_notice(

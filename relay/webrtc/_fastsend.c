@@ -53,7 +53,7 @@
 #define TRAILER_ROOM_MIN 144
 /* send_frame's arguments and results as this file has them: relay/webrtc/borrowed.py uses the module only when
    its FASTSEND_API is the same (an editable install's built module is not rebuilt when the source changes). */
-#define API_VERSION 2
+#define API_VERSION 3
 #define RTP_HEADER_MIN 12    /* version to SSRC */
 #define RTP_PACKET_MAX 65535 /* what one UDP datagram carries at most, and what an int surely holds */
 
@@ -139,6 +139,10 @@ typedef struct {
     PyObject *fallback;  /* fallback(data, segment, blocked): the Python path's writer */
     unsigned char *base; /* the buffer */
     Py_ssize_t datagrams, syscalls; /* written here (the fallback counts its own) */
+    /* protected so far (their sequence numbers spent in the SRTP session, even where the frame then failed):
+       packets, their bytes as protected, their payloads' bytes */
+    Py_ssize_t packets;
+    size_t protected_bytes, octets;
 } Route;
 
 /* One sendmsg of `len` bytes at `data`: a segmented write of `segment`-byte datagrams, or one datagram
@@ -249,9 +253,10 @@ static int payload_of(PyObject *item, const unsigned char **data, size_t *len) {
     return -1;
 }
 
-/* The largest payload of `payloads` (a list); -1 where one is not bytes. */
-static Py_ssize_t largest_payload(PyObject *payloads) {
+/* The largest payload of `payloads` (a list), and all their bytes in `total`; -1 where one is not bytes. */
+static Py_ssize_t largest_payload(PyObject *payloads, unsigned long long *total) {
     size_t largest = 0;
+    *total = 0;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(payloads); i++) {
         const unsigned char *data;
         size_t len;
@@ -259,6 +264,7 @@ static Py_ssize_t largest_payload(PyObject *payloads) {
             return -1;
         }
         largest = len > largest ? len : largest;
+        *total += len;
     }
     return (Py_ssize_t)largest;
 }
@@ -335,6 +341,9 @@ static int send_packets(Route *r, const Protect *p, const unsigned char *header,
         }
         used += protected_len;
         sent += protected_len;
+        r->packets += 1;
+        r->protected_bytes += protected_len;
+        r->octets += len;
     }
     if (count && write_run(r, start, used, segment, count) != 0) {
         return -1;
@@ -481,6 +490,10 @@ done:
 #define NTP_UNIX_OFFSET 2208988800ULL
 #define ABS_SEND_TIME_BYTES 3
 #define COUNTS 3 /* the batcher's counter array: datagrams, system calls, frames written from C */
+#define PTS_LIMIT (1LL << 62) /* |pts| taken; its capture time is clamped to CAPTURE_NS_LIMIT */
+/* A capture time (ns since 1970) taken as it is: pts near PTS_LIMIT at 90 kHz is ~2^75 ns, beyond a long long;
+   2^62 ns is the year 2116, and ntp_at's arithmetic on it stays within a long long */
+#define CAPTURE_NS_LIMIT (1LL << 62)
 
 typedef struct {
     uint16_t first;     /* sequence number of its first packet */
@@ -549,6 +562,9 @@ static int lane_traverse(Lane *self, visitproc visit, void *arg) {
     Py_VISIT(self->transport);
     Py_VISIT(self->fallback);
     Py_VISIT(self->guards);
+    if (self->has_counts) {
+        Py_VISIT(self->counts.obj);
+    }
     for (Py_ssize_t k = 0; k < self->ring_len; k++) {
         Py_VISIT(self->ring[(self->ring_start + k) % HISTORY_FRAMES_MAX].payloads);
     }
@@ -612,7 +628,8 @@ static PyObject *lane_set_header(Lane *self, PyObject *const *args, Py_ssize_t n
         }
     }
     if (view.len < RTP_HEADER_MIN || view.len > HEADER_MAX || (((unsigned char *)view.buf)[0] >> 6) != 2 ||
-        (args[1] != Py_None && (at < RTP_HEADER_MIN || at + ABS_SEND_TIME_BYTES > view.len))) {
+        (args[1] != Py_None && (at < RTP_HEADER_MIN || at > view.len - ABS_SEND_TIME_BYTES))) {
+        /* `at > len - 3`, not `at + 3 > len`: an `at` near PY_SSIZE_T_MAX would overflow the sum and pass */
         PyBuffer_Release(&view);
         PyErr_SetString(PyExc_ValueError, "set_header: not an RTP header, or its abs-send-time out of it");
         return NULL;
@@ -690,30 +707,25 @@ static PyObject *lane_unbind(Lane *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
-/* 1: bound, every guard holds and the transport open with nothing queued; 0: not; -1: an error (set). */
-static int lane_ready_(Lane *self) {
-    if (!self->bound || self->header_len == 0) {
-        return 0;
-    }
-    PyObject *guards = self->guards;
+/* lane_ready_'s checks, on `guards` and `transport` held by the caller (each value compared also held). */
+static int lane_check_(PyObject *guards, PyObject *transport) {
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(guards); i++) {
         PyObject *g = PyTuple_GET_ITEM(guards, i);
         PyObject *value = PyDict_GetItemWithError(PyTuple_GET_ITEM(g, 0), PyTuple_GET_ITEM(g, 1));
         if (value == NULL) {
-            if (PyErr_Occurred()) {
-                return -1;
-            }
-            return 0;
+            return PyErr_Occurred() ? -1 : 0;
         }
         PyObject *expected = PyTuple_GET_ITEM(g, 2);
         if (value != expected) {
+            Py_INCREF(value); /* borrowed from a dict that the comparison's Python may change */
             int same = PyObject_RichCompareBool(value, expected, Py_EQ);
+            Py_DECREF(value);
             if (same <= 0) {
                 return same;
             }
         }
     }
-    PyObject *closing = PyObject_CallMethodNoArgs(self->transport, str_is_closing);
+    PyObject *closing = PyObject_CallMethodNoArgs(transport, str_is_closing);
     if (closing == NULL) {
         return -1;
     }
@@ -722,13 +734,27 @@ static int lane_ready_(Lane *self) {
     if (is_closing != 0) {
         return is_closing < 0 ? -1 : 0;
     }
-    PyObject *size = PyObject_CallMethodNoArgs(self->transport, str_get_write_buffer_size);
+    PyObject *size = PyObject_CallMethodNoArgs(transport, str_get_write_buffer_size);
     if (size == NULL) {
         return -1;
     }
     int queued = PyObject_IsTrue(size);
     Py_DECREF(size);
     return queued < 0 ? -1 : !queued;
+}
+
+/* 1: bound, every guard holds and the transport open with nothing queued; 0: not; -1: an error (set). */
+static int lane_ready_(Lane *self) {
+    if (!self->bound || self->header_len == 0) {
+        return 0;
+    }
+    /* Held for the call: a guard's __eq__, is_closing() or get_write_buffer_size() is Python, which may unbind
+       this lane (and drop the lane's references to them) */
+    PyObject *guards = Py_NewRef(self->guards), *transport = Py_NewRef(self->transport);
+    int ready = lane_check_(guards, transport);
+    Py_DECREF(guards);
+    Py_DECREF(transport);
+    return ready > 0 && !self->bound ? 0 : ready; /* unbound meanwhile: not ready */
 }
 
 static PyObject *lane_ready(Lane *self, PyObject *unused) {
@@ -948,14 +974,18 @@ static long long now_ns(void) {
     return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-/* floor(a * b / c) for the capture time of a pts, without overflow for any pts of a 64-bit clock */
+/* floor(a * b / c) for the capture time of a pts, exact in 128 bits (|a| <= PTS_LIMIT, |b| < 2^31: no overflow
+   there), clamped to +-CAPTURE_NS_LIMIT so that the long long it returns, and ntp_at on it, cannot overflow */
 static long long scale(long long a, long long b, long long c) {
     __int128 v = (__int128)a * b;
     __int128 q = v / c;
     if ((v % c != 0) && ((v < 0) != (c < 0))) {
         q -= 1;
     }
-    return (long long)q;
+    if (q > CAPTURE_NS_LIMIT) {
+        return CAPTURE_NS_LIMIT;
+    }
+    return q < -CAPTURE_NS_LIMIT ? -CAPTURE_NS_LIMIT : (long long)q;
 }
 
 PyDoc_STRVAR(send_batch_doc,
@@ -966,7 +996,8 @@ PyDoc_STRVAR(send_batch_doc,
              "session in `buffer` and written to its peer, as send_frame does for one. A lane is declined (its\n"
              "index in `declined`, nothing sent, nothing changed) while unbound, not ready (bind's guards), or\n"
              "where its timestamp would not advance; one that fails mid-frame is unbound and named in `failed`\n"
-             "as (index, exception), the others go on. `delays`: for each lane sent, seconds from `published_at`\n"
+             "as (index, exception, taken), the others go on: `taken`, some of its packets were protected (their\n"
+             "sequence numbers spent), and the frame is the lane's as if sent (numbered on, remembered for NACKs). `delays`: for each lane sent, seconds from `published_at`\n"
              "(the wall clock) to its frame's last write. `abs_send_time`: 24 bits, or -1: the clock, per lane.");
 
 static PyObject *send_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
@@ -989,11 +1020,12 @@ static PyObject *send_batch(PyObject *module, PyObject *const *args, Py_ssize_t 
         PyErr_SetString(PyExc_TypeError, "send_batch: lanes and payloads must be lists, payloads not empty");
         return NULL;
     }
-    if (abs_send_time < -1 || abs_send_time > 0xFFFFFF || pts < -(1LL << 62) || pts > (1LL << 62)) {
+    if (abs_send_time < -1 || abs_send_time > 0xFFFFFF || pts < -PTS_LIMIT || pts > PTS_LIMIT) {
         PyErr_SetString(PyExc_ValueError, "send_batch: pts or abs_send_time out of range");
         return NULL;
     }
-    Py_ssize_t largest = largest_payload(payloads);
+    unsigned long long octets = 0;
+    Py_ssize_t largest = largest_payload(payloads, &octets);
     if (largest < 0) {
         PyErr_SetString(PyExc_TypeError, "send_batch: every payload must be bytes");
         return NULL;
@@ -1004,10 +1036,6 @@ static PyObject *send_batch(PyObject *module, PyObject *const *args, Py_ssize_t 
     }
     size_t room = (size_t)buffer.len > (size_t)trailer_room ? (size_t)buffer.len - (size_t)trailer_room : 0;
     Py_ssize_t n = PyList_GET_SIZE(payloads);
-    unsigned long long octets = 0;
-    for (Py_ssize_t k = 0; k < n; k++) {
-        octets += (unsigned long long)PyBytes_GET_SIZE(PyList_GET_ITEM(payloads, k));
-    }
     PyObject *declined = PyList_New(0), *failed = PyList_New(0), *delays = PyList_New(0), *result = NULL;
     if (declined == NULL || failed == NULL || delays == NULL) {
         goto done;
@@ -1021,13 +1049,26 @@ static PyObject *send_batch(PyObject *module, PyObject *const *args, Py_ssize_t 
             goto done;
         }
         Lane *lane = (Lane *)Py_NewRef(item); /* held: a fallback's Python may drop the caller's list */
-        long long stamp = pts + lane->offset;
-        int ready = (lane->has_last && stamp <= lane->last) ? 0 : lane_ready_(lane);
+        long long stamp;
+        int ready = 0;
+        if (!__builtin_add_overflow(pts, lane->offset, &stamp) && !(lane->has_last && stamp <= lane->last)) {
+            ready = lane_ready_(lane);
+        }
         if (ready < 0) {
+            if (!PyErr_ExceptionMatches(PyExc_Exception)) { /* KeyboardInterrupt, SystemExit: raised as they are */
+                Py_DECREF(lane);
+                goto done;
+            }
             PyErr_Clear(); /* a guard that cannot be read: declined, the per-viewer path finds out why */
             ready = 0;
         }
-        if (!ready || lane->header_len + (size_t)largest > room || (size_t)largest > RTP_PACKET_MAX - lane->header_len) {
+        /* read again here, whatever a guard's Python did (unbind, set_header): still bound, the abs-send-time
+           within the header */
+        Py_ssize_t at = lane->abs_send_time_at;
+        size_t header_len = lane->header_len;
+        if (!ready || !lane->bound || header_len < RTP_HEADER_MIN || header_len > HEADER_MAX ||
+            (at >= 0 && (at < RTP_HEADER_MIN || (size_t)at + ABS_SEND_TIME_BYTES > header_len)) ||
+            header_len + (size_t)largest > room || (size_t)largest > RTP_PACKET_MAX - header_len) {
             PyObject *index = PyLong_FromSsize_t(i);
             int bad = index == NULL || PyList_Append(declined, index) != 0;
             Py_XDECREF(index);
@@ -1038,14 +1079,12 @@ static PyObject *send_batch(PyObject *module, PyObject *const *args, Py_ssize_t 
             continue;
         }
         unsigned char header[HEADER_MAX];
-        size_t header_len = lane->header_len;
         memcpy(header, lane->header, header_len);
         uint32_t timestamp = (uint32_t)((uint64_t)lane->origin + (uint64_t)stamp);
         header[4] = (unsigned char)(timestamp >> 24);
         header[5] = (unsigned char)(timestamp >> 16);
         header[6] = (unsigned char)(timestamp >> 8);
         header[7] = (unsigned char)timestamp;
-        Py_ssize_t at = lane->abs_send_time_at;
         if (at >= 0) {
             uint32_t ast = abs_send_time >= 0 ? (uint32_t)abs_send_time
                                               : (uint32_t)((ntp_at(now_ns()) >> 14) & 0xFFFFFFu);
@@ -1055,16 +1094,17 @@ static PyObject *send_batch(PyObject *module, PyObject *const *args, Py_ssize_t 
         }
         Route r = {.fd = lane->fd, .to = &lane->to, .tolen = lane->tolen, .gso = lane->gso, .fallen = 0,
                    .blocked = 0, .fallback = lane->fallback, .base = (unsigned char *)buffer.buf,
-                   .datagrams = 0, .syscalls = 0};
+                   .datagrams = 0, .syscalls = 0, .packets = 0, .protected_bytes = 0, .octets = 0};
         Protect p = lane->protect;
         p.room = room;
         p.trailer_room = trailer_room;
         p.max_segments = max_segments;
         p.max_bytes = max_bytes;
         size_t sent = 0;
+        uint16_t first = lane->sequence; /* before the fallback's Python runs, which may set it */
         /* held: a fallback may unbind the lane, and its session (whose srtp_t is being used) must outlive the call */
         PyObject *fallback = Py_NewRef(lane->fallback), *session = Py_NewRef(lane->session);
-        int status = send_packets(&r, &p, header, header_len, payloads, lane->sequence, &sent);
+        int status = send_packets(&r, &p, header, header_len, payloads, first, &sent);
         Py_DECREF(fallback);
         Py_DECREF(session);
         long long *counters = lane->has_counts ? (long long *)lane->counts.buf : NULL;
@@ -1073,12 +1113,29 @@ static PyObject *send_batch(PyObject *module, PyObject *const *args, Py_ssize_t 
             counters[1] += r.syscalls;
             counters[2] += status == 0;
         }
+        /* Taken (sent, or partly): its packets' sequence numbers are spent in the SRTP session (protecting them
+           again would be a replay), so the frame is this lane's as if sent whole: numbered on, remembered (a NACK
+           of a packet that did not leave is answered from the history), counted as protected. */
+        int taken = status == 0 || r.packets > 0;
+        if (taken) {
+            lane->sequence = (uint16_t)((first + (unsigned long)n) & 0xFFFFu);
+            lane->has_last = 1;
+            lane->last = stamp;
+            lane->frames += 1;
+            lane->ntp = ntp_at(scale(pts, 1000000000LL, lane->clock_rate));
+            lane->rtp_timestamp = timestamp;
+            lane->octets += status == 0 ? octets : r.octets;
+            lane->packets += (unsigned long long)r.packets;
+            lane->protected_bytes += r.protected_bytes;
+            lane->counted = 1;
+            lane_remember_(lane, first, timestamp, payloads);
+        }
         if (status != 0) {
             PyObject *type, *value, *traceback;
             PyErr_Fetch(&type, &value, &traceback);
             PyErr_NormalizeException(&type, &value, &traceback);
             lane_unbind_(lane);
-            PyObject *entry = Py_BuildValue("(nO)", i, value ? value : Py_None);
+            PyObject *entry = Py_BuildValue("(nOO)", i, value ? value : Py_None, taken ? Py_True : Py_False);
             Py_XDECREF(type);
             Py_XDECREF(value);
             Py_XDECREF(traceback);
@@ -1090,18 +1147,6 @@ static PyObject *send_batch(PyObject *module, PyObject *const *args, Py_ssize_t 
             }
             continue;
         }
-        uint16_t first = lane->sequence;
-        lane->sequence = (uint16_t)((lane->sequence + (unsigned long)n) & 0xFFFFu);
-        lane->has_last = 1;
-        lane->last = stamp;
-        lane->frames += 1;
-        lane->ntp = ntp_at(scale(pts, 1000000000LL, lane->clock_rate));
-        lane->rtp_timestamp = timestamp;
-        lane->octets += octets;
-        lane->packets += (unsigned long long)n;
-        lane->protected_bytes += sent;
-        lane->counted = 1;
-        lane_remember_(lane, first, timestamp, payloads);
         Py_DECREF(lane);
         PyObject *delay = PyFloat_FromDouble((double)now_ns() / 1e9 - published_at);
         int bad = delay == NULL || PyList_Append(delays, delay) != 0;

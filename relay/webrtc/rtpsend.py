@@ -75,7 +75,10 @@ history are the lane's whichever path sends. A lane that cannot take the
 frame now (unbound, its socket or batcher holding anything back, DTLS, the
 ICE pair, the SRTP session or the sender not as bound, its timestamp not
 advancing) is declined, and its viewer takes the frame through ``_push``
-as above; one whose send fails mid-frame leaves the batch. ``[webrtc]
+as above; one whose send fails mid-frame leaves the batch for good
+(``FrameSender.lane_left``), its frame sent again alone only where C had
+protected none of its packets (a protected packet's sequence number is
+spent: ``push_batch``). ``[webrtc]
 c_batch = false``: one C call a viewer-frame (``send_frame``), the A/B.
 
 The sender's private fields are reached through ``relay.webrtc.borrowed``;
@@ -458,6 +461,10 @@ class FrameSender:
         self.template: HeaderTemplate | None = None  # made at the first frame, once aiortc has set mid and SSRC
         self._socket = borrowed.DtlsSocket(sender.transport)
         self._unsync: Callable[[], None] | None = None  # ``borrowed.sync_counts``' release, once the lane is bound
+        self._bound = False  # its lane was bound (``lane_ready``): unbound since, it failed in the batch
+        # Its lane failed mid-frame in the batch (C unbinds it): this sender's frames go alone from then on, never
+        # back into the batch (each frame would fail in C again, be sent again alone, and be said again)
+        self.lane_left = False
         sender.__dict__[_HISTORY] = self.history
         sender.__dict__[_LANE] = self.lane
 
@@ -486,10 +493,13 @@ class FrameSender:
         """Whether the batch (``push_batch``) can send this sender's next frame: its lane bound to the current ICE
         pair, socket and SRTP session, and nothing held back; bound anew here if it is not."""
         lane = self.lane
-        if lane is None or self.template is None or not borrowed.SYNCED_COUNTS.installed:
+        if lane is None or self.lane_left or self.template is None or not borrowed.SYNCED_COUNTS.installed:
             return False
         if lane.ready():
             return True
+        if self._bound and not lane.bound:  # only send_batch unbinds a bound lane: it failed there mid-frame
+            self.lane_left = True
+            return False
         if self.send_run is not send_run_at_once:
             return False
         try:
@@ -505,9 +515,10 @@ class FrameSender:
         def fallback(data, segment: int, blocked: bool) -> None:
             batcher.write_run(data, segment, addr, blocked)
 
-        if not borrowed.bind_lane(
+        self._bound = borrowed.bind_lane(
             lane, self.sender, fd, family, gso, fallback, batcher.lane_guards(gso), batcher.c_written
-        ):
+        )
+        if not self._bound:
             return False
         if self._unsync is None:
             self._unsync = borrowed.sync_counts(self.sender, self.sync)
@@ -658,8 +669,12 @@ def push_batch(hub: PacketHub, frame: EncodedFrame, subs: list[Subscription]) ->
     """The hub's batch push (``PacketHub.batch_push``): ``frame`` to every viewer of ``subs`` (live, each with its
     sender's C lane) in one C call (``borrowed.send_batch``); the indices of those it did not send to, which the hub
     offers their own way (``HubTrack._push``: backed up, DTLS down, disabled, their timestamp would not advance).
-    A lane that fails mid-frame leaves the batch (its viewer's next frames go alone) and is said once a second a
-    stream; its frame is offered its own way too."""
+    A lane that fails mid-frame leaves the batch for good (``FrameSender.lane_left``: its viewer's next frames go
+    alone), said once a second a stream; its frame is offered its own way too unless C had protected some of its
+    packets (their sequence numbers spent: sent again it would reach the viewer twice, numbered anew), in which case
+    the frame is the lane's, and what did not leave is answered to the viewer's NACKs from the lane's history. Never
+    raises: where the C call does, the viewers it sent the frame to are taken (a lane counts its frames) and the
+    others are offered it their own way."""
     payloads = payloads_for(frame)
     if not C_BATCH:  # turned off since they joined (the benchmarks' A/B): each alone from now on
         for sub in subs:
@@ -667,26 +682,38 @@ def push_batch(hub: PacketHub, frame: EncodedFrame, subs: list[Subscription]) ->
         return list(range(len(subs)))
     if not payloads:
         return list(range(len(subs)))  # each drops it as it would alone
-    declined, failed, delays = borrowed.send_batch(
-        _shared_writer(), [sub.lane for sub in subs], payloads, frame.pts, frame.published_at,
-        MAX_SEGMENTS, MAX_GSO_BYTES,
-    )  # fmt: skip
+    lanes = [sub.lane for sub in subs]
+    before = [lane.frames for lane in lanes]
+    try:
+        declined, failed, delays = borrowed.send_batch(
+            _shared_writer(), lanes, payloads, frame.pts, frame.published_at, MAX_SEGMENTS, MAX_GSO_BYTES
+        )
+    except Exception as exc:  # a MemoryError in C, a failure after it: a frame sent twice would corrupt the picture
+        declined = [i for i, lane in enumerate(lanes) if lane.frames == before[i]]
+        _warn_lanes(hub, "stream=%s viewers=%d batch send failed, not sent to viewers=%d: %r", len(subs),
+                    len(declined), exc)  # fmt: skip
+        return declined
     if failed:
-        for i, _ in failed:
+        for i, _, _ in failed:
             subs[i].lane = None
-        declined = sorted([*declined, *(i for i, _ in failed)])
+        declined = sorted([*declined, *(i for i, _, taken in failed if not taken)])
     try:  # nothing raised from here on: the frame is sent, and the hub would offer it again
         hub.fanout_delay.extend(delays)
-        now = time.monotonic()
-        if failed and now - _lane_warned.get(hub.stream, float("-inf")) >= LANE_WARNING_INTERVAL:
-            _lane_warned[hub.stream] = now
-            log.warning(
-                "stream=%s viewers=%d left the batch, sent alone from now on: subscriber=%s %r",
-                hub.stream, len(failed), subs[failed[0][0]].name, failed[0][1],
-            )  # fmt: skip
+        if failed:
+            i, exc, taken = failed[0]
+            _warn_lanes(hub, "stream=%s viewers=%d left the batch, sent alone from now on: subscriber=%s taken=%s %r",
+                        len(failed), subs[i].name, taken, exc)  # fmt: skip
     except Exception as exc:
         log.warning("stream=%s batch bookkeeping failed: %r", hub.stream, exc)
     return declined
+
+
+def _warn_lanes(hub: PacketHub, message: str, *args: object) -> None:
+    """A batch's failure said at most once a ``LANE_WARNING_INTERVAL`` a stream."""
+    now = time.monotonic()
+    if now - _lane_warned.get(hub.stream, float("-inf")) >= LANE_WARNING_INTERVAL:
+        _lane_warned[hub.stream] = now
+        log.warning(message, hub.stream, *args)
 
 
 def send_frame(

@@ -377,13 +377,17 @@ class WhipPublisher:
             self._retry.ran(time.monotonic() - since)
 
     async def _close_session(self, pc: RTCPeerConnection, track: HubTrack, location: str | None) -> None:
-        if self._sender is not None:
-            sent = borrowed.sent(self._sender)
-            self._sent = (self._sent[0] + sent[0], self._sent[1] + sent[1])
-            self._sender = None
-        await self._delete(location)  # first: RFC 9725's way to end a session; closing DTLS is the fallback
-        track.stop()
-        await pc.close()
+        try:
+            await self._delete(location)  # first: RFC 9725's way to end a session; closing DTLS is the fallback
+            track.stop()
+            await pc.close()
+        finally:
+            # read once the send loop has ended (pc.close waits for it): every frame sent until then counted, the
+            # stream's batch's too (its lane's last counts are brought in as the loop ends)
+            if self._sender is not None:
+                sent = borrowed.sent(self._sender)
+                self._sent = (self._sent[0] + sent[0], self._sent[1] + sent[1])
+                self._sender = None
 
     async def _delete(self, location: str | None) -> None:
         """End the session on the server; one that is gone or refuses is not waited for."""
