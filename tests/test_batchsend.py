@@ -225,7 +225,7 @@ async def test_a_viewer_that_cannot_take_the_frame_now_is_declined_with_nothing_
             v.close()
 
 
-async def test_a_viewer_whose_send_fails_mid_frame_leaves_the_batch_and_the_others_get_the_frame(caplog, monkeypatch):
+async def test_a_viewer_whose_send_fails_mid_frame_leaves_the_batch_and_the_others_get_the_frame(caplog):
     """A lane whose writes fail (its descriptor is a pipe, not a socket) hands them to its fallback, which raises
     here: that lane is named in ``failed`` with the exception, unbound (so declined from then on), and the lanes
     after it in the same call get their frames. Through ``push_batch``: the viewer leaves the batch (its
@@ -235,7 +235,6 @@ async def test_a_viewer_whose_send_fails_mid_frame_leaves_the_batch_and_the_othe
     viewers = await _viewers(*[(socket.AF_INET, 1000 * i, 10 * i, 0, True) for i in range(3)])
     read_end, write_end = os.pipe()
     broken = viewers[1]
-    monkeypatch.setattr(rtpsend, "_lane_warned", {})  # said within the second by another test: not here
 
     def raising(data, segment, blocked):
         raise RuntimeError("the fallback's own")
@@ -300,7 +299,6 @@ async def test_a_batch_call_that_raises_takes_the_frame_for_those_it_reached_and
         raise MemoryError
 
     monkeypatch.setattr(borrowed, "send_batch", failing)
-    monkeypatch.setattr(rtpsend, "_lane_warned", {})  # said within the second by another test: not here
     try:
         hub = PacketHub("cam0", lambda: None)
         subs = [types.SimpleNamespace(lane=v.lane, name=f"viewer{i}") for i, v in enumerate(viewers)]

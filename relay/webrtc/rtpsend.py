@@ -95,6 +95,7 @@ import struct
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -104,6 +105,7 @@ from aiortc.rtp import RTP_HISTORY_SIZE, RtpPacket, wrap_rtx
 from aiortc.utils import random32, uint32_add
 
 from ..hub import EncodedFrame, HubClosed, PacketHub, Subscription
+from ..logsafe import Throttled
 from . import borrowed
 from .catchup import ViewerTiming
 from .playout import add_elements
@@ -662,7 +664,9 @@ def lane_of(sender: RTCRtpSender):
     return sender.__dict__.get(_LANE)
 
 
-_lane_warned: dict[str, float] = {}  # stream: when (monotonic) a lane of it failed and it was said
+# A stream's batch failures, said at most once a LANE_WARNING_INTERVAL (the rest counted into the next line): by hub,
+# let go with it.
+_lane_warnings: weakref.WeakKeyDictionary[PacketHub, Throttled] = weakref.WeakKeyDictionary()
 
 
 def push_batch(hub: PacketHub, frame: EncodedFrame, subs: list[Subscription]) -> list[int]:
@@ -709,11 +713,11 @@ def push_batch(hub: PacketHub, frame: EncodedFrame, subs: list[Subscription]) ->
 
 
 def _warn_lanes(hub: PacketHub, message: str, *args: object) -> None:
-    """A batch's failure said at most once a ``LANE_WARNING_INTERVAL`` a stream."""
-    now = time.monotonic()
-    if now - _lane_warned.get(hub.stream, float("-inf")) >= LANE_WARNING_INTERVAL:
-        _lane_warned[hub.stream] = now
-        log.warning(message, hub.stream, *args)
+    """A batch's failure said at most once a ``LANE_WARNING_INTERVAL`` a stream (``logsafe.Throttled``)."""
+    throttled = _lane_warnings.get(hub)
+    if throttled is None:
+        throttled = _lane_warnings[hub] = Throttled(log, LANE_WARNING_INTERVAL)
+    throttled.warn(message, hub.stream, *args)
 
 
 def send_frame(
