@@ -44,12 +44,11 @@ from relay.webrtc.udpbatch import MAX_GSO_BYTES, MAX_SEGMENTS, batcher_for
 from .conftest import frame_clock
 from .netns import loopback_namespace, run
 from .test_aiortc_hooks import _srtp_pair
+from .test_fastsend import RCVBUF, SO_RCVBUFFORCE, received_on
 from .test_udpbatch import _Sending
 
 pytestmark = pytest.mark.skipif(not borrowed.C_SEND_BUILT, reason="relay.webrtc._fastsend is not built here")
 
-RCVBUF = 8 << 20  # a receiving socket's buffer: every datagram of a test's frames held until read
-SO_RCVBUFFORCE = 33  # root may size a socket's buffer past net.core.rmem_max
 CLOCK = 90_000
 ABS_SEND_TIME = 0x123456  # the same abs-send-time for every viewer of a call, so the bytes can be compared
 MID, ABS = "urn:ietf:params:rtp-hdrext:sdes:mid", "http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"
@@ -114,12 +113,7 @@ class _Viewer:
         self.fell.append((bytes(data), segment, blocked))
 
     def received(self) -> list[bytes]:
-        got = []
-        while True:
-            try:
-                got.append(self.rx.recv(1 << 16))
-            except BlockingIOError:
-                return got
+        return received_on(self.rx)
 
     def expected(self, payloads: list[bytes], pts: int, sequence: int) -> list[bytes]:
         """What this viewer's own send makes of the frame (``FrameSender.send``: the template's header with the

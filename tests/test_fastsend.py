@@ -53,6 +53,16 @@ def _python_path(tx, payloads, sequence):
     return datagrams, runs
 
 
+def received_on(rx: socket.socket) -> list[bytes]:
+    """Every datagram waiting on the non-blocking socket ``rx``, in order."""
+    got = []
+    while True:
+        try:
+            got.append(rx.recv(1 << 16))
+        except BlockingIOError:
+            return got
+
+
 class _Wire:
     """A sending socket and a receiving one on loopback, as the relay's and a viewer's."""
 
@@ -67,12 +77,7 @@ class _Wire:
         self.addr = self.rx.getsockname()
 
     def received(self) -> list[bytes]:
-        got = []
-        while True:
-            try:
-                got.append(self.rx.recv(1 << 16))
-            except BlockingIOError:
-                return got
+        return received_on(self.rx)
 
     def close(self) -> None:
         self.rx.close()
