@@ -643,6 +643,45 @@ async def test_a_viewer_moving_between_the_batch_and_its_own_path_gets_each_pack
             await viewer.close()
 
 
+async def test_a_lane_that_cannot_be_bound_leaves_its_viewer_on_its_own_path_with_each_frame_sent_once(
+    held, monkeypatch, caplog
+):
+    """Binding a viewer's lane raises (after a frame it was pushed alone): that frame is not sent again through its
+    queue, the viewer keeps being pushed its frames alone (every packet once, none lost), the batch is not tried
+    for it again, and it is said once. The other viewer is batched as before."""
+    hub = PacketHub("cam0", lambda: None)
+    pairs = await _connect(hub, 2)
+    bad = pairs[0][0].getTransceivers()[0].sender
+    real = borrowed.bind_lane
+    tries = []
+
+    def bind_lane(lane, sender, *args):
+        if sender is bad:
+            tries.append(sender)
+            raise OSError("no lane here")
+        return real(lane, sender, *args)
+
+    monkeypatch.setattr(borrowed, "bind_lane", bind_lane)
+    try:
+        with caplog.at_level(logging.WARNING, logger="relay.webrtc.rtpsend"):
+            frames = await _publish(hub, pairs, PICTURES[:12])
+        packets = sum(len(payloads_for(f)) for f in frames)
+        await _received_all(pairs, packets)
+        await asyncio.sleep(0.2)  # a frame sent twice would have come by now
+        assert [await _packets_received(v) for _, v in pairs] == [packets, packets]
+        tracks = _tracks(pairs)
+        assert [t.pushed for t in tracks] == [12, 12]  # each frame pushed: none went through a queue
+        assert tracks[0].subscription.push is not None and tracks[0].subscription.lane is None
+        assert len(tries) == 1 and rtpsend.lane_of(bad).frames == 0
+        assert rtpsend.lane_of(pairs[1][0].getTransceivers()[0].sender).frames > 0  # the other: batched
+        said = [r for r in caplog.records if "cannot join the batch" in r.getMessage()]
+        assert len(said) == 1 and "no lane here" in said[0].getMessage()
+    finally:
+        for relay, viewer in pairs:
+            await relay.close()
+            await viewer.close()
+
+
 # -- a viewer whose socket backs up: a network namespace whose loopback shapes that viewer's datagrams alone
 
 SLOW_RATE = "300kbit"  # what the slow viewer's datagrams get a second: far less than the frames' 1.2 Mbit/s

@@ -364,7 +364,14 @@ class HubTrack(MediaStreamTrack):
         self._push_timeline()
         self.hub.fanout_delay.add(time.time() - frame.published_at)
         self._pushed += 1
-        self._join_batch(sender)
+        try:
+            self._join_batch(sender)
+        except Exception as exc:  # the frame is sent: this viewer stays on its own path, for good, said once
+            sender.lane_left = True
+            if self.subscription is not None:
+                self.subscription.lane = None
+            log.warning("stream=%s subscriber=%s cannot join the batch, sent alone: %r", self.hub.stream, self.name,
+                        exc)  # fmt: skip
         return True
 
     async def recv(self) -> OutgoingFrame:  # type: ignore[override]
