@@ -115,6 +115,19 @@ def pack_json(kind: int, obj: dict, camera: int = 0) -> bytes:
 
 
 KINDS = frozenset((UNIT, JPEG, STATUS, LOG, AUDIO))
+# A camera's Opus packet goes to each viewer as one RTP payload in one datagram: at most what a 1,500-byte MTU
+# carries after IP, UDP, RTP with camrelay's extensions and SRTP's tag. Opus at its highest rate (510 kbit/s)
+# makes 1,275 bytes in 20 ms. A worker drops a camera's packet over it (``relay.rtpaudio``).
+MAX_AUDIO_PAYLOAD = 1400
+# Each kind's largest payload: a length past it is a corrupt or hostile worker's, refused before it is read (a
+# status or log line of megabytes is no worker's; the send paths refuse a payload over a datagram, and once did
+# so by ending the viewer's send loop).
+MAX_PAYLOADS = {UNIT: MAX_PAYLOAD, JPEG: MAX_PAYLOAD, STATUS: 1 << 20, LOG: 1 << 20, AUDIO: MAX_AUDIO_PAYLOAD}
+# A pts any clock of a worker's gives (90 kHz or 48 kHz ticks of the wall clock: about 2**47 today) by far; a
+# viewer's timeline adds offsets to it in 64 bits.
+MAX_PTS = 1 << 60
+# Seconds since the epoch a capture time may be (the year 2286): a recording names its files from it.
+MAX_CAPTURE_TIME = 1e10
 
 
 def parse_header(header: bytes | memoryview, offset: int = 0) -> tuple[int, int, int, int, float, int]:
@@ -123,8 +136,12 @@ def parse_header(header: bytes | memoryview, offset: int = 0) -> tuple[int, int,
     kind, flags, camera, pts, capture_time, length = fields = HEADER.unpack_from(header, offset)
     if kind not in KINDS:
         raise ProtocolError(f"unknown message type {kind}")
-    if length > MAX_PAYLOAD:
-        raise ProtocolError(f"message of {length} bytes is over the {MAX_PAYLOAD} limit")
+    if length > MAX_PAYLOADS[kind]:
+        raise ProtocolError(f"message of type {kind} of {length} bytes is over its {MAX_PAYLOADS[kind]} limit")
+    if not -MAX_PTS <= pts <= MAX_PTS:
+        raise ProtocolError(f"pts {pts} is out of range")
+    if not -MAX_CAPTURE_TIME <= capture_time <= MAX_CAPTURE_TIME:  # NaN too
+        raise ProtocolError(f"capture time {capture_time} is out of range")
     return fields
 
 

@@ -32,6 +32,7 @@ import binascii
 import re
 from dataclasses import dataclass, field
 
+from .ipc import MAX_AUDIO_PAYLOAD
 from .rtspin import (
     MAX_DROPOUT,
     MAX_MISORDER,
@@ -282,7 +283,10 @@ class AudioDepacketizer:
         codec = self.track.codec
         if not payload:
             raise RtspError("empty RTP payload")
-        if codec == "opus":
+        if codec == "opus":  # passed through: to each viewer as it came, one datagram
+            if len(payload) > MAX_AUDIO_PAYLOAD:
+                raise RtspError(f"Opus packet of {len(payload)} bytes is over the {MAX_AUDIO_PAYLOAD} a viewer's"
+                                " datagram carries")  # fmt: skip
             return [CodedAudio(payload, ts, opus_samples(payload))]
         if codec == "aac" and self.track.latm:
             return self._latm(payload, ts)

@@ -193,6 +193,26 @@ def test_a_payload_too_large_for_the_buffer_is_refused_before_anything_is_sent(w
     assert wire.received() == expected
 
 
+def test_the_python_path_refuses_a_payload_too_large_for_its_buffer_as_c_does():
+    """A payload that alone does not fit the Python path's buffer with its SRTP tag (libsrtp would write the tag
+    past its end) fails the frame with a ValueError, first in a frame or after a full buffer has left, before it
+    is protected; the largest that fits is sent whole."""
+    tx, rx = _srtp_pair()
+    sent = []
+
+    def emit(data, segment):
+        sent.append(bytes(data))
+
+    writer = borrowed.SrtpFrameWriter()
+    for payloads in ([b"y" * (ROOM + 1)], [b"x" * 1200, b"y" * (ROOM + 1)]):
+        with pytest.raises(ValueError, match="does not fit"):
+            writer.protect_frame(tx, HEADER, payloads, 0, emit, 1, 1 << 16)
+    assert [len(RtpPacket.parse(rx.unprotect(d)).payload) for d in sent] == [1200]  # the first frame's first alone
+    sent.clear()
+    writer.protect_frame(tx, HEADER, [b"w" * ROOM], 1, emit, 1, 1 << 16)
+    assert len(sent) == 1 and len(sent[0]) > len(HEADER) + ROOM  # with its tag (past pylibsrtp's unprotect)
+
+
 @needs_c
 def test_what_c_does_not_take_it_leaves_to_the_python_path_untouched(wire):
     """An address given by name, a payload that is not bytes: None, and nothing protected or sent."""

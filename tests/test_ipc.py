@@ -41,7 +41,15 @@ def test_messages_round_trip_across_arbitrary_read_boundaries():
     ("header", "reason"),
     [
         (ipc.HEADER.pack(9, 0, 0, 0, 0.0, 0), "unknown message type 9"),
-        (ipc.HEADER.pack(ipc.UNIT, 0, 0, 0, 0.0, ipc.MAX_PAYLOAD + 1), "over the"),
+        (ipc.HEADER.pack(ipc.UNIT, 0, 0, 0, 0.0, ipc.MAX_PAYLOAD + 1), "over its"),
+        (ipc.HEADER.pack(ipc.AUDIO, 0, 0, 0, 0.0, ipc.MAX_AUDIO_PAYLOAD + 1), "type 5 of 1401 bytes is over its"),
+        (ipc.HEADER.pack(ipc.LOG, 0, 0, 0, 0.0, (1 << 20) + 1), "over its"),
+        (ipc.HEADER.pack(ipc.STATUS, 0, 0, 0, 0.0, (1 << 20) + 1), "over its"),
+        (ipc.HEADER.pack(ipc.UNIT, 0, 0, 2**63 - 1, 0.0, 5), "pts 9223372036854775807 is out of range"),
+        (ipc.HEADER.pack(ipc.AUDIO, 0, 0, -(2**61), 0.0, 5), "pts .* is out of range"),
+        (ipc.HEADER.pack(ipc.UNIT, 0, 0, 0, float("nan"), 5), "capture time nan is out of range"),
+        (ipc.HEADER.pack(ipc.UNIT, 0, 0, 0, float("inf"), 5), "capture time inf is out of range"),
+        (ipc.HEADER.pack(ipc.JPEG, 0, 0, 0, 1e300, 5), "capture time .* is out of range"),
     ],
 )
 def test_corrupt_headers_are_refused(header, reason):

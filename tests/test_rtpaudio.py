@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from relay.ipc import MAX_AUDIO_PAYLOAD
 from relay.rtpaudio import (
     AAC_FRAME_SAMPLES,
     AudioDepacketizer,
@@ -139,6 +140,15 @@ def test_opus_packets_pass_through_untouched_whatever_their_length():
     d = depacketizer(OPUS)
     packet = bytes([0xF9]) + b"opus bytes"  # 40 ms
     assert d.push(rtp(packet, 1, 960, True, pt=111)) == [CodedAudio(packet, 960, 1920)]
+
+
+def test_an_opus_packet_over_one_viewer_datagram_is_dropped_and_counted_and_the_next_comes_out():
+    d = depacketizer(OPUS)
+    largest = bytes([0xF8]) + b"o" * (MAX_AUDIO_PAYLOAD - 1)  # 20 ms
+    assert d.push(rtp(largest + b"x", 1, 960, True, pt=111)) == []
+    assert (d.packets_dropped, d.last_error) == (1, "Opus packet of 1401 bytes is over the 1400 a viewer's datagram"
+                                                    " carries")  # fmt: skip
+    assert d.push(rtp(largest, 2, 1920, True, pt=111)) == [CodedAudio(largest, 1920, 960)]
 
 
 GOOD = rtp(aac_payload(b"good"), 11, 1024 * 11, True, pt=97)

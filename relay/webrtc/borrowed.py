@@ -860,6 +860,8 @@ class SrtpFrameWriter:
                 emit(view[start:used], segment)
                 used, start, count = 0, 0, 0
                 middle, end = size, size + len(payload)
+            if end > room:  # alone it does not fit with its SRTP tag (C's send_frame refuses it the same way)
+                raise ValueError(f"protect_frame: packet {i} of {end} bytes does not fit the {len(buffer)}-byte buffer")
             view[used:middle] = header
             view[middle:end] = payload
             pack_into(view, used + 1, pt | 0x80 if i == last else pt, (sequence + i) & 0xFFFF)
