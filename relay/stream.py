@@ -514,6 +514,21 @@ class Stream:
             setattr(self._base_counts, key, getattr(self.stats, key))
 
 
+# Logger names a worker's lines are logged under (each a logger kept for good): its modules' few, as many as that
+# twice over; past it, whatever else a worker names is logged as its camera code's.
+MAX_WORKER_LOGGERS = 64
+WORKER_LOGGER = "relay.camera.worker"
+_worker_loggers: set[str] = set()
+
+
+def _worker_logger(name: str) -> str:
+    """The logger a worker's line named ``name`` goes to: its own while few names have come."""
+    if name in _worker_loggers or len(_worker_loggers) < MAX_WORKER_LOGGERS:
+        _worker_loggers.add(name)
+        return name
+    return WORKER_LOGGER
+
+
 class Worker:
     """One camera worker process (``python -m relay.camera.worker``) for one stream, or several RTSP cameras
     that share it (``[video] cameras_per_worker``, ``share_workers``): started with its first stream, stopped
@@ -716,8 +731,11 @@ class Worker:
     def _on_log(self, msg: ipc.Message) -> None:
         try:
             record = msg.json()
-            message = redact(record["message"], SECRET_FILTER.secrets)  # the worker's own, checked
-            logging.getLogger(record["logger"]).log(record["level"], "%s", message)
+            name, level, message = record["logger"], record["level"], record["message"]
+            if not (isinstance(name, str) and type(level) is int and isinstance(message, str)):
+                raise TypeError("a field of the wrong type")
+            message = redact(message, SECRET_FILTER.secrets)  # the worker's own, checked
+            logging.getLogger(_worker_logger(name)).log(level, "%s", message)
         except (ValueError, KeyError, TypeError):
             log.error("%s bad log record", self.name)
 

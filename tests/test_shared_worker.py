@@ -157,17 +157,32 @@ async def test_a_shared_worker_s_log_lines_are_the_process_s_not_its_first_camer
     caplog.set_level(logging.INFO)
     settings = EncoderSettings(1_000_000, 30.0, 1.0)
     first, second = (
-        Stream(n, parse_source_spec(f"rtsp://10.0.0.{i}/s"), settings, 640, 360) for i, n in enumerate("ab")
-    )
+        Stream(n, parse_source_spec(f"rtsp://u:hunter2@10.0.0.{i}/s"), settings, 640, 360) for i, n in enumerate("ab")
+    )  # a camera's password known: the redaction that met a message of a number raised into the pipe's reader
     (shared,) = share_workers([first, second], per_worker=2)
     first.closing = True  # closing first, as streams do one by one
     pipe = PipeMessages(ipc.Reader().feed, shared._on_message)  # how the worker's pipe is read
     line = {"level": logging.WARNING, "logger": "relay.camera.worker", "message": "stream=b source error: gone"}
-    pipe.data_received(ipc.pack_json(ipc.LOG, line) + ipc.pack(ipc.LOG, b"not json"))
+    bad = [{**line, "message": 1}, {**line, "level": "WARNING"}, {**line, "logger": ["x"]}, {"level": 30}]
+    pipe.data_received(
+        ipc.pack_json(ipc.LOG, line) + ipc.pack(ipc.LOG, b"not json") + b"".join(ipc.pack_json(ipc.LOG, b) for b in bad)
+    )
     pipe.connection_lost(None)
     await pipe.ended
     assert lines(caplog, "stream=b source error: gone") != [], "the second camera's line, its first stream closing"
-    assert lines(caplog, "streams=a,b worker bad log record") != [] and lines(caplog, "stream=a") == []
+    assert len(lines(caplog, "streams=a,b worker bad log record")) == 5 and lines(caplog, "stream=a") == []
+
+
+def test_a_worker_names_a_bounded_number_of_loggers():
+    """A logger is kept for good once named: past ``MAX_WORKER_LOGGERS`` names, a worker's lines go to its camera
+    code's logger, the names already used keep theirs."""
+    names = [f"relay.camera.made_up_{i}" for i in range(stream_module.MAX_WORKER_LOGGERS * 2)]
+    got = [stream_module._worker_logger(n) for n in names]
+    assert len(set(got) - {stream_module.WORKER_LOGGER}) <= stream_module.MAX_WORKER_LOGGERS
+    assert got[-1] == stream_module.WORKER_LOGGER and stream_module._worker_logger(got[0]) in (
+        got[0],
+        stream_module.WORKER_LOGGER,
+    )
 
 
 async def test_cameras_sharing_a_worker_each_reach_rtsp_readers_and_viewers_frame_by_frame(start_camera, http):
