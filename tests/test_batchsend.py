@@ -16,6 +16,7 @@ import fractions
 import logging
 import os
 import socket
+import struct
 import time
 import types
 
@@ -24,11 +25,12 @@ import numpy as np
 import pytest
 from aiortc import RTCPeerConnection, RTCRtpHeaderExtensionParameters, RTCRtpParameters
 from aiortc.mediastreams import MediaStreamError
-from aiortc.rtp import HeaderExtensionsMap, RtpPacket
+from aiortc.rtp import HeaderExtensionsMap, RtcpPacket, RtpPacket
 
 from relay.camera import pixelclock
 from relay.hub import EncodedFrame, PacketHub
 from relay.webrtc import borrowed, rtpsend, udpbatch
+from relay.webrtc.resend import ResendBudget
 from relay.webrtc.rtpsend import (
     NTP_UNIX_OFFSET,
     HeaderTemplate,
@@ -677,6 +679,50 @@ async def test_a_lane_that_cannot_be_bound_leaves_its_viewer_on_its_own_path_wit
         said = [r for r in caplog.records if "cannot join the batch" in r.getMessage()]
         assert len(said) == 1 and "no lane here" in said[0].getMessage()
     finally:
+        for relay, viewer in pairs:
+            await relay.close()
+            await viewer.close()
+
+
+def _nack(media_ssrc: int, pid: int, entries: int) -> bytes:
+    """An RTCP generic NACK naming ``pid`` and the 16 after it, ``entries`` times over (one crafted packet)."""
+    fci = struct.pack("!HH", pid, 0xFFFF) * entries
+    length = (8 + len(fci)) // 4  # 32-bit words after the first, less one: 2 ssrc words + FCIs
+    return struct.pack("!BBHII", 0x80 | 1, 205, length, 1, media_ssrc) + fci
+
+
+async def test_a_crafted_nack_sends_each_packet_it_names_once(held, monkeypatch):
+    """One NACK of 340 entries naming the same 17 packets (5,780 in aiortc's reading of it), handled by aiortc's own
+    sender on a real connection whose frames were sent: each of the 17 packets is sent again once, the rest refused
+    (a frozen clock: nothing becomes due again while it is handled)."""
+    hub = PacketHub("cam0", lambda: None)
+    pairs = await _connect(hub, 1)
+    numbers: list[int] = []
+    release = borrowed.divert_decrypted_rtp(
+        lambda transport, data: numbers.append(RtpPacket.parse(data).sequence_number)
+    )
+    sent: list[bytes] = []
+
+    async def capture(self, data: bytes) -> None:
+        sent.append(data)
+
+    try:
+        sender = pairs[0][0].getTransceivers()[0].sender
+        frames = await _publish(hub, pairs, PICTURES[:8])
+        deadline = time.monotonic() + DEADLINE
+        while len(numbers) < sum(len(f.payloads) for f in frames):  # the viewer decrypted each (diverted to here)
+            assert time.monotonic() < deadline, len(numbers)
+            await asyncio.sleep(0.05)
+        assert len(numbers) > 17
+        budget = rtpsend.resend_budget(sender, ResendBudget(clock=lambda: 100.0))
+        monkeypatch.setattr(borrowed.SenderFields, "send_rtp", capture)
+        (packet,) = RtcpPacket.parse(_nack(borrowed.SenderFields(sender).ssrc, numbers[0], 340))
+        assert len(packet.lost) == 340 * 17
+        await sender._handle_rtcp_packet(packet)
+        assert len(sent) == 17 and (budget.allowed, budget.refused) == (17, 340 * 17 - 17)
+        assert sorted(int.from_bytes(RtpPacket.parse(d).payload[:2], "big") for d in sent) == numbers[:17]  # RTX
+    finally:
+        release()
         for relay, viewer in pairs:
             await relay.close()
             await viewer.close()

@@ -109,6 +109,7 @@ from ..logsafe import Throttled
 from . import borrowed
 from .catchup import ViewerTiming
 from .playout import add_elements
+from .resend import ResendBudget
 from .udpbatch import MAX_GSO_BYTES, MAX_SEGMENTS, batcher_for, send_run_at_once, send_run_direct
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,8 @@ PREFERRED_PROFILES = ("42e01f", "42001f")
 _HISTORY = "camrelay_history"
 _LANE = "camrelay_lane"  # a sender's C lane (``FrameSender.lane``): what its NACKs may name is there
 RETRANSMITS = "camrelay_retransmits"  # NACKed packets sent again, per sender
+_RESEND = "camrelay_resend"  # its ResendBudget: what its viewer's NACKs may have sent again
+_resend_refused = Throttled(log)
 _SEND = "camrelay_send"  # how a sender's datagrams leave: a GSO run a write (udpbatch.send_run_at_once) or one by one
 _EXTRA = "camrelay_extensions"  # (id, value) header extensions aiortc does not know, in every packet of a frame
 
@@ -771,7 +774,19 @@ def send_frame(
     return writer.protect_frame(session, header, payloads, sequence, emit, MAX_SEGMENTS, MAX_GSO_BYTES)
 
 
+def resend_budget(sender: RTCRtpSender, budget: ResendBudget | None = None) -> ResendBudget:
+    """What ``sender``'s viewer's NACKs may have sent again (``budget`` from now on, if given: tests' clocks)."""
+    if budget is not None:
+        sender.__dict__[_RESEND] = budget
+    return sender.__dict__.get(_RESEND) or sender.__dict__.setdefault(_RESEND, ResendBudget())
+
+
 async def _retransmit(self: RTCRtpSender, sequence_number: int) -> None:
+    budget = resend_budget(self)
+    if not budget.allow(sequence_number):  # a NACK flood: held to the viewer's budget
+        _resend_refused.warn("a viewer's NACKs past its resend budget (ssrc=%d): %d packets not sent again so far",
+                             borrowed.SenderFields(self).ssrc, budget.refused)  # fmt: skip
+        return
     lane, history = self.__dict__.get(_LANE), self.__dict__.get(_HISTORY)
     source = lane if lane is not None else history
     found = source.find(sequence_number) if source is not None else None
