@@ -480,6 +480,22 @@ def test_an_abs_send_time_index_outside_the_header_is_refused_whatever_its_size(
 
 
 @needs_c
+def test_a_lane_made_without_its_init_is_declined_not_a_crash():
+    """``Lane.__new__`` alone leaves a lane with no RTP clock: bound and given a header, send_batch declines it (it
+    divided by its clock rate and the process died of SIGFPE)."""
+    out = _survives("""
+        lane = type(borrowed.new_lane(0, 0, 90000, 0)).__new__(type(borrowed.new_lane(0, 0, 90000, 0)))
+        lane.set_header(HEADER, None)
+        assert borrowed.route_lane(
+            lane, session, tx.fileno(), socket.AF_INET, rx.getsockname(), False, Open(), lambda *a: None, (),
+            array.array("q", [0, 0, 0]),
+        )
+        print(lane.ready(), batch([lane]))
+    """)
+    assert out.split("\n")[:-1] == ["False ([0], [], [])"]
+
+
+@needs_c
 @pytest.mark.parametrize("where", ["is_closing", "get_write_buffer_size", "guard"])
 def test_a_lane_unbound_by_the_python_it_runs_to_check_itself_is_declined_not_a_crash(where):
     """A lane's readiness runs Python (a guard's comparison, the transport's ``is_closing`` and

@@ -745,7 +745,7 @@ static int lane_check_(PyObject *guards, PyObject *transport) {
 
 /* 1: bound, every guard holds and the transport open with nothing queued; 0: not; -1: an error (set). */
 static int lane_ready_(Lane *self) {
-    if (!self->bound || self->header_len == 0) {
+    if (!self->bound || self->header_len == 0 || self->clock_rate <= 0) { /* a Lane never __init__ed: no clock */
         return 0;
     }
     /* Held for the call: a guard's __eq__, is_closing() or get_write_buffer_size() is Python, which may unbind
