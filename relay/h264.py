@@ -41,6 +41,9 @@ PROFILE_EXTENDED = 88
 PROFILE_HIGH = 100
 MAX_EXP_GOLOMB_ZEROS = 31  # a 32-bit ue(v); more leading zeros means a corrupt SPS
 MAX_PICTURE_SIDE = 16_384  # larger than any level allows (8192 at level 6.2): a corrupt SPS
+# Bytes of an SPS or PPS: a real one is tens to a few hundred (scaling lists and VUI at most about 1 KiB). One is put
+# in front of every IDR a viewer gets: a camera's 15 MiB SPS once made each 1 kB IDR 15 MiB to the relay.
+MAX_PARAMETER_SET_BYTES = 4096
 # The first two bytes of the profile-level-id browsers and media servers use for each profile (RFC 6184
 # Table 5): what an offer names a stream's profile by (pion, in mediamtx, matches offers on exactly these).
 SDP_PROFILES = {
@@ -181,6 +184,13 @@ def extradata_parameter_sets(extradata: bytes) -> list[bytes]:
     return [nal for nal in split_annexb(extradata) if nal_type(nal) in (NAL_SPS, NAL_PPS)]
 
 
+def _check_parameter_set(nal: bytes) -> bytes:
+    if len(nal) > MAX_PARAMETER_SET_BYTES:
+        raise H264Error(f"{'SPS' if nal_type(nal) == NAL_SPS else 'PPS'} of {len(nal)} bytes is over the"
+                        f" {MAX_PARAMETER_SET_BYTES} any encoder makes")  # fmt: skip
+    return nal
+
+
 def parse_sprop_parameter_sets(value: str) -> list[bytes]:
     """The NAL units of an SDP's ``sprop-parameter-sets`` (RFC 6184 8.1): base64 values, comma-separated."""
     out = []
@@ -195,6 +205,7 @@ def parse_sprop_parameter_sets(value: str) -> list[bytes]:
             raise H264Error(f"sprop-parameter-sets value {i} is empty")
         if nal_type(nal) not in (NAL_SPS, NAL_PPS):
             raise H264Error(f"sprop-parameter-sets value {i} is NAL type {nal_type(nal)}, not an SPS (7) or PPS (8)")
+        _check_parameter_set(nal)
         out.append(nal)
     return out
 
@@ -253,9 +264,9 @@ class ParameterSets:
     def _keep(self, nal: bytes) -> None:
         kind = nal_type(nal)
         if kind == NAL_SPS:
-            self.sps = nal
+            self.sps = _check_parameter_set(nal)
         elif kind == NAL_PPS:
-            self.pps = nal
+            self.pps = _check_parameter_set(nal)
 
     def access_unit(self, data: bytes, kinds: Sequence[int] | None = None) -> tuple[bytes, bool]:
         """(the unit as Annex B with SPS and PPS in front of its IDR, whether it is an IDR). Most units (no

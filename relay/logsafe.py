@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import logging
@@ -50,7 +51,7 @@ FORMS_CACHED = 16  # sets of secrets whose forms are kept: the process's one, gr
 
 
 def url_passwords(url: str) -> list[str]:
-    """The password in ``scheme://user:password@host/...``, if it has one.
+    """The password in ``scheme://user:password@host/...``, if it has one, and ``user:password`` in base64.
 
     The user information ends at the last @ before the path (``rtsp://u:pw@cam/x@1080p``: ``pw``); a
     password with an unencoded / (which FFmpeg would not take either) ends at the URL's last @ instead.
@@ -58,7 +59,11 @@ def url_passwords(url: str) -> list[str]:
     rest = url.partition("://")[2]
     authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
     userinfo, at, _ = (authority if "@" in authority else rest).rpartition("@")
-    return [password] if at and (password := userinfo.partition(":")[2]) else []
+    user, _, password = userinfo.partition(":")
+    if not (at and password):
+        return []
+    # and HTTP Basic's credential as an RTSP client sends it (a camera may quote it back in an error)
+    return [password, base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()]
 
 
 def variants(secret: str) -> set[str]:

@@ -66,9 +66,13 @@ TIMESTAMP_MOD = 1 << 32
 DEFAULT_SESSION_TIMEOUT = 60  # seconds, RFC 2326 12.37, when SETUP's Session header names none
 # An interleaved channel is one byte on the wire (RFC 2326 10.12): a Transport header naming more is wrong.
 MAX_CHANNEL = 255
-# A number on the wire: ASCII digits only. str.isdigit() also takes "²", which int() then refuses with a
-# ValueError that is no RtspError (a traceback at every retry).
-DECIMAL = re.compile(r"[0-9]+")
+# A number on the wire: ASCII digits only, ten at most. str.isdigit() also takes "²", which int() then refuses with a
+# ValueError that is no RtspError (a traceback at every retry), as it refuses over 4,300 digits; a few hundred
+# overflow a float later (a clock rate, a session timeout). No number of RTSP, RTP or SDP needs more than ten.
+DECIMAL = re.compile(r"[0-9]{1,10}")
+# Control characters in a response's status line or header values (a bare LF that CRLF splitting left, an escape):
+# each becomes "?", so a camera cannot forge log lines or a status through a Location or a reason phrase.
+CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 NAL_IDR = 5
 NAL_STAP_A = 24
@@ -151,7 +155,7 @@ def parse_response_head(head: bytes) -> tuple[int, str, tuple[tuple[str, str], .
         text = head.decode("utf-8")
     except UnicodeDecodeError:
         text = head.decode("latin-1")
-    status_line, *lines = text.split("\r\n")
+    status_line, *lines = (CONTROL.sub("?", line) for line in text.split("\r\n"))
     match = STATUS_LINE.fullmatch(status_line.strip())
     if match is None:
         raise RtspError(f"bad status line {status_line[:80]!r}")
@@ -256,9 +260,9 @@ class Reader:
         if not b"RTSP/"[: len(buf)] == bytes(buf[:5]):
             raise RtspError(f"expected a response or an interleaved frame, got {bytes(buf[:16])!r}")
         end = buf.find(b"\r\n\r\n", max(0, self._searched - 3))
+        if end > MAX_HEADER_BYTES or (end < 0 and len(buf) > MAX_HEADER_BYTES):  # come whole in one read or not
+            raise RtspError(f"response head over {MAX_HEADER_BYTES} bytes")
         if end < 0:
-            if len(buf) > MAX_HEADER_BYTES:
-                raise RtspError(f"response head over {MAX_HEADER_BYTES} bytes")
             self._searched = len(buf)
             return None
         self._searched = 0
@@ -430,7 +434,10 @@ def control_url(control: str | None, base: str) -> str:
         return base
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", control):
         return control
-    return urljoin(base if base.endswith("/") else base + "/", control)
+    try:
+        return urljoin(base if base.endswith("/") else base + "/", control)
+    except ValueError as exc:  # a Content-Base such as rtsp://[::1/
+        raise RtspError(f"control URL {control[:80]!r} against {base[:80]!r} cannot be read: {exc}") from None
 
 
 def sdp_media(text: str) -> tuple[str | None, list[list[str]]]:
@@ -522,7 +529,7 @@ def parse_session(value: str) -> tuple[str, int]:
 
 def parse_interleaved(transport: str) -> tuple[int, int]:
     """The (RTP, RTCP) channels a SETUP answer's ``Transport`` header gives the track."""
-    match = re.search(r"interleaved=([0-9]+)(?:-([0-9]+))?", transport)
+    match = re.search(r"interleaved=([0-9]{1,10})(?:-([0-9]{1,10}))?(?![0-9])", transport)
     if match is None:
         raise RtspError(f"camera did not agree to RTP over the RTSP connection: Transport {transport[:80]!r}")
     rtp = int(match.group(1))

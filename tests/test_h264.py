@@ -179,8 +179,12 @@ def test_sprop_parameter_sets_are_base64_sps_and_pps():
         ("Z0IAH!!,aM48gA==", "value 0 is not base64"),
         ("Z0IAH5WoFAFuQA==,", "value 1 is empty"),
         (base64.b64encode(IDR).decode(), "value 0 is NAL type 5, not an SPS"),
+        (
+            base64.b64encode(HIGH_360 + bytes(h264.MAX_PARAMETER_SET_BYTES)).decode(),
+            "SPS of 4.* bytes is over the 4096",
+        ),
     ],
-    ids=["not-base64", "empty", "not-a-parameter-set"],
+    ids=["not-base64", "empty", "not-a-parameter-set", "huge"],
 )
 def test_a_broken_sprop_is_an_error(value, message):
     with pytest.raises(H264Error, match=message):
@@ -208,6 +212,21 @@ def test_an_idr_that_has_its_parameter_sets_keeps_them_as_they_are():
     sets = ParameterSets()
     assert sets.access_unit(annexb(HIGH_360, PPS_HIGH, IDR)) == (annexb(HIGH_360, PPS_HIGH, IDR), True)
     assert sets.access_unit(annexb(IDR)) == (annexb(HIGH_360, PPS_HIGH, IDR), True)  # sent once, repeated after
+
+
+def test_a_parameter_set_too_large_for_any_encoder_makes_its_unit_corrupt_and_is_not_kept():
+    """An SPS or PPS over ``MAX_PARAMETER_SET_BYTES``, in band or out of band, is an error: the unit carrying it is
+    dropped as corrupt by its caller, and the sets kept before it go on in front of the next IDRs."""
+    huge_sps, huge_pps = HIGH_360 + b"\x55" * h264.MAX_PARAMETER_SET_BYTES, PPS_HIGH + b"\x55" * 4096
+    with pytest.raises(H264Error, match="SPS of .* bytes is over the 4096"):
+        ParameterSets([huge_sps])
+    sets = ParameterSets([HIGH_360, PPS_HIGH])
+    for unit, kind in ((annexb(huge_sps, PPS_HIGH, IDR), "SPS"), (annexb(HIGH_360, huge_pps, IDR), "PPS")):
+        with pytest.raises(H264Error, match=f"{kind} of"):
+            sets.access_unit(unit)
+    assert sets.access_unit(annexb(IDR)) == (annexb(HIGH_360, PPS_HIGH, IDR), True)
+    largest = HIGH_360 + b"\x55" * (h264.MAX_PARAMETER_SET_BYTES - len(HIGH_360))
+    assert sets.access_unit(annexb(largest, PPS_HIGH, IDR))[1] and sets.sps == largest
 
 
 def test_an_access_unit_delimiter_stays_first():

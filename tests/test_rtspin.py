@@ -387,6 +387,9 @@ def test_responses_and_interleaved_frames_come_out_however_the_bytes_are_cut():
         ("RTSP/1.0 200 OK\r\nContent-Length: \u00b2\r\n\r\n".encode(), "bad Content-Length '\u00b2'"),
         (b"RTSP/1.0 200 OK\r\nContent-Length: 99999999\r\n\r\n", "response body of 99999999 bytes is over"),
         (b"RTSP/1.0 200 OK\r\n" + b"X: y\r\n" * 20000, "response head over 65536 bytes"),
+        (b"RTSP/1.0 200 OK\r\n" + b"X: y\r\n" * 20000 + b"\r\n", "response head over 65536 bytes"),  # whole at once
+        (b"RTSP/1.0 200 OK\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", "bad Content-Length '99999"),
+        (b"RTSP/1.0 200 OK\r\nContent-Length: 00000000001\r\n\r\n", "bad Content-Length '00000000001'"),
     ],
 )
 def test_what_is_not_an_rtsp_answer_is_refused_exactly(data, error):
@@ -571,6 +574,21 @@ def test_an_sdp_that_cannot_be_read_is_refused_exactly(text, error):
     assert str(caught.value).startswith(error)
 
 
+def test_control_characters_in_an_answers_head_are_shown_as_question_marks():
+    """A bare LF (which splitting on CRLF leaves in a value), an escape or a NUL in a header value or the reason
+    phrase: each a "?", so what a camera says cannot forge a log line or a status."""
+    (answer,) = rtspin.Reader().feed(
+        b"RTSP/1.0 302 Moved\x1b[2J\r\nLocation: rtsp://x/\nWARNING relay: FORGED\x00\r\nCSeq: 2\r\n\r\n"
+    )
+    assert answer.reason == "Moved?[2J" and answer.header("location") == "rtsp://x/?WARNING relay: FORGED?"
+    assert rtspin.parse_response_head(b"RTSP/1.0 200 OK\r\nX: a\tb")[2] == (("x", "a\tb"),)  # a tab is no control
+
+
+def test_a_control_url_that_cannot_be_joined_is_refused_exactly():
+    with pytest.raises(RtspError, match="control URL 'trackID=1' against 'rtsp://\\[::1/' cannot be read"):
+        rtspin.control_url("trackID=1", "rtsp://[::1/")
+
+
 @pytest.mark.parametrize(
     ("value", "parsed"), [("12345678;timeout=60", ("12345678", 60)), ("abc", ("abc", 60)), ("x; timeout=5", ("x", 5))]
 )
@@ -589,6 +607,8 @@ def test_the_session_header_gives_id_and_timeout(value, parsed):
         (rtspin.parse_interleaved, "RTP/AVP/TCP;interleaved=\u00b2", "camera did not agree to RTP over"),
         (rtspin.parse_interleaved, "RTP/AVP/TCP;interleaved=256-257", "interleaved channel 257 is over 255"),
         (rtspin.parse_interleaved, "RTP/AVP/TCP;interleaved=255", "interleaved channel 256 is over 255"),
+        (rtspin.parse_interleaved, "RTP/AVP/TCP;interleaved=" + "9" * 5000, "camera did not agree to RTP over"),
+        (rtspin.parse_session, "x;timeout=" + "9" * 400, "bad Session timeout '99999"),
     ],
 )
 def test_a_setup_answer_that_cannot_be_read_is_refused_exactly(call, value, error):
@@ -1023,6 +1043,12 @@ async def test_a_redirect_to_another_host_carries_the_cameras_password_only_if_i
         else:
             assert "wants credentials (401 to DESCRIBE) and the URL has none" in str(error)
             assert camera.credentials == []  # the password for the first camera never went to this one
+
+
+async def test_a_redirect_to_a_url_that_cannot_be_read_is_a_source_error_with_the_url():
+    camera = await TinyCamera().start()
+    camera.redirect = "rtsp://127.0.0.1:99999/x"
+    assert str(await open_error(camera)).endswith("redirects to a URL that cannot be read: 'rtsp://127.0.0.1:99999/x'")
 
 
 async def test_a_redirect_on_the_same_host_keeps_the_cameras_credentials():

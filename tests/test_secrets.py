@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
@@ -106,7 +107,7 @@ def test_an_at_in_the_path_is_not_taken_for_the_end_of_the_password():
     from relay.logsafe import redact_url, url_passwords
 
     url = "rtsp://admin:s3cret@cam/x@1080p"
-    assert url_passwords(url) == ["s3cret"]
+    assert url_passwords(url) == ["s3cret", base64.b64encode(b"admin:s3cret").decode()]  # and Basic's credential
     assert redact_url(url) == "rtsp://admin:***@cam/x@1080p"
     assert (
         redact("error: 's3cret' and " + repr(url), url_passwords(url))
@@ -177,7 +178,19 @@ def test_the_secrets_a_configuration_holds_are_known():
         'publish_url = "rtsp://me:publish-pw@10.0.0.9:8554"\n[webrtc]\nice_credential = "turn-pw"\n'
         '[streams]\ncam0 = "test:"\ncam1 = "rtsp://admin:cam-pw@10.0.0.5/s"\ncam2 = "rtsp://10.0.0.6/s"\n'
     )
-    assert secret_values(config) == {"t0ken-t0ken-t0ken-t0ken", "rtsp-pw", "publish-pw", "turn-pw", "cam-pw"}
+    basic = {base64.b64encode(b).decode() for b in (b"me:publish-pw", b"admin:cam-pw")}  # as RTSP's Basic sends them
+    assert secret_values(config) == {"t0ken-t0ken-t0ken-t0ken", "rtsp-pw", "publish-pw", "turn-pw", "cam-pw", *basic}
+
+
+def test_a_cameras_basic_credential_quoted_back_is_hidden():
+    """A camera that quotes the Authorization it was sent in its answer's reason (which the API shows viewers as the
+    stream's last error): the credential is hidden, percent-encoded user and password decoded as the client sends."""
+    from relay.logsafe import url_passwords
+
+    secrets = url_passwords("rtsp://ad%40min:hunter%32@cam/s")
+    assert redact("answered DESCRIBE with 403 Forbidden Basic YWRAbWluOmh1bnRlcjI=", secrets) == (
+        "answered DESCRIBE with 403 Forbidden Basic ***"
+    )
 
 
 async def test_no_camera_password_shows_in_the_log_or_the_api(http, caplog):

@@ -75,6 +75,8 @@ LOG_EVERY = 10.0  # seconds between lines about a camera's bad packets or restar
 VIDEO_TRANSPORT = "RTP/AVP/TCP;unicast;interleaved=0-1"
 # The sound's own channel pair on the same connection (RFC 2326 10.12): the camera may name others in its answer.
 AUDIO_TRANSPORT = "RTP/AVP/TCP;unicast;interleaved=2-3"
+# Characters of a camera's reason phrase quoted in an error (the API's last_error): "Not Found", not 64 KiB of it.
+MAX_REASON = 100
 
 
 def _origin(url: str) -> tuple[str, int]:
@@ -328,13 +330,18 @@ class RtspSource:
         if method in ("OPTIONS", "DESCRIBE") and 300 <= response.status < 400 and location:
             raise _Redirect(location)
         if response.status != 200:
-            raise SourceError(f"{self.name} answered {method} with {response.status} {response.reason}".rstrip())
+            reason = response.reason[:MAX_REASON]  # shown to viewers as the stream's last error
+            raise SourceError(f"{self.name} answered {method} with {response.status} {reason}".rstrip())
         if method == "OPTIONS" and "GET_PARAMETER" in (response.header("public") or "").upper():
             self._keepalive_method = "GET_PARAMETER"
         return response
 
     def _redirect(self, location: str) -> None:
-        target = urlsplit(location)
+        try:
+            target = urlsplit(location)
+            target.port  # noqa: B018 (read for its ValueError: a port past 65535, or not a number)
+        except ValueError:
+            raise SourceError(f"{self.name} redirects to a URL that cannot be read: {redact_url(location)!r}") from None
         if target.scheme != "rtsp" or not target.hostname:
             raise SourceError(f"{self.name} redirects to a URL that is not rtsp://: {redact_url(location)}")
         r = self._requests
