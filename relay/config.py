@@ -26,7 +26,18 @@ if TYPE_CHECKING:
     from aiortc import RTCIceServer
 
 ENV_PREFIX = "CAMRELAY_"
-STREAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # safe in URLs and file names
+STREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # safe in URLs and file names: whole (is_stream_name)
+# Names the RTSP server keeps: mediamtx's aliases of every path (all, all_others: a config naming one is refused
+# whole, RTSP down for every stream), and camrelay's alias of its first stream (live: rtsp://host:8554/live).
+RESERVED_STREAM_NAMES = ("live", "all", "all_others")
+STREAM_NAME_RULE = "letters, digits, - or _ (at most 64), not " + ", ".join(RESERVED_STREAM_NAMES)
+
+
+def is_stream_name(name: object) -> bool:
+    """``name`` is a stream's name: ``STREAM_NAME`` whole (no newline after it), and not one the RTSP server keeps."""
+    return isinstance(name, str) and STREAM_NAME.fullmatch(name) is not None and name not in RESERVED_STREAM_NAMES
+
+
 MIN_BITRATE = 100_000  # below this H.264 at any useful size is mush
 MAX_BITRATE = 50_000_000  # above this no Pi uplink or browser jitter buffer keeps up
 MAX_VIEWERS_LIMIT = 10_000
@@ -733,8 +744,10 @@ def _whip_url(v: Any) -> str:
 def parse_whip_arg(text: str) -> tuple[str, str]:
     """``NAME=URL`` from ``--whip``."""
     name, eq, url = text.partition("=")
-    if not eq or not STREAM_NAME.match(name):
-        raise ConfigError("--whip: expected NAME=URL (a stream name, then the WHIP endpoint's URL)")
+    if not eq or not is_stream_name(name):
+        raise ConfigError(
+            f"--whip: expected NAME=URL (a stream name: {STREAM_NAME_RULE}; then the WHIP endpoint's URL)"
+        )
     return name, url
 
 
@@ -756,8 +769,8 @@ def _whip_entries(doc: Any, args: list[str] | None, default_token: str) -> tuple
                 check(table.get(key, ""))
             except ValueError as exc:
                 raise ConfigError(f"whip[{i}].{key}: {exc}") from None
-        if not STREAM_NAME.match(table["stream"]):
-            raise ConfigError(f"whip[{i}].stream: {table['stream']!r} is not a stream name")
+        if not is_stream_name(table["stream"]):
+            raise ConfigError(f"whip[{i}].stream: {table['stream']!r} is not a stream name ({STREAM_NAME_RULE})")
         entries.append(WhipConfig(table["stream"], table["url"], table.get("bearer_token", "")))
     if args is not None:
         tokens = {e.url: e.bearer_token for e in entries}
@@ -871,8 +884,8 @@ def load(
 
     parsed_streams = []
     for name, spec in streams.items():
-        if not STREAM_NAME.match(name):
-            raise ConfigError(f"streams.{name}: name must be letters, digits, - or _ (at most 64)")
+        if not is_stream_name(name):
+            raise ConfigError(f"streams.{ascii(name)[1:-1]}: name must be {STREAM_NAME_RULE}")
         try:
             source = parse_source_spec(spec)
         except ValueError as exc:

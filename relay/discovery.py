@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from .aio import cancel_and_wait
+from .config import is_stream_name
 from .devices import Device
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,8 @@ class StreamNames:
         self._names: dict[str, str] = {}
         try:
             loaded = json.loads(path.read_text())
-            if isinstance(loaded, dict):
-                self._names = {str(k): str(v) for k, v in loaded.items()}
+            if isinstance(loaded, dict):  # a name a damaged file gives (../x) would name a recordings directory
+                self._names = {str(k): v for k, v in loaded.items() if is_stream_name(v)}
         except (OSError, ValueError):
             pass  # first run, or a damaged file: names start over
 

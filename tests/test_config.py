@@ -110,8 +110,13 @@ def test_streams_from_environment_and_flags():
             '[streams]\n"bad name" = "test:"',
             {},
             {},
-            "streams.bad name: name must be letters, digits, - or _ (at most 64)",
+            "streams.bad name: name must be letters, digits, - or _ (at most 64), not live, all, all_others",
         ),
+        ('[streams]\n"cam\\n" = "test:"', {}, {}, "streams.cam\\n: name must be letters"),  # $ matched before it
+        ('[streams]\nlive = "test:"', {}, {}, "streams.live: name must be letters"),  # camrelay's alias in mediamtx
+        ('[streams]\nall = "test:"', {}, {}, "streams.all: name must be letters"),  # mediamtx refused its config
+        ('[streams]\nall_others = "test:"', {}, {}, "streams.all_others: name must be letters"),
+        ('[[whip]]\nstream = "live"\nurl = "https://x/whip"', {}, {}, "whip[0].stream: 'live' is not a stream name"),
         (
             '[streams]\ncam0 = "usb:0"',
             {},

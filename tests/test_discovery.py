@@ -39,6 +39,17 @@ def test_taken_names_are_skipped_and_a_damaged_file_starts_over(tmp_path):
     assert names.name_for(PORT1, {"cam0", "cam1"}) == "cam2"
 
 
+def test_a_name_in_the_file_that_is_no_stream_name_is_not_kept(tmp_path):
+    """A damaged or edited file's ``../x`` would name a recordings directory: such names are dropped, and the
+    device gets a fresh camN; the good names stay."""
+    path = tmp_path / "names.json"
+    path.write_text(json.dumps({PORT1: "../x", PORT2: "cam4", "/dev/video9": 7, "/dev/video8": "live"}))
+    names = StreamNames(path)
+    assert names.name_for(PORT2, set()) == "cam4"
+    assert names.name_for(PORT1, set()) == "cam0"
+    assert names.name_for("/dev/video9", set()) == "cam1" and names.name_for("/dev/video8", set()) == "cam2"
+
+
 def test_device_key_prefers_the_physical_port():
     assert device_key(Device("/dev/video0", "x", "/dev/v4l/by-id/usb-Acme", PORT1)) == PORT1
     assert device_key(Device("/dev/video0", "x", "/dev/v4l/by-id/usb-Acme", None)) == "/dev/v4l/by-id/usb-Acme"
