@@ -38,6 +38,16 @@ class Throttled:
 
 
 REDACTED = "***"
+# Control characters in what another party wrote (a camera's or a WHIP server's answer): a bare LF forges a log
+# line, an escape sequence drives the terminal that shows the log. Tab stays.
+CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def printable(text: str, limit: int | None = None) -> str:
+    """``text`` with each control character (``CONTROL_CHARS``) a "?", cut to ``limit`` characters if given."""
+    return CONTROL_CHARS.sub("?", text if limit is None else text[:limit])
+
+
 SHOWS_SECRET = {"shows_secret": True}  # ``extra=`` of the one line allowed to: the start-up viewer URL
 
 

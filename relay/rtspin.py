@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from .h264 import START_CODE, H264Error, join_annexb, parse_sprop_parameter_sets
+from .logsafe import printable
 
 # A response's status line and headers: a camera's are a few hundred bytes; more is not RTSP.
 MAX_HEADER_BYTES = 64 * 1024
@@ -70,9 +71,6 @@ MAX_CHANNEL = 255
 # ValueError that is no RtspError (a traceback at every retry), as it refuses over 4,300 digits; a few hundred
 # overflow a float later (a clock rate, a session timeout). No number of RTSP, RTP or SDP needs more than ten.
 DECIMAL = re.compile(r"[0-9]{1,10}")
-# Control characters in a response's status line or header values (a bare LF that CRLF splitting left, an escape):
-# each becomes "?", so a camera cannot forge log lines or a status through a Location or a reason phrase.
-CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 NAL_IDR = 5
 NAL_STAP_A = 24
@@ -155,7 +153,8 @@ def parse_response_head(head: bytes) -> tuple[int, str, tuple[tuple[str, str], .
         text = head.decode("utf-8")
     except UnicodeDecodeError:
         text = head.decode("latin-1")
-    status_line, *lines = (CONTROL.sub("?", line) for line in text.split("\r\n"))
+    # control characters (a bare LF that splitting on CRLF left, an escape) each a "?": no forged log line or status
+    status_line, *lines = (printable(line) for line in text.split("\r\n"))
     match = STATUS_LINE.fullmatch(status_line.strip())
     if match is None:
         raise RtspError(f"bad status line {status_line[:80]!r}")

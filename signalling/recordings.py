@@ -63,9 +63,9 @@ async def recording_file(request: web.Request) -> web.StreamResponse:
         found = False
     if not found:
         raise error(web.HTTPNotFound, "no such recording")
-    return web.FileResponse(
-        path, headers={"Cache-Control": "no-store" if "latest_" in request.match_info["path"] else "max-age=3600"}
-    )
+    # private: served only with the token or the password, so a shared cache (a proxy) must not keep it for others
+    cache = "no-store" if "latest_" in request.match_info["path"] else "private, max-age=3600"
+    return web.FileResponse(path, headers={"Cache-Control": cache})
 
 
 def setup(app: web.Application) -> None:

@@ -103,8 +103,10 @@ async def test_segments_and_snapshots_are_recorded(tmp_path, http):
             listing = await resp.json()
         async with http.get(relay.base + listing["segments"][0]["url"]) as resp:
             assert resp.status == 200 and len(await resp.read()) == listing["segments"][0]["bytes"]
+            assert resp.headers["Cache-Control"] == "private, max-age=3600"  # no shared cache keeps it for others
         async with http.get(relay.base + listing["latest_image"]) as resp:
             assert resp.status == 200 and (await resp.read())[:2] == b"\xff\xd8"
+            assert resp.headers["Cache-Control"] == "no-store"
         async with http.get(relay.base + "/recordings/cam0/../../etc/passwd") as resp:
             assert resp.status == 404
         async with http.get(relay.base + "/recordings/cam0") as resp:

@@ -34,7 +34,7 @@ from relay.source import parse_source_spec
 from relay.webrtc import borrowed, rtpsend
 from relay.webrtc.ice import gathered_with, parse_links
 from relay.webrtc.whepclient import WhepError, WhepViewer
-from relay.webrtc.whip import SDP_TYPE, WhipPublisher, shown_url
+from relay.webrtc.whip import SDP_TYPE, WhipPublisher, h264_payload_types, shown_url
 
 from .conftest import TEST_FPS, EncodedFrames, capture_ms, end_workers, make_config, start_relay
 from .stun import stun_server
@@ -597,6 +597,53 @@ async def test_a_redirect_to_another_origin_never_carries_the_token():
         ("endpoint", "POST", "/whip", bearer),
     ]
     assert publisher.last_error == "refused: 401 who are you"
+
+
+async def test_a_hostile_whip_servers_answers_are_one_line_each_never_a_traceback(caplog):
+    """A WHIP server that answers with terminal escapes in its refusal, a Location no URL parser takes, and an
+    answer whose payload type has thousands of digits: each is one line and a retry, with what it said shown safely,
+    never the traceback of a bug (each was a ValueError once, a traceback at every retry)."""
+    answers = [
+        web.Response(status=403, text="\x1b[2J\x1b]0;owned\x07 fake\x00 line " + "x" * 500),
+        web.Response(status=201, text="v=0", content_type=SDP_TYPE, headers={"Location": "http://[::1/x"}),
+        web.Response(
+            status=201, content_type=SDP_TYPE, headers={"Location": "/s"},
+            text="v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=rtpmap:" + "9" * 5000 + " H264/90000\r\n",
+        ),
+    ]  # fmt: skip
+    posts = []
+
+    async def handle(request: web.Request) -> web.Response:
+        if request.method == "DELETE":
+            return web.Response()
+        posts.append(request.path)
+        return answers[min(len(posts), len(answers)) - 1]
+
+    port = free_port()
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    caplog.set_level(logging.WARNING, logger="relay.webrtc.whip")
+    try:
+        url = f"http://127.0.0.1:{port}/whip"
+        publisher = WhipPublisher(PacketHub("cam0", lambda: None), url, TOKEN, retry=Backoff(initial=0.01, cap=0.01))
+        publisher.start()
+        try:
+            await until(lambda: publisher.errors >= 3, "three sessions that could not start")
+        finally:
+            await publisher.close()
+    finally:
+        await runner.cleanup()
+    said = [r.getMessage().split(" ", 2)[2].rpartition("; retrying")[0] for r in caplog.records if "retrying" in r.msg]
+    assert said[0] == "refused: 403 ?[2J?]0;owned? fake? line " + "x" * 74  # 100 characters
+    assert said[1] == "201 with a Location that cannot be read: 'http://[::1/x'"
+    assert said[2].startswith("answer could not be applied: ValueError")
+    assert [r for r in caplog.records if r.exc_info] == []
+    # with the stream's SPS known, the answer's payload types are read first: a type no number of 0..127 is none
+    for pt in ("9" * 5000, "200"):
+        assert h264_payload_types(f"v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=rtpmap:{pt} H264/90000\r\n") == {}
 
 
 @pytest.mark.parametrize(

@@ -53,7 +53,7 @@ from ..aio import cancel_and_wait
 from ..backoff import Backoff, Retry
 from ..config import IceServer
 from ..hub import PacketHub
-from ..logsafe import redact
+from ..logsafe import printable, redact
 from ..status import ConsumerStats, Metric
 from . import borrowed
 from .ice import gathered_with, parse_links
@@ -68,6 +68,7 @@ POST_TIMEOUT = 10.0
 # The DELETE on stop: a server that is gone must not hold the relay's shutdown for long.
 DELETE_TIMEOUT = 2.0
 MAX_ANSWER_BYTES = 64 * 1024  # an answer is ~2 KiB; more is not an answer
+MAX_REASON = 100  # characters of a refusal's reason quoted in the log and the API's last_error
 # A live server sends STUN consent checks every few seconds and RTCP (mediamtx also a PLI every 2 s);
 # this long without a datagram, it is gone (killed, rebooted, unplugged). As for viewers
 # (relay.webrtc.sessions.VIEWER_SILENCE), silence and not unanswered checks: a busy server answers late.
@@ -78,7 +79,7 @@ SERVER_SILENCE = 10.0
 RETRY = Backoff(initial=0.5, cap=30.0)
 ERROR_CHARS = 200  # of a refusal's body, in the log and the API
 SPS_POLL = 0.1  # seconds between looks for the stream's first SPS (its first keyframe) before a first offer
-_RTPMAP_H264 = re.compile(r"^a=rtpmap:(\d+) H264/", re.I | re.M)
+_RTPMAP_H264 = re.compile(r"^a=rtpmap:(\d{1,3}) H264/", re.I | re.M)  # a payload type is 0..127
 
 
 class WhipError(Exception):
@@ -341,12 +342,17 @@ class WhipPublisher:
                 body += chunk
             if resp.status != 201:
                 reason = body.decode(errors="replace").strip().splitlines()[0] if body.strip() else resp.reason
-                raise WhipError(f"refused: {resp.status} {reason}")
+                raise WhipError(f"refused: {resp.status} {printable(reason or '', MAX_REASON)}")
             if resp.content_type != SDP_TYPE or len(body) > MAX_ANSWER_BYTES:
                 raise WhipError(f"201 without an SDP answer ({resp.content_type or 'no Content-Type'})")
             if "Location" not in resp.headers:
                 raise WhipError("201 without a Location")
-            location = urljoin(str(resp.url), resp.headers["Location"])  # the URL after any redirect
+            try:
+                location = urljoin(str(resp.url), resp.headers["Location"])  # the URL after any redirect
+            except ValueError:  # http://[::1/x
+                raise WhipError(
+                    f"201 with a Location that cannot be read: {printable(resp.headers['Location'], 100)!r}"
+                ) from None
             return body.decode(errors="replace"), location, parse_links(resp.headers.getall("Link", []))
 
     async def _wait_connected(self, pc: RTCPeerConnection) -> None:
@@ -414,7 +420,7 @@ def h264_payload_types(sdp: str) -> dict[int, str]:
     for section in re.split(r"^(?=m=)", sdp, flags=re.M)[1:]:
         if not section.startswith("m=video ") or section.split(" ", 2)[1] == "0":
             continue
-        for pt in (int(p) for p in _RTPMAP_H264.findall(section)):
+        for pt in (int(p) for p in _RTPMAP_H264.findall(section) if int(p) <= 127):
             fmtp = re.search(rf"^a=fmtp:{pt} .*?profile-level-id=([0-9A-Fa-f]{{6}})", section, re.M)
             out[pt] = fmtp[1].lower() if fmtp else ""
     return out
