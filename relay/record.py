@@ -25,6 +25,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,14 @@ FRAGMENT_MICROSECONDS = "1000000"
 # Three seconds of frames may wait for a slow SD card before the recorder skips to the next keyframe.
 RECORD_QUEUE_FRAMES = 90
 DISK_RETRY_INTERVAL = 5.0  # seconds between checks for free space after ENOSPC
+# Seconds between retention passes (each reads the stream's whole tree: about 20 us a file, and 1 s snapshots make
+# 86,400 files a day): after a finished segment once this long has passed, never on the write path. Files past the
+# limits are deleted up to this late.
+RETENTION_EVERY = 60.0
+# A recording that fails for another reason than a full disk (a card gone read-only, an I/O error): the next try
+# after this, doubling to FAILED_RETRY_MAX, so a broken disk is not a keyframe forced for every viewer each second.
+FAILED_RETRY_FIRST = 1.0
+FAILED_RETRY_MAX = 60.0
 RESUME_FREE_BYTES = 64 * 2**20  # resume recording with this much free: a few segments, not one packet
 PART = ".part"
 LATEST_VIDEO = "latest_video.mp4"
@@ -63,13 +72,20 @@ def utc_name(t: float) -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
 
 
+UTC_NAME = re.compile(r"([0-9]{4})([0-9]{2})([0-9]{2})T([0-9]{2})([0-9]{2})([0-9]{2})\.([0-9]{3})Z")
+
+
 def parse_utc_name(name: str) -> float | None:
-    stem = name.split(".mp4")[0].split(".jpg")[0]
-    try:
-        base, millis = stem.rstrip("Z").split(".")
-        return calendar.timegm(time.strptime(base, "%Y%m%dT%H%M%S")) + int(millis) / 1000
-    except ValueError:
+    """The time ``utc_name`` gave ``name`` (its suffixes aside), or None. Read digit by digit, not by strptime
+    (retention reads every file's name: 20 us a name by strptime)."""
+    match = UTC_NAME.match(name)
+    if match is None:
         return None
+    year, month, day, hour, minute, second, millis = map(int, match.groups())
+    if not (1 <= month <= 12 and 1 <= day <= calendar.monthrange(year, month)[1] and hour < 24 and minute < 60
+            and second <= 61):  # fmt: skip
+        return None
+    return calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0)) + millis / 1000
 
 
 def day_dir(root: Path, stream: str, t: float) -> Path:
@@ -205,20 +221,25 @@ class Segment:
         self.frames = 0
         make_private_dirs(path.parent)
         create_private(self.part)
-        self._container = av.open(
-            str(self.part),
-            "w",
-            format="mp4",
-            # flush_packets: every packet reaches the file at once, not when a 32 KiB buffer fills.
-            options={"movflags": MOVFLAGS, "frag_duration": FRAGMENT_MICROSECONDS, "flush_packets": "1"},
-        )
         try:
-            mux.add_h264_stream(self._container, first, fps)  # the avcC: the stream's own SPS and PPS
-            if audio_channels:
-                mux.add_opus_stream(self._container, audio_channels)
-            self._container.start_encoding()
-        except BaseException:
-            self.abort()
+            self._container = av.open(
+                str(self.part),
+                "w",
+                format="mp4",
+                # flush_packets: every packet reaches the file at once, not when a 32 KiB buffer fills.
+                options={"movflags": MOVFLAGS, "frag_duration": FRAGMENT_MICROSECONDS, "flush_packets": "1"},
+            )
+            try:
+                mux.add_h264_stream(self._container, first, fps)  # the avcC: the stream's own SPS and PPS
+                if audio_channels:
+                    mux.add_opus_stream(self._container, audio_channels)
+                self._container.start_encoding()
+            except BaseException:
+                self.abort()
+                raise
+        except BaseException:  # nothing of it can play: no empty .part left behind at each retry
+            with contextlib.suppress(OSError):
+                self.part.unlink()
             raise
 
     def write(self, frame: EncodedFrame) -> None:
@@ -291,6 +312,10 @@ class Recorder:
         self.paused = False  # the disk is full
         self.pauses = 0
         self.open_segment = Segment  # replaced in tests to inject disk errors
+        self.retention_passes = 0
+        self.failures = 0  # segments that failed for another reason than a full disk
+        self._retained_at = float("-inf")  # monotonic, the last pass's start
+        self._retaining: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         # One thread for all of this recorder's file work, so a close can never
         # overlap a write still running after its task was cancelled.
@@ -319,6 +344,8 @@ class Recorder:
     async def close(self) -> None:
         for task in self._tasks:
             await cancel_and_wait(task)
+        if self._retaining is not None:
+            await cancel_and_wait(self._retaining)  # a pass under way in its thread ends on its own
         await asyncio.to_thread(self._io.shutdown)
 
     def stats(self) -> ConsumerStats:
@@ -376,6 +403,8 @@ class Recorder:
                 log.warning("stream=%s removed %s: cut off by a crash before its first frame", self.name, part.name)
 
     async def _record(self) -> None:
+        retry = FAILED_RETRY_FIRST  # after a failure that is not a full disk: doubling, reset by a finished segment
+        failures = 0  # since the last line said so
         while True:
             sub = self.hub.subscribe(f"record-{self.name}", max_frames=RECORD_QUEUE_FRAMES)
             segment: Segment | None = None
@@ -385,6 +414,7 @@ class Recorder:
                     if segment is not None and frame.keyframe and self._cut_before(segment, frame):
                         done, segment = segment, None
                         await self._finish(done)
+                        retry = FAILED_RETRY_FIRST
                     if segment is None:
                         if not frame.keyframe:
                             continue
@@ -405,8 +435,15 @@ class Recorder:
                 if _is_disk_full(exc):
                     await self._wait_for_space(exc)
                 else:
-                    log.error("stream=%s recording failed: %s; starting a new segment", self.name, exc)
-                    await asyncio.sleep(1.0)
+                    self.failures += 1
+                    failures += 1
+                    if retry == FAILED_RETRY_FIRST or retry >= FAILED_RETRY_MAX:  # a run's first, then at the cap
+                        more = f" ({failures - 1} more since the last line)" if failures > 1 else ""
+                        log.error("stream=%s recording failed: %s%s; trying again in %.0fs", self.name, exc, more,
+                                  retry)  # fmt: skip
+                        failures = 0
+                    await asyncio.sleep(retry)
+                    retry = min(FAILED_RETRY_MAX, retry * 2)
             finally:
                 sub.close()
                 if segment is not None:  # shutting down: the segment so far is a complete file
@@ -453,7 +490,27 @@ class Recorder:
             return
         self.segments_written += 1
         await self._run(point_link, self.dir / LATEST_VIDEO, path)
-        await self._run(self.enforce_retention)
+        self._retain_soon()
+
+    def _retain_soon(self) -> None:
+        """A retention pass in a thread of its own, if limits are set and one is due (``RETENTION_EVERY``): the
+        segments and snapshots go on being written meanwhile."""
+        if not (self.retention.max_bytes or self.retention.max_age):
+            return  # keeps everything: no pass reads the tree
+        if self._retaining is not None and not self._retaining.done():
+            return
+        now = time.monotonic()
+        if now - self._retained_at < RETENTION_EVERY:
+            return
+        self._retained_at = now
+        self._retaining = asyncio.get_running_loop().create_task(self._retain(), name=f"retention-{self.name}")
+
+    async def _retain(self) -> None:
+        try:
+            await asyncio.to_thread(self.enforce_retention)
+        except OSError as exc:
+            log.warning("stream=%s retention could not delete: %s", self.name, exc)
+        self.retention_passes += 1
 
     async def _wait_for_space(self, exc: BaseException) -> None:
         self.paused = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -85,6 +86,11 @@ def test_names_carry_utc_time_to_the_millisecond():
     assert utc_name(t) == "20261122T015812.345Z"
     assert parse_utc_name(utc_name(t) + ".mp4") == pytest.approx(t, abs=0.001)
     assert parse_utc_name("notes.txt") is None
+    assert (
+        parse_utc_name(utc_name(t) + ".mp4.part") == parse_utc_name(utc_name(t) + ".jpg") == pytest.approx(t, abs=1e-3)
+    )
+    for bad in ("20261322T015812.345Z.mp4", "20260230T015812.345Z.mp4", "20261122T245812.345Z.mp4", "2026112T0.mp4"):
+        assert parse_utc_name(bad) is None, bad
 
 
 def test_retention_deletes_oldest_first_until_the_rest_fit():
@@ -116,6 +122,7 @@ async def test_segments_and_snapshots_are_recorded(tmp_path, http):
         await runner.cleanup()
     segments, snapshots = recorder.listing()
     assert len(segments) >= 3 and len(snapshots) >= 3
+    assert recorder.retention_passes == 0  # no limit set: it keeps everything, and reads no tree for it
     decoded = [decode_all(path, keyframes=True) for path, _, _ in segments]
     for (path, start, _), frames in zip(segments, decoded, strict=True):
         assert path.parent.name == time.strftime("%Y-%m-%d", time.gmtime(start))  # a folder per day
@@ -269,16 +276,49 @@ async def test_a_full_disk_pauses_recording_and_viewers_keep_their_frame_rate(tm
         assert decode_all(path), f"{path.name} is corrupt"  # nothing already recorded was damaged
 
 
-async def test_retention_keeps_a_stream_under_its_size_limit(tmp_path, http):
+async def test_a_disk_that_fails_otherwise_is_retried_ever_later_with_few_lines_and_no_empty_parts(
+    tmp_path, monkeypatch, caplog
+):
+    """A disk gone read-only (a failing SD card): each new segment fails as it opens. The recorder tries again after
+    a delay that doubles to its cap (each try subscribes anew and so asks the camera for a keyframe: once a second,
+    forever, before), says so at the first failure and then once per try at the cap, and leaves no empty .part."""
+    import relay.record as record
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(record, "FAILED_RETRY_FIRST", 0.01)
+    monkeypatch.setattr(record, "FAILED_RETRY_MAX", 0.16)  # tries 1..5 after 0.01, 0.02, 0.04, 0.08, then 0.16
+    monkeypatch.setattr(record.mux, "add_h264_stream", read_only)  # after the .part was made, as a real disk fails
+    caplog.set_level(logging.ERROR, logger="relay.record")
+    runner, relay = await start_relay(recording_config(tmp_path, snapshot_interval=0.0))
+    recorder = relay.relay.recorders["cam0"]
+    try:
+        await wait_for(lambda: recorder.failures >= 6, what="six failed segments")
+        failures, lines = recorder.failures, [r.getMessage() for r in caplog.records if "recording failed" in r.msg]
+    finally:
+        await runner.cleanup()
+    assert len(lines) == 1 + (failures - 4)  # the first, then each from the fifth (its delay at the cap)
+    assert "Read-only file system" in lines[0] and lines[0].endswith("trying again in 0s")
+    assert lines[1].endswith("(3 more since the last line); trying again in 0s")  # tries 2 to 4 unsaid
+    assert recorder.segments_written == 0 and list(tmp_path.rglob("*.part")) == []
+
+
+async def test_retention_keeps_a_stream_under_its_size_limit(tmp_path, http, monkeypatch):
     from prometheus_client.parser import text_string_to_metric_families
+
+    import relay.record as record
+
+    monkeypatch.setattr(record, "RETENTION_EVERY", 0.0)  # a pass after every segment, not once a minute
 
     limit = 400_000
     runner, relay = await start_relay(recording_config(tmp_path, snapshot_interval=0.0, max_size=limit, segment=0.5))
     recorder = relay.relay.recorders["cam0"]
     try:
         await wait_for(lambda: recorder.deleted >= 3, what="retention deleting old segments")
+        # passes run beside the recording, after each segment here: right after one, what is kept fits
+        await wait_for(lambda: sum(size for _, _, size in recorder.listing()[0]) <= limit, what="under the limit")
         segments, _ = recorder.listing()
-        assert sum(size for _, _, size in segments) <= limit
         assert segments[-1][1] > segments[0][1]  # the newest are kept
         async with http.get(relay.base + "/metrics") as resp:
             families = {f.name: f for f in text_string_to_metric_families(await resp.text())}
