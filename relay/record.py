@@ -313,6 +313,7 @@ class Recorder:
         self.pauses = 0
         self.open_segment = Segment  # replaced in tests to inject disk errors
         self.retention_passes = 0
+        self._listing: asyncio.Future | None = None  # the listing being read for requests (shared_listing)
         self.failures = 0  # segments that failed for another reason than a full disk
         self._retained_at = float("-inf")  # monotonic, the last pass's start
         self._retaining: asyncio.Task[None] | None = None
@@ -569,6 +570,13 @@ class Recorder:
         """(segments, snapshots) on disk as (path, start time, size), oldest first."""
         files = scan(self.dir)
         return files.segments, files.snapshots
+
+    async def shared_listing(self) -> tuple[list[tuple[Path, float, int]], list[tuple[Path, float, int]]]:
+        """``listing()`` in a thread, one at a time: requests that come while one is read get that one (each reads
+        the whole tree; a viewer asking in a loop costs one read at a time, not one each)."""
+        if self._listing is None or self._listing.done():
+            self._listing = asyncio.ensure_future(asyncio.to_thread(self.listing))
+        return await asyncio.shield(self._listing)
 
     def enforce_retention(self) -> None:
         files = scan(self.dir)  # segments cut off by a full disk (parts) count too

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import aiohttp_jinja2
@@ -20,7 +19,7 @@ async def _recordings(request: web.Request) -> dict:
     recorder = relay.recorders.get(name)
     if recorder is None:
         raise error(web.HTTPNotFound, f"stream {name!r} is not recorded (set [record] enabled = true)")
-    segments, snapshots = await asyncio.to_thread(recorder.listing)
+    segments, snapshots = await recorder.shared_listing()
 
     def entries(files, limit):
         out = []

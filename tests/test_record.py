@@ -304,6 +304,28 @@ async def test_a_disk_that_fails_otherwise_is_retried_ever_later_with_few_lines_
     assert recorder.segments_written == 0 and list(tmp_path.rglob("*.part")) == []
 
 
+async def test_listings_asked_for_together_read_the_tree_once(tmp_path):
+    """The recordings API reads a stream's whole tree: requests that come while one is read share it, so a viewer
+    asking in a loop costs one read at a time; the next request after it reads anew."""
+    runner, relay = await start_relay(recording_config(tmp_path, snapshot_interval=0.0))
+    recorder = relay.relay.recorders["cam0"]
+    reads = []
+    real = recorder.listing
+
+    def counted():
+        reads.append(1)
+        return real()
+
+    recorder.listing = counted
+    try:
+        results = await asyncio.gather(*(recorder.shared_listing() for _ in range(10)))
+        assert len(reads) == 1 and all(r == results[0] for r in results)
+        await recorder.shared_listing()
+        assert len(reads) == 2
+    finally:
+        await runner.cleanup()
+
+
 async def test_retention_keeps_a_stream_under_its_size_limit(tmp_path, http, monkeypatch):
     from prometheus_client.parser import text_string_to_metric_families
 
