@@ -360,16 +360,21 @@ class Pipeline:
 
     def _send(self, data: bytes) -> None:
         """``data`` to the relay (``emit``). A thread waits here while the pipe is full (the relay slow to read it):
-        not a source that hung, nor a camera gone silent (``writes.WRITES``, as in any write of the process's: a
-        log line's too)."""
-        with WRITES.waiting():
-            self._emit(data)
+        not a source that hung, nor a camera gone silent. The emit records that itself (``PipeWriter``, in
+        ``writes.WRITES``, as any write of the process's: a log line's too); recording it here as well took a
+        second lock and a generator a unit."""
+        self._emit(data)
 
     @contextlib.contextmanager
     def _emitting(self) -> Iterator[None]:
-        """``_emit_lock`` held. A thread that waits for it while its holder waits in a write waits to write too."""
-        with WRITES.waiting(behind=lambda: self._emit_holder):
-            self._emit_lock.acquire()
+        """``_emit_lock`` held. A thread that waits for it while its holder waits in a write waits to write too
+        (recorded only when it has to wait: a lock taken at once is no wait, and most are)."""
+        if not self._emit_lock.acquire(blocking=False):
+            began = WRITES.begin(behind=lambda: self._emit_holder)
+            try:
+                self._emit_lock.acquire()
+            finally:
+                WRITES.end(began)
         self._emit_holder = threading.get_ident()
         try:
             yield
@@ -943,13 +948,18 @@ class PipeWriter:
         self._on_broken = on_broken
 
     def __call__(self, data: bytes) -> None:
-        with WRITES.waiting(), self._lock:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(self._fd, view) :]
-            except (BrokenPipeError, OSError):
-                self._on_broken()
+        began = WRITES.begin()  # the one record of this write (the pipelines' sends do not wrap it again)
+        try:
+            with self._lock:
+                written = os.write(self._fd, data)  # most: a pipe with room takes a whole message at once
+                if written < len(data):
+                    view = memoryview(data)
+                    while written < len(data):
+                        written += os.write(self._fd, view[written:])
+        except (BrokenPipeError, OSError):
+            self._on_broken()
+        finally:
+            WRITES.end(began)
 
 
 def _discard(data: bytes) -> None:
