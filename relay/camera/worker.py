@@ -645,8 +645,13 @@ class Pipeline:
             packet = source.read_packet()
             self._last_read = time.monotonic()
             st.frames_captured += 1
+            kinds, starts = getattr(packet, "kinds", None), getattr(packet, "starts", None)
             try:
-                unit, idr = sets.access_unit(_annexb(bytes(packet), length), getattr(packet, "kinds", None))
+                if kinds is not None and starts is not None and not length:  # camrelay's depacketizer's unit
+                    unit, idr, starts = sets.access_unit_at(packet.data, kinds, starts)
+                else:
+                    unit, idr = sets.access_unit(_annexb(bytes(packet), length), kinds)
+                    starts = None
             except H264Error as exc:
                 st.frames_dropped_corrupt += 1
                 log.debug("stream=%s %s", self.name, exc)
@@ -679,7 +684,15 @@ class Pipeline:
                     log.info("stream=%s signal is back", self.name)
                     self.push_status()
                 self._send(
-                    ipc.pack(ipc.UNIT, unit, flags=flags, pts=self._pts(when), capture_time=now, camera=self.camera)
+                    ipc.pack(
+                        ipc.UNIT,
+                        unit,
+                        flags=flags,
+                        pts=self._pts(when),
+                        capture_time=now,
+                        camera=self.camera,
+                        nals=starts,
+                    )  # fmt: skip
                 )
                 self.last_alive = time.monotonic()
 

@@ -948,3 +948,10 @@ def packetize(access_unit: bytes) -> list[bytes]:
     """RTP payloads (single NAL, STAP-A, FU-A) for one H.264 access unit (Annex B). Empty NAL units (a start
     code at the very end, two in a row) are left out: aiortc's STAP-A packer fails on one."""
     return _EqualFragments._packetize([nal for nal in AiortcH264._split_bitstream(access_unit) if nal])
+
+
+def packetize_nals(nals: list[memoryview]) -> list[bytes]:
+    """``packetize`` of an access unit already split into its NAL units (views, none empty: ``relay.h264.nals_at``
+    by the places its worker gave), not scanned for start codes; a NAL unit cut into FU-A fragments is not
+    copied first."""
+    return _EqualFragments._packetize([nal if len(nal) > h264.PACKET_MAX else bytes(nal) for nal in nals])
