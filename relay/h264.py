@@ -133,12 +133,15 @@ def nals_at(data: bytes, starts: Sequence[int]) -> list[memoryview]:
 def nal_starts(data: bytes) -> tuple[int, ...]:
     """Where each NAL unit of an Annex B access unit begins (its header byte), for one whose start codes are all 4
     bytes, each NAL unit ending where the next one's start code begins (as camrelay's depacketizer and
-    ``join_annexb`` make them): ``nals_at`` takes them. A scan, for tests and for units made without them."""
+    ``join_annexb`` make them): ``nals_at`` takes them. A scan, for tests and for units made without them;
+    ``H264Error`` for a 3-byte start code (an encoder's unit as it came: ``join_annexb(split_annexb(...))`` it)."""
     out = []
-    pos = data.find(START_CODE)
+    pos = data.find(b"\x00\x00\x01")
     while pos >= 0:
-        out.append(pos + len(START_CODE))
-        pos = data.find(START_CODE, pos + len(START_CODE))
+        if pos == 0 or data[pos - 1] != 0:
+            raise H264Error(f"3-byte start code at byte {pos}: NAL units' places are for 4-byte ones")
+        out.append(pos + 3)
+        pos = data.find(b"\x00\x00\x01", pos + 3)
     return tuple(out)
 
 
