@@ -936,11 +936,14 @@ class _EqualFragments(AiortcH264):
         indicator = (data[0] & 0xE0) | h264.NAL_TYPE_FU_A  # F and NRI of the NAL unit, type FU-A
         nal_type = data[0] & 0x1F
         body = memoryview(data)[h264.NAL_HEADER_SIZE :]
-        starts = range(0, len(body), room)
-        last = starts[-1]
+        last = (len(body) - 1) // room * room  # where the last fragment starts
+        if last == 0:
+            return [bytes((indicator, nal_type | 0xC0)) + body]  # start and end (a NAL unit just past PACKET_MAX)
+        middle = bytes((indicator, nal_type))  # one header for every fragment between the first and the last
         return [
-            bytes((indicator, nal_type | (0x80 if i == 0 else 0) | (0x40 if i == last else 0))) + body[i : i + room]
-            for i in starts
+            bytes((indicator, nal_type | 0x80)) + body[:room],
+            *[middle + body[i : i + room] for i in range(room, last, room)],
+            bytes((indicator, nal_type | 0x40)) + body[last:],
         ]
 
 
