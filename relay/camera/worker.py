@@ -31,7 +31,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .. import h264, ipc
@@ -231,9 +231,8 @@ class Pipeline:
         self._jpegs: threading.Thread | None = None  # a passed-through camera's JPEGs, while wanted
         self._threads_lock = threading.Lock()
         # Held while a unit is written: a passed-through camera's first unit and the slate's last never cross
-        # (``_emitting``); its holder's ident while held.
-        self._emit_lock = threading.Lock()
-        self._emit_holder: int | None = None
+        # (``_emitting``).
+        self._unit_lock = UnitLock()
         self._pts_lock = threading.Lock()
         self._last_pts = -1
         self._last_encoded = 0.0  # capture time of the last frame encoded
@@ -365,22 +364,9 @@ class Pipeline:
         second lock and a generator a unit."""
         self._emit(data)
 
-    @contextlib.contextmanager
-    def _emitting(self) -> Iterator[None]:
-        """``_emit_lock`` held. A thread that waits for it while its holder waits in a write waits to write too
-        (recorded only when it has to wait: a lock taken at once is no wait, and most are)."""
-        if not self._emit_lock.acquire(blocking=False):
-            began = WRITES.begin(behind=lambda: self._emit_holder)
-            try:
-                self._emit_lock.acquire()
-            finally:
-                WRITES.end(began)
-        self._emit_holder = threading.get_ident()
-        try:
-            yield
-        finally:
-            self._emit_holder = None
-            self._emit_lock.release()
+    def _emitting(self) -> UnitLock:
+        """The unit lock, for a ``with``: held while a unit is written."""
+        return self._unit_lock
 
     def silent(self, now: float) -> float:
         """Seconds it sent nothing, not even the slate (``last_alive``), as the output watch counts them: none while
@@ -950,6 +936,32 @@ def _avcc_length(extradata: bytes) -> int:
 
 def _annexb(data: bytes, avcc_length: int) -> bytes:
     return h264.avcc_to_annexb(data, avcc_length) if avcc_length else data
+
+
+class UnitLock:
+    """A lock held while a unit is written, and its holder's ident while held. A thread that waits for it while its
+    holder waits in a write waits to write too (``writes.WRITES``; recorded only when it has to wait: a lock taken
+    at once is no wait, and most are). Taken once a unit by a camera's capture thread: a plain object, not a
+    generator's context manager made at every unit."""
+
+    __slots__ = ("_lock", "holder")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.holder: int | None = None
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            began = WRITES.begin(behind=lambda: self.holder)
+            try:
+                self._lock.acquire()
+            finally:
+                WRITES.end(began)
+        self.holder = threading.get_ident()
+
+    def __exit__(self, *exc: object) -> None:
+        self.holder = None
+        self._lock.release()
 
 
 class PipeWriter:
