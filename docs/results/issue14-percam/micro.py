@@ -1,11 +1,16 @@
 """Throwaway micro-figures: us per unit of the per-unit steps, on the benchmark clip's 1080p units.
 Run with PYTHONPATH at main or at the branch; prints one JSON line."""
-import json, os, sys, threading, time, secrets
+
+import json
+import os
+import time
+
 import av
+
 from relay import h264, ipc, rtsp
+from relay.camera import worker
 from relay.hub import EncodedFrame
 from relay.webrtc import borrowed
-from relay.camera import worker
 
 NEW = hasattr(h264, "nals_at")
 clip = "/tmp/camrelay-bench-clips/pattern-1920x1080-30fps-4M-gop1-10s.mp4"
@@ -20,6 +25,12 @@ kinds = [tuple(h264.nal_types(u)) for u in units]
 starts = [tuple(h264.nal_starts(u)) if NEW else None for u in units]
 N = len(units)
 
+
+def places(i):
+    """The unit's NAL places as a keyword, on the branch; nothing on main."""
+    return {"nals": starts[i]} if NEW else {}
+
+
 def bench(fn, reps=5):
     best = None
     for _ in range(reps):
@@ -30,6 +41,7 @@ def bench(fn, reps=5):
         best = d if best is None or d < best else best
     return round(best, 2)
 
+
 out = {"new": NEW, "units": N, "mean_bytes": sum(map(len, units)) // N, "idr": sum(5 in k for k in kinds)}
 # worker: parameter sets
 ps = h264.ParameterSets(sets)
@@ -38,20 +50,28 @@ if NEW:
 else:
     out["worker_sets_us"] = bench(lambda i: ps.access_unit(units[i], kinds[i]))
 # worker: pack
-out["worker_pack_us"] = bench(lambda i: ipc.pack(ipc.UNIT, units[i], flags=4, pts=i, capture_time=1.0, **({"nals": starts[i]} if NEW else {})))
+out["worker_pack_us"] = bench(lambda i: ipc.pack(ipc.UNIT, units[i], flags=4, pts=i, capture_time=1.0, **places(i)))
 # worker: the send (pipeline._send through a PipeWriter to /dev/null) inside _emitting
 fd = os.open("/dev/null", os.O_WRONLY)
 emit = worker.PipeWriter(fd, lambda: None)
 cfg = ipc.WorkerConfig("cam0", "test:", 320, 240, 30.0, 1_000_000, 1.0, "libx264", mode="passthrough")
 pipe = worker.make_pipeline(cfg, 0, emit, shared=True)
-msgs = [ipc.pack(ipc.UNIT, units[i], flags=4, pts=i, capture_time=1.0, **({"nals": starts[i]} if NEW else {})) for i in range(N)]
+msgs = [ipc.pack(ipc.UNIT, units[i], flags=4, pts=i, capture_time=1.0, **places(i)) for i in range(N)]
+
+
 def send(i):
     with pipe._emitting():
         pipe._send(msgs[i])
+
+
 out["worker_send_us"] = bench(send)
+
+
 # relay: parse
 def parse(i):
     ipc.Reader().feed(msgs[i])
+
+
 out["relay_parse_us"] = bench(parse)
 parsed = [ipc.Reader().feed(m)[0] for m in msgs]
 # relay: viewers' payloads
@@ -61,16 +81,24 @@ else:
     out["relay_packetize_us"] = bench(lambda i: borrowed.packetize(units[i]))
 # relay: keyframe SPS
 idrs = [i for i in range(N) if 5 in kinds[i]]
+
+
 def heads(i):
     for j in idrs:
         h264.head_nals(units[j], starts[j]) if NEW else h264.head_nals(units[j])
-t = time.perf_counter(); heads(0); out["relay_head_nals_us_per_keyframe"] = round((time.perf_counter() - t) / len(idrs) * 1e6, 2)
+
+
+t = time.perf_counter()
+heads(0)
+out["relay_head_nals_us_per_keyframe"] = round((time.perf_counter() - t) / len(idrs) * 1e6, 2)
 # relay: RTSP framing (payloads shared with viewers when no places)
 framer = rtsp.RtpFramer(0, 1, 0)
-frames = [EncodedFrame(units[i], i * 3000, 5 in kinds[i], 1.0 + i / 30, **({"nals": starts[i]} if NEW else {})) for i in range(N)]
+frames = [EncodedFrame(units[i], i * 3000, 5 in kinds[i], 1.0 + i / 30, **places(i)) for i in range(N)]
 pl = [borrowed.packetize(u) for u in units]
 if NEW:
-    out["relay_rtsp_frame_us"] = bench(lambda i: framer.frame(rtsp.whole_nals(frames[i]), i * 3000, frames[i].capture_time))
+    out["relay_rtsp_frame_us"] = bench(
+        lambda i: framer.frame(rtsp.whole_nals(frames[i]), i * 3000, frames[i].capture_time)
+    )
     out["rtsp_packets_per_unit"] = round(sum(len(rtsp.whole_nals(f)) for f in frames) / N, 2)
 else:
     out["relay_rtsp_frame_us"] = bench(lambda i: framer.frame(pl[i], i * 3000, frames[i].capture_time))
