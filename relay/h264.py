@@ -95,9 +95,17 @@ def _start_code_of(data: bytes, index: int) -> int:
     return pos - (pos > 0 and data[pos - 1] == 0)
 
 
-def head_nals(data: bytes) -> list[bytes]:
+def head_nals(data: bytes, starts: Sequence[int] | None = None) -> list[bytes]:
     """The NAL units of an Annex B access unit before its first slice (delimiter, SEI, parameter sets), without
-    their start codes; the slices, most of the unit, neither searched nor copied."""
+    their start codes; the slices, most of the unit, neither searched nor copied. ``starts``: where each NAL unit
+    begins (``nal_starts``), where the caller knows: then nothing is searched."""
+    if starts is not None:
+        out = []
+        for nal in nals_at(data, starts):
+            if nal[0] & 0x1F in (NAL_SLICE, NAL_IDR):
+                break
+            out.append(bytes(nal))
+        return out
     pos = data.find(b"\x00\x00\x01")
     while pos >= 0 and pos + 3 < len(data):
         if data[pos + 3] & 0x1F in (NAL_SLICE, NAL_IDR):
@@ -115,6 +123,29 @@ def nal_types(data: bytes) -> list[int]:
         kinds.append(data[pos + 3] & 0x1F)
         pos = data.find(b"\x00\x00\x01", pos + 4)
     return kinds
+
+
+def nals_at(data: bytes, starts: Sequence[int]) -> list[memoryview]:
+    """The NAL units of an Annex B access unit whose NAL units begin at ``starts`` (``nal_starts``): views of
+    ``data``, neither scanned for start codes nor copied."""
+    view = memoryview(data)
+    ends = [*(start - len(START_CODE) for start in starts[1:]), len(data)]
+    return [view[start:end] for start, end in zip(starts, ends, strict=True)]
+
+
+def nal_starts(data: bytes) -> tuple[int, ...]:
+    """Where each NAL unit of an Annex B access unit begins (its header byte), for one whose start codes are all 4
+    bytes, each NAL unit ending where the next one's start code begins (as camrelay's depacketizer and
+    ``join_annexb`` make them): ``nals_at`` takes them. A scan, for tests and for units made without them;
+    ``H264Error`` for a 3-byte start code (an encoder's unit as it came: ``join_annexb(split_annexb(...))`` it)."""
+    out = []
+    pos = data.find(b"\x00\x00\x01")
+    while pos >= 0:
+        if pos == 0 or data[pos - 1] != 0:
+            raise H264Error(f"3-byte start code at byte {pos}: NAL units' places are for 4-byte ones")
+        out.append(pos + 3)
+        pos = data.find(b"\x00\x00\x01", pos + 3)
+    return tuple(out)
 
 
 def join_annexb(nals: list[bytes]) -> bytes:
@@ -279,6 +310,23 @@ class ParameterSets:
         sends) is split whole, as before. ``kinds``: the type of each of its NAL units in order, where the caller
         knows them (camrelay's RTP depacketizer notes them as it gathers the unit): the unit is not scanned for
         its start codes then, only its first few up to its first slice, where there is something to put in."""
+        unit, idr, _ = self._access_unit(data, kinds, None)
+        return unit, idr
+
+    def access_unit_at(
+        self, data: bytes, kinds: Sequence[int], starts: Sequence[int]
+    ) -> tuple[bytes, bool, Sequence[int]]:
+        """``access_unit`` of a unit whose NAL units' types (``kinds``) and places (``starts``, as ``nal_starts``
+        gives them) the caller knows, camrelay's depacketizer: not scanned at all; and the places of the NAL units
+        of the unit it returns (``starts`` itself when that is the unit as it came), which the relay packetizes
+        by."""
+        unit, idr, places = self._access_unit(data, kinds, starts)
+        assert places is not None
+        return unit, idr, places
+
+    def _access_unit(
+        self, data: bytes, kinds: Sequence[int] | None, starts: Sequence[int] | None
+    ) -> tuple[bytes, bool, Sequence[int] | None]:
         if kinds is None:
             kinds = nal_types(data)
         if not kinds and data:
@@ -287,11 +335,11 @@ class ParameterSets:
             if kind in NAL_UNSPECIFIED:
                 raise H264Error(f"NAL unit type {kind} cannot be in an H.264 stream (RTP-only or reserved)")
         if NAL_IDR not in kinds and NAL_SPS not in kinds and NAL_PPS not in kinds:
-            return data, False
+            return data, False, starts
         first_slice = next((i for i, k in enumerate(kinds) if k in (NAL_SLICE, NAL_IDR)), len(kinds))
         cut = len(data)  # where the first slice's start code begins (its zero byte with it): what is split
         if first_slice < len(kinds) and NAL_SPS not in kinds[first_slice:] and NAL_PPS not in kinds[first_slice:]:
-            cut = _start_code_of(data, first_slice)
+            cut = _start_code_of(data, first_slice) if starts is None else starts[first_slice] - len(START_CODE)
         nals = split_annexb(data[:cut] if cut < len(data) else data)
         before = (self.sps, self.pps)
         for nal in nals:
@@ -300,12 +348,23 @@ class ParameterSets:
             self.changes += 1
         idr = NAL_IDR in kinds
         if not idr or (NAL_SPS in kinds and NAL_PPS in kinds) or self.sps is None or self.pps is None:
-            return data, idr
+            return data, idr, starts
         first = next((i for i, n in enumerate(nals) if nal_type(n) in (NAL_SLICE, NAL_IDR)), len(nals))
         head = [n for n in nals[:first] if nal_type(n) not in (NAL_SPS, NAL_PPS)]
         # An access unit delimiter stays first (7.4.1.2.3); the parameter sets go right after it.
         lead = [head.pop(0)] if head and nal_type(head[0]) == NAL_AUD else []
-        return join_annexb([*lead, self.sps, self.pps, *head, *nals[first:]]) + data[cut:], True
+        joined = [*lead, self.sps, self.pps, *head, *nals[first:]]
+        head_bytes = join_annexb(joined)
+        if starts is None:
+            return head_bytes + data[cut:], True, None
+        places, at = [], 0
+        for nal in joined:
+            at += len(START_CODE)
+            places.append(at)
+            at += len(nal)
+        if cut < len(data):  # the slices, as they came, moved by what was put in front
+            places += [start + len(head_bytes) - cut for start in starts[first_slice:]]
+        return head_bytes + data[cut:], True, tuple(places)
 
 
 # -- the SPS

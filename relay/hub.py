@@ -89,6 +89,9 @@ class EncodedFrame:
     published_at: float = 0.0  # wall clock when the hub got it
     # RTP payloads, packetized once per frame and shared by every viewer.
     payloads: list[bytes] | None = field(default=None, repr=False)
+    # Where each NAL unit of ``data`` begins (``ipc.Message.nals``, ``h264.nals_at``), when its worker said: then it
+    # is packetized without a scan for start codes; None for an encoded unit.
+    nals: tuple[int, ...] | None = field(default=None, repr=False)
 
 
 # Delays kept for the send-delay percentiles: ~10 s of frames for 30 viewers.

@@ -44,6 +44,15 @@ WORKER_CONFIG_ENV = "CAMRELAY_WORKER_CONFIG"  # the worker's cameras: a JSON lis
 FLAG_KEYFRAME = 1
 FLAG_FORCED = 2
 FLAG_PASSTHROUGH = 4  # the camera's own access unit, neither decoded nor encoded here
+# The payload starts with where each NAL unit of the unit begins (``Message.nals``): a 16-bit count, then each
+# offset (32 bits) into the unit that follows. A camera's unit as camrelay's depacketizer gathered it carries them,
+# so the relay packetizes it without scanning it for start codes; an encoded unit does not (the relay scans).
+FLAG_NALS = 8
+NAL_COUNT = struct.Struct("!H")
+START_CODE_BYTES = 4  # before each NAL unit of a unit with offsets (h264.START_CODE)
+# At most this many NAL units in a unit with offsets (a count past it is a corrupt stream): a 4K picture in 8 slices,
+# with SEI, parameter sets and a delimiter, is a dozen or two. A unit with more goes without (the relay scans it).
+MAX_NALS = 1024
 
 CMD_KEYFRAME = b"K"
 # At most one forced IDR per this many seconds per stream (the worker's limit): a storm of PLIs from many
@@ -87,6 +96,9 @@ class Message:
     pts: int
     capture_time: float
     payload: bytes
+    # Where each NAL unit of a UNIT begins in ``payload`` (its header byte, after a 4-byte start code; each ends where
+    # the next one's start code begins: ``h264.nals_at``), when the worker knew (FLAG_NALS); None otherwise.
+    nals: tuple[int, ...] | None = None
 
     @property
     def keyframe(self) -> bool:
@@ -105,9 +117,46 @@ class Message:
 
 
 def pack(
-    kind: int, payload: bytes, *, flags: int = 0, pts: int = 0, capture_time: float = 0.0, camera: int = 0
+    kind: int,
+    payload: bytes,
+    *,
+    flags: int = 0,
+    pts: int = 0,
+    capture_time: float = 0.0,
+    camera: int = 0,
+    nals: tuple[int, ...] | None = None,
 ) -> bytes:
-    return HEADER.pack(kind, flags, camera, pts, capture_time, len(payload)) + payload
+    """One message; ``nals``, where each NAL unit of a UNIT's ``payload`` begins (``Message.nals``), goes in front
+    of it (FLAG_NALS) when given and not over ``MAX_NALS``."""
+    if nals is None or len(nals) > MAX_NALS:
+        return HEADER.pack(kind, flags & ~FLAG_NALS, camera, pts, capture_time, len(payload)) + payload
+    head = _offsets(len(nals)).pack(len(nals), *nals)
+    return HEADER.pack(kind, flags | FLAG_NALS, camera, pts, capture_time, len(head) + len(payload)) + head + payload
+
+
+@functools.cache
+def _offsets(count: int) -> struct.Struct:
+    """The count and ``count`` offsets in front of a unit with FLAG_NALS."""
+    return struct.Struct(f"!H{count}I")
+
+
+def _nals(view: memoryview, start: int, end: int) -> tuple[tuple[int, ...], int]:
+    """(the offsets of a FLAG_NALS payload at ``start`` of ``view``, ending at ``end``; where its unit begins);
+    ``ProtocolError`` unless each lies in the unit, after a start code that follows the last NAL unit's first byte
+    (none of them empty)."""
+    if end - start < NAL_COUNT.size:
+        raise ProtocolError("unit with NAL offsets too short for their count")
+    (count,) = NAL_COUNT.unpack_from(view, start)
+    fmt = _offsets(count) if count <= MAX_NALS else None
+    if fmt is None or end - start < fmt.size:
+        raise ProtocolError(f"unit with {count} NAL offsets does not hold them")
+    nals = fmt.unpack_from(view, start)[1:]
+    size, last = end - start - fmt.size, -1
+    for offset in nals:
+        if offset <= last + START_CODE_BYTES or offset >= size:
+            raise ProtocolError(f"NAL offset {offset} out of order or past its {size}-byte unit")
+        last = offset
+    return nals, start + fmt.size
 
 
 def pack_json(kind: int, obj: dict, camera: int = 0) -> bytes:
@@ -155,7 +204,10 @@ def _split(data: bytes | bytearray | memoryview) -> tuple[list[Message], int]:
             end = offset + HEADER.size + length
             if size < end:
                 break
-            out.append(Message(kind, flags, camera, pts, capture_time, bytes(view[offset + HEADER.size : end])))
+            start, nals = offset + HEADER.size, None
+            if flags & FLAG_NALS:
+                nals, start = _nals(view, start, end)
+            out.append(Message(kind, flags, camera, pts, capture_time, bytes(view[start:end]), nals))
             offset = end
     return out, offset
 

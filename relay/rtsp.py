@@ -30,6 +30,7 @@ import shutil
 import socket
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -93,6 +94,9 @@ PUBLISH_KEEPALIVE_FRACTION = 0.5  # of the session's timeout: an OPTIONS long be
 PUBLISH_READ_BYTES = 64 * 1024  # what the server sends back: answers and RTCP receiver reports
 INTERLEAVED = struct.Struct("!cBH")  # "$", channel, length (RFC 2326 10.12)
 RTP = struct.Struct("!BBHII")  # version and flags, marker and payload type, sequence, timestamp, SSRC
+# The largest RTP payload an interleaved frame holds (its length is 16 bits, the RTP header in it): a NAL unit up to
+# this goes to mediamtx whole, in one packet (``whole_nals``).
+WHOLE_NAL_MAX = 0xFFFF - RTP.size
 EVERY_INTERFACE = ("", "0.0.0.0")  # rtsp.host values that mean "listen on every interface"
 REPO_BIN = Path(__file__).resolve().parent.parent / "bin" / "mediamtx"
 # An RTSP response's status line: "RTSP/1.0 200 OK".
@@ -392,6 +396,26 @@ def announce_sdp(sets: bytes, fps: float, audio: bool = False) -> bytes:
     return ("\r\n".join(lines) + "\r\n").encode()
 
 
+def whole_nals(frame: EncodedFrame) -> list[bytes | memoryview]:
+    """RTP payloads of a unit whose NAL units' places its worker gave (``EncodedFrame.nals``): each NAL unit whole in
+    one (RFC 6184 single NAL unit packets; views of the unit), in FU-A fragments past ``WHOLE_NAL_MAX``. In the
+    viewers' 1.1 kB payloads a 1080p unit of 17 kB was 16 packets, which mediamtx read in 4 KiB pieces, and
+    the relay framed one by one; whole, it is one or two. Found by scanning, the NAL units cost the relay what
+    mediamtx saved (docs/benchmarks.md, "Tried and dropped: each NAL unit published whole")."""
+    assert frame.nals is not None
+    out: list[bytes | memoryview] = []
+    step = WHOLE_NAL_MAX - 2  # a fragment's bytes of the NAL unit: its FU indicator and header before them
+    for nal in h264.nals_at(frame.data, frame.nals):
+        if len(nal) <= WHOLE_NAL_MAX:
+            out.append(nal)
+            continue
+        indicator, kind = nal[0] & 0xE0 | rtspin.NAL_FU_A, nal[0] & 0x1F
+        for at in range(1, len(nal), step):  # the NAL unit's header byte is in the indicator and header
+            flags = (0x80 if at == 1 else 0) | (0x40 if at + step >= len(nal) else 0)
+            out.append(bytes((indicator, flags | kind)) + nal[at : at + step])
+    return out
+
+
 class RtpFramer:
     """A publish session's RTP of one track over the RTSP connection (RFC 2326 10.12): each frame's RTP payloads
     as one run of interleaved frames, with this track's SSRC, sequence numbers and timestamps; and its RTCP sender
@@ -405,7 +429,7 @@ class RtpFramer:
         self.packets = self.octets = 0  # sent, as sender reports count them
         self._reported_at: float | None = None  # capture time of the last sender report
 
-    def frame(self, payloads: list[bytes], timestamp: int, capture_time: float | None = None) -> bytes:
+    def frame(self, payloads: Sequence[bytes | memoryview], timestamp: int, capture_time: float | None = None) -> bytes:
         """The frame's RTP, preceded by a sender report when one is due (``capture_time`` given)."""
         out = []
         if capture_time is not None and (
@@ -535,7 +559,8 @@ class RtspPublisher:
                 )
 
             def write(frame: EncodedFrame) -> None:
-                conn.write(framer.frame(payloads_for(frame), frame.pts - base, frame.capture_time))
+                payloads = payloads_for(frame) if frame.nals is None else whole_nals(frame)
+                conn.write(framer.frame(payloads, frame.pts - base, frame.capture_time))
                 self.published += 1
                 conn.keep_alive()
 

@@ -580,6 +580,10 @@ class AccessUnit:
     # The type of each of its NAL units, in order, as the depacketizer took them (``ParameterSets.access_unit``
     # then need not scan the unit for its start codes); None where not known.
     kinds: tuple[int, ...] | None = None
+    # Where each of its NAL units begins (its header byte, after a 4-byte start code; each ends where the next one's
+    # start code begins), as the depacketizer put them there: the relay packetizes by them (``h264.nal_starts``,
+    # ``ipc.Message.nals``) without scanning the unit; None where not known.
+    starts: tuple[int, ...] | None = None
 
     def __bytes__(self) -> bytes:
         return self.data
@@ -644,6 +648,7 @@ class H264Depacketizer:
         self._size = 0  # of its whole NAL units, each with NAL_OVERHEAD
         self._keyframe = False  # one of its whole NAL units is an IDR slice
         self._kinds: list[int] = []  # the type of each NAL unit in it, an FU-A's being gathered too
+        self._starts: list[int] = []  # where each NAL unit in it begins (its header byte), beside _kinds
         self._fu: int | None = None  # where the FU-A being gathered starts in _unit (its NAL header), while one is
         self._timestamp: int | None = None  # of the unit being gathered, unwrapped
         self._last_seq: int | None = None
@@ -701,7 +706,7 @@ class H264Depacketizer:
         gathered (the next in sequence, its timestamp: an FU-A, a single NAL unit, within the unit's cap) is
         taken where it lies, with no object made for it; any other goes through ``push``, and when that
         refuses it (``RtspError``) the packet is dropped and why is appended to ``errors``."""
-        pos, size, unit, kinds, pt = 0, len(view), self._unit, self._kinds, self.payload_type
+        pos, size, unit, kinds, starts, pt = 0, len(view), self._unit, self._kinds, self._starts, self.payload_type
         next_seq, next_ts, next_ssrc = self._expected()
         taken = 0  # packets taken where they lie and not yet counted (self.packets, self._last_seq)
         try:
@@ -737,6 +742,7 @@ class H264Depacketizer:
                             if fu is None:
                                 unit += START_CODE
                                 self._fu = len(unit)
+                                starts.append(len(unit))
                                 unit.append((indicator & 0xE0) | fu_header & 0x1F)
                                 kinds.append(fu_header & 0x1F)
                             unit += view[at + 2 : end]
@@ -747,6 +753,7 @@ class H264Depacketizer:
                             kind = -1
                     elif 1 <= kind <= 23 and fu is None and self._size + end - at + NAL_OVERHEAD <= MAX_UNIT_BYTES:
                         unit += START_CODE
+                        starts.append(len(unit))
                         unit += view[at:end]
                         kinds.append(kind)
                         self._size += end - at + NAL_OVERHEAD
@@ -758,7 +765,7 @@ class H264Depacketizer:
                         if b1 & 0x80:  # its marker: the unit is whole
                             self.packets, self._last_seq, taken = self.packets + taken, seq, 0
                             out += self._finish()
-                            unit, kinds = self._unit, self._kinds
+                            unit, kinds, starts = self._unit, self._kinds, self._starts
                         continue
                 if taken:
                     self.packets, self._last_seq, taken = self.packets + taken, (next_seq - 1) % SEQUENCE_MOD, 0
@@ -766,7 +773,7 @@ class H264Depacketizer:
                     out += self.push(parse_rtp(bytes(view[start:end])))
                 except RtspError as exc:
                     errors.append(str(exc))
-                unit, kinds = self._unit, self._kinds
+                unit, kinds, starts = self._unit, self._kinds, self._starts
                 next_seq, next_ts, next_ssrc = self._expected()
         finally:
             if taken:
@@ -844,12 +851,14 @@ class H264Depacketizer:
             if fu is not None:
                 del self._unit[fu - len(START_CODE) :]
                 self._kinds.pop()
+                self._starts.pop()
             raise RtspError(f"access unit over {MAX_UNIT_BYTES} bytes (no marker bit, no new timestamp)")
         self._keyframe = self._keyframe or kind == NAL_IDR
 
     def _keep(self, nal: bytes | memoryview) -> None:
         self._count(len(nal), nal[0] & 0x1F)
         self._unit += START_CODE
+        self._starts.append(len(self._unit))
         self._unit += nal
         self._kinds.append(nal[0] & 0x1F)
 
@@ -870,6 +879,7 @@ class H264Depacketizer:
         assert self._fu is not None
         del self._unit[self._fu - len(START_CODE) :]
         self._kinds.pop()
+        self._starts.pop()
         self._fu = None
 
     def _add(self, payload: bytes) -> None:
@@ -905,6 +915,7 @@ class H264Depacketizer:
                     raise RtspError(f"FU-A start (NAL type {nal_kind}) before the last fragment ended")
                 self._unit += START_CODE
                 self._fu = len(self._unit)
+                self._starts.append(self._fu)
                 self._unit.append((payload[0] & 0xE0) | nal_kind)
                 self._kinds.append(nal_kind)
             elif self._fu is None:
@@ -916,10 +927,11 @@ class H264Depacketizer:
             raise RtspError(f"RTP H.264 NAL unit type {kind} is undefined")
 
     def _clear(self) -> None:
-        self._unit, self._size, self._keyframe, self._fu, self._kinds = bytearray(), 0, False, None, []
+        self._unit, self._size, self._keyframe, self._fu = bytearray(), 0, False, None
+        self._kinds, self._starts = [], []
 
     def _finish(self) -> list[AccessUnit]:
-        unit, keyframe, whole, kinds = self._unit, self._keyframe, self._size > 0, self._kinds
+        unit, keyframe, whole, kinds, starts = self._unit, self._keyframe, self._size > 0, self._kinds, self._starts
         broken = self._broken or self._fu is not None
         self._clear()
         self._broken = False
@@ -932,4 +944,4 @@ class H264Depacketizer:
         self._wait_idr = False
         self.units += 1
         assert self._timestamp is not None
-        return [AccessUnit(bytes(unit), self._timestamp, keyframe, tuple(kinds))]
+        return [AccessUnit(bytes(unit), self._timestamp, keyframe, tuple(kinds), tuple(starts))]

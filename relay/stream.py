@@ -472,14 +472,15 @@ class Stream:
         if msg.keyframe:
             st.keyframes += 1
             st.keyframes_forced += msg.forced
-            self._read_sps(msg.payload)
-        self.hub.publish(EncodedFrame(msg.payload, msg.pts, msg.keyframe, msg.capture_time))
+            self._read_sps(msg.payload, msg.nals)
+        self.hub.publish(EncodedFrame(msg.payload, msg.pts, msg.keyframe, msg.capture_time, nals=msg.nals))
 
-    def _read_sps(self, unit: bytes) -> None:
+    def _read_sps(self, unit: bytes, nals: tuple[int, ...] | None) -> None:
         """The SPS in front of a keyframe (before its first slice: a 1080p keyframe, 100-300 KiB, is not split
-        for it), parsed when it differs from the last one."""
+        for it; found by its NAL units' places where the worker gave them, ``nals``), parsed when it differs from
+        the last one."""
         try:
-            found = next((n for n in h264.head_nals(unit) if h264.nal_type(n) == h264.NAL_SPS), b"")
+            found = next((n for n in h264.head_nals(unit, nals) if h264.nal_type(n) == h264.NAL_SPS), b"")
             if found and found != self._sps_bytes:
                 self._sps_bytes = found
                 self.sps = h264.parse_sps(found)

@@ -187,3 +187,18 @@ async def test_with_batching_off_a_viewer_plays_and_nothing_is_batched():
         assert flushes == 0, "a relay with batch_sends = false batched"
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize("extra", [1, 2, 1000, 2 * 1198, 2 * 1198 + 1, 17_000])
+def test_a_large_nal_unit_is_cut_into_fu_a_fragments_all_full_size_but_the_last(extra):
+    """RFC 6184 5.8: the first fragment has the start bit, the last the end bit, those between neither; every one
+    carries the NAL unit's F, NRI and type; their bodies joined are the NAL unit's; all full-size but the last."""
+    from aiortc.codecs import h264 as aiortc_h264
+
+    nal = bytes([0x65]) + bytes(i % 251 for i in range(aiortc_h264.PACKET_MAX + extra))
+    fragments = borrowed._EqualFragments._packetize_fu_a(nal)
+    assert all(f[0] == 0x60 | aiortc_h264.NAL_TYPE_FU_A and f[1] & 0x1F == 5 for f in fragments)
+    flags = [f[1] & 0xC0 for f in fragments]
+    assert flags == ([0xC0] if len(fragments) == 1 else [0x80, *[0] * (len(fragments) - 2), 0x40])
+    assert b"".join(f[2:] for f in fragments) == nal[1:]
+    assert {len(f) for f in fragments[:-1]} <= {aiortc_h264.PACKET_MAX} and len(fragments[-1]) <= aiortc_h264.PACKET_MAX

@@ -335,3 +335,11 @@ def test_an_encoders_sps_is_stamped_with_the_constraint_flags_and_level_of_the_c
 def test_an_offer_names_a_profile_as_browsers_write_it(profile_idc, constraints, offered):
     sps = dataclasses.replace(parse_sps(HIGH_360), profile_idc=profile_idc, constraints=constraints)
     assert sps.sdp_profile_level_id == offered
+
+
+def test_nal_places_are_for_four_byte_start_codes_and_a_three_byte_one_is_refused():
+    unit = h264.join_annexb([SEI, IDR])
+    assert h264.nal_starts(unit) == (4, 8 + len(SEI))
+    assert [bytes(n) for n in h264.nals_at(unit, h264.nal_starts(unit))] == [SEI, IDR]
+    with pytest.raises(H264Error, match="3-byte start code at byte 0"):
+        h264.nal_starts(b"\x00\x00\x01" + IDR)

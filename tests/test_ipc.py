@@ -206,3 +206,39 @@ def test_jpegs_of_keyframes_carry_the_interval():
     assert (cmds, rest) == ([], ipc.command(0, ipc.CMD_JPEG_KEYFRAMES))  # its interval byte is still to come
     cmds, rest = ipc.parse_commands(rest + bytes([2]) + ipc.command(0, ipc.CMD_JPEG_ON))
     assert (cmds, rest) == ([(0, ipc.CMD_JPEG_KEYFRAMES, 2), (0, ipc.CMD_JPEG_ON, None)], b"")
+
+
+def test_a_unit_s_nal_places_cross_with_it_and_a_unit_without_them_crosses_as_before():
+    """A passed-through unit carries where its NAL units begin (``Message.nals``); an encoded one does not, and
+    reads as it always did; the places come out exactly, however the pipe cuts the bytes."""
+    unit = b"\x00\x00\x00\x01\x67\x42\x00\x00\x00\x01\x68\xce\x00\x00\x00\x01\x65abc"
+    stream = ipc.pack(ipc.UNIT, unit, flags=ipc.FLAG_KEYFRAME, pts=3000, nals=(4, 10, 16)) + ipc.pack(ipc.UNIT, unit)
+    for cut in range(len(stream) + 1):
+        reader = ipc.Reader()
+        with_places, without = reader.feed(stream[:cut]) + reader.feed(stream[cut:])
+        assert (with_places.payload, with_places.nals, with_places.keyframe, with_places.pts) == (
+            unit,
+            (4, 10, 16),
+            True,
+            3000,
+        )
+        assert (without.payload, without.nals, without.flags) == (unit, None, 0)
+    assert ipc.parse(ipc.pack(ipc.UNIT, unit, nals=tuple(range(4, 4 * (ipc.MAX_NALS + 2), 4))))[0][0].nals is None
+
+
+@pytest.mark.parametrize(
+    ("nals", "reason"),
+    [
+        ((3,), "NAL offset 3 out of order"),  # inside the first start code
+        ((4, 8), "NAL offset 8 out of order"),  # an empty NAL unit before it
+        ((10, 4), "NAL offset 4 out of order"),
+        ((4, 20), "NAL offset 20 out of order or past its 20-byte unit"),
+    ],
+)
+def test_nal_places_that_do_not_fit_their_unit_are_a_corrupt_pipe(nals, reason):
+    unit = b"\x00\x00\x00\x01\x67\x42\x00\x00\x00\x01\x68\xce\x00\x00\x00\x01\x65abc"
+    with pytest.raises(ipc.ProtocolError, match=reason):
+        ipc.parse(ipc.pack(ipc.UNIT, unit, nals=nals))
+    short = ipc.HEADER.pack(ipc.UNIT, ipc.FLAG_NALS, 0, 0, 0.0, 5) + ipc.NAL_COUNT.pack(2) + b"\x00\x00\x00"
+    with pytest.raises(ipc.ProtocolError, match="does not hold them"):
+        ipc.parse(short)

@@ -297,6 +297,24 @@ async def test_an_rtsp_camera_is_passed_through_to_a_webrtc_viewer(
     assert "***" in cam["source"] and camera.url.split("@")[0].split(":")[-1] not in cam["source"]
 
 
+async def test_a_passed_through_camera_s_units_reach_the_hub_with_their_nal_units_places(start_camera):
+    """The worker sends each of the camera's units with where its NAL units begin, as its depacketizer gathered
+    them (moved where the parameter sets went in front of an IDR), and the relay publishes them with it: the
+    viewers' packets and the RTSP publisher's whole NAL units are cut by them, no unit scanned. Every frame's
+    places are where a scan finds its NAL units, keyframes' too."""
+    camera = live_camera(start_camera, profile="high")
+    async with relay_for(camera.url) as relay:
+        stream = relay.relay.streams["cam"]
+        await passing_through(relay)
+        subscription = stream.hub.subscribe("test-nals", max_frames=10 * FPS)
+        try:
+            frames = [await asyncio.wait_for(subscription.get(), DEADLINE) for _ in range(2 * FPS)]
+        finally:
+            subscription.close()
+    assert sum(f.keyframe for f in frames) >= 1
+    assert [f.nals for f in frames] == [h264.nal_starts(f.data) for f in frames]
+
+
 async def test_a_viewer_joining_mid_gop_sees_the_camera_before_its_next_keyframe(start_camera, http):
     """A camera with a 10 s GOP, joined 1 s into a GOP: the viewer's first picture comes from the relay's copy of
     the GOP, while the GOP it joined in is still the camera's current one (the cache has not been reset by a new

@@ -29,12 +29,14 @@ import pytest
 
 from benchmarks import rtspcams
 from benchmarks.rtspcams import CameraServer, LiveCamera, server_config
-from relay import h264, ipc, rtspin
+from relay import h264, ipc, rtsp, rtspin
 from relay.camera import rtspsource, worker
 from relay.camera.capture import SourceError, UseDemuxer, open_source
 from relay.camera.rtspsource import RtspSource
 from relay.camera.testpattern import PatternRenderer
 from relay.config import StreamConfig
+from relay.h264 import ParameterSets
+from relay.hub import EncodedFrame
 from relay.ipc import EncoderSettings
 from relay.rtspin import RtspError
 from relay.source import parse_source_spec
@@ -277,8 +279,85 @@ def test_a_playing_connections_bytes_give_the_units_and_counts_packet_by_packet_
     assert (played.errors, played.responses) == (one_errors, responses) and len(responses) == 1
     assert counts(many) == counts(one)
     assert one_units or name == "no-marker"
-    # Each unit names its NAL units' types as the depacketizer took them: what a scan of its start codes finds.
+    # Each unit names its NAL units' types and places as the depacketizer took them: what a scan of its start codes
+    # finds.
     assert all(u.kinds == tuple(h264.nal_types(u.data)) for u in played.units + one_units)
+    assert all(u.starts == h264.nal_starts(u.data) for u in played.units + one_units)
+
+
+def encode_headed_units(in_band: bool) -> tuple[list[bytes], list[bytes]]:
+    """(units of libx264 in several slices a picture (asked for 4, x264 makes 2 at this size), each keyframe with
+    an access unit delimiter and x264's SEI; with ``in_band``, SPS and PPS in front of each IDR, else only out of
+    band (returned), as a camera's SDP has them)."""
+    cc = av.CodecContext.create("libx264", "w")
+    cc.width, cc.height, cc.pix_fmt = 640, 360, "yuv420p"
+    cc.time_base = fractions.Fraction(1, 30)
+    if not in_band:
+        cc.flags |= av.codec.context.Flags.global_header
+    cc.options = {"preset": "ultrafast", "x264-params": "keyint=4:bframes=0:slices=4:aud=1"}
+    renderer, units = PatternRenderer(640, 360), []
+    for i in range(8):
+        frame = av.VideoFrame.from_ndarray(renderer.planes(i), format="yuv420p")
+        frame.pts = i
+        units += [bytes(p) for p in cc.encode(frame)]
+    units += [bytes(p) for p in cc.encode()]
+    return units, h264.extradata_parameter_sets(bytes(cc.extradata)) if not in_band else []
+
+
+@pytest.mark.parametrize("in_band", [True, False], ids=["sets-in-band", "sets-out-of-band"])
+def test_the_nal_units_places_the_depacketizer_gives_are_a_scans_and_survive_the_parameter_sets_put_in_front(
+    in_band,
+):
+    """A camera's real units (a keyframe with a delimiter, SEI, SPS and PPS; several slices a picture), packetized as
+    aiortc does (STAP-A, FU-A, single NAL units) and gathered again packet by packet and where they lie in the
+    bytes read: each unit's ``starts`` are where a scan of its start codes finds its NAL units. Then
+    ``ParameterSets.access_unit_at`` by them gives the unit ``access_unit`` gives by a scan, and its NAL units'
+    places, also where the sets were put in front of an IDR that lacked them; ``h264.nals_at`` the NAL units
+    ``split_annexb`` finds."""
+    units, out_of_band = encode_headed_units(in_band)
+    kinds = [h264.nal_types(u) for u in units]
+    assert {h264.NAL_AUD, h264.NAL_SEI} <= set(kinds[0]) and (h264.NAL_SPS in kinds[0]) == in_band
+    assert all(k.count(h264.NAL_IDR) + k.count(h264.NAL_SLICE) >= 2 for k in kinds), "slices: more than one a picture"
+    packets = packets_of(units)
+    one = rtspin.H264Depacketizer(PT)
+    pushed = [u for p in packets for u in one.push(rtspin.parse_rtp(p))]
+    played = rtspin.Reader().feed_video(memoryview(interleaved(packets)), 0, rtspin.H264Depacketizer(PT)).units
+    assert [u.data for u in pushed] == [u.data for u in played]
+    assert [nals(u.data) for u in pushed] == [nals(u) for u in units]  # x264's 3-byte start codes become 4-byte
+    by_scan, by_places = ParameterSets(out_of_band), ParameterSets(out_of_band)
+    for unit in pushed + played:
+        assert unit.starts == h264.nal_starts(unit.data) and len(unit.starts) == len(h264.split_annexb(unit.data))
+        assert [bytes(n) for n in h264.nals_at(unit.data, unit.starts)] == h264.split_annexb(unit.data)
+        data, idr, starts = by_places.access_unit_at(unit.data, unit.kinds, unit.starts)
+        assert (data, idr) == by_scan.access_unit(unit.data)
+        assert starts == h264.nal_starts(data)
+        assert [bytes(n) for n in h264.nals_at(data, starts)] == h264.split_annexb(data)
+        if idr:
+            assert h264.NAL_SPS in h264.nal_types(data) and (data != unit.data) == (not in_band)
+
+
+def test_a_unit_with_its_nal_units_places_is_packetized_for_viewers_as_by_a_scan_and_whole_for_mediamtx():
+    """The relay's side of the places: the viewers' RTP payloads made by them are the ones a scan makes (same
+    bytes on the wire); a keyframe's SPS is found by them; and each NAL unit published whole to mediamtx (one
+    packet, or FU-A past 64 KiB: a 150 kB slice here) is gathered back into the same unit by an RTSP reader's
+    depacketizer."""
+    units = [h264.join_annexb(nals(u)) for u in encode_headed_units(True)[0]]  # 4-byte start codes, as depacketized
+    big = bytes([0x65]) + bytes(range(1, 256)) * 600  # an IDR slice of 153 kB: three FU-A fragments
+    units.append(h264.START_CODE + b"\x09\x10" + h264.START_CODE + big)
+    for data in units:
+        frame = EncodedFrame(data, 0, h264.is_idr(data), 0.0, nals=h264.nal_starts(data))
+        assert borrowed.packetize_nals(h264.nals_at(data, frame.nals)) == borrowed.packetize(data)
+        assert h264.head_nals(data, frame.nals) == h264.head_nals(data)
+        payloads = rtsp.whole_nals(frame)
+        assert len(payloads) == (len(frame.nals) if len(data) < rtsp.WHOLE_NAL_MAX else len(frame.nals) + 2)
+        assert max(map(len, payloads)) <= rtsp.WHOLE_NAL_MAX
+        reader = rtspin.H264Depacketizer(PT)
+        got = [
+            u
+            for i, p in enumerate(payloads)
+            for u in reader.push(rtspin.parse_rtp(rtp(p, i, 0, i == len(payloads) - 1)))
+        ]
+        assert [u.data for u in got] == [data]
 
 
 @pytest.mark.parametrize(

@@ -1237,8 +1237,9 @@ def test_a_camera_s_silence_counts_from_the_end_of_a_write_that_waited_and_not_f
     monkeypatch.setattr(worker, "WRITES", writes.Writes(clock))
     took = [0.0]
 
-    def emit(data: bytes) -> None:
-        clock.now += took[0]
+    def emit(data: bytes) -> None:  # records its write as production's emit does (worker.PipeWriter)
+        with worker.WRITES.waiting():
+            clock.now += took[0]
 
     config = ipc.WorkerConfig("cam0", "test:", 320, 240, FPS, 1_000_000, 1.0, "libx264", mode="passthrough")
     pipeline = worker.make_pipeline(config, 0, emit, shared=True)

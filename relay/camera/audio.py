@@ -403,10 +403,9 @@ class AudioPipeline:
             self.cpu_seconds = self._cpu_before + time.thread_time() - self._cpu_origin
 
     def _send(self, data: bytes) -> None:
-        """A packet to the relay; while it waits (the pipe full), and up to when it ends, not a silent source
-        (``writes.WRITES``, as any write of the process's: a log line's too)."""
-        with WRITES.waiting():
-            self._emit(data)
+        """A packet to the relay; while it waits (the pipe full), and up to when it ends, not a silent source: the
+        emit records that itself (``worker.PipeWriter``, in ``writes.WRITES``, as any write of the process's)."""
+        self._emit(data)
 
     def _failed(self, message: str, started: float) -> None:
         """One line per failure, then a wait: 0.5 s, 1 s, 2 s ... 30 s (a run of 10 s starts the schedule again)."""

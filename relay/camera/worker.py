@@ -31,7 +31,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .. import h264, ipc
@@ -231,9 +231,8 @@ class Pipeline:
         self._jpegs: threading.Thread | None = None  # a passed-through camera's JPEGs, while wanted
         self._threads_lock = threading.Lock()
         # Held while a unit is written: a passed-through camera's first unit and the slate's last never cross
-        # (``_emitting``); its holder's ident while held.
-        self._emit_lock = threading.Lock()
-        self._emit_holder: int | None = None
+        # (``_emitting``).
+        self._unit_lock = UnitLock()
         self._pts_lock = threading.Lock()
         self._last_pts = -1
         self._last_encoded = 0.0  # capture time of the last frame encoded
@@ -360,22 +359,14 @@ class Pipeline:
 
     def _send(self, data: bytes) -> None:
         """``data`` to the relay (``emit``). A thread waits here while the pipe is full (the relay slow to read it):
-        not a source that hung, nor a camera gone silent (``writes.WRITES``, as in any write of the process's: a
-        log line's too)."""
-        with WRITES.waiting():
-            self._emit(data)
+        not a source that hung, nor a camera gone silent. The emit records that itself (``PipeWriter``, in
+        ``writes.WRITES``, as any write of the process's: a log line's too); recording it here as well took a
+        second lock and a generator a unit."""
+        self._emit(data)
 
-    @contextlib.contextmanager
-    def _emitting(self) -> Iterator[None]:
-        """``_emit_lock`` held. A thread that waits for it while its holder waits in a write waits to write too."""
-        with WRITES.waiting(behind=lambda: self._emit_holder):
-            self._emit_lock.acquire()
-        self._emit_holder = threading.get_ident()
-        try:
-            yield
-        finally:
-            self._emit_holder = None
-            self._emit_lock.release()
+    def _emitting(self) -> UnitLock:
+        """The unit lock, for a ``with``: held while a unit is written."""
+        return self._unit_lock
 
     def silent(self, now: float) -> float:
         """Seconds it sent nothing, not even the slate (``last_alive``), as the output watch counts them: none while
@@ -640,8 +631,13 @@ class Pipeline:
             packet = source.read_packet()
             self._last_read = time.monotonic()
             st.frames_captured += 1
+            kinds, starts = getattr(packet, "kinds", None), getattr(packet, "starts", None)
             try:
-                unit, idr = sets.access_unit(_annexb(bytes(packet), length), getattr(packet, "kinds", None))
+                if kinds is not None and starts is not None and not length:  # camrelay's depacketizer's unit
+                    unit, idr, starts = sets.access_unit_at(packet.data, kinds, starts)
+                else:
+                    unit, idr = sets.access_unit(_annexb(bytes(packet), length), kinds)
+                    starts = None
             except H264Error as exc:
                 st.frames_dropped_corrupt += 1
                 log.debug("stream=%s %s", self.name, exc)
@@ -674,7 +670,15 @@ class Pipeline:
                     log.info("stream=%s signal is back", self.name)
                     self.push_status()
                 self._send(
-                    ipc.pack(ipc.UNIT, unit, flags=flags, pts=self._pts(when), capture_time=now, camera=self.camera)
+                    ipc.pack(
+                        ipc.UNIT,
+                        unit,
+                        flags=flags,
+                        pts=self._pts(when),
+                        capture_time=now,
+                        camera=self.camera,
+                        nals=starts,
+                    )  # fmt: skip
                 )
                 self.last_alive = time.monotonic()
 
@@ -934,6 +938,32 @@ def _annexb(data: bytes, avcc_length: int) -> bytes:
     return h264.avcc_to_annexb(data, avcc_length) if avcc_length else data
 
 
+class UnitLock:
+    """A lock held while a unit is written, and its holder's ident while held. A thread that waits for it while its
+    holder waits in a write waits to write too (``writes.WRITES``; recorded only when it has to wait: a lock taken
+    at once is no wait, and most are). Taken once a unit by a camera's capture thread: a plain object, not a
+    generator's context manager made at every unit."""
+
+    __slots__ = ("_lock", "holder")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.holder: int | None = None
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            began = WRITES.begin(behind=lambda: self.holder)
+            try:
+                self._lock.acquire()
+            finally:
+                WRITES.end(began)
+        self.holder = threading.get_ident()
+
+    def __exit__(self, *exc: object) -> None:
+        self.holder = None
+        self._lock.release()
+
+
 class PipeWriter:
     """Thread-safe writes of whole messages to a pipe; a closed pipe stops the worker."""
 
@@ -943,13 +973,18 @@ class PipeWriter:
         self._on_broken = on_broken
 
     def __call__(self, data: bytes) -> None:
-        with WRITES.waiting(), self._lock:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(self._fd, view) :]
-            except (BrokenPipeError, OSError):
-                self._on_broken()
+        began = WRITES.begin()  # the one record of this write (the pipelines' sends do not wrap it again)
+        try:
+            with self._lock:
+                written = os.write(self._fd, data)  # most: a pipe with room takes a whole message at once
+                if written < len(data):
+                    view = memoryview(data)
+                    while written < len(data):
+                        written += os.write(self._fd, view[written:])
+        except (BrokenPipeError, OSError):
+            self._on_broken()
+        finally:
+            WRITES.end(began)
 
 
 def _discard(data: bytes) -> None:

@@ -938,11 +938,14 @@ class _EqualFragments(AiortcH264):
         indicator = (data[0] & 0xE0) | h264.NAL_TYPE_FU_A  # F and NRI of the NAL unit, type FU-A
         nal_type = data[0] & 0x1F
         body = memoryview(data)[h264.NAL_HEADER_SIZE :]
-        starts = range(0, len(body), room)
-        last = starts[-1]
+        last = (len(body) - 1) // room * room  # where the last fragment starts
+        if last == 0:
+            return [bytes((indicator, nal_type | 0xC0)) + body]  # start and end (a NAL unit just past PACKET_MAX)
+        middle = bytes((indicator, nal_type))  # one header for every fragment between the first and the last
         return [
-            bytes((indicator, nal_type | (0x80 if i == 0 else 0) | (0x40 if i == last else 0))) + body[i : i + room]
-            for i in starts
+            bytes((indicator, nal_type | 0x80)) + body[:room],
+            *[middle + body[i : i + room] for i in range(room, last, room)],
+            bytes((indicator, nal_type | 0x40)) + body[last:],
         ]
 
 
@@ -950,3 +953,10 @@ def packetize(access_unit: bytes) -> list[bytes]:
     """RTP payloads (single NAL, STAP-A, FU-A) for one H.264 access unit (Annex B). Empty NAL units (a start
     code at the very end, two in a row) are left out: aiortc's STAP-A packer fails on one."""
     return _EqualFragments._packetize([nal for nal in AiortcH264._split_bitstream(access_unit) if nal])
+
+
+def packetize_nals(nals: list[memoryview]) -> list[bytes]:
+    """``packetize`` of an access unit already split into its NAL units (views, none empty: ``relay.h264.nals_at``
+    by the places its worker gave), not scanned for start codes; a NAL unit cut into FU-A fragments is not
+    copied first."""
+    return _EqualFragments._packetize([nal if len(nal) > h264.PACKET_MAX else bytes(nal) for nal in nals])

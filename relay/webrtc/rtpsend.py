@@ -104,6 +104,7 @@ from aiortc.rtcrtpsender import random_sequence_number
 from aiortc.rtp import RTP_HISTORY_SIZE, RtpPacket, wrap_rtx
 from aiortc.utils import random32, uint32_add
 
+from .. import h264
 from ..hub import EncodedFrame, HubClosed, PacketHub, Subscription
 from ..logsafe import Throttled
 from . import borrowed
@@ -268,7 +269,10 @@ class SharedPacker:
 def payloads_for(frame: EncodedFrame) -> list[bytes]:
     """RTP payloads (single NAL, STAP-A, FU-A) for one frame, computed once."""
     if frame.payloads is None:
-        frame.payloads = borrowed.packetize(frame.data)
+        if frame.nals is None:
+            frame.payloads = borrowed.packetize(frame.data)
+        else:  # its NAL units' places, from its worker: no scan
+            frame.payloads = borrowed.packetize_nals(h264.nals_at(frame.data, frame.nals))
     return frame.payloads
 
 
