@@ -458,6 +458,7 @@ _ENCODER = _SENDER + "encoder"
 SENDER_FIELDS = (
     "track", "mid", "rtp_started", "rtp_exited", "rtp_header_extensions_map", "rtx_payload_type",
     "rtx_sequence_number", "ntp_timestamp", "rtp_timestamp", "octet_count", "packet_count", "encoder",
+    "rtcp_started", "rtcp_exited", "cname", "lsr", "lsr_time",
 )  # fmt: skip
 # The names written once per frame per viewer (``SenderFields.count``, ``count_dtls_sent``), joined once here.
 _NTP_TIMESTAMP, _RTP_TIMESTAMP = _SENDER + "ntp_timestamp", _SENDER + "rtp_timestamp"
@@ -485,13 +486,18 @@ def attach(sender: aiortc.RTCRtpSender, packer: object, request_keyframe: Callab
     sender._send_keyframe = request_keyframe  # type: ignore[method-assign]
 
 
-def replace_send_loop(sender: aiortc.RTCRtpSender, run_rtp: Callable, retransmit: Callable) -> None:
-    """``sender`` runs ``run_rtp(sender, codec)`` as its RTP loop and ``retransmit(sender, sequence)`` on NACK."""
+def replace_send_loop(
+    sender: aiortc.RTCRtpSender, run_rtp: Callable, retransmit: Callable, run_rtcp: Callable | None = None
+) -> None:
+    """``sender`` runs ``run_rtp(sender, codec)`` as its RTP loop and ``retransmit(sender, sequence)`` on NACK;
+    ``run_rtcp(sender)``, if given, as its RTCP loop (aiortc's sends a sender report every 0.5 to 1.5 s)."""
     missing = [f for f in SENDER_FIELDS if not hasattr(sender, _SENDER + f)]
-    if missing:
+    if missing or not hasattr(sender, "_send_rtcp"):
         raise RuntimeError(f"aiortc's RTCRtpSender lacks {missing}; camrelay's fast send path needs updating")
     sender._run_rtp = types.MethodType(run_rtp, sender)  # type: ignore[method-assign]
     sender._retransmit = types.MethodType(retransmit, sender)  # type: ignore[method-assign]
+    if run_rtcp is not None:
+        sender._run_rtcp = types.MethodType(run_rtcp, sender)  # type: ignore[method-assign]
 
 
 class SenderFields:
@@ -563,6 +569,38 @@ class SenderFields:
 
     async def send_rtp(self, data: bytes) -> None:
         await self.sender.transport._send_rtp(data)
+
+    # -- its RTCP, for a loop that stands in for aiortc's ``_run_rtcp`` (``replace_send_loop``)
+
+    @property
+    def cname(self) -> str | None:
+        return self._fields[_SENDER + "cname"]
+
+    def rtcp_started(self) -> None:
+        self._fields[_SENDER + "rtcp_started"].set()
+
+    def report_counts(self) -> tuple[int, int, int, int]:
+        """(NTP time, RTP timestamp, packets, octets) for a sender report now, as aiortc's loop reads them: through
+        the synced fields (``SYNCED_COUNTS``), so what the stream's batch sent is in."""
+        sender = self.sender
+        return (
+            getattr(sender, _NTP_TIMESTAMP), getattr(sender, _RTP_TIMESTAMP),
+            getattr(sender, _PACKET_COUNT), getattr(sender, _OCTET_COUNT),
+        )  # fmt: skip
+
+    def reported(self, ntp: int) -> None:
+        """A sender report carrying ``ntp`` went out now: what aiortc keeps to tell the round-trip time from the
+        receiver reports that answer it."""
+        f = self._fields
+        f[_SENDER + "lsr"] = (ntp >> 16) & 0xFFFFFFFF
+        f[_SENDER + "lsr_time"] = time.time()
+
+    async def send_bye(self) -> None:
+        """The RTCP BYE aiortc's loop sends as it ends."""
+        await self.sender._send_rtcp([aiortc.rtp.RtcpByePacket(sources=[self.sender._ssrc])])
+
+    def rtcp_exited(self) -> None:
+        self._fields[_SENDER + "rtcp_exited"].set()
 
 
 def sent(sender: aiortc.RTCRtpSender) -> tuple[int, int]:

@@ -106,7 +106,7 @@ from aiortc.utils import random32, uint32_add
 
 from ..hub import EncodedFrame, HubClosed, PacketHub, Subscription
 from ..logsafe import Throttled
-from . import borrowed
+from . import borrowed, reports
 from .catchup import ViewerTiming
 from .playout import add_elements
 from .udpbatch import MAX_GSO_BYTES, MAX_SEGMENTS, batcher_for, send_run_at_once, send_run_direct
@@ -427,10 +427,12 @@ def h264_preferences() -> list[RTCRtpCodecCapability]:
 
 
 def install(sender: RTCRtpSender, batch: bool = True) -> None:
-    """Give ``sender`` the per-frame send loop and the matching retransmission; ``batch``: through the
-    socket batcher (relay.webrtc.udpbatch), else a system call per datagram."""
-    borrowed.replace_send_loop(sender, _run_rtp, _retransmit)
-    sender.__dict__[_SEND] = send_run_at_once if batch else send_run_direct
+    """Give ``sender`` the per-frame send loop, the matching retransmission and sender reports sent with every
+    other sender's (relay.webrtc.reports); ``batch``: through the socket batcher (relay.webrtc.udpbatch), else a
+    system call per datagram."""
+    send_run = send_run_at_once if batch else send_run_direct
+    borrowed.replace_send_loop(sender, _run_rtp, _retransmit, reports.run_rtcp(send_run))
+    sender.__dict__[_SEND] = send_run
 
 
 def add_header_extension(sender: RTCRtpSender, ext_id: int, value: bytes) -> None:

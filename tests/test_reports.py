@@ -1,0 +1,121 @@
+"""RTCP sender reports sent for every sender of an event loop in one pass a second (``relay.webrtc.reports``): the
+bytes aiortc's own loop would send, every real aiortc viewer's reports in the same passes with the counts of what
+the stream's C batch sent, the round-trip time the answers give, a BYE and nothing left behind as the senders stop,
+and one sender's failing report skipped, said once, while the others go out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import pytest
+from aiortc.rtp import RtcpSdesPacket, RtcpSenderInfo, RtcpSourceInfo, RtcpSrPacket
+
+from relay.hub import PacketHub
+from relay.webrtc import borrowed, reports
+from relay.webrtc.rtpsend import payloads_for
+
+from .test_batchsend import PICTURES, _connect, _publish, _received_all, held  # noqa: F401 (held: a fixture)
+
+DEADLINE = 20.0  # seconds for what a test waits on: a guard, not a measurement
+
+
+@pytest.mark.parametrize(
+    ("ntp", "timestamp", "packets", "octets"),
+    [(0, 0, 0, 0), (0xE9A1_2B3C_4D5E_6F70, 0xFFFF_FFFF, 12_345, 9_876_543), (1 << 63, 7, (1 << 32) + 5, (1 << 40) + 9)],
+)
+def test_a_report_is_the_bytes_aiortcs_loop_serializes_for_the_same_fields(ntp, timestamp, packets, octets):
+    ssrc, cname = 0x1234_5678, "{5c8e7a9e-camrelay}"
+    theirs = bytes(
+        RtcpSrPacket(
+            ssrc=ssrc,
+            sender_info=RtcpSenderInfo(
+                ntp_timestamp=ntp, rtp_timestamp=timestamp, packet_count=packets & 0xFFFFFFFF,
+                octet_count=octets & 0xFFFFFFFF,
+            ),
+        )
+    ) + bytes(RtcpSdesPacket(chunks=[RtcpSourceInfo(ssrc=ssrc, items=[(1, cname.encode())])]))  # fmt: skip
+    assert reports.sender_report(ssrc, ntp, timestamp, packets, octets) + reports.sdes_chunk(ssrc, cname) == theirs
+    assert reports.sdes_chunk(ssrc, None) == b""  # no CNAME: the report alone, as aiortc
+
+
+def _senders(pairs):
+    return [r.getTransceivers()[0].sender for r, _ in pairs]
+
+
+async def _reported(pairs, times: int) -> None:
+    book = reports.reports_for(asyncio.get_running_loop())
+    deadline = time.monotonic() + DEADLINE
+    while min(book.sent(s) for s in _senders(pairs)) < times:
+        assert time.monotonic() < deadline, [book.sent(s) for s in _senders(pairs)]
+        await asyncio.sleep(0.05)
+
+
+async def test_every_viewers_reports_go_out_in_the_same_passes_count_the_batch_and_give_a_round_trip_time(held):  # noqa: F811
+    """Three real aiortc viewers of a stream sent to in the C batch: their senders' reports leave together, one
+    pass a second, the same number each; each viewer's view of them counts every packet and byte the stream sent
+    it; the viewers' receiver reports answer them, so each sender knows its round-trip time (the report's NTP
+    time was kept); and once the viewers are gone, no sender is left enrolled and no timer runs."""
+    hub = PacketHub("cam0", lambda: None)
+    pairs = await _connect(hub, 3)
+    book = reports.reports_for(asyncio.get_running_loop())
+    try:
+        frames = await _publish(hub, pairs, PICTURES[:6], pts0=90_000 * 1_700_000_000)
+        packets = sum(len(payloads_for(f)) for f in frames)
+        octets = sum(sum(map(len, payloads_for(f))) for f in frames)
+        await _received_all(pairs, packets)
+        passes = book.passes
+        await _reported(pairs, 3)
+        sent = [book.sent(s) for s in _senders(pairs)]
+        assert max(sent) - min(sent) <= 1 and book.passes - passes <= max(sent), (sent, book.passes - passes)
+        for (_, viewer), sender in zip(pairs, _senders(pairs), strict=True):
+            deadline = time.monotonic() + DEADLINE
+            while True:  # the viewer's view of the reports, and the sender's of the viewer's answers
+                theirs = await viewer.getTransceivers()[0].receiver.getStats()
+                remote = [s for s in theirs.values() if s.type == "remote-outbound-rtp"]
+                ours = await sender.getStats()
+                answers = [s for s in ours.values() if s.type == "remote-inbound-rtp"]
+                if remote and remote[0].packetsSent == packets and answers and answers[0].roundTripTime is not None:
+                    break
+                assert time.monotonic() < deadline, (remote, answers)
+                await asyncio.sleep(0.1)
+            assert remote[0].bytesSent == octets
+            assert 0 <= answers[0].roundTripTime < DEADLINE
+    finally:
+        for relay, viewer in pairs:
+            await relay.close()
+            await viewer.close()
+    assert len(book) == 0 and book._timer is None
+
+
+async def test_a_report_that_fails_is_skipped_and_said_once_while_the_others_go_out(held, monkeypatch, caplog):  # noqa: F811
+    hub = PacketHub("cam0", lambda: None)
+    pairs = await _connect(hub, 3)
+    book = reports.reports_for(asyncio.get_running_loop())
+    failing = {id(s) for s in _senders(pairs)[:2]}
+    report = reports._Enrolled.report
+
+    def fails_for_two(self) -> None:
+        if id(self.fields.sender) in failing:
+            raise MemoryError
+        report(self)
+
+    monkeypatch.setattr(reports._Enrolled, "report", fails_for_two)
+    try:
+        with caplog.at_level(logging.WARNING, logger="relay.webrtc.reports"):
+            passes = book.passes
+            deadline = time.monotonic() + DEADLINE
+            while book.passes - passes < 2:
+                assert time.monotonic() < deadline, "no report pass"
+                await asyncio.sleep(0.05)
+        senders = _senders(pairs)
+        assert [book.sent(s) for s in senders[:2]] == [0, 0] and book.sent(senders[2]) >= 2
+        ssrc = borrowed.SenderFields(senders[0]).ssrc
+        lines = [r.getMessage() for r in caplog.records if "rtcp sender report failed" in r.getMessage()]
+        assert lines[0] == f"rtcp sender report failed, skipped: ssrc={ssrc} MemoryError()"
+        assert len(lines) <= book.passes - passes  # at most one a pass: the second sender's is counted, not said
+    finally:
+        for relay, viewer in pairs:
+            await relay.close()
+            await viewer.close()
