@@ -119,3 +119,67 @@ async def test_a_report_that_fails_is_skipped_and_said_once_while_the_others_go_
         for relay, viewer in pairs:
             await relay.close()
             await viewer.close()
+
+
+# -- a viewer's RTCP read as it arrives (``borrowed.read_rtcp_at_once``)
+
+
+async def test_a_viewers_receiver_reports_are_read_as_they_come_and_its_feedback_still_reaches_aiortc(
+    held,  # noqa: F811
+    monkeypatch,
+):
+    """Two real aiortc viewers: their receiver reports reach the relay's senders (each knows its round-trip time and
+    the loss its viewer reports) without aiortc's DTLS task handling any of them, and the transport counts each
+    datagram received; a PLI (feedback, which aiortc's handler may answer by sending) still goes to aiortc's own
+    handler and asks the stream for a keyframe; an RTCP datagram from the viewer's address that fails SRTCP
+    authentication is dropped, said nowhere, and the session goes on."""
+    import aiortc
+    from aiortc.rtp import RTCP_PSFB_PLI, RtcpPsfbPacket
+
+    asked = []
+    hub = PacketHub("cam0", lambda: asked.append(time.monotonic()))
+    handled: list[bytes] = []  # what aiortc's handler got on the relay's side
+    relay_side: set[int] = set()
+    handle = aiortc.RTCDtlsTransport._handle_rtcp_data
+
+    async def spy(self, data: bytes) -> None:
+        if id(self) in relay_side:
+            handled.append(data)
+        await handle(self, data)
+
+    monkeypatch.setattr(aiortc.RTCDtlsTransport, "_handle_rtcp_data", spy)
+    release = borrowed.WATCH_ICE.hold()  # as a relay's process holds it (sessions.process_patches)
+    pairs = await _connect(hub, 2)
+    try:
+        ours = _senders(pairs)
+        relay_side.update(id(s.transport) for s in ours)
+        await _publish(hub, pairs, PICTURES[:4])
+        received = [s.transport._RTCDtlsTransport__rx_packets for s in ours]
+        deadline = time.monotonic() + DEADLINE
+        while True:  # aiortc's viewers report once their receivers have had packets and a sender report
+            answers = [[s for s in (await o.getStats()).values() if s.type == "remote-inbound-rtp"] for o in ours]
+            if all(a and a[0].roundTripTime is not None for a in answers):
+                break
+            assert time.monotonic() < deadline, answers
+            await asyncio.sleep(0.1)
+        assert handled == [], "a receiver report went through aiortc's DTLS task"
+        assert all(a[0].packetsLost == 0 for a in answers)
+        assert [s.transport._RTCDtlsTransport__rx_packets for s in ours] > received  # counted as aiortc counts
+        keyframes = len(asked)
+        viewer_dtls = pairs[0][1].getTransceivers()[0].receiver.transport
+        pli = RtcpPsfbPacket(fmt=RTCP_PSFB_PLI, ssrc=1234, media_ssrc=borrowed.SenderFields(ours[0]).ssrc)
+        await viewer_dtls._send_rtp(bytes(pli))
+        deadline = time.monotonic() + DEADLINE
+        while len(asked) == keyframes:
+            assert time.monotonic() < deadline, "the PLI asked for no keyframe"
+            await asyncio.sleep(0.02)
+        assert len(handled) == 1  # the PLI, through aiortc's handler
+        conn = viewer_dtls.transport._connection
+        await conn.send(bytes([0x80, 201, 0, 1]) + bytes(4) + b"\x00" * 14)  # RTCP-looking, not SRTCP: dropped
+        await asyncio.sleep(0.2)
+        assert len(handled) == 1 and pairs[0][0].connectionState == "connected"
+    finally:
+        for relay, viewer in pairs:
+            await relay.close()
+            await viewer.close()
+        release()

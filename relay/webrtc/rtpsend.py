@@ -464,6 +464,7 @@ class FrameSender:
         self.extensions = sender.__dict__.get(_EXTRA, ())  # add_header_extension's
         self.template: HeaderTemplate | None = None  # made at the first frame, once aiortc has set mid and SSRC
         self._socket = borrowed.DtlsSocket(sender.transport)
+        borrowed.read_rtcp_at_once(sender.transport)  # its viewer's reports read as they come, not queued
         self._unsync: Callable[[], None] | None = None  # ``borrowed.sync_counts``' release, once the lane is bound
         self._bound = False  # its lane was bound (``lane_ready``): unbound since, it failed in the batch
         # Its lane failed mid-frame in the batch (C unbinds it): this sender's frames go alone from then on, never
