@@ -334,13 +334,14 @@ def run_point(
     for proc in [*everything, *workers]:
         proc.cpu_percent(None)
     counters_before, udp_before = relay_stream(system.url), udp_drops()
-    t0 = time.monotonic()
+    t0, wall0 = time.monotonic(), time.time()
     start.set()
     rss = []
     while time.monotonic() - t0 < duration:
         rss.append(rss_sum(everything))
         time.sleep(0.5)
     serving_cpu, source_cpu = cpu_of(serving), cpu_of(source)
+    wall1 = time.time()
     gen_cpu = cpu_of(workers)
     counters_after, udp_after = relay_stream(system.url), udp_drops()
     inside = relay_send_delay(counters_after)
@@ -353,6 +354,8 @@ def run_point(
     if audio:
         point["audio"] = audio_counts(peer_results, duration)
     point["relay_send_delay_ms"] = inside
+    # the measured window (wall clock) and the serving processes: benchmarks.loopcost reads a relay's timed callbacks
+    point["window"], point["serving_pids"] = [wall0, wall1], [p.pid for p in serving]
     point["relay_overload"] = overload_counts(counters_before, counters_after, peers)
     if udp_before is not None and udp_after is not None:  # the whole machine's: other work's drops count too
         point["udp_dropped"] = {k: udp_after[k] - udp_before[k] for k in udp_after}
