@@ -33,8 +33,9 @@ def test_the_report_takes_each_points_window_and_gives_each_callbacks_cost_per_a
     lines = loopcost.report(load, str(tmp_path / "lc"))
     # CPU: 0.2 s in 9 s at 1 viewer (2.22 %), 0.9 s in 9 s at 5 (10 %): 1.944 % per added viewer
     assert lines[0] == "camrelay: 2.22 % of a core at 1 viewers, 10.00 % at 5: 1.9444 % per added viewer"
-    # publish: 0.1/9 then 0.45/9 a second: (5 - 1.11) % / 4; rtcp: 4 % / 4, 10 calls a second, 4,000 us each
-    assert lines[3:] == ["| rtcp | 1.0000 | 51.4 % | 10 | 4000.0 |", "| publish | 0.9722 | 50.0 % | 100 | 5000.0 |"]
+    # publish: 0.1/9 then 0.45/9 a second: (5 - 1.11) % / 4, 100 calls a second, 500 us each;
+    # rtcp: 4 % / 4, 10 calls a second, 4,000 us each
+    assert lines[3:] == ["| rtcp | 1.0000 | 51.4 % | 10 | 4000.0 |", "| publish | 0.9722 | 50.0 % | 100 | 500.0 |"]
 
 
 def test_a_window_without_two_snapshots_is_refused_naming_the_point(tmp_path):
