@@ -183,3 +183,34 @@ async def test_a_viewers_receiver_reports_are_read_as_they_come_and_its_feedback
             await relay.close()
             await viewer.close()
         release()
+
+
+async def test_a_viewers_report_that_aiortc_fails_on_is_dropped_and_said_not_raised(held, monkeypatch, caplog):  # noqa: F811
+    """aiortc's handler raising on a receiver report read at once: the report is dropped and said (at most once a
+    second for the process), nothing reaches aioice's datagram callback, and the viewer stays connected."""
+    import aiortc
+
+    async def fails(self, packet) -> None:
+        raise ValueError("bad report")
+
+    release = borrowed.WATCH_ICE.hold()
+    hub = PacketHub("cam0", lambda: None)
+    pairs = await _connect(hub, 1)
+    try:
+        await _publish(hub, pairs, PICTURES[:3])  # a viewer reports on what it received
+        monkeypatch.setattr(aiortc.RTCRtpSender, "_handle_rtcp_packet", fails)
+        throttled = borrowed.Throttled(borrowed.log, borrowed.RTCP_WARNING_INTERVAL)
+        monkeypatch.setattr(borrowed, "_rtcp_failed", throttled)
+        with caplog.at_level(logging.WARNING, logger="relay.webrtc.borrowed"):
+            deadline = time.monotonic() + DEADLINE
+            while not any("not handled" in r.getMessage() for r in caplog.records):
+                assert time.monotonic() < deadline, "no report came"
+                await asyncio.sleep(0.05)
+        lines = [r.getMessage() for r in caplog.records if "not handled" in r.getMessage()]
+        assert lines == ["rtcp report from a viewer not handled, dropped: ValueError('bad report')"]
+        assert pairs[0][0].connectionState == "connected"
+    finally:
+        for relay, viewer in pairs:
+            await relay.close()
+            await viewer.close()
+        release()

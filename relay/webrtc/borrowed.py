@@ -79,6 +79,8 @@ from aiortc.rtcdtlstransport import State as DtlsState
 from pylibsrtp._binding import ffi as srtp_ffi
 from pylibsrtp._binding import lib as srtp_lib
 
+from ..logsafe import Throttled
+
 try:  # the C send path, built by ``pip install -e .`` (pyproject.toml's ext-modules) where it can be
     from . import _fastsend
 except ImportError:
@@ -441,15 +443,14 @@ def _rtcp_now(conn: aioice.Connection, data: bytes) -> bool:
         for packet in packets:
             for recipient in router.route_rtcp(packet):
                 _run_now(recipient._handle_rtcp_packet(packet))
-    except Exception as exc:  # never into aioice's datagram_received: said once a second, the report dropped
-        now = time.monotonic()
-        if now - _rtcp_failed[0] >= 1.0:
-            _rtcp_failed[0] = now
-            log.warning("rtcp report from a viewer not handled, dropped: %r", exc)
+    except Exception as exc:  # never into aioice's datagram_received: the report dropped, said once a second
+        _rtcp_failed.warn("rtcp report from a viewer not handled, dropped: %r", exc)
     return True
 
 
-_rtcp_failed = [float("-inf")]  # monotonic: a report that could not be handled was said then
+# A report aiortc's handlers failed on, said at most once a second for the process (the rest counted into the next).
+RTCP_WARNING_INTERVAL = 1.0  # seconds
+_rtcp_failed = Throttled(log, RTCP_WARNING_INTERVAL)
 _rtcp_tasks: set[asyncio.Task] = set()  # aiortc's handling of feedback, held until done
 
 
