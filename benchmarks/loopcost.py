@@ -1,12 +1,13 @@
 """Where a relay's event loop spends its CPU, by callback: what one more viewer costs, part by part.
 
-    BENCH_LOOPCOST=/tmp/lc PYTHONPATH=benchmarks/loopcost_site \\
+    BENCH_LOOPCOST=/tmp/lc PYTHONPATH=$PWD/benchmarks/loopcost_site \\
         python -m benchmarks.load --pin --source-apart --systems camrelay --peers 1,64 --duration 20 --probes 0 \\
         --no-plots --out /tmp/lc-load
     python -m benchmarks.loopcost /tmp/lc-load.json /tmp/lc
 
 With ``BENCH_LOOPCOST`` set, every ``relay serve`` started with
-``benchmarks/loopcost_site`` on its ``PYTHONPATH`` (its ``sitecustomize``)
+``benchmarks/loopcost_site`` on its ``PYTHONPATH`` (its ``sitecustomize``; an absolute path: a
+``--base-tree`` relay starts in its own tree)
 times each event-loop callback with ``time.process_time`` (a task's step by
 its coroutine, any other callback by its function; the selector's wait as
 ``select``) and writes the totals once a second to ``<prefix>-<pid>.jsonl``.
