@@ -11,7 +11,10 @@ rate and bitrate (``--spawn``, the default), or an already running relay
   ``camrelay_pysend`` (named in ``--systems`` only) the same with its send
   path in Python (``[webrtc] c_send = false``), and ``camrelay_cviewer``
   with one C call a viewer-frame instead of one a frame for every viewer
-  (``[webrtc] c_batch = false``), for the C send path's A/B/C.
+  (``[webrtc] c_batch = false``), for the C send path's A/B/C; and
+  ``camrelay_base``, the relay of another checkout (``--base-tree``, e.g.
+  main's beside a branch's) with this one's interpreter and packages: two
+  trees' A/B in one run.
 - ``mediamtx``: mediamtx's own WebRTC (WHEP) server fed by camrelay's RTSP
   publish, the best-in-class reference (benchmarks/baselines/mediamtx_whep.py).
 - ``mediarelay``: the aiortc tutorial approach, one decoded track shared with
@@ -76,17 +79,19 @@ from relay.webrtc.rtpsend import C_BATCH_ENV, C_SEND_ENV
 SYSTEMS = ("camrelay", "mediamtx", "mediarelay", "seed_mjpeg")
 # Named in --systems only: camrelay with its send path in Python ([webrtc] c_send off), and with one C call a
 # viewer-frame ([webrtc] c_batch off), the C send path's A/B/C in one run (relay/webrtc/rtpsend.py).
-EXTRA_SYSTEMS = ("camrelay_pysend", "camrelay_cviewer")
+EXTRA_SYSTEMS = ("camrelay_pysend", "camrelay_cviewer", "camrelay_base")
 # Each camrelay variant's environment beside the load benchmark's own
 CAMRELAY_VARIANTS = {
     "camrelay": {},
     "camrelay_pysend": {C_SEND_ENV: "false"},
     "camrelay_cviewer": {C_BATCH_ENV: "false"},
+    "camrelay_base": {},  # the relay of --base-tree (``start_system``'s ``tree``)
 }
 LABELS = {
     "camrelay": "camrelay (encode once)",
     "camrelay_pysend": "camrelay, Python send path",
     "camrelay_cviewer": "camrelay, one C call a viewer-frame",
+    "camrelay_base": "camrelay of the base tree",
     "mediamtx": "mediamtx WebRTC (reference)",
     "mediarelay": "aiortc MediaRelay (encode per viewer)",
     "seed_mjpeg": "MJPEG, threaded http.server (seed)",
@@ -200,14 +205,16 @@ def start_system(
     source: str = "",
     extra: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
+    tree: str | None = None,
 ) -> System:
     """Start one system on loopback; ``source`` (camrelay only) replaces the plain test pattern, ``extra`` flags
-    and ``env`` variables (camrelay only) are added to its command and environment."""
+    and ``env`` variables (camrelay only) are added to its command and environment; ``tree`` (camrelay only): the
+    checkout whose ``relay`` package runs (started there, writing no bytecode into it), else this one's."""
     port = free_port()
     if name in CAMRELAY_VARIANTS:
         cmd = [*camrelay_command(size, fps, bitrate, port, source), *extra]
-        send = CAMRELAY_VARIANTS[name]
-        proc = subprocess.Popen(cmd, env={**os.environ, **CAMRELAY_LOAD_ENV, **send, **(env or {})})
+        send = {**CAMRELAY_VARIANTS[name], **({"PYTHONDONTWRITEBYTECODE": "1"} if tree else {})}
+        proc = subprocess.Popen(cmd, env={**os.environ, **CAMRELAY_LOAD_ENV, **send, **(env or {})}, cwd=tree)
         _wait_frames(proc, port)
         main = psutil.Process(proc.pid)
         return System(
@@ -235,6 +242,15 @@ def start_system(
             serving=lambda: [mtx], source=lambda: process_tree(relay), close=ref.close,
         )  # fmt: skip
     raise ValueError(f"unknown system {name!r}")
+
+
+def _commit_of(tree: str) -> str:
+    """The commit ``tree`` has checked out ("" if git cannot tell), for the record of a two-tree run."""
+    try:
+        done = subprocess.run(["git", "-C", tree, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
 
 
 def target_system(url: str, pid: int | None) -> System:
@@ -318,13 +334,14 @@ def run_point(
     for proc in [*everything, *workers]:
         proc.cpu_percent(None)
     counters_before, udp_before = relay_stream(system.url), udp_drops()
-    t0 = time.monotonic()
+    t0, wall0 = time.monotonic(), time.time()
     start.set()
     rss = []
     while time.monotonic() - t0 < duration:
         rss.append(rss_sum(everything))
         time.sleep(0.5)
     serving_cpu, source_cpu = cpu_of(serving), cpu_of(source)
+    wall1 = time.time()
     gen_cpu = cpu_of(workers)
     counters_after, udp_after = relay_stream(system.url), udp_drops()
     inside = relay_send_delay(counters_after)
@@ -337,6 +354,8 @@ def run_point(
     if audio:
         point["audio"] = audio_counts(peer_results, duration)
     point["relay_send_delay_ms"] = inside
+    # the measured window (wall clock) and the serving processes: benchmarks.loopcost reads a relay's timed callbacks
+    point["window"], point["serving_pids"] = [wall0, wall1], [p.pid for p in serving]
     point["relay_overload"] = overload_counts(counters_before, counters_after, peers)
     if udp_before is not None and udp_after is not None:  # the whole machine's: other work's drops count too
         point["udp_dropped"] = {k: udp_after[k] - udp_before[k] for k in udp_after}
@@ -747,6 +766,9 @@ def main(argv: list[str] | None = None) -> int:
         help="the system's source (camera worker and its encoder; for mediamtx, the camrelay feeding it) on the"
         " generator's cores: the system's cores do the fan-out alone",
     )  # fmt: skip
+    ap.add_argument(
+        "--base-tree", metavar="PATH", help="the checkout camrelay_base runs its relay from (e.g. main's worktree)"
+    )
     ap.add_argument("--out", default="load", help="path prefix for the .json, .md and .png outputs")
     ap.add_argument("--no-plots", dest="plots", action="store_false")
     ap.add_argument("--from-json", metavar="PATH", help="measure nothing: redo the table and plots of an earlier run")
@@ -760,6 +782,10 @@ def main(argv: list[str] | None = None) -> int:
     for n in names:
         if n not in (*SYSTEMS, *EXTRA_SYSTEMS, "target"):
             ap.error(f"--systems: unknown system {n!r}; choose from {', '.join(SYSTEMS + EXTRA_SYSTEMS)}")
+    if ("camrelay_base" in names) != bool(args.base_tree):
+        ap.error("camrelay_base and --base-tree go together")
+    if args.base_tree and not (Path(args.base_tree) / "relay" / "__main__.py").is_file():
+        ap.error(f"--base-tree: {args.base_tree} holds no relay package")
     split = None
     if args.pin:
         split = split_or_exit(ap, args)
@@ -785,7 +811,8 @@ def main(argv: list[str] | None = None) -> int:
         system = target_system(args.target, args.target_pid) if args.target else None
         if system is None:
             with thread_on(split.system) if split else contextlib.nullcontext():
-                system = start_system(name, args.size, args.fps, args.bitrate)
+                tree = args.base_tree if name == "camrelay_base" else None
+                system = start_system(name, args.size, args.fps, args.bitrate, tree=tree)
         runs[name] = []
 
         def measure(n: int, name: str = name, system: System = system) -> dict:
@@ -819,6 +846,7 @@ def main(argv: list[str] | None = None) -> int:
         "mode": UNPINNED if split is None else PINNED,
         **({} if split is None else {"system_cores": list(split.system), "generator_cores": list(split.generator),
                                      "source_apart": args.source_apart, "point_repeats": args.point_repeats}),
+        **({"base_tree": args.base_tree, "base_commit": _commit_of(args.base_tree)} if args.base_tree else {}),
     }  # fmt: skip
     report(runs, meta, Path(args.out), args.plots, found or None)
     return 0

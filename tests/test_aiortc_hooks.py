@@ -580,3 +580,21 @@ async def test_a_bound_lane_is_taken_only_while_dtls_the_pair_the_session_and_th
             await viewer.close()
         for release in reversed(releases):
             release()
+
+
+def test_aiortc_internals_a_viewers_rtcp_read_at_once_leans_on_are_still_there():
+    """``borrowed.read_rtcp_at_once`` does what aiortc's DTLS task does with an SRTCP datagram (counts it, unprotects
+    it with ``_rx_srtp``, parses it, routes each packet through ``_rtp_router``) and runs a sender's handling of a
+    report to its end at once: an aiortc that moves these, or whose report handling starts to wait, fails here."""
+    import inspect
+
+    from aiortc import RTCDtlsTransport, RTCIceTransport, RTCRtpSender
+
+    recv = inspect.getsource(RTCDtlsTransport._recv_next)
+    assert "self.__rx_bytes += len(data)" in recv and "self.__rx_packets += 1" in recv
+    assert "self._rx_srtp.unprotect_rtcp(data)" in recv and "await self._handle_rtcp_data(data)" in recv
+    handle = inspect.getsource(RTCDtlsTransport._handle_rtcp_data)
+    assert "RtcpPacket.parse(data)" in handle and "self._rtp_router.route_rtcp(packet)" in handle
+    reports = inspect.getsource(RTCRtpSender._handle_rtcp_packet).split("elif isinstance(packet, RtcpRtpfbPacket)")[0]
+    assert "isinstance(packet, (RtcpRrPacket, RtcpSrPacket))" in reports and "await" not in reports
+    assert "self._connection = " in inspect.getsource(RTCIceTransport)

@@ -86,3 +86,21 @@ async def test_the_system_and_the_peers_workers_run_where_the_pin_says(spawn):
             q.close()
             q.join_thread()
         await asyncio.to_thread(system.close)
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        (["--systems", "camrelay_base"], "camrelay_base and --base-tree go together"),
+        (["--systems", "camrelay", "--base-tree", "."], "camrelay_base and --base-tree go together"),
+        (["--systems", "camrelay_base", "--base-tree", "/nonexistent"], "holds no relay package"),
+    ],
+)
+def test_a_two_tree_run_is_refused_without_its_tree_or_its_system(argv, error, capsys):
+    """``camrelay_base`` (the relay of another checkout, beside this one's in the same run) needs ``--base-tree``,
+    a checkout with a relay package, and the tree needs the system: refused before anything starts."""
+    from benchmarks import load
+
+    with pytest.raises(SystemExit):
+        load.main(["--pin", "--peers", "1", *argv])
+    assert error in capsys.readouterr().err

@@ -11,7 +11,8 @@ them here, so an upgrade that moves one breaks this module alone (and
   packer that packs shared frames; ``_send_keyframe`` (PLI, FIR) goes to the
   shared encoder; ``_run_rtp`` and ``_retransmit`` are camrelay's per-frame
   send loop (``relay.webrtc.rtpsend``), which reads and writes the sender's private
-  fields through ``SenderFields``;
+  fields through ``SenderFields``, and ``_run_rtcp`` its sender reports' (``relay.webrtc.reports``: every
+  sender's in one pass a second);
 - aiortc's H.264 packetizer, with FU-A fragments all full-size but the last
   (``packetize``);
 - process-wide, one DTLS certificate, its fingerprints and OpenSSL context for every peer connection
@@ -22,7 +23,8 @@ them here, so an upgrade that moves one breaks this module alone (and
 - process-wide, on aioice's module and its socket protocol, each a ``Patch``
   held by whoever needs it and removed when the last holder lets go: the
   host addresses ICE gathers on (``restrict_host_addresses``), a watch on what
-  each connection hears (``WATCH_ICE``, read by ``last_heard``), and aioice's
+  each connection hears (``WATCH_ICE``, read by ``last_heard``; through it, a sender's viewer's SRTCP read as it
+  arrives, its reports handed to aiortc's handlers there and then: ``read_rtcp_at_once``), and aioice's
   own data sends (``send_data_patch``, for ``relay.webrtc.udpbatch``); on aiortc's, the payload types its
   answers keep from an offer (``OFFERED_PAYLOAD_TYPES``: Chromium's lower dynamic range too);
 - pylibsrtp's C binding (``SrtpFrameWriter``): a frame's RTP packets protected in place in one buffer (one a thread,
@@ -50,10 +52,12 @@ import collections
 import contextlib
 import contextvars
 import datetime
+import logging
 import re
 import struct
 import time
 import types
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -75,10 +79,14 @@ from aiortc.rtcdtlstransport import State as DtlsState
 from pylibsrtp._binding import ffi as srtp_ffi
 from pylibsrtp._binding import lib as srtp_lib
 
+from ..logsafe import Throttled
+
 try:  # the C send path, built by ``pip install -e .`` (pyproject.toml's ext-modules) where it can be
     from . import _fastsend
 except ImportError:
     _fastsend = None
+
+log = logging.getLogger(__name__)
 
 # [lowest, first unsupported) of each, as pyproject.toml declares them: the upper bound is the next minor
 # release after the one tests/test_aiortc_hooks.py last passed with (TESTED_WITH).
@@ -378,12 +386,82 @@ def _datagram_received(self: aioice.ice.StunProtocol, data: bytes | str, addr: t
     conn = self.receiver
     if _from_the_peer(conn, (addr[0], addr[1])):
         conn.camrelay_last_received = time.monotonic()
+        if _RTCP_FIRST_BYTE[0] <= data[0] < _RTCP_FIRST_BYTE[1] and _rtcp_now(conn, data):
+            return
     elif data[0] > 3:
         # Not STUN (RFC 7983: 0-3), and not from one of the viewer's addresses: once ICE
         # has chosen a pair, DTLS and SRTP come from the remote end of a candidate pair only.
         # Garbage sprayed at the port must neither reach DTLS nor keep a session alive.
         return
     WATCH_ICE.original(self, data, addr)
+
+
+# -- a sender's RTCP from its peer, handled as it arrives
+
+# RFC 7983 and 5761: RTP and RTCP start with 128-191; RTCP's second byte (its packet type) is 192-223, as aiortc's
+# ``is_rtcp`` reads it (192-208).
+_RTCP_FIRST_BYTE = (128, 192)
+_RTCP_FAST = "camrelay_rtcp_dtls"  # on an aioice Connection: its DTLS transport, weakly, whose RTCP is read at once
+# What a viewer sends every second or so, and aiortc's handlers take without waiting for anything: reports and
+# descriptions. A compound packet holding anything else (NACK, PLI, FIR, REMB, BYE) goes to aiortc's own handler.
+_RTCP_AT_ONCE = (aiortc.rtp.RtcpRrPacket, aiortc.rtp.RtcpSrPacket, aiortc.rtp.RtcpSdesPacket)
+
+
+def read_rtcp_at_once(dtls: aiortc.RTCDtlsTransport) -> None:
+    """SRTCP from the peer of ``dtls``'s ICE connection is read as it arrives (``WATCH_ICE``, while held): unprotected
+    there and then, its reports handed to the senders (and receivers) they are for, instead of passing through
+    aioice's queue and DTLS's task (some 400 us of CPU a receiver report on a relay with 64 viewers, a report a second
+    a viewer: docs/benchmarks.md). What aiortc's handlers may wait in (feedback: NACK, PLI, FIR, REMB; BYE) is
+    handed to aiortc's ``_handle_rtcp_data`` in a task of its own, unprotected as well; the transport's counts of what
+    it received are kept as aiortc keeps them."""
+    conn = dtls.transport._connection
+    conn.__dict__[_RTCP_FAST] = weakref.ref(dtls)
+
+
+def _rtcp_now(conn: aioice.Connection, data: bytes) -> bool:
+    """``data`` (an RTP or RTCP datagram from the peer) handled here if it is SRTCP on a connection whose DTLS
+    transport reads it at once and is connected (True: nothing more to do); else False, for aioice and aiortc."""
+    ref = conn.__dict__.get(_RTCP_FAST)
+    dtls = ref() if ref is not None else None
+    if dtls is None or dtls._state is not _DTLS_CONNECTED or dtls._rx_srtp is None or not aiortc.rtp.is_rtcp(data):
+        return False
+    f = dtls.__dict__
+    f[_DTLS_RX_BYTES] += len(data)
+    f[_DTLS_RX_PACKETS] += 1
+    try:
+        plain = dtls._rx_srtp.unprotect_rtcp(data)
+        packets = aiortc.rtp.RtcpPacket.parse(plain)
+    except (pylibsrtp.Error, ValueError):
+        return True  # as aiortc's task: a datagram that fails authentication, or cannot be parsed, is dropped
+    if not all(isinstance(p, _RTCP_AT_ONCE) for p in packets):
+        task = asyncio.get_running_loop().create_task(dtls._handle_rtcp_data(plain))
+        _rtcp_tasks.add(task)
+        task.add_done_callback(_rtcp_tasks.discard)
+        return True
+    try:
+        router = dtls._rtp_router
+        for packet in packets:
+            for recipient in router.route_rtcp(packet):
+                _run_now(recipient._handle_rtcp_packet(packet))
+    except Exception as exc:  # never into aioice's datagram_received: the report dropped, said once a second
+        _rtcp_failed.warn("rtcp report from a viewer not handled, dropped: %r", exc)
+    return True
+
+
+# A report aiortc's handlers failed on, said at most once a second for the process (the rest counted into the next).
+RTCP_WARNING_INTERVAL = 1.0  # seconds
+_rtcp_failed = Throttled(log, RTCP_WARNING_INTERVAL)
+_rtcp_tasks: set[asyncio.Task] = set()  # aiortc's handling of feedback, held until done
+
+
+def _run_now(coro) -> None:
+    """A coroutine that finishes without waiting (aiortc's handling of a report), run to its end here."""
+    try:
+        coro.send(None)
+    except StopIteration:
+        return
+    coro.close()
+    raise RuntimeError("aiortc's RTCP report handler waited; camrelay's RTCP path needs updating")
 
 
 def _from_the_peer(conn: aioice.Connection, addr: tuple) -> bool:
@@ -458,11 +536,13 @@ _ENCODER = _SENDER + "encoder"
 SENDER_FIELDS = (
     "track", "mid", "rtp_started", "rtp_exited", "rtp_header_extensions_map", "rtx_payload_type",
     "rtx_sequence_number", "ntp_timestamp", "rtp_timestamp", "octet_count", "packet_count", "encoder",
+    "rtcp_started", "rtcp_exited", "cname", "lsr", "lsr_time",
 )  # fmt: skip
 # The names written once per frame per viewer (``SenderFields.count``, ``count_dtls_sent``), joined once here.
 _NTP_TIMESTAMP, _RTP_TIMESTAMP = _SENDER + "ntp_timestamp", _SENDER + "rtp_timestamp"
 _OCTET_COUNT, _PACKET_COUNT = _SENDER + "octet_count", _SENDER + "packet_count"
 _DTLS_TX_BYTES, _DTLS_TX_PACKETS = _DTLS + "tx_bytes", _DTLS + "tx_packets"
+_DTLS_RX_BYTES, _DTLS_RX_PACKETS = _DTLS + "rx_bytes", _DTLS + "rx_packets"  # counted as RTCP is read at once
 _DTLS_CONNECTED = DtlsState.CONNECTED
 
 
@@ -485,13 +565,18 @@ def attach(sender: aiortc.RTCRtpSender, packer: object, request_keyframe: Callab
     sender._send_keyframe = request_keyframe  # type: ignore[method-assign]
 
 
-def replace_send_loop(sender: aiortc.RTCRtpSender, run_rtp: Callable, retransmit: Callable) -> None:
-    """``sender`` runs ``run_rtp(sender, codec)`` as its RTP loop and ``retransmit(sender, sequence)`` on NACK."""
+def replace_send_loop(
+    sender: aiortc.RTCRtpSender, run_rtp: Callable, retransmit: Callable, run_rtcp: Callable | None = None
+) -> None:
+    """``sender`` runs ``run_rtp(sender, codec)`` as its RTP loop and ``retransmit(sender, sequence)`` on NACK;
+    ``run_rtcp(sender)``, if given, as its RTCP loop (aiortc's sends a sender report every 0.5 to 1.5 s)."""
     missing = [f for f in SENDER_FIELDS if not hasattr(sender, _SENDER + f)]
-    if missing:
+    if missing or not hasattr(sender, "_send_rtcp"):
         raise RuntimeError(f"aiortc's RTCRtpSender lacks {missing}; camrelay's fast send path needs updating")
     sender._run_rtp = types.MethodType(run_rtp, sender)  # type: ignore[method-assign]
     sender._retransmit = types.MethodType(retransmit, sender)  # type: ignore[method-assign]
+    if run_rtcp is not None:
+        sender._run_rtcp = types.MethodType(run_rtcp, sender)  # type: ignore[method-assign]
 
 
 class SenderFields:
@@ -563,6 +648,38 @@ class SenderFields:
 
     async def send_rtp(self, data: bytes) -> None:
         await self.sender.transport._send_rtp(data)
+
+    # -- its RTCP, for a loop that stands in for aiortc's ``_run_rtcp`` (``replace_send_loop``)
+
+    @property
+    def cname(self) -> str | None:
+        return self._fields[_SENDER + "cname"]
+
+    def rtcp_started(self) -> None:
+        self._fields[_SENDER + "rtcp_started"].set()
+
+    def report_counts(self) -> tuple[int, int, int, int]:
+        """(NTP time, RTP timestamp, packets, octets) for a sender report now, as aiortc's loop reads them: through
+        the synced fields (``SYNCED_COUNTS``), so what the stream's batch sent is in."""
+        sender = self.sender
+        return (
+            getattr(sender, _NTP_TIMESTAMP), getattr(sender, _RTP_TIMESTAMP),
+            getattr(sender, _PACKET_COUNT), getattr(sender, _OCTET_COUNT),
+        )  # fmt: skip
+
+    def reported(self, ntp: int) -> None:
+        """A sender report carrying ``ntp`` went out now: what aiortc keeps to tell the round-trip time from the
+        receiver reports that answer it."""
+        f = self._fields
+        f[_SENDER + "lsr"] = (ntp >> 16) & 0xFFFFFFFF
+        f[_SENDER + "lsr_time"] = time.time()
+
+    async def send_bye(self) -> None:
+        """The RTCP BYE aiortc's loop sends as it ends."""
+        await self.sender._send_rtcp([aiortc.rtp.RtcpByePacket(sources=[self.sender._ssrc])])
+
+    def rtcp_exited(self) -> None:
+        self._fields[_SENDER + "rtcp_exited"].set()
 
 
 def sent(sender: aiortc.RTCRtpSender) -> tuple[int, int]:

@@ -107,7 +107,7 @@ from aiortc.utils import random32, uint32_add
 from .. import h264
 from ..hub import EncodedFrame, HubClosed, PacketHub, Subscription
 from ..logsafe import Throttled
-from . import borrowed
+from . import borrowed, reports
 from .catchup import ViewerTiming
 from .playout import add_elements
 from .resend import ResendBudget
@@ -441,10 +441,12 @@ def h264_preferences() -> list[RTCRtpCodecCapability]:
 
 
 def install(sender: RTCRtpSender, batch: bool = True) -> None:
-    """Give ``sender`` the per-frame send loop and the matching retransmission; ``batch``: through the
-    socket batcher (relay.webrtc.udpbatch), else a system call per datagram."""
-    borrowed.replace_send_loop(sender, _run_rtp, _retransmit)
-    sender.__dict__[_SEND] = send_run_at_once if batch else send_run_direct
+    """Give ``sender`` the per-frame send loop, the matching retransmission and sender reports sent with every
+    other sender's (relay.webrtc.reports); ``batch``: through the socket batcher (relay.webrtc.udpbatch), else a
+    system call per datagram."""
+    send_run = send_run_at_once if batch else send_run_direct
+    borrowed.replace_send_loop(sender, _run_rtp, _retransmit, reports.run_rtcp(send_run))
+    sender.__dict__[_SEND] = send_run
 
 
 def add_header_extension(sender: RTCRtpSender, ext_id: int, value: bytes) -> None:
@@ -476,6 +478,7 @@ class FrameSender:
         self.extensions = sender.__dict__.get(_EXTRA, ())  # add_header_extension's
         self.template: HeaderTemplate | None = None  # made at the first frame, once aiortc has set mid and SSRC
         self._socket = borrowed.DtlsSocket(sender.transport)
+        borrowed.read_rtcp_at_once(sender.transport)  # its viewer's reports read as they come, not queued
         self._unsync: Callable[[], None] | None = None  # ``borrowed.sync_counts``' release, once the lane is bound
         self._bound = False  # its lane was bound (``lane_ready``): unbound since, it failed in the batch
         # Its lane failed mid-frame in the batch (C unbinds it): this sender's frames go alone from then on, never
