@@ -128,6 +128,8 @@ def nal_types(data: bytes) -> list[int]:
 def nals_at(data: bytes, starts: Sequence[int]) -> list[memoryview]:
     """The NAL units of an Annex B access unit whose NAL units begin at ``starts`` (``nal_starts``): views of
     ``data``, neither scanned for start codes nor copied."""
+    if not starts or starts[0] < len(START_CODE) or starts[-1] >= len(data):
+        raise H264Error(f"NAL places {tuple(starts[:4])}... do not fit a {len(data)}-byte unit")
     view = memoryview(data)
     ends = [*(start - len(START_CODE) for start in starts[1:]), len(data)]
     return [view[start:end] for start, end in zip(starts, ends, strict=True)]

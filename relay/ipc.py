@@ -147,6 +147,8 @@ def _nals(view: memoryview, start: int, end: int) -> tuple[tuple[int, ...], int]
     if end - start < NAL_COUNT.size:
         raise ProtocolError("unit with NAL offsets too short for their count")
     (count,) = NAL_COUNT.unpack_from(view, start)
+    if count == 0:  # a unit has one NAL unit at least: none named is no unit's places (nals_at would fail on them)
+        raise ProtocolError("unit with NAL offsets names none")
     fmt = _offsets(count) if count <= MAX_NALS else None
     if fmt is None or end - start < fmt.size:
         raise ProtocolError(f"unit with {count} NAL offsets does not hold them")

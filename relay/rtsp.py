@@ -559,7 +559,12 @@ class RtspPublisher:
                 )
 
             def write(frame: EncodedFrame) -> None:
-                payloads = payloads_for(frame) if frame.nals is None else whole_nals(frame)
+                payloads = None
+                if frame.nals is not None:
+                    with contextlib.suppress(h264.H264Error):  # places that do not fit it: the viewers' payloads
+                        payloads = whole_nals(frame)
+                if payloads is None:
+                    payloads = payloads_for(frame)
                 conn.write(framer.frame(payloads, frame.pts - base, frame.capture_time))
                 self.published += 1
                 conn.keep_alive()

@@ -341,5 +341,8 @@ def test_nal_places_are_for_four_byte_start_codes_and_a_three_byte_one_is_refuse
     unit = h264.join_annexb([SEI, IDR])
     assert h264.nal_starts(unit) == (4, 8 + len(SEI))
     assert [bytes(n) for n in h264.nals_at(unit, h264.nal_starts(unit))] == [SEI, IDR]
+    for bad in ((), (2,), (4, len(unit))):  # none, inside the first start code, past the unit
+        with pytest.raises(H264Error, match="do not fit"):
+            h264.nals_at(unit, bad)
     with pytest.raises(H264Error, match="3-byte start code at byte 0"):
         h264.nal_starts(b"\x00\x00\x01" + IDR)

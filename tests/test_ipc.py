@@ -242,3 +242,6 @@ def test_nal_places_that_do_not_fit_their_unit_are_a_corrupt_pipe(nals, reason):
     short = ipc.HEADER.pack(ipc.UNIT, ipc.FLAG_NALS, 0, 0, 0.0, 5) + ipc.NAL_COUNT.pack(2) + b"\x00\x00\x00"
     with pytest.raises(ipc.ProtocolError, match="does not hold them"):
         ipc.parse(short)
+    none = ipc.NAL_COUNT.pack(0) + unit  # once passed: every viewer's send loop then ended on the unit
+    with pytest.raises(ipc.ProtocolError, match="unit with NAL offsets names none"):
+        ipc.parse(ipc.HEADER.pack(ipc.UNIT, ipc.FLAG_NALS, 0, 0, 0.0, len(none)) + none)

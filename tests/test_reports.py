@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 
 import pytest
 from aiortc.rtp import RtcpSdesPacket, RtcpSenderInfo, RtcpSourceInfo, RtcpSrPacket
@@ -131,10 +132,13 @@ async def test_a_viewers_receiver_reports_are_read_as_they_come_and_its_feedback
     """Two real aiortc viewers: their receiver reports reach the relay's senders (each knows its round-trip time and
     the loss its viewer reports) without aiortc's DTLS task handling any of them, and the transport counts each
     datagram received; a PLI (feedback, which aiortc's handler may answer by sending) still goes to aiortc's own
-    handler and asks the stream for a keyframe; an RTCP datagram from the viewer's address that fails SRTCP
-    authentication is dropped, said nowhere, and the session goes on."""
+    handler and asks the stream for a keyframe; a PLI from the viewer's address that is not SRTCP (fails its
+    authentication) is dropped before aiortc's handler, and the session goes on."""
     import aiortc
-    from aiortc.rtp import RTCP_PSFB_PLI, RtcpPsfbPacket
+    from aiortc.rtp import RTCP_PSFB_PLI, RtcpPacket, RtcpPsfbPacket, RtcpRrPacket
+
+    def of(kind, ssrc=None):  # the datagrams aiortc's handler got holding such a packet (from that SSRC)
+        return [d for d in handled for p in RtcpPacket.parse(d) if isinstance(p, kind) and ssrc in (None, p.ssrc)]
 
     asked = []
     hub = PacketHub("cam0", lambda: asked.append(time.monotonic()))
@@ -162,7 +166,7 @@ async def test_a_viewers_receiver_reports_are_read_as_they_come_and_its_feedback
                 break
             assert time.monotonic() < deadline, answers
             await asyncio.sleep(0.1)
-        assert handled == [], "a receiver report went through aiortc's DTLS task"
+        assert of(RtcpRrPacket) == [], "a receiver report went through aiortc's DTLS task"  # (a REMB may have)
         assert all(a[0].packetsLost == 0 for a in answers)
         assert [s.transport._RTCDtlsTransport__rx_packets for s in ours] > received  # counted as aiortc counts
         keyframes = len(asked)
@@ -173,11 +177,16 @@ async def test_a_viewers_receiver_reports_are_read_as_they_come_and_its_feedback
         while len(asked) == keyframes:
             assert time.monotonic() < deadline, "the PLI asked for no keyframe"
             await asyncio.sleep(0.02)
-        assert len(handled) == 1  # the PLI, through aiortc's handler
+        assert len(of(RtcpPsfbPacket, 1234)) == 1  # the PLI, through aiortc's handler
         conn = viewer_dtls.transport._connection
-        await conn.send(bytes([0x80, 201, 0, 1]) + bytes(4) + b"\x00" * 14)  # RTCP-looking, not SRTCP: dropped
-        await asyncio.sleep(0.2)
-        assert len(handled) == 1 and pairs[0][0].connectionState == "connected"
+        plain = RtcpPsfbPacket(fmt=RTCP_PSFB_PLI, ssrc=999, media_ssrc=pli.media_ssrc)
+        await conn.send(bytes(plain))  # not SRTCP: dropped; then a real one, handled after it (the socket's order)
+        await viewer_dtls._send_rtp(bytes(pli))
+        deadline = time.monotonic() + DEADLINE
+        while len(of(RtcpPsfbPacket, 1234)) < 2:
+            assert time.monotonic() < deadline, "the second PLI never reached aiortc's handler"
+            await asyncio.sleep(0.02)
+        assert of(RtcpPsfbPacket, 999) == [] and pairs[0][0].connectionState == "connected"
     finally:
         for relay, viewer in pairs:
             await relay.close()
@@ -214,3 +223,69 @@ async def test_a_viewers_report_that_aiortc_fails_on_is_dropped_and_said_not_rai
             await relay.close()
             await viewer.close()
         release()
+
+
+class _Connection:
+    """An aioice connection's stand-in: where ``read_rtcp_at_once`` notes its DTLS transport."""
+
+
+class _FeedbackDtls:
+    """A connected DTLS transport's stand-in with a real receiving SRTP session, whose aiortc handler of feedback
+    raises ``exc`` (as its sender's retransmission does when the ICE pair went down meanwhile)."""
+
+    def __init__(self, rx, exc: BaseException) -> None:
+        self._state = borrowed._DTLS_CONNECTED
+        self._rx_srtp = rx
+        self.__dict__[borrowed._DTLS_RX_BYTES] = 0
+        self.__dict__[borrowed._DTLS_RX_PACKETS] = 0
+        self.exc = exc
+
+    async def _handle_rtcp_data(self, data: bytes) -> None:
+        raise self.exc
+
+
+async def test_feedback_whose_handling_fails_is_said_once_or_not_at_all_never_an_unretrieved_exception(caplog):
+    """Feedback (a NACK) is handled by aiortc in a task of its own: a ConnectionError there (the viewer's connection
+    went down meanwhile) ends it quietly, as in aiortc's DTLS task; anything else is said, once a second; the loop
+    never reports an exception no one retrieved."""
+    import gc
+
+    import pylibsrtp
+    from aiortc.rtp import RTCP_RTPFB_NACK, RtcpRtpfbPacket
+
+    key = bytes(range(30))
+    tx = pylibsrtp.Session(pylibsrtp.Policy(key=key, ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND))
+    rx = pylibsrtp.Session(pylibsrtp.Policy(key=key, ssrc_type=pylibsrtp.Policy.SSRC_ANY_INBOUND))
+    loop = asyncio.get_running_loop()
+    unretrieved: list[str] = []
+    loop.set_exception_handler(lambda _, context: unretrieved.append(context["message"]))
+    caplog.set_level(logging.WARNING, logger="relay.webrtc.borrowed")
+    try:
+        for exc in (ConnectionError("Cannot send data, not connected"), RuntimeError("aiortc's own")):
+            dtls, conn = _FeedbackDtls(rx, exc), _Connection()
+            conn.__dict__[borrowed._RTCP_FAST] = weakref.ref(dtls)
+            nack = bytes(RtcpRtpfbPacket(fmt=RTCP_RTPFB_NACK, ssrc=1, media_ssrc=2, lost=[5]))
+            assert borrowed._rtcp_now(conn, tx.protect_rtcp(nack))  # taken: handed to aiortc in a task
+            for _ in range(3):
+                await asyncio.sleep(0)
+            del dtls
+            gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert unretrieved == []
+    said = [r.getMessage() for r in caplog.records if "feedback" in r.getMessage()]
+    assert len(said) == 1 and "aiortc's own" in said[0]
+
+
+def test_a_closed_event_loops_reports_are_let_go():
+    """Each event loop's ``SenderReports`` is kept while the loop is (a test suite makes hundreds of loops)."""
+    import gc
+
+    loop = asyncio.new_event_loop()
+    reports.reports_for(loop)
+    gone = weakref.ref(loop)
+    loop.close()
+    del loop
+    gc.collect()
+    assert gone() is None

@@ -40,7 +40,7 @@ from relay.hub import EncodedFrame
 from relay.ipc import EncoderSettings
 from relay.rtspin import RtspError
 from relay.source import parse_source_spec
-from relay.webrtc import borrowed
+from relay.webrtc import borrowed, rtpsend
 
 from .conftest import EncodedFrames, make_config, start_relay
 
@@ -334,6 +334,17 @@ def test_the_nal_units_places_the_depacketizer_gives_are_a_scans_and_survive_the
         assert [bytes(n) for n in h264.nals_at(data, starts)] == h264.split_annexb(data)
         if idr:
             assert h264.NAL_SPS in h264.nal_types(data) and (data != unit.data) == (not in_band)
+
+
+def test_a_unit_whose_places_do_not_fit_it_is_packetized_by_a_scan_not_an_error_in_every_send_loop():
+    """Places that do not fit their unit (the pipe refuses those it can tell; none at all once passed and ended
+    every viewer's send loop): the viewers' payloads are made by a scan, the same as for a unit without places."""
+    data = h264.START_CODE + b"\x09\x10" + h264.START_CODE + b"\x65" + bytes(range(1, 200)) * 20
+    for places in ((), (2,), (4, len(data))):
+        frame = EncodedFrame(data, 0, True, 0.0, nals=places)
+        assert rtpsend.payloads_for(frame) == borrowed.packetize(data)
+        with pytest.raises(h264.H264Error):
+            rtsp.whole_nals(frame)  # the RTSP publisher then sends the viewers' payloads
 
 
 def test_a_unit_with_its_nal_units_places_is_packetized_for_viewers_as_by_a_scan_and_whole_for_mediamtx():

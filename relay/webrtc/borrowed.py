@@ -418,6 +418,15 @@ def read_rtcp_at_once(dtls: aiortc.RTCDtlsTransport) -> None:
     conn.__dict__[_RTCP_FAST] = weakref.ref(dtls)
 
 
+def _rtcp_task_done(task: asyncio.Task) -> None:
+    """A feedback task ended: its exception read (in aiortc's DTLS task a ConnectionError, its retransmission meeting
+    a connection gone down, ended quietly; anything else is said once a second), never the loop's 'never retrieved'."""
+    _rtcp_tasks.discard(task)
+    exc = None if task.cancelled() else task.exception()
+    if exc is not None and not isinstance(exc, ConnectionError):
+        _rtcp_failed.warn("rtcp feedback from a viewer not handled: %r", exc)
+
+
 def _rtcp_now(conn: aioice.Connection, data: bytes) -> bool:
     """``data`` (an RTP or RTCP datagram from the peer) handled here if it is SRTCP on a connection whose DTLS
     transport reads it at once and is connected (True: nothing more to do); else False, for aioice and aiortc."""
@@ -436,7 +445,7 @@ def _rtcp_now(conn: aioice.Connection, data: bytes) -> bool:
     if not all(isinstance(p, _RTCP_AT_ONCE) for p in packets):
         task = asyncio.get_running_loop().create_task(dtls._handle_rtcp_data(plain))
         _rtcp_tasks.add(task)
-        task.add_done_callback(_rtcp_tasks.discard)
+        task.add_done_callback(_rtcp_task_done)
         return True
     try:
         router = dtls._rtp_router

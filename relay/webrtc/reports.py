@@ -102,7 +102,7 @@ class SenderReports:
     enrolled; the timer runs while any is enrolled."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self._loop = weakref.ref(loop)  # not held: the loop keys this in _reports, weakly
         self._enrolled: dict[RTCRtpSender, _Enrolled] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._warnings = Throttled(log, REPORT_INTERVAL)
@@ -115,7 +115,7 @@ class SenderReports:
         """``sender`` reports with the others from the next pass on, until the returned release."""
         enrolled = self._enrolled[sender] = _Enrolled(sender, send_run)
         if self._timer is None:
-            self._timer = self._loop.call_later(REPORT_INTERVAL, self._pass)
+            self._timer = self._loop().call_later(REPORT_INTERVAL, self._pass)
 
         def release() -> None:
             if self._enrolled.get(sender) is enrolled:
@@ -142,7 +142,7 @@ class SenderReports:
             except Exception as exc:  # one sender's failure never holds back the others' reports
                 self._warnings.warn("rtcp sender report failed, skipped: ssrc=%s %r", _ssrc_of(sender), exc)
         if self._enrolled:
-            self._timer = self._loop.call_later(REPORT_INTERVAL, self._pass)
+            self._timer = self._loop().call_later(REPORT_INTERVAL, self._pass)
 
 
 def _ssrc_of(sender: RTCRtpSender) -> int | None:

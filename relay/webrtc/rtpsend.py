@@ -269,10 +269,14 @@ class SharedPacker:
 def payloads_for(frame: EncodedFrame) -> list[bytes]:
     """RTP payloads (single NAL, STAP-A, FU-A) for one frame, computed once."""
     if frame.payloads is None:
-        if frame.nals is None:
+        try:  # its NAL units' places, from its worker: no scan
+            frame.payloads = (
+                None if frame.nals is None else borrowed.packetize_nals(h264.nals_at(frame.data, frame.nals))
+            )
+        except h264.H264Error:  # places that do not fit it (checked at the pipe; anything else): scanned after all
+            frame.payloads = None
+        if frame.payloads is None:
             frame.payloads = borrowed.packetize(frame.data)
-        else:  # its NAL units' places, from its worker: no scan
-            frame.payloads = borrowed.packetize_nals(h264.nals_at(frame.data, frame.nals))
     return frame.payloads
 
 
