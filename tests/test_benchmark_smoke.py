@@ -217,17 +217,23 @@ def test_sendpath_benchmark_smoke():
     assert out["us_per_viewer_frame"] > 0, out
 
 
-def test_sendpath_benchmark_alternates_the_c_and_python_send_paths():
-    """``--paths c,python``: both send paths on the same viewers, each repeat both, with their ratio."""
+def _sendpath(paths: str) -> dict:
+    """``benchmarks.sendpath --paths PATHS`` on 2 viewers, 10 frames, 2 repeats at 720p: its JSON (skipped where the
+    C send path is not built)."""
     from relay.webrtc import borrowed
 
     if not borrowed.C_SEND_BUILT:
         pytest.skip("relay.webrtc._fastsend is not built here")
     cmd = [sys.executable, "-m", "benchmarks.sendpath", "--viewers", "2", "--frames", "10", "--repeats", "2",
-           "--size", "720p", "--paths", "c,python"]  # fmt: skip
+           "--size", "720p", "--paths", paths]  # fmt: skip
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout)
+    return json.loads(result.stdout)
+
+
+def test_sendpath_benchmark_alternates_the_c_and_python_send_paths():
+    """``--paths c,python``: both send paths on the same viewers, each repeat both, with their ratio."""
+    out = _sendpath("c,python")
     assert out["size"] == "720p" and out["pushed"] == 2, out
     assert all(len(out[p]["each_repeat_us_per_viewer_frame"]) == 2 for p in ("c", "python")), out
     assert out["ratio_c_to_python"] > 0 and out["packets_received_min"] >= 80 * 6, out
@@ -237,15 +243,7 @@ def test_sendpath_benchmark_alternates_the_batch_and_the_per_viewer_paths():
     """``--paths batch,c,python``: one C call a frame for every viewer, one a viewer-frame and the Python path on the
     same viewers, each repeat all three (the order reversed every other repeat); the viewers are in the batch
     after each batch run and in no other."""
-    from relay.webrtc import borrowed
-
-    if not borrowed.C_SEND_BUILT:
-        pytest.skip("relay.webrtc._fastsend is not built here")
-    cmd = [sys.executable, "-m", "benchmarks.sendpath", "--viewers", "2", "--frames", "10", "--repeats", "2",
-           "--size", "720p", "--paths", "batch,c,python"]  # fmt: skip
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout)
+    out = _sendpath("batch,c,python")
     assert all(len(out[p]["each_repeat_us_per_viewer_frame"]) == 2 for p in ("batch", "c", "python")), out
     assert out["in_batch_after_each_run"] == [2, 0, 0, 0, 0, 2], out
     assert out["pushed_after_each_run"] == [2] * 6 and out["packets_received_min"] >= 80 * 6, out

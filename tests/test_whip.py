@@ -7,6 +7,7 @@ its WebRTC (WHIP/WHEP) server on (benchmarks/scale_out.py's ``Engine``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -546,6 +547,34 @@ async def test_only_publishing_resets_the_backoff(engines, fronts, relays, caplo
     assert delays[1][0] == pytest.approx(0.1)
 
 
+@contextlib.asynccontextmanager
+async def _answering(handle, *ports: int):
+    """An HTTP server on each of ``ports`` (127.0.0.1) answering every request with ``handle``, while in the block."""
+    runners = []
+    try:
+        for port in ports:
+            app = web.Application()
+            app.router.add_route("*", "/{path:.*}", handle)
+            runners.append(web.AppRunner(app))
+            await runners[-1].setup()
+            await web.TCPSite(runners[-1], "127.0.0.1", port).start()
+        yield
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+
+
+async def _failing(url: str, errors: int, **kw) -> WhipPublisher:
+    """A publisher of an empty hub to ``url`` (with the test token), run until ``errors`` sessions failed, closed."""
+    publisher = WhipPublisher(PacketHub("cam0", lambda: None), url, TOKEN, **kw)
+    publisher.start()
+    try:
+        await until(lambda: publisher.errors >= errors, f"{errors} sessions that could not start")
+    finally:
+        await publisher.close()
+    return publisher
+
+
 async def test_a_redirect_to_another_origin_never_carries_the_token():
     """RFC 9725 lets an endpoint redirect, and a session's Location may be anywhere; the token is for the
     configured URL's origin alone (another port is another origin), on every request: the POST, the DELETE, and
@@ -568,23 +597,8 @@ async def test_a_redirect_to_another_origin_never_carries_the_token():
         return web.Response(status=201, text="no answer", content_type=SDP_TYPE, headers={"Location": location})
 
     ports = free_port(), free_port()
-    runners = []
-    for port in ports:
-        app = web.Application()
-        app.router.add_route("*", "/{path:.*}", handle)
-        runners.append(web.AppRunner(app))
-        await runners[-1].setup()
-        await web.TCPSite(runners[-1], "127.0.0.1", port).start()
-    try:
-        publisher = WhipPublisher(PacketHub("cam0", lambda: None), f"http://127.0.0.1:{ports[0]}/whip", TOKEN)
-        publisher.start()
-        try:
-            await until(lambda: publisher.errors >= 4, "four sessions that could not start")
-        finally:
-            await publisher.close()
-    finally:
-        for runner in runners:
-            await runner.cleanup()
+    async with _answering(handle, *ports):
+        publisher = await _failing(f"http://127.0.0.1:{ports[0]}/whip", 4)
     bearer = f"Bearer {TOKEN}"
     assert heard[:8] == [
         ("endpoint", "POST", "/whip", bearer),
@@ -620,22 +634,9 @@ async def test_a_hostile_whip_servers_answers_are_one_line_each_never_a_tracebac
         return answers[min(len(posts), len(answers)) - 1]
 
     port = free_port()
-    app = web.Application()
-    app.router.add_route("*", "/{path:.*}", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
     caplog.set_level(logging.WARNING, logger="relay.webrtc.whip")
-    try:
-        url = f"http://127.0.0.1:{port}/whip"
-        publisher = WhipPublisher(PacketHub("cam0", lambda: None), url, TOKEN, retry=Backoff(initial=0.01, cap=0.01))
-        publisher.start()
-        try:
-            await until(lambda: publisher.errors >= 3, "three sessions that could not start")
-        finally:
-            await publisher.close()
-    finally:
-        await runner.cleanup()
+    async with _answering(handle, port):
+        await _failing(f"http://127.0.0.1:{port}/whip", 3, retry=Backoff(initial=0.01, cap=0.01))
     said = [r.getMessage().split(" ", 2)[2].rpartition("; retrying")[0] for r in caplog.records if "retrying" in r.msg]
     assert said[0] == "refused: 403 ?[2J?]0;owned? fake? line " + "x" * 74  # 100 characters
     assert said[1] == "201 with a Location that cannot be read: 'http://[::1/x'"
