@@ -48,6 +48,16 @@ def printable(text: str, limit: int | None = None) -> str:
     return CONTROL_CHARS.sub("?", text if limit is None else text[:limit])
 
 
+# Characters of a remote server's reason phrase (a camera's RTSP answer, a WHIP server's refusal) quoted in a log
+# line and the API's last_error: "Not Found", not 64 KiB of it.
+MAX_REASON = 100
+
+
+def reason_phrase(text: str) -> str:
+    """A remote server's reason phrase as camrelay quotes it: printable, at most ``MAX_REASON`` characters."""
+    return printable(text, MAX_REASON)
+
+
 SHOWS_SECRET = {"shows_secret": True}  # ``extra=`` of the one line allowed to: the start-up viewer URL
 
 

@@ -723,6 +723,7 @@ class TinyCamera:
         self.sdp = sdp_text or sdp(H264_MEDIA.replace(H264_MEDIA.split("sprop-parameter-sets=")[1], sprop + "\r\n"))
         self.redirect = redirect
         self.basic = basic  # a DESCRIBE without Basic credentials gets 401
+        self.refusal = b""  # a status line's code and reason to answer DESCRIBE with instead of 200 OK
         self.credentials: list[str] = []  # user:password of every Basic Authorization header it was sent
         self.connections = 0
         self.describes = 0
@@ -792,6 +793,8 @@ class TinyCamera:
                     self.redirect = ""
                 elif self.basic and method == b"DESCRIBE" and not auth:
                     status, headers = b"401 Unauthorized", b'WWW-Authenticate: Basic realm="cam"\r\n'
+                elif self.refusal and method == b"DESCRIBE":
+                    status = self.refusal
                 else:
                     status = b"200 OK"
                 if method == b"OPTIONS":
@@ -1139,6 +1142,15 @@ async def test_a_redirect_to_a_url_that_cannot_be_read_is_a_source_error_with_th
     camera = await TinyCamera().start()
     camera.redirect = "rtsp://127.0.0.1:99999/x"
     assert str(await open_error(camera)).endswith("redirects to a URL that cannot be read: 'rtsp://127.0.0.1:99999/x'")
+
+
+async def test_a_cameras_refusal_is_quoted_printable_and_cut_to_its_limit():
+    """The reason phrase becomes the stream's last_error, which viewers see: an escape sequence in it is not
+    passed on, and a camera's 2 KiB of reason is quoted as 100 characters."""
+    camera = await TinyCamera().start()
+    camera.refusal = b"404 Not \x1b[2JFound " + b"x" * 2000
+    error = await open_error(camera)
+    assert error is not None and error.endswith("answered DESCRIBE with 404 Not ?[2JFound " + "x" * 86)
 
 
 async def test_a_redirect_on_the_same_host_keeps_the_cameras_credentials():

@@ -34,7 +34,7 @@ from urllib.parse import unquote, urlsplit
 
 from .. import h264, rtpaudio, rtspin
 from ..h264 import H264Error, ParameterSets
-from ..logsafe import Throttled, redact_text, redact_url
+from ..logsafe import Throttled, reason_phrase, redact_text, redact_url
 from ..rtspin import AccessUnit, Response, RtspError
 from .cameraaudio import AudioTap, TapFrame, TrackFormat
 from .capture import CapturedFrame, PacketSource, SourceClock, SourceError, UseDemuxer
@@ -75,8 +75,6 @@ LOG_EVERY = 10.0  # seconds between lines about a camera's bad packets or restar
 VIDEO_TRANSPORT = "RTP/AVP/TCP;unicast;interleaved=0-1"
 # The sound's own channel pair on the same connection (RFC 2326 10.12): the camera may name others in its answer.
 AUDIO_TRANSPORT = "RTP/AVP/TCP;unicast;interleaved=2-3"
-# Characters of a camera's reason phrase quoted in an error (the API's last_error): "Not Found", not 64 KiB of it.
-MAX_REASON = 100
 
 
 def _origin(url: str) -> tuple[str, int]:
@@ -330,7 +328,7 @@ class RtspSource:
         if method in ("OPTIONS", "DESCRIBE") and 300 <= response.status < 400 and location:
             raise _Redirect(location)
         if response.status != 200:
-            reason = response.reason[:MAX_REASON]  # shown to viewers as the stream's last error
+            reason = reason_phrase(response.reason)  # shown to viewers as the stream's last error
             raise SourceError(f"{self.name} answered {method} with {response.status} {reason}".rstrip())
         if method == "OPTIONS" and "GET_PARAMETER" in (response.header("public") or "").upper():
             self._keepalive_method = "GET_PARAMETER"

@@ -53,7 +53,7 @@ from ..aio import cancel_and_wait
 from ..backoff import Backoff, Retry
 from ..config import IceServer
 from ..hub import PacketHub
-from ..logsafe import printable, redact
+from ..logsafe import MAX_REASON, printable, reason_phrase, redact
 from ..status import ConsumerStats, Metric
 from . import borrowed
 from .ice import gathered_with, parse_links
@@ -68,7 +68,6 @@ POST_TIMEOUT = 10.0
 # The DELETE on stop: a server that is gone must not hold the relay's shutdown for long.
 DELETE_TIMEOUT = 2.0
 MAX_ANSWER_BYTES = 64 * 1024  # an answer is ~2 KiB; more is not an answer
-MAX_REASON = 100  # characters of a refusal's reason quoted in the log and the API's last_error
 # A live server sends STUN consent checks every few seconds and RTCP (mediamtx also a PLI every 2 s);
 # this long without a datagram, it is gone (killed, rebooted, unplugged). As for viewers
 # (relay.webrtc.sessions.VIEWER_SILENCE), silence and not unanswered checks: a busy server answers late.
@@ -342,7 +341,7 @@ class WhipPublisher:
                 body += chunk
             if resp.status != 201:
                 reason = body.decode(errors="replace").strip().splitlines()[0] if body.strip() else resp.reason
-                raise WhipError(f"refused: {resp.status} {printable(reason or '', MAX_REASON)}")
+                raise WhipError(f"refused: {resp.status} {reason_phrase(reason or '')}")
             if resp.content_type != SDP_TYPE or len(body) > MAX_ANSWER_BYTES:
                 raise WhipError(f"201 without an SDP answer ({resp.content_type or 'no Content-Type'})")
             if "Location" not in resp.headers:
@@ -351,7 +350,7 @@ class WhipPublisher:
                 location = urljoin(str(resp.url), resp.headers["Location"])  # the URL after any redirect
             except ValueError:  # http://[::1/x
                 raise WhipError(
-                    f"201 with a Location that cannot be read: {printable(resp.headers['Location'], 100)!r}"
+                    f"201 with a Location that cannot be read: {printable(resp.headers['Location'], MAX_REASON)!r}"
                 ) from None
             return body.decode(errors="replace"), location, parse_links(resp.headers.getall("Link", []))
 
