@@ -155,20 +155,26 @@ def read_config_file(path: Path) -> str:
 
 
 def warn_if_exposed(path: Path | None, text: str | None) -> None:
-    """One warning line when the config file holds secrets and users other than its owner can read it."""
+    """A warning line when the config file holds secrets and every user can read it, and one when users other
+    than its owner can change it (a config names programs the relay runs: ``[rtsp] mediamtx``). Read by the
+    owner's group is how ``install-service`` leaves it (root:camrelay 0640), and not warned about."""
     if path is None or not text:
         return
-    keys = secrets_in_file(text)
     try:
         mode = path.stat().st_mode
     except OSError:
         return
-    if keys and mode & 0o077:
+    if mode & 0o022:
         log.warning(
-            "config file %s holds secrets (%s) and other users can read it; chmod 600 %s",
+            "config file %s can be changed by users other than its owner, who could then run programs as this"
+            " relay's user; chmod go-w %s",
             path,
-            ", ".join(keys),
             path,
+        )
+    keys = secrets_in_file(text)
+    if keys and mode & 0o004:
+        log.warning(
+            "config file %s holds secrets (%s) and every user can read it; chmod o-r %s", path, ", ".join(keys), path
         )
 
 

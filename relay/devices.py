@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .logsafe import printable
+
 log = logging.getLogger(__name__)
 
 
@@ -34,6 +36,7 @@ VIDIOC_ENUM_FMT = _ioc(_READWRITE, 2, FMTDESC.size)
 VIDIOC_ENUM_FRAMESIZES = _ioc(_READWRITE, 74, FRMSIZE.size)
 VIDIOC_ENUM_FRAMEINTERVALS = _ioc(_READWRITE, 75, FRMIVAL.size)
 CAP_VIDEO_CAPTURE = 0x00000001
+MAX_DEVICE_NAME = 128  # characters of a device's name kept: a USB string descriptor holds at most 126
 CAP_DEVICE_CAPS = 0x80000000
 BUF_TYPE_VIDEO_CAPTURE = 1
 FRMSIZE_TYPE_DISCRETE = 1
@@ -184,8 +187,8 @@ def list_devices(
         if not entry.name.startswith("video"):
             continue
         node = str(dev / entry.name)
-        try:
-            name = (entry / "name").read_text().strip()
+        try:  # a USB device's own product string: text it chose, shown in logs, `camrelay devices` and the API
+            name = printable((entry / "name").read_text(errors="replace").strip(), MAX_DEVICE_NAME)
         except OSError:
             name = entry.name
         try:

@@ -70,20 +70,30 @@ MAX_SCANNED_WORD = 1024  # characters: a URL is far shorter; a longer word with 
 FORMS_CACHED = 16  # sets of secrets whose forms are kept: the process's one, growing, and a few of config errors
 
 
+# A password a camera takes in its URL's path or query instead of the user information: Dahua's and Amcrest's
+# "?channel=1&user=admin&password=..." and the "/user=admin_password=..._channel=1_stream=0.sdp" of XMEye cameras.
+# The value runs to the next parameter (&, ;, #, or _name= in the XMEye form) or the URL's end.
+URL_PARAM_PASSWORD = re.compile(
+    r"[?&;/_](?:password|passwd|pass|pwd|token|secret)=(?P<value>[^&;#\s]*?)(?=[&;#\s]|_[A-Za-z]+=|$)", re.IGNORECASE
+)
+
+
 def url_passwords(url: str) -> list[str]:
-    """The password in ``scheme://user:password@host/...``, if it has one, and ``user:password`` in base64.
+    """The password in ``scheme://user:password@host/...``, if it has one, and ``user:password`` in base64; and
+    the values of password-like parameters in its path or query (``URL_PARAM_PASSWORD``).
 
     The user information ends at the last @ before the path (``rtsp://u:pw@cam/x@1080p``: ``pw``); a
     password with an unencoded / (which FFmpeg would not take either) ends at the URL's last @ instead.
     """
     rest = url.partition("://")[2]
+    found = [m.group("value") for m in URL_PARAM_PASSWORD.finditer(rest) if m.group("value")]
     authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
     userinfo, at, _ = (authority if "@" in authority else rest).rpartition("@")
     user, _, password = userinfo.partition(":")
     if not (at and password):
-        return []
+        return found
     # and HTTP Basic's credential as an RTSP client sends it (a camera may quote it back in an error)
-    return [password, base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()]
+    return [password, base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode(), *found]
 
 
 def variants(secret: str) -> set[str]:

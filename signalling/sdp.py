@@ -8,12 +8,22 @@ clear 400s and keep garbage away from it.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
 from relay import h264
 
 MAX_LINES = 2000  # a browser offer is ~100 lines; far more is abuse
+# A session's remote candidates, offered and trickled together. A browser gathers fewer than 20 (a host candidate
+# per interface and address family, a server-reflexive and a relayed one); aioice re-sorts its whole check list at
+# each one added, in the event loop every viewer is fed from: 1,000 candidates stalled it 0.2 s, 3,000 11 s.
+MAX_CANDIDATES = 40
+# What an offer or a trickled fragment may not hold: every control character but the tab and CR LF line ends, and
+# the other characters Python's str.splitlines(), which aiortc's parser splits on, takes for a line's end. Without
+# them the lines checked here are exactly the lines aiortc applies ("a=x:1\x0ba=extmap:300 ..." was one harmless
+# line here and two lines there).
+FORBIDDEN = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x85\u2028\u2029]|\r(?!\n)")
 _RTPMAP = re.compile(r"^a=rtpmap:(\d+) ([A-Za-z0-9_.-]+)/(\d+)")
 _FMTP = re.compile(r"^a=fmtp:(\d+) (.*)$")
 # <fmt> is a token: payload types for RTP, "webrtc-datachannel" for a data channel (RFC 8841).
@@ -146,6 +156,15 @@ def _mid(section: list[str]) -> str | None:
     return next((line[len("a=mid:") :] for line in section if line.startswith("a=mid:")), None)
 
 
+def check_text(text: str, what: str) -> None:
+    """``SdpError`` naming the line and the character when ``text`` (an offer or a fragment) holds a ``FORBIDDEN``
+    character."""
+    found = FORBIDDEN.search(text)
+    if found is not None:
+        line = text.count("\n", 0, found.start()) + 1
+        raise SdpError(f"{what} line {line} holds the control character U+{ord(found.group()[0]):04X}")
+
+
 def check_offer(text: str) -> OfferSummary:
     """Validate a WHEP offer; raises ``SdpError`` with the reason.
 
@@ -155,8 +174,7 @@ def check_offer(text: str) -> OfferSummary:
     (``find_audio``). With no such video section the reason is the first video
     section's.
     """
-    if "\x00" in text:
-        raise SdpError("offer contains a NUL byte")
+    check_text(text, "offer")
     lines = _lines(text)
     if not lines:
         raise SdpError("offer is empty")
@@ -184,6 +202,9 @@ def check_offer(text: str) -> OfferSummary:
             video.append(index)
     if not video:
         raise SdpError("offer has no video section")
+    candidates = sum(1 for line in lines if line.startswith("a=candidate:"))
+    if candidates > MAX_CANDIDATES:
+        raise SdpError(f"offer has {candidates} candidates, more than {MAX_CANDIDATES}")
     reasons = []
     for index in video:
         try:
@@ -321,21 +342,41 @@ def _ice_ufrags(text: str) -> set[str]:
     return {line[len("a=ice-ufrag:") :].strip() for line in text.splitlines() if line.startswith("a=ice-ufrag:")}
 
 
-def is_mdns_candidate(line: str) -> bool:
-    """An ``a=candidate`` line whose address is an mDNS name (``<uuid>.local``)."""
-    parts = line.split()
-    return line.startswith("a=candidate:") and len(parts) > 4 and parts[4].lower().endswith(".local")
-
-
-def drop_mdns_candidates(offer: str) -> str:
-    """The offer without mDNS candidates.
+def unusable_candidate(line: str, from_loopback: bool) -> bool:
+    """An ``a=candidate`` line (``line`` stripped) the relay would not use: an address that is not a unicast IP
+    address (an mDNS ``<uuid>.local`` name or any other name, multicast, unspecified, broadcast), or a loopback
+    one from a viewer not on this machine (``from_loopback``: the client's address is loopback).
 
     Browsers hide their addresses behind ``.local`` names. Resolving them would
     send multicast queries on the LAN for nothing: the viewer's own ICE checks
     reach the relay's host candidates, which then learns the viewer's real
-    address as a peer-reflexive candidate.
+    address as a peer-reflexive candidate. The others are no viewer's: checks
+    to them would be STUN sent where a viewer points it (the relay's own
+    loopback services, multicast groups).
     """
-    return "".join(line for line in offer.splitlines(keepends=True) if not is_mdns_candidate(line))
+    parts = line.split()
+    if not line.startswith("a=candidate:") or len(parts) < 5:
+        return False
+    try:
+        address = ipaddress.ip_address(parts[4])
+    except ValueError:
+        return True  # a name
+    if address.is_multicast or address.is_unspecified or address == ipaddress.IPv4Address("255.255.255.255"):
+        return True
+    return address.is_loopback and not from_loopback
+
+
+def usable_candidates(text: str, from_loopback: bool) -> str:
+    """An offer or a trickled fragment with each line stripped of white space and without the candidate lines
+    ``unusable_candidate`` names: what is checked is what is applied (a line " a=candidate:..." passed the checks
+    that look for "a=candidate:" and was applied stripped)."""
+    lines = (line.strip() for line in text.splitlines())
+    return "".join(f"{line}\r\n" for line in lines if not unusable_candidate(line, from_loopback))
+
+
+def candidate_count(text: str) -> int:
+    """The ``a=candidate`` lines of ``usable_candidates``' text."""
+    return sum(1 for line in text.splitlines() if line.startswith("a=candidate:"))
 
 
 # -- H.264 profiles: the answer says what is sent (RFC 6184 8.1, 8.2.2)

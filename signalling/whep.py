@@ -10,6 +10,7 @@ input gets its own status and a one-line reason in the body, never a 500.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 
@@ -25,16 +26,18 @@ from .access import VIEWER
 from .common import RELAY, error, stream_or_404
 from .limits import RateLimiter
 from .sdp import (
+    MAX_CANDIDATES,
     SdpError,
     answer_all,
+    candidate_count,
     check_candidate,
     check_offer,
-    drop_mdns_candidates,
+    check_text,
     find_audio,
     fit_h264,
     is_ice_restart,
-    is_mdns_candidate,
     served_only,
+    usable_candidates,
 )
 
 log = logging.getLogger(__name__)
@@ -77,7 +80,7 @@ async def whep_offer(request: web.Request) -> web.Response:
         raise error(web.HTTPBadRequest, f"malformed offer: {exc}") from None
     stream = relay.streams[name]
     audio = find_audio(offer) if stream.has_audio else None  # its Opus, to the offer's audio section if it has one
-    served = served_only(drop_mdns_candidates(offer), summary.served, audio)
+    served = served_only(usable_candidates(offer, _from_loopback(request)), summary.served, audio)
     sps = stream.sps  # of the H.264 the stream sends now; None before its first keyframe
     fit = None
     if sps is not None:
@@ -118,14 +121,29 @@ async def whep_offer(request: web.Request) -> web.Response:
     except web.HTTPServiceUnavailable:
         await relay.sessions.close(session.id, "over the viewer limit")
         raise
+    session.candidates = candidate_count(served)
+    try:
+        whole = answer_all(offer, summary.served, answer, audio)
+    except Exception as exc:  # an offer the checks passed that the answer cannot be fitted to: refused, not a 500
+        refusals.warn("stream=%s offer refused: its answer could not be made whole: %r", name, exc)
+        await relay.sessions.close(session.id, "answer could not be made")
+        raise error(web.HTTPBadRequest, "offer could not be answered") from None
     location = f"/whep/{name}/{session.id}"
     response = web.Response(
         status=201,
-        body=answer_all(offer, summary.served, answer, audio).encode(),
+        body=whole.encode(),
         headers={"Location": location, "Content-Type": SDP_TYPE},
     )
     _add_ice_links(request, response)  # no ETag: a session cannot restart ICE (see whep_patch)
     return response
+
+
+def _from_loopback(request: web.Request) -> bool:
+    """The client is on this machine: its loopback candidates are its own."""
+    try:
+        return ipaddress.ip_address(request.remote or "").is_loopback
+    except ValueError:
+        return False
 
 
 def _add_ice_links(request: web.Request, response: web.StreamResponse) -> None:
@@ -219,9 +237,14 @@ async def whep_patch(request: web.Request) -> web.Response:
             "If-Match names an entity-tag this relay never gave (its sessions have none); send If-Match: * or none",
         )
     body = await _read_body(request, "fragment")
-    fragment = "".join(
-        line for line in body.decode("utf-8", "replace").splitlines(keepends=True) if not is_mdns_candidate(line)
-    )
+    try:
+        text = body.decode("utf-8")
+        check_text(text, "fragment")
+    except UnicodeDecodeError:
+        raise error(web.HTTPBadRequest, "fragment is not UTF-8 text") from None
+    except SdpError as exc:
+        raise error(web.HTTPBadRequest, f"malformed fragment: {exc}") from None
+    fragment = usable_candidates(text, _from_loopback(request))
     if is_ice_restart(fragment, session.offer_sdp):
         # aiortc cannot restart ICE. draft-ietf-wish-whep-03 §4.5.1: a session that trickles but cannot
         # restart answers 422, and keeps its ICE session.
@@ -232,9 +255,19 @@ async def whep_patch(request: web.Request) -> web.Response:
     try:
         for line in fragment.splitlines():
             if line.startswith("a=candidate:"):
-                check_candidate(line.strip()[len("a=candidate:") :])
+                check_candidate(line[len("a=candidate:") :])
     except SdpError as exc:
         raise error(web.HTTPBadRequest, f"bad candidate: {exc}") from None
+    added = candidate_count(fragment)
+    if session.candidates + added > MAX_CANDIDATES:
+        refusals.warn(
+            "stream=%s session=%s over %d candidates; refused", session.stream, session.id[:8], MAX_CANDIDATES
+        )
+        raise error(
+            web.HTTPBadRequest,
+            f"too many candidates: {session.candidates} already, {added} more, at most {MAX_CANDIDATES} a session",
+        )
+    session.candidates += added
     try:
         await request.app[RELAY].sessions.add_candidates(session, fragment)
     except OfferRejected as exc:

@@ -259,17 +259,31 @@ def test_a_config_file_with_secrets_others_can_read_gets_one_warning(tmp_path, c
     path = tmp_path / "camrelay.toml"
     text = f'[rtsp]\nuser = "nvr"\npassword = "{RTSP_PASSWORD}"\n'
     path.write_text(text)
-    path.chmod(0o640)
+    path.chmod(0o644)
     warn_if_exposed(path, text)
     assert [r.getMessage() for r in caplog.records] == [
-        f"config file {path} holds secrets (rtsp.password) and other users can read it; chmod 600 {path}"
+        f"config file {path} holds secrets (rtsp.password) and every user can read it; chmod o-r {path}"
     ]
     caplog.clear()
-    path.chmod(0o600)
-    warn_if_exposed(path, text)
+    for mode in (0o600, 0o640):  # 0640 root:camrelay is what install-service leaves: the relay's user reads it
+        path.chmod(mode)
+        warn_if_exposed(path, text)
     path.chmod(0o644)
     warn_if_exposed(path, "[http]\nport = 8080\n")
     assert caplog.records == []
+
+
+@pytest.mark.parametrize("mode", [0o602, 0o620, 0o666])
+def test_a_config_file_others_can_change_gets_a_warning_secrets_or_not(tmp_path, caplog, mode):
+    """Whoever can write the config can name the program the relay starts as its mediamtx."""
+    path = tmp_path / "camrelay.toml"
+    path.write_text("[http]\nport = 8080\n")
+    path.chmod(mode)
+    warn_if_exposed(path, path.read_text())
+    assert [r.getMessage() for r in caplog.records] == [
+        f"config file {path} can be changed by users other than its owner, who could then run programs as this"
+        f" relay's user; chmod go-w {path}"
+    ]
 
 
 def test_redact_and_the_log_filter():

@@ -105,6 +105,16 @@ def test_lists_mjpeg_capture_nodes_with_modes_and_stable_paths(tree):
     assert card.modes == [d.Mode(1920, 1080, (60.0, 30.0))]
 
 
+def test_a_devices_own_name_is_shown_printable_and_cut(tree):
+    """A USB device names itself: a BadUSB "camera" whose name held a newline forged a log line of its own, and
+    an escape sequence reached the terminal; bytes that are not UTF-8 stopped the listing."""
+    sysfs, dev, ioctl, open_node = tree
+    (sysfs / "video0" / "name").write_bytes(b"Cam\nWARNING signalling.access: forged\x1b[31m\xff" + b"x" * 200 + b"\n")
+    cam = d.list_devices(sysfs, dev, ioctl, open_node)[0]
+    shown = "Cam?WARNING signalling.access: forged?[31m\ufffd"
+    assert cam.name == shown + "x" * (d.MAX_DEVICE_NAME - len(shown))
+
+
 def test_no_sysfs_means_no_devices(tmp_path):
     assert d.list_devices(tmp_path / "missing", tmp_path) == []
 

@@ -51,7 +51,18 @@ def test_lf_only_line_endings_pass():
         ("hello", "offer does not start with v=0"),
         ("v=1\r\n", "offer does not start with v=0"),
         ("v=0\r\nnonsense\r\n", "line 2 is not of the form x=value"),
-        ("v=0\x00\r\n", "offer contains a NUL byte"),
+        ("v=0\x00\r\n", "offer line 1 holds the control character U+0000"),
+        ("v=0\r\na=x:1\x0ba=extmap:300 urn:x\r\n", "offer line 2 holds the control character U+000B"),
+        ("v=0\r\na=x:1\x0ca=y\r\n", "offer line 2 holds the control character U+000C"),
+        ("v=0\r\na=x:1\ra=y\r\n", "offer line 2 holds the control character U+000D"),
+        ("v=0\r\na=x:1\x1ea=y\r\n", "offer line 2 holds the control character U+001E"),
+        ("v=0\r\na=x:1\x85a=y\r\n", "offer line 2 holds the control character U+0085"),
+        ("v=0\r\na=x:1\u2029a=y\r\n", "offer line 2 holds the control character U+2029"),
+        ("v=0\r\n\x1b[2J\r\n", "offer line 2 holds the control character U+001B"),
+        (
+            CHROMIUM.replace("a=mid:0", "a=mid:0" + "\na=candidate:1 1 udp 1 10.0.0.1 9 typ host" * 39),
+            "offer has 41 candidates, more than 40",  # 2 of its own
+        ),
         ("v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n", "offer has no media section"),
         ("v=0\r\n" + "a=x\r\n" * 2001, "offer has 2002 lines, more than 2000"),
         ("v=0\r\nm=video\r\n", "malformed media line 'm=video'"),
@@ -152,15 +163,43 @@ def test_numbers_out_of_range_are_refused_with_the_line(prefix, new, reason):
 
 
 def test_mdns_candidates_are_dropped_and_nothing_else():
-    from signalling.sdp import drop_mdns_candidates
+    from signalling.sdp import usable_candidates
 
     assert CHROMIUM.count(".local ") == 2
-    stripped = drop_mdns_candidates(CHROMIUM)
+    stripped = usable_candidates(CHROMIUM, from_loopback=False)
     assert ".local" not in stripped
     assert len(stripped.splitlines()) == len(CHROMIUM.splitlines()) - 2
     assert check_offer(stripped).video_sections == 1
     real = "a=candidate:1 1 udp 2113937151 192.168.1.20 51355 typ host generation 0\r\n"
-    assert drop_mdns_candidates(real) == real
+    assert usable_candidates(real, from_loopback=False) == real
+
+
+@pytest.mark.parametrize(
+    ("address", "remote_kept", "local_kept"),
+    [
+        ("192.168.1.20", True, True),
+        ("10.0.0.1", True, True),
+        ("fe80::1", True, True),  # link-local: a LAN viewer's IPv6
+        ("2001:db8::1", True, True),
+        ("127.0.0.1", False, True),  # a viewer's own loopback is on this machine only when it is
+        ("::1", False, True),
+        ("0.0.0.0", False, False),
+        ("::", False, False),
+        ("224.0.0.251", False, False),
+        ("ff02::1", False, False),
+        ("255.255.255.255", False, False),
+        ("deadbeef.local", False, False),
+        ("camera.example.org", False, False),  # a name: no lookups a viewer sets off
+    ],
+)
+def test_candidates_the_relay_would_not_use_are_dropped(address, remote_kept, local_kept):
+    from signalling.sdp import candidate_count, usable_candidates
+
+    line = f"a=candidate:1 1 udp 2113937151 {address} 51355 typ host"
+    for from_loopback, kept in ((False, remote_kept), (True, local_kept)):
+        text = usable_candidates(f"a=mid:0\r\n  {line}\t\r\na=end-of-candidates\n", from_loopback)
+        assert text == "a=mid:0\r\n" + (line + "\r\n" if kept else "") + "a=end-of-candidates\r\n"
+        assert candidate_count(text) == int(kept)
 
 
 def recorded(name: str) -> str:

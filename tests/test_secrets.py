@@ -115,6 +115,31 @@ def test_an_at_in_the_path_is_not_taken_for_the_end_of_the_password():
     )
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (  # Dahua, Amcrest
+            "rtsp://cam/cam/realmonitor?channel=1&subtype=0&user=admin&password=hunter2",
+            "rtsp://cam/cam/realmonitor?channel=1&subtype=0&user=admin&password=***",
+        ),
+        (  # XMEye
+            "rtsp://10.0.0.5:554/user=admin_password=hunter2_channel=1_stream=0.sdp",
+            "rtsp://10.0.0.5:554/user=admin_password=***_channel=1_stream=0.sdp",
+        ),
+        ("rtsp://cam/live?PWD=hunter2&x=1#mode=passthrough", "rtsp://cam/live?PWD=***&x=1#mode=passthrough"),
+        ("rtsp://cam/live?token=hunter2", "rtsp://cam/live?token=***"),
+    ],
+)
+def test_a_password_in_a_cameras_path_or_query_is_hidden_too(url, shown):
+    """Some cameras take their password as a parameter: it was shown in full in the API, the page and the log."""
+    from relay.logsafe import url_passwords
+    from relay.source import parse_source_spec
+
+    assert str(parse_source_spec(url)) == shown
+    assert redact(f"could not open {url!r}", url_passwords(url)) == f"could not open {shown!r}"
+    assert "hunter2" in parse_source_spec(url).unredacted()  # the worker still gets it
+
+
 def test_a_huge_word_costs_no_quadratic_scan():
     # The URL pattern backtracks over a word; thousands of "a:" without an @ after them took half a second.
     word = "a:" * 8000 + "@"

@@ -27,6 +27,7 @@ from relay.ipc import ProtocolError
 from relay.webrtc import shards
 from relay.webrtc.shards import ShardedSessions, ShardUnavailable, shards_for
 from relay.webrtc.whepclient import WhepViewer
+from signalling.sdp import MAX_CANDIDATES
 
 from .conftest import EncodedFrames, RunningRelay, capture_ms, make_config, start_relay
 
@@ -197,6 +198,9 @@ async def test_patch_and_delete_reach_the_shard_that_holds_the_session_and_a_bad
             restart = "a=ice-ufrag:fresh\r\na=ice-pwd:fresh0fresh0fresh0fresh0\r\n"
             async with http.patch(viewer.location, data=restart, headers=SDPFRAG) as r:
                 assert r.status == 422
+            many = "".join(f"a=candidate:{n} 1 udp 1 10.0.0.{n + 1} 9 typ host\r\n" for n in range(MAX_CANDIDATES))
+            async with http.patch(viewer.location, data=many, headers=SDPFRAG) as r:  # its offer had some
+                assert r.status == 400 and (await r.text()).startswith("too many candidates: ")
             await viewer.read_frames(3)
         offer = CHROMIUM_OFFER.replace("a=fingerprint:sha-256 ", "a=fingerprint:sha-256 ZZ")
         offer = offer.replace("a=setup:actpass", "a=setup:bogus")

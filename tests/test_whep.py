@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from relay.config import StreamConfig
 from relay.source import SourceSpec
 from relay.webrtc.whepclient import WhepError, WhepViewer
+from signalling.sdp import MAX_CANDIDATES
 
 from .conftest import EncodedFrames, RunningRelay, capture_ms, session_of
 
@@ -278,6 +280,69 @@ async def test_trickled_candidates_are_accepted(relay_server, http):
         await viewer.read_frames(3)
     finally:
         await viewer.close()
+
+
+async def test_a_sessions_candidates_are_capped_and_no_hidden_or_indented_line_passes_the_checks(relay_server, http):
+    """Each candidate aioice is given costs more than the last (it re-sorts every check), in the loop that feeds
+    every viewer: a session takes at most MAX_CANDIDATES, offered and trickled together. A line the checks would
+    read one way and aiortc another (split at a vertical tab; indented) is refused, not applied unchecked."""
+    offers = []
+
+    def keep(kind: str, sdp: str) -> str:
+        offers.append(sdp) if kind == "offer" else None
+        return sdp
+
+    viewer = WhepViewer(relay_server.whep(), http, rewrite_sdp=keep)
+    frag = {"Content-Type": "application/trickle-ice-sdpfrag"}
+    try:
+        await viewer.connect()
+        for bad, reason in (
+            (" a=candidate:1 1 udp 2113937151 127.0.0.1 70000 typ host", "bad candidate: candidate port 70000"),
+            (
+                "a=candidate:1 1 udp 1 10.0.0.1 9 typ host\x0ba=candidate:2 1 udp 1 10.0.0.2 99999 typ host",
+                "malformed fragment: fragment line 1 holds the control character U+000B",
+            ),
+        ):
+            async with http.patch(viewer.location, data=bad.encode() + b"\r\n", headers=frag) as resp:
+                assert (resp.status, (await resp.text())[: len(reason)]) == (400, reason)
+        offered = offers[0].count("a=candidate:")
+        taken = 0
+        for n in range(MAX_CANDIDATES + 5):
+            line = f"a=candidate:{n} 1 udp 1 10.1.{n // 200}.{n % 200 + 1} 9 typ host\r\n"
+            async with http.patch(viewer.location, data=line, headers=frag) as resp:
+                if resp.status != 204:
+                    assert resp.status == 400 and (await resp.text()).startswith("too many candidates: ")
+                    break
+                taken += 1
+        assert offered + taken == MAX_CANDIDATES
+        async with http.patch(viewer.location, data="a=end-of-candidates\r\n", headers=frag) as resp:
+            assert resp.status == 204  # no candidate: still taken
+        await viewer.read_frames(3)
+    finally:
+        await viewer.close()
+
+
+async def test_an_offer_line_split_where_aiortc_splits_it_is_refused(relay_server, http):
+    """aiortc's parser splits lines with str.splitlines(): at a vertical tab, a form feed, a lone CR, U+2028...
+    An offer line holding one was checked as one line here, and aiortc applied its second half unchecked."""
+    for hidden in ("\x0b", "\x0c", "\r", "\x1c", "\x85", "\u2028"):
+
+        def rewrite(kind: str, sdp: str, hidden: str = hidden) -> str:
+            if kind != "offer":
+                return sdp
+            return re.sub(r"a=extmap:\d+ ", f"a=x-note:1{hidden}a=extmap:300 ", sdp, count=1)
+
+        viewer = WhepViewer(relay_server.whep(), http, rewrite_sdp=rewrite)
+        try:
+            with pytest.raises(WhepError) as info:
+                await viewer.connect()
+            assert info.value.status == 400
+            assert re.fullmatch(
+                rf"malformed offer: offer line \d+ holds the control character U\+{ord(hidden):04X}", info.value.reason
+            )
+        finally:
+            await viewer.close()
+    assert relay_server.relay.sessions.count() == 0
 
 
 async def test_api_and_health(relay_server, http):

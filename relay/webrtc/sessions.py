@@ -87,6 +87,7 @@ class ViewerSession:
     connected_at: float | None = None
     closed: bool = False
     audio: AudioTrack | None = None  # the stream's sound, when the offer takes audio and the stream has it
+    candidates: int = 0  # remote candidates offered and trickled, as WHEP counts them (signalling.sdp.MAX_CANDIDATES)
     _deadline: asyncio.TimerHandle | None = None
 
     def stop_tracks(self) -> None:

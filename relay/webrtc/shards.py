@@ -128,6 +128,7 @@ class RemoteSession:
     offer_sdp: str  # as the shard applied it: a trickled fragment's ICE credentials are checked against it
     created: float = field(default_factory=time.monotonic)
     connected_at: float | None = None
+    candidates: int = 0  # remote candidates offered and trickled, as WHEP counts them (signalling.sdp.MAX_CANDIDATES)
 
 
 class Feed:
