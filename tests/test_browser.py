@@ -202,6 +202,14 @@ async def test_the_page_asks_chromium_to_hold_video_frames_as_little_as_it_can(r
             await page.close()
 
 
+INJECTED_HANDLER_BLOCKED = """() => new Promise((done) => {
+  const holder = document.createElement("div");
+  holder.innerHTML = '<img src="data:," onerror="window.injected = 1">';
+  holder.firstChild.addEventListener("error", () => done(window.injected === undefined));
+  document.body.append(holder);
+})"""
+
+
 async def test_index_tile_goes_live(relay_server, http, caplog):
     caplog.set_level(logging.INFO, logger="relay")
     async with chromium() as browser:
@@ -226,6 +234,9 @@ async def test_index_tile_goes_live(relay_server, http, caplog):
         size = await tile.locator("video").evaluate("(v) => [v.videoWidth, v.videoHeight]")
         assert size == [TEST_WIDTH, TEST_HEIGHT]
         watch.check_offers_stay_on_loopback()
+        # The page runs the relay's scripts only (its Content-Security-Policy): markup that reached it cannot run.
+        # The inline handler would run before the listener added after it, on the same error.
+        assert await page.evaluate(INJECTED_HANDLER_BLOCKED) is True
 
         await one_viewer_then_closed(page, watch, http, relay_server, caplog, "index.png")
 

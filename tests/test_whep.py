@@ -12,6 +12,7 @@ import pytest
 from relay.config import StreamConfig
 from relay.source import SourceSpec
 from relay.webrtc.whepclient import WhepError, WhepViewer
+from signalling.pages import PAGE_POLICY
 from signalling.sdp import MAX_CANDIDATES
 
 from .conftest import EncodedFrames, RunningRelay, capture_ms, session_of
@@ -354,12 +355,15 @@ async def test_api_and_health(relay_server, http):
         assert resp.status == 200 and (await resp.json())["ok"] is True
     async with http.get(relay_server.base + "/") as resp:
         assert resp.status == 200 and 'data-whep="/whep/cam0"' in await resp.text()
+        assert resp.headers["Content-Security-Policy"] == PAGE_POLICY and "script-src 'self';" in PAGE_POLICY
+        assert "<script>" not in await resp.text()  # no inline script the policy would block
     async with http.get(relay_server.base + "/view/cam0") as resp:
         assert resp.status == 200
     async with http.get(relay_server.base + "/view/nope") as resp:
         assert resp.status == 404
     async with http.get(relay_server.base + "/static/whep.js") as resp:
         assert resp.status == 200 and "readPixelClock" in await resp.text()
+        assert resp.headers["X-Content-Type-Options"] == "nosniff"
 
 
 @pytest.mark.relay_config(cors_origins=("https://dash.example.org",))
