@@ -60,11 +60,18 @@ LimitNOFILE={LIMIT_NOFILE}
 UMask=0027
 StateDirectoryMode=0750
 NoNewPrivileges=yes
+CapabilityBoundingSet=
+RestrictSUIDSGID=yes
+# The whole file system is read-only but the state directory: recordings kept elsewhere ([record] root on a USB
+# disk) need a line of their own, e.g. ReadWritePaths=/media/usb/camrelay
 ProtectSystem=strict
 ProtectHome=read-only
 PrivateTmp=yes
+# Other users' processes are hidden from the relay (it reads its own children's, and /proc/stat for the CPU load).
+ProtectProc=invisible
 ProtectKernelTunables=yes
 ProtectKernelModules=yes
+ProtectKernelLogs=yes
 ProtectControlGroups=yes
 ProtectClock=yes
 ProtectHostname=yes
