@@ -23,7 +23,7 @@ MAX_CANDIDATES = 40
 # the other characters Python's str.splitlines(), which aiortc's parser splits on, takes for a line's end. Without
 # them the lines checked here are exactly the lines aiortc applies ("a=x:1\x0ba=extmap:300 ..." was one harmless
 # line here and two lines there).
-FORBIDDEN = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x85\u2028\u2029]|\r(?!\n)")
+FORBIDDEN = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x85\u2028\u2029]|\r(?![\r\n])")
 _RTPMAP = re.compile(r"^a=rtpmap:(\d+) ([A-Za-z0-9_.-]+)/(\d+)")
 _FMTP = re.compile(r"^a=fmtp:(\d+) (.*)$")
 # <fmt> is a token: payload types for RTP, "webrtc-datachannel" for a data channel (RFC 8841).

@@ -320,6 +320,7 @@ async def end_workers(procs: list, timeout: float) -> None:
         if proc.is_alive():
             proc.kill()
             proc.join()
+        proc.close()  # its sentinel pipe now, not when a failed test's traceback lets go of it
 
 
 @pytest.fixture

@@ -41,6 +41,7 @@ def test_a_real_chromium_offer_passes():
 
 def test_lf_only_line_endings_pass():
     assert check_offer(CHROMIUM.replace("\r\n", "\n")).video_sections == 1
+    assert check_offer(CHROMIUM.replace("\n", "\r\r\n")).video_sections == 1  # CRs before a line's end: its end
 
 
 @pytest.mark.parametrize(
