@@ -170,6 +170,43 @@ async def test_view_page_plays_and_shows_latency(relay_server, http, caplog):
     assert (await stream_info(http, relay_server))["encoders_running"] == 1
 
 
+# The capture time of every reading the page's latency readout makes from now on, in window.__pageClocks.
+PAGE_CLOCKS = """() => {
+  window.__pageClocks = [];
+  window.camrelayPlayer.handlers.onLatencySample = (ms, t) => window.__pageClocks.push(t);
+}"""
+
+
+@pytest.mark.parametrize("videoframe", [True, False], ids=["videoframe", "no-videoframe"])
+async def test_the_page_reads_each_frames_clock_from_its_decoded_picture(relay_server, videoframe) -> None:
+    """The readout reads the band's luma from the decoded frame (WebCodecs' VideoFrame), not by drawing the
+    whole picture into a canvas; where there is no VideoFrame, through the canvas as before. Either way every
+    frame presented is read, and each reading is the capture time of a frame the relay encoded."""
+    async with chromium() as browser:
+        page = await browser.new_page()
+        try:
+            if not videoframe:
+                await page.add_init_script("delete window.VideoFrame;")
+            with EncodedFrames(relay_server.relay.streams["cam0"]) as encoded:
+                await page.goto(f"{relay_server.base}/view/cam0")
+                await page.wait_for_function(PLAYING, timeout=PLAY_TIMEOUT_MS)
+                await page.evaluate(PAGE_CLOCKS)
+                await page.evaluate(PRESENTED)  # the benchmark's reading of each frame presented, by the canvas
+                await wait_presented(page, CLOCK_READINGS, PLAY_TIMEOUT_MS)
+                await page.wait_for_function(f"() => window.__pageClocks.length >= {CLOCK_READINGS}")
+                page_clocks = await page.evaluate("() => window.__pageClocks")
+                presented = await presented_clocks(page)
+                reader = await page.evaluate("() => window.camrelayPlayer.clockReader")
+                carried = set(encoded.clocks)
+            assert reader == ("frame" if videoframe else "canvas")
+            assert set(page_clocks) <= carried, "the page read a time no frame carried"
+            # The same frames, read both ways: the page's readings and the canvas's agree frame for frame.
+            both = set(page_clocks) & set(presented)
+            assert len(both) >= CLOCK_READINGS // 2, (page_clocks, presented)
+        finally:
+            await page.close()
+
+
 # The page's receivers as [kind, jitterBufferTarget], and what lowLatency does to an audio receiver of a peer
 # connection of its own (the page has none yet: one may come).
 RECEIVERS = """() => {
