@@ -1,6 +1,6 @@
 """Where the machine's CPU goes while Chromium plays camrelay at 60 fps (issue 16): per process, per thread.
 
-    PYTHONPATH=. .venv/bin/python docs/results/issue16-sixty/cpu_split.py --fps 60 --duration 20 [--relay-dir /work/main]
+    PYTHONPATH=. .venv/bin/python docs/results/issue16-sixty/cpu_split.py --fps 60 --duration 20 [--relay-dir DIR]
 
 Runs ``python -m benchmarks.browser_latency --systems camrelay --repeats 1`` (this checkout's, or with
 ``--relay-dir`` another checkout's relay and page) and samples the CPU time of every process under it (the
