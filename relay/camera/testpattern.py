@@ -8,29 +8,28 @@ what a real scene costs.
 
 A camera makes its JPEGs in its own hardware; this one makes them on the
 relay's CPU, in its capture thread, and the time that takes is in every
-frame's latency. libjpeg-turbo (through Pillow) makes them: a 720p frame in
-about 3.5 ms of CPU where FFmpeg's mjpeg encoder took 5-6 ms, at a quality
+frame's latency. libjpeg-turbo (through simplejpeg) makes them from the
+planes as they are (no colour conversion, no resampling): a 720p frame in
+about 2.5 ms of CPU where FFmpeg's mjpeg encoder took 6-7 ms, at a quality
 whose frames are as big and take FFmpeg's decoder as long as before
 (``docs/benchmarks.md``, issue 16's 60 fps).
 """
 
 from __future__ import annotations
 
-import io
 import time
 
 import numpy as np
-from PIL import Image
+import simplejpeg
 
 from . import pixelclock
 
 SCROLL_PX_PER_FRAME = 4  # horizontal motion, like a slow pan
 BOX_SIDE_FRACTION = 6  # the moving box is 1/6 of the frame height
 GRID_STEP_PX = 40  # divides every common width (320, 640, 1280, 1920)
-# libjpeg's quality (0-100). At 90 a 720p frame is 227 kB and FFmpeg's decoder (the worker's) takes 3.1 ms on it,
-# as it did on the 215 kB FFmpeg's mjpeg encoder made at its q5 before ("about what a good USB camera delivers").
+# libjpeg's quality (0-100). At 90 a 720p frame is 228 kB and FFmpeg's decoder (the worker's) takes as long on it
+# as on the 217 kB FFmpeg's mjpeg encoder made at its q5 before ("about what a good USB camera delivers").
 JPEG_QUALITY = 90
-JPEG_SUBSAMPLING = 2  # Pillow's 4:2:0, what UVC cameras send (the planes' own chroma: nothing is resampled)
 
 
 class PatternRenderer:
@@ -60,16 +59,11 @@ class PatternRenderer:
         cw, ch = width // 2, height // 2
         cx = np.linspace(64, 192, cw, dtype=np.float32)[None, :]
         cy = np.linspace(192, 64, ch, dtype=np.float32)[:, None]
-        self._u = np.broadcast_to(cx, (ch, cw)).astype(np.uint8)
-        self._v = np.broadcast_to(cy, (ch, cw)).astype(np.uint8)
+        self._u = np.ascontiguousarray(np.broadcast_to(cx, (ch, cw)), dtype=np.uint8)  # rows as libjpeg reads them
+        self._v = np.ascontiguousarray(np.broadcast_to(cy, (ch, cw)), dtype=np.uint8)
         pixelclock.draw_chroma(self._u, width)
         pixelclock.draw_chroma(self._v, width)
-        # The chroma never changes: the JPEG's Cb and Cr, at full size (each sample as 2x2 pixels, which 4:2:0
-        # averages back to itself), made once; each frame only its luma is drawn.
-        self._cb, self._cr = (
-            Image.fromarray(np.repeat(np.repeat(c, 2, axis=0), 2, axis=1)) for c in (self._u, self._v)
-        )
-        self._luma = np.empty((height, width), dtype=np.uint8)
+        self._luma = np.empty((height, width), dtype=np.uint8)  # the JPEG's: the chroma never changes
 
     def planes(self, t_ms: int) -> np.ndarray:
         """The frame for capture time ``t_ms`` as one (H*3/2, W) yuv420p array."""
@@ -82,14 +76,8 @@ class PatternRenderer:
 
     def jpeg(self, t_ms: int) -> bytes:
         """A real JPEG (baseline, 4:2:0, JFIF) of the frame for capture time ``t_ms``."""
-        w, h = self.width, self.height
         self._draw_luma(self._luma, t_ms)
-        y = Image.frombuffer("L", (w, h), self._luma, "raw", "L", 0, 1)  # the array's memory, not a copy
-        out = io.BytesIO()
-        Image.merge("YCbCr", (y, self._cb, self._cr)).save(
-            out, "JPEG", quality=JPEG_QUALITY, subsampling=JPEG_SUBSAMPLING
-        )
-        return out.getvalue()
+        return simplejpeg.encode_jpeg_yuv_planes(self._luma, self._u, self._v, quality=JPEG_QUALITY)
 
     def _draw_luma(self, y: np.ndarray, t_ms: int) -> None:
         """The next frame's luma, stamped ``t_ms``, into ``y`` (H x W)."""
