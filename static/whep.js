@@ -605,8 +605,10 @@ class WhepPlayer {
     this.latencyReadings += 1;
     if (this.handlers.onLatencySample) this.handlers.onLatencySample(ms, t);
     const sorted = [...this.latencies].sort((a, b) => a - b);
-    this.latencyMs = sorted[Math.floor(sorted.length / 2)];
-    if (this.handlers.onLatency) this.handlers.onLatency(this.latencyMs);
+    const median = sorted[Math.floor(sorted.length / 2)];
+    if (median === this.latencyMs) return;  // the readout as it is: no text rewritten (laid out, painted) a frame
+    this.latencyMs = median;
+    if (this.handlers.onLatency) this.handlers.onLatency(median);
   }
 
   // The parts of the sound's latency in Chromium, over the last poll (since-start means would carry a connection's

@@ -171,9 +171,13 @@ async def test_view_page_plays_and_shows_latency(relay_server, http, caplog):
 
 
 # The capture time of every reading the page's latency readout makes from now on, in window.__pageClocks.
+# And every value the page hands its readout (onLatency), in window.__shown.
 PAGE_CLOCKS = """() => {
+  const p = window.camrelayPlayer, show = p.handlers.onLatency;
   window.__pageClocks = [];
-  window.camrelayPlayer.handlers.onLatencySample = (ms, t) => window.__pageClocks.push(t);
+  window.__shown = [];
+  p.handlers.onLatencySample = (ms, t) => window.__pageClocks.push(t);
+  p.handlers.onLatency = (ms) => { window.__shown.push(ms); show(ms); };
 }"""
 
 
@@ -197,12 +201,19 @@ async def test_the_page_reads_each_frames_clock_from_its_decoded_picture(relay_s
                 page_clocks = await page.evaluate("() => window.__pageClocks")
                 presented = await presented_clocks(page)
                 reader = await page.evaluate("() => window.camrelayPlayer.clockReader")
+                told, median, text = await page.evaluate(
+                    "() => [window.__shown, window.camrelayPlayer.latencyMs,"
+                    " document.getElementById('latency').textContent.trim()]"
+                )
                 carried = set(encoded.clocks)
             assert reader == ("frame" if videoframe else "canvas")
             assert set(page_clocks) <= carried, "the page read a time no frame carried"
             # The same frames, read both ways: the page's readings and the canvas's agree frame for frame.
             both = set(page_clocks) & set(presented)
             assert len(both) >= CLOCK_READINGS // 2, (page_clocks, presented)
+            # The readout is told of a new median only: the same text is not written again every frame.
+            assert all(a != b for a, b in zip(told, told[1:], strict=False)), told
+            assert text == f"{median} ms" and (not told or told[-1] == median)
         finally:
             await page.close()
 

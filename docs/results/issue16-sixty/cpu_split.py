@@ -29,10 +29,10 @@ def kind(p: psutil.Process) -> str:
         return "camera worker"
     if "multiprocessing" in cmd or "relay.shard" in cmd:
         return "relay shard"
-    if "camrelay" in cmd and "serve" in cmd or "relay.cli" in cmd:
+    if "relay serve" in cmd or "relay.cli" in cmd:
         return "relay"
     if "mediamtx" in cmd:
-        return "mediamtx (private)" if "camrelay-bench-mediamtx" not in cmd else "mediamtx (reference)"
+        return "mediamtx (reference)" if "mediamtx-whep.yml" in cmd else "mediamtx (relay's own)"
     if "chrom" in cmd:
         for t in ("renderer", "gpu-process", "utility"):
             if f"--type={t}" in cmd:
