@@ -23,7 +23,7 @@ from playwright.async_api import Page
 from playwright.async_api import TimeoutError as PlaywrightTimeout
 from yarl import URL
 
-from benchmarks.chromium import PRESENTED, as_script, chromium, presented_clocks, wait_presented
+from benchmarks.chromium import PRESENTED, PRESENTED_FRAME, as_script, chromium, presented_clocks, wait_presented
 from benchmarks.ports import free_port
 from relay.auth import hash_password
 from relay.config import AuthConfig, IceServer, StreamConfig
@@ -214,6 +214,24 @@ async def test_the_page_reads_each_frames_clock_from_its_decoded_picture(relay_s
             # The readout is told of a new median only: the same text is not written again every frame.
             assert all(a != b for a, b in zip(told, told[1:], strict=False)), told
             assert text == f"{median} ms" and (not told or told[-1] == median)
+        finally:
+            await page.close()
+
+
+async def test_the_benchmark_reads_each_presented_frames_clock_from_its_decoded_picture(relay_server) -> None:
+    """``benchmarks.browser_latency --clock-reader frame``: every frame presented noted, its clock read from the
+    decoded frame, each the capture time of a frame the relay encoded, and one after another."""
+    async with chromium() as browser:
+        page = await browser.new_page()
+        try:
+            with EncodedFrames(relay_server.relay.streams["cam0"]) as encoded:
+                await page.goto(f"{relay_server.base}/view/cam0")
+                await page.wait_for_function(PLAYING, timeout=PLAY_TIMEOUT_MS)
+                await page.evaluate(PRESENTED_FRAME)
+                await wait_presented(page, CLOCK_READINGS, PLAY_TIMEOUT_MS)
+                clocks = await presented_clocks(page)
+                carried = set(encoded.clocks)
+            assert set(clocks) <= carried and clocks == sorted(clocks), clocks
         finally:
             await page.close()
 
