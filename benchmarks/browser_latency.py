@@ -18,7 +18,8 @@ missed their display deadline), and the jitter buffer's mean delay. Both pages r
 mediamtx's is given whep.js's pixel-clock reader in a scope of its own.
 
 Per page it reports latency p50/p95/p99/max (ms), the frames presented a second, framesDropped (and as a share
-of the frames received) and the jitter buffer delay; then the median of the repeats per system and setting.
+of the frames received), the jitter buffer delay, and Chromium's decode time and processing delay (first packet
+to decoded picture) a frame; then the median of the repeats per system and setting.
 Results go to stdout and, with ``--out``, to ``<out>.json``.
 """
 
@@ -54,7 +55,8 @@ KEEP_PEER_CONNECTIONS = """() => {
 
 # The video receivers' counters, summed over the page's open peer connections.
 VIDEO_STATS = """async () => {
-  const out = { framesReceived: 0, framesDecoded: 0, framesDropped: 0, jitterBufferDelay: 0, emitted: 0 };
+  const out = { framesReceived: 0, framesDecoded: 0, framesDropped: 0, jitterBufferDelay: 0, emitted: 0,
+                totalDecodeTime: 0, totalProcessingDelay: 0 };
   for (const pc of window.__pcs) {
     if (pc.connectionState === "closed") continue;
     (await pc.getStats()).forEach((r) => {
@@ -64,6 +66,8 @@ VIDEO_STATS = """async () => {
       out.framesDropped += r.framesDropped || 0;
       out.jitterBufferDelay += r.jitterBufferDelay || 0;
       out.emitted += r.jitterBufferEmittedCount || 0;
+      out.totalDecodeTime += r.totalDecodeTime || 0;
+      out.totalProcessingDelay += r.totalProcessingDelay || 0;
     });
   }
   return out;
@@ -114,7 +118,14 @@ async def measure_page(browser, system: str, url: str, warmup: float, duration: 
         if delta["framesReceived"]
         else None,
         "jitter_buffer_ms": _round(1000 * delta["jitterBufferDelay"] / delta["emitted"]) if delta["emitted"] else None,
+        # Chromium's decoder's time a frame, and a frame's first packet's arrival to its decoded picture
+        "decode_ms": _per_frame(delta["totalDecodeTime"], delta["framesDecoded"]),
+        "processing_ms": _per_frame(delta["totalProcessingDelay"], delta["framesDecoded"]),
     }
+
+
+def _per_frame(seconds: float, frames: int) -> float | None:
+    return _round(1000 * seconds / frames) if frames else None
 
 
 def _round(value: float | None) -> float | None:
@@ -177,6 +188,8 @@ def medians(runs: list[dict]) -> list[dict]:
                 "frames_dropped": med(lambda r: r["frames_dropped"]),
                 "dropped_pct": med(lambda r: r["dropped_pct"]),
                 "jitter_buffer_ms": med(lambda r: r["jitter_buffer_ms"]),
+                "decode_ms": med(lambda r: r["decode_ms"]),
+                "processing_ms": med(lambda r: r["processing_ms"]),
                 "runs_p95_ms": [r["latency_ms"]["p95"] for r in rs],
             }
         )
