@@ -4,20 +4,22 @@
     python -m benchmarks.browser_latency --systems camrelay --playout-delays off,0:0,0:100,0:500 --repeats 3
     python -m benchmarks.browser_latency --systems camrelay --relay-dir /tmp/camrelay-main   # another checkout's
 
-Each repeat, for each ``--playout-delays`` value (camrelay's ``[webrtc] playout_delay``; "default": as
-configured), starts camrelay with the test pattern and RTSP on (its private mediamtx), and a second mediamtx
-that pulls camrelay's RTSP and serves it over WebRTC (``benchmarks/baselines/mediamtx_whep.py``): the same
-camera, the same encoding, two servers. Then, one page at a time in headless Chromium (software decode), each
-of ``--systems``: camrelay's viewer page (``/view/cam0``, ``static/whep.js``) and mediamtx's own (``/cam0/``,
-its ``reader.js``). After ``--warmup`` seconds of playing, for ``--duration`` seconds it reads the pixel clock
-of every frame the page presents (``requestVideoFrameCallback``, a canvas; ``benchmarks.chromium.PRESENTED``)
-against the browser's clock, and the video receiver's ``getStats()`` (every peer connection the page made):
-frames received, decoded and dropped (``framesDropped``: before decoding, or missed their display deadline),
-and the jitter buffer's mean delay. Both pages run the same measuring script; mediamtx's is given whep.js's
-pixel-clock reader in a scope of its own.
+Each repeat, for each ``--playout-delays`` value (camrelay's ``[webrtc] playout_delay``; "default": as configured),
+starts camrelay with the test pattern and RTSP on (its private mediamtx), and a second mediamtx that pulls
+camrelay's RTSP and serves it over WebRTC (``benchmarks/baselines/mediamtx_whep.py``): the same camera, the same
+encoding, two servers. Then, one page at a time in headless Chromium (software decode), each of ``--systems``:
+camrelay's viewer page (``/view/cam0``, ``static/whep.js``) and mediamtx's own (``/cam0/``, its ``reader.js``).
+After ``--warmup`` seconds of playing, for ``--duration`` seconds it reads the pixel clock of every frame the page
+presents (``requestVideoFrameCallback``, a canvas; ``benchmarks.chromium.PRESENTED``; with ``--clock-reader frame``
+from the decoded frame, ``PRESENTED_FRAME``: the canvas costs Chromium's renderer about 4 ms a frame in software,
+which the page measured then does not get) against the browser's clock, and the video receiver's ``getStats()``
+(every peer connection the page made): frames received, decoded and dropped (``framesDropped``: before decoding, or
+missed their display deadline), and the jitter buffer's mean delay. Both pages run the same measuring script;
+mediamtx's is given whep.js's pixel-clock reader in a scope of its own.
 
 Per page it reports latency p50/p95/p99/max (ms), the frames presented a second, framesDropped (and as a share
-of the frames received) and the jitter buffer delay; then the median of the repeats per system and setting.
+of the frames received), the jitter buffer delay, and Chromium's decode time and processing delay (first packet
+to decoded picture) a frame; then the median of the repeats per system and setting.
 Results go to stdout and, with ``--out``, to ``<out>.json``.
 """
 
@@ -31,11 +33,12 @@ import sys
 from pathlib import Path
 
 from benchmarks.baselines import mediamtx_whep
-from benchmarks.chromium import PRESENTED, as_script, chromium
+from benchmarks.chromium import PRESENTED, PRESENTED_FRAME, as_script, chromium
 from benchmarks.options import add_stream_options, run_facts
 from benchmarks.peers import percentile
 
 SYSTEMS = ("camrelay", "mediamtx")
+CLOCK_READERS = {"canvas": PRESENTED, "frame": PRESENTED_FRAME}  # how the benchmark reads each frame's clock
 WHEP_JS = Path(__file__).resolve().parent.parent / "static" / "whep.js"
 PLAY_TIMEOUT_MS = 30_000
 VIEWPORT = {"width": 1600, "height": 1000}  # the 720p picture drawn at its size on either page
@@ -52,7 +55,8 @@ KEEP_PEER_CONNECTIONS = """() => {
 
 # The video receivers' counters, summed over the page's open peer connections.
 VIDEO_STATS = """async () => {
-  const out = { framesReceived: 0, framesDecoded: 0, framesDropped: 0, jitterBufferDelay: 0, emitted: 0 };
+  const out = { framesReceived: 0, framesDecoded: 0, framesDropped: 0, jitterBufferDelay: 0, emitted: 0,
+                totalDecodeTime: 0, totalProcessingDelay: 0 };
   for (const pc of window.__pcs) {
     if (pc.connectionState === "closed") continue;
     (await pc.getStats()).forEach((r) => {
@@ -62,6 +66,8 @@ VIDEO_STATS = """async () => {
       out.framesDropped += r.framesDropped || 0;
       out.jitterBufferDelay += r.jitterBufferDelay || 0;
       out.emitted += r.jitterBufferEmittedCount || 0;
+      out.totalDecodeTime += r.totalDecodeTime || 0;
+      out.totalProcessingDelay += r.totalProcessingDelay || 0;
     });
   }
   return out;
@@ -79,14 +85,15 @@ def _readable(since: int) -> str:
     return f"window.presented.slice({since}).filter((p) => p[1] !== null)"
 
 
-async def measure_page(browser, system: str, url: str, warmup: float, duration: float) -> dict:
-    """One page of ``system`` at ``url``: played ``warmup`` s, then measured for ``duration`` s."""
+async def measure_page(browser, system: str, url: str, warmup: float, duration: float, reader: str = "canvas") -> dict:
+    """One page of ``system`` at ``url``: played ``warmup`` s, then measured for ``duration`` s, each frame's clock
+    read by ``reader`` (of ``CLOCK_READERS``)."""
     page = await browser.new_page(viewport=VIEWPORT)
     try:
         await page.add_init_script(as_script(KEEP_PEER_CONNECTIONS))
         if system != "camrelay":  # camrelay's page loads whep.js itself; mediamtx's gets its clock reader
             await page.add_init_script(f"(() => {{\n{WHEP_JS.read_text()}\n}})();")
-        await page.add_init_script(as_script(PRESENTED))
+        await page.add_init_script(as_script(CLOCK_READERS[reader]))
         await page.goto(url)
         await page.wait_for_function(f"() => {_readable(0)}.length >= 30", timeout=PLAY_TIMEOUT_MS)
         await asyncio.sleep(warmup)
@@ -111,7 +118,14 @@ async def measure_page(browser, system: str, url: str, warmup: float, duration: 
         if delta["framesReceived"]
         else None,
         "jitter_buffer_ms": _round(1000 * delta["jitterBufferDelay"] / delta["emitted"]) if delta["emitted"] else None,
+        # Chromium's decoder's time a frame, and a frame's first packet's arrival to its decoded picture
+        "decode_ms": _per_frame(delta["totalDecodeTime"], delta["framesDecoded"]),
+        "processing_ms": _per_frame(delta["totalProcessingDelay"], delta["framesDecoded"]),
     }
+
+
+def _per_frame(seconds: float, frames: int) -> float | None:
+    return _round(1000 * seconds / frames) if frames else None
 
 
 def _round(value: float | None) -> float | None:
@@ -135,8 +149,14 @@ async def run(args: argparse.Namespace) -> list[dict]:
                 )
                 try:
                     for system in args.systems:
-                        result = await measure_page(browser, system, page_url(system, ref), args.warmup, args.duration)
-                        result.update(repeat=repeat, playout_delay=setting if system == "camrelay" else "")
+                        result = await measure_page(
+                            browser, system, page_url(system, ref), args.warmup, args.duration, args.clock_reader
+                        )
+                        result.update(
+                            repeat=repeat,
+                            playout_delay=setting if system == "camrelay" else "",
+                            clock_reader=args.clock_reader,
+                        )
                         runs.append(result)
                         print(json.dumps(result), flush=True)
                 finally:
@@ -168,6 +188,8 @@ def medians(runs: list[dict]) -> list[dict]:
                 "frames_dropped": med(lambda r: r["frames_dropped"]),
                 "dropped_pct": med(lambda r: r["dropped_pct"]),
                 "jitter_buffer_ms": med(lambda r: r["jitter_buffer_ms"]),
+                "decode_ms": med(lambda r: r["decode_ms"]),
+                "processing_ms": med(lambda r: r["processing_ms"]),
                 "runs_p95_ms": [r["latency_ms"]["p95"] for r in rs],
             }
         )
@@ -186,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         help='camrelay\'s [webrtc] playout_delay per setting, comma-separated: "default", "off" or MIN:MAX in ms',
     )
     ap.add_argument("--relay-dir", default="", help="run camrelay (and its page) from this checkout")
+    ap.add_argument(
+        "--clock-reader",
+        choices=sorted(CLOCK_READERS),
+        default="canvas",
+        help="how each presented frame's pixel clock is read: a canvas (as before), or the decoded frame",
+    )
     ap.add_argument("--out", help="write <out>.json")
     add_stream_options(ap)
     args = ap.parse_args(argv)

@@ -23,7 +23,7 @@ from playwright.async_api import Page
 from playwright.async_api import TimeoutError as PlaywrightTimeout
 from yarl import URL
 
-from benchmarks.chromium import PRESENTED, as_script, chromium, presented_clocks, wait_presented
+from benchmarks.chromium import PRESENTED, PRESENTED_FRAME, as_script, chromium, presented_clocks, wait_presented
 from benchmarks.ports import free_port
 from relay.auth import hash_password
 from relay.config import AuthConfig, IceServer, StreamConfig
@@ -168,6 +168,72 @@ async def test_view_page_plays_and_shows_latency(relay_server, http, caplog):
 
         await one_viewer_then_closed(page, watch, http, relay_server, caplog, "view.png")
     assert (await stream_info(http, relay_server))["encoders_running"] == 1
+
+
+# The capture time of every reading the page's latency readout makes from now on, in window.__pageClocks.
+# And every value the page hands its readout (onLatency), in window.__shown.
+PAGE_CLOCKS = """() => {
+  const p = window.camrelayPlayer, show = p.handlers.onLatency;
+  window.__pageClocks = [];
+  window.__shown = [];
+  p.handlers.onLatencySample = (ms, t) => window.__pageClocks.push(t);
+  p.handlers.onLatency = (ms) => { window.__shown.push(ms); show(ms); };
+}"""
+
+
+@pytest.mark.parametrize("videoframe", [True, False], ids=["videoframe", "no-videoframe"])
+async def test_the_page_reads_each_frames_clock_from_its_decoded_picture(relay_server, videoframe) -> None:
+    """The readout reads the band's luma from the decoded frame (WebCodecs' VideoFrame), not by drawing the
+    whole picture into a canvas; where there is no VideoFrame, through the canvas as before. Either way every
+    frame presented is read, and each reading is the capture time of a frame the relay encoded."""
+    async with chromium() as browser:
+        page = await browser.new_page()
+        try:
+            if not videoframe:
+                await page.add_init_script("delete window.VideoFrame;")
+            with EncodedFrames(relay_server.relay.streams["cam0"]) as encoded:
+                await page.goto(f"{relay_server.base}/view/cam0")
+                await page.wait_for_function(PLAYING, timeout=PLAY_TIMEOUT_MS)
+                await page.evaluate(PAGE_CLOCKS)
+                await page.evaluate(PRESENTED)  # the benchmark's reading of each frame presented, by the canvas
+                await wait_presented(page, CLOCK_READINGS, PLAY_TIMEOUT_MS)
+                await page.wait_for_function(f"() => window.__pageClocks.length >= {CLOCK_READINGS}")
+                page_clocks = await page.evaluate("() => window.__pageClocks")
+                presented = await presented_clocks(page)
+                reader = await page.evaluate("() => window.camrelayPlayer.clockReader")
+                told, median, text = await page.evaluate(
+                    "() => [window.__shown, window.camrelayPlayer.latencyMs,"
+                    " document.getElementById('latency').textContent.trim()]"
+                )
+                carried = set(encoded.clocks)
+            assert reader == ("frame" if videoframe else "canvas")
+            assert set(page_clocks) <= carried, "the page read a time no frame carried"
+            # The same frames, read both ways: the page's readings and the canvas's agree frame for frame.
+            both = set(page_clocks) & set(presented)
+            assert len(both) >= CLOCK_READINGS // 2, (page_clocks, presented)
+            # The readout is told of a new median only: the same text is not written again every frame.
+            assert all(a != b for a, b in zip(told, told[1:], strict=False)), told
+            assert text == f"{median} ms" and (not told or told[-1] == median)
+        finally:
+            await page.close()
+
+
+async def test_the_benchmark_reads_each_presented_frames_clock_from_its_decoded_picture(relay_server) -> None:
+    """``benchmarks.browser_latency --clock-reader frame``: every frame presented noted, its clock read from the
+    decoded frame, each the capture time of a frame the relay encoded, and one after another."""
+    async with chromium() as browser:
+        page = await browser.new_page()
+        try:
+            with EncodedFrames(relay_server.relay.streams["cam0"]) as encoded:
+                await page.goto(f"{relay_server.base}/view/cam0")
+                await page.wait_for_function(PLAYING, timeout=PLAY_TIMEOUT_MS)
+                await page.evaluate(PRESENTED_FRAME)
+                await wait_presented(page, CLOCK_READINGS, PLAY_TIMEOUT_MS)
+                clocks = await presented_clocks(page)
+                carried = set(encoded.clocks)
+            assert set(clocks) <= carried and clocks == sorted(clocks), clocks
+        finally:
+            await page.close()
 
 
 # The page's receivers as [kind, jitterBufferTarget], and what lowLatency does to an audio receiver of a peer

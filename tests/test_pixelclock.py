@@ -78,3 +78,19 @@ def test_pattern_moves_below_the_band():
     b = renderer.planes(T)[:360]
     s = 640 // 48
     assert (a[s:] != b[s:]).mean() > 0.5  # the scene changes every frame
+
+
+def test_pattern_jpeg_is_the_picture_planes_draws():
+    """The JPEG is a baseline 4:2:0 JFIF that FFmpeg's decoder (the worker's) reads back as the frame ``planes``
+    draws for the same time and index, within JPEG's loss: luma and chroma alike."""
+    drawn, encoded = PatternRenderer(640, 360), PatternRenderer(640, 360)
+    for i in range(3):
+        planes, jpeg = drawn.planes(T + i), encoded.jpeg(T + i)
+        assert jpeg[:4] == b"\xff\xd8\xff\xe0" and b"JFIF" in jpeg[:16]  # SOI, then the JFIF APP0
+        assert b"\xff\xc0" in jpeg and b"\xff\xc2" not in jpeg  # baseline, not progressive
+        frame = av.CodecContext.create("mjpeg", "r").decode(av.Packet(jpeg))[0]
+        assert frame.format.name == "yuvj420p"
+        decoded = frame.to_ndarray()  # (H*3/2, W) like planes'
+        error = np.abs(decoded.astype(np.int16) - planes.astype(np.int16))
+        assert error[:360].mean() < 3 and error[360:].mean() < 2, (error[:360].mean(), error[360:].mean())
+        assert pixelclock.read(decoded[:360]) == T + i

@@ -5,21 +5,31 @@ the configured size at the configured rate, each one a real JPEG, each one
 stamped in its pixels with the wall-clock millisecond it was produced. Below
 the band the picture scrolls and has fine detail, so it costs an encoder about
 what a real scene costs.
+
+A camera makes its JPEGs in its own hardware; this one makes them on the
+relay's CPU, in its capture thread, and the time that takes is in every
+frame's latency. libjpeg-turbo (through simplejpeg) makes them from the
+planes as they are (no colour conversion, no resampling): a 720p frame in
+about 2.5 ms of CPU where FFmpeg's mjpeg encoder took 6-7 ms, at a quality
+whose frames are as big and take FFmpeg's decoder as long as before
+(``docs/benchmarks.md``, issue 16's 60 fps).
 """
 
 from __future__ import annotations
 
 import time
 
-import av
 import numpy as np
+import simplejpeg
 
 from . import pixelclock
-from .encode import JpegEncoder
 
 SCROLL_PX_PER_FRAME = 4  # horizontal motion, like a slow pan
 BOX_SIDE_FRACTION = 6  # the moving box is 1/6 of the frame height
 GRID_STEP_PX = 40  # divides every common width (320, 640, 1280, 1920)
+# libjpeg's quality (0-100). At 90 a 720p frame is 228 kB and FFmpeg's decoder (the worker's) takes as long on it
+# as on the 217 kB FFmpeg's mjpeg encoder made at its q5 before ("about what a good USB camera delivers").
+JPEG_QUALITY = 90
 
 
 class PatternRenderer:
@@ -49,15 +59,29 @@ class PatternRenderer:
         cw, ch = width // 2, height // 2
         cx = np.linspace(64, 192, cw, dtype=np.float32)[None, :]
         cy = np.linspace(192, 64, ch, dtype=np.float32)[:, None]
-        self._u = np.broadcast_to(cx, (ch, cw)).astype(np.uint8)
-        self._v = np.broadcast_to(cy, (ch, cw)).astype(np.uint8)
-        self._encoder = JpegEncoder()
+        self._u = np.ascontiguousarray(np.broadcast_to(cx, (ch, cw)), dtype=np.uint8)  # rows as libjpeg reads them
+        self._v = np.ascontiguousarray(np.broadcast_to(cy, (ch, cw)), dtype=np.uint8)
+        pixelclock.draw_chroma(self._u, width)
+        pixelclock.draw_chroma(self._v, width)
+        self._luma = np.empty((height, width), dtype=np.uint8)  # the JPEG's: the chroma never changes
 
     def planes(self, t_ms: int) -> np.ndarray:
         """The frame for capture time ``t_ms`` as one (H*3/2, W) yuv420p array."""
         w, h = self.width, self.height
         buf = np.empty((h * 3 // 2, w), dtype=np.uint8)
-        y = buf[:h]
+        self._draw_luma(buf[:h], t_ms)
+        buf[h : h + h // 4] = self._u.reshape(-1, w)
+        buf[h + h // 4 :] = self._v.reshape(-1, w)
+        return buf
+
+    def jpeg(self, t_ms: int) -> bytes:
+        """A real JPEG (baseline, 4:2:0, JFIF) of the frame for capture time ``t_ms``."""
+        self._draw_luma(self._luma, t_ms)
+        return simplejpeg.encode_jpeg_yuv_planes(self._luma, self._u, self._v, quality=JPEG_QUALITY)
+
+    def _draw_luma(self, y: np.ndarray, t_ms: int) -> None:
+        """The next frame's luma, stamped ``t_ms``, into ``y`` (H x W)."""
+        w, h = self.width, self.height
         offset = (self._index * SCROLL_PX_PER_FRAME) % w
         y[:] = self._texture[:, offset : offset + w]
         # A bright box bouncing across the picture, below the band.
@@ -71,20 +95,7 @@ class PatternRenderer:
         by = top_min + (by if by < span_y else 2 * span_y - by)
         y[by : by + side, bx : bx + side] = 235
         pixelclock.draw(y, t_ms)
-        u = buf[h : h + h // 4].reshape(h // 2, w // 2)
-        v = buf[h + h // 4 :].reshape(h // 2, w // 2)
-        u[:] = self._u
-        v[:] = self._v
-        pixelclock.draw_chroma(u, w)
-        pixelclock.draw_chroma(v, w)
         self._index += 1
-        return buf
-
-    def jpeg(self, t_ms: int) -> bytes:
-        """A real JPEG of the frame for capture time ``t_ms``."""
-        frame = av.VideoFrame.from_ndarray(self.planes(t_ms), format="yuvj420p")
-        frame.color_range = 2  # full range, as JPEG is
-        return self._encoder.encode(frame)
 
 
 def now_ms() -> int:
