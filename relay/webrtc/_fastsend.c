@@ -646,8 +646,9 @@ PyDoc_STRVAR(bind_doc,
              "Where this lane's frames go: protected with srtp_protect (its address `protect`) on `ctx` (the srtp_t\n"
              "of pylibsrtp's `session`, held), written to `addr` (parsed here, once) on socket `fd` of `family`,\n"
              "segmented (`gso`) or not; `fallback(data, segment, blocked)` takes what C cannot write. Taken by\n"
-             "send_batch only while `transport.is_closing()` is false, `transport.get_write_buffer_size()` 0 and\n"
-             "every (mapping, key, value) of `guards` holds; C's writes are added to `counts` (int64: datagrams,\n"
+             "send_batch only while `transport.is_closing()` is false, `transport.get_write_buffer_size()` 0 (not\n"
+             "asked where `transport` is None: the guards hold its state) and every (mapping, key, value) of `guards`\n"
+             "holds; C's writes are added to `counts` (int64: datagrams,\n"
              "system calls, frames). False, and unbound, for an address it does not take.");
 
 static PyObject *lane_bind(Lane *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -724,6 +725,9 @@ static int lane_check_(PyObject *guards, PyObject *transport) {
                 return same;
             }
         }
+    }
+    if (transport == Py_None) { /* the guards read the transport's state themselves (borrowed.route_lane) */
+        return 1;
     }
     PyObject *closing = PyObject_CallMethodNoArgs(transport, str_is_closing);
     if (closing == NULL) {

@@ -48,6 +48,7 @@ others with a message naming both.
 from __future__ import annotations
 
 import asyncio
+import asyncio.selector_events
 import collections
 import contextlib
 import contextvars
@@ -860,10 +861,41 @@ def route_lane(
     counts: Any,
 ) -> bool:
     """``bind_lane`` without a sender (it and tests): ``lane`` protects with ``session`` (held) and writes to ``addr``
-    on socket ``fd`` while ``transport`` is open with nothing queued and ``guards`` hold (``_fastsend.Lane.bind``)."""
+    on socket ``fd`` while ``transport`` is open with nothing queued and ``guards`` hold (``_fastsend.Lane.bind``).
+    An asyncio UDP transport's two states are read as guards too (``transport_guards``), not asked of its methods
+    each frame."""
+    held = transport_guards(transport)
+    if held is not None:
+        guards, transport = (*guards, *held), None
     return lane.bind(
         session, _srtp_t(session), _SRTP_PROTECT, fd, family, addr, gso, transport, fallback, guards, counts
     )
+
+
+# asyncio's UDP transport (selector event loops) and the fields its ``is_closing()`` and
+# ``get_write_buffer_size()`` return (Python 3.11 to 3.13: ``self._closing``, ``self._buffer_size``)
+_DATAGRAM_TRANSPORT = asyncio.selector_events._SelectorDatagramTransport
+_CLOSING, _BUFFER_SIZE = "_closing", "_buffer_size"
+
+
+def transport_guards(transport: Any) -> tuple | None:
+    """The (dict, key, value) guards that hold while ``transport`` is open with nothing queued, for a C lane to check
+    with its others (two dict reads a frame instead of two Python calls): for asyncio's own UDP transport, whose
+    ``is_closing()`` and ``get_write_buffer_size()`` are its ``_closing`` and ``_buffer_size`` (pinned in
+    tests/test_borrowed.py); None for any other (a subclass that overrides them, a TURN relay's): its methods are
+    asked then."""
+    cls = type(transport)
+    fields = getattr(transport, "__dict__", None)
+    if (
+        not isinstance(transport, _DATAGRAM_TRANSPORT)
+        or cls.is_closing is not _DATAGRAM_TRANSPORT.is_closing
+        or cls.get_write_buffer_size is not _DATAGRAM_TRANSPORT.get_write_buffer_size
+        or fields is None
+        or fields.get(_CLOSING) is not False
+        or fields.get(_BUFFER_SIZE) != 0
+    ):
+        return None
+    return (fields, _CLOSING, False), (fields, _BUFFER_SIZE, 0)
 
 
 def send_batch(
