@@ -42,11 +42,13 @@ All methods run on the event loop; the encoder thread hands frames over with
 
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
+import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .lag import DEFAULT_MAX_LAG, MAX_LAG_BYTES, MAX_LAG_FRAMES, Backlog, KeyframeGate, LagLimit, fits
@@ -96,22 +98,52 @@ class EncodedFrame:
 
 # Delays kept for the send-delay percentiles: ~10 s of frames for 30 viewers.
 DELAY_WINDOW = 10_000
+# Delays added one at a time go in arrays of this many (a batch's come as one array, one a viewer sent to)
+DELAY_CHUNK = 256
 
 
 class DelayWindow:
-    """The last ``DELAY_WINDOW`` capture-to-send delays (seconds), for percentiles."""
+    """The last ``DELAY_WINDOW`` capture-to-send delays (seconds), for percentiles; a few more at times, the oldest
+    being let go an array at a time. Kept in arrays of doubles: a batch's delays (``rtpsend.push_batch``, one a
+    viewer) are kept as the C call wrote them, with no float object a viewer-frame."""
 
     def __init__(self, size: int = DELAY_WINDOW) -> None:
-        self._values: collections.deque[float] = collections.deque(maxlen=size)
+        self._size = size
+        self._chunks: collections.deque[array.array] = collections.deque()
+        self._tail: array.array | None = None  # the array ``add`` appends to (its own, never a caller's)
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
 
     def add(self, seconds: float) -> None:
-        self._values.append(seconds)
+        tail = self._tail
+        if tail is None or len(tail) >= DELAY_CHUNK:
+            tail = self._tail = array.array("d")
+            self._chunks.append(tail)
+        tail.append(seconds)
+        self._count += 1
+        self._trim()
 
-    def extend(self, seconds: list[float]) -> None:
-        self._values.extend(seconds)
+    def extend(self, seconds: Sequence[float]) -> None:
+        """Many at once: an ``array('d')`` is kept as it is (the caller lets go of it), anything else copied."""
+        chunk = seconds if isinstance(seconds, array.array) and seconds.typecode == "d" else array.array("d", seconds)
+        if chunk:
+            self._chunks.append(chunk)
+            self._tail = None
+            self._count += len(chunk)
+            self._trim()
+
+    def _trim(self) -> None:
+        chunks = self._chunks
+        while len(chunks) > 1 and self._count - len(chunks[0]) >= self._size:
+            oldest = chunks.popleft()
+            self._count -= len(oldest)
+            if oldest is self._tail:
+                self._tail = None
 
     def percentiles_ms(self) -> dict[str, float | None]:
-        values = sorted(self._values)
+        values = sorted(itertools.chain.from_iterable(self._chunks))
         if not values:
             return {"p50": None, "p95": None, "p99": None}
         pick = lambda p: round(values[min(len(values) - 1, int(len(values) * p / 100))] * 1000, 1)  # noqa: E731
@@ -609,8 +641,18 @@ class PacketHub:
             return
         batch = []
         for sub in self._subscribers:
-            # what ``_offer`` would hand to ``push`` at once (no cache cursor, no keyframe wait), with a lane
-            if sub.lane is not None and sub._cursor is None and not sub.waiting_keyframe and sub._would_push():
+            # what ``_offer`` would hand to ``push`` at once (no cache cursor, no keyframe wait), with a lane;
+            # ``_would_push`` written out: this loop is most of the Python a viewer's Opus packet costs
+            waiter = sub._waiter
+            if (
+                sub.lane is not None
+                and sub._cursor is None
+                and not sub.waiting_keyframe
+                and sub.push is not None
+                and waiter is not None
+                and not waiter.done()
+                and not sub._queue
+            ):
                 batch.append(sub)
             else:
                 sub._offer(frame)

@@ -53,7 +53,7 @@
 #define TRAILER_ROOM_MIN 144
 /* send_frame's arguments and results as this file has them: relay/webrtc/borrowed.py uses the module only when
    its FASTSEND_API is the same (an editable install's built module is not rebuilt when the source changes). */
-#define API_VERSION 3
+#define API_VERSION 4
 #define RTP_HEADER_MIN 12    /* version to SSRC */
 #define RTP_PACKET_MAX 65535 /* what one UDP datagram carries at most, and what an int surely holds */
 
@@ -524,6 +524,7 @@ typedef struct {
     int has_last;
     long long last, offset;
     unsigned long long frames; /* sent by send_batch, all time */
+    unsigned long long batch;  /* the serial of the last send_batch call that took it (0: none) */
     /* counts since take_counts, for sender reports and stats */
     unsigned long long octets, packets, protected_bytes;
     uint64_t ntp;
@@ -921,6 +922,11 @@ static PyObject *lane_get_frames(Lane *self, void *closure) {
     return PyLong_FromUnsignedLongLong(self->frames);
 }
 
+static PyObject *lane_get_batch(Lane *self, void *closure) {
+    (void)closure;
+    return PyLong_FromUnsignedLongLong(self->batch);
+}
+
 static PyObject *lane_get_bound(Lane *self, void *closure) {
     (void)closure;
     return PyBool_FromLong(self->bound);
@@ -932,6 +938,7 @@ static PyGetSetDef lane_getset[] = {
     {"sequence", (getter)lane_get_sequence, (setter)lane_set_sequence, "the next packet's sequence number", NULL},
     {"frames", (getter)lane_get_frames, NULL, "frames send_batch sent, all time", NULL},
     {"bound", (getter)lane_get_bound, NULL, "whether it has a route (bind)", NULL},
+    {"batch", (getter)lane_get_batch, NULL, "the serial of the last send_batch call that took a frame for it", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -994,20 +1001,23 @@ static long long scale(long long a, long long b, long long c) {
 
 PyDoc_STRVAR(send_batch_doc,
              "send_batch(lanes, payloads, pts, published_at, buffer, trailer_room, max_segments, max_bytes,\n"
-             "           abs_send_time) -> (declined, failed, delays)\n\n"
+             "           abs_send_time, serial, delays) -> (declined, failed, sent)\n\n"
              "One frame to every lane of `lanes` that takes it now: `payloads` (a list of bytes, shared) with each\n"
              "lane's header, its timestamp (origin + `pts` + its offset), its sequence numbers, protected with its\n"
              "session in `buffer` and written to its peer, as send_frame does for one. A lane is declined (its\n"
              "index in `declined`, nothing sent, nothing changed) while unbound, not ready (bind's guards), or\n"
              "where its timestamp would not advance; one that fails mid-frame is unbound and named in `failed`\n"
              "as (index, exception, taken), the others go on: `taken`, some of its packets were protected (their\n"
-             "sequence numbers spent), and the frame is the lane's as if sent (numbered on, remembered for NACKs). `delays`: for each lane sent, seconds from `published_at`\n"
-             "(the wall clock) to its frame's last write. `abs_send_time`: 24 bits, or -1: the clock, per lane.");
+             "sequence numbers spent), and the frame is the lane's as if sent (numbered on, remembered for NACKs); a lane\n"
+             "taken, sent or in part, keeps `serial` (its `batch`: whom a call that raised had reached). `delays`: a\n"
+             "writable buffer of doubles, one a lane at least, given for each lane sent, in turn, the seconds from\n"
+             "`published_at` (the wall clock) to its frame's last write (no float object a lane); `sent`: how many.\n"
+             "`abs_send_time`: 24 bits, or -1: the clock, per lane.");
 
 static PyObject *send_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "send_batch takes 9 arguments");
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError, "send_batch takes 11 arguments");
         return NULL;
     }
     PyObject *lanes = args[0], *payloads = args[1];
@@ -1017,6 +1027,7 @@ static PyObject *send_batch(PyObject *module, PyObject *const *args, Py_ssize_t 
     Py_ssize_t max_segments = PyLong_AsSsize_t(args[6]);
     Py_ssize_t max_bytes = PyLong_AsSsize_t(args[7]);
     long long abs_send_time = PyLong_AsLongLong(args[8]);
+    unsigned long long serial = PyLong_AsUnsignedLongLong(args[9]);
     if (check_limits(1, 1, trailer_room, max_segments, max_bytes, NULL) != 0) {
         return NULL;
     }
@@ -1034,14 +1045,27 @@ static PyObject *send_batch(PyObject *module, PyObject *const *args, Py_ssize_t 
         PyErr_SetString(PyExc_TypeError, "send_batch: every payload must be bytes");
         return NULL;
     }
-    Py_buffer buffer;
+    Py_buffer buffer, delays;
+    if (PyObject_GetBuffer(args[10], &delays, PyBUF_WRITABLE | PyBUF_FORMAT) != 0) {
+        return NULL;
+    }
+    if (delays.itemsize != sizeof(double) || delays.format == NULL || strcmp(delays.format, "d") != 0 ||
+        delays.len / (Py_ssize_t)sizeof(double) < PyList_GET_SIZE(lanes)) {
+        PyBuffer_Release(&delays);
+        PyErr_SetString(PyExc_ValueError, "send_batch: delays must be array('d') of one a lane at least");
+        return NULL;
+    }
+    /* The lanes may not outgrow it while a fallback's Python runs: each write is checked against its size. */
+    double *delay_at = (double *)delays.buf;
+    Py_ssize_t delay_room = delays.len / (Py_ssize_t)sizeof(double), sent_count = 0;
     if (PyObject_GetBuffer(args[4], &buffer, PyBUF_WRITABLE) != 0) {
+        PyBuffer_Release(&delays);
         return NULL;
     }
     size_t room = (size_t)buffer.len > (size_t)trailer_room ? (size_t)buffer.len - (size_t)trailer_room : 0;
     Py_ssize_t n = PyList_GET_SIZE(payloads);
-    PyObject *declined = PyList_New(0), *failed = PyList_New(0), *delays = PyList_New(0), *result = NULL;
-    if (declined == NULL || failed == NULL || delays == NULL) {
+    PyObject *declined = PyList_New(0), *failed = PyList_New(0), *result = NULL;
+    if (declined == NULL || failed == NULL) {
         goto done;
     }
     /* The lists' sizes are read anew each time round: a fallback runs Python (the batcher's writer, which touches
@@ -1126,6 +1150,7 @@ static PyObject *send_batch(PyObject *module, PyObject *const *args, Py_ssize_t 
             lane->has_last = 1;
             lane->last = stamp;
             lane->frames += 1;
+            lane->batch = serial;
             lane->ntp = ntp_at(scale(pts, 1000000000LL, lane->clock_rate));
             lane->rtp_timestamp = timestamp;
             lane->octets += status == 0 ? octets : r.octets;
@@ -1152,19 +1177,16 @@ static PyObject *send_batch(PyObject *module, PyObject *const *args, Py_ssize_t 
             continue;
         }
         Py_DECREF(lane);
-        PyObject *delay = PyFloat_FromDouble((double)now_ns() / 1e9 - published_at);
-        int bad = delay == NULL || PyList_Append(delays, delay) != 0;
-        Py_XDECREF(delay);
-        if (bad) {
-            goto done;
+        if (sent_count < delay_room) {
+            delay_at[sent_count++] = (double)now_ns() / 1e9 - published_at;
         }
     }
-    result = PyTuple_Pack(3, declined, failed, delays);
+    result = Py_BuildValue("(OOn)", declined, failed, sent_count);
 done:
     Py_XDECREF(declined);
     Py_XDECREF(failed);
-    Py_XDECREF(delays);
     PyBuffer_Release(&buffer);
+    PyBuffer_Release(&delays);
     return result;
 }
 

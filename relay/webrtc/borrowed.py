@@ -47,6 +47,7 @@ others with a message naming both.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import asyncio.selector_events
 import collections
@@ -907,20 +908,29 @@ def send_batch(
     max_segments: int,
     max_bytes: int,
     abs_send_time: int = -1,
-) -> tuple[list[int], list[tuple[int, BaseException, bool]], list[float]]:
+    serial: int = 0,
+) -> tuple[list[int], list[tuple[int, BaseException, bool]], array.array]:
     """One frame to every lane that takes it now, in one C call (``_fastsend.send_batch``, in ``writer``'s buffer):
     (indices declined, (index, exception, taken) of lanes that failed mid-frame (``taken``: some of its packets
     were protected, their sequence numbers spent, and the frame is the lane's as if sent: it must not be sent
-    again), for each lane sent the seconds from ``published_at`` to its last write). ``abs_send_time`` (24 bits):
-    the same for every lane (tests); -1: each lane's from the clock as it is sent."""
-    declined, failed, delays = _fastsend.send_batch(
-        lanes, payloads, pts, published_at, writer._buffer, SRTP_TRAILER_ROOM, max_segments, max_bytes, abs_send_time
-    )
+    again), for each lane sent the seconds from ``published_at`` to its last write, as an array of doubles).
+    ``abs_send_time`` (24 bits): the same for every lane (tests); -1: each lane's from the clock as it is sent.
+    Each lane taken keeps ``serial`` as its ``batch``: where the call raises, whom it had reached."""
+    delays = _NO_DELAYS * len(lanes)
+    declined, failed, sent = _fastsend.send_batch(
+        lanes, payloads, pts, published_at, writer._buffer, SRTP_TRAILER_ROOM, max_segments, max_bytes,
+        abs_send_time, serial, delays,
+    )  # fmt: skip
     if failed:
         failed = [
             (i, _srtp_error(e.args[0]) if isinstance(e, _fastsend.SrtpError) else e, taken) for i, e, taken in failed
         ]
+    if sent < len(delays):
+        del delays[sent:]
     return declined, failed, delays
+
+
+_NO_DELAYS = array.array("d", [0.0])  # one lane's room for its delay in ``send_batch``
 
 
 # -- SRTP, a frame at a time
@@ -945,7 +955,7 @@ _SRTP_PROTECT = _srtp_protect_address()
 _SRTP_T = "_camrelay_srtp_t"  # a pylibsrtp session's srtp_t, kept on it as a number for the C send path
 # Whether ``SrtpFrameWriter.send_frame`` can run here: the extension built and pylibsrtp's srtp_protect the one it
 # was written for (relay.webrtc.rtpsend's switch reads it).
-FASTSEND_API = 3  # _fastsend.c's API_VERSION, as send_frame, send_batch and Lane are called here
+FASTSEND_API = 4  # _fastsend.c's API_VERSION, as send_frame, send_batch and Lane are called here
 # A module built from an older _fastsend.c (pip install -e . not run again since the source changed) is left alone.
 C_SEND_STALE = _fastsend is not None and getattr(_fastsend, "API_VERSION", None) != FASTSEND_API
 C_SEND_BUILT = _fastsend is not None and not C_SEND_STALE and _SRTP_PROTECT != 0
