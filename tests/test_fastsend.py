@@ -480,6 +480,41 @@ def test_an_abs_send_time_index_outside_the_header_is_refused_whatever_its_size(
 
 
 @needs_c
+def test_a_fallback_that_unbinds_its_lane_mid_frame_leaves_the_session_alive_until_the_frame_is_done():
+    """send_batch holds a lane's session and fallback only from the fallback's first call on (not per viewer-packet):
+    a fallback that unbinds the lane, letting go of the last other reference to the session, mid-frame (three runs
+    of growing sizes, each written as the next packet is protected: the third protected after the fallback's first
+    call), does not free the srtp_t in use; the frame is the lane's, every run fell back in order."""
+    out = _survives("""
+        import gc, os
+
+        r, w = os.pipe()  # not a socket: every write fails, and goes to the fallback
+        own, _ = _srtp_pair()
+        lane = borrowed.new_lane(0, 0, 90000, 0)
+        lane.set_header(HEADER, None)
+        fell = []
+
+        def fallback(data, segment, blocked):
+            fell.append(len(data))
+            lane.unbind()
+
+        assert borrowed.route_lane(
+            lane, own, w, socket.AF_INET, rx.getsockname(), False, Open(), fallback, (), array.array("q", [0, 0, 0])
+        )
+        del own
+        gc.collect()
+        declined, failed, delays = borrowed.send_batch(
+            borrowed.SrtpFrameWriter(), [lane], [b"a" * 100, b"b" * 200, b"c" * 300], 3000, 0.0, 64, 60000
+        )
+        gc.collect()
+        print(fell, declined, failed, len(delays), lane.bound, lane.frames, lane.sequence)
+    """)
+    tag = 10  # HMAC-SHA1-80's, the test sessions' profile
+    sizes = [20 + n + tag for n in (100, 200, 300)]  # the 20-byte header, each payload, the tag
+    assert out.split("\n")[:-1] == [f"{sizes} [] [] 1 False 1 3"]
+
+
+@needs_c
 def test_a_lane_made_without_its_init_is_declined_not_a_crash():
     """``Lane.__new__`` alone leaves a lane with no RTP clock: bound and given a header, send_batch declines it (it
     divided by its clock rate and the process died of SIGFPE)."""

@@ -137,6 +137,12 @@ typedef struct {
     int fallen;          /* a run went to the fallback: every later one does too (never reordered) */
     int blocked;         /* what fell back met a full socket buffer (EAGAIN): the fallback queues it untried */
     PyObject *fallback;  /* fallback(data, segment, blocked): the Python path's writer */
+    /* A lane's (send_batch): its session, which with `fallback` is held from the first call of the fallback on
+       (`held`; the caller lets both go), as that Python may unbind the lane while the session's srtp_t is still
+       in use. Not before: two reference counts a viewer-packet on objects nothing else touches then. NULL for
+       send_frame, whose caller holds both. */
+    PyObject *session;
+    int held;
     unsigned char *base; /* the buffer */
     Py_ssize_t datagrams, syscalls; /* written here (the fallback counts its own) */
     /* protected so far (their sequence numbers spent in the SRTP session, even where the frame then failed):
@@ -209,6 +215,11 @@ static int write_run(Route *r, size_t start, size_t end, size_t segment, Py_ssiz
                 return 0;
             }
         }
+    }
+    if (r->session != NULL && !r->held) { /* the lane is still bound here: no Python has run since it was checked */
+        Py_INCREF(r->session);
+        Py_INCREF(r->fallback);
+        r->held = 1;
     }
     PyObject *view = PyMemoryView_FromMemory((char *)r->base + start, (Py_ssize_t)(end - start), PyBUF_READ);
     if (view == NULL) {
@@ -1057,6 +1068,8 @@ static PyObject *send_batch(PyObject *module, PyObject *const *args, Py_ssize_t 
     }
     /* The lanes may not outgrow it while a fallback's Python runs: each write is checked against its size. */
     double *delay_at = (double *)delays.buf;
+    long long ntp_rate = 0; /* no lane's: a Lane's clock rate is positive */
+    uint64_t ntp = 0;
     Py_ssize_t delay_room = delays.len / (Py_ssize_t)sizeof(double), sent_count = 0;
     if (PyObject_GetBuffer(args[4], &buffer, PyBUF_WRITABLE) != 0) {
         PyBuffer_Release(&delays);
@@ -1121,8 +1134,9 @@ static PyObject *send_batch(PyObject *module, PyObject *const *args, Py_ssize_t 
             header[at + 2] = (unsigned char)ast;
         }
         Route r = {.fd = lane->fd, .to = &lane->to, .tolen = lane->tolen, .gso = lane->gso, .fallen = 0,
-                   .blocked = 0, .fallback = lane->fallback, .base = (unsigned char *)buffer.buf,
-                   .datagrams = 0, .syscalls = 0, .packets = 0, .protected_bytes = 0, .octets = 0};
+                   .blocked = 0, .fallback = lane->fallback, .session = lane->session, .held = 0,
+                   .base = (unsigned char *)buffer.buf, .datagrams = 0, .syscalls = 0, .packets = 0,
+                   .protected_bytes = 0, .octets = 0};
         Protect p = lane->protect;
         p.room = room;
         p.trailer_room = trailer_room;
@@ -1130,11 +1144,13 @@ static PyObject *send_batch(PyObject *module, PyObject *const *args, Py_ssize_t 
         p.max_bytes = max_bytes;
         size_t sent = 0;
         uint16_t first = lane->sequence; /* before the fallback's Python runs, which may set it */
-        /* held: a fallback may unbind the lane, and its session (whose srtp_t is being used) must outlive the call */
-        PyObject *fallback = Py_NewRef(lane->fallback), *session = Py_NewRef(lane->session);
+        /* a fallback may unbind the lane: its session (whose srtp_t is being used) and the fallback are held from
+           its first call on (write_run), and let go here */
         int status = send_packets(&r, &p, header, header_len, payloads, first, &sent);
-        Py_DECREF(fallback);
-        Py_DECREF(session);
+        if (r.held) {
+            Py_DECREF(r.fallback);
+            Py_DECREF(r.session);
+        }
         long long *counters = lane->has_counts ? (long long *)lane->counts.buf : NULL;
         if (counters != NULL) { /* counted whatever happened next: they were written */
             counters[0] += r.datagrams;
@@ -1151,7 +1167,11 @@ static PyObject *send_batch(PyObject *module, PyObject *const *args, Py_ssize_t 
             lane->last = stamp;
             lane->frames += 1;
             lane->batch = serial;
-            lane->ntp = ntp_at(scale(pts, 1000000000LL, lane->clock_rate));
+            if (lane->clock_rate != ntp_rate) { /* the frame's capture time: once a call, its lanes' clocks alike */
+                ntp_rate = lane->clock_rate;
+                ntp = ntp_at(scale(pts, 1000000000LL, ntp_rate));
+            }
+            lane->ntp = ntp;
             lane->rtp_timestamp = timestamp;
             lane->octets += status == 0 ? octets : r.octets;
             lane->packets += (unsigned long long)r.packets;
