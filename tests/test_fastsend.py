@@ -480,6 +480,38 @@ def test_an_abs_send_time_index_outside_the_header_is_refused_whatever_its_size(
 
 
 @needs_c
+def test_a_guard_is_read_again_whenever_its_dict_changed_and_one_held_by_equality_every_time():
+    """A guard that held by identity is not looked up again while its dict is unchanged (its version tag, Python
+    3.11), but any change to the dict, a key set back to the same value included, has it read again; one that holds
+    through ``__eq__`` is asked every time (its answer may change while the dict does not)."""
+    out = _survives("""
+        marker, other = object(), object()
+
+        class Flips:
+            equal = True
+
+            def __eq__(self, value):
+                return Flips.equal
+
+        same, by_eq = {"state": marker, "n": 0}, {"state": Flips()}
+        lane = bound(Open(), ((same, "state", marker), (by_eq, "state", object())))
+        seen = [lane.ready(), lane.ready()]  # held, then held unread
+        same["state"] = other
+        seen.append(lane.ready())
+        same["state"] = marker
+        seen.append(lane.ready())
+        same["n"] = 1  # another key: read again, still held
+        seen.append(lane.ready())
+        Flips.equal = False  # the dict unchanged, its value's answer not
+        seen.append(lane.ready())
+        Flips.equal = True
+        seen.append(lane.ready())
+        print(seen, batch([lane])[:2])
+    """)
+    assert out.split("\n")[:-1] == ["[True, True, False, True, True, False, True] ([], [])"]
+
+
+@needs_c
 def test_a_fallback_that_unbinds_its_lane_mid_frame_leaves_the_session_alive_until_the_frame_is_done():
     """send_batch holds a lane's session and fallback only from the fallback's first call on (not per viewer-packet):
     a fallback that unbinds the lane, letting go of the last other reference to the session, mid-frame (three runs
