@@ -33,7 +33,9 @@ them here, so an upgrade that moves one breaks this module alone (and
   and a session's ``srtp_t``, so that C protects with the very session aiortc's RTCP and retransmissions use
   (no second libsrtp); and for the batch (``send_batch``: one C call a frame for every viewer of a stream), each
   sender's C lane bound to its ICE pair's socket and address, its SRTP session and the state that must hold
-  while it sends (``bind_lane``: DTLS connected, the pair nominated, the session, the sender enabled);
+  while it sends (``bind_lane``: DTLS connected, the pair nominated, the session, the sender enabled; and, read
+  as two more guards, asyncio's UDP transport open with nothing queued: its ``_closing`` and ``_buffer_size``,
+  ``transport_guards``);
 - aiortc's per-sender and per-transport counts (packets, octets, the last RTP timestamp and its NTP time; bytes
   and packets a DTLS transport sent), read through descriptors that first bring in what a C lane counted
   (``SYNCED_COUNTS``, ``sync_counts``): sender reports and ``getStats`` are exact, with no work per frame;
