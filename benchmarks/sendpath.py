@@ -8,7 +8,9 @@ loopback whose sender is camrelay's (``attach_to_sender``: the shared packer,
 the per-frame send, batched UDP), connected (ICE, DTLS) to an aiortc receiver
 that takes the packets and decodes nothing. Frames are 1080p-sized access
 units (a 60 kB keyframe, then 15 kB frames: 4 Mbit/s at 30 fps), or with
-``--size 720p`` half that (2 Mbit/s), published
+``--size 720p`` half that (2 Mbit/s), or with ``--size opus`` each frame one
+120-byte packet, as a stream's sound sends a viewer 50 times a second (an
+Opus packet's send: its header, SRTP and its system call, no GSO), published
 one every 5 ms; what is measured is the CPU time (``time.process_time``) of
 ``publish`` alone, which with every viewer live sends each one its frame there
 and then (``Subscription.push``): packetizing once, then for each viewer its
@@ -46,8 +48,9 @@ from relay.hub import EncodedFrame, PacketHub
 from relay.webrtc import borrowed, rtpsend, udpbatch
 from relay.webrtc.rtpsend import HubTrack, attach_to_sender, h264_preferences
 
-# (keyframe, P-frame) bytes, about: 1080p at 4 Mbit/s and 30 fps, 720p at 2 Mbit/s (the load benchmark's)
-SIZES = {"1080p": (60_000, 15_000), "720p": (30_000, 7_500)}
+# (keyframe, P-frame) bytes, about: 1080p at 4 Mbit/s and 30 fps, 720p at 2 Mbit/s (the load benchmark's); "opus":
+# one RTP packet a frame, an Opus packet's size (the test sound's, 20 ms at ~40 kbit/s, and its TOC byte)
+SIZES = {"1080p": (60_000, 15_000), "720p": (30_000, 7_500), "opus": (100, 100)}
 GOP = 60  # frames
 PTS_STEP = 3000  # 90 kHz ticks a frame at 30 fps
 # seconds between publishes (``--gap``): the viewers' sockets are read and RTCP runs in between. The viewers
@@ -187,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--viewers", type=int, default=32)
     ap.add_argument("--frames", type=int, default=300, help="frames measured per repeat")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--size", choices=sorted(SIZES), default="1080p", help="frame sizes (default 1080p)")
+    ap.add_argument(
+        "--size", choices=sorted(SIZES), default="1080p", help="frame sizes (default 1080p; opus: one 120-byte packet)"
+    )
     ap.add_argument(
         "--paths", default="", help="batch,c,python: send paths alternated (default: the one the relay would take)"
     )

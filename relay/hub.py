@@ -42,11 +42,13 @@ All methods run on the event loop; the encoder thread hands frames over with
 
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
+import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .lag import DEFAULT_MAX_LAG, MAX_LAG_BYTES, MAX_LAG_FRAMES, Backlog, KeyframeGate, LagLimit, fits
@@ -96,22 +98,52 @@ class EncodedFrame:
 
 # Delays kept for the send-delay percentiles: ~10 s of frames for 30 viewers.
 DELAY_WINDOW = 10_000
+# Delays added one at a time go in arrays of this many (a batch's come as one array, one a viewer sent to)
+DELAY_CHUNK = 256
 
 
 class DelayWindow:
-    """The last ``DELAY_WINDOW`` capture-to-send delays (seconds), for percentiles."""
+    """The last ``DELAY_WINDOW`` capture-to-send delays (seconds), for percentiles; a few more at times, the oldest
+    being let go an array at a time. Kept in arrays of doubles: a batch's delays (``rtpsend.push_batch``, one a
+    viewer) are kept as the C call wrote them, with no float object a viewer-frame."""
 
     def __init__(self, size: int = DELAY_WINDOW) -> None:
-        self._values: collections.deque[float] = collections.deque(maxlen=size)
+        self._size = size
+        self._chunks: collections.deque[array.array] = collections.deque()
+        self._tail: array.array | None = None  # the array ``add`` appends to (its own, never a caller's)
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
 
     def add(self, seconds: float) -> None:
-        self._values.append(seconds)
+        tail = self._tail
+        if tail is None or len(tail) >= DELAY_CHUNK:
+            tail = self._tail = array.array("d")
+            self._chunks.append(tail)
+        tail.append(seconds)
+        self._count += 1
+        self._trim()
 
-    def extend(self, seconds: list[float]) -> None:
-        self._values.extend(seconds)
+    def extend(self, seconds: Sequence[float]) -> None:
+        """Many at once: an ``array('d')`` is kept as it is (the caller lets go of it), anything else copied."""
+        chunk = seconds if isinstance(seconds, array.array) and seconds.typecode == "d" else array.array("d", seconds)
+        if chunk:
+            self._chunks.append(chunk)
+            self._tail = None
+            self._count += len(chunk)
+            self._trim()
+
+    def _trim(self) -> None:
+        chunks = self._chunks
+        while len(chunks) > 1 and self._count - len(chunks[0]) >= self._size:
+            oldest = chunks.popleft()
+            self._count -= len(oldest)
+            if oldest is self._tail:
+                self._tail = None
 
     def percentiles_ms(self) -> dict[str, float | None]:
-        values = sorted(self._values)
+        values = sorted(itertools.chain.from_iterable(self._chunks))
         if not values:
             return {"p50": None, "p95": None, "p99": None}
         pick = lambda p: round(values[min(len(values) - 1, int(len(values) * p / 100))] * 1000, 1)  # noqa: E731
@@ -218,7 +250,7 @@ class Subscription:
         # while this is set: its key there (a WebRTC viewer's C lane), set and cleared by whoever set ``push``.
         self.lane: object | None = None
         self._hub = hub
-        self._queue = Backlog()
+        self._backlog = Backlog()
         # Replaying: the index in the hub's GOP cache of the next frame to read; never its end (caught up: live).
         self._cursor: int | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -244,14 +276,14 @@ class Subscription:
         """Frames already published that this subscriber has yet to read."""
         if self._cursor is not None:
             return len(self._hub.gop.frames) - self._cursor
-        return len(self._queue)
+        return len(self._backlog)
 
     def __len__(self) -> int:
-        return len(self._queue)
+        return len(self._backlog)
 
     async def get(self) -> EncodedFrame:
         """The next frame; raises ``HubClosed`` once closed."""
-        while not self._queue and self._cursor is None:
+        while not self._backlog and self._cursor is None:
             if self._closed:
                 raise HubClosed(self.name)
             self._waiter = asyncio.get_running_loop().create_future()
@@ -262,7 +294,7 @@ class Subscription:
         return self._take()
 
     def get_nowait(self) -> EncodedFrame | None:
-        if not self._queue and self._cursor is None:
+        if not self._backlog and self._cursor is None:
             if self._closed:
                 raise HubClosed(self.name)
             return None
@@ -272,14 +304,14 @@ class Subscription:
         self.delivered += 1
         self._hub.delivered += 1
         if self._cursor is None:
-            frame = self._queue.popleft()
+            frame = self._backlog.popleft()
         else:
             frames = self._hub.gop.frames
             frame = frames[self._cursor]
             self._cursor += 1
             if self._cursor == len(frames):
                 self._cursor = None  # caught up: the next frame published comes to the queue
-        if self.lagging and not self._queue and self._cursor is None:
+        if self.lagging and not self._backlog and self._cursor is None:
             self.lagging = False  # caught up: falling past the limit again is a new resync
         return frame
 
@@ -289,7 +321,7 @@ class Subscription:
         self._closed = True
         self.push = None
         self.lane = None
-        self._queue.clear()
+        self._backlog.clear()
         self._cursor = None
         self._wake()
         self._hub._remove(self)
@@ -304,7 +336,7 @@ class Subscription:
         if self._cursor is not None:  # the cache holds this frame too: it reads it there
             self._wake()
             return
-        if not self.waiting_keyframe and self._queue and not self._queue.fits(self.limit, frame):
+        if not self.waiting_keyframe and self._backlog and not self._backlog.fits(self.limit, frame):
             if self._resync_from_cache(frame):
                 return  # it reads this frame from the cache too
             self._fall_behind(frame)
@@ -327,13 +359,13 @@ class Subscription:
                 self.delivered += 1
                 self._hub.delivered += 1
                 return
-        self._queue.append(frame)
+        self._backlog.append(frame)
         self._wake()
 
     def _would_push(self) -> bool:
         """A frame published now (the first of its pass) would go to ``push``: it has one, nothing is queued, and
         its reader waits for a frame."""
-        return self.push is not None and not self._queue and self._waiting()
+        return self.push is not None and not self._backlog and self._waiting()
 
     def _waiting(self) -> bool:
         """Its reader waits in ``get`` for a frame (and has not been woken for one)."""
@@ -345,8 +377,8 @@ class Subscription:
         gop = self._hub.gop
         if not (self._hub.caching and gop.frames and gop.frames[-1] is frame):
             return False
-        start = len(gop.frames) - 1 - len(self._queue)
-        self._queue.clear()
+        start = len(gop.frames) - 1 - len(self._backlog)
+        self._backlog.clear()
         self._replay_from(max(0, start))
         if start < 0:
             self._count_drops(-start)
@@ -366,7 +398,7 @@ class Subscription:
         rest = old[self._cursor :]
         self._cursor = None
         if fits(self.limit, rest) and (self._hub.caching or len(rest) < self.limit.frames // 2):
-            self._queue.extend(rest)
+            self._backlog.extend(rest)
             return
         self._count_drops(len(rest))
         if event == GopCache.RESET:
@@ -382,12 +414,12 @@ class Subscription:
 
     def _fall_behind(self, frame: EncodedFrame) -> None:
         """Past its limit as ``frame`` comes: on from a keyframe it holds (whole GOPs lost), else from the next."""
-        skipped = self._queue.skip_to_keyframe(self.limit, frame)
+        skipped = self._backlog.skip_to_keyframe(self.limit, frame)
         if skipped is not None:
             self._count_drops(skipped)
             self._lagged(f"skipped {skipped} frames to a keyframe it holds")
             return
-        self._count_drops(self._queue.clear())
+        self._count_drops(self._backlog.clear())
         self.waiting_keyframe = True
         self._lagged("resuming at next keyframe", keyframe=True)
 
@@ -609,8 +641,18 @@ class PacketHub:
             return
         batch = []
         for sub in self._subscribers:
-            # what ``_offer`` would hand to ``push`` at once (no cache cursor, no keyframe wait), with a lane
-            if sub.lane is not None and sub._cursor is None and not sub.waiting_keyframe and sub._would_push():
+            # what ``_offer`` would hand to ``push`` at once (no cache cursor, no keyframe wait), with a lane;
+            # ``_would_push`` written out: this loop is most of the Python a viewer's Opus packet costs
+            waiter = sub._waiter
+            if (
+                sub.lane is not None
+                and sub._cursor is None
+                and not sub.waiting_keyframe
+                and sub.push is not None
+                and waiter is not None
+                and not waiter.done()
+                and not sub._backlog
+            ):
                 batch.append(sub)
             else:
                 sub._offer(frame)

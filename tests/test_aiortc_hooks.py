@@ -537,7 +537,9 @@ async def test_ice_is_done_when_its_pair_is_nominated_not_after_aioices_pacing_w
 async def test_a_bound_lane_is_taken_only_while_dtls_the_pair_the_session_and_the_sender_are_as_bound():
     """``borrowed.bind_lane``'s guards, on a real viewer's sender whose lane the batch took: the lane is declined
     (``ready()`` false, and ``send_batch`` sends nothing) while the sender is disabled, DTLS is not connected, the
-    outgoing SRTP session is another, or ICE nominated another pair; and taken again once each is as it was."""
+    outgoing SRTP session is another, ICE nominated another pair, or the pair's asyncio transport is closing or
+    holds datagrams queued (read as its fields, which its ``is_closing()`` and ``get_write_buffer_size()``
+    return: pinned here); and taken again once each is as it was."""
     from aiortc.rtcdtlstransport import State
 
     from relay.hub import PacketHub
@@ -555,6 +557,8 @@ async def test_a_bound_lane_is_taken_only_while_dtls_the_pair_the_session_and_th
         assert lane.frames > 0 and lane.ready()
         nominated = dtls.transport._connection._nominated
         other_session = _srtp_pair()[0]
+        transport = nominated[1].protocol.transport
+        assert borrowed.transport_guards(transport) is not None  # asyncio's own: read as guards, not asked
 
         def declined() -> bool:
             frames = lane.frames
@@ -566,10 +570,14 @@ async def test_a_bound_lane_is_taken_only_while_dtls_the_pair_the_session_and_th
             (dtls.__dict__, "_state", State.CLOSED),
             (dtls.__dict__, "_tx_srtp", other_session),
             (nominated, 1, object()),
+            (transport.__dict__, "_closing", True),
+            (transport.__dict__, "_buffer_size", 1),
         ]:
             was = owner[key]
             owner[key] = changed
             try:
+                assert transport.is_closing() is transport.__dict__["_closing"]
+                assert transport.get_write_buffer_size() == transport.__dict__["_buffer_size"]
                 assert declined(), key
             finally:
                 owner[key] = was

@@ -270,7 +270,7 @@ async def test_a_viewer_whose_send_fails_mid_frame_leaves_the_batch_and_the_othe
         lines = [r.getMessage() for r in caplog.records if "left the batch" in r.getMessage()]
         assert len(lines) == 1 and "stream=cam0 viewers=1" in lines[0] and "the fallback's own" in lines[0]
         assert "taken=True" in lines[0]
-        assert len(hub.fanout_delay._values) == 6  # two viewers, three frames
+        assert len(hub.fanout_delay) == 6  # two viewers, three frames
         assert [v.lane.frames for v in viewers] == [3, 1, 3]
     finally:
         os.close(read_end)

@@ -537,3 +537,25 @@ async def test_a_batch_push_that_raises_offers_each_its_frame_and_is_said_once_a
     assert not any(r.done() for r in readers)
     for sub in subs:
         sub.close()
+
+
+def test_the_delay_window_keeps_the_latest_delays_added_one_by_one_and_a_batchs_array_as_it_is():
+    """``DelayWindow``: a batch's delays (an ``array('d')`` from the C call, one a viewer) are kept without a float
+    object each, single delays in arrays of its own (never appended to a caller's array); it keeps at least its size
+    of the latest and lets the oldest go an array at a time; the percentiles are over everything it keeps."""
+    import array
+
+    from relay.hub import DELAY_CHUNK, DelayWindow
+
+    window = DelayWindow(size=1000)
+    batch = array.array("d", [0.5] * 60)
+    window.extend(batch)
+    window.add(0.25)
+    assert list(batch) == [0.5] * 60 and len(window) == 61  # the batch's array untouched by the add
+    assert window.percentiles_ms() == {"p50": 500.0, "p95": 500.0, "p99": 500.0}
+    for _ in range(40):
+        window.extend(array.array("d", [0.001] * 60))
+    window.extend([0.002, 0.002])  # a list is copied
+    assert 1000 <= len(window) < 1000 + DELAY_CHUNK
+    assert window.percentiles_ms() == {"p50": 1.0, "p95": 1.0, "p99": 1.0}  # the first batch went with its array
+    assert DelayWindow().percentiles_ms() == {"p50": None, "p95": None, "p99": None}

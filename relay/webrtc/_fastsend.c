@@ -53,7 +53,7 @@
 #define TRAILER_ROOM_MIN 144
 /* send_frame's arguments and results as this file has them: relay/webrtc/borrowed.py uses the module only when
    its FASTSEND_API is the same (an editable install's built module is not rebuilt when the source changes). */
-#define API_VERSION 3
+#define API_VERSION 4
 #define RTP_HEADER_MIN 12    /* version to SSRC */
 #define RTP_PACKET_MAX 65535 /* what one UDP datagram carries at most, and what an int surely holds */
 
@@ -137,6 +137,12 @@ typedef struct {
     int fallen;          /* a run went to the fallback: every later one does too (never reordered) */
     int blocked;         /* what fell back met a full socket buffer (EAGAIN): the fallback queues it untried */
     PyObject *fallback;  /* fallback(data, segment, blocked): the Python path's writer */
+    /* A lane's (send_batch): its session, which with `fallback` is held from the first call of the fallback on
+       (`held`; the caller lets both go), as that Python may unbind the lane while the session's srtp_t is still
+       in use. Not before: two reference counts a viewer-packet on objects nothing else touches then. NULL for
+       send_frame, whose caller holds both. */
+    PyObject *session;
+    int held;
     unsigned char *base; /* the buffer */
     Py_ssize_t datagrams, syscalls; /* written here (the fallback counts its own) */
     /* protected so far (their sequence numbers spent in the SRTP session, even where the frame then failed):
@@ -209,6 +215,11 @@ static int write_run(Route *r, size_t start, size_t end, size_t segment, Py_ssiz
                 return 0;
             }
         }
+    }
+    if (r->session != NULL && !r->held) { /* the lane is still bound here: no Python has run since it was checked */
+        Py_INCREF(r->session);
+        Py_INCREF(r->fallback);
+        r->held = 1;
     }
     PyObject *view = PyMemoryView_FromMemory((char *)r->base + start, (Py_ssize_t)(end - start), PyBUF_READ);
     if (view == NULL) {
@@ -485,6 +496,14 @@ done:
    RTP_HISTORY_SIZE, 128), each frame one entry holding the shared payload list. One entry a frame of at least one
    packet: HISTORY_FRAMES_MAX entries hold any history of fewer packets (Lane refuses a longer one). */
 #define HISTORY_FRAMES_MAX 256
+/* A guard's dict unchanged since the guard last held (PEP 509's version tag, which CPython 3.11 bumps at every change
+   of a dict, to a number no other dict has had) holds without a lookup: one cache line read a guard instead of the
+   dict's keys and values, for the first GUARDS_SEEN guards of a lane (bind_lane gives ~10). Python 3.12 deprecates
+   the tag: from there on, every guard is looked up. */
+#if PY_VERSION_HEX < 0x030C0000
+#define GUARD_VERSIONS 1
+#endif
+#define GUARDS_SEEN 16
 #define HEADER_MAX 256 /* an RTP header with its extensions: 12 bytes and a few elements (mid, abs-send-time,
                           playout-delay: ~30); more is refused */
 #define NTP_UNIX_OFFSET 2208988800ULL
@@ -511,6 +530,7 @@ typedef struct {
     struct sockaddr_storage to;
     socklen_t tolen;
     PyObject *transport, *fallback, *guards;
+    uint64_t seen[GUARDS_SEEN]; /* lane_check_'s: each guard's dict's version when it last held by identity; 0 */
     Py_buffer counts; /* the batcher's int64 counter array, held exported while bound */
     int has_counts;
     /* the header (set_header) */
@@ -524,6 +544,7 @@ typedef struct {
     int has_last;
     long long last, offset;
     unsigned long long frames; /* sent by send_batch, all time */
+    unsigned long long batch;  /* the serial of the last send_batch call that took it (0: none) */
     /* counts since take_counts, for sender reports and stats */
     unsigned long long octets, packets, protected_bytes;
     uint64_t ntp;
@@ -646,8 +667,9 @@ PyDoc_STRVAR(bind_doc,
              "Where this lane's frames go: protected with srtp_protect (its address `protect`) on `ctx` (the srtp_t\n"
              "of pylibsrtp's `session`, held), written to `addr` (parsed here, once) on socket `fd` of `family`,\n"
              "segmented (`gso`) or not; `fallback(data, segment, blocked)` takes what C cannot write. Taken by\n"
-             "send_batch only while `transport.is_closing()` is false, `transport.get_write_buffer_size()` 0 and\n"
-             "every (mapping, key, value) of `guards` holds; C's writes are added to `counts` (int64: datagrams,\n"
+             "send_batch only while `transport.is_closing()` is false, `transport.get_write_buffer_size()` 0 (not\n"
+             "asked where `transport` is None: the guards hold its state) and every (mapping, key, value) of `guards`\n"
+             "holds; C's writes are added to `counts` (int64: datagrams,\n"
              "system calls, frames). False, and unbound, for an address it does not take.");
 
 static PyObject *lane_bind(Lane *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -697,6 +719,7 @@ static PyObject *lane_bind(Lane *self, PyObject *const *args, Py_ssize_t nargs) 
     self->transport = Py_NewRef(args[7]);
     self->fallback = Py_NewRef(args[8]);
     self->guards = Py_NewRef(args[9]);
+    memset(self->seen, 0, sizeof self->seen);
     self->bound = 1;
     Py_RETURN_TRUE;
 }
@@ -708,15 +731,31 @@ static PyObject *lane_unbind(Lane *self, PyObject *unused) {
 }
 
 /* lane_ready_'s checks, on `guards` and `transport` held by the caller (each value compared also held). */
-static int lane_check_(PyObject *guards, PyObject *transport) {
+static int lane_check_(PyObject *guards, PyObject *transport, uint64_t *seen) {
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(guards); i++) {
         PyObject *g = PyTuple_GET_ITEM(guards, i);
-        PyObject *value = PyDict_GetItemWithError(PyTuple_GET_ITEM(g, 0), PyTuple_GET_ITEM(g, 1));
+        PyObject *mapping = PyTuple_GET_ITEM(g, 0);
+#ifdef GUARD_VERSIONS
+        /* unchanged since this guard last held by identity: holds (the same dict in the same state, the values
+           compared alive in it and in the guard) */
+        uint64_t version = ((PyDictObject *)mapping)->ma_version_tag;
+        if (i < GUARDS_SEEN && version != 0 && seen[i] == version) {
+            continue;
+        }
+#else
+        (void)seen;
+#endif
+        PyObject *value = PyDict_GetItemWithError(mapping, PyTuple_GET_ITEM(g, 1));
         if (value == NULL) {
             return PyErr_Occurred() ? -1 : 0;
         }
         PyObject *expected = PyTuple_GET_ITEM(g, 2);
-        if (value != expected) {
+#ifdef GUARD_VERSIONS
+        if (value == expected && i < GUARDS_SEEN) {
+            seen[i] = version;
+        }
+#endif
+        if (value != expected) { /* held only through its __eq__ (Python): asked again every time */
             Py_INCREF(value); /* borrowed from a dict that the comparison's Python may change */
             int same = PyObject_RichCompareBool(value, expected, Py_EQ);
             Py_DECREF(value);
@@ -724,6 +763,9 @@ static int lane_check_(PyObject *guards, PyObject *transport) {
                 return same;
             }
         }
+    }
+    if (transport == Py_None) { /* the guards read the transport's state themselves (borrowed.route_lane) */
+        return 1;
     }
     PyObject *closing = PyObject_CallMethodNoArgs(transport, str_is_closing);
     if (closing == NULL) {
@@ -751,7 +793,7 @@ static int lane_ready_(Lane *self) {
     /* Held for the call: a guard's __eq__, is_closing() or get_write_buffer_size() is Python, which may unbind
        this lane (and drop the lane's references to them) */
     PyObject *guards = Py_NewRef(self->guards), *transport = Py_NewRef(self->transport);
-    int ready = lane_check_(guards, transport);
+    int ready = lane_check_(guards, transport, self->seen);
     Py_DECREF(guards);
     Py_DECREF(transport);
     return ready > 0 && !self->bound ? 0 : ready; /* unbound meanwhile: not ready */
@@ -917,6 +959,11 @@ static PyObject *lane_get_frames(Lane *self, void *closure) {
     return PyLong_FromUnsignedLongLong(self->frames);
 }
 
+static PyObject *lane_get_batch(Lane *self, void *closure) {
+    (void)closure;
+    return PyLong_FromUnsignedLongLong(self->batch);
+}
+
 static PyObject *lane_get_bound(Lane *self, void *closure) {
     (void)closure;
     return PyBool_FromLong(self->bound);
@@ -928,6 +975,7 @@ static PyGetSetDef lane_getset[] = {
     {"sequence", (getter)lane_get_sequence, (setter)lane_set_sequence, "the next packet's sequence number", NULL},
     {"frames", (getter)lane_get_frames, NULL, "frames send_batch sent, all time", NULL},
     {"bound", (getter)lane_get_bound, NULL, "whether it has a route (bind)", NULL},
+    {"batch", (getter)lane_get_batch, NULL, "the serial of the last send_batch call that took a frame for it", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -990,20 +1038,23 @@ static long long scale(long long a, long long b, long long c) {
 
 PyDoc_STRVAR(send_batch_doc,
              "send_batch(lanes, payloads, pts, published_at, buffer, trailer_room, max_segments, max_bytes,\n"
-             "           abs_send_time) -> (declined, failed, delays)\n\n"
+             "           abs_send_time, serial, delays) -> (declined, failed, sent)\n\n"
              "One frame to every lane of `lanes` that takes it now: `payloads` (a list of bytes, shared) with each\n"
              "lane's header, its timestamp (origin + `pts` + its offset), its sequence numbers, protected with its\n"
              "session in `buffer` and written to its peer, as send_frame does for one. A lane is declined (its\n"
              "index in `declined`, nothing sent, nothing changed) while unbound, not ready (bind's guards), or\n"
              "where its timestamp would not advance; one that fails mid-frame is unbound and named in `failed`\n"
              "as (index, exception, taken), the others go on: `taken`, some of its packets were protected (their\n"
-             "sequence numbers spent), and the frame is the lane's as if sent (numbered on, remembered for NACKs). `delays`: for each lane sent, seconds from `published_at`\n"
-             "(the wall clock) to its frame's last write. `abs_send_time`: 24 bits, or -1: the clock, per lane.");
+             "sequence numbers spent), and the frame is the lane's as if sent (numbered on, remembered for NACKs); a lane\n"
+             "taken, sent or in part, keeps `serial` (its `batch`: whom a call that raised had reached). `delays`: a\n"
+             "writable buffer of doubles, one a lane at least, given for each lane sent, in turn, the seconds from\n"
+             "`published_at` (the wall clock) to its frame's last write (no float object a lane); `sent`: how many.\n"
+             "`abs_send_time`: 24 bits, or -1: the clock, per lane.");
 
 static PyObject *send_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "send_batch takes 9 arguments");
+    if (nargs != 11) {
+        PyErr_SetString(PyExc_TypeError, "send_batch takes 11 arguments");
         return NULL;
     }
     PyObject *lanes = args[0], *payloads = args[1];
@@ -1013,6 +1064,7 @@ static PyObject *send_batch(PyObject *module, PyObject *const *args, Py_ssize_t 
     Py_ssize_t max_segments = PyLong_AsSsize_t(args[6]);
     Py_ssize_t max_bytes = PyLong_AsSsize_t(args[7]);
     long long abs_send_time = PyLong_AsLongLong(args[8]);
+    unsigned long long serial = PyLong_AsUnsignedLongLong(args[9]);
     if (check_limits(1, 1, trailer_room, max_segments, max_bytes, NULL) != 0) {
         return NULL;
     }
@@ -1030,14 +1082,29 @@ static PyObject *send_batch(PyObject *module, PyObject *const *args, Py_ssize_t 
         PyErr_SetString(PyExc_TypeError, "send_batch: every payload must be bytes");
         return NULL;
     }
-    Py_buffer buffer;
+    Py_buffer buffer, delays;
+    if (PyObject_GetBuffer(args[10], &delays, PyBUF_WRITABLE | PyBUF_FORMAT) != 0) {
+        return NULL;
+    }
+    if (delays.itemsize != sizeof(double) || delays.format == NULL || strcmp(delays.format, "d") != 0 ||
+        delays.len / (Py_ssize_t)sizeof(double) < PyList_GET_SIZE(lanes)) {
+        PyBuffer_Release(&delays);
+        PyErr_SetString(PyExc_ValueError, "send_batch: delays must be array('d') of one a lane at least");
+        return NULL;
+    }
+    /* The lanes may not outgrow it while a fallback's Python runs: each write is checked against its size. */
+    double *delay_at = (double *)delays.buf;
+    long long ntp_rate = 0; /* no lane's: a Lane's clock rate is positive */
+    uint64_t ntp = 0;
+    Py_ssize_t delay_room = delays.len / (Py_ssize_t)sizeof(double), sent_count = 0;
     if (PyObject_GetBuffer(args[4], &buffer, PyBUF_WRITABLE) != 0) {
+        PyBuffer_Release(&delays);
         return NULL;
     }
     size_t room = (size_t)buffer.len > (size_t)trailer_room ? (size_t)buffer.len - (size_t)trailer_room : 0;
     Py_ssize_t n = PyList_GET_SIZE(payloads);
-    PyObject *declined = PyList_New(0), *failed = PyList_New(0), *delays = PyList_New(0), *result = NULL;
-    if (declined == NULL || failed == NULL || delays == NULL) {
+    PyObject *declined = PyList_New(0), *failed = PyList_New(0), *result = NULL;
+    if (declined == NULL || failed == NULL) {
         goto done;
     }
     /* The lists' sizes are read anew each time round: a fallback runs Python (the batcher's writer, which touches
@@ -1093,8 +1160,9 @@ static PyObject *send_batch(PyObject *module, PyObject *const *args, Py_ssize_t 
             header[at + 2] = (unsigned char)ast;
         }
         Route r = {.fd = lane->fd, .to = &lane->to, .tolen = lane->tolen, .gso = lane->gso, .fallen = 0,
-                   .blocked = 0, .fallback = lane->fallback, .base = (unsigned char *)buffer.buf,
-                   .datagrams = 0, .syscalls = 0, .packets = 0, .protected_bytes = 0, .octets = 0};
+                   .blocked = 0, .fallback = lane->fallback, .session = lane->session, .held = 0,
+                   .base = (unsigned char *)buffer.buf, .datagrams = 0, .syscalls = 0, .packets = 0,
+                   .protected_bytes = 0, .octets = 0};
         Protect p = lane->protect;
         p.room = room;
         p.trailer_room = trailer_room;
@@ -1102,11 +1170,13 @@ static PyObject *send_batch(PyObject *module, PyObject *const *args, Py_ssize_t 
         p.max_bytes = max_bytes;
         size_t sent = 0;
         uint16_t first = lane->sequence; /* before the fallback's Python runs, which may set it */
-        /* held: a fallback may unbind the lane, and its session (whose srtp_t is being used) must outlive the call */
-        PyObject *fallback = Py_NewRef(lane->fallback), *session = Py_NewRef(lane->session);
+        /* a fallback may unbind the lane: its session (whose srtp_t is being used) and the fallback are held from
+           its first call on (write_run), and let go here */
         int status = send_packets(&r, &p, header, header_len, payloads, first, &sent);
-        Py_DECREF(fallback);
-        Py_DECREF(session);
+        if (r.held) {
+            Py_DECREF(r.fallback);
+            Py_DECREF(r.session);
+        }
         long long *counters = lane->has_counts ? (long long *)lane->counts.buf : NULL;
         if (counters != NULL) { /* counted whatever happened next: they were written */
             counters[0] += r.datagrams;
@@ -1122,7 +1192,12 @@ static PyObject *send_batch(PyObject *module, PyObject *const *args, Py_ssize_t 
             lane->has_last = 1;
             lane->last = stamp;
             lane->frames += 1;
-            lane->ntp = ntp_at(scale(pts, 1000000000LL, lane->clock_rate));
+            lane->batch = serial;
+            if (lane->clock_rate != ntp_rate) { /* the frame's capture time: once a call, its lanes' clocks alike */
+                ntp_rate = lane->clock_rate;
+                ntp = ntp_at(scale(pts, 1000000000LL, ntp_rate));
+            }
+            lane->ntp = ntp;
             lane->rtp_timestamp = timestamp;
             lane->octets += status == 0 ? octets : r.octets;
             lane->packets += (unsigned long long)r.packets;
@@ -1148,19 +1223,16 @@ static PyObject *send_batch(PyObject *module, PyObject *const *args, Py_ssize_t 
             continue;
         }
         Py_DECREF(lane);
-        PyObject *delay = PyFloat_FromDouble((double)now_ns() / 1e9 - published_at);
-        int bad = delay == NULL || PyList_Append(delays, delay) != 0;
-        Py_XDECREF(delay);
-        if (bad) {
-            goto done;
+        if (sent_count < delay_room) {
+            delay_at[sent_count++] = (double)now_ns() / 1e9 - published_at;
         }
     }
-    result = PyTuple_Pack(3, declined, failed, delays);
+    result = Py_BuildValue("(OOn)", declined, failed, sent_count);
 done:
     Py_XDECREF(declined);
     Py_XDECREF(failed);
-    Py_XDECREF(delays);
     PyBuffer_Release(&buffer);
+    PyBuffer_Release(&delays);
     return result;
 }
 

@@ -33,7 +33,9 @@ them here, so an upgrade that moves one breaks this module alone (and
   and a session's ``srtp_t``, so that C protects with the very session aiortc's RTCP and retransmissions use
   (no second libsrtp); and for the batch (``send_batch``: one C call a frame for every viewer of a stream), each
   sender's C lane bound to its ICE pair's socket and address, its SRTP session and the state that must hold
-  while it sends (``bind_lane``: DTLS connected, the pair nominated, the session, the sender enabled);
+  while it sends (``bind_lane``: DTLS connected, the pair nominated, the session, the sender enabled; and, read
+  as two more guards, asyncio's UDP transport open with nothing queued: its ``_closing`` and ``_buffer_size``,
+  ``transport_guards``);
 - aiortc's per-sender and per-transport counts (packets, octets, the last RTP timestamp and its NTP time; bytes
   and packets a DTLS transport sent), read through descriptors that first bring in what a C lane counted
   (``SYNCED_COUNTS``, ``sync_counts``): sender reports and ``getStats`` are exact, with no work per frame;
@@ -47,7 +49,9 @@ others with a message naming both.
 
 from __future__ import annotations
 
+import array
 import asyncio
+import asyncio.selector_events
 import collections
 import contextlib
 import contextvars
@@ -860,10 +864,41 @@ def route_lane(
     counts: Any,
 ) -> bool:
     """``bind_lane`` without a sender (it and tests): ``lane`` protects with ``session`` (held) and writes to ``addr``
-    on socket ``fd`` while ``transport`` is open with nothing queued and ``guards`` hold (``_fastsend.Lane.bind``)."""
+    on socket ``fd`` while ``transport`` is open with nothing queued and ``guards`` hold (``_fastsend.Lane.bind``).
+    An asyncio UDP transport's two states are read as guards too (``transport_guards``), not asked of its methods
+    each frame."""
+    held = transport_guards(transport)
+    if held is not None:
+        guards, transport = (*guards, *held), None
     return lane.bind(
         session, _srtp_t(session), _SRTP_PROTECT, fd, family, addr, gso, transport, fallback, guards, counts
     )
+
+
+# asyncio's UDP transport (selector event loops) and the fields its ``is_closing()`` and
+# ``get_write_buffer_size()`` return (Python 3.11 to 3.13: ``self._closing``, ``self._buffer_size``)
+_DATAGRAM_TRANSPORT = asyncio.selector_events._SelectorDatagramTransport
+_CLOSING, _BUFFER_SIZE = "_closing", "_buffer_size"
+
+
+def transport_guards(transport: Any) -> tuple | None:
+    """The (dict, key, value) guards that hold while ``transport`` is open with nothing queued, for a C lane to check
+    with its others (two dict reads a frame instead of two Python calls): for asyncio's own UDP transport, whose
+    ``is_closing()`` and ``get_write_buffer_size()`` are its ``_closing`` and ``_buffer_size`` (pinned in
+    tests/test_borrowed.py); None for any other (a subclass that overrides them, a TURN relay's): its methods are
+    asked then."""
+    cls = type(transport)
+    fields = getattr(transport, "__dict__", None)
+    if (
+        not isinstance(transport, _DATAGRAM_TRANSPORT)
+        or cls.is_closing is not _DATAGRAM_TRANSPORT.is_closing
+        or cls.get_write_buffer_size is not _DATAGRAM_TRANSPORT.get_write_buffer_size
+        or fields is None
+        or fields.get(_CLOSING) is not False
+        or fields.get(_BUFFER_SIZE) != 0
+    ):
+        return None
+    return (fields, _CLOSING, False), (fields, _BUFFER_SIZE, 0)
 
 
 def send_batch(
@@ -875,20 +910,29 @@ def send_batch(
     max_segments: int,
     max_bytes: int,
     abs_send_time: int = -1,
-) -> tuple[list[int], list[tuple[int, BaseException, bool]], list[float]]:
+    serial: int = 0,
+) -> tuple[list[int], list[tuple[int, BaseException, bool]], array.array]:
     """One frame to every lane that takes it now, in one C call (``_fastsend.send_batch``, in ``writer``'s buffer):
     (indices declined, (index, exception, taken) of lanes that failed mid-frame (``taken``: some of its packets
     were protected, their sequence numbers spent, and the frame is the lane's as if sent: it must not be sent
-    again), for each lane sent the seconds from ``published_at`` to its last write). ``abs_send_time`` (24 bits):
-    the same for every lane (tests); -1: each lane's from the clock as it is sent."""
-    declined, failed, delays = _fastsend.send_batch(
-        lanes, payloads, pts, published_at, writer._buffer, SRTP_TRAILER_ROOM, max_segments, max_bytes, abs_send_time
-    )
+    again), for each lane sent the seconds from ``published_at`` to its last write, as an array of doubles).
+    ``abs_send_time`` (24 bits): the same for every lane (tests); -1: each lane's from the clock as it is sent.
+    Each lane taken keeps ``serial`` as its ``batch``: where the call raises, whom it had reached."""
+    delays = _NO_DELAYS * len(lanes)
+    declined, failed, sent = _fastsend.send_batch(
+        lanes, payloads, pts, published_at, writer._buffer, SRTP_TRAILER_ROOM, max_segments, max_bytes,
+        abs_send_time, serial, delays,
+    )  # fmt: skip
     if failed:
         failed = [
             (i, _srtp_error(e.args[0]) if isinstance(e, _fastsend.SrtpError) else e, taken) for i, e, taken in failed
         ]
+    if sent < len(delays):
+        del delays[sent:]
     return declined, failed, delays
+
+
+_NO_DELAYS = array.array("d", [0.0])  # one lane's room for its delay in ``send_batch``
 
 
 # -- SRTP, a frame at a time
@@ -913,7 +957,7 @@ _SRTP_PROTECT = _srtp_protect_address()
 _SRTP_T = "_camrelay_srtp_t"  # a pylibsrtp session's srtp_t, kept on it as a number for the C send path
 # Whether ``SrtpFrameWriter.send_frame`` can run here: the extension built and pylibsrtp's srtp_protect the one it
 # was written for (relay.webrtc.rtpsend's switch reads it).
-FASTSEND_API = 3  # _fastsend.c's API_VERSION, as send_frame, send_batch and Lane are called here
+FASTSEND_API = 4  # _fastsend.c's API_VERSION, as send_frame, send_batch and Lane are called here
 # A module built from an older _fastsend.c (pip install -e . not run again since the source changed) is left alone.
 C_SEND_STALE = _fastsend is not None and getattr(_fastsend, "API_VERSION", None) != FASTSEND_API
 C_SEND_BUILT = _fastsend is not None and not C_SEND_STALE and _SRTP_PROTECT != 0

@@ -90,6 +90,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import itertools
 import logging
 import struct
 import threading
@@ -687,6 +688,7 @@ def lane_of(sender: RTCRtpSender):
 
 # A stream's batch failures, said at most once a LANE_WARNING_INTERVAL (the rest counted into the next line): by hub,
 # let go with it.
+_batch_serials = itertools.count(1)  # push_batch's calls: a lane keeps the last that took it (``Lane.batch``)
 _lane_warnings: weakref.WeakKeyDictionary[PacketHub, Throttled] = weakref.WeakKeyDictionary()
 
 
@@ -708,13 +710,13 @@ def push_batch(hub: PacketHub, frame: EncodedFrame, subs: list[Subscription]) ->
     if not payloads:
         return list(range(len(subs)))  # each drops it as it would alone
     lanes = [sub.lane for sub in subs]
-    before = [lane.frames for lane in lanes]
+    serial = next(_batch_serials)
     try:
         declined, failed, delays = borrowed.send_batch(
-            _shared_writer(), lanes, payloads, frame.pts, frame.published_at, MAX_SEGMENTS, MAX_GSO_BYTES
+            _shared_writer(), lanes, payloads, frame.pts, frame.published_at, MAX_SEGMENTS, MAX_GSO_BYTES, -1, serial
         )
     except Exception as exc:  # a MemoryError in C, a failure after it: a frame sent twice would corrupt the picture
-        declined = [i for i, lane in enumerate(lanes) if lane.frames == before[i]]
+        declined = [i for i, lane in enumerate(lanes) if lane.batch != serial]
         _warn_lanes(hub, "stream=%s viewers=%d batch send failed, not sent to viewers=%d: %r", len(subs),
                     len(declined), exc)  # fmt: skip
         return declined
