@@ -219,10 +219,24 @@ class Reader:
         """``feed`` for a connection that plays: its interleaved frames go to ``depacketizer.push_frames`` where
         they lie in what was read (the RTP packets on ``channel`` into units, each it refuses dropped and why in
         ``errors``); the responses between them come out, and with ``others`` the frames of the other channels
-        (an audio track, RTCP). What is not RTSP raises ``RtspError``."""
+        (an audio track, RTCP). What is not RTSP raises ``RtspError``.
+
+        With nothing held from the read before, the frames are taken where they lie in ``data`` itself, and only
+        what is left of it (a frame cut off at its end, an answer) is kept: most of a read is not copied."""
         buf = self._buf
-        buf += data
         played = Played([], [], [])
+        if buf:
+            buf += data
+        else:
+            with memoryview(data) as view:
+                used = depacketizer.push_frames(
+                    view, channel, played.units, played.errors, played.others if others else None
+                )
+                if used == len(view):
+                    return played
+                buf += view[used:]
+            if buf[0] == DOLLAR:
+                return played  # the rest of a frame is still to come
         while buf:
             with memoryview(buf) as view:
                 used = depacketizer.push_frames(

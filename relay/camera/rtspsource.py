@@ -71,6 +71,7 @@ TIMEVAL = struct.Struct("@ll")  # struct timeval: seconds, microseconds, each a 
 # (whose time_t may be 64 bits: glibc's _TIME_BITS=64) uses Python's own timeout instead, a poll beside each
 # read, never a wrongly sized struct.
 KERNEL_TIMEOUTS = struct.calcsize("@l") == 8
+VIDEO_SILENCE = f"sent no video for {IO_TIMEOUT:g} s"  # a read_packet's SourceError: not formatted at every unit
 LOG_EVERY = 10.0  # seconds between lines about a camera's bad packets or restarted streams (more are counted)
 VIDEO_TRANSPORT = "RTP/AVP/TCP;unicast;interleaved=0-1"
 # The sound's own channel pair on the same connection (RFC 2326 10.12): the camera may name others in its answer.
@@ -444,7 +445,7 @@ class RtspSource:
         depacketizer = self._depacketizer
         if depacketizer is None or self._sock is None:
             raise SourceError(f"{self.name} is not open")
-        silence = f"sent no video for {IO_TIMEOUT:g} s"
+        silence = VIDEO_SILENCE
         while not self._units:
             if time.monotonic() >= self._keepalive_at:
                 self._keepalive_at = time.monotonic() + self._keepalive_every
