@@ -11,7 +11,10 @@
    sequence, a new timestamp, an SSRC or payload type not the video's, an RTP
    header with padding, an extension or CSRCs, STAP-A, a NAL unit that breaks
    the unit's cap or an FU-A's order, a frame cut off at the end of the read),
-   and after the packet that carries the marker bit.  The caller (Python)
+   and after the packet that carries the marker bit.  The next packet in
+   sequence that starts a new unit, once the last one was finished at its
+   marker, it starts as the Python step does (its timestamp unwrapped) and
+   takes.  The caller (Python)
    decides every such frame exactly as before: nothing but what the Python
    step took is taken here, and its state comes back to the caller whole.
 
@@ -28,7 +31,7 @@
 
 /* take()'s arguments and results as this file has them: relay/rtspin.py uses the module only when its
    RTPIN_API is the same (an editable install's built module is not rebuilt when the source changes). */
-#define API_VERSION 1
+#define API_VERSION 2
 #define INTERLEAVED_HEADER 4 /* "$", channel, length (RFC 2326 10.12) */
 #define RTP_HEADER 12        /* version to SSRC, with no CSRC */
 /* An interleaved frame's header, its RTP packet's fixed header and two bytes of payload (an FU-A's indicator and
@@ -40,6 +43,7 @@
 #define NAL_FU_A 28
 #define NAL_OVERHEAD 64 /* rtspin.NAL_OVERHEAD: what a NAL unit held costs beyond its bytes, counted in the cap */
 #define SEQUENCE_MOD 65536
+#define TIMESTAMP_MOD 4294967296LL
 
 static const char START_CODE[4] = {0, 0, 0, 1};
 
@@ -65,20 +69,22 @@ static int append_int(PyObject *list, long value) {
 }
 
 /* take(view, pos, channel, payload_type, unit, kinds, starts, next_seq, next_ts, next_ssrc, fu, size, keyframe,
-        limit) -> (pos, taken, next_seq, fu, size, keyframe, marker)
+        limit, last_ts) -> (pos, taken, next_seq, next_ts, last_ts, started, fu, size, keyframe, marker)
 
    The frames of `view` (a buffer: what was read) from `pos` on that H264Depacketizer.push_frames would take
    where they lie, taken: each one's payload into bytearray `unit`, each NAL unit it starts into `kinds` (its
    type) and `starts` (where its header byte is in `unit`).  `next_seq`, `next_ts`, `next_ssrc`: the packet that
    may be taken (the next in sequence of the unit being gathered); `fu`: where the FU-A being gathered starts in
    `unit`, -1 when none is; `size`: the unit's whole NAL units' bytes, each with NAL_OVERHEAD; `keyframe`: one of
-   them is an IDR slice; `limit`: the unit's cap.  Returns where it stopped (the first frame not taken, or the
-   one after a marker), how many it took, and the state after them; `marker` is true when the last one taken
-   carried the marker bit (the unit is whole: the caller finishes it). */
+   them is an IDR slice; `limit`: the unit's cap; `last_ts`: the last packet's timestamp, unwrapped.  Returns
+   where it stopped (the first frame not taken, or the one after a marker), how many it took, and the state after
+   them; `started` is true when a new unit was started (its timestamp `next_ts`, unwrapped `last_ts`: the unit's
+   own, even where its first packet was then not taken), `marker` when the last one taken carried the marker bit
+   (the unit is whole: the caller finishes it). */
 static PyObject *take(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
-    if (nargs != 14) {
-        PyErr_Format(PyExc_TypeError, "take() takes 14 arguments (%zd given)", nargs);
+    if (nargs != 15) {
+        PyErr_Format(PyExc_TypeError, "take() takes 15 arguments (%zd given)", nargs);
         return NULL;
     }
     PyObject *unit = args[4], *kinds = args[5], *starts = args[6];
@@ -96,6 +102,7 @@ static PyObject *take(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t size = PyLong_AsSsize_t(args[11]);
     int keyframe = PyObject_IsTrue(args[12]);
     Py_ssize_t limit = PyLong_AsSsize_t(args[13]);
+    long long last_ts = PyLong_AsLongLong(args[14]);
     if (PyErr_Occurred() || keyframe < 0) {
         return NULL;
     }
@@ -110,7 +117,7 @@ static PyObject *take(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     const unsigned char *data = buffer.buf;
     Py_ssize_t end_of_data = buffer.len;
     long taken = 0;
-    int marker = 0, failed = 0;
+    int marker = 0, failed = 0, started = 0;
     while (pos <= end_of_data - FRAME_HEAD) {
         const unsigned char *f = data + pos;
         Py_ssize_t length = (Py_ssize_t)f[2] << 8 | f[3];
@@ -123,11 +130,27 @@ static PyObject *take(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         unsigned long ts = (unsigned long)rtp[4] << 24 | (unsigned long)rtp[5] << 16 | (unsigned long)rtp[6] << 8 | rtp[7];
         unsigned long ssrc =
             (unsigned long)rtp[8] << 24 | (unsigned long)rtp[9] << 16 | (unsigned long)rtp[10] << 8 | rtp[11];
-        /* Long enough for the fields read; version 2 with no padding, extension or CSRC; the video; the next packet of
-           the unit being gathered. */
-        if (!(length > RTP_HEADER + 2 && seq == next_seq && rtp[0] == RTP_VERSION_ONLY && ts == next_ts &&
-              ssrc == next_ssrc && (rtp[1] & 0x7F) == payload_type)) {
+        /* Long enough for the fields read; version 2 with no padding, extension or CSRC; the video; the next packet in
+           sequence. */
+        if (!(length > RTP_HEADER + 2 && seq == next_seq && rtp[0] == RTP_VERSION_ONLY && ssrc == next_ssrc &&
+              (rtp[1] & 0x7F) == payload_type)) {
             break;
+        }
+        if (ts != next_ts) {
+            if (PyByteArray_GET_SIZE(unit) != 0 || fu >= 0) {
+                break; /* the unit being gathered is not finished: push decides */
+            }
+            /* The first of a new unit after the last was finished: its timestamp unwrapped as _unwrap does. */
+            long long delta = ((long long)ts - (long long)next_ts) % TIMESTAMP_MOD;
+            if (delta < 0) {
+                delta += TIMESTAMP_MOD;
+            }
+            if (delta >= TIMESTAMP_MOD / 2) {
+                delta -= TIMESTAMP_MOD;
+            }
+            last_ts += delta;
+            next_ts = ts;
+            started = 1;
         }
         Py_ssize_t at = start + RTP_HEADER;
         unsigned char indicator = data[at], header = data[at + 1];
@@ -182,15 +205,15 @@ static PyObject *take(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
            the Python step, the unit being gathered is then not to be trusted. */
         return NULL;
     }
-    return Py_BuildValue("(nllnnOO)", pos, taken, next_seq, fu, size, keyframe ? Py_True : Py_False,
-                         marker ? Py_True : Py_False);
+    return Py_BuildValue("(nllkLOnnOO)", pos, taken, next_seq, next_ts, last_ts, started ? Py_True : Py_False, fu,
+                         size, keyframe ? Py_True : Py_False, marker ? Py_True : Py_False);
 }
 
 static PyMethodDef methods[] = {
     {"take", (PyCFunction)(void (*)(void))take, METH_FASTCALL,
      "take(view, pos, channel, payload_type, unit, kinds, starts, next_seq, next_ts, next_ssrc, fu, size, keyframe, "
-     "limit) -> (pos, taken, next_seq, fu, size, keyframe, marker): the next packets of the unit being gathered, taken "
-     "where they lie in what was read"},
+     "limit, last_ts) -> (pos, taken, next_seq, next_ts, last_ts, started, fu, size, keyframe, marker): the next "
+     "packets of the unit being gathered, taken where they lie in what was read"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -46,7 +46,7 @@ try:
 except ImportError:  # not built (no C compiler or Python headers at set-up): the per-packet step in Python
     _rtpin = None  # type: ignore[assignment]
 
-RTPIN_API = 1  # _rtpin.c's API_VERSION, as take is called here
+RTPIN_API = 2  # _rtpin.c's API_VERSION, as take is called here
 # A module built from an older _rtpin.c (an editable install is not rebuilt when the source changes): not used.
 C_TAKE_STALE = _rtpin is not None and getattr(_rtpin, "API_VERSION", None) != RTPIN_API
 # The per-packet step of push_frames in C (relay/_rtpin.c), or None: the same step in Python.
@@ -744,11 +744,14 @@ class H264Depacketizer:
             while True:
                 if take is not None and next_seq >= 0:  # the run of packets the step below would take, in C
                     fu = -1 if self._fu is None else self._fu
-                    pos, count, next_seq, fu, self._size, self._keyframe, marker = take(
+                    pos, count, next_seq, next_ts, last_ts, started, fu, self._size, self._keyframe, marker = take(
                         view, pos, channel, pt, unit, kinds, starts, next_seq, next_ts, next_ssrc, fu, self._size,
-                        self._keyframe, MAX_UNIT_BYTES,
+                        self._keyframe, MAX_UNIT_BYTES, self._last_ts,
                     )  # fmt: skip
                     self._fu = None if fu < 0 else fu
+                    if started:  # a new unit, as the step below starts one
+                        self._timestamp = self._last_ts = last_ts
+                        self._last_raw_ts = next_ts
                     taken += count
                     if marker:  # the unit is whole
                         self.packets, self._last_seq, taken = self.packets + taken, (next_seq - 1) % SEQUENCE_MOD, 0
