@@ -31,7 +31,7 @@
 
 /* take()'s arguments and results as this file has them: relay/rtspin.py uses the module only when its
    RTPIN_API is the same (an editable install's built module is not rebuilt when the source changes). */
-#define API_VERSION 2
+#define API_VERSION 3
 #define INTERLEAVED_HEADER 4 /* "$", channel, length (RFC 2326 10.12) */
 #define RTP_HEADER 12        /* version to SSRC, with no CSRC */
 /* An interleaved frame's header, its RTP packet's fixed header and two bytes of payload (an FU-A's indicator and
@@ -69,7 +69,7 @@ static int append_int(PyObject *list, long value) {
 }
 
 /* take(view, pos, channel, payload_type, unit, kinds, starts, next_seq, next_ts, next_ssrc, fu, size, keyframe,
-        limit, last_ts) -> (pos, taken, next_seq, next_ts, last_ts, started, fu, size, keyframe, marker)
+        limit, last_ts) -> (pos, taken, next_seq, next_ts, last_ts, started, fu, size, keyframe, marker, more)
 
    The frames of `view` (a buffer: what was read) from `pos` on that H264Depacketizer.push_frames would take
    where they lie, taken: each one's payload into bytearray `unit`, each NAL unit it starts into `kinds` (its
@@ -80,7 +80,8 @@ static int append_int(PyObject *list, long value) {
    where it stopped (the first frame not taken, or the one after a marker), how many it took, and the state after
    them; `started` is true when a new unit was started (its timestamp `next_ts`, unwrapped `last_ts`: the unit's
    own, even where its first packet was then not taken), `marker` when the last one taken carried the marker bit
-   (the unit is whole: the caller finishes it). */
+   (the unit is whole: the caller finishes it), `more` when a whole frame (or what is no frame) lies at `pos` for
+   the caller to decide, and not only the start of one cut off at the end of what was read. */
 static PyObject *take(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
     (void)module;
     if (nargs != 15) {
@@ -117,12 +118,18 @@ static PyObject *take(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     const unsigned char *data = buffer.buf;
     Py_ssize_t end_of_data = buffer.len;
     long taken = 0;
-    int marker = 0, failed = 0, started = 0;
-    while (pos <= end_of_data - FRAME_HEAD) {
+    int marker = 0, failed = 0, started = 0, more = 0;
+    for (;;) {
+        if (pos > end_of_data - FRAME_HEAD) { /* a frame too short for the fields read, or one cut off */
+            more = pos <= end_of_data - INTERLEAVED_HEADER &&
+                   (data[pos] != DOLLAR || pos + INTERLEAVED_HEADER + (data[pos + 2] << 8 | data[pos + 3]) <= end_of_data);
+            break;
+        }
         const unsigned char *f = data + pos;
         Py_ssize_t length = (Py_ssize_t)f[2] << 8 | f[3];
         Py_ssize_t start = pos + INTERLEAVED_HEADER, end = start + length;
-        if (f[0] != DOLLAR || end > end_of_data || f[1] != channel) {
+        more = f[0] != DOLLAR || end <= end_of_data;
+        if (!more || f[0] != DOLLAR || f[1] != channel) {
             break;
         }
         const unsigned char *rtp = f + INTERLEAVED_HEADER;
@@ -205,14 +212,14 @@ static PyObject *take(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
            the Python step, the unit being gathered is then not to be trusted. */
         return NULL;
     }
-    return Py_BuildValue("(nllkLOnnOO)", pos, taken, next_seq, next_ts, last_ts, started ? Py_True : Py_False, fu,
-                         size, keyframe ? Py_True : Py_False, marker ? Py_True : Py_False);
+    return Py_BuildValue("(nllkLOnnOOO)", pos, taken, next_seq, next_ts, last_ts, started ? Py_True : Py_False, fu,
+                         size, keyframe ? Py_True : Py_False, marker ? Py_True : Py_False, more ? Py_True : Py_False);
 }
 
 static PyMethodDef methods[] = {
     {"take", (PyCFunction)(void (*)(void))take, METH_FASTCALL,
      "take(view, pos, channel, payload_type, unit, kinds, starts, next_seq, next_ts, next_ssrc, fu, size, keyframe, "
-     "limit, last_ts) -> (pos, taken, next_seq, next_ts, last_ts, started, fu, size, keyframe, marker): the next "
+     "limit, last_ts) -> (pos, taken, next_seq, next_ts, last_ts, started, fu, size, keyframe, marker, more): the next "
      "packets of the unit being gathered, taken where they lie in what was read"},
     {NULL, NULL, 0, NULL},
 };

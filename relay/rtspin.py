@@ -46,7 +46,7 @@ try:
 except ImportError:  # not built (no C compiler or Python headers at set-up): the per-packet step in Python
     _rtpin = None  # type: ignore[assignment]
 
-RTPIN_API = 2  # _rtpin.c's API_VERSION, as take is called here
+RTPIN_API = 3  # _rtpin.c's API_VERSION, as take is called here
 # A module built from an older _rtpin.c (an editable install is not rebuilt when the source changes): not used.
 C_TAKE_STALE = _rtpin is not None and getattr(_rtpin, "API_VERSION", None) != RTPIN_API
 # The per-packet step of push_frames in C (relay/_rtpin.c), or None: the same step in Python.
@@ -744,11 +744,11 @@ class H264Depacketizer:
             while True:
                 if take is not None and next_seq >= 0:  # the run of packets the step below would take, in C
                     fu = -1 if self._fu is None else self._fu
-                    pos, count, next_seq, next_ts, last_ts, started, fu, self._size, self._keyframe, marker = take(
+                    pos, count, next_seq, next_ts, last_ts, started, fu, size_, keyframe, marker, more = take(
                         view, pos, channel, pt, unit, kinds, starts, next_seq, next_ts, next_ssrc, fu, self._size,
                         self._keyframe, MAX_UNIT_BYTES, self._last_ts,
                     )  # fmt: skip
-                    self._fu = None if fu < 0 else fu
+                    self._fu, self._size, self._keyframe = None if fu < 0 else fu, size_, keyframe
                     if started:  # a new unit, as the step below starts one
                         self._timestamp = self._last_ts = last_ts
                         self._last_raw_ts = next_ts
@@ -758,6 +758,8 @@ class H264Depacketizer:
                         out += self._finish()
                         unit, kinds, starts = self._unit, self._kinds, self._starts
                         continue
+                    if not more:
+                        break  # nothing whole left: the rest of a frame is still to come
                 if size - pos >= FRAME_HEAD.size:
                     dollar, ch, length, b0, b1, seq, ts, ssrc, indicator, fu_header = FRAME_HEAD.unpack_from(view, pos)
                 elif size - pos >= INTERLEAVED_HEADER.size:  # a frame too short for the fast way's fields

@@ -71,7 +71,6 @@ TIMEVAL = struct.Struct("@ll")  # struct timeval: seconds, microseconds, each a 
 # (whose time_t may be 64 bits: glibc's _TIME_BITS=64) uses Python's own timeout instead, a poll beside each
 # read, never a wrongly sized struct.
 KERNEL_TIMEOUTS = struct.calcsize("@l") == 8
-VIDEO_SILENCE = f"sent no video for {IO_TIMEOUT:g} s"  # a read_packet's SourceError: not formatted at every unit
 LOG_EVERY = 10.0  # seconds between lines about a camera's bad packets or restarted streams (more are counted)
 VIDEO_TRANSPORT = "RTP/AVP/TCP;unicast;interleaved=0-1"
 # The sound's own channel pair on the same connection (RFC 2326 10.12): the camera may name others in its answer.
@@ -137,6 +136,7 @@ class RtspSource:
         self._rtp_channel = 0
         self._open_deadline = float("inf")  # monotonic, while open() runs
         self._video_deadline = float("inf")  # monotonic: a SourceError when no video has come by then
+        self._video_silence = ""  # what that SourceError says
         self._depacketizer: rtspin.H264Depacketizer | None = None
         self._items: collections.deque[rtspin.Response | rtspin.Interleaved] = collections.deque()
         self._units: collections.deque[AccessUnit] = collections.deque()
@@ -192,6 +192,7 @@ class RtspSource:
         finally:
             self._open_deadline = float("inf")
         self._video_deadline = time.monotonic() + IO_TIMEOUT
+        self._video_silence = f"sent no video for {IO_TIMEOUT:g} s"  # read_packet's error: not formatted every unit
 
     def _open(self) -> None:
         for redirects in range(MAX_REDIRECTS + 1):
@@ -445,7 +446,7 @@ class RtspSource:
         depacketizer = self._depacketizer
         if depacketizer is None or self._sock is None:
             raise SourceError(f"{self.name} is not open")
-        silence = VIDEO_SILENCE
+        silence = self._video_silence
         while not self._units:
             if time.monotonic() >= self._keepalive_at:
                 self._keepalive_at = time.monotonic() + self._keepalive_every
