@@ -333,7 +333,8 @@ def test_the_per_packet_step_in_c_leaves_the_depacketizer_as_the_python_step_doe
     """relay/_rtpin.c takes only what the Python step takes: 200 streams of real units (libx264, several slices a
     picture, STAP-A and FU-A) mangled at random, each read in random cuts with RTCP between, fed to one
     depacketizer taking in C and one in Python: after every read both handed on the same units and errors and
-    hold the same state, byte for byte (with a small cap, units over it on the way too)."""
+    hold the same state, byte for byte (with a small cap, units over it on the way too); and at each stream's end
+    the units and counts that ``push``, one packet at a time, gives."""
     monkeypatch.setattr(rtspin, "MAX_UNIT_BYTES", cap)
     units = encode_headed_units(in_band=True)[0]
     rng = random.Random(14)
@@ -343,7 +344,7 @@ def test_the_per_packet_step_in_c_leaves_the_depacketizer_as_the_python_step_doe
         wire = b"".join(interleaved([p]) + (rtcp_frame() if rng.random() < 0.05 else b"") for p in packets)
         readers, depacketizers = [rtspin.Reader(), rtspin.Reader()], [rtspin.H264Depacketizer(PT) for _ in "cp"]
         depacketizers[1].c_take = False
-        pos = 0
+        pos, got, errors = 0, [], []
         while pos < len(wire):
             chunk = wire[pos : pos + rng.choice([1, 13, 700, 1500, 9000, 1 << 16])]
             pos += len(chunk)
@@ -351,8 +352,17 @@ def test_the_per_packet_step_in_c_leaves_the_depacketizer_as_the_python_step_doe
             c, python = ([(u.data, u.pts, u.keyframe, u.kinds, u.starts) for u in p.units] for p in played)
             assert c == python and played[0].errors == played[1].errors
             assert depacketizer_state(depacketizers[0]) == depacketizer_state(depacketizers[1])
-        seen.update(units=depacketizers[0].units, dropped=depacketizers[0].units_dropped, errors=bool(played[0].errors))
-        seen.update(late=depacketizers[0].packets_dropped, restarts=depacketizers[0].resyncs)
+            got, errors = got + c, errors + played[0].errors
+        one, one_units, one_errors = rtspin.H264Depacketizer(PT), [], []
+        for packet in packets:
+            try:
+                one_units += one.push(rtspin.parse_rtp(packet))
+            except RtspError as exc:
+                one_errors.append(str(exc))
+        assert got == [(u.data, u.pts, u.keyframe, u.kinds, u.starts) for u in one_units] and errors == one_errors
+        assert depacketizer_state(depacketizers[0])[0] == depacketizer_state(one)[0]
+        seen.update(units=one.units, dropped=one.units_dropped, errors=len(one_errors), late=one.packets_dropped)
+        seen.update(restarts=one.resyncs)
     assert all(seen[what] for what in ("units", "dropped", "errors", "late", "restarts")), seen  # all on the way
 
 
