@@ -122,7 +122,8 @@ static PyObject *take(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     for (;;) {
         if (pos > end_of_data - FRAME_HEAD) { /* a frame too short for the fields read, or one cut off */
             more = pos <= end_of_data - INTERLEAVED_HEADER &&
-                   (data[pos] != DOLLAR || pos + INTERLEAVED_HEADER + (data[pos + 2] << 8 | data[pos + 3]) <= end_of_data);
+                   (data[pos] != DOLLAR ||
+                    pos + INTERLEAVED_HEADER + (data[pos + 2] << 8 | data[pos + 3]) <= end_of_data);
             break;
         }
         const unsigned char *f = data + pos;
@@ -134,7 +135,8 @@ static PyObject *take(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         const unsigned char *rtp = f + INTERLEAVED_HEADER;
         long seq = (long)rtp[2] << 8 | rtp[3];
-        unsigned long ts = (unsigned long)rtp[4] << 24 | (unsigned long)rtp[5] << 16 | (unsigned long)rtp[6] << 8 | rtp[7];
+        unsigned long ts =
+            (unsigned long)rtp[4] << 24 | (unsigned long)rtp[5] << 16 | (unsigned long)rtp[6] << 8 | rtp[7];
         unsigned long ssrc =
             (unsigned long)rtp[8] << 24 | (unsigned long)rtp[9] << 16 | (unsigned long)rtp[10] << 8 | rtp[11];
         /* Long enough for the fields read; version 2 with no padding, extension or CSRC; the video; the next packet in
