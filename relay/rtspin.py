@@ -19,8 +19,10 @@ was wrong; no sockets and no clocks (the capture thread's driver,
   carries the marker bit, its last, not when the next one starts.
   ``Reader.feed_video`` reads a playing connection: its RTP packets go to the
   depacketizer where they lie in the bytes read (``push_frames``), most with no
-  object made for each, a per-packet cost a camera's worker pays ~360 times a
-  second at 1080p and 4 Mbit/s.
+  object made for each, a per-packet cost a camera's worker pays ~400 times a
+  second at 1080p and 4 Mbit/s; the runs of them that go on with the unit
+  being gathered are taken in one C call each (``relay/_rtpin.c``, ``C_TAKE``)
+  where it is built, else by the same step in Python.
 
 ``relay/rtsp.py`` is the other direction, camrelay publishing to mediamtx; it
 speaks through ``request``, ``Reader`` and the authentication here too.
@@ -38,6 +40,17 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from .h264 import START_CODE, H264Error, join_annexb, parse_sprop_parameter_sets
 from .logsafe import printable
+
+try:
+    from . import _rtpin
+except ImportError:  # not built (no C compiler or Python headers at set-up): the per-packet step in Python
+    _rtpin = None  # type: ignore[assignment]
+
+RTPIN_API = 3  # _rtpin.c's API_VERSION, as take is called here
+# A module built from an older _rtpin.c (an editable install is not rebuilt when the source changes): not used.
+C_TAKE_STALE = _rtpin is not None and getattr(_rtpin, "API_VERSION", None) != RTPIN_API
+# The per-packet step of push_frames in C (relay/_rtpin.c), or None: the same step in Python.
+C_TAKE = _rtpin.take if _rtpin is not None and not C_TAKE_STALE else None
 
 # A response's status line and headers: a camera's are a few hundred bytes; more is not RTSP.
 MAX_HEADER_BYTES = 64 * 1024
@@ -206,10 +219,24 @@ class Reader:
         """``feed`` for a connection that plays: its interleaved frames go to ``depacketizer.push_frames`` where
         they lie in what was read (the RTP packets on ``channel`` into units, each it refuses dropped and why in
         ``errors``); the responses between them come out, and with ``others`` the frames of the other channels
-        (an audio track, RTCP). What is not RTSP raises ``RtspError``."""
+        (an audio track, RTCP). What is not RTSP raises ``RtspError``.
+
+        With nothing held from the read before, the frames are taken where they lie in ``data`` itself, and only
+        what is left of it (a frame cut off at its end, an answer) is kept: most of a read is not copied."""
         buf = self._buf
-        buf += data
         played = Played([], [], [])
+        if buf:
+            buf += data
+        else:
+            with memoryview(data) as view:
+                used = depacketizer.push_frames(
+                    view, channel, played.units, played.errors, played.others if others else None
+                )
+                if used == len(view):
+                    return played
+                buf += view[used:]
+            if buf[0] == DOLLAR:
+                return played  # the rest of a frame is still to come
         while buf:
             with memoryview(buf) as view:
                 used = depacketizer.push_frames(
@@ -657,6 +684,7 @@ class H264Depacketizer:
         self._broken = False  # the unit being gathered lost a part
         self._wait_idr = False
         self._synced = False  # an access unit's first packet seen: a reader may join in the middle of one
+        self.c_take = True  # push_frames takes its runs of packets in C where relay/_rtpin.c is built (C_TAKE)
 
     def push(self, packet: RtpPacket) -> list[AccessUnit]:
         if packet.payload_type != self.payload_type:
@@ -704,13 +732,34 @@ class H264Depacketizer:
 
         The bytes are not kept (they may be read into again). A packet that goes on with the unit being
         gathered (the next in sequence, its timestamp: an FU-A, a single NAL unit, within the unit's cap) is
-        taken where it lies, with no object made for it; any other goes through ``push``, and when that
-        refuses it (``RtspError``) the packet is dropped and why is appended to ``errors``."""
+        taken where it lies, with no object made for it, a run of them in one call to ``C_TAKE`` where it is
+        built (``c_take``); so is the next in sequence that starts a unit after the last one's marker. Any other
+        goes through ``push``, and when that refuses it (``RtspError``) the packet is dropped and why is
+        appended to ``errors``."""
         pos, size, unit, kinds, starts, pt = 0, len(view), self._unit, self._kinds, self._starts, self.payload_type
         next_seq, next_ts, next_ssrc = self._expected()
         taken = 0  # packets taken where they lie and not yet counted (self.packets, self._last_seq)
+        take = C_TAKE if self.c_take else None
         try:
             while True:
+                if take is not None and next_seq >= 0:  # the run of packets the step below would take, in C
+                    fu = -1 if self._fu is None else self._fu
+                    pos, count, next_seq, next_ts, last_ts, started, fu, size_, keyframe, marker, more = take(
+                        view, pos, channel, pt, unit, kinds, starts, next_seq, next_ts, next_ssrc, fu, self._size,
+                        self._keyframe, MAX_UNIT_BYTES, self._last_ts,
+                    )  # fmt: skip
+                    self._fu, self._size, self._keyframe = None if fu < 0 else fu, size_, keyframe
+                    if started:  # a new unit, as the step below starts one
+                        self._timestamp = self._last_ts = last_ts
+                        self._last_raw_ts = next_ts
+                    taken += count
+                    if marker:  # the unit is whole
+                        self.packets, self._last_seq, taken = self.packets + taken, (next_seq - 1) % SEQUENCE_MOD, 0
+                        out += self._finish()
+                        unit, kinds, starts = self._unit, self._kinds, self._starts
+                        continue
+                    if not more:
+                        break  # nothing whole left: the rest of a frame is still to come
                 if size - pos >= FRAME_HEAD.size:
                     dollar, ch, length, b0, b1, seq, ts, ssrc, indicator, fu_header = FRAME_HEAD.unpack_from(view, pos)
                 elif size - pos >= INTERLEAVED_HEADER.size:  # a frame too short for the fast way's fields
@@ -725,6 +774,20 @@ class H264Depacketizer:
                     if others is not None:
                         others.append(Interleaved(ch, bytes(view[start:end])))
                     continue
+                if (
+                    length > RTP_HEADER.size + 2
+                    and seq == next_seq
+                    and ts != next_ts
+                    and not unit
+                    and self._fu is None
+                    and b0 == RTP_VERSION << 6
+                    and ssrc == next_ssrc
+                    and b1 & 0x7F == pt
+                ):
+                    # The next in sequence, the first of a new unit after the last was finished (at its marker): as
+                    # _take starts it (nothing to finish, nothing lost), then taken below or, if not, by push.
+                    self._timestamp = self._unwrap(ts)
+                    next_ts = ts
                 # Long enough for the fields read; version 2 with no padding, extension or CSRC; the video; the next
                 # packet of the unit being gathered.
                 if (

@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import concurrent.futures
 import contextlib
 import fractions
 import hashlib
 import itertools
 import json
+import os
 import queue
+import random
 import re
+import shutil
 import socket
+import sysconfig
 import threading
 import time
 import tracemalloc
@@ -241,13 +246,19 @@ def scenario_packets() -> dict[str, list[bytes]]:
     }
 
 
+needs_c_take = pytest.mark.skipif(rtspin.C_TAKE is None, reason="relay._rtpin is not built here")
+# push_frames' per-packet step: in C (relay/_rtpin.c, where it is built) and in Python, each judged alike.
+STEPS = [pytest.param("c", marks=needs_c_take), "python"]
+
+
+@pytest.mark.parametrize("step", STEPS)
 @pytest.mark.parametrize("cut", [1, 7, 1500, 6000, 1 << 20], ids=lambda n: f"reads-of-{n}")
 @pytest.mark.parametrize("name", list(scenario_packets()))
-def test_a_playing_connections_bytes_give_the_units_and_counts_packet_by_packet_reading_gives(name, cut):
-    """``Reader.feed_video`` (the RTP packets where they lie in what was read, most with no object each) against
-    ``Reader.feed``, ``parse_rtp`` and ``push`` one packet at a time: the same units, the same errors, the same
-    counts of packets lost and dropped, units dropped and restarts, however the reads cut the bytes; RTCP and
-    a keep-alive's answer in between are passed over."""
+def test_a_playing_connections_bytes_give_the_units_and_counts_packet_by_packet_reading_gives(name, cut, step):
+    """``Reader.feed_video`` (the RTP packets where they lie in what was read, most with no object each, taken in C
+    or in Python) against ``Reader.feed``, ``parse_rtp`` and ``push`` one packet at a time: the same units, the
+    same errors, the same counts of packets lost and dropped, units dropped and restarts, however the reads cut
+    the bytes; RTCP and a keep-alive's answer in between are passed over."""
     packets = scenario_packets()[name]
     answer = b"RTSP/1.0 200 OK\r\nCSeq: 7\r\nContent-Length: 2\r\n\r\nok"
     wire = interleaved(packets[:3]) + rtcp_frame() + answer + interleaved(packets[3:]) + rtcp_frame()
@@ -265,6 +276,7 @@ def test_a_playing_connections_bytes_give_the_units_and_counts_packet_by_packet_
             except RtspError as exc:
                 one_errors.append(str(exc))
     reader, many = rtspin.Reader(), rtspin.H264Depacketizer(PT)
+    many.c_take = step == "c"
     played = rtspin.Played([], [], [])
     buffer = memoryview(bytearray(cut))  # read into again and again, as the client's socket reads are
     for start in range(0, len(wire), cut):
@@ -283,6 +295,130 @@ def test_a_playing_connections_bytes_give_the_units_and_counts_packet_by_packet_
     # finds.
     assert all(u.kinds == tuple(h264.nal_types(u.data)) for u in played.units + one_units)
     assert all(u.starts == h264.nal_starts(u.data) for u in played.units + one_units)
+
+
+def depacketizer_state(d: rtspin.H264Depacketizer) -> tuple:
+    """All a depacketizer knows: its counts, the unit being gathered and where it is in the stream."""
+    counts = (d.packets, d.units, d.packets_lost, d.units_dropped, d.packets_dropped, d.resyncs)
+    gathered = (bytes(d._unit), tuple(d._kinds), tuple(d._starts), d._fu, d._size, d._keyframe, d._broken)
+    return counts, gathered, (d._last_seq, d._last_ts, d._last_raw_ts, d._timestamp, d._wait_idr, d._synced)
+
+
+def mangled(rng: random.Random, packets: list[bytes]) -> list[bytes]:
+    """``packets`` as a bad network and a bad camera deliver them, at random: some lost, repeated or swapped, and
+    some with a byte of the RTP header (version bits, marker, payload type, sequence, timestamp, SSRC) or of the
+    payload's first two (the NAL type, an FU-A's start and end bits, a STAP-A's first size) changed."""
+    out: list[bytes] = []
+    for packet in packets:
+        r = rng.random()
+        if r < 0.03:
+            continue
+        changed = bytearray(packet)
+        if r < 0.12:
+            at = rng.choice([0, 1, 2, 3, 4, 7, 8, 11, 12, 13])
+            changed[at] = rng.randrange(256) if rng.random() < 0.3 else changed[at] ^ 1 << rng.randrange(8)
+        out.append(bytes(changed))
+        if r > 0.98:
+            out.append(bytes(changed))
+        elif r > 0.96 and len(out) > 2:
+            out[-1], out[-2] = out[-2], out[-1]
+    return out
+
+
+@needs_c_take
+@pytest.mark.parametrize("cap", [rtspin.MAX_UNIT_BYTES, 2500], ids=["unit-cap", "small-unit-cap"])
+def test_the_per_packet_step_in_c_leaves_the_depacketizer_as_the_python_step_does_whatever_the_packets(
+    monkeypatch, cap
+):
+    """relay/_rtpin.c takes only what the Python step takes: 200 streams of real units (libx264, several slices a
+    picture, STAP-A and FU-A) mangled at random, each read in random cuts with RTCP between, fed to one
+    depacketizer taking in C and one in Python: after every read both handed on the same units and errors and
+    hold the same state, byte for byte (with a small cap, units over it on the way too); and at each stream's end
+    the units and counts that ``push``, one packet at a time, gives."""
+    monkeypatch.setattr(rtspin, "MAX_UNIT_BYTES", cap)
+    units = encode_headed_units(in_band=True)[0]
+    rng = random.Random(14)
+    seen = collections.Counter()
+    for _ in range(200):
+        packets = mangled(rng, packets_of(units * 2, first_seq=rng.randrange(65536), first_ts=rng.randrange(2**32)))
+        wire = b"".join(interleaved([p]) + (rtcp_frame() if rng.random() < 0.05 else b"") for p in packets)
+        readers, depacketizers = [rtspin.Reader(), rtspin.Reader()], [rtspin.H264Depacketizer(PT) for _ in "cp"]
+        depacketizers[1].c_take = False
+        pos, got, errors = 0, [], []
+        while pos < len(wire):
+            chunk = wire[pos : pos + rng.choice([1, 13, 700, 1500, 9000, 1 << 16])]
+            pos += len(chunk)
+            played = [r.feed_video(bytearray(chunk), 0, d) for r, d in zip(readers, depacketizers, strict=True)]
+            c, python = ([(u.data, u.pts, u.keyframe, u.kinds, u.starts) for u in p.units] for p in played)
+            assert c == python and played[0].errors == played[1].errors
+            assert depacketizer_state(depacketizers[0]) == depacketizer_state(depacketizers[1])
+            got, errors = got + c, errors + played[0].errors
+        one, one_units, one_errors = rtspin.H264Depacketizer(PT), [], []
+        for packet in packets:
+            try:
+                one_units += one.push(rtspin.parse_rtp(packet))
+            except RtspError as exc:
+                one_errors.append(str(exc))
+        assert got == [(u.data, u.pts, u.keyframe, u.kinds, u.starts) for u in one_units] and errors == one_errors
+        assert depacketizer_state(depacketizers[0])[0] == depacketizer_state(one)[0]
+        seen.update(units=one.units, dropped=one.units_dropped, errors=len(one_errors), late=one.packets_dropped)
+        seen.update(restarts=one.resyncs)
+    assert all(seen[what] for what in ("units", "dropped", "errors", "late", "restarts")), seen  # all on the way
+
+
+def test_a_camera_through_mediamtx_gives_the_same_units_read_in_c_in_python_and_packet_by_packet():
+    """Real bytes: a live libx264 camera (ffmpeg's RTP packetizer) through mediamtx, read by camrelay's client; the
+    reads it got, replayed as they were cut, give the same units and counts whichever way the packets are taken."""
+    reads: list[bytes] = []
+    with CameraServer() as server:
+        camera = LiveCamera(server, "cam", 1280, 720, encoding=rtspcams.Encoding(bitrate="4M"))
+        camera.start()
+        source = RtspSource(camera.url, 1280, 720, 30, fallback=lambda: None)  # type: ignore[arg-type, return-value]
+        receive = source._receive
+
+        def recorded(deadline: float, silence: str) -> memoryview:
+            data = receive(deadline, silence)
+            reads.append(bytes(data))
+            return data
+
+        source._receive = recorded  # type: ignore[method-assign]
+        try:
+            source.open()
+            reads.clear()  # from PLAY's answer on: what the client read while playing
+            direct = [source.read_packet() for _ in range(45)]
+            channel, pt = source._rtp_channel, source._depacketizer.payload_type  # type: ignore[union-attr]
+        finally:
+            source.close()
+            camera.stop()
+    assert sum(1 for u in direct if u.keyframe) >= 1 and len(reads) > len(direct)
+
+    def replayed(step: str) -> tuple[list[tuple], tuple]:
+        reader, depacketizer = rtspin.Reader(), rtspin.H264Depacketizer(pt)
+        depacketizer.c_take = step == "c"
+        units = [u for data in reads for u in reader.feed_video(memoryview(data), channel, depacketizer).units]
+        return [(u.data, u.pts, u.keyframe, u.kinds, u.starts) for u in units], depacketizer_state(depacketizer)[0]
+
+    one = rtspin.H264Depacketizer(pt)
+    one_units = []
+    for item in rtspin.Reader().feed(b"".join(reads)):
+        if isinstance(item, rtspin.Interleaved) and item.channel == channel:
+            one_units += one.push(rtspin.parse_rtp(item.payload))
+    expected = ([(u.data, u.pts, u.keyframe, u.kinds, u.starts) for u in one_units], depacketizer_state(one)[0])
+    assert replayed("python") == expected
+    if rtspin.C_TAKE is not None:
+        assert replayed("c") == expected
+    assert len(expected[0]) >= 40 and expected[1][3] == 0  # units whole, none dropped
+    assert all(u[3] == tuple(h264.nal_types(u[0])) and u[4] == h264.nal_starts(u[0]) for u in expected[0])
+
+
+def test_the_per_packet_step_in_c_is_built_where_a_c_compiler_and_pythons_headers_are():
+    """As the send path's (test_fastsend.py): a build broken on a machine that could build it shows here, and a
+    module built from an older _rtpin.c is not used, and named."""
+    headers = os.path.join(sysconfig.get_paths()["include"], "Python.h")
+    if not (shutil.which(os.environ.get("CC", "cc")) and os.path.exists(headers)):
+        pytest.skip("no C compiler or no Python headers here: the Python step alone is expected")
+    assert not rtspin.C_TAKE_STALE, "relay/_rtpin is older than _rtpin.c: run pip install -e . again"
+    assert rtspin.C_TAKE is not None, "relay/_rtpin.c was not built: run pip install -e . and read its output"
 
 
 def encode_headed_units(in_band: bool) -> tuple[list[bytes], list[bytes]]:

@@ -134,6 +134,7 @@ class RtspSource:
         self._rtp_channel = 0
         self._open_deadline = float("inf")  # monotonic, while open() runs
         self._video_deadline = float("inf")  # monotonic: a SourceError when no video has come by then
+        self._video_silence = ""  # what that SourceError says
         self._depacketizer: rtspin.H264Depacketizer | None = None
         self._items: collections.deque[rtspin.Response | rtspin.Interleaved] = collections.deque()
         self._units: collections.deque[AccessUnit] = collections.deque()
@@ -189,6 +190,7 @@ class RtspSource:
         finally:
             self._open_deadline = float("inf")
         self._video_deadline = time.monotonic() + IO_TIMEOUT
+        self._video_silence = f"sent no video for {IO_TIMEOUT:g} s"  # read_packet's error: not formatted every unit
 
     def _open(self) -> None:
         for redirects in range(MAX_REDIRECTS + 1):
@@ -442,7 +444,7 @@ class RtspSource:
         depacketizer = self._depacketizer
         if depacketizer is None or self._sock is None:
             raise SourceError(f"{self.name} is not open")
-        silence = f"sent no video for {IO_TIMEOUT:g} s"
+        silence = self._video_silence
         while not self._units:
             if time.monotonic() >= self._keepalive_at:
                 self._keepalive_at = time.monotonic() + self._keepalive_every

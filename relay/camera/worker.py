@@ -145,6 +145,7 @@ class Gop:
         self._bytes = 0
         self._full = False
         self.generation = 0  # one more at every IDR
+        self._waiting = 0  # readers waiting in newer(): a unit added wakes them (no notify, a Python call, for none)
 
     def add(self, unit: bytes, idr: bool, capture_time: float, arrived: float) -> None:
         with self._cond:
@@ -158,7 +159,8 @@ class Gop:
                 return
             self._units.append((unit, capture_time, arrived))
             self._bytes += len(unit)
-            self._cond.notify_all()
+            if self._waiting:
+                self._cond.notify_all()
 
     def clear(self) -> None:
         with self._cond:
@@ -170,7 +172,11 @@ class Gop:
         a new generation's units from its IDR on. Waits up to ``timeout`` for one."""
         with self._cond:
             if generation == self.generation and index >= len(self._units):
-                self._cond.wait(timeout)
+                self._waiting += 1
+                try:
+                    self._cond.wait(timeout)
+                finally:
+                    self._waiting -= 1
             if generation != self.generation:
                 index = 0
             return self.generation, self._units[index:]
