@@ -24,6 +24,7 @@ from relay.webrtc.shards import ShardUnavailable
 
 from .access import VIEWER
 from .common import RELAY, error, stream_or_404
+from .forwarded import is_in
 from .limits import RateLimiter
 from .sdp import (
     MAX_CANDIDATES,
@@ -51,6 +52,7 @@ SDPFRAG_TYPE = "application/trickle-ice-sdpfrag"
 RETRY_AFTER_FULL = "10"  # seconds a client should wait when a stream is full
 RETRY_AFTER_PENDING = "5"  # seconds to wait when too many sessions are still connecting (most take < 1 s)
 CORS_MAX_AGE = "600"  # seconds a browser may cache a preflight
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
 async def whep_offer(request: web.Request) -> web.Response:
@@ -139,11 +141,9 @@ async def whep_offer(request: web.Request) -> web.Response:
 
 
 def _from_loopback(request: web.Request) -> bool:
-    """The client is on this machine: its loopback candidates are its own."""
-    try:
-        return ipaddress.ip_address(request.remote or "").is_loopback
-    except ValueError:
-        return False
+    """The client is on this machine: its loopback candidates are its own (an IPv4 client of a dual-stack socket,
+    ``::ffff:127.0.0.1``, as its IPv4 address)."""
+    return is_in(request.remote or "", LOOPBACK)
 
 
 def _add_ice_links(request: web.Request, response: web.StreamResponse) -> None:

@@ -512,6 +512,35 @@ def test_a_guard_is_read_again_whenever_its_dict_changed_and_one_held_by_equalit
 
 
 @needs_c
+def test_a_guard_whose_equality_rebinds_the_lane_leaves_no_version_for_the_new_guards():
+    """A guard's ``__eq__`` is Python and may rebind the lane mid-check: the versions the rest of that check noted
+    were of the old guards' dicts and, kept, made the new guards hold unread (a lane sent to whose new guard never
+    held)."""
+    out = _survives("""
+        marker, other = object(), object()
+        d = {"state": marker}
+        rebind = []
+
+        class Rebinds:
+            def __eq__(self, value):
+                if rebind:
+                    assert borrowed.route_lane(
+                        lane, session, tx.fileno(), socket.AF_INET, rx.getsockname(), False, Open(),
+                        lambda *a: None, rebind.pop(), array.array("q", [0, 0, 0]),
+                    )
+                return True
+
+        e = {"k": Rebinds()}
+        lane = bound(Open(), ((e, "k", object()), (d, "state", marker)))
+        rebind.append(((e, "k", e["k"]), (d, "state", other)))  # the new guards want `other`: never there
+        first = lane.ready()
+        fresh = bound(Open(), ((e, "k", e["k"]), (d, "state", other)))
+        print(lane.ready(), lane.ready(), fresh.ready(), batch([lane])[0], batch([fresh])[0])
+    """)
+    assert out.split("\n")[:-1] == ["False False False [0] [0]"]
+
+
+@needs_c
 def test_a_fallback_that_unbinds_its_lane_mid_frame_leaves_the_session_alive_until_the_frame_is_done():
     """send_batch holds a lane's session and fallback only from the fallback's first call on (not per viewer-packet):
     a fallback that unbinds the lane, letting go of the last other reference to the session, mid-frame (three runs

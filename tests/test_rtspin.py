@@ -384,13 +384,16 @@ def test_a_camera_through_mediamtx_gives_the_same_units_read_in_c_in_python_and_
         source._receive = recorded  # type: ignore[method-assign]
         try:
             source.open()
-            reads.clear()  # from PLAY's answer on: what the client read while playing
-            direct = [source.read_packet() for _ in range(45)]
+            # From PLAY's answer on: what the client read while playing. Frames that came in the read with the
+            # answer (a test process held up there, on a loaded machine) were put aside by open() and are not
+            # replayed: so the units read are many more than the replay needs.
+            reads.clear()
+            direct = [source.read_packet() for _ in range(90)]
             channel, pt = source._rtp_channel, source._depacketizer.payload_type  # type: ignore[union-attr]
         finally:
             source.close()
             camera.stop()
-    assert sum(1 for u in direct if u.keyframe) >= 1 and len(reads) > len(direct)
+    assert sum(1 for u in direct if u.keyframe) >= 1
 
     def replayed(step: str) -> tuple[list[tuple], tuple]:
         reader, depacketizer = rtspin.Reader(), rtspin.H264Depacketizer(pt)
@@ -407,7 +410,7 @@ def test_a_camera_through_mediamtx_gives_the_same_units_read_in_c_in_python_and_
     assert replayed("python") == expected
     if rtspin.C_TAKE is not None:
         assert replayed("c") == expected
-    assert len(expected[0]) >= 40 and expected[1][3] == 0  # units whole, none dropped
+    assert len(expected[0]) >= 40 and any(u[2] for u in expected[0]) and expected[1][3] == 0  # whole, none dropped
     assert all(u[3] == tuple(h264.nal_types(u[0])) and u[4] == h264.nal_starts(u[0]) for u in expected[0])
 
 

@@ -384,3 +384,17 @@ async def test_cors_preflight_and_headers_only_for_configured_origins(relay_serv
     ) as resp:
         assert resp.status == 404
         assert resp.headers["Access-Control-Allow-Origin"] == "https://dash.example.org"
+
+
+@pytest.mark.parametrize(
+    ("remote", "local"),
+    [("127.0.0.1", True), ("127.8.0.1", True), ("::1", True), ("::ffff:127.0.0.1", True), ("10.0.0.5", False),
+     ("::ffff:10.0.0.5", False), ("fe80::1", False), (None, False)],
+)  # fmt: skip
+def test_a_viewer_on_this_machine_is_known_as_such_through_a_dual_stack_socket_too(remote, local):
+    """Its loopback candidates are kept only then: an IPv4 client of a relay listening on "::" is ::ffff:127.0.0.1."""
+    from types import SimpleNamespace
+
+    from signalling.whep import _from_loopback
+
+    assert _from_loopback(SimpleNamespace(remote=remote)) is local

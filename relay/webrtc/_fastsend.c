@@ -531,6 +531,7 @@ typedef struct {
     socklen_t tolen;
     PyObject *transport, *fallback, *guards;
     uint64_t seen[GUARDS_SEEN]; /* lane_check_'s: each guard's dict's version when it last held by identity; 0 */
+    uint64_t binds;             /* bind and unbind calls: a check that a rebinding ran through keeps no version */
     Py_buffer counts; /* the batcher's int64 counter array, held exported while bound */
     int has_counts;
     /* the header (set_header) */
@@ -561,6 +562,7 @@ static PyObject *str_is_closing, *str_get_write_buffer_size;
 
 static void lane_unbind_(Lane *self) {
     self->bound = 0;
+    self->binds++;
     Py_CLEAR(self->session);
     Py_CLEAR(self->transport);
     Py_CLEAR(self->fallback);
@@ -720,6 +722,7 @@ static PyObject *lane_bind(Lane *self, PyObject *const *args, Py_ssize_t nargs) 
     self->fallback = Py_NewRef(args[8]);
     self->guards = Py_NewRef(args[9]);
     memset(self->seen, 0, sizeof self->seen);
+    self->binds++;
     self->bound = 1;
     Py_RETURN_TRUE;
 }
@@ -793,7 +796,14 @@ static int lane_ready_(Lane *self) {
     /* Held for the call: a guard's __eq__, is_closing() or get_write_buffer_size() is Python, which may unbind
        this lane (and drop the lane's references to them) */
     PyObject *guards = Py_NewRef(self->guards), *transport = Py_NewRef(self->transport);
-    int ready = lane_check_(guards, transport, self->seen);
+    /* The versions the check notes are kept only if no bind or unbind ran meanwhile (a guard's __eq__ may rebind
+       the lane: the old guards' versions must not be taken for the new guards') */
+    uint64_t seen[GUARDS_SEEN], binds = self->binds;
+    memcpy(seen, self->seen, sizeof seen);
+    int ready = lane_check_(guards, transport, seen);
+    if (self->binds == binds) {
+        memcpy(self->seen, seen, sizeof seen);
+    }
     Py_DECREF(guards);
     Py_DECREF(transport);
     return ready > 0 && !self->bound ? 0 : ready; /* unbound meanwhile: not ready */
