@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from relay import h264
@@ -202,7 +203,7 @@ def check_offer(text: str) -> OfferSummary:
             video.append(index)
     if not video:
         raise SdpError("offer has no video section")
-    candidates = sum(1 for line in lines if line.startswith("a=candidate:"))
+    candidates = candidate_count(lines)
     if candidates > MAX_CANDIDATES:
         raise SdpError(f"offer has {candidates} candidates, more than {MAX_CANDIDATES}")
     reasons = []
@@ -374,9 +375,9 @@ def usable_candidates(text: str, from_loopback: bool) -> str:
     return "".join(f"{line}\r\n" for line in lines if not unusable_candidate(line, from_loopback))
 
 
-def candidate_count(text: str) -> int:
-    """The ``a=candidate`` lines of ``usable_candidates``' text."""
-    return sum(1 for line in text.splitlines() if line.startswith("a=candidate:"))
+def candidate_count(lines: Iterable[str]) -> int:
+    """The ``a=candidate`` lines among ``lines`` (an offer's, or ``usable_candidates``' text split)."""
+    return sum(1 for line in lines if line.startswith("a=candidate:"))
 
 
 # -- H.264 profiles: the answer says what is sent (RFC 6184 8.1, 8.2.2)

@@ -123,7 +123,7 @@ async def whep_offer(request: web.Request) -> web.Response:
     except web.HTTPServiceUnavailable:
         await relay.sessions.close(session.id, "over the viewer limit")
         raise
-    session.candidates = candidate_count(served)
+    session.candidates = candidate_count(served.splitlines())
     try:
         whole = answer_all(offer, summary.served, answer, audio)
     except Exception as exc:  # an offer the checks passed that the answer cannot be fitted to: refused, not a 500
@@ -252,13 +252,13 @@ async def whep_patch(request: web.Request) -> web.Response:
             web.HTTPUnprocessableEntity,
             "ICE restart is not supported: this session keeps its ICE credentials; for new ones DELETE it and POST",
         )
+    candidates = [line[len("a=candidate:") :] for line in fragment.splitlines() if line.startswith("a=candidate:")]
     try:
-        for line in fragment.splitlines():
-            if line.startswith("a=candidate:"):
-                check_candidate(line[len("a=candidate:") :])
+        for candidate in candidates:
+            check_candidate(candidate)
     except SdpError as exc:
         raise error(web.HTTPBadRequest, f"bad candidate: {exc}") from None
-    added = candidate_count(fragment)
+    added = len(candidates)
     if session.candidates + added > MAX_CANDIDATES:
         refusals.warn(
             "stream=%s session=%s over %d candidates; refused", session.stream, session.id[:8], MAX_CANDIDATES

@@ -200,7 +200,7 @@ def test_candidates_the_relay_would_not_use_are_dropped(address, remote_kept, lo
     for from_loopback, kept in ((False, remote_kept), (True, local_kept)):
         text = usable_candidates(f"a=mid:0\r\n  {line}\t\r\na=end-of-candidates\n", from_loopback)
         assert text == "a=mid:0\r\n" + (line + "\r\n" if kept else "") + "a=end-of-candidates\r\n"
-        assert candidate_count(text) == int(kept)
+        assert candidate_count(text.splitlines()) == int(kept)
 
 
 def recorded(name: str) -> str:
