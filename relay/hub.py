@@ -70,6 +70,12 @@ PTS_CLOCK = 90_000  # EncodedFrame.pts ticks per second
 # within its rate limit (0.5 s) and a frame; one lost with its worker (restarted: it asks anew) must not keep
 # joiners from asking for ever.
 KEYFRAME_WAIT = 2.0
+# Keyframes asked for viewers' PLI and FIR: the first at once, then at most one this often for the stream. One
+# viewer that keeps losing (a lossy link, a receiver whose socket overflows) had the shared encoder make a keyframe
+# at its own limit, every 0.5 s, for every viewer: 29 keyframes in 15 s, all forced, in a 60-viewer point that
+# collapsed, where the stream makes 15 (docs/benchmarks.md, "Issues 16 and 17 on the thirteenth session's main").
+# A keyframe is several P-frames' bytes to every viewer; at the default GOP of 1 s the next one is never far.
+VIEWER_KEYFRAME_INTERVAL = 1.0
 # A joiner's keyframe is asked for when its offer comes (``expect_joiner``), not when it subscribes, once its
 # answer, ICE and DTLS are done: they take 50-250 ms (loopback, 30 viewers joining at once on 2 cores:
 # docs/benchmarks.md), and the IDR the encoder makes meanwhile (the next frame captured, then encoded) is then
@@ -501,6 +507,9 @@ class PacketHub:
         self.fanout_delay = DelayWindow()
         self._request_keyframe = request_keyframe
         self.keyframe_gate = KeyframeGate(request_keyframe)  # laggards' keyframe requests
+        # Viewers' own requests (PLI, FIR: they lost what they need to decode), through a gate of their own: the
+        # first at once, then at most one each VIEWER_KEYFRAME_INTERVAL, any keyframe serving those held.
+        self.viewer_keyframe_gate = KeyframeGate(self.request_keyframe, VIEWER_KEYFRAME_INTERVAL)
         self._cached_start = cached_start
         self._subscribers: list[Subscription] = []
         self._closed = False
@@ -584,6 +593,12 @@ class PacketHub:
         self.keyframe_requests += 1
         self._request_keyframe()
 
+    def request_keyframe_for_viewer(self) -> None:
+        """A viewer's PLI or FIR: it lost packets it needs to decode. Asked of the encoder at once if no viewer's
+        request went out in the last ``VIEWER_KEYFRAME_INTERVAL``, else held until then, and dropped if a keyframe
+        comes first (``viewer_keyframe_gate``)."""
+        self.viewer_keyframe_gate.ask(self.clock())
+
     def _keyframe_on_its_way(self) -> bool:
         asked = self._keyframe_asked
         return asked is not None and time.monotonic() - asked < KEYFRAME_WAIT
@@ -631,8 +646,11 @@ class PacketHub:
         self.newest = frame
         if frame.keyframe:
             self.keyframe_gate.keyframe()  # serves every laggard waiting for one
+            self.viewer_keyframe_gate.keyframe()  # and every viewer's PLI held
         else:
-            self.keyframe_gate.tick(self.clock())
+            tick_at = self.clock()
+            self.keyframe_gate.tick(tick_at)
+            self.viewer_keyframe_gate.tick(tick_at)
         self._cache(frame)
         batch_push = self.batch_push
         if batch_push is None or not self.first_in_pass:

@@ -303,6 +303,8 @@ class Stream:
         }  # fmt: skip
         keyframes = {
             "requests": hub.keyframe_requests, "merged": hub.keyframe_requests_merged, "shared": hub.keyframe_shares,
+            # viewers' PLI and FIR: received, and let through to the encoder (hub.VIEWER_KEYFRAME_INTERVAL)
+            "viewers": hub.viewer_keyframe_gate.asked, "viewers_sent": hub.viewer_keyframe_gate.sent,
         }  # fmt: skip
         return ConsumerStats(
             {"join": self.join_mode, "gop_cache": cache, "keyframe_requests": keyframes},
@@ -319,6 +321,9 @@ class Stream:
                 Metric("camrelay_stream_keyframe_requests_merged_total", "counter",
                        "Keyframe requests not sent: one asked for was on its way.", hub.keyframe_requests_merged,
                        labels),
+                Metric("camrelay_stream_viewer_keyframe_requests_total", "counter",
+                       "Viewers' PLI and FIR received (at most one a second goes on to the encoder).",
+                       hub.viewer_keyframe_gate.asked, labels),
                 Metric("camrelay_stream_keyframe_shares_total", "counter",
                        "Joiners started from a keyframe of the last 0.5 s instead of asking for one.",
                        hub.keyframe_shares, labels),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from relay.hub import EncodedFrame, PacketHub
+from relay.hub import VIEWER_KEYFRAME_INTERVAL, EncodedFrame, PacketHub
 from relay.lag import LAG_KEYFRAME_INTERVAL, Backlog, KeyframeGate, LagLimit
 
 FPS = 30
@@ -195,6 +195,50 @@ async def test_many_lagging_viewers_cause_at_most_one_keyframe_request_a_second(
     assert hub.keyframe_gate.asked > 10 * len(asked_at)  # asked for by each of them, each time: 20 a second
     assert 9 <= len(asked_at) <= 10  # one keyframe a second for all of them
     assert all(b - a >= LAG_KEYFRAME_INTERVAL - 1e-9 for a, b in zip(asked_at, asked_at[1:], strict=False))
+
+
+async def test_a_viewer_sending_pli_after_pli_gets_one_keyframe_at_once_then_at_most_one_a_second():
+    """A viewer on a lossy link (or whose socket overflows) sends a PLI at every frame for 10 s. The first reaches
+    the encoder at once; after it, at most one a second (VIEWER_KEYFRAME_INTERVAL): the shared encoder's stream,
+    which every viewer gets, is not made of keyframes. The encoder makes one at the next frame whenever asked."""
+    clock, asked_at = Clock(), []
+    hub = PacketHub("cam0", lambda: asked_at.append(clock.now), clock=clock)
+    sub = hub.subscribe("viewer")
+    hub.publish(EncodedFrame(bytes(1000), 0, True, 0.0))  # its join's keyframe
+    read_all(sub)
+    asked_at.clear()
+    first_pli = clock.now
+    for n in range(1, 10 * FPS + 1):
+        hub.request_keyframe_for_viewer()
+        clock.now += 1 / FPS
+        forced = bool(asked_at) and asked_at[-1] == clock.now - 1 / FPS  # asked during the frame before
+        hub.publish(EncodedFrame(bytes(1000), n * TICK, forced, n / FPS))
+        read_all(sub)
+    assert asked_at[0] == first_pli  # the first PLI is not held
+    assert hub.viewer_keyframe_gate.asked == 10 * FPS
+    assert (
+        10 <= len(asked_at) <= 11
+    )  # one a second (each PLI to the encoder: 300 here, 20 with the worker's own 0.5 s limit)
+    assert all(b - a >= VIEWER_KEYFRAME_INTERVAL - 1e-9 for a, b in zip(asked_at, asked_at[1:], strict=False))
+    assert (sub.resyncs, sub.dropped) == (0, 0)
+
+
+async def test_a_viewers_pli_held_is_served_by_the_cameras_own_keyframe():
+    """A PLI held (another went out less than a second before) asks for nothing more when the stream's own
+    keyframe comes first: it serves the viewer."""
+    clock, requests = Clock(), Requests()
+    hub = PacketHub("cam0", requests, clock=clock)
+    hub.request_keyframe_for_viewer()  # at once
+    hub.publish(EncodedFrame(bytes(1000), 0, True, 0.0))  # the keyframe it asked for
+    clock.now += 0.2
+    hub.request_keyframe_for_viewer()  # within the second: held
+    assert requests.count == 1
+    clock.now += 0.3
+    hub.publish(EncodedFrame(bytes(1000), TICK, True, 0.5))  # the camera's own keyframe (its GOP)
+    for n in range(2, 2 * FPS):  # past the second, no keyframe asked: the held PLI was served
+        clock.now += 1 / FPS
+        hub.publish(EncodedFrame(bytes(1000), n * TICK, False, n / FPS))
+    assert (requests.count, hub.viewer_keyframe_gate.asked, hub.viewer_keyframe_gate.sent) == (1, 2, 1)
 
 
 async def test_a_consumer_that_sizes_its_own_queue_keeps_it():

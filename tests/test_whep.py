@@ -126,6 +126,9 @@ async def test_pli_from_a_viewer_causes_an_idr(relay_server, http):
         ssrc = next(iter(receiver._RTCRtpReceiver__remote_streams))
         await receiver._send_rtcp_pli(ssrc)
         await wait_for(lambda: _true(stats.keyframes_forced > before), timeout=5, what="forced IDR after PLI")
+        async with http.get(relay_server.base + "/api/v1/streams") as resp:
+            asked = (await resp.json())["streams"][0]["keyframe_requests"]
+        assert asked["viewers"] >= asked["viewers_sent"] >= 1  # the API counts the viewer's PLI, let through
     finally:
         await viewer.close()
 

@@ -429,7 +429,7 @@ class HubTrack(MediaStreamTrack):
 def attach_to_sender(sender: RTCRtpSender, hub: PacketHub, batch: bool = True) -> None:
     """Make ``sender`` pack shared frames, route its PLI/FIR to the shared encoder and send per frame
     (``batch``: through the socket batcher, relay.webrtc.udpbatch)."""
-    borrowed.attach(sender, SharedPacker(), hub.request_keyframe)
+    borrowed.attach(sender, SharedPacker(), hub.request_keyframe_for_viewer)
     install(sender, batch)
 
 
