@@ -20,7 +20,9 @@ each of a clean link, 5 % loss with 20 ms of jitter, and 20 % with 30 ms.
 For each phase it reports, for the lossy viewer and for the clean ones, the
 frames shown per second, the longest gap between two shown frames and the
 pixel-clock latency (p50, p95): how often the lossy viewer's picture comes
-back, and whether the others notice.
+back, and whether the others notice; and the stream's keyframes in the phase,
+and of them those forced (the lossy viewer's PLIs: every viewer gets them).
+``--relay-dir`` runs camrelay from another checkout, for an A/B.
 """
 
 from __future__ import annotations
@@ -225,9 +227,10 @@ async def measure(url: str, viewers: int, seconds: float) -> dict:
             spans = []
             for name, loss, jitter in PHASES:
                 link.set_loss(loss, jitter_ms=jitter)
-                t0 = time.monotonic()
+                t0, before = time.monotonic(), await asyncio.to_thread(_keyframes, url)
                 await asyncio.sleep(seconds)
-                spans.append((name, t0, time.monotonic()))
+                after = await asyncio.to_thread(_keyframes, url)
+                spans.append((name, t0, time.monotonic(), [b - a for a, b in zip(before, after, strict=True)]))
             stop.set()
             await asyncio.gather(*tasks)
         finally:
@@ -235,11 +238,13 @@ async def measure(url: str, viewers: int, seconds: float) -> dict:
             await asyncio.gather(*(v.close() for v in [lossy, *clean]))
             link.close()
     out: dict = {"viewers": viewers, "phase_s": seconds, "link": asdict(link.counters), "phases": []}
-    for name, t0, t1 in spans:
+    for name, t0, t1, (keyframes, forced) in spans:
         others = [w.phase(t0, t1) for w in watches[1:]]
         out["phases"].append(
             {
                 "phase": name,
+                "keyframes": keyframes,  # the stream's, every viewer's: its GOP's and those forced
+                "keyframes_forced": forced,  # for the viewers' PLIs (and FIRs) here
                 "lossy": watches[0].phase(t0, t1),
                 "clean": {
                     "fps_min": min(o["fps"] for o in others),
@@ -251,19 +256,28 @@ async def measure(url: str, viewers: int, seconds: float) -> dict:
     return out
 
 
+def _keyframes(url: str) -> tuple[int, int]:
+    """The stream's keyframes and forced keyframes so far, from the relay's API."""
+    from benchmarks.load import relay_stream
+
+    stream = relay_stream(url) or {}
+    return stream.get("keyframes", 0), stream.get("keyframes_forced", 0)
+
+
 def markdown(result: dict) -> str:
     ms = lambda v: "—" if v is None else f"{v:.0f}"  # noqa: E731
     rows = [
         "| link | lossy viewer: fps / longest gap / latency p50, p95 (ms) | clean viewers (worst): fps / longest gap"
-        " / latency p50 (ms) |",
-        "| --- | ---: | ---: |",
+        " / latency p50 (ms) | keyframes (forced) |",
+        "| --- | ---: | ---: | ---: |",
     ]
     for p in result["phases"]:
         lossy, clean = p["lossy"], p["clean"]
         rows.append(
             f"| {p['phase']} | {lossy['fps']:.1f} / {ms(lossy['longest_gap_s'] * 1000)} / "
             f"{ms(lossy['latency_ms']['p50'])}, {ms(lossy['latency_ms']['p95'])} | "
-            f"{clean['fps_min']:.1f} / {ms(clean['longest_gap_s'] * 1000)} / {ms(clean['latency_ms']['p50'])} |"
+            f"{clean['fps_min']:.1f} / {ms(clean['longest_gap_s'] * 1000)} / {ms(clean['latency_ms']['p50'])} | "
+            f"{p['keyframes']} ({p['keyframes_forced']}) |"
         )
     return "\n".join(rows) + "\n"
 
@@ -276,14 +290,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phase", type=float, default=10.0, help="seconds per link setting (default 10)")
     ap.add_argument("--viewers", type=int, default=3, help="clean viewers beside the lossy one (default 3)")
     ap.add_argument("--out", type=Path, help="write <out>.json and <out>.md")
+    ap.add_argument("--relay-dir", help="run camrelay from this checkout (an A/B against another version)")
     add_stream_options(ap, size="640x360", fps=30.0)
     args = ap.parse_args(argv)
-    system = start_system("camrelay", args.size, args.fps, args.bitrate)
+    system = start_system("camrelay", args.size, args.fps, args.bitrate, tree=args.relay_dir)
     try:
         result = asyncio.run(measure(system.url, args.viewers, args.phase))
     finally:
         system.close()
-    result.update(size=args.size, fps=args.fps, bitrate=args.bitrate)
+    result.update(size=args.size, fps=args.fps, bitrate=args.bitrate, relay_dir=args.relay_dir)
     print(json.dumps(result), flush=True)
     print(markdown(result))
     if args.out:
