@@ -100,25 +100,14 @@ TIMED: tuple[tuple[str, str, str], ...] = (
     ("      additional host candidates (ice.with_additional_hosts)", "relay.webrtc.ice", "with_additional_hosts"),
     ("    answer made whole (answer_all)", "signalling.whep", "answer_all"),
     ("    answer's profile (H264Fit.answer)", "signalling.sdp", "H264Fit.answer"),
-    ("ICE: STUN datagrams in (StunProtocol.datagram_received)", "aioice.ice", "StunProtocol.datagram_received"),
     ("UDP datagrams read (every socket's)", "asyncio.selector_events", "_SelectorDatagramTransport._read_ready"),
-    (
-        "peer connection started (ICE, DTLS, senders: __connect)",
-        "aiortc.rtcpeerconnection",
-        "RTCPeerConnection._RTCPeerConnection__connect",
-    ),
     ("ICE: STUN requests in (Connection.request_received)", "aioice.ice", "Connection.request_received"),
-    ("ICE: STUN responses in (Connection.response_received)", "aioice.ice", "Connection.response_received"),
     ("ICE: DTLS datagrams in (Connection.data_received)", "aioice.ice", "Connection.data_received"),
     ("ICE: connect (Connection.connect)", "aioice.ice", "Connection.connect"),
     ("ICE: a check (Connection.check_start)", "aioice.ice", "Connection.check_start"),
-    ("DTLS: start (handshake, peer check, SRTP set up)", "aiortc.rtcdtlstransport", "RTCDtlsTransport.start"),
-    ("DTLS: SRTP set up (_setup_srtp)", "aiortc.rtcdtlstransport", "RTCDtlsTransport._setup_srtp"),
-    ("DTLS: peer's fingerprint checked", "aiortc.rtcdtlstransport", "RTCDtlsTransport._validate_peer_identity"),
     ("session connected (ViewerSessions._on_state)", "relay.webrtc.sessions", "ViewerSessions._on_state"),
     ("hub subscribed (PacketHub.subscribe)", "relay.hub", "PacketHub.subscribe"),
     ("frames published (PacketHub.publish)", "relay.hub", "PacketHub.publish"),
-    ("a joiner's own send loop (rtpsend._run_rtp: first frames, catch-up)", "relay.webrtc.rtpsend", "_run_rtp"),
     ("HTTP responses written (Response.write_eof)", "aiohttp.web_response", "StreamResponse.write_eof"),
 )
 
@@ -169,12 +158,15 @@ class _TimedSteps:
 
 
 def timed(clock: _Clock) -> list[tuple[object, str, object]]:
-    """``TIMED``'s functions wrapped (those found); returns what to put back."""
+    """``TIMED``'s functions wrapped, and ``benchmarks.borrowed.JOIN_STEPS`` (aiortc's private ones; those found);
+    returns what to put back."""
     import importlib
     import inspect
 
+    from benchmarks.borrowed import JOIN_STEPS  # here: after --relay-dir is on the path (it imports the relay)
+
     undo = []
-    for label, module_name, path in TIMED:
+    for label, module_name, path in (*TIMED, *JOIN_STEPS):
         try:
             owner = importlib.import_module(module_name)
             *parents, name = path.split(".")
@@ -340,9 +332,7 @@ async def one_round(args: argparse.Namespace, relay, url: str, ctx, clock: _Cloc
         "idle_rate": round(idle_rate, 4),
         "loop_us_per_joiner": round(own / args.joiners * 1e6),
         "collections": [a["collections"] - b["collections"] for a, b in zip(gc_after, gc_before, strict=True)],
-        "timed_us_per_joiner": {
-            label: round(clock.seconds[label] / args.joiners * 1e6) for label, *_ in TIMED if label in clock.seconds
-        },
+        "timed_us_per_joiner": {label: round(spent / args.joiners * 1e6) for label, spent in clock.seconds.items()},
         "timed_calls": dict(clock.calls),
     }
     if profile:
