@@ -14,7 +14,7 @@ thread's CPU clock): the profiled ones say where that CPU goes, the cumulative C
 (``STEPS``: the HTTP request, the offer's checks, aiortc's answer, ICE, DTLS, the session's set-up, the first
 frames). Profiled figures carry the profiler's own cost (Python calls cost more under it): read the shares from
 them and the totals from the plain rounds. With ``--relay-dir``, that checkout's ``relay`` and ``signalling`` are
-imported instead of this one's (the joiners' too): an A/B of the relay's own work with one driver."""
+imported instead of this one's (the joiners are this checkout's): an A/B of the relay's own work with one driver."""
 
 from __future__ import annotations
 
@@ -219,7 +219,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.relay_dir:
-        sys.path.insert(0, str(Path(args.relay_dir).resolve()))  # its relay and signalling, the joiners' too
+        sys.path.insert(0, str(Path(args.relay_dir).resolve()))  # its relay and signalling, until imported
     result = asyncio.run(run(args))
     print(json.dumps(result["summary"], indent=1))
     if args.out:
@@ -236,6 +236,8 @@ async def run(args: argparse.Namespace) -> dict:
     from signalling.app import make_app
     from signalling.server import make_runner, start_site
 
+    if args.relay_dir:  # imported from there; the joiners' workers (this module among them) are this tree's
+        sys.path.remove(str(Path(args.relay_dir).resolve()))
     port = free_port()
     flags = build_parser().parse_args(camrelay_command(args.size, args.fps, args.bitrate, port)[3:])
     config = load_config(flags, {**os.environ, **CAMRELAY_LOAD_ENV})
@@ -264,7 +266,7 @@ async def run(args: argparse.Namespace) -> dict:
             setattr(owner, name, original)
     return {
         **run_facts("python -m benchmarks.joincost " + " ".join(sys.argv[1:])),
-        "relay": args.relay_dir or "this checkout",
+        "relay": str(Path(sys.modules["relay"].__file__).parent.parent),
         "summary": summarise(rounds),
         "rounds": rounds,
     }
