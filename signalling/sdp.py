@@ -195,7 +195,7 @@ def _split(lines: list[str]) -> tuple[list[str], list[list[str]]]:
 
 # The texts split last, kept: an offer is split by check_offer and then find_audio, the offer as aiortc sees it by
 # fit_h264 and then offer_for_aiortc, one straight after the other in the same request (each split was ~35 µs
-# of a Chromium offer's). A text is at most signalling.whep's MAX_OFFER_BYTES (64 KiB): a few hundred KiB held.
+# of a Chromium offer's). A text is at most signalling.whep's MAX_OFFER_BYTES (64 KiB): under 1 MiB held.
 SPLITS_KEPT = 4
 
 
