@@ -4,7 +4,7 @@
     python -m benchmarks.answercost --rounds 200 --compare /tmp/camrelay-main   # its signalling/sdp.py beside ours
 
 What ``signalling.whep.whep_offer`` and ``ViewerSessions.create`` spend on an offer before the answer goes out, on
-the relay's event loop: the offer's checks and rewrites (``check_offer``, ``drop_mdns_candidates``, ``served_only``,
+the relay's event loop: the offer's checks and rewrites (``check_offer``, ``usable_candidates``, ``served_only``,
 ``fit_h264``, ``H264Fit.offer_for_aiortc``: ``prep``), and aiortc's part (a send-only H.264 transceiver, the offer
 applied, the answer made and applied: ``aiortc``; ICE gathers on 127.0.0.1). Offers: Chromium's of
 ``tests/data/offer_chromium_156.sdp`` (audio and video, as camrelay's page offers with sound) and
@@ -60,7 +60,7 @@ async def aiortc_offer() -> str:
 def prep(sdp, offer: str) -> str:
     """What the relay hands aiortc, as ``whep_offer`` makes it (no audio hub: the video section alone)."""
     summary = sdp.check_offer(offer)
-    served = sdp.served_only(sdp.drop_mdns_candidates(offer), summary.served, None)
+    served = sdp.served_only(sdp.usable_candidates(offer, True), summary.served, None)  # a viewer on loopback
     return sdp.fit_h264(served, STREAM_PROFILE).offer_for_aiortc(served)
 
 

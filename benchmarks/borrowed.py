@@ -23,6 +23,9 @@ itself: its DTLS transport's ``_handle_rtp_data`` and ``_handle_rtcp_data``
 (``tap_decrypted``) hand it each decrypted RTP packet instead of aiortc's
 receivers, and each RTCP packet besides them (the sender reports).
 
+The join cost benchmark (``benchmarks/joincost.py``) times steps of a session's set-up in the relay's process by
+wrapping them where they are looked up: aiortc's private ones are named here (``JOIN_STEPS``).
+
 ``relay.webrtc.borrowed`` checks the aiortc and aioice versions on import
 (the bounds in ``pyproject.toml``); this module is written for the same ones
 (``tests/test_lightpeer.py`` pins each name it uses).
@@ -41,6 +44,19 @@ import aiortc
 from relay.webrtc.borrowed import WRITTEN_FOR, check_versions  # noqa: F401  (the bounds this module shares)
 
 DATAGRAM_MAX = 65536  # bytes read per datagram: the largest a UDP datagram can be
+
+# Steps of a session's set-up that benchmarks.joincost times (label, module, attribute path: a method or a
+# module-level function, wrapped where it is looked up): aiortc's start of a peer connection once its answer is
+# applied (ICE, DTLS, the senders), its DTLS transport's start and two of its parts, and camrelay's own send loop
+# (relay.webrtc.rtpsend), which takes the name of aiortc's it replaces (a joiner's first frames, its catch-up).
+JOIN_STEPS: tuple[tuple[str, str, str], ...] = (
+    ("peer connection started (ICE, DTLS, senders)", "aiortc.rtcpeerconnection",
+     "RTCPeerConnection._RTCPeerConnection__connect"),
+    ("DTLS: start (handshake, peer check, SRTP set up)", "aiortc.rtcdtlstransport", "RTCDtlsTransport.start"),
+    ("DTLS: SRTP set up", "aiortc.rtcdtlstransport", "RTCDtlsTransport._setup_srtp"),
+    ("DTLS: peer's fingerprint checked", "aiortc.rtcdtlstransport", "RTCDtlsTransport._validate_peer_identity"),
+    ("a joiner's own send loop (first frames, catch-up)", "relay.webrtc.rtpsend", "_run_rtp"),
+)  # fmt: skip
 
 
 def _protocols(pc: aiortc.RTCPeerConnection) -> list[Any]:

@@ -191,6 +191,34 @@ def test_the_shared_certificate_is_renewed_a_day_before_it_expires():
     assert aiortc.rtcpeerconnection.RTCCertificate is aiortc.RTCCertificate  # released: aiortc's own again
 
 
+async def test_a_started_relay_has_made_its_dtls_certificate_and_context(http, monkeypatch):
+    """Its first viewer's answer and handshake make no certificate and no OpenSSL context: the relay made them as
+    it started (a process's first of each costs ~5 ms, on the loop where the first viewers join)."""
+    monkeypatch.setattr(borrowed._SharedCertificate, "_current", None)  # as in a process that made none yet
+    runner, running = await start_relay(make_config())
+    try:
+        with (
+            unittest.mock.patch.object(
+                aiortc.rtcdtlstransport.RTCCertificate,
+                "_create_ssl_context",
+                autospec=True,
+                side_effect=aiortc.rtcdtlstransport.RTCCertificate._create_ssl_context,
+            ) as contexts,
+            unittest.mock.patch.object(
+                aiortc.rtcdtlstransport, "generate_certificate", wraps=aiortc.rtcdtlstransport.generate_certificate
+            ) as certificates,
+        ):
+            viewer = WhepViewer(running.whep(), http)  # in this process: it shares the relay's certificate
+            try:
+                await viewer.connect()
+                await viewer.recv(timeout=10)
+            finally:
+                await viewer.close()
+        assert (contexts.call_count, certificates.call_count) == (0, 0)
+    finally:
+        await runner.cleanup()
+
+
 async def test_offers_gather_at_once_while_a_stun_server_keeps_them_waiting(http):
     """A slow STUN server holds every answer (the relay gathers with the ICE servers it hands its viewers), and
     must not hold them one after the other: offers that come together are answered together."""

@@ -268,3 +268,17 @@ async def test_a_light_peer_offering_audio_counts_the_opus_packets_apart_from_th
     assert (sound.packets_lost, sound.late, sound.foreign, sound.malformed) == (0, 0, 0, 0), sound
     assert sound.frames == sound.packets <= published  # each Opus packet a frame of its own, marker set
     assert (video.packets_lost, video.foreign) == (0, 0), video  # no Opus packet counted as video
+
+
+def test_the_join_cost_steps_name_what_aiortc_and_the_relay_define():
+    """benchmarks.joincost wraps each of borrowed.JOIN_STEPS where it is looked up: each must be there, a function."""
+    import importlib
+    import inspect
+
+    from benchmarks.borrowed import JOIN_STEPS
+
+    for _label, module, path in JOIN_STEPS:
+        owner = importlib.import_module(module)
+        for name in path.split("."):
+            owner = inspect.getattr_static(owner, name)
+        assert inspect.isfunction(owner), (module, path)

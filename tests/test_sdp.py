@@ -163,6 +163,85 @@ def test_numbers_out_of_range_are_refused_with_the_line(prefix, new, reason):
     assert str(info.value) == f"line {number}: {reason}"
 
 
+# Numbers at their bounds, in the shapes browsers write (which one pattern takes at once) and in others (checked
+# number by number): the pattern must pass only what the checks pass, and refuse nothing they pass.
+@pytest.mark.parametrize(
+    ("prefix", "new", "reason"),
+    [
+        ("a=rtcp-fb:", "a=rtcp-fb:127 nack", None),
+        ("a=rtcp-fb:", "a=rtcp-fb:128 nack", "a=rtcp-fb payload type 128 is outside 0..127"),
+        ("a=rtcp-fb:", "a=rtcp-fb:0127 nack", None),  # a leading zero: not the browsers' shape, still a number
+        ("a=rtcp-fb:", "a=rtcp-fb:* nack", None),
+        ("a=rtcp-fb:", "a=rtcp-fb:12\tnack", "a=rtcp-fb payload type '12\\tnack' is not a number in 0..127"),
+        (
+            "a=rtcp-fb:",
+            "a=rtcp-fb:\u0661\u0662 nack",
+            "a=rtcp-fb payload type '\u0661\u0662' is not a number in 0..127",
+        ),
+        ("a=extmap:", "a=extmap:255 urn:x", None),
+        ("a=extmap:", "a=extmap:255/recvonly urn:x", None),
+        ("a=extmap:", "a=extmap:1", None),
+        ("a=extmap:", "a=extmap:256/recvonly urn:x", "a=extmap id 256 is outside 1..255"),
+        ("a=extmap:", "a=extmap:010 urn:x", None),
+        (f"a=rtpmap:{H264_PT} ", "a=rtpmap:127 H264/4294967295", None),  # ten digits: checked one by one
+        (
+            f"a=rtpmap:{H264_PT} ",
+            "a=rtpmap:127 H264/4294967296",
+            "a=rtpmap clock rate 4294967296 is outside 0..4294967295",
+        ),
+        (f"a=rtpmap:{H264_PT} ", "a=rtpmap:127 opus/48000/255", None),
+        (f"a=rtpmap:{H264_PT} ", "a=rtpmap:127 opus/48000/256", "a=rtpmap channels 256 is outside 1..255"),
+        (f"a=rtpmap:{H264_PT} ", "a=rtpmap:127 opus/48000/0", "a=rtpmap channels 0 is outside 1..255"),
+        (f"a=rtpmap:{H264_PT} ", "a=rtpmap:127 opus/48000/2/x", None),  # a fourth part is not checked
+        ("a=fmtp:", "a=fmtp:97 apt=127", None),
+        ("a=fmtp:", "a=fmtp:97 apt=128", "a=fmtp apt 128 is outside 0..127"),
+        ("a=fmtp:", "a=fmtp:97 x=1;apt=128", "a=fmtp apt 128 is outside 0..127"),
+        ("a=fmtp:", "a=fmtp:97 aptx=1000;apt=9", None),
+        ("a=fmtp:", "a=fmtp:128 apt=1", "a=fmtp payload type 128 is outside 0..127"),
+    ],
+)
+def test_numbers_at_their_bounds_pass_or_are_refused_as_checked(prefix, new, reason):
+    offer, number = replace_line(prefix, new)
+    if reason is None:
+        check_offer(offer)
+        return
+    with pytest.raises(SdpError) as info:
+        check_offer(offer)
+    assert str(info.value) == f"line {number}: {reason}"
+
+
+@pytest.mark.parametrize(
+    ("offer", "reason"),
+    [
+        ("v=0\r\na=x:1\ra=y\x01\r\n", "offer line 2 holds the control character U+000D"),
+        ("v=0\r\na=x:1\x01a=y\ra\r\n", "offer line 2 holds the control character U+0001"),
+        ("v=0\r\na=x\r\na=y\u2028\r\na=z\r", "offer line 3 holds the control character U+2028"),
+        ("v=0\r\na=x\r\na=y\r", "offer line 3 holds the control character U+000D"),
+    ],
+)
+def test_the_first_forbidden_character_is_the_one_named(offer, reason):
+    with pytest.raises(SdpError) as info:
+        check_offer(offer)
+    assert str(info.value) == reason
+
+
+def test_an_offer_is_split_once_for_its_checks_and_once_as_aiortc_sees_it(monkeypatch):
+    """What signalling.whep does with an offer before aiortc takes it splits each text into lines once: the offer
+    for check_offer and find_audio, the offer narrowed to what is served for fit_h264 and offer_for_aiortc."""
+    import signalling.sdp as sdp
+
+    offer = CHROMIUM.replace("o=- ", "o=- 1")  # a text no other test split
+    split: list[int] = []
+    lines = sdp._lines
+    monkeypatch.setattr(sdp, "_lines", lambda text: split.append(len(text)) or lines(text))
+    summary = check_offer(offer)
+    find_audio(offer)
+    served = served_only(offer, summary.served)
+    fit = fit_h264(served, "42e01f")
+    fit.offer_for_aiortc(served)
+    assert split == [len(offer), len(served)]
+
+
 def test_mdns_candidates_are_dropped_and_nothing_else():
     from signalling.sdp import usable_candidates
 

@@ -211,6 +211,16 @@ class _SharedCertificate(RTCCertificate):
 SHARED_CERTIFICATE = Patch(aiortc.rtcpeerconnection, "RTCCertificate", _SharedCertificate)
 
 
+def make_shared_certificate() -> None:
+    """The shared certificate, its fingerprints and its OpenSSL context for aiortc's SRTP profiles made now (a
+    relay's start), not in its first viewer's answer and handshake: a process's first certificate and first
+    OpenSSL context also set up OpenSSL's own tables, ~10 ms of the event loop where thirty viewers join a relay
+    just started (0.3 and 0.4 ms each after). Hold ``SHARED_CERTIFICATE`` while calling it."""
+    certificate = _SharedCertificate.generateCertificate()
+    certificate.getFingerprints()
+    certificate._create_ssl_context(aiortc.rtcdtlstransport.SRTP_PROFILES)
+
+
 class _BitrateEstimatorOnFirstPacket:
     """aiortc's receive-side bandwidth estimator (``RemoteBitrateEstimator``), made when the first video packet
     comes. aiortc gives every video transceiver a receiver, and every receiver one at once: 1,000 rate buckets,

@@ -48,19 +48,21 @@ def process_patches(ice_addresses: tuple[str, ...] = (), batch: bool = True, c_s
     """The process-wide patches of aioice and aiortc a relay needs, held while it runs
     (``relay.webrtc.borrowed.Patch``): host candidates only on ``ice_addresses`` (none: every interface), the
     watch on what each connection hears, the payload types an answer keeps from the offer (Chromium's 35-63
-    too), one DTLS certificate for every session, receivers' bandwidth estimators made only if video comes, an
-    answer's gathering and remote candidates awaited in turn (fewer passes of the loop), ICE done as soon as its
-    pair is nominated (not after aioice's 20 ms pacing wait: DTLS starts sooner), (``batch``) aioice's
-    own sends through the socket batcher, and (``c_send``) the C send path where it is built
-    (``rtpsend.use_c_send``; ``c_batch``: one C call a frame for every viewer of a stream, with aiortc's counts
-    read through the C lanes' sync, ``borrowed.SYNCED_COUNTS``). Relays in one process share them: the addresses
-    of all that name some, batching while any wants it, the C path as the last one started says."""
+    too), one DTLS certificate for every session (made at once, with its OpenSSL context), receivers' bandwidth
+    estimators made only if video comes, an answer's gathering and remote candidates awaited in turn (fewer
+    passes of the loop), ICE done as soon as its pair is nominated (not after aioice's 20 ms pacing wait: DTLS
+    starts sooner), (``batch``) aioice's own sends through the socket batcher, and (``c_send``) the C send path
+    where it is built (``rtpsend.use_c_send``; ``c_batch``: one C call a frame for every viewer of a stream, with
+    aiortc's counts read through the C lanes' sync, ``borrowed.SYNCED_COUNTS``). Relays in one process share
+    them: the addresses of all that name some, batching while any wants it, the C path as the last one started
+    says."""
     with contextlib.ExitStack() as held:
         if ice_addresses:
             held.callback(borrowed.restrict_host_addresses(ice_addresses))
         held.callback(borrowed.WATCH_ICE.hold())
         held.callback(borrowed.OFFERED_PAYLOAD_TYPES.hold())
         held.callback(borrowed.SHARED_CERTIFICATE.hold())
+        borrowed.make_shared_certificate()  # now, not in the first viewer's answer
         held.callback(borrowed.LAZY_BITRATE_ESTIMATOR.hold())
         held.callback(borrowed.GATHER_IN_TURN.hold())
         held.callback(borrowed.CANDIDATES_IN_TURN.hold())
