@@ -173,7 +173,8 @@ def timed(clock: _Clock) -> list[tuple[object, str, object]]:
             for parent in parents:
                 owner = getattr(owner, parent)
             original = inspect.getattr_static(owner, name)
-        except (ImportError, AttributeError):
+        except (ImportError, AttributeError):  # another checkout's (--relay-dir), or a dependency's renamed name
+            print(f"joincost: {module_name}.{path} not found: step {label!r} not timed", file=sys.stderr)
             continue
         function = original.__func__ if isinstance(original, classmethod | staticmethod) else original
         if inspect.iscoroutinefunction(function):

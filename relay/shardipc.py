@@ -44,14 +44,15 @@ TRICKLE = 5
 HANGUP = 6
 REPLY = 7
 EVENT = 8
-KEYFRAME = 9  # a shard's viewers want a keyframe of the stream (a join, a PLI or FIR; FLAG_LAG: laggards)
+KEYFRAME = 9  # a shard's viewers want a keyframe of the stream (a join; FLAG_LAG: laggards; FLAG_VIEWER: PLI, FIR)
 STATS = 10
 LOG = 11
 KINDS = frozenset(range(VIDEO, LOG + 1))
 
 FLAG_KEYFRAME = 1  # frames: decodes on its own
 FLAG_CACHING = 2  # frames: the stream starts joiners from its GOP cache now (relay.stream.Stream.starts_from_cache)
-FLAG_LAG = 1  # KEYFRAME: asked for laggards (the stream's KeyframeGate), else for a join or a PLI/FIR
+FLAG_LAG = 1  # KEYFRAME: asked for laggards (the stream's KeyframeGate), else for a join
+FLAG_VIEWER = 2  # KEYFRAME: a viewer's PLI or FIR, each one (the stream's gate for viewers decides: relay.hub)
 
 
 @dataclass(slots=True)

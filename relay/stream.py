@@ -303,7 +303,8 @@ class Stream:
         }  # fmt: skip
         keyframes = {
             "requests": hub.keyframe_requests, "merged": hub.keyframe_requests_merged, "shared": hub.keyframe_shares,
-            # viewers' PLI and FIR: received, and let through to the encoder (hub.VIEWER_KEYFRAME_INTERVAL)
+            # viewers' PLI and FIR: received, and let through their gate (hub.VIEWER_KEYFRAME_INTERVAL): asked of the
+            # encoder, or merged with a keyframe already on its way (then counted in "merged" too)
             "viewers": hub.viewer_keyframe_gate.asked, "viewers_sent": hub.viewer_keyframe_gate.sent,
         }  # fmt: skip
         return ConsumerStats(

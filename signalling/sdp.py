@@ -195,7 +195,8 @@ def _split(lines: list[str]) -> tuple[list[str], list[list[str]]]:
 
 # The texts split last, kept: an offer is split by check_offer and then find_audio, the offer as aiortc sees it by
 # fit_h264 and then offer_for_aiortc, one straight after the other in the same request (each split was ~35 µs
-# of a Chromium offer's). A text is at most signalling.whep's MAX_OFFER_BYTES (64 KiB): under 1 MiB held.
+# of a Chromium offer's). A text is at most signalling.whep's MAX_OFFER_BYTES (64 KiB) and, once kept, at most
+# MAX_LINES lines (an offer of more is refused before it is kept: ``check_offer``): about 1 MiB held at most.
 SPLITS_KEPT = 4
 
 
@@ -233,6 +234,8 @@ def check_offer(text: str) -> OfferSummary:
     section's.
     """
     check_text(text, "offer")
+    if text.count("\n") > MAX_LINES and len(many := _lines(text)) > MAX_LINES:  # refused before it is kept
+        raise SdpError(f"offer has {len(many)} lines, more than {MAX_LINES}")
     lines, session, sections = _parsed(text)
     if not lines:
         raise SdpError("offer is empty")

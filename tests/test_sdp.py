@@ -236,10 +236,24 @@ def test_an_offer_is_split_once_for_its_checks_and_once_as_aiortc_sees_it(monkey
     monkeypatch.setattr(sdp, "_lines", lambda text: split.append(len(text)) or lines(text))
     summary = check_offer(offer)
     find_audio(offer)
-    served = served_only(offer, summary.served)
+    served = served_only(sdp.usable_candidates(offer, from_loopback=False), summary.served)  # as signalling.whep
     fit = fit_h264(served, "42e01f")
     fit.offer_for_aiortc(served)
     assert split == [len(offer), len(served)]
+
+
+def test_an_offer_of_too_many_lines_is_refused_before_its_lines_are_kept():
+    """The texts split last are kept (``SPLITS_KEPT``); an offer of more than ``MAX_LINES`` lines, refused, is not:
+    four of 64 KiB of two-character lines held ~10 MiB."""
+    import signalling.sdp as sdp
+
+    sdp._parsed.cache_clear()
+    text = "v=0\n" + "m=\n" * 21_000
+    with pytest.raises(SdpError, match="^offer has 21001 lines, more than 2000$"):
+        check_offer(text)
+    assert sdp._parsed.cache_info().currsize == 0
+    with pytest.raises(SdpError, match="^offer has 2001 lines, more than 2000$"):  # 2000 line breaks, 2001 lines
+        check_offer("v=0\n" + "a=x\n" * 1999 + "a=x")
 
 
 def test_mdns_candidates_are_dropped_and_nothing_else():

@@ -309,6 +309,9 @@ async def test_a_joiner_and_a_pli_in_a_shard_get_a_keyframe_forced_by_the_relays
                 return stream.stats.keyframes_forced > forced
 
             await until(forced_again, "a keyframe forced for the PLI")
+            async with http.get(relay.base + "/api/v1/streams") as resp:
+                asked = (await resp.json())["streams"][0]["keyframe_requests"]
+            assert asked["viewers"] >= asked["viewers_sent"] >= 1  # counted by the relay, as its own viewers' are
     finally:
         await asyncio.gather(first.close(), late.close())
         await runner.cleanup()
@@ -348,8 +351,8 @@ async def test_a_stuck_shard_is_killed_by_its_watchdog_and_restarted(http):
 GOOD = {"viewers": 1, "connected": 1, "delivered": 5, "dropped": 0, "resyncs": 0, "audio_dropped": 0}
 
 
-def relay_side(count: int = 2) -> tuple[ShardedSessions, PacketHub]:
-    hub = PacketHub("cam0", lambda: None)
+def relay_side(count: int = 2, request_keyframe=lambda: None) -> tuple[ShardedSessions, PacketHub]:
+    hub = PacketHub("cam0", request_keyframe)
 
     def hub_for(name: str) -> PacketHub:
         if name != "cam0":
@@ -563,6 +566,37 @@ async def test_a_shard_answers_every_request_whatever_goes_wrong_with_it(monkeyp
     ]
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 3 and not any(r.exc_info for r in errors)  # a line each, no traceback
+
+
+def test_a_shard_passes_each_viewers_pli_to_the_relay_marked_as_a_viewers():
+    """In a shard, a viewer's PLI or FIR is not gated there: each goes up marked FLAG_VIEWER, so the relay's gate
+    for viewers (one a second) holds across every shard and counts them all."""
+    from relay.webrtc.shard import Shard
+
+    out = Sent()
+    shard = Shard(shardipc.ShardConfig(0, [], [], 5.0, False, [], 1.0), out)
+    shard.on_message(message(shardipc.STREAM, shardipc.StreamName(3, "cam0")))
+    hub = shard.hub_for("cam0")
+    for _ in range(5):
+        hub.request_keyframe_for_viewer()
+    sent = [(m.kind, m.flags, m.stream) for m in shardipc.Reader().feed(out.data)]
+    assert sent == [(shardipc.KEYFRAME, shardipc.FLAG_VIEWER, 3)] * 5
+
+
+async def test_viewers_plis_from_two_shards_go_through_the_relays_one_gate():
+    """Viewers in two shards send PLIs a moment apart: the relay lets the first through to the encoder, holds the
+    other (less than a second after), and its API counts both."""
+    asked = []
+    pool, hub = relay_side(request_keyframe=lambda: asked.append(True))
+    number = pool.number("cam0")
+    for shard in pool.processes:
+        started(shard)
+        (msg,) = shardipc.Reader().feed(
+            shardipc.pack(shardipc.KEYFRAME, b"", flags=shardipc.FLAG_VIEWER, stream=number)
+        )
+        shard._on_message(msg)
+    assert len(asked) == 1
+    assert (hub.viewer_keyframe_gate.asked, hub.viewer_keyframe_gate.sent) == (2, 1)
 
 
 async def test_the_streams_delivered_counts_the_shards_viewers_frames_not_its_feeds():

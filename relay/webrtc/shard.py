@@ -120,8 +120,10 @@ class Shard:
                 max_lag=self.config.max_lag,
                 share_window=ipc.KEYFRAME_MIN_INTERVAL,
             )
-            # Laggards' requests go to the relay marked as such: its own gate decides (one a second, all shards).
+            # Laggards' and viewers' (PLI, FIR) requests go to the relay marked as such: its own gates decide (one a
+            # second, all shards). A viewer's each goes up (a gate of no interval): the relay counts them.
             hub.keyframe_gate = KeyframeGate(lambda: self._ask_keyframe(name, shardipc.FLAG_LAG))
+            hub.viewer_keyframe_gate = KeyframeGate(lambda: self._ask_keyframe(name, shardipc.FLAG_VIEWER), 0.0)
             hub.fanout_delay = ReportedDelays()  # its viewers' delays go to the relay's window too
             self.hubs[name] = hub
         return hub

@@ -325,7 +325,7 @@ class ShardProcess:
         elif kind == shardipc.EVENT:
             self.pool.on_event(self, shardipc.SessionEvent.from_bytes(msg.payload))
         elif kind == shardipc.KEYFRAME:
-            self.pool.on_keyframe_request(msg.stream, bool(msg.flags & shardipc.FLAG_LAG))
+            self.pool.on_keyframe_request(msg.stream, msg.flags)
         elif kind == shardipc.STATS:
             stats = checked_stats(shardipc.ShardStats.from_bytes(msg.payload), self.stats, self.named)
             self.pool.on_stats(self.stats, stats)
@@ -565,7 +565,9 @@ class ShardedSessions(SessionCounts):
             for seconds in figures["fanout_delays"]:
                 hub.fanout_delay.add(seconds)
 
-    def on_keyframe_request(self, number: int, lag: bool) -> None:
+    def on_keyframe_request(self, number: int, flags: int) -> None:
+        """A shard's ``KEYFRAME`` for the stream ``number``: laggards' and viewers' requests through the stream's
+        gates here, so their limits hold across every shard; a join's as the relay's own joiners ask."""
         name = next((n for n, i in self._numbers.items() if i == number), None)
         if name is None:
             return
@@ -573,8 +575,10 @@ class ShardedSessions(SessionCounts):
             hub = self._hub_for(name)
         except KeyError:
             return  # the stream closed meanwhile
-        if lag:
+        if flags & shardipc.FLAG_LAG:
             hub.keyframe_gate.ask(hub.clock())
+        elif flags & shardipc.FLAG_VIEWER:
+            hub.request_keyframe_for_viewer()
         else:
             hub.request_keyframe()
 
