@@ -54,6 +54,7 @@ def _api_counter(status: dict, sample) -> float | None:
         "camrelay_stream_keyframe_requests_total": lambda: stream["keyframe_requests"]["requests"],
         "camrelay_stream_keyframe_requests_merged_total": lambda: stream["keyframe_requests"]["merged"],
         "camrelay_stream_keyframe_shares_total": lambda: stream["keyframe_requests"]["shared"],
+        "camrelay_stream_viewer_keyframe_requests_total": lambda: stream["keyframe_requests"]["viewers"],
         "camrelay_whip_sessions_total": lambda: whip["sessions"],
         "camrelay_whip_errors_total": lambda: whip["errors"],
         "camrelay_whip_sent_bytes_total": lambda: whip["bytes_sent"],
