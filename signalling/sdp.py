@@ -234,13 +234,12 @@ def check_offer(text: str) -> OfferSummary:
     section's.
     """
     check_text(text, "offer")
-    if text.count("\n") > MAX_LINES and len(many := _lines(text)) > MAX_LINES:  # refused before it is kept
+    # Counted before it is kept (``_parsed``): fewer line breaks than MAX_LINES make at most MAX_LINES lines.
+    if text.count("\n") >= MAX_LINES and len(many := _lines(text)) > MAX_LINES:
         raise SdpError(f"offer has {len(many)} lines, more than {MAX_LINES}")
     lines, session, sections = _parsed(text)
     if not lines:
         raise SdpError("offer is empty")
-    if len(lines) > MAX_LINES:
-        raise SdpError(f"offer has {len(lines)} lines, more than {MAX_LINES}")
     if lines[0] != "v=0":
         raise SdpError("offer does not start with v=0")
     for number, line in enumerate(lines, 1):
