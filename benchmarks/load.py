@@ -431,6 +431,7 @@ def relay_send_delay(stream: dict | None) -> dict | None:
 OVERLOAD_COUNTERS = {
     "frames_encoded": lambda s: s["frames_encoded"],  # what the source delivered to the hub
     "frames_delivered": lambda s: s["fanout"]["delivered"],  # handed to viewers' senders, once per viewer
+    "frames_batched": lambda s: s["fanout"]["batched"],  # of them, in the stream's one call a frame (the rest alone)
     "resyncs": lambda s: s["fanout"]["resyncs"],  # a viewer fell behind and went back to a keyframe
     "lag_keyframe_requests": lambda s: s["fanout"]["keyframe_requests"],  # keyframes asked of the encoder for them
     "lag_keyframe_requests_coalesced": lambda s: s["fanout"]["keyframe_requests_coalesced"],  # served by those
@@ -438,6 +439,8 @@ OVERLOAD_COUNTERS = {
     "keyframes_forced": lambda s: s["keyframes_forced"],
     "frames_dropped": lambda s: s["frames_dropped"]["viewer_lag"],  # frames the hub threw away for laggards
     "encoder_busy": lambda s: s["frames_dropped"]["encoder_busy"],  # camera frames the encoder had no time for
+    "retransmits": lambda s: s["fanout"]["retransmits"],  # packets sent again for viewers' NACKs
+    "retransmits_refused": lambda s: s["fanout"]["retransmits_refused"],  # NACKed past a viewer's budget
 }
 
 

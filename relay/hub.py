@@ -35,6 +35,12 @@ Subscribers that would be pushed a frame and have a ``lane`` (a key their
 owner set beside ``push``) are handed it all together, in one call of the
 hub's ``batch_push`` (a WebRTC stream's: one C call sends the frame to every
 such viewer); those it declines are offered the frame one by one as above.
+With a lane, frames they queued meanwhile go the same way first (a call per
+frame for all who queued it), and so do the later frames of a pass while
+the pass's burst would still fit their queue: a loop that fell behind sends
+every viewer's late frames in one call each, not in a task per viewer, the
+costlier way that kept it behind. A longer burst queues from there on, and
+resyncs as without lanes.
 
 All methods run on the event loop; the encoder thread hands frames over with
 ``loop.call_soon_threadsafe(hub.publish, frame)``.
@@ -498,6 +504,11 @@ class PacketHub:
         self.cache_starts = 0  # subscribers started from the GOP cache (joins and resyncs), all time
         self.delivered = 0  # frames handed to subscribers (each frame once per subscriber that took it), all time
         self.resyncs = 0  # times a subscriber fell past its lag limit (``Subscription.resyncs``), all time
+        self.batched = 0  # of ``delivered``: frames handed over in a ``batch_push`` call, all time
+        # Packets viewers' NACKs had sent again, and those refused past a viewer's budget (relay.webrtc.resend),
+        # all time: what loss costs the fan-out beyond the frames themselves.
+        self.retransmits = 0
+        self.retransmits_refused = 0
         self.gop = gop or GopCache()
         self.bitrate = Bitrate()
         self.newest: EncodedFrame | None = None  # the frame published last
@@ -517,6 +528,9 @@ class PacketHub:
         self._last_batch_log = float("-inf")  # monotonic: a batch push that raised was said then
         self._keyframe_asked: float | None = None  # monotonic, while a keyframe asked for has not come
         self._in_pass = 0  # frames published in this pass of the event loop (``first_in_pass``)
+        # The frames of this pass after its first (a burst: the loop was held): how many, their bytes, the pts of
+        # the first of them.
+        self._burst = [0, 0, 0]
         # ``batch_push(frame, subs)``: the subscribers that ``push`` would be handed a frame (live, their reader
         # waiting, nothing queued, the pass's first frame) and that have a ``lane``, all sent to in one call; it
         # returns the indices of those it did not take, which are offered the frame as usual (``push``, or their
@@ -621,7 +635,8 @@ class PacketHub:
     def first_in_pass(self) -> bool:
         """The frame being published is the first of this event-loop pass. Only such a frame is pushed: frames
         that reach the hub together (after a stall) queue, as they would for a reader whose task had no turn
-        in between, so a burst longer than a queue resyncs (paced from the cache, or at a keyframe) as before."""
+        in between, so a burst longer than a queue resyncs (paced from the cache, or at a keyframe) as before.
+        (With a lane, the batch takes them while the burst would fit the queue: ``publish``.)"""
         return self._in_pass <= 1
 
     def _pass_over(self) -> None:
@@ -634,10 +649,17 @@ class PacketHub:
         self.published += 1
         self._in_pass += 1
         if self._in_pass == 1:
+            self._burst = [0, 0, frame.pts]
             try:
                 asyncio.get_running_loop().call_soon(self._pass_over)
             except RuntimeError:  # no event loop (sans-io use): every frame is a pass of its own
                 self._in_pass = 0
+        else:  # one more frame of the pass's burst: the frames after its first, as a reader's queue would hold them
+            burst = self._burst
+            if not burst[0]:
+                burst[2] = frame.pts
+            burst[0] += 1
+            burst[1] += len(frame.data)
         frame.published_at = time.time() if now is None else now
         if frame.keyframe:
             self._keyframe_asked = None  # whatever was asked for: this one serves
@@ -653,48 +675,85 @@ class PacketHub:
             self.viewer_keyframe_gate.tick(tick_at)
         self._cache(frame)
         batch_push = self.batch_push
-        if batch_push is None or not self.first_in_pass:
+        if batch_push is None:
             for sub in self._subscribers:
                 sub._offer(frame)
             return
-        batch = []
+        # A frame after the pass's first goes in the batch only to those whose queue would still hold the burst so
+        # far: a longer burst (a stall's) queues from there on, and resyncs as without the batch.
+        burst = None if self.first_in_pass else (self._burst[0], self._burst[1], frame.pts - self._burst[2])
+        batch, behind = [], []
         for sub in self._subscribers:
-            # what ``_offer`` would hand to ``push`` at once (no cache cursor, no keyframe wait), with a lane;
-            # ``_would_push`` written out: this loop is most of the Python a viewer's Opus packet costs
-            waiter = sub._waiter
+            # live with a lane, its reader waiting in ``get`` (so it holds no frame it has yet to send), no cache
+            # cursor, no keyframe wait: ``_would_push`` written out, this loop is most of the Python a viewer's
+            # Opus packet costs
             if (
                 sub.lane is not None
+                and sub._waiter is not None
                 and sub._cursor is None
                 and not sub.waiting_keyframe
                 and sub.push is not None
-                and waiter is not None
-                and not waiter.done()
-                and not sub._backlog
+                and (burst is None or sub.limit.fits(*burst))
             ):
-                batch.append(sub)
+                (behind if sub._backlog else batch).append(sub)
             else:
                 sub._offer(frame)
+        if behind:
+            batch += self._send_queued(batch_push, behind, frame)
         if batch:
-            self._push_batch(batch_push, frame, batch)
+            declined = self._batch(batch_push, frame, batch)
+            for sub in batch:
+                sub.delivered += 1
+            for i in declined:
+                sub = batch[i]
+                sub.delivered -= 1
+                sub._offer(frame)
 
-    def _push_batch(self, batch_push, frame: EncodedFrame, batch: list[Subscription]) -> None:
+    def _send_queued(self, batch_push, subs: list[Subscription], frame: EncodedFrame) -> list[Subscription]:
+        """``subs``' queued frames, oldest first, through the batch: those that queued the same frame sent it in one
+        call (after a pass of several frames, every live viewer queued the same), not each by its own send loop
+        (a task woken, a frame sent alone, for every viewer: several times the batch's cost a viewer, where the
+        loop is already behind). Those that caught up are returned, for ``frame``'s batch; one declined (its
+        socket backed up, its lane gone) keeps the rest queued, ``frame`` behind them, for its send loop."""
+        caught_up = []
+        while subs:
+            groups: dict[int, list[Subscription]] = {}
+            for sub in subs:
+                groups.setdefault(id(sub._backlog.first), []).append(sub)
+            subs = []
+            for group in groups.values():
+                declined = set(self._batch(batch_push, group[0]._backlog.first, group))
+                for i, sub in enumerate(group):
+                    if i in declined:
+                        sub._offer(frame)
+                        continue
+                    sub._backlog.popleft()
+                    sub.delivered += 1
+                    if not sub._backlog:
+                        sub.lagging = False  # caught up (as ``_take`` says when a reader empties its queue)
+                    if sub.lane is None:  # its lane failed with this frame: its send loop takes the rest
+                        sub._offer(frame)
+                    elif sub._backlog:
+                        subs.append(sub)
+                    else:
+                        caught_up.append(sub)
+        return caught_up
+
+    def _batch(self, batch_push, frame: EncodedFrame, subs: list[Subscription]) -> Sequence[int]:
+        """``frame`` to ``subs`` in one ``batch_push`` call, counted; the indices of those it did not take."""
         try:
-            declined = batch_push(frame, batch)
+            declined = batch_push(frame, subs)
         except Exception as exc:  # never into the publish: each is offered the frame its own way
             now = time.monotonic()
             if now - self._last_batch_log >= DROP_WARNING_INTERVAL:  # said once a second, not once a frame
                 self._last_batch_log = now
                 log.warning("stream=%s viewers=%d batch push failed, each offered its own way: %r", self.stream,
-                            len(batch), exc)  # fmt: skip
-            declined = range(len(batch))
-        taken = len(batch) - len(declined)
+                            len(subs), exc)  # fmt: skip
+            declined = range(len(subs))
+        taken = len(subs) - len(declined)
         self.delivered += taken
-        for sub in batch:
-            sub.delivered += 1
-        for i in declined:
-            sub = batch[i]
-            sub.delivered -= 1
-            sub._offer(frame)
+        self.batched += taken
+        return declined
 
     def _cache(self, frame: EncodedFrame) -> None:
         old = self.gop.frames

@@ -109,6 +109,11 @@ class Backlog:
         for frame in frames:
             self.append(frame)
 
+    @property
+    def first(self) -> Frame:
+        """The oldest frame (IndexError when empty)."""
+        return self._frames[0]
+
     def popleft(self) -> Frame:
         frame = self._frames.popleft()
         self.bytes -= len(frame.data)

@@ -197,7 +197,15 @@ class SessionEvent(_Json):
     why: str = ""
 
 
-STATS_COUNTERS = ("delivered", "dropped", "resyncs", "audio_dropped")  # per stream: never go down in one process
+STATS_COUNTERS = (
+    "delivered",
+    "batched",
+    "dropped",
+    "resyncs",
+    "audio_dropped",
+    "retransmits",
+    "retransmits_refused",
+)  # per stream: never go down in one process
 STATS_GAUGES = ("viewers", "connected")
 STATS_KEYS = frozenset((*STATS_COUNTERS, *STATS_GAUGES, "fanout_delays"))
 

@@ -375,9 +375,15 @@ class Stream:
         """The hub's fan-out: frames handed to subscribers, subscribers that fell behind, keyframes asked for them."""
         hub, gate, labels = self.hub, self.hub.keyframe_gate, {"stream": self.name}
         lagging = sum(1 for sub in hub.subscribers if sub.lagging)
+        hubs = (hub, self.audio)
+        retransmits = sum(h.retransmits for h in hubs)
+        refused = sum(h.retransmits_refused for h in hubs)
         fanout = {
-            "delivered": hub.delivered, "resyncs": hub.resyncs, "lagging": lagging,
+            # of delivered: handed over in the stream's one call a frame for its live viewers (the rest alone)
+            "delivered": hub.delivered, "batched": hub.batched, "resyncs": hub.resyncs, "lagging": lagging,
             "keyframe_requests": gate.sent, "keyframe_requests_coalesced": gate.asked - gate.sent,
+            # packets viewers' NACKs had sent again (video and sound), and those refused past a viewer's budget
+            "retransmits": retransmits, "retransmits_refused": refused,
         }  # fmt: skip
         return ConsumerStats(
             {"fanout": fanout},
@@ -385,6 +391,9 @@ class Stream:
                 Metric("camrelay_stream_fanout_delivered_total", "counter",
                        "Frames handed to subscribers (viewers, publishers, the recorder), once per subscriber.",
                        hub.delivered, labels),
+                Metric("camrelay_stream_fanout_batched_total", "counter",
+                       "Of the frames delivered, those sent in one call a frame for every live viewer.", hub.batched,
+                       labels),
                 Metric("camrelay_stream_fanout_resyncs_total", "counter",
                        "Times a subscriber fell past its lag limit (skipped to a keyframe).", hub.resyncs, labels),
                 Metric("camrelay_stream_fanout_lagging", "gauge",
@@ -394,6 +403,10 @@ class Stream:
                 Metric("camrelay_stream_fanout_keyframe_requests_coalesced_total", "counter",
                        "Laggards' keyframe requests served by one already asked (at most one a second).",
                        gate.asked - gate.sent, labels),
+                Metric("camrelay_stream_fanout_retransmits_total", "counter",
+                       "Packets sent again for viewers' NACKs.", retransmits, labels),
+                Metric("camrelay_stream_fanout_retransmits_refused_total", "counter",
+                       "Packets viewers' NACKs asked for past their resend budget, not sent again.", refused, labels),
             ),
         )  # fmt: skip
 

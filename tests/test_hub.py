@@ -511,6 +511,68 @@ async def test_the_batch_takes_the_live_waiting_subscribers_with_a_lane_and_the_
         sub.close()
 
 
+def _lanes(hub, names):
+    """Live subscribers with lanes (past their first keyframe), each push declining (a backed-up socket), and a
+    batch push that records its calls (frame number, subscribers) and declines those in the set it returns."""
+    subs = {n: hub.subscribe(n) for n in names}
+    for sub in subs.values():
+        sub.push = lambda f: False
+        sub.lane = object()
+        sub.waiting_keyframe = False
+    calls: list[tuple[int, list[str]]] = []
+    refuse: set[str] = set()
+
+    def batch_push(f, batch):
+        calls.append((f.pts // 3000, [s.name for s in batch]))
+        return [i for i, s in enumerate(batch) if s.name in refuse]
+
+    hub.batch_push = batch_push
+    return subs, calls, refuse
+
+
+async def test_frames_queued_for_waiting_readers_with_lanes_go_through_the_batch_first_oldest_first():
+    """A loop that fell behind: frames queued for viewers whose readers have not run yet are sent in the batch, one
+    call per frame for every viewer that queued it, before the frame being published, instead of a task a viewer
+    sending each alone; one the batch declines keeps its queue, the new frame behind it, for its own reader."""
+    hub = PacketHub("cam0", Requests())
+    subs, calls, refuse = _lanes(hub, "abcd")
+    readers = {n: await _waiting_reader(s) for n, s in subs.items()}
+    refuse |= {"a", "b", "d"}  # backed up: declined by the batch and by push, so queued, and their readers woken
+    hub.publish(frame(1))
+    refuse -= {"a", "b"}
+    hub.publish(frame(2))  # in the same pass: their readers have not run
+    assert calls == [(1, ["a", "b", "c", "d"]), (1, ["a", "b", "d"]), (2, ["c", "a", "b"])]
+    assert [len(subs[n]) for n in "abcd"] == [0, 0, 0, 2]
+    assert [subs[n].delivered for n in "abcd"] == [2, 2, 2, 0] and hub.batched == hub.delivered == 6
+    await asyncio.sleep(0)
+    assert not any(readers[n].done() for n in "abc")  # woken for frame 1, found nothing left: waiting again
+    assert (await readers["d"]).pts == 3000 and (await subs["d"].get()).pts == 6000
+    for sub in subs.values():
+        sub.close()
+
+
+async def test_a_pass_of_frames_goes_in_the_batch_while_it_would_fit_the_queue_and_a_longer_burst_resyncs():
+    """Frames published in one pass (the loop was held) go in the batch while the burst after the pass's first
+    would fit the viewer's queue (its lag limit); from there on they queue as without lanes, and a burst that
+    outgrows the queue too resyncs from the cache: every frame once, in order."""
+    hub = PacketHub("cam0", Requests(), cached_start=lambda: True)
+    subs, calls, _ = _lanes(hub, ["viewer"])
+    sub = subs["viewer"]
+    reader = await _waiting_reader(sub)
+    burst = gop(0, 2 * LAG_FRAMES + 3)  # one pass: the first, two queues' worth, and the frame that overflows
+    for f in burst:
+        hub.publish(f)
+    batched = [n for n, _ in calls]
+    assert batched == list(range(LAG_FRAMES + 1))  # the first, and the burst after it while it fits the queue
+    assert sub.resyncs == 1 and sub.replaying and sub.dropped == 0
+    got = [(await reader).pts] + [(await sub.get()).pts for _ in range(len(burst) - len(batched) - 1)]
+    assert [n * 3000 for n in batched] + got == [f.pts for f in burst]  # nothing lost, nothing twice
+    reader = await _waiting_reader(sub)
+    hub.publish(frame(len(burst)))  # a new pass, live and waiting: in the batch again
+    assert calls[-1] == (len(burst), ["viewer"]) and not reader.done()
+    sub.close()
+
+
 async def test_a_batch_push_that_raises_offers_each_its_frame_and_is_said_once_a_second(caplog):
     """A ``batch_push`` raising never reaches the publish: every subscriber of the batch is offered the frame its
     own way, and the warning is said at most once a second however many frames fail."""

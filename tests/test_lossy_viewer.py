@@ -70,6 +70,7 @@ async def test_a_lossy_viewer_recovers_and_the_others_do_not_notice(relay_server
         await asyncio.gather(*(v.read_frames(5) for v in [lossy, *others]))
         # The relay's sender for the lossy viewer: the one whose retransmissions we expect.
         lossy_sender = session_of(relay_server, lossy).pc.getTransceivers()[0].sender
+        senders = [t.sender for v in [lossy, *others] for t in session_of(relay_server, v).pc.getTransceivers()]
         assert link.counters.to_viewer > 0 and link.counters.to_relay > 0  # the media really goes through the link
         watches = [Watch(v) for v in [lossy, *others]]
         tasks = [asyncio.create_task(w.run(stop)) for w in watches]
@@ -113,6 +114,10 @@ async def test_a_lossy_viewer_recovers_and_the_others_do_not_notice(relay_server
     # Recovering took retransmissions the viewer asked for (NACK), not just luck.
     assert link.counters.nacks > 0
     assert lossy_sender.__dict__.get(RETRANSMITS, 0) > 0  # and the relay answered them
+    # The API counts them, every viewer's, as its senders did.
+    async with http.get(relay_server.base + "/api/v1/streams") as resp:
+        fanout = {s["name"]: s for s in (await resp.json())["streams"]}["cam0"]["fanout"]
+    assert fanout["retransmits"] == sum(s.__dict__.get(RETRANSMITS, 0) for s in senders) > 0
     print(f"link: {link.counters}; keyframes forced during loss: {stream.stats.keyframes_forced - forced_before}")
     # The others saw nothing: every frame the relay encoded, from before the loss to its end, each of them showed.
     for w, dropped in zip(other_ws, lagged, strict=True):

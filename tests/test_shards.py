@@ -348,7 +348,10 @@ async def test_a_stuck_shard_is_killed_by_its_watchdog_and_restarted(http):
 # -- the relay's side of a shard's pipe, fed messages directly: what a broken or hostile shard sends
 
 
-GOOD = {"viewers": 1, "connected": 1, "delivered": 5, "dropped": 0, "resyncs": 0, "audio_dropped": 0}
+GOOD = {
+    "viewers": 1, "connected": 1, "delivered": 5, "batched": 0, "dropped": 0, "resyncs": 0, "audio_dropped": 0,
+    "retransmits": 0, "retransmits_refused": 0,
+}  # fmt: skip
 
 
 def relay_side(count: int = 2, request_keyframe=lambda: None) -> tuple[ShardedSessions, PacketHub]:
@@ -407,6 +410,10 @@ def test_a_shards_figures_go_into_the_streams_counters():
     shard._on_message(stats(cam0={**GOOD, "delivered": 9, "dropped": 2, "fanout_delays": [0.004] * 900}))
     assert (hub.delivered, hub.dropped, len(hub.fanout_delay)) == (9, 2, 901)
     assert pool.shards()[0]["frames_dropped"]["viewer_lag"] == 2
+    shard._on_message(stats(cam0={**GOOD, "delivered": 9, "dropped": 2, "fanout_delays": [], "retransmits": 40,
+                                  "retransmits_refused": 3, "batched": 7}))  # fmt: skip
+    # what its viewers' batch carried, and their NACKs answered there
+    assert (hub.retransmits, hub.retransmits_refused, hub.batched) == (40, 3, 7)
 
 
 def test_a_shard_may_send_the_relay_a_megabyte_not_64():

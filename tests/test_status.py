@@ -46,11 +46,14 @@ def _api_counter(status: dict, sample) -> float | None:
         "camrelay_stream_gop_cache_starts_total": lambda: stream["gop_cache"]["starts"],
         "camrelay_stream_gop_cache_overflows_total": lambda: stream["gop_cache"]["overflows"],
         "camrelay_stream_fanout_delivered_total": lambda: stream["fanout"]["delivered"],
+        "camrelay_stream_fanout_batched_total": lambda: stream["fanout"]["batched"],
         "camrelay_stream_fanout_resyncs_total": lambda: stream["fanout"]["resyncs"],
         "camrelay_stream_fanout_keyframe_requests_total": lambda: stream["fanout"]["keyframe_requests"],
         "camrelay_stream_fanout_keyframe_requests_coalesced_total": lambda: stream["fanout"][
             "keyframe_requests_coalesced"
         ],
+        "camrelay_stream_fanout_retransmits_total": lambda: stream["fanout"]["retransmits"],
+        "camrelay_stream_fanout_retransmits_refused_total": lambda: stream["fanout"]["retransmits_refused"],
         "camrelay_stream_keyframe_requests_total": lambda: stream["keyframe_requests"]["requests"],
         "camrelay_stream_keyframe_requests_merged_total": lambda: stream["keyframe_requests"]["merged"],
         "camrelay_stream_keyframe_shares_total": lambda: stream["keyframe_requests"]["shared"],

@@ -796,18 +796,23 @@ def resend_budget(sender: RTCRtpSender, budget: ResendBudget | None = None) -> R
 
 async def _retransmit(self: RTCRtpSender, sequence_number: int) -> None:
     budget = resend_budget(self)
+    fields = borrowed.SenderFields(self)
+    hub = getattr(fields.track, "hub", None)  # its stream's, for the counts
     if not budget.allow(sequence_number):  # a NACK flood: held to the viewer's budget
+        if hub is not None:
+            hub.retransmits_refused += 1
         _resend_refused.warn("a viewer's NACKs past its resend budget (ssrc=%d): %d packets not sent again so far",
-                             borrowed.SenderFields(self).ssrc, budget.refused)  # fmt: skip
+                             fields.ssrc, budget.refused)  # fmt: skip
         return
     lane, history = self.__dict__.get(_LANE), self.__dict__.get(_HISTORY)
     source = lane if lane is not None else history
     found = source.find(sequence_number) if source is not None else None
     if found is None:
         return
-    fields = borrowed.SenderFields(self)
     timestamp, marker, payload, payload_type = found
     self.__dict__[RETRANSMITS] = self.__dict__.get(RETRANSMITS, 0) + 1
+    if hub is not None:
+        hub.retransmits += 1
     packet = RtpPacket(
         payload_type=payload_type, marker=int(marker), sequence_number=sequence_number, timestamp=timestamp
     )

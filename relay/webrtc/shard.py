@@ -235,9 +235,13 @@ class Shard:
                 "viewers": self.sessions.count(name),
                 "connected": self.sessions.connected(name),
                 "delivered": hub.delivered,
+                "batched": hub.batched,
                 "dropped": hub.dropped,
                 "resyncs": hub.resyncs,
                 "audio_dropped": audio.dropped if audio is not None else 0,
+                # NACKs answered (video and sound), and refused: the relay adds them to the stream's video hub
+                "retransmits": sum(h.retransmits for h in (hub, audio) if h is not None),
+                "retransmits_refused": sum(h.retransmits_refused for h in (hub, audio) if h is not None),
                 "fanout_delays": hub.fanout_delay.take(),  # type: ignore[attr-defined]
             }
         times = os.times()

@@ -558,8 +558,11 @@ class ShardedSessions(SessionCounts):
             audio = self._audio_for(name)
             old = before.streams.get(name, {})
             hub.delivered += figures["delivered"] - old.get("delivered", 0)
+            hub.batched += figures["batched"] - old.get("batched", 0)
             hub.dropped += figures["dropped"] - old.get("dropped", 0)
             hub.resyncs += figures["resyncs"] - old.get("resyncs", 0)
+            hub.retransmits += figures["retransmits"] - old.get("retransmits", 0)
+            hub.retransmits_refused += figures["retransmits_refused"] - old.get("retransmits_refused", 0)
             if audio is not None:
                 audio.dropped += figures["audio_dropped"] - old.get("audio_dropped", 0)
             for seconds in figures["fanout_delays"]:
