@@ -278,6 +278,63 @@ async def test_feedback_whose_handling_fails_is_said_once_or_not_at_all_never_an
     assert len(said) == 1 and "aiortc's own" in said[0]
 
 
+class _Router:
+    """A DTLS transport's RTP router's stand-in: the packets routed, to nobody."""
+
+    def __init__(self) -> None:
+        self.routed: list = []
+
+    def route_rtcp(self, packet) -> set:
+        self.routed.append(packet)
+        return set()
+
+
+class _RecordingDtls(_FeedbackDtls):
+    """As ``_FeedbackDtls``, its aiortc handler recording the datagrams it is handed, and a router."""
+
+    def __init__(self, rx) -> None:
+        super().__init__(rx, RuntimeError("unused"))
+        self._rtp_router = _Router()
+        self.handled: list[bytes] = []
+
+    async def _handle_rtcp_data(self, data: bytes) -> None:
+        self.handled.append(data)
+
+
+async def test_a_viewers_remb_is_dropped_where_it_is_read_and_what_comes_with_it_handled_as_without_it():
+    """A REMB (a viewer's estimate of its link's bit rate, which the relay's senders have no encoder to give) is
+    dropped at once: alone, nothing is routed and no task made for aiortc's handler; with a receiver report (the
+    compound a browser sends), the report is routed at once as alone; with a NACK, aiortc's handler gets the whole
+    datagram, as before. Each is counted received."""
+    import pylibsrtp
+    from aiortc.rtp import (
+        RTCP_PSFB_APP,
+        RTCP_RTPFB_NACK,
+        RtcpPsfbPacket,
+        RtcpReceiverInfo,
+        RtcpRrPacket,
+        RtcpRtpfbPacket,
+        pack_remb_fci,
+    )
+
+    key = bytes(range(30))
+    tx = pylibsrtp.Session(pylibsrtp.Policy(key=key, ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND))
+    rx = pylibsrtp.Session(pylibsrtp.Policy(key=key, ssrc_type=pylibsrtp.Policy.SSRC_ANY_INBOUND))
+    dtls, conn = _RecordingDtls(rx), _Connection()
+    conn.__dict__[borrowed._RTCP_FAST] = weakref.ref(dtls)
+    remb = bytes(RtcpPsfbPacket(fmt=RTCP_PSFB_APP, ssrc=1, media_ssrc=0, fci=pack_remb_fci(300_000, [2])))
+    block = RtcpReceiverInfo(ssrc=2, fraction_lost=0, packets_lost=0, highest_sequence=9, jitter=0, lsr=0, dlsr=0)
+    report = bytes(RtcpRrPacket(ssrc=1, reports=[block]))
+    nack = bytes(RtcpRtpfbPacket(fmt=RTCP_RTPFB_NACK, ssrc=1, media_ssrc=2, lost=[5]))
+    assert borrowed._rtcp_now(conn, tx.protect_rtcp(remb))
+    assert borrowed._rtcp_now(conn, tx.protect_rtcp(report + remb))
+    assert borrowed._rtcp_now(conn, tx.protect_rtcp(nack + remb))
+    await asyncio.sleep(0)
+    assert [type(p) for p in dtls._rtp_router.routed] == [RtcpRrPacket]  # the report alone, at once
+    assert dtls.handled == [nack + remb]  # the feedback to aiortc's handler, whole
+    assert dtls.__dict__[borrowed._DTLS_RX_PACKETS] == 3
+
+
 def test_a_closed_event_loops_reports_are_let_go():
     """Each event loop's ``SenderReports`` is kept while the loop is (a test suite makes hundreds of loops)."""
     import gc

@@ -417,17 +417,27 @@ def _datagram_received(self: aioice.ice.StunProtocol, data: bytes | str, addr: t
 _RTCP_FIRST_BYTE = (128, 192)
 _RTCP_FAST = "camrelay_rtcp_dtls"  # on an aioice Connection: its DTLS transport, weakly, whose RTCP is read at once
 # What a viewer sends every second or so, and aiortc's handlers take without waiting for anything: reports and
-# descriptions. A compound packet holding anything else (NACK, PLI, FIR, REMB, BYE) goes to aiortc's own handler.
+# descriptions (REMBs among them are dropped: ``_unheeded``). A compound packet holding anything else (NACK, PLI, FIR,
+# BYE) goes to aiortc's own handler.
 _RTCP_AT_ONCE = (aiortc.rtp.RtcpRrPacket, aiortc.rtp.RtcpSrPacket, aiortc.rtp.RtcpSdesPacket)
+
+
+def _unheeded(packet) -> bool:
+    """A REMB (receiver estimated maximum bitrate: application-layer feedback), which aiortc's sender hands to its
+    encoder's ``target_bitrate``: the relay's senders have none (one encoder for every viewer, or none at all), so it
+    is dropped where it is read, not handed to aiortc in a task. An aiortc viewer sends one each time its estimate
+    moves, and more often the more delay it sees: on a full machine the relay's loop spent several times its usual
+    CPU on its viewers' RTCP, much of it REMBs through that task (docs/benchmarks.md, "The 60-viewer collapse")."""
+    return isinstance(packet, aiortc.rtp.RtcpPsfbPacket) and packet.fmt == aiortc.rtp.RTCP_PSFB_APP
 
 
 def read_rtcp_at_once(dtls: aiortc.RTCDtlsTransport) -> None:
     """SRTCP from the peer of ``dtls``'s ICE connection is read as it arrives (``WATCH_ICE``, while held): unprotected
     there and then, its reports handed to the senders (and receivers) they are for, instead of passing through
     aioice's queue and DTLS's task (some 400 us of CPU a receiver report on a relay with 64 viewers, a report a second
-    a viewer: docs/benchmarks.md). What aiortc's handlers may wait in (feedback: NACK, PLI, FIR, REMB; BYE) is
-    handed to aiortc's ``_handle_rtcp_data`` in a task of its own, unprotected as well; the transport's counts of what
-    it received are kept as aiortc keeps them."""
+    a viewer: docs/benchmarks.md); REMBs are dropped (``_unheeded``). What aiortc's handlers may wait in (feedback:
+    NACK, PLI, FIR; BYE) is handed to aiortc's ``_handle_rtcp_data`` in a task of its own, unprotected as well; the
+    transport's counts of what it received are kept as aiortc keeps them."""
     conn = dtls.transport._connection
     conn.__dict__[_RTCP_FAST] = weakref.ref(dtls)
 
@@ -456,7 +466,7 @@ def _rtcp_now(conn: aioice.Connection, data: bytes) -> bool:
         packets = aiortc.rtp.RtcpPacket.parse(plain)
     except (pylibsrtp.Error, ValueError):
         return True  # as aiortc's task: a datagram that fails authentication, or cannot be parsed, is dropped
-    if not all(isinstance(p, _RTCP_AT_ONCE) for p in packets):
+    if not all(isinstance(p, _RTCP_AT_ONCE) or _unheeded(p) for p in packets):
         task = asyncio.get_running_loop().create_task(dtls._handle_rtcp_data(plain))
         _rtcp_tasks.add(task)
         task.add_done_callback(_rtcp_task_done)
@@ -464,6 +474,8 @@ def _rtcp_now(conn: aioice.Connection, data: bytes) -> bool:
     try:
         router = dtls._rtp_router
         for packet in packets:
+            if _unheeded(packet):
+                continue
             for recipient in router.route_rtcp(packet):
                 _run_now(recipient._handle_rtcp_packet(packet))
     except Exception as exc:  # never into aioice's datagram_received: the report dropped, said once a second
