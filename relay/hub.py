@@ -39,8 +39,9 @@ With a lane, frames they queued meanwhile go the same way first (a call per
 frame for all who queued it), and so do the later frames of a pass while
 the pass's burst would still fit their queue: a loop that fell behind sends
 every viewer's late frames in one call each, not in a task per viewer, the
-costlier way that kept it behind. A longer burst queues from there on, and
-resyncs as without lanes.
+costlier way. A longer burst queues from there on, and a viewer whose queue
+overflows too resyncs as without lanes (so at about twice its lag limit of
+burst; it is never further behind the newest frame than its limit).
 
 All methods run on the event loop; the encoder thread hands frames over with
 ``loop.call_soon_threadsafe(hub.publish, frame)``.
@@ -531,12 +532,13 @@ class PacketHub:
         # The frames of this pass after its first (a burst: the loop was held): how many, their bytes, the pts of
         # the first of them.
         self._burst = [0, 0, 0]
-        # ``batch_push(frame, subs)``: the subscribers that ``push`` would be handed a frame (live, their reader
-        # waiting, nothing queued, the pass's first frame) and that have a ``lane``, all sent to in one call; it
-        # returns the indices of those it did not take, which are offered the frame as usual (``push``, or their
-        # queue). Set by whoever sets the lanes (relay.webrtc.rtpsend: one C call a frame for every viewer). It
-        # should not raise (rtpsend's does not: it knows whom it sent to); where it does, every one is offered
-        # the frame again, which may repeat it to those it had reached.
+        # ``batch_push(frame, subs)``: the live subscribers with a ``lane`` whose reader is parked in ``get``
+        # (woken or not), all sent to in one call (frames they queued first: ``_send_queued``; a pass's later
+        # frames while its burst would fit their queue: ``publish``); it returns the indices of those it did not
+        # take, which are offered the frame as usual (``push``, or their queue). Set by whoever sets the lanes
+        # (relay.webrtc.rtpsend: one C call a frame for every viewer). It should not raise (rtpsend's does not: it
+        # knows whom it sent to); where it does, every one is offered the frame again, which may repeat it to those
+        # it had reached.
         self.batch_push: Callable[[EncodedFrame, list[Subscription]], list[int]] | None = None
 
     @property
@@ -680,13 +682,14 @@ class PacketHub:
                 sub._offer(frame)
             return
         # A frame after the pass's first goes in the batch only to those whose queue would still hold the burst so
-        # far: a longer burst (a stall's) queues from there on, and resyncs as without the batch.
+        # far: a longer burst (a stall's) queues from there on, and a viewer whose queue then overflows too resyncs
+        # as without the batch (at about twice its lag limit of burst, never more than its limit behind the newest).
         burst = None if self.first_in_pass else (self._burst[0], self._burst[1], frame.pts - self._burst[2])
         batch, behind = [], []
         for sub in self._subscribers:
-            # live with a lane, its reader waiting in ``get`` (so it holds no frame it has yet to send), no cache
-            # cursor, no keyframe wait: ``_would_push`` written out, this loop is most of the Python a viewer's
-            # Opus packet costs
+            # live with a lane, its reader parked in ``get`` (so it holds no frame it has yet to send; woken, it
+            # finds what is left), no cache cursor, no keyframe wait: written out, this loop is most of the Python
+            # a viewer's Opus packet costs
             if (
                 sub.lane is not None
                 and sub._waiter is not None

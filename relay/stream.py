@@ -382,7 +382,8 @@ class Stream:
             # of delivered: handed over in the stream's one call a frame for its live viewers (the rest alone)
             "delivered": hub.delivered, "batched": hub.batched, "resyncs": hub.resyncs, "lagging": lagging,
             "keyframe_requests": gate.sent, "keyframe_requests_coalesced": gate.asked - gate.sent,
-            # packets viewers' NACKs had sent again (video and sound), and those refused past a viewer's budget
+            # packets its WebRTC peers' NACKs had sent again (video and sound: viewers, a WHIP publisher's server),
+            # and those refused past a peer's budget
             "retransmits": retransmits, "retransmits_refused": refused,
         }  # fmt: skip
         return ConsumerStats(
@@ -404,9 +405,10 @@ class Stream:
                        "Laggards' keyframe requests served by one already asked (at most one a second).",
                        gate.asked - gate.sent, labels),
                 Metric("camrelay_stream_fanout_retransmits_total", "counter",
-                       "Packets sent again for viewers' NACKs.", retransmits, labels),
+                       "Packets sent again for WebRTC peers' NACKs (viewers, a WHIP publisher's server).",
+                       retransmits, labels),
                 Metric("camrelay_stream_fanout_retransmits_refused_total", "counter",
-                       "Packets viewers' NACKs asked for past their resend budget, not sent again.", refused, labels),
+                       "Packets peers' NACKs asked for past their resend budget, not sent again.", refused, labels),
             ),
         )  # fmt: skip
 

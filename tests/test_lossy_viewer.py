@@ -114,10 +114,12 @@ async def test_a_lossy_viewer_recovers_and_the_others_do_not_notice(relay_server
     # Recovering took retransmissions the viewer asked for (NACK), not just luck.
     assert link.counters.nacks > 0
     assert lossy_sender.__dict__.get(RETRANSMITS, 0) > 0  # and the relay answered them
-    # The API counts them, every viewer's, as its senders did.
+    # The API counts them, every viewer's, as its senders did (read on either side of it: one may come meanwhile).
+    counted = lambda: sum(s.__dict__.get(RETRANSMITS, 0) for s in senders)  # noqa: E731
+    before = counted()
     async with http.get(relay_server.base + "/api/v1/streams") as resp:
         fanout = {s["name"]: s for s in (await resp.json())["streams"]}["cam0"]["fanout"]
-    assert fanout["retransmits"] == sum(s.__dict__.get(RETRANSMITS, 0) for s in senders) > 0
+    assert 0 < before <= fanout["retransmits"] <= counted()
     print(f"link: {link.counters}; keyframes forced during loss: {stream.stats.keyframes_forced - forced_before}")
     # The others saw nothing: every frame the relay encoded, from before the loss to its end, each of them showed.
     for w, dropped in zip(other_ws, lagged, strict=True):
