@@ -23,6 +23,10 @@ itself: its DTLS transport's ``_handle_rtp_data`` and ``_handle_rtcp_data``
 (``tap_decrypted``) hand it each decrypted RTP packet instead of aiortc's
 receivers, and each RTCP packet besides them (the sender reports).
 
+The RTCP cost benchmark (``benchmarks/rtcpcost.py``) protects a viewer's RTCP with its DTLS transport's SRTP
+session (``protect_rtcp``: ``_tx_srtp``) and hands it to the relay's side where its ICE connection would
+(``ice_connection_of``).
+
 The join cost benchmark (``benchmarks/joincost.py``) times steps of a session's set-up in the relay's process by
 wrapping them where they are looked up: aiortc's private ones are named here (``JOIN_STEPS``).
 
@@ -125,6 +129,18 @@ async def send_rtcp(pc: aiortc.RTCPeerConnection, data: bytes) -> None:
     if not transceivers:
         raise ConnectionError("no transceiver")
     await transceivers[0].receiver.transport._send_rtp(data)
+
+
+def protect_rtcp(pc: aiortc.RTCPeerConnection, data: bytes) -> bytes:
+    """``data`` (one RTCP packet or a compound, in the clear) protected as SRTCP by ``pc``'s DTLS transport, as it
+    would send it, and not sent (``benchmarks.rtcpcost`` hands it to the relay's side itself)."""
+    return pc.getTransceivers()[0].receiver.transport._tx_srtp.protect_rtcp(data)
+
+
+def ice_connection_of(pc: aiortc.RTCPeerConnection) -> Any:
+    """The aioice connection of ``pc``'s (first transceiver's) ICE transport: where the relay's process reads its
+    peer's datagrams (``relay.webrtc.borrowed.read_rtcp_at_once``)."""
+    return pc.getTransceivers()[0].sender.transport.transport._connection
 
 
 def tap_decrypted(

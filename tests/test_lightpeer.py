@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import inspect
 import itertools
 from pathlib import Path
 
@@ -161,15 +162,16 @@ def _private_reads(path: Path) -> set[str]:
     return {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr.startswith("_")} - {"__dict__"}
 
 
-def test_the_benchmarks_borrow_six_names_that_the_installed_aiortc_and_aioice_have():
+def test_the_benchmarks_borrow_seven_names_that_the_installed_aiortc_and_aioice_have():
     """benchmarks/borrowed.py is written for the versions relay.webrtc.borrowed checks (pyproject's bounds); the
     private names it reads (the light peer's three, the lip-sync probe's tap of decrypted RTP and RTCP, the join
-    trace's check list completed) are there in what is installed."""
+    trace's check list completed, the RTCP cost benchmark's SRTP session) are there in what is installed."""
     assert bench_borrowed.WRITTEN_FOR is borrowed.WRITTEN_FOR
     assert _private_reads(ROOT / "benchmarks" / "borrowed.py") == {
         "_connection", "_protocols", "_send_rtp", "_handle_rtp_data", "_handle_rtcp_data",
-        "_check_list_maybe_complete",
+        "_check_list_maybe_complete", "_tx_srtp",
     }  # fmt: skip
+    assert "self._tx_srtp" in inspect.getsource(aiortc.RTCDtlsTransport.__init__)
     assert callable(Connection._check_list_maybe_complete)
     transport = aiortc.RTCIceTransport(aiortc.RTCIceGatherer())
     assert isinstance(transport._connection, Connection)
