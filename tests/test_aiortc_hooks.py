@@ -590,6 +590,25 @@ async def test_a_bound_lane_is_taken_only_while_dtls_the_pair_the_session_and_th
             release()
 
 
+def test_an_answer_is_made_from_the_transceivers_negotiated_lists_which_answer_without_trims():
+    """``borrowed.answer_without`` trims the transceiver's negotiated header extensions and each codec's feedback
+    between the offer and the answer: aiortc makes both lists anew for each offer (its codecs deep copies, so its
+    own table is untouched) and makes the answer, and its sender's parameters, from them."""
+    import inspect
+
+    import aiortc.codecs
+    import aiortc.rtcpeerconnection as pcmod
+
+    common = inspect.getsource(pcmod.find_common_codecs)
+    assert "copy.deepcopy(codec)" in common and "codec.rtcpFeedback = list(" in common
+    source = inspect.getsource(pcmod)
+    assert "transceiver._headerExtensions = find_common_header_extensions(" in source
+    assert "transceiver._codecs = common" in source
+    assert "codecs=transceiver._codecs" in source and "headerExtensions=transceiver._headerExtensions" in source
+    remb = [c for c in aiortc.codecs.CODECS["video"] if any(f.type == "goog-remb" for f in c.rtcpFeedback)]
+    assert remb  # aiortc offers it: the relay's answers are what leave it out
+
+
 def test_aiortc_internals_a_viewers_rtcp_read_at_once_leans_on_are_still_there():
     """``borrowed.read_rtcp_at_once`` does what aiortc's DTLS task does with an SRTCP datagram (counts it, unprotects
     it with ``_rx_srtp``, parses it, routes each packet through ``_rtp_router``) and runs a sender's handling of a

@@ -5,8 +5,8 @@ sends per frame. That needs a few of aiortc's and aioice's internals, all of
 them here, so an upgrade that moves one breaks this module alone (and
 ``tests/test_aiortc_hooks.py`` names what moved):
 
-- on each transceiver, the header extensions its answer names (``answer_extension``: playout-delay, which
-  aiortc does not know);
+- on each transceiver, the header extensions and feedback its answer names (``answer_extension``: playout-delay,
+  which aiortc does not know; ``answer_without``: abs-send-time and goog-remb, which the relay would ignore);
 - on each sender (``RTCRtpSender``): its encoder slot (``__encoder``) holds a
   packer that packs shared frames; ``_send_keyframe`` (PLI, FIR) goes to the
   shared encoder; ``_run_rtp`` and ``_retransmit`` are camrelay's per-frame
@@ -589,6 +589,19 @@ def answer_extension(transceiver: aiortc.RTCRtpTransceiver, ext_id: int, uri: st
     if not isinstance(getattr(transceiver, "_headerExtensions", None), list):
         raise RuntimeError("aiortc's RTCRtpTransceiver._headerExtensions changed; camrelay's hooks need updating")
     transceiver._headerExtensions.append(RTCRtpHeaderExtensionParameters(id=ext_id, uri=uri))
+
+
+def answer_without(transceiver: aiortc.RTCRtpTransceiver, extensions: frozenset[str], feedback: frozenset[str]) -> None:
+    """The answer to the offer just applied names none of the RTP header extensions ``extensions`` (URIs) nor the
+    RTCP feedback ``feedback`` (types) for ``transceiver``'s media section, and its sender sends none of those
+    extensions: both come from the transceiver's negotiated lists (``_headerExtensions``; ``_codecs``, each its
+    ``rtcpFeedback``), which aiortc made anew for this offer (its codecs deep copies)."""
+    codecs = getattr(transceiver, "_codecs", None)
+    if not isinstance(getattr(transceiver, "_headerExtensions", None), list) or not isinstance(codecs, list):
+        raise RuntimeError("aiortc's RTCRtpTransceiver negotiated lists changed; camrelay's hooks need updating")
+    transceiver._headerExtensions = [x for x in transceiver._headerExtensions if x.uri not in extensions]
+    for codec in codecs:
+        codec.rtcpFeedback = [f for f in codec.rtcpFeedback if f.type not in feedback]
 
 
 def attach(sender: aiortc.RTCRtpSender, packer: object, request_keyframe: Callable[[], None]) -> None:

@@ -41,6 +41,14 @@ CONNECT_TIMEOUT = 15.0
 # while still sending its reports.
 VIEWER_SILENCE = 10.0  # seconds without a datagram from a connected viewer
 LIVENESS_CHECK = 2.0  # seconds between looks
+# What a viewer's answer leaves out, of what aiortc would name: the means of a receiver's bandwidth estimate
+# (abs-send-time, on which a receiver bases its REMB, and the REMB feedback itself). The relay sends every viewer
+# the stream's one encoding and ignores their estimates, so a viewer computing one and sending it (aiortc's on
+# every packet it receives, and a REMB each time its estimate moves; a browser's about once a second) is work for
+# nothing on both sides: 4 bytes a packet, a clock read a frame, RTCP to read (docs/benchmarks.md, "The 60-viewer
+# collapse"). mediamtx's answers name neither.
+UNUSED_EXTENSIONS = frozenset({"http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"})
+UNUSED_FEEDBACK = frozenset({"goog-remb"})
 
 
 @contextlib.contextmanager
@@ -227,6 +235,7 @@ class ViewerSessions(SessionCounts):
                 raise OfferRejected(f"offer could not be applied: {_reason(exc)}") from exc
             if not any(t.sender is transceiver.sender and t.mid is not None for t in pc.getTransceivers()):
                 raise OfferRejected("offer has no video section this relay can send to")
+            borrowed.answer_without(transceiver, UNUSED_EXTENSIONS, UNUSED_FEEDBACK)
             if self._playout_delay is not None:
                 _answer_playout_delay(transceiver, offer_sdp, self._playout_delay)
             try:
