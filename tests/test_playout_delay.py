@@ -13,6 +13,7 @@ from relay.config import ConfigError, load
 from relay.webrtc import playout
 from relay.webrtc.borrowed import divert_decrypted_rtp
 from relay.webrtc.playout import RtpHeaderError, add_elements, offered_id
+from relay.webrtc.sessions import UNUSED_EXTENSIONS
 from relay.webrtc.whepclient import WhepViewer
 
 from .conftest import RunningRelay
@@ -187,6 +188,9 @@ async def test_a_viewer_that_offers_playout_delay_gets_it_in_every_packet_and_on
     try:
         await asyncio.gather(offered.connect(), plain.connect())
         assert extmaps(offered.answer).get(playout.URI) == 5, offered.answer
+        assert UNUSED_EXTENSIONS.isdisjoint(
+            extmaps(offered.answer)
+        )  # trimmed (sessions.UNUSED_EXTENSIONS), playout-delay kept
         assert playout.URI not in plain.answer
         for data in await packets.wait(offered, PACKETS):
             elements = dict(_elements(data))

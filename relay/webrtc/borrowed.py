@@ -427,7 +427,8 @@ def _unheeded(packet) -> bool:
     encoder's ``target_bitrate``: the relay's senders have none (one encoder for every viewer, or none at all), so it
     is dropped where it is read, not handed to aiortc in a task. An aiortc viewer sends one each time its estimate
     moves, and more often the more delay it sees: on a full machine the relay's loop spent several times its usual
-    CPU on its viewers' RTCP, much of it REMBs through that task (docs/benchmarks.md, "The 60-viewer collapse")."""
+    CPU on its viewers' RTCP, much of it REMBs through that task (docs/benchmarks.md, "The 60-viewer collapse,
+    found")."""
     return isinstance(packet, aiortc.rtp.RtcpPsfbPacket) and packet.fmt == aiortc.rtp.RTCP_PSFB_APP
 
 

@@ -15,8 +15,9 @@ jitter buffer hands a frame on when the next one starts), so keyframes set
 the 95th percentile of latency.
 
 Here each viewer's sender serializes its header once, with aiortc's own
-serializer (``HeaderTemplate``: only the timestamp and abs-send-time change
-from frame to frame, put in place per frame; aiortc's serializer per frame
+serializer (``HeaderTemplate``: only the timestamp, and abs-send-time where
+it is negotiated (a WHIP publisher's; viewers' answers name none:
+``sessions.UNUSED_EXTENSIONS``), change from frame to frame, put in place per frame; aiortc's serializer per frame
 was 12 us, 28 us with the playout-delay element, against 3), then copies each
 payload beside it into one buffer (one a thread, shared by every sender on it:
 they send one frame after another, and it stays in the CPU's cache), patches
@@ -614,7 +615,7 @@ class FrameSender:
         captured = ntp_at((timestamp - shift) * 1_000_000_000 // self.clock_rate)
         timestamp = uint32_add(self.origin, timestamp)
         template = self.template or self.header_template()
-        # abs-send-time: the clock read only for a sender that has it (video)
+        # abs-send-time: the clock read only for a sender that has it (a WHIP publisher's video; no viewer's)
         header = template.header(timestamp, ntp_now() >> 14 if template.abs_send_time_at is not None else 0)
         sequence = self.sequence
         sent = send_frame(self.writer, session, header, payloads, sequence, self.send_run, protocol, addr)

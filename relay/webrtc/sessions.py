@@ -46,7 +46,7 @@ LIVENESS_CHECK = 2.0  # seconds between looks
 # the stream's one encoding and ignores their estimates, so a viewer computing one and sending it (aiortc's on
 # every packet it receives, and a REMB each time its estimate moves; a browser's about once a second) is work for
 # nothing on both sides: 4 bytes a packet, a clock read a frame, RTCP to read (docs/benchmarks.md, "The 60-viewer
-# collapse"). mediamtx's answers name neither.
+# collapse, found"). mediamtx's answers name neither.
 UNUSED_EXTENSIONS = frozenset({"http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time"})
 UNUSED_FEEDBACK = frozenset({"goog-remb"})
 
