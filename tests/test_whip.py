@@ -651,6 +651,28 @@ async def test_a_hostile_whip_servers_answers_are_one_line_each_never_a_tracebac
         assert h264_payload_types(f"v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=rtpmap:{pt} H264/90000\r\n") == {}
 
 
+async def test_a_publisher_stopped_while_it_ends_a_session_still_closes_the_sessions_peer_connection():
+    """Stopped while its DELETE of a failed session waits on the server: the session's peer connection is closed all
+    the same (its ICE sockets were left open once; the suite's leak check names any left)."""
+    deleting, release = asyncio.Event(), asyncio.Event()
+
+    async def handle(request: web.Request) -> web.Response:
+        if request.method == "DELETE":
+            deleting.set()
+            await release.wait()
+            return web.Response()
+        return web.Response(status=201, text="v=0\r\n", content_type=SDP_TYPE, headers={"Location": "/s"})
+
+    port = free_port()
+    async with _answering(handle, port):
+        publisher = WhipPublisher(PacketHub("cam0", lambda: None), f"http://127.0.0.1:{port}/whip", TOKEN)
+        publisher.start()
+        await until(deleting.is_set, "the DELETE of the session whose answer could not be applied")
+        await publisher.close()
+        release.set()
+    assert publisher.state == "stopped" and publisher.sessions == 0
+
+
 @pytest.mark.parametrize(
     ("url", "token", "warned"),
     [

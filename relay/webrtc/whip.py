@@ -383,9 +383,11 @@ class WhipPublisher:
 
     async def _close_session(self, pc: RTCPeerConnection, track: HubTrack, location: str | None) -> None:
         try:
-            await self._delete(location)  # first: RFC 9725's way to end a session; closing DTLS is the fallback
-            track.stop()
-            await pc.close()
+            try:
+                await self._delete(location)  # first: RFC 9725's way to end a session; closing DTLS is the fallback
+            finally:  # even when the publisher is stopped in the DELETE: else the session's ICE sockets stay open
+                track.stop()
+                await pc.close()
         finally:
             # read once the send loop has ended (pc.close waits for it): every frame sent until then counted, the
             # stream's batch's too (its lane's last counts are brought in as the loop ends)
