@@ -651,7 +651,7 @@ class PacketHub:
         self.published += 1
         self._in_pass += 1
         if self._in_pass == 1:
-            self._burst = [0, 0, frame.pts]
+            self._burst = [0, 0, 0]  # the pts: the burst's first frame's, set as it comes
             try:
                 asyncio.get_running_loop().call_soon(self._pass_over)
             except RuntimeError:  # no event loop (sans-io use): every frame is a pass of its own

@@ -467,7 +467,8 @@ def _rtcp_now(conn: aioice.Connection, data: bytes) -> bool:
         packets = aiortc.rtp.RtcpPacket.parse(plain)
     except (pylibsrtp.Error, ValueError):
         return True  # as aiortc's task: a datagram that fails authentication, or cannot be parsed, is dropped
-    if not all(isinstance(p, _RTCP_AT_ONCE) or _unheeded(p) for p in packets):
+    packets = [p for p in packets if not _unheeded(p)]
+    if not all(isinstance(p, _RTCP_AT_ONCE) for p in packets):
         task = asyncio.get_running_loop().create_task(dtls._handle_rtcp_data(plain))
         _rtcp_tasks.add(task)
         task.add_done_callback(_rtcp_task_done)
@@ -475,8 +476,6 @@ def _rtcp_now(conn: aioice.Connection, data: bytes) -> bool:
     try:
         router = dtls._rtp_router
         for packet in packets:
-            if _unheeded(packet):
-                continue
             for recipient in router.route_rtcp(packet):
                 _run_now(recipient._handle_rtcp_packet(packet))
     except Exception as exc:  # never into aioice's datagram_received: the report dropped, said once a second
