@@ -44,11 +44,23 @@ frames, the load generator's CPU (cameras, viewers, readers) and the CPU of
 other work on the machine. A point is flagged "saturated" when the machine's
 cores were more than 85 % busy, whoever used them. Repeats of a point are
 interleaved across systems; the tables show their medians.
+
+The load runs niced (``--light-nice``, ``--load-nice``, 10 by default): the
+light viewers, the RTSP readers, the cameras' server and the looped cameras.
+In a real installation the cameras are devices with CPUs of their own and the
+NVRs and most viewers other machines; at niceness 0 the load (1.2 to 1.5
+cores of this 2-core machine at 16 cameras) took the CPU from whichever system
+was measured, and its latency measured the scheduler's queue more than the
+system (docs/benchmarks.md, "Many cameras with the load niced"). The pixel
+clock's camera (its pictures and its encoder) and the two latency readers (the
+probe and the direct reader) stay at 0: they measure. ``--load-nice 0`` runs
+it as before.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import multiprocessing as mp
@@ -165,6 +177,12 @@ class CameraSet:
 
     def procs(self) -> list[psutil.Process]:
         pids = [self.server.proc.pid] + [p.pid for cam in self.cameras for p in cam.procs]
+        return [psutil.Process(pid) for pid in pids]
+
+    def load_procs(self) -> list[psutil.Process]:
+        """The processes that are load, not the pixel clock: the server and the looped cameras (``--load-nice``).
+        The live camera's (its pictures drawn, its encoder) stay at 0: niced, it skipped a fifth of its frames."""
+        pids = [self.server.proc.pid] + [p.pid for cam in self.cameras if cam.path != LIVE for p in cam.procs]
         return [psutil.Process(pid) for pid in pids]
 
     @property
@@ -289,9 +307,24 @@ def start_system(name: str, cams: CameraSet, args: argparse.Namespace, workdir: 
 # -- readers (worker processes) -------------------------------------------------------------------------------
 
 
-def count_rtsp(urls: list[str], duration: float, ready: mp.Queue, start: mp.Event, results: mp.Queue) -> None:
-    """One RTSP reader per URL (PyAV, TCP, a thread each): access units received during the measurement."""
+def renice(procs: list[psutil.Process], nice: int) -> None:
+    """Every thread of ``procs`` at niceness ``nice`` (Linux's niceness is a thread's: a process's set alone leaves
+    the threads it already started, an encoder's, as they were; threads started later inherit their creator's)."""
+    for proc in procs:
+        for thread in proc.threads():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.setpriority(os.PRIO_PROCESS, thread.id, nice)
+
+
+def count_rtsp(
+    urls: list[str], duration: float, nice: int, ready: mp.Queue, start: mp.Event, results: mp.Queue
+) -> None:
+    """One RTSP reader per URL (PyAV, TCP, a thread each): access units received during the measurement. ``nice``:
+    its niceness (the readers are load, as the light viewers are; its threads, started later, inherit it)."""
     import av
+
+    if nice:
+        os.nice(nice)
 
     counts = {url: {"url": url, "frames": 0, "error": ""} for url in urls}
     opened = threading.Semaphore(0)
@@ -326,7 +359,9 @@ def count_rtsp(urls: list[str], duration: float, ready: mp.Queue, start: mp.Even
 # -- one point ------------------------------------------------------------------------------------------------
 
 
-def run_point(served: Served, cams: CameraSet, duration: float, fps: float, light_nice: int) -> dict:
+def run_point(
+    served: Served, cams: CameraSet, duration: float, fps: float, light_nice: int, load_nice: int = 0
+) -> dict:
     """Viewers and readers on every camera of ``served``, measured together for ``duration`` seconds."""
     ctx = mp.get_context("spawn")
     ready, start = ctx.Queue(), ctx.Event()
@@ -339,7 +374,7 @@ def run_point(served: Served, cams: CameraSet, duration: float, fps: float, ligh
         plan = PeerPlan("webrtc-rtp", "", len(urls), False, duration, fps, light_nice, urls=urls)
         jobs.append(("viewers", run_worker, (plan,), ctx.Queue()))
     jobs.append(("probe", run_marker_probe, (served.whep[LIVE], duration, fps), ctx.Queue()))  # last of the viewers
-    jobs.append(("rtsp", count_rtsp, (list(served.rtsp.values()), duration), ctx.Queue()))
+    jobs.append(("rtsp", count_rtsp, (list(served.rtsp.values()), duration, load_nice), ctx.Queue()))
     jobs.append(("direct", read_marked, (cams.live_url, duration, fps), ctx.Queue()))
     procs, errors = [], []
     try:
@@ -584,6 +619,11 @@ def main(argv: list[str] | None = None) -> int:
         " takes about half a core here",
     )  # fmt: skip
     ap.add_argument("--light-nice", type=int, default=10, metavar="N", help="niceness of the light viewers")
+    ap.add_argument(
+        "--load-nice", type=int, default=10, metavar="N",
+        help="niceness of the cameras' processes (their server, the looped ffmpegs, the live camera's encoder) and"
+        " of the RTSP readers: the load, not what is measured; the two latency readers stay at 0",
+    )  # fmt: skip
     ap.add_argument("--clip-dir", default=str(default_clip_dir()), help="where the looped clip is kept")
     ap.add_argument("--out", default="cameras", help="path prefix for the .json and .md outputs")
     args = ap.parse_args(argv)
@@ -600,6 +640,8 @@ def main(argv: list[str] | None = None) -> int:
             cams = CameraSet(n, args.size, args.live_size or args.size, args.fps, args.bitrate, Path(args.clip_dir))
             cams.start()
             try:
+                if args.load_nice:
+                    renice(cams.load_procs(), args.load_nice)
                 for repeat in range(args.repeats):
                     for name in names:
                         point = measure(name, n, cams, args, Path(tmp) / f"{name}-{n}-{repeat}", gave_out)
@@ -641,7 +683,7 @@ def measure(name: str, n: int, cams: CameraSet, args: argparse.Namespace, workdi
     if isinstance(served, str):
         return not_run(name, n, served)
     try:
-        return run_point(served, cams, args.duration, args.fps, args.light_nice)
+        return run_point(served, cams, args.duration, args.fps, args.light_nice, args.load_nice)
     finally:
         served.close()
 

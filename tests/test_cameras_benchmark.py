@@ -141,3 +141,28 @@ async def test_marker_bit_readers_decode_each_unit_at_its_marker_through_a_passt
     assert direct["kind"] == "rtsp", direct
     # The clocks are the camera's: pictures both decoded in their windows read the same clock in each.
     assert len(probe["clocks"]) == probe["frames"] and paired_added(probe, direct), (probe["clocks"], direct["clocks"])
+
+
+def test_renice_reaches_every_thread_of_the_load():
+    """``--load-nice``: a camera's encoder runs threads it started before it was reniced; each of them, not only its
+    main thread (Linux's niceness is a thread's), ends at the niceness asked for."""
+    import psutil
+
+    from benchmarks.cameras import renice
+
+    code = "import threading, time\nfor _ in range(3): threading.Thread(target=time.sleep, args=(60,)).start()\n"
+    code += "print('up', flush=True); time.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "up"
+        proc = psutil.Process(child.pid)
+        tids = [t.id for t in proc.threads()]
+        assert len(tids) == 4
+        renice([proc], 7)
+        for tid in tids:
+            stat = Path(f"/proc/{child.pid}/task/{tid}/stat").read_text()
+            assert int(stat.rsplit(")", 1)[1].split()[16]) == 7, tid  # field 19, nice
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
