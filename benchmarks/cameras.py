@@ -46,15 +46,18 @@ cores were more than 85 % busy, whoever used them. Repeats of a point are
 interleaved across systems; the tables show their medians.
 
 The load runs niced (``--light-nice``, ``--load-nice``, 10 by default): the
-light viewers, the RTSP readers, the cameras' server and the looped cameras.
-In a real installation the cameras are devices with CPUs of their own and the
-NVRs and most viewers other machines; at niceness 0 the load (1.2 to 1.5
-cores of this 2-core machine at 16 cameras) took the CPU from whichever system
-was measured, and its latency measured the scheduler's queue more than the
-system (docs/benchmarks.md, "Many cameras with the load niced"). The pixel
-clock's camera (its pictures and its encoder) and the two latency readers (the
-probe and the direct reader) stay at 0: they measure. ``--load-nice 0`` runs
-it as before.
+light viewers, the RTSP readers and the cameras themselves (their server, the
+looped ffmpegs, the live camera's pictures and encoder). In a real
+installation the cameras are devices with CPUs of their own and the NVRs and
+most viewers other machines; at niceness 0 this load (1.2 to 1.5 cores of this
+2-core machine at 16 cameras) takes the CPU from whichever system is measured,
+above all the live camera's libx264 (half a core, in bursts at every frame),
+and the latency read is the scheduler's queue more than the system's
+(docs/benchmarks.md, "Many cameras with the load niced"). The two latency
+readers (the probe and the direct reader) stay at 0: they measure. Niced, the
+live camera may skip frames when the machine is full (its frames are counted,
+``rtsp_live``); each frame it sends is timed as before, through the system and
+directly. ``--load-nice 0`` runs it as before.
 """
 
 from __future__ import annotations
@@ -177,12 +180,6 @@ class CameraSet:
 
     def procs(self) -> list[psutil.Process]:
         pids = [self.server.proc.pid] + [p.pid for cam in self.cameras for p in cam.procs]
-        return [psutil.Process(pid) for pid in pids]
-
-    def load_procs(self) -> list[psutil.Process]:
-        """The processes that are load, not the pixel clock: the server and the looped cameras (``--load-nice``).
-        The live camera's (its pictures drawn, its encoder) stay at 0: niced, it skipped a fifth of its frames."""
-        pids = [self.server.proc.pid] + [p.pid for cam in self.cameras if cam.path != LIVE for p in cam.procs]
         return [psutil.Process(pid) for pid in pids]
 
     @property
@@ -641,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
             cams.start()
             try:
                 if args.load_nice:
-                    renice(cams.load_procs(), args.load_nice)
+                    renice(cams.procs(), args.load_nice)
                 for repeat in range(args.repeats):
                     for name in names:
                         point = measure(name, n, cams, args, Path(tmp) / f"{name}-{n}-{repeat}", gave_out)

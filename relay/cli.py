@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__
+from . import __version__, sched
 from .config import AUTH_MODES, Config, ConfigError, load, secret_values, secrets_in_file
 from .logsafe import SECRET_FILTER, SHOWS_SECRET, url_passwords
 from .rtsp import RtspError
@@ -207,6 +207,8 @@ async def serve(config: Config) -> None:
     from signalling.server import make_runner, raise_fd_limit, start_site, throttle_loop_errors
 
     raise_fd_limit()
+    # Before any camera worker, shard or mediamtx starts: they inherit it (relay.sched)
+    log.info("%s", sched.apply(config.video.cpu_slice))
     throttle_loop_errors(asyncio.get_running_loop())
     # Bind first: a taken port is one clear error before any camera is opened.
     try:

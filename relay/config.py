@@ -20,6 +20,7 @@ from .auth import HASH_HELP, TOKEN_PATTERN, parse_hash
 from .ipc import ENCODERS, MAX_CAMERAS_PER_WORKER
 from .lag import DEFAULT_MAX_LAG, MAX_MAX_LAG, MIN_MAX_LAG
 from .logsafe import redact, redact_url, url_passwords
+from .sched import DEFAULT_SLICE, MAX_SLICE, MIN_SLICE
 from .source import MODES, SourceSpec, parse_fps, parse_size, parse_source_spec
 
 if TYPE_CHECKING:
@@ -120,6 +121,9 @@ class VideoConfig:
     # at 16 cameras); past 8 a camera saves little more (the interpreter's ~25 MiB split further) while more
     # cameras wait on one GIL while one draws its slate, and restart together when their process dies.
     cameras_per_worker: int = 8
+    # Seconds of CPU slice camrelay's threads ask the scheduler for (relay.sched: picked sooner when they wake on a
+    # busy machine, the same share of it); 0: the kernel's default.
+    cpu_slice: float = DEFAULT_SLICE
 
 
 @dataclass(frozen=True, slots=True)
@@ -621,6 +625,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "mode": _choice(*MODES),
         "max_lag": _duration(MIN_MAX_LAG, MAX_MAX_LAG),
         "cameras_per_worker": _int(1, MAX_CAMERAS_PER_WORKER),
+        "cpu_slice": _duration(MIN_SLICE, MAX_SLICE, zero_is_off=True),
     },
     "audio": {"enabled": _bool},
     "webrtc": {

@@ -12,8 +12,17 @@ import psutil
 import pytest
 
 from benchmarks.ports import free_port, free_rtp_pair
+from relay import sched
 
 STARTUP_TIMEOUT = 20.0
+
+
+def kernel_has_slices() -> bool:
+    """Linux 6.12 or later (a thread's slice is read back; 0 before), on a machine relay.sched knows."""
+    try:
+        return sched.get_slice() != 0.0
+    except sched.SchedError:
+        return False
 
 
 def run(*args, env=None, timeout=30, input=None):
@@ -77,11 +86,18 @@ def test_serve_with_no_camera_streams_the_test_pattern_and_stops_on_sigterm(tmp_
         with get("/api/v1/rtsp") as resp:
             mediamtx_pid = json.load(resp)["mediamtx_pid"]
         assert psutil.pid_exists(mediamtx_pid)
+        if kernel_has_slices():  # the relay, its camera worker and its mediamtx: every thread with the short slice
+            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            assert mediamtx_pid in {p.pid for p in family} and len(family) >= 3, family
+            for p in family:
+                assert {sched.get_slice(t.id) for t in p.threads()} == {sched.DEFAULT_SLICE}, p.cmdline()
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=15)
         assert proc.returncode == 0
         assert "stream=cam0 no camera found; streaming the test pattern" in out
         assert "relay stopped" in out
+        if kernel_has_slices():
+            assert "cpu slice: 0.2 ms for camrelay's threads and processes" in out
         token = token_file.read_text().strip()
         assert oct(token_file.stat().st_mode & 0o777) == "0o600"
         assert oct(token_file.parent.stat().st_mode & 0o777) == "0o750"  # umask 027: nothing for other users

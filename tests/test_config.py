@@ -105,6 +105,8 @@ def test_streams_from_environment_and_flags():
         ('[video]\nmax_lag = "20s"', {}, {}, "video.max_lag: must be in 0.1s..10s, got '20s'"),
         ("[video]\nmax_lag = 0", {}, {}, "video.max_lag: must be positive, got 0"),
         ("[video]\ncameras_per_worker = 0", {}, {}, "video.cameras_per_worker: must be in 1..255, got 0"),
+        ('[video]\ncpu_slice = "0.05ms"', {}, {}, "video.cpu_slice: must be in 0.0001s..0.1s, got '0.05ms'"),
+        ('[video]\ncpu_slice = "1s"', {}, {}, "video.cpu_slice: must be in 0.0001s..0.1s, got '1s'"),
         ("[video]\ncameras_per_worker = 1.5", {}, {}, "video.cameras_per_worker: expected a whole number, got 1.5"),
         (
             '[streams]\n"bad name" = "test:"',
@@ -272,6 +274,13 @@ def test_max_lag_from_the_file_and_the_environment():
     assert load().video.max_lag == 1.0
     assert load('[video]\nmax_lag = "250ms"').video.max_lag == 0.25
     assert load("", {"CAMRELAY_VIDEO_MAX_LAG": "2s"}).video.max_lag == 2.0
+
+
+def test_cpu_slice_from_the_file_and_the_environment():
+    assert load().video.cpu_slice == 0.0002
+    assert load('[video]\ncpu_slice = "1ms"').video.cpu_slice == 0.001
+    assert load("[video]\ncpu_slice = 0").video.cpu_slice == 0.0  # the kernel's own
+    assert load("", {"CAMRELAY_VIDEO_CPU_SLICE": "0.5ms"}).video.cpu_slice == 0.0005
 
 
 def test_example_config_is_valid():
