@@ -63,7 +63,6 @@ directly. ``--load-nice 0`` runs it as before.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import multiprocessing as mp
@@ -307,10 +306,17 @@ def start_system(name: str, cams: CameraSet, args: argparse.Namespace, workdir: 
 def renice(procs: list[psutil.Process], nice: int) -> None:
     """Every thread of ``procs`` at niceness ``nice`` (Linux's niceness is a thread's: a process's set alone leaves
     the threads it already started, an encoder's, as they were; threads started later inherit their creator's)."""
+    refused = 0
     for proc in procs:
         for thread in proc.threads():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
+            try:
                 os.setpriority(os.PRIO_PROCESS, thread.id, nice)
+            except ProcessLookupError:  # a thread that ended
+                pass
+            except PermissionError:  # below the runner's own niceness, without the privilege
+                refused += 1
+    if refused:
+        print(f"--load-nice {nice}: refused for {refused} threads (a lower niceness needs privilege)", file=sys.stderr)
 
 
 def count_rtsp(

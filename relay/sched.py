@@ -24,26 +24,31 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 import struct
 
 # struct sched_attr: size, policy, flags, nice, priority, runtime, deadline, period, util_min, util_max
 ATTR = struct.Struct("=IIQiIQQQII")
 SCHED_OTHER = 0
-SCHED_FLAG_KEEP_POLICY = 0x08  # a process started at SCHED_BATCH or SCHED_IDLE (by its user) stays there
+SCHED_FLAG_KEEP_POLICY = 0x08  # a process started at SCHED_BATCH (by its service) stays there
+SCHED_RESET_ON_FORK = 0x40000000  # in a policy read back: children start at the defaults
 # The kernel's bounds for a requested slice (it clamps to them): 0.1 ms to 100 ms.
 MIN_SLICE, MAX_SLICE = 0.0001, 0.1
 # The default: a frame's work in a capture thread or the relay's loop (measured well under it at a time: the relay
 # 0.17 ms a wake-up on average at 16 cameras) fits in it, so the thread is picked when it wakes and done before its
 # slice ends; shorter makes more preemptions of any longer step, for nothing (docs/benchmarks.md).
 DEFAULT_SLICE = 0.0002
-# (sched_setattr, sched_getattr) by machine; others: not attempted
+# (sched_setattr, sched_getattr) by the kernel's machine and the interpreter's word size (a 32-bit userland on a
+# 64-bit kernel, as 32-bit Raspberry Pi OS boots on a Pi 4 or 5, calls through the 32-bit table); others: not tried
 SYSCALLS = {
-    "x86_64": (314, 315),
-    "aarch64": (274, 275),  # Raspberry Pi OS 64-bit (Pi 4, Pi 5)
-    "armv7l": (380, 381),  # 32-bit ARM
-    "armv6l": (380, 381),
+    ("x86_64", 64): (314, 315),
+    ("x86_64", 32): (351, 352),  # i386's
+    ("aarch64", 64): (274, 275),  # Raspberry Pi OS 64-bit (Pi 4, Pi 5)
+    ("aarch64", 32): (380, 381),  # 32-bit ARM's
+    ("armv7l", 32): (380, 381),
+    ("armv6l", 32): (380, 381),
 }
+POLICIES = {0: "SCHED_OTHER", 1: "SCHED_FIFO", 2: "SCHED_RR", 3: "SCHED_BATCH", 5: "SCHED_IDLE", 6: "SCHED_DEADLINE"}
+SLICED = ("SCHED_OTHER", "SCHED_BATCH")  # the policies a slice is asked for: the idle and real-time ones keep theirs
 
 
 class SchedError(Exception):
@@ -71,10 +76,18 @@ def slice_of(attr: bytes) -> float:
     return ATTR.unpack_from(attr)[5] / 1e9
 
 
+def syscalls_for(system: str, machine: str, bits: int) -> tuple[int, int] | None:
+    """(sched_setattr, sched_getattr)'s numbers for a kernel's ``system`` and ``machine`` (``os.uname()``) and an
+    interpreter of ``bits`` (its pointers'); None where not known."""
+    return SYSCALLS.get((machine, bits)) if system == "Linux" else None
+
+
 def _syscalls() -> tuple[int, int]:
-    numbers = SYSCALLS.get(platform.machine()) if os.name == "posix" and os.uname().sysname == "Linux" else None
+    uname = os.uname()
+    bits = struct.calcsize("P") * 8
+    numbers = syscalls_for(uname.sysname, uname.machine, bits)
     if numbers is None:
-        raise SchedError(f"no sched_setattr known on {platform.system()} {platform.machine()}")
+        raise SchedError(f"no sched_setattr known on {uname.sysname} {uname.machine} ({bits}-bit)")
     return numbers
 
 
@@ -111,6 +124,11 @@ def apply(slice_seconds: float) -> str:
     line for the log either way: what was set, or why not (the relay runs on without it)."""
     if not slice_seconds:
         return "cpu slice: the kernel's default ([video] cpu_slice = 0)"
+    policy = (
+        POLICIES.get(os.sched_getscheduler(0) & 0xFF, "an unknown policy") if hasattr(os, "sched_getscheduler") else ""
+    )
+    if policy and policy not in SLICED:
+        return f"cpu slice: not asked: the relay runs at {policy} (its service's choice), which keeps its own"
     try:
         set_slice(slice_seconds)
         got = get_slice()
@@ -118,4 +136,8 @@ def apply(slice_seconds: float) -> str:
         return f"cpu slice: not set ({exc}); the kernel's default applies"
     if not got:
         return f"cpu slice: asked {slice_seconds * 1000:g} ms; this kernel has no per-thread slice (6.12 and later)"
+    if round(got * 1e9) != round(slice_seconds * 1e9):
+        return f"cpu slice: asked {slice_seconds * 1000:g} ms, the kernel keeps {got * 1000:g} ms"
+    if hasattr(os, "sched_getscheduler") and os.sched_getscheduler(0) & SCHED_RESET_ON_FORK:
+        return f"cpu slice: {got * 1000:g} ms for camrelay's threads (its service resets it in child processes)"
     return f"cpu slice: {got * 1000:g} ms for camrelay's threads and processes"

@@ -1,5 +1,6 @@
 """``camrelay`` as a user runs it: a real process, real signals."""
 
+import contextlib
 import json
 import os
 import signal
@@ -18,12 +19,23 @@ STARTUP_TIMEOUT = 20.0
 
 
 def kernel_has_slices() -> bool:
-    """A process here can set its slice and read it back (Linux 6.12 or later, a machine relay.sched knows, no
-    seccomp filter in the way); asked of a child, so this process keeps its own."""
-    code = "from relay import sched\ntry:\n sched.set_slice(0.0002); print(sched.get_slice())\n"
-    code += "except sched.SchedError: print(0)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30).stdout.strip()
-    return out == "0.0002"
+    """The kernel reports a thread's slice (Linux 6.12 or later, on a machine relay.sched knows), asked without
+    setting one: whether the relay then sets its own is what the test checks, not a condition of it."""
+    try:
+        return sched.get_slice() != 0.0
+    except sched.SchedError:
+        return False
+
+
+def slices_of(proc: psutil.Process) -> set[float]:
+    """The slice of each of ``proc``'s threads, but those that ended meanwhile."""
+    slices = set()
+    for thread in proc.threads():
+        try:
+            slices.add(sched.get_slice(thread.id))
+        except sched.SchedError as exc:
+            assert "ESRCH" in str(exc), exc  # gone: a thread that ended
+    return slices
 
 
 def run(*args, env=None, timeout=30, input=None):
@@ -91,7 +103,8 @@ def test_serve_with_no_camera_streams_the_test_pattern_and_stops_on_sigterm(tmp_
             family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
             assert mediamtx_pid in {p.pid for p in family} and len(family) >= 3, family
             for p in family:
-                assert {sched.get_slice(t.id) for t in p.threads()} == {sched.DEFAULT_SLICE}, p.cmdline()
+                with contextlib.suppress(psutil.NoSuchProcess):  # one that ended meanwhile
+                    assert slices_of(p) == {sched.DEFAULT_SLICE}, p.cmdline()
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=15)
         assert proc.returncode == 0

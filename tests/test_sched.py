@@ -41,6 +41,30 @@ def test_a_short_struct_is_refused():
         sched.slice_of(bytes(48))
 
 
+@pytest.mark.parametrize(
+    "system, machine, bits, numbers",
+    [
+        ("Linux", "x86_64", 64, (314, 315)),
+        ("Linux", "aarch64", 64, (274, 275)),  # 64-bit Raspberry Pi OS
+        ("Linux", "aarch64", 32, (380, 381)),  # 32-bit Raspberry Pi OS on a Pi 4 or 5's 64-bit kernel
+        ("Linux", "armv7l", 32, (380, 381)),
+        ("Linux", "x86_64", 32, (351, 352)),
+        ("Linux", "riscv64", 64, None),
+        ("Darwin", "arm64", 64, None),
+    ],
+)
+def test_the_system_calls_by_kernel_and_interpreter(system, machine, bits, numbers):
+    assert sched.syscalls_for(system, machine, bits) == numbers
+
+
+def kernel_slice() -> float:
+    """This process's slice as the kernel reports it, asked without setting anything: 0.0 before Linux 6.12."""
+    try:
+        return sched.get_slice()
+    except sched.SchedError as exc:
+        pytest.skip(f"no sched_getattr here: {exc}")
+
+
 CHILD = """
 import json, os, subprocess, sys, threading
 from relay import sched
@@ -56,14 +80,10 @@ print(json.dumps({"line": line, "own": sched.get_slice(), "thread": seen[0], "ch
 
 
 def test_the_slice_is_set_kept_by_threads_and_children_and_the_niceness_stays():
-    try:
-        sched.get_slice()
-    except sched.SchedError as exc:
-        pytest.skip(f"no sched_getattr here: {exc}")
+    if not kernel_slice():
+        pytest.skip("this kernel has no per-thread slice (Linux 6.12 and later)")
     out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=30, check=True)
     got = json.loads(out.stdout)
-    if got["own"] == 0.0 or got["line"].startswith("cpu slice: not set"):
-        pytest.skip(f"no per-thread slice here: {got['line']}")
     assert got["line"] == "cpu slice: 0.3 ms for camrelay's threads and processes"
     assert got["own"] == got["thread"] == got["child"] == 0.0003
     assert got["nice"] == 3  # the slice alone changed: not the share of the CPU
@@ -71,3 +91,33 @@ def test_the_slice_is_set_kept_by_threads_and_children_and_the_niceness_stays():
 
 def test_zero_leaves_the_kernel_its_default():
     assert sched.apply(0) == "cpu slice: the kernel's default ([video] cpu_slice = 0)"
+
+
+POLICY_CHILD = """
+import os, sys
+from relay import sched
+os.sched_setscheduler(0, getattr(os, sys.argv[1]), os.sched_param(0))
+print(sched.apply(0.0002)); print(sched.get_slice())
+"""
+
+
+@pytest.mark.parametrize(
+    "policy, line, kept",
+    [
+        ("SCHED_BATCH", "cpu slice: 0.2 ms for camrelay's threads and processes", 0.0002),
+        (
+            "SCHED_IDLE",
+            "cpu slice: not asked: the relay runs at SCHED_IDLE (its service's choice), which keeps its own",
+            None,
+        ),
+    ],
+)
+def test_a_policy_the_service_chose_is_kept(policy, line, kept):
+    default = kernel_slice()
+    if not default:
+        pytest.skip("this kernel has no per-thread slice (Linux 6.12 and later)")
+    out = subprocess.run([sys.executable, "-c", POLICY_CHILD, policy], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    said, got = out.stdout.splitlines()
+    assert said == line
+    assert float(got) == (kept if kept is not None else default)
