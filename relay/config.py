@@ -323,10 +323,13 @@ def _seconds(s: float) -> str:
     return f"{s / DAY:g}d" if s >= DAY else f"{s:g}s"
 
 
+ZERO_DURATION = re.compile(r"\s*0*\.?0+\s*(ms|s|m|h|d)?\s*")
+
+
 def _duration(lo: float, hi: float, zero_is_off: bool = False):
     def parse(v: Any) -> float:
-        if zero_is_off and v in (0, "0"):
-            return 0.0
+        if zero_is_off and not isinstance(v, bool) and (v == 0 or (isinstance(v, str) and ZERO_DURATION.fullmatch(v))):
+            return 0.0  # 0, "0", "0s", "0ms"; not false, which is no duration
         return parse_duration(v, lo, hi)
 
     return parse

@@ -107,6 +107,7 @@ def test_streams_from_environment_and_flags():
         ("[video]\ncameras_per_worker = 0", {}, {}, "video.cameras_per_worker: must be in 1..255, got 0"),
         ('[video]\ncpu_slice = "0.05ms"', {}, {}, "video.cpu_slice: must be in 0.0001s..0.1s, got '0.05ms'"),
         ('[video]\ncpu_slice = "1s"', {}, {}, "video.cpu_slice: must be in 0.0001s..0.1s, got '1s'"),
+        ("[video]\ncpu_slice = false", {}, {}, "video.cpu_slice: expected a duration like 1.5s or 500ms, got False"),
         ("[video]\ncameras_per_worker = 1.5", {}, {}, "video.cameras_per_worker: expected a whole number, got 1.5"),
         (
             '[streams]\n"bad name" = "test:"',
@@ -280,6 +281,7 @@ def test_cpu_slice_from_the_file_and_the_environment():
     assert load().video.cpu_slice == 0.0002
     assert load('[video]\ncpu_slice = "1ms"').video.cpu_slice == 0.001
     assert load("[video]\ncpu_slice = 0").video.cpu_slice == 0.0  # the kernel's own
+    assert load('[video]\ncpu_slice = "0ms"').video.cpu_slice == 0.0
     assert load("", {"CAMRELAY_VIDEO_CPU_SLICE": "0.5ms"}).video.cpu_slice == 0.0005
 
 
