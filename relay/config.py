@@ -302,8 +302,9 @@ def _int(lo: int, hi: int):
     return parse
 
 
-def parse_duration(v: Any, lo: float = 0.001, hi: float = DAY) -> float:
-    """``1.5``, ``"1.5s"``, ``"500ms"``, ``"2m"`` -> seconds, within ``lo``..``hi``."""
+def parse_duration(v: Any, lo: float = 0.001, hi: float = DAY, zero_is_off: bool = False) -> float:
+    """``1.5``, ``"1.5s"``, ``"500ms"``, ``"2m"`` -> seconds, within ``lo``..``hi``; ``zero_is_off``: 0 in any of
+    these forms (``0``, ``"0"``, ``"0ms"``) is 0.0 too (never ``false``, which is no duration)."""
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         seconds = float(v)
     elif isinstance(v, str) and (m := re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h|d)?\s*", v)):
@@ -312,6 +313,8 @@ def parse_duration(v: Any, lo: float = 0.001, hi: float = DAY) -> float:
         raise ValueError(f"expected a duration like 1.5s or 500ms, got {v!r}")
     if not math.isfinite(seconds):
         raise ValueError(f"must be a finite duration, got {v!r}")
+    if zero_is_off and seconds == 0:
+        return 0.0
     if seconds <= 0:
         raise ValueError(f"must be positive, got {v!r}")
     if not lo <= seconds <= hi:
@@ -323,14 +326,9 @@ def _seconds(s: float) -> str:
     return f"{s / DAY:g}d" if s >= DAY else f"{s:g}s"
 
 
-ZERO_DURATION = re.compile(r"\s*0*\.?0+\s*(ms|s|m|h|d)?\s*")
-
-
 def _duration(lo: float, hi: float, zero_is_off: bool = False):
     def parse(v: Any) -> float:
-        if zero_is_off and not isinstance(v, bool) and (v == 0 or (isinstance(v, str) and ZERO_DURATION.fullmatch(v))):
-            return 0.0  # 0, "0", "0s", "0ms"; not false, which is no duration
-        return parse_duration(v, lo, hi)
+        return parse_duration(v, lo, hi, zero_is_off)
 
     return parse
 

@@ -55,8 +55,8 @@ class SchedError(Exception):
     """The slice could not be set or read; the message says why, for one log line."""
 
 
-def pack_attr(nice: int, slice_seconds: float, keep_policy: bool = True) -> bytes:
-    """The ``struct sched_attr`` asking for an ordinary thread at ``nice`` with a slice of ``slice_seconds``
+def pack_attr(nice: int, slice_seconds: float) -> bytes:
+    """The ``struct sched_attr`` asking for a thread at ``nice``, its policy kept, with a slice of ``slice_seconds``
     (``0``: the kernel's default)."""
     if slice_seconds and not MIN_SLICE <= slice_seconds <= MAX_SLICE:
         raise ValueError(
@@ -64,8 +64,7 @@ def pack_attr(nice: int, slice_seconds: float, keep_policy: bool = True) -> byte
         )
     if not -20 <= nice <= 19:
         raise ValueError(f"niceness must be within -20..19, got {nice!r}")
-    flags = SCHED_FLAG_KEEP_POLICY if keep_policy else 0
-    return ATTR.pack(ATTR.size, SCHED_OTHER, flags, nice, 0, round(slice_seconds * 1e9), 0, 0, 0, 0)
+    return ATTR.pack(ATTR.size, SCHED_OTHER, SCHED_FLAG_KEEP_POLICY, nice, 0, round(slice_seconds * 1e9), 0, 0, 0, 0)
 
 
 def slice_of(attr: bytes) -> float:
@@ -124,9 +123,8 @@ def apply(slice_seconds: float) -> str:
     line for the log either way: what was set, or why not (the relay runs on without it)."""
     if not slice_seconds:
         return "cpu slice: the kernel's default ([video] cpu_slice = 0)"
-    policy = (
-        POLICIES.get(os.sched_getscheduler(0) & 0xFF, "an unknown policy") if hasattr(os, "sched_getscheduler") else ""
-    )
+    scheduler = os.sched_getscheduler(0) if hasattr(os, "sched_getscheduler") else None  # with its reset-on-fork bit
+    policy = "" if scheduler is None else POLICIES.get(scheduler & 0xFF, "an unknown policy")
     if policy and policy not in SLICED:
         return f"cpu slice: not asked: the relay runs at {policy} (its service's choice), which keeps its own"
     try:
@@ -138,6 +136,6 @@ def apply(slice_seconds: float) -> str:
         return f"cpu slice: asked {slice_seconds * 1000:g} ms; this kernel has no per-thread slice (6.12 and later)"
     if round(got * 1e9) != round(slice_seconds * 1e9):
         return f"cpu slice: asked {slice_seconds * 1000:g} ms, the kernel keeps {got * 1000:g} ms"
-    if hasattr(os, "sched_getscheduler") and os.sched_getscheduler(0) & SCHED_RESET_ON_FORK:
+    if scheduler is not None and scheduler & SCHED_RESET_ON_FORK:
         return f"cpu slice: {got * 1000:g} ms for camrelay's threads (its service resets it in child processes)"
     return f"cpu slice: {got * 1000:g} ms for camrelay's threads and processes"
