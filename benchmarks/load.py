@@ -273,6 +273,7 @@ def run_point(
     source_apart: bool = False,
     audio: bool = False,
     probes_at: str = LAST,
+    light_idle: bool = False,
 ) -> dict:
     """One sweep point, the probes joining where ``probes_at`` says (``join_order``); with ``split``, the system
     re-pinned to its cores (and read back) and the peers' workers on the generator's, its light peers counting RTP
@@ -299,6 +300,7 @@ def run_point(
             duration,
             fps,
             light_nice if not probe else 0,
+            light_idle=light_idle and not probe,
             cores=cores,
             audio=audio and kind == "webrtc-rtp" and not probe,
             joined_after=sum(c for _, c in order[:i]),
@@ -749,6 +751,11 @@ def main(argv: list[str] | None = None) -> int:
         "--light-nice", type=int, default=10, metavar="N",
         help="niceness of the light peers' processes (default 10): probes, which measure, get the CPU first",
     )  # fmt: skip
+    ap.add_argument(
+        "--light-idle", action="store_true",
+        help="the light peers at SCHED_IDLE: the probes and the system's source take their core at once when they"
+        " wake (niceness only weighs the share); the light peers get what nobody else wants",
+    )  # fmt: skip
     pin = ap.add_argument_group("pinned (--pin)")
     pin.add_argument("--pin", action="store_true", help="the system on its cores, the load generator on the others")
     pin.add_argument(
@@ -821,7 +828,7 @@ def main(argv: list[str] | None = None) -> int:
         def measure(n: int, name: str = name, system: System = system) -> dict:
             point = run_point(
                 system, n, args.probes, args.duration, args.fps, args.light_nice, split, args.source_apart, args.audio,
-                args.probes_at,
+                args.probes_at, args.light_idle,
             )  # fmt: skip
             point["system"] = name
             print(json.dumps(point), flush=True)
@@ -845,7 +852,7 @@ def main(argv: list[str] | None = None) -> int:
         "size": args.size, "fps": args.fps, "bitrate": args.bitrate, "probes": args.probes,
         "probes_at": args.probes_at,
         "duration": args.duration, "cpu_count": os.cpu_count(),
-        "light_nice": args.light_nice, "audio": args.audio,
+        "light_nice": args.light_nice, "light_idle": args.light_idle, "audio": args.audio,
         "mode": UNPINNED if split is None else PINNED,
         **({} if split is None else {"system_cores": list(split.system), "generator_cores": list(split.generator),
                                      "source_apart": args.source_apart, "point_repeats": args.point_repeats}),

@@ -63,6 +63,7 @@ class PeerPlan:
     duration: float
     fps: float  # the source's rate, to count MJPEG frames that never arrived
     light_nice: int = 0  # niceness of light peers' processes (0: same priority as probes)
+    light_idle: bool = False  # light peers' processes at SCHED_IDLE: run only when nothing else on their cores wants to
     urls: tuple[str, ...] = ()  # WebRTC: one peer for each (streams of a relay with many); else count on url
     cores: tuple[int, ...] = ()  # the CPUs this worker runs on (os.sched_setaffinity); () leaves it as inherited
     audio: bool = False  # light peers offer audio too, and count its packets
@@ -180,6 +181,11 @@ def run_worker(plan: PeerPlan, ready: mp.Queue, start: mp.Event, results: mp.Que
         # the same instant (a frame arrives for all), and a probe queued behind 30
         # light peers' work would measure the generator's own CPU, not the relay.
         os.nice(plan.light_nice)
+    if not plan.probe and plan.light_idle:
+        # Niceness only weighs the share: a light peer already running keeps the core for the rest of its slice
+        # when a probe or the system's source wakes (Linux's EEVDF runs it "to parity"). A SCHED_IDLE task is
+        # preempted at once by any other that wakes, and still gets every cycle nobody else wants.
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     try:
         if plan.kind == "webrtc":
             out = asyncio.run(_webrtc_peers(plan, ready, start))

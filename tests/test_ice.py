@@ -3,14 +3,19 @@
 The TURN server itself (coturn taking minted credentials, refusing expired ones) is in tests/test_remote.py.
 """
 
+import asyncio
+import gc
 import json
 import string
 from pathlib import Path
 
+import aioice.ice
 import pytest
+from aiortc import RTCConfiguration, RTCPeerConnection
 
 from benchmarks.chromium import chromium
 from relay.config import ConfigError, IceServer, load, secret_values, secrets_in_file
+from relay.webrtc import borrowed
 from relay.webrtc.ice import (
     add_host_candidates,
     for_relay,
@@ -19,6 +24,7 @@ from relay.webrtc.ice import (
     parse_links,
     resolve,
     resolver,
+    set_local_description,
 )
 
 from .test_browser import mediamtx_reader_js
@@ -302,3 +308,49 @@ async def test_any_credential_the_config_takes_reaches_the_page_and_mediamtx_rea
     per_url = [(url, s.username, s.credential) for s in servers for url in s.urls]
     assert [(s["urls"], s.get("username", ""), s.get("credential", "")) for s in ours] == per_url
     assert [(s["urls"][0], s.get("username", ""), s.get("credential", "")) for s in theirs] == per_url
+
+
+async def _left_open_by_cancelled_gathering(gather, steps: int) -> tuple[list[int], bool]:
+    """For each k below ``steps``: a connection's gathering (``gather(pc, offer)``) cancelled after k passes of the
+    event loop, then the connection closed. The ks after which an ICE socket of it was still open (each closed
+    here, found among the live objects: no list of aioice's holds them), and whether the last k let the gathering
+    finish (so the ks spanned all of it)."""
+    leaked, finished = [], False
+    for k in range(steps):
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # host candidates only: no STUN server to ask
+        pc.addTransceiver("video", direction="sendonly")
+        offer = await pc.createOffer()
+        gathering = asyncio.ensure_future(gather(pc, offer))
+        for _ in range(k):
+            await asyncio.sleep(0)
+        finished = gathering.done()
+        gathering.cancel()
+        await asyncio.wait([gathering])
+        await pc.close()
+        await asyncio.sleep(0)  # a transport closes its socket on the next pass
+        left = [
+            o for o in gc.get_objects()
+            if isinstance(o, aioice.ice.StunProtocol) and o.transport is not None and not o.transport.is_closing()
+        ]  # fmt: skip
+        for protocol in left:
+            protocol.transport.close()
+        if left:
+            leaked.append(k)
+    await asyncio.sleep(0)
+    return leaked, finished
+
+
+async def test_a_gathering_cancelled_at_any_step_leaves_no_socket_open_once_its_connection_is_closed():
+    """A WHIP publisher stopped, or a joiner's request ended, while its connection gathers: the relay's gathering
+    (``set_local_description``) closes every socket with the connection, wherever the cancellation came. aiortc's
+    own ``setLocalDescription`` does not (aioice keeps the host sockets bound so far in a list of its own): shown
+    here first, on the same two host addresses, so that this test cannot pass by not reaching the window."""
+    release = borrowed.restrict_host_addresses(["127.0.0.1", "127.0.0.2"])
+    try:
+        plain, plain_finished = await _left_open_by_cancelled_gathering(lambda pc, o: pc.setLocalDescription(o), 40)
+        leaked, finished = await _left_open_by_cancelled_gathering(set_local_description, 40)
+    finally:
+        release()
+    assert plain_finished and finished, "the steps spanned the whole gathering"
+    assert plain, "aiortc's own gathering, cancelled between the two addresses, leaves a socket open"
+    assert leaked == []

@@ -62,18 +62,29 @@ def answered_profile(answer: str) -> str:
 
 
 class ReceivedSps:
-    """Every SPS the aiortc viewers of this process receive (the decoder's input, as sent), by the phase the test
-    says it is in (``phase``) when it arrives."""
+    """Every SPS the aiortc viewers of this process receive (the decoder's input, as sent), by the picture it came
+    with: the access unit is decoded here too, and its picture says "slate" or "camera". Not by when it arrived:
+    the test reads its viewer's pictures later than they arrive, so a returning camera's first SPS can come while
+    the test still reads the slate."""
 
     def __init__(self) -> None:
-        self.phase = ""
         self.seen: dict[str, list[h264.Sps]] = {}
+        self._codec = av.CodecContext.create("h264", "r")
+        self._units = 0
+        self._pending: dict[int, list[h264.Sps]] = {}  # by the access unit's number, until its picture is decoded
         self._release = watch_received_h264(self._take)
 
     def _take(self, data: bytes) -> None:
-        for nal in h264.split_annexb(data):
-            if h264.nal_type(nal) == h264.NAL_SPS:
-                self.seen.setdefault(self.phase, []).append(h264.parse_sps(nal))
+        self._units += 1
+        nals = h264.split_annexb(data)
+        if sps := [h264.parse_sps(nal) for nal in nals if h264.nal_type(nal) == h264.NAL_SPS]:
+            self._pending[self._units] = sps
+        packet = av.Packet(data)
+        packet.pts = self._units
+        with contextlib.suppress(av.InvalidDataError):
+            for frame in self._codec.decode(packet):
+                if taken := self._pending.pop(frame.pts, None):
+                    self.seen.setdefault("slate" if is_slate(frame) else "camera", []).extend(taken)
 
     def close(self) -> None:
         self._release()
@@ -103,13 +114,10 @@ async def test_a_viewer_that_joins_while_the_slate_shows_is_told_the_cameras_pro
         received = ReceivedSps()
         viewer = WhepViewer(relay.whep("cam"), http)
         try:
-            received.phase = "slate"
             await viewer.connect()
             await read(viewer, slate=True, count=FPS)
             away = await api(http, relay)
             await asyncio.to_thread(camera.start)
-            await read(viewer, slate=True, count=1)  # the slate until the camera's first keyframe
-            received.phase = "camera"
             await read(viewer, slate=False, count=FPS)
             back = await api(http, relay)
         finally:
@@ -119,7 +127,7 @@ async def test_a_viewer_that_joins_while_the_slate_shows_is_told_the_cameras_pro
     assert live["profile"].startswith("High") and live["profile_level_id"][:2] == "64"
     assert answered == live["profile_level_id"], "answered as the camera's SPS says, though the slate showed"
     assert [away["profile_level_id"], back["profile_level_id"]] == [answered] * 2, "the API, in each phase"
-    assert set(received.seen) == {"slate", "camera"}, "an SPS in each phase (in front of each keyframe)"
+    assert set(received.seen) == {"slate", "camera"}, "an SPS with each's pictures (in front of each keyframe)"
     for phase, seen in received.seen.items():
         assert {sps.profile_level_id for sps in seen} == {answered}, phase
 

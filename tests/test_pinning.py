@@ -53,7 +53,8 @@ def _threads_cores(proc: psutil.Process) -> set[tuple[int, ...]]:
 async def test_the_system_and_the_peers_workers_run_where_the_pin_says(spawn):
     """camrelay started as the load benchmark starts it, pinned: its relay and camera worker, every thread of
     each, on the system's CPU by inheritance, and so read back after ``pin_tree``; the starting thread back where
-    it was; a light peers' worker on the generator's CPU, watching the pinned relay."""
+    it was; a light peers' worker on the generator's CPU, watching the pinned relay, and (``--light-idle``) every
+    thread of it at SCHED_IDLE, below the probes and the system's source, yet counting frames."""
     split = Split((USABLE[0],), (USABLE[1],))
     before = os.sched_getaffinity(0)
     with thread_on(split.system):  # as benchmarks.load does, from the thread that starts it
@@ -68,11 +69,16 @@ async def test_the_system_and_the_peers_workers_run_where_the_pin_says(spawn):
             assert _threads_cores(proc) == {split.system}, proc
         placed = pin_tree(tree, split.system)
         assert [p["cores"] for p in placed] == [list(split.system)] * len(tree)
-        plan = PeerPlan("webrtc-rtp", system.url, 2, False, 2.0, 15, cores=split.generator)
+        plan = PeerPlan("webrtc-rtp", system.url, 2, False, 2.0, 15, 10, light_idle=True, cores=split.generator)
         procs.append(spawn.Process(target=run_worker, args=(plan, ready, go, results), daemon=True))
         procs[0].start()
         assert (await asyncio.to_thread(ready.get, True, 60))[0] == "ready"
         assert os.sched_getaffinity(procs[0].pid) == set(split.generator)
+        lowered = {
+            (os.sched_getscheduler(t.id), os.getpriority(os.PRIO_PROCESS, t.id))
+            for t in psutil.Process(procs[0].pid).threads()
+        }
+        assert lowered == {(os.SCHED_IDLE, 10)}, "every thread of the light peers' worker"
         go.set()
         peers = await asyncio.to_thread(results.get, True, 60)
         assert [(p["cores"], p["error"]) for p in peers] == [(list(split.generator), "")] * 2

@@ -239,7 +239,7 @@ class ViewerSessions(SessionCounts):
             if self._playout_delay is not None:
                 _answer_playout_delay(transceiver, offer_sdp, self._playout_delay)
             try:
-                await pc.setLocalDescription(await pc.createAnswer())
+                await ice.set_local_description(pc, await pc.createAnswer())
             except OSError:
                 raise  # ICE could not bind: our problem, not the offer's
             except Exception as exc:  # offers aiortc accepted but cannot answer (found by tests/test_fuzz_whep.py)

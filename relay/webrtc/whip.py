@@ -56,7 +56,7 @@ from ..hub import PacketHub
 from ..logsafe import MAX_REASON, printable, reason_phrase, redact
 from ..status import ConsumerStats, Metric
 from . import borrowed
-from .ice import gathered_with, parse_links
+from .ice import gathered_with, parse_links, set_local_description
 from .rtpsend import HubTrack, attach_to_sender, h264_preferences
 from .sessions import CONNECT_TIMEOUT, LIVENESS_CHECK
 
@@ -276,7 +276,7 @@ class WhipPublisher:
             transceiver.setCodecPreferences(codecs)
             attach_to_sender(transceiver.sender, self.hub, self._batch)
             self._sender = transceiver.sender
-            await pc.setLocalDescription(await pc.createOffer())
+            await set_local_description(pc, await pc.createOffer())
             offer, aiortcs = self._name_profile(pc.localDescription.sdp)
             answer, location, named = await self._post(offer)
             if again and named and gathered_with(_servers(named, own)) != gathered_with(_servers(links, own)):
