@@ -98,6 +98,11 @@ def test_aioice_internals_the_relay_reads_are_still_there():
     assert "self.receiver" in inspect.getsource(aioice.ice.StunProtocol.datagram_received)
     assert "self._nominated" in inspect.getsource(aioice.ice.Connection.sendto)
     assert "remote_addr" in inspect.getsource(aioice.ice.CandidatePair)
+    # borrowed.close_all_bound: a connection that has begun to close says so first; a protocol knows its connection
+    assert inspect.getsource(aioice.ice.Connection.close).index("self._closing = True") < inspect.getsource(
+        aioice.ice.Connection.close
+    ).index("for protocol in self._protocols")
+    assert "self.receiver = receiver" in inspect.getsource(aioice.ice.StunProtocol.__init__)
 
 
 def test_the_payload_types_an_answer_keeps_are_aiortcs_one_list_and_the_patch_widens_it():

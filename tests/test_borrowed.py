@@ -129,6 +129,7 @@ def _patched() -> dict[str, bool]:
         "gather in turn": borrowed.GATHER_IN_TURN.installed,
         "candidates in turn": borrowed.CANDIDATES_IN_TURN.installed,
         "prompt ice": borrowed.PROMPT_ICE.installed,
+        "sockets closed with their connection": borrowed.NOTE_BOUND.installed and borrowed.CLOSE_BOUND.installed,
     }
 
 
@@ -170,6 +171,7 @@ async def test_with_batching_off_a_viewer_plays_and_nothing_is_batched():
         assert _patched() == {
             "host addresses": True, "ice watch": True, "batched sends": False, "lazy estimator": True,
             "gather in turn": True, "candidates in turn": True, "prompt ice": True,
+            "sockets closed with their connection": True,
         }  # fmt: skip
         before = udpbatch.Batcher.flush
         flushes = 0

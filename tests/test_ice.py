@@ -24,7 +24,6 @@ from relay.webrtc.ice import (
     parse_links,
     resolve,
     resolver,
-    set_local_description,
 )
 
 from .test_browser import mediamtx_reader_js
@@ -310,17 +309,18 @@ async def test_any_credential_the_config_takes_reaches_the_page_and_mediamtx_rea
     assert [(s["urls"][0], s.get("username", ""), s.get("credential", "")) for s in theirs] == per_url
 
 
-async def _left_open_by_cancelled_gathering(gather, steps: int) -> tuple[list[int], bool]:
-    """For each k below ``steps``: a connection's gathering (``gather(pc, offer)``) cancelled after k passes of the
-    event loop, then the connection closed. The ks after which an ICE socket of it was still open (each closed
-    here, found among the live objects: no list of aioice's holds them), and whether the last k let the gathering
-    finish (so the ks spanned all of it)."""
+async def _left_open_by_cancelled_gathering(steps: int) -> tuple[list[int], bool]:
+    """For each k below ``steps``: a connection's gathering (``setLocalDescription``) cancelled after k passes of
+    the event loop, then the connection closed. The ks after which an ICE socket of it was still open (each closed
+    here, found among the live objects of this loop: no list of aioice's holds them), and whether the last k let
+    the gathering finish (so the ks spanned all of it)."""
     leaked, finished = [], False
+    loop = asyncio.get_running_loop()
     for k in range(steps):
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # host candidates only: no STUN server to ask
         pc.addTransceiver("video", direction="sendonly")
         offer = await pc.createOffer()
-        gathering = asyncio.ensure_future(gather(pc, offer))
+        gathering = asyncio.ensure_future(pc.setLocalDescription(offer))
         for _ in range(k):
             await asyncio.sleep(0)
         finished = gathering.done()
@@ -330,7 +330,8 @@ async def _left_open_by_cancelled_gathering(gather, steps: int) -> tuple[list[in
         await asyncio.sleep(0)  # a transport closes its socket on the next pass
         left = [
             o for o in gc.get_objects()
-            if isinstance(o, aioice.ice.StunProtocol) and o.transport is not None and not o.transport.is_closing()
+            if isinstance(o, aioice.ice.StunProtocol) and getattr(o, "transport", None) is not None
+            and o.transport._loop is loop and not o.transport.is_closing()
         ]  # fmt: skip
         for protocol in left:
             protocol.transport.close()
@@ -341,16 +342,20 @@ async def _left_open_by_cancelled_gathering(gather, steps: int) -> tuple[list[in
 
 
 async def test_a_gathering_cancelled_at_any_step_leaves_no_socket_open_once_its_connection_is_closed():
-    """A WHIP publisher stopped, or a joiner's request ended, while its connection gathers: the relay's gathering
-    (``set_local_description``) closes every socket with the connection, wherever the cancellation came. aiortc's
-    own ``setLocalDescription`` does not (aioice keeps the host sockets bound so far in a list of its own): shown
-    here first, on the same two host addresses, so that this test cannot pass by not reaching the window."""
+    """A WHIP publisher stopped, a shard closed, while a connection gathers: with ``borrowed.close_all_bound`` held
+    (by every relay and WHIP publisher) the connection's close closes every socket it bound, wherever the
+    cancellation came. Without it, it does not (aioice keeps the host sockets bound so far in a list of its own):
+    shown here first, on the same two host addresses, so that this test cannot pass by not reaching the window."""
     release = borrowed.restrict_host_addresses(["127.0.0.1", "127.0.0.2"])
     try:
-        plain, plain_finished = await _left_open_by_cancelled_gathering(lambda pc, o: pc.setLocalDescription(o), 40)
-        leaked, finished = await _left_open_by_cancelled_gathering(set_local_description, 40)
+        plain, plain_finished = await _left_open_by_cancelled_gathering(40)
+        release_bound = borrowed.close_all_bound()
+        try:
+            leaked, finished = await _left_open_by_cancelled_gathering(40)
+        finally:
+            release_bound()
     finally:
         release()
     assert plain_finished and finished, "the steps spanned the whole gathering"
-    assert plain, "aiortc's own gathering, cancelled between the two addresses, leaves a socket open"
+    assert plain, "aioice's own close, its gathering cancelled between the two addresses, leaves a socket open"
     assert leaked == []

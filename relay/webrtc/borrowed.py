@@ -25,7 +25,8 @@ them here, so an upgrade that moves one breaks this module alone (and
   host addresses ICE gathers on (``restrict_host_addresses``), a watch on what
   each connection hears (``WATCH_ICE``, read by ``last_heard``; through it, a sender's viewer's SRTCP read as it
   arrives, its reports handed to aiortc's handlers there and then: ``read_rtcp_at_once``), and aioice's
-  own data sends (``send_data_patch``, for ``relay.webrtc.udpbatch``); on aiortc's, the payload types its
+  own data sends (``send_data_patch``, for ``relay.webrtc.udpbatch``), and every socket a connection binds closed
+  with it, a gathering cancelled half-way too (``close_all_bound``); on aiortc's, the payload types its
   answers keep from an offer (``OFFERED_PAYLOAD_TYPES``: Chromium's lower dynamic range too);
 - pylibsrtp's C binding (``SrtpFrameWriter``): a frame's RTP packets protected in place in one buffer (one a thread,
   shared by its senders), where ``Session.protect`` checks, copies and slices out each packet anew; and for the
@@ -514,6 +515,48 @@ def _from_the_peer(conn: aioice.Connection, addr: tuple) -> bool:
 # Note when each ICE connection last heard from its peer (``last_heard``), and drop empty datagrams and
 # non-STUN ones from strangers.
 WATCH_ICE = Patch(aioice.ice.StunProtocol, "datagram_received", _datagram_received)
+
+
+# aioice (0.13) binds a host candidate's socket for each address in turn and lists them on the connection
+# (``_protocols``, which its ``close`` closes) only once the last is bound. A gathering cancelled in between (a WHIP
+# publisher stopped, a shard closed with offers in flight, a test viewer's connect abandoned) left what it had bound
+# in no list: a socket open for the life of the process (the suite's leak check caught one). While
+# ``close_all_bound()`` is held, each socket is noted on its connection as aioice binds it, closed with the
+# connection, and closed at once if bound after the connection began to close. No task, no pass of the loop more.
+_bound: weakref.WeakKeyDictionary[aioice.Connection, list[aioice.ice.StunProtocol]] = weakref.WeakKeyDictionary()
+
+
+def _connection_made(self: aioice.ice.StunProtocol, transport: Any) -> None:
+    NOTE_BOUND.original(self, transport)
+    conn = self.receiver
+    if conn._closing:
+        transport.close()  # a gathering that ran on past the close: nothing will use or close it
+    else:
+        _bound.setdefault(conn, []).append(self)
+
+
+async def _close_all_bound(self: aioice.Connection) -> None:
+    try:
+        await CLOSE_BOUND.original(self)
+    finally:
+        for protocol in _bound.pop(self, ()):
+            protocol.transport.close()  # those aioice listed are closed already: a second close does nothing
+
+
+NOTE_BOUND = Patch(aioice.ice.StunProtocol, "connection_made", _connection_made)
+CLOSE_BOUND = Patch(aioice.Connection, "close", _close_all_bound)
+
+
+def close_all_bound() -> Callable[[], None]:
+    """Every socket an ICE connection binds closed with it, a gathering cancelled half-way too (above), until the
+    returned release."""
+    releases = [NOTE_BOUND.hold(), CLOSE_BOUND.hold()]
+
+    def release() -> None:
+        for each in reversed(releases):
+            each()
+
+    return release
 
 
 def send_data_patch(send: Callable[[Any, bytes, tuple], None]) -> Patch:

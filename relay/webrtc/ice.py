@@ -16,9 +16,7 @@ itself never leaves the relay. Else the shared ``ice_username`` and
 ``ice_credential`` (the older form, for ``ice_servers`` given as URLs).
 
 Extra host candidates (``additional_hosts``: a public address behind a port
-forward) are added to each answer by ``with_additional_hosts``. Every peer
-connection of the relay gathers through ``set_local_description``, which a
-cancellation does not cut short (aioice would leave sockets open).
+forward) are added to each answer by ``with_additional_hosts``.
 """
 
 from __future__ import annotations
@@ -43,7 +41,7 @@ from ..config import TURN_SCHEMES, IceServer, WebRTCConfig, well_formed
 from ..logsafe import Throttled
 
 if TYPE_CHECKING:
-    from aiortc import RTCIceServer, RTCPeerConnection, RTCSessionDescription
+    from aiortc import RTCIceServer
 
 log = logging.getLogger(__name__)
 lookup_failures = Throttled(log)  # one line a second at most, however many answers a dead DNS server holds up
@@ -210,22 +208,3 @@ async def _lookup(host: str, threads: Executor) -> list[str]:
 async def with_additional_hosts(sdp: str, hosts: Sequence[str], threads: Executor) -> str:
     """An answer with host candidates for ``hosts`` (``[webrtc] additional_hosts``) too."""
     return add_host_candidates(sdp, await resolve(hosts, threads)) if hosts else sdp
-
-
-async def set_local_description(pc: RTCPeerConnection, description: RTCSessionDescription) -> None:
-    """``pc.setLocalDescription(description)``, whose ICE gathering a cancellation does not cut short.
-
-    aioice (0.13) binds a host candidate's socket for each address in turn and keeps them in a list of its own
-    until the last is bound; a STUN or TURN query it starts runs on as a task of its own. Cancelled in between (a
-    WHIP publisher stopped, a joiner's request ended at shutdown), what it had bound is in no list ``pc.close()``
-    reaches: a socket left open for the life of the process. Cancelled here, the gathering is let finish (it is
-    bounded: host sockets at once, STUN and TURN by aioice's 5 s), so that closing the connection closes all it
-    bound; then the cancellation goes on. A second cancellation ends the wait, not the gathering."""
-    gathering = asyncio.ensure_future(pc.setLocalDescription(description))
-    try:
-        await asyncio.shield(gathering)
-    except asyncio.CancelledError:
-        await asyncio.wait([gathering])
-        if not gathering.cancelled():
-            gathering.exception()  # seen: the cancellation is what goes on, not what gathering raised
-        raise

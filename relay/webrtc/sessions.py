@@ -54,16 +54,16 @@ UNUSED_FEEDBACK = frozenset({"goog-remb"})
 @contextlib.contextmanager
 def process_patches(ice_addresses: tuple[str, ...] = (), batch: bool = True, c_send: bool = True, c_batch: bool = True):
     """The process-wide patches of aioice and aiortc a relay needs, held while it runs
-    (``relay.webrtc.borrowed.Patch``): host candidates only on ``ice_addresses`` (none: every interface), the
-    watch on what each connection hears, the payload types an answer keeps from the offer (Chromium's 35-63
-    too), one DTLS certificate for every session (made at once, with its OpenSSL context), receivers' bandwidth
-    estimators made only if video comes, an answer's gathering and remote candidates awaited in turn (fewer
-    passes of the loop), ICE done as soon as its pair is nominated (not after aioice's 20 ms pacing wait: DTLS
-    starts sooner), (``batch``) aioice's own sends through the socket batcher, and (``c_send``) the C send path
-    where it is built (``rtpsend.use_c_send``; ``c_batch``: one C call a frame for every viewer of a stream, with
-    aiortc's counts read through the C lanes' sync, ``borrowed.SYNCED_COUNTS``). Relays in one process share
-    them: the addresses of all that name some, batching while any wants it, the C path as the last one started
-    says."""
+    (``relay.webrtc.borrowed.Patch``): host candidates only on ``ice_addresses`` (none: every interface), the watch
+    on what each connection hears, the payload types an answer keeps from the offer (Chromium's 35-63 too), one DTLS
+    certificate for every session (made at once, with its OpenSSL context), receivers' bandwidth estimators made
+    only if video comes, an answer's gathering and remote candidates awaited in turn (fewer passes of the loop), ICE
+    done as soon as its pair is nominated (not after aioice's 20 ms pacing wait: DTLS starts sooner), every socket a
+    connection binds closed with it (a gathering cancelled half-way too), (``batch``) aioice's own sends through the
+    socket batcher, and (``c_send``) the C send path where it is built (``rtpsend.use_c_send``; ``c_batch``: one C
+    call a frame for every viewer of a stream, with aiortc's counts read through the C lanes' sync,
+    ``borrowed.SYNCED_COUNTS``). Relays in one process share them: the addresses of all that name some, batching
+    while any wants it, the C path as the last one started says."""
     with contextlib.ExitStack() as held:
         if ice_addresses:
             held.callback(borrowed.restrict_host_addresses(ice_addresses))
@@ -75,6 +75,7 @@ def process_patches(ice_addresses: tuple[str, ...] = (), batch: bool = True, c_s
         held.callback(borrowed.GATHER_IN_TURN.hold())
         held.callback(borrowed.CANDIDATES_IN_TURN.hold())
         held.callback(borrowed.PROMPT_ICE.hold())
+        held.callback(borrowed.close_all_bound())
         if batch:
             held.callback(udpbatch.PATCH.hold())
         held.callback(borrowed.SYNCED_COUNTS.hold())
@@ -239,7 +240,7 @@ class ViewerSessions(SessionCounts):
             if self._playout_delay is not None:
                 _answer_playout_delay(transceiver, offer_sdp, self._playout_delay)
             try:
-                await ice.set_local_description(pc, await pc.createAnswer())
+                await pc.setLocalDescription(await pc.createAnswer())
             except OSError:
                 raise  # ICE could not bind: our problem, not the offer's
             except Exception as exc:  # offers aiortc accepted but cannot answer (found by tests/test_fuzz_whep.py)

@@ -23,7 +23,6 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCIceTransportPolicy, RTCPee
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from ..camera import pixelclock
-from .ice import set_local_description
 
 # aiortc offers H.264 as Baseline (42001f) and Constrained Baseline (42e01f) only, and matches an answer's
 # codec on the profile; its decoder (FFmpeg's) decodes every profile. Offered as High in the first's place,
@@ -155,7 +154,7 @@ class WhepViewer:
             if self.pc.connectionState == "connected" and self.stats.connected_at is None:
                 self.stats.connected_at = time.monotonic()
 
-        await set_local_description(self.pc, await self.pc.createOffer())
+        await self.pc.setLocalDescription(await self.pc.createOffer())
         return self.rewrite_sdp("offer", offer_high_profile(self.pc.localDescription.sdp))
 
     async def send_offer(self, offer: str) -> None:

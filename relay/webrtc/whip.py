@@ -56,7 +56,7 @@ from ..hub import PacketHub
 from ..logsafe import MAX_REASON, printable, reason_phrase, redact
 from ..status import ConsumerStats, Metric
 from . import borrowed
-from .ice import gathered_with, parse_links, set_local_description
+from .ice import gathered_with, parse_links
 from .rtpsend import HubTrack, attach_to_sender, h264_preferences
 from .sessions import CONNECT_TIMEOUT, LIVENESS_CHECK
 
@@ -147,6 +147,7 @@ class WhipPublisher:
         self._retry = Retry(retry)
         self._http: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
+        self._release_bound: Callable[[], None] | None = None  # borrowed.close_all_bound, while started
 
     @property
     def bytes_sent(self) -> int:
@@ -199,12 +200,17 @@ class WhipPublisher:
             log.warning("stream=%s whip=%s sends its bearer token over plain http; use https", *self._ids())
         # A new connection per request: no kept-alive socket to a server that has since restarted.
         self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+        # A session's ICE sockets closed with it, when the publisher is stopped in its gathering too
+        self._release_bound = borrowed.close_all_bound()
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"whip-{self.stream}")
 
     async def close(self) -> None:
         await cancel_and_wait(self._task)
         if self._http is not None:
             await self._http.close()
+        if self._release_bound is not None:
+            self._release_bound()
+            self._release_bound = None
         self.state = "stopped"
         log.info("stream=%s whip=%s stopped", *self._ids())
 
@@ -276,7 +282,7 @@ class WhipPublisher:
             transceiver.setCodecPreferences(codecs)
             attach_to_sender(transceiver.sender, self.hub, self._batch)
             self._sender = transceiver.sender
-            await set_local_description(pc, await pc.createOffer())
+            await pc.setLocalDescription(await pc.createOffer())
             offer, aiortcs = self._name_profile(pc.localDescription.sdp)
             answer, location, named = await self._post(offer)
             if again and named and gathered_with(_servers(named, own)) != gathered_with(_servers(links, own)):
