@@ -361,10 +361,20 @@ def run_point(
     point["relay_overload"] = overload_counts(counters_before, counters_after, peers)
     if udp_before is not None and udp_after is not None:  # the whole machine's: other work's drops count too
         point["udp_dropped"] = {k: udp_after[k] - udp_before[k] for k in udp_after}
+        if light_peers_overflowed(point["udp_dropped"], peer_results):
+            point["generator_saturated"] = point["light_peers_overflowed"] = True
     if placed is not None:
         point["system_processes"] = placed  # each with its CPUs as read back
         point["generator_workers_cores"] = sorted({c for r in peer_results for c in r.get("cores", [])})
     return point
+
+
+def light_peers_overflowed(udp_dropped: dict[str, int], peer_results: list[dict]) -> bool:
+    """Datagrams dropped at full receive buffers while every probe got every frame: the light peers' sockets
+    overflowed (below the probes in priority, at SCHED_IDLE run only when nothing else wants their core), not what
+    the system sent. The generator, not the system, is the limit at such a point."""
+    probes = [r for r in peer_results if r["probe"]]
+    return udp_dropped.get("rcvbuf", 0) > 0 and bool(probes) and not any(r["lost"] for r in probes)
 
 
 def join_order(light: int, probes: int, per_worker: int, probes_at: str = LAST) -> list[tuple[bool, int]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.load import SYSTEMS, markdown, per_viewer_cpu, summarise
+from benchmarks.load import SYSTEMS, light_peers_overflowed, markdown, per_viewer_cpu, summarise
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,6 +67,25 @@ def test_light_peers_behind_while_probes_keep_up_is_the_generators_limit():
     p = summarise(3, 1, peers, serving_cpu=5.0, source_cpu=40.0, gen_cpu=30.0, rss=[2**20], duration=10, fps=30)
     assert p["generator_saturated"] and not p["gave_out"]
     assert "(saturated)" in markdown({"x": [p]})
+
+
+@pytest.mark.parametrize(
+    ("rcvbuf", "probe_lost", "overflowed"),
+    [
+        pytest.param(120, 0, True, id="light-sockets-dropped"),
+        pytest.param(0, 0, False, id="nothing-dropped"),
+        pytest.param(120, 3, False, id="the-probes-lost-too"),  # the system's: not told apart, not excused
+    ],
+)
+def test_receive_buffers_overflowing_while_the_probes_lose_nothing_is_the_generators_limit(
+    rcvbuf, probe_lost, overflowed
+):
+    """Light peers (niced, or at SCHED_IDLE) that are not run in time overflow their sockets: their losses are the
+    generator's, where the probes got every frame."""
+    peers = [_peer(fps=30.0), _peer(probe=True, lat=[50], fps=30.0)]
+    peers[1]["lost"] = probe_lost
+    assert light_peers_overflowed({"rcvbuf": rcvbuf, "sndbuf": 0}, peers) is overflowed
+    assert not light_peers_overflowed({}, peers)
 
 
 def _pinned_search(out: Path, *options: str) -> tuple[subprocess.CompletedProcess, dict, str]:
