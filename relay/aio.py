@@ -1,4 +1,9 @@
-"""Small asyncio helpers shared by the relay's long-running tasks."""
+"""Small asyncio helpers shared by the relay's long-running tasks.
+
+No ``asyncio.wait_for`` in the relay: on Python 3.11 a cancellation that arrives as its awaitable completes is lost
+(it returns the result, and the task goes on; fixed in 3.12), and a task that ignores its stop makes
+``cancel_and_wait`` wait forever. ``async with asyncio.timeout(...)`` keeps it (tests/test_aio.py shows both).
+"""
 
 from __future__ import annotations
 

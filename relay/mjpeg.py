@@ -114,7 +114,8 @@ class JpegFeed:
         if self._next is None:
             self._next = asyncio.get_running_loop().create_future()
         try:
-            await asyncio.wait_for(asyncio.shield(self._next), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: on 3.11 it can lose a cancellation (relay.aio)
+                await asyncio.shield(self._next)
         except TimeoutError:
             return None
         return self.latest

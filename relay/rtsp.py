@@ -188,12 +188,14 @@ def rtsp_status(line: bytes) -> int | None:
 async def rtsp_answers(host: str, port: int) -> bool:
     """Whether an RTSP server at ``host`` (as in a URL) and ``port`` answers ``OPTIONS`` with 200."""
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), port), PROBE_TIMEOUT)
+        async with asyncio.timeout(PROBE_TIMEOUT):  # not wait_for: on 3.11 it can lose a cancellation (relay.aio)
+            reader, writer = await asyncio.open_connection(host.strip("[]"), port)
     except (OSError, TimeoutError):
         return False
     try:
         writer.write(f"OPTIONS rtsp://{host}:{port}/ RTSP/1.0\r\nCSeq: 1\r\n\r\n".encode())
-        line = await asyncio.wait_for(reader.readline(), PROBE_TIMEOUT)
+        async with asyncio.timeout(PROBE_TIMEOUT):
+            line = await reader.readline()
     except (OSError, TimeoutError, ValueError):  # ValueError: a "line" longer than the reader's limit
         return False
     finally:
@@ -633,9 +635,8 @@ class _Connection:
         self._keepalive_at = 0.0
 
     async def __aenter__(self) -> _Connection:
-        stream, self._writer = await asyncio.wait_for(
-            asyncio.open_connection(self._host, self._port), PUBLISH_REQUEST_TIMEOUT
-        )
+        async with asyncio.timeout(PUBLISH_REQUEST_TIMEOUT):  # not wait_for (relay.aio)
+            stream, self._writer = await asyncio.open_connection(self._host, self._port)
         sock = self._writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -660,7 +661,8 @@ class _Connection:
                     writer.transport.abort()
         if writer is not None:
             try:
-                await asyncio.wait_for(writer.wait_closed(), PUBLISH_CLOSE_TIMEOUT)
+                async with asyncio.timeout(PUBLISH_CLOSE_TIMEOUT):
+                    await writer.wait_closed()
             except Exception:  # closing is best effort; what matters is that the socket goes
                 writer.transport.abort()
 
@@ -710,7 +712,10 @@ class _Connection:
         if self._writer.transport.get_write_buffer_size() <= PUBLISH_WRITE_BUFFER:
             return  # below the high-water mark: nothing to wait for (and no timer task made each frame)
         try:
-            await asyncio.wait_for(self._writer.drain(), PUBLISH_STALL)
+            # not wait_for: on 3.11 a stop (cancellation) that came as the drain ended was lost, and the session
+            # went on publishing; the relay's close then waited for it forever (relay.aio)
+            async with asyncio.timeout(PUBLISH_STALL):
+                await self._writer.drain()
         except TimeoutError:
             raise PublishError(f"the server took nothing for {PUBLISH_STALL:g} s") from None
 

@@ -228,7 +228,8 @@ def python_child(
 
 async def _exited(proc: Process) -> bool:
     try:
-        await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
+        async with asyncio.timeout(STOP_TIMEOUT):  # not wait_for: on 3.11 it can lose a cancellation (relay.aio)
+            await proc.wait()
         return True
     except TimeoutError:
         return False

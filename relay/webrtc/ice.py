@@ -196,7 +196,8 @@ async def _lookup(host: str, threads: Executor) -> list[str]:
         pass
     lookup = partial(socket.getaddrinfo, host, None, type=socket.SOCK_DGRAM)
     try:
-        infos = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(threads, lookup), RESOLVE_TIMEOUT)
+        async with asyncio.timeout(RESOLVE_TIMEOUT):  # not wait_for: on 3.11 it can lose a cancellation (relay.aio)
+            infos = await asyncio.get_running_loop().run_in_executor(threads, lookup)
     except (TimeoutError, OSError) as exc:
         lookup_failures.warn(
             "ice additional host %s not resolved (%s); answering without it", host, str(exc) or "timeout"
