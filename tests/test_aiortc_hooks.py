@@ -98,7 +98,7 @@ def test_aioice_internals_the_relay_reads_are_still_there():
     assert "self.receiver" in inspect.getsource(aioice.ice.StunProtocol.datagram_received)
     assert "self._nominated" in inspect.getsource(aioice.ice.Connection.sendto)
     assert "remote_addr" in inspect.getsource(aioice.ice.CandidatePair)
-    # borrowed.close_all_bound: a connection that has begun to close says so first; a protocol knows its connection
+    # borrowed.CLOSE_ALL_BOUND: a connection that has begun to close says so first; a protocol knows its connection
     assert inspect.getsource(aioice.ice.Connection.close).index("self._closing = True") < inspect.getsource(
         aioice.ice.Connection.close
     ).index("for protocol in self._protocols")

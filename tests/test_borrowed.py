@@ -129,7 +129,7 @@ def _patched() -> dict[str, bool]:
         "gather in turn": borrowed.GATHER_IN_TURN.installed,
         "candidates in turn": borrowed.CANDIDATES_IN_TURN.installed,
         "prompt ice": borrowed.PROMPT_ICE.installed,
-        "sockets closed with their connection": borrowed.NOTE_BOUND.installed and borrowed.CLOSE_BOUND.installed,
+        "sockets closed with their connection": borrowed.CLOSE_ALL_BOUND.installed,
     }
 
 

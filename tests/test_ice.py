@@ -342,14 +342,14 @@ async def _left_open_by_cancelled_gathering(steps: int) -> tuple[list[int], bool
 
 
 async def test_a_gathering_cancelled_at_any_step_leaves_no_socket_open_once_its_connection_is_closed():
-    """A WHIP publisher stopped, a shard closed, while a connection gathers: with ``borrowed.close_all_bound`` held
+    """A WHIP publisher stopped, a shard closed, while a connection gathers: with ``borrowed.CLOSE_ALL_BOUND`` held
     (by every relay and WHIP publisher) the connection's close closes every socket it bound, wherever the
     cancellation came. Without it, it does not (aioice keeps the host sockets bound so far in a list of its own):
     shown here first, on the same two host addresses, so that this test cannot pass by not reaching the window."""
     release = borrowed.restrict_host_addresses(["127.0.0.1", "127.0.0.2"])
     try:
         plain, plain_finished = await _left_open_by_cancelled_gathering(40)
-        release_bound = borrowed.close_all_bound()
+        release_bound = borrowed.CLOSE_ALL_BOUND.hold()
         try:
             leaked, finished = await _left_open_by_cancelled_gathering(40)
         finally:

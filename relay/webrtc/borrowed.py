@@ -26,7 +26,7 @@ them here, so an upgrade that moves one breaks this module alone (and
   each connection hears (``WATCH_ICE``, read by ``last_heard``; through it, a sender's viewer's SRTCP read as it
   arrives, its reports handed to aiortc's handlers there and then: ``read_rtcp_at_once``), and aioice's
   own data sends (``send_data_patch``, for ``relay.webrtc.udpbatch``), and every socket a connection binds closed
-  with it, a gathering cancelled half-way too (``close_all_bound``); on aiortc's, the payload types its
+  with it, a gathering cancelled half-way too (``CLOSE_ALL_BOUND``); on aiortc's, the payload types its
   answers keep from an offer (``OFFERED_PAYLOAD_TYPES``: Chromium's lower dynamic range too);
 - pylibsrtp's C binding (``SrtpFrameWriter``): a frame's RTP packets protected in place in one buffer (one a thread,
   shared by its senders), where ``Session.protect`` checks, copies and slices out each packet anew; and for the
@@ -521,13 +521,13 @@ WATCH_ICE = Patch(aioice.ice.StunProtocol, "datagram_received", _datagram_receiv
 # (``_protocols``, which its ``close`` closes) only once the last is bound. A gathering cancelled in between (a WHIP
 # publisher stopped, a shard closed with offers in flight, a test viewer's connect abandoned) left what it had bound
 # in no list: a socket open for the life of the process (the suite's leak check caught one). While
-# ``close_all_bound()`` is held, each socket is noted on its connection as aioice binds it, closed with the
+# ``CLOSE_ALL_BOUND`` is held, each socket is noted on its connection as aioice binds it, closed with the
 # connection, and closed at once if bound after the connection began to close. No task, no pass of the loop more.
 _bound: weakref.WeakKeyDictionary[aioice.Connection, list[aioice.ice.StunProtocol]] = weakref.WeakKeyDictionary()
 
 
 def _connection_made(self: aioice.ice.StunProtocol, transport: Any) -> None:
-    NOTE_BOUND.original(self, transport)
+    _NOTE_BOUND.original(self, transport)
     conn = self.receiver
     if conn._closing:
         transport.close()  # a gathering that ran on past the close: nothing will use or close it
@@ -537,26 +537,15 @@ def _connection_made(self: aioice.ice.StunProtocol, transport: Any) -> None:
 
 async def _close_all_bound(self: aioice.Connection) -> None:
     try:
-        await CLOSE_BOUND.original(self)
+        await _CLOSE_BOUND.original(self)
     finally:
         for protocol in _bound.pop(self, ()):
             protocol.transport.close()  # those aioice listed are closed already: a second close does nothing
 
 
-NOTE_BOUND = Patch(aioice.ice.StunProtocol, "connection_made", _connection_made)
-CLOSE_BOUND = Patch(aioice.Connection, "close", _close_all_bound)
-
-
-def close_all_bound() -> Callable[[], None]:
-    """Every socket an ICE connection binds closed with it, a gathering cancelled half-way too (above), until the
-    returned release."""
-    releases = [NOTE_BOUND.hold(), CLOSE_BOUND.hold()]
-
-    def release() -> None:
-        for each in reversed(releases):
-            each()
-
-    return release
+_NOTE_BOUND = Patch(aioice.ice.StunProtocol, "connection_made", _connection_made)
+_CLOSE_BOUND = Patch(aioice.Connection, "close", _close_all_bound)
+CLOSE_ALL_BOUND = _Patches(_NOTE_BOUND, _CLOSE_BOUND)
 
 
 def send_data_patch(send: Callable[[Any, bytes, tuple], None]) -> Patch:

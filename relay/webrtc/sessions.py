@@ -75,7 +75,7 @@ def process_patches(ice_addresses: tuple[str, ...] = (), batch: bool = True, c_s
         held.callback(borrowed.GATHER_IN_TURN.hold())
         held.callback(borrowed.CANDIDATES_IN_TURN.hold())
         held.callback(borrowed.PROMPT_ICE.hold())
-        held.callback(borrowed.close_all_bound())
+        held.callback(borrowed.CLOSE_ALL_BOUND.hold())
         if batch:
             held.callback(udpbatch.PATCH.hold())
         held.callback(borrowed.SYNCED_COUNTS.hold())

@@ -147,7 +147,7 @@ class WhipPublisher:
         self._retry = Retry(retry)
         self._http: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
-        self._release_bound: Callable[[], None] | None = None  # borrowed.close_all_bound, while started
+        self._release_bound: Callable[[], None] | None = None  # borrowed.CLOSE_ALL_BOUND, while started
 
     @property
     def bytes_sent(self) -> int:
@@ -201,7 +201,7 @@ class WhipPublisher:
         # A new connection per request: no kept-alive socket to a server that has since restarted.
         self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
         # A session's ICE sockets closed with it, when the publisher is stopped in its gathering too
-        self._release_bound = borrowed.close_all_bound()
+        self._release_bound = borrowed.CLOSE_ALL_BOUND.hold()
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"whip-{self.stream}")
 
     async def close(self) -> None:
